@@ -1,0 +1,203 @@
+"""Gradient estimators for the merge decisions of :class:`grapheme.Morpher` (private).
+
+The morpher computes similarities ``s_e``, a threshold ``tau = sigmoid(theta)``
+and merge probabilities ``p_e = sigmoid((s_e - tau) / T)``; this module turns
+them into decisions and, in the backward pass, into gradients for ``s``
+(hence the features) and ``theta``. See DESIGN.md, "Gradient estimators".
+
+- ``history``: hard decisions, gradient through the merge history only;
+  ``theta`` gets nothing from the loss (the loss is piecewise constant in it).
+- ``soft``: the chain relaxation with ``m = p`` (exact gradient of a smooth
+  function).
+- ``ste``: the hard morph, with the gradient of the chain relaxation taken at
+  the hard ``m``.
+- ``reinforce``: ``m ~ Bernoulli(p)``; pathwise gradient through the history
+  plus ``(L - b) grad log P(m)`` with a baseline ``b`` independent of the
+  current sample.
+
+Everything here is vectorised numpy around the O(n d) kernels of
+``_relax.pxi``; nothing loops over nodes in Python.
+"""
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "ESTIMATORS",
+    "BASELINES",
+    "check_estimator",
+    "check_baseline",
+    "sigmoid",
+    "chain_sources",
+    "relax_chain",
+    "relax_chain_backward",
+    "rate_penalty",
+    "score_coefficients",
+    "MeanBaseline",
+    "loo_baseline",
+]
+
+ESTIMATORS = ("history", "soft", "ste", "reinforce")
+BASELINES = (None, "mean", "loo")
+
+
+def check_estimator(estimator):
+    """Return ``estimator`` if it names an estimator, else raise ``ValueError``."""
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise ValueError(
+            f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}; got {estimator!r}"
+        )
+    return estimator
+
+
+def check_baseline(baseline):
+    """Return ``baseline`` if it names a baseline, else raise ``ValueError``."""
+    if baseline is not None and (not isinstance(baseline, str) or baseline not in BASELINES):
+        raise ValueError(
+            f"baseline must be one of {', '.join(map(repr, BASELINES))}; got {baseline!r}"
+        )
+    return baseline
+
+
+def sigmoid(x):
+    """Numerically stable logistic function, elementwise (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def chain_sources(indptr, indices, estimator):
+    """Source node of every edge of a chain-shaped candidate graph.
+
+    A graph is chain-shaped when every edge goes ``u -> u + 1`` and no node has
+    more than one out-edge (what :meth:`Graph.from_text` and
+    :meth:`Graph.from_texts` produce). ``soft`` and ``ste`` need this: on
+    general graphs the expected clustering under independent merges is
+    #P-hard (it contains network reliability).
+
+    Returns
+    -------
+    src : ndarray of int64, shape (E,)
+
+    Raises
+    ------
+    ValueError
+        If the graph is not chain-shaped.
+    """
+    deg = np.diff(indptr)
+    src = np.repeat(np.arange(deg.shape[0], dtype=np.int64), deg)
+    if (deg > 1).any() or not np.array_equal(indices, src + 1):
+        raise ValueError(
+            f"estimator={estimator!r} needs chain-shaped candidate edges (every edge "
+            "u -> u+1, at most one out-edge per node); the expected clustering on "
+            "general graphs is #P-hard (network reliability). Use "
+            "estimator='reinforce' (or 'history') for general graphs."
+        )
+    return src
+
+
+def relax_chain(H, m):
+    """Relaxed chain merge: features ``h' = N / D`` and masses ``mu``.
+
+    Parameters
+    ----------
+    H : ndarray of float64, shape (n, d), C-contiguous
+    m : ndarray of float64, shape (n,), values in [0, 1]
+        ``m[i]`` is the merge weight of the edge ``i -> i+1`` (0 where there
+        is none). ``m[n - 1]`` is ignored.
+
+    Returns
+    -------
+    out : ndarray, shape (n, d)
+    D : ndarray, shape (n,)
+        Relaxed cluster sizes (needed by :func:`relax_chain_backward`).
+    mass : ndarray, shape (n,)
+        ``1 - m[i - 1]``, ``mass[0] = 1``.
+
+    Notes
+    -----
+    O(n d) time. Trusts its input (the morpher validates).
+    """
+    n, d = H.shape
+    out = np.empty((n, d))
+    D = np.empty(n)
+    mass = np.empty(n)
+    _core.relax_chain_forward(H, m, out, D, mass)
+    return out, D, mass
+
+
+def relax_chain_backward(m, out, D, grad_out, grad_mass):
+    """Adjoint of :func:`relax_chain`: ``(grad_H, grad_m)``. O(n d)."""
+    n, d = out.shape
+    grad_H = np.empty((n, d))
+    grad_m = np.empty(n)
+    _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m)
+    return grad_H, grad_m
+
+
+def rate_penalty(p, n, target_rate, rate_weight):
+    """Compression-rate penalty and its gradient with respect to ``p``.
+
+    ``penalty = rate_weight * (E[k] / n - target_rate)^2`` with the expected
+    number of output nodes ``E[k] = n - sum_e p_e``: each merged edge of a
+    forest removes exactly one component, so this is exact whenever the
+    candidate edges form a forest (chains and batches of chains included).
+
+    Returns
+    -------
+    value : float
+    grad_p : ndarray, shape (E,)
+    """
+    if n == 0:
+        return 0.0, np.zeros_like(p)
+    gap = (n - p.sum()) / n - target_rate
+    value = rate_weight * gap * gap
+    grad_p = np.full_like(p, -2.0 * rate_weight * gap / n)
+    return float(value), grad_p
+
+
+def score_coefficients(decisions, p, temperature):
+    """``d log P(m) / d s_e = (m_e - p_e) / T`` for Bernoulli(p) decisions.
+
+    With ``p = sigmoid((s - tau) / T)``, ``d log P / d p = m/p - (1-m)/(1-p)``
+    and ``dp/ds = p (1 - p) / T`` combine into this form, which stays finite
+    when ``p`` saturates. ``d log P / d tau`` is its negative.
+    """
+    return (decisions - p) / temperature
+
+
+class MeanBaseline:
+    """Running mean of all past per-example losses (0 before the first).
+
+    :meth:`value` is read before :meth:`update`, so the baseline of a step
+    never depends on that step's samples and REINFORCE stays unbiased.
+    """
+
+    __slots__ = ("total", "count")
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+
+    def value(self):
+        return self.total / self.count if self.count else 0.0
+
+    def update(self, losses):
+        self.total += float(np.sum(losses))
+        self.count += int(np.size(losses))
+
+
+def loo_baseline(losses, samples):
+    """Leave-one-out baseline over ``samples`` replicas of every example.
+
+    ``losses`` is sample-major: entry ``k * B + b`` is sample ``k`` of example
+    ``b``. The baseline of a sample is the mean loss of the other
+    ``samples - 1`` samples of the same example; they are independent of it,
+    so the estimator stays unbiased.
+    """
+    L = losses.reshape(samples, -1)
+    return ((L.sum(axis=0, keepdims=True) - L) / (samples - 1)).ravel()
