@@ -21,6 +21,7 @@ Everything here is vectorised numpy around the O(n d) kernels of
 import numpy as np
 
 from . import _core
+from .graph import Graph
 
 __all__ = [
     "ESTIMATORS",
@@ -35,6 +36,9 @@ __all__ = [
     "score_coefficients",
     "MeanBaseline",
     "loo_baseline",
+    "replicate",
+    "head_graph",
+    "score_gradient",
 ]
 
 ESTIMATORS = ("history", "soft", "ste", "reinforce")
@@ -201,3 +205,91 @@ def loo_baseline(losses, samples):
     """
     L = losses.reshape(samples, -1)
     return ((L.sum(axis=0, keepdims=True) - L) / (samples - 1)).ravel()
+
+
+def replicate(graph, copies):
+    """``copies`` copies of ``graph`` as one batch, sample-major.
+
+    Copy ``k`` of graph ``b`` of a batch of ``B`` graphs is graph ``k * B + b``
+    of the result (node ``k * n + i``), so features replicate with
+    ``np.tile(features, (copies, 1))`` and gradients fold back with
+    ``grad.reshape(copies, n, d).sum(0)``. O(copies (n + E)).
+    """
+    if copies == 1:
+        return graph
+    n, E = graph.num_nodes, graph.num_edges
+    big = copies * max(n, E) >= np.iinfo(np.int32).max
+    dtype = np.int64 if big else graph.indptr.dtype
+    k = np.arange(copies, dtype=np.int64)[:, None]
+    indptr = np.concatenate(
+        [np.zeros(1, np.int64), (graph.indptr[1:][None, :] + E * k).ravel()]).astype(dtype)
+    indices = (graph.indices[None, :] + n * k).ravel().astype(dtype)
+    offsets = graph.offsets if graph.offsets is not None else np.array([0, n], np.int64)
+    offsets = np.concatenate([np.zeros(1, np.int64), (offsets[1:][None, :] + n * k).ravel()])
+
+    def tile(a):
+        return None if a is None else np.tile(a, (copies,) + (1,) * (a.ndim - 1))
+
+    return Graph._trusted(indptr, indices, np.tile(graph.labels, copies),
+                          features=tile(graph.features), weights=tile(graph.weights),
+                          mass=tile(graph.mass), activation=tile(graph._activation),
+                          offsets=offsets)
+
+
+def head_graph(graph, history, edges, features, mass):
+    """The n-node form of a morph: contracted edges re-indexed to head nodes.
+
+    ``edges`` is the contracted CSR ``(indptr, indices, weights)`` over the
+    ``k`` outputs of ``history`` (numbered in the order of their heads); the
+    result keeps every input node and label, carries ``features`` and
+    ``mass``, and has an edge ``head(c) -> head(c')`` for every contracted
+    edge ``c -> c'``. Zero-mass nodes have no edges. O(n + E).
+    """
+    k_indptr, k_indices, weights = edges
+    heads = history.heads
+    dtype = graph.indptr.dtype
+    counts = np.zeros(graph.num_nodes, dtype=dtype)
+    counts[heads] = np.diff(k_indptr)
+    indptr = np.zeros(graph.num_nodes + 1, dtype=dtype)
+    np.cumsum(counts, out=indptr[1:])
+    indices = heads[k_indices].astype(dtype, copy=False)
+    return Graph._trusted(indptr, indices, graph.labels, features=features,
+                          weights=weights, mass=mass, offsets=graph.offsets)
+
+
+def score_gradient(graph, decisions, p, temperature, losses, baseline):
+    """Score-function part of REINFORCE, as a gradient with respect to ``s``.
+
+    The objective is the mean of ``losses`` over the examples (graphs) of
+    ``graph``; the estimate is
+    ``(1 / B) sum_b (L_b - b_b) d log P(m_b) / d s`` with
+    ``d log P / d s_e = (m_e - p_e) / T`` for the edges of example ``b``.
+
+    Parameters
+    ----------
+    graph : Graph
+        The (possibly replicated) input graph the decisions were drawn on.
+    decisions : ndarray of bool, shape (E,)
+    p : ndarray, shape (E,)
+    temperature : float
+    losses : ndarray, shape (B,)
+    baseline : ndarray, shape (B,) or float
+
+    Returns
+    -------
+    grad_s : ndarray, shape (E,)
+    per_example : ndarray, shape (B,)
+        ``(L_b - b_b) sum_{e in b} (m_e - p_e) / T``: each example's own
+        estimate of ``d E[L_b] / d tau`` with the sign of ``s`` (the caller
+        scales it to ``theta``).
+    """
+    B = losses.shape[0]
+    coef = score_coefficients(decisions, p, temperature)
+    if graph.offsets is None:
+        example = np.zeros(graph.num_edges, dtype=np.intp)
+    else:
+        example = np.repeat(np.arange(B), np.diff(graph.indptr[graph.offsets]))
+    advantage = losses - baseline
+    grad_s = coef * (advantage[example] / B)
+    per_example = advantage * np.bincount(example, weights=coef, minlength=B)
+    return grad_s, per_example

@@ -1,24 +1,14 @@
 """The learnable morpher: merges neighbouring nodes whose embeddings agree."""
 import numpy as np
 
-from . import _core
+from . import _core, _estimators
+from ._estimators import ESTIMATORS
+from ._estimators import sigmoid as _sigmoid
 from ._validation import as_float_array, check_scalar
 from .graph import Graph
 from .history import MergeHistory
 
 __all__ = ["Morpher", "Morphed", "merge_edges", "contract"]
-
-ESTIMATORS = ("history",)
-
-
-def _sigmoid(x):
-    x = np.asarray(x, dtype=np.float64)
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
-    return out
 
 
 def merge_edges(graph, merge):
@@ -85,13 +75,7 @@ def contract(graph, history, features=None):
         features = graph.features
     elif features is not None:
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
-    dtype = graph.indptr.dtype
-    cluster = history.cluster.astype(dtype, copy=False)
-    hist_indptr = history.indptr.astype(dtype, copy=False)
-    members = history.members.astype(dtype, copy=False)
-    weights = np.empty(0) if graph.weights is None else graph.weights
-    indptr, indices, out_weights = _core.contract(graph.indptr, graph.indices, weights,
-                                                  cluster, hist_indptr, members)
+    indptr, indices, out_weights = _contract_edges(graph, history)
     heads = history.heads
     offsets = None
     if graph.offsets is not None:
@@ -102,6 +86,17 @@ def contract(graph, history, features=None):
     out_features = None if features is None else history.gather(features)
     return Graph._trusted(indptr, indices, graph.labels[heads], features=out_features,
                           weights=out_weights, offsets=offsets)
+
+
+def _contract_edges(graph, history):
+    """Contracted CSR ``(indptr, indices, weights)`` over the outputs. O(n + E)."""
+    dtype = graph.indptr.dtype
+    cluster = history.cluster.astype(dtype, copy=False)
+    hist_indptr = history.indptr.astype(dtype, copy=False)
+    members = history.members.astype(dtype, copy=False)
+    weights = np.empty(0) if graph.weights is None else graph.weights
+    return _core.contract(graph.indptr, graph.indices, weights, cluster, hist_indptr,
+                          members)
 
 
 def _check_graph(graph, name):
@@ -115,19 +110,34 @@ class Morphed:
     Attributes
     ----------
     graph : Graph
-        The morphed graph (with features).
+        The morphed graph (with features). ``history`` and ``reinforce``:
+        the compact ``k``-node graph. ``soft`` and ``ste``: an ``n``-node
+        graph with the input's nodes and labels, relaxed features and masses
+        (heads carry their cluster, merged-away nodes mass 0 and no edges).
     history : MergeHistory
-        The hard merge map from the input nodes to the merged nodes.
+        The hard merge map from the (replicated) input nodes to the merged
+        nodes.
     similarity : ndarray of shape (n_edges,)
         Cosine similarity of every input edge.
     probability : ndarray of shape (n_edges,)
         Merge probability ``sigmoid((s - tau) / T)`` of every input edge.
     decisions : ndarray of bool, shape (n_edges,)
-        The merge decision of every input edge.
+        The merge decision of every input edge (``reinforce``: the sample).
+    rate_penalty : float
+        ``rate_weight * (E[k] / n - target_rate)^2``; 0 without a target rate.
+    samples : int
+        Replicas per example (``reinforce`` with ``samples > 1``; else 1).
+    estimator_variance : float
+        Set by :meth:`Morpher.backward` for ``reinforce``: the sample variance
+        over the examples of their single-example estimates of
+        ``d loss / d theta`` (NaN with fewer than two examples).
+    theta_estimates : ndarray of shape (n_examples,) or None
+        Those single-example estimates (``reinforce`` only).
     """
 
     __slots__ = ("graph", "history", "similarity", "probability", "decisions",
-                 "input", "features", "norms", "estimator", "cache")
+                 "input", "features", "norms", "estimator", "cache", "rate_penalty",
+                 "rate_grad", "samples", "estimator_variance", "theta_estimates")
 
     def __init__(self, graph, history, similarity, probability, decisions, input,
                  features, norms, estimator, cache=None):
@@ -135,6 +145,9 @@ class Morphed:
         self.similarity, self.probability, self.decisions = similarity, probability, decisions
         self.input, self.features, self.norms = input, features, norms
         self.estimator, self.cache = estimator, cache
+        self.rate_penalty, self.rate_grad = 0.0, None
+        self.samples = 1
+        self.estimator_variance, self.theta_estimates = float("nan"), None
 
     def __iter__(self):
         yield self.graph
@@ -167,11 +180,45 @@ class Morpher:
         Initial raw threshold parameter ``theta`` (``tau = sigmoid(theta)``).
     temperature : float, default 0.1
         ``T > 0`` of the merge probabilities.
-    estimator : {"history"}, default "history"
-        How gradients pass the merge decisions. ``"history"``: hard
-        decisions ``s_e > tau``; gradients reach the input features exactly
-        through the recorded merge history and the threshold gets none (the
-        loss is piecewise constant in ``theta``).
+    estimator : {"history", "soft", "ste", "reinforce"}, default "history"
+        How gradients pass the merge decisions (DESIGN.md, "Gradient
+        estimators").
+
+        - ``"history"``: hard decisions ``s_e > tau``; gradients reach the
+          input features exactly through the recorded merge history and the
+          threshold gets none from the loss (the loss is piecewise constant
+          in ``theta``; only the rate penalty, if any, moves it).
+        - ``"soft"``: merge weights ``m = p`` through the chain relaxation;
+          the output is the ``n``-node graph of relaxed cluster means and
+          masses. Exact gradient for features and ``theta``. Chains only.
+        - ``"ste"``: forward as ``"history"`` (in the ``n``-node form: heads
+          carry their cluster mean with mass 1, other nodes mass 0); the
+          backward pass differentiates the chain relaxation at the hard
+          ``m``. Chains only.
+        - ``"reinforce"``: ``m_e ~ Bernoulli(p_e)``; the gradient is the
+          pathwise history gradient plus ``(L - b) grad log P(m)``, unbiased
+          for the expected loss. Needs the per-example losses in
+          :meth:`backward`. Any graph.
+    seed : int, default 0
+        Seed of the generator the ``reinforce`` decisions are drawn from.
+    baseline : {"mean", "loo", None}, default "mean"
+        ``reinforce`` baseline: the running mean of all past per-example
+        losses (read before it is updated with the current ones), the mean
+        loss of the other ``samples - 1`` samples of the same example, or
+        none.
+    samples : int, default 1
+        ``reinforce`` only: samples per example. With ``samples = K > 1``
+        :meth:`forward` replicates the input batch ``K`` times sample-major
+        (copy ``k`` of example ``b`` is example ``k * B + b`` of the output,
+        see :meth:`replicate`); pair it with ``morpher.replicate(target)``.
+    target_rate : float in [0, 1], optional
+        Target compression ``k / n``. Adds the differentiable penalty
+        ``rate_weight * (E[k] / n - target_rate)^2`` with
+        ``E[k] = n - sum_e p_e`` (exact when the candidate edges form a
+        forest, chains included; ``n`` counts all nodes of a batch). Its
+        value is ``Morphed.rate_penalty`` and :meth:`backward` adds its
+        gradient, for every estimator.
+    rate_weight : float >= 0, default 1.0
 
     Attributes
     ----------
@@ -179,6 +226,17 @@ class Morpher:
         The raw threshold (a parameter: optimisers update it in place).
     grad_theta : ndarray of shape ()
         Accumulated gradient of ``theta``.
+    estimator_variance : float
+        Of the last ``reinforce`` backward pass (see
+        :attr:`Morphed.estimator_variance`); NaN before.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``estimator`` or ``baseline``, ``temperature <= 0``,
+        ``samples < 1`` (or ``< 2`` with ``baseline="loo"``, or ``> 1``
+        without ``reinforce``), ``target_rate`` outside [0, 1] or a negative
+        ``rate_weight``.
 
     Examples
     --------
@@ -188,15 +246,30 @@ class Morpher:
     >>> graph, history = Morpher(threshold=0.8).forward(g, H)
     >>> graph.to_text(), history.cluster.tolist()
     ('ab', [0, 0, 1])
+    >>> soft = Morpher(threshold=0.8, temperature=0.01, estimator="soft").forward(g, H)
+    >>> soft.graph.mass.round(3).tolist()
+    [1.0, 0.0, 1.0]
     """
 
-    def __init__(self, threshold=0.8, temperature=0.1, estimator="history"):
+    def __init__(self, threshold=0.8, temperature=0.1, estimator="history", *, seed=0,
+                 baseline="mean", samples=1, target_rate=None, rate_weight=1.0):
         self.theta = np.array(check_scalar(threshold, "threshold"))
         self.temperature = check_scalar(temperature, "temperature", lower=0,
                                         lower_inclusive=False)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.estimator = estimator
+        self.estimator = _estimators.check_estimator(estimator)
+        self.baseline = _estimators.check_baseline(baseline)
+        self.samples = check_scalar(samples, "samples", lower=1, integer=True)
+        if self.samples > 1 and estimator != "reinforce":
+            raise ValueError(f"samples > 1 needs estimator='reinforce', got {estimator!r}")
+        if baseline == "loo" and estimator == "reinforce" and self.samples < 2:
+            raise ValueError(f"baseline='loo' needs samples >= 2, got {self.samples}")
+        self.target_rate = (None if target_rate is None else
+                            check_scalar(target_rate, "target_rate", lower=0, upper=1))
+        self.rate_weight = check_scalar(rate_weight, "rate_weight", lower=0)
+        self.seed = check_scalar(seed, "seed", lower=0, integer=True)
+        self._rng = np.random.default_rng(self.seed)
+        self._mean_baseline = _estimators.MeanBaseline()
+        self.estimator_variance = float("nan")
         self.grad_theta = np.zeros(())
 
     @property
@@ -206,6 +279,15 @@ class Morpher:
 
     def zero_grad(self):
         self.grad_theta = np.zeros(())
+
+    def replicate(self, graph):
+        """``graph`` repeated ``samples`` times, in the order :meth:`forward` uses.
+
+        Copy ``k`` of example ``b`` (of ``B``) is example ``k * B + b``. The
+        identity when ``samples == 1``. Use it on the targets of a loss.
+        """
+        _check_graph(graph, "graph")
+        return _estimators.replicate(graph, self.samples)
 
     def similarity(self, graph, features):
         """Cosine similarity of every edge; returns ``(similarity, norms)``. O((n + E) d)."""
@@ -219,6 +301,9 @@ class Morpher:
     def forward(self, graph, features):
         """Morph ``graph`` given node ``features`` (n_nodes, d).
 
+        O((n + E) d) for every estimator (times ``samples`` for
+        ``reinforce``).
+
         Returns
         -------
         Morphed
@@ -228,28 +313,62 @@ class Morpher:
         ------
         TypeError, ValueError
             If ``graph`` is not a Graph or ``features`` is not a finite
-            (n_nodes, d) array.
+            (n_nodes, d) array; for ``soft`` and ``ste``, if the candidate
+            edges are not chain-shaped.
         """
         _check_graph(graph, "graph")
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+        est = self.estimator
+        if est in ("soft", "ste"):
+            src = _estimators.chain_sources(graph.indptr, graph.indices, est)
         sim, norms = self.similarity(graph, features)
         tau = self.tau
         prob = _sigmoid((sim - tau) / self.temperature)
-        decisions = sim > tau
+        rate = rate_grad = None
+        if self.target_rate is not None:
+            rate, rate_grad = _estimators.rate_penalty(prob, graph.num_nodes,
+                                                       self.target_rate, self.rate_weight)
+        samples = 1
+        if est == "reinforce":
+            samples = self.samples
+            graph = _estimators.replicate(graph, samples)
+            features, sim, norms, prob = (np.tile(features, (samples, 1)), np.tile(sim, samples),
+                                          np.tile(norms, samples), np.tile(prob, samples))
+            decisions = self._rng.random(prob.shape[0]) < prob
+        else:
+            decisions = sim > tau
         history = merge_edges(graph, decisions)
-        out = contract(graph, history, features)
-        return Morphed(out, history, sim, prob, decisions, graph, features, norms,
-                       self.estimator)
+        cache = None
+        if est in ("soft", "ste"):
+            m = np.zeros(graph.num_nodes)
+            m[src] = prob if est == "soft" else decisions
+            out_features, D, mass = _estimators.relax_chain(features, m)
+            out = _estimators.head_graph(graph, history, _contract_edges(graph, history),
+                                         out_features, mass)
+            cache = (src, m, D)
+        else:
+            out = contract(graph, history, features)
+        morphed = Morphed(out, history, sim, prob, decisions, graph, features, norms, est,
+                          cache)
+        morphed.samples = samples
+        if rate is not None:
+            morphed.rate_penalty, morphed.rate_grad = rate, rate_grad
+        return morphed
 
     def backward(self, morphed, grad_features=None, grad_activation=None, grad_mass=None,
                  loss_values=None):
-        """Gradient with respect to the input features, routed through the merges.
+        """Gradient with respect to the input features; adds ``d / d theta`` to ``grad_theta``.
 
-        ``dH[i] = w_i * dH'[c(i)]`` where ``dH'`` is the gradient of the
-        output features (the activation gradient reaches them as
-        ``grad_activation[:, None] / d``). O(n d). The history estimator
-        leaves ``grad_theta`` unchanged (its loss is piecewise constant in
-        ``theta``) and ignores ``grad_mass`` (merged nodes have mass 1).
+        ``history``: ``dH[i] = w_i * dH'[c(i)]`` where ``dH'`` is the
+        gradient of the output features (the activation gradient reaches
+        them as ``grad_activation[:, None] / d``); ``grad_mass`` is ignored
+        (merged nodes have mass 1) and ``theta`` gets no gradient from the
+        loss. ``soft``/``ste``: the adjoint of the chain relaxation (at
+        ``m = p``, resp. at the hard ``m``), through ``p`` to the
+        similarities, hence the features, and to ``theta``. ``reinforce``:
+        the history gradient plus the score-function term for the objective
+        ``mean(loss_values)``. The rate penalty's gradient is added in every
+        case. O((n + E) d).
 
         Parameters
         ----------
@@ -259,7 +378,9 @@ class Morpher:
         grad_activation : ndarray of shape (k,), optional
         grad_mass : ndarray of shape (k,), optional
         loss_values : ndarray of shape (n_graphs,), optional
-            Per-graph loss values (used by sampling estimators).
+            Per-example losses of the output batch (required by
+            ``reinforce``; their mean is the objective the other gradients
+            belong to).
 
         Returns
         -------
@@ -268,7 +389,59 @@ class Morpher:
         if not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
         grad_out = _output_gradient(morphed, grad_features, grad_activation, grad_mass)
-        return morphed.history.scatter(grad_out)
+        est = morphed.estimator
+        prob, T = morphed.probability, self.temperature
+        dp_ds = prob * (1.0 - prob) / T
+        grad_s = None
+        if est in ("soft", "ste"):
+            src, m, D = morphed.cache
+            k = morphed.graph.num_nodes
+            gmass = (np.zeros(k) if grad_mass is None else
+                     as_float_array(grad_mass, "grad_mass", ndim=1, shape=(k,)))
+            grad_H, grad_m = _estimators.relax_chain_backward(m, morphed.graph.features, D,
+                                                               grad_out, gmass)
+            grad_s = grad_m[src] * dp_ds
+        else:
+            grad_H = morphed.history.scatter(grad_out)
+        if est == "reinforce":
+            grad_s = self._score(morphed, loss_values)
+        if morphed.rate_grad is not None:
+            rate_s = morphed.rate_grad * dp_ds[:morphed.rate_grad.shape[0]]
+            if grad_s is None:
+                grad_s = np.zeros_like(prob)
+            grad_s[:rate_s.shape[0]] += rate_s
+        if grad_s is not None:
+            _core.edge_cosine_backward(morphed.input.indptr, morphed.input.indices,
+                                       morphed.features, morphed.norms, morphed.similarity,
+                                       grad_s, grad_H)
+            tau = self.tau
+            self.grad_theta -= tau * (1.0 - tau) * grad_s.sum()
+        if morphed.samples > 1:
+            grad_H = grad_H.reshape(morphed.samples, -1, grad_H.shape[1]).sum(axis=0)
+        return grad_H
+
+    def _score(self, morphed, loss_values):
+        """REINFORCE score term as a gradient of the similarities (E,)."""
+        B = morphed.graph.num_graphs
+        if loss_values is None:
+            raise ValueError("estimator='reinforce' needs loss_values, the per-example losses")
+        losses = as_float_array(loss_values, "loss_values", ndim=1, shape=(B,))
+        if self.baseline == "mean":
+            baseline = self._mean_baseline.value()
+        elif self.baseline == "loo":
+            baseline = _estimators.loo_baseline(losses, morphed.samples)
+        else:
+            baseline = 0.0
+        grad_s, per_example = _estimators.score_gradient(
+            morphed.input, morphed.decisions, morphed.probability, self.temperature,
+            losses, baseline)
+        if self.baseline == "mean":
+            self._mean_baseline.update(losses)  # after use: never sees its own sample
+        tau = self.tau
+        morphed.theta_estimates = -tau * (1.0 - tau) * per_example
+        variance = float(np.var(morphed.theta_estimates, ddof=1)) if B > 1 else float("nan")
+        morphed.estimator_variance = self.estimator_variance = variance
+        return grad_s
 
 
 def _output_gradient(morphed, grad_features, grad_activation, grad_mass):
