@@ -70,3 +70,19 @@ def scatter(
     g: np.ndarray,            # const double[:, ::1] IN (k, d)
     out: np.ndarray,          # double[:, ::1] OUT (n, d)
 ) -> None: ...
+def relax_chain_forward(
+    H: np.ndarray,     # const double[:, ::1] IN (n, d)
+    m: np.ndarray,     # const double[::1] IN (n,) merge weight of edge i -> i+1
+    out: np.ndarray,   # double[:, ::1] OUT (n, d)
+    D: np.ndarray,     # double[::1] OUT (n,)
+    mass: np.ndarray,  # double[::1] OUT (n,)
+) -> None: ...
+def relax_chain_backward(
+    m: np.ndarray,          # const double[::1] IN (n,)
+    out: np.ndarray,        # const double[:, ::1] IN (n, d)
+    D: np.ndarray,          # const double[::1] IN (n,)
+    grad_out: np.ndarray,   # const double[:, ::1] IN (n, d)
+    grad_mass: np.ndarray,  # const double[::1] IN (n,)
+    grad_H: np.ndarray,     # double[:, ::1] OUT (n, d)
+    grad_m: np.ndarray,     # double[::1] OUT (n,)
+) -> None: ...
