@@ -96,7 +96,7 @@ def test_read_only_inputs():
 
 
 @given(st.lists(st.booleans(), min_size=1, max_size=30), st.integers(1, 4))
-@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@settings(max_examples=200)
 def test_hard_weights_give_segment_means(merge, d):
     n = len(merge)
     m = np.array(merge, dtype=float)
