@@ -31,13 +31,17 @@ class RelaxSuite:
         self.history = MergeHistory(cluster)
         self.grad_pooled = rng.standard_normal((self.history.num_outputs, D_FEATURES))
 
+    # Both keep their forward output alive through the backward pass, as a
+    # training step does (the loss reads it in between).
     def _relaxed(self):
         out, D, mass = _estimators.relax_chain(self.H, self.m)
         _estimators.relax_chain_backward(self.m, out, D, self.grad_out, self.grad_mass)
+        return out
 
     def _history(self):
-        self.history.gather(self.H)
+        pooled = self.history.gather(self.H)
         self.history.scatter(self.grad_pooled)
+        return pooled
 
     def time_relaxed_forward_backward(self, n):
         self._relaxed()

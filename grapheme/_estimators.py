@@ -134,10 +134,14 @@ def relax_chain(H, m):
     return out, D, mass
 
 
-def relax_chain_backward(m, out, D, grad_out, grad_mass):
-    """Adjoint of :func:`relax_chain`: ``(grad_H, grad_m)``. O(n d)."""
+def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False):
+    """Adjoint of :func:`relax_chain`: ``(grad_H, grad_m)``. O(n d).
+
+    With ``overwrite=True`` ``grad_H`` is computed in place in ``grad_out``
+    (a writable C-contiguous float64 array), saving an (n, d) allocation.
+    """
     n, d = out.shape
-    grad_H = np.empty((n, d))
+    grad_H = grad_out if overwrite else np.empty((n, d))
     grad_m = np.empty(n)
     _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m)
     return grad_H, grad_m

@@ -77,11 +77,12 @@ def relax_chain_backward(
         dL/dm_i = D_{i+1} (<lam_i, h'_{i+1}> + kap_i) - dL/dmu_{i+1}
 
     using N_{i+1} = D_{i+1} h'_{i+1}. ``lam`` lives in ``grad_H`` itself.
+    ``grad_H`` may be ``grad_out`` (computed in place); no other aliasing.
 
     Complexity: O(n d) time, O(1) extra memory; runs without the GIL.
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], i, j
-    cdef double inv, kap, dot, mp, gm
+    cdef double inv, kap, dot, mp, gm, gij
     if n == 0:
         return
     with nogil:
@@ -90,14 +91,18 @@ def relax_chain_backward(
         for i in range(n):
             inv = 1.0 / D[i]
             dot = 0.0
+            # grad_out[i, j] is read before grad_H[i, j] is written, so the
+            # two may be the same array
             if mp == 0.0:
                 for j in range(d):
-                    grad_H[i, j] = grad_out[i, j] * inv
-                    dot = dot + grad_out[i, j] * out[i, j]
+                    gij = grad_out[i, j]
+                    dot = dot + gij * out[i, j]
+                    grad_H[i, j] = gij * inv
             else:
                 for j in range(d):
-                    grad_H[i, j] = grad_out[i, j] * inv + mp * grad_H[i - 1, j]
-                    dot = dot + grad_out[i, j] * out[i, j]
+                    gij = grad_out[i, j]
+                    dot = dot + gij * out[i, j]
+                    grad_H[i, j] = gij * inv + mp * grad_H[i - 1, j]
             kap = mp * kap - dot * inv
             if i + 1 < n:
                 gm = 0.0

@@ -398,8 +398,9 @@ class Morpher:
             k = morphed.graph.num_nodes
             gmass = (np.zeros(k) if grad_mass is None else
                      as_float_array(grad_mass, "grad_mass", ndim=1, shape=(k,)))
+            # grad_out is ours (fresh from _output_gradient): reuse it for grad_H
             grad_H, grad_m = _estimators.relax_chain_backward(m, morphed.graph.features, D,
-                                                               grad_out, gmass)
+                                                               grad_out, gmass, overwrite=True)
             grad_s = grad_m[src] * dp_ds
         else:
             grad_H = morphed.history.scatter(grad_out)

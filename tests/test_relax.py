@@ -184,3 +184,17 @@ def test_long_segment_is_stable():
     out, D, mass = forward(H, m)
     np.testing.assert_allclose(out, 1.0, rtol=1e-12)
     assert D[0] == n
+
+
+def test_backward_in_place_over_grad_out():
+    rng = np.random.default_rng(6)
+    H, m = random_chain(rng, 30, 4)
+    out, D, mass = forward(H, m)
+    g = rng.standard_normal(out.shape)
+    gmass = rng.standard_normal(30)
+    gH, gm = backward(m, out, D, g, gmass)
+    buf = g.copy()
+    gm2 = np.empty(30)
+    _core.relax_chain_backward(m, out, D, buf, gmass, buf, gm2)
+    np.testing.assert_array_equal(buf, gH)
+    np.testing.assert_array_equal(gm2, gm)
