@@ -19,3 +19,5 @@ ctypedef fused index_t:
     int64_t
 
 ctypedef Py_ssize_t intp_t
+
+include "_sinkhorn.pxi"
