@@ -13,6 +13,16 @@
 # Node and edge arrays are concatenated over the batch; CSR indices are global.
 
 
+# Un-shifted exponentials exp((f_i + g_j - C_ij)/eps) are <= 1/w for a cell
+# whose row or column weight w is positive; only cells of a ZERO mass can grow
+# without bound (the derivative with respect to a zero mass can be of order
+# exp(1/eps): the loss has a boundary layer in that mass narrower than float64
+# resolves). Saturating at exp(300) keeps every output finite and changes
+# nothing for weights above exp(-300).
+cdef inline double _sexp(double z) noexcept nogil:
+    return exp(z if z < 300.0 else 300.0)
+
+
 cdef inline const double* _cptr(const double[::1] v) noexcept nogil:
     return &v[0] if v.shape[0] > 0 else NULL
 
@@ -304,7 +314,7 @@ def _structural_loss_forward(
                 g = Gp + g_off[b] + (nit - 1) * m1
                 for i in range(n1):
                     for j in range(m1):
-                        E = exp((f[i] + g[j] - C[i * m1 + j]) / eps)
+                        E = _sexp((f[i] + g[j] - C[i * m1 + j]) / eps)
                         P[i * m1 + j] = aw[i] * bw[j] * E
                         node += P[i * m1 + j] * C[i * m1 + j]
                         if i < n and j < m:
@@ -492,7 +502,7 @@ def _structural_loss_backward(
                 ce = -2.0 * beta * scale[b] / Wsum
                 for i in range(n):
                     for j in range(m):
-                        D[i * m + j] = bw[j] * exp(
+                        D[i * m + j] = bw[j] * _sexp(
                             (f[i] + g[j] - C[i * m1 + j]) / eps)
                 _edge_tables(n, m, D, iptp, iti, wtp, t0, R, S)
                 for i in range(n * m):
@@ -517,7 +527,7 @@ def _structural_loss_backward(
                 Cbrow = Cb + i * m1
                 fbi = 0.0
                 for j in range(m1):
-                    E = exp((f[i] + g[j] - Crow[j]) / eps)
+                    E = _sexp((f[i] + g[j] - Crow[j]) / eps)
                     P = aw[i] * bw[j] * E
                     s = cn * Crow[j] * P
                     if has_edges and i < n and j < m:
@@ -544,7 +554,7 @@ def _structural_loss_backward(
                     for j in range(m1):
                         gbj = gb[j]
                         if gbj != 0.0:
-                            E = exp((f[i] - Crow[j] + g[j]) / eps)
+                            E = _sexp((f[i] - Crow[j] + g[j]) / eps)
                             fbi -= gbj * aw[i] * E
                             Cbrow[j] += gbj * aw[i] * E
                             if i < n:
@@ -559,10 +569,10 @@ def _structural_loss_backward(
                     Crow = C + i * m1
                     Cbrow = Cb + i * m1
                     for j in range(m1):
-                        E = exp((gprev[j] - Crow[j] + f[i]) / eps)
+                        E = _sexp((gprev[j] - Crow[j] + f[i]) / eps)
                         gb[j] -= fbi * bw[j] * E
                         Cbrow[j] += fbi * bw[j] * E
-                    abar_dust -= eps * fbi * exp((gprev[m] - Crow[m] + f[i]) / eps)
+                    abar_dust -= eps * fbi * _sexp((gprev[m] - Crow[m] + f[i]) / eps)
                     fb[i] = 0.0
 
             # cost adjoint -> activations; dustbin column marginal A -> masses

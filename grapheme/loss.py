@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _core
+from .graph import Graph
 
 __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
 
@@ -166,7 +167,9 @@ class StructuralLoss:
       0 when both graphs have no edge weight.
     * ``clique`` :math:`= (\mu_p - \mu_t)^2 + (\sigma^2_p - \sigma^2_t)^2`, the
       mass-weighted mean and variance of the normalised out-degree
-      :math:`d_i / \max(\max_k d_k, 1)` (0 for a graph without mass).
+      :math:`d_i / \max(\max_k d_k, 1)` (0 for a graph without mass; the
+      clique term therefore jumps where a graph's total mass reaches 0, and its
+      gradient there is taken as 0).
 
     A pair without any mass (``A + B == 0``) has node = 0 and a zero plan.
     For a batch the result is the mean over the pairs.
@@ -195,10 +198,14 @@ class StructuralLoss:
     batch go through one compiled call that releases the GIL.
 
     The gradient is exact for the computation performed (the iterations
-    actually run are differentiated in reverse). The gradient with respect to
-    a zero mass is finite but may be as large as
-    :math:`\exp(\Delta/\varepsilon)` for a cost gap :math:`\Delta`: it is the
-    value of un-merging, and for small epsilon that value is genuinely steep.
+    actually run are differentiated in reverse, including the early stop).
+    The gradient with respect to a zero mass is finite but may be as large
+    as :math:`\exp(\Delta/\varepsilon)` for a cost gap :math:`\Delta`: it is
+    the value of un-merging, and for small epsilon that value is genuinely
+    steep. The kernel saturates un-shifted exponentials at :math:`e^{300}`;
+    this only ever binds for cells of zero mass at small epsilon (e.g. all
+    masses zero with epsilon = 1e-3), where the exact derivative is not
+    representable in float64, and keeps every output finite.
 
     Examples
     --------
@@ -352,15 +359,20 @@ def _loss_arrays(loss: StructuralLoss, predicted: _GraphArrays,
 
 
 def _from_graph(graph, name) -> _GraphArrays:
-    try:
-        fields = dict(indptr=graph.indptr, indices=graph.indices, labels=graph.labels,
-                      weights=graph.weights, mass=graph.mass,
-                      activation=graph.activation,
-                      offsets=getattr(graph, "offsets", None))
-    except AttributeError:
-        raise TypeError(
-            f"{name} must be a grapheme.Graph, got {type(graph).__name__}") from None
-    return _graph_arrays(name=name, **fields)
+    """Arrays of a validated ``Graph`` (only edge weights are re-checked)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
+    E = graph.num_edges
+    w = graph.weights
+    if w is None:
+        w = np.ones(E)
+    elif E and w.min() < 0:
+        raise ValueError(f"{name}.weights must be >= 0")
+    return _GraphArrays(
+        np.ascontiguousarray(graph.indptr), np.ascontiguousarray(graph.indices),
+        np.ascontiguousarray(graph.labels, dtype=np.int32), np.ascontiguousarray(w),
+        np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
+        np.ascontiguousarray(graph.graph_offsets, dtype=np.int64))
 
 
 def _vector(value, name, dtype, length, default=None):
