@@ -10,7 +10,7 @@ and are linear in their input unless the docstring says otherwise.
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
-from libc.math cimport sqrt, exp, log, fabs, expm1, log1p, INFINITY
+from libc.math cimport sqrt, exp, log, fabs, expm1, log1p, cos, sin, M_PI, INFINITY
 
 cnp.import_array()
 
@@ -19,3 +19,337 @@ ctypedef fused index_t:
     int64_t
 
 ctypedef Py_ssize_t intp_t
+
+cdef double COS_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Graph building
+# ---------------------------------------------------------------------------
+
+def chain_csr(const int64_t[::1] lengths,  # IN  (B,) node count of each chain
+              index_t[::1] indptr,         # OUT (N+1,)
+              index_t[::1] indices):       # OUT (N - #non-empty chains,)
+    """Fill the block-diagonal CSR of B chains (edges i -> i+1 inside a chain).
+
+    O(N) for N = sum(lengths) nodes.
+    """
+    cdef intp_t b, i, length, node = 0, e = 0
+    with nogil:
+        indptr[0] = 0
+        for b in range(lengths.shape[0]):
+            length = lengths[b]
+            for i in range(length):
+                if i + 1 < length:
+                    indices[e] = <index_t>(node + 1)
+                    e += 1
+                node += 1
+                indptr[node] = <index_t>e
+
+
+def hash_normal(uint64_t seed,                # IN
+                const int64_t[::1] keys,      # IN  (V,)
+                double[:, ::1] out):          # OUT (V, d)
+    """Standard-normal rows, a pure function of ``(seed, key, column)``.
+
+    A counter-based generator (splitmix64 + Box-Muller), so the row of a key
+    does not depend on which other keys exist or in which order they came.
+    O(V d).
+    """
+    cdef intp_t r, j, d = out.shape[1]
+    cdef uint64_t state
+    cdef double u1, u2, radius
+    with nogil:
+        for r in range(keys.shape[0]):
+            state = _splitmix(seed ^ _splitmix(<uint64_t>keys[r] + 0x632BE59BD9B4E019ULL))
+            j = 0
+            while j < d:
+                state = _splitmix(state)
+                u1 = ((state >> 11) + 1.0) * (1.0 / 9007199254740993.0)   # (0, 1]
+                state = _splitmix(state)
+                u2 = (state >> 11) * (1.0 / 9007199254740992.0)           # [0, 1)
+                radius = sqrt(-2.0 * log(u1))
+                out[r, j] = radius * _cos2pi(u2)
+                if j + 1 < d:
+                    out[r, j + 1] = radius * _sin2pi(u2)
+                j += 2
+
+
+cdef inline uint64_t _splitmix(uint64_t x) noexcept nogil:
+    x = x + 0x9E3779B97F4A7C15ULL
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
+    return x ^ (x >> 31)
+
+
+
+cdef inline double _cos2pi(double u) noexcept nogil:
+    return cos(2.0 * M_PI * u)
+
+cdef inline double _sin2pi(double u) noexcept nogil:
+    return sin(2.0 * M_PI * u)
+
+
+def rows_add(const int64_t[::1] rows,      # IN  (n,) destination row of each input row
+             const double[:, ::1] values,  # IN  (n, d)
+             double[:, ::1] out):          # OUT (V, d), accumulated
+    """``out[rows[i]] += values[i]`` (``np.add.at`` without its overhead). O(n d)."""
+    cdef intp_t i, j, r, d = values.shape[1]
+    with nogil:
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            for j in range(d):
+                out[r, j] += values[i, j]
+
+
+# ---------------------------------------------------------------------------
+# Edge similarity
+# ---------------------------------------------------------------------------
+
+def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
+                const index_t[::1] indices,   # IN  (E,)
+                const double[:, ::1] H,       # IN  (n, d)
+                double[::1] norms,            # OUT (n,)
+                double[::1] sim):             # OUT (E,)
+    """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
+    of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0).
+
+    O(n d + E d).
+    """
+    cdef intp_t u, v, e, j, n = H.shape[0], d = H.shape[1]
+    cdef double acc, nu, nv
+    with nogil:
+        for u in range(n):
+            acc = 0.0
+            for j in range(d):
+                acc += H[u, j] * H[u, j]
+            norms[u] = sqrt(acc)
+        for u in range(n):
+            nu = norms[u] if norms[u] > COS_EPS else COS_EPS
+            for e in range(indptr[u], indptr[u + 1]):
+                v = indices[e]
+                nv = norms[v] if norms[v] > COS_EPS else COS_EPS
+                acc = 0.0
+                for j in range(d):
+                    acc += H[u, j] * H[v, j]
+                sim[e] = acc / (nu * nv)
+
+
+def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
+                         const index_t[::1] indices,  # IN  (E,)
+                         const double[:, ::1] H,      # IN  (n, d)
+                         const double[::1] norms,     # IN  (n,) from edge_cosine
+                         const double[::1] sim,       # IN  (E,) from edge_cosine
+                         const double[::1] grad_sim,  # IN  (E,)
+                         double[:, ::1] grad_H):      # OUT (n, d), accumulated
+    """Accumulate ``sum_e grad_sim[e] * d s_e / d H`` into ``grad_H``. O(n d + E d).
+
+    ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
+    vanishes where the norm is clamped to eps).
+    """
+    cdef intp_t u, v, e, j, n = H.shape[0], d = H.shape[1]
+    cdef double nu, nv, g, s, cu, cv
+    with nogil:
+        for u in range(n):
+            nu = norms[u] if norms[u] > COS_EPS else COS_EPS
+            for e in range(indptr[u], indptr[u + 1]):
+                g = grad_sim[e]
+                if g == 0.0:
+                    continue
+                v = indices[e]
+                nv = norms[v] if norms[v] > COS_EPS else COS_EPS
+                s = sim[e]
+                cu = s / (nu * nu) if norms[u] > COS_EPS else 0.0
+                cv = s / (nv * nv) if norms[v] > COS_EPS else 0.0
+                for j in range(d):
+                    grad_H[u, j] += g * (H[v, j] / (nu * nv) - cu * H[u, j])
+                    grad_H[v, j] += g * (H[u, j] / (nu * nv) - cv * H[v, j])
+
+
+# ---------------------------------------------------------------------------
+# Merging: union-find, merge history, contraction
+# ---------------------------------------------------------------------------
+
+cdef inline intp_t _find(intp_t* parent, intp_t x) noexcept nogil:
+    # path halving
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+def components(const index_t[::1] indptr,    # IN  (n+1,)
+               const index_t[::1] indices,   # IN  (E,)
+               const uint8_t[::1] merge,     # IN  (E,) 1 = merge this edge
+               index_t[::1] cluster):        # OUT (n,)
+    """Connected components of the merged edges, numbered by their earliest node.
+
+    Union by size with path halving: O(n alpha(n) + E). Component ``c`` is the
+    c-th distinct component met scanning nodes 0..n-1, so its head (lowest
+    node) is increasing in ``c``. Returns the number of components.
+    """
+    cdef intp_t n = cluster.shape[0]
+    cdef cnp.ndarray[cnp.intp_t, ndim=1] parent_arr = np.arange(n, dtype=np.intp)
+    cdef cnp.ndarray[cnp.intp_t, ndim=1] size_arr = np.ones(n, dtype=np.intp)
+    cdef cnp.ndarray[cnp.intp_t, ndim=1] label_arr = np.full(n, -1, dtype=np.intp)
+    cdef intp_t* parent = <intp_t*> cnp.PyArray_DATA(parent_arr)
+    cdef intp_t* size = <intp_t*> cnp.PyArray_DATA(size_arr)
+    cdef intp_t* label = <intp_t*> cnp.PyArray_DATA(label_arr)
+    cdef intp_t u, v, e, ru, rv, k = 0
+    with nogil:
+        for u in range(n):
+            for e in range(indptr[u], indptr[u + 1]):
+                if not merge[e]:
+                    continue
+                v = indices[e]
+                ru = _find(parent, u)
+                rv = _find(parent, v)
+                if ru == rv:
+                    continue
+                if size[ru] < size[rv]:
+                    ru, rv = rv, ru
+                parent[rv] = ru
+                size[ru] += size[rv]
+        for u in range(n):
+            ru = _find(parent, u)
+            if label[ru] < 0:
+                label[ru] = k
+                k += 1
+            cluster[u] = <index_t>label[ru]
+    return k
+
+
+def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
+                const double[::1] node_weight,   # IN  (n,) or empty: 1/|c|
+                index_t[::1] indptr,             # OUT (k+1,)
+                index_t[::1] members,            # OUT (n,)
+                double[::1] weights):            # OUT (n,)
+    """Output -> inputs CSR of a merge map by a stable counting sort. O(n + k).
+
+    Members of an output are ascending (its head first). ``weights[j]`` is
+    ``node_weight[members[j]]``, or ``1 / |c|`` when ``node_weight`` is empty.
+    """
+    cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i, c, j
+    cdef bint uniform = node_weight.shape[0] == 0
+    cdef cnp.ndarray[cnp.intp_t, ndim=1] fill_arr = np.zeros(k + 1, dtype=np.intp)
+    cdef intp_t* fill = <intp_t*> cnp.PyArray_DATA(fill_arr)
+    with nogil:
+        for i in range(n):
+            fill[cluster[i] + 1] += 1
+        for c in range(k):
+            fill[c + 1] += fill[c]
+        for c in range(k + 1):
+            indptr[c] = <index_t>fill[c]
+        for i in range(n):
+            c = cluster[i]
+            j = fill[c]
+            fill[c] += 1
+            members[j] = <index_t>i
+            if uniform:
+                weights[j] = 1.0 / (indptr[c + 1] - indptr[c])
+            else:
+                weights[j] = node_weight[i]
+
+
+def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
+             const index_t[::1] indices,       # IN  (E,)
+             const double[::1] edge_weight,    # IN  (E,) or empty (unweighted)
+             const index_t[::1] cluster,       # IN  (n,)
+             const index_t[::1] hist_indptr,   # IN  (k+1,)
+             const index_t[::1] members):      # IN  (n,)
+    """Contract the graph along ``cluster``: edge (u, v) becomes (c(u), c(v));
+    self-loops are dropped and duplicates folded (weights summed).
+
+    Targets in a row appear in first-seen order, walking members ascending
+    and each member's edges in order. O(n + E + k). Returns
+    ``(indptr, indices, weights)`` with the dtype of ``indptr``; ``weights`` is
+    None for an unweighted graph.
+    """
+    cdef intp_t k = hist_indptr.shape[0] - 1, c, j, u, e, cv, total = 0, start
+    cdef bint weighted = edge_weight.shape[0] > 0
+    dtype = np.asarray(indptr).dtype
+    cdef cnp.ndarray[cnp.intp_t, ndim=1] seen_arr = np.full(k, -1, dtype=np.intp)
+    cdef intp_t* seen = <intp_t*> cnp.PyArray_DATA(seen_arr)
+    out_indptr_arr = np.zeros(k + 1, dtype=dtype)
+    cdef index_t[::1] out_indptr = out_indptr_arr
+    with nogil:
+        for c in range(k):
+            for j in range(hist_indptr[c], hist_indptr[c + 1]):
+                u = members[j]
+                for e in range(indptr[u], indptr[u + 1]):
+                    cv = cluster[indices[e]]
+                    if cv != c and seen[cv] != c:
+                        seen[cv] = c
+                        total += 1
+            out_indptr[c + 1] = <index_t>total
+    out_indices_arr = np.empty(total, dtype=dtype)
+    out_weights_arr = np.zeros(total if weighted else 0, dtype=np.float64)
+    cdef index_t[::1] out_indices = out_indices_arr
+    cdef double[::1] out_weights = out_weights_arr
+    with nogil:
+        seen_arr_reset(seen, k)
+        total = 0
+        for c in range(k):
+            start = total
+            for j in range(hist_indptr[c], hist_indptr[c + 1]):
+                u = members[j]
+                for e in range(indptr[u], indptr[u + 1]):
+                    cv = cluster[indices[e]]
+                    if cv == c:
+                        continue
+                    if seen[cv] < start:      # not yet in this row
+                        seen[cv] = total
+                        out_indices[total] = <index_t>cv
+                        total += 1
+                    if weighted:
+                        out_weights[seen[cv]] += edge_weight[e]
+    return out_indptr_arr, out_indices_arr, (out_weights_arr if weighted else None)
+
+
+cdef inline void seen_arr_reset(intp_t* seen, intp_t k) noexcept nogil:
+    cdef intp_t c
+    for c in range(k):
+        seen[c] = -1
+
+
+# ---------------------------------------------------------------------------
+# Gather / scatter through a merge history
+# ---------------------------------------------------------------------------
+
+def gather(const index_t[::1] hist_indptr,   # IN  (k+1,)
+           const index_t[::1] members,       # IN  (n,)
+           const double[::1] weights,        # IN  (n,)
+           const double[:, ::1] x,           # IN  (n, d)
+           double[:, ::1] out):              # OUT (k, d)
+    """Pool inputs into outputs: ``out[c] = sum_j weights[j] x[members[j]]``. O(n d)."""
+    cdef intp_t k = out.shape[0], d = x.shape[1], c, j, t, i
+    cdef double w
+    with nogil:
+        for c in range(k):
+            for t in range(d):
+                out[c, t] = 0.0
+            for j in range(hist_indptr[c], hist_indptr[c + 1]):
+                i = members[j]
+                w = weights[j]
+                for t in range(d):
+                    out[c, t] += w * x[i, t]
+
+
+def scatter(const index_t[::1] hist_indptr,  # IN  (k+1,)
+            const index_t[::1] members,      # IN  (n,)
+            const double[::1] weights,       # IN  (n,)
+            const double[:, ::1] g,          # IN  (k, d)
+            double[:, ::1] out):             # OUT (n, d)
+    """Route output gradients to inputs: ``out[members[j]] = weights[j] g[c]``.
+
+    The adjoint of :func:`gather`. O(n d).
+    """
+    cdef intp_t k = g.shape[0], d = g.shape[1], c, j, t, i
+    cdef double w
+    with nogil:
+        for c in range(k):
+            for j in range(hist_indptr[c], hist_indptr[c + 1]):
+                i = members[j]
+                w = weights[j]
+                for t in range(d):
+                    out[i, t] = w * g[c, t]

@@ -1,0 +1,95 @@
+"""Input validation shared by the public classes.
+
+Everything that reaches a ``nogil`` kernel passes through here first, so a
+bad argument gets a ``TypeError`` or ``ValueError`` that names it instead of
+a crash or a silent truncation.
+"""
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "as_index_array",
+    "as_float_array",
+    "check_scalar",
+    "common_index_dtype",
+]
+
+
+def as_index_array(value, name, ndim=1):
+    """Return ``value`` as a C-contiguous int32 or int64 array.
+
+    Integer arrays of other widths are converted without loss (a value that
+    does not fit int64 is rejected); anything non-integer is a ``TypeError``.
+    """
+    arr = np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        if arr.size == 0 and arr.dtype == np.float64:
+            arr = arr.astype(np.int64)  # np.asarray([]) is float64
+        else:
+            raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
+    if arr.dtype not in (np.int32, np.int64):
+        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} has values beyond the int64 range")
+        arr = arr.astype(np.int64)
+    return np.ascontiguousarray(arr)
+
+
+def as_float_array(value, name, ndim=None, shape=None, finite=True):
+    """Return ``value`` as a C-contiguous float64 array, checked.
+
+    Parameters
+    ----------
+    value : array_like
+    name : str
+        Argument name used in error messages.
+    ndim : int, optional
+        Required number of dimensions.
+    shape : tuple, optional
+        Required shape; ``None`` entries match any length.
+    finite : bool
+        Reject NaN and infinity.
+    """
+    arr = np.asarray(value)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
+    if shape is not None:
+        if len(shape) != arr.ndim or any(
+            want is not None and want != got for want, got in zip(shape, arr.shape)
+        ):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if finite and arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return arr
+
+
+def common_index_dtype(*arrays):
+    """int64 if any array is int64, else int32."""
+    return np.int64 if any(a.dtype == np.int64 for a in arrays) else np.int32
+
+
+def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
+                 integer=False):
+    """Validate a real (or integer) scalar and return it as float (or int)."""
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Integral if integer else numbers.Real
+    ):
+        kind = "an integer" if integer else "a real number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    value = int(value) if integer else float(value)
+    if not integer and not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if lower is not None and (value < lower or (value == lower and not lower_inclusive)):
+        op = ">=" if lower_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {lower}, got {value}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be <= {upper}, got {value}")
+    return value

@@ -1,0 +1,400 @@
+"""Graphs of characters stored as compressed sparse rows."""
+import numpy as np
+
+from . import _core
+from ._validation import as_float_array, as_index_array, common_index_dtype
+
+__all__ = ["Graph"]
+
+MAX_CODE_POINT = 0x10FFFF
+
+
+def _codes_of(text, name):
+    """Code points of ``text`` as int32, rejecting lone surrogates."""
+    try:
+        raw = text.encode("utf-32-le")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} contains a lone surrogate at position {exc.start} "
+            f"({text[exc.start]!r}); text must be valid Unicode"
+        ) from None
+    return np.frombuffer(raw, dtype="<u4").astype(np.int32)
+
+
+class Graph:
+    """A directed graph of labelled nodes in compressed sparse row form.
+
+    Graphs are values: operations return new graphs and never modify their
+    inputs. A graph may be a *batch*: many graphs stored as one
+    block-diagonal graph, with ``offsets`` marking where each one starts, so
+    that kernels process the whole batch in one call.
+
+    Parameters
+    ----------
+    indptr : array_like of int, shape (n_nodes + 1,)
+        Row pointer: the out-edges of node ``u`` are
+        ``indices[indptr[u]:indptr[u + 1]]``. int32 or int64 is kept as is;
+        other integer types become int64.
+    indices : array_like of int, shape (n_edges,)
+        Edge targets, each in ``[0, n_nodes)``.
+    labels : array_like of int, shape (n_nodes,)
+        Unicode code points (``0 <= label <= 0x10FFFF``). The label of a
+        merged node is the label of its head.
+    features : array_like of float, shape (n_nodes, n_features), optional
+        Node features (finite).
+    weights : array_like of float, shape (n_edges,), optional
+        Edge weights (finite). ``None`` means every edge weighs 1.
+    mass : array_like of float, shape (n_nodes,), optional
+        Node masses (finite, non-negative). Defaults to 1 for every node.
+    activation : array_like of float, shape (n_nodes,), optional
+        Node activations. Defaults to the mean of ``features`` over the
+        feature axis, or to 1 when there are no features.
+    offsets : array_like of int, shape (n_graphs + 1,), optional
+        Node offsets of the graphs of a batch; ``None`` for a single graph.
+        No edge may cross from one graph of the batch to another.
+
+    Raises
+    ------
+    TypeError
+        If an array has a wrong dtype.
+    ValueError
+        If an array has a wrong shape, ``indptr`` is not a monotone row
+        pointer starting at 0 and ending at ``len(indices)``, an index or
+        label is out of range, or a float array holds NaN or infinity.
+
+    Examples
+    --------
+    >>> g = Graph.from_text("abc")
+    >>> g.num_nodes, g.num_edges
+    (3, 2)
+    >>> g.indices.tolist()
+    [1, 2]
+    >>> g.to_text()
+    'abc'
+    """
+
+    __slots__ = ("_indptr", "_indices", "_labels", "_features", "_weights",
+                 "_mass", "_activation", "_offsets")
+
+    def __init__(self, indptr, indices, labels, features=None, weights=None,
+                 mass=None, activation=None, offsets=None):
+        indptr = as_index_array(indptr, "indptr")
+        indices = as_index_array(indices, "indices")
+        labels = as_index_array(labels, "labels")
+        if indptr.shape[0] < 1:
+            raise ValueError("indptr must have length n_nodes + 1 >= 1, got length 0")
+        n = indptr.shape[0] - 1
+        if indptr[0] != 0:
+            raise ValueError(f"indptr must start at 0, got {indptr[0]}")
+        if indptr[-1] != indices.shape[0]:
+            raise ValueError(
+                f"indptr must end at len(indices) = {indices.shape[0]}, got {indptr[-1]}"
+            )
+        if n and np.any(np.diff(indptr) < 0):
+            bad = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+            raise ValueError(f"indptr must be non-decreasing; it drops after position {bad}")
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            bad = indices[(indices < 0) | (indices >= n)][0]
+            raise ValueError(f"indices must lie in [0, {n}), got {bad}")
+        if labels.shape[0] != n:
+            raise ValueError(f"labels must have length n_nodes = {n}, got {labels.shape[0]}")
+        if labels.size and (labels.min() < 0 or labels.max() > MAX_CODE_POINT):
+            bad = labels[(labels < 0) | (labels > MAX_CODE_POINT)][0]
+            raise ValueError(f"labels must be Unicode code points in [0, 0x10FFFF], got {bad}")
+        dtype = common_index_dtype(indptr, indices)
+        self._indptr = indptr.astype(dtype, copy=False)
+        self._indices = indices.astype(dtype, copy=False)
+        self._labels = labels.astype(np.int32, copy=False)
+        self._features = None
+        if features is not None:
+            self._features = as_float_array(features, "features", ndim=2, shape=(n, None))
+        self._weights = None
+        if weights is not None:
+            self._weights = as_float_array(weights, "weights", ndim=1,
+                                           shape=(indices.shape[0],))
+        if mass is None:
+            self._mass = np.ones(n)
+        else:
+            self._mass = as_float_array(mass, "mass", ndim=1, shape=(n,))
+            if (self._mass < 0).any():
+                raise ValueError("mass must be non-negative")
+        self._activation = None
+        if activation is not None:
+            self._activation = as_float_array(activation, "activation", ndim=1, shape=(n,))
+        self._offsets = None
+        if offsets is not None:
+            self._offsets = _check_offsets(offsets, n, self._indptr, self._indices)
+
+    @classmethod
+    def _trusted(cls, indptr, indices, labels, features=None, weights=None,
+                 mass=None, activation=None, offsets=None):
+        """Build from arrays produced by our own kernels, skipping validation."""
+        g = cls.__new__(cls)
+        g._indptr, g._indices, g._labels = indptr, indices, labels
+        g._features, g._weights, g._activation, g._offsets = (
+            features, weights, activation, offsets)
+        g._mass = np.ones(labels.shape[0]) if mass is None else mass
+        return g
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_text(cls, text):
+        """The chain graph of a string: one node per code point, edges i -> i+1.
+
+        Node activations are 1.0, as in the original experiments. O(n).
+
+        Parameters
+        ----------
+        text : str
+            Any valid Unicode string, including the empty string.
+
+        Raises
+        ------
+        TypeError
+            If ``text`` is not a ``str``.
+        ValueError
+            If ``text`` contains a lone surrogate.
+
+        Examples
+        --------
+        >>> Graph.from_text("héllo").labels.tolist()[:2]
+        [104, 233]
+        >>> Graph.from_text("").num_nodes
+        0
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        codes = _codes_of(text, "text")
+        return cls._from_codes(codes, np.array([codes.shape[0]], dtype=np.int64), None)
+
+    @classmethod
+    def from_texts(cls, texts):
+        """Many chain graphs as one block-diagonal batch, built in one kernel call.
+
+        Parameters
+        ----------
+        texts : sequence of str
+
+        Returns
+        -------
+        Graph
+            A batch with ``num_graphs == len(texts)``; ``unbatch()`` splits it.
+
+        Examples
+        --------
+        >>> g = Graph.from_texts(["ab", "", "xyz"])
+        >>> g.num_graphs, g.num_nodes, g.num_edges
+        (3, 5, 3)
+        >>> [h.to_text() for h in g.unbatch()]
+        ['ab', '', 'xyz']
+        """
+        if isinstance(texts, str) or not hasattr(texts, "__iter__"):
+            raise TypeError("texts must be a sequence of str, "
+                            f"got {type(texts).__name__}")
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        try:
+            codes = _codes_of("".join(texts), "texts")
+        except ValueError:
+            for i, t in enumerate(texts):
+                _codes_of(t, f"texts[{i}]")
+            raise  # pragma: no cover - one of the texts must have raised
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls._from_codes(codes, lengths, offsets)
+
+    @classmethod
+    def _from_codes(cls, codes, lengths, offsets):
+        n = codes.shape[0]
+        n_edges = n - int(np.count_nonzero(lengths))
+        dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
+        indptr = np.empty(n + 1, dtype=dtype)
+        indices = np.empty(n_edges, dtype=dtype)
+        _core.chain_csr(lengths, indptr, indices)
+        return cls._trusted(indptr, indices, codes, activation=np.ones(n),
+                            offsets=offsets)
+
+    @classmethod
+    def batch(cls, graphs):
+        """Stack graphs into one block-diagonal graph that remembers its offsets.
+
+        Features must be present on all graphs (with the same width) or on
+        none; likewise weights and explicit activations. Batches are
+        flattened: batching batches yields one batch of all their graphs.
+
+        Examples
+        --------
+        >>> b = Graph.batch([Graph.from_text("ab"), Graph.from_text("c")])
+        >>> b.offsets.tolist(), b.indices.tolist()
+        ([0, 2, 3], [1])
+        """
+        graphs = list(graphs)
+        for i, g in enumerate(graphs):
+            if not isinstance(g, Graph):
+                raise TypeError(f"graphs[{i}] must be a Graph, got {type(g).__name__}")
+        parts = [p for g in graphs for p in (g.unbatch() if g._offsets is not None else [g])]
+        sizes = np.array([p.num_nodes for p in parts], dtype=np.int64)
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        n = int(offsets[-1])
+        n_edges = sum(p.num_edges for p in parts)
+        dtype = np.int32 if max(n, n_edges) < np.iinfo(np.int32).max else np.int64
+        edge_offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([p.num_edges for p in parts], out=edge_offsets[1:])
+        indptr = np.concatenate(
+            [np.zeros(1, dtype)] + [p.indptr[1:].astype(dtype) + edge_offsets[i]
+                                    for i, p in enumerate(parts)]
+        ).astype(dtype)
+        indices = np.concatenate(
+            [np.empty(0, dtype)] + [p.indices.astype(dtype) + offsets[i]
+                                    for i, p in enumerate(parts)]
+        ).astype(dtype)
+        labels = np.concatenate([np.empty(0, np.int32)] + [p.labels for p in parts])
+
+        def stack(attr, what):
+            present = [getattr(p, attr) is not None for p in parts]
+            if not any(present):
+                return None
+            if not all(present):
+                raise ValueError(f"graphs must all have {what} or none of them")
+            return np.concatenate([getattr(p, attr) for p in parts])
+
+        features = stack("_features", "features")
+        if features is not None and len({p.features.shape[1] for p in parts}) > 1:
+            raise ValueError("graphs must all have the same number of features")
+        weights = stack("_weights", "weights")
+        activation = stack("_activation", "activations")
+        mass = np.concatenate([np.empty(0)] + [p.mass for p in parts])
+        return cls._trusted(indptr, indices, labels, features=features, weights=weights,
+                            mass=mass, activation=activation, offsets=offsets)
+
+    def unbatch(self):
+        """Split a batch into its graphs (a single graph gives ``[self]``). O(n + E)."""
+        if self._offsets is None:
+            return [self]
+        out = []
+        offsets = self._offsets
+        for b in range(offsets.shape[0] - 1):
+            lo, hi = int(offsets[b]), int(offsets[b + 1])
+            elo, ehi = int(self._indptr[lo]), int(self._indptr[hi])
+
+            def part(arr, a, z):
+                return None if arr is None else arr[a:z]
+
+            out.append(Graph._trusted(
+                self._indptr[lo:hi + 1] - self._indptr[lo],
+                self._indices[elo:ehi] - lo,
+                self._labels[lo:hi],
+                features=part(self._features, lo, hi),
+                weights=part(self._weights, elo, ehi),
+                mass=self._mass[lo:hi],
+                activation=part(self._activation, lo, hi),
+            ))
+        return out
+
+    def replace(self, **fields):
+        """A copy with some fields replaced (validated like the constructor).
+
+        Examples
+        --------
+        >>> g = Graph.from_text("ab").replace(mass=[1.0, 0.0])
+        >>> g.mass.tolist()
+        [1.0, 0.0]
+        """
+        allowed = ("indptr", "indices", "labels", "features", "weights", "mass",
+                   "activation", "offsets")
+        for key in fields:
+            if key not in allowed:
+                raise TypeError(f"replace() got an unexpected field {key!r}")
+        current = {key: getattr(self, "_" + key) for key in allowed}
+        current.update(fields)
+        return Graph(**current)
+
+    # ------------------------------------------------------------ properties
+    indptr = property(lambda self: self._indptr, doc="Row pointer, shape (n_nodes + 1,).")
+    indices = property(lambda self: self._indices, doc="Edge targets, shape (n_edges,).")
+    labels = property(lambda self: self._labels, doc="Code points, int32 (n_nodes,).")
+    features = property(lambda self: self._features,
+                        doc="Node features (n_nodes, n_features) or None.")
+    weights = property(lambda self: self._weights, doc="Edge weights (n_edges,) or None.")
+    mass = property(lambda self: self._mass, doc="Node masses (n_nodes,).")
+    offsets = property(lambda self: self._offsets,
+                       doc="Node offsets (n_graphs + 1,) of a batch, or None.")
+
+    @property
+    def activation(self):
+        """Node activations: explicit, else the feature mean, else 1."""
+        if self._activation is not None:
+            return self._activation
+        if self._features is not None:
+            if self._features.shape[1] == 0:
+                return np.zeros(self.num_nodes)
+            return self._features.mean(axis=1)
+        return np.ones(self.num_nodes)
+
+    @property
+    def num_nodes(self):
+        return self._indptr.shape[0] - 1
+
+    @property
+    def num_edges(self):
+        return self._indices.shape[0]
+
+    @property
+    def num_graphs(self):
+        return 1 if self._offsets is None else self._offsets.shape[0] - 1
+
+    @property
+    def graph_offsets(self):
+        """Node offsets, also for a single graph (``[0, n_nodes]``)."""
+        if self._offsets is None:
+            return np.array([0, self.num_nodes], dtype=np.int64)
+        return self._offsets
+
+    @property
+    def out_degree(self):
+        """Out-degree of every node, int64 (n_nodes,)."""
+        return np.diff(self._indptr).astype(np.int64)
+
+    def edge_sources(self):
+        """Source node of every edge, shape (n_edges,), the dtype of ``indices``."""
+        return np.repeat(np.arange(self.num_nodes, dtype=self._indices.dtype),
+                         np.diff(self._indptr))
+
+    # ------------------------------------------------------------ conversion
+    def to_text(self):
+        """The node labels as a string (one character per node)."""
+        return self._labels.astype("<u4").tobytes().decode("utf-32-le")
+
+    def to_scipy(self):
+        """The adjacency matrix as ``scipy.sparse.csr_matrix`` (n_nodes, n_nodes)."""
+        from scipy.sparse import csr_matrix
+
+        data = np.ones(self.num_edges) if self._weights is None else self._weights
+        return csr_matrix((data, self._indices, self._indptr),
+                          shape=(self.num_nodes, self.num_nodes))
+
+    def __repr__(self):
+        extra = f", num_graphs={self.num_graphs}" if self._offsets is not None else ""
+        d = "" if self._features is None else f", n_features={self._features.shape[1]}"
+        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges}{d}{extra})"
+
+    def __len__(self):
+        return self.num_nodes
+
+
+def _check_offsets(offsets, n, indptr, indices):
+    offsets = as_index_array(offsets, "offsets").astype(np.int64)
+    if offsets.shape[0] < 1 or offsets[0] != 0 or offsets[-1] != n:
+        raise ValueError(f"offsets must run from 0 to n_nodes = {n}")
+    if np.any(np.diff(offsets) < 0):
+        raise ValueError("offsets must be non-decreasing")
+    if indices.size:
+        block = np.searchsorted(offsets, np.arange(n), side="right") - 1
+        sources = np.repeat(np.arange(n), np.diff(indptr))
+        if np.any(block[sources] != block[indices]):
+            raise ValueError("offsets: an edge crosses from one graph of the batch to another")
+    return offsets
