@@ -126,7 +126,7 @@ class MergeHistory:
         x = as_float_array(x, name, finite=False)
         if x.ndim not in (1, 2) or x.shape[0] != rows:
             raise ValueError(f"{name} must have shape ({rows},) or ({rows}, d), got {x.shape}")
-        return x.reshape(rows, -1), x.ndim == 1
+        return (x.reshape(rows, 1), True) if x.ndim == 1 else (x, False)
 
     def gather(self, x):
         """Pool input rows into outputs: ``out[c] = sum_i w_i x[i]`` over c's members.

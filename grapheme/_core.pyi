@@ -1,0 +1,72 @@
+# Stubs for the compiled kernels in _core.pyx (private; callers validate).
+# Each parameter is commented with its Cython type; IN arrays are const
+# memoryviews (read-only and memory-mapped arrays work), OUT arrays are
+# written, "accumulated" ones are added to. index_t is int32_t or int64_t.
+import numpy as np
+
+def chain_csr(
+    lengths: np.ndarray,  # const int64_t[::1] IN (B,)
+    indptr: np.ndarray,   # index_t[::1] OUT (N+1,)
+    indices: np.ndarray,  # index_t[::1] OUT (N - #non-empty,)
+) -> None: ...
+def hash_normal(
+    seed: int,            # uint64_t
+    keys: np.ndarray,     # const int64_t[::1] IN (V,)
+    out: np.ndarray,      # double[:, ::1] OUT (V, d)
+) -> None: ...
+def rows_add(
+    rows: np.ndarray,     # const int64_t[::1] IN (n,)
+    values: np.ndarray,   # const double[:, ::1] IN (n, d)
+    out: np.ndarray,      # double[:, ::1] OUT (V, d), accumulated
+) -> None: ...
+def edge_cosine(
+    indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,  # const index_t[::1] IN (E,)
+    H: np.ndarray,        # const double[:, ::1] IN (n, d)
+    norms: np.ndarray,    # double[::1] OUT (n,)
+    sim: np.ndarray,      # double[::1] OUT (E,)
+) -> None: ...
+def edge_cosine_backward(
+    indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,  # const index_t[::1] IN (E,)
+    H: np.ndarray,        # const double[:, ::1] IN (n, d)
+    norms: np.ndarray,    # const double[::1] IN (n,)
+    sim: np.ndarray,      # const double[::1] IN (E,)
+    grad_sim: np.ndarray, # const double[::1] IN (E,)
+    grad_H: np.ndarray,   # double[:, ::1] OUT (n, d), accumulated
+) -> None: ...
+def components(
+    indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,  # const index_t[::1] IN (E,)
+    merge: np.ndarray,    # const uint8_t[::1] IN (E,)
+    cluster: np.ndarray,  # index_t[::1] OUT (n,)
+) -> int: ...
+def history_csr(
+    cluster: np.ndarray,      # const index_t[::1] IN (n,)
+    node_weight: np.ndarray,  # const double[::1] IN (n,) or (0,)
+    indptr: np.ndarray,       # index_t[::1] OUT (k+1,)
+    members: np.ndarray,      # index_t[::1] OUT (n,)
+    weights: np.ndarray,      # double[::1] OUT (n,)
+) -> None: ...
+def contract(
+    indptr: np.ndarray,       # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,      # const index_t[::1] IN (E,)
+    edge_weight: np.ndarray,  # const double[::1] IN (E,) or (0,)
+    cluster: np.ndarray,      # const index_t[::1] IN (n,)
+    hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
+    members: np.ndarray,      # const index_t[::1] IN (n,)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+def gather(
+    hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
+    members: np.ndarray,      # const index_t[::1] IN (n,)
+    weights: np.ndarray,      # const double[::1] IN (n,)
+    x: np.ndarray,            # const double[:, ::1] IN (n, d)
+    out: np.ndarray,          # double[:, ::1] OUT (k, d)
+) -> None: ...
+def scatter(
+    hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
+    members: np.ndarray,      # const index_t[::1] IN (n,)
+    weights: np.ndarray,      # const double[::1] IN (n,)
+    g: np.ndarray,            # const double[:, ::1] IN (k, d)
+    out: np.ndarray,          # double[:, ::1] OUT (n, d)
+) -> None: ...

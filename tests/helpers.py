@@ -1,0 +1,42 @@
+"""Small graph builders shared by the tests (plain numpy, no grapheme kernels)."""
+import numpy as np
+
+from grapheme import Graph
+
+
+def random_graph(rng, n, n_edges, dtype=np.int64, labels=None, self_loops=False):
+    """A random directed CSR graph with ``n`` nodes and about ``n_edges`` edges."""
+    if n == 0:
+        return Graph(np.zeros(1, dtype), np.zeros(0, dtype), np.zeros(0, np.int32))
+    src = rng.integers(0, n, n_edges)
+    dst = rng.integers(0, n, n_edges)
+    if not self_loops:
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+    order = np.lexsort((dst, src))
+    src, dst = src[order], dst[order]
+    indptr = np.zeros(n + 1, dtype)
+    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    if labels is None:
+        labels = rng.integers(97, 123, n)
+    return Graph(indptr, dst.astype(dtype), labels)
+
+
+def naive_components(n, edges):
+    """Components of an undirected edge list by a plain-Python union-find;
+    numbered by their earliest node."""
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for u, v in edges:
+        ru, rv = find(u), find(v)
+        if ru != rv:
+            parent[max(ru, rv)] = min(ru, rv)
+    label, out = {}, []
+    for i in range(n):
+        out.append(label.setdefault(find(i), len(label)))
+    return np.array(out, dtype=np.int64)

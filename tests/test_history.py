@@ -1,0 +1,215 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from grapheme import Graph, MergeHistory, contract, merge_edges
+from helpers import naive_components, random_graph
+
+
+def canonical(labels):
+    """Relabel a component vector by first appearance (0, 1, 2, ...)."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(first.shape[0])
+    return rank[inverse]
+
+
+@given(n=st.integers(0, 40), density=st.floats(0.0, 3.0), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**32 - 1), wide=st.booleans())
+def test_merges_equal_scipy_connected_components(n, density, p, seed, wide):
+    rng = np.random.default_rng(seed)
+    dtype = np.int64 if wide else np.int32
+    g = random_graph(rng, n, int(density * n), dtype=dtype, self_loops=True)
+    mask = rng.random(g.num_edges) < p
+    h = merge_edges(g, mask)
+    assert h.cluster.dtype == dtype
+    src = g.edge_sources()
+    adj = csr_matrix((np.ones(mask.sum()), (src[mask], g.indices[mask])), shape=(n, n))
+    k, ref = connected_components(adj, directed=False)
+    assert h.num_outputs == k
+    np.testing.assert_array_equal(h.cluster, canonical(ref))
+    # heads are the earliest members and increase with the output index
+    heads = h.heads
+    assert np.all(np.diff(heads) > 0)
+    if n:
+        assert np.array_equal(heads, [np.flatnonzero(h.cluster == c).min() for c in range(k)])
+
+
+def python_contract(g, cluster, k):
+    """Plain-Python reference: contracted edge dict {(cu, cv): weight}."""
+    out = {}
+    w = np.ones(g.num_edges) if g.weights is None else g.weights
+    for u in range(g.num_nodes):
+        for e in range(g.indptr[u], g.indptr[u + 1]):
+            cu, cv = cluster[u], cluster[g.indices[e]]
+            if cu != cv:
+                out[(cu, cv)] = out.get((cu, cv), 0.0) + w[e]
+    return out
+
+
+@given(n=st.integers(1, 30), density=st.floats(0.0, 3.0), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**32 - 1), weighted=st.booleans(), wide=st.booleans())
+def test_contraction_equals_python_reference(n, density, p, seed, weighted, wide):
+    rng = np.random.default_rng(seed)
+    g = random_graph(rng, n, int(density * n), dtype=np.int64 if wide else np.int32)
+    feats = rng.normal(size=(n, 3))
+    if weighted:
+        g = g.replace(weights=rng.random(g.num_edges))
+    mask = rng.random(g.num_edges) < p
+    h = merge_edges(g, mask)
+    out = contract(g, h, feats)
+    ref = python_contract(g, h.cluster, h.num_outputs)
+    src = out.edge_sources()
+    got = {(int(a), int(b)): (1.0 if out.weights is None else out.weights[e])
+           for e, (a, b) in enumerate(zip(src, out.indices))}
+    assert len(got) == out.num_edges  # no duplicate edges
+    assert set(got) == set(ref)
+    if weighted:
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-12)
+    else:
+        assert out.weights is None
+    assert all(a != b for a, b in got)  # no self-loops
+    np.testing.assert_array_equal(out.labels, g.labels[h.heads])
+    means = np.array([feats[h.cluster == c].mean(axis=0) for c in range(h.num_outputs)])
+    np.testing.assert_allclose(out.features, means, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(out.activation, means.mean(axis=1), rtol=1e-13, atol=1e-15)
+    assert out.mass.tolist() == [1.0] * h.num_outputs
+
+
+def test_contract_batch_keeps_offsets():
+    g = Graph.from_texts(["aab", "", "cc", "d"])
+    mask = np.ones(g.num_edges, bool)
+    h = merge_edges(g, mask)
+    out = contract(g, h)
+    assert out.offsets.tolist() == [0, 1, 1, 2, 3]
+    assert [x.to_text() for x in out.unbatch()] == ["a", "", "c", "d"]
+
+
+def test_contract_rejects_history_across_batch():
+    g = Graph.from_texts(["ab", "cd"])
+    with pytest.raises(ValueError, match="different graphs of the batch"):
+        contract(g, MergeHistory([0, 0, 0, 1]))
+
+
+@given(n=st.integers(0, 30), seed=st.integers(0, 2**32 - 1), d=st.integers(1, 4))
+def test_scatter_is_adjoint_of_gather(n, seed, d):
+    rng = np.random.default_rng(seed)
+    cluster = canonical(rng.integers(0, max(n // 2, 1), n)) if n else np.zeros(0, np.int64)
+    h = MergeHistory(cluster)
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=(h.num_outputs, d))
+    lhs = np.sum(h.gather(x) * y)
+    rhs = np.sum(x * h.scatter(y))
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
+    # and the 1-d forms agree with the 2-d forms
+    np.testing.assert_allclose(h.gather(x[:, 0]), h.gather(x)[:, 0], rtol=0, atol=0)
+
+
+def test_gather_scatter_unpool_values():
+    h = MergeHistory([0, 1, 1, 2, 1])
+    assert h.indptr.tolist() == [0, 1, 4, 5]
+    assert h.members.tolist() == [0, 1, 2, 4, 3]
+    np.testing.assert_allclose(h.weights, [1, 1 / 3, 1 / 3, 1 / 3, 1])
+    np.testing.assert_allclose(h.gather([1.0, 3.0, 6.0, 10.0, 9.0]), [1.0, 6.0, 10.0])
+    np.testing.assert_allclose(h.scatter([3.0, 3.0, 3.0]), [3.0, 1.0, 1.0, 3.0, 1.0])
+    np.testing.assert_array_equal(h.unpool([7.0, 8.0, 9.0]), [7, 8, 8, 9, 8])
+    assert h.sizes.tolist() == [1, 3, 1]
+
+
+@given(n=st.integers(0, 30), seed=st.integers(0, 2**32 - 1))
+def test_compose_equals_two_steps(n, seed):
+    rng = np.random.default_rng(seed)
+    c1 = canonical(rng.integers(0, max(n // 2, 1), n)) if n else np.zeros(0, np.int64)
+    h1 = MergeHistory(c1)
+    k1 = h1.num_outputs
+    c2 = canonical(rng.integers(0, max(k1 // 2, 1), k1)) if k1 else np.zeros(0, np.int64)
+    h2 = MergeHistory(c2)
+    both = h1.compose(h2)
+    x = rng.normal(size=(n, 3))
+    g = rng.normal(size=(h2.num_outputs, 3))
+    np.testing.assert_allclose(both.gather(x), h2.gather(h1.gather(x)), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(both.scatter(g), h1.scatter(h2.scatter(g)), rtol=1e-12,
+                               atol=1e-14)
+    np.testing.assert_array_equal(both.cluster, c2[c1] if n else c1)
+    np.testing.assert_allclose(np.bincount(both.cluster, weights=both.node_weights,
+                                           minlength=both.num_outputs), 1.0)
+
+
+def test_compose_of_morphs_matches_direct():
+    g = Graph.from_text("aabbbc")
+    h1 = merge_edges(g, np.array([True, False, False, False, False]))
+    g1 = contract(g, h1)
+    h2 = merge_edges(g1, np.array([False, True, False, False]))
+    assert h1.compose(h2).segments("aabbbc") == ["aa", "bb", "b", "c"]
+
+
+def test_history_validation():
+    with pytest.raises(ValueError, match="cluster must be non-negative"):
+        MergeHistory([0, -1])
+    with pytest.raises(ValueError, match="every output"):
+        MergeHistory([0, 2])
+    with pytest.raises(ValueError, match="num_outputs = 1"):
+        MergeHistory([0, 1], num_outputs=1)
+    with pytest.raises(ValueError, match="node_weights must sum to 1"):
+        MergeHistory([0, 0], node_weights=[0.5, 0.2])
+    with pytest.raises(TypeError, match="cluster must be an integer array"):
+        MergeHistory([0.0, 1.0])
+    h = MergeHistory([0, 0, 1])
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\) or \(3, d\)"):
+        h.gather(np.ones(2))
+    with pytest.raises(ValueError, match=r"g must have shape \(2,\)"):
+        h.scatter(np.ones(3))
+    with pytest.raises(ValueError, match="later has 3 inputs"):
+        h.compose(MergeHistory([0, 1, 2]))
+    with pytest.raises(ValueError, match="text has 2 characters"):
+        h.segments("ab")
+    with pytest.raises(TypeError, match="merge must be a boolean array"):
+        merge_edges(Graph.from_text("ab"), [1])
+    with pytest.raises(ValueError, match=r"merge must have shape \(1,\)"):
+        merge_edges(Graph.from_text("ab"), [True, False])
+
+
+def test_segments_unicode():
+    h = MergeHistory([0, 0, 1, 1, 1])
+    assert h.segments("日本🙂ab") == ["日本", "🙂ab"]
+    assert MergeHistory(np.zeros(0, np.int64)).segments("") == []
+
+
+class MergeMachine(RuleBasedStateMachine):
+    """Successive merges on a chain, checked against a plain union-find after every rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.text = "abcdefghijklmnopqrst"
+        self.n = len(self.text)
+        self.graph = Graph.from_text(self.text)
+        self.total = MergeHistory(np.arange(self.n))
+        self.merged_pairs = []  # in input-node terms
+
+    @rule(data=st.data())
+    def merge_some(self, data):
+        m = self.graph.num_edges
+        if m == 0:
+            return
+        mask = np.array(data.draw(st.lists(st.booleans(), min_size=m, max_size=m)), bool)
+        h = merge_edges(self.graph, mask)
+        heads_in = self.total.heads  # input node of every current node
+        src = self.graph.edge_sources()
+        self.merged_pairs += [(int(heads_in[u]), int(heads_in[v]))
+                              for u, v in zip(src[mask], self.graph.indices[mask])]
+        self.graph = contract(self.graph, h)
+        self.total = self.total.compose(h)
+
+    @invariant()
+    def matches_union_find(self):
+        ref = naive_components(self.n, self.merged_pairs)
+        np.testing.assert_array_equal(self.total.cluster, ref)
+        assert self.graph.num_nodes == self.total.num_outputs
+        assert "".join(s[0] for s in self.total.segments(self.text)) == self.graph.to_text()
+
+
+TestMergeMachine = MergeMachine.TestCase

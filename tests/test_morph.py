@@ -1,0 +1,221 @@
+import numpy as np
+import pytest
+
+from grapheme import Embedding, Graph, Morpher, gradcheck, numerical_gradient
+from helpers import random_graph
+
+
+def scalar_objective(rng, k, d):
+    """A random smooth scalar function of output features and activations,
+    returning (value, d/dfeatures, d/dactivation)."""
+    A = rng.normal(size=(k, d))
+    B = rng.normal(size=k)
+
+    def f(feats, act):
+        value = np.sum(A * np.tanh(feats)) + np.sum(B * act ** 2)
+        return value, A * (1 - np.tanh(feats) ** 2), 2 * B * act
+
+    return f
+
+
+def check_history_gradient(graph, H, morpher, rng):
+    out = morpher.forward(graph, H)
+    margin = np.abs(out.similarity - morpher.tau).min(initial=np.inf)
+    assert margin > 1e-4, "test point too close to a decision boundary"
+    f = scalar_objective(rng, out.graph.num_nodes, H.shape[1])
+
+    def value_and_grad(x):
+        o = morpher.forward(graph, x)
+        assert np.array_equal(o.history.cluster, out.history.cluster)
+        value, gf, ga = f(o.graph.features, o.graph.activation)
+        return value, morpher.backward(o, grad_features=gf, grad_activation=ga)
+
+    res = gradcheck(value_and_grad, H, eps=1e-6, rtol=1e-6)
+    assert res.ok, res.error
+    return out
+
+
+@pytest.mark.parametrize("text", ["abc", "xyz", "123"])
+def test_history_gradient_on_strings(text, rng):
+    emb = Embedding(dim=8, seed=3)
+    g = Graph.from_text(text)
+    H = emb.forward(g.labels)
+    s, _ = Morpher().similarity(g, H)
+    # a threshold between the two similarities: one merge, one not
+    tau = s.mean()
+    morpher = Morpher(threshold=np.log(tau / (1 - tau)) if 0 < tau < 1 else 0.0)
+    if not 0 < tau < 1:
+        H = H.copy()
+        H[1] = H[0] + 0.1 * H[1]
+        s, _ = morpher.similarity(g, H)
+        morpher = Morpher(threshold=float(np.log(s.mean() / (1 - s.mean()))))
+    out = check_history_gradient(g, H, morpher, rng)
+    assert out.graph.num_nodes == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_history_gradient_on_random_graphs(seed, index_dtype):
+    rng = np.random.default_rng(seed)
+    g = random_graph(rng, 12, 24, dtype=index_dtype)
+    base = rng.normal(size=(3, 5))
+    H = base[rng.integers(0, 3, 12)] + 0.3 * rng.normal(size=(12, 5))
+    out = check_history_gradient(g, H, Morpher(threshold=0.5), rng)
+    assert 1 <= out.graph.num_nodes < 12  # something merged
+
+
+def test_history_gradient_matches_manual_mean_rule(rng):
+    g = Graph.from_text("aab")
+    H = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    out = Morpher().forward(g, H)
+    gf = rng.normal(size=(2, 2))
+    dH = Morpher().backward(out, grad_features=gf)
+    np.testing.assert_allclose(dH, [gf[0] / 2, gf[0] / 2, gf[1]], rtol=0, atol=1e-15)
+    ga = rng.normal(size=2)
+    dH = Morpher().backward(out, grad_activation=ga)
+    np.testing.assert_allclose(dH, np.repeat([ga[0] / 4, ga[0] / 4, ga[1] / 2], 2).reshape(3, 2))
+
+
+def test_morpher_forward_values():
+    g = Graph.from_text("aab")
+    H = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    m = Morpher(threshold=0.8)
+    out = m.forward(g, H)
+    assert m.tau == pytest.approx(1 / (1 + np.exp(-0.8)))
+    np.testing.assert_allclose(out.similarity, [1 / np.sqrt(1.01), 0.1 / np.sqrt(1.01)])
+    np.testing.assert_allclose(out.probability,
+                               1 / (1 + np.exp(-(out.similarity - m.tau) / 0.1)))
+    assert out.decisions.tolist() == [True, False]
+    assert out.graph.to_text() == "ab"
+    np.testing.assert_allclose(out.graph.features, [[1.0, 0.05], [0.0, 1.0]])
+    np.testing.assert_allclose(out.graph.activation, [0.525, 0.5])
+    assert out.merge_rate == pytest.approx(1 / 3)
+    graph, history = out
+    assert graph is out.graph and history is out.history
+    assert m.grad_theta == 0.0  # the history estimator reports no threshold gradient
+
+
+def test_morpher_zero_features_and_empty_graph():
+    g = Graph.from_text("ab")
+    out = Morpher().forward(g, np.zeros((2, 3)))
+    assert out.similarity.tolist() == [0.0] and out.graph.num_nodes == 2
+    e = Graph.from_text("")
+    out = Morpher().forward(e, np.zeros((0, 4)))
+    assert out.graph.num_nodes == 0 and out.graph.features.shape == (0, 4)
+    assert Morpher().backward(out, grad_features=np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_morpher_read_only_and_memmap_features(tmp_path, rng):
+    g = Graph.from_text("abcd")
+    H = rng.normal(size=(4, 3))
+    np.save(tmp_path / "h.npy", H)
+    mm = np.load(tmp_path / "h.npy", mmap_mode="r")
+    ro = H.copy()
+    ro.flags.writeable = False
+    for feats in (mm, ro):
+        out = Morpher(threshold=-5).forward(g, feats)
+        assert out.graph.num_nodes == 1
+        np.testing.assert_allclose(out.graph.features[0], H.mean(axis=0))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(threshold="0.8"), TypeError, "threshold must be a real number"),
+    (dict(threshold=np.nan), ValueError, "threshold must be finite"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(estimator="magic"), ValueError, "estimator must be one of"),
+])
+def test_morpher_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Morpher(**kwargs)
+
+
+def test_morpher_bad_forward_input():
+    g = Graph.from_text("abc")
+    m = Morpher()
+    with pytest.raises(TypeError, match="graph must be a grapheme.Graph"):
+        m.forward("abc", np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"features must have shape \(3, \*\)"):
+        m.forward(g, np.ones((2, 2)))
+    with pytest.raises(ValueError, match="features contains NaN"):
+        m.forward(g, np.array([[1.0], [np.nan], [1.0]]))
+    out = m.forward(g, np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"grad_features must have shape \(1, 2\)"):
+        m.backward(out, grad_features=np.ones((3, 2)))
+    with pytest.raises(TypeError, match="morphed must be a Morphed"):
+        m.backward(None)
+
+
+# --------------------------------------------------------------- embedding
+def test_embedding_deterministic_and_order_free():
+    a = Embedding(dim=6, seed=7)
+    b = Embedding(dim=6, seed=7)
+    ha = a.forward(Graph.from_text("hello").labels)
+    b.forward(Graph.from_text("zyx").labels)  # different first-seen order
+    hb = b.forward(Graph.from_text("hello").labels)
+    np.testing.assert_array_equal(ha, hb)
+    assert not np.array_equal(ha, Embedding(dim=6, seed=8).forward(Graph.from_text("hello").labels))
+    assert a.weight.shape == (4, 6)  # h, e, l, o
+
+
+def test_embedding_every_code_point_its_own_row():
+    emb = Embedding(dim=4)
+    text = "aé日🙂\U0010FFFF" + "".join(chr(c) for c in range(256, 300))
+    rows = emb.rows(Graph.from_text(text).labels)
+    assert len(set(rows.tolist())) == len(text)
+    h = emb.forward(Graph.from_text(text).labels)
+    assert len({tuple(r) for r in h}) == len(text)
+
+
+def test_embedding_init_is_standard_normal():
+    emb = Embedding(dim=64, seed=0)
+    h = emb.forward(np.arange(2000))
+    assert abs(h.mean()) < 0.01 and abs(h.std() - 1) < 0.01
+
+
+def test_embedding_backward_accumulates(rng):
+    emb = Embedding(dim=3)
+    labels = np.array([97, 98, 97, 99, 97])
+    emb.forward(labels)
+    g = rng.normal(size=(5, 3))
+    emb.backward(labels, g)
+    emb.backward(labels, g)
+    ref = np.zeros((3, 3))
+    np.add.at(ref, emb.rows(labels), 2 * g)
+    np.testing.assert_allclose(emb.grad, ref, rtol=1e-15)
+    emb.zero_grad()
+    assert not emb.grad.any()
+
+
+def test_embedding_state_roundtrip():
+    emb = Embedding(dim=5, seed=2)
+    emb.forward([100, 50, 75])
+    emb.weight[0] += 1.0
+    back = Embedding.from_state(emb.state_dict(), seed=2)
+    np.testing.assert_array_equal(back.forward([50, 100]), emb.forward([50, 100]))
+    np.testing.assert_array_equal(back.forward([200]), emb.forward([200]))
+
+
+def test_embedding_bad_input():
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        Embedding(dim=0)
+    with pytest.raises(TypeError, match="dim must be an integer"):
+        Embedding(dim=2.5)
+    with pytest.raises(ValueError, match="labels must be Unicode code points"):
+        Embedding().forward([-1])
+    emb = Embedding(dim=2)
+    with pytest.raises(ValueError, match=r"grad must have shape \(2, 2\)"):
+        emb.backward([97, 98], np.ones((2, 3)))
+
+
+# --------------------------------------------------------------- gradcheck
+def test_numerical_gradient_and_gradcheck():
+    f = lambda v: float(np.sum(np.sin(v)))  # noqa: E731
+    x = np.array([[0.1, 0.2], [0.3, -0.4]])
+    np.testing.assert_allclose(numerical_gradient(f, x), np.cos(x), rtol=1e-9)
+    ok = gradcheck(lambda v: (f(v), np.cos(v)), x)
+    assert ok and ok.error < 1e-9
+    bad = gradcheck(lambda v: (f(v), 1.01 * np.cos(v)), x)
+    assert not bad and bad.error == pytest.approx(0.01 / 1.01, rel=1e-4)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        numerical_gradient(f, x, eps=0)
+    with pytest.raises(ValueError, match="gradient of shape"):
+        gradcheck(lambda v: (f(v), np.ones(3)), x)
