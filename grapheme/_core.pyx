@@ -353,3 +353,5 @@ def scatter(const index_t[::1] hist_indptr,  # IN  (k+1,)
                 w = weights[j]
                 for t in range(d):
                     out[i, t] = w * g[c, t]
+
+include "_sinkhorn.pxi"
