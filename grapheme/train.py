@@ -418,6 +418,56 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------- checkpoints
+    @classmethod
+    def from_checkpoint(cls, path, log=None, progress=True):
+        """A trainer rebuilt from a checkpoint written by :meth:`save`.
+
+        The embedding, morpher, loss and optimiser are constructed from the
+        configuration stored in the checkpoint and their state restored, so
+        the trainer can :meth:`evaluate` or continue :meth:`fit` at once.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        log : str or os.PathLike, optional
+        progress : bool, default True
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the checkpoint is corrupted or names an unknown component.
+        """
+        from . import loss as _loss
+
+        _, meta = load_checkpoint(path)
+        path = os.fspath(path)
+        try:
+            config = meta["config"]
+            emb_cfg = dict(config["embedding"])
+            morph_cfg = dict(config["morpher"])
+            loss_cfg = dict(config["loss"])
+            opt_cfg = dict(config["optimizer"])
+            morph_type, loss_type = morph_cfg.pop("type"), loss_cfg.pop("type")
+            opt_type = opt_cfg.pop("type")
+            known_loss = {"StructuralLoss": _loss.StructuralLoss}
+            known_opt = {"Adam": _optim.Adam, "SGD": _optim.SGD}
+            if morph_type != "Morpher" or loss_type not in known_loss \
+                    or opt_type not in known_opt:
+                raise ValueError(f"unknown component ({morph_type}, {loss_type}, "
+                                 f"{opt_type})")
+            trainer = cls(Embedding(**emb_cfg), Morpher(**morph_cfg),
+                          known_loss[loss_type](**loss_cfg), known_opt[opt_type](lr=1.0),
+                          batch_size=config["batch_size"], seed=config["seed"],
+                          target_activation=config["target_activation"], log=log,
+                          progress=progress)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
+                             f"{exc}") from None
+        trainer.load(path)
+        return trainer
+
     def config(self):
         """What must agree between a checkpoint and a trainer resuming it."""
         return {
