@@ -537,8 +537,8 @@ class Trainer:
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"{exc}") from None
-        # Keep the caller's objects live: copy the state into them.
-        self.embedding.__dict__.update(embedding.__dict__)
+        # Keep the caller's objects live: copy the (validated) state into them.
+        self.embedding.load_state_dict(embedding.state_dict())
         self.morpher.theta[...] = theta
         self.morpher.zero_grad()
         self.rng = rng
