@@ -17,6 +17,7 @@ import sys
 import time
 
 from . import data as _data
+from ._validation import check_scalar
 
 __all__ = ["main"]
 
@@ -27,44 +28,26 @@ class CommandError(Exception):
     """An error in the user's input, reported as one line with exit code 2."""
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(kind, **bounds):
+    """An argparse ``type`` parsing ``kind`` (int or float) within ``bounds``
+    (keywords of :func:`grapheme._validation.check_scalar`)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        try:
+            return check_scalar(value, "value", integer=kind is int, **bounds)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("value ", "", 1)) from None
+    return parse
 
 
-def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _rate(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+_positive_int = _number(int, lower=1)
+_nonneg_int = _number(int, lower=0)
+_positive_float = _number(float, lower=0, lower_inclusive=False)
+_rate = _number(float, lower=0.0, upper=1.0)
 
 
 def build_parser():
