@@ -70,6 +70,42 @@ def scatter(
     g: np.ndarray,            # const double[:, ::1] IN (k, d)
     out: np.ndarray,          # double[:, ::1] OUT (n, d)
 ) -> None: ...
+
+# --- structural loss (_sinkhorn.pxi) -------------------------------------
+# A batch of B (predicted, target) pairs; node arrays concatenated over the
+# batch with int64 offsets, edges as block-diagonal CSR with global indices.
+def _structural_loss_forward(
+    x: np.ndarray, a: np.ndarray,          # const double[::1] IN (N,) activations, masses
+    lp: np.ndarray, dp: np.ndarray,        # const int32_t[::1], const double[::1] IN (N,)
+    ipp: np.ndarray, ip: np.ndarray,       # const index_t[::1] IN predicted CSR
+    wp: np.ndarray, off_p: np.ndarray,     # const double[::1] (E_p,), const int64_t[::1] (B+1,)
+    y: np.ndarray, bm: np.ndarray,         # const double[::1] IN (M,) activations, masses
+    lt: np.ndarray, dt: np.ndarray,        # const int32_t[::1], const double[::1] IN (M,)
+    ipt: np.ndarray, it: np.ndarray,       # const index_t[::1] IN target CSR
+    wt: np.ndarray, off_t: np.ndarray,     # const double[::1] (E_t,), const int64_t[::1] (B+1,)
+    plan_off: np.ndarray, f_off: np.ndarray, g_off: np.ndarray,  # const int64_t[::1] (B+1,)
+    w_type: float, w_act: float, w_deg: float,
+    eps: float, iterations: int, tol: float, conv_tol: float,
+    plan: np.ndarray,                      # double[::1] OUT sum_b (n_b+1)(m_b+1)
+    fpot: np.ndarray, gpot: np.ndarray,    # double[::1] OUT potentials of every iteration
+    terms: np.ndarray,                     # double[:, ::1] OUT (B, 4)
+    used: np.ndarray,                      # int64_t[::1] OUT (B,)
+    converged: np.ndarray,                 # uint8_t[::1] OUT (B,)
+) -> None: ...
+def _structural_loss_backward(
+    x: np.ndarray, a: np.ndarray, lp: np.ndarray, dp: np.ndarray,
+    ipp: np.ndarray, ip: np.ndarray, wp: np.ndarray, off_p: np.ndarray,
+    y: np.ndarray, bm: np.ndarray, lt: np.ndarray, dt: np.ndarray,
+    ipt: np.ndarray, it: np.ndarray, wt: np.ndarray, off_t: np.ndarray,
+    f_off: np.ndarray, g_off: np.ndarray,  # const int64_t[::1] (B+1,)
+    fpot: np.ndarray, gpot: np.ndarray,    # const double[::1] IN from the forward pass
+    used: np.ndarray,                      # const int64_t[::1] IN (B,)
+    scale: np.ndarray,                     # const double[::1] IN (B,) d value / d value_b
+    w_type: float, w_act: float, w_deg: float, eps: float,
+    alpha: float, beta: float, gamma: float,
+    gx: np.ndarray, ga: np.ndarray,        # double[::1] OUT (N,)
+    gy: np.ndarray,                        # double[::1] OUT (M,)
+) -> None: ...
 def relax_chain_forward(
     H: np.ndarray,     # const double[:, ::1] IN (n, d)
     m: np.ndarray,     # const double[::1] IN (n,) merge weight of edge i -> i+1

@@ -354,5 +354,6 @@ def scatter(const index_t[::1] hist_indptr,  # IN  (k+1,)
                 for t in range(d):
                     out[i, t] = w * g[c, t]
 
+include "_sinkhorn.pxi"
 
 include "_relax.pxi"

@@ -96,26 +96,36 @@ class Embedding:
         """Arrays that restore this table exactly: ``codes`` and ``weight``."""
         return {"codes": self.codes.copy(), "weight": self.weight.copy()}
 
-    @classmethod
-    def from_state(cls, state, seed=0):
-        """Rebuild a table from :meth:`state_dict` output.
+    def load_state_dict(self, state):
+        """Replace this table's rows with :meth:`state_dict` output, in place.
+
+        The gradient is reset to zero; ``seed`` (for rows added later) stays.
 
         Raises
         ------
         ValueError
-            If the arrays are inconsistent.
+            If the arrays are inconsistent (wrong shapes, repeated codes,
+            code points out of range, non-finite weights).
         """
         codes = as_index_array(state["codes"], "codes").astype(np.int64)
         weight = as_float_array(state["weight"], "weight", ndim=2,
                                 shape=(codes.shape[0], None))
         if np.unique(codes).shape[0] != codes.shape[0]:
             raise ValueError("codes must not repeat")
-        emb = cls(dim=max(weight.shape[1], 1), seed=seed)
-        emb.dim = weight.shape[1]
-        emb.codes, emb.weight = codes, weight.copy()
-        emb.grad = np.zeros_like(emb.weight)
+        if codes.size and (codes.min() < 0 or codes.max() > 0x10FFFF):
+            raise ValueError("codes must be Unicode code points in [0, 0x10FFFF]")
+        self.dim = weight.shape[1]
+        self.codes, self.weight = codes, weight.copy()
+        self.grad = np.zeros_like(self.weight)
         order = np.argsort(codes, kind="stable")
-        emb._sorted_codes, emb._sorted_rows = codes[order], order.astype(np.int64)
+        self._sorted_codes, self._sorted_rows = codes[order], order.astype(np.int64)
+
+    @classmethod
+    def from_state(cls, state, seed=0):
+        """A new table from :meth:`state_dict` output (see :meth:`load_state_dict`)."""
+        weight = np.asarray(state["weight"])
+        emb = cls(dim=max(weight.shape[-1] if weight.ndim == 2 else 1, 1), seed=seed)
+        emb.load_state_dict(state)
         return emb
 
     def __repr__(self):

@@ -1,0 +1,593 @@
+# Structural loss kernels: log-domain entropic optimal transport with dustbins,
+# plus the edge (Dice-style preservation) and clique (degree moments) terms,
+# forward and exact reverse-mode backward through the Sinkhorn iterations.
+#
+# Included at the end of _core.pyx; uses its imports and ``index_t``/``intp_t``.
+#
+# Layout of one pair b (n predicted nodes, m target nodes):
+#   augmented arrays have n+1 rows (row n = dustbin) and m+1 columns (column m
+#   = dustbin), stored row-major with row stride m+1;
+#   plan[plan_off[b] : plan_off[b+1]]   the augmented plan P
+#   fpot[fpot_off[b] + t*(n+1) + i]     f of iteration t (t < iterations used)
+#   gpot[gpot_off[b] + t*(m+1) + j]     g of iteration t
+# Node and edge arrays are concatenated over the batch; CSR indices are global.
+
+
+# Un-shifted exponentials exp((f_i + g_j - C_ij)/eps) are <= 1/w for a cell
+# whose row or column weight w is positive; only cells of a ZERO mass can grow
+# without bound (the derivative with respect to a zero mass can be of order
+# exp(1/eps): the loss has a boundary layer in that mass narrower than float64
+# resolves). Saturating at exp(300) keeps every output finite and changes
+# nothing for weights above exp(-300).
+cdef inline double _sexp(double z) noexcept nogil:
+    return exp(z if z < 300.0 else 300.0)
+
+
+cdef inline const double* _cptr(const double[::1] v) noexcept nogil:
+    return &v[0] if v.shape[0] > 0 else NULL
+
+
+cdef inline double* _mptr(double[::1] v) noexcept nogil:
+    return &v[0] if v.shape[0] > 0 else NULL
+
+
+cdef inline const int32_t* _lptr(const int32_t[::1] v) noexcept nogil:
+    return &v[0] if v.shape[0] > 0 else NULL
+
+
+cdef void _cost_matrix(intp_t n, intp_t m,
+                       const double* x, const int32_t* lp, const double* dp,
+                       const double* y, const int32_t* lt, const double* dt,
+                       double w_type, double w_act, double w_deg,
+                       double* C) noexcept nogil:
+    """Augmented cost (n+1, m+1): real block, 1 to/from the dustbins, 0 corner."""
+    cdef intp_t i, j, s = m + 1
+    cdef double d, mx
+    for i in range(n):
+        for j in range(m):
+            d = fabs(x[i] - y[j])
+            if d > 1.0:
+                d = 1.0
+            mx = dp[i] if dp[i] > dt[j] else dt[j]
+            if mx < 1.0:
+                mx = 1.0
+            C[i * s + j] = (w_type * (0.0 if lp[i] == lt[j] else 0.5)
+                            + w_act * d + w_deg * fabs(dp[i] - dt[j]) / mx)
+        C[i * s + m] = 1.0
+    for j in range(m):
+        C[n * s + j] = 1.0
+    C[n * s + m] = 0.0
+
+
+cdef void _update_f(intp_t n1, intp_t m1, const double* C, const double* g,
+                    const double* bw, double eps, double* f) noexcept nogil:
+    """f_i = -eps LSE_j(bw_j exp((g_j - C_ij)/eps)), shift over bw_j > 0."""
+    cdef intp_t i, j
+    cdef const double* row
+    cdef double M, z, s
+    for i in range(n1):
+        row = C + i * m1
+        M = -INFINITY
+        for j in range(m1):
+            if bw[j] > 0.0:
+                z = g[j] - row[j]
+                if z > M:
+                    M = z
+        s = 0.0
+        for j in range(m1):
+            if bw[j] > 0.0:
+                s += bw[j] * exp((g[j] - row[j] - M) / eps)
+        f[i] = -(M + eps * log(s))
+
+
+cdef void _update_g(intp_t n1, intp_t m1, const double* C, const double* f,
+                    const double* aw, double eps, double* g,
+                    double* M) noexcept nogil:
+    """g_j = -eps LSE_i(aw_i exp((f_i - C_ij)/eps)); row-major, M is (m1,) work."""
+    cdef intp_t i, j
+    cdef const double* row
+    cdef double z, fi, ai
+    for j in range(m1):
+        M[j] = -INFINITY
+        g[j] = 0.0
+    for i in range(n1):
+        if aw[i] > 0.0:
+            row = C + i * m1
+            fi = f[i]
+            for j in range(m1):
+                z = fi - row[j]
+                if z > M[j]:
+                    M[j] = z
+    for i in range(n1):
+        ai = aw[i]
+        if ai > 0.0:
+            row = C + i * m1
+            fi = f[i]
+            for j in range(m1):
+                g[j] += ai * exp((fi - row[j] - M[j]) / eps)
+    for j in range(m1):
+        g[j] = -(M[j] + eps * log(g[j]))
+
+
+cdef double _row_error(intp_t n1, const double* f, const double* fnext,
+                       const double* aw, double eps) noexcept nogil:
+    """max_i |sum_j P_ij - aw_i| of the plan (f, g), given fnext = F(g).
+
+    sum_j P_ij = aw_i exp((f_i - fnext_i)/eps), so no pass over the cells.
+    """
+    cdef intp_t i
+    cdef double err = 0.0, e
+    for i in range(n1):
+        if aw[i] > 0.0:
+            e = aw[i] * fabs(exp((f[i] - fnext[i]) / eps) - 1.0)
+            if not (e <= err):   # also propagates inf
+                err = e
+    return err
+
+
+cdef void _moments(intp_t n, const double* w, const double* deg,
+                   double* mean, double* var, double* maxd) noexcept nogil:
+    """Mass-weighted mean/variance of deg / max(max deg, 1); 0 if no mass."""
+    cdef intp_t i
+    cdef double tot = 0.0, s = 0.0, mx = 1.0, nd
+    for i in range(n):
+        if deg[i] > mx:
+            mx = deg[i]
+    maxd[0] = mx
+    for i in range(n):
+        tot += w[i]
+        s += w[i] * deg[i] / mx
+    if tot == 0.0:
+        mean[0] = 0.0
+        var[0] = 0.0
+        return
+    mean[0] = s / tot
+    s = 0.0
+    for i in range(n):
+        nd = deg[i] / mx - mean[0]
+        s += w[i] * nd * nd
+    var[0] = s / tot
+
+
+cdef void _edge_tables(intp_t n, intp_t m, const double* Q,
+                       const index_t* ipt, const index_t* it, const double* wt,
+                       intp_t t0, double* R, double* S) noexcept nogil:
+    """R = Q Wt^T and (if S != NULL) S = Q Wt, both (n, m); O(n E_t)."""
+    cdef intp_t v, j, l, e
+    cdef double w
+    for v in range(n * m):
+        R[v] = 0.0
+        if S != NULL:
+            S[v] = 0.0
+    for v in range(n):
+        for j in range(m):
+            for e in range(<intp_t>ipt[t0 + j], <intp_t>ipt[t0 + j + 1]):
+                l = <intp_t>it[e] - t0
+                w = wt[e]
+                R[v * m + j] += w * Q[v * m + l]
+                if S != NULL:
+                    S[v * m + l] += w * Q[v * m + j]
+
+
+def _structural_loss_forward(
+        const double[::1] x,          # IN (N,) predicted activations
+        const double[::1] a,          # IN (N,) predicted masses
+        const int32_t[::1] lp,        # IN (N,) predicted labels
+        const double[::1] dp,         # IN (N,) predicted out-degrees
+        const index_t[::1] ipp,       # IN (N+1,) predicted CSR indptr
+        const index_t[::1] ip,        # IN (E_p,) predicted CSR indices (global)
+        const double[::1] wp,         # IN (E_p,) predicted edge weights
+        const int64_t[::1] off_p,     # IN (B+1,) predicted node offsets
+        const double[::1] y,          # IN (M,) target activations
+        const double[::1] bm,         # IN (M,) target masses
+        const int32_t[::1] lt,        # IN (M,) target labels
+        const double[::1] dt,         # IN (M,) target out-degrees
+        const index_t[::1] ipt,       # IN (M+1,) target CSR indptr
+        const index_t[::1] it,        # IN (E_t,) target CSR indices (global)
+        const double[::1] wt,         # IN (E_t,) target edge weights
+        const int64_t[::1] off_t,     # IN (B+1,) target node offsets
+        const int64_t[::1] plan_off,  # IN (B+1,) offsets into plan
+        const int64_t[::1] f_off,     # IN (B+1,) offsets into fpot
+        const int64_t[::1] g_off,     # IN (B+1,) offsets into gpot
+        double w_type, double w_act, double w_deg,
+        double eps, intp_t iterations, double tol, double conv_tol,
+        double[::1] plan,             # OUT sum_b (n_b+1)(m_b+1)
+        double[::1] fpot,             # OUT sum_b iterations*(n_b+1)
+        double[::1] gpot,             # OUT sum_b iterations*(m_b+1)
+        double[:, ::1] terms,         # OUT (B, 4): node, edge, clique, row error
+        int64_t[::1] used,            # OUT (B,) iterations performed
+        uint8_t[::1] converged):      # OUT (B,) row error <= tol (or conv_tol)
+    """Forward structural loss of a batch of pairs (trusts its input).
+
+    For every pair: augmented cost, ``iterations`` log-domain Sinkhorn sweeps
+    (stopping early once the row-marginal error is <= ``tol`` if ``tol > 0``),
+    the plan, node, edge and clique terms. The potentials of every iteration
+    are stored for the backward pass.
+
+    Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
+    O((n+1)(m+1)) workspace (reused across pairs).
+    """
+    cdef intp_t nb = off_p.shape[0] - 1
+    cdef intp_t maxn = 0, maxm = 0, k
+    for k in range(nb):
+        maxn = max(maxn, <intp_t>(off_p[k + 1] - off_p[k]))
+        maxm = max(maxm, <intp_t>(off_t[k + 1] - off_t[k]))
+    cdef double[::1] wC = np.empty((maxn + 1) * (maxm + 1))
+    cdef double[::1] wQ = np.empty(max(maxn * maxm, 1))
+    cdef double[::1] wR = np.empty(max(maxn * maxm, 1))
+    cdef double[::1] wa = np.empty(maxn + 1)
+    cdef double[::1] wb = np.empty(maxm + 1)
+    cdef double[::1] wf = np.empty(maxn + 1)
+    cdef double[::1] wM = np.empty(maxm + 1)
+
+    cdef const double* xp = _cptr(x)
+    cdef const double* ap = _cptr(a)
+    cdef const double* dpp = _cptr(dp)
+    cdef const int32_t* lpp = _lptr(lp)
+    cdef const double* yp = _cptr(y)
+    cdef const double* bp = _cptr(bm)
+    cdef const double* dtp = _cptr(dt)
+    cdef const int32_t* ltp = _lptr(lt)
+    cdef const index_t* ippp = &ipp[0]
+    cdef const index_t* iptp = &ipt[0]
+    cdef const index_t* ipi = &ip[0] if ip.shape[0] > 0 else NULL
+    cdef const index_t* iti = &it[0] if it.shape[0] > 0 else NULL
+    cdef const double* wpp = _cptr(wp)
+    cdef const double* wtp = _cptr(wt)
+    cdef double* C = &wC[0]
+    cdef double* Q = &wQ[0]
+    cdef double* R = &wR[0]
+    cdef double* aw = &wa[0]
+    cdef double* bw = &wb[0]
+    cdef double* fn = &wf[0]
+    cdef double* M = &wM[0]
+    cdef double* planp = _mptr(plan)
+    cdef double* Fp = _mptr(fpot)
+    cdef double* Gp = _mptr(gpot)
+
+    cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, v, nit
+    cdef double A, Bt, node, X, Wsum, err, E, mp, vp, mt, vt, md
+    cdef double* P
+    cdef double* f
+    cdef double* g
+    cdef double* gprev
+    cdef bint have_next, conv
+
+    with nogil:
+        for b in range(nb):
+            p0 = <intp_t>off_p[b]
+            t0 = <intp_t>off_t[b]
+            n = <intp_t>off_p[b + 1] - p0
+            m = <intp_t>off_t[b + 1] - t0
+            n1 = n + 1
+            m1 = m + 1
+            P = planp + plan_off[b]
+            _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
+                         yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
+            A = 0.0
+            for i in range(n):
+                aw[i] = ap[p0 + i]
+                A += aw[i]
+            Bt = 0.0
+            for j in range(m):
+                bw[j] = bp[t0 + j]
+                Bt += bw[j]
+            aw[n] = Bt
+            bw[m] = A
+
+            node = 0.0
+            err = 0.0
+            nit = 0
+            conv = True
+            if A + Bt == 0.0:
+                for i in range(n1 * m1):
+                    P[i] = 0.0
+                for i in range(n * m):
+                    Q[i] = 0.0
+            else:
+                conv = False
+                have_next = False
+                for t in range(iterations):
+                    f = Fp + f_off[b] + t * n1
+                    g = Gp + g_off[b] + t * m1
+                    if have_next:
+                        for i in range(n1):
+                            f[i] = fn[i]
+                    elif t == 0:
+                        for j in range(m1):
+                            M[j] = 0.0
+                        _update_f(n1, m1, C, M, bw, eps, f)
+                    else:
+                        _update_f(n1, m1, C, g - m1, bw, eps, f)
+                    _update_g(n1, m1, C, f, aw, eps, g, M)
+                    nit = t + 1
+                    if tol > 0.0 or t == iterations - 1:
+                        _update_f(n1, m1, C, g, bw, eps, fn)
+                        have_next = True
+                        err = _row_error(n1, f, fn, aw, eps)
+                        if tol > 0.0 and err <= tol:
+                            conv = True
+                            break
+                if tol <= 0.0:
+                    conv = err <= conv_tol
+                f = Fp + f_off[b] + (nit - 1) * n1
+                g = Gp + g_off[b] + (nit - 1) * m1
+                for i in range(n1):
+                    for j in range(m1):
+                        E = _sexp((f[i] + g[j] - C[i * m1 + j]) / eps)
+                        P[i * m1 + j] = aw[i] * bw[j] * E
+                        node += P[i * m1 + j] * C[i * m1 + j]
+                        if i < n and j < m:
+                            Q[i * m + j] = bw[j] * E
+
+            # edge term: X = sum_{u->v} w_uv <Q_u, R_v>, R = Q Wt^T
+            Wsum = 0.0
+            for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
+                Wsum += wpp[e]
+            for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
+                Wsum += wtp[e]
+            X = 0.0
+            if (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
+                    and iptp[t0 + m] > iptp[t0]):
+                _edge_tables(n, m, Q, iptp, iti, wtp, t0, R, NULL)
+                for i in range(n):
+                    for e in range(<intp_t>ippp[p0 + i], <intp_t>ippp[p0 + i + 1]):
+                        v = <intp_t>ipi[e] - p0
+                        E = 0.0
+                        for j in range(m):
+                            E += Q[i * m + j] * R[v * m + j]
+                        X += wpp[e] * E
+
+            _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
+            _moments(m, bp + t0, dtp + t0, &mt, &vt, &md)
+
+            terms[b, 0] = node
+            terms[b, 1] = 0.0 if Wsum == 0.0 else 1.0 - 2.0 * X / Wsum
+            terms[b, 2] = (mp - mt) * (mp - mt) + (vp - vt) * (vp - vt)
+            terms[b, 3] = err
+            used[b] = nit
+            converged[b] = conv
+
+
+def _structural_loss_backward(
+        const double[::1] x,          # IN (N,) predicted activations
+        const double[::1] a,          # IN (N,) predicted masses
+        const int32_t[::1] lp,        # IN (N,) predicted labels
+        const double[::1] dp,         # IN (N,) predicted out-degrees
+        const index_t[::1] ipp,       # IN (N+1,) predicted CSR indptr
+        const index_t[::1] ip,        # IN (E_p,) predicted CSR indices (global)
+        const double[::1] wp,         # IN (E_p,) predicted edge weights
+        const int64_t[::1] off_p,     # IN (B+1,) predicted node offsets
+        const double[::1] y,          # IN (M,) target activations
+        const double[::1] bm,         # IN (M,) target masses
+        const int32_t[::1] lt,        # IN (M,) target labels
+        const double[::1] dt,         # IN (M,) target out-degrees
+        const index_t[::1] ipt,       # IN (M+1,) target CSR indptr
+        const index_t[::1] it,        # IN (E_t,) target CSR indices (global)
+        const double[::1] wt,         # IN (E_t,) target edge weights
+        const int64_t[::1] off_t,     # IN (B+1,) target node offsets
+        const int64_t[::1] f_off,     # IN (B+1,) offsets into fpot
+        const int64_t[::1] g_off,     # IN (B+1,) offsets into gpot
+        const double[::1] fpot,       # IN potentials f of every iteration
+        const double[::1] gpot,       # IN potentials g of every iteration
+        const int64_t[::1] used,      # IN (B,) iterations performed
+        const double[::1] scale,      # IN (B,) d value / d value_b (1/B for a mean)
+        double w_type, double w_act, double w_deg, double eps,
+        double alpha, double beta, double gamma,
+        double[::1] gx,               # OUT (N,) d value / d x
+        double[::1] ga,               # OUT (N,) d value / d a
+        double[::1] gy):              # OUT (M,) d value / d y
+    """Exact reverse-mode gradient of the forward pass (trusts its input).
+
+    Reverses the Sinkhorn sweeps actually performed, using the stored
+    potentials, and accumulates the cost adjoint into the activations; the
+    masses receive their gradient through the row marginals, the dustbin
+    column marginal ``A = sum a`` and the clique term. Outputs are
+    overwritten.
+
+    Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
+    O((n+1)(m+1)) workspace (reused across pairs).
+    """
+    cdef intp_t nb = off_p.shape[0] - 1
+    cdef intp_t maxn = 0, maxm = 0, k
+    for k in range(nb):
+        maxn = max(maxn, <intp_t>(off_p[k + 1] - off_p[k]))
+        maxm = max(maxm, <intp_t>(off_t[k + 1] - off_t[k]))
+    cdef intp_t cells = (maxn + 1) * (maxm + 1)
+    cdef intp_t real = max(maxn * maxm, 1)
+    cdef double[::1] wC = np.empty(cells)
+    cdef double[::1] wCb = np.empty(cells)
+    cdef double[::1] wQ = np.empty(real)
+    cdef double[::1] wR = np.empty(real)
+    cdef double[::1] wS = np.empty(real)
+    cdef double[::1] wa = np.empty(maxn + 1)
+    cdef double[::1] wb = np.empty(maxm + 1)
+    cdef double[::1] wfb = np.empty(maxn + 1)
+    cdef double[::1] wgb = np.empty(maxm + 1)
+    cdef double[::1] wzero = np.zeros(maxm + 1)
+
+    cdef const double* xp = _cptr(x)
+    cdef const double* ap = _cptr(a)
+    cdef const double* dpp = _cptr(dp)
+    cdef const int32_t* lpp = _lptr(lp)
+    cdef const double* yp = _cptr(y)
+    cdef const double* bp = _cptr(bm)
+    cdef const double* dtp = _cptr(dt)
+    cdef const int32_t* ltp = _lptr(lt)
+    cdef const index_t* ippp = &ipp[0]
+    cdef const index_t* iptp = &ipt[0]
+    cdef const index_t* ipi = &ip[0] if ip.shape[0] > 0 else NULL
+    cdef const index_t* iti = &it[0] if it.shape[0] > 0 else NULL
+    cdef const double* wpp = _cptr(wp)
+    cdef const double* wtp = _cptr(wt)
+    cdef const double* Fp = _cptr(fpot)
+    cdef const double* Gp = _cptr(gpot)
+    cdef double* C = &wC[0]
+    cdef double* Cb = &wCb[0]
+    cdef double* D = &wQ[0]
+    cdef double* R = &wR[0]
+    cdef double* S = &wS[0]
+    cdef double* aw = &wa[0]
+    cdef double* bw = &wb[0]
+    cdef double* fb = &wfb[0]
+    cdef double* gb = &wgb[0]
+    cdef const double* zero = &wzero[0]
+    cdef double* gxp = _mptr(gx)
+    cdef double* gap = _mptr(ga)
+    cdef double* gyp = _mptr(gy)
+
+    cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
+    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, gbj, fbi, d
+    cdef double mp, vp, mt, vt, md, dmean, dvar, nd
+    cdef const double* f
+    cdef const double* g
+    cdef const double* gprev
+    cdef const double* Crow
+    cdef double* Cbrow
+    cdef bint has_edges
+
+    with nogil:
+        for i in range(gx.shape[0]):
+            gxp[i] = 0.0
+            gap[i] = 0.0
+        for j in range(gy.shape[0]):
+            gyp[j] = 0.0
+        for b in range(nb):
+            p0 = <intp_t>off_p[b]
+            t0 = <intp_t>off_t[b]
+            n = <intp_t>off_p[b + 1] - p0
+            m = <intp_t>off_t[b + 1] - t0
+            n1 = n + 1
+            m1 = m + 1
+            nit = <intp_t>used[b]
+            A = 0.0
+            for i in range(n):
+                aw[i] = ap[p0 + i]
+                A += aw[i]
+            Bt = 0.0
+            for j in range(m):
+                bw[j] = bp[t0 + j]
+                Bt += bw[j]
+            aw[n] = Bt
+            bw[m] = A
+
+            # clique: d/da_i of gamma ((mp-mt)^2 + (vp-vt)^2), zero without mass
+            if A > 0.0:
+                _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
+                _moments(m, bp + t0, dtp + t0, &mt, &vt, &nd)
+                dmean = 2.0 * (mp - mt)
+                dvar = 2.0 * (vp - vt)
+                for i in range(n):
+                    nd = dpp[p0 + i] / md - mp
+                    gap[p0 + i] += scale[b] * gamma * (
+                        dmean * nd + dvar * (nd * nd - vp)) / A
+
+            if A + Bt == 0.0 or nit == 0:
+                continue
+            _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
+                         yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
+            f = Fp + f_off[b] + (nit - 1) * n1
+            g = Gp + g_off[b] + (nit - 1) * m1
+
+            # edge adjoint dX/dQ = Wp R + Wp^T S (R = Q Wt^T, S = Q Wt), in D
+            Wsum = 0.0
+            for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
+                Wsum += wpp[e]
+            for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
+                Wsum += wtp[e]
+            has_edges = (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
+                         and iptp[t0 + m] > iptp[t0] and beta != 0.0)
+            ce = 0.0
+            if has_edges:
+                ce = -2.0 * beta * scale[b] / Wsum
+                for i in range(n):
+                    for j in range(m):
+                        D[i * m + j] = bw[j] * _sexp(
+                            (f[i] + g[j] - C[i * m1 + j]) / eps)
+                _edge_tables(n, m, D, iptp, iti, wtp, t0, R, S)
+                for i in range(n * m):
+                    D[i] = 0.0
+                for u in range(n):
+                    for e in range(<intp_t>ippp[p0 + u], <intp_t>ippp[p0 + u + 1]):
+                        v = <intp_t>ipi[e] - p0
+                        s = wpp[e]
+                        for j in range(m):
+                            D[u * m + j] += s * R[v * m + j]
+                            D[v * m + j] += s * S[u * m + j]
+
+            # final plan: P = a b E, node = <P, C>, Q = b E on the real block
+            cn = alpha * scale[b]
+            for i in range(n1):
+                fb[i] = 0.0
+            for j in range(m1):
+                gb[j] = 0.0
+            abar_dust = 0.0
+            for i in range(n1):
+                Crow = C + i * m1
+                Cbrow = Cb + i * m1
+                fbi = 0.0
+                for j in range(m1):
+                    E = _sexp((f[i] + g[j] - Crow[j]) / eps)
+                    P = aw[i] * bw[j] * E
+                    s = cn * Crow[j] * P
+                    if has_edges and i < n and j < m:
+                        s += ce * D[i * m + j] * bw[j] * E
+                    s /= eps
+                    fbi += s
+                    gb[j] += s
+                    Cbrow[j] = cn * P - s
+                    if i < n:
+                        gap[p0 + i] += cn * Crow[j] * bw[j] * E
+                    if j == m:
+                        abar_dust += cn * Crow[j] * aw[i] * E
+                fb[i] = fbi
+
+            # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
+            for t in range(nit - 1, -1, -1):
+                f = Fp + f_off[b] + t * n1
+                g = Gp + g_off[b] + t * m1
+                gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else zero
+                for i in range(n1):
+                    Crow = C + i * m1
+                    Cbrow = Cb + i * m1
+                    fbi = 0.0
+                    for j in range(m1):
+                        gbj = gb[j]
+                        if gbj != 0.0:
+                            E = _sexp((f[i] - Crow[j] + g[j]) / eps)
+                            fbi -= gbj * aw[i] * E
+                            Cbrow[j] += gbj * aw[i] * E
+                            if i < n:
+                                gap[p0 + i] -= eps * gbj * E
+                    fb[i] += fbi
+                for j in range(m1):
+                    gb[j] = 0.0
+                for i in range(n1):
+                    fbi = fb[i]
+                    if fbi == 0.0:
+                        continue
+                    Crow = C + i * m1
+                    Cbrow = Cb + i * m1
+                    for j in range(m1):
+                        E = _sexp((gprev[j] - Crow[j] + f[i]) / eps)
+                        gb[j] -= fbi * bw[j] * E
+                        Cbrow[j] += fbi * bw[j] * E
+                    abar_dust -= eps * fbi * _sexp((gprev[m] - Crow[m] + f[i]) / eps)
+                    fb[i] = 0.0
+
+            # cost adjoint -> activations; dustbin column marginal A -> masses
+            for i in range(n):
+                Cbrow = Cb + i * m1
+                s = 0.0
+                for j in range(m):
+                    d = xp[p0 + i] - yp[t0 + j]
+                    if d < 1.0 and d > -1.0 and d != 0.0:
+                        cbar = w_act * Cbrow[j]
+                        if d > 0.0:
+                            s += cbar
+                            gyp[t0 + j] -= cbar
+                        else:
+                            s -= cbar
+                            gyp[t0 + j] += cbar
+                gxp[p0 + i] += s
+                gap[p0 + i] += abar_dust

@@ -1,0 +1,308 @@
+"""The ``grapheme`` command: generate data, train, evaluate, demo.
+
+Usage::
+
+    grapheme generate --out data/generated [--n-train N] [--n-val N] [--seed S]
+    grapheme train --data DIR --epochs N --out RUN [--batch-size B] [--lr LR]
+                   [--seed S] [--estimator NAME] [--target-rate R] [--resume CKPT]
+    grapheme eval --checkpoint RUN/checkpoint.npz --data FILE
+    grapheme demo
+
+Errors in the input (a missing directory, a malformed data line, a corrupted
+checkpoint) print one line to stderr and exit with status 2.
+"""
+import argparse
+import os
+import sys
+import time
+
+from . import data as _data
+from ._validation import check_scalar
+
+__all__ = ["main"]
+
+PROG = "grapheme"
+
+
+class CommandError(Exception):
+    """An error in the user's input, reported as one line with exit code 2."""
+
+
+def _number(kind, **bounds):
+    """An argparse ``type`` parsing ``kind`` (int or float) within ``bounds``
+    (keywords of :func:`grapheme._validation.check_scalar`)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        try:
+            return check_scalar(value, "value", integer=kind is int, **bounds)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("value ", "", 1)) from None
+    return parse
+
+
+_positive_int = _number(int, lower=1)
+_nonneg_int = _number(int, lower=0)
+_positive_float = _number(float, lower=0, lower_inclusive=False)
+_rate = _number(float, lower=0.0, upper=1.0)
+
+
+def build_parser():
+    """The argument parser of the ``grapheme`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Vocabulary-free text models whose graph changes shape.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="write a generated data set (JSONL)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n-train", type=_nonneg_int, default=2000)
+    p.add_argument("--n-val", type=_nonneg_int, default=200)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--tasks", nargs="+", default=list(_data.TASKS),
+                   choices=sorted(_data.TASKS), help="tasks to mix (default: all)")
+
+    p = sub.add_parser("train", help="train a model on DIR/train.jsonl")
+    p.add_argument("--data", required=True,
+                   help="directory with train.jsonl (and optionally val.jsonl)")
+    p.add_argument("--epochs", type=_positive_int, required=True,
+                   help="total number of epochs (including resumed ones)")
+    p.add_argument("--out", required=True,
+                   help="run directory: receives metrics.jsonl and checkpoint.npz")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="pairs per step (default 32)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="Adam learning rate (default 0.01)")
+    p.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="seed of embedding and shuffling (default 0)")
+    p.add_argument("--dim", type=_positive_int, default=None,
+                   help="embedding dimension (default 64)")
+    p.add_argument("--estimator", default=None,
+                   help="merge gradient estimator (default 'history')")
+    p.add_argument("--target-rate", type=_rate, default=None,
+                   help="target merge rate of the rate penalty (estimators that "
+                        "support it)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint; the model settings come "
+                        "from it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="loss and exact-structure accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="a JSONL file of pairs")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+
+    p = sub.add_parser("demo", help="train on built-in data and print what was learned")
+    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    return parser
+
+
+# --------------------------------------------------------------------- commands
+def _cmd_generate(args, out):
+    paths = _data.generate(args.out, n_train=args.n_train, n_val=args.n_val,
+                           seed=args.seed, tasks=args.tasks)
+    print(f"wrote {args.n_train} pairs to {paths['train']} and {args.n_val} pairs "
+          f"to {paths['val']}", file=out)
+    return 0
+
+
+def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress):
+    from .embedding import Embedding
+    from .loss import StructuralLoss
+    from .morph import Morpher
+    from .optim import Adam
+    from .train import Trainer
+
+    kwargs = {"estimator": estimator}
+    if target_rate is not None:
+        kwargs["target_rate"] = target_rate
+    try:
+        morpher = Morpher(**kwargs)
+    except TypeError:
+        raise CommandError(f"--target-rate is not supported by this Morpher "
+                           f"(estimator {estimator!r})") from None
+    return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(), Adam(lr=lr),
+                   batch_size=batch_size, seed=seed, log=log, progress=progress)
+
+
+def _cmd_train(args, out):
+    from .train import Trainer
+
+    if args.resume is not None:
+        fixed = [f"--{name.replace('_', '-')}" for name in
+                 ("batch_size", "lr", "seed", "dim", "estimator", "target_rate")
+                 if getattr(args, name) is not None]
+        if fixed:
+            raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
+                               "the settings come from the checkpoint")
+    if not os.path.isdir(args.data):
+        raise CommandError(f"data directory {args.data!r} does not exist")
+    train_path = os.path.join(args.data, "train.jsonl")
+    val_path = os.path.join(args.data, "val.jsonl")
+    if not os.path.isfile(train_path):
+        raise CommandError(f"{train_path!r} does not exist (run 'grapheme generate')")
+    pairs = _data.load_pairs(train_path)
+    if not pairs:
+        raise CommandError(f"{train_path!r} holds no pairs")
+    val = _data.load_pairs(val_path) if os.path.isfile(val_path) else None
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "metrics.jsonl")
+    checkpoint = os.path.join(args.out, "checkpoint.npz")
+    progress = not args.no_progress
+    if args.resume is not None:
+        trainer = Trainer.from_checkpoint(args.resume, log=log, progress=progress)
+        start = trainer.epoch
+    else:
+        trainer = _make_trainer(
+            dim=64 if args.dim is None else args.dim,
+            seed=0 if args.seed is None else args.seed,
+            estimator="history" if args.estimator is None else args.estimator,
+            target_rate=args.target_rate,
+            lr=1e-2 if args.lr is None else args.lr,
+            batch_size=32 if args.batch_size is None else args.batch_size,
+            log=log, progress=progress)
+        start = 0
+    history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint)
+    if len(history) > start:
+        first, last = history[start], history[-1]
+        line = (f"epochs {start + 1}-{last['epoch']}: loss {first['loss']:.4f} -> "
+                f"{last['loss']:.4f}, merge rate {last['merge_rate']:.3f}, "
+                f"tau {last['tau']:.4f}")
+        if "val_loss" in last:
+            line += f", val loss {last['val_loss']:.4f}, val accuracy {last['val_accuracy']:.3f}"
+        print(line, file=out)
+    else:
+        print(f"nothing to do: the checkpoint already has {start} epochs", file=out)
+    print(f"metrics: {log}\ncheckpoint: {checkpoint}", file=out)
+    return 0
+
+
+def _cmd_eval(args, out):
+    from .train import Trainer
+
+    if not os.path.isfile(args.data):
+        raise CommandError(f"data file {args.data!r} does not exist")
+    pairs = _data.load_pairs(args.data)
+    if not pairs:
+        raise CommandError(f"{args.data!r} holds no pairs")
+    trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
+    result = trainer.evaluate(pairs, batch_size=args.batch_size)
+    print(f"pairs       {len(pairs)}", file=out)
+    for key in ("loss", "node", "edge", "clique", "merge_rate", "accuracy"):
+        print(f"{key:<11} {result[key]:.6f}", file=out)
+    return 0
+
+
+def format_table(headers, rows):
+    """Render rows (lists of cells) as a plain-text table with a rule."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _demo_estimators():
+    """Estimators the installed Morpher supports, in the order of DESIGN.md."""
+    from . import morph
+
+    supported = getattr(morph, "ESTIMATORS", ("history",))
+    return [e for e in ("history", "soft", "ste", "reinforce") if e in supported]
+
+
+def _demo_run(estimator, pairs, extra, epochs, seed):
+    """Train one estimator on the demo pairs plus ``extra``; its table row."""
+    from .graph import Graph
+
+    trainer = _make_trainer(dim=64, seed=seed, estimator=estimator, target_rate=None,
+                            lr=1e-2, batch_size=8, log=None, progress=False)
+    # The extra generated pairs teach merging in general; the demo pairs are
+    # repeated so they weigh as much as the rest.
+    reps = max(1, len(extra) // (4 * len(pairs)))
+    history = trainer.fit(pairs * reps + extra, epochs)
+    inputs = [a for a, _ in pairs]
+    g = Graph.from_texts(inputs)
+    morphed = trainer.morpher.forward(g, trainer.embedding.forward(g.labels))
+    heads_graph = _graph_heads(g, morphed.history)
+    segs = morphed.history.segments("".join(inputs))
+    per_input = ["|".join(s for s, h in zip(segs, heads_graph) if h == b)
+                 for b in range(len(inputs))]
+    scores = trainer.evaluate(pairs)
+    merges = g.num_nodes - morphed.history.num_outputs
+    return {"estimator": estimator, "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"], "merges": merges,
+            "tau": trainer.morpher.tau, "accuracy": scores["accuracy"],
+            "segments": dict(zip(inputs, per_input))}
+
+
+def _graph_heads(g, history):
+    import numpy as np
+
+    return (np.searchsorted(g.graph_offsets, history.heads, side="right") - 1).tolist()
+
+
+def _cmd_demo(args, out):
+    pairs = list(_data.DEMO_PAIRS)
+    extra = _data.make_pairs(96, seed=args.seed, tasks=("fold", "dedup"))
+    start = time.perf_counter()
+    print(f"Training on {len(pairs)} demo pairs "
+          f"({', '.join(f'{a}->{b}' for a, b in pairs)}) plus {len(extra)} generated "
+          f"fold/dedup pairs, {args.epochs} epochs per estimator.\n", file=out)
+    results = [_demo_run(e, pairs, extra, args.epochs, args.seed)
+               for e in _demo_estimators()]
+    headers = ["estimator", "first loss", "final loss", "merges learned",
+               "threshold tau", "exact"]
+    rows = [[r["estimator"], f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
+             f"{r['merges']}", f"{r['tau']:.4f}",
+             f"{round(r['accuracy'] * len(pairs))}/{len(pairs)}"] for r in results]
+    print(format_table(headers, rows), file=out)
+    print("\nLearned segmentations (| separates merged nodes):", file=out)
+    seg_rows = [[r["estimator"]] + [f"{a} -> {r['segments'][a]}" for a, _ in pairs]
+                for r in results]
+    print(format_table(["estimator"] + [f"target {b}" for _, b in pairs], seg_rows),
+          file=out)
+    print(f"\n({time.perf_counter() - start:.1f} s)", file=out)
+    return 0
+
+
+_COMMANDS = {"generate": _cmd_generate, "train": _cmd_train, "eval": _cmd_eval,
+             "demo": _cmd_demo}
+
+
+def main(argv=None):
+    """Run the ``grapheme`` command; return the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success, 2 on a usage or input error (one line on stderr),
+        130 when interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its usage message
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _COMMANDS[args.command](args, sys.stdout)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, OSError, FloatingPointError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            message = f"{exc.strerror}: {exc.filename!r}"
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

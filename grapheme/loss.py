@@ -1,0 +1,439 @@
+"""Structural loss between a predicted (morphed) graph and a target graph.
+
+The loss compares two graphs whose node sets differ in size and order through a
+soft node assignment (entropic optimal transport with a dustbin row and column),
+and scores the structure carried across by that assignment. It is
+differentiable, exactly, with respect to the predicted node activations and
+masses and the target activations; the backward pass reverses the Sinkhorn
+iterations that the forward pass actually performed.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+from . import _core
+from .graph import Graph
+
+__all__ = ["StructuralLoss", "LossResult", "LossGrad"]
+
+#: Convergence threshold reported in ``LossResult.converged`` when ``tol=None``
+#: (the iterations are then never cut short).
+_REPORT_TOL = 1e-8
+
+
+class LossGrad(NamedTuple):
+    """Gradient of ``LossResult.value`` (the batch mean).
+
+    Attributes
+    ----------
+    activation : ndarray of shape (N,)
+        With respect to the predicted node activations.
+    mass : ndarray of shape (N,)
+        With respect to the predicted node masses (zero masses included).
+    target_activation : ndarray of shape (M,)
+        With respect to the target node activations.
+    """
+
+    activation: np.ndarray
+    mass: np.ndarray
+    target_activation: np.ndarray
+
+
+class _GraphArrays(NamedTuple):
+    """The arrays of one (possibly batched) graph that the loss reads."""
+
+    indptr: np.ndarray      # (N+1,) int32/int64
+    indices: np.ndarray     # (E,) same dtype, global node indices
+    labels: np.ndarray      # (N,) int32
+    weights: np.ndarray     # (E,) float64
+    mass: np.ndarray        # (N,) float64
+    activation: np.ndarray  # (N,) float64
+    offsets: np.ndarray     # (B+1,) int64
+
+
+@dataclass(frozen=True, eq=False)
+class LossResult:
+    """Outcome of :meth:`StructuralLoss.forward` for a batch of B pairs.
+
+    Attributes
+    ----------
+    value, node, edge, clique : float
+        Means over the pairs of the total loss and of its three terms.
+    values, nodes, edges, cliques : ndarray of shape (B,)
+        The same per pair.
+    iterations : ndarray of shape (B,), int64
+        Sinkhorn iterations performed per pair (0 for a pair without mass).
+    converged : ndarray of shape (B,), bool
+        Whether the final row-marginal error is ``<= tol`` (``<= 1e-8`` when
+        ``tol`` is None).
+    marginal_error : ndarray of shape (B,)
+        ``max_i |sum_j P_ij - a_i|`` over the augmented rows of the final plan.
+    """
+
+    value: float
+    node: float
+    edge: float
+    clique: float
+    values: np.ndarray
+    nodes: np.ndarray
+    edges: np.ndarray
+    cliques: np.ndarray
+    iterations: np.ndarray
+    converged: np.ndarray
+    marginal_error: np.ndarray
+    _cache: Any = field(repr=False)
+
+    @property
+    def num_pairs(self) -> int:
+        """Number of pairs B."""
+        return len(self.values)
+
+    def plan(self, b: int = 0) -> np.ndarray:
+        """Augmented transport plan of pair ``b``, shape (n_b + 1, m_b + 1).
+
+        Row ``n_b`` is the insertion dustbin, column ``m_b`` the deletion
+        dustbin. Returns a read-only view.
+        """
+        c = self._cache
+        if not isinstance(b, numbers.Integral) or not 0 <= b < self.num_pairs:
+            raise IndexError(f"pair index b={b!r} out of range for {self.num_pairs} pairs")
+        n = int(c.p.offsets[b + 1] - c.p.offsets[b])
+        m = int(c.t.offsets[b + 1] - c.t.offsets[b])
+        view = c.plan[c.plan_off[b]:c.plan_off[b + 1]].reshape(n + 1, m + 1)
+        view.flags.writeable = False
+        return view
+
+    @property
+    def plans(self) -> list:
+        """All augmented plans, ``[self.plan(b) for b in range(B)]``."""
+        return [self.plan(b) for b in range(self.num_pairs)]
+
+
+class _Cache(NamedTuple):
+    loss: "StructuralLoss"
+    p: _GraphArrays
+    t: _GraphArrays
+    dp: np.ndarray
+    dt: np.ndarray
+    plan: np.ndarray
+    plan_off: np.ndarray
+    fpot: np.ndarray
+    gpot: np.ndarray
+    f_off: np.ndarray
+    g_off: np.ndarray
+    used: np.ndarray
+
+
+def _check_float(name, value, *, positive=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (positive and value == 0):
+        need = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {need}, got {value!r}")
+    return value
+
+
+class StructuralLoss:
+    r"""Structural loss ``alpha*node + beta*edge + gamma*clique`` of graph pairs.
+
+    For one pair, predicted graph with n nodes (activations :math:`x`, masses
+    :math:`a \ge 0`, labels, out-degrees :math:`d^p`, weighted edges) and
+    target graph with m nodes (:math:`y`, :math:`b`, labels, :math:`d^t`,
+    edges):
+
+    * Node cost :math:`C_{ij} = w_1\,[\ell_i \ne \ell'_j]/2 + w_2 \min(|x_i - y_j|, 1)
+      + w_3 |d^p_i - d^t_j| / \max(d^p_i, d^t_j, 1)`.
+    * Augmented problem: row n (marginal :math:`B = \sum_j b_j`) and column m
+      (marginal :math:`A = \sum_i a_i`) are dustbins; moving mass to or from a
+      dustbin costs 1, dustbin to dustbin 0.
+    * Entropic OT in the KL(P | a x b) form, masses entering multiplicatively:
+      starting from g = 0, ``iterations`` times
+      :math:`f_i = -\varepsilon\,\mathrm{LSE}_j(b_j e^{(g_j - C_{ij})/\varepsilon})`,
+      :math:`g_j = -\varepsilon\,\mathrm{LSE}_i(a_i e^{(f_i - C_{ij})/\varepsilon})`
+      (the shift of each LSE is the maximum over positive weights), then
+      :math:`P_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}`. With ``tol``
+      set, the iterations stop as soon as
+      :math:`\max_i |\sum_j P_{ij} - a_i| \le` ``tol`` (augmented rows).
+    * ``node`` :math:`= \sum P_{ij} C_{ij}` over the augmented cells.
+    * ``edge`` :math:`= 1 - 2X/(W_p + W_t)` with the preserved weight
+      :math:`X = \sum_{(u,v)} \sum_{(j,l)} w_{uv} w'_{jl} Q_{uj} Q_{vl}` under
+      the row-normalised plan :math:`Q_{ij} = b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`
+      (finite at :math:`a_i = 0`) and the total edge weights :math:`W`;
+      0 when both graphs have no edge weight.
+    * ``clique`` :math:`= (\mu_p - \mu_t)^2 + (\sigma^2_p - \sigma^2_t)^2`, the
+      mass-weighted mean and variance of the normalised out-degree
+      :math:`d_i / \max(\max_k d_k, 1)` (0 for a graph without mass; the
+      clique term therefore jumps where a graph's total mass reaches 0, and its
+      gradient there is taken as 0).
+
+    A pair without any mass (``A + B == 0``) has node = 0 and a zero plan.
+    For a batch the result is the mean over the pairs.
+
+    Parameters
+    ----------
+    alpha, beta, gamma : float, default 1.0, 0.5, 2.0
+        Weights of the node, edge and clique terms (finite, >= 0).
+    epsilon : float, default 0.1
+        Entropic regularisation (> 0). The log-domain updates are stable down
+        to at least 1e-3.
+    iterations : int, default 20
+        Number of Sinkhorn iterations (>= 1); the maximum when ``tol`` is set.
+    tol : float or None, default None
+        Stop early once the row-marginal error is <= tol (> 0). None runs
+        exactly ``iterations``.
+    weights : tuple of 3 floats, default (0.1, 0.7, 0.2)
+        Weights of the type, activation and degree parts of the node cost.
+
+    Notes
+    -----
+    Cost per pair is O(iterations (n+1)(m+1)) for the transport plus
+    O(E_p m + n E_t) for the edge term, in time, for both the forward and the
+    backward pass; memory is the plan and potentials, O((n+1)(m+1) +
+    iterations (n+m)), plus O((n+1)(m+1)) reusable workspace. All pairs of a
+    batch go through one compiled call that releases the GIL.
+
+    The gradient is exact for the computation performed (the iterations
+    actually run are differentiated in reverse, including the early stop).
+    The gradient with respect to a zero mass is finite but may be as large
+    as :math:`\exp(\Delta/\varepsilon)` for a cost gap :math:`\Delta`: it is
+    the value of un-merging, and for small epsilon that value is genuinely
+    steep. The kernel saturates un-shifted exponentials at :math:`e^{300}`;
+    this only ever binds for cells of zero mass at small epsilon (e.g. all
+    masses zero with epsilon = 1e-3), where the exact derivative is not
+    representable in float64, and keeps every output finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from grapheme.loss import StructuralLoss, _graph_arrays
+    >>> chain = _graph_arrays([0, 1, 1], [1], [97, 98], activation=[0.2, 0.5])
+    >>> loss = StructuralLoss()
+    >>> res = loss._forward_arrays(chain, chain)
+    >>> bool(res.value < 0.3), res.plan(0).shape
+    (True, (3, 3))
+    >>> grad = loss.backward(res)
+    >>> grad.activation.shape
+    (2,)
+    """
+
+    def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
+                 iterations=20, tol=None, weights=(0.1, 0.7, 0.2)):
+        self.alpha = _check_float("alpha", alpha)
+        self.beta = _check_float("beta", beta)
+        self.gamma = _check_float("gamma", gamma)
+        self.epsilon = _check_float("epsilon", epsilon, positive=True)
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
+            raise TypeError(f"iterations must be an integer, got {iterations!r}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+        self.iterations = int(iterations)
+        self.tol = None if tol is None else _check_float("tol", tol, positive=True)
+        try:
+            w = np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"weights must be 3 real numbers, got {weights!r}") from None
+        if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(
+                f"weights must be 3 finite non-negative numbers, got {weights!r}")
+        self.weights = tuple(float(v) for v in w)
+
+    def __repr__(self):
+        return (f"StructuralLoss(alpha={self.alpha}, beta={self.beta}, "
+                f"gamma={self.gamma}, epsilon={self.epsilon}, "
+                f"iterations={self.iterations}, tol={self.tol}, "
+                f"weights={self.weights})")
+
+    # -- public -------------------------------------------------------------
+    def forward(self, predicted, target) -> LossResult:
+        """Loss of ``predicted`` against ``target``.
+
+        Parameters
+        ----------
+        predicted, target : Graph
+            Single graphs, or batched graphs with equal ``num_graphs`` (pair
+            b is predicted graph b against target graph b). Uses ``indptr``,
+            ``indices``, ``weights`` (None = 1), ``labels``, ``mass``,
+            ``activation`` and ``offsets``.
+
+        Returns
+        -------
+        LossResult
+            ``value`` is the mean over the pairs.
+
+        Raises
+        ------
+        ValueError
+            If the batch sizes differ (naming ``target``) or an array is
+            malformed (naming it).
+        """
+        p = _from_graph(predicted, "predicted")
+        t = _from_graph(target, "target")
+        return self._forward_arrays(p, t)
+
+    def backward(self, result: LossResult) -> LossGrad:
+        """Exact gradient of ``result.value`` (the batch mean).
+
+        Parameters
+        ----------
+        result : LossResult
+            Returned by :meth:`forward` (of any StructuralLoss; its own
+            settings are used).
+
+        Returns
+        -------
+        LossGrad
+            ``(activation (N,), mass (N,), target_activation (M,))``. Map an
+            activation gradient to mean-pooled features as ``g[:, None] / d``.
+        """
+        if not isinstance(result, LossResult):
+            raise TypeError(f"result must be a LossResult, got {type(result).__name__}")
+        c = result._cache
+        L, p, t = c.loss, c.p, c.t
+        B = len(p.offsets) - 1
+        gx = np.empty(len(p.activation))
+        ga = np.empty(len(p.activation))
+        gy = np.empty(len(t.activation))
+        _core._structural_loss_backward(
+            p.activation, p.mass, p.labels, c.dp, p.indptr, p.indices, p.weights, p.offsets,
+            t.activation, t.mass, t.labels, c.dt, t.indptr, t.indices, t.weights, t.offsets,
+            c.f_off, c.g_off, c.fpot, c.gpot, c.used, np.full(B, 1.0 / B),
+            *L.weights, L.epsilon, L.alpha, L.beta, L.gamma, gx, ga, gy)
+        return LossGrad(gx, ga, gy)
+
+    __call__ = forward
+
+    # -- array level ----------------------------------------------------------
+    def _forward_arrays(self, p: _GraphArrays, t: _GraphArrays) -> LossResult:
+        """Forward on validated arrays (see :func:`_graph_arrays`)."""
+        if len(p.offsets) != len(t.offsets):
+            raise ValueError(
+                f"target has {len(t.offsets) - 1} graphs but predicted has "
+                f"{len(p.offsets) - 1}; batch sizes must match")
+        if p.indptr.dtype != t.indptr.dtype:
+            p = p._replace(indptr=p.indptr.astype(np.int64), indices=p.indices.astype(np.int64))
+            t = t._replace(indptr=t.indptr.astype(np.int64), indices=t.indices.astype(np.int64))
+        B = len(p.offsets) - 1
+        n = np.diff(p.offsets)
+        m = np.diff(t.offsets)
+        plan_off = np.zeros(B + 1, np.int64)
+        np.cumsum((n + 1) * (m + 1), out=plan_off[1:])
+        f_off = np.zeros(B + 1, np.int64)
+        np.cumsum(self.iterations * (n + 1), out=f_off[1:])
+        g_off = np.zeros(B + 1, np.int64)
+        np.cumsum(self.iterations * (m + 1), out=g_off[1:])
+        dp = np.diff(p.indptr).astype(np.float64)
+        dt = np.diff(t.indptr).astype(np.float64)
+
+        plan = np.empty(plan_off[-1])
+        fpot = np.empty(f_off[-1])
+        gpot = np.empty(g_off[-1])
+        terms = np.empty((B, 4))
+        used = np.empty(B, np.int64)
+        conv = np.empty(B, np.uint8)
+        _core._structural_loss_forward(
+            p.activation, p.mass, p.labels, dp, p.indptr, p.indices, p.weights, p.offsets,
+            t.activation, t.mass, t.labels, dt, t.indptr, t.indices, t.weights, t.offsets,
+            plan_off, f_off, g_off, *self.weights, self.epsilon, self.iterations,
+            -1.0 if self.tol is None else self.tol, _REPORT_TOL,
+            plan, fpot, gpot, terms, used, conv)
+        nodes, edges, cliques = terms[:, 0].copy(), terms[:, 1].copy(), terms[:, 2].copy()
+        values = self.alpha * nodes + self.beta * edges + self.gamma * cliques
+        cache = _Cache(self, p, t, dp, dt, plan, plan_off, fpot, gpot, f_off, g_off, used)
+        return LossResult(
+            value=float(values.mean()), node=float(nodes.mean()),
+            edge=float(edges.mean()), clique=float(cliques.mean()),
+            values=values, nodes=nodes, edges=edges, cliques=cliques,
+            iterations=used, converged=conv.astype(bool),
+            marginal_error=terms[:, 3].copy(), _cache=cache)
+
+
+def _loss_arrays(loss: StructuralLoss, predicted: _GraphArrays,
+                 target: _GraphArrays) -> LossResult:
+    """Array-level forward: ``loss`` applied to two :class:`_GraphArrays`."""
+    return loss._forward_arrays(predicted, target)
+
+
+def _from_graph(graph, name) -> _GraphArrays:
+    """Arrays of a validated ``Graph`` (only edge weights are re-checked)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
+    E = graph.num_edges
+    w = graph.weights
+    if w is None:
+        w = np.ones(E)
+    elif E and w.min() < 0:
+        raise ValueError(f"{name}.weights must be >= 0")
+    return _GraphArrays(
+        np.ascontiguousarray(graph.indptr), np.ascontiguousarray(graph.indices),
+        np.ascontiguousarray(graph.labels, dtype=np.int32), np.ascontiguousarray(w),
+        np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
+        np.ascontiguousarray(graph.graph_offsets, dtype=np.int64))
+
+
+def _vector(value, name, dtype, length, default=None):
+    if value is None:
+        return np.full(length, default, dtype=dtype)
+    arr = np.asarray(value)
+    if arr.ndim != 1 or arr.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {arr.shape}")
+    if dtype == np.float64:
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} must be finite")
+    else:
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+    return arr
+
+
+def _graph_arrays(indptr, indices, labels, weights=None, mass=None,
+                  activation=None, offsets=None, *, name="graph") -> _GraphArrays:
+    """Validate and normalise the arrays of a (batched) graph.
+
+    ``offsets=None`` means a single graph. Raises ValueError/TypeError
+    naming ``name`` and the field.
+    """
+    ip = np.asarray(indptr)
+    if ip.ndim != 1 or ip.shape[0] < 1 or (ip.size and ip.dtype.kind not in "iu"):
+        raise ValueError(f"{name}.indptr must be a non-empty 1-D integer array")
+    itype = np.int64 if ip.dtype == np.int64 or ip.dtype == np.uint64 else np.int32
+    ip = np.ascontiguousarray(ip, dtype=itype)
+    N = ip.shape[0] - 1
+    ind = np.asarray(indices)
+    if ind.ndim != 1:
+        raise ValueError(f"{name}.indices must be 1-D")
+    ind = np.ascontiguousarray(ind, dtype=itype) if ind.size else np.zeros(0, itype)
+    E = ind.shape[0]
+    if ip[0] != 0 or ip[-1] != E or np.any(np.diff(ip) < 0):
+        raise ValueError(f"{name}.indptr must rise from 0 to len(indices)={E}")
+    if E and (ind.min() < 0 or ind.max() >= N):
+        raise ValueError(f"{name}.indices must lie in [0, {N})")
+    lab = _vector(labels, f"{name}.labels", np.int32, N)
+    w = _vector(weights, f"{name}.weights", np.float64, E, 1.0)
+    if np.any(w < 0):
+        raise ValueError(f"{name}.weights must be >= 0")
+    mass = _vector(mass, f"{name}.mass", np.float64, N, 1.0)
+    if np.any(mass < 0):
+        raise ValueError(f"{name}.mass must be >= 0")
+    act = _vector(activation, f"{name}.activation", np.float64, N, 1.0)
+    if offsets is None:
+        off = np.array([0, N], np.int64)
+    else:
+        off = np.ascontiguousarray(offsets, dtype=np.int64)
+        if (off.ndim != 1 or off.shape[0] < 2 or off[0] != 0 or off[-1] != N
+                or np.any(np.diff(off) < 0)):
+            raise ValueError(f"{name}.offsets must rise from 0 to {N}")
+        if E:
+            src = np.repeat(np.arange(N), np.diff(ip))
+            if np.any(np.searchsorted(off, src, "right")
+                      != np.searchsorted(off, ind, "right")):
+                raise ValueError(f"{name} has an edge between different graphs of the batch")
+    return _GraphArrays(ip, ind, lab, w, mass, act, off)

@@ -1,0 +1,383 @@
+"""First-order optimisers over named parameter arrays.
+
+The optimisers here update plain NumPy arrays in place. Parameters and their
+gradients are passed to :meth:`Optimizer.step` as two dictionaries keyed by
+name, and the optimiser keeps its state (moments, step counts) under the same
+names. Two properties matter for grapheme's models:
+
+* A parameter may **grow along axis 0** between steps: the embedding table
+  gains a row whenever a new code point appears. The state of the old rows is
+  kept and the new rows start with zero state, exactly as if they had been
+  present all along with zero gradient (for Adam's moments and SGD's momentum
+  buffer this is the same thing).
+* The state round-trips through :meth:`Optimizer.state_dict` /
+  :meth:`Optimizer.load_state_dict` as a flat dictionary of arrays and numbers,
+  so it can be stored in a pickle-free ``.npz`` checkpoint.
+"""
+import math
+import numbers
+
+import numpy as np
+
+__all__ = ["Optimizer", "Adam", "SGD"]
+
+
+def _check_real(name, value, *, low=None, low_open=False, high=None, high_open=False):
+    """Return ``value`` as a float after checking type, finiteness and range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = ">" if low_open else ">="
+        raise ValueError(f"{name} must be {bound} {low}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        bound = "<" if high_open else "<="
+        raise ValueError(f"{name} must be {bound} {high}, got {value!r}")
+    return value
+
+
+class Optimizer:
+    """Base class: named state, growth along axis 0, validation, state dicts.
+
+    Subclasses list the names of their per-parameter state arrays in
+    ``_slots`` and their hyperparameters in ``_hyper``, and implement
+    :meth:`_update`.
+    """
+
+    _slots = ()
+    _hyper = ()
+
+    def __init__(self):
+        self._steps = {}
+        self._state = {slot: {} for slot in self._slots}
+
+    # -- public API ---------------------------------------------------------
+    def step(self, params, grads):
+        """Apply one update to every parameter, in place.
+
+        Parameters
+        ----------
+        params : dict of str to ndarray
+            Parameter arrays, float64, writeable. Updated in place.
+        grads : dict of str to ndarray
+            Gradient of the objective for each parameter: the same keys as
+            ``params`` and arrays of the same shapes, all finite.
+
+        Raises
+        ------
+        TypeError
+            If ``params`` or ``grads`` is not a dict, or a parameter is not a
+            float64 ndarray.
+        ValueError
+            If the keys differ, a gradient's shape differs from its
+            parameter's, a gradient is not finite, a parameter is read-only,
+            or a parameter changed shape other than by growing along axis 0.
+        """
+        self._validate(params, grads)
+        for name in params:
+            p = params[name]
+            g = np.asarray(grads[name], dtype=np.float64)
+            self._prepare_state(name, p)
+            self._steps[name] = self._steps.get(name, 0) + 1
+            self._update(name, p, g, self._steps[name])
+
+    def state_dict(self):
+        """Return the optimiser state as a flat dict of arrays and numbers.
+
+        Keys are ``"<slot>.<name>"`` for state arrays, ``"step.<name>"`` for
+        per-parameter step counts (int) and the hyperparameter names for the
+        hyperparameters (float). The arrays are copies.
+
+        Returns
+        -------
+        state : dict of str to ndarray, int or float
+        """
+        out = {h: float(getattr(self, h)) for h in self._hyper}
+        for name, t in self._steps.items():
+            out[f"step.{name}"] = int(t)
+        for slot, arrays in self._state.items():
+            for name, arr in arrays.items():
+                out[f"{slot}.{name}"] = arr.copy()
+        return out
+
+    def load_state_dict(self, state):
+        """Restore state produced by :meth:`state_dict`.
+
+        Hyperparameters are restored as well, so a resumed run continues with
+        exactly the settings it was saved with.
+
+        Parameters
+        ----------
+        state : mapping of str to ndarray, int or float
+            As returned by :meth:`state_dict` (possibly after a round trip
+            through ``np.savez``/``np.load``, which turns numbers into 0-d
+            arrays).
+
+        Raises
+        ------
+        ValueError
+            If a key is unknown, a hyperparameter is missing or invalid, or
+            a state array has no step count.
+        """
+        try:
+            items = dict(state)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"state must be a mapping, got {type(state).__name__}") from None
+        hyper = {}
+        steps = {}
+        arrays = {slot: {} for slot in self._slots}
+        for key, value in items.items():
+            if not isinstance(key, str):
+                raise ValueError(f"state: key {key!r} is not a string")
+            if key in self._hyper:
+                hyper[key] = np.asarray(value).item()
+                continue
+            slot, dot, name = key.partition(".")
+            if not dot or not name:
+                raise ValueError(f"state: unknown key {key!r}")
+            if slot == "step":
+                t = np.asarray(value)
+                if t.ndim != 0 or t.dtype.kind not in "iu" or int(t) < 0:
+                    raise ValueError(
+                        f"state: {key!r} must be a non-negative integer, got {value!r}")
+                steps[name] = int(t)
+            elif slot in arrays:
+                arr = np.asarray(value)
+                if arr.dtype.kind != "f":
+                    raise ValueError(f"state: {key!r} must be a float array")
+                arrays[slot][name] = np.array(arr, dtype=np.float64, copy=True)
+            else:
+                raise ValueError(f"state: unknown key {key!r}")
+        missing = [h for h in self._hyper if h not in hyper]
+        if missing:
+            raise ValueError(f"state: missing hyperparameter(s) {missing}")
+        for slot, named in arrays.items():
+            for name, arr in named.items():
+                if name not in steps:
+                    raise ValueError(f"state: {slot}.{name!s} has no step.{name!s}")
+                for other in self._slots:
+                    if name in arrays[other] and arrays[other][name].shape != arr.shape:
+                        raise ValueError(
+                            f"state: {slot}.{name} and {other}.{name} differ in shape")
+        # Validate the hyperparameters through the constructor's checks.
+        checked = type(self)._check_hyper(**hyper)
+        for h, v in checked.items():
+            setattr(self, h, v)
+        self._steps = steps
+        self._state = arrays
+
+    # -- internals ----------------------------------------------------------
+    @staticmethod
+    def _check_hyper(**kwargs):  # pragma: no cover - overridden
+        return kwargs
+
+    def _validate(self, params, grads):
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict, got {type(params).__name__}")
+        if not isinstance(grads, dict):
+            raise TypeError(f"grads must be a dict, got {type(grads).__name__}")
+        if set(params) != set(grads):
+            raise ValueError(
+                f"params and grads must have the same keys, got "
+                f"{sorted(map(str, params))} and {sorted(map(str, grads))}")
+        for name, p in params.items():
+            if not isinstance(name, str):
+                raise TypeError(f"params: names must be str, got {name!r}")
+            if not isinstance(p, np.ndarray) or p.dtype != np.float64:
+                raise TypeError(
+                    f"params[{name!r}] must be a float64 ndarray, got "
+                    f"{getattr(p, 'dtype', type(p).__name__)}")
+            if not p.flags.writeable:
+                raise ValueError(f"params[{name!r}] is read-only")
+            g = grads[name]
+            if not isinstance(g, np.ndarray):
+                raise TypeError(
+                    f"grads[{name!r}] must be an ndarray, got {type(g).__name__}")
+            if g.dtype.kind not in "fiu":
+                raise TypeError(
+                    f"grads[{name!r}] must have a real dtype, got {g.dtype}")
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"grads[{name!r}] has shape {g.shape}, expected {p.shape}")
+            if not np.isfinite(g).all():
+                raise ValueError(f"grads[{name!r}] contains NaN or infinity")
+            for slot in self._slots:
+                old = self._state[slot].get(name)
+                if old is None or old.shape == p.shape:
+                    continue
+                if (p.ndim == 0 or old.ndim != p.ndim or old.shape[1:] != p.shape[1:]
+                        or p.shape[0] < old.shape[0]):
+                    raise ValueError(
+                        f"params[{name!r}] changed shape from {old.shape} to "
+                        f"{p.shape}; only growth along axis 0 is supported")
+
+    def _prepare_state(self, name, p):
+        """Create zero state for a new parameter, or zero-pad a grown one."""
+        for slot in self._slots:
+            arrays = self._state[slot]
+            old = arrays.get(name)
+            if old is None:
+                arrays[name] = np.zeros(p.shape, dtype=np.float64)
+            elif old.shape != p.shape:
+                new = np.zeros(p.shape, dtype=np.float64)
+                new[: old.shape[0]] = old
+                arrays[name] = new
+
+    def _update(self, name, p, g, t):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self):
+        args = ", ".join(f"{h}={getattr(self, h)!r}" for h in self._hyper)
+        return f"{type(self).__name__}({args})"
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015) with bias correction and optional L2 decay.
+
+    For a parameter ``p`` with gradient ``g`` at its ``t``-th step::
+
+        g = g + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g**2
+        p -= lr * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)
+
+    the same update as ``torch.optim.Adam``. ``weight_decay`` is classic L2
+    regularisation added to the gradient (not decoupled AdamW decay).
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+        Step size, > 0.
+    betas : tuple of float, default (0.9, 0.999)
+        Decay rates of the first and second moment estimates, each in [0, 1).
+    eps : float, default 1e-8
+        Added to the denominator for numerical stability, > 0.
+    weight_decay : float, default 0.0
+        L2 penalty coefficient, >= 0.
+
+    Notes
+    -----
+    Step counts are kept per parameter. When a parameter grows along axis 0,
+    its new rows get zero moments and share the parameter's step count, as if
+    they had existed from the start with zero gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from grapheme.optim import Adam
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = Adam(lr=0.1)
+    >>> opt.step({"w": w}, {"w": 2 * w})
+    >>> w
+    array([ 0.9, -1.9])
+    """
+
+    _slots = ("exp_avg", "exp_avg_sq")
+    _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
+        checked = self._check_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                    weight_decay=weight_decay)
+        super().__init__()
+        for h, v in checked.items():
+            setattr(self, h, v)
+
+    @property
+    def betas(self):
+        """The pair ``(beta1, beta2)``."""
+        return (self.beta1, self.beta2)
+
+    @staticmethod
+    def _check_hyper(lr, beta1, beta2, eps, weight_decay):
+        return {
+            "lr": _check_real("lr", lr, low=0.0, low_open=True),
+            "beta1": _check_real("betas[0]", beta1, low=0.0, high=1.0, high_open=True),
+            "beta2": _check_real("betas[1]", beta2, low=0.0, high=1.0, high_open=True),
+            "eps": _check_real("eps", eps, low=0.0, low_open=True),
+            "weight_decay": _check_real("weight_decay", weight_decay, low=0.0),
+        }
+
+    def _update(self, name, p, g, t):
+        m = self._state["exp_avg"][name]
+        v = self._state["exp_avg_sq"][name]
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        m *= self.beta1
+        m += (1.0 - self.beta1) * g
+        v *= self.beta2
+        v += (1.0 - self.beta2) * (g * g)
+        bias1 = 1.0 - self.beta1 ** t
+        bias2 = 1.0 - self.beta2 ** t
+        denom = np.sqrt(v / bias2)
+        denom += self.eps
+        p -= (self.lr / bias1) * m / denom
+
+    def __repr__(self):
+        return (f"Adam(lr={self.lr!r}, betas=({self.beta1!r}, {self.beta2!r}), "
+                f"eps={self.eps!r}, weight_decay={self.weight_decay!r})")
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (heavy-ball) momentum.
+
+    For a parameter ``p`` with gradient ``g``::
+
+        g = g + weight_decay * p
+        buf = momentum * buf + g      (buf starts at zero)
+        p -= lr * buf
+
+    which is plain gradient descent when ``momentum == 0``.
+
+    Parameters
+    ----------
+    lr : float
+        Step size, > 0.
+    momentum : float, default 0.0
+        Momentum factor in [0, 1).
+    weight_decay : float, default 0.0
+        L2 penalty coefficient, >= 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from grapheme.optim import SGD
+    >>> w = np.array([1.0, -2.0])
+    >>> SGD(lr=0.25).step({"w": w}, {"w": 2 * w})
+    >>> w
+    array([ 0.5, -1. ])
+    """
+
+    _slots = ("momentum_buffer",)
+    _hyper = ("lr", "momentum", "weight_decay")
+
+    def __init__(self, lr, momentum=0.0, weight_decay=0.0):
+        checked = self._check_hyper(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__()
+        for h, v in checked.items():
+            setattr(self, h, v)
+
+    @staticmethod
+    def _check_hyper(lr, momentum, weight_decay):
+        return {
+            "lr": _check_real("lr", lr, low=0.0, low_open=True),
+            "momentum": _check_real("momentum", momentum, low=0.0, high=1.0,
+                                    high_open=True),
+            "weight_decay": _check_real("weight_decay", weight_decay, low=0.0),
+        }
+
+    def _update(self, name, p, g, t):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            buf = self._state["momentum_buffer"][name]
+            buf *= self.momentum
+            buf += g
+            g = buf
+        p -= self.lr * g

@@ -1,0 +1,546 @@
+"""Training loop: batches of text pairs through embedding, morpher and loss.
+
+One training step takes ``B`` pairs ``(input, target)``, builds ONE batched
+chain graph of the inputs and one of the targets, and runs
+
+    H = embedding.forward(g.labels)
+    morphed = morpher.forward(g, H)
+    res = loss.forward(morphed.graph, target)          # mean over the B pairs
+    lg = loss.backward(res)
+    dH = morpher.backward(morphed, grad_activation=lg.activation,
+                          grad_mass=lg.mass, loss_values=res.values)
+    embedding.backward(g.labels, dH)
+    (+ the target side, see ``target_activation``)
+    optimizer.step({"embedding": ..., "theta": ...}, {...})
+
+Everything per node happens inside those calls (the compiled core); Python
+loops only over batches and epochs.
+"""
+import inspect
+import json
+import math
+import numbers
+import os
+import sys
+import time
+
+import numpy as np
+
+from .checkpoint import _atomic_open, load_checkpoint, save_checkpoint
+from .embedding import Embedding
+from .graph import Graph
+from .morph import Morpher
+from . import optim as _optim
+
+__all__ = ["Trainer"]
+
+TARGET_ACTIVATIONS = ("embedding", "graph")
+
+#: Keys of an epoch record that measure time, hence differ between runs.
+TIMING_KEYS = ("time", "examples_per_s", "chars_per_s")
+
+_JSON_SCALARS = (type(None), bool, int, float, str)
+
+
+def _init_config(obj):
+    """Constructor arguments of ``obj`` that it exposes as simple attributes.
+
+    Used to record (in a checkpoint) how to rebuild an object: every
+    parameter of ``type(obj).__init__`` for which ``obj`` has an attribute
+    of the same name holding a JSON scalar or a list/tuple of them.
+    """
+    try:
+        params = inspect.signature(type(obj).__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return {}
+    out = {}
+    for name, p in params.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(obj, name):
+            continue
+        value = getattr(obj, name)
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, (list, tuple)):
+            if all(isinstance(v, _JSON_SCALARS) for v in value):
+                out[name] = list(value)
+        elif isinstance(value, _JSON_SCALARS):
+            out[name] = value
+    return out
+
+
+def _check_pairs(pairs, name):
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
+        raise TypeError(f"{name} must be a list of (input, target) string pairs, "
+                        f"got {type(pairs).__name__}")
+    inputs, targets = [], []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name}[{i}] must be an (input, target) pair, got {pair!r}")
+        source, target = pair
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise TypeError(f"{name}[{i}] must hold two str, got "
+                            f"({type(source).__name__}, {type(target).__name__})")
+        inputs.append(source)
+        targets.append(target)
+    return inputs, targets
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _graph_of(offsets, nodes):
+    """Graph index of each node of a batch with node ``offsets``."""
+    return np.searchsorted(offsets, nodes, side="right") - 1
+
+
+def _structure_match(g, history, target):
+    """Per pair: the hard morph has the target's node count and labels.
+
+    The prediction is read from the merge history (the heads' labels), so it
+    is the hard structure for every estimator. O(n + m), no Python loop.
+    """
+    B = g.num_graphs
+    heads = history.heads
+    pred_counts = np.bincount(_graph_of(g.graph_offsets, heads), minlength=B)
+    tgt_counts = np.diff(target.graph_offsets)
+    same = pred_counts == tgt_counts
+    pred_sel = np.repeat(same, pred_counts)
+    tgt_sel = np.repeat(same, tgt_counts)
+    differ = g.labels[heads][pred_sel] != target.labels[tgt_sel]
+    owner = np.repeat(np.arange(B), tgt_counts)[tgt_sel]
+    wrong = np.bincount(owner[differ], minlength=B)
+    return same & (wrong == 0)
+
+
+class Trainer:
+    """Fit an embedding and a morpher to (input, target) text pairs.
+
+    Parameters
+    ----------
+    embedding : Embedding
+        Character embedding; its table grows as new characters appear.
+    morpher : Morpher
+        The learnable merge step; its ``theta`` is trained.
+    loss : StructuralLoss
+        Compares the morphed graph with the target graph; must provide
+        ``forward(predicted, target)`` returning a result with ``value``,
+        ``node``, ``edge``, ``clique`` and per-pair ``values``, and
+        ``backward(result)`` returning ``activation``, ``mass`` and
+        ``target_activation`` gradients.
+    optimizer : Optimizer
+        Updates the parameters ``"embedding"`` (the embedding table) and
+        ``"theta"``.
+    batch_size : int, default 32
+        Pairs per step; the last batch of an epoch may be smaller.
+    seed : int, default 0
+        Seed of the generator that shuffles the pairs every epoch.
+    target_activation : {"embedding", "graph"}, default "embedding"
+        Activations of the target graph. ``"embedding"``: the mean of the
+        embedding rows of its labels, so gradients reach the embedding from
+        both sides. ``"graph"``: 1.0 for every node, as in the original
+        experiments.
+    log : str or os.PathLike, optional
+        JSONL file receiving one line of metrics per epoch.
+    progress : bool, default True
+        Show a tqdm progress bar (only when stderr is a terminal).
+
+    Attributes
+    ----------
+    epoch : int
+        Number of completed epochs.
+    history : list of dict
+        One record of metrics per completed epoch.
+
+    Notes
+    -----
+    A run is reproducible: with the same seeds and data, two runs produce
+    bit-identical weights and metrics (apart from timings), and a run resumed
+    from a checkpoint continues exactly as the uninterrupted run would.
+    """
+
+    def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
+                 target_activation="embedding", log=None, progress=True):
+        if not isinstance(embedding, Embedding):
+            raise TypeError(f"embedding must be a grapheme.Embedding, got "
+                            f"{type(embedding).__name__}")
+        if not isinstance(morpher, Morpher):
+            raise TypeError(f"morpher must be a grapheme.Morpher, got "
+                            f"{type(morpher).__name__}")
+        if not (callable(getattr(loss, "forward", None))
+                and callable(getattr(loss, "backward", None))):
+            raise TypeError(f"loss must have forward() and backward(), got "
+                            f"{type(loss).__name__}")
+        if not isinstance(optimizer, _optim.Optimizer):
+            raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.embedding = embedding
+        self.morpher = morpher
+        self.loss = loss
+        self.optimizer = optimizer
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = int(seed)
+        if target_activation not in TARGET_ACTIVATIONS:
+            raise ValueError(f"target_activation must be one of {TARGET_ACTIVATIONS}, "
+                             f"got {target_activation!r}")
+        self.target_activation = target_activation
+        self.log = None if log is None else os.fspath(log)
+        self.progress = bool(progress)
+        self.rng = np.random.default_rng(self.seed)
+        self.epoch = 0
+        self.history = []
+
+    # ------------------------------------------------------------------ step
+    def _target_graph(self, targets):
+        target = Graph.from_texts(targets)
+        if self.target_activation == "embedding":
+            act = self.embedding.forward(target.labels).mean(axis=1)
+            target = target.replace(activation=act)
+        return target
+
+    def _forward(self, inputs, targets):
+        g = Graph.from_texts(inputs)
+        H = self.embedding.forward(g.labels)
+        morphed = self.morpher.forward(g, H)
+        target = self._target_graph(targets)
+        res = self.loss.forward(morphed.graph, target)
+        return g, morphed, target, res
+
+    def train_step(self, inputs, targets):
+        """One optimisation step on a batch; returns the step's statistics.
+
+        Parameters
+        ----------
+        inputs, targets : list of str
+            The batch, ``len(inputs) == len(targets) >= 1``.
+
+        Returns
+        -------
+        dict
+            ``loss``, ``node``, ``edge``, ``clique`` (batch means),
+            ``input_nodes``, ``output_nodes``, ``chars`` and ``grad_norm``
+            (Euclidean norm of all parameter gradients before the update).
+        """
+        emb, morpher = self.embedding, self.morpher
+        emb.zero_grad()
+        morpher.zero_grad()
+        g, morphed, target, res = self._forward(inputs, targets)
+        lg = self.loss.backward(res)
+        dH = morpher.backward(morphed, grad_activation=lg.activation,
+                              grad_mass=lg.mass, loss_values=res.values)
+        emb.backward(g.labels, dH)
+        if self.target_activation == "embedding" and target.num_nodes:
+            gt = np.asarray(lg.target_activation, dtype=np.float64) / emb.dim
+            emb.backward(target.labels, np.repeat(gt[:, None], emb.dim, axis=1))
+        grads = {"embedding": emb.grad, "theta": morpher.grad_theta}
+        grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
+        if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"non-finite loss ({float(res.value)!r}) or gradient norm "
+                f"({grad_norm!r}) at epoch {self.epoch + 1}")
+        self.optimizer.step({"embedding": emb.weight, "theta": morpher.theta}, grads)
+        return {"loss": float(res.value), "node": float(res.node),
+                "edge": float(res.edge), "clique": float(res.clique),
+                "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
+                "chars": g.num_nodes, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------- evaluate
+    def evaluate(self, pairs, batch_size=None):
+        """Loss and exact-structure accuracy on ``pairs``, without training.
+
+        The embedding may still grow (rows for unseen characters are
+        created), but no parameter is updated and no gradient is kept.
+
+        Parameters
+        ----------
+        pairs : list of (str, str)
+        batch_size : int, optional
+            Defaults to the trainer's batch size.
+
+        Returns
+        -------
+        dict
+            ``loss``, ``node``, ``edge``, ``clique`` (means over pairs),
+            ``merge_rate`` (1 - output nodes / input nodes) and ``accuracy``
+            (fraction of pairs whose hard morph has exactly the target's
+            number of nodes and labels).
+        """
+        inputs, targets = _check_pairs(pairs, "pairs")
+        if not inputs:
+            raise ValueError("pairs must not be empty")
+        bs = self.batch_size if batch_size is None else _check_int("batch_size",
+                                                                   batch_size, 1)
+        sums = dict.fromkeys(("loss", "node", "edge", "clique"), 0.0)
+        n_in = n_out = correct = 0
+        for lo in range(0, len(inputs), bs):
+            bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
+            g, morphed, target, res = self._forward(bi, bt)
+            w = len(bi)
+            for key in sums:
+                sums[key] += w * float(getattr(res, "value" if key == "loss" else key))
+            n_in += g.num_nodes
+            n_out += morphed.history.num_outputs
+            correct += int(_structure_match(g, morphed.history, target).sum())
+        n = len(inputs)
+        out = {k: v / n for k, v in sums.items()}
+        out["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
+        out["accuracy"] = correct / n
+        return out
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, pairs, epochs, val=None, checkpoint=None, resume=None):
+        """Train for ``epochs`` epochs in total; return the per-epoch history.
+
+        Parameters
+        ----------
+        pairs : list of (str, str)
+            Training pairs, shuffled anew every epoch.
+        epochs : int
+            Total number of epochs of the run. When resuming from a
+            checkpoint saved after epoch ``e``, epochs ``e + 1 .. epochs``
+            are run.
+        val : list of (str, str), optional
+            Validation pairs, evaluated after every epoch.
+        checkpoint : str or os.PathLike, optional
+            Written atomically after every epoch.
+        resume : str or os.PathLike, optional
+            A checkpoint to continue from. The continued run is
+            bit-identical to an uninterrupted one.
+
+        Returns
+        -------
+        history : list of dict
+            One record per epoch (including those restored from ``resume``):
+            ``epoch``, ``loss``, ``node``, ``edge``, ``clique`` (means over
+            the epoch's pairs), ``merge_rate``, ``tau`` (at the end of the
+            epoch), ``grad_norm`` (mean over steps), ``time``,
+            ``examples_per_s``, ``chars_per_s`` and, with ``val``,
+            ``val_loss``, ``val_merge_rate``, ``val_accuracy``.
+
+        Raises
+        ------
+        ValueError
+            If ``pairs`` is empty or malformed, ``epochs`` is negative, or
+            ``resume`` is not a compatible checkpoint.
+        """
+        inputs, targets = _check_pairs(pairs, "pairs")
+        if not inputs:
+            raise ValueError("pairs must not be empty")
+        epochs = _check_int("epochs", epochs, 0)
+        if val is not None:
+            _check_pairs(val, "val")
+            if not len(val):
+                raise ValueError("val must not be empty when given")
+        if resume is not None:
+            self.load(resume)
+        if self.log is not None:
+            self._rewrite_log()
+        n = len(inputs)
+        steps = -(-n // self.batch_size)
+        bar = self._progress_bar(total=max(epochs - self.epoch, 0) * steps)
+        try:
+            while self.epoch < epochs:
+                record = self._run_epoch(inputs, targets, bar)
+                if val is not None:
+                    v = self.evaluate(val)
+                    record["val_loss"] = v["loss"]
+                    record["val_merge_rate"] = v["merge_rate"]
+                    record["val_accuracy"] = v["accuracy"]
+                self.epoch += 1
+                self.history.append(record)
+                if checkpoint is not None:
+                    self.save(checkpoint)
+                if self.log is not None:
+                    with open(self.log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.4f}",
+                                    tau=f"{record['tau']:.3f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        return list(self.history)
+
+    def _run_epoch(self, inputs, targets, bar):
+        n = len(inputs)
+        order = self.rng.permutation(n)
+        sums = dict.fromkeys(("loss", "node", "edge", "clique"), 0.0)
+        grad_norms = 0.0
+        n_in = n_out = chars = steps = 0
+        start = time.perf_counter()
+        for lo in range(0, n, self.batch_size):
+            idx = order[lo:lo + self.batch_size].tolist()
+            stats = self.train_step([inputs[i] for i in idx], [targets[i] for i in idx])
+            w = len(idx)
+            for key in sums:
+                sums[key] += w * stats[key]
+            grad_norms += stats["grad_norm"]
+            n_in += stats["input_nodes"]
+            n_out += stats["output_nodes"]
+            chars += stats["chars"]
+            steps += 1
+            if bar is not None:
+                bar.update(1)
+        elapsed = time.perf_counter() - start
+        record = {"epoch": self.epoch + 1}
+        record.update({k: v / n for k, v in sums.items()})
+        record["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
+        record["tau"] = self.morpher.tau
+        record["grad_norm"] = grad_norms / steps
+        record["time"] = elapsed
+        record["examples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
+        record["chars_per_s"] = chars / elapsed if elapsed > 0 else float("inf")
+        return record
+
+    def _progress_bar(self, total):
+        if not self.progress or total == 0:
+            return None
+        isatty = getattr(sys.stderr, "isatty", None)
+        if not (isatty and isatty()):
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+
+    def _rewrite_log(self):
+        """Make the log hold exactly the records of the completed epochs."""
+        directory = os.path.dirname(os.path.abspath(self.log))
+        os.makedirs(directory, exist_ok=True)
+        with _atomic_open(self.log, "w", encoding="utf-8", newline="\n") as f:
+            for record in self.history:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------- checkpoints
+    @classmethod
+    def from_checkpoint(cls, path, log=None, progress=True):
+        """A trainer rebuilt from a checkpoint written by :meth:`save`.
+
+        The embedding, morpher, loss and optimiser are constructed from the
+        configuration stored in the checkpoint and their state restored, so
+        the trainer can :meth:`evaluate` or continue :meth:`fit` at once.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        log : str or os.PathLike, optional
+        progress : bool, default True
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the checkpoint is corrupted or names an unknown component.
+        """
+        from . import loss as _loss
+
+        _, meta = load_checkpoint(path)
+        path = os.fspath(path)
+        try:
+            config = meta["config"]
+            emb_cfg = dict(config["embedding"])
+            morph_cfg = dict(config["morpher"])
+            loss_cfg = dict(config["loss"])
+            opt_cfg = dict(config["optimizer"])
+            morph_type, loss_type = morph_cfg.pop("type"), loss_cfg.pop("type")
+            opt_type = opt_cfg.pop("type")
+            known_loss = {"StructuralLoss": _loss.StructuralLoss}
+            known_opt = {"Adam": _optim.Adam, "SGD": _optim.SGD}
+            if morph_type != "Morpher" or loss_type not in known_loss \
+                    or opt_type not in known_opt:
+                raise ValueError(f"unknown component ({morph_type}, {loss_type}, "
+                                 f"{opt_type})")
+            trainer = cls(Embedding(**emb_cfg), Morpher(**morph_cfg),
+                          known_loss[loss_type](**loss_cfg), known_opt[opt_type](lr=1.0),
+                          batch_size=config["batch_size"], seed=config["seed"],
+                          target_activation=config["target_activation"], log=log,
+                          progress=progress)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
+                             f"{exc}") from None
+        trainer.load(path)
+        return trainer
+
+    def config(self):
+        """What must agree between a checkpoint and a trainer resuming it."""
+        return {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "target_activation": self.target_activation,
+            "embedding": {"dim": self.embedding.dim, "seed": self.embedding.seed},
+            "morpher": {"type": type(self.morpher).__name__,
+                        **{k: v for k, v in _init_config(self.morpher).items()
+                           if k != "threshold"}},
+            "loss": {"type": type(self.loss).__name__, **_init_config(self.loss)},
+            "optimizer": {"type": type(self.optimizer).__name__},
+        }
+
+    def save(self, path):
+        """Write the complete training state to ``path`` (atomic ``.npz``)."""
+        arrays = {"embedding.codes": self.embedding.codes,
+                  "embedding.weight": self.embedding.weight,
+                  "morpher.theta": self.morpher.theta}
+        for key, value in self.optimizer.state_dict().items():
+            arrays["optimizer." + key] = np.asarray(value)
+        meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
+                "config": self.config(), "history": self.history}
+        save_checkpoint(path, arrays, meta)
+
+    def load(self, path):
+        """Restore the training state saved by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the checkpoint is corrupted, or was written by a trainer with
+            a different configuration (batch size, seed, model settings).
+        """
+        arrays, meta = load_checkpoint(
+            path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
+        path = os.fspath(path)
+        try:
+            epoch, rng_state = int(meta["epoch"]), meta["rng"]
+            config, history = meta["config"], list(meta["history"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
+                             f"bad meta data ({exc})") from None
+        mine = self.config()
+        if config != mine:
+            diff = sorted(k for k in set(config) | set(mine)
+                          if config.get(k) != mine.get(k))
+            details = "; ".join(f"{k}: checkpoint {config.get(k)!r}, trainer "
+                                f"{mine.get(k)!r}" for k in diff)
+            raise ValueError(f"checkpoint {path!r} was written with a different "
+                             f"configuration ({details})")
+        theta = arrays["morpher.theta"]
+        if theta.shape != () or theta.dtype != np.float64:
+            raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
+                             "morpher.theta is not a float64 scalar")
+        try:
+            embedding = Embedding.from_state(
+                {"codes": arrays["embedding.codes"], "weight": arrays["embedding.weight"]},
+                seed=self.embedding.seed)
+            prefix = "optimizer."
+            self.optimizer.load_state_dict(
+                {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            rng = np.random.default_rng()
+            rng.bit_generator.state = rng_state
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
+                             f"{exc}") from None
+        # Keep the caller's objects live: copy the (validated) state into them.
+        self.embedding.load_state_dict(embedding.state_dict())
+        self.morpher.theta[...] = theta
+        self.morpher.zero_grad()
+        self.rng = rng
+        self.epoch = epoch
+        self.history = history

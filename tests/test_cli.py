@@ -1,0 +1,141 @@
+"""Tests for the ``grapheme`` command line (grapheme.cli.main)."""
+import json
+
+import numpy as np
+import pytest
+
+from grapheme import morph
+from grapheme.cli import format_table, main
+from grapheme.train import TIMING_KEYS
+
+ESTIMATORS = [e for e in ("history", "soft", "ste", "reinforce")
+              if e in getattr(morph, "ESTIMATORS", ("history",))]
+
+
+def run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_log(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def level1(tmp_path, capsys):
+    data = tmp_path / "data"
+    code, out, _ = run(capsys, "generate", "--out", data, "--n-train", 64, "--n-val", 16,
+                       "--seed", 1, "--tasks", "arithmetic")
+    assert code == 0 and "wrote 64 pairs" in out
+    return data
+
+
+def test_generate_writes_files(level1):
+    lines = (level1 / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 64
+    assert all(json.loads(x)["input"].startswith("(") for x in lines)
+
+
+@pytest.mark.parametrize("estimator", [
+    pytest.param("history", marks=pytest.mark.xfail(
+        strict=True,
+        reason="history gives theta no gradient and learns no merges; measured "
+               "last-10 mean / first = 0.985 (lr 1e-2, dim 64), see report")),
+    *[e for e in ESTIMATORS if e != "history"],
+])
+def test_full_training_reduces_loss(level1, tmp_path, capsys, estimator):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--data", level1, "--epochs", 100, "--out",
+                         run_dir, "--estimator", estimator, "--no-progress")
+    assert code == 0, err
+    log = read_log(run_dir / "metrics.jsonl")
+    assert len(log) == 100
+    losses = np.array([r["loss"] for r in log])
+    assert losses[-10:].mean() < 0.8 * losses[0], (losses[0], losses[-10:].mean())
+
+
+def test_train_resume_and_eval(level1, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "train", "--data", level1, "--epochs", 4, "--out", a,
+               "--batch-size", 16, "--lr", 0.02, "--seed", 3)[0] == 0
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", b,
+               "--batch-size", 16, "--lr", 0.02, "--seed", 3)[0] == 0
+    code, out, _ = run(capsys, "train", "--data", level1, "--epochs", 4, "--out", b,
+                       "--resume", b / "checkpoint.npz")
+    assert code == 0 and "epochs 3-4" in out
+
+    def strip(log):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in log]
+
+    assert strip(read_log(a / "metrics.jsonl")) == strip(read_log(b / "metrics.jsonl"))
+    with np.load(a / "checkpoint.npz") as fa, np.load(b / "checkpoint.npz") as fb:
+        for key in ("embedding.weight", "morpher.theta"):
+            np.testing.assert_array_equal(fa[key], fb[key])
+
+    code, out, err = run(capsys, "eval", "--checkpoint", a / "checkpoint.npz",
+                         "--data", level1 / "val.jsonl")
+    assert code == 0, err
+    values = dict(line.split() for line in out.splitlines())
+    assert int(values["pairs"]) == 16
+    assert 0.0 <= float(values["accuracy"]) <= 1.0 and float(values["loss"]) > 0
+
+
+def test_errors_exit_2_with_one_line(level1, tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--data", tmp_path / "missing", "--epochs", 1,
+                         "--out", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1
+    assert "data directory" in err and "does not exist" in err and "Traceback" not in err
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"input": "ab", "target": "a"}\n{"input": "ab"\n')
+    code, _, err = run(capsys, "train", "--data", bad, "--epochs", 1, "--out",
+                       tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{bad / 'train.jsonl'}:2: invalid JSON" in err
+
+    ckpt = tmp_path / "r2" / "checkpoint.npz"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", ckpt.parent)[0] == 0
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) - 100])
+    for argv in (("eval", "--checkpoint", ckpt, "--data", level1 / "val.jsonl"),
+                 ("train", "--data", level1, "--epochs", 2, "--out", ckpt.parent,
+                  "--resume", ckpt)):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1
+        assert "is corrupted or truncated" in err and str(ckpt) in err
+
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "none.npz",
+                       "--data", level1 / "val.jsonl")
+    assert code == 2 and "does not exist" in err
+
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out",
+                       tmp_path / "r3", "--resume", ckpt, "--lr", 0.1)
+    assert code == 2 and "--lr cannot be combined with --resume" in err
+
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
+                       tmp_path / "r4", "--estimator", "magic")
+    assert code == 2 and "estimator" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["train", "--data", "x", "--epochs", "0",
+                                                   "--out", "y"], ["frobnicate"]])
+def test_usage_errors(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "usage:" in err
+
+
+def test_demo(capsys):
+    code, out, err = run(capsys, "demo")
+    assert code == 0, err
+    assert "estimator" in out and "final loss" in out and "merges learned" in out
+    for estimator in ESTIMATORS:
+        assert f"\n{estimator} " in out
+    assert "abc -> " in out and "xyz -> " in out and "123 -> " in out
+
+
+def test_format_table():
+    table = format_table(["a", "long header"], [["x", 1], ["yyyy", 22]])
+    assert table.splitlines() == ["a     long header", "----  -----------",
+                                  "x     1", "yyyy  22"]
