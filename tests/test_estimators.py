@@ -423,3 +423,49 @@ def test_bad_reinforce_settings():
         morpher.backward(out)
     with pytest.raises(ValueError, match=r"loss_values must have shape \(1\)"):
         morpher.backward(out, loss_values=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("baseline,samples", [("mean", 1), ("loo", 4)])
+def test_reinforce_is_unbiased_for_the_structural_loss(baseline, samples):
+    from grapheme import StructuralLoss, contract, merge_edges
+
+    rng = np.random.default_rng(14)
+    g, target = Graph.from_text("abcd"), Graph.from_text("ab")
+    d, theta, T = 3, 0.2, 0.5
+    H = rng.standard_normal((g.num_nodes, d))
+    H[1] = H[0] + 0.3 * H[1]
+    loss = StructuralLoss()
+    src, dst = g.edge_sources(), g.indices
+
+    def expected(X, t):
+        p = sigmoid((cosine(X, src, dst) - sigmoid(t)) / T)
+        total = 0.0
+        for merge in itertools.product([False, True], repeat=src.shape[0]):
+            merge = np.array(merge)
+            out = contract(g, merge_edges(g, merge), X)
+            total += np.prod(np.where(merge, p, 1 - p)) * loss.forward(out, target).value
+        return total
+
+    exact_H = numgrad(lambda X: expected(X, theta), H)
+    exact_theta = float(numgrad(lambda t: expected(H, float(t)), theta))
+
+    replicas = 20_000
+    groups = replicas // samples
+    morpher = Morpher(threshold=theta, temperature=T, estimator="reinforce",
+                      baseline=baseline, samples=samples, seed=1)
+    big, targets = replicate(g, groups), morpher.replicate(replicate(target, groups))
+    grad_H = None
+    for _ in range(2):  # the first call warms the running-mean baseline up
+        morpher.zero_grad()
+        out = morpher.forward(big, np.tile(H, (groups, 1)))
+        res = loss.forward(out.graph, targets)
+        lg = loss.backward(res)
+        grad_H = morpher.backward(out, grad_activation=lg.activation, grad_mass=lg.mass,
+                                  loss_values=res.values)
+    est_H = groups * grad_H.reshape(groups, *H.shape)
+    est_theta = out.theta_estimates.reshape(samples, groups).mean(0)
+    for est, exact in ((est_H, exact_H), (est_theta[:, None], np.array([exact_theta]))):
+        se = est.std(0, ddof=1) / np.sqrt(est.shape[0])
+        z = np.abs(est.mean(0) - exact) / se
+        assert z.max() < 4.0, (z.max(), est.mean(0), exact)
+    assert abs(exact_theta) > 1e-3
