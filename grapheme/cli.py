@@ -17,11 +17,13 @@ import sys
 import time
 
 from . import data as _data
+from ._estimators import ESTIMATORS
 from ._validation import check_scalar
 
 __all__ = ["main"]
 
 PROG = "grapheme"
+DEFAULT_ESTIMATOR = "ste"
 
 
 class CommandError(Exception):
@@ -79,11 +81,16 @@ def build_parser():
                    help="seed of embedding and shuffling (default 0)")
     p.add_argument("--dim", type=_positive_int, default=None,
                    help="embedding dimension (default 64)")
-    p.add_argument("--estimator", default=None,
-                   help="merge gradient estimator (default 'history')")
+    p.add_argument("--estimator", default=None, choices=ESTIMATORS,
+                   help=f"merge gradient estimator (default {DEFAULT_ESTIMATOR!r}: "
+                        "hard merges whose threshold still learns)")
+    p.add_argument("--baseline", default=None, choices=("mean", "loo", "none"),
+                   help="reinforce baseline (default 'mean')")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="reinforce samples per example (default 1; 'loo' needs >= 2)")
     p.add_argument("--target-rate", type=_rate, default=None,
-                   help="target merge rate of the rate penalty (estimators that "
-                        "support it)")
+                   help="target compression rate (output nodes / input nodes) of "
+                        "the rate penalty")
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
@@ -109,21 +116,20 @@ def _cmd_generate(args, out):
     return 0
 
 
-def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress):
+def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
+                  baseline="mean", samples=1):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
     from .optim import Adam
     from .train import Trainer
 
-    kwargs = {"estimator": estimator}
-    if target_rate is not None:
-        kwargs["target_rate"] = target_rate
     try:
-        morpher = Morpher(**kwargs)
-    except TypeError:
-        raise CommandError(f"--target-rate is not supported by this Morpher "
-                           f"(estimator {estimator!r})") from None
+        morpher = Morpher(estimator=estimator, target_rate=target_rate,
+                          baseline=None if baseline == "none" else baseline,
+                          samples=samples)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
     return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress)
 
@@ -133,7 +139,8 @@ def _cmd_train(args, out):
 
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
-                 ("batch_size", "lr", "seed", "dim", "estimator", "target_rate")
+                 ("batch_size", "lr", "seed", "dim", "estimator", "baseline", "samples",
+                  "target_rate")
                  if getattr(args, name) is not None]
         if fixed:
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
@@ -159,8 +166,10 @@ def _cmd_train(args, out):
         trainer = _make_trainer(
             dim=64 if args.dim is None else args.dim,
             seed=0 if args.seed is None else args.seed,
-            estimator="history" if args.estimator is None else args.estimator,
+            estimator=DEFAULT_ESTIMATOR if args.estimator is None else args.estimator,
             target_rate=args.target_rate,
+            baseline="mean" if args.baseline is None else args.baseline,
+            samples=1 if args.samples is None else args.samples,
             lr=1e-2 if args.lr is None else args.lr,
             batch_size=32 if args.batch_size is None else args.batch_size,
             log=log, progress=progress)
@@ -205,12 +214,6 @@ def format_table(headers, rows):
     return "\n".join(lines)
 
 
-def _demo_estimators():
-    """Estimators the installed Morpher supports, in the order of DESIGN.md."""
-    from . import morph
-
-    supported = getattr(morph, "ESTIMATORS", ("history",))
-    return [e for e in ("history", "soft", "ste", "reinforce") if e in supported]
 
 
 def _demo_run(estimator, pairs, extra, epochs, seed):
@@ -252,7 +255,7 @@ def _cmd_demo(args, out):
           f"({', '.join(f'{a}->{b}' for a, b in pairs)}) plus {len(extra)} generated "
           f"fold/dedup pairs, {args.epochs} epochs per estimator.\n", file=out)
     results = [_demo_run(e, pairs, extra, args.epochs, args.seed)
-               for e in _demo_estimators()]
+               for e in ESTIMATORS]
     headers = ["estimator", "first loss", "final loss", "merges learned",
                "threshold tau", "exact"]
     rows = [[r["estimator"], f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",

@@ -337,23 +337,69 @@ class Morpher:
             decisions = self._rng.random(prob.shape[0]) < prob
         else:
             decisions = sim > tau
-        history = merge_edges(graph, decisions)
-        cache = None
         if est in ("soft", "ste"):
+            history = merge_edges(graph, decisions)
             m = np.zeros(graph.num_nodes)
             m[src] = prob if est == "soft" else decisions
             out_features, D, mass = _estimators.relax_chain(features, m)
             out = _estimators.head_graph(graph, history, _contract_edges(graph, history),
                                          out_features, mass)
-            cache = (src, m, D)
+            morphed = Morphed(out, history, sim, prob, decisions, graph, features, norms,
+                              est, (src, m, D))
         else:
-            out = contract(graph, history, features)
-        morphed = Morphed(out, history, sim, prob, decisions, graph, features, norms, est,
-                          cache)
+            morphed = self._hard(graph, features, sim, norms, prob, decisions, est)
         morphed.samples = samples
         if rate is not None:
             morphed.rate_penalty, morphed.rate_grad = rate, rate_grad
         return morphed
+
+    @staticmethod
+    def _hard(graph, features, sim, norms, prob, decisions, estimator):
+        history = merge_edges(graph, decisions)
+        out = contract(graph, history, features)
+        return Morphed(out, history, sim, prob, decisions, graph, features, norms, estimator)
+
+    def predict(self, graph, features):
+        """The deterministic hard morph: merge every edge with ``s > tau``.
+
+        What the model does at inference, whatever the estimator: no
+        sampling (the generator of ``reinforce`` is not advanced), no
+        relaxation, no replication. The result is the compact graph and can
+        be passed to :meth:`backward` as a ``history`` morph. O((n + E) d).
+        """
+        _check_graph(graph, "graph")
+        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+        sim, norms = self.similarity(graph, features)
+        prob = _sigmoid((sim - self.tau) / self.temperature)
+        return self._hard(graph, features, sim, norms, prob, sim > self.tau, "history")
+
+    def state_dict(self):
+        """The state that training changes: ``theta``, the sampling generator
+        of ``reinforce`` and the running-mean baseline (JSON-serialisable)."""
+        return {"theta": float(self.theta),
+                "rng": self._rng.bit_generator.state,
+                "baseline": [self._mean_baseline.total, self._mean_baseline.count]}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict` output in place.
+
+        Raises
+        ------
+        ValueError
+            If an entry is missing or malformed.
+        """
+        try:
+            theta = check_scalar(state["theta"], "theta")
+            total, count = state["baseline"]
+            total = check_scalar(total, "baseline total")
+            count = check_scalar(count, "baseline count", lower=0, integer=True)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"state is not a Morpher state: {exc}") from None
+        self.theta[...] = theta
+        self._rng = rng
+        self._mean_baseline.total, self._mean_baseline.count = total, count
 
     def backward(self, morphed, grad_features=None, grad_activation=None, grad_mass=None,
                  loss_values=None):

@@ -206,11 +206,18 @@ class Trainer:
             target = target.replace(activation=act)
         return target
 
-    def _forward(self, inputs, targets):
+    def _forward(self, inputs, targets, train=True):
+        """Batch forward pass. Training morphs with the estimator (sampled or
+        relaxed; targets replicated like a ``reinforce`` batch); evaluation
+        uses the deterministic hard morph, :meth:`Morpher.predict`."""
         g = Graph.from_texts(inputs)
         H = self.embedding.forward(g.labels)
-        morphed = self.morpher.forward(g, H)
         target = self._target_graph(targets)
+        if train:
+            morphed = self.morpher.forward(g, H)
+            target = self.morpher.replicate(target)
+        else:
+            morphed = self.morpher.predict(g, H)
         res = self.loss.forward(morphed.graph, target)
         return g, morphed, target, res
 
@@ -250,7 +257,8 @@ class Trainer:
         return {"loss": float(res.value), "node": float(res.node),
                 "edge": float(res.edge), "clique": float(res.clique),
                 "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
-                "chars": g.num_nodes, "grad_norm": grad_norm}
+                "chars": g.num_nodes, "grad_norm": grad_norm,
+                "estimator_variance": float(morphed.estimator_variance)}
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self, pairs, batch_size=None):
@@ -282,7 +290,7 @@ class Trainer:
         n_in = n_out = correct = 0
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
-            g, morphed, target, res = self._forward(bi, bt)
+            g, morphed, target, res = self._forward(bi, bt, train=False)
             w = len(bi)
             for key in sums:
                 sums[key] += w * float(getattr(res, "value" if key == "loss" else key))
@@ -374,6 +382,7 @@ class Trainer:
         order = self.rng.permutation(n)
         sums = dict.fromkeys(("loss", "node", "edge", "clique"), 0.0)
         grad_norms = 0.0
+        variances = []
         n_in = n_out = chars = steps = 0
         start = time.perf_counter()
         for lo in range(0, n, self.batch_size):
@@ -383,6 +392,8 @@ class Trainer:
             for key in sums:
                 sums[key] += w * stats[key]
             grad_norms += stats["grad_norm"]
+            if math.isfinite(stats["estimator_variance"]):
+                variances.append(stats["estimator_variance"])
             n_in += stats["input_nodes"]
             n_out += stats["output_nodes"]
             chars += stats["chars"]
@@ -395,6 +406,10 @@ class Trainer:
         record["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
         record["tau"] = self.morpher.tau
         record["grad_norm"] = grad_norms / steps
+        # reinforce: mean over steps of the variance of the per-example
+        # d loss / d theta estimates; None for the deterministic estimators.
+        record["estimator_variance"] = (sum(variances) / len(variances)
+                                        if variances else None)
         record["time"] = elapsed
         record["examples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
         record["chars_per_s"] = chars / elapsed if elapsed > 0 else float("inf")
@@ -490,6 +505,7 @@ class Trainer:
         for key, value in self.optimizer.state_dict().items():
             arrays["optimizer." + key] = np.asarray(value)
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
+                "morpher": self.morpher.state_dict(),
                 "config": self.config(), "history": self.history}
         save_checkpoint(path, arrays, meta)
 
@@ -509,6 +525,7 @@ class Trainer:
         path = os.fspath(path)
         try:
             epoch, rng_state = int(meta["epoch"]), meta["rng"]
+            morpher_state = dict(meta["morpher"], theta=float(arrays["morpher.theta"]))
             config, history = meta["config"], list(meta["history"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
@@ -534,12 +551,12 @@ class Trainer:
                 {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
             rng = np.random.default_rng()
             rng.bit_generator.state = rng_state
+            self.morpher.load_state_dict(morpher_state)  # validates, then restores
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"{exc}") from None
         # Keep the caller's objects live: copy the (validated) state into them.
         self.embedding.load_state_dict(embedding.state_dict())
-        self.morpher.theta[...] = theta
         self.morpher.zero_grad()
         self.rng = rng
         self.epoch = epoch

@@ -4,12 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from grapheme import morph
+from grapheme._estimators import ESTIMATORS
 from grapheme.cli import format_table, main
 from grapheme.train import TIMING_KEYS
-
-ESTIMATORS = [e for e in ("history", "soft", "ste", "reinforce")
-              if e in getattr(morph, "ESTIMATORS", ("history",))]
 
 
 def run(capsys, *argv):
@@ -37,22 +34,35 @@ def test_generate_writes_files(level1):
     assert all(json.loads(x)["input"].startswith("(") for x in lines)
 
 
-@pytest.mark.parametrize("estimator", [
-    pytest.param("history", marks=pytest.mark.xfail(
-        strict=True,
-        reason="history gives theta no gradient and learns no merges; measured "
-               "last-10 mean / first = 0.985 (lr 1e-2, dim 64), see report")),
-    *[e for e in ESTIMATORS if e != "history"],
-])
+@pytest.mark.parametrize("estimator", [None, "soft", "ste", "reinforce"],
+                         ids=["default", "soft", "ste", "reinforce"])
 def test_full_training_reduces_loss(level1, tmp_path, capsys, estimator):
+    """``grapheme train --data DIR --epochs 100``: a sustained decrease (the
+    last 10 epochs' mean below 0.8x the first epoch's) on level-1 arithmetic."""
     run_dir = tmp_path / "run"
+    flags = [] if estimator is None else ["--estimator", estimator]
     code, out, err = run(capsys, "train", "--data", level1, "--epochs", 100, "--out",
-                         run_dir, "--estimator", estimator, "--no-progress")
+                         run_dir, "--no-progress", *flags)
     assert code == 0, err
     log = read_log(run_dir / "metrics.jsonl")
     assert len(log) == 100
     losses = np.array([r["loss"] for r in log])
     assert losses[-10:].mean() < 0.8 * losses[0], (losses[0], losses[-10:].mean())
+
+
+def test_full_training_history_estimator_still_descends(level1, tmp_path, capsys):
+    """The history estimator cannot learn *when* to merge (theta gets no
+    gradient, DESIGN.md), so on arithmetic, where the loss is mostly the
+    size mismatch that only merging removes, it can only shave the
+    activation costs: measured last-10 mean / first = 0.985. What it must
+    still do is descend, never climb (the failure this library ends)."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 100, "--out",
+                       run_dir, "--no-progress", "--estimator", "history")
+    assert code == 0, err
+    losses = np.array([r["loss"] for r in read_log(run_dir / "metrics.jsonl")])
+    assert losses[-10:].mean() < losses[0]
+    assert losses[-1] < losses[0]
 
 
 def test_train_resume_and_eval(level1, tmp_path, capsys):

@@ -48,9 +48,10 @@ def test_history_records_and_log(tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3]
     keys = {"epoch", "loss", "node", "edge", "clique", "merge_rate", "tau", "grad_norm",
             "time", "examples_per_s", "chars_per_s", "val_loss", "val_merge_rate",
-            "val_accuracy"}
+            "val_accuracy", "estimator_variance"}
     for r in history:
         assert set(r) == keys
+        assert r["estimator_variance"] is None  # a deterministic estimator
         assert 0.0 <= r["merge_rate"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
         assert r["tau"] == pytest.approx(1 / (1 + np.exp(-0.8)))
         assert r["grad_norm"] > 0 and r["examples_per_s"] > 0 and r["chars_per_s"] > 0
@@ -88,15 +89,22 @@ def test_runs_are_deterministic():
     np.testing.assert_array_equal(a.embedding.weight, b.embedding.weight)
 
 
-@pytest.mark.parametrize("make_opt", [lambda: Adam(lr=1e-2, weight_decay=1e-3),
-                                      lambda: SGD(lr=0.5, momentum=0.9)])
-def test_resume_is_bit_identical(tmp_path, make_opt):
+@pytest.mark.parametrize("make_opt, make_morpher", [
+    (lambda: Adam(lr=1e-2, weight_decay=1e-3), Morpher),
+    (lambda: SGD(lr=0.5, momentum=0.9), Morpher),
+    # sampling state (generator, running baseline) must survive the resume too
+    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="reinforce", seed=3)),
+    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="reinforce", baseline="loo",
+                                            samples=3, seed=3)),
+    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="ste", target_rate=0.7)),
+], ids=["adam", "sgd", "reinforce-mean", "reinforce-loo", "ste-rate"])
+def test_resume_is_bit_identical(tmp_path, make_opt, make_morpher):
     pairs = make_pairs(50, seed=4)
     val = make_pairs(12, seed=5)
 
     def trainer(log):
-        return Trainer(Embedding(dim=16, seed=1), Morpher(), StructuralLoss(), make_opt(),
-                       batch_size=8, seed=7, log=log)
+        return Trainer(Embedding(dim=16, seed=1), make_morpher(), StructuralLoss(),
+                       make_opt(), batch_size=8, seed=7, log=log)
 
     straight = trainer(tmp_path / "a.jsonl")
     h_straight = straight.fit(pairs, 4, val=val)
@@ -228,3 +236,45 @@ def test_validation():
     with pytest.raises(ValueError, match="lone surrogate"):
         t.fit([("a\ud800", "a")], 1)
     assert t.epoch == 0 and t.history == []
+
+
+@pytest.mark.parametrize("baseline, samples", [("mean", 1), ("loo", 4), (None, 1)])
+def test_reinforce_trainer_reports_estimator_variance(baseline, samples):
+    morpher = Morpher(estimator="reinforce", baseline=baseline, samples=samples, seed=1)
+    trainer = Trainer(Embedding(dim=16), morpher, StructuralLoss(), Adam(lr=1e-2),
+                      batch_size=8, seed=0)
+    pairs = make_pairs(32, seed=2)
+    history = trainer.fit(pairs, 2)
+    for r in history:
+        assert r["estimator_variance"] is not None and r["estimator_variance"] > 0
+        assert np.isfinite(r["loss"])
+    # evaluation is deterministic: it neither samples nor advances the generator
+    state = morpher.state_dict()
+    assert trainer.evaluate(pairs) == trainer.evaluate(pairs)
+    assert morpher.state_dict() == state
+
+
+def test_predict_is_the_hard_morph_for_every_estimator():
+    g = Graph.from_texts(["aabbc", "xyz"])
+    H = Embedding(dim=8, seed=2).forward(g.labels)
+    ref = Morpher(threshold=-1.0).forward(g, H)
+    for est in ("history", "soft", "ste", "reinforce"):
+        m = Morpher(threshold=-1.0, estimator=est)
+        out = m.predict(g, H)
+        np.testing.assert_array_equal(out.history.cluster, ref.history.cluster)
+        np.testing.assert_array_equal(out.graph.features, ref.graph.features)
+        assert out.graph.num_nodes == ref.graph.num_nodes
+
+
+def test_morpher_state_roundtrip_and_validation():
+    m = Morpher(estimator="reinforce", seed=5)
+    g = Graph.from_text("abcdef")
+    H = Embedding(dim=4).forward(g.labels)
+    m.forward(g, H)
+    state = json.loads(json.dumps(m.state_dict()))  # survives JSON (checkpoint meta)
+    a = m.forward(g, H).decisions
+    m2 = Morpher(estimator="reinforce", seed=99)
+    m2.load_state_dict(state)
+    np.testing.assert_array_equal(m2.forward(g, H).decisions, a)
+    with pytest.raises(ValueError, match="not a Morpher state"):
+        m2.load_state_dict({"theta": 0.1})
