@@ -147,13 +147,16 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False):
     return grad_H, grad_m
 
 
-def rate_penalty(p, n, target_rate, rate_weight):
+def rate_penalty(p, n, target_rate, rate_weight, multiplier=0.0):
     """Compression-rate penalty and its gradient with respect to ``p``.
 
-    ``penalty = rate_weight * (E[k] / n - target_rate)^2`` with the expected
-    number of output nodes ``E[k] = n - sum_e p_e``: each merged edge of a
-    forest removes exactly one component, so this is exact whenever the
-    candidate edges form a forest (chains and batches of chains included).
+    With the expected compression ``rho = E[k] / n`` and the expected number
+    of output nodes ``E[k] = n - sum_e p_e`` (each merged edge of a forest
+    removes exactly one component, so this is exact whenever the candidate
+    edges form a forest: chains and batches of chains included), the
+    penalty is the augmented Lagrangian
+    ``multiplier * (rho - target_rate) + rate_weight * (rho - target_rate)^2``.
+    With ``multiplier = 0`` it is the plain quadratic penalty.
 
     Returns
     -------
@@ -163,8 +166,8 @@ def rate_penalty(p, n, target_rate, rate_weight):
     if n == 0:
         return 0.0, np.zeros_like(p)
     gap = (n - p.sum()) / n - target_rate
-    value = rate_weight * gap * gap
-    grad_p = np.full_like(p, -2.0 * rate_weight * gap / n)
+    value = multiplier * gap + rate_weight * gap * gap
+    grad_p = np.full_like(p, -(multiplier + 2.0 * rate_weight * gap) / n)
     return float(value), grad_p
 
 

@@ -212,13 +212,29 @@ class Morpher:
         (copy ``k`` of example ``b`` is example ``k * B + b`` of the output,
         see :meth:`replicate`); pair it with ``morpher.replicate(target)``.
     target_rate : float in [0, 1], optional
-        Target compression ``k / n``. Adds the differentiable penalty
-        ``rate_weight * (E[k] / n - target_rate)^2`` with
-        ``E[k] = n - sum_e p_e`` (exact when the candidate edges form a
-        forest, chains included; ``n`` counts all nodes of a batch). Its
-        value is ``Morphed.rate_penalty`` and :meth:`backward` adds its
+        Target compression ``k / n`` (output nodes per input node). Adds a
+        differentiable penalty on the expected compression
+        ``rho = E[k] / n``, ``E[k] = n - sum_e p_e`` (exact when the
+        candidate edges form a forest, chains included; ``n`` counts all
+        nodes of a batch): the augmented Lagrangian
+        ``lambda * (rho - target_rate) + rate_weight * (rho - target_rate)^2``.
+        Its value is ``Morphed.rate_penalty`` and :meth:`backward` adds its
         gradient, for every estimator.
-    rate_weight : float >= 0, default 1.0
+    rate_weight : float >= 0, default 10.0
+        Weight of the quadratic part of the rate penalty.
+    rate_control : {"multiplier", "penalty"}, default "multiplier"
+        ``"multiplier"``: a rate controller in the spirit of MrT5's
+        deletion-rate controller. After every training step
+        :meth:`update_rate` moves the multiplier by the method of
+        multipliers, ``lambda += 2 * rate_weight * (measured - target_rate)``
+        with the measured (hard) compression of that step, so the rate is
+        held at the target however hard the loss pulls. ``"penalty"``: the
+        quadratic penalty alone (``lambda`` stays 0); the rate then settles
+        where the penalty balances the loss, off the target.
+    rate_step : float >= 0, default 0.5
+        Step of the multiplier update. The defaults hold the compression of
+        generated data within 0.05 of targets 0.45-0.65 for every estimator
+        (``tests/test_learning.py``).
 
     Attributes
     ----------
@@ -252,7 +268,8 @@ class Morpher:
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="history", *, seed=0,
-                 baseline="mean", samples=1, target_rate=None, rate_weight=1.0):
+                 baseline="mean", samples=1, target_rate=None, rate_weight=10.0,
+                 rate_control="multiplier", rate_step=0.5):
         self.theta = np.array(check_scalar(threshold, "threshold"))
         self.temperature = check_scalar(temperature, "temperature", lower=0,
                                         lower_inclusive=False)
@@ -266,6 +283,12 @@ class Morpher:
         self.target_rate = (None if target_rate is None else
                             check_scalar(target_rate, "target_rate", lower=0, upper=1))
         self.rate_weight = check_scalar(rate_weight, "rate_weight", lower=0)
+        if rate_control not in ("multiplier", "penalty"):
+            raise ValueError("rate_control must be 'multiplier' or 'penalty', "
+                             f"got {rate_control!r}")
+        self.rate_control = rate_control
+        self.rate_step = check_scalar(rate_step, "rate_step", lower=0)
+        self.rate_multiplier = 0.0
         self.seed = check_scalar(seed, "seed", lower=0, integer=True)
         self._rng = np.random.default_rng(self.seed)
         self._mean_baseline = _estimators.MeanBaseline()
@@ -327,7 +350,8 @@ class Morpher:
         rate = rate_grad = None
         if self.target_rate is not None:
             rate, rate_grad = _estimators.rate_penalty(prob, graph.num_nodes,
-                                                       self.target_rate, self.rate_weight)
+                                                       self.target_rate, self.rate_weight,
+                                                       self.rate_multiplier)
         samples = 1
         if est == "reinforce":
             samples = self.samples
@@ -373,12 +397,31 @@ class Morpher:
         prob = _sigmoid((sim - self.tau) / self.temperature)
         return self._hard(graph, features, sim, norms, prob, sim > self.tau, "history")
 
+    def update_rate(self, morphed):
+        """One step of the rate controller (``rate_control="multiplier"``).
+
+        Call once per training step, after :meth:`backward`:
+        ``lambda += 2 * rate_weight * (k / n - target_rate)`` with the hard
+        compression ``k / n`` that ``morphed`` measured. A no-op without a
+        target rate or with ``rate_control="penalty"``. Returns the
+        multiplier.
+        """
+        if not isinstance(morphed, Morphed):
+            raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
+        n = morphed.history.num_inputs
+        if self.target_rate is not None and self.rate_control == "multiplier" and n:
+            measured = morphed.history.num_outputs / n
+            self.rate_multiplier += self.rate_step * (measured - self.target_rate)
+        return self.rate_multiplier
+
     def state_dict(self):
         """The state that training changes: ``theta``, the sampling generator
-        of ``reinforce`` and the running-mean baseline (JSON-serialisable)."""
+        of ``reinforce``, the running-mean baseline and the rate multiplier
+        (JSON-serialisable)."""
         return {"theta": float(self.theta),
                 "rng": self._rng.bit_generator.state,
-                "baseline": [self._mean_baseline.total, self._mean_baseline.count]}
+                "baseline": [self._mean_baseline.total, self._mean_baseline.count],
+                "rate_multiplier": float(self.rate_multiplier)}
 
     def load_state_dict(self, state):
         """Restore :meth:`state_dict` output in place.
@@ -393,6 +436,7 @@ class Morpher:
             total, count = state["baseline"]
             total = check_scalar(total, "baseline total")
             count = check_scalar(count, "baseline count", lower=0, integer=True)
+            multiplier = check_scalar(state["rate_multiplier"], "rate_multiplier")
             rng = np.random.default_rng()
             rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -400,6 +444,7 @@ class Morpher:
         self.theta[...] = theta
         self._rng = rng
         self._mean_baseline.total, self._mean_baseline.count = total, count
+        self.rate_multiplier = multiplier
 
     def backward(self, morphed, grad_features=None, grad_activation=None, grad_mass=None,
                  loss_values=None):

@@ -254,6 +254,7 @@ class Trainer:
                 f"non-finite loss ({float(res.value)!r}) or gradient norm "
                 f"({grad_norm!r}) at epoch {self.epoch + 1}")
         self.optimizer.step({"embedding": emb.weight, "theta": morpher.theta}, grads)
+        morpher.update_rate(morphed)
         return {"loss": float(res.value), "node": float(res.node),
                 "edge": float(res.edge), "clique": float(res.clique),
                 "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
