@@ -157,8 +157,9 @@ def _scaling_safe(epsilon, weights, total_mass):
     Returns
     -------
     ndarray of shape (B,), bool
-        ``3 kappa + |log T| <= 250`` with :math:`\kappa = C_{max}/\varepsilon`,
-        and True for a pair without mass (no sweep is run).
+        ``3 kappa + |log T| <= 250`` with :math:`\kappa = C_{max}/\varepsilon`;
+        for a pair without mass (no sweep is run) only ``3 kappa <= 250``,
+        so that it reports the domain its epsilon calls for.
 
     Notes
     -----
@@ -189,8 +190,8 @@ def _scaling_safe(epsilon, weights, total_mass):
     kappa = c_max / epsilon
     total = np.asarray(total_mass, dtype=np.float64)
     with np.errstate(divide="ignore"):
-        spread = 3.0 * kappa + np.abs(np.log(total))
-    return (total == 0.0) | (spread <= _SCALING_LOG_LIMIT)
+        log_total = np.where(total > 0.0, np.abs(np.log(total)), 0.0)
+    return 3.0 * kappa + log_total <= _SCALING_LOG_LIMIT
 
 
 def _check_float(name, value, *, positive=False):
@@ -466,9 +467,14 @@ class StructuralLoss:
 
 
 def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Sums of ``values[offsets[b]:offsets[b+1]]`` for every b (0 if empty)."""
-    csum = np.concatenate(([0.0], np.cumsum(values)))
-    return csum[offsets[1:]] - csum[offsets[:-1]]
+    """Sums of ``values[offsets[b]:offsets[b+1]]`` for every b (0 if empty).
+
+    Per segment, not by differencing a running sum (which would lose a tiny
+    segment next to large ones).
+    """
+    B = len(offsets) - 1
+    return np.bincount(np.repeat(np.arange(B), np.diff(offsets)), weights=values,
+                       minlength=B).astype(np.float64, copy=False)
 
 
 def _loss_arrays(loss: StructuralLoss, predicted: _GraphArrays,
