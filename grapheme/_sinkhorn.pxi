@@ -158,18 +158,29 @@ cdef void _update_u(intp_t n1, intp_t m1, const double* K, const double* v,
         u[i] = 1.0 / s
 
 
-cdef void _update_v(intp_t n1, intp_t m1, const double* K, const double* u,
-                    const double* aw, double* v) noexcept nogil:
-    """v_j = 1 / sum_i aw_i K_ij u_i (scaling form of _update_g), row-major."""
+cdef void _sweep_uv(intp_t n1, intp_t m1, const double* K, const double* vin,
+                    const double* bw, const double* aw, double* u, double* v,
+                    double* bv) noexcept nogil:
+    """One sweep in ONE pass over K: u = 1/(K (bw vin)), v = 1/(K^T (aw u)).
+
+    u_i needs only row i, so the column sums of v accumulate from the row
+    while it is in cache; bv is (m1,) work. Same result as _update_u then
+    _update_v (up to the order of the additions).
+    """
     cdef intp_t i, j
     cdef const double* row
-    cdef double c
+    cdef double s, c
     for j in range(m1):
+        bv[j] = bw[j] * vin[j]
         v[j] = 0.0
     for i in range(n1):
+        row = K + i * m1
+        s = 0.0
+        for j in range(m1):
+            s += bv[j] * row[j]
+        u[i] = 1.0 / s
         if aw[i] > 0.0:
             c = aw[i] * u[i]
-            row = K + i * m1
             for j in range(m1):
                 v[j] += c * row[j]
     for j in range(m1):
@@ -365,21 +376,25 @@ def _structural_loss_forward(
                 _kernel_matrix(n1 * m1, C, eps, K)
                 conv = False
                 have_next = False
+                # one pass over K per sweep: sweep t+1 is run (into slot
+                # t+1) as soon as v^t is known, and its u^{t+1} = U(v^t)
+                # gives the row error of iteration t; on an early stop the
+                # speculative slot t+1 is simply not counted
+                _sweep_uv(n1, m1, K, one, bw, aw, Fp + f_off[b], Gp + g_off[b], M)
                 for t in range(iterations):
                     f = Fp + f_off[b] + t * n1      # u of iteration t
                     g = Gp + g_off[b] + t * m1      # v of iteration t
-                    if have_next:
-                        for i in range(n1):
-                            f[i] = fn[i]
-                    else:
-                        _update_u(n1, m1, K, one if t == 0 else g - m1, bw, f, M)
-                    _update_v(n1, m1, K, f, aw, g)
                     nit = t + 1
-                    if tol > 0.0 or t == iterations - 1:
+                    if t == iterations - 1:
                         _update_u(n1, m1, K, g, bw, fn, M)
-                        have_next = True
                         err = _row_error_scaled(n1, f, fn, aw)
                         if tol > 0.0 and err <= tol:
+                            conv = True
+                        break
+                    _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M)
+                    if tol > 0.0:
+                        err = _row_error_scaled(n1, f, f + n1, aw)
+                        if err <= tol:
                             conv = True
                             break
                 if tol <= 0.0:
