@@ -22,40 +22,78 @@ def _chain_like(rng, n, extra=0.1):
 
 
 class StructuralLossSuite:
-    """One pair of n predicted against ~n target nodes, forward + backward."""
+    """One pair of n predicted against ~n target nodes, forward + backward.
 
-    params = [10, 100, 500, 2000]
-    param_names = ["n"]
+    ``domain`` times the log-domain and the scaling-form Sinkhorn in the same
+    run (epsilon = 0.1, where ``"auto"`` picks scaling); the speed-up is the
+    ratio of the two rows.
+    """
 
-    def setup(self, n):
+    params = ([10, 100, 500, 2000], ["log", "scaling"])
+    param_names = ["n", "domain"]
+
+    def setup(self, n, domain):
         rng = np.random.default_rng(42)
-        self.loss = StructuralLoss()
+        self.loss = StructuralLoss(domain=domain)
         self.predicted = _chain_like(rng, n)
         self.target = _chain_like(rng, n + n // 10).replace(mass=None)
 
     def _forward_backward(self):
         self.loss.backward(self.loss.forward(self.predicted, self.target))
 
-    def time_forward_backward(self, n):
+    def time_forward_backward(self, n, domain):
         self._forward_backward()
 
-    def peakmem_forward_backward(self, n):
+    def peakmem_forward_backward(self, n, domain):
         self._forward_backward()
 
 
 class BatchLossSuite:
     """1000 short pairs (5-15 nodes) through one forward + backward."""
 
-    def setup(self):
+    params = ["log", "scaling"]
+    param_names = ["domain"]
+
+    def setup(self, domain):
         rng = np.random.default_rng(42)
-        self.loss = StructuralLoss()
+        self.loss = StructuralLoss(domain=domain)
         self.predicted = Graph.batch(
             [_chain_like(rng, int(k)) for k in rng.integers(5, 16, 1000)])
         self.target = Graph.batch(
             [_chain_like(rng, int(k)).replace(mass=None) for k in rng.integers(5, 16, 1000)])
 
-    def time_forward_backward(self):
+    def time_forward(self, domain):
+        self.loss.forward(self.predicted, self.target)
+
+    def time_forward_backward(self, domain):
         self.loss.backward(self.loss.forward(self.predicted, self.target))
 
-    def peakmem_forward_backward(self):
+    def peakmem_forward_backward(self, domain):
         self.loss.backward(self.loss.forward(self.predicted, self.target))
+
+
+def main(repeat=5):
+    """Time both suites without asv: ``python bench/bench_loss.py``.
+
+    Prints the best of ``repeat`` runs (one run at n = 2000) per domain and
+    the speed-up log / scaling.
+    """
+    import timeit
+
+    def best(suite, *args):
+        suite.setup(*args)
+        k = 1 if args and args[0] == 2000 else repeat
+        return min(timeit.repeat(lambda: suite.time_forward_backward(*args),
+                                 number=1, repeat=k))
+
+    print(f"{'case':>24} {'log [s]':>10} {'scaling [s]':>12} {'speed-up':>9}")
+    rows = [(f"pair n={n}", StructuralLossSuite, (n,)) for n in StructuralLossSuite.params[0]]
+    rows.append(("1000 pairs of 5-15", BatchLossSuite, ()))
+    for name, cls, args in rows:
+        tl = best(cls(), *args, "log")
+        ts = best(cls(), *args, "scaling")
+        print(f"{name:>24} {tl:10.4g} {ts:12.4g} {tl / ts:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -84,10 +84,11 @@ def _structural_loss_forward(
     ipt: np.ndarray, it: np.ndarray,       # const index_t[::1] IN target CSR
     wt: np.ndarray, off_t: np.ndarray,     # const double[::1] (E_t,), const int64_t[::1] (B+1,)
     plan_off: np.ndarray, f_off: np.ndarray, g_off: np.ndarray,  # const int64_t[::1] (B+1,)
+    scaled: np.ndarray,                    # const uint8_t[::1] IN (B,) 1: scaling form
     w_type: float, w_act: float, w_deg: float,
     eps: float, iterations: int, tol: float, conv_tol: float,
     plan: np.ndarray,                      # double[::1] OUT sum_b (n_b+1)(m_b+1)
-    fpot: np.ndarray, gpot: np.ndarray,    # double[::1] OUT potentials of every iteration
+    fpot: np.ndarray, gpot: np.ndarray,    # double[::1] OUT potentials (f, g or u, v) per iteration
     terms: np.ndarray,                     # double[:, ::1] OUT (B, 4)
     used: np.ndarray,                      # int64_t[::1] OUT (B,)
     converged: np.ndarray,                 # uint8_t[::1] OUT (B,)
@@ -100,6 +101,7 @@ def _structural_loss_backward(
     f_off: np.ndarray, g_off: np.ndarray,  # const int64_t[::1] (B+1,)
     fpot: np.ndarray, gpot: np.ndarray,    # const double[::1] IN from the forward pass
     used: np.ndarray,                      # const int64_t[::1] IN (B,)
+    scaled: np.ndarray,                    # const uint8_t[::1] IN (B,) as in the forward
     scale: np.ndarray,                     # const double[::1] IN (B,) d value / d value_b
     w_type: float, w_act: float, w_deg: float, eps: float,
     alpha: float, beta: float, gamma: float,

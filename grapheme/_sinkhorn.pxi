@@ -11,6 +11,15 @@
 #   fpot[fpot_off[b] + t*(n+1) + i]     f of iteration t (t < iterations used)
 #   gpot[gpot_off[b] + t*(m+1) + j]     g of iteration t
 # Node and edge arrays are concatenated over the batch; CSR indices are global.
+#
+# Two domains, chosen per pair by the caller (``scaled[b]``), same iterations:
+#   log      f, g as above; every sweep evaluates exp per cell.
+#   scaling  K = exp(-C/eps) once per pair, u = exp(f/eps), v = exp(g/eps):
+#            u_i = 1 / sum_j b_j K_ij v_j,  v_j = 1 / sum_i a_i K_ij u_i,
+#            P_ij = a_i b_j u_i K_ij v_j; fpot/gpot then hold u and v (not
+#            f, g). Only valid while u, v, K and u K v stay far inside the
+#            float64 range; the caller guarantees it (see loss.py,
+#            _scaling_safe), so no saturation (_sexp) can occur either.
 
 
 # Un-shifted exponentials exp((f_i + g_j - C_ij)/eps) are <= 1/w for a cell
@@ -125,6 +134,72 @@ cdef double _row_error(intp_t n1, const double* f, const double* fnext,
     return err
 
 
+cdef void _kernel_matrix(intp_t cells, const double* C, double eps,
+                         double* K) noexcept nogil:
+    """K = exp(-C/eps), once per pair."""
+    cdef intp_t c
+    for c in range(cells):
+        K[c] = exp(-C[c] / eps)
+
+
+cdef void _update_u(intp_t n1, intp_t m1, const double* K, const double* v,
+                    const double* bw, double* u, double* bv) noexcept nogil:
+    """u_i = 1 / sum_j bw_j K_ij v_j (scaling form of _update_f); bv is (m1,) work."""
+    cdef intp_t i, j
+    cdef const double* row
+    cdef double s
+    for j in range(m1):
+        bv[j] = bw[j] * v[j]
+    for i in range(n1):
+        row = K + i * m1
+        s = 0.0
+        for j in range(m1):
+            s += bv[j] * row[j]
+        u[i] = 1.0 / s
+
+
+cdef void _sweep_uv(intp_t n1, intp_t m1, const double* K, const double* vin,
+                    const double* bw, const double* aw, double* u, double* v,
+                    double* bv) noexcept nogil:
+    """One sweep in ONE pass over K: u = 1/(K (bw vin)), v = 1/(K^T (aw u)).
+
+    u_i needs only row i, so the column sums of v accumulate from the row
+    while it is in cache; bv is (m1,) work. Same result as _update_u then
+    _update_v (up to the order of the additions).
+    """
+    cdef intp_t i, j
+    cdef const double* row
+    cdef double s, c
+    for j in range(m1):
+        bv[j] = bw[j] * vin[j]
+        v[j] = 0.0
+    for i in range(n1):
+        row = K + i * m1
+        s = 0.0
+        for j in range(m1):
+            s += bv[j] * row[j]
+        u[i] = 1.0 / s
+        if aw[i] > 0.0:
+            c = aw[i] * u[i]
+            for j in range(m1):
+                v[j] += c * row[j]
+    for j in range(m1):
+        v[j] = 1.0 / v[j]
+
+
+cdef double _row_error_scaled(intp_t n1, const double* u, const double* unext,
+                              const double* aw) noexcept nogil:
+    """_row_error in the scaling form: sum_j P_ij = aw_i u_i / unext_i."""
+    cdef intp_t i
+    cdef double err = 0.0, e
+    for i in range(n1):
+        if aw[i] > 0.0:
+            e = aw[i] * fabs(u[i] / unext[i] - 1.0)
+            if not (e <= err):
+                err = e
+    return err
+
+
 cdef void _moments(intp_t n, const double* w, const double* deg,
                    double* mean, double* var, double* maxd) noexcept nogil:
     """Mass-weighted mean/variance of deg / max(max deg, 1); 0 if no mass."""
@@ -189,6 +264,7 @@ def _structural_loss_forward(
         const int64_t[::1] plan_off,  # IN (B+1,) offsets into plan
         const int64_t[::1] f_off,     # IN (B+1,) offsets into fpot
         const int64_t[::1] g_off,     # IN (B+1,) offsets into gpot
+        const uint8_t[::1] scaled,    # IN (B,) 1: scaling form, 0: log domain
         double w_type, double w_act, double w_deg,
         double eps, intp_t iterations, double tol, double conv_tol,
         double[::1] plan,             # OUT sum_b (n_b+1)(m_b+1)
@@ -199,13 +275,18 @@ def _structural_loss_forward(
         uint8_t[::1] converged):      # OUT (B,) row error <= tol (or conv_tol)
     """Forward structural loss of a batch of pairs (trusts its input).
 
-    For every pair: augmented cost, ``iterations`` log-domain Sinkhorn sweeps
-    (stopping early once the row-marginal error is <= ``tol`` if ``tol > 0``),
-    the plan, node, edge and clique terms. The potentials of every iteration
-    are stored for the backward pass.
+    For every pair: augmented cost, ``iterations`` Sinkhorn sweeps (stopping
+    early once the row-marginal error is <= ``tol`` if ``tol > 0``), the
+    plan, node, edge and clique terms. The sweeps run in the log domain, or,
+    where ``scaled[b]``, in the scaling form with K = exp(-C/eps) computed
+    once (one exp per cell per pair instead of two per cell per sweep; the
+    caller guarantees the scaling form cannot over- or underflow). The
+    potentials of every iteration (f, g or u, v) are stored for the backward
+    pass.
 
     Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
-    O((n+1)(m+1)) workspace (reused across pairs).
+    O((n+1)(m+1)) workspace (two such buffers if any pair is scaled; reused
+    across pairs).
     """
     cdef intp_t nb = off_p.shape[0] - 1
     cdef intp_t maxn = 0, maxm = 0, k
@@ -219,6 +300,11 @@ def _structural_loss_forward(
     cdef double[::1] wb = np.empty(maxm + 1)
     cdef double[::1] wf = np.empty(maxn + 1)
     cdef double[::1] wM = np.empty(maxm + 1)
+    cdef bint any_scaled = False
+    for k in range(nb):
+        any_scaled = any_scaled or scaled[k] != 0
+    cdef double[::1] wK = np.empty((maxn + 1) * (maxm + 1) if any_scaled else 1)
+    cdef double[::1] wone = np.ones(maxm + 1)
 
     cdef const double* xp = _cptr(x)
     cdef const double* ap = _cptr(a)
@@ -241,6 +327,8 @@ def _structural_loss_forward(
     cdef double* bw = &wb[0]
     cdef double* fn = &wf[0]
     cdef double* M = &wM[0]
+    cdef double* K = &wK[0]
+    cdef const double* one = &wone[0]
     cdef double* planp = _mptr(plan)
     cdef double* Fp = _mptr(fpot)
     cdef double* Gp = _mptr(gpot)
@@ -284,6 +372,42 @@ def _structural_loss_forward(
                     P[i] = 0.0
                 for i in range(n * m):
                     Q[i] = 0.0
+            elif scaled[b]:
+                _kernel_matrix(n1 * m1, C, eps, K)
+                conv = False
+                have_next = False
+                # one pass over K per sweep: sweep t+1 is run (into slot
+                # t+1) as soon as v^t is known, and its u^{t+1} = U(v^t)
+                # gives the row error of iteration t; on an early stop the
+                # speculative slot t+1 is simply not counted
+                _sweep_uv(n1, m1, K, one, bw, aw, Fp + f_off[b], Gp + g_off[b], M)
+                for t in range(iterations):
+                    f = Fp + f_off[b] + t * n1      # u of iteration t
+                    g = Gp + g_off[b] + t * m1      # v of iteration t
+                    nit = t + 1
+                    if t == iterations - 1:
+                        _update_u(n1, m1, K, g, bw, fn, M)
+                        err = _row_error_scaled(n1, f, fn, aw)
+                        if tol > 0.0 and err <= tol:
+                            conv = True
+                        break
+                    _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M)
+                    if tol > 0.0:
+                        err = _row_error_scaled(n1, f, f + n1, aw)
+                        if err <= tol:
+                            conv = True
+                            break
+                if tol <= 0.0:
+                    conv = err <= conv_tol
+                f = Fp + f_off[b] + (nit - 1) * n1
+                g = Gp + g_off[b] + (nit - 1) * m1
+                for i in range(n1):
+                    for j in range(m1):
+                        E = f[i] * K[i * m1 + j] * g[j]
+                        P[i * m1 + j] = aw[i] * bw[j] * E
+                        node += P[i * m1 + j] * C[i * m1 + j]
+                        if i < n and j < m:
+                            Q[i * m + j] = bw[j] * E
             else:
                 conv = False
                 have_next = False
@@ -371,6 +495,7 @@ def _structural_loss_backward(
         const double[::1] fpot,       # IN potentials f of every iteration
         const double[::1] gpot,       # IN potentials g of every iteration
         const int64_t[::1] used,      # IN (B,) iterations performed
+        const uint8_t[::1] scaled,    # IN (B,) as given to the forward pass
         const double[::1] scale,      # IN (B,) d value / d value_b (1/B for a mean)
         double w_type, double w_act, double w_deg, double eps,
         double alpha, double beta, double gamma,
@@ -383,7 +508,9 @@ def _structural_loss_backward(
     potentials, and accumulates the cost adjoint into the activations; the
     masses receive their gradient through the row marginals, the dustbin
     column marginal ``A = sum a`` and the clique term. Outputs are
-    overwritten.
+    overwritten. For a scaled pair (fpot/gpot hold u, v) every
+    exp((f_i + g_j - C_ij)/eps) of the adjoints is u_i K_ij v_j, with K
+    computed once: no exp per cell per sweep.
 
     Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
     O((n+1)(m+1)) workspace (reused across pairs).
@@ -405,6 +532,14 @@ def _structural_loss_backward(
     cdef double[::1] wfb = np.empty(maxn + 1)
     cdef double[::1] wgb = np.empty(maxm + 1)
     cdef double[::1] wzero = np.zeros(maxm + 1)
+    cdef double[::1] wone = np.ones(maxm + 1)
+    cdef double[::1] wgn = np.empty(maxm + 1)
+    cdef double[::1] wh = np.empty(maxm + 1)
+    cdef double[::1] wk = np.empty(maxm + 1)
+    cdef bint any_scaled = False
+    for k in range(nb):
+        any_scaled = any_scaled or scaled[k] != 0
+    cdef double[::1] wK = np.empty(cells if any_scaled else 1)
 
     cdef const double* xp = _cptr(x)
     cdef const double* ap = _cptr(a)
@@ -432,6 +567,15 @@ def _structural_loss_backward(
     cdef double* fb = &wfb[0]
     cdef double* gb = &wgb[0]
     cdef const double* zero = &wzero[0]
+    cdef const double* one = &wone[0]
+    cdef double* gn = &wgn[0]
+    cdef double* hv = &wh[0]
+    cdef double* kv = &wk[0]
+    cdef double* K = &wK[0]
+    cdef const double* Krow
+    cdef double* tmp
+    cdef double ui, al, cc, r
+    cdef bint sc
     cdef double* gxp = _mptr(gx)
     cdef double* gap = _mptr(ga)
     cdef double* gyp = _mptr(gy)
@@ -486,6 +630,9 @@ def _structural_loss_backward(
                 continue
             _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
                          yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
+            sc = scaled[b] != 0
+            if sc:
+                _kernel_matrix(n1 * m1, C, eps, K)
             f = Fp + f_off[b] + (nit - 1) * n1
             g = Gp + g_off[b] + (nit - 1) * m1
 
@@ -502,8 +649,11 @@ def _structural_loss_backward(
                 ce = -2.0 * beta * scale[b] / Wsum
                 for i in range(n):
                     for j in range(m):
-                        D[i * m + j] = bw[j] * _sexp(
-                            (f[i] + g[j] - C[i * m1 + j]) / eps)
+                        if sc:
+                            D[i * m + j] = bw[j] * f[i] * K[i * m1 + j] * g[j]
+                        else:
+                            D[i * m + j] = bw[j] * _sexp(
+                                (f[i] + g[j] - C[i * m1 + j]) / eps)
                 _edge_tables(n, m, D, iptp, iti, wtp, t0, R, S)
                 for i in range(n * m):
                     D[i] = 0.0
@@ -527,7 +677,10 @@ def _structural_loss_backward(
                 Cbrow = Cb + i * m1
                 fbi = 0.0
                 for j in range(m1):
-                    E = _sexp((f[i] + g[j] - Crow[j]) / eps)
+                    if sc:
+                        E = f[i] * K[i * m1 + j] * g[j]
+                    else:
+                        E = _sexp((f[i] + g[j] - Crow[j]) / eps)
                     P = aw[i] * bw[j] * E
                     s = cn * Crow[j] * P
                     if has_edges and i < n and j < m:
@@ -542,38 +695,78 @@ def _structural_loss_backward(
                         abar_dust += cn * Crow[j] * aw[i] * E
                 fb[i] = fbi
 
-            # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
-            for t in range(nit - 1, -1, -1):
-                f = Fp + f_off[b] + t * n1
-                g = Gp + g_off[b] + t * m1
-                gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else zero
-                for i in range(n1):
-                    Crow = C + i * m1
-                    Cbrow = Cb + i * m1
-                    fbi = 0.0
+            if sc:
+                # reverse the sweeps, scaling form: with E_ij = u_i K_ij v_j,
+                # g-adjoint gb_j -> fb_i -= a_i u_i sum_j K_ij gb_j v_j, then
+                # f-adjoint fb_i -> gb'_j -= fb_i u_i K_ij b_j vprev_j, and the
+                # cost adjoint Cb_ij += K_ij (a_i u_i gb_j v_j + fb_i u_i b_j
+                # vprev_j), all row-local, so one fused pass per row
+                for t in range(nit - 1, -1, -1):
+                    f = Fp + f_off[b] + t * n1          # u
+                    g = Gp + g_off[b] + t * m1          # v
+                    gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else one
                     for j in range(m1):
-                        gbj = gb[j]
-                        if gbj != 0.0:
-                            E = _sexp((f[i] - Crow[j] + g[j]) / eps)
-                            fbi -= gbj * aw[i] * E
-                            Cbrow[j] += gbj * aw[i] * E
-                            if i < n:
-                                gap[p0 + i] -= eps * gbj * E
-                    fb[i] += fbi
-                for j in range(m1):
-                    gb[j] = 0.0
-                for i in range(n1):
-                    fbi = fb[i]
-                    if fbi == 0.0:
-                        continue
-                    Crow = C + i * m1
-                    Cbrow = Cb + i * m1
+                        hv[j] = gb[j] * g[j]
+                        kv[j] = bw[j] * gprev[j]
+                        gn[j] = 0.0
+                    for i in range(n1):
+                        Krow = K + i * m1
+                        Cbrow = Cb + i * m1
+                        ui = f[i]
+                        r = 0.0
+                        for j in range(m1):
+                            r += hv[j] * Krow[j]
+                        if i < n:
+                            gap[p0 + i] -= eps * ui * r
+                        al = aw[i] * ui
+                        fbi = fb[i] - al * r
+                        cc = fbi * ui
+                        if al != 0.0:
+                            for j in range(m1):
+                                Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
+                                gn[j] -= cc * kv[j] * Krow[j]
+                        elif cc != 0.0:
+                            for j in range(m1):
+                                Cbrow[j] += Krow[j] * (cc * kv[j])
+                                gn[j] -= cc * kv[j] * Krow[j]
+                        abar_dust -= eps * cc * Krow[m] * gprev[m]
+                        fb[i] = 0.0
+                    tmp = gb
+                    gb = gn
+                    gn = tmp
+            else:
+                # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
+                for t in range(nit - 1, -1, -1):
+                    f = Fp + f_off[b] + t * n1
+                    g = Gp + g_off[b] + t * m1
+                    gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else zero
+                    for i in range(n1):
+                        Crow = C + i * m1
+                        Cbrow = Cb + i * m1
+                        fbi = 0.0
+                        for j in range(m1):
+                            gbj = gb[j]
+                            if gbj != 0.0:
+                                E = _sexp((f[i] - Crow[j] + g[j]) / eps)
+                                fbi -= gbj * aw[i] * E
+                                Cbrow[j] += gbj * aw[i] * E
+                                if i < n:
+                                    gap[p0 + i] -= eps * gbj * E
+                        fb[i] += fbi
                     for j in range(m1):
-                        E = _sexp((gprev[j] - Crow[j] + f[i]) / eps)
-                        gb[j] -= fbi * bw[j] * E
-                        Cbrow[j] += fbi * bw[j] * E
-                    abar_dust -= eps * fbi * _sexp((gprev[m] - Crow[m] + f[i]) / eps)
-                    fb[i] = 0.0
+                        gb[j] = 0.0
+                    for i in range(n1):
+                        fbi = fb[i]
+                        if fbi == 0.0:
+                            continue
+                        Crow = C + i * m1
+                        Cbrow = Cb + i * m1
+                        for j in range(m1):
+                            E = _sexp((gprev[j] - Crow[j] + f[i]) / eps)
+                            gb[j] -= fbi * bw[j] * E
+                            Cbrow[j] += fbi * bw[j] * E
+                        abar_dust -= eps * fbi * _sexp((gprev[m] - Crow[m] + f[i]) / eps)
+                        fb[i] = 0.0
 
             # cost adjoint -> activations; dustbin column marginal A -> masses
             for i in range(n):

@@ -24,6 +24,15 @@ __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
 #: (the iterations are then never cut short).
 _REPORT_TOL = 1e-8
 
+#: Largest |log| of any quantity the scaling form may produce (u, v, 1/u,
+#: 1/v, K, u K v); e^250 ~ 1e108 leaves ~1e200 of headroom on either side of
+#: float64's normal range for the products with masses and adjoints, and
+#: stays below the log domain's saturation at e^300 (so both domains compute
+#: the same function). See :func:`_scaling_safe`.
+_SCALING_LOG_LIMIT = 250.0
+
+_DOMAINS = ("auto", "log", "scaling")
+
 
 class LossGrad(NamedTuple):
     """Gradient of ``LossResult.value`` (the batch mean).
@@ -72,6 +81,9 @@ class LossResult:
         ``tol`` is None).
     marginal_error : ndarray of shape (B,)
         ``max_i |sum_j P_ij - a_i|`` over the augmented rows of the final plan.
+    domain : ndarray of shape (B,), str
+        ``"scaling"`` or ``"log"``: the form the Sinkhorn sweeps of each pair
+        ran in (see ``StructuralLoss(domain=...)``).
     """
 
     value: float
@@ -85,6 +97,7 @@ class LossResult:
     iterations: np.ndarray
     converged: np.ndarray
     marginal_error: np.ndarray
+    domain: np.ndarray
     _cache: Any = field(repr=False)
 
     @property
@@ -126,6 +139,59 @@ class _Cache(NamedTuple):
     f_off: np.ndarray
     g_off: np.ndarray
     used: np.ndarray
+    scaled: np.ndarray   # (B,) uint8; fpot/gpot hold u, v where set
+
+
+def _scaling_safe(epsilon, weights, total_mass):
+    r"""Whether the scaling form is exact for pairs of the given total mass.
+
+    Parameters
+    ----------
+    epsilon : float
+        Entropic regularisation (> 0).
+    weights : tuple of 3 floats
+        ``(w_type, w_act, w_deg)`` of the node cost.
+    total_mass : ndarray of shape (B,)
+        ``T = A + B = sum(a) + sum(b)`` per pair.
+
+    Returns
+    -------
+    ndarray of shape (B,), bool
+        ``3 kappa + |log T| <= 250`` with :math:`\kappa = C_{max}/\varepsilon`;
+        for a pair without mass (no sweep is run) only ``3 kappa <= 250``,
+        so that it reports the domain its epsilon calls for.
+
+    Notes
+    -----
+    A sufficient condition, derived for every sweep, not just the limit.
+    Every augmented cost lies in :math:`[0, C_{max}]` with
+    :math:`C_{max} = \max(1, w_{type}/2 + w_{act} + w_{deg})` (dustbins cost
+    1, the dustbin corner 0), so :math:`K = e^{-C/\varepsilon} \in
+    [e^{-\kappa}, 1]`. Both half-steps F (g to f) and G (f to g) are
+    monotone and commute with adding a constant, hence are non-expansive in
+    the sup norm, and G o F has a fixed point :math:`g^*` (the dual optimum:
+    the augmented problem is balanced and K > 0). Any output of G has
+    oscillation :math:`\le C_{max}`, so with the start :math:`g^0 = 0` and
+    the best constant c, :math:`\|g^t - g^* - c\|_\infty \le
+    \mathrm{osc}(g^*)/2` gives :math:`|g^t| \le C_{max}` for every t.
+    Since the weights of each half-step sum to T, :math:`f = F(g) \in
+    [-C_{max}, 2C_{max}] - \varepsilon \log T`. Hence :math:`v = e^{g/\varepsilon}`
+    and :math:`1/v` lie in :math:`[e^{-\kappa}, e^{\kappa}]`,
+    :math:`u = e^{f/\varepsilon}` in :math:`[e^{-\kappa}, e^{2\kappa}]/T`,
+    :math:`1/u` in :math:`T [e^{-2\kappa}, e^{\kappa}]`, and
+    :math:`u_i K_{ij} v_j` in :math:`[e^{-3\kappa}, e^{3\kappa}]/T`: all
+    within :math:`e^{\pm(3\kappa + |\log T|)}`. Zero masses do not enter
+    (rows and columns of zero mass get the same bounds), tiny positive ones
+    only through T. With the defaults (:math:`C_{max} = 1`) and
+    :math:`T \approx 1`, this admits :math:`\varepsilon \ge 1/83 \approx
+    0.012`; :math:`\varepsilon = 0.1` leaves :math:`|\log T| \le 220`.
+    """
+    c_max = max(1.0, 0.5 * weights[0] + weights[1] + weights[2])
+    kappa = c_max / epsilon
+    total = np.asarray(total_mass, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_total = np.where(total > 0.0, np.abs(np.log(total)), 0.0)
+    return 3.0 * kappa + log_total <= _SCALING_LOG_LIMIT
 
 
 def _check_float(name, value, *, positive=False):
@@ -188,6 +254,21 @@ class StructuralLoss:
         exactly ``iterations``.
     weights : tuple of 3 floats, default (0.1, 0.7, 0.2)
         Weights of the type, activation and degree parts of the node cost.
+    domain : {"auto", "log", "scaling"}, default "auto"
+        How the Sinkhorn sweeps are computed; the iterations, and so the
+        values and gradients, are the same up to rounding (~1e-13 relative).
+        ``"scaling"``: multiplicative form with :math:`K = e^{-C/\varepsilon}`
+        computed once per pair (one exp per cell instead of two per cell per
+        sweep, forward and backward; several times faster). ``"log"``:
+        log-domain updates, stable for any epsilon. ``"auto"``: per pair,
+        scaling when the sufficient condition
+        :math:`3 C_{max}/\varepsilon + |\log(A + B)| \le 250` holds
+        (:math:`C_{max} = \max(1, w_{type}/2 + w_{act} + w_{deg})`; see
+        Notes), log otherwise; epsilon = 0.1 with unit-scale masses always
+        scales, epsilon = 1e-3 never does. ``"scaling"`` raises ValueError in
+        :meth:`forward` if some pair fails the condition rather than silently
+        switching or risking overflow. ``LossResult.domain`` records the
+        choice per pair.
 
     Notes
     -----
@@ -196,6 +277,15 @@ class StructuralLoss:
     backward pass; memory is the plan and potentials, O((n+1)(m+1) +
     iterations (n+m)), plus O((n+1)(m+1)) reusable workspace. All pairs of a
     batch go through one compiled call that releases the GIL.
+
+    Why the scaling form is safe under the condition: all costs lie in
+    :math:`[0, C_{max}]`; the half-steps are sup-norm non-expansive and
+    their outputs have oscillation :math:`\le C_{max}`, so starting from
+    g = 0 every iterate satisfies :math:`|g| \le C_{max}` and
+    :math:`f + \varepsilon \log T \in [-C_{max}, 2C_{max}]`; then u, v,
+    their reciprocals, K and u K v all lie within
+    :math:`e^{\pm(3C_{max}/\varepsilon + |\log T|)}`, far inside float64,
+    and the log domain's saturation (below) never binds.
 
     The gradient is exact for the computation performed (the iterations
     actually run are differentiated in reverse, including the early stop).
@@ -222,7 +312,7 @@ class StructuralLoss:
     """
 
     def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
-                 iterations=20, tol=None, weights=(0.1, 0.7, 0.2)):
+                 iterations=20, tol=None, weights=(0.1, 0.7, 0.2), domain="auto"):
         self.alpha = _check_float("alpha", alpha)
         self.beta = _check_float("beta", beta)
         self.gamma = _check_float("gamma", gamma)
@@ -241,12 +331,17 @@ class StructuralLoss:
             raise ValueError(
                 f"weights must be 3 finite non-negative numbers, got {weights!r}")
         self.weights = tuple(float(v) for v in w)
+        if not isinstance(domain, str):
+            raise TypeError(f"domain must be one of {_DOMAINS}, got {domain!r}")
+        if domain not in _DOMAINS:
+            raise ValueError(f"domain must be one of {_DOMAINS}, got {domain!r}")
+        self.domain = domain
 
     def __repr__(self):
         return (f"StructuralLoss(alpha={self.alpha}, beta={self.beta}, "
                 f"gamma={self.gamma}, epsilon={self.epsilon}, "
                 f"iterations={self.iterations}, tol={self.tol}, "
-                f"weights={self.weights})")
+                f"weights={self.weights}, domain={self.domain!r})")
 
     # -- public -------------------------------------------------------------
     def forward(self, predicted, target) -> LossResult:
@@ -268,8 +363,9 @@ class StructuralLoss:
         Raises
         ------
         ValueError
-            If the batch sizes differ (naming ``target``) or an array is
-            malformed (naming it).
+            If the batch sizes differ (naming ``target``), an array is
+            malformed (naming it), or ``domain="scaling"`` and some pair
+            fails the scaling condition (naming ``domain``).
         """
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
@@ -301,7 +397,7 @@ class StructuralLoss:
         _core._structural_loss_backward(
             p.activation, p.mass, p.labels, c.dp, p.indptr, p.indices, p.weights, p.offsets,
             t.activation, t.mass, t.labels, c.dt, t.indptr, t.indices, t.weights, t.offsets,
-            c.f_off, c.g_off, c.fpot, c.gpot, c.used, np.full(B, 1.0 / B),
+            c.f_off, c.g_off, c.fpot, c.gpot, c.used, c.scaled, np.full(B, 1.0 / B),
             *L.weights, L.epsilon, L.alpha, L.beta, L.gamma, gx, ga, gy)
         return LossGrad(gx, ga, gy)
 
@@ -328,6 +424,7 @@ class StructuralLoss:
         np.cumsum(self.iterations * (m + 1), out=g_off[1:])
         dp = np.diff(p.indptr).astype(np.float64)
         dt = np.diff(t.indptr).astype(np.float64)
+        scaled = self._choose_domain(p, t)
 
         plan = np.empty(plan_off[-1])
         fpot = np.empty(f_off[-1])
@@ -338,18 +435,46 @@ class StructuralLoss:
         _core._structural_loss_forward(
             p.activation, p.mass, p.labels, dp, p.indptr, p.indices, p.weights, p.offsets,
             t.activation, t.mass, t.labels, dt, t.indptr, t.indices, t.weights, t.offsets,
-            plan_off, f_off, g_off, *self.weights, self.epsilon, self.iterations,
+            plan_off, f_off, g_off, scaled, *self.weights, self.epsilon, self.iterations,
             -1.0 if self.tol is None else self.tol, _REPORT_TOL,
             plan, fpot, gpot, terms, used, conv)
         nodes, edges, cliques = terms[:, 0].copy(), terms[:, 1].copy(), terms[:, 2].copy()
         values = self.alpha * nodes + self.beta * edges + self.gamma * cliques
-        cache = _Cache(self, p, t, dp, dt, plan, plan_off, fpot, gpot, f_off, g_off, used)
+        cache = _Cache(self, p, t, dp, dt, plan, plan_off, fpot, gpot, f_off, g_off, used,
+                       scaled)
         return LossResult(
             value=float(values.mean()), node=float(nodes.mean()),
             edge=float(edges.mean()), clique=float(cliques.mean()),
             values=values, nodes=nodes, edges=edges, cliques=cliques,
             iterations=used, converged=conv.astype(bool),
-            marginal_error=terms[:, 3].copy(), _cache=cache)
+            marginal_error=terms[:, 3].copy(),
+            domain=np.where(scaled.astype(bool), "scaling", "log"), _cache=cache)
+
+    def _choose_domain(self, p: _GraphArrays, t: _GraphArrays) -> np.ndarray:
+        """Per pair 1 (scaling form) or 0 (log domain), as uint8 of shape (B,)."""
+        B = len(p.offsets) - 1
+        if self.domain == "log":
+            return np.zeros(B, np.uint8)
+        total = _segment_sums(p.mass, p.offsets) + _segment_sums(t.mass, t.offsets)
+        safe = _scaling_safe(self.epsilon, self.weights, total)
+        if self.domain == "scaling" and not safe.all():
+            b = int(np.flatnonzero(~safe)[0])
+            raise ValueError(
+                f"domain='scaling' is not safe for pair {b} (epsilon={self.epsilon}, "
+                f"total mass {total[b]!r}): it needs 3*C_max/epsilon + |log(total mass)| "
+                f"<= {_SCALING_LOG_LIMIT}; use domain='auto' or 'log'")
+        return safe.astype(np.uint8)
+
+
+def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sums of ``values[offsets[b]:offsets[b+1]]`` for every b (0 if empty).
+
+    Per segment, not by differencing a running sum (which would lose a tiny
+    segment next to large ones).
+    """
+    B = len(offsets) - 1
+    return np.bincount(np.repeat(np.arange(B), np.diff(offsets)), weights=values,
+                       minlength=B).astype(np.float64, copy=False)
 
 
 def _loss_arrays(loss: StructuralLoss, predicted: _GraphArrays,
