@@ -342,6 +342,9 @@ def main(argv=None):
           f"{platform.python_version()}, {os.cpu_count()} cpus. time: best sample / calls, "
           "time.perf_counter; peakmem: peak RSS growth in a fresh subprocess "
           "(+ tracemalloc peak).")
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
+        print(f"WARNING: load average {os.getloadavg()[0]:.2f} at start; another process "
+              "shares the cpus and the timings (and the GIL ratios) will be off.")
     for modname in module_names():
         try:
             module = importlib.import_module(f"{PACKAGE}.{modname}")
@@ -422,7 +425,8 @@ def main(argv=None):
 
     print_ratios(ratios)
     elapsed = time.perf_counter() - t_start
-    print(f"\n{len(results)} results, {len(failures)} failures, {elapsed:.0f} s")
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(f"\n{len(results)} results, {len(failures)} failures, {elapsed:.0f} s{load}")
     for f in failures:
         print(f"  FAILED {f}")
     if opts.json:
