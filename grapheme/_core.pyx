@@ -170,7 +170,7 @@ def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
 # Merging: union-find, merge history, contraction
 # ---------------------------------------------------------------------------
 
-cdef inline intp_t _find(intp_t* parent, intp_t x) noexcept nogil:
+cdef inline index_t _find(index_t* parent, index_t x) noexcept nogil:
     # path halving
     while parent[x] != x:
         parent[x] = parent[parent[x]]
@@ -187,35 +187,45 @@ def components(const index_t[::1] indptr,    # IN  (n+1,)
     Union by size with path halving: O(n alpha(n) + E). Component ``c`` is the
     c-th distinct component met scanning nodes 0..n-1, so its head (lowest
     node) is increasing in ``c``. Returns the number of components.
+
+    Work arrays have the index type of the graph (two of them, 2 n entries):
+    int32 graphs move half the memory of intp ones.
     """
-    cdef intp_t n = cluster.shape[0]
-    cdef cnp.ndarray[cnp.intp_t, ndim=1] parent_arr = np.arange(n, dtype=np.intp)
-    cdef cnp.ndarray[cnp.intp_t, ndim=1] size_arr = np.ones(n, dtype=np.intp)
-    cdef cnp.ndarray[cnp.intp_t, ndim=1] label_arr = np.full(n, -1, dtype=np.intp)
-    cdef intp_t* parent = <intp_t*> cnp.PyArray_DATA(parent_arr)
-    cdef intp_t* size = <intp_t*> cnp.PyArray_DATA(size_arr)
-    cdef intp_t* label = <intp_t*> cnp.PyArray_DATA(label_arr)
-    cdef intp_t u, v, e, ru, rv, k = 0
+    cdef intp_t n = cluster.shape[0], u, e, k = 0
+    if n == 0:
+        return 0
+    parent_arr = np.empty(n, dtype=np.asarray(cluster).dtype)
+    size_arr = np.empty(n, dtype=parent_arr.dtype)
+    cdef index_t[::1] parent_view = parent_arr
+    cdef index_t[::1] size_view = size_arr
+    cdef index_t* parent = &parent_view[0]
+    cdef index_t* size = &size_view[0]   # size of a root; then -(label + 1)
+    cdef index_t ru, rv, tmp
     with nogil:
+        for u in range(n):
+            parent[u] = <index_t>u
+            size[u] = 1
         for u in range(n):
             for e in range(indptr[u], indptr[u + 1]):
                 if not merge[e]:
                     continue
-                v = indices[e]
-                ru = _find(parent, u)
-                rv = _find(parent, v)
+                ru = _find(parent, <index_t>u)
+                rv = _find(parent, indices[e])
                 if ru == rv:
                     continue
                 if size[ru] < size[rv]:
-                    ru, rv = rv, ru
+                    tmp = ru
+                    ru = rv
+                    rv = tmp
                 parent[rv] = ru
                 size[ru] += size[rv]
+        # label pass: a root's size (> 0) becomes -(label + 1) when first met
         for u in range(n):
-            ru = _find(parent, u)
-            if label[ru] < 0:
-                label[ru] = k
+            ru = _find(parent, <index_t>u)
+            if size[ru] > 0:
+                size[ru] = <index_t>(-(k + 1))
                 k += 1
-            cluster[u] = <index_t>label[ru]
+            cluster[u] = -size[ru] - 1
     return k
 
 
@@ -231,24 +241,28 @@ def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
     """
     cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i, c, j
     cdef bint uniform = node_weight.shape[0] == 0
-    cdef cnp.ndarray[cnp.intp_t, ndim=1] fill_arr = np.zeros(k + 1, dtype=np.intp)
-    cdef intp_t* fill = <intp_t*> cnp.PyArray_DATA(fill_arr)
+    cdef double inv
+    cdef index_t[::1] fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
     with nogil:
         for i in range(n):
             fill[cluster[i] + 1] += 1
         for c in range(k):
             fill[c + 1] += fill[c]
         for c in range(k + 1):
-            indptr[c] = <index_t>fill[c]
+            indptr[c] = fill[c]
         for i in range(n):
             c = cluster[i]
             j = fill[c]
             fill[c] += 1
             members[j] = <index_t>i
-            if uniform:
-                weights[j] = 1.0 / (indptr[c + 1] - indptr[c])
-            else:
+            if not uniform:
                 weights[j] = node_weight[i]
+        if uniform:                       # one division per output, not per input
+            for c in range(k):
+                if indptr[c + 1] > indptr[c]:
+                    inv = 1.0 / (indptr[c + 1] - indptr[c])
+                    for j in range(indptr[c], indptr[c + 1]):
+                        weights[j] = inv
 
 
 def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
