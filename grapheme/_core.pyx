@@ -194,6 +194,11 @@ def components(const index_t[::1] indptr,    # IN  (n+1,)
     cdef intp_t n = cluster.shape[0], u, e, k = 0
     if n == 0:
         return 0
+    cdef bint chain
+    with nogil:
+        chain = _chain_components(indptr, indices, merge, cluster, &k)
+    if chain:
+        return k
     parent_arr = np.empty(n, dtype=np.asarray(cluster).dtype)
     size_arr = np.empty(n, dtype=parent_arr.dtype)
     cdef index_t[::1] parent_view = parent_arr
@@ -229,20 +234,79 @@ def components(const index_t[::1] indptr,    # IN  (n+1,)
     return k
 
 
+cdef bint _chain_components(const index_t[::1] indptr, const index_t[::1] indices,
+                            const uint8_t[::1] merge, index_t[::1] cluster,
+                            intp_t* k) noexcept nogil:
+    """Fast path of :func:`components` for chain-ordered graphs (every edge is
+    u -> u+1, as text produces): one scan, ``cluster[u+1] = cluster[u] + (edge
+    u -> u+1 not merged)``. Returns False, touching nothing but ``cluster``,
+    when the graph is not chain-ordered. O(n)."""
+    cdef intp_t n = cluster.shape[0], u, c = 0
+    cdef index_t start, stop
+    for u in range(n):
+        start = indptr[u]
+        stop = indptr[u + 1]
+        if stop - start > 1 or (stop > start and indices[start] != u + 1):
+            return False
+    cluster[0] = 0
+    for u in range(n - 1):
+        start = indptr[u]
+        if indptr[u + 1] == start or not merge[start]:
+            c += 1
+        cluster[u + 1] = <index_t>c
+    k[0] = c + 1
+    return True
+
+
 def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
                 const double[::1] node_weight,   # IN  (n,) or empty: 1/|c|
                 index_t[::1] indptr,             # OUT (k+1,)
                 index_t[::1] members,            # OUT (n,)
                 double[::1] weights):            # OUT (n,)
-    """Output -> inputs CSR of a merge map by a stable counting sort. O(n + k).
+    """Output -> inputs CSR of a merge map. O(n + k).
 
     Members of an output are ascending (its head first). ``weights[j]`` is
     ``node_weight[members[j]]``, or ``1 / |c|`` when ``node_weight`` is empty.
+    When ``cluster`` is non-decreasing (every merge of a chain: outputs are
+    contiguous runs) the CSR is read off in one pass; otherwise a stable
+    counting sort builds it.
     """
     cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i, c, j
     cdef bint uniform = node_weight.shape[0] == 0
+    cdef bint runs = True
     cdef double inv
-    cdef index_t[::1] fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
+    cdef index_t[::1] fill
+    with nogil:                           # one pass: check for runs while filling
+        indptr[0] = 0
+        indptr[k] = <index_t>n
+        if n:
+            members[0] = 0
+        for i in range(1, n):
+            if cluster[i] != cluster[i - 1]:
+                if cluster[i] < cluster[i - 1]:
+                    runs = False
+                    break
+                indptr[cluster[i]] = <index_t>i
+            members[i] = <index_t>i
+        if runs and not uniform:
+            for i in range(n):
+                weights[i] = node_weight[i]
+    if not runs:
+        fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
+        _counting_sort(cluster, node_weight, uniform, fill, indptr, members, weights)
+    if uniform:
+        with nogil:                       # one division per output, not per input
+            for c in range(k):
+                if indptr[c + 1] > indptr[c]:
+                    inv = 1.0 / (indptr[c + 1] - indptr[c])
+                    for j in range(indptr[c], indptr[c + 1]):
+                        weights[j] = inv
+
+
+cdef void _counting_sort(const index_t[::1] cluster, const double[::1] node_weight,
+                         bint uniform, index_t[::1] fill, index_t[::1] indptr,
+                         index_t[::1] members, double[::1] weights) noexcept:
+    cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i, c, j
     with nogil:
         for i in range(n):
             fill[cluster[i] + 1] += 1
@@ -257,12 +321,6 @@ def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
             members[j] = <index_t>i
             if not uniform:
                 weights[j] = node_weight[i]
-        if uniform:                       # one division per output, not per input
-            for c in range(k):
-                if indptr[c + 1] > indptr[c]:
-                    inv = 1.0 / (indptr[c + 1] - indptr[c])
-                    for j in range(indptr[c], indptr[c + 1]):
-                        weights[j] = inv
 
 
 def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph

@@ -41,7 +41,7 @@ def merge_edges(graph, merge):
         raise ValueError(f"merge must have shape ({graph.num_edges},), got {merge.shape}")
     cluster = np.empty(graph.num_nodes, dtype=graph.indptr.dtype)
     k = _core.components(graph.indptr, graph.indices,
-                         np.ascontiguousarray(merge, dtype=np.uint8), cluster)
+                         np.ascontiguousarray(merge).view(np.uint8), cluster)
     return MergeHistory._trusted(cluster, k)
 
 

@@ -38,6 +38,24 @@ def test_merges_equal_scipy_connected_components(n, density, p, seed, wide):
         assert np.array_equal(heads, [np.flatnonzero(h.cluster == c).min() for c in range(k)])
 
 
+@given(texts=st.lists(st.text(max_size=12), max_size=8), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**32 - 1))
+def test_chain_merges_equal_scipy_connected_components(texts, p, seed):
+    # batches of chains take the kernels' one-scan fast paths
+    rng = np.random.default_rng(seed)
+    g = Graph.from_texts(texts)
+    mask = rng.random(g.num_edges) < p
+    h = merge_edges(g, mask)
+    n = g.num_nodes
+    src = g.edge_sources()
+    adj = csr_matrix((np.ones(mask.sum()), (src[mask], g.indices[mask])), shape=(n, n))
+    k, ref = connected_components(adj, directed=False)
+    assert h.num_outputs == k
+    np.testing.assert_array_equal(h.cluster, canonical(ref))
+    np.testing.assert_array_equal(h.members, np.arange(n))
+    np.testing.assert_allclose(np.bincount(h.cluster, weights=h.weights, minlength=k), 1.0)
+
+
 def python_contract(g, cluster, k):
     """Plain-Python reference: contracted edge dict {(cu, cv): weight}."""
     out = {}
