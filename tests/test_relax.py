@@ -4,6 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from grapheme import _core
+from grapheme._estimators import relax_chain as forward
+from grapheme._estimators import relax_chain_backward as backward
 
 
 def reference_forward(H, m):
@@ -19,23 +21,6 @@ def reference_forward(H, m):
     mass = np.ones(n)
     mass[1:] = 1.0 - mm[:-1]
     return out, mass
-
-
-def forward(H, m):
-    n, d = H.shape
-    out = np.empty((n, d))
-    D = np.empty(n)
-    mass = np.empty(n)
-    _core.relax_chain_forward(H, m, out, D, mass)
-    return out, D, mass
-
-
-def backward(m, out, D, g_out, g_mass):
-    n, d = out.shape
-    gH = np.empty((n, d))
-    gm = np.empty(n)
-    _core.relax_chain_backward(m, out, D, g_out, g_mass, gH, gm)
-    return gH, gm
 
 
 def random_chain(rng, n, d, boundaries=True):
