@@ -102,7 +102,7 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=None)
 
     p = sub.add_parser("demo", help="train on built-in data and print what was learned")
-    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--epochs", type=_positive_int, default=150)
     p.add_argument("--seed", type=_nonneg_int, default=0)
     return parser
 
@@ -221,14 +221,14 @@ def _demo_run(estimator, pairs, extra, epochs, seed):
     from .graph import Graph
 
     trainer = _make_trainer(dim=64, seed=seed, estimator=estimator, target_rate=None,
-                            lr=1e-2, batch_size=8, log=None, progress=False)
+                            lr=3e-3, batch_size=8, log=None, progress=False)
     # The extra generated pairs teach merging in general; the demo pairs are
     # repeated so they weigh as much as the rest.
     reps = max(1, len(extra) // (4 * len(pairs)))
     history = trainer.fit(pairs * reps + extra, epochs)
     inputs = [a for a, _ in pairs]
     g = Graph.from_texts(inputs)
-    morphed = trainer.morpher.forward(g, trainer.embedding.forward(g.labels))
+    morphed = trainer.morpher.predict(g, trainer.embedding.forward(g.labels))
     heads_graph = _graph_heads(g, morphed.history)
     segs = morphed.history.segments("".join(inputs))
     per_input = ["|".join(s for s, h in zip(segs, heads_graph) if h == b)
