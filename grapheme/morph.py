@@ -73,19 +73,30 @@ def contract(graph, history, features=None):
                          f"graph has {graph.num_nodes} nodes")
     if features is None:
         features = graph.features
-    elif features is not None:
+    else:
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
-    indptr, indices, out_weights = _contract_edges(graph, history)
-    heads = history.heads
-    offsets = None
     if graph.offsets is not None:
-        offsets = np.searchsorted(heads, graph.offsets).astype(np.int64)
+        offsets = _output_offsets(graph, history)
         block = np.repeat(np.arange(graph.num_graphs), np.diff(graph.offsets))
         if ((history.cluster < offsets[block]) | (history.cluster >= offsets[block + 1])).any():
             raise ValueError("history merges nodes of different graphs of the batch")
+    return _contract(graph, history, features)
+
+
+def _contract(graph, history, features):
+    """:func:`contract` for a checked history (e.g. from :func:`merge_edges`,
+    which never joins two graphs of a batch) and validated features."""
+    indptr, indices, out_weights = _contract_edges(graph, history)
+    offsets = None if graph.offsets is None else _output_offsets(graph, history)
     out_features = None if features is None else history.gather(features)
-    return Graph._trusted(indptr, indices, graph.labels[heads], features=out_features,
+    return Graph._trusted(indptr, indices, graph.labels[history.heads], features=out_features,
                           weights=out_weights, offsets=offsets)
+
+
+def _output_offsets(graph, history):
+    """Offsets of the merged batch: graph b's outputs are those whose heads
+    lie in its node range."""
+    return np.searchsorted(history.heads, graph.offsets).astype(np.int64)
 
 
 def _contract_edges(graph, history):
@@ -316,6 +327,10 @@ class Morpher:
         """Cosine similarity of every edge; returns ``(similarity, norms)``. O((n + E) d)."""
         _check_graph(graph, "graph")
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+        return self._similarity(graph, features)
+
+    @staticmethod
+    def _similarity(graph, features):
         sim = np.empty(graph.num_edges)
         norms = np.empty(graph.num_nodes)
         _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
@@ -344,7 +359,7 @@ class Morpher:
         est = self.estimator
         if est in ("soft", "ste"):
             src = _estimators.chain_sources(graph.indptr, graph.indices, est)
-        sim, norms = self.similarity(graph, features)
+        sim, norms = self._similarity(graph, features)
         tau = self.tau
         prob = _sigmoid((sim - tau) / self.temperature)
         rate = rate_grad = None
@@ -380,7 +395,7 @@ class Morpher:
     @staticmethod
     def _hard(graph, features, sim, norms, prob, decisions, estimator):
         history = merge_edges(graph, decisions)
-        out = contract(graph, history, features)
+        out = _contract(graph, history, features)
         return Morphed(out, history, sim, prob, decisions, graph, features, norms, estimator)
 
     def predict(self, graph, features):
@@ -393,7 +408,7 @@ class Morpher:
         """
         _check_graph(graph, "graph")
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
-        sim, norms = self.similarity(graph, features)
+        sim, norms = self._similarity(graph, features)
         prob = _sigmoid((sim - self.tau) / self.temperature)
         return self._hard(graph, features, sim, norms, prob, sim > self.tau, "history")
 
