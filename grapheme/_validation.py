@@ -65,7 +65,8 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
         ):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
+    arr = np.asarray(arr, dtype=np.float64, order="C")
     if finite and arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinity")
     return arr

@@ -217,5 +217,8 @@ def test_numerical_gradient_and_gradcheck():
     assert not bad and bad.error == pytest.approx(0.01 / 1.01, rel=1e-4)
     with pytest.raises(ValueError, match="eps must be > 0"):
         numerical_gradient(f, x, eps=0)
+    # a scalar parameter (like Morpher.theta) keeps its 0-d shape
+    res = gradcheck(lambda v: (float(np.sin(v)), np.cos(v)), np.array(0.3))
+    assert res.ok and res.analytic.shape == () and res.numerical.shape == ()
     with pytest.raises(ValueError, match="gradient of shape"):
         gradcheck(lambda v: (f(v), np.ones(3)), x)
