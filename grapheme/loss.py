@@ -299,11 +299,10 @@ class StructuralLoss:
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from grapheme.loss import StructuralLoss, _graph_arrays
-    >>> chain = _graph_arrays([0, 1, 1], [1], [97, 98], activation=[0.2, 0.5])
+    >>> from grapheme import Graph, StructuralLoss
+    >>> chain = Graph([0, 1, 1], [1], [97, 98], activation=[0.2, 0.5])
     >>> loss = StructuralLoss()
-    >>> res = loss._forward_arrays(chain, chain)
+    >>> res = loss.forward(chain, chain)
     >>> bool(res.value < 0.3), res.plan(0).shape
     (True, (3, 3))
     >>> grad = loss.backward(res)
@@ -405,7 +404,7 @@ class StructuralLoss:
 
     # -- array level ----------------------------------------------------------
     def _forward_arrays(self, p: _GraphArrays, t: _GraphArrays) -> LossResult:
-        """Forward on validated arrays (see :func:`_graph_arrays`)."""
+        """Forward on the arrays of two validated graphs (see :func:`_from_graph`)."""
         if len(p.offsets) != len(t.offsets):
             raise ValueError(
                 f"target has {len(t.offsets) - 1} graphs but predicted has "
@@ -477,12 +476,6 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
                        minlength=B).astype(np.float64, copy=False)
 
 
-def _loss_arrays(loss: StructuralLoss, predicted: _GraphArrays,
-                 target: _GraphArrays) -> LossResult:
-    """Array-level forward: ``loss`` applied to two :class:`_GraphArrays`."""
-    return loss._forward_arrays(predicted, target)
-
-
 def _from_graph(graph, name) -> _GraphArrays:
     """Arrays of a validated ``Graph`` (only edge weights are re-checked)."""
     if not isinstance(graph, Graph):
@@ -498,67 +491,3 @@ def _from_graph(graph, name) -> _GraphArrays:
         np.ascontiguousarray(graph.labels, dtype=np.int32), np.ascontiguousarray(w),
         np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
         np.ascontiguousarray(graph.graph_offsets, dtype=np.int64))
-
-
-def _vector(value, name, dtype, length, default=None):
-    if value is None:
-        return np.full(length, default, dtype=dtype)
-    arr = np.asarray(value)
-    if arr.ndim != 1 or arr.shape[0] != length:
-        raise ValueError(f"{name} must have shape ({length},), got {arr.shape}")
-    if dtype == np.float64:
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} must be finite")
-    else:
-        if arr.size and arr.dtype.kind not in "iu":
-            raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=dtype)
-    return arr
-
-
-def _graph_arrays(indptr, indices, labels, weights=None, mass=None,
-                  activation=None, offsets=None, *, name="graph") -> _GraphArrays:
-    """Validate and normalise the arrays of a (batched) graph.
-
-    ``offsets=None`` means a single graph. Raises ValueError/TypeError
-    naming ``name`` and the field.
-    """
-    ip = np.asarray(indptr)
-    if ip.ndim != 1 or ip.shape[0] < 1 or (ip.size and ip.dtype.kind not in "iu"):
-        raise ValueError(f"{name}.indptr must be a non-empty 1-D integer array")
-    itype = np.int64 if ip.dtype == np.int64 or ip.dtype == np.uint64 else np.int32
-    ip = np.ascontiguousarray(ip, dtype=itype)
-    N = ip.shape[0] - 1
-    ind = np.asarray(indices)
-    if ind.ndim != 1:
-        raise ValueError(f"{name}.indices must be 1-D")
-    ind = np.ascontiguousarray(ind, dtype=itype) if ind.size else np.zeros(0, itype)
-    E = ind.shape[0]
-    if ip[0] != 0 or ip[-1] != E or np.any(np.diff(ip) < 0):
-        raise ValueError(f"{name}.indptr must rise from 0 to len(indices)={E}")
-    if E and (ind.min() < 0 or ind.max() >= N):
-        raise ValueError(f"{name}.indices must lie in [0, {N})")
-    lab = _vector(labels, f"{name}.labels", np.int32, N)
-    w = _vector(weights, f"{name}.weights", np.float64, E, 1.0)
-    if np.any(w < 0):
-        raise ValueError(f"{name}.weights must be >= 0")
-    mass = _vector(mass, f"{name}.mass", np.float64, N, 1.0)
-    if np.any(mass < 0):
-        raise ValueError(f"{name}.mass must be >= 0")
-    act = _vector(activation, f"{name}.activation", np.float64, N, 1.0)
-    if offsets is None:
-        off = np.array([0, N], np.int64)
-    else:
-        off = np.ascontiguousarray(offsets, dtype=np.int64)
-        if (off.ndim != 1 or off.shape[0] < 2 or off[0] != 0 or off[-1] != N
-                or np.any(np.diff(off) < 0)):
-            raise ValueError(f"{name}.offsets must rise from 0 to {N}")
-        if E:
-            src = np.repeat(np.arange(N), np.diff(ip))
-            if np.any(np.searchsorted(off, src, "right")
-                      != np.searchsorted(off, ind, "right")):
-                raise ValueError(f"{name} has an edge between different graphs of the batch")
-    return _GraphArrays(ip, ind, lab, w, mass, act, off)
