@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from grapheme import Graph, MergeHistory, contract, merge_edges
+from grapheme import Graph, contract, merge_edges
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
 D = 16

@@ -78,7 +78,7 @@ def common_index_dtype(*arrays):
 
 
 def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
-                 integer=False):
+                 upper_inclusive=True, integer=False):
     """Validate a real (or integer) scalar and return it as float (or int)."""
     if isinstance(value, bool) or not isinstance(
         value, numbers.Integral if integer else numbers.Real
@@ -91,6 +91,7 @@ def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
     if lower is not None and (value < lower or (value == lower and not lower_inclusive)):
         op = ">=" if lower_inclusive else ">"
         raise ValueError(f"{name} must be {op} {lower}, got {value}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must be <= {upper}, got {value}")
+    if upper is not None and (value > upper or (value == upper and not upper_inclusive)):
+        op = "<=" if upper_inclusive else "<"
+        raise ValueError(f"{name} must be {op} {upper}, got {value}")
     return value

@@ -2,7 +2,6 @@
 import numpy as np
 
 from . import _core, _estimators
-from ._estimators import ESTIMATORS
 from ._estimators import sigmoid as _sigmoid
 from ._validation import as_float_array, check_scalar
 from .graph import Graph

@@ -14,28 +14,12 @@ names. Two properties matter for grapheme's models:
   :meth:`Optimizer.load_state_dict` as a flat dictionary of arrays and numbers,
   so it can be stored in a pickle-free ``.npz`` checkpoint.
 """
-import math
-import numbers
 
 import numpy as np
 
+from ._validation import check_scalar
+
 __all__ = ["Optimizer", "Adam", "SGD"]
-
-
-def _check_real(name, value, *, low=None, low_open=False, high=None, high_open=False):
-    """Return ``value`` as a float after checking type, finiteness and range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        bound = ">" if low_open else ">="
-        raise ValueError(f"{name} must be {bound} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
-        bound = "<" if high_open else "<="
-        raise ValueError(f"{name} must be {bound} {high}, got {value!r}")
-    return value
 
 
 class Optimizer:
@@ -297,11 +281,13 @@ class Adam(Optimizer):
     @staticmethod
     def _check_hyper(lr, beta1, beta2, eps, weight_decay):
         return {
-            "lr": _check_real("lr", lr, low=0.0, low_open=True),
-            "beta1": _check_real("betas[0]", beta1, low=0.0, high=1.0, high_open=True),
-            "beta2": _check_real("betas[1]", beta2, low=0.0, high=1.0, high_open=True),
-            "eps": _check_real("eps", eps, low=0.0, low_open=True),
-            "weight_decay": _check_real("weight_decay", weight_decay, low=0.0),
+            "lr": check_scalar(lr, "lr", lower=0.0, lower_inclusive=False),
+            "beta1": check_scalar(beta1, "betas[0]", lower=0.0, upper=1.0,
+                                  upper_inclusive=False),
+            "beta2": check_scalar(beta2, "betas[1]", lower=0.0, upper=1.0,
+                                  upper_inclusive=False),
+            "eps": check_scalar(eps, "eps", lower=0.0, lower_inclusive=False),
+            "weight_decay": check_scalar(weight_decay, "weight_decay", lower=0.0),
         }
 
     def _update(self, name, p, g, t):
@@ -366,10 +352,10 @@ class SGD(Optimizer):
     @staticmethod
     def _check_hyper(lr, momentum, weight_decay):
         return {
-            "lr": _check_real("lr", lr, low=0.0, low_open=True),
-            "momentum": _check_real("momentum", momentum, low=0.0, high=1.0,
-                                    high_open=True),
-            "weight_decay": _check_real("weight_decay", weight_decay, low=0.0),
+            "lr": check_scalar(lr, "lr", lower=0.0, lower_inclusive=False),
+            "momentum": check_scalar(momentum, "momentum", lower=0.0, upper=1.0,
+                                     upper_inclusive=False),
+            "weight_decay": check_scalar(weight_decay, "weight_decay", lower=0.0),
         }
 
     def _update(self, name, p, g, t):

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from ._validation import check_scalar
 from .checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .graph import Graph
@@ -85,14 +86,6 @@ def _check_pairs(pairs, name):
         inputs.append(source)
         targets.append(target)
     return inputs, targets
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def _graph_of(offsets, nodes):
@@ -184,7 +177,7 @@ class Trainer:
         self.morpher = morpher
         self.loss = loss
         self.optimizer = optimizer
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_scalar(batch_size, "batch_size", lower=1, integer=True)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.seed = int(seed)
@@ -285,8 +278,8 @@ class Trainer:
         inputs, targets = _check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
-        bs = self.batch_size if batch_size is None else _check_int("batch_size",
-                                                                   batch_size, 1)
+        bs = self.batch_size if batch_size is None else check_scalar(
+            batch_size, "batch_size", lower=1, integer=True)
         sums = dict.fromkeys(("loss", "node", "edge", "clique"), 0.0)
         n_in = n_out = correct = 0
         for lo in range(0, len(inputs), bs):
@@ -343,7 +336,7 @@ class Trainer:
         inputs, targets = _check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
-        epochs = _check_int("epochs", epochs, 0)
+        epochs = check_scalar(epochs, "epochs", lower=0, integer=True)
         if val is not None:
             _check_pairs(val, "val")
             if not len(val):

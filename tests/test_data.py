@@ -2,7 +2,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from grapheme.data import DEMO_PAIRS, TASKS, generate, load_pairs, make_pairs, write_pairs

@@ -3,7 +3,6 @@
 These are the experiments of DESIGN.md ("Descent") turned into tests, with
 the numbers measured when they were written in the comments.
 """
-import numpy as np
 import pytest
 
 from grapheme import DEMO_PAIRS, Adam, Embedding, Graph, Morpher, StructuralLoss, Trainer

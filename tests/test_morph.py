@@ -206,6 +206,19 @@ def test_embedding_bad_input():
         emb.backward([97, 98], np.ones((2, 3)))
 
 
+def test_check_scalar_bounds():
+    from grapheme._validation import check_scalar
+    assert check_scalar(0.999, "b", upper=1.0, upper_inclusive=False) == 0.999
+    with pytest.raises(ValueError, match="b must be < 1.0, got 1.0"):
+        check_scalar(1.0, "b", upper=1.0, upper_inclusive=False)
+    with pytest.raises(ValueError, match="b must be > 0, got 0.0"):
+        check_scalar(0.0, "b", lower=0, lower_inclusive=False)
+    with pytest.raises(TypeError, match="n must be an integer"):
+        check_scalar(1.5, "n", integer=True)
+    with pytest.raises(TypeError, match="b must be a real number"):
+        check_scalar(True, "b")
+
+
 # --------------------------------------------------------------- gradcheck
 def test_numerical_gradient_and_gradcheck():
     f = lambda v: float(np.sum(np.sin(v)))  # noqa: E731
