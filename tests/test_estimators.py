@@ -337,14 +337,16 @@ def test_history_gives_theta_no_gradient():
 
 
 # ----------------------------------------------------------- rate penalty
+@pytest.mark.parametrize("multiplier", [0.0, 0.7, -1.3])
 @pytest.mark.parametrize("estimator", ["history", "soft", "reinforce"])
-def test_rate_penalty_matches_finite_differences(estimator):
+def test_rate_penalty_matches_finite_differences(estimator, multiplier):
     rng = np.random.default_rng(12)
     d, theta = 4, -0.2
     g = Graph.from_texts(["abcdef", "ghi"])
     H = point_away_from_boundary(rng, g, d, sigmoid(theta))
     morpher = Morpher(threshold=theta, temperature=0.5, estimator=estimator,
                       target_rate=0.3, rate_weight=2.0, baseline=None)
+    morpher.rate_multiplier = multiplier  # the controller's Lagrange term too
 
     def penalty(X, t):
         morpher.theta[...] = t
@@ -358,7 +360,8 @@ def test_rate_penalty_matches_finite_differences(estimator):
         zeros["loss_values"] = np.zeros(out.graph.num_graphs)
     grad_H = morpher.backward(out, **zeros)
     p = sigmoid((cosine(H, g.edge_sources(), g.indices) - sigmoid(theta)) / 0.5)
-    expected = 2.0 * ((g.num_nodes - p.sum()) / g.num_nodes - 0.3) ** 2
+    gap = (g.num_nodes - p.sum()) / g.num_nodes - 0.3
+    expected = multiplier * gap + 2.0 * gap ** 2
     assert out.rate_penalty == pytest.approx(expected, rel=1e-12)
     num_H = numgrad(lambda X: penalty(X, theta), H)
     num_theta = numgrad(lambda t: penalty(H, float(t)), theta)
