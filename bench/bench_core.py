@@ -159,24 +159,35 @@ class _HistoryProblem:
 
 
 class Gather:
-    """Pooling (n, 16) -> (k, 16): ``history.gather`` vs the scipy CSR product."""
+    """Pooling (n, 16) -> (k, 16): ``history.gather`` vs the scipy CSR product.
+
+    ``time_gather`` allocates its result, as the scipy product does;
+    ``time_gather_out`` writes into a buffer reused across calls (``out=``),
+    as a training loop does. At millions of rows the fresh allocation's page
+    faults cost more than the pooling (see ``MemoryFloor``).
+    """
     params = [SIZES]
     param_names = ["n"]
     timeout = 120
     ratios = [
         ("time_gather", "time_scipy_csr", 1.0),
+        ("time_gather_out", "time_scipy_csr", 1.0),
         ("peakmem_gather", "peakmem_scipy_csr"),
     ]
 
     def setup(self, n):
         rng = _HistoryProblem.setup(self, n)
         self.x = rng.standard_normal((n, D))
+        self.out = np.zeros((self.history.num_outputs, D))
         if n <= CHECK_UP_TO:
             np.testing.assert_allclose(self.history.gather(self.x), self.pool @ self.x,
                                        rtol=1e-12, atol=1e-12)
 
     def time_gather(self, n):
         self.history.gather(self.x)
+
+    def time_gather_out(self, n):
+        self.history.gather(self.x, out=self.out)
 
     def time_scipy_csr(self, n):
         self.pool @ self.x
@@ -189,7 +200,13 @@ class Gather:
 
 
 class Scatter:
-    """Routing gradients (k, 16) -> (n, 16), the adjoint of ``Gather``."""
+    """Routing gradients (k, 16) -> (n, 16), the adjoint of ``Gather``.
+
+    Each way is timed twice: allocating its result (``time_scatter`` and the
+    peers as a user writes them) and into a buffer reused across calls
+    (``*_out``: ``scatter(g, out=...)`` against the same numpy code with
+    ``out=``, zeroing first where it accumulates).
+    """
     params = [SIZES]
     param_names = ["n"]
     timeout = 120
@@ -197,6 +214,8 @@ class Scatter:
         ("time_scatter", "time_numpy_fancy"),
         ("time_scatter", "time_add_at", 0.1),
         ("time_scatter", "time_scipy_csr_transpose"),
+        ("time_scatter_out", "time_numpy_fancy_out"),
+        ("time_scatter_out", "time_add_at_out", 0.1),
         ("peakmem_scatter", "peakmem_numpy_fancy"),
     ]
 
@@ -205,27 +224,43 @@ class Scatter:
         h = self.history
         self.g = rng.standard_normal((h.num_outputs, D))
         self.w = h.node_weights
+        self.w2 = self.w[:, None]
         self.cluster = h.cluster
         # for the transpose by accumulation: the output row of every CSR entry
         self.rows = np.repeat(np.arange(h.num_outputs), np.diff(h.indptr))
         self.pool_t = self.pool.T.tocsr()
+        self.out = np.zeros((n, D))
         if n <= CHECK_UP_TO:
             ours = h.scatter(self.g)
-            np.testing.assert_allclose(ours, self.time_numpy_fancy(n), rtol=1e-15)
-            np.testing.assert_allclose(ours, self.time_add_at(n), rtol=1e-15)
-            np.testing.assert_allclose(ours, self.pool_t @ self.g, rtol=1e-15)
+            for peer in (self.time_numpy_fancy(n), self.time_add_at(n), self.pool_t @ self.g,
+                         self.time_numpy_fancy_out(n).copy(), self.time_add_at_out(n).copy(),
+                         self.time_scatter_out(n)):
+                np.testing.assert_allclose(ours, peer, rtol=1e-15)
 
     def time_scatter(self, n):
         self.history.scatter(self.g)
 
+    def time_scatter_out(self, n):
+        return self.history.scatter(self.g, out=self.out)
+
     def time_numpy_fancy(self, n):
-        return self.w[:, None] * self.g[self.cluster]
+        return self.w2 * self.g[self.cluster]
+
+    def time_numpy_fancy_out(self, n):
+        np.take(self.g, self.cluster, axis=0, out=self.out)
+        return np.multiply(self.out, self.w2, out=self.out)
 
     def time_add_at(self, n):
         h = self.history
         out = np.zeros((h.num_inputs, D))
         np.add.at(out, h.members, h.weights[:, None] * self.g[self.rows])
         return out
+
+    def time_add_at_out(self, n):
+        h = self.history
+        self.out.fill(0.0)
+        np.add.at(self.out, h.members, h.weights[:, None] * self.g[self.rows])
+        return self.out
 
     def time_scipy_csr_transpose(self, n):
         self.pool_t @ self.g
@@ -234,7 +269,34 @@ class Scatter:
         self.history.scatter(self.g)
 
     def peakmem_numpy_fancy(self, n):
-        self.w[:, None] * self.g[self.cluster]
+        self.w2 * self.g[self.cluster]
+
+
+class MemoryFloor:
+    """What this machine's memory allows per node, for reading the scaling.
+
+    Not ours: plain numpy passes over (n, 16) float64 arrays, timed in the
+    same run as the kernels so that "time per node at 1e7 vs 1e5" can be set
+    against the same ratio for a copy. ``time_alloc`` is the page-fault cost
+    a fresh (n, 16) result pays before any kernel writes it.
+    """
+    params = [SIZES]
+    param_names = ["n"]
+    timeout = 120
+    ratios = []
+
+    def setup(self, n):
+        self.x = np.random.default_rng(42).standard_normal((n, D))
+        self.buf = np.zeros((n, D))
+
+    def time_alloc(self, n):
+        np.empty((n, D)).fill(0.0)
+
+    def time_copy(self, n):
+        np.copyto(self.buf, self.x)
+
+    def time_scale_out(self, n):
+        np.multiply(self.x, 0.5, out=self.buf)
 
 
 class GIL:

@@ -69,7 +69,10 @@ def scatter(
     weights: np.ndarray,      # const double[::1] IN (n,)
     g: np.ndarray,            # const double[:, ::1] IN (k, d)
     out: np.ndarray,          # double[:, ::1] OUT (n, d)
+    stream: bool = False,     # write out with non-temporal stores
 ) -> None: ...
+
+STREAM_MIN_BYTES: int
 
 # --- structural loss (_sinkhorn.pxi) -------------------------------------
 # A batch of B (predicted, target) pairs; node arrays concatenated over the

@@ -11,6 +11,7 @@ import numpy as np
 __all__ = [
     "as_index_array",
     "as_float_array",
+    "check_out",
     "check_scalar",
     "common_index_dtype",
 ]
@@ -53,9 +54,11 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
         Reject NaN and infinity.
     """
     arr = np.asarray(value)
-    if arr.dtype == object or not (
+    # the common case (a C-contiguous float64 ndarray) skips the dtype checks
+    ready = arr.dtype == np.float64 and arr.flags.c_contiguous
+    if not ready and (arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
+    )):
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
@@ -65,11 +68,36 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
         ):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
-    # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
-    arr = np.asarray(arr, dtype=np.float64, order="C")
+    if not ready:
+        # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
+        arr = np.asarray(arr, dtype=np.float64, order="C")
     if finite and arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinity")
     return arr
+
+
+def check_out(out, name, shape, inputs=()):
+    """Check a caller's output buffer: an ndarray a kernel can write as given.
+
+    ``out`` must be a writeable, aligned, C-contiguous float64 ndarray of
+    exactly ``shape`` that does not overlap any array in ``inputs``. Nothing
+    is converted: a kernel writes into ``out`` itself, as numpy's ``out=``
+    does.
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != np.float64:
+        raise TypeError(f"{name} must have dtype float64, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.aligned):
+        raise ValueError(f"{name} must be C-contiguous and aligned")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for arr in inputs:
+        if np.may_share_memory(out, arr):
+            raise ValueError(f"{name} must not overlap the input")
+    return out
 
 
 def common_index_dtype(*arrays):

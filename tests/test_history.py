@@ -5,7 +5,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from grapheme import Graph, MergeHistory, contract, merge_edges
+from grapheme import Graph, MergeHistory, _core, contract, merge_edges
 from helpers import naive_components, random_graph
 
 
@@ -136,6 +136,83 @@ def test_gather_scatter_unpool_values():
     np.testing.assert_allclose(h.scatter([3.0, 3.0, 3.0]), [3.0, 1.0, 1.0, 3.0, 1.0])
     np.testing.assert_array_equal(h.unpool([7.0, 8.0, 9.0]), [7, 8, 8, 9, 8])
     assert h.sizes.tolist() == [1, 3, 1]
+
+
+def dense_pooling(h):
+    """The (k, n) pooling matrix of a history, dense, from its cluster vector."""
+    pool = np.zeros((h.num_outputs, h.num_inputs))
+    pool[h.cluster, np.arange(h.num_inputs)] = h.node_weights
+    return pool
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["store", "stream"])
+@given(n=st.integers(0, 40), seed=st.integers(0, 2**32 - 1), d=st.integers(1, 19),
+       flat=st.booleans())
+def test_gather_scatter_into_out(stream, n, seed, d, flat):
+    # out= gives the same numbers as a fresh result and returns out itself;
+    # STREAM_MIN_BYTES = 0 sends every reused buffer down the streaming-store
+    # path (odd d puts rows at 8-byte but not 16-byte alignment)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_core, "STREAM_MIN_BYTES", 0 if stream else 2**62)
+        check_gather_scatter_into_out(n, seed, d, flat)
+
+
+def check_gather_scatter_into_out(n, seed, d, flat):
+    rng = np.random.default_rng(seed)
+    cluster = canonical(rng.integers(0, max(n // 2, 1), n)) if n else np.zeros(0, np.int64)
+    h = MergeHistory(cluster)
+    pool = dense_pooling(h)
+    shape = (lambda rows: (rows,)) if flat else (lambda rows: (rows, d))
+    x = rng.normal(size=shape(n))
+    y = rng.normal(size=shape(h.num_outputs))
+    out_x = np.full(shape(h.num_outputs), np.nan)
+    out_y = np.full(shape(n), np.nan)
+    assert h.gather(x, out=out_x) is out_x
+    assert h.scatter(y, out=out_y) is out_y
+    np.testing.assert_allclose(out_x, pool @ x, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(out_y, pool.T @ y, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(out_x, h.gather(x))
+    np.testing.assert_array_equal(out_y, h.scatter(y))
+
+
+def test_scatter_streams_into_large_reused_buffers():
+    # the real threshold, crossed once: 64 MiB of output
+    n = _core.STREAM_MIN_BYTES // (8 * 16) + 3
+    cluster = np.arange(n) // 2
+    h = MergeHistory(cluster)
+    g = np.arange(h.num_outputs * 16, dtype=np.float64).reshape(-1, 16)
+    out = np.empty((n, 16))
+    h.scatter(g, out=out)
+    np.testing.assert_array_equal(out, h.node_weights[:, None] * g[cluster])
+
+
+def test_out_validation():
+    h = MergeHistory([0, 1, 1])
+    x = np.ones((3, 2))
+    good = np.empty((2, 2))
+    with pytest.raises(TypeError, match="out must be a numpy.ndarray"):
+        h.gather(x, out=[[0.0, 0.0], [0.0, 0.0]])
+    with pytest.raises(TypeError, match="out must have dtype float64"):
+        h.gather(x, out=np.empty((2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 2\)"):
+        h.gather(x, out=np.empty((2, 3)))
+    with pytest.raises(ValueError, match=r"out must have shape \(3,\)"):
+        h.scatter(np.ones(2), out=np.empty((3, 1)))
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        h.gather(x, out=np.empty((2, 4))[:, ::2])
+    with pytest.raises(ValueError, match="out must be C-contiguous and aligned"):
+        raw = np.zeros(2 * 2 * 8 + 1, np.uint8)[1:].view(np.float64).reshape(2, 2)
+        assert not raw.flags.aligned
+        h.gather(x, out=raw)
+    readonly = good.copy()
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        h.gather(x, out=readonly)
+    with pytest.raises(ValueError, match="out must not overlap the input"):
+        h.gather(x, out=x[:2])
+    buf = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="out must not overlap the input"):
+        h.scatter(buf[:2], out=buf)
 
 
 @given(n=st.integers(0, 30), seed=st.integers(0, 2**32 - 1))
