@@ -3,7 +3,7 @@ import numpy as np
 
 from . import _core, _estimators
 from ._estimators import sigmoid as _sigmoid
-from ._validation import as_float_array, check_scalar
+from ._validation import as_float_array, check_out, check_scalar
 from .graph import Graph
 from .history import MergeHistory
 
@@ -461,7 +461,7 @@ class Morpher:
         self.rate_multiplier = multiplier
 
     def backward(self, morphed, grad_features=None, grad_activation=None, grad_mass=None,
-                 loss_values=None):
+                 loss_values=None, out=None):
         """Gradient with respect to the input features; adds ``d / d theta`` to ``grad_theta``.
 
         ``history``: ``dH[i] = w_i * dH'[c(i)]`` where ``dH'`` is the
@@ -486,15 +486,29 @@ class Morpher:
             Per-example losses of the output batch (required by
             ``reinforce``; their mean is the objective the other gradients
             belong to).
+        out : ndarray of shape (n, d), optional
+            A float64, C-contiguous buffer for the result, as in numpy's
+            ``out=`` (see :meth:`MergeHistory.scatter`): a training loop that
+            reuses one saves a fresh (n, d) allocation per step. It must not
+            overlap the morph's input features.
 
         Returns
         -------
         ndarray of shape (n, d)
+            ``out`` if given.
         """
         if not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
-        grad_out = _output_gradient(morphed, grad_features, grad_activation, grad_mass)
+        if out is not None:
+            n_in = morphed.input.num_nodes // morphed.samples
+            grads = (grad_features, grad_activation, grad_mass)
+            check_out(out, "out", (n_in, morphed.features.shape[1]),
+                      inputs=(morphed.features,) + tuple(
+                          g for g in grads if isinstance(g, np.ndarray)))
         est = morphed.estimator
+        # soft/ste: grad_H is computed in place in grad_out, so build it in out
+        grad_out = _output_gradient(morphed, grad_features, grad_activation, grad_mass,
+                                    out if est in ("soft", "ste") else None)
         prob, T = morphed.probability, self.temperature
         dp_ds = prob * (1.0 - prob) / T
         grad_s = None
@@ -508,7 +522,7 @@ class Morpher:
                                                                grad_out, gmass, overwrite=True)
             grad_s = grad_m[src] * dp_ds
         else:
-            grad_H = morphed.history.scatter(grad_out)
+            grad_H = morphed.history.scatter(grad_out, out=out if morphed.samples == 1 else None)
         if est == "reinforce":
             grad_s = self._score(morphed, loss_values)
         if morphed.rate_grad is not None:
@@ -523,7 +537,7 @@ class Morpher:
             tau = self.tau
             self.grad_theta -= tau * (1.0 - tau) * grad_s.sum()
         if morphed.samples > 1:
-            grad_H = grad_H.reshape(morphed.samples, -1, grad_H.shape[1]).sum(axis=0)
+            grad_H = grad_H.reshape(morphed.samples, -1, grad_H.shape[1]).sum(axis=0, out=out)
         return grad_H
 
     def _score(self, morphed, loss_values):
@@ -550,11 +564,16 @@ class Morpher:
         return grad_s
 
 
-def _output_gradient(morphed, grad_features, grad_activation, grad_mass):
-    """Total gradient of the output features (k, d) from features and activations."""
+def _output_gradient(morphed, grad_features, grad_activation, grad_mass, out=None):
+    """Total gradient of the output features (k, d) from features and
+    activations; in ``out`` (checked by the caller) if given."""
     k = morphed.graph.num_nodes
     d = morphed.features.shape[1]
-    grad = np.zeros((k, d))
+    if out is None:
+        grad = np.zeros((k, d))
+    else:
+        grad = out
+        grad.fill(0.0)
     if grad_features is not None:
         grad += as_float_array(grad_features, "grad_features", ndim=2, shape=(k, d))
     if grad_activation is not None:

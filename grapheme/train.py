@@ -190,6 +190,7 @@ class Trainer:
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
+        self._grad_buffer = np.empty(0)  # reused for the (n, d) input gradient
 
     # ------------------------------------------------------------------ step
     def _target_graph(self, targets):
@@ -198,6 +199,15 @@ class Trainer:
             act = self.embedding.forward(target.labels).mean(axis=1)
             target = target.replace(activation=act)
         return target
+
+    def _workspace(self, shape):
+        """A C-contiguous float64 view of ``shape`` on a buffer reused across
+        steps: a large batch then pays the page faults of its gradient array
+        once, not every step. Grows by at least half when too small."""
+        size = shape[0] * shape[1]
+        if self._grad_buffer.size < size:
+            self._grad_buffer = np.empty(max(size, self._grad_buffer.size * 3 // 2))
+        return self._grad_buffer[:size].reshape(shape)
 
     def _forward(self, inputs, targets, train=True):
         """Batch forward pass. Training morphs with the estimator (sampled or
@@ -235,7 +245,8 @@ class Trainer:
         g, morphed, target, res = self._forward(inputs, targets)
         lg = self.loss.backward(res)
         dH = morpher.backward(morphed, grad_activation=lg.activation,
-                              grad_mass=lg.mass, loss_values=res.values)
+                              grad_mass=lg.mass, loss_values=res.values,
+                              out=self._workspace((g.num_nodes, emb.dim)))
         emb.backward(g.labels, dH)
         if self.target_activation == "embedding" and target.num_nodes:
             gt = np.asarray(lg.target_activation, dtype=np.float64) / emb.dim

@@ -472,3 +472,46 @@ def test_reinforce_is_unbiased_for_the_structural_loss(baseline, samples):
         z = np.abs(est.mean(0) - exact) / se
         assert z.max() < 4.0, (z.max(), est.mean(0), exact)
     assert abs(exact_theta) > 1e-3
+
+
+@pytest.mark.parametrize("estimator, samples", [("history", 1), ("soft", 1), ("ste", 1),
+                                                ("reinforce", 1), ("reinforce", 3)])
+def test_backward_into_out_equals_fresh(estimator, samples):
+    # out= is the same gradient written into the caller's buffer, for every
+    # estimator, with the rate penalty on (its gradient joins the same array)
+    rng = np.random.default_rng(7)
+    g = Graph.from_texts(["hello", "world", "abcabc"])
+    H = rng.normal(size=(g.num_nodes, 5))
+
+    def run(out):
+        m = Morpher(threshold=0.0, estimator=estimator, samples=samples, seed=3,
+                    target_rate=0.5, baseline=None if samples == 1 else "loo")
+        morphed = m.forward(g, H)
+        k = morphed.graph.num_nodes
+        r = np.random.default_rng(1)
+        gf, ga, gm = r.normal(size=(k, 5)), r.normal(size=k), r.normal(size=k)
+        losses = r.normal(size=morphed.graph.num_graphs)
+        return m.backward(morphed, gf, ga, gm, loss_values=losses, out=out), m.grad_theta
+
+    fresh, theta_fresh = run(None)
+    buf = np.full((g.num_nodes, 5), np.nan)
+    result, theta_out = run(buf)
+    assert result is buf
+    np.testing.assert_array_equal(buf, fresh)
+    assert theta_out == theta_fresh
+
+
+def test_backward_out_validation():
+    g = Graph.from_text("abcd")
+    H = np.random.default_rng(0).normal(size=(4, 3))
+    m = Morpher(estimator="soft")
+    morphed = m.forward(g, H)
+    gf = np.ones((4, 3))
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 3\)"):
+        m.backward(morphed, gf, out=np.empty((3, 3)))
+    with pytest.raises(TypeError, match="out must have dtype float64"):
+        m.backward(morphed, gf, out=np.empty((4, 3), np.float32))
+    with pytest.raises(ValueError, match="out must not overlap the input"):
+        m.backward(morphed, gf, out=gf)
+    with pytest.raises(ValueError, match="out must not overlap the input"):
+        m.backward(morphed, gf, out=morphed.features)
