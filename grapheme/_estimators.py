@@ -105,21 +105,20 @@ def chain_sources(indptr, indices, estimator):
     return src
 
 
-def _outputs(buffers, shapes, inputs):
+def _outputs(names, buffers, shapes, inputs):
     """Caller's output buffers checked, missing ones allocated (``np.empty``).
 
-    ``buffers`` maps each output's name to the caller's array or None; every
-    given buffer must pass :func:`check_out` against ``inputs`` and the other
-    given buffers. Returns the arrays in the order of ``buffers``.
+    Every given buffer must pass :func:`check_out` against ``inputs`` and the
+    given buffers before it (so no two outputs overlap either).
     """
-    bufs = list(buffers.values())
     result = []
-    for k, (name, buf) in enumerate(buffers.items()):
+    others = list(inputs)
+    for name, buf, shape in zip(names, buffers, shapes):
         if buf is None:
-            buf = np.empty(shapes[name])
+            buf = np.empty(shape)
         else:
-            others = [b for i, b in enumerate(bufs) if i != k and b is not None]
-            check_out(buf, name, shapes[name], inputs=[*inputs, *others])
+            check_out(buf, name, shape, inputs=others)
+            others.append(buf)
         result.append(buf)
     return result
 
@@ -164,8 +163,8 @@ def relax_chain(H, m, out=None, D=None, mass=None):
     """
     n, d = H.shape
     given = out is not None
-    out, D, mass = _outputs({"out": out, "D": D, "mass": mass},
-                            {"out": (n, d), "D": (n,), "mass": (n,)}, (H, m))
+    out, D, mass = _outputs(("out", "D", "mass"), (out, D, mass), ((n, d), (n,), (n,)),
+                            (H, m))
     stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
     _core.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
@@ -196,8 +195,7 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     inputs = (m, out, D, grad_mass) + (() if in_place else (grad_out,))
     name = "grad_out" if overwrite else "grad_H"
     given = grad_H is not None
-    grad_H, grad_m = _outputs({name: grad_H, "grad_m": grad_m},
-                              {name: (n, d), "grad_m": (n,)}, inputs)
+    grad_H, grad_m = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)), inputs)
     stream = given and not in_place and grad_H.nbytes >= _core.STREAM_MIN_BYTES
     _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
     return grad_H, grad_m

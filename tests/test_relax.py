@@ -352,9 +352,10 @@ def test_buffer_validation():
     rejects(lambda: forward(H, m, D=m), "D", ValueError, overlap)
     rejects(lambda: forward(H, m, mass=m), "mass", ValueError, overlap)
     shared = np.empty(n)
-    rejects(lambda: forward(H, m, D=shared, mass=shared), "D", ValueError, overlap)
+    # (the later of two overlapping outputs is named)
+    rejects(lambda: forward(H, m, D=shared, mass=shared), "mass", ValueError, overlap)
     rows = np.empty((n, d))
-    rejects(lambda: forward(H, m, out=rows, mass=rows.reshape(-1)[:n]), "out", ValueError,
+    rejects(lambda: forward(H, m, out=rows, D=rows.reshape(-1)[:n]), "D", ValueError,
             overlap)
     rejects(lambda: backward(m, out, D, g, gmass, grad_H=out.copy(), grad_m=gmass), "grad_m",
             ValueError, overlap)
