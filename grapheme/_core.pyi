@@ -117,6 +117,7 @@ def relax_chain_forward(
     out: np.ndarray,   # double[:, ::1] OUT (n, d)
     D: np.ndarray,     # double[::1] OUT (n,)
     mass: np.ndarray,  # double[::1] OUT (n,)
+    stream: bool = False,  # write out with streaming stores
 ) -> None: ...
 def relax_chain_backward(
     m: np.ndarray,          # const double[::1] IN (n,)
@@ -126,4 +127,5 @@ def relax_chain_backward(
     grad_mass: np.ndarray,  # const double[::1] IN (n,)
     grad_H: np.ndarray,     # double[:, ::1] OUT (n, d)
     grad_m: np.ndarray,     # double[::1] OUT (n,)
+    stream: bool = False,   # write grad_H with streaming stores
 ) -> None: ...

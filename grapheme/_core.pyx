@@ -451,6 +451,34 @@ cdef extern from *:
     #endif
     }
 
+    /* dst[0:d] = src[0:d] */
+    static inline void grapheme_row_copy(double *__restrict dst,
+                                         const double *__restrict src, Py_ssize_t d) {
+        for (Py_ssize_t t = 0; t < d; ++t) dst[t] = src[t];
+    }
+
+    /* dst[0:d] = src[0:d] with non-temporal stores where possible. */
+    static inline void grapheme_row_copy_stream(double *__restrict dst,
+                                                const double *__restrict src,
+                                                Py_ssize_t d) {
+    #if GRAPHEME_HAVE_STREAM
+        Py_ssize_t t = 0;
+        if (((uintptr_t)dst & 7) != 0) {  /* not even double-aligned */
+            grapheme_row_copy(dst, src, d);
+            return;
+        }
+        if (((uintptr_t)dst & 15) != 0 && d > 0) {
+            dst[0] = src[0];
+            t = 1;
+        }
+        for (; t + 1 < d; t += 2)
+            _mm_stream_pd(dst + t, _mm_loadu_pd(src + t));
+        if (t < d) dst[t] = src[t];
+    #else
+        grapheme_row_copy(dst, src, d);
+    #endif
+    }
+
     /* Order streaming stores before whatever the caller does next. */
     static inline void grapheme_store_fence(void) {
     #if GRAPHEME_HAVE_STREAM
@@ -464,6 +492,8 @@ cdef extern from *:
                                       intp_t d) noexcept nogil
     void row_scale_stream "grapheme_row_scale_stream"(double* dst, const double* src,
                                                       double w, intp_t d) noexcept nogil
+    void row_copy_stream "grapheme_row_copy_stream"(double* dst, const double* src,
+                                                    intp_t d) noexcept nogil
     void store_fence "grapheme_store_fence"() noexcept nogil
 
 # Reused outputs at least this large are written with streaming stores (see

@@ -21,6 +21,7 @@ Everything here is vectorised numpy around the O(n d) kernels of
 import numpy as np
 
 from . import _core
+from ._validation import check_out
 from .graph import Graph
 
 __all__ = [
@@ -104,7 +105,32 @@ def chain_sources(indptr, indices, estimator):
     return src
 
 
-def relax_chain(H, m):
+def _outputs(names, buffers, shapes, inputs):
+    """Caller's output buffers checked, missing ones allocated (``np.empty``).
+
+    Every given buffer must pass :func:`check_out` against ``inputs`` and the
+    given buffers before it (so no two outputs overlap either).
+    """
+    result = []
+    others = list(inputs)
+    for name, buf, shape in zip(names, buffers, shapes):
+        if buf is None:
+            buf = np.empty(shape)
+        else:
+            check_out(buf, name, shape, inputs=others)
+            others.append(buf)
+        result.append(buf)
+    return result
+
+
+def _same_memory(a, b):
+    """Whether C-contiguous arrays ``a`` and ``b`` of one shape hold the same bytes."""
+    return a is b or (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                      and np.may_share_memory(a, b)
+                      and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+def relax_chain(H, m, out=None, D=None, mass=None):
     """Relaxed chain merge: features ``h' = N / D`` and masses ``mu``.
 
     Parameters
@@ -113,6 +139,14 @@ def relax_chain(H, m):
     m : ndarray of float64, shape (n,), values in [0, 1]
         ``m[i]`` is the merge weight of the edge ``i -> i+1`` (0 where there
         is none). ``m[n - 1]`` is ignored.
+    out, D, mass : ndarray, optional
+        Buffers to write the results into, as numpy's ``out=``: float64,
+        C-contiguous, aligned, writeable, of exactly the shape returned, and
+        overlapping neither an input nor each other (checked before any
+        work). Reusing them across calls (a training loop) saves the page
+        faults of fresh allocations, which at millions of nodes cost as much
+        as the relaxation itself. A reused ``out`` of at least
+        ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming stores.
 
     Returns
     -------
@@ -121,29 +155,49 @@ def relax_chain(H, m):
         Relaxed cluster sizes (needed by :func:`relax_chain_backward`).
     mass : ndarray, shape (n,)
         ``1 - m[i - 1]``, ``mass[0] = 1``.
+        (Each is the caller's buffer if one was given.)
 
     Notes
     -----
-    O(n d) time. Trusts its input (the morpher validates).
+    O(n d) time. Trusts ``H`` and ``m`` (the morpher validates).
     """
     n, d = H.shape
-    out = np.empty((n, d))
-    D = np.empty(n)
-    mass = np.empty(n)
-    _core.relax_chain_forward(H, m, out, D, mass)
+    given = out is not None
+    out, D, mass = _outputs(("out", "D", "mass"), (out, D, mass), ((n, d), (n,), (n,)),
+                            (H, m))
+    stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
+    _core.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
 
 
-def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False):
+def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H=None,
+                         grad_m=None):
     """Adjoint of :func:`relax_chain`: ``(grad_H, grad_m)``. O(n d).
 
-    With ``overwrite=True`` ``grad_H`` is computed in place in ``grad_out``
-    (a writable C-contiguous float64 array), saving an (n, d) allocation.
+    Trusts ``m``, ``out``, ``D`` (from :func:`relax_chain`), ``grad_out`` and
+    ``grad_mass``. ``grad_H`` and ``grad_m`` are optional buffers for the
+    results, checked as in :func:`relax_chain`; ``grad_H`` may be
+    ``grad_out`` itself (computed in place) but overlap no other array.
+    ``overwrite=True`` is the same as ``grad_H=grad_out``: it saves an (n, d)
+    allocation, and ``grad_out`` is then checked as an output buffer.
+
+    A reused ``grad_H`` of at least ``grapheme._core.STREAM_MIN_BYTES`` is
+    written with streaming stores, unless it is ``grad_out``: rows read just
+    before being overwritten are in cache, and streaming them out was
+    measured twice as slow.
     """
     n, d = out.shape
-    grad_H = grad_out if overwrite else np.empty((n, d))
-    grad_m = np.empty(n)
-    _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m)
+    if overwrite:
+        if grad_H is not None and not _same_memory(grad_H, grad_out):
+            raise ValueError("grad_H must be grad_out or None with overwrite=True")
+        grad_H = grad_out
+    in_place = grad_H is not None and _same_memory(grad_H, grad_out)
+    inputs = (m, out, D, grad_mass) + (() if in_place else (grad_out,))
+    name = "grad_out" if overwrite else "grad_H"
+    given = grad_H is not None
+    grad_H, grad_m = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)), inputs)
+    stream = given and not in_place and grad_H.nbytes >= _core.STREAM_MIN_BYTES
+    _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
     return grad_H, grad_m
 
 

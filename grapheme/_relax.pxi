@@ -14,6 +14,13 @@
 # which cannot overflow however long a segment is, and the backward pass
 # recovers N_{i+1} = D_{i+1} h'_{i+1} on the fly.  Memory: out (n, d) and
 # D (n,) beside the input.
+#
+# Streaming stores (``stream=True``; see "Gather / scatter" in _core.pyx for
+# when the Python layer asks for them) bypass the cache, so a pass that
+# streams its (n, d) output must not read it back: it then carries the row it
+# recurs on (h'_{i+1} forward, lam_{i-1} backward) in a d-vector of its own,
+# which stays in L1, and copies each finished row out. Without streaming the
+# recursion reads the previous output row, as fast and one copy less.
 
 
 def relax_chain_forward(
@@ -22,40 +29,67 @@ def relax_chain_forward(
     double[:, ::1] out,      # OUT (n, d) relaxed features h'
     double[::1] D,           # OUT (n,) relaxed cluster sizes D_i
     double[::1] mass,        # OUT (n,) relaxed masses mu_i
+    bint stream=False,       # write ``out`` with streaming stores
 ):
     """Relaxed chain merge, forward: ``out = N / D`` and ``mass = 1 - m[i-1]``.
 
     Trusts its input: ``H``, ``out`` of shape (n, d); ``m``, ``D``, ``mass`` of
     shape (n,); ``m`` in [0, 1]. ``m[n - 1]`` is ignored (no edge leaves the
-    last node). ``out`` must not alias ``H``.
+    last node). No output may overlap an input or another output.
 
-    Complexity: O(n d) time, O(1) extra memory; runs without the GIL.
+    Complexity: O(n d) time, O(d) extra memory; runs without the GIL.
     """
     cdef intp_t n = H.shape[0], d = H.shape[1], i, j
-    cdef double c, inv, d_next
+    cdef double c, inv, dn
     if n == 0:
         return
+    cdef double spare = 0.0
+    cdef double* p = &spare  # the carried row, with stream and d > 0
+    cdef double[::1] carry
+    if stream and d:
+        carry = np.empty(d)
+        p = &carry[0]
+    cdef const double* mp = &m[0]
+    cdef double* Dp = &D[0]
+    cdef double* massp = &mass[0]
+    # with d == 0 no row is touched; any valid address will do
+    cdef const double* hp = &H[0, 0] if d else <const double*>p
+    cdef double* op = &out[0, 0] if d else p
+    cdef const double* h
+    cdef double* dst
+    cdef const double* prev  # h'_{i+1}: a row of out, or with stream the local copy
     with nogil:
         # last node: nothing to its right
-        D[n - 1] = 1.0
+        dn = 1.0
+        Dp[n - 1] = 1.0
+        h = hp + (n - 1) * d
+        dst = p if stream else op + (n - 1) * d
         for j in range(d):
-            out[n - 1, j] = H[n - 1, j]
-        i = n - 2
-        while i >= 0:
-            d_next = D[i + 1]
-            c = m[i] * d_next
-            D[i] = 1.0 + c
-            inv = 1.0 / D[i]
+            dst[j] = h[j]
+        if stream:
+            row_copy_stream(op + (n - 1) * d, p, d)
+        prev = dst
+        for i in range(n - 2, -1, -1):
+            c = mp[i] * dn
+            dn = 1.0 + c
+            Dp[i] = dn
+            h = hp + i * d
+            dst = p if stream else op + i * d
             if c == 0.0:
                 for j in range(d):
-                    out[i, j] = H[i, j]
+                    dst[j] = h[j]
             else:
+                inv = 1.0 / dn
                 for j in range(d):
-                    out[i, j] = (H[i, j] + c * out[i + 1, j]) * inv
-            i -= 1
-        mass[0] = 1.0
+                    dst[j] = (h[j] + c * prev[j]) * inv
+            if stream:
+                row_copy_stream(op + i * d, p, d)
+            prev = dst
+        if stream:
+            store_fence()
+        massp[0] = 1.0
         for i in range(1, n):
-            mass[i] = 1.0 - m[i - 1]
+            massp[i] = 1.0 - mp[i - 1]
 
 
 def relax_chain_backward(
@@ -66,6 +100,7 @@ def relax_chain_backward(
     const double[::1] grad_mass,     # IN  (n,) dL/dmu
     double[:, ::1] grad_H,           # OUT (n, d) dL/dH
     double[::1] grad_m,              # OUT (n,) dL/dm (grad_m[n-1] = 0)
+    bint stream=False,               # write ``grad_H`` with streaming stores
 ):
     """Relaxed chain merge, backward: the exact adjoint of the forward pass.
 
@@ -76,39 +111,64 @@ def relax_chain_backward(
         dL/dh_i = lam_i
         dL/dm_i = D_{i+1} (<lam_i, h'_{i+1}> + kap_i) - dL/dmu_{i+1}
 
-    using N_{i+1} = D_{i+1} h'_{i+1}. ``lam`` lives in ``grad_H`` itself.
-    ``grad_H`` may be ``grad_out`` (computed in place); no other aliasing.
+    using N_{i+1} = D_{i+1} h'_{i+1}. ``grad_H`` may be ``grad_out`` (the same
+    memory: computed in place); no other aliasing.
 
-    Complexity: O(n d) time, O(1) extra memory; runs without the GIL.
+    Complexity: O(n d) time, O(d) extra memory; runs without the GIL.
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], i, j
-    cdef double inv, kap, dot, mp, gm, gij
+    cdef double inv, kap, dot, mprev, gm, gij
     if n == 0:
         return
+    cdef double spare = 0.0
+    cdef double* p = &spare  # the carried row, with stream and d > 0
+    cdef double[::1] carry
+    if stream and d:
+        carry = np.empty(d)
+        p = &carry[0]
+    cdef const double* mp = &m[0]
+    cdef const double* Dp = &D[0]
+    cdef const double* gmassp = &grad_mass[0]
+    cdef double* gmp = &grad_m[0]
+    # with d == 0 no row is touched; any valid address will do
+    cdef const double* outp = &out[0, 0] if d else <const double*>p
+    cdef const double* gp = &grad_out[0, 0] if d else <const double*>p
+    cdef double* ghp = &grad_H[0, 0] if d else p
+    cdef const double* o
+    cdef const double* g
+    cdef double* lam   # lam_i: a row of grad_H, or with stream the local copy
+    cdef const double* prev = p  # lam_{i-1}; not read for node 0
     with nogil:
         kap = 0.0
-        mp = 0.0  # m_{i-1}; no predecessor for node 0
+        mprev = 0.0  # m_{i-1}; no predecessor for node 0
         for i in range(n):
-            inv = 1.0 / D[i]
+            o = outp + i * d
+            g = gp + i * d
+            lam = p if stream else ghp + i * d
+            inv = 1.0 / Dp[i]
             dot = 0.0
-            # grad_out[i, j] is read before grad_H[i, j] is written, so the
-            # two may be the same array
-            if mp == 0.0:
+            # g[j] is read before lam[j] is written, so grad_H may be grad_out
+            if mprev == 0.0:
                 for j in range(d):
-                    gij = grad_out[i, j]
-                    dot = dot + gij * out[i, j]
-                    grad_H[i, j] = gij * inv
+                    gij = g[j]
+                    dot = dot + gij * o[j]
+                    lam[j] = gij * inv
             else:
                 for j in range(d):
-                    gij = grad_out[i, j]
-                    dot = dot + gij * out[i, j]
-                    grad_H[i, j] = gij * inv + mp * grad_H[i - 1, j]
-            kap = mp * kap - dot * inv
+                    gij = g[j]
+                    dot = dot + gij * o[j]
+                    lam[j] = gij * inv + mprev * prev[j]
+            if stream:
+                row_copy_stream(ghp + i * d, p, d)
+            prev = lam
+            kap = mprev * kap - dot * inv
             if i + 1 < n:
                 gm = 0.0
                 for j in range(d):
-                    gm = gm + grad_H[i, j] * out[i + 1, j]
-                grad_m[i] = D[i + 1] * (gm + kap) - grad_mass[i + 1]
-                mp = m[i]
+                    gm = gm + lam[j] * o[d + j]
+                gmp[i] = Dp[i + 1] * (gm + kap) - gmassp[i + 1]
+                mprev = mp[i]
             else:
-                grad_m[i] = 0.0
+                gmp[i] = 0.0
+        if stream:
+            store_fence()
