@@ -108,17 +108,18 @@ def chain_sources(indptr, indices, estimator):
 def _outputs(names, buffers, shapes, inputs):
     """Caller's output buffers checked, missing ones allocated (``np.empty``).
 
-    Every given buffer must pass :func:`check_out` against ``inputs`` and the
-    given buffers before it (so no two outputs overlap either).
+    Every given buffer must pass :func:`check_out` against ``inputs`` (a dict
+    ``{name: array}``) and the given buffers before it (so no two outputs
+    overlap either).
     """
     result = []
-    others = list(inputs)
+    others = dict(inputs)
     for name, buf, shape in zip(names, buffers, shapes):
         if buf is None:
             buf = np.empty(shape)
         else:
             check_out(buf, name, shape, inputs=others)
-            others.append(buf)
+            others[name] = buf
         result.append(buf)
     return result
 
@@ -164,7 +165,7 @@ def relax_chain(H, m, out=None, D=None, mass=None):
     n, d = H.shape
     given = out is not None
     out, D, mass = _outputs(("out", "D", "mass"), (out, D, mass), ((n, d), (n,), (n,)),
-                            (H, m))
+                            {"H": H, "m": m})
     stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
     _core.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
@@ -192,7 +193,9 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
             raise ValueError("grad_H must be grad_out or None with overwrite=True")
         grad_H = grad_out
     in_place = grad_H is not None and _same_memory(grad_H, grad_out)
-    inputs = (m, out, D, grad_mass) + (() if in_place else (grad_out,))
+    inputs = {"m": m, "out": out, "D": D, "grad_mass": grad_mass}
+    if not in_place:
+        inputs["grad_out"] = grad_out
     name = "grad_out" if overwrite else "grad_H"
     given = grad_H is not None
     grad_H, grad_m = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)), inputs)

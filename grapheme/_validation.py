@@ -76,13 +76,14 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
     return arr
 
 
-def check_out(out, name, shape, inputs=()):
+def check_out(out, name, shape, inputs=None):
     """Check a caller's output buffer: an ndarray a kernel can write as given.
 
     ``out`` must be a writeable, aligned, C-contiguous float64 ndarray of
-    exactly ``shape`` that does not overlap any array in ``inputs``. Nothing
-    is converted: a kernel writes into ``out`` itself, as numpy's ``out=``
-    does.
+    exactly ``shape`` that overlaps none of the arrays in ``inputs`` (a dict
+    ``{argument name: array}``; the error names the one it overlaps).
+    Nothing is converted: a kernel writes into ``out`` itself, as numpy's
+    ``out=`` does.
     """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
@@ -94,9 +95,9 @@ def check_out(out, name, shape, inputs=()):
         raise ValueError(f"{name} must be C-contiguous and aligned")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    for arr in inputs:
+    for other, arr in (inputs or {}).items():
         if np.may_share_memory(out, arr):
-            raise ValueError(f"{name} must not overlap the input")
+            raise ValueError(f"{name} must not overlap {other}")
     return out
 
 

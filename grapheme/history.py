@@ -148,7 +148,7 @@ class MergeHistory:
             ``out`` if given.
         """
         x2, flat = self._as_2d(x, "x", self.num_inputs)
-        out, out2 = self._out(out, x2, flat, self.num_outputs)
+        out, out2 = self._out(out, x2, flat, self.num_outputs, "x")
         _core.gather(self._indptr, self._members, self._weights, x2, out2)
         return out
 
@@ -173,19 +173,19 @@ class MergeHistory:
         """
         g2, flat = self._as_2d(g, "g", self.num_outputs)
         given = out is not None
-        out, out2 = self._out(out, g2, flat, self.num_inputs)
+        out, out2 = self._out(out, g2, flat, self.num_inputs, "g")
         stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
         _core.scatter(self._indptr, self._members, self._weights, g2, out2, stream)
         return out
 
     @staticmethod
-    def _out(out, x2, flat, rows):
+    def _out(out, x2, flat, rows, x_name):
         """The result array and its 2-d view for a kernel writing ``rows`` rows."""
         shape = (rows,) if flat else (rows, x2.shape[1])
         if out is None:
             out = np.empty(shape)
         else:
-            check_out(out, "out", shape, inputs=(x2,))
+            check_out(out, "out", shape, inputs={x_name: x2})
         return out, out.reshape(rows, x2.shape[1])
 
     def unpool(self, y):

@@ -501,10 +501,10 @@ class Morpher:
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
         if out is not None:
             n_in = morphed.input.num_nodes // morphed.samples
-            grads = (grad_features, grad_activation, grad_mass)
+            inputs = {"morphed.features": morphed.features, "grad_features": grad_features,
+                      "grad_activation": grad_activation, "grad_mass": grad_mass}
             check_out(out, "out", (n_in, morphed.features.shape[1]),
-                      inputs=(morphed.features,) + tuple(
-                          g for g in grads if isinstance(g, np.ndarray)))
+                      inputs={k: v for k, v in inputs.items() if isinstance(v, np.ndarray)})
         est = morphed.estimator
         # soft/ste: grad_H is computed in place in grad_out, so build it in out
         grad_out = _output_gradient(morphed, grad_features, grad_activation, grad_mass,

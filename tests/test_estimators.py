@@ -511,7 +511,7 @@ def test_backward_out_validation():
         m.backward(morphed, gf, out=np.empty((3, 3)))
     with pytest.raises(TypeError, match="out must have dtype float64"):
         m.backward(morphed, gf, out=np.empty((4, 3), np.float32))
-    with pytest.raises(ValueError, match="out must not overlap the input"):
+    with pytest.raises(ValueError, match="out must not overlap grad_features"):
         m.backward(morphed, gf, out=gf)
-    with pytest.raises(ValueError, match="out must not overlap the input"):
+    with pytest.raises(ValueError, match="out must not overlap morphed.features"):
         m.backward(morphed, gf, out=morphed.features)

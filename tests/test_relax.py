@@ -353,7 +353,8 @@ def test_buffer_validation():
     rejects(lambda: forward(H, m, mass=m), "mass", ValueError, overlap)
     shared = np.empty(n)
     # (the later of two overlapping outputs is named)
-    rejects(lambda: forward(H, m, D=shared, mass=shared), "mass", ValueError, overlap)
+    rejects(lambda: forward(H, m, D=shared, mass=shared), "mass", ValueError,
+            "must not overlap D")
     rows = np.empty((n, d))
     rejects(lambda: forward(H, m, out=rows, D=rows.reshape(-1)[:n]), "D", ValueError,
             overlap)
