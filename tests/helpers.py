@@ -1,7 +1,10 @@
 """Small graph builders shared by the tests (plain numpy, no grapheme kernels)."""
-import numpy as np
+import contextlib
 
-from grapheme import Graph
+import numpy as np
+import pytest
+
+from grapheme import Graph, _core
 
 
 def random_graph(rng, n, n_edges, dtype=np.int64, labels=None, self_loops=False):
@@ -40,3 +43,12 @@ def naive_components(n, edges):
     for i in range(n):
         out.append(label.setdefault(find(i), len(label)))
     return np.array(out, dtype=np.int64)
+
+
+@contextlib.contextmanager
+def streaming(on):
+    """Send every reused output buffer down the streaming-store path (``on``)
+    or none of them, whatever its size (``_core.STREAM_MIN_BYTES``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_core, "STREAM_MIN_BYTES", 0 if on else 2**62)
+        yield

@@ -6,7 +6,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from grapheme import Graph, MergeHistory, _core, contract, merge_edges
-from helpers import naive_components, random_graph
+from helpers import naive_components, random_graph, streaming
 
 
 def canonical(labels):
@@ -152,8 +152,7 @@ def test_gather_scatter_into_out(stream, n, seed, d, flat):
     # out= gives the same numbers as a fresh result and returns out itself;
     # STREAM_MIN_BYTES = 0 sends every reused buffer down the streaming-store
     # path (odd d puts rows at 8-byte but not 16-byte alignment)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_core, "STREAM_MIN_BYTES", 0 if stream else 2**62)
+    with streaming(stream):
         check_gather_scatter_into_out(n, seed, d, flat)
 
 

@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 from grapheme import _core
 from grapheme._estimators import relax_chain as forward
 from grapheme._estimators import relax_chain_backward as backward
+from helpers import streaming
 
 
 def reference_forward(H, m):
@@ -30,6 +31,15 @@ def random_chain(rng, n, d, boundaries=True):
         m[rng.choice(n, size=max(1, n // 4), replace=False)] = 0.0
     m[-1:] = 0.0
     return H, m
+
+
+def relaxed_problem(seed, n, d):
+    """A random chain, its forward results and random output gradients:
+    ``H, m, out, D, g, gmass``."""
+    rng = np.random.default_rng(seed)
+    H, m = random_chain(rng, n, d)
+    out, D, _ = forward(H, m)
+    return H, m, out, D, rng.standard_normal((n, d)), rng.standard_normal(n)
 
 
 def rel_err(num, ana):
@@ -203,8 +213,7 @@ def buffer(shape, offset):
 def test_buffers_equal_fresh_results(stream, n, d, seed, offset):
     # STREAM_MIN_BYTES = 0 sends every reused buffer down the streaming-store
     # path; odd d (or offset) puts rows at 8-byte but not 16-byte alignment
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_core, "STREAM_MIN_BYTES", 0 if stream else 2**62)
+    with streaming(stream):
         check_buffers_equal_fresh_results(n, d, seed, offset)
 
 
@@ -249,8 +258,7 @@ def test_buffers_equal_fresh_results_at_hard_weights():
     g, gmass = rng.standard_normal((n, d)), rng.standard_normal(n)
     out, D, mass = forward(H, m)
     gH, gm = backward(m, out, D, g, gmass)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_core, "STREAM_MIN_BYTES", 0)
+    with streaming(True):
         got = forward(H, m, out=np.empty((n, d)))[0]
         np.testing.assert_array_equal(got, out)
         got = backward(m, out, D, g, gmass, grad_H=np.empty((n, d)))[0]
@@ -307,11 +315,8 @@ def test_streams_into_large_reused_buffers():
 
 
 def test_buffer_validation():
-    rng = np.random.default_rng(10)
     n, d = 6, 3
-    H, m = random_chain(rng, n, d)
-    out, D, mass = forward(H, m)
-    g, gmass = rng.standard_normal((n, d)), rng.standard_normal(n)
+    H, m, out, D, g, gmass = relaxed_problem(10, n, d)
     readonly = np.empty((n, d))
     readonly.flags.writeable = False
     unaligned = np.zeros(n * d * 8 + 1, np.uint8)[1:].view(np.float64).reshape(n, d)
@@ -374,11 +379,8 @@ def test_buffer_validation():
 
 
 def test_bad_buffer_is_rejected_before_anything_is_written():
-    rng = np.random.default_rng(11)
     n, d = 8, 2
-    H, m = random_chain(rng, n, d)
-    out, D, _ = forward(H, m)
-    g, gmass = rng.standard_normal((n, d)), rng.standard_normal(n)
+    H, m, out, D, g, gmass = relaxed_problem(11, n, d)
     bufs = np.full((n, d), np.nan), np.full(n, np.nan)
     with pytest.raises(TypeError, match="mass"):
         forward(H, m, out=bufs[0], D=bufs[1], mass=np.empty(n, np.float32))
