@@ -64,9 +64,9 @@ def gather(
     out: np.ndarray,          # double[:, ::1] OUT (k, d)
 ) -> None: ...
 def scatter(
+    cluster: np.ndarray,      # const index_t[::1] IN (n,)
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
-    members: np.ndarray,      # const index_t[::1] IN (n,)
-    weights: np.ndarray,      # const double[::1] IN (n,)
+    node_weights: np.ndarray, # const double[::1] IN (n,), or (0,) for 1 / |output|
     g: np.ndarray,            # const double[:, ::1] IN (k, d)
     out: np.ndarray,          # double[:, ::1] OUT (n, d)
     stream: bool = False,     # write out with non-temporal stores

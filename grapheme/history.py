@@ -6,6 +6,8 @@ from ._validation import as_float_array, as_index_array, check_out
 
 __all__ = ["MergeHistory"]
 
+_EMPTY = np.empty(0)  # "uniform weights" for the scatter kernel
+
 
 class MergeHistory:
     """An O(n) map from ``n`` input nodes to ``k`` output nodes.
@@ -175,7 +177,8 @@ class MergeHistory:
         given = out is not None
         out, out2 = self._out(out, g2, flat, self.num_inputs, "g")
         stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
-        _core.scatter(self._indptr, self._members, self._weights, g2, out2, stream)
+        weights = _EMPTY if self._node_weights is None else self._node_weights
+        _core.scatter(self._cluster, self._indptr, weights, g2, out2, stream)
         return out
 
     @staticmethod
