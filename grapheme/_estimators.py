@@ -21,7 +21,7 @@ Everything here is vectorised numpy around the O(n d) kernels of
 import numpy as np
 
 from . import _core
-from ._validation import check_out
+from ._validation import check_out, streams
 from .graph import Graph
 
 __all__ = [
@@ -166,7 +166,7 @@ def relax_chain(H, m, out=None, D=None, mass=None):
     given = out is not None
     out, D, mass = _outputs(("out", "D", "mass"), (out, D, mass), ((n, d), (n,), (n,)),
                             {"H": H, "m": m})
-    stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
+    stream = given and streams(out)
     _core.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
 
@@ -199,7 +199,7 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     name = "grad_out" if overwrite else "grad_H"
     given = grad_H is not None
     grad_H, grad_m = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)), inputs)
-    stream = given and not in_place and grad_H.nbytes >= _core.STREAM_MIN_BYTES
+    stream = given and not in_place and streams(grad_H)
     _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
     return grad_H, grad_m
 

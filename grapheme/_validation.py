@@ -8,10 +8,13 @@ import numbers
 
 import numpy as np
 
+from . import _core
+
 __all__ = [
     "as_index_array",
     "as_float_array",
     "check_out",
+    "streams",
     "check_scalar",
     "common_index_dtype",
 ]
@@ -99,6 +102,14 @@ def check_out(out, name, shape, inputs=None):
         if np.may_share_memory(out, arr):
             raise ValueError(f"{name} must not overlap {other}")
     return out
+
+
+def streams(out):
+    """Whether a kernel should write ``out``, a caller's reused buffer, with
+    streaming stores: when it holds at least ``_core.STREAM_MIN_BYTES`` (read
+    at call time). The policy is explained beside gather/scatter in
+    ``_core.pyx``; a freshly allocated result never streams."""
+    return out.nbytes >= _core.STREAM_MIN_BYTES
 
 
 def common_index_dtype(*arrays):

@@ -2,11 +2,16 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_out
+from ._validation import as_float_array, as_index_array, check_out, streams
 
 __all__ = ["MergeHistory"]
 
-_EMPTY = np.empty(0)  # "uniform weights" for the scatter kernel
+_UNIFORM = np.empty(0)  # the kernels' "1 / |output|" weights
+
+
+def _or_uniform(node_weights):
+    """``node_weights`` as a kernel takes it: empty for uniform weights."""
+    return _UNIFORM if node_weights is None else node_weights
 
 
 class MergeHistory:
@@ -80,7 +85,7 @@ class MergeHistory:
         self._indptr = np.empty(k + 1, dtype=dtype)
         self._members = np.empty(cluster.shape[0], dtype=dtype)
         self._weights = np.empty(cluster.shape[0])
-        _core.history_csr(cluster, np.empty(0) if node_weights is None else node_weights,
+        _core.history_csr(cluster, _or_uniform(node_weights),
                           self._indptr, self._members, self._weights)
         self._node_weights = node_weights
 
@@ -176,9 +181,8 @@ class MergeHistory:
         g2, flat = self._as_2d(g, "g", self.num_outputs)
         given = out is not None
         out, out2 = self._out(out, g2, flat, self.num_inputs, "g")
-        stream = given and out.nbytes >= _core.STREAM_MIN_BYTES
-        weights = _EMPTY if self._node_weights is None else self._node_weights
-        _core.scatter(self._cluster, self._indptr, weights, g2, out2, stream)
+        _core.scatter(self._cluster, self._indptr, _or_uniform(self._node_weights), g2, out2,
+                      given and streams(out))
         return out
 
     @staticmethod
