@@ -239,21 +239,30 @@ cdef bint _chain_components(const index_t[::1] indptr, const index_t[::1] indice
                             intp_t* k) noexcept nogil:
     """Fast path of :func:`components` for chain-ordered graphs (every edge is
     u -> u+1, as text produces): one scan, ``cluster[u+1] = cluster[u] + (edge
-    u -> u+1 not merged)``. Returns False, touching nothing but ``cluster``,
-    when the graph is not chain-ordered. O(n)."""
-    cdef intp_t n = cluster.shape[0], u, c = 0
+    u -> u+1 not merged)``. Returns False, having written only ``cluster``,
+    when the graph is not chain-ordered. O(n).
+
+    No branch depends on the merge decisions (random for a learned
+    threshold): a mispredicted one per node cost more than the scan."""
+    cdef intp_t n = cluster.shape[0], u, c = 0, at
     cdef index_t start, stop
+    cdef bint has
+    if indices.shape[0] == 0:              # no edges: every node alone
+        for u in range(n):
+            cluster[u] = <index_t>u
+        k[0] = n
+        return True
+    cluster[0] = 0
     for u in range(n):
         start = indptr[u]
         stop = indptr[u + 1]
-        if stop - start > 1 or (stop > start and indices[start] != u + 1):
+        has = stop > start
+        at = start if has else 0           # a valid index to read when u has no edge
+        if stop - start > 1 or (has and indices[at] != u + 1):
             return False
-    cluster[0] = 0
-    for u in range(n - 1):
-        start = indptr[u]
-        if indptr[u + 1] == start or not merge[start]:
-            c += 1
-        cluster[u + 1] = <index_t>c
+        if u + 1 < n:
+            c += 1 - (has & (merge[at] != 0))
+            cluster[u + 1] = <index_t>c
     k[0] = c + 1
     return True
 
@@ -278,22 +287,26 @@ def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
     cdef index_t[::1] fill
     with nogil:                           # one pass: check for runs while filling
         indptr[0] = 0
-        indptr[k] = <index_t>n
-        if n:
-            members[0] = 0
-        for i in range(1, n):
-            if cluster[i] != cluster[i - 1]:
-                if cluster[i] < cluster[i - 1]:
-                    runs = False
-                    break
-                indptr[cluster[i]] = <index_t>i
+        for i in range(n):
+            if i and cluster[i] < cluster[i - 1]:
+                runs = False
+                break
+            # the last write to indptr[c + 1] is the end of run c: no branch
+            # on where a run starts (as unpredictable as the merges)
+            indptr[cluster[i] + 1] = <index_t>(i + 1)
             members[i] = <index_t>i
-        if runs and not uniform:
+        if runs:
+            indptr[k] = <index_t>n
             for i in range(n):
-                weights[i] = node_weight[i]
-    if not runs:
-        fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
-        _counting_sort(cluster, node_weight, uniform, fill, indptr, members, weights)
+                if uniform:               # one branch-free division per input
+                    c = cluster[i]
+                    weights[i] = 1.0 / (indptr[c + 1] - indptr[c])
+                else:
+                    weights[i] = node_weight[i]
+    if runs:
+        return
+    fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
+    _counting_sort(cluster, node_weight, uniform, fill, indptr, members, weights)
     if uniform:
         with nogil:                       # one division per output, not per input
             for c in range(k):

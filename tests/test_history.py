@@ -53,7 +53,43 @@ def test_chain_merges_equal_scipy_connected_components(texts, p, seed):
     assert h.num_outputs == k
     np.testing.assert_array_equal(h.cluster, canonical(ref))
     np.testing.assert_array_equal(h.members, np.arange(n))
-    np.testing.assert_allclose(np.bincount(h.cluster, weights=h.weights, minlength=k), 1.0)
+    np.testing.assert_array_equal(h.weights, 1.0 / np.bincount(h.cluster)[h.cluster])
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("extra", [(4, 0), (0, 2), (2, 2), (4, 4)])
+def test_chain_fast_path_falls_back(dtype, extra):
+    # chain-ordered up to one extra edge (the last node's, or a second edge
+    # of a node): the one-scan path has written cluster when it gives up
+    u, v = extra
+    n = 5
+    src = np.r_[np.arange(n - 1), u]
+    dst = np.r_[np.arange(1, n), v]
+    order = np.argsort(src, kind="stable")
+    indptr = np.searchsorted(src[order], np.arange(n + 1)).astype(dtype)
+    g = Graph(indptr, dst[order].astype(dtype), np.zeros(n, np.int32))
+    for bits in range(2 ** g.num_edges):
+        mask = (bits >> np.arange(g.num_edges)) & 1 == 1
+        adj = csr_matrix((np.ones(mask.sum()), (g.edge_sources()[mask], g.indices[mask])),
+                         shape=(n, n))
+        k, ref = connected_components(adj, directed=False)
+        h = merge_edges(g, mask)
+        assert h.num_outputs == k
+        np.testing.assert_array_equal(h.cluster, canonical(ref))
+
+
+@given(cluster=st.lists(st.integers(0, 6), max_size=30), sort=st.booleans())
+def test_history_csr_equals_stable_sort(cluster, sort):
+    # sorted clusters take the one-pass path, others the counting sort
+    cluster = canonical(np.array(cluster, dtype=np.int64))
+    if sort:
+        cluster = np.sort(cluster)
+    h = MergeHistory(cluster)
+    order = np.argsort(cluster, kind="stable")
+    sizes = np.bincount(cluster, minlength=h.num_outputs)
+    np.testing.assert_array_equal(h.members, order)
+    np.testing.assert_array_equal(h.indptr, np.r_[0, np.cumsum(sizes)])
+    np.testing.assert_array_equal(h.weights, 1.0 / sizes[cluster[order]])
 
 
 def python_contract(g, cluster, k):
