@@ -340,7 +340,7 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
              const index_t[::1] indices,       # IN  (E,)
              const double[::1] edge_weight,    # IN  (E,) or empty (unweighted)
              const index_t[::1] cluster,       # IN  (n,)
-             const index_t[::1] hist_indptr,   # IN  (k+1,)
+             const index_t[::1] hist_indptr,   # IN  (k+1,), no output without inputs
              const index_t[::1] members):      # IN  (n,)
     """Contract the graph along ``cluster``: edge (u, v) becomes (c(u), c(v));
     self-loops are dropped and duplicates folded (weights summed).
@@ -349,52 +349,49 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
     and each member's edges in order. O(n + E + k). Returns
     ``(indptr, indices, weights)`` with the dtype of ``indptr``; ``weights`` is
     None for an unweighted graph.
+
+    One pass into arrays of the upper bound E, shrunk in place at the end.
+    No branch depends on which edges were merged: every edge writes its
+    target at ``total`` and advances ``total`` by 0 or 1, and the output of a
+    member advances by 0 or 1 the same way (a mispredicted branch per node
+    cost more than the pass).
     """
-    cdef intp_t k = hist_indptr.shape[0] - 1, c, j, u, e, cv, total = 0, start
+    cdef intp_t k = hist_indptr.shape[0] - 1, n = members.shape[0], E = indices.shape[0]
+    cdef intp_t c = 0, j, u, e, cv, total = 0, start = 0, slot, fresh, new_row
     cdef bint weighted = edge_weight.shape[0] > 0
     dtype = np.asarray(indptr).dtype
-    cdef cnp.ndarray[cnp.intp_t, ndim=1] seen_arr = np.full(k, -1, dtype=np.intp)
-    cdef intp_t* seen = <intp_t*> cnp.PyArray_DATA(seen_arr)
-    out_indptr_arr = np.zeros(k + 1, dtype=dtype)
+    # seen[cv]: the slot of target cv in the row that last met it
+    seen_arr = np.full(k, -1, dtype=dtype)
+    out_indptr_arr = np.empty(k + 1, dtype=dtype)
+    out_indices_arr = np.empty(E, dtype=dtype)
+    out_weights_arr = np.zeros(E + 1 if weighted else 0)   # slot E takes self-loops
+    cdef index_t[::1] seen = seen_arr
     cdef index_t[::1] out_indptr = out_indptr_arr
-    with nogil:
-        for c in range(k):
-            for j in range(hist_indptr[c], hist_indptr[c + 1]):
-                u = members[j]
-                for e in range(indptr[u], indptr[u + 1]):
-                    cv = cluster[indices[e]]
-                    if cv != c and seen[cv] != c:
-                        seen[cv] = c
-                        total += 1
-            out_indptr[c + 1] = <index_t>total
-    out_indices_arr = np.empty(total, dtype=dtype)
-    out_weights_arr = np.zeros(total if weighted else 0, dtype=np.float64)
     cdef index_t[::1] out_indices = out_indices_arr
     cdef double[::1] out_weights = out_weights_arr
     with nogil:
-        seen_arr_reset(seen, k)
-        total = 0
-        for c in range(k):
-            start = total
-            for j in range(hist_indptr[c], hist_indptr[c + 1]):
-                u = members[j]
-                for e in range(indptr[u], indptr[u + 1]):
-                    cv = cluster[indices[e]]
-                    if cv == c:
-                        continue
-                    if seen[cv] < start:      # not yet in this row
-                        seen[cv] = total
-                        out_indices[total] = <index_t>cv
-                        total += 1
-                    if weighted:
-                        out_weights[seen[cv]] += edge_weight[e]
-    return out_indptr_arr, out_indices_arr, (out_weights_arr if weighted else None)
-
-
-cdef inline void seen_arr_reset(intp_t* seen, intp_t k) noexcept nogil:
-    cdef intp_t c
-    for c in range(k):
-        seen[c] = -1
+        out_indptr[0] = 0
+        for j in range(n):
+            new_row = j == hist_indptr[c + 1]
+            c += new_row
+            start = total if new_row else start
+            u = members[j]
+            for e in range(indptr[u], indptr[u + 1]):
+                cv = cluster[indices[e]]
+                fresh = (cv != c) & (seen[cv] < start)
+                slot = total if fresh else seen[cv]
+                out_indices[total] = <index_t>cv     # kept only if fresh
+                seen[cv] = <index_t>slot
+                total += fresh
+                if weighted:
+                    out_weights[slot if cv != c else E] += edge_weight[e]
+            out_indptr[c + 1] = <index_t>total
+    out_indices = out_weights = None       # no view may outlive the realloc
+    out_indices_arr.resize(total, refcheck=False)
+    if not weighted:
+        return out_indptr_arr, out_indices_arr, None
+    out_weights_arr.resize(total, refcheck=False)
+    return out_indptr_arr, out_indices_arr, out_weights_arr
 
 
 # ---------------------------------------------------------------------------
