@@ -14,6 +14,9 @@ def hash_normal(
     keys: np.ndarray,     # const int64_t[::1] IN (V,)
     out: np.ndarray,      # double[:, ::1] OUT (V, d)
 ) -> None: ...
+def all_finite(
+    x: np.ndarray,        # const double[::1] IN (m,)
+) -> bool: ...
 def rows_add(
     rows: np.ndarray,     # const int64_t[::1] IN (n,)
     values: np.ndarray,   # const double[:, ::1] IN (n, d)

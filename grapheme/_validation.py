@@ -74,7 +74,7 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
     if not ready:
         # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
         arr = np.asarray(arr, dtype=np.float64, order="C")
-    if finite and arr.size and not np.isfinite(arr).all():
+    if finite and arr.size and not _core.all_finite(arr.reshape(-1)):
         raise ValueError(f"{name} contains NaN or infinity")
     return arr
 
