@@ -1,9 +1,14 @@
 """Tests for the ``grapheme`` command line (grapheme.cli.main)."""
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from grapheme._allocator import _ENV
 from grapheme._estimators import ESTIMATORS
 from grapheme.cli import format_table, main
 from grapheme.train import TIMING_KEYS
@@ -149,3 +154,50 @@ def test_format_table():
     table = format_table(["a", "long header"], [["x", 1], ["yyyy", 22]])
     assert table.splitlines() == ["a     long header", "----  -----------",
                                   "x     1", "yyyy  22"]
+
+
+# The console script keeps freed memory for reuse (grapheme._allocator). It
+# changes malloc process-wide, so it is checked in subprocesses.
+FAULTS = """
+import resource, sys
+import numpy as np
+from grapheme._allocator import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "tune" else None
+def step():                               # a training step's 2.5 MB arrays, made and freed
+    arrays = [np.ones((5000, 64)) for _ in range(8)]
+    del arrays
+step()                                    # the first step maps the memory
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 50)
+"""
+
+
+def _faults(mode, **env):
+    """(what retain_freed_memory returned, page faults per step) in a fresh
+    process whose environment sets none of glibc's thresholds but ``env``."""
+    env = {**{k: v for k, v in os.environ.items() if k not in _ENV}, **env}
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out[0], float(out[1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc's mallopt")
+def test_console_script_keeps_freed_memory():
+    applied, tuned = _faults("tune")
+    assert applied == "True"
+    assert tuned < 5                       # the same pages, reused
+    _, default = _faults("plain")
+    assert default > 1000                  # 8 x 625 pages faulted in again every step
+    applied, _ = _faults("tune", MALLOC_TRIM_THRESHOLD_="131072")
+    assert applied == "False"              # a threshold the user set wins
+
+
+def test_console_script_runs_main(monkeypatch):
+    import grapheme.cli as cli
+    calls = []
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append("tune"))
+    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
+    assert cli.run() == 0
+    assert calls == ["tune", "main"]
