@@ -192,12 +192,17 @@ class Graph:
             raise TypeError("texts must be a sequence of str, "
                             f"got {type(texts).__name__}")
         texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        try:
+            joined = "".join(texts)   # accepts str (and subclasses) only
+        except TypeError:
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise TypeError(f"texts[{i}] must be a str, "
+                                    f"got {type(t).__name__}") from None
+            raise  # pragma: no cover - join only refuses non-str items
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         try:
-            codes = _codes_of("".join(texts), "texts")
+            codes = _codes_of(joined, "texts")
         except ValueError:
             for i, t in enumerate(texts):
                 _codes_of(t, f"texts[{i}]")
