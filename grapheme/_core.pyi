@@ -46,10 +46,10 @@ def components(
 ) -> int: ...
 def history_csr(
     cluster: np.ndarray,      # const index_t[::1] IN (n,)
-    node_weight: np.ndarray,  # const double[::1] IN (n,) or (0,)
+    node_weight: np.ndarray,  # const double[::1] IN (n,) or (0,): uniform
     indptr: np.ndarray,       # index_t[::1] OUT (k+1,)
     members: np.ndarray,      # index_t[::1] OUT (n,)
-    weights: np.ndarray,      # double[::1] OUT (n,)
+    weights: np.ndarray,      # double[::1] OUT (n,), or (0,) when uniform
 ) -> None: ...
 def contract(
     indptr: np.ndarray,       # const index_t[::1] IN (n+1,)
@@ -62,7 +62,7 @@ def contract(
 def gather(
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
     members: np.ndarray,      # const index_t[::1] IN (n,)
-    weights: np.ndarray,      # const double[::1] IN (n,)
+    weights: np.ndarray,      # const double[::1] IN (n,) or (0,): 1 / |output|
     x: np.ndarray,            # const double[:, ::1] IN (n, d)
     out: np.ndarray,          # double[:, ::1] OUT (k, d)
 ) -> None: ...

@@ -309,22 +309,22 @@ cdef bint _chain_components(const index_t[::1] indptr, const index_t[::1] indice
 
 
 def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
-                const double[::1] node_weight,   # IN  (n,) or empty: 1/|c|
+                const double[::1] node_weight,   # IN  (n,), or empty: uniform
                 index_t[::1] indptr,             # OUT (k+1,)
                 index_t[::1] members,            # OUT (n,)
-                double[::1] weights):            # OUT (n,)
+                double[::1] weights):            # OUT (n,), or empty with node_weight
     """Output -> inputs CSR of a merge map. O(n + k).
 
-    Members of an output are ascending (its head first). ``weights[j]`` is
-    ``node_weight[members[j]]``, or ``1 / |c|`` when ``node_weight`` is empty.
-    When ``cluster`` is non-decreasing (every merge of a chain: outputs are
+    Members of an output are ascending (its head first); ``weights[j] =
+    node_weight[members[j]]``. Uniform weights (``node_weight`` empty) are
+    not stored: the kernels compute ``1 / |c|`` where they need it. When
+    ``cluster`` is non-decreasing (every merge of a chain: outputs are
     contiguous runs) the CSR is read off in one pass; otherwise a stable
     counting sort builds it.
     """
-    cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i, c, j
-    cdef bint uniform = node_weight.shape[0] == 0
+    cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i
+    cdef bint weighted = node_weight.shape[0] != 0
     cdef bint runs = True
-    cdef double inv
     cdef index_t[::1] fill
     with nogil:                           # one pass: check for runs while filling
         indptr[0] = 0
@@ -338,27 +338,16 @@ def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
             members[i] = <index_t>i
         if runs:
             indptr[k] = <index_t>n
-            for i in range(n):
-                if uniform:               # one branch-free division per input
-                    c = cluster[i]
-                    weights[i] = 1.0 / (indptr[c + 1] - indptr[c])
-                else:
+            if weighted:
+                for i in range(n):
                     weights[i] = node_weight[i]
-    if runs:
-        return
-    fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
-    _counting_sort(cluster, node_weight, uniform, fill, indptr, members, weights)
-    if uniform:
-        with nogil:                       # one division per output, not per input
-            for c in range(k):
-                if indptr[c + 1] > indptr[c]:
-                    inv = 1.0 / (indptr[c + 1] - indptr[c])
-                    for j in range(indptr[c], indptr[c + 1]):
-                        weights[j] = inv
+    if not runs:
+        fill = np.zeros(k + 1, dtype=np.asarray(indptr).dtype)
+        _counting_sort(cluster, node_weight, weighted, fill, indptr, members, weights)
 
 
 cdef void _counting_sort(const index_t[::1] cluster, const double[::1] node_weight,
-                         bint uniform, index_t[::1] fill, index_t[::1] indptr,
+                         bint weighted, index_t[::1] fill, index_t[::1] indptr,
                          index_t[::1] members, double[::1] weights) noexcept:
     cdef intp_t n = cluster.shape[0], k = indptr.shape[0] - 1, i, c, j
     with nogil:
@@ -373,7 +362,7 @@ cdef void _counting_sort(const index_t[::1] cluster, const double[::1] node_weig
             j = fill[c]
             fill[c] += 1
             members[j] = <index_t>i
-            if not uniform:
+            if weighted:
                 weights[j] = node_weight[i]
 
 
@@ -567,18 +556,23 @@ cdef inline void _zero(double* dst, intp_t d) noexcept nogil:
 
 def gather(const index_t[::1] hist_indptr,   # IN  (k+1,)
            const index_t[::1] members,       # IN  (n,)
-           const double[::1] weights,        # IN  (n,)
+           const double[::1] weights,        # IN  (n,), or (0,): 1 / |output|
            const double[:, ::1] x,           # IN  (n, d)
            double[:, ::1] out):              # OUT (k, d), must not overlap x
-    """Pool inputs into outputs: ``out[c] = sum_j weights[j] x[members[j]]``. O(n d)."""
+    """Pool inputs into outputs: ``out[c] = sum_j w_j x[members[j]]``. O(n d).
+
+    With ``weights`` empty, ``w_j`` is ``1 / |c|``, one division per output.
+    """
     cdef intp_t k = out.shape[0], d = out.shape[1], c, j, j1
+    cdef bint weighted = weights.shape[0] != 0
+    cdef double w
     if k == 0 or d == 0:
         return
     # raw pointers: a memoryview index recomputes its address from the
     # view's strides at every use, which costs more than the row itself
     cdef const index_t* ip = &hist_indptr[0]
     cdef const index_t* mem = &members[0]
-    cdef const double* w = &weights[0]
+    cdef const double* wp = &weights[0] if weighted else NULL
     cdef const double* xp = &x[0, 0] if x.shape[0] else NULL
     cdef double* dst = &out[0, 0]
     with nogil:
@@ -588,9 +582,12 @@ def gather(const index_t[::1] hist_indptr,   # IN  (k+1,)
             if j == j1:           # an output without inputs (not built by us)
                 _zero(dst, d)
             else:
-                row_scale(dst, xp + <intp_t>mem[j] * d, w[j], d)
+                w = wp[j] if weighted else 1.0 / (j1 - j)
+                row_scale(dst, xp + <intp_t>mem[j] * d, w, d)
                 for j in range(j + 1, j1):
-                    row_axpy(dst, xp + <intp_t>mem[j] * d, w[j], d)
+                    if weighted:
+                        w = wp[j]
+                    row_axpy(dst, xp + <intp_t>mem[j] * d, w, d)
             dst += d
 
 

@@ -84,9 +84,10 @@ class MergeHistory:
         self._cluster = cluster
         self._indptr = np.empty(k + 1, dtype=dtype)
         self._members = np.empty(cluster.shape[0], dtype=dtype)
-        self._weights = np.empty(cluster.shape[0])
+        # uniform weights are not stored: the kernels divide by |c| (see weights)
+        self._weights = None if node_weights is None else np.empty(cluster.shape[0])
         _core.history_csr(cluster, _or_uniform(node_weights),
-                          self._indptr, self._members, self._weights)
+                          self._indptr, self._members, _or_uniform(self._weights))
         self._node_weights = node_weights
 
     @classmethod
@@ -99,7 +100,18 @@ class MergeHistory:
     cluster = property(lambda self: self._cluster, doc="Output of each input (n_inputs,).")
     indptr = property(lambda self: self._indptr, doc="Output -> members row pointer (k+1,).")
     members = property(lambda self: self._members, doc="Inputs grouped by output (n_inputs,).")
-    weights = property(lambda self: self._weights, doc="Weight of ``members[j]`` (n_inputs,).")
+
+    @property
+    def weights(self):
+        """Weight of ``members[j]`` (n_inputs,).
+
+        Uniform weights (``1 / |output|``) are computed on first access; the
+        kernels never need them stored.
+        """
+        if self._weights is None:
+            sizes = self.sizes
+            self._weights = np.repeat(1.0 / np.maximum(sizes, 1), sizes)
+        return self._weights
 
     @property
     def num_inputs(self):
@@ -124,7 +136,7 @@ class MergeHistory:
         """Weight of every input within its output, indexed by input (n,)."""
         if self._node_weights is None:
             w = np.empty(self.num_inputs)
-            w[self._members] = self._weights
+            w[self._members] = self.weights
             self._node_weights = w
         return self._node_weights
 
@@ -156,7 +168,7 @@ class MergeHistory:
         """
         x2, flat = self._as_2d(x, "x", self.num_inputs)
         out, out2 = self._out(out, x2, flat, self.num_outputs, "x")
-        _core.gather(self._indptr, self._members, self._weights, x2, out2)
+        _core.gather(self._indptr, self._members, _or_uniform(self._weights), x2, out2)
         return out
 
     def scatter(self, g, out=None):

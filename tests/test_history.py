@@ -343,3 +343,21 @@ class MergeMachine(RuleBasedStateMachine):
 
 
 TestMergeMachine = MergeMachine.TestCase
+
+
+@given(cluster=st.lists(st.integers(0, 5), min_size=1, max_size=30),
+       d=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
+def test_uniform_weights_are_not_stored_and_give_the_same_values(cluster, d, seed):
+    # uniform histories keep no weights array; gather divides by |c| itself,
+    # bit for bit what the materialized weights (and explicit ones) give
+    cluster = canonical(np.array(cluster))
+    x = np.random.default_rng(seed).standard_normal((cluster.shape[0], d))
+    h = MergeHistory(cluster)
+    assert h._weights is None
+    lazy = h.gather(x)
+    w = h.weights
+    np.testing.assert_array_equal(h.gather(x), lazy)
+    explicit = MergeHistory(cluster, node_weights=h.node_weights)
+    np.testing.assert_array_equal(explicit.gather(x), lazy)
+    np.testing.assert_array_equal(explicit.weights, w)
+    np.testing.assert_array_equal(w, 1.0 / h.sizes[cluster[h.members]])
