@@ -147,6 +147,39 @@ def all_finite(const double[::1] x):     # IN  (m,)
 # Edge similarity
 # ---------------------------------------------------------------------------
 
+cdef extern from *:
+    """
+    /* <a, b> over d entries in four interleaved partial sums, added as
+       (s0 + s1) + (s2 + s3) at the end: four independent chains of additions
+       instead of one, so the sum runs at the adder's throughput, not its
+       latency. The order depends on d only, never on where a or b lie. */
+    static inline double grapheme_dot(const double *__restrict a,
+                                      const double *__restrict b, Py_ssize_t d) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        Py_ssize_t t = 0;
+        for (; t + 3 < d; t += 4) {
+            s0 += a[t] * b[t];
+            s1 += a[t + 1] * b[t + 1];
+            s2 += a[t + 2] * b[t + 2];
+            s3 += a[t + 3] * b[t + 3];
+        }
+        for (; t < d; ++t) s0 += a[t] * b[t];
+        return (s0 + s1) + (s2 + s3);
+    }
+
+    /* dst[0:d] += a * x[0:d] - b * y[0:d]; dst may not overlap x or y. */
+    static inline void grapheme_row_axpby(double *__restrict dst,
+                                          const double *__restrict x, double a,
+                                          const double *__restrict y, double b,
+                                          Py_ssize_t d) {
+        for (Py_ssize_t t = 0; t < d; ++t) dst[t] += a * x[t] - b * y[t];
+    }
+    """
+    double dot "grapheme_dot"(const double* a, const double* b, intp_t d) noexcept nogil
+    void row_axpby "grapheme_row_axpby"(double* dst, const double* x, double a,
+                                        const double* y, double b, intp_t d) noexcept nogil
+
+
 def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
                 const index_t[::1] indices,   # IN  (E,)
                 const double[:, ::1] H,       # IN  (n, d)
@@ -157,23 +190,20 @@ def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
 
     O(n d + E d).
     """
-    cdef intp_t u, v, e, j, n = H.shape[0], d = H.shape[1]
-    cdef double acc, nu, nv
+    cdef intp_t u, v, e, n = H.shape[0], d = H.shape[1]
+    cdef double nu, nv
+    if n == 0:
+        return
+    cdef const double* hp = &H[0, 0] if d else NULL
     with nogil:
         for u in range(n):
-            acc = 0.0
-            for j in range(d):
-                acc += H[u, j] * H[u, j]
-            norms[u] = sqrt(acc)
+            norms[u] = sqrt(dot(hp + u * d, hp + u * d, d))
         for u in range(n):
             nu = norms[u] if norms[u] > COS_EPS else COS_EPS
             for e in range(indptr[u], indptr[u + 1]):
                 v = indices[e]
                 nv = norms[v] if norms[v] > COS_EPS else COS_EPS
-                acc = 0.0
-                for j in range(d):
-                    acc += H[u, j] * H[v, j]
-                sim[e] = acc / (nu * nv)
+                sim[e] = dot(hp + u * d, hp + v * d, d) / (nu * nv)
 
 
 def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
@@ -188,11 +218,20 @@ def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
     ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
     vanishes where the norm is clamped to eps).
     """
-    cdef intp_t u, v, e, j, n = H.shape[0], d = H.shape[1]
-    cdef double nu, nv, g, s, cu, cv
+    cdef intp_t u, v, e, n = H.shape[0], d = H.shape[1]
+    cdef double nu, nv, g, s, a, bu, bv
+    if n == 0 or d == 0:
+        return
+    cdef const double* hp = &H[0, 0]
+    cdef double* gp = &grad_H[0, 0]
+    cdef const double* hu
+    cdef const double* hv
+    cdef double* gu
     with nogil:
         for u in range(n):
             nu = norms[u] if norms[u] > COS_EPS else COS_EPS
+            hu = hp + u * d
+            gu = gp + u * d
             for e in range(indptr[u], indptr[u + 1]):
                 g = grad_sim[e]
                 if g == 0.0:
@@ -200,11 +239,14 @@ def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
                 v = indices[e]
                 nv = norms[v] if norms[v] > COS_EPS else COS_EPS
                 s = sim[e]
-                cu = s / (nu * nu) if norms[u] > COS_EPS else 0.0
-                cv = s / (nv * nv) if norms[v] > COS_EPS else 0.0
-                for j in range(d):
-                    grad_H[u, j] += g * (H[v, j] / (nu * nv) - cu * H[u, j])
-                    grad_H[v, j] += g * (H[u, j] / (nu * nv) - cv * H[v, j])
+                # g d s/d h_u = a h_v - bu h_u (and the same with u, v swapped):
+                # three products per edge, not a division per entry
+                a = g / (nu * nv)
+                bu = g * s / (nu * nu) if norms[u] > COS_EPS else 0.0
+                bv = g * s / (nv * nv) if norms[v] > COS_EPS else 0.0
+                hv = hp + v * d
+                row_axpby(gu, hv, a, hu, bu, d)
+                row_axpby(gp + v * d, hu, a, hv, bv, d)   # gu again for a self-loop
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
-from grapheme import Embedding, Graph, Morpher, gradcheck, numerical_gradient
+from grapheme import Embedding, Graph, Morpher, _core, gradcheck, numerical_gradient
 from helpers import random_graph
 
 
@@ -235,3 +236,35 @@ def test_numerical_gradient_and_gradcheck():
     assert res.ok and res.analytic.shape == () and res.numerical.shape == ()
     with pytest.raises(ValueError, match="gradient of shape"):
         gradcheck(lambda v: (f(v), np.ones(3)), x)
+
+
+@given(n=st.integers(0, 12), density=st.floats(0.0, 3.0), d=st.integers(0, 9),
+       zero_rows=st.integers(0, 3), seed=st.integers(0, 2**32 - 1), wide=st.booleans())
+def test_similarity_kernels_equal_numpy(n, density, d, zero_rows, seed, wide):
+    # the kernels sum in four interleaved partial sums and scale per edge;
+    # numpy sums otherwise, so equal to rounding. Zero rows (norm clamped to
+    # 1e-12) and self-loops included.
+    rng = np.random.default_rng(seed)
+    g = random_graph(rng, n, int(density * n), dtype=np.int64 if wide else np.int32,
+                     self_loops=True)
+    H = rng.standard_normal((n, d))
+    H[rng.integers(0, max(n, 1), zero_rows if n else 0)] = 0.0
+    src, dst = g.edge_sources(), g.indices
+    sim, norms = Morpher().similarity(g, H)
+    ref_norms = np.sqrt((H * H).sum(axis=1))
+    clamped = np.maximum(ref_norms, 1e-12)
+    ref = (H[src] * H[dst]).sum(axis=1) / (clamped[src] * clamped[dst])
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(sim, ref, rtol=1e-13, atol=1e-15)
+
+    grad_sim = rng.standard_normal(g.num_edges)
+    grad_H = np.zeros((n, d))
+    _core.edge_cosine_backward(g.indptr, g.indices, H, norms, sim, grad_sim, grad_H)
+    live = ref_norms > 1e-12
+    cu = np.where(live[src], sim / clamped[src] ** 2, 0.0)
+    cv = np.where(live[dst], sim / clamped[dst] ** 2, 0.0)
+    scale = (grad_sim / (clamped[src] * clamped[dst]))[:, None]
+    ref_grad = np.zeros((n, d))
+    np.add.at(ref_grad, src, scale * H[dst] - (grad_sim * cu)[:, None] * H[src])
+    np.add.at(ref_grad, dst, scale * H[src] - (grad_sim * cv)[:, None] * H[dst])
+    np.testing.assert_allclose(grad_H, ref_grad, rtol=1e-12, atol=1e-12)
