@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from grapheme import Graph, contract, merge_edges
+from grapheme import Graph, _core, contract, merge_edges
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
 D = 16
@@ -144,6 +144,58 @@ class MorphForward:
 
     def peakmem_scipy_components(self, n):
         scipy_components(self.graph, self.sources, self.mask)
+
+
+class Similarity:
+    """Cosine similarity of every edge of a chain and its backward, d = 16.
+
+    The peer is the same formula in numpy (row norms, then the dot product of
+    the two endpoint rows of every edge); the backward's peer accumulates
+    both endpoints' gradients with ``np.add.at``.
+    """
+    params = [SIZES]
+    param_names = ["n"]
+    timeout = 120
+    ratios = [
+        ("time_similarity", "time_numpy"),
+        ("time_similarity_backward", "time_numpy_backward"),
+    ]
+
+    def setup(self, n):
+        rng, self.graph, self.H, _ = chain_problem(n)
+        self.src, self.dst = self.graph.edge_sources(), self.graph.indices
+        self.norms = np.empty(n)
+        self.sim = np.empty(self.graph.num_edges)
+        self.grad_sim = rng.standard_normal(self.graph.num_edges)
+        self.grad_H = np.zeros((n, D))
+        self.time_similarity(n)
+        if n <= CHECK_UP_TO:
+            np.testing.assert_allclose(self.sim, self.time_numpy(n), rtol=1e-12, atol=1e-15)
+            self.time_similarity_backward(n)
+            np.testing.assert_allclose(self.grad_H, self.time_numpy_backward(n),
+                                       rtol=1e-9, atol=1e-12)
+
+    def time_similarity(self, n):
+        _core.edge_cosine(self.graph.indptr, self.graph.indices, self.H, self.norms, self.sim)
+
+    def time_numpy(self, n):
+        norms = np.sqrt(np.einsum("ij,ij->i", self.H, self.H))
+        dots = np.einsum("ij,ij->i", self.H[self.src], self.H[self.dst])
+        return dots / (norms[self.src] * norms[self.dst])
+
+    def time_similarity_backward(self, n):
+        self.grad_H.fill(0.0)
+        _core.edge_cosine_backward(self.graph.indptr, self.graph.indices, self.H, self.norms,
+                                   self.sim, self.grad_sim, self.grad_H)
+
+    def time_numpy_backward(self, n):
+        src, dst, H, norms = self.src, self.dst, self.H, self.norms
+        a = (self.grad_sim / (norms[src] * norms[dst]))[:, None]
+        b = self.grad_sim * self.sim
+        out = np.zeros_like(H)
+        np.add.at(out, src, a * H[dst] - (b / norms[src] ** 2)[:, None] * H[src])
+        np.add.at(out, dst, a * H[src] - (b / norms[dst] ** 2)[:, None] * H[dst])
+        return out
 
 
 class _HistoryProblem:
