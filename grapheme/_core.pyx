@@ -488,8 +488,9 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
 #   for streaming only into a caller's reused buffer of at least
 #   ``STREAM_MIN_BYTES``: a freshly allocated output is zeroed by the kernel
 #   on first touch, and streaming over those dirty lines writes them twice.
-#   (Streaming the gather output was measured and gained nothing: gather is
-#   bound by reading ``x``, and its output is half the size.)
+#   (Streaming the gather output, with each output row summed in registers
+#   and the input rows prefetched, measured 12.8 vs 15.6 ns/node at 1e7 x 16
+#   and no change in cache: not worth a second gather for one regime.)
 
 cdef extern from *:
     """
