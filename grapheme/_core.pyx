@@ -191,10 +191,11 @@ def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
     O(n d + E d).
     """
     cdef intp_t u, v, e, n = H.shape[0], d = H.shape[1]
-    cdef double nu, nv
+    cdef double nu, nv, spare = 0.0
     if n == 0:
         return
-    cdef const double* hp = &H[0, 0] if d else NULL
+    # with d == 0 no entry is read; any valid address will do
+    cdef const double* hp = &H[0, 0] if d else &spare
     with nogil:
         for u in range(n):
             norms[u] = sqrt(dot(hp + u * d, hp + u * d, d))
@@ -354,7 +355,7 @@ def history_csr(const index_t[::1] cluster,      # IN  (n,) output of each input
                 const double[::1] node_weight,   # IN  (n,), or empty: uniform
                 index_t[::1] indptr,             # OUT (k+1,)
                 index_t[::1] members,            # OUT (n,)
-                double[::1] weights):            # OUT (n,), or empty with node_weight
+                double[::1] weights):            # OUT (n,); empty when node_weight is
     """Output -> inputs CSR of a merge map. O(n + k).
 
     Members of an output are ascending (its head first); ``weights[j] =
