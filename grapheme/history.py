@@ -9,9 +9,10 @@ __all__ = ["MergeHistory"]
 _UNIFORM = np.empty(0)  # the kernels' "1 / |output|" weights
 
 
-def _or_uniform(node_weights):
-    """``node_weights`` as a kernel takes it: empty for uniform weights."""
-    return _UNIFORM if node_weights is None else node_weights
+def _or_uniform(weights):
+    """Weights (by input or by member) as a kernel takes them: ``None``, the
+    uniform ``1 / |output|``, becomes an empty array."""
+    return _UNIFORM if weights is None else weights
 
 
 class MergeHistory:
