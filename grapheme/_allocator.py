@@ -36,11 +36,13 @@ def retain_freed_memory():
     """Tune glibc's malloc to keep freed memory for reuse; True if applied.
 
     Does nothing (and returns False) on a C library other than glibc, or when
-    the environment already sets one of glibc's ``MALLOC_*`` thresholds: the
-    user's choice wins. The process keeps up to ``TRIM_THRESHOLD`` bytes of
-    freed memory.
+    the environment already tunes glibc's malloc (a ``MALLOC_*`` threshold,
+    or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``): the user's choice wins. The
+    process keeps up to ``TRIM_THRESHOLD`` bytes of freed memory.
     """
-    if any(name in os.environ for name in _ENV) or platform.libc_ver()[0] != "glibc":
+    if (any(name in os.environ for name in _ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+            or platform.libc_ver()[0] != "glibc"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
