@@ -8,11 +8,8 @@ for inputs so read-only and memory-mapped arrays work), run without the GIL
 and are linear in their input unless the docstring says otherwise.
 """
 import numpy as np
-cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.math cimport sqrt, exp, log, fabs, expm1, log1p, cos, sin, M_PI, INFINITY
-
-cnp.import_array()
 
 ctypedef fused index_t:
     int32_t
@@ -646,7 +643,7 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
     The adjoint of :func:`gather`. O(n d). Walks the inputs in order, so
     ``out`` is written front to back and no loop depends on the (random)
     size of an output; with ``node_weights`` empty, ``w_i`` is
-    ``1 / |cluster[i]|``, the same value :func:`history_csr` stores.
+    ``1 / |cluster[i]|``, the value :attr:`MergeHistory.weights` holds.
     ``stream`` writes ``out`` with non-temporal stores (see the notes above).
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], i, c
