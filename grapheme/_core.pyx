@@ -670,3 +670,5 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
 include "_sinkhorn.pxi"
 
 include "_relax.pxi"
+
+include "_buffers.pxi"

@@ -21,6 +21,7 @@ Everything here is vectorised numpy around the O(n d) kernels of
 import numpy as np
 
 from . import _core
+from .buffers import empty
 from ._validation import check_out, streams
 from .graph import Graph
 
@@ -106,22 +107,26 @@ def chain_sources(indptr, indices, estimator):
 
 
 def _outputs(names, buffers, shapes, inputs):
-    """Caller's output buffers checked, missing ones allocated (``np.empty``).
+    """Caller's output buffers checked, missing ones allocated
+    (:func:`grapheme.buffers.empty`); and whether the first is warm (a
+    caller's buffer or recycled memory, see :mod:`grapheme.buffers`).
 
     Every given buffer must pass :func:`check_out` against ``inputs`` (a dict
     ``{name: array}``) and the given buffers before it (so no two outputs
     overlap either).
     """
-    result = []
+    result, warm = [], []
     others = dict(inputs)
     for name, buf, shape in zip(names, buffers, shapes):
         if buf is None:
-            buf = np.empty(shape)
+            buf, recycled = empty(shape)
         else:
             check_out(buf, name, shape, inputs=others)
             others[name] = buf
+            recycled = True
         result.append(buf)
-    return result
+        warm.append(recycled)
+    return result, warm[0]
 
 
 def _same_memory(a, b):
@@ -163,10 +168,9 @@ def relax_chain(H, m, out=None, D=None, mass=None):
     O(n d) time. Trusts ``H`` and ``m`` (the morpher validates).
     """
     n, d = H.shape
-    given = out is not None
-    out, D, mass = _outputs(("out", "D", "mass"), (out, D, mass), ((n, d), (n,), (n,)),
-                            {"H": H, "m": m})
-    stream = given and streams(out)
+    (out, D, mass), warm = _outputs(("out", "D", "mass"), (out, D, mass),
+                                    ((n, d), (n,), (n,)), {"H": H, "m": m})
+    stream = warm and streams(out)
     _core.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
 
@@ -197,9 +201,9 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     if not in_place:
         inputs["grad_out"] = grad_out
     name = "grad_out" if overwrite else "grad_H"
-    given = grad_H is not None
-    grad_H, grad_m = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)), inputs)
-    stream = given and not in_place and streams(grad_H)
+    (grad_H, grad_m), warm = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)),
+                                      inputs)
+    stream = warm and not in_place and streams(grad_H)
     _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
     return grad_H, grad_m
 

@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import _core
+from .buffers import empty
 from ._validation import as_float_array, as_index_array, check_out, streams
 
 __all__ = ["MergeHistory"]
@@ -168,7 +169,7 @@ class MergeHistory:
             ``out`` if given.
         """
         x2, flat = self._as_2d(x, "x", self.num_inputs)
-        out, out2 = self._out(out, x2, flat, self.num_outputs, "x")
+        out, out2, _ = self._out(out, x2, flat, self.num_outputs, "x")
         _core.gather(self._indptr, self._members, _or_uniform(self._weights), x2, out2)
         return out
 
@@ -192,26 +193,29 @@ class MergeHistory:
             ``out`` if given.
         """
         g2, flat = self._as_2d(g, "g", self.num_outputs)
-        given = out is not None
-        out, out2 = self._out(out, g2, flat, self.num_inputs, "g")
+        out, out2, warm = self._out(out, g2, flat, self.num_inputs, "g")
         _core.scatter(self._cluster, self._indptr, _or_uniform(self._node_weights), g2, out2,
-                      given and streams(out))
+                      warm and streams(out))
         return out
 
     @staticmethod
     def _out(out, x2, flat, rows, x_name):
-        """The result array and its 2-d view for a kernel writing ``rows`` rows."""
+        """The result array, its 2-d view for a kernel writing ``rows`` rows,
+        and whether its memory is warm (a caller's buffer or a recycled block,
+        see :mod:`grapheme.buffers`)."""
         shape = (rows,) if flat else (rows, x2.shape[1])
         if out is None:
-            out = np.empty(shape)
+            out, warm = empty(shape)
         else:
             check_out(out, "out", shape, inputs={x_name: x2})
-        return out, out.reshape(rows, x2.shape[1])
+            warm = True
+        return out, out.reshape(rows, x2.shape[1]), warm
 
     def unpool(self, y):
         """Broadcast every output back to its inputs: ``out[i] = y[c(i)]``. O(n d)."""
         y2, flat = self._as_2d(y, "y", self.num_outputs)
-        out = np.take(y2, self._cluster, axis=0)
+        out, _ = empty((self.num_inputs, y2.shape[1]))
+        np.take(y2, self._cluster, axis=0, out=out)
         return out.ravel() if flat else out
 
     def compose(self, later):

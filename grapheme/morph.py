@@ -3,6 +3,7 @@ import numpy as np
 
 from . import _core, _estimators
 from ._estimators import sigmoid as _sigmoid
+from .buffers import empty
 from ._validation import as_float_array, check_out, check_scalar
 from .graph import Graph
 from .history import MergeHistory
@@ -572,11 +573,8 @@ def _output_gradient(morphed, grad_features, grad_activation, grad_mass, out=Non
     activations; in ``out`` (checked by the caller) if given."""
     k = morphed.graph.num_nodes
     d = morphed.features.shape[1]
-    if out is None:
-        grad = np.zeros((k, d))
-    else:
-        grad = out
-        grad.fill(0.0)
+    grad = empty((k, d))[0] if out is None else out
+    grad.fill(0.0)
     if grad_features is not None:
         grad += as_float_array(grad_features, "grad_features", ndim=2, shape=(k, d))
     if grad_activation is not None:
