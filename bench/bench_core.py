@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from grapheme import Graph, _core, contract, merge_edges
+from grapheme import Graph, _core, contract, merge_edges, set_buffer_cache
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
 D = 16
@@ -213,10 +213,13 @@ class _HistoryProblem:
 class Gather:
     """Pooling (n, 16) -> (k, 16): ``history.gather`` vs the scipy CSR product.
 
-    ``time_gather`` allocates its result, as the scipy product does;
-    ``time_gather_out`` writes into a buffer reused across calls (``out=``),
-    as a training loop does. At millions of rows the fresh allocation's page
-    faults cost more than the pooling (see ``MemoryFloor``).
+    ``time_gather`` returns a fresh result, as the scipy product does; from
+    256 KiB on it comes from grapheme's block cache, so every call after the
+    first reuses the memory the previous result gave back (``GatherCold``
+    times the same with the cache off). ``time_gather_out`` writes into a
+    buffer reused across calls (``out=``). At millions of rows the page
+    faults of memory that is really fresh cost more than the pooling (see
+    ``MemoryFloor.time_alloc``).
     """
     params = [SIZES]
     param_names = ["n"]
@@ -254,10 +257,12 @@ class Gather:
 class Scatter:
     """Routing gradients (k, 16) -> (n, 16), the adjoint of ``Gather``.
 
-    Each way is timed twice: allocating its result (``time_scatter`` and the
-    peers as a user writes them) and into a buffer reused across calls
-    (``*_out``: ``scatter(g, out=...)`` against the same numpy code with
-    ``out=``, zeroing first where it accumulates).
+    Each way is timed twice: returning a fresh result (``time_scatter``, from
+    grapheme's block cache as in ``Gather``, and the peers as a user writes
+    them) and into a buffer reused across calls (``*_out``: ``scatter(g,
+    out=...)`` against the same numpy code with ``out=``, zeroing first where
+    it accumulates). ``ScatterCold`` times the fresh results with the cache
+    off.
     """
     params = [SIZES]
     param_names = ["n"]
@@ -284,9 +289,11 @@ class Scatter:
         self.out = np.zeros((n, D))
         if n <= CHECK_UP_TO:
             ours = h.scatter(self.g)
+            # (through the class: ScatterCold drops the _out methods)
             for peer in (self.time_numpy_fancy(n), self.time_add_at(n), self.pool_t @ self.g,
-                         self.time_numpy_fancy_out(n).copy(), self.time_add_at_out(n).copy(),
-                         self.time_scatter_out(n)):
+                         Scatter.time_numpy_fancy_out(self, n).copy(),
+                         Scatter.time_add_at_out(self, n).copy(),
+                         Scatter.time_scatter_out(self, n)):
                 np.testing.assert_allclose(ours, peer, rtol=1e-15)
 
     def time_scatter(self, n):
@@ -322,6 +329,34 @@ class Scatter:
 
     def peakmem_numpy_fancy(self, n):
         self.w2 * self.g[self.cluster]
+
+
+class _CacheOff:
+    """Mixin: grapheme's result cache off (``set_buffer_cache(0)``) for the
+    run, so every fresh result of ours pays the page faults and the zeroing
+    of new memory, as numpy's and scipy's do."""
+    def setup(self, n):
+        super().setup(n)
+        self.previous_cache = set_buffer_cache(0)
+
+    def teardown(self, n):
+        set_buffer_cache(self.previous_cache)
+
+
+class GatherCold(_CacheOff, Gather):
+    """``Gather``'s fresh results with grapheme's result cache off."""
+    ratios = [("time_gather", "time_scipy_csr", 1.0)]
+    time_gather_out = peakmem_gather = peakmem_scipy_csr = None
+
+
+class ScatterCold(_CacheOff, Scatter):
+    """``Scatter``'s fresh results with grapheme's result cache off."""
+    ratios = [
+        ("time_scatter", "time_add_at", 0.1),
+        ("time_scatter", "time_scipy_csr_transpose"),
+    ]
+    time_scatter_out = time_numpy_fancy_out = time_add_at_out = None
+    peakmem_scatter = peakmem_numpy_fancy = None
 
 
 class MemoryFloor:

@@ -9,7 +9,7 @@
 # forward + backward 3 to 5x slower than the same kernels writing into
 # reused buffers (``python -m bench --filter "RelaxSuite|Scatter|Gather"``).
 #
-# What. Results of at least ``BLOCK_MIN_BYTES`` come from ``take_block``: a
+# What. Results of at least ``BLOCK_MIN_BYTES`` (256 KiB) come from ``take_block``: a
 # ``_Block`` owns one allocation and exports it through the buffer protocol,
 # the Python layer wraps it in an ndarray (``np.frombuffer``), and when the
 # last array over it dies the block's memory goes back to a short list of
@@ -70,11 +70,17 @@ cdef extern from *:
     void* block_alloc "grapheme_block_alloc"(size_t nbytes) nogil
     void block_free "grapheme_block_free"(void* p) nogil
 
-#: Results smaller than this come from numpy (malloc serves them well).
-BLOCK_MIN_BYTES = 1 << 20
+#: Results smaller than this come from numpy. glibc keeps arrays of up to
+#: 128 KiB in its heap; larger ones it maps anew or trims on free (see
+#: above). Measured at 1e5 nodes: with a 1 MiB threshold the relaxation's
+#: (n,) arrays of 800 kB still faulted every call (41 vs 26 ns/node).
+BLOCK_MIN_BYTES = 1 << 18
 
 cdef enum:
-    IDLE_SLOTS = 8
+    IDLE_SLOTS = 16   # a training step's results of one size class fit
+
+#: At most this many idle blocks are kept.
+BLOCK_SLOTS = IDLE_SLOTS
 
 cdef unsigned int TRACE_DOMAIN = 0x67726170   # "grap"
 

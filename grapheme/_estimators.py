@@ -149,9 +149,8 @@ def relax_chain(H, m, out=None, D=None, mass=None):
         Buffers to write the results into, as numpy's ``out=``: float64,
         C-contiguous, aligned, writeable, of exactly the shape returned, and
         overlapping neither an input nor each other (checked before any
-        work). Reusing them across calls (a training loop) saves the page
-        faults of fresh allocations, which at millions of nodes cost as much
-        as the relaxation itself. A reused ``out`` of at least
+        work). Missing ones come from :func:`grapheme.buffers.empty`. A
+        reused (or recycled) ``out`` of at least
         ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming stores.
 
     Returns
@@ -186,7 +185,7 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     ``overwrite=True`` is the same as ``grad_H=grad_out``: it saves an (n, d)
     allocation, and ``grad_out`` is then checked as an output buffer.
 
-    A reused ``grad_H`` of at least ``grapheme._core.STREAM_MIN_BYTES`` is
+    A reused (or recycled) ``grad_H`` of at least ``grapheme._core.STREAM_MIN_BYTES`` is
     written with streaming stores, unless it is ``grad_out``: rows read just
     before being overwritten are in cache, and streaming them out was
     measured twice as slow.

@@ -94,9 +94,10 @@ def check_out(out, name, shape, inputs=None):
         raise TypeError(f"{name} must have dtype float64, got {out.dtype}")
     if out.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
-    if not (out.flags.c_contiguous and out.flags.aligned):
+    flags = out.flags
+    if not (flags.c_contiguous and flags.aligned):
         raise ValueError(f"{name} must be C-contiguous and aligned")
-    if not out.flags.writeable:
+    if not flags.writeable:
         raise ValueError(f"{name} is read-only")
     for other, arr in (inputs or {}).items():
         if np.may_share_memory(out, arr):
@@ -105,10 +106,11 @@ def check_out(out, name, shape, inputs=None):
 
 
 def streams(out):
-    """Whether a kernel should write ``out``, a caller's reused buffer, with
-    streaming stores: when it holds at least ``_core.STREAM_MIN_BYTES`` (read
-    at call time). The policy is explained beside gather/scatter in
-    ``_core.pyx``; a freshly allocated result never streams."""
+    """Whether a kernel should write ``out``, warm memory (a caller's reused
+    buffer or a recycled result block), with streaming stores: when it holds
+    at least ``_core.STREAM_MIN_BYTES`` (read at call time). The policy is
+    explained beside gather/scatter in ``_core.pyx``; memory that is really
+    fresh never streams."""
     return out.nbytes >= _core.STREAM_MIN_BYTES
 
 

@@ -1,6 +1,6 @@
 """Fresh results without fresh page faults: the cache of large result blocks.
 
-Every result grapheme allocates of at least ``_core.BLOCK_MIN_BYTES`` (1 MiB)
+Every result grapheme allocates of at least ``_core.BLOCK_MIN_BYTES`` (256 KiB)
 comes from a block that goes back to a short idle list when the last array
 over it dies, instead of back to the operating system. The next result of
 about the same size reuses it, so a loop that allocates the same large
@@ -8,14 +8,14 @@ results every step (a training loop, or ``history.scatter(g)`` called again
 and again) stops paying for page faults and the kernel's zeroing of fresh
 pages. With reused memory the fresh call costs what the ``out=`` call
 costs; without, at 1e7 x 16 doubles, it costs about three times as much
-(``python -m bench --filter Scatter``: ``time_scatter`` vs
-``time_scatter_cold``).
+(``python -m bench --filter Scatter``: ``Scatter.time_scatter`` against
+``ScatterCold.time_scatter``, the same call with the cache off).
 
 The arrays are ordinary writable, C-contiguous float64 ndarrays; their
 ``base`` is the block, and ``flags.owndata`` is False (so ``ndarray.resize``
 refuses them, as it refuses any view). The cache keeps at most a limit of
 idle memory, by default an eighth of the machine's physical memory (1 GiB
-where that is unknown), in at most 8 blocks, oldest freed first. Memory in
+where that is unknown), in at most 16 blocks (``_core.BLOCK_SLOTS``), oldest freed first. Memory in
 use by arrays is never counted, never touched.
 
 >>> import grapheme

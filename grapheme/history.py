@@ -159,9 +159,10 @@ class MergeHistory:
         x : array_like of shape (n_inputs,) or (n_inputs, d)
         out : ndarray of shape (n_outputs,) or (n_outputs, d), optional
             A float64, C-contiguous buffer to write the result into, as in
-            numpy's ``out=``. Reusing one buffer across calls (a training
-            loop) saves the page faults of a fresh allocation, which at
-            millions of rows cost more than the pooling itself.
+            numpy's ``out=``. Without it, a result of 256 KiB or more comes
+            from grapheme's cache of recycled blocks (:mod:`grapheme.buffers`),
+            so a loop that drops each result before the next call pays no
+            page faults either.
 
         Returns
         -------
@@ -183,7 +184,7 @@ class MergeHistory:
         g : array_like of shape (n_outputs,) or (n_outputs, d)
         out : ndarray of shape (n_inputs,) or (n_inputs, d), optional
             A float64, C-contiguous buffer to write the result into (see
-            :meth:`gather`). A reused buffer of at least
+            :meth:`gather`). A reused buffer (or recycled block) of at least
             ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming
             stores, which skip the cache.
 
@@ -209,7 +210,7 @@ class MergeHistory:
         else:
             check_out(out, "out", shape, inputs={x_name: x2})
             warm = True
-        return out, out.reshape(rows, x2.shape[1]), warm
+        return out, (out.reshape(rows, x2.shape[1]) if flat else out), warm
 
     def unpool(self, y):
         """Broadcast every output back to its inputs: ``out[i] = y[c(i)]``. O(n d)."""

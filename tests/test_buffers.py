@@ -108,9 +108,9 @@ def test_limit_and_slots_are_respected(cache):
     info = grapheme.buffer_cache_info()
     assert info["idle_bytes"] <= 5 * MiB and info["idle_blocks"] == 2
     grapheme.set_buffer_cache(1 << 40)
-    arrays = [empty((2 * MiB // 8,))[0] for _ in range(12)]
+    arrays = [empty((2 * MiB // 8,))[0] for _ in range(_core.BLOCK_SLOTS + 4)]
     del arrays
-    assert grapheme.buffer_cache_info()["idle_blocks"] == 8
+    assert grapheme.buffer_cache_info()["idle_blocks"] == _core.BLOCK_SLOTS
     assert grapheme.set_buffer_cache(0) == 1 << 40
     assert grapheme.buffer_cache_info()["idle_bytes"] == 0
 
@@ -264,7 +264,7 @@ class BlockCacheMachine(RuleBasedStateMachine):
     @invariant()
     def idle_list_within_limits(self):
         info = grapheme.buffer_cache_info()
-        assert info["idle_bytes"] <= self.limit and info["idle_blocks"] <= 8
+        assert info["idle_bytes"] <= self.limit and info["idle_blocks"] <= _core.BLOCK_SLOTS
 
     def teardown(self):
         self.live.clear()
