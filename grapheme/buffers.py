@@ -81,18 +81,22 @@ def buffer_cache_info():
     return dict(zip(keys, _core.block_cache_info()))
 
 
-def empty(shape):
-    """An uninitialised float64 C-contiguous array of ``shape`` and whether
-    its memory is warm (recycled, pages already mapped). Results of at least
-    ``_core.BLOCK_MIN_BYTES`` come from the block cache."""
+def empty(shape, dtype=np.float64):
+    """An uninitialised C-contiguous array of ``shape`` and ``dtype`` (a
+    numeric numpy dtype) and whether its memory is warm (recycled, pages
+    already mapped). Results of at least ``_core.BLOCK_MIN_BYTES`` come from
+    the block cache."""
+    dtype = np.dtype(dtype)
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
     size = 1
     for s in shape:
         size *= s
-    nbytes = 8 * size
+    nbytes = dtype.itemsize * size
     if nbytes < _core.BLOCK_MIN_BYTES:
-        return np.empty(shape), False
+        return np.empty(shape, dtype), False
     block = _core.take_block(nbytes)
-    return np.frombuffer(block, dtype=np.float64).reshape(shape), block.warm
+    return np.frombuffer(block, dtype=dtype).reshape(shape), block.warm
 
 
 _core.set_block_cache(_default_limit())

@@ -84,10 +84,10 @@ class MergeHistory:
     def _set(self, cluster, k, node_weights):
         dtype = cluster.dtype
         self._cluster = cluster
-        self._indptr = np.empty(k + 1, dtype=dtype)
-        self._members = np.empty(cluster.shape[0], dtype=dtype)
+        self._indptr = empty(k + 1, dtype)[0]
+        self._members = empty(cluster.shape[0], dtype)[0]
         # uniform weights are not stored: the kernels divide by |c| (see weights)
-        self._weights = None if node_weights is None else np.empty(cluster.shape[0])
+        self._weights = None if node_weights is None else empty(cluster.shape[0])[0]
         _core.history_csr(cluster, _or_uniform(node_weights),
                           self._indptr, self._members, _or_uniform(self._weights))
         self._node_weights = node_weights

@@ -39,7 +39,7 @@ def merge_edges(graph, merge):
         raise TypeError(f"merge must be a boolean array, got dtype {merge.dtype}")
     if merge.shape != (graph.num_edges,):
         raise ValueError(f"merge must have shape ({graph.num_edges},), got {merge.shape}")
-    cluster = np.empty(graph.num_nodes, dtype=graph.indptr.dtype)
+    cluster = empty(graph.num_nodes, graph.indptr.dtype)[0]
     k = _core.components(graph.indptr, graph.indices,
                          np.ascontiguousarray(merge).view(np.uint8), cluster)
     return MergeHistory._trusted(cluster, k)

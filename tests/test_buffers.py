@@ -11,10 +11,13 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+from helpers import random_graph, streaming
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant,
                                  rule)
+from scipy.sparse.csgraph import connected_components
 
 import grapheme
 from grapheme import MergeHistory, _core
@@ -176,7 +179,6 @@ def test_memory_error_names_the_size(cache):
 def test_recycled_results_equal_fresh_ones(cache, blocks_for_all, stream):
     # every result through the cache, recycled blocks (warm) included, on the
     # normal-store and the streaming path: the same numbers as into out=
-    from helpers import streaming
     rng = np.random.default_rng(0)
     h = MergeHistory(np.repeat(np.arange(50), rng.integers(1, 4, 50)))
     x = rng.normal(size=(h.num_inputs, 5))
@@ -289,3 +291,31 @@ def test_sizes_round_trip(sizes):
             a[-1] = 1.0
     finally:
         grapheme.set_buffer_cache(previous)
+
+
+def test_index_results_on_recycled_blocks(cache, blocks_for_all, index_dtype):
+    # merge_edges and the history CSR write int32/int64 results into blocks,
+    # recycled and dirty on the second round: same merges as scipy's
+    rng = np.random.default_rng(7)
+    graph = random_graph(rng, 300, 500, dtype=index_dtype)
+    mask = rng.random(graph.num_edges) < 0.4
+    src = graph.edge_sources()
+    adjacency = sp.coo_array((np.ones(mask.sum()), (src[mask], graph.indices[mask])),
+                             shape=(300, 300))
+    k, labels = connected_components(adjacency, directed=False)
+    for _ in range(2):
+        dirty, _ = empty((300,), index_dtype)
+        dirty[:] = -5
+        del dirty
+        h = grapheme.merge_edges(graph, mask)
+        assert h.cluster.dtype == index_dtype and h.num_outputs == k
+        # scipy numbers components by first appearance too
+        np.testing.assert_array_equal(h.cluster, labels)
+        np.testing.assert_array_equal(np.sort(h.members), np.arange(300))
+        np.testing.assert_array_equal(np.diff(h.indptr), np.bincount(labels))
+
+
+def test_empty_takes_any_numeric_dtype(cache):
+    for dtype in (np.int32, np.int64, np.uint8, np.float64):
+        a, _ = empty(MiB, dtype)
+        assert a.dtype == dtype and a.shape == (MiB,)
