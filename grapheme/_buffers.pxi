@@ -35,7 +35,9 @@ cdef extern from "Python.h":
 cdef extern from *:
     """
     #include <stdlib.h>
-    #if defined(__linux__)
+    #if defined(_WIN32)
+    #include <malloc.h>
+    #elif defined(__linux__)
     #include <sys/mman.h>
     #endif
 

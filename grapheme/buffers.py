@@ -25,6 +25,7 @@ use by arrays is never counted, never touched.
 >>> _ = grapheme.set_buffer_cache(previous)
 """
 import os
+import sys
 
 import numpy as np
 
@@ -61,9 +62,9 @@ def set_buffer_cache(max_bytes):
     TypeError
         If ``max_bytes`` is not an integer.
     ValueError
-        If ``max_bytes`` is negative.
+        If ``max_bytes`` is negative or beyond ``sys.maxsize``.
     """
-    max_bytes = check_scalar(max_bytes, "max_bytes", lower=0, integer=True)
+    max_bytes = check_scalar(max_bytes, "max_bytes", lower=0, upper=sys.maxsize, integer=True)
     return _core.set_block_cache(max_bytes)
 
 

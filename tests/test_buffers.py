@@ -129,6 +129,7 @@ def test_no_cache_frees_at_once(cache):
 
 @pytest.mark.parametrize("bad, exc, match", [
     (-1, ValueError, "max_bytes must be >= 0"),
+    (2**70, ValueError, "max_bytes must be <= "),
     (1.5, TypeError, "max_bytes must be an integer"),
     ("1", TypeError, "max_bytes must be an integer"),
     (True, TypeError, "max_bytes must be an integer"),
