@@ -3,6 +3,7 @@
 These are the experiments of DESIGN.md ("Descent") turned into tests, with
 the numbers measured when they were written in the comments.
 """
+import numpy as np
 import pytest
 
 from grapheme import DEMO_PAIRS, Adam, Embedding, Graph, Morpher, StructuralLoss, Trainer
@@ -80,6 +81,30 @@ def test_rate_control_reaches_the_target(estimator, target):
     trainer.fit(pairs, 60)
     compression = 1.0 - trainer.evaluate(pairs)["merge_rate"]
     assert abs(compression - target) <= 0.05, compression
+
+
+# Other seeds. What the controller holds is the compression it measures, the
+# hard k / n of the training morphs; its mean over the last 5 epochs ends
+# within 0.03 of the target for history, soft and ste over seeds 0-9. The
+# final snapshot of Morpher.predict (the test above) swings by up to +-0.1
+# from one epoch to the next for soft and ste, even at lr 3e-3: their
+# gradients gather similarities at the threshold, where a tiny step flips
+# many merges. reinforce is not in this test: over seeds 0-9 its multiplier
+# oscillates slowly (a period of about 40 epochs) and 4 of 30 runs end up to
+# 0.14 off at epoch 60 (rate_weight 30 / rate_step 0.2 halves that; no
+# setting tried holds every seed).
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("target", [0.45, 0.55, 0.65])
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste"])
+def test_rate_control_holds_the_measured_compression(estimator, target, seed):
+    pairs = make_pairs(200, seed=seed)
+    morpher = Morpher(estimator=estimator, target_rate=target, seed=seed)
+    trainer = Trainer(Embedding(dim=32, seed=seed), morpher, StructuralLoss(), Adam(lr=3e-2),
+                      batch_size=16, seed=seed, progress=False)
+    records = trainer.fit(pairs, 60)
+    held = 1.0 - np.mean([r["merge_rate"] for r in records[-5:]])
+    assert abs(held - target) <= 0.05, held
 
 
 def test_rate_multiplier_moves_toward_the_target():
