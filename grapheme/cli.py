@@ -310,9 +310,11 @@ def main(argv=None):
 
 def run():
     """The ``grapheme`` console script: :func:`main` in a process whose malloc
-    keeps freed memory for reuse (see :mod:`grapheme._allocator`; training
-    steps run about a third faster). ``main`` itself changes nothing
-    process-wide, so tests and other programs can call it."""
+    keeps freed memory for reuse (see :mod:`grapheme._allocator`; for numpy's
+    temporaries, which the result cache of :mod:`grapheme.buffers` does not
+    serve; what it is worth depends on the machine, see the README).
+    ``main`` itself changes nothing process-wide, so tests and other programs
+    can call it."""
     retain_freed_memory()
     return main()
 
