@@ -26,7 +26,6 @@
 # ``TRACE_DOMAIN``), as it sees numpy's own buffers.
 
 from cpython.buffer cimport PyBuffer_FillInfo
-from libc.stdint cimport uintptr_t
 
 cdef extern from "Python.h":
     int PyTraceMalloc_Track(unsigned int domain, uintptr_t ptr, size_t size)

@@ -8,7 +8,7 @@ for inputs so read-only and memory-mapped arrays work), run without the GIL
 and are linear in their input unless the docstring says otherwise.
 """
 import numpy as np
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.math cimport sqrt, exp, log, fabs, expm1, log1p, cos, sin, M_PI, INFINITY
 
 ctypedef fused index_t:
@@ -538,6 +538,20 @@ cdef extern from *:
     #endif
     }
 
+    /* grapheme_row_scale_stream for a 16-byte aligned dst and an even d:
+       no per-row checks (measured 5.2 vs 5.8 ns/node at 1e7 x 16). */
+    static inline void grapheme_row_scale_stream_a16(double *__restrict dst,
+                                                     const double *__restrict src,
+                                                     double w, Py_ssize_t d) {
+    #if GRAPHEME_HAVE_STREAM
+        const __m128d vw = _mm_set1_pd(w);
+        for (Py_ssize_t t = 0; t < d; t += 2)
+            _mm_stream_pd(dst + t, _mm_mul_pd(vw, _mm_loadu_pd(src + t)));
+    #else
+        grapheme_row_scale(dst, src, w, d);
+    #endif
+    }
+
     /* dst[0:d] = src[0:d] */
     static inline void grapheme_row_copy(double *__restrict dst,
                                          const double *__restrict src, Py_ssize_t d) {
@@ -566,6 +580,18 @@ cdef extern from *:
     #endif
     }
 
+    /* grapheme_row_copy_stream for a 16-byte aligned dst and an even d. */
+    static inline void grapheme_row_copy_stream_a16(double *__restrict dst,
+                                                    const double *__restrict src,
+                                                    Py_ssize_t d) {
+    #if GRAPHEME_HAVE_STREAM
+        for (Py_ssize_t t = 0; t < d; t += 2)
+            _mm_stream_pd(dst + t, _mm_loadu_pd(src + t));
+    #else
+        grapheme_row_copy(dst, src, d);
+    #endif
+    }
+
     /* Order streaming stores before whatever the caller does next. */
     static inline void grapheme_store_fence(void) {
     #if GRAPHEME_HAVE_STREAM
@@ -579,8 +605,12 @@ cdef extern from *:
                                       intp_t d) noexcept nogil
     void row_scale_stream "grapheme_row_scale_stream"(double* dst, const double* src,
                                                       double w, intp_t d) noexcept nogil
+    void row_scale_stream_a16 "grapheme_row_scale_stream_a16"(
+        double* dst, const double* src, double w, intp_t d) noexcept nogil
     void row_copy_stream "grapheme_row_copy_stream"(double* dst, const double* src,
                                                     intp_t d) noexcept nogil
+    void row_copy_stream_a16 "grapheme_row_copy_stream_a16"(double* dst, const double* src,
+                                                            intp_t d) noexcept nogil
     void store_fence "grapheme_store_fence"() noexcept nogil
 
 # Reused outputs at least this large are written with streaming stores (see
@@ -588,6 +618,19 @@ cdef extern from *:
 # at 1e5 x 16 doubles (12.8 MB) normal stores win; from 1e6 x 16 (128 MB)
 # streaming is 1.5x faster.
 STREAM_MIN_BYTES = 64 * 1024 * 1024
+
+
+cdef inline bint _rows_a16(const double* dst, intp_t d) noexcept nogil:
+    """Whether every row of a C-contiguous (n, d) array at ``dst`` is 16-byte
+    aligned, so the ``_a16`` streaming helpers apply."""
+    return d % 2 == 0 and (<uintptr_t>dst) % 16 == 0
+
+
+cdef inline void _copy_stream(double* dst, const double* src, intp_t d, bint a16) noexcept nogil:
+    if a16:
+        row_copy_stream_a16(dst, src, d)
+    else:
+        row_copy_stream(dst, src, d)
 
 
 cdef inline void _zero(double* dst, intp_t d) noexcept nogil:
@@ -657,11 +700,15 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
     cdef const double* nw = &node_weights[0] if weighted else NULL
     cdef const double* gp = &g[0, 0]
     cdef double* op = &out[0, 0]
+    # every row 16-byte aligned: the streaming loop needs no per-row checks
+    cdef bint a16 = stream and _rows_a16(op, d)
     with nogil:
         for i in range(n):
             c = cl[i]
             wi = nw[i] if weighted else 1.0 / (ip[c + 1] - ip[c])
-            if stream:
+            if a16:
+                row_scale_stream_a16(op + i * d, gp + c * d, wi, d)
+            elif stream:
                 row_scale_stream(op + i * d, gp + c * d, wi, d)
             else:
                 row_scale(op + i * d, gp + c * d, wi, d)

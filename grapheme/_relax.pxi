@@ -55,6 +55,7 @@ def relax_chain_forward(
     # with d == 0 no row is touched; any valid address will do
     cdef const double* hp = &H[0, 0] if d else <const double*>p
     cdef double* op = &out[0, 0] if d else p
+    cdef bint a16 = _rows_a16(op, d)
     cdef const double* h
     cdef double* dst
     cdef const double* prev  # h'_{i+1}: a row of out, or with stream the local copy
@@ -67,7 +68,7 @@ def relax_chain_forward(
         for j in range(d):
             dst[j] = h[j]
         if stream:
-            row_copy_stream(op + (n - 1) * d, p, d)
+            _copy_stream(op + (n - 1) * d, p, d, a16)
         prev = dst
         for i in range(n - 2, -1, -1):
             c = mp[i] * dn
@@ -83,7 +84,7 @@ def relax_chain_forward(
                 for j in range(d):
                     dst[j] = (h[j] + c * prev[j]) * inv
             if stream:
-                row_copy_stream(op + i * d, p, d)
+                _copy_stream(op + i * d, p, d, a16)
             prev = dst
         if stream:
             store_fence()
@@ -134,6 +135,7 @@ def relax_chain_backward(
     cdef const double* outp = &out[0, 0] if d else <const double*>p
     cdef const double* gp = &grad_out[0, 0] if d else <const double*>p
     cdef double* ghp = &grad_H[0, 0] if d else p
+    cdef bint a16 = _rows_a16(ghp, d)
     cdef const double* o
     cdef const double* g
     cdef double* lam   # lam_i: a row of grad_H, or with stream the local copy
@@ -159,7 +161,7 @@ def relax_chain_backward(
                     dot = dot + gij * o[j]
                     lam[j] = gij * inv + mprev * prev[j]
             if stream:
-                row_copy_stream(ghp + i * d, p, d)
+                _copy_stream(ghp + i * d, p, d, a16)
             prev = lam
             kap = mprev * kap - dot * inv
             if i + 1 < n:

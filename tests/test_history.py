@@ -210,6 +210,25 @@ def check_gather_scatter_into_out(n, seed, d, flat):
     np.testing.assert_array_equal(out_y, h.scatter(y))
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned16", "offset8"])
+@pytest.mark.parametrize("d", [1, 2, 16, 17])
+def test_scatter_streams_at_any_row_alignment(offset, d):
+    # even d on a 16-byte boundary takes the streaming loop without per-row
+    # checks; odd d, or a buffer 8 bytes past a boundary, peels every row
+    rng = np.random.default_rng(d)
+    cluster = canonical(rng.integers(0, 20, 60))
+    h = MergeHistory(cluster)
+    g = rng.normal(size=(h.num_outputs, d))
+    base = np.full(60 * d + 2, np.nan)
+    skip = base.ctypes.data % 16 // 8 + offset
+    out = base[skip:skip + 60 * d].reshape(60, d)
+    assert out.ctypes.data % 16 == 8 * offset
+    with streaming(True):
+        h.scatter(g, out=out)
+    np.testing.assert_array_equal(out, h.node_weights[:, None] * g[cluster])
+    assert np.isnan(base[:skip]).all() and np.isnan(base[skip + 60 * d:]).all()
+
+
 def test_scatter_streams_into_large_reused_buffers():
     # the real threshold, crossed once: 64 MiB of output
     n = _core.STREAM_MIN_BYTES // (8 * 16) + 3
