@@ -60,9 +60,10 @@ def contract(
     members: np.ndarray,      # const index_t[::1] IN (n,)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
 def gather(
+    cluster: np.ndarray,      # const index_t[::1] IN (n,)
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
-    members: np.ndarray,      # const index_t[::1] IN (n,)
-    weights: np.ndarray,      # const double[::1] IN (n,) or (0,): 1 / |output|
+    members: np.ndarray,      # const index_t[::1] IN (n,), ascending per output
+    node_weights: np.ndarray, # const double[::1] IN (n,), or (0,) for 1 / |output|
     x: np.ndarray,            # const double[:, ::1] IN (n, d)
     out: np.ndarray,          # double[:, ::1] OUT (k, d)
 ) -> None: ...

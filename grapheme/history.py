@@ -171,7 +171,8 @@ class MergeHistory:
         """
         x2, flat = self._as_2d(x, "x", self.num_inputs)
         out, out2, _ = self._out(out, x2, flat, self.num_outputs, "x")
-        _core.gather(self._indptr, self._members, _or_uniform(self._weights), x2, out2)
+        _core.gather(self._cluster, self._indptr, self._members,
+                     _or_uniform(self._node_weights), x2, out2)
         return out
 
     def scatter(self, g, out=None):

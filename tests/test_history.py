@@ -380,3 +380,31 @@ def test_uniform_weights_are_not_stored_and_give_the_same_values(cluster, d, see
     np.testing.assert_array_equal(explicit.gather(x), lazy)
     np.testing.assert_array_equal(explicit.weights, w)
     np.testing.assert_array_equal(w, 1.0 / h.sizes[cluster[h.members]])
+
+
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**32 - 1), d=st.integers(1, 5),
+       weighted=st.booleans())
+def test_gather_sums_in_member_order_to_the_bit(n, seed, d, weighted):
+    # gather walks the inputs and starts each output at its head with a row
+    # of -0.0: the same bits as summing each output's members in order, signed
+    # zeros included, on any history (not only chains)
+    rng = np.random.default_rng(seed)
+    cluster = canonical(rng.integers(0, max(n // 2, 1), n))
+    k = int(cluster.max()) + 1
+    w = None
+    if weighted:
+        w = rng.random(n) + 0.1
+        w /= np.bincount(cluster, weights=w)[cluster]
+    h = MergeHistory(cluster, node_weights=w)
+    x = rng.choice([-0.0, 0.0, 1.5, -2.25, 3.0], size=(n, d))
+    got = h.gather(x)     # before anything reads h.node_weights (kernel's 1 / |c|)
+    wts = w if weighted else 1.0 / np.bincount(cluster)[cluster]
+    ref = np.empty((k, d))
+    for c in range(k):
+        members = np.flatnonzero(cluster == c)
+        s = wts[members[0]] * x[members[0]]
+        for i in members[1:]:
+            s = s + wts[i] * x[i]
+        ref[c] = s
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
