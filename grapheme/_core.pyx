@@ -661,11 +661,17 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
     cdef double w
     if k == 0 or d == 0:
         return
-    head_base = np.full(d, -0.0)      # what a head's row is added to
-    cdef double[::1] head_view = head_base
+    # what a head's row is added to: d values of -0.0, on the stack if d is small
+    cdef double neg0_stack[64]
+    cdef double[::1] neg0_heap
+    cdef double* neg0 = neg0_stack
+    if d > 64:
+        neg0_heap = np.empty(d)
+        neg0 = &neg0_heap[0]
+    for i in range(d):
+        neg0[i] = -0.0
     # raw pointers: a memoryview index recomputes its address from the
     # view's strides at every use, which costs more than the row itself
-    cdef const double* neg0 = &head_view[0]
     cdef const index_t* cl = &cluster[0] if n else NULL
     cdef const index_t* ip = &hist_indptr[0]
     cdef const index_t* mem = &members[0] if n else NULL

@@ -24,6 +24,7 @@ use by arrays is never counted, never touched.
 0
 >>> _ = grapheme.set_buffer_cache(previous)
 """
+import math
 import os
 import sys
 
@@ -82,18 +83,19 @@ def buffer_cache_info():
     return dict(zip(keys, _core.block_cache_info()))
 
 
-def empty(shape, dtype=np.float64):
+_FLOAT64 = np.dtype(np.float64)
+
+
+def empty(shape, dtype=_FLOAT64):
     """An uninitialised C-contiguous array of ``shape`` and ``dtype`` (a
     numeric numpy dtype) and whether its memory is warm (recycled, pages
     already mapped). Results of at least ``_core.BLOCK_MIN_BYTES`` come from
     the block cache."""
-    dtype = np.dtype(dtype)
-    if isinstance(shape, (int, np.integer)):
+    if dtype is not _FLOAT64:
+        dtype = np.dtype(dtype)
+    if type(shape) is not tuple:
         shape = (shape,)
-    size = 1
-    for s in shape:
-        size *= s
-    nbytes = dtype.itemsize * size
+    nbytes = dtype.itemsize * math.prod(shape)
     if nbytes < _core.BLOCK_MIN_BYTES:
         return np.empty(shape, dtype), False
     block = _core.take_block(nbytes)
