@@ -188,7 +188,7 @@ def reset_peak_rss():
         return False
 
 
-def time_call(fn, args, quick, timeout):
+def _time_call(fn, args, quick, timeout):
     t0 = time.perf_counter()
     fn(*args)
     first = time.perf_counter() - t0
@@ -238,7 +238,7 @@ def worker(spec):
             fn = getattr(obj, m)
             try:
                 if m.startswith("time_"):
-                    samples, number = time_call(fn, args, spec["quick"], timeout)
+                    samples, number = _time_call(fn, args, spec["quick"], timeout)
                     emit(method=m, status="ok", value=min(samples), unit="s",
                          samples=samples, number=number)
                 elif m.startswith("track_"):
