@@ -481,7 +481,8 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
 #   and a branch on "is this input a head" is just as unpredictable, so it
 #   selects the row it adds to without a branch: the output row, or a row of
 #   -0.0 for a head (x + -0.0 == x for every x, so the sums are the same bits
-#   as the CSR walk's; 6.3 -> 4.5 ns/node in cache, 7.1 -> 6.8 at 1e7);
+#   as the CSR walk's; ``python -m bench --filter Gather``: 6.6-8.0 -> 5.4
+#   ns/node at 1e5 x 16, in cache, and 7.1 -> 6.6 at 1e7);
 # * ``scatter(..., stream=True)`` writes with non-temporal (streaming) stores
 #   where the CPU has them (SSE2: every x86-64). A normal store first reads
 #   the cache line it overwrites; an output far larger than the cache gains
@@ -543,7 +544,8 @@ cdef extern from *:
     }
 
     /* grapheme_row_scale_stream for a 16-byte aligned dst and an even d:
-       no per-row checks (measured 5.2 vs 5.8 ns/node at 1e7 x 16). */
+       no per-row checks (scatter into a reused 1e7 x 16 buffer, the kernel
+       called directly: 6.6 -> 4.8 ns/node). */
     static inline void grapheme_row_scale_stream_a16(double *__restrict dst,
                                                      const double *__restrict src,
                                                      double w, Py_ssize_t d) {
