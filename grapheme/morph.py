@@ -236,19 +236,26 @@ class Morpher:
     rate_control : {"multiplier", "penalty"}, default "multiplier"
         ``"multiplier"``: a rate controller in the spirit of MrT5's
         deletion-rate controller. After every training step
-        :meth:`update_rate` moves the multiplier by the method of
-        multipliers, ``lambda += rate_step * (measured - target_rate)``
-        with the measured (hard) compression of that step, so the rate is
-        held at the target however hard the loss pulls. ``"penalty"``: the
-        quadratic penalty alone (``lambda`` stays 0); the rate then settles
-        where the penalty balances the loss, off the target.
+        :meth:`update_rate` moves the multiplier with the error
+        ``e = measured - target_rate`` of that step's measured (hard)
+        compression: ``lambda += rate_step * e + rate_proportional * (e -
+        e_previous)``, a PI controller whose integral part is the method of
+        multipliers, so the rate is held at the target however hard the
+        loss pulls. ``"penalty"``: the quadratic penalty alone (``lambda``
+        stays 0); the rate then settles where the penalty balances the
+        loss, off the target.
     rate_step : float >= 0, default 0.5
-        Step of the multiplier update. With the defaults, 60 epochs on 200
-        generated pairs (``tests/test_learning.py``, seed 0) end within 0.05
-        of targets 0.45-0.65 for every estimator. Across seeds 0-3 the final
-        compression of ``soft`` and ``ste`` is up to 0.08 off: the multiplier
-        integrates the compression of 16-pair batches, and the threshold
-        still moves by about Adam's step in the last epochs.
+        Integral gain of the controller (the multiplier step).
+    rate_proportional : float >= 0, default 5.0
+        Proportional gain of the controller: it damps the slow oscillation
+        that the integral alone leaves. Measured on 200 generated pairs,
+        60 epochs, targets 0.45/0.55/0.65, seeds 0-19: with 0, ``reinforce``
+        ended up to 0.14 off its target; with 5, within 0.05 on every seed.
+        The compression the controller holds (mean over the last 5 epochs)
+        ends within 0.03 of the target for every estimator. The final hard
+        snapshot of ``soft`` and ``ste`` still swings by up to 0.1 from one
+        epoch to the next: their gradients gather similarities at the
+        threshold, where a small step flips many merges.
 
     Attributes
     ----------
@@ -283,7 +290,7 @@ class Morpher:
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="history", *, seed=0,
                  baseline="mean", samples=1, target_rate=None, rate_weight=10.0,
-                 rate_control="multiplier", rate_step=0.5):
+                 rate_control="multiplier", rate_step=0.5, rate_proportional=5.0):
         self.theta = np.array(check_scalar(threshold, "threshold"))
         self.temperature = check_scalar(temperature, "temperature", lower=0,
                                         lower_inclusive=False)
@@ -302,7 +309,9 @@ class Morpher:
                              f"got {rate_control!r}")
         self.rate_control = rate_control
         self.rate_step = check_scalar(rate_step, "rate_step", lower=0)
+        self.rate_proportional = check_scalar(rate_proportional, "rate_proportional", lower=0)
         self.rate_multiplier = 0.0
+        self._rate_error = None   # the controller's error at the previous step
         self.seed = check_scalar(seed, "seed", lower=0, integer=True)
         self._rng = np.random.default_rng(self.seed)
         self._mean_baseline = _estimators.MeanBaseline()
@@ -418,28 +427,33 @@ class Morpher:
     def update_rate(self, morphed):
         """One step of the rate controller (``rate_control="multiplier"``).
 
-        Call once per training step, after :meth:`backward`:
-        ``lambda += rate_step * (k / n - target_rate)`` with the hard
-        compression ``k / n`` that ``morphed`` measured. A no-op without a
-        target rate or with ``rate_control="penalty"``. Returns the
-        multiplier.
+        Call once per training step, after :meth:`backward`: with the error
+        ``e = k / n - target_rate`` of the hard compression ``k / n`` that
+        ``morphed`` measured, ``lambda += rate_step * e + rate_proportional
+        * (e - e_previous)`` (no proportional part at the first step). A
+        no-op without a target rate or with ``rate_control="penalty"``.
+        Returns the multiplier.
         """
         if not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
         n = morphed.history.num_inputs
         if self.target_rate is not None and self.rate_control == "multiplier" and n:
-            measured = morphed.history.num_outputs / n
-            self.rate_multiplier += self.rate_step * (measured - self.target_rate)
+            error = morphed.history.num_outputs / n - self.target_rate
+            previous = error if self._rate_error is None else self._rate_error
+            self.rate_multiplier += (self.rate_step * error
+                                     + self.rate_proportional * (error - previous))
+            self._rate_error = error
         return self.rate_multiplier
 
     def state_dict(self):
         """The state that training changes: ``theta``, the sampling generator
-        of ``reinforce``, the running-mean baseline and the rate multiplier
-        (JSON-serialisable)."""
+        of ``reinforce``, the running-mean baseline, the rate multiplier and
+        the controller's last error (JSON-serialisable)."""
         return {"theta": float(self.theta),
                 "rng": self._rng.bit_generator.state,
                 "baseline": [self._mean_baseline.total, self._mean_baseline.count],
-                "rate_multiplier": float(self.rate_multiplier)}
+                "rate_multiplier": float(self.rate_multiplier),
+                "rate_error": self._rate_error}
 
     def load_state_dict(self, state):
         """Restore :meth:`state_dict` output in place.
@@ -455,6 +469,9 @@ class Morpher:
             total = check_scalar(total, "baseline total")
             count = check_scalar(count, "baseline count", lower=0, integer=True)
             multiplier = check_scalar(state["rate_multiplier"], "rate_multiplier")
+            error = state.get("rate_error")   # absent from states before the PI controller
+            if error is not None:
+                error = check_scalar(error, "rate_error")
             rng = np.random.default_rng()
             rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -463,6 +480,7 @@ class Morpher:
         self._rng = rng
         self._mean_baseline.total, self._mean_baseline.count = total, count
         self.rate_multiplier = multiplier
+        self._rate_error = error
 
     def backward(self, morphed, grad_features=None, grad_activation=None, grad_mass=None,
                  loss_values=None, out=None):

@@ -62,14 +62,14 @@ def test_history_estimator_cannot_move_the_threshold():
     assert trainer.evaluate(DEMO_PAIRS)["loss"] < first
 
 
-# measured |compression - target| (w=10, step 0.5, 60 epochs, seed 0):
-#   ste 0.004 0.008 0.026 | soft 0.001 0.003 0.035 | reinforce 0.011 0.011 0.046
-#   history 0.014 0.006 0.003
-# Not a margin to rely on: seeds 1-3 end up to 0.083 off for ste, soft and
-# reinforce (history <= 0.016), and a change in the last bits of the
-# similarity moved reinforce at 0.65 from 0.004 to 0.046. Over seeds 0-3,
-# rate_weight 3 or 30, rate_step 0.1 to 5, lr 1e-2, 120 epochs or an lr
-# annealed to 0 were no tighter (worst 0.062-0.29).
+# measured compression - target (w=10, step 0.5, proportional 5, 60 epochs,
+# seed 0), targets 0.45 / 0.55 / 0.65:
+#   history -0.006 -0.001 0.002 | soft -0.011 -0.007 0.044
+#   ste -0.008 -0.021 0.026 | reinforce -0.013 0.001 0.036
+# With the integral controller alone (proportional 0) reinforce ended up to
+# 0.14 off on other seeds (a slow oscillation of the multiplier); with the
+# PI controller it stays within 0.05 over seeds 0-19. The predict snapshot
+# of soft and ste is the fragile part, see the next test.
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [0.45, 0.55, 0.65])
 @pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
@@ -85,18 +85,15 @@ def test_rate_control_reaches_the_target(estimator, target):
 
 # Other seeds. What the controller holds is the compression it measures, the
 # hard k / n of the training morphs; its mean over the last 5 epochs ends
-# within 0.03 of the target for history, soft and ste over seeds 0-9. The
-# final snapshot of Morpher.predict (the test above) swings by up to +-0.1
-# from one epoch to the next for soft and ste, even at lr 3e-3: their
-# gradients gather similarities at the threshold, where a tiny step flips
-# many merges. reinforce is not in this test: over seeds 0-9 its multiplier
-# oscillates slowly (a period of about 40 epochs) and 4 of 30 runs end up to
-# 0.14 off at epoch 60 (rate_weight 30 / rate_step 0.2 halves that; no
-# setting tried holds every seed).
+# within 0.03 of the target for history, soft and ste and within 0.05 for
+# reinforce over seeds 0-9 (reinforce also over 10-19). The final snapshot of
+# Morpher.predict (the test above) swings by up to +-0.1 from one epoch to
+# the next for soft and ste, even at lr 3e-3: their gradients gather
+# similarities at the threshold, where a tiny step flips many merges.
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("target", [0.45, 0.55, 0.65])
-@pytest.mark.parametrize("estimator", ["history", "soft", "ste"])
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
 def test_rate_control_holds_the_measured_compression(estimator, target, seed):
     pairs = make_pairs(200, seed=seed)
     morpher = Morpher(estimator=estimator, target_rate=target, seed=seed)
@@ -115,3 +112,28 @@ def test_rate_multiplier_moves_toward_the_target():
     assert Morpher(target_rate=0.5, rate_control="penalty").update_rate(out) == 0.0
     with pytest.raises(ValueError, match="rate_control must be"):
         Morpher(rate_control="pid")
+
+
+def test_rate_controller_is_proportional_plus_integral():
+    # lambda += step * e + proportional * (e - e_previous), exactly; the last
+    # error travels with the state, so a resumed controller takes the same step
+    emb = Embedding(dim=4)
+    none, all_ = Graph.from_text("abcdef"), Graph.from_text("aaaaaa")
+    m = Morpher(threshold=5.0, target_rate=0.5, rate_step=0.25, rate_proportional=2.0)
+    e1 = 1.0 - 0.5                                   # nothing merges: k / n = 1
+    assert m.update_rate(m.forward(none, emb.forward(none.labels))) == 0.25 * e1
+    state = m.state_dict()
+    same = m.forward(all_, emb.forward(all_.labels))
+    e2 = same.history.num_outputs / 6 - 0.5
+    expected = 0.25 * e1 + 0.25 * e2 + 2.0 * (e2 - e1)
+    assert m.update_rate(same) == pytest.approx(expected, rel=1e-15)
+    resumed = Morpher(threshold=5.0, target_rate=0.5, rate_step=0.25, rate_proportional=2.0)
+    resumed.load_state_dict(state)
+    assert resumed.update_rate(same) == pytest.approx(expected, rel=1e-15)
+    old = {k: v for k, v in state.items() if k != "rate_error"}  # an earlier state
+    resumed.load_state_dict(old)
+    assert resumed.update_rate(same) == pytest.approx(0.25 * e1 + 0.25 * e2, rel=1e-15)
+    with pytest.raises(ValueError, match="rate_proportional must be >= 0"):
+        Morpher(rate_proportional=-1.0)
+    with pytest.raises(TypeError, match="rate_proportional must be a real number"):
+        Morpher(rate_proportional="5")
