@@ -15,8 +15,8 @@ The arrays are ordinary writable, C-contiguous float64 ndarrays; their
 ``base`` is the block, and ``flags.owndata`` is False (so ``ndarray.resize``
 refuses them, as it refuses any view). The cache keeps at most a limit of
 idle memory, by default an eighth of the machine's physical memory (1 GiB
-where that is unknown), in at most 16 blocks (``_core.BLOCK_SLOTS``), oldest freed first. Memory in
-use by arrays is never counted, never touched.
+where that is unknown), in at most 16 blocks (``_core.BLOCK_SLOTS``),
+oldest freed first. Memory in use by arrays is never counted, never touched.
 
 >>> import grapheme
 >>> previous = grapheme.set_buffer_cache(0)     # hand every idle block back
