@@ -2,17 +2,21 @@
 
 Text becomes a chain graph of characters; a learnable :class:`Morpher`
 merges neighbouring nodes whose embeddings are similar; the
-:class:`MergeHistory` of every merge routes gradients back exactly.
+:class:`MergeHistory` of every merge routes gradients back exactly. Every
+differentiable step is an operation of :mod:`grapheme.ops` with a forward
+and a pure vector-Jacobian product.
 """
-from .buffers import buffer_cache_info, set_buffer_cache
+from . import ops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs
 from .embedding import Embedding
-from .graph import Graph
+from .estimators import Hard, Reinforce, Relaxed, StraightThrough
+from .graph import Graph, chain_sources, contract, merge_edges, replicate
 from .history import MergeHistory
 from .loss import LossGrad, LossResult, StructuralLoss
-from .morph import Morphed, Morpher, contract, merge_edges
+from .morph import Morphed, MorphGrad, Morpher
 from .optim import SGD, Adam
+from .rate import RateController
 from .testing import GradcheckResult, gradcheck, numerical_gradient
 from .train import Trainer
 
@@ -24,15 +28,21 @@ __all__ = [
     "Embedding",
     "GradcheckResult",
     "Graph",
+    "Hard",
     "LossGrad",
     "LossResult",
     "MergeHistory",
+    "MorphGrad",
     "Morphed",
     "Morpher",
+    "RateController",
+    "Reinforce",
+    "Relaxed",
     "SGD",
+    "StraightThrough",
     "StructuralLoss",
     "Trainer",
-    "buffer_cache_info",
+    "chain_sources",
     "contract",
     "generate",
     "gradcheck",
@@ -40,6 +50,7 @@ __all__ = [
     "load_pairs",
     "merge_edges",
     "numerical_gradient",
+    "ops",
+    "replicate",
     "save_checkpoint",
-    "set_buffer_cache",
 ]

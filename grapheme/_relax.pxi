@@ -174,3 +174,111 @@ def relax_chain_backward(
                 gmp[i] = 0.0
         if stream:
             store_fence()
+
+
+# ---------------------------------------------------------------------------
+# Expected inter-cluster edges of a relaxed chain
+# ---------------------------------------------------------------------------
+#
+# Node i heads a cluster with probability mu_i = 1 - m_{i-1}; given that, the
+# next cluster starts at j > i with probability P_ij (1 - m_{j-1}),
+# P_ij = prod_{t=i}^{j-2} m_t.  The relaxed edge i -> j carries
+#
+#     W_ij = mu_i P_ij (1 - m_{j-1}).
+#
+# Node i's window j = i+1 .. i+L_i stops at the end of its chain, or once
+# every W_ij and every first derivative of the rest would be below
+# RELAX_CUTOFF: behind two zero weights, or where the product of the
+# non-zero weights excluding the smallest falls below it (monotone in j).
+
+cdef double RELAX_CUTOFF = 8.673617379884035e-19   # 2**-60
+
+
+cdef inline intp_t _window(const double* m, const uint8_t* has_next, intp_t i) noexcept nogil:
+    cdef intp_t t = i, zeros = 0
+    cdef double prod = 1.0, smallest = 1.0, f
+    while has_next[t]:
+        if zeros >= 2 or (zeros == 1 and prod < RELAX_CUTOFF) or (
+                zeros == 0 and prod < RELAX_CUTOFF * smallest):
+            break
+        f = m[t]
+        if f == 0.0:
+            zeros += 1
+        else:
+            prod *= f
+            if f < smallest:
+                smallest = f
+        t += 1
+    return t - i
+
+
+def relaxed_edge_counts(const double[::1] m,          # IN  (n,) merge weights
+                        const uint8_t[::1] has_next,  # IN  (n,) 1 where edge i -> i+1 exists
+                        int64_t[::1] counts):         # OUT (n,) relaxed out-edges per node
+    """Number of relaxed edges out of every node (see the notes above). O(E')."""
+    cdef intp_t i, n = m.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        for i in range(n):
+            counts[i] = _window(&m[0], &has_next[0], i)
+
+
+def relaxed_edges(const double[::1] m,          # IN  (n,)
+                  const uint8_t[::1] has_next,  # IN  (n,)
+                  const index_t[::1] indptr,    # IN  (n+1,) from relaxed_edge_counts
+                  index_t[::1] indices,         # OUT (E',) j = i+1, i+2, ...
+                  double[::1] weights):         # OUT (E',) W_ij
+    """Targets and expected weights of the relaxed edges. O(E')."""
+    cdef intp_t i, l, e, L, n = m.shape[0]
+    cdef double mu, P
+    with nogil:
+        for i in range(n):
+            mu = 1.0 - m[i - 1] if i > 0 else 1.0
+            P = 1.0
+            e = indptr[i]
+            L = indptr[i + 1] - e
+            for l in range(L):
+                indices[e + l] = <index_t>(i + 1 + l)
+                weights[e + l] = mu * P * (1.0 - m[i + l])
+                P *= m[i + l]
+
+
+def relaxed_edges_backward(const double[::1] m,        # IN  (n,)
+                           const index_t[::1] indptr,  # IN  (n+1,)
+                           const double[::1] grad_w,   # IN  (E',) upstream gradient of W
+                           double[::1] grad_m):        # OUT (n,), accumulated
+    """Accumulate ``sum_e grad_w[e] dW_e / dm`` into ``grad_m``. O(E').
+
+    Per node i with window L: with P_l = prod_{s<l} m_{i+s} and q_l = 1 -
+    m_{i+l}, W_l = mu_i P_l q_l; the weight m_{i+l} enters q_l and every
+    P_{l'} with l' > l, whose adjoints are summed right to left in
+    A_l = sum_{l' > l} g_{l'} q_{l'} prod_{s=l+1}^{l'-1} m_{i+s}, so each node
+    costs O(L). d mu_i / d m_{i-1} = -1.
+    """
+    cdef intp_t i, l, e, L, n = m.shape[0]
+    cdef double mu, A, gmu, g, q
+    if n == 0:
+        return
+    cdef double[::1] prefix_buf = np.empty(n + 1)
+    cdef double* P = &prefix_buf[0]
+    with nogil:
+        for i in range(n):
+            e = indptr[i]
+            L = indptr[i + 1] - e
+            if L == 0:
+                continue
+            mu = 1.0 - m[i - 1] if i > 0 else 1.0
+            P[0] = 1.0
+            for l in range(1, L):
+                P[l] = P[l - 1] * m[i + l - 1]
+            A = 0.0
+            gmu = 0.0
+            for l in range(L - 1, -1, -1):
+                g = grad_w[e + l]
+                q = 1.0 - m[i + l]
+                grad_m[i + l] += mu * P[l] * (A - g)
+                gmu += g * P[l] * q
+                A = g * q + m[i + l] * A
+            if i > 0:
+                grad_m[i - 1] -= gmu

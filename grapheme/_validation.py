@@ -17,6 +17,7 @@ __all__ = [
     "streams",
     "check_scalar",
     "common_index_dtype",
+    "check_pairs",
 ]
 
 
@@ -137,3 +138,21 @@ def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
         op = "<=" if upper_inclusive else "<"
         raise ValueError(f"{name} must be {op} {upper}, got {value}")
     return value
+
+
+def check_pairs(pairs, name):
+    """Split a list of ``(input, target)`` string pairs into two lists."""
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
+        raise TypeError(f"{name} must be a list of (input, target) string pairs, "
+                        f"got {type(pairs).__name__}")
+    inputs, targets = [], []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name}[{i}] must be an (input, target) pair, got {pair!r}")
+        source, target = pair
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise TypeError(f"{name}[{i}] must hold two str, got "
+                            f"({type(source).__name__}, {type(target).__name__})")
+        inputs.append(source)
+        targets.append(target)
+    return inputs, targets

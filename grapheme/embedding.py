@@ -51,6 +51,10 @@ class Embedding:
         self._sorted_codes = np.empty(0, dtype=np.int64)
         self._sorted_rows = np.empty(0, dtype=np.int64)
 
+    def get_params(self):
+        """Constructor arguments."""
+        return {"dim": self.dim, "seed": self.seed}
+
     def rows(self, labels, grow=True):
         """Row of every label, adding rows for unseen code points. O(n log V)."""
         labels = as_index_array(labels, "labels").astype(np.int64, copy=False)

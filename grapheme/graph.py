@@ -4,7 +4,7 @@ import numpy as np
 from . import _core
 from ._validation import as_float_array, as_index_array, common_index_dtype
 
-__all__ = ["Graph"]
+__all__ = ["Graph", "merge_edges", "contract", "replicate", "chain_sources"]
 
 MAX_CODE_POINT = 0x10FFFF
 
@@ -335,9 +335,8 @@ class Graph:
         if self._activation is not None:
             return self._activation
         if self._features is not None:
-            if self._features.shape[1] == 0:
-                return np.zeros(self.num_nodes)
-            return self._features.mean(axis=1)
+            from .ops import feature_mean   # the one home of this rule (ops.FeatureMean)
+            return feature_mean(self._features)
         return np.ones(self.num_nodes)
 
     @property
@@ -403,3 +402,180 @@ def _check_offsets(offsets, n, indptr, indices):
         if np.any(block[sources] != block[indices]):
             raise ValueError("offsets: an edge crosses from one graph of the batch to another")
     return offsets
+
+
+# ---------------------------------------------------------------------------
+# Structural operations
+# ---------------------------------------------------------------------------
+
+def _check_graph(graph, name):
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
+
+
+def merge_edges(graph, merge):
+    """Merge the endpoints of every selected edge; the history of the result.
+
+    Clusters are the connected components of the selected edges (union-find,
+    O(n alpha(n) + E)); the head of a cluster is its earliest node and
+    clusters are numbered in the order of their heads.
+
+    Parameters
+    ----------
+    graph : Graph
+    merge : array_like of bool, shape (n_edges,)
+
+    Returns
+    -------
+    MergeHistory
+
+    Examples
+    --------
+    >>> g = Graph.from_text("abcd")
+    >>> merge_edges(g, [False, True, True]).cluster.tolist()
+    [0, 1, 1, 1]
+    """
+    from .history import MergeHistory
+
+    _check_graph(graph, "graph")
+    merge = np.asarray(merge)
+    if merge.dtype != bool:
+        raise TypeError(f"merge must be a boolean array, got dtype {merge.dtype}")
+    if merge.shape != (graph.num_edges,):
+        raise ValueError(f"merge must have shape ({graph.num_edges},), got {merge.shape}")
+    cluster = np.empty(graph.num_nodes, graph.indptr.dtype)
+    k = _core.components(graph.indptr, graph.indices,
+                         np.ascontiguousarray(merge).view(np.uint8), cluster)
+    return MergeHistory._trusted(cluster, k)
+
+
+def contract(graph, history, features=None):
+    """The graph of a merge: one node per output of ``history``.
+
+    Labels are the heads' labels, features the members' (weighted) mean,
+    edges ``(c(u), c(v))`` for every input edge with self-loops dropped and
+    duplicates folded (their weights summed). Masses are 1. A batch stays a
+    batch: output offsets follow the heads. O(n d + E).
+
+    Parameters
+    ----------
+    graph : Graph
+    history : MergeHistory
+        A map from ``graph``'s nodes that never joins two graphs of a batch.
+    features : ndarray of shape (n_nodes, d), optional
+        Defaults to ``graph.features``.
+
+    Returns
+    -------
+    Graph
+
+    Examples
+    --------
+    >>> g = Graph.from_text("aab")
+    >>> contract(g, merge_edges(g, [True, False])).to_text()
+    'ab'
+    """
+    from .history import MergeHistory
+
+    _check_graph(graph, "graph")
+    if not isinstance(history, MergeHistory):
+        raise TypeError(f"history must be a MergeHistory, got {type(history).__name__}")
+    if history.num_inputs != graph.num_nodes:
+        raise ValueError(f"history has {history.num_inputs} inputs, "
+                         f"graph has {graph.num_nodes} nodes")
+    if features is None:
+        features = graph.features
+    else:
+        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+    offsets = None
+    if graph.offsets is not None:
+        offsets = _output_offsets(graph, history)
+        block = np.repeat(np.arange(graph.num_graphs), np.diff(graph.offsets))
+        if ((history.cluster < offsets[block]) | (history.cluster >= offsets[block + 1])).any():
+            raise ValueError("history merges nodes of different graphs of the batch")
+    indptr, indices, weights = contract_edges(graph, history)
+    out_features = None if features is None else history.gather(features)
+    return Graph._trusted(indptr, indices, graph.labels[history.heads], features=out_features,
+                          weights=weights, offsets=offsets)
+
+
+def _output_offsets(graph, history):
+    """Offsets of the merged batch: graph b's outputs are those whose heads
+    lie in its node range."""
+    return np.searchsorted(history.heads, graph.offsets).astype(np.int64)
+
+
+def contract_edges(graph, history):
+    """Contracted CSR ``(indptr, indices, weights)`` over the outputs of a
+    checked ``history``. O(n + E)."""
+    dtype = graph.indptr.dtype
+    cluster = history.cluster.astype(dtype, copy=False)
+    hist_indptr = history.indptr.astype(dtype, copy=False)
+    members = history.members.astype(dtype, copy=False)
+    weights = np.empty(0) if graph.weights is None else graph.weights
+    return _core.contract(graph.indptr, graph.indices, weights, cluster, hist_indptr, members)
+
+
+def chain_sources(graph, purpose="the chain relaxation"):
+    """Source node of every edge of a chain-shaped graph, int64 (n_edges,).
+
+    A graph is chain-shaped when every edge goes ``u -> u + 1`` and no node
+    has more than one out-edge (what :meth:`Graph.from_text` and
+    :meth:`Graph.from_texts` produce). The relaxed estimators need this: on
+    general graphs the expected clustering under independent merges is
+    #P-hard (it contains network reliability).
+
+    Raises
+    ------
+    ValueError
+        If the graph is not chain-shaped.
+
+    Examples
+    --------
+    >>> chain_sources(Graph.from_texts(["ab", "cde"])).tolist()
+    [0, 2, 3]
+    """
+    deg = np.diff(graph.indptr)
+    src = np.repeat(np.arange(deg.shape[0], dtype=np.int64), deg)
+    if (deg > 1).any() or not np.array_equal(graph.indices, src + 1):
+        raise ValueError(
+            f"{purpose} needs chain-shaped candidate edges (every edge u -> u+1, at most "
+            "one out-edge per node); the expected clustering on general graphs is "
+            "#P-hard (network reliability). Use the Hard or Reinforce estimator "
+            "('history', 'reinforce') for general graphs.")
+    return src
+
+
+def replicate(graph, copies):
+    """``copies`` copies of ``graph`` as one batch, sample-major.
+
+    Copy ``k`` of graph ``b`` of a batch of ``B`` graphs is graph ``k * B + b``
+    of the result (node ``k * n + i``), so features replicate with
+    ``np.tile(features, (copies, 1))`` and gradients fold back with
+    ``grad.reshape(copies, n, d).sum(0)``. O(copies (n + E)).
+
+    Examples
+    --------
+    >>> replicate(Graph.from_text("ab"), 2).offsets.tolist()
+    [0, 2, 4]
+    """
+    _check_graph(graph, "graph")
+    if copies == 1:
+        return graph
+    n, E = graph.num_nodes, graph.num_edges
+    big = copies * max(n, E) >= np.iinfo(np.int32).max
+    dtype = np.int64 if big else graph.indptr.dtype
+    k = np.arange(copies, dtype=np.int64)[:, None]
+    indptr = np.concatenate(
+        [np.zeros(1, np.int64), (graph.indptr[1:][None, :] + E * k).ravel()]).astype(dtype)
+    indices = (graph.indices[None, :] + n * k).ravel().astype(dtype)
+    offsets = graph.offsets if graph.offsets is not None else np.array([0, n], np.int64)
+    offsets = np.concatenate([np.zeros(1, np.int64), (offsets[1:][None, :] + n * k).ravel()])
+
+    def tile(a):
+        return None if a is None else np.tile(a, (copies,) + (1,) * (a.ndim - 1))
+
+    return Graph._trusted(indptr, indices, np.tile(graph.labels, copies),
+                          features=tile(graph.features), weights=tile(graph.weights),
+                          mass=tile(graph.mass), activation=tile(graph._activation),
+                          offsets=offsets)

@@ -1,22 +1,22 @@
-"""Training loop: batches of text pairs through embedding, morpher and loss.
+"""The training loop: batches of text pairs through embedding, morpher and loss.
 
-One training step takes ``B`` pairs ``(input, target)``, builds ONE batched
-chain graph of the inputs and one of the targets, and runs
+One step takes ``B`` pairs ``(input, target)``, builds ONE batched chain graph
+of the inputs and one of the targets, and runs the operations of
+:mod:`grapheme.ops` forward, then their vjps in reverse::
 
-    H = embedding.forward(g.labels)
-    morphed = morpher.forward(g, H)
-    res = loss.forward(morphed.graph, target)          # mean over the B pairs
+    H = table[rows]                              # Lookup
+    morphed = morpher.forward(g, H)              # similarity, scores, estimator, rate
+    a = mean(morphed.graph.features, axis=1)     # FeatureMean
+    res = loss.forward(morphed.graph, target)    # mean over the B pairs
     lg = loss.backward(res)
-    dH = morpher.backward(morphed, grad_activation=lg.activation,
-                          grad_mass=lg.mass, loss_values=res.values)
-    embedding.backward(g.labels, dH)
-    (+ the target side, see ``target_activation``)
-    optimizer.step({"embedding": ..., "theta": ...}, {...})
+    grad = morpher.vjp(morphed, FeatureMean.vjp(lg.activation), lg.mass, lg.weights, ...)
+    grad_table = Lookup.vjp(grad.features) (+ the target side, see ``target_activation``)
+    optimizer.step({"embedding": table, "theta": theta}, {...})
+    morpher.step(morphed, res.values)            # estimator state, rate controller
 
 Everything per node happens inside those calls (the compiled core); Python
 loops only over batches and epochs.
 """
-import inspect
 import json
 import math
 import numbers
@@ -26,90 +26,19 @@ import time
 
 import numpy as np
 
-from ._validation import check_scalar
-from .checkpoint import _atomic_open, load_checkpoint, save_checkpoint
-from .embedding import Embedding
-from .graph import Graph
-from .morph import Morpher
-from . import optim as _optim
+from .._validation import check_pairs, check_scalar
+from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
+from ..embedding import Embedding
+from ..graph import Graph, replicate
+from ..morph import Morpher
+from ..ops import FeatureMean, Lookup
+from .. import optim as _optim
+from .metrics import LOSS_KEYS, structure_match
+from .state import build, describe
 
 __all__ = ["Trainer"]
 
 TARGET_ACTIVATIONS = ("embedding", "graph")
-
-#: Keys of an epoch record that measure time, hence differ between runs.
-TIMING_KEYS = ("time", "examples_per_s", "chars_per_s")
-
-_JSON_SCALARS = (type(None), bool, int, float, str)
-
-
-def _init_config(obj):
-    """Constructor arguments of ``obj`` that it exposes as simple attributes.
-
-    Used to record (in a checkpoint) how to rebuild an object: every
-    parameter of ``type(obj).__init__`` for which ``obj`` has an attribute
-    of the same name holding a JSON scalar or a list/tuple of them.
-    """
-    try:
-        params = inspect.signature(type(obj).__init__).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return {}
-    out = {}
-    for name, p in params.items():
-        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if not hasattr(obj, name):
-            continue
-        value = getattr(obj, name)
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, (list, tuple)):
-            if all(isinstance(v, _JSON_SCALARS) for v in value):
-                out[name] = list(value)
-        elif isinstance(value, _JSON_SCALARS):
-            out[name] = value
-    return out
-
-
-def _check_pairs(pairs, name):
-    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
-        raise TypeError(f"{name} must be a list of (input, target) string pairs, "
-                        f"got {type(pairs).__name__}")
-    inputs, targets = [], []
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"{name}[{i}] must be an (input, target) pair, got {pair!r}")
-        source, target = pair
-        if not isinstance(source, str) or not isinstance(target, str):
-            raise TypeError(f"{name}[{i}] must hold two str, got "
-                            f"({type(source).__name__}, {type(target).__name__})")
-        inputs.append(source)
-        targets.append(target)
-    return inputs, targets
-
-
-def _graph_of(offsets, nodes):
-    """Graph index of each node of a batch with node ``offsets``."""
-    return np.searchsorted(offsets, nodes, side="right") - 1
-
-
-def _structure_match(g, history, target):
-    """Per pair: the hard morph has the target's node count and labels.
-
-    The prediction is read from the merge history (the heads' labels), so it
-    is the hard structure for every estimator. O(n + m), no Python loop.
-    """
-    B = g.num_graphs
-    heads = history.heads
-    pred_counts = np.bincount(_graph_of(g.graph_offsets, heads), minlength=B)
-    tgt_counts = np.diff(target.graph_offsets)
-    same = pred_counts == tgt_counts
-    pred_sel = np.repeat(same, pred_counts)
-    tgt_sel = np.repeat(same, tgt_counts)
-    differ = g.labels[heads][pred_sel] != target.labels[tgt_sel]
-    owner = np.repeat(np.arange(B), tgt_counts)[tgt_sel]
-    wrong = np.bincount(owner[differ], minlength=B)
-    return same & (wrong == 0)
 
 
 class Trainer:
@@ -190,39 +119,21 @@ class Trainer:
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
-        self._grad_buffer = np.empty(0)  # reused for the (n, d) input gradient
 
     # ------------------------------------------------------------------ step
-    def _target_graph(self, targets):
-        target = Graph.from_texts(targets)
-        if self.target_activation == "embedding":
-            act = self.embedding.forward(target.labels).mean(axis=1)
-            target = target.replace(activation=act)
-        return target
-
-    def _workspace(self, shape):
-        """A C-contiguous float64 view of ``shape`` on a buffer reused across
-        steps: a large batch then pays the page faults of its gradient array
-        once, not every step. Grows by at least half when too small."""
-        size = shape[0] * shape[1]
-        if self._grad_buffer.size < size:
-            self._grad_buffer = np.empty(max(size, self._grad_buffer.size * 3 // 2))
-        return self._grad_buffer[:size].reshape(shape)
-
-    def _forward(self, inputs, targets, train=True):
-        """Batch forward pass. Training morphs with the estimator (sampled or
-        relaxed; targets replicated like a ``reinforce`` batch); evaluation
-        uses the deterministic hard morph, :meth:`Morpher.predict`."""
+    def _batch(self, inputs, targets):
+        """Input graph with its table rows and features; the target graph."""
+        emb = self.embedding
         g = Graph.from_texts(inputs)
-        H = self.embedding.forward(g.labels)
-        target = self._target_graph(targets)
-        if train:
-            morphed = self.morpher.forward(g, H)
-            target = self.morpher.replicate(target)
-        else:
-            morphed = self.morpher.predict(g, H)
-        res = self.loss.forward(morphed.graph, target)
-        return g, morphed, target, res
+        rows = emb.rows(g.labels)
+        target = Graph.from_texts(targets)
+        t_rows = None
+        if self.target_activation == "embedding":
+            t_rows = emb.rows(target.labels)
+            t_feats = Lookup().forward(emb.weight, t_rows)[0].features
+            target = target.replace(activation=FeatureMean().forward(t_feats)[0].activation)
+        H = Lookup().forward(emb.weight, rows)[0].features
+        return g, rows, H, target, t_rows
 
     def train_step(self, inputs, targets):
         """One optimisation step on a batch; returns the step's statistics.
@@ -236,34 +147,48 @@ class Trainer:
         -------
         dict
             ``loss``, ``node``, ``edge``, ``clique`` (batch means),
-            ``input_nodes``, ``output_nodes``, ``chars`` and ``grad_norm``
-            (Euclidean norm of all parameter gradients before the update).
+            ``input_nodes``, ``output_nodes``, ``chars``, ``grad_norm``
+            (Euclidean norm of all parameter gradients before the update)
+            and ``estimator_variance`` (``Reinforce``: the sample variance
+            over the examples of their estimates of ``d loss / d theta``,
+            else NaN).
         """
         emb, morpher = self.embedding, self.morpher
-        emb.zero_grad()
-        morpher.zero_grad()
-        g, morphed, target, res = self._forward(inputs, targets)
+        g, rows, H, target, t_rows = self._batch(inputs, targets)
+        morphed = morpher.forward(g, H)
+        target = replicate(target, morphed.samples)
+        res = self.loss.forward(morphed.graph, target)
         lg = self.loss.backward(res)
-        dH = morpher.backward(morphed, grad_activation=lg.activation,
-                              grad_mass=lg.mass, loss_values=res.values,
-                              out=self._workspace((g.num_nodes, emb.dim)))
-        emb.backward(g.labels, dH)
-        if self.target_activation == "embedding" and target.num_nodes:
-            gt = np.asarray(lg.target_activation, dtype=np.float64) / emb.dim
-            emb.backward(target.labels, np.repeat(gt[:, None], emb.dim, axis=1))
-        grads = {"embedding": emb.grad, "theta": morpher.grad_theta}
+        grad_feats = FeatureMean().vjp(morphed.graph.features.shape, lg.activation)[0]
+        B = res.values.shape[0]
+        advantage = morphed.advantage(res.values)
+        grad = morpher.vjp(morphed, grad_features=grad_feats, grad_mass=lg.mass,
+                           grad_weights=lg.weights,
+                           grad_log_prob=None if advantage is None else advantage / B,
+                           grad_rate_penalty=1.0)
+        grad_table = Lookup().vjp((rows, emb.weight.shape), grad.features)[0]
+        if t_rows is not None and target.num_nodes:
+            gt = lg.target_activation
+            if morphed.samples > 1:
+                gt = gt.reshape(morphed.samples, -1).sum(axis=0)
+            gt = FeatureMean().vjp((gt.shape[0], emb.dim), gt)[0]
+            grad_table += Lookup().vjp((t_rows, emb.weight.shape), gt)[0]
+        grads = {"embedding": grad_table, "theta": grad.theta}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
         if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"non-finite loss ({float(res.value)!r}) or gradient norm "
                 f"({grad_norm!r}) at epoch {self.epoch + 1}")
         self.optimizer.step({"embedding": emb.weight, "theta": morpher.theta}, grads)
-        morpher.update_rate(morphed)
+        morpher.step(morphed, res.values)
+        variance = float("nan")
+        if advantage is not None and B > 1:
+            variance = float(np.var(morpher.theta_estimates(morphed, advantage), ddof=1))
         return {"loss": float(res.value), "node": float(res.node),
                 "edge": float(res.edge), "clique": float(res.clique),
                 "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
                 "chars": g.num_nodes, "grad_norm": grad_norm,
-                "estimator_variance": float(morphed.estimator_variance)}
+                "estimator_variance": variance}
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self, pairs, batch_size=None):
@@ -286,22 +211,24 @@ class Trainer:
             (fraction of pairs whose hard morph has exactly the target's
             number of nodes and labels).
         """
-        inputs, targets = _check_pairs(pairs, "pairs")
+        inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
         bs = self.batch_size if batch_size is None else check_scalar(
             batch_size, "batch_size", lower=1, integer=True)
-        sums = dict.fromkeys(("loss", "node", "edge", "clique"), 0.0)
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
         n_in = n_out = correct = 0
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
-            g, morphed, target, res = self._forward(bi, bt, train=False)
+            g, _, H, target, _ = self._batch(bi, bt)
+            morphed = self.morpher.predict(g, H)
+            res = self.loss.forward(morphed.graph, target)
             w = len(bi)
             for key in sums:
                 sums[key] += w * float(getattr(res, "value" if key == "loss" else key))
             n_in += g.num_nodes
             n_out += morphed.history.num_outputs
-            correct += int(_structure_match(g, morphed.history, target).sum())
+            correct += int(structure_match(g, morphed.history, target).sum())
         n = len(inputs)
         out = {k: v / n for k, v in sums.items()}
         out["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
@@ -344,12 +271,12 @@ class Trainer:
             If ``pairs`` is empty or malformed, ``epochs`` is negative, or
             ``resume`` is not a compatible checkpoint.
         """
-        inputs, targets = _check_pairs(pairs, "pairs")
+        inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
         epochs = check_scalar(epochs, "epochs", lower=0, integer=True)
         if val is not None:
-            _check_pairs(val, "val")
+            check_pairs(val, "val")
             if not len(val):
                 raise ValueError("val must not be empty when given")
         if resume is not None:
@@ -385,7 +312,7 @@ class Trainer:
     def _run_epoch(self, inputs, targets, bar):
         n = len(inputs)
         order = self.rng.permutation(n)
-        sums = dict.fromkeys(("loss", "node", "edge", "clique"), 0.0)
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
         grad_norms = 0.0
         variances = []
         n_in = n_out = chars = steps = 0
@@ -459,26 +386,16 @@ class Trainer:
         ValueError
             If the checkpoint is corrupted or names an unknown component.
         """
-        from . import loss as _loss
-
         _, meta = load_checkpoint(path)
         path = os.fspath(path)
+        known_opt = {"Adam": _optim.Adam, "SGD": _optim.SGD}
         try:
             config = meta["config"]
-            emb_cfg = dict(config["embedding"])
-            morph_cfg = dict(config["morpher"])
-            loss_cfg = dict(config["loss"])
-            opt_cfg = dict(config["optimizer"])
-            morph_type, loss_type = morph_cfg.pop("type"), loss_cfg.pop("type")
-            opt_type = opt_cfg.pop("type")
-            known_loss = {"StructuralLoss": _loss.StructuralLoss}
-            known_opt = {"Adam": _optim.Adam, "SGD": _optim.SGD}
-            if morph_type != "Morpher" or loss_type not in known_loss \
-                    or opt_type not in known_opt:
-                raise ValueError(f"unknown component ({morph_type}, {loss_type}, "
-                                 f"{opt_type})")
-            trainer = cls(Embedding(**emb_cfg), Morpher(**morph_cfg),
-                          known_loss[loss_type](**loss_cfg), known_opt[opt_type](lr=1.0),
+            opt_type = config["optimizer"]["type"]
+            if opt_type not in known_opt:
+                raise ValueError(f"unknown optimizer {opt_type!r}")
+            trainer = cls(build(config["embedding"]), build(config["morpher"]),
+                          build(config["loss"]), known_opt[opt_type](lr=1.0),
                           batch_size=config["batch_size"], seed=config["seed"],
                           target_activation=config["target_activation"], log=log,
                           progress=progress)
@@ -489,16 +406,16 @@ class Trainer:
         return trainer
 
     def config(self):
-        """What must agree between a checkpoint and a trainer resuming it."""
+        """What must agree between a checkpoint and a trainer resuming it:
+        the batching, and every component as :func:`~grapheme.train.state.describe`
+        gives it (the optimiser by type; its hyperparameters are state)."""
         return {
             "batch_size": self.batch_size,
             "seed": self.seed,
             "target_activation": self.target_activation,
-            "embedding": {"dim": self.embedding.dim, "seed": self.embedding.seed},
-            "morpher": {"type": type(self.morpher).__name__,
-                        **{k: v for k, v in _init_config(self.morpher).items()
-                           if k != "threshold"}},
-            "loss": {"type": type(self.loss).__name__, **_init_config(self.loss)},
+            "embedding": describe(self.embedding),
+            "morpher": describe(self.morpher),
+            "loss": describe(self.loss),
             "optimizer": {"type": type(self.optimizer).__name__},
         }
 

@@ -1,0 +1,325 @@
+"""Gradient estimators for the merge decisions.
+
+A morph decides, for every candidate edge, whether its endpoints merge. The
+decision is discrete, so the loss is piecewise constant in it; an estimator
+says what the forward pass computes and what gradient the decisions pass
+back. All four share one small interface:
+
+- ``forward(graph, features, similarity, scores) -> (EstimateResult, saved)``
+  with ``scores`` the :class:`grapheme.ops.ScoresResult` of the edges
+  (logits, probabilities, ``tau``);
+- ``vjp(saved, grad_features, grad_mass, grad_weights, grad_log_prob) ->
+  (grad_input_features, grad_logits, grad_probability)``, pure, with
+  ``None`` for a gradient that does not exist;
+- ``step(saved, loss_values)``: the only place where an estimator's state
+  (the REINFORCE baseline and sample counter) advances.
+
+======================  ==========================  ==============================  ======
+estimator (alias)       forward                     gradient                        graphs
+======================  ==========================  ==============================  ======
+:class:`Hard`           hard ``s > tau``            exact through the merge         any
+("history")                                         history; none for ``theta``
+:class:`Relaxed`        expected merge, ``m = p``   exact gradient of the           chains
+("soft")                                            relaxation (features, theta)
+:class:`StraightThrough` hard, in ``n``-node form   the relaxation's gradient at    chains
+("ste")                                             the hard ``m``
+:class:`Reinforce`      ``m ~ Bernoulli(p)``        pathwise + ``(L - b) grad log   any
+("reinforce")                                       P(m)``, unbiased
+======================  ==========================  ==============================  ======
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ._validation import check_scalar
+from .graph import Graph, merge_edges, replicate
+from .history import MergeHistory
+from .ops import BernoulliLogProb, ChainRelaxation, HardMerge
+
+__all__ = [
+    "Estimator",
+    "Hard",
+    "Relaxed",
+    "StraightThrough",
+    "Reinforce",
+    "EstimateResult",
+    "make_estimator",
+    "ESTIMATORS",
+]
+
+
+class EstimateResult(NamedTuple):
+    """What an estimator's forward pass produced.
+
+    Attributes
+    ----------
+    graph : Graph
+        The morphed graph, with features (and masses and edge weights).
+    history : MergeHistory
+        The hard merge map of the decisions (from the replicated input for
+        ``Reinforce(samples > 1)``).
+    decisions : ndarray of bool
+        The decision of every (replicated) input edge.
+    log_prob : ndarray of shape (n_examples,) or None
+        ``log P(decisions)`` per (replicated) example, for ``Reinforce``.
+    samples : int
+        Copies of the input batch in the output (``Reinforce(samples)``).
+    """
+
+    graph: Graph
+    history: MergeHistory
+    decisions: np.ndarray
+    log_prob: Optional[np.ndarray]
+    samples: int
+
+
+class Estimator:
+    """Base class: see the module docstring for the interface."""
+
+    #: The string alias (``Morpher(estimator="history")``).
+    name = None
+    #: Whether the candidate edges must be chain-shaped.
+    chain_only = False
+    #: Copies of the input batch in the output.
+    samples = 1
+
+    def forward(self, graph, features, similarity, scores):  # pragma: no cover
+        raise NotImplementedError
+
+    def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
+            grad_log_prob=None):  # pragma: no cover
+        raise NotImplementedError
+
+    def advantage(self, saved, loss_values):
+        """Per-example weights of the score-function term; None here (only
+        :class:`Reinforce` has one)."""
+        return None
+
+    def step(self, saved, loss_values=None):
+        """Advance the estimator's state after a training step (a no-op here)."""
+
+    def get_params(self):
+        """Constructor arguments, as ``type(self)(**get_params())`` takes them."""
+        return {}
+
+    def state_dict(self):
+        """State that training changes (JSON-serialisable)."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict` output."""
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Hard(Estimator):
+    """Hard decisions ``s > tau``; gradients through the merge history only.
+
+    ``grad[i] = w_i grad_out[c(i)]``, exact wherever no similarity sits on
+    ``tau``. ``theta`` gets nothing from the loss: the loss is piecewise
+    constant in it (a rate penalty still moves it). The output is the
+    compact ``k``-node graph with masses 1. Any graph.
+    """
+
+    name = "history"
+
+    def forward(self, graph, features, similarity, scores):
+        decisions = similarity > scores.tau
+        r, saved = HardMerge().forward(graph, features, decisions)
+        return EstimateResult(r.graph, r.history, decisions, None, 1), saved
+
+    def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
+            grad_log_prob=None):
+        return HardMerge().vjp(saved, grad_features)[0], None, None
+
+
+class Relaxed(Estimator):
+    """The expected merge under independent merges with probability ``p``.
+
+    The output is the ``n``-node relaxed graph of
+    :class:`grapheme.ops.ChainRelaxation` at ``m = p``: relaxed cluster
+    means, masses ``1 - p_{i-1}``, expected edges. A smooth function of the
+    features and ``theta``, with their exact gradient. The ``history`` is
+    that of the hard decisions (for metrics). Chains only.
+    """
+
+    name = "soft"
+    chain_only = True
+
+    def _merge_weights(self, decisions, scores):
+        return scores.probability
+
+    def forward(self, graph, features, similarity, scores):
+        decisions = similarity > scores.tau
+        r, saved = ChainRelaxation().forward(graph, features,
+                                             self._merge_weights(decisions, scores))
+        return EstimateResult(r.graph, merge_edges(graph, decisions), decisions, None, 1), saved
+
+    def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
+            grad_log_prob=None):
+        grad_h, grad_m = ChainRelaxation().vjp(saved, grad_features, grad_mass, grad_weights)
+        return grad_h, None, grad_m
+
+
+class StraightThrough(Relaxed):
+    """Forward exactly as :class:`Hard` (in the ``n``-node form: heads carry
+    their cluster mean with mass 1, other nodes mass 0); backward is the
+    gradient of :class:`Relaxed`'s computation evaluated at the hard ``m``,
+    passed to ``p``: the surrogate ``m = hard + p - stop_gradient(p)``.
+    Chains only."""
+
+    name = "ste"
+
+    def _merge_weights(self, decisions, scores):
+        return decisions.astype(np.float64)
+
+
+class _MeanBaseline:
+    """Running mean of all past per-example losses (0 before the first)."""
+
+    __slots__ = ("total", "count")
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def value(self):
+        return self.total / self.count if self.count else 0.0
+
+
+class Reinforce(Estimator):
+    """``m_e ~ Bernoulli(p_e)``: the score-function (REINFORCE) estimator.
+
+    Forward samples the decisions and merges them hard. The gradient of the
+    objective ``sum_b w_b L_b`` is the pathwise gradient through the merge
+    history plus ``sum_b w_b (L_b - b_b) grad log P(m_b)``, unbiased for the
+    expected objective. :meth:`vjp` takes that score weight per example as
+    ``grad_log_prob``; :meth:`advantage` computes ``L_b - b_b``.
+
+    Samples are a pure function of ``(seed, step count)``: calling
+    :meth:`forward` twice draws the same decisions; :meth:`step` (once per
+    training step) advances the count and the running-mean baseline. Any
+    graph.
+
+    Parameters
+    ----------
+    baseline : {"mean", "loo", None}, default "mean"
+        ``"mean"``: the running mean of all past per-example losses, as it
+        was at :meth:`forward` (so never the current sample's);
+        ``"loo"``: the mean loss of the other ``samples - 1`` samples of the
+        same example; None: no baseline.
+    samples : int, default 1
+        Samples per example. With ``samples = K > 1`` the input batch is
+        replicated ``K`` times sample-major (copy ``k`` of example ``b`` is
+        example ``k * B + b``, see :func:`grapheme.replicate`); replicate the
+        targets the same way.
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> Reinforce(baseline="loo", samples=4)
+    Reinforce(baseline='loo', samples=4, seed=0)
+    """
+
+    name = "reinforce"
+
+    def __init__(self, baseline="mean", samples=1, seed=0):
+        if baseline not in ("mean", "loo", None):
+            raise ValueError(f"baseline must be 'mean', 'loo' or None, got {baseline!r}")
+        self.baseline = baseline
+        self.samples = check_scalar(samples, "samples", lower=1, integer=True)
+        if baseline == "loo" and self.samples < 2:
+            raise ValueError(f"baseline='loo' needs samples >= 2, got {self.samples}")
+        self.seed = check_scalar(seed, "seed", lower=0, integer=True)
+        self.steps = 0
+        self._mean = _MeanBaseline()
+
+    def get_params(self):
+        return {"baseline": self.baseline, "samples": self.samples, "seed": self.seed}
+
+    def forward(self, graph, features, similarity, scores):
+        K = self.samples
+        rep = replicate(graph, K)
+        feats = features if K == 1 else np.tile(features, (K, 1))
+        logits = np.tile(scores.logits, K)
+        prob = np.tile(scores.probability, K)
+        rng = np.random.default_rng([self.seed, self.steps])
+        decisions = rng.random(prob.shape[0]) < prob
+        r, merge_saved = HardMerge().forward(rep, feats, decisions)
+        B = rep.num_graphs
+        example = np.repeat(np.arange(B), np.diff(rep.indptr[rep.graph_offsets]))
+        lp, lp_saved = BernoulliLogProb().forward(logits, decisions, example, B)
+        saved = (merge_saved, lp_saved, K, features.shape, scores.logits.shape[0],
+                 self._mean.value())
+        return EstimateResult(r.graph, r.history, decisions, lp.log_prob, K), saved
+
+    def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
+            grad_log_prob=None):
+        merge_saved, lp_saved, K, (n, d), E, _ = saved
+        grad_h = HardMerge().vjp(merge_saved, grad_features)[0]
+        grad_z = None
+        if grad_log_prob is not None:
+            grad_z = BernoulliLogProb().vjp(lp_saved, grad_log_prob)[0]
+            if K > 1:
+                grad_z = grad_z.reshape(K, E).sum(axis=0)
+        if K > 1:
+            grad_h = grad_h.reshape(K, n, d).sum(axis=0)
+        return grad_h, grad_z, None
+
+    def advantage(self, saved, loss_values):
+        """``L_b - b_b`` for the per-example losses of the (replicated) batch."""
+        losses = np.asarray(loss_values, dtype=np.float64)
+        if self.baseline == "mean":
+            return losses - saved[-1]
+        if self.baseline == "loo":
+            L = losses.reshape(self.samples, -1)
+            return (L - (L.sum(axis=0, keepdims=True) - L) / (self.samples - 1)).ravel()
+        return losses.copy()
+
+    def score_per_example(self, saved, advantage):
+        """``advantage_b * sum_{e in b} (m_e - p_e)``: each example's own
+        score-function estimate of the gradient of its loss with respect to
+        a shift of all its logits."""
+        coef, example = saved[1]
+        return advantage * np.bincount(example, weights=coef, minlength=advantage.shape[0])
+
+    def step(self, saved, loss_values=None):
+        """Fold this step's losses into the running mean; next sample."""
+        if loss_values is not None:
+            self._mean.total += float(np.sum(loss_values))
+            self._mean.count += int(np.size(loss_values))
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps, "baseline": [self._mean.total, self._mean.count]}
+
+    def load_state_dict(self, state):
+        try:
+            steps = check_scalar(state["steps"], "steps", lower=0, integer=True)
+            total, count = state["baseline"]
+            total = check_scalar(total, "baseline total")
+            count = check_scalar(count, "baseline count", lower=0, integer=True)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"state is not a Reinforce state: {exc}") from None
+        self.steps = steps
+        self._mean.total, self._mean.count = total, count
+
+
+ESTIMATORS = {cls.name: cls for cls in (Hard, Relaxed, StraightThrough, Reinforce)}
+
+
+def make_estimator(estimator):
+    """An :class:`Estimator` from an instance or its alias.
+
+    Examples
+    --------
+    >>> make_estimator("ste")
+    StraightThrough()
+    """
+    if isinstance(estimator, Estimator):
+        return estimator
+    if isinstance(estimator, str) and estimator in ESTIMATORS:
+        return ESTIMATORS[estimator]()
+    raise ValueError("estimator must be an Estimator or one of "
+                     f"{', '.join(map(repr, ESTIMATORS))}; got {estimator!r}")

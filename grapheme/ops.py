@@ -1,0 +1,521 @@
+"""Differentiable operations, all of one shape.
+
+Every step of a grapheme model that gradients pass through is an
+:class:`Operation`:
+
+- ``forward(...) -> (result, saved)``: ``result`` is a named tuple holding the
+  outputs (and, where the step has them, non-differentiable companions such
+  as the merged graph or the merge history); ``saved`` is what the
+  vector-Jacobian product needs, and nothing else.
+- ``vjp(saved, *grads) -> tuple``: takes the upstream gradient of *every*
+  differentiable output (in the order of ``outputs``; ``None`` means zero)
+  and returns the gradient of *every* differentiable input (in the order of
+  ``inputs``).
+
+A vjp is pure: it reads only ``saved`` and its arguments, returns fresh
+arrays, changes no state and gives the same result however often it is
+called. Parameters are inputs like any other: the vjp of :class:`Lookup`
+returns the gradient of the table, that of :class:`MergeScores` the gradient
+of ``theta``; where they accumulate is the caller's choice. This is the
+contract of ``torch.autograd.Function`` and of JAX's ``custom_vjp``, so
+:mod:`grapheme.torch` wraps each operation without glue.
+
+Every vjp is checked against central finite differences in float64
+(``tests/test_ops.py``).
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _core
+from ._validation import as_float_array
+from .graph import Graph, chain_sources, contract_edges, merge_edges
+from .history import MergeHistory
+
+__all__ = [
+    "Operation",
+    "Lookup",
+    "FeatureMean",
+    "EdgeSimilarity",
+    "MergeScores",
+    "HardMerge",
+    "ChainRelaxation",
+    "BernoulliLogProb",
+    "RatePenalty",
+    "StructuralLossOp",
+    "sigmoid",
+]
+
+
+def sigmoid(x):
+    """Numerically stable logistic function, elementwise (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+class Operation:
+    """A differentiable step: ``forward -> (result, saved)``, ``vjp(saved, *grads)``.
+
+    Attributes
+    ----------
+    inputs : tuple of str
+        Names of the differentiable inputs; ``vjp`` returns one gradient
+        for each, in this order.
+    outputs : tuple of str
+        Names of the differentiable outputs (fields of ``result``); ``vjp``
+        takes one upstream gradient for each, in this order.
+    """
+
+    inputs = ()
+    outputs = ()
+
+    def forward(self, *args):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def vjp(self, saved, *grads):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+# ---------------------------------------------------------------------------
+class LookupResult(NamedTuple):
+    features: np.ndarray
+
+
+class Lookup(Operation):
+    """Rows of a table: ``features = table[rows]``. O(n d).
+
+    The vjp returns the dense gradient of the table, ``grad[rows[i]] +=
+    g[i]`` (accumulated in the compiled core, never with a Python loop).
+
+    Examples
+    --------
+    >>> table = np.arange(6.0).reshape(3, 2)
+    >>> (h,), saved = Lookup().forward(table, np.array([2, 0, 2]))
+    >>> h.tolist()
+    [[4.0, 5.0], [0.0, 1.0], [4.0, 5.0]]
+    >>> Lookup().vjp(saved, np.ones((3, 2)))[0].tolist()
+    [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
+    """
+
+    inputs = ("table",)
+    outputs = ("features",)
+
+    def forward(self, table, rows):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        return LookupResult(table[rows]), (rows, table.shape)
+
+    def vjp(self, saved, grad_features):
+        rows, shape = saved
+        grad = np.zeros(shape)
+        if grad_features is not None and rows.size:
+            _core.rows_add(rows, np.ascontiguousarray(grad_features, dtype=np.float64), grad)
+        return (grad,)
+
+
+# ---------------------------------------------------------------------------
+class FeatureMeanResult(NamedTuple):
+    activation: np.ndarray
+
+
+class FeatureMean(Operation):
+    """A node's activation: the mean of its features, ``a = mean(h, axis=1)``.
+
+    The one place where this rule and its gradient live (``g[:, None] / d``);
+    :attr:`Graph.activation` defers to :func:`feature_mean`. With no feature
+    columns the activation is 0.
+
+    Examples
+    --------
+    >>> (a,), saved = FeatureMean().forward(np.array([[1.0, 3.0], [2.0, 2.0]]))
+    >>> a.tolist(), FeatureMean().vjp(saved, np.array([2.0, 4.0]))[0].tolist()
+    ([2.0, 2.0], [[1.0, 1.0], [2.0, 2.0]])
+    """
+
+    inputs = ("features",)
+    outputs = ("activation",)
+
+    def forward(self, features):
+        return FeatureMeanResult(feature_mean(features)), features.shape
+
+    def vjp(self, saved, grad_activation):
+        n, d = saved
+        if grad_activation is None or d == 0:
+            return (np.zeros((n, d)),)
+        return (np.repeat(np.asarray(grad_activation, np.float64)[:, None] / d, d, axis=1),)
+
+
+def feature_mean(features):
+    """Row means of an (n, d) array; zeros when ``d == 0``."""
+    if features.shape[1] == 0:
+        return np.zeros(features.shape[0])
+    return features.mean(axis=1)
+
+
+# ---------------------------------------------------------------------------
+class SimilarityResult(NamedTuple):
+    similarity: np.ndarray
+
+
+class EdgeSimilarity(Operation):
+    """Cosine similarity of the endpoint features of every edge. O((n + E) d).
+
+    ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``, ``eps = 1e-12``
+    (a zero row has similarity 0 with everything).
+
+    Examples
+    --------
+    >>> g = Graph.from_text("abc")
+    >>> H = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    >>> EdgeSimilarity().forward(g, H)[0].similarity.tolist()
+    [1.0, 0.0]
+    """
+
+    inputs = ("features",)
+    outputs = ("similarity",)
+
+    def forward(self, graph, features):
+        sim = np.empty(graph.num_edges)
+        norms = np.empty(graph.num_nodes)
+        _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
+        return SimilarityResult(sim), (graph.indptr, graph.indices, features, norms, sim)
+
+    def vjp(self, saved, grad_similarity):
+        grad = np.zeros_like(saved[2])
+        if grad_similarity is not None:
+            self.accumulate(saved, grad_similarity, grad)
+        return (grad,)
+
+    @staticmethod
+    def accumulate(saved, grad_similarity, into):
+        """Add the vjp into ``into`` (a float64 C-contiguous (n, d) array the
+        caller owns), saving the (n, d) allocation of :meth:`vjp`."""
+        indptr, indices, features, norms, sim = saved
+        _core.edge_cosine_backward(indptr, indices, features, norms, sim,
+                                   np.ascontiguousarray(grad_similarity, np.float64), into)
+
+
+# ---------------------------------------------------------------------------
+class ScoresResult(NamedTuple):
+    logits: np.ndarray
+    probability: np.ndarray
+    tau: float
+
+
+class MergeScores(Operation):
+    """Merge logits and probabilities from similarities and the threshold.
+
+    ``tau = sigmoid(theta)``, ``z = (s - tau) / T``, ``p = sigmoid(z)``.
+    ``theta`` is a 0-d array (a parameter); its gradient comes back 0-d.
+
+    Parameters
+    ----------
+    temperature : float
+        ``T > 0``.
+
+    Examples
+    --------
+    >>> r, saved = MergeScores(0.5).forward(np.array([0.5]), np.array(0.0))
+    >>> r.tau, r.logits.tolist(), r.probability.tolist()
+    (0.5, [0.0], [0.5])
+    """
+
+    inputs = ("similarity", "theta")
+    outputs = ("logits", "probability")
+
+    def __init__(self, temperature):
+        self.temperature = float(temperature)
+
+    def forward(self, similarity, theta):
+        tau = float(sigmoid(theta))
+        logits = (similarity - tau) / self.temperature
+        p = sigmoid(logits)
+        return ScoresResult(logits, p, tau), (p, tau)
+
+    def vjp(self, saved, grad_logits, grad_probability):
+        p, tau = saved
+        g = np.zeros_like(p)
+        if grad_logits is not None:
+            g += grad_logits
+        if grad_probability is not None:
+            g += grad_probability * p * (1.0 - p)
+        grad_s = g / self.temperature
+        grad_theta = np.array(-tau * (1.0 - tau) * grad_s.sum())
+        return grad_s, grad_theta
+
+    def __repr__(self):
+        return f"MergeScores(temperature={self.temperature})"
+
+
+# ---------------------------------------------------------------------------
+class MergeResult(NamedTuple):
+    features: np.ndarray
+    graph: Graph
+    history: MergeHistory
+
+
+class HardMerge(Operation):
+    """Merge the endpoints of the chosen edges and contract the graph.
+
+    Clusters are the connected components of the chosen edges; every
+    cluster becomes one node with its members' mean features and its head's
+    label (see :func:`grapheme.merge_edges`, :func:`grapheme.contract`).
+    The vjp routes the output gradient back through the merge history,
+    ``grad[i] = w_i grad_out[c(i)]``: exact, O(n d). The decisions are not
+    differentiable inputs.
+
+    Examples
+    --------
+    >>> g = Graph.from_text("aab")
+    >>> r, saved = HardMerge().forward(g, np.eye(3), np.array([True, False]))
+    >>> r.graph.to_text(), r.features.tolist()
+    ('ab', [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    >>> HardMerge().vjp(saved, np.ones((2, 3)))[0].tolist()
+    [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    """
+
+    inputs = ("features",)
+    outputs = ("features",)
+
+    def forward(self, graph, features, decisions):
+        history = merge_edges(graph, decisions)
+        indptr, indices, weights = contract_edges(graph, history)
+        offsets = None if graph.offsets is None else np.searchsorted(
+            history.heads, graph.offsets).astype(np.int64)
+        out = history.gather(features)
+        merged = Graph._trusted(indptr, indices, graph.labels[history.heads], features=out,
+                                weights=weights, offsets=offsets)
+        return MergeResult(out, merged, history), (history, features.shape)
+
+    def vjp(self, saved, grad_features):
+        history, shape = saved
+        if grad_features is None:
+            return (np.zeros(shape),)
+        return (history.scatter(grad_features),)
+
+
+# ---------------------------------------------------------------------------
+class RelaxResult(NamedTuple):
+    features: np.ndarray
+    mass: np.ndarray
+    weights: np.ndarray
+    graph: Graph
+
+
+class ChainRelaxation(Operation):
+    """The expected merge of a chain under independent merge weights ``m``.
+
+    For chain-shaped graphs (every edge ``u -> u + 1``, what text produces).
+    Right-to-left recursions ``N_i = h_i + m_i N_{i+1}``, ``D_i = 1 + m_i
+    D_{i+1}`` give the relaxed cluster means ``h'_i = N_i / D_i``; the mass
+    of node ``i`` is the probability that it heads a cluster,
+    ``mu_i = 1 - m_{i-1}``. The edges are the expected edges between
+    clusters: ``i -> j`` carries ``W_ij = mu_i prod_{t=i}^{j-2} m_t
+    (1 - m_{j-1})``, the probability that ``i`` heads a cluster and ``j``
+    heads the next one, so a node's weighted out-degree is the probability
+    that a next cluster exists. Everything is a smooth function of ``m``;
+    at ``m`` in {0, 1} it is the hard morph in ``n``-node form (heads carry
+    their cluster with mass 1, every other node has mass 0 and no edge of
+    non-zero weight). Edges whose weight and first derivatives are all below
+    ``2**-60`` (those behind two zeros, or a product of weights that small)
+    are left out. O(n d + E') for ``E'`` relaxed edges.
+
+    Examples
+    --------
+    >>> g = Graph.from_text("aab")
+    >>> r, saved = ChainRelaxation().forward(g, np.eye(3), np.array([1.0, 0.0]))
+    >>> r.mass.tolist(), r.features[0].tolist()
+    ([1.0, 0.0, 1.0], [0.5, 0.5, 0.0])
+    >>> r.graph.edge_sources()[r.weights > 0].tolist(), r.graph.indices[r.weights > 0].tolist()
+    ([0], [2])
+    """
+
+    inputs = ("features", "merge")
+    outputs = ("features", "mass", "weights")
+
+    def forward(self, graph, features, merge):
+        src = chain_sources(graph)
+        n, d = features.shape
+        m = np.zeros(n)
+        m[src] = merge
+        out = np.empty((n, d))
+        D = np.empty(n)
+        mass = np.empty(n)
+        _core.relax_chain_forward(features, m, out, D, mass, False)
+        indptr, indices, weights = _relaxed_edges(graph, m)
+        relaxed = Graph._trusted(indptr, indices, graph.labels, features=out,
+                                 weights=weights, mass=mass, offsets=graph.offsets)
+        return (RelaxResult(out, mass, weights, relaxed),
+                (src, m, out, D, indptr, indices, graph.num_edges))
+
+    def vjp(self, saved, grad_features, grad_mass, grad_weights):
+        src, m, out, D, indptr, indices, num_edges = saved
+        n, d = out.shape
+        gf = np.zeros((n, d)) if grad_features is None else np.array(
+            grad_features, dtype=np.float64, order="C")
+        gmass = np.zeros(n) if grad_mass is None else np.ascontiguousarray(grad_mass, np.float64)
+        grad_m = np.empty(n)
+        _core.relax_chain_backward(m, out, D, gf, gmass, gf, grad_m, False)
+        if grad_weights is not None:
+            grad_m += _relaxed_edges_vjp(indptr, indices, m, grad_weights)
+        return gf, grad_m[src] if num_edges else np.zeros(0)
+
+
+def _relaxed_edges(graph, m):
+    """Expected inter-cluster edges of a relaxed chain: ``(indptr, indices, W)``."""
+    n = graph.num_nodes
+    dtype = graph.indptr.dtype
+    counts = np.empty(n, np.int64)
+    has_next = np.zeros(n, np.uint8)
+    has_next[chain_sources(graph)] = 1
+    _core.relaxed_edge_counts(m, has_next, counts)
+    indptr = np.zeros(n + 1, dtype)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype)
+    weights = np.empty(int(indptr[-1]))
+    _core.relaxed_edges(m, has_next, indptr, indices, weights)
+    return indptr, indices, weights
+
+
+def _relaxed_edges_vjp(indptr, indices, m, grad_weights):
+    grad_m = np.zeros(m.shape[0])
+    _core.relaxed_edges_backward(m, indptr, np.ascontiguousarray(grad_weights, np.float64),
+                                 grad_m)
+    return grad_m
+
+
+# ---------------------------------------------------------------------------
+class LogProbResult(NamedTuple):
+    log_prob: np.ndarray
+
+
+class BernoulliLogProb(Operation):
+    """Log-probability of independent Bernoulli decisions, per example.
+
+    ``log P_b = sum_{e in b} m_e log sigmoid(z_e) + (1 - m_e) log sigmoid(-z_e)``
+    for logits ``z``; ``d log P / d z_e = m_e - sigmoid(z_e)``, finite however
+    saturated ``z`` is. What REINFORCE differentiates.
+
+    Examples
+    --------
+    >>> r, saved = BernoulliLogProb().forward(np.zeros(2), np.array([True, False]),
+    ...                                       np.array([0, 0]), 1)
+    >>> round(float(r.log_prob[0]), 6), BernoulliLogProb().vjp(saved, np.ones(1))[0].tolist()
+    (-1.386294, [0.5, -0.5])
+    """
+
+    inputs = ("logits",)
+    outputs = ("log_prob",)
+
+    def forward(self, logits, decisions, example, num_examples):
+        m = decisions.astype(np.float64)
+        # log sigmoid(z) = -softplus(-z); m log s(z) + (1-m) log s(-z) = m z - softplus(z)
+        per_edge = m * logits - np.logaddexp(0.0, logits)
+        log_prob = np.bincount(example, weights=per_edge, minlength=num_examples)
+        return LogProbResult(log_prob), (m - sigmoid(logits), example)
+
+    def vjp(self, saved, grad_log_prob):
+        coef, example = saved
+        if grad_log_prob is None:
+            return (np.zeros_like(coef),)
+        return (coef * np.asarray(grad_log_prob, np.float64)[example],)
+
+
+# ---------------------------------------------------------------------------
+class PenaltyResult(NamedTuple):
+    value: float
+    expected_rate: float
+
+
+class RatePenalty(Operation):
+    """Penalty on the expected kept fraction ``rho = E[k] / n``.
+
+    ``E[k] = n - sum_e p_e`` (exact when the candidate edges form a forest,
+    chains included: each merged edge of a forest removes one component).
+    The value is the augmented Lagrangian ``multiplier * (rho - target) +
+    weight * (rho - target)^2``. 0 for an empty graph.
+
+    Examples
+    --------
+    >>> r, saved = RatePenalty(target=0.5, weight=1.0).forward(np.array([0.5, 0.5]), 4, 0.0)
+    >>> r.expected_rate, r.value, RatePenalty(0.5, 1.0).vjp(saved, 1.0)[0].tolist()
+    (0.75, 0.0625, [-0.125, -0.125])
+    """
+
+    inputs = ("probability",)
+    outputs = ("value",)
+
+    def __init__(self, target, weight):
+        self.target, self.weight = float(target), float(weight)
+
+    def forward(self, probability, num_nodes, multiplier=0.0):
+        if num_nodes == 0:
+            return PenaltyResult(0.0, 1.0), (0, 0.0, probability.shape, multiplier)
+        rho = (num_nodes - probability.sum()) / num_nodes
+        gap = rho - self.target
+        value = multiplier * gap + self.weight * gap * gap
+        return PenaltyResult(float(value), float(rho)), (num_nodes, gap, probability.shape,
+                                                         multiplier)
+
+    def vjp(self, saved, grad_value):
+        n, gap, shape, multiplier = saved
+        if grad_value is None or n == 0:
+            return (np.zeros(shape),)
+        return (np.full(shape, -float(grad_value) * (multiplier + 2.0 * self.weight * gap) / n),)
+
+    def __repr__(self):
+        return f"RatePenalty(target={self.target}, weight={self.weight})"
+
+
+def check_features(graph, features, name="features"):
+    """``features`` as a finite float64 (n_nodes, d) array."""
+    return as_float_array(features, name, ndim=2, shape=(graph.num_nodes, None))
+
+
+def optional_grad(value, name, shape):
+    """An upstream gradient as a float64 array of ``shape``, or None."""
+    if value is None:
+        return None
+    return as_float_array(value, name, shape=shape)
+
+
+
+# ---------------------------------------------------------------------------
+class LossValues(NamedTuple):
+    values: np.ndarray
+    result: object
+
+
+class StructuralLossOp(Operation):
+    """The structural loss of every pair as an operation.
+
+    ``forward(predicted, target, activation, mass, weights,
+    target_activation)`` scores ``predicted`` (with those node activations,
+    masses and edge weights) against ``target`` (with those activations) and
+    returns the per-pair ``values`` (B,) and the full
+    :class:`grapheme.LossResult`; the vjp takes the upstream gradient of
+    ``values``. See :class:`grapheme.StructuralLoss`.
+    """
+
+    inputs = ("activation", "mass", "weights", "target_activation")
+    outputs = ("values",)
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def forward(self, predicted, target, activation, mass, weights, target_activation):
+        p = predicted.replace(activation=activation, mass=mass, weights=weights)
+        t = target.replace(activation=target_activation)
+        result = self.loss.forward(p, t)
+        return LossValues(result.values, result), result
+
+    def vjp(self, saved, grad_values):
+        B = saved.values.shape[0]
+        grad = self.loss.backward(saved, np.zeros(B) if grad_values is None else grad_values)
+        return grad.activation, grad.mass, grad.weights, grad.target_activation
+
+    def __repr__(self):
+        return f"StructuralLossOp({self.loss!r})"

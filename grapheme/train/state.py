@@ -1,0 +1,72 @@
+"""How a run's objects are described, rebuilt and checkpointed.
+
+Every component of a run (embedding, morpher, estimator, rate controller,
+loss) has ``get_params()``, the arguments its constructor takes, as
+scikit-learn's estimators do. :func:`describe` turns a component into plain
+JSON (``{"type": name, **params}``, nested components described in turn) and
+:func:`build` makes a new one from that description, accepting only the
+types listed in :func:`registry`: a checkpoint names classes, it never
+carries code.
+"""
+__all__ = ["describe", "build", "registry"]
+
+
+def registry():
+    """The component types a description may name."""
+    from ..embedding import Embedding
+    from ..estimators import Hard, Reinforce, Relaxed, StraightThrough
+    from ..loss import StructuralLoss
+    from ..morph import Morpher
+    from ..rate import RateController
+
+    return {cls.__name__: cls for cls in (Embedding, Morpher, Hard, Relaxed, StraightThrough,
+                                          Reinforce, RateController, StructuralLoss)}
+
+
+def describe(obj):
+    """``{"type": class name, **get_params()}``, JSON-serialisable.
+
+    Examples
+    --------
+    >>> from grapheme import Morpher
+    >>> describe(Morpher(estimator="ste"))["estimator"]
+    {'type': 'StraightThrough'}
+    """
+    if obj is None:
+        return None
+    out = {"type": type(obj).__name__}
+    for key, value in obj.get_params().items():
+        if hasattr(value, "get_params"):
+            value = describe(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def build(spec):
+    """A new component from :func:`describe` output.
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` names an unknown type or its arguments are refused.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise ValueError(f"a component description must be a dict with a 'type', got {spec!r}")
+    known = registry()
+    params = dict(spec)
+    name = params.pop("type")
+    if name not in known:
+        raise ValueError(f"unknown component type {name!r}")
+    for key, value in params.items():
+        if isinstance(value, dict) and "type" in value:
+            params[key] = build(value)
+        elif isinstance(value, list):
+            params[key] = tuple(value)
+    try:
+        return known[name](**params)
+    except TypeError as exc:
+        raise ValueError(f"{name} refuses its arguments: {exc}") from None
