@@ -18,7 +18,7 @@ import time
 
 from . import data as _data
 from ._allocator import retain_freed_memory
-from ._estimators import ESTIMATORS
+from .estimators import ESTIMATORS
 from ._validation import check_scalar
 
 __all__ = ["main"]
@@ -125,10 +125,15 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     from .optim import Adam
     from .train import Trainer
 
+    from .estimators import Reinforce, make_estimator
+
     try:
-        morpher = Morpher(estimator=estimator, target_rate=target_rate,
-                          baseline=None if baseline == "none" else baseline,
-                          samples=samples)
+        if estimator == "reinforce":
+            estimator = Reinforce(baseline=None if baseline == "none" else baseline,
+                                  samples=samples)
+        elif samples != 1:
+            raise ValueError(f"--samples needs --estimator reinforce, got {estimator!r}")
+        morpher = Morpher(estimator=make_estimator(estimator), rate=target_rate)
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(), Adam(lr=lr),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from grapheme._allocator import _ENV
-from grapheme._estimators import ESTIMATORS
+from grapheme.estimators import ESTIMATORS
 from grapheme.cli import format_table, main
 from grapheme.train import TIMING_KEYS
 

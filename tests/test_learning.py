@@ -6,7 +6,8 @@ the numbers measured when they were written in the comments.
 import numpy as np
 import pytest
 
-from grapheme import DEMO_PAIRS, Adam, Embedding, Graph, Morpher, StructuralLoss, Trainer
+from grapheme import (DEMO_PAIRS, Adam, Embedding, Graph, Morpher, RateController, Reinforce,
+                      StructuralLoss, Trainer, ops, replicate)
 from grapheme.data import make_pairs
 
 
@@ -23,18 +24,23 @@ def fit_demo(estimator, epochs, lr):
 def initial_theta_gradient(estimator):
     """d loss / d theta at the initial parameters, through the public API
     (for reinforce: averaged over 64 replicas of the batch)."""
-    samples = 64 if estimator == "reinforce" else 1
-    morpher = Morpher(estimator=estimator, samples=samples, baseline=None)
+    if estimator == "reinforce":
+        estimator = Reinforce(baseline=None, samples=64)
+    morpher = Morpher(estimator=estimator)
     emb, loss = Embedding(dim=64, seed=0), StructuralLoss()
     g = Graph.from_texts([a for a, _ in DEMO_PAIRS])
     target = Graph.from_texts([b for _, b in DEMO_PAIRS])
     target = target.replace(activation=emb.forward(target.labels).mean(axis=1))
     morphed = morpher.forward(g, emb.forward(g.labels))
-    res = loss.forward(morphed.graph, morpher.replicate(target))
+    res = loss.forward(morphed.graph, replicate(target, morphed.samples))
     lg = loss.backward(res)
-    morpher.backward(morphed, grad_activation=lg.activation, grad_mass=lg.mass,
-                     loss_values=res.values)
-    return float(morpher.grad_theta)
+    advantage = morphed.advantage(res.values)
+    grad = morpher.vjp(
+        morphed, grad_features=ops.FeatureMean().vjp(morphed.graph.features.shape,
+                                                     lg.activation)[0],
+        grad_mass=lg.mass, grad_weights=lg.weights,
+        grad_log_prob=None if advantage is None else advantage / len(res.values))
+    return float(grad.theta)
 
 
 @pytest.mark.parametrize("estimator, epochs, lr", [
@@ -75,7 +81,7 @@ def test_history_estimator_cannot_move_the_threshold():
 @pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
 def test_rate_control_reaches_the_target(estimator, target):
     pairs = make_pairs(200, seed=0)
-    morpher = Morpher(estimator=estimator, target_rate=target)
+    morpher = Morpher(estimator=estimator, rate=target)
     trainer = Trainer(Embedding(dim=32, seed=0), morpher, StructuralLoss(), Adam(lr=3e-2),
                       batch_size=16, seed=0, progress=False)
     trainer.fit(pairs, 60)
@@ -96,7 +102,9 @@ def test_rate_control_reaches_the_target(estimator, target):
 @pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
 def test_rate_control_holds_the_measured_compression(estimator, target, seed):
     pairs = make_pairs(200, seed=seed)
-    morpher = Morpher(estimator=estimator, target_rate=target, seed=seed)
+    if estimator == "reinforce":
+        estimator = Reinforce(seed=seed)
+    morpher = Morpher(estimator=estimator, rate=target)
     trainer = Trainer(Embedding(dim=32, seed=seed), morpher, StructuralLoss(), Adam(lr=3e-2),
                       batch_size=16, seed=seed, progress=False)
     records = trainer.fit(pairs, 60)
@@ -106,34 +114,39 @@ def test_rate_control_holds_the_measured_compression(estimator, target, seed):
 
 def test_rate_multiplier_moves_toward_the_target():
     g = Graph.from_text("abcdef")
-    m = Morpher(threshold=5.0, target_rate=0.5)  # tau ~ 1: nothing merges
+    m = Morpher(threshold=5.0, rate=0.5)  # tau ~ 1: nothing merges
     out = m.forward(g, Embedding(dim=4).forward(g.labels))
-    assert m.update_rate(out) == pytest.approx(0.5 * (1.0 - 0.5))  # pushes to merge
-    assert Morpher(target_rate=0.5, rate_control="penalty").update_rate(out) == 0.0
-    with pytest.raises(ValueError, match="rate_control must be"):
-        Morpher(rate_control="pid")
+    assert m.step(out) == pytest.approx(0.5 * (1.0 - 0.5))  # pushes to merge
+    assert Morpher(rate=RateController(0.5, control="penalty")).step(out) == 0.0
+    with pytest.raises(ValueError, match="control must be"):
+        RateController(0.5, control="pid")
 
 
 def test_rate_controller_is_proportional_plus_integral():
-    # lambda += step * e + proportional * (e - e_previous), exactly; the last
-    # error travels with the state, so a resumed controller takes the same step
+    # lambda += integral * e + proportional * (e - e_previous), exactly; the
+    # last error travels with the state, so a resumed controller takes the
+    # same step
     emb = Embedding(dim=4)
     none, all_ = Graph.from_text("abcdef"), Graph.from_text("aaaaaa")
-    m = Morpher(threshold=5.0, target_rate=0.5, rate_step=0.25, rate_proportional=2.0)
+
+    def controller():
+        return Morpher(threshold=5.0, rate=RateController(0.5, integral=0.25, proportional=2.0))
+
+    m = controller()
     e1 = 1.0 - 0.5                                   # nothing merges: k / n = 1
-    assert m.update_rate(m.forward(none, emb.forward(none.labels))) == 0.25 * e1
+    assert m.step(m.forward(none, emb.forward(none.labels))) == 0.25 * e1
     state = m.state_dict()
     same = m.forward(all_, emb.forward(all_.labels))
     e2 = same.history.num_outputs / 6 - 0.5
     expected = 0.25 * e1 + 0.25 * e2 + 2.0 * (e2 - e1)
-    assert m.update_rate(same) == pytest.approx(expected, rel=1e-15)
-    resumed = Morpher(threshold=5.0, target_rate=0.5, rate_step=0.25, rate_proportional=2.0)
+    assert m.step(same) == pytest.approx(expected, rel=1e-15)
+    resumed = controller()
     resumed.load_state_dict(state)
-    assert resumed.update_rate(same) == pytest.approx(expected, rel=1e-15)
-    old = {k: v for k, v in state.items() if k != "rate_error"}  # an earlier state
-    resumed.load_state_dict(old)
-    assert resumed.update_rate(same) == pytest.approx(0.25 * e1 + 0.25 * e2, rel=1e-15)
-    with pytest.raises(ValueError, match="rate_proportional must be >= 0"):
-        Morpher(rate_proportional=-1.0)
-    with pytest.raises(TypeError, match="rate_proportional must be a real number"):
-        Morpher(rate_proportional="5")
+    assert resumed.step(same) == pytest.approx(expected, rel=1e-15)
+    fresh = dict(state, rate={"multiplier": state["rate"]["multiplier"], "error": None})
+    resumed.load_state_dict(fresh)   # no previous error: the integral step alone
+    assert resumed.step(same) == pytest.approx(0.25 * e1 + 0.25 * e2, rel=1e-15)
+    with pytest.raises(ValueError, match="proportional must be >= 0"):
+        RateController(0.5, proportional=-1.0)
+    with pytest.raises(TypeError, match="proportional must be a real number"):
+        RateController(0.5, proportional="5")

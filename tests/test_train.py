@@ -4,12 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from grapheme import Embedding, Graph, MergeHistory, Morpher
+from grapheme import Embedding, Graph, MergeHistory, Morpher, Reinforce
 from grapheme.checkpoint import load_checkpoint, save_checkpoint
 from grapheme.data import DEMO_PAIRS, make_pairs
 from grapheme.loss import StructuralLoss
 from grapheme.optim import SGD, Adam
-from grapheme.train import TIMING_KEYS, Trainer, _structure_match
+from grapheme.train import TIMING_KEYS, Trainer
+from grapheme.train.metrics import structure_match as _structure_match
 
 
 def make_trainer(dim=16, lr=1e-2, batch_size=8, seed=0, **kwargs):
@@ -93,10 +94,10 @@ def test_runs_are_deterministic():
     (lambda: Adam(lr=1e-2, weight_decay=1e-3), Morpher),
     (lambda: SGD(lr=0.5, momentum=0.9), Morpher),
     # sampling state (generator, running baseline) must survive the resume too
-    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="reinforce", seed=3)),
-    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="reinforce", baseline="loo",
-                                            samples=3, seed=3)),
-    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="ste", target_rate=0.7)),
+    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator=Reinforce(seed=3))),
+    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator=Reinforce(baseline="loo", samples=3,
+                                                                seed=3))),
+    (lambda: Adam(lr=1e-2), lambda: Morpher(estimator="ste", rate=0.7)),
 ], ids=["adam", "sgd", "reinforce-mean", "reinforce-loo", "ste-rate"])
 def test_resume_is_bit_identical(tmp_path, make_opt, make_morpher):
     pairs = make_pairs(50, seed=4)
@@ -240,7 +241,7 @@ def test_validation():
 
 @pytest.mark.parametrize("baseline, samples", [("mean", 1), ("loo", 4), (None, 1)])
 def test_reinforce_trainer_reports_estimator_variance(baseline, samples):
-    morpher = Morpher(estimator="reinforce", baseline=baseline, samples=samples, seed=1)
+    morpher = Morpher(estimator=Reinforce(baseline=baseline, samples=samples, seed=1))
     trainer = Trainer(Embedding(dim=16), morpher, StructuralLoss(), Adam(lr=1e-2),
                       batch_size=8, seed=0)
     pairs = make_pairs(32, seed=2)
@@ -267,13 +268,15 @@ def test_predict_is_the_hard_morph_for_every_estimator():
 
 
 def test_morpher_state_roundtrip_and_validation():
-    m = Morpher(estimator="reinforce", seed=5)
-    g = Graph.from_text("abcdef")
+    m = Morpher(estimator=Reinforce(seed=5))
+    g = Graph.from_text("abcdefghijklmnop")
     H = Embedding(dim=4).forward(g.labels)
-    m.forward(g, H)
+    first = m.forward(g, H)
+    m.step(first, np.array([0.5]))
     state = json.loads(json.dumps(m.state_dict()))  # survives JSON (checkpoint meta)
     a = m.forward(g, H).decisions
-    m2 = Morpher(estimator="reinforce", seed=99)
+    m2 = Morpher(estimator=Reinforce(seed=5))
+    assert np.array_equal(m2.forward(g, H).decisions, first.decisions)
     m2.load_state_dict(state)
     np.testing.assert_array_equal(m2.forward(g, H).decisions, a)
     with pytest.raises(ValueError, match="not a Morpher state"):
