@@ -4,7 +4,6 @@ Text becomes a chain graph of characters; a learnable :class:`Morpher`
 merges neighbouring nodes whose embeddings are similar; the
 :class:`MergeHistory` of every merge routes gradients back exactly.
 """
-from .buffers import buffer_cache_info, set_buffer_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs
 from .embedding import Embedding
@@ -32,7 +31,6 @@ __all__ = [
     "SGD",
     "StructuralLoss",
     "Trainer",
-    "buffer_cache_info",
     "contract",
     "generate",
     "gradcheck",
@@ -41,5 +39,4 @@ __all__ = [
     "merge_edges",
     "numerical_gradient",
     "save_checkpoint",
-    "set_buffer_cache",
 ]

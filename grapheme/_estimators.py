@@ -21,7 +21,6 @@ Everything here is vectorised numpy around the O(n d) kernels of
 import numpy as np
 
 from . import _core
-from .buffers import empty
 from ._validation import check_out, streams
 from .graph import Graph
 
@@ -108,25 +107,24 @@ def chain_sources(indptr, indices, estimator):
 
 def _outputs(names, buffers, shapes, inputs):
     """Caller's output buffers checked, missing ones allocated
-    (:func:`grapheme.buffers.empty`); and whether the first is warm (a
-    caller's buffer or recycled memory, see :mod:`grapheme.buffers`).
+    (``np.empty``); and whether the first is the caller's buffer.
 
     Every given buffer must pass :func:`check_out` against ``inputs`` (a dict
     ``{name: array}``) and the given buffers before it (so no two outputs
     overlap either).
     """
-    result, warm = [], []
+    result, given = [], []
     others = dict(inputs)
     for name, buf, shape in zip(names, buffers, shapes):
         if buf is None:
-            buf, recycled = empty(shape)
+            buf, mine = np.empty(shape), False
         else:
             check_out(buf, name, shape, inputs=others)
             others[name] = buf
-            recycled = True
+            mine = True
         result.append(buf)
-        warm.append(recycled)
-    return result, warm[0]
+        given.append(mine)
+    return result, given[0]
 
 
 def _same_memory(a, b):
@@ -149,8 +147,7 @@ def relax_chain(H, m, out=None, D=None, mass=None):
         Buffers to write the results into, as numpy's ``out=``: float64,
         C-contiguous, aligned, writeable, of exactly the shape returned, and
         overlapping neither an input nor each other (checked before any
-        work). Missing ones come from :func:`grapheme.buffers.empty`. A
-        reused (or recycled) ``out`` of at least
+        work). A given ``out`` of at least
         ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming stores.
 
     Returns
@@ -167,9 +164,9 @@ def relax_chain(H, m, out=None, D=None, mass=None):
     O(n d) time. Trusts ``H`` and ``m`` (the morpher validates).
     """
     n, d = H.shape
-    (out, D, mass), warm = _outputs(("out", "D", "mass"), (out, D, mass),
-                                    ((n, d), (n,), (n,)), {"H": H, "m": m})
-    stream = warm and streams(out)
+    (out, D, mass), given = _outputs(("out", "D", "mass"), (out, D, mass),
+                                     ((n, d), (n,), (n,)), {"H": H, "m": m})
+    stream = given and streams(out)
     _core.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
 
@@ -185,7 +182,7 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     ``overwrite=True`` is the same as ``grad_H=grad_out``: it saves an (n, d)
     allocation, and ``grad_out`` is then checked as an output buffer.
 
-    A reused (or recycled) ``grad_H`` of at least ``grapheme._core.STREAM_MIN_BYTES`` is
+    A given ``grad_H`` of at least ``grapheme._core.STREAM_MIN_BYTES`` is
     written with streaming stores, unless it is ``grad_out``: rows read just
     before being overwritten are in cache, and streaming them out was
     measured twice as slow.
@@ -200,9 +197,9 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     if not in_place:
         inputs["grad_out"] = grad_out
     name = "grad_out" if overwrite else "grad_H"
-    (grad_H, grad_m), warm = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)),
-                                      inputs)
-    stream = warm and not in_place and streams(grad_H)
+    (grad_H, grad_m), given = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)),
+                                       inputs)
+    stream = given and not in_place and streams(grad_H)
     _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
     return grad_H, grad_m
 

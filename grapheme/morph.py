@@ -3,7 +3,6 @@ import numpy as np
 
 from . import _core, _estimators
 from ._estimators import sigmoid as _sigmoid
-from .buffers import empty
 from ._validation import as_float_array, check_out, check_scalar
 from .graph import Graph
 from .history import MergeHistory
@@ -39,7 +38,7 @@ def merge_edges(graph, merge):
         raise TypeError(f"merge must be a boolean array, got dtype {merge.dtype}")
     if merge.shape != (graph.num_edges,):
         raise ValueError(f"merge must have shape ({graph.num_edges},), got {merge.shape}")
-    cluster = empty(graph.num_nodes, graph.indptr.dtype)[0]
+    cluster = np.empty(graph.num_nodes, graph.indptr.dtype)
     k = _core.components(graph.indptr, graph.indices,
                          np.ascontiguousarray(merge).view(np.uint8), cluster)
     return MergeHistory._trusted(cluster, k)
@@ -592,7 +591,7 @@ def _output_gradient(morphed, grad_features, grad_activation, grad_mass, out=Non
     activations; in ``out`` (checked by the caller) if given."""
     k = morphed.graph.num_nodes
     d = morphed.features.shape[1]
-    grad = empty((k, d))[0] if out is None else out
+    grad = np.empty((k, d)) if out is None else out
     grad.fill(0.0)
     if grad_features is not None:
         grad += as_float_array(grad_features, "grad_features", ndim=2, shape=(k, d))

@@ -10,7 +10,7 @@ import grapheme
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 MODULES = ["graph", "history", "morph", "embedding", "testing", "loss", "optim", "data",
-           "checkpoint", "train", "cli", "buffers"]
+           "checkpoint", "train", "cli"]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
