@@ -78,22 +78,6 @@ def scatter(
 
 STREAM_MIN_BYTES: int
 
-# --- result blocks (_buffers.pxi); every call holds the GIL ----------------
-BLOCK_MIN_BYTES: int
-BLOCK_SLOTS: int
-
-class _Block:                 # one allocation, a writable buffer of nbytes
-    nbytes: int
-    warm: bool                # recycled: its pages are already mapped
-
-def take_block(
-    nbytes: int,              # Py_ssize_t, > 0
-) -> _Block: ...
-def set_block_cache(
-    limit: int,               # Py_ssize_t, >= 0: most idle bytes kept
-) -> int: ...
-def block_cache_info() -> tuple[int, int, int, int, int]: ...
-
 # --- structural loss (_sinkhorn.pxi) -------------------------------------
 # A batch of B (predicted, target) pairs; node arrays concatenated over the
 # batch with int64 offsets, edges as block-diagonal CSR with global indices.

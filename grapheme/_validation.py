@@ -107,11 +107,10 @@ def check_out(out, name, shape, inputs=None):
 
 
 def streams(out):
-    """Whether a kernel should write ``out``, warm memory (a caller's reused
-    buffer or a recycled result block), with streaming stores: when it holds
-    at least ``_core.STREAM_MIN_BYTES`` (read at call time). The policy is
-    explained beside gather/scatter in ``_core.pyx``; memory that is really
-    fresh never streams."""
+    """Whether a kernel should write ``out``, a caller's ``out=`` buffer, with
+    streaming stores: when it holds at least ``_core.STREAM_MIN_BYTES`` (read
+    at call time). The policy is explained beside gather/scatter in
+    ``_core.pyx``; a fresh result never streams."""
     return out.nbytes >= _core.STREAM_MIN_BYTES
 
 

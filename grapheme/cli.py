@@ -17,7 +17,6 @@ import sys
 import time
 
 from . import data as _data
-from ._allocator import retain_freed_memory
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
 
@@ -314,13 +313,8 @@ def main(argv=None):
 
 
 def run():
-    """The ``grapheme`` console script: :func:`main` in a process whose malloc
-    keeps freed memory for reuse (see :mod:`grapheme._allocator`; for numpy's
-    temporaries, which the result cache of :mod:`grapheme.buffers` does not
-    serve; what it is worth depends on the machine, see the README).
-    ``main`` itself changes nothing process-wide, so tests and other programs
-    can call it."""
-    retain_freed_memory()
+    """The ``grapheme`` console script: :func:`main` with the process's
+    arguments."""
     return main()
 
 

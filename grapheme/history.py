@@ -2,7 +2,6 @@
 import numpy as np
 
 from . import _core
-from .buffers import empty
 from ._validation import as_float_array, as_index_array, check_out, streams
 
 __all__ = ["MergeHistory"]
@@ -84,10 +83,10 @@ class MergeHistory:
     def _set(self, cluster, k, node_weights):
         dtype = cluster.dtype
         self._cluster = cluster
-        self._indptr = empty(k + 1, dtype)[0]
-        self._members = empty(cluster.shape[0], dtype)[0]
+        self._indptr = np.empty(k + 1, dtype)
+        self._members = np.empty(cluster.shape[0], dtype)
         # uniform weights are not stored: the kernels divide by |c| (see weights)
-        self._weights = None if node_weights is None else empty(cluster.shape[0])[0]
+        self._weights = None if node_weights is None else np.empty(cluster.shape[0])
         _core.history_csr(cluster, _or_uniform(node_weights),
                           self._indptr, self._members, _or_uniform(self._weights))
         self._node_weights = node_weights
@@ -159,10 +158,7 @@ class MergeHistory:
         x : array_like of shape (n_inputs,) or (n_inputs, d)
         out : ndarray of shape (n_outputs,) or (n_outputs, d), optional
             A float64, C-contiguous buffer to write the result into, as in
-            numpy's ``out=``. Without it, a result of 256 KiB or more comes
-            from grapheme's cache of recycled blocks (:mod:`grapheme.buffers`),
-            so a loop that drops each result before the next call pays no
-            page faults either.
+            numpy's ``out=``.
 
         Returns
         -------
@@ -185,9 +181,9 @@ class MergeHistory:
         g : array_like of shape (n_outputs,) or (n_outputs, d)
         out : ndarray of shape (n_inputs,) or (n_inputs, d), optional
             A float64, C-contiguous buffer to write the result into (see
-            :meth:`gather`). A reused buffer (or recycled block) of at least
+            :meth:`gather`). A given buffer of at least
             ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming
-            stores, which skip the cache.
+            stores, which skip the cache (a fresh result never is).
 
         Returns
         -------
@@ -195,28 +191,27 @@ class MergeHistory:
             ``out`` if given.
         """
         g2, flat = self._as_2d(g, "g", self.num_outputs)
-        out, out2, warm = self._out(out, g2, flat, self.num_inputs, "g")
+        out, out2, given = self._out(out, g2, flat, self.num_inputs, "g")
         _core.scatter(self._cluster, self._indptr, _or_uniform(self._node_weights), g2, out2,
-                      warm and streams(out))
+                      given and streams(out))
         return out
 
     @staticmethod
     def _out(out, x2, flat, rows, x_name):
         """The result array, its 2-d view for a kernel writing ``rows`` rows,
-        and whether its memory is warm (a caller's buffer or a recycled block,
-        see :mod:`grapheme.buffers`)."""
+        and whether it is the caller's buffer (``out``)."""
         shape = (rows,) if flat else (rows, x2.shape[1])
         if out is None:
-            out, warm = empty(shape)
+            out, given = np.empty(shape), False
         else:
             check_out(out, "out", shape, inputs={x_name: x2})
-            warm = True
-        return out, (out.reshape(rows, x2.shape[1]) if flat else out), warm
+            given = True
+        return out, (out.reshape(rows, x2.shape[1]) if flat else out), given
 
     def unpool(self, y):
         """Broadcast every output back to its inputs: ``out[i] = y[c(i)]``. O(n d)."""
         y2, flat = self._as_2d(y, "y", self.num_outputs)
-        out, _ = empty((self.num_inputs, y2.shape[1]))
+        out = np.empty((self.num_inputs, y2.shape[1]))
         np.take(y2, self._cluster, axis=0, out=out)
         return out.ravel() if flat else out
 

@@ -1,14 +1,9 @@
 """Tests for the ``grapheme`` command line (grapheme.cli.main)."""
 import json
-import os
-import platform
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from grapheme._allocator import _ENV
 from grapheme.estimators import ESTIMATORS
 from grapheme.cli import format_table, main
 from grapheme.train import TIMING_KEYS
@@ -156,53 +151,9 @@ def test_format_table():
                                   "x     1", "yyyy  22"]
 
 
-# The console script keeps freed memory for reuse (grapheme._allocator). It
-# changes malloc process-wide, so it is checked in subprocesses.
-FAULTS = """
-import resource, sys
-import numpy as np
-from grapheme._allocator import retain_freed_memory
-applied = retain_freed_memory() if sys.argv[1] == "tune" else None
-def step():                               # a training step's 2.5 MB arrays, made and freed
-    arrays = [np.ones((5000, 64)) for _ in range(8)]
-    del arrays
-step()                                    # the first step maps the memory
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):
-    step()
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 50)
-"""
-
-
-def _faults(cwd, mode, **env):
-    """(what retain_freed_memory returned, page faults per step) in a fresh
-    process whose environment sets none of glibc's thresholds but ``env``.
-    It runs in ``cwd``, away from a checkout whose ``grapheme/`` folder would
-    shadow the installed package."""
-    env = {**{k: v for k, v in os.environ.items() if k not in (*_ENV, "GLIBC_TUNABLES")},
-           **env}
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, cwd=cwd,
-                         check=True, capture_output=True, text=True).stdout.split()
-    return out[0], float(out[1])
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc's mallopt")
-def test_console_script_keeps_freed_memory(tmp_path):
-    applied, tuned = _faults(tmp_path, "tune")
-    assert applied == "True"
-    assert tuned < 5                       # the same pages, reused
-    _, default = _faults(tmp_path, "plain")
-    assert default > 1000                  # 8 x 625 pages faulted in again every step
-    applied, _ = _faults(tmp_path, "tune", MALLOC_TRIM_THRESHOLD_="131072")
-    assert applied == "False"              # a threshold the user set wins
-    applied, _ = _faults(tmp_path, "tune", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
-    assert applied == "False"
-
-
 def test_console_script_runs_main(monkeypatch):
     import grapheme.cli as cli
     calls = []
-    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append("tune"))
     monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
     assert cli.run() == 0
-    assert calls == ["tune", "main"]
+    assert calls == ["main"]

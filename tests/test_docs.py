@@ -9,8 +9,9 @@ import pytest
 import grapheme
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-MODULES = ["graph", "history", "morph", "embedding", "testing", "loss", "optim", "data",
-           "checkpoint", "train", "cli", "buffers"]
+MODULES = ["graph", "history", "ops", "estimators", "rate", "morph", "embedding", "testing",
+           "loss", "optim", "data", "checkpoint", "train", "train.trainer", "train.state",
+           "train.metrics", "cli"]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
