@@ -1,8 +1,4 @@
-"""Benchmarks of the training loop (asv style).
-
-Run with asv, or directly: ``python bench/bench_train.py`` prints one timing
-per benchmark.
-"""
+"""Benchmarks of the training loop (asv style)."""
 import numpy as np
 
 from grapheme import Embedding, Morpher
@@ -76,20 +72,3 @@ class EpochSuite:
         return record["chars_per_s"]
 
     track_chars_per_second.unit = "chars/s"
-
-
-if __name__ == "__main__":  # pragma: no cover - manual run
-    import time
-
-    for suite, params in ((TrainStepSuite, TrainStepSuite.params),
-                          (EpochSuite, EpochSuite.params[0])):
-        for p in params:
-            s = suite()
-            s.setup(p)
-            for name in dir(s):
-                if name.startswith(("time_", "track_")):
-                    t0 = time.perf_counter()
-                    value = getattr(s, name)(p)
-                    dt = time.perf_counter() - t0
-                    extra = f" -> {value:,.0f}" if value is not None else ""
-                    print(f"{suite.__name__}.{name}({p}): {dt * 1e3:.1f} ms{extra}")
