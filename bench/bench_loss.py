@@ -70,30 +70,3 @@ class BatchLossSuite:
 
     def peakmem_forward_backward(self, domain):
         self.loss.backward(self.loss.forward(self.predicted, self.target))
-
-
-def main(repeat=5):
-    """Time both suites without asv: ``python bench/bench_loss.py``.
-
-    Prints the best of ``repeat`` runs (one run at n = 2000) per domain and
-    the speed-up log / scaling.
-    """
-    import timeit
-
-    def best(suite, *args):
-        suite.setup(*args)
-        k = 1 if args and args[0] == 2000 else repeat
-        return min(timeit.repeat(lambda: suite.time_forward_backward(*args),
-                                 number=1, repeat=k))
-
-    print(f"{'case':>24} {'log [s]':>10} {'scaling [s]':>12} {'speed-up':>9}")
-    rows = [(f"pair n={n}", StructuralLossSuite, (n,)) for n in StructuralLossSuite.params[0]]
-    rows.append(("1000 pairs of 5-15", BatchLossSuite, ()))
-    for name, cls, args in rows:
-        tl = best(cls(), *args, "log")
-        ts = best(cls(), *args, "scaling")
-        print(f"{name:>24} {tl:10.4g} {ts:12.4g} {tl / ts:8.1f}x")
-
-
-if __name__ == "__main__":
-    main()

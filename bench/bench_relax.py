@@ -6,19 +6,13 @@ Both sides do one forward and one backward over a chain of ``n`` nodes with
 gradients through a :class:`grapheme.MergeHistory`.
 
 The plain methods return fresh outputs on every call, as a user's loop
-does: from 256 KiB on they come from grapheme's block cache, which hands every
-call the memory the previous call's results gave back. The ``_out`` methods
-write into buffers allocated (and touched) once in ``setup``. ``RelaxCold``
-times the plain methods with the cache off, so that every fresh output pays
-for its page faults (at 1e4 to 1e5 nodes glibc hands such arrays back to the
-system at every call).
+does; the ``_out`` methods write into buffers allocated (and touched) once in
+``setup``.
 """
 import numpy as np
 
 from grapheme import _estimators
 from grapheme.history import MergeHistory
-
-from .bench_core import _CacheOff
 
 D_FEATURES = 16
 
@@ -99,9 +93,3 @@ class RelaxSuite:
     def peakmem_history_forward_backward(self, n):
         self._history()
 
-
-class RelaxCold(_CacheOff, RelaxSuite):
-    """``RelaxSuite``'s fresh results with grapheme's result cache off."""
-    ratios = [("time_relaxed_forward_backward", "time_history_forward_backward")]
-    time_relaxed_forward_backward_out = time_history_forward_backward_out = None
-    peakmem_relaxed_forward_backward = peakmem_history_forward_backward = None
