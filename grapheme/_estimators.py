@@ -20,7 +20,7 @@ Everything here is vectorised numpy around the O(n d) kernels of
 """
 import numpy as np
 
-from . import _core
+from . import _relax
 from ._validation import check_out, streams
 from .graph import Graph
 
@@ -167,7 +167,7 @@ def relax_chain(H, m, out=None, D=None, mass=None):
     (out, D, mass), given = _outputs(("out", "D", "mass"), (out, D, mass),
                                      ((n, d), (n,), (n,)), {"H": H, "m": m})
     stream = given and streams(out)
-    _core.relax_chain_forward(H, m, out, D, mass, stream)
+    _relax.relax_chain_forward(H, m, out, D, mass, stream)
     return out, D, mass
 
 
@@ -200,7 +200,7 @@ def relax_chain_backward(m, out, D, grad_out, grad_mass, overwrite=False, grad_H
     (grad_H, grad_m), given = _outputs((name, "grad_m"), (grad_H, grad_m), ((n, d), (n,)),
                                        inputs)
     stream = given and not in_place and streams(grad_H)
-    _core.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
+    _relax.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
     return grad_H, grad_m
 
 
