@@ -22,14 +22,16 @@ directives = {
     "cdivision": not DEBUG,
 }
 
+# One extension per topic; they share _types.pxd (cimported, no textual include).
 extensions = [
     Extension(
-        "grapheme._core",
-        ["grapheme/_core.pyx"],
+        f"grapheme.{name}",
+        [f"grapheme/{name}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"] if os.name != "nt" else [],
     )
+    for name in ("_core", "_relax", "_transport")
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

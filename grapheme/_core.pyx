@@ -1,5 +1,8 @@
 # cython: language_level=3
-"""Compiled kernels of grapheme (private).
+"""Graph and merge kernels of grapheme (private): chains, hashing, edge
+similarity, components, merge histories, contraction, gather and scatter.
+The chain relaxation is in ``_relax.pyx``, the structural loss in
+``_transport.pyx``; shared types and row helpers in ``_types.pxd``.
 
 Every kernel here trusts its input: the public Python layer validates shapes,
 dtypes, ranges and finiteness first and raises ``ValueError``/``TypeError``
@@ -8,14 +11,13 @@ for inputs so read-only and memory-mapped arrays work), run without the GIL
 and are linear in their input unless the docstring says otherwise.
 """
 import numpy as np
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
-from libc.math cimport sqrt, exp, log, fabs, expm1, log1p, cos, sin, M_PI, INFINITY
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.math cimport sqrt, log, cos, sin, M_PI
 
-ctypedef fused index_t:
-    int32_t
-    int64_t
-
-ctypedef Py_ssize_t intp_t
+from grapheme._types cimport (
+    index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
+    store_fence, _rows_a16,
+)
 
 cdef double COS_EPS = 1e-12
 
@@ -471,7 +473,7 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
 # Both kernels are bound by memory traffic at scale. Three things keep them
 # near the machine's copy bandwidth:
 #
-# * the row loops below are plain C on ``__restrict`` pointers, so the
+# * the row loops (in _types.pxd) are plain C on ``__restrict`` pointers, so the
 #   compiler keeps them in vector registers (a memoryview loop must assume
 #   that ``out`` and ``x`` alias and reloads every element);
 # * both walk the inputs in order, not the outputs' member lists: a loop over
@@ -495,148 +497,12 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
 #   and the input rows prefetched, measured 12.8 vs 15.6 ns/node at 1e7 x 16
 #   and no change in cache: not worth a second gather for one regime.)
 
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #if defined(__SSE2__) || defined(_M_X64)
-    #include <emmintrin.h>
-    #define GRAPHEME_HAVE_STREAM 1
-    #else
-    #define GRAPHEME_HAVE_STREAM 0
-    #endif
-
-    /* dst[0:d] = w * src[0:d] */
-    static inline void grapheme_row_scale(double *__restrict dst,
-                                          const double *__restrict src,
-                                          double w, Py_ssize_t d) {
-        for (Py_ssize_t t = 0; t < d; ++t) dst[t] = w * src[t];
-    }
-
-    /* dst[0:d] = base[0:d] + w * src[0:d]; base is dst itself or a row
-       that overlaps nothing (so not restrict, but read before written). */
-    static inline void grapheme_row_add_to(double *dst, const double *base,
-                                           const double *__restrict src,
-                                           double w, Py_ssize_t d) {
-        for (Py_ssize_t t = 0; t < d; ++t) dst[t] = base[t] + w * src[t];
-    }
-
-    /* dst[0:d] = w * src[0:d] with non-temporal stores where possible. */
-    static inline void grapheme_row_scale_stream(double *__restrict dst,
-                                                 const double *__restrict src,
-                                                 double w, Py_ssize_t d) {
-    #if GRAPHEME_HAVE_STREAM
-        Py_ssize_t t = 0;
-        if (((uintptr_t)dst & 7) != 0) {  /* not even double-aligned */
-            grapheme_row_scale(dst, src, w, d);
-            return;
-        }
-        if (((uintptr_t)dst & 15) != 0 && d > 0) {
-            dst[0] = w * src[0];
-            t = 1;
-        }
-        const __m128d vw = _mm_set1_pd(w);
-        for (; t + 1 < d; t += 2)
-            _mm_stream_pd(dst + t, _mm_mul_pd(vw, _mm_loadu_pd(src + t)));
-        if (t < d) dst[t] = w * src[t];
-    #else
-        grapheme_row_scale(dst, src, w, d);
-    #endif
-    }
-
-    /* grapheme_row_scale_stream for a 16-byte aligned dst and an even d:
-       no per-row checks (scatter into a reused 1e7 x 16 buffer, the kernel
-       called directly: 6.6 -> 4.8 ns/node). */
-    static inline void grapheme_row_scale_stream_a16(double *__restrict dst,
-                                                     const double *__restrict src,
-                                                     double w, Py_ssize_t d) {
-    #if GRAPHEME_HAVE_STREAM
-        const __m128d vw = _mm_set1_pd(w);
-        for (Py_ssize_t t = 0; t < d; t += 2)
-            _mm_stream_pd(dst + t, _mm_mul_pd(vw, _mm_loadu_pd(src + t)));
-    #else
-        grapheme_row_scale(dst, src, w, d);
-    #endif
-    }
-
-    /* dst[0:d] = src[0:d] */
-    static inline void grapheme_row_copy(double *__restrict dst,
-                                         const double *__restrict src, Py_ssize_t d) {
-        for (Py_ssize_t t = 0; t < d; ++t) dst[t] = src[t];
-    }
-
-    /* dst[0:d] = src[0:d] with non-temporal stores where possible. */
-    static inline void grapheme_row_copy_stream(double *__restrict dst,
-                                                const double *__restrict src,
-                                                Py_ssize_t d) {
-    #if GRAPHEME_HAVE_STREAM
-        Py_ssize_t t = 0;
-        if (((uintptr_t)dst & 7) != 0) {  /* not even double-aligned */
-            grapheme_row_copy(dst, src, d);
-            return;
-        }
-        if (((uintptr_t)dst & 15) != 0 && d > 0) {
-            dst[0] = src[0];
-            t = 1;
-        }
-        for (; t + 1 < d; t += 2)
-            _mm_stream_pd(dst + t, _mm_loadu_pd(src + t));
-        if (t < d) dst[t] = src[t];
-    #else
-        grapheme_row_copy(dst, src, d);
-    #endif
-    }
-
-    /* grapheme_row_copy_stream for a 16-byte aligned dst and an even d. */
-    static inline void grapheme_row_copy_stream_a16(double *__restrict dst,
-                                                    const double *__restrict src,
-                                                    Py_ssize_t d) {
-    #if GRAPHEME_HAVE_STREAM
-        for (Py_ssize_t t = 0; t < d; t += 2)
-            _mm_stream_pd(dst + t, _mm_loadu_pd(src + t));
-    #else
-        grapheme_row_copy(dst, src, d);
-    #endif
-    }
-
-    /* Order streaming stores before whatever the caller does next. */
-    static inline void grapheme_store_fence(void) {
-    #if GRAPHEME_HAVE_STREAM
-        _mm_sfence();
-    #endif
-    }
-    """
-    void row_scale "grapheme_row_scale"(double* dst, const double* src, double w,
-                                        intp_t d) noexcept nogil
-    void row_add_to "grapheme_row_add_to"(double* dst, const double* base, const double* src,
-                                          double w, intp_t d) noexcept nogil
-    void row_scale_stream "grapheme_row_scale_stream"(double* dst, const double* src,
-                                                      double w, intp_t d) noexcept nogil
-    void row_scale_stream_a16 "grapheme_row_scale_stream_a16"(
-        double* dst, const double* src, double w, intp_t d) noexcept nogil
-    void row_copy_stream "grapheme_row_copy_stream"(double* dst, const double* src,
-                                                    intp_t d) noexcept nogil
-    void row_copy_stream_a16 "grapheme_row_copy_stream_a16"(double* dst, const double* src,
-                                                            intp_t d) noexcept nogil
-    void store_fence "grapheme_store_fence"() noexcept nogil
-
 # Reused outputs at least this large are written with streaming stores (see
-# above). Measured with ``python -m bench --filter Scatter`` on a 2-core Xeon:
-# at 1e5 x 16 doubles (12.8 MB) normal stores win; from 1e6 x 16 (128 MB)
-# streaming is 1.5x faster.
+# above; the store helpers are in _types.pxd). Measured with ``python -m bench
+# --filter Scatter`` on a 2-core Xeon: at 1e5 x 16 doubles (12.8 MB) normal
+# stores win; from 1e6 x 16 (128 MB) streaming is 1.5x faster.
 STREAM_MIN_BYTES = 64 * 1024 * 1024
 
-
-cdef inline bint _rows_a16(const double* dst, intp_t d) noexcept nogil:
-    """Whether every row of a C-contiguous (n, d) array at ``dst`` is 16-byte
-    aligned, so the ``_a16`` streaming helpers apply."""
-    return d % 2 == 0 and (<uintptr_t>dst) % 16 == 0
-
-
-cdef inline void _copy_stream(double* dst, const double* src, intp_t d, bint a16) noexcept nogil:
-    if a16:
-        row_copy_stream_a16(dst, src, d)
-    else:
-        row_copy_stream(dst, src, d)
 
 
 cdef inline void _zero(double* dst, intp_t d) noexcept nogil:
@@ -731,8 +597,4 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
                 row_scale(op + i * d, gp + c * d, wi, d)
         if stream:
             store_fence()
-
-include "_sinkhorn.pxi"
-
-include "_relax.pxi"
 

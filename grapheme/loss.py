@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _transport
 from .graph import Graph
 
 __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
@@ -53,15 +53,33 @@ class LossGrad(NamedTuple):
 
 
 class _GraphArrays(NamedTuple):
-    """The arrays of one (possibly batched) graph that the loss reads."""
+    """The arrays of one (possibly batched) graph that the loss kernels read
+    (``_transport._graph``); all C-contiguous."""
 
-    indptr: np.ndarray      # (N+1,) int32/int64
-    indices: np.ndarray     # (E,) same dtype, global node indices
+    indptr: np.ndarray      # (N+1,) int64
+    indices: np.ndarray     # (E,) int64, global node indices
     labels: np.ndarray      # (N,) int32
     weights: np.ndarray     # (E,) float64
     mass: np.ndarray        # (N,) float64
     activation: np.ndarray  # (N,) float64
     offsets: np.ndarray     # (B+1,) int64
+    degree: np.ndarray      # (N,) float64 out-degrees
+
+
+class _Settings(NamedTuple):
+    """The settings of a :class:`StructuralLoss` as the kernels read them
+    (``_transport._settings``)."""
+
+    w_type: float
+    w_act: float
+    w_deg: float
+    epsilon: float
+    iterations: int
+    tol: float              # <= 0: run every iteration
+    conv_tol: float         # "converged" threshold when tol <= 0
+    alpha: float
+    beta: float
+    gamma: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,11 +145,13 @@ class LossResult:
 
 
 class _Cache(NamedTuple):
+    """What the backward pass needs; also the transport state the kernels
+    read and write (``scaled`` and the offsets in, the rest out of the
+    forward pass)."""
+
     loss: "StructuralLoss"
     p: _GraphArrays
     t: _GraphArrays
-    dp: np.ndarray
-    dt: np.ndarray
     plan: np.ndarray
     plan_off: np.ndarray
     fpot: np.ndarray
@@ -388,17 +408,13 @@ class StructuralLoss:
         if not isinstance(result, LossResult):
             raise TypeError(f"result must be a LossResult, got {type(result).__name__}")
         c = result._cache
-        L, p, t = c.loss, c.p, c.t
+        p, t = c.p, c.t
         B = len(p.offsets) - 1
-        gx = np.empty(len(p.activation))
-        ga = np.empty(len(p.activation))
-        gy = np.empty(len(t.activation))
-        _core._structural_loss_backward(
-            p.activation, p.mass, p.labels, c.dp, p.indptr, p.indices, p.weights, p.offsets,
-            t.activation, t.mass, t.labels, c.dt, t.indptr, t.indices, t.weights, t.offsets,
-            c.f_off, c.g_off, c.fpot, c.gpot, c.used, c.scaled, np.full(B, 1.0 / B),
-            *L.weights, L.epsilon, L.alpha, L.beta, L.gamma, gx, ga, gy)
-        return LossGrad(gx, ga, gy)
+        grad = LossGrad(np.empty(len(p.activation)), np.empty(len(p.activation)),
+                        np.empty(len(t.activation)))
+        _transport.structural_loss_backward(p, t, c.loss._settings(), c, np.full(B, 1.0 / B),
+                                            grad)
+        return grad
 
     __call__ = forward
 
@@ -409,9 +425,6 @@ class StructuralLoss:
             raise ValueError(
                 f"target has {len(t.offsets) - 1} graphs but predicted has "
                 f"{len(p.offsets) - 1}; batch sizes must match")
-        if p.indptr.dtype != t.indptr.dtype:
-            p = p._replace(indptr=p.indptr.astype(np.int64), indices=p.indices.astype(np.int64))
-            t = t._replace(indptr=t.indptr.astype(np.int64), indices=t.indices.astype(np.int64))
         B = len(p.offsets) - 1
         n = np.diff(p.offsets)
         m = np.diff(t.offsets)
@@ -421,26 +434,15 @@ class StructuralLoss:
         np.cumsum(self.iterations * (n + 1), out=f_off[1:])
         g_off = np.zeros(B + 1, np.int64)
         np.cumsum(self.iterations * (m + 1), out=g_off[1:])
-        dp = np.diff(p.indptr).astype(np.float64)
-        dt = np.diff(t.indptr).astype(np.float64)
         scaled = self._choose_domain(p, t)
-
-        plan = np.empty(plan_off[-1])
-        fpot = np.empty(f_off[-1])
-        gpot = np.empty(g_off[-1])
+        cache = _Cache(self, p, t, np.empty(plan_off[-1]), plan_off, np.empty(f_off[-1]),
+                       np.empty(g_off[-1]), f_off, g_off, np.empty(B, np.int64), scaled)
         terms = np.empty((B, 4))
-        used = np.empty(B, np.int64)
         conv = np.empty(B, np.uint8)
-        _core._structural_loss_forward(
-            p.activation, p.mass, p.labels, dp, p.indptr, p.indices, p.weights, p.offsets,
-            t.activation, t.mass, t.labels, dt, t.indptr, t.indices, t.weights, t.offsets,
-            plan_off, f_off, g_off, scaled, *self.weights, self.epsilon, self.iterations,
-            -1.0 if self.tol is None else self.tol, _REPORT_TOL,
-            plan, fpot, gpot, terms, used, conv)
+        _transport.structural_loss_forward(p, t, self._settings(), cache, terms, conv)
+        used = cache.used
         nodes, edges, cliques = terms[:, 0].copy(), terms[:, 1].copy(), terms[:, 2].copy()
         values = self.alpha * nodes + self.beta * edges + self.gamma * cliques
-        cache = _Cache(self, p, t, dp, dt, plan, plan_off, fpot, gpot, f_off, g_off, used,
-                       scaled)
         return LossResult(
             value=float(values.mean()), node=float(nodes.mean()),
             edge=float(edges.mean()), clique=float(cliques.mean()),
@@ -448,6 +450,12 @@ class StructuralLoss:
             iterations=used, converged=conv.astype(bool),
             marginal_error=terms[:, 3].copy(),
             domain=np.where(scaled.astype(bool), "scaling", "log"), _cache=cache)
+
+    def _settings(self) -> _Settings:
+        """The settings as the kernels read them."""
+        return _Settings(*self.weights, self.epsilon, self.iterations,
+                         -1.0 if self.tol is None else self.tol, _REPORT_TOL,
+                         self.alpha, self.beta, self.gamma)
 
     def _choose_domain(self, p: _GraphArrays, t: _GraphArrays) -> np.ndarray:
         """Per pair 1 (scaling form) or 0 (log domain), as uint8 of shape (B,)."""
@@ -486,8 +494,12 @@ def _from_graph(graph, name) -> _GraphArrays:
         w = np.ones(E)
     elif E and w.min() < 0:
         raise ValueError(f"{name}.weights must be >= 0")
+    # int64 CSR whatever the graph's index type: the loss is O(iterations n m)
+    # per pair, so this copy is negligible and the kernels need no fused type
+    indptr = np.ascontiguousarray(graph.indptr, dtype=np.int64)
     return _GraphArrays(
-        np.ascontiguousarray(graph.indptr), np.ascontiguousarray(graph.indices),
+        indptr, np.ascontiguousarray(graph.indices, dtype=np.int64),
         np.ascontiguousarray(graph.labels, dtype=np.int32), np.ascontiguousarray(w),
         np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
-        np.ascontiguousarray(graph.graph_offsets, dtype=np.int64))
+        np.ascontiguousarray(graph.graph_offsets, dtype=np.int64),
+        np.diff(indptr).astype(np.float64))

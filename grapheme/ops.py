@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _relax
 from ._validation import as_float_array
 from .graph import Graph, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
@@ -344,7 +344,7 @@ class ChainRelaxation(Operation):
         out = np.empty((n, d))
         D = np.empty(n)
         mass = np.empty(n)
-        _core.relax_chain_forward(features, m, out, D, mass, False)
+        _relax.relax_chain_forward(features, m, out, D, mass, False)
         indptr, indices, weights = _relaxed_edges(graph, m)
         relaxed = Graph._trusted(indptr, indices, graph.labels, features=out,
                                  weights=weights, mass=mass, offsets=graph.offsets)
@@ -358,7 +358,7 @@ class ChainRelaxation(Operation):
             grad_features, dtype=np.float64, order="C")
         gmass = np.zeros(n) if grad_mass is None else np.ascontiguousarray(grad_mass, np.float64)
         grad_m = np.empty(n)
-        _core.relax_chain_backward(m, out, D, gf, gmass, gf, grad_m, False)
+        _relax.relax_chain_backward(m, out, D, gf, gmass, gf, grad_m, False)
         if grad_weights is not None:
             grad_m += _relaxed_edges_vjp(indptr, indices, m, grad_weights)
         return gf, grad_m[src] if num_edges else np.zeros(0)
@@ -371,18 +371,18 @@ def _relaxed_edges(graph, m):
     counts = np.empty(n, np.int64)
     has_next = np.zeros(n, np.uint8)
     has_next[chain_sources(graph)] = 1
-    _core.relaxed_edge_counts(m, has_next, counts)
+    _relax.relaxed_edge_counts(m, has_next, counts)
     indptr = np.zeros(n + 1, dtype)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(int(indptr[-1]), dtype)
     weights = np.empty(int(indptr[-1]))
-    _core.relaxed_edges(m, has_next, indptr, indices, weights)
+    _relax.relaxed_edges(m, has_next, indptr, indices, weights)
     return indptr, indices, weights
 
 
 def _relaxed_edges_vjp(indptr, indices, m, grad_weights):
     grad_m = np.zeros(m.shape[0])
-    _core.relaxed_edges_backward(m, indptr, np.ascontiguousarray(grad_weights, np.float64),
+    _relax.relaxed_edges_backward(m, indptr, np.ascontiguousarray(grad_weights, np.float64),
                                  grad_m)
     return grad_m
 

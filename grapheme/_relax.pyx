@@ -1,5 +1,7 @@
-# Chain relaxation of hard merges (included into _core.pyx).
-#
+# cython: language_level=3
+"""Chain relaxation of hard merges, forward and adjoint, and its expected
+inter-cluster edges (private kernels; callers validate, see
+``grapheme.ops.ChainRelaxation``)."""
 # A chain has nodes 0..n-1 and a merge weight m[i] in [0, 1] on the edge
 # i -> i+1 (m[i] = 0 where that edge does not exist: the last node, a batch
 # boundary of a block-diagonal batch of chains).  Right to left,
@@ -16,11 +18,18 @@
 # D (n,) beside the input.
 #
 # Streaming stores (``stream=True``; see "Gather / scatter" in _core.pyx for
-# when the Python layer asks for them) bypass the cache, so a pass that
-# streams its (n, d) output must not read it back: it then carries the row it
-# recurs on (h'_{i+1} forward, lam_{i-1} backward) in a d-vector of its own,
-# which stays in L1, and copies each finished row out. Without streaming the
-# recursion reads the previous output row, as fast and one copy less.
+# when the Python layer asks for them; the helpers are in _types.pxd) bypass
+# the cache, so a pass that streams its (n, d) output must not read it back:
+# it then carries the row it recurs on (h'_{i+1} forward, lam_{i-1}
+# backward) in a d-vector of its own, which stays in L1, and copies each
+# finished row out. Without streaming the recursion reads the previous
+# output row, as fast and one copy less.
+
+import numpy as np
+
+from libc.stdint cimport int64_t, uint8_t
+
+from grapheme._types cimport index_t, intp_t, store_fence, _rows_a16, _copy_stream
 
 
 def relax_chain_forward(

@@ -1,26 +1,220 @@
-# Structural loss kernels: log-domain entropic optimal transport with dustbins,
-# plus the edge (Dice-style preservation) and clique (degree moments) terms,
-# forward and exact reverse-mode backward through the Sinkhorn iterations.
-#
-# Included at the end of _core.pyx; uses its imports and ``index_t``/``intp_t``.
-#
-# Layout of one pair b (n predicted nodes, m target nodes):
-#   augmented arrays have n+1 rows (row n = dustbin) and m+1 columns (column m
-#   = dustbin), stored row-major with row stride m+1;
-#   plan[plan_off[b] : plan_off[b+1]]   the augmented plan P
-#   fpot[fpot_off[b] + t*(n+1) + i]     f of iteration t (t < iterations used)
-#   gpot[gpot_off[b] + t*(m+1) + j]     g of iteration t
-# Node and edge arrays are concatenated over the batch; CSR indices are global.
-#
-# Two domains, chosen per pair by the caller (``scaled[b]``), same iterations:
-#   log      f, g as above; every sweep evaluates exp per cell.
-#   scaling  K = exp(-C/eps) once per pair, u = exp(f/eps), v = exp(g/eps):
-#            u_i = 1 / sum_j b_j K_ij v_j,  v_j = 1 / sum_i a_i K_ij u_i,
-#            P_ij = a_i b_j u_i K_ij v_j; fpot/gpot then hold u and v (not
-#            f, g). Only valid while u, v, K and u K v stay far inside the
-#            float64 range; the caller guarantees it (see loss.py,
-#            _scaling_safe), so no saturation (_sexp) can occur either.
+# cython: language_level=3
+"""Structural-loss kernels (private): log-domain entropic optimal transport
+with dustbins, plus the edge (Dice-style preservation) and clique (degree
+moments) terms, forward and exact reverse-mode backward through the Sinkhorn
+iterations. ``grapheme.loss.StructuralLoss`` validates and calls them.
 
+Layout of one pair b (n predicted nodes, m target nodes):
+  augmented arrays have n+1 rows (row n = dustbin) and m+1 columns (column m
+  = dustbin), stored row-major with row stride m+1;
+  plan[plan_off[b] : plan_off[b+1]]   the augmented plan P
+  fpot[f_off[b] + t*(n+1) + i]        f of iteration t (t < iterations used)
+  gpot[g_off[b] + t*(m+1) + j]        g of iteration t
+Node and edge arrays are concatenated over the batch; CSR indices are global
+and int64 (the loss costs O(iterations n m) per pair, so the caller's copy of
+int32 indices is negligible and no kernel here needs a fused type).
+
+Two domains, chosen per pair by the caller (``scaled[b]``), same iterations:
+  log      f, g as above; every sweep evaluates exp per cell.
+  scaling  K = exp(-C/eps) once per pair, u = exp(f/eps), v = exp(g/eps):
+           u_i = 1 / sum_j b_j K_ij v_j,  v_j = 1 / sum_i a_i K_ij u_i,
+           P_ij = a_i b_j u_i K_ij v_j; fpot/gpot then hold u and v (not
+           f, g). Only valid while u, v, K and u K v stay far inside the
+           float64 range; the caller guarantees it (see loss.py,
+           _scaling_safe), so no saturation (_sexp) can occur either.
+
+The kernels take the two graphs, the settings and the transport state as
+objects (the ``_GraphArrays``, ``_Settings`` and ``_Cache`` NamedTuples of
+loss.py) and read them into C structs once (:c:func:`_graph`,
+:c:func:`_settings`, :c:func:`_layout`); the workspace of both passes comes
+from one function (:c:func:`_workspace`).
+"""
+import numpy as np
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.math cimport exp, log, fabs, INFINITY
+
+from grapheme._types cimport intp_t
+
+
+# ---------------------------------------------------------------------------
+# The arguments as C structs
+# ---------------------------------------------------------------------------
+
+cdef struct Graph:
+    # One (possibly batched) graph: B graphs, N nodes, E edges in all.
+    intp_t nodes                 # N
+    const double* activation     # (N,)
+    const double* mass           # (N,)
+    const int32_t* labels        # (N,)
+    const double* degree         # (N,) weighted out-degrees
+    const int64_t* indptr        # (N+1,) CSR
+    const int64_t* indices       # (E,) CSR, global node indices
+    const double* weights        # (E,) edge weights
+    const int64_t* offsets       # (B+1,) first node of each graph
+
+
+cdef struct Settings:
+    double w_type, w_act, w_deg  # weights of the node cost's three parts
+    double eps                   # entropic regularisation, > 0
+    intp_t iterations            # Sinkhorn iterations (the most, with tol)
+    double tol                   # early stop at row error <= tol; <= 0: never
+    double conv_tol              # "converged" threshold when tol <= 0
+    double alpha, beta, gamma    # weights of the node, edge, clique terms
+
+
+cdef struct Layout:
+    intp_t pairs                 # B
+    const uint8_t* scaled        # (B,) 1: scaling form, 0: log domain
+    const int64_t* plan_off      # (B+1,) offsets into plan
+    const int64_t* f_off         # (B+1,) offsets into fpot
+    const int64_t* g_off         # (B+1,) offsets into gpot
+
+
+cdef struct Work:
+    # Workspace of one pair, reused across pairs; (n+1)(m+1) "cells", n m
+    # "real" cells for the largest n, m of the batch. Backward-only
+    # buffers are NULL in the forward pass.
+    double* C                    # cells: augmented cost
+    double* K                    # cells if any pair is scaled: exp(-C/eps)
+    double* Q                    # real: row-normalised plan (backward: edge adjoint)
+    double* R                    # real: Q Wt^T
+    double* aw                   # n+1: augmented row weights
+    double* bw                   # m+1: augmented column weights
+    const double* one            # m+1 ones
+    double* fn                   # n+1 (forward): the next f, for the row error
+    double* M                    # m+1 (forward): LSE shifts / scaling work
+    double* Cb                   # cells (backward): cost adjoint
+    double* S                    # real (backward): Q Wt
+    double* fb                   # n+1 (backward): f adjoint
+    double* gb                   # m+1 (backward): g adjoint
+    double* gn                   # m+1 (backward): next g adjoint
+    double* hv                   # m+1 (backward)
+    double* kv                   # m+1 (backward)
+    const double* zero           # m+1 zeros (backward)
+
+
+cdef inline const double* _cptr(const double[::1] v) noexcept:
+    return &v[0] if v.shape[0] > 0 else NULL
+
+
+cdef int _graph(object arrays, list keep, Graph* g) except -1:
+    """Fill ``g`` from a ``_GraphArrays`` (float64, int32 labels, int64 CSR
+    and offsets, all C-contiguous; a wrong dtype raises ValueError). The
+    memoryviews go into ``keep``, which holds the buffers for the call."""
+    cdef const double[::1] activation = arrays.activation
+    cdef const double[::1] mass = arrays.mass
+    cdef const int32_t[::1] labels = arrays.labels
+    cdef const double[::1] degree = arrays.degree
+    cdef const int64_t[::1] indptr = arrays.indptr
+    cdef const int64_t[::1] indices = arrays.indices
+    cdef const double[::1] weights = arrays.weights
+    cdef const int64_t[::1] offsets = arrays.offsets
+    keep.extend((activation, mass, labels, degree, indptr, indices, weights, offsets))
+    g.nodes = activation.shape[0]
+    g.activation = _cptr(activation)
+    g.mass = _cptr(mass)
+    g.labels = &labels[0] if labels.shape[0] > 0 else NULL
+    g.degree = _cptr(degree)
+    g.indptr = &indptr[0]
+    g.indices = &indices[0] if indices.shape[0] > 0 else NULL
+    g.weights = _cptr(weights)
+    g.offsets = &offsets[0]
+    return 0
+
+
+cdef int _settings(object settings, Settings* s) except -1:
+    """Fill ``s`` from a ``_Settings``."""
+    s.w_type = settings.w_type
+    s.w_act = settings.w_act
+    s.w_deg = settings.w_deg
+    s.eps = settings.epsilon
+    s.iterations = settings.iterations
+    s.tol = settings.tol
+    s.conv_tol = settings.conv_tol
+    s.alpha = settings.alpha
+    s.beta = settings.beta
+    s.gamma = settings.gamma
+    return 0
+
+
+cdef int _layout(object state, list keep, Layout* lay) except -1:
+    """Fill ``lay`` from the transport state (``_Cache``: scaled, plan_off,
+    f_off, g_off); the memoryviews go into ``keep``."""
+    cdef const uint8_t[::1] scaled = state.scaled
+    cdef const int64_t[::1] plan_off = state.plan_off
+    cdef const int64_t[::1] f_off = state.f_off
+    cdef const int64_t[::1] g_off = state.g_off
+    keep.extend((scaled, plan_off, f_off, g_off))
+    lay.pairs = scaled.shape[0]
+    lay.scaled = &scaled[0] if scaled.shape[0] > 0 else NULL
+    lay.plan_off = &plan_off[0]
+    lay.f_off = &f_off[0]
+    lay.g_off = &g_off[0]
+    return 0
+
+
+cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
+                       bint backward, Work* w):
+    """Allocate the workspace of a pass in ONE array and point ``w`` into
+    it; returns that array (the caller keeps it alive while ``w`` is used).
+
+    Sized for the largest pair of the batch, O((n+1)(m+1)) doubles (K only
+    if some pair is scaled).
+    """
+    cdef intp_t maxn = 0, maxm = 0, k
+    cdef bint any_scaled = False
+    for k in range(lay.pairs):
+        maxn = max(maxn, <intp_t>(p.offsets[k + 1] - p.offsets[k]))
+        maxm = max(maxm, <intp_t>(t.offsets[k + 1] - t.offsets[k]))
+        any_scaled = any_scaled or lay.scaled[k] != 0
+    cdef intp_t cells = (maxn + 1) * (maxm + 1)
+    cdef intp_t real = max(maxn * maxm, 1)
+    cdef intp_t rows = maxn + 1, cols = maxm + 1
+    cdef intp_t total = (cells + (cells if any_scaled else 1) + 2 * real
+                         + rows + 2 * cols)
+    if backward:
+        total += cells + real + rows + 5 * cols
+    else:
+        total += rows + cols
+    buf = np.empty(total)
+    cdef double[::1] view = buf
+    cdef double* at = &view[0]
+    cdef double* ones
+    cdef double* zeros
+    cdef intp_t j
+    w.C = at; at += cells
+    w.K = at; at += cells if any_scaled else 1
+    w.Q = at; at += real
+    w.R = at; at += real
+    w.aw = at; at += rows
+    w.bw = at; at += cols
+    ones = at; at += cols
+    for j in range(cols):
+        ones[j] = 1.0
+    w.one = ones
+    w.fn = w.M = w.Cb = w.S = w.fb = w.gb = w.gn = w.hv = w.kv = NULL
+    w.zero = NULL
+    if backward:
+        w.Cb = at; at += cells
+        w.S = at; at += real
+        w.fb = at; at += rows
+        w.gb = at; at += cols
+        w.gn = at; at += cols
+        w.hv = at; at += cols
+        w.kv = at; at += cols
+        zeros = at; at += cols
+        for j in range(cols):
+            zeros[j] = 0.0
+        w.zero = zeros
+    else:
+        w.fn = at; at += rows
+        w.M = at; at += cols
+    return buf
+
+
+# ---------------------------------------------------------------------------
+# Pieces of one pair
+# ---------------------------------------------------------------------------
 
 # Un-shifted exponentials exp((f_i + g_j - C_ij)/eps) are <= 1/w for a cell
 # whose row or column weight w is positive; only cells of a ZERO mass can grow
@@ -30,18 +224,6 @@
 # nothing for weights above exp(-300).
 cdef inline double _sexp(double z) noexcept nogil:
     return exp(z if z < 300.0 else 300.0)
-
-
-cdef inline const double* _cptr(const double[::1] v) noexcept nogil:
-    return &v[0] if v.shape[0] > 0 else NULL
-
-
-cdef inline double* _mptr(double[::1] v) noexcept nogil:
-    return &v[0] if v.shape[0] > 0 else NULL
-
-
-cdef inline const int32_t* _lptr(const int32_t[::1] v) noexcept nogil:
-    return &v[0] if v.shape[0] > 0 else NULL
 
 
 cdef void _cost_matrix(intp_t n, intp_t m,
@@ -225,7 +407,7 @@ cdef void _moments(intp_t n, const double* w, const double* deg,
 
 
 cdef void _edge_tables(intp_t n, intp_t m, const double* Q,
-                       const index_t* ipt, const index_t* it, const double* wt,
+                       const int64_t* ipt, const int64_t* it, const double* wt,
                        intp_t t0, double* R, double* S) noexcept nogil:
     """R = Q Wt^T and (if S != NULL) S = Q Wt, both (n, m); O(n E_t)."""
     cdef intp_t v, j, l, e
@@ -244,34 +426,17 @@ cdef void _edge_tables(intp_t n, intp_t m, const double* Q,
                     S[v * m + l] += w * Q[v * m + j]
 
 
-def _structural_loss_forward(
-        const double[::1] x,          # IN (N,) predicted activations
-        const double[::1] a,          # IN (N,) predicted masses
-        const int32_t[::1] lp,        # IN (N,) predicted labels
-        const double[::1] dp,         # IN (N,) predicted out-degrees
-        const index_t[::1] ipp,       # IN (N+1,) predicted CSR indptr
-        const index_t[::1] ip,        # IN (E_p,) predicted CSR indices (global)
-        const double[::1] wp,         # IN (E_p,) predicted edge weights
-        const int64_t[::1] off_p,     # IN (B+1,) predicted node offsets
-        const double[::1] y,          # IN (M,) target activations
-        const double[::1] bm,         # IN (M,) target masses
-        const int32_t[::1] lt,        # IN (M,) target labels
-        const double[::1] dt,         # IN (M,) target out-degrees
-        const index_t[::1] ipt,       # IN (M+1,) target CSR indptr
-        const index_t[::1] it,        # IN (E_t,) target CSR indices (global)
-        const double[::1] wt,         # IN (E_t,) target edge weights
-        const int64_t[::1] off_t,     # IN (B+1,) target node offsets
-        const int64_t[::1] plan_off,  # IN (B+1,) offsets into plan
-        const int64_t[::1] f_off,     # IN (B+1,) offsets into fpot
-        const int64_t[::1] g_off,     # IN (B+1,) offsets into gpot
-        const uint8_t[::1] scaled,    # IN (B,) 1: scaling form, 0: log domain
-        double w_type, double w_act, double w_deg,
-        double eps, intp_t iterations, double tol, double conv_tol,
-        double[::1] plan,             # OUT sum_b (n_b+1)(m_b+1)
-        double[::1] fpot,             # OUT sum_b iterations*(n_b+1)
-        double[::1] gpot,             # OUT sum_b iterations*(m_b+1)
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+def structural_loss_forward(
+        object predicted,             # IN  predicted graph (_GraphArrays)
+        object target,                # IN  target graph (_GraphArrays)
+        object settings,              # IN  _Settings
+        object state,                 # IN  scaled, plan_off, f_off, g_off;
+                                      # OUT plan, fpot, gpot, used (a _Cache)
         double[:, ::1] terms,         # OUT (B, 4): node, edge, clique, row error
-        int64_t[::1] used,            # OUT (B,) iterations performed
         uint8_t[::1] converged):      # OUT (B,) row error <= tol (or conv_tol)
     """Forward structural loss of a batch of pairs (trusts its input).
 
@@ -281,57 +446,67 @@ def _structural_loss_forward(
     where ``scaled[b]``, in the scaling form with K = exp(-C/eps) computed
     once (one exp per cell per pair instead of two per cell per sweep; the
     caller guarantees the scaling form cannot over- or underflow). The
-    potentials of every iteration (f, g or u, v) are stored for the backward
-    pass.
+    potentials of every iteration (f, g or u, v) are stored in
+    ``state.fpot``/``state.gpot`` (sizes ``sum_b iterations (n_b+1)`` and
+    ``sum_b iterations (m_b+1)``) for the backward pass, the plans in
+    ``state.plan`` (``sum_b (n_b+1)(m_b+1)``), the iterations performed in
+    ``state.used`` (B,).
 
     Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
     O((n+1)(m+1)) workspace (two such buffers if any pair is scaled; reused
     across pairs).
     """
-    cdef intp_t nb = off_p.shape[0] - 1
-    cdef intp_t maxn = 0, maxm = 0, k
-    for k in range(nb):
-        maxn = max(maxn, <intp_t>(off_p[k + 1] - off_p[k]))
-        maxm = max(maxm, <intp_t>(off_t[k + 1] - off_t[k]))
-    cdef double[::1] wC = np.empty((maxn + 1) * (maxm + 1))
-    cdef double[::1] wQ = np.empty(max(maxn * maxm, 1))
-    cdef double[::1] wR = np.empty(max(maxn * maxm, 1))
-    cdef double[::1] wa = np.empty(maxn + 1)
-    cdef double[::1] wb = np.empty(maxm + 1)
-    cdef double[::1] wf = np.empty(maxn + 1)
-    cdef double[::1] wM = np.empty(maxm + 1)
-    cdef bint any_scaled = False
-    for k in range(nb):
-        any_scaled = any_scaled or scaled[k] != 0
-    cdef double[::1] wK = np.empty((maxn + 1) * (maxm + 1) if any_scaled else 1)
-    cdef double[::1] wone = np.ones(maxm + 1)
+    cdef list keep = []
+    cdef Graph P_, T_
+    cdef Settings st
+    cdef Layout lay
+    cdef Work w
+    _graph(predicted, keep, &P_)
+    _graph(target, keep, &T_)
+    _settings(settings, &st)
+    _layout(state, keep, &lay)
+    cdef double[::1] plan = state.plan
+    cdef double[::1] fpot = state.fpot
+    cdef double[::1] gpot = state.gpot
+    cdef int64_t[::1] used = state.used
+    work = _workspace(&P_, &T_, &lay, False, &w)
 
-    cdef const double* xp = _cptr(x)
-    cdef const double* ap = _cptr(a)
-    cdef const double* dpp = _cptr(dp)
-    cdef const int32_t* lpp = _lptr(lp)
-    cdef const double* yp = _cptr(y)
-    cdef const double* bp = _cptr(bm)
-    cdef const double* dtp = _cptr(dt)
-    cdef const int32_t* ltp = _lptr(lt)
-    cdef const index_t* ippp = &ipp[0]
-    cdef const index_t* iptp = &ipt[0]
-    cdef const index_t* ipi = &ip[0] if ip.shape[0] > 0 else NULL
-    cdef const index_t* iti = &it[0] if it.shape[0] > 0 else NULL
-    cdef const double* wpp = _cptr(wp)
-    cdef const double* wtp = _cptr(wt)
-    cdef double* C = &wC[0]
-    cdef double* Q = &wQ[0]
-    cdef double* R = &wR[0]
-    cdef double* aw = &wa[0]
-    cdef double* bw = &wb[0]
-    cdef double* fn = &wf[0]
-    cdef double* M = &wM[0]
-    cdef double* K = &wK[0]
-    cdef const double* one = &wone[0]
-    cdef double* planp = _mptr(plan)
-    cdef double* Fp = _mptr(fpot)
-    cdef double* Gp = _mptr(gpot)
+    # the names of the loop below
+    cdef intp_t nb = lay.pairs, iterations = st.iterations
+    cdef double w_type = st.w_type, w_act = st.w_act, w_deg = st.w_deg
+    cdef double eps = st.eps, tol = st.tol, conv_tol = st.conv_tol
+    cdef const uint8_t* scaled = lay.scaled
+    cdef const int64_t* plan_off = lay.plan_off
+    cdef const int64_t* f_off = lay.f_off
+    cdef const int64_t* g_off = lay.g_off
+    cdef const int64_t* off_p = P_.offsets
+    cdef const int64_t* off_t = T_.offsets
+    cdef const double* xp = P_.activation
+    cdef const double* ap = P_.mass
+    cdef const double* dpp = P_.degree
+    cdef const int32_t* lpp = P_.labels
+    cdef const double* yp = T_.activation
+    cdef const double* bp = T_.mass
+    cdef const double* dtp = T_.degree
+    cdef const int32_t* ltp = T_.labels
+    cdef const int64_t* ippp = P_.indptr
+    cdef const int64_t* iptp = T_.indptr
+    cdef const int64_t* ipi = P_.indices
+    cdef const int64_t* iti = T_.indices
+    cdef const double* wpp = P_.weights
+    cdef const double* wtp = T_.weights
+    cdef double* C = w.C
+    cdef double* Q = w.Q
+    cdef double* R = w.R
+    cdef double* aw = w.aw
+    cdef double* bw = w.bw
+    cdef double* fn = w.fn
+    cdef double* M = w.M
+    cdef double* K = w.K
+    cdef const double* one = w.one
+    cdef double* planp = &plan[0] if plan.shape[0] > 0 else NULL
+    cdef double* Fp = &fpot[0] if fpot.shape[0] > 0 else NULL
+    cdef double* Gp = &gpot[0] if gpot.shape[0] > 0 else NULL
 
     cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, v, nit
     cdef double A, Bt, node, X, Wsum, err, E, mp, vp, mt, vt, md
@@ -473,35 +648,14 @@ def _structural_loss_forward(
             converged[b] = conv
 
 
-def _structural_loss_backward(
-        const double[::1] x,          # IN (N,) predicted activations
-        const double[::1] a,          # IN (N,) predicted masses
-        const int32_t[::1] lp,        # IN (N,) predicted labels
-        const double[::1] dp,         # IN (N,) predicted out-degrees
-        const index_t[::1] ipp,       # IN (N+1,) predicted CSR indptr
-        const index_t[::1] ip,        # IN (E_p,) predicted CSR indices (global)
-        const double[::1] wp,         # IN (E_p,) predicted edge weights
-        const int64_t[::1] off_p,     # IN (B+1,) predicted node offsets
-        const double[::1] y,          # IN (M,) target activations
-        const double[::1] bm,         # IN (M,) target masses
-        const int32_t[::1] lt,        # IN (M,) target labels
-        const double[::1] dt,         # IN (M,) target out-degrees
-        const index_t[::1] ipt,       # IN (M+1,) target CSR indptr
-        const index_t[::1] it,        # IN (E_t,) target CSR indices (global)
-        const double[::1] wt,         # IN (E_t,) target edge weights
-        const int64_t[::1] off_t,     # IN (B+1,) target node offsets
-        const int64_t[::1] f_off,     # IN (B+1,) offsets into fpot
-        const int64_t[::1] g_off,     # IN (B+1,) offsets into gpot
-        const double[::1] fpot,       # IN potentials f of every iteration
-        const double[::1] gpot,       # IN potentials g of every iteration
-        const int64_t[::1] used,      # IN (B,) iterations performed
-        const uint8_t[::1] scaled,    # IN (B,) as given to the forward pass
-        const double[::1] scale,      # IN (B,) d value / d value_b (1/B for a mean)
-        double w_type, double w_act, double w_deg, double eps,
-        double alpha, double beta, double gamma,
-        double[::1] gx,               # OUT (N,) d value / d x
-        double[::1] ga,               # OUT (N,) d value / d a
-        double[::1] gy):              # OUT (M,) d value / d y
+def structural_loss_backward(
+        object predicted,             # IN  predicted graph (_GraphArrays)
+        object target,                # IN  target graph (_GraphArrays)
+        object settings,              # IN  _Settings
+        object state,                 # IN  the _Cache the forward pass filled
+        const double[::1] scale,      # IN  (B,) d value / d value_b (1/B for a mean)
+        object grad):                 # OUT a LossGrad: activation (N,), mass (N,),
+                                      #     target_activation (M,)
     """Exact reverse-mode gradient of the forward pass (trusts its input).
 
     Reverses the Sinkhorn sweeps actually performed, using the stored
@@ -515,70 +669,70 @@ def _structural_loss_backward(
     Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
     O((n+1)(m+1)) workspace (reused across pairs).
     """
-    cdef intp_t nb = off_p.shape[0] - 1
-    cdef intp_t maxn = 0, maxm = 0, k
-    for k in range(nb):
-        maxn = max(maxn, <intp_t>(off_p[k + 1] - off_p[k]))
-        maxm = max(maxm, <intp_t>(off_t[k + 1] - off_t[k]))
-    cdef intp_t cells = (maxn + 1) * (maxm + 1)
-    cdef intp_t real = max(maxn * maxm, 1)
-    cdef double[::1] wC = np.empty(cells)
-    cdef double[::1] wCb = np.empty(cells)
-    cdef double[::1] wQ = np.empty(real)
-    cdef double[::1] wR = np.empty(real)
-    cdef double[::1] wS = np.empty(real)
-    cdef double[::1] wa = np.empty(maxn + 1)
-    cdef double[::1] wb = np.empty(maxm + 1)
-    cdef double[::1] wfb = np.empty(maxn + 1)
-    cdef double[::1] wgb = np.empty(maxm + 1)
-    cdef double[::1] wzero = np.zeros(maxm + 1)
-    cdef double[::1] wone = np.ones(maxm + 1)
-    cdef double[::1] wgn = np.empty(maxm + 1)
-    cdef double[::1] wh = np.empty(maxm + 1)
-    cdef double[::1] wk = np.empty(maxm + 1)
-    cdef bint any_scaled = False
-    for k in range(nb):
-        any_scaled = any_scaled or scaled[k] != 0
-    cdef double[::1] wK = np.empty(cells if any_scaled else 1)
+    cdef list keep = []
+    cdef Graph P_, T_
+    cdef Settings st
+    cdef Layout lay
+    cdef Work w
+    _graph(predicted, keep, &P_)
+    _graph(target, keep, &T_)
+    _settings(settings, &st)
+    _layout(state, keep, &lay)
+    cdef const double[::1] fpot = state.fpot
+    cdef const double[::1] gpot = state.gpot
+    cdef const int64_t[::1] used = state.used
+    cdef double[::1] gx = grad.activation
+    cdef double[::1] ga = grad.mass
+    cdef double[::1] gy = grad.target_activation
+    work = _workspace(&P_, &T_, &lay, True, &w)
 
-    cdef const double* xp = _cptr(x)
-    cdef const double* ap = _cptr(a)
-    cdef const double* dpp = _cptr(dp)
-    cdef const int32_t* lpp = _lptr(lp)
-    cdef const double* yp = _cptr(y)
-    cdef const double* bp = _cptr(bm)
-    cdef const double* dtp = _cptr(dt)
-    cdef const int32_t* ltp = _lptr(lt)
-    cdef const index_t* ippp = &ipp[0]
-    cdef const index_t* iptp = &ipt[0]
-    cdef const index_t* ipi = &ip[0] if ip.shape[0] > 0 else NULL
-    cdef const index_t* iti = &it[0] if it.shape[0] > 0 else NULL
-    cdef const double* wpp = _cptr(wp)
-    cdef const double* wtp = _cptr(wt)
-    cdef const double* Fp = _cptr(fpot)
-    cdef const double* Gp = _cptr(gpot)
-    cdef double* C = &wC[0]
-    cdef double* Cb = &wCb[0]
-    cdef double* D = &wQ[0]
-    cdef double* R = &wR[0]
-    cdef double* S = &wS[0]
-    cdef double* aw = &wa[0]
-    cdef double* bw = &wb[0]
-    cdef double* fb = &wfb[0]
-    cdef double* gb = &wgb[0]
-    cdef const double* zero = &wzero[0]
-    cdef const double* one = &wone[0]
-    cdef double* gn = &wgn[0]
-    cdef double* hv = &wh[0]
-    cdef double* kv = &wk[0]
-    cdef double* K = &wK[0]
+    # the names of the loop below
+    cdef intp_t nb = lay.pairs
+    cdef double w_type = st.w_type, w_act = st.w_act, w_deg = st.w_deg
+    cdef double eps = st.eps, alpha = st.alpha, beta = st.beta, gamma = st.gamma
+    cdef const uint8_t* scaled = lay.scaled
+    cdef const int64_t* f_off = lay.f_off
+    cdef const int64_t* g_off = lay.g_off
+    cdef const int64_t* off_p = P_.offsets
+    cdef const int64_t* off_t = T_.offsets
+    cdef const double* xp = P_.activation
+    cdef const double* ap = P_.mass
+    cdef const double* dpp = P_.degree
+    cdef const int32_t* lpp = P_.labels
+    cdef const double* yp = T_.activation
+    cdef const double* bp = T_.mass
+    cdef const double* dtp = T_.degree
+    cdef const int32_t* ltp = T_.labels
+    cdef const int64_t* ippp = P_.indptr
+    cdef const int64_t* iptp = T_.indptr
+    cdef const int64_t* ipi = P_.indices
+    cdef const int64_t* iti = T_.indices
+    cdef const double* wpp = P_.weights
+    cdef const double* wtp = T_.weights
+    cdef const double* Fp = &fpot[0] if fpot.shape[0] > 0 else NULL
+    cdef const double* Gp = &gpot[0] if gpot.shape[0] > 0 else NULL
+    cdef double* C = w.C
+    cdef double* Cb = w.Cb
+    cdef double* D = w.Q
+    cdef double* R = w.R
+    cdef double* S = w.S
+    cdef double* aw = w.aw
+    cdef double* bw = w.bw
+    cdef double* fb = w.fb
+    cdef double* gb = w.gb
+    cdef const double* zero = w.zero
+    cdef const double* one = w.one
+    cdef double* gn = w.gn
+    cdef double* hv = w.hv
+    cdef double* kv = w.kv
+    cdef double* K = w.K
     cdef const double* Krow
     cdef double* tmp
     cdef double ui, al, cc, r
     cdef bint sc
-    cdef double* gxp = _mptr(gx)
-    cdef double* gap = _mptr(ga)
-    cdef double* gyp = _mptr(gy)
+    cdef double* gxp = &gx[0] if gx.shape[0] > 0 else NULL
+    cdef double* gap = &ga[0] if ga.shape[0] > 0 else NULL
+    cdef double* gyp = &gy[0] if gy.shape[0] > 0 else NULL
 
     cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
     cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, gbj, fbi, d
@@ -591,10 +745,10 @@ def _structural_loss_backward(
     cdef bint has_edges
 
     with nogil:
-        for i in range(gx.shape[0]):
+        for i in range(P_.nodes):
             gxp[i] = 0.0
             gap[i] = 0.0
-        for j in range(gy.shape[0]):
+        for j in range(T_.nodes):
             gyp[j] = 0.0
         for b in range(nb):
             p0 = <intp_t>off_p[b]
