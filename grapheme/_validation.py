@@ -18,6 +18,7 @@ __all__ = [
     "check_scalar",
     "common_index_dtype",
     "check_pairs",
+    "check_graph",
 ]
 
 
@@ -155,3 +156,12 @@ def check_pairs(pairs, name):
         inputs.append(source)
         targets.append(target)
     return inputs, targets
+
+
+def check_graph(graph, name):
+    """Raise ``TypeError`` naming ``name`` unless ``graph`` is a Graph."""
+    from .graph import Graph   # graph.py imports this module
+
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
+    return graph

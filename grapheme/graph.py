@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, common_index_dtype
+from ._validation import as_float_array, as_index_array, check_graph, common_index_dtype
 
 __all__ = ["Graph", "merge_edges", "contract", "replicate", "chain_sources"]
 
@@ -408,11 +408,6 @@ def _check_offsets(offsets, n, indptr, indices):
 # Structural operations
 # ---------------------------------------------------------------------------
 
-def _check_graph(graph, name):
-    if not isinstance(graph, Graph):
-        raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
-
-
 def merge_edges(graph, merge):
     """Merge the endpoints of every selected edge; the history of the result.
 
@@ -437,7 +432,7 @@ def merge_edges(graph, merge):
     """
     from .history import MergeHistory
 
-    _check_graph(graph, "graph")
+    check_graph(graph, "graph")
     merge = np.asarray(merge)
     if merge.dtype != bool:
         raise TypeError(f"merge must be a boolean array, got dtype {merge.dtype}")
@@ -477,7 +472,7 @@ def contract(graph, history, features=None):
     """
     from .history import MergeHistory
 
-    _check_graph(graph, "graph")
+    check_graph(graph, "graph")
     if not isinstance(history, MergeHistory):
         raise TypeError(f"history must be a MergeHistory, got {type(history).__name__}")
     if history.num_inputs != graph.num_nodes:
@@ -559,7 +554,7 @@ def replicate(graph, copies):
     >>> replicate(Graph.from_text("ab"), 2).offsets.tolist()
     [0, 2, 4]
     """
-    _check_graph(graph, "graph")
+    check_graph(graph, "graph")
     if copies == 1:
         return graph
     n, E = graph.num_nodes, graph.num_edges

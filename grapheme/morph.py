@@ -14,9 +14,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import as_float_array, check_scalar
+from ._validation import as_float_array, check_graph, check_scalar
 from .estimators import Hard, make_estimator
-from .graph import Graph, _check_graph
+from .graph import Graph
 from .history import MergeHistory
 from .ops import EdgeSimilarity, MergeScores, sigmoid
 from .rate import RateController
@@ -185,7 +185,7 @@ class Morpher:
             (n_nodes, d) array; for ``Relaxed`` and ``StraightThrough``, if
             the candidate edges are not chain-shaped.
         """
-        _check_graph(graph, "graph")
+        check_graph(graph, "graph")
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
         return self._morph(graph, features, self.estimator, self.rate)
 
@@ -196,7 +196,7 @@ class Morpher:
         sampling, no relaxation, no replication, no rate penalty.
         O((n + E) d).
         """
-        _check_graph(graph, "graph")
+        check_graph(graph, "graph")
         features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
         return self._morph(graph, features, Hard(), None)
 
