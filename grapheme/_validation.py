@@ -19,6 +19,7 @@ __all__ = [
     "common_index_dtype",
     "check_pairs",
     "check_graph",
+    "frozen",
 ]
 
 
@@ -165,3 +166,23 @@ def check_graph(graph, name):
     if not isinstance(graph, Graph):
         raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
     return graph
+
+
+def frozen(arr, copy=True):
+    """A read-only view of ``arr`` (of a private copy of it unless ``copy`` is
+    False), or None.
+
+    The view's base is made read-only too, so ``view.flags.writeable = True``
+    raises: what an object hands out this way cannot be changed in place by
+    ordinary code, and a value checked once stays checked. With ``copy=False``
+    the array must be one the caller owns (a fresh result of our kernels):
+    it is frozen in place.
+    """
+    if arr is None:
+        return None
+    if copy:
+        arr = np.array(arr, copy=True, order="C")
+    if arr.flags.writeable:
+        arr.flags.writeable = False
+    view = arr.view()
+    return view

@@ -2,7 +2,8 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_graph, common_index_dtype
+from ._validation import (as_float_array, as_index_array, check_graph, common_index_dtype,
+                          frozen)
 
 __all__ = ["Graph", "merge_edges", "contract", "replicate", "chain_sources"]
 
@@ -25,7 +26,11 @@ class Graph:
     """A directed graph of labelled nodes in compressed sparse row form.
 
     Graphs are values: operations return new graphs and never modify their
-    inputs. A graph may be a *batch*: many graphs stored as one
+    inputs. A graph keeps private copies of the arrays it is given (checked
+    after copying) and hands out read-only views of them, so changing the
+    caller's arrays afterwards, or trying to write the graph's, cannot
+    invalidate a checked graph. Immutable, hence safe to share between
+    threads. A graph may be a *batch*: many graphs stored as one
     block-diagonal graph, with ``offsets`` marking where each one starts, so
     that kernels process the whole batch in one call.
 
@@ -77,10 +82,19 @@ class Graph:
                  "_mass", "_activation", "_offsets")
 
     def __init__(self, indptr, indices, labels, features=None, weights=None,
-                 mass=None, activation=None, offsets=None):
-        indptr = as_index_array(indptr, "indptr")
-        indices = as_index_array(indices, "indices")
-        labels = as_index_array(labels, "labels")
+                 mass=None, activation=None, offsets=None, *, _owned=()):
+        # Private copies first, then the checks run on the copies: nothing the
+        # caller does to its arrays afterwards (or meanwhile, from another
+        # thread) can reach a kernel. ``_owned`` names arguments that are
+        # already frozen arrays of a Graph (``replace``), which need no copy.
+        def own(name, arr):
+            if name in _owned:
+                return arr
+            return np.array(arr, copy=True, order="C")
+
+        indptr = own("indptr", as_index_array(indptr, "indptr"))
+        indices = own("indices", as_index_array(indices, "indices"))
+        labels = own("labels", as_index_array(labels, "labels"))
         if indptr.shape[0] < 1:
             raise ValueError("indptr must have length n_nodes + 1 >= 1, got length 0")
         n = indptr.shape[0] - 1
@@ -102,38 +116,50 @@ class Graph:
             bad = labels[(labels < 0) | (labels > MAX_CODE_POINT)][0]
             raise ValueError(f"labels must be Unicode code points in [0, 0x10FFFF], got {bad}")
         dtype = common_index_dtype(indptr, indices)
-        self._indptr = indptr.astype(dtype, copy=False)
-        self._indices = indices.astype(dtype, copy=False)
-        self._labels = labels.astype(np.int32, copy=False)
-        self._features = None
-        if features is not None:
-            self._features = as_float_array(features, "features", ndim=2, shape=(n, None))
-        self._weights = None
-        if weights is not None:
-            self._weights = as_float_array(weights, "weights", ndim=1,
-                                           shape=(indices.shape[0],))
+        self._indptr = frozen(indptr.astype(dtype, copy=False), copy=False)
+        self._indices = frozen(indices.astype(dtype, copy=False), copy=False)
+        self._labels = frozen(labels.astype(np.int32, copy=False), copy=False)
+
+        def floats(name, value, shape, ndim):
+            if value is None:
+                return None
+            arr = own(name, as_float_array(value, name, ndim=ndim, shape=shape, finite=False))
+            # checked after the copy (as_float_array with finite=True checks
+            # the caller's array, which could change before the copy)
+            as_float_array(arr, name)
+            return arr
+
+        self._features = frozen(floats("features", features, (n, None), 2), copy=False)
+        self._weights = frozen(floats("weights", weights, (indices.shape[0],), 1), copy=False)
         if mass is None:
-            self._mass = np.ones(n)
+            self._mass = frozen(np.ones(n), copy=False)
         else:
-            self._mass = as_float_array(mass, "mass", ndim=1, shape=(n,))
-            if (self._mass < 0).any():
+            mass = floats("mass", mass, (n,), 1)
+            if (mass < 0).any():
                 raise ValueError("mass must be non-negative")
-        self._activation = None
-        if activation is not None:
-            self._activation = as_float_array(activation, "activation", ndim=1, shape=(n,))
+            self._mass = frozen(mass, copy=False)
+        self._activation = frozen(floats("activation", activation, (n,), 1), copy=False)
         self._offsets = None
         if offsets is not None:
-            self._offsets = _check_offsets(offsets, n, self._indptr, self._indices)
+            self._offsets = frozen(_check_offsets(offsets, n, self._indptr, self._indices),
+                                   copy=False)
 
     @classmethod
     def _trusted(cls, indptr, indices, labels, features=None, weights=None,
                  mass=None, activation=None, offsets=None):
-        """Build from arrays produced by our own kernels, skipping validation."""
+        """Build from arrays produced by our own kernels, skipping validation.
+
+        The arrays become the graph's own: they are frozen in place (made
+        read-only), so the caller must not write them afterwards.
+        """
         g = cls.__new__(cls)
-        g._indptr, g._indices, g._labels = indptr, indices, labels
+        g._indptr, g._indices, g._labels = (frozen(indptr, copy=False),
+                                            frozen(indices, copy=False),
+                                            frozen(labels, copy=False))
         g._features, g._weights, g._activation, g._offsets = (
-            features, weights, activation, offsets)
-        g._mass = np.ones(labels.shape[0]) if mass is None else mass
+            frozen(features, copy=False), frozen(weights, copy=False),
+            frozen(activation, copy=False), frozen(offsets, copy=False))
+        g._mass = frozen(np.ones(labels.shape[0]) if mass is None else mass, copy=False)
         return g
 
     # ------------------------------------------------------------------ build
@@ -267,9 +293,14 @@ class Graph:
                 raise ValueError(f"graphs must all have {what} or none of them")
             return np.concatenate([getattr(p, attr) for p in parts])
 
+        widths = [p.features.shape[1] for p in parts if p.features is not None]
+        if widths and any(w != widths[0] for w in widths):
+            where = [i for i, g in enumerate(graphs) if g.features is not None]
+            bad = next(i for i in where if graphs[i].features.shape[1] != widths[0])
+            raise ValueError(
+                f"graphs must all have the same number of features: graphs[{where[0]}] "
+                f"has {widths[0]}, graphs[{bad}] has {graphs[bad].features.shape[1]}")
         features = stack("_features", "features")
-        if features is not None and len({p.features.shape[1] for p in parts}) > 1:
-            raise ValueError("graphs must all have the same number of features")
         weights = stack("_weights", "weights")
         activation = stack("_activation", "activations")
         mass = np.concatenate([np.empty(0)] + [p.mass for p in parts])
@@ -316,7 +347,8 @@ class Graph:
                 raise TypeError(f"replace() got an unexpected field {key!r}")
         current = {key: getattr(self, "_" + key) for key in allowed}
         current.update(fields)
-        return Graph(**current)
+        owned = frozenset(key for key in allowed if key not in fields)
+        return Graph(**current, _owned=owned)
 
     # ------------------------------------------------------------ properties
     indptr = property(lambda self: self._indptr, doc="Row pointer, shape (n_nodes + 1,).")
@@ -370,8 +402,21 @@ class Graph:
 
     # ------------------------------------------------------------ conversion
     def to_text(self):
-        """The node labels as a string (one character per node)."""
-        return self._labels.astype("<u4").tobytes().decode("utf-32-le")
+        """The node labels as a string (one character per node).
+
+        Raises
+        ------
+        ValueError
+            If a label is a surrogate code point (U+D800..U+DFFF), which has
+            no place in valid text (:meth:`from_text` refuses it too).
+        """
+        labels = self._labels
+        surrogate = (labels >= 0xD800) & (labels <= 0xDFFF)
+        if surrogate.any():
+            i = int(np.flatnonzero(surrogate)[0])
+            raise ValueError(f"labels[{i}] = {int(labels[i]):#x} is a surrogate code point; "
+                             "a graph holding one has no text form")
+        return labels.astype("<u4").tobytes().decode("utf-32-le")
 
     def to_scipy(self):
         """The adjacency matrix as ``scipy.sparse.csr_matrix`` (n_nodes, n_nodes)."""
@@ -391,7 +436,7 @@ class Graph:
 
 
 def _check_offsets(offsets, n, indptr, indices):
-    offsets = as_index_array(offsets, "offsets").astype(np.int64)
+    offsets = np.array(as_index_array(offsets, "offsets"), dtype=np.int64, copy=True)
     if offsets.shape[0] < 1 or offsets[0] != 0 or offsets[-1] != n:
         raise ValueError(f"offsets must run from 0 to n_nodes = {n}")
     if np.any(np.diff(offsets) < 0):

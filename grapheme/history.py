@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_out, streams
+from ._validation import as_float_array, as_index_array, check_out, frozen, streams
 
 __all__ = ["MergeHistory"]
 
@@ -26,7 +26,10 @@ class MergeHistory:
     members), the backward pass *scatters* (``grad_in[i] = w_i grad_out[c(i)]``).
 
     Like ``scipy.cluster.hierarchy``'s linkage matrix, a history is plain
-    data; build one with :meth:`from_cluster` or get it from
+    data, and immutable: it keeps private copies of its arguments and hands
+    out read-only arrays, so it is safe to share between threads (the
+    weights computed on first access are a pure function of the history).
+    Build one with :meth:`from_cluster` or get it from
     :meth:`grapheme.Morpher.forward`.
 
     Parameters
@@ -56,7 +59,8 @@ class MergeHistory:
     __slots__ = ("_cluster", "_indptr", "_members", "_weights", "_node_weights")
 
     def __init__(self, cluster, num_outputs=None, node_weights=None):
-        cluster = as_index_array(cluster, "cluster")
+        # a private copy, checked after copying (see Graph)
+        cluster = np.array(as_index_array(cluster, "cluster"), copy=True)
         n = cluster.shape[0]
         if n and cluster.min() < 0:
             raise ValueError(f"cluster must be non-negative, got {cluster.min()}")
@@ -69,10 +73,18 @@ class MergeHistory:
             k = int(num_outputs)
             if k < k_min:
                 raise ValueError(f"num_outputs = {k} but cluster holds output {k_min - 1}")
+        # Every output needs an input, so k <= n: checked before anything of
+        # size k is allocated (cluster=[2**40] must not ask for 8 TiB).
+        if k > n:
+            raise ValueError(f"cluster must give every output in 0..num_outputs-1 an input: "
+                             f"{k} outputs but only {n} inputs")
         if np.count_nonzero(np.bincount(cluster, minlength=k)) != k:
             raise ValueError("cluster must give every output in 0..num_outputs-1 an input")
         if node_weights is not None:
-            node_weights = as_float_array(node_weights, "node_weights", ndim=1, shape=(n,))
+            node_weights = as_float_array(node_weights, "node_weights", ndim=1, shape=(n,),
+                                          finite=False)
+            node_weights = np.array(node_weights, copy=True)
+            as_float_array(node_weights, "node_weights")
             if (node_weights < 0).any():
                 raise ValueError("node_weights must be non-negative")
             sums = np.bincount(cluster, weights=node_weights, minlength=k)
@@ -89,7 +101,11 @@ class MergeHistory:
         self._weights = None if node_weights is None else np.empty(cluster.shape[0])
         _core.history_csr(cluster, _or_uniform(node_weights),
                           self._indptr, self._members, _or_uniform(self._weights))
-        self._node_weights = node_weights
+        self._cluster = frozen(cluster, copy=False)
+        self._indptr = frozen(self._indptr, copy=False)
+        self._members = frozen(self._members, copy=False)
+        self._weights = frozen(self._weights, copy=False)
+        self._node_weights = frozen(node_weights, copy=False)
 
     @classmethod
     def _trusted(cls, cluster, k, node_weights=None):
@@ -111,7 +127,7 @@ class MergeHistory:
         """
         if self._weights is None:
             sizes = self.sizes
-            self._weights = np.repeat(1.0 / np.maximum(sizes, 1), sizes)
+            self._weights = frozen(np.repeat(1.0 / np.maximum(sizes, 1), sizes), copy=False)
         return self._weights
 
     @property
@@ -138,7 +154,7 @@ class MergeHistory:
         if self._node_weights is None:
             w = np.empty(self.num_inputs)
             w[self._members] = self.weights
-            self._node_weights = w
+            self._node_weights = frozen(w, copy=False)
         return self._node_weights
 
     # ------------------------------------------------------------ operators
