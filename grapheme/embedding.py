@@ -1,4 +1,6 @@
 """A growable table of one learnable row per Unicode code point."""
+import threading
+
 import numpy as np
 
 from . import _core
@@ -32,6 +34,19 @@ class Embedding:
     codes : ndarray of shape (n_rows,)
         The code point of every row.
 
+    Notes
+    -----
+    Safe to share between threads: growth, lookup, accumulation and the
+    state methods run under one lock, so the kernels only ever see arrays
+    that belong together (a lookup never reads a table another thread is
+    replacing, an accumulation never writes a freed or shorter gradient) and
+    concurrent :meth:`backward` calls lose no update. Assigning ``weight``
+    or ``grad`` directly is checked: each must stay a float64 array of shape
+    ``(n_rows, dim)`` (``grad`` also C-contiguous and writeable), else
+    :meth:`backward` raises ``ValueError`` before any kernel runs. Updating
+    ``weight`` in place (as an optimiser does) while other threads read it
+    is the caller's business: it gives torn values, never a crash.
+
     Examples
     --------
     >>> emb = Embedding(dim=4, seed=0)
@@ -45,11 +60,21 @@ class Embedding:
     def __init__(self, dim=64, seed=0):
         self.dim = check_scalar(dim, "dim", lower=1, integer=True)
         self.seed = check_scalar(seed, "seed", lower=0, upper=2**64 - 1, integer=True)
+        self._lock = threading.RLock()
         self.codes = np.empty(0, dtype=np.int64)
         self.weight = np.empty((0, self.dim))
         self.grad = np.empty((0, self.dim))
         self._sorted_codes = np.empty(0, dtype=np.int64)
         self._sorted_rows = np.empty(0, dtype=np.int64)
+
+    def __getstate__(self):   # copy.deepcopy, pickling by the user: no lock
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def get_params(self):
         """Constructor arguments."""
@@ -57,9 +82,13 @@ class Embedding:
 
     def rows(self, labels, grow=True):
         """Row of every label, adding rows for unseen code points. O(n log V)."""
-        labels = as_index_array(labels, "labels").astype(np.int64, copy=False)
+        labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
         if labels.size and (labels.min() < 0 or labels.max() > 0x10FFFF):
             raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+        with self._lock:
+            return self._rows(labels, grow)
+
+    def _rows(self, labels, grow):
         pos = np.searchsorted(self._sorted_codes, labels)
         known = pos < self._sorted_codes.shape[0]
         known[known] = self._sorted_codes[pos[known]] == labels[known]
@@ -72,33 +101,79 @@ class Embedding:
         return self._sorted_rows[pos]
 
     def _add(self, new_codes):
-        fresh = np.empty((new_codes.shape[0], self.dim))
+        self._check_arrays()
+        try:
+            fresh = np.empty((new_codes.shape[0], self.dim))
+            weight = np.concatenate([self.weight, fresh])
+            grad = np.concatenate([self.grad, np.zeros_like(fresh)])
+        except MemoryError:
+            rows = self.codes.shape[0] + new_codes.shape[0]
+            raise MemoryError(
+                f"Embedding(dim={self.dim}) cannot grow to {rows} rows: that needs "
+                f"{2 * 8 * rows * self.dim / 2**30:.3g} GiB (table and gradient)") from None
         _core.hash_normal(self.seed, new_codes, fresh)
+        weight[self.codes.shape[0]:] = fresh
         self.codes = np.concatenate([self.codes, new_codes])
-        self.weight = np.concatenate([self.weight, fresh])
-        self.grad = np.concatenate([self.grad, np.zeros_like(fresh)])
+        self.weight, self.grad = weight, grad
         order = np.argsort(self.codes, kind="stable")
         self._sorted_codes = self.codes[order]
         self._sorted_rows = order.astype(np.int64)
 
+    def _check_arrays(self):
+        """``weight`` and ``grad`` as the kernels need them (a user may have
+        assigned either): raises ValueError naming the attribute."""
+        shape = (self.codes.shape[0], self.dim)
+        for name in ("weight", "grad"):
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.float64:
+                raise ValueError(f"Embedding.{name} must be a float64 ndarray, got "
+                                 f"{getattr(arr, 'dtype', type(arr).__name__)}")
+            if arr.shape != shape:
+                raise ValueError(f"Embedding.{name} must have shape {shape} (rows, dim), "
+                                 f"got {arr.shape}")
+        if not (self.grad.flags.c_contiguous and self.grad.flags.writeable):
+            raise ValueError("Embedding.grad must be C-contiguous and writeable")
+
     def forward(self, labels):
         """Features of every label, shape (n, dim). O(n dim)."""
-        rows = self.rows(labels)  # may grow (replace) self.weight
-        return self.weight[rows]
+        labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
+        if labels.size and (labels.min() < 0 or labels.max() > 0x10FFFF):
+            raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+        with self._lock:
+            rows = self._rows(labels, True)   # may grow (replace) self.weight
+            self._check_arrays()
+            return self.weight[rows]
 
     def backward(self, labels, grad):
-        """Accumulate ``grad`` (n, dim) into the rows of ``labels``. O(n dim)."""
-        rows = self.rows(labels)
-        grad = as_float_array(grad, "grad", ndim=2, shape=(rows.shape[0], self.dim))
-        _core.rows_add(rows, grad, self.grad)
+        """Accumulate ``grad`` (n, dim) into the rows of ``labels``. O(n dim).
+
+        Raises
+        ------
+        ValueError
+            If ``grad`` is not a finite (n, dim) array, or ``Embedding.grad``
+            (or ``weight``) was replaced by an array of the wrong shape or type.
+        """
+        labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
+        if labels.size and (labels.min() < 0 or labels.max() > 0x10FFFF):
+            raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+        grad = as_float_array(grad, "grad", ndim=2, shape=(labels.shape[0], self.dim),
+                              finite=False)
+        grad = np.array(grad, copy=True)
+        as_float_array(grad, "grad")
+        with self._lock:
+            rows = self._rows(labels, True)
+            self._check_arrays()
+            _core.rows_add(rows, grad, self.grad)
 
     def zero_grad(self):
         """Reset the accumulated gradient to zero."""
-        self.grad = np.zeros_like(self.weight)
+        with self._lock:
+            self.grad = np.zeros_like(self.weight)
 
     def state_dict(self):
         """Arrays that restore this table exactly: ``codes`` and ``weight``."""
-        return {"codes": self.codes.copy(), "weight": self.weight.copy()}
+        with self._lock:
+            return {"codes": self.codes.copy(), "weight": self.weight.copy()}
 
     def load_state_dict(self, state):
         """Replace this table's rows with :meth:`state_dict` output, in place.
@@ -118,11 +193,12 @@ class Embedding:
             raise ValueError("codes must not repeat")
         if codes.size and (codes.min() < 0 or codes.max() > 0x10FFFF):
             raise ValueError("codes must be Unicode code points in [0, 0x10FFFF]")
-        self.dim = weight.shape[1]
-        self.codes, self.weight = codes, weight.copy()
-        self.grad = np.zeros_like(self.weight)
         order = np.argsort(codes, kind="stable")
-        self._sorted_codes, self._sorted_rows = codes[order], order.astype(np.int64)
+        with self._lock:
+            self.dim = weight.shape[1]
+            self.codes, self.weight = codes.copy(), weight.copy()
+            self.grad = np.zeros_like(self.weight)
+            self._sorted_codes, self._sorted_rows = codes[order], order.astype(np.int64)
 
     @classmethod
     def from_state(cls, state, seed=0):
