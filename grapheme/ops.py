@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core, _relax
-from ._validation import as_float_array
+from ._validation import as_float_array, as_index_array, check_graph, check_out, frozen
 from .graph import Graph, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -105,14 +105,22 @@ class Lookup(Operation):
     outputs = ("features",)
 
     def forward(self, table, rows):
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        table = as_float_array(table, "table", ndim=2, finite=False)
+        # a private copy: the vjp's kernel indexes with it, unchecked
+        rows = frozen(np.asarray(as_index_array(rows, "rows"), dtype=np.int64))
+        V = table.shape[0]
+        if rows.size and (rows.min() < 0 or rows.max() >= V):
+            bad = rows[(rows < 0) | (rows >= V)][0]
+            raise ValueError(f"rows must lie in [0, {V}) (the rows of table), got {bad}")
         return LookupResult(table[rows]), (rows, table.shape)
 
     def vjp(self, saved, grad_features):
         rows, shape = saved
         grad = np.zeros(shape)
+        grad_features = optional_grad(grad_features, "grad_features",
+                                      (rows.shape[0], shape[1]), finite=False)
         if grad_features is not None and rows.size:
-            _core.rows_add(rows, np.ascontiguousarray(grad_features, dtype=np.float64), grad)
+            _core.rows_add(rows, grad_features, grad)
         return (grad,)
 
 
@@ -160,11 +168,19 @@ class SimilarityResult(NamedTuple):
     similarity: np.ndarray
 
 
+#: Rows whose largest |entry| exceeds this are rescaled before the cosine
+#: when |h|^2 would overflow (see EdgeSimilarity).
+_COS_SCALE_ABOVE = 1e100
+
+
 class EdgeSimilarity(Operation):
     """Cosine similarity of the endpoint features of every edge. O((n + E) d).
 
     ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``, ``eps = 1e-12``
-    (a zero row has similarity 0 with everything).
+    (a zero row has similarity 0 with everything). Any finite features give
+    a finite similarity: when ``|h|^2`` overflows (entries beyond ~1e154),
+    rows with entries beyond 1e100 are divided by their largest ``|entry|``
+    first (the cosine is invariant under that), and so is their gradient.
 
     Examples
     --------
@@ -178,10 +194,23 @@ class EdgeSimilarity(Operation):
     outputs = ("similarity",)
 
     def forward(self, graph, features):
+        check_graph(graph, "graph")
+        features = check_features(graph, features)
         sim = np.empty(graph.num_edges)
         norms = np.empty(graph.num_nodes)
         _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
-        return SimilarityResult(sim), (graph.indptr, graph.indices, features, norms, sim)
+        scale = None
+        if graph.num_nodes and not (_core.all_finite(norms) and _core.all_finite(sim)):
+            # Finite rows beyond ~1e154 overflow |h|^2. The cosine does not
+            # change when a row is divided by a positive number, so the large
+            # rows are divided by their largest |entry| and the kernel runs
+            # again; the vjp divides their gradient rows by the same scale.
+            top = np.abs(features).max(axis=1) if features.shape[1] else np.zeros(0)
+            scale = np.where(top > _COS_SCALE_ABOVE, top, 1.0)
+            features = features / scale[:, None]
+            _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
+        return SimilarityResult(sim), (graph.indptr, graph.indices, features, norms, sim,
+                                       scale)
 
     def vjp(self, saved, grad_similarity):
         grad = np.zeros_like(saved[2])
@@ -193,9 +222,18 @@ class EdgeSimilarity(Operation):
     def accumulate(saved, grad_similarity, into):
         """Add the vjp into ``into`` (a float64 C-contiguous (n, d) array the
         caller owns), saving the (n, d) allocation of :meth:`vjp`."""
-        indptr, indices, features, norms, sim = saved
-        _core.edge_cosine_backward(indptr, indices, features, norms, sim,
-                                   np.ascontiguousarray(grad_similarity, np.float64), into)
+        indptr, indices, features, norms, sim, scale = saved
+        grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,
+                                        finite=False)
+        check_out(into, "into", features.shape, inputs={"grad_similarity": grad_similarity})
+        if scale is None:
+            _core.edge_cosine_backward(indptr, indices, features, norms, sim,
+                                       grad_similarity, into)
+            return
+        part = np.zeros_like(features)
+        _core.edge_cosine_backward(indptr, indices, features, norms, sim, grad_similarity,
+                                   part)
+        into += part / scale[:, None]
 
 
 # ---------------------------------------------------------------------------
@@ -281,6 +319,8 @@ class HardMerge(Operation):
     outputs = ("features",)
 
     def forward(self, graph, features, decisions):
+        check_graph(graph, "graph")
+        features = check_features(graph, features)
         history = merge_edges(graph, decisions)
         indptr, indices, weights = contract_edges(graph, history)
         offsets = None if graph.offsets is None else np.searchsorted(
@@ -337,6 +377,9 @@ class ChainRelaxation(Operation):
     outputs = ("features", "mass", "weights")
 
     def forward(self, graph, features, merge):
+        check_graph(graph, "graph")
+        features = check_features(graph, features)
+        merge = as_float_array(merge, "merge", shape=(graph.num_edges,))
         src = chain_sources(graph)
         n, d = features.shape
         m = np.zeros(n)
@@ -354,6 +397,10 @@ class ChainRelaxation(Operation):
     def vjp(self, saved, grad_features, grad_mass, grad_weights):
         src, m, out, D, indptr, indices, num_edges = saved
         n, d = out.shape
+        grad_features = optional_grad(grad_features, "grad_features", (n, d), finite=False)
+        grad_mass = optional_grad(grad_mass, "grad_mass", (n,), finite=False)
+        grad_weights = optional_grad(grad_weights, "grad_weights", (indices.shape[0],),
+                                     finite=False)
         gf = np.zeros((n, d)) if grad_features is None else np.array(
             grad_features, dtype=np.float64, order="C")
         gmass = np.zeros(n) if grad_mass is None else np.ascontiguousarray(grad_mass, np.float64)
@@ -475,11 +522,12 @@ def check_features(graph, features, name="features"):
     return as_float_array(features, name, ndim=2, shape=(graph.num_nodes, None))
 
 
-def optional_grad(value, name, shape):
-    """An upstream gradient as a float64 array of ``shape``, or None."""
+def optional_grad(value, name, shape, finite=True):
+    """An upstream gradient as a C-contiguous float64 array of ``shape``, or
+    None (checked before any kernel reads it)."""
     if value is None:
         return None
-    return as_float_array(value, name, shape=shape)
+    return as_float_array(value, name, shape=shape, finite=finite)
 
 
 
