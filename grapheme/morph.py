@@ -130,6 +130,15 @@ class Morpher:
     grad_theta : ndarray of shape ()
         Gradient accumulated by :meth:`backward`.
 
+    Notes
+    -----
+    :meth:`forward`, :meth:`predict` and :meth:`vjp` only read the morpher,
+    so any number of threads may call them at once. :meth:`backward`,
+    :meth:`step`, :meth:`zero_grad` and :meth:`load_state_dict` change it:
+    the morpher is not safe to *train* from several threads (updates may be
+    lost), though nothing it does can crash the process (its state is Python
+    numbers and 0-d arrays that no kernel writes).
+
     Examples
     --------
     >>> g = Graph.from_text("aab")
@@ -264,14 +273,19 @@ class Morpher:
         EdgeSimilarity.accumulate(sim_saved, grad_s, grad_h)   # grad_h is ours: add in place
         return MorphGrad(grad_h, grad_theta)
 
-    def backward(self, morphed, **grads):
+    def backward(self, morphed, grad_features=None, grad_mass=None, grad_weights=None,
+                 grad_log_prob=None, grad_rate_penalty=None):
         """:meth:`vjp`, then ``grad_theta += `` its ``theta`` gradient.
 
         The one accumulating call, as :meth:`Embedding.backward
         <grapheme.Embedding.backward>` is for the table. Returns the
-        gradient of the input features.
+        gradient of the input features (a fresh array: the upstream
+        gradients are only read, so passing arrays of ``morphed`` itself is
+        safe).
         """
-        result = self.vjp(morphed, **grads)
+        result = self.vjp(morphed, grad_features=grad_features, grad_mass=grad_mass,
+                          grad_weights=grad_weights, grad_log_prob=grad_log_prob,
+                          grad_rate_penalty=grad_rate_penalty)
         self.grad_theta = self.grad_theta + result.theta
         return result.features
 
