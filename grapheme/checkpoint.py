@@ -7,12 +7,20 @@ nothing in it can execute code.
 
 Files are written to a temporary file in the destination directory and moved
 into place with :func:`os.replace`, so a reader sees either the previous
-complete checkpoint or the new complete one, never a half-written file.
+complete checkpoint or the new complete one, never a half-written file. The
+file gets the permissions ``open()`` would give it (``0o666`` minus the
+umask). A temporary file left by a writer killed mid-save is removed by the
+next save of the same path. What loading promises about untrusted files is
+in ``docs/security.md``.
 """
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import zipfile
 
 import numpy as np
 
@@ -21,6 +29,55 @@ __all__ = ["save_checkpoint", "load_checkpoint"]
 _META_KEY = "__meta__"
 _FORMAT = "grapheme-checkpoint"
 _VERSION = 1
+#: Largest .npy header read from a checkpoint member (numpy's own default).
+_MAX_HEADER = 10000
+
+
+def _host_tag():
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _temp_name(path):
+    """``.<name>.<host>-<pid>.<random>.tmp`` beside ``path``: who wrote a
+    temporary file is in its name, so a later save can tell a stale one (its
+    writer is gone) from one being written right now."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.{_host_tag()}-{os.getpid()}."
+                                   f"{secrets.token_hex(6)}.tmp")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path):
+    """Remove temporary files of ``path`` left by a writer killed mid-save
+    (kill -9, power loss): those named by :func:`_temp_name` for this host
+    whose process no longer exists. Live writers (any process still running,
+    including this one) keep theirs. POSIX only (elsewhere nothing is
+    removed)."""
+    if os.name != "posix":
+        return
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{base}.{_host_tag()}-") + r"(\d+)\.[0-9a-f]+\.tmp\Z")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and not _pid_alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 @contextlib.contextmanager
@@ -29,11 +86,15 @@ def _atomic_open(path, mode="wb", **kwargs):
 
     The data is flushed and fsync-ed before :func:`os.replace`. If the body
     raises, the temporary file is removed and ``path`` is left untouched.
+    The file is created with mode ``0o666`` minus the process's umask, as
+    ``open()`` would create it. Stale temporaries of ``path`` (left by a
+    killed writer) are removed first.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    _remove_stale_temporaries(path)
+    tmp = _temp_name(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -105,7 +166,13 @@ def save_checkpoint(path, arrays, meta):
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    if os.path.isdir(os.fspath(path)):
+        raise IsADirectoryError(errno.EISDIR, "checkpoint path is a directory",
+                                os.fspath(path))
     with _atomic_open(path, "wb") as f:
+        # np.savez stores member "<name>.npy" for every name (so "a" and
+        # "a.npy" are distinct members); load_checkpoint strips exactly one
+        # ".npy" and reads members by their stored name.
         np.savez(f, **payload)
 
 
@@ -113,11 +180,53 @@ def _corrupted(path, reason):
     return ValueError(f"checkpoint {os.fspath(path)!r} is corrupted or truncated: {reason}")
 
 
+def _read_member(zf, info, path, name):
+    """One ``.npy`` member, read without pickle and with memory bounded by
+    the member's stored size: the header must promise exactly the bytes
+    the member holds before anything of that size is allocated."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _corrupted(path, f"array {name!r} is compressed (grapheme writes "
+                               "checkpoints uncompressed)")
+    with zf.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(
+                member, max_header_size=_MAX_HEADER)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(
+                member, max_header_size=_MAX_HEADER)
+        else:
+            raise _corrupted(path, f"array {name!r} has .npy version {version}")
+        if dtype.hasobject or dtype.kind not in "biufcSU":
+            raise _corrupted(path, f"array {name!r} has dtype {dtype} (only numbers "
+                                   "and strings are read: no pickle)")
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        nbytes = count * dtype.itemsize
+        header = member.tell()
+        if header + nbytes != info.file_size:
+            raise _corrupted(path, f"array {name!r}: its header promises {nbytes} bytes "
+                                   f"of data, the member holds {info.file_size - header}")
+        arr = np.empty(count, dtype=dtype)
+        buf = memoryview(arr.view(np.uint8).reshape(-1)) if nbytes else memoryview(b"")
+        got = 0
+        while got < nbytes:
+            chunk = member.readinto(buf[got:])
+            if not chunk:
+                raise _corrupted(path, f"array {name!r} is truncated")
+            got += chunk
+        member.read(1)   # at the end: checks the CRC
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def load_checkpoint(path, required=()):
     """Read a checkpoint written by :func:`save_checkpoint`.
 
-    Every array is read (and its CRC checked) before returning, with
-    ``allow_pickle=False``.
+    Every array is read (and its CRC checked) before returning, without
+    pickle. Memory is bounded by the file's size: only uncompressed members
+    whose ``.npy`` headers promise exactly the bytes they hold are read, and
+    their stored sizes must add up to no more than the file.
 
     Parameters
     ----------
@@ -135,25 +244,61 @@ def load_checkpoint(path, required=()):
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    IsADirectoryError
+        If ``path`` is a directory.
+    PermissionError
+        If ``path`` cannot be read (any other ``OSError`` of reading passes
+        through as well).
     ValueError
-        ``"checkpoint '<path>' is corrupted or truncated: <reason>"`` if the
-        file is not a complete, valid checkpoint or lacks a required array.
+        ``"checkpoint '<path>' is not a grapheme checkpoint: ..."`` if the
+        file is not a zip archive at all, ``"checkpoint '<path>' is corrupted
+        or truncated: <reason>"`` if it is not a complete, valid checkpoint
+        or lacks a required array.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:  # any parse failure of untrusted bytes
-        raise _corrupted(path, str(exc) or type(exc).__name__) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise _corrupted(path, "not an .npz archive")
-    try:
-        with loaded as f:
-            # Reading every member checks sizes and CRCs now, not later.
-            arrays = {name: f[name] for name in f.files}
-    except Exception as exc:  # any parse failure of untrusted bytes
-        raise _corrupted(path, str(exc) or type(exc).__name__) from None
+        raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "checkpoint is a directory, not a file",
+                                path)
+    with open(path, "rb") as fh:   # PermissionError etc. say what they are
+        head = fh.read(4)
+        size = os.fstat(fh.fileno()).st_size
+        if not b"PK\x03\x04".startswith(head) and not head.startswith(b"PK\x03\x04"):
+            raise ValueError(f"checkpoint {path!r} is not a grapheme checkpoint: not a zip "
+                             f"archive (it starts with {head!r})")
+        fh.seek(0)
+        try:
+            zf = zipfile.ZipFile(fh)
+        except Exception as exc:  # any parse failure of untrusted bytes
+            raise _corrupted(path, str(exc) or type(exc).__name__) from None
+        with zf:
+            infos = zf.infolist()
+            seen = {}
+            total = 0
+            for info in infos:
+                raw = info.filename
+                if not raw.endswith(".npy"):
+                    raise _corrupted(path, f"unexpected member {raw!r} (not an .npy array)")
+                name = raw[:-len(".npy")]
+                if name in seen:
+                    raise _corrupted(path, f"array {name!r} appears twice")
+                seen[name] = info
+                total += info.file_size
+            if total > size:
+                raise _corrupted(path, f"its members claim {total} bytes, more than the "
+                                       f"file's {size}")
+            arrays = {}
+            for name, info in seen.items():
+                try:
+                    arrays[name] = _read_member(zf, info, path, name)
+                except ValueError as exc:
+                    if str(exc).startswith(f"checkpoint {path!r}"):
+                        raise
+                    raise _corrupted(path, f"array {name!r}: {exc}") from None
+                except Exception as exc:  # any parse failure of untrusted bytes
+                    raise _corrupted(path, f"array {name!r}: "
+                                           f"{str(exc) or type(exc).__name__}") from None
     raw = arrays.pop(_META_KEY, None)
     if raw is None:
         raise _corrupted(path, f"missing {_META_KEY!r} entry")
@@ -161,8 +306,10 @@ def load_checkpoint(path, required=()):
         raise _corrupted(path, f"{_META_KEY!r} is not a uint8 vector")
     try:
         wrapper = json.loads(raw.tobytes().decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:   # JSONDecodeError, int digit limit
         raise _corrupted(path, f"meta data is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _corrupted(path, "meta data is nested too deeply") from None
     if (not isinstance(wrapper, dict) or wrapper.get("format") != _FORMAT
             or not isinstance(wrapper.get("meta"), dict)):
         raise _corrupted(path, "not a grapheme checkpoint")

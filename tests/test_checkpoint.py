@@ -117,10 +117,119 @@ def test_missing_keys(tmp_path):
 
 
 def test_not_npz(tmp_path):
+    # not a zip at all: said so, and never numpy's advice to use allow_pickle
     np.save(tmp_path / "a.npy", np.zeros(3))
-    _expect_corrupted(tmp_path / "a.npy")
     (tmp_path / "t.npz").write_text("hello")
-    _expect_corrupted(tmp_path / "t.npz")
+    for name, start in (("a.npy", b"\x93NUM"), ("t.npz", b"hell")):
+        path = tmp_path / name
+        with pytest.raises(ValueError) as info:
+            load_checkpoint(path)
+        assert str(info.value) == (f"checkpoint {str(path)!r} is not a grapheme checkpoint: "
+                                   f"not a zip archive (it starts with {start!r})")
+        assert "pickle" not in str(info.value)
+
+
+def test_directory_and_unreadable_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="checkpoint is a directory, not a file"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(IsADirectoryError, match="checkpoint path is a directory"):
+        save_checkpoint(tmp_path, {}, {})
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {}, {})
+    if os.geteuid() != 0:   # root reads anything
+        path.chmod(0)
+        with pytest.raises(PermissionError, match="Permission denied"):
+            load_checkpoint(path)
+
+
+def test_member_names_do_not_collide(tmp_path):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"a.npy": np.zeros(1), "a": np.ones(1), "a.npy.npy": np.full(1, 2.0)},
+                    {})
+    arrays, _ = load_checkpoint(path)
+    assert {k: v.tolist() for k, v in arrays.items()} == {
+        "a.npy": [0.0], "a": [1.0], "a.npy.npy": [2.0]}
+
+
+def test_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "c.npz", {}, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o640
+    old = os.umask(0o002)
+    try:
+        save_checkpoint(tmp_path / "c.npz", {}, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o664
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    import subprocess
+    import sys
+
+    from grapheme.checkpoint import _temp_name
+
+    path = tmp_path / "c.npz"
+    # a writer that died mid-save (its pid no longer exists)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = _temp_name(path).replace(f"-{os.getpid()}.", f"-{dead.pid}.")
+    open(stale, "wb").write(b"half a checkpoint")
+    # a live writer (this process) and an unrelated file are left alone
+    live = _temp_name(path)
+    open(live, "wb").write(b"being written")
+    other = tmp_path / ".other.npz.x-1.abc.tmp"
+    other.write_bytes(b"")
+    save_checkpoint(path, {"x": np.ones(2)}, {})
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["c.npz", os.path.basename(live), other.name])
+
+
+def test_bounded_memory_on_load(tmp_path):
+    """A header promising more data than its member holds is refused before
+    anything of that size is allocated; so is a compressed member."""
+    import zipfile
+
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"x": np.zeros(4)}, {})
+    data = path.read_bytes()
+    # the header of x says (4,); make it say (2**40,)
+    bad = tmp_path / "huge.npz"
+    import io
+    src = zipfile.ZipFile(io.BytesIO(data))
+    with zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            body = src.read(info)
+            if info.filename == "x.npy":
+                body = body.replace(b"'shape': (4,), ", b"'shape': (1099511627776,), ")
+            dst.writestr(info.filename, body)
+    with pytest.raises(ValueError, match=r"corrupted or truncated: array 'x': its header "
+                                         r"promises 8796093022208 bytes of data, the "
+                                         r"member holds \d+"):
+        load_checkpoint(bad)
+    with zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(ValueError, match=r"array '(x|__meta__)' is compressed"):
+        load_checkpoint(bad)
+
+
+def test_deeply_nested_or_huge_meta_is_refused(tmp_path):
+    import zipfile
+    import io
+
+    path = tmp_path / "c.npz"
+    for text, reason in ((b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+                         (b'{"x": ' + b"9" * 5000 + b"}", "not valid JSON")):
+        buf = io.BytesIO()
+        np.save(buf, np.frombuffer(text, np.uint8))
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("__meta__.npy", buf.getvalue())
+        with pytest.raises(ValueError, match=reason):
+            load_checkpoint(path)
 
 
 def test_object_array_in_file_is_refused(tmp_path):
