@@ -25,6 +25,7 @@ Tasks
 import json
 import numbers
 import os
+import sys
 
 import numpy as np
 
@@ -206,7 +207,8 @@ def load_pairs(path):
     """Read (input, target) pairs from a JSONL file.
 
     Blank lines are skipped. Keys other than ``"input"`` and ``"target"``
-    are ignored.
+    are ignored. A UTF-8 byte order mark at the start of the file is
+    skipped.
 
     Parameters
     ----------
@@ -222,7 +224,8 @@ def load_pairs(path):
         If ``path`` does not exist.
     ValueError
         ``"<path>:<line>: <reason>"`` for the first malformed line: invalid
-        UTF-8 or JSON, not an object, a missing key, a non-string value or a
+        UTF-8 or JSON (including JSON nested too deeply for the parser and
+        integers longer than Python converts), not an object, a missing key, a non-string value or a
         string with a lone surrogate.
     """
     path = os.fspath(path)
@@ -231,7 +234,8 @@ def load_pairs(path):
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                # a UTF-8 byte order mark is allowed at the start of the file
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{where}: invalid UTF-8 ({exc.reason} at byte "
                                  f"{exc.start})") from None
@@ -242,6 +246,14 @@ def load_pairs(path):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg} at column "
                                  f"{exc.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
+            except ValueError as exc:   # an integer of more than 4300 digits
+                reason = str(exc)
+                if "digits" in reason:
+                    reason = (f"an integer with more than {sys.get_int_max_str_digits()} "
+                              "digits")
+                raise ValueError(f"{where}: invalid JSON ({reason})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got "
                                  f"{type(obj).__name__}")
