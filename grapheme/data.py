@@ -251,8 +251,8 @@ def load_pairs(path):
             except ValueError as exc:   # an integer of more than 4300 digits
                 reason = str(exc)
                 if "digits" in reason:
-                    reason = (f"an integer with more than {sys.get_int_max_str_digits()} "
-                              "digits")
+                    limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+                    reason = f"an integer with more than {limit} digits"
                 raise ValueError(f"{where}: invalid JSON ({reason})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got "
