@@ -5,11 +5,17 @@ Usage::
     grapheme generate --out data/generated [--n-train N] [--n-val N] [--seed S]
     grapheme train --data DIR --epochs N --out RUN [--batch-size B] [--lr LR]
                    [--seed S] [--estimator NAME] [--target-rate R] [--resume CKPT]
+                   [--overwrite]
     grapheme eval --checkpoint RUN/checkpoint.npz --data FILE
     grapheme demo
 
 Errors in the input (a missing directory, a malformed data line, a corrupted
-checkpoint) print one line to stderr and exit with status 2.
+checkpoint, not enough memory for the settings) print one line to stderr and
+exit with status 2. Nothing is written before the arguments, the data and
+the checkpoint to resume have been checked. ``train`` never replaces a run
+already in ``--out`` (a ``metrics.jsonl`` or ``checkpoint.npz`` there)
+unless told: ``--resume OUT/checkpoint.npz`` continues it, ``--overwrite``
+replaces it.
 """
 import argparse
 import os
@@ -94,6 +100,9 @@ def build_parser():
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (without it, an existing run is "
+                        "only continued with --resume OUT/checkpoint.npz)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("eval", help="loss and exact-structure accuracy of a checkpoint")
@@ -160,9 +169,9 @@ def _cmd_train(args, out):
     if not pairs:
         raise CommandError(f"{train_path!r} holds no pairs")
     val = _data.load_pairs(val_path) if os.path.isfile(val_path) else None
-    os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
+    _check_run_directory(args, log, checkpoint)
     progress = not args.no_progress
     if args.resume is not None:
         trainer = Trainer.from_checkpoint(args.resume, log=log, progress=progress)
@@ -179,6 +188,7 @@ def _cmd_train(args, out):
             batch_size=32 if args.batch_size is None else args.batch_size,
             log=log, progress=progress)
         start = 0
+    os.makedirs(args.out, exist_ok=True)   # only now: everything above is checked
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint)
     if len(history) > start:
         first, last = history[start], history[-1]
@@ -192,6 +202,23 @@ def _cmd_train(args, out):
         print(f"nothing to do: the checkpoint already has {start} epochs", file=out)
     print(f"metrics: {log}\ncheckpoint: {checkpoint}", file=out)
     return 0
+
+
+def _check_run_directory(args, log, checkpoint):
+    """Refuse an ``--out`` that is a file, or that holds a run this command
+    would replace without ``--overwrite`` (continuing it with ``--resume``
+    of its own checkpoint is fine)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CommandError(f"--out {args.out!r} exists and is not a directory")
+    existing = [os.path.basename(p) for p in (checkpoint, log) if os.path.exists(p)]
+    if not existing or args.overwrite:
+        return
+    if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
+            args.resume) and os.path.samefile(args.resume, checkpoint):
+        return
+    raise CommandError(
+        f"--out {args.out!r} already holds a run ({', '.join(existing)}); pass --resume "
+        f"{checkpoint} to continue it or --overwrite to replace it")
 
 
 def _cmd_eval(args, out):
@@ -304,8 +331,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, OSError, FloatingPointError) as exc:
+    except (CommandError, ValueError, OSError, FloatingPointError, MemoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, MemoryError):
+            message = f"out of memory: {message}"
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
             message = f"{exc.strerror}: {exc.filename!r}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
