@@ -16,7 +16,7 @@ them into decisions and, in the backward pass, into gradients for ``s``
   current sample.
 
 Everything here is vectorised numpy around the O(n d) kernels of
-``_relax.pxi``; nothing loops over nodes in Python.
+``_relax.pyx``; nothing loops over nodes in Python.
 """
 import numpy as np
 
