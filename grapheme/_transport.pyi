@@ -5,7 +5,8 @@
 # their arguments by attribute into C structs:
 #   _GraphArrays  indptr, indices (const int64_t[::1]), labels (const
 #                 int32_t[::1]), weights, mass, activation, degree (const
-#                 double[::1]), offsets (const int64_t[::1] (B+1,))
+#                 double[::1]; degree: the weighted out-degrees), offsets
+#                 (const int64_t[::1] (B+1,))
 #   _Settings     w_type, w_act, w_deg, epsilon, iterations, tol (<= 0: none),
 #                 conv_tol, alpha, beta, gamma
 #   _Cache        scaled (const uint8_t[::1] (B,)), plan_off, f_off, g_off
@@ -30,5 +31,7 @@ def structural_loss_backward(
     state: Any,             # _Cache IN, as the forward pass left it
     scale: np.ndarray,      # const double[::1] IN (B,) d value / d value_b
     grad: Any,              # LossGrad OUT: activation, mass (double[::1] (N,)),
-                            #   target_activation (double[::1] (M,))
+                            #   target_activation (double[::1] (M,)),
+                            #   weights (double[::1] (E_p,)),
+                            #   target_weights (double[::1] (E_t,))
 ) -> None: ...

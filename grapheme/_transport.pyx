@@ -85,6 +85,7 @@ cdef struct Work:
     double* M                    # m+1 (forward): LSE shifts / scaling work
     double* Cb                   # cells (backward): cost adjoint
     double* S                    # real (backward): Q Wt
+    double* T                    # real (backward): Wp Q
     double* fb                   # n+1 (backward): f adjoint
     double* gb                   # m+1 (backward): g adjoint
     double* gn                   # m+1 (backward): next g adjoint
@@ -173,7 +174,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
     cdef intp_t total = (cells + (cells if any_scaled else 1) + 2 * real
                          + rows + 2 * cols)
     if backward:
-        total += cells + real + rows + 5 * cols
+        total += cells + 2 * real + rows + 5 * cols
     else:
         total += rows + cols
     buf = np.empty(total)
@@ -192,11 +193,12 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
     for j in range(cols):
         ones[j] = 1.0
     w.one = ones
-    w.fn = w.M = w.Cb = w.S = w.fb = w.gb = w.gn = w.hv = w.kv = NULL
+    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = NULL
     w.zero = NULL
     if backward:
         w.Cb = at; at += cells
         w.S = at; at += real
+        w.T = at; at += real
         w.fb = at; at += rows
         w.gb = at; at += cols
         w.gn = at; at += cols
@@ -654,20 +656,28 @@ def structural_loss_backward(
         object settings,              # IN  _Settings
         object state,                 # IN  the _Cache the forward pass filled
         const double[::1] scale,      # IN  (B,) d value / d value_b (1/B for a mean)
-        object grad):                 # OUT a LossGrad: activation (N,), mass (N,),
-                                      #     target_activation (M,)
+        object grad):                 # OUT a LossGrad: activation, mass (N,),
+                                      #     target_activation (M,), weights (E_p,),
+                                      #     target_weights (E_t,)
     """Exact reverse-mode gradient of the forward pass (trusts its input).
 
     Reverses the Sinkhorn sweeps actually performed, using the stored
-    potentials, and accumulates the cost adjoint into the activations; the
-    masses receive their gradient through the row marginals, the dustbin
-    column marginal ``A = sum a`` and the clique term. Outputs are
-    overwritten. For a scaled pair (fpot/gpot hold u, v) every
+    potentials, and accumulates the cost adjoint into the activations and
+    the degrees; the masses receive their gradient through the row
+    marginals, the dustbin column marginal ``A = sum a`` and the clique
+    term. The edge weights receive theirs through the edge term (X and W
+    directly) and through the degrees (``degree`` must be the weighted
+    out-degrees: the cost's degree part and the clique term), mapped to
+    every out-edge of a node at the end. At the kinks of the degree terms
+    every partial derivative is the right one (the weight increasing). A
+    pair whose edge weights sum to 0 gets no edge-term gradient. Outputs
+    are overwritten. For a scaled pair (fpot/gpot hold u, v) every
     exp((f_i + g_j - C_ij)/eps) of the adjoints is u_i K_ij v_j, with K
     computed once: no exp per cell per sweep.
 
     Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
-    O((n+1)(m+1)) workspace (reused across pairs).
+    O((n+1)(m+1)) workspace (reused across pairs), plus O(N + M + E_p + E_t)
+    for the degrees and weights.
     """
     cdef list keep = []
     cdef Graph P_, T_
@@ -684,7 +694,14 @@ def structural_loss_backward(
     cdef double[::1] gx = grad.activation
     cdef double[::1] ga = grad.mass
     cdef double[::1] gy = grad.target_activation
+    cdef double[::1] gw = grad.weights
+    cdef double[::1] gwt = grad.target_weights
     work = _workspace(&P_, &T_, &lay, True, &w)
+    # d value / d degree of every node, mapped to the out-edges at the end
+    gdeg_arr = np.zeros(P_.nodes + T_.nodes)
+    cdef double[::1] gdeg = gdeg_arr
+    cdef double* gdp = &gdeg[0] if P_.nodes + T_.nodes > 0 else NULL
+    cdef double* gdt = gdp + P_.nodes if gdp != NULL else NULL
 
     # the names of the loop below
     cdef intp_t nb = lay.pairs
@@ -733,6 +750,10 @@ def structural_loss_backward(
     cdef double* gxp = &gx[0] if gx.shape[0] > 0 else NULL
     cdef double* gap = &ga[0] if ga.shape[0] > 0 else NULL
     cdef double* gyp = &gy[0] if gy.shape[0] > 0 else NULL
+    cdef double* gwp = &gw[0] if gw.shape[0] > 0 else NULL
+    cdef double* gwtp = &gwt[0] if gwt.shape[0] > 0 else NULL
+    cdef double* Tq = w.T
+    cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
 
     cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
     cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, gbj, fbi, d
@@ -750,6 +771,10 @@ def structural_loss_backward(
             gap[i] = 0.0
         for j in range(T_.nodes):
             gyp[j] = 0.0
+        for e in range(gw.shape[0]):
+            gwp[e] = 0.0
+        for e in range(gwt.shape[0]):
+            gwtp[e] = 0.0
         for b in range(nb):
             p0 = <intp_t>off_p[b]
             t0 = <intp_t>off_t[b]
@@ -769,16 +794,38 @@ def structural_loss_backward(
             aw[n] = Bt
             bw[m] = A
 
-            # clique: d/da_i of gamma ((mp-mt)^2 + (vp-vt)^2), zero without mass
+            # clique: gamma ((mp-mt)^2 + (vp-vt)^2), the moments of nd_i =
+            # d_i / md (md = max(max_k d_k, 1)); d/da_i, and d/d d_k =
+            # (G_k - [d_k = md] sum_i G_i nd_i) / md with G_i = d clique / d nd_i
+            # (right derivative of the max: every maximal d_k raises it);
+            # zero on a side without mass
+            _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
+            _moments(m, bp + t0, dtp + t0, &mt, &vt, &mdt)
+            dmean = 2.0 * (mp - mt)
+            dvar = 2.0 * (vp - vt)
+            cg = scale[b] * gamma
             if A > 0.0:
-                _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
-                _moments(m, bp + t0, dtp + t0, &mt, &vt, &nd)
-                dmean = 2.0 * (mp - mt)
-                dvar = 2.0 * (vp - vt)
                 for i in range(n):
                     nd = dpp[p0 + i] / md - mp
                     gap[p0 + i] += scale[b] * gamma * (
                         dmean * nd + dvar * (nd * nd - vp)) / A
+                sig = 0.0
+                for i in range(n):
+                    G = (dmean + 2.0 * dvar * (dpp[p0 + i] / md - mp)) * ap[p0 + i] / A
+                    gdp[p0 + i] += cg * G / md
+                    sig += G * dpp[p0 + i] / md
+                for i in range(n):
+                    if dpp[p0 + i] >= md:
+                        gdp[p0 + i] -= cg * sig / md
+            if Bt > 0.0:
+                sig = 0.0
+                for j in range(m):
+                    G = -(dmean + 2.0 * dvar * (dtp[t0 + j] / mdt - mt)) * bp[t0 + j] / Bt
+                    gdt[t0 + j] += cg * G / mdt
+                    sig += G * dtp[t0 + j] / mdt
+                for j in range(m):
+                    if dtp[t0 + j] >= mdt:
+                        gdt[t0 + j] -= cg * sig / mdt
 
             if A + Bt == 0.0 or nit == 0:
                 continue
@@ -797,7 +844,7 @@ def structural_loss_backward(
             for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
                 Wsum += wtp[e]
             has_edges = (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
-                         and iptp[t0 + m] > iptp[t0] and beta != 0.0)
+                         and iptp[t0 + m] > iptp[t0] and beta != 0.0 and Wsum > 0.0)
             ce = 0.0
             if has_edges:
                 ce = -2.0 * beta * scale[b] / Wsum
@@ -809,6 +856,34 @@ def structural_loss_backward(
                             D[i * m + j] = bw[j] * _sexp(
                                 (f[i] + g[j] - C[i * m1 + j]) / eps)
                 _edge_tables(n, m, D, iptp, iti, wtp, t0, R, S)
+                # the weights directly: edge = 1 - 2 X / Wsum, so d edge / d w_e
+                # = -2 <Q_u, R_v> / Wsum + 2 X / Wsum^2 for a predicted edge
+                # (u, v), and -2 (Q^T Wp Q)_jl / Wsum + 2 X / Wsum^2 for a target
+                # edge (j, l); Tq = Wp Q
+                X = 0.0
+                for i in range(n * m):
+                    Tq[i] = 0.0
+                for u in range(n):
+                    for e in range(<intp_t>ippp[p0 + u], <intp_t>ippp[p0 + u + 1]):
+                        v = <intp_t>ipi[e] - p0
+                        E = 0.0
+                        for j in range(m):
+                            E += D[u * m + j] * R[v * m + j]
+                            Tq[u * m + j] += wpp[e] * D[v * m + j]
+                        X += wpp[e] * E
+                        gwp[e] += ce * E
+                for j in range(m):
+                    for e in range(<intp_t>iptp[t0 + j], <intp_t>iptp[t0 + j + 1]):
+                        c = <intp_t>iti[e] - t0
+                        E = 0.0
+                        for u in range(n):
+                            E += D[u * m + j] * Tq[u * m + c]
+                        gwtp[e] += ce * E
+                cx = -ce * X / Wsum
+                for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
+                    gwp[e] += cx
+                for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
+                    gwtp[e] += cx
                 for i in range(n * m):
                     D[i] = 0.0
                 for u in range(n):
@@ -938,3 +1013,37 @@ def structural_loss_backward(
                             gyp[t0 + j] += cbar
                 gxp[p0 + i] += s
                 gap[p0 + i] += abar_dust
+
+            # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
+            # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:
+            # |dl| grows either way; a tie in the max: the one increased wins)
+            if w_deg != 0.0:
+                for i in range(n):
+                    Cbrow = Cb + i * m1
+                    dpi = dpp[p0 + i]
+                    s = 0.0
+                    for j in range(m):
+                        dtj = dtp[t0 + j]
+                        dl = dpi - dtj
+                        ad = fabs(dl)
+                        mx = dpi if dpi > dtj else dtj
+                        if mx < 1.0:
+                            mx = 1.0
+                        dp_ = (1.0 if dl >= 0.0 else -1.0) / mx
+                        if dpi >= dtj and dpi >= 1.0:
+                            dp_ -= ad / (mx * mx)
+                        dt_ = (1.0 if dl <= 0.0 else -1.0) / mx
+                        if dtj >= dpi and dtj >= 1.0:
+                            dt_ -= ad / (mx * mx)
+                        cbar = w_deg * Cbrow[j]
+                        s += cbar * dp_
+                        gdt[t0 + j] += cbar * dt_
+                    gdp[p0 + i] += s
+
+        # degrees -> the weights of their out-edges
+        for i in range(P_.nodes):
+            for e in range(<intp_t>ippp[i], <intp_t>ippp[i + 1]):
+                gwp[e] += gdp[i]
+        for j in range(T_.nodes):
+            for e in range(<intp_t>iptp[j], <intp_t>iptp[j + 1]):
+                gwtp[e] += gdt[j]

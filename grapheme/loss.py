@@ -3,9 +3,10 @@
 The loss compares two graphs whose node sets differ in size and order through a
 soft node assignment (entropic optimal transport with a dustbin row and column),
 and scores the structure carried across by that assignment. It is
-differentiable, exactly, with respect to the predicted node activations and
-masses and the target activations; the backward pass reverses the Sinkhorn
-iterations that the forward pass actually performed.
+differentiable, exactly, with respect to the node activations, the predicted
+node masses and the edge weights of both graphs (so a relaxed graph whose
+edges carry expected weights in [0, 1] gets its gradient); the backward pass
+reverses the Sinkhorn iterations that the forward pass actually performed.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ _DOMAINS = ("auto", "log", "scaling")
 
 
 class LossGrad(NamedTuple):
-    """Gradient of ``LossResult.value`` (the batch mean).
+    """Gradient of ``LossResult.value`` (the batch mean), or of the weighted
+    sum ``sum_b grad[b] * values[b]`` (see :meth:`StructuralLoss.backward`).
 
     Attributes
     ----------
@@ -45,11 +47,20 @@ class LossGrad(NamedTuple):
         With respect to the predicted node masses (zero masses included).
     target_activation : ndarray of shape (M,)
         With respect to the target node activations.
+    weights : ndarray of shape (E_p,)
+        With respect to the predicted graph's edge weights, in its CSR edge
+        order (for ``weights=None``, with respect to the implicit unit
+        weights): through the edge term and, via the weighted degrees,
+        through the node cost and the clique term.
+    target_weights : ndarray of shape (E_t,)
+        The same for the target graph's edge weights.
     """
 
     activation: np.ndarray
     mass: np.ndarray
     target_activation: np.ndarray
+    weights: np.ndarray
+    target_weights: np.ndarray
 
 
 class _GraphArrays(NamedTuple):
@@ -63,7 +74,7 @@ class _GraphArrays(NamedTuple):
     mass: np.ndarray        # (N,) float64
     activation: np.ndarray  # (N,) float64
     offsets: np.ndarray     # (B+1,) int64
-    degree: np.ndarray      # (N,) float64 out-degrees
+    degree: np.ndarray      # (N,) float64 weighted out-degrees
 
 
 class _Settings(NamedTuple):
@@ -230,7 +241,13 @@ class StructuralLoss:
     For one pair, predicted graph with n nodes (activations :math:`x`, masses
     :math:`a \ge 0`, labels, out-degrees :math:`d^p`, weighted edges) and
     target graph with m nodes (:math:`y`, :math:`b`, labels, :math:`d^t`,
-    edges):
+    edges). Degrees are *weighted* out-degrees, :math:`d_i = \sum_{(i,v)}
+    w_{iv}`, the sum of the weights of i's out-edges (``weights=None``: 1
+    each, so an unweighted graph's degrees are its edge counts; a folded
+    duplicate edge of weight 2 counts 2). The loss is therefore a function
+    of the edge weights, and differentiable in them away from the kinks
+    below; a relaxed graph whose edges carry expected weights in [0, 1]
+    gets exact gradients (``LossGrad.weights``).
 
     * Node cost :math:`C_{ij} = w_1\,[\ell_i \ne \ell'_j]/2 + w_2 \min(|x_i - y_j|, 1)
       + w_3 |d^p_i - d^t_j| / \max(d^p_i, d^t_j, 1)`.
@@ -309,6 +326,16 @@ class StructuralLoss:
 
     The gradient is exact for the computation performed (the iterations
     actually run are differentiated in reverse, including the early stop).
+    At the kinks of the degree terms (:math:`d^p_i = d^t_j` in
+    :math:`|d^p_i - d^t_j|`, a tie in :math:`\max(d^p_i, d^t_j, 1)`, a tie
+    in the maximum degree that normalises the clique term, or a maximum of
+    exactly 1) every partial derivative with respect to an edge weight is
+    the *right* derivative, the one as that weight increases: at
+    :math:`d^p_i = d^t_j` the distance grows either way, and a degree tied
+    for a maximum raises it. Where a pair's edge weights sum to 0 its edge
+    term is 0 and gets no gradient. (The activations keep their convention:
+    :math:`\min(|x_i - y_j|, 1)` has derivative 0 at :math:`x_i = y_j` and
+    at distance 1.)
     The gradient with respect to a zero mass is finite but may be as large
     as :math:`\exp(\Delta/\varepsilon)` for a cost gap :math:`\Delta`: it is
     the value of un-merging, and for small epsilon that value is genuinely
@@ -390,31 +417,49 @@ class StructuralLoss:
         t = _from_graph(target, "target")
         return self._forward_arrays(p, t)
 
-    def backward(self, result: LossResult) -> LossGrad:
-        """Exact gradient of ``result.value`` (the batch mean).
+    def backward(self, result: LossResult, grad=1.0) -> LossGrad:
+        """Exact gradient of ``result.value`` (the batch mean), times ``grad``.
+
+        A pure function of its arguments: ``result`` is not changed, and
+        calling it again returns equal, new arrays.
 
         Parameters
         ----------
         result : LossResult
             Returned by :meth:`forward` (of any StructuralLoss; its own
             settings are used).
+        grad : float or array_like of shape (B,), default 1.0
+            The upstream gradient. A scalar is the gradient of
+            ``result.value`` (the mean over the B pairs: pair b is scaled by
+            ``grad / B``); an array is the gradient of ``result.values``, one
+            per pair (pair b is scaled by ``grad[b]``). Finite.
 
         Returns
         -------
         LossGrad
-            ``(activation (N,), mass (N,), target_activation (M,))``. Map an
-            activation gradient to mean-pooled features as ``g[:, None] / d``.
+            ``(activation (N,), mass (N,), target_activation (M,), weights
+            (E_p,), target_weights (E_t,))``. Map an activation gradient to
+            mean-pooled features as ``g[:, None] / d``.
+
+        Raises
+        ------
+        TypeError
+            If ``result`` is not a LossResult, or ``grad`` is not a real
+            number or an array of real numbers.
+        ValueError
+            If ``grad`` is not finite or not of shape (B,).
         """
         if not isinstance(result, LossResult):
             raise TypeError(f"result must be a LossResult, got {type(result).__name__}")
         c = result._cache
         p, t = c.p, c.t
         B = len(p.offsets) - 1
-        grad = LossGrad(np.empty(len(p.activation)), np.empty(len(p.activation)),
-                        np.empty(len(t.activation)))
-        _transport.structural_loss_backward(p, t, c.loss._settings(), c, np.full(B, 1.0 / B),
-                                            grad)
-        return grad
+        scale = _pair_scale(grad, B)
+        out = LossGrad(np.empty(len(p.activation)), np.empty(len(p.activation)),
+                       np.empty(len(t.activation)), np.empty(len(p.weights)),
+                       np.empty(len(t.weights)))
+        _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out)
+        return out
 
     __call__ = forward
 
@@ -473,6 +518,34 @@ class StructuralLoss:
         return safe.astype(np.uint8)
 
 
+def _pair_scale(grad, B):
+    """The per-pair scale of :meth:`StructuralLoss.backward`'s ``grad``:
+    ``grad / B`` for a scalar, ``grad`` for an array of shape (B,)."""
+    if isinstance(grad, (bool, np.bool_)):
+        raise TypeError(f"grad must be a real number or an array of shape ({B},), got {grad!r}")
+    if isinstance(grad, numbers.Real):
+        g = float(grad)
+        if not np.isfinite(g):
+            raise ValueError(f"grad must be finite, got {grad!r}")
+        return np.full(B, g / B)
+    try:
+        arr = np.asarray(grad)
+    except Exception:
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"grad must be a real number or an array of shape ({B},) of real numbers, "
+            f"got {type(grad).__name__}")
+    if arr.ndim == 0:
+        return _pair_scale(float(arr), B)
+    if arr.shape != (B,):
+        raise ValueError(f"grad must be a scalar or of shape ({B},), got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("grad must be finite")
+    return arr.copy()
+
+
 def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Sums of ``values[offsets[b]:offsets[b+1]]`` for every b (0 if empty).
 
@@ -497,9 +570,14 @@ def _from_graph(graph, name) -> _GraphArrays:
     # int64 CSR whatever the graph's index type: the loss is O(iterations n m)
     # per pair, so this copy is negligible and the kernels need no fused type
     indptr = np.ascontiguousarray(graph.indptr, dtype=np.int64)
+    w = np.ascontiguousarray(w)
+    # weighted out-degrees, each the sum of its row's weights in edge order
+    # (exact counts for unit weights)
+    n = len(indptr) - 1
+    degree = np.bincount(np.repeat(np.arange(n), np.diff(indptr)), weights=w,
+                         minlength=n).astype(np.float64, copy=False)
     return _GraphArrays(
         indptr, np.ascontiguousarray(graph.indices, dtype=np.int64),
-        np.ascontiguousarray(graph.labels, dtype=np.int32), np.ascontiguousarray(w),
+        np.ascontiguousarray(graph.labels, dtype=np.int32), w,
         np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
-        np.ascontiguousarray(graph.graph_offsets, dtype=np.int64),
-        np.diff(indptr).astype(np.float64))
+        np.ascontiguousarray(graph.graph_offsets, dtype=np.int64), degree)

@@ -46,12 +46,13 @@ def reference_pair(x, a, labels_p, edges_p, y, b, labels_t, edges_t, *,
     b = np.asarray(b, float)
     n, m = len(x), len(y)
     eps = epsilon
+    # weighted out-degrees: the sum of the weights of a node's out-edges
     dp = np.zeros(n)
-    for u, _, _ in edges_p:
-        dp[u] += 1
+    for u, _, w in edges_p:
+        dp[u] += w
     dt = np.zeros(m)
-    for j, _, _ in edges_t:
-        dt[j] += 1
+    for j, _, w in edges_t:
+        dt[j] += w
 
     w_type, w_act, w_deg = weights
     typ = np.where(np.asarray(labels_p)[:, None] == np.asarray(labels_t)[None, :], 0.0, 0.5)

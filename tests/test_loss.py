@@ -271,7 +271,7 @@ def test_gradient_through_shared_embedding():
 def _finite(res, grad):
     for arr in (res.values, res.nodes, res.edges, res.cliques, res.marginal_error,
                 grad.activation, grad.mass, grad.target_activation,
-                *res.plans):
+                grad.weights, grad.target_weights, *res.plans):
         assert np.all(np.isfinite(arr))
 
 
