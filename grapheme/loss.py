@@ -409,8 +409,8 @@ class StructuralLoss:
         Raises
         ------
         ValueError
-            If the batch sizes differ (naming ``target``), an array is
-            malformed (naming it), or ``domain="scaling"`` and some pair
+            If the batch sizes differ (naming ``target``), the batch is empty
+            (``Graph.from_texts([])``), an array is malformed (naming it), or ``domain="scaling"`` and some pair
             fails the scaling condition (naming ``domain``).
         """
         p = _from_graph(predicted, "predicted")
@@ -471,6 +471,9 @@ class StructuralLoss:
                 f"target has {len(t.offsets) - 1} graphs but predicted has "
                 f"{len(p.offsets) - 1}; batch sizes must match")
         B = len(p.offsets) - 1
+        if B == 0:
+            raise ValueError("predicted is an empty batch (0 graphs): the loss is a mean "
+                             "over pairs and has no value for none")
         n = np.diff(p.offsets)
         m = np.diff(t.offsets)
         plan_off = np.zeros(B + 1, np.int64)
