@@ -5,6 +5,7 @@ bad argument gets a ``TypeError`` or ``ValueError`` that names it instead of
 a crash or a silent truncation.
 """
 import numbers
+import os
 
 import numpy as np
 
@@ -20,7 +21,21 @@ __all__ = [
     "check_pairs",
     "check_graph",
     "frozen",
+    "check_allocation",
+    "show",
 ]
+
+
+def _asarray(value, name, what):
+    """``np.asarray(value)``; what numpy refuses (ragged lists, integers
+    beyond every dtype) is a ``TypeError`` naming ``name``."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} that numpy "
+                        "cannot convert (ragged or out of range)") from None
 
 
 def as_index_array(value, name, ndim=1):
@@ -29,7 +44,7 @@ def as_index_array(value, name, ndim=1):
     Integer arrays of other widths are converted without loss (a value that
     does not fit int64 is rejected); anything non-integer is a ``TypeError``.
     """
-    arr = np.asarray(value)
+    arr = _asarray(value, name, "an integer array")
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         if arr.size == 0 and arr.dtype == np.float64:
             arr = arr.astype(np.int64)  # np.asarray([]) is float64
@@ -59,7 +74,7 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
     finite : bool
         Reject NaN and infinity.
     """
-    arr = np.asarray(value)
+    arr = _asarray(value, name, "a real-valued array")
     # the common case (a C-contiguous float64 ndarray) skips the dtype checks
     ready = arr.dtype == np.float64 and arr.flags.c_contiguous
     if not ready and (arr.dtype == object or not (
@@ -121,6 +136,25 @@ def common_index_dtype(*arrays):
     return np.int64 if any(a.dtype == np.int64 for a in arrays) else np.int32
 
 
+def show(value):
+    """A one-line, bounded ``repr(value)`` for an error message.
+
+    Never fails (an integer too long for ``repr`` is described by its
+    length, a failing ``__repr__`` by the type), never spans lines (numpy
+    prints arrays over several) and never runs past 80 characters.
+    """
+    if (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and abs(int(value)).bit_length() > 200):
+        digits = int(abs(int(value)).bit_length() * 0.30103) + 1
+        return f"{'-' if value < 0 else ''}an integer of about {digits} digits"
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
                  upper_inclusive=True, integer=False):
     """Validate a real (or integer) scalar and return it as float (or int)."""
@@ -129,15 +163,18 @@ def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
     ):
         kind = "an integer" if integer else "a real number"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    value = int(value) if integer else float(value)
+    try:
+        value = int(value) if integer else float(value)
+    except OverflowError:   # an int beyond float64
+        raise ValueError(f"{name} must be finite, got {show(value)}") from None
     if not integer and not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ValueError(f"{name} must be finite, got {show(value)}")
     if lower is not None and (value < lower or (value == lower and not lower_inclusive)):
         op = ">=" if lower_inclusive else ">"
-        raise ValueError(f"{name} must be {op} {lower}, got {value}")
+        raise ValueError(f"{name} must be {op} {lower}, got {show(value)}")
     if upper is not None and (value > upper or (value == upper and not upper_inclusive)):
         op = "<=" if upper_inclusive else "<"
-        raise ValueError(f"{name} must be {op} {upper}, got {value}")
+        raise ValueError(f"{name} must be {op} {upper}, got {show(value)}")
     return value
 
 
@@ -186,3 +223,29 @@ def frozen(arr, copy=True):
         arr.flags.writeable = False
     view = arr.view()
     return view
+
+
+def _physical_memory():
+    """Bytes of physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_allocation(nbytes, what):
+    """Raise ``MemoryError`` naming ``what`` if ``nbytes`` exceeds the
+    machine's physical memory.
+
+    For results whose size the arguments choose (copies of a batch, a
+    transport plan of ``n * m`` cells, an embedding of ``dim`` columns):
+    asking for more than the machine has is refused before anything is
+    allocated, with a message that says why, instead of the process being
+    killed by the out-of-memory killer halfway through.
+    """
+    total = _physical_memory()
+    if total is not None and nbytes > total:
+        need = (f"{nbytes / 2**30:.3g} GiB" if nbytes < 2**1000
+                else f"{show(nbytes)} bytes")
+        raise MemoryError(f"{what} needs {need}, more than the "
+                          f"{total / 2**30:.3g} GiB of memory of this machine")

@@ -29,6 +29,7 @@ import sys
 
 import numpy as np
 
+from ._validation import show
 from .checkpoint import _atomic_open
 
 __all__ = ["TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs", "write_pairs"]
@@ -95,12 +96,12 @@ def _check_tasks(tasks):
     try:
         tasks = tuple(tasks)
     except TypeError:
-        raise TypeError(f"tasks must be a sequence of task names, got {tasks!r}") from None
+        raise TypeError(f"tasks must be a sequence of task names, got {show(tasks)}") from None
     if not tasks:
         raise ValueError("tasks must name at least one task")
     for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"tasks: unknown task {t!r}; choose from {sorted(TASKS)}")
+        if not isinstance(t, str) or t not in TASKS:
+            raise ValueError(f"tasks: unknown task {show(t)}; choose from {sorted(TASKS)}")
     return tasks
 
 
@@ -182,7 +183,7 @@ def generate(out_dir, n_train=2000, n_val=200, seed=0,
     n_train = _check_count("n_train", n_train)
     n_val = _check_count("n_val", n_val)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
     tasks = _check_tasks(tasks)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

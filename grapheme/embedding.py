@@ -4,7 +4,7 @@ import threading
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_scalar
+from ._validation import as_float_array, as_index_array, check_allocation, check_scalar
 
 __all__ = ["Embedding"]
 
@@ -58,7 +58,7 @@ class Embedding:
     """
 
     def __init__(self, dim=64, seed=0):
-        self.dim = check_scalar(dim, "dim", lower=1, integer=True)
+        self.dim = check_scalar(dim, "dim", lower=1, upper=2**31 - 1, integer=True)
         self.seed = check_scalar(seed, "seed", lower=0, upper=2**64 - 1, integer=True)
         self._lock = threading.RLock()
         self.codes = np.empty(0, dtype=np.int64)
@@ -102,6 +102,9 @@ class Embedding:
 
     def _add(self, new_codes):
         self._check_arrays()
+        rows = self.codes.shape[0] + new_codes.shape[0]
+        check_allocation(2 * 8 * rows * self.dim,
+                         f"Embedding(dim={self.dim}) with {rows} rows (table and gradient)")
         try:
             fresh = np.empty((new_codes.shape[0], self.dim))
             weight = np.concatenate([self.weight, fresh])

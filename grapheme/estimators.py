@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import check_scalar
+from ._validation import check_scalar, show
 from .graph import Graph, merge_edges, replicate
 from .history import MergeHistory
 from .ops import BernoulliLogProb, ChainRelaxation, HardMerge
@@ -226,7 +226,7 @@ class Reinforce(Estimator):
 
     def __init__(self, baseline="mean", samples=1, seed=0):
         if baseline not in ("mean", "loo", None):
-            raise ValueError(f"baseline must be 'mean', 'loo' or None, got {baseline!r}")
+            raise ValueError(f"baseline must be 'mean', 'loo' or None, got {show(baseline)}")
         self.baseline = baseline
         self.samples = check_scalar(samples, "samples", lower=1, integer=True)
         if baseline == "loo" and self.samples < 2:
@@ -322,4 +322,4 @@ def make_estimator(estimator):
     if isinstance(estimator, str) and estimator in ESTIMATORS:
         return ESTIMATORS[estimator]()
     raise ValueError("estimator must be an Estimator or one of "
-                     f"{', '.join(map(repr, ESTIMATORS))}; got {estimator!r}")
+                     f"{', '.join(map(repr, ESTIMATORS))}; got {show(estimator)}")

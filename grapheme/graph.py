@@ -2,8 +2,8 @@
 import numpy as np
 
 from . import _core
-from ._validation import (as_float_array, as_index_array, check_graph, common_index_dtype,
-                          frozen)
+from ._validation import (as_float_array, as_index_array, check_allocation, check_graph,
+                          check_scalar, common_index_dtype, frozen, show)
 
 __all__ = ["Graph", "merge_edges", "contract", "replicate", "chain_sources"]
 
@@ -478,7 +478,10 @@ def merge_edges(graph, merge):
     from .history import MergeHistory
 
     check_graph(graph, "graph")
-    merge = np.asarray(merge)
+    try:
+        merge = np.asarray(merge)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"merge must be a boolean array, got {type(merge).__name__}") from None
     if merge.dtype != bool:
         raise TypeError(f"merge must be a boolean array, got dtype {merge.dtype}")
     if merge.shape != (graph.num_edges,):
@@ -575,6 +578,7 @@ def chain_sources(graph, purpose="the chain relaxation"):
     >>> chain_sources(Graph.from_texts(["ab", "cde"])).tolist()
     [0, 2, 3]
     """
+    check_graph(graph, "graph")
     deg = np.diff(graph.indptr)
     src = np.repeat(np.arange(deg.shape[0], dtype=np.int64), deg)
     if (deg > 1).any() or not np.array_equal(graph.indices, src + 1):
@@ -600,9 +604,12 @@ def replicate(graph, copies):
     [0, 2, 4]
     """
     check_graph(graph, "graph")
+    copies = check_scalar(copies, "copies", lower=1, integer=True)
     if copies == 1:
         return graph
     n, E = graph.num_nodes, graph.num_edges
+    d = 0 if graph.features is None else graph.features.shape[1]
+    check_allocation(8 * copies * (3 * n + 2 * E + n * d + 2), f"replicate(copies={show(copies)})")
     big = copies * max(n, E) >= np.iinfo(np.int32).max
     dtype = np.int64 if big else graph.indptr.dtype
     k = np.arange(copies, dtype=np.int64)[:, None]

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_out, frozen, streams
+from ._validation import as_float_array, as_index_array, check_out, frozen, show, streams
 
 __all__ = ["MergeHistory"]
 
@@ -72,12 +72,12 @@ class MergeHistory:
                 raise TypeError("num_outputs must be an integer")
             k = int(num_outputs)
             if k < k_min:
-                raise ValueError(f"num_outputs = {k} but cluster holds output {k_min - 1}")
+                raise ValueError(f"num_outputs = {show(k)} but cluster holds output {k_min - 1}")
         # Every output needs an input, so k <= n: checked before anything of
         # size k is allocated (cluster=[2**40] must not ask for 8 TiB).
         if k > n:
             raise ValueError(f"cluster must give every output in 0..num_outputs-1 an input: "
-                             f"{k} outputs but only {n} inputs")
+                             f"{show(k)} outputs but only {n} inputs")
         if np.count_nonzero(np.bincount(cluster, minlength=k)) != k:
             raise ValueError("cluster must give every output in 0..num_outputs-1 an input")
         if node_weights is not None:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _transport
+from ._validation import check_allocation, show
 from .graph import Graph
 
 __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
@@ -227,11 +228,14 @@ def _scaling_safe(epsilon, weights, total_mass):
 
 def _check_float(name, value, *, positive=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+        raise TypeError(f"{name} must be a real number, got {show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:   # an int beyond float64
+        value = float("inf")
     if not np.isfinite(value) or value < 0 or (positive and value == 0):
         need = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {need}, got {value!r}")
+        raise ValueError(f"{name} must be finite and {need}, got {show(value)}")
     return value
 
 
@@ -364,23 +368,23 @@ class StructuralLoss:
         self.gamma = _check_float("gamma", gamma)
         self.epsilon = _check_float("epsilon", epsilon, positive=True)
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
-            raise TypeError(f"iterations must be an integer, got {iterations!r}")
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+            raise TypeError(f"iterations must be an integer, got {show(iterations)}")
+        if not 1 <= iterations <= 2**31 - 1:
+            raise ValueError(f"iterations must be in [1, 2**31 - 1], got {show(iterations)}")
         self.iterations = int(iterations)
         self.tol = None if tol is None else _check_float("tol", tol, positive=True)
         try:
             w = np.asarray(weights, dtype=np.float64)
         except (TypeError, ValueError):
-            raise TypeError(f"weights must be 3 real numbers, got {weights!r}") from None
+            raise TypeError(f"weights must be 3 real numbers, got {show(weights)}") from None
         if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError(
-                f"weights must be 3 finite non-negative numbers, got {weights!r}")
+                f"weights must be 3 finite non-negative numbers, got {show(weights)}")
         self.weights = tuple(float(v) for v in w)
         if not isinstance(domain, str):
-            raise TypeError(f"domain must be one of {_DOMAINS}, got {domain!r}")
+            raise TypeError(f"domain must be one of {_DOMAINS}, got {show(domain)}")
         if domain not in _DOMAINS:
-            raise ValueError(f"domain must be one of {_DOMAINS}, got {domain!r}")
+            raise ValueError(f"domain must be one of {_DOMAINS}, got {show(domain)}")
         self.domain = domain
 
     def __repr__(self):
@@ -476,6 +480,10 @@ class StructuralLoss:
                              "over pairs and has no value for none")
         n = np.diff(p.offsets)
         m = np.diff(t.offsets)
+        # the plans are O(n m) per pair: refuse what cannot fit, up front
+        cells = int(((n + 1) * (m + 1)).sum()) + self.iterations * int((n + m + 2).sum())
+        check_allocation(16 * cells, f"the structural loss of {B} pair(s) "
+                                     f"({int(n.sum())} x {int(m.sum())} nodes)")
         plan_off = np.zeros(B + 1, np.int64)
         np.cumsum((n + 1) * (m + 1), out=plan_off[1:])
         f_off = np.zeros(B + 1, np.int64)
@@ -525,11 +533,14 @@ def _pair_scale(grad, B):
     """The per-pair scale of :meth:`StructuralLoss.backward`'s ``grad``:
     ``grad / B`` for a scalar, ``grad`` for an array of shape (B,)."""
     if isinstance(grad, (bool, np.bool_)):
-        raise TypeError(f"grad must be a real number or an array of shape ({B},), got {grad!r}")
+        raise TypeError(f"grad must be a real number or an array of shape ({B},), got {show(grad)}")
     if isinstance(grad, numbers.Real):
-        g = float(grad)
+        try:
+            g = float(grad)
+        except OverflowError:   # an int beyond float64
+            g = float("inf")
         if not np.isfinite(g):
-            raise ValueError(f"grad must be finite, got {grad!r}")
+            raise ValueError(f"grad must be finite, got {show(grad)}")
         return np.full(B, g / B)
     try:
         arr = np.asarray(grad)

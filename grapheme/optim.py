@@ -17,7 +17,7 @@ names. Two properties matter for grapheme's models:
 
 import numpy as np
 
-from ._validation import check_scalar
+from ._validation import check_scalar, show
 
 __all__ = ["Optimizer", "Adam", "SGD"]
 
@@ -117,7 +117,11 @@ class Optimizer:
             if not isinstance(key, str):
                 raise ValueError(f"state: key {key!r} is not a string")
             if key in self._hyper:
-                hyper[key] = np.asarray(value).item()
+                try:
+                    hyper[key] = np.asarray(value).item()
+                except (TypeError, ValueError, OverflowError):
+                    raise ValueError(f"state: {key!r} must be a number, got "
+                                     f"{type(value).__name__}") from None
                 continue
             slot, dot, name = key.partition(".")
             if not dot or not name:
@@ -126,7 +130,7 @@ class Optimizer:
                 t = np.asarray(value)
                 if t.ndim != 0 or t.dtype.kind not in "iu" or int(t) < 0:
                     raise ValueError(
-                        f"state: {key!r} must be a non-negative integer, got {value!r}")
+                        f"state: {key!r} must be a non-negative integer, got {show(value)}")
                 steps[name] = int(t)
             elif slot in arrays:
                 arr = np.asarray(value)
@@ -266,7 +270,7 @@ class Adam(Optimizer):
         try:
             beta1, beta2 = betas
         except (TypeError, ValueError):
-            raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
+            raise TypeError(f"betas must be a pair of floats, got {show(betas)}") from None
         checked = self._check_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=weight_decay)
         super().__init__()

@@ -1,7 +1,7 @@
 """Rate control: hold the kept fraction of nodes at a target."""
 import numpy as np
 
-from ._validation import check_scalar
+from ._validation import check_scalar, show
 from .ops import RatePenalty
 
 __all__ = ["RateController"]
@@ -53,8 +53,8 @@ class RateController:
         self.weight = check_scalar(weight, "weight", lower=0)
         self.integral = check_scalar(integral, "integral", lower=0)
         self.proportional = check_scalar(proportional, "proportional", lower=0)
-        if control not in ("multiplier", "penalty"):
-            raise ValueError(f"control must be 'multiplier' or 'penalty', got {control!r}")
+        if not isinstance(control, str) or control not in ("multiplier", "penalty"):
+            raise ValueError(f"control must be 'multiplier' or 'penalty', got {show(control)}")
         self.control = control
         self.multiplier = 0.0
         self._error = None   # the error of the previous update
