@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from ._validation import show
+from ._validation import check_allocation, show
 from .checkpoint import _atomic_open
 
 __all__ = ["TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs", "write_pairs"]
@@ -86,7 +86,7 @@ def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise ValueError(f"{name} must be >= 0, got {show(value)}")
     return int(value)
 
 
@@ -128,6 +128,8 @@ def make_pairs(n, seed=0, tasks=("arithmetic", "dedup", "fold")):
     [('qnhibba', 'qnhibb'), ('vqx', 'vq')]
     """
     n = _check_count("n", n)
+    # about 200 bytes per pair (two short strings, a tuple, the draws)
+    check_allocation(200 * n, f"make_pairs(n={show(n)})")
     tasks = _check_tasks(tasks)
     rng = np.random.default_rng(seed)
     choice = rng.integers(0, len(tasks), size=n)
