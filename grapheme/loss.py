@@ -10,9 +10,10 @@ reverses the Sinkhorn iterations that the forward pass actually performed.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -54,6 +55,13 @@ class LossGrad(NamedTuple):
         through the node cost and the clique term.
     target_weights : ndarray of shape (E_t,)
         The same for the target graph's edge weights.
+    features : ndarray of shape (N, d) or None
+        With respect to the predicted features, when the predicted graph's
+        activations are its feature means (it has features and no explicit
+        activation): ``activation`` mapped through
+        :class:`grapheme.ops.FeatureMean`. None otherwise.
+    target_features : ndarray of shape (M, d) or None
+        The same for the target graph.
     """
 
     activation: np.ndarray
@@ -61,6 +69,8 @@ class LossGrad(NamedTuple):
     target_activation: np.ndarray
     weights: np.ndarray
     target_weights: np.ndarray
+    features: Optional[np.ndarray] = None
+    target_features: Optional[np.ndarray] = None
 
 
 class _GraphArrays(NamedTuple):
@@ -128,6 +138,7 @@ class LossResult:
     marginal_error: np.ndarray
     domain: np.ndarray
     _cache: Any = field(repr=False)
+    _feature_shapes: Any = field(default=(None, None), repr=False)
 
     @property
     def num_pairs(self) -> int:
@@ -383,6 +394,12 @@ class StructuralLoss:
             raise ValueError(f"domain must be one of {_DOMAINS}, got {domain!r}")
         self.domain = domain
 
+    def get_params(self):
+        """Constructor arguments."""
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                "epsilon": self.epsilon, "iterations": self.iterations, "tol": self.tol,
+                "weights": self.weights, "domain": self.domain}
+
     def __repr__(self):
         return (f"StructuralLoss(alpha={self.alpha}, beta={self.beta}, "
                 f"gamma={self.gamma}, epsilon={self.epsilon}, "
@@ -415,7 +432,9 @@ class StructuralLoss:
         """
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
-        return self._forward_arrays(p, t)
+        result = self._forward_arrays(p, t)
+        shapes = (_feature_shape(predicted), _feature_shape(target))
+        return dataclasses.replace(result, _feature_shapes=shapes)
 
     def backward(self, result: LossResult, grad=1.0) -> LossGrad:
         """Exact gradient of ``result.value`` (the batch mean), times ``grad``.
@@ -459,7 +478,9 @@ class StructuralLoss:
                        np.empty(len(t.activation)), np.empty(len(p.weights)),
                        np.empty(len(t.weights)))
         _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out)
-        return out
+        shape_p, shape_t = result._feature_shapes
+        return out._replace(features=_features_grad(shape_p, out.activation),
+                            target_features=_features_grad(shape_t, out.target_activation))
 
     __call__ = forward
 
@@ -581,3 +602,18 @@ def _from_graph(graph, name) -> _GraphArrays:
         np.ascontiguousarray(graph.labels, dtype=np.int32), w,
         np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
         np.ascontiguousarray(graph.graph_offsets, dtype=np.int64), degree)
+
+
+def _feature_shape(graph):
+    """Shape of ``graph``'s features when its activations are their means."""
+    if graph._activation is None and graph.features is not None:
+        return graph.features.shape
+    return None
+
+
+def _features_grad(shape, grad_activation):
+    if shape is None:
+        return None
+    from .ops import FeatureMean   # the one home of the feature-mean rule
+
+    return FeatureMean().vjp(shape, grad_activation)[0]

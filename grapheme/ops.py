@@ -109,11 +109,18 @@ class Lookup(Operation):
         return LookupResult(table[rows]), (rows, table.shape)
 
     def vjp(self, saved, grad_features):
-        rows, shape = saved
-        grad = np.zeros(shape)
-        if grad_features is not None and rows.size:
-            _core.rows_add(rows, np.ascontiguousarray(grad_features, dtype=np.float64), grad)
+        grad = np.zeros(saved[1])
+        if grad_features is not None:
+            self.accumulate(saved, grad_features, grad)
         return (grad,)
+
+    @staticmethod
+    def accumulate(saved, grad_features, into):
+        """Add the vjp into ``into`` (a float64 C-contiguous array of the
+        table's shape that the caller owns), row by row in order."""
+        rows = saved[0]
+        if rows.size:
+            _core.rows_add(rows, np.ascontiguousarray(grad_features, dtype=np.float64), into)
 
 
 # ---------------------------------------------------------------------------

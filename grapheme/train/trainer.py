@@ -159,20 +159,20 @@ class Trainer:
         target = replicate(target, morphed.samples)
         res = self.loss.forward(morphed.graph, target)
         lg = self.loss.backward(res)
-        grad_feats = FeatureMean().vjp(morphed.graph.features.shape, lg.activation)[0]
         B = res.values.shape[0]
         advantage = morphed.advantage(res.values)
-        grad = morpher.vjp(morphed, grad_features=grad_feats, grad_mass=lg.mass,
+        grad = morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
                            grad_weights=lg.weights,
                            grad_log_prob=None if advantage is None else advantage / B,
                            grad_rate_penalty=1.0)
         grad_table = Lookup().vjp((rows, emb.weight.shape), grad.features)[0]
         if t_rows is not None and target.num_nodes:
+            # the target's activations are the means of its rows (FeatureMean)
             gt = lg.target_activation
             if morphed.samples > 1:
                 gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             gt = FeatureMean().vjp((gt.shape[0], emb.dim), gt)[0]
-            grad_table += Lookup().vjp((t_rows, emb.weight.shape), gt)[0]
+            Lookup.accumulate((t_rows, emb.weight.shape), gt, grad_table)
         grads = {"embedding": grad_table, "theta": grad.theta}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
         if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
