@@ -87,7 +87,9 @@ class Estimator:
         raise NotImplementedError
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):  # pragma: no cover
+            grad_log_prob=None, out=None):  # pragma: no cover
+        """``out``: an (n, d) array for the input-feature gradient, checked
+        by the caller (:meth:`grapheme.Morpher.vjp`)."""
         raise NotImplementedError
 
     def advantage(self, saved, loss_values):
@@ -131,8 +133,8 @@ class Hard(Estimator):
         return EstimateResult(r.graph, r.history, decisions, None, 1), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):
-        return HardMerge().vjp(saved, grad_features)[0], None, None
+            grad_log_prob=None, out=None):
+        return HardMerge().vjp(saved, grad_features, out=out)[0], None, None
 
 
 class Relaxed(Estimator):
@@ -158,8 +160,9 @@ class Relaxed(Estimator):
         return EstimateResult(r.graph, merge_edges(graph, decisions), decisions, None, 1), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):
-        grad_h, grad_m = ChainRelaxation().vjp(saved, grad_features, grad_mass, grad_weights)
+            grad_log_prob=None, out=None):
+        grad_h, grad_m = ChainRelaxation().vjp(saved, grad_features, grad_mass, grad_weights,
+                                               out=out)
         return grad_h, None, grad_m
 
 
@@ -269,16 +272,16 @@ class Reinforce(Estimator):
         return EstimateResult(r.graph, r.history, decisions, lp.log_prob, K), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):
+            grad_log_prob=None, out=None):
         merge_saved, lp_saved, K, (n, d), E = saved[:5]   # see _ReinforceSaved
-        grad_h = HardMerge().vjp(merge_saved, grad_features)[0]
+        grad_h = HardMerge().vjp(merge_saved, grad_features, out=out if K == 1 else None)[0]
         grad_z = None
         if grad_log_prob is not None:
             grad_z = BernoulliLogProb().vjp(lp_saved, grad_log_prob)[0]
             if K > 1:
                 grad_z = grad_z.reshape(K, E).sum(axis=0)
         if K > 1:
-            grad_h = grad_h.reshape(K, n, d).sum(axis=0)
+            grad_h = grad_h.reshape(K, n, d).sum(axis=0, out=out)
         return grad_h, grad_z, None
 
     def advantage(self, saved, loss_values):

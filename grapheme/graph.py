@@ -8,6 +8,10 @@ __all__ = ["Graph", "merge_edges", "contract", "replicate", "chain_sources"]
 
 MAX_CODE_POINT = 0x10FFFF
 
+#: The fields of a Graph, as its constructor names them.
+_FIELDS = ("indptr", "indices", "labels", "features", "weights", "mass", "activation",
+           "offsets")
+
 
 def _codes_of(text, name):
     """Code points of ``text`` as int32, rejecting lone surrogates."""
@@ -309,14 +313,18 @@ class Graph:
         >>> g.mass.tolist()
         [1.0, 0.0]
         """
-        allowed = ("indptr", "indices", "labels", "features", "weights", "mass",
-                   "activation", "offsets")
         for key in fields:
-            if key not in allowed:
+            if key not in _FIELDS:
                 raise TypeError(f"replace() got an unexpected field {key!r}")
-        current = {key: getattr(self, "_" + key) for key in allowed}
+        current = {key: getattr(self, "_" + key) for key in _FIELDS}
         current.update(fields)
         return Graph(**current)
+
+    def _with(self, **fields):
+        """:meth:`replace` for fields the library computed itself: no checks."""
+        current = {key: getattr(self, "_" + key) for key in _FIELDS}
+        current.update(fields)
+        return Graph._trusted(**current)
 
     # ------------------------------------------------------------ properties
     indptr = property(lambda self: self._indptr, doc="Row pointer, shape (n_nodes + 1,).")

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import as_float_array, check_graph, check_scalar
+from ._validation import as_float_array, check_graph, check_out, check_scalar
 from .estimators import Hard, make_estimator
 from .graph import Graph
 from .history import MergeHistory
@@ -215,7 +215,7 @@ class Morpher:
 
     # --------------------------------------------------------------- backward
     def vjp(self, morphed, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None, grad_rate_penalty=None):
+            grad_log_prob=None, grad_rate_penalty=None, out=None):
         """Gradients of the input features and ``theta`` (pure). O((n + E) d).
 
         Parameters
@@ -237,6 +237,12 @@ class Morpher:
         grad_rate_penalty : float, optional
             Of ``morphed.rate_penalty``; pass 1.0 when the penalty is added
             to the objective.
+        out : ndarray of shape (n_nodes, d), optional
+            A float64, C-contiguous buffer for the feature gradient, as in
+            numpy's ``out=``: a training loop that reuses one saves a fresh
+            (n, d) array per step. It must overlap none of the upstream
+            gradients, the morph's input features or its output features
+            (checked before any work).
 
         Returns
         -------
@@ -252,8 +258,15 @@ class Morpher:
         grad_log_prob = (None if morphed.log_prob is None else
                          _upstream(grad_log_prob, "grad_log_prob", morphed.log_prob.shape))
         sim_saved, scores_saved, est_saved, rate_saved = morphed._saved
+        if out is not None:
+            arrays = {"grad_features": grad_features, "grad_mass": grad_mass,
+                      "grad_weights": grad_weights, "grad_log_prob": grad_log_prob,
+                      "the morph's input features": sim_saved[2],
+                      "morphed.graph.features": g.features}
+            check_out(out, "out", sim_saved[2].shape,
+                      inputs={k: v for k, v in arrays.items() if v is not None})
         grad_h, grad_z, grad_p = morphed._estimator.vjp(est_saved, grad_features, grad_mass,
-                                                        grad_weights, grad_log_prob)
+                                                        grad_weights, grad_log_prob, out=out)
         if rate_saved is not None and grad_rate_penalty is not None:
             op, pen_saved = rate_saved
             rate_p = op.vjp(pen_saved, check_scalar(grad_rate_penalty, "grad_rate_penalty"))[0]

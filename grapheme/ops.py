@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core, _relax
-from ._validation import as_float_array
+from ._validation import as_float_array, check_out
 from .graph import Graph, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -90,6 +90,7 @@ class Lookup(Operation):
 
     The vjp returns the dense gradient of the table, ``grad[rows[i]] +=
     g[i]`` (accumulated in the compiled core, never with a Python loop).
+    The table may be 1-d (one number per row).
 
     Examples
     --------
@@ -104,9 +105,16 @@ class Lookup(Operation):
     inputs = ("table",)
     outputs = ("features",)
 
-    def forward(self, table, rows):
+    def forward(self, table, rows, out=None):
+        """``out``: an array of the result's shape to write into, as numpy's
+        ``np.take(..., out=)`` (a loop that reuses one saves a fresh array
+        per call)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        return LookupResult(table[rows]), (rows, table.shape)
+        if out is None:
+            return LookupResult(table[rows]), (rows, table.shape)
+        check_out(out, "out", (rows.shape[0],) + table.shape[1:], inputs={"table": table})
+        np.take(table, rows, axis=0, out=out)
+        return LookupResult(out), (rows, table.shape)
 
     def vjp(self, saved, grad_features):
         grad = np.zeros(saved[1])
@@ -120,7 +128,10 @@ class Lookup(Operation):
         table's shape that the caller owns), row by row in order."""
         rows = saved[0]
         if rows.size:
-            _core.rows_add(rows, np.ascontiguousarray(grad_features, dtype=np.float64), into)
+            g = np.ascontiguousarray(grad_features, dtype=np.float64)
+            if into.ndim == 1:
+                g, into = g.reshape(-1, 1), into.reshape(-1, 1)
+            _core.rows_add(rows, g, into)
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +164,11 @@ class FeatureMean(Operation):
         if grad_activation is None or d == 0:
             return (np.zeros((n, d)),)
         return (np.repeat(np.asarray(grad_activation, np.float64)[:, None] / d, d, axis=1),)
+
+
+def _zero(out):
+    out.fill(0.0)
+    return out
 
 
 def feature_mean(features):
@@ -297,11 +313,13 @@ class HardMerge(Operation):
                                 weights=weights, offsets=offsets)
         return MergeResult(out, merged, history), (history, features.shape)
 
-    def vjp(self, saved, grad_features):
+    def vjp(self, saved, grad_features, out=None):
+        """``out``: an (n, d) array to write the gradient into (see
+        :meth:`MergeHistory.scatter`)."""
         history, shape = saved
         if grad_features is None:
-            return (np.zeros(shape),)
-        return (history.scatter(grad_features),)
+            return (np.zeros(shape) if out is None else _zero(out),)
+        return (history.scatter(grad_features, out=out),)
 
 
 # ---------------------------------------------------------------------------
@@ -358,14 +376,19 @@ class ChainRelaxation(Operation):
         return (RelaxResult(out, mass, weights, relaxed),
                 (src, m, out, D, indptr, indices, graph.num_edges))
 
-    def vjp(self, saved, grad_features, grad_mass, grad_weights):
-        src, m, out, D, indptr, indices, num_edges = saved
-        n, d = out.shape
-        gf = np.zeros((n, d)) if grad_features is None else np.array(
-            grad_features, dtype=np.float64, order="C")
+    def vjp(self, saved, grad_features, grad_mass, grad_weights, out=None):
+        """``out``: an (n, d) array to write the feature gradient into (it
+        must not overlap an input or ``saved``; the caller checks)."""
+        src, m, relaxed, D, indptr, indices, num_edges = saved
+        n, d = relaxed.shape
+        gf = np.empty((n, d)) if out is None else out
+        if grad_features is None:
+            gf.fill(0.0)
+        else:
+            np.copyto(gf, grad_features)
         gmass = np.zeros(n) if grad_mass is None else np.ascontiguousarray(grad_mass, np.float64)
         grad_m = np.empty(n)
-        _relax.relax_chain_backward(m, out, D, gf, gmass, gf, grad_m, False)
+        _relax.relax_chain_backward(m, relaxed, D, gf, gmass, gf, grad_m, False)
         if grad_weights is not None:
             grad_m += _relaxed_edges_vjp(indptr, indices, m, grad_weights)
         return gf, grad_m[src] if num_edges else np.zeros(0)
