@@ -19,6 +19,7 @@ __all__ = [
     "common_index_dtype",
     "check_pairs",
     "check_graph",
+    "check_upstream",
 ]
 
 
@@ -165,3 +166,32 @@ def check_graph(graph, name):
     if not isinstance(graph, Graph):
         raise TypeError(f"{name} must be a grapheme.Graph, got {type(graph).__name__}")
     return graph
+
+
+def check_upstream(grad, name, n):
+    """An upstream gradient: a finite real number (returned as float) or a
+    finite real array of shape (n,) (returned as a new float64 array)."""
+    if isinstance(grad, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number or an array of shape ({n},), "
+                        f"got {grad!r}")
+    if isinstance(grad, numbers.Real):
+        g = float(grad)
+        if not np.isfinite(g):
+            raise ValueError(f"{name} must be finite, got {grad!r}")
+        return g
+    try:
+        arr = np.asarray(grad)
+    except Exception:
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{name} must be a real number or an array of shape ({n},) of real numbers, "
+            f"got {type(grad).__name__}")
+    if arr.ndim == 0:
+        return check_upstream(float(arr), name, n)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or of shape ({n},), got shape {arr.shape}")
+    arr = np.array(arr, dtype=np.float64, order="C")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite")
+    return arr

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _transport
+from ._validation import check_scalar, check_upstream
 from .graph import Graph
 
 __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
@@ -236,16 +237,6 @@ def _scaling_safe(epsilon, weights, total_mass):
     return 3.0 * kappa + log_total <= _SCALING_LOG_LIMIT
 
 
-def _check_float(name, value, *, positive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value) or value < 0 or (positive and value == 0):
-        need = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {need}, got {value!r}")
-    return value
-
-
 class StructuralLoss:
     r"""Structural loss ``alpha*node + beta*edge + gamma*clique`` of graph pairs.
 
@@ -370,16 +361,17 @@ class StructuralLoss:
 
     def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
                  iterations=20, tol=None, weights=(0.1, 0.7, 0.2), domain="auto"):
-        self.alpha = _check_float("alpha", alpha)
-        self.beta = _check_float("beta", beta)
-        self.gamma = _check_float("gamma", gamma)
-        self.epsilon = _check_float("epsilon", epsilon, positive=True)
+        self.alpha = check_scalar(alpha, "alpha", lower=0)
+        self.beta = check_scalar(beta, "beta", lower=0)
+        self.gamma = check_scalar(gamma, "gamma", lower=0)
+        self.epsilon = check_scalar(epsilon, "epsilon", lower=0, lower_inclusive=False)
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
             raise TypeError(f"iterations must be an integer, got {iterations!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations!r}")
         self.iterations = int(iterations)
-        self.tol = None if tol is None else _check_float("tol", tol, positive=True)
+        self.tol = None if tol is None else check_scalar(tol, "tol", lower=0,
+                                                         lower_inclusive=False)
         try:
             w = np.asarray(weights, dtype=np.float64)
         except (TypeError, ValueError):
@@ -542,29 +534,8 @@ class StructuralLoss:
 def _pair_scale(grad, B):
     """The per-pair scale of :meth:`StructuralLoss.backward`'s ``grad``:
     ``grad / B`` for a scalar, ``grad`` for an array of shape (B,)."""
-    if isinstance(grad, (bool, np.bool_)):
-        raise TypeError(f"grad must be a real number or an array of shape ({B},), got {grad!r}")
-    if isinstance(grad, numbers.Real):
-        g = float(grad)
-        if not np.isfinite(g):
-            raise ValueError(f"grad must be finite, got {grad!r}")
-        return np.full(B, g / B)
-    try:
-        arr = np.asarray(grad)
-    except Exception:
-        arr = None
-    if arr is None or arr.dtype.kind not in "iuf":
-        raise TypeError(
-            f"grad must be a real number or an array of shape ({B},) of real numbers, "
-            f"got {type(grad).__name__}")
-    if arr.ndim == 0:
-        return _pair_scale(float(arr), B)
-    if arr.shape != (B,):
-        raise ValueError(f"grad must be a scalar or of shape ({B},), got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("grad must be finite")
-    return arr.copy()
+    g = check_upstream(grad, "grad", B)
+    return np.full(B, g / B) if isinstance(g, float) else g
 
 
 def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:

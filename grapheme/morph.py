@@ -16,8 +16,6 @@ import numpy as np
 
 from ._validation import as_float_array, check_graph, check_out, check_scalar
 from .estimators import Hard, make_estimator
-from .graph import Graph
-from .history import MergeHistory
 from .ops import EdgeSimilarity, MergeScores, sigmoid
 from .rate import RateController
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core, _relax
-from ._validation import as_float_array, check_out
+from ._validation import check_out
 from .graph import Graph, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -498,19 +498,6 @@ class RatePenalty(Operation):
 
     def __repr__(self):
         return f"RatePenalty(target={self.target}, weight={self.weight})"
-
-
-def check_features(graph, features, name="features"):
-    """``features`` as a finite float64 (n_nodes, d) array."""
-    return as_float_array(features, name, ndim=2, shape=(graph.num_nodes, None))
-
-
-def optional_grad(value, name, shape):
-    """An upstream gradient as a float64 array of ``shape``, or None."""
-    if value is None:
-        return None
-    return as_float_array(value, name, shape=shape)
-
 
 
 # ---------------------------------------------------------------------------
