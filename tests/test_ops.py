@@ -209,3 +209,27 @@ def test_lookup_into_out():
     np.testing.assert_array_equal(out, table[rows])
     with pytest.raises(ValueError, match="out must not overlap table"):
         ops.Lookup().forward(table, rows[:1], out=table[:1])
+
+
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste"])
+def test_a_penalty_of_the_users_own_reaches_features_and_theta(estimator):
+    """``sum(u * probability) + sum(v * similarity)`` through Morpher.vjp,
+    against central differences in the features and theta."""
+    rng = np.random.default_rng(8)
+    g = gr.Graph.from_texts(["abcab", "hello"])
+    H = rng.normal(size=(g.num_nodes, 3))
+    u, v = rng.normal(size=g.num_edges), rng.normal(size=g.num_edges)
+    morpher = gr.Morpher(threshold=0.3, temperature=0.4, estimator=estimator)
+
+    def objective(h, theta):
+        morpher.theta[...] = theta
+        m = morpher.forward(g, h)
+        return float(u @ m.probability + v @ m.similarity)
+
+    theta = float(morpher.theta)
+    grad = morpher.vjp(morpher.forward(g, H), grad_probability=u, grad_similarity=v)
+    numeric_h = numerical_gradient(lambda h: objective(h, theta), H)
+    numeric_t = numerical_gradient(lambda t: objective(H, float(t)), np.array(theta))
+    morpher.theta[...] = theta
+    assert np.linalg.norm(grad.features - numeric_h) <= RTOL * np.linalg.norm(numeric_h)
+    assert abs(float(grad.theta) - float(numeric_t)) <= RTOL * abs(float(numeric_t))
