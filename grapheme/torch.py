@@ -427,6 +427,7 @@ def pack(padded, lengths):
 
     Examples
     --------
+    >>> import torch
     >>> x, offsets = pack(torch.arange(6.0).reshape(2, 3, 1), torch.tensor([2, 3]))
     >>> x.flatten().tolist(), offsets.tolist()
     ([0.0, 1.0, 3.0, 4.0, 5.0], [0, 2, 5])
@@ -449,6 +450,7 @@ def unpack(packed, offsets, total_length=None):
 
     Examples
     --------
+    >>> import torch
     >>> unpack(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0, 1, 3])).squeeze(-1)
     tensor([[1., 0.],
             [2., 3.]])
