@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core, _relax
-from ._validation import check_out
+from ._validation import as_float_array, check_out
 from .graph import Graph, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -524,8 +524,16 @@ class StructuralLossOp(Operation):
         self.loss = loss
 
     def forward(self, predicted, target, activation, mass, weights, target_activation):
-        p = predicted.replace(activation=activation, mass=mass, weights=weights)
-        t = target.replace(activation=target_activation)
+        n, m = predicted.num_nodes, target.num_nodes
+        mass = as_float_array(mass, "mass", shape=(n,))
+        if (mass < 0).any():
+            raise ValueError("mass must be non-negative")
+        p = predicted._with(activation=as_float_array(activation, "activation", shape=(n,)),
+                            mass=mass,
+                            weights=as_float_array(weights, "weights",
+                                                   shape=(predicted.num_edges,)))
+        t = target._with(activation=as_float_array(target_activation, "target_activation",
+                                                   shape=(m,)))
         result = self.loss.forward(p, t)
         return LossValues(result.values, result), result
 
