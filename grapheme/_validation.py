@@ -23,6 +23,7 @@ __all__ = [
     "frozen",
     "check_allocation",
     "show",
+    "check_upstream",
 ]
 
 
@@ -115,11 +116,12 @@ def check_out(out, name, shape, inputs=None):
     flags = out.flags
     if not (flags.c_contiguous and flags.aligned):
         raise ValueError(f"{name} must be C-contiguous and aligned")
-    if not flags.writeable:
-        raise ValueError(f"{name} is read-only")
+    # overlap first: it says more than "read-only" when out is an input
     for other, arr in (inputs or {}).items():
         if np.may_share_memory(out, arr):
             raise ValueError(f"{name} must not overlap {other}")
+    if not flags.writeable:
+        raise ValueError(f"{name} is read-only")
     return out
 
 
@@ -249,3 +251,33 @@ def check_allocation(nbytes, what):
                 else f"{show(nbytes)} bytes")
         raise MemoryError(f"{what} needs {need}, more than the "
                           f"{total / 2**30:.3g} GiB of memory of this machine")
+def check_upstream(grad, name, n):
+    """An upstream gradient: a finite real number (returned as float) or a
+    finite real array of shape (n,) (returned as a new float64 array)."""
+    if isinstance(grad, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number or an array of shape ({n},), "
+                        f"got {show(grad)}")
+    if isinstance(grad, numbers.Real):
+        try:
+            g = float(grad)
+        except OverflowError:   # an int beyond float64
+            g = float("inf")
+        if not np.isfinite(g):
+            raise ValueError(f"{name} must be finite, got {show(grad)}")
+        return g
+    try:
+        arr = np.asarray(grad)
+    except Exception:
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{name} must be a real number or an array of shape ({n},) of real numbers, "
+            f"got {type(grad).__name__}")
+    if arr.ndim == 0:
+        return check_upstream(float(arr), name, n)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or of shape ({n},), got shape {arr.shape}")
+    arr = np.array(arr, dtype=np.float64, order="C")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite")
+    return arr

@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import check_scalar, show
+from ._validation import as_float_array, check_scalar, show
 from .graph import Graph, merge_edges, replicate
 from .history import MergeHistory
 from .ops import BernoulliLogProb, ChainRelaxation, HardMerge
@@ -87,7 +87,9 @@ class Estimator:
         raise NotImplementedError
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):  # pragma: no cover
+            grad_log_prob=None, out=None):  # pragma: no cover
+        """``out``: an (n, d) array for the input-feature gradient, checked
+        by the caller (:meth:`grapheme.Morpher.vjp`)."""
         raise NotImplementedError
 
     def advantage(self, saved, loss_values):
@@ -131,8 +133,8 @@ class Hard(Estimator):
         return EstimateResult(r.graph, r.history, decisions, None, 1), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):
-        return HardMerge().vjp(saved, grad_features)[0], None, None
+            grad_log_prob=None, out=None):
+        return HardMerge().vjp(saved, grad_features, out=out)[0], None, None
 
 
 class Relaxed(Estimator):
@@ -158,8 +160,9 @@ class Relaxed(Estimator):
         return EstimateResult(r.graph, merge_edges(graph, decisions), decisions, None, 1), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):
-        grad_h, grad_m = ChainRelaxation().vjp(saved, grad_features, grad_mass, grad_weights)
+            grad_log_prob=None, out=None):
+        grad_h, grad_m = ChainRelaxation().vjp(saved, grad_features, grad_mass, grad_weights,
+                                               out=out)
         return grad_h, None, grad_m
 
 
@@ -188,6 +191,17 @@ class _MeanBaseline:
         return self.total / self.count if self.count else 0.0
 
 
+class _ReinforceSaved(NamedTuple):
+    merge: tuple            # HardMerge's saved state
+    log_prob: tuple         # BernoulliLogProb's: (m - p, example of every edge)
+    samples: int
+    shape: tuple            # of the input features (n, d)
+    num_edges: int          # of the input graph
+    num_examples: int       # of the replicated batch
+    rng_state: dict         # the generator after this forward's draws
+    mean_baseline: float    # the running mean as it was at forward
+
+
 class Reinforce(Estimator):
     """``m_e ~ Bernoulli(p_e)``: the score-function (REINFORCE) estimator.
 
@@ -197,10 +211,11 @@ class Reinforce(Estimator):
     expected objective. :meth:`vjp` takes that score weight per example as
     ``grad_log_prob``; :meth:`advantage` computes ``L_b - b_b``.
 
-    Samples are a pure function of ``(seed, step count)``: calling
-    :meth:`forward` twice draws the same decisions; :meth:`step` (once per
-    training step) advances the count and the running-mean baseline. Any
-    graph.
+    Samples come from one generator stream seeded by ``seed``, but
+    :meth:`forward` only reads it: it draws from a copy, so calling it twice
+    draws the same decisions. :meth:`step` (once per training step) moves
+    the stream past the draws of the forward pass it is given and folds that
+    step's losses into the running-mean baseline. Any graph.
 
     Parameters
     ----------
@@ -232,7 +247,7 @@ class Reinforce(Estimator):
         if baseline == "loo" and self.samples < 2:
             raise ValueError(f"baseline='loo' needs samples >= 2, got {self.samples}")
         self.seed = check_scalar(seed, "seed", lower=0, integer=True)
-        self.steps = 0
+        self._rng_state = np.random.default_rng(self.seed).bit_generator.state
         self._mean = _MeanBaseline()
 
     def get_params(self):
@@ -244,34 +259,36 @@ class Reinforce(Estimator):
         feats = features if K == 1 else np.tile(features, (K, 1))
         logits = np.tile(scores.logits, K)
         prob = np.tile(scores.probability, K)
-        rng = np.random.default_rng([self.seed, self.steps])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self._rng_state
         decisions = rng.random(prob.shape[0]) < prob
         r, merge_saved = HardMerge().forward(rep, feats, decisions)
         B = rep.num_graphs
         example = np.repeat(np.arange(B), np.diff(rep.indptr[rep.graph_offsets]))
         lp, lp_saved = BernoulliLogProb().forward(logits, decisions, example, B)
-        saved = (merge_saved, lp_saved, K, features.shape, scores.logits.shape[0],
-                 self._mean.value())
+        saved = _ReinforceSaved(merge_saved, lp_saved, K, features.shape,
+                                scores.logits.shape[0], B, rng.bit_generator.state,
+                                self._mean.value())
         return EstimateResult(r.graph, r.history, decisions, lp.log_prob, K), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None):
-        merge_saved, lp_saved, K, (n, d), E, _ = saved
-        grad_h = HardMerge().vjp(merge_saved, grad_features)[0]
+            grad_log_prob=None, out=None):
+        merge_saved, lp_saved, K, (n, d), E = saved[:5]   # see _ReinforceSaved
+        grad_h = HardMerge().vjp(merge_saved, grad_features, out=out if K == 1 else None)[0]
         grad_z = None
         if grad_log_prob is not None:
             grad_z = BernoulliLogProb().vjp(lp_saved, grad_log_prob)[0]
             if K > 1:
                 grad_z = grad_z.reshape(K, E).sum(axis=0)
         if K > 1:
-            grad_h = grad_h.reshape(K, n, d).sum(axis=0)
+            grad_h = grad_h.reshape(K, n, d).sum(axis=0, out=out)
         return grad_h, grad_z, None
 
     def advantage(self, saved, loss_values):
         """``L_b - b_b`` for the per-example losses of the (replicated) batch."""
-        losses = np.asarray(loss_values, dtype=np.float64)
+        losses = self._losses(saved, loss_values)
         if self.baseline == "mean":
-            return losses - saved[-1]
+            return losses - saved.mean_baseline
         if self.baseline == "loo":
             L = losses.reshape(self.samples, -1)
             return (L - (L.sum(axis=0, keepdims=True) - L) / (self.samples - 1)).ravel()
@@ -281,28 +298,37 @@ class Reinforce(Estimator):
         """``advantage_b * sum_{e in b} (m_e - p_e)``: each example's own
         score-function estimate of the gradient of its loss with respect to
         a shift of all its logits."""
-        coef, example = saved[1]
+        coef, example = saved.log_prob
         return advantage * np.bincount(example, weights=coef, minlength=advantage.shape[0])
 
     def step(self, saved, loss_values=None):
-        """Fold this step's losses into the running mean; next sample."""
+        """Move the generator past the draws of ``saved``'s forward pass and
+        fold this step's losses into the running mean."""
         if loss_values is not None:
-            self._mean.total += float(np.sum(loss_values))
-            self._mean.count += int(np.size(loss_values))
-        self.steps += 1
+            losses = self._losses(saved, loss_values)
+            self._mean.total += float(np.sum(losses))
+            self._mean.count += int(losses.shape[0])
+        self._rng_state = saved.rng_state
+
+    @staticmethod
+    def _losses(saved, loss_values):
+        """``loss_values`` checked: one finite loss per (replicated) example."""
+        return as_float_array(loss_values, "loss_values", ndim=1,
+                              shape=(saved.num_examples,))
 
     def state_dict(self):
-        return {"steps": self.steps, "baseline": [self._mean.total, self._mean.count]}
+        return {"rng": self._rng_state, "baseline": [self._mean.total, self._mean.count]}
 
     def load_state_dict(self, state):
         try:
-            steps = check_scalar(state["steps"], "steps", lower=0, integer=True)
             total, count = state["baseline"]
             total = check_scalar(total, "baseline total")
             count = check_scalar(count, "baseline count", lower=0, integer=True)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state["rng"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"state is not a Reinforce state: {exc}") from None
-        self.steps = steps
+        self._rng_state = rng.bit_generator.state
         self._mean.total, self._mean.count = total, count
 
 

@@ -9,6 +9,10 @@ __all__ = ["Graph", "merge_edges", "contract", "replicate", "chain_sources"]
 
 MAX_CODE_POINT = 0x10FFFF
 
+#: The fields of a Graph, as its constructor names them.
+_FIELDS = ("indptr", "indices", "labels", "features", "weights", "mass", "activation",
+           "offsets")
+
 
 def _codes_of(text, name):
     """Code points of ``text`` as int32, rejecting lone surrogates."""
@@ -238,6 +242,46 @@ class Graph:
         return cls._from_codes(codes, lengths, offsets)
 
     @classmethod
+    def chains(cls, offsets, labels=None):
+        """A batch of chains (edges ``i -> i+1`` inside each) from node offsets.
+
+        What a packed batch of sequences is, as PyTorch users hold them:
+        sequence ``b`` is nodes ``offsets[b]:offsets[b + 1]``. O(n).
+
+        Parameters
+        ----------
+        offsets : array_like of int, shape (B + 1,)
+            Non-decreasing, starting at 0.
+        labels : array_like of int, shape (offsets[-1],), optional
+            Unicode code points (the structural loss compares them); 0 for
+            every node by default.
+
+        Examples
+        --------
+        >>> g = Graph.chains([0, 2, 2, 5])
+        >>> g.num_graphs, g.indices.tolist()
+        (3, [1, 3, 4])
+        """
+        offsets = as_index_array(offsets, "offsets").astype(np.int64, copy=False)
+        if offsets.shape[0] < 1 or offsets[0] != 0:
+            raise ValueError("offsets must start at 0")
+        lengths = np.diff(offsets)
+        if (lengths < 0).any():
+            raise ValueError("offsets must be non-decreasing")
+        n = int(offsets[-1])
+        if labels is None:
+            labels = np.zeros(n, np.int32)
+        else:
+            labels = as_index_array(labels, "labels")
+            if labels.shape[0] != n:
+                raise ValueError(f"labels must have length offsets[-1] = {n}, "
+                                 f"got {labels.shape[0]}")
+            if labels.size and (labels.min() < 0 or labels.max() > MAX_CODE_POINT):
+                raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+            labels = labels.astype(np.int32)
+        return cls._from_codes(labels, lengths, offsets.copy())
+
+    @classmethod
     def _from_codes(cls, codes, lengths, offsets):
         n = codes.shape[0]
         n_edges = n - int(np.count_nonzero(lengths))
@@ -340,15 +384,19 @@ class Graph:
         >>> g.mass.tolist()
         [1.0, 0.0]
         """
-        allowed = ("indptr", "indices", "labels", "features", "weights", "mass",
-                   "activation", "offsets")
         for key in fields:
-            if key not in allowed:
+            if key not in _FIELDS:
                 raise TypeError(f"replace() got an unexpected field {key!r}")
-        current = {key: getattr(self, "_" + key) for key in allowed}
+        current = {key: getattr(self, "_" + key) for key in _FIELDS}
         current.update(fields)
-        owned = frozenset(key for key in allowed if key not in fields)
+        owned = frozenset(key for key in _FIELDS if key not in fields)
         return Graph(**current, _owned=owned)
+
+    def _with(self, **fields):
+        """:meth:`replace` for fields the library computed itself: no checks."""
+        current = {key: getattr(self, "_" + key) for key in _FIELDS}
+        current.update(fields)
+        return Graph._trusted(**current)
 
     # ------------------------------------------------------------ properties
     indptr = property(lambda self: self._indptr, doc="Row pointer, shape (n_nodes + 1,).")

@@ -10,14 +10,15 @@ reverses the Sinkhorn iterations that the forward pass actually performed.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
 from . import _transport
-from ._validation import check_allocation, show
+from ._validation import check_allocation, check_scalar, check_upstream, show
 from .graph import Graph
 
 __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
@@ -55,6 +56,13 @@ class LossGrad(NamedTuple):
         through the node cost and the clique term.
     target_weights : ndarray of shape (E_t,)
         The same for the target graph's edge weights.
+    features : ndarray of shape (N, d) or None
+        With respect to the predicted features, when the predicted graph's
+        activations are its feature means (it has features and no explicit
+        activation): ``activation`` mapped through
+        :class:`grapheme.ops.FeatureMean`. None otherwise.
+    target_features : ndarray of shape (M, d) or None
+        The same for the target graph.
     """
 
     activation: np.ndarray
@@ -62,6 +70,8 @@ class LossGrad(NamedTuple):
     target_activation: np.ndarray
     weights: np.ndarray
     target_weights: np.ndarray
+    features: Optional[np.ndarray] = None
+    target_features: Optional[np.ndarray] = None
 
 
 class _GraphArrays(NamedTuple):
@@ -129,6 +139,7 @@ class LossResult:
     marginal_error: np.ndarray
     domain: np.ndarray
     _cache: Any = field(repr=False)
+    _feature_shapes: Any = field(default=(None, None), repr=False)
 
     @property
     def num_pairs(self) -> int:
@@ -224,19 +235,6 @@ def _scaling_safe(epsilon, weights, total_mass):
     with np.errstate(divide="ignore"):
         log_total = np.where(total > 0.0, np.abs(np.log(total)), 0.0)
     return 3.0 * kappa + log_total <= _SCALING_LOG_LIMIT
-
-
-def _check_float(name, value, *, positive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {show(value)}")
-    try:
-        value = float(value)
-    except OverflowError:   # an int beyond float64
-        value = float("inf")
-    if not np.isfinite(value) or value < 0 or (positive and value == 0):
-        need = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {need}, got {show(value)}")
-    return value
 
 
 class StructuralLoss:
@@ -363,16 +361,17 @@ class StructuralLoss:
 
     def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
                  iterations=20, tol=None, weights=(0.1, 0.7, 0.2), domain="auto"):
-        self.alpha = _check_float("alpha", alpha)
-        self.beta = _check_float("beta", beta)
-        self.gamma = _check_float("gamma", gamma)
-        self.epsilon = _check_float("epsilon", epsilon, positive=True)
+        self.alpha = check_scalar(alpha, "alpha", lower=0)
+        self.beta = check_scalar(beta, "beta", lower=0)
+        self.gamma = check_scalar(gamma, "gamma", lower=0)
+        self.epsilon = check_scalar(epsilon, "epsilon", lower=0, lower_inclusive=False)
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
             raise TypeError(f"iterations must be an integer, got {show(iterations)}")
         if not 1 <= iterations <= 2**31 - 1:
             raise ValueError(f"iterations must be in [1, 2**31 - 1], got {show(iterations)}")
         self.iterations = int(iterations)
-        self.tol = None if tol is None else _check_float("tol", tol, positive=True)
+        self.tol = None if tol is None else check_scalar(tol, "tol", lower=0,
+                                                         lower_inclusive=False)
         try:
             w = np.asarray(weights, dtype=np.float64)
         except (TypeError, ValueError):
@@ -386,6 +385,12 @@ class StructuralLoss:
         if domain not in _DOMAINS:
             raise ValueError(f"domain must be one of {_DOMAINS}, got {show(domain)}")
         self.domain = domain
+
+    def get_params(self):
+        """Constructor arguments."""
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                "epsilon": self.epsilon, "iterations": self.iterations, "tol": self.tol,
+                "weights": self.weights, "domain": self.domain}
 
     def __repr__(self):
         return (f"StructuralLoss(alpha={self.alpha}, beta={self.beta}, "
@@ -419,7 +424,9 @@ class StructuralLoss:
         """
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
-        return self._forward_arrays(p, t)
+        result = self._forward_arrays(p, t)
+        shapes = (_feature_shape(predicted), _feature_shape(target))
+        return dataclasses.replace(result, _feature_shapes=shapes)
 
     def backward(self, result: LossResult, grad=1.0) -> LossGrad:
         """Exact gradient of ``result.value`` (the batch mean), times ``grad``.
@@ -463,7 +470,9 @@ class StructuralLoss:
                        np.empty(len(t.activation)), np.empty(len(p.weights)),
                        np.empty(len(t.weights)))
         _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out)
-        return out
+        shape_p, shape_t = result._feature_shapes
+        return out._replace(features=_features_grad(shape_p, out.activation),
+                            target_features=_features_grad(shape_t, out.target_activation))
 
     __call__ = forward
 
@@ -532,32 +541,8 @@ class StructuralLoss:
 def _pair_scale(grad, B):
     """The per-pair scale of :meth:`StructuralLoss.backward`'s ``grad``:
     ``grad / B`` for a scalar, ``grad`` for an array of shape (B,)."""
-    if isinstance(grad, (bool, np.bool_)):
-        raise TypeError(f"grad must be a real number or an array of shape ({B},), got {show(grad)}")
-    if isinstance(grad, numbers.Real):
-        try:
-            g = float(grad)
-        except OverflowError:   # an int beyond float64
-            g = float("inf")
-        if not np.isfinite(g):
-            raise ValueError(f"grad must be finite, got {show(grad)}")
-        return np.full(B, g / B)
-    try:
-        arr = np.asarray(grad)
-    except Exception:
-        arr = None
-    if arr is None or arr.dtype.kind not in "iuf":
-        raise TypeError(
-            f"grad must be a real number or an array of shape ({B},) of real numbers, "
-            f"got {type(grad).__name__}")
-    if arr.ndim == 0:
-        return _pair_scale(float(arr), B)
-    if arr.shape != (B,):
-        raise ValueError(f"grad must be a scalar or of shape ({B},), got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("grad must be finite")
-    return arr.copy()
+    g = check_upstream(grad, "grad", B)
+    return np.full(B, g / B) if isinstance(g, float) else g
 
 
 def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -595,3 +580,18 @@ def _from_graph(graph, name) -> _GraphArrays:
         np.ascontiguousarray(graph.labels, dtype=np.int32), w,
         np.ascontiguousarray(graph.mass), np.ascontiguousarray(graph.activation),
         np.ascontiguousarray(graph.graph_offsets, dtype=np.int64), degree)
+
+
+def _feature_shape(graph):
+    """Shape of ``graph``'s features when its activations are their means."""
+    if graph._activation is None and graph.features is not None:
+        return graph.features.shape
+    return None
+
+
+def _features_grad(shape, grad_activation):
+    if shape is None:
+        return None
+    from .ops import FeatureMean   # the one home of the feature-mean rule
+
+    return FeatureMean().vjp(shape, grad_activation)[0]

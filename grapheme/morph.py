@@ -14,10 +14,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import as_float_array, check_graph, check_scalar
+from ._validation import as_float_array, check_graph, check_out, check_scalar
 from .estimators import Hard, make_estimator
-from .graph import Graph
-from .history import MergeHistory
 from .ops import EdgeSimilarity, MergeScores, sigmoid
 from .rate import RateController
 
@@ -224,7 +222,8 @@ class Morpher:
 
     # --------------------------------------------------------------- backward
     def vjp(self, morphed, grad_features=None, grad_mass=None, grad_weights=None,
-            grad_log_prob=None, grad_rate_penalty=None):
+            grad_log_prob=None, grad_rate_penalty=None, grad_probability=None,
+            grad_similarity=None, out=None):
         """Gradients of the input features and ``theta`` (pure). O((n + E) d).
 
         Parameters
@@ -246,6 +245,15 @@ class Morpher:
         grad_rate_penalty : float, optional
             Of ``morphed.rate_penalty``; pass 1.0 when the penalty is added
             to the objective.
+        grad_probability, grad_similarity : ndarray of shape (n_edges,), optional
+            Of ``morphed.probability`` and ``morphed.similarity``: a penalty
+            of the caller's own on either reaches the features and ``theta``.
+        out : ndarray of shape (n_nodes, d), optional
+            A float64, C-contiguous buffer for the feature gradient, as in
+            numpy's ``out=``: a training loop that reuses one saves a fresh
+            (n, d) array per step. It must overlap none of the upstream
+            gradients, the morph's input features or its output features
+            (checked before any work).
 
         Returns
         -------
@@ -260,16 +268,34 @@ class Morpher:
         grad_weights = _upstream(grad_weights, "grad_weights", (g.num_edges,))
         grad_log_prob = (None if morphed.log_prob is None else
                          _upstream(grad_log_prob, "grad_log_prob", morphed.log_prob.shape))
+        n_edges = morphed.similarity.shape
+        grad_probability = _upstream(grad_probability, "grad_probability", n_edges)
+        grad_similarity = _upstream(grad_similarity, "grad_similarity", n_edges)
         sim_saved, scores_saved, est_saved, rate_saved = morphed._saved
+        if out is not None:
+            arrays = {"grad_features": grad_features, "grad_mass": grad_mass,
+                      "grad_weights": grad_weights, "grad_log_prob": grad_log_prob,
+                      "grad_probability": grad_probability,
+                      "grad_similarity": grad_similarity,
+                      "the morph's input features": sim_saved[2],
+                      "morphed.graph.features": g.features}
+            check_out(out, "out", sim_saved[2].shape,
+                      inputs={k: v for k, v in arrays.items() if v is not None})
         grad_h, grad_z, grad_p = morphed._estimator.vjp(est_saved, grad_features, grad_mass,
-                                                        grad_weights, grad_log_prob)
+                                                        grad_weights, grad_log_prob, out=out)
         if rate_saved is not None and grad_rate_penalty is not None:
             op, pen_saved = rate_saved
             rate_p = op.vjp(pen_saved, check_scalar(grad_rate_penalty, "grad_rate_penalty"))[0]
             grad_p = rate_p if grad_p is None else grad_p + rate_p
+        if grad_probability is not None:
+            grad_p = grad_probability if grad_p is None else grad_p + grad_probability
         if grad_z is None and grad_p is None:
+            if grad_similarity is not None:
+                EdgeSimilarity.accumulate(sim_saved, grad_similarity, grad_h)
             return MorphGrad(grad_h, np.zeros(()))
         grad_s, grad_theta = MergeScores(self.temperature).vjp(scores_saved, grad_z, grad_p)
+        if grad_similarity is not None:
+            grad_s = grad_s + grad_similarity
         EdgeSimilarity.accumulate(sim_saved, grad_s, grad_h)   # grad_h is ours: add in place
         return MorphGrad(grad_h, grad_theta)
 

@@ -90,6 +90,7 @@ class Lookup(Operation):
 
     The vjp returns the dense gradient of the table, ``grad[rows[i]] +=
     g[i]`` (accumulated in the compiled core, never with a Python loop).
+    The table may be 1-d (one number per row).
 
     Examples
     --------
@@ -104,24 +105,43 @@ class Lookup(Operation):
     inputs = ("table",)
     outputs = ("features",)
 
-    def forward(self, table, rows):
-        table = as_float_array(table, "table", ndim=2, finite=False)
+    def forward(self, table, rows, out=None):
+        """``out``: an array of the result's shape to write into, as numpy's
+        ``np.take(..., out=)`` (a loop that reuses one saves a fresh array
+        per call)."""
+        table = as_float_array(table, "table", finite=False)
+        if table.ndim not in (1, 2):
+            raise ValueError(f"table must be 1- or 2-dimensional, got shape {table.shape}")
         # a private copy: the vjp's kernel indexes with it, unchecked
         rows = frozen(np.asarray(as_index_array(rows, "rows"), dtype=np.int64))
         V = table.shape[0]
         if rows.size and (rows.min() < 0 or rows.max() >= V):
             bad = rows[(rows < 0) | (rows >= V)][0]
             raise ValueError(f"rows must lie in [0, {V}) (the rows of table), got {bad}")
-        return LookupResult(table[rows]), (rows, table.shape)
+        if out is None:
+            return LookupResult(table[rows]), (rows, table.shape)
+        check_out(out, "out", (rows.shape[0],) + table.shape[1:], inputs={"table": table})
+        np.take(table, rows, axis=0, out=out)
+        return LookupResult(out), (rows, table.shape)
 
     def vjp(self, saved, grad_features):
-        rows, shape = saved
-        grad = np.zeros(shape)
-        grad_features = optional_grad(grad_features, "grad_features",
-                                      (rows.shape[0], shape[1]), finite=False)
-        if grad_features is not None and rows.size:
-            _core.rows_add(rows, grad_features, grad)
+        grad = np.zeros(saved[1])
+        if grad_features is not None:
+            self.accumulate(saved, grad_features, grad)
         return (grad,)
+
+    @staticmethod
+    def accumulate(saved, grad_features, into):
+        """Add the vjp into ``into`` (a float64 C-contiguous array of the
+        table's shape that the caller owns), row by row in order."""
+        rows, shape = saved
+        g = optional_grad(grad_features, "grad_features", (rows.shape[0],) + tuple(shape[1:]),
+                          finite=False)
+        check_out(into, "into", shape, inputs={"grad_features": g})
+        if rows.size:
+            if into.ndim == 1:
+                g, into = g.reshape(-1, 1), into.reshape(-1, 1)
+            _core.rows_add(rows, g, into)
 
 
 # ---------------------------------------------------------------------------
@@ -154,6 +174,11 @@ class FeatureMean(Operation):
         if grad_activation is None or d == 0:
             return (np.zeros((n, d)),)
         return (np.repeat(np.asarray(grad_activation, np.float64)[:, None] / d, d, axis=1),)
+
+
+def _zero(out):
+    out.fill(0.0)
+    return out
 
 
 def feature_mean(features):
@@ -330,11 +355,13 @@ class HardMerge(Operation):
                                 weights=weights, offsets=offsets)
         return MergeResult(out, merged, history), (history, features.shape)
 
-    def vjp(self, saved, grad_features):
+    def vjp(self, saved, grad_features, out=None):
+        """``out``: an (n, d) array to write the gradient into (see
+        :meth:`MergeHistory.scatter`)."""
         history, shape = saved
         if grad_features is None:
-            return (np.zeros(shape),)
-        return (history.scatter(grad_features),)
+            return (np.zeros(shape) if out is None else _zero(out),)
+        return (history.scatter(grad_features, out=out),)
 
 
 # ---------------------------------------------------------------------------
@@ -394,18 +421,25 @@ class ChainRelaxation(Operation):
         return (RelaxResult(out, mass, weights, relaxed),
                 (src, m, out, D, indptr, indices, graph.num_edges))
 
-    def vjp(self, saved, grad_features, grad_mass, grad_weights):
-        src, m, out, D, indptr, indices, num_edges = saved
-        n, d = out.shape
+    def vjp(self, saved, grad_features, grad_mass, grad_weights, out=None):
+        """``out``: an (n, d) array to write the feature gradient into (it
+        must not overlap an input or ``saved``; the caller checks)."""
+        src, m, relaxed, D, indptr, indices, num_edges = saved
+        n, d = relaxed.shape
         grad_features = optional_grad(grad_features, "grad_features", (n, d), finite=False)
         grad_mass = optional_grad(grad_mass, "grad_mass", (n,), finite=False)
         grad_weights = optional_grad(grad_weights, "grad_weights", (indices.shape[0],),
                                      finite=False)
-        gf = np.zeros((n, d)) if grad_features is None else np.array(
-            grad_features, dtype=np.float64, order="C")
+        if out is not None:
+            check_out(out, "out", (n, d))
+        gf = np.empty((n, d)) if out is None else out
+        if grad_features is None:
+            gf.fill(0.0)
+        else:
+            np.copyto(gf, grad_features)
         gmass = np.zeros(n) if grad_mass is None else np.ascontiguousarray(grad_mass, np.float64)
         grad_m = np.empty(n)
-        _relax.relax_chain_backward(m, out, D, gf, gmass, gf, grad_m, False)
+        _relax.relax_chain_backward(m, relaxed, D, gf, gmass, gf, grad_m, False)
         if grad_weights is not None:
             grad_m += _relaxed_edges_vjp(indptr, indices, m, grad_weights)
         return gf, grad_m[src] if num_edges else np.zeros(0)
@@ -555,8 +589,16 @@ class StructuralLossOp(Operation):
         self.loss = loss
 
     def forward(self, predicted, target, activation, mass, weights, target_activation):
-        p = predicted.replace(activation=activation, mass=mass, weights=weights)
-        t = target.replace(activation=target_activation)
+        n, m = predicted.num_nodes, target.num_nodes
+        mass = as_float_array(mass, "mass", shape=(n,))
+        if (mass < 0).any():
+            raise ValueError("mass must be non-negative")
+        p = predicted._with(activation=as_float_array(activation, "activation", shape=(n,)),
+                            mass=mass,
+                            weights=as_float_array(weights, "weights",
+                                                   shape=(predicted.num_edges,)))
+        t = target._with(activation=as_float_array(target_activation, "target_activation",
+                                                   shape=(m,)))
         result = self.loss.forward(p, t)
         return LossValues(result.values, result), result
 

@@ -1,5 +1,4 @@
 """Rate control: hold the kept fraction of nodes at a target."""
-import numpy as np
 
 from ._validation import check_scalar, show
 from .ops import RatePenalty

@@ -52,3 +52,29 @@ def streaming(on):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_core, "STREAM_MIN_BYTES", 0 if on else 2**62)
         yield
+
+
+def activation_to_features(features, grad_activation):
+    """The gradient of node features that a gradient of the feature-mean
+    activation maps to (``grapheme.ops.FeatureMean``): ``g[:, None] / d``."""
+    from grapheme import ops
+
+    return ops.FeatureMean().vjp(np.shape(features), grad_activation)[0]
+
+
+def dense_relaxed_weights(m, offsets):
+    """Plain-numpy expected inter-cluster edges of a relaxed batch of chains:
+    an (n, n) matrix ``W[i, j] = mu_i prod_{t=i}^{j-2} m_t (1 - m_{j-1})``
+    for ``i < j`` in the same chain, ``mu_i = 1 - m_{i-1}`` (1 at a chain's
+    start). ``m[i]`` is the weight of the edge ``i -> i + 1``; entries of ``m``
+    at a chain's last node are ignored."""
+    n = len(m)
+    W = np.zeros((n, n))
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        for i in range(a, b):
+            mu = 1.0 if i == a else 1.0 - m[i - 1]
+            P = 1.0
+            for j in range(i + 1, b):
+                W[i, j] = mu * P * (1.0 - m[j - 1])
+                P *= m[j - 1]
+    return W

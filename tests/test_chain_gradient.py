@@ -3,7 +3,7 @@ finite differences (float64, 1e-4 relative), both sides through one embedding.""
 import numpy as np
 import pytest
 
-from grapheme import Embedding, Graph, Morpher, StructuralLoss, gradcheck
+from grapheme import Embedding, Graph, Morpher, StructuralLoss, gradcheck, ops
 
 INPUTS = ["abcab", "xyz", "1223", ""]
 TARGETS = ["ab", "xy", "12", "q"]
@@ -27,9 +27,15 @@ def pipeline(estimator, theta):
         target = t.replace(activation=emb.forward(t.labels).mean(axis=1))
         res = loss.forward(morphed.graph, target)
         lg = loss.backward(res)
-        dH = morpher.backward(morphed, grad_activation=lg.activation, grad_mass=lg.mass)
+        # the activation is the feature mean: its gradient maps to features
+        gf = ops.FeatureMean().vjp(morphed.graph.features.shape, lg.activation)[0]
+        # the relaxed graph's masses and expected edge weights depend on H and
+        # theta too (the hard graph's are constants)
+        dH = morpher.backward(morphed, grad_features=gf, grad_mass=lg.mass,
+                              grad_weights=lg.weights)
         emb.backward(g.labels, dH)
-        emb.backward(t.labels, np.repeat(lg.target_activation[:, None] / emb.dim, emb.dim, 1))
+        emb.backward(t.labels, ops.FeatureMean().vjp((t.num_nodes, emb.dim),
+                                                     lg.target_activation)[0])
         return res.value, emb.grad.copy(), float(morpher.grad_theta), morphed
 
     return emb, morpher, run

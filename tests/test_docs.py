@@ -24,8 +24,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "checkpoint.npz").exists()
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", MODULES + ["torch"])
 def test_docstring_examples(name):
+    if name == "torch":
+        pytest.importorskip("torch")
     module = importlib.import_module(f"grapheme.{name}")
     result = doctest.testmod(module, extraglobs=vars(grapheme), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

@@ -6,13 +6,19 @@ import pytest
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from grapheme import Graph, Morpher
-from grapheme._estimators import replicate
+import grapheme as gr
+from grapheme import (Graph, Hard, Morpher, RateController, Reinforce, Relaxed,
+                      StraightThrough, replicate)
+from helpers import activation_to_features, dense_relaxed_weights
 
 
 # ----------------------------------------------------------------- helpers
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def logit(p):
+    return float(np.log(p / (1.0 - p)))
 
 
 def rel_err(num, ana):
@@ -38,21 +44,32 @@ def cosine(H, src, dst):
 
 
 class SmoothLoss:
-    """A random smooth scalar of the output features, activations and masses."""
+    """A random smooth scalar of the output features, activations, masses and
+    edge weights (a weight term keyed by the edge's endpoints, so it is defined
+    whatever edges the output has)."""
 
     def __init__(self, rng, n, d):
         self.A = rng.standard_normal((n, d))
         self.w = rng.standard_normal(n)
         self.v = rng.standard_normal(n)
+        self.C = rng.standard_normal((n, n))
+
+    @staticmethod
+    def _weights(g):
+        return np.ones(g.num_edges) if g.weights is None else g.weights
 
     def value(self, g):
-        F, a, mu = g.features, g.activation, g.mass
-        return np.sum(self.A * np.sin(F)) + np.sum(self.w * a**2) + np.sum(self.v * mu**2)
+        F, a, mu, W = g.features, g.activation, g.mass, self._weights(g)
+        c = self.C[g.edge_sources(), g.indices]
+        return (np.sum(self.A * np.sin(F)) + np.sum(self.w * a**2) + np.sum(self.v * mu**2)
+                + np.sum(c * W**2))
 
     def grads(self, g):
-        F, a, mu = g.features, g.activation, g.mass
-        return dict(grad_features=self.A * np.cos(F), grad_activation=2 * self.w * a,
-                    grad_mass=2 * self.v * mu)
+        F, a, mu, W = g.features, g.activation, g.mass, self._weights(g)
+        c = self.C[g.edge_sources(), g.indices]
+        grad_features = self.A * np.cos(F) + activation_to_features(F, 2 * self.w * a)
+        return dict(grad_features=grad_features, grad_mass=2 * self.v * mu,
+                    grad_weights=2 * c * W)
 
 
 def chain_batch(rng, texts=("abcdef", "ghij", "k"), d=4):
@@ -75,7 +92,7 @@ def loss_and_grad(morpher, g, H, theta, loss):
     morpher.zero_grad()
     out = morpher.forward(g, H)
     value = loss.value(out.graph) + out.rate_penalty
-    grad_H = morpher.backward(out, **loss.grads(out.graph))
+    grad_H = morpher.backward(out, grad_rate_penalty=1.0, **loss.grads(out.graph))
     return value, grad_H, float(morpher.grad_theta)
 
 
@@ -88,7 +105,7 @@ def test_soft_matches_finite_differences(seed, temperature):
     g = Graph.from_texts(["abcdef", "ghij", "k"])
     H = point_away_from_boundary(rng, g, d, sigmoid(theta))
     loss = SmoothLoss(rng, g.num_nodes, d)
-    morpher = Morpher(threshold=theta, temperature=temperature, estimator="soft")
+    morpher = Morpher(threshold=theta, temperature=temperature, estimator=Relaxed())
 
     _, grad_H, grad_theta = loss_and_grad(morpher, g, H, theta, loss)
     num_H = numgrad(lambda X: loss_and_grad(morpher, g, X, theta, loss)[0], H)
@@ -96,6 +113,22 @@ def test_soft_matches_finite_differences(seed, temperature):
     assert rel_err(num_H, grad_H) < 1e-4
     assert abs(num_theta - grad_theta) <= 1e-4 * max(abs(num_theta), abs(grad_theta))
     assert abs(grad_theta) > 1e-3  # theta really gets a gradient
+
+
+def test_soft_vjp_is_pure_and_backward_accumulates():
+    rng = np.random.default_rng(15)
+    g, H = chain_batch(rng)
+    morpher = Morpher(threshold=-0.3, temperature=0.4, estimator="soft", rate=0.5)
+    out = morpher.forward(g, H)
+    grads = SmoothLoss(rng, g.num_nodes, H.shape[1]).grads(out.graph)
+    a = morpher.vjp(out, grad_rate_penalty=1.0, **grads)
+    b = morpher.vjp(out, grad_rate_penalty=1.0, **grads)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert float(a.theta) == float(b.theta) != 0.0
+    assert float(morpher.grad_theta) == 0.0   # vjp accumulates nothing
+    morpher.backward(out, grad_rate_penalty=1.0, **grads)
+    morpher.backward(out, grad_rate_penalty=1.0, **grads)
+    assert float(morpher.grad_theta) == pytest.approx(2 * float(a.theta), rel=1e-15)
 
 
 def test_soft_at_zero_temperature_reproduces_history():
@@ -111,21 +144,68 @@ def test_soft_at_zero_temperature_reproduces_history():
     soft = Morpher(threshold=theta, temperature=1e-6, estimator="soft").forward(g, H)
     heads = hard.history.heads
     assert hard.history.num_outputs < g.num_nodes
+    np.testing.assert_array_equal(soft.decisions, hard.decisions)
+    np.testing.assert_array_equal(soft.history.cluster, hard.history.cluster)
     np.testing.assert_allclose(soft.graph.features[heads], hard.graph.features,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(soft.graph.activation[heads], hard.graph.activation,
                                rtol=1e-12, atol=1e-12)
     expected_mass = np.zeros(g.num_nodes)
     expected_mass[heads] = 1.0
     np.testing.assert_array_equal(soft.graph.mass, expected_mass)
     np.testing.assert_array_equal(soft.graph.labels, g.labels)
     np.testing.assert_array_equal(soft.graph.offsets, g.offsets)
-    # edges only between heads, exactly the contracted edges
+    # the expected edges: weight 1 exactly on the contracted edges (between
+    # heads), 0 on every other edge the relaxation keeps
+    W = soft.graph.weights
+    assert set(np.unique(W).tolist()) <= {0.0, 1.0}
+    live = W > 0
     src = soft.graph.edge_sources()
-    np.testing.assert_array_equal(src, heads[hard.graph.edge_sources()])
-    np.testing.assert_array_equal(soft.graph.indices, heads[hard.graph.indices])
+    np.testing.assert_array_equal(src[live], heads[hard.graph.edge_sources()])
+    np.testing.assert_array_equal(soft.graph.indices[live], heads[hard.graph.indices])
+    hard_weights = (np.ones(hard.graph.num_edges) if hard.graph.weights is None
+                    else hard.graph.weights)
+    np.testing.assert_array_equal(W[live], hard_weights)
+
+
+def _relaxed_objectives(g, H, target, temperature, theta):
+    """The smooth objective and the structural loss of the relaxed graph
+    against a fixed ``target``, at ``theta``; and the hard decisions."""
+    rng = np.random.default_rng(16)
+    smooth = SmoothLoss(rng, g.num_nodes, H.shape[1])
+    morpher = Morpher(threshold=theta, temperature=temperature, estimator=Relaxed())
+    out = morpher.forward(g, H)
+    structural = gr.StructuralLoss().forward(out.graph, target).value
+    return smooth.value(out.graph), structural, out.decisions
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.3])
+def test_soft_objective_does_not_jump_across_tau(temperature):
+    # The relaxed objective is a smooth function of theta: as tau crosses a
+    # similarity (one hard decision flips), neither the smooth objective nor
+    # the structural loss of the relaxed graph may jump.
+    rng = np.random.default_rng(17)
+    g = Graph.from_texts(["abcdefg", "hijk"])
+    target = Graph.from_texts(["abc", "hi"])
+    d = 4
+    H = rng.standard_normal((g.num_nodes, d))
+    H[2] = H[1] + 0.2 * H[2]   # a likely merge beside unlikely ones
+    s = cosine(H, g.edge_sources(), g.indices)
+    e = int(np.argmin(np.abs(s - 0.5)))   # the similarity that tau crosses
+    s_e = float(s[e])
+    assert 0.1 < s_e < 0.9   # within reach of tau = sigmoid(theta)
+    below = _relaxed_objectives(g, H, target, temperature, logit(s_e - 5e-10))
+    above = _relaxed_objectives(g, H, target, temperature, logit(s_e + 5e-10))
+    flipped = below[2] != above[2]
+    assert flipped.tolist() == [i == e for i in range(len(s))]   # we did cross tau
+    assert abs(below[0] - above[0]) < 1e-6
+    assert abs(below[1] - above[1]) < 1e-6
 
 
 # -------------------------------------------------------------------- ste
-def reference_relax(H, m):
+def reference_relax(H, m, offsets):
+    """Plain-numpy chain relaxation: features, masses and the dense (n, n)
+    expected edge weights. ``m[i]`` weighs the edge i -> i+1 (0 where none)."""
     n, d = H.shape
     N, D = np.zeros((n + 1, d)), np.zeros(n + 1)
     for i in range(n - 1, -1, -1):
@@ -133,7 +213,7 @@ def reference_relax(H, m):
         N[i] = H[i] + mi * N[i + 1]
         D[i] = 1.0 + mi * D[i + 1]
     mass = np.r_[1.0, 1.0 - m[:-1]]
-    return N[:n] / D[:n, None], mass
+    return N[:n] / D[:n, None], mass, dense_relaxed_weights(m, offsets)
 
 
 def test_ste_forward_is_history_and_gradient_is_relaxed_at_hard_m():
@@ -145,7 +225,7 @@ def test_ste_forward_is_history_and_gradient_is_relaxed_at_hard_m():
     H[3] = H[2] + 0.05 * H[3]
     H[4] = H[3] + 0.05 * H[4]
     loss = SmoothLoss(rng, n, d)
-    ste = Morpher(threshold=theta, temperature=T, estimator="ste")
+    ste = Morpher(threshold=theta, temperature=T, estimator=StraightThrough())
     out = ste.forward(g, H)
     hard = Morpher(threshold=theta, temperature=T).forward(g, H)
     np.testing.assert_array_equal(out.decisions, hard.decisions)
@@ -153,19 +233,23 @@ def test_ste_forward_is_history_and_gradient_is_relaxed_at_hard_m():
     heads = hard.history.heads
     np.testing.assert_allclose(out.graph.features[heads], hard.graph.features, rtol=1e-12)
     np.testing.assert_array_equal(out.graph.mass, np.isin(np.arange(n), heads).astype(float))
+    live = out.graph.weights > 0
+    np.testing.assert_array_equal(out.graph.edge_sources()[live],
+                                  heads[hard.graph.edge_sources()])
+    np.testing.assert_array_equal(out.graph.indices[live], heads[hard.graph.indices])
     grad_H = ste.backward(out, **loss.grads(out.graph))
 
     # independent: numpy relaxation, finite differences in m at the hard m
-    # (the recursion is polynomial in m, so central differences are exact
+    # (the relaxation is polynomial in m, so central differences are exact
     # to O(eps^2) even at 0 and 1)
     src, dst = g.edge_sources(), g.indices
     m = np.zeros(n)
     m[src] = hard.decisions
 
     def f(X, mm):
-        F, mass = reference_relax(X, mm)
+        F, mass, W = reference_relax(X, mm, g.offsets)
         return (np.sum(loss.A * np.sin(F)) + np.sum(loss.w * F.mean(1) ** 2)
-                + np.sum(loss.v * mass**2))
+                + np.sum(loss.v * mass**2) + np.sum(np.triu(loss.C, 1) * W**2))
 
     dm = numgrad(lambda mm: f(H, mm), m)[src]
     s = cosine(H, src, dst)
@@ -218,8 +302,8 @@ class NodeLoss:
 
     def grads(self, g, scale):
         F = g.features
-        return dict(grad_features=scale * (1 - np.tanh(F) ** 2) * self.u,
-                    grad_activation=scale * 2 * F.mean(1))
+        return dict(grad_features=scale * (1 - np.tanh(F) ** 2) * self.u
+                    + activation_to_features(F, scale * 2 * F.mean(1)))
 
 
 def exact_expected_gradient(H, theta, T, src, dst, loss):
@@ -246,25 +330,30 @@ SMALL_GRAPHS = {
 
 
 def reinforce_estimates(g, H, theta, T, loss, baseline, replicas, samples=1, seed=0):
-    """Per-replica gradient estimates (features, theta) from one batched call."""
+    """Per-replica gradient estimates (features, theta) from one batched call.
+
+    The objective is the mean of the per-example losses over the ``replicas``
+    replicated examples, so every loss enters with weight ``1 / replicas``."""
     groups = replicas // samples
     big = replicate(g, groups)
-    morpher = Morpher(threshold=theta, temperature=T, estimator="reinforce",
-                      baseline=baseline, samples=samples, seed=seed)
+    morpher = Morpher(threshold=theta, temperature=T,
+                      estimator=Reinforce(baseline=baseline, samples=samples, seed=seed))
     if baseline == "mean":  # warm the running mean up on an earlier batch
         warm = morpher.forward(big, np.tile(H, (groups, 1)))
-        morpher.backward(warm, loss_values=loss.per_example(warm.graph),
-                         **loss.grads(warm.graph, 1.0 / replicas))
-        morpher.zero_grad()
+        morpher.step(warm, loss.per_example(warm.graph))
     out = morpher.forward(big, np.tile(H, (groups, 1)))
     L = loss.per_example(out.graph)
-    grad_H = morpher.backward(out, loss_values=L, **loss.grads(out.graph, 1.0 / replicas))
+    assert L.shape == out.log_prob.shape == (replicas,)
+    advantage = out.advantage(L)
+    grad_H = morpher.backward(out, grad_log_prob=advantage / replicas,
+                              **loss.grads(out.graph, 1.0 / replicas))
     # per-group estimates: each group of `samples` samples estimates the mean
     est_H = groups * grad_H.reshape(groups, *H.shape)
-    est_theta = out.theta_estimates.reshape(samples, groups).mean(0)
+    single = morpher.theta_estimates(out, advantage)
+    est_theta = single.reshape(samples, groups).mean(0)
     assert np.isclose(float(morpher.grad_theta), est_theta.mean(), rtol=1e-10)
-    assert morpher.estimator_variance == out.estimator_variance > 0
-    return est_H, est_theta, out.theta_estimates
+    assert single.var() > 0
+    return est_H, est_theta, single
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_GRAPHS))
@@ -307,46 +396,85 @@ def test_baselines_reduce_variance():
 def test_reinforce_samples_replicate_sample_major():
     g = Graph.from_texts(["ab", "cde"])
     H = np.random.default_rng(9).standard_normal((5, 2))
-    morpher = Morpher(estimator="reinforce", baseline="loo", samples=3)
+    morpher = Morpher(estimator=Reinforce(baseline="loo", samples=3))
     out = morpher.forward(g, H)
-    assert out.input.num_graphs == 6 and out.samples == 3
-    np.testing.assert_array_equal(out.input.offsets, [0, 2, 5, 7, 10, 12, 15])
-    np.testing.assert_array_equal(morpher.replicate(g).offsets, out.input.offsets)
-    np.testing.assert_array_equal(out.features, np.tile(H, (3, 1)))
-    grad = morpher.backward(out, loss_values=np.arange(6.0))
+    assert out.samples == 3
+    assert out.history.num_inputs == 15 and out.decisions.shape == (9,)
+    assert out.log_prob.shape == (6,) and out.graph.num_graphs == 6
+    rep = replicate(g, 3)
+    np.testing.assert_array_equal(rep.offsets, [0, 2, 5, 7, 10, 12, 15])
+    # the output is the hard morph of the sample-major replicated input
+    expected = gr.contract(rep, gr.merge_edges(rep, out.decisions), np.tile(H, (3, 1)))
+    np.testing.assert_array_equal(out.graph.features, expected.features)
+    np.testing.assert_array_equal(out.graph.offsets, expected.offsets)
+    grad = morpher.backward(out, grad_log_prob=out.advantage(np.arange(6.0)) / 6)
     assert grad.shape == H.shape
 
 
 def test_reinforce_is_seeded():
     g = Graph.from_text("abcdefghij")
     H = np.random.default_rng(10).standard_normal((10, 3))
-    a = Morpher(estimator="reinforce", temperature=1.0, seed=5).forward(g, H).decisions
-    b = Morpher(estimator="reinforce", temperature=1.0, seed=5).forward(g, H).decisions
-    np.testing.assert_array_equal(a, b)
+
+    def draw(seed):
+        return Morpher(estimator=Reinforce(seed=seed), temperature=1.0).forward(g, H).decisions
+
+    np.testing.assert_array_equal(draw(5), draw(5))
+    assert any(not np.array_equal(draw(5), draw(s)) for s in (6, 7, 8))
+
+
+def test_reinforce_forward_is_pure_and_step_moves_on():
+    rng = np.random.default_rng(18)
+    g = Graph.from_texts(["a" * 120, "b" * 80])
+    H = rng.standard_normal((g.num_nodes, 3))
+    morpher = Morpher(threshold=0.0, temperature=1.0, estimator=Reinforce(seed=2))
+    state = morpher.state_dict()
+    first = morpher.forward(g, H)
+    second = morpher.forward(g, H)
+    np.testing.assert_array_equal(first.decisions, second.decisions)
+    np.testing.assert_array_equal(first.log_prob, second.log_prob)
+    assert 0.05 < first.decisions.mean() < 0.95   # a real draw, not a certain one
+    assert morpher.state_dict() == state   # forward changed nothing
+    L = np.ones(first.log_prob.shape[0])
+    # vjp is pure too: twice the same gradient, no state changed
+    a = morpher.vjp(first, grad_log_prob=first.advantage(L))
+    b = morpher.vjp(first, grad_log_prob=first.advantage(L))
+    np.testing.assert_array_equal(a.features, b.features)
+    assert float(a.theta) == float(b.theta)
+    assert morpher.state_dict() == state and float(morpher.grad_theta) == 0.0
+    morpher.step(first, L)
+    assert morpher.state_dict() != state
+    third = morpher.forward(g, H)
+    assert not np.array_equal(first.decisions, third.decisions)
+    np.testing.assert_array_equal(third.decisions, morpher.forward(g, H).decisions)
+    # the running-mean baseline saw this step's losses, and only at step()
+    np.testing.assert_array_equal(third.advantage(L), L - 1.0)
+    np.testing.assert_array_equal(first.advantage(L), L)
 
 
 def test_history_gives_theta_no_gradient():
     rng = np.random.default_rng(11)
     g, H = chain_batch(rng)
-    morpher = Morpher(threshold=0.0)
+    morpher = Morpher(threshold=0.0, estimator=Hard())
     out = morpher.forward(g, H)
     assert out.graph.num_nodes < g.num_nodes
     loss = SmoothLoss(rng, out.graph.num_nodes, H.shape[1])
     morpher.backward(out, **loss.grads(out.graph))
     assert float(morpher.grad_theta) == 0.0
+    assert float(morpher.vjp(out, **loss.grads(out.graph)).theta) == 0.0
 
 
 # ----------------------------------------------------------- rate penalty
 @pytest.mark.parametrize("multiplier", [0.0, 0.7, -1.3])
-@pytest.mark.parametrize("estimator", ["history", "soft", "reinforce"])
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
 def test_rate_penalty_matches_finite_differences(estimator, multiplier):
     rng = np.random.default_rng(12)
     d, theta = 4, -0.2
     g = Graph.from_texts(["abcdef", "ghi"])
     H = point_away_from_boundary(rng, g, d, sigmoid(theta))
-    morpher = Morpher(threshold=theta, temperature=0.5, estimator=estimator,
-                      target_rate=0.3, rate_weight=2.0, baseline=None)
-    morpher.rate_multiplier = multiplier  # the controller's Lagrange term too
+    est = Reinforce(baseline=None) if estimator == "reinforce" else estimator
+    morpher = Morpher(threshold=theta, temperature=0.5, estimator=est,
+                      rate=RateController(target=0.3, weight=2.0))
+    morpher.rate.multiplier = multiplier  # the controller's Lagrange term too
 
     def penalty(X, t):
         morpher.theta[...] = t
@@ -354,19 +482,24 @@ def test_rate_penalty_matches_finite_differences(estimator, multiplier):
 
     morpher.zero_grad()
     out = morpher.forward(g, H)
-    k = out.graph.num_nodes
-    zeros = dict(grad_features=np.zeros((k, d)))
+    zeros = dict(grad_features=np.zeros(out.graph.features.shape))
     if estimator == "reinforce":  # constant losses: the score term vanishes
-        zeros["loss_values"] = np.zeros(out.graph.num_graphs)
-    grad_H = morpher.backward(out, **zeros)
+        zeros["grad_log_prob"] = np.zeros(out.log_prob.shape)
+    grad_H = morpher.backward(out, grad_rate_penalty=1.0, **zeros)
     p = sigmoid((cosine(H, g.edge_sources(), g.indices) - sigmoid(theta)) / 0.5)
-    gap = (g.num_nodes - p.sum()) / g.num_nodes - 0.3
+    rho = (g.num_nodes - p.sum()) / g.num_nodes
+    gap = rho - 0.3
     expected = multiplier * gap + 2.0 * gap ** 2
     assert out.rate_penalty == pytest.approx(expected, rel=1e-12)
+    assert out.expected_rate == pytest.approx(rho, rel=1e-12)
     num_H = numgrad(lambda X: penalty(X, theta), H)
     num_theta = numgrad(lambda t: penalty(H, float(t)), theta)
     assert rel_err(num_H, grad_H) < 1e-4
     assert abs(num_theta - float(morpher.grad_theta)) <= 1e-4 * abs(num_theta)
+    # the penalty's gradient joins only when asked for
+    without = morpher.vjp(out, **zeros)
+    if estimator in ("history", "reinforce"):
+        assert not without.features.any() and float(without.theta) == 0.0
 
 
 def test_soft_with_rate_penalty_matches_finite_differences():
@@ -375,7 +508,8 @@ def test_soft_with_rate_penalty_matches_finite_differences():
     g = Graph.from_texts(["abcde", "fgh"])
     H = point_away_from_boundary(rng, g, d, sigmoid(theta))
     loss = SmoothLoss(rng, g.num_nodes, d)
-    morpher = Morpher(threshold=theta, temperature=0.4, estimator="soft", target_rate=0.5)
+    morpher = Morpher(threshold=theta, temperature=0.4, estimator="soft",
+                      rate=RateController(target=0.5))
     _, grad_H, grad_theta = loss_and_grad(morpher, g, H, theta, loss)
     num_H = numgrad(lambda X: loss_and_grad(morpher, g, X, theta, loss)[0], H)
     num_theta = numgrad(lambda t: loss_and_grad(morpher, g, H, float(t), loss)[0], theta)
@@ -386,8 +520,8 @@ def test_soft_with_rate_penalty_matches_finite_differences():
 # -------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name", ["hard", "SOFT", "", None, 3])
 def test_unknown_estimator(name):
-    with pytest.raises(ValueError, match=r"estimator must be one of 'history', 'soft', "
-                                         r"'ste', 'reinforce'"):
+    with pytest.raises(ValueError, match=r"estimator must be an Estimator or one of "
+                                         r"'history', 'soft', 'ste', 'reinforce'"):
         Morpher(estimator=name)
 
 
@@ -408,36 +542,58 @@ def test_relaxed_estimators_need_chains(estimator, edges):
     with pytest.raises(ValueError, match=r"#P-hard \(network reliability\).*'reinforce'"):
         Morpher(estimator=estimator).forward(g, H)
     Morpher(estimator="reinforce").forward(g, H)  # fine on any graph
+    Morpher(estimator=estimator).predict(g, H)    # and so is the hard prediction
 
 
 def test_bad_reinforce_settings():
-    with pytest.raises(ValueError, match="baseline must be one of"):
-        Morpher(estimator="reinforce", baseline="median")
+    with pytest.raises(ValueError, match="baseline must be 'mean', 'loo' or None"):
+        Reinforce(baseline="median")
     with pytest.raises(ValueError, match="baseline='loo' needs samples >= 2"):
-        Morpher(estimator="reinforce", baseline="loo")
-    with pytest.raises(ValueError, match="samples > 1 needs estimator='reinforce'"):
-        Morpher(estimator="soft", samples=2)
-    with pytest.raises(ValueError, match="target_rate must be <= 1"):
-        Morpher(target_rate=1.5)
+        Reinforce(baseline="loo")
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        Reinforce(samples=0)
+    with pytest.raises(TypeError, match="samples must be an integer"):
+        Reinforce(samples=2.5)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        Reinforce(seed=-1)
+    with pytest.raises(TypeError):   # samples belong to Reinforce alone
+        Relaxed(samples=2)
+    with pytest.raises(ValueError, match="target must be <= 1"):
+        RateController(target=1.5)
+    with pytest.raises(ValueError, match="rate must be <= 1"):
+        Morpher(rate=1.5)
+    with pytest.raises(ValueError, match="control must be 'multiplier' or 'penalty'"):
+        RateController(target=0.5, control="pid")
     g = Graph.from_text("abc")
     morpher = Morpher(estimator="reinforce")
     out = morpher.forward(g, np.ones((3, 2)))
-    with pytest.raises(ValueError, match="needs loss_values"):
-        morpher.backward(out)
-    with pytest.raises(ValueError, match=r"loss_values must have shape \(1\)"):
-        morpher.backward(out, loss_values=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"grad_log_prob must have shape \(1\)"):
+        morpher.backward(out, grad_log_prob=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("baseline,samples", [(None, 1), ("mean", 1), ("loo", 2)])
+def test_advantage_checks_loss_values(baseline, samples):
+    # one loss per (replicated) example, as the old backward(loss_values=)
+    # checked: a wrong count must not silently give a wrong-sized advantage
+    g = Graph.from_texts(["abc", "de"])
+    morpher = Morpher(estimator=Reinforce(baseline=baseline, samples=samples))
+    out = morpher.forward(g, np.ones((5, 2)))
+    B = 2 * samples
+    assert out.advantage(np.ones(B)).shape == (B,)
+    with pytest.raises(ValueError, match=rf"loss_values must have shape \({B},?\)"):
+        out.advantage(np.ones(B + 1))
+    with pytest.raises(ValueError, match="loss_values contains NaN"):
+        out.advantage(np.full(B, np.nan))
 
 
 @pytest.mark.parametrize("baseline,samples", [("mean", 1), ("loo", 4)])
 def test_reinforce_is_unbiased_for_the_structural_loss(baseline, samples):
-    from grapheme import StructuralLoss, contract, merge_edges
-
     rng = np.random.default_rng(14)
     g, target = Graph.from_text("abcd"), Graph.from_text("ab")
     d, theta, T = 3, 0.2, 0.5
     H = rng.standard_normal((g.num_nodes, d))
     H[1] = H[0] + 0.3 * H[1]
-    loss = StructuralLoss()
+    loss = gr.StructuralLoss()
     src, dst = g.edge_sources(), g.indices
 
     def expected(X, t):
@@ -445,7 +601,7 @@ def test_reinforce_is_unbiased_for_the_structural_loss(baseline, samples):
         total = 0.0
         for merge in itertools.product([False, True], repeat=src.shape[0]):
             merge = np.array(merge)
-            out = contract(g, merge_edges(g, merge), X)
+            out = gr.contract(g, gr.merge_edges(g, merge), X)
             total += np.prod(np.where(merge, p, 1 - p)) * loss.forward(out, target).value
         return total
 
@@ -454,64 +610,31 @@ def test_reinforce_is_unbiased_for_the_structural_loss(baseline, samples):
 
     replicas = 20_000
     groups = replicas // samples
-    morpher = Morpher(threshold=theta, temperature=T, estimator="reinforce",
-                      baseline=baseline, samples=samples, seed=1)
-    big, targets = replicate(g, groups), morpher.replicate(replicate(target, groups))
-    grad_H = None
-    for _ in range(2):  # the first call warms the running-mean baseline up
+    morpher = Morpher(threshold=theta, temperature=T,
+                      estimator=Reinforce(baseline=baseline, samples=samples, seed=1))
+    big, targets = replicate(g, groups), replicate(replicate(target, groups), samples)
+    Hs = np.tile(H, (groups, 1))
+
+    def step():
         morpher.zero_grad()
-        out = morpher.forward(big, np.tile(H, (groups, 1)))
+        out = morpher.forward(big, Hs)
         res = loss.forward(out.graph, targets)
-        lg = loss.backward(res)
-        grad_H = morpher.backward(out, grad_activation=lg.activation, grad_mass=lg.mass,
-                                  loss_values=res.values)
+        lg = loss.backward(res)   # the gradient of the mean over the replicas
+        B = res.values.shape[0]
+        grad_H = morpher.backward(
+            out, grad_features=activation_to_features(out.graph.features, lg.activation),
+            grad_mass=lg.mass,   # constant for the hard graph, as are its weights
+            grad_log_prob=out.advantage(res.values) / B)
+        return out, res, grad_H
+
+    warm, warm_res, _ = step()   # warms the running-mean baseline up
+    morpher.step(warm, warm_res.values)
+    out, res, grad_H = step()
     est_H = groups * grad_H.reshape(groups, *H.shape)
-    est_theta = out.theta_estimates.reshape(samples, groups).mean(0)
+    single = morpher.theta_estimates(out, out.advantage(res.values))
+    est_theta = single.reshape(samples, groups).mean(0)
     for est, exact in ((est_H, exact_H), (est_theta[:, None], np.array([exact_theta]))):
         se = est.std(0, ddof=1) / np.sqrt(est.shape[0])
         z = np.abs(est.mean(0) - exact) / se
         assert z.max() < 4.0, (z.max(), est.mean(0), exact)
     assert abs(exact_theta) > 1e-3
-
-
-@pytest.mark.parametrize("estimator, samples", [("history", 1), ("soft", 1), ("ste", 1),
-                                                ("reinforce", 1), ("reinforce", 3)])
-def test_backward_into_out_equals_fresh(estimator, samples):
-    # out= is the same gradient written into the caller's buffer, for every
-    # estimator, with the rate penalty on (its gradient joins the same array)
-    rng = np.random.default_rng(7)
-    g = Graph.from_texts(["hello", "world", "abcabc"])
-    H = rng.normal(size=(g.num_nodes, 5))
-
-    def run(out):
-        m = Morpher(threshold=0.0, estimator=estimator, samples=samples, seed=3,
-                    target_rate=0.5, baseline=None if samples == 1 else "loo")
-        morphed = m.forward(g, H)
-        k = morphed.graph.num_nodes
-        r = np.random.default_rng(1)
-        gf, ga, gm = r.normal(size=(k, 5)), r.normal(size=k), r.normal(size=k)
-        losses = r.normal(size=morphed.graph.num_graphs)
-        return m.backward(morphed, gf, ga, gm, loss_values=losses, out=out), m.grad_theta
-
-    fresh, theta_fresh = run(None)
-    buf = np.full((g.num_nodes, 5), np.nan)
-    result, theta_out = run(buf)
-    assert result is buf
-    np.testing.assert_array_equal(buf, fresh)
-    assert theta_out == theta_fresh
-
-
-def test_backward_out_validation():
-    g = Graph.from_text("abcd")
-    H = np.random.default_rng(0).normal(size=(4, 3))
-    m = Morpher(estimator="soft")
-    morphed = m.forward(g, H)
-    gf = np.ones((4, 3))
-    with pytest.raises(ValueError, match=r"out must have shape \(4, 3\)"):
-        m.backward(morphed, gf, out=np.empty((3, 3)))
-    with pytest.raises(TypeError, match="out must have dtype float64"):
-        m.backward(morphed, gf, out=np.empty((4, 3), np.float32))
-    with pytest.raises(ValueError, match="out must not overlap grad_features"):
-        m.backward(morphed, gf, out=gf)
-    with pytest.raises(ValueError, match="out must not overlap morphed.features"):
-        m.backward(morphed, gf, out=morphed.features)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from grapheme import Embedding, Graph, Morpher, _core, gradcheck, numerical_gradient
-from helpers import random_graph
+from grapheme import Embedding, Graph, Morpher, _core, gradcheck, numerical_gradient, ops
+from helpers import activation_to_features, random_graph
 
 
 def scalar_objective(rng, k, d):
@@ -29,7 +29,8 @@ def check_history_gradient(graph, H, morpher, rng):
         o = morpher.forward(graph, x)
         assert np.array_equal(o.history.cluster, out.history.cluster)
         value, gf, ga = f(o.graph.features, o.graph.activation)
-        return value, morpher.backward(o, grad_features=gf, grad_activation=ga)
+        gf = gf + activation_to_features(o.graph.features, ga)
+        return value, morpher.backward(o, grad_features=gf)
 
     res = gradcheck(value_and_grad, H, eps=1e-6, rtol=1e-6)
     assert res.ok, res.error
@@ -41,14 +42,14 @@ def test_history_gradient_on_strings(text, rng):
     emb = Embedding(dim=8, seed=3)
     g = Graph.from_text(text)
     H = emb.forward(g.labels)
-    s, _ = Morpher().similarity(g, H)
+    s = ops.EdgeSimilarity().forward(g, H)[0].similarity
     # a threshold between the two similarities: one merge, one not
     tau = s.mean()
     morpher = Morpher(threshold=np.log(tau / (1 - tau)) if 0 < tau < 1 else 0.0)
     if not 0 < tau < 1:
         H = H.copy()
         H[1] = H[0] + 0.1 * H[1]
-        s, _ = morpher.similarity(g, H)
+        s = ops.EdgeSimilarity().forward(g, H)[0].similarity
         morpher = Morpher(threshold=float(np.log(s.mean() / (1 - s.mean()))))
     out = check_history_gradient(g, H, morpher, rng)
     assert out.graph.num_nodes == 2
@@ -72,7 +73,7 @@ def test_history_gradient_matches_manual_mean_rule(rng):
     dH = Morpher().backward(out, grad_features=gf)
     np.testing.assert_allclose(dH, [gf[0] / 2, gf[0] / 2, gf[1]], rtol=0, atol=1e-15)
     ga = rng.normal(size=2)
-    dH = Morpher().backward(out, grad_activation=ga)
+    dH = Morpher().backward(out, grad_features=activation_to_features(out.graph.features, ga))
     np.testing.assert_allclose(dH, np.repeat([ga[0] / 4, ga[0] / 4, ga[1] / 2], 2).reshape(3, 2))
 
 
@@ -89,7 +90,9 @@ def test_morpher_forward_values():
     assert out.graph.to_text() == "ab"
     np.testing.assert_allclose(out.graph.features, [[1.0, 0.05], [0.0, 1.0]])
     np.testing.assert_allclose(out.graph.activation, [0.525, 0.5])
-    assert out.merge_rate == pytest.approx(1 / 3)
+    assert out.kept_fraction == pytest.approx(2 / 3)
+    assert out.tau == m.tau and out.samples == 1 and out.log_prob is None
+    assert out.rate_penalty == 0.0
     graph, history = out
     assert graph is out.graph and history is out.history
     assert m.grad_theta == 0.0  # the history estimator reports no threshold gradient
@@ -122,7 +125,8 @@ def test_morpher_read_only_and_memmap_features(tmp_path, rng):
     (dict(threshold="0.8"), TypeError, "threshold must be a real number"),
     (dict(threshold=np.nan), ValueError, "threshold must be finite"),
     (dict(temperature=0.0), ValueError, "temperature must be > 0"),
-    (dict(estimator="magic"), ValueError, "estimator must be one of"),
+    (dict(estimator="magic"), ValueError, "estimator must be an Estimator or one of"),
+    (dict(rate=-0.1), ValueError, "rate must be >= 0"),
 ])
 def test_morpher_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -141,8 +145,14 @@ def test_morpher_bad_forward_input():
     out = m.forward(g, np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"grad_features must have shape \(1, 2\)"):
         m.backward(out, grad_features=np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"grad_mass must have shape \(1,?\)"):
+        m.vjp(out, grad_mass=np.ones(3))
     with pytest.raises(TypeError, match="morphed must be a Morphed"):
         m.backward(None)
+    with pytest.raises(TypeError, match="morphed must be a Morphed"):
+        m.vjp(None)
+    with pytest.raises(TypeError, match="morphed must be a Morphed"):
+        m.step(None)
 
 
 # --------------------------------------------------------------- embedding
@@ -250,7 +260,10 @@ def test_similarity_kernels_equal_numpy(n, density, d, zero_rows, seed, wide):
     H = rng.standard_normal((n, d))
     H[rng.integers(0, max(n, 1), zero_rows if n else 0)] = 0.0
     src, dst = g.edge_sources(), g.indices
-    sim, norms = Morpher().similarity(g, H)
+    sim = np.empty(g.num_edges)
+    norms = np.empty(n)
+    _core.edge_cosine(g.indptr, g.indices, H, norms, sim)
+    np.testing.assert_array_equal(ops.EdgeSimilarity().forward(g, H)[0].similarity, sim)
     ref_norms = np.sqrt((H * H).sum(axis=1))
     clamped = np.maximum(ref_norms, 1e-12)
     ref = (H[src] * H[dst]).sum(axis=1) / (clamped[src] * clamped[dst])
@@ -268,3 +281,53 @@ def test_similarity_kernels_equal_numpy(n, density, d, zero_rows, seed, wide):
     np.add.at(ref_grad, src, scale * H[dst] - (grad_sim * cu)[:, None] * H[src])
     np.add.at(ref_grad, dst, scale * H[src] - (grad_sim * cv)[:, None] * H[dst])
     np.testing.assert_allclose(grad_H, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------ morph vs scipy components
+def scipy_clusters(g, merge):
+    """Clusters of the merged edges by scipy's connected components, numbered
+    by their earliest node (the head)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = g.num_nodes
+    src, dst = g.edge_sources(), g.indices
+    A = csr_matrix((np.ones(int(merge.sum())), (src[merge], dst[merge])), shape=(n, n))
+    _, lab = connected_components(A, directed=True, connection="weak")
+    heads = np.array([np.flatnonzero(lab == c)[0] for c in range(lab.max() + 1)])
+    order = np.argsort(heads)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[lab], heads[order]
+
+
+@pytest.mark.parametrize("estimator", ["history", "reinforce"])
+@pytest.mark.parametrize("seed", range(4))
+def test_morph_matches_scipy_components(estimator, seed, index_dtype):
+    rng = np.random.default_rng(seed)
+    g = random_graph(rng, 30, 45, dtype=index_dtype)
+    base = rng.normal(size=(4, 3))
+    H = base[rng.integers(0, 4, 30)] + 0.4 * rng.normal(size=(30, 3))
+    m = Morpher(threshold=0.5, temperature=0.2, estimator=estimator)
+    out = m.forward(g, H)
+    if estimator == "history":
+        np.testing.assert_array_equal(out.decisions, out.similarity > m.tau)
+    cluster, heads = scipy_clusters(g, out.decisions)
+    assert 1 < out.graph.num_nodes < g.num_nodes
+    np.testing.assert_array_equal(out.history.cluster, cluster)
+    np.testing.assert_array_equal(out.history.heads, heads)
+    k = heads.size
+    F = np.zeros((k, 3))
+    np.add.at(F, cluster, H)
+    F /= np.bincount(cluster, minlength=k)[:, None]
+    np.testing.assert_allclose(out.graph.features, F, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(out.graph.labels, g.labels[heads])
+    # contracted edges: (c(u), c(v)) for every input edge, no self-loops, no duplicates
+    src, dst = g.edge_sources(), g.indices
+    pairs = {(int(cluster[u]), int(cluster[v])) for u, v in zip(src, dst)
+             if cluster[u] != cluster[v]}
+    got = set(zip(out.graph.edge_sources().tolist(), out.graph.indices.tolist()))
+    assert got == pairs
+    # predict is the deterministic hard morph, whatever the estimator
+    pred = m.predict(g, H)
+    np.testing.assert_array_equal(pred.decisions, out.similarity > m.tau)

@@ -154,3 +154,82 @@ def test_vjp_takes_none_for_zero(name):
     for g, x in zip(grads, case.diff):
         assert np.shape(g) == np.shape(x)
         assert not np.any(g)
+
+
+# ------------------------------------------------------------------- out=
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce",
+                                       gr.Reinforce(baseline="loo", samples=3)])
+def test_morpher_vjp_into_out_equals_fresh(estimator):
+    rng = np.random.default_rng(5)
+    g = gr.Graph.from_texts(["aabbc", "xyzzy", "q"])
+    H = rng.normal(size=(g.num_nodes, 4))
+    morpher = gr.Morpher(threshold=0.0, estimator=estimator, rate=0.6)
+    morphed = morpher.forward(g, H)
+    k = morphed.graph
+    grads = dict(grad_features=rng.normal(size=k.features.shape),
+                 grad_mass=rng.normal(size=k.num_nodes),
+                 grad_weights=rng.normal(size=k.num_edges), grad_rate_penalty=1.0)
+    if morphed.log_prob is not None:
+        grads["grad_log_prob"] = rng.normal(size=morphed.log_prob.shape)
+    fresh = morpher.vjp(morphed, **grads)
+    out = np.full(H.shape, np.nan)
+    into = morpher.vjp(morphed, out=out, **grads)
+    assert into.features is out
+    np.testing.assert_array_equal(out, fresh.features)
+    assert into.theta == fresh.theta
+
+
+def test_morpher_vjp_refuses_an_out_that_overlaps_before_any_work():
+    rng = np.random.default_rng(6)
+    g = gr.Graph.from_text("aabbcc")
+    H = rng.normal(size=(6, 3))
+    for estimator in ("history", "soft"):
+        morpher = gr.Morpher(threshold=0.0, estimator=estimator)
+        morphed = morpher.forward(g, H)
+        before = morphed.graph.features.copy()
+        gf = rng.normal(size=morphed.graph.features.shape)
+        with pytest.raises(ValueError, match="out must not overlap the morph's input"):
+            morpher.vjp(morphed, grad_features=gf, out=H)
+        if morphed.graph.features.shape == H.shape:
+            with pytest.raises(ValueError, match="out must not overlap morphed.graph.features"):
+                morpher.vjp(morphed, grad_features=gf, out=morphed.graph.features)
+        np.testing.assert_array_equal(morphed.graph.features, before)
+        with pytest.raises(ValueError, match=r"out must have shape \(6, 3\)"):
+            morpher.vjp(morphed, grad_features=gf, out=np.empty((5, 3)))
+        with pytest.raises(TypeError, match="out must have dtype float64"):
+            morpher.vjp(morphed, grad_features=gf, out=np.empty((6, 3), np.float32))
+
+
+def test_lookup_into_out():
+    table = np.arange(12.0).reshape(4, 3)
+    rows = np.array([3, 0, 3])
+    out = np.empty((3, 3))
+    (h,), _ = ops.Lookup().forward(table, rows, out=out)
+    assert h is out
+    np.testing.assert_array_equal(out, table[rows])
+    with pytest.raises(ValueError, match="out must not overlap table"):
+        ops.Lookup().forward(table, rows[:1], out=table[:1])
+
+
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste"])
+def test_a_penalty_of_the_users_own_reaches_features_and_theta(estimator):
+    """``sum(u * probability) + sum(v * similarity)`` through Morpher.vjp,
+    against central differences in the features and theta."""
+    rng = np.random.default_rng(8)
+    g = gr.Graph.from_texts(["abcab", "hello"])
+    H = rng.normal(size=(g.num_nodes, 3))
+    u, v = rng.normal(size=g.num_edges), rng.normal(size=g.num_edges)
+    morpher = gr.Morpher(threshold=0.3, temperature=0.4, estimator=estimator)
+
+    def objective(h, theta):
+        morpher.theta[...] = theta
+        m = morpher.forward(g, h)
+        return float(u @ m.probability + v @ m.similarity)
+
+    theta = float(morpher.theta)
+    grad = morpher.vjp(morpher.forward(g, H), grad_probability=u, grad_similarity=v)
+    numeric_h = numerical_gradient(lambda h: objective(h, theta), H)
+    numeric_t = numerical_gradient(lambda t: objective(H, float(t)), np.array(theta))
+    morpher.theta[...] = theta
+    assert np.linalg.norm(grad.features - numeric_h) <= RTOL * np.linalg.norm(numeric_h)
+    assert abs(float(grad.theta) - float(numeric_t)) <= RTOL * abs(float(numeric_t))

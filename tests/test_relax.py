@@ -3,10 +3,25 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from grapheme import _core, _relax
-from grapheme._estimators import relax_chain as forward
-from grapheme._estimators import relax_chain_backward as backward
-from helpers import streaming
+import grapheme as gr
+from grapheme import _relax, ops
+from helpers import dense_relaxed_weights, streaming
+
+
+def forward(H, m, stream=False):
+    """The forward kernel into fresh arrays: ``(out, D, mass)``."""
+    n, d = H.shape
+    out, D, mass = np.empty((n, d)), np.empty(n), np.empty(n)
+    _relax.relax_chain_forward(H, m, out, D, mass, stream)
+    return out, D, mass
+
+
+def backward(m, out, D, grad_out, grad_mass, stream=False):
+    """The backward kernel into fresh arrays: ``(grad_H, grad_m)``."""
+    n, d = out.shape
+    grad_H, grad_m = np.empty((n, d)), np.empty(n)
+    _relax.relax_chain_backward(m, out, D, grad_out, grad_mass, grad_H, grad_m, stream)
+    return grad_H, grad_m
 
 
 def reference_forward(H, m):
@@ -195,7 +210,7 @@ def test_backward_in_place_over_grad_out():
     np.testing.assert_array_equal(gm2, gm)
 
 
-# ---------------------------------------------------------------- buffers (out=)
+# ------------------------------------------------------- streaming stores
 def buffer(shape, offset):
     """A NaN-filled float64 buffer; ``offset`` starts it 8 bytes past a 16-byte
     boundary (still aligned for float64), so streaming stores must peel."""
@@ -207,50 +222,37 @@ def buffer(shape, offset):
     return buf
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["store", "stream"])
 @given(n=st.integers(0, 30), d=st.integers(0, 19), seed=st.integers(0, 2**32 - 1),
        offset=st.integers(0, 1))
-def test_buffers_equal_fresh_results(stream, n, d, seed, offset):
-    # STREAM_MIN_BYTES = 0 sends every reused buffer down the streaming-store
-    # path; odd d (or offset) puts rows at 8-byte but not 16-byte alignment
-    with streaming(stream):
-        check_buffers_equal_fresh_results(n, d, seed, offset)
-
-
-def check_buffers_equal_fresh_results(n, d, seed, offset):
+def test_streaming_stores_equal_plain_stores(n, d, seed, offset):
+    # the kernels' stream=True path (a carried row, streaming copies) writes
+    # exactly what the plain path writes; odd d (or offset) puts rows at
+    # 8-byte but not 16-byte alignment
     rng = np.random.default_rng(seed)
     H, m = random_chain(rng, n, d)
     out, D, mass = forward(H, m)
     bufs = buffer((n, d), offset), buffer((n,), offset), buffer((n,), offset)
-    got = forward(H, m, out=bufs[0], D=bufs[1], mass=bufs[2])
-    assert all(a is b for a, b in zip(got, bufs))
-    for a, b in zip(got, (out, D, mass)):
+    _relax.relax_chain_forward(H, m, *bufs, True)
+    for a, b in zip(bufs, (out, D, mass)):
         np.testing.assert_array_equal(a, b)
-    # any subset of the buffers
-    np.testing.assert_array_equal(forward(H, m, D=buffer((n,), offset))[0], out)
 
     g = rng.standard_normal((n, d))
     gmass = rng.standard_normal(n)
     gH, gm = backward(m, out, D, g, gmass)
     bufs = buffer((n, d), offset), buffer((n,), offset)
-    got = backward(m, out, D, g, gmass, grad_H=bufs[0], grad_m=bufs[1])
-    assert got[0] is bufs[0] and got[1] is bufs[1]
-    np.testing.assert_array_equal(got[0], gH)
-    np.testing.assert_array_equal(got[1], gm)
-    # in place, by overwrite=True or by passing grad_out as grad_H
-    buf = g.copy()
-    got = backward(m, out, D, buf, gmass, overwrite=True)
-    assert got[0] is buf
-    np.testing.assert_array_equal(buf, gH)
-    np.testing.assert_array_equal(got[1], gm)
+    _relax.relax_chain_backward(m, out, D, g, gmass, *bufs, True)
+    np.testing.assert_array_equal(bufs[0], gH)
+    np.testing.assert_array_equal(bufs[1], gm)
+    # in place over grad_out, at any alignment
     buf = buffer((n, d), offset)
     buf[...] = g
-    got = backward(m, out, D, buf, gmass, grad_H=buf.reshape(n, d), grad_m=buffer((n,), 0))
+    gm2 = buffer((n,), 0)
+    _relax.relax_chain_backward(m, out, D, buf, gmass, buf, gm2, False)
     np.testing.assert_array_equal(buf, gH)
-    np.testing.assert_array_equal(got[1], gm)
+    np.testing.assert_array_equal(gm2, gm)
 
 
-def test_buffers_equal_fresh_results_at_hard_weights():
+def test_streaming_stores_equal_plain_stores_at_hard_weights():
     rng = np.random.default_rng(7)
     n, d = 50, 5
     H = rng.standard_normal((n, d))
@@ -258,19 +260,17 @@ def test_buffers_equal_fresh_results_at_hard_weights():
     g, gmass = rng.standard_normal((n, d)), rng.standard_normal(n)
     out, D, mass = forward(H, m)
     gH, gm = backward(m, out, D, g, gmass)
-    with streaming(True):
-        got = forward(H, m, out=np.empty((n, d)))[0]
-        np.testing.assert_array_equal(got, out)
-        got = backward(m, out, D, g, gmass, grad_H=np.empty((n, d)))[0]
-        np.testing.assert_array_equal(got, gH)
+    np.testing.assert_array_equal(forward(H, m, stream=True)[0], out)
+    np.testing.assert_array_equal(backward(m, out, D, g, gmass, stream=True)[0], gH)
 
 
-def test_stream_policy():
-    # streaming only into a caller's buffer of >= STREAM_MIN_BYTES, never in place
+def test_chain_relaxation_never_streams():
+    # the operation writes fresh arrays only (no out= buffers): never with
+    # streaming stores, whatever STREAM_MIN_BYTES says
     rng = np.random.default_rng(8)
-    n, d = 20, 4
-    H, m = random_chain(rng, n, d)
-    g, gmass = rng.standard_normal((n, d)), rng.standard_normal(n)
+    g = gr.Graph.from_texts(["abcdefgh", "ijkl"])
+    H = rng.standard_normal((g.num_nodes, 4))
+    merge = rng.uniform(0.05, 0.95, g.num_edges)
     calls = []
 
     def spy(kernel):
@@ -279,111 +279,131 @@ def test_stream_policy():
             return kernel(*args)
         return run
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, streaming(True):
         mp.setattr(_relax, "relax_chain_forward", spy(_relax.relax_chain_forward))
         mp.setattr(_relax, "relax_chain_backward", spy(_relax.relax_chain_backward))
-        mp.setattr(_core, "STREAM_MIN_BYTES", n * d * 8)
-        out, D, _ = forward(H, m)
-        forward(H, m, out=np.empty((n, d)))
-        forward(H, m, D=np.empty(n))
-        backward(m, out, D, g, gmass)
-        backward(m, out, D, g, gmass, grad_H=np.empty((n, d)))
-        backward(m, out, D, g, gmass, grad_m=np.empty(n))
-        backward(m, out, D, g.copy(), gmass, overwrite=True)
-        buf = g.copy()
-        backward(m, out, D, buf, gmass, grad_H=buf)
-        mp.setattr(_core, "STREAM_MIN_BYTES", n * d * 8 + 1)
-        forward(H, m, out=np.empty((n, d)))
-        backward(m, out, D, g, gmass, grad_H=np.empty((n, d)))
-    assert calls == [False, True, False, False, True, False, False, False, False, False]
+        r, saved = ops.ChainRelaxation().forward(g, H, merge)
+        ops.ChainRelaxation().vjp(saved, np.ones_like(H), np.ones(g.num_nodes),
+                                  np.ones(r.graph.num_edges))
+    assert calls == [False, False]
 
 
-def test_streams_into_large_reused_buffers():
-    # the real threshold, crossed once: 64 MiB of output
-    rng = np.random.default_rng(9)
-    n, d = _core.STREAM_MIN_BYTES // (8 * 16) + 3, 16
-    H, m = random_chain(rng, n, d)
-    out, D, mass = forward(H, m)
-    g = rng.standard_normal((n, d))
-    gmass = rng.standard_normal(n)
-    gH, gm = backward(m, out, D, g, gmass)
-    buf = np.empty((n, d))
-    assert buf.nbytes >= _core.STREAM_MIN_BYTES
-    np.testing.assert_array_equal(forward(H, m, out=buf)[0], out)
-    buf = np.empty((n, d))
-    np.testing.assert_array_equal(backward(m, out, D, g, gmass, grad_H=buf)[0], gH)
+# ------------------------------------------------- expected inter-cluster edges
+CUTOFF = 2.0 ** -60
 
 
-def test_buffer_validation():
-    n, d = 6, 3
-    H, m, out, D, g, gmass = relaxed_problem(10, n, d)
-    readonly = np.empty((n, d))
-    readonly.flags.writeable = False
-    unaligned = np.zeros(n * d * 8 + 1, np.uint8)[1:].view(np.float64).reshape(n, d)
-    bad_rows = [  # (exception, message, buffer) for an (n, d) output
-        (TypeError, "must be a numpy.ndarray", np.zeros((n, d)).tolist()),
-        (TypeError, "must have dtype float64", np.empty((n, d), np.float32)),
-        (ValueError, r"must have shape \(6, 3\)", np.empty((n, d + 1))),
-        (ValueError, r"must have shape \(6, 3\)", np.empty(n * d)),
-        (ValueError, "must be C-contiguous", np.empty((n, 2 * d))[:, ::2]),
-        (ValueError, "must be C-contiguous and aligned", unaligned),
-        (ValueError, "is read-only", readonly),
-    ]
-    bad_vecs = [  # the same for an (n,) output
-        (TypeError, "must be a numpy.ndarray", [0.0] * n),
-        (TypeError, "must have dtype float64", np.empty(n, np.int64)),
-        (ValueError, r"must have shape \(6,\)", np.empty((n, 1))),
-        (ValueError, "must be C-contiguous", np.empty(2 * n)[::2]),
-    ]
-
-    def rejects(call, name, exc, msg):
-        with pytest.raises(exc, match=f"{name} {msg}"):
-            call()
-
-    for exc, msg, bad in bad_rows:
-        rejects(lambda: forward(H, m, out=bad), "out", exc, msg)
-        rejects(lambda: backward(m, out, D, g, gmass, grad_H=bad), "grad_H", exc, msg)
-        if exc is not TypeError or isinstance(bad, np.ndarray):  # grad_out is read as given
-            rejects(lambda: backward(m, out, D, bad, gmass, overwrite=True), "grad_out", exc,
-                    msg)
-    for exc, msg, bad in bad_vecs:
-        rejects(lambda: forward(H, m, D=bad), "D", exc, msg)
-        rejects(lambda: forward(H, m, mass=bad), "mass", exc, msg)
-        rejects(lambda: backward(m, out, D, g, gmass, grad_m=bad), "grad_m", exc, msg)
-
-    # overlap: with an input, or with another output
-    overlap = "must not overlap"
-    rejects(lambda: forward(H, m, out=H), "out", ValueError, overlap)
-    rejects(lambda: forward(H, m, D=m), "D", ValueError, overlap)
-    rejects(lambda: forward(H, m, mass=m), "mass", ValueError, overlap)
-    shared = np.empty(n)
-    # (the later of two overlapping outputs is named)
-    rejects(lambda: forward(H, m, D=shared, mass=shared), "mass", ValueError,
-            "must not overlap D")
-    rows = np.empty((n, d))
-    rejects(lambda: forward(H, m, out=rows, D=rows.reshape(-1)[:n]), "D", ValueError,
-            overlap)
-    rejects(lambda: backward(m, out, D, g, gmass, grad_H=out.copy(), grad_m=gmass), "grad_m",
-            ValueError, overlap)
-    rejects(lambda: backward(m, out, D, g, gmass, grad_H=np.empty((n, d)), grad_m=D),
-            "grad_m", ValueError, overlap)
-    rejects(lambda: backward(m, out, D, g, gmass, grad_H=out), "grad_H", ValueError, overlap)
-    # grad_H may be grad_out exactly, not shifted by a row
-    big = np.zeros((n + 1, d))
-    rejects(lambda: backward(m, out, D, big[1:], gmass, grad_H=big[:-1]), "grad_H",
-            ValueError, overlap)
-    rejects(lambda: backward(m, out, D, big[:-1], gmass, grad_H=big[1:]), "grad_H",
-            ValueError, overlap)
-    with pytest.raises(ValueError, match="grad_H must be grad_out or None with overwrite=True"):
-        backward(m, out, D, g.copy(), gmass, overwrite=True, grad_H=np.empty((n, d)))
+def relaxed(texts, m_edges, d=2, seed=0):
+    """The chain relaxation of a batch of chains at edge weights ``m_edges``:
+    the op's result and saved state, the graph, and ``m`` per node."""
+    g = gr.Graph.from_texts(texts)
+    H = np.random.default_rng(seed).standard_normal((g.num_nodes, d))
+    r, saved = ops.ChainRelaxation().forward(g, H, np.asarray(m_edges, dtype=float))
+    m = np.zeros(g.num_nodes)
+    m[g.edge_sources()] = m_edges
+    return r, saved, g, m
 
 
-def test_bad_buffer_is_rejected_before_anything_is_written():
-    n, d = 8, 2
-    H, m, out, D, g, gmass = relaxed_problem(11, n, d)
-    bufs = np.full((n, d), np.nan), np.full(n, np.nan)
-    with pytest.raises(TypeError, match="mass"):
-        forward(H, m, out=bufs[0], D=bufs[1], mass=np.empty(n, np.float32))
-    with pytest.raises(ValueError, match="grad_m"):
-        backward(m, out, D, g, gmass, grad_H=bufs[0], grad_m=bufs[1][:-1])
-    assert np.isnan(bufs[0]).all() and np.isnan(bufs[1]).all()
+def random_edge_weights(rng, E):
+    """Weights in (0, 1) with exact zeros and ones and some tiny ones mixed in."""
+    m = rng.uniform(0.02, 0.98, E)
+    kind = rng.integers(0, 8, E)
+    m[kind == 0] = 0.0
+    m[kind == 1] = 1.0
+    m[kind == 2] = rng.uniform(0, 1e-9, (kind == 2).sum())
+    return m
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_relaxed_edges_match_reference(seed):
+    rng = np.random.default_rng(seed)
+    texts = ["x" * int(k) for k in rng.integers(0, 25, 4)]
+    E = sum(max(len(t) - 1, 0) for t in texts)
+    r, _, g, m = relaxed(texts, random_edge_weights(rng, E), seed=seed)
+    rg = r.graph
+    offsets = g.graph_offsets
+    W = dense_relaxed_weights(m, offsets)
+    src, dst = rg.edge_sources(), rg.indices
+    # the kept edges: i -> i+1, ..., i+L_i inside i's chain, with the reference weights
+    assert np.all(dst > src)
+    block = np.searchsorted(offsets, np.arange(g.num_nodes), side="right") - 1
+    assert np.array_equal(block[src], block[dst])
+    for i in range(g.num_nodes):
+        row = dst[src == i]
+        np.testing.assert_array_equal(row, np.arange(i + 1, i + 1 + row.size))
+    np.testing.assert_allclose(r.weights, W[src, dst], rtol=1e-14, atol=0)
+    np.testing.assert_array_equal(r.weights, rg.weights)
+    # the left-out edges are negligible
+    kept = np.zeros_like(W, dtype=bool)
+    kept[src, dst] = True
+    assert np.all(W[~kept] < CUTOFF)
+    # a node's weighted out-degree: the probability that a next cluster exists
+    last = offsets[block + 1] - 1
+    mu = np.r_[1.0, 1.0 - m[:-1]]
+    mu[offsets[:-1][offsets[:-1] < g.num_nodes]] = 1.0
+    runs = np.array([np.prod(m[i:last[i]]) for i in range(g.num_nodes)])
+    degree = np.bincount(src, weights=r.weights, minlength=g.num_nodes)
+    np.testing.assert_allclose(degree, mu * (1.0 - runs), rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(r.mass, mu)
+
+
+def test_relaxed_edges_are_cut_off_only_where_negligible():
+    # a long chain of halves: the window stops once 2^-l drops below the cutoff
+    n = 300
+    r, _, g, m = relaxed(["x" * n], np.full(n - 1, 0.5))
+    counts = np.diff(r.graph.indptr)
+    assert 55 <= counts.max() <= 70 and counts[0] < n - 1
+    W = dense_relaxed_weights(m, g.graph_offsets)
+    kept = np.zeros_like(W, dtype=bool)
+    kept[r.graph.edge_sources(), r.graph.indices] = True
+    assert np.all(W[~kept] < CUTOFF) and np.all(W[kept] > 0)
+    # behind two zero weights nothing is kept
+    m_edges = np.array([0.9, 0.0, 0.9, 0.0, 0.9, 0.9])
+    r, _, g, m = relaxed(["x" * 7], m_edges)
+    src, dst = r.graph.edge_sources(), r.graph.indices
+    assert dst[src == 0].max() == 4   # 0 -> 1, 2, 3, 4: the window stops at the second zero
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_relaxed_edges_backward_matches_reference(seed):
+    # d/dm of <G, W> against central differences of the plain-numpy weights
+    # (polynomial in m, so exact to O(eps^2) also at m in {0, 1})
+    rng = np.random.default_rng(100 + seed)
+    texts = ["x" * int(k) for k in rng.integers(1, 14, 3)]
+    E = sum(len(t) - 1 for t in texts)
+    m_edges = random_edge_weights(rng, E)
+    r, saved, g, m = relaxed(texts, m_edges, seed=seed)
+    G = rng.standard_normal((g.num_nodes, g.num_nodes))
+    upstream = G[r.graph.edge_sources(), r.graph.indices]
+    _, grad_m = ops.ChainRelaxation().vjp(saved, None, None, upstream)
+    src = g.edge_sources()
+    offsets = g.graph_offsets
+
+    def objective(me):
+        mm = np.zeros(g.num_nodes)
+        mm[src] = me
+        return float(np.sum(G * dense_relaxed_weights(mm, offsets)))
+
+    eps = 1e-6
+    num = np.zeros(E)
+    for e in range(E):
+        mp, mn = m_edges.copy(), m_edges.copy()
+        mp[e] += eps
+        mn[e] -= eps
+        num[e] = (objective(mp) - objective(mn)) / (2 * eps)
+    assert rel_err(num, grad_m) < 1e-6
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=30))
+@settings(max_examples=100)
+def test_hard_weights_give_contracted_edges(merge):
+    # at m in {0, 1} the expected edges are the hard morph's: weight 1 from
+    # each head to the next head of its chain, 0 on every other kept edge
+    n = len(merge) + 1
+    m_edges = np.array(merge, dtype=float)
+    r, _, g, m = relaxed(["x" * n], m_edges)
+    heads = np.flatnonzero(np.r_[1.0, 1.0 - m_edges])
+    W = r.weights
+    assert set(np.unique(W).tolist()) <= {0.0, 1.0}
+    live = W == 1.0
+    np.testing.assert_array_equal(r.graph.edge_sources()[live], heads[:-1])
+    np.testing.assert_array_equal(r.graph.indices[live], heads[1:])

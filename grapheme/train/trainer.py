@@ -119,6 +119,7 @@ class Trainer:
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
+        self._buffers = {}
 
     # ------------------------------------------------------------------ step
     def _batch(self, inputs, targets):
@@ -129,11 +130,27 @@ class Trainer:
         target = Graph.from_texts(targets)
         t_rows = None
         if self.target_activation == "embedding":
+            # the mean of a looked-up row is the looked-up row mean: O(V d + m)
             t_rows = emb.rows(target.labels)
-            t_feats = Lookup().forward(emb.weight, t_rows)[0].features
-            target = target.replace(activation=FeatureMean().forward(t_feats)[0].activation)
-        H = Lookup().forward(emb.weight, rows)[0].features
+            row_means = FeatureMean().forward(emb.weight)[0].activation
+            target = target._with(activation=Lookup().forward(row_means, t_rows)[0].features)
+        H = Lookup().forward(emb.weight, rows,
+                             out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         return g, rows, H, target, t_rows
+
+    def _buffer(self, name, shape):
+        """A C-contiguous float64 view of ``shape`` on one of the two arrays
+        this trainer reuses from step to step (the input features and their
+        gradient): grown by at least half when too small. Reused because a
+        fresh array of this size is often handed back to the system when it
+        dies, and paying its page faults again every step made the
+        1000-pair step a third slower (``python -m bench --bench TrainStep``)."""
+        size = shape[0] * shape[1]
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(max(size, 0 if buf is None else
+                                                     buf.size * 3 // 2))
+        return buf[:size].reshape(shape)
 
     def train_step(self, inputs, targets):
         """One optimisation step on a batch; returns the step's statistics.
@@ -159,20 +176,20 @@ class Trainer:
         target = replicate(target, morphed.samples)
         res = self.loss.forward(morphed.graph, target)
         lg = self.loss.backward(res)
-        grad_feats = FeatureMean().vjp(morphed.graph.features.shape, lg.activation)[0]
         B = res.values.shape[0]
         advantage = morphed.advantage(res.values)
-        grad = morpher.vjp(morphed, grad_features=grad_feats, grad_mass=lg.mass,
+        grad = morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
                            grad_weights=lg.weights,
                            grad_log_prob=None if advantage is None else advantage / B,
-                           grad_rate_penalty=1.0)
+                           grad_rate_penalty=1.0, out=self._buffer("grad", H.shape))
         grad_table = Lookup().vjp((rows, emb.weight.shape), grad.features)[0]
         if t_rows is not None and target.num_nodes:
+            # the target's activations: Lookup(FeatureMean(table), t_rows)
             gt = lg.target_activation
             if morphed.samples > 1:
                 gt = gt.reshape(morphed.samples, -1).sum(axis=0)
-            gt = FeatureMean().vjp((gt.shape[0], emb.dim), gt)[0]
-            grad_table += Lookup().vjp((t_rows, emb.weight.shape), gt)[0]
+            g_means = Lookup().vjp((t_rows, (emb.weight.shape[0],)), gt)[0]
+            grad_table += FeatureMean().vjp(emb.weight.shape, g_means)[0]
         grads = {"embedding": grad_table, "theta": grad.theta}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
         if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):

@@ -1,0 +1,474 @@
+"""grapheme from PyTorch: the operations as autograd Functions, and Modules.
+
+Needs the optional extra ``grapheme[torch]``; ``import grapheme`` never
+imports torch. Tensors are CPU tensors, float32 or float64, packed as
+PyTorch Geometric and packed sequences hold them: ``(n, d)`` rows with the
+batch given by ``offsets`` (sequence ``b`` is rows ``offsets[b]:offsets[b+1]``).
+:func:`pack` and :func:`unpack` convert from and to padded ``(B, L, d)``.
+
+Every operation of :mod:`grapheme.ops` becomes an autograd Function by one
+generic wrapper: forward runs the operation on the tensors' memory (float64
+tensors are not copied), backward runs its pure vjp. Functions are once
+differentiable (``torch.autograd.gradgradcheck`` says so). A tensor modified
+in place between forward and backward is caught by autograd's version check.
+
+The modules:
+
+- :class:`Merge`: a learnable threshold (an ``nn.Parameter``) and any
+  estimator. ``merged, unpool, aux_loss = merge(x, offsets)``: the merged
+  features, a differentiable map back to the input rows, and the rate
+  penalty (0 without a rate controller).
+- :class:`StructuralLoss`: the structural loss of a :class:`Merged` against
+  target graphs.
+
+Examples
+--------
+>>> import torch
+>>> from grapheme.torch import Merge, StructuralLoss
+>>> x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+>>> merge = Merge(estimator="ste").double()
+>>> out = merge(x, torch.tensor([0, 3, 7]))
+>>> merged, unpool, aux_loss = out          # the dynamic-chunking contract
+>>> unpool(merged).shape
+torch.Size([7, 16])
+>>> loss = StructuralLoss()(out, Graph.from_texts(["ab", "xyz"])) + aux_loss
+>>> loss.backward()
+>>> x.grad.shape, merge.theta.grad is not None
+(torch.Size([7, 16]), True)
+"""
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import ops
+from .estimators import make_estimator
+from .graph import Graph
+from .loss import StructuralLoss as _Loss
+from .rate import RateController
+
+__all__ = [
+    "apply",
+    "edge_similarity",
+    "merge_scores",
+    "hard_merge",
+    "chain_relaxation",
+    "unpool",
+    "structural_loss",
+    "rate_penalty",
+    "bernoulli_log_prob",
+    "Merge",
+    "Merged",
+    "StructuralLoss",
+    "pack",
+    "unpack",
+]
+
+
+def _array(t, name):
+    """A float64 numpy view (float64) or copy (float32) of a CPU tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor (grapheme's kernels run on the "
+                         f"CPU), got device {t.device}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    return t.detach().to(torch.float64).contiguous().numpy()
+
+
+def _tensor(a, dtype):
+    # "W": grapheme hands out read-only arrays (a Graph's, a history's); a
+    # tensor may be written in place, so it gets a copy of those
+    return torch.from_numpy(np.require(np.asarray(a, dtype=np.float64), requirements="CW")
+                            ).to(dtype)
+
+
+class _OpFunction(torch.autograd.Function):
+    """``op`` as an autograd Function: ``call(*arrays) -> (result, saved)``."""
+
+    @staticmethod
+    def forward(ctx, op, call, box, *tensors):
+        ctx.set_materialize_grads(False)
+        arrays = [_array(t, name) for t, name in zip(tensors, op.inputs)]
+        result, saved = call(*arrays)
+        ctx.op, ctx.state = op, saved
+        ctx.dtype = tensors[0].dtype
+        box.append(result)
+        outputs = tuple(_tensor(getattr(result, name), ctx.dtype) for name in op.outputs)
+        # Outputs may share memory with ``saved`` (float64): saving inputs and
+        # outputs lets autograd's version check catch an in-place change of
+        # either before backward reads them.
+        ctx.save_for_backward(*tensors, *outputs)
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        ctx.saved_tensors   # raises if an input or output was modified in place
+        upstream = [None if g is None else g.detach().to(torch.float64).contiguous().numpy()
+                    for g in grads]
+        result = ctx.op.vjp(ctx.state, *upstream)
+        return (None, None, None) + tuple(
+            _tensor(g, ctx.dtype) if need and g is not None else None
+            for g, need in zip(result, ctx.needs_input_grad[3:]))
+
+
+def apply(op, call, *tensors):
+    """Run operation ``op`` as an autograd Function.
+
+    ``call(*arrays)`` must return ``op``'s ``(result, saved)`` given numpy
+    arrays for ``tensors`` (the differentiable inputs, in the order of
+    ``op.inputs``). Returns the output tensors (in the order of
+    ``op.outputs``) and ``result`` (for its non-differentiable parts, e.g.
+    a merged graph or history).
+    """
+    box = []
+    outputs = _OpFunction.apply(op, call, box, *tensors)
+    return outputs, box[0]
+
+
+# -------------------------------------------------------------- functional
+def edge_similarity(graph, features):
+    """Cosine similarity of every edge of ``graph`` (:class:`grapheme.ops.EdgeSimilarity`)."""
+    (s,), _ = apply(ops.EdgeSimilarity(), lambda h: ops.EdgeSimilarity().forward(graph, h),
+                    features)
+    return s
+
+
+def merge_scores(similarity, theta, temperature):
+    """``(logits, probability)`` of :class:`grapheme.ops.MergeScores`; ``theta`` 0-d."""
+    op = ops.MergeScores(temperature)
+    (z, p), result = apply(op, op.forward, similarity, theta)
+    return z, p, result.tau
+
+
+def hard_merge(graph, features, decisions):
+    """Merged features, the merged graph and the history (:class:`grapheme.ops.HardMerge`)."""
+    decisions = np.asarray(decisions, dtype=bool)
+    (f,), result = apply(ops.HardMerge(),
+                         lambda h: ops.HardMerge().forward(graph, h, decisions), features)
+    return f, result.graph, result.history
+
+
+def chain_relaxation(graph, features, merge):
+    """Relaxed features, masses, expected edge weights and the relaxed graph
+    (:class:`grapheme.ops.ChainRelaxation`)."""
+    op = ops.ChainRelaxation()
+    (f, mass, w), result = apply(op, lambda h, m: op.forward(graph, h, m), features, merge)
+    return f, mass, w, result.graph
+
+
+def unpool(history, y):
+    """Every output row broadcast back to its inputs, ``out[i] = y[c(i)]``:
+    a :class:`grapheme.ops.Lookup` of ``y`` at ``history.cluster`` (its vjp
+    sums over each output's members)."""
+    rows = history.cluster
+    (out,), _ = apply(ops.Lookup(), lambda a: ops.Lookup().forward(a, rows), y)
+    return out
+
+
+def structural_loss(loss, predicted, target, activation, mass, weights, target_activation):
+    """Per-pair values (B,) of a :class:`grapheme.StructuralLoss`
+    (:class:`grapheme.ops.StructuralLossOp`)."""
+    op = ops.StructuralLossOp(loss)
+    (values,), _ = apply(op, lambda a, m, w, t: op.forward(predicted, target, a, m, w, t),
+                         activation, mass, weights, target_activation)
+    return values
+
+
+def rate_penalty(probability, num_nodes, target, weight, multiplier=0.0):
+    """The rate penalty of :class:`grapheme.ops.RatePenalty` (a 0-d tensor)."""
+    op = ops.RatePenalty(target, weight)
+    (value,), _ = apply(op, lambda p: op.forward(p, num_nodes, multiplier), probability)
+    return value
+
+
+def bernoulli_log_prob(logits, decisions, example, num_examples):
+    """Per-example log-probability of Bernoulli decisions
+    (:class:`grapheme.ops.BernoulliLogProb`)."""
+    decisions = np.asarray(decisions, dtype=bool)
+    example = np.asarray(example, dtype=np.intp)
+    op = ops.BernoulliLogProb()
+    (lp,), _ = apply(op, lambda z: op.forward(z, decisions, example, num_examples), logits)
+    return lp
+
+
+# ------------------------------------------------------------------ modules
+class _EstimatorOp(ops.Operation):
+    """An estimator's forward and vjp as one operation of the features,
+    logits and probabilities (the morph's decision step)."""
+
+    inputs = ("features", "logits", "probability")
+    outputs = ("features", "mass", "weights", "log_prob")
+
+    def __init__(self, estimator, graph, similarity, tau):
+        self.estimator, self.graph, self.similarity, self.tau = (estimator, graph,
+                                                                 similarity, tau)
+
+    def forward(self, features, logits, probability):
+        scores = ops.ScoresResult(logits, probability, self.tau)
+        est, saved = self.estimator.forward(self.graph, features, self.similarity, scores)
+        g = est.graph
+        log_prob = est.log_prob if est.log_prob is not None else np.zeros(g.num_graphs)
+        weights = np.ones(g.num_edges) if g.weights is None else g.weights
+        return _EstimateOut(g.features, g.mass, weights, log_prob, est, saved), saved
+
+    def vjp(self, saved, grad_features, grad_mass, grad_weights, grad_log_prob):
+        return self.estimator.vjp(saved, grad_features, grad_mass, grad_weights,
+                                  grad_log_prob)
+
+
+class _EstimateOut(NamedTuple):
+    features: np.ndarray
+    mass: np.ndarray
+    weights: np.ndarray
+    log_prob: np.ndarray
+    estimate: object
+    saved: object
+
+
+class Merged:
+    """What :class:`Merge` produced; unpacks as ``features, unpool, aux_loss``.
+
+    Attributes
+    ----------
+    features : Tensor of shape (k, d)
+        The merged rows (``n`` rows for the relaxed estimators: relaxed
+        means, with ``mass`` saying how much of a cluster each row is).
+    mass : Tensor of shape (k,)
+    weights : Tensor of shape (k_edges,)
+        Edge weights of ``graph`` (expected weights for relaxed estimators).
+    log_prob : Tensor of shape (B,)
+        ``log P(decisions)`` per sequence (``Reinforce``; zeros otherwise).
+    aux_loss : Tensor of shape ()
+        The rate penalty (0 without a rate controller).
+    offsets : LongTensor of shape (B + 1,)
+        Row offsets of every sequence in ``features``.
+    graph : grapheme.Graph
+        The merged graph's structure (labels, edges).
+    history : grapheme.MergeHistory
+        The hard merge map from the input rows.
+    """
+
+    def __init__(self, features, mass, weights, log_prob, aux_loss, graph, history,
+                 estimate_state, estimator):
+        self.features, self.mass, self.weights, self.log_prob = features, mass, weights, log_prob
+        self.aux_loss, self.graph, self.history = aux_loss, graph, history
+        self.offsets = torch.from_numpy(graph.graph_offsets.astype(np.int64))
+        self._state, self._estimator = estimate_state, estimator
+
+    def unpool(self, y):
+        """Rows of ``y`` (one per merged row) broadcast back to the input rows
+        through the hard merge map; for the relaxed estimators, whose rows are
+        the input rows, each input row gets its cluster head's row."""
+        if y.shape[0] == self.history.num_outputs:
+            return unpool(self.history, y)
+        return unpool(self.history, y[torch.from_numpy(self.history.heads.astype(np.int64))])
+
+    def reinforce_loss(self, losses):
+        """The score-function surrogate ``mean_b (L_b - b_b) log P_b``
+        (``Reinforce``): add it to the objective, whose gradient it then
+        completes. ``losses`` (B,) are the per-sequence losses; they are
+        detached. 0 for the other estimators."""
+        advantage = self._estimator.advantage(self._state, _array(losses, "losses"))
+        if advantage is None:
+            return self.log_prob.sum() * 0.0
+        weight = torch.from_numpy(advantage / advantage.shape[0]).to(self.log_prob.dtype)
+        return (weight * self.log_prob).sum()
+
+    def __iter__(self):
+        yield self.features
+        yield self.unpool
+        yield self.aux_loss
+
+    def __repr__(self):
+        return (f"Merged({self.history.num_inputs} -> {self.features.shape[0]} rows, "
+                f"{self.graph.num_graphs} sequences)")
+
+
+class Merge(nn.Module):
+    """Learned merging of neighbouring rows of packed sequences.
+
+    Rows ``u, v`` adjacent in a sequence merge when the cosine of their
+    features exceeds ``tau = sigmoid(theta)``; ``theta`` is an
+    ``nn.Parameter``. The estimator decides the forward pass and the
+    gradient the decisions pass back (:mod:`grapheme.estimators`).
+
+    Parameters
+    ----------
+    threshold : float, default 0.8
+        Initial ``theta``.
+    temperature : float, default 0.1
+    estimator : Estimator or str, default "ste"
+        ``"ste"`` (hard forward, the relaxation's gradient: ``theta``
+        learns), ``"soft"``, ``"history"`` (exact, but ``theta`` gets no
+        gradient from the loss) or ``"reinforce"`` (add
+        :meth:`Merged.reinforce_loss` to the objective).
+    rate : RateController or float, optional
+        Target kept fraction; its penalty is ``aux_loss``.
+
+    Notes
+    -----
+    Call :meth:`step` after every optimiser step: it moves the rate
+    controller and the ``Reinforce`` baseline and samples. The state that
+    :meth:`step` changes is saved by ``state_dict`` (as extra state).
+    """
+
+    def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
+        super().__init__()
+        from ._validation import check_scalar
+
+        self.theta = nn.Parameter(torch.tensor(check_scalar(threshold, "threshold")))
+        self.temperature = check_scalar(temperature, "temperature", lower=0,
+                                        lower_inclusive=False)
+        self.estimator = make_estimator(estimator)
+        if rate is not None and not isinstance(rate, RateController):
+            rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
+        self.rate = rate
+
+    @property
+    def tau(self):
+        return float(torch.sigmoid(self.theta.detach()))
+
+    def forward(self, x, offsets, labels=None):
+        """Merge the rows of ``x`` (n, d), sequences by ``offsets`` (B + 1,).
+
+        ``labels`` (n,) are optional code points for the structural loss.
+        Returns a :class:`Merged`.
+        """
+        offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
+                      else np.asarray(offsets))
+        labels_np = (None if labels is None else labels.detach().cpu().numpy()
+                     if isinstance(labels, torch.Tensor) else np.asarray(labels))
+        graph = Graph.chains(offsets_np, labels_np)
+        if x.ndim != 2 or x.shape[0] != graph.num_nodes:
+            raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
+        s = edge_similarity(graph, x)
+        z, p, tau = merge_scores(s, self.theta.to(x.dtype), self.temperature)
+        op = _EstimatorOp(self.estimator, graph, _array(s, "similarity"), tau)
+        (f, mass, w, lp), out = apply(op, op.forward, x, z, p)
+        aux = x.new_zeros(())
+        if self.rate is not None:
+            penalty, multiplier = self.rate.penalty()
+            aux = rate_penalty(p, graph.num_nodes, penalty.target, penalty.weight, multiplier)
+        est = out.estimate
+        return Merged(f, mass, w, lp, aux, est.graph, est.history, out.saved, self.estimator)
+
+    def step(self, merged, losses=None):
+        """Advance the estimator and rate controller after an optimiser step."""
+        loss_values = None if losses is None else _array(losses, "losses")
+        self.estimator.step(merged._state, loss_values)
+        if self.rate is not None and merged.history.num_inputs:
+            self.rate.update(merged.history.num_outputs / merged.history.num_inputs)
+
+    def get_extra_state(self):
+        return {"estimator": self.estimator.state_dict(),
+                "rate": None if self.rate is None else self.rate.state_dict()}
+
+    def set_extra_state(self, state):
+        self.estimator.load_state_dict(state["estimator"])
+        if self.rate is not None and state.get("rate") is not None:
+            self.rate.load_state_dict(state["rate"])
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, estimator={self.estimator!r}, "
+                f"rate={self.rate!r}")
+
+
+class StructuralLoss(nn.Module):
+    """The structural loss (:class:`grapheme.StructuralLoss`) as a module.
+
+    ``forward(merged, target, target_activation=None)``: the loss of every
+    merged sequence against the graph of the same index in ``target`` (a
+    batched :class:`grapheme.Graph`, e.g. ``Graph.from_texts``). The merged
+    rows' activations are their feature means; the target's are
+    ``target_activation`` (a tensor, differentiable) or the graph's own.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum", "none"}, default "mean"
+    **kwargs
+        Passed to :class:`grapheme.StructuralLoss`.
+    """
+
+    def __init__(self, reduction="mean", **kwargs):
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+        self.loss = _Loss(**kwargs)
+
+    def forward(self, merged, target, target_activation=None):
+        if not isinstance(merged, Merged):
+            raise TypeError(f"merged must be a grapheme.torch.Merged, got "
+                            f"{type(merged).__name__}")
+        dtype = merged.features.dtype
+        (activation,), _ = apply(ops.FeatureMean(), ops.FeatureMean().forward,
+                                 merged.features)
+        if target_activation is None:
+            target_activation = _tensor(target.activation, dtype)
+        values = structural_loss(self.loss, merged.graph, target, activation, merged.mass,
+                                 merged.weights, target_activation)
+        if self.reduction == "mean":
+            return values.mean()
+        if self.reduction == "sum":
+            return values.sum()
+        return values
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, loss={self.loss!r}"
+
+
+# ------------------------------------------------------------------ packing
+def pack(padded, lengths):
+    """Padded ``(B, L, ...)`` rows and their ``lengths`` (B,) to packed rows
+    ``(sum(lengths), ...)`` and ``offsets`` (B + 1,). Differentiable.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x, offsets = pack(torch.arange(6.0).reshape(2, 3, 1), torch.tensor([2, 3]))
+    >>> x.flatten().tolist(), offsets.tolist()
+    ([0.0, 1.0, 3.0, 4.0, 5.0], [0, 2, 5])
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if padded.ndim < 2 or lengths.shape != (padded.shape[0],):
+        raise ValueError(f"lengths must have shape ({padded.shape[0]},), got "
+                         f"{tuple(lengths.shape)}")
+    if (lengths < 0).any() or (lengths > padded.shape[1]).any():
+        raise ValueError(f"lengths must lie in [0, {padded.shape[1]}]")
+    mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return padded[mask], offsets
+
+
+def unpack(packed, offsets, total_length=None):
+    """Packed rows and ``offsets`` back to padded ``(B, L, ...)`` (zeros
+    after each sequence), ``L = total_length`` or the longest. Differentiable.
+
+    Examples
+    --------
+    >>> import torch
+    >>> unpack(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0, 1, 3])).squeeze(-1)
+    tensor([[1., 0.],
+            [2., 3.]])
+    """
+    offsets = torch.as_tensor(offsets, dtype=torch.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    if offsets.ndim != 1 or offsets[0] != 0 or (lengths < 0).any() or \
+            offsets[-1] != packed.shape[0]:
+        raise ValueError("offsets must run from 0 to len(packed), non-decreasing")
+    L = int(lengths.max()) if lengths.numel() else 0
+    if total_length is not None:
+        if total_length < L:
+            raise ValueError(f"total_length must be >= {L}, got {total_length}")
+        L = int(total_length)
+    out = packed.new_zeros((lengths.shape[0], L) + tuple(packed.shape[1:]))
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    return out.masked_scatter(mask.reshape(mask.shape + (1,) * (packed.ndim - 1)).expand_as(out),
+                              packed) if packed.numel() else out
+
