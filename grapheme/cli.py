@@ -126,7 +126,7 @@ def _cmd_generate(args, out):
 
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
-                  baseline="mean", samples=1):
+                  baseline="mean", samples=1, overwrite=False):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -145,7 +145,8 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(), Adam(lr=lr),
-                   batch_size=batch_size, seed=seed, log=log, progress=progress)
+                   batch_size=batch_size, seed=seed, log=log, progress=progress,
+                   overwrite=overwrite)
 
 
 def _cmd_train(args, out):
@@ -186,7 +187,7 @@ def _cmd_train(args, out):
             samples=1 if args.samples is None else args.samples,
             lr=1e-2 if args.lr is None else args.lr,
             batch_size=32 if args.batch_size is None else args.batch_size,
-            log=log, progress=progress)
+            log=log, progress=progress, overwrite=args.overwrite)
         start = 0
     os.makedirs(args.out, exist_ok=True)   # only now: everything above is checked
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint)

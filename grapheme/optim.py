@@ -136,6 +136,8 @@ class Optimizer:
                 arr = np.asarray(value)
                 if arr.dtype.kind != "f":
                     raise ValueError(f"state: {key!r} must be a float array")
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"state: {key!r} contains NaN or infinity")
                 arrays[slot][name] = np.array(arr, dtype=np.float64, copy=True)
             else:
                 raise ValueError(f"state: unknown key {key!r}")

@@ -61,8 +61,14 @@ def test_history_records_and_log(tmp_path):
                                           rel=1e-12)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert lines == history
-    # A fresh fit (no resume) starts the log afresh.
-    make_trainer(log=log).fit(pairs, 1)
+    # A fresh fit (no resume) does not replace another run's log unasked ...
+    before = log.read_bytes()
+    with pytest.raises(ValueError, match=r"log '.*metrics.jsonl' already exists; a fresh "
+                                         r"run does not replace another run's files"):
+        make_trainer(log=log).fit(pairs, 1)
+    assert log.read_bytes() == before
+    # ... and told to, it replaces it once its first epoch is done.
+    make_trainer(log=log, overwrite=True).fit(pairs, 1)
     assert len(log.read_text().splitlines()) == 1
 
 

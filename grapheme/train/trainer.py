@@ -17,6 +17,7 @@ of the inputs and one of the targets, and runs the operations of
 Everything per node happens inside those calls (the compiled core); Python
 loops only over batches and epochs.
 """
+import hashlib
 import json
 import math
 import numbers
@@ -26,7 +27,8 @@ import time
 
 import numpy as np
 
-from .._validation import check_pairs, check_scalar
+from .. import _core
+from .._validation import check_pairs, check_scalar, show
 from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
 from ..graph import Graph, replicate
@@ -69,9 +71,17 @@ class Trainer:
         both sides. ``"graph"``: 1.0 for every node, as in the original
         experiments.
     log : str or os.PathLike, optional
-        JSONL file receiving one line of metrics per epoch.
+        JSONL file receiving one line of metrics per epoch. It always holds
+        exactly the records of the run's completed epochs: :meth:`fit`
+        rewrites it (atomically) when it finishes its first epoch, then
+        appends. A fresh run (no epoch done, nothing resumed) refuses to
+        start on a non-empty existing log, or an existing ``checkpoint``,
+        unless ``overwrite=True``: files of another run are never replaced
+        unasked, and even then not before this run's first epoch is done.
     progress : bool, default True
         Show a tqdm progress bar (only when stderr is a terminal).
+    overwrite : bool, default False
+        Let a fresh run replace an existing log and checkpoint (see ``log``).
 
     Attributes
     ----------
@@ -84,11 +94,23 @@ class Trainer:
     -----
     A run is reproducible: with the same seeds and data, two runs produce
     bit-identical weights and metrics (apart from timings), and a run resumed
-    from a checkpoint continues exactly as the uninterrupted run would.
+    from a checkpoint continues exactly as the uninterrupted run would. A
+    checkpoint records a fingerprint of the training pairs; continuing a
+    loaded checkpoint on other pairs is refused unless
+    ``fit(..., new_data=True)``.
+
+    Training stops with ``FloatingPointError`` as soon as the loss, a
+    gradient or (after an update) a parameter is not finite, before anything
+    is written: the last checkpoint written stays the last good one, and the
+    message names it. The trainer's own parameters are then not usable;
+    resume from that checkpoint (with a smaller learning rate).
+
+    Not safe to share between threads: one trainer trains in one thread
+    (its embedding alone may be shared, see :class:`~grapheme.Embedding`).
     """
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
-                 target_activation="embedding", log=None, progress=True):
+                 target_activation="embedding", log=None, progress=True, overwrite=False):
         if not isinstance(embedding, Embedding):
             raise TypeError(f"embedding must be a grapheme.Embedding, got "
                             f"{type(embedding).__name__}")
@@ -116,6 +138,10 @@ class Trainer:
         self.target_activation = target_activation
         self.log = None if log is None else os.fspath(log)
         self.progress = bool(progress)
+        self.overwrite = bool(overwrite)
+        self._data_fingerprint = None   # of the pairs the run was trained on
+        self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
+        self._last_checkpoint = None    # (path, epoch) of the last one written
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
@@ -194,9 +220,16 @@ class Trainer:
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
         if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
             raise FloatingPointError(
-                f"non-finite loss ({float(res.value)!r}) or gradient norm "
-                f"({grad_norm!r}) at epoch {self.epoch + 1}")
+                f"training diverged at epoch {self.epoch + 1}: non-finite loss "
+                f"({float(res.value)!r}) or gradient norm ({grad_norm!r}); "
+                f"{self._good_checkpoint()}")
         self.optimizer.step({"embedding": emb.weight, "theta": morpher.theta}, grads)
+        if not (_core.all_finite(emb.weight.reshape(-1))
+                and math.isfinite(float(morpher.theta))):
+            raise FloatingPointError(
+                f"training diverged at epoch {self.epoch + 1}: the parameters are not "
+                f"finite after the update (learning rate too large?); "
+                f"{self._good_checkpoint()}")
         morpher.step(morphed, res.values)
         variance = float("nan")
         if advantage is not None and B > 1:
@@ -253,7 +286,16 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ fit
-    def fit(self, pairs, epochs, val=None, checkpoint=None, resume=None):
+    def _good_checkpoint(self):
+        """What a divergence error says about the files: nothing was written,
+        and which checkpoint is still good."""
+        if self._last_checkpoint is None:
+            return "nothing was written (no checkpoint of this run yet)"
+        path, epoch = self._last_checkpoint
+        return (f"nothing was written: the checkpoint {path!r} (epoch {epoch}) is "
+                "still good")
+
+    def fit(self, pairs, epochs, val=None, checkpoint=None, resume=None, new_data=False):
         """Train for ``epochs`` epochs in total; return the per-epoch history.
 
         Parameters
@@ -271,6 +313,11 @@ class Trainer:
         resume : str or os.PathLike, optional
             A checkpoint to continue from. The continued run is
             bit-identical to an uninterrupted one.
+        new_data : bool, default False
+            Allow continuing a loaded checkpoint (``resume``, :meth:`load`,
+            :meth:`from_checkpoint`) on pairs other than those it was
+            trained on; without it that is refused, since the result is no
+            longer the run the checkpoint belongs to.
 
         Returns
         -------
@@ -285,8 +332,12 @@ class Trainer:
         Raises
         ------
         ValueError
-            If ``pairs`` is empty or malformed, ``epochs`` is negative, or
-            ``resume`` is not a compatible checkpoint.
+            If ``pairs`` is empty or malformed, ``epochs`` is negative,
+            ``resume`` is not a compatible checkpoint, the run continues on
+            other pairs without ``new_data=True``, or a fresh run would
+            replace an existing log or checkpoint without ``overwrite``.
+        FloatingPointError
+            If training diverges (see the class notes); nothing is written.
         """
         inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
@@ -298,8 +349,29 @@ class Trainer:
                 raise ValueError("val must not be empty when given")
         if resume is not None:
             self.load(resume)
+            self._last_checkpoint = (os.fspath(resume), self.epoch)
+        fingerprint = data_fingerprint(inputs, targets)
+        old = self._loaded_fingerprint
+        if old is not None and old["sha256"] != fingerprint["sha256"] and not new_data:
+            raise ValueError(
+                f"pairs differ from the data the checkpoint {old['path']!r} was trained on "
+                f"({old['pairs']} pairs, sha256 {old['sha256'][:12]}...; now "
+                f"{fingerprint['pairs']} pairs, sha256 {fingerprint['sha256'][:12]}...); "
+                "resume with the same data, start a new run, or fit(..., new_data=True) "
+                "to continue on other data")
+        if self.epoch == 0 and not self.overwrite:
+            for what, path in (("log", self.log), ("checkpoint", checkpoint)):
+                if path is not None and os.path.exists(path) and (
+                        what == "checkpoint" or os.path.getsize(path) > 0):
+                    raise ValueError(
+                        f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
+                        "replace another run's files: resume that run, choose another "
+                        "path, or pass overwrite=True to the Trainer")
+        self._data_fingerprint = fingerprint
+        self._loaded_fingerprint = None   # checked once, when the loaded run goes on
         if self.log is not None:
-            self._rewrite_log()
+            os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)
+        log_synced = False
         n = len(inputs)
         steps = -(-n // self.batch_size)
         bar = self._progress_bar(total=max(epochs - self.epoch, 0) * steps)
@@ -315,9 +387,14 @@ class Trainer:
                 self.history.append(record)
                 if checkpoint is not None:
                     self.save(checkpoint)
+                    self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
                 if self.log is not None:
-                    with open(self.log, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
+                    if not log_synced:   # only now: an old log survives until here
+                        self._rewrite_log()
+                        log_synced = True
+                    else:
+                        with open(self.log, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(record) + "\n")
                 if bar is not None:
                     bar.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.4f}",
                                     tau=f"{record['tau']:.3f}")
@@ -443,9 +520,15 @@ class Trainer:
                   "morpher.theta": self.morpher.theta}
         for key, value in self.optimizer.state_dict().items():
             arrays["optimizer." + key] = np.asarray(value)
+        if not (_core.all_finite(np.ascontiguousarray(self.embedding.weight).reshape(-1))
+                and math.isfinite(float(self.morpher.theta))):
+            raise FloatingPointError(
+                f"not saving {os.fspath(path)!r}: the parameters are not finite "
+                f"(training diverged); {self._good_checkpoint()}")
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
                 "morpher": self.morpher.state_dict(),
-                "config": self.config(), "history": self.history}
+                "config": self.config(), "history": self.history,
+                "data": self._data_fingerprint}
         save_checkpoint(path, arrays, meta)
 
     def load(self, path):
@@ -463,12 +546,14 @@ class Trainer:
             path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
         path = os.fspath(path)
         try:
-            epoch, rng_state = int(meta["epoch"]), meta["rng"]
+            epoch, rng_state = meta["epoch"], meta["rng"]
             morpher_state = dict(meta["morpher"], theta=float(arrays["morpher.theta"]))
-            config, history = meta["config"], list(meta["history"])
+            config, history = meta["config"], meta["history"]
+            data = meta.get("data")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"bad meta data ({exc})") from None
+        _check_run_meta(path, epoch, history, data)
         mine = self.config()
         if config != mine:
             diff = sorted(k for k in set(config) | set(mine)
@@ -485,13 +570,24 @@ class Trainer:
             embedding = Embedding.from_state(
                 {"codes": arrays["embedding.codes"], "weight": arrays["embedding.weight"]},
                 seed=self.embedding.seed)
+            if embedding.dim != self.embedding.dim:
+                raise ValueError(f"embedding.weight has {embedding.dim} columns, the "
+                                 f"configuration says dim={self.embedding.dim}")
             prefix = "optimizer."
-            self.optimizer.load_state_dict(
-                {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            optimizer_state = {k[len(prefix):]: v for k, v in arrays.items()
+                               if k.startswith(prefix)}
+            _check_optimizer_state(optimizer_state, {"embedding": embedding.weight.shape,
+                                                     "theta": ()})
             rng = np.random.default_rng()
             rng.bit_generator.state = rng_state
-            self.morpher.load_state_dict(morpher_state)  # validates, then restores
-        except (TypeError, ValueError, KeyError) as exc:
+            # validate everything before changing anything: a scratch optimiser
+            # and morpher take the state first
+            scratch = type(self.optimizer)(lr=1.0)
+            scratch.load_state_dict(optimizer_state)
+            build(describe(self.morpher)).load_state_dict(morpher_state)
+            self.optimizer.load_state_dict(optimizer_state)
+            self.morpher.load_state_dict(morpher_state)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"{exc}") from None
         # Keep the caller's objects live: copy the (validated) state into them.
@@ -499,4 +595,60 @@ class Trainer:
         self.morpher.zero_grad()
         self.rng = rng
         self.epoch = epoch
-        self.history = history
+        self.history = list(history)
+        self._data_fingerprint = data
+        self._loaded_fingerprint = None if data is None else dict(data, path=path)
+
+
+def data_fingerprint(inputs, targets):
+    """``{"pairs": n, "sha256": hex}`` of the training pairs, in order: what a
+    checkpoint records so that a resumed run can tell it is given other data."""
+    h = hashlib.sha256()
+    for source, target in zip(inputs, targets):
+        for text in (source, target):
+            raw = text.encode("utf-8", "surrogatepass")
+            h.update(len(raw).to_bytes(8, "little"))
+            h.update(raw)
+    return {"pairs": len(inputs), "sha256": h.hexdigest()}
+
+
+def _check_run_meta(path, epoch, history, data):
+    """The epoch counter, the history and the data fingerprint of a
+    checkpoint, checked before anything is restored."""
+    def bad(reason):
+        return ValueError(f"checkpoint {path!r} is corrupted or truncated: {reason}")
+
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise bad(f"epoch must be a non-negative integer, got {show(epoch)}")
+    if not isinstance(history, list) or len(history) != epoch:
+        length = len(history) if isinstance(history, list) else type(history).__name__
+        raise bad(f"history must hold one record per epoch ({epoch}), got {length}")
+    for i, record in enumerate(history):
+        if not isinstance(record, dict) or record.get("epoch") != i + 1:
+            raise bad(f"history[{i}] is not the record of epoch {i + 1}")
+    if data is not None and not (
+            isinstance(data, dict) and isinstance(data.get("sha256"), str)
+            and isinstance(data.get("pairs"), int) and not isinstance(data["pairs"], bool)):
+        raise bad("data must be a fingerprint {'pairs': int, 'sha256': str}")
+
+
+def _check_optimizer_state(state, shapes):
+    """Every state array of the optimiser finite and shaped like its
+    parameter (the embedding's may have fewer rows: it grows)."""
+    for key, value in state.items():
+        slot, _, name = key.partition(".")
+        if not name or slot == "step":
+            continue
+        arr = np.asarray(value)
+        if arr.dtype.kind != "f":
+            continue   # load_state_dict names it
+        if not np.isfinite(arr).all():
+            raise ValueError(f"optimizer.{key} contains NaN or infinity")
+        if name not in shapes:
+            raise ValueError(f"optimizer.{key} is state of an unknown parameter {name!r}")
+        want = shapes[name]
+        ok = arr.shape == want or (len(want) == 2 and arr.ndim == 2
+                                   and arr.shape[1] == want[1] and arr.shape[0] <= want[0])
+        if not ok:
+            raise ValueError(f"optimizer.{key} has shape {arr.shape}, its parameter "
+                             f"has {want}")
