@@ -1,0 +1,313 @@
+"""Regression tests for issue 10: nothing a user does crashes the process or
+loses a run. One test per reproducer of the issue, with exact messages; the
+classes of bug they stand for are driven harder by ``tests/fuzz``."""
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import grapheme as gr
+from grapheme import cli
+from grapheme.checkpoint import load_checkpoint, save_checkpoint
+
+
+# ------------------------------------------------- arrays changed after use
+def test_graph_keeps_private_read_only_copies():
+    idx = np.array([1, 2])
+    g = gr.Graph([0, 1, 2, 2], idx, [97, 98, 99])
+    idx[0] = 10**9
+    assert g.indices.tolist() == [1, 2]
+    morphed = gr.Morpher().forward(g, np.random.default_rng(0).random((3, 8)))
+    assert morphed.history.num_inputs == 3
+    with pytest.raises(ValueError, match="read-only"):
+        g.indices[0] = 10**9
+    with pytest.raises(ValueError, match="cannot set WRITEABLE flag"):
+        g.indices.flags.writeable = True
+
+
+def test_history_keeps_private_read_only_copies():
+    cluster = np.array([0, 0, 1])
+    h = gr.MergeHistory(cluster)
+    cluster[0] = 10**8
+    with pytest.raises(ValueError, match="read-only"):
+        h.cluster[0] = 10**8
+    np.testing.assert_array_equal(h.scatter(np.ones((2, 16))), np.full((3, 16), [[0.5], [0.5],
+                                                                               [1.0]]))
+
+
+def test_embedding_grad_of_the_wrong_shape_is_refused():
+    e = gr.Embedding(dim=3)
+    e.forward([97, 98, 99])
+    e.grad = np.zeros((1, 3))
+    with pytest.raises(ValueError, match=r"^Embedding.grad must have shape \(3, 3\) "
+                                         r"\(rows, dim\), got \(1, 3\)$"):
+        e.backward([99], np.ones((1, 3)))
+
+
+def test_history_outputs_are_bounded_by_inputs():
+    with pytest.raises(ValueError, match=r"1099511627777 outputs but only 1 inputs"):
+        gr.MergeHistory([2**40])
+
+
+# ------------------------------------------------------------------ threads
+def test_embedding_shared_by_threads_loses_nothing():
+    e = gr.Embedding(dim=2048)
+    start = threading.Barrier(4)
+
+    def work(i):
+        start.wait()
+        e.backward(np.arange(1000 + 16 * i, 1064 + 16 * i), np.ones((64, 2048)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # rows 1000..1111: covered by 1, 2, 3 or 4 of the overlapping ranges
+    expected = {c: sum(1000 + 16 * i <= c < 1064 + 16 * i for i in range(4))
+                for c in range(1000, 1112)}
+    got = dict(zip(e.codes.tolist(), e.grad[:, 0].tolist()))
+    assert got == {c: float(k) for c, k in expected.items()}
+    assert (e.grad == e.grad[:, :1]).all()
+    np.testing.assert_array_equal(gr.Embedding(dim=2048).forward(e.codes), e.weight)
+
+
+def test_concurrent_first_use_gives_a_loadable_table(tmp_path):
+    e = gr.Embedding(dim=64)
+    start = threading.Barrier(8)
+
+    def work(i):
+        start.wait()
+        e.forward(np.arange(100 * i, 100 * i + 150))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(e.codes.tolist()) == list(range(850))
+    save_checkpoint(tmp_path / "e.npz", e.state_dict(), {})
+    arrays, _ = load_checkpoint(tmp_path / "e.npz")
+    back = gr.Embedding.from_state(arrays)
+    np.testing.assert_array_equal(back.forward(e.codes), e.weight)
+
+
+# ------------------------------------------------------- numbers and shapes
+def test_features_around_1e155_keep_the_cosine():
+    g = gr.Graph.from_text("aab")
+    H = np.array([[1.0, 1.0], [1.0, 1.1], [0.0, 1.0]])
+    small = gr.Morpher().forward(g, H)
+    big = gr.Morpher().forward(g, H * 1e155)
+    np.testing.assert_allclose(big.similarity, small.similarity, rtol=1e-15)
+    np.testing.assert_allclose(big.similarity, [0.9988681377244376, 0.7399400733959438],
+                               rtol=1e-15)
+    assert big.history.cluster.tolist() == small.history.cluster.tolist() == [0, 0, 0]
+
+
+def test_loss_with_all_zero_edge_weights_has_finite_gradients():
+    p = gr.Graph([0, 1, 2, 2], [1, 2], [97, 98, 99], weights=[0.0, 0.0])
+    t = gr.Graph([0, 1, 1], [1], [97, 98], weights=[0.0])
+    loss = gr.StructuralLoss()
+    grad = loss.backward(loss.forward(p, t))
+    for part in grad:
+        assert part is None or np.isfinite(part).all()
+
+
+def test_empty_batch_through_the_loss_is_an_error():
+    e = gr.Graph.from_texts([])
+    with pytest.raises(ValueError, match=r"^predicted is an empty batch \(0 graphs\)"):
+        gr.StructuralLoss().forward(e, e)
+
+
+def test_morpher_backward_never_writes_its_inputs():
+    g = gr.Graph.from_text("aab")
+    H = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    for est in ("soft", "ste"):
+        m = gr.Morpher(estimator=est)
+        morphed = m.forward(g, H)
+        before = morphed.graph.features.copy()
+        with pytest.raises(TypeError, match="backward\\(\\) got an unexpected keyword "
+                                            "argument 'out'"):
+            m.backward(morphed, out=morphed.graph.features)
+        m.backward(morphed, grad_features=morphed.graph.features)
+        np.testing.assert_array_equal(morphed.graph.features, before)
+        with pytest.raises(ValueError, match="out must not overlap"):
+            m.vjp(morphed, grad_features=np.ones(before.shape), out=H)
+
+
+def test_graph_text_and_batch_errors():
+    with pytest.raises(ValueError, match=r"^labels\[0\] = 0xd800 is a surrogate code point"):
+        gr.Graph([0, 0], [], [0xD800]).to_text()
+    a = gr.Graph.from_text("ab").replace(features=np.ones((2, 3)))
+    b = gr.Graph.from_text("c").replace(features=np.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"^graphs must all have the same number of "
+                                         r"features: graphs\[0\] has 3, graphs\[1\] has 4$"):
+        gr.Graph.batch([a, b])
+
+
+def test_huge_integers_give_clear_errors():
+    with pytest.raises(ValueError, match=r"^threshold must be finite, got an integer of "
+                                         r"about 500\d digits$"):
+        gr.Morpher(threshold=10**5000)
+    with pytest.raises(ValueError, match=r"^dim must be <= 2147483647"):
+        gr.Embedding(dim=10**11)
+
+
+# --------------------------------------------------------------- data files
+@pytest.mark.parametrize("body, result", [
+    (b'\xef\xbb\xbf{"input": "a", "target": "b"}\n', [("a", "b")]),
+    (b"[" * 100000 + b"]" * 100000 + b"\n", ":1: invalid JSON (nested too deeply)"),
+    (b'{"input": "a", "target": "b", "n": ' + b"1" * 5000 + b"}\n",
+     ":1: invalid JSON (an integer with more than 4300 digits)"),
+])
+def test_data_file_edge_cases(tmp_path, body, result):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(body)
+    if isinstance(result, list):
+        assert gr.load_pairs(path) == result
+    else:
+        with pytest.raises(ValueError) as info:
+            gr.load_pairs(path)
+        assert str(info.value) == f"{path}{result}"
+
+
+# ------------------------------------------------------------- the trainer
+def _trainer(lr=1e-2, **kwargs):
+    return gr.Trainer(gr.Embedding(dim=8), gr.Morpher(estimator="ste"), gr.StructuralLoss(),
+                      gr.Adam(lr=lr), batch_size=3, progress=False, **kwargs)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    ck = tmp_path / "ck.npz"
+    trainer = _trainer()
+    trainer.fit(gr.DEMO_PAIRS, 1, checkpoint=ck)
+    good = ck.read_bytes()
+    trainer.optimizer.lr = 1e308
+    with pytest.raises(FloatingPointError) as info:
+        trainer.fit(gr.DEMO_PAIRS, 3, checkpoint=ck)
+    assert str(info.value).startswith("training diverged at epoch 2: ")
+    assert str(info.value).endswith(f"nothing was written: the checkpoint {str(ck)!r} "
+                                    "(epoch 1) is still good")
+    assert ck.read_bytes() == good
+    fresh = _trainer(lr=1e308)
+    with pytest.raises(FloatingPointError, match="no checkpoint of this run yet"):
+        fresh.fit(gr.DEMO_PAIRS, 3, checkpoint=tmp_path / "other.npz")
+    assert not (tmp_path / "other.npz").exists()
+
+
+def test_fresh_run_refuses_an_existing_checkpoint(tmp_path):
+    ck = tmp_path / "ck.npz"
+    _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=ck)
+    before = ck.read_bytes()
+    with pytest.raises(ValueError, match=r"^checkpoint '.*ck.npz' already exists; a fresh "
+                                         r"run does not replace another run's files"):
+        _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=ck)
+    assert ck.read_bytes() == before
+    _trainer(overwrite=True).fit(gr.DEMO_PAIRS, 1, checkpoint=ck)
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    ck = tmp_path / "ck.npz"
+    _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=ck)
+    other = [("hello", "hell")]
+    with pytest.raises(ValueError, match=r"^pairs differ from the data the checkpoint "
+                                         r"'.*ck.npz' was trained on \(3 pairs"):
+        _trainer().fit(other, 2, resume=ck)
+    assert len(_trainer().fit(other, 2, resume=ck, new_data=True)) == 2
+
+
+def _corrupt(tmp_path, change):
+    ck = tmp_path / "ck.npz"
+    if not ck.exists():
+        _trainer().fit(gr.DEMO_PAIRS, 2, checkpoint=ck)
+    arrays, meta = load_checkpoint(ck)
+    change(arrays, meta)
+    bad = tmp_path / "bad.npz"
+    save_checkpoint(bad, arrays, meta)
+    return bad
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, m: a["optimizer.exp_avg.embedding"].__setitem__((0, 0), np.nan),
+     "optimizer.exp_avg.embedding contains NaN or infinity"),
+    (lambda a, m: a.__setitem__("optimizer.exp_avg_sq.embedding", np.zeros((2, 9))),
+     r"optimizer.exp_avg_sq.embedding has shape \(2, 9\), its parameter has \(\d+, 8\)"),
+    (lambda a, m: a.__setitem__("embedding.weight", np.zeros((a["embedding.codes"].size, 5))),
+     "embedding.weight has 5 columns, the configuration says dim=8"),
+    (lambda a, m: m.__setitem__("epoch", -1), "epoch must be a non-negative integer, got -1"),
+    (lambda a, m: m.__setitem__("history", m["history"][:1]),
+     r"history must hold one record per epoch \(2\), got 1"),
+    (lambda a, m: m["rng"].__setitem__("bit_generator", "MT19937"), "bit_generator"),
+    (lambda a, m: m["morpher"].__setitem__("rate", {"multiplier": 0.0}),
+     "rate controller mismatch"),
+])
+def test_checkpoint_contents_are_validated_on_load(tmp_path, change, message):
+    bad = _corrupt(tmp_path, change)
+    trainer = _trainer()
+    with pytest.raises(ValueError, match=f"^checkpoint '.*bad.npz' is corrupted or "
+                                         f"truncated: .*{message}"):
+        trainer.load(bad)
+    assert trainer.epoch == 0 and trainer.embedding.weight.shape == (0, 8)
+    assert trainer.optimizer.state_dict() == {"lr": 0.01, "beta1": 0.9, "beta2": 0.999,
+                                              "eps": 1e-8, "weight_decay": 0.0}
+
+
+# ---------------------------------------------------------------- the CLI
+def _cli(*argv):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"input": a, "target": b}) + "\n"
+                                           for a, b in gr.DEMO_PAIRS))
+    return d
+
+
+def test_cli_existing_run(tmp_path, data_dir, monkeypatch):
+    run = tmp_path / "run"
+    assert _cli("train", "--data", data_dir, "--epochs", 1, "--out", run, "--no-progress",
+                "--dim", 8)[0] == 0
+    files = {p: p.read_bytes() for p in run.iterdir()}
+    code, err = _cli("train", "--data", data_dir, "--epochs", 1, "--out", run,
+                     "--estimator", "history")
+    assert code == 2 and "already holds a run (checkpoint.npz, metrics.jsonl)" in err
+    # --overwrite interrupted before its first epoch: the old run survives
+    from grapheme.train import trainer as trainer_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module.Trainer, "_run_epoch", interrupted)
+        code, err = _cli("train", "--data", data_dir, "--epochs", 1, "--out", run,
+                         "--overwrite", "--estimator", "history")
+    assert code == 130
+    assert {p: p.read_bytes() for p in run.iterdir()} == files
+    # continuing it is fine; on other data it is refused
+    assert _cli("train", "--data", data_dir, "--epochs", 2, "--out", run, "--resume",
+                run / "checkpoint.npz")[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.jsonl").write_text('{"input": "ab", "target": "a"}\n')
+    code, err = _cli("train", "--data", other, "--epochs", 3, "--out", run, "--resume",
+                     run / "checkpoint.npz")
+    assert code == 2 and "pairs differ from the data the checkpoint" in err
+
+
+def test_cli_checkpoint_errors_never_advise_pickle(tmp_path, data_dir):
+    for path, message in ((tmp_path, "checkpoint is a directory, not a file"),
+                          (data_dir / "train.jsonl", "not a zip archive")):
+        code, err = _cli("eval", "--checkpoint", path, "--data", data_dir / "train.jsonl")
+        assert code == 2 and message in err and "pickle" not in err
+        assert err.count("\n") == 1
