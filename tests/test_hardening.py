@@ -239,7 +239,8 @@ def _corrupt(tmp_path, change):
     (lambda a, m: m.__setitem__("epoch", -1), "epoch must be a non-negative integer, got -1"),
     (lambda a, m: m.__setitem__("history", m["history"][:1]),
      r"history must hold one record per epoch \(2\), got 1"),
-    (lambda a, m: m["rng"].__setitem__("bit_generator", "MT19937"), "bit_generator"),
+    (lambda a, m: m["rng"].__setitem__("bit_generator", "MT19937"),
+     "state must be for a PCG64 RNG"),
     (lambda a, m: m["morpher"].__setitem__("rate", {"multiplier": 0.0}),
      "rate controller mismatch"),
 ])
