@@ -221,7 +221,11 @@ class Graph:
         if isinstance(texts, str) or not hasattr(texts, "__iter__"):
             raise TypeError("texts must be a sequence of str, "
                             f"got {type(texts).__name__}")
-        texts = list(texts)
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise TypeError("texts must be a sequence of str, "
+                            f"got {type(texts).__name__}") from None
         try:
             joined = "".join(texts)   # accepts str (and subclasses) only
         except TypeError:

@@ -130,11 +130,12 @@ class Trainer:
         self.optimizer = optimizer
         self.batch_size = check_scalar(batch_size, "batch_size", lower=1, integer=True)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
         self.seed = int(seed)
-        if target_activation not in TARGET_ACTIVATIONS:
+        if not isinstance(target_activation, str) or (
+                target_activation not in TARGET_ACTIVATIONS):
             raise ValueError(f"target_activation must be one of {TARGET_ACTIVATIONS}, "
-                             f"got {target_activation!r}")
+                             f"got {show(target_activation)}")
         self.target_activation = target_activation
         self.log = None if log is None else os.fspath(log)
         self.progress = bool(progress)

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, settings
 LONG = os.environ.get("GRAPHEME_FUZZ", "").lower() == "long"
 
 #: Examples per hypothesis test.
-EXAMPLES = 1500 if LONG else 40
+EXAMPLES = 2000 if LONG else 150
 #: Rounds per child-process scenario and seeds per scenario.
-ROUNDS = 200 if LONG else 12
+ROUNDS = 300 if LONG else 30
 SEEDS = range(8) if LONG else range(2)
 
 fuzz = settings(
