@@ -231,6 +231,12 @@ class Reinforce(Estimator):
         targets the same way.
     seed : int, default 0
 
+    Notes
+    -----
+    :meth:`forward` and :meth:`vjp` only read the estimator; :meth:`step`
+    changes it (the sample counter and baseline), so one estimator is not
+    safe to *train* from several threads (never a crash: Python numbers).
+
     Examples
     --------
     >>> Reinforce(baseline="loo", samples=4)

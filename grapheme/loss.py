@@ -311,6 +311,9 @@ class StructuralLoss:
 
     Notes
     -----
+    Stateless: one loss object may be used from any number of threads, and
+    so may a :class:`LossResult` (its arrays are only read).
+
     Cost per pair is O(iterations (n+1)(m+1)) for the transport plus
     O(E_p m + n E_t) for the edge term, in time, for both the forward and the
     backward pass; memory is the plan and potentials, O((n+1)(m+1) +

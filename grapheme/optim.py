@@ -28,6 +28,10 @@ class Optimizer:
     Subclasses list the names of their per-parameter state arrays in
     ``_slots`` and their hyperparameters in ``_hyper``, and implement
     :meth:`_update`.
+
+    Not safe to share between threads: :meth:`step` updates the state and
+    the parameters in place (numpy operations only, so concurrent use gives
+    wrong numbers, never a crash).
     """
 
     _slots = ()

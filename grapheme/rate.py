@@ -39,6 +39,11 @@ class RateController:
         so the rate settles where the penalty balances the loss, off the
         target.
 
+    Notes
+    -----
+    Not safe to share between threads: :meth:`update` changes the
+    multiplier (plain Python numbers: lost updates, never a crash).
+
     Examples
     --------
     >>> rc = RateController(target=0.5)
