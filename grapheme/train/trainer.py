@@ -29,6 +29,7 @@ import numpy as np
 from .._validation import check_pairs, check_scalar
 from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
+from ..encoder import Encoder
 from ..graph import Graph, replicate
 from ..morph import Morpher
 from ..ops import FeatureMean, Lookup
@@ -88,7 +89,7 @@ class Trainer:
     """
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
-                 target_activation="embedding", log=None, progress=True):
+                 target_activation="embedding", log=None, progress=True, encoder=None):
         if not isinstance(embedding, Embedding):
             raise TypeError(f"embedding must be a grapheme.Embedding, got "
                             f"{type(embedding).__name__}")
@@ -102,6 +103,13 @@ class Trainer:
         if not isinstance(optimizer, _optim.Optimizer):
             raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        if encoder is not None and not isinstance(encoder, Encoder):
+            raise TypeError(f"encoder must be a grapheme.Encoder or None, got "
+                            f"{type(encoder).__name__}")
+        if encoder is not None and encoder.dim != embedding.dim:
+            raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
+                             f"{embedding.dim}")
+        self.encoder = encoder
         self.embedding = embedding
         self.morpher = morpher
         self.loss = loss
@@ -138,6 +146,20 @@ class Trainer:
                              out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         return g, rows, H, target, t_rows
 
+    def _encode(self, g, H):
+        """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
+        if self.encoder is None:
+            return (H,), None
+        result, saved = self.encoder.forward(g, H)
+        return tuple(result), saved
+
+    def _params(self):
+        """The arrays the optimiser updates, by name."""
+        params = {"embedding": self.embedding.weight, "theta": self.morpher.theta}
+        if self.encoder is not None:
+            params.update({"encoder." + k: v for k, v in self.encoder.params.items()})
+        return params
+
     def _buffer(self, name, shape):
         """A C-contiguous float64 view of ``shape`` on one of the two arrays
         this trainer reuses from step to step (the input features and their
@@ -172,7 +194,8 @@ class Trainer:
         """
         emb, morpher = self.embedding, self.morpher
         g, rows, H, target, t_rows = self._batch(inputs, targets)
-        morphed = morpher.forward(g, H)
+        encoded, enc_saved = self._encode(g, H)
+        morphed = morpher.forward(g, *encoded)
         target = replicate(target, morphed.samples)
         res = self.loss.forward(morphed.graph, target)
         lg = self.loss.backward(res)
@@ -182,7 +205,11 @@ class Trainer:
                            grad_weights=lg.weights,
                            grad_log_prob=None if advantage is None else advantage / B,
                            grad_rate_penalty=1.0, out=self._buffer("grad", H.shape))
-        grad_table = Lookup().vjp((rows, emb.weight.shape), grad.features)[0]
+        grad_h, enc_grads = grad.features, {}
+        if self.encoder is not None:
+            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad.features, grad.queries,
+                                                 grad.keys)
+        grad_table = Lookup().vjp((rows, emb.weight.shape), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)
             gt = lg.target_activation
@@ -190,13 +217,14 @@ class Trainer:
                 gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             g_means = Lookup().vjp((t_rows, (emb.weight.shape[0],)), gt)[0]
             grad_table += FeatureMean().vjp(emb.weight.shape, g_means)[0]
-        grads = {"embedding": grad_table, "theta": grad.theta}
+        grads = {"embedding": grad_table, "theta": grad.theta,
+                 **{"encoder." + k: v for k, v in enc_grads.items()}}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
         if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"non-finite loss ({float(res.value)!r}) or gradient norm "
                 f"({grad_norm!r}) at epoch {self.epoch + 1}")
-        self.optimizer.step({"embedding": emb.weight, "theta": morpher.theta}, grads)
+        self.optimizer.step(self._params(), grads)
         morpher.step(morphed, res.values)
         variance = float("nan")
         if advantage is not None and B > 1:
@@ -238,7 +266,7 @@ class Trainer:
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
             g, _, H, target, _ = self._batch(bi, bt)
-            morphed = self.morpher.predict(g, H)
+            morphed = self.morpher.predict(g, *self._encode(g, H)[0])
             res = self.loss.forward(morphed.graph, target)
             w = len(bi)
             for key in sums:
@@ -415,7 +443,7 @@ class Trainer:
                           build(config["loss"]), known_opt[opt_type](lr=1.0),
                           batch_size=config["batch_size"], seed=config["seed"],
                           target_activation=config["target_activation"], log=log,
-                          progress=progress)
+                          progress=progress, encoder=build(config.get("encoder")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
                              f"{exc}") from None
@@ -432,6 +460,7 @@ class Trainer:
             "target_activation": self.target_activation,
             "embedding": describe(self.embedding),
             "morpher": describe(self.morpher),
+            "encoder": describe(self.encoder),
             "loss": describe(self.loss),
             "optimizer": {"type": type(self.optimizer).__name__},
         }
@@ -441,6 +470,8 @@ class Trainer:
         arrays = {"embedding.codes": self.embedding.codes,
                   "embedding.weight": self.embedding.weight,
                   "morpher.theta": self.morpher.theta}
+        if self.encoder is not None:
+            arrays.update({"encoder." + k: v for k, v in self.encoder.params.items()})
         for key, value in self.optimizer.state_dict().items():
             arrays["optimizer." + key] = np.asarray(value)
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
@@ -490,6 +521,10 @@ class Trainer:
                 {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
             rng = np.random.default_rng()
             rng.bit_generator.state = rng_state
+            if self.encoder is not None:
+                prefix = "encoder."
+                self.encoder.load_state_dict(
+                    {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
             self.morpher.load_state_dict(morpher_state)  # validates, then restores
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
