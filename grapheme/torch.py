@@ -59,6 +59,9 @@ __all__ = [
     "structural_loss",
     "rate_penalty",
     "bernoulli_log_prob",
+    "message_passing",
+    "routed_similarity",
+    "Encoder",
     "Merge",
     "Merged",
     "StructuralLoss",
@@ -192,6 +195,21 @@ def bernoulli_log_prob(logits, decisions, example, num_examples):
     op = ops.BernoulliLogProb()
     (lp,), _ = apply(op, lambda z: op.forward(z, decisions, example, num_examples), logits)
     return lp
+
+
+def message_passing(graph, features, w_self, w_pred, w_succ, bias):
+    """One residual message-passing layer (:class:`grapheme.ops.MessagePassing`)."""
+    op = ops.MessagePassing()
+    (h,), _ = apply(op, lambda x, a, b, c, d: op.forward(graph, x, a, b, c, d),
+                    features, w_self, w_pred, w_succ, bias)
+    return h
+
+
+def routed_similarity(graph, queries, keys):
+    """``cos(queries[u], keys[v])`` of every edge (:class:`grapheme.ops.RoutedSimilarity`)."""
+    op = ops.RoutedSimilarity()
+    (s,), _ = apply(op, lambda q, k: op.forward(graph, q, k), queries, keys)
+    return s
 
 
 # ------------------------------------------------------------------ modules
@@ -331,10 +349,12 @@ class Merge(nn.Module):
     def tau(self):
         return float(torch.sigmoid(self.theta.detach()))
 
-    def forward(self, x, offsets, labels=None):
+    def forward(self, x, offsets, labels=None, queries=None, keys=None):
         """Merge the rows of ``x`` (n, d), sequences by ``offsets`` (B + 1,).
 
         ``labels`` (n,) are optional code points for the structural loss.
+        With ``queries`` and ``keys`` (n, d_route), e.g. from :class:`Encoder`,
+        the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
         Returns a :class:`Merged`.
         """
         offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
@@ -344,7 +364,10 @@ class Merge(nn.Module):
         graph = Graph.chains(offsets_np, labels_np)
         if x.ndim != 2 or x.shape[0] != graph.num_nodes:
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
-        s = edge_similarity(graph, x)
+        if (queries is None) != (keys is None):
+            raise ValueError("queries and keys go together: give both or neither")
+        s = (edge_similarity(graph, x) if queries is None
+             else routed_similarity(graph, queries, keys))
         z, p, tau = merge_scores(s, self.theta.to(x.dtype), self.temperature)
         op = _EstimatorOp(self.estimator, graph, _array(s, "similarity"), tau)
         (f, mass, w, lp), out = apply(op, op.forward, x, z, p)
@@ -374,6 +397,43 @@ class Merge(nn.Module):
     def extra_repr(self):
         return (f"temperature={self.temperature}, estimator={self.estimator!r}, "
                 f"rate={self.rate!r}")
+
+
+class Encoder(nn.Module):
+    """Context before the merge (:class:`grapheme.Encoder` as a module).
+
+    ``layers`` residual message-passing layers over each sequence's chain,
+    then the routing projections; every layer weight starts at zero and the
+    projections at the identity, so an untrained encoder is the identity.
+    ``forward(x, offsets) -> (features, queries, keys)``, to pass on as
+    ``merge(features, offsets, labels, queries, keys)``.
+    """
+
+    def __init__(self, dim, layers=2):
+        super().__init__()
+        from ._validation import check_scalar
+
+        dim = check_scalar(dim, "dim", lower=1, integer=True)
+        layers = check_scalar(layers, "layers", lower=0, integer=True)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            for name in ("w_self", "w_pred", "w_succ"):
+                layer.register_parameter(name, nn.Parameter(torch.zeros(dim, dim)))
+            layer.register_parameter("bias", nn.Parameter(torch.zeros(dim)))
+            self.layers.append(layer)
+        self.query = nn.Parameter(torch.eye(dim))
+        self.key = nn.Parameter(torch.eye(dim))
+
+    def forward(self, x, offsets):
+        offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
+                      else np.asarray(offsets))
+        graph = Graph.chains(offsets_np)
+        h = x
+        for layer in self.layers:
+            h = message_passing(graph, h, layer.w_self.to(x.dtype), layer.w_pred.to(x.dtype),
+                                layer.w_succ.to(x.dtype), layer.bias.to(x.dtype))
+        return h, h @ self.query.to(x.dtype), h @ self.key.to(x.dtype)
 
 
 class StructuralLoss(nn.Module):
