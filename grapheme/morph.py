@@ -146,14 +146,9 @@ class Morpher:
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="history", rate=None):
-        self.threshold = check_scalar(threshold, "threshold")
+        (self.threshold, self.temperature, self.estimator,
+         self.rate) = morph_settings(threshold, temperature, estimator, rate)
         self.theta = np.array(self.threshold)
-        self.temperature = check_scalar(temperature, "temperature", lower=0,
-                                        lower_inclusive=False)
-        self.estimator = make_estimator(estimator)
-        if rate is not None and not isinstance(rate, RateController):
-            rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
-        self.rate = rate
         self.grad_theta = np.zeros(())
 
     @property
@@ -380,6 +375,16 @@ class Morpher:
     def __repr__(self):
         return (f"Morpher(threshold={self.threshold}, temperature={self.temperature}, "
                 f"estimator={self.estimator!r}, rate={self.rate!r})")
+
+
+def morph_settings(threshold, temperature, estimator, rate):
+    """A morph's settings, checked: ``(threshold, temperature, Estimator,
+    RateController or None)`` (a float ``rate`` is a controller's target)."""
+    threshold = check_scalar(threshold, "threshold")
+    temperature = check_scalar(temperature, "temperature", lower=0, lower_inclusive=False)
+    if rate is not None and not isinstance(rate, RateController):
+        rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
+    return threshold, temperature, make_estimator(estimator), rate
 
 
 def _upstream(value, name, shape) -> Optional[np.ndarray]:

@@ -44,10 +44,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .estimators import make_estimator
 from .graph import Graph
 from .loss import StructuralLoss as _Loss
-from .rate import RateController
+from .morph import morph_settings
 
 __all__ = [
     "apply",
@@ -335,15 +334,9 @@ class Merge(nn.Module):
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
         super().__init__()
-        from ._validation import check_scalar
-
-        self.theta = nn.Parameter(torch.tensor(check_scalar(threshold, "threshold")))
-        self.temperature = check_scalar(temperature, "temperature", lower=0,
-                                        lower_inclusive=False)
-        self.estimator = make_estimator(estimator)
-        if rate is not None and not isinstance(rate, RateController):
-            rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
-        self.rate = rate
+        threshold, self.temperature, self.estimator, self.rate = morph_settings(
+            threshold, temperature, estimator, rate)
+        self.theta = nn.Parameter(torch.tensor(threshold))
 
     @property
     def tau(self):
