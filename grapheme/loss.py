@@ -36,6 +36,11 @@ _SCALING_LOG_LIMIT = 250.0
 
 _DOMAINS = ("auto", "log", "scaling")
 
+#: Initial capacity, in sweeps per pair, of the potentials' storage when
+#: ``tol`` is set (it doubles as needed): the balanced default converges
+#: random text pairs in 8 sweeps on average, at most 23 (see docs/design.md).
+_FIRST_SWEEPS = 16
+
 
 class LossGrad(NamedTuple):
     """Gradient of ``LossResult.value`` (the batch mean), or of the weighted
@@ -98,6 +103,7 @@ class _Settings(NamedTuple):
     epsilon: float
     iterations: int
     tol: float              # <= 0: run every iteration
+    balance: bool           # the dustbin-balancing step before sweeps t >= 1
     conv_tol: float         # "converged" threshold when tol <= 0
     alpha: float
     beta: float
@@ -360,7 +366,8 @@ class StructuralLoss:
     """
 
     def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
-                 iterations=20, tol=None, weights=(0.1, 0.7, 0.2), domain="auto"):
+                 iterations=1000, tol=1e-6, weights=(0.1, 0.7, 0.2), domain="auto",
+                 balance=None):
         self.alpha = check_scalar(alpha, "alpha", lower=0)
         self.beta = check_scalar(beta, "beta", lower=0)
         self.gamma = check_scalar(gamma, "gamma", lower=0)
@@ -385,18 +392,23 @@ class StructuralLoss:
         if domain not in _DOMAINS:
             raise ValueError(f"domain must be one of {_DOMAINS}, got {domain!r}")
         self.domain = domain
+        if balance is not None and not isinstance(balance, (bool, np.bool_)):
+            raise TypeError(f"balance must be None, True or False, got {balance!r}")
+        self.balance = None if balance is None else bool(balance)
 
     def get_params(self):
         """Constructor arguments."""
         return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
                 "epsilon": self.epsilon, "iterations": self.iterations, "tol": self.tol,
-                "weights": self.weights, "domain": self.domain}
+                "weights": self.weights, "domain": self.domain,
+                "balance": self.balance}
 
     def __repr__(self):
         return (f"StructuralLoss(alpha={self.alpha}, beta={self.beta}, "
                 f"gamma={self.gamma}, epsilon={self.epsilon}, "
                 f"iterations={self.iterations}, tol={self.tol}, "
-                f"weights={self.weights}, domain={self.domain!r})")
+                f"weights={self.weights}, domain={self.domain!r}, "
+                f"balance={self.balance})")
 
     # -- public -------------------------------------------------------------
     def forward(self, predicted, target) -> LossResult:
@@ -488,16 +500,22 @@ class StructuralLoss:
         m = np.diff(t.offsets)
         plan_off = np.zeros(B + 1, np.int64)
         np.cumsum((n + 1) * (m + 1), out=plan_off[1:])
+        # the kernel fills the offsets of the potentials and grows their
+        # storage with the sweeps it runs; the last offsets are only its
+        # initial capacity (every sweep without tol, a few with it)
+        sweeps = self.iterations if self.tol is None else min(self.iterations, _FIRST_SWEEPS)
         f_off = np.zeros(B + 1, np.int64)
-        np.cumsum(self.iterations * (n + 1), out=f_off[1:])
         g_off = np.zeros(B + 1, np.int64)
-        np.cumsum(self.iterations * (m + 1), out=g_off[1:])
+        f_off[-1] = sweeps * int((n + 1).sum())
+        g_off[-1] = sweeps * int((m + 1).sum())
         scaled = self._choose_domain(p, t)
-        cache = _Cache(self, p, t, np.empty(plan_off[-1]), plan_off, np.empty(f_off[-1]),
-                       np.empty(g_off[-1]), f_off, g_off, np.empty(B, np.int64), scaled)
+        cache = _Cache(self, p, t, np.empty(plan_off[-1]), plan_off, None, None,
+                       f_off, g_off, np.empty(B, np.int64), scaled)
         terms = np.empty((B, 4))
         conv = np.empty(B, np.uint8)
-        _transport.structural_loss_forward(p, t, self._settings(), cache, terms, conv)
+        fpot, gpot = _transport.structural_loss_forward(p, t, self._settings(), cache,
+                                                         terms, conv)
+        cache = cache._replace(fpot=fpot, gpot=gpot)
         used = cache.used
         nodes, edges, cliques = terms[:, 0].copy(), terms[:, 1].copy(), terms[:, 2].copy()
         values = self.alpha * nodes + self.beta * edges + self.gamma * cliques
@@ -512,8 +530,12 @@ class StructuralLoss:
     def _settings(self) -> _Settings:
         """The settings as the kernels read them."""
         return _Settings(*self.weights, self.epsilon, self.iterations,
-                         -1.0 if self.tol is None else self.tol, _REPORT_TOL,
-                         self.alpha, self.beta, self.gamma)
+                         -1.0 if self.tol is None else self.tol, self._balances(),
+                         _REPORT_TOL, self.alpha, self.beta, self.gamma)
+
+    def _balances(self) -> bool:
+        """Whether the sweeps take the dustbin-balancing step."""
+        return self.tol is not None if self.balance is None else self.balance
 
     def _choose_domain(self, p: _GraphArrays, t: _GraphArrays) -> np.ndarray:
         """Per pair 1 (scaling form) or 0 (log domain), as uint8 of shape (B,)."""
