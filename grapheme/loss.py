@@ -270,6 +270,14 @@ class StructuralLoss:
       :math:`P_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}`. With ``tol``
       set, the iterations stop as soon as
       :math:`\max_i |\sum_j P_{ij} - a_i| \le` ``tol`` (augmented rows).
+    * Balancing (``balance``, on by default with ``tol``): before every
+      sweep but the first, the dual is maximised exactly along the one
+      direction plain sweeps are slow on, :math:`f_i \mathrel{+}= c`
+      (i < n), :math:`g_j \mathrel{-}= c` (j < m): with s the mass of the
+      deletion column and r that of the insertion row,
+      :math:`x = e^{c/\varepsilon}` is the positive root of
+      :math:`s x^2 - (A - B) x - r = 0`. The fixed point is unchanged (it is
+      a dual ascent step); see Notes.
     * ``node`` :math:`= \sum P_{ij} C_{ij}` over the augmented cells.
     * ``edge`` :math:`= 1 - 2X/(W_p + W_t)` with the preserved weight
       :math:`X = \sum_{(u,v)} \sum_{(j,l)} w_{uv} w'_{jl} Q_{uj} Q_{vl}` under
@@ -292,11 +300,19 @@ class StructuralLoss:
     epsilon : float, default 0.1
         Entropic regularisation (> 0). The log-domain updates are stable down
         to at least 1e-3.
-    iterations : int, default 20
+    iterations : int, default 1000
         Number of Sinkhorn iterations (>= 1); the maximum when ``tol`` is set.
-    tol : float or None, default None
-        Stop early once the row-marginal error is <= tol (> 0). None runs
-        exactly ``iterations``.
+        A cap costs nothing until it is reached: time and memory follow the
+        sweeps performed.
+    tol : float or None, default 1e-6
+        Stop once the row-marginal error is <= tol (> 0). None runs exactly
+        ``iterations``. The original protocol is ``iterations=20, tol=None``
+        (plain sweeps, the numbers of grapheme before the converged default).
+    balance : bool or None, default None
+        Take the dustbin-balancing step before every sweep but the first.
+        None: when ``tol`` is set. Random text pairs converge to 1e-6 in 8
+        sweeps on average (23 at most over 1000 pairs) with it, against 58
+        on average and 2.7% not within 1000 without.
     weights : tuple of 3 floats, default (0.1, 0.7, 0.2)
         Weights of the type, activation and degree parts of the node cost.
     domain : {"auto", "log", "scaling"}, default "auto"
@@ -317,11 +333,25 @@ class StructuralLoss:
 
     Notes
     -----
-    Cost per pair is O(iterations (n+1)(m+1)) for the transport plus
+    Cost per pair is O(used (n+1)(m+1)) for the transport (``used`` the
+    sweeps performed, ``LossResult.iterations``, never the cap) plus
     O(E_p m + n E_t) for the edge term, in time, for both the forward and the
     backward pass; memory is the plan and potentials, O((n+1)(m+1) +
-    iterations (n+m)), plus O((n+1)(m+1)) reusable workspace. All pairs of a
-    batch go through one compiled call that releases the GIL.
+    used (n+m)) (the potentials' storage grows by doubling as the sweeps
+    run), plus O((n+1)(m+1)) reusable workspace. All pairs of a batch go
+    through one compiled call that releases the GIL.
+
+    Why balancing: plain sweeps are slow when the plan nearly splits into
+    two blocks, the real nodes against each other and the dustbin corner,
+    joined only by the little mass deleted or inserted; this is typical
+    when n = m. The gauge that moves one block against the other then
+    mixes at the rate of that mass (hundreds to thousands of sweeps). The
+    balancing step solves that one direction of the dual exactly, in
+    O(n + m); it is a smooth function of the potentials and the masses and
+    is differentiated exactly in the backward pass. The scaling-form safety
+    bound below is proven for plain sweeps; with balancing the kernel
+    computes the same iterates in both domains (the tests compare them), but
+    the bound on the shifted potentials is not proven.
 
     Why the scaling form is safe under the condition: all costs lie in
     :math:`[0, C_{max}]`; the half-steps are sup-norm non-expansive and
