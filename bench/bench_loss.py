@@ -70,3 +70,72 @@ class BatchLossSuite:
 
     def peakmem_forward_backward(self, domain):
         self.loss.backward(self.loss.forward(self.predicted, self.target))
+
+
+def _text_pairs(rng, count, lo=2, hi=30, dim=64):
+    """``count`` random pairs of lowercase texts of lo..hi characters with the
+    Trainer's default activations: feature means of a random embedding for
+    the input, the embedding's row means for the target."""
+    from grapheme import Embedding
+
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    texts = ["".join(rng.choice(letters, int(rng.integers(lo, hi + 1))))
+             for _ in range(2 * count)]
+    emb = Embedding(dim=dim, seed=0)
+    predicted = Graph.from_texts(texts[:count])
+    target = Graph.from_texts(texts[count:])
+    rows, t_rows = emb.rows(predicted.labels), emb.rows(target.labels)
+    return (predicted._with(features=emb.weight[rows]),
+            target._with(activation=emb.weight.mean(axis=1)[t_rows]))
+
+
+class SinkhornCapSuite:
+    """200 random text pairs, forward + backward, tol = 1e-6, at caps 200,
+    2000 and 20000: every pair converges long before the cap, so the three
+    rows must be equal (time and peak memory follow the sweeps performed,
+    not the cap). ``balance`` times the default (dustbin balancing) against
+    plain Sinkhorn sweeps."""
+
+    params = ([200, 2000, 20000], [True, False])
+    param_names = ["iterations", "balance"]
+
+    def setup(self, iterations, balance):
+        rng = np.random.default_rng(42)
+        self.loss = StructuralLoss(iterations=iterations, tol=1e-6, balance=balance)
+        self.predicted, self.target = _text_pairs(rng, 200)
+
+    def _forward_backward(self):
+        self.loss.backward(self.loss.forward(self.predicted, self.target))
+
+    def time_forward_backward(self, iterations, balance):
+        self._forward_backward()
+
+    def peakmem_forward_backward(self, iterations, balance):
+        self._forward_backward()
+
+
+class DefaultLossSuite:
+    """1000 random text pairs (2-30 characters), forward + backward: the
+    converged default (``"default"``: tol = 1e-6, cap 1000, balanced) against
+    the original protocol (``"20 iterations"``: ``iterations=20, tol=None``)
+    in the same run; the issue asks for at most 3x."""
+
+    params = ["default", "20 iterations"]
+    param_names = ["protocol"]
+
+    def setup(self, protocol):
+        rng = np.random.default_rng(42)
+        self.loss = (StructuralLoss() if protocol == "default"
+                     else StructuralLoss(iterations=20, tol=None))
+        self.predicted, self.target = _text_pairs(rng, 1000)
+
+    def time_forward_backward(self, protocol):
+        self.loss.backward(self.loss.forward(self.predicted, self.target))
+
+    def peakmem_forward_backward(self, protocol):
+        self.loss.backward(self.loss.forward(self.predicted, self.target))
+
+    def track_converged_fraction(self, protocol):
+        """Share of pairs whose row-marginal error is <= 1e-6."""
+        return float(np.mean(self.loss.forward(self.predicted, self.target)
+                             .marginal_error <= 1e-6))

@@ -10,6 +10,7 @@ from . import ops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs
 from .embedding import Embedding
+from .encoder import Encoder
 from .estimators import Hard, Reinforce, Relaxed, StraightThrough
 from .graph import Graph, chain_sources, contract, merge_edges, replicate
 from .history import MergeHistory
@@ -26,6 +27,7 @@ __all__ = [
     "Adam",
     "DEMO_PAIRS",
     "Embedding",
+    "Encoder",
     "GradcheckResult",
     "Graph",
     "Hard",

@@ -79,3 +79,32 @@ def scatter(
 ) -> None: ...
 
 STREAM_MIN_BYTES: int
+def neighbour_sums(
+    indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,  # const index_t[::1] IN (E,)
+    weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
+    x: np.ndarray,        # const double[:, ::1] IN (n, d)
+    pred: np.ndarray,     # double[:, ::1] OUT (n, d)
+    succ: np.ndarray,     # double[:, ::1] OUT (n, d)
+) -> None: ...
+def edge_cosine_qk(
+    indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,  # const index_t[::1] IN (E,)
+    Q: np.ndarray,        # const double[:, ::1] IN (n, d)
+    K: np.ndarray,        # const double[:, ::1] IN (n, d)
+    qnorms: np.ndarray,   # double[::1] OUT (n,)
+    knorms: np.ndarray,   # double[::1] OUT (n,)
+    sim: np.ndarray,      # double[::1] OUT (E,)
+) -> None: ...
+def edge_cosine_qk_backward(
+    indptr: np.ndarray,    # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,   # const index_t[::1] IN (E,)
+    Q: np.ndarray,         # const double[:, ::1] IN (n, d)
+    K: np.ndarray,         # const double[:, ::1] IN (n, d)
+    qnorms: np.ndarray,    # const double[::1] IN (n,)
+    knorms: np.ndarray,    # const double[::1] IN (n,)
+    sim: np.ndarray,       # const double[::1] IN (E,)
+    grad_sim: np.ndarray,  # const double[::1] IN (E,)
+    grad_Q: np.ndarray,    # double[:, ::1] OUT (n, d), accumulated
+    grad_K: np.ndarray,    # double[:, ::1] OUT (n, d), accumulated
+) -> None: ...

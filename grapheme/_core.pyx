@@ -598,3 +598,113 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
         if stream:
             store_fence()
 
+
+
+# ---------------------------------------------------------------------------
+# Message passing and routed similarity (the encoder before the morph)
+# ---------------------------------------------------------------------------
+
+cdef inline void _row_add(double* dst, const double* src, double w, intp_t d) noexcept nogil:
+    cdef intp_t t
+    for t in range(d):
+        dst[t] += w * src[t]
+
+
+def neighbour_sums(const index_t[::1] indptr,   # IN  (n+1,)
+                   const index_t[::1] indices,  # IN  (E,)
+                   const double[::1] weights,   # IN  (E,), or (0,): every edge weighs 1
+                   const double[:, ::1] x,      # IN  (n, d)
+                   double[:, ::1] pred,         # OUT (n, d)
+                   double[:, ::1] succ):        # OUT (n, d)
+    """Weighted sums of every node's predecessors' and successors' rows.
+
+    ``pred[v] = sum_{u -> v} w_e x[u]``, ``succ[u] = sum_{u -> v} w_e x[v]``
+    (so ``pred = A^T x`` and ``succ = A x`` for the adjacency ``A``). Both
+    outputs are overwritten and must overlap neither ``x`` nor each other.
+    O((n + E) d).
+    """
+    cdef intp_t n = x.shape[0], d = x.shape[1], u, v, e, t
+    cdef bint weighted = weights.shape[0] != 0
+    cdef double w
+    if n == 0 or d == 0:
+        return
+    cdef const double* xp = &x[0, 0]
+    cdef double* pp = &pred[0, 0]
+    cdef double* sp = &succ[0, 0]
+    with nogil:
+        for t in range(n * d):
+            pp[t] = 0.0
+            sp[t] = 0.0
+        for u in range(n):
+            for e in range(indptr[u], indptr[u + 1]):
+                v = indices[e]
+                w = weights[e] if weighted else 1.0
+                _row_add(sp + u * d, xp + v * d, w, d)
+                _row_add(pp + v * d, xp + u * d, w, d)
+
+
+def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
+                   const index_t[::1] indices,   # IN  (E,)
+                   const double[:, ::1] Q,       # IN  (n, d) queries
+                   const double[:, ::1] K,       # IN  (n, d) keys
+                   double[::1] qnorms,           # OUT (n,)
+                   double[::1] knorms,           # OUT (n,)
+                   double[::1] sim):             # OUT (E,)
+    """``s_e = <q_u, k_v> / (max(|q_u|, eps) max(|k_v|, eps))`` for every
+    edge e = (u, v), eps = 1e-12. O((n + E) d)."""
+    cdef intp_t u, v, e, n = Q.shape[0], d = Q.shape[1]
+    cdef double nu, nv, spare = 0.0
+    if n == 0:
+        return
+    cdef const double* qp = &Q[0, 0] if d else &spare
+    cdef const double* kp = &K[0, 0] if d else &spare
+    with nogil:
+        for u in range(n):
+            qnorms[u] = sqrt(dot(qp + u * d, qp + u * d, d))
+            knorms[u] = sqrt(dot(kp + u * d, kp + u * d, d))
+        for u in range(n):
+            nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
+            for e in range(indptr[u], indptr[u + 1]):
+                v = indices[e]
+                nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
+                sim[e] = dot(qp + u * d, kp + v * d, d) / (nu * nv)
+
+
+def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
+                            const index_t[::1] indices,  # IN  (E,)
+                            const double[:, ::1] Q,      # IN  (n, d)
+                            const double[:, ::1] K,      # IN  (n, d)
+                            const double[::1] qnorms,    # IN  (n,) from edge_cosine_qk
+                            const double[::1] knorms,    # IN  (n,)
+                            const double[::1] sim,       # IN  (E,)
+                            const double[::1] grad_sim,  # IN  (E,)
+                            double[:, ::1] grad_Q,       # OUT (n, d), accumulated
+                            double[:, ::1] grad_K):      # OUT (n, d), accumulated
+    """Accumulate ``sum_e grad_sim[e] d s_e / d (Q, K)``. O((n + E) d).
+
+    ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2`` and likewise for
+    ``k_v`` (the second term vanishes where the norm is clamped to eps).
+    """
+    cdef intp_t u, v, e, n = Q.shape[0], d = Q.shape[1]
+    cdef double nu, nv, g, s, a, bu, bv
+    if n == 0 or d == 0:
+        return
+    cdef const double* qp = &Q[0, 0]
+    cdef const double* kp = &K[0, 0]
+    cdef double* gq = &grad_Q[0, 0]
+    cdef double* gk = &grad_K[0, 0]
+    with nogil:
+        for u in range(n):
+            nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
+            for e in range(indptr[u], indptr[u + 1]):
+                g = grad_sim[e]
+                if g == 0.0:
+                    continue
+                v = indices[e]
+                nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
+                s = sim[e]
+                a = g / (nu * nv)
+                bu = g * s / (nu * nu) if qnorms[u] > COS_EPS else 0.0
+                bv = g * s / (nv * nv) if knorms[v] > COS_EPS else 0.0
+                row_axpby(gq + u * d, kp + v * d, a, qp + u * d, bu, d)
+                row_axpby(gk + v * d, qp + u * d, a, kp + v * d, bv, d)

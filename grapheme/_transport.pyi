@@ -20,10 +20,11 @@ def structural_loss_forward(
     predicted: Any,         # _GraphArrays IN
     target: Any,            # _GraphArrays IN
     settings: Any,          # _Settings IN
-    state: Any,             # _Cache: layout IN; plan, fpot, gpot, used OUT
+    state: Any,             # _Cache: scaled, plan_off, capacity hints f_off[-1],
+                            #   g_off[-1] IN; plan, f_off, g_off, used OUT
     terms: np.ndarray,      # double[:, ::1] OUT (B, 4): node, edge, clique, row error
     converged: np.ndarray,  # uint8_t[::1] OUT (B,)
-) -> None: ...
+) -> tuple[np.ndarray, np.ndarray]: ...  # fpot, gpot: the potentials of the sweeps run
 def structural_loss_backward(
     predicted: Any,         # _GraphArrays IN
     target: Any,            # _GraphArrays IN

@@ -31,7 +31,9 @@ from one function (:c:func:`_workspace`).
 """
 import numpy as np
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.math cimport exp, log, fabs, INFINITY
+from libc.math cimport exp, log, fabs, sqrt, INFINITY
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy
 
 from grapheme._types cimport intp_t
 
@@ -58,6 +60,7 @@ cdef struct Settings:
     double eps                   # entropic regularisation, > 0
     intp_t iterations            # Sinkhorn iterations (the most, with tol)
     double tol                   # early stop at row error <= tol; <= 0: never
+    bint balance                 # the dustbin-balancing step before sweeps t >= 1
     double conv_tol              # "converged" threshold when tol <= 0
     double alpha, beta, gamma    # weights of the node, edge, clique terms
 
@@ -82,6 +85,7 @@ cdef struct Work:
     double* bw                   # m+1: augmented column weights
     const double* one            # m+1 ones
     double* fn                   # n+1 (forward): the next f, for the row error
+    double* gs                   # m+1: the balanced (shifted) previous g
     double* M                    # m+1 (forward): LSE shifts / scaling work
     double* Cb                   # cells (backward): cost adjoint
     double* S                    # real (backward): Q Wt
@@ -131,6 +135,7 @@ cdef int _settings(object settings, Settings* s) except -1:
     s.eps = settings.epsilon
     s.iterations = settings.iterations
     s.tol = settings.tol
+    s.balance = settings.balance
     s.conv_tol = settings.conv_tol
     s.alpha = settings.alpha
     s.beta = settings.beta
@@ -173,6 +178,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
     cdef intp_t rows = maxn + 1, cols = maxm + 1
     cdef intp_t total = (cells + (cells if any_scaled else 1) + 2 * real
                          + rows + 2 * cols)
+    total += cols                # gs
     if backward:
         total += cells + 2 * real + rows + 5 * cols
     else:
@@ -193,6 +199,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
     for j in range(cols):
         ones[j] = 1.0
     w.one = ones
+    w.gs = at; at += cols
     w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = NULL
     w.zero = NULL
     if backward:
@@ -344,31 +351,168 @@ cdef void _update_u(intp_t n1, intp_t m1, const double* K, const double* v,
 
 cdef void _sweep_uv(intp_t n1, intp_t m1, const double* K, const double* vin,
                     const double* bw, const double* aw, double* u, double* v,
-                    double* bv) noexcept nogil:
-    """One sweep in ONE pass over K: u = 1/(K (bw vin)), v = 1/(K^T (aw u)).
+                    double* bv, double x, double* un) noexcept nogil:
+    """One sweep in ONE pass over K: u = 1/(K (bw vt)), v = 1/(K^T (aw u)),
+    with vt the balanced input: vin / x on the real columns, vin on the
+    dustbin column (x = 1: plain Sinkhorn, and exactly its arithmetic).
 
     u_i needs only row i, so the column sums of v accumulate from the row
     while it is in cache; bv is (m1,) work. Same result as _update_u then
-    _update_v (up to the order of the additions).
+    _update_v (up to the order of the additions). If ``un`` is not NULL it
+    receives U(vin) = 1/(K (bw vin)), the update of the UNbalanced input
+    (for the row error of the plan (u_prev, vin)), from the same pass.
     """
-    cdef intp_t i, j
+    cdef intp_t i, j, mr = m1 - 1
     cdef const double* row
-    cdef double s, c
+    cdef double s, c, sd
     for j in range(m1):
         bv[j] = bw[j] * vin[j]
         v[j] = 0.0
+    if x != 1.0:
+        for j in range(mr):
+            bv[j] = bw[j] * (vin[j] / x)
     for i in range(n1):
         row = K + i * m1
         s = 0.0
-        for j in range(m1):
+        for j in range(mr):
             s += bv[j] * row[j]
-        u[i] = 1.0 / s
+        sd = bv[mr] * row[mr]
+        u[i] = 1.0 / (s + sd)
+        if un != NULL:
+            un[i] = 1.0 / (x * s + sd)
         if aw[i] > 0.0:
             c = aw[i] * u[i]
             for j in range(m1):
                 v[j] += c * row[j]
     for j in range(m1):
         v[j] = 1.0 / v[j]
+
+
+cdef struct Balance:
+    # The dustbin-balancing step of one sweep (see _balance).
+    bint applied
+    double x                     # e^{c/eps}: real f += c, real g -= c
+    double s                     # deletion mass  sum_{i<n} P_im
+    double r                     # insertion mass sum_{j<m} P_nj
+    double R                     # sqrt((A - B)^2 + 4 s r)
+
+
+cdef inline double _cell(bint sc, intp_t i, intp_t j, intp_t m1, const double* f,
+                         const double* g, const double* C, const double* K,
+                         double eps) noexcept nogil:
+    """e_ij = exp((f_i + g_j - C_ij)/eps), or u_i K_ij v_j in the scaling form."""
+    if sc:
+        return f[i] * K[i * m1 + j] * g[j]
+    return _sexp((f[i] + g[j] - C[i * m1 + j]) / eps)
+
+
+cdef Balance _balance(intp_t n, intp_t m, bint sc, const double* f, const double* g,
+                      const double* C, const double* K, const double* aw,
+                      const double* bw, double eps) noexcept nogil:
+    """The exact dual ascent step along the one direction plain Sinkhorn is
+    slow on: f_i += c (i < n), g_j -= c (j < m), dustbins fixed.
+
+    The direction moves mass only between the deletion column (cells (i, m),
+    scaled by x = e^{c/eps}) and the insertion row (cells (n, j), scaled by
+    1/x); the dual's derivative along it is (A - B) - s x + r / x, so its
+    maximiser is the positive root of s x^2 - (A - B) x - r = 0 (a concave
+    1-D problem, solved in closed form). Not applied (x = 1) without real
+    rows or columns, or when s or r is 0. O(n + m).
+    """
+    cdef Balance out
+    cdef intp_t i, j, m1 = m + 1
+    cdef double d
+    out.applied = False
+    out.x = 1.0
+    out.s = 0.0
+    out.r = 0.0
+    out.R = 0.0
+    if n == 0 or m == 0:
+        return out
+    for i in range(n):
+        out.s += aw[i] * _cell(sc, i, m, m1, f, g, C, K, eps)
+    out.s *= bw[m]
+    for j in range(m):
+        out.r += bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps)
+    out.r *= aw[n]
+    if not (out.s > 0.0 and out.r > 0.0):
+        return out
+    d = bw[m] - aw[n]                          # A - B
+    out.R = sqrt(d * d + 4.0 * out.s * out.r)
+    if d >= 0.0:
+        out.x = (d + out.R) / (2.0 * out.s)
+    else:
+        out.x = 2.0 * out.r / (out.R - d)      # the same root, no cancellation
+    out.applied = True
+    return out
+
+
+cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
+                           const double* g, const double* C, const double* K,
+                           const double* aw, const double* bw, double eps,
+                           const Balance* bal, double* fb, double* gb,
+                           double* ga, double* abar) noexcept nogil:
+    """Reverse of the balancing step taken at (f, g), which fed F with g - c
+    on the real columns (c = eps log x). On entry gb holds the adjoint of
+    that balanced g; on exit, the adjoint of g. Adds to fb (adjoint of f),
+    ga (of the n predicted masses) and abar (of A = sum a, the dustbin
+    column weight). By the implicit function theorem on s x^2 - d x - r = 0
+    (d = A - B), with R = 2 s x - d: dx/ds = -x^2/R, dx/dd = x/R,
+    dx/dr = 1/R. O(n + m)."""
+    cdef intp_t i, j, m1 = m + 1
+    cdef double cbar = 0.0, xbar, sbar, rbar, dbar, e, sa = 0.0
+    for j in range(m):
+        cbar -= gb[j]
+    xbar = cbar * eps / bal.x
+    sbar = -xbar * bal.x * bal.x / bal.R
+    rbar = xbar / bal.R
+    dbar = xbar * bal.x / bal.R
+    # s = A sum_{i<n} a_i e_im
+    for i in range(n):
+        e = _cell(sc, i, m, m1, f, g, C, K, eps)
+        fb[i] += sbar * aw[i] * bw[m] * e / eps
+        ga[i] += sbar * bw[m] * e
+        sa += aw[i] * e
+    gb[m] += sbar * bal.s / eps
+    abar[0] += sbar * sa + dbar
+    # r = B sum_{j<m} b_j e_nj
+    fb[n] += rbar * bal.r / eps
+    for j in range(m):
+        gb[j] += rbar * aw[n] * bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps) / eps
+
+
+cdef struct Store:
+    # A growable array of doubles (the potentials of every sweep of a batch).
+    double* data
+    intp_t size
+    intp_t cap
+
+
+cdef int _reserve(Store* st, intp_t need) noexcept nogil:
+    """Make room for ``need`` doubles, doubling the capacity; -1 if out of memory."""
+    cdef intp_t cap
+    cdef double* p
+    if need <= st.cap:
+        return 0
+    cap = 2 * st.cap if 2 * st.cap > need else need
+    p = <double*>realloc(st.data, cap * sizeof(double))
+    if p == NULL:
+        return -1
+    st.data = p
+    st.cap = cap
+    return 0
+
+
+cdef object _to_array(Store* st):
+    """The stored doubles as a new ndarray of exactly ``st.size``; frees ``st``."""
+    out = np.empty(st.size)
+    cdef double[::1] view = out
+    if st.size > 0:
+        memcpy(&view[0], st.data, st.size * sizeof(double))
+    free(st.data)
+    st.data = NULL
+    st.size = st.cap = 0
+    return out
 
 
 cdef double _row_error_scaled(intp_t n1, const double* u, const double* unext,
@@ -436,27 +580,34 @@ def structural_loss_forward(
         object predicted,             # IN  predicted graph (_GraphArrays)
         object target,                # IN  target graph (_GraphArrays)
         object settings,              # IN  _Settings
-        object state,                 # IN  scaled, plan_off, f_off, g_off;
-                                      # OUT plan, fpot, gpot, used (a _Cache)
+        object state,                 # IN  scaled, plan_off, and the capacity hint
+                                      #     f_off[-1] / g_off[-1] (doubles);
+                                      # OUT plan, f_off, g_off, used (a _Cache)
         double[:, ::1] terms,         # OUT (B, 4): node, edge, clique, row error
         uint8_t[::1] converged):      # OUT (B,) row error <= tol (or conv_tol)
     """Forward structural loss of a batch of pairs (trusts its input).
 
-    For every pair: augmented cost, ``iterations`` Sinkhorn sweeps (stopping
-    early once the row-marginal error is <= ``tol`` if ``tol > 0``), the
-    plan, node, edge and clique terms. The sweeps run in the log domain, or,
-    where ``scaled[b]``, in the scaling form with K = exp(-C/eps) computed
-    once (one exp per cell per pair instead of two per cell per sweep; the
-    caller guarantees the scaling form cannot over- or underflow). The
-    potentials of every iteration (f, g or u, v) are stored in
-    ``state.fpot``/``state.gpot`` (sizes ``sum_b iterations (n_b+1)`` and
-    ``sum_b iterations (m_b+1)``) for the backward pass, the plans in
-    ``state.plan`` (``sum_b (n_b+1)(m_b+1)``), the iterations performed in
-    ``state.used`` (B,).
+    For every pair: augmented cost, at most ``iterations`` Sinkhorn sweeps
+    (stopping early once the row-marginal error is <= ``tol`` if ``tol >
+    0``), the plan, node, edge and clique terms. With ``balance``, every
+    sweep t >= 1 starts with the dustbin-balancing step (:c:func:`_balance`).
+    The sweeps run in the log domain, or, where ``scaled[b]``, in the scaling
+    form with K = exp(-C/eps) computed once (one exp per cell per pair
+    instead of two per cell per sweep; the caller guarantees the scaling form
+    cannot over- or underflow). The plans go to ``state.plan``
+    (``sum_b (n_b+1)(m_b+1)``), the sweeps performed to ``state.used`` (B,).
 
-    Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
-    O((n+1)(m+1)) workspace (two such buffers if any pair is scaled; reused
-    across pairs).
+    Returns ``(fpot, gpot)``: the potentials of every sweep performed (f, g,
+    or u, v where scaled), pair after pair, of sizes exactly
+    ``sum_b used_b (n_b+1)`` and ``sum_b used_b (m_b+1)``; pair b's start at
+    ``state.f_off[b]``, ``state.g_off[b]`` (filled here). They are stored in
+    arrays that grow by doubling as the sweeps run (starting from the
+    capacity hints), so time and memory follow the sweeps performed, never
+    the cap ``iterations``.
+
+    Complexity per pair O(used (n+1)(m+1) + E_p m + n E_t) time, O(used (n+m))
+    stored, and O((n+1)(m+1)) workspace (two such buffers if any pair is
+    scaled; reused across pairs).
     """
     cdef list keep = []
     cdef Graph P_, T_
@@ -468,19 +619,28 @@ def structural_loss_forward(
     _settings(settings, &st)
     _layout(state, keep, &lay)
     cdef double[::1] plan = state.plan
-    cdef double[::1] fpot = state.fpot
-    cdef double[::1] gpot = state.gpot
     cdef int64_t[::1] used = state.used
+    cdef int64_t[::1] f_off_out = state.f_off
+    cdef int64_t[::1] g_off_out = state.g_off
     work = _workspace(&P_, &T_, &lay, False, &w)
+    cdef Store fst, gst
+    fst.data = gst.data = NULL
+    fst.size = gst.size = fst.cap = gst.cap = 0
+    if (_reserve(&fst, max(<intp_t>f_off_out[lay.pairs], 1)) != 0
+            or _reserve(&gst, max(<intp_t>g_off_out[lay.pairs], 1)) != 0):
+        free(fst.data)
+        free(gst.data)
+        raise MemoryError("no memory for the Sinkhorn potentials")
 
     # the names of the loop below
     cdef intp_t nb = lay.pairs, iterations = st.iterations
     cdef double w_type = st.w_type, w_act = st.w_act, w_deg = st.w_deg
     cdef double eps = st.eps, tol = st.tol, conv_tol = st.conv_tol
+    cdef bint balance = st.balance
     cdef const uint8_t* scaled = lay.scaled
     cdef const int64_t* plan_off = lay.plan_off
-    cdef const int64_t* f_off = lay.f_off
-    cdef const int64_t* g_off = lay.g_off
+    cdef int64_t* f_off = &f_off_out[0]
+    cdef int64_t* g_off = &g_off_out[0]
     cdef const int64_t* off_p = P_.offsets
     cdef const int64_t* off_t = T_.offsets
     cdef const double* xp = P_.activation
@@ -503,20 +663,20 @@ def structural_loss_forward(
     cdef double* aw = w.aw
     cdef double* bw = w.bw
     cdef double* fn = w.fn
+    cdef double* gs = w.gs
     cdef double* M = w.M
     cdef double* K = w.K
     cdef const double* one = w.one
     cdef double* planp = &plan[0] if plan.shape[0] > 0 else NULL
-    cdef double* Fp = &fpot[0] if fpot.shape[0] > 0 else NULL
-    cdef double* Gp = &gpot[0] if gpot.shape[0] > 0 else NULL
 
-    cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, v, nit
-    cdef double A, Bt, node, X, Wsum, err, E, mp, vp, mt, vt, md
+    cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, v, nit, f0, g0
+    cdef double A, Bt, node, X, Wsum, err, E, mp, vp, mt, vt, md, c
     cdef double* P
     cdef double* f
     cdef double* g
     cdef double* gprev
-    cdef bint have_next, conv
+    cdef bint have_next, conv, oom = False
+    cdef Balance bal
 
     with nogil:
         for b in range(nb):
@@ -526,6 +686,10 @@ def structural_loss_forward(
             m = <intp_t>off_t[b + 1] - t0
             n1 = n + 1
             m1 = m + 1
+            f0 = fst.size
+            g0 = gst.size
+            f_off[b] = f0
+            g_off[b] = g0
             P = planp + plan_off[b]
             _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
                          yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
@@ -552,32 +716,49 @@ def structural_loss_forward(
             elif scaled[b]:
                 _kernel_matrix(n1 * m1, C, eps, K)
                 conv = False
-                have_next = False
                 # one pass over K per sweep: sweep t+1 is run (into slot
-                # t+1) as soon as v^t is known, and its u^{t+1} = U(v^t)
-                # gives the row error of iteration t; on an early stop the
-                # speculative slot t+1 is simply not counted
-                _sweep_uv(n1, m1, K, one, bw, aw, Fp + f_off[b], Gp + g_off[b], M)
+                # t+1) as soon as v^t is known, and its pass also gives
+                # U(v^t), the row error of iteration t; on an early stop the
+                # speculative slot t+1 is simply not kept
+                if _reserve(&fst, f0 + n1) != 0 or _reserve(&gst, g0 + m1) != 0:
+                    oom = True
+                    break
+                _sweep_uv(n1, m1, K, one, bw, aw, fst.data + f0, gst.data + g0, M,
+                          1.0, NULL)
                 for t in range(iterations):
-                    f = Fp + f_off[b] + t * n1      # u of iteration t
-                    g = Gp + g_off[b] + t * m1      # v of iteration t
                     nit = t + 1
                     if t == iterations - 1:
+                        f = fst.data + f0 + t * n1      # u of iteration t
+                        g = gst.data + g0 + t * m1      # v of iteration t
                         _update_u(n1, m1, K, g, bw, fn, M)
                         err = _row_error_scaled(n1, f, fn, aw)
                         if tol > 0.0 and err <= tol:
                             conv = True
                         break
-                    _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M)
-                    if tol > 0.0:
-                        err = _row_error_scaled(n1, f, f + n1, aw)
-                        if err <= tol:
-                            conv = True
-                            break
+                    if (_reserve(&fst, f0 + (t + 2) * n1) != 0
+                            or _reserve(&gst, g0 + (t + 2) * m1) != 0):
+                        oom = True
+                        break
+                    f = fst.data + f0 + t * n1
+                    g = gst.data + g0 + t * m1
+                    if balance:
+                        bal = _balance(n, m, True, f, g, C, K, aw, bw, eps)
+                        _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M, bal.x, fn)
+                        if tol > 0.0:
+                            err = _row_error_scaled(n1, f, fn, aw)
+                    else:
+                        _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M, 1.0, NULL)
+                        if tol > 0.0:
+                            err = _row_error_scaled(n1, f, f + n1, aw)
+                    if tol > 0.0 and err <= tol:
+                        conv = True
+                        break
+                if oom:
+                    break
                 if tol <= 0.0:
                     conv = err <= conv_tol
-                f = Fp + f_off[b] + (nit - 1) * n1
-                g = Gp + g_off[b] + (nit - 1) * m1
+                f = fst.data + f0 + (nit - 1) * n1
+                g = gst.data + g0 + (nit - 1) * m1
                 for i in range(n1):
                     for j in range(m1):
                         E = f[i] * K[i * m1 + j] * g[j]
@@ -589,9 +770,24 @@ def structural_loss_forward(
                 conv = False
                 have_next = False
                 for t in range(iterations):
-                    f = Fp + f_off[b] + t * n1
-                    g = Gp + g_off[b] + t * m1
-                    if have_next:
+                    if (_reserve(&fst, f0 + (t + 1) * n1) != 0
+                            or _reserve(&gst, g0 + (t + 1) * m1) != 0):
+                        oom = True
+                        break
+                    f = fst.data + f0 + t * n1
+                    g = gst.data + g0 + t * m1
+                    bal.applied = False
+                    if balance and t > 0:
+                        bal = _balance(n, m, False, f - n1, g - m1, C, NULL, aw, bw, eps)
+                    if bal.applied:
+                        # F of the balanced g: g_j - eps log x on the real columns
+                        c = eps * log(bal.x)
+                        gprev = g - m1
+                        for j in range(m):
+                            gs[j] = gprev[j] - c
+                        gs[m] = gprev[m]
+                        _update_f(n1, m1, C, gs, bw, eps, f)
+                    elif have_next:
                         for i in range(n1):
                             f[i] = fn[i]
                     elif t == 0:
@@ -609,10 +805,12 @@ def structural_loss_forward(
                         if tol > 0.0 and err <= tol:
                             conv = True
                             break
+                if oom:
+                    break
                 if tol <= 0.0:
                     conv = err <= conv_tol
-                f = Fp + f_off[b] + (nit - 1) * n1
-                g = Gp + g_off[b] + (nit - 1) * m1
+                f = fst.data + f0 + (nit - 1) * n1
+                g = gst.data + g0 + (nit - 1) * m1
                 for i in range(n1):
                     for j in range(m1):
                         E = _sexp((f[i] + g[j] - C[i * m1 + j]) / eps)
@@ -620,6 +818,8 @@ def structural_loss_forward(
                         node += P[i * m1 + j] * C[i * m1 + j]
                         if i < n and j < m:
                             Q[i * m + j] = bw[j] * E
+            fst.size = f0 + nit * n1
+            gst.size = g0 + nit * m1
 
             # edge term: X = sum_{u->v} w_uv <Q_u, R_v>, R = Q Wt^T
             Wsum = 0.0
@@ -648,6 +848,13 @@ def structural_loss_forward(
             terms[b, 3] = err
             used[b] = nit
             converged[b] = conv
+        f_off[nb] = fst.size
+        g_off[nb] = gst.size
+    if oom:
+        free(fst.data)
+        free(gst.data)
+        raise MemoryError("no memory for the Sinkhorn potentials")
+    return _to_array(&fst), _to_array(&gst)
 
 
 def structural_loss_backward(
@@ -754,6 +961,10 @@ def structural_loss_backward(
     cdef double* gwtp = &gwt[0] if gwt.shape[0] > 0 else NULL
     cdef double* Tq = w.T
     cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
+    cdef bint balance = st.balance
+    cdef Balance bal
+    cdef double* gs = w.gs
+    cdef double csh
 
     cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
     cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, gbj, fbi, d
@@ -761,6 +972,7 @@ def structural_loss_backward(
     cdef const double* f
     cdef const double* g
     cdef const double* gprev
+    cdef const double* gt
     cdef const double* Crow
     cdef double* Cbrow
     cdef bint has_edges
@@ -934,10 +1146,16 @@ def structural_loss_backward(
                     f = Fp + f_off[b] + t * n1          # u
                     g = Gp + g_off[b] + t * m1          # v
                     gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else one
+                    bal.applied = False
+                    if balance and t > 0:
+                        bal = _balance(n, m, True, f - n1, gprev, C, K, aw, bw, eps)
                     for j in range(m1):
                         hv[j] = gb[j] * g[j]
                         kv[j] = bw[j] * gprev[j]
                         gn[j] = 0.0
+                    if bal.applied and bal.x != 1.0:
+                        for j in range(m):
+                            kv[j] = bw[j] * (gprev[j] / bal.x)
                     for i in range(n1):
                         Krow = K + i * m1
                         Cbrow = Cb + i * m1
@@ -963,12 +1181,25 @@ def structural_loss_backward(
                     tmp = gb
                     gb = gn
                     gn = tmp
+                    if bal.applied:
+                        _balance_adjoint(n, m, True, f - n1, gprev, C, K, aw, bw, eps,
+                                         &bal, fb, gb, gap + p0, &abar_dust)
             else:
                 # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
                 for t in range(nit - 1, -1, -1):
                     f = Fp + f_off[b] + t * n1
                     g = Gp + g_off[b] + t * m1
                     gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else zero
+                    bal.applied = False
+                    if balance and t > 0:
+                        bal = _balance(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps)
+                    gt = gprev
+                    if bal.applied:
+                        csh = eps * log(bal.x)
+                        for j in range(m):
+                            gs[j] = gprev[j] - csh
+                        gs[m] = gprev[m]
+                        gt = gs
                     for i in range(n1):
                         Crow = C + i * m1
                         Cbrow = Cb + i * m1
@@ -991,11 +1222,14 @@ def structural_loss_backward(
                         Crow = C + i * m1
                         Cbrow = Cb + i * m1
                         for j in range(m1):
-                            E = _sexp((gprev[j] - Crow[j] + f[i]) / eps)
+                            E = _sexp((gt[j] - Crow[j] + f[i]) / eps)
                             gb[j] -= fbi * bw[j] * E
                             Cbrow[j] += fbi * bw[j] * E
-                        abar_dust -= eps * fbi * _sexp((gprev[m] - Crow[m] + f[i]) / eps)
+                        abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
                         fb[i] = 0.0
+                    if bal.applied:
+                        _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
+                                         &bal, fb, gb, gap + p0, &abar_dust)
 
             # cost adjoint -> activations; dustbin column marginal A -> masses
             for i in range(n):

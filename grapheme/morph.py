@@ -16,7 +16,7 @@ import numpy as np
 
 from ._validation import as_float_array, check_graph, check_out, check_scalar
 from .estimators import Hard, make_estimator
-from .ops import EdgeSimilarity, MergeScores, sigmoid
+from .ops import EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
 from .rate import RateController
 
 __all__ = ["Morpher", "Morphed", "MorphGrad"]
@@ -92,10 +92,15 @@ class MorphGrad(NamedTuple):
         With respect to the input features.
     theta : ndarray of shape ()
         With respect to the raw threshold ``theta``.
+    queries, keys : ndarray of shape (n_nodes, d_route) or None
+        With respect to the routing queries and keys, when the morph was
+        given them (:meth:`Morpher.forward`).
     """
 
     features: np.ndarray
     theta: np.ndarray
+    queries: Optional[np.ndarray] = None
+    keys: Optional[np.ndarray] = None
 
 
 class Morpher:
@@ -150,14 +155,9 @@ class Morpher:
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="history", rate=None):
-        self.threshold = check_scalar(threshold, "threshold")
+        (self.threshold, self.temperature, self.estimator,
+         self.rate) = morph_settings(threshold, temperature, estimator, rate)
         self.theta = np.array(self.threshold)
-        self.temperature = check_scalar(temperature, "temperature", lower=0,
-                                        lower_inclusive=False)
-        self.estimator = make_estimator(estimator)
-        if rate is not None and not isinstance(rate, RateController):
-            rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
-        self.rate = rate
         self.grad_theta = np.zeros(())
 
     @property
@@ -174,8 +174,14 @@ class Morpher:
         self.grad_theta = np.zeros(())
 
     # ----------------------------------------------------------------- forward
-    def forward(self, graph, features):
+    def forward(self, graph, features, queries=None, keys=None):
         """Morph ``graph`` given node ``features`` (n_nodes, d). O((n + E) d).
+
+        With ``queries`` and ``keys`` (both (n_nodes, d_route)) the merge
+        score of edge ``(u, v)`` is ``cos(queries[u], keys[v])`` (learned
+        routing, :class:`grapheme.ops.RoutedSimilarity`); without, the cosine
+        of the features themselves. The features are what is merged either
+        way.
 
         Pure: the morpher's state (``theta``, the estimator's step count and
         baseline, the rate multiplier) is read, never changed.
@@ -193,10 +199,21 @@ class Morpher:
             the candidate edges are not chain-shaped.
         """
         check_graph(graph, "graph")
-        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
-        return self._morph(graph, features, self.estimator, self.rate)
+        features, route = self._check_inputs(graph, features, queries, keys)
+        return self._morph(graph, features, self.estimator, self.rate, route)
 
-    def predict(self, graph, features):
+    @staticmethod
+    def _check_inputs(graph, features, queries, keys):
+        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+        if (queries is None) != (keys is None):
+            raise ValueError("queries and keys go together: give both or neither")
+        if queries is None:
+            return features, None
+        queries = as_float_array(queries, "queries", ndim=2, shape=(graph.num_nodes, None))
+        keys = as_float_array(keys, "keys", ndim=2, shape=queries.shape)
+        return features, (queries, keys)
+
+    def predict(self, graph, features, queries=None, keys=None):
         """The deterministic hard morph: merge every edge with ``s > tau``.
 
         What the model does at inference, whatever the estimator: no
@@ -204,11 +221,14 @@ class Morpher:
         O((n + E) d).
         """
         check_graph(graph, "graph")
-        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
-        return self._morph(graph, features, Hard(), None)
+        features, route = self._check_inputs(graph, features, queries, keys)
+        return self._morph(graph, features, Hard(), None, route)
 
-    def _morph(self, graph, features, estimator, rate):
-        sim, sim_saved = EdgeSimilarity().forward(graph, features)
+    def _morph(self, graph, features, estimator, rate, route=None):
+        if route is None:
+            sim, sim_saved = EdgeSimilarity().forward(graph, features)
+        else:
+            sim, sim_saved = RoutedSimilarity().forward(graph, *route)
         scores, scores_saved = MergeScores(self.temperature).forward(sim.similarity, self.theta)
         estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores)
         value, expected, rate_saved = 0.0, float("nan"), None
@@ -216,7 +236,7 @@ class Morpher:
             op, multiplier = rate.penalty()
             pen, pen_saved = op.forward(scores.probability, graph.num_nodes, multiplier)
             value, expected, rate_saved = pen.value, pen.expected_rate, (op, pen_saved)
-        saved = (sim_saved, scores_saved, est_saved, rate_saved)
+        saved = (sim_saved, scores_saved, est_saved, rate_saved, features, route is not None)
         return Morphed(estimate, sim.similarity, scores.probability, scores.tau, value,
                        expected, saved, estimator, graph.num_nodes)
 
@@ -271,15 +291,15 @@ class Morpher:
         n_edges = morphed.similarity.shape
         grad_probability = _upstream(grad_probability, "grad_probability", n_edges)
         grad_similarity = _upstream(grad_similarity, "grad_similarity", n_edges)
-        sim_saved, scores_saved, est_saved, rate_saved = morphed._saved
+        sim_saved, scores_saved, est_saved, rate_saved, features, routed = morphed._saved
         if out is not None:
             arrays = {"grad_features": grad_features, "grad_mass": grad_mass,
                       "grad_weights": grad_weights, "grad_log_prob": grad_log_prob,
                       "grad_probability": grad_probability,
                       "grad_similarity": grad_similarity,
-                      "the morph's input features": sim_saved[2],
+                      "the morph's input features": features,
                       "morphed.graph.features": g.features}
-            check_out(out, "out", sim_saved[2].shape,
+            check_out(out, "out", features.shape,
                       inputs={k: v for k, v in arrays.items() if v is not None})
         grad_h, grad_z, grad_p = morphed._estimator.vjp(est_saved, grad_features, grad_mass,
                                                         grad_weights, grad_log_prob, out=out)
@@ -289,14 +309,16 @@ class Morpher:
             grad_p = rate_p if grad_p is None else grad_p + rate_p
         if grad_probability is not None:
             grad_p = grad_probability if grad_p is None else grad_p + grad_probability
-        if grad_z is None and grad_p is None:
+        grad_s, grad_theta = grad_similarity, np.zeros(())
+        if grad_z is not None or grad_p is not None:
+            grad_s, grad_theta = MergeScores(self.temperature).vjp(scores_saved, grad_z, grad_p)
             if grad_similarity is not None:
-                EdgeSimilarity.accumulate(sim_saved, grad_similarity, grad_h)
-            return MorphGrad(grad_h, np.zeros(()))
-        grad_s, grad_theta = MergeScores(self.temperature).vjp(scores_saved, grad_z, grad_p)
-        if grad_similarity is not None:
-            grad_s = grad_s + grad_similarity
-        EdgeSimilarity.accumulate(sim_saved, grad_s, grad_h)   # grad_h is ours: add in place
+                grad_s = grad_s + grad_similarity
+        if routed:
+            grad_q, grad_k = RoutedSimilarity().vjp(sim_saved, grad_s)
+            return MorphGrad(grad_h, grad_theta, grad_q, grad_k)
+        if grad_s is not None:
+            EdgeSimilarity.accumulate(sim_saved, grad_s, grad_h)   # grad_h is ours
         return MorphGrad(grad_h, grad_theta)
 
     def backward(self, morphed, grad_features=None, grad_mass=None, grad_weights=None,
@@ -367,6 +389,16 @@ class Morpher:
     def __repr__(self):
         return (f"Morpher(threshold={self.threshold}, temperature={self.temperature}, "
                 f"estimator={self.estimator!r}, rate={self.rate!r})")
+
+
+def morph_settings(threshold, temperature, estimator, rate):
+    """A morph's settings, checked: ``(threshold, temperature, Estimator,
+    RateController or None)`` (a float ``rate`` is a controller's target)."""
+    threshold = check_scalar(threshold, "threshold")
+    temperature = check_scalar(temperature, "temperature", lower=0, lower_inclusive=False)
+    if rate is not None and not isinstance(rate, RateController):
+        rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
+    return threshold, temperature, make_estimator(estimator), rate
 
 
 def _upstream(value, name, shape) -> Optional[np.ndarray]:

@@ -44,10 +44,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .estimators import make_estimator
 from .graph import Graph
 from .loss import StructuralLoss as _Loss
-from .rate import RateController
+from .morph import morph_settings
 
 __all__ = [
     "apply",
@@ -59,6 +58,9 @@ __all__ = [
     "structural_loss",
     "rate_penalty",
     "bernoulli_log_prob",
+    "message_passing",
+    "routed_similarity",
+    "Encoder",
     "Merge",
     "Merged",
     "StructuralLoss",
@@ -196,6 +198,21 @@ def bernoulli_log_prob(logits, decisions, example, num_examples):
     return lp
 
 
+def message_passing(graph, features, w_self, w_pred, w_succ, bias):
+    """One residual message-passing layer (:class:`grapheme.ops.MessagePassing`)."""
+    op = ops.MessagePassing()
+    (h,), _ = apply(op, lambda x, a, b, c, d: op.forward(graph, x, a, b, c, d),
+                    features, w_self, w_pred, w_succ, bias)
+    return h
+
+
+def routed_similarity(graph, queries, keys):
+    """``cos(queries[u], keys[v])`` of every edge (:class:`grapheme.ops.RoutedSimilarity`)."""
+    op = ops.RoutedSimilarity()
+    (s,), _ = apply(op, lambda q, k: op.forward(graph, q, k), queries, keys)
+    return s
+
+
 # ------------------------------------------------------------------ modules
 class _EstimatorOp(ops.Operation):
     """An estimator's forward and vjp as one operation of the features,
@@ -319,24 +336,20 @@ class Merge(nn.Module):
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
         super().__init__()
-        from ._validation import check_scalar
-
-        self.theta = nn.Parameter(torch.tensor(check_scalar(threshold, "threshold")))
-        self.temperature = check_scalar(temperature, "temperature", lower=0,
-                                        lower_inclusive=False)
-        self.estimator = make_estimator(estimator)
-        if rate is not None and not isinstance(rate, RateController):
-            rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
-        self.rate = rate
+        threshold, self.temperature, self.estimator, self.rate = morph_settings(
+            threshold, temperature, estimator, rate)
+        self.theta = nn.Parameter(torch.tensor(threshold))
 
     @property
     def tau(self):
         return float(torch.sigmoid(self.theta.detach()))
 
-    def forward(self, x, offsets, labels=None):
+    def forward(self, x, offsets, labels=None, queries=None, keys=None):
         """Merge the rows of ``x`` (n, d), sequences by ``offsets`` (B + 1,).
 
         ``labels`` (n,) are optional code points for the structural loss.
+        With ``queries`` and ``keys`` (n, d_route), e.g. from :class:`Encoder`,
+        the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
         Returns a :class:`Merged`.
         """
         offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
@@ -346,7 +359,10 @@ class Merge(nn.Module):
         graph = Graph.chains(offsets_np, labels_np)
         if x.ndim != 2 or x.shape[0] != graph.num_nodes:
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
-        s = edge_similarity(graph, x)
+        if (queries is None) != (keys is None):
+            raise ValueError("queries and keys go together: give both or neither")
+        s = (edge_similarity(graph, x) if queries is None
+             else routed_similarity(graph, queries, keys))
         z, p, tau = merge_scores(s, self.theta.to(x.dtype), self.temperature)
         op = _EstimatorOp(self.estimator, graph, _array(s, "similarity"), tau)
         (f, mass, w, lp), out = apply(op, op.forward, x, z, p)
@@ -376,6 +392,43 @@ class Merge(nn.Module):
     def extra_repr(self):
         return (f"temperature={self.temperature}, estimator={self.estimator!r}, "
                 f"rate={self.rate!r}")
+
+
+class Encoder(nn.Module):
+    """Context before the merge (:class:`grapheme.Encoder` as a module).
+
+    ``layers`` residual message-passing layers over each sequence's chain,
+    then the routing projections; every layer weight starts at zero and the
+    projections at the identity, so an untrained encoder is the identity.
+    ``forward(x, offsets) -> (features, queries, keys)``, to pass on as
+    ``merge(features, offsets, labels, queries, keys)``.
+    """
+
+    def __init__(self, dim, layers=2):
+        super().__init__()
+        from ._validation import check_scalar
+
+        dim = check_scalar(dim, "dim", lower=1, integer=True)
+        layers = check_scalar(layers, "layers", lower=0, integer=True)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            for name in ("w_self", "w_pred", "w_succ"):
+                layer.register_parameter(name, nn.Parameter(torch.zeros(dim, dim)))
+            layer.register_parameter("bias", nn.Parameter(torch.zeros(dim)))
+            self.layers.append(layer)
+        self.query = nn.Parameter(torch.eye(dim))
+        self.key = nn.Parameter(torch.eye(dim))
+
+    def forward(self, x, offsets):
+        offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
+                      else np.asarray(offsets))
+        graph = Graph.chains(offsets_np)
+        h = x
+        for layer in self.layers:
+            h = message_passing(graph, h, layer.w_self.to(x.dtype), layer.w_pred.to(x.dtype),
+                                layer.w_succ.to(x.dtype), layer.bias.to(x.dtype))
+        return h, h @ self.query.to(x.dtype), h @ self.key.to(x.dtype)
 
 
 class StructuralLoss(nn.Module):

@@ -33,11 +33,15 @@ def _moments(nd, mass):
 
 def reference_pair(x, a, labels_p, edges_p, y, b, labels_t, edges_t, *,
                    alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
-                   iterations=20, tol=None, weights=(0.1, 0.7, 0.2)):
+                   iterations=20, tol=None, weights=(0.1, 0.7, 0.2), balance=False):
     """Structural loss of one pair.
 
     ``edges_p`` / ``edges_t`` are lists of ``(source, target, weight)`` with
-    local node indices. Returns a dict with value, node, edge, clique, plan
+    local node indices. ``balance``: before every sweep but the first, the
+    dual is maximised exactly along (real f + c, real g - c), i.e. the real
+    columns of g drop by eps log x with x the positive root of
+    ``s x^2 - (A - B) x - r`` (s, r: the masses of the deletion column and
+    the insertion row). Returns a dict with value, node, edge, clique, plan
     (augmented, shape (n+1, m+1)), iterations, marginal_error.
     """
     x = np.asarray(x, float)
@@ -74,7 +78,16 @@ def reference_pair(x, a, labels_p, edges_p, y, b, labels_t, edges_t, *,
     else:
         g = np.zeros(m + 1)
         its = 0
-        for _ in range(iterations):
+        for it in range(iterations):
+            if balance and it > 0 and n and m:
+                s = A * np.sum(a * np.exp((f[:n] + g[m] - C[:n, m]) / eps))
+                r = B * np.sum(b * np.exp((f[n] + g[:m] - C[n, :m]) / eps))
+                if s > 0 and r > 0:
+                    d = A - B
+                    root = np.sqrt(d * d + 4 * s * r)
+                    # the positive root, in the form without cancellation
+                    x = (d + root) / (2 * s) if d >= 0 else 2 * r / (root - d)
+                    g = np.append(g[:m] - eps * np.log(x), g[m])
             f = -eps * _weighted_lse((g[None, :] - C) / eps, bb[None, :], axis=1)
             g = -eps * _weighted_lse((f[:, None] - C) / eps, aa[:, None], axis=0)
             its += 1

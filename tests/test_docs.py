@@ -9,7 +9,7 @@ import pytest
 import grapheme
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-MODULES = ["graph", "history", "ops", "estimators", "rate", "morph", "embedding", "testing",
+MODULES = ["graph", "history", "ops", "encoder", "estimators", "rate", "morph", "embedding", "testing",
            "loss", "optim", "data", "checkpoint", "train", "train.trainer", "train.state",
            "train.metrics", "cli"]
 

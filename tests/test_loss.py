@@ -83,7 +83,7 @@ def check_reference(res, b, ref):
 def ref_kwargs(loss):
     return dict(alpha=loss.alpha, beta=loss.beta, gamma=loss.gamma,
                 epsilon=loss.epsilon, iterations=loss.iterations, tol=loss.tol,
-                weights=loss.weights)
+                weights=loss.weights, balance=loss._balances())
 
 
 def rel_error(num, ana):
@@ -324,7 +324,7 @@ def test_marginals(n, m):
     rng = np.random.default_rng(n * m)
     p, _ = random_graph(rng, n, zero_mass=1)
     t, _ = random_graph(rng, m, mass=False)
-    loss = StructuralLoss(iterations=2000)
+    loss = StructuralLoss(iterations=2000, tol=1e-10)
     res = run(loss, p, t)
     P = res.plan(0)
     a, b = p["mass"], t["mass"]

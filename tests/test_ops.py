@@ -70,6 +70,21 @@ def _cases():
     cases["rate_penalty"] = Case(penalty, lambda p: penalty.forward(p, 9, 0.7),
                                  [rng.uniform(0, 1, 5)])
 
+    weighted = general.replace(weights=rng.uniform(0.5, 1.5, general.num_edges))
+    mp = ops.MessagePassing()
+    cases["message_passing"] = Case(
+        mp, lambda h, ws, wp, wn, b: mp.forward(weighted, h, ws, wp, wn, b),
+        [rng.normal(size=(7, 3))] + [0.5 * rng.normal(size=(3, 3)) for _ in range(3)]
+        + [0.3 * rng.normal(size=3)])
+
+    cases["linear"] = Case(ops.Linear(), ops.Linear().forward,
+                           [rng.normal(size=(5, 3)), rng.normal(size=(3, 4))])
+
+    routed = ops.RoutedSimilarity()
+    cases["routed_similarity"] = Case(
+        routed, lambda q, k: routed.forward(general, q, k),
+        [rng.normal(size=(7, 4)), rng.normal(size=(7, 4))])
+
     loss = gr.StructuralLoss(tol=1e-9, iterations=500)
     pred = random_graph(rng, 5, 8, labels=rng.integers(97, 100, 5))
     pred = gr.Graph.batch([pred, random_graph(rng, 2, 2, labels=[97, 98])])

@@ -292,3 +292,32 @@ def test_importing_grapheme_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- encoder
+def test_encoder_functions_gradcheck():
+    rng = np.random.default_rng(11)
+    g = random_graph(rng, 6, 10)
+    gradcheck(lambda h, a, b, c, d: gt.message_passing(g, h, a, b, c, d),
+              leaf(rng.normal(size=(6, 3))), *[leaf(0.5 * rng.normal(size=(3, 3)))
+                                               for _ in range(3)], leaf(rng.normal(size=3)))
+    gradcheck(lambda q, k: gt.routed_similarity(g, q, k),
+              leaf(rng.normal(size=(6, 4))), leaf(rng.normal(size=(6, 4))))
+
+
+def test_encoder_module_starts_as_identity_and_trains():
+    torch.manual_seed(1)
+    offsets = torch.tensor([0, 5, 9])
+    x = torch.randn(9, 6, dtype=F64)
+    enc = gt.Encoder(6, layers=2).double()
+    h, q, k = enc(x, offsets)
+    torch.testing.assert_close(h, x)
+    merge = gt.Merge(threshold=0.2, estimator="soft").double()
+    plain = merge(x, offsets)
+    routed = merge(h, offsets, None, q, k)
+    torch.testing.assert_close(routed.features, plain.features)
+    lossf = gt.StructuralLoss()
+    target = gr.Graph.from_texts(["ab", "cd"])
+    lossf(routed, target).backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    assert float(enc.query.grad.abs().sum()) > 0

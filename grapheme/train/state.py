@@ -14,13 +14,15 @@ __all__ = ["describe", "build", "registry"]
 def registry():
     """The component types a description may name."""
     from ..embedding import Embedding
+    from ..encoder import Encoder
     from ..estimators import Hard, Reinforce, Relaxed, StraightThrough
     from ..loss import StructuralLoss
     from ..morph import Morpher
     from ..rate import RateController
 
-    return {cls.__name__: cls for cls in (Embedding, Morpher, Hard, Relaxed, StraightThrough,
-                                          Reinforce, RateController, StructuralLoss)}
+    return {cls.__name__: cls for cls in (Embedding, Encoder, Morpher, Hard, Relaxed,
+                                          StraightThrough, Reinforce, RateController,
+                                          StructuralLoss)}
 
 
 def describe(obj):

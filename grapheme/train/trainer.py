@@ -31,6 +31,7 @@ from .. import _core
 from .._validation import check_pairs, check_scalar, show
 from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
+from ..encoder import Encoder
 from ..graph import Graph, replicate
 from ..morph import Morpher
 from ..ops import FeatureMean, Lookup
@@ -110,7 +111,8 @@ class Trainer:
     """
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
-                 target_activation="embedding", log=None, progress=True, overwrite=False):
+                 target_activation="embedding", log=None, progress=True, encoder=None,
+                 overwrite=False):
         if not isinstance(embedding, Embedding):
             raise TypeError(f"embedding must be a grapheme.Embedding, got "
                             f"{type(embedding).__name__}")
@@ -124,6 +126,13 @@ class Trainer:
         if not isinstance(optimizer, _optim.Optimizer):
             raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        if encoder is not None and not isinstance(encoder, Encoder):
+            raise TypeError(f"encoder must be a grapheme.Encoder or None, got "
+                            f"{type(encoder).__name__}")
+        if encoder is not None and encoder.dim != embedding.dim:
+            raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
+                             f"{embedding.dim}")
+        self.encoder = encoder
         self.embedding = embedding
         self.morpher = morpher
         self.loss = loss
@@ -165,6 +174,20 @@ class Trainer:
                              out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         return g, rows, H, target, t_rows
 
+    def _encode(self, g, H):
+        """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
+        if self.encoder is None:
+            return (H,), None
+        result, saved = self.encoder.forward(g, H)
+        return tuple(result), saved
+
+    def _params(self):
+        """The arrays the optimiser updates, by name."""
+        params = {"embedding": self.embedding.weight, "theta": self.morpher.theta}
+        if self.encoder is not None:
+            params.update({"encoder." + k: v for k, v in self.encoder.params.items()})
+        return params
+
     def _buffer(self, name, shape):
         """A C-contiguous float64 view of ``shape`` on one of the two arrays
         this trainer reuses from step to step (the input features and their
@@ -199,7 +222,8 @@ class Trainer:
         """
         emb, morpher = self.embedding, self.morpher
         g, rows, H, target, t_rows = self._batch(inputs, targets)
-        morphed = morpher.forward(g, H)
+        encoded, enc_saved = self._encode(g, H)
+        morphed = morpher.forward(g, *encoded)
         target = replicate(target, morphed.samples)
         res = self.loss.forward(morphed.graph, target)
         lg = self.loss.backward(res)
@@ -209,7 +233,11 @@ class Trainer:
                            grad_weights=lg.weights,
                            grad_log_prob=None if advantage is None else advantage / B,
                            grad_rate_penalty=1.0, out=self._buffer("grad", H.shape))
-        grad_table = Lookup().vjp((rows, emb.weight.shape), grad.features)[0]
+        grad_h, enc_grads = grad.features, {}
+        if self.encoder is not None:
+            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad.features, grad.queries,
+                                                 grad.keys)
+        grad_table = Lookup().vjp((rows, emb.weight.shape), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)
             gt = lg.target_activation
@@ -217,16 +245,17 @@ class Trainer:
                 gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             g_means = Lookup().vjp((t_rows, (emb.weight.shape[0],)), gt)[0]
             grad_table += FeatureMean().vjp(emb.weight.shape, g_means)[0]
-        grads = {"embedding": grad_table, "theta": grad.theta}
+        grads = {"embedding": grad_table, "theta": grad.theta,
+                 **{"encoder." + k: v for k, v in enc_grads.items()}}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
         if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"training diverged at epoch {self.epoch + 1}: non-finite loss "
                 f"({float(res.value)!r}) or gradient norm ({grad_norm!r}); "
                 f"{self._good_checkpoint()}")
-        self.optimizer.step({"embedding": emb.weight, "theta": morpher.theta}, grads)
-        if not (_core.all_finite(emb.weight.reshape(-1))
-                and math.isfinite(float(morpher.theta))):
+        params = self._params()
+        self.optimizer.step(params, grads)
+        if not _all_finite(params):
             raise FloatingPointError(
                 f"training diverged at epoch {self.epoch + 1}: the parameters are not "
                 f"finite after the update (learning rate too large?); "
@@ -272,7 +301,7 @@ class Trainer:
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
             g, _, H, target, _ = self._batch(bi, bt)
-            morphed = self.morpher.predict(g, H)
+            morphed = self.morpher.predict(g, *self._encode(g, H)[0])
             res = self.loss.forward(morphed.graph, target)
             w = len(bi)
             for key in sums:
@@ -493,7 +522,7 @@ class Trainer:
                           build(config["loss"]), known_opt[opt_type](lr=1.0),
                           batch_size=config["batch_size"], seed=config["seed"],
                           target_activation=config["target_activation"], log=log,
-                          progress=progress)
+                          progress=progress, encoder=build(config.get("encoder")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
                              f"{exc}") from None
@@ -510,6 +539,7 @@ class Trainer:
             "target_activation": self.target_activation,
             "embedding": describe(self.embedding),
             "morpher": describe(self.morpher),
+            "encoder": describe(self.encoder),
             "loss": describe(self.loss),
             "optimizer": {"type": type(self.optimizer).__name__},
         }
@@ -519,10 +549,11 @@ class Trainer:
         arrays = {"embedding.codes": self.embedding.codes,
                   "embedding.weight": self.embedding.weight,
                   "morpher.theta": self.morpher.theta}
+        if self.encoder is not None:
+            arrays.update({"encoder." + k: v for k, v in self.encoder.params.items()})
         for key, value in self.optimizer.state_dict().items():
             arrays["optimizer." + key] = np.asarray(value)
-        if not (_core.all_finite(np.ascontiguousarray(self.embedding.weight).reshape(-1))
-                and math.isfinite(float(self.morpher.theta))):
+        if not _all_finite(self._params()):
             raise FloatingPointError(
                 f"not saving {os.fspath(path)!r}: the parameters are not finite "
                 f"(training diverged); {self._good_checkpoint()}")
@@ -577,16 +608,25 @@ class Trainer:
             prefix = "optimizer."
             optimizer_state = {k[len(prefix):]: v for k, v in arrays.items()
                                if k.startswith(prefix)}
-            _check_optimizer_state(optimizer_state, {"embedding": embedding.weight.shape,
-                                                     "theta": ()})
+            shapes = {name: np.shape(value) for name, value in self._params().items()}
+            shapes["embedding"] = embedding.weight.shape
+            _check_optimizer_state(optimizer_state, shapes)
             rng = np.random.default_rng()
             rng.bit_generator.state = rng_state
-            # validate everything before changing anything: a scratch optimiser
-            # and morpher take the state first
+            # validate everything before changing anything: a scratch optimiser,
+            # encoder and morpher take the state first
             scratch = type(self.optimizer)(lr=1.0)
             scratch.load_state_dict(optimizer_state)
+            encoder_state = None
+            if self.encoder is not None:
+                prefix = "encoder."
+                encoder_state = {k[len(prefix):]: v for k, v in arrays.items()
+                                 if k.startswith(prefix)}
+                build(describe(self.encoder)).load_state_dict(encoder_state)
             build(describe(self.morpher)).load_state_dict(morpher_state)
             self.optimizer.load_state_dict(optimizer_state)
+            if self.encoder is not None:
+                self.encoder.load_state_dict(encoder_state)
             self.morpher.load_state_dict(morpher_state)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
@@ -599,6 +639,12 @@ class Trainer:
         self.history = list(history)
         self._data_fingerprint = data
         self._loaded_fingerprint = None if data is None else dict(data, path=path)
+
+
+def _all_finite(params):
+    """Whether every parameter array holds only finite numbers (one pass each)."""
+    return all(_core.all_finite(np.ascontiguousarray(p, dtype=np.float64).reshape(-1))
+               for p in params.values())
 
 
 def data_fingerprint(inputs, targets):

@@ -1,0 +1,153 @@
+"""The encoder before the morph: identity at initialisation, exact gradients
+through text -> embedding -> encoder -> morph -> loss, and a Trainer with it."""
+import numpy as np
+import pytest
+
+import grapheme as gr
+from grapheme import ops
+from grapheme.testing import numerical_gradient
+
+RTOL = 1e-6
+
+
+def test_an_untrained_encoder_is_the_context_free_model():
+    g = gr.Graph.from_texts(["aabbc", "hello", "x"])
+    H = gr.Embedding(dim=8, seed=1).forward(g.labels)
+    enc = gr.Encoder(dim=8, layers=2)
+    r, _ = enc.forward(g, H)
+    np.testing.assert_array_equal(r.features, H)
+    for estimator in ("history", "soft", "ste"):
+        plain = gr.Morpher(threshold=0.0, estimator=estimator).forward(g, H)
+        routed = gr.Morpher(threshold=0.0, estimator=estimator).forward(g, *r)
+        np.testing.assert_array_equal(routed.similarity, plain.similarity)
+        np.testing.assert_array_equal(routed.graph.features, plain.graph.features)
+        np.testing.assert_array_equal(routed.history.cluster, plain.history.cluster)
+
+
+def _perturbed_encoder(rng, dim, layers):
+    enc = gr.Encoder(dim=dim, layers=layers)
+    for name, value in enc.params.items():
+        value += 0.3 * rng.normal(size=value.shape)
+    return enc
+
+
+def _objective(enc, morpher, loss, g, target, H):
+    r, enc_saved = enc.forward(g, H)
+    morphed = morpher.forward(g, *r)
+    res = loss.forward(morphed.graph, gr.replicate(target, morphed.samples))
+    return res, morphed, enc_saved
+
+
+# Not ste: every parameter reaches its surrogate gradient through the
+# decisions, which finite differences cannot see; its surrogate is checked in
+# test_estimators.py and, written out, in test_torch.py.
+@pytest.mark.parametrize("estimator", ["soft", "history"])
+def test_text_to_loss_gradient_through_the_encoder(estimator):
+    """Finite differences of the whole chain in the input rows, encoder
+    parameters of every kind and theta."""
+    rng = np.random.default_rng(3)
+    g = gr.Graph.from_texts(["abcab", "hello"])
+    target = gr.Graph.from_texts(["abc", "helo"])
+    H = rng.normal(size=(g.num_nodes, 4))
+    enc = _perturbed_encoder(rng, 4, 2)
+    morpher = gr.Morpher(threshold=0.2, temperature=0.5, estimator=estimator)
+    loss = gr.StructuralLoss(tol=1e-10, iterations=2000)
+    res, morphed, enc_saved = _objective(enc, morpher, loss, g, target, H)
+    lg = loss.backward(res)
+    grad = morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
+                       grad_weights=lg.weights)
+    grad_h, grads = enc.vjp(enc_saved, grad.features, grad.queries, grad.keys)
+
+    def value():
+        return _objective(enc, morpher, loss, g, target, H)[0].value
+
+    def check(analytic, numeric):
+        scale = max(np.linalg.norm(numeric), 1e-12)
+        assert np.linalg.norm(analytic - numeric) <= RTOL * scale
+
+    check(grad_h, numerical_gradient(lambda h: _objective(enc, morpher, loss, g, target,
+                                                           h)[0].value, H))
+    theta = morpher.theta.copy()
+
+    def of_theta(t):
+        morpher.theta[...] = t
+        return value()
+
+    numeric = numerical_gradient(of_theta, theta)
+    morpher.theta[...] = theta
+    if estimator == "soft":
+        check(grad.theta, numeric)
+    for name in ("layer0.pred", "layer1.succ", "layer1.bias", "query", "key"):
+        param = enc.params[name]
+        keep = param.copy()
+
+        def of_param(p):
+            param[...] = p
+            return value()
+
+        numeric = numerical_gradient(of_param, keep)
+        param[...] = keep
+        check(grads[name], numeric)
+
+
+def test_routing_learns_what_the_features_alone_cannot():
+    """Identical neighbours always merge without routing; with learned
+    projections a model can keep 'aa' apart and merge 'ab'."""
+    pairs = [("aab", "aab"), ("abb", "ab"), ("baa", "baa"), ("bba", "ba")] * 3
+    emb = gr.Embedding(dim=8, seed=0)
+    plain = gr.Trainer(emb, gr.Morpher(estimator="soft"), gr.StructuralLoss(), gr.Adam(lr=3e-2),
+                       batch_size=12, seed=0, progress=False)
+    routed = gr.Trainer(gr.Embedding(dim=8, seed=0), gr.Morpher(estimator="soft"),
+                        gr.StructuralLoss(), gr.Adam(lr=3e-2), batch_size=12, seed=0,
+                        progress=False, encoder=gr.Encoder(dim=8, layers=1))
+    plain.fit(pairs, 150)
+    routed.fit(pairs, 150)
+    assert routed.evaluate(pairs)["loss"] < plain.evaluate(pairs)["loss"]
+
+
+def test_trainer_with_an_encoder_resumes_bit_for_bit(tmp_path):
+    pairs = gr.data.make_pairs(40, seed=4)
+
+    def trainer():
+        return gr.Trainer(gr.Embedding(dim=8, seed=1), gr.Morpher(estimator="ste"),
+                          gr.StructuralLoss(), gr.Adam(lr=1e-2), batch_size=8, seed=7,
+                          progress=False, encoder=gr.Encoder(dim=8, layers=2))
+
+    straight = trainer()
+    straight.fit(pairs, 3)
+    first = trainer()
+    first.fit(pairs, 2, checkpoint=tmp_path / "ck.npz")
+    again = gr.Trainer.from_checkpoint(tmp_path / "ck.npz", progress=False)
+    assert isinstance(again.encoder, gr.Encoder) and again.encoder.layers == 2
+    again.fit(pairs, 3)
+    for name, value in straight.encoder.params.items():
+        np.testing.assert_array_equal(again.encoder.params[name], value)
+    np.testing.assert_array_equal(again.embedding.weight, straight.embedding.weight)
+
+
+def test_encoder_refuses_bad_input():
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        gr.Encoder(dim=0)
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        gr.Encoder(dim=4, layers=-1)
+    enc = gr.Encoder(dim=4)
+    with pytest.raises(ValueError, match=r"features must have shape \(3, 4\)"):
+        enc.forward(gr.Graph.from_text("abc"), np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="queries and keys go together"):
+        gr.Morpher().forward(gr.Graph.from_text("abc"), np.ones((3, 4)), queries=np.ones((3, 4)))
+    with pytest.raises(ValueError, match="encoder.dim = 4 must equal embedding.dim = 8"):
+        gr.Trainer(gr.Embedding(dim=8), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                   encoder=gr.Encoder(dim=4))
+    with pytest.raises(ValueError, match="state is not an Encoder state"):
+        enc.load_state_dict({})
+
+
+def test_message_passing_sees_direction():
+    """A node's predecessor and successor reach it through different weights."""
+    g = gr.Graph.from_text("abc")
+    H = np.eye(3)
+    W, Z = np.eye(3), np.zeros((3, 3))
+    (after_pred,), _ = ops.MessagePassing().forward(g, H, Z, W, Z, np.zeros(3))
+    (after_succ,), _ = ops.MessagePassing().forward(g, H, Z, Z, W, np.zeros(3))
+    np.testing.assert_allclose(after_pred[1] - H[1], np.tanh(H[0]))
+    np.testing.assert_allclose(after_succ[1] - H[1], np.tanh(H[2]))
