@@ -3,7 +3,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validation import as_float_array, check_graph, check_scalar
+from ._validation import as_float_array, check_allocation, check_graph, check_scalar
 from .ops import Linear, MessagePassing
 
 __all__ = ["Encoder", "EncodeResult"]
@@ -45,6 +45,13 @@ class Encoder:
         ``"layer{l}.bias"`` (d,), ``"query"`` and ``"key"`` (d, d). Updated
         in place by an optimiser.
 
+    Notes
+    -----
+    :meth:`forward` and :meth:`vjp` only read the parameters, so threads may
+    share an encoder for inference; :meth:`load_state_dict` and optimiser
+    steps write ``params`` in place (torn values for a concurrent reader,
+    never a crash: every operation checks the shapes it is given).
+
     Examples
     --------
     >>> enc = Encoder(dim=4, layers=1)
@@ -62,6 +69,8 @@ class Encoder:
         self.dim = check_scalar(dim, "dim", lower=1, integer=True)
         self.layers = check_scalar(layers, "layers", lower=0, integer=True)
         d = self.dim
+        check_allocation(8 * d * (d + 1) * (4 * self.layers + 2),
+                         f"Encoder(dim={d}, layers={self.layers})")
         self.params = {}
         for layer in range(self.layers):
             for name in _LAYER:

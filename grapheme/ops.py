@@ -201,6 +201,14 @@ class SimilarityResult(NamedTuple):
 _COS_SCALE_ABOVE = 1e100
 
 
+def _row_scale(features):
+    """Per row: its largest |entry| where that exceeds 1e100, else 1."""
+    if not features.shape[1]:
+        return np.ones(features.shape[0])
+    top = np.abs(features).max(axis=1)
+    return np.where(top > _COS_SCALE_ABOVE, top, 1.0)
+
+
 class EdgeSimilarity(Operation):
     """Cosine similarity of the endpoint features of every edge. O((n + E) d).
 
@@ -233,8 +241,7 @@ class EdgeSimilarity(Operation):
             # change when a row is divided by a positive number, so the large
             # rows are divided by their largest |entry| and the kernel runs
             # again; the vjp divides their gradient rows by the same scale.
-            top = np.abs(features).max(axis=1) if features.shape[1] else np.zeros(0)
-            scale = np.where(top > _COS_SCALE_ABOVE, top, 1.0)
+            scale = _row_scale(features)
             features = features / scale[:, None]
             _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
         return SimilarityResult(sim), (graph.indptr, graph.indices, features, norms, sim,
@@ -597,7 +604,13 @@ class MessagePassing(Operation):
     outputs = ("features",)
 
     def forward(self, graph, features, w_self, w_pred, w_succ, bias):
+        check_graph(graph, "graph")
+        features = check_features(graph, features)
         n, d = features.shape
+        w_self = as_float_array(w_self, "w_self", shape=(d, d))
+        w_pred = as_float_array(w_pred, "w_pred", shape=(d, d))
+        w_succ = as_float_array(w_succ, "w_succ", shape=(d, d))
+        bias = as_float_array(bias, "bias", shape=(d,))
         pred, succ = np.empty((n, d)), np.empty((n, d))
         weights = np.empty(0) if graph.weights is None else graph.weights
         _core.neighbour_sums(graph.indptr, graph.indices, weights, features, pred, succ)
@@ -612,7 +625,7 @@ class MessagePassing(Operation):
         if grad_features is None:
             return (np.zeros_like(h), np.zeros_like(w_self), np.zeros_like(w_pred),
                     np.zeros_like(w_succ), np.zeros(w_self.shape[1]))
-        g = np.asarray(grad_features, dtype=np.float64)
+        g = optional_grad(grad_features, "grad_features", h.shape, finite=False)
         gz = g * (1.0 - t * t)
         # the adjoint of the predecessor sum is the successor sum, and back
         back_pred, back_succ = np.empty_like(h), np.empty_like(h)
@@ -662,20 +675,34 @@ class RoutedSimilarity(Operation):
     outputs = ("similarity",)
 
     def forward(self, graph, queries, keys):
+        check_graph(graph, "graph")
         n = graph.num_nodes
+        queries = check_features(graph, queries, "queries")
+        keys = as_float_array(keys, "keys", shape=queries.shape)
         sim, qn, kn = np.empty(graph.num_edges), np.empty(n), np.empty(n)
-        queries = np.ascontiguousarray(queries, dtype=np.float64)
-        keys = np.ascontiguousarray(keys, dtype=np.float64)
         _core.edge_cosine_qk(graph.indptr, graph.indices, queries, keys, qn, kn, sim)
-        return SimilarityResult(sim), (graph.indptr, graph.indices, queries, keys, qn, kn, sim)
+        scale = None
+        if n and not (_core.all_finite(qn) and _core.all_finite(kn)
+                      and _core.all_finite(sim)):
+            # as EdgeSimilarity: rows whose |.|^2 overflows are rescaled (the
+            # cosine does not change) and so are their gradient rows
+            scale = (_row_scale(queries), _row_scale(keys))
+            queries, keys = queries / scale[0][:, None], keys / scale[1][:, None]
+            _core.edge_cosine_qk(graph.indptr, graph.indices, queries, keys, qn, kn, sim)
+        return SimilarityResult(sim), (graph.indptr, graph.indices, queries, keys, qn, kn, sim,
+                                       scale)
 
     def vjp(self, saved, grad_similarity):
-        indptr, indices, q, k, qn, kn, sim = saved
+        indptr, indices, q, k, qn, kn, sim, scale = saved
         gq, gk = np.zeros_like(q), np.zeros_like(k)
+        grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,
+                                        finite=False)
         if grad_similarity is not None:
             _core.edge_cosine_qk_backward(indptr, indices, q, k, qn, kn, sim,
-                                          np.ascontiguousarray(grad_similarity, np.float64),
-                                          gq, gk)
+                                          grad_similarity, gq, gk)
+        if scale is not None:
+            gq /= scale[0][:, None]
+            gk /= scale[1][:, None]
         return gq, gk
 
 
