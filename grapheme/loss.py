@@ -414,7 +414,7 @@ class StructuralLoss:
                                                          lower_inclusive=False)
         try:
             w = np.asarray(weights, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TypeError(f"weights must be 3 real numbers, got {show(weights)}") from None
         if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError(

@@ -38,9 +38,10 @@ def snapshot(root):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def world(tmp_path_factory):
-    """Data directories and files, good and bad, and checkpoint-like files."""
+    """Data directories and files, good and bad, and checkpoint-like files
+    (fresh for every test: a command that succeeds may change them)."""
     root = tmp_path_factory.mktemp("world")
     pairs = [{"input": "abc", "target": "ab"}, {"input": "xyy", "target": "xy"}]
     good = root / "good"
