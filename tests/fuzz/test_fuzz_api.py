@@ -274,12 +274,13 @@ def test_ops_refuse_malformed_arrays(a, b):
     call(ops.ChainRelaxation().vjp, saved, a, None, None, names=("grad_features",))
     call(ops.ChainRelaxation().vjp, saved, None, a, None, names=("grad_mass",))
     call(ops.ChainRelaxation().vjp, saved, None, None, a, names=("grad_weights",))
-    call(ops.RoutedSimilarity().forward, g, a, H, names=("queries",))
+    call(ops.RoutedSimilarity().forward, g, a, H, names=("queries", "keys"))
     call(ops.RoutedSimilarity().forward, g, H, a, names=("keys",))
     _, saved = ops.RoutedSimilarity().forward(g, H, H)
     call(ops.RoutedSimilarity().vjp, saved, a, names=("grad_similarity",))
     W = np.zeros((3, 3))
-    call(ops.MessagePassing().forward, g, a, W, W, W, np.zeros(3), names=("features",))
+    call(ops.MessagePassing().forward, g, a, W, W, W, np.zeros(3),
+         names=("features", "w_self"))   # features of another width: the weights disagree
     call(ops.MessagePassing().forward, g, H, a, W, W, np.zeros(3), names=("w_self",))
     call(ops.MessagePassing().forward, g, H, W, W, W, a, names=("bias",))
     _, saved = ops.MessagePassing().forward(g, H, W, W, W, np.zeros(3))
