@@ -133,7 +133,10 @@ def check_run(root, argv):
     return code, err
 
 
-def test_cli_fuzz(world):
+def test_cli_fuzz(world, monkeypatch):
+    # relative paths (an --out of "0" or "abc") land in the world, not the checkout
+    monkeypatch.chdir(world)
+
     @fuzz
     @given(argv=argv_strategy(world))
     def inner(argv):
