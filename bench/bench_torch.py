@@ -42,7 +42,7 @@ class BridgeStepSuite:
         self.target = Graph.from_texts(self.targets)
         self.rows = torch.from_numpy(emb.rows(self.graph.labels))
         self.t_rows = torch.from_numpy(emb.rows(self.target.labels))
-        self.offsets = torch.from_numpy(self.graph.graph_offsets)
+        self.offsets = torch.tensor(self.graph.graph_offsets)
         self.table = torch.nn.Parameter(torch.from_numpy(emb.weight.copy()))
         self.merge = gt.Merge(estimator="ste").double()
         self.loss = gt.StructuralLoss()

@@ -162,7 +162,7 @@ def test_straight_through_is_its_documented_surrogate():
     f, mass, w, relaxed = gt.chain_relaxation(g, x, hard + p - p.detach())
     a = f.mean(dim=1)
     values = gt.structural_loss(lossf.loss, relaxed, target, a, mass, w,
-                                torch.from_numpy(target.activation))
+                                torch.tensor(target.activation))
     values.mean().backward()
     torch.testing.assert_close(ste_x, x.grad, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(ste_theta, theta.grad, rtol=1e-12, atol=1e-14)
@@ -187,7 +187,7 @@ def test_a_torch_model_trains_and_round_trips_its_state_dict(tmp_path):
     inputs = gr.Graph.from_texts([a for a, _ in pairs])
     target = gr.Graph.from_texts([b for _, b in pairs])
     codes = torch.from_numpy(inputs.labels.astype(np.int64))
-    offsets = torch.from_numpy(inputs.graph_offsets)
+    offsets = torch.tensor(inputs.graph_offsets)
     model = TinyModel()
     lossf = gt.StructuralLoss()
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
@@ -195,7 +195,7 @@ def test_a_torch_model_trains_and_round_trips_its_state_dict(tmp_path):
     def loss_of():
         return lossf(model(codes, offsets), target)
 
-    first = float(loss_of())
+    first = float(loss_of().detach())
     for _ in range(60):
         opt.zero_grad()
         merged = model(codes, offsets)
@@ -203,7 +203,7 @@ def test_a_torch_model_trains_and_round_trips_its_state_dict(tmp_path):
         loss.backward()
         opt.step()
         model.merge.step(merged)
-    final = float(loss_of())
+    final = float(loss_of().detach())
     assert final < 0.5 * first, (first, final)
 
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -260,7 +260,7 @@ def test_bridge_reproduces_the_numpy_trainer(estimator):
         rows = torch.from_numpy(emb.rows(g.labels))
         t_rows = torch.from_numpy(emb.rows(target.labels))
         opt.zero_grad()
-        merged = merge(table[rows], torch.from_numpy(g.graph_offsets), g.labels)
+        merged = merge(table[rows], torch.tensor(g.graph_offsets), g.labels)
         loss = lossf(merged, target, table.mean(dim=1)[t_rows])
         loss.backward()
         opt.step()
