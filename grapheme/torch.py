@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .graph import Graph
 from .loss import StructuralLoss as _Loss
-from .morph import morph_settings
+from .morph import Morpher, morph_settings
 
 __all__ = [
     "apply",
@@ -214,37 +214,45 @@ def routed_similarity(graph, queries, keys):
 
 
 # ------------------------------------------------------------------ modules
-class _EstimatorOp(ops.Operation):
-    """An estimator's forward and vjp as one operation of the features,
-    logits and probabilities (the morph's decision step)."""
+class _MorphOp(ops.Operation):
+    """A whole morph (:meth:`grapheme.Morpher.forward` and its pure
+    :meth:`~grapheme.Morpher.vjp`) as one operation: one Function, so the
+    feature gradient of the similarity and of the merge land in one array."""
 
-    inputs = ("features", "logits", "probability")
-    outputs = ("features", "mass", "weights", "log_prob")
+    outputs = ("features", "mass", "weights", "log_prob", "rate_penalty")
 
-    def __init__(self, estimator, graph, similarity, tau):
-        self.estimator, self.graph, self.similarity, self.tau = (estimator, graph,
-                                                                 similarity, tau)
+    def __init__(self, morpher, graph, routed):
+        self.morpher, self.graph = morpher, graph
+        self.inputs = ("features", "theta") + (("queries", "keys") if routed else ())
 
-    def forward(self, features, logits, probability):
-        scores = ops.ScoresResult(logits, probability, self.tau)
-        est, saved = self.estimator.forward(self.graph, features, self.similarity, scores)
-        g = est.graph
-        log_prob = est.log_prob if est.log_prob is not None else np.zeros(g.num_graphs)
+    def forward(self, features, theta, queries=None, keys=None):
+        self.morpher.theta[...] = theta
+        morphed = self.morpher.forward(self.graph, features, queries, keys)
+        g = morphed.graph
+        log_prob = morphed.log_prob if morphed.log_prob is not None else np.zeros(g.num_graphs)
         weights = np.ones(g.num_edges) if g.weights is None else g.weights
-        return _EstimateOut(g.features, g.mass, weights, log_prob, est, saved), saved
+        return _MorphOut(g.features, g.mass, weights, log_prob,
+                         np.array(morphed.rate_penalty), morphed), morphed
 
-    def vjp(self, saved, grad_features, grad_mass, grad_weights, grad_log_prob):
-        return self.estimator.vjp(saved, grad_features, grad_mass, grad_weights,
-                                  grad_log_prob)
+    def vjp(self, morphed, grad_features, grad_mass, grad_weights, grad_log_prob,
+            grad_rate_penalty):
+        grad = self.morpher.vjp(
+            morphed, grad_features=grad_features, grad_mass=grad_mass,
+            grad_weights=grad_weights,
+            grad_log_prob=None if morphed.log_prob is None else grad_log_prob,
+            grad_rate_penalty=None if grad_rate_penalty is None else float(grad_rate_penalty))
+        if len(self.inputs) == 2:
+            return grad.features, grad.theta
+        return grad.features, grad.theta, grad.queries, grad.keys
 
 
-class _EstimateOut(NamedTuple):
+class _MorphOut(NamedTuple):
     features: np.ndarray
     mass: np.ndarray
     weights: np.ndarray
     log_prob: np.ndarray
-    estimate: object
-    saved: object
+    rate_penalty: np.ndarray
+    morphed: object
 
 
 class Merged:
@@ -339,6 +347,8 @@ class Merge(nn.Module):
         threshold, self.temperature, self.estimator, self.rate = morph_settings(
             threshold, temperature, estimator, rate)
         self.theta = nn.Parameter(torch.tensor(threshold))
+        # the numpy morph this module runs; its theta follows the parameter
+        self._morpher = Morpher(threshold, self.temperature, self.estimator, self.rate)
 
     @property
     def tau(self):
@@ -361,17 +371,11 @@ class Merge(nn.Module):
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
-        s = (edge_similarity(graph, x) if queries is None
-             else routed_similarity(graph, queries, keys))
-        z, p, tau = merge_scores(s, self.theta.to(x.dtype), self.temperature)
-        op = _EstimatorOp(self.estimator, graph, _array(s, "similarity"), tau)
-        (f, mass, w, lp), out = apply(op, op.forward, x, z, p)
-        aux = x.new_zeros(())
-        if self.rate is not None:
-            penalty, multiplier = self.rate.penalty()
-            aux = rate_penalty(p, graph.num_nodes, penalty.target, penalty.weight, multiplier)
-        est = out.estimate
-        return Merged(f, mass, w, lp, aux, est.graph, est.history, out.saved, self.estimator)
+        op = _MorphOp(self._morpher, graph, queries is not None)
+        inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
+        (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
+        m = out.morphed
+        return Merged(f, mass, w, lp, aux, m.graph, m.history, m._saved[2], self.estimator)
 
     def step(self, merged, losses=None):
         """Advance the estimator and rate controller after an optimiser step."""
