@@ -2,7 +2,6 @@
 loses a run. One test per reproducer of the issue, with exact messages; the
 classes of bug they stand for are driven harder by ``tests/fuzz``."""
 import json
-import os
 import threading
 
 import numpy as np

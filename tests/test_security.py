@@ -1,7 +1,6 @@
 """docs/security.md: the promises about untrusted files hold, and every test
 the page cites exists."""
 import io
-import os
 import pathlib
 import pickle
 import re
