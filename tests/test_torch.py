@@ -287,10 +287,11 @@ def test_pack_unpack_round_trip_and_gradients():
         gt.unpack(packed, offsets, total_length=4)
 
 
-def test_importing_grapheme_does_not_import_torch():
+def test_importing_grapheme_does_not_import_torch(tmp_path):
     code = "import sys, grapheme; print('torch' in sys.modules)"
+    # away from the checkout, whose unbuilt source would shadow the installed package
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+                         check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
 
 

@@ -195,8 +195,10 @@ def test_cli_in_a_child_process(world, tmp_path, argv):
     import grapheme
 
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(grapheme.__file__)))
+    # cwd away from the checkout: `-m` puts the cwd first on sys.path, and the
+    # checkout's unbuilt source would shadow the installed package
     proc = subprocess.run([sys.executable, "-m", "grapheme.cli"] + argv, capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "pickle" not in proc.stderr
