@@ -69,8 +69,11 @@ def build_parser():
     p.add_argument("--n-train", type=_nonneg_int, default=2000)
     p.add_argument("--n-val", type=_nonneg_int, default=200)
     p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.add_argument("--tasks", nargs="+", default=list(_data.TASKS),
-                   choices=sorted(_data.TASKS), help="tasks to mix (default: all)")
+    p.add_argument("--tasks", nargs="+", default=list(_data.DEFAULT_TASKS),
+                   choices=sorted(_data.TASKS),
+                   help=f"tasks to mix (default: {' '.join(_data.DEFAULT_TASKS)}); "
+                        "'arithmetic' is a control a morph cannot express (a morph only "
+                        "keeps characters of its input), so it is only mixed in by name")
 
     p = sub.add_parser("train", help="train a model on DIR/train.jsonl")
     p.add_argument("--data", required=True,

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from grapheme.data import DEMO_PAIRS, TASKS, generate, load_pairs, make_pairs, write_pairs
+from grapheme.data import DEFAULT_TASKS, DEMO_PAIRS, TASKS, generate, load_pairs, make_pairs, write_pairs
 
 
 def test_demo_pairs():
@@ -36,11 +36,23 @@ def test_fold_drops_last_character():
         assert len(source) >= 2 and target == source[:-1]
 
 
+def _kinds(pairs):
+    return {"arithmetic" if s.startswith("(") else "fold" if t == s[:-1] else "dedup"
+            for s, t in pairs}
+
+
 def test_tasks_are_mixed():
-    pairs = make_pairs(300, seed=6)
-    kinds = {"arithmetic" if s.startswith("(") else "fold" if t == s[:-1] else "dedup"
-             for s, t in pairs}
-    assert kinds == set(TASKS)
+    assert _kinds(make_pairs(300, seed=6, tasks=list(TASKS))) == set(TASKS)
+
+
+def test_default_mix_leaves_out_the_arithmetic_control():
+    """A morph keeps characters of its input, so arithmetic targets are
+    (mostly) unreachable: the task is a control, asked for by name only."""
+    assert DEFAULT_TASKS == ("dedup", "fold")
+    assert _kinds(make_pairs(300, seed=6)) == {"dedup", "fold"}
+    unreachable = [t for s, t in make_pairs(500, seed=3, tasks="arithmetic")
+                   if not set(t) <= set(s)]
+    assert len(unreachable) > 250
 
 
 def test_generate_deterministic_and_round_trips(tmp_path):
