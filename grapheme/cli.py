@@ -124,7 +124,8 @@ def build_parser():
                         "only continued with --resume OUT/checkpoint.npz)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("eval", help="loss and exact-structure accuracy of a checkpoint")
+    p = sub.add_parser("eval", help="loss, exact-structure accuracy (and segmentation "
+                                    "metrics) of a checkpoint beside the untrained model's")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="a JSONL file of pairs")
     p.add_argument("--batch-size", type=_positive_int, default=None)
@@ -307,10 +308,10 @@ def _cmd_eval(args, out):
     # the untrained model of the same configuration, for comparison
     untrained = _untrained(trainer).evaluate(pairs, batch_size=args.batch_size)
     print(f"pairs {len(pairs)}", file=out)
-    rows = [[key, f"{untrained[key]:.6f}", f"{result[key]:.6f}"]
+    rows = [[key, f"{result[key]:.6f}", f"{untrained[key]:.6f}"]
             for key in ("loss", "node", "edge", "clique", "merge_rate", "accuracy",
                         *SEGMENTATION_KEYS) if key in result]
-    print(format_table(["metric", "untrained", f"epoch {trainer.epoch}"], rows), file=out)
+    print(format_table(["metric", f"epoch_{trainer.epoch}", "untrained"], rows), file=out)
     return 0
 
 
