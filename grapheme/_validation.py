@@ -181,7 +181,10 @@ def check_scalar(value, name, *, lower=None, upper=None, lower_inclusive=True,
 
 
 def check_pairs(pairs, name):
-    """Split a list of ``(input, target)`` string pairs into two lists."""
+    """Split a list of ``(input, target)`` pairs into two lists.
+
+    A target is a str, or a tuple of non-empty str joining to the input (a
+    segmentation, see :mod:`grapheme.data`)."""
     if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
         raise TypeError(f"{name} must be a list of (input, target) string pairs, "
                         f"got {type(pairs).__name__}")
@@ -190,8 +193,16 @@ def check_pairs(pairs, name):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"{name}[{i}] must be an (input, target) pair, got {pair!r}")
         source, target = pair
-        if not isinstance(source, str) or not isinstance(target, str):
-            raise TypeError(f"{name}[{i}] must hold two str, got "
+        if isinstance(target, tuple) and isinstance(source, str):
+            # a segmentation of the input (grapheme.data): non-empty str joining to it
+            if not all(isinstance(seg, str) and seg for seg in target) or (
+                    "".join(target) != source):
+                raise ValueError(f"{name}[{i}]: a tuple target is a segmentation of the "
+                                 f"input and must hold non-empty str joining to it, got "
+                                 f"{show(target)} for {show(source)}")
+        elif not isinstance(source, str) or not isinstance(target, str):
+            raise TypeError(f"{name}[{i}] must hold two str (or a str and a tuple of "
+                            f"segments), got "
                             f"({type(source).__name__}, {type(target).__name__})")
         inputs.append(source)
         targets.append(target)

@@ -3,9 +3,11 @@
 Usage::
 
     grapheme generate --out data/generated [--n-train N] [--n-val N] [--seed S]
+                      [--tasks dedup fold ...]
+    grapheme generate --task words [--corpus FILE ...] --out data/words [--seed S]
     grapheme train --data DIR --epochs N --out RUN [--batch-size B] [--lr LR]
                    [--seed S] [--estimator NAME] [--target-rate R] [--resume CKPT]
-                   [--overwrite]
+                   [--keep-best METRIC] [--overwrite]
     grapheme eval --checkpoint RUN/checkpoint.npz --data FILE
     grapheme demo
 
@@ -25,6 +27,7 @@ import time
 from . import data as _data
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
+from .train.metrics import SEGMENTATION_KEYS
 
 __all__ = ["main"]
 
@@ -64,13 +67,25 @@ def build_parser():
         prog=PROG, description="Vocabulary-free text models whose graph changes shape.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("generate", help="write a generated data set (JSONL)")
+    p = sub.add_parser("generate", help="write a data set (JSONL): generated tasks, or "
+                                        "word segmentation of real text")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-train", type=_nonneg_int, default=2000)
-    p.add_argument("--n-val", type=_nonneg_int, default=200)
+    p.add_argument("--task", default=None, choices=("words",),
+                   help="'words': word segmentation of real text (--corpus, default the "
+                        "Python standard library's docstrings) split by document into "
+                        "train/val/test; without it, a mix of generated tasks (--tasks)")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE",
+                   help="UTF-8 text files for --task words, one document each")
+    p.add_argument("--n-train", type=_nonneg_int, default=None,
+                   help="generated pairs in train.jsonl (default 2000)")
+    p.add_argument("--n-val", type=_nonneg_int, default=None,
+                   help="generated pairs in val.jsonl (default 200)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.add_argument("--tasks", nargs="+", default=list(_data.TASKS),
-                   choices=sorted(_data.TASKS), help="tasks to mix (default: all)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   choices=sorted(_data.TASKS),
+                   help=f"tasks to mix (default: {' '.join(_data.DEFAULT_TASKS)}); "
+                        "'arithmetic' is a control a morph cannot express (a morph only "
+                        "keeps characters of its input), so it is only mixed in by name")
 
     p = sub.add_parser("train", help="train a model on DIR/train.jsonl")
     p.add_argument("--data", required=True,
@@ -100,12 +115,17 @@ def build_parser():
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
+    p.add_argument("--keep-best", default=None, metavar="METRIC",
+                   help="keep OUT/best.npz, the checkpoint with the best value of this "
+                        "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
+                        "the untrained model's included; needs DIR/val.jsonl")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (without it, an existing run is "
                         "only continued with --resume OUT/checkpoint.npz)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("eval", help="loss and exact-structure accuracy of a checkpoint")
+    p = sub.add_parser("eval", help="loss, exact-structure accuracy (and segmentation "
+                                    "metrics) of a checkpoint beside the untrained model's")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="a JSONL file of pairs")
     p.add_argument("--batch-size", type=_positive_int, default=None)
@@ -118,9 +138,33 @@ def build_parser():
 
 # --------------------------------------------------------------------- commands
 def _cmd_generate(args, out):
-    paths = _data.generate(args.out, n_train=args.n_train, n_val=args.n_val,
-                           seed=args.seed, tasks=args.tasks)
-    print(f"wrote {args.n_train} pairs to {paths['train']} and {args.n_val} pairs "
+    if args.task == "words":
+        given = [flag for flag, value in (("--n-train", args.n_train),
+                                          ("--n-val", args.n_val), ("--tasks", args.tasks))
+                 if value is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} cannot be combined with --task words: "
+                               "the corpus decides the number of examples")
+        start = time.perf_counter()
+        paths = _data.generate_words(args.out, corpus=args.corpus, seed=args.seed)
+        corpus = ("the standard library's docstrings" if args.corpus is None
+                  else f"{len(args.corpus)} file(s)")
+        print(f"word segmentation of {corpus}, split by document "
+              f"({time.perf_counter() - start:.1f} s):", file=out)
+        for split in ("train", "val", "test"):
+            n = paths["sizes"][split]
+            print(f"  {paths[split]}: {n['examples']} examples, {n['words']} words, "
+                  f"{n['characters']} characters from {n['documents']} documents", file=out)
+        print(f"  which document went where: {paths['documents']}", file=out)
+        return 0
+    if args.corpus is not None:
+        raise CommandError("--corpus needs --task words")
+    n_train = 2000 if args.n_train is None else args.n_train
+    n_val = 200 if args.n_val is None else args.n_val
+    tasks = list(_data.DEFAULT_TASKS) if args.tasks is None else args.tasks
+    paths = _data.generate(args.out, n_train=n_train, n_val=n_val, seed=args.seed,
+                           tasks=tasks)
+    print(f"wrote {n_train} pairs to {paths['train']} and {n_val} pairs "
           f"to {paths['val']}", file=out)
     return 0
 
@@ -189,19 +233,47 @@ def _cmd_train(args, out):
             batch_size=32 if args.batch_size is None else args.batch_size,
             log=log, progress=progress, overwrite=args.overwrite)
         start = 0
+    best = None
+    if args.keep_best is not None:
+        if not val:
+            raise CommandError(f"--keep-best needs validation pairs in {val_path!r}")
+        try:
+            best = trainer._check_keep_best(args.keep_best, None, val, checkpoint)
+        except ValueError as exc:
+            raise CommandError(f"--keep-best: {exc}") from None
+    # the model training starts from, measured once: printed beside the result
+    before = trainer.evaluate(val) if val and start < args.epochs else None
     os.makedirs(args.out, exist_ok=True)   # only now: everything above is checked
-    history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint)
+    history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
+                          keep_best=args.keep_best)
     if len(history) > start:
         first, last = history[start], history[-1]
         line = (f"epochs {start + 1}-{last['epoch']}: loss {first['loss']:.4f} -> "
                 f"{last['loss']:.4f}, merge rate {last['merge_rate']:.3f}, "
                 f"tau {last['tau']:.4f}")
-        if "val_loss" in last:
-            line += f", val loss {last['val_loss']:.4f}, val accuracy {last['val_accuracy']:.3f}"
         print(line, file=out)
+        if before is not None:
+            what = "untrained" if start == 0 else f"epoch {start}"
+            headers = ["validation", what, f"epoch {last['epoch']}"]
+            if trainer.best is not None:
+                headers.append(f"best (epoch {trainer.best['epoch']})")
+                kept = (trainer.history[trainer.best["epoch"] - 1]
+                        if trainer.best["epoch"] > start else
+                        {"val_" + k: v for k, v in before.items()})
+            rows = []
+            for key in ("loss", "merge_rate", "accuracy", *SEGMENTATION_KEYS):
+                if key in before:
+                    row = [key, f"{before[key]:.4f}", f"{last['val_' + key]:.4f}"]
+                    if trainer.best is not None:
+                        row.append(f"{kept['val_' + key]:.4f}")
+                    rows.append(row)
+            print(format_table(headers, rows), file=out)
     else:
         print(f"nothing to do: the checkpoint already has {start} epochs", file=out)
     print(f"metrics: {log}\ncheckpoint: {checkpoint}", file=out)
+    if best is not None and trainer.best is not None:
+        print(f"best: {best} (epoch {trainer.best['epoch']}, {trainer.best['metric']} "
+              f"{trainer.best['value']:.4f})", file=out)
     return 0
 
 
@@ -211,7 +283,8 @@ def _check_run_directory(args, log, checkpoint):
     of its own checkpoint is fine)."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CommandError(f"--out {args.out!r} exists and is not a directory")
-    existing = [os.path.basename(p) for p in (checkpoint, log) if os.path.exists(p)]
+    best = os.path.join(os.path.dirname(checkpoint), "best.npz")
+    existing = [os.path.basename(p) for p in (checkpoint, log, best) if os.path.exists(p)]
     if not existing or args.overwrite:
         return
     if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
@@ -232,10 +305,29 @@ def _cmd_eval(args, out):
         raise CommandError(f"{args.data!r} holds no pairs")
     trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
     result = trainer.evaluate(pairs, batch_size=args.batch_size)
-    print(f"pairs       {len(pairs)}", file=out)
-    for key in ("loss", "node", "edge", "clique", "merge_rate", "accuracy"):
-        print(f"{key:<11} {result[key]:.6f}", file=out)
+    # the untrained model of the same configuration, for comparison
+    untrained = _untrained(trainer).evaluate(pairs, batch_size=args.batch_size)
+    print(f"pairs {len(pairs)}", file=out)
+    rows = [[key, f"{result[key]:.6f}", f"{untrained[key]:.6f}"]
+            for key in ("loss", "node", "edge", "clique", "merge_rate", "accuracy",
+                        *SEGMENTATION_KEYS) if key in result]
+    print(format_table(["metric", f"epoch_{trainer.epoch}", "untrained"], rows), file=out)
     return 0
+
+
+def _untrained(trainer):
+    """A fresh trainer of ``trainer``'s configuration (the same seeds): the
+    model before its first step."""
+    from .optim import Adam, SGD
+    from .train import Trainer
+    from .train.state import build, describe
+
+    config = trainer.config()
+    optimizer = {"Adam": Adam, "SGD": SGD}[config["optimizer"]["type"]](lr=1.0)
+    return Trainer(build(config["embedding"]), build(config["morpher"]),
+                   build(config["loss"]), optimizer, batch_size=trainer.batch_size,
+                   seed=trainer.seed, target_activation=trainer.target_activation,
+                   progress=False, encoder=build(config.get("encoder")))
 
 
 def format_table(headers, rows):

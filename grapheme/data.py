@@ -1,38 +1,73 @@
-"""Training data: generated tasks, JSONL reading and writing, demo pairs.
+"""Training data: generated tasks, real text for word segmentation, JSONL
+reading and writing, demo pairs.
 
-Data sets are JSON Lines files, one object per line::
+Data sets are JSON Lines files, one object per line, either a text target::
 
-    {"input": "(+ 16 9)", "target": "25"}
+    {"input": "aaabbc", "target": "abc"}
 
-:func:`generate` writes ``train.jsonl`` and ``val.jsonl`` for a mix of tasks
-and :func:`load_pairs` reads such a file back into a list of
-``(input, target)`` string pairs, reporting the file name and 1-based line
-number of any malformed line.
+or a segmentation of the input::
+
+    {"input": "thequickfox", "segments": ["the", "quick", "fox"]}
+
+:func:`generate` writes ``train.jsonl`` and ``val.jsonl`` for a mix of tasks,
+:func:`generate_words` writes ``train``, ``val`` and ``test`` word
+segmentation sets from real text, and :func:`load_pairs` reads such a file
+back into a list of pairs, reporting the file name and 1-based line number
+of any malformed line.
+
+Pairs
+-----
+In Python a pair is ``(input, target)``: ``target`` is a ``str``, or, for a
+segmentation, a ``tuple`` of non-empty ``str`` whose concatenation is the
+input (``("thequickfox", ("the", "quick", "fox"))``). The tuple is the
+marker: a string target is never read as a segmentation. :func:`segment_lengths`
+turns the targets of a batch into gold segment lengths for the segmentation
+metrics (:func:`grapheme.train.metrics.segmentation_counts`), and
+:func:`target_text` gives the text of the target graph the loss compares
+with: for a segmentation, one node per segment labelled by its first
+character, the label a merged node keeps (``"tqf"``).
 
 Tasks
 -----
 ``"arithmetic"``
-    Level-1 Polish-notation arithmetic, as in the original experiments:
-    ``(op a b)`` with ``op`` one of ``+ - *`` and operands in 1..20, target the
-    decimal value (``(+ 16 9)`` -> ``25``, ``(- 3 7)`` -> ``-4``).
+    A **control a morph cannot express**, not in the default mix
+    (:data:`DEFAULT_TASKS`): level-1 Polish-notation arithmetic, as in the
+    original experiments: ``(op a b)`` with ``op`` one of ``+ - *`` and
+    operands in 1..20, target the decimal value (``(+ 16 9)`` -> ``25``,
+    ``(- 3 7)`` -> ``-4``). A morph only merges neighbouring characters of
+    its input, so it can never output a character its input lacks: most
+    targets are unreachable by design, and a model's accuracy here measures
+    nothing it could learn. Ask for it by name to see that.
 ``"dedup"``
     Runs of a repeated character collapse to one (``aaabbc`` -> ``abc``):
     merging each run into its head is exactly the right answer.
 ``"fold"``
     The last character is folded into its neighbour (``abc`` -> ``ab``): one
     merge of the final edge.
+
+Word segmentation (:func:`generate_words`, ``grapheme generate --task words``)
+    Real text without its spaces, segmented into its words. See
+    :func:`words_of` for what a word is and :func:`generate_words` for the
+    examples and the split (by document, never by line). With no corpus
+    given, the text is the prose of the docstrings of the Python standard
+    library found at run time (:func:`stdlib_documents`): no download.
 """
+import ast
 import json
 import numbers
 import os
+import re
 import sys
+import sysconfig
 
 import numpy as np
 
 from ._validation import check_allocation, show
 from .checkpoint import _atomic_open
 
-__all__ = ["TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs", "write_pairs"]
+__all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
+           "write_pairs", "generate_words", "words_of", "word_pairs", "stdlib_documents",
+           "read_documents", "segment_lengths", "target_text", "is_segmentation"]
 
 #: Built-in demo data: in each pair the last character folds into its
 #: neighbour.
@@ -81,6 +116,11 @@ def _fold(rng, n):
 #: Task name -> generator ``f(rng, n) -> list of (input, target)``.
 TASKS = {"arithmetic": _arithmetic, "dedup": _dedup, "fold": _fold}
 
+#: The tasks :func:`make_pairs`, :func:`generate` and ``grapheme generate``
+#: mix by default: those a morph can express (not the ``"arithmetic"``
+#: control).
+DEFAULT_TASKS = ("dedup", "fold")
+
 
 def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -105,7 +145,7 @@ def _check_tasks(tasks):
     return tasks
 
 
-def make_pairs(n, seed=0, tasks=("arithmetic", "dedup", "fold")):
+def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     """Generate ``n`` (input, target) pairs, each from a task chosen at random.
 
     Parameters
@@ -114,7 +154,7 @@ def make_pairs(n, seed=0, tasks=("arithmetic", "dedup", "fold")):
         Number of pairs, >= 0.
     seed : int or numpy.random.Generator, default 0
         Seed of the generator; the same seed gives the same pairs.
-    tasks : str or sequence of str, default all tasks
+    tasks : str or sequence of str, default :data:`DEFAULT_TASKS`
         Names from :data:`TASKS`, chosen uniformly per pair.
 
     Returns
@@ -146,7 +186,9 @@ def write_pairs(path, pairs):
     path : str or os.PathLike
         Destination; written via a temporary file in the same directory and
         :func:`os.replace`, so it is never left half-written.
-    pairs : iterable of (str, str)
+    pairs : iterable of (str, str) or (str, tuple of str)
+        A tuple target is a segmentation of the input and is written as
+        ``"segments"``.
     """
     with _atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         for i, pair in enumerate(pairs):
@@ -155,13 +197,17 @@ def write_pairs(path, pairs):
             except (TypeError, ValueError):
                 raise ValueError(f"pairs[{i}] is not an (input, target) pair") from None
             _check_text(f"pairs[{i}][0]", source)
-            _check_text(f"pairs[{i}][1]", target)
-            f.write(json.dumps({"input": source, "target": target}, ensure_ascii=False))
+            if isinstance(target, tuple):
+                _check_segments(f"pairs[{i}][1]", source, target)
+                obj = {"input": source, "segments": list(target)}
+            else:
+                _check_text(f"pairs[{i}][1]", target)
+                obj = {"input": source, "target": target}
+            f.write(json.dumps(obj, ensure_ascii=False))
             f.write("\n")
 
 
-def generate(out_dir, n_train=2000, n_val=200, seed=0,
-             tasks=("arithmetic", "dedup", "fold")):
+def generate(out_dir, n_train=2000, n_val=200, seed=0, tasks=DEFAULT_TASKS):
     """Generate a training and a validation set as JSONL files.
 
     Parameters
@@ -174,7 +220,7 @@ def generate(out_dir, n_train=2000, n_val=200, seed=0,
     seed : int, default 0
         The two files come from independent streams derived from ``seed``;
         the same seed gives byte-identical files.
-    tasks : str or sequence of str
+    tasks : str or sequence of str, default :data:`DEFAULT_TASKS`
         Task names from :data:`TASKS`.
 
     Returns
@@ -209,8 +255,10 @@ def _check_text(name, value):
 def load_pairs(path):
     """Read (input, target) pairs from a JSONL file.
 
-    Blank lines are skipped. Keys other than ``"input"`` and ``"target"``
-    are ignored. A UTF-8 byte order mark at the start of the file is
+    A line gives its target as ``"target"`` (a string) or as ``"segments"``
+    (a list of non-empty strings whose concatenation is the input), read as
+    the pair ``(input, tuple(segments))``. Blank lines are skipped. Other
+    keys are ignored. A UTF-8 byte order mark at the start of the file is
     skipped.
 
     Parameters
@@ -228,8 +276,18 @@ def load_pairs(path):
     ValueError
         ``"<path>:<line>: <reason>"`` for the first malformed line: invalid
         UTF-8 or JSON (including JSON nested too deeply for the parser and
-        integers longer than Python converts), not an object, a missing key, a non-string value or a
-        string with a lone surrogate.
+        integers longer than Python converts), not an object, a missing key,
+        both ``"target"`` and ``"segments"``, a non-string value, a string
+        with a lone surrogate, or segments that are empty or do not join to
+        the input.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "pairs.jsonl")
+    >>> write_pairs(path, [("aab", "ab"), ("thefox", ("the", "fox"))])
+    >>> load_pairs(path)
+    [('aab', 'ab'), ('thefox', ('the', 'fox'))]
     """
     path = os.fspath(path)
     pairs = []
@@ -260,12 +318,324 @@ def load_pairs(path):
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got "
                                  f"{type(obj).__name__}")
-            for key in ("input", "target"):
-                if key not in obj:
-                    raise ValueError(f"{where}: missing key {key!r}")
-                try:
-                    _check_text(repr(key), obj[key])
-                except ValueError as exc:
-                    raise ValueError(f"{where}: {exc}") from None
-            pairs.append((obj["input"], obj["target"]))
+            if "input" not in obj:
+                raise ValueError(f"{where}: missing key 'input'")
+            if ("target" in obj) == ("segments" in obj):
+                raise ValueError(f"{where}: expected exactly one of the keys 'target' "
+                                 "and 'segments'" + (", got both" if "target" in obj
+                                                      else ", got neither (missing key "
+                                                           "'target')"))
+            try:
+                _check_text("'input'", obj["input"])
+                if "target" in obj:
+                    _check_text("'target'", obj["target"])
+                    target = obj["target"]
+                else:
+                    segments = obj["segments"]
+                    if not isinstance(segments, list):
+                        raise ValueError(f"'segments' must be a list of strings, got "
+                                         f"{type(segments).__name__}")
+                    target = tuple(segments)
+                    _check_segments("'segments'", obj["input"], target)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            pairs.append((obj["input"], target))
     return pairs
+
+
+def _check_segments(name, source, segments):
+    """A segmentation target: non-empty strings joining to ``source``."""
+    for j, seg in enumerate(segments):
+        _check_text(f"{name}[{j}]", seg)
+        if not seg:
+            raise ValueError(f"{name}[{j}] is empty: a segment has at least one character")
+    if "".join(segments) != source:
+        raise ValueError(f"{name} must join to the input {show(source)}, got "
+                         f"{show(''.join(segments))}")
+
+
+def is_segmentation(target):
+    """Whether a pair's target is a segmentation (a tuple of segments)."""
+    return isinstance(target, tuple)
+
+
+def target_text(target):
+    """The text of the target graph the loss compares with.
+
+    A string target is itself; a segmentation is one node per segment,
+    labelled by its first character (the label a merged node keeps).
+
+    Examples
+    --------
+    >>> target_text("ab"), target_text(("the", "quick", "fox"))
+    ('ab', 'tqf')
+    """
+    if isinstance(target, tuple):
+        return "".join(seg[0] for seg in target)
+    return target
+
+
+def segment_lengths(targets):
+    """Gold segment lengths of the segmentation targets of a batch.
+
+    Parameters
+    ----------
+    targets : sequence of str or tuple of str
+        The targets of the pairs; string targets have no gold segmentation.
+
+    Returns
+    -------
+    lengths : ndarray of intp, shape (m,)
+        Length of every segment of the selected targets, concatenated.
+    counts : ndarray of intp, shape (n_selected,)
+        Number of segments of each selected target.
+    select : ndarray of bool, shape (len(targets),)
+        Which targets are segmentations.
+
+    Examples
+    --------
+    >>> lengths, counts, select = segment_lengths([("the", "fox"), "ab", ("a",)])
+    >>> lengths.tolist(), counts.tolist(), select.tolist()
+    ([3, 3, 1], [2, 1], [True, False, True])
+    """
+    select = np.array([isinstance(t, tuple) for t in targets], dtype=bool)
+    chosen = [t for t in targets if isinstance(t, tuple)]
+    counts = np.array([len(t) for t in chosen], dtype=np.intp)
+    lengths = np.array([len(seg) for t in chosen for seg in t], dtype=np.intp)
+    return lengths, counts, select
+
+
+# ------------------------------------------------------------ word segmentation
+# a word: a maximal run of letters (Unicode letters: no digits, no underscore);
+# apostrophes between letters are dropped first, so "don't" is one word.
+_WORD = re.compile(r"[^\W\d_]+")
+_APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019](?=[^\W\d_])")
+
+
+def words_of(text):
+    """The words of a text, as the ``words`` task defines them.
+
+    A word is a maximal run of letters (Unicode letters), lowercased;
+    apostrophes between two letters are dropped first (``don't`` ->
+    ``dont``). Digits, punctuation, underscores and whitespace separate
+    words and are dropped: an example's input holds letters only, so every
+    boundary is a boundary between two words, never one the punctuation
+    gives away. Lowercased, so a capital letter does not give a word start
+    away either.
+
+    Examples
+    --------
+    >>> words_of("The quick, brown fox's 2 jumps_over")
+    ['the', 'quick', 'brown', 'foxs', 'jumps', 'over']
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _WORD.findall(_APOSTROPHE.sub("", text).lower())
+
+
+def word_pairs(text, rng, min_words=4, max_words=12):
+    """Segmentation pairs from one document: consecutive windows of words.
+
+    The document's words (:func:`words_of`) are cut into consecutive,
+    non-overlapping windows of ``min_words`` to ``max_words`` words (each
+    length drawn uniformly from ``rng``; the last window takes what is
+    left, so it may be shorter). Each window is one pair
+    ``("".join(words), tuple(words))``.
+    """
+    words = words_of(text)
+    n = len(words)
+    if n == 0:
+        return []
+    sizes = rng.integers(min_words, max_words + 1, size=n // min_words + 1)
+    ends = np.minimum(np.cumsum(sizes), n)
+    ends = ends[:int(np.searchsorted(ends, n)) + 1]
+    starts = np.concatenate(([0], ends[:-1]))
+    return [("".join(words[a:b]), tuple(words[a:b]))
+            for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages"})
+
+
+def _stdlib_files():
+    """(module name, path) of every Python source module of the standard
+    library (``sys.stdlib_module_names`` and their submodules), without its
+    test suites. Sorted by name."""
+    root = sysconfig.get_paths()["stdlib"]
+    names = getattr(sys, "stdlib_module_names", None)   # Python >= 3.10
+    if names is None:
+        names = {os.path.splitext(f)[0] for f in os.listdir(root)}
+    out = []
+    for name in sorted(names):
+        if name in _SKIP_DIRS:
+            continue
+        single = os.path.join(root, name + ".py")
+        package = os.path.join(root, name)
+        if os.path.isfile(single):
+            out.append((name, single))
+        elif os.path.isfile(os.path.join(package, "__init__.py")):
+            for directory, dirs, files in os.walk(package):
+                dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+                rel = os.path.relpath(directory, root).replace(os.sep, ".")
+                for f in sorted(files):
+                    if f.endswith(".py"):
+                        stem = f[:-3]
+                        out.append((rel if stem == "__init__" else f"{rel}.{stem}",
+                                    os.path.join(directory, f)))
+    return sorted(out)
+
+
+def stdlib_documents():
+    """The default corpus: one document per standard-library module.
+
+    Reads the source of every module of the running Python's standard
+    library (:data:`sys.stdlib_module_names` and their submodules, without
+    the test suites) with :mod:`ast`, nothing imported, and keeps the
+    docstrings of the module, its classes and its functions, joined by
+    blank lines. Modules without docstrings, and sources that do not parse
+    or decode, are skipped.
+
+    Returns
+    -------
+    list of (str, str)
+        ``(module name, text)``, sorted by name.
+    """
+    docs = []
+    for name, path in _stdlib_files():
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), filename=path)
+        except (SyntaxError, ValueError, OSError):
+            continue
+        texts = [ast.get_docstring(node, clean=True) for node in ast.walk(tree)
+                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                      ast.AsyncFunctionDef))]
+        texts = [t for t in texts if t]
+        if texts:
+            docs.append((name, "\n\n".join(texts)))
+    return docs
+
+
+def read_documents(paths):
+    """``(path, text)`` of every corpus file: one file is one document.
+
+    Raises
+    ------
+    ValueError
+        If ``paths`` is empty, or a file is not valid UTF-8 (naming the file
+        and byte).
+    FileNotFoundError
+        If a file does not exist.
+    """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("corpus must name at least one file")
+    docs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            docs.append((path, raw.decode("utf-8-sig")))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus file {path!r} is not UTF-8 ({exc.reason} at byte "
+                             f"{exc.start})") from None
+    return docs
+
+
+#: Share of the words each held-out split gets in :func:`generate_words`.
+HELD_OUT = {"val": 0.1, "test": 0.1}
+
+
+def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
+    """Write a word-segmentation data set: ``train``, ``val``, ``test``.
+
+    Every example is a window of consecutive words of one document
+    (:func:`word_pairs`; a word as :func:`words_of` defines it), written as
+    ``{"input": "thequickfox", "segments": ["the", "quick", "fox"]}``.
+
+    The split is **by document, never by line**: the documents are shuffled
+    (by ``seed``), then ``test`` takes whole documents until it holds at
+    least 10% of the words, ``val`` the same, and ``train`` the rest, each
+    split at least one document. No document has examples in two splits.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Receives ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` and
+        ``documents.json`` (which documents went where, and the sizes);
+        created if missing.
+    corpus : sequence of str or os.PathLike, optional
+        UTF-8 text files, one document each. Default: the docstrings of the
+        Python standard library found at run time (:func:`stdlib_documents`),
+        one document per module.
+    seed : int, default 0
+        The split and the window lengths; the same seed and corpus give
+        byte-identical files.
+    min_words, max_words : int, default 4 and 12
+        Words per example.
+
+    Returns
+    -------
+    dict
+        ``{"train": path, "val": path, "test": path, "documents": path}``
+        and ``"sizes"``: per split, ``documents``, ``examples``, ``words``
+        and ``characters`` (of the inputs).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 3 documents with a word, a file that is not UTF-8, bad
+        ``seed``, ``min_words`` or ``max_words``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
+    min_words = _check_count("min_words", min_words)
+    max_words = _check_count("max_words", max_words)
+    if min_words < 1 or max_words < min_words:
+        raise ValueError(f"need 1 <= min_words <= max_words, got min_words="
+                         f"{min_words}, max_words={max_words}")
+    docs = stdlib_documents() if corpus is None else read_documents(corpus)
+    counted = [(name, text, len(words_of(text))) for name, text in docs]
+    counted = [d for d in counted if d[2] > 0]
+    if len(counted) < 3:
+        raise ValueError(f"corpus: a split by document needs at least 3 documents with "
+                         f"words (one file is one document), got {len(counted)}")
+    split_seq, window_seq = np.random.SeedSequence(int(seed)).spawn(2)
+    order = np.random.default_rng(split_seq).permutation(len(counted)).tolist()
+    total = sum(d[2] for d in counted)
+    assignment, k = {}, 0
+    for split, remaining_splits in (("test", 2), ("val", 1)):
+        taken = 0
+        while k < len(order) - remaining_splits and (
+                taken == 0 or taken < HELD_OUT[split] * total):
+            assignment[order[k]] = split
+            taken += counted[order[k]][2]
+            k += 1
+    for i in order[k:]:
+        assignment[i] = "train"
+    window_rng = np.random.default_rng(window_seq)
+    pairs = {"train": [], "val": [], "test": []}
+    names = {"train": [], "val": [], "test": []}
+    for i, (name, text, _) in enumerate(counted):   # corpus order: stable streams
+        split = assignment[i]
+        pairs[split].extend(word_pairs(text, window_rng, min_words, max_words))
+        names[split].append(name)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in pairs}
+    sizes = {}
+    for split, ps in pairs.items():
+        write_pairs(paths[split], ps)
+        sizes[split] = {"documents": len(names[split]), "examples": len(ps),
+                        "words": sum(len(t) for _, t in ps),
+                        "characters": sum(len(s) for s, _ in ps)}
+    paths["documents"] = os.path.join(out_dir, "documents.json")
+    with _atomic_open(paths["documents"], "w", encoding="utf-8", newline="\n") as f:
+        json.dump({"corpus": "stdlib docstrings" if corpus is None else "files",
+                   "seed": int(seed), "min_words": min_words, "max_words": max_words,
+                   "sizes": sizes, "documents": names}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    paths["sizes"] = sizes
+    return paths

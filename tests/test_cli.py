@@ -86,8 +86,8 @@ def test_train_resume_and_eval(level1, tmp_path, capsys):
     code, out, err = run(capsys, "eval", "--checkpoint", a / "checkpoint.npz",
                          "--data", level1 / "val.jsonl")
     assert code == 0, err
-    values = dict(line.split() for line in out.splitlines())
-    assert int(values["pairs"]) == 16
+    values = dict(line.split()[:2] for line in out.splitlines())   # key, checkpoint's
+    assert int(values["pairs"]) == 16 and out.splitlines()[1].split()[2] == "untrained"
     assert 0.0 <= float(values["accuracy"]) <= 1.0 and float(values["loss"]) > 0
 
 
@@ -157,3 +157,71 @@ def test_console_script_runs_main(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
     assert cli.run() == 0
     assert calls == ["main"]
+
+
+# ------------------------------------------------------------------ words
+@pytest.fixture
+def words(tmp_path, capsys):
+    files = []
+    for i, text in enumerate(["the cat sat on the mat", "a bird in the hand is worth two",
+                              "the dog ran to the park and back"]):
+        f = tmp_path / f"doc{i}.txt"
+        f.write_text((text + ". ") * 10, encoding="utf-8")
+        files.append(f)
+    data = tmp_path / "words"
+    code, out, err = run(capsys, "generate", "--task", "words", "--corpus", *files,
+                         "--out", data, "--seed", 2)
+    assert code == 0, err
+    assert "split by document" in out and "test.jsonl" in out
+    return data
+
+
+def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
+    first = json.loads((words / "train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"input", "segments"}
+    assert first["input"] == "".join(first["segments"])
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--data", words, "--epochs", 2, "--out", run_dir,
+                         "--no-progress", "--keep-best", "val_boundary_f1")
+    assert code == 0, err
+    assert "untrained" in out and "boundary_f1" in out and "best: " in out
+    log = read_log(run_dir / "metrics.jsonl")
+    assert all("val_boundary_f1" in r for r in log)
+    assert (run_dir / "best.npz").exists()
+    # the untrained column is what the untrained model scores
+    table = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+             if line.startswith(("boundary_", "seg_"))}
+    code, ev, err = run(capsys, "eval", "--checkpoint", run_dir / "best.npz", "--data",
+                        words / "val.jsonl")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1:] for line in ev.splitlines()
+            if line.startswith(("boundary_", "seg_"))}
+    assert set(rows) == {"seg_accuracy", "boundary_precision", "boundary_recall",
+                         "boundary_f1"}
+    for key, (_, untrained) in rows.items():
+        assert float(untrained) == pytest.approx(float(table[key][0]), abs=1e-4)
+    # training never ends below where it started: the best is >= the untrained
+    assert float(rows["boundary_f1"][1]) >= float(rows["boundary_f1"][0])
+    # an existing run with best.npz is not replaced unasked
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "checkpoint.npz").unlink()
+    code, _, err = run(capsys, "train", "--data", words, "--epochs", 1, "--out", run_dir)
+    assert code == 2 and "already holds a run (best.npz)" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words"),
+    (["--corpus", "x.txt"], "--corpus needs --task words"),
+    (["--task", "words", "--corpus", "missing.txt"], "No such file or directory"),
+])
+def test_generate_words_errors(tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, "generate", "--out", tmp_path / "d", *argv)
+    assert code == 2 and message in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_keep_best_errors(words, level1, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
+                       tmp_path / "r", "--keep-best", "val_boundary_f1")
+    assert code == 2 and "--keep-best: keep_best must be one of" in err
+    assert not (tmp_path / "r").exists()

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from grapheme.data import DEMO_PAIRS, TASKS, generate, load_pairs, make_pairs, write_pairs
+from grapheme.data import DEFAULT_TASKS, DEMO_PAIRS, TASKS, generate, load_pairs, make_pairs, write_pairs
 
 
 def test_demo_pairs():
@@ -36,11 +36,23 @@ def test_fold_drops_last_character():
         assert len(source) >= 2 and target == source[:-1]
 
 
+def _kinds(pairs):
+    return {"arithmetic" if s.startswith("(") else "fold" if t == s[:-1] else "dedup"
+            for s, t in pairs}
+
+
 def test_tasks_are_mixed():
-    pairs = make_pairs(300, seed=6)
-    kinds = {"arithmetic" if s.startswith("(") else "fold" if t == s[:-1] else "dedup"
-             for s, t in pairs}
-    assert kinds == set(TASKS)
+    assert _kinds(make_pairs(300, seed=6, tasks=list(TASKS))) == set(TASKS)
+
+
+def test_default_mix_leaves_out_the_arithmetic_control():
+    """A morph keeps characters of its input, so arithmetic targets are
+    (mostly) unreachable: the task is a control, asked for by name only."""
+    assert DEFAULT_TASKS == ("dedup", "fold")
+    assert _kinds(make_pairs(300, seed=6)) == {"dedup", "fold"}
+    unreachable = [t for s, t in make_pairs(500, seed=3, tasks="arithmetic")
+                   if not set(t) <= set(s)]
+    assert len(unreachable) > 250
 
 
 def test_generate_deterministic_and_round_trips(tmp_path):
@@ -125,3 +137,124 @@ def test_written_lines_are_plain_json(tmp_path):
     assert len(lines) == 5
     assert all(set(json.loads(x)) == {"input", "target"} for x in lines)
     assert load_pairs(paths["val"]) == []
+
+
+# ------------------------------------------------------------ word segmentation
+from grapheme.data import (generate_words, segment_lengths, stdlib_documents,  # noqa: E402
+                           target_text, word_pairs, words_of)
+import numpy as np  # noqa: E402
+
+
+def test_words_of():
+    assert words_of("The quick, brown fox's 2 jumps_over\nDon’t-stop 3.14 ÉTÉ") == [
+        "the", "quick", "brown", "foxs", "jumps", "over", "dont", "stop", "été"]
+    assert words_of("42 ... __") == []
+    with pytest.raises(TypeError, match="text must be a str"):
+        words_of(b"abc")
+
+
+def test_word_pairs_are_consecutive_windows():
+    text = " ".join(f"w{'abcdefghij'[i % 10]}x" for i in range(100))
+    pairs = word_pairs(text, np.random.default_rng(0), min_words=3, max_words=5)
+    words = [w for _, segs in pairs for w in segs]
+    assert words == words_of(text)                 # every word once, in order
+    assert all(3 <= len(segs) <= 5 for _, segs in pairs[:-1])
+    assert 1 <= len(pairs[-1][1]) <= 5
+    assert all(src == "".join(segs) for src, segs in pairs)
+    again = word_pairs(text, np.random.default_rng(0), min_words=3, max_words=5)
+    assert again == pairs
+
+
+def test_segmentation_pairs_round_trip_and_lengths(tmp_path):
+    path = tmp_path / "w.jsonl"
+    pairs = [("thequickfox", ("the", "quick", "fox")), ("aab", "ab"), ("a", ("a",))]
+    write_pairs(path, pairs)
+    assert json.loads(path.read_text().splitlines()[0]) == {
+        "input": "thequickfox", "segments": ["the", "quick", "fox"]}
+    assert load_pairs(path) == pairs
+    lengths, counts, select = segment_lengths([t for _, t in pairs])
+    assert lengths.tolist() == [3, 5, 3, 1] and counts.tolist() == [3, 1]
+    assert select.tolist() == [True, False, True]
+    assert [target_text(t) for _, t in pairs] == ["tqf", "ab", "a"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"input": "ab", "segments": ["a", "c"]}', r"'segments' must join to the input 'ab'"),
+    ('{"input": "ab", "segments": ["ab", ""]}', r"'segments'\[1\] is empty"),
+    ('{"input": "ab", "segments": "ab"}', "'segments' must be a list of strings, got str"),
+    ('{"input": "ab", "segments": [1, 2]}', r"'segments'\[0\] must be a string"),
+    ('{"input": "ab", "target": "a", "segments": ["ab"]}', "got both"),
+    ('{"input": "ab"}', "missing key 'target'"),
+])
+def test_bad_segmentation_lines(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"input": "x", "target": "x"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
+        load_pairs(path)
+
+
+def test_write_pairs_checks_segments(tmp_path):
+    with pytest.raises(ValueError, match=r"pairs\[0\]\[1\] must join to the input"):
+        write_pairs(tmp_path / "w.jsonl", [("abc", ("ab",))])
+    assert os.listdir(tmp_path) == []
+
+
+def _corpus(tmp_path, n=5):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"doc{i}.txt"
+        # "mark<letter>" names the document; digits are dropped, so "w1" is "w"
+        p.write_text(" ".join(f"mark{'abcdefgh'[i]} w{j}, text." for j in range(60)) + "\n",
+                     encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def test_generate_words_splits_by_document(tmp_path):
+    paths = _corpus(tmp_path)
+    out = generate_words(tmp_path / "data", corpus=paths, seed=3)
+    manifest = json.loads((tmp_path / "data" / "documents.json").read_text())
+    where = {name: split for split, names in manifest["documents"].items() for name in names}
+    assert sorted(where) == sorted(map(str, paths))            # each document in one split
+    assert all(manifest["documents"][s] for s in ("train", "val", "test"))
+    for split in ("train", "val", "test"):
+        pairs = load_pairs(out[split])
+        assert out["sizes"][split]["examples"] == len(pairs)
+        for source, segs in pairs:
+            assert isinstance(segs, tuple) and source == "".join(segs)
+            # every example names its document(s) by their "mark" words
+            docs = {"doc" + str("abcdefgh".index(w[-1])) for w in segs if w.startswith("mark")}
+            assert all(where[str(tmp_path / f"{d}.txt")] == split for d in docs)
+    assert sum(s["words"] for s in out["sizes"].values()) == 5 * 60 * 3
+    again = generate_words(tmp_path / "again", corpus=paths, seed=3)
+    for split in ("train", "val", "test"):
+        assert open(out[split], "rb").read() == open(again[split], "rb").read()
+
+
+def test_generate_words_errors(tmp_path):
+    paths = _corpus(tmp_path, n=2)
+    with pytest.raises(ValueError, match="at least 3 documents with words.*got 2"):
+        generate_words(tmp_path / "d", corpus=paths)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(ValueError, match="latin1.txt' is not UTF-8"):
+        generate_words(tmp_path / "d", corpus=paths + [bad])
+    with pytest.raises(ValueError, match="min_words <= max_words"):
+        generate_words(tmp_path / "d", corpus=paths, min_words=5, max_words=2)
+    with pytest.raises(ValueError, match="corpus must name at least one file"):
+        generate_words(tmp_path / "d", corpus=[])
+    assert not (tmp_path / "d").exists()
+
+
+def test_default_corpus_is_the_stdlib_docstrings(tmp_path):
+    docs = stdlib_documents()
+    names = [n for n, _ in docs]
+    assert len(docs) > 300 and "json" in names and "collections" in names
+    assert not any(n == "test" or n.startswith("test.") for n in names)
+    out = generate_words(tmp_path, seed=0)
+    sizes = out["sizes"]
+    words = sum(s["words"] for s in sizes.values())
+    assert words > 100_000
+    for split in ("val", "test"):     # each held-out split: >= 10% of the words
+        assert sizes[split]["words"] >= 0.1 * words
+    assert sizes["train"]["words"] >= 0.6 * words

@@ -10,6 +10,9 @@ from grapheme import (DEMO_PAIRS, Adam, Embedding, Graph, Morpher, RateControlle
                       StructuralLoss, Trainer, ops, replicate)
 from grapheme.data import make_pairs
 
+# the mix these tests were calibrated on (arithmetic left the default mix later)
+OLD_MIX = ("arithmetic", "dedup", "fold")
+
 
 def fit_demo(estimator, epochs, lr):
     morpher = Morpher(estimator=estimator)
@@ -80,7 +83,7 @@ def test_history_estimator_cannot_move_the_threshold():
 @pytest.mark.parametrize("target", [0.45, 0.55, 0.65])
 @pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
 def test_rate_control_reaches_the_target(estimator, target):
-    pairs = make_pairs(200, seed=0)
+    pairs = make_pairs(200, seed=0, tasks=OLD_MIX)
     morpher = Morpher(estimator=estimator, rate=target)
     trainer = Trainer(Embedding(dim=32, seed=0), morpher, StructuralLoss(), Adam(lr=3e-2),
                       batch_size=16, seed=0, progress=False)
@@ -101,7 +104,7 @@ def test_rate_control_reaches_the_target(estimator, target):
 @pytest.mark.parametrize("target", [0.45, 0.55, 0.65])
 @pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
 def test_rate_control_holds_the_measured_compression(estimator, target, seed):
-    pairs = make_pairs(200, seed=seed)
+    pairs = make_pairs(200, seed=seed, tasks=OLD_MIX)
     if estimator == "reinforce":
         estimator = Reinforce(seed=seed)
     morpher = Morpher(estimator=estimator, rate=target)

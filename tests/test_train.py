@@ -287,3 +287,96 @@ def test_morpher_state_roundtrip_and_validation():
     np.testing.assert_array_equal(m2.forward(g, H).decisions, a)
     with pytest.raises(ValueError, match="not a Morpher state"):
         m2.load_state_dict({"theta": 0.1})
+
+
+# -------------------------------------------------- segmentation metrics, keep_best
+def runs_pairs(n, seed):
+    """Segment a string into its runs of one letter: the untrained model
+    (identical neighbours always merge) does it exactly."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        letters = rng.choice(list("abcdef"), size=int(rng.integers(2, 5)), replace=False)
+        segs = tuple(c * int(k) for c, k in zip(letters, rng.integers(1, 4, len(letters))))
+        pairs.append(("".join(segs), segs))
+    return pairs
+
+
+def test_evaluate_reports_segmentation_metrics():
+    t = make_trainer()
+    assert "boundary_f1" not in t.evaluate(DEMO_PAIRS)
+    r = t.evaluate(runs_pairs(20, 0) + DEMO_PAIRS)
+    assert (r["seg_accuracy"], r["boundary_precision"], r["boundary_recall"],
+            r["boundary_f1"]) == (1.0, 1.0, 1.0, 1.0)
+    # nothing merges in "thequickfox" at init: every position is a boundary
+    r = t.evaluate([("thequickfox", ("the", "quick", "fox"))])
+    assert r["boundary_precision"] == 0.2 and r["boundary_recall"] == 1.0
+    assert r["seg_accuracy"] == 0.0
+    assert r["boundary_f1"] == pytest.approx(1 / 3, rel=1e-15)
+
+
+def test_keep_best_never_ends_below_the_start(tmp_path):
+    """Runs segmentation is solved before training; a large learning rate
+    spoils it. best.npz stays the untrained model, whatever the last epoch."""
+    train, val = runs_pairs(64, 1), runs_pairs(32, 2)
+    t = make_trainer(lr=0.5)
+    history = t.fit(train, 6, val=val, checkpoint=tmp_path / "last.npz",
+                    keep_best="val_boundary_f1")
+    f1 = [r["val_boundary_f1"] for r in history]
+    assert min(f1) < 1.0                              # training made it worse
+    assert t.best["epoch"] == 0 and t.best["value"] == 1.0
+    best = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)
+    assert best.epoch == 0 and best.evaluate(val)["boundary_f1"] == 1.0
+
+
+def test_keep_best_keeps_the_best_epoch_and_survives_resume(tmp_path):
+    train, val = DEMO_PAIRS * 4, DEMO_PAIRS
+    a = make_trainer()
+    ha = a.fit(train, 6, val=val, checkpoint=tmp_path / "a.npz", keep_best="val_loss",
+               best=tmp_path / "a_best.npz")
+    losses = [r["val_loss"] for r in ha]
+    assert a.best["epoch"] == 1 + int(np.argmin(losses)) and a.best["epoch"] > 0
+    assert a.best["value"] == min(losses)
+    best = Trainer.from_checkpoint(tmp_path / "a_best.npz", progress=False)
+    assert best.epoch == a.best["epoch"]
+    assert best.evaluate(val)["loss"] == a.best["value"]
+    # 3 epochs, then resume to 6: the same best as the uninterrupted run
+    b = make_trainer()
+    b.fit(train, 3, val=val, checkpoint=tmp_path / "b.npz", keep_best="val_loss",
+          best=tmp_path / "b_best.npz")
+    c = make_trainer()
+    c.fit(train, 6, val=val, checkpoint=tmp_path / "b.npz", keep_best="val_loss",
+          best=tmp_path / "b_best.npz", resume=tmp_path / "b.npz")
+    assert {k: v for k, v in c.best.items() if k != "path"} == {
+        k: v for k, v in a.best.items() if k != "path"}
+
+
+def test_keep_best_validation(tmp_path):
+    t = make_trainer()
+    ck = tmp_path / "c.npz"
+    with pytest.raises(ValueError, match="keep_best needs val"):
+        t.fit(DEMO_PAIRS, 1, checkpoint=ck, keep_best="val_loss")
+    with pytest.raises(ValueError, match="keep_best needs val"):
+        t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, keep_best="val_loss")
+    with pytest.raises(ValueError, match=r"keep_best must be one of \['val_loss', "
+                                         r"'val_accuracy'\].*got 'val_boundary_f1'"):
+        t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, checkpoint=ck, keep_best="val_boundary_f1")
+    with pytest.raises(ValueError, match="must differ from checkpoint"):
+        t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, checkpoint=ck, keep_best="val_loss", best=ck)
+    with pytest.raises(ValueError, match="best needs keep_best"):
+        t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, checkpoint=ck, best=tmp_path / "b.npz")
+    (tmp_path / "best.npz").write_bytes(b"someone's file")
+    with pytest.raises(ValueError, match="best checkpoint .*best.npz' already exists"):
+        t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, checkpoint=ck, keep_best="val_loss")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz"]
+    assert (tmp_path / "best.npz").read_bytes() == b"someone's file"
+    with pytest.raises(ValueError, match=r"pairs\[0\]: a tuple target is a segmentation"):
+        t.evaluate([("abc", ("ab",))])
+
+
+def test_segmentation_pairs_change_the_fingerprint():
+    from grapheme.train.trainer import data_fingerprint
+    a = data_fingerprint(["aaa"], [("a", "aa")])
+    b = data_fingerprint(["aaa"], [("aa", "a")])
+    c = data_fingerprint(["aaa"], ["aa"])
+    assert len({a["sha256"], b["sha256"], c["sha256"]}) == 3

@@ -36,7 +36,8 @@ from ..graph import Graph, replicate
 from ..morph import Morpher
 from ..ops import FeatureMean, Lookup
 from .. import optim as _optim
-from .metrics import LOSS_KEYS, structure_match
+from ..data import segment_lengths, target_text
+from .metrics import LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores, structure_match
 from .state import build, describe
 
 __all__ = ["Trainer"]
@@ -90,6 +91,10 @@ class Trainer:
         Number of completed epochs.
     history : list of dict
         One record of metrics per completed epoch.
+    best : dict or None
+        With ``fit(..., keep_best=metric)``: ``{"metric", "value", "epoch",
+        "path"}`` of the best checkpoint kept so far (``epoch`` 0: the
+        untrained model). Saved in checkpoints.
 
     Notes
     -----
@@ -155,6 +160,7 @@ class Trainer:
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
+        self.best = None
         self._buffers = {}
 
     # ------------------------------------------------------------------ step
@@ -163,7 +169,7 @@ class Trainer:
         emb = self.embedding
         g = Graph.from_texts(inputs)
         rows = emb.rows(g.labels)
-        target = Graph.from_texts(targets)
+        target = Graph.from_texts([target_text(t) for t in targets])
         t_rows = None
         if self.target_activation == "embedding":
             # the mean of a looked-up row is the looked-up row mean: O(V d + m)
@@ -289,7 +295,13 @@ class Trainer:
             ``loss``, ``node``, ``edge``, ``clique`` (means over pairs),
             ``merge_rate`` (1 - output nodes / input nodes) and ``accuracy``
             (fraction of pairs whose hard morph has exactly the target's
-            number of nodes and labels).
+            number of nodes and labels). When some pairs are segmentations
+            (a tuple target, see :mod:`grapheme.data`), also, over those
+            pairs: ``seg_accuracy`` (fraction segmented exactly as the
+            gold), ``boundary_precision``, ``boundary_recall`` and
+            ``boundary_f1`` (micro-averaged over the boundaries between
+            characters, see :func:`~grapheme.train.metrics.segmentation_scores`).
+            The predicted segmentation is the hard morph's.
         """
         inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
@@ -298,6 +310,7 @@ class Trainer:
             batch_size, "batch_size", lower=1, integer=True)
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         n_in = n_out = correct = 0
+        seg = None
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
             g, _, H, target, _ = self._batch(bi, bt)
@@ -309,10 +322,17 @@ class Trainer:
             n_in += g.num_nodes
             n_out += morphed.history.num_outputs
             correct += int(structure_match(g, morphed.history, target).sum())
+            lengths, counts, select = segment_lengths(bt)
+            if select.any():
+                c = segmentation_counts(morphed.history, g.graph_offsets, lengths, counts,
+                                        select)
+                seg = c if seg is None else {k: seg[k] + c[k] for k in seg}
         n = len(inputs)
         out = {k: v / n for k, v in sums.items()}
         out["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
         out["accuracy"] = correct / n
+        if seg is not None:
+            out.update(segmentation_scores(seg))
         return out
 
     # ------------------------------------------------------------------ fit
@@ -325,7 +345,8 @@ class Trainer:
         return (f"nothing was written: the checkpoint {path!r} (epoch {epoch}) is "
                 "still good")
 
-    def fit(self, pairs, epochs, val=None, checkpoint=None, resume=None, new_data=False):
+    def fit(self, pairs, epochs, val=None, checkpoint=None, resume=None, new_data=False,
+            keep_best=None, best=None):
         """Train for ``epochs`` epochs in total; return the per-epoch history.
 
         Parameters
@@ -348,6 +369,19 @@ class Trainer:
             :meth:`from_checkpoint`) on pairs other than those it was
             trained on; without it that is refused, since the result is no
             longer the run the checkpoint belongs to.
+        keep_best : str, optional
+            A validation metric of the epoch records (``"val_loss"``, lowest
+            is best; ``"val_accuracy"``, or with segmentation pairs in
+            ``val`` ``"val_seg_accuracy"``, ``"val_boundary_f1"``, ... ,
+            highest is best). The state with the best value so far, the
+            untrained (or resumed) model's included, is kept in ``best``:
+            written (atomically) before the first epoch and whenever an epoch
+            strictly improves on it, so the best checkpoint is never worse on
+            ``val`` than the model training started from. :attr:`best` says
+            which epoch it is. Needs ``val`` and ``checkpoint``.
+        best : str or os.PathLike, optional
+            Where ``keep_best`` keeps it; default ``best.npz`` beside
+            ``checkpoint``.
 
         Returns
         -------
@@ -357,7 +391,10 @@ class Trainer:
             the epoch's pairs), ``merge_rate``, ``tau`` (at the end of the
             epoch), ``grad_norm`` (mean over steps), ``time``,
             ``examples_per_s``, ``chars_per_s`` and, with ``val``,
-            ``val_loss``, ``val_merge_rate``, ``val_accuracy``.
+            ``val_loss``, ``val_merge_rate``, ``val_accuracy`` (and, when
+            ``val`` holds segmentations, ``val_seg_accuracy``,
+            ``val_boundary_precision``, ``val_boundary_recall``,
+            ``val_boundary_f1``).
 
         Raises
         ------
@@ -377,6 +414,7 @@ class Trainer:
             check_pairs(val, "val")
             if not len(val):
                 raise ValueError("val must not be empty when given")
+        best_path = self._check_keep_best(keep_best, best, val, checkpoint)
         if resume is not None:
             self.load(resume)
             self._last_checkpoint = (os.fspath(resume), self.epoch)
@@ -390,9 +428,10 @@ class Trainer:
                 "resume with the same data, start a new run, or fit(..., new_data=True) "
                 "to continue on other data")
         if self.epoch == 0 and not self.overwrite:
-            for what, path in (("log", self.log), ("checkpoint", checkpoint)):
+            for what, path in (("log", self.log), ("checkpoint", checkpoint),
+                               ("best checkpoint", best_path)):
                 if path is not None and os.path.exists(path) and (
-                        what == "checkpoint" or os.path.getsize(path) > 0):
+                        what != "log" or os.path.getsize(path) > 0):
                     raise ValueError(
                         f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
                         "replace another run's files: resume that run, choose another "
@@ -404,20 +443,31 @@ class Trainer:
         log_synced = False
         n = len(inputs)
         steps = -(-n // self.batch_size)
+        if best_path is not None and self.epoch < epochs and (
+                self.best is None or self.best["metric"] != keep_best):
+            # the starting point is the first candidate: never end below it
+            start = self._val_record(val)
+            self.best = {"metric": keep_best, "value": start[keep_best],
+                         "epoch": self.epoch, "path": best_path}
+            self.save(best_path)
         bar = self._progress_bar(total=max(epochs - self.epoch, 0) * steps)
         try:
             while self.epoch < epochs:
                 record = self._run_epoch(inputs, targets, bar)
                 if val is not None:
-                    v = self.evaluate(val)
-                    record["val_loss"] = v["loss"]
-                    record["val_merge_rate"] = v["merge_rate"]
-                    record["val_accuracy"] = v["accuracy"]
+                    record.update(self._val_record(val))
                 self.epoch += 1
                 self.history.append(record)
+                improved = best_path is not None and _better(
+                    keep_best, record[keep_best], self.best["value"])
+                if improved:
+                    self.best = {"metric": keep_best, "value": record[keep_best],
+                                 "epoch": self.epoch, "path": best_path}
                 if checkpoint is not None:
                     self.save(checkpoint)
                     self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
+                if improved:
+                    self.save(best_path)
                 if self.log is not None:
                     if not log_synced:   # only now: an old log survives until here
                         self._rewrite_log()
@@ -432,6 +482,34 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return list(self.history)
+
+    def _val_record(self, val):
+        """The ``val_*`` entries of an epoch record."""
+        v = self.evaluate(val)
+        return {"val_" + k: v[k] for k in ("loss", "merge_rate", "accuracy",
+                                           *SEGMENTATION_KEYS) if k in v}
+
+    def _check_keep_best(self, keep_best, best, val, checkpoint):
+        """The path of the best checkpoint, or None; ``keep_best`` checked."""
+        if keep_best is None:
+            if best is not None:
+                raise ValueError("best needs keep_best (the metric that decides it)")
+            return None
+        if val is None or checkpoint is None:
+            raise ValueError("keep_best needs val (to measure) and checkpoint (to keep "
+                             "the last state beside the best)")
+        allowed = ["val_loss", "val_accuracy"]
+        if segment_lengths(check_pairs(val, "val")[1])[2].any():
+            allowed += ["val_" + k for k in SEGMENTATION_KEYS]
+        if not isinstance(keep_best, str) or keep_best not in allowed:
+            raise ValueError(f"keep_best must be one of {allowed} (the segmentation "
+                             f"metrics need segmentation pairs in val), got "
+                             f"{show(keep_best)}")
+        path = os.fspath(best) if best is not None else os.path.join(
+            os.path.dirname(os.fspath(checkpoint)), "best.npz")
+        if os.path.abspath(path) == os.path.abspath(os.fspath(checkpoint)):
+            raise ValueError(f"best {path!r} must differ from checkpoint")
+        return path
 
     def _run_epoch(self, inputs, targets, bar):
         n = len(inputs)
@@ -560,7 +638,7 @@ class Trainer:
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
                 "morpher": self.morpher.state_dict(),
                 "config": self.config(), "history": self.history,
-                "data": self._data_fingerprint}
+                "data": self._data_fingerprint, "best": self.best}
         save_checkpoint(path, arrays, meta)
 
     def load(self, path):
@@ -582,6 +660,14 @@ class Trainer:
             morpher_state = dict(meta["morpher"], theta=float(arrays["morpher.theta"]))
             config, history = meta["config"], meta["history"]
             data = meta.get("data")
+            best = meta.get("best")
+            if best is not None and not (
+                    isinstance(best, dict) and isinstance(best.get("metric"), str)
+                    and isinstance(best.get("value"), (int, float))
+                    and isinstance(best.get("epoch"), int)
+                    and isinstance(best.get("path"), str)):
+                raise ValueError(f"best must be a record of the best checkpoint, got "
+                                 f"{show(best)}")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"bad meta data ({exc})") from None
@@ -638,7 +724,18 @@ class Trainer:
         self.epoch = epoch
         self.history = list(history)
         self._data_fingerprint = data
+        self.best = None if best is None else dict(best)
         self._loaded_fingerprint = None if data is None else dict(data, path=path)
+
+
+def _better(metric, value, best):
+    """Whether ``value`` of ``metric`` strictly improves on ``best`` (the loss
+    is minimised, every other metric maximised; NaN never improves)."""
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(best):
+        return True
+    return value < best if metric == "val_loss" else value > best
 
 
 def _all_finite(params):
@@ -652,10 +749,14 @@ def data_fingerprint(inputs, targets):
     checkpoint records so that a resumed run can tell it is given other data."""
     h = hashlib.sha256()
     for source, target in zip(inputs, targets):
-        for text in (source, target):
+        texts = (source, target) if isinstance(target, str) else (source, "\0segments",
+                                                                  *target)
+        for text in texts:
             raw = text.encode("utf-8", "surrogatepass")
             h.update(len(raw).to_bytes(8, "little"))
             h.update(raw)
+        if not isinstance(target, str):
+            h.update((-1).to_bytes(8, "little", signed=True))
     return {"pairs": len(inputs), "sha256": h.hexdigest()}
 
 
