@@ -102,6 +102,9 @@ def build_parser():
                    help="seed of embedding and shuffling (default 0)")
     p.add_argument("--dim", type=_positive_int, default=None,
                    help="embedding dimension (default 64)")
+    p.add_argument("--encoder-layers", type=_nonneg_int, default=None,
+                   help="message-passing layers before the merge, with learned routing "
+                        "(default 0: the context-free model)")
     p.add_argument("--estimator", default=None, choices=ESTIMATORS,
                    help=f"merge gradient estimator (default {DEFAULT_ESTIMATOR!r}: "
                         "hard merges whose threshold still learns)")
@@ -170,7 +173,7 @@ def _cmd_generate(args, out):
 
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
-                  baseline="mean", samples=1, overwrite=False):
+                  baseline="mean", samples=1, overwrite=False, encoder_layers=0):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -188,9 +191,12 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
         morpher = Morpher(estimator=make_estimator(estimator), rate=target_rate)
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
+    from .encoder import Encoder
+
+    encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
     return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
-                   overwrite=overwrite)
+                   overwrite=overwrite, encoder=encoder)
 
 
 def _cmd_train(args, out):
@@ -199,7 +205,7 @@ def _cmd_train(args, out):
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
                  ("batch_size", "lr", "seed", "dim", "estimator", "baseline", "samples",
-                  "target_rate")
+                  "target_rate", "encoder_layers")
                  if getattr(args, name) is not None]
         if fixed:
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
@@ -231,7 +237,8 @@ def _cmd_train(args, out):
             samples=1 if args.samples is None else args.samples,
             lr=1e-2 if args.lr is None else args.lr,
             batch_size=32 if args.batch_size is None else args.batch_size,
-            log=log, progress=progress, overwrite=args.overwrite)
+            log=log, progress=progress, overwrite=args.overwrite,
+            encoder_layers=args.encoder_layers or 0)
         start = 0
     best = None
     if args.keep_best is not None:

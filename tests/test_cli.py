@@ -225,3 +225,17 @@ def test_keep_best_errors(words, level1, tmp_path, capsys):
                        tmp_path / "r", "--keep-best", "val_boundary_f1")
     assert code == 2 and "--keep-best: keep_best must be one of" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_train_with_an_encoder(capsys, tmp_path):
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    assert main(["generate", "--out", str(data), "--n-train", "48", "--n-val", "8"]) == 0
+    assert main(["train", "--data", str(data), "--epochs", "2", "--out", str(run_dir),
+                 "--encoder-layers", "1", "--dim", "8", "--no-progress"]) == 0
+    import grapheme as gr
+    trainer = gr.Trainer.from_checkpoint(run_dir / "checkpoint.npz", progress=False)
+    assert trainer.encoder is not None and trainer.encoder.layers == 1
+    assert main(["train", "--data", str(data), "--epochs", "3", "--out", str(run_dir),
+                 "--resume", str(run_dir / "checkpoint.npz"), "--encoder-layers", "1",
+                 "--no-progress"]) == 2
+    assert "--encoder-layers cannot be combined with --resume" in capsys.readouterr().err
