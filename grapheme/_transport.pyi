@@ -34,5 +34,6 @@ def structural_loss_backward(
     grad: Any,              # LossGrad OUT: activation, mass (double[::1] (N,)),
                             #   target_activation (double[::1] (M,)),
                             #   weights (double[::1] (E_p,)),
-                            #   target_weights (double[::1] (E_t,))
+                            #   target_weights (double[::1] (E_t,)),
+                            #   target_mass (double[::1] (M,))
 ) -> None: ...

@@ -95,6 +95,7 @@ cdef struct Work:
     double* gn                   # m+1 (backward): next g adjoint
     double* hv                   # m+1 (backward)
     double* kv                   # m+1 (backward)
+    double* ks                   # m+1 (backward): column sums of the f adjoint
     const double* zero           # m+1 zeros (backward)
 
 
@@ -180,7 +181,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
                          + rows + 2 * cols)
     total += cols                # gs
     if backward:
-        total += cells + 2 * real + rows + 5 * cols
+        total += cells + 2 * real + rows + 6 * cols
     else:
         total += rows + cols
     buf = np.empty(total)
@@ -200,7 +201,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         ones[j] = 1.0
     w.one = ones
     w.gs = at; at += cols
-    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = NULL
+    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = w.ks = NULL
     w.zero = NULL
     if backward:
         w.Cb = at; at += cells
@@ -211,6 +212,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         w.gn = at; at += cols
         w.hv = at; at += cols
         w.kv = at; at += cols
+        w.ks = at; at += cols
         zeros = at; at += cols
         for j in range(cols):
             zeros[j] = 0.0
@@ -451,16 +453,18 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
                            const double* g, const double* C, const double* K,
                            const double* aw, const double* bw, double eps,
                            const Balance* bal, double* fb, double* gb,
-                           double* ga, double* abar) noexcept nogil:
+                           double* ga, double* abar, double* gbm,
+                           double* bbar) noexcept nogil:
     """Reverse of the balancing step taken at (f, g), which fed F with g - c
     on the real columns (c = eps log x). On entry gb holds the adjoint of
     that balanced g; on exit, the adjoint of g. Adds to fb (adjoint of f),
-    ga (of the n predicted masses) and abar (of A = sum a, the dustbin
-    column weight). By the implicit function theorem on s x^2 - d x - r = 0
+    ga (of the n predicted masses), abar (of A = sum a, the dustbin
+    column weight), gbm (of the m target masses) and bbar (of B = sum b,
+    the dustbin row weight). By the implicit function theorem on s x^2 - d x - r = 0
     (d = A - B), with R = 2 s x - d: dx/ds = -x^2/R, dx/dd = x/R,
     dx/dr = 1/R. O(n + m)."""
     cdef intp_t i, j, m1 = m + 1
-    cdef double cbar = 0.0, xbar, sbar, rbar, dbar, e, sa = 0.0
+    cdef double cbar = 0.0, xbar, sbar, rbar, dbar, e, sa = 0.0, sb = 0.0
     for j in range(m):
         cbar -= gb[j]
     xbar = cbar * eps / bal.x
@@ -478,7 +482,12 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
     # r = B sum_{j<m} b_j e_nj
     fb[n] += rbar * bal.r / eps
     for j in range(m):
-        gb[j] += rbar * aw[n] * bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps) / eps
+        e = _cell(sc, n, j, m1, f, g, C, K, eps)
+        gb[j] += rbar * aw[n] * bw[j] * e / eps
+        gbm[j] += rbar * aw[n] * e
+        sb += bw[j] * e
+    # d = A - B
+    bbar[0] += rbar * sb - dbar
 
 
 cdef struct Store:
@@ -865,13 +874,16 @@ def structural_loss_backward(
         const double[::1] scale,      # IN  (B,) d value / d value_b (1/B for a mean)
         object grad):                 # OUT a LossGrad: activation, mass (N,),
                                       #     target_activation (M,), weights (E_p,),
-                                      #     target_weights (E_t,)
+                                      #     target_weights (E_t,), target_mass (M,)
     """Exact reverse-mode gradient of the forward pass (trusts its input).
 
     Reverses the Sinkhorn sweeps actually performed, using the stored
     potentials, and accumulates the cost adjoint into the activations and
-    the degrees; the masses receive their gradient through the row
-    marginals, the dustbin column marginal ``A = sum a`` and the clique
+    the degrees; the predicted masses receive their gradient through the
+    row marginals, the dustbin column marginal ``A = sum a``, the balancing
+    step and the clique term, and the target masses theirs the same way
+    (column marginals, dustbin row marginal ``B = sum b``, balancing,
+    clique) plus through the row-normalised plan ``Q = b E`` of the edge
     term. The edge weights receive theirs through the edge term (X and W
     directly) and through the degrees (``degree`` must be the weighted
     out-degrees: the cost's degree part and the clique term), mapped to
@@ -903,6 +915,7 @@ def structural_loss_backward(
     cdef double[::1] gy = grad.target_activation
     cdef double[::1] gw = grad.weights
     cdef double[::1] gwt = grad.target_weights
+    cdef double[::1] gbm = grad.target_mass
     work = _workspace(&P_, &T_, &lay, True, &w)
     # d value / d degree of every node, mapped to the out-edges at the end
     gdeg_arr = np.zeros(P_.nodes + T_.nodes)
@@ -959,6 +972,8 @@ def structural_loss_backward(
     cdef double* gyp = &gy[0] if gy.shape[0] > 0 else NULL
     cdef double* gwp = &gw[0] if gw.shape[0] > 0 else NULL
     cdef double* gwtp = &gwt[0] if gwt.shape[0] > 0 else NULL
+    cdef double* gbp = &gbm[0] if gbm.shape[0] > 0 else NULL
+    cdef double* ks = w.ks
     cdef double* Tq = w.T
     cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
     cdef bint balance = st.balance
@@ -967,7 +982,7 @@ def structural_loss_backward(
     cdef double csh
 
     cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
-    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, gbj, fbi, d
+    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, bbar_dust, gbj, fbi, d
     cdef double mp, vp, mt, vt, md, dmean, dvar, nd
     cdef const double* f
     cdef const double* g
@@ -983,6 +998,7 @@ def structural_loss_backward(
             gap[i] = 0.0
         for j in range(T_.nodes):
             gyp[j] = 0.0
+            gbp[j] = 0.0
         for e in range(gw.shape[0]):
             gwp[e] = 0.0
         for e in range(gwt.shape[0]):
@@ -1030,6 +1046,10 @@ def structural_loss_backward(
                     if dpp[p0 + i] >= md:
                         gdp[p0 + i] -= cg * sig / md
             if Bt > 0.0:
+                for j in range(m):
+                    nd = dtp[t0 + j] / mdt - mt
+                    gbp[t0 + j] -= scale[b] * gamma * (
+                        dmean * nd + dvar * (nd * nd - vt)) / Bt
                 sig = 0.0
                 for j in range(m):
                     G = -(dmean + 2.0 * dvar * (dtp[t0 + j] / mdt - mt)) * bp[t0 + j] / Bt
@@ -1113,6 +1133,7 @@ def structural_loss_backward(
             for j in range(m1):
                 gb[j] = 0.0
             abar_dust = 0.0
+            bbar_dust = 0.0
             for i in range(n1):
                 Crow = C + i * m1
                 Cbrow = Cb + i * m1
@@ -1132,8 +1153,15 @@ def structural_loss_backward(
                     Cbrow[j] = cn * P - s
                     if i < n:
                         gap[p0 + i] += cn * Crow[j] * bw[j] * E
+                    else:
+                        bbar_dust += cn * Crow[j] * bw[j] * E
                     if j == m:
                         abar_dust += cn * Crow[j] * aw[i] * E
+                    else:
+                        # P = a b E, and Q = b E in the edge term
+                        gbp[t0 + j] += cn * Crow[j] * aw[i] * E
+                        if has_edges and i < n:
+                            gbp[t0 + j] += ce * D[i * m + j] * E
                 fb[i] = fbi
 
             if sc:
@@ -1153,6 +1181,7 @@ def structural_loss_backward(
                         hv[j] = gb[j] * g[j]
                         kv[j] = bw[j] * gprev[j]
                         gn[j] = 0.0
+                        ks[j] = 0.0
                     if bal.applied and bal.x != 1.0:
                         for j in range(m):
                             kv[j] = bw[j] * (gprev[j] / bal.x)
@@ -1165,6 +1194,8 @@ def structural_loss_backward(
                             r += hv[j] * Krow[j]
                         if i < n:
                             gap[p0 + i] -= eps * ui * r
+                        else:
+                            bbar_dust -= eps * ui * r
                         al = aw[i] * ui
                         fbi = fb[i] - al * r
                         cc = fbi * ui
@@ -1172,18 +1203,30 @@ def structural_loss_backward(
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
                                 gn[j] -= cc * kv[j] * Krow[j]
+                                ks[j] += cc * Krow[j]
                         elif cc != 0.0:
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (cc * kv[j])
                                 gn[j] -= cc * kv[j] * Krow[j]
+                                ks[j] += cc * Krow[j]
                         abar_dust -= eps * cc * Krow[m] * gprev[m]
                         fb[i] = 0.0
+                    # f_i = -eps log sum_j b_j K_ij v'_j (v' = v / x on the
+                    # real columns when balanced): d/d b_j = -eps v'_j sum_i
+                    # fb_i u_i K_ij
+                    if bal.applied and bal.x != 1.0:
+                        for j in range(m):
+                            gbp[t0 + j] -= eps * (gprev[j] / bal.x) * ks[j]
+                    else:
+                        for j in range(m):
+                            gbp[t0 + j] -= eps * gprev[j] * ks[j]
                     tmp = gb
                     gb = gn
                     gn = tmp
                     if bal.applied:
                         _balance_adjoint(n, m, True, f - n1, gprev, C, K, aw, bw, eps,
-                                         &bal, fb, gb, gap + p0, &abar_dust)
+                                         &bal, fb, gb, gap + p0, &abar_dust,
+                                         gbp + t0, &bbar_dust)
             else:
                 # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
                 for t in range(nit - 1, -1, -1):
@@ -1212,6 +1255,8 @@ def structural_loss_backward(
                                 Cbrow[j] += gbj * aw[i] * E
                                 if i < n:
                                     gap[p0 + i] -= eps * gbj * E
+                                else:
+                                    bbar_dust -= eps * gbj * E
                         fb[i] += fbi
                     for j in range(m1):
                         gb[j] = 0.0
@@ -1225,11 +1270,14 @@ def structural_loss_backward(
                             E = _sexp((gt[j] - Crow[j] + f[i]) / eps)
                             gb[j] -= fbi * bw[j] * E
                             Cbrow[j] += fbi * bw[j] * E
+                            if j < m:
+                                gbp[t0 + j] -= eps * fbi * E
                         abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
                         fb[i] = 0.0
                     if bal.applied:
                         _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
-                                         &bal, fb, gb, gap + p0, &abar_dust)
+                                         &bal, fb, gb, gap + p0, &abar_dust,
+                                         gbp + t0, &bbar_dust)
 
             # cost adjoint -> activations; dustbin column marginal A -> masses
             for i in range(n):
@@ -1247,6 +1295,8 @@ def structural_loss_backward(
                             gyp[t0 + j] += cbar
                 gxp[p0 + i] += s
                 gap[p0 + i] += abar_dust
+            for j in range(m):
+                gbp[t0 + j] += bbar_dust
 
             # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
             # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:

@@ -61,6 +61,12 @@ class LossGrad(NamedTuple):
         through the node cost and the clique term.
     target_weights : ndarray of shape (E_t,)
         The same for the target graph's edge weights.
+    target_mass : ndarray of shape (M,)
+        With respect to the target node masses (zero masses included):
+        through the column marginals, the dustbin row marginal ``B = sum b``,
+        the balancing step, the row-normalised plan of the edge term and
+        the clique term. Needed when a target is itself a prediction (the
+        ``(p, p)`` pair of ``StructuralLoss(debias=True)``) or learned.
     features : ndarray of shape (N, d) or None
         With respect to the predicted features, when the predicted graph's
         activations are its feature means (it has features and no explicit
@@ -75,6 +81,7 @@ class LossGrad(NamedTuple):
     target_activation: np.ndarray
     weights: np.ndarray
     target_weights: np.ndarray
+    target_mass: np.ndarray
     features: Optional[np.ndarray] = None
     target_features: Optional[np.ndarray] = None
 
@@ -513,7 +520,7 @@ class StructuralLoss:
         scale = _pair_scale(grad, B)
         out = LossGrad(np.empty(len(p.activation)), np.empty(len(p.activation)),
                        np.empty(len(t.activation)), np.empty(len(p.weights)),
-                       np.empty(len(t.weights)))
+                       np.empty(len(t.weights)), np.empty(len(t.activation)))
         _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out)
         shape_p, shape_t = result._feature_shapes
         return out._replace(features=_features_grad(shape_p, out.activation),
