@@ -68,6 +68,7 @@ cdef struct Settings:
 cdef struct Layout:
     intp_t pairs                 # B
     const uint8_t* scaled        # (B,) 1: scaling form, 0: log domain
+    const uint8_t* self_pair     # (B,) 1: the pair scores a graph against itself
     const int64_t* plan_off      # (B+1,) offsets into plan
     const int64_t* f_off         # (B+1,) offsets into fpot
     const int64_t* g_off         # (B+1,) offsets into gpot
@@ -145,15 +146,19 @@ cdef int _settings(object settings, Settings* s) except -1:
 
 
 cdef int _layout(object state, list keep, Layout* lay) except -1:
-    """Fill ``lay`` from the transport state (``_Cache``: scaled, plan_off,
-    f_off, g_off); the memoryviews go into ``keep``."""
+    """Fill ``lay`` from the transport state (``_Cache``: scaled, self_pair,
+    plan_off, f_off, g_off); the memoryviews go into ``keep``."""
     cdef const uint8_t[::1] scaled = state.scaled
+    cdef const uint8_t[::1] self_pair = state.self_pair
     cdef const int64_t[::1] plan_off = state.plan_off
     cdef const int64_t[::1] f_off = state.f_off
     cdef const int64_t[::1] g_off = state.g_off
-    keep.extend((scaled, plan_off, f_off, g_off))
+    keep.extend((scaled, self_pair, plan_off, f_off, g_off))
     lay.pairs = scaled.shape[0]
+    if self_pair.shape[0] != lay.pairs:
+        raise ValueError("self_pair must have one entry per pair")
     lay.scaled = &scaled[0] if scaled.shape[0] > 0 else NULL
+    lay.self_pair = &self_pair[0] if self_pair.shape[0] > 0 else NULL
     lay.plan_off = &plan_off[0]
     lay.f_off = &f_off[0]
     lay.g_off = &g_off[0]
@@ -1300,7 +1305,11 @@ def structural_loss_backward(
 
             # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
             # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:
-            # |dl| grows either way; a tie in the max: the one increased wins)
+            # |dl| grows either way; a tie in the max: the one increased wins),
+            # except in a self pair (a graph against itself, as the debiased
+            # loss scores), where both degrees are the same function of the
+            # weights: there dl = 0 contributes 0 to either side, so the
+            # diagonal cells, whose |d_i - d_i| is identically 0, are exact
             if w_deg != 0.0:
                 for i in range(n):
                     Cbrow = Cb + i * m1
@@ -1317,6 +1326,9 @@ def structural_loss_backward(
                         if dpi >= dtj and dpi >= 1.0:
                             dp_ -= ad / (mx * mx)
                         dt_ = (1.0 if dl <= 0.0 else -1.0) / mx
+                        if dl == 0.0 and lay.self_pair[b]:
+                            dp_ = 0.0
+                            dt_ = 0.0
                         if dtj >= dpi and dtj >= 1.0:
                             dt_ -= ad / (mx * mx)
                         cbar = w_deg * Cbrow[j]
