@@ -297,3 +297,21 @@ def test_segmentation_target_lengths_and_texts_agree():
 def test_segmentation_target_validation(graph, segments, exc, match):
     with pytest.raises(exc, match=match):
         segmentation_target(graph, segments)
+
+
+@pytest.mark.parametrize("text,gold", [("thequickfox", [3, 5, 3]), ("aaabbb", [3, 3]),
+                                       ("abcabc", [1] * 6), ("segment", [7])])
+def test_gold_is_the_unique_minimum_over_every_segmentation(text, gold):
+    n = len(text)
+    cuts = (np.arange(2 ** (n - 1))[:, None] >> np.arange(n - 1)) & 1
+    segs = [np.diff(np.concatenate([[0], np.flatnonzero(c) + 1, [n]])).tolist()
+            for c in cuts]
+    batch = Graph.from_texts([text] * len(segs))
+    features = np.tile(Embedding(dim=32, seed=0).forward(Graph.from_text(text).labels),
+                       (len(segs), 1))
+    values = StructuralLoss(debias=True).forward(
+        segmentation_target(batch, segs, features),
+        segmentation_target(batch, [gold] * len(segs), features)).values
+    g = segs.index(gold)
+    assert values[g] == 0.0
+    assert (np.delete(values, g) > 0.02).all()
