@@ -1185,7 +1185,6 @@ def structural_loss_backward(
                     for j in range(m1):
                         hv[j] = gb[j] * g[j]
                         kv[j] = bw[j] * gprev[j]
-                        gn[j] = 0.0
                         ks[j] = 0.0
                     if bal.applied and bal.x != 1.0:
                         for j in range(m):
@@ -1207,18 +1206,19 @@ def structural_loss_backward(
                         if al != 0.0:
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
-                                gn[j] -= cc * kv[j] * Krow[j]
                                 ks[j] += cc * Krow[j]
                         elif cc != 0.0:
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (cc * kv[j])
-                                gn[j] -= cc * kv[j] * Krow[j]
                                 ks[j] += cc * Krow[j]
                         abar_dust -= eps * cc * Krow[m] * gprev[m]
                         fb[i] = 0.0
-                    # f_i = -eps log sum_j b_j K_ij v'_j (v' = v / x on the
-                    # real columns when balanced): d/d b_j = -eps v'_j sum_i
-                    # fb_i u_i K_ij
+                    # with ks_j = sum_i fb_i u_i K_ij: the previous g's
+                    # adjoint is -kv_j ks_j and, since f_i = -eps log sum_j
+                    # b_j K_ij v'_j (v' = v / x on the real columns when
+                    # balanced), d/d b_j = -eps v'_j ks_j
+                    for j in range(m1):
+                        gn[j] = -kv[j] * ks[j]
                     if bal.applied and bal.x != 1.0:
                         for j in range(m):
                             gbp[t0 + j] -= eps * (gprev[j] / bal.x) * ks[j]
@@ -1263,8 +1263,10 @@ def structural_loss_backward(
                                 else:
                                     bbar_dust -= eps * gbj * E
                         fb[i] += fbi
+                    # ks_j = sum_i fb_i E_ij: the previous g's adjoint is
+                    # -b_j ks_j, the target mass b_j's share -eps ks_j
                     for j in range(m1):
-                        gb[j] = 0.0
+                        ks[j] = 0.0
                     for i in range(n1):
                         fbi = fb[i]
                         if fbi == 0.0:
@@ -1272,13 +1274,15 @@ def structural_loss_backward(
                         Crow = C + i * m1
                         Cbrow = Cb + i * m1
                         for j in range(m1):
-                            E = _sexp((gt[j] - Crow[j] + f[i]) / eps)
-                            gb[j] -= fbi * bw[j] * E
-                            Cbrow[j] += fbi * bw[j] * E
-                            if j < m:
-                                gbp[t0 + j] -= eps * fbi * E
+                            E = fbi * _sexp((gt[j] - Crow[j] + f[i]) / eps)
+                            ks[j] += E
+                            Cbrow[j] += bw[j] * E
                         abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
                         fb[i] = 0.0
+                    for j in range(m1):
+                        gb[j] = -bw[j] * ks[j]
+                    for j in range(m):
+                        gbp[t0 + j] -= eps * ks[j]
                     if bal.applied:
                         _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
                                          &bal, fb, gb, gap + p0, &abar_dust,

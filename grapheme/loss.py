@@ -356,7 +356,7 @@ class StructuralLoss:
         (``LossGrad.target_mass``) and sums them onto p and t. Cost: three
         transports per pair, and a self pair takes about twice the sweeps
         of (p, t): forward + backward on 256 segmentation pairs takes 5.0x
-        the plain loss (4.3x with relaxed predictions; ``DebiasSuite`` in
+        the plain loss (4.2x with relaxed predictions; ``DebiasSuite`` in
         ``bench/bench_loss.py``). ``iterations``, ``converged`` and
         ``marginal_error`` of the result then sum, AND and take the maximum
         over the three transports; ``plan(b)`` and ``domain`` are those of
@@ -557,7 +557,9 @@ class StructuralLoss:
         -------
         LossGrad
             ``(activation (N,), mass (N,), target_activation (M,), weights
-            (E_p,), target_weights (E_t,))``. Map an activation gradient to
+            (E_p,), target_weights (E_t,), target_mass (M,))``. With
+            ``debias=True`` the gradient of the debiased values, summed over
+            the three transports onto ``predicted`` and ``target``. Map an activation gradient to
             mean-pooled features as ``g[:, None] / d``.
 
         Raises
