@@ -96,7 +96,7 @@ cdef struct Work:
     double* gn                   # m+1 (backward): next g adjoint
     double* hv                   # m+1 (backward)
     double* kv                   # m+1 (backward)
-    double* ks                   # m+1 (backward): column sums of the f adjoint
+    double* cv                   # n+1 (backward): the f adjoint of a sweep, kept
     const double* zero           # m+1 zeros (backward)
 
 
@@ -186,7 +186,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
                          + rows + 2 * cols)
     total += cols                # gs
     if backward:
-        total += cells + 2 * real + rows + 6 * cols
+        total += cells + 2 * real + 2 * rows + 5 * cols
     else:
         total += rows + cols
     buf = np.empty(total)
@@ -206,7 +206,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         ones[j] = 1.0
     w.one = ones
     w.gs = at; at += cols
-    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = w.ks = NULL
+    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = w.cv = NULL
     w.zero = NULL
     if backward:
         w.Cb = at; at += cells
@@ -217,7 +217,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         w.gn = at; at += cols
         w.hv = at; at += cols
         w.kv = at; at += cols
-        w.ks = at; at += cols
+        w.cv = at; at += rows
         zeros = at; at += cols
         for j in range(cols):
             zeros[j] = 0.0
@@ -493,6 +493,52 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
         sb += bw[j] * e
     # d = A - B
     bbar[0] += rbar * sb - dbar
+
+
+# Below this a target mass's gradient is summed over its column instead of
+# recovered from the adjoint of g (a division by b_j): b_j v_j K_ij terms stay
+# far from float64's subnormal range above it.
+cdef double _TINY_MASS = 1e-100
+
+
+cdef void _target_mass_scaled(intp_t n1, intp_t m, intp_t m1, const double* K,
+                              const double* cc, const double* gn, const double* bw,
+                              const double* vprev, double x, double eps,
+                              double* gbm) noexcept nogil:
+    """Add the f half-step's share of d/d b_j (j < m) in the scaling form:
+    u_i = 1 / sum_j b_j K_ij v'_j (v'_j = vprev_j / x), whose f adjoint
+    times u_i is ``cc``; ``gn`` already holds the previous g's adjoint
+    -b_j v'_j sum_i cc_i K_ij. O(m), plus O(n) per column of tiny mass."""
+    cdef intp_t i, j
+    cdef double s
+    for j in range(m):
+        if bw[j] >= _TINY_MASS:
+            gbm[j] += eps * gn[j] / bw[j]
+        else:
+            s = 0.0
+            for i in range(n1):
+                s += cc[i] * K[i * m1 + j]
+            gbm[j] -= eps * (vprev[j] / x) * s
+
+
+cdef void _target_mass_log(intp_t n1, intp_t m, intp_t m1, const double* C,
+                           const double* fb, const double* gb, const double* bw,
+                           const double* g, const double* f, double eps,
+                           double* gbm) noexcept nogil:
+    """The same in the log domain: f_i = -eps LSE_j(b_j e^{(g_j - C_ij)/eps})
+    with f adjoint ``fb``; ``gb`` holds the previous g's adjoint
+    -b_j sum_i fb_i E_ij. O(m), plus O(n) per column of tiny mass."""
+    cdef intp_t i, j
+    cdef double s
+    for j in range(m):
+        if bw[j] >= _TINY_MASS:
+            gbm[j] += eps * gb[j] / bw[j]
+        else:
+            s = 0.0
+            for i in range(n1):
+                if fb[i] != 0.0:
+                    s += fb[i] * _sexp((g[j] - C[i * m1 + j] + f[i]) / eps)
+            gbm[j] -= eps * s
 
 
 cdef struct Store:
@@ -978,7 +1024,7 @@ def structural_loss_backward(
     cdef double* gwp = &gw[0] if gw.shape[0] > 0 else NULL
     cdef double* gwtp = &gwt[0] if gwt.shape[0] > 0 else NULL
     cdef double* gbp = &gbm[0] if gbm.shape[0] > 0 else NULL
-    cdef double* ks = w.ks
+    cdef double* cv = w.cv
     cdef double* Tq = w.T
     cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
     cdef bint balance = st.balance
@@ -1185,7 +1231,7 @@ def structural_loss_backward(
                     for j in range(m1):
                         hv[j] = gb[j] * g[j]
                         kv[j] = bw[j] * gprev[j]
-                        ks[j] = 0.0
+                        gn[j] = 0.0
                     if bal.applied and bal.x != 1.0:
                         for j in range(m):
                             kv[j] = bw[j] * (gprev[j] / bal.x)
@@ -1203,28 +1249,25 @@ def structural_loss_backward(
                         al = aw[i] * ui
                         fbi = fb[i] - al * r
                         cc = fbi * ui
+                        cv[i] = cc
                         if al != 0.0:
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
-                                ks[j] += cc * Krow[j]
+                                gn[j] -= cc * kv[j] * Krow[j]
                         elif cc != 0.0:
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (cc * kv[j])
-                                ks[j] += cc * Krow[j]
+                                gn[j] -= cc * kv[j] * Krow[j]
                         abar_dust -= eps * cc * Krow[m] * gprev[m]
                         fb[i] = 0.0
-                    # with ks_j = sum_i fb_i u_i K_ij: the previous g's
-                    # adjoint is -kv_j ks_j and, since f_i = -eps log sum_j
-                    # b_j K_ij v'_j (v' = v / x on the real columns when
-                    # balanced), d/d b_j = -eps v'_j ks_j
-                    for j in range(m1):
-                        gn[j] = -kv[j] * ks[j]
-                    if bal.applied and bal.x != 1.0:
-                        for j in range(m):
-                            gbp[t0 + j] -= eps * (gprev[j] / bal.x) * ks[j]
-                    else:
-                        for j in range(m):
-                            gbp[t0 + j] -= eps * gprev[j] * ks[j]
+                    # f_i = -eps log sum_j b_j K_ij v'_j (v' = v / x on the
+                    # real columns when balanced) sees b_j only through
+                    # b_j v'_j, so d/d b_j = eps gn_j / b_j with gn_j the
+                    # adjoint of the previous g just accumulated (no work per
+                    # cell); for a tiny or zero b_j, the column sum itself,
+                    # -eps v'_j sum_i cc_i K_ij
+                    _target_mass_scaled(n1, m, m1, K, cv, gn, bw, gprev,
+                                        bal.x if bal.applied else 1.0, eps, gbp + t0)
                     tmp = gb
                     gb = gn
                     gn = tmp
@@ -1263,26 +1306,24 @@ def structural_loss_backward(
                                 else:
                                     bbar_dust -= eps * gbj * E
                         fb[i] += fbi
-                    # ks_j = sum_i fb_i E_ij: the previous g's adjoint is
-                    # -b_j ks_j, the target mass b_j's share -eps ks_j
                     for j in range(m1):
-                        ks[j] = 0.0
+                        gb[j] = 0.0
                     for i in range(n1):
                         fbi = fb[i]
+                        cv[i] = fbi
                         if fbi == 0.0:
                             continue
                         Crow = C + i * m1
                         Cbrow = Cb + i * m1
                         for j in range(m1):
-                            E = fbi * _sexp((gt[j] - Crow[j] + f[i]) / eps)
-                            ks[j] += E
-                            Cbrow[j] += bw[j] * E
+                            E = _sexp((gt[j] - Crow[j] + f[i]) / eps)
+                            gb[j] -= fbi * bw[j] * E
+                            Cbrow[j] += fbi * bw[j] * E
                         abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
                         fb[i] = 0.0
-                    for j in range(m1):
-                        gb[j] = -bw[j] * ks[j]
-                    for j in range(m):
-                        gbp[t0 + j] -= eps * ks[j]
+                    # as in the scaling form: d/d b_j = eps gb_j / b_j, or for a
+                    # tiny or zero b_j -eps sum_i fb_i E_ij
+                    _target_mass_log(n1, m, m1, C, cv, gb, bw, gt, f, eps, gbp + t0)
                     if bal.applied:
                         _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
                                          &bal, fb, gb, gap + p0, &abar_dust,
