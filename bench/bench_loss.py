@@ -139,3 +139,55 @@ class DefaultLossSuite:
         """Share of pairs whose row-marginal error is <= 1e-6."""
         return float(np.mean(self.loss.forward(self.predicted, self.target)
                              .marginal_error <= 1e-6))
+
+
+def _segmentation_pairs(rng, count, lo=4, hi=16, dim=64, relaxed=False):
+    """``count`` segmentation pairs: random lowercase texts of lo..hi
+    characters with a random gold segmentation (the target,
+    :func:`grapheme.segmentation_target`) and a random predicted one (the
+    input contracted under it), both from the same embedded features;
+    ``relaxed`` gives the prediction masses and edge weights in [0, 1]."""
+    from grapheme import Embedding, segmentation_target
+
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    texts = ["".join(rng.choice(letters, int(rng.integers(lo, hi + 1))))
+             for _ in range(count)]
+
+    def cut(n):
+        bounds = np.flatnonzero(rng.random(n - 1) < 0.3) + 1
+        return np.diff(np.concatenate([[0], bounds, [n]])).tolist()
+
+    graph = Graph.from_texts(texts)
+    features = Embedding(dim=dim, seed=0).forward(graph.labels)
+    target = segmentation_target(graph, [cut(len(s)) for s in texts], features)
+    predicted = segmentation_target(graph, [cut(len(s)) for s in texts], features)
+    if relaxed:
+        predicted = predicted._with(mass=rng.uniform(0, 1, predicted.num_nodes),
+                                    weights=rng.uniform(0, 1, predicted.num_edges))
+    return predicted, target
+
+
+class DebiasSuite:
+    """256 segmentation pairs (4-16 characters), forward + backward of the
+    default loss, plain against ``debias=True`` (three transports per pair:
+    (p, t), (p, p), (t, t)), in the same run; hard predictions and relaxed
+    ones (masses and edge weights in [0, 1])."""
+
+    params = [False, True]
+    param_names = ["relaxed"]
+    ratios = [("time_debiased", "time_plain")]
+
+    def setup(self, relaxed):
+        rng = np.random.default_rng(42)
+        self.plain = StructuralLoss()
+        self.debiased = StructuralLoss(debias=True)
+        self.predicted, self.target = _segmentation_pairs(rng, 256, relaxed=relaxed)
+
+    def time_plain(self, relaxed):
+        self.plain.backward(self.plain.forward(self.predicted, self.target))
+
+    def time_debiased(self, relaxed):
+        self.debiased.backward(self.debiased.forward(self.predicted, self.target))
+
+    def peakmem_debiased(self, relaxed):
+        self.debiased.backward(self.debiased.forward(self.predicted, self.target))

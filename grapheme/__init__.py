@@ -12,7 +12,8 @@ from .data import DEMO_PAIRS, generate, load_pairs
 from .embedding import Embedding
 from .encoder import Encoder
 from .estimators import Hard, Reinforce, Relaxed, StraightThrough
-from .graph import Graph, chain_sources, contract, merge_edges, replicate
+from .graph import (Graph, chain_sources, contract, merge_edges, replicate,
+                    segmentation_target)
 from .history import MergeHistory
 from .loss import LossGrad, LossResult, StructuralLoss
 from .morph import Morphed, MorphGrad, Morpher
@@ -55,4 +56,5 @@ __all__ = [
     "ops",
     "replicate",
     "save_checkpoint",
+    "segmentation_target",
 ]

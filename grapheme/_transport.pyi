@@ -9,7 +9,7 @@
 #                 (const int64_t[::1] (B+1,))
 #   _Settings     w_type, w_act, w_deg, epsilon, iterations, tol (<= 0: none),
 #                 conv_tol, alpha, beta, gamma
-#   _Cache        scaled (const uint8_t[::1] (B,)), plan_off, f_off, g_off
+#   _Cache        scaled, self_pair (const uint8_t[::1] (B,)), plan_off, f_off, g_off
 #                 (const int64_t[::1] (B+1,)); plan, fpot, gpot (double[::1]),
 #                 used (int64_t[::1] (B,)): OUT of the forward, IN of the backward
 from typing import Any
@@ -34,5 +34,6 @@ def structural_loss_backward(
     grad: Any,              # LossGrad OUT: activation, mass (double[::1] (N,)),
                             #   target_activation (double[::1] (M,)),
                             #   weights (double[::1] (E_p,)),
-                            #   target_weights (double[::1] (E_t,))
+                            #   target_weights (double[::1] (E_t,)),
+                            #   target_mass (double[::1] (M,))
 ) -> None: ...

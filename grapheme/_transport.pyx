@@ -68,6 +68,7 @@ cdef struct Settings:
 cdef struct Layout:
     intp_t pairs                 # B
     const uint8_t* scaled        # (B,) 1: scaling form, 0: log domain
+    const uint8_t* self_pair     # (B,) 1: the pair scores a graph against itself
     const int64_t* plan_off      # (B+1,) offsets into plan
     const int64_t* f_off         # (B+1,) offsets into fpot
     const int64_t* g_off         # (B+1,) offsets into gpot
@@ -95,6 +96,7 @@ cdef struct Work:
     double* gn                   # m+1 (backward): next g adjoint
     double* hv                   # m+1 (backward)
     double* kv                   # m+1 (backward)
+    double* cv                   # n+1 (backward): the f adjoint of a sweep, kept
     const double* zero           # m+1 zeros (backward)
 
 
@@ -144,15 +146,19 @@ cdef int _settings(object settings, Settings* s) except -1:
 
 
 cdef int _layout(object state, list keep, Layout* lay) except -1:
-    """Fill ``lay`` from the transport state (``_Cache``: scaled, plan_off,
-    f_off, g_off); the memoryviews go into ``keep``."""
+    """Fill ``lay`` from the transport state (``_Cache``: scaled, self_pair,
+    plan_off, f_off, g_off); the memoryviews go into ``keep``."""
     cdef const uint8_t[::1] scaled = state.scaled
+    cdef const uint8_t[::1] self_pair = state.self_pair
     cdef const int64_t[::1] plan_off = state.plan_off
     cdef const int64_t[::1] f_off = state.f_off
     cdef const int64_t[::1] g_off = state.g_off
-    keep.extend((scaled, plan_off, f_off, g_off))
+    keep.extend((scaled, self_pair, plan_off, f_off, g_off))
     lay.pairs = scaled.shape[0]
+    if self_pair.shape[0] != lay.pairs:
+        raise ValueError("self_pair must have one entry per pair")
     lay.scaled = &scaled[0] if scaled.shape[0] > 0 else NULL
+    lay.self_pair = &self_pair[0] if self_pair.shape[0] > 0 else NULL
     lay.plan_off = &plan_off[0]
     lay.f_off = &f_off[0]
     lay.g_off = &g_off[0]
@@ -180,7 +186,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
                          + rows + 2 * cols)
     total += cols                # gs
     if backward:
-        total += cells + 2 * real + rows + 5 * cols
+        total += cells + 2 * real + 2 * rows + 5 * cols
     else:
         total += rows + cols
     buf = np.empty(total)
@@ -200,7 +206,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         ones[j] = 1.0
     w.one = ones
     w.gs = at; at += cols
-    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = NULL
+    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = w.cv = NULL
     w.zero = NULL
     if backward:
         w.Cb = at; at += cells
@@ -211,6 +217,7 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         w.gn = at; at += cols
         w.hv = at; at += cols
         w.kv = at; at += cols
+        w.cv = at; at += rows
         zeros = at; at += cols
         for j in range(cols):
             zeros[j] = 0.0
@@ -451,16 +458,18 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
                            const double* g, const double* C, const double* K,
                            const double* aw, const double* bw, double eps,
                            const Balance* bal, double* fb, double* gb,
-                           double* ga, double* abar) noexcept nogil:
+                           double* ga, double* abar, double* gbm,
+                           double* bbar) noexcept nogil:
     """Reverse of the balancing step taken at (f, g), which fed F with g - c
     on the real columns (c = eps log x). On entry gb holds the adjoint of
     that balanced g; on exit, the adjoint of g. Adds to fb (adjoint of f),
-    ga (of the n predicted masses) and abar (of A = sum a, the dustbin
-    column weight). By the implicit function theorem on s x^2 - d x - r = 0
+    ga (of the n predicted masses), abar (of A = sum a, the dustbin
+    column weight), gbm (of the m target masses) and bbar (of B = sum b,
+    the dustbin row weight). By the implicit function theorem on s x^2 - d x - r = 0
     (d = A - B), with R = 2 s x - d: dx/ds = -x^2/R, dx/dd = x/R,
     dx/dr = 1/R. O(n + m)."""
     cdef intp_t i, j, m1 = m + 1
-    cdef double cbar = 0.0, xbar, sbar, rbar, dbar, e, sa = 0.0
+    cdef double cbar = 0.0, xbar, sbar, rbar, dbar, e, sa = 0.0, sb = 0.0
     for j in range(m):
         cbar -= gb[j]
     xbar = cbar * eps / bal.x
@@ -478,7 +487,58 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
     # r = B sum_{j<m} b_j e_nj
     fb[n] += rbar * bal.r / eps
     for j in range(m):
-        gb[j] += rbar * aw[n] * bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps) / eps
+        e = _cell(sc, n, j, m1, f, g, C, K, eps)
+        gb[j] += rbar * aw[n] * bw[j] * e / eps
+        gbm[j] += rbar * aw[n] * e
+        sb += bw[j] * e
+    # d = A - B
+    bbar[0] += rbar * sb - dbar
+
+
+# Below this a target mass's gradient is summed over its column instead of
+# recovered from the adjoint of g (a division by b_j): b_j v_j K_ij terms stay
+# far from float64's subnormal range above it.
+cdef double _TINY_MASS = 1e-100
+
+
+cdef void _target_mass_scaled(intp_t n1, intp_t m, intp_t m1, const double* K,
+                              const double* cc, const double* gn, const double* bw,
+                              const double* vprev, double x, double eps,
+                              double* gbm) noexcept nogil:
+    """Add the f half-step's share of d/d b_j (j < m) in the scaling form:
+    u_i = 1 / sum_j b_j K_ij v'_j (v'_j = vprev_j / x), whose f adjoint
+    times u_i is ``cc``; ``gn`` already holds the previous g's adjoint
+    -b_j v'_j sum_i cc_i K_ij. O(m), plus O(n) per column of tiny mass."""
+    cdef intp_t i, j
+    cdef double s
+    for j in range(m):
+        if bw[j] >= _TINY_MASS:
+            gbm[j] += eps * gn[j] / bw[j]
+        else:
+            s = 0.0
+            for i in range(n1):
+                s += cc[i] * K[i * m1 + j]
+            gbm[j] -= eps * (vprev[j] / x) * s
+
+
+cdef void _target_mass_log(intp_t n1, intp_t m, intp_t m1, const double* C,
+                           const double* fb, const double* gb, const double* bw,
+                           const double* g, const double* f, double eps,
+                           double* gbm) noexcept nogil:
+    """The same in the log domain: f_i = -eps LSE_j(b_j e^{(g_j - C_ij)/eps})
+    with f adjoint ``fb``; ``gb`` holds the previous g's adjoint
+    -b_j sum_i fb_i E_ij. O(m), plus O(n) per column of tiny mass."""
+    cdef intp_t i, j
+    cdef double s
+    for j in range(m):
+        if bw[j] >= _TINY_MASS:
+            gbm[j] += eps * gb[j] / bw[j]
+        else:
+            s = 0.0
+            for i in range(n1):
+                if fb[i] != 0.0:
+                    s += fb[i] * _sexp((g[j] - C[i * m1 + j] + f[i]) / eps)
+            gbm[j] -= eps * s
 
 
 cdef struct Store:
@@ -865,13 +925,16 @@ def structural_loss_backward(
         const double[::1] scale,      # IN  (B,) d value / d value_b (1/B for a mean)
         object grad):                 # OUT a LossGrad: activation, mass (N,),
                                       #     target_activation (M,), weights (E_p,),
-                                      #     target_weights (E_t,)
+                                      #     target_weights (E_t,), target_mass (M,)
     """Exact reverse-mode gradient of the forward pass (trusts its input).
 
     Reverses the Sinkhorn sweeps actually performed, using the stored
     potentials, and accumulates the cost adjoint into the activations and
-    the degrees; the masses receive their gradient through the row
-    marginals, the dustbin column marginal ``A = sum a`` and the clique
+    the degrees; the predicted masses receive their gradient through the
+    row marginals, the dustbin column marginal ``A = sum a``, the balancing
+    step and the clique term, and the target masses theirs the same way
+    (column marginals, dustbin row marginal ``B = sum b``, balancing,
+    clique) plus through the row-normalised plan ``Q = b E`` of the edge
     term. The edge weights receive theirs through the edge term (X and W
     directly) and through the degrees (``degree`` must be the weighted
     out-degrees: the cost's degree part and the clique term), mapped to
@@ -903,6 +966,7 @@ def structural_loss_backward(
     cdef double[::1] gy = grad.target_activation
     cdef double[::1] gw = grad.weights
     cdef double[::1] gwt = grad.target_weights
+    cdef double[::1] gbm = grad.target_mass
     work = _workspace(&P_, &T_, &lay, True, &w)
     # d value / d degree of every node, mapped to the out-edges at the end
     gdeg_arr = np.zeros(P_.nodes + T_.nodes)
@@ -959,6 +1023,8 @@ def structural_loss_backward(
     cdef double* gyp = &gy[0] if gy.shape[0] > 0 else NULL
     cdef double* gwp = &gw[0] if gw.shape[0] > 0 else NULL
     cdef double* gwtp = &gwt[0] if gwt.shape[0] > 0 else NULL
+    cdef double* gbp = &gbm[0] if gbm.shape[0] > 0 else NULL
+    cdef double* cv = w.cv
     cdef double* Tq = w.T
     cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
     cdef bint balance = st.balance
@@ -967,7 +1033,7 @@ def structural_loss_backward(
     cdef double csh
 
     cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
-    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, gbj, fbi, d
+    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, bbar_dust, gbj, fbi, d
     cdef double mp, vp, mt, vt, md, dmean, dvar, nd
     cdef const double* f
     cdef const double* g
@@ -983,6 +1049,7 @@ def structural_loss_backward(
             gap[i] = 0.0
         for j in range(T_.nodes):
             gyp[j] = 0.0
+            gbp[j] = 0.0
         for e in range(gw.shape[0]):
             gwp[e] = 0.0
         for e in range(gwt.shape[0]):
@@ -1030,6 +1097,10 @@ def structural_loss_backward(
                     if dpp[p0 + i] >= md:
                         gdp[p0 + i] -= cg * sig / md
             if Bt > 0.0:
+                for j in range(m):
+                    nd = dtp[t0 + j] / mdt - mt
+                    gbp[t0 + j] -= scale[b] * gamma * (
+                        dmean * nd + dvar * (nd * nd - vt)) / Bt
                 sig = 0.0
                 for j in range(m):
                     G = -(dmean + 2.0 * dvar * (dtp[t0 + j] / mdt - mt)) * bp[t0 + j] / Bt
@@ -1113,6 +1184,7 @@ def structural_loss_backward(
             for j in range(m1):
                 gb[j] = 0.0
             abar_dust = 0.0
+            bbar_dust = 0.0
             for i in range(n1):
                 Crow = C + i * m1
                 Cbrow = Cb + i * m1
@@ -1132,8 +1204,15 @@ def structural_loss_backward(
                     Cbrow[j] = cn * P - s
                     if i < n:
                         gap[p0 + i] += cn * Crow[j] * bw[j] * E
+                    else:
+                        bbar_dust += cn * Crow[j] * bw[j] * E
                     if j == m:
                         abar_dust += cn * Crow[j] * aw[i] * E
+                    else:
+                        # P = a b E, and Q = b E in the edge term
+                        gbp[t0 + j] += cn * Crow[j] * aw[i] * E
+                        if has_edges and i < n:
+                            gbp[t0 + j] += ce * D[i * m + j] * E
                 fb[i] = fbi
 
             if sc:
@@ -1165,9 +1244,12 @@ def structural_loss_backward(
                             r += hv[j] * Krow[j]
                         if i < n:
                             gap[p0 + i] -= eps * ui * r
+                        else:
+                            bbar_dust -= eps * ui * r
                         al = aw[i] * ui
                         fbi = fb[i] - al * r
                         cc = fbi * ui
+                        cv[i] = cc
                         if al != 0.0:
                             for j in range(m1):
                                 Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
@@ -1178,12 +1260,21 @@ def structural_loss_backward(
                                 gn[j] -= cc * kv[j] * Krow[j]
                         abar_dust -= eps * cc * Krow[m] * gprev[m]
                         fb[i] = 0.0
+                    # f_i = -eps log sum_j b_j K_ij v'_j (v' = v / x on the
+                    # real columns when balanced) sees b_j only through
+                    # b_j v'_j, so d/d b_j = eps gn_j / b_j with gn_j the
+                    # adjoint of the previous g just accumulated (no work per
+                    # cell); for a tiny or zero b_j, the column sum itself,
+                    # -eps v'_j sum_i cc_i K_ij
+                    _target_mass_scaled(n1, m, m1, K, cv, gn, bw, gprev,
+                                        bal.x if bal.applied else 1.0, eps, gbp + t0)
                     tmp = gb
                     gb = gn
                     gn = tmp
                     if bal.applied:
                         _balance_adjoint(n, m, True, f - n1, gprev, C, K, aw, bw, eps,
-                                         &bal, fb, gb, gap + p0, &abar_dust)
+                                         &bal, fb, gb, gap + p0, &abar_dust,
+                                         gbp + t0, &bbar_dust)
             else:
                 # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
                 for t in range(nit - 1, -1, -1):
@@ -1212,11 +1303,14 @@ def structural_loss_backward(
                                 Cbrow[j] += gbj * aw[i] * E
                                 if i < n:
                                     gap[p0 + i] -= eps * gbj * E
+                                else:
+                                    bbar_dust -= eps * gbj * E
                         fb[i] += fbi
                     for j in range(m1):
                         gb[j] = 0.0
                     for i in range(n1):
                         fbi = fb[i]
+                        cv[i] = fbi
                         if fbi == 0.0:
                             continue
                         Crow = C + i * m1
@@ -1227,9 +1321,13 @@ def structural_loss_backward(
                             Cbrow[j] += fbi * bw[j] * E
                         abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
                         fb[i] = 0.0
+                    # as in the scaling form: d/d b_j = eps gb_j / b_j, or for a
+                    # tiny or zero b_j -eps sum_i fb_i E_ij
+                    _target_mass_log(n1, m, m1, C, cv, gb, bw, gt, f, eps, gbp + t0)
                     if bal.applied:
                         _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
-                                         &bal, fb, gb, gap + p0, &abar_dust)
+                                         &bal, fb, gb, gap + p0, &abar_dust,
+                                         gbp + t0, &bbar_dust)
 
             # cost adjoint -> activations; dustbin column marginal A -> masses
             for i in range(n):
@@ -1247,10 +1345,16 @@ def structural_loss_backward(
                             gyp[t0 + j] += cbar
                 gxp[p0 + i] += s
                 gap[p0 + i] += abar_dust
+            for j in range(m):
+                gbp[t0 + j] += bbar_dust
 
             # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
             # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:
-            # |dl| grows either way; a tie in the max: the one increased wins)
+            # |dl| grows either way; a tie in the max: the one increased wins),
+            # except in a self pair (a graph against itself, as the debiased
+            # loss scores), where both degrees are the same function of the
+            # weights: there dl = 0 contributes 0 to either side, so the
+            # diagonal cells, whose |d_i - d_i| is identically 0, are exact
             if w_deg != 0.0:
                 for i in range(n):
                     Cbrow = Cb + i * m1
@@ -1267,6 +1371,9 @@ def structural_loss_backward(
                         if dpi >= dtj and dpi >= 1.0:
                             dp_ -= ad / (mx * mx)
                         dt_ = (1.0 if dl <= 0.0 else -1.0) / mx
+                        if dl == 0.0 and lay.self_pair[b]:
+                            dp_ = 0.0
+                            dt_ = 0.0
                         if dtj >= dpi and dtj >= 1.0:
                             dt_ -= ad / (mx * mx)
                         cbar = w_deg * Cbrow[j]

@@ -17,7 +17,8 @@ from test_loss import away_from_kinks, batch_fields, mass_fd, random_graph, rel_
 
 FD_RTOL = 1e-6
 FD_STEP = 1e-6
-FIELDS = ("activation", "mass", "target_activation", "weights", "target_weights")
+FIELDS = ("activation", "mass", "target_activation", "weights", "target_weights",
+          "target_mass")
 
 
 def central(f, x, h=FD_STEP):

@@ -54,12 +54,13 @@ def test_chain_relaxation_gradcheck():
               leaf(rng.uniform(0.05, 0.95, g.num_edges)))
 
 
-def test_structural_loss_gradcheck():
+@pytest.mark.parametrize("debias", [False, True])
+def test_structural_loss_gradcheck(debias):
     rng = np.random.default_rng(4)
     pred = gr.Graph.batch([random_graph(rng, 5, 8, labels=rng.integers(97, 100, 5)),
                            random_graph(rng, 3, 3, labels=[97, 98, 99])])
     target = gr.Graph.from_texts(["abc", "b"])
-    loss = gr.StructuralLoss(tol=1e-10, iterations=1000)
+    loss = gr.StructuralLoss(tol=1e-10, iterations=1000, debias=debias)
     gradcheck(lambda a, m, w, t: gt.structural_loss(loss, pred, target, a, m, w, t),
               leaf(rng.uniform(0, 1, pred.num_nodes)), leaf(rng.uniform(0.2, 1.5, pred.num_nodes)),
               leaf(rng.uniform(0.2, 1.5, pred.num_edges)), leaf(rng.uniform(0, 1, 4)))
