@@ -151,3 +151,51 @@ def test_message_passing_sees_direction():
     (after_succ,), _ = ops.MessagePassing().forward(g, H, Z, Z, W, np.zeros(3))
     np.testing.assert_allclose(after_pred[1] - H[1], np.tanh(H[0]))
     np.testing.assert_allclose(after_succ[1] - H[1], np.tanh(H[2]))
+
+
+def test_segmentation_pairs_train_against_the_gold_merge_of_their_own_features():
+    """The Trainer's segmentation target is the gold merge of the model's
+    features: the loss of the gold morph is exactly 0 (debiased), and the
+    step's gradient, through both the morph and the target, matches finite
+    differences."""
+    rng = np.random.default_rng(5)
+    texts = ["thecat", "sat", "onamat"]
+    targets = [("the", "cat"), ("sat",), ("on", "a", "mat")]
+    g = gr.Graph.from_texts(texts)
+    H = rng.normal(size=(g.num_nodes, 4))
+    loss = gr.StructuralLoss(debias=True, tol=1e-10, iterations=2000)
+    target, _ = gr.Trainer._segmentation_target(g, targets, H)
+    gold = gr.merge_edges(g, target_edges(g, targets))
+    assert loss.forward(gr.contract(g, gold, H), target).value == 0.0
+
+    morpher = gr.Morpher(threshold=0.3, temperature=0.5, estimator="soft")
+
+    def value(h):
+        t, _ = gr.Trainer._segmentation_target(g, targets, h)
+        return loss.forward(morpher.forward(g, h).graph, t).value
+
+    t, seg_saved = gr.Trainer._segmentation_target(g, targets, H)
+    morphed = morpher.forward(g, H)
+    lg = loss.backward(loss.forward(morphed.graph, t))
+    grad = morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
+                       grad_weights=lg.weights).features
+    grad = grad + ops.HardMerge().vjp(seg_saved, lg.target_features)[0]
+    numeric = numerical_gradient(value, H)
+    assert np.linalg.norm(grad - numeric) <= RTOL * np.linalg.norm(numeric)
+
+
+def target_edges(g, targets):
+    """Edges inside a gold segment (plain Python reference)."""
+    inside = []
+    for segs in targets:
+        for s in segs:
+            inside += [True] * (len(s) - 1) + [False]
+        inside.pop()
+    return np.array(inside, dtype=bool)
+
+
+def test_a_batch_mixing_segmentations_and_texts_is_refused():
+    t = gr.Trainer(gr.Embedding(dim=4), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                   progress=False)
+    with pytest.raises(ValueError, match="segmentation targets only or text targets only"):
+        t.train_step(["ab", "cd"], [("a", "b"), "cd"])

@@ -34,7 +34,7 @@ from ..embedding import Embedding
 from ..encoder import Encoder
 from ..graph import Graph, replicate
 from ..morph import Morpher
-from ..ops import FeatureMean, Lookup
+from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
 from ..data import segment_lengths, target_text
 from .metrics import LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores, structure_match
@@ -165,10 +165,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _batch(self, inputs, targets):
-        """Input graph with its table rows and features; the target graph."""
+        """Input graph with its table rows and features; the target graph.
+
+        For segmentation pairs the target graph is None here: it is the input
+        contracted under the gold segmentation, built from the model's own
+        features by :meth:`_segmentation_target`."""
         emb = self.embedding
         g = Graph.from_texts(inputs)
         rows = emb.rows(g.labels)
+        H = Lookup().forward(emb.weight, rows,
+                             out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
+        if _segmentations(targets):
+            return g, rows, H, None, None
         target = Graph.from_texts([target_text(t) for t in targets])
         t_rows = None
         if self.target_activation == "embedding":
@@ -176,9 +184,19 @@ class Trainer:
             t_rows = emb.rows(target.labels)
             row_means = FeatureMean().forward(emb.weight)[0].activation
             target = target._with(activation=Lookup().forward(row_means, t_rows)[0].features)
-        H = Lookup().forward(emb.weight, rows,
-                             out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         return g, rows, H, target, t_rows
+
+    @staticmethod
+    def _segmentation_target(g, targets, features):
+        """The gold segmentation's merge of ``features`` (a :class:`HardMerge`):
+        ``(target graph, saved)``; at the gold segmentation the morphed graph
+        is this graph, and a debiased loss is exactly 0 there."""
+        lengths = segment_lengths(targets)[0]
+        starts = np.zeros(g.num_nodes, dtype=bool)
+        starts[np.cumsum(lengths)[:-1]] = True            # a segment starts here
+        merge = ~starts[g.indices]                         # edge u -> v stays inside
+        (_, target, _), saved = HardMerge().forward(g, features, merge)
+        return target, saved
 
     def _encode(self, g, H):
         """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
@@ -230,6 +248,9 @@ class Trainer:
         g, rows, H, target, t_rows = self._batch(inputs, targets)
         encoded, enc_saved = self._encode(g, H)
         morphed = morpher.forward(g, *encoded)
+        seg_saved = None
+        if target is None:
+            target, seg_saved = self._segmentation_target(g, targets, encoded[0])
         target = replicate(target, morphed.samples)
         res = self.loss.forward(morphed.graph, target)
         lg = self.loss.backward(res)
@@ -240,6 +261,11 @@ class Trainer:
                            grad_log_prob=None if advantage is None else advantage / B,
                            grad_rate_penalty=1.0, out=self._buffer("grad", H.shape))
         grad_h, enc_grads = grad.features, {}
+        if seg_saved is not None:
+            gt = lg.target_features
+            if morphed.samples > 1:
+                gt = gt.reshape(morphed.samples, -1, gt.shape[1]).sum(axis=0)
+            grad_h += HardMerge().vjp(seg_saved, gt)[0]
         if self.encoder is not None:
             grad_h, enc_grads = self.encoder.vjp(enc_saved, grad.features, grad.queries,
                                                  grad.keys)
@@ -314,7 +340,10 @@ class Trainer:
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
             g, _, H, target, _ = self._batch(bi, bt)
-            morphed = self.morpher.predict(g, *self._encode(g, H)[0])
+            encoded = self._encode(g, H)[0]
+            morphed = self.morpher.predict(g, *encoded)
+            if target is None:
+                target = self._segmentation_target(g, bt, encoded[0])[0]
             res = self.loss.forward(morphed.graph, target)
             w = len(bi)
             for key in sums:
@@ -800,3 +829,14 @@ def _check_optimizer_state(state, shapes):
         if not ok:
             raise ValueError(f"optimizer.{key} has shape {arr.shape}, its parameter "
                              f"has {want}")
+
+
+def _segmentations(targets):
+    """Whether the batch's targets are segmentations (all of them), or texts.
+
+    Raises ``ValueError`` for a mix: their target graphs are built
+    differently (contracted inputs against text chains)."""
+    kinds = {isinstance(t, tuple) for t in targets}
+    if len(kinds) > 1:
+        raise ValueError("a batch must hold segmentation targets only or text targets only")
+    return kinds == {True}
