@@ -173,7 +173,8 @@ def _cmd_generate(args, out):
 
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
-                  baseline="mean", samples=1, overwrite=False, encoder_layers=0):
+                  baseline="mean", samples=1, overwrite=False, encoder_layers=0,
+                  debias=False):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -194,7 +195,8 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     from .encoder import Encoder
 
     encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
-    return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(), Adam(lr=lr),
+    return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss(debias=debias),
+                   Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
                    overwrite=overwrite, encoder=encoder)
 
@@ -238,7 +240,9 @@ def _cmd_train(args, out):
             lr=1e-2 if args.lr is None else args.lr,
             batch_size=32 if args.batch_size is None else args.batch_size,
             log=log, progress=progress, overwrite=args.overwrite,
-            encoder_layers=args.encoder_layers or 0)
+            encoder_layers=args.encoder_layers or 0,
+            # segmentation targets: the debiased loss, exactly 0 at the gold one
+            debias=isinstance(pairs[0][1], tuple))
         start = 0
     best = None
     if args.keep_best is not None:
