@@ -179,76 +179,6 @@ cdef extern from *:
                                         const double* y, double b, intp_t d) noexcept nogil
 
 
-def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
-                const index_t[::1] indices,   # IN  (E,)
-                const double[:, ::1] H,       # IN  (n, d)
-                double[::1] norms,            # OUT (n,)
-                double[::1] sim):             # OUT (E,)
-    """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
-    of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0).
-
-    O(n d + E d).
-    """
-    cdef intp_t u, v, e, n = H.shape[0], d = H.shape[1]
-    cdef double nu, nv, spare = 0.0
-    if n == 0:
-        return
-    # with d == 0 no entry is read; any valid address will do
-    cdef const double* hp = &H[0, 0] if d else &spare
-    with nogil:
-        for u in range(n):
-            norms[u] = sqrt(dot(hp + u * d, hp + u * d, d))
-        for u in range(n):
-            nu = norms[u] if norms[u] > COS_EPS else COS_EPS
-            for e in range(indptr[u], indptr[u + 1]):
-                v = indices[e]
-                nv = norms[v] if norms[v] > COS_EPS else COS_EPS
-                sim[e] = dot(hp + u * d, hp + v * d, d) / (nu * nv)
-
-
-def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
-                         const index_t[::1] indices,  # IN  (E,)
-                         const double[:, ::1] H,      # IN  (n, d)
-                         const double[::1] norms,     # IN  (n,) from edge_cosine
-                         const double[::1] sim,       # IN  (E,) from edge_cosine
-                         const double[::1] grad_sim,  # IN  (E,)
-                         double[:, ::1] grad_H):      # OUT (n, d), accumulated
-    """Accumulate ``sum_e grad_sim[e] * d s_e / d H`` into ``grad_H``. O(n d + E d).
-
-    ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
-    vanishes where the norm is clamped to eps).
-    """
-    cdef intp_t u, v, e, n = H.shape[0], d = H.shape[1]
-    cdef double nu, nv, g, s, a, bu, bv
-    if n == 0 or d == 0:
-        return
-    cdef const double* hp = &H[0, 0]
-    cdef double* gp = &grad_H[0, 0]
-    cdef const double* hu
-    cdef const double* hv
-    cdef double* gu
-    with nogil:
-        for u in range(n):
-            nu = norms[u] if norms[u] > COS_EPS else COS_EPS
-            hu = hp + u * d
-            gu = gp + u * d
-            for e in range(indptr[u], indptr[u + 1]):
-                g = grad_sim[e]
-                if g == 0.0:
-                    continue
-                v = indices[e]
-                nv = norms[v] if norms[v] > COS_EPS else COS_EPS
-                s = sim[e]
-                # g d s/d h_u = a h_v - bu h_u (and the same with u, v swapped):
-                # three products per edge, not a division per entry
-                a = g / (nu * nv)
-                bu = g * s / (nu * nu) if norms[u] > COS_EPS else 0.0
-                bv = g * s / (nv * nv) if norms[v] > COS_EPS else 0.0
-                hv = hp + v * d
-                row_axpby(gu, hv, a, hu, bu, d)
-                row_axpby(gp + v * d, hu, a, hv, bv, d)   # gu again for a self-loop
-
-
 # ---------------------------------------------------------------------------
 # Merging: union-find, merge history, contraction
 # ---------------------------------------------------------------------------
@@ -643,6 +573,92 @@ def neighbour_sums(const index_t[::1] indptr,   # IN  (n+1,)
                 _row_add(pp + v * d, xp + u * d, w, d)
 
 
+cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, intp_t d,
+                       const double* qp, const double* kp, double* qnorms, double* knorms,
+                       double* sim) noexcept nogil:
+    """The loop of :func:`edge_cosine_qk` (``qp == kp`` and ``qnorms == knorms``
+    for :func:`edge_cosine`)."""
+    cdef intp_t u, v, e
+    cdef double nu, nv
+    for u in range(n):
+        qnorms[u] = sqrt(dot(qp + u * d, qp + u * d, d))
+        if knorms != qnorms:
+            knorms[u] = sqrt(dot(kp + u * d, kp + u * d, d))
+    for u in range(n):
+        nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
+        for e in range(indptr[u], indptr[u + 1]):
+            v = indices[e]
+            nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
+            sim[e] = dot(qp + u * d, kp + v * d, d) / (nu * nv)
+
+
+cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices, intp_t n,
+                                intp_t d, const double* qp, const double* kp,
+                                const double* qnorms, const double* knorms, const double* sim,
+                                const double* grad_sim, double* gq,
+                                double* gk) noexcept nogil:
+    """The loop of :func:`edge_cosine_qk_backward` (one matrix: ``qp == kp``,
+    ``gq == gk``). ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2``,
+    likewise for ``k_v``; three products per edge, not a division per entry."""
+    cdef intp_t u, v, e
+    cdef double nu, nv, g, s, a, bu, bv
+    for u in range(n):
+        nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
+        for e in range(indptr[u], indptr[u + 1]):
+            g = grad_sim[e]
+            if g == 0.0:
+                continue
+            v = indices[e]
+            nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
+            s = sim[e]
+            a = g / (nu * nv)
+            bu = g * s / (nu * nu) if qnorms[u] > COS_EPS else 0.0
+            bv = g * s / (nv * nv) if knorms[v] > COS_EPS else 0.0
+            row_axpby(gq + u * d, kp + v * d, a, qp + u * d, bu, d)
+            row_axpby(gk + v * d, qp + u * d, a, kp + v * d, bv, d)   # gq row for a self-loop
+
+
+def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
+                const index_t[::1] indices,   # IN  (E,)
+                const double[:, ::1] H,       # IN  (n, d)
+                double[::1] norms,            # OUT (n,)
+                double[::1] sim):             # OUT (E,)
+    """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
+    of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0).
+
+    :func:`edge_cosine_qk` with queries and keys both ``H``. O(n d + E d).
+    """
+    cdef intp_t n = H.shape[0], d = H.shape[1]
+    cdef double spare = 0.0
+    if n == 0:
+        return
+    cdef const double* hp = &H[0, 0] if d else &spare   # d == 0: nothing is read
+    cdef double* sp = &sim[0] if sim.shape[0] else &spare
+    with nogil:
+        _edge_cosine(&indptr[0], &indices[0] if indices.shape[0] else NULL, n, d, hp, hp,
+                     &norms[0], &norms[0], sp)
+
+
+def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
+                         const index_t[::1] indices,  # IN  (E,)
+                         const double[:, ::1] H,      # IN  (n, d)
+                         const double[::1] norms,     # IN  (n,) from edge_cosine
+                         const double[::1] sim,       # IN  (E,) from edge_cosine
+                         const double[::1] grad_sim,  # IN  (E,)
+                         double[:, ::1] grad_H):      # OUT (n, d), accumulated
+    """Accumulate ``sum_e grad_sim[e] * d s_e / d H`` into ``grad_H``. O(n d + E d).
+
+    ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
+    vanishes where the norm is clamped to eps).
+    """
+    cdef intp_t n = H.shape[0], d = H.shape[1]
+    if n == 0 or d == 0 or indices.shape[0] == 0:
+        return
+    with nogil:
+        _edge_cosine_backward(&indptr[0], &indices[0], n, d, &H[0, 0], &H[0, 0], &norms[0],
+                              &norms[0], &sim[0], &grad_sim[0], &grad_H[0, 0], &grad_H[0, 0])
+
+
 def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
                    const index_t[::1] indices,   # IN  (E,)
                    const double[:, ::1] Q,       # IN  (n, d) queries
@@ -652,22 +668,16 @@ def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
                    double[::1] sim):             # OUT (E,)
     """``s_e = <q_u, k_v> / (max(|q_u|, eps) max(|k_v|, eps))`` for every
     edge e = (u, v), eps = 1e-12. O((n + E) d)."""
-    cdef intp_t u, v, e, n = Q.shape[0], d = Q.shape[1]
-    cdef double nu, nv, spare = 0.0
+    cdef intp_t n = Q.shape[0], d = Q.shape[1]
+    cdef double spare = 0.0
     if n == 0:
         return
     cdef const double* qp = &Q[0, 0] if d else &spare
     cdef const double* kp = &K[0, 0] if d else &spare
+    cdef double* sp = &sim[0] if sim.shape[0] else &spare
     with nogil:
-        for u in range(n):
-            qnorms[u] = sqrt(dot(qp + u * d, qp + u * d, d))
-            knorms[u] = sqrt(dot(kp + u * d, kp + u * d, d))
-        for u in range(n):
-            nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
-            for e in range(indptr[u], indptr[u + 1]):
-                v = indices[e]
-                nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
-                sim[e] = dot(qp + u * d, kp + v * d, d) / (nu * nv)
+        _edge_cosine(&indptr[0], &indices[0] if indices.shape[0] else NULL, n, d, qp, kp,
+                     &qnorms[0], &knorms[0], sp)
 
 
 def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
@@ -685,26 +695,10 @@ def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
     ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2`` and likewise for
     ``k_v`` (the second term vanishes where the norm is clamped to eps).
     """
-    cdef intp_t u, v, e, n = Q.shape[0], d = Q.shape[1]
-    cdef double nu, nv, g, s, a, bu, bv
-    if n == 0 or d == 0:
+    cdef intp_t n = Q.shape[0], d = Q.shape[1]
+    if n == 0 or d == 0 or indices.shape[0] == 0:
         return
-    cdef const double* qp = &Q[0, 0]
-    cdef const double* kp = &K[0, 0]
-    cdef double* gq = &grad_Q[0, 0]
-    cdef double* gk = &grad_K[0, 0]
     with nogil:
-        for u in range(n):
-            nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
-            for e in range(indptr[u], indptr[u + 1]):
-                g = grad_sim[e]
-                if g == 0.0:
-                    continue
-                v = indices[e]
-                nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
-                s = sim[e]
-                a = g / (nu * nv)
-                bu = g * s / (nu * nu) if qnorms[u] > COS_EPS else 0.0
-                bv = g * s / (nv * nv) if knorms[v] > COS_EPS else 0.0
-                row_axpby(gq + u * d, kp + v * d, a, qp + u * d, bu, d)
-                row_axpby(gk + v * d, qp + u * d, a, kp + v * d, bv, d)
+        _edge_cosine_backward(&indptr[0], &indices[0], n, d, &Q[0, 0], &K[0, 0], &qnorms[0],
+                              &knorms[0], &sim[0], &grad_sim[0], &grad_Q[0, 0],
+                              &grad_K[0, 0])
