@@ -14,6 +14,7 @@ from numpy.testing import assert_array_equal
 
 from grapheme import (Embedding, Graph, StructuralLoss, contract, merge_edges,
                       segmentation_target)
+from grapheme.testing import numerical_gradient as central  # float64, step 1e-6
 from test_loss import away_from_kinks, batch_fields, mass_fd, random_graph, rel_error, run
 
 FD_RTOL = 1e-6
@@ -100,17 +101,6 @@ def _debiased_fd(loss, p, t, upstream, fields):
         if x.size:
             assert np.abs(num).max() > 0, (side, key)
     return res, grad
-
-
-def central(f, x, h=1e-6):
-    x = np.array(x, dtype=float)
-    out = np.empty_like(x)
-    for i in range(x.size):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        out[i] = (f(up) - f(down)) / (2 * h)
-    return out
 
 
 def all_fields(grad):

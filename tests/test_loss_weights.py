@@ -13,24 +13,13 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from grapheme import Graph, LossGrad, StructuralLoss
+from grapheme.testing import numerical_gradient as central  # float64, step 1e-6
 from test_loss import away_from_kinks, batch_fields, mass_fd, random_graph, rel_error, run
 
 FD_RTOL = 1e-6
 FD_STEP = 1e-6
 FIELDS = ("activation", "mass", "target_activation", "weights", "target_weights",
           "target_mass")
-
-
-def central(f, x, h=FD_STEP):
-    """Central differences of the scalar function ``f`` at ``x``."""
-    x = np.array(x, dtype=float)
-    out = np.empty_like(x)
-    for i in range(x.size):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        out[i] = (f(up) - f(down)) / (2 * h)
-    return out
 
 
 def pair_list(seed, sizes, relaxed=False):
