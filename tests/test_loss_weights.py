@@ -17,7 +17,6 @@ from grapheme.testing import numerical_gradient as central  # float64, step 1e-6
 from test_loss import away_from_kinks, batch_fields, mass_fd, random_graph, rel_error, run
 
 FD_RTOL = 1e-6
-FD_STEP = 1e-6
 FIELDS = ("activation", "mass", "target_activation", "weights", "target_weights",
           "target_mass")
 
