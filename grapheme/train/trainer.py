@@ -267,8 +267,7 @@ class Trainer:
                 gt = gt.reshape(morphed.samples, -1, gt.shape[1]).sum(axis=0)
             grad_h += HardMerge().vjp(seg_saved, gt)[0]
         if self.encoder is not None:
-            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad.features, grad.queries,
-                                                 grad.keys)
+            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries, grad.keys)
         grad_table = Lookup().vjp((rows, emb.weight.shape), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)
