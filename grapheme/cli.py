@@ -213,7 +213,9 @@ def _cmd_train(args, out):
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
                                "the settings come from the checkpoint")
     if not os.path.isdir(args.data):
-        raise CommandError(f"data directory {args.data!r} does not exist")
+        what = ("is a file; train --data takes the directory holding train.jsonl "
+                "(and val.jsonl)" if os.path.isfile(args.data) else "does not exist")
+        raise CommandError(f"data directory {args.data!r} {what}")
     train_path = os.path.join(args.data, "train.jsonl")
     val_path = os.path.join(args.data, "val.jsonl")
     if not os.path.isfile(train_path):
@@ -310,7 +312,9 @@ def _cmd_eval(args, out):
     from .train import Trainer
 
     if not os.path.isfile(args.data):
-        raise CommandError(f"data file {args.data!r} does not exist")
+        what = ("is a directory; eval --data takes one JSONL file, e.g. val.jsonl"
+                if os.path.isdir(args.data) else "does not exist")
+        raise CommandError(f"data file {args.data!r} {what}")
     pairs = _data.load_pairs(args.data)
     if not pairs:
         raise CommandError(f"{args.data!r} holds no pairs")

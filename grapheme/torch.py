@@ -44,6 +44,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from ._validation import check_graph
 from .graph import Graph
 from .loss import StructuralLoss as _Loss
 from .morph import Morpher, morph_settings
@@ -462,6 +463,7 @@ class StructuralLoss(nn.Module):
         if not isinstance(merged, Merged):
             raise TypeError(f"merged must be a grapheme.torch.Merged, got "
                             f"{type(merged).__name__}")
+        check_graph(target, "target")
         dtype = merged.features.dtype
         (activation,), _ = apply(ops.FeatureMean(), ops.FeatureMean().forward,
                                  merged.features)

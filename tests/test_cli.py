@@ -239,3 +239,13 @@ def test_train_with_an_encoder(capsys, tmp_path):
                  "--resume", str(run_dir / "checkpoint.npz"), "--encoder-layers", "1",
                  "--no-progress"]) == 2
     assert "--encoder-layers cannot be combined with --resume" in capsys.readouterr().err
+
+
+def test_data_given_as_the_wrong_kind_of_path_says_so(capsys, tmp_path):
+    data = tmp_path / "data"
+    assert main(["generate", "--out", str(data), "--n-train", "8", "--n-val", "4"]) == 0
+    assert main(["train", "--data", str(data / "train.jsonl"), "--epochs", "1",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "is a file; train --data takes the directory" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.npz"), "--data", str(data)]) == 2
+    assert "is a directory; eval --data takes one JSONL file" in capsys.readouterr().err

@@ -323,3 +323,9 @@ def test_encoder_module_starts_as_identity_and_trains():
     lossf(routed, target).backward()
     assert all(p.grad is not None for p in enc.parameters())
     assert float(enc.query.grad.abs().sum()) > 0
+
+
+def test_structural_loss_module_names_a_bad_target():
+    out = gt.Merge().double()(torch.randn(3, 4, dtype=F64), torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="target must be a grapheme.Graph"):
+        gt.StructuralLoss()(out, ["abc"])
