@@ -335,7 +335,7 @@ def _untrained(trainer):
     model before its first step."""
     from .optim import Adam, SGD
     from .train import Trainer
-    from .train.state import build, describe
+    from .train.state import build
 
     config = trainer.config()
     optimizer = {"Adam": Adam, "SGD": SGD}[config["optimizer"]["type"]](lr=1.0)
