@@ -333,16 +333,7 @@ def _cmd_eval(args, out):
 def _untrained(trainer):
     """A fresh trainer of ``trainer``'s configuration (the same seeds): the
     model before its first step."""
-    from .optim import Adam, SGD
-    from .train import Trainer
-    from .train.state import build
-
-    config = trainer.config()
-    optimizer = {"Adam": Adam, "SGD": SGD}[config["optimizer"]["type"]](lr=1.0)
-    return Trainer(build(config["embedding"]), build(config["morpher"]),
-                   build(config["loss"]), optimizer, batch_size=trainer.batch_size,
-                   seed=trainer.seed, target_activation=trainer.target_activation,
-                   progress=False, encoder=build(config.get("encoder")))
+    return type(trainer)._from_config(trainer.config(), progress=False)
 
 
 def format_table(headers, rows):

@@ -618,22 +618,28 @@ class Trainer:
         """
         _, meta = load_checkpoint(path)
         path = os.fspath(path)
-        known_opt = {"Adam": _optim.Adam, "SGD": _optim.SGD}
         try:
-            config = meta["config"]
-            opt_type = config["optimizer"]["type"]
-            if opt_type not in known_opt:
-                raise ValueError(f"unknown optimizer {opt_type!r}")
-            trainer = cls(build(config["embedding"]), build(config["morpher"]),
-                          build(config["loss"]), known_opt[opt_type](lr=1.0),
-                          batch_size=config["batch_size"], seed=config["seed"],
-                          target_activation=config["target_activation"], log=log,
-                          progress=progress, encoder=build(config.get("encoder")))
+            trainer = cls._from_config(meta["config"], log=log, progress=progress)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
                              f"{exc}") from None
         trainer.load(path)
         return trainer
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """A fresh trainer from :meth:`config` output: new components of the
+        described types, untrained (the optimiser's hyperparameters are
+        state, restored by :meth:`load`)."""
+        known_opt = {"Adam": _optim.Adam, "SGD": _optim.SGD}
+        opt_type = config["optimizer"]["type"]
+        if opt_type not in known_opt:
+            raise ValueError(f"unknown optimizer {opt_type!r}")
+        return cls(build(config["embedding"]), build(config["morpher"]),
+                   build(config["loss"]), known_opt[opt_type](lr=1.0),
+                   batch_size=config["batch_size"], seed=config["seed"],
+                   target_activation=config["target_activation"],
+                   encoder=build(config.get("encoder")), **kwargs)
 
     def config(self):
         """What must agree between a checkpoint and a trainer resuming it:
