@@ -626,17 +626,10 @@ def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
     """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
     of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0).
 
-    :func:`edge_cosine_qk` with queries and keys both ``H``. O(n d + E d).
+    :func:`edge_cosine_qk` with queries and keys both ``H`` (the norms are
+    computed once). O(n d + E d).
     """
-    cdef intp_t n = H.shape[0], d = H.shape[1]
-    cdef double spare = 0.0
-    if n == 0:
-        return
-    cdef const double* hp = &H[0, 0] if d else &spare   # d == 0: nothing is read
-    cdef double* sp = &sim[0] if sim.shape[0] else &spare
-    with nogil:
-        _edge_cosine(&indptr[0], &indices[0] if indices.shape[0] else NULL, n, d, hp, hp,
-                     &norms[0], &norms[0], sp)
+    edge_cosine_qk(indptr, indices, H, H, norms, norms, sim)
 
 
 def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
@@ -649,14 +642,10 @@ def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
     """Accumulate ``sum_e grad_sim[e] * d s_e / d H`` into ``grad_H``. O(n d + E d).
 
     ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
-    vanishes where the norm is clamped to eps).
+    vanishes where the norm is clamped to eps): :func:`edge_cosine_qk_backward`
+    with queries, keys and both their gradients ``H`` and ``grad_H``.
     """
-    cdef intp_t n = H.shape[0], d = H.shape[1]
-    if n == 0 or d == 0 or indices.shape[0] == 0:
-        return
-    with nogil:
-        _edge_cosine_backward(&indptr[0], &indices[0], n, d, &H[0, 0], &H[0, 0], &norms[0],
-                              &norms[0], &sim[0], &grad_sim[0], &grad_H[0, 0], &grad_H[0, 0])
+    edge_cosine_qk_backward(indptr, indices, H, H, norms, norms, sim, grad_sim, grad_H, grad_H)
 
 
 def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
