@@ -279,12 +279,11 @@ class Merged:
         The hard merge map from the input rows.
     """
 
-    def __init__(self, features, mass, weights, log_prob, aux_loss, graph, history,
-                 estimate_state, estimator):
+    def __init__(self, features, mass, weights, log_prob, aux_loss, morphed):
         self.features, self.mass, self.weights, self.log_prob = features, mass, weights, log_prob
-        self.aux_loss, self.graph, self.history = aux_loss, graph, history
-        self.offsets = torch.from_numpy(graph.graph_offsets.astype(np.int64))
-        self._state, self._estimator = estimate_state, estimator
+        self.aux_loss, self.graph, self.history = aux_loss, morphed.graph, morphed.history
+        self.offsets = torch.from_numpy(self.graph.graph_offsets.astype(np.int64))
+        self._morphed = morphed   # the numpy morph: Merge.step and reinforce_loss read it
 
     def unpool(self, y):
         """Rows of ``y`` (one per merged row) broadcast back to the input rows
@@ -299,7 +298,7 @@ class Merged:
         (``Reinforce``): add it to the objective, whose gradient it then
         completes. ``losses`` (B,) are the per-sequence losses; they are
         detached. 0 for the other estimators."""
-        advantage = self._estimator.advantage(self._state, _array(losses, "losses"))
+        advantage = self._morphed.advantage(_array(losses, "losses"))
         if advantage is None:
             return self.log_prob.sum() * 0.0
         weight = torch.from_numpy(advantage / advantage.shape[0]).to(self.log_prob.dtype)
@@ -375,15 +374,11 @@ class Merge(nn.Module):
         op = _MorphOp(self._morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
-        m = out.morphed
-        return Merged(f, mass, w, lp, aux, m.graph, m.history, m._saved[2], self.estimator)
+        return Merged(f, mass, w, lp, aux, out.morphed)
 
     def step(self, merged, losses=None):
         """Advance the estimator and rate controller after an optimiser step."""
-        loss_values = None if losses is None else _array(losses, "losses")
-        self.estimator.step(merged._state, loss_values)
-        if self.rate is not None and merged.history.num_inputs:
-            self.rate.update(merged.history.num_outputs / merged.history.num_inputs)
+        self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"))
 
     def get_extra_state(self):
         return {"estimator": self.estimator.state_dict(),
