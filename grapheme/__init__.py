@@ -24,6 +24,25 @@ from .train import Trainer
 
 __version__ = "0.1.0"
 
+
+def openmp_enabled():
+    """Whether grapheme's compiled kernels were built with OpenMP.
+
+    If so, the structural loss runs the pairs of a batch on several threads
+    (``StructuralLoss(num_threads=...)``; by default as many as OpenMP's
+    default, which ``OMP_NUM_THREADS`` and
+    ``threadpoolctl.threadpool_limits(..., user_api="openmp")`` set). If
+    not, every kernel runs on one thread, with the same results.
+
+    Returns
+    -------
+    bool
+    """
+    from . import _core
+
+    return _core.openmp_threads() > 0
+
+
 __all__ = [
     "Adam",
     "DEMO_PAIRS",
@@ -53,6 +72,7 @@ __all__ = [
     "load_pairs",
     "merge_edges",
     "numerical_gradient",
+    "openmp_enabled",
     "ops",
     "replicate",
     "save_checkpoint",

@@ -6,6 +6,8 @@
 # written, "accumulated" ones are added to. index_t is int32_t or int64_t.
 import numpy as np
 
+def openmp_threads() -> int: ...  # omp_get_max_threads(), or 0 without OpenMP
+
 def chain_csr(
     lengths: np.ndarray,  # const int64_t[::1] IN (B,)
     indptr: np.ndarray,   # index_t[::1] OUT (N+1,)

@@ -16,10 +16,17 @@ from libc.math cimport sqrt, log, cos, sin, M_PI
 
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
-    store_fence, _rows_a16,
+    store_fence, _rows_a16, OPENMP, max_threads,
 )
 
 cdef double COS_EPS = 1e-12
+
+
+def openmp_threads():
+    """OpenMP's default thread count now (``omp_get_max_threads()``, which
+    ``OMP_NUM_THREADS`` and threadpoolctl set), or 0 if the kernels were
+    built without OpenMP."""
+    return max_threads() if OPENMP else 0
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def structural_loss_forward(
                             #   g_off[-1] IN; plan, f_off, g_off, used OUT
     terms: np.ndarray,      # double[:, ::1] OUT (B, 4): node, edge, clique, row error
     converged: np.ndarray,  # uint8_t[::1] OUT (B,)
+    num_threads: int = 0,   # int IN threads for the pairs; <= 0: OpenMP's default
 ) -> tuple[np.ndarray, np.ndarray]: ...  # fpot, gpot: the potentials of the sweeps run
 def structural_loss_backward(
     predicted: Any,         # _GraphArrays IN
@@ -36,4 +37,5 @@ def structural_loss_backward(
                             #   weights (double[::1] (E_p,)),
                             #   target_weights (double[::1] (E_t,)),
                             #   target_mass (double[::1] (M,))
+    num_threads: int = 0,   # int IN threads for the pairs; <= 0: OpenMP's default
 ) -> None: ...

@@ -30,12 +30,13 @@ loss.py) and read them into C structs once (:c:func:`_graph`,
 from one function (:c:func:`_workspace`).
 """
 import numpy as np
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.math cimport exp, log, fabs, sqrt, INFINITY
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport calloc, realloc, free
 from libc.string cimport memcpy
 
-from grapheme._types cimport intp_t
+from grapheme._types cimport intp_t, num_threads_for
 
 
 # ---------------------------------------------------------------------------
@@ -166,12 +167,13 @@ cdef int _layout(object state, list keep, Layout* lay) except -1:
 
 
 cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
-                       bint backward, Work* w):
-    """Allocate the workspace of a pass in ONE array and point ``w`` into
-    it; returns that array (the caller keeps it alive while ``w`` is used).
+                       bint backward, Work* works, int copies):
+    """Allocate the workspaces of a pass, one per thread (``copies``), in ONE
+    array and point ``works[0:copies]`` into it; returns that array (the
+    caller keeps it alive while they are used).
 
-    Sized for the largest pair of the batch, O((n+1)(m+1)) doubles (K only
-    if some pair is scaled).
+    Each is sized for the largest pair of the batch, O((n+1)(m+1)) doubles
+    (K only if some pair is scaled), and starts on its own cache line.
     """
     cdef intp_t maxn = 0, maxm = 0, k
     cdef bint any_scaled = False
@@ -189,43 +191,64 @@ cdef object _workspace(const Graph* p, const Graph* t, const Layout* lay,
         total += cells + 2 * real + 2 * rows + 5 * cols
     else:
         total += rows + cols
-    buf = np.empty(total)
+    total = (total + 7) // 8 * 8             # 64 bytes: no false sharing
+    buf = np.empty(total * copies + 8)
     cdef double[::1] view = buf
-    cdef double* at = &view[0]
+    cdef double* base = &view[0]
+    base += (8 - (<size_t>base // sizeof(double)) % 8) % 8   # a 64-byte boundary
+    cdef double* at
     cdef double* ones
     cdef double* zeros
     cdef intp_t j
-    w.C = at; at += cells
-    w.K = at; at += cells if any_scaled else 1
-    w.Q = at; at += real
-    w.R = at; at += real
-    w.aw = at; at += rows
-    w.bw = at; at += cols
-    ones = at; at += cols
-    for j in range(cols):
-        ones[j] = 1.0
-    w.one = ones
-    w.gs = at; at += cols
-    w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = w.cv = NULL
-    w.zero = NULL
-    if backward:
-        w.Cb = at; at += cells
-        w.S = at; at += real
-        w.T = at; at += real
-        w.fb = at; at += rows
-        w.gb = at; at += cols
-        w.gn = at; at += cols
-        w.hv = at; at += cols
-        w.kv = at; at += cols
-        w.cv = at; at += rows
-        zeros = at; at += cols
+    cdef Work* w
+    for k in range(copies):
+        w = &works[k]
+        at = base + k * total
+        w.C = at; at += cells
+        w.K = at; at += cells if any_scaled else 1
+        w.Q = at; at += real
+        w.R = at; at += real
+        w.aw = at; at += rows
+        w.bw = at; at += cols
+        ones = at; at += cols
         for j in range(cols):
-            zeros[j] = 0.0
-        w.zero = zeros
-    else:
-        w.fn = at; at += rows
-        w.M = at; at += cols
+            ones[j] = 1.0
+        w.one = ones
+        w.gs = at; at += cols
+        w.fn = w.M = w.Cb = w.S = w.T = w.fb = w.gb = w.gn = w.hv = w.kv = w.cv = NULL
+        w.zero = NULL
+        if backward:
+            w.Cb = at; at += cells
+            w.S = at; at += real
+            w.T = at; at += real
+            w.fb = at; at += rows
+            w.gb = at; at += cols
+            w.gn = at; at += cols
+            w.hv = at; at += cols
+            w.kv = at; at += cols
+            w.cv = at; at += rows
+            zeros = at; at += cols
+            for j in range(cols):
+                zeros[j] = 0.0
+            w.zero = zeros
+        else:
+            w.fn = at; at += rows
+            w.M = at; at += cols
     return buf
+
+
+# Below this many augmented cells in a batch (sum_b (n_b+1)(m_b+1), each
+# visited a few times per sweep) the pairs run on one thread: starting the
+# others would cost more than they save.
+cdef intp_t _PARALLEL_CELLS = 4096
+
+
+cdef int _pair_threads(int requested, const Layout* lay) noexcept:
+    """Threads for the pairs of a batch: see :c:func:`num_threads_for`, and
+    1 below ``_PARALLEL_CELLS`` cells."""
+    if lay.plan_off[lay.pairs] < _PARALLEL_CELLS:
+        return 1
+    return num_threads_for(requested, lay.pairs)
 
 
 # ---------------------------------------------------------------------------
@@ -563,18 +586,6 @@ cdef int _reserve(Store* st, intp_t need) noexcept nogil:
     return 0
 
 
-cdef object _to_array(Store* st):
-    """The stored doubles as a new ndarray of exactly ``st.size``; frees ``st``."""
-    out = np.empty(st.size)
-    cdef double[::1] view = out
-    if st.size > 0:
-        memcpy(&view[0], st.data, st.size * sizeof(double))
-    free(st.data)
-    st.data = NULL
-    st.size = st.cap = 0
-    return out
-
-
 cdef double _row_error_scaled(intp_t n1, const double* u, const double* unext,
                               const double* aw) noexcept nogil:
     """_row_error in the scaling form: sum_j P_ij = aw_i u_i / unext_i."""
@@ -633,74 +644,28 @@ cdef void _edge_tables(intp_t n, intp_t m, const double* Q,
 
 
 # ---------------------------------------------------------------------------
-# Kernels
+# One pair
 # ---------------------------------------------------------------------------
 
-def structural_loss_forward(
-        object predicted,             # IN  predicted graph (_GraphArrays)
-        object target,                # IN  target graph (_GraphArrays)
-        object settings,              # IN  _Settings
-        object state,                 # IN  scaled, plan_off, and the capacity hint
-                                      #     f_off[-1] / g_off[-1] (doubles);
-                                      # OUT plan, f_off, g_off, used (a _Cache)
-        double[:, ::1] terms,         # OUT (B, 4): node, edge, clique, row error
-        uint8_t[::1] converged):      # OUT (B,) row error <= tol (or conv_tol)
-    """Forward structural loss of a batch of pairs (trusts its input).
+cdef int _forward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settings* st,
+                       const Layout* lay, Work* w, Store* fst, Store* gst,
+                       double* planp, double* terms, int64_t* used, uint8_t* converged,
+                       int64_t* f_at, int64_t* g_at) noexcept nogil:
+    """The forward pass of pair b (see :func:`structural_loss_forward`).
 
-    For every pair: augmented cost, at most ``iterations`` Sinkhorn sweeps
-    (stopping early once the row-marginal error is <= ``tol`` if ``tol >
-    0``), the plan, node, edge and clique terms. With ``balance``, every
-    sweep t >= 1 starts with the dustbin-balancing step (:c:func:`_balance`).
-    The sweeps run in the log domain, or, where ``scaled[b]``, in the scaling
-    form with K = exp(-C/eps) computed once (one exp per cell per pair
-    instead of two per cell per sweep; the caller guarantees the scaling form
-    cannot over- or underflow). The plans go to ``state.plan``
-    (``sum_b (n_b+1)(m_b+1)``), the sweeps performed to ``state.used`` (B,).
-
-    Returns ``(fpot, gpot)``: the potentials of every sweep performed (f, g,
-    or u, v where scaled), pair after pair, of sizes exactly
-    ``sum_b used_b (n_b+1)`` and ``sum_b used_b (m_b+1)``; pair b's start at
-    ``state.f_off[b]``, ``state.g_off[b]`` (filled here). They are stored in
-    arrays that grow by doubling as the sweeps run (starting from the
-    capacity hints), so time and memory follow the sweeps performed, never
-    the cap ``iterations``.
-
-    Complexity per pair O(used (n+1)(m+1) + E_p m + n E_t) time, O(used (n+m))
-    stored, and O((n+1)(m+1)) workspace (two such buffers if any pair is
-    scaled; reused across pairs).
+    Writes only pair b's entries: its plan, ``terms[4b:4b+4]``, ``used[b]``,
+    ``converged[b]``; appends its potentials to ``fst`` and ``gst`` (the
+    calling thread's stores) and records where they start in ``f_at[b]``
+    and ``g_at[b]``. All else it reads is read-only, so pairs may run on any
+    threads in any order with the same results, bit for bit. Returns -1 if
+    a store cannot grow (out of memory), else 0.
     """
-    cdef list keep = []
-    cdef Graph P_, T_
-    cdef Settings st
-    cdef Layout lay
-    cdef Work w
-    _graph(predicted, keep, &P_)
-    _graph(target, keep, &T_)
-    _settings(settings, &st)
-    _layout(state, keep, &lay)
-    cdef double[::1] plan = state.plan
-    cdef int64_t[::1] used = state.used
-    cdef int64_t[::1] f_off_out = state.f_off
-    cdef int64_t[::1] g_off_out = state.g_off
-    work = _workspace(&P_, &T_, &lay, False, &w)
-    cdef Store fst, gst
-    fst.data = gst.data = NULL
-    fst.size = gst.size = fst.cap = gst.cap = 0
-    if (_reserve(&fst, max(<intp_t>f_off_out[lay.pairs], 1)) != 0
-            or _reserve(&gst, max(<intp_t>g_off_out[lay.pairs], 1)) != 0):
-        free(fst.data)
-        free(gst.data)
-        raise MemoryError("no memory for the Sinkhorn potentials")
-
-    # the names of the loop below
-    cdef intp_t nb = lay.pairs, iterations = st.iterations
+    cdef intp_t iterations = st.iterations
     cdef double w_type = st.w_type, w_act = st.w_act, w_deg = st.w_deg
     cdef double eps = st.eps, tol = st.tol, conv_tol = st.conv_tol
     cdef bint balance = st.balance
     cdef const uint8_t* scaled = lay.scaled
     cdef const int64_t* plan_off = lay.plan_off
-    cdef int64_t* f_off = &f_off_out[0]
-    cdef int64_t* g_off = &g_off_out[0]
     cdef const int64_t* off_p = P_.offsets
     cdef const int64_t* off_t = T_.offsets
     cdef const double* xp = P_.activation
@@ -727,194 +692,746 @@ def structural_loss_forward(
     cdef double* M = w.M
     cdef double* K = w.K
     cdef const double* one = w.one
-    cdef double* planp = &plan[0] if plan.shape[0] > 0 else NULL
 
-    cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, v, nit, f0, g0
+    cdef intp_t i, j, t, n, m, n1, m1, p0, t0, e, v, nit, f0, g0
     cdef double A, Bt, node, X, Wsum, err, E, mp, vp, mt, vt, md, c
     cdef double* P
     cdef double* f
     cdef double* g
     cdef double* gprev
-    cdef bint have_next, conv, oom = False
+    cdef bint have_next, conv
     cdef Balance bal
+    bal.applied = False
 
+    p0 = <intp_t>off_p[b]
+    t0 = <intp_t>off_t[b]
+    n = <intp_t>off_p[b + 1] - p0
+    m = <intp_t>off_t[b + 1] - t0
+    n1 = n + 1
+    m1 = m + 1
+    f0 = fst.size
+    g0 = gst.size
+    f_at[b] = f0
+    g_at[b] = g0
+    P = planp + plan_off[b]
+    _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
+                 yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
+    A = 0.0
+    for i in range(n):
+        aw[i] = ap[p0 + i]
+        A += aw[i]
+    Bt = 0.0
+    for j in range(m):
+        bw[j] = bp[t0 + j]
+        Bt += bw[j]
+    aw[n] = Bt
+    bw[m] = A
+
+    node = 0.0
+    err = 0.0
+    nit = 0
+    conv = True
+    if A + Bt == 0.0:
+        for i in range(n1 * m1):
+            P[i] = 0.0
+        for i in range(n * m):
+            Q[i] = 0.0
+    elif scaled[b]:
+        _kernel_matrix(n1 * m1, C, eps, K)
+        conv = False
+        # one pass over K per sweep: sweep t+1 is run (into slot
+        # t+1) as soon as v^t is known, and its pass also gives
+        # U(v^t), the row error of iteration t; on an early stop the
+        # speculative slot t+1 is simply not kept
+        if _reserve(fst, f0 + n1) != 0 or _reserve(gst, g0 + m1) != 0:
+            return -1
+        _sweep_uv(n1, m1, K, one, bw, aw, fst.data + f0, gst.data + g0, M,
+                  1.0, NULL)
+        for t in range(iterations):
+            nit = t + 1
+            if t == iterations - 1:
+                f = fst.data + f0 + t * n1      # u of iteration t
+                g = gst.data + g0 + t * m1      # v of iteration t
+                _update_u(n1, m1, K, g, bw, fn, M)
+                err = _row_error_scaled(n1, f, fn, aw)
+                if tol > 0.0 and err <= tol:
+                    conv = True
+                break
+            if (_reserve(fst, f0 + (t + 2) * n1) != 0
+                    or _reserve(gst, g0 + (t + 2) * m1) != 0):
+                return -1
+            f = fst.data + f0 + t * n1
+            g = gst.data + g0 + t * m1
+            if balance:
+                bal = _balance(n, m, True, f, g, C, K, aw, bw, eps)
+                _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M, bal.x, fn)
+                if tol > 0.0:
+                    err = _row_error_scaled(n1, f, fn, aw)
+            else:
+                _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M, 1.0, NULL)
+                if tol > 0.0:
+                    err = _row_error_scaled(n1, f, f + n1, aw)
+            if tol > 0.0 and err <= tol:
+                conv = True
+                break
+        if tol <= 0.0:
+            conv = err <= conv_tol
+        f = fst.data + f0 + (nit - 1) * n1
+        g = gst.data + g0 + (nit - 1) * m1
+        for i in range(n1):
+            for j in range(m1):
+                E = f[i] * K[i * m1 + j] * g[j]
+                P[i * m1 + j] = aw[i] * bw[j] * E
+                node += P[i * m1 + j] * C[i * m1 + j]
+                if i < n and j < m:
+                    Q[i * m + j] = bw[j] * E
+    else:
+        conv = False
+        have_next = False
+        for t in range(iterations):
+            if (_reserve(fst, f0 + (t + 1) * n1) != 0
+                    or _reserve(gst, g0 + (t + 1) * m1) != 0):
+                return -1
+            f = fst.data + f0 + t * n1
+            g = gst.data + g0 + t * m1
+            bal.applied = False
+            if balance and t > 0:
+                bal = _balance(n, m, False, f - n1, g - m1, C, NULL, aw, bw, eps)
+            if bal.applied:
+                # F of the balanced g: g_j - eps log x on the real columns
+                c = eps * log(bal.x)
+                gprev = g - m1
+                for j in range(m):
+                    gs[j] = gprev[j] - c
+                gs[m] = gprev[m]
+                _update_f(n1, m1, C, gs, bw, eps, f)
+            elif have_next:
+                for i in range(n1):
+                    f[i] = fn[i]
+            elif t == 0:
+                for j in range(m1):
+                    M[j] = 0.0
+                _update_f(n1, m1, C, M, bw, eps, f)
+            else:
+                _update_f(n1, m1, C, g - m1, bw, eps, f)
+            _update_g(n1, m1, C, f, aw, eps, g, M)
+            nit = t + 1
+            if tol > 0.0 or t == iterations - 1:
+                _update_f(n1, m1, C, g, bw, eps, fn)
+                have_next = True
+                err = _row_error(n1, f, fn, aw, eps)
+                if tol > 0.0 and err <= tol:
+                    conv = True
+                    break
+        if tol <= 0.0:
+            conv = err <= conv_tol
+        f = fst.data + f0 + (nit - 1) * n1
+        g = gst.data + g0 + (nit - 1) * m1
+        for i in range(n1):
+            for j in range(m1):
+                E = _sexp((f[i] + g[j] - C[i * m1 + j]) / eps)
+                P[i * m1 + j] = aw[i] * bw[j] * E
+                node += P[i * m1 + j] * C[i * m1 + j]
+                if i < n and j < m:
+                    Q[i * m + j] = bw[j] * E
+    fst.size = f0 + nit * n1
+    gst.size = g0 + nit * m1
+
+    # edge term: X = sum_{u->v} w_uv <Q_u, R_v>, R = Q Wt^T
+    Wsum = 0.0
+    for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
+        Wsum += wpp[e]
+    for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
+        Wsum += wtp[e]
+    X = 0.0
+    if (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
+            and iptp[t0 + m] > iptp[t0]):
+        _edge_tables(n, m, Q, iptp, iti, wtp, t0, R, NULL)
+        for i in range(n):
+            for e in range(<intp_t>ippp[p0 + i], <intp_t>ippp[p0 + i + 1]):
+                v = <intp_t>ipi[e] - p0
+                E = 0.0
+                for j in range(m):
+                    E += Q[i * m + j] * R[v * m + j]
+                X += wpp[e] * E
+
+    _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
+    _moments(m, bp + t0, dtp + t0, &mt, &vt, &md)
+
+    terms[4 * b + 0] = node
+    terms[4 * b + 1] = 0.0 if Wsum == 0.0 else 1.0 - 2.0 * X / Wsum
+    terms[4 * b + 2] = (mp - mt) * (mp - mt) + (vp - vt) * (vp - vt)
+    terms[4 * b + 3] = err
+    used[b] = nit
+    converged[b] = conv
+    return 0
+
+
+cdef struct GradOut:
+    # The outputs of the backward pass, zeroed before the pairs run; pair b
+    # adds only to the entries of its own nodes and edges.
+    double* activation           # (N,)
+    double* mass                 # (N,)
+    double* target_activation    # (M,)
+    double* weights              # (E_p,)
+    double* target_weights       # (E_t,)
+    double* target_mass          # (M,)
+    double* degree               # (N,) d value / d degree, predicted nodes
+    double* target_degree        # (M,) the same, target nodes
+
+
+cdef int _backward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settings* st,
+                        const Layout* lay, Work* w, const double* Fp, const double* Gp,
+                        const int64_t* used, const double* scale,
+                        const GradOut* out) noexcept nogil:
+    """The backward pass of pair b (see :func:`structural_loss_backward`).
+
+    Adds only to the entries of ``out`` of pair b's nodes and edges, each
+    in a fixed order, and reads nothing another pair writes; so pairs may
+    run on any threads in any order with the same results, bit for bit.
+    Returns 0.
+    """
+    cdef double w_type = st.w_type, w_act = st.w_act, w_deg = st.w_deg
+    cdef double eps = st.eps, alpha = st.alpha, beta = st.beta, gamma = st.gamma
+    cdef bint balance = st.balance
+    cdef const uint8_t* scaled = lay.scaled
+    cdef const int64_t* f_off = lay.f_off
+    cdef const int64_t* g_off = lay.g_off
+    cdef const int64_t* off_p = P_.offsets
+    cdef const int64_t* off_t = T_.offsets
+    cdef const double* xp = P_.activation
+    cdef const double* ap = P_.mass
+    cdef const double* dpp = P_.degree
+    cdef const int32_t* lpp = P_.labels
+    cdef const double* yp = T_.activation
+    cdef const double* bp = T_.mass
+    cdef const double* dtp = T_.degree
+    cdef const int32_t* ltp = T_.labels
+    cdef const int64_t* ippp = P_.indptr
+    cdef const int64_t* iptp = T_.indptr
+    cdef const int64_t* ipi = P_.indices
+    cdef const int64_t* iti = T_.indices
+    cdef const double* wpp = P_.weights
+    cdef const double* wtp = T_.weights
+    cdef double* C = w.C
+    cdef double* Cb = w.Cb
+    cdef double* D = w.Q
+    cdef double* R = w.R
+    cdef double* S = w.S
+    cdef double* aw = w.aw
+    cdef double* bw = w.bw
+    cdef double* fb = w.fb
+    cdef double* gb = w.gb
+    cdef const double* zero = w.zero
+    cdef const double* one = w.one
+    cdef double* gn = w.gn
+    cdef double* hv = w.hv
+    cdef double* kv = w.kv
+    cdef double* K = w.K
+    cdef double* cv = w.cv
+    cdef double* Tq = w.T
+    cdef double* gs = w.gs
+    cdef double* gxp = out.activation
+    cdef double* gap = out.mass
+    cdef double* gyp = out.target_activation
+    cdef double* gwp = out.weights
+    cdef double* gwtp = out.target_weights
+    cdef double* gbp = out.target_mass
+    cdef double* gdp = out.degree
+    cdef double* gdt = out.target_degree
+    cdef const double* Krow
+    cdef double* tmp
+    cdef double ui, al, cc, r, csh
+    cdef bint sc, has_edges
+    cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
+    cdef Balance bal
+    cdef intp_t i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
+    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, bbar_dust, gbj, fbi, d
+    cdef double mp, vp, mt, vt, md, dmean, dvar, nd
+    cdef const double* f
+    cdef const double* g
+    cdef const double* gprev
+    cdef const double* gt
+    cdef const double* Crow
+    cdef double* Cbrow
+    bal.applied = False
+
+    p0 = <intp_t>off_p[b]
+    t0 = <intp_t>off_t[b]
+    n = <intp_t>off_p[b + 1] - p0
+    m = <intp_t>off_t[b + 1] - t0
+    n1 = n + 1
+    m1 = m + 1
+    nit = <intp_t>used[b]
+    A = 0.0
+    for i in range(n):
+        aw[i] = ap[p0 + i]
+        A += aw[i]
+    Bt = 0.0
+    for j in range(m):
+        bw[j] = bp[t0 + j]
+        Bt += bw[j]
+    aw[n] = Bt
+    bw[m] = A
+
+    # clique: gamma ((mp-mt)^2 + (vp-vt)^2), the moments of nd_i =
+    # d_i / md (md = max(max_k d_k, 1)); d/da_i, and d/d d_k =
+    # (G_k - [d_k = md] sum_i G_i nd_i) / md with G_i = d clique / d nd_i
+    # (right derivative of the max: every maximal d_k raises it);
+    # zero on a side without mass
+    _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
+    _moments(m, bp + t0, dtp + t0, &mt, &vt, &mdt)
+    dmean = 2.0 * (mp - mt)
+    dvar = 2.0 * (vp - vt)
+    cg = scale[b] * gamma
+    if A > 0.0:
+        for i in range(n):
+            nd = dpp[p0 + i] / md - mp
+            gap[p0 + i] += scale[b] * gamma * (
+                dmean * nd + dvar * (nd * nd - vp)) / A
+        sig = 0.0
+        for i in range(n):
+            G = (dmean + 2.0 * dvar * (dpp[p0 + i] / md - mp)) * ap[p0 + i] / A
+            gdp[p0 + i] += cg * G / md
+            sig += G * dpp[p0 + i] / md
+        for i in range(n):
+            if dpp[p0 + i] >= md:
+                gdp[p0 + i] -= cg * sig / md
+    if Bt > 0.0:
+        for j in range(m):
+            nd = dtp[t0 + j] / mdt - mt
+            gbp[t0 + j] -= scale[b] * gamma * (
+                dmean * nd + dvar * (nd * nd - vt)) / Bt
+        sig = 0.0
+        for j in range(m):
+            G = -(dmean + 2.0 * dvar * (dtp[t0 + j] / mdt - mt)) * bp[t0 + j] / Bt
+            gdt[t0 + j] += cg * G / mdt
+            sig += G * dtp[t0 + j] / mdt
+        for j in range(m):
+            if dtp[t0 + j] >= mdt:
+                gdt[t0 + j] -= cg * sig / mdt
+
+    if A + Bt == 0.0 or nit == 0:
+        return 0
+    _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
+                 yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
+    sc = scaled[b] != 0
+    if sc:
+        _kernel_matrix(n1 * m1, C, eps, K)
+    f = Fp + f_off[b] + (nit - 1) * n1
+    g = Gp + g_off[b] + (nit - 1) * m1
+
+    # edge adjoint dX/dQ = Wp R + Wp^T S (R = Q Wt^T, S = Q Wt), in D
+    Wsum = 0.0
+    for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
+        Wsum += wpp[e]
+    for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
+        Wsum += wtp[e]
+    has_edges = (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
+                 and iptp[t0 + m] > iptp[t0] and beta != 0.0 and Wsum > 0.0)
+    ce = 0.0
+    if has_edges:
+        ce = -2.0 * beta * scale[b] / Wsum
+        for i in range(n):
+            for j in range(m):
+                if sc:
+                    D[i * m + j] = bw[j] * f[i] * K[i * m1 + j] * g[j]
+                else:
+                    D[i * m + j] = bw[j] * _sexp(
+                        (f[i] + g[j] - C[i * m1 + j]) / eps)
+        _edge_tables(n, m, D, iptp, iti, wtp, t0, R, S)
+        # the weights directly: edge = 1 - 2 X / Wsum, so d edge / d w_e
+        # = -2 <Q_u, R_v> / Wsum + 2 X / Wsum^2 for a predicted edge
+        # (u, v), and -2 (Q^T Wp Q)_jl / Wsum + 2 X / Wsum^2 for a target
+        # edge (j, l); Tq = Wp Q
+        X = 0.0
+        for i in range(n * m):
+            Tq[i] = 0.0
+        for u in range(n):
+            for e in range(<intp_t>ippp[p0 + u], <intp_t>ippp[p0 + u + 1]):
+                v = <intp_t>ipi[e] - p0
+                E = 0.0
+                for j in range(m):
+                    E += D[u * m + j] * R[v * m + j]
+                    Tq[u * m + j] += wpp[e] * D[v * m + j]
+                X += wpp[e] * E
+                gwp[e] += ce * E
+        for j in range(m):
+            for e in range(<intp_t>iptp[t0 + j], <intp_t>iptp[t0 + j + 1]):
+                c = <intp_t>iti[e] - t0
+                E = 0.0
+                for u in range(n):
+                    E += D[u * m + j] * Tq[u * m + c]
+                gwtp[e] += ce * E
+        cx = -ce * X / Wsum
+        for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
+            gwp[e] += cx
+        for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
+            gwtp[e] += cx
+        for i in range(n * m):
+            D[i] = 0.0
+        for u in range(n):
+            for e in range(<intp_t>ippp[p0 + u], <intp_t>ippp[p0 + u + 1]):
+                v = <intp_t>ipi[e] - p0
+                s = wpp[e]
+                for j in range(m):
+                    D[u * m + j] += s * R[v * m + j]
+                    D[v * m + j] += s * S[u * m + j]
+
+    # final plan: P = a b E, node = <P, C>, Q = b E on the real block
+    cn = alpha * scale[b]
+    for i in range(n1):
+        fb[i] = 0.0
+    for j in range(m1):
+        gb[j] = 0.0
+    abar_dust = 0.0
+    bbar_dust = 0.0
+    for i in range(n1):
+        Crow = C + i * m1
+        Cbrow = Cb + i * m1
+        fbi = 0.0
+        for j in range(m1):
+            if sc:
+                E = f[i] * K[i * m1 + j] * g[j]
+            else:
+                E = _sexp((f[i] + g[j] - Crow[j]) / eps)
+            P = aw[i] * bw[j] * E
+            s = cn * Crow[j] * P
+            if has_edges and i < n and j < m:
+                s += ce * D[i * m + j] * bw[j] * E
+            s /= eps
+            fbi += s
+            gb[j] += s
+            Cbrow[j] = cn * P - s
+            if i < n:
+                gap[p0 + i] += cn * Crow[j] * bw[j] * E
+            else:
+                bbar_dust += cn * Crow[j] * bw[j] * E
+            if j == m:
+                abar_dust += cn * Crow[j] * aw[i] * E
+            else:
+                # P = a b E, and Q = b E in the edge term
+                gbp[t0 + j] += cn * Crow[j] * aw[i] * E
+                if has_edges and i < n:
+                    gbp[t0 + j] += ce * D[i * m + j] * E
+        fb[i] = fbi
+
+    if sc:
+        # reverse the sweeps, scaling form: with E_ij = u_i K_ij v_j,
+        # g-adjoint gb_j -> fb_i -= a_i u_i sum_j K_ij gb_j v_j, then
+        # f-adjoint fb_i -> gb'_j -= fb_i u_i K_ij b_j vprev_j, and the
+        # cost adjoint Cb_ij += K_ij (a_i u_i gb_j v_j + fb_i u_i b_j
+        # vprev_j), all row-local, so one fused pass per row
+        for t in range(nit - 1, -1, -1):
+            f = Fp + f_off[b] + t * n1          # u
+            g = Gp + g_off[b] + t * m1          # v
+            gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else one
+            bal.applied = False
+            if balance and t > 0:
+                bal = _balance(n, m, True, f - n1, gprev, C, K, aw, bw, eps)
+            for j in range(m1):
+                hv[j] = gb[j] * g[j]
+                kv[j] = bw[j] * gprev[j]
+                gn[j] = 0.0
+            if bal.applied and bal.x != 1.0:
+                for j in range(m):
+                    kv[j] = bw[j] * (gprev[j] / bal.x)
+            for i in range(n1):
+                Krow = K + i * m1
+                Cbrow = Cb + i * m1
+                ui = f[i]
+                r = 0.0
+                for j in range(m1):
+                    r += hv[j] * Krow[j]
+                if i < n:
+                    gap[p0 + i] -= eps * ui * r
+                else:
+                    bbar_dust -= eps * ui * r
+                al = aw[i] * ui
+                fbi = fb[i] - al * r
+                cc = fbi * ui
+                cv[i] = cc
+                if al != 0.0:
+                    for j in range(m1):
+                        Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
+                        gn[j] -= cc * kv[j] * Krow[j]
+                elif cc != 0.0:
+                    for j in range(m1):
+                        Cbrow[j] += Krow[j] * (cc * kv[j])
+                        gn[j] -= cc * kv[j] * Krow[j]
+                abar_dust -= eps * cc * Krow[m] * gprev[m]
+                fb[i] = 0.0
+            # f_i = -eps log sum_j b_j K_ij v'_j (v' = v / x on the
+            # real columns when balanced) sees b_j only through
+            # b_j v'_j, so d/d b_j = eps gn_j / b_j with gn_j the
+            # adjoint of the previous g just accumulated (no work per
+            # cell); for a tiny or zero b_j, the column sum itself,
+            # -eps v'_j sum_i cc_i K_ij
+            _target_mass_scaled(n1, m, m1, K, cv, gn, bw, gprev,
+                                bal.x if bal.applied else 1.0, eps, gbp + t0)
+            tmp = gb
+            gb = gn
+            gn = tmp
+            if bal.applied:
+                _balance_adjoint(n, m, True, f - n1, gprev, C, K, aw, bw, eps,
+                                 &bal, fb, gb, gap + p0, &abar_dust,
+                                 gbp + t0, &bbar_dust)
+    else:
+        # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
+        for t in range(nit - 1, -1, -1):
+            f = Fp + f_off[b] + t * n1
+            g = Gp + g_off[b] + t * m1
+            gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else zero
+            bal.applied = False
+            if balance and t > 0:
+                bal = _balance(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps)
+            gt = gprev
+            if bal.applied:
+                csh = eps * log(bal.x)
+                for j in range(m):
+                    gs[j] = gprev[j] - csh
+                gs[m] = gprev[m]
+                gt = gs
+            for i in range(n1):
+                Crow = C + i * m1
+                Cbrow = Cb + i * m1
+                fbi = 0.0
+                for j in range(m1):
+                    gbj = gb[j]
+                    if gbj != 0.0:
+                        E = _sexp((f[i] - Crow[j] + g[j]) / eps)
+                        fbi -= gbj * aw[i] * E
+                        Cbrow[j] += gbj * aw[i] * E
+                        if i < n:
+                            gap[p0 + i] -= eps * gbj * E
+                        else:
+                            bbar_dust -= eps * gbj * E
+                fb[i] += fbi
+            for j in range(m1):
+                gb[j] = 0.0
+            for i in range(n1):
+                fbi = fb[i]
+                cv[i] = fbi
+                if fbi == 0.0:
+                    continue
+                Crow = C + i * m1
+                Cbrow = Cb + i * m1
+                for j in range(m1):
+                    E = _sexp((gt[j] - Crow[j] + f[i]) / eps)
+                    gb[j] -= fbi * bw[j] * E
+                    Cbrow[j] += fbi * bw[j] * E
+                abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
+                fb[i] = 0.0
+            # as in the scaling form: d/d b_j = eps gb_j / b_j, or for a
+            # tiny or zero b_j -eps sum_i fb_i E_ij
+            _target_mass_log(n1, m, m1, C, cv, gb, bw, gt, f, eps, gbp + t0)
+            if bal.applied:
+                _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
+                                 &bal, fb, gb, gap + p0, &abar_dust,
+                                 gbp + t0, &bbar_dust)
+
+    # cost adjoint -> activations; dustbin column marginal A -> masses
+    for i in range(n):
+        Cbrow = Cb + i * m1
+        s = 0.0
+        for j in range(m):
+            d = xp[p0 + i] - yp[t0 + j]
+            if d < 1.0 and d > -1.0 and d != 0.0:
+                cbar = w_act * Cbrow[j]
+                if d > 0.0:
+                    s += cbar
+                    gyp[t0 + j] -= cbar
+                else:
+                    s -= cbar
+                    gyp[t0 + j] += cbar
+        gxp[p0 + i] += s
+        gap[p0 + i] += abar_dust
+    for j in range(m):
+        gbp[t0 + j] += bbar_dust
+
+    # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
+    # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:
+    # |dl| grows either way; a tie in the max: the one increased wins),
+    # except in a self pair (a graph against itself, as the debiased
+    # loss scores), where both degrees are the same function of the
+    # weights: there dl = 0 contributes 0 to either side, so the
+    # diagonal cells, whose |d_i - d_i| is identically 0, are exact
+    if w_deg != 0.0:
+        for i in range(n):
+            Cbrow = Cb + i * m1
+            dpi = dpp[p0 + i]
+            s = 0.0
+            for j in range(m):
+                dtj = dtp[t0 + j]
+                dl = dpi - dtj
+                ad = fabs(dl)
+                mx = dpi if dpi > dtj else dtj
+                if mx < 1.0:
+                    mx = 1.0
+                dp_ = (1.0 if dl >= 0.0 else -1.0) / mx
+                if dpi >= dtj and dpi >= 1.0:
+                    dp_ -= ad / (mx * mx)
+                dt_ = (1.0 if dl <= 0.0 else -1.0) / mx
+                if dl == 0.0 and lay.self_pair[b]:
+                    dp_ = 0.0
+                    dt_ = 0.0
+                if dtj >= dpi and dtj >= 1.0:
+                    dt_ -= ad / (mx * mx)
+                cbar = w_deg * Cbrow[j]
+                s += cbar * dp_
+                gdt[t0 + j] += cbar * dt_
+            gdp[p0 + i] += s
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+def structural_loss_forward(
+        object predicted,             # IN  predicted graph (_GraphArrays)
+        object target,                # IN  target graph (_GraphArrays)
+        object settings,              # IN  _Settings
+        object state,                 # IN  scaled, plan_off, and the capacity hint
+                                      #     f_off[-1] / g_off[-1] (doubles);
+                                      # OUT plan, f_off, g_off, used (a _Cache)
+        double[:, ::1] terms,         # OUT (B, 4): node, edge, clique, row error
+        uint8_t[::1] converged,       # OUT (B,) row error <= tol (or conv_tol)
+        int num_threads=0):           # IN  threads; <= 0: OpenMP's default
+    """Forward structural loss of a batch of pairs (trusts its input).
+
+    For every pair: augmented cost, at most ``iterations`` Sinkhorn sweeps
+    (stopping early once the row-marginal error is <= ``tol`` if ``tol >
+    0``), the plan, node, edge and clique terms. With ``balance``, every
+    sweep t >= 1 starts with the dustbin-balancing step (:c:func:`_balance`).
+    The sweeps run in the log domain, or, where ``scaled[b]``, in the scaling
+    form with K = exp(-C/eps) computed once (one exp per cell per pair
+    instead of two per cell per sweep; the caller guarantees the scaling form
+    cannot over- or underflow). The plans go to ``state.plan``
+    (``sum_b (n_b+1)(m_b+1)``), the sweeps performed to ``state.used`` (B,).
+
+    Returns ``(fpot, gpot)``: the potentials of every sweep performed (f, g,
+    or u, v where scaled), pair after pair, of sizes exactly
+    ``sum_b used_b (n_b+1)`` and ``sum_b used_b (m_b+1)``; pair b's start at
+    ``state.f_off[b]``, ``state.g_off[b]`` (filled here). They are stored in
+    arrays that grow by doubling as the sweeps run (starting from the
+    capacity hints), so time and memory follow the sweeps performed, never
+    the cap ``iterations``.
+
+    Complexity per pair O(used (n+1)(m+1) + E_p m + n E_t) time, O(used (n+m))
+    stored, and O((n+1)(m+1)) workspace (two such buffers if any pair is
+    scaled; reused across pairs), per thread.
+
+    Threads: the pairs are independent and run in parallel (OpenMP, dynamic
+    schedule) on ``num_threads`` threads (<= 0: OpenMP's default, which
+    ``OMP_NUM_THREADS`` and threadpoolctl set), at most one per pair, and
+    one for a batch too small to gain (:c:func:`_pair_threads`). Each thread
+    has its own workspace; a pair's sums are taken by one thread in a fixed
+    order, so the results are the same bit for bit whatever the count.
+
+    The potentials: each thread appends the sweeps of its pairs to its own
+    storage (growing by doubling, as above); at the end they are copied into
+    the returned arrays in pair order. So their memory stays proportional to
+    the sweeps performed, at most about twice that at the peak, as before.
+    """
+    cdef list keep = []
+    cdef Graph P_, T_
+    cdef Settings st
+    cdef Layout lay
+    _graph(predicted, keep, &P_)
+    _graph(target, keep, &T_)
+    _settings(settings, &st)
+    _layout(state, keep, &lay)
+    cdef double[::1] plan = state.plan
+    cdef int64_t[::1] used = state.used
+    cdef int64_t[::1] f_off_out = state.f_off
+    cdef int64_t[::1] g_off_out = state.g_off
+    if terms.shape[0] != lay.pairs or terms.shape[1] != 4 or converged.shape[0] != lay.pairs:
+        raise ValueError("terms must be (B, 4) and converged (B,)")
+    cdef intp_t nb = lay.pairs, b, k
+    cdef int nt = _pair_threads(num_threads, &lay)
+    cdef int tid = 0
+    # where each pair's potentials start, in the store of the thread (owner)
+    # that ran it; whether it ran out of memory
+    at_arr = np.zeros((3, max(nb, 1)), np.int64)
+    cdef int64_t[:, ::1] at = at_arr
+    cdef int64_t* f_at = &at[0, 0]
+    cdef int64_t* g_at = &at[1, 0]
+    cdef int64_t* owner = &at[2, 0]
+    status_arr = np.zeros(max(nb, 1), np.int8)
+    cdef int8_t[::1] status = status_arr
+    cdef double* planp = &plan[0] if plan.shape[0] > 0 else NULL
+    cdef double* termsp = &terms[0, 0] if nb > 0 else NULL
+    cdef int64_t* usedp = &used[0] if nb > 0 else NULL
+    cdef uint8_t* convp = &converged[0] if nb > 0 else NULL
+    cdef Work* works = <Work*>calloc(nt, sizeof(Work))
+    cdef Store* fst = <Store*>calloc(nt, sizeof(Store))
+    cdef Store* gst = <Store*>calloc(nt, sizeof(Store))
+    cdef intp_t n1, m1, f_size = 0, g_size = 0
+    cdef bint oom = works == NULL or fst == NULL or gst == NULL
+    try:
+        if oom:
+            raise MemoryError("no memory for the structural loss's workspace")
+        work = _workspace(&P_, &T_, &lay, False, works, nt)
+        for k in range(nt):     # the capacity hint, shared out
+            if (_reserve(&fst[k], max(<intp_t>f_off_out[nb] // nt, 1)) != 0
+                    or _reserve(&gst[k], max(<intp_t>g_off_out[nb] // nt, 1)) != 0):
+                raise MemoryError("no memory for the Sinkhorn potentials")
+        with nogil:
+            if nt == 1:
+                for b in range(nb):
+                    status[b] = _forward_pair(b, &P_, &T_, &st, &lay, works, fst, gst,
+                                              planp, termsp, usedp, convp, f_at, g_at)
+            else:
+                with parallel(num_threads=nt):
+                    tid = threadid()
+                    for b in prange(nb, schedule="dynamic"):
+                        owner[b] = tid
+                        status[b] = _forward_pair(b, &P_, &T_, &st, &lay, &works[tid],
+                                                  &fst[tid], &gst[tid], planp, termsp,
+                                                  usedp, convp, f_at, g_at)
+            # the potentials' offsets in pair order
+            for b in range(nb):
+                oom = oom or status[b] != 0
+                f_off_out[b] = f_size
+                g_off_out[b] = g_size
+                f_size += usedp[b] * (<intp_t>(P_.offsets[b + 1] - P_.offsets[b]) + 1)
+                g_size += usedp[b] * (<intp_t>(T_.offsets[b + 1] - T_.offsets[b]) + 1)
+            f_off_out[nb] = f_size
+            g_off_out[nb] = g_size
+        if oom:
+            raise MemoryError("no memory for the Sinkhorn potentials")
+        fpot = np.empty(f_size)
+        gpot = np.empty(g_size)
+        _collect(fpot, f_off_out, f_at, owner, fst, nb)
+        _collect(gpot, g_off_out, g_at, owner, gst, nb)
+        return fpot, gpot
+    finally:
+        if fst != NULL:
+            for k in range(nt):
+                free(fst[k].data)
+        if gst != NULL:
+            for k in range(nt):
+                free(gst[k].data)
+        free(fst)
+        free(gst)
+        free(works)
+
+
+cdef void _collect(double[::1] out, const int64_t[::1] off, const int64_t* at,
+                   const int64_t* owner, const Store* stores, intp_t nb) noexcept:
+    """Copy pair b's potentials, ``stores[owner[b]].data[at[b]:]``, to
+    ``out[off[b]:off[b + 1]]`` for every pair (the stores of a serial run
+    hold them in pair order already: ``owner`` is all 0 and ``at == off``)."""
+    cdef intp_t b, size
+    cdef const Store* st
     with nogil:
         for b in range(nb):
-            p0 = <intp_t>off_p[b]
-            t0 = <intp_t>off_t[b]
-            n = <intp_t>off_p[b + 1] - p0
-            m = <intp_t>off_t[b + 1] - t0
-            n1 = n + 1
-            m1 = m + 1
-            f0 = fst.size
-            g0 = gst.size
-            f_off[b] = f0
-            g_off[b] = g0
-            P = planp + plan_off[b]
-            _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
-                         yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
-            A = 0.0
-            for i in range(n):
-                aw[i] = ap[p0 + i]
-                A += aw[i]
-            Bt = 0.0
-            for j in range(m):
-                bw[j] = bp[t0 + j]
-                Bt += bw[j]
-            aw[n] = Bt
-            bw[m] = A
+            size = <intp_t>(off[b + 1] - off[b])
+            if size > 0:
+                st = &stores[owner[b]]
+                memcpy(&out[off[b]], st.data + at[b], size * sizeof(double))
 
-            node = 0.0
-            err = 0.0
-            nit = 0
-            conv = True
-            if A + Bt == 0.0:
-                for i in range(n1 * m1):
-                    P[i] = 0.0
-                for i in range(n * m):
-                    Q[i] = 0.0
-            elif scaled[b]:
-                _kernel_matrix(n1 * m1, C, eps, K)
-                conv = False
-                # one pass over K per sweep: sweep t+1 is run (into slot
-                # t+1) as soon as v^t is known, and its pass also gives
-                # U(v^t), the row error of iteration t; on an early stop the
-                # speculative slot t+1 is simply not kept
-                if _reserve(&fst, f0 + n1) != 0 or _reserve(&gst, g0 + m1) != 0:
-                    oom = True
-                    break
-                _sweep_uv(n1, m1, K, one, bw, aw, fst.data + f0, gst.data + g0, M,
-                          1.0, NULL)
-                for t in range(iterations):
-                    nit = t + 1
-                    if t == iterations - 1:
-                        f = fst.data + f0 + t * n1      # u of iteration t
-                        g = gst.data + g0 + t * m1      # v of iteration t
-                        _update_u(n1, m1, K, g, bw, fn, M)
-                        err = _row_error_scaled(n1, f, fn, aw)
-                        if tol > 0.0 and err <= tol:
-                            conv = True
-                        break
-                    if (_reserve(&fst, f0 + (t + 2) * n1) != 0
-                            or _reserve(&gst, g0 + (t + 2) * m1) != 0):
-                        oom = True
-                        break
-                    f = fst.data + f0 + t * n1
-                    g = gst.data + g0 + t * m1
-                    if balance:
-                        bal = _balance(n, m, True, f, g, C, K, aw, bw, eps)
-                        _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M, bal.x, fn)
-                        if tol > 0.0:
-                            err = _row_error_scaled(n1, f, fn, aw)
-                    else:
-                        _sweep_uv(n1, m1, K, g, bw, aw, f + n1, g + m1, M, 1.0, NULL)
-                        if tol > 0.0:
-                            err = _row_error_scaled(n1, f, f + n1, aw)
-                    if tol > 0.0 and err <= tol:
-                        conv = True
-                        break
-                if oom:
-                    break
-                if tol <= 0.0:
-                    conv = err <= conv_tol
-                f = fst.data + f0 + (nit - 1) * n1
-                g = gst.data + g0 + (nit - 1) * m1
-                for i in range(n1):
-                    for j in range(m1):
-                        E = f[i] * K[i * m1 + j] * g[j]
-                        P[i * m1 + j] = aw[i] * bw[j] * E
-                        node += P[i * m1 + j] * C[i * m1 + j]
-                        if i < n and j < m:
-                            Q[i * m + j] = bw[j] * E
-            else:
-                conv = False
-                have_next = False
-                for t in range(iterations):
-                    if (_reserve(&fst, f0 + (t + 1) * n1) != 0
-                            or _reserve(&gst, g0 + (t + 1) * m1) != 0):
-                        oom = True
-                        break
-                    f = fst.data + f0 + t * n1
-                    g = gst.data + g0 + t * m1
-                    bal.applied = False
-                    if balance and t > 0:
-                        bal = _balance(n, m, False, f - n1, g - m1, C, NULL, aw, bw, eps)
-                    if bal.applied:
-                        # F of the balanced g: g_j - eps log x on the real columns
-                        c = eps * log(bal.x)
-                        gprev = g - m1
-                        for j in range(m):
-                            gs[j] = gprev[j] - c
-                        gs[m] = gprev[m]
-                        _update_f(n1, m1, C, gs, bw, eps, f)
-                    elif have_next:
-                        for i in range(n1):
-                            f[i] = fn[i]
-                    elif t == 0:
-                        for j in range(m1):
-                            M[j] = 0.0
-                        _update_f(n1, m1, C, M, bw, eps, f)
-                    else:
-                        _update_f(n1, m1, C, g - m1, bw, eps, f)
-                    _update_g(n1, m1, C, f, aw, eps, g, M)
-                    nit = t + 1
-                    if tol > 0.0 or t == iterations - 1:
-                        _update_f(n1, m1, C, g, bw, eps, fn)
-                        have_next = True
-                        err = _row_error(n1, f, fn, aw, eps)
-                        if tol > 0.0 and err <= tol:
-                            conv = True
-                            break
-                if oom:
-                    break
-                if tol <= 0.0:
-                    conv = err <= conv_tol
-                f = fst.data + f0 + (nit - 1) * n1
-                g = gst.data + g0 + (nit - 1) * m1
-                for i in range(n1):
-                    for j in range(m1):
-                        E = _sexp((f[i] + g[j] - C[i * m1 + j]) / eps)
-                        P[i * m1 + j] = aw[i] * bw[j] * E
-                        node += P[i * m1 + j] * C[i * m1 + j]
-                        if i < n and j < m:
-                            Q[i * m + j] = bw[j] * E
-            fst.size = f0 + nit * n1
-            gst.size = g0 + nit * m1
-
-            # edge term: X = sum_{u->v} w_uv <Q_u, R_v>, R = Q Wt^T
-            Wsum = 0.0
-            for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
-                Wsum += wpp[e]
-            for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
-                Wsum += wtp[e]
-            X = 0.0
-            if (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
-                    and iptp[t0 + m] > iptp[t0]):
-                _edge_tables(n, m, Q, iptp, iti, wtp, t0, R, NULL)
-                for i in range(n):
-                    for e in range(<intp_t>ippp[p0 + i], <intp_t>ippp[p0 + i + 1]):
-                        v = <intp_t>ipi[e] - p0
-                        E = 0.0
-                        for j in range(m):
-                            E += Q[i * m + j] * R[v * m + j]
-                        X += wpp[e] * E
-
-            _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
-            _moments(m, bp + t0, dtp + t0, &mt, &vt, &md)
-
-            terms[b, 0] = node
-            terms[b, 1] = 0.0 if Wsum == 0.0 else 1.0 - 2.0 * X / Wsum
-            terms[b, 2] = (mp - mt) * (mp - mt) + (vp - vt) * (vp - vt)
-            terms[b, 3] = err
-            used[b] = nit
-            converged[b] = conv
-        f_off[nb] = fst.size
-        g_off[nb] = gst.size
-    if oom:
-        free(fst.data)
-        free(gst.data)
-        raise MemoryError("no memory for the Sinkhorn potentials")
-    return _to_array(&fst), _to_array(&gst)
 
 
 def structural_loss_backward(
@@ -923,9 +1440,10 @@ def structural_loss_backward(
         object settings,              # IN  _Settings
         object state,                 # IN  the _Cache the forward pass filled
         const double[::1] scale,      # IN  (B,) d value / d value_b (1/B for a mean)
-        object grad):                 # OUT a LossGrad: activation, mass (N,),
+        object grad,                  # OUT a LossGrad: activation, mass (N,),
                                       #     target_activation (M,), weights (E_p,),
                                       #     target_weights (E_t,), target_mass (M,)
+        int num_threads=0):           # IN  threads; <= 0: OpenMP's default
     """Exact reverse-mode gradient of the forward pass (trusts its input).
 
     Reverses the Sinkhorn sweeps actually performed, using the stored
@@ -948,12 +1466,20 @@ def structural_loss_backward(
     Complexity per pair O(iterations (n+1)(m+1) + E_p m + n E_t) time and
     O((n+1)(m+1)) workspace (reused across pairs), plus O(N + M + E_p + E_t)
     for the degrees and weights.
+
+    Threads: the pairs are independent and run in parallel (OpenMP, dynamic
+    schedule) on ``num_threads`` threads (<= 0: OpenMP's default, which
+    ``OMP_NUM_THREADS`` and threadpoolctl set), at most one per pair, and
+    one for a batch too small to gain (:c:func:`_pair_threads`). Each thread
+    has its own workspace; a pair's sums are taken by one thread in a fixed
+    order, so the results are the same bit for bit whatever the count.
+    The outputs are zeroed first, and the degrees mapped to the edges last,
+    serially.
     """
     cdef list keep = []
     cdef Graph P_, T_
     cdef Settings st
     cdef Layout lay
-    cdef Work w
     _graph(predicted, keep, &P_)
     _graph(target, keep, &T_)
     _settings(settings, &st)
@@ -967,424 +1493,61 @@ def structural_loss_backward(
     cdef double[::1] gw = grad.weights
     cdef double[::1] gwt = grad.target_weights
     cdef double[::1] gbm = grad.target_mass
-    work = _workspace(&P_, &T_, &lay, True, &w)
+    cdef intp_t nb = lay.pairs, b, i, j, e
+    if scale.shape[0] != nb or used.shape[0] != nb:
+        raise ValueError("scale and used must have one entry per pair")
+    cdef int nt = _pair_threads(num_threads, &lay)
+    cdef int tid = 0
     # d value / d degree of every node, mapped to the out-edges at the end
     gdeg_arr = np.zeros(P_.nodes + T_.nodes)
     cdef double[::1] gdeg = gdeg_arr
-    cdef double* gdp = &gdeg[0] if P_.nodes + T_.nodes > 0 else NULL
-    cdef double* gdt = gdp + P_.nodes if gdp != NULL else NULL
-
-    # the names of the loop below
-    cdef intp_t nb = lay.pairs
-    cdef double w_type = st.w_type, w_act = st.w_act, w_deg = st.w_deg
-    cdef double eps = st.eps, alpha = st.alpha, beta = st.beta, gamma = st.gamma
-    cdef const uint8_t* scaled = lay.scaled
-    cdef const int64_t* f_off = lay.f_off
-    cdef const int64_t* g_off = lay.g_off
-    cdef const int64_t* off_p = P_.offsets
-    cdef const int64_t* off_t = T_.offsets
-    cdef const double* xp = P_.activation
-    cdef const double* ap = P_.mass
-    cdef const double* dpp = P_.degree
-    cdef const int32_t* lpp = P_.labels
-    cdef const double* yp = T_.activation
-    cdef const double* bp = T_.mass
-    cdef const double* dtp = T_.degree
-    cdef const int32_t* ltp = T_.labels
-    cdef const int64_t* ippp = P_.indptr
-    cdef const int64_t* iptp = T_.indptr
-    cdef const int64_t* ipi = P_.indices
-    cdef const int64_t* iti = T_.indices
-    cdef const double* wpp = P_.weights
-    cdef const double* wtp = T_.weights
+    cdef GradOut out
+    out.activation = &gx[0] if gx.shape[0] > 0 else NULL
+    out.mass = &ga[0] if ga.shape[0] > 0 else NULL
+    out.target_activation = &gy[0] if gy.shape[0] > 0 else NULL
+    out.weights = &gw[0] if gw.shape[0] > 0 else NULL
+    out.target_weights = &gwt[0] if gwt.shape[0] > 0 else NULL
+    out.target_mass = &gbm[0] if gbm.shape[0] > 0 else NULL
+    out.degree = &gdeg[0] if P_.nodes + T_.nodes > 0 else NULL
+    out.target_degree = out.degree + P_.nodes if out.degree != NULL else NULL
     cdef const double* Fp = &fpot[0] if fpot.shape[0] > 0 else NULL
     cdef const double* Gp = &gpot[0] if gpot.shape[0] > 0 else NULL
-    cdef double* C = w.C
-    cdef double* Cb = w.Cb
-    cdef double* D = w.Q
-    cdef double* R = w.R
-    cdef double* S = w.S
-    cdef double* aw = w.aw
-    cdef double* bw = w.bw
-    cdef double* fb = w.fb
-    cdef double* gb = w.gb
-    cdef const double* zero = w.zero
-    cdef const double* one = w.one
-    cdef double* gn = w.gn
-    cdef double* hv = w.hv
-    cdef double* kv = w.kv
-    cdef double* K = w.K
-    cdef const double* Krow
-    cdef double* tmp
-    cdef double ui, al, cc, r
-    cdef bint sc
-    cdef double* gxp = &gx[0] if gx.shape[0] > 0 else NULL
-    cdef double* gap = &ga[0] if ga.shape[0] > 0 else NULL
-    cdef double* gyp = &gy[0] if gy.shape[0] > 0 else NULL
-    cdef double* gwp = &gw[0] if gw.shape[0] > 0 else NULL
-    cdef double* gwtp = &gwt[0] if gwt.shape[0] > 0 else NULL
-    cdef double* gbp = &gbm[0] if gbm.shape[0] > 0 else NULL
-    cdef double* cv = w.cv
-    cdef double* Tq = w.T
-    cdef double X, cx, cg, sig, G, dpi, dtj, dl, mx, ad, dp_, dt_, mdt
-    cdef bint balance = st.balance
-    cdef Balance bal
-    cdef double* gs = w.gs
-    cdef double csh
-
-    cdef intp_t b, i, j, t, n, m, n1, m1, p0, t0, e, u, v, nit, c
-    cdef double A, Bt, Wsum, E, P, s, cn, ce, cbar, abar_dust, bbar_dust, gbj, fbi, d
-    cdef double mp, vp, mt, vt, md, dmean, dvar, nd
-    cdef const double* f
-    cdef const double* g
-    cdef const double* gprev
-    cdef const double* gt
-    cdef const double* Crow
-    cdef double* Cbrow
-    cdef bint has_edges
-
-    with nogil:
-        for i in range(P_.nodes):
-            gxp[i] = 0.0
-            gap[i] = 0.0
-        for j in range(T_.nodes):
-            gyp[j] = 0.0
-            gbp[j] = 0.0
-        for e in range(gw.shape[0]):
-            gwp[e] = 0.0
-        for e in range(gwt.shape[0]):
-            gwtp[e] = 0.0
-        for b in range(nb):
-            p0 = <intp_t>off_p[b]
-            t0 = <intp_t>off_t[b]
-            n = <intp_t>off_p[b + 1] - p0
-            m = <intp_t>off_t[b + 1] - t0
-            n1 = n + 1
-            m1 = m + 1
-            nit = <intp_t>used[b]
-            A = 0.0
-            for i in range(n):
-                aw[i] = ap[p0 + i]
-                A += aw[i]
-            Bt = 0.0
-            for j in range(m):
-                bw[j] = bp[t0 + j]
-                Bt += bw[j]
-            aw[n] = Bt
-            bw[m] = A
-
-            # clique: gamma ((mp-mt)^2 + (vp-vt)^2), the moments of nd_i =
-            # d_i / md (md = max(max_k d_k, 1)); d/da_i, and d/d d_k =
-            # (G_k - [d_k = md] sum_i G_i nd_i) / md with G_i = d clique / d nd_i
-            # (right derivative of the max: every maximal d_k raises it);
-            # zero on a side without mass
-            _moments(n, ap + p0, dpp + p0, &mp, &vp, &md)
-            _moments(m, bp + t0, dtp + t0, &mt, &vt, &mdt)
-            dmean = 2.0 * (mp - mt)
-            dvar = 2.0 * (vp - vt)
-            cg = scale[b] * gamma
-            if A > 0.0:
-                for i in range(n):
-                    nd = dpp[p0 + i] / md - mp
-                    gap[p0 + i] += scale[b] * gamma * (
-                        dmean * nd + dvar * (nd * nd - vp)) / A
-                sig = 0.0
-                for i in range(n):
-                    G = (dmean + 2.0 * dvar * (dpp[p0 + i] / md - mp)) * ap[p0 + i] / A
-                    gdp[p0 + i] += cg * G / md
-                    sig += G * dpp[p0 + i] / md
-                for i in range(n):
-                    if dpp[p0 + i] >= md:
-                        gdp[p0 + i] -= cg * sig / md
-            if Bt > 0.0:
-                for j in range(m):
-                    nd = dtp[t0 + j] / mdt - mt
-                    gbp[t0 + j] -= scale[b] * gamma * (
-                        dmean * nd + dvar * (nd * nd - vt)) / Bt
-                sig = 0.0
-                for j in range(m):
-                    G = -(dmean + 2.0 * dvar * (dtp[t0 + j] / mdt - mt)) * bp[t0 + j] / Bt
-                    gdt[t0 + j] += cg * G / mdt
-                    sig += G * dtp[t0 + j] / mdt
-                for j in range(m):
-                    if dtp[t0 + j] >= mdt:
-                        gdt[t0 + j] -= cg * sig / mdt
-
-            if A + Bt == 0.0 or nit == 0:
-                continue
-            _cost_matrix(n, m, xp + p0, lpp + p0, dpp + p0,
-                         yp + t0, ltp + t0, dtp + t0, w_type, w_act, w_deg, C)
-            sc = scaled[b] != 0
-            if sc:
-                _kernel_matrix(n1 * m1, C, eps, K)
-            f = Fp + f_off[b] + (nit - 1) * n1
-            g = Gp + g_off[b] + (nit - 1) * m1
-
-            # edge adjoint dX/dQ = Wp R + Wp^T S (R = Q Wt^T, S = Q Wt), in D
-            Wsum = 0.0
-            for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
-                Wsum += wpp[e]
-            for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
-                Wsum += wtp[e]
-            has_edges = (n > 0 and m > 0 and ippp[p0 + n] > ippp[p0]
-                         and iptp[t0 + m] > iptp[t0] and beta != 0.0 and Wsum > 0.0)
-            ce = 0.0
-            if has_edges:
-                ce = -2.0 * beta * scale[b] / Wsum
-                for i in range(n):
-                    for j in range(m):
-                        if sc:
-                            D[i * m + j] = bw[j] * f[i] * K[i * m1 + j] * g[j]
-                        else:
-                            D[i * m + j] = bw[j] * _sexp(
-                                (f[i] + g[j] - C[i * m1 + j]) / eps)
-                _edge_tables(n, m, D, iptp, iti, wtp, t0, R, S)
-                # the weights directly: edge = 1 - 2 X / Wsum, so d edge / d w_e
-                # = -2 <Q_u, R_v> / Wsum + 2 X / Wsum^2 for a predicted edge
-                # (u, v), and -2 (Q^T Wp Q)_jl / Wsum + 2 X / Wsum^2 for a target
-                # edge (j, l); Tq = Wp Q
-                X = 0.0
-                for i in range(n * m):
-                    Tq[i] = 0.0
-                for u in range(n):
-                    for e in range(<intp_t>ippp[p0 + u], <intp_t>ippp[p0 + u + 1]):
-                        v = <intp_t>ipi[e] - p0
-                        E = 0.0
-                        for j in range(m):
-                            E += D[u * m + j] * R[v * m + j]
-                            Tq[u * m + j] += wpp[e] * D[v * m + j]
-                        X += wpp[e] * E
-                        gwp[e] += ce * E
-                for j in range(m):
-                    for e in range(<intp_t>iptp[t0 + j], <intp_t>iptp[t0 + j + 1]):
-                        c = <intp_t>iti[e] - t0
-                        E = 0.0
-                        for u in range(n):
-                            E += D[u * m + j] * Tq[u * m + c]
-                        gwtp[e] += ce * E
-                cx = -ce * X / Wsum
-                for e in range(<intp_t>ippp[p0], <intp_t>ippp[p0 + n]):
-                    gwp[e] += cx
-                for e in range(<intp_t>iptp[t0], <intp_t>iptp[t0 + m]):
-                    gwtp[e] += cx
-                for i in range(n * m):
-                    D[i] = 0.0
-                for u in range(n):
-                    for e in range(<intp_t>ippp[p0 + u], <intp_t>ippp[p0 + u + 1]):
-                        v = <intp_t>ipi[e] - p0
-                        s = wpp[e]
-                        for j in range(m):
-                            D[u * m + j] += s * R[v * m + j]
-                            D[v * m + j] += s * S[u * m + j]
-
-            # final plan: P = a b E, node = <P, C>, Q = b E on the real block
-            cn = alpha * scale[b]
-            for i in range(n1):
-                fb[i] = 0.0
-            for j in range(m1):
-                gb[j] = 0.0
-            abar_dust = 0.0
-            bbar_dust = 0.0
-            for i in range(n1):
-                Crow = C + i * m1
-                Cbrow = Cb + i * m1
-                fbi = 0.0
-                for j in range(m1):
-                    if sc:
-                        E = f[i] * K[i * m1 + j] * g[j]
-                    else:
-                        E = _sexp((f[i] + g[j] - Crow[j]) / eps)
-                    P = aw[i] * bw[j] * E
-                    s = cn * Crow[j] * P
-                    if has_edges and i < n and j < m:
-                        s += ce * D[i * m + j] * bw[j] * E
-                    s /= eps
-                    fbi += s
-                    gb[j] += s
-                    Cbrow[j] = cn * P - s
-                    if i < n:
-                        gap[p0 + i] += cn * Crow[j] * bw[j] * E
-                    else:
-                        bbar_dust += cn * Crow[j] * bw[j] * E
-                    if j == m:
-                        abar_dust += cn * Crow[j] * aw[i] * E
-                    else:
-                        # P = a b E, and Q = b E in the edge term
-                        gbp[t0 + j] += cn * Crow[j] * aw[i] * E
-                        if has_edges and i < n:
-                            gbp[t0 + j] += ce * D[i * m + j] * E
-                fb[i] = fbi
-
-            if sc:
-                # reverse the sweeps, scaling form: with E_ij = u_i K_ij v_j,
-                # g-adjoint gb_j -> fb_i -= a_i u_i sum_j K_ij gb_j v_j, then
-                # f-adjoint fb_i -> gb'_j -= fb_i u_i K_ij b_j vprev_j, and the
-                # cost adjoint Cb_ij += K_ij (a_i u_i gb_j v_j + fb_i u_i b_j
-                # vprev_j), all row-local, so one fused pass per row
-                for t in range(nit - 1, -1, -1):
-                    f = Fp + f_off[b] + t * n1          # u
-                    g = Gp + g_off[b] + t * m1          # v
-                    gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else one
-                    bal.applied = False
-                    if balance and t > 0:
-                        bal = _balance(n, m, True, f - n1, gprev, C, K, aw, bw, eps)
-                    for j in range(m1):
-                        hv[j] = gb[j] * g[j]
-                        kv[j] = bw[j] * gprev[j]
-                        gn[j] = 0.0
-                    if bal.applied and bal.x != 1.0:
-                        for j in range(m):
-                            kv[j] = bw[j] * (gprev[j] / bal.x)
-                    for i in range(n1):
-                        Krow = K + i * m1
-                        Cbrow = Cb + i * m1
-                        ui = f[i]
-                        r = 0.0
-                        for j in range(m1):
-                            r += hv[j] * Krow[j]
-                        if i < n:
-                            gap[p0 + i] -= eps * ui * r
-                        else:
-                            bbar_dust -= eps * ui * r
-                        al = aw[i] * ui
-                        fbi = fb[i] - al * r
-                        cc = fbi * ui
-                        cv[i] = cc
-                        if al != 0.0:
-                            for j in range(m1):
-                                Cbrow[j] += Krow[j] * (al * hv[j] + cc * kv[j])
-                                gn[j] -= cc * kv[j] * Krow[j]
-                        elif cc != 0.0:
-                            for j in range(m1):
-                                Cbrow[j] += Krow[j] * (cc * kv[j])
-                                gn[j] -= cc * kv[j] * Krow[j]
-                        abar_dust -= eps * cc * Krow[m] * gprev[m]
-                        fb[i] = 0.0
-                    # f_i = -eps log sum_j b_j K_ij v'_j (v' = v / x on the
-                    # real columns when balanced) sees b_j only through
-                    # b_j v'_j, so d/d b_j = eps gn_j / b_j with gn_j the
-                    # adjoint of the previous g just accumulated (no work per
-                    # cell); for a tiny or zero b_j, the column sum itself,
-                    # -eps v'_j sum_i cc_i K_ij
-                    _target_mass_scaled(n1, m, m1, K, cv, gn, bw, gprev,
-                                        bal.x if bal.applied else 1.0, eps, gbp + t0)
-                    tmp = gb
-                    gb = gn
-                    gn = tmp
-                    if bal.applied:
-                        _balance_adjoint(n, m, True, f - n1, gprev, C, K, aw, bw, eps,
-                                         &bal, fb, gb, gap + p0, &abar_dust,
-                                         gbp + t0, &bbar_dust)
+    cdef const int64_t* usedp = &used[0] if nb > 0 else NULL
+    cdef const double* scalep = &scale[0] if nb > 0 else NULL
+    cdef const int64_t* ippp = P_.indptr
+    cdef const int64_t* iptp = T_.indptr
+    cdef Work* works = <Work*>calloc(nt, sizeof(Work))
+    if works == NULL:
+        raise MemoryError("no memory for the structural loss's workspace")
+    try:
+        work = _workspace(&P_, &T_, &lay, True, works, nt)
+        with nogil:
+            for i in range(P_.nodes):
+                out.activation[i] = 0.0
+                out.mass[i] = 0.0
+            for j in range(T_.nodes):
+                out.target_activation[j] = 0.0
+                out.target_mass[j] = 0.0
+            for e in range(gw.shape[0]):
+                out.weights[e] = 0.0
+            for e in range(gwt.shape[0]):
+                out.target_weights[e] = 0.0
+            if nt == 1:
+                for b in range(nb):
+                    _backward_pair(b, &P_, &T_, &st, &lay, works, Fp, Gp, usedp, scalep,
+                                   &out)
             else:
-                # reverse the sweeps: g^t = G(f^t, a), f^t = F(g^{t-1}, b)
-                for t in range(nit - 1, -1, -1):
-                    f = Fp + f_off[b] + t * n1
-                    g = Gp + g_off[b] + t * m1
-                    gprev = Gp + g_off[b] + (t - 1) * m1 if t > 0 else zero
-                    bal.applied = False
-                    if balance and t > 0:
-                        bal = _balance(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps)
-                    gt = gprev
-                    if bal.applied:
-                        csh = eps * log(bal.x)
-                        for j in range(m):
-                            gs[j] = gprev[j] - csh
-                        gs[m] = gprev[m]
-                        gt = gs
-                    for i in range(n1):
-                        Crow = C + i * m1
-                        Cbrow = Cb + i * m1
-                        fbi = 0.0
-                        for j in range(m1):
-                            gbj = gb[j]
-                            if gbj != 0.0:
-                                E = _sexp((f[i] - Crow[j] + g[j]) / eps)
-                                fbi -= gbj * aw[i] * E
-                                Cbrow[j] += gbj * aw[i] * E
-                                if i < n:
-                                    gap[p0 + i] -= eps * gbj * E
-                                else:
-                                    bbar_dust -= eps * gbj * E
-                        fb[i] += fbi
-                    for j in range(m1):
-                        gb[j] = 0.0
-                    for i in range(n1):
-                        fbi = fb[i]
-                        cv[i] = fbi
-                        if fbi == 0.0:
-                            continue
-                        Crow = C + i * m1
-                        Cbrow = Cb + i * m1
-                        for j in range(m1):
-                            E = _sexp((gt[j] - Crow[j] + f[i]) / eps)
-                            gb[j] -= fbi * bw[j] * E
-                            Cbrow[j] += fbi * bw[j] * E
-                        abar_dust -= eps * fbi * _sexp((gt[m] - Crow[m] + f[i]) / eps)
-                        fb[i] = 0.0
-                    # as in the scaling form: d/d b_j = eps gb_j / b_j, or for a
-                    # tiny or zero b_j -eps sum_i fb_i E_ij
-                    _target_mass_log(n1, m, m1, C, cv, gb, bw, gt, f, eps, gbp + t0)
-                    if bal.applied:
-                        _balance_adjoint(n, m, False, f - n1, gprev, C, NULL, aw, bw, eps,
-                                         &bal, fb, gb, gap + p0, &abar_dust,
-                                         gbp + t0, &bbar_dust)
-
-            # cost adjoint -> activations; dustbin column marginal A -> masses
-            for i in range(n):
-                Cbrow = Cb + i * m1
-                s = 0.0
-                for j in range(m):
-                    d = xp[p0 + i] - yp[t0 + j]
-                    if d < 1.0 and d > -1.0 and d != 0.0:
-                        cbar = w_act * Cbrow[j]
-                        if d > 0.0:
-                            s += cbar
-                            gyp[t0 + j] -= cbar
-                        else:
-                            s -= cbar
-                            gyp[t0 + j] += cbar
-                gxp[p0 + i] += s
-                gap[p0 + i] += abar_dust
-            for j in range(m):
-                gbp[t0 + j] += bbar_dust
-
-            # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
-            # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:
-            # |dl| grows either way; a tie in the max: the one increased wins),
-            # except in a self pair (a graph against itself, as the debiased
-            # loss scores), where both degrees are the same function of the
-            # weights: there dl = 0 contributes 0 to either side, so the
-            # diagonal cells, whose |d_i - d_i| is identically 0, are exact
-            if w_deg != 0.0:
-                for i in range(n):
-                    Cbrow = Cb + i * m1
-                    dpi = dpp[p0 + i]
-                    s = 0.0
-                    for j in range(m):
-                        dtj = dtp[t0 + j]
-                        dl = dpi - dtj
-                        ad = fabs(dl)
-                        mx = dpi if dpi > dtj else dtj
-                        if mx < 1.0:
-                            mx = 1.0
-                        dp_ = (1.0 if dl >= 0.0 else -1.0) / mx
-                        if dpi >= dtj and dpi >= 1.0:
-                            dp_ -= ad / (mx * mx)
-                        dt_ = (1.0 if dl <= 0.0 else -1.0) / mx
-                        if dl == 0.0 and lay.self_pair[b]:
-                            dp_ = 0.0
-                            dt_ = 0.0
-                        if dtj >= dpi and dtj >= 1.0:
-                            dt_ -= ad / (mx * mx)
-                        cbar = w_deg * Cbrow[j]
-                        s += cbar * dp_
-                        gdt[t0 + j] += cbar * dt_
-                    gdp[p0 + i] += s
-
-        # degrees -> the weights of their out-edges
-        for i in range(P_.nodes):
-            for e in range(<intp_t>ippp[i], <intp_t>ippp[i + 1]):
-                gwp[e] += gdp[i]
-        for j in range(T_.nodes):
-            for e in range(<intp_t>iptp[j], <intp_t>iptp[j + 1]):
-                gwtp[e] += gdt[j]
+                with parallel(num_threads=nt):
+                    tid = threadid()
+                    for b in prange(nb, schedule="dynamic"):
+                        _backward_pair(b, &P_, &T_, &st, &lay, &works[tid], Fp, Gp, usedp,
+                                       scalep, &out)
+            # degrees -> the weights of their out-edges
+            for i in range(P_.nodes):
+                for e in range(<intp_t>ippp[i], <intp_t>ippp[i + 1]):
+                    out.weights[e] += out.degree[i]
+            for j in range(T_.nodes):
+                for e in range(<intp_t>iptp[j], <intp_t>iptp[j + 1]):
+                    out.target_weights[e] += out.target_degree[j]
+    finally:
+        free(works)

@@ -153,3 +153,38 @@ cdef inline void _copy_stream(double* dst, const double* src, intp_t d, bint a16
         row_copy_stream_a16(dst, src, d)
     else:
         row_copy_stream(dst, src, d)
+
+
+# ---------------------------------------------------------------------------
+# Threads. With OpenMP (built with -fopenmp, see setup.py) the parallel loops
+# of the kernels run on up to ``num_threads_for`` threads; without it
+# ``_OPENMP`` is undefined, Cython's prange is a plain loop, and these report
+# one thread. No omp.h is needed then.
+# ---------------------------------------------------------------------------
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define GRAPHEME_OPENMP 1
+    static inline int grapheme_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    #define GRAPHEME_OPENMP 0
+    static inline int grapheme_max_threads(void) { return 1; }
+    #endif
+    """
+    const bint OPENMP "GRAPHEME_OPENMP"
+    int max_threads "grapheme_max_threads"() noexcept nogil
+
+
+cdef inline int num_threads_for(long requested, Py_ssize_t tasks) noexcept nogil:
+    """Threads for a parallel loop over ``tasks`` independent tasks:
+    ``requested`` if > 0, else OpenMP's default (``omp_get_max_threads()``,
+    which ``OMP_NUM_THREADS`` and threadpoolctl's ``user_api="openmp"``
+    limits set); at most ``tasks``, at least 1; always 1 without OpenMP."""
+    cdef long n
+    if not OPENMP:
+        return 1
+    n = requested if requested > 0 else max_threads()
+    if n > tasks:
+        n = tasks
+    return <int>n if n > 1 else 1

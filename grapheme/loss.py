@@ -36,6 +36,9 @@ _SCALING_LOG_LIMIT = 250.0
 
 _DOMAINS = ("auto", "log", "scaling")
 
+#: Largest ``num_threads`` accepted (a bound on the threads a call starts).
+_MAX_THREADS = 4096
+
 #: Initial capacity, in sweeps per pair, of the potentials' storage when
 #: ``tol`` is set (it doubles as needed): the balanced default converges
 #: random text pairs in 8 sweeps on average, at most 23 (see docs/design.md).
@@ -362,6 +365,18 @@ class StructuralLoss:
         over the three transports; ``plan(b)`` and ``domain`` are those of
         (p_b, t_b).
 
+    num_threads : int or None, default None
+        Threads for the pairs of a batch in :meth:`forward` and
+        :meth:`backward` (each pair runs on one thread; at most one thread
+        per pair, one for a batch of fewer than about 4000 plan cells).
+        None follows OpenMP's default: ``OMP_NUM_THREADS``, or
+        ``threadpoolctl.threadpool_limits(n, user_api="openmp")``, else
+        the number of cores. At most 4096. Values, plans and gradients are the same bit
+        for bit whatever the count. An execution setting, not a model
+        setting: it is left out of :meth:`get_params`, so checkpoints do not
+        record it and resume under any count. Ignored (one thread) when
+        grapheme was built without OpenMP (:func:`grapheme.openmp_enabled`).
+
     Weights per task (suggestions): with a segmentation target
     (:func:`grapheme.segmentation_target`) use ``debias=True``, so that the
     gold segmentation scores exactly 0, and the default weights: over every
@@ -380,6 +395,9 @@ class StructuralLoss:
 
     Notes
     -----
+    Threads: the pairs of a batch run in parallel inside the compiled
+    kernels (``num_threads``); see the "Threads" section of docs/design.md.
+
     Stateless: one loss object may be used from any number of threads, and
     so may a :class:`LossResult` (its arrays are only read).
 
@@ -457,7 +475,7 @@ class StructuralLoss:
 
     def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
                  iterations=1000, tol=1e-6, weights=(0.1, 0.7, 0.2), domain="auto",
-                 balance=None, debias=False):
+                 balance=None, debias=False, num_threads=None):
         self.alpha = check_scalar(alpha, "alpha", lower=0)
         self.beta = check_scalar(beta, "beta", lower=0)
         self.gamma = check_scalar(gamma, "gamma", lower=0)
@@ -488,6 +506,8 @@ class StructuralLoss:
         if not isinstance(debias, (bool, np.bool_)):
             raise TypeError(f"debias must be True or False, got {show(debias)}")
         self.debias = bool(debias)
+        self.num_threads = None if num_threads is None else check_scalar(
+            num_threads, "num_threads", lower=1, upper=_MAX_THREADS, integer=True)
 
     def get_params(self):
         """Constructor arguments."""
@@ -581,7 +601,8 @@ class StructuralLoss:
         out = LossGrad(np.empty(len(p.activation)), np.empty(len(p.activation)),
                        np.empty(len(t.activation)), np.empty(len(p.weights)),
                        np.empty(len(t.weights)), np.empty(len(t.activation)))
-        _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out)
+        _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out,
+                                            self._threads())
         if c.fold is not None:
             out = _fold_debiased(out, *c.fold)
         shape_p, shape_t = result._feature_shapes
@@ -649,7 +670,7 @@ class StructuralLoss:
         terms = np.empty((B, 4))
         conv = np.empty(B, np.uint8)
         fpot, gpot = _transport.structural_loss_forward(p, t, self._settings(), cache,
-                                                         terms, conv)
+                                                         terms, conv, self._threads())
         cache = cache._replace(fpot=fpot, gpot=gpot)
         used = cache.used
         nodes, edges, cliques = terms[:, 0].copy(), terms[:, 1].copy(), terms[:, 2].copy()
@@ -667,6 +688,10 @@ class StructuralLoss:
         return _Settings(*self.weights, self.epsilon, self.iterations,
                          -1.0 if self.tol is None else self.tol, self._balances(),
                          _REPORT_TOL, self.alpha, self.beta, self.gamma)
+
+    def _threads(self) -> int:
+        """``num_threads`` as the kernels take it (0: OpenMP's default)."""
+        return 0 if self.num_threads is None else self.num_threads
 
     def _balances(self) -> bool:
         """Whether the sweeps take the dustbin-balancing step."""
