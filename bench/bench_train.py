@@ -1,7 +1,7 @@
 """Benchmarks of the training loop (asv style)."""
 import numpy as np
 
-from grapheme import Embedding, Morpher
+from grapheme import Embedding, Encoder, Graph, Morpher
 from grapheme.data import make_pairs
 from grapheme.loss import StructuralLoss
 from grapheme.optim import Adam
@@ -72,3 +72,67 @@ class EpochSuite:
         return record["chars_per_s"]
 
     track_chars_per_second.unit = "chars/s"
+
+
+def _pairs(n, rng, lo=12, hi=24):
+    """``n`` fold pairs of ``lo``..``hi`` lowercase letters (input -> input[:-1])."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    lengths = rng.integers(lo, hi + 1, size=n)
+    chars = letters[rng.integers(0, 26, size=int(lengths.sum()))]
+    bounds = np.concatenate(([0], np.cumsum(lengths)))
+    texts = ["".join(chars[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(t, t[:-1]) for t in texts]
+
+
+class ThreadsSuite:
+    """A training step limited to one thread everywhere against the same step
+    on every core, in the same run (issue 14's target: 1.7x on 2 cores).
+
+    Pairs of 12-24 characters, d = 64, with and without a 2-layer encoder.
+    "one thread" is ``threadpoolctl.threadpool_limits(1)``: BLAS and OpenMP
+    both; the other runs unlimited (the kernels' OpenMP threads and BLAS's
+    own). The structural loss alone is timed the same way. On a machine
+    shared with other work these ratios say little: every thread competes
+    for the same cores.
+    """
+
+    params = [[256, 1024], [0, 2]]
+    param_names = ["batch_size", "encoder_layers"]
+    ratios = [("time_step", "time_step_one_thread", 1.7),
+              ("time_loss", "time_loss_one_thread")]
+    timeout = 300
+
+    def setup(self, batch_size, encoder_layers):
+        from threadpoolctl import threadpool_limits
+
+        self.limits = threadpool_limits
+        pairs = _pairs(batch_size, np.random.default_rng(42))
+        self.inputs = [a for a, _ in pairs]
+        self.targets = [b for _, b in pairs]
+        encoder = Encoder(64, layers=encoder_layers) if encoder_layers else None
+        self.trainer = Trainer(Embedding(dim=64, seed=0), Morpher(), StructuralLoss(),
+                               Adam(lr=1e-2), batch_size=batch_size, seed=0, progress=False,
+                               encoder=encoder)
+        self.trainer.train_step(self.inputs, self.targets)   # grow the table once
+        emb = Embedding(dim=64, seed=0)
+        p, t = Graph.from_texts(self.inputs), Graph.from_texts(self.targets)
+        self.p = p.replace(activation=emb.forward(p.labels).mean(axis=1))
+        self.t = t.replace(activation=emb.forward(t.labels).mean(axis=1))
+        self.loss = StructuralLoss()
+
+    def _loss(self):
+        self.loss.backward(self.loss.forward(self.p, self.t))
+
+    def time_step(self, batch_size, encoder_layers):
+        self.trainer.train_step(self.inputs, self.targets)
+
+    def time_step_one_thread(self, batch_size, encoder_layers):
+        with self.limits(1):
+            self.trainer.train_step(self.inputs, self.targets)
+
+    def time_loss(self, batch_size, encoder_layers):
+        self._loss()
+
+    def time_loss_one_thread(self, batch_size, encoder_layers):
+        with self.limits(1):
+            self._loss()

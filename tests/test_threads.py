@@ -1,0 +1,158 @@
+"""Threads inside the kernels: the same results, bit for bit, whatever the
+thread count (see the "Threads" section of docs/design.md).
+
+The structural loss runs the pairs of a batch in parallel (OpenMP). Every
+pair is computed by one thread in a fixed order, so values, plans,
+potentials and gradients must be *equal* (not close) under 1, 2 and 3
+threads, and so must the parameters after a whole training step. Skipped
+where grapheme was built without OpenMP; there, a test checks that the
+serial build accepts the same settings and gives the same numbers.
+"""
+import numpy as np
+import pytest
+
+import grapheme as gr
+from grapheme import _core
+
+needs_openmp = pytest.mark.skipif(not gr.openmp_enabled(),
+                                  reason="grapheme was built without OpenMP")
+
+
+def _texts(rng, count, lo=2, hi=25):
+    letters = np.array(list("abcdefghij"))   # few letters: labels often match
+    return ["".join(letters[rng.integers(0, 10, int(n))])
+            for n in rng.integers(lo, hi, count)]
+
+
+def _batch(seed, count=64, empty=True):
+    """A batch of text pairs large enough to run in parallel (tens of
+    thousands of plan cells), with a few degenerate pairs: an empty
+    predicted graph, an empty target, and a pair without mass."""
+    rng = np.random.default_rng(seed)
+    emb = gr.Embedding(dim=8, seed=seed)
+    inputs, targets = _texts(rng, count), _texts(rng, count)
+    if empty:
+        inputs[3], targets[5] = "", ""
+    p, t = gr.Graph.from_texts(inputs), gr.Graph.from_texts(targets)
+    mass = rng.uniform(0.0, 1.0, p.num_nodes)
+    if empty:
+        a, b = p.graph_offsets[7], p.graph_offsets[8]
+        mass[a:b] = 0.0
+        c, d = t.graph_offsets[7], t.graph_offsets[8]
+        t = t.replace(mass=np.where(np.arange(t.num_nodes) >= c,
+                                    np.where(np.arange(t.num_nodes) < d, 0.0, 1.0), 1.0))
+    p = p.replace(activation=emb.forward(p.labels).mean(axis=1), mass=mass)
+    t = t.replace(activation=emb.forward(t.labels).mean(axis=1))
+    return p, t
+
+
+def _run(loss, p, t, grad=1.0):
+    res = loss.forward(p, t)
+    g = loss.backward(res, grad)
+    c = res._cache
+    return [res.values, res.nodes, res.edges, res.cliques, res.iterations,
+            res.converged, res.marginal_error, c.plan, c.fpot, c.gpot, c.f_off,
+            c.g_off, *g[:6]]
+
+
+def _assert_identical(runs):
+    first = runs[0]
+    for other in runs[1:]:
+        assert len(first) == len(other)
+        for k, (a, b) in enumerate(zip(first, other)):
+            assert a.dtype == b.dtype and a.shape == b.shape, k
+            # bit for bit: equal values and equal bits (so -0.0 vs 0.0 and
+            # NaN payloads count too)
+            assert a.tobytes() == b.tobytes(), f"output {k} differs"
+
+
+SETTINGS = [
+    {},                                          # converged, balanced, scaling form
+    {"domain": "log"},
+    {"iterations": 20, "tol": None},             # the original protocol
+    {"debias": True},
+    {"epsilon": 1e-3},                           # log domain, saturating exps
+]
+
+
+@needs_openmp
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(s) or "default")
+def test_loss_bit_identical_across_thread_counts(settings):
+    p, t = _batch(0)
+    grad = np.random.default_rng(1).normal(size=p.num_graphs)
+    runs = [_run(gr.StructuralLoss(num_threads=k, **settings), p, t, grad)
+            for k in (1, 2, 3)]
+    _assert_identical(runs)
+
+
+@needs_openmp
+def test_loss_follows_threadpoolctl_and_is_identical():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    p, t = _batch(2)
+    loss = gr.StructuralLoss()                   # num_threads=None: OpenMP's default
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert _core.openmp_threads() == 1
+        serial = _run(loss, p, t)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="openmp"):
+        assert _core.openmp_threads() == 2
+        parallel = _run(loss, p, t)
+    _assert_identical([serial, parallel])
+
+
+@needs_openmp
+def test_more_threads_than_pairs_and_tiny_batches():
+    # clamped to the pairs; a batch below the threshold runs serially
+    for count in (1, 2, 5):
+        p, t = _batch(3, count=count, empty=False)
+        runs = [_run(gr.StructuralLoss(num_threads=k), p, t) for k in (1, 8)]
+        _assert_identical(runs)
+
+
+@needs_openmp
+@pytest.mark.parametrize("estimator", ["ste", "soft", "history"])
+def test_training_steps_bit_identical(estimator):
+    """Three training steps (encoder, morph, loss, optimiser): the
+    parameters are equal bit for bit with the loss on 1 and 2 threads."""
+    rng = np.random.default_rng(4)
+    inputs = _texts(rng, 96, 12, 25)
+    targets = [s[:-1] for s in inputs]
+
+    def train(threads):
+        trainer = gr.Trainer(gr.Embedding(dim=16, seed=0), gr.Morpher(estimator=estimator),
+                             gr.StructuralLoss(num_threads=threads), gr.Adam(lr=1e-2),
+                             seed=0, progress=False, encoder=gr.Encoder(16, layers=2))
+        stats = [trainer.train_step(inputs, targets) for _ in range(3)]
+        params = trainer._params()
+        return [np.array([s["loss"], s["grad_norm"]]) for s in stats] + [
+            np.asarray(params[k]) for k in sorted(params)]
+
+    _assert_identical([train(1), train(2)])
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
+                                        (5000, ValueError), (1.5, TypeError),
+                                        (True, TypeError), ("2", TypeError)])
+def test_num_threads_is_validated(bad, error):
+    with pytest.raises(error, match="num_threads"):
+        gr.StructuralLoss(num_threads=bad)
+
+
+def test_num_threads_is_not_a_model_setting():
+    # not in get_params: checkpoints do not record it, and a run resumes
+    # under any thread count
+    loss = gr.StructuralLoss(num_threads=2)
+    assert "num_threads" not in loss.get_params()
+    assert loss.num_threads == 2 and gr.StructuralLoss().num_threads is None
+
+
+def test_openmp_report_is_consistent():
+    assert isinstance(gr.openmp_enabled(), bool)
+    threads = _core.openmp_threads()
+    assert (threads >= 1) if gr.openmp_enabled() else (threads == 0)
+
+
+@pytest.mark.skipif(gr.openmp_enabled(), reason="the serial build's own check")
+def test_serial_build_takes_thread_settings():
+    p, t = _batch(5)
+    runs = [_run(gr.StructuralLoss(num_threads=k), p, t) for k in (None, 1, 4)]
+    _assert_identical(runs)
