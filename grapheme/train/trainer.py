@@ -176,7 +176,7 @@ class Trainer:
         H = Lookup().forward(emb.weight, rows,
                              out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
-            return g, rows, H, None, None
+            return _by_position(g), rows, H, None, None
         target = Graph.from_texts([target_text(t) for t in targets])
         t_rows = None
         if self.target_activation == "embedding":
@@ -834,6 +834,22 @@ def _check_optimizer_state(state, shapes):
         if not ok:
             raise ValueError(f"optimizer.{key} has shape {arr.shape}, its parameter "
                              f"has {want}")
+
+
+def _by_position(g):
+    """``g`` with every node labelled by its offset in its own text.
+
+    A segmentation pair's nodes are named by where they start: the morphed
+    graph's heads by the offsets of the segments they head, the target's by
+    those of the gold segments. The type part of the node cost then tells a
+    segment that starts at a gold boundary from one that does not; with the
+    characters as labels it could only tell which character a segment starts
+    with, and every ``t`` of a text would be as good as every other (see
+    docs/design.md, "Segmentation targets"). The morph reads only features,
+    so this changes what the loss compares and nothing else."""
+    offsets = g.graph_offsets
+    first = np.repeat(offsets[:-1], np.diff(offsets))
+    return g._with(labels=(np.arange(g.num_nodes, dtype=np.int64) - first).astype(np.int32))
 
 
 def _segmentations(targets):
