@@ -8,6 +8,7 @@ optional encoder and the morpher) and nothing a run needs to continue
 """
 import errno
 import os
+import threading
 
 import numpy as np
 
@@ -77,17 +78,36 @@ class Segmenter:
             raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
                              f"{embedding.dim}")
         self.embedding, self.morpher, self.encoder = embedding, morpher, encoder
+        self._local = threading.local()   # per-thread inference buffers
 
     # -------------------------------------------------------------- inference
     def _predict(self, texts):
-        """``(graph, history)`` of the hard morph of a batch of texts."""
+        """``(graph, starts)`` of a batch of texts: ``starts[i]`` says
+        whether node ``i`` starts a segment under the hard morph."""
         g = Graph.from_texts(texts)
         emb = self.embedding
+        n = g.num_nodes
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
-            H = np.take(emb.weight, rows, axis=0)
-        encoded = (H,) if self.encoder is None else tuple(self.encoder.forward(g, H)[0])
-        return g, self.morpher.predict(g, *encoded).history
+            H = np.take(emb.weight, rows, axis=0, out=self._buffer("lookup", (n, emb.dim)))
+        encoded = (H,) if self.encoder is None else self.encoder._infer(g, H, self._buffer)
+        merged = self.morpher.decide(g, *encoded)
+        starts = np.ones(n, dtype=bool)
+        starts[g.indices[merged]] = False   # a chain: v merges into its predecessor
+        return g, starts
+
+    def _buffer(self, name, shape):
+        """A float64 array of ``shape`` kept between calls, one set per
+        thread (see :meth:`Encoder._infer <grapheme.Encoder._infer>`)."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        size = shape[0] * shape[1]
+        buf = buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = buffers[name] = np.empty(max(size, 0 if buf is None else
+                                               buf.size * 3 // 2))
+        return buf[:size].reshape(shape)
 
     @staticmethod
     def _texts(texts, name="texts"):
@@ -102,16 +122,6 @@ class Segmenter:
             if not isinstance(t, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
         return texts, False
-
-    @staticmethod
-    def _starts(g, history):
-        """Whether each input node starts a segment (bool, n)."""
-        cluster = np.asarray(history.cluster)
-        start = np.empty(cluster.shape[0], dtype=bool)
-        if cluster.shape[0]:
-            start[0] = True
-            np.not_equal(cluster[1:], cluster[:-1], out=start[1:])
-        return start
 
     def segment(self, texts):
         """The segments of a text, or of every text of a sequence.
@@ -128,12 +138,14 @@ class Segmenter:
             the text.
         """
         texts, single = self._texts(texts)
-        g, history = self._predict(texts)
-        segments = history.segments("".join(texts))
-        per_text = np.bincount(np.searchsorted(g.graph_offsets, history.heads,
-                                               side="right") - 1, minlength=len(texts))
-        bounds = np.concatenate(([0], np.cumsum(per_text))).tolist()
-        out = [segments[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        g, starts = self._predict(texts)
+        joined = "".join(texts)
+        positions = np.flatnonzero(starts)
+        cuts = np.searchsorted(positions, g.graph_offsets).tolist()
+        bounds = positions.tolist() + [len(joined)]
+        # text i's segments start at bounds[cuts[i]:cuts[i + 1]]
+        segments = [joined[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        out = [segments[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
         return out[0] if single else out
 
     def boundaries(self, texts):
@@ -150,9 +162,9 @@ class Segmenter:
             empty) of its segments; for a sequence, one array per text.
         """
         texts, single = self._texts(texts)
-        g, history = self._predict(texts)
+        g, starts = self._predict(texts)
         offsets = g.graph_offsets
-        positions = np.flatnonzero(self._starts(g, history))
+        positions = np.flatnonzero(starts)
         cuts = np.searchsorted(positions, offsets).tolist()
         out = [positions[a:b] - offsets[i]
                for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
@@ -179,10 +191,9 @@ class Segmenter:
         text in it. Everything per character is numpy."""
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("sep and end must be str")
-        g, history = self._predict(texts)
+        g, start = self._predict(texts)
         offsets = g.graph_offsets
         codes = g.labels.astype(np.uint32)
-        start = self._starts(g, history)
         start[offsets[:-1][offsets[:-1] < codes.shape[0]]] = False   # text starts
         inner = np.flatnonzero(start)
         s = np.frombuffer(sep.encode("utf-32-le"), dtype="<u4").astype(np.uint32)
