@@ -161,8 +161,8 @@ def build_parser():
                         "read and written in batches")
     p.add_argument("--sep", default=" ",
                    help="written between the segments of a text (default: one space)")
-    p.add_argument("--batch-chars", type=_positive_int, default=1 << 16,
-                   help="characters of standard input segmented per batch (default 65536)")
+    p.add_argument("--batch-chars", type=_positive_int, default=1 << 14,
+                   help="characters of standard input segmented per batch (default 16384)")
 
     p = sub.add_parser("plot", help="draw a run's metrics per epoch (needs matplotlib)")
     p.add_argument("run", metavar="RUN",
@@ -304,7 +304,8 @@ def _cmd_train(args, out):
     # a resumed model, measured once: printed beside the result (a fresh
     # run's untrained model is measured by fit, trainer.baseline)
     before = trainer.evaluate(val) if val and 0 < start < args.epochs else None
-    os.makedirs(args.out, exist_ok=True)   # only now: everything above is checked
+    if start < args.epochs:   # only now: everything above is checked
+        os.makedirs(args.out, exist_ok=True)
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
                           keep_best=args.keep_best)
     if start == 0 and trainer.baseline is not None:

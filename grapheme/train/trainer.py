@@ -533,7 +533,7 @@ class Trainer:
                         "path, or pass overwrite=True to the Trainer")
         self._data_fingerprint = fingerprint
         self._loaded_fingerprint = None   # checked once, when the loaded run goes on
-        if self.log is not None:
+        if self.log is not None and self.epoch < epochs:
             os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)
         log_synced = False
         n = len(inputs)
