@@ -69,6 +69,7 @@ _positive_int = _number(int, lower=1)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
 _rate = _number(float, lower=0.0, upper=1.0)
+_unknown_prob = _number(float, lower=0.0, upper=1.0, upper_inclusive=False)
 
 
 def build_parser():
@@ -132,6 +133,10 @@ def build_parser():
                    dest="target_kept_fraction", metavar="F",
                    help="hold the kept fraction (output nodes / input nodes, in [0, 1]) "
                         "at F with a rate controller (--target-rate: its older name)")
+    p.add_argument("--unknown-prob", type=_unknown_prob, default=None, metavar="P",
+                   help="probability that a training character is read through the "
+                        "unknown row, which teaches it to stand for characters never seen "
+                        "in training (default 0.01)")
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
@@ -255,7 +260,7 @@ def _cmd_train(args, out):
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
                  ("batch_size", "lr", "seed", "dim", "estimator", "baseline", "samples",
-                  "target_kept_fraction", "encoder_layers")
+                  "target_kept_fraction", "encoder_layers", "unknown_prob")
                  if getattr(args, name) is not None]
         if fixed:
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
@@ -291,6 +296,7 @@ def _cmd_train(args, out):
             encoder_layers=args.encoder_layers or 0,
             # segmentation targets: the debiased loss, exactly 0 at the gold one
             debias=isinstance(pairs[0][1], tuple))
+        trainer.unknown_prob = 0.01 if args.unknown_prob is None else args.unknown_prob
         start = 0
     best = None
     if args.keep_best is not None:

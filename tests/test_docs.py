@@ -56,6 +56,10 @@ def test_readme_commands_parse():
     assert len(commands) >= 7
     parser = build_parser()
     for argv in commands:
+        if argv == ["--version"]:   # prints the version and exits 0
+            with pytest.raises(SystemExit, match="0"):
+                parser.parse_args(argv)
+            continue
         parser.parse_args(argv)
 
 

@@ -88,13 +88,15 @@ class Trainer:
         the untrained model's validation metrics. ``False``: silent.
     overwrite : bool, default False
         Let a fresh run replace an existing log and checkpoint (see ``log``).
-    unknown_prob : float in [0, 1), default 0.01
+    unknown_prob : float in [0, 1), default 0.0
         Probability that a training character is read through the
         embedding's unknown row instead of its own (drawn per character and
         step from ``seed`` and the epoch, so runs and resumed runs are
         reproducible). This is what teaches the unknown row that
         :meth:`evaluate` and :class:`~grapheme.Segmenter` use for characters
-        never seen in training. ``0``: the unknown row stays as drawn.
+        never seen in training. ``0``: the unknown row stays as drawn and
+        training is exactly what it was before there was one;
+        ``grapheme train`` uses 0.01 (``--unknown-prob``).
 
     Attributes
     ----------
@@ -134,7 +136,7 @@ class Trainer:
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
                  target_activation="embedding", log=None, progress=True, encoder=None,
-                 overwrite=False, unknown_prob=0.01):
+                 overwrite=False, unknown_prob=0.0):
         if not isinstance(embedding, Embedding):
             raise TypeError(f"embedding must be a grapheme.Embedding, got "
                             f"{type(embedding).__name__}")
