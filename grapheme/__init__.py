@@ -19,6 +19,7 @@ from .loss import LossGrad, LossResult, StructuralLoss
 from .morph import Morphed, MorphGrad, Morpher
 from .optim import SGD, Adam
 from .rate import RateController
+from .segmenter import Segmenter
 from .testing import GradcheckResult, gradcheck, numerical_gradient
 from .train import Trainer
 
@@ -61,6 +62,7 @@ __all__ = [
     "Reinforce",
     "Relaxed",
     "SGD",
+    "Segmenter",
     "StraightThrough",
     "StructuralLoss",
     "Trainer",

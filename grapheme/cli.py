@@ -1,15 +1,24 @@
-"""The ``grapheme`` command: generate data, train, evaluate, demo.
+"""The ``grapheme`` command: generate data, train, evaluate, use, draw, demo.
 
 Usage::
 
     grapheme generate --out data/generated [--n-train N] [--n-val N] [--seed S]
                       [--tasks dedup fold ...]
     grapheme generate --task words [--corpus FILE ...] --out data/words [--seed S]
-    grapheme train --data DIR --epochs N --out RUN [--batch-size B] [--lr LR]
-                   [--seed S] [--estimator NAME] [--target-rate R] [--resume CKPT]
-                   [--keep-best METRIC] [--overwrite]
-    grapheme eval --checkpoint RUN/checkpoint.npz --data FILE
+    grapheme train --data DIR|FILE [--val FILE] --epochs N --out RUN [--batch-size B]
+                   [--lr LR] [--seed S] [--estimator NAME] [--target-kept-fraction F]
+                   [--resume CKPT] [--keep-best METRIC] [--overwrite]
+    grapheme eval --checkpoint RUN/checkpoint.npz --data DIR|FILE
+    grapheme segment --model MODEL [--sep SEP] [TEXT ...]     # or lines on stdin
+    grapheme plot RUN [--out FILE.png] [--overwrite]
+    grapheme show --model MODEL TEXT --out FILE.png [--overwrite]
     grapheme demo
+
+``--data`` takes a file or a directory wherever it appears: a directory
+means its ``train.jsonl`` (and ``val.jsonl``, if there) for ``train`` and
+its ``val.jsonl`` for ``eval``. A MODEL is a file written by
+``Segmenter.save`` or a training checkpoint (``RUN/checkpoint.npz``,
+``RUN/best.npz``).
 
 Errors in the input (a missing directory, a malformed data line, a corrupted
 checkpoint, not enough memory for the settings) print one line to stderr and
@@ -24,6 +33,7 @@ import os
 import sys
 import time
 
+from . import __version__
 from . import data as _data
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
@@ -61,12 +71,15 @@ _positive_int = _number(int, lower=1)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
 _rate = _number(float, lower=0.0, upper=1.0)
+_unknown_prob = _number(float, lower=0.0, upper=1.0, upper_inclusive=False)
 
 
 def build_parser():
     """The argument parser of the ``grapheme`` command."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Vocabulary-free text models whose graph changes shape.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version of grapheme and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("generate", help="write a data set (JSONL): generated tasks, or "
@@ -82,16 +95,20 @@ def build_parser():
                    help="generated pairs in train.jsonl (default 2000)")
     p.add_argument("--n-val", type=_nonneg_int, default=None,
                    help="generated pairs in val.jsonl (default 200)")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed of the generated pairs, or of the document split (default 0)")
     p.add_argument("--tasks", nargs="+", default=None,
                    choices=sorted(_data.TASKS),
                    help=f"tasks to mix (default: {' '.join(_data.DEFAULT_TASKS)}); "
                         "'arithmetic' is a control a morph cannot express (a morph only "
                         "keeps characters of its input), so it is only mixed in by name")
 
-    p = sub.add_parser("train", help="train a model on DIR/train.jsonl")
-    p.add_argument("--data", required=True,
-                   help="directory with train.jsonl (and optionally val.jsonl)")
+    p = sub.add_parser("train", help="train a model on JSONL pairs")
+    p.add_argument("--data", required=True, metavar="DIR|FILE",
+                   help="training pairs: a JSONL file, or a directory holding train.jsonl "
+                        "(and val.jsonl, used for validation unless --val is given)")
+    p.add_argument("--val", default=None, metavar="FILE",
+                   help="validation pairs (JSONL), evaluated after every epoch")
     p.add_argument("--epochs", type=_positive_int, required=True,
                    help="total number of epochs (including resumed ones)")
     p.add_argument("--out", required=True,
@@ -114,16 +131,21 @@ def build_parser():
                    help="reinforce baseline (default 'mean')")
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="reinforce samples per example (default 1; 'loo' needs >= 2)")
-    p.add_argument("--target-rate", type=_rate, default=None,
-                   help="target compression rate (output nodes / input nodes) of "
-                        "the rate penalty")
+    p.add_argument("--target-kept-fraction", "--target-rate", type=_rate, default=None,
+                   dest="target_kept_fraction", metavar="F",
+                   help="hold the kept fraction (output nodes / input nodes, in [0, 1]) "
+                        "at F with a rate controller (--target-rate: its older name)")
+    p.add_argument("--unknown-prob", type=_unknown_prob, default=None, metavar="P",
+                   help="probability that a training character is read through the "
+                        "unknown row, which teaches it to stand for characters never seen "
+                        "in training (default 0.01)")
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
     p.add_argument("--keep-best", default=None, metavar="METRIC",
                    help="keep OUT/best.npz, the checkpoint with the best value of this "
                         "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
-                        "the untrained model's included; needs DIR/val.jsonl")
+                        "the untrained model's included; needs validation pairs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (without it, an existing run is "
                         "only continued with --resume OUT/checkpoint.npz)")
@@ -131,13 +153,44 @@ def build_parser():
 
     p = sub.add_parser("eval", help="loss, exact-structure accuracy (and segmentation "
                                     "metrics) of a checkpoint beside the untrained model's")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="a JSONL file of pairs")
-    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--checkpoint", required=True,
+                   help="a training checkpoint (RUN/checkpoint.npz or RUN/best.npz)")
+    p.add_argument("--data", required=True, metavar="DIR|FILE",
+                   help="pairs to evaluate: a JSONL file, or a directory (its val.jsonl)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="pairs per evaluated batch (default: the checkpoint's)")
+
+    p = sub.add_parser("segment", help="segment text with a trained model")
+    p.add_argument("--model", required=True,
+                   help="a model file (Segmenter.save) or a training checkpoint")
+    p.add_argument("texts", nargs="*", metavar="TEXT",
+                   help="texts to segment; without any, every line of standard input, "
+                        "read and written in batches")
+    p.add_argument("--sep", default=" ",
+                   help="written between the segments of a text (default: one space)")
+    p.add_argument("--batch-chars", type=_positive_int, default=1 << 14,
+                   help="characters of standard input segmented per batch (default 16384)")
+
+    p = sub.add_parser("plot", help="draw a run's metrics per epoch (needs matplotlib)")
+    p.add_argument("run", metavar="RUN",
+                   help="a run directory holding metrics.jsonl, or the metrics file")
+    p.add_argument("--out", default=None, metavar="FILE.png",
+                   help="the picture to write (default: metrics.png beside the metrics)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    p = sub.add_parser("show", help="draw a text with its learned segments as coloured "
+                                    "spans (needs matplotlib)")
+    p.add_argument("--model", required=True,
+                   help="a model file (Segmenter.save) or a training checkpoint")
+    p.add_argument("text", metavar="TEXT", help="the text to segment and draw")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("demo", help="train on built-in data and print what was learned")
-    p.add_argument("--epochs", type=_positive_int, default=150)
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--epochs", type=_positive_int, default=150,
+                   help="epochs per estimator (default 150)")
+    p.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed of the generated pairs, embeddings and shuffling (default 0)")
     return parser
 
 
@@ -208,23 +261,21 @@ def _cmd_train(args, out):
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
                  ("batch_size", "lr", "seed", "dim", "estimator", "baseline", "samples",
-                  "target_rate", "encoder_layers")
+                  "target_kept_fraction", "encoder_layers", "unknown_prob")
                  if getattr(args, name) is not None]
         if fixed:
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
                                "the settings come from the checkpoint")
-    if not os.path.isdir(args.data):
-        what = ("is a file; train --data takes the directory holding train.jsonl "
-                "(and val.jsonl)" if os.path.isfile(args.data) else "does not exist")
-        raise CommandError(f"data directory {args.data!r} {what}")
-    train_path = os.path.join(args.data, "train.jsonl")
-    val_path = os.path.join(args.data, "val.jsonl")
-    if not os.path.isfile(train_path):
-        raise CommandError(f"{train_path!r} does not exist (run 'grapheme generate')")
+    train_path, val_path = _data_file(args.data, "train"), args.val
+    if val_path is None and os.path.isdir(args.data):
+        val_path = os.path.join(args.data, "val.jsonl")
+        val_path = val_path if os.path.isfile(val_path) else None
+    elif val_path is not None and not os.path.isfile(val_path):
+        raise CommandError(f"--val {val_path!r} is not a file")
     pairs = _data.load_pairs(train_path)
     if not pairs:
         raise CommandError(f"{train_path!r} holds no pairs")
-    val = _data.load_pairs(val_path) if os.path.isfile(val_path) else None
+    val = _data.load_pairs(val_path) if val_path is not None else None
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     _check_run_directory(args, log, checkpoint)
@@ -237,7 +288,7 @@ def _cmd_train(args, out):
             dim=64 if args.dim is None else args.dim,
             seed=0 if args.seed is None else args.seed,
             estimator=DEFAULT_ESTIMATOR if args.estimator is None else args.estimator,
-            target_rate=args.target_rate,
+            target_rate=args.target_kept_fraction,
             baseline="mean" if args.baseline is None else args.baseline,
             samples=1 if args.samples is None else args.samples,
             lr=1e-2 if args.lr is None else args.lr,
@@ -245,24 +296,30 @@ def _cmd_train(args, out):
             log=log, progress=progress, overwrite=args.overwrite,
             encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
             else args.encoder_layers)
+        trainer.unknown_prob = 0.01 if args.unknown_prob is None else args.unknown_prob
         start = 0
     best = None
     if args.keep_best is not None:
         if not val:
-            raise CommandError(f"--keep-best needs validation pairs in {val_path!r}")
+            raise CommandError("--keep-best needs validation pairs (--val FILE, or "
+                               "val.jsonl in the --data directory)")
         try:
             best = trainer._check_keep_best(args.keep_best, None, val, checkpoint)
         except ValueError as exc:
             raise CommandError(f"--keep-best: {exc}") from None
-    # the model training starts from, measured once: printed beside the result
-    before = trainer.evaluate(val) if val and start < args.epochs else None
-    os.makedirs(args.out, exist_ok=True)   # only now: everything above is checked
+    # a resumed model, measured once: printed beside the result (a fresh
+    # run's untrained model is measured by fit, trainer.baseline)
+    before = trainer.evaluate(val) if val and 0 < start < args.epochs else None
+    if start < args.epochs:   # only now: everything above is checked
+        os.makedirs(args.out, exist_ok=True)
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
                           keep_best=args.keep_best)
+    if start == 0 and trainer.baseline is not None:
+        before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
     if len(history) > start:
         first, last = history[start], history[-1]
         line = (f"epochs {start + 1}-{last['epoch']}: loss {first['loss']:.4f} -> "
-                f"{last['loss']:.4f}, merge rate {last['merge_rate']:.3f}, "
+                f"{last['loss']:.4f}, kept fraction {last['kept_fraction']:.3f}, "
                 f"tau {last['tau']:.4f}")
         print(line, file=out)
         if before is not None:
@@ -274,15 +331,17 @@ def _cmd_train(args, out):
                         if trainer.best["epoch"] > start else
                         {"val_" + k: v for k, v in before.items()})
             rows = []
-            for key in ("loss", "merge_rate", "accuracy", *SEGMENTATION_KEYS):
+            for key in ("loss", "kept_fraction", "accuracy", *SEGMENTATION_KEYS):
                 if key in before:
                     row = [key, f"{before[key]:.4f}", f"{last['val_' + key]:.4f}"]
                     if trainer.best is not None:
                         row.append(f"{kept['val_' + key]:.4f}")
                     rows.append(row)
             print(format_table(headers, rows), file=out)
-    else:
-        print(f"nothing to do: the checkpoint already has {start} epochs", file=out)
+    else:   # nothing was written: name only the checkpoint that was read
+        print(f"nothing to do: {args.resume} already has {start} epochs "
+              f"(--epochs {args.epochs})", file=out)
+        return 0
     print(f"metrics: {log}\ncheckpoint: {checkpoint}", file=out)
     if best is not None and trainer.best is not None:
         print(f"best: {best} (epoch {trainer.best['epoch']}, {trainer.best['metric']} "
@@ -311,20 +370,17 @@ def _check_run_directory(args, log, checkpoint):
 def _cmd_eval(args, out):
     from .train import Trainer
 
-    if not os.path.isfile(args.data):
-        what = ("is a directory; eval --data takes one JSONL file, e.g. val.jsonl"
-                if os.path.isdir(args.data) else "does not exist")
-        raise CommandError(f"data file {args.data!r} {what}")
-    pairs = _data.load_pairs(args.data)
+    path = _data_file(args.data, "eval")
+    pairs = _data.load_pairs(path)
     if not pairs:
-        raise CommandError(f"{args.data!r} holds no pairs")
+        raise CommandError(f"{path!r} holds no pairs")
     trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
     result = trainer.evaluate(pairs, batch_size=args.batch_size)
     # the untrained model of the same configuration, for comparison
     untrained = _untrained(trainer).evaluate(pairs, batch_size=args.batch_size)
     print(f"pairs {len(pairs)}", file=out)
     rows = [[key, f"{result[key]:.6f}", f"{untrained[key]:.6f}"]
-            for key in ("loss", "node", "edge", "clique", "merge_rate", "accuracy",
+            for key in ("loss", "node", "edge", "clique", "kept_fraction", "accuracy",
                         *SEGMENTATION_KEYS) if key in result]
     print(format_table(["metric", f"epoch_{trainer.epoch}", "untrained"], rows), file=out)
     return 0
@@ -332,8 +388,100 @@ def _cmd_eval(args, out):
 
 def _untrained(trainer):
     """A fresh trainer of ``trainer``'s configuration (the same seeds): the
-    model before its first step."""
-    return type(trainer)._from_config(trainer.config(), progress=False)
+    model before its first step, its table holding the characters the
+    trained one has rows for (as fit grows it before the first step)."""
+    from .embedding import UNKNOWN
+
+    fresh = type(trainer)._from_config(trainer.config(), progress=False)
+    codes = trainer.embedding.codes
+    fresh.embedding.rows(codes[codes != UNKNOWN])
+    return fresh
+
+
+def _data_file(data, command):
+    """The JSONL file ``--data`` names for ``command``: the file itself, or in
+    a directory its train.jsonl (train) or val.jsonl (eval)."""
+    if os.path.isfile(data):
+        return data
+    if not os.path.isdir(data):
+        raise CommandError(f"--data {data!r} does not exist (a JSONL file of pairs, or a "
+                           "directory from 'grapheme generate')")
+    name = "train.jsonl" if command == "train" else "val.jsonl"
+    path = os.path.join(data, name)
+    if not os.path.isfile(path):
+        raise CommandError(f"--data {data!r} is a directory without {name}; {command} "
+                           f"--data takes a JSONL file or a directory holding {name}")
+    return path
+
+
+def _cmd_segment(args, out):
+    from .segmenter import Segmenter
+
+    model = Segmenter.load(args.model)
+    write = out.write
+    try:
+        if args.texts:
+            codes, _ = model._joined_codes(args.texts, args.sep, "\n")
+            write(codes.tobytes().decode("utf-32-le", "surrogatepass"))
+        else:
+            for texts in _line_batches(sys.stdin, args.batch_chars):
+                codes, _ = model._joined_codes(texts, args.sep, "\n")
+                write(codes.tobytes().decode("utf-32-le", "surrogatepass"))
+                out.flush()
+        out.flush()
+    except BrokenPipeError:   # e.g. | head: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+    return 0
+
+
+def _line_batches(stream, chars):
+    """Lists of the lines of ``stream`` (without their newlines), about
+    ``chars`` characters each, read as they come: nothing waits for the end
+    of the stream but the last batch."""
+    rest = ""
+    while True:
+        chunk = stream.read(chars)
+        if not chunk:
+            break
+        chunk = rest + chunk
+        cut = chunk.rfind("\n")
+        if cut < 0:
+            rest = chunk
+            continue
+        rest = chunk[cut + 1:]
+        yield chunk[:cut].split("\n")
+    if rest:
+        yield [rest]
+
+
+def _cmd_plot(args, out):
+    from .plot import plot_run
+
+    target = args.out
+    if target is None:
+        base = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
+        target = os.path.join(base, "metrics.png")
+    _refuse_existing(target, args.overwrite)
+    print(f"wrote {plot_run(args.run, target, overwrite=args.overwrite)}", file=out)
+    return 0
+
+
+def _cmd_show(args, out):
+    from .plot import plot_segments
+    from .segmenter import Segmenter
+
+    _refuse_existing(args.out, args.overwrite)
+    model = Segmenter.load(args.model)
+    path = plot_segments(model, args.text, args.out, overwrite=args.overwrite)
+    print(" | ".join(model.segment(args.text)), file=out)
+    print(f"wrote {path}", file=out)
+    return 0
+
+
+def _refuse_existing(path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise CommandError(f"--out {path!r} already exists (--overwrite replaces it)")
 
 
 def format_table(headers, rows):
@@ -349,8 +497,6 @@ def format_table(headers, rows):
 
 def _demo_run(estimator, pairs, extra, epochs, seed):
     """Train one estimator on the demo pairs plus ``extra``; its table row."""
-    from .graph import Graph
-
     trainer = _make_trainer(dim=32, seed=seed, estimator=estimator, target_rate=None,
                             lr=3e-3, batch_size=8, log=None, progress=False)
     # The extra generated folds teach the rule (merge the last two); the demo
@@ -358,25 +504,14 @@ def _demo_run(estimator, pairs, extra, epochs, seed):
     reps = max(1, len(extra) // (4 * len(pairs)))
     history = trainer.fit(pairs * reps + extra, epochs)
     inputs = [a for a, _ in pairs]
-    g = Graph.from_texts(inputs)
-    encoded = trainer._encode(g, trainer.embedding.forward(g.labels))[0]
-    morphed = trainer.morpher.predict(g, *encoded)
-    heads_graph = _graph_heads(g, morphed.history)
-    segs = morphed.history.segments("".join(inputs))
-    per_input = ["|".join(s for s, h in zip(segs, heads_graph) if h == b)
-                 for b in range(len(inputs))]
+    segments = trainer.model.segment(inputs)
+    per_input = ["|".join(s) for s in segments]
     scores = trainer.evaluate(pairs)
-    merges = g.num_nodes - morphed.history.num_outputs
+    merges = sum(map(len, inputs)) - sum(map(len, segments))
     return {"estimator": estimator, "first_loss": history[0]["loss"],
             "final_loss": history[-1]["loss"], "merges": merges,
             "tau": trainer.morpher.tau, "accuracy": scores["accuracy"],
             "segments": dict(zip(inputs, per_input))}
-
-
-def _graph_heads(g, history):
-    import numpy as np
-
-    return (np.searchsorted(g.graph_offsets, history.heads, side="right") - 1).tolist()
 
 
 def _cmd_demo(args, out):
@@ -396,6 +531,16 @@ def _cmd_demo(args, out):
              f"{r['merges']}", f"{r['tau']:.4f}",
              f"{round(r['accuracy'] * len(pairs))}/{len(pairs)}"] for r in results]
     print(format_table(headers, rows), file=out)
+    print("\n".join([
+        "",
+        "first loss, final loss: the structural loss in the first and the last epoch "
+        "(0: the morph is the target)",
+        f"merges learned: neighbouring characters merged in the {len(pairs)} demo inputs "
+        f"({sum(len(a) - len(b) for a, b in pairs)} merges make every target)",
+        "threshold tau: neighbours whose similarity exceeds tau merge",
+        f"exact: demo inputs (of {len(pairs)}) whose morph has exactly the target's "
+        "nodes (their number and characters)",
+    ]), file=out)
     print("\nLearned segmentations (| separates merged nodes):", file=out)
     seg_rows = [[r["estimator"]] + [f"{a} -> {r['segments'][a]}" for a, _ in pairs]
                 for r in results]
@@ -406,6 +551,7 @@ def _cmd_demo(args, out):
 
 
 _COMMANDS = {"generate": _cmd_generate, "train": _cmd_train, "eval": _cmd_eval,
+             "segment": _cmd_segment, "plot": _cmd_plot, "show": _cmd_show,
              "demo": _cmd_demo}
 
 
@@ -433,7 +579,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, OSError, FloatingPointError, MemoryError) as exc:
+    except (CommandError, ValueError, OSError, FloatingPointError, MemoryError,
+            ImportError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, MemoryError):
             message = f"out of memory: {message}"

@@ -6,7 +6,12 @@ import numpy as np
 from . import _core
 from ._validation import as_float_array, as_index_array, check_allocation, check_scalar
 
-__all__ = ["Embedding"]
+__all__ = ["Embedding", "UNKNOWN"]
+
+#: The label of the unknown row: one past the last Unicode code point. Every
+#: table has this row (its row 0 when new); ``rows(labels, grow=False)`` maps
+#: code points without a row of their own to it.
+UNKNOWN = 0x110000
 
 
 class Embedding:
@@ -16,6 +21,13 @@ class Embedding:
     standard normal by a counter-based generator keyed on ``(seed, code
     point)``, so the initial row of a character is the same whatever text
     came first: the model is deterministic for a seed.
+
+    Every table also has one *unknown* row, labelled :data:`UNKNOWN`
+    (``0x110000``, one past the last code point): ``rows(labels,
+    grow=False)`` and ``forward(labels, grow=False)`` read it for every code
+    point that has no row, so inference and evaluation never change the
+    table. The :class:`~grapheme.Trainer` teaches it by reading a small
+    fraction of the training characters through it (``unknown_prob``).
 
     Parameters
     ----------
@@ -32,7 +44,9 @@ class Embedding:
     grad : ndarray of shape (n_rows, dim)
         Accumulated gradient of ``weight``.
     codes : ndarray of shape (n_rows,)
-        The code point of every row.
+        The code point of every row (:data:`UNKNOWN` for the unknown row).
+    unknown_row : int
+        The index of the unknown row.
 
     Notes
     -----
@@ -53,8 +67,12 @@ class Embedding:
     >>> h = emb.forward([97, 98, 97])
     >>> h.shape, bool((h[0] == h[2]).all())
     ((3, 4), True)
+    >>> emb.weight.shape                     # the unknown row, a, b
+    (3, 4)
+    >>> emb.rows([97, 122], grow=False).tolist()   # 'z' has no row: the unknown one
+    [1, 0]
     >>> emb.weight.shape
-    (2, 4)
+    (3, 4)
     """
 
     def __init__(self, dim=64, seed=0):
@@ -66,6 +84,13 @@ class Embedding:
         self.grad = np.empty((0, self.dim))
         self._sorted_codes = np.empty(0, dtype=np.int64)
         self._sorted_rows = np.empty(0, dtype=np.int64)
+        self._add(np.array([UNKNOWN], dtype=np.int64))
+
+    @property
+    def unknown_row(self):
+        """The index of the unknown row (see :data:`UNKNOWN`)."""
+        with self._lock:
+            return int(self._sorted_rows[-1])   # UNKNOWN sorts after every code point
 
     def __getstate__(self):   # copy.deepcopy, pickling by the user: no lock
         state = self.__dict__.copy()
@@ -81,10 +106,18 @@ class Embedding:
         return {"dim": self.dim, "seed": self.seed}
 
     def rows(self, labels, grow=True):
-        """Row of every label, adding rows for unseen code points. O(n log V)."""
-        labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
-        if labels.size and (labels.min() < 0 or labels.max() > 0x10FFFF):
-            raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+        """Row of every label. O(n log V).
+
+        Parameters
+        ----------
+        labels : array_like of int
+            Unicode code points (``0 .. 0x10FFFF``), or :data:`UNKNOWN`.
+        grow : bool, default True
+            Add a row for every code point that has none (training). With
+            ``False`` such code points get the unknown row and the table is
+            left as it is (inference, evaluation).
+        """
+        labels = _check_labels(labels)
         with self._lock:
             return self._rows(labels, grow)
 
@@ -94,8 +127,9 @@ class Embedding:
         known[known] = self._sorted_codes[pos[known]] == labels[known]
         if not known.all():
             if not grow:
-                raise ValueError(f"labels holds code point {labels[~known][0]} "
-                                 "that has no row")
+                rows = self._sorted_rows[np.minimum(pos, self._sorted_rows.shape[0] - 1)]
+                rows[~known] = self._sorted_rows[-1]   # the unknown row sorts last
+                return rows
             self._add(np.unique(labels[~known]))
             pos = np.searchsorted(self._sorted_codes, labels)
         return self._sorted_rows[pos]
@@ -137,13 +171,14 @@ class Embedding:
         if not (self.grad.flags.c_contiguous and self.grad.flags.writeable):
             raise ValueError("Embedding.grad must be C-contiguous and writeable")
 
-    def forward(self, labels):
-        """Features of every label, shape (n, dim). O(n dim)."""
-        labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
-        if labels.size and (labels.min() < 0 or labels.max() > 0x10FFFF):
-            raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+    def forward(self, labels, grow=True):
+        """Features of every label, shape (n, dim). O(n dim).
+
+        With ``grow=False`` code points without a row read the unknown row
+        and the table is not changed (see :meth:`rows`)."""
+        labels = _check_labels(labels)
         with self._lock:
-            rows = self._rows(labels, True)   # may grow (replace) self.weight
+            rows = self._rows(labels, grow)   # may grow (replace) self.weight
             self._check_arrays()
             return self.weight[rows]
 
@@ -156,9 +191,7 @@ class Embedding:
             If ``grad`` is not a finite (n, dim) array, or ``Embedding.grad``
             (or ``weight``) was replaced by an array of the wrong shape or type.
         """
-        labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
-        if labels.size and (labels.min() < 0 or labels.max() > 0x10FFFF):
-            raise ValueError("labels must be Unicode code points in [0, 0x10FFFF]")
+        labels = _check_labels(labels)
         grad = as_float_array(grad, "grad", ndim=2, shape=(labels.shape[0], self.dim),
                               finite=False)
         grad = np.array(grad, copy=True)
@@ -182,6 +215,8 @@ class Embedding:
         """Replace this table's rows with :meth:`state_dict` output, in place.
 
         The gradient is reset to zero; ``seed`` (for rows added later) stays.
+        A state without the unknown row (saved before there was one) gets it
+        appended, freshly drawn.
 
         Raises
         ------
@@ -194,8 +229,14 @@ class Embedding:
                                 shape=(codes.shape[0], None))
         if np.unique(codes).shape[0] != codes.shape[0]:
             raise ValueError("codes must not repeat")
-        if codes.size and (codes.min() < 0 or codes.max() > 0x10FFFF):
-            raise ValueError("codes must be Unicode code points in [0, 0x10FFFF]")
+        if codes.size and (codes.min() < 0 or codes.max() > UNKNOWN):
+            raise ValueError("codes must be Unicode code points in [0, 0x10FFFF] "
+                             "or UNKNOWN (0x110000)")
+        if UNKNOWN not in codes:   # a table saved before the unknown row existed
+            fresh = np.empty((1, weight.shape[1]))
+            _core.hash_normal(self.seed, np.array([UNKNOWN], dtype=np.int64), fresh)
+            codes = np.concatenate([codes, [UNKNOWN]])
+            weight = np.concatenate([weight, fresh])
         order = np.argsort(codes, kind="stable")
         with self._lock:
             self.dim = weight.shape[1]
@@ -213,3 +254,12 @@ class Embedding:
 
     def __repr__(self):
         return f"Embedding(dim={self.dim}, seed={self.seed}, rows={self.codes.shape[0]})"
+
+
+def _check_labels(labels):
+    """``labels`` as a fresh int64 array of code points or :data:`UNKNOWN`."""
+    labels = np.array(as_index_array(labels, "labels"), dtype=np.int64, copy=True)
+    if labels.size and (labels.min() < 0 or labels.max() > UNKNOWN):
+        raise ValueError("labels must be Unicode code points in [0, 0x10FFFF] "
+                         "(or UNKNOWN, 0x110000)")
+    return labels

@@ -3,6 +3,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _core
 from ._validation import as_float_array, check_allocation, check_graph, check_scalar
 from .ops import Linear, MessagePassing
 
@@ -95,6 +96,32 @@ class Encoder:
         (q,), sq = Linear().forward(h, self.params["query"])
         (k,), sk = Linear().forward(h, self.params["key"])
         return EncodeResult(h, q, k), (saved, sq, sk)
+
+    def _infer(self, graph, features, buffer):
+        """:meth:`forward`'s ``(features, queries, keys)``, bit for bit,
+        without keeping what the vjp needs, in arrays from ``buffer(name,
+        shape)`` (reused between calls: a fresh (n, d) array per product made
+        inference several times slower on page faults alone). The arrays
+        are ``buffer``'s, valid until its next use. For inference only."""
+        n, d = features.shape
+        weights = np.empty(0) if graph.weights is None else graph.weights
+        pred, succ = buffer("pred", (n, d)), buffer("succ", (n, d))
+        z, tmp = buffer("z", (n, d)), buffer("tmp", (n, d))
+        h = features
+        for layer in range(self.layers):
+            w_self, w_pred, w_succ, bias = (self.params[f"layer{layer}.{name}"]
+                                            for name in _LAYER)
+            _core.neighbour_sums(graph.indptr, graph.indices, weights, h, pred, succ)
+            # MessagePassing: h + tanh(h W_self + P W_pred + S W_succ + b), in its order
+            np.matmul(h, w_self, out=z)
+            z += np.matmul(pred, w_pred, out=tmp)
+            z += np.matmul(succ, w_succ, out=tmp)
+            z += bias
+            np.tanh(z, out=z)
+            h = np.add(h, z, out=buffer(f"h{layer % 2}", (n, d)))
+        q = np.matmul(h, self.params["query"], out=buffer("queries", (n, d)))
+        k = np.matmul(h, self.params["key"], out=buffer("keys", (n, d)))
+        return h, q, k
 
     def vjp(self, saved, grad_features=None, grad_queries=None, grad_keys=None):
         """Gradient of the input features, and of every parameter (a dict). Pure."""

@@ -224,6 +224,24 @@ class Morpher:
         features, route = self._check_inputs(graph, features, queries, keys)
         return self._morph(graph, features, Hard(), None, route)
 
+    def decide(self, graph, features, queries=None, keys=None):
+        """The hard merge decision of every edge, as :meth:`predict` makes
+        them (``s > tau``), without merging: all that segmenting a chain
+        needs (node ``v`` starts a segment unless its incoming edge merges).
+        Pure. O((n + E) d).
+
+        Returns
+        -------
+        ndarray of bool, shape (n_edges,)
+        """
+        check_graph(graph, "graph")
+        features, route = self._check_inputs(graph, features, queries, keys)
+        if route is None:
+            sim = EdgeSimilarity().forward(graph, features)[0].similarity
+        else:
+            sim = RoutedSimilarity().forward(graph, *route)[0].similarity
+        return sim > self.tau   # the float MergeScores compares with
+
     def _morph(self, graph, features, estimator, rate, route=None):
         if route is None:
             sim, sim_saved = EdgeSimilarity().forward(graph, features)

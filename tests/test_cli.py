@@ -95,7 +95,7 @@ def test_errors_exit_2_with_one_line(level1, tmp_path, capsys):
     code, out, err = run(capsys, "train", "--data", tmp_path / "missing", "--epochs", 1,
                          "--out", tmp_path / "r")
     assert code == 2 and err.count("\n") == 1
-    assert "data directory" in err and "does not exist" in err and "Traceback" not in err
+    assert "--data" in err and "does not exist" in err and "Traceback" not in err
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -241,11 +241,32 @@ def test_train_with_an_encoder(capsys, tmp_path):
     assert "--encoder-layers cannot be combined with --resume" in capsys.readouterr().err
 
 
-def test_data_given_as_the_wrong_kind_of_path_says_so(capsys, tmp_path):
+def test_data_is_a_file_or_a_directory_everywhere(capsys, tmp_path):
+    """train --data DIR reads DIR/train.jsonl (+ val.jsonl), --data FILE trains
+    on the file (validation only with --val); eval --data DIR reads
+    DIR/val.jsonl. A directory without the file says which one it needs."""
     data = tmp_path / "data"
     assert main(["generate", "--out", str(data), "--n-train", "8", "--n-val", "4"]) == 0
     assert main(["train", "--data", str(data / "train.jsonl"), "--epochs", "1",
-                 "--out", str(tmp_path / "r")]) == 2
-    assert "is a file; train --data takes the directory" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(tmp_path / "none.npz"), "--data", str(data)]) == 2
-    assert "is a directory; eval --data takes one JSONL file" in capsys.readouterr().err
+                 "--out", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert "validation" not in capsys.readouterr().out    # a file: no val.jsonl read
+    assert main(["train", "--data", str(data / "train.jsonl"), "--val",
+                 str(data / "val.jsonl"), "--epochs", "1", "--out", str(tmp_path / "v"),
+                 "--no-progress"]) == 0
+    assert "untrained" in capsys.readouterr().out
+    ckpt = str(tmp_path / "v" / "checkpoint.npz")
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(data)]) == 0
+    by_dir = capsys.readouterr().out
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(data / "val.jsonl")]) == 0
+    assert capsys.readouterr().out == by_dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, name in ((["train", "--data", str(empty), "--epochs", "1", "--out",
+                         str(tmp_path / "e")], "train.jsonl"),
+                       (["eval", "--checkpoint", ckpt, "--data", str(empty)], "val.jsonl")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is a directory without {name}" in err and err.count("\n") == 1
+    assert main(["train", "--data", str(data), "--val", str(empty), "--epochs", "1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--val" in capsys.readouterr().err and not (tmp_path / "x").exists()

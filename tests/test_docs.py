@@ -11,7 +11,7 @@ import grapheme
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 MODULES = ["graph", "history", "ops", "encoder", "estimators", "rate", "morph", "embedding", "testing",
            "loss", "optim", "data", "checkpoint", "train", "train.trainer", "train.state",
-           "train.metrics", "cli"]
+           "train.metrics", "train.progress", "segmenter", "cli"]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
@@ -56,6 +56,10 @@ def test_readme_commands_parse():
     assert len(commands) >= 7
     parser = build_parser()
     for argv in commands:
+        if argv == ["--version"]:   # prints the version and exits 0
+            with pytest.raises(SystemExit, match="0"):
+                parser.parse_args(argv)
+            continue
         parser.parse_args(argv)
 
 

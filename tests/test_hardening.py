@@ -40,7 +40,7 @@ def test_embedding_grad_of_the_wrong_shape_is_refused():
     e = gr.Embedding(dim=3)
     e.forward([97, 98, 99])
     e.grad = np.zeros((1, 3))
-    with pytest.raises(ValueError, match=r"^Embedding.grad must have shape \(3, 3\) "
+    with pytest.raises(ValueError, match=r"^Embedding.grad must have shape \(4, 3\) "
                                          r"\(rows, dim\), got \(1, 3\)$"):
         e.backward([99], np.ones((1, 3)))
 
@@ -68,7 +68,7 @@ def test_embedding_shared_by_threads_loses_nothing():
     expected = {c: sum(1000 + 16 * i <= c < 1064 + 16 * i for i in range(4))
                 for c in range(1000, 1112)}
     got = dict(zip(e.codes.tolist(), e.grad[:, 0].tolist()))
-    assert got == {c: float(k) for c, k in expected.items()}
+    assert got == {gr.embedding.UNKNOWN: 0.0, **{c: float(k) for c, k in expected.items()}}
     assert (e.grad == e.grad[:, :1]).all()
     np.testing.assert_array_equal(gr.Embedding(dim=2048).forward(e.codes), e.weight)
 
@@ -86,7 +86,7 @@ def test_concurrent_first_use_gives_a_loadable_table(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(e.codes.tolist()) == list(range(850))
+    assert sorted(e.codes.tolist()) == list(range(850)) + [gr.embedding.UNKNOWN]
     save_checkpoint(tmp_path / "e.npz", e.state_dict(), {})
     arrays, _ = load_checkpoint(tmp_path / "e.npz")
     back = gr.Embedding.from_state(arrays)
@@ -249,7 +249,7 @@ def test_checkpoint_contents_are_validated_on_load(tmp_path, change, message):
     with pytest.raises(ValueError, match=f"^checkpoint '.*bad.npz' is corrupted or "
                                          f"truncated: .*{message}"):
         trainer.load(bad)
-    assert trainer.epoch == 0 and trainer.embedding.weight.shape == (0, 8)
+    assert trainer.epoch == 0 and trainer.embedding.weight.shape == (1, 8)  # unknown row
     assert trainer.optimizer.state_dict() == {"lr": 0.01, "beta1": 0.9, "beta2": 0.999,
                                               "eps": 1e-8, "weight_decay": 0.0}
 

@@ -164,7 +164,7 @@ def test_embedding_deterministic_and_order_free():
     hb = b.forward(Graph.from_text("hello").labels)
     np.testing.assert_array_equal(ha, hb)
     assert not np.array_equal(ha, Embedding(dim=6, seed=8).forward(Graph.from_text("hello").labels))
-    assert a.weight.shape == (4, 6)  # h, e, l, o
+    assert a.weight.shape == (5, 6)  # the unknown row, h, e, l, o
 
 
 def test_embedding_every_code_point_its_own_row():
@@ -189,7 +189,7 @@ def test_embedding_backward_accumulates(rng):
     g = rng.normal(size=(5, 3))
     emb.backward(labels, g)
     emb.backward(labels, g)
-    ref = np.zeros((3, 3))
+    ref = np.zeros((4, 3))   # the unknown row, a, b, c
     np.add.at(ref, emb.rows(labels), 2 * g)
     np.testing.assert_allclose(emb.grad, ref, rtol=1e-15)
     emb.zero_grad()

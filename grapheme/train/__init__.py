@@ -3,7 +3,8 @@
 - :mod:`grapheme.train.trainer`: :class:`Trainer`, one step, epochs, evaluation;
 - :mod:`grapheme.train.metrics`: what an epoch reports;
 - :mod:`grapheme.train.state`: how a run's objects are described, rebuilt
-  and checkpointed.
+  and checkpointed;
+- :mod:`grapheme.train.progress`: what training reports while it runs.
 """
 from .metrics import TIMING_KEYS
 from .trainer import Trainer

@@ -2,7 +2,7 @@
 import numpy as np
 
 __all__ = ["TIMING_KEYS", "LOSS_KEYS", "SEGMENTATION_KEYS", "structure_match", "graph_of",
-           "segmentation_counts", "segmentation_scores"]
+           "segmentation_counts", "segmentation_scores", "upgrade_record"]
 
 #: Keys of an epoch record that measure time, hence differ between runs.
 TIMING_KEYS = ("time", "examples_per_s", "chars_per_s")
@@ -12,6 +12,25 @@ LOSS_KEYS = ("loss", "node", "edge", "clique")
 
 #: What :func:`segmentation_scores` reports.
 SEGMENTATION_KEYS = ("seg_accuracy", "boundary_precision", "boundary_recall", "boundary_f1")
+
+
+def upgrade_record(record):
+    """A metrics record with the names of today: ``merge_rate`` (the fraction
+    of nodes merged away, in older logs and checkpoints) becomes ``kept_fraction = 1 -
+    merge_rate``, ``val_merge_rate`` likewise. A new dict; others pass as they are.
+
+    Examples
+    --------
+    >>> upgrade_record({"epoch": 1, "merge_rate": 0.25, "val_merge_rate": 0.5})
+    {'epoch': 1, 'kept_fraction': 0.75, 'val_kept_fraction': 0.5}
+    """
+    out = {}
+    for key, value in record.items():
+        if key in ("merge_rate", "val_merge_rate") and isinstance(value, (int, float)):
+            out[key.replace("merge_rate", "kept_fraction")] = 1.0 - value
+        else:
+            out[key] = value
+    return out
 
 
 def graph_of(offsets, nodes):

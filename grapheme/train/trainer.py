@@ -22,7 +22,6 @@ import json
 import math
 import numbers
 import os
-import sys
 import time
 
 import numpy as np
@@ -37,7 +36,9 @@ from ..morph import Morpher
 from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
 from ..data import segment_lengths, target_text
-from .metrics import LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores, structure_match
+from .progress import Progress, summary_line
+from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
+                      structure_match, upgrade_record)
 from .state import build, describe
 
 __all__ = ["Trainer"]
@@ -81,9 +82,21 @@ class Trainer:
         unless ``overwrite=True``: files of another run are never replaced
         unasked, and even then not before this run's first epoch is done.
     progress : bool, default True
-        Show a tqdm progress bar (only when stderr is a terminal).
+        Report training on stderr: a ``tqdm.auto`` bar in a terminal or a
+        notebook (validation metrics in its postfix), otherwise (``nohup``,
+        CI, a pipe) one line per epoch; both end with a summary line beside
+        the untrained model's validation metrics. ``False``: silent.
     overwrite : bool, default False
         Let a fresh run replace an existing log and checkpoint (see ``log``).
+    unknown_prob : float in [0, 1), default 0.0
+        Probability that a training character is read through the
+        embedding's unknown row instead of its own (drawn per character and
+        step from ``seed`` and the epoch, so runs and resumed runs are
+        reproducible). This is what teaches the unknown row that
+        :meth:`evaluate` and :class:`~grapheme.Segmenter` use for characters
+        never seen in training. ``0``: the unknown row stays as drawn and
+        training is exactly what it was before there was one;
+        ``grapheme train`` uses 0.01 (``--unknown-prob``).
 
     Attributes
     ----------
@@ -91,6 +104,12 @@ class Trainer:
         Number of completed epochs.
     history : list of dict
         One record of metrics per completed epoch.
+    baseline : dict or None
+        The ``val_*`` metrics of the model before its first epoch (the
+        untrained model, its table holding the training characters), set by
+        the first :meth:`fit` given ``val``. Saved in checkpoints.
+    model : Segmenter
+        The model being trained, for inference (shares the parameters).
     best : dict or None
         With ``fit(..., keep_best=metric)``: ``{"metric", "value", "epoch",
         "path"}`` of the best checkpoint kept so far (``epoch`` 0: the
@@ -117,7 +136,7 @@ class Trainer:
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
                  target_activation="embedding", log=None, progress=True, encoder=None,
-                 overwrite=False):
+                 overwrite=False, unknown_prob=0.0):
         if not isinstance(embedding, Embedding):
             raise TypeError(f"embedding must be a grapheme.Embedding, got "
                             f"{type(embedding).__name__}")
@@ -151,6 +170,8 @@ class Trainer:
             raise ValueError(f"target_activation must be one of {TARGET_ACTIVATIONS}, "
                              f"got {show(target_activation)}")
         self.target_activation = target_activation
+        self.unknown_prob = check_scalar(unknown_prob, "unknown_prob", lower=0, upper=1,
+                                         upper_inclusive=False)
         self.log = None if log is None else os.fspath(log)
         self.progress = bool(progress)
         self.overwrite = bool(overwrite)
@@ -161,18 +182,65 @@ class Trainer:
         self.epoch = 0
         self.history = []
         self.best = None
+        self.baseline = None
         self._buffers = {}
+        self._unknown_rng = self._epoch_rng()
+
+    @classmethod
+    def from_model(cls, model, loss, optimizer, **kwargs):
+        """A trainer of ``model`` (a :class:`~grapheme.Segmenter`): its
+        embedding, encoder and morpher are trained in place.
+
+        ``kwargs`` are the other arguments of :class:`Trainer`.
+
+        Examples
+        --------
+        >>> model = Segmenter(Embedding(dim=8), Morpher(estimator="ste"))
+        >>> trainer = Trainer.from_model(model, StructuralLoss(), Adam(lr=1e-2),
+        ...                              progress=False)
+        >>> trainer.model.embedding is model.embedding
+        True
+        """
+        from ..segmenter import Segmenter
+
+        if not isinstance(model, Segmenter):
+            raise TypeError(f"model must be a grapheme.Segmenter, got "
+                            f"{type(model).__name__}")
+        if "encoder" in kwargs:
+            raise TypeError("from_model() takes the encoder from the model, not encoder=")
+        return cls(model.embedding, model.morpher, loss, optimizer, encoder=model.encoder,
+                   **kwargs)
+
+    @property
+    def model(self):
+        """The model being trained, as a :class:`~grapheme.Segmenter` sharing
+        this trainer's embedding, encoder and morpher (``model.copy()`` for a
+        snapshot)."""
+        from ..segmenter import Segmenter
+
+        return Segmenter(self.embedding, self.morpher, self.encoder)
+
+    def _epoch_rng(self):
+        """The generator of the unknown-row replacements of the coming epoch:
+        a function of the seed and the epoch only, so a resumed run draws
+        what the uninterrupted one would."""
+        return np.random.default_rng([self.seed, self.epoch, 0x756E6B])
 
     # ------------------------------------------------------------------ step
-    def _batch(self, inputs, targets):
+    def _batch(self, inputs, targets, train=True):
         """Input graph with its table rows and features; the target graph.
 
         For segmentation pairs the target graph is None here: it is the input
         contracted under the gold segmentation, built from the model's own
-        features by :meth:`_segmentation_target`."""
+        features by :meth:`_segmentation_target`. ``train=False``
+        (evaluation): the table does not grow, unseen characters read the
+        unknown row, and no character is replaced by it."""
         emb = self.embedding
         g = Graph.from_texts(inputs)
-        rows = emb.rows(g.labels)
+        rows = emb.rows(g.labels, grow=train)
+        if train and self.unknown_prob > 0:
+            rows[self._unknown_rng.random(rows.shape[0]) < self.unknown_prob] = (
+                emb.unknown_row)
         H = Lookup().forward(emb.weight, rows,
                              out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
@@ -181,7 +249,7 @@ class Trainer:
         t_rows = None
         if self.target_activation == "embedding":
             # the mean of a looked-up row is the looked-up row mean: O(V d + m)
-            t_rows = emb.rows(target.labels)
+            t_rows = emb.rows(target.labels, grow=train)
             row_means = FeatureMean().forward(emb.weight)[0].activation
             target = target._with(activation=Lookup().forward(row_means, t_rows)[0].features)
         return g, rows, H, target, t_rows
@@ -305,8 +373,9 @@ class Trainer:
     def evaluate(self, pairs, batch_size=None):
         """Loss and exact-structure accuracy on ``pairs``, without training.
 
-        The embedding may still grow (rows for unseen characters are
-        created), but no parameter is updated and no gradient is kept.
+        Changes nothing: characters without a row of their own read the
+        embedding's unknown row (the table does not grow), no parameter is
+        updated and no gradient is kept.
 
         Parameters
         ----------
@@ -318,7 +387,7 @@ class Trainer:
         -------
         dict
             ``loss``, ``node``, ``edge``, ``clique`` (means over pairs),
-            ``merge_rate`` (1 - output nodes / input nodes) and ``accuracy``
+            ``kept_fraction`` (output nodes / input nodes) and ``accuracy``
             (fraction of pairs whose hard morph has exactly the target's
             number of nodes and labels). When some pairs are segmentations
             (a tuple target, see :mod:`grapheme.data`), also, over those
@@ -338,7 +407,7 @@ class Trainer:
         seg = None
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
-            g, _, H, target, _ = self._batch(bi, bt)
+            g, _, H, target, _ = self._batch(bi, bt, train=False)
             encoded = self._encode(g, H)[0]
             morphed = self.morpher.predict(g, *encoded)
             if target is None:
@@ -357,7 +426,7 @@ class Trainer:
                 seg = c if seg is None else {k: seg[k] + c[k] for k in seg}
         n = len(inputs)
         out = {k: v / n for k, v in sums.items()}
-        out["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
+        out["kept_fraction"] = 1.0 if n_in == 0 else n_out / n_in
         out["accuracy"] = correct / n
         if seg is not None:
             out.update(segmentation_scores(seg))
@@ -416,10 +485,10 @@ class Trainer:
         history : list of dict
             One record per epoch (including those restored from ``resume``):
             ``epoch``, ``loss``, ``node``, ``edge``, ``clique`` (means over
-            the epoch's pairs), ``merge_rate``, ``tau`` (at the end of the
-            epoch), ``grad_norm`` (mean over steps), ``time``,
-            ``examples_per_s``, ``chars_per_s`` and, with ``val``,
-            ``val_loss``, ``val_merge_rate``, ``val_accuracy`` (and, when
+            the epoch's pairs), ``kept_fraction``, ``tau`` (at the end of the
+            epoch), ``grad_norm`` (mean over steps), ``estimator_variance``,
+            ``time``, ``examples_per_s``, ``chars_per_s`` and, with ``val``,
+            ``val_loss``, ``val_kept_fraction``, ``val_accuracy`` (and, when
             ``val`` holds segmentations, ``val_seg_accuracy``,
             ``val_boundary_precision``, ``val_boundary_recall``,
             ``val_boundary_f1``).
@@ -466,22 +535,30 @@ class Trainer:
                         "path, or pass overwrite=True to the Trainer")
         self._data_fingerprint = fingerprint
         self._loaded_fingerprint = None   # checked once, when the loaded run goes on
-        if self.log is not None:
+        if self.log is not None and self.epoch < epochs:
             os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)
         log_synced = False
         n = len(inputs)
         steps = -(-n // self.batch_size)
+        first_epoch = self.epoch
+        if self.epoch < epochs:
+            self._grow(inputs, targets)
+            if val is not None and self.epoch == 0:
+                self.baseline = self._val_record(val)
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best):
             # the starting point is the first candidate: never end below it
-            start = self._val_record(val)
+            start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
             self.save(best_path)
-        bar = self._progress_bar(total=max(epochs - self.epoch, 0) * steps)
+        progress = Progress("auto" if self.progress else None,
+                            max(epochs - self.epoch, 0) * steps, epochs)
+        started = time.perf_counter()
+        summary = None
         try:
             while self.epoch < epochs:
-                record = self._run_epoch(inputs, targets, bar)
+                record = self._run_epoch(inputs, targets, progress)
                 if val is not None:
                     record.update(self._val_record(val))
                 self.epoch += 1
@@ -503,18 +580,27 @@ class Trainer:
                     else:
                         with open(self.log, "a", encoding="utf-8") as f:
                             f.write(json.dumps(record) + "\n")
-                if bar is not None:
-                    bar.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.4f}",
-                                    tau=f"{record['tau']:.3f}")
+                progress.epoch(record)
+            if self.epoch > first_epoch:
+                summary = summary_line(self.history, first_epoch, self.baseline,
+                                       time.perf_counter() - started)
         finally:
-            if bar is not None:
-                bar.close()
+            progress.close(summary)
         return list(self.history)
+
+    def _grow(self, inputs, targets):
+        """Rows for every character of the training pairs, at once: the
+        table the untrained model is evaluated with (:attr:`baseline`) is
+        the one its first step sees. Rows are a function of the seed and
+        the code point alone, so this changes no value, only row order."""
+        texts = list(inputs) + [t for t in targets if isinstance(t, str)]
+        labels = Graph.from_texts(texts).labels
+        self.embedding.rows(np.unique(labels))
 
     def _val_record(self, val):
         """The ``val_*`` entries of an epoch record."""
         v = self.evaluate(val)
-        return {"val_" + k: v[k] for k in ("loss", "merge_rate", "accuracy",
+        return {"val_" + k: v[k] for k in ("loss", "kept_fraction", "accuracy",
                                            *SEGMENTATION_KEYS) if k in v}
 
     def _check_keep_best(self, keep_best, best, val, checkpoint):
@@ -539,8 +625,9 @@ class Trainer:
             raise ValueError(f"best {path!r} must differ from checkpoint")
         return path
 
-    def _run_epoch(self, inputs, targets, bar):
+    def _run_epoch(self, inputs, targets, progress):
         n = len(inputs)
+        self._unknown_rng = self._epoch_rng()
         order = self.rng.permutation(n)
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         grad_norms = 0.0
@@ -560,12 +647,11 @@ class Trainer:
             n_out += stats["output_nodes"]
             chars += stats["chars"]
             steps += 1
-            if bar is not None:
-                bar.update(1)
+            progress.step()
         elapsed = time.perf_counter() - start
         record = {"epoch": self.epoch + 1}
         record.update({k: v / n for k, v in sums.items()})
-        record["merge_rate"] = 0.0 if n_in == 0 else 1.0 - n_out / n_in
+        record["kept_fraction"] = 1.0 if n_in == 0 else n_out / n_in
         record["tau"] = self.morpher.tau
         record["grad_norm"] = grad_norms / steps
         # reinforce: mean over steps of the variance of the per-example
@@ -576,15 +662,6 @@ class Trainer:
         record["examples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
         record["chars_per_s"] = chars / elapsed if elapsed > 0 else float("inf")
         return record
-
-    def _progress_bar(self, total):
-        if not self.progress or total == 0:
-            return None
-        isatty = getattr(sys.stderr, "isatty", None)
-        if not (isatty and isatty()):
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
 
     def _rewrite_log(self):
         """Make the log hold exactly the records of the completed epochs."""
@@ -639,6 +716,7 @@ class Trainer:
                    build(config["loss"]), known_opt[opt_type](lr=1.0),
                    batch_size=config["batch_size"], seed=config["seed"],
                    target_activation=config["target_activation"],
+                   unknown_prob=config.get("unknown_prob", 0.0),
                    encoder=build(config.get("encoder")), **kwargs)
 
     def config(self):
@@ -649,6 +727,7 @@ class Trainer:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "target_activation": self.target_activation,
+            "unknown_prob": self.unknown_prob,
             "embedding": describe(self.embedding),
             "morpher": describe(self.morpher),
             "encoder": describe(self.encoder),
@@ -672,7 +751,8 @@ class Trainer:
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
                 "morpher": self.morpher.state_dict(),
                 "config": self.config(), "history": self.history,
-                "data": self._data_fingerprint, "best": self.best}
+                "data": self._data_fingerprint, "best": self.best,
+                "baseline": self.baseline}
         save_checkpoint(path, arrays, meta)
 
     def load(self, path):
@@ -693,8 +773,20 @@ class Trainer:
             epoch, rng_state = meta["epoch"], meta["rng"]
             morpher_state = dict(meta["morpher"], theta=float(arrays["morpher.theta"]))
             config, history = meta["config"], meta["history"]
+            if isinstance(config, dict):   # written before the unknown row: none replaced
+                config = {"unknown_prob": 0.0, **config}
+            if isinstance(history, list):  # written before kept_fraction replaced merge_rate
+                history = [upgrade_record(r) if isinstance(r, dict) else r for r in history]
             data = meta.get("data")
             best = meta.get("best")
+            baseline = meta.get("baseline")
+            if baseline is not None:
+                if not isinstance(baseline, dict) or not all(
+                        isinstance(k, str) and isinstance(v, (int, float))
+                        for k, v in baseline.items()):
+                    raise ValueError(f"baseline must be a record of metrics, got "
+                                     f"{show(baseline)}")
+                baseline = upgrade_record(baseline)
             if best is not None and not (
                     isinstance(best, dict) and isinstance(best.get("metric"), str)
                     and isinstance(best.get("value"), (int, float))
@@ -759,6 +851,7 @@ class Trainer:
         self.history = list(history)
         self._data_fingerprint = data
         self.best = None if best is None else dict(best)
+        self.baseline = baseline
         self._loaded_fingerprint = None if data is None else dict(data, path=path)
 
 

@@ -1,0 +1,192 @@
+"""Pictures of a run and of a model's segments (``grapheme plot``, ``grapheme show``).
+
+matplotlib is an optional dependency (``pip install "grapheme[plot]"``),
+imported only when a picture is drawn, and only its object-oriented API
+(``Figure`` on the Agg canvas): nothing here touches pyplot's global state
+or the user's backend. Pictures are written atomically, and an existing
+file is only replaced when asked (``overwrite=True``).
+"""
+import json
+import os
+
+import numpy as np
+
+from .train.metrics import upgrade_record
+
+__all__ = ["read_metrics", "plot_run", "plot_segments"]
+
+#: What a missing matplotlib says.
+INSTALL_HINT = 'drawing needs matplotlib: pip install "grapheme[plot]"'
+
+#: Longest text :func:`plot_segments` draws (one artist per segment piece).
+MAX_SHOW_CHARS = 2000
+
+
+def _figure(width, height):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out, overwrite):
+    from .checkpoint import _atomic_open
+
+    out = os.fspath(out)
+    if not overwrite and os.path.exists(out):
+        raise FileExistsError(f"{out!r} already exists (overwrite=True, or --overwrite, "
+                              "replaces it)")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"directory {directory!r} does not exist")
+    with _atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png")
+    return out
+
+
+def read_metrics(run):
+    """The epoch records of a run: ``run`` is its directory (holding
+    ``metrics.jsonl``) or the JSONL file. Records of older logs are
+    converted (``merge_rate`` becomes ``kept_fraction``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    ValueError
+        If a line is not a JSON object with an ``epoch``, or there is none.
+    """
+    run = os.fspath(run)
+    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no metrics file {path!r} (RUN is a run directory "
+                                "holding metrics.jsonl, or that file)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path!r} line {number} is not JSON: {exc}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError(f"{path!r} line {number} is not an epoch record")
+            records.append(upgrade_record(record))
+    if not records:
+        raise ValueError(f"{path!r} holds no epoch records")
+    return records
+
+
+def _series(records, key):
+    """``(epochs, values)`` of the records that have a number for ``key``."""
+    pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+
+
+def plot_run(run, out, overwrite=False):
+    """Draw a run's metrics per epoch to the PNG file ``out``.
+
+    Four panels: the training loss and its terms (and the validation loss),
+    validation accuracy and F1, the kept fraction (training and
+    validation) and the threshold ``tau``.
+
+    Parameters
+    ----------
+    run : str or os.PathLike
+        A run directory holding ``metrics.jsonl``, or that file.
+    out : str or os.PathLike
+        The PNG file to write.
+    overwrite : bool, default False
+        Replace an existing ``out``; without it, ``FileExistsError``.
+
+    Returns
+    -------
+    str
+        ``out``.
+    """
+    records = read_metrics(run)
+    fig = _figure(10, 7)
+    from matplotlib.ticker import MaxNLocator
+
+    axes = fig.subplots(2, 2).ravel()
+    panels = [("loss", ("loss", "node", "edge", "clique", "val_loss")),
+              ("validation accuracy and F1", ("val_accuracy", "val_seg_accuracy",
+                                              "val_boundary_f1")),
+              ("kept fraction (output / input nodes)", ("kept_fraction",
+                                                        "val_kept_fraction")),
+              ("threshold tau", ("tau",))]
+    for ax, (title, keys) in zip(axes, panels):
+        drawn = 0
+        for key in keys:
+            x, y = _series(records, key)
+            if x.size:
+                ax.plot(x, y, marker="." if x.size < 50 else None, label=key)
+                drawn += 1
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not in this log", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+    fig.tight_layout()
+    return _save(fig, out, overwrite)
+
+
+def plot_segments(model, text, out, overwrite=False, width=60):
+    """Draw ``text`` with its segments under ``model`` as coloured spans.
+
+    Parameters
+    ----------
+    model : Segmenter
+    text : str
+        At most :data:`MAX_SHOW_CHARS` characters.
+    out : str or os.PathLike
+        The PNG file to write.
+    overwrite : bool, default False
+        Replace an existing ``out``; without it, ``FileExistsError``.
+    width : int, default 60
+        Characters per drawn line.
+
+    Returns
+    -------
+    str
+        ``out``.
+    """
+    from .segmenter import Segmenter
+
+    if not isinstance(model, Segmenter):
+        raise TypeError(f"model must be a grapheme.Segmenter, got {type(model).__name__}")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not 0 < len(text) <= MAX_SHOW_CHARS:
+        raise ValueError(f"text must have 1 to {MAX_SHOW_CHARS} characters, got "
+                         f"{len(text)}")
+    starts = model.boundaries(text)
+    n = len(text)
+    # pieces: segments cut where a drawn line ends
+    cuts = np.union1d(starts, np.arange(0, n, width))
+    ends = np.append(cuts[1:], n)
+    segment_of = np.searchsorted(starts, cuts, side="right") - 1
+    rows = -(-n // width)
+    fig = _figure(max(3.0, 0.16 * min(n, width) + 0.6), 0.45 * rows + 0.8)
+    ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 - 0.4 / (0.45 * rows + 0.8)))
+    ax.set_xlim(-0.5, min(n, width) + 0.5)
+    ax.set_ylim(rows, -0.6)
+    ax.axis("off")
+    colors = [f"C{i}" for i in range(10)]
+    for a, b, s in zip(cuts.tolist(), ends.tolist(), segment_of.tolist()):
+        ax.text(a % width, a // width, text[a:b], family="monospace", fontsize=11,
+                va="top", ha="left",
+                bbox={"boxstyle": "square,pad=0.15", "facecolor": colors[s % 10],
+                      "alpha": 0.35, "edgecolor": colors[s % 10]})
+    fig.suptitle(f"{len(starts)} segments of {n} characters (tau {model.morpher.tau:.3f})",
+                 fontsize=10)
+    return _save(fig, out, overwrite)

@@ -1,0 +1,275 @@
+"""The model people use: Segmenter, the unknown row, save/load, Trainer.model."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import grapheme as gr
+from grapheme.checkpoint import load_checkpoint, save_checkpoint
+from grapheme.embedding import UNKNOWN
+
+WORDS = [("thecatsat", ("the", "cat", "sat")), ("onthemat", ("on", "the", "mat")),
+         ("acatsat", ("a", "cat", "sat"))]
+
+
+def random_encoder(dim, layers, seed=0):
+    enc = gr.Encoder(dim, layers=layers)
+    rng = np.random.default_rng(seed)
+    for value in enc.params.values():
+        value[...] += 0.3 * rng.normal(size=value.shape)
+    return enc
+
+
+def model(encoder_layers=2, dim=8, threshold=-0.5):
+    emb = gr.Embedding(dim=dim, seed=3)
+    emb.rows(gr.Graph.from_text("abcdefghij").labels)
+    enc = random_encoder(dim, encoder_layers) if encoder_layers else None
+    return gr.Segmenter(emb, gr.Morpher(threshold=threshold), enc)
+
+
+def reference_segments(m, texts):
+    """Through the public step-by-step API: lookup, encoder, predict, history."""
+    g = gr.Graph.from_texts(texts)
+    H = m.embedding.forward(g.labels, grow=False)
+    encoded = (H,) if m.encoder is None else tuple(m.encoder.forward(g, H)[0])
+    history = m.morpher.predict(g, *encoded).history
+    segs = history.segments("".join(texts))
+    owner = np.searchsorted(g.graph_offsets, history.heads, side="right") - 1
+    return [[s for s, o in zip(segs, owner) if o == b] for b in range(len(texts))]
+
+
+def params(m):
+    out = {"table": m.embedding.weight.copy(), "codes": m.embedding.codes.copy(),
+           "theta": m.morpher.theta.copy()}
+    if m.encoder is not None:
+        out.update({k: v.copy() for k, v in m.encoder.params.items()})
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_segment_is_the_hard_morph_batched(layers):
+    m = model(layers)
+    texts = ["abcabc", "", "jihgfedcba", "a", "zz€abc"]
+    ref = reference_segments(m, texts)
+    assert m.segment(texts) == ref
+    assert m.segment(tuple(texts)) == ref
+    assert m.segment("abcabc") == ref[0] and m.segment("") == []
+    assert ["".join(s) for s in ref] == texts
+    bounds = m.boundaries(texts)
+    assert [b.tolist() for b in bounds] == [
+        np.cumsum([0] + [len(x) for x in s[:-1]]).tolist() if s else [] for s in ref]
+    assert m.boundaries("abcabc").tolist() == bounds[0].tolist()
+    assert m.join(texts, sep="|") == ["|".join(s) for s in ref]
+    assert m.join("abcabc") == " ".join(ref[0])
+
+
+def test_encoder_inference_path_is_bit_identical():
+    g = gr.Graph.from_texts(["abcde", "", "xy"])
+    enc = random_encoder(6, 3)
+    H = np.random.default_rng(1).normal(size=(g.num_nodes, 6))
+    ref = enc.forward(g, H)[0]
+    got = enc._infer(g, H, gr.Segmenter(gr.Embedding(dim=6), gr.Morpher(), enc)._buffer)
+    for a, b in zip(ref, got):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_decide_is_predicts_decisions():
+    g = gr.Graph.from_texts(["aabbcc", "abab"])
+    H = np.random.default_rng(2).normal(size=(g.num_nodes, 4))
+    m = gr.Morpher(threshold=0.1)
+    np.testing.assert_array_equal(m.decide(g, H), m.predict(g, H).decisions)
+    q, k = H[:, ::-1].copy(), H + 1
+    np.testing.assert_array_equal(m.decide(g, H, q, k), m.predict(g, H, q, k).decisions)
+
+
+def test_segment_rejects_bad_texts():
+    m = model(0)
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str, got int"):
+        m.segment(["ab", 3])
+    with pytest.raises(TypeError, match="texts must be a str or a sequence of str"):
+        m.boundaries(5)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        m.segment("a\ud800")
+
+
+def test_unseen_characters_read_the_unknown_row_and_change_nothing():
+    m = model(2)
+    before = params(m)
+    out = m.segment(["日本語のテキスト", "abc✓"])
+    assert ["".join(s) for s in out] == ["日本語のテキスト", "abc✓"]
+    m.boundaries("∑∫√")
+    assert_same(before, params(m))
+    # unseen characters read the one unknown row
+    rows = m.embedding.rows([0x65E5, 0x2713, 97], grow=False)
+    assert rows.tolist() == [m.embedding.unknown_row] * 2 + [m.embedding.rows([97])[0]]
+    assert m.embedding.codes[m.embedding.unknown_row] == UNKNOWN
+
+
+def test_evaluate_changes_nothing():
+    trainer = gr.Trainer(gr.Embedding(dim=8), gr.Morpher(estimator="ste"), gr.StructuralLoss(),
+                         gr.Adam(lr=1e-2), progress=False, encoder=random_encoder(8, 1))
+    trainer.fit(WORDS, 2)
+    before = params(trainer.model)
+    opt = {k: np.array(v).copy() for k, v in trainer.optimizer.state_dict().items()}
+    trainer.evaluate([("xyzzy", ("xy", "zzy")), ("abc", "ab")][:1])
+    trainer.evaluate([("qqq", "q")])
+    trainer.model.segment(["qwerty", "thecat"])
+    assert_same(before, params(trainer.model))
+    after = trainer.optimizer.state_dict()
+    assert opt.keys() == after.keys()
+    assert all(np.array_equal(opt[k], np.array(after[k])) for k in opt)
+
+
+def test_the_unknown_row_is_learned_only_with_unknown_prob():
+    def fit(prob):
+        trainer = gr.Trainer(gr.Embedding(dim=8), gr.Morpher(estimator="ste"),
+                             gr.StructuralLoss(), gr.Adam(lr=1e-2), progress=False,
+                             unknown_prob=prob)
+        start = trainer.embedding.weight[trainer.embedding.unknown_row].copy()
+        trainer.fit(WORDS * 4, 3)
+        return trainer, start
+    learned, start = fit(0.2)
+    assert not np.array_equal(learned.embedding.weight[learned.embedding.unknown_row], start)
+    again, _ = fit(0.2)   # deterministic by seed
+    np.testing.assert_array_equal(again.embedding.weight, learned.embedding.weight)
+    frozen, start = fit(0.0)
+    np.testing.assert_array_equal(frozen.embedding.weight[frozen.embedding.unknown_row], start)
+    with pytest.raises(ValueError, match="unknown_prob"):
+        gr.Trainer(gr.Embedding(), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                   unknown_prob=1.0)
+
+
+def test_save_load_round_trip_and_never_overwrite(tmp_path):
+    m = model(2)
+    path = tmp_path / "model.npz"
+    m.save(path)
+    back = gr.Segmenter.load(path)
+    assert_same(params(m), params(back))
+    assert back.config() == m.config()
+    assert back.segment(["abcabc", "ji"]) == m.segment(["abcabc", "ji"])
+    data = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model(0).save(path)
+    assert path.read_bytes() == data
+    model(0).save(path, overwrite=True)
+    assert gr.Segmenter.load(path).encoder is None
+    # weights and configuration only, no pickle, versioned
+    arrays, meta = load_checkpoint(path)
+    assert sorted(arrays) == ["embedding.codes", "embedding.weight", "morpher.theta"]
+    assert meta["kind"] == "grapheme-model" and meta["version"] == 1
+    meta["version"] = 99
+    save_checkpoint(tmp_path / "new.npz", arrays, meta)
+    with pytest.raises(ValueError, match="model version 99; this grapheme reads version 1"):
+        gr.Segmenter.load(tmp_path / "new.npz")
+    save_checkpoint(tmp_path / "other.npz", arrays, {"what": 1})
+    with pytest.raises(ValueError, match="neither a grapheme model nor a training checkpoint"):
+        gr.Segmenter.load(tmp_path / "other.npz")
+    arrays["embedding.weight"] = arrays["embedding.weight"][:, :3]
+    meta["version"] = 1
+    save_checkpoint(tmp_path / "bad.npz", arrays, meta)
+    with pytest.raises(ValueError, match="corrupted or unusable: embedding.weight has shape"):
+        gr.Segmenter.load(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError):
+        gr.Segmenter.load(tmp_path / "missing.npz")
+
+
+def test_trainer_produces_and_accepts_a_model(tmp_path):
+    trainer = gr.Trainer(gr.Embedding(dim=8), gr.Morpher(estimator="ste"), gr.StructuralLoss(),
+                         gr.Adam(lr=1e-2), progress=False, encoder=gr.Encoder(8, layers=1))
+    trainer.fit(WORDS, 2, checkpoint=tmp_path / "ck.npz")
+    m = trainer.model
+    assert m.embedding is trainer.embedding and m.encoder is trainer.encoder
+    snapshot = m.copy()
+    assert_same(params(snapshot), params(m))
+    m.save(tmp_path / "m.npz")
+    from_ckpt = gr.Segmenter.load(tmp_path / "ck.npz")   # a training checkpoint works too
+    assert_same(params(from_ckpt), params(m))
+    # a new run from the saved model: its parameters are where training starts
+    loaded = gr.Segmenter.load(tmp_path / "m.npz")
+    again = gr.Trainer.from_model(loaded, gr.StructuralLoss(), gr.Adam(lr=1e-2),
+                                  progress=False)
+    assert again.model.embedding is loaded.embedding and again.encoder is loaded.encoder
+    assert again.evaluate(WORDS) == trainer.evaluate(WORDS)
+    again.fit(WORDS, 1)
+    assert not np.array_equal(again.embedding.weight, snapshot.embedding.weight)
+    with pytest.raises(TypeError, match="model must be a grapheme.Segmenter"):
+        gr.Trainer.from_model(trainer, gr.StructuralLoss(), gr.Adam())
+
+
+def test_old_checkpoints_load(tmp_path):
+    """A checkpoint of before the unknown row and kept_fraction: its table gets
+    an unknown row, its history kept_fraction = 1 - merge_rate."""
+    trainer = gr.Trainer(gr.Embedding(dim=8), gr.Morpher(estimator="ste"), gr.StructuralLoss(),
+                         gr.Adam(lr=1e-2), progress=False, unknown_prob=0.0)
+    trainer.fit(WORDS, 2, val=WORDS, checkpoint=tmp_path / "new.npz")
+    arrays, meta = load_checkpoint(tmp_path / "new.npz")
+    keep = arrays["embedding.codes"] != UNKNOWN
+    arrays["embedding.codes"] = arrays["embedding.codes"][keep]
+    arrays["embedding.weight"] = arrays["embedding.weight"][keep]
+    for key in list(arrays):
+        if key.startswith("optimizer.") and key.endswith(".embedding") and \
+                arrays[key].ndim == 2:
+            arrays[key] = arrays[key][keep]
+    del meta["config"]["unknown_prob"], meta["baseline"]
+    for record in meta["history"]:
+        for new, old in (("kept_fraction", "merge_rate"),
+                         ("val_kept_fraction", "val_merge_rate")):
+            record[old] = 1.0 - record.pop(new)
+    save_checkpoint(tmp_path / "old.npz", arrays, meta)
+    old = gr.Trainer.from_checkpoint(tmp_path / "old.npz", progress=False)
+    assert old.unknown_prob == 0.0 and old.baseline is None
+    for a, b in zip(old.history, trainer.history):
+        assert a.keys() == b.keys()
+        assert a["kept_fraction"] == pytest.approx(b["kept_fraction"], abs=1e-15)
+    assert old.embedding.codes[-1] == UNKNOWN
+    assert old.model.segment("thecat") == trainer.model.segment("thecat")
+    assert gr.Segmenter.load(tmp_path / "old.npz").segment("onthemat") == \
+        trainer.model.segment("onthemat")
+    old.fit(WORDS, 3)   # and training goes on
+    assert old.epoch == 3
+
+
+def test_metrics_log_records_of_old_runs_are_converted(tmp_path):
+    from grapheme.plot import read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"epoch": 1, "loss": 1.0, "merge_rate": 0.25,
+                               "val_merge_rate": 0.5}) + "\n")
+    assert read_metrics(tmp_path) == [{"epoch": 1, "loss": 1.0, "kept_fraction": 0.75,
+                                       "val_kept_fraction": 0.5}]
+
+
+def test_segmenter_is_shared_by_threads():
+    import threading
+
+    m = model(2)
+    texts = ["abcdefghij" * 50, "jihgfedcba" * 30]
+    want = m.segment(texts)
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                got.append(m.segment(texts))
+        except Exception as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(g == want for g in got)
+
+
+def test_segment_files_stay_private(tmp_path):
+    m = model(0)
+    m.save(tmp_path / "m.npz")
+    assert not [n for n in os.listdir(tmp_path) if n != "m.npz"]
