@@ -248,9 +248,9 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
         raise CommandError(str(exc)) from None
     from .encoder import Encoder
 
+    embedding = Embedding(dim=dim, seed=seed)   # first: its checks name --dim's bounds
     encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
-    return Trainer(Embedding(dim=dim, seed=seed), morpher, StructuralLoss.for_training(),
-                   Adam(lr=lr),
+    return Trainer(embedding, morpher, StructuralLoss.for_training(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
                    overwrite=overwrite, encoder=encoder)
 
