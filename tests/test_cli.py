@@ -201,7 +201,8 @@ def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
     for key, (_, untrained) in rows.items():
         assert float(untrained) == pytest.approx(float(table[key][0]), abs=1e-4)
     # training never ends below where it started: the best is >= the untrained
-    assert float(rows["boundary_f1"][1]) >= float(rows["boundary_f1"][0])
+    best, untrained = (float(v) for v in rows["boundary_f1"])
+    assert best >= untrained
     # an existing run with best.npz is not replaced unasked
     (run_dir / "metrics.jsonl").unlink()
     (run_dir / "checkpoint.npz").unlink()

@@ -1,0 +1,83 @@
+"""What the encoder and the training loss learn (issue 12's targets, small).
+
+Every run here is the model ``grapheme train`` and ``grapheme demo`` build
+(``cli._make_trainer``: a 2-layer encoder, ``StructuralLoss.for_training``),
+trained briefly; each test compares with the same model untrained.
+"""
+import numpy as np
+import pytest
+
+from grapheme import DEMO_PAIRS
+from grapheme.cli import DEFAULT_LR, _make_trainer
+from grapheme.data import generate_words, load_pairs, make_pairs
+
+
+def _trainer(estimator="ste", seed=0, dim=32, lr=3e-3, batch_size=32, encoder_layers=2):
+    return _make_trainer(dim=dim, seed=seed, estimator=estimator, target_rate=None, lr=lr,
+                         batch_size=batch_size, log=None, progress=False,
+                         encoder_layers=encoder_layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["ste", "soft"])
+@pytest.mark.parametrize("seed", range(5))
+def test_demo_pairs_are_learned_exactly(estimator, seed):
+    # cli.demo's recipe: the demo pairs repeated, plus 96 generated folds
+    extra = make_pairs(96, seed=seed, tasks="fold")
+    trainer = _trainer(estimator, seed, batch_size=8)
+    trainer.fit(DEMO_PAIRS * 8 + extra, 150)
+    assert trainer.evaluate(DEMO_PAIRS)["accuracy"] == 1.0
+    assert trainer.model.segment([a for a, _ in DEMO_PAIRS]) == [
+        ["a", "bc"], ["x", "yz"], ["1", "23"]]
+
+
+@pytest.mark.parametrize("estimator", ["ste", "soft"])
+def test_fold_needs_context_and_is_learned(estimator):
+    # merging the last two characters depends on position: the context-free
+    # model cannot learn it, the encoder can
+    train, val = make_pairs(1000, seed=0, tasks="fold"), make_pairs(300, seed=1, tasks="fold")
+    scores = {}
+    for layers in (0, 2):
+        trainer = _trainer(estimator, encoder_layers=layers)
+        trainer.fit(train, 15, val=val)
+        scores[layers] = (trainer.baseline["val_accuracy"], trainer.evaluate(val)["accuracy"])
+    assert scores[2][0] < 0.2 and scores[2][1] >= 0.95
+    assert scores[0][1] < 0.5
+
+
+def test_dedup_stays_solved():
+    train, val = make_pairs(1000, seed=0, tasks="dedup"), make_pairs(300, seed=1, tasks="dedup")
+    trainer = _trainer()
+    trainer.fit(train, 15, val=val)
+    assert trainer.baseline["val_accuracy"] == 1.0
+    assert trainer.evaluate(val)["accuracy"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    paths = generate_words(tmp_path_factory.mktemp("words"), seed=0)
+    return load_pairs(paths["train"]), load_pairs(paths["val"])
+
+
+def test_word_segmentation_beats_the_untrained_model(words):
+    # held-out documents of the standard library's docstrings; a few seconds
+    # of training move boundary F1 from about 0.30 to about 0.55
+    train, val = words
+    trainer = _trainer(lr=1e-2)
+    history = trainer.fit(train[:2000], 3, val=val[:300])
+    before = trainer.baseline["val_boundary_f1"]
+    after = history[-1]["val_boundary_f1"]
+    assert before < 0.4
+    assert after > before + 0.15
+
+
+@pytest.mark.parametrize("task", ["fold", "dedup"])
+@pytest.mark.parametrize("estimator", sorted(DEFAULT_LR))
+def test_defaults_descend(task, estimator):
+    # every estimator at its default learning rate ends below where it
+    # started: lower loss, no lower validation accuracy
+    train, val = make_pairs(300, seed=0, tasks=task), make_pairs(100, seed=1, tasks=task)
+    trainer = _trainer(estimator, dim=64, lr=DEFAULT_LR[estimator])
+    history = trainer.fit(train, 8, val=val)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["val_accuracy"] >= trainer.baseline["val_accuracy"]
