@@ -8,10 +8,10 @@ from grapheme.optim import Adam
 from grapheme.train import Trainer
 
 
-def _short_pairs(n, rng):
-    """``n`` fold pairs of 2..8 lowercase letters (input -> input[:-1])."""
+def _pairs(n, rng, lo=12, hi=24):
+    """``n`` fold pairs of ``lo``..``hi`` lowercase letters (input -> input[:-1])."""
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    lengths = rng.integers(2, 9, size=n)
+    lengths = rng.integers(lo, hi + 1, size=n)
     chars = letters[rng.integers(0, 26, size=int(lengths.sum()))]
     bounds = np.concatenate(([0], np.cumsum(lengths)))
     texts = ["".join(chars[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -34,7 +34,7 @@ class TrainStepSuite:
 
     def setup(self, batch_size):
         rng = np.random.default_rng(42)
-        pairs = _short_pairs(batch_size, rng)
+        pairs = _pairs(batch_size, rng, 2, 8)
         self.inputs = [a for a, _ in pairs]
         self.targets = [b for _, b in pairs]
         self.trainer = _trainer(batch_size)
@@ -72,16 +72,6 @@ class EpochSuite:
         return record["chars_per_s"]
 
     track_chars_per_second.unit = "chars/s"
-
-
-def _pairs(n, rng, lo=12, hi=24):
-    """``n`` fold pairs of ``lo``..``hi`` lowercase letters (input -> input[:-1])."""
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    lengths = rng.integers(lo, hi + 1, size=n)
-    chars = letters[rng.integers(0, 26, size=int(lengths.sum()))]
-    bounds = np.concatenate(([0], np.cumsum(lengths)))
-    texts = ["".join(chars[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [(t, t[:-1]) for t in texts]
 
 
 class ThreadsSuite:
@@ -136,3 +126,59 @@ class ThreadsSuite:
     def time_loss_one_thread(self, batch_size, encoder_layers):
         with self.limits(1):
             self._loss()
+
+
+class EncoderStepSuite:
+    """A training step with the encoder against its matrix products alone.
+
+    The step: ``batch_size`` fold pairs of 12-24 characters, ``layers``
+    message-passing layers and the routing projections at width ``dim``,
+    ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
+    timed alone on arrays of the same shapes: per layer 3 forward products
+    ``(n, d) @ (d, d)``, 3 backward ones for the input gradient and 3
+    ``(d, n) @ (n, d)`` for the weights; 2 + 2 + 2 for the projections.
+    Issue 12's target: at ``dim = 64``, 2 layers, 256 pairs, the step costs
+    at most 1.5x its products (the ratio ``time_matmuls / time_step`` at
+    least 0.667). ``track_chars_per_s`` is the step's throughput over
+    ``dim`` in (32, 64) and 0, 1, 2 layers.
+    """
+
+    params = [[256], [32, 64], [0, 1, 2]]
+    param_names = ["batch_size", "dim", "layers"]
+    ratios = [("time_step", "time_matmuls", 0.667)]
+
+    def setup(self, batch_size, dim, layers):
+        pairs = _pairs(batch_size, np.random.default_rng(42))
+        self.inputs = [a for a, _ in pairs]
+        self.targets = [b for _, b in pairs]
+        self.chars = sum(map(len, self.inputs))
+        self.trainer = Trainer(Embedding(dim=dim, seed=0), Morpher(estimator="ste"),
+                               StructuralLoss.for_training(), Adam(lr=3e-3),
+                               batch_size=batch_size, seed=0, progress=False,
+                               encoder=Encoder(dim, layers=layers) if layers else None)
+        self.trainer.train_step(self.inputs, self.targets)   # grow the table once
+        rng = np.random.default_rng(0)
+        self.h = rng.normal(size=(self.chars, dim))
+        self.w = rng.normal(size=(dim, dim))
+        self.out = np.empty((self.chars, dim))
+        self.wout = np.empty((dim, dim))
+        self.products = 3 * layers + 2       # forward; the backward does twice as many
+
+    def time_step(self, batch_size, dim, layers):
+        self.trainer.train_step(self.inputs, self.targets)
+
+    def time_matmuls(self, batch_size, dim, layers):
+        h, w, out, wout = self.h, self.w, self.out, self.wout
+        for _ in range(self.products):
+            np.matmul(h, w, out=out)         # forward
+            np.matmul(h, w.T, out=out)       # input gradient
+            np.matmul(h.T, h, out=wout)      # weight gradient
+
+    def track_chars_per_s(self, batch_size, dim, layers):
+        import time
+        start = time.perf_counter()
+        for _ in range(5):
+            self.trainer.train_step(self.inputs, self.targets)
+        return 5 * self.chars / (time.perf_counter() - start)
+
+    track_chars_per_s.unit = "chars/s"
