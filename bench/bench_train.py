@@ -18,6 +18,21 @@ def _pairs(n, rng, lo=12, hi=24):
     return [(t, t[:-1]) for t in texts]
 
 
+_WORDS = ("the of and to in is that it for as with was on be by this are from or an "
+          "which not at have has one but all can their more other will its also were "
+          "there when time model graph text word data value first line table merge "
+          "number system function return string error module class method python").split()
+
+
+def _word_pairs(n, rng):
+    """``n`` segmentation pairs of 4-12 words: ``("thegraph", ("the", "graph"))``."""
+    pairs = []
+    for _ in range(n):
+        words = tuple(_WORDS[i] for i in rng.integers(0, len(_WORDS), int(rng.integers(4, 13))))
+        pairs.append(("".join(words), words))
+    return pairs
+
+
 def _trainer(batch_size, dim=64):
     return Trainer(Embedding(dim=dim, seed=0), Morpher(), StructuralLoss(), Adam(lr=1e-2),
                    batch_size=batch_size, seed=0, progress=False)
@@ -131,7 +146,8 @@ class ThreadsSuite:
 class EncoderStepSuite:
     """A training step with the encoder against its matrix products alone.
 
-    The step: ``batch_size`` fold pairs of 12-24 characters, ``layers``
+    The step: ``batch_size`` word-segmentation pairs of 4-12 words (about
+    40 characters; nodes labelled by offset, as the Trainer does), ``layers``
     message-passing layers and the routing projections at width ``dim``,
     ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
     timed alone on arrays of the same shapes: per layer 3 forward products
@@ -148,7 +164,7 @@ class EncoderStepSuite:
     ratios = [("time_step", "time_matmuls", 0.667)]
 
     def setup(self, batch_size, dim, layers):
-        pairs = _pairs(batch_size, np.random.default_rng(42))
+        pairs = _word_pairs(batch_size, np.random.default_rng(42))
         self.inputs = [a for a, _ in pairs]
         self.targets = [b for _, b in pairs]
         self.chars = sum(map(len, self.inputs))

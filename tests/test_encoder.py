@@ -6,6 +6,7 @@ import pytest
 import grapheme as gr
 from grapheme import ops
 from grapheme.testing import numerical_gradient
+from grapheme.train.trainer import _by_position
 
 RTOL = 1e-6
 
@@ -153,17 +154,22 @@ def test_message_passing_sees_direction():
     np.testing.assert_allclose(after_succ[1] - H[1], np.tanh(H[2]))
 
 
-def test_segmentation_pairs_train_against_the_gold_merge_of_their_own_features():
+@pytest.mark.parametrize("training_loss", [False, True], ids=["debiased", "for_training"])
+def test_segmentation_pairs_train_against_the_gold_merge_of_their_own_features(
+        training_loss):
     """The Trainer's segmentation target is the gold merge of the model's
     features: the loss of the gold morph is exactly 0 (debiased), and the
     step's gradient, through both the morph and the target, matches finite
-    differences."""
+    differences; also for the loss and the labels (offsets) training uses."""
     rng = np.random.default_rng(5)
     texts = ["thecat", "sat", "onamat"]
     targets = [("the", "cat"), ("sat",), ("on", "a", "mat")]
     g = gr.Graph.from_texts(texts)
     H = rng.normal(size=(g.num_nodes, 4))
     loss = gr.StructuralLoss(debias=True, tol=1e-10, iterations=2000)
+    if training_loss:
+        g = _by_position(g)
+        loss = gr.StructuralLoss.for_training(debias=True, tol=1e-10, iterations=2000)
     target, _ = gr.Trainer._segmentation_target(g, targets, H)
     gold = gr.merge_edges(g, target_edges(g, targets))
     assert loss.forward(gr.contract(g, gold, H), target).value == 0.0
@@ -199,3 +205,35 @@ def test_a_batch_mixing_segmentations_and_texts_is_refused():
                    progress=False)
     with pytest.raises(ValueError, match="segmentation targets only or text targets only"):
         t.train_step(["ab", "cd"], [("a", "b"), "cd"])
+
+
+def _segmentations(n):
+    """Every segmentation of n characters, as tuples of lengths."""
+    for cuts in range(2 ** (n - 1)):
+        lengths, run = [], 1
+        for i in range(n - 1):
+            if cuts >> i & 1:
+                lengths.append(run)
+                run = 1
+            else:
+                run += 1
+        yield tuple(lengths + [run])
+
+
+@pytest.mark.parametrize("text, gold", [("thequickfox", (3, 5, 3)), ("catsanddogs", (4, 3, 4)),
+                                        ("aaabbb", (3, 3)), ("segment", (7,))])
+def test_the_training_loss_is_least_at_the_gold_segmentation(text, gold):
+    """With nodes labelled by their offsets, StructuralLoss.for_training is
+    below 0.02 at the gold segmentation (its entropic self-cost; exactly 0
+    debiased), and every other segmentation scores at least 0.5 more: about
+    0.5 per wrong start paired with a missed one, 1 per unpaired one."""
+    g = _by_position(gr.Graph.from_text(text))
+    H = np.random.default_rng(0).normal(size=(g.num_nodes, 8))
+    target = gr.segmentation_target(g, list(gold), H)
+    loss = gr.StructuralLoss.for_training()
+    values = {lengths: loss.forward(gr.segmentation_target(g, list(lengths), H), target).value
+              for lengths in _segmentations(len(text))}
+    assert values[gold] < 0.02
+    assert min(v for k, v in values.items() if k != gold) > values[gold] + 0.5
+    gold_graph = gr.segmentation_target(g, list(gold), H)
+    assert gr.StructuralLoss.for_training(debias=True).forward(gold_graph, target).value == 0.0
