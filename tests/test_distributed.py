@@ -147,3 +147,17 @@ def test_cli_nproc_refuses_an_existing_run_before_spawning(tmp_path):
     assert done.returncode == 2
     assert "already holds a run" in done.stderr
     assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_sharded_train_step_grows_the_table_as_one_process():
+    """train_step called directly (not by fit): the table grows for the
+    global batch's characters, in the one-process order."""
+    factory, pairs = worker.configurations()["ste_encoder"]
+    plain, alone = factory(None), factory(_Alone())
+    for lo in range(0, 18, 6):
+        batch = [p[0] for p in pairs[lo:lo + 6]], [p[1] for p in pairs[lo:lo + 6]]
+        a, b = plain.train_step(*batch), alone.train_step(*batch)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+    assert np.array_equal(plain.embedding.codes, alone.embedding.codes)
+    w = plain.embedding.weight
+    assert np.linalg.norm(alone.embedding.weight - w) <= 1e-12 * np.linalg.norm(w)

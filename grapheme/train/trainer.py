@@ -415,7 +415,7 @@ class Trainer:
                 f"finite after the update (learning rate too large?); "
                 f"{self._good_checkpoint()}")
 
-    def _shard_step(self, inputs, targets):
+    def _shard_step(self, inputs, targets, grown=False):
         """:meth:`train_step` of one rank: this rank's shard of the global
         batch ``inputs, targets``, every pair weighted ``1 / B`` of the global
         batch; one all-reduce (sum) of all gradients and the step's counts.
@@ -425,11 +425,15 @@ class Trainer:
         row's draws are the global batch's, of which this rank takes its
         characters'; the rate penalty sees the global batch's expected kept
         fraction (a second, two-number all-reduce) and the rate controller
-        its measured one."""
+        its measured one. ``grown``: the table already has a row for every
+        character of the batch (:meth:`fit` grows it before the first step),
+        so the per-step cost of the global batch is one ``len`` per text."""
         comm, emb, morpher = self.comm, self.embedding, self.morpher
         B = len(inputs)
         lo, hi = shard_bounds(B, comm.rank, comm.world_size)
-        draws = self._grow_batch(inputs, targets, lo, hi)
+        if not grown:
+            self._grow_batch(inputs, targets)
+        draws = self._unknown_draws(inputs, lo, hi)
         inputs, targets = inputs[lo:hi], targets[lo:hi]
         K = morpher.estimator.samples
         morphed = res = None
@@ -484,20 +488,31 @@ class Trainer:
                 "chars": int(n_in), "grad_norm": grad_norm,
                 "estimator_variance": float("nan")}
 
-    def _grow_batch(self, inputs, targets, lo, hi):
+    def _grow_batch(self, inputs, targets):
         """Rows for every character of the global batch, as :meth:`_batch`
-        grows them for it in one process (the same rows in the same order on
-        every rank); and the unknown row's draws of the characters of pairs
-        ``lo:hi`` (None when ``unknown_prob`` is 0)."""
+        grows them for it in one process: the same rows in the same order on
+        every rank, without communication."""
         emb = self.embedding
-        g = Graph.from_texts(inputs)
-        emb.rows(g.labels)
+        emb.rows(Graph.from_texts(inputs).labels)
         if self.target_activation == "embedding" and not _segmentations(targets):
             emb.rows(Graph.from_texts([target_text(t) for t in targets]).labels)
+
+    def _unknown_draws(self, inputs, lo, hi):
+        """The unknown row's uniform draws of the characters of pairs
+        ``lo:hi`` among those of the global batch ``inputs`` (None when
+        ``unknown_prob`` is 0): the draws one process makes for the whole
+        batch, of which this rank generates only its own (the generator
+        skips the others': one 64-bit step per double)."""
         if not self.unknown_prob > 0:
             return None
-        offsets = g.graph_offsets
-        return self._unknown_rng.random(g.num_nodes)[offsets[lo]:offsets[hi]]
+        lengths = [len(text) for text in inputs]   # one node per code point
+        first, mine = sum(lengths[:lo]), sum(lengths[lo:hi])
+        rest = sum(lengths[hi:])
+        bits = self._unknown_rng.bit_generator
+        bits.advance(first)
+        draws = self._unknown_rng.random(mine)
+        bits.advance(rest)
+        return draws
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self, pairs, batch_size=None):
@@ -789,7 +804,10 @@ class Trainer:
         start = time.perf_counter()
         for lo in range(0, n, self.batch_size):
             idx = order[lo:lo + self.batch_size].tolist()
-            stats = self.train_step([inputs[i] for i in idx], [targets[i] for i in idx])
+            batch = [inputs[i] for i in idx], [targets[i] for i in idx]
+            # fit has grown the table for every training character
+            stats = (self.train_step(*batch) if self.comm is None else
+                     self._shard_step(*batch, grown=True))
             w = len(idx)
             for key in sums:
                 sums[key] += w * stats[key]
