@@ -359,8 +359,9 @@ def _train(args, out, spawn=None, comm=None):
         if trainer.morpher.estimator.name == "reinforce":
             raise CommandError("--nproc: data-parallel training does not support "
                                "--estimator reinforce yet")
-        from .distributed import spawn_local
+        from .distributed import _torch_distributed, spawn_local
 
+        _torch_distributed()   # torch missing: say so once, here
         out.flush()
         return spawn_local([sys.executable, "-m", "grapheme.cli", *args.argv], spawn)
     # a resumed model, measured once: printed beside the result (a fresh
