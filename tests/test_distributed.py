@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch.distributed")
 
 import grapheme as gr
-from grapheme.distributed import Communicator, shard_bounds, spawn_local
+from grapheme.distributed import Communicator, shard_bounds
 
 import distributed_worker as worker
 
