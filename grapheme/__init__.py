@@ -6,7 +6,7 @@ merges neighbouring nodes whose embeddings are similar; the
 differentiable step is an operation of :mod:`grapheme.ops` with a forward
 and a pure vector-Jacobian product.
 """
-from . import ops
+from . import distributed, ops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs
 from .embedding import Embedding
@@ -75,6 +75,7 @@ __all__ = [
     "merge_edges",
     "numerical_gradient",
     "openmp_enabled",
+    "distributed",
     "ops",
     "replicate",
     "save_checkpoint",

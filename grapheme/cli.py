@@ -7,7 +7,8 @@ Usage::
     grapheme generate --task words [--corpus FILE ...] --out data/words [--seed S]
     grapheme train --data DIR|FILE [--val FILE] --epochs N --out RUN [--batch-size B]
                    [--lr LR] [--seed S] [--estimator NAME] [--target-kept-fraction F]
-                   [--resume CKPT] [--keep-best METRIC] [--overwrite]
+                   [--resume CKPT] [--keep-best METRIC] [--overwrite] [--nproc N]
+    torchrun --nnodes M --nproc-per-node N ... -m grapheme.cli train ...
     grapheme eval --checkpoint RUN/checkpoint.npz --data DIR|FILE
     grapheme segment --model MODEL [--sep SEP] [TEXT ...]     # or lines on stdin
     grapheme plot RUN [--out FILE.png] [--overwrite]
@@ -27,6 +28,12 @@ the checkpoint to resume have been checked. ``train`` never replaces a run
 already in ``--out`` (a ``metrics.jsonl`` or ``checkpoint.npz`` there)
 unless told: ``--resume OUT/checkpoint.npz`` continues it, ``--overwrite``
 replaces it.
+
+``train --nproc N`` trains data-parallel in N processes of this machine
+(``torch.distributed``, gloo over 127.0.0.1); launched by ``torchrun`` (the
+environment holds ``WORLD_SIZE``) every process trains one rank of the run
+torchrun describes, across machines too. Every rank reads the whole
+``--data``; only rank 0 writes ``--out`` and prints.
 """
 import argparse
 import os
@@ -158,6 +165,13 @@ def build_parser():
                    help="replace a run already in --out (without it, an existing run is "
                         "only continued with --resume OUT/checkpoint.npz)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="train data-parallel in N processes on this machine (needs "
+                        "PyTorch; each takes 1/N of every batch; the result is the "
+                        "one-process run's up to rounding); under torchrun, omit it")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
+                   help="torch.distributed backend of a data-parallel run (default gloo; "
+                        "nccl: the gradients travel through the GPUs of cuda:LOCAL_RANK)")
 
     p = sub.add_parser("eval", help="loss, exact-structure accuracy (and segmentation "
                                     "metrics) of a checkpoint beside the untrained model's")
@@ -236,7 +250,8 @@ def _cmd_generate(args, out):
 
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
-                  baseline="mean", samples=1, overwrite=False, encoder_layers=2):
+                  baseline="mean", samples=1, overwrite=False, encoder_layers=2,
+                  comm=None):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -260,12 +275,43 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
     return Trainer(embedding, morpher, StructuralLoss.for_training(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
-                   overwrite=overwrite, encoder=encoder)
+                   overwrite=overwrite, encoder=encoder, comm=comm)
 
 
 def _cmd_train(args, out):
+    """``train``: in this process; as the parent of ``--nproc`` ranks; or as
+    one rank of a launch (``WORLD_SIZE`` in the environment)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or world.strip() == "1":
+        if args.nproc is not None and args.nproc > 1:
+            return _train(args, out, spawn=args.nproc)
+        return _train(args, out)
+    try:
+        world = int(world)
+    except ValueError:
+        raise CommandError(f"WORLD_SIZE={world!r} in the environment is not an "
+                           "integer") from None
+    if args.nproc is not None and args.nproc != world:
+        raise CommandError(f"--nproc {args.nproc} disagrees with the launcher's "
+                           f"WORLD_SIZE={world} (under torchrun, omit --nproc)")
+    from . import distributed
+
+    comm = distributed.init_from_env(args.backend)
+    try:
+        if comm.rank == 0:
+            return _train(args, out, comm=comm)
+        with open(os.devnull, "w", encoding="utf-8") as null:
+            return _train(args, null, comm=comm)
+    except RuntimeError as exc:   # torch's and Communicator.agree's: a peer failed
+        raise CommandError(f"rank {comm.rank}: {exc}") from None
+    finally:
+        distributed.destroy()
+
+
+def _train(args, out, spawn=None, comm=None):
     from .train import Trainer
 
+    rank0 = comm is None or comm.rank == 0
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
                  ("batch_size", "lr", "seed", "dim", "estimator", "baseline", "samples",
@@ -286,10 +332,12 @@ def _cmd_train(args, out):
     val = _data.load_pairs(val_path) if val_path is not None else None
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
-    _check_run_directory(args, log, checkpoint)
-    progress = not args.no_progress
+    if rank0:   # the other ranks never look at --out
+        _check_run_directory(args, log, checkpoint)
+    progress = not args.no_progress and rank0
     if args.resume is not None:
-        trainer = Trainer.from_checkpoint(args.resume, log=log, progress=progress)
+        trainer = Trainer.from_checkpoint(args.resume, log=log, progress=progress,
+                                          comm=comm)
         start = trainer.epoch
     else:
         estimator = DEFAULT_ESTIMATOR if args.estimator is None else args.estimator
@@ -304,7 +352,7 @@ def _cmd_train(args, out):
             batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
             log=log, progress=progress, overwrite=args.overwrite,
             encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
-            else args.encoder_layers)
+            else args.encoder_layers, comm=comm)
         trainer.unknown_prob = 0.01 if args.unknown_prob is None else args.unknown_prob
         start = 0
     best = None
@@ -316,10 +364,20 @@ def _cmd_train(args, out):
             best = trainer._check_keep_best(args.keep_best, None, val, checkpoint)
         except ValueError as exc:
             raise CommandError(f"--keep-best: {exc}") from None
+    if spawn is not None:   # everything is checked: now the ranks
+        if trainer.morpher.estimator.name == "reinforce":
+            raise CommandError("--nproc: data-parallel training does not support "
+                               "--estimator reinforce yet")
+        from .distributed import _torch_distributed, spawn_local
+
+        _torch_distributed()   # torch missing: say so once, here
+        out.flush()
+        return spawn_local([sys.executable, "-m", "grapheme.cli", *args.argv], spawn)
     # a resumed model, measured once: printed beside the result (a fresh
     # run's untrained model is measured by fit, trainer.baseline)
-    before = trainer.evaluate(val) if val and 0 < start < args.epochs else None
-    if start < args.epochs:   # only now: everything above is checked
+    before = (trainer.evaluate(val) if rank0 and val and 0 < start < args.epochs
+              else None)
+    if start < args.epochs and rank0:   # only now: everything above is checked
         os.makedirs(args.out, exist_ok=True)
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
                           keep_best=args.keep_best)
@@ -579,10 +637,12 @@ def main(argv=None):
         130 when interrupted.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its usage message
         return exc.code if isinstance(exc.code, int) else 2
+    args.argv = argv   # for the ranks of train --nproc
     try:
         return _COMMANDS[args.command](args, sys.stdout)
     except KeyboardInterrupt:

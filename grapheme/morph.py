@@ -367,20 +367,33 @@ class Morpher:
         return -tau * (1.0 - tau) / self.temperature * per_example
 
     # ------------------------------------------------------------------ state
-    def step(self, morphed, loss_values=None):
+    def step(self, morphed, loss_values=None, kept_fraction=None):
         """Advance the training state after an optimisation step.
 
         The estimator's step (``Reinforce``: the running-mean baseline takes
         ``loss_values``, the sample count moves on) and the rate controller's
         update with the hard kept fraction of ``morphed``. Returns the rate
         multiplier (0 without a controller).
+
+        ``kept_fraction``: the measured kept fraction the rate controller
+        takes instead of ``morphed``'s. Data-parallel training passes that
+        of the global batch, of which ``morphed`` holds one rank's share;
+        ``morphed`` may then be None, for a rank without a share (if the
+        estimator is stateless: every one but ``Reinforce``).
         """
-        if not isinstance(morphed, Morphed):
+        if morphed is None:
+            if kept_fraction is None or self.estimator.name == "reinforce":
+                raise TypeError("morphed must be a Morphed (None only with a "
+                                "kept_fraction and a stateless estimator)")
+        elif not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
-        self.estimator.step(morphed._saved[2], loss_values)
+        else:
+            self.estimator.step(morphed._saved[2], loss_values)
         if self.rate is None:
             return 0.0
-        if morphed.history.num_inputs:
+        if kept_fraction is not None:
+            self.rate.update(kept_fraction)
+        elif morphed is not None and morphed.history.num_inputs:
             self.rate.update(morphed.kept_fraction)
         return self.rate.multiplier
 

@@ -36,6 +36,7 @@ from ..morph import Morpher
 from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
 from ..data import segment_lengths, target_text
+from ..distributed import Communicator, shard_bounds
 from .progress import Progress, summary_line
 from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
                       structure_match, upgrade_record)
@@ -97,6 +98,16 @@ class Trainer:
         never seen in training. ``0``: the unknown row stays as drawn and
         training is exactly what it was before there was one;
         ``grapheme train`` uses 0.01 (``--unknown-prob``).
+    comm : grapheme.distributed.Communicator, optional
+        Train one rank of a data-parallel run (see
+        :mod:`grapheme.distributed`; ``grapheme train --nproc`` and
+        ``torchrun`` launches make one). Every rank is given the same pairs
+        and takes its share of every global batch of ``batch_size`` pairs;
+        the gradients are summed over the ranks and every rank takes the
+        same step, so the run is the single-process run up to rounding
+        (whatever the number of ranks, so a checkpoint resumes on any).
+        Only rank 0 writes the log and the checkpoints and reports progress.
+        ``Reinforce`` is not supported yet.
 
     Attributes
     ----------
@@ -136,7 +147,7 @@ class Trainer:
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
                  target_activation="embedding", log=None, progress=True, encoder=None,
-                 overwrite=False, unknown_prob=0.0):
+                 overwrite=False, unknown_prob=0.0, comm=None):
         if not isinstance(embedding, Embedding):
             raise TypeError(f"embedding must be a grapheme.Embedding, got "
                             f"{type(embedding).__name__}")
@@ -153,6 +164,14 @@ class Trainer:
         if encoder is not None and not isinstance(encoder, Encoder):
             raise TypeError(f"encoder must be a grapheme.Encoder or None, got "
                             f"{type(encoder).__name__}")
+        if comm is not None and not isinstance(comm, Communicator):
+            raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
+                            f"got {type(comm).__name__}")
+        if comm is not None and morpher.estimator.name == "reinforce":
+            raise ValueError("comm: data-parallel training does not support the "
+                             "'reinforce' estimator yet (its sample stream and running "
+                             "baseline are not shared between ranks); use 'ste', 'soft' "
+                             "or 'history', or train in one process")
         if encoder is not None and encoder.dim != embedding.dim:
             raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
                              f"{embedding.dim}")
@@ -175,6 +194,7 @@ class Trainer:
         self.log = None if log is None else os.fspath(log)
         self.progress = bool(progress)
         self.overwrite = bool(overwrite)
+        self.comm = comm
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
         self._last_checkpoint = None    # (path, epoch) of the last one written
@@ -227,20 +247,22 @@ class Trainer:
         return np.random.default_rng([self.seed, self.epoch, 0x756E6B])
 
     # ------------------------------------------------------------------ step
-    def _batch(self, inputs, targets, train=True):
+    def _batch(self, inputs, targets, train=True, draws=None):
         """Input graph with its table rows and features; the target graph.
 
         For segmentation pairs the target graph is None here: it is the input
         contracted under the gold segmentation, built from the model's own
         features by :meth:`_segmentation_target`. ``train=False``
         (evaluation): the table does not grow, unseen characters read the
-        unknown row, and no character is replaced by it."""
+        unknown row, and no character is replaced by it. ``draws``: the
+        unknown row's uniform draws of the characters (else drawn here)."""
         emb = self.embedding
         g = Graph.from_texts(inputs)
         rows = emb.rows(g.labels, grow=train)
         if train and self.unknown_prob > 0:
-            rows[self._unknown_rng.random(rows.shape[0]) < self.unknown_prob] = (
-                emb.unknown_row)
+            if draws is None:
+                draws = self._unknown_rng.random(rows.shape[0])
+            rows[draws < self.unknown_prob] = emb.unknown_row
         H = Lookup().forward(emb.weight, rows,
                              out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
@@ -300,7 +322,11 @@ class Trainer:
         Parameters
         ----------
         inputs, targets : list of str
-            The batch, ``len(inputs) == len(targets) >= 1``.
+            The batch, ``len(inputs) == len(targets) >= 1``. With a
+            communicator (``comm``) this is the *global* batch, the same on
+            every rank: each rank computes the gradient of its contiguous
+            shard, the gradients are summed over the ranks, and every rank
+            takes the same step, the single-process one up to rounding.
 
         Returns
         -------
@@ -310,8 +336,10 @@ class Trainer:
             (Euclidean norm of all parameter gradients before the update)
             and ``estimator_variance`` (``Reinforce``: the sample variance
             over the examples of their estimates of ``d loss / d theta``,
-            else NaN).
+            else NaN). With a communicator, all of the global batch.
         """
+        if self.comm is not None:
+            return self._shard_step(inputs, targets)
         emb, morpher = self.embedding, self.morpher
         g, rows, H, target, t_rows = self._batch(inputs, targets)
         encoded, enc_saved = self._encode(g, H)
@@ -324,10 +352,31 @@ class Trainer:
         lg = self.loss.backward(res)
         B = res.values.shape[0]
         advantage = morphed.advantage(res.values)
-        grad = morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
-                           grad_weights=lg.weights,
-                           grad_log_prob=None if advantage is None else advantage / B,
-                           grad_rate_penalty=1.0, out=self._buffer("grad", H.shape))
+        grads, grad_norm = self._gradients(
+            morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
+            grad_log_prob=None if advantage is None else advantage / B,
+            grad_rate_penalty=1.0)
+        self._update(float(res.value), grads, grad_norm)
+        morpher.step(morphed, res.values)
+        variance = float("nan")
+        if advantage is not None and B > 1:
+            variance = float(np.var(morpher.theta_estimates(morphed, advantage), ddof=1))
+        return {"loss": float(res.value), "node": float(res.node),
+                "edge": float(res.edge), "clique": float(res.clique),
+                "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
+                "chars": g.num_nodes, "grad_norm": grad_norm,
+                "estimator_variance": variance}
+
+    def _gradients(self, morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
+                   grad_log_prob=None, grad_rate_penalty=None, grad_probability=None):
+        """The gradient of every parameter, by name, from the loss gradient
+        ``lg``, and its Euclidean norm (of this process's part)."""
+        emb = self.embedding
+        grad = self.morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
+                                grad_weights=lg.weights, grad_log_prob=grad_log_prob,
+                                grad_rate_penalty=grad_rate_penalty,
+                                grad_probability=grad_probability,
+                                out=self._buffer("grad", (rows.shape[0], emb.dim)))
         grad_h, enc_grads = grad.features, {}
         if seg_saved is not None:
             gt = lg.target_features
@@ -347,10 +396,16 @@ class Trainer:
         grads = {"embedding": grad_table, "theta": grad.theta,
                  **{"encoder." + k: v for k, v in enc_grads.items()}}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
-        if not math.isfinite(float(res.value)) or not math.isfinite(grad_norm):
+        return grads, grad_norm
+
+    def _update(self, loss, grads, grad_norm):
+        """The optimiser step, refused (``FloatingPointError``) before it if
+        the loss or the gradient is not finite, and after it if a parameter
+        is not."""
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"training diverged at epoch {self.epoch + 1}: non-finite loss "
-                f"({float(res.value)!r}) or gradient norm ({grad_norm!r}); "
+                f"({loss!r}) or gradient norm ({grad_norm!r}); "
                 f"{self._good_checkpoint()}")
         params = self._params()
         self.optimizer.step(params, grads)
@@ -359,15 +414,105 @@ class Trainer:
                 f"training diverged at epoch {self.epoch + 1}: the parameters are not "
                 f"finite after the update (learning rate too large?); "
                 f"{self._good_checkpoint()}")
-        morpher.step(morphed, res.values)
-        variance = float("nan")
-        if advantage is not None and B > 1:
-            variance = float(np.var(morpher.theta_estimates(morphed, advantage), ddof=1))
-        return {"loss": float(res.value), "node": float(res.node),
-                "edge": float(res.edge), "clique": float(res.clique),
-                "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
-                "chars": g.num_nodes, "grad_norm": grad_norm,
-                "estimator_variance": variance}
+
+    def _shard_step(self, inputs, targets, grown=False):
+        """:meth:`train_step` of one rank: this rank's shard of the global
+        batch ``inputs, targets``, every pair weighted ``1 / B`` of the global
+        batch; one all-reduce (sum) of all gradients and the step's counts.
+
+        The table grows for the global batch's characters (the same rows in
+        the same order on every rank, without communication); the unknown
+        row's draws are the global batch's, of which this rank takes its
+        characters'; the rate penalty sees the global batch's expected kept
+        fraction (a second, two-number all-reduce) and the rate controller
+        its measured one. ``grown``: the table already has a row for every
+        character of the batch (:meth:`fit` grows it before the first step),
+        so the per-step cost of the global batch is one ``len`` per text."""
+        comm, emb, morpher = self.comm, self.embedding, self.morpher
+        B = len(inputs)
+        lo, hi = shard_bounds(B, comm.rank, comm.world_size)
+        if not grown:
+            self._grow_batch(inputs, targets)
+        draws = self._unknown_draws(inputs, lo, hi)
+        inputs, targets = inputs[lo:hi], targets[lo:hi]
+        K = morpher.estimator.samples
+        morphed = res = None
+        if inputs:
+            g, rows, H, target, t_rows = self._batch(inputs, targets, draws=draws)
+            encoded, enc_saved = self._encode(g, H)
+            morphed = morpher.forward(g, *encoded)
+            seg_saved = None
+            if target is None:
+                target, seg_saved = self._segmentation_target(g, targets, encoded[0])
+            target = replicate(target, morphed.samples)
+            res = self.loss.forward(morphed.graph, target)
+        grad_p = None
+        if morpher.rate is not None:
+            # the penalty of the global batch's expected kept fraction
+            counts = np.zeros(2)
+            if morphed is not None:
+                counts[:] = g.num_nodes, morphed.probability.sum()
+            comm.all_reduce(counts)
+            op, multiplier = morpher.rate.penalty()
+            _, saved = op.forward(counts[1:], int(counts[0]), multiplier)
+            if morphed is not None:
+                grad_p = np.full(morphed.probability.shape, op.vjp(saved, 1.0)[0][0])
+        params = self._params()
+        if morphed is not None:
+            lg = self.loss.backward(res, np.full(res.values.shape[0], 1.0 / (K * B)))
+            grads = self._gradients(morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
+                                    grad_probability=grad_p)[0]
+            n = res.values.shape[0]
+            counts = [n * res.value, n * res.node, n * res.edge, n * res.clique,
+                      g.num_nodes, morphed.history.num_outputs, morphed.history.num_inputs]
+        else:   # no pair here: nothing to add
+            grads = {name: np.zeros_like(p) for name, p in params.items()}
+            counts = [0.0] * 7
+        # one flat buffer: every gradient, then the step's counts
+        names = sorted(grads)
+        sizes = [grads[k].size for k in names]
+        flat = np.concatenate([*(np.ravel(grads[k]) for k in names), counts])
+        comm.all_reduce(flat)
+        parts = np.split(flat, np.cumsum(sizes))
+        grads = {k: part.reshape(np.shape(params[k])) for k, part in zip(names, parts)}
+        (loss, node, edge, clique, n_in, n_out, hist_in) = parts[-1].tolist()
+        grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
+        examples = K * B
+        self._update(loss / examples, grads, grad_norm)
+        if morphed is not None or hist_in:
+            morpher.step(morphed, None if res is None else res.values,
+                         kept_fraction=n_out / hist_in if hist_in else None)
+        return {"loss": loss / examples, "node": node / examples,
+                "edge": edge / examples, "clique": clique / examples,
+                "input_nodes": int(n_in), "output_nodes": int(n_out),
+                "chars": int(n_in), "grad_norm": grad_norm,
+                "estimator_variance": float("nan")}
+
+    def _grow_batch(self, inputs, targets):
+        """Rows for every character of the global batch, as :meth:`_batch`
+        grows them for it in one process: the same rows in the same order on
+        every rank, without communication."""
+        emb = self.embedding
+        emb.rows(Graph.from_texts(inputs).labels)
+        if self.target_activation == "embedding" and not _segmentations(targets):
+            emb.rows(Graph.from_texts([target_text(t) for t in targets]).labels)
+
+    def _unknown_draws(self, inputs, lo, hi):
+        """The unknown row's uniform draws of the characters of pairs
+        ``lo:hi`` among those of the global batch ``inputs`` (None when
+        ``unknown_prob`` is 0): the draws one process makes for the whole
+        batch, of which this rank generates only its own (the generator
+        skips the others': one 64-bit step per double)."""
+        if not self.unknown_prob > 0:
+            return None
+        lengths = [len(text) for text in inputs]   # one node per code point
+        first, mine = sum(lengths[:lo]), sum(lengths[lo:hi])
+        rest = sum(lengths[hi:])
+        bits = self._unknown_rng.bit_generator
+        bits.advance(first)
+        draws = self._unknown_rng.random(mine)
+        bits.advance(rest)
+        return draws
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self, pairs, batch_size=None):
@@ -524,18 +669,31 @@ class Trainer:
                 f"{fingerprint['pairs']} pairs, sha256 {fingerprint['sha256'][:12]}...); "
                 "resume with the same data, start a new run, or fit(..., new_data=True) "
                 "to continue on other data")
-        if self.epoch == 0 and not self.overwrite:
+        writes = self._writes
+        error = None
+        if self.epoch == 0 and not self.overwrite and writes:
             for what, path in (("log", self.log), ("checkpoint", checkpoint),
                                ("best checkpoint", best_path)):
                 if path is not None and os.path.exists(path) and (
                         what != "log" or os.path.getsize(path) > 0):
-                    raise ValueError(
+                    error = ValueError(
                         f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
                         "replace another run's files: resume that run, choose another "
                         "path, or pass overwrite=True to the Trainer")
+                    break
+        if self.comm is not None:
+            # rank 0 alone looks at the files; no rank goes on if it refused,
+            # and the ranks must start from the same state on the same data
+            self.comm.agree("to start (its files)", error)
+            self.comm.check_same("the training pairs, the epoch or the parameters "
+                                 "(every rank must be given the same pairs and "
+                                 "checkpoint)", [fingerprint["sha256"], self.epoch,
+                                                 *self._params().values()])
+        elif error is not None:
+            raise error
         self._data_fingerprint = fingerprint
         self._loaded_fingerprint = None   # checked once, when the loaded run goes on
-        if self.log is not None and self.epoch < epochs:
+        if self.log is not None and self.epoch < epochs and writes:
             os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)
         log_synced = False
         n = len(inputs)
@@ -551,8 +709,9 @@ class Trainer:
             start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
-            self.save(best_path)
-        progress = Progress("auto" if self.progress else None,
+            if writes:
+                self.save(best_path)
+        progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
         started = time.perf_counter()
         summary = None
@@ -568,12 +727,16 @@ class Trainer:
                 if improved:
                     self.best = {"metric": keep_best, "value": record[keep_best],
                                  "epoch": self.epoch, "path": best_path}
+                if self.comm is not None:   # cheap: a digest of the parameters
+                    self.comm.check_same(f"the parameters after epoch {self.epoch}",
+                                         list(self._params().values()))
                 if checkpoint is not None:
-                    self.save(checkpoint)
+                    if writes:
+                        self.save(checkpoint)
                     self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
-                if improved:
+                if improved and writes:
                     self.save(best_path)
-                if self.log is not None:
+                if self.log is not None and writes:
                     if not log_synced:   # only now: an old log survives until here
                         self._rewrite_log()
                         log_synced = True
@@ -587,6 +750,11 @@ class Trainer:
         finally:
             progress.close(summary)
         return list(self.history)
+
+    @property
+    def _writes(self):
+        """Whether this trainer writes files and reports: not on ranks > 0."""
+        return self.comm is None or self.comm.rank == 0
 
     def _grow(self, inputs, targets):
         """Rows for every character of the training pairs, at once: the
@@ -636,7 +804,10 @@ class Trainer:
         start = time.perf_counter()
         for lo in range(0, n, self.batch_size):
             idx = order[lo:lo + self.batch_size].tolist()
-            stats = self.train_step([inputs[i] for i in idx], [targets[i] for i in idx])
+            batch = [inputs[i] for i in idx], [targets[i] for i in idx]
+            # fit has grown the table for every training character
+            stats = (self.train_step(*batch) if self.comm is None else
+                     self._shard_step(*batch, grown=True))
             w = len(idx)
             for key in sums:
                 sums[key] += w * stats[key]
@@ -673,7 +844,7 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     @classmethod
-    def from_checkpoint(cls, path, log=None, progress=True):
+    def from_checkpoint(cls, path, log=None, progress=True, comm=None):
         """A trainer rebuilt from a checkpoint written by :meth:`save`.
 
         The embedding, morpher, loss and optimiser are constructed from the
@@ -685,6 +856,9 @@ class Trainer:
         path : str or os.PathLike
         log : str or os.PathLike, optional
         progress : bool, default True
+        comm : grapheme.distributed.Communicator, optional
+            One rank of a data-parallel run (every rank loads the same
+            checkpoint).
 
         Raises
         ------
@@ -696,7 +870,8 @@ class Trainer:
         _, meta = load_checkpoint(path)
         path = os.fspath(path)
         try:
-            trainer = cls._from_config(meta["config"], log=log, progress=progress)
+            trainer = cls._from_config(meta["config"], log=log, progress=progress,
+                                       comm=comm)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
                              f"{exc}") from None

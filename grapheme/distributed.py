@@ -1,0 +1,275 @@
+"""Data-parallel training over ``torch.distributed`` (gloo on CPU, or NCCL).
+
+A :class:`~grapheme.Trainer` given a communicator (``comm=``) trains one
+rank of a data-parallel run: every rank is handed the same global batch,
+computes the gradient of its contiguous shard of it (each pair weighted
+``1 / B`` of the *global* batch), and one flat all-reduce (sum) of all
+gradients and the step's statistics per step gives every rank exactly the
+single-process gradient; every rank then applies the same optimiser step,
+so the parameters stay equal without ever being sent. See
+``docs/design.md`` ("Data-parallel training") and ``docs/scaling.md``.
+
+torch is needed only here, and only imported when a :class:`TorchCommunicator`
+is made. This module holds no state of its own: the process group is
+torch's, created by whoever launched the ranks (``grapheme train --nproc``,
+``torchrun`` or the user's own code) and handed in.
+"""
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+__all__ = ["Communicator", "TorchCommunicator", "shard_bounds", "init_from_env",
+           "spawn_local", "free_port", "ENV_VARS"]
+
+#: The environment variables a launcher sets for every rank (torchrun's names).
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def shard_bounds(n, rank, world_size):
+    """``(lo, hi)``: rank ``rank``'s contiguous share of ``n`` items, sizes
+    differing by at most one (a rank may get none when ``n < world_size``).
+
+    >>> [shard_bounds(5, r, 2) for r in range(2)]
+    [(0, 2), (2, 5)]
+    """
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+class Communicator:
+    """What data-parallel training needs from a process group.
+
+    Subclasses set ``rank`` and ``world_size`` and implement
+    :meth:`all_reduce`; everything else is built on it.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, buffer):
+        """Sum the 1-D float64 C-contiguous ``buffer`` over all ranks, in
+        place; every rank receives the same bits."""
+        raise NotImplementedError   # pragma: no cover
+
+    def all_gather_rows(self, row):
+        """A ``(world_size, k)`` float64 array holding every rank's ``row``
+        (k floats, the same k on every rank), by one all-reduce."""
+        row = np.asarray(row, dtype=np.float64).ravel()
+        rows = np.zeros((self.world_size, row.shape[0]))
+        rows[self.rank] = row
+        self.all_reduce(rows.reshape(-1))
+        return rows
+
+    def agree(self, what, error=None):
+        """Raise on every rank if ``error`` (an exception or None) was raised
+        on any: the first failing rank's exception on that rank, a
+        ``RuntimeError`` naming it and ``what`` on the others. Ranks that
+        decide something alone (rank 0's file checks) call this so that no
+        rank goes on to wait forever for one that stopped."""
+        failed = self.all_gather_rows([0.0 if error is None else 1.0])[:, 0]
+        if not failed.any():
+            return
+        if error is not None:
+            raise error
+        first = int(np.flatnonzero(failed)[0])
+        raise RuntimeError(f"rank {first} of {self.world_size} failed {what}; "
+                           "see its error")
+
+    def check_same(self, what, values):
+        """Raise ``ValueError`` on every rank unless ``values`` (arrays and
+        JSON-able numbers or strings) are bytewise the same on all ranks: a
+        cheap fingerprint (SHA-256) per rank, gathered and compared."""
+        h = hashlib.sha256()
+        for v in values:
+            if isinstance(v, np.ndarray):
+                h.update(str((v.dtype.str, v.shape)).encode())
+                h.update(np.ascontiguousarray(v).tobytes())
+            else:
+                h.update(repr(v).encode())
+        digest = h.digest()
+        # 4 chunks of 48 bits: exactly representable as float64
+        row = [float(int.from_bytes(digest[6 * i:6 * i + 6], "little")) for i in range(4)]
+        rows = self.all_gather_rows(row)
+        differ = [r for r in range(self.world_size) if not np.array_equal(rows[r], rows[0])]
+        if differ:
+            raise ValueError(f"ranks disagree on {what}: rank(s) {differ} differ from "
+                             "rank 0")
+
+
+class TorchCommunicator(Communicator):
+    """A :class:`Communicator` over a ``torch.distributed`` process group.
+
+    Parameters
+    ----------
+    group : torch.distributed.ProcessGroup, optional
+        Default: the default group (``init_process_group``'s).
+
+    With the gloo backend the numpy buffer is reduced in place (zero-copy);
+    with NCCL it is copied to the current CUDA device and back (grapheme
+    computes on the CPU; NCCL is only the wire).
+    """
+
+    def __init__(self, group=None):
+        dist = _torch_distributed()
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call "
+                               "torch.distributed.init_process_group first (grapheme "
+                               "train --nproc and torchrun launches do)")
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self._device = None
+        if self.backend == "nccl":
+            import torch
+
+            self._device = torch.device("cuda", torch.cuda.current_device())
+
+    def all_reduce(self, buffer):
+        import torch
+
+        if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.float64
+                and buffer.ndim == 1 and buffer.flags.c_contiguous and buffer.flags.writeable):
+            raise TypeError("buffer must be a writeable 1-D C-contiguous float64 ndarray")
+        tensor = torch.from_numpy(buffer)
+        if self._device is None:
+            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self.group)
+        else:
+            on_device = tensor.to(self._device)
+            self._dist.all_reduce(on_device, op=self._dist.ReduceOp.SUM, group=self.group)
+            tensor.copy_(on_device.cpu())
+
+    def __repr__(self):
+        return (f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, "
+                f"backend={self.backend!r})")
+
+
+def _torch_distributed():
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        raise ImportError("data-parallel training needs PyTorch: pip install "
+                          "'grapheme[torch]'") from None
+    if not dist.is_available():
+        raise ImportError("this PyTorch build has no torch.distributed")
+    return dist
+
+
+def init_from_env(backend="gloo", timeout=None):
+    """Join the process group a launcher described in the environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, as torchrun
+    and :func:`spawn_local` set them) and return its :class:`TorchCommunicator`.
+
+    ``backend``: ``"gloo"`` (CPU) or ``"nccl"`` (the device is
+    ``cuda:LOCAL_RANK``). ``timeout``: seconds a collective may wait for
+    the other ranks (torch's default when None).
+    """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    missing = [v for v in ENV_VARS if v != "LOCAL_RANK" and v not in os.environ]
+    if missing:
+        raise ValueError(f"a distributed launch needs the environment variables "
+                         f"{', '.join(missing)} (torchrun sets them)")
+    dist = _torch_distributed()
+    kwargs = {}
+    if timeout is not None:
+        import datetime
+
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://", **kwargs)
+    return TorchCommunicator()
+
+
+def destroy():
+    """Leave the default process group (after :func:`init_from_env`)."""
+    dist = _torch_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port free on ``host`` right now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0):
+    """Run ``command`` (an argv list) as ``nproc`` ranks on this machine and
+    wait; return 0 if all succeed, else the first failing rank's exit code.
+
+    Every rank gets the variables torchrun would set (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` =
+    127.0.0.1, ``MASTER_PORT`` a free port) and, unless already set, the
+    thread counts ``OMP_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` (=
+    ``threads``, default ``cpu_count // nproc``, at least 1), so that the
+    ranks do not oversubscribe the cores. Rank 0 writes to this process's
+    stdout and stderr; the others' stdout is discarded and their stderr
+    shown only if they fail. When one rank fails (or on ``KeyboardInterrupt``)
+    the others are terminated (SIGTERM, then SIGKILL after ``grace`` s).
+    """
+    base = dict(os.environ if env is None else env)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        base.setdefault(var, str(threads))
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    procs, errs = [], []
+    try:
+        for rank in range(nproc):
+            rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            if rank == 0:
+                procs.append(subprocess.Popen(command, env=rank_env))
+                errs.append(None)
+            else:
+                err = tempfile.TemporaryFile()
+                errs.append(err)
+                procs.append(subprocess.Popen(command, env=rank_env,
+                                              stdout=subprocess.DEVNULL, stderr=err))
+        failed = None
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs)
+                           if p.returncode not in (None, 0)), None)
+            time.sleep(poll)
+        if failed is None:
+            failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
+        if failed is None:
+            return 0
+        _stop(procs, grace)
+        if failed != 0 and procs[0].returncode in (0, None, -signal.SIGTERM):
+            errs[failed].seek(0)
+            sys.stderr.write(errs[failed].read().decode("utf-8", "replace"))
+        code = procs[failed].returncode
+        return code if code > 0 else 1
+    except BaseException:
+        _stop(procs, grace)
+        raise
+    finally:
+        for err in errs:
+            if err is not None:
+                err.close()
+
+
+def _stop(procs, grace):
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

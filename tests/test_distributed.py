@@ -1,0 +1,163 @@
+"""Data-parallel training (grapheme.distributed, Trainer(comm=...)):
+two processes over the loopback interface reach the parameters of one
+process with the same global batch, and ``grapheme train --nproc 2``
+writes one run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch.distributed")
+
+import grapheme as gr
+from grapheme.distributed import Communicator, shard_bounds
+
+import distributed_worker as worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 120
+
+
+def _env():
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    root = os.path.dirname(HERE)   # the source tree, when not installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run_ranks(command, nproc=2):
+    """Run ``command`` as ``nproc`` local ranks in a child process (so a
+    hang is killed by the timeout): its exit status."""
+    script = ("import sys; from grapheme.distributed import spawn_local; "
+              f"sys.exit(spawn_local({command!r}, {nproc}))")
+    return subprocess.run([sys.executable, "-c", script], env=_env(),
+                          timeout=TIMEOUT).returncode
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    code = _run_ranks([sys.executable, os.path.join(HERE, "distributed_worker.py"),
+                       str(out)])
+    assert code == 0
+    return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", sorted(worker.configurations()))
+def test_two_ranks_reach_the_single_process_parameters(two_ranks, name):
+    factory, pairs = worker.configurations()[name]
+    single = worker.train(factory, pairs)
+    fresh = factory(None)
+    fresh._grow([p[0] for p in pairs], [p[1] for p in pairs])   # the rows fit adds
+    init = fresh._params()
+    for key, want in single.items():
+        got0, got1 = two_ranks[0][f"{name}/{key}"], two_ranks[1][f"{name}/{key}"]
+        assert np.array_equal(got0, got1), key          # the ranks agree bit for bit
+        scale = np.linalg.norm(want)
+        assert np.linalg.norm(got0 - want) <= 1e-12 * scale, key
+    # and the runs trained: the table moved
+    moved = single["embedding"] - init["embedding"]
+    assert np.abs(moved).max() > 1e-3
+
+
+def test_shard_bounds_cover_the_batch():
+    for n in range(0, 9):
+        for p in range(1, 5):
+            bounds = [shard_bounds(n, r, p) for r in range(p)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+
+
+def test_trainer_comm_is_checked():
+    def make(comm, estimator="ste"):
+        return gr.Trainer(gr.Embedding(dim=4), gr.Morpher(estimator=estimator),
+                          gr.StructuralLoss(), gr.Adam(), comm=comm)
+    with pytest.raises(TypeError, match="comm must be"):
+        make("gloo")
+    with pytest.raises(ValueError, match="reinforce"):
+        make(Communicator(), estimator="reinforce")
+
+
+def test_one_rank_communicator_is_the_single_process_run():
+    """A trivial communicator (one rank, no peers) goes through the sharded
+    step: the same parameters as the plain step, to rounding."""
+    factory, pairs = worker.configurations()["ste_encoder"]
+    single = worker.train(factory, pairs)
+    alone = worker.train(factory, pairs, _Alone())
+    for key, want in single.items():
+        assert np.linalg.norm(alone[key] - want) <= 1e-12 * np.linalg.norm(want), key
+
+
+class _Alone(Communicator):
+    def all_reduce(self, buffer):
+        pass
+
+
+def _write_pairs(path, pairs):
+    with open(path, "w", encoding="utf-8") as f:
+        for source, target in pairs:
+            f.write(json.dumps({"input": source, "target": target}) + "\n")
+
+
+def test_cli_nproc_2_writes_one_run_and_resumes(tmp_path):
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "grapheme.cli", "train", "--data", str(data),
+            "--out", str(out), "--no-progress"]
+    settings = ["--batch-size", "6", "--dim", "8"]
+    done = subprocess.run(args + settings + ["--epochs", "1", "--nproc", "2"], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("epochs 1-1") == 1            # one rank reports
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "metrics.jsonl"]
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1]
+    resumed = subprocess.run(args + ["--epochs", "2", "--nproc", "2", "--resume",
+                                     str(out / "checkpoint.npz")],
+                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "metrics.jsonl"]
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]
+    # the same run in one process, for comparison: equal to rounding
+    single_out = tmp_path / "single"
+    args[args.index(str(out))] = str(single_out)
+    done = subprocess.run(args + settings + ["--epochs", "2"], env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    a = gr.Segmenter.load(out / "checkpoint.npz").embedding.weight
+    b = gr.Segmenter.load(single_out / "checkpoint.npz").embedding.weight
+    assert np.linalg.norm(a - b) <= 1e-10 * np.linalg.norm(b)
+
+
+def test_cli_nproc_refuses_an_existing_run_before_spawning(tmp_path):
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    done = subprocess.run([sys.executable, "-m", "grapheme.cli", "train", "--data",
+                           str(data), "--out", str(out), "--epochs", "1", "--nproc", "2"],
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2
+    assert "already holds a run" in done.stderr
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_sharded_train_step_grows_the_table_as_one_process():
+    """train_step called directly (not by fit): the table grows for the
+    global batch's characters, in the one-process order."""
+    factory, pairs = worker.configurations()["ste_encoder"]
+    plain, alone = factory(None), factory(_Alone())
+    for lo in range(0, 18, 6):
+        batch = [p[0] for p in pairs[lo:lo + 6]], [p[1] for p in pairs[lo:lo + 6]]
+        a, b = plain.train_step(*batch), alone.train_step(*batch)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+    assert np.array_equal(plain.embedding.codes, alone.embedding.codes)
+    w = plain.embedding.weight
+    assert np.linalg.norm(alone.embedding.weight - w) <= 1e-12 * np.linalg.norm(w)
