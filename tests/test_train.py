@@ -386,3 +386,13 @@ def test_segmentation_pairs_change_the_fingerprint():
     b = data_fingerprint(["aaa"], [("aa", "a")])
     c = data_fingerprint(["aaa"], ["aa"])
     assert len({a["sha256"], b["sha256"], c["sha256"]}) == 3
+
+
+def test_reinforce_samples_report_a_kept_fraction_not_k_times_too_large():
+    # every sample is a morph of the batch: inputs and outputs both count K copies
+    morpher = Morpher(estimator=Reinforce(baseline="loo", samples=4, seed=1))
+    t = Trainer(Embedding(dim=8, seed=0), morpher, StructuralLoss(), Adam(lr=1e-2),
+                progress=False)
+    stats = t.train_step(["hello", "abc"], ["helo", "ab"])
+    assert stats["input_nodes"] == 4 * 8 and stats["chars"] == 8
+    assert 0 < stats["output_nodes"] <= stats["input_nodes"]

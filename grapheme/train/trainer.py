@@ -363,7 +363,9 @@ class Trainer:
             variance = float(np.var(morpher.theta_estimates(morphed, advantage), ddof=1))
         return {"loss": float(res.value), "node": float(res.node),
                 "edge": float(res.edge), "clique": float(res.clique),
-                "input_nodes": g.num_nodes, "output_nodes": morphed.history.num_outputs,
+                # over all REINFORCE samples, so their ratio is the kept fraction
+                "input_nodes": morphed.history.num_inputs,
+                "output_nodes": morphed.history.num_outputs,
                 "chars": g.num_nodes, "grad_norm": grad_norm,
                 "estimator_variance": variance}
 
