@@ -292,3 +292,23 @@ def check_upstream(grad, name, n):
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite")
     return arr
+
+
+def check_model(embedding, morpher, encoder):
+    """The components of a model (a Segmenter's, a Trainer's): their types,
+    and the encoder's width equal to the embedding's."""
+    from .embedding import Embedding
+    from .encoder import Encoder
+    from .morph import Morpher
+
+    if not isinstance(embedding, Embedding):
+        raise TypeError(f"embedding must be a grapheme.Embedding, got "
+                        f"{type(embedding).__name__}")
+    if not isinstance(morpher, Morpher):
+        raise TypeError(f"morpher must be a grapheme.Morpher, got {type(morpher).__name__}")
+    if encoder is not None and not isinstance(encoder, Encoder):
+        raise TypeError(f"encoder must be a grapheme.Encoder or None, got "
+                        f"{type(encoder).__name__}")
+    if encoder is not None and encoder.dim != embedding.dim:
+        raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
+                         f"{embedding.dim}")

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from ._validation import check_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .encoder import Encoder
@@ -65,18 +66,7 @@ class Segmenter:
     """
 
     def __init__(self, embedding, morpher, encoder=None):
-        if not isinstance(embedding, Embedding):
-            raise TypeError(f"embedding must be a grapheme.Embedding, got "
-                            f"{type(embedding).__name__}")
-        if not isinstance(morpher, Morpher):
-            raise TypeError(f"morpher must be a grapheme.Morpher, got "
-                            f"{type(morpher).__name__}")
-        if encoder is not None and not isinstance(encoder, Encoder):
-            raise TypeError(f"encoder must be a grapheme.Encoder or None, got "
-                            f"{type(encoder).__name__}")
-        if encoder is not None and encoder.dim != embedding.dim:
-            raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
-                             f"{embedding.dim}")
+        check_model(embedding, morpher, encoder)
         self.embedding, self.morpher, self.encoder = embedding, morpher, encoder
         self._local = threading.local()   # per-thread inference buffers
 

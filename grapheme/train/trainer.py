@@ -27,12 +27,10 @@ import time
 import numpy as np
 
 from .. import _core
-from .._validation import check_pairs, check_scalar, show
+from .._validation import check_model, check_pairs, check_scalar, show
 from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
-from ..encoder import Encoder
 from ..graph import Graph, replicate
-from ..morph import Morpher
 from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
 from ..data import segment_lengths, target_text
@@ -148,12 +146,7 @@ class Trainer:
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
                  target_activation="embedding", log=None, progress=True, encoder=None,
                  overwrite=False, unknown_prob=0.0, comm=None):
-        if not isinstance(embedding, Embedding):
-            raise TypeError(f"embedding must be a grapheme.Embedding, got "
-                            f"{type(embedding).__name__}")
-        if not isinstance(morpher, Morpher):
-            raise TypeError(f"morpher must be a grapheme.Morpher, got "
-                            f"{type(morpher).__name__}")
+        check_model(embedding, morpher, encoder)
         if not (callable(getattr(loss, "forward", None))
                 and callable(getattr(loss, "backward", None))):
             raise TypeError(f"loss must have forward() and backward(), got "
@@ -161,9 +154,6 @@ class Trainer:
         if not isinstance(optimizer, _optim.Optimizer):
             raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
-        if encoder is not None and not isinstance(encoder, Encoder):
-            raise TypeError(f"encoder must be a grapheme.Encoder or None, got "
-                            f"{type(encoder).__name__}")
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
                             f"got {type(comm).__name__}")
@@ -172,9 +162,6 @@ class Trainer:
                              "'reinforce' estimator yet (its sample stream and running "
                              "baseline are not shared between ranks); use 'ste', 'soft' "
                              "or 'history', or train in one process")
-        if encoder is not None and encoder.dim != embedding.dim:
-            raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
-                             f"{embedding.dim}")
         self.encoder = encoder
         self.embedding = embedding
         self.morpher = morpher
@@ -340,20 +327,13 @@ class Trainer:
         """
         if self.comm is not None:
             return self._shard_step(inputs, targets)
-        emb, morpher = self.embedding, self.morpher
-        g, rows, H, target, t_rows = self._batch(inputs, targets)
-        encoded, enc_saved = self._encode(g, H)
-        morphed = morpher.forward(g, *encoded)
-        seg_saved = None
-        if target is None:
-            target, seg_saved = self._segmentation_target(g, targets, encoded[0])
-        target = replicate(target, morphed.samples)
-        res = self.loss.forward(morphed.graph, target)
+        morpher = self.morpher
+        g, morphed, res, saved = self._forward(inputs, targets)
         lg = self.loss.backward(res)
         B = res.values.shape[0]
         advantage = morphed.advantage(res.values)
         grads, grad_norm = self._gradients(
-            morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
+            morphed, lg, *saved,
             grad_log_prob=None if advantage is None else advantage / B,
             grad_rate_penalty=1.0)
         self._update(float(res.value), grads, grad_norm)
@@ -368,6 +348,19 @@ class Trainer:
                 "output_nodes": morphed.history.num_outputs,
                 "chars": g.num_nodes, "grad_norm": grad_norm,
                 "estimator_variance": variance}
+
+    def _forward(self, inputs, targets, **batch):
+        """The step's forward pass: ``(input graph, morphed, loss result, saved)``,
+        ``saved`` being what :meth:`_gradients` needs besides those."""
+        g, rows, H, target, t_rows = self._batch(inputs, targets, **batch)
+        encoded, enc_saved = self._encode(g, H)
+        morphed = self.morpher.forward(g, *encoded)
+        seg_saved = None
+        if target is None:
+            target, seg_saved = self._segmentation_target(g, targets, encoded[0])
+        target = replicate(target, morphed.samples)
+        res = self.loss.forward(morphed.graph, target)
+        return g, morphed, res, (rows, t_rows, target, seg_saved, enc_saved)
 
     def _gradients(self, morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
                    grad_log_prob=None, grad_rate_penalty=None, grad_probability=None):
@@ -430,7 +423,7 @@ class Trainer:
         its measured one. ``grown``: the table already has a row for every
         character of the batch (:meth:`fit` grows it before the first step),
         so the per-step cost of the global batch is one ``len`` per text."""
-        comm, emb, morpher = self.comm, self.embedding, self.morpher
+        comm, morpher = self.comm, self.morpher
         B = len(inputs)
         lo, hi = shard_bounds(B, comm.rank, comm.world_size)
         if not grown:
@@ -440,14 +433,7 @@ class Trainer:
         K = morpher.estimator.samples
         morphed = res = None
         if inputs:
-            g, rows, H, target, t_rows = self._batch(inputs, targets, draws=draws)
-            encoded, enc_saved = self._encode(g, H)
-            morphed = morpher.forward(g, *encoded)
-            seg_saved = None
-            if target is None:
-                target, seg_saved = self._segmentation_target(g, targets, encoded[0])
-            target = replicate(target, morphed.samples)
-            res = self.loss.forward(morphed.graph, target)
+            g, morphed, res, kept = self._forward(inputs, targets, draws=draws)
         grad_p = None
         if morpher.rate is not None:
             # the penalty of the global batch's expected kept fraction
@@ -462,8 +448,7 @@ class Trainer:
         params = self._params()
         if morphed is not None:
             lg = self.loss.backward(res, np.full(res.values.shape[0], 1.0 / (K * B)))
-            grads = self._gradients(morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
-                                    grad_probability=grad_p)[0]
+            grads = self._gradients(morphed, lg, *kept, grad_probability=grad_p)[0]
             n = res.values.shape[0]
             counts = [n * res.value, n * res.node, n * res.edge, n * res.clique,
                       g.num_nodes, morphed.history.num_outputs, morphed.history.num_inputs]
