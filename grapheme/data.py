@@ -544,6 +544,9 @@ def read_documents(paths):
     return docs
 
 
+#: Where a file of a corpus of fewer than 3 files is cut into documents.
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+
 #: Share of the words each held-out split gets in :func:`generate_words`.
 HELD_OUT = {"val": 0.1, "test": 0.1}
 
@@ -558,7 +561,9 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
     The split is **by document, never by line**: the documents are shuffled
     (by ``seed``), then ``test`` takes whole documents until it holds at
     least 10% of the words, ``val`` the same, and ``train`` the rest, each
-    split at least one document. No document has examples in two splits.
+    split at least one document. No document has examples in two splits. A
+    document is a file; a corpus of one or two files (a user's own text) is
+    cut at blank lines, every paragraph a document (named ``FILE#k``).
 
     Parameters
     ----------
@@ -599,9 +604,15 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
     docs = stdlib_documents() if corpus is None else read_documents(corpus)
     counted = [(name, text, len(words_of(text))) for name, text in docs]
     counted = [d for d in counted if d[2] > 0]
+    if corpus is not None and len(counted) < 3:
+        # one or two files (a user's own text): their paragraphs are the documents
+        counted = [(f"{name}#{k}", par, n) for name, text, _ in counted
+                   for k, par in enumerate(_PARAGRAPH.split(text))
+                   for n in [len(words_of(par))] if n > 0]
     if len(counted) < 3:
         raise ValueError(f"corpus: a split by document needs at least 3 documents with "
-                         f"words (one file is one document), got {len(counted)}")
+                         f"words (one file is one document; one or two files are split "
+                         f"at blank lines), got {len(counted)}")
     split_seq, window_seq = np.random.SeedSequence(int(seed)).spawn(2)
     order = np.random.default_rng(split_seq).permutation(len(counted)).tolist()
     total = sum(d[2] for d in counted)

@@ -231,8 +231,25 @@ def test_generate_words_splits_by_document(tmp_path):
         assert open(out[split], "rb").read() == open(again[split], "rb").read()
 
 
+def test_one_file_is_split_into_paragraphs(tmp_path):
+    # a user's own text file: its paragraphs are the documents, never split
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(" ".join(f"para{'abcdefgh'[k]} w{j}." for j in range(50))
+                                  for k in range(8)) + "\n", encoding="utf-8")
+    out = generate_words(tmp_path / "d", corpus=[text], seed=0)
+    with open(out["documents"], encoding="utf-8") as f:
+        where = json.load(f)["documents"]
+    names = [n for split in ("train", "val", "test") for n in where[split]]
+    assert sorted(names) == [f"{text}#{k}" for k in range(8)]
+    for split in ("train", "val", "test"):
+        paras = {n.rsplit("#", 1)[1] for n in where[split]}
+        for _, segs in load_pairs(out[split]):
+            marks = {"abcdefgh".index(w[-1]) for w in segs if w.startswith("para")}
+            assert {str(m) for m in marks} <= paras
+
+
 def test_generate_words_errors(tmp_path):
-    paths = _corpus(tmp_path, n=2)
+    paths = _corpus(tmp_path, n=2)   # two files of one paragraph each
     with pytest.raises(ValueError, match="at least 3 documents with words.*got 2"):
         generate_words(tmp_path / "d", corpus=paths)
     bad = tmp_path / "latin1.txt"
