@@ -607,6 +607,9 @@ def _cmd_demo(args, out):
         "threshold tau: neighbours whose similarity exceeds tau merge",
         f"exact: demo inputs (of {len(pairs)}) whose morph has exactly the target's "
         "nodes (their number and characters)",
+        "history passes exact gradients through the merges to the features, none to "
+        "the merge decisions, so it cannot learn new merges; reinforce estimates them "
+        "from samples, noisily at this budget",
     ]), file=out)
     print("\nLearned segmentations (| separates merged nodes):", file=out)
     seg_rows = [[r["estimator"]] + [f"{a} -> {r['segments'][a]}" for a, _ in pairs]
