@@ -89,6 +89,14 @@ def neighbour_sums(
     pred: np.ndarray,     # double[:, ::1] OUT (n, d)
     succ: np.ndarray,     # double[:, ::1] OUT (n, d)
 ) -> None: ...
+def neighbour_sums_adjoint(
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
+    grad_pred: np.ndarray,  # const double[:, ::1] IN (n, d)
+    grad_succ: np.ndarray,  # const double[:, ::1] IN (n, d)
+    out: np.ndarray,        # double[:, ::1] IN/OUT (n, d), accumulated
+) -> None: ...
 def edge_cosine_qk(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
     indices: np.ndarray,  # const index_t[::1] IN (E,)

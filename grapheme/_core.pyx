@@ -580,6 +580,37 @@ def neighbour_sums(const index_t[::1] indptr,   # IN  (n+1,)
                 _row_add(pp + v * d, xp + u * d, w, d)
 
 
+def neighbour_sums_adjoint(const index_t[::1] indptr,   # IN  (n+1,)
+                           const index_t[::1] indices,  # IN  (E,)
+                           const double[::1] weights,   # IN  (E,), or (0,): weight 1
+                           const double[:, ::1] grad_pred,  # IN  (n, d)
+                           const double[:, ::1] grad_succ,  # IN  (n, d)
+                           double[:, ::1] out):         # IN/OUT (n, d), accumulated
+    """Add the adjoint of :func:`neighbour_sums` to ``out``.
+
+    For ``pred = A^T x`` and ``succ = A x``, the gradient of ``x`` is
+    ``A grad_pred + A^T grad_succ``: ``out[u] += w_e grad_pred[v]`` and
+    ``out[v] += w_e grad_succ[u]`` for every edge ``e = u -> v``. One pass
+    over the edges, no temporary. ``out`` must overlap neither input.
+    O((n + E) d).
+    """
+    cdef intp_t n = out.shape[0], d = out.shape[1], u, v, e
+    cdef bint weighted = weights.shape[0] != 0
+    cdef double w
+    if n == 0 or d == 0:
+        return
+    cdef const double* gp = &grad_pred[0, 0]
+    cdef const double* gs = &grad_succ[0, 0]
+    cdef double* op = &out[0, 0]
+    with nogil:
+        for u in range(n):
+            for e in range(indptr[u], indptr[u + 1]):
+                v = indices[e]
+                w = weights[e] if weighted else 1.0
+                _row_add(op + u * d, gp + v * d, w, d)
+                _row_add(op + v * d, gs + u * d, w, d)
+
+
 cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, intp_t d,
                        const double* qp, const double* kp, double* qnorms, double* knorms,
                        double* sim) noexcept nogil:

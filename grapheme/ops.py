@@ -614,8 +614,14 @@ class MessagePassing(Operation):
         pred, succ = np.empty((n, d)), np.empty((n, d))
         weights = np.empty(0) if graph.weights is None else graph.weights
         _core.neighbour_sums(graph.indptr, graph.indices, weights, features, pred, succ)
-        z = features @ w_self + pred @ w_pred + succ @ w_succ + bias
-        t = np.tanh(z)
+        # t = tanh(h W_self + P W_pred + S W_succ + b), in place: a fresh
+        # (n, d) temporary per term cost more than the products at d = 64
+        t = features @ w_self
+        tmp = np.matmul(pred, w_pred)
+        t += tmp
+        t += np.matmul(succ, w_succ, out=tmp)
+        t += bias
+        np.tanh(t, out=t)
         return (MessageResult(features + t),
                 (graph.indptr, graph.indices, weights, features, pred, succ, t,
                  w_self, w_pred, w_succ))
@@ -626,14 +632,15 @@ class MessagePassing(Operation):
             return (np.zeros_like(h), np.zeros_like(w_self), np.zeros_like(w_pred),
                     np.zeros_like(w_succ), np.zeros(w_self.shape[1]))
         g = optional_grad(grad_features, "grad_features", h.shape, finite=False)
-        gz = g * (1.0 - t * t)
-        # the adjoint of the predecessor sum is the successor sum, and back
-        back_pred, back_succ = np.empty_like(h), np.empty_like(h)
-        _core.neighbour_sums(indptr, indices, weights, np.ascontiguousarray(gz @ w_pred.T),
-                             np.empty_like(h), back_pred)
-        _core.neighbour_sums(indptr, indices, weights, np.ascontiguousarray(gz @ w_succ.T),
-                             back_succ, np.empty_like(h))
-        grad_h = g + gz @ w_self.T + back_pred + back_succ
+        gz = np.multiply(t, t)                 # gz = g (1 - t^2), in place
+        np.subtract(1.0, gz, out=gz)
+        gz *= g
+        grad_h = gz @ w_self.T
+        grad_h += g
+        # the adjoint of the predecessor sum is the successor sum, and back:
+        # grad_h += A (gz W_pred^T) + A^T (gz W_succ^T), one pass over the edges
+        _core.neighbour_sums_adjoint(indptr, indices, weights, gz @ w_pred.T,
+                                     gz @ w_succ.T, grad_h)
         return grad_h, h.T @ gz, pred.T @ gz, succ.T @ gz, gz.sum(axis=0)
 
 
