@@ -1,20 +1,30 @@
-"""The PyTorch bridge against the numpy Trainer: one training step, the same model.
+"""grapheme against PyTorch: the bridge, and an idiomatic PyTorch peer.
+
+``BridgeStepSuite``: the PyTorch bridge against the numpy Trainer, one
+training step of the same model.
 
 Both sides train an embedding table and the threshold with Adam on the same
 batch of 256 short pairs (``ste``, d = 64): the numpy ``Trainer.train_step``
 against a torch step (table lookup, ``grapheme.torch.Merge``,
 ``grapheme.torch.StructuralLoss``, ``backward``, ``torch.optim.Adam``). The
 ratio says what the bridge costs over calling grapheme directly; it must not
-cost more than 1.5x (``peer / ours >= 0.667``). Skipped without torch.
+cost more than 1.5x (``peer / ours >= 0.667``).
+
+``PeerStepSuite``: the Trainer's step against the same step written as an
+idiomatic batched PyTorch program (``bench/torch_peer.py``; issue 14).
+
+Both skipped without torch.
 """
+import time
+
 import numpy as np
 
-from grapheme import Embedding, Graph, Morpher
+from grapheme import Embedding, Encoder, Graph, Morpher
 from grapheme.loss import StructuralLoss
 from grapheme.optim import Adam
 from grapheme.train import Trainer
 
-from .bench_train import _short_pairs
+from .bench_train import _pairs, _word_pairs_upto
 
 
 class BridgeStepSuite:
@@ -29,7 +39,7 @@ class BridgeStepSuite:
             raise NotImplementedError("torch is not installed")
         from grapheme import torch as gt
 
-        batch = _short_pairs(pairs, np.random.default_rng(42))
+        batch = _pairs(pairs, np.random.default_rng(42), 2, 8)
         self.inputs = [a for a, _ in batch]
         self.targets = [b for _, b in batch]
         self.trainer = Trainer(Embedding(dim=64, seed=0), Morpher(estimator="ste"),
@@ -59,3 +69,87 @@ class BridgeStepSuite:
         loss.backward()
         self.opt.step()
         self.merge.step(merged)
+
+
+class PeerStepSuite:
+    """One training step of grapheme against an idiomatic PyTorch peer.
+
+    Issue 14: at least 5x the peer's characters/s. Both train the same model
+    from the same initial weights on the same batch of word-segmentation
+    pairs (``pairs`` texts of at most ``max_chars`` characters, whole words,
+    nodes labelled by their offsets): ``Embedding(dim)``, ``Encoder(dim,
+    layers=2)``, ``ste``, ``StructuralLoss.for_training()``, Adam (lr 3e-3).
+    grapheme: ``Trainer.train_step`` from the strings. The peer
+    (``bench/torch_peer.py``): the same step from the same strings (a
+    vectorised numpy collate into padded (B, L) tensors), padded batched
+    tensors, autograd, ``torch.optim.Adam``, torch on every core (its default
+    thread count). Their losses agree to ~1e-8 step after step.
+
+    ``time_torch_step`` is the peer in float64 with grapheme's stopping rule
+    (Sinkhorn until the row-marginal error is <= 1e-6, with the balancing
+    step, the batch running until its slowest pair converges);
+    ``time_torch32_step`` the same in float32, PyTorch's default dtype, with
+    tol 1e-5 (float32 cannot reliably reach 1e-6: some batches run to the
+    cap of 1000 sweeps; at 1e-5 it takes fewer sweeps than float64 at 1e-6,
+    capped at 200 here). Every call is a training step, so the parameters
+    move as the suite runs, identically on both sides.
+    """
+
+    params = [[64, 256, 1024], [24, 48], [16, 64]]
+    param_names = ["pairs", "max_chars", "dim"]
+    ratios = [("time_grapheme_step", "time_torch_step", 5),
+              ("time_grapheme_step", "time_torch32_step", 5)]
+    number = 1
+    repeat = (3, 7, 20.0)
+    timeout = 300
+
+    def setup(self, pairs, max_chars, dim):
+        try:
+            import torch
+        except ImportError:
+            raise NotImplementedError("torch is not installed")
+        from .torch_peer import TorchPeer
+
+        batch = _word_pairs_upto(pairs, np.random.default_rng(42), max_chars)
+        self.inputs = [a for a, _ in batch]
+        self.targets = [b for _, b in batch]
+        self.chars = sum(map(len, self.inputs))
+        emb = Embedding(dim=dim, seed=0)
+        emb.rows(Graph.from_texts(self.inputs).labels)   # the rows the trainer grows
+        self.peer = TorchPeer(emb.weight.copy(), emb.codes.copy(), lr=3e-3)
+        self.peer32 = TorchPeer(emb.weight.copy(), emb.codes.copy(), lr=3e-3,
+                                dtype=torch.float32, tol=1e-5, iterations=200)
+        self.trainer = Trainer(emb, Morpher(estimator="ste"), StructuralLoss.for_training(),
+                               Adam(lr=3e-3), batch_size=pairs, seed=0, progress=False,
+                               encoder=Encoder(dim, layers=2))
+        self.trainer.train_step(self.inputs, self.targets)   # warm up
+        self.peer.step(self.inputs, self.targets)
+        self.peer32.step(self.inputs, self.targets)
+
+    def time_grapheme_step(self, pairs, max_chars, dim):
+        self.trainer.train_step(self.inputs, self.targets)
+
+    def time_torch_step(self, pairs, max_chars, dim):
+        self.peer.step(self.inputs, self.targets)
+
+    def time_torch32_step(self, pairs, max_chars, dim):
+        self.peer32.step(self.inputs, self.targets)
+
+    def _chars_per_s(self, step, steps=2):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(self.inputs, self.targets)
+        return steps * self.chars / (time.perf_counter() - start)
+
+    def track_grapheme_chars_per_s(self, pairs, max_chars, dim):
+        return self._chars_per_s(self.trainer.train_step)
+
+    def track_torch_chars_per_s(self, pairs, max_chars, dim):
+        return self._chars_per_s(self.peer.step)
+
+    def track_torch32_chars_per_s(self, pairs, max_chars, dim):
+        return self._chars_per_s(self.peer32.step)
+
+    track_grapheme_chars_per_s.unit = "chars/s"
+    track_torch_chars_per_s.unit = "chars/s"
+    track_torch32_chars_per_s.unit = "chars/s"

@@ -33,6 +33,25 @@ def _word_pairs(n, rng):
     return pairs
 
 
+def _word_pairs_upto(n, rng, max_chars):
+    """``n`` segmentation pairs of whole words from ``_WORDS``, each text at
+    most ``max_chars`` characters long (its length budget drawn uniformly
+    from ``max_chars // 2 .. max_chars``; words are added while they fit, at
+    least one)."""
+    pairs = []
+    budgets = rng.integers(max_chars // 2, max_chars + 1, size=n)
+    for budget in budgets:
+        words, size = [], 0
+        while True:
+            w = _WORDS[int(rng.integers(0, len(_WORDS)))]
+            if words and size + len(w) > budget:
+                break
+            words.append(w)
+            size += len(w)
+        pairs.append(("".join(words), tuple(words)))
+    return pairs
+
+
 def _trainer(batch_size, dim=64):
     return Trainer(Embedding(dim=dim, seed=0), Morpher(), StructuralLoss(), Adam(lr=1e-2),
                    batch_size=batch_size, seed=0, progress=False)
