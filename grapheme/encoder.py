@@ -3,7 +3,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _core
 from ._validation import as_float_array, check_allocation, check_graph, check_scalar
 from .ops import Linear, MessagePassing
 
@@ -84,57 +83,46 @@ class Encoder:
         """Constructor arguments."""
         return {"dim": self.dim, "layers": self.layers}
 
-    def forward(self, graph, features):
-        """Contextual features, queries and keys of ``graph``'s nodes (pure)."""
+    def forward(self, graph, features, workspace=None):
+        """Contextual features, queries and keys of ``graph``'s nodes.
+
+        Pure without ``workspace``. With one (a
+        :class:`grapheme._workspace.Workspace`, as the ``Trainer`` and the
+        ``Segmenter`` pass), every (n, d) array lives in it, the result and
+        what :meth:`vjp` needs included, valid until the workspace's next
+        ``forward``: bit for bit the same numbers, without paying a fresh
+        array's page faults per product."""
         check_graph(graph, "graph")
         h = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, self.dim))
         saved = []
         for layer in range(self.layers):
             w = [self.params[f"layer{layer}.{name}"] for name in _LAYER]
-            (h,), s = MessagePassing().forward(graph, h, *w)
+            (h,), s = MessagePassing().forward(graph, h, *w, workspace=workspace,
+                                               name=f"layer{layer}.")
             saved.append(s)
-        (q,), sq = Linear().forward(h, self.params["query"])
-        (k,), sk = Linear().forward(h, self.params["key"])
+        (q,), sq = Linear().forward(h, self.params["query"], workspace, "query.")
+        (k,), sk = Linear().forward(h, self.params["key"], workspace, "key.")
         return EncodeResult(h, q, k), (saved, sq, sk)
 
-    def _infer(self, graph, features, buffer):
-        """:meth:`forward`'s ``(features, queries, keys)``, bit for bit,
-        without keeping what the vjp needs, in arrays from ``buffer(name,
-        shape)`` (reused between calls: a fresh (n, d) array per product made
-        inference several times slower on page faults alone). The arrays
-        are ``buffer``'s, valid until its next use. For inference only."""
-        n, d = features.shape
-        weights = np.empty(0) if graph.weights is None else graph.weights
-        pred, succ = buffer("pred", (n, d)), buffer("succ", (n, d))
-        z, tmp = buffer("z", (n, d)), buffer("tmp", (n, d))
-        h = features
-        for layer in range(self.layers):
-            w_self, w_pred, w_succ, bias = (self.params[f"layer{layer}.{name}"]
-                                            for name in _LAYER)
-            _core.neighbour_sums(graph.indptr, graph.indices, weights, h, pred, succ)
-            # MessagePassing: h + tanh(h W_self + P W_pred + S W_succ + b), in its order
-            np.matmul(h, w_self, out=z)
-            z += np.matmul(pred, w_pred, out=tmp)
-            z += np.matmul(succ, w_succ, out=tmp)
-            z += bias
-            np.tanh(z, out=z)
-            h = np.add(h, z, out=buffer(f"h{layer % 2}", (n, d)))
-        q = np.matmul(h, self.params["query"], out=buffer("queries", (n, d)))
-        k = np.matmul(h, self.params["key"], out=buffer("keys", (n, d)))
-        return h, q, k
-
-    def vjp(self, saved, grad_features=None, grad_queries=None, grad_keys=None):
-        """Gradient of the input features, and of every parameter (a dict). Pure."""
+    def vjp(self, saved, grad_features=None, grad_queries=None, grad_keys=None,
+            workspace=None):
+        """Gradient of the input features, and of every parameter (a dict).
+        Pure without ``workspace`` (see :meth:`forward`)."""
         layers, sq, sk = saved
         grads = {}
-        grad_h = np.zeros(sq[0].shape) if grad_features is None else np.array(
-            grad_features, dtype=np.float64)
+        n, d = sq[0].shape
+        grad_h = np.zeros((n, d)) if workspace is None else workspace("encoder.grad", (n, d))
+        if grad_features is None:
+            grad_h[...] = 0.0
+        else:
+            grad_h[...] = grad_features
         for name, s, g in (("query", sq, grad_queries), ("key", sk, grad_keys)):
-            gx, gw = Linear().vjp(s, g)
+            gx, gw = Linear().vjp(s, g, workspace, "projection.")
             grad_h += gx
             grads[name] = gw
         for layer in range(self.layers - 1, -1, -1):
-            grad_h, *gw = MessagePassing().vjp(layers[layer], grad_h)
+            grad_h, *gw = MessagePassing().vjp(layers[layer], grad_h, workspace,
+                                               f"layer{layer % 2}.")
             for name, g in zip(_LAYER, gw):
                 grads[f"layer{layer}.{name}"] = g
         return grad_h, grads

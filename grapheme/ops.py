@@ -561,6 +561,11 @@ class RatePenalty(Operation):
         return f"RatePenalty(target={self.target}, weight={self.weight})"
 
 
+def _alloc(workspace, name, n, d):
+    """A fresh (n, d) array, or the workspace's view named ``name``."""
+    return np.empty((n, d)) if workspace is None else workspace(name, (n, d))
+
+
 def check_features(graph, features, name="features"):
     """``features`` as a finite float64 (n_nodes, d) array."""
     return as_float_array(features, name, ndim=2, shape=(graph.num_nodes, None))
@@ -603,7 +608,12 @@ class MessagePassing(Operation):
     inputs = ("features", "self", "pred", "succ", "bias")
     outputs = ("features",)
 
-    def forward(self, graph, features, w_self, w_pred, w_succ, bias):
+    def forward(self, graph, features, w_self, w_pred, w_succ, bias, workspace=None,
+                name=""):
+        """``workspace`` (a :class:`grapheme._workspace.Workspace`, optional):
+        where the (n, d) arrays live, those saved and the result under
+        ``name`` + "pred", "succ", "t", "out"; valid until the workspace's
+        next use of those names. None: fresh arrays (pure)."""
         check_graph(graph, "graph")
         features = check_features(graph, features)
         n, d = features.shape
@@ -611,36 +621,42 @@ class MessagePassing(Operation):
         w_pred = as_float_array(w_pred, "w_pred", shape=(d, d))
         w_succ = as_float_array(w_succ, "w_succ", shape=(d, d))
         bias = as_float_array(bias, "bias", shape=(d,))
-        pred, succ = np.empty((n, d)), np.empty((n, d))
+        pred, succ = _alloc(workspace, name + "pred", n, d), _alloc(workspace, name + "succ", n, d)
         weights = np.empty(0) if graph.weights is None else graph.weights
         _core.neighbour_sums(graph.indptr, graph.indices, weights, features, pred, succ)
         # t = tanh(h W_self + P W_pred + S W_succ + b), in place: a fresh
         # (n, d) temporary per term cost more than the products at d = 64
-        t = features @ w_self
-        tmp = np.matmul(pred, w_pred)
-        t += tmp
+        t, tmp = _alloc(workspace, name + "t", n, d), _alloc(workspace, "message.tmp", n, d)
+        np.matmul(features, w_self, out=t)
+        t += np.matmul(pred, w_pred, out=tmp)
         t += np.matmul(succ, w_succ, out=tmp)
         t += bias
         np.tanh(t, out=t)
-        return (MessageResult(features + t),
+        out = np.add(features, t, out=_alloc(workspace, name + "out", n, d))
+        return (MessageResult(out),
                 (graph.indptr, graph.indices, weights, features, pred, succ, t,
                  w_self, w_pred, w_succ))
 
-    def vjp(self, saved, grad_features):
+    def vjp(self, saved, grad_features, workspace=None, name=""):
+        """``workspace``: as for :meth:`forward`; the input gradient lives
+        under ``name`` + "grad"."""
         indptr, indices, weights, h, pred, succ, t, w_self, w_pred, w_succ = saved
         if grad_features is None:
             return (np.zeros_like(h), np.zeros_like(w_self), np.zeros_like(w_pred),
                     np.zeros_like(w_succ), np.zeros(w_self.shape[1]))
         g = optional_grad(grad_features, "grad_features", h.shape, finite=False)
-        gz = np.multiply(t, t)                 # gz = g (1 - t^2), in place
-        np.subtract(1.0, gz, out=gz)
+        n, d = h.shape
+        gz = np.multiply(t, t, out=_alloc(workspace, "message.gz", n, d))
+        np.subtract(1.0, gz, out=gz)           # gz = g (1 - t^2), in place
         gz *= g
-        grad_h = gz @ w_self.T
+        grad_h = np.matmul(gz, w_self.T, out=_alloc(workspace, name + "grad", n, d))
         grad_h += g
         # the adjoint of the predecessor sum is the successor sum, and back:
         # grad_h += A (gz W_pred^T) + A^T (gz W_succ^T), one pass over the edges
-        _core.neighbour_sums_adjoint(indptr, indices, weights, gz @ w_pred.T,
-                                     gz @ w_succ.T, grad_h)
+        _core.neighbour_sums_adjoint(
+            indptr, indices, weights,
+            np.matmul(gz, w_pred.T, out=_alloc(workspace, "message.a", n, d)),
+            np.matmul(gz, w_succ.T, out=_alloc(workspace, "message.b", n, d)), grad_h)
         return grad_h, h.T @ gz, pred.T @ gz, succ.T @ gz, gz.sum(axis=0)
 
 
@@ -661,14 +677,19 @@ class Linear(Operation):
     inputs = ("features", "weight")
     outputs = ("features",)
 
-    def forward(self, features, weight):
-        return LinearResult(features @ weight), (features, weight)
+    def forward(self, features, weight, workspace=None, name=""):
+        """``workspace``: as for :meth:`MessagePassing.forward`, the result
+        under ``name`` + "out"."""
+        out = _alloc(workspace, name + "out", features.shape[0], weight.shape[1])
+        return LinearResult(np.matmul(features, weight, out=out)), (features, weight)
 
-    def vjp(self, saved, grad_features):
+    def vjp(self, saved, grad_features, workspace=None, name=""):
+        """The input gradient under ``name`` + "grad" of ``workspace``."""
         x, w = saved
         if grad_features is None:
             return np.zeros_like(x), np.zeros_like(w)
-        return grad_features @ w.T, x.T @ grad_features
+        gx = np.matmul(grad_features, w.T, out=_alloc(workspace, name + "grad", *x.shape))
+        return gx, x.T @ grad_features
 
 
 class RoutedSimilarity(Operation):

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 
 from ._validation import check_model
+from ._workspace import Workspace
 from .checkpoint import load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .encoder import Encoder
@@ -79,25 +80,22 @@ class Segmenter:
         n = g.num_nodes
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
-            H = np.take(emb.weight, rows, axis=0, out=self._buffer("lookup", (n, emb.dim)))
-        encoded = (H,) if self.encoder is None else self.encoder._infer(g, H, self._buffer)
+            H = np.take(emb.weight, rows, axis=0, out=self._workspace()("lookup", (n, emb.dim)))
+        encoded = (H,) if self.encoder is None else tuple(
+            self.encoder.forward(g, H, self._workspace())[0])
         merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor
         return g, starts
 
-    def _buffer(self, name, shape):
-        """A float64 array of ``shape`` kept between calls, one set per
-        thread (see :meth:`Encoder._infer <grapheme.Encoder._infer>`)."""
-        buffers = getattr(self._local, "buffers", None)
-        if buffers is None:
-            buffers = self._local.buffers = {}
-        size = shape[0] * shape[1]
-        buf = buffers.get(name)
-        if buf is None or buf.size < size:
-            buf = buffers[name] = np.empty(max(size, 0 if buf is None else
-                                               buf.size * 3 // 2))
-        return buf[:size].reshape(shape)
+    def _workspace(self):
+        """This thread's :class:`~grapheme._workspace.Workspace`: inference
+        reuses its arrays from call to call (a fresh (n, d) array per product
+        made inference several times slower on page faults alone)."""
+        ws = getattr(self._local, "workspace", None)
+        if ws is None:
+            ws = self._local.workspace = Workspace()
+        return ws
 
     @staticmethod
     def _texts(texts, name="texts"):

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import _core
 from .._validation import check_model, check_pairs, check_scalar, show
+from .._workspace import Workspace
 from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
 from ..graph import Graph, replicate
@@ -190,7 +191,7 @@ class Trainer:
         self.history = []
         self.best = None
         self.baseline = None
-        self._buffers = {}
+        self._workspace = Workspace()   # the step's (n, d) arrays, reused
         self._unknown_rng = self._epoch_rng()
 
     @classmethod
@@ -251,7 +252,7 @@ class Trainer:
                 draws = self._unknown_rng.random(rows.shape[0])
             rows[draws < self.unknown_prob] = emb.unknown_row
         H = Lookup().forward(emb.weight, rows,
-                             out=self._buffer("features", (rows.shape[0], emb.dim)))[0].features
+                             out=self._workspace("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
             return _by_position(g), rows, H, None, None
         target = Graph.from_texts([target_text(t) for t in targets])
@@ -279,7 +280,7 @@ class Trainer:
         """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
         if self.encoder is None:
             return (H,), None
-        result, saved = self.encoder.forward(g, H)
+        result, saved = self.encoder.forward(g, H, self._workspace)
         return tuple(result), saved
 
     def _params(self):
@@ -289,19 +290,6 @@ class Trainer:
             params.update({"encoder." + k: v for k, v in self.encoder.params.items()})
         return params
 
-    def _buffer(self, name, shape):
-        """A C-contiguous float64 view of ``shape`` on one of the two arrays
-        this trainer reuses from step to step (the input features and their
-        gradient): grown by at least half when too small. Reused because a
-        fresh array of this size is often handed back to the system when it
-        dies, and paying its page faults again every step made the
-        1000-pair step a third slower (``python -m bench --bench TrainStep``)."""
-        size = shape[0] * shape[1]
-        buf = self._buffers.get(name)
-        if buf is None or buf.size < size:
-            buf = self._buffers[name] = np.empty(max(size, 0 if buf is None else
-                                                     buf.size * 3 // 2))
-        return buf[:size].reshape(shape)
 
     def train_step(self, inputs, targets):
         """One optimisation step on a batch; returns the step's statistics.
@@ -371,7 +359,7 @@ class Trainer:
                                 grad_weights=lg.weights, grad_log_prob=grad_log_prob,
                                 grad_rate_penalty=grad_rate_penalty,
                                 grad_probability=grad_probability,
-                                out=self._buffer("grad", (rows.shape[0], emb.dim)))
+                                out=self._workspace("grad", (rows.shape[0], emb.dim)))
         grad_h, enc_grads = grad.features, {}
         if seg_saved is not None:
             gt = lg.target_features
@@ -379,7 +367,8 @@ class Trainer:
                 gt = gt.reshape(morphed.samples, -1, gt.shape[1]).sum(axis=0)
             grad_h += HardMerge().vjp(seg_saved, gt)[0]
         if self.encoder is not None:
-            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries, grad.keys)
+            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries, grad.keys,
+                                                 self._workspace)
         grad_table = Lookup().vjp((rows, emb.weight.shape), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)

@@ -1,0 +1,32 @@
+"""Named float64 arrays reused from call to call (numpy's ``out=``, kept)."""
+import numpy as np
+
+__all__ = ["Workspace"]
+
+
+class Workspace:
+    """``ws(name, shape)``: a C-contiguous float64 view of ``shape`` on an
+    array kept under ``name``, grown by at least half when too small.
+
+    Why: a fresh (n, d) array of a few MB is often handed back to the system
+    when it dies, and its page faults are paid again on the next step. At
+    d = 64 a training step with a 2-layer encoder spent about as long in
+    those as in its matrix products (``bench/bench_train.py``,
+    ``EncoderStepSuite``). A view is valid until the next call with the same
+    name: the owner (a ``Trainer`` for its steps, a ``Segmenter`` per
+    thread) decides the names so that nothing still in use is overwritten.
+    Not thread-safe; one per thread.
+    """
+
+    def __init__(self):
+        self._arrays = {}
+
+    def __call__(self, name, shape):
+        size = 1
+        for s in shape:
+            size *= s
+        buf = self._arrays.get(name)
+        if buf is None or buf.size < size:
+            buf = self._arrays[name] = np.empty(max(size, 0 if buf is None else
+                                                    buf.size * 3 // 2))
+        return buf[:size].reshape(shape)
