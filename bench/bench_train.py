@@ -170,8 +170,9 @@ class EncoderStepSuite:
     message-passing layers and the routing projections at width ``dim``,
     ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
     timed alone on arrays of the same shapes: per layer 3 forward products
-    ``(n, d) @ (d, d)``, 3 backward ones for the input gradient and 3
-    ``(d, n) @ (n, d)`` for the weights; 2 + 2 + 2 for the projections.
+    ``[h, P, S] @ [W_self; W_pred; W_succ]``, (n, 3d) @ (3d, d), and its two
+    backward ones, (n, d) @ (d, 3d) and (3d, n) @ (n, d); per projection
+    (query, key) one forward, two backward (n, d) x (d, d) products.
     Issue 12's target: at ``dim = 64``, 2 layers, 256 pairs, the step costs
     at most 1.5x its products (the ratio ``time_matmuls / time_step`` at
     least 0.667). ``track_chars_per_s`` is the step's throughput over
@@ -193,21 +194,26 @@ class EncoderStepSuite:
                                encoder=Encoder(dim, layers=layers) if layers else None)
         self.trainer.train_step(self.inputs, self.targets)   # grow the table once
         rng = np.random.default_rng(0)
-        self.h = rng.normal(size=(self.chars, dim))
-        self.w = rng.normal(size=(dim, dim))
-        self.out = np.empty((self.chars, dim))
-        self.wout = np.empty((dim, dim))
-        self.products = 3 * layers + 2       # forward; the backward does twice as many
+        n = self.chars
+        self.h, self.w = rng.normal(size=(n, dim)), rng.normal(size=(dim, dim))
+        self.cat, self.wcat = rng.normal(size=(n, 3 * dim)), rng.normal(size=(3 * dim, dim))
+        self.out, self.gcat = np.empty((n, dim)), np.empty((n, 3 * dim))
+        self.wout, self.wcat_out = np.empty((dim, dim)), np.empty((3 * dim, dim))
+        self.layers = layers
 
     def time_step(self, batch_size, dim, layers):
         self.trainer.train_step(self.inputs, self.targets)
 
     def time_matmuls(self, batch_size, dim, layers):
         h, w, out, wout = self.h, self.w, self.out, self.wout
-        for _ in range(self.products):
-            np.matmul(h, w, out=out)         # forward
-            np.matmul(h, w.T, out=out)       # input gradient
-            np.matmul(h.T, h, out=wout)      # weight gradient
+        for _ in range(self.layers):
+            np.matmul(self.cat, self.wcat, out=out)              # forward
+            np.matmul(out, self.wcat.T, out=self.gcat)           # [h, P, S] gradient
+            np.matmul(self.cat.T, out, out=self.wcat_out)        # weight gradient
+        for _ in range(2):                                       # query, key
+            np.matmul(h, w, out=out)
+            np.matmul(h, w.T, out=out)
+            np.matmul(h.T, h, out=wout)
 
     def track_chars_per_s(self, batch_size, dim, layers):
         import time

@@ -214,7 +214,7 @@ class TorchPeer(_Module):
         potentials. Every sweep is recorded by autograd."""
         eps = self.epsilon
         Ce = C / eps
-        g = torch.zeros_like(b)
+        f, g = None, torch.zeros_like(b)   # f: set by the first sweep
         for t in range(self.iterations):
             if self.balance and t > 0:
                 g = self._balanced(f, g, Ce, a, b)

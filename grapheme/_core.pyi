@@ -85,17 +85,17 @@ def neighbour_sums(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
     indices: np.ndarray,  # const index_t[::1] IN (E,)
     weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
-    x: np.ndarray,        # const double[:, ::1] IN (n, d)
-    pred: np.ndarray,     # double[:, ::1] OUT (n, d)
-    succ: np.ndarray,     # double[:, ::1] OUT (n, d)
+    x: np.ndarray,        # const double[:, :] IN (n, d), contiguous rows
+    pred: np.ndarray,     # double[:, :] OUT (n, d), contiguous rows
+    succ: np.ndarray,     # double[:, :] OUT (n, d), contiguous rows
 ) -> None: ...
 def neighbour_sums_adjoint(
     indptr: np.ndarray,     # const index_t[::1] IN (n+1,)
     indices: np.ndarray,    # const index_t[::1] IN (E,)
     weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
-    grad_pred: np.ndarray,  # const double[:, ::1] IN (n, d)
-    grad_succ: np.ndarray,  # const double[:, ::1] IN (n, d)
-    out: np.ndarray,        # double[:, ::1] IN/OUT (n, d), accumulated
+    grad_pred: np.ndarray,  # const double[:, :] IN (n, d), contiguous rows
+    grad_succ: np.ndarray,  # const double[:, :] IN (n, d), contiguous rows
+    out: np.ndarray,        # double[:, :] IN/OUT (n, d), contiguous rows, accumulated
 ) -> None: ...
 def edge_cosine_qk(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)

@@ -547,58 +547,81 @@ cdef inline void _row_add(double* dst, const double* src, double w, intp_t d) no
         dst[t] += w * src[t]
 
 
+cdef intp_t _row_stride(const double[:, :] a, str name) except -1:
+    """The row stride of ``a`` in doubles; its rows must be contiguous."""
+    if a.shape[1] > 1 and a.strides[1] != sizeof(double):
+        raise ValueError(f"{name} must have contiguous rows")
+    if a.strides[0] % sizeof(double):
+        raise ValueError(f"{name} must have rows aligned to doubles")
+    return a.strides[0] // sizeof(double)
+
+
 def neighbour_sums(const index_t[::1] indptr,   # IN  (n+1,)
                    const index_t[::1] indices,  # IN  (E,)
                    const double[::1] weights,   # IN  (E,), or (0,): every edge weighs 1
-                   const double[:, ::1] x,      # IN  (n, d)
-                   double[:, ::1] pred,         # OUT (n, d)
-                   double[:, ::1] succ):        # OUT (n, d)
+                   const double[:, :] x,        # IN  (n, d), contiguous rows
+                   double[:, :] pred,           # OUT (n, d), contiguous rows
+                   double[:, :] succ):          # OUT (n, d), contiguous rows
     """Weighted sums of every node's predecessors' and successors' rows.
 
     ``pred[v] = sum_{u -> v} w_e x[u]``, ``succ[u] = sum_{u -> v} w_e x[v]``
     (so ``pred = A^T x`` and ``succ = A x`` for the adjacency ``A``). Both
     outputs are overwritten and must overlap neither ``x`` nor each other.
-    O((n + E) d).
+    Rows need only be contiguous, so the three may be column blocks of one
+    (n, 3d) array (``MessagePassing`` keeps ``[x, pred, succ]`` side by
+    side for one product). O((n + E) d).
     """
     cdef intp_t n = x.shape[0], d = x.shape[1], u, v, e, t
     cdef bint weighted = weights.shape[0] != 0
     cdef double w
+    if (pred.shape[0] != n or pred.shape[1] != d or succ.shape[0] != n
+            or succ.shape[1] != d or indptr.shape[0] != n + 1):
+        raise ValueError("neighbour_sums: x, pred and succ must be (n, d), indptr (n + 1,)")
     if n == 0 or d == 0:
         return
+    cdef intp_t xs = _row_stride(x, "x"), ps = _row_stride(pred, "pred")
+    cdef intp_t ss = _row_stride(succ, "succ")
     cdef const double* xp = &x[0, 0]
     cdef double* pp = &pred[0, 0]
     cdef double* sp = &succ[0, 0]
     with nogil:
-        for t in range(n * d):
-            pp[t] = 0.0
-            sp[t] = 0.0
+        for u in range(n):
+            for t in range(d):
+                pp[u * ps + t] = 0.0
+                sp[u * ss + t] = 0.0
         for u in range(n):
             for e in range(indptr[u], indptr[u + 1]):
                 v = indices[e]
                 w = weights[e] if weighted else 1.0
-                _row_add(sp + u * d, xp + v * d, w, d)
-                _row_add(pp + v * d, xp + u * d, w, d)
+                _row_add(sp + u * ss, xp + v * xs, w, d)
+                _row_add(pp + v * ps, xp + u * xs, w, d)
 
 
 def neighbour_sums_adjoint(const index_t[::1] indptr,   # IN  (n+1,)
                            const index_t[::1] indices,  # IN  (E,)
                            const double[::1] weights,   # IN  (E,), or (0,): weight 1
-                           const double[:, ::1] grad_pred,  # IN  (n, d)
-                           const double[:, ::1] grad_succ,  # IN  (n, d)
-                           double[:, ::1] out):         # IN/OUT (n, d), accumulated
+                           const double[:, :] grad_pred,  # IN  (n, d), contiguous rows
+                           const double[:, :] grad_succ,  # IN  (n, d), contiguous rows
+                           double[:, :] out):           # IN/OUT (n, d), accumulated
     """Add the adjoint of :func:`neighbour_sums` to ``out``.
 
     For ``pred = A^T x`` and ``succ = A x``, the gradient of ``x`` is
     ``A grad_pred + A^T grad_succ``: ``out[u] += w_e grad_pred[v]`` and
     ``out[v] += w_e grad_succ[u]`` for every edge ``e = u -> v``. One pass
-    over the edges, no temporary. ``out`` must overlap neither input.
-    O((n + E) d).
+    over the edges, no temporary. ``out`` must overlap neither input; rows
+    need only be contiguous. O((n + E) d).
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], u, v, e
     cdef bint weighted = weights.shape[0] != 0
     cdef double w
+    if (grad_pred.shape[0] != n or grad_pred.shape[1] != d or grad_succ.shape[0] != n
+            or grad_succ.shape[1] != d or indptr.shape[0] != n + 1):
+        raise ValueError("neighbour_sums_adjoint: grad_pred, grad_succ and out must be "
+                         "(n, d), indptr (n + 1,)")
     if n == 0 or d == 0:
         return
+    cdef intp_t gps = _row_stride(grad_pred, "grad_pred")
+    cdef intp_t gss = _row_stride(grad_succ, "grad_succ"), os = _row_stride(out, "out")
     cdef const double* gp = &grad_pred[0, 0]
     cdef const double* gs = &grad_succ[0, 0]
     cdef double* op = &out[0, 0]
@@ -607,8 +630,8 @@ def neighbour_sums_adjoint(const index_t[::1] indptr,   # IN  (n+1,)
             for e in range(indptr[u], indptr[u + 1]):
                 v = indices[e]
                 w = weights[e] if weighted else 1.0
-                _row_add(op + u * d, gp + v * d, w, d)
-                _row_add(op + v * d, gs + u * d, w, d)
+                _row_add(op + u * os, gp + v * gps, w, d)
+                _row_add(op + v * os, gs + u * gss, w, d)
 
 
 cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, intp_t d,

@@ -611,9 +611,9 @@ class MessagePassing(Operation):
     def forward(self, graph, features, w_self, w_pred, w_succ, bias, workspace=None,
                 name=""):
         """``workspace`` (a :class:`grapheme._workspace.Workspace`, optional):
-        where the (n, d) arrays live, those saved and the result under
-        ``name`` + "pred", "succ", "t", "out"; valid until the workspace's
-        next use of those names. None: fresh arrays (pure)."""
+        where the arrays live, those saved and the result under ``name`` +
+        "cat" (n, 3d), "t", "out" (n, d); valid until the workspace's next use
+        of those names. None: fresh arrays (pure)."""
         check_graph(graph, "graph")
         features = check_features(graph, features)
         n, d = features.shape
@@ -621,43 +621,41 @@ class MessagePassing(Operation):
         w_pred = as_float_array(w_pred, "w_pred", shape=(d, d))
         w_succ = as_float_array(w_succ, "w_succ", shape=(d, d))
         bias = as_float_array(bias, "bias", shape=(d,))
-        pred, succ = _alloc(workspace, name + "pred", n, d), _alloc(workspace, name + "succ", n, d)
+        # [h, P, S] side by side, so that the three products are one,
+        # (n, 3d) @ (3d, d): t = tanh(h W_self + P W_pred + S W_succ + b)
+        cat = _alloc(workspace, name + "cat", n, 3 * d)
+        cat[:, :d] = features
         weights = np.empty(0) if graph.weights is None else graph.weights
-        _core.neighbour_sums(graph.indptr, graph.indices, weights, features, pred, succ)
-        # t = tanh(h W_self + P W_pred + S W_succ + b), in place: a fresh
-        # (n, d) temporary per term cost more than the products at d = 64
-        t, tmp = _alloc(workspace, name + "t", n, d), _alloc(workspace, "message.tmp", n, d)
-        np.matmul(features, w_self, out=t)
-        t += np.matmul(pred, w_pred, out=tmp)
-        t += np.matmul(succ, w_succ, out=tmp)
+        _core.neighbour_sums(graph.indptr, graph.indices, weights, features,
+                             cat[:, d:2 * d], cat[:, 2 * d:])
+        w_cat = np.concatenate([w_self, w_pred, w_succ])
+        t = np.matmul(cat, w_cat, out=_alloc(workspace, name + "t", n, d))
         t += bias
         np.tanh(t, out=t)
         out = np.add(features, t, out=_alloc(workspace, name + "out", n, d))
-        return (MessageResult(out),
-                (graph.indptr, graph.indices, weights, features, pred, succ, t,
-                 w_self, w_pred, w_succ))
+        return (MessageResult(out), (graph.indptr, graph.indices, weights, cat, t, w_cat))
 
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """``workspace``: as for :meth:`forward`; the input gradient lives
         under ``name`` + "grad"."""
-        indptr, indices, weights, h, pred, succ, t, w_self, w_pred, w_succ = saved
+        indptr, indices, weights, cat, t, w_cat = saved
+        n, d = t.shape
         if grad_features is None:
-            return (np.zeros_like(h), np.zeros_like(w_self), np.zeros_like(w_pred),
-                    np.zeros_like(w_succ), np.zeros(w_self.shape[1]))
-        g = optional_grad(grad_features, "grad_features", h.shape, finite=False)
-        n, d = h.shape
+            return (np.zeros((n, d)), np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, d)),
+                    np.zeros(d))
+        g = optional_grad(grad_features, "grad_features", (n, d), finite=False)
         gz = np.multiply(t, t, out=_alloc(workspace, "message.gz", n, d))
         np.subtract(1.0, gz, out=gz)           # gz = g (1 - t^2), in place
         gz *= g
-        grad_h = np.matmul(gz, w_self.T, out=_alloc(workspace, name + "grad", n, d))
-        grad_h += g
+        # the gradients of [h, P, S] in one product, of the weights in another
+        gcat = np.matmul(gz, w_cat.T, out=_alloc(workspace, "message.gcat", n, 3 * d))
+        grad_h = np.add(g, gcat[:, :d], out=_alloc(workspace, name + "grad", n, d))
         # the adjoint of the predecessor sum is the successor sum, and back:
-        # grad_h += A (gz W_pred^T) + A^T (gz W_succ^T), one pass over the edges
-        _core.neighbour_sums_adjoint(
-            indptr, indices, weights,
-            np.matmul(gz, w_pred.T, out=_alloc(workspace, "message.a", n, d)),
-            np.matmul(gz, w_succ.T, out=_alloc(workspace, "message.b", n, d)), grad_h)
-        return grad_h, h.T @ gz, pred.T @ gz, succ.T @ gz, gz.sum(axis=0)
+        # grad_h += A gP + A^T gS, one pass over the edges
+        _core.neighbour_sums_adjoint(indptr, indices, weights, gcat[:, d:2 * d],
+                                     gcat[:, 2 * d:], grad_h)
+        gw = cat.T @ gz
+        return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], gz.sum(axis=0)
 
 
 class LinearResult(NamedTuple):

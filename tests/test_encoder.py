@@ -237,3 +237,23 @@ def test_the_training_loss_is_least_at_the_gold_segmentation(text, gold):
     assert min(v for k, v in values.items() if k != gold) > values[gold] + 0.5
     gold_graph = gr.segmentation_target(g, list(gold), H)
     assert gr.StructuralLoss.for_training(debias=True).forward(gold_graph, target).value == 0.0
+
+
+def test_neighbour_sum_kernels_check_shapes_and_rows():
+    from grapheme import _core
+
+    g = gr.Graph.from_text("abcd")
+    x, w = np.ones((4, 3)), np.empty(0)
+    with pytest.raises(ValueError, match=r"must be \(n, d\)"):
+        _core.neighbour_sums(g.indptr, g.indices, w, x, np.empty((3, 3)), np.empty((4, 3)))
+    with pytest.raises(ValueError, match=r"must be \(n, d\)"):
+        _core.neighbour_sums_adjoint(g.indptr, g.indices, w, x, x, np.empty((4, 2)))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _core.neighbour_sums(g.indptr, g.indices, w, np.ones((4, 6))[:, ::2],
+                             np.empty((4, 3)), np.empty((4, 3)))
+    # column blocks of one array are fine: rows contiguous
+    cat = np.zeros((4, 9))
+    cat[:, :3] = np.arange(12.0).reshape(4, 3)
+    _core.neighbour_sums(g.indptr, g.indices, w, cat[:, :3], cat[:, 3:6], cat[:, 6:])
+    np.testing.assert_array_equal(cat[1:, 3:6], cat[:-1, :3])   # predecessors
+    np.testing.assert_array_equal(cat[:-1, 6:], cat[1:, :3])    # successors
