@@ -104,7 +104,11 @@ def build_parser():
                         "Python standard library's docstrings) split by document into "
                         "train/val/test; without it, a mix of generated tasks (--tasks)")
     p.add_argument("--corpus", nargs="+", default=None, metavar="FILE",
-                   help="UTF-8 text files for --task words, one document each")
+                   help="UTF-8 text files for --task words, one document each (one or "
+                        "two files are cut at blank lines, a paragraph per document)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a data set already in --out (a run trained on it would "
+                        "then be scored on other splits)")
     p.add_argument("--n-train", type=_nonneg_int, default=None,
                    help="generated pairs in train.jsonl (default 2000)")
     p.add_argument("--n-val", type=_nonneg_int, default=None,
@@ -218,7 +222,18 @@ def build_parser():
 
 # --------------------------------------------------------------------- commands
 def _cmd_generate(args, out):
+    names = (("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
+             if args.task == "words" else ("train.jsonl", "val.jsonl"))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CommandError(f"--out {args.out!r} exists and is not a directory")
+    existing = [n for n in names if os.path.exists(os.path.join(args.out, n))]
+    if existing and not args.overwrite:
+        raise CommandError(f"--out {args.out!r} already holds a data set "
+                           f"({', '.join(existing)}); pass --overwrite to replace it")
     if args.task == "words":
+        for path in args.corpus or ():
+            if not os.path.isfile(path):
+                raise CommandError(f"--corpus {path!r} is not a file")
         given = [flag for flag, value in (("--n-train", args.n_train),
                                           ("--n-val", args.n_val), ("--tasks", args.tasks))
                  if value is not None]

@@ -213,12 +213,24 @@ def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words"),
     (["--corpus", "x.txt"], "--corpus needs --task words"),
-    (["--task", "words", "--corpus", "missing.txt"], "No such file or directory"),
+    (["--task", "words", "--corpus", "missing.txt"], "--corpus 'missing.txt' is not a file"),
 ])
 def test_generate_words_errors(tmp_path, capsys, argv, message):
     code, _, err = run(capsys, "generate", "--out", tmp_path / "d", *argv)
     assert code == 2 and message in err
     assert not (tmp_path / "d").exists()
+
+
+def test_generate_never_replaces_a_data_set_unasked(tmp_path, capsys):
+    data = tmp_path / "d"
+    assert run(capsys, "generate", "--out", data, "--n-train", 8, "--n-val", 4)[0] == 0
+    before = (data / "train.jsonl").read_bytes()
+    code, _, err = run(capsys, "generate", "--out", data, "--n-train", 8, "--seed", 1)
+    assert code == 2 and "already holds a data set (train.jsonl, val.jsonl)" in err
+    assert (data / "train.jsonl").read_bytes() == before
+    code, _, _ = run(capsys, "generate", "--out", data, "--n-train", 8, "--seed", 1,
+                     "--overwrite")
+    assert code == 0 and (data / "train.jsonl").read_bytes() != before
 
 
 def test_keep_best_errors(words, level1, tmp_path, capsys):

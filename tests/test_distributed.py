@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+import grapheme
+
 pytest.importorskip("torch.distributed")
 
 import grapheme as gr
@@ -23,7 +25,11 @@ TIMEOUT = 120
 
 def _env():
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    root = os.path.dirname(HERE)   # the source tree, when not installed
+    # the children import the grapheme these tests import: the installed one
+    # (CI), or an in-place build; never an uncompiled checkout before it (so
+    # they also run in this folder, not in the checkout: `-c` and `-m` put
+    # the working directory first on sys.path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(grapheme.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -33,7 +39,7 @@ def _run_ranks(command, nproc=2):
     hang is killed by the timeout): its exit status."""
     script = ("import sys; from grapheme.distributed import spawn_local; "
               f"sys.exit(spawn_local({command!r}, {nproc}))")
-    return subprocess.run([sys.executable, "-c", script], env=_env(),
+    return subprocess.run([sys.executable, "-c", script], env=_env(), cwd=HERE,
                           timeout=TIMEOUT).returncode
 
 
@@ -110,7 +116,7 @@ def test_cli_nproc_2_writes_one_run_and_resumes(tmp_path):
     args = [sys.executable, "-m", "grapheme.cli", "train", "--data", str(data),
             "--out", str(out), "--no-progress"]
     settings = ["--batch-size", "6", "--dim", "8"]
-    done = subprocess.run(args + settings + ["--epochs", "1", "--nproc", "2"], env=_env(),
+    done = subprocess.run(args + settings + ["--epochs", "1", "--nproc", "2"], env=_env(), cwd=HERE,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("epochs 1-1") == 1            # one rank reports
@@ -119,7 +125,7 @@ def test_cli_nproc_2_writes_one_run_and_resumes(tmp_path):
         assert [json.loads(line)["epoch"] for line in f] == [1]
     resumed = subprocess.run(args + ["--epochs", "2", "--nproc", "2", "--resume",
                                      str(out / "checkpoint.npz")],
-                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                             env=_env(), cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "metrics.jsonl"]
     with open(out / "metrics.jsonl") as f:
@@ -127,7 +133,7 @@ def test_cli_nproc_2_writes_one_run_and_resumes(tmp_path):
     # the same run in one process, for comparison: equal to rounding
     single_out = tmp_path / "single"
     args[args.index(str(out))] = str(single_out)
-    done = subprocess.run(args + settings + ["--epochs", "2"], env=_env(), capture_output=True,
+    done = subprocess.run(args + settings + ["--epochs", "2"], env=_env(), cwd=HERE, capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     a = gr.Segmenter.load(out / "checkpoint.npz").embedding.weight
@@ -143,7 +149,7 @@ def test_cli_nproc_refuses_an_existing_run_before_spawning(tmp_path):
     (out / "metrics.jsonl").write_text("{}\n")
     done = subprocess.run([sys.executable, "-m", "grapheme.cli", "train", "--data",
                            str(data), "--out", str(out), "--epochs", "1", "--nproc", "2"],
-                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                          env=_env(), cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 2
     assert "already holds a run" in done.stderr
     assert (out / "metrics.jsonl").read_text() == "{}\n"
