@@ -1,6 +1,6 @@
 """Pictures of a run and of a model's segments (``grapheme plot``, ``grapheme show``).
 
-matplotlib is an optional dependency (``pip install "grapheme[plot]"``),
+matplotlib is an optional dependency (the ``plot`` extra),
 imported only when a picture is drawn, and only its object-oriented API
 (``Figure`` on the Agg canvas): nothing here touches pyplot's global state
 or the user's backend. Pictures are written atomically, and an existing
@@ -16,7 +16,8 @@ from .train.metrics import upgrade_record
 __all__ = ["read_metrics", "plot_run", "plot_segments"]
 
 #: What a missing matplotlib says.
-INSTALL_HINT = 'drawing needs matplotlib: pip install "grapheme[plot]"'
+INSTALL_HINT = ('drawing needs matplotlib: pip install matplotlib (the "plot" extra: '
+                'pip install ".[plot]" in a checkout)')
 
 #: Longest text :func:`plot_segments` draws (one artist per segment piece).
 MAX_SHOW_CHARS = 2000

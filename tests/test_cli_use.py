@@ -136,8 +136,8 @@ def test_missing_matplotlib_is_one_clear_line(trained, tmp_path, capsys, monkeyp
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code, _, err = run(capsys, "plot", trained / "run", "--out", tmp_path / "p.png")
     assert code == 2
-    assert err == 'grapheme plot: error: drawing needs matplotlib: pip install ' \
-                  '"grapheme[plot]"\n'
+    assert err == ('grapheme plot: error: drawing needs matplotlib: pip install matplotlib '
+                   '(the "plot" extra: pip install ".[plot]" in a checkout)\n')
     assert not (tmp_path / "p.png").exists()
 
 

@@ -213,6 +213,8 @@ def test_trainer_produces_and_accepts_a_model(tmp_path):
     assert not np.array_equal(again.embedding.weight, snapshot.embedding.weight)
     with pytest.raises(TypeError, match="model must be a grapheme.Segmenter"):
         gr.Trainer.from_model(trainer, gr.StructuralLoss(), gr.Adam())
+    with pytest.raises(ValueError, match="is a model file .* not a training checkpoint"):
+        gr.Trainer.from_checkpoint(tmp_path / "m.npz")
 
 
 def test_old_checkpoints_load(tmp_path):

@@ -845,6 +845,11 @@ class Trainer:
         """
         _, meta = load_checkpoint(path)
         path = os.fspath(path)
+        if meta.get("kind") == "grapheme-model":
+            raise ValueError(
+                f"{path!r} is a model file (Segmenter.save: weights only, no optimiser "
+                f"state), not a training checkpoint; segment with it, or start a run "
+                f"from it with Trainer.from_model")
         try:
             trainer = cls._from_config(meta["config"], log=log, progress=progress,
                                        comm=comm)
