@@ -407,16 +407,24 @@ def _train(args, out, spawn=None, comm=None):
         if before is not None:
             what = "untrained" if start == 0 else f"epoch {start}"
             headers = ["validation", what, f"epoch {last['epoch']}"]
-            if trainer.best is not None:
-                headers.append(f"best (epoch {trainer.best['epoch']})")
-                kept = (trainer.history[trainer.best["epoch"] - 1]
-                        if trainer.best["epoch"] > start else
-                        {"val_" + k: v for k, v in before.items()})
+            kept = None   # the record of the kept best, when this run keeps one
+            if args.keep_best is not None and trainer.best is not None:
+                epoch = trainer.best["epoch"]
+                if epoch == start:
+                    kept = {"val_" + k: v for k, v in before.items()}
+                else:
+                    kept = next((r for r in trainer.history if r["epoch"] == epoch), None)
+                shown = [k for k in ("loss", "kept_fraction", "accuracy", *SEGMENTATION_KEYS)
+                         if k in before]
+                if kept is not None and all("val_" + k in kept for k in shown):
+                    headers.append(f"best (epoch {epoch})")
+                else:
+                    kept = None
             rows = []
             for key in ("loss", "kept_fraction", "accuracy", *SEGMENTATION_KEYS):
                 if key in before:
                     row = [key, f"{before[key]:.4f}", f"{last['val_' + key]:.4f}"]
-                    if trainer.best is not None:
+                    if kept is not None:
                         row.append(f"{kept['val_' + key]:.4f}")
                     rows.append(row)
             print(format_table(headers, rows), file=out)

@@ -283,3 +283,21 @@ def test_data_is_a_file_or_a_directory_everywhere(capsys, tmp_path):
     assert main(["train", "--data", str(data), "--val", str(empty), "--epochs", "1",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--val" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_resumed_run_shows_the_best_epochs_own_numbers(words, tmp_path, capsys):
+    # the "best" column of a resumed run is the record of the epoch it names
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", words, "--out", run_dir, "--no-progress",
+            "--keep-best", "val_boundary_f1"]
+    assert run(capsys, *args, "--epochs", 2, "--dim", 8)[0] == 0
+    code, out, err = run(capsys, *args, "--epochs", 4, "--resume", run_dir / "checkpoint.npz")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("validation"))
+    epoch = int(header.split("best (epoch ")[1].split(")")[0])
+    row = next(line.split() for line in out.splitlines() if line.startswith("boundary_f1"))
+    records = {r["epoch"]: r for r in read_log(run_dir / "metrics.jsonl")}
+    want = (records[epoch]["val_boundary_f1"] if epoch in records
+            else float(row[1]))     # the best is where this run started
+    assert float(row[-1]) == pytest.approx(want, abs=1e-4)
+    assert f"epoch {epoch}, val_boundary_f1 {float(row[-1]):.4f}" in out
