@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from ._validation import check_model
+from ._validation import check_allocation, check_model
 from ._workspace import Workspace
 from .checkpoint import load_checkpoint, save_checkpoint
 from .embedding import Embedding
@@ -78,6 +78,12 @@ class Segmenter:
         g = Graph.from_texts(texts)
         emb = self.embedding
         n = g.num_nodes
+        # the lookup, then per layer [h, P, S], t and the output, then the
+        # queries and keys: (3 + 5 layers) rows of d doubles per character
+        layers = 0 if self.encoder is None else self.encoder.layers
+        check_allocation(8 * emb.dim * (3 + 5 * layers) * n,
+                         f"segmenting {n} characters at once (the longest text is "
+                         f"segmented in one piece)")
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
             H = np.take(emb.weight, rows, axis=0, out=self._workspace()("lookup", (n, emb.dim)))

@@ -287,3 +287,12 @@ def test_segment_files_stay_private(tmp_path):
     m = model(0)
     m.save(tmp_path / "m.npz")
     assert not [n for n in os.listdir(tmp_path) if n != "m.npz"]
+
+
+def test_a_text_too_large_for_memory_is_refused_before_anything_runs(monkeypatch):
+    import grapheme._validation as validation
+
+    m = gr.Segmenter(gr.Embedding(dim=8), gr.Morpher(), gr.Encoder(8, layers=2))
+    monkeypatch.setattr(validation, "_physical_memory", lambda: 1000)
+    with pytest.raises(MemoryError, match="segmenting 40 characters at once"):
+        m.segment("a" * 40)
