@@ -224,9 +224,7 @@ def build_parser():
 def _cmd_generate(args, out):
     names = (("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
              if args.task == "words" else ("train.jsonl", "val.jsonl"))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CommandError(f"--out {args.out!r} exists and is not a directory")
-    existing = [n for n in names if os.path.exists(os.path.join(args.out, n))]
+    existing = _held_by_out(args.out, names)
     if existing and not args.overwrite:
         raise CommandError(f"--out {args.out!r} already holds a data set "
                            f"({', '.join(existing)}); pass --overwrite to replace it")
@@ -439,14 +437,20 @@ def _train(args, out, spawn=None, comm=None):
     return 0
 
 
+def _held_by_out(out_dir, names):
+    """Which of the files ``names`` the directory ``--out`` already holds;
+    refuses an ``--out`` that is a file."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CommandError(f"--out {out_dir!r} exists and is not a directory")
+    return [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+
+
 def _check_run_directory(args, log, checkpoint):
     """Refuse an ``--out`` that is a file, or that holds a run this command
     would replace without ``--overwrite`` (continuing it with ``--resume``
     of its own checkpoint is fine)."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CommandError(f"--out {args.out!r} exists and is not a directory")
-    best = os.path.join(os.path.dirname(checkpoint), "best.npz")
-    existing = [os.path.basename(p) for p in (checkpoint, log, best) if os.path.exists(p)]
+    existing = _held_by_out(args.out, [os.path.basename(p) for p in (checkpoint, log)]
+                            + ["best.npz"])
     if not existing or args.overwrite:
         return
     if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
