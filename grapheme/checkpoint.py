@@ -32,6 +32,10 @@ _VERSION = 1
 #: Largest .npy header read from a checkpoint member (numpy's own default).
 _MAX_HEADER = 10000
 
+#: ``meta["kind"]`` of a model file (:meth:`grapheme.Segmenter.save`):
+#: weights and configuration, no optimiser state.
+MODEL_KIND = "grapheme-model"
+
 
 def _host_tag():
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"

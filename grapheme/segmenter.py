@@ -14,7 +14,7 @@ import numpy as np
 
 from ._validation import check_allocation, check_model
 from ._workspace import Workspace
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import MODEL_KIND, load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .encoder import Encoder
 from .graph import Graph
@@ -25,7 +25,6 @@ __all__ = ["Segmenter", "MODEL_VERSION"]
 
 #: Version of the model file format written by :meth:`Segmenter.save`.
 MODEL_VERSION = 1
-_KIND = "grapheme-model"
 
 
 class Segmenter:
@@ -241,7 +240,7 @@ class Segmenter:
         if not overwrite and os.path.exists(path):
             raise FileExistsError(errno.EEXIST, "model file already exists (pass "
                                                 "overwrite=True to replace it)", path)
-        meta = {"kind": _KIND, "version": MODEL_VERSION, "config": self.config()}
+        meta = {"kind": MODEL_KIND, "version": MODEL_VERSION, "config": self.config()}
         save_checkpoint(path, self._arrays(), meta)
 
     @classmethod
@@ -261,7 +260,7 @@ class Segmenter:
         arrays, meta = load_checkpoint(
             path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
         path = os.fspath(path)
-        if meta.get("kind") == _KIND:
+        if meta.get("kind") == MODEL_KIND:
             if meta.get("version") != MODEL_VERSION:
                 raise ValueError(f"model {path!r} has model version "
                                  f"{meta.get('version')!r}; this grapheme reads "

@@ -29,7 +29,7 @@ import numpy as np
 from .. import _core
 from .._validation import check_model, check_pairs, check_scalar, show
 from .._workspace import Workspace
-from ..checkpoint import _atomic_open, load_checkpoint, save_checkpoint
+from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
 from ..graph import Graph, replicate
 from ..ops import FeatureMean, HardMerge, Lookup
@@ -845,7 +845,7 @@ class Trainer:
         """
         _, meta = load_checkpoint(path)
         path = os.fspath(path)
-        if meta.get("kind") == "grapheme-model":
+        if meta.get("kind") == MODEL_KIND:
             raise ValueError(
                 f"{path!r} is a model file (Segmenter.save: weights only, no optimiser "
                 f"state), not a training checkpoint; segment with it, or start a run "
