@@ -81,21 +81,26 @@ def scatter(
 ) -> None: ...
 
 STREAM_MIN_BYTES: int
-def neighbour_sums(
+def stack_neighbours(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
     indices: np.ndarray,  # const index_t[::1] IN (E,)
     weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
     x: np.ndarray,        # const double[:, :] IN (n, d), contiguous rows
-    pred: np.ndarray,     # double[:, :] OUT (n, d), contiguous rows
-    succ: np.ndarray,     # double[:, :] OUT (n, d), contiguous rows
+    cat: np.ndarray,      # double[:, ::1] OUT (n, 3d): [x, A^T x, A x]
 ) -> None: ...
-def neighbour_sums_adjoint(
-    indptr: np.ndarray,     # const index_t[::1] IN (n+1,)
-    indices: np.ndarray,    # const index_t[::1] IN (E,)
-    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
-    grad_pred: np.ndarray,  # const double[:, :] IN (n, d), contiguous rows
-    grad_succ: np.ndarray,  # const double[:, :] IN (n, d), contiguous rows
-    out: np.ndarray,        # double[:, :] IN/OUT (n, d), contiguous rows, accumulated
+def stack_neighbours_adjoint(
+    indptr: np.ndarray,    # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,   # const index_t[::1] IN (E,)
+    weights: np.ndarray,   # const double[::1] IN (E,) or (0,)
+    grad: np.ndarray,      # const double[:, ::1] IN (n, d)
+    grad_cat: np.ndarray,  # const double[:, ::1] IN (n, 3d)
+    out: np.ndarray,       # double[:, ::1] OUT (n, d)
+) -> None: ...
+def tanh_backward(
+    t: np.ndarray,          # const double[:, ::1] IN (n, d)
+    grad: np.ndarray,       # const double[:, ::1] IN (n, d)
+    grad_z: np.ndarray,     # double[:, ::1] OUT (n, d)
+    grad_bias: np.ndarray,  # double[::1] OUT (d,)
 ) -> None: ...
 def edge_cosine_qk(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)

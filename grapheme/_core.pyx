@@ -16,10 +16,14 @@ from libc.math cimport sqrt, log, cos, sin, M_PI
 
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
-    store_fence, _rows_a16, OPENMP, max_threads,
+    store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
 )
+from cython.parallel cimport prange
 
 cdef double COS_EPS = 1e-12
+# rows a thread takes at least in the encoder's row-parallel kernels (and
+# the block of tanh_backward's fixed-order column sums)
+cdef intp_t _ROWS_PER_THREAD = 1024
 
 
 def openmp_threads():
@@ -556,82 +560,173 @@ cdef intp_t _row_stride(const double[:, :] a, str name) except -1:
     return a.strides[0] // sizeof(double)
 
 
-def neighbour_sums(const index_t[::1] indptr,   # IN  (n+1,)
-                   const index_t[::1] indices,  # IN  (E,)
-                   const double[::1] weights,   # IN  (E,), or (0,): every edge weighs 1
-                   const double[:, :] x,        # IN  (n, d), contiguous rows
-                   double[:, :] pred,           # OUT (n, d), contiguous rows
-                   double[:, :] succ):          # OUT (n, d), contiguous rows
-    """Weighted sums of every node's predecessors' and successors' rows.
-
-    ``pred[v] = sum_{u -> v} w_e x[u]``, ``succ[u] = sum_{u -> v} w_e x[v]``
-    (so ``pred = A^T x`` and ``succ = A x`` for the adjacency ``A``). Both
-    outputs are overwritten and must overlap neither ``x`` nor each other.
-    Rows need only be contiguous, so the three may be column blocks of one
-    (n, 3d) array (``MessagePassing`` keeps ``[x, pred, succ]`` side by
-    side for one product). O((n + E) d).
-    """
-    cdef intp_t n = x.shape[0], d = x.shape[1], u, v, e, t
+def transpose_csr(const index_t[::1] indptr,   # IN  (n+1,)
+                  const index_t[::1] indices,  # IN  (E,)
+                  const double[::1] weights,   # IN  (E,), or (0,)
+                  index_t[::1] t_indptr,       # OUT (n+1,)
+                  index_t[::1] t_indices,      # OUT (E,)
+                  double[::1] t_weights):      # OUT (E,), or (0,) with weights
+    """The CSR of the reversed edges (every node's predecessors), by a
+    counting sort: within a row, sources in increasing order, so the result
+    does not depend on anything but the graph. O(n + E)."""
+    cdef intp_t n = indptr.shape[0] - 1, E = indices.shape[0], u, e, slot
     cdef bint weighted = weights.shape[0] != 0
-    cdef double w
-    if (pred.shape[0] != n or pred.shape[1] != d or succ.shape[0] != n
-            or succ.shape[1] != d or indptr.shape[0] != n + 1):
-        raise ValueError("neighbour_sums: x, pred and succ must be (n, d), indptr (n + 1,)")
+    if (n < 0 or t_indptr.shape[0] != n + 1 or t_indices.shape[0] != E
+            or (weighted and (weights.shape[0] != E or t_weights.shape[0] != E))):
+        raise ValueError("transpose_csr: t_indptr must be (n + 1,), t_indices and the "
+                         "weights (E,)")
+    if n == 0:
+        return
+    with nogil:
+        for u in range(n + 1):
+            t_indptr[u] = 0
+        for e in range(E):
+            t_indptr[indices[e] + 1] += 1
+        for u in range(n):
+            t_indptr[u + 1] += t_indptr[u]
+        for u in range(n):                      # t_indptr[v] is v's next free slot
+            for e in range(indptr[u], indptr[u + 1]):
+                slot = t_indptr[indices[e]]
+                t_indices[slot] = <index_t>u
+                if weighted:
+                    t_weights[slot] = weights[e]
+                t_indptr[indices[e]] = <index_t>(slot + 1)
+        for u in range(n, 0, -1):               # shift back: row v starts where v-1 ended
+            t_indptr[u] = t_indptr[u - 1]
+        t_indptr[0] = 0
+
+
+cdef inline void _row_sum(double* dst, const double* x, intp_t xs, const index_t* nbr,
+                          const double* w, intp_t lo, intp_t hi, intp_t d) noexcept nogil:
+    """``dst[0:d] += sum_{e in lo..hi} w[e] x[nbr[e]]`` (``w`` NULL: weight 1),
+    edges in order."""
+    cdef intp_t e
+    for e in range(lo, hi):
+        _row_add(dst, x + nbr[e] * xs, w[e] if w != NULL else 1.0, d)
+
+
+def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
+                     const index_t[::1] indices,    # IN  (E,)
+                     const double[::1] weights,     # IN  (E,), or (0,): every edge weighs 1
+                     const index_t[::1] t_indptr,   # IN  (n+1,) in-edges (transpose_csr)
+                     const index_t[::1] t_indices,  # IN  (E,)
+                     const double[::1] t_weights,   # IN  (E,), or (0,)
+                     const double[:, :] x,          # IN  (n, d), contiguous rows
+                     double[:, ::1] cat,            # OUT (n, 3d)
+                     int num_threads=0):
+    """``cat = [x, P, S]``: every row beside the weighted sums of its
+    predecessors' and its successors' rows.
+
+    ``P[v] = sum_{u -> v} w_e x[u]`` and ``S[u] = sum_{u -> v} w_e x[v]`` (so
+    ``P = A^T x`` and ``S = A x`` for the adjacency ``A``): the input of a
+    message-passing layer's one product ``[x, P, S] @ [W_self; W_pred;
+    W_succ]``. With the graph and its transpose every row is written by
+    itself, in a fixed order: rows in parallel (``num_threads``, 0 for
+    OpenMP's default), the same bits on any number of threads. ``cat`` must
+    not overlap ``x``. O((n + E) d).
+    """
+    cdef intp_t n = x.shape[0], d = x.shape[1], u, t
+    if (cat.shape[0] != n or cat.shape[1] != 3 * d or indptr.shape[0] != n + 1
+            or t_indptr.shape[0] != n + 1 or t_indices.shape[0] != indices.shape[0]
+            or t_weights.shape[0] != weights.shape[0]):
+        raise ValueError("stack_neighbours: x must be (n, d), cat (n, 3d), indptr and "
+                         "t_indptr (n + 1,), the transpose as large as the graph")
     if n == 0 or d == 0:
         return
-    cdef intp_t xs = _row_stride(x, "x"), ps = _row_stride(pred, "pred")
-    cdef intp_t ss = _row_stride(succ, "succ")
+    cdef intp_t xs = _row_stride(x, "x")
     cdef const double* xp = &x[0, 0]
-    cdef double* pp = &pred[0, 0]
-    cdef double* sp = &succ[0, 0]
+    cdef const index_t* nb = &indices[0] if indices.shape[0] else NULL
+    cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
+    cdef const double* w = &weights[0] if weights.shape[0] else NULL
+    cdef const double* t_w = &t_weights[0] if t_weights.shape[0] else NULL
+    cdef double* cp = &cat[0, 0]
+    cdef double* row
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
-        for u in range(n):
+        for u in prange(n, num_threads=nt, schedule="static"):
+            row = cp + u * 3 * d
             for t in range(d):
-                pp[u * ps + t] = 0.0
-                sp[u * ss + t] = 0.0
-        for u in range(n):
-            for e in range(indptr[u], indptr[u + 1]):
-                v = indices[e]
-                w = weights[e] if weighted else 1.0
-                _row_add(sp + u * ss, xp + v * xs, w, d)
-                _row_add(pp + v * ps, xp + u * xs, w, d)
+                row[t] = xp[u * xs + t]
+                row[d + t] = 0.0
+                row[2 * d + t] = 0.0
+            _row_sum(row + d, xp, xs, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
+            _row_sum(row + 2 * d, xp, xs, nb, w, indptr[u], indptr[u + 1], d)
 
 
-def neighbour_sums_adjoint(const index_t[::1] indptr,   # IN  (n+1,)
-                           const index_t[::1] indices,  # IN  (E,)
-                           const double[::1] weights,   # IN  (E,), or (0,): weight 1
-                           const double[:, :] grad_pred,  # IN  (n, d), contiguous rows
-                           const double[:, :] grad_succ,  # IN  (n, d), contiguous rows
-                           double[:, :] out):           # IN/OUT (n, d), accumulated
-    """Add the adjoint of :func:`neighbour_sums` to ``out``.
-
-    For ``pred = A^T x`` and ``succ = A x``, the gradient of ``x`` is
-    ``A grad_pred + A^T grad_succ``: ``out[u] += w_e grad_pred[v]`` and
-    ``out[v] += w_e grad_succ[u]`` for every edge ``e = u -> v``. One pass
-    over the edges, no temporary. ``out`` must overlap neither input; rows
-    need only be contiguous. O((n + E) d).
+def stack_neighbours_adjoint(const index_t[::1] indptr,     # IN  (n+1,) out-edges
+                             const index_t[::1] indices,    # IN  (E,)
+                             const double[::1] weights,     # IN  (E,), or (0,): weight 1
+                             const index_t[::1] t_indptr,   # IN  (n+1,) in-edges
+                             const index_t[::1] t_indices,  # IN  (E,)
+                             const double[::1] t_weights,   # IN  (E,), or (0,)
+                             const double[:, ::1] grad,     # IN  (n, d) passed through
+                             const double[:, ::1] grad_cat,  # IN  (n, 3d)
+                             double[:, ::1] out,            # OUT (n, d)
+                             int num_threads=0):
+    """``out = grad + gX + A gP + A^T gS`` for ``grad_cat = [gX, gP, gS]``:
+    the gradient of ``x`` through :func:`stack_neighbours`, plus ``grad``
+    (a residual branch's). Row ``u`` adds ``w_e gP[v]`` over its out-edges
+    and ``w_e gS[u']`` over its in-edges: rows in parallel, in a fixed order
+    (as :func:`stack_neighbours`). ``out`` must overlap neither input.
+    O((n + E) d).
     """
-    cdef intp_t n = out.shape[0], d = out.shape[1], u, v, e
-    cdef bint weighted = weights.shape[0] != 0
-    cdef double w
-    if (grad_pred.shape[0] != n or grad_pred.shape[1] != d or grad_succ.shape[0] != n
-            or grad_succ.shape[1] != d or indptr.shape[0] != n + 1):
-        raise ValueError("neighbour_sums_adjoint: grad_pred, grad_succ and out must be "
-                         "(n, d), indptr (n + 1,)")
+    cdef intp_t n = out.shape[0], d = out.shape[1], u, t
+    if (grad.shape[0] != n or grad.shape[1] != d or grad_cat.shape[0] != n
+            or grad_cat.shape[1] != 3 * d or indptr.shape[0] != n + 1
+            or t_indptr.shape[0] != n + 1 or t_indices.shape[0] != indices.shape[0]
+            or t_weights.shape[0] != weights.shape[0]):
+        raise ValueError("stack_neighbours_adjoint: grad and out must be (n, d), grad_cat "
+                         "(n, 3d), indptr and t_indptr (n + 1,), the transpose as large "
+                         "as the graph")
     if n == 0 or d == 0:
         return
-    cdef intp_t gps = _row_stride(grad_pred, "grad_pred")
-    cdef intp_t gss = _row_stride(grad_succ, "grad_succ"), os = _row_stride(out, "out")
-    cdef const double* gp = &grad_pred[0, 0]
-    cdef const double* gs = &grad_succ[0, 0]
+    cdef const index_t* nb = &indices[0] if indices.shape[0] else NULL
+    cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
+    cdef const double* w = &weights[0] if weights.shape[0] else NULL
+    cdef const double* t_w = &t_weights[0] if t_weights.shape[0] else NULL
+    cdef const double* gp = &grad[0, 0]
+    cdef const double* gc = &grad_cat[0, 0]
     cdef double* op = &out[0, 0]
+    cdef double* row
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
-        for u in range(n):
-            for e in range(indptr[u], indptr[u + 1]):
-                v = indices[e]
-                w = weights[e] if weighted else 1.0
-                _row_add(op + u * os, gp + v * gps, w, d)
-                _row_add(op + v * os, gs + u * gss, w, d)
+        for u in prange(n, num_threads=nt, schedule="static"):
+            row = op + u * d
+            for t in range(d):
+                row[t] = gp[u * d + t] + gc[u * 3 * d + t]
+            _row_sum(row, gc + d, 3 * d, nb, w, indptr[u], indptr[u + 1], d)
+            _row_sum(row, gc + 2 * d, 3 * d, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
+
+
+def tanh_backward(const double[:, ::1] t,    # IN  (n, d) tanh(z)
+                  const double[:, ::1] grad,  # IN  (n, d) of t
+                  double[:, ::1] grad_z,      # OUT (n, d)
+                  double[::1] grad_bias,      # OUT (d,)
+                  int num_threads=0):
+    """``grad_z = grad (1 - t^2)``, the gradient of the pre-activation ``z``
+    of ``t = tanh(z)``, and ``grad_bias`` its column sums. Rows in parallel;
+    the sums go by fixed blocks of rows, added in order, so the bits do not
+    depend on the thread count. O(n d)."""
+    cdef intp_t n = t.shape[0], d = t.shape[1], i, j, b
+    cdef intp_t nb = (n + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
+    cdef double gz
+    if (grad.shape[0] != n or grad.shape[1] != d or grad_z.shape[0] != n
+            or grad_z.shape[1] != d or grad_bias.shape[0] != d):
+        raise ValueError("tanh_backward: t, grad and grad_z must be (n, d), grad_bias (d,)")
+    cdef double[:, ::1] part = np.zeros((max(nb, 1), d))
+    cdef int nt = num_threads_for(num_threads, nb)
+    with nogil:
+        for b in prange(nb, num_threads=nt, schedule="static"):
+            for i in range(b * _ROWS_PER_THREAD, min(n, (b + 1) * _ROWS_PER_THREAD)):
+                for j in range(d):
+                    gz = grad[i, j] * (1.0 - t[i, j] * t[i, j])
+                    grad_z[i, j] = gz
+                    part[b, j] += gz
+        for j in range(d):
+            grad_bias[j] = 0.0
+        for b in range(nb):
+            for j in range(d):
+                grad_bias[j] += part[b, j]
 
 
 cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, intp_t d,

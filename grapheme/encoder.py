@@ -111,15 +111,16 @@ class Encoder:
         layers, sq, sk = saved
         grads = {}
         n, d = sq[0].shape
-        grad_h = np.zeros((n, d)) if workspace is None else workspace("encoder.grad", (n, d))
-        if grad_features is None:
-            grad_h[...] = 0.0
-        else:
-            grad_h[...] = grad_features
+        grad_h = np.empty((n, d)) if workspace is None else workspace("encoder.grad", (n, d))
+        base = grad_features
         for name, s, g in (("query", sq, grad_queries), ("key", sk, grad_keys)):
             gx, gw = Linear().vjp(s, g, workspace, "projection.")
-            grad_h += gx
             grads[name] = gw
+            if base is None:
+                grad_h[...] = gx
+            else:
+                np.add(base, gx, out=grad_h)
+            base = grad_h
         for layer in range(self.layers - 1, -1, -1):
             grad_h, *gw = MessagePassing().vjp(layers[layer], grad_h, workspace,
                                                f"layer{layer % 2}.")

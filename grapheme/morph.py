@@ -261,7 +261,7 @@ class Morpher:
     # --------------------------------------------------------------- backward
     def vjp(self, morphed, grad_features=None, grad_mass=None, grad_weights=None,
             grad_log_prob=None, grad_rate_penalty=None, grad_probability=None,
-            grad_similarity=None, out=None):
+            grad_similarity=None, out=None, workspace=None):
         """Gradients of the input features and ``theta`` (pure). O((n + E) d).
 
         Parameters
@@ -292,6 +292,10 @@ class Morpher:
             (n, d) array per step. It must overlap none of the upstream
             gradients, the morph's input features or its output features
             (checked before any work).
+        workspace : grapheme._workspace.Workspace, optional
+            With learned routing, where the queries' and keys' gradients
+            live (as :meth:`grapheme.Encoder.forward` keeps its arrays):
+            valid until the workspace's next use of those names.
 
         Returns
         -------
@@ -333,7 +337,7 @@ class Morpher:
             if grad_similarity is not None:
                 grad_s = grad_s + grad_similarity
         if routed:
-            grad_q, grad_k = RoutedSimilarity().vjp(sim_saved, grad_s)
+            grad_q, grad_k = RoutedSimilarity().vjp(sim_saved, grad_s, workspace)
             return MorphGrad(grad_h, grad_theta, grad_q, grad_k)
         if grad_s is not None:
             EdgeSimilarity.accumulate(sim_saved, grad_s, grad_h)   # grad_h is ours

@@ -580,6 +580,18 @@ def optional_grad(value, name, shape, finite=True):
 
 
 
+def _both_ways(graph):
+    """``(indptr, indices, weights, t_indptr, t_indices, t_weights)``: the
+    graph's edges by source and by target (weights empty when all are 1), so
+    that every row of a neighbour sum is written by itself."""
+    weights = np.empty(0) if graph.weights is None else graph.weights
+    t_indptr = np.empty_like(graph.indptr)
+    t_indices = np.empty_like(graph.indices)
+    t_weights = np.empty_like(weights)
+    _core.transpose_csr(graph.indptr, graph.indices, weights, t_indptr, t_indices, t_weights)
+    return graph.indptr, graph.indices, weights, t_indptr, t_indices, t_weights
+
+
 # ---------------------------------------------------------------------------
 class MessageResult(NamedTuple):
     features: np.ndarray
@@ -624,38 +636,34 @@ class MessagePassing(Operation):
         # [h, P, S] side by side, so that the three products are one,
         # (n, 3d) @ (3d, d): t = tanh(h W_self + P W_pred + S W_succ + b)
         cat = _alloc(workspace, name + "cat", n, 3 * d)
-        cat[:, :d] = features
-        weights = np.empty(0) if graph.weights is None else graph.weights
-        _core.neighbour_sums(graph.indptr, graph.indices, weights, features,
-                             cat[:, d:2 * d], cat[:, 2 * d:])
+        edges = _both_ways(graph)
+        _core.stack_neighbours(*edges, features, cat)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
         t = np.matmul(cat, w_cat, out=_alloc(workspace, name + "t", n, d))
         t += bias
-        np.tanh(t, out=t)
+        np.tanh(t, out=t)     # numpy's vectorised tanh: 6x libm's, here
         out = np.add(features, t, out=_alloc(workspace, name + "out", n, d))
-        return (MessageResult(out), (graph.indptr, graph.indices, weights, cat, t, w_cat))
+        return MessageResult(out), (edges, cat, t, w_cat)
 
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """``workspace``: as for :meth:`forward`; the input gradient lives
         under ``name`` + "grad"."""
-        indptr, indices, weights, cat, t, w_cat = saved
+        edges, cat, t, w_cat = saved
         n, d = t.shape
         if grad_features is None:
             return (np.zeros((n, d)), np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, d)),
                     np.zeros(d))
         g = optional_grad(grad_features, "grad_features", (n, d), finite=False)
-        gz = np.multiply(t, t, out=_alloc(workspace, "message.gz", n, d))
-        np.subtract(1.0, gz, out=gz)           # gz = g (1 - t^2), in place
-        gz *= g
+        gz, grad_bias = _alloc(workspace, "message.gz", n, d), np.empty(d)
+        _core.tanh_backward(t, g, gz, grad_bias)   # gz = g (1 - t^2)
         # the gradients of [h, P, S] in one product, of the weights in another
         gcat = np.matmul(gz, w_cat.T, out=_alloc(workspace, "message.gcat", n, 3 * d))
-        grad_h = np.add(g, gcat[:, :d], out=_alloc(workspace, name + "grad", n, d))
-        # the adjoint of the predecessor sum is the successor sum, and back:
-        # grad_h += A gP + A^T gS, one pass over the edges
-        _core.neighbour_sums_adjoint(indptr, indices, weights, gcat[:, d:2 * d],
-                                     gcat[:, 2 * d:], grad_h)
+        # grad_h = g + gH + A gP + A^T gS (the adjoint of the predecessor sum
+        # is the successor sum, and back)
+        grad_h = _alloc(workspace, name + "grad", n, d)
+        _core.stack_neighbours_adjoint(*edges, g, gcat, grad_h)
         gw = cat.T @ gz
-        return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], gz.sum(axis=0)
+        return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], grad_bias
 
 
 class LinearResult(NamedTuple):
@@ -718,9 +726,14 @@ class RoutedSimilarity(Operation):
         return SimilarityResult(sim), (graph.indptr, graph.indices, queries, keys, qn, kn, sim,
                                        scale)
 
-    def vjp(self, saved, grad_similarity):
+    def vjp(self, saved, grad_similarity, workspace=None):
+        """``workspace``: as for :meth:`MessagePassing.forward`, the
+        gradients under "routing.grad_queries" and "routing.grad_keys"."""
         indptr, indices, q, k, qn, kn, sim, scale = saved
-        gq, gk = np.zeros_like(q), np.zeros_like(k)
+        gq = _alloc(workspace, "routing.grad_queries", *q.shape)
+        gk = _alloc(workspace, "routing.grad_keys", *k.shape)
+        gq[...] = 0.0
+        gk[...] = 0.0
         grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,
                                         finite=False)
         if grad_similarity is not None:

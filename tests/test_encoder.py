@@ -1,6 +1,7 @@
 """The encoder before the morph: identity at initialisation, exact gradients
 through text -> embedding -> encoder -> morph -> loss, and a Trainer with it."""
 import numpy as np
+import scipy.sparse as sp
 import pytest
 
 import grapheme as gr
@@ -239,21 +240,61 @@ def test_the_training_loss_is_least_at_the_gold_segmentation(text, gold):
     assert gr.StructuralLoss.for_training(debias=True).forward(gold_graph, target).value == 0.0
 
 
-def test_neighbour_sum_kernels_check_shapes_and_rows():
+def test_message_kernels_check_shapes_and_rows():
     from grapheme import _core
 
     g = gr.Graph.from_text("abcd")
     x, w = np.ones((4, 3)), np.empty(0)
-    with pytest.raises(ValueError, match=r"must be \(n, d\)"):
-        _core.neighbour_sums(g.indptr, g.indices, w, x, np.empty((3, 3)), np.empty((4, 3)))
-    with pytest.raises(ValueError, match=r"must be \(n, d\)"):
-        _core.neighbour_sums_adjoint(g.indptr, g.indices, w, x, x, np.empty((4, 2)))
+    edges = ops._both_ways(g)
+    with pytest.raises(ValueError, match=r"cat \(n, 3d\)"):
+        _core.stack_neighbours(*edges, x, np.empty((4, 8)))
+    with pytest.raises(ValueError, match=r"grad_cat \(n, 3d\)"):
+        _core.stack_neighbours_adjoint(*edges, x, np.empty((4, 6)), np.empty((4, 3)))
+    with pytest.raises(ValueError, match="transpose as large"):
+        _core.stack_neighbours(*edges[:4], edges[4][:1], edges[5], x, np.empty((4, 9)))
     with pytest.raises(ValueError, match="contiguous rows"):
-        _core.neighbour_sums(g.indptr, g.indices, w, np.ones((4, 6))[:, ::2],
-                             np.empty((4, 3)), np.empty((4, 3)))
-    # column blocks of one array are fine: rows contiguous
-    cat = np.zeros((4, 9))
-    cat[:, :3] = np.arange(12.0).reshape(4, 3)
-    _core.neighbour_sums(g.indptr, g.indices, w, cat[:, :3], cat[:, 3:6], cat[:, 6:])
-    np.testing.assert_array_equal(cat[1:, 3:6], cat[:-1, :3])   # predecessors
-    np.testing.assert_array_equal(cat[:-1, 6:], cat[1:, :3])    # successors
+        _core.stack_neighbours(*edges, np.ones((4, 6))[:, ::2], np.empty((4, 9)))
+    with pytest.raises(ValueError, match=r"grad_bias \(d,\)"):
+        _core.tanh_backward(x, x, np.empty((4, 3)), np.empty(4))
+    # x may be a column block of a wider array: its rows are contiguous
+    wide = np.arange(24.0).reshape(4, 6)
+    cat = np.empty((4, 9))
+    _core.stack_neighbours(*edges, wide[:, 2:5], cat)
+    np.testing.assert_array_equal(cat[:, :3], wide[:, 2:5])
+    np.testing.assert_array_equal(cat[1:, 3:6], wide[:-1, 2:5])   # predecessors
+    np.testing.assert_array_equal(cat[0, 3:6], 0.0)
+    np.testing.assert_array_equal(cat[:-1, 6:], wide[1:, 2:5])    # successors
+    np.testing.assert_array_equal(cat[-1, 6:], 0.0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_message_kernels_against_scipy(weighted):
+    """``[x, A^T x, A x]`` and its adjoint on a random graph (self-loops
+    and repeated edges included) against scipy.sparse; the tanh derivative
+    against numpy."""
+    from grapheme import _core
+
+    rng = np.random.default_rng(3)
+    n, d, E = 30, 5, 80
+    src, dst = np.sort(rng.integers(0, n, E)), rng.integers(0, n, E)
+    indptr = np.searchsorted(src, np.arange(n + 1)).astype(np.int64)
+    indices = dst.astype(np.int64)
+    w = rng.uniform(0.5, 2.0, E) if weighted else np.empty(0)
+    A = sp.csr_matrix((w if weighted else np.ones(E), indices, indptr), shape=(n, n))
+    g = gr.Graph(indptr, indices, np.zeros(n, np.int32), weights=w if weighted else None)
+    edges = ops._both_ways(g)
+    T = sp.csr_matrix((edges[5] if weighted else np.ones(E), edges[4], edges[3]), shape=(n, n))
+    assert (T != A.T).nnz == 0
+    x = rng.normal(size=(n, d))
+    cat = np.empty((n, 3 * d))
+    _core.stack_neighbours(*edges, x, cat)
+    np.testing.assert_allclose(cat, np.hstack([x, A.T @ x, A @ x]), rtol=1e-13, atol=1e-13)
+    g, gcat, out = rng.normal(size=(n, d)), rng.normal(size=(n, 3 * d)), np.empty((n, d))
+    _core.stack_neighbours_adjoint(*edges, g, gcat, out)
+    want = g + gcat[:, :d] + A @ gcat[:, d:2 * d] + A.T @ gcat[:, 2 * d:]
+    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
+    t = np.tanh(rng.normal(size=(n, d)))
+    gz, gb = np.empty((n, d)), np.empty(d)
+    _core.tanh_backward(t, g, gz, gb)
+    np.testing.assert_allclose(gz, g * (1 - t * t), rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(gb, gz.sum(axis=0), rtol=1e-13, atol=1e-13)

@@ -129,6 +129,55 @@ def test_training_steps_bit_identical(estimator):
     _assert_identical([train(1), train(2)])
 
 
+@needs_openmp
+@pytest.mark.parametrize("weighted", [False, True])
+def test_encoder_kernels_bit_identical_across_thread_counts(weighted):
+    """The encoder's row-parallel kernels (neighbour sums, their adjoint,
+    the tanh derivative and its fixed-block column sums) on thousands of
+    rows, so that every thread gets blocks."""
+    from grapheme import ops
+
+    rng = np.random.default_rng(5)
+    g = gr.Graph.from_texts(_texts(rng, 400, 12, 25))
+    if weighted:
+        g = g.replace(weights=rng.uniform(0.1, 2.0, g.num_edges))
+    edges, n, d = ops._both_ways(g), g.num_nodes, 16
+    x, grad, grad_cat = (rng.normal(size=(n, d)), rng.normal(size=(n, d)),
+                         rng.normal(size=(n, 3 * d)))
+    t = np.tanh(x)
+    runs = []
+    for k in (1, 2, 3):
+        cat, out, gz, gb = (np.empty((n, 3 * d)), np.empty((n, d)), np.empty((n, d)),
+                            np.empty(d))
+        _core.stack_neighbours(*edges, x, cat, num_threads=k)
+        _core.stack_neighbours_adjoint(*edges, grad, grad_cat, out, num_threads=k)
+        _core.tanh_backward(t, grad, gz, gb, num_threads=k)
+        runs.append([cat, out, gz, gb])
+    _assert_identical(runs)
+
+
+@needs_openmp
+def test_encoder_follows_threadpoolctl_and_is_identical():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(6)
+    g = gr.Graph.from_texts(_texts(rng, 300, 12, 25))
+    enc = gr.Encoder(8, layers=2)
+    for v in enc.params.values():
+        v += rng.normal(scale=0.3, size=v.shape)
+    H, G = rng.normal(size=(g.num_nodes, 8)), rng.normal(size=(g.num_nodes, 8))
+
+    def run():
+        r, saved = enc.forward(g, H)
+        grad_h, grads = enc.vjp(saved, G, G, G)
+        return [*r, grad_h, *(grads[k] for k in sorted(grads))]
+
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        serial = run()
+    with threadpoolctl.threadpool_limits(limits=2, user_api="openmp"):
+        parallel = run()
+    _assert_identical([serial, parallel])
+
+
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
                                         (5000, ValueError), (1.5, TypeError),
                                         (True, TypeError), ("2", TypeError)])

@@ -359,7 +359,8 @@ class Trainer:
                                 grad_weights=lg.weights, grad_log_prob=grad_log_prob,
                                 grad_rate_penalty=grad_rate_penalty,
                                 grad_probability=grad_probability,
-                                out=self._workspace("grad", (rows.shape[0], emb.dim)))
+                                out=self._workspace("grad", (rows.shape[0], emb.dim)),
+                                workspace=self._workspace)
         grad_h, enc_grads = grad.features, {}
         if seg_saved is not None:
             gt = lg.target_features
