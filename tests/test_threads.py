@@ -178,6 +178,44 @@ def test_encoder_follows_threadpoolctl_and_is_identical():
     _assert_identical([serial, parallel])
 
 
+@needs_openmp
+def test_openmp_steps_aside_while_blas_runs_threads():
+    """With an encoder (large BLAS products) a step runs grapheme's
+    kernels on one OpenMP thread while BLAS has more than one, and on
+    OpenMP's default otherwise; the setting is restored after the step."""
+    from threadpoolctl import threadpool_limits
+    from grapheme._threads import blas_first
+
+    seen = []
+
+    def recording(loss):
+        forward = loss.forward
+
+        def wrapped(*args, **kwargs):
+            seen.append(_core.openmp_threads())
+            return forward(*args, **kwargs)
+        loss.forward = wrapped
+        return loss
+
+    rng = np.random.default_rng(7)
+    inputs = _texts(rng, 8, 4, 9)
+    targets = [s[:-1] for s in inputs]
+    with threadpool_limits(limits=2, user_api="openmp"):
+        for blas, encoder, want in [(2, True, 1), (1, True, 2), (2, False, 2)]:
+            with threadpool_limits(limits=blas, user_api="blas"):
+                trainer = gr.Trainer(gr.Embedding(dim=8, seed=0), gr.Morpher(),
+                                     recording(gr.StructuralLoss()), gr.Adam(lr=1e-2),
+                                     seed=0, progress=False,
+                                     encoder=gr.Encoder(8, layers=1) if encoder else None)
+                seen.clear()
+                trainer.train_step(inputs, targets)
+                trainer.evaluate(list(zip(inputs, targets)))
+                assert seen == [want, want], (blas, encoder)
+                assert _core.openmp_threads() == 2
+                with blas_first(active=False):
+                    assert _core.openmp_threads() == 2
+
+
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
                                         (5000, ValueError), (1.5, TypeError),
                                         (True, TypeError), ("2", TypeError)])

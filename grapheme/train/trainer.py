@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import _core
 from .._validation import check_model, check_pairs, check_scalar, show
+from .._threads import blas_first
 from .._workspace import Workspace
 from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
@@ -313,8 +314,13 @@ class Trainer:
             over the examples of their estimates of ``d loss / d theta``,
             else NaN). With a communicator, all of the global batch.
         """
-        if self.comm is not None:
-            return self._shard_step(inputs, targets)
+        with blas_first(self.encoder is not None):
+            if self.comm is not None:
+                return self._shard_step(inputs, targets)
+            return self._step(inputs, targets)
+
+    def _step(self, inputs, targets):
+        """:meth:`train_step` of one process."""
         morpher = self.morpher
         g, morphed, res, saved = self._forward(inputs, targets)
         lg = self.loss.backward(res)
@@ -530,11 +536,12 @@ class Trainer:
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
             g, _, H, target, _ = self._batch(bi, bt, train=False)
-            encoded = self._encode(g, H)[0]
-            morphed = self.morpher.predict(g, *encoded)
-            if target is None:
-                target = self._segmentation_target(g, bt, encoded[0])[0]
-            res = self.loss.forward(morphed.graph, target)
+            with blas_first(self.encoder is not None):
+                encoded = self._encode(g, H)[0]
+                morphed = self.morpher.predict(g, *encoded)
+                if target is None:
+                    target = self._segmentation_target(g, bt, encoded[0])[0]
+                res = self.loss.forward(morphed.graph, target)
             w = len(bi)
             for key in sums:
                 sums[key] += w * float(getattr(res, "value" if key == "loss" else key))
