@@ -175,13 +175,16 @@ class EncoderStepSuite:
     (query, key) one forward, two backward (n, d) x (d, d) products.
     Issue 12's target: at ``dim = 64``, 2 layers, 256 pairs, the step costs
     at most 1.5x its products (the ratio ``time_matmuls / time_step`` at
-    least 0.667). ``track_chars_per_s`` is the step's throughput over
+    least 0.667). ``time_encoder`` is the encoder's forward and vjp alone,
+    the part of the step those products belong to: its ratio to
+    ``time_matmuls`` is the glue around BLAS itself, without the loss and
+    the morph. ``track_chars_per_s`` is the step's throughput over
     ``dim`` in (32, 64) and 0, 1, 2 layers.
     """
 
     params = [[256], [32, 64], [0, 1, 2]]
     param_names = ["batch_size", "dim", "layers"]
-    ratios = [("time_step", "time_matmuls", 0.667)]
+    ratios = [("time_step", "time_matmuls", 0.667), ("time_encoder", "time_matmuls")]
 
     def setup(self, batch_size, dim, layers):
         pairs = _word_pairs(batch_size, np.random.default_rng(42))
@@ -200,6 +203,11 @@ class EncoderStepSuite:
         self.out, self.gcat = np.empty((n, dim)), np.empty((n, 3 * dim))
         self.wout, self.wcat_out = np.empty((dim, dim)), np.empty((3 * dim, dim))
         self.layers = layers
+        # the encoder alone, forward and vjp, on the step's own graph and
+        # features, in the trainer's workspace, with unit upstream gradients
+        g, _, H, _, _ = self.trainer._batch(self.inputs, self.targets)
+        self.graph, self.features = g, H.copy()
+        self.upstream = np.ones((g.num_nodes, dim))
 
     def time_step(self, batch_size, dim, layers):
         self.trainer.train_step(self.inputs, self.targets)
@@ -214,6 +222,14 @@ class EncoderStepSuite:
             np.matmul(h, w, out=out)
             np.matmul(h, w.T, out=out)
             np.matmul(h.T, h, out=wout)
+
+    def time_encoder(self, batch_size, dim, layers):
+        encoder, ws = self.trainer.encoder, self.trainer._workspace
+        if encoder is None:
+            return
+        _, saved = encoder.forward(self.graph, self.features, ws)
+        u = self.upstream
+        encoder.vjp(saved, u, u, u, ws)
 
     def track_chars_per_s(self, batch_size, dim, layers):
         import time
