@@ -81,26 +81,43 @@ def scatter(
 ) -> None: ...
 
 STREAM_MIN_BYTES: int
+def transpose_csr(
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,)
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,   # index_t[::1] OUT (n+1,)
+    t_indices: np.ndarray,  # index_t[::1] OUT (E,)
+    t_weights: np.ndarray,  # double[::1] OUT (E,) or (0,)
+) -> None: ...
 def stack_neighbours(
-    indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
-    indices: np.ndarray,  # const index_t[::1] IN (E,)
-    weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
-    x: np.ndarray,        # const double[:, :] IN (n, d), contiguous rows
-    cat: np.ndarray,      # double[:, ::1] OUT (n, 3d): [x, A^T x, A x]
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges (transpose_csr)
+    t_indices: np.ndarray,  # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
+    x: np.ndarray,          # const double[:, :] IN (n, d), contiguous rows
+    cat: np.ndarray,        # double[:, ::1] OUT (n, 3d): [x, A^T x, A x]
+    num_threads: int = 0,
 ) -> None: ...
 def stack_neighbours_adjoint(
-    indptr: np.ndarray,    # const index_t[::1] IN (n+1,)
-    indices: np.ndarray,   # const index_t[::1] IN (E,)
-    weights: np.ndarray,   # const double[::1] IN (E,) or (0,)
-    grad: np.ndarray,      # const double[:, ::1] IN (n, d)
-    grad_cat: np.ndarray,  # const double[:, ::1] IN (n, 3d)
-    out: np.ndarray,       # double[:, ::1] OUT (n, d)
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,  # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
+    grad: np.ndarray,       # const double[:, ::1] IN (n, d)
+    grad_cat: np.ndarray,   # const double[:, ::1] IN (n, 3d)
+    out: np.ndarray,        # double[:, ::1] OUT (n, d)
+    num_threads: int = 0,
 ) -> None: ...
 def tanh_backward(
     t: np.ndarray,          # const double[:, ::1] IN (n, d)
     grad: np.ndarray,       # const double[:, ::1] IN (n, d)
     grad_z: np.ndarray,     # double[:, ::1] OUT (n, d)
     grad_bias: np.ndarray,  # double[::1] OUT (d,)
+    num_threads: int = 0,
 ) -> None: ...
 def edge_cosine_qk(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)

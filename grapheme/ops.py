@@ -641,7 +641,7 @@ class MessagePassing(Operation):
         w_cat = np.concatenate([w_self, w_pred, w_succ])
         t = np.matmul(cat, w_cat, out=_alloc(workspace, name + "t", n, d))
         t += bias
-        np.tanh(t, out=t)     # numpy's vectorised tanh: 6x libm's, here
+        np.tanh(t, out=t)     # numpy's SIMD tanh; a compiled libm loop took 6x longer
         out = np.add(features, t, out=_alloc(workspace, name + "out", n, d))
         return MessageResult(out), (edges, cat, t, w_cat)
 
