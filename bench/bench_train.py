@@ -166,10 +166,10 @@ class EncoderStepSuite:
     """A training step with the encoder against its matrix products alone.
 
     The step: ``batch_size`` word-segmentation pairs of 4-12 words (about
-    40 characters; nodes labelled by offset, as the Trainer does), ``layers``
+    30 characters; nodes labelled by offset, as the Trainer does), ``layers``
     message-passing layers and the routing projections at width ``dim``,
     ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
-    timed alone on arrays of the same shapes: per layer 3 forward products
+    timed alone on arrays of the same shapes: per layer one forward product
     ``[h, P, S] @ [W_self; W_pred; W_succ]``, (n, 3d) @ (3d, d), and its two
     backward ones, (n, d) @ (d, 3d) and (3d, n) @ (n, d); per projection
     (query, key) one forward, two backward (n, d) x (d, d) products.
