@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -130,6 +131,89 @@ def test_one_rank_communicator_is_the_single_process_run(name, tmp_path):
 class _Alone(Communicator):
     def all_reduce(self, buffer):
         pass
+
+
+class _Threads(Communicator):
+    """``world_size`` ranks as threads of this process: ``all_reduce`` sums
+    the ranks' buffers in rank order."""
+
+    def __init__(self, rank, shared):
+        self.rank, self.shared = rank, shared
+        self.world_size = len(shared["buffers"])
+
+    def all_reduce(self, buffer):
+        shared = self.shared
+        shared["buffers"][self.rank] = buffer.copy()
+        shared["barrier"].wait()
+        total = np.sum(shared["buffers"], axis=0)
+        shared["barrier"].wait()     # every rank has read before any writes again
+        buffer[:] = total
+
+    @staticmethod
+    def run(functions, timeout=60):
+        """Call ``functions[r](_Threads(r, ...))`` in one thread per rank:
+        their results, by rank."""
+        world = len(functions)
+        shared = {"buffers": [None] * world,
+                  "barrier": threading.Barrier(world, timeout=timeout)}
+        results, errors = [None] * world, []
+
+        def target(r):
+            try:
+                results[r] = functions[r](_Threads(r, shared))
+            except BaseException as exc:   # noqa: BLE001 - re-raised below
+                errors.append(exc)
+                shared["barrier"].abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.mark.parametrize("name, n_val, world", [("segments", 7, 3), ("reinforce_loo", 2, 3),
+                                                ("ste_encoder", 7, 2)])
+def test_validation_is_split_between_ranks(name, n_val, world, monkeypatch):
+    """Each rank evaluates only its contiguous share of val (none when val is
+    shorter than the ranks), and every rank gets one process's record: the
+    loss to 1e-12 relative, counts and the ratios of counts exactly."""
+    factory, pairs, val, _ = worker.configurations()[name]
+    val = val[:n_val]
+    seen = []
+    eval_sums = gr.Trainer._eval_sums
+
+    def spy(self, inputs, targets, bs):
+        seen.append(list(inputs))
+        return eval_sums(self, inputs, targets, bs)
+
+    texts = [p[0] for p in pairs], [p[1] for p in pairs]
+    single = factory(None)
+    single._grow(*texts)
+    want = single._val_record(val)
+    monkeypatch.setattr(gr.Trainer, "_eval_sums", spy)
+
+    def rank(comm):
+        trainer = factory(comm)
+        trainer._grow(*texts)
+        return trainer._val_record(val)
+
+    records = _Threads.run([rank] * world)
+    assert sorted(map(len, seen)) == sorted(hi - lo for lo, hi in
+                                            (shard_bounds(n_val, r, world) for r in range(world)))
+    assert sorted(x for part in seen for x in part) == sorted(p[0] for p in val)
+    assert all(r == records[0] for r in records)
+    assert sorted(records[0]) == sorted(want)
+    if isinstance(pairs[0][1], tuple):
+        assert "val_boundary_f1" in want
+    for key, value in want.items():
+        if key == "val_loss":
+            assert records[0][key] == pytest.approx(value, rel=1e-12, abs=0)
+        else:
+            assert records[0][key] == value, key
 
 
 def _write_pairs(path, pairs):

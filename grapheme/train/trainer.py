@@ -109,8 +109,11 @@ class Trainer:
         ``Reinforce`` draws the single process's samples (each rank its
         share of the global batch's stream) and its baseline and
         ``estimator_variance`` take the global batch's per-example losses
-        and estimates. Only rank 0 writes the log and the checkpoints and
-        reports progress.
+        and estimates. :meth:`fit`'s validation is split the same way: each
+        rank evaluates its share of ``val`` and the sums are combined, so
+        every rank has the record (and the ``keep_best`` decision) of one
+        process. Only rank 0 writes the log and the checkpoints and reports
+        progress.
 
     Attributes
     ----------
@@ -536,7 +539,9 @@ class Trainer:
 
         Changes nothing: characters without a row of their own read the
         embedding's unknown row (the table does not grow), no parameter is
-        updated and no gradient is kept.
+        updated and no gradient is kept. Not a collective: with a
+        communicator this rank evaluates all of ``pairs`` alone (:meth:`fit`'s
+        per-epoch validation is the one shared between the ranks).
 
         Parameters
         ----------
@@ -563,6 +568,12 @@ class Trainer:
             raise ValueError("pairs must not be empty")
         bs = self.batch_size if batch_size is None else check_scalar(
             batch_size, "batch_size", lower=1, integer=True)
+        return _eval_scores(*self._eval_sums(inputs, targets, bs), len(inputs))
+
+    def _eval_sums(self, inputs, targets, bs):
+        """What :meth:`evaluate` adds up over ``inputs, targets`` in batches
+        of ``bs``: ``(sums of the loss terms over pairs, input nodes, output
+        nodes, structure matches, segmentation counts or None)``."""
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         n_in = n_out = correct = 0
         seg = None
@@ -586,13 +597,32 @@ class Trainer:
                 c = segmentation_counts(morphed.history, g.graph_offsets, lengths, counts,
                                         select)
                 seg = c if seg is None else {k: seg[k] + c[k] for k in seg}
-        n = len(inputs)
-        out = {k: v / n for k, v in sums.items()}
-        out["kept_fraction"] = 1.0 if n_in == 0 else n_out / n_in
-        out["accuracy"] = correct / n
-        if seg is not None:
-            out.update(segmentation_scores(seg))
-        return out
+        return sums, n_in, n_out, correct, seg
+
+    def _evaluate_shared(self, pairs):
+        """:meth:`evaluate` of ``pairs`` (the trainer's batch size) by all
+        ranks together: each evaluates its contiguous share and one
+        all-reduce sums the loss sums and the counts (the segmentation
+        metrics' counts, not their ratios), so every rank returns the same
+        record, the single-process one up to the summation order of the
+        loss terms (the counts, accuracies and boundary scores exactly)."""
+        comm = self.comm
+        inputs, targets = check_pairs(pairs, "pairs")
+        if not inputs:
+            raise ValueError("pairs must not be empty")
+        lo, hi = shard_bounds(len(inputs), comm.rank, comm.world_size)
+        sums, n_in, n_out, correct, seg = self._eval_sums(inputs[lo:hi], targets[lo:hi],
+                                                          self.batch_size)
+        flat = np.array([*sums.values(), n_in, n_out, correct,
+                         *(seg[k] if seg is not None else 0 for k in SEGMENTATION_COUNTS)],
+                        dtype=np.float64)
+        comm.all_reduce(flat)
+        values = flat.tolist()
+        sums = dict(zip(sums, values[:len(sums)]))
+        n_in, n_out, correct, *seg_counts = (int(v) for v in values[len(sums):])
+        seg = dict(zip(SEGMENTATION_COUNTS, seg_counts))
+        return _eval_scores(sums, n_in, n_out, correct, seg if seg["examples"] else None,
+                            len(inputs))
 
     # ------------------------------------------------------------------ fit
     def _good_checkpoint(self):
@@ -783,8 +813,9 @@ class Trainer:
         self.embedding.rows(np.unique(labels))
 
     def _val_record(self, val):
-        """The ``val_*`` entries of an epoch record."""
-        v = self.evaluate(val)
+        """The ``val_*`` entries of an epoch record (with a communicator, of
+        all ranks together: see :meth:`_evaluate_shared`)."""
+        v = self.evaluate(val) if self.comm is None else self._evaluate_shared(val)
         return {"val_" + k: v[k] for k in ("loss", "kept_fraction", "accuracy",
                                            *SEGMENTATION_KEYS) if k in v}
 
@@ -1050,6 +1081,21 @@ class Trainer:
         self.best = None if best is None else dict(best)
         self.baseline = baseline
         self._loaded_fingerprint = None if data is None else dict(data, path=path)
+
+
+#: The counts of :func:`~grapheme.train.metrics.segmentation_counts`, in
+#: the order validation all-reduces them.
+SEGMENTATION_COUNTS = ("examples", "exact", "true_positive", "predicted", "gold")
+
+
+def _eval_scores(sums, n_in, n_out, correct, seg, n):
+    """:meth:`Trainer.evaluate`'s record from its sums over ``n`` pairs."""
+    out = {k: v / n for k, v in sums.items()}
+    out["kept_fraction"] = 1.0 if n_in == 0 else n_out / n_in
+    out["accuracy"] = correct / n
+    if seg is not None:
+        out.update(segmentation_scores(seg))
+    return out
 
 
 def _better(metric, value, best):
