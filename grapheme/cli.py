@@ -378,9 +378,6 @@ def _train(args, out, spawn=None, comm=None):
         except ValueError as exc:
             raise CommandError(f"--keep-best: {exc}") from None
     if spawn is not None:   # everything is checked: now the ranks
-        if trainer.morpher.estimator.name == "reinforce":
-            raise CommandError("--nproc: data-parallel training does not support "
-                               "--estimator reinforce yet")
         from .distributed import _torch_distributed, spawn_local
 
         _torch_distributed()   # torch missing: say so once, here

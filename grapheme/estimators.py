@@ -5,14 +5,20 @@ decision is discrete, so the loss is piecewise constant in it; an estimator
 says what the forward pass computes and what gradient the decisions pass
 back. All four share one small interface:
 
-- ``forward(graph, features, similarity, scores) -> (EstimateResult, saved)``
-  with ``scores`` the :class:`grapheme.ops.ScoresResult` of the edges
-  (logits, probabilities, ``tau``);
+- ``forward(graph, features, similarity, scores, shard=None) -> (EstimateResult,
+  saved)`` with ``scores`` the :class:`grapheme.ops.ScoresResult` of the
+  edges (logits, probabilities, ``tau``); ``shard=(before, after)``: the
+  batch is a contiguous part of a larger one (a data-parallel rank's share
+  of the global batch), ``before`` candidate edges of which come before it
+  and ``after`` after it (only ``Reinforce``, whose draws are the larger
+  batch's, reads it);
 - ``vjp(saved, grad_features, grad_mass, grad_weights, grad_log_prob) ->
   (grad_input_features, grad_logits, grad_probability)``, pure, with
   ``None`` for a gradient that does not exist;
-- ``step(saved, loss_values)``: the only place where an estimator's state
-  (the REINFORCE baseline and sample counter) advances.
+- ``step(saved, loss_values, num_edges=None)``: the only place where an
+  estimator's state (the REINFORCE baseline and sample counter) advances;
+  ``saved=None, num_edges=E``: by a batch of ``E`` candidate edges that this
+  estimator's forward saw only a shard of, or none (data-parallel ranks).
 
 ======================  ==========================  ==============================  ======
 estimator (alias)       forward                     gradient                        graphs
@@ -83,7 +89,7 @@ class Estimator:
     #: Copies of the input batch in the output.
     samples = 1
 
-    def forward(self, graph, features, similarity, scores):  # pragma: no cover
+    def forward(self, graph, features, similarity, scores, shard=None):  # pragma: no cover
         raise NotImplementedError
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
@@ -97,7 +103,7 @@ class Estimator:
         :class:`Reinforce` has one)."""
         return None
 
-    def step(self, saved, loss_values=None):
+    def step(self, saved, loss_values=None, num_edges=None):
         """Advance the estimator's state after a training step (a no-op here)."""
 
     def get_params(self):
@@ -127,7 +133,7 @@ class Hard(Estimator):
 
     name = "history"
 
-    def forward(self, graph, features, similarity, scores):
+    def forward(self, graph, features, similarity, scores, shard=None):
         decisions = similarity > scores.tau
         r, saved = HardMerge().forward(graph, features, decisions)
         return EstimateResult(r.graph, r.history, decisions, None, 1), saved
@@ -153,7 +159,7 @@ class Relaxed(Estimator):
     def _merge_weights(self, decisions, scores):
         return scores.probability
 
-    def forward(self, graph, features, similarity, scores):
+    def forward(self, graph, features, similarity, scores, shard=None):
         decisions = similarity > scores.tau
         r, saved = ChainRelaxation().forward(graph, features,
                                              self._merge_weights(decisions, scores))
@@ -217,6 +223,13 @@ class Reinforce(Estimator):
     the stream past the draws of the forward pass it is given and folds that
     step's losses into the running-mean baseline. Any graph.
 
+    Data-parallel training draws the single process's decisions: the stream
+    holds, sample by sample, one uniform per candidate edge of the global
+    batch, and ``forward(..., shard=(before, after))`` takes a rank's
+    share of each sample's draws and skips the rest; ``step(None,
+    losses, num_edges=E)`` then moves every rank past the global batch's
+    draws and folds in its losses (see :class:`~grapheme.Trainer`).
+
     Parameters
     ----------
     baseline : {"mean", "loo", None}, default "mean"
@@ -259,7 +272,7 @@ class Reinforce(Estimator):
     def get_params(self):
         return {"baseline": self.baseline, "samples": self.samples, "seed": self.seed}
 
-    def forward(self, graph, features, similarity, scores):
+    def forward(self, graph, features, similarity, scores, shard=None):
         K = self.samples
         rep = replicate(graph, K)
         feats = features if K == 1 else np.tile(features, (K, 1))
@@ -267,7 +280,10 @@ class Reinforce(Estimator):
         prob = np.tile(scores.probability, K)
         rng = np.random.default_rng()
         rng.bit_generator.state = self._rng_state
-        decisions = rng.random(prob.shape[0]) < prob
+        if shard is None:
+            decisions = rng.random(prob.shape[0]) < prob
+        else:
+            decisions = self._shard_draws(rng, shard, scores.logits.shape[0]) < prob
         r, merge_saved = HardMerge().forward(rep, feats, decisions)
         B = rep.num_graphs
         example = np.repeat(np.arange(B), np.diff(rep.indptr[rep.graph_offsets]))
@@ -307,14 +323,51 @@ class Reinforce(Estimator):
         coef, example = saved.log_prob
         return advantage * np.bincount(example, weights=coef, minlength=advantage.shape[0])
 
-    def step(self, saved, loss_values=None):
+    def _shard_draws(self, rng, shard, num_edges):
+        """The uniforms of a shard's ``num_edges`` edges, ``samples`` times:
+        of every sample's draws of the whole batch (``before + num_edges +
+        after``), the shard's; ``rng`` ends past all of them. The generator
+        skips the others' (``PCG64.advance``: one 64-bit step per double)."""
+        before, after = _check_shard(shard)
+        K, E = self.samples, num_edges
+        bits = rng.bit_generator
+        draws = np.empty(K * E)
+        for k in range(K):
+            bits.advance(before)
+            rng.random(out=draws[k * E:(k + 1) * E])
+            bits.advance(after)
+        return draws
+
+    def step(self, saved, loss_values=None, num_edges=None):
         """Move the generator past the draws of ``saved``'s forward pass and
-        fold this step's losses into the running mean."""
-        if loss_values is not None:
-            losses = self._losses(saved, loss_values)
+        fold this step's losses into the running mean.
+
+        ``saved=None`` and ``num_edges``: a step of a batch with
+        ``num_edges`` candidate edges, of which this estimator's forward saw
+        a shard or nothing (a rank of a data-parallel run, see
+        :class:`~grapheme.Trainer`): the generator moves past its ``samples
+        * num_edges`` draws and ``loss_values`` are that whole batch's
+        (every sample's), so every rank ends in the single-process state."""
+        if saved is None:
+            if num_edges is None:
+                raise TypeError("step() needs saved, or num_edges without it")
+            num_edges = check_scalar(num_edges, "num_edges", lower=0, integer=True)
+            losses = (None if loss_values is None
+                      else as_float_array(loss_values, "loss_values", ndim=1))
+            rng = np.random.default_rng()
+            rng.bit_generator.state = self._rng_state
+            rng.bit_generator.advance(self.samples * num_edges)
+            rng_state = rng.bit_generator.state
+        else:
+            if num_edges is not None:
+                raise TypeError("num_edges goes with saved=None (a step without a "
+                                "forward of the whole batch)")
+            losses = None if loss_values is None else self._losses(saved, loss_values)
+            rng_state = saved.rng_state
+        if losses is not None:
             self._mean.total += float(np.sum(losses))
             self._mean.count += int(losses.shape[0])
-        self._rng_state = saved.rng_state
+        self._rng_state = rng_state
 
     @staticmethod
     def _losses(saved, loss_values):
@@ -336,6 +389,17 @@ class Reinforce(Estimator):
             raise ValueError(f"state is not a Reinforce state: {exc}") from None
         self._rng_state = rng.bit_generator.state
         self._mean.total, self._mean.count = total, count
+
+
+def _check_shard(shard):
+    """``(before, after)``: two non-negative ints (edges around a shard)."""
+    try:
+        before, after = shard
+    except (TypeError, ValueError):
+        raise TypeError(f"shard must be a pair (before, after) of edge counts, got "
+                        f"{show(shard)}") from None
+    return (check_scalar(before, "shard before", lower=0, integer=True),
+            check_scalar(after, "shard after", lower=0, integer=True))
 
 
 ESTIMATORS = {cls.name: cls for cls in (Hard, Relaxed, StraightThrough, Reinforce)}

@@ -174,7 +174,7 @@ class Morpher:
         self.grad_theta = np.zeros(())
 
     # ----------------------------------------------------------------- forward
-    def forward(self, graph, features, queries=None, keys=None):
+    def forward(self, graph, features, queries=None, keys=None, shard=None):
         """Morph ``graph`` given node ``features`` (n_nodes, d). O((n + E) d).
 
         With ``queries`` and ``keys`` (both (n_nodes, d_route)) the merge
@@ -182,6 +182,12 @@ class Morpher:
         routing, :class:`grapheme.ops.RoutedSimilarity`); without, the cosine
         of the features themselves. The features are what is merged either
         way.
+
+        ``shard=(before, after)``: ``graph`` is a contiguous part of a
+        larger batch, ``before`` of whose candidate edges come before
+        ``graph``'s and ``after`` after them (a data-parallel rank's share
+        of the global batch): ``Reinforce`` draws that batch's decisions and
+        keeps ``graph``'s; the other estimators ignore it.
 
         Pure: the morpher's state (``theta``, the estimator's step count and
         baseline, the rate multiplier) is read, never changed.
@@ -200,7 +206,7 @@ class Morpher:
         """
         check_graph(graph, "graph")
         features, route = self._check_inputs(graph, features, queries, keys)
-        return self._morph(graph, features, self.estimator, self.rate, route)
+        return self._morph(graph, features, self.estimator, self.rate, route, shard)
 
     @staticmethod
     def _check_inputs(graph, features, queries, keys):
@@ -242,13 +248,17 @@ class Morpher:
             sim = RoutedSimilarity().forward(graph, *route)[0].similarity
         return sim > self.tau   # the float MergeScores compares with
 
-    def _morph(self, graph, features, estimator, rate, route=None):
+    def _morph(self, graph, features, estimator, rate, route=None, shard=None):
         if route is None:
             sim, sim_saved = EdgeSimilarity().forward(graph, features)
         else:
             sim, sim_saved = RoutedSimilarity().forward(graph, *route)
         scores, scores_saved = MergeScores(self.temperature).forward(sim.similarity, self.theta)
-        estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores)
+        if shard is None:
+            estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores)
+        else:
+            estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores,
+                                                    shard=shard)
         value, expected, rate_saved = 0.0, float("nan"), None
         if rate is not None:
             op, multiplier = rate.penalty()
@@ -371,7 +381,7 @@ class Morpher:
         return -tau * (1.0 - tau) / self.temperature * per_example
 
     # ------------------------------------------------------------------ state
-    def step(self, morphed, loss_values=None, kept_fraction=None):
+    def step(self, morphed, loss_values=None, kept_fraction=None, num_edges=None):
         """Advance the training state after an optimisation step.
 
         The estimator's step (``Reinforce``: the running-mean baseline takes
@@ -384,13 +394,25 @@ class Morpher:
         of the global batch, of which ``morphed`` holds one rank's share;
         ``morphed`` may then be None, for a rank without a share (if the
         estimator is stateless: every one but ``Reinforce``).
+
+        ``num_edges`` (with ``morphed=None``): the step of a global batch
+        with that many candidate edges, of which this rank morphed a shard
+        (``forward(..., shard=)``) or nothing: ``Reinforce`` moves its
+        stream past the global batch's draws and its baseline takes
+        ``loss_values``, the global batch's (every sample's, in the
+        single-process order); the other estimators ignore it.
         """
         if morphed is None:
-            if kept_fraction is None or self.estimator.name == "reinforce":
+            if num_edges is not None:
+                self.estimator.step(None, loss_values, num_edges=num_edges)
+            elif kept_fraction is None or self.estimator.name == "reinforce":
                 raise TypeError("morphed must be a Morphed (None only with a "
-                                "kept_fraction and a stateless estimator)")
+                                "kept_fraction and a stateless estimator, or with "
+                                "num_edges)")
         elif not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
+        elif num_edges is not None:
+            raise TypeError("num_edges goes with morphed=None")
         else:
             self.estimator.step(morphed._saved[2], loss_values)
         if self.rate is None:

@@ -1,9 +1,12 @@
 """The runs tests/test_distributed.py compares: each configuration trained
-for 10 steps, in one process or as one rank of a data-parallel run.
+for 10 steps, validated after every epoch (keeping the best), in one
+process or as one rank of a data-parallel run.
 
 ``python distributed_worker.py OUT`` (as every rank, with the variables
 torchrun sets) trains every configuration with a communicator and writes
-``OUT/rank<r>.npz``: the parameters after the 10 steps, by configuration.
+``OUT/rank<r>.npz``: the parameters after the 10 steps, the estimator's
+state and the epoch records, by configuration (rank 0 writes the
+checkpoints under ``OUT/<configuration>``).
 """
 import os
 import sys
@@ -11,17 +14,27 @@ import sys
 import numpy as np
 
 import grapheme as gr
+from grapheme.estimators import Reinforce
 
 #: 25 pairs in batches of 6: 5 steps an epoch, the last of one pair (so one
 #: of two ranks has no share of it); 2 epochs: 10 steps.
 PAIRS_N, BATCH, EPOCHS = 25, 6, 2
+#: Validation pairs: 7, so two ranks evaluate 3 and 4 (in batches of 6).
+VAL_N = 7
+
+#: Entries that two runs must agree on exactly: counts, the generator's
+#: state, which epoch was kept, and the validation metrics that are ratios
+#: of counts. Every other entry: to 1e-12 relative.
+EXACT = ("estimator.count", "estimator.rng", "best_epoch", "val_kept_fraction",
+         "val_accuracy", "val_seg_accuracy", "val_boundary_precision",
+         "val_boundary_recall", "val_boundary_f1")
 
 
-def _pairs(seed, segmentation=False):
+def _pairs(seed, segmentation=False, n=PAIRS_N):
     rng = np.random.default_rng(seed)
     alphabet = list("abcdefgh")
     pairs = []
-    for _ in range(PAIRS_N):
+    for _ in range(n):
         words = ["".join(rng.choice(alphabet, size=rng.integers(1, 4)))
                  for _ in range(rng.integers(1, 4))]
         text = "".join(words)
@@ -32,8 +45,12 @@ def _pairs(seed, segmentation=False):
     return pairs
 
 
+def _val(seed, segmentation=False):
+    return _pairs(seed + 100, segmentation, VAL_N)
+
+
 def configurations():
-    """name -> (factory of a trainer given comm, pairs)."""
+    """name -> (factory of a trainer given comm, pairs, val, keep_best metric)."""
     def ste_encoder(comm):
         return gr.Trainer(gr.Embedding(dim=8, seed=1), gr.Morpher(estimator="ste", rate=0.7),
                           gr.StructuralLoss(), gr.Adam(lr=3e-2), batch_size=BATCH, seed=3,
@@ -51,19 +68,67 @@ def configurations():
                           batch_size=BATCH, seed=6, encoder=gr.Encoder(8, layers=1),
                           progress=False, comm=comm)
 
-    return {"ste_encoder": (ste_encoder, _pairs(0)), "soft": (soft, _pairs(1)),
-            "segments": (segments, _pairs(2, segmentation=True))}
+    def reinforce_mean(comm):
+        # the running-mean baseline, a rate controller, the unknown row
+        return gr.Trainer(gr.Embedding(dim=8, seed=7),
+                          gr.Morpher(estimator=Reinforce(baseline="mean", seed=5), rate=0.7),
+                          gr.StructuralLoss(), gr.Adam(lr=3e-2), batch_size=BATCH, seed=8,
+                          encoder=gr.Encoder(8, layers=1), unknown_prob=0.1,
+                          progress=False, comm=comm)
+
+    def reinforce_loo(comm):
+        # 3 samples per pair, leave-one-out baseline, segmentation pairs
+        return gr.Trainer(gr.Embedding(dim=8, seed=9),
+                          gr.Morpher(estimator=Reinforce(baseline="loo", samples=3, seed=2)),
+                          gr.StructuralLoss.for_training(debias=True), gr.Adam(lr=3e-2),
+                          batch_size=BATCH, seed=10, encoder=gr.Encoder(8, layers=1),
+                          progress=False, comm=comm)
+
+    def reinforce_none(comm):
+        # 2 samples, no baseline, no encoder
+        return gr.Trainer(gr.Embedding(dim=6, seed=11),
+                          gr.Morpher(estimator=Reinforce(baseline=None, samples=2, seed=7)),
+                          gr.StructuralLoss(), gr.SGD(lr=0.1, momentum=0.5),
+                          batch_size=BATCH, seed=12, progress=False, comm=comm)
+
+    return {"ste_encoder": (ste_encoder, _pairs(0), _val(0), "val_loss"),
+            "soft": (soft, _pairs(1), _val(1), "val_accuracy"),
+            "segments": (segments, _pairs(2, segmentation=True),
+                         _val(2, segmentation=True), "val_boundary_f1"),
+            "reinforce_mean": (reinforce_mean, _pairs(3), _val(3), "val_loss"),
+            "reinforce_loo": (reinforce_loo, _pairs(4, segmentation=True),
+                              _val(4, segmentation=True), "val_seg_accuracy"),
+            "reinforce_none": (reinforce_none, _pairs(5), _val(5), "val_loss")}
 
 
-def train(factory, pairs, comm=None):
+def train(configuration, directory, comm=None):
+    """Train ``configuration`` (a value of :func:`configurations`), its
+    checkpoints in ``directory``; what the runs are compared on, by name."""
+    factory, pairs, val, metric = configuration
+    os.makedirs(directory, exist_ok=True)
     trainer = factory(comm)
-    trainer.fit(pairs, EPOCHS)
+    trainer.fit(pairs, EPOCHS, val=val, checkpoint=os.path.join(directory, "checkpoint.npz"),
+                keep_best=metric)
     out = {name: np.array(value) for name, value in trainer._params().items()}
     rate = trainer.morpher.rate
     if rate is not None:
         out["rate.multiplier"] = np.array(rate.multiplier)
-    out["kept_fraction"] = np.array([r["kept_fraction"] for r in trainer.history])
-    out["loss"] = np.array([r["loss"] for r in trainer.history])
+    state = trainer.morpher.estimator.state_dict()
+    if state:   # Reinforce: the stream's position, the running baseline
+        total, count = state["baseline"]
+        out["estimator.total"] = np.array(total)
+        out["estimator.count"] = np.array(count)
+        bits = state["rng"]
+        words = [bits["state"]["state"], bits["state"]["inc"]]
+        out["estimator.rng"] = np.array([(w >> (32 * i)) & 0xFFFFFFFF for w in words
+                                         for i in range(4)] + [bits["has_uint32"]],
+                                        dtype=np.float64)
+    history = trainer.history
+    for key in ("kept_fraction", "loss", "estimator_variance", "grad_norm"):
+        out[key] = np.array([np.nan if r[key] is None else r[key] for r in history])
+    for key in [k for k in history[0] if k.startswith("val_")]:
+        out[key] = np.array([trainer.baseline[key]] + [r[key] for r in history])
+    out["best_epoch"] = np.array(trainer.best["epoch"])
     return out
 
 
@@ -71,8 +136,9 @@ def main(out):
     comm = gr.distributed.init_from_env(timeout=120)
     try:
         arrays = {}
-        for name, (factory, pairs) in configurations().items():
-            for key, value in train(factory, pairs, comm).items():
+        for name, configuration in configurations().items():
+            directory = os.path.join(out, name)
+            for key, value in train(configuration, directory, comm).items():
                 arrays[f"{name}/{key}"] = value
         np.savez(os.path.join(out, f"rank{comm.rank}.npz"), **arrays)
     finally:

@@ -638,3 +638,47 @@ def test_reinforce_is_unbiased_for_the_structural_loss(baseline, samples):
         z = np.abs(est.mean(0) - exact) / se
         assert z.max() < 4.0, (z.max(), est.mean(0), exact)
     assert abs(exact_theta) > 1e-3
+
+
+def test_reinforce_shard_draws_the_whole_batchs_samples():
+    """forward(..., shard=) on a part of a batch makes the whole batch's
+    decisions of that part, every sample; step(None, losses, num_edges=)
+    leaves the estimator where the whole batch's step does."""
+    texts = ["abcab", "", "bb", "cabca", "a", "abcd", "ba"]
+    rng = np.random.default_rng(0)
+    g = gr.Graph.from_texts(texts)
+    H = rng.normal(size=(g.num_nodes, 5))
+    K = 3
+    whole_m = gr.Morpher(threshold=0.5, estimator=Reinforce(baseline="loo", samples=K, seed=4))
+    whole = whole_m.forward(g, H)
+    assert 0 < whole.decisions.mean() < 1
+    E = g.num_edges
+    edges = [max(len(t) - 1, 0) for t in texts]
+    nodes = np.cumsum([0] + [len(t) for t in texts])
+    for lo, hi in [(0, 3), (3, 4), (4, 7), (2, 2), (0, 7)]:
+        part_m = gr.Morpher(threshold=0.5,
+                            estimator=Reinforce(baseline="loo", samples=K, seed=4))
+        shard = (sum(edges[:lo]), sum(edges[hi:]))
+        mine = slice(shard[0], E - shard[1])
+        if lo < hi:
+            part = part_m.forward(gr.Graph.from_texts(texts[lo:hi]), H[nodes[lo]:nodes[hi]],
+                                  shard=shard)
+            assert np.array_equal(part.decisions.reshape(K, -1),
+                                  whole.decisions.reshape(K, E)[:, mine])
+        losses = rng.random(K * len(texts))
+        stepped = gr.Morpher(threshold=0.5,
+                             estimator=Reinforce(baseline="loo", samples=K, seed=4))
+        stepped.step(whole, losses)
+        part_m.step(None, losses, num_edges=E)
+        assert part_m.state_dict() == stepped.state_dict()
+    with pytest.raises(TypeError, match="num_edges"):
+        whole_m.step(None, losses)
+    with pytest.raises(TypeError, match="num_edges"):
+        whole_m.step(whole, losses, num_edges=E)
+    with pytest.raises(TypeError, match="shard"):
+        whole_m.forward(g, H, shard=3)
+    with pytest.raises(ValueError, match="shard"):
+        whole_m.forward(g, H, shard=(-1, 0))
+    # the deterministic estimators ignore it
+    ste = gr.Morpher(threshold=0.5, estimator="ste")
+    assert np.array_equal(ste.forward(g, H, shard=(4, 5)).decisions, ste.forward(g, H).decisions)

@@ -106,8 +106,14 @@ class Trainer:
         the gradients are summed over the ranks and every rank takes the
         same step, so the run is the single-process run up to rounding
         (whatever the number of ranks, so a checkpoint resumes on any).
-        Only rank 0 writes the log and the checkpoints and reports progress.
-        ``Reinforce`` is not supported yet.
+        ``Reinforce`` draws the single process's samples (each rank its
+        share of the global batch's stream) and its baseline and
+        ``estimator_variance`` take the global batch's per-example losses
+        and estimates. :meth:`fit`'s validation is split the same way: each
+        rank evaluates its share of ``val`` and the sums are combined, so
+        every rank has the record (and the ``keep_best`` decision) of one
+        process. Only rank 0 writes the log and the checkpoints and reports
+        progress.
 
     Attributes
     ----------
@@ -159,11 +165,6 @@ class Trainer:
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
                             f"got {type(comm).__name__}")
-        if comm is not None and morpher.estimator.name == "reinforce":
-            raise ValueError("comm: data-parallel training does not support the "
-                             "'reinforce' estimator yet (its sample stream and running "
-                             "baseline are not shared between ranks); use 'ste', 'soft' "
-                             "or 'history', or train in one process")
         self.encoder = encoder
         self.embedding = embedding
         self.morpher = morpher
@@ -343,12 +344,13 @@ class Trainer:
                 "chars": g.num_nodes, "grad_norm": grad_norm,
                 "estimator_variance": variance}
 
-    def _forward(self, inputs, targets, **batch):
+    def _forward(self, inputs, targets, shard=None, **batch):
         """The step's forward pass: ``(input graph, morphed, loss result, saved)``,
-        ``saved`` being what :meth:`_gradients` needs besides those."""
+        ``saved`` being what :meth:`_gradients` needs besides those.
+        ``shard``: see :meth:`Morpher.forward <grapheme.Morpher.forward>`."""
         g, rows, H, target, t_rows = self._batch(inputs, targets, **batch)
         encoded, enc_saved = self._encode(g, H)
-        morphed = self.morpher.forward(g, *encoded)
+        morphed = self.morpher.forward(g, *encoded, shard=shard)
         seg_saved = None
         if target is None:
             target, seg_saved = self._segmentation_target(g, targets, encoded[0])
@@ -418,18 +420,33 @@ class Trainer:
         fraction (a second, two-number all-reduce) and the rate controller
         its measured one. ``grown``: the table already has a row for every
         character of the batch (:meth:`fit` grows it before the first step),
-        so the per-step cost of the global batch is one ``len`` per text."""
+        so the per-step cost of the global batch is one ``len`` per text.
+
+        ``Reinforce``: the samples are the global batch's (the estimator's
+        stream skips the other ranks' edges, ``forward(..., shard=)``); the
+        same all-reduce carries every example's loss and ``d loss / d
+        theta`` estimate (``2 K B`` floats, each rank filling its slots of
+        the single-process order, zeros elsewhere), from which every rank
+        folds the global losses into the baseline and moves the stream past
+        the global batch (``Morpher.step(None, ..., num_edges=)``) and takes
+        ``estimator_variance`` exactly as one process does."""
         comm, morpher = self.comm, self.morpher
         B = len(inputs)
         lo, hi = shard_bounds(B, comm.rank, comm.world_size)
         if not grown:
             self._grow_batch(inputs, targets)
         draws = self._unknown_draws(inputs, lo, hi)
+        reinforce = morpher.estimator.name == "reinforce"
+        shard = None
+        if reinforce:   # a chain's candidate edges: one per character but the first
+            edges = [max(len(text) - 1, 0) for text in inputs]
+            shard = (sum(edges[:lo]), sum(edges[hi:]))
+            num_edges = sum(edges)
         inputs, targets = inputs[lo:hi], targets[lo:hi]
         K = morpher.estimator.samples
         morphed = res = None
         if inputs:
-            g, morphed, res, kept = self._forward(inputs, targets, draws=draws)
+            g, morphed, res, kept = self._forward(inputs, targets, shard=shard, draws=draws)
         grad_p = None
         if morpher.rate is not None:
             # the penalty of the global batch's expected kept fraction
@@ -442,34 +459,53 @@ class Trainer:
             if morphed is not None:
                 grad_p = np.full(morphed.probability.shape, op.vjp(saved, 1.0)[0][0])
         params = self._params()
+        examples = K * B
+        # reinforce: every example's loss, then its d loss / d theta estimate,
+        # at its place in the single-process order (copy k of pair b: k B + b)
+        per_example = np.zeros(2 * examples if reinforce else 0)
         if morphed is not None:
-            lg = self.loss.backward(res, np.full(res.values.shape[0], 1.0 / (K * B)))
-            grads = self._gradients(morphed, lg, *kept, grad_probability=grad_p)[0]
+            lg = self.loss.backward(res, np.full(res.values.shape[0], 1.0 / examples))
+            advantage = morphed.advantage(res.values)
+            grads = self._gradients(
+                morphed, lg, *kept, grad_probability=grad_p,
+                grad_log_prob=None if advantage is None else advantage / examples)[0]
             n = res.values.shape[0]
             counts = [n * res.value, n * res.node, n * res.edge, n * res.clique,
                       g.num_nodes, morphed.history.num_outputs, morphed.history.num_inputs]
+            if reinforce:
+                slots = (np.arange(K)[:, None] * B + np.arange(lo, hi)).ravel()
+                per_example[slots] = res.values
+                per_example[examples + slots] = morpher.theta_estimates(morphed, advantage)
         else:   # no pair here: nothing to add
             grads = {name: np.zeros_like(p) for name, p in params.items()}
             counts = [0.0] * 7
-        # one flat buffer: every gradient, then the step's counts
+        # one flat buffer: every gradient, then the step's counts (and reinforce's
+        # per-example numbers)
         names = sorted(grads)
         sizes = [grads[k].size for k in names]
-        flat = np.concatenate([*(np.ravel(grads[k]) for k in names), counts])
+        flat = np.concatenate([*(np.ravel(grads[k]) for k in names), counts, per_example])
         comm.all_reduce(flat)
-        parts = np.split(flat, np.cumsum(sizes))
+        parts = np.split(flat, np.cumsum(sizes + [len(counts)]))
         grads = {k: part.reshape(np.shape(params[k])) for k, part in zip(names, parts)}
-        (loss, node, edge, clique, n_in, n_out, hist_in) = parts[-1].tolist()
+        (loss, node, edge, clique, n_in, n_out, hist_in) = parts[-2].tolist()
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
-        examples = K * B
         self._update(loss / examples, grads, grad_norm)
-        if morphed is not None or hist_in:
+        kept_fraction = n_out / hist_in if hist_in else None
+        variance = float("nan")
+        if reinforce:
+            losses, estimates = parts[-1][:examples], parts[-1][examples:]
+            morpher.step(None, losses, kept_fraction=kept_fraction, num_edges=num_edges)
+            if examples > 1:
+                variance = float(np.var(estimates, ddof=1))
+        elif morphed is not None or hist_in:
             morpher.step(morphed, None if res is None else res.values,
-                         kept_fraction=n_out / hist_in if hist_in else None)
+                         kept_fraction=kept_fraction)
         return {"loss": loss / examples, "node": node / examples,
                 "edge": edge / examples, "clique": clique / examples,
-                "input_nodes": int(n_in), "output_nodes": int(n_out),
+                # over all REINFORCE samples, as one process counts them
+                "input_nodes": int(hist_in), "output_nodes": int(n_out),
                 "chars": int(n_in), "grad_norm": grad_norm,
-                "estimator_variance": float("nan")}
+                "estimator_variance": variance}
 
     def _grow_batch(self, inputs, targets):
         """Rows for every character of the global batch, as :meth:`_batch`
@@ -503,7 +539,9 @@ class Trainer:
 
         Changes nothing: characters without a row of their own read the
         embedding's unknown row (the table does not grow), no parameter is
-        updated and no gradient is kept.
+        updated and no gradient is kept. Not a collective: with a
+        communicator this rank evaluates all of ``pairs`` alone (:meth:`fit`'s
+        per-epoch validation is the one shared between the ranks).
 
         Parameters
         ----------
@@ -530,6 +568,12 @@ class Trainer:
             raise ValueError("pairs must not be empty")
         bs = self.batch_size if batch_size is None else check_scalar(
             batch_size, "batch_size", lower=1, integer=True)
+        return _eval_scores(*self._eval_sums(inputs, targets, bs), len(inputs))
+
+    def _eval_sums(self, inputs, targets, bs):
+        """What :meth:`evaluate` adds up over ``inputs, targets`` in batches
+        of ``bs``: ``(sums of the loss terms over pairs, input nodes, output
+        nodes, structure matches, segmentation counts or None)``."""
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         n_in = n_out = correct = 0
         seg = None
@@ -553,13 +597,32 @@ class Trainer:
                 c = segmentation_counts(morphed.history, g.graph_offsets, lengths, counts,
                                         select)
                 seg = c if seg is None else {k: seg[k] + c[k] for k in seg}
-        n = len(inputs)
-        out = {k: v / n for k, v in sums.items()}
-        out["kept_fraction"] = 1.0 if n_in == 0 else n_out / n_in
-        out["accuracy"] = correct / n
-        if seg is not None:
-            out.update(segmentation_scores(seg))
-        return out
+        return sums, n_in, n_out, correct, seg
+
+    def _evaluate_shared(self, pairs):
+        """:meth:`evaluate` of ``pairs`` (the trainer's batch size) by all
+        ranks together: each evaluates its contiguous share and one
+        all-reduce sums the loss sums and the counts (the segmentation
+        metrics' counts, not their ratios), so every rank returns the same
+        record, the single-process one up to the summation order of the
+        loss terms (the counts, accuracies and boundary scores exactly)."""
+        comm = self.comm
+        inputs, targets = check_pairs(pairs, "pairs")
+        if not inputs:
+            raise ValueError("pairs must not be empty")
+        lo, hi = shard_bounds(len(inputs), comm.rank, comm.world_size)
+        sums, n_in, n_out, correct, seg = self._eval_sums(inputs[lo:hi], targets[lo:hi],
+                                                          self.batch_size)
+        flat = np.array([*sums.values(), n_in, n_out, correct,
+                         *(seg[k] if seg is not None else 0 for k in SEGMENTATION_COUNTS)],
+                        dtype=np.float64)
+        comm.all_reduce(flat)
+        values = flat.tolist()
+        sums = dict(zip(sums, values[:len(sums)]))
+        n_in, n_out, correct, *seg_counts = (int(v) for v in values[len(sums):])
+        seg = dict(zip(SEGMENTATION_COUNTS, seg_counts))
+        return _eval_scores(sums, n_in, n_out, correct, seg if seg["examples"] else None,
+                            len(inputs))
 
     # ------------------------------------------------------------------ fit
     def _good_checkpoint(self):
@@ -750,8 +813,9 @@ class Trainer:
         self.embedding.rows(np.unique(labels))
 
     def _val_record(self, val):
-        """The ``val_*`` entries of an epoch record."""
-        v = self.evaluate(val)
+        """The ``val_*`` entries of an epoch record (with a communicator, of
+        all ranks together: see :meth:`_evaluate_shared`)."""
+        v = self.evaluate(val) if self.comm is None else self._evaluate_shared(val)
         return {"val_" + k: v[k] for k in ("loss", "kept_fraction", "accuracy",
                                            *SEGMENTATION_KEYS) if k in v}
 
@@ -1017,6 +1081,21 @@ class Trainer:
         self.best = None if best is None else dict(best)
         self.baseline = baseline
         self._loaded_fingerprint = None if data is None else dict(data, path=path)
+
+
+#: The counts of :func:`~grapheme.train.metrics.segmentation_counts`, in
+#: the order validation all-reduces them.
+SEGMENTATION_COUNTS = ("examples", "exact", "true_positive", "predicted", "gold")
+
+
+def _eval_scores(sums, n_in, n_out, correct, seg, n):
+    """:meth:`Trainer.evaluate`'s record from its sums over ``n`` pairs."""
+    out = {k: v / n for k, v in sums.items()}
+    out["kept_fraction"] = 1.0 if n_in == 0 else n_out / n_in
+    out["accuracy"] = correct / n
+    if seg is not None:
+        out.update(segmentation_scores(seg))
+    return out
 
 
 def _better(metric, value, best):
