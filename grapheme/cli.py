@@ -45,6 +45,7 @@ from . import data as _data
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
 from .train.metrics import SEGMENTATION_KEYS
+from .train.trainer import UNKNOWN_PROB
 
 __all__ = ["main"]
 
@@ -157,7 +158,7 @@ def build_parser():
     p.add_argument("--unknown-prob", type=_unknown_prob, default=None, metavar="P",
                    help="probability that a training character is read through the "
                         "unknown row, which teaches it to stand for characters never seen "
-                        "in training (default 0.01)")
+                        f"in training (default {UNKNOWN_PROB:g})")
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
@@ -264,7 +265,7 @@ def _cmd_generate(args, out):
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
                   baseline="mean", samples=1, overwrite=False, encoder_layers=2,
-                  comm=None):
+                  unknown_prob=UNKNOWN_PROB, comm=None):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -288,7 +289,8 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
     return Trainer(embedding, morpher, StructuralLoss.for_training(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
-                   overwrite=overwrite, encoder=encoder, comm=comm)
+                   overwrite=overwrite, encoder=encoder, unknown_prob=unknown_prob,
+                   comm=comm)
 
 
 def _cmd_train(args, out):
@@ -365,8 +367,9 @@ def _train(args, out, spawn=None, comm=None):
             batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
             log=log, progress=progress, overwrite=args.overwrite,
             encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
-            else args.encoder_layers, comm=comm)
-        trainer.unknown_prob = 0.01 if args.unknown_prob is None else args.unknown_prob
+            else args.encoder_layers,
+            unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
+            comm=comm)
         start = 0
     best = None
     if args.keep_best is not None:

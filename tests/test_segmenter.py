@@ -246,8 +246,27 @@ def test_old_checkpoints_load(tmp_path):
     assert old.model.segment("thecat") == trainer.model.segment("thecat")
     assert gr.Segmenter.load(tmp_path / "old.npz").segment("onthemat") == \
         trainer.model.segment("onthemat")
-    old.fit(WORDS, 3)   # and training goes on
-    assert old.epoch == 3
+    old.fit(WORDS, 3)   # and training goes on, as the run it was cut from does
+    trainer.fit(WORDS, 3)
+    assert old.epoch == 3 and old.history[-1]["loss"] == trainer.history[-1]["loss"]
+    assert old.morpher.theta.tobytes() == trainer.morpher.theta.tobytes()
+    for code in trainer.embedding.codes:   # the same rows, in another order
+        a = old.embedding.weight[old.embedding.rows([code], grow=False)[0]]
+        b = trainer.embedding.weight[trainer.embedding.rows([code], grow=False)[0]]
+        assert a.tobytes() == b.tobytes()
+
+
+def test_one_default_unknown_prob():
+    from grapheme.cli import build_parser
+    from grapheme.train.trainer import UNKNOWN_PROB
+
+    trainer = gr.Trainer(gr.Embedding(dim=4), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                         progress=False)
+    assert trainer.unknown_prob == UNKNOWN_PROB == 0.01
+    assert trainer.config()["unknown_prob"] == 0.01
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    option = next(a for a in train._actions if a.dest == "unknown_prob")
+    assert "(default 0.01)" in option.help
 
 
 def test_metrics_log_records_of_old_runs_are_converted(tmp_path):
