@@ -518,12 +518,12 @@ def _cmd_segment(args, out):
     write = out.write
     try:
         if args.texts:
-            codes, _ = model._joined_codes(args.texts, args.sep, "\n")
-            write(codes.tobytes().decode("utf-32-le", "surrogatepass"))
+            for piece, _ in model._joined(args.texts, args.sep, "\n"):
+                write(piece)
         else:
             for texts in _line_batches(sys.stdin, args.batch_chars):
-                codes, _ = model._joined_codes(texts, args.sep, "\n")
-                write(codes.tobytes().decode("utf-32-le", "surrogatepass"))
+                for piece, _ in model._joined(texts, args.sep, "\n"):
+                    write(piece)
                 out.flush()
         out.flush()
     except BrokenPipeError:   # e.g. | head: the reader has what it wanted
