@@ -526,11 +526,9 @@ def _data_file(data, command):
 
 
 def _cmd_segment(args, out):
-    from .segmenter import Segmenter
-
     _check_arguments_text(args.texts, "TEXT")
     _check_arguments_text([args.sep], "--sep")
-    model = Segmenter.load(args.model)
+    model = _load_model(args.model)
     write = out.write
     if args.texts:
         for piece, _ in model._joined(args.texts, args.sep, "\n"):
@@ -542,6 +540,25 @@ def _cmd_segment(args, out):
                 write(piece)
             out.flush()
     return 0
+
+
+def _load_model(path):
+    """The :class:`~grapheme.Segmenter` of ``--model``; what is wrong with
+    it named as ``--model``'s (a run directory: which files in it are)."""
+    from .segmenter import Segmenter
+
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ("best.npz", "checkpoint.npz", "model.npz")
+                 if os.path.isfile(os.path.join(path, n))]
+        raise CommandError(f"--model {path!r} is a directory, not a model file"
+                           + (f" (it holds {', '.join(found)})" if found else ""))
+    if not os.path.exists(path):
+        raise CommandError(f"--model {path!r} does not exist (a model file from "
+                           "Segmenter.save, or a run's checkpoint.npz or best.npz)")
+    try:
+        return Segmenter.load(path)
+    except ValueError as exc:
+        raise CommandError(f"--model: {exc}") from None
 
 
 def _check_arguments_text(texts, what):
@@ -619,10 +636,14 @@ def _decoded_lines(block, line, name):
 def _cmd_plot(args, out):
     from .plot import plot_run
 
-    target = args.out
-    if target is None:
+    if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
         target = os.path.join(base, "metrics.png")
+        if os.path.exists(target) and not args.overwrite:
+            raise CommandError(f"{target!r} already exists (--overwrite replaces it, "
+                               "--out writes another file)")
+    else:
+        target = args.out
     target = _picture_path(target, "metrics.png", args.overwrite)
     print(f"wrote {plot_run(args.run, target, overwrite=args.overwrite)}", file=out)
     return 0
@@ -630,11 +651,10 @@ def _cmd_plot(args, out):
 
 def _cmd_show(args, out):
     from .plot import plot_segments
-    from .segmenter import Segmenter
 
     _check_arguments_text([args.text], "TEXT")
     target = _picture_path(args.out, "segments.png", args.overwrite)
-    model = Segmenter.load(args.model)
+    model = _load_model(args.model)
     path = plot_segments(model, args.text, target, overwrite=args.overwrite)
     print(" | ".join(model.segment(args.text)), file=out)
     print(f"wrote {path}", file=out)

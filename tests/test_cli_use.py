@@ -360,3 +360,30 @@ def test_a_reader_that_goes_away_is_no_error(trained, tmp_path):
     code, _, _ = _closed_reader(train + ["--out", tmp_path / "r2"], read=False,
                                 stderr_to_stdout=True)
     assert code == 1
+
+
+def test_model_errors_name_the_option(trained, tmp_path, capsys):
+    code, _, err = run(capsys, "segment", "--model", trained / "run", "abc")
+    assert code == 2 and err == (f"grapheme segment: error: --model {str(trained / 'run')!r} "
+                                 f"is a directory, not a model file (it holds "
+                                 f"{trained / 'run' / 'checkpoint.npz'})\n")
+    code, _, err = run(capsys, "show", "--model", tmp_path / "no.npz", "abc", "--out",
+                       tmp_path / "s.png")
+    assert code == 2 and f"--model {str(tmp_path / 'no.npz')!r} does not exist" in err
+    code, _, err = run(capsys, "segment", "--model", trained / "run" / "metrics.jsonl", "a")
+    assert code == 2 and err.startswith("grapheme segment: error: --model: checkpoint ")
+    assert "is not a grapheme checkpoint" in err and err.count("\n") == 1
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_plot_beside_the_metrics_is_not_replaced(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_bytes((trained / "run" / "metrics.jsonl").read_bytes())
+    (run_dir / "metrics.png").write_bytes(b"mine")
+    code, _, err = run(capsys, "plot", run_dir)
+    assert code == 2 and err == (f"grapheme plot: error: {str(run_dir / 'metrics.png')!r} "
+                                 "already exists (--overwrite replaces it, --out writes "
+                                 "another file)\n")
+    assert (run_dir / "metrics.png").read_bytes() == b"mine"
