@@ -347,10 +347,10 @@ def _train(args, out, spawn=None, comm=None):
         val_path = val_path if os.path.isfile(val_path) else None
     elif val_path is not None and not os.path.isfile(val_path):
         raise CommandError(f"--val {val_path!r} is not a file")
-    pairs = _data.load_pairs(train_path)
+    pairs = _load_pairs(train_path)
     if not pairs:
         raise CommandError(f"{train_path!r} holds no pairs")
-    val = _data.load_pairs(val_path) if val_path is not None else None
+    val = _load_pairs(val_path) if val_path is not None else None
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     if rank0:   # the other ranks never look at --out
@@ -465,7 +465,7 @@ def _cmd_eval(args, out):
     from .train import Trainer
 
     path = _data_file(args.data, "eval")
-    pairs = _data.load_pairs(path)
+    pairs = _load_pairs(path)
     if not pairs:
         raise CommandError(f"{path!r} holds no pairs")
     trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
@@ -507,6 +507,19 @@ def _untrained(trainer):
     codes = trainer.embedding.codes
     fresh.embedding.rows(codes[codes != UNKNOWN])
     return fresh
+
+
+def _load_pairs(path):
+    """:func:`grapheme.data.load_pairs`; a file that is not JSON at all
+    (plain text, most likely) is told how pairs are made from text."""
+    try:
+        return _data.load_pairs(path)
+    except ValueError as exc:
+        if ": invalid JSON" in str(exc) or ": invalid UTF-8" in str(exc):
+            raise CommandError(f"{exc}; training data are JSONL pairs (grapheme generate "
+                               "writes them; from your own UTF-8 text: grapheme generate "
+                               "--task words --corpus FILE --out DIR)") from None
+        raise
 
 
 def _data_file(data, command):

@@ -387,3 +387,17 @@ def test_plot_beside_the_metrics_is_not_replaced(trained, tmp_path, capsys):
                                  "already exists (--overwrite replaces it, --out writes "
                                  "another file)\n")
     assert (run_dir / "metrics.png").read_bytes() == b"mine"
+
+
+def test_plain_text_as_data_says_how_pairs_are_made(tmp_path, capsys):
+    text = tmp_path / "mine.txt"
+    text.write_text("The cat sat on the mat.\n")
+    for command in (["train", "--epochs", 1, "--out", tmp_path / "r"],
+                    ["eval", "--checkpoint", tmp_path / "c.npz"]):
+        code, _, err = run(capsys, *command, "--data", text)
+        assert code == 2 and err == (
+            f"grapheme {command[0]}: error: {text}:1: invalid JSON (Expecting value at "
+            "column 1); training data are JSONL pairs (grapheme generate writes them; "
+            "from your own UTF-8 text: grapheme generate --task words --corpus FILE "
+            "--out DIR)\n")
+    assert not (tmp_path / "r").exists()
