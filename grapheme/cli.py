@@ -11,8 +11,8 @@ Usage::
     torchrun --nnodes M --nproc-per-node N ... -m grapheme.cli train ...
     grapheme eval --checkpoint RUN/checkpoint.npz --data DIR|FILE
     grapheme segment --model MODEL [--sep SEP] [TEXT ...]     # or lines on stdin
-    grapheme plot RUN [--out FILE.png] [--overwrite]
-    grapheme show --model MODEL TEXT --out FILE.png [--overwrite]
+    grapheme plot RUN [--out FILE.png|DIR] [--overwrite]
+    grapheme show --model MODEL TEXT --out FILE.png|DIR [--overwrite]
     grapheme demo
 
 ``--data`` takes a file or a directory wherever it appears: a directory
@@ -45,6 +45,7 @@ from . import data as _data
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
 from .train.metrics import SEGMENTATION_KEYS
+from .train.trainer import UNKNOWN_PROB
 
 __all__ = ["main"]
 
@@ -157,7 +158,7 @@ def build_parser():
     p.add_argument("--unknown-prob", type=_unknown_prob, default=None, metavar="P",
                    help="probability that a training character is read through the "
                         "unknown row, which teaches it to stand for characters never seen "
-                        "in training (default 0.01)")
+                        f"in training (default {UNKNOWN_PROB:g})")
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
@@ -190,27 +191,33 @@ def build_parser():
     p.add_argument("--model", required=True,
                    help="a model file (Segmenter.save) or a training checkpoint")
     p.add_argument("texts", nargs="*", metavar="TEXT",
-                   help="texts to segment; without any, every line of standard input, "
-                        "read and written in batches")
+                   help="texts to segment; without any, every line of standard input "
+                        "(UTF-8), read and written in batches")
     p.add_argument("--sep", default=" ",
                    help="written between the segments of a text (default: one space)")
     p.add_argument("--batch-chars", type=_positive_int, default=1 << 14,
-                   help="characters of standard input segmented per batch (default 16384)")
+                   help="about how many characters of standard input (read as UTF-8) are "
+                        "segmented per batch (default 16384; a longer line is one batch, "
+                        "segmented in windows of bounded memory)")
 
     p = sub.add_parser("plot", help="draw a run's metrics per epoch (needs matplotlib)")
     p.add_argument("run", metavar="RUN",
                    help="a run directory holding metrics.jsonl, or the metrics file")
     p.add_argument("--out", default=None, metavar="FILE.png",
-                   help="the picture to write (default: metrics.png beside the metrics)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+                   help="the picture to write, or a directory to write metrics.png into "
+                        "(default: metrics.png beside the metrics); an existing file is "
+                        "not replaced without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
     p = sub.add_parser("show", help="draw a text with its learned segments as coloured "
                                     "spans (needs matplotlib)")
     p.add_argument("--model", required=True,
                    help="a model file (Segmenter.save) or a training checkpoint")
     p.add_argument("text", metavar="TEXT", help="the text to segment and draw")
-    p.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", required=True, metavar="FILE.png",
+                   help="the picture to write, or a directory to write segments.png into; "
+                        "an existing file is not replaced without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
     p = sub.add_parser("demo", help="train on built-in data and print what was learned")
     p.add_argument("--epochs", type=_positive_int, default=150,
@@ -264,7 +271,7 @@ def _cmd_generate(args, out):
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
                   baseline="mean", samples=1, overwrite=False, encoder_layers=2,
-                  comm=None):
+                  unknown_prob=UNKNOWN_PROB, comm=None):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -288,7 +295,8 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
     return Trainer(embedding, morpher, StructuralLoss.for_training(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
-                   overwrite=overwrite, encoder=encoder, comm=comm)
+                   overwrite=overwrite, encoder=encoder, unknown_prob=unknown_prob,
+                   comm=comm)
 
 
 def _cmd_train(args, out):
@@ -339,10 +347,10 @@ def _train(args, out, spawn=None, comm=None):
         val_path = val_path if os.path.isfile(val_path) else None
     elif val_path is not None and not os.path.isfile(val_path):
         raise CommandError(f"--val {val_path!r} is not a file")
-    pairs = _data.load_pairs(train_path)
+    pairs = _load_pairs(train_path)
     if not pairs:
         raise CommandError(f"{train_path!r} holds no pairs")
-    val = _data.load_pairs(val_path) if val_path is not None else None
+    val = _load_pairs(val_path) if val_path is not None else None
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     if rank0:   # the other ranks never look at --out
@@ -365,8 +373,9 @@ def _train(args, out, spawn=None, comm=None):
             batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
             log=log, progress=progress, overwrite=args.overwrite,
             encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
-            else args.encoder_layers, comm=comm)
-        trainer.unknown_prob = 0.01 if args.unknown_prob is None else args.unknown_prob
+            else args.encoder_layers,
+            unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
+            comm=comm)
         start = 0
     best = None
     if args.keep_best is not None:
@@ -401,28 +410,19 @@ def _train(args, out, spawn=None, comm=None):
         print(line, file=out)
         if before is not None:
             what = "untrained" if start == 0 else f"epoch {start}"
-            headers = ["validation", what, f"epoch {last['epoch']}"]
-            kept = None   # the record of the kept best, when this run keeps one
+            columns = [(what, before), (f"epoch {last['epoch']}", _validation(last))]
             if args.keep_best is not None and trainer.best is not None:
+                # the record of the kept best, shown when it has every metric
                 epoch = trainer.best["epoch"]
                 if epoch == start:
-                    kept = {"val_" + k: v for k, v in before.items()}
+                    kept = before
                 else:
-                    kept = next((r for r in trainer.history if r["epoch"] == epoch), None)
-                shown = [k for k in ("loss", "kept_fraction", "accuracy", *SEGMENTATION_KEYS)
-                         if k in before]
-                if kept is not None and all("val_" + k in kept for k in shown):
-                    headers.append(f"best (epoch {epoch})")
-                else:
-                    kept = None
-            rows = []
-            for key in ("loss", "kept_fraction", "accuracy", *SEGMENTATION_KEYS):
-                if key in before:
-                    row = [key, f"{before[key]:.4f}", f"{last['val_' + key]:.4f}"]
-                    if kept is not None:
-                        row.append(f"{kept['val_' + key]:.4f}")
-                    rows.append(row)
-            print(format_table(headers, rows), file=out)
+                    kept = _validation(next((r for r in trainer.history
+                                             if r["epoch"] == epoch), {}))
+                if all(k in kept for k in TABLE_KEYS if all(k in r for _, r in columns)):
+                    columns.append((f"best (epoch {epoch})", kept))
+            print(f"validation: {len(val)} pairs from {val_path}", file=out)
+            print(metrics_table(columns), file=out)
     else:   # nothing was written: name only the checkpoint that was read
         print(f"nothing to do: {args.resume} already has {start} epochs "
               f"(--epochs {args.epochs})", file=out)
@@ -462,19 +462,36 @@ def _cmd_eval(args, out):
     from .train import Trainer
 
     path = _data_file(args.data, "eval")
-    pairs = _data.load_pairs(path)
+    pairs = _load_pairs(path)
     if not pairs:
         raise CommandError(f"{path!r} holds no pairs")
     trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
     result = trainer.evaluate(pairs, batch_size=args.batch_size)
     # the untrained model of the same configuration, for comparison
     untrained = _untrained(trainer).evaluate(pairs, batch_size=args.batch_size)
-    print(f"pairs {len(pairs)}", file=out)
-    rows = [[key, f"{result[key]:.6f}", f"{untrained[key]:.6f}"]
-            for key in ("loss", "node", "edge", "clique", "kept_fraction", "accuracy",
-                        *SEGMENTATION_KEYS) if key in result]
-    print(format_table(["metric", f"epoch_{trainer.epoch}", "untrained"], rows), file=out)
+    print(f"evaluated: {len(pairs)} pairs from {path}", file=out)
+    print(metrics_table([("untrained", untrained), (f"epoch {trainer.epoch}", result)]),
+          file=out)
     return 0
+
+
+#: The rows of the metric tables ``train`` and ``eval`` print, in order.
+TABLE_KEYS = ("loss", "node", "edge", "clique", "kept_fraction", "accuracy",
+              *SEGMENTATION_KEYS)
+
+
+def metrics_table(columns):
+    """The table of metrics ``train`` and ``eval`` print: ``columns`` is a
+    list of ``(header, record)``; a row per metric of :data:`TABLE_KEYS`
+    that every record has, four decimals, the first column "metric"."""
+    keys = [k for k in TABLE_KEYS if all(k in record for _, record in columns)]
+    rows = [[k] + [f"{record[k]:.4f}" for _, record in columns] for k in keys]
+    return format_table(["metric"] + [header for header, _ in columns], rows)
+
+
+def _validation(record):
+    """The ``val_*`` metrics of an epoch record, without the prefix."""
+    return {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
 
 
 def _untrained(trainer):
@@ -487,6 +504,19 @@ def _untrained(trainer):
     codes = trainer.embedding.codes
     fresh.embedding.rows(codes[codes != UNKNOWN])
     return fresh
+
+
+def _load_pairs(path):
+    """:func:`grapheme.data.load_pairs`; a file that is not JSON at all
+    (plain text, most likely) is told how pairs are made from text."""
+    try:
+        return _data.load_pairs(path)
+    except ValueError as exc:
+        if ": invalid JSON" in str(exc) or ": invalid UTF-8" in str(exc):
+            raise CommandError(f"{exc}; training data are JSONL pairs (grapheme generate "
+                               "writes them; from your own UTF-8 text: grapheme generate "
+                               "--task words --corpus FILE --out DIR)") from None
+        raise
 
 
 def _data_file(data, command):
@@ -506,73 +536,156 @@ def _data_file(data, command):
 
 
 def _cmd_segment(args, out):
-    from .segmenter import Segmenter
-
-    model = Segmenter.load(args.model)
+    _check_arguments_text(args.texts, "TEXT")
+    _check_arguments_text([args.sep], "--sep")
+    model = _load_model(args.model)
     write = out.write
-    try:
-        if args.texts:
-            codes, _ = model._joined_codes(args.texts, args.sep, "\n")
-            write(codes.tobytes().decode("utf-32-le", "surrogatepass"))
-        else:
-            for texts in _line_batches(sys.stdin, args.batch_chars):
-                codes, _ = model._joined_codes(texts, args.sep, "\n")
-                write(codes.tobytes().decode("utf-32-le", "surrogatepass"))
-                out.flush()
-        out.flush()
-    except BrokenPipeError:   # e.g. | head: the reader has what it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
+    if args.texts:
+        for piece, _ in model._joined(args.texts, args.sep, "\n"):
+            write(piece)
+    else:
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
+        for texts in _line_batches(stdin, args.batch_chars):
+            for piece, _ in model._joined(texts, args.sep, "\n"):
+                write(piece)
+            out.flush()
     return 0
 
 
-def _line_batches(stream, chars):
+def _load_model(path):
+    """The :class:`~grapheme.Segmenter` of ``--model``; what is wrong with
+    it named as ``--model``'s (a run directory: which files in it are)."""
+    from .segmenter import Segmenter
+
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ("best.npz", "checkpoint.npz", "model.npz")
+                 if os.path.isfile(os.path.join(path, n))]
+        raise CommandError(f"--model {path!r} is a directory, not a model file"
+                           + (f" (it holds {', '.join(found)})" if found else ""))
+    if not os.path.exists(path):
+        raise CommandError(f"--model {path!r} does not exist (a model file from "
+                           "Segmenter.save, or a run's checkpoint.npz or best.npz)")
+    try:
+        return Segmenter.load(path)
+    except ValueError as exc:
+        raise CommandError(f"--model: {exc}") from None
+
+
+def _check_arguments_text(texts, what):
+    """Refuse command-line text that is not UTF-8 (Python hands such bytes
+    over as lone surrogates, which no model reads)."""
+    from .segmenter import _SURROGATE
+
+    for number, text in enumerate(texts, 1):
+        found = _SURROGATE.search(text)
+        if found is not None:
+            bad = found.group()
+            byte = (f"the byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff"
+                    else repr(bad))
+            which = f"{what} {number}" if what == "TEXT" else what
+            raise CommandError(f"{which} is not valid UTF-8 ({byte} at position "
+                               f"{found.start()})")
+
+
+def _line_batches(stream, chars, name="standard input"):
     """Lists of the lines of ``stream`` (without their newlines), about
     ``chars`` characters each, read as they come: nothing waits for the end
-    of the stream but the last batch."""
-    rest = ""
+    of the stream but the last batch, and a read returns what is there
+    (``read1`` of a binary stream). A binary stream is decoded as UTF-8 with
+    universal newlines (as text-mode ``sys.stdin``); bytes that are not
+    UTF-8 are a :class:`CommandError` naming the line, after the batches
+    of the lines before it. A line longer than a batch is read whole
+    (in chunks joined once: linear in its length)."""
+    read = getattr(stream, "read1", stream.read)
+    pending, line = [], 1   # the unfinished line's chunks; the next line's number
     while True:
-        chunk = stream.read(chars)
+        chunk = read(chars)
         if not chunk:
             break
-        chunk = rest + chunk
-        cut = chunk.rfind("\n")
+        cut = chunk.rfind(b"\n" if isinstance(chunk, bytes) else "\n")
         if cut < 0:
-            rest = chunk
+            pending.append(chunk)
             continue
-        rest = chunk[cut + 1:]
-        yield chunk[:cut].split("\n")
-    if rest:
-        yield [rest]
+        pending.append(chunk[:cut])
+        block = chunk[:0].join(pending)
+        pending = [chunk[cut + 1:]]
+        first, line = line, line + block.count(chunk[cut:cut + 1]) + 1
+        batches, block = _decoded_lines(block, first, name), None   # held once, there
+        yield from batches
+    block = pending[0][:0].join(pending) if pending else ""
+    if block:
+        yield from _decoded_lines(block, line, name)
+
+
+def _decoded_lines(block, line, name):
+    """Yield the lines of ``block`` (str, or UTF-8 bytes whose first line is
+    number ``line``) as one list; bytes that are not UTF-8: the lines before
+    theirs, then a :class:`CommandError` naming the line."""
+    if isinstance(block, str):
+        yield block.split("\n")
+        return
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = line + block.count(b"\n", 0, exc.start)
+        good = block.rfind(b"\n", 0, exc.start)
+        if good >= 0:   # the lines before it are fine: theirs first
+            yield from _decoded_lines(block[:good], line, name)
+        raise CommandError(f"{name} is not valid UTF-8: line {bad} holds the byte "
+                           f"0x{block[exc.start]:02x} ({exc.reason}); grapheme reads "
+                           f"UTF-8 text") from None
+    del block
+    if "\r" in text:   # universal newlines: \r\n and \r end lines too
+        if text.endswith("\r"):   # the \r of a \r\n whose \n ended the block
+            text = text[:-1]
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines, text = text.split("\n"), None
+    yield lines
 
 
 def _cmd_plot(args, out):
     from .plot import plot_run
 
-    target = args.out
-    if target is None:
+    if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
         target = os.path.join(base, "metrics.png")
-    _refuse_existing(target, args.overwrite)
+        if os.path.exists(target) and not args.overwrite:
+            raise CommandError(f"{target!r} already exists (--overwrite replaces it, "
+                               "--out writes another file)")
+    else:
+        target = args.out
+    target = _picture_path(target, "metrics.png", args.overwrite)
     print(f"wrote {plot_run(args.run, target, overwrite=args.overwrite)}", file=out)
     return 0
 
 
 def _cmd_show(args, out):
     from .plot import plot_segments
-    from .segmenter import Segmenter
 
-    _refuse_existing(args.out, args.overwrite)
-    model = Segmenter.load(args.model)
-    path = plot_segments(model, args.text, args.out, overwrite=args.overwrite)
+    _check_arguments_text([args.text], "TEXT")
+    target = _picture_path(args.out, "segments.png", args.overwrite)
+    model = _load_model(args.model)
+    path = plot_segments(model, args.text, target, overwrite=args.overwrite)
     print(" | ".join(model.segment(args.text)), file=out)
     print(f"wrote {path}", file=out)
     return 0
 
 
-def _refuse_existing(path, overwrite):
+def _picture_path(out, name, overwrite):
+    """The file a picture's ``--out`` names: ``out``, or ``out/name`` when
+    ``out`` is a directory. Refused: an existing file without
+    ``overwrite``, a directory in its place, a directory that is missing."""
+    path = os.path.join(out, name) if os.path.isdir(out) else out
+    if os.path.isdir(path):
+        raise CommandError(f"--out {out!r}: {path!r} is a directory")
     if os.path.exists(path) and not overwrite:
-        raise CommandError(f"--out {path!r} already exists (--overwrite replaces it)")
+        raise CommandError(f"--out {out!r}: {path!r} already exists (--overwrite "
+                           "replaces it)" if path != out else
+                           f"--out {path!r} already exists (--overwrite replaces it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CommandError(f"--out {out!r}: the directory {parent!r} does not exist")
+    return path
 
 
 def format_table(headers, rows):
@@ -661,7 +774,8 @@ def main(argv=None):
     -------
     int
         0 on success, 2 on a usage or input error (one line on stderr),
-        130 when interrupted.
+        130 when interrupted, 1 when the reader of the output closed it
+        (``| head``; quietly).
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -671,7 +785,11 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else 2
     args.argv = argv   # for the ranks of train --nproc
     try:
-        return _COMMANDS[args.command](args, sys.stdout)
+        code = _COMMANDS[args.command](args, sys.stdout)
+        sys.stdout.flush()   # a reader gone is found here, not at exit
+        return code
+    except BrokenPipeError:   # e.g. | head: the reader has what it wanted
+        return _reader_gone()
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -684,6 +802,22 @@ def main(argv=None):
             message = f"{exc.strerror}: {exc.filename!r}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _reader_gone():
+    """Exit quietly when the reader of our output has closed it (``|
+    head -1``), as Python's documentation recommends (signal, "Note on
+    SIGPIPE"): what is still buffered for it goes to ``os.devnull``, so
+    that Python's own flush at exit does not fail again with a traceback.
+    Status 1, the status Python's recipe exits with."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):   # 2>&1 | head: both are the pipe
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):   # not a file (captured)
+            pass
+    os.close(devnull)
+    return 1
 
 
 def run():

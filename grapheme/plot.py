@@ -6,6 +6,7 @@ imported only when a picture is drawn, and only its object-oriented API
 or the user's backend. Pictures are written atomically, and an existing
 file is only replaced when asked (``overwrite=True``).
 """
+import errno
 import json
 import os
 
@@ -38,6 +39,9 @@ def _save(fig, out, overwrite):
     from .checkpoint import _atomic_open
 
     out = os.fspath(out)
+    if os.path.isdir(out):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
+                                out)
     if not overwrite and os.path.exists(out):
         raise FileExistsError(f"{out!r} already exists (overwrite=True, or --overwrite, "
                               "replaces it)")
@@ -67,8 +71,13 @@ def read_metrics(run):
         raise FileNotFoundError(f"no metrics file {path!r} (RUN is a run directory "
                                 "holding metrics.jsonl, or that file)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path!r} line {number} is not valid UTF-8 "
+                                 f"({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:

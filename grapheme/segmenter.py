@@ -7,12 +7,14 @@ optional encoder and the morpher) and nothing a run needs to continue
 ``grapheme show`` read.
 """
 import errno
+import numbers
 import os
+import re
 import threading
 
 import numpy as np
 
-from ._validation import check_allocation, check_model
+from ._validation import check_allocation, check_model, check_scalar
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, load_checkpoint, save_checkpoint
 from .embedding import Embedding
@@ -21,21 +23,33 @@ from .graph import Graph
 from .morph import Morpher
 from .train.state import build, describe
 
-__all__ = ["Segmenter", "MODEL_VERSION"]
+__all__ = ["Segmenter", "MODEL_VERSION", "WINDOW_MEMORY"]
 
 #: Version of the model file format written by :meth:`Segmenter.save`.
 MODEL_VERSION = 1
+
+#: Bytes of buffers one inference call may take by default: the default
+#: :attr:`Segmenter.window` is as many characters as fit.
+WINDOW_MEMORY = 256 * 2**20
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Segmenter:
     """Segment text with a trained embedding, encoder and morpher.
 
     Inference is the hard morph (:meth:`Morpher.predict
-    <grapheme.Morpher.predict>`) of the texts' chain graph, all texts in one
-    batched graph: lookup, encoder and merge run in the compiled core and
-    BLAS, Python only splits the result per text. It never changes the
+    <grapheme.Morpher.predict>`) of the texts' chain graph, many texts in
+    one batched graph: lookup, encoder and merge run in the compiled core
+    and BLAS, Python only splits the result per text. It never changes the
     model: characters without a row of their own read the embedding's
     unknown row (:data:`grapheme.embedding.UNKNOWN`).
+
+    Memory is bounded whatever the input: texts are segmented in calls of
+    at most :attr:`window` characters. A text longer than that is cut into
+    overlapping windows, and each window's decisions are kept only where
+    they cannot see the cut, which gives exactly the decisions of the whole
+    text (see :attr:`window`); shorter texts are packed whole into calls.
 
     Parameters
     ----------
@@ -45,6 +59,9 @@ class Segmenter:
         rate controller matter only to training.
     encoder : Encoder, optional
         Context before the merge (``encoder.dim == embedding.dim``).
+    window : int, optional
+        Characters per inference call (:attr:`window`); by default as many
+        as fit in :data:`WINDOW_MEMORY` bytes of buffers.
 
     Notes
     -----
@@ -65,24 +82,71 @@ class Segmenter:
     (1, 8)
     """
 
-    def __init__(self, embedding, morpher, encoder=None):
+    def __init__(self, embedding, morpher, encoder=None, window=None):
         check_model(embedding, morpher, encoder)
         self.embedding, self.morpher, self.encoder = embedding, morpher, encoder
+        self.window = window
         self._local = threading.local()   # per-thread inference buffers
 
+    # ----------------------------------------------------------------- window
+    @property
+    def window(self):
+        """Most characters segmented in one call into the compiled core.
+
+        A call's buffers take about ``8 d (3 + 5 K)`` bytes per character
+        (``d`` the embedding's width, ``K`` the encoder's layers: the lookup,
+        per layer ``[h, P, S]``, the product and the output, then the
+        queries and keys), so the window bounds the memory of inference
+        whatever the length of a text. The default is as many characters as
+        fit in :data:`WINDOW_MEMORY` (256 MiB): 40 329 at ``d = 64`` with 2
+        layers. Texts that fit are packed whole into calls; a longer text is
+        cut into windows overlapping by :meth:`context` characters, whose
+        decisions are exactly those of the uncut text. Set it to any integer
+        of at least ``2 K + 2`` (the two overlaps and one kept character).
+        """
+        return self._window
+
+    @window.setter
+    def window(self, value):
+        before, after = self.context()
+        least = before + after + 1
+        if value is None:
+            value = max(least, WINDOW_MEMORY // self._bytes_per_character())
+        elif isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+                and value < least:
+            raise ValueError(f"window must be >= {least} (2 * encoder layers + 2: the "
+                             f"context on both sides of a cut and one character), got "
+                             f"{value!r}")
+        self._window = check_scalar(value, "window", lower=least, integer=True)
+
+    def context(self):
+        """``(before, after)``: the characters a window needs on each side of
+        those whose decisions it keeps.
+
+        Node ``v`` starts a segment unless edge ``(v - 1, v)`` merges, which
+        compares the encoder's features of ``v - 1`` and ``v``; with ``K``
+        message-passing layers (one hop each) those depend on the characters
+        ``v - 1 - K`` to ``v + K`` and on nothing else. A window's decision
+        for ``v`` is therefore the uncut text's when it holds ``K + 1``
+        characters before ``v`` and ``K`` after it, or reaches the text's
+        end on that side.
+        """
+        layers = 0 if self.encoder is None else self.encoder.layers
+        return layers + 1, layers
+
+    def _bytes_per_character(self):
+        layers = 0 if self.encoder is None else self.encoder.layers
+        return 8 * self.embedding.dim * (3 + 5 * layers)
+
     # -------------------------------------------------------------- inference
-    def _predict(self, texts):
-        """``(graph, starts)`` of a batch of texts: ``starts[i]`` says
-        whether node ``i`` starts a segment under the hard morph."""
+    def _decide(self, texts):
+        """Whether each character of ``texts`` (concatenated) starts a
+        segment under the hard morph: one call, all texts in one graph."""
         g = Graph.from_texts(texts)
         emb = self.embedding
         n = g.num_nodes
-        # the lookup, then per layer [h, P, S], t and the output, then the
-        # queries and keys: (3 + 5 layers) rows of d doubles per character
-        layers = 0 if self.encoder is None else self.encoder.layers
-        check_allocation(8 * emb.dim * (3 + 5 * layers) * n,
-                         f"segmenting {n} characters at once (the longest text is "
-                         f"segmented in one piece)")
+        check_allocation(self._bytes_per_character() * n,
+                         f"segmenting {n} characters at once (Segmenter.window)")
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
             H = np.take(emb.weight, rows, axis=0, out=self._workspace()("lookup", (n, emb.dim)))
@@ -91,7 +155,48 @@ class Segmenter:
         merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor
-        return g, starts
+        return starts
+
+    def _pieces(self, texts, offsets):
+        """The decisions of ``texts``, a call of at most :attr:`window`
+        characters at a time: yields ``(i, j, a, b, starts)``, ``starts``
+        being those of the characters ``a:b`` of the texts' concatenation
+        (``offsets`` their starts), which lie in ``texts[i:j]``. Either
+        ``texts[i:j]`` whole (``a == offsets[i]``, ``b == offsets[j]``),
+        texts packed into one call; or a part of ``texts[i]`` (``j == i +
+        1``), one window of a text longer than the window. In order, every
+        character once. Python loops per call, never per character."""
+        window = self._window
+        before, after = self.context()
+        step = window - before - after   # characters a window of a long text keeps
+        count, i = len(texts), 0
+        while i < count:
+            length = int(offsets[i + 1] - offsets[i])
+            if length <= window:
+                # the texts from i on whose characters fit in one call
+                j = int(np.searchsorted(offsets, offsets[i] + window, side="right")) - 1
+                a, b = int(offsets[i]), int(offsets[j])
+                yield i, j, a, b, self._decide(texts[i:j]) if b > a else np.ones(0, bool)
+                i = j
+                continue
+            text, base = texts[i], int(offsets[i])
+            for s in range(0, length, step):
+                e = min(s + step, length)
+                lo, hi = max(0, s - before), min(length, e + after)
+                starts = self._decide([text[lo:hi]])
+                yield i, i + 1, base + s, base + e, starts[s - lo:e - lo]
+            i += 1
+
+    def _starts(self, texts):
+        """``(offsets, positions)``: where each text starts in the texts'
+        concatenation, and the positions in it of every segment start."""
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
+                  out=offsets[1:])
+        parts = [a + np.flatnonzero(starts) for _, _, a, _, starts in
+                 self._pieces(texts, offsets)]
+        positions = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return offsets, positions
 
     def _workspace(self):
         """This thread's :class:`~grapheme._workspace.Workspace`: inference
@@ -104,17 +209,24 @@ class Segmenter:
 
     @staticmethod
     def _texts(texts, name="texts"):
-        """``(list of str, whether one str was given)``."""
+        """``(list of str, whether one str was given)``; a lone surrogate
+        (not Unicode) is refused here, before anything runs."""
         if isinstance(texts, str):
-            return [texts], True
-        if not hasattr(texts, "__iter__"):
+            texts, single = [texts], True
+        elif not hasattr(texts, "__iter__"):
             raise TypeError(f"{name} must be a str or a sequence of str, got "
                             f"{type(texts).__name__}")
-        texts = list(texts)
+        else:
+            texts, single = list(texts), False
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
-        return texts, False
+            bad = _SURROGATE.search(t)
+            if bad is not None:
+                raise ValueError(f"{name}[{i}] contains a lone surrogate at position "
+                                 f"{bad.start()} ({bad.group()!r}); text must be valid "
+                                 f"Unicode")
+        return texts, single
 
     def segment(self, texts):
         """The segments of a text, or of every text of a sequence.
@@ -131,10 +243,9 @@ class Segmenter:
             the text.
         """
         texts, single = self._texts(texts)
-        g, starts = self._predict(texts)
+        offsets, positions = self._starts(texts)
         joined = "".join(texts)
-        positions = np.flatnonzero(starts)
-        cuts = np.searchsorted(positions, g.graph_offsets).tolist()
+        cuts = np.searchsorted(positions, offsets).tolist()
         bounds = positions.tolist() + [len(joined)]
         # text i's segments start at bounds[cuts[i]:cuts[i + 1]]
         segments = [joined[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -155,9 +266,7 @@ class Segmenter:
             empty) of its segments; for a sequence, one array per text.
         """
         texts, single = self._texts(texts)
-        g, starts = self._predict(texts)
-        offsets = g.graph_offsets
-        positions = np.flatnonzero(starts)
+        offsets, positions = self._starts(texts)
         cuts = np.searchsorted(positions, offsets).tolist()
         out = [positions[a:b] - offsets[i]
                for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
@@ -172,36 +281,56 @@ class Segmenter:
         ['ab', 'c']
         """
         texts, single = self._texts(texts)
-        codes, ends = self._joined_codes(texts, sep, "")
-        joined = codes.tobytes().decode("utf-32-le", "surrogatepass")
-        bounds = [0] + ends.tolist()
-        out = [joined[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        out, parts = [], []
+        for piece, ends in self._joined(texts, sep, ""):
+            start = 0
+            for end in ends:   # the texts this piece completes
+                parts.append(piece[start:end])
+                out.append("".join(parts))
+                parts, start = [], end
+            parts.append(piece[start:])
         return out[0] if single else out
 
-    def _joined_codes(self, texts, sep, end):
+    def _joined(self, texts, sep, end):
         """All texts with ``sep`` between segments and ``end`` after each
-        text, as one uint32 array of code points, and the end offset of each
-        text in it. Everything per character is numpy."""
+        text, in pieces of at most about :attr:`window` characters: yields
+        ``(str, ends)``, ``ends`` where the texts the piece completes end in
+        it (after their ``end``). Everything per character is numpy; memory
+        beyond the texts is a window's."""
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("sep and end must be str")
-        g, start = self._predict(texts)
-        offsets = g.graph_offsets
-        codes = g.labels.astype(np.uint32)
-        start[offsets[:-1][offsets[:-1] < codes.shape[0]]] = False   # text starts
-        inner = np.flatnonzero(start)
-        s = np.frombuffer(sep.encode("utf-32-le"), dtype="<u4").astype(np.uint32)
-        e = np.frombuffer(end.encode("utf-32-le"), dtype="<u4").astype(np.uint32)
-        # inserted before position p: a separator at every inner start, the
-        # end of text b before offsets[b + 1] (np.insert is stable: in order)
-        where = np.concatenate([np.repeat(inner, s.shape[0]),
-                                np.repeat(offsets[1:], e.shape[0])])
-        what = np.concatenate([np.tile(s, inner.shape[0]), np.tile(e, len(texts))])
-        out = np.insert(codes, where, what)
-        # text b ends after its characters, the separators inside texts 0..b
-        # and b + 1 ends
-        seps_before = np.searchsorted(inner, offsets[1:]) * s.shape[0]
-        ends = offsets[1:] + seps_before + np.arange(1, len(texts) + 1) * e.shape[0]
-        return out, ends
+        s = np.frombuffer(sep.encode("utf-32-le"), dtype="<u4")
+        e = np.frombuffer(end.encode("utf-32-le"), dtype="<u4")
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
+                  out=offsets[1:])
+        for i, j, a, b, start in self._pieces(texts, offsets):
+            whole = a == offsets[i] and b == offsets[j]
+            if whole:
+                text = "".join(texts[i:j])
+                begins = offsets[i:j] - a            # no separator before a text
+                done = offsets[i + 1:j + 1] - a      # these texts end here
+            else:
+                text = texts[i][a - offsets[i]:b - offsets[i]]
+                begins = [0] if a == offsets[i] else []
+                done = [b - a] if b == offsets[i + 1] else []
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+            start = start.copy()
+            begins = np.asarray(begins, dtype=np.int64)
+            start[begins[begins < start.shape[0]]] = False
+            inner = np.flatnonzero(start)
+            done = np.asarray(done, dtype=np.int64)
+            # inserted before position p: a separator at every inner start,
+            # an end at each text's end (np.insert is stable: in order)
+            where = np.concatenate([np.repeat(inner, s.shape[0]),
+                                    np.repeat(done, e.shape[0])])
+            what = np.concatenate([np.tile(s, inner.shape[0]), np.tile(e, done.shape[0])])
+            out = np.insert(codes, where, what)
+            # a text ends after its characters, the separators before its
+            # end and the ends up to its own
+            ends = (done + np.searchsorted(inner, done) * s.shape[0]
+                    + np.arange(1, done.shape[0] + 1) * e.shape[0])
+            yield out.tobytes().decode("utf-32-le"), ends.tolist()
 
     # ------------------------------------------------------------- save, load
     def config(self):
@@ -295,9 +424,12 @@ class Segmenter:
         return cls(embedding, morpher, encoder)
 
     def copy(self):
-        """A model with copies of this one's parameters (a snapshot)."""
-        return type(self)._from_arrays(self.config(), {k: np.array(v) for k, v in
-                                                       self._arrays().items()})
+        """A model with copies of this one's parameters (a snapshot), and
+        its :attr:`window`."""
+        model = type(self)._from_arrays(self.config(), {k: np.array(v) for k, v in
+                                                        self._arrays().items()})
+        model.window = self.window
+        return model
 
     def __repr__(self):
         return (f"Segmenter({self.embedding!r}, tau={self.morpher.tau:.4f}, "

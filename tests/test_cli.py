@@ -86,8 +86,10 @@ def test_train_resume_and_eval(level1, tmp_path, capsys):
     code, out, err = run(capsys, "eval", "--checkpoint", a / "checkpoint.npz",
                          "--data", level1 / "val.jsonl")
     assert code == 0, err
-    values = dict(line.split()[:2] for line in out.splitlines())   # key, checkpoint's
-    assert int(values["pairs"]) == 16 and out.splitlines()[1].split()[2] == "untrained"
+    lines = out.splitlines()
+    assert lines[0] == f"evaluated: 16 pairs from {level1 / 'val.jsonl'}"
+    assert lines[1].split() == ["metric", "untrained", "epoch", "4"]
+    values = {line.split()[0]: line.split()[2] for line in lines[3:]}   # the checkpoint's
     assert 0.0 <= float(values["accuracy"]) <= 1.0 and float(values["loss"]) > 0
 
 
@@ -198,10 +200,10 @@ def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
             if line.startswith(("boundary_", "seg_"))}
     assert set(rows) == {"seg_accuracy", "boundary_precision", "boundary_recall",
                          "boundary_f1"}
-    for key, (_, untrained) in rows.items():
+    for key, (untrained, _) in rows.items():
         assert float(untrained) == pytest.approx(float(table[key][0]), abs=1e-4)
     # training never ends below where it started: the best is >= the untrained
-    best, untrained = (float(v) for v in rows["boundary_f1"])
+    untrained, best = (float(v) for v in rows["boundary_f1"])
     assert best >= untrained
     # an existing run with best.npz is not replaced unasked
     (run_dir / "metrics.jsonl").unlink()
@@ -293,7 +295,7 @@ def test_resumed_run_shows_the_best_epochs_own_numbers(words, tmp_path, capsys):
     assert run(capsys, *args, "--epochs", 2, "--dim", 8)[0] == 0
     code, out, err = run(capsys, *args, "--epochs", 4, "--resume", run_dir / "checkpoint.npz")
     assert code == 0, err
-    header = next(line for line in out.splitlines() if line.startswith("validation"))
+    header = next(line for line in out.splitlines() if line.startswith("metric "))
     epoch = int(header.split("best (epoch ")[1].split(")")[0])
     row = next(line.split() for line in out.splitlines() if line.startswith("boundary_f1"))
     records = {r["epoch"]: r for r in read_log(run_dir / "metrics.jsonl")}

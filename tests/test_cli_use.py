@@ -201,3 +201,203 @@ def test_demo_explains_its_columns(capsys):
     assert code == 0
     for column in ("first loss, final loss:", "merges learned:", "threshold tau:", "exact:"):
         assert sum(line.startswith(column) for line in out.splitlines()) == 1, column
+
+
+def test_train_and_eval_print_one_table_format(trained, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    code, out, _ = run(capsys, "train", "--data", trained / "data", "--epochs", 2, "--out",
+                       run_dir, "--dim", 8, "--no-progress")
+    assert code == 0
+    lines = out.splitlines()
+    first = next(i for i, x in enumerate(lines) if x.startswith("validation: "))
+    assert lines[first] == f"validation: 22 pairs from {trained / 'data' / 'val.jsonl'}"
+    train_rows = [x.split() for x in lines[first + 3:] if x and not x.startswith(
+        ("metrics:", "checkpoint:"))]
+    code, ev, _ = run(capsys, "eval", "--checkpoint", run_dir / "checkpoint.npz", "--data",
+                      trained / "data")
+    assert code == 0
+    eval_lines = ev.splitlines()
+    assert eval_lines[0] == f"evaluated: 22 pairs from {trained / 'data' / 'val.jsonl'}"
+    # the same columns, in the same order, with the same rule under them
+    assert lines[first + 1].split() == eval_lines[1].split() == [
+        "metric", "untrained", "epoch", "2"]
+    assert lines[first + 1] == eval_lines[1] and lines[first + 2] == eval_lines[2]
+    eval_rows = {x.split()[0]: x.split() for x in eval_lines[3:]}
+    # eval adds the loss's terms; the rows train shows come in eval's order,
+    # with the same numbers printed the same way (four decimals)
+    names = [row[0] for row in train_rows]
+    assert names == ["loss", "kept_fraction", "accuracy", "seg_accuracy",
+                     "boundary_precision", "boundary_recall", "boundary_f1"]
+    assert [k for k in eval_rows if k in names] == names
+    assert list(eval_rows)[:4] == ["loss", "node", "edge", "clique"]
+    for row in train_rows:
+        assert row == eval_rows[row[0]]
+        assert all(len(cell.split(".")[1]) == 4 for cell in row[1:])
+
+
+def test_plot_and_show_into_a_directory(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    code, out, _ = run(capsys, "plot", trained / "run", "--out", folder)
+    assert code == 0 and out == f"wrote {folder / 'metrics.png'}\n"
+    code, out, _ = run(capsys, "show", "--model", trained / "model.npz", "thecat", "--out",
+                       folder)
+    assert code == 0 and out.endswith(f"wrote {folder / 'segments.png'}\n")
+    pngs = {n: (folder / n).read_bytes() for n in ("metrics.png", "segments.png")}
+    assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs.values())
+    # again: refused, naming --out and the file, nothing replaced
+    code, _, err = run(capsys, "plot", trained / "run", "--out", folder)
+    assert code == 2 and err == (f"grapheme plot: error: --out {str(folder)!r}: "
+                                 f"{str(folder / 'metrics.png')!r} already exists "
+                                 "(--overwrite replaces it)\n")
+    code, _, err = run(capsys, "show", "--model", trained / "model.npz", "x", "--out", folder)
+    assert code == 2 and "segments.png' already exists" in err
+    assert {n: (folder / n).read_bytes() for n in pngs} == pngs
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pngs)   # no stray files
+    assert run(capsys, "plot", trained / "run", "--out", folder, "--overwrite")[0] == 0
+    # a directory where the picture would go is never replaced
+    (tmp_path / "d" / "metrics.png").mkdir(parents=True)
+    code, _, err = run(capsys, "plot", trained / "run", "--out", tmp_path / "d",
+                       "--overwrite")
+    assert code == 2 and "metrics.png' is a directory" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "plot", trained / "run", "--out", tmp_path / "no" / "m.png")
+    assert code == 2 and err == (f"grapheme plot: error: --out "
+                                 f"{str(tmp_path / 'no' / 'm.png')!r}: the directory "
+                                 f"{str(tmp_path / 'no')!r} does not exist\n")
+
+
+def test_plot_refuses_a_directory_as_the_file(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    from grapheme.plot import plot_run
+
+    with pytest.raises(IsADirectoryError, match="not the PNG file to write"):
+        plot_run(trained / "run", tmp_path, overwrite=True)
+
+
+# ------------------------------------------------------------ error polish
+def test_standard_input_that_is_not_utf8(trained, capsys, monkeypatch):
+    model = gr.Segmenter.load(trained / "model.npz")
+    data = "thecat\r\nsat\n".encode() + b"on\xffthe\nmat\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz")
+    # the lines before the bad one are written, then one line names it
+    assert code == 2 and out == "\n".join(" ".join(s) for s in
+                                          model.segment(["thecat", "sat"])) + "\n"
+    assert err == ("grapheme segment: error: standard input is not valid UTF-8: line 3 "
+                   "holds the byte 0xff (invalid start byte); grapheme reads UTF-8 text\n")
+    batches = _line_batches(io.BytesIO(b"ab\ncd\n" * 3 + b"\xc3\xa9\xe2\x82"), 5)
+    assert next(batches) == ["ab"]
+    with pytest.raises(Exception, match="line 7 holds the byte 0xe2 "):
+        list(batches)
+
+
+def test_line_batches_of_bytes_are_linear_and_universal():
+    class Reads(io.BytesIO):
+        def read1(self, n):   # what a pipe gives: at most n bytes a read
+            return super().read1(min(n, 3))
+
+    text = "x" * 1000 + "\r\nab\rcé\n\n" + "y" * 10
+    got = [line for batch in _line_batches(Reads(text.encode()), 4) for line in batch]
+    assert got == ["x" * 1000, "ab", "cé", "", "y" * 10]
+
+
+def test_arguments_that_are_not_utf8(trained, capsys):
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "ok",
+                         "ab\udcffc")
+    assert code == 2 and out == ""
+    assert err == ("grapheme segment: error: TEXT 2 is not valid UTF-8 (the byte 0xff at "
+                   "position 2)\n")
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--sep", "\udc80",
+                       "ok")
+    assert code == 2 and "--sep is not valid UTF-8 (the byte 0x80" in err
+
+
+def test_metrics_that_are_not_utf8(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1, "loss": 1.0}\n\xff\n')
+    code, _, err = run(capsys, "plot", tmp_path, "--out", tmp_path / "m.png")
+    assert code == 2 and err == (f"grapheme plot: error: "
+                                 f"{str(tmp_path / 'metrics.jsonl')!r} line 2 is not "
+                                 "valid UTF-8 (invalid start byte at byte 0)\n")
+
+
+def _closed_reader(argv, stdin=None, stderr_to_stdout=False, read=True):
+    """Run ``grapheme ARGV`` whose standard output's reader goes away
+    (``| head -1``: after its first line; ``| true``, ``read=False``: at
+    once): its status, that line and its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(gr.__file__)), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "grapheme.cli", *map(str, argv)],
+                            stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_to_stdout else subprocess.PIPE,
+                            env=env)
+    first = proc.stdout.readline() if read else b""
+    proc.stdout.close()
+    err = b"" if stderr_to_stdout else proc.stderr.read()
+    return proc.wait(timeout=300), first, err
+
+
+def test_a_reader_that_goes_away_is_no_error(trained, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("thecatsatonthemat\n" * 50_000)
+    with open(lines, "rb") as stdin:
+        code, first, err = _closed_reader(["segment", "--model", trained / "model.npz"],
+                                          stdin=stdin)
+    model = gr.Segmenter.load(trained / "model.npz")
+    assert first.decode() == " ".join(model.segment("thecatsatonthemat")) + "\n"
+    assert (code, err) == (1, b"")   # Python's recipe: quiet, status 1
+    # train's few lines are written at its end, whenever its reader left;
+    # closed before then, every write fails: quiet too, with or without
+    # the progress lines in the same pipe
+    train = ["train", "--data", trained / "data", "--epochs", 1, "--dim", 8]
+    code, _, err = _closed_reader(train + ["--out", tmp_path / "r", "--no-progress"],
+                                  read=False)
+    assert (code, err) == (1, b"")
+    code, _, _ = _closed_reader(train + ["--out", tmp_path / "r2"], read=False,
+                                stderr_to_stdout=True)
+    assert code == 1
+
+
+def test_model_errors_name_the_option(trained, tmp_path, capsys):
+    code, _, err = run(capsys, "segment", "--model", trained / "run", "abc")
+    assert code == 2 and err == (f"grapheme segment: error: --model {str(trained / 'run')!r} "
+                                 f"is a directory, not a model file (it holds "
+                                 f"{trained / 'run' / 'checkpoint.npz'})\n")
+    code, _, err = run(capsys, "show", "--model", tmp_path / "no.npz", "abc", "--out",
+                       tmp_path / "s.png")
+    assert code == 2 and f"--model {str(tmp_path / 'no.npz')!r} does not exist" in err
+    code, _, err = run(capsys, "segment", "--model", trained / "run" / "metrics.jsonl", "a")
+    assert code == 2 and err.startswith("grapheme segment: error: --model: checkpoint ")
+    assert "is not a grapheme checkpoint" in err and err.count("\n") == 1
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_plot_beside_the_metrics_is_not_replaced(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_bytes((trained / "run" / "metrics.jsonl").read_bytes())
+    (run_dir / "metrics.png").write_bytes(b"mine")
+    code, _, err = run(capsys, "plot", run_dir)
+    assert code == 2 and err == (f"grapheme plot: error: {str(run_dir / 'metrics.png')!r} "
+                                 "already exists (--overwrite replaces it, --out writes "
+                                 "another file)\n")
+    assert (run_dir / "metrics.png").read_bytes() == b"mine"
+
+
+def test_plain_text_as_data_says_how_pairs_are_made(tmp_path, capsys):
+    text = tmp_path / "mine.txt"
+    text.write_text("The cat sat on the mat.\n")
+    for command in (["train", "--epochs", 1, "--out", tmp_path / "r"],
+                    ["eval", "--checkpoint", tmp_path / "c.npz"]):
+        code, _, err = run(capsys, *command, "--data", text)
+        assert code == 2 and err == (
+            f"grapheme {command[0]}: error: {text}:1: invalid JSON (Expecting value at "
+            "column 1); training data are JSONL pairs (grapheme generate writes them; "
+            "from your own UTF-8 text: grapheme generate --task words --corpus FILE "
+            "--out DIR)\n")
+    assert not (tmp_path / "r").exists()

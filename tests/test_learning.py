@@ -79,6 +79,14 @@ def test_history_estimator_cannot_move_the_threshold():
 # 0.14 off on other seeds (a slow oscillation of the multiplier); with the
 # PI controller it stays within 0.05 over seeds 0-19. The predict snapshot
 # of soft and ste is the fragile part, see the next test.
+#
+# Measured without the unknown row's replacements (unknown_prob=0, the
+# Trainer's default when these were written): the rate-control tests are
+# about the controller. With the default 0.01, reinforce at 0.65 (seed 0)
+# ends at 0.556 (its last 5 epochs' mean: 0.566); at 0.002, 0.005 and 0.02
+# at 0.641, 0.629 and 0.643 (means 0.670, 0.641, 0.672), at 0 at 0.643: not
+# monotone in the rate of replacements, a chaotic run any perturbation
+# moves rather than their bias.
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [0.45, 0.55, 0.65])
 @pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
@@ -86,7 +94,7 @@ def test_rate_control_reaches_the_target(estimator, target):
     pairs = make_pairs(200, seed=0, tasks=OLD_MIX)
     morpher = Morpher(estimator=estimator, rate=target)
     trainer = Trainer(Embedding(dim=32, seed=0), morpher, StructuralLoss(), Adam(lr=3e-2),
-                      batch_size=16, seed=0, progress=False)
+                      batch_size=16, seed=0, progress=False, unknown_prob=0.0)
     trainer.fit(pairs, 60)
     compression = trainer.evaluate(pairs)["kept_fraction"]
     assert abs(compression - target) <= 0.05, compression
@@ -109,7 +117,7 @@ def test_rate_control_holds_the_measured_compression(estimator, target, seed):
         estimator = Reinforce(seed=seed)
     morpher = Morpher(estimator=estimator, rate=target)
     trainer = Trainer(Embedding(dim=32, seed=seed), morpher, StructuralLoss(), Adam(lr=3e-2),
-                      batch_size=16, seed=seed, progress=False)
+                      batch_size=16, seed=seed, progress=False, unknown_prob=0.0)   # as above
     records = trainer.fit(pairs, 60)
     held = np.mean([r["kept_fraction"] for r in records[-5:]])
     assert abs(held - target) <= 0.05, held

@@ -109,6 +109,10 @@ def test_segment_rejects_bad_texts():
         m.boundaries(5)
     with pytest.raises(ValueError, match="lone surrogate"):
         m.segment("a\ud800")
+    cut = gr.Segmenter(m.embedding, m.morpher, window=4)   # checked before any window
+    with pytest.raises(ValueError, match=r"texts\[1\] contains a lone surrogate at "
+                                         r"position 100 \('\\udcff'\)"):
+        cut.segment(["ab", "x" * 100 + "\udcff" + "y" * 50])
 
 
 def test_unseen_characters_read_the_unknown_row_and_change_nothing():
@@ -246,8 +250,27 @@ def test_old_checkpoints_load(tmp_path):
     assert old.model.segment("thecat") == trainer.model.segment("thecat")
     assert gr.Segmenter.load(tmp_path / "old.npz").segment("onthemat") == \
         trainer.model.segment("onthemat")
-    old.fit(WORDS, 3)   # and training goes on
-    assert old.epoch == 3
+    old.fit(WORDS, 3)   # and training goes on, as the run it was cut from does
+    trainer.fit(WORDS, 3)
+    assert old.epoch == 3 and old.history[-1]["loss"] == trainer.history[-1]["loss"]
+    assert old.morpher.theta.tobytes() == trainer.morpher.theta.tobytes()
+    for code in trainer.embedding.codes:   # the same rows, in another order
+        a = old.embedding.weight[old.embedding.rows([code], grow=False)[0]]
+        b = trainer.embedding.weight[trainer.embedding.rows([code], grow=False)[0]]
+        assert a.tobytes() == b.tobytes()
+
+
+def test_one_default_unknown_prob():
+    from grapheme.cli import build_parser
+    from grapheme.train.trainer import UNKNOWN_PROB
+
+    trainer = gr.Trainer(gr.Embedding(dim=4), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                         progress=False)
+    assert trainer.unknown_prob == UNKNOWN_PROB == 0.01
+    assert trainer.config()["unknown_prob"] == 0.01
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    option = next(a for a in train._actions if a.dest == "unknown_prob")
+    assert "(default 0.01)" in option.help
 
 
 def test_metrics_log_records_of_old_runs_are_converted(tmp_path):
@@ -296,3 +319,140 @@ def test_a_text_too_large_for_memory_is_refused_before_anything_runs(monkeypatch
     monkeypatch.setattr(validation, "_physical_memory", lambda: 1000)
     with pytest.raises(MemoryError, match="segmenting 40 characters at once"):
         m.segment("a" * 40)
+
+
+# ------------------------------------------------------------------ windows
+def random_texts(rng, count, longest, alphabet="abcdefghij"):
+    letters = np.array(list(alphabet))
+    return ["".join(rng.choice(letters, size=rng.integers(0, longest + 1)))
+            for _ in range(count)]
+
+
+def windowed(m, window):
+    """``m`` with another window (the same components)."""
+    return gr.Segmenter(m.embedding, m.morpher, m.encoder, window=window)
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+def test_windows_give_exactly_the_uncut_decisions(layers):
+    # every edge's decision sees K + 1 characters before a node and K after:
+    # cut into windows that overlap by that, a text segments bit for bit as
+    # in one piece, whatever the window (down to one kept character each)
+    m = model(layers, threshold=-5.0)
+    rng = np.random.default_rng(layers)
+    texts = random_texts(rng, 40, 50) + ["ab" * 40, "", "a" * 30]
+    whole = m.segment(texts)
+    assert m.window > sum(map(len, texts))             # the default: one call
+    bounds = [b.tolist() for b in m.boundaries(texts)]
+    starts = [len(b) for b in bounds]
+    assert 0.2 < sum(starts) / sum(map(len, texts)) < 0.8   # merges, and not all
+    before, after = m.context()
+    assert (before, after) == (layers + 1, layers)
+    least = before + after + 1
+    for window in (least, least + 1, least + 2, 7 + least, 16, 33):
+        cut = windowed(m, window)
+        assert cut.segment(texts) == whole, window
+        assert [b.tolist() for b in cut.boundaries(texts)] == bounds, window
+        assert cut.join(texts, sep="|") == ["|".join(s) for s in whole], window
+        for text, segs in zip(texts[:10], whole):   # one text at a time too
+            assert cut.segment(text) == segs
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_texts_at_the_edges_of_windows(layers):
+    m = model(layers, threshold=-5.0)
+    window = 12
+    before, after = m.context()
+    step = window - before - after
+    rng = np.random.default_rng(7)
+    lengths = sorted({1, 2, step - 1, step, step + 1, 2 * step, 2 * step + 1,
+                      window - 1, window, window + 1, 2 * window, 3 * step + before})
+    texts = [random_texts(rng, 1, 0)[0] + "".join(rng.choice(list("abcdefghij"), n))
+             for n in lengths]
+    cut = windowed(m, window)
+    assert cut.segment(texts) == m.segment(texts)
+    for text in texts:
+        assert cut.boundaries(text).tolist() == m.boundaries(text).tolist()
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_less_context_than_the_bound_changes_decisions(layers, monkeypatch):
+    # the bound is tight: one character less on either side and some
+    # decision at a cut is not the uncut text's (so the tests above see it)
+    m = model(layers, threshold=-5.0)
+    texts = random_texts(np.random.default_rng(3), 60, 60)
+    whole = m.segment(texts)
+    before, after = m.context()
+    for short in [(before - 1, after)] + ([(before, after - 1)] if after else []):
+        cut = windowed(m, 2 * before + 1)
+        monkeypatch.setattr(cut, "context", lambda short=short: short)
+        assert cut.segment(texts) != whole, short
+
+
+def test_mixed_batches_keep_their_order_and_calls_stay_within_the_window(monkeypatch):
+    m = model(2, threshold=-5.0)
+    rng = np.random.default_rng(11)
+    texts = []
+    for _ in range(30):
+        texts += random_texts(rng, int(rng.integers(0, 4)), 8)
+        texts.append("".join(rng.choice(list("abcdefghij"), int(rng.integers(20, 90)))))
+    texts += ["", ""]
+    whole = m.segment(texts)
+    assert whole == reference_segments(m, texts)
+    cut = windowed(m, 24)
+    calls = []
+    decide = cut._decide
+
+    def counted(batch):
+        calls.append(sum(map(len, batch)))
+        return decide(batch)
+
+    monkeypatch.setattr(cut, "_decide", counted)
+    assert cut.segment(texts) == whole
+    assert max(calls) <= 24 and len(calls) >= sum(map(len, texts)) / 24
+    # short texts that fit go through in one call, as before
+    calls.clear()
+    assert cut.segment(["abc", "", "defg", "hij"]) == m.segment(["abc", "", "defg", "hij"])
+    assert calls == [10]
+
+
+def test_memory_is_bounded_by_the_window_not_the_text():
+    import tracemalloc
+
+    m = model(2, dim=8, threshold=-5.0)
+    cut = windowed(m, 2000)
+    text = "".join(np.random.default_rng(5).choice(list("abcdefghij"), 300_000))
+    per_char = 8 * 8 * (3 + 5 * 2)
+    assert cut._bytes_per_character() == per_char
+    tracemalloc.start()
+    try:
+        bounds = cut.boundaries(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the output (8 bytes per boundary, built once more by concatenation
+    # and once by the offset subtraction) and a few windows' buffers: far
+    # below the 250 MB of one call over the whole text
+    assert 0.2 * len(text) < len(bounds) < 0.8 * len(text)
+    assert peak < 3 * bounds.nbytes + 4 * per_char * 2000, peak
+    assert per_char * len(text) > 30 * peak
+    # every workspace array is a window's, whatever the text's length
+    sizes = [a.size for a in cut._workspace()._arrays.values()]
+    assert max(sizes) <= 1.5 * 3 * 8 * 2000
+    assert cut.join(text, sep="|") == "|".join(m.segment(text))
+
+
+def test_window_is_checked():
+    m = model(2)
+    assert m.window == gr.segmenter.WINDOW_MEMORY // (8 * 8 * 13)
+    assert model(0).window == gr.segmenter.WINDOW_MEMORY // (8 * 8 * 3)
+    big = gr.Segmenter(gr.Embedding(dim=64), gr.Morpher(), gr.Encoder(64, layers=2))
+    assert big.window == 40329
+    with pytest.raises(ValueError, match=r"window must be >= 6 \(2 \* encoder layers \+ 2"):
+        gr.Segmenter(m.embedding, m.morpher, m.encoder, window=5)
+    with pytest.raises(TypeError, match="window must be an integer"):
+        m.window = 100.0
+    m.window = 6
+    assert m.window == 6 and m.copy().window == 6
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        model(0).window = 1

@@ -42,9 +42,19 @@ from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segment
                       structure_match, upgrade_record)
 from .state import build, describe
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "UNKNOWN_PROB"]
 
 TARGET_ACTIVATIONS = ("embedding", "graph")
+
+#: Default :attr:`Trainer.unknown_prob` (also ``grapheme train``'s): the
+#: share of training characters read through the unknown row, which is how
+#: that row learns to stand for characters never seen in training.
+UNKNOWN_PROB = 0.01
+
+#: The ``unknown_prob`` of a checkpoint whose configuration has none: it
+#: was written before the unknown row existed, when no character was
+#: replaced, so 0 resumes it exactly as it would have continued.
+_UNRECORDED_UNKNOWN_PROB = 0.0
 
 
 class Trainer:
@@ -89,15 +99,16 @@ class Trainer:
         the untrained model's validation metrics. ``False``: silent.
     overwrite : bool, default False
         Let a fresh run replace an existing log and checkpoint (see ``log``).
-    unknown_prob : float in [0, 1), default 0.0
+    unknown_prob : float in [0, 1), default 0.01 (:data:`UNKNOWN_PROB`)
         Probability that a training character is read through the
         embedding's unknown row instead of its own (drawn per character and
         step from ``seed`` and the epoch, so runs and resumed runs are
         reproducible). This is what teaches the unknown row that
         :meth:`evaluate` and :class:`~grapheme.Segmenter` use for characters
-        never seen in training. ``0``: the unknown row stays as drawn and
-        training is exactly what it was before there was one;
-        ``grapheme train`` uses 0.01 (``--unknown-prob``).
+        never seen in training; ``grapheme train --unknown-prob`` sets it.
+        ``0``: the unknown row stays a fixed random vector, and training is
+        exactly what it was before there was one. A checkpoint written
+        before then (without the setting) resumes with 0.
     comm : grapheme.distributed.Communicator, optional
         Train one rank of a data-parallel run (see
         :mod:`grapheme.distributed`; ``grapheme train --nproc`` and
@@ -153,7 +164,7 @@ class Trainer:
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
                  target_activation="embedding", log=None, progress=True, encoder=None,
-                 overwrite=False, unknown_prob=0.0, comm=None):
+                 overwrite=False, unknown_prob=UNKNOWN_PROB, comm=None):
         check_model(embedding, morpher, encoder)
         if not (callable(getattr(loss, "forward", None))
                 and callable(getattr(loss, "backward", None))):
@@ -944,7 +955,7 @@ class Trainer:
                    build(config["loss"]), known_opt[opt_type](lr=1.0),
                    batch_size=config["batch_size"], seed=config["seed"],
                    target_activation=config["target_activation"],
-                   unknown_prob=config.get("unknown_prob", 0.0),
+                   unknown_prob=config.get("unknown_prob", _UNRECORDED_UNKNOWN_PROB),
                    encoder=build(config.get("encoder")), **kwargs)
 
     def config(self):
@@ -1002,7 +1013,7 @@ class Trainer:
             morpher_state = dict(meta["morpher"], theta=float(arrays["morpher.theta"]))
             config, history = meta["config"], meta["history"]
             if isinstance(config, dict):   # written before the unknown row: none replaced
-                config = {"unknown_prob": 0.0, **config}
+                config = {"unknown_prob": _UNRECORDED_UNKNOWN_PROB, **config}
             if isinstance(history, list):  # written before kept_fraction replaced merge_rate
                 history = [upgrade_record(r) if isinstance(r, dict) else r for r in history]
             data = meta.get("data")
