@@ -162,6 +162,21 @@ def test_the_unknown_row_is_learned_only_with_unknown_prob():
                    unknown_prob=1.0)
 
 
+def test_the_unknown_row_replaces_every_occurrence_of_a_character():
+    trainer = gr.Trainer(gr.Embedding(dim=8), gr.Morpher(), gr.StructuralLoss(),
+                         gr.Adam(), progress=False, unknown_prob=0.5)
+    texts = ["abcabc", "cab", "zzaz"]
+    unknown = trainer.embedding.unknown_row
+    draws = set()
+    for _ in range(20):
+        g, rows, _, _, _ = trainer._batch(texts, [t[:-1] for t in texts])
+        codes = np.unique(g.labels[rows == unknown])
+        # a replaced code point is replaced wherever it occurs, others nowhere
+        np.testing.assert_array_equal(rows == unknown, np.isin(g.labels, codes))
+        draws.add(tuple(codes.tolist()))
+    assert len(draws) > 3   # the draws change from step to step
+
+
 def test_save_load_round_trip_and_never_overwrite(tmp_path):
     m = model(2)
     path = tmp_path / "model.npz"

@@ -100,10 +100,12 @@ class Trainer:
     overwrite : bool, default False
         Let a fresh run replace an existing log and checkpoint (see ``log``).
     unknown_prob : float in [0, 1), default 0.01 (:data:`UNKNOWN_PROB`)
-        Probability that a training character is read through the
-        embedding's unknown row instead of its own (drawn per character and
-        step from ``seed`` and the epoch, so runs and resumed runs are
-        reproducible). This is what teaches the unknown row that
+        Probability that a character of a training batch is read through
+        the embedding's unknown row instead of its own, at all its
+        occurrences in the batch, as a character never seen in training
+        looks at inference (drawn per distinct character and step from
+        ``seed`` and the epoch, so runs and resumed runs are reproducible).
+        This is what teaches the unknown row that
         :meth:`evaluate` and :class:`~grapheme.Segmenter` use for characters
         never seen in training; ``grapheme train --unknown-prob`` sets it.
         ``0``: the unknown row stays a fixed random vector, and training is
@@ -248,22 +250,24 @@ class Trainer:
         return np.random.default_rng([self.seed, self.epoch, 0x756E6B])
 
     # ------------------------------------------------------------------ step
-    def _batch(self, inputs, targets, train=True, draws=None):
+    def _batch(self, inputs, targets, train=True, replaced=None):
         """Input graph with its table rows and features; the target graph.
 
         For segmentation pairs the target graph is None here: it is the input
         contracted under the gold segmentation, built from the model's own
         features by :meth:`_segmentation_target`. ``train=False``
         (evaluation): the table does not grow, unseen characters read the
-        unknown row, and no character is replaced by it. ``draws``: the
-        unknown row's uniform draws of the characters (else drawn here)."""
+        unknown row, and no character is replaced by it. ``replaced``: the
+        code points read through the unknown row in this step (else drawn
+        here, :meth:`_unknown_codes`)."""
         emb = self.embedding
         g = Graph.from_texts(inputs)
         rows = emb.rows(g.labels, grow=train)
         if train and self.unknown_prob > 0:
-            if draws is None:
-                draws = self._unknown_rng.random(rows.shape[0])
-            rows[draws < self.unknown_prob] = emb.unknown_row
+            if replaced is None:
+                replaced = self._unknown_codes(g.labels)
+            if replaced.size:
+                rows[np.isin(g.labels, replaced)] = emb.unknown_row
         H = Lookup().forward(emb.weight, rows,
                              out=self._workspace("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
@@ -426,12 +430,13 @@ class Trainer:
 
         The table grows for the global batch's characters (the same rows in
         the same order on every rank, without communication); the unknown
-        row's draws are the global batch's, of which this rank takes its
-        characters'; the rate penalty sees the global batch's expected kept
-        fraction (a second, two-number all-reduce) and the rate controller
-        its measured one. ``grown``: the table already has a row for every
-        character of the batch (:meth:`fit` grows it before the first step),
-        so the per-step cost of the global batch is one ``len`` per text.
+        row replaces the code points drawn from the global batch's (every
+        rank draws the same ones, at the cost of reading the global batch's
+        characters once); the rate penalty sees the global batch's expected
+        kept fraction (a second, two-number all-reduce) and the rate
+        controller its measured one. ``grown``: the table already has a row
+        for every character of the batch (:meth:`fit` grows it before the
+        first step).
 
         ``Reinforce``: the samples are the global batch's (the estimator's
         stream skips the other ranks' edges, ``forward(..., shard=)``); the
@@ -446,7 +451,9 @@ class Trainer:
         lo, hi = shard_bounds(B, comm.rank, comm.world_size)
         if not grown:
             self._grow_batch(inputs, targets)
-        draws = self._unknown_draws(inputs, lo, hi)
+        replaced = None
+        if self.unknown_prob > 0:
+            replaced = self._unknown_codes(Graph.from_texts(inputs).labels)
         reinforce = morpher.estimator.name == "reinforce"
         shard = None
         if reinforce:   # a chain's candidate edges: one per character but the first
@@ -457,7 +464,7 @@ class Trainer:
         K = morpher.estimator.samples
         morphed = res = None
         if inputs:
-            g, morphed, res, kept = self._forward(inputs, targets, shard=shard, draws=draws)
+            g, morphed, res, kept = self._forward(inputs, targets, shard=shard, replaced=replaced)
         grad_p = None
         if morpher.rate is not None:
             # the penalty of the global batch's expected kept fraction
@@ -527,22 +534,15 @@ class Trainer:
         if self.target_activation == "embedding" and not _segmentations(targets):
             emb.rows(Graph.from_texts([target_text(t) for t in targets]).labels)
 
-    def _unknown_draws(self, inputs, lo, hi):
-        """The unknown row's uniform draws of the characters of pairs
-        ``lo:hi`` among those of the global batch ``inputs`` (None when
-        ``unknown_prob`` is 0): the draws one process makes for the whole
-        batch, of which this rank generates only its own (the generator
-        skips the others': one 64-bit step per double)."""
-        if not self.unknown_prob > 0:
-            return None
-        lengths = [len(text) for text in inputs]   # one node per code point
-        first, mine = sum(lengths[:lo]), sum(lengths[lo:hi])
-        rest = sum(lengths[hi:])
-        bits = self._unknown_rng.bit_generator
-        bits.advance(first)
-        draws = self._unknown_rng.random(mine)
-        bits.advance(rest)
-        return draws
+    def _unknown_codes(self, labels):
+        """The code points read through the unknown row in a step whose
+        batch has these node ``labels``: each distinct code point with
+        probability ``unknown_prob``, all its occurrences together (sorted
+        code points, one uniform draw each), as a character never seen in
+        training looks at inference. A data-parallel rank passes the global
+        batch's labels, so that every rank replaces the same ones."""
+        codes = np.unique(labels)
+        return codes[self._unknown_rng.random(codes.shape[0]) < self.unknown_prob]
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self, pairs, batch_size=None):
