@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from ._threads import blas_first
 from ._validation import check_allocation, check_model, check_scalar
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, load_checkpoint, save_checkpoint
@@ -150,9 +151,10 @@ class Segmenter:
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
             H = np.take(emb.weight, rows, axis=0, out=self._workspace()("lookup", (n, emb.dim)))
-        encoded = (H,) if self.encoder is None else tuple(
-            self.encoder.forward(g, H, self._workspace())[0])
-        merged = self.morpher.decide(g, *encoded)
+        with blas_first(self.encoder is not None):   # see grapheme/_threads.py
+            encoded = (H,) if self.encoder is None else tuple(
+                self.encoder.forward(g, H, self._workspace())[0])
+            merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor
         return starts

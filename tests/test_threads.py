@@ -214,6 +214,18 @@ def test_openmp_steps_aside_while_blas_runs_threads():
                 assert _core.openmp_threads() == 2
                 with blas_first(active=False):
                     assert _core.openmp_threads() == 2
+                # inference too
+                model = trainer.model
+                decide = model.morpher.decide
+                inside = []
+
+                def recording_decide(*args, **kwargs):
+                    inside.append(_core.openmp_threads())
+                    return decide(*args, **kwargs)
+                model.morpher.decide = recording_decide
+                model.boundaries(inputs)
+                assert inside == [want]
+                del model.morpher.decide
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
