@@ -80,7 +80,7 @@ class Segmenter:
         # the lookup, then per layer [h, P, S], t and the output, then the
         # queries and keys: (3 + 5 layers) rows of d doubles per character
         layers = 0 if self.encoder is None else self.encoder.layers
-        check_allocation(8 * emb.dim * (3 + 5 * layers) * n,
+        check_allocation(emb.dtype.itemsize * emb.dim * (3 + 5 * layers) * n,
                          f"segmenting {n} characters at once (the longest text is "
                          f"segmented in one piece)")
         with emb._lock:   # rows and the table they index belong together
@@ -99,7 +99,7 @@ class Segmenter:
         made inference several times slower on page faults alone)."""
         ws = getattr(self._local, "workspace", None)
         if ws is None:
-            ws = self._local.workspace = Workspace()
+            ws = self._local.workspace = Workspace(self.embedding.dtype)
         return ws
 
     @staticmethod
