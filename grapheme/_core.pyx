@@ -114,6 +114,23 @@ def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each 
                 out[r, j] += values[i, j]
 
 
+def row_means(const float[:, ::1] x,   # IN  (n, d), d > 0
+              double[::1] out):         # OUT (n,)
+    """``out[i] = mean(x[i])`` of float32 rows, summed in float64 in column
+    order (a float32 model's activations; float64 features keep numpy's
+    ``mean``). O(n d)."""
+    cdef intp_t n = x.shape[0], d = x.shape[1], i, j
+    cdef double acc
+    if d == 0:
+        return
+    with nogil:
+        for i in range(n):
+            acc = 0.0
+            for j in range(d):
+                acc += x[i, j]
+            out[i] = acc / d
+
+
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------

@@ -204,6 +204,10 @@ def feature_mean(features):
     features); zeros when ``d == 0``."""
     if features.shape[1] == 0:
         return np.zeros(features.shape[0])
+    if features.dtype == np.float32:
+        out = np.empty(features.shape[0])
+        _core.row_means(np.ascontiguousarray(features), out)
+        return out
     if features.dtype != np.float64:
         return features.mean(axis=1, dtype=np.float64)
     return features.mean(axis=1)
