@@ -347,6 +347,6 @@ def check_dtype(dtype, name="dtype"):
         dt = np.dtype(dtype) if dtype is not None else None
     except (TypeError, ValueError):
         dt = None
-    if dt not in _FLOATS:
+    if dt is None or dt not in _FLOATS:   # (np.dtype(...) == None is float64's test)
         raise TypeError(f"{name} must be float32 or float64, got {show(dtype)}")
     return dt
