@@ -71,6 +71,9 @@ class Encoder:
     ['key', 'layer0.bias', 'layer0.pred']
     """
 
+    #: float64 for an encoder pickled before it had a dtype
+    dtype = np.dtype(np.float64)
+
     def __init__(self, dim, layers=2, dtype=np.float64):
         self.dim = check_scalar(dim, "dim", lower=1, integer=True)
         self.layers = check_scalar(layers, "layers", lower=0, integer=True)
