@@ -311,7 +311,7 @@ def _trainer(dtype, estimator="ste", layers=2, dim=12, **kwargs):
 
 
 @pytest.mark.parametrize("estimator,layers", [("ste", 2), ("soft", 1), ("history", 0),
-                                              ("history", 2)])
+                                              ("history", 2), ("reinforce", 1)])
 def test_training_steps_agree(estimator, layers):
     """Three steps from the same start (the float64 table is given the
     float32 one's numbers; the encoder starts at zero weights and identity
@@ -395,6 +395,28 @@ def test_segmentation_pairs_train_in_float32():
         out[dt] = (stats, table, trainer.embedding.weight.copy())
     close(out[np.float32][0]["loss"], out[np.float64][0]["loss"])
     close(out[np.float32][2], out[np.float64][2])
+
+
+def test_sharded_float32_step_is_the_single_process_one():
+    """The data-parallel step (one rank, no peers) of a float32 model: its
+    gradients travel in the float64 all-reduce buffer (float32 converts to
+    float64 exactly) and come back to float32 parameters."""
+    from grapheme.distributed import Communicator
+
+    class Alone(Communicator):
+        def all_reduce(self, buffer):
+            pass
+
+    inputs, targets = _pairs()
+    single, sharded = _trainer(np.float32, "ste", 1), _trainer(np.float32, "ste", 1,
+                                                                comm=Alone())
+    for _ in range(2):
+        single.train_step(inputs, targets)
+        sharded.train_step(inputs, targets)
+    for name, p in single._params().items():
+        q = sharded._params()[name]
+        assert q.dtype == p.dtype
+        close(q, p.astype(np.float64), what=name)
 
 
 # ------------------------------------------------------------ save and load
@@ -502,22 +524,33 @@ def test_embedding_checks_assigned_arrays_against_its_dtype():
 
 
 # ------------------------------------------------------------------ torch
-def test_torch_bridge_takes_float32_tensors():
-    """float32 tensors work: the bridge computes in float64 and hands back
-    float32 (see grapheme.torch); the result is the float64 one rounded."""
+def test_torch_bridge_runs_float32_tensors_in_float32():
+    """float32 tensors run the float32 path (features, encoder and merge in
+    float32, the scalars in float64) and agree with float64 tensors."""
     torch = pytest.importorskip("torch")
-    from grapheme.torch import Merge
+    from grapheme.torch import Encoder, Merge
 
     rng = np.random.default_rng(11)
     x64 = torch.tensor(rng.normal(size=(9, 6)), requires_grad=True)
     x32 = x64.detach().float().requires_grad_(True)
     offsets = torch.tensor([0, 4, 9])
+    torch.manual_seed(0)
+    enc64 = Encoder(6, layers=2).double()
+    with torch.no_grad():
+        for p in enc64.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    enc32 = Encoder(6, layers=2).float()
+    enc32.load_state_dict({k: v.float() for k, v in enc64.state_dict().items()})
+    enc64.load_state_dict({k: v.double() for k, v in enc32.state_dict().items()})
+    x64 = x32.detach().double().requires_grad_(True)
     out = {}
-    for x, dt in ((x32, torch.float32), (x64, torch.float64)):
-        merge = Merge(estimator="ste").to(dt)
-        merged, unpool, aux = merge(x, offsets)
+    for x, enc, dt in ((x32, enc32, torch.float32), (x64, enc64, torch.float64)):
+        merge = Merge(threshold=-2.0, estimator="ste").to(dt)
+        h, q, k = enc(x, offsets)
+        merged, unpool, aux = merge(h, offsets, None, q, k)
         assert merged.dtype == dt
         (unpool(merged) ** 2).sum().backward()
-        out[dt] = x.grad
-    assert out[torch.float32].dtype == torch.float32
-    close(out[torch.float32].numpy(), out[torch.float64].numpy())
+        out[dt] = [x.grad, *(p.grad for p in enc.parameters()), merge.theta.grad]
+    for a, b in zip(out[torch.float32], out[torch.float64]):
+        assert a.dtype == torch.float32
+        close(a.numpy(), b.numpy())
