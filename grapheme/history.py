@@ -197,7 +197,7 @@ class MergeHistory:
         ----------
         g : array_like of shape (n_outputs,) or (n_outputs, d)
         out : ndarray of shape (n_inputs,) or (n_inputs, d), optional
-            A float64, C-contiguous buffer to write the result into (see
+            A C-contiguous buffer of ``g``'s dtype to write the result into (see
             :meth:`gather`). A given buffer of at least
             ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming
             stores, which skip the cache (a fresh result never is).
