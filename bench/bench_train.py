@@ -239,3 +239,70 @@ class EncoderStepSuite:
         return 5 * self.chars / (time.perf_counter() - start)
 
     track_chars_per_s.unit = "chars/s"
+
+
+class Float32StepSuite:
+    """The training step of :class:`EncoderStepSuite` in float32 against the
+    same step in float64, in the same run (issue 14's target: the float32
+    step at least 1.3x faster).
+
+    Two trainers from the same settings, ``Embedding(dtype=...)`` and
+    ``Encoder(dtype=...)`` apart; ``layers = 0`` is the context-free morph
+    (no encoder). The float32 step runs the embedding, the encoder, the
+    morph and Adam on float32 arrays and the structural loss in float64
+    (see "float32" in docs/design.md). ``python bench/bench_train.py``
+    prints the ratios from single-thread CPU time (min of 20 steps each).
+    """
+
+    params = [[256], [32, 64], [0, 2]]
+    param_names = ["batch_size", "dim", "layers"]
+    ratios = [("time_step", "time_step_float64", 1.3)]
+
+    def setup(self, batch_size, dim, layers):
+        pairs = _word_pairs(batch_size, np.random.default_rng(42))
+        self.inputs = [a for a, _ in pairs]
+        self.targets = [b for _, b in pairs]
+        self.trainers = {}
+        for dtype in (np.float32, np.float64):
+            trainer = Trainer(Embedding(dim=dim, seed=0, dtype=dtype),
+                              Morpher(estimator="ste"), StructuralLoss.for_training(),
+                              Adam(lr=3e-3), batch_size=batch_size, seed=0, progress=False,
+                              encoder=Encoder(dim, layers=layers, dtype=dtype) if layers
+                              else None)
+            trainer.train_step(self.inputs, self.targets)   # grow the table once
+            self.trainers[np.dtype(dtype).name] = trainer
+
+    def time_step(self, batch_size, dim, layers):
+        self.trainers["float32"].train_step(self.inputs, self.targets)
+
+    def time_step_float64(self, batch_size, dim, layers):
+        self.trainers["float64"].train_step(self.inputs, self.targets)
+
+
+def float32_ratios(repeats=20):
+    """``{(dim, layers): (float64 s, float32 s, ratio)}`` of
+    :class:`Float32StepSuite`: the single-thread CPU time of one step
+    (``time.thread_time``), min over ``repeats`` steps, both dtypes
+    interleaved in one run."""
+    import time
+
+    out = {}
+    for dim in (32, 64):
+        for layers in (0, 2):
+            suite = Float32StepSuite()
+            suite.setup(256, dim, layers)
+            best = {"float32": float("inf"), "float64": float("inf")}
+            for _ in range(repeats):
+                for name, trainer in suite.trainers.items():
+                    start = time.thread_time()
+                    trainer.train_step(suite.inputs, suite.targets)
+                    best[name] = min(best[name], time.thread_time() - start)
+            out[dim, layers] = (best["float64"], best["float32"],
+                                best["float64"] / best["float32"])
+    return out
+
+
+if __name__ == "__main__":   # OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python bench/bench_train.py
+    for (dim, layers), (t64, t32, ratio) in float32_ratios().items():
+        print(f"d={dim:3d} layers={layers}: float64 {t64 * 1e3:7.2f} ms, "
+              f"float32 {t32 * 1e3:7.2f} ms, ratio {ratio:.2f}")

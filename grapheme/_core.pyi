@@ -3,7 +3,8 @@
 # _transport.pyi.
 # Each parameter is commented with its Cython type; IN arrays are const
 # memoryviews (read-only and memory-mapped arrays work), OUT arrays are
-# written, "accumulated" ones are added to. index_t is int32_t or int64_t.
+# written, "accumulated" ones are added to. index_t is int32_t or int64_t;
+# floating is float or double (the same for every floating argument of a call).
 import numpy as np
 
 def openmp_threads() -> int: ...  # omp_get_max_threads(), or 0 without OpenMP
@@ -19,28 +20,32 @@ def hash_normal(
     out: np.ndarray,      # double[:, ::1] OUT (V, d)
 ) -> None: ...
 def all_finite(
-    x: np.ndarray,        # const double[::1] IN (m,)
+    x: np.ndarray,        # const floating[::1] IN (m,)
 ) -> bool: ...
+def row_means(
+    x: np.ndarray,        # const float[:, ::1] IN (n, d), float32 only
+    out: np.ndarray,      # double[::1] OUT (n,)
+) -> None: ...
 def rows_add(
     rows: np.ndarray,     # const int64_t[::1] IN (n,)
-    values: np.ndarray,   # const double[:, ::1] IN (n, d)
-    out: np.ndarray,      # double[:, ::1] OUT (V, d), accumulated
+    values: np.ndarray,   # const floating[:, ::1] IN (n, d)
+    out: np.ndarray,      # floating[:, ::1] OUT (V, d), accumulated
 ) -> None: ...
 def edge_cosine(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
     indices: np.ndarray,  # const index_t[::1] IN (E,)
-    H: np.ndarray,        # const double[:, ::1] IN (n, d)
+    H: np.ndarray,        # const floating[:, ::1] IN (n, d)
     norms: np.ndarray,    # double[::1] OUT (n,)
     sim: np.ndarray,      # double[::1] OUT (E,)
 ) -> None: ...
 def edge_cosine_backward(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
     indices: np.ndarray,  # const index_t[::1] IN (E,)
-    H: np.ndarray,        # const double[:, ::1] IN (n, d)
+    H: np.ndarray,        # const floating[:, ::1] IN (n, d)
     norms: np.ndarray,    # const double[::1] IN (n,)
     sim: np.ndarray,      # const double[::1] IN (E,)
     grad_sim: np.ndarray, # const double[::1] IN (E,)
-    grad_H: np.ndarray,   # double[:, ::1] OUT (n, d), accumulated
+    grad_H: np.ndarray,   # floating[:, ::1] OUT (n, d), accumulated
 ) -> None: ...
 def components(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
@@ -68,15 +73,15 @@ def gather(
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
     members: np.ndarray,      # const index_t[::1] IN (n,), ascending per output
     node_weights: np.ndarray, # const double[::1] IN (n,), or (0,) for 1 / |output|
-    x: np.ndarray,            # const double[:, ::1] IN (n, d)
-    out: np.ndarray,          # double[:, ::1] OUT (k, d)
+    x: np.ndarray,            # const floating[:, ::1] IN (n, d)
+    out: np.ndarray,          # floating[:, ::1] OUT (k, d)
 ) -> None: ...
 def scatter(
     cluster: np.ndarray,      # const index_t[::1] IN (n,)
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
     node_weights: np.ndarray, # const double[::1] IN (n,), or (0,) for 1 / |output|
-    g: np.ndarray,            # const double[:, ::1] IN (k, d)
-    out: np.ndarray,          # double[:, ::1] OUT (n, d)
+    g: np.ndarray,            # const floating[:, ::1] IN (k, d)
+    out: np.ndarray,          # floating[:, ::1] OUT (n, d)
     stream: bool = False,     # write out with non-temporal stores
 ) -> None: ...
 
@@ -96,8 +101,8 @@ def stack_neighbours(
     t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges (transpose_csr)
     t_indices: np.ndarray,  # const index_t[::1] IN (E,)
     t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
-    x: np.ndarray,          # const double[:, :] IN (n, d), contiguous rows
-    cat: np.ndarray,        # double[:, ::1] OUT (n, 3d): [x, A^T x, A x]
+    x: np.ndarray,          # const floating[:, :] IN (n, d), contiguous rows
+    cat: np.ndarray,        # floating[:, ::1] OUT (n, 3d): [x, A^T x, A x]
     num_threads: int = 0,
 ) -> None: ...
 def stack_neighbours_adjoint(
@@ -107,23 +112,23 @@ def stack_neighbours_adjoint(
     t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges
     t_indices: np.ndarray,  # const index_t[::1] IN (E,)
     t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
-    grad: np.ndarray,       # const double[:, ::1] IN (n, d)
-    grad_cat: np.ndarray,   # const double[:, ::1] IN (n, 3d)
-    out: np.ndarray,        # double[:, ::1] OUT (n, d)
+    grad: np.ndarray,       # const floating[:, ::1] IN (n, d)
+    grad_cat: np.ndarray,   # const floating[:, ::1] IN (n, 3d)
+    out: np.ndarray,        # floating[:, ::1] OUT (n, d)
     num_threads: int = 0,
 ) -> None: ...
 def tanh_backward(
-    t: np.ndarray,          # const double[:, ::1] IN (n, d)
-    grad: np.ndarray,       # const double[:, ::1] IN (n, d)
-    grad_z: np.ndarray,     # double[:, ::1] OUT (n, d)
-    grad_bias: np.ndarray,  # double[::1] OUT (d,)
+    t: np.ndarray,          # const floating[:, ::1] IN (n, d)
+    grad: np.ndarray,       # const floating[:, ::1] IN (n, d)
+    grad_z: np.ndarray,     # floating[:, ::1] OUT (n, d)
+    grad_bias: np.ndarray,  # floating[::1] OUT (d,)
     num_threads: int = 0,
 ) -> None: ...
 def edge_cosine_qk(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
     indices: np.ndarray,  # const index_t[::1] IN (E,)
-    Q: np.ndarray,        # const double[:, ::1] IN (n, d)
-    K: np.ndarray,        # const double[:, ::1] IN (n, d)
+    Q: np.ndarray,        # const floating[:, ::1] IN (n, d)
+    K: np.ndarray,        # const floating[:, ::1] IN (n, d)
     qnorms: np.ndarray,   # double[::1] OUT (n,)
     knorms: np.ndarray,   # double[::1] OUT (n,)
     sim: np.ndarray,      # double[::1] OUT (E,)
@@ -131,12 +136,12 @@ def edge_cosine_qk(
 def edge_cosine_qk_backward(
     indptr: np.ndarray,    # const index_t[::1] IN (n+1,)
     indices: np.ndarray,   # const index_t[::1] IN (E,)
-    Q: np.ndarray,         # const double[:, ::1] IN (n, d)
-    K: np.ndarray,         # const double[:, ::1] IN (n, d)
+    Q: np.ndarray,         # const floating[:, ::1] IN (n, d)
+    K: np.ndarray,         # const floating[:, ::1] IN (n, d)
     qnorms: np.ndarray,    # const double[::1] IN (n,)
     knorms: np.ndarray,    # const double[::1] IN (n,)
     sim: np.ndarray,       # const double[::1] IN (E,)
     grad_sim: np.ndarray,  # const double[::1] IN (E,)
-    grad_Q: np.ndarray,    # double[:, ::1] OUT (n, d), accumulated
-    grad_K: np.ndarray,    # double[:, ::1] OUT (n, d), accumulated
+    grad_Q: np.ndarray,    # floating[:, ::1] OUT (n, d), accumulated
+    grad_K: np.ndarray,    # floating[:, ::1] OUT (n, d), accumulated
 ) -> None: ...

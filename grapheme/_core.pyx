@@ -17,6 +17,7 @@ from libc.math cimport sqrt, log, cos, sin, M_PI
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
+    floating, row_scale_f, row_add_to_f,
 )
 from cython.parallel cimport prange
 
@@ -100,16 +101,34 @@ cdef inline double _sin2pi(double u) noexcept nogil:
     return sin(2.0 * M_PI * u)
 
 
-def rows_add(const int64_t[::1] rows,      # IN  (n,) destination row of each input row
-             const double[:, ::1] values,  # IN  (n, d)
-             double[:, ::1] out):          # OUT (V, d), accumulated
-    """``out[rows[i]] += values[i]`` (``np.add.at`` without its overhead). O(n d)."""
+def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each input row
+             const floating[:, ::1] values,  # IN  (n, d)
+             floating[:, ::1] out):          # OUT (V, d), accumulated
+    """``out[rows[i]] += values[i]`` (``np.add.at`` without its overhead). O(n d).
+    float32 or float64 (both arrays the same)."""
     cdef intp_t i, j, r, d = values.shape[1]
     with nogil:
         for i in range(rows.shape[0]):
             r = rows[i]
             for j in range(d):
                 out[r, j] += values[i, j]
+
+
+def row_means(const float[:, ::1] x,   # IN  (n, d), d > 0
+              double[::1] out):         # OUT (n,)
+    """``out[i] = mean(x[i])`` of float32 rows, summed in float64 in column
+    order (a float32 model's activations; float64 features keep numpy's
+    ``mean``). O(n d)."""
+    cdef intp_t n = x.shape[0], d = x.shape[1], i, j
+    cdef double acc
+    if d == 0:
+        return
+    with nogil:
+        for i in range(n):
+            acc = 0.0
+            for j in range(d):
+                acc += x[i, j]
+            out[i] = acc / d
 
 
 # ---------------------------------------------------------------------------
@@ -139,17 +158,37 @@ cdef extern from *:
         }
         return 1;
     }
+    /* The same for float32: 8 exponent bits, the sign bit is bit 31. */
+    static int grapheme_all_finite_f(const float *x, Py_ssize_t m) {
+        const uint32_t EXP = 0x7F800000U, ONE = 1U << 23;
+        Py_ssize_t i = 0;
+        while (i < m) {
+            Py_ssize_t stop = m - i > 4096 ? i + 4096 : m;
+            uint32_t carry = 0, bits;
+            for (; i < stop; ++i) {
+                memcpy(&bits, x + i, sizeof bits);
+                carry |= (bits & EXP) + ONE;
+            }
+            if (carry >> 31) return 0;
+        }
+        return 1;
+    }
     """
     bint _all_finite "grapheme_all_finite"(const double* x, intp_t m) noexcept nogil
+    bint _all_finite_f "grapheme_all_finite_f"(const float* x, intp_t m) noexcept nogil
 
 
-def all_finite(const double[::1] x):     # IN  (m,)
-    """True if no element of ``x`` is NaN or infinite. O(m), one read, no
-    temporary (``np.isfinite(x).all()`` writes an m-byte mask first)."""
+def all_finite(const floating[::1] x):     # IN  (m,)
+    """True if no element of ``x`` (float32 or float64) is NaN or infinite.
+    O(m), one read, no temporary (``np.isfinite(x).all()`` writes an m-byte
+    mask first)."""
     cdef bint ok = True
     if x.shape[0]:
         with nogil:
-            ok = _all_finite(&x[0], x.shape[0])
+            if floating is double:
+                ok = _all_finite(&x[0], x.shape[0])
+            else:
+                ok = _all_finite_f(&x[0], x.shape[0])
     return ok
 
 
@@ -184,10 +223,53 @@ cdef extern from *:
                                           Py_ssize_t d) {
         for (Py_ssize_t t = 0; t < d; ++t) dst[t] += a * x[t] - b * y[t];
     }
+
+    /* float32 rows: the dot product accumulates in double (the same four
+       partial sums), the update is in float with the coefficients rounded
+       once. */
+    static inline double grapheme_dot_f(const float *__restrict a,
+                                        const float *__restrict b, Py_ssize_t d) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        Py_ssize_t t = 0;
+        for (; t + 3 < d; t += 4) {
+            s0 += (double)a[t] * b[t];
+            s1 += (double)a[t + 1] * b[t + 1];
+            s2 += (double)a[t + 2] * b[t + 2];
+            s3 += (double)a[t + 3] * b[t + 3];
+        }
+        for (; t < d; ++t) s0 += (double)a[t] * b[t];
+        return (s0 + s1) + (s2 + s3);
+    }
+
+    static inline void grapheme_row_axpby_f(float *__restrict dst,
+                                            const float *__restrict x, double a,
+                                            const float *__restrict y, double b,
+                                            Py_ssize_t d) {
+        const float af = (float)a, bf = (float)b;
+        for (Py_ssize_t t = 0; t < d; ++t) dst[t] += af * x[t] - bf * y[t];
+    }
     """
     double dot "grapheme_dot"(const double* a, const double* b, intp_t d) noexcept nogil
     void row_axpby "grapheme_row_axpby"(double* dst, const double* x, double a,
                                         const double* y, double b, intp_t d) noexcept nogil
+    double dot_f "grapheme_dot_f"(const float* a, const float* b, intp_t d) noexcept nogil
+    void row_axpby_f "grapheme_row_axpby_f"(float* dst, const float* x, double a,
+                                            const float* y, double b, intp_t d) noexcept nogil
+
+
+cdef inline double _dot(const floating* a, const floating* b, intp_t d) noexcept nogil:
+    if floating is double:
+        return dot(a, b, d)
+    else:
+        return dot_f(a, b, d)
+
+
+cdef inline void _axpby(floating* dst, const floating* x, double a, const floating* y,
+                        double b, intp_t d) noexcept nogil:
+    if floating is double:
+        row_axpby(dst, x, a, y, b, d)
+    else:
+        row_axpby_f(dst, x, a, y, b, d)
 
 
 # ---------------------------------------------------------------------------
@@ -446,7 +528,7 @@ STREAM_MIN_BYTES = 64 * 1024 * 1024
 
 
 
-cdef inline void _zero(double* dst, intp_t d) noexcept nogil:
+cdef inline void _zero(floating* dst, intp_t d) noexcept nogil:
     cdef intp_t t
     for t in range(d):
         dst[t] = 0.0
@@ -456,14 +538,16 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
            const index_t[::1] hist_indptr,  # IN  (k+1,)
            const index_t[::1] members,      # IN  (n,), ascending within an output
            const double[::1] node_weights,  # IN  (n,), or (0,): 1 / |output|
-           const double[:, ::1] x,          # IN  (n, d)
-           double[:, ::1] out):             # OUT (k, d), must not overlap x
+           const floating[:, ::1] x,        # IN  (n, d)
+           floating[:, ::1] out):           # OUT (k, d), must not overlap x
     """Pool inputs into outputs: ``out[c] = sum_i w_i x[i]`` over c's inputs,
     added in input order (the order of ``members``). O(n d + k).
 
     Walks the inputs in order (see the notes above); an output's head,
     ``members[hist_indptr[c]]``, starts its sum. With ``node_weights`` empty,
     ``w_i`` is ``1 / |cluster[i]|``. An output without inputs is zeroed.
+    ``x`` and ``out`` float32 or float64 (the weights stay float64; a
+    float32 row adds ``float(w) x[i]`` in float).
     """
     cdef intp_t k = out.shape[0], d = out.shape[1], n = x.shape[0], c, i, j
     cdef bint weighted = node_weights.shape[0] != 0
@@ -471,11 +555,11 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
     if k == 0 or d == 0:
         return
     # what a head's row is added to: d values of -0.0, on the stack if d is small
-    cdef double neg0_stack[64]
-    cdef double[::1] neg0_heap
-    cdef double* neg0 = neg0_stack
+    cdef floating neg0_stack[64]
+    cdef floating[::1] neg0_heap
+    cdef floating* neg0 = neg0_stack
     if d > 64:
-        neg0_heap = np.empty(d)
+        neg0_heap = np.empty(d, dtype=np.float64 if floating is double else np.float32)
         neg0 = &neg0_heap[0]
     for i in range(d):
         neg0[i] = -0.0
@@ -485,9 +569,9 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
     cdef const index_t* ip = &hist_indptr[0]
     cdef const index_t* mem = &members[0] if n else NULL
     cdef const double* nw = &node_weights[0] if weighted else NULL
-    cdef const double* xp = &x[0, 0] if n else NULL
-    cdef double* op = &out[0, 0]
-    cdef double* dst
+    cdef const floating* xp = &x[0, 0] if n else NULL
+    cdef floating* op = &out[0, 0]
+    cdef floating* dst
     with nogil:
         for c in range(k):
             if ip[c] == ip[c + 1]:    # an output without inputs (not built by us)
@@ -497,14 +581,17 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
             j = ip[c]
             w = nw[i] if weighted else 1.0 / (ip[c + 1] - j)
             dst = op + c * d
-            row_add_to(dst, neg0 if mem[j] == i else dst, xp + i * d, w, d)
+            if floating is double:
+                row_add_to(dst, neg0 if mem[j] == i else dst, xp + i * d, w, d)
+            else:
+                row_add_to_f(dst, neg0 if mem[j] == i else dst, xp + i * d, w, d)
 
 
 def scatter(const index_t[::1] cluster,      # IN  (n,)
             const index_t[::1] hist_indptr,  # IN  (k+1,)
             const double[::1] node_weights,  # IN  (n,), or (0,): 1 / |output|
-            const double[:, ::1] g,          # IN  (k, d)
-            double[:, ::1] out,              # OUT (n, d), must not overlap g
+            const floating[:, ::1] g,        # IN  (k, d)
+            floating[:, ::1] out,            # OUT (n, d), must not overlap g
             bint stream=False):
     """Route output gradients to inputs: ``out[i] = w_i g[cluster[i]]``.
 
@@ -512,7 +599,8 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
     ``out`` is written front to back and no loop depends on the (random)
     size of an output; with ``node_weights`` empty, ``w_i`` is
     ``1 / |cluster[i]|``, the value :attr:`MergeHistory.weights` holds.
-    ``stream`` writes ``out`` with non-temporal stores (see the notes above).
+    ``stream`` writes ``out`` with non-temporal stores (see the notes above;
+    float64 only: float32 rows are written normally).
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], i, c
     cdef bint weighted = node_weights.shape[0] != 0
@@ -522,15 +610,21 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
     cdef const index_t* cl = &cluster[0]
     cdef const index_t* ip = &hist_indptr[0]
     cdef const double* nw = &node_weights[0] if weighted else NULL
-    cdef const double* gp = &g[0, 0]
-    cdef double* op = &out[0, 0]
-    # every row 16-byte aligned: the streaming loop needs no per-row checks
-    cdef bint a16 = stream and _rows_a16(op, d)
+    cdef const floating* gp = &g[0, 0]
+    cdef floating* op = &out[0, 0]
+    cdef bint a16 = False
+    if floating is float:
+        stream = False
+    else:
+        # every row 16-byte aligned: the streaming loop needs no per-row checks
+        a16 = stream and _rows_a16(op, d)
     with nogil:
         for i in range(n):
             c = cl[i]
             wi = nw[i] if weighted else 1.0 / (ip[c + 1] - ip[c])
-            if a16:
+            if floating is float:
+                row_scale_f(op + i * d, gp + c * d, wi, d)
+            elif a16:
                 row_scale_stream_a16(op + i * d, gp + c * d, wi, d)
             elif stream:
                 row_scale_stream(op + i * d, gp + c * d, wi, d)
@@ -545,19 +639,21 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
 # Message passing and routed similarity (the encoder before the morph)
 # ---------------------------------------------------------------------------
 
-cdef inline void _row_add(double* dst, const double* src, double w, intp_t d) noexcept nogil:
+cdef inline void _row_add(floating* dst, const floating* src, double w,
+                          intp_t d) noexcept nogil:
     cdef intp_t t
+    cdef floating wf = <floating>w   # float32 rows: the weight rounded once
     for t in range(d):
-        dst[t] += w * src[t]
+        dst[t] += wf * src[t]
 
 
-cdef intp_t _row_stride(const double[:, :] a, str name) except -1:
-    """The row stride of ``a`` in doubles; its rows must be contiguous."""
-    if a.shape[1] > 1 and a.strides[1] != sizeof(double):
+cdef intp_t _row_stride(const floating[:, :] a, str name) except -1:
+    """The row stride of ``a`` in elements; its rows must be contiguous."""
+    if a.shape[1] > 1 and a.strides[1] != sizeof(floating):
         raise ValueError(f"{name} must have contiguous rows")
-    if a.strides[0] % sizeof(double):
-        raise ValueError(f"{name} must have rows aligned to doubles")
-    return a.strides[0] // sizeof(double)
+    if a.strides[0] % sizeof(floating):
+        raise ValueError(f"{name} must have rows aligned to its elements")
+    return a.strides[0] // sizeof(floating)
 
 
 def transpose_csr(const index_t[::1] indptr,   # IN  (n+1,)
@@ -596,7 +692,7 @@ def transpose_csr(const index_t[::1] indptr,   # IN  (n+1,)
         t_indptr[0] = 0
 
 
-cdef inline void _row_sum(double* dst, const double* x, intp_t xs, const index_t* nbr,
+cdef inline void _row_sum(floating* dst, const floating* x, intp_t xs, const index_t* nbr,
                           const double* w, intp_t lo, intp_t hi, intp_t d) noexcept nogil:
     """``dst[0:d] += sum_{e in lo..hi} w[e] x[nbr[e]]`` (``w`` NULL: weight 1),
     edges in order."""
@@ -611,8 +707,8 @@ def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
                      const index_t[::1] t_indptr,   # IN  (n+1,) in-edges (transpose_csr)
                      const index_t[::1] t_indices,  # IN  (E,)
                      const double[::1] t_weights,   # IN  (E,), or (0,)
-                     const double[:, :] x,          # IN  (n, d), contiguous rows
-                     double[:, ::1] cat,            # OUT (n, 3d)
+                     const floating[:, :] x,        # IN  (n, d), contiguous rows
+                     floating[:, ::1] cat,          # OUT (n, 3d)
                      int num_threads=0):
     """``cat = [x, P, S]``: every row beside the weighted sums of its
     predecessors' and its successors' rows.
@@ -623,7 +719,8 @@ def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
     W_succ]``. With the graph and its transpose every row is written by
     itself, in a fixed order: rows in parallel (``num_threads``, 0 for
     OpenMP's default), the same bits on any number of threads. ``cat`` must
-    not overlap ``x``. O((n + E) d).
+    not overlap ``x``. ``x`` and ``cat`` float32 or float64 (the edge
+    weights stay float64). O((n + E) d).
     """
     cdef intp_t n = x.shape[0], d = x.shape[1], u, t
     if (cat.shape[0] != n or cat.shape[1] != 3 * d or indptr.shape[0] != n + 1
@@ -634,13 +731,13 @@ def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
     if n == 0 or d == 0:
         return
     cdef intp_t xs = _row_stride(x, "x")
-    cdef const double* xp = &x[0, 0]
+    cdef const floating* xp = &x[0, 0]
     cdef const index_t* nb = &indices[0] if indices.shape[0] else NULL
     cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
     cdef const double* w = &weights[0] if weights.shape[0] else NULL
     cdef const double* t_w = &t_weights[0] if t_weights.shape[0] else NULL
-    cdef double* cp = &cat[0, 0]
-    cdef double* row
+    cdef floating* cp = &cat[0, 0]
+    cdef floating* row
     cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
         for u in prange(n, num_threads=nt, schedule="static"):
@@ -659,16 +756,16 @@ def stack_neighbours_adjoint(const index_t[::1] indptr,     # IN  (n+1,) out-edg
                              const index_t[::1] t_indptr,   # IN  (n+1,) in-edges
                              const index_t[::1] t_indices,  # IN  (E,)
                              const double[::1] t_weights,   # IN  (E,), or (0,)
-                             const double[:, ::1] grad,     # IN  (n, d) passed through
-                             const double[:, ::1] grad_cat,  # IN  (n, 3d)
-                             double[:, ::1] out,            # OUT (n, d)
+                             const floating[:, ::1] grad,   # IN  (n, d) passed through
+                             const floating[:, ::1] grad_cat,  # IN  (n, 3d)
+                             floating[:, ::1] out,          # OUT (n, d)
                              int num_threads=0):
     """``out = grad + gX + A gP + A^T gS`` for ``grad_cat = [gX, gP, gS]``:
     the gradient of ``x`` through :func:`stack_neighbours`, plus ``grad``
     (a residual branch's). Row ``u`` adds ``w_e gP[v]`` over its out-edges
     and ``w_e gS[u']`` over its in-edges: rows in parallel, in a fixed order
     (as :func:`stack_neighbours`). ``out`` must overlap neither input.
-    O((n + E) d).
+    float32 or float64, as :func:`stack_neighbours`. O((n + E) d).
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], u, t
     if (grad.shape[0] != n or grad.shape[1] != d or grad_cat.shape[0] != n
@@ -684,10 +781,10 @@ def stack_neighbours_adjoint(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
     cdef const double* w = &weights[0] if weights.shape[0] else NULL
     cdef const double* t_w = &t_weights[0] if t_weights.shape[0] else NULL
-    cdef const double* gp = &grad[0, 0]
-    cdef const double* gc = &grad_cat[0, 0]
-    cdef double* op = &out[0, 0]
-    cdef double* row
+    cdef const floating* gp = &grad[0, 0]
+    cdef const floating* gc = &grad_cat[0, 0]
+    cdef floating* op = &out[0, 0]
+    cdef floating* row
     cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
         for u in prange(n, num_threads=nt, schedule="static"):
@@ -698,18 +795,19 @@ def stack_neighbours_adjoint(const index_t[::1] indptr,     # IN  (n+1,) out-edg
             _row_sum(row, gc + 2 * d, 3 * d, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
 
 
-def tanh_backward(const double[:, ::1] t,    # IN  (n, d) tanh(z)
-                  const double[:, ::1] grad,  # IN  (n, d) of t
-                  double[:, ::1] grad_z,      # OUT (n, d)
-                  double[::1] grad_bias,      # OUT (d,)
+def tanh_backward(const floating[:, ::1] t,    # IN  (n, d) tanh(z)
+                  const floating[:, ::1] grad,  # IN  (n, d) of t
+                  floating[:, ::1] grad_z,      # OUT (n, d)
+                  floating[::1] grad_bias,      # OUT (d,)
                   int num_threads=0):
     """``grad_z = grad (1 - t^2)``, the gradient of the pre-activation ``z``
     of ``t = tanh(z)``, and ``grad_bias`` its column sums. Rows in parallel;
     the sums go by fixed blocks of rows, added in order, so the bits do not
-    depend on the thread count. O(n d)."""
+    depend on the thread count. float32 or float64; the column sums
+    accumulate in float64 either way. O(n d)."""
     cdef intp_t n = t.shape[0], d = t.shape[1], i, j, b
     cdef intp_t nb = (n + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
-    cdef double gz
+    cdef floating gz
     if (grad.shape[0] != n or grad.shape[1] != d or grad_z.shape[0] != n
             or grad_z.shape[1] != d or grad_bias.shape[0] != d):
         raise ValueError("tanh_backward: t, grad and grad_z must be (n, d), grad_bias (d,)")
@@ -722,37 +820,44 @@ def tanh_backward(const double[:, ::1] t,    # IN  (n, d) tanh(z)
                     gz = grad[i, j] * (1.0 - t[i, j] * t[i, j])
                     grad_z[i, j] = gz
                     part[b, j] += gz
-        for j in range(d):
-            grad_bias[j] = 0.0
-        for b in range(nb):
+        if floating is double:
             for j in range(d):
-                grad_bias[j] += part[b, j]
+                grad_bias[j] = 0.0
+            for b in range(nb):
+                for j in range(d):
+                    grad_bias[j] += part[b, j]
+        else:
+            for j in range(d):
+                part[0, j] = 0.0 if nb == 0 else part[0, j]
+                for b in range(1, nb):
+                    part[0, j] += part[b, j]
+                grad_bias[j] = <float>part[0, j]
 
 
 cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, intp_t d,
-                       const double* qp, const double* kp, double* qnorms, double* knorms,
-                       double* sim) noexcept nogil:
+                       const floating* qp, const floating* kp, double* qnorms,
+                       double* knorms, double* sim) noexcept nogil:
     """The loop of :func:`edge_cosine_qk` (``qp == kp`` and ``qnorms == knorms``
     for :func:`edge_cosine`)."""
     cdef intp_t u, v, e
     cdef double nu, nv
     for u in range(n):
-        qnorms[u] = sqrt(dot(qp + u * d, qp + u * d, d))
+        qnorms[u] = sqrt(_dot(qp + u * d, qp + u * d, d))
         if knorms != qnorms:
-            knorms[u] = sqrt(dot(kp + u * d, kp + u * d, d))
+            knorms[u] = sqrt(_dot(kp + u * d, kp + u * d, d))
     for u in range(n):
         nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
         for e in range(indptr[u], indptr[u + 1]):
             v = indices[e]
             nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
-            sim[e] = dot(qp + u * d, kp + v * d, d) / (nu * nv)
+            sim[e] = _dot(qp + u * d, kp + v * d, d) / (nu * nv)
 
 
 cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices, intp_t n,
-                                intp_t d, const double* qp, const double* kp,
+                                intp_t d, const floating* qp, const floating* kp,
                                 const double* qnorms, const double* knorms, const double* sim,
-                                const double* grad_sim, double* gq,
-                                double* gk) noexcept nogil:
+                                const double* grad_sim, floating* gq,
+                                floating* gk) noexcept nogil:
     """The loop of :func:`edge_cosine_qk_backward` (one matrix: ``qp == kp``,
     ``gq == gk``). ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2``,
     likewise for ``k_v``; three products per edge, not a division per entry."""
@@ -770,13 +875,13 @@ cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices, i
             a = g / (nu * nv)
             bu = g * s / (nu * nu) if qnorms[u] > COS_EPS else 0.0
             bv = g * s / (nv * nv) if knorms[v] > COS_EPS else 0.0
-            row_axpby(gq + u * d, kp + v * d, a, qp + u * d, bu, d)
-            row_axpby(gk + v * d, qp + u * d, a, kp + v * d, bv, d)   # gq row for a self-loop
+            _axpby(gq + u * d, kp + v * d, a, qp + u * d, bu, d)
+            _axpby(gk + v * d, qp + u * d, a, kp + v * d, bv, d)   # gq row for a self-loop
 
 
 def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
                 const index_t[::1] indices,   # IN  (E,)
-                const double[:, ::1] H,       # IN  (n, d)
+                const floating[:, ::1] H,     # IN  (n, d), float32 or float64
                 double[::1] norms,            # OUT (n,)
                 double[::1] sim):             # OUT (E,)
     """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
@@ -790,11 +895,11 @@ def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
 
 def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
                          const index_t[::1] indices,  # IN  (E,)
-                         const double[:, ::1] H,      # IN  (n, d)
+                         const floating[:, ::1] H,    # IN  (n, d)
                          const double[::1] norms,     # IN  (n,) from edge_cosine
                          const double[::1] sim,       # IN  (E,) from edge_cosine
                          const double[::1] grad_sim,  # IN  (E,)
-                         double[:, ::1] grad_H):      # OUT (n, d), accumulated
+                         floating[:, ::1] grad_H):    # OUT (n, d), accumulated
     """Accumulate ``sum_e grad_sim[e] * d s_e / d H`` into ``grad_H``. O(n d + E d).
 
     ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
@@ -806,19 +911,22 @@ def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
 
 def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
                    const index_t[::1] indices,   # IN  (E,)
-                   const double[:, ::1] Q,       # IN  (n, d) queries
-                   const double[:, ::1] K,       # IN  (n, d) keys
+                   const floating[:, ::1] Q,     # IN  (n, d) queries
+                   const floating[:, ::1] K,     # IN  (n, d) keys
                    double[::1] qnorms,           # OUT (n,)
                    double[::1] knorms,           # OUT (n,)
                    double[::1] sim):             # OUT (E,)
     """``s_e = <q_u, k_v> / (max(|q_u|, eps) max(|k_v|, eps))`` for every
-    edge e = (u, v), eps = 1e-12. O((n + E) d)."""
+    edge e = (u, v), eps = 1e-12. ``Q`` and ``K`` float32 or float64 (both
+    the same); the norms and similarities are float64, the dot products
+    accumulate in float64. O((n + E) d)."""
     cdef intp_t n = Q.shape[0], d = Q.shape[1]
     cdef double spare = 0.0
+    cdef floating fspare = 0.0
     if n == 0:
         return
-    cdef const double* qp = &Q[0, 0] if d else &spare
-    cdef const double* kp = &K[0, 0] if d else &spare
+    cdef const floating* qp = &Q[0, 0] if d else &fspare
+    cdef const floating* kp = &K[0, 0] if d else &fspare
     cdef double* sp = &sim[0] if sim.shape[0] else &spare
     with nogil:
         _edge_cosine(&indptr[0], &indices[0] if indices.shape[0] else NULL, n, d, qp, kp,
@@ -827,14 +935,14 @@ def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
 
 def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
                             const index_t[::1] indices,  # IN  (E,)
-                            const double[:, ::1] Q,      # IN  (n, d)
-                            const double[:, ::1] K,      # IN  (n, d)
+                            const floating[:, ::1] Q,    # IN  (n, d)
+                            const floating[:, ::1] K,    # IN  (n, d)
                             const double[::1] qnorms,    # IN  (n,) from edge_cosine_qk
                             const double[::1] knorms,    # IN  (n,)
                             const double[::1] sim,       # IN  (E,)
                             const double[::1] grad_sim,  # IN  (E,)
-                            double[:, ::1] grad_Q,       # OUT (n, d), accumulated
-                            double[:, ::1] grad_K):      # OUT (n, d), accumulated
+                            floating[:, ::1] grad_Q,     # OUT (n, d), accumulated
+                            floating[:, ::1] grad_K):    # OUT (n, d), accumulated
     """Accumulate ``sum_e grad_sim[e] d s_e / d (Q, K)``. O((n + E) d).
 
     ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2`` and likewise for

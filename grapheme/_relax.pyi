@@ -1,23 +1,24 @@
 # Stubs for the chain relaxation kernels in _relax.pyx (private; callers
 # validate, see grapheme.ops.ChainRelaxation). Each parameter is commented with its
 # Cython type; IN arrays are const memoryviews, OUT arrays are written.
+# floating is float or double (the (n, d) rows; the scalars stay double).
 import numpy as np
 
 def relax_chain_forward(
-    H: np.ndarray,     # const double[:, ::1] IN (n, d)
+    H: np.ndarray,     # const floating[:, ::1] IN (n, d)
     m: np.ndarray,     # const double[::1] IN (n,) merge weight of edge i -> i+1
-    out: np.ndarray,   # double[:, ::1] OUT (n, d)
+    out: np.ndarray,   # floating[:, ::1] OUT (n, d)
     D: np.ndarray,     # double[::1] OUT (n,)
     mass: np.ndarray,  # double[::1] OUT (n,)
     stream: bool = False,  # write out with streaming stores
 ) -> None: ...
 def relax_chain_backward(
     m: np.ndarray,          # const double[::1] IN (n,)
-    out: np.ndarray,        # const double[:, ::1] IN (n, d)
+    out: np.ndarray,        # const floating[:, ::1] IN (n, d)
     D: np.ndarray,          # const double[::1] IN (n,)
-    grad_out: np.ndarray,   # const double[:, ::1] IN (n, d)
+    grad_out: np.ndarray,   # const floating[:, ::1] IN (n, d)
     grad_mass: np.ndarray,  # const double[::1] IN (n,)
-    grad_H: np.ndarray,     # double[:, ::1] OUT (n, d)
+    grad_H: np.ndarray,     # floating[:, ::1] OUT (n, d)
     grad_m: np.ndarray,     # double[::1] OUT (n,)
     stream: bool = False,   # write grad_H with streaming stores
 ) -> None: ...

@@ -29,13 +29,14 @@ import numpy as np
 
 from libc.stdint cimport int64_t, uint8_t
 
-from grapheme._types cimport index_t, intp_t, store_fence, _rows_a16, _copy_stream
+from grapheme._types cimport (index_t, intp_t, store_fence, _rows_a16, _copy_stream,
+                              floating)
 
 
 def relax_chain_forward(
-    const double[:, ::1] H,  # IN  (n, d) node features
+    const floating[:, ::1] H,  # IN  (n, d) node features, float32 or float64
     const double[::1] m,     # IN  (n,) merge weight of edge i -> i+1
-    double[:, ::1] out,      # OUT (n, d) relaxed features h'
+    floating[:, ::1] out,    # OUT (n, d) relaxed features h'
     double[::1] D,           # OUT (n,) relaxed cluster sizes D_i
     double[::1] mass,        # OUT (n,) relaxed masses mu_i
     bint stream=False,       # write ``out`` with streaming stores
@@ -46,28 +47,37 @@ def relax_chain_forward(
     shape (n,); ``m`` in [0, 1]. ``m[n - 1]`` is ignored (no edge leaves the
     last node). No output may overlap an input or another output.
 
+    ``H`` and ``out`` float32 or float64 (the per-node scalars ``m``, ``D``
+    and ``mass`` stay float64; a float32 row is computed in double and
+    rounded once). Streaming is float64 only (a float32 call writes
+    normally).
+
     Complexity: O(n d) time, O(d) extra memory; runs without the GIL.
     """
     cdef intp_t n = H.shape[0], d = H.shape[1], i, j
     cdef double c, inv, dn
     if n == 0:
         return
-    cdef double spare = 0.0
-    cdef double* p = &spare  # the carried row, with stream and d > 0
-    cdef double[::1] carry
+    if floating is float:
+        stream = False
+    cdef floating spare = 0.0
+    cdef floating* p = &spare  # the carried row, with stream and d > 0
+    cdef floating[::1] carry
     if stream and d:
-        carry = np.empty(d)
+        carry = np.empty(d, dtype=np.float64 if floating is double else np.float32)
         p = &carry[0]
     cdef const double* mp = &m[0]
     cdef double* Dp = &D[0]
     cdef double* massp = &mass[0]
     # with d == 0 no row is touched; any valid address will do
-    cdef const double* hp = &H[0, 0] if d else <const double*>p
-    cdef double* op = &out[0, 0] if d else p
-    cdef bint a16 = _rows_a16(op, d)
-    cdef const double* h
-    cdef double* dst
-    cdef const double* prev  # h'_{i+1}: a row of out, or with stream the local copy
+    cdef const floating* hp = &H[0, 0] if d else <const floating*>p
+    cdef floating* op = &out[0, 0] if d else p
+    cdef bint a16 = False
+    if floating is double:
+        a16 = _rows_a16(op, d)
+    cdef const floating* h
+    cdef floating* dst
+    cdef const floating* prev  # h'_{i+1}: a row of out, or with stream the local copy
     with nogil:
         # last node: nothing to its right
         dn = 1.0
@@ -76,8 +86,9 @@ def relax_chain_forward(
         dst = p if stream else op + (n - 1) * d
         for j in range(d):
             dst[j] = h[j]
-        if stream:
-            _copy_stream(op + (n - 1) * d, p, d, a16)
+        if floating is double:
+            if stream:
+                _copy_stream(op + (n - 1) * d, p, d, a16)
         prev = dst
         for i in range(n - 2, -1, -1):
             c = mp[i] * dn
@@ -92,8 +103,9 @@ def relax_chain_forward(
                 inv = 1.0 / dn
                 for j in range(d):
                     dst[j] = (h[j] + c * prev[j]) * inv
-            if stream:
-                _copy_stream(op + i * d, p, d, a16)
+            if floating is double:
+                if stream:
+                    _copy_stream(op + i * d, p, d, a16)
             prev = dst
         if stream:
             store_fence()
@@ -104,11 +116,11 @@ def relax_chain_forward(
 
 def relax_chain_backward(
     const double[::1] m,             # IN  (n,) merge weights (as in forward)
-    const double[:, ::1] out,        # IN  (n, d) h' from relax_chain_forward
+    const floating[:, ::1] out,      # IN  (n, d) h' from relax_chain_forward
     const double[::1] D,             # IN  (n,) D from relax_chain_forward
-    const double[:, ::1] grad_out,   # IN  (n, d) dL/dh'
+    const floating[:, ::1] grad_out,  # IN  (n, d) dL/dh'
     const double[::1] grad_mass,     # IN  (n,) dL/dmu
-    double[:, ::1] grad_H,           # OUT (n, d) dL/dH
+    floating[:, ::1] grad_H,         # OUT (n, d) dL/dH
     double[::1] grad_m,              # OUT (n,) dL/dm (grad_m[n-1] = 0)
     bint stream=False,               # write ``grad_H`` with streaming stores
 ):
@@ -122,7 +134,8 @@ def relax_chain_backward(
         dL/dm_i = D_{i+1} (<lam_i, h'_{i+1}> + kap_i) - dL/dmu_{i+1}
 
     using N_{i+1} = D_{i+1} h'_{i+1}. ``grad_H`` may be ``grad_out`` (the same
-    memory: computed in place); no other aliasing.
+    memory: computed in place); no other aliasing. float32 or float64 as
+    :func:`relax_chain_forward`; the dot products accumulate in float64.
 
     Complexity: O(n d) time, O(d) extra memory; runs without the GIL.
     """
@@ -130,25 +143,29 @@ def relax_chain_backward(
     cdef double inv, kap, dot, mprev, gm, gij
     if n == 0:
         return
-    cdef double spare = 0.0
-    cdef double* p = &spare  # the carried row, with stream and d > 0
-    cdef double[::1] carry
+    if floating is float:
+        stream = False
+    cdef floating spare = 0.0
+    cdef floating* p = &spare  # the carried row, with stream and d > 0
+    cdef floating[::1] carry
     if stream and d:
-        carry = np.empty(d)
+        carry = np.empty(d, dtype=np.float64 if floating is double else np.float32)
         p = &carry[0]
     cdef const double* mp = &m[0]
     cdef const double* Dp = &D[0]
     cdef const double* gmassp = &grad_mass[0]
     cdef double* gmp = &grad_m[0]
     # with d == 0 no row is touched; any valid address will do
-    cdef const double* outp = &out[0, 0] if d else <const double*>p
-    cdef const double* gp = &grad_out[0, 0] if d else <const double*>p
-    cdef double* ghp = &grad_H[0, 0] if d else p
-    cdef bint a16 = _rows_a16(ghp, d)
-    cdef const double* o
-    cdef const double* g
-    cdef double* lam   # lam_i: a row of grad_H, or with stream the local copy
-    cdef const double* prev = p  # lam_{i-1}; not read for node 0
+    cdef const floating* outp = &out[0, 0] if d else <const floating*>p
+    cdef const floating* gp = &grad_out[0, 0] if d else <const floating*>p
+    cdef floating* ghp = &grad_H[0, 0] if d else p
+    cdef bint a16 = False
+    if floating is double:
+        a16 = _rows_a16(ghp, d)
+    cdef const floating* o
+    cdef const floating* g
+    cdef floating* lam   # lam_i: a row of grad_H, or with stream the local copy
+    cdef const floating* prev = p  # lam_{i-1}; not read for node 0
     with nogil:
         kap = 0.0
         mprev = 0.0  # m_{i-1}; no predecessor for node 0
@@ -169,8 +186,9 @@ def relax_chain_backward(
                     gij = g[j]
                     dot = dot + gij * o[j]
                     lam[j] = gij * inv + mprev * prev[j]
-            if stream:
-                _copy_stream(ghp + i * d, p, d, a16)
+            if floating is double:
+                if stream:
+                    _copy_stream(ghp + i * d, p, d, a16)
             prev = lam
             kap = mprev * kap - dot * inv
             if i + 1 < n:

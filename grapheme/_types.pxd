@@ -10,6 +10,7 @@
 # ``static inline`` C or ``cdef inline``: each cimporting module gets its own
 # copy, with no cross-module call.
 from libc.stdint cimport int32_t, int64_t, uintptr_t
+from cython cimport floating   # float or double: the (n, d) feature arrays
 
 ctypedef fused index_t:
     int32_t
@@ -120,6 +121,24 @@ cdef extern from *:
     #endif
     }
 
+    /* The float32 instantiations of the row helpers above (grapheme's
+       fused kernels, see "float32" in docs/design.md): the same loops on
+       floats, the weight rounded to float once. Streaming stores are
+       float64-only: a float32 kernel asked to stream writes normally. */
+    static inline void grapheme_row_scale_f(float *__restrict dst,
+                                            const float *__restrict src,
+                                            double w, Py_ssize_t d) {
+        const float wf = (float)w;
+        for (Py_ssize_t t = 0; t < d; ++t) dst[t] = wf * src[t];
+    }
+
+    static inline void grapheme_row_add_to_f(float *dst, const float *base,
+                                             const float *__restrict src,
+                                             double w, Py_ssize_t d) {
+        const float wf = (float)w;
+        for (Py_ssize_t t = 0; t < d; ++t) dst[t] = base[t] + wf * src[t];
+    }
+
     /* Order streaming stores before whatever the caller does next. */
     static inline void grapheme_store_fence(void) {
     #if GRAPHEME_HAVE_STREAM
@@ -140,6 +159,11 @@ cdef extern from *:
     void row_copy_stream_a16 "grapheme_row_copy_stream_a16"(double* dst, const double* src,
                                                             intp_t d) noexcept nogil
     void store_fence "grapheme_store_fence"() noexcept nogil
+    void row_scale_f "grapheme_row_scale_f"(float* dst, const float* src, double w,
+                                            intp_t d) noexcept nogil
+    void row_add_to_f "grapheme_row_add_to_f"(float* dst, const float* base,
+                                              const float* src, double w,
+                                              intp_t d) noexcept nogil
 
 
 cdef inline bint _rows_a16(const double* dst, intp_t d) noexcept nogil:

@@ -24,7 +24,16 @@ __all__ = [
     "check_allocation",
     "show",
     "check_upstream",
+    "check_dtype",
+    "KEEP",
 ]
+
+#: ``as_float_array(..., dtype=KEEP)``: a float32 or float64 array keeps its
+#: dtype, anything else becomes float64 (the (n, d) feature arrays, which
+#: follow the model's dtype; see "float32" in docs/design.md).
+KEEP = "keep"
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _asarray(value, name, what):
@@ -60,7 +69,7 @@ def as_index_array(value, name, ndim=1):
     return np.ascontiguousarray(arr)
 
 
-def as_float_array(value, name, ndim=None, shape=None, finite=True):
+def as_float_array(value, name, ndim=None, shape=None, finite=True, dtype=None):
     """Return ``value`` as a C-contiguous float64 array, checked.
 
     Parameters
@@ -74,10 +83,19 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
         Required shape; ``None`` entries match any length.
     finite : bool
         Reject NaN and infinity.
+    dtype : None, numpy.float32, numpy.float64 or KEEP
+        The result's dtype: None is float64; :data:`KEEP` keeps a float32
+        or float64 array's own and makes anything else float64.
     """
     arr = _asarray(value, name, "a real-valued array")
-    # the common case (a C-contiguous float64 ndarray) skips the dtype checks
-    ready = arr.dtype == np.float64 and arr.flags.c_contiguous
+    if dtype is None:
+        want = np.float64
+    elif dtype is KEEP:
+        want = arr.dtype if arr.dtype in _FLOATS else np.float64
+    else:
+        want = dtype
+    # the common case (a C-contiguous array of the dtype) skips the dtype checks
+    ready = arr.dtype == want and arr.flags.c_contiguous
     if not ready and (arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     )):
@@ -92,16 +110,17 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True):
             raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
     if not ready:
         # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
-        arr = np.asarray(arr, dtype=np.float64, order="C")
+        arr = np.asarray(arr, dtype=want, order="C")
     if finite and arr.size and not _core.all_finite(arr.reshape(-1)):
         raise ValueError(f"{name} contains NaN or infinity")
     return arr
 
 
-def check_out(out, name, shape, inputs=None):
+def check_out(out, name, shape, inputs=None, dtype=np.float64):
     """Check a caller's output buffer: an ndarray a kernel can write as given.
 
-    ``out`` must be a writeable, aligned, C-contiguous float64 ndarray of
+    ``out`` must be a writeable, aligned, C-contiguous ndarray of ``dtype``
+    (float64 unless the computation is float32) of
     exactly ``shape`` that overlaps none of the arrays in ``inputs`` (a dict
     ``{argument name: array}``; the error names the one it overlaps).
     Nothing is converted: a kernel writes into ``out`` itself, as numpy's
@@ -109,8 +128,8 @@ def check_out(out, name, shape, inputs=None):
     """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    if out.dtype != np.float64:
-        raise TypeError(f"{name} must have dtype float64, got {out.dtype}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {out.dtype}")
     if out.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
     flags = out.flags
@@ -312,3 +331,22 @@ def check_model(embedding, morpher, encoder):
     if encoder is not None and encoder.dim != embedding.dim:
         raise ValueError(f"encoder.dim = {encoder.dim} must equal embedding.dim = "
                          f"{embedding.dim}")
+    if encoder is not None and encoder.dtype != embedding.dtype:
+        raise ValueError(f"encoder.dtype = {encoder.dtype.name} must equal embedding.dtype = "
+                         f"{embedding.dtype.name} (the model computes in one dtype)")
+
+
+def check_dtype(dtype, name="dtype"):
+    """A model's floating-point type: ``numpy.float32`` or ``numpy.float64``
+    (as a type, a ``numpy.dtype`` or its name), returned as a ``numpy.dtype``.
+
+    Anything else (float16, integers, complex, object, a misspelt name) is
+    a ``TypeError`` naming ``name``.
+    """
+    try:
+        dt = np.dtype(dtype) if dtype is not None else None
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt not in _FLOATS:   # (np.dtype(...) == None is float64's test)
+        raise TypeError(f"{name} must be float32 or float64, got {show(dtype)}")
+    return dt

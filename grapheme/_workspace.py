@@ -1,12 +1,18 @@
-"""Named float64 arrays reused from call to call (numpy's ``out=``, kept)."""
+"""Named arrays reused from call to call (numpy's ``out=``, kept)."""
 import numpy as np
+
+from ._validation import check_dtype
 
 __all__ = ["Workspace"]
 
 
 class Workspace:
-    """``ws(name, shape)``: a C-contiguous float64 view of ``shape`` on an
-    array kept under ``name``, grown by at least half when too small.
+    """``ws(name, shape)``: a C-contiguous view of ``shape`` on an array kept
+    under ``name``, grown by at least half when too small.
+
+    The arrays have the workspace's ``dtype`` (float64 unless the model is
+    float32), or the ``dtype`` a call asks for: a name asked for in another
+    dtype than the one it holds gets a fresh array of that dtype.
 
     Why: a fresh (n, d) array of a few MB is often handed back to the system
     when it dies, and its page faults are paid again on the next step. At
@@ -18,15 +24,19 @@ class Workspace:
     Not thread-safe; one per thread.
     """
 
-    def __init__(self):
+    def __init__(self, dtype=np.float64):
+        self.dtype = check_dtype(dtype)
         self._arrays = {}
 
-    def __call__(self, name, shape):
+    def __call__(self, name, shape, dtype=None):
+        dtype = self.dtype if dtype is None else dtype
         size = 1
         for s in shape:
             size *= s
         buf = self._arrays.get(name)
+        if buf is not None and buf.dtype != dtype:
+            buf = None
         if buf is None or buf.size < size:
             buf = self._arrays[name] = np.empty(max(size, 0 if buf is None else
-                                                    buf.size * 3 // 2))
+                                                    buf.size * 3 // 2), dtype=dtype)
         return buf[:size].reshape(shape)

@@ -141,6 +141,9 @@ def build_parser():
                    help="seed of embedding and shuffling (default 0)")
     p.add_argument("--dim", type=_positive_int, default=None,
                    help="embedding dimension (default 64)")
+    p.add_argument("--dtype", default=None, choices=("float64", "float32"),
+                   help="floating-point type of the embedding, encoder and morph "
+                        "(default float64; the loss computes in float64 either way)")
     p.add_argument("--encoder-layers", type=_nonneg_int, default=None,
                    help="message-passing layers before the merge, with learned routing "
                         f"(default {ENCODER_LAYERS}; 0: the context-free model)")
@@ -271,7 +274,7 @@ def _cmd_generate(args, out):
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
                   baseline="mean", samples=1, overwrite=False, encoder_layers=2,
-                  unknown_prob=UNKNOWN_PROB, comm=None):
+                  unknown_prob=UNKNOWN_PROB, comm=None, dtype="float64"):
     from .embedding import Embedding
     from .loss import StructuralLoss
     from .morph import Morpher
@@ -291,8 +294,9 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
         raise CommandError(str(exc)) from None
     from .encoder import Encoder
 
-    embedding = Embedding(dim=dim, seed=seed)   # first: its checks name --dim's bounds
-    encoder = Encoder(dim, layers=encoder_layers) if encoder_layers else None
+    # first: its checks name --dim's bounds
+    embedding = Embedding(dim=dim, seed=seed, dtype=dtype)
+    encoder = Encoder(dim, layers=encoder_layers, dtype=dtype) if encoder_layers else None
     return Trainer(embedding, morpher, StructuralLoss.for_training(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
                    overwrite=overwrite, encoder=encoder, unknown_prob=unknown_prob,
@@ -335,7 +339,8 @@ def _train(args, out, spawn=None, comm=None):
     rank0 = comm is None or comm.rank == 0
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
-                 ("batch_size", "lr", "seed", "dim", "estimator", "baseline", "samples",
+                 ("batch_size", "lr", "seed", "dim", "dtype", "estimator", "baseline",
+                  "samples",
                   "target_kept_fraction", "encoder_layers", "unknown_prob")
                  if getattr(args, name) is not None]
         if fixed:
@@ -375,7 +380,7 @@ def _train(args, out, spawn=None, comm=None):
             encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
             else args.encoder_layers,
             unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
-            comm=comm)
+            comm=comm, dtype="float64" if args.dtype is None else args.dtype)
         start = 0
     best = None
     if args.keep_best is not None:

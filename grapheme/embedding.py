@@ -4,7 +4,8 @@ import threading
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_allocation, check_scalar
+from ._validation import (as_float_array, as_index_array, check_allocation, check_dtype,
+                          check_scalar)
 
 __all__ = ["Embedding", "UNKNOWN"]
 
@@ -35,6 +36,11 @@ class Embedding:
         Features per row.
     seed : int, default 0
         Seed of the row initialiser (0 <= seed < 2**64).
+    dtype : {numpy.float64, numpy.float32}, default numpy.float64
+        Of the table, its gradient and the features it hands out; the
+        model's floating-point type (an encoder and the morph follow it; see
+        "float32" in docs/design.md). A float32 row is the float64 row
+        rounded to float32.
 
     Attributes
     ----------
@@ -55,7 +61,7 @@ class Embedding:
     that belong together (a lookup never reads a table another thread is
     replacing, an accumulation never writes a freed or shorter gradient) and
     concurrent :meth:`backward` calls lose no update. Assigning ``weight``
-    or ``grad`` directly is checked: each must stay a float64 array of shape
+    or ``grad`` directly is checked: each must stay an array of ``dtype`` of shape
     ``(n_rows, dim)`` (``grad`` also C-contiguous and writeable), else
     :meth:`backward` raises ``ValueError`` before any kernel runs. Updating
     ``weight`` in place (as an optimiser does) while other threads read it
@@ -75,13 +81,14 @@ class Embedding:
     (3, 4)
     """
 
-    def __init__(self, dim=64, seed=0):
+    def __init__(self, dim=64, seed=0, dtype=np.float64):
         self.dim = check_scalar(dim, "dim", lower=1, upper=2**31 - 1, integer=True)
         self.seed = check_scalar(seed, "seed", lower=0, upper=2**64 - 1, integer=True)
+        self.dtype = check_dtype(dtype)
         self._lock = threading.RLock()
         self.codes = np.empty(0, dtype=np.int64)
-        self.weight = np.empty((0, self.dim))
-        self.grad = np.empty((0, self.dim))
+        self.weight = np.empty((0, self.dim), self.dtype)
+        self.grad = np.empty((0, self.dim), self.dtype)
         self._sorted_codes = np.empty(0, dtype=np.int64)
         self._sorted_rows = np.empty(0, dtype=np.int64)
         self._add(np.array([UNKNOWN], dtype=np.int64))
@@ -98,12 +105,17 @@ class Embedding:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("dtype", np.dtype(np.float64))   # pickled before dtype existed
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
     def get_params(self):
-        """Constructor arguments."""
-        return {"dim": self.dim, "seed": self.seed}
+        """Constructor arguments (``dtype`` by name, and only when it is not
+        the default float64: float64 descriptions stay as they always were)."""
+        params = {"dim": self.dim, "seed": self.seed}
+        if self.dtype != np.float64:
+            params["dtype"] = self.dtype.name
+        return params
 
     def rows(self, labels, grow=True):
         """Row of every label. O(n log V).
@@ -137,17 +149,18 @@ class Embedding:
     def _add(self, new_codes):
         self._check_arrays()
         rows = self.codes.shape[0] + new_codes.shape[0]
-        check_allocation(2 * 8 * rows * self.dim,
+        size = self.dtype.itemsize
+        check_allocation(2 * size * rows * self.dim,
                          f"Embedding(dim={self.dim}) with {rows} rows (table and gradient)")
         try:
-            fresh = np.empty((new_codes.shape[0], self.dim))
-            weight = np.concatenate([self.weight, fresh])
-            grad = np.concatenate([self.grad, np.zeros_like(fresh)])
+            fresh = np.empty((new_codes.shape[0], self.dim))   # drawn in float64
+            weight = np.concatenate([self.weight, np.empty(fresh.shape, self.dtype)])
+            grad = np.concatenate([self.grad, np.zeros(fresh.shape, self.dtype)])
         except MemoryError:
             rows = self.codes.shape[0] + new_codes.shape[0]
             raise MemoryError(
                 f"Embedding(dim={self.dim}) cannot grow to {rows} rows: that needs "
-                f"{2 * 8 * rows * self.dim / 2**30:.3g} GiB (table and gradient)") from None
+                f"{2 * size * rows * self.dim / 2**30:.3g} GiB (table and gradient)") from None
         _core.hash_normal(self.seed, new_codes, fresh)
         weight[self.codes.shape[0]:] = fresh
         self.codes = np.concatenate([self.codes, new_codes])
@@ -162,8 +175,8 @@ class Embedding:
         shape = (self.codes.shape[0], self.dim)
         for name in ("weight", "grad"):
             arr = getattr(self, name)
-            if not isinstance(arr, np.ndarray) or arr.dtype != np.float64:
-                raise ValueError(f"Embedding.{name} must be a float64 ndarray, got "
+            if not isinstance(arr, np.ndarray) or arr.dtype != self.dtype:
+                raise ValueError(f"Embedding.{name} must be a {self.dtype.name} ndarray, got "
                                  f"{getattr(arr, 'dtype', type(arr).__name__)}")
             if arr.shape != shape:
                 raise ValueError(f"Embedding.{name} must have shape {shape} (rows, dim), "
@@ -193,9 +206,9 @@ class Embedding:
         """
         labels = _check_labels(labels)
         grad = as_float_array(grad, "grad", ndim=2, shape=(labels.shape[0], self.dim),
-                              finite=False)
+                              finite=False, dtype=self.dtype)
         grad = np.array(grad, copy=True)
-        as_float_array(grad, "grad")
+        as_float_array(grad, "grad", dtype=self.dtype)
         with self._lock:
             rows = self._rows(labels, True)
             self._check_arrays()
@@ -214,7 +227,8 @@ class Embedding:
     def load_state_dict(self, state):
         """Replace this table's rows with :meth:`state_dict` output, in place.
 
-        The gradient is reset to zero; ``seed`` (for rows added later) stays.
+        The gradient is reset to zero; ``seed`` (for rows added later) and
+        ``dtype`` stay (the weights are converted to it).
         A state without the unknown row (saved before there was one) gets it
         appended, freshly drawn.
 
@@ -226,7 +240,7 @@ class Embedding:
         """
         codes = as_index_array(state["codes"], "codes").astype(np.int64)
         weight = as_float_array(state["weight"], "weight", ndim=2,
-                                shape=(codes.shape[0], None))
+                                shape=(codes.shape[0], None), dtype=self.dtype)
         if np.unique(codes).shape[0] != codes.shape[0]:
             raise ValueError("codes must not repeat")
         if codes.size and (codes.min() < 0 or codes.max() > UNKNOWN):
@@ -236,7 +250,7 @@ class Embedding:
             fresh = np.empty((1, weight.shape[1]))
             _core.hash_normal(self.seed, np.array([UNKNOWN], dtype=np.int64), fresh)
             codes = np.concatenate([codes, [UNKNOWN]])
-            weight = np.concatenate([weight, fresh])
+            weight = np.concatenate([weight, fresh.astype(self.dtype)])
         order = np.argsort(codes, kind="stable")
         with self._lock:
             self.dim = weight.shape[1]
@@ -245,15 +259,19 @@ class Embedding:
             self._sorted_codes, self._sorted_rows = codes[order], order.astype(np.int64)
 
     @classmethod
-    def from_state(cls, state, seed=0):
-        """A new table from :meth:`state_dict` output (see :meth:`load_state_dict`)."""
+    def from_state(cls, state, seed=0, dtype=np.float64):
+        """A new table of ``dtype`` from :meth:`state_dict` output (see
+        :meth:`load_state_dict`)."""
         weight = np.asarray(state["weight"])
-        emb = cls(dim=max(weight.shape[-1] if weight.ndim == 2 else 1, 1), seed=seed)
+        emb = cls(dim=max(weight.shape[-1] if weight.ndim == 2 else 1, 1), seed=seed,
+                  dtype=dtype)
         emb.load_state_dict(state)
         return emb
 
     def __repr__(self):
-        return f"Embedding(dim={self.dim}, seed={self.seed}, rows={self.codes.shape[0]})"
+        dtype = "" if self.dtype == np.float64 else f", dtype={self.dtype.name}"
+        return (f"Embedding(dim={self.dim}, seed={self.seed}{dtype}, "
+                f"rows={self.codes.shape[0]})")
 
 
 def _check_labels(labels):

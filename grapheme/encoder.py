@@ -3,7 +3,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validation import as_float_array, check_allocation, check_graph, check_scalar
+from ._validation import (as_float_array, check_allocation, check_dtype, check_graph,
+                          check_scalar)
 from .ops import Linear, MessagePassing
 
 __all__ = ["Encoder", "EncodeResult"]
@@ -37,6 +38,11 @@ class Encoder:
     dim : int
         Feature width ``d``.
     layers : int, default 2
+    dtype : {numpy.float64, numpy.float32}, default numpy.float64
+        Of the parameters and of every (n, d) array of :meth:`forward` and
+        :meth:`vjp` (features given in another dtype are converted to it).
+        A model's encoder and embedding must agree (checked by
+        :class:`~grapheme.Segmenter` and :class:`~grapheme.Trainer`).
 
     Attributes
     ----------
@@ -65,23 +71,31 @@ class Encoder:
     ['key', 'layer0.bias', 'layer0.pred']
     """
 
-    def __init__(self, dim, layers=2):
+    #: float64 for an encoder pickled before it had a dtype
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, dim, layers=2, dtype=np.float64):
         self.dim = check_scalar(dim, "dim", lower=1, integer=True)
         self.layers = check_scalar(layers, "layers", lower=0, integer=True)
+        self.dtype = dt = check_dtype(dtype)
         d = self.dim
-        check_allocation(8 * d * (d + 1) * (4 * self.layers + 2),
+        check_allocation(dt.itemsize * d * (d + 1) * (4 * self.layers + 2),
                          f"Encoder(dim={d}, layers={self.layers})")
         self.params = {}
         for layer in range(self.layers):
             for name in _LAYER:
                 shape = (d,) if name == "bias" else (d, d)
-                self.params[f"layer{layer}.{name}"] = np.zeros(shape)
-        self.params["query"] = np.eye(d)
-        self.params["key"] = np.eye(d)
+                self.params[f"layer{layer}.{name}"] = np.zeros(shape, dt)
+        self.params["query"] = np.eye(d, dtype=dt)
+        self.params["key"] = np.eye(d, dtype=dt)
 
     def get_params(self):
-        """Constructor arguments."""
-        return {"dim": self.dim, "layers": self.layers}
+        """Constructor arguments (``dtype`` by name, only when not float64,
+        as :meth:`Embedding.get_params <grapheme.Embedding.get_params>`)."""
+        params = {"dim": self.dim, "layers": self.layers}
+        if self.dtype != np.float64:
+            params["dtype"] = self.dtype.name
+        return params
 
     def forward(self, graph, features, workspace=None):
         """Contextual features, queries and keys of ``graph``'s nodes.
@@ -93,7 +107,8 @@ class Encoder:
         ``forward``: bit for bit the same numbers, without paying a fresh
         array's page faults per product."""
         check_graph(graph, "graph")
-        h = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, self.dim))
+        h = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, self.dim),
+                           dtype=self.dtype)
         saved = []
         for layer in range(self.layers):
             w = [self.params[f"layer{layer}.{name}"] for name in _LAYER]
@@ -109,9 +124,15 @@ class Encoder:
         """Gradient of the input features, and of every parameter (a dict).
         Pure without ``workspace`` (see :meth:`forward`)."""
         layers, sq, sk = saved
+        if self.dtype != np.float64:   # upstream gradients in the encoder's dtype
+            grad_features, grad_queries, grad_keys = (
+                None if g is None else as_float_array(g, name, finite=False, dtype=self.dtype)
+                for g, name in ((grad_features, "grad_features"),
+                                (grad_queries, "grad_queries"), (grad_keys, "grad_keys")))
         grads = {}
         n, d = sq[0].shape
-        grad_h = np.empty((n, d)) if workspace is None else workspace("encoder.grad", (n, d))
+        grad_h = (np.empty((n, d), self.dtype) if workspace is None else
+                  workspace("encoder.grad", (n, d), self.dtype))
         base = grad_features
         for name, s, g in (("query", sq, grad_queries), ("key", sk, grad_keys)):
             gx, gw = Linear().vjp(s, g, workspace, "projection.")
@@ -142,4 +163,5 @@ class Encoder:
             value[...] = state[name]
 
     def __repr__(self):
-        return f"Encoder(dim={self.dim}, layers={self.layers})"
+        dtype = "" if self.dtype == np.float64 else f", dtype={self.dtype.name}"
+        return f"Encoder(dim={self.dim}, layers={self.layers}{dtype})"

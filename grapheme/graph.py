@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _core
-from ._validation import (as_float_array, as_index_array, check_allocation, check_graph,
+from ._validation import (KEEP, as_float_array, as_index_array, check_allocation, check_graph,
                           check_scalar, common_index_dtype, frozen, show)
 
 __all__ = ["Graph", "merge_edges", "contract", "segmentation_target", "replicate",
@@ -125,16 +125,18 @@ class Graph:
         self._indices = frozen(indices.astype(dtype, copy=False), copy=False)
         self._labels = frozen(labels.astype(np.int32, copy=False), copy=False)
 
-        def floats(name, value, shape, ndim):
+        def floats(name, value, shape, ndim, dtype=None):
             if value is None:
                 return None
-            arr = own(name, as_float_array(value, name, ndim=ndim, shape=shape, finite=False))
+            arr = own(name, as_float_array(value, name, ndim=ndim, shape=shape, finite=False,
+                                           dtype=dtype))
             # checked after the copy (as_float_array with finite=True checks
             # the caller's array, which could change before the copy)
-            as_float_array(arr, name)
+            as_float_array(arr, name, dtype=dtype)
             return arr
 
-        self._features = frozen(floats("features", features, (n, None), 2), copy=False)
+        # features keep float32 (a float32 model's); every scalar is float64
+        self._features = frozen(floats("features", features, (n, None), 2, KEEP), copy=False)
         self._weights = frozen(floats("weights", weights, (indices.shape[0],), 1), copy=False)
         if mass is None:
             self._mass = frozen(np.ones(n), copy=False)
@@ -582,7 +584,8 @@ def contract(graph, history, features=None):
     if features is None:
         features = graph.features
     else:
-        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None),
+                                  dtype=KEEP)
     offsets = None
     if graph.offsets is not None:
         offsets = _output_offsets(graph, history)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _core
-from ._validation import as_float_array, as_index_array, check_out, frozen, show, streams
+from ._validation import KEEP, as_float_array, as_index_array, check_out, frozen, show, streams
 
 __all__ = ["MergeHistory"]
 
@@ -159,7 +159,7 @@ class MergeHistory:
 
     # ------------------------------------------------------------ operators
     def _as_2d(self, x, name, rows):
-        x = as_float_array(x, name, finite=False)
+        x = as_float_array(x, name, finite=False, dtype=KEEP)   # float32 stays float32
         if x.ndim not in (1, 2) or x.shape[0] != rows:
             raise ValueError(f"{name} must have shape ({rows},) or ({rows}, d), got {x.shape}")
         return (x.reshape(rows, 1), True) if x.ndim == 1 else (x, False)
@@ -173,8 +173,9 @@ class MergeHistory:
         ----------
         x : array_like of shape (n_inputs,) or (n_inputs, d)
         out : ndarray of shape (n_outputs,) or (n_outputs, d), optional
-            A float64, C-contiguous buffer to write the result into, as in
-            numpy's ``out=``.
+            A C-contiguous buffer of ``x``'s dtype to write the result into,
+            as in numpy's ``out=``. The result has ``x``'s dtype if that is
+            float32 or float64, else float64 (the weights are float64).
 
         Returns
         -------
@@ -196,7 +197,7 @@ class MergeHistory:
         ----------
         g : array_like of shape (n_outputs,) or (n_outputs, d)
         out : ndarray of shape (n_inputs,) or (n_inputs, d), optional
-            A float64, C-contiguous buffer to write the result into (see
+            A C-contiguous buffer of ``g``'s dtype to write the result into (see
             :meth:`gather`). A given buffer of at least
             ``grapheme._core.STREAM_MIN_BYTES`` is written with streaming
             stores, which skip the cache (a fresh result never is).
@@ -218,16 +219,16 @@ class MergeHistory:
         and whether it is the caller's buffer (``out``)."""
         shape = (rows,) if flat else (rows, x2.shape[1])
         if out is None:
-            out, given = np.empty(shape), False
+            out, given = np.empty(shape, x2.dtype), False
         else:
-            check_out(out, "out", shape, inputs={x_name: x2})
+            check_out(out, "out", shape, inputs={x_name: x2}, dtype=x2.dtype)
             given = True
         return out, (out.reshape(rows, x2.shape[1]) if flat else out), given
 
     def unpool(self, y):
         """Broadcast every output back to its inputs: ``out[i] = y[c(i)]``. O(n d)."""
         y2, flat = self._as_2d(y, "y", self.num_outputs)
-        out = np.empty((self.num_inputs, y2.shape[1]))
+        out = np.empty((self.num_inputs, y2.shape[1]), y2.dtype)
         np.take(y2, self._cluster, axis=0, out=out)
         return out.ravel() if flat else out
 

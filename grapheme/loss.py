@@ -825,9 +825,10 @@ def _from_graph(graph, name) -> _GraphArrays:
 
 
 def _feature_shape(graph):
-    """Shape of ``graph``'s features when its activations are their means."""
+    """Shape and dtype of ``graph``'s features, ``(n, d, dtype)``, when its
+    activations are their means (their gradient comes back in that dtype)."""
     if graph._activation is None and graph.features is not None:
-        return graph.features.shape
+        return graph.features.shape + (graph.features.dtype,)
     return None
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import as_float_array, check_graph, check_out, check_scalar
+from ._validation import KEEP, as_float_array, check_graph, check_out, check_scalar
 from .estimators import Hard, make_estimator
 from .ops import EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
 from .rate import RateController
@@ -210,13 +210,16 @@ class Morpher:
 
     @staticmethod
     def _check_inputs(graph, features, queries, keys):
-        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None))
+        # float32 features (and routing) stay float32: the morph follows them
+        features = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, None),
+                                  dtype=KEEP)
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
         if queries is None:
             return features, None
-        queries = as_float_array(queries, "queries", ndim=2, shape=(graph.num_nodes, None))
-        keys = as_float_array(keys, "keys", ndim=2, shape=queries.shape)
+        queries = as_float_array(queries, "queries", ndim=2, shape=(graph.num_nodes, None),
+                                 dtype=KEEP)
+        keys = as_float_array(keys, "keys", ndim=2, shape=queries.shape, dtype=queries.dtype)
         return features, (queries, keys)
 
     def predict(self, graph, features, queries=None, keys=None):
@@ -297,7 +300,8 @@ class Morpher:
             Of ``morphed.probability`` and ``morphed.similarity``: a penalty
             of the caller's own on either reaches the features and ``theta``.
         out : ndarray of shape (n_nodes, d), optional
-            A float64, C-contiguous buffer for the feature gradient, as in
+            A C-contiguous buffer of the features' dtype (float64, or
+            float32 for float32 features) for the feature gradient, as in
             numpy's ``out=``: a training loop that reuses one saves a fresh
             (n, d) array per step. It must overlap none of the upstream
             gradients, the morph's input features or its output features
@@ -315,7 +319,8 @@ class Morpher:
         if not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
         g = morphed.graph
-        grad_features = _upstream(grad_features, "grad_features", g.features.shape)
+        grad_features = _upstream(grad_features, "grad_features", g.features.shape,
+                                  g.features.dtype)
         grad_mass = _upstream(grad_mass, "grad_mass", (g.num_nodes,))
         grad_weights = _upstream(grad_weights, "grad_weights", (g.num_edges,))
         grad_log_prob = (None if morphed.log_prob is None else
@@ -332,7 +337,8 @@ class Morpher:
                       "the morph's input features": features,
                       "morphed.graph.features": g.features}
             check_out(out, "out", features.shape,
-                      inputs={k: v for k, v in arrays.items() if v is not None})
+                      inputs={k: v for k, v in arrays.items() if v is not None},
+                      dtype=features.dtype)
         grad_h, grad_z, grad_p = morphed._estimator.vjp(est_saved, grad_features, grad_mass,
                                                         grad_weights, grad_log_prob, out=out)
         if rate_saved is not None and grad_rate_penalty is not None:
@@ -458,8 +464,9 @@ def morph_settings(threshold, temperature, estimator, rate):
     return threshold, temperature, make_estimator(estimator), rate
 
 
-def _upstream(value, name, shape) -> Optional[np.ndarray]:
-    """An upstream gradient as float64 of ``shape``, or None."""
+def _upstream(value, name, shape, dtype=None) -> Optional[np.ndarray]:
+    """An upstream gradient of ``shape`` as float64 (or ``dtype``: the
+    features' own), or None."""
     if value is None:
         return None
-    return as_float_array(value, name, shape=shape)
+    return as_float_array(value, name, shape=shape, dtype=dtype)

@@ -22,13 +22,20 @@ contract of ``torch.autograd.Function`` and of JAX's ``custom_vjp``, so
 
 Every vjp is checked against central finite differences in float64
 (``tests/test_ops.py``).
+
+dtypes: the (n, d) feature arrays (and tables, weights and gradients of
+their shape) follow the features' dtype, float32 or float64 (a model's
+``dtype``, see "float32" in docs/design.md); every per-node and per-edge
+scalar (similarities, logits, probabilities, masses, activations, edge
+weights) is float64 whatever the features are.
 """
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _core, _relax
-from ._validation import as_float_array, as_index_array, check_graph, check_out, frozen
+from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
+                          frozen)
 from .graph import Graph, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -112,7 +119,7 @@ class Lookup(Operation):
         """``out``: an array of the result's shape to write into, as numpy's
         ``np.take(..., out=)`` (a loop that reuses one saves a fresh array
         per call)."""
-        table = as_float_array(table, "table", finite=False)
+        table = as_float_array(table, "table", finite=False, dtype=KEEP)
         if table.ndim not in (1, 2):
             raise ValueError(f"table must be 1- or 2-dimensional, got shape {table.shape}")
         # a private copy: the vjp's kernel indexes with it, unchecked
@@ -122,25 +129,28 @@ class Lookup(Operation):
             bad = rows[(rows < 0) | (rows >= V)][0]
             raise ValueError(f"rows must lie in [0, {V}) (the rows of table), got {bad}")
         if out is None:
-            return LookupResult(table[rows]), (rows, table.shape)
-        check_out(out, "out", (rows.shape[0],) + table.shape[1:], inputs={"table": table})
+            return LookupResult(table[rows]), (rows, table.shape, table.dtype)
+        check_out(out, "out", (rows.shape[0],) + table.shape[1:], inputs={"table": table},
+                  dtype=table.dtype)
         np.take(table, rows, axis=0, out=out)
-        return LookupResult(out), (rows, table.shape)
+        return LookupResult(out), (rows, table.shape, table.dtype)
 
     def vjp(self, saved, grad_features):
-        grad = np.zeros(saved[1])
+        """``saved``: ``(rows, table shape[, table dtype])`` (float64 without one)."""
+        grad = np.zeros(saved[1], dtype=_saved_dtype(saved))
         if grad_features is not None:
             self.accumulate(saved, grad_features, grad)
         return (grad,)
 
     @staticmethod
     def accumulate(saved, grad_features, into):
-        """Add the vjp into ``into`` (a float64 C-contiguous array of the
-        table's shape that the caller owns), row by row in order."""
-        rows, shape = saved
+        """Add the vjp into ``into`` (a C-contiguous array of the table's
+        shape and dtype that the caller owns), row by row in order."""
+        rows, shape = saved[:2]
+        dtype = _saved_dtype(saved)
         g = optional_grad(grad_features, "grad_features", (rows.shape[0],) + tuple(shape[1:]),
-                          finite=False)
-        check_out(into, "into", shape, inputs={"grad_features": g})
+                          finite=False, dtype=dtype)
+        check_out(into, "into", shape, inputs={"grad_features": g}, dtype=dtype)
         if rows.size:
             if into.ndim == 1:
                 g, into = g.reshape(-1, 1), into.reshape(-1, 1)
@@ -170,13 +180,18 @@ class FeatureMean(Operation):
     outputs = ("activation",)
 
     def forward(self, features):
-        return FeatureMeanResult(feature_mean(features)), features.shape
+        return FeatureMeanResult(feature_mean(features)), features.shape + (features.dtype,)
 
     def vjp(self, saved, grad_activation):
-        n, d = saved
+        """``saved``: ``(n, d[, dtype])``, the features' shape (and dtype:
+        float64 without one). The activation is float64 whatever the
+        features' dtype; its gradient comes back in theirs."""
+        n, d = saved[:2]
+        dtype = _saved_dtype(saved, 2)
         if grad_activation is None or d == 0:
-            return (np.zeros((n, d)),)
-        return (np.repeat(np.asarray(grad_activation, np.float64)[:, None] / d, d, axis=1),)
+            return (np.zeros((n, d), dtype=dtype),)
+        g = np.asarray(grad_activation, np.float64)[:, None] / d
+        return (np.repeat(g.astype(dtype, copy=False), d, axis=1),)
 
 
 def _zero(out):
@@ -185,10 +200,22 @@ def _zero(out):
 
 
 def feature_mean(features):
-    """Row means of an (n, d) array; zeros when ``d == 0``."""
+    """Row means of an (n, d) array, float64 (summed in float64 for float32
+    features); zeros when ``d == 0``."""
     if features.shape[1] == 0:
         return np.zeros(features.shape[0])
+    if features.dtype == np.float32:
+        out = np.empty(features.shape[0])
+        _core.row_means(np.ascontiguousarray(features), out)
+        return out
+    if features.dtype != np.float64:
+        return features.mean(axis=1, dtype=np.float64)
     return features.mean(axis=1)
+
+
+def _saved_dtype(saved, at=2):
+    """The dtype an op saved at ``saved[at]``, float64 if it saved none."""
+    return saved[at] if len(saved) > at else np.dtype(np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +269,7 @@ class EdgeSimilarity(Operation):
             # rows are divided by their largest |entry| and the kernel runs
             # again; the vjp divides their gradient rows by the same scale.
             scale = _row_scale(features)
-            features = features / scale[:, None]
+            features = (features / scale[:, None]).astype(features.dtype, copy=False)
             _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
         return SimilarityResult(sim), (graph.indptr, graph.indices, features, norms, sim,
                                        scale)
@@ -255,12 +282,14 @@ class EdgeSimilarity(Operation):
 
     @staticmethod
     def accumulate(saved, grad_similarity, into):
-        """Add the vjp into ``into`` (a float64 C-contiguous (n, d) array the
-        caller owns), saving the (n, d) allocation of :meth:`vjp`."""
+        """Add the vjp into ``into`` (a C-contiguous (n, d) array of the
+        features' dtype the caller owns), saving the (n, d) allocation of
+        :meth:`vjp`."""
         indptr, indices, features, norms, sim, scale = saved
         grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,
                                         finite=False)
-        check_out(into, "into", features.shape, inputs={"grad_similarity": grad_similarity})
+        check_out(into, "into", features.shape, inputs={"grad_similarity": grad_similarity},
+                  dtype=features.dtype)
         if scale is None:
             _core.edge_cosine_backward(indptr, indices, features, norms, sim,
                                        grad_similarity, into)
@@ -363,15 +392,16 @@ class HardMerge(Operation):
         out = history.gather(features)
         merged = Graph._trusted(indptr, indices, graph.labels[history.heads], features=out,
                                 weights=weights, offsets=offsets)
-        return MergeResult(out, merged, history), (history, features.shape)
+        return MergeResult(out, merged, history), (history, features.shape, features.dtype)
 
     def vjp(self, saved, grad_features, out=None):
         """``out``: an (n, d) array to write the gradient into (see
-        :meth:`MergeHistory.scatter`)."""
-        history, shape = saved
+        :meth:`MergeHistory.scatter`). The gradient has the features' dtype."""
+        history, shape, dtype = saved
         if grad_features is None:
-            return (np.zeros(shape) if out is None else _zero(out),)
-        return (history.scatter(grad_features, out=out),)
+            return (np.zeros(shape, dtype=dtype) if out is None else _zero(out),)
+        g = as_float_array(grad_features, "grad_features", finite=False, dtype=dtype)
+        return (history.scatter(g, out=out),)
 
 
 # ---------------------------------------------------------------------------
@@ -421,7 +451,7 @@ class ChainRelaxation(Operation):
         n, d = features.shape
         m = np.zeros(n)
         m[src] = merge
-        out = np.empty((n, d))
+        out = np.empty((n, d), dtype=features.dtype)
         D = np.empty(n)
         mass = np.empty(n)
         _relax.relax_chain_forward(features, m, out, D, mass, False)
@@ -436,13 +466,14 @@ class ChainRelaxation(Operation):
         must not overlap an input or ``saved``; the caller checks)."""
         src, m, relaxed, D, indptr, indices, num_edges = saved
         n, d = relaxed.shape
-        grad_features = optional_grad(grad_features, "grad_features", (n, d), finite=False)
+        grad_features = optional_grad(grad_features, "grad_features", (n, d), finite=False,
+                                      dtype=relaxed.dtype)
         grad_mass = optional_grad(grad_mass, "grad_mass", (n,), finite=False)
         grad_weights = optional_grad(grad_weights, "grad_weights", (indices.shape[0],),
                                      finite=False)
         if out is not None:
-            check_out(out, "out", (n, d))
-        gf = np.empty((n, d)) if out is None else out
+            check_out(out, "out", (n, d), dtype=relaxed.dtype)
+        gf = np.empty((n, d), dtype=relaxed.dtype) if out is None else out
         if grad_features is None:
             gf.fill(0.0)
         else:
@@ -561,22 +592,23 @@ class RatePenalty(Operation):
         return f"RatePenalty(target={self.target}, weight={self.weight})"
 
 
-def _alloc(workspace, name, n, d):
-    """A fresh (n, d) array, or the workspace's view named ``name``."""
-    return np.empty((n, d)) if workspace is None else workspace(name, (n, d))
+def _alloc(workspace, name, n, d, dtype=np.float64):
+    """A fresh (n, d) array of ``dtype``, or the workspace's view named ``name``."""
+    return np.empty((n, d), dtype) if workspace is None else workspace(name, (n, d), dtype)
 
 
 def check_features(graph, features, name="features"):
-    """``features`` as a finite float64 (n_nodes, d) array."""
-    return as_float_array(features, name, ndim=2, shape=(graph.num_nodes, None))
+    """``features`` as a finite (n_nodes, d) array: float32 stays float32,
+    anything else is float64."""
+    return as_float_array(features, name, ndim=2, shape=(graph.num_nodes, None), dtype=KEEP)
 
 
-def optional_grad(value, name, shape, finite=True):
-    """An upstream gradient as a C-contiguous float64 array of ``shape``, or
-    None (checked before any kernel reads it)."""
+def optional_grad(value, name, shape, finite=True, dtype=None):
+    """An upstream gradient as a C-contiguous array of ``shape`` (float64,
+    or ``dtype``), or None (checked before any kernel reads it)."""
     if value is None:
         return None
-    return as_float_array(value, name, shape=shape, finite=finite)
+    return as_float_array(value, name, shape=shape, finite=finite, dtype=dtype)
 
 
 
@@ -629,20 +661,21 @@ class MessagePassing(Operation):
         check_graph(graph, "graph")
         features = check_features(graph, features)
         n, d = features.shape
-        w_self = as_float_array(w_self, "w_self", shape=(d, d))
-        w_pred = as_float_array(w_pred, "w_pred", shape=(d, d))
-        w_succ = as_float_array(w_succ, "w_succ", shape=(d, d))
-        bias = as_float_array(bias, "bias", shape=(d,))
+        dt = features.dtype           # the weights follow the features
+        w_self = as_float_array(w_self, "w_self", shape=(d, d), dtype=dt)
+        w_pred = as_float_array(w_pred, "w_pred", shape=(d, d), dtype=dt)
+        w_succ = as_float_array(w_succ, "w_succ", shape=(d, d), dtype=dt)
+        bias = as_float_array(bias, "bias", shape=(d,), dtype=dt)
         # [h, P, S] side by side, so that the three products are one,
         # (n, 3d) @ (3d, d): t = tanh(h W_self + P W_pred + S W_succ + b)
-        cat = _alloc(workspace, name + "cat", n, 3 * d)
+        cat = _alloc(workspace, name + "cat", n, 3 * d, dt)
         edges = _both_ways(graph)
         _core.stack_neighbours(*edges, features, cat)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
-        t = np.matmul(cat, w_cat, out=_alloc(workspace, name + "t", n, d))
+        t = np.matmul(cat, w_cat, out=_alloc(workspace, name + "t", n, d, dt))
         t += bias
         np.tanh(t, out=t)     # numpy's SIMD tanh; a compiled libm loop took 6x longer
-        out = np.add(features, t, out=_alloc(workspace, name + "out", n, d))
+        out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt))
         return MessageResult(out), (edges, cat, t, w_cat)
 
     def vjp(self, saved, grad_features, workspace=None, name=""):
@@ -650,17 +683,18 @@ class MessagePassing(Operation):
         under ``name`` + "grad"."""
         edges, cat, t, w_cat = saved
         n, d = t.shape
+        dt = t.dtype
         if grad_features is None:
-            return (np.zeros((n, d)), np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, d)),
-                    np.zeros(d))
-        g = optional_grad(grad_features, "grad_features", (n, d), finite=False)
-        gz, grad_bias = _alloc(workspace, "message.gz", n, d), np.empty(d)
+            return (np.zeros((n, d), dt), np.zeros((d, d), dt), np.zeros((d, d), dt),
+                    np.zeros((d, d), dt), np.zeros(d, dt))
+        g = optional_grad(grad_features, "grad_features", (n, d), finite=False, dtype=dt)
+        gz, grad_bias = _alloc(workspace, "message.gz", n, d, dt), np.empty(d, dt)
         _core.tanh_backward(t, g, gz, grad_bias)   # gz = g (1 - t^2)
         # the gradients of [h, P, S] in one product, of the weights in another
-        gcat = np.matmul(gz, w_cat.T, out=_alloc(workspace, "message.gcat", n, 3 * d))
+        gcat = np.matmul(gz, w_cat.T, out=_alloc(workspace, "message.gcat", n, 3 * d, dt))
         # grad_h = g + gH + A gP + A^T gS (the adjoint of the predecessor sum
         # is the successor sum, and back)
-        grad_h = _alloc(workspace, name + "grad", n, d)
+        grad_h = _alloc(workspace, name + "grad", n, d, dt)
         _core.stack_neighbours_adjoint(*edges, g, gcat, grad_h)
         gw = cat.T @ gz
         return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], grad_bias
@@ -686,7 +720,8 @@ class Linear(Operation):
     def forward(self, features, weight, workspace=None, name=""):
         """``workspace``: as for :meth:`MessagePassing.forward`, the result
         under ``name`` + "out"."""
-        out = _alloc(workspace, name + "out", features.shape[0], weight.shape[1])
+        out = _alloc(workspace, name + "out", features.shape[0], weight.shape[1],
+                     features.dtype)
         return LinearResult(np.matmul(features, weight, out=out)), (features, weight)
 
     def vjp(self, saved, grad_features, workspace=None, name=""):
@@ -694,7 +729,8 @@ class Linear(Operation):
         x, w = saved
         if grad_features is None:
             return np.zeros_like(x), np.zeros_like(w)
-        gx = np.matmul(grad_features, w.T, out=_alloc(workspace, name + "grad", *x.shape))
+        gx = np.matmul(grad_features, w.T, out=_alloc(workspace, name + "grad", *x.shape,
+                                                      x.dtype))
         return gx, x.T @ grad_features
 
 
@@ -712,7 +748,7 @@ class RoutedSimilarity(Operation):
         check_graph(graph, "graph")
         n = graph.num_nodes
         queries = check_features(graph, queries, "queries")
-        keys = as_float_array(keys, "keys", shape=queries.shape)
+        keys = as_float_array(keys, "keys", shape=queries.shape, dtype=queries.dtype)
         sim, qn, kn = np.empty(graph.num_edges), np.empty(n), np.empty(n)
         _core.edge_cosine_qk(graph.indptr, graph.indices, queries, keys, qn, kn, sim)
         scale = None
@@ -721,7 +757,8 @@ class RoutedSimilarity(Operation):
             # as EdgeSimilarity: rows whose |.|^2 overflows are rescaled (the
             # cosine does not change) and so are their gradient rows
             scale = (_row_scale(queries), _row_scale(keys))
-            queries, keys = queries / scale[0][:, None], keys / scale[1][:, None]
+            queries = (queries / scale[0][:, None]).astype(keys.dtype, copy=False)
+            keys = (keys / scale[1][:, None]).astype(queries.dtype, copy=False)
             _core.edge_cosine_qk(graph.indptr, graph.indices, queries, keys, qn, kn, sim)
         return SimilarityResult(sim), (graph.indptr, graph.indices, queries, keys, qn, kn, sim,
                                        scale)
@@ -730,8 +767,8 @@ class RoutedSimilarity(Operation):
         """``workspace``: as for :meth:`MessagePassing.forward`, the
         gradients under "routing.grad_queries" and "routing.grad_keys"."""
         indptr, indices, q, k, qn, kn, sim, scale = saved
-        gq = _alloc(workspace, "routing.grad_queries", *q.shape)
-        gk = _alloc(workspace, "routing.grad_keys", *k.shape)
+        gq = _alloc(workspace, "routing.grad_queries", *q.shape, q.dtype)
+        gk = _alloc(workspace, "routing.grad_keys", *k.shape, k.dtype)
         gq[...] = 0.0
         gk[...] = 0.0
         grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,

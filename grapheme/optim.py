@@ -48,7 +48,8 @@ class Optimizer:
         Parameters
         ----------
         params : dict of str to ndarray
-            Parameter arrays, float64, writeable. Updated in place.
+            Parameter arrays, float64 or float32, writeable. Updated in place,
+            in their own dtype (a float32 parameter's state is float32 too).
         grads : dict of str to ndarray
             Gradient of the objective for each parameter: the same keys as
             ``params`` and arrays of the same shapes, all finite.
@@ -57,7 +58,7 @@ class Optimizer:
         ------
         TypeError
             If ``params`` or ``grads`` is not a dict, or a parameter is not a
-            float64 ndarray.
+            float64 or float32 ndarray.
         ValueError
             If the keys differ, a gradient's shape differs from its
             parameter's, a gradient is not finite, a parameter is read-only,
@@ -66,7 +67,7 @@ class Optimizer:
         self._validate(params, grads)
         for name in params:
             p = params[name]
-            g = np.asarray(grads[name], dtype=np.float64)
+            g = np.asarray(grads[name], dtype=p.dtype)
             self._prepare_state(name, p)
             self._steps[name] = self._steps.get(name, 0) + 1
             self._update(name, p, g, self._steps[name])
@@ -142,7 +143,9 @@ class Optimizer:
                     raise ValueError(f"state: {key!r} must be a float array")
                 if not np.isfinite(arr).all():
                     raise ValueError(f"state: {key!r} contains NaN or infinity")
-                arrays[slot][name] = np.array(arr, dtype=np.float64, copy=True)
+                # float32 state (a float32 model's) stays float32
+                keep = arr.dtype if arr.dtype == np.float32 else np.float64
+                arrays[slot][name] = np.array(arr, dtype=keep, copy=True)
             else:
                 raise ValueError(f"state: unknown key {key!r}")
         missing = [h for h in self._hyper if h not in hyper]
@@ -180,9 +183,9 @@ class Optimizer:
         for name, p in params.items():
             if not isinstance(name, str):
                 raise TypeError(f"params: names must be str, got {name!r}")
-            if not isinstance(p, np.ndarray) or p.dtype != np.float64:
+            if not isinstance(p, np.ndarray) or p.dtype not in (np.float64, np.float32):
                 raise TypeError(
-                    f"params[{name!r}] must be a float64 ndarray, got "
+                    f"params[{name!r}] must be a float64 or float32 ndarray, got "
                     f"{getattr(p, 'dtype', type(p).__name__)}")
             if not p.flags.writeable:
                 raise ValueError(f"params[{name!r}] is read-only")
@@ -214,9 +217,9 @@ class Optimizer:
             arrays = self._state[slot]
             old = arrays.get(name)
             if old is None:
-                arrays[name] = np.zeros(p.shape, dtype=np.float64)
-            elif old.shape != p.shape:
-                new = np.zeros(p.shape, dtype=np.float64)
+                arrays[name] = np.zeros(p.shape, dtype=p.dtype)
+            elif old.shape != p.shape or old.dtype != p.dtype:
+                new = np.zeros(p.shape, dtype=p.dtype)
                 new[: old.shape[0]] = old
                 arrays[name] = new
 

@@ -95,7 +95,8 @@ class Segmenter:
         """Most characters segmented in one call into the compiled core.
 
         A call's buffers take about ``8 d (3 + 5 K)`` bytes per character
-        (``d`` the embedding's width, ``K`` the encoder's layers: the lookup,
+        (half that in float32; ``d`` the embedding's width, ``K`` the
+        encoder's layers: the lookup,
         per layer ``[h, P, S]``, the product and the output, then the
         queries and keys), so the window bounds the memory of inference
         whatever the length of a text. The default is as many characters as
@@ -137,7 +138,7 @@ class Segmenter:
 
     def _bytes_per_character(self):
         layers = 0 if self.encoder is None else self.encoder.layers
-        return 8 * self.embedding.dim * (3 + 5 * layers)
+        return self.embedding.dtype.itemsize * self.embedding.dim * (3 + 5 * layers)
 
     # -------------------------------------------------------------- inference
     def _decide(self, texts):
@@ -206,7 +207,7 @@ class Segmenter:
         made inference several times slower on page faults alone)."""
         ws = getattr(self._local, "workspace", None)
         if ws is None:
-            ws = self._local.workspace = Workspace()
+            ws = self._local.workspace = Workspace(self.embedding.dtype)
         return ws
 
     @staticmethod

@@ -7,8 +7,11 @@ batch given by ``offsets`` (sequence ``b`` is rows ``offsets[b]:offsets[b+1]``).
 :func:`pack` and :func:`unpack` convert from and to padded ``(B, L, d)``.
 
 Every operation of :mod:`grapheme.ops` becomes an autograd Function by one
-generic wrapper: forward runs the operation on the tensors' memory (float64
-tensors are not copied), backward runs its pure vjp. Functions are once
+generic wrapper: forward runs the operation on the tensors' memory
+(contiguous tensors are not copied), backward runs its pure vjp. float32
+tensors run grapheme's float32 path: (n, d) arrays in float32, similarities,
+probabilities, masses and the structural loss in float64 (see "float32" in
+docs/design.md). Functions are once
 differentiable (``torch.autograd.gradgradcheck`` says so). A tensor modified
 in place between forward and backward is caught by autograd's version check.
 
@@ -71,7 +74,10 @@ __all__ = [
 
 
 def _array(t, name):
-    """A float64 numpy view (float64) or copy (float32) of a CPU tensor."""
+    """A numpy view of a CPU tensor, float32 or float64 as the tensor is
+    (contiguous tensors are not copied). The operations compute their
+    (n, d) arrays in that dtype and their scalars in float64 (see "float32"
+    in docs/design.md)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
@@ -79,14 +85,16 @@ def _array(t, name):
                          f"CPU), got device {t.device}")
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    return t.detach().to(torch.float64).contiguous().numpy()
+    return t.detach().contiguous().numpy()
 
 
 def _tensor(a, dtype):
     # "W": grapheme hands out read-only arrays (a Graph's, a history's); a
     # tensor may be written in place, so it gets a copy of those
-    return torch.from_numpy(np.require(np.asarray(a, dtype=np.float64), requirements="CW")
-                            ).to(dtype)
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    return torch.from_numpy(np.require(a, requirements="CW")).to(dtype)
 
 
 class _OpFunction(torch.autograd.Function):
@@ -111,8 +119,7 @@ class _OpFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         ctx.saved_tensors   # raises if an input or output was modified in place
-        upstream = [None if g is None else g.detach().to(torch.float64).contiguous().numpy()
-                    for g in grads]
+        upstream = [None if g is None else _array(g, "grad") for g in grads]
         result = ctx.op.vjp(ctx.state, *upstream)
         return (None, None, None) + tuple(
             _tensor(g, ctx.dtype) if need and g is not None else None

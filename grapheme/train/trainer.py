@@ -206,7 +206,7 @@ class Trainer:
         self.history = []
         self.best = None
         self.baseline = None
-        self._workspace = Workspace()   # the step's (n, d) arrays, reused
+        self._workspace = Workspace(embedding.dtype)   # the step's (n, d) arrays, reused
         self._unknown_rng = self._epoch_rng()
 
     @classmethod
@@ -393,14 +393,14 @@ class Trainer:
         if self.encoder is not None:
             grad_h, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries, grad.keys,
                                                  self._workspace)
-        grad_table = Lookup().vjp((rows, emb.weight.shape), grad_h)[0]
+        grad_table = Lookup().vjp((rows, emb.weight.shape, emb.dtype), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)
             gt = lg.target_activation
             if morphed.samples > 1:
                 gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             g_means = Lookup().vjp((t_rows, (emb.weight.shape[0],)), gt)[0]
-            grad_table += FeatureMean().vjp(emb.weight.shape, g_means)[0]
+            grad_table += FeatureMean().vjp(emb.weight.shape + (emb.dtype,), g_means)[0]
         grads = {"embedding": grad_table, "theta": grad.theta,
                  **{"encoder." + k: v for k, v in enc_grads.items()}}
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
@@ -1052,7 +1052,7 @@ class Trainer:
         try:
             embedding = Embedding.from_state(
                 {"codes": arrays["embedding.codes"], "weight": arrays["embedding.weight"]},
-                seed=self.embedding.seed)
+                seed=self.embedding.seed, dtype=self.embedding.dtype)
             if embedding.dim != self.embedding.dim:
                 raise ValueError(f"embedding.weight has {embedding.dim} columns, the "
                                  f"configuration says dim={self.embedding.dim}")
@@ -1121,8 +1121,9 @@ def _better(metric, value, best):
 
 def _all_finite(params):
     """Whether every parameter array holds only finite numbers (one pass each)."""
-    return all(_core.all_finite(np.ascontiguousarray(p, dtype=np.float64).reshape(-1))
-               for p in params.values())
+    return all(_core.all_finite(np.ascontiguousarray(
+        p, dtype=np.float32 if p.dtype == np.float32 else np.float64).reshape(-1))
+        for p in params.values())
 
 
 def data_fingerprint(inputs, targets):
