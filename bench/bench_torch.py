@@ -91,14 +91,17 @@ class PeerStepSuite:
     ``time_torch32_step`` the same in float32, PyTorch's default dtype, with
     tol 1e-5 (float32 cannot reliably reach 1e-6: some batches run to the
     cap of 1000 sweeps; at 1e-5 it takes fewer sweeps than float64 at 1e-6,
-    capped at 200 here). Every call is a training step, so the parameters
-    move as the suite runs, identically on both sides.
+    capped at 200 here). ``time_grapheme32_step`` is grapheme with a
+    float32 embedding and encoder (its loss stays float64), beside the
+    float32 peer. Every call is a training step, so the parameters move as
+    the suite runs, identically on both sides.
     """
 
     params = [[64, 256, 1024], [24, 48], [16, 64]]
     param_names = ["pairs", "max_chars", "dim"]
     ratios = [("time_grapheme_step", "time_torch_step", 5),
-              ("time_grapheme_step", "time_torch32_step", 5)]
+              ("time_grapheme_step", "time_torch32_step", 5),
+              ("time_grapheme32_step", "time_torch32_step", 5)]
     number = 1
     repeat = (3, 7, 20.0)
     timeout = 300
@@ -122,12 +125,22 @@ class PeerStepSuite:
         self.trainer = Trainer(emb, Morpher(estimator="ste"), StructuralLoss.for_training(),
                                Adam(lr=3e-3), batch_size=pairs, seed=0, progress=False,
                                encoder=Encoder(dim, layers=2))
+        emb32 = Embedding(dim=dim, seed=0, dtype=np.float32)
+        emb32.rows(Graph.from_texts(self.inputs).labels)
+        self.trainer32 = Trainer(emb32, Morpher(estimator="ste"),
+                                 StructuralLoss.for_training(), Adam(lr=3e-3),
+                                 batch_size=pairs, seed=0, progress=False,
+                                 encoder=Encoder(dim, layers=2, dtype=np.float32))
         self.trainer.train_step(self.inputs, self.targets)   # warm up
+        self.trainer32.train_step(self.inputs, self.targets)
         self.peer.step(self.inputs, self.targets)
         self.peer32.step(self.inputs, self.targets)
 
     def time_grapheme_step(self, pairs, max_chars, dim):
         self.trainer.train_step(self.inputs, self.targets)
+
+    def time_grapheme32_step(self, pairs, max_chars, dim):
+        self.trainer32.train_step(self.inputs, self.targets)
 
     def time_torch_step(self, pairs, max_chars, dim):
         self.peer.step(self.inputs, self.targets)
