@@ -331,10 +331,12 @@ def _closed_reader(argv, stdin=None, stderr_to_stdout=False, read=True):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(gr.__file__)), os.environ.get("PYTHONPATH", "")]))
+    # run from the tests' directory: from a source checkout's root, "-m"
+    # would import its uncompiled grapheme/ instead of the installed one
     proc = subprocess.Popen([sys.executable, "-m", "grapheme.cli", *map(str, argv)],
                             stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if stderr_to_stdout else subprocess.PIPE,
-                            env=env)
+                            env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
     first = proc.stdout.readline() if read else b""
     proc.stdout.close()
     err = b"" if stderr_to_stdout else proc.stderr.read()
