@@ -292,10 +292,16 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
         morpher = Morpher(estimator=make_estimator(estimator), rate=target_rate)
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
-    from .encoder import Encoder
+    from ._validation import check_allocation
+    from .encoder import Encoder, parameter_bytes
 
     # first: its checks name --dim's bounds
     embedding = Embedding(dim=dim, seed=seed, dtype=dtype)
+    if encoder_layers:
+        # the Trainer's own check, before the weights are made
+        check_allocation(4 * parameter_bytes(dim, encoder_layers, embedding.dtype),
+                         f"training a {encoder_layers}-layer encoder at --dim {dim} (its "
+                         f"weights, their gradients and the optimiser's state)")
     encoder = Encoder(dim, layers=encoder_layers, dtype=dtype) if encoder_layers else None
     return Trainer(embedding, morpher, StructuralLoss.for_training(), Adam(lr=lr),
                    batch_size=batch_size, seed=seed, log=log, progress=progress,
@@ -362,8 +368,8 @@ def _train(args, out, spawn=None, comm=None):
         _check_run_directory(args, log, checkpoint)
     progress = not args.no_progress and rank0
     if args.resume is not None:
-        trainer = Trainer.from_checkpoint(args.resume, log=log, progress=progress,
-                                          comm=comm)
+        trainer = Trainer.from_checkpoint(_checkpoint_file(args.resume, "--resume"), log=log,
+                                          progress=progress, comm=comm)
         start = trainer.epoch
     else:
         estimator = DEFAULT_ESTIMATOR if args.estimator is None else args.estimator
@@ -470,7 +476,8 @@ def _cmd_eval(args, out):
     pairs = _load_pairs(path)
     if not pairs:
         raise CommandError(f"{path!r} holds no pairs")
-    trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
+    trainer = Trainer.from_checkpoint(_checkpoint_file(args.checkpoint, "--checkpoint"),
+                                      progress=False)
     result = trainer.evaluate(pairs, batch_size=args.batch_size)
     # the untrained model of the same configuration, for comparison
     untrained = _untrained(trainer).evaluate(pairs, batch_size=args.batch_size)
@@ -574,6 +581,18 @@ def _load_model(path):
         return Segmenter.load(path)
     except ValueError as exc:
         raise CommandError(f"--model: {exc}") from None
+
+
+def _checkpoint_file(path, option):
+    """``path``, a checkpoint file, or an error naming ``option``."""
+    if os.path.isdir(path):
+        held = os.path.join(path, "checkpoint.npz")
+        raise CommandError(f"{option} {path!r} is a directory, not a checkpoint file"
+                           + (f" (it holds {held})" if os.path.isfile(held) else ""))
+    if not os.path.exists(path):
+        raise CommandError(f"{option} {path!r} does not exist (a run's checkpoint.npz "
+                           "or best.npz)")
+    return path
 
 
 def _check_arguments_text(texts, what):

@@ -12,6 +12,13 @@ __all__ = ["Encoder", "EncodeResult"]
 _LAYER = ("self", "pred", "succ", "bias")
 
 
+def parameter_bytes(dim, layers, dtype=np.float64):
+    """Bytes of the weights of an ``Encoder(dim, layers, dtype)``: per layer
+    three (d, d) matrices and a bias, then the two (d, d) projections."""
+    d = int(dim)
+    return np.dtype(dtype).itemsize * (int(layers) * (3 * d * d + d) + 2 * d * d)
+
+
 class EncodeResult(NamedTuple):
     """Contextual features, and the queries and keys that score merges."""
 
@@ -79,7 +86,7 @@ class Encoder:
         self.layers = check_scalar(layers, "layers", lower=0, integer=True)
         self.dtype = dt = check_dtype(dtype)
         d = self.dim
-        check_allocation(dt.itemsize * d * (d + 1) * (4 * self.layers + 2),
+        check_allocation(parameter_bytes(d, self.layers, dt),
                          f"Encoder(dim={d}, layers={self.layers})")
         self.params = {}
         for layer in range(self.layers):

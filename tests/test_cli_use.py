@@ -378,6 +378,19 @@ def test_model_errors_name_the_option(trained, tmp_path, capsys):
     assert not (tmp_path / "s.png").exists()
 
 
+def test_checkpoint_errors_name_the_option(trained, tmp_path, capsys):
+    data = trained / "data"
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "no.npz", "--data", data)
+    assert code == 2 and err == (f"grapheme eval: error: --checkpoint "
+                                 f"{str(tmp_path / 'no.npz')!r} does not exist (a run's "
+                                 f"checkpoint.npz or best.npz)\n")
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", 2, "--out",
+                       tmp_path / "r", "--resume", trained / "run")
+    assert code == 2 and err == (f"grapheme train: error: --resume "
+                                 f"{str(trained / 'run')!r} is a directory, not a checkpoint "
+                                 f"file (it holds {trained / 'run' / 'checkpoint.npz'})\n")
+
+
 def test_plot_beside_the_metrics_is_not_replaced(trained, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"

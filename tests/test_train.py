@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 
+import grapheme as gr
+
 from grapheme import Embedding, Graph, MergeHistory, Morpher, Reinforce
 from grapheme.checkpoint import load_checkpoint, save_checkpoint
 from grapheme.data import DEMO_PAIRS, make_pairs
@@ -177,6 +179,30 @@ def test_resume_from_corrupted_checkpoint(tmp_path):
         make_trainer().fit(pairs, 2, resume=path)
     with pytest.raises(FileNotFoundError):
         make_trainer().fit(pairs, 2, resume=tmp_path / "none.npz")
+
+
+def test_fit_makes_the_checkpoint_directory_first(tmp_path):
+    path = tmp_path / "new" / "sub" / "c.npz"
+    best = tmp_path / "other" / "best.npz"
+    pairs = make_pairs(10, seed=0)
+    make_trainer().fit(pairs, 1, val=pairs, checkpoint=path, keep_best="val_loss", best=best)
+    assert path.is_file() and best.is_file()
+
+
+def test_training_a_huge_encoder_is_refused_up_front(monkeypatch):
+    from grapheme import _validation
+
+    enc = gr.Encoder(8, layers=1)
+    need = 4 * sum(v.nbytes for v in enc.params.values())   # weights, grads, 2 moments
+
+    def trainer():
+        return gr.Trainer(gr.Embedding(dim=8), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                          encoder=enc, progress=False)
+    monkeypatch.setattr(_validation, "_physical_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=r"training Encoder\(dim=8, layers=1\)"):
+        trainer()
+    monkeypatch.setattr(_validation, "_physical_memory", lambda: need)
+    trainer()
 
 
 def test_embedding_growth_between_fits():

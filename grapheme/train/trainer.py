@@ -27,11 +27,12 @@ import time
 import numpy as np
 
 from .. import _core
-from .._validation import check_model, check_pairs, check_scalar, show
+from .._validation import check_allocation, check_model, check_pairs, check_scalar, show
 from .._threads import blas_first
 from .._workspace import Workspace
 from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
+from ..encoder import parameter_bytes
 from ..graph import Graph, replicate
 from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
@@ -168,6 +169,12 @@ class Trainer:
                  target_activation="embedding", log=None, progress=True, encoder=None,
                  overwrite=False, unknown_prob=UNKNOWN_PROB, comm=None):
         check_model(embedding, morpher, encoder)
+        if encoder is not None:
+            # weights, their gradients and (Adam) two moments: refused now,
+            # not by the out-of-memory killer in the first step
+            check_allocation(4 * parameter_bytes(encoder.dim, encoder.layers, encoder.dtype),
+                             f"training {encoder!r} (its weights, their gradients and the "
+                             f"optimiser's state)")
         if not (callable(getattr(loss, "forward", None))
                 and callable(getattr(loss, "backward", None))):
             raise TypeError(f"loss must have forward() and backward(), got "
@@ -660,7 +667,8 @@ class Trainer:
         val : list of (str, str), optional
             Validation pairs, evaluated after every epoch.
         checkpoint : str or os.PathLike, optional
-            Written atomically after every epoch.
+            Written atomically after every epoch; its directory is made
+            before the first epoch if it does not exist (as ``log``'s is).
         resume : str or os.PathLike, optional
             A checkpoint to continue from. The continued run is
             bit-identical to an uninterrupted one.
@@ -751,8 +759,11 @@ class Trainer:
             raise error
         self._data_fingerprint = fingerprint
         self._loaded_fingerprint = None   # checked once, when the loaded run goes on
-        if self.log is not None and self.epoch < epochs and writes:
-            os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)
+        if self.epoch < epochs and writes:   # now, not after an epoch's work
+            for path in (self.log, checkpoint, best_path):
+                if path is not None:
+                    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))),
+                                exist_ok=True)
         log_synced = False
         n = len(inputs)
         steps = -(-n // self.batch_size)
