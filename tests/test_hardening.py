@@ -306,7 +306,7 @@ def test_cli_existing_run(tmp_path, data_dir, monkeypatch):
 
 
 def test_cli_checkpoint_errors_never_advise_pickle(tmp_path, data_dir):
-    for path, message in ((tmp_path, "checkpoint is a directory, not a file"),
+    for path, message in ((tmp_path, "is a directory, not a checkpoint file"),
                           (data_dir / "train.jsonl", "not a zip archive")):
         code, err = _cli("eval", "--checkpoint", path, "--data", data_dir / "train.jsonl")
         assert code == 2 and message in err and "pickle" not in err
