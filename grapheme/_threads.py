@@ -26,11 +26,12 @@ OpenMP keeps its threads. The limit is OpenMP's per-thread setting, undone
 when the step ends.
 """
 import contextlib
+import functools
 import threading
 
 from . import _core
 
-__all__ = ["blas_first"]
+__all__ = ["blas_first", "one_pool"]
 
 _controller = None
 _lock = threading.Lock()
@@ -64,3 +65,13 @@ def blas_first(active=True):
                 yield
             return
     yield
+
+
+def one_pool(method):
+    """Run ``method`` inside :func:`blas_first` (the encoder's own forward
+    and vjp: its products and its row kernels, called from anywhere)."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with blas_first():
+            return method(*args, **kwargs)
+    return wrapped

@@ -3,6 +3,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._threads import one_pool
 from ._validation import (as_float_array, check_allocation, check_dtype, check_graph,
                           check_scalar)
 from .ops import Linear, MessagePassing
@@ -104,6 +105,7 @@ class Encoder:
             params["dtype"] = self.dtype.name
         return params
 
+    @one_pool
     def forward(self, graph, features, workspace=None):
         """Contextual features, queries and keys of ``graph``'s nodes.
 
@@ -126,6 +128,7 @@ class Encoder:
         (k,), sk = Linear().forward(h, self.params["key"], workspace, "key.")
         return EncodeResult(h, q, k), (saved, sq, sk)
 
+    @one_pool
     def vjp(self, saved, grad_features=None, grad_queries=None, grad_keys=None,
             workspace=None):
         """Gradient of the input features, and of every parameter (a dict).

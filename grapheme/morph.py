@@ -246,16 +246,16 @@ class Morpher:
         check_graph(graph, "graph")
         features, route = self._check_inputs(graph, features, queries, keys)
         if route is None:
-            sim = EdgeSimilarity().forward(graph, features)[0].similarity
+            sim = EdgeSimilarity()._forward(graph, features)[0].similarity
         else:
-            sim = RoutedSimilarity().forward(graph, *route)[0].similarity
+            sim = RoutedSimilarity()._forward(graph, *route)[0].similarity
         return sim > self.tau   # the float MergeScores compares with
 
     def _morph(self, graph, features, estimator, rate, route=None, shard=None):
         if route is None:
-            sim, sim_saved = EdgeSimilarity().forward(graph, features)
+            sim, sim_saved = EdgeSimilarity()._forward(graph, features)
         else:
-            sim, sim_saved = RoutedSimilarity().forward(graph, *route)
+            sim, sim_saved = RoutedSimilarity()._forward(graph, *route)
         scores, scores_saved = MergeScores(self.temperature).forward(sim.similarity, self.theta)
         if shard is None:
             estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores)

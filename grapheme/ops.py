@@ -258,7 +258,10 @@ class EdgeSimilarity(Operation):
 
     def forward(self, graph, features):
         check_graph(graph, "graph")
-        features = check_features(graph, features)
+        return self._forward(graph, check_features(graph, features))
+
+    def _forward(self, graph, features):
+        """:meth:`forward` of checked arguments (the morph checks its own)."""
         sim = np.empty(graph.num_edges)
         norms = np.empty(graph.num_nodes)
         _core.edge_cosine(graph.indptr, graph.indices, features, norms, sim)
@@ -746,9 +749,13 @@ class RoutedSimilarity(Operation):
 
     def forward(self, graph, queries, keys):
         check_graph(graph, "graph")
-        n = graph.num_nodes
         queries = check_features(graph, queries, "queries")
         keys = as_float_array(keys, "keys", shape=queries.shape, dtype=queries.dtype)
+        return self._forward(graph, queries, keys)
+
+    def _forward(self, graph, queries, keys):
+        """:meth:`forward` of checked arguments (the morph checks its own)."""
+        n = graph.num_nodes
         sim, qn, kn = np.empty(graph.num_edges), np.empty(n), np.empty(n)
         _core.edge_cosine_qk(graph.indptr, graph.indices, queries, keys, qn, kn, sim)
         scale = None

@@ -226,6 +226,24 @@ def test_openmp_steps_aside_while_blas_runs_threads():
                 model.boundaries(inputs)
                 assert inside == [want]
                 del model.morpher.decide
+        # the encoder called directly steps aside the same way
+        from grapheme import ops
+        g = gr.Graph.from_texts(inputs)
+        seen.clear()
+        forward = ops.MessagePassing.forward
+
+        def recording_layer(self, *args, **kwargs):
+            seen.append(_core.openmp_threads())
+            return forward(self, *args, **kwargs)
+        try:
+            ops.MessagePassing.forward = recording_layer
+            for blas, want in [(2, 1), (1, 2)]:
+                with threadpool_limits(limits=blas, user_api="blas"):
+                    seen.clear()
+                    gr.Encoder(8, layers=1).forward(g, np.ones((g.num_nodes, 8)))
+                    assert seen == [want]
+        finally:
+            ops.MessagePassing.forward = forward
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
