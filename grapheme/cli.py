@@ -569,14 +569,8 @@ def _load_model(path):
     it named as ``--model``'s (a run directory: which files in it are)."""
     from .segmenter import Segmenter
 
-    if os.path.isdir(path):
-        found = [os.path.join(path, n) for n in ("best.npz", "checkpoint.npz", "model.npz")
-                 if os.path.isfile(os.path.join(path, n))]
-        raise CommandError(f"--model {path!r} is a directory, not a model file"
-                           + (f" (it holds {', '.join(found)})" if found else ""))
-    if not os.path.exists(path):
-        raise CommandError(f"--model {path!r} does not exist (a model file from "
-                           "Segmenter.save, or a run's checkpoint.npz or best.npz)")
+    _existing_file(path, "--model", "model file", ("best.npz", "checkpoint.npz", "model.npz"),
+                   "a model file from Segmenter.save, or a run's checkpoint.npz or best.npz")
     try:
         return Segmenter.load(path)
     except ValueError as exc:
@@ -585,13 +579,20 @@ def _load_model(path):
 
 def _checkpoint_file(path, option):
     """``path``, a checkpoint file, or an error naming ``option``."""
+    return _existing_file(path, option, "checkpoint file", ("checkpoint.npz",),
+                          "a run's checkpoint.npz or best.npz")
+
+
+def _existing_file(path, option, kind, names, expected):
+    """``path`` if it is an existing file, else an error naming ``option``:
+    for a directory, which of ``names`` it holds; for a missing path, what
+    was ``expected``."""
     if os.path.isdir(path):
-        held = os.path.join(path, "checkpoint.npz")
-        raise CommandError(f"{option} {path!r} is a directory, not a checkpoint file"
-                           + (f" (it holds {held})" if os.path.isfile(held) else ""))
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        raise CommandError(f"{option} {path!r} is a directory, not a {kind}"
+                           + (f" (it holds {', '.join(found)})" if found else ""))
     if not os.path.exists(path):
-        raise CommandError(f"{option} {path!r} does not exist (a run's checkpoint.npz "
-                           "or best.npz)")
+        raise CommandError(f"{option} {path!r} does not exist ({expected})")
     return path
 
 
