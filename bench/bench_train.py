@@ -161,6 +161,21 @@ class ThreadsSuite:
         with self.limits(1):
             self._loss()
 
+    def track_page_faults_per_step(self, batch_size, encoder_layers):
+        """Minor page faults per step (``getrusage``): a fresh multi-MB array
+        that the allocator hands back to the system at its death costs one
+        per 4 kB page, every step. NaN where ``resource`` is missing."""
+        try:
+            import resource
+        except ImportError:   # Windows
+            return float("nan")
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            self.trainer.train_step(self.inputs, self.targets)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
+
+    track_page_faults_per_step.unit = "faults"
+
 
 class EncoderStepSuite:
     """A training step with the encoder against its matrix products alone.

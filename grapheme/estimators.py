@@ -89,7 +89,10 @@ class Estimator:
     #: Copies of the input batch in the output.
     samples = 1
 
-    def forward(self, graph, features, similarity, scores, shard=None):  # pragma: no cover
+    def forward(self, graph, features, similarity, scores, shard=None,
+                workspace=None):  # pragma: no cover
+        """``workspace``: where the output features may live (see
+        :meth:`grapheme.Morpher.forward`); ignoring it is correct."""
         raise NotImplementedError
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
@@ -133,9 +136,9 @@ class Hard(Estimator):
 
     name = "history"
 
-    def forward(self, graph, features, similarity, scores, shard=None):
+    def forward(self, graph, features, similarity, scores, shard=None, workspace=None):
         decisions = similarity > scores.tau
-        r, saved = HardMerge().forward(graph, features, decisions)
+        r, saved = HardMerge().forward(graph, features, decisions, workspace)
         return EstimateResult(r.graph, r.history, decisions, None, 1), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
@@ -159,10 +162,10 @@ class Relaxed(Estimator):
     def _merge_weights(self, decisions, scores):
         return scores.probability
 
-    def forward(self, graph, features, similarity, scores, shard=None):
+    def forward(self, graph, features, similarity, scores, shard=None, workspace=None):
         decisions = similarity > scores.tau
         r, saved = ChainRelaxation().forward(graph, features,
-                                             self._merge_weights(decisions, scores))
+                                             self._merge_weights(decisions, scores), workspace)
         return EstimateResult(r.graph, merge_edges(graph, decisions), decisions, None, 1), saved
 
     def vjp(self, saved, grad_features=None, grad_mass=None, grad_weights=None,
@@ -272,7 +275,7 @@ class Reinforce(Estimator):
     def get_params(self):
         return {"baseline": self.baseline, "samples": self.samples, "seed": self.seed}
 
-    def forward(self, graph, features, similarity, scores, shard=None):
+    def forward(self, graph, features, similarity, scores, shard=None, workspace=None):
         K = self.samples
         rep = replicate(graph, K)
         feats = features if K == 1 else np.tile(features, (K, 1))
@@ -284,7 +287,7 @@ class Reinforce(Estimator):
             decisions = rng.random(prob.shape[0]) < prob
         else:
             decisions = self._shard_draws(rng, shard, scores.logits.shape[0]) < prob
-        r, merge_saved = HardMerge().forward(rep, feats, decisions)
+        r, merge_saved = HardMerge().forward(rep, feats, decisions, workspace)
         B = rep.num_graphs
         example = np.repeat(np.arange(B), np.diff(rep.indptr[rep.graph_offsets]))
         lp, lp_saved = BernoulliLogProb().forward(logits, decisions, example, B)

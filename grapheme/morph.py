@@ -10,6 +10,8 @@ A morph composes operations of :mod:`grapheme.ops`::
 and :meth:`Morpher.vjp` runs their vjps in reverse. Nothing in either
 changes the morpher: state advances only in :meth:`Morpher.step`.
 """
+import functools
+import inspect
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -174,7 +176,7 @@ class Morpher:
         self.grad_theta = np.zeros(())
 
     # ----------------------------------------------------------------- forward
-    def forward(self, graph, features, queries=None, keys=None, shard=None):
+    def forward(self, graph, features, queries=None, keys=None, shard=None, workspace=None):
         """Morph ``graph`` given node ``features`` (n_nodes, d). O((n + E) d).
 
         With ``queries`` and ``keys`` (both (n_nodes, d_route)) the merge
@@ -188,6 +190,11 @@ class Morpher:
         ``graph``'s and ``after`` after them (a data-parallel rank's share
         of the global batch): ``Reinforce`` draws that batch's decisions and
         keeps ``graph``'s; the other estimators ignore it.
+
+        ``workspace`` (a :class:`grapheme._workspace.Workspace`, optional, as
+        the ``Trainer`` passes): the morphed graph's features live in it,
+        valid until the workspace's next ``forward``; the same numbers as
+        without one, without a fresh (n, d) array's page faults per step.
 
         Pure: the morpher's state (``theta``, the estimator's step count and
         baseline, the rate multiplier) is read, never changed.
@@ -206,7 +213,8 @@ class Morpher:
         """
         check_graph(graph, "graph")
         features, route = self._check_inputs(graph, features, queries, keys)
-        return self._morph(graph, features, self.estimator, self.rate, route, shard)
+        return self._morph(graph, features, self.estimator, self.rate, route, shard,
+                           workspace)
 
     @staticmethod
     def _check_inputs(graph, features, queries, keys):
@@ -251,17 +259,19 @@ class Morpher:
             sim = RoutedSimilarity()._forward(graph, *route)[0].similarity
         return sim > self.tau   # the float MergeScores compares with
 
-    def _morph(self, graph, features, estimator, rate, route=None, shard=None):
+    def _morph(self, graph, features, estimator, rate, route=None, shard=None,
+               workspace=None):
         if route is None:
             sim, sim_saved = EdgeSimilarity()._forward(graph, features)
         else:
             sim, sim_saved = RoutedSimilarity()._forward(graph, *route)
         scores, scores_saved = MergeScores(self.temperature).forward(sim.similarity, self.theta)
-        if shard is None:
-            estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores)
-        else:
-            estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores,
-                                                    shard=shard)
+        # passed only when given, and the workspace only to an estimator that
+        # takes one: one written before either existed takes neither
+        extra = {} if shard is None else {"shard": shard}
+        if workspace is not None and _takes_workspace(type(estimator).forward):
+            extra["workspace"] = workspace
+        estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores, **extra)
         value, expected, rate_saved = 0.0, float("nan"), None
         if rate is not None:
             op, multiplier = rate.penalty()
@@ -462,6 +472,14 @@ def morph_settings(threshold, temperature, estimator, rate):
     if rate is not None and not isinstance(rate, RateController):
         rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
     return threshold, temperature, make_estimator(estimator), rate
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_workspace(forward):
+    """Whether an estimator's ``forward`` takes ``workspace`` (those of
+    :mod:`grapheme.estimators` do; one written before it existed may not)."""
+    params = inspect.signature(forward).parameters
+    return "workspace" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _upstream(value, name, shape, dtype=None) -> Optional[np.ndarray]:

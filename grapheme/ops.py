@@ -132,7 +132,9 @@ class Lookup(Operation):
             return LookupResult(table[rows]), (rows, table.shape, table.dtype)
         check_out(out, "out", (rows.shape[0],) + table.shape[1:], inputs={"table": table},
                   dtype=table.dtype)
-        np.take(table, rows, axis=0, out=out)
+        # rows are checked above; numpy buffers ``out`` under mode="raise"
+        # (a fresh array's page faults per call), never under "wrap"
+        np.take(table, rows, axis=0, out=out, mode="wrap")
         return LookupResult(out), (rows, table.shape, table.dtype)
 
     def vjp(self, saved, grad_features):
@@ -182,16 +184,32 @@ class FeatureMean(Operation):
     def forward(self, features):
         return FeatureMeanResult(feature_mean(features)), features.shape + (features.dtype,)
 
-    def vjp(self, saved, grad_activation):
+    def vjp(self, saved, grad_activation, out=None):
         """``saved``: ``(n, d[, dtype])``, the features' shape (and dtype:
         float64 without one). The activation is float64 whatever the
-        features' dtype; its gradient comes back in theirs."""
+        features' dtype; its gradient comes back in theirs. ``out``: an
+        (n, d) array of that dtype to write the gradient into."""
         n, d = saved[:2]
         dtype = _saved_dtype(saved, 2)
+        if out is not None:
+            check_out(out, "out", (n, d), dtype=dtype)
         if grad_activation is None or d == 0:
-            return (np.zeros((n, d), dtype=dtype),)
+            return (np.zeros((n, d), dtype) if out is None else _zero(out),)
+        column = self.vjp_column(saved, grad_activation)
+        if out is None:
+            return (np.repeat(column, d, axis=1),)
+        np.copyto(out, column)
+        return (out,)
+
+    @staticmethod
+    def vjp_column(saved, grad_activation):
+        """The one column every column of :meth:`vjp` equals, ``g[:, None] /
+        d`` of shape (n, 1): a linear map that acts row by row (a merge's
+        scatter) can route it and broadcast the result, instead of routing
+        all ``d`` equal columns."""
+        d = saved[1]
         g = np.asarray(grad_activation, np.float64)[:, None] / d
-        return (np.repeat(g.astype(dtype, copy=False), d, axis=1),)
+        return g.astype(_saved_dtype(saved, 2), copy=False)
 
 
 def _zero(out):
@@ -385,14 +403,18 @@ class HardMerge(Operation):
     inputs = ("features",)
     outputs = ("features",)
 
-    def forward(self, graph, features, decisions):
+    def forward(self, graph, features, decisions, workspace=None, name="merge."):
+        """``workspace`` (a :class:`grapheme._workspace.Workspace`, optional):
+        the merged features live in it under ``name`` + "features", valid
+        until its next use of that name. None: a fresh array (pure)."""
         check_graph(graph, "graph")
         features = check_features(graph, features)
         history = merge_edges(graph, decisions)
         indptr, indices, weights = contract_edges(graph, history)
         offsets = None if graph.offsets is None else np.searchsorted(
             history.heads, graph.offsets).astype(np.int64)
-        out = history.gather(features)
+        out = history.gather(features, out=None if workspace is None else workspace(
+            name + "features", (history.num_outputs, features.shape[1]), features.dtype))
         merged = Graph._trusted(indptr, indices, graph.labels[history.heads], features=out,
                                 weights=weights, offsets=offsets)
         return MergeResult(out, merged, history), (history, features.shape, features.dtype)
@@ -446,7 +468,9 @@ class ChainRelaxation(Operation):
     inputs = ("features", "merge")
     outputs = ("features", "mass", "weights")
 
-    def forward(self, graph, features, merge):
+    def forward(self, graph, features, merge, workspace=None):
+        """``workspace``: as for :meth:`HardMerge.forward`, the relaxed
+        features under "relax.features"."""
         check_graph(graph, "graph")
         features = check_features(graph, features)
         merge = as_float_array(merge, "merge", shape=(graph.num_edges,))
@@ -454,7 +478,7 @@ class ChainRelaxation(Operation):
         n, d = features.shape
         m = np.zeros(n)
         m[src] = merge
-        out = np.empty((n, d), dtype=features.dtype)
+        out = _alloc(workspace, "relax.features", n, d, features.dtype)
         D = np.empty(n)
         mass = np.empty(n)
         _relax.relax_chain_forward(features, m, out, D, mass, False)

@@ -331,3 +331,46 @@ def test_morph_matches_scipy_components(estimator, seed, index_dtype):
     # predict is the deterministic hard morph, whatever the estimator
     pred = m.predict(g, H)
     np.testing.assert_array_equal(pred.decisions, out.similarity > m.tau)
+
+
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
+def test_forward_into_a_workspace_is_bit_identical(estimator):
+    """``Morpher.forward(workspace=)`` (what the Trainer passes): the morphed
+    features live in the workspace, the same numbers and gradient as a pure
+    call, also on the workspace's second use with other shapes between."""
+    from grapheme._workspace import Workspace
+
+    rng = np.random.default_rng(3)
+    morpher = Morpher(threshold=0.2, temperature=0.5, estimator=estimator)
+    ws = Workspace()
+    for texts in (["hello", "world"], ["a"], ["morphing", "graphs", "xyz"]):
+        g = Graph.from_texts(texts)
+        H = rng.normal(size=(g.num_nodes, 3))
+        pure = morpher.forward(g, H)
+        got = morpher.forward(g, H, workspace=ws)
+        assert np.array_equal(got.graph.features, pure.graph.features)
+        assert any(np.shares_memory(got.graph.features, a) for a in ws._arrays.values())
+        up = rng.normal(size=pure.graph.features.shape)
+        want = morpher.vjp(pure, grad_features=up, grad_mass=np.ones(pure.graph.num_nodes))
+        have = morpher.vjp(got, grad_features=up, grad_mass=np.ones(got.graph.num_nodes))
+        assert np.array_equal(have.features, want.features)
+        assert np.array_equal(have.theta, want.theta)
+
+
+def test_an_estimator_without_a_workspace_argument_still_works():
+    """An estimator written before ``workspace`` existed (its ``forward``
+    takes neither ``shard`` nor ``workspace``) still morphs when the caller
+    passes a workspace: the Morpher passes only what is given."""
+    from grapheme._workspace import Workspace
+    from grapheme.estimators import Hard
+
+    class Old(Hard):
+        name = None
+
+        def forward(self, graph, features, similarity, scores):
+            return super().forward(graph, features, similarity, scores)
+
+    g = Graph.from_text("aabbc")
+    H = np.repeat(np.eye(3), [2, 2, 1], axis=0)
+    out = Morpher(estimator=Old()).forward(g, H, workspace=Workspace())
+    assert out.graph.num_nodes == 3

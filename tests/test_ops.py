@@ -248,3 +248,20 @@ def test_a_penalty_of_the_users_own_reaches_features_and_theta(estimator):
     morpher.theta[...] = theta
     assert np.linalg.norm(grad.features - numeric_h) <= RTOL * np.linalg.norm(numeric_h)
     assert abs(float(grad.theta) - float(numeric_t)) <= RTOL * abs(float(numeric_t))
+
+
+def test_feature_mean_vjp_into_out_and_its_column():
+    """``FeatureMean.vjp(out=)`` writes the same numbers as a fresh call,
+    in float32 too; ``vjp_column`` is the one column they all equal."""
+    g = np.array([2.0, -4.0, 1.0])
+    for dtype in (np.float64, np.float32):
+        saved = (3, 4, np.dtype(dtype))
+        want = ops.FeatureMean().vjp(saved, g)[0]
+        out = np.full((3, 4), np.nan, dtype)
+        assert ops.FeatureMean().vjp(saved, g, out=out)[0] is out
+        assert out.dtype == want.dtype and np.array_equal(out, want)
+        column = ops.FeatureMean.vjp_column(saved, g)
+        assert column.shape == (3, 1) and np.array_equal(np.broadcast_to(column, (3, 4)), want)
+        assert np.array_equal(ops.FeatureMean().vjp(saved, None, out=out)[0], np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="out"):
+        ops.FeatureMean().vjp((3, 4), g, out=np.empty((3, 5)))

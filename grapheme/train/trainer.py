@@ -289,16 +289,33 @@ class Trainer:
         return g, rows, H, target, t_rows
 
     @staticmethod
-    def _segmentation_target(g, targets, features):
+    def _segmentation_target(g, targets, features, workspace=None):
         """The gold segmentation's merge of ``features`` (a :class:`HardMerge`):
         ``(target graph, saved)``; at the gold segmentation the morphed graph
-        is this graph, and a debiased loss is exactly 0 there."""
+        is this graph, and a debiased loss is exactly 0 there.
+
+        The target's activations are explicit (its feature means, the same
+        numbers), so that the loss returns their gradient alone and
+        :meth:`_segmentation_target_vjp` routes it as one column.
+        ``workspace``: where its features live, under "target.features"
+        (see :meth:`HardMerge.forward <grapheme.ops.HardMerge.forward>`)."""
         lengths = segment_lengths(targets)[0]
         starts = np.zeros(g.num_nodes, dtype=bool)
         starts[np.cumsum(lengths)[:-1]] = True            # a segment starts here
         merge = ~starts[g.indices]                         # edge u -> v stays inside
-        (_, target, _), saved = HardMerge().forward(g, features, merge)
-        return target, saved
+        (_, target, _), saved = HardMerge().forward(g, features, merge, workspace, "target.")
+        return _explicit_activation(target), saved
+
+    @staticmethod
+    def _segmentation_target_vjp(saved, grad_activation, into):
+        """Add the gradient of the features from that of the segmentation
+        target's activations (M,) into ``into`` (n, d): the merge's scatter of
+        :meth:`FeatureMean.vjp_column <grapheme.ops.FeatureMean.vjp_column>`,
+        broadcast over the columns. The same numbers as routing all ``d``
+        equal columns, without two (n, d) arrays per step."""
+        history, (_, d), dtype = saved
+        column = FeatureMean.vjp_column((len(grad_activation), d, dtype), grad_activation)
+        into += HardMerge().vjp((history, (into.shape[0], 1), dtype), column)[0]
 
     def _encode(self, g, H):
         """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
@@ -372,12 +389,13 @@ class Trainer:
         ``shard``: see :meth:`Morpher.forward <grapheme.Morpher.forward>`."""
         g, rows, H, target, t_rows = self._batch(inputs, targets, **batch)
         encoded, enc_saved = self._encode(g, H)
-        morphed = self.morpher.forward(g, *encoded, shard=shard)
+        morphed = self.morpher.forward(g, *encoded, shard=shard, workspace=self._workspace)
         seg_saved = None
         if target is None:
-            target, seg_saved = self._segmentation_target(g, targets, encoded[0])
+            target, seg_saved = self._segmentation_target(g, targets, encoded[0],
+                                                          self._workspace)
         target = replicate(target, morphed.samples)
-        res = self.loss.forward(morphed.graph, target)
+        res = self.loss.forward(_explicit_activation(morphed.graph), target)
         return g, morphed, res, (rows, t_rows, target, seg_saved, enc_saved)
 
     def _gradients(self, morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
@@ -385,7 +403,11 @@ class Trainer:
         """The gradient of every parameter, by name, from the loss gradient
         ``lg``, and its Euclidean norm (of this process's part)."""
         emb = self.embedding
-        grad = self.morpher.vjp(morphed, grad_features=lg.features, grad_mass=lg.mass,
+        features = morphed.graph.features
+        grad_features = FeatureMean().vjp(
+            features.shape + (features.dtype,), lg.activation,
+            out=self._workspace("loss.features", features.shape, features.dtype))[0]
+        grad = self.morpher.vjp(morphed, grad_features=grad_features, grad_mass=lg.mass,
                                 grad_weights=lg.weights, grad_log_prob=grad_log_prob,
                                 grad_rate_penalty=grad_rate_penalty,
                                 grad_probability=grad_probability,
@@ -393,10 +415,10 @@ class Trainer:
                                 workspace=self._workspace)
         grad_h, enc_grads = grad.features, {}
         if seg_saved is not None:
-            gt = lg.target_features
+            gt = lg.target_activation
             if morphed.samples > 1:
-                gt = gt.reshape(morphed.samples, -1, gt.shape[1]).sum(axis=0)
-            grad_h += HardMerge().vjp(seg_saved, gt)[0]
+                gt = gt.reshape(morphed.samples, -1).sum(axis=0)
+            self._segmentation_target_vjp(seg_saved, gt, grad_h)
         if self.encoder is not None:
             grad_h, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries, grad.keys,
                                                  self._workspace)
@@ -1193,6 +1215,15 @@ def _check_optimizer_state(state, shapes):
         if not ok:
             raise ValueError(f"optimizer.{key} has shape {arr.shape}, its parameter "
                              f"has {want}")
+
+
+def _explicit_activation(graph):
+    """``graph`` with its activations (its feature means) stored: the loss
+    then returns their gradient alone, and the Trainer maps it onto the
+    features itself, into its workspace (:meth:`FeatureMean.vjp
+    <grapheme.ops.FeatureMean.vjp>` with ``out=``), where the loss would
+    make a fresh (n, d) array per step."""
+    return graph._with(activation=graph.activation)
 
 
 def _by_position(g):
