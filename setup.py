@@ -89,7 +89,7 @@ extensions = [
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
-    for name in ("_core", "_relax", "_transport")
+    for name in ("_core", "_relax", "_transport", "_products")
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

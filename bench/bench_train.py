@@ -6,6 +6,7 @@ from grapheme.data import make_pairs
 from grapheme.loss import StructuralLoss
 from grapheme.optim import Adam
 from grapheme.train import Trainer
+from grapheme._threads import single_pool
 
 
 def _pairs(n, rng, lo=12, hi=24):
@@ -216,7 +217,6 @@ class EncoderStepSuite:
         self.h, self.w = rng.normal(size=(n, dim)), rng.normal(size=(dim, dim))
         self.cat, self.wcat = rng.normal(size=(n, 3 * dim)), rng.normal(size=(3 * dim, dim))
         self.out, self.gcat = np.empty((n, dim)), np.empty((n, 3 * dim))
-        self.wout, self.wcat_out = np.empty((dim, dim)), np.empty((3 * dim, dim))
         self.layers = layers
         # the encoder alone, forward and vjp, on the step's own graph and
         # features, in the trainer's workspace, with unit upstream gradients
@@ -228,15 +228,21 @@ class EncoderStepSuite:
         self.trainer.train_step(self.inputs, self.targets)
 
     def time_matmuls(self, batch_size, dim, layers):
-        h, w, out, wout = self.h, self.w, self.out, self.wout
-        for _ in range(self.layers):
-            np.matmul(self.cat, self.wcat, out=out)              # forward
-            np.matmul(out, self.wcat.T, out=self.gcat)           # [h, P, S] gradient
-            np.matmul(self.cat.T, out, out=self.wcat_out)        # weight gradient
-        for _ in range(2):                                       # query, key
-            np.matmul(h, w, out=out)
-            np.matmul(h, w.T, out=out)
-            np.matmul(h.T, h, out=wout)
+        # the step's own product routines, on the threads the step gives them
+        # (grapheme's OpenMP threads, BLAS on one; numpy's where the build
+        # has no OpenMP)
+        from grapheme.ops import _matmul, _matmul_tn
+
+        h, w, out, ws = self.h, self.w, self.out, self.trainer._workspace
+        with single_pool():
+            for _ in range(self.layers):
+                _matmul(self.cat, self.wcat, out)                   # forward
+                _matmul(out, self.wcat, self.gcat, True)            # [h, P, S] gradient
+                _matmul_tn(self.cat, out, ws, "message.")           # weight gradient
+            for _ in range(2):                                      # query, key
+                _matmul(h, w, out)
+                _matmul(h, w, out, True)
+                _matmul_tn(h, h, ws, "projection.")
 
     def time_encoder(self, batch_size, dim, layers):
         encoder, ws = self.trainer.encoder, self.trainer._workspace

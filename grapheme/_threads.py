@@ -1,5 +1,5 @@
-"""One thread pool at a time: grapheme's OpenMP kernels step aside while
-numpy's BLAS runs threads.
+"""One thread pool: while grapheme's OpenMP kernels run the encoder's
+products, BLAS runs on one thread.
 
 numpy's BLAS (OpenBLAS with its own pthreads, MKL, BLIS) and grapheme's
 compiled kernels (OpenMP) keep separate thread pools, and the idle threads
@@ -9,21 +9,18 @@ loss) hands each pool's cores to the other's spinning threads. Measured on
 2 idle cores, a training step with a 2-layer encoder at d = 64 on 256 pairs
 (``bench/bench_train.py``, ``EncoderStepSuite``; medians of 20): 112 ms
 with both pools at their default 2 threads, 81 ms with BLAS limited to
-one thread, 59 ms with OpenMP limited to one. Without an encoder there
-are no large products, and OpenMP's threads are worth keeping: 14.6 ms
-against 18.0 ms with OpenMP at one thread.
+one thread, 59 ms with OpenMP limited to one. Limiting OpenMP (the rule
+until then) left the loss and the row kernels on one core.
 
-Inference with an encoder has the same two phases: ``Segmenter`` went from
-983k to 1174k characters/s at d = 32 (392k to 453k at d = 64) with the
-limit below.
-
-So a step that runs an encoder limits OpenMP's *default* thread count to
-one while BLAS runs more than one (with ``threadpoolctl``, as scikit-learn
-limits BLAS inside its own OpenMP loops). A thread count the user gives
-(``StructuralLoss(num_threads=k)``) is still obeyed, and with BLAS on one
-thread (``OPENBLAS_NUM_THREADS=1``, ``threadpool_limits(1, "blas")``)
-OpenMP keeps its threads. The limit is OpenMP's per-thread setting, undone
-when the step ends.
+So, as scikit-learn's k-means does, the encoder's products run inside
+grapheme's own OpenMP loops, by fixed row blocks, each block one
+single-threaded BLAS call (:mod:`grapheme._products`), and a step that runs
+an encoder limits BLAS to one thread (with ``threadpoolctl``) while OpenMP
+runs more than one: one pool for the whole step, every kernel on every
+core. Without OpenMP (a serial build) the products are numpy's and nothing
+is limited. The limit is undone when the step ends; OpenMP's thread count
+(``OMP_NUM_THREADS``, ``threadpool_limits(n, user_api="openmp")``) is the
+step's.
 """
 import contextlib
 import functools
@@ -31,7 +28,7 @@ import threading
 
 from . import _core
 
-__all__ = ["blas_first", "one_pool"]
+__all__ = ["single_pool", "one_pool"]
 
 _controller = None
 _lock = threading.Lock()
@@ -54,24 +51,26 @@ def _get_controller():
 
 
 @contextlib.contextmanager
-def blas_first(active=True):
-    """Inside: OpenMP's default thread count is 1 if ``active``, BLAS runs
-    more than one thread and OpenMP would too; otherwise nothing changes."""
+def single_pool(active=True):
+    """Inside: BLAS runs one thread if ``active``, grapheme is built with
+    OpenMP and OpenMP runs more than one thread (the products then run on
+    OpenMP's threads, :func:`grapheme.ops._matmul`); otherwise nothing
+    changes."""
     ctl = _get_controller() if active and _core.openmp_threads() > 1 else None
     if ctl is not None:
         blas = ctl.select(user_api="blas").lib_controllers
         if max((lib.num_threads for lib in blas), default=1) > 1:
-            with ctl.limit(limits=1, user_api="openmp"):
+            with ctl.limit(limits=1, user_api="blas"):
                 yield
             return
     yield
 
 
 def one_pool(method):
-    """Run ``method`` inside :func:`blas_first` (the encoder's own forward
-    and vjp: its products and its row kernels, called from anywhere)."""
+    """Run ``method`` inside :func:`single_pool` (the encoder's own forward
+    and vjp, called from anywhere)."""
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
-        with blas_first():
+        with single_pool():
             return method(*args, **kwargs)
     return wrapped

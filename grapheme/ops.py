@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _core, _relax
+from . import _core, _products, _relax
 from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
                           frozen)
 from .graph import Graph, chain_sources, contract_edges, merge_edges
@@ -639,6 +639,35 @@ def optional_grad(value, name, shape, finite=True, dtype=None):
 
 
 
+def _matmul(a, b, out, transpose_b=False):
+    """``out = a @ b`` (``b.T`` if ``transpose_b``): by row blocks on
+    grapheme's OpenMP threads, one single-threaded BLAS call per block
+    (:mod:`grapheme._products`), where the build has OpenMP; numpy's
+    ``matmul`` (BLAS's own threads) where it does not."""
+    if _core.openmp_threads() > 0:
+        _products.matmul(a, b, out, transpose_b)
+    else:
+        np.matmul(a, b.T if transpose_b else b, out=out)
+    return out
+
+
+def _matmul_tn(a, g, workspace=None, name=""):
+    """``a.T @ g`` (a fresh (k, m) array), the product over rows a weight
+    gradient is: the blocks' partial products (in ``workspace`` under
+    ``name`` + "parts") added in block order, so the bits do not follow the
+    thread count. numpy's ``matmul`` without OpenMP."""
+    k, m = a.shape[1], g.shape[1]
+    out = np.empty((k, m), a.dtype)
+    if _core.openmp_threads() == 0:
+        return np.matmul(a.T, g, out=out)
+    blocks = max(-(-a.shape[0] // _products.TN_ROWS), 1)
+    shape = (blocks, k, m)
+    parts = np.empty(shape, a.dtype) if workspace is None else workspace(
+        name + "parts", shape, a.dtype)
+    _products.matmul_tn(a, g, out, parts)
+    return out
+
+
 def _both_ways(graph):
     """``(indptr, indices, weights, t_indptr, t_indices, t_weights)``: the
     graph's edges by source and by target (weights empty when all are 1), so
@@ -699,7 +728,7 @@ class MessagePassing(Operation):
         edges = _both_ways(graph)
         _core.stack_neighbours(*edges, features, cat)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
-        t = np.matmul(cat, w_cat, out=_alloc(workspace, name + "t", n, d, dt))
+        t = _matmul(cat, w_cat, _alloc(workspace, name + "t", n, d, dt))
         t += bias
         np.tanh(t, out=t)     # numpy's SIMD tanh; a compiled libm loop took 6x longer
         out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt))
@@ -718,12 +747,12 @@ class MessagePassing(Operation):
         gz, grad_bias = _alloc(workspace, "message.gz", n, d, dt), np.empty(d, dt)
         _core.tanh_backward(t, g, gz, grad_bias)   # gz = g (1 - t^2)
         # the gradients of [h, P, S] in one product, of the weights in another
-        gcat = np.matmul(gz, w_cat.T, out=_alloc(workspace, "message.gcat", n, 3 * d, dt))
+        gcat = _matmul(gz, w_cat, _alloc(workspace, "message.gcat", n, 3 * d, dt), True)
         # grad_h = g + gH + A gP + A^T gS (the adjoint of the predecessor sum
         # is the successor sum, and back)
         grad_h = _alloc(workspace, name + "grad", n, d, dt)
         _core.stack_neighbours_adjoint(*edges, g, gcat, grad_h)
-        gw = cat.T @ gz
+        gw = _matmul_tn(cat, gz, workspace, "message.")
         return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], grad_bias
 
 
@@ -747,18 +776,23 @@ class Linear(Operation):
     def forward(self, features, weight, workspace=None, name=""):
         """``workspace``: as for :meth:`MessagePassing.forward`, the result
         under ``name`` + "out"."""
+        features = as_float_array(features, "features", ndim=2, dtype=KEEP)
+        weight = as_float_array(weight, "weight", shape=(features.shape[1], None),
+                                dtype=features.dtype)
         out = _alloc(workspace, name + "out", features.shape[0], weight.shape[1],
                      features.dtype)
-        return LinearResult(np.matmul(features, weight, out=out)), (features, weight)
+        return LinearResult(_matmul(features, weight, out)), (features, weight)
 
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """The input gradient under ``name`` + "grad" of ``workspace``."""
         x, w = saved
         if grad_features is None:
             return np.zeros_like(x), np.zeros_like(w)
-        gx = np.matmul(grad_features, w.T, out=_alloc(workspace, name + "grad", *x.shape,
-                                                      x.dtype))
-        return gx, x.T @ grad_features
+        grad_features = optional_grad(grad_features, "grad_features", (x.shape[0], w.shape[1]),
+                                      finite=False, dtype=x.dtype)
+        gx = _matmul(grad_features, w, _alloc(workspace, name + "grad", *x.shape, x.dtype),
+                     True)
+        return gx, _matmul_tn(x, grad_features, workspace, name)
 
 
 class RoutedSimilarity(Operation):

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from ._threads import blas_first
+from ._threads import single_pool
 from ._validation import check_allocation, check_model, check_scalar
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, load_checkpoint, save_checkpoint
@@ -152,7 +152,7 @@ class Segmenter:
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
             H = np.take(emb.weight, rows, axis=0, out=self._workspace()("lookup", (n, emb.dim)))
-        with blas_first(self.encoder is not None):   # see grapheme/_threads.py
+        with single_pool(self.encoder is not None):   # see grapheme/_threads.py
             encoded = (H,) if self.encoder is None else tuple(
                 self.encoder.forward(g, H, self._workspace())[0])
             merged = self.morpher.decide(g, *encoded)

@@ -178,13 +178,22 @@ def test_encoder_follows_threadpoolctl_and_is_identical():
     _assert_identical([serial, parallel])
 
 
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+
 @needs_openmp
-def test_openmp_steps_aside_while_blas_runs_threads():
-    """With an encoder (large BLAS products) a step runs grapheme's
-    kernels on one OpenMP thread while BLAS has more than one, and on
-    OpenMP's default otherwise; the setting is restored after the step."""
+def test_blas_steps_aside_while_openmp_runs_the_products():
+    """With an encoder a step runs its products on grapheme's OpenMP threads
+    (row blocks, one single-threaded BLAS call each), so BLAS runs one
+    thread inside the step and OpenMP keeps its default; without an encoder
+    nothing changes; the setting is restored after the step. Inference and
+    the encoder called directly do the same."""
     from threadpoolctl import threadpool_limits
-    from grapheme._threads import blas_first
+    from grapheme import ops
+    from grapheme._threads import single_pool
 
     seen = []
 
@@ -192,7 +201,7 @@ def test_openmp_steps_aside_while_blas_runs_threads():
         forward = loss.forward
 
         def wrapped(*args, **kwargs):
-            seen.append(_core.openmp_threads())
+            seen.append((_blas_threads(), _core.openmp_threads()))
             return forward(*args, **kwargs)
         loss.forward = wrapped
         return loss
@@ -201,8 +210,10 @@ def test_openmp_steps_aside_while_blas_runs_threads():
     inputs = _texts(rng, 8, 4, 9)
     targets = [s[:-1] for s in inputs]
     with threadpool_limits(limits=2, user_api="openmp"):
-        for blas, encoder, want in [(2, True, 1), (1, True, 2), (2, False, 2)]:
-            with threadpool_limits(limits=blas, user_api="blas"):
+        for omp, encoder, want in [(2, True, (1, 2)), (1, True, (2, 1)),
+                                   (2, False, (2, 2))]:
+            with threadpool_limits(limits=omp, user_api="openmp"), \
+                    threadpool_limits(limits=2, user_api="blas"):
                 trainer = gr.Trainer(gr.Embedding(dim=8, seed=0), gr.Morpher(),
                                      recording(gr.StructuralLoss()), gr.Adam(lr=1e-2),
                                      seed=0, progress=False,
@@ -210,40 +221,82 @@ def test_openmp_steps_aside_while_blas_runs_threads():
                 seen.clear()
                 trainer.train_step(inputs, targets)
                 trainer.evaluate(list(zip(inputs, targets)))
-                assert seen == [want, want], (blas, encoder)
-                assert _core.openmp_threads() == 2
-                with blas_first(active=False):
-                    assert _core.openmp_threads() == 2
+                assert seen == [want, want], (omp, encoder)
+                assert (_blas_threads(), _core.openmp_threads()) == (2, omp)
+                with single_pool(active=False):
+                    assert _blas_threads() == 2
                 # inference too
                 model = trainer.model
                 decide = model.morpher.decide
                 inside = []
 
                 def recording_decide(*args, **kwargs):
-                    inside.append(_core.openmp_threads())
+                    inside.append((_blas_threads(), _core.openmp_threads()))
                     return decide(*args, **kwargs)
                 model.morpher.decide = recording_decide
                 model.boundaries(inputs)
                 assert inside == [want]
                 del model.morpher.decide
         # the encoder called directly steps aside the same way
-        from grapheme import ops
         g = gr.Graph.from_texts(inputs)
-        seen.clear()
         forward = ops.MessagePassing.forward
 
         def recording_layer(self, *args, **kwargs):
-            seen.append(_core.openmp_threads())
+            seen.append(_blas_threads())
             return forward(self, *args, **kwargs)
         try:
             ops.MessagePassing.forward = recording_layer
-            for blas, want in [(2, 1), (1, 2)]:
+            for blas, want in [(2, 1), (1, 1)]:
                 with threadpool_limits(limits=blas, user_api="blas"):
                     seen.clear()
                     gr.Encoder(8, layers=1).forward(g, np.ones((g.num_nodes, 8)))
                     assert seen == [want]
         finally:
             ops.MessagePassing.forward = forward
+
+
+@needs_openmp
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n, k, m", [(0, 3, 2), (1, 1, 1), (255, 7, 5), (256, 4, 3),
+                                     (2500, 24, 8), (3000, 0, 4)])
+def test_products_by_row_blocks(n, k, m, dtype):
+    """The encoder's products (``grapheme._products``) against numpy, and
+    the same bytes on 1, 2 and 3 threads (fixed blocks, partial products
+    added in block order)."""
+    from grapheme import _products
+
+    rng = np.random.default_rng(n + k + m)
+    a = rng.normal(size=(n, k)).astype(dtype)
+    b = rng.normal(size=(k, m)).astype(dtype)
+    g = rng.normal(size=(n, m)).astype(dtype)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    blocks = max(-(-n // _products.TN_ROWS), 1)
+    runs = []
+    for threads in (1, 2, 3):
+        out, out_t = np.full((n, m), np.nan, dtype), np.full((n, m), np.nan, dtype)
+        _products.matmul(a, b, out, num_threads=threads)
+        _products.matmul(a, np.ascontiguousarray(b.T), out_t, True, threads)
+        tn = np.full((k, m), np.nan, dtype)
+        _products.matmul_tn(a, g, tn, np.empty((blocks, k, m), dtype), threads)
+        np.testing.assert_allclose(out, a @ b, rtol=tol, atol=tol * max(k, 1))
+        np.testing.assert_allclose(out_t, a @ b, rtol=tol, atol=tol * max(k, 1))
+        np.testing.assert_allclose(tn, a.T @ g, rtol=tol, atol=tol * max(n, 1))
+        runs.append([out, out_t, tn])
+    _assert_identical(runs)
+
+
+def test_products_check_their_shapes():
+    from grapheme import _products
+
+    a, b = np.ones((4, 3)), np.ones((3, 2))
+    with pytest.raises(ValueError, match="disagree"):
+        _products.matmul(a, b, np.empty((4, 3)))
+    with pytest.raises(ValueError, match="disagree"):
+        _products.matmul(a, b, np.empty((4, 2)), True)
+    with pytest.raises(ValueError, match="disagree"):
+        _products.matmul_tn(a, np.ones((5, 2)), np.empty((3, 2)), np.empty((1, 3, 2)))
+    with pytest.raises(ValueError, match="parts"):
+        _products.matmul_tn(a, np.ones((4, 2)), np.empty((3, 2)), np.empty((0, 3, 2)))
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import _core
 from .._validation import check_allocation, check_model, check_pairs, check_scalar, show
-from .._threads import blas_first
+from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
@@ -354,7 +354,7 @@ class Trainer:
             over the examples of their estimates of ``d loss / d theta``,
             else NaN). With a communicator, all of the global batch.
         """
-        with blas_first(self.encoder is not None):
+        with single_pool(self.encoder is not None):
             if self.comm is not None:
                 return self._shard_step(inputs, targets)
             return self._step(inputs, targets)
@@ -620,7 +620,7 @@ class Trainer:
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
             g, _, H, target, _ = self._batch(bi, bt, train=False)
-            with blas_first(self.encoder is not None):
+            with single_pool(self.encoder is not None):
                 encoded = self._encode(g, H)[0]
                 morphed = self.morpher.predict(g, *encoded)
                 if target is None:
