@@ -539,17 +539,23 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
            const index_t[::1] members,      # IN  (n,), ascending within an output
            const double[::1] node_weights,  # IN  (n,), or (0,): 1 / |output|
            const floating[:, ::1] x,        # IN  (n, d)
-           floating[:, ::1] out):           # OUT (k, d), must not overlap x
+           floating[:, ::1] out,            # OUT (k, d), must not overlap x
+           int num_threads=0):
     """Pool inputs into outputs: ``out[c] = sum_i w_i x[i]`` over c's inputs,
     added in input order (the order of ``members``). O(n d + k).
 
-    Walks the inputs in order (see the notes above); an output's head,
-    ``members[hist_indptr[c]]``, starts its sum. With ``node_weights`` empty,
-    ``w_i`` is ``1 / |cluster[i]|``. An output without inputs is zeroed.
-    ``x`` and ``out`` float32 or float64 (the weights stay float64; a
-    float32 row adds ``float(w) x[i]`` in float).
+    On one thread it walks the inputs in order (see the notes above); on
+    more (``num_threads``, 0 for OpenMP's default, one below 1024 outputs)
+    each thread takes fixed blocks of outputs and walks their members: the
+    same additions in the same order, so the same bits. An output's head,
+    ``members[hist_indptr[c]]``, starts its sum. With ``node_weights``
+    empty, ``w_i`` is ``1 / |cluster[i]|``. An output without inputs is
+    zeroed. ``x`` and ``out`` float32 or float64 (the weights stay float64;
+    a float32 row adds ``float(w) x[i]`` in float).
     """
-    cdef intp_t k = out.shape[0], d = out.shape[1], n = x.shape[0], c, i, j
+    cdef intp_t k = out.shape[0], d = out.shape[1], n = x.shape[0], c, i, j, b, t
+    cdef intp_t nb = (k + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
+    cdef int nt = num_threads_for(num_threads, nb)
     cdef bint weighted = node_weights.shape[0] != 0
     cdef double w
     if k == 0 or d == 0:
@@ -572,6 +578,21 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
     cdef const floating* xp = &x[0, 0] if n else NULL
     cdef floating* op = &out[0, 0]
     cdef floating* dst
+    if nt > 1:
+        with nogil:
+            for b in prange(nb, num_threads=nt, schedule="static"):
+                for c in range(b * _ROWS_PER_THREAD, min(k, (b + 1) * _ROWS_PER_THREAD)):
+                    dst = op + c * d
+                    if ip[c] == ip[c + 1]:
+                        _zero(dst, d)
+                    for t in range(ip[c], ip[c + 1]):
+                        i = mem[t]
+                        w = nw[i] if weighted else 1.0 / (ip[c + 1] - ip[c])
+                        if floating is double:
+                            row_add_to(dst, neg0 if t == ip[c] else dst, xp + i * d, w, d)
+                        else:
+                            row_add_to_f(dst, neg0 if t == ip[c] else dst, xp + i * d, w, d)
+        return
     with nogil:
         for c in range(k):
             if ip[c] == ip[c + 1]:    # an output without inputs (not built by us)
@@ -592,17 +613,22 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
             const double[::1] node_weights,  # IN  (n,), or (0,): 1 / |output|
             const floating[:, ::1] g,        # IN  (k, d)
             floating[:, ::1] out,            # OUT (n, d), must not overlap g
-            bint stream=False):
+            bint stream=False, int num_threads=0):
     """Route output gradients to inputs: ``out[i] = w_i g[cluster[i]]``.
 
     The adjoint of :func:`gather`. O(n d). Walks the inputs in order, so
     ``out`` is written front to back and no loop depends on the (random)
-    size of an output; with ``node_weights`` empty, ``w_i`` is
-    ``1 / |cluster[i]|``, the value :attr:`MergeHistory.weights` holds.
-    ``stream`` writes ``out`` with non-temporal stores (see the notes above;
-    float64 only: float32 rows are written normally).
+    size of an output, by fixed blocks of rows in parallel (``num_threads``,
+    0 for OpenMP's default; one below 1024 rows): every row is written by
+    itself, so the bits do not follow the thread count. With
+    ``node_weights`` empty, ``w_i`` is ``1 / |cluster[i]|``, the value
+    :attr:`MergeHistory.weights` holds. ``stream`` writes ``out`` with
+    non-temporal stores (see the notes above; float64 only: float32 rows are
+    written normally), fenced at the end of every block.
     """
-    cdef intp_t n = out.shape[0], d = out.shape[1], i, c
+    cdef intp_t n = out.shape[0], d = out.shape[1], i, c, b
+    cdef intp_t nb = (n + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
+    cdef int nt = num_threads_for(num_threads, nb)
     cdef bint weighted = node_weights.shape[0] != 0
     cdef double wi
     if n == 0 or d == 0:
@@ -619,19 +645,20 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
         # every row 16-byte aligned: the streaming loop needs no per-row checks
         a16 = stream and _rows_a16(op, d)
     with nogil:
-        for i in range(n):
-            c = cl[i]
-            wi = nw[i] if weighted else 1.0 / (ip[c + 1] - ip[c])
-            if floating is float:
-                row_scale_f(op + i * d, gp + c * d, wi, d)
-            elif a16:
-                row_scale_stream_a16(op + i * d, gp + c * d, wi, d)
-            elif stream:
-                row_scale_stream(op + i * d, gp + c * d, wi, d)
-            else:
-                row_scale(op + i * d, gp + c * d, wi, d)
-        if stream:
-            store_fence()
+        for b in prange(nb, num_threads=nt, schedule="static"):
+            for i in range(b * _ROWS_PER_THREAD, min(n, (b + 1) * _ROWS_PER_THREAD)):
+                c = cl[i]
+                wi = nw[i] if weighted else 1.0 / (ip[c + 1] - ip[c])
+                if floating is float:
+                    row_scale_f(op + i * d, gp + c * d, wi, d)
+                elif a16:
+                    row_scale_stream_a16(op + i * d, gp + c * d, wi, d)
+                elif stream:
+                    row_scale_stream(op + i * d, gp + c * d, wi, d)
+                else:
+                    row_scale(op + i * d, gp + c * d, wi, d)
+            if stream:
+                store_fence()
 
 
 
