@@ -347,42 +347,144 @@ cdef inline intp_t _window(const double* m, const uint8_t* has_next, intp_t i) n
     return t - i
 
 
+cdef void _counts_block(const double* m, const uint8_t* has_next, int64_t* counts,
+                        intp_t a, intp_t b) noexcept nogil:
+    cdef intp_t i
+    for i in range(a, b):
+        counts[i] = _window(m, has_next, i)
+
+
 def relaxed_edge_counts(const double[::1] m,          # IN  (n,) merge weights
                         const uint8_t[::1] has_next,  # IN  (n,) 1 where edge i -> i+1 exists
-                        int64_t[::1] counts):         # OUT (n,) relaxed out-edges per node
-    """Number of relaxed edges out of every node (see the notes above). O(E')."""
-    cdef intp_t i, n = m.shape[0]
+                        int64_t[::1] counts,          # OUT (n,) relaxed out-edges per node
+                        int num_threads=0):           # threads; 0: OpenMP's default
+    """Number of relaxed edges out of every node (see the notes above). O(E').
+
+    Every node on its own: fixed blocks of 1024 nodes in parallel
+    (``num_threads``, 0: OpenMP's default)."""
+    cdef intp_t k, n = m.shape[0]
     if n == 0:
         return
+    cdef intp_t nb = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef const double* mp = &m[0]
+    cdef const uint8_t* hp = &has_next[0]
+    cdef int64_t* cp = &counts[0]
     with nogil:
-        for i in range(n):
-            counts[i] = _window(&m[0], &has_next[0], i)
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _counts_block(mp, hp, cp, k * _BLOCK_ROWS, min(n, (k + 1) * _BLOCK_ROWS))
+
+
+cdef void _edges_block(const double* m, const index_t* indptr, index_t* indices,
+                       double* weights, intp_t a, intp_t b) noexcept nogil:
+    cdef intp_t i, l, e, L
+    cdef double mu, P
+    for i in range(a, b):
+        mu = 1.0 - m[i - 1] if i > 0 else 1.0
+        P = 1.0
+        e = indptr[i]
+        L = indptr[i + 1] - e
+        for l in range(L):
+            indices[e + l] = <index_t>(i + 1 + l)
+            weights[e + l] = mu * P * (1.0 - m[i + l])
+            P *= m[i + l]
 
 
 def relaxed_edges(const double[::1] m,          # IN  (n,)
                   const uint8_t[::1] has_next,  # IN  (n,)
                   const index_t[::1] indptr,    # IN  (n+1,) from relaxed_edge_counts
                   index_t[::1] indices,         # OUT (E',) j = i+1, i+2, ...
-                  double[::1] weights):         # OUT (E',) W_ij
-    """Targets and expected weights of the relaxed edges. O(E')."""
-    cdef intp_t i, l, e, L, n = m.shape[0]
-    cdef double mu, P
+                  double[::1] weights,          # OUT (E',) W_ij
+                  int num_threads=0):           # threads; 0: OpenMP's default
+    """Targets and expected weights of the relaxed edges. O(E').
+
+    Every node writes its own edges: fixed blocks of 1024 nodes in parallel
+    (``num_threads``, 0: OpenMP's default)."""
+    cdef intp_t k, n = m.shape[0]
+    if n == 0 or indices.shape[0] == 0:
+        return
+    cdef intp_t nb = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef const double* mp = &m[0]
+    cdef const index_t* ip = &indptr[0]
+    cdef index_t* jp = &indices[0]
+    cdef double* wp = &weights[0]
     with nogil:
-        for i in range(n):
-            mu = 1.0 - m[i - 1] if i > 0 else 1.0
-            P = 1.0
-            e = indptr[i]
-            L = indptr[i + 1] - e
-            for l in range(L):
-                indices[e + l] = <index_t>(i + 1 + l)
-                weights[e + l] = mu * P * (1.0 - m[i + l])
-                P *= m[i + l]
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _edges_block(mp, ip, jp, wp, k * _BLOCK_ROWS, min(n, (k + 1) * _BLOCK_ROWS))
+
+
+cdef intp_t _window_blocks(const index_t* indptr, intp_t n, intp_t* bounds,
+                           intp_t* longest) noexcept nogil:
+    """Cut nodes 0..n-1 into blocks (as _restart_blocks) that share no entry
+    of ``grad_m``: a cut ``b``, the first at or after a multiple of
+    _BLOCK_ROWS, needs ``i + L_i < b`` for every ``i < b``. Then the windows
+    before ``b`` cover entries up to ``b - 2``, node ``b - 1`` has none,
+    entry ``b - 1`` is written by node ``b`` alone (``mu_b``'s share) and
+    every later entry by nodes from ``b`` on. For the windows
+    relaxed_edge_counts makes this holds exactly where node ``b - 1`` ends a
+    chain. Also the longest window, in ``longest``. One pass over
+    ``indptr``, O(n)."""
+    cdef intp_t nb = 0, i, L, reach = 0, cut = _BLOCK_ROWS, big = 0
+    bounds[0] = 0
+    for i in range(n):
+        if i >= cut and reach < i:
+            nb += 1
+            bounds[nb] = i
+            cut = (i // _BLOCK_ROWS + 1) * _BLOCK_ROWS
+        L = indptr[i + 1] - indptr[i]
+        if i + L > reach:
+            reach = i + L
+        if L > big:
+            big = L
+    nb += 1
+    bounds[nb] = n
+    longest[0] = big
+    return nb
+
+
+def window_blocks(const index_t[::1] indptr):
+    """The blocks relaxed_edges_backward splits the nodes of ``indptr``
+    (n+1,) into (for tests): their bounds, ``[0, ..., n]`` (int64)."""
+    cdef intp_t n = indptr.shape[0] - 1, nb, longest
+    if n <= 0:
+        return np.zeros(1, np.int64)
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
+    nb = _window_blocks(&indptr[0], n, &bounds[0], &longest)
+    return np.asarray(bounds[:nb + 1]).astype(np.int64)
+
+
+cdef void _edges_backward_block(const double* m, const index_t* indptr, const double* grad_w,
+                                double* grad_m, double* P, intp_t a, intp_t b) noexcept nogil:
+    """relaxed_edges_backward on nodes a..b-1 (``P``: this thread's buffer)."""
+    cdef intp_t i, l, e, L
+    cdef double mu, A, gmu, g, q
+    for i in range(a, b):
+        e = indptr[i]
+        L = indptr[i + 1] - e
+        if L == 0:
+            continue
+        mu = 1.0 - m[i - 1] if i > 0 else 1.0
+        P[0] = 1.0
+        for l in range(1, L):
+            P[l] = P[l - 1] * m[i + l - 1]
+        A = 0.0
+        gmu = 0.0
+        for l in range(L - 1, -1, -1):
+            g = grad_w[e + l]
+            q = 1.0 - m[i + l]
+            grad_m[i + l] += mu * P[l] * (A - g)
+            gmu += g * P[l] * q
+            A = g * q + m[i + l] * A
+        if i > 0:
+            grad_m[i - 1] -= gmu
 
 
 def relaxed_edges_backward(const double[::1] m,        # IN  (n,)
                            const index_t[::1] indptr,  # IN  (n+1,)
                            const double[::1] grad_w,   # IN  (E',) upstream gradient of W
-                           double[::1] grad_m):        # OUT (n,), accumulated
+                           double[::1] grad_m,         # OUT (n,), accumulated
+                           int num_threads=0):         # threads; 0: OpenMP's default
     """Accumulate ``sum_e grad_w[e] dW_e / dm`` into ``grad_m``. O(E').
 
     Per node i with window L: with P_l = prod_{s<l} m_{i+s} and q_l = 1 -
@@ -390,30 +492,28 @@ def relaxed_edges_backward(const double[::1] m,        # IN  (n,)
     P_{l'} with l' > l, whose adjoints are summed right to left in
     A_l = sum_{l' > l} g_{l'} q_{l'} prod_{s=l+1}^{l'-1} m_{i+s}, so each node
     costs O(L). d mu_i / d m_{i-1} = -1.
+
+    Blocks of about 1024 nodes cut after chain ends (where no block writes
+    an entry of ``grad_m`` another one writes) run in parallel
+    (``num_threads``, 0: OpenMP's default); every entry adds its terms in
+    the serial order, so the bits do not depend on the thread count. One
+    long chain is one block. O(longest window) extra memory per thread.
     """
-    cdef intp_t i, l, e, L, n = m.shape[0]
-    cdef double mu, A, gmu, g, q
+    cdef intp_t k, nb, longest, n = m.shape[0]
     if n == 0:
         return
-    cdef double[::1] prefix_buf = np.empty(n + 1)
-    cdef double* P = &prefix_buf[0]
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
+    cdef const index_t* ip = &indptr[0]
+    nb = _window_blocks(ip, n, &bounds[0], &longest)
+    if longest == 0:
+        return
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef double[:, ::1] prefix_buf = np.empty((nt, longest))
+    cdef double* P = &prefix_buf[0, 0]
+    cdef const double* mp = &m[0]
+    cdef const double* gw = &grad_w[0]
+    cdef double* gm = &grad_m[0]
+    cdef const intp_t* bp = &bounds[0]
     with nogil:
-        for i in range(n):
-            e = indptr[i]
-            L = indptr[i + 1] - e
-            if L == 0:
-                continue
-            mu = 1.0 - m[i - 1] if i > 0 else 1.0
-            P[0] = 1.0
-            for l in range(1, L):
-                P[l] = P[l - 1] * m[i + l - 1]
-            A = 0.0
-            gmu = 0.0
-            for l in range(L - 1, -1, -1):
-                g = grad_w[e + l]
-                q = 1.0 - m[i + l]
-                grad_m[i + l] += mu * P[l] * (A - g)
-                gmu += g * P[l] * q
-                A = g * q + m[i + l] * A
-            if i > 0:
-                grad_m[i - 1] -= gmu
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _edges_backward_block(mp, ip, gw, gm, P + threadid() * longest, bp[k], bp[k + 1])
