@@ -4,7 +4,9 @@ thread count (see the "Threads" section of docs/design.md).
 The structural loss runs the pairs of a batch in parallel (OpenMP). Every
 pair is computed by one thread in a fixed order, so values, plans,
 potentials and gradients must be *equal* (not close) under 1, 2 and 3
-threads, and so must the parameters after a whole training step. Skipped
+threads, and so must the parameters after a whole training step. So must
+the encoder's row kernels and products, and the chain relaxation (its
+independent segments by blocks) with its relaxed edges. Skipped
 where grapheme was built without OpenMP; there, a test checks that the
 serial build accepts the same settings and gives the same numbers.
 """
