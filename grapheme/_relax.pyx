@@ -49,7 +49,8 @@ from cython.parallel cimport prange, threadid
 from grapheme._types cimport (index_t, intp_t, store_fence, _rows_a16, _copy_stream,
                               floating, num_threads_for)
 
-# nodes a block takes at least (a block grows to the next restart point)
+# nodes per block, about: the cuts sit at the first restart point at or after
+# each multiple of it (so a block can be shorter or, merged, much longer)
 cdef intp_t _BLOCK_ROWS = 1024
 
 
