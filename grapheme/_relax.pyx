@@ -25,12 +25,112 @@ inter-cluster edges (private kernels; callers validate, see
 # finished row out. Without streaming the recursion reads the previous
 # output row, as fast and one copy less.
 
+# Threads (see "Threads" in docs/design.md). Where m_i == 0 (every boundary
+# between the texts of a batch, and any exact zero inside a text) the
+# recursion restarts: node i's D and h' do not depend on node i+1, nor
+# lam_{i+1} on lam_i, and the chain falls into independent segments. The
+# kernels cut the n nodes into blocks of about _BLOCK_ROWS (a constant, not
+# a function of the thread count), each cut moved right to the next restart
+# point (_restart_blocks); a block that contains none merges with the next.
+# Every block runs the serial recursion, node by node in the serial order,
+# so the bits do not depend on the number of threads, and are those of one
+# serial pass. One exception, by design: the backward recursion's kap
+# restarts at 0 where m_{i-1} == 0 instead of carrying m_{i-1} kap_{i-1} =
+# 0 kap_{i-1}, which is 0 (a zero of either sign, which no output can see:
+# see relax_chain_backward) unless a non-finite upstream gradient made
+# kap_{i-1} inf or NaN; then 0 * inf = NaN used to run on into every later
+# segment of the batch, and now stays in its own.
+
 import numpy as np
 
 from libc.stdint cimport int64_t, uint8_t
+from cython.parallel cimport prange, threadid
 
 from grapheme._types cimport (index_t, intp_t, store_fence, _rows_a16, _copy_stream,
-                              floating)
+                              floating, num_threads_for)
+
+# nodes per block, about: the cuts sit at the first restart point at or after
+# each multiple of it (so a block can be shorter or, merged, much longer)
+cdef intp_t _BLOCK_ROWS = 1024
+
+
+cdef intp_t _restart_blocks(const double* m, intp_t n, intp_t* bounds) noexcept nogil:
+    """Cut nodes 0..n-1 into blocks ``bounds[k]..bounds[k+1]-1``, return their
+    number ``nb`` (``bounds[0] = 0``, ``bounds[nb] = n``; ``bounds`` holds
+    ``n // _BLOCK_ROWS + 2`` entries). Every inner cut ``b`` is a restart
+    point, ``m[b-1] == 0``: the first at or after a multiple of
+    _BLOCK_ROWS, past the previous cut; none if no node from there to the end
+    has ``m == 0`` (one long chain). The scan moves only right: O(n) at
+    worst, a few nodes per block for a batch of short texts."""
+    cdef intp_t nb = 0, b = _BLOCK_ROWS
+    bounds[0] = 0
+    while b < n:
+        while b < n and m[b - 1] != 0.0:
+            b += 1
+        if b >= n:
+            break
+        nb += 1
+        bounds[nb] = b
+        b = (b // _BLOCK_ROWS + 1) * _BLOCK_ROWS
+    nb += 1
+    bounds[nb] = n
+    return nb
+
+
+def restart_blocks(const double[::1] m):
+    """The blocks the chain kernels split ``m``'s nodes into (for tests):
+    their bounds, ``[0, ..., n]`` (int64; ``[0]`` for n = 0)."""
+    cdef intp_t n = m.shape[0], nb
+    if n == 0:
+        return np.zeros(1, np.int64)
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
+    nb = _restart_blocks(&m[0], n, &bounds[0])
+    return np.asarray(bounds[:nb + 1]).astype(np.int64)
+
+
+cdef void _forward_block(const floating* hp, const double* mp, floating* op, double* Dp,
+                         double* massp, floating* p, intp_t a, intp_t b, intp_t d,
+                         bint stream, bint a16) noexcept nogil:
+    """relax_chain_forward on nodes b-1 down to a, where node b-1 is the last
+    node or has m == 0 (so D_{b-1} = 1, h'_{b-1} = h_{b-1}, as the general
+    step gives there); ``p`` is this thread's carried row with ``stream``."""
+    cdef intp_t i, j
+    cdef double c, inv, dn
+    cdef const floating* h
+    cdef floating* dst
+    cdef const floating* prev  # h'_{i+1}: a row of out, or with stream the local copy
+    # the block's last node: nothing to its right
+    dn = 1.0
+    Dp[b - 1] = 1.0
+    h = hp + (b - 1) * d
+    dst = p if stream else op + (b - 1) * d
+    for j in range(d):
+        dst[j] = h[j]
+    if floating is double:
+        if stream:
+            _copy_stream(op + (b - 1) * d, p, d, a16)
+    prev = dst
+    for i in range(b - 2, a - 1, -1):
+        c = mp[i] * dn
+        dn = 1.0 + c
+        Dp[i] = dn
+        h = hp + i * d
+        dst = p if stream else op + i * d
+        if c == 0.0:
+            for j in range(d):
+                dst[j] = h[j]
+        else:
+            inv = 1.0 / dn
+            for j in range(d):
+                dst[j] = (h[j] + c * prev[j]) * inv
+        if floating is double:
+            if stream:
+                _copy_stream(op + i * d, p, d, a16)
+        prev = dst
+    if stream:
+        store_fence()
+    for i in range(a, b):
+        massp[i] = 1.0 - mp[i - 1] if i > 0 else 1.0
 
 
 def relax_chain_forward(
@@ -40,6 +140,7 @@ def relax_chain_forward(
     double[::1] D,           # OUT (n,) relaxed cluster sizes D_i
     double[::1] mass,        # OUT (n,) relaxed masses mu_i
     bint stream=False,       # write ``out`` with streaming stores
+    int num_threads=0,       # threads; 0: OpenMP's default
 ):
     """Relaxed chain merge, forward: ``out = N / D`` and ``mass = 1 - m[i-1]``.
 
@@ -52,21 +153,31 @@ def relax_chain_forward(
     rounded once). Streaming is float64 only (a float32 call writes
     normally).
 
-    Complexity: O(n d) time, O(d) extra memory; runs without the GIL.
+    Independent segments (cut where ``m == 0``) run in parallel by blocks of
+    about 1024 nodes (see the notes above) on ``num_threads`` threads (0:
+    OpenMP's default); the same bits on any number of threads, those of a
+    serial pass. One long chain without a zero weight is one block.
+
+    Complexity: O(n d) time, O(d) extra memory per thread and O(n / 1024)
+    for the blocks; runs without the GIL.
     """
-    cdef intp_t n = H.shape[0], d = H.shape[1], i, j
-    cdef double c, inv, dn
+    cdef intp_t n = H.shape[0], d = H.shape[1], k, nb
     if n == 0:
         return
     if floating is float:
         stream = False
-    cdef floating spare = 0.0
-    cdef floating* p = &spare  # the carried row, with stream and d > 0
-    cdef floating[::1] carry
-    if stream and d:
-        carry = np.empty(d, dtype=np.float64 if floating is double else np.float32)
-        p = &carry[0]
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
     cdef const double* mp = &m[0]
+    nb = _restart_blocks(mp, n, &bounds[0])
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef floating spare = 0.0
+    cdef floating* p = &spare  # the carried rows, one per thread, with stream and d > 0
+    cdef intp_t pstride = 0
+    cdef floating[:, ::1] carry
+    if stream and d:
+        carry = np.empty((nt, d), dtype=np.float64 if floating is double else np.float32)
+        p = &carry[0, 0]
+        pstride = d
     cdef double* Dp = &D[0]
     cdef double* massp = &mass[0]
     # with d == 0 no row is touched; any valid address will do
@@ -75,43 +186,61 @@ def relax_chain_forward(
     cdef bint a16 = False
     if floating is double:
         a16 = _rows_a16(op, d)
-    cdef const floating* h
-    cdef floating* dst
-    cdef const floating* prev  # h'_{i+1}: a row of out, or with stream the local copy
+    cdef const intp_t* bp = &bounds[0]
     with nogil:
-        # last node: nothing to its right
-        dn = 1.0
-        Dp[n - 1] = 1.0
-        h = hp + (n - 1) * d
-        dst = p if stream else op + (n - 1) * d
-        for j in range(d):
-            dst[j] = h[j]
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _forward_block(hp, mp, op, Dp, massp, p + threadid() * pstride,
+                           bp[k], bp[k + 1], d, stream, a16)
+
+
+cdef void _backward_block(const double* mp, const floating* outp, const double* Dp,
+                          const floating* gp, const double* gmassp, floating* ghp,
+                          double* gmp, floating* p, intp_t a, intp_t b, intp_t n,
+                          intp_t d, bint stream, bint a16) noexcept nogil:
+    """relax_chain_backward on nodes a to b-1, where node a is node 0 or
+    m[a-1] == 0 (nothing flows in from the left); ``p`` is this thread's
+    carried row with ``stream``."""
+    cdef intp_t i, j
+    cdef double inv, kap, dot, mprev, gm, gij
+    cdef const floating* o
+    cdef const floating* g
+    cdef floating* lam   # lam_i: a row of grad_H, or with stream the local copy
+    cdef const floating* prev = p  # lam_{i-1}; not read at a restart
+    kap = 0.0
+    mprev = 0.0  # m_{i-1}; node a restarts
+    for i in range(a, b):
+        o = outp + i * d
+        g = gp + i * d
+        lam = p if stream else ghp + i * d
+        inv = 1.0 / Dp[i]
+        dot = 0.0
+        # g[j] is read before lam[j] is written, so grad_H may be grad_out
+        if mprev == 0.0:
+            kap = 0.0  # the recursion restarts (see the notes above)
+            for j in range(d):
+                gij = g[j]
+                dot = dot + gij * o[j]
+                lam[j] = gij * inv
+        else:
+            for j in range(d):
+                gij = g[j]
+                dot = dot + gij * o[j]
+                lam[j] = gij * inv + mprev * prev[j]
         if floating is double:
             if stream:
-                _copy_stream(op + (n - 1) * d, p, d, a16)
-        prev = dst
-        for i in range(n - 2, -1, -1):
-            c = mp[i] * dn
-            dn = 1.0 + c
-            Dp[i] = dn
-            h = hp + i * d
-            dst = p if stream else op + i * d
-            if c == 0.0:
-                for j in range(d):
-                    dst[j] = h[j]
-            else:
-                inv = 1.0 / dn
-                for j in range(d):
-                    dst[j] = (h[j] + c * prev[j]) * inv
-            if floating is double:
-                if stream:
-                    _copy_stream(op + i * d, p, d, a16)
-            prev = dst
-        if stream:
-            store_fence()
-        massp[0] = 1.0
-        for i in range(1, n):
-            massp[i] = 1.0 - mp[i - 1]
+                _copy_stream(ghp + i * d, p, d, a16)
+        prev = lam
+        kap = mprev * kap - dot * inv
+        if i + 1 < n:
+            gm = 0.0
+            for j in range(d):
+                gm = gm + lam[j] * o[d + j]
+            gmp[i] = Dp[i + 1] * (gm + kap) - gmassp[i + 1]
+            mprev = mp[i]
+        else:
+            gmp[i] = 0.0
+    if stream:
+        store_fence()
 
 
 def relax_chain_backward(
@@ -123,6 +252,7 @@ def relax_chain_backward(
     floating[:, ::1] grad_H,         # OUT (n, d) dL/dH
     double[::1] grad_m,              # OUT (n,) dL/dm (grad_m[n-1] = 0)
     bint stream=False,               # write ``grad_H`` with streaming stores
+    int num_threads=0,               # threads; 0: OpenMP's default
 ):
     """Relaxed chain merge, backward: the exact adjoint of the forward pass.
 
@@ -137,21 +267,34 @@ def relax_chain_backward(
     memory: computed in place); no other aliasing. float32 or float64 as
     :func:`relax_chain_forward`; the dot products accumulate in float64.
 
-    Complexity: O(n d) time, O(d) extra memory; runs without the GIL.
+    Where ``m_{i-1} == 0`` both recursions restart (``kap_i`` from 0, not
+    ``0 * kap_{i-1}``: the same for finite gradients, whose ``kap`` can only
+    differ in the sign of a zero, which ``dL/dm_i`` cannot see, as ``gm``
+    starts at +0.0 and is never -0.0; an inf or NaN in one segment's
+    gradient stays in that segment). Segments run in parallel by blocks as
+    in :func:`relax_chain_forward` (``num_threads``, 0: OpenMP's default),
+    with the same bits on any number of threads.
+
+    Complexity: O(n d) time, O(d) extra memory per thread and O(n / 1024)
+    for the blocks; runs without the GIL.
     """
-    cdef intp_t n = out.shape[0], d = out.shape[1], i, j
-    cdef double inv, kap, dot, mprev, gm, gij
+    cdef intp_t n = out.shape[0], d = out.shape[1], k, nb
     if n == 0:
         return
     if floating is float:
         stream = False
-    cdef floating spare = 0.0
-    cdef floating* p = &spare  # the carried row, with stream and d > 0
-    cdef floating[::1] carry
-    if stream and d:
-        carry = np.empty(d, dtype=np.float64 if floating is double else np.float32)
-        p = &carry[0]
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
     cdef const double* mp = &m[0]
+    nb = _restart_blocks(mp, n, &bounds[0])
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef floating spare = 0.0
+    cdef floating* p = &spare  # the carried rows, one per thread, with stream and d > 0
+    cdef intp_t pstride = 0
+    cdef floating[:, ::1] carry
+    if stream and d:
+        carry = np.empty((nt, d), dtype=np.float64 if floating is double else np.float32)
+        p = &carry[0, 0]
+        pstride = d
     cdef const double* Dp = &D[0]
     cdef const double* gmassp = &grad_mass[0]
     cdef double* gmp = &grad_m[0]
@@ -162,45 +305,11 @@ def relax_chain_backward(
     cdef bint a16 = False
     if floating is double:
         a16 = _rows_a16(ghp, d)
-    cdef const floating* o
-    cdef const floating* g
-    cdef floating* lam   # lam_i: a row of grad_H, or with stream the local copy
-    cdef const floating* prev = p  # lam_{i-1}; not read for node 0
+    cdef const intp_t* bp = &bounds[0]
     with nogil:
-        kap = 0.0
-        mprev = 0.0  # m_{i-1}; no predecessor for node 0
-        for i in range(n):
-            o = outp + i * d
-            g = gp + i * d
-            lam = p if stream else ghp + i * d
-            inv = 1.0 / Dp[i]
-            dot = 0.0
-            # g[j] is read before lam[j] is written, so grad_H may be grad_out
-            if mprev == 0.0:
-                for j in range(d):
-                    gij = g[j]
-                    dot = dot + gij * o[j]
-                    lam[j] = gij * inv
-            else:
-                for j in range(d):
-                    gij = g[j]
-                    dot = dot + gij * o[j]
-                    lam[j] = gij * inv + mprev * prev[j]
-            if floating is double:
-                if stream:
-                    _copy_stream(ghp + i * d, p, d, a16)
-            prev = lam
-            kap = mprev * kap - dot * inv
-            if i + 1 < n:
-                gm = 0.0
-                for j in range(d):
-                    gm = gm + lam[j] * o[d + j]
-                gmp[i] = Dp[i + 1] * (gm + kap) - gmassp[i + 1]
-                mprev = mp[i]
-            else:
-                gmp[i] = 0.0
-        if stream:
-            store_fence()
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _backward_block(mp, outp, Dp, gp, gmassp, ghp, gmp, p + threadid() * pstride,
+                            bp[k], bp[k + 1], n, d, stream, a16)
 
 
 # ---------------------------------------------------------------------------
@@ -239,42 +348,144 @@ cdef inline intp_t _window(const double* m, const uint8_t* has_next, intp_t i) n
     return t - i
 
 
+cdef void _counts_block(const double* m, const uint8_t* has_next, int64_t* counts,
+                        intp_t a, intp_t b) noexcept nogil:
+    cdef intp_t i
+    for i in range(a, b):
+        counts[i] = _window(m, has_next, i)
+
+
 def relaxed_edge_counts(const double[::1] m,          # IN  (n,) merge weights
                         const uint8_t[::1] has_next,  # IN  (n,) 1 where edge i -> i+1 exists
-                        int64_t[::1] counts):         # OUT (n,) relaxed out-edges per node
-    """Number of relaxed edges out of every node (see the notes above). O(E')."""
-    cdef intp_t i, n = m.shape[0]
+                        int64_t[::1] counts,          # OUT (n,) relaxed out-edges per node
+                        int num_threads=0):           # threads; 0: OpenMP's default
+    """Number of relaxed edges out of every node (see the notes above). O(E').
+
+    Every node on its own: fixed blocks of 1024 nodes in parallel
+    (``num_threads``, 0: OpenMP's default)."""
+    cdef intp_t k, n = m.shape[0]
     if n == 0:
         return
+    cdef intp_t nb = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef const double* mp = &m[0]
+    cdef const uint8_t* hp = &has_next[0]
+    cdef int64_t* cp = &counts[0]
     with nogil:
-        for i in range(n):
-            counts[i] = _window(&m[0], &has_next[0], i)
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _counts_block(mp, hp, cp, k * _BLOCK_ROWS, min(n, (k + 1) * _BLOCK_ROWS))
+
+
+cdef void _edges_block(const double* m, const index_t* indptr, index_t* indices,
+                       double* weights, intp_t a, intp_t b) noexcept nogil:
+    cdef intp_t i, l, e, L
+    cdef double mu, P
+    for i in range(a, b):
+        mu = 1.0 - m[i - 1] if i > 0 else 1.0
+        P = 1.0
+        e = indptr[i]
+        L = indptr[i + 1] - e
+        for l in range(L):
+            indices[e + l] = <index_t>(i + 1 + l)
+            weights[e + l] = mu * P * (1.0 - m[i + l])
+            P *= m[i + l]
 
 
 def relaxed_edges(const double[::1] m,          # IN  (n,)
                   const uint8_t[::1] has_next,  # IN  (n,)
                   const index_t[::1] indptr,    # IN  (n+1,) from relaxed_edge_counts
                   index_t[::1] indices,         # OUT (E',) j = i+1, i+2, ...
-                  double[::1] weights):         # OUT (E',) W_ij
-    """Targets and expected weights of the relaxed edges. O(E')."""
-    cdef intp_t i, l, e, L, n = m.shape[0]
-    cdef double mu, P
+                  double[::1] weights,          # OUT (E',) W_ij
+                  int num_threads=0):           # threads; 0: OpenMP's default
+    """Targets and expected weights of the relaxed edges. O(E').
+
+    Every node writes its own edges: fixed blocks of 1024 nodes in parallel
+    (``num_threads``, 0: OpenMP's default)."""
+    cdef intp_t k, n = m.shape[0]
+    if n == 0 or indices.shape[0] == 0:
+        return
+    cdef intp_t nb = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef const double* mp = &m[0]
+    cdef const index_t* ip = &indptr[0]
+    cdef index_t* jp = &indices[0]
+    cdef double* wp = &weights[0]
     with nogil:
-        for i in range(n):
-            mu = 1.0 - m[i - 1] if i > 0 else 1.0
-            P = 1.0
-            e = indptr[i]
-            L = indptr[i + 1] - e
-            for l in range(L):
-                indices[e + l] = <index_t>(i + 1 + l)
-                weights[e + l] = mu * P * (1.0 - m[i + l])
-                P *= m[i + l]
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _edges_block(mp, ip, jp, wp, k * _BLOCK_ROWS, min(n, (k + 1) * _BLOCK_ROWS))
+
+
+cdef intp_t _window_blocks(const index_t* indptr, intp_t n, intp_t* bounds,
+                           intp_t* longest) noexcept nogil:
+    """Cut nodes 0..n-1 into blocks (as _restart_blocks) that share no entry
+    of ``grad_m``: a cut ``b``, the first at or after a multiple of
+    _BLOCK_ROWS, needs ``i + L_i < b`` for every ``i < b``. Then the windows
+    before ``b`` cover entries up to ``b - 2``, node ``b - 1`` has none,
+    entry ``b - 1`` is written by node ``b`` alone (``mu_b``'s share) and
+    every later entry by nodes from ``b`` on. For the windows
+    relaxed_edge_counts makes this holds exactly where node ``b - 1`` ends a
+    chain. Also the longest window, in ``longest``. One pass over
+    ``indptr``, O(n)."""
+    cdef intp_t nb = 0, i, L, reach = 0, cut = _BLOCK_ROWS, big = 0
+    bounds[0] = 0
+    for i in range(n):
+        if i >= cut and reach < i:
+            nb += 1
+            bounds[nb] = i
+            cut = (i // _BLOCK_ROWS + 1) * _BLOCK_ROWS
+        L = indptr[i + 1] - indptr[i]
+        if i + L > reach:
+            reach = i + L
+        if L > big:
+            big = L
+    nb += 1
+    bounds[nb] = n
+    longest[0] = big
+    return nb
+
+
+def window_blocks(const index_t[::1] indptr):
+    """The blocks relaxed_edges_backward splits the nodes of ``indptr``
+    (n+1,) into (for tests): their bounds, ``[0, ..., n]`` (int64)."""
+    cdef intp_t n = indptr.shape[0] - 1, nb, longest
+    if n <= 0:
+        return np.zeros(1, np.int64)
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
+    nb = _window_blocks(&indptr[0], n, &bounds[0], &longest)
+    return np.asarray(bounds[:nb + 1]).astype(np.int64)
+
+
+cdef void _edges_backward_block(const double* m, const index_t* indptr, const double* grad_w,
+                                double* grad_m, double* P, intp_t a, intp_t b) noexcept nogil:
+    """relaxed_edges_backward on nodes a..b-1 (``P``: this thread's buffer)."""
+    cdef intp_t i, l, e, L
+    cdef double mu, A, gmu, g, q
+    for i in range(a, b):
+        e = indptr[i]
+        L = indptr[i + 1] - e
+        if L == 0:
+            continue
+        mu = 1.0 - m[i - 1] if i > 0 else 1.0
+        P[0] = 1.0
+        for l in range(1, L):
+            P[l] = P[l - 1] * m[i + l - 1]
+        A = 0.0
+        gmu = 0.0
+        for l in range(L - 1, -1, -1):
+            g = grad_w[e + l]
+            q = 1.0 - m[i + l]
+            grad_m[i + l] += mu * P[l] * (A - g)
+            gmu += g * P[l] * q
+            A = g * q + m[i + l] * A
+        if i > 0:
+            grad_m[i - 1] -= gmu
 
 
 def relaxed_edges_backward(const double[::1] m,        # IN  (n,)
                            const index_t[::1] indptr,  # IN  (n+1,)
                            const double[::1] grad_w,   # IN  (E',) upstream gradient of W
-                           double[::1] grad_m):        # OUT (n,), accumulated
+                           double[::1] grad_m,         # OUT (n,), accumulated
+                           int num_threads=0):         # threads; 0: OpenMP's default
     """Accumulate ``sum_e grad_w[e] dW_e / dm`` into ``grad_m``. O(E').
 
     Per node i with window L: with P_l = prod_{s<l} m_{i+s} and q_l = 1 -
@@ -282,30 +493,28 @@ def relaxed_edges_backward(const double[::1] m,        # IN  (n,)
     P_{l'} with l' > l, whose adjoints are summed right to left in
     A_l = sum_{l' > l} g_{l'} q_{l'} prod_{s=l+1}^{l'-1} m_{i+s}, so each node
     costs O(L). d mu_i / d m_{i-1} = -1.
+
+    Blocks of about 1024 nodes cut after chain ends (where no block writes
+    an entry of ``grad_m`` another one writes) run in parallel
+    (``num_threads``, 0: OpenMP's default); every entry adds its terms in
+    the serial order, so the bits do not depend on the thread count. One
+    long chain is one block. O(longest window) extra memory per thread.
     """
-    cdef intp_t i, l, e, L, n = m.shape[0]
-    cdef double mu, A, gmu, g, q
+    cdef intp_t k, nb, longest, n = m.shape[0]
     if n == 0:
         return
-    cdef double[::1] prefix_buf = np.empty(n + 1)
-    cdef double* P = &prefix_buf[0]
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
+    cdef const index_t* ip = &indptr[0]
+    nb = _window_blocks(ip, n, &bounds[0], &longest)
+    if longest == 0:
+        return
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef double[:, ::1] prefix_buf = np.empty((nt, longest))
+    cdef double* P = &prefix_buf[0, 0]
+    cdef const double* mp = &m[0]
+    cdef const double* gw = &grad_w[0]
+    cdef double* gm = &grad_m[0]
+    cdef const intp_t* bp = &bounds[0]
     with nogil:
-        for i in range(n):
-            e = indptr[i]
-            L = indptr[i + 1] - e
-            if L == 0:
-                continue
-            mu = 1.0 - m[i - 1] if i > 0 else 1.0
-            P[0] = 1.0
-            for l in range(1, L):
-                P[l] = P[l - 1] * m[i + l - 1]
-            A = 0.0
-            gmu = 0.0
-            for l in range(L - 1, -1, -1):
-                g = grad_w[e + l]
-                q = 1.0 - m[i + l]
-                grad_m[i + l] += mu * P[l] * (A - g)
-                gmu += g * P[l] * q
-                A = g * q + m[i + l] * A
-            if i > 0:
-                grad_m[i - 1] -= gmu
+        for k in prange(nb, num_threads=nt, schedule="dynamic"):
+            _edges_backward_block(mp, ip, gw, gm, P + threadid() * longest, bp[k], bp[k + 1])

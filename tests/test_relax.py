@@ -196,6 +196,28 @@ def test_long_segment_is_stable():
     assert D[0] == n
 
 
+def test_segments_are_independent_in_the_backward_pass():
+    # where m == 0 the recursions restart: a non-finite upstream gradient in
+    # one text leaves the other texts' gradients as they are (kap restarts
+    # at 0; it used to carry 0 * inf = NaN into every later text)
+    rng = np.random.default_rng(9)
+    g = gr.Graph.from_texts(["abcdef", "ghij", "klmnopq"])
+    H = rng.standard_normal((g.num_nodes, 3))
+    merge = rng.uniform(0.05, 0.95, g.num_edges)
+    r, saved = ops.ChainRelaxation().forward(g, H, merge)
+    G = rng.standard_normal(H.shape)
+    gH, gm = ops.ChainRelaxation().vjp(saved, G, None, None)
+    bad = G.copy()
+    bad[6:10] = [np.inf, np.nan, 1.0]                    # the second text
+    bH, bm = ops.ChainRelaxation().vjp(saved, bad, None, None)
+    edges = g.edge_sources()
+    for lo, hi in [(0, 6), (10, 17)]:
+        np.testing.assert_array_equal(bH[lo:hi], gH[lo:hi])
+        keep = (edges >= lo) & (edges < hi)
+        np.testing.assert_array_equal(bm[keep], gm[keep])
+    assert not np.isfinite(bm[(edges >= 6) & (edges < 10)]).all()
+
+
 def test_backward_in_place_over_grad_out():
     rng = np.random.default_rng(6)
     H, m = random_chain(rng, 30, 4)

@@ -4,10 +4,14 @@ thread count (see the "Threads" section of docs/design.md).
 The structural loss runs the pairs of a batch in parallel (OpenMP). Every
 pair is computed by one thread in a fixed order, so values, plans,
 potentials and gradients must be *equal* (not close) under 1, 2 and 3
-threads, and so must the parameters after a whole training step. Skipped
+threads, and so must the parameters after a whole training step. So must
+the encoder's row kernels and products, and the chain relaxation (its
+independent segments by blocks) with its relaxed edges. Skipped
 where grapheme was built without OpenMP; there, a test checks that the
 serial build accepts the same settings and gives the same numbers.
 """
+import platform
+
 import numpy as np
 import pytest
 
@@ -297,6 +301,240 @@ def test_products_check_their_shapes():
         _products.matmul_tn(a, np.ones((5, 2)), np.empty((3, 2)), np.empty((1, 3, 2)))
     with pytest.raises(ValueError, match="parts"):
         _products.matmul_tn(a, np.ones((4, 2)), np.empty((3, 2)), np.empty((0, 3, 2)))
+
+
+# ------------------------------------------------------- chain relaxation
+# The relaxation kernels (grapheme/_relax.pyx) run independent segments of
+# the chain (cut where a merge weight is 0) by blocks of ~1024 nodes, and the
+# relaxed edges by blocks of nodes. Against plain-Python mirrors of the
+# serial kernels as they were before the threads (the same float operations
+# in the same order), so "identical" means: to the serial code, and to
+# itself on 1, 2 and 3 threads. Exact where the C compiler does not fuse
+# multiply-adds (x86-64 builds, -O3 without -march); elsewhere to 1e-12.
+EXACT_FLOATS = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _serial_relax_forward(H, m):
+    """relax_chain_forward's serial recursion, row by row."""
+    n, d = H.shape
+    out, D = np.empty_like(H), np.empty(n)
+    dn, prev = 1.0, None
+    for i in range(n - 1, -1, -1):
+        h = H[i].astype(np.float64)
+        if i == n - 1:
+            dn = 1.0
+            row = h
+        else:
+            c = float(m[i]) * dn
+            dn = 1.0 + c
+            row = h if c == 0.0 else (h + c * prev) * (1.0 / dn)
+        D[i] = dn
+        out[i] = row
+        prev = out[i].astype(np.float64)    # read back: a float32 row is rounded
+    mass = np.ones(n)
+    mass[1:] = 1.0 - m[:-1]
+    return out, D, mass
+
+
+def _serial_relax_backward(m, out, D, G, gmass):
+    """relax_chain_backward's serial recursion as it was (kap carried as
+    m_{i-1} kap_{i-1} through zeros too; the same for finite gradients)."""
+    n, d = out.shape
+    gH, gm = np.empty_like(out), np.empty(n)
+    kap, mprev, prev = 0.0, 0.0, None
+    for i in range(n):
+        o, g = out[i].astype(np.float64), G[i].astype(np.float64)
+        inv = 1.0 / D[i]
+        dot = 0.0
+        for x in (g * o).tolist():
+            dot = dot + x
+        gH[i] = g * inv if mprev == 0.0 else g * inv + mprev * prev
+        prev = gH[i].astype(np.float64)
+        kap = mprev * kap - dot * inv
+        if i + 1 < n:
+            s = 0.0
+            # lam_i . h'_{i+1}: the products in the features' dtype (a
+            # float32 kernel multiplies two floats), summed in float64
+            for x in (gH[i] * out[i + 1]).astype(np.float64).tolist():
+                s = s + x
+            gm[i] = float(D[i + 1]) * (s + kap) - float(gmass[i + 1])
+            mprev = float(m[i])
+        else:
+            gm[i] = 0.0
+    return gH, gm
+
+
+def _serial_relaxed_edges(m, indptr):
+    """relaxed_edges' weights, node by node."""
+    m = m.tolist()
+    weights = []
+    for i in range(len(m)):
+        mu = 1.0 - m[i - 1] if i > 0 else 1.0
+        P = 1.0
+        for l in range(int(indptr[i + 1] - indptr[i])):
+            weights.append(mu * P * (1.0 - m[i + l]))
+            P *= m[i + l]
+    return np.array(weights)
+
+
+def _serial_relaxed_edges_backward(m, indptr, grad_w):
+    """relaxed_edges_backward, node by node into zeros."""
+    n = len(m)
+    m, grad_w, indptr = m.tolist(), grad_w.tolist(), indptr.tolist()
+    grad_m = [0.0] * n
+    for i in range(n):
+        e, L = indptr[i], indptr[i + 1] - indptr[i]
+        if L == 0:
+            continue
+        mu = 1.0 - m[i - 1] if i > 0 else 1.0
+        P = [1.0] * L
+        for l in range(1, L):
+            P[l] = P[l - 1] * m[i + l - 1]
+        A = gmu = 0.0
+        for l in range(L - 1, -1, -1):
+            g, q = grad_w[e + l], 1.0 - m[i + l]
+            grad_m[i + l] += mu * P[l] * (A - g)
+            gmu += g * P[l] * q
+            A = g * q + m[i + l] * A
+        if i > 0:
+            grad_m[i - 1] -= gmu
+    return np.array(grad_m)
+
+
+def _relax_problem(case, dtype, d=6):
+    """A chain-shaped graph, edge weights, features and upstream gradients.
+
+    "batch": 300 texts of 1-40 characters, weights in [0, 1] with exact 0s
+    and 1s (many cuts); "chain": one text of 2600 characters, weights in
+    (0, 1] with exact 1s and no 0 (one block, however many threads);
+    "mixed": long texts without zero weights between short ones (some blocks
+    merge with the next, some do not)."""
+    rng = np.random.default_rng({"batch": 10, "chain": 11, "mixed": 12}[case])
+    if case == "batch":
+        texts = _texts(rng, 300, 1, 40)
+    elif case == "chain":
+        texts = _texts(rng, 1, 2600, 2601)
+    else:
+        texts = [t for k in (1500, 2300, 700, 1100) for t in _texts(rng, 3, 1, 6) +
+                 _texts(rng, 1, k, k + 1)]
+    g = gr.Graph.from_texts(texts)
+    merge = rng.uniform(0.05, 1.0, g.num_edges)
+    kind = rng.integers(0, 8, g.num_edges)
+    merge[kind == 1] = 1.0
+    if case == "batch":
+        merge[kind == 0] = 0.0
+    n = g.num_nodes
+    H = rng.normal(size=(n, d)).astype(dtype)
+    grads = rng.normal(size=(n, d)).astype(dtype), rng.normal(size=n)
+    return g, merge, H, grads
+
+
+def _relax_run(g, merge, H, grads, rng_seed=0):
+    """The op forward and vjp, and the kernels called directly (streaming
+    too, for float64): every output."""
+    from grapheme import _relax, ops
+
+    op = ops.ChainRelaxation()
+    r, saved = op.forward(g, H, merge)
+    grad_w = np.random.default_rng(rng_seed).normal(size=r.weights.shape[0])
+    gH, gm = op.vjp(saved, grads[0], grads[1], grad_w)
+    gH0, gm0 = op.vjp(saved, grads[0], grads[1], None)
+    _, m, out, D, indptr, _, _ = saved
+    edges_gm = np.zeros(m.shape[0])
+    _relax.relaxed_edges_backward(m, indptr, grad_w, edges_gm)
+    result = [r.features, r.mass, r.weights, r.graph.indptr, r.graph.indices, D,
+              gH, gm, gH0, gm0, edges_gm]
+    if H.dtype == np.float64:
+        n, d = H.shape
+        sout, sD, smass = np.empty((n, d)), np.empty(n), np.empty(n)
+        _relax.relax_chain_forward(H, m, sout, sD, smass, True)
+        sgH, sgm = np.empty((n, d)), np.empty(n)
+        _relax.relax_chain_backward(m, out, D, grads[0], grads[1], sgH, sgm, True)
+        result += [sout, sD, smass, sgH, sgm]
+    return result, (m, indptr, grad_w)
+
+
+def _assert_serial(result, m, indptr, grad_w, H, grads):
+    """``result`` of _relax_run against the serial mirrors."""
+    features, mass, weights, _, _, D, gH, gm, gH0, gm0, edges_gm = result[:11]
+    out, Dref, mref = _serial_relax_forward(H, m)
+    gH_ref, gm_ref = _serial_relax_backward(m, out, Dref, grads[0], grads[1])
+    ew = _serial_relaxed_edges(m, indptr)
+    egm = _serial_relaxed_edges_backward(m, indptr, grad_w)
+    pairs = [(features, out), (D, Dref), (mass, mref), (weights, ew), (edges_gm, egm),
+             (gH, gH_ref), (gH0, gH_ref)]
+    has_next = np.diff(indptr) > 0
+    pairs += [(gm0, gm_ref[has_next]), (gm, (gm_ref + egm)[has_next])]
+    if len(result) > 11:
+        pairs += list(zip(result[11:], (out, Dref, mref, gH_ref, gm_ref)))
+    if EXACT_FLOATS:
+        _assert_identical([[a for a, _ in pairs], [b for _, b in pairs]])
+    else:
+        for a, b in pairs:
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", ["batch", "chain", "mixed"])
+def test_chain_relaxation_equals_the_serial_code(case, dtype):
+    """The relaxation (forward and vjp, the relaxed edges and their
+    gradient; streaming stores too) equals the serial kernels' arithmetic,
+    on OpenMP's default threads (or the serial build)."""
+    from grapheme import _relax
+
+    g, merge, H, grads = _relax_problem(case, dtype)
+    result, (m, indptr, grad_w) = _relax_run(g, merge, H, grads)
+    blocks = _relax.restart_blocks(m)
+    assert blocks[0] == 0 and blocks[-1] == g.num_nodes
+    assert np.all(m[blocks[1:-1] - 1] == 0.0)
+    # relaxed_edges_backward's blocks start after a chain's end
+    edge_blocks = _relax.window_blocks(indptr)
+    assert edge_blocks[0] == 0 and edge_blocks[-1] == g.num_nodes
+    assert np.all(np.diff(indptr)[edge_blocks[1:-1] - 1] == 0)
+    assert set(edge_blocks[1:-1]) <= set(g.offsets.tolist())
+    if case == "chain":
+        assert blocks.tolist() == [0, g.num_nodes]          # nowhere to cut
+        assert edge_blocks.tolist() == [0, g.num_nodes]
+    else:
+        assert len(blocks) - 1 >= (4 if case == "batch" else 2)
+        assert len(edge_blocks) - 1 >= (4 if case == "batch" else 2)
+    _assert_serial(result, m, indptr, grad_w, H, grads)
+
+
+@needs_openmp
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", ["batch", "chain", "mixed"])
+def test_chain_relaxation_bit_identical_across_thread_counts(case, dtype):
+    """Under threadpoolctl's OpenMP limit of 1, 2 and 3 threads, and with
+    the kernels' num_threads = 1, 2, 3: the same bytes, the serial ones."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from grapheme import _relax
+
+    g, merge, H, grads = _relax_problem(case, dtype)
+    runs = []
+    for k in (1, 2, 3):
+        with threadpoolctl.threadpool_limits(limits=k, user_api="openmp"):
+            assert _core.openmp_threads() == k
+            result, (m, indptr, grad_w) = _relax_run(g, merge, H, grads)
+        # the kernels' own num_threads (under a limit of 1: it overrides)
+        with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+            n, d = H.shape
+            out, D, mass = np.empty_like(H), np.empty(n), np.empty(n)
+            _relax.relax_chain_forward(H, m, out, D, mass, num_threads=k)
+            gH, gm = np.empty_like(H), np.empty(n)
+            _relax.relax_chain_backward(m, out, D, grads[0], grads[1], gH, gm,
+                                        num_threads=k)
+            counts = np.empty(n, np.int64)
+            has_next = (np.diff(indptr) > 0).astype(np.uint8)
+            _relax.relaxed_edge_counts(m, has_next, counts, num_threads=k)
+            idx, w = np.empty(int(indptr[-1]), indptr.dtype), np.empty(int(indptr[-1]))
+            _relax.relaxed_edges(m, has_next, indptr, idx, w, num_threads=k)
+            egm = np.zeros(n)
+            _relax.relaxed_edges_backward(m, indptr, grad_w, egm, num_threads=k)
+        result += [out, D, mass, gH, gm, counts, idx, w, egm]
+        runs.append(result)
+    _assert_identical(runs)
+    _assert_serial(runs[0][:-9], m, indptr, grad_w, H, grads)
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
