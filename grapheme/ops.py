@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core, _products, _relax
+from ._threads import one_pool
 from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
                           frozen)
 from .graph import Graph, chain_sources, contract_edges, merge_edges
@@ -708,6 +709,7 @@ class MessagePassing(Operation):
     inputs = ("features", "self", "pred", "succ", "bias")
     outputs = ("features",)
 
+    @one_pool   # its products call BLAS from OpenMP threads: BLAS on one
     def forward(self, graph, features, w_self, w_pred, w_succ, bias, workspace=None,
                 name=""):
         """``workspace`` (a :class:`grapheme._workspace.Workspace`, optional):
@@ -734,6 +736,7 @@ class MessagePassing(Operation):
         out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt))
         return MessageResult(out), (edges, cat, t, w_cat)
 
+    @one_pool
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """``workspace``: as for :meth:`forward`; the input gradient lives
         under ``name`` + "grad"."""
@@ -773,6 +776,7 @@ class Linear(Operation):
     inputs = ("features", "weight")
     outputs = ("features",)
 
+    @one_pool   # its products call BLAS from OpenMP threads: BLAS on one
     def forward(self, features, weight, workspace=None, name=""):
         """``workspace``: as for :meth:`MessagePassing.forward`, the result
         under ``name`` + "out"."""
@@ -783,6 +787,7 @@ class Linear(Operation):
                      features.dtype)
         return LinearResult(_matmul(features, weight, out)), (features, weight)
 
+    @one_pool
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """The input gradient under ``name`` + "grad" of ``workspace``."""
         x, w = saved

@@ -257,6 +257,27 @@ def test_blas_steps_aside_while_openmp_runs_the_products():
                     assert seen == [want]
         finally:
             ops.MessagePassing.forward = forward
+        # and so does every operation whose products run in OpenMP blocks,
+        # called by itself (as the PyTorch bridge calls them)
+        from grapheme import _products
+        matmul, inside = _products.matmul, []
+
+        def recording_matmul(*args, **kwargs):
+            inside.append(_blas_threads())
+            return matmul(*args, **kwargs)
+        try:
+            _products.matmul = recording_matmul
+            with threadpool_limits(limits=2, user_api="blas"):
+                W, b = np.zeros((8, 8)), np.zeros(8)
+                H = np.ones((g.num_nodes, 8))
+                _, saved = ops.MessagePassing().forward(g, H, W, W, W, b)
+                ops.MessagePassing().vjp(saved, H)
+                _, saved = ops.Linear().forward(H, W)
+                ops.Linear().vjp(saved, H)
+                assert _blas_threads() == 2
+            assert inside == [1, 1, 1, 1]
+        finally:
+            _products.matmul = matmul
 
 
 @needs_openmp
