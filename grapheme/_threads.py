@@ -20,7 +20,12 @@ runs more than one: one pool for the whole step, every kernel on every
 core. Without OpenMP (a serial build) the products are numpy's and nothing
 is limited. The limit is undone when the step ends; OpenMP's thread count
 (``OMP_NUM_THREADS``, ``threadpool_limits(n, user_api="openmp")``) is the
-step's.
+step's. BLAS has no per-thread setting, so while a step runs the limit is
+the whole process's, as with scikit-learn's: another Python thread's BLAS
+calls then run on one thread, and with steps in several Python threads at
+once the first to end restores BLAS's count while the others run (their
+blocks then call a multi-threaded BLAS: the same results, more threads
+than cores).
 """
 import contextlib
 import functools
