@@ -24,7 +24,7 @@ step's. BLAS has no per-thread setting, so while a step runs the limit is
 the whole process's, as with scikit-learn's: another Python thread's BLAS
 calls then run on one thread, and with steps in several Python threads at
 once the first to end restores BLAS's count while the others run (their
-blocks then call a multi-threaded BLAS: the same results, more threads
+blocks then call a multi-threaded BLAS: correct results, more threads
 than cores).
 """
 import contextlib
