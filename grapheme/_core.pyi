@@ -75,6 +75,7 @@ def gather(
     node_weights: np.ndarray, # const double[::1] IN (n,), or (0,) for 1 / |output|
     x: np.ndarray,            # const floating[:, ::1] IN (n, d)
     out: np.ndarray,          # floating[:, ::1] OUT (k, d)
+    num_threads: int = 0,     # threads; 0: OpenMP's default
 ) -> None: ...
 def scatter(
     cluster: np.ndarray,      # const index_t[::1] IN (n,)
@@ -83,6 +84,7 @@ def scatter(
     g: np.ndarray,            # const floating[:, ::1] IN (k, d)
     out: np.ndarray,          # floating[:, ::1] OUT (n, d)
     stream: bool = False,     # write out with non-temporal stores
+    num_threads: int = 0,     # threads; 0: OpenMP's default
 ) -> None: ...
 
 STREAM_MIN_BYTES: int

@@ -1,0 +1,23 @@
+# Stubs for the encoder's matrix products in _products.pyx (private; callers
+# validate, see grapheme.ops._matmul). Each parameter is commented with its
+# Cython type; IN arrays are const memoryviews, OUT arrays are written.
+# floating is float or double, one for all arrays of a call.
+import numpy as np
+
+ROWS: int      # rows per block of matmul
+TN_ROWS: int   # rows per block of matmul_tn
+
+def matmul(
+    a: np.ndarray,             # const floating[:, ::1] IN (n, k)
+    b: np.ndarray,             # const floating[:, ::1] IN (k, m), or (m, k) if transpose_b
+    out: np.ndarray,           # floating[:, ::1] OUT (n, m), not overlapping a or b
+    transpose_b: bool = False,
+    num_threads: int = 0,      # threads; 0: OpenMP's default
+) -> None: ...
+def matmul_tn(
+    a: np.ndarray,             # const floating[:, ::1] IN (n, k)
+    g: np.ndarray,             # const floating[:, ::1] IN (n, m)
+    out: np.ndarray,           # floating[:, ::1] OUT (k, m) = a.T @ g
+    parts: np.ndarray,         # floating[:, :, ::1] scratch (>= ceil(n / TN_ROWS), k, m)
+    num_threads: int = 0,      # threads; 0: OpenMP's default
+) -> None: ...
