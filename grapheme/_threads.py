@@ -57,11 +57,12 @@ def _get_controller():
 
 @contextlib.contextmanager
 def single_pool(active=True):
-    """Inside: BLAS runs one thread if ``active``, grapheme is built with
-    OpenMP and OpenMP runs more than one thread (the products then run on
-    OpenMP's threads, :func:`grapheme.ops._matmul`); otherwise nothing
-    changes."""
-    ctl = _get_controller() if active and _core.openmp_threads() > 1 else None
+    """Inside: BLAS runs one thread if ``active`` and grapheme is built
+    with OpenMP (the products then run in OpenMP blocks,
+    :func:`grapheme.ops._matmul`, each block one BLAS call), whatever
+    OpenMP's own count: a block's bits must not depend on BLAS's threads
+    either. Without OpenMP nothing changes."""
+    ctl = _get_controller() if active and _core.openmp_threads() > 0 else None
     if ctl is not None:
         blas = ctl.select(user_api="blas").lib_controllers
         if max((lib.num_threads for lib in blas), default=1) > 1:
