@@ -534,6 +534,31 @@ cdef inline void _zero(floating* dst, intp_t d) noexcept nogil:
         dst[t] = 0.0
 
 
+def _check_pool(const index_t[::1] cluster, const index_t[::1] hist_indptr,
+                const double[::1] node_weights, intp_t n, intp_t k, intp_t d, intp_t d2,
+                str name):
+    """The shapes gather and scatter read, and that every cluster label is
+    an output (O(n)): the kernels index with them unchecked."""
+    cdef intp_t i
+    cdef index_t c
+    if cluster.shape[0] != n or hist_indptr.shape[0] != k + 1 or d2 != d:
+        raise ValueError(f"{name}: cluster ({cluster.shape[0]},), hist_indptr "
+                         f"({hist_indptr.shape[0]},), {n} input and {k} output rows of "
+                         f"{d2} and {d} columns disagree")
+    if node_weights.shape[0] not in (0, n):
+        raise ValueError(f"{name}: node_weights must have 0 or {n} entries, "
+                         f"got {node_weights.shape[0]}")
+    for i in range(n):
+        c = cluster[i]
+        if c < 0 or c >= k:
+            raise ValueError(f"{name}: cluster[{i}] = {c} is not an output of {k}")
+    if hist_indptr[0] != 0 or hist_indptr[k] != n:
+        raise ValueError(f"{name}: hist_indptr must run from 0 to {n}")
+    for i in range(k):
+        if hist_indptr[i + 1] < hist_indptr[i]:
+            raise ValueError(f"{name}: hist_indptr must not decrease")
+
+
 def gather(const index_t[::1] cluster,      # IN  (n,)
            const index_t[::1] hist_indptr,  # IN  (k+1,)
            const index_t[::1] members,      # IN  (n,), ascending within an output
@@ -554,6 +579,12 @@ def gather(const index_t[::1] cluster,      # IN  (n,)
     a float32 row adds ``float(w) x[i]`` in float).
     """
     cdef intp_t k = out.shape[0], d = out.shape[1], n = x.shape[0], c, i, j, b, t
+    _check_pool(cluster, hist_indptr, node_weights, n, k, d, x.shape[1], "gather")
+    if members.shape[0] != n:
+        raise ValueError(f"gather: members has {members.shape[0]} entries, x {n} rows")
+    for i in range(n):
+        if members[i] < 0 or members[i] >= n:
+            raise ValueError(f"gather: members[{i}] = {members[i]} is not an input of {n}")
     cdef intp_t nb = (k + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
     cdef int nt = num_threads_for(num_threads, nb)
     cdef bint weighted = node_weights.shape[0] != 0
@@ -627,6 +658,7 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
     written normally), fenced at the end of every block.
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], i, c, b
+    _check_pool(cluster, hist_indptr, node_weights, n, g.shape[0], d, g.shape[1], "scatter")
     cdef intp_t nb = (n + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
     cdef int nt = num_threads_for(num_threads, nb)
     cdef bint weighted = node_weights.shape[0] != 0

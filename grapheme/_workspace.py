@@ -3,7 +3,7 @@ import numpy as np
 
 from ._validation import check_dtype
 
-__all__ = ["Workspace"]
+__all__ = ["Workspace", "check_workspace"]
 
 
 class Workspace:
@@ -40,3 +40,11 @@ class Workspace:
             buf = self._arrays[name] = np.empty(max(size, 0 if buf is None else
                                                     buf.size * 3 // 2), dtype=dtype)
         return buf[:size].reshape(shape)
+
+
+def check_workspace(workspace, name="workspace"):
+    """``workspace`` if it is a :class:`Workspace` or None, else TypeError."""
+    if workspace is not None and not isinstance(workspace, Workspace):
+        raise TypeError(f"{name} must be a grapheme._workspace.Workspace or None, "
+                        f"got {type(workspace).__name__}")
+    return workspace

@@ -6,7 +6,8 @@ import numpy as np
 from ._threads import one_pool
 from ._validation import (as_float_array, check_allocation, check_dtype, check_graph,
                           check_scalar)
-from .ops import Linear, MessagePassing
+from ._workspace import check_workspace
+from .ops import Linear, MessagePassing, _alloc
 
 __all__ = ["Encoder", "EncodeResult"]
 
@@ -116,6 +117,7 @@ class Encoder:
         ``forward``: bit for bit the same numbers, without paying a fresh
         array's page faults per product."""
         check_graph(graph, "graph")
+        check_workspace(workspace)
         h = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, self.dim),
                            dtype=self.dtype)
         saved = []
@@ -134,15 +136,18 @@ class Encoder:
         """Gradient of the input features, and of every parameter (a dict).
         Pure without ``workspace`` (see :meth:`forward`)."""
         layers, sq, sk = saved
-        if self.dtype != np.float64:   # upstream gradients in the encoder's dtype
-            grad_features, grad_queries, grad_keys = (
-                None if g is None else as_float_array(g, name, finite=False, dtype=self.dtype)
-                for g, name in ((grad_features, "grad_features"),
-                                (grad_queries, "grad_queries"), (grad_keys, "grad_keys")))
-        grads = {}
+        check_workspace(workspace)
         n, d = sq[0].shape
-        grad_h = (np.empty((n, d), self.dtype) if workspace is None else
-                  workspace("encoder.grad", (n, d), self.dtype))
+        # upstream gradients: (n, d), in the encoder's dtype
+        grad_features, grad_queries, grad_keys = (
+            None if g is None else as_float_array(g, name, shape=(n, d), finite=False,
+                                                  dtype=self.dtype)
+            for g, name in ((grad_features, "grad_features"),
+                            (grad_queries, "grad_queries"), (grad_keys, "grad_keys")))
+        grads = {}
+        grad_h = _alloc(workspace, "encoder.grad", n, d, self.dtype,
+                        {"grad_features": grad_features, "grad_queries": grad_queries,
+                         "grad_keys": grad_keys})
         base = grad_features
         for name, s, g in (("query", sq, grad_queries), ("key", sk, grad_keys)):
             gx, gw = Linear().vjp(s, g, workspace, "projection.")

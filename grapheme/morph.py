@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ._validation import KEEP, as_float_array, check_graph, check_out, check_scalar
+from ._workspace import check_workspace
 from .estimators import Hard, make_estimator
 from .ops import EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
 from .rate import RateController
@@ -193,8 +194,11 @@ class Morpher:
 
         ``workspace`` (a :class:`grapheme._workspace.Workspace`, optional, as
         the ``Trainer`` passes): the morphed graph's features live in it,
-        valid until the workspace's next ``forward``; the same numbers as
-        without one, without a fresh (n, d) array's page faults per step.
+        and so does what :meth:`vjp` reads: both are valid until the
+        workspace's next ``forward`` (take the ``vjp`` before it). The same
+        numbers as without one, without a fresh (n, d) array's page faults
+        per step. ``features`` must not live in the array the morph writes
+        (a ValueError says which).
 
         Pure: the morpher's state (``theta``, the estimator's step count and
         baseline, the rate multiplier) is read, never changed.
@@ -212,6 +216,7 @@ class Morpher:
             the candidate edges are not chain-shaped.
         """
         check_graph(graph, "graph")
+        check_workspace(workspace)
         features, route = self._check_inputs(graph, features, queries, keys)
         return self._morph(graph, features, self.estimator, self.rate, route, shard,
                            workspace)

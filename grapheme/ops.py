@@ -183,6 +183,7 @@ class FeatureMean(Operation):
     outputs = ("activation",)
 
     def forward(self, features):
+        features = as_float_array(features, "features", ndim=2, dtype=KEEP)
         return FeatureMeanResult(feature_mean(features)), features.shape + (features.dtype,)
 
     def vjp(self, saved, grad_activation, out=None):
@@ -208,9 +209,11 @@ class FeatureMean(Operation):
         d`` of shape (n, 1): a linear map that acts row by row (a merge's
         scatter) can route it and broadcast the result, instead of routing
         all ``d`` equal columns."""
-        d = saved[1]
-        g = np.asarray(grad_activation, np.float64)[:, None] / d
-        return g.astype(_saved_dtype(saved, 2), copy=False)
+        n, d = saved[:2]
+        g = as_float_array(grad_activation, "grad_activation", shape=(n,), finite=False)
+        if d == 0:
+            return np.zeros((n, 1), _saved_dtype(saved, 2))
+        return (g[:, None] / d).astype(_saved_dtype(saved, 2), copy=False)
 
 
 def _zero(out):
@@ -475,11 +478,14 @@ class ChainRelaxation(Operation):
         check_graph(graph, "graph")
         features = check_features(graph, features)
         merge = as_float_array(merge, "merge", shape=(graph.num_edges,))
+        if merge.size and not (merge.min() >= 0.0 and merge.max() <= 1.0):
+            raise ValueError("merge must lie in [0, 1] (merge weights, probabilities), got "
+                             f"values in [{merge.min()}, {merge.max()}]")
         src = chain_sources(graph)
         n, d = features.shape
         m = np.zeros(n)
         m[src] = merge
-        out = _alloc(workspace, "relax.features", n, d, features.dtype)
+        out = _alloc(workspace, "relax.features", n, d, features.dtype, {"features": features})
         D = np.empty(n)
         mass = np.empty(n)
         _relax.relax_chain_forward(features, m, out, D, mass, False)
@@ -620,9 +626,18 @@ class RatePenalty(Operation):
         return f"RatePenalty(target={self.target}, weight={self.weight})"
 
 
-def _alloc(workspace, name, n, d, dtype=np.float64):
-    """A fresh (n, d) array of ``dtype``, or the workspace's view named ``name``."""
-    return np.empty((n, d), dtype) if workspace is None else workspace(name, (n, d), dtype)
+def _alloc(workspace, name, n, d, dtype=np.float64, apart=None):
+    """A fresh (n, d) array of ``dtype``, or the workspace's view named
+    ``name``, which must not overlap the arrays of ``apart`` (``{argument
+    name: array}``, the call's inputs): the call is about to write it."""
+    if workspace is None:
+        return np.empty((n, d), dtype)
+    out = workspace(name, (n, d), dtype)
+    for arg, arr in (apart or {}).items():
+        if arr is not None and np.may_share_memory(out, arr):
+            raise ValueError(f"{arg} lies in the workspace's array {name!r}, which this "
+                             f"call writes: pass a copy, or give the call another name")
+    return out
 
 
 def check_features(graph, features, name="features"):
@@ -665,6 +680,10 @@ def _matmul_tn(a, g, workspace=None, name=""):
     shape = (blocks, k, m)
     parts = np.empty(shape, a.dtype) if workspace is None else workspace(
         name + "parts", shape, a.dtype)
+    if workspace is not None and (np.may_share_memory(parts, a)
+                                  or np.may_share_memory(parts, g)):
+        raise ValueError(f"an input lies in the workspace's array {name + 'parts'!r}, which "
+                         f"this call writes: pass a copy, or give the call another name")
     _products.matmul_tn(a, g, out, parts)
     return out
 
@@ -726,14 +745,15 @@ class MessagePassing(Operation):
         bias = as_float_array(bias, "bias", shape=(d,), dtype=dt)
         # [h, P, S] side by side, so that the three products are one,
         # (n, 3d) @ (3d, d): t = tanh(h W_self + P W_pred + S W_succ + b)
-        cat = _alloc(workspace, name + "cat", n, 3 * d, dt)
+        apart = {"features": features}
+        cat = _alloc(workspace, name + "cat", n, 3 * d, dt, apart)
         edges = _both_ways(graph)
         _core.stack_neighbours(*edges, features, cat)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
-        t = _matmul(cat, w_cat, _alloc(workspace, name + "t", n, d, dt))
+        t = _matmul(cat, w_cat, _alloc(workspace, name + "t", n, d, dt, apart))
         t += bias
         np.tanh(t, out=t)     # numpy's SIMD tanh; a compiled libm loop took 6x longer
-        out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt))
+        out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt, apart))
         return MessageResult(out), (edges, cat, t, w_cat)
 
     @one_pool
@@ -747,13 +767,14 @@ class MessagePassing(Operation):
             return (np.zeros((n, d), dt), np.zeros((d, d), dt), np.zeros((d, d), dt),
                     np.zeros((d, d), dt), np.zeros(d, dt))
         g = optional_grad(grad_features, "grad_features", (n, d), finite=False, dtype=dt)
-        gz, grad_bias = _alloc(workspace, "message.gz", n, d, dt), np.empty(d, dt)
+        apart = {"grad_features": g}
+        gz, grad_bias = _alloc(workspace, "message.gz", n, d, dt, apart), np.empty(d, dt)
         _core.tanh_backward(t, g, gz, grad_bias)   # gz = g (1 - t^2)
         # the gradients of [h, P, S] in one product, of the weights in another
-        gcat = _matmul(gz, w_cat, _alloc(workspace, "message.gcat", n, 3 * d, dt), True)
+        gcat = _matmul(gz, w_cat, _alloc(workspace, "message.gcat", n, 3 * d, dt, apart), True)
         # grad_h = g + gH + A gP + A^T gS (the adjoint of the predecessor sum
         # is the successor sum, and back)
-        grad_h = _alloc(workspace, name + "grad", n, d, dt)
+        grad_h = _alloc(workspace, name + "grad", n, d, dt, apart)
         _core.stack_neighbours_adjoint(*edges, g, gcat, grad_h)
         gw = _matmul_tn(cat, gz, workspace, "message.")
         return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], grad_bias
@@ -784,7 +805,7 @@ class Linear(Operation):
         weight = as_float_array(weight, "weight", shape=(features.shape[1], None),
                                 dtype=features.dtype)
         out = _alloc(workspace, name + "out", features.shape[0], weight.shape[1],
-                     features.dtype)
+                     features.dtype, {"features": features, "weight": weight})
         return LinearResult(_matmul(features, weight, out)), (features, weight)
 
     @one_pool
@@ -795,7 +816,8 @@ class Linear(Operation):
             return np.zeros_like(x), np.zeros_like(w)
         grad_features = optional_grad(grad_features, "grad_features", (x.shape[0], w.shape[1]),
                                       finite=False, dtype=x.dtype)
-        gx = _matmul(grad_features, w, _alloc(workspace, name + "grad", *x.shape, x.dtype),
+        gx = _matmul(grad_features, w, _alloc(workspace, name + "grad", *x.shape, x.dtype,
+                                              {"grad_features": grad_features, "features": x}),
                      True)
         return gx, _matmul_tn(x, grad_features, workspace, name)
 

@@ -311,3 +311,97 @@ def test_cli_checkpoint_errors_never_advise_pickle(tmp_path, data_dir):
         code, err = _cli("eval", "--checkpoint", path, "--data", data_dir / "train.jsonl")
         assert code == 2 and message in err and "pickle" not in err
         assert err.count("\n") == 1
+
+
+# --- from this session's attack on the workspace and the new operations -----
+def test_workspace_inputs_that_a_call_would_overwrite_are_refused():
+    """An input living in the workspace array a call writes used to give
+    wrong numbers silently (Linear chained under one name, an encoder fed
+    its own projection buffer, the relaxation fed its own output buffer)."""
+    from grapheme import ops
+    from grapheme._workspace import Workspace
+
+    rng = np.random.default_rng(0)
+    ws = Workspace()
+    X, W = rng.normal(size=(2000, 64)), rng.normal(size=(64, 64))
+    (y1,), _ = ops.Linear().forward(X, W, workspace=ws, name="proj.")
+    with pytest.raises(ValueError, match="features lies in the workspace's array 'proj.out'"):
+        ops.Linear().forward(y1, W, workspace=ws, name="proj.")
+    (y2,), saved = ops.Linear().forward(y1, W, workspace=ws, name="other.")
+    np.testing.assert_allclose(y2, (X @ W) @ W, rtol=1e-12)
+    G = ws("p.grad", (2000, 64))
+    G[...] = 1.0
+    with pytest.raises(ValueError, match="grad_features lies in the workspace's array 'p.grad'"):
+        ops.Linear().vjp(saved, G, workspace=ws, name="p.")
+
+    g = gr.Graph.from_text("ab" * 50)
+    F = ws("query.out", (g.num_nodes, 8))
+    F[...] = rng.normal(size=F.shape)
+    with pytest.raises(ValueError, match="features lies in the workspace's array 'query.out'"):
+        gr.Encoder(8, layers=0).forward(g, F, workspace=ws)
+    R = ws("relax.features", (g.num_nodes, 8))
+    R[...] = 1.0
+    with pytest.raises(ValueError, match="features lies in the workspace's array"):
+        gr.Morpher(threshold=0.0, estimator="ste").forward(g, R, workspace=ws)
+    for bad in ({}, 1, "ws"):
+        with pytest.raises(TypeError, match="workspace must be"):
+            gr.Morpher().forward(g, np.ones((g.num_nodes, 2)), workspace=bad)
+        with pytest.raises(TypeError, match="workspace must be"):
+            gr.Encoder(2, layers=1).forward(g, np.ones((g.num_nodes, 2)), workspace=bad)
+
+
+def test_feature_mean_checks_its_arguments():
+    from grapheme import ops
+
+    op = ops.FeatureMean()
+    (a,), saved = op.forward(np.array([[1, 2, 3], [4, 5, 6]]))   # ints are numbers
+    assert a.tolist() == [2.0, 5.0]
+    np.testing.assert_array_equal(op.vjp(saved, np.array([3.0, 3.0]))[0], np.ones((2, 3)))
+    for bad in (np.ones(3), np.ones((2, 3)), 1.0):
+        with pytest.raises(ValueError, match="grad_activation"):
+            op.vjp(saved, bad)
+    with pytest.raises(TypeError, match="grad_activation"):
+        op.vjp(saved, np.array([1 + 1j, 2]))
+    with pytest.raises(ValueError, match="grad_activation"):
+        ops.FeatureMean.vjp_column(saved, np.ones(10))
+    with pytest.raises(ValueError, match="features"):
+        op.forward(np.ones(3))
+    assert ops.FeatureMean.vjp_column((2, 0), np.ones(2)).tolist() == [[0.0], [0.0]]
+
+
+def test_relaxation_refuses_merge_weights_outside_0_1():
+    from grapheme import ops
+
+    g = gr.Graph.from_text("abc")
+    for bad in ([-1.0, 0.0], [2.0, 0.5]):
+        with pytest.raises(ValueError, match=r"merge must lie in \[0, 1\]"):
+            ops.ChainRelaxation().forward(g, np.ones((3, 2)), bad)
+
+
+def test_encoder_vjp_checks_its_gradients():
+    g = gr.Graph.from_text("abcd")
+    enc = gr.Encoder(3, layers=1)
+    _, saved = enc.forward(g, np.ones((4, 3)))
+    for name in ("grad_features", "grad_queries", "grad_keys"):
+        with pytest.raises(ValueError, match=name):
+            enc.vjp(saved, **{name: np.ones((1, 3))})
+        with pytest.raises(TypeError, match=name):
+            enc.vjp(saved, **{name: np.full((4, 3), "x")})
+
+
+def test_history_kernels_check_their_shapes():
+    """The compiled gather and scatter, called with arrays that disagree,
+    used to read past them (a segfault) or return garbage."""
+    from grapheme import _core
+
+    h = gr.MergeHistory(np.arange(1000) // 2)
+    with pytest.raises(ValueError, match="gather"):
+        _core.gather(h.cluster, h.indptr, h.members, np.empty(0), np.ones((10, 4)),
+                     np.empty((500, 4)))
+    with pytest.raises(ValueError, match="gather"):
+        _core.gather(h.cluster, h.indptr, h.members, np.empty(0), np.ones((1000, 1)),
+                     np.empty((500, 64)))
+    with pytest.raises(ValueError, match="scatter"):
+        _core.scatter(h.cluster, h.indptr, np.empty(0), np.ones((10, 4)), np.empty((1000, 4)))
+    with pytest.raises(ValueError, match="node_weights"):
+        _core.scatter(h.cluster, h.indptr, np.ones(3), np.ones((500, 4)), np.empty((1000, 4)))
