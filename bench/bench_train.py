@@ -115,8 +115,10 @@ class ThreadsSuite:
 
     Pairs of 12-24 characters, d = 64, with and without a 2-layer encoder.
     "one thread" is ``threadpoolctl.threadpool_limits(1)``: BLAS and OpenMP
-    both; the other runs unlimited (the kernels' OpenMP threads and BLAS's
-    own). The structural loss alone is timed the same way. On a machine
+    both; the other runs unlimited (the kernels' OpenMP threads, the
+    encoder's products among them; a step with an encoder keeps BLAS itself
+    on one thread, see grapheme/_threads.py). The structural loss alone is
+    timed the same way. On a machine
     shared with other work these ratios say little: every thread competes
     for the same cores.
     """
