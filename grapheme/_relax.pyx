@@ -77,15 +77,26 @@ cdef intp_t _restart_blocks(const double* m, intp_t n, intp_t* bounds) noexcept 
     return nb
 
 
+cdef tuple _chain_blocks(const double[::1] m, intp_t d, bint stream, int num_threads,
+                         object dtype):
+    """What both chain kernels set up: their blocks' bounds (``nb + 1``
+    entries, :c:func:`_restart_blocks`), the threads for them, and one
+    carried row per thread with ``stream`` and ``d > 0`` (else a (1, 1) array
+    whose address stands in for rows that are never touched)."""
+    cdef intp_t n = m.shape[0]
+    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
+    cdef intp_t nb = _restart_blocks(&m[0], n, &bounds[0])
+    cdef int nt = num_threads_for(num_threads, nb)
+    carry = np.empty((nt, d), dtype=dtype) if stream and d else np.empty((1, 1), dtype=dtype)
+    return np.asarray(bounds[:nb + 1]), nt, carry
+
+
 def restart_blocks(const double[::1] m):
     """The blocks the chain kernels split ``m``'s nodes into (for tests):
     their bounds, ``[0, ..., n]`` (int64; ``[0]`` for n = 0)."""
-    cdef intp_t n = m.shape[0], nb
-    if n == 0:
+    if m.shape[0] == 0:
         return np.zeros(1, np.int64)
-    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
-    nb = _restart_blocks(&m[0], n, &bounds[0])
-    return np.asarray(bounds[:nb + 1]).astype(np.int64)
+    return _chain_blocks(m, 0, False, 1, np.float64)[0].astype(np.int64)
 
 
 cdef void _forward_block(const floating* hp, const double* mp, floating* op, double* Dp,
@@ -166,18 +177,15 @@ def relax_chain_forward(
         return
     if floating is float:
         stream = False
-    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
     cdef const double* mp = &m[0]
-    nb = _restart_blocks(mp, n, &bounds[0])
-    cdef int nt = num_threads_for(num_threads, nb)
-    cdef floating spare = 0.0
-    cdef floating* p = &spare  # the carried rows, one per thread, with stream and d > 0
-    cdef intp_t pstride = 0
-    cdef floating[:, ::1] carry
-    if stream and d:
-        carry = np.empty((nt, d), dtype=np.float64 if floating is double else np.float32)
-        p = &carry[0, 0]
-        pstride = d
+    cdef int nt
+    bounds_arr, nt, carry_arr = _chain_blocks(m, d, stream, num_threads,
+                                              np.float64 if floating is double else np.float32)
+    cdef intp_t[::1] bounds = bounds_arr
+    cdef floating[:, ::1] carry = carry_arr
+    nb = bounds.shape[0] - 1
+    cdef floating* p = &carry[0, 0]  # the carried rows, one per thread, with stream
+    cdef intp_t pstride = carry.shape[1] if stream and d else 0
     cdef double* Dp = &D[0]
     cdef double* massp = &mass[0]
     # with d == 0 no row is touched; any valid address will do
@@ -283,18 +291,15 @@ def relax_chain_backward(
         return
     if floating is float:
         stream = False
-    cdef intp_t[::1] bounds = np.empty(n // _BLOCK_ROWS + 2, dtype=np.intp)
     cdef const double* mp = &m[0]
-    nb = _restart_blocks(mp, n, &bounds[0])
-    cdef int nt = num_threads_for(num_threads, nb)
-    cdef floating spare = 0.0
-    cdef floating* p = &spare  # the carried rows, one per thread, with stream and d > 0
-    cdef intp_t pstride = 0
-    cdef floating[:, ::1] carry
-    if stream and d:
-        carry = np.empty((nt, d), dtype=np.float64 if floating is double else np.float32)
-        p = &carry[0, 0]
-        pstride = d
+    cdef int nt
+    bounds_arr, nt, carry_arr = _chain_blocks(m, d, stream, num_threads,
+                                              np.float64 if floating is double else np.float32)
+    cdef intp_t[::1] bounds = bounds_arr
+    cdef floating[:, ::1] carry = carry_arr
+    nb = bounds.shape[0] - 1
+    cdef floating* p = &carry[0, 0]  # the carried rows, one per thread, with stream
+    cdef intp_t pstride = carry.shape[1] if stream and d else 0
     cdef const double* Dp = &D[0]
     cdef const double* gmassp = &grad_mass[0]
     cdef double* gmp = &grad_m[0]
