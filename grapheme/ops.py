@@ -626,13 +626,15 @@ class RatePenalty(Operation):
         return f"RatePenalty(target={self.target}, weight={self.weight})"
 
 
-def _alloc(workspace, name, n, d, dtype=np.float64, apart=None):
-    """A fresh (n, d) array of ``dtype``, or the workspace's view named
-    ``name``, which must not overlap the arrays of ``apart`` (``{argument
-    name: array}``, the call's inputs): the call is about to write it."""
+def _alloc(workspace, name, n, d, dtype=np.float64, apart=None, shape=None):
+    """A fresh (n, d) array of ``dtype`` (or of ``shape``), or the
+    workspace's view named ``name``, which must not overlap the arrays of
+    ``apart`` (``{argument name: array}``, the call's inputs): the call is
+    about to write it."""
+    shape = (n, d) if shape is None else shape
     if workspace is None:
-        return np.empty((n, d), dtype)
-    out = workspace(name, (n, d), dtype)
+        return np.empty(shape, dtype)
+    out = workspace(name, shape, dtype)
     for arg, arr in (apart or {}).items():
         if arr is not None and np.may_share_memory(out, arr):
             raise ValueError(f"{arg} lies in the workspace's array {name!r}, which this "
@@ -667,23 +669,19 @@ def _matmul(a, b, out, transpose_b=False):
     return out
 
 
-def _matmul_tn(a, g, workspace=None, name=""):
+def _matmul_tn(a, g, workspace=None, name="", names=("a", "g")):
     """``a.T @ g`` (a fresh (k, m) array), the product over rows a weight
     gradient is: the blocks' partial products (in ``workspace`` under
     ``name`` + "parts") added in block order, so the bits do not follow the
-    thread count. numpy's ``matmul`` without OpenMP."""
+    thread count. numpy's ``matmul`` without OpenMP. ``names``: how an
+    overlap error calls ``a`` and ``g``."""
     k, m = a.shape[1], g.shape[1]
     out = np.empty((k, m), a.dtype)
     if _core.openmp_threads() == 0:
         return np.matmul(a.T, g, out=out)
     blocks = max(-(-a.shape[0] // _products.TN_ROWS), 1)
-    shape = (blocks, k, m)
-    parts = np.empty(shape, a.dtype) if workspace is None else workspace(
-        name + "parts", shape, a.dtype)
-    if workspace is not None and (np.may_share_memory(parts, a)
-                                  or np.may_share_memory(parts, g)):
-        raise ValueError(f"an input lies in the workspace's array {name + 'parts'!r}, which "
-                         f"this call writes: pass a copy, or give the call another name")
+    parts = _alloc(workspace, name + "parts", None, None, a.dtype, dict(zip(names, (a, g))),
+                   shape=(blocks, k, m))
     _products.matmul_tn(a, g, out, parts)
     return out
 
@@ -819,7 +817,7 @@ class Linear(Operation):
         gx = _matmul(grad_features, w, _alloc(workspace, name + "grad", *x.shape, x.dtype,
                                               {"grad_features": grad_features, "features": x}),
                      True)
-        return gx, _matmul_tn(x, grad_features, workspace, name)
+        return gx, _matmul_tn(x, grad_features, workspace, name, ("features", "grad_features"))
 
 
 class RoutedSimilarity(Operation):
