@@ -195,8 +195,11 @@ class EncoderStepSuite:
     ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
     timed alone on arrays of the same shapes: per layer one forward product
     ``[h, P, S] @ [W_self; W_pred; W_succ]``, (n, 3d) @ (3d, d), and its two
-    backward ones, (n, d) @ (d, 3d) and (3d, n) @ (n, d); per projection
-    (query, key) one forward, two backward (n, d) x (d, d) products.
+    backward ones, the input gradient's (n, 3d) @ (3d, d) and the weight
+    gradient's (3d, n) @ (n, d); per projection (query, key) one forward,
+    two backward (n, d) x (d, d) products. The step stacks ``[h, P, S]``
+    block by block in cache (:func:`grapheme._products.stacked_matmul`);
+    the products alone read a stacked array from memory.
     Issue 12's target: at ``dim = 64``, 2 layers, 256 pairs, the step costs
     at most 1.5x its products (the ratio ``time_matmuls / time_step`` at
     least 0.667). ``time_encoder`` is the encoder's forward and vjp alone,
@@ -224,7 +227,7 @@ class EncoderStepSuite:
         n = self.chars
         self.h, self.w = rng.normal(size=(n, dim)), rng.normal(size=(dim, dim))
         self.cat, self.wcat = rng.normal(size=(n, 3 * dim)), rng.normal(size=(3 * dim, dim))
-        self.out, self.gcat = np.empty((n, dim)), np.empty((n, 3 * dim))
+        self.out = np.empty((n, dim))
         self.layers = layers
         # the encoder alone, forward and vjp, on the step's own graph and
         # features, in the trainer's workspace, with unit upstream gradients
@@ -245,7 +248,7 @@ class EncoderStepSuite:
         with single_pool():
             for _ in range(self.layers):
                 _matmul(self.cat, self.wcat, out)                   # forward
-                _matmul(out, self.wcat, self.gcat, True)            # [h, P, S] gradient
+                _matmul(self.cat, self.wcat, out)                   # h gradient
                 _matmul_tn(self.cat, out, ws, "message.")           # weight gradient
             for _ in range(2):                                      # query, key
                 _matmul(h, w, out)

@@ -107,18 +107,6 @@ def stack_neighbours(
     cat: np.ndarray,        # floating[:, ::1] OUT (n, 3d): [x, A^T x, A x]
     num_threads: int = 0,
 ) -> None: ...
-def stack_neighbours_adjoint(
-    indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
-    indices: np.ndarray,    # const index_t[::1] IN (E,)
-    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
-    t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges
-    t_indices: np.ndarray,  # const index_t[::1] IN (E,)
-    t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
-    grad: np.ndarray,       # const floating[:, ::1] IN (n, d)
-    grad_cat: np.ndarray,   # const floating[:, ::1] IN (n, 3d)
-    out: np.ndarray,        # floating[:, ::1] OUT (n, d)
-    num_threads: int = 0,
-) -> None: ...
 def tanh_backward(
     t: np.ndarray,          # const floating[:, ::1] IN (n, d)
     grad: np.ndarray,       # const floating[:, ::1] IN (n, d)

@@ -17,7 +17,7 @@ from libc.math cimport sqrt, log, cos, sin, M_PI
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
-    floating, row_scale_f, row_add_to_f,
+    floating, row_scale_f, row_add_to_f, _row_add, _row_sum, _stack_row,
 )
 from cython.parallel cimport prange
 
@@ -698,14 +698,6 @@ def scatter(const index_t[::1] cluster,      # IN  (n,)
 # Message passing and routed similarity (the encoder before the morph)
 # ---------------------------------------------------------------------------
 
-cdef inline void _row_add(floating* dst, const floating* src, double w,
-                          intp_t d) noexcept nogil:
-    cdef intp_t t
-    cdef floating wf = <floating>w   # float32 rows: the weight rounded once
-    for t in range(d):
-        dst[t] += wf * src[t]
-
-
 cdef intp_t _row_stride(const floating[:, :] a, str name) except -1:
     """The row stride of ``a`` in elements; its rows must be contiguous."""
     if a.shape[1] > 1 and a.strides[1] != sizeof(floating):
@@ -751,15 +743,6 @@ def transpose_csr(const index_t[::1] indptr,   # IN  (n+1,)
         t_indptr[0] = 0
 
 
-cdef inline void _row_sum(floating* dst, const floating* x, intp_t xs, const index_t* nbr,
-                          const double* w, intp_t lo, intp_t hi, intp_t d) noexcept nogil:
-    """``dst[0:d] += sum_{e in lo..hi} w[e] x[nbr[e]]`` (``w`` NULL: weight 1),
-    edges in order."""
-    cdef intp_t e
-    for e in range(lo, hi):
-        _row_add(dst, x + nbr[e] * xs, w[e] if w != NULL else 1.0, d)
-
-
 def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
                      const index_t[::1] indices,    # IN  (E,)
                      const double[::1] weights,     # IN  (E,), or (0,): every edge weighs 1
@@ -800,58 +783,7 @@ def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
     cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
         for u in prange(n, num_threads=nt, schedule="static"):
-            row = cp + u * 3 * d
-            for t in range(d):
-                row[t] = xp[u * xs + t]
-                row[d + t] = 0.0
-                row[2 * d + t] = 0.0
-            _row_sum(row + d, xp, xs, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
-            _row_sum(row + 2 * d, xp, xs, nb, w, indptr[u], indptr[u + 1], d)
-
-
-def stack_neighbours_adjoint(const index_t[::1] indptr,     # IN  (n+1,) out-edges
-                             const index_t[::1] indices,    # IN  (E,)
-                             const double[::1] weights,     # IN  (E,), or (0,): weight 1
-                             const index_t[::1] t_indptr,   # IN  (n+1,) in-edges
-                             const index_t[::1] t_indices,  # IN  (E,)
-                             const double[::1] t_weights,   # IN  (E,), or (0,)
-                             const floating[:, ::1] grad,   # IN  (n, d) passed through
-                             const floating[:, ::1] grad_cat,  # IN  (n, 3d)
-                             floating[:, ::1] out,          # OUT (n, d)
-                             int num_threads=0):
-    """``out = grad + gX + A gP + A^T gS`` for ``grad_cat = [gX, gP, gS]``:
-    the gradient of ``x`` through :func:`stack_neighbours`, plus ``grad``
-    (a residual branch's). Row ``u`` adds ``w_e gP[v]`` over its out-edges
-    and ``w_e gS[u']`` over its in-edges: rows in parallel, in a fixed order
-    (as :func:`stack_neighbours`). ``out`` must overlap neither input.
-    float32 or float64, as :func:`stack_neighbours`. O((n + E) d).
-    """
-    cdef intp_t n = out.shape[0], d = out.shape[1], u, t
-    if (grad.shape[0] != n or grad.shape[1] != d or grad_cat.shape[0] != n
-            or grad_cat.shape[1] != 3 * d or indptr.shape[0] != n + 1
-            or t_indptr.shape[0] != n + 1 or t_indices.shape[0] != indices.shape[0]
-            or t_weights.shape[0] != weights.shape[0]):
-        raise ValueError("stack_neighbours_adjoint: grad and out must be (n, d), grad_cat "
-                         "(n, 3d), indptr and t_indptr (n + 1,), the transpose as large "
-                         "as the graph")
-    if n == 0 or d == 0:
-        return
-    cdef const index_t* nb = &indices[0] if indices.shape[0] else NULL
-    cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
-    cdef const double* w = &weights[0] if weights.shape[0] else NULL
-    cdef const double* t_w = &t_weights[0] if t_weights.shape[0] else NULL
-    cdef const floating* gp = &grad[0, 0]
-    cdef const floating* gc = &grad_cat[0, 0]
-    cdef floating* op = &out[0, 0]
-    cdef floating* row
-    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
-    with nogil:
-        for u in prange(n, num_threads=nt, schedule="static"):
-            row = op + u * d
-            for t in range(d):
-                row[t] = gp[u * d + t] + gc[u * 3 * d + t]
-            _row_sum(row, gc + d, 3 * d, nb, w, indptr[u], indptr[u + 1], d)
-            _row_sum(row, gc + 2 * d, 3 * d, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
+            _stack_row(cp + u * 3 * d, xp, xs, u, &indptr[0], nb, w, &t_indptr[0], t_nb, t_w, d)
 
 
 def tanh_backward(const floating[:, ::1] t,    # IN  (n, d) tanh(z)

@@ -21,3 +21,31 @@ def matmul_tn(
     parts: np.ndarray,         # floating[:, :, ::1] scratch (>= ceil(n / TN_ROWS), k, m)
     num_threads: int = 0,      # threads; 0: OpenMP's default
 ) -> None: ...
+def stacked_matmul(
+    indptr: np.ndarray,        # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,       # const index_t[::1] IN (E,)
+    weights: np.ndarray,       # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,      # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,     # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,     # const double[::1] IN (E,) or (0,)
+    x: np.ndarray,             # const floating[:, :] IN (n, d), contiguous rows
+    w: np.ndarray,             # const floating[:, ::1] IN (3d, m)
+    out: np.ndarray,           # floating[:, ::1] OUT (n, m) = [x, P, S] @ w + init
+    init: np.ndarray,          # const floating[:, ::1] IN (n, m), or (1, m) for every row
+    scratch: np.ndarray,       # floating[:, :, ::1] scratch (threads, >= ROWS, 3d)
+    num_threads: int = 0,      # threads; 0: OpenMP's default
+) -> None: ...
+def stacked_matmul_tn(
+    indptr: np.ndarray,        # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,       # const index_t[::1] IN (E,)
+    weights: np.ndarray,       # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,      # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,     # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,     # const double[::1] IN (E,) or (0,)
+    x: np.ndarray,             # const floating[:, :] IN (n, d), contiguous rows
+    g: np.ndarray,             # const floating[:, ::1] IN (n, m)
+    out: np.ndarray,           # floating[:, ::1] OUT (3d, m) = [x, P, S].T @ g
+    parts: np.ndarray,         # floating[:, :, ::1] scratch (>= ceil(n / TN_ROWS), 3d, m)
+    scratch: np.ndarray,       # floating[:, :, ::1] scratch (threads, >= ROWS, 3d)
+    num_threads: int = 0,      # threads; 0: OpenMP's default
+) -> None: ...

@@ -17,10 +17,10 @@ Row-major arrays are column-major transposes, so ``C = A op(B)`` is the
 column-major ``C^T = op(B)^T A^T``: BLAS is called with the operands
 swapped.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
-from grapheme._types cimport floating, intp_t, num_threads_for
+from grapheme._types cimport floating, index_t, intp_t, num_threads_for, _stack_row
 
 #: Rows per block of :func:`matmul`; blocks of :func:`matmul_tn` are
 #: ``TN_ROWS``. Fixed, so the bits never follow the thread count.
@@ -84,7 +84,7 @@ def matmul_tn(const floating[:, ::1] a, const floating[:, ::1] g, floating[:, ::
     :data:`TN_ROWS` rows makes its partial product in ``parts`` (at least
     ``ceil(n / TN_ROWS)`` (k, m) slabs, scratch the caller owns), and the
     partials are added in block order. O(n k m)."""
-    cdef intp_t n = a.shape[0], k = a.shape[1], m = g.shape[1], blk, lo, rows, i
+    cdef intp_t n = a.shape[0], k = a.shape[1], m = g.shape[1], blk, lo, rows
     cdef intp_t nb = (n + _TN_ROWS - 1) // _TN_ROWS
     if g.shape[0] != n or out.shape[0] != k or out.shape[1] != m:
         raise ValueError(f"matmul_tn: shapes a ({a.shape[0]}, {a.shape[1]}), g ({g.shape[0]}, "
@@ -98,9 +98,6 @@ def matmul_tn(const floating[:, ::1] a, const floating[:, ::1] g, floating[:, ::
         out[...] = 0
         return
     cdef int nt = num_threads_for(num_threads, nb)
-    cdef intp_t size = k * m
-    cdef floating* acc
-    cdef floating* part
     with nogil:
         for blk in prange(nb, num_threads=nt, schedule="static"):
             lo = blk * _TN_ROWS
@@ -108,11 +105,163 @@ def matmul_tn(const floating[:, ::1] a, const floating[:, ::1] g, floating[:, ::
             # column-major: part^T (m, k) = g_blk^T (m, rows) @ a_blk (rows, k)
             _gemm(b"N", b"T", <int>m, <int>k, <int>rows, &g[lo, 0], <int>m, &a[lo, 0],
                   <int>k, 0, &parts[blk, 0, 0], <int>m)
-        acc = &out[0, 0]
-        part = &parts[0, 0, 0]
+        _add_parts(&out[0, 0], &parts[0, 0, 0], nb, k * m)
+
+
+cdef void _add_parts(floating* out, const floating* parts, intp_t nb,
+                     intp_t size) noexcept nogil:
+    """``out[0:size]`` = the sum of ``nb`` contiguous slabs of ``size`` at
+    ``parts``, added in slab order (the fixed reduction order)."""
+    cdef intp_t blk, i
+    cdef const floating* part
+    for i in range(size):
+        out[i] = parts[i]
+    for blk in range(1, nb):
+        part = parts + blk * size
         for i in range(size):
-            acc[i] = part[i]
-        for blk in range(1, nb):
-            part = &parts[blk, 0, 0]
-            for i in range(size):
-                acc[i] += part[i]
+            out[i] += part[i]
+
+
+# ---------------------------------------------------------------------------
+# A message-passing layer's products, fused with its neighbour sums: the
+# block's rows of [x, P, S] are stacked into a per-thread scratch slab (in
+# cache) just before its BLAS call, so the (n, 3d) stack is never written
+# out and read back. Same blocks, same BLAS calls as matmul / matmul_tn on a
+# stacked array, so the same bits on any thread count.
+# ---------------------------------------------------------------------------
+
+cdef inline void _stack_block(floating* buf, const floating* x, intp_t xs, intp_t lo,
+                              intp_t rows, const index_t* indptr, const index_t* nb,
+                              const double* w, const index_t* t_indptr, const index_t* t_nb,
+                              const double* t_w, intp_t d) noexcept nogil:
+    cdef intp_t r
+    for r in range(rows):
+        _stack_row(buf + r * 3 * d, x, xs, lo + r, indptr, nb, w, t_indptr, t_nb, t_w, d)
+
+
+cdef int _check_stacked(str fn, intp_t n, intp_t d, intp_t indptr_len, intp_t t_indptr_len,
+                        intp_t n_edges, intp_t t_edges, intp_t n_w, intp_t t_w,
+                        intp_t scratch_rows, intp_t scratch_cols, intp_t x_stride,
+                        intp_t item) except -1:
+    if indptr_len != n + 1 or t_indptr_len != n + 1 or t_edges != n_edges or t_w != n_w:
+        raise ValueError(f"{fn}: indptr and t_indptr must be (n + 1,), the transpose as "
+                         "large as the graph")
+    if n_w not in (0, n_edges):
+        raise ValueError(f"{fn}: weights must be (E,) or (0,)")
+    if scratch_rows < _ROWS or scratch_cols != 3 * d:
+        raise ValueError(f"{fn}: scratch must be (threads, >= {_ROWS}, 3d)")
+    if d > 1 and x_stride != item:
+        raise ValueError(f"{fn}: x must have contiguous rows")
+    return 0
+
+
+def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
+                   const double[::1] weights, const index_t[::1] t_indptr,
+                   const index_t[::1] t_indices, const double[::1] t_weights,
+                   const floating[:, :] x, const floating[:, ::1] w, floating[:, ::1] out,
+                   const floating[:, ::1] init, floating[:, :, ::1] scratch,
+                   int num_threads=0):
+    """``out = [x, P, S] @ w + init``: a message-passing layer's product
+    (``P``, ``S`` the predecessor and successor sums of
+    :func:`grapheme._core.stack_neighbours`; the graph by source, then by
+    target, as there) without the (n, 3d) stack. ``x`` (n, d) with
+    contiguous rows, ``w`` (3d, m), ``out`` (n, m); ``init`` (n, m), or
+    (1, m) added to every row (a bias). ``scratch`` (threads, >= ROWS, 3d):
+    one slab per thread, at most ``scratch.shape[0]`` threads run. Row
+    blocks of :data:`ROWS` in parallel, each stacked into its thread's slab
+    and then one BLAS call on top of ``init``'s rows. ``out`` overlaps
+    nothing (the caller checks). O((n + E) d + n d m)."""
+    cdef intp_t n = x.shape[0], d = x.shape[1], m = w.shape[1], blk, lo, rows, r, j
+    if w.shape[0] != 3 * d or out.shape[0] != n or out.shape[1] != m or init.shape[1] != m \
+            or init.shape[0] not in (1, n):
+        raise ValueError(f"stacked_matmul: shapes x ({n}, {d}), w ({w.shape[0]}, "
+                         f"{w.shape[1]}), out ({out.shape[0]}, {out.shape[1]}), init "
+                         f"({init.shape[0]}, {init.shape[1]}) disagree")
+    _check_stacked("stacked_matmul", n, d, indptr.shape[0], t_indptr.shape[0],
+                   indices.shape[0], t_indices.shape[0], weights.shape[0], t_weights.shape[0],
+                   scratch.shape[1], scratch.shape[2], x.strides[1], sizeof(floating))
+    if n == 0 or m == 0:
+        return
+    if scratch.shape[0] < 1:
+        raise ValueError("stacked_matmul: scratch needs a slab")
+    cdef intp_t nb = (n + _ROWS - 1) // _ROWS
+    cdef int nt = num_threads_for(num_threads, nb)
+    if nt > scratch.shape[0]:
+        nt = <int>scratch.shape[0]
+    cdef intp_t xs = x.strides[0] // sizeof(floating) if n > 0 else 0
+    cdef bint row_init = init.shape[0] == 1
+    cdef const index_t* nbr = &indices[0] if indices.shape[0] else NULL
+    cdef const index_t* t_nbr = &t_indices[0] if t_indices.shape[0] else NULL
+    cdef const double* wp = &weights[0] if weights.shape[0] else NULL
+    cdef const double* t_wp = &t_weights[0] if t_weights.shape[0] else NULL
+    cdef floating* buf
+    with nogil:
+        for blk in prange(nb, num_threads=nt, schedule="static"):
+            lo = blk * _ROWS
+            rows = min(n - lo, _ROWS)
+            buf = &scratch[threadid(), 0, 0]
+            _stack_block(buf, &x[0, 0], xs, lo, rows, &indptr[0], nbr, wp, &t_indptr[0],
+                         t_nbr, t_wp, d)
+            for r in range(rows):
+                for j in range(m):
+                    out[lo + r, j] = init[0 if row_init else lo + r, j]
+            if d > 0:
+                # column-major: out_blk^T (m, rows) += w^T (m, 3d) @ buf^T (3d, rows)
+                _gemm(b"N", b"N", <int>m, <int>rows, <int>(3 * d), &w[0, 0], <int>m, buf,
+                      <int>(3 * d), 1, &out[lo, 0], <int>m)
+
+
+def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,
+                      const double[::1] weights, const index_t[::1] t_indptr,
+                      const index_t[::1] t_indices, const double[::1] t_weights,
+                      const floating[:, :] x, const floating[:, ::1] g,
+                      floating[:, ::1] out, floating[:, :, ::1] parts,
+                      floating[:, :, ::1] scratch, int num_threads=0):
+    """``out = [x, P, S].T @ g`` (3d, m): a message-passing layer's weight
+    gradient without the (n, 3d) stack (see :func:`stacked_matmul`). Blocks
+    of :data:`TN_ROWS` rows in parallel, each in sub-blocks of
+    :data:`ROWS` stacked into its thread's ``scratch`` slab, its partial
+    product into ``parts`` (at least ``ceil(n / TN_ROWS)`` slabs (3d, m));
+    the partials are added in block order. O((n + E) d + n d m)."""
+    cdef intp_t n = x.shape[0], d = x.shape[1], m = g.shape[1], blk, lo, hi, sub, rows
+    cdef intp_t nb = (n + _TN_ROWS - 1) // _TN_ROWS
+    if g.shape[0] != n or out.shape[0] != 3 * d or out.shape[1] != m:
+        raise ValueError(f"stacked_matmul_tn: shapes x ({n}, {d}), g ({g.shape[0]}, "
+                         f"{g.shape[1]}), out ({out.shape[0]}, {out.shape[1]}) disagree")
+    if parts.shape[0] < nb or parts.shape[1] != 3 * d or parts.shape[2] != m:
+        raise ValueError(f"stacked_matmul_tn: parts must be at least ({nb}, {3 * d}, {m}), "
+                         f"got ({parts.shape[0]}, {parts.shape[1]}, {parts.shape[2]})")
+    _check_stacked("stacked_matmul_tn", n, d, indptr.shape[0], t_indptr.shape[0],
+                   indices.shape[0], t_indices.shape[0], weights.shape[0], t_weights.shape[0],
+                   scratch.shape[1], scratch.shape[2], x.strides[1], sizeof(floating))
+    if d == 0 or m == 0:
+        return
+    if n == 0:
+        out[...] = 0
+        return
+    if scratch.shape[0] < 1:
+        raise ValueError("stacked_matmul_tn: scratch needs a slab")
+    cdef int nt = num_threads_for(num_threads, nb)
+    if nt > scratch.shape[0]:
+        nt = <int>scratch.shape[0]
+    cdef intp_t xs = x.strides[0] // sizeof(floating)
+    cdef const index_t* nbr = &indices[0] if indices.shape[0] else NULL
+    cdef const index_t* t_nbr = &t_indices[0] if t_indices.shape[0] else NULL
+    cdef const double* wp = &weights[0] if weights.shape[0] else NULL
+    cdef const double* t_wp = &t_weights[0] if t_weights.shape[0] else NULL
+    cdef floating* buf
+    with nogil:
+        for blk in prange(nb, num_threads=nt, schedule="static"):
+            buf = &scratch[threadid(), 0, 0]
+            lo = blk * _TN_ROWS
+            hi = min(n, lo + _TN_ROWS)
+            sub = lo
+            while sub < hi:
+                rows = min(hi - sub, _ROWS)
+                _stack_block(buf, &x[0, 0], xs, sub, rows, &indptr[0], nbr, wp, &t_indptr[0],
+                             t_nbr, t_wp, d)
+                # column-major: part^T (m, 3d) (+)= g_sub^T (m, rows) @ buf (rows, 3d)
+                _gemm(b"N", b"T", <int>m, <int>(3 * d), <int>rows, &g[sub, 0], <int>m, buf,
+                      <int>(3 * d), 0 if sub == lo else 1, &parts[blk, 0, 0], <int>m)
+                sub = sub + rows
+        _add_parts(&out[0, 0], &parts[0, 0, 0], nb, 3 * d * m)

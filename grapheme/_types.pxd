@@ -212,3 +212,42 @@ cdef inline int num_threads_for(long requested, Py_ssize_t tasks) noexcept nogil
     if n > tasks:
         n = tasks
     return <int>n if n > 1 else 1
+
+
+# ---------------------------------------------------------------------------
+# Neighbour sums of the message-passing layers (_core.stack_neighbours and
+# the fused products of _products.pyx). The edge weights stay float64; a
+# float32 row adds them rounded to float once.
+# ---------------------------------------------------------------------------
+cdef inline void _row_add(floating* dst, const floating* src, double w,
+                          intp_t d) noexcept nogil:
+    cdef intp_t t
+    cdef floating wf = <floating>w   # float32 rows: the weight rounded once
+    for t in range(d):
+        dst[t] += wf * src[t]
+
+
+cdef inline void _row_sum(floating* dst, const floating* x, intp_t xs, const index_t* nbr,
+                          const double* w, intp_t lo, intp_t hi, intp_t d) noexcept nogil:
+    """``dst[0:d] += sum_{e in lo..hi} w[e] x[nbr[e]]`` (``w`` NULL: weight 1),
+    edges in order."""
+    cdef intp_t e
+    for e in range(lo, hi):
+        _row_add(dst, x + nbr[e] * xs, w[e] if w != NULL else 1.0, d)
+
+
+cdef inline void _stack_row(floating* row, const floating* x, intp_t xs, intp_t u,
+                            const index_t* indptr, const index_t* nb, const double* w,
+                            const index_t* t_indptr, const index_t* t_nb,
+                            const double* t_w, intp_t d) noexcept nogil:
+    """``row[0:3d] = [x[u], P[u], S[u]]``: row ``u`` of ``x`` (row stride
+    ``xs``) beside the weighted sum of its predecessors' rows (the in-edges
+    ``t_*``) and of its successors' (the out-edges), edges in order. ``w``
+    or ``t_w`` NULL: every edge weighs 1."""
+    cdef intp_t t
+    for t in range(d):
+        row[t] = x[u * xs + t]
+        row[d + t] = 0.0
+        row[2 * d + t] = 0.0
+    _row_sum(row + d, x, xs, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
+    _row_sum(row + 2 * d, x, xs, nb, w, indptr[u], indptr[u + 1], d)

@@ -686,6 +686,49 @@ def _matmul_tn(a, g, workspace=None, name="", names=("a", "g")):
     return out
 
 
+def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None):
+    """``out = [x, P, S] @ w + init`` (``P``, ``S``: the neighbour sums of
+    :func:`grapheme._core.stack_neighbours` over ``edges``, as
+    :func:`_both_ways` gives them; ``init`` (n, m), or (1, m) for every row):
+    by row blocks, each stacked into a per-thread scratch slab just before
+    its BLAS call (:func:`grapheme._products.stacked_matmul`), where the
+    build has OpenMP; the (n, 3d) stack and numpy's ``matmul`` where it does
+    not. ``apart``: as for :func:`_alloc`."""
+    d = x.shape[1]
+    threads = _core.openmp_threads()
+    if threads > 0:
+        scratch = _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
+                         shape=(threads, _products.ROWS, 3 * d))
+        _products.stacked_matmul(*edges, x, w, out, init, scratch)
+        return out
+    cat = _alloc(workspace, "message.cat", x.shape[0], 3 * d, x.dtype, apart)
+    _core.stack_neighbours(*edges, x, cat)
+    np.matmul(cat, w, out=out)
+    out += init
+    return out
+
+
+def _stacked_matmul_tn(edges, x, g, workspace=None, apart=None):
+    """``[x, P, S].T @ g`` (a fresh (3d, m) array), a message-passing
+    layer's weight gradient, as :func:`_stacked_matmul` computes its
+    product: the blocks' partial products (under "message.parts") added in
+    block order, so the bits do not follow the thread count."""
+    d, m = x.shape[1], g.shape[1]
+    out = np.empty((3 * d, m), x.dtype)
+    threads = _core.openmp_threads()
+    if threads > 0:
+        blocks = max(-(-x.shape[0] // _products.TN_ROWS), 1)
+        parts = _alloc(workspace, "message.parts", None, None, x.dtype, apart,
+                       shape=(blocks, 3 * d, m))
+        scratch = _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
+                         shape=(threads, _products.ROWS, 3 * d))
+        _products.stacked_matmul_tn(*edges, x, g, out, parts, scratch)
+        return out
+    cat = _alloc(workspace, "message.cat", x.shape[0], 3 * d, x.dtype, apart)
+    _core.stack_neighbours(*edges, x, cat)
+    return np.matmul(cat.T, g, out=out)
+
+
 def _both_ways(graph):
     """``(indptr, indices, weights, t_indptr, t_indices, t_weights)``: the
     graph's edges by source and by target (weights empty when all are 1), so
@@ -741,40 +784,39 @@ class MessagePassing(Operation):
         w_pred = as_float_array(w_pred, "w_pred", shape=(d, d), dtype=dt)
         w_succ = as_float_array(w_succ, "w_succ", shape=(d, d), dtype=dt)
         bias = as_float_array(bias, "bias", shape=(d,), dtype=dt)
-        # [h, P, S] side by side, so that the three products are one,
-        # (n, 3d) @ (3d, d): t = tanh(h W_self + P W_pred + S W_succ + b)
+        # t = tanh([h, P, S] @ [W_self; W_pred; W_succ] + b): the three
+        # products as one, the stack [h, P, S] made block by block in cache
         apart = {"features": features}
-        cat = _alloc(workspace, name + "cat", n, 3 * d, dt, apart)
         edges = _both_ways(graph)
-        _core.stack_neighbours(*edges, features, cat)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
-        t = _matmul(cat, w_cat, _alloc(workspace, name + "t", n, d, dt, apart))
-        t += bias
+        t = _alloc(workspace, name + "t", n, d, dt, apart)
+        _stacked_matmul(edges, features, w_cat, bias[None, :], t, workspace, apart)
         np.tanh(t, out=t)     # numpy's SIMD tanh; a compiled libm loop took 6x longer
         out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt, apart))
-        return MessageResult(out), (edges, cat, t, w_cat)
+        return MessageResult(out), (edges, features, t, w_cat)
 
     @one_pool
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """``workspace``: as for :meth:`forward`; the input gradient lives
         under ``name`` + "grad"."""
-        edges, cat, t, w_cat = saved
+        edges, features, t, w_cat = saved
         n, d = t.shape
         dt = t.dtype
         if grad_features is None:
             return (np.zeros((n, d), dt), np.zeros((d, d), dt), np.zeros((d, d), dt),
                     np.zeros((d, d), dt), np.zeros(d, dt))
         g = optional_grad(grad_features, "grad_features", (n, d), finite=False, dtype=dt)
-        apart = {"grad_features": g}
+        apart = {"grad_features": g, "features": features}
         gz, grad_bias = _alloc(workspace, "message.gz", n, d, dt, apart), np.empty(d, dt)
         _core.tanh_backward(t, g, gz, grad_bias)   # gz = g (1 - t^2)
-        # the gradients of [h, P, S] in one product, of the weights in another
-        gcat = _matmul(gz, w_cat, _alloc(workspace, "message.gcat", n, 3 * d, dt, apart), True)
-        # grad_h = g + gH + A gP + A^T gS (the adjoint of the predecessor sum
-        # is the successor sum, and back)
+        # grad_h = g + gz W_self^T + A gz W_pred^T + A^T gz W_succ^T: the
+        # adjoint of the predecessor sum is the successor sum, and back, so
+        # it is the forward's stacked product of gz over the reversed edges
+        # [gz, S, P] with [W_self^T; W_pred^T; W_succ^T]
+        w_t = w_cat.reshape(3, d, d).transpose(0, 2, 1).reshape(3 * d, d)   # a C copy
         grad_h = _alloc(workspace, name + "grad", n, d, dt, apart)
-        _core.stack_neighbours_adjoint(*edges, g, gcat, grad_h)
-        gw = _matmul_tn(cat, gz, workspace, "message.")
+        _stacked_matmul(edges[3:] + edges[:3], gz, w_t, g, grad_h, workspace, apart)
+        gw = _stacked_matmul_tn(edges, features, gz, workspace, apart)
         return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], grad_bias
 
 

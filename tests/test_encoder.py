@@ -248,8 +248,29 @@ def test_message_kernels_check_shapes_and_rows():
     edges = ops._both_ways(g)
     with pytest.raises(ValueError, match=r"cat \(n, 3d\)"):
         _core.stack_neighbours(*edges, x, np.empty((4, 8)))
-    with pytest.raises(ValueError, match=r"grad_cat \(n, 3d\)"):
-        _core.stack_neighbours_adjoint(*edges, x, np.empty((4, 6)), np.empty((4, 3)))
+    from grapheme import _products
+
+    scratch, w3 = np.empty((1, _products.ROWS, 9)), np.ones((9, 3))
+    with pytest.raises(ValueError, match=r"shapes x \(4, 3\), w \(8, 3\)"):
+        _products.stacked_matmul(*edges, x, np.ones((8, 3)), np.empty((4, 3)), x, scratch)
+    with pytest.raises(ValueError, match=r"init \(2, 3\)"):
+        _products.stacked_matmul(*edges, x, w3, np.empty((4, 3)), x[:2], scratch)
+    with pytest.raises(ValueError, match="scratch must be"):
+        _products.stacked_matmul(*edges, x, w3, np.empty((4, 3)), x, scratch[:, :5])
+    with pytest.raises(ValueError, match="scratch needs a slab"):
+        _products.stacked_matmul(*edges, x, w3, np.empty((4, 3)), x, scratch[:0])
+    with pytest.raises(ValueError, match="transpose as large"):
+        _products.stacked_matmul(*edges[:4], edges[4][:1], edges[5], x, w3,
+                                 np.empty((4, 3)), x, scratch)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _products.stacked_matmul(*edges, np.ones((4, 6))[:, ::2], w3, np.empty((4, 3)), x,
+                                 scratch)
+    with pytest.raises(ValueError, match=r"parts must be at least \(1, 9, 3\)"):
+        _products.stacked_matmul_tn(*edges, x, x, np.empty((9, 3)), np.empty((0, 9, 3)),
+                                    scratch)
+    with pytest.raises(ValueError, match=r"out \(3, 3\)"):
+        _products.stacked_matmul_tn(*edges, x, x, np.empty((3, 3)), np.empty((1, 9, 3)),
+                                    scratch)
     with pytest.raises(ValueError, match="transpose as large"):
         _core.stack_neighbours(*edges[:4], edges[4][:1], edges[5], x, np.empty((4, 9)))
     with pytest.raises(ValueError, match="contiguous rows"):
@@ -267,18 +288,23 @@ def test_message_kernels_check_shapes_and_rows():
     np.testing.assert_array_equal(cat[-1, 6:], 0.0)
 
 
+def _random_csr(rng, n, E):
+    """``indptr``, ``indices`` of ``E`` random edges on ``n`` nodes,
+    self-loops and repeated edges included."""
+    src, dst = np.sort(rng.integers(0, n, E)), rng.integers(0, n, E)
+    return np.searchsorted(src, np.arange(n + 1)).astype(np.int64), dst.astype(np.int64)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_message_kernels_against_scipy(weighted):
-    """``[x, A^T x, A x]`` and its adjoint on a random graph (self-loops
-    and repeated edges included) against scipy.sparse; the tanh derivative
-    against numpy."""
+    """``[x, A^T x, A x]``, alone and fused into a layer's products, on
+    random graphs (self-loops and repeated edges included) against
+    scipy.sparse; the tanh derivative against numpy."""
     from grapheme import _core
 
     rng = np.random.default_rng(3)
     n, d, E = 30, 5, 80
-    src, dst = np.sort(rng.integers(0, n, E)), rng.integers(0, n, E)
-    indptr = np.searchsorted(src, np.arange(n + 1)).astype(np.int64)
-    indices = dst.astype(np.int64)
+    indptr, indices = _random_csr(rng, n, E)
     w = rng.uniform(0.5, 2.0, E) if weighted else np.empty(0)
     A = sp.csr_matrix((w if weighted else np.ones(E), indices, indptr), shape=(n, n))
     g = gr.Graph(indptr, indices, np.zeros(n, np.int32), weights=w if weighted else None)
@@ -289,12 +315,59 @@ def test_message_kernels_against_scipy(weighted):
     cat = np.empty((n, 3 * d))
     _core.stack_neighbours(*edges, x, cat)
     np.testing.assert_allclose(cat, np.hstack([x, A.T @ x, A @ x]), rtol=1e-13, atol=1e-13)
-    g, gcat, out = rng.normal(size=(n, d)), rng.normal(size=(n, 3 * d)), np.empty((n, d))
-    _core.stack_neighbours_adjoint(*edges, g, gcat, out)
-    want = g + gcat[:, :d] + A @ gcat[:, d:2 * d] + A.T @ gcat[:, 2 * d:]
-    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
+    # the same stack fused into a layer's products (rows in blocks of
+    # ROWS, so n > ROWS crosses a block), over the edges both ways round
+    from grapheme import _products
+
+    big = gr.Graph(*_random_csr(rng, 600, 1500), np.zeros(600, np.int32),
+                   weights=rng.uniform(0.5, 2.0, 1500) if weighted else None)
+    for graph in (g, big):
+        m = graph.num_nodes
+        A = sp.csr_matrix((graph.weights if weighted else np.ones(graph.num_edges),
+                           graph.indices, graph.indptr), shape=(m, m))
+        edges = ops._both_ways(graph)
+        x, w = rng.normal(size=(m, d)), rng.normal(size=(3 * d, 4))
+        scratch, out = np.empty((2, _products.ROWS, 3 * d)), np.empty((m, 4))
+        for init in (rng.normal(size=(m, 4)), rng.normal(size=(1, 4))):
+            for both, stack in ((edges, np.hstack([x, A.T @ x, A @ x])),
+                                (edges[3:] + edges[:3], np.hstack([x, A @ x, A.T @ x]))):
+                _products.stacked_matmul(*both, x, w, out, init, scratch)
+                np.testing.assert_allclose(out, stack @ w + init, rtol=1e-12, atol=1e-12)
+        gm, out = rng.normal(size=(m, 4)), np.empty((3 * d, 4))
+        parts = np.empty((-(-m // _products.TN_ROWS), 3 * d, 4))
+        _products.stacked_matmul_tn(*edges, x, gm, out, parts, scratch)
+        np.testing.assert_allclose(out, np.hstack([x, A.T @ x, A @ x]).T @ gm,
+                                   rtol=1e-12, atol=1e-12)
+    g = rng.normal(size=(n, d))
     t = np.tanh(rng.normal(size=(n, d)))
     gz, gb = np.empty((n, d)), np.empty(d)
     _core.tanh_backward(t, g, gz, gb)
     np.testing.assert_allclose(gz, g * (1 - t * t), rtol=1e-15, atol=1e-15)
     np.testing.assert_allclose(gb, gz.sum(axis=0), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_layer_without_openmp_gives_the_same_numbers(monkeypatch, dtype):
+    """A build without OpenMP stacks ``[h, P, S]`` whole and calls numpy's
+    ``matmul``; with it the stack is made block by block inside the
+    products. Both give a layer's forward and vjp to rounding."""
+    from grapheme import _core
+
+    rng = np.random.default_rng(8)
+    g = gr.Graph.from_texts(["".join(rng.choice(list("abcde"), 40)) for _ in range(30)])
+    g = g.replace(weights=rng.uniform(0.5, 2.0, g.num_edges))
+    d = 6
+    args = [rng.normal(size=(g.num_nodes, d)).astype(dtype)] + [
+        rng.normal(scale=0.4, size=s).astype(dtype) for s in [(d, d)] * 3 + [(d,)]]
+    grad = rng.normal(size=(g.num_nodes, d)).astype(dtype)
+
+    def layer():
+        (h,), saved = ops.MessagePassing().forward(g, *args)
+        return [h, *ops.MessagePassing().vjp(saved, grad)]
+
+    fused = layer()
+    monkeypatch.setattr(_core, "openmp_threads", lambda: 0)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for a, b in zip(fused, layer()):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import grapheme as gr
-from grapheme import _core, _relax, ops
+from grapheme import _core, _products, _relax, ops
 from grapheme._validation import check_dtype
 from grapheme._workspace import Workspace
 from grapheme.loss import StructuralLoss
@@ -60,17 +60,21 @@ def test_encoder_kernels_float32_equal_float64(weighted):
     edges, n, d = ops._both_ways(g), g.num_nodes, 7
     x32, x64 = _both(rng.normal(size=(n, d)))
     g32, g64 = _both(rng.normal(size=(n, d)))
-    gc32, gc64 = _both(rng.normal(size=(n, 3 * d)))
+    w32, w64 = _both(rng.normal(size=(3 * d, d)) / d)
     t32, t64 = _both(np.tanh(rng.normal(size=(n, d))))
     res = {}
-    for dt, x, gr_, gc, t in ((np.float32, x32, g32, gc32, t32),
-                              (np.float64, x64, g64, gc64, t64)):
-        cat, out, gz, gb = (np.empty((n, 3 * d), dt), np.empty((n, d), dt),
-                            np.empty((n, d), dt), np.empty(d, dt))
+    for dt, x, gr_, w, t in ((np.float32, x32, g32, w32, t32),
+                             (np.float64, x64, g64, w64, t64)):
+        cat, out, gw, gz, gb = (np.empty((n, 3 * d), dt), np.empty((n, d), dt),
+                                np.empty((3 * d, d), dt), np.empty((n, d), dt),
+                                np.empty(d, dt))
+        scratch = np.empty((2, _products.ROWS, 3 * d), dt)
+        parts = np.empty((-(-n // _products.TN_ROWS), 3 * d, d), dt)
         _core.stack_neighbours(*edges, x, cat)
-        _core.stack_neighbours_adjoint(*edges, gr_, gc, out)
+        _products.stacked_matmul(*edges, x, w, out, gr_, scratch)
+        _products.stacked_matmul_tn(*edges, x, gr_, gw, parts, scratch)
         _core.tanh_backward(t, gr_, gz, gb)
-        res[dt] = (cat, out, gz, gb)
+        res[dt] = (cat, out, gw, gz, gb)
     for k, (a, b) in enumerate(zip(res[np.float32], res[np.float64])):
         assert a.dtype == np.float32
         close(a, b, 1e-6, k)

@@ -136,27 +136,30 @@ def test_training_steps_bit_identical(estimator):
 @needs_openmp
 @pytest.mark.parametrize("weighted", [False, True])
 def test_encoder_kernels_bit_identical_across_thread_counts(weighted):
-    """The encoder's row-parallel kernels (neighbour sums, their adjoint,
-    the tanh derivative and its fixed-block column sums) on thousands of
-    rows, so that every thread gets blocks."""
-    from grapheme import ops
+    """The encoder's row-parallel kernels (neighbour sums, alone and fused
+    into the layer's products, the tanh derivative and its fixed-block
+    column sums) on thousands of rows, so that every thread gets blocks."""
+    from grapheme import _products, ops
 
     rng = np.random.default_rng(5)
     g = gr.Graph.from_texts(_texts(rng, 400, 12, 25))
     if weighted:
         g = g.replace(weights=rng.uniform(0.1, 2.0, g.num_edges))
     edges, n, d = ops._both_ways(g), g.num_nodes, 16
-    x, grad, grad_cat = (rng.normal(size=(n, d)), rng.normal(size=(n, d)),
-                         rng.normal(size=(n, 3 * d)))
+    x, grad, w = rng.normal(size=(n, d)), rng.normal(size=(n, d)), rng.normal(size=(3 * d, d))
     t = np.tanh(x)
     runs = []
     for k in (1, 2, 3):
-        cat, out, gz, gb = (np.empty((n, 3 * d)), np.empty((n, d)), np.empty((n, d)),
-                            np.empty(d))
+        cat, out, row, gz, gb, gw = (np.empty((n, 3 * d)), np.empty((n, d)), np.empty((n, d)),
+                                     np.empty((n, d)), np.empty(d), np.empty((3 * d, d)))
+        scratch = np.empty((k, _products.ROWS, 3 * d))
+        parts = np.empty((-(-n // _products.TN_ROWS), 3 * d, d))
         _core.stack_neighbours(*edges, x, cat, num_threads=k)
-        _core.stack_neighbours_adjoint(*edges, grad, grad_cat, out, num_threads=k)
+        _products.stacked_matmul(*edges, x, w, out, grad, scratch, num_threads=k)
+        _products.stacked_matmul(*edges, x, w, row, grad[:1], scratch, num_threads=k)
+        _products.stacked_matmul_tn(*edges, x, grad, gw, parts, scratch, num_threads=k)
         _core.tanh_backward(t, grad, gz, gb, num_threads=k)
-        runs.append([cat, out, gz, gb])
+        runs.append([cat, out, row, gw, gz, gb])
     _assert_identical(runs)
 
 
@@ -283,13 +286,17 @@ def test_blas_steps_aside_while_openmp_runs_the_products():
         # and so does every operation whose products run in OpenMP blocks,
         # called by itself (as the PyTorch bridge calls them)
         from grapheme import _products
-        matmul, inside = _products.matmul, []
+        names = ("matmul", "matmul_tn", "stacked_matmul", "stacked_matmul_tn")
+        kernels, inside = {name: getattr(_products, name) for name in names}, []
 
-        def recording_matmul(*args, **kwargs):
-            inside.append(_blas_threads())
-            return matmul(*args, **kwargs)
+        def recording(kernel):
+            def call(*args, **kwargs):
+                inside.append((kernel.__name__, _blas_threads()))
+                return kernel(*args, **kwargs)
+            return call
         try:
-            _products.matmul = recording_matmul
+            for name, kernel in kernels.items():
+                setattr(_products, name, recording(kernel))
             with threadpool_limits(limits=2, user_api="blas"):
                 W, b = np.zeros((8, 8)), np.zeros(8)
                 H = np.ones((g.num_nodes, 8))
@@ -298,9 +305,14 @@ def test_blas_steps_aside_while_openmp_runs_the_products():
                 _, saved = ops.Linear().forward(H, W)
                 ops.Linear().vjp(saved, H)
                 assert _blas_threads() == 2
-            assert inside == [1, 1, 1, 1]
+            # the layer: forward, input gradient, weight gradient; the
+            # projection: the same three
+            assert inside == [("stacked_matmul", 1), ("stacked_matmul", 1),
+                              ("stacked_matmul_tn", 1), ("matmul", 1), ("matmul", 1),
+                              ("matmul_tn", 1)]
         finally:
-            _products.matmul = matmul
+            for name, kernel in kernels.items():
+                setattr(_products, name, kernel)
 
 
 @needs_openmp
