@@ -17,7 +17,7 @@ from libc.math cimport sqrt, log, cos, sin, M_PI
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
-    floating, row_scale_f, row_add_to_f, _row_add, _row_sum, _stack_row,
+    floating, row_scale_f, row_add_to_f, _row_add, _row_sum, _stack_row, dot,
 )
 from cython.parallel cimport prange
 
@@ -198,24 +198,6 @@ def all_finite(const floating[::1] x):     # IN  (m,)
 
 cdef extern from *:
     """
-    /* <a, b> over d entries in four interleaved partial sums, added as
-       (s0 + s1) + (s2 + s3) at the end: four independent chains of additions
-       instead of one, so the sum runs at the adder's throughput, not its
-       latency. The order depends on d only, never on where a or b lie. */
-    static inline double grapheme_dot(const double *__restrict a,
-                                      const double *__restrict b, Py_ssize_t d) {
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-        Py_ssize_t t = 0;
-        for (; t + 3 < d; t += 4) {
-            s0 += a[t] * b[t];
-            s1 += a[t + 1] * b[t + 1];
-            s2 += a[t + 2] * b[t + 2];
-            s3 += a[t + 3] * b[t + 3];
-        }
-        for (; t < d; ++t) s0 += a[t] * b[t];
-        return (s0 + s1) + (s2 + s3);
-    }
-
     /* dst[0:d] += a * x[0:d] - b * y[0:d]; dst may not overlap x or y. */
     static inline void grapheme_row_axpby(double *__restrict dst,
                                           const double *__restrict x, double a,
@@ -249,7 +231,6 @@ cdef extern from *:
         for (Py_ssize_t t = 0; t < d; ++t) dst[t] += af * x[t] - bf * y[t];
     }
     """
-    double dot "grapheme_dot"(const double* a, const double* b, intp_t d) noexcept nogil
     void row_axpby "grapheme_row_axpby"(double* dst, const double* x, double a,
                                         const double* y, double b, intp_t d) noexcept nogil
     double dot_f "grapheme_dot_f"(const float* a, const float* b, intp_t d) noexcept nogil

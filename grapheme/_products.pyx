@@ -25,9 +25,10 @@ from grapheme._types cimport floating, index_t, intp_t, num_threads_for, _stack_
 #: Rows per block of :func:`matmul`; blocks of :func:`matmul_tn` are
 #: ``TN_ROWS``. Fixed, so the bits never follow the thread count.
 ROWS = 256
-TN_ROWS = 1024
+TN_ROWS = 256
 cdef intp_t _ROWS = ROWS
 cdef intp_t _TN_ROWS = TN_ROWS
+cdef intp_t _CHUNK = 1024    # elements per task of the partials' sum
 
 
 cdef inline void _gemm(char* ta, char* tb, int m, int n, int k, const floating* a, int lda,
@@ -105,21 +106,23 @@ def matmul_tn(const floating[:, ::1] a, const floating[:, ::1] g, floating[:, ::
             # column-major: part^T (m, k) = g_blk^T (m, rows) @ a_blk (rows, k)
             _gemm(b"N", b"T", <int>m, <int>k, <int>rows, &g[lo, 0], <int>m, &a[lo, 0],
                   <int>k, 0, &parts[blk, 0, 0], <int>m)
-        _add_parts(&out[0, 0], &parts[0, 0, 0], nb, k * m)
+        _add_parts(&out[0, 0], &parts[0, 0, 0], nb, k * m, nt)
 
 
-cdef void _add_parts(floating* out, const floating* parts, intp_t nb,
-                     intp_t size) noexcept nogil:
+cdef void _add_parts(floating* out, const floating* parts, intp_t nb, intp_t size,
+                     int nt) noexcept nogil:
     """``out[0:size]`` = the sum of ``nb`` contiguous slabs of ``size`` at
-    ``parts``, added in slab order (the fixed reduction order)."""
-    cdef intp_t blk, i
-    cdef const floating* part
-    for i in range(size):
-        out[i] = parts[i]
-    for blk in range(1, nb):
-        part = parts + blk * size
-        for i in range(size):
-            out[i] += part[i]
+    ``parts``, added in slab order (the fixed reduction order), by chunks of
+    :data:`_CHUNK` elements in parallel on up to ``nt`` threads."""
+    cdef intp_t nc = (size + _CHUNK - 1) // _CHUNK, c, lo, hi, blk, i
+    for c in prange(nc, num_threads=nt, schedule="static"):
+        lo = c * _CHUNK
+        hi = min(size, lo + _CHUNK)
+        for i in range(lo, hi):
+            out[i] = parts[i]
+        for blk in range(1, nb):
+            for i in range(lo, hi):
+                out[i] += parts[blk * size + i]
 
 
 # ---------------------------------------------------------------------------
@@ -264,4 +267,4 @@ def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,
                 _gemm(b"N", b"T", <int>m, <int>(3 * d), <int>rows, &g[sub, 0], <int>m, buf,
                       <int>(3 * d), 0 if sub == lo else 1, &parts[blk, 0, 0], <int>m)
                 sub = sub + rows
-        _add_parts(&out[0, 0], &parts[0, 0, 0], nb, 3 * d * m)
+        _add_parts(&out[0, 0], &parts[0, 0, 0], nb, 3 * d * m, nt)

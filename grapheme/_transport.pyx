@@ -36,7 +36,7 @@ from libc.math cimport exp, log, fabs, sqrt, INFINITY
 from libc.stdlib cimport calloc, realloc, free
 from libc.string cimport memcpy
 
-from grapheme._types cimport intp_t, num_threads_for
+from grapheme._types cimport dot, intp_t, num_threads_for
 
 
 # ---------------------------------------------------------------------------
@@ -367,16 +367,10 @@ cdef void _update_u(intp_t n1, intp_t m1, const double* K, const double* v,
                     const double* bw, double* u, double* bv) noexcept nogil:
     """u_i = 1 / sum_j bw_j K_ij v_j (scaling form of _update_f); bv is (m1,) work."""
     cdef intp_t i, j
-    cdef const double* row
-    cdef double s
     for j in range(m1):
         bv[j] = bw[j] * v[j]
     for i in range(n1):
-        row = K + i * m1
-        s = 0.0
-        for j in range(m1):
-            s += bv[j] * row[j]
-        u[i] = 1.0 / s
+        u[i] = 1.0 / dot(bv, K + i * m1, m1)
 
 
 cdef void _sweep_uv(intp_t n1, intp_t m1, const double* K, const double* vin,
@@ -403,9 +397,7 @@ cdef void _sweep_uv(intp_t n1, intp_t m1, const double* K, const double* vin,
             bv[j] = bw[j] * (vin[j] / x)
     for i in range(n1):
         row = K + i * m1
-        s = 0.0
-        for j in range(mr):
-            s += bv[j] * row[j]
+        s = dot(bv, row, mr)
         sd = bv[mr] * row[mr]
         u[i] = 1.0 / (s + sd)
         if un != NULL:
@@ -1140,9 +1132,7 @@ cdef int _backward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settin
                 Krow = K + i * m1
                 Cbrow = Cb + i * m1
                 ui = f[i]
-                r = 0.0
-                for j in range(m1):
-                    r += hv[j] * Krow[j]
+                r = dot(hv, Krow, m1)
                 if i < n:
                     gap[p0 + i] -= eps * ui * r
                 else:

@@ -139,6 +139,24 @@ cdef extern from *:
         for (Py_ssize_t t = 0; t < d; ++t) dst[t] = base[t] + wf * src[t];
     }
 
+    /* <a, b> over d entries in four interleaved partial sums, added as
+       (s0 + s1) + (s2 + s3) at the end: four independent chains of additions
+       instead of one, so the sum runs at the adder's throughput, not its
+       latency. The order depends on d only, never on where a or b lie. */
+    static inline double grapheme_dot(const double *__restrict a,
+                                      const double *__restrict b, Py_ssize_t d) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        Py_ssize_t t = 0;
+        for (; t + 3 < d; t += 4) {
+            s0 += a[t] * b[t];
+            s1 += a[t + 1] * b[t + 1];
+            s2 += a[t + 2] * b[t + 2];
+            s3 += a[t + 3] * b[t + 3];
+        }
+        for (; t < d; ++t) s0 += a[t] * b[t];
+        return (s0 + s1) + (s2 + s3);
+    }
+
     /* Order streaming stores before whatever the caller does next. */
     static inline void grapheme_store_fence(void) {
     #if GRAPHEME_HAVE_STREAM
@@ -159,6 +177,7 @@ cdef extern from *:
     void row_copy_stream_a16 "grapheme_row_copy_stream_a16"(double* dst, const double* src,
                                                             intp_t d) noexcept nogil
     void store_fence "grapheme_store_fence"() noexcept nogil
+    double dot "grapheme_dot"(const double* a, const double* b, intp_t d) noexcept nogil
     void row_scale_f "grapheme_row_scale_f"(float* dst, const float* src, double w,
                                             intp_t d) noexcept nogil
     void row_add_to_f "grapheme_row_add_to_f"(float* dst, const float* base,

@@ -117,7 +117,11 @@ def test_original_protocol_gives_the_old_numbers(domain):
     g = loss.backward(res)
     assert_array_equal(res.iterations, 20)
     assert_allclose(res.values, OLD_VALUES[domain], rtol=1e-15, atol=0)
-    assert_allclose(res.marginal_error, OLD_ERRORS[domain], rtol=1e-15, atol=0)
+    # the error is a difference of near-equal sums: since the scaling form's
+    # row sums take four partial sums (the sweep's dot products run at the
+    # adder's throughput) it moves in the 12th digit, less than the log and
+    # scaling forms differ from each other
+    assert_allclose(res.marginal_error, OLD_ERRORS[domain], rtol=1e-11, atol=0)
     sums = [g.activation.sum(), g.mass.sum(), g.target_activation.sum(),
             g.weights.sum(), g.target_weights.sum()]
     assert_allclose(sums, OLD_GRAD_SUMS[domain], rtol=1e-14, atol=0)
