@@ -146,28 +146,6 @@ def test_all_finite_float32():
                                      np.float32))
 
 
-@pytest.mark.skipif(not gr.openmp_enabled(), reason="grapheme was built without OpenMP")
-def test_threaded_kernels_bit_identical_in_float32():
-    g, rng = _graph(5, count=400)
-    edges, n, d = ops._both_ways(g), g.num_nodes, 16
-    assert n > 3 * 1024      # every thread gets rows
-    x, grad, grad_cat = (rng.normal(size=(n, d)).astype(np.float32),
-                         rng.normal(size=(n, d)).astype(np.float32),
-                         rng.normal(size=(n, 3 * d)).astype(np.float32))
-    t = np.tanh(x)
-    runs = []
-    for k in (1, 2, 3):
-        cat, out, gz, gb = (np.empty((n, 3 * d), np.float32), np.empty((n, d), np.float32),
-                            np.empty((n, d), np.float32), np.empty(d, np.float32))
-        _core.stack_neighbours(*edges, x, cat, num_threads=k)
-        _core.stack_neighbours_adjoint(*edges, grad, grad_cat, out, num_threads=k)
-        _core.tanh_backward(t, grad, gz, gb, num_threads=k)
-        runs.append([cat, out, gz, gb])
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert a.dtype == b.dtype == np.float32 and a.tobytes() == b.tobytes()
-
-
 # ----------------------------------------------------------------- encoder
 def _encoders(d, layers, seed=0):
     rng = np.random.default_rng(seed)

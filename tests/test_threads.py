@@ -134,8 +134,9 @@ def test_training_steps_bit_identical(estimator):
 
 
 @needs_openmp
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_encoder_kernels_bit_identical_across_thread_counts(weighted):
+def test_encoder_kernels_bit_identical_across_thread_counts(weighted, dtype):
     """The encoder's row-parallel kernels (neighbour sums, alone and fused
     into the layer's products, the tanh derivative and its fixed-block
     column sums) on thousands of rows, so that every thread gets blocks."""
@@ -146,14 +147,15 @@ def test_encoder_kernels_bit_identical_across_thread_counts(weighted):
     if weighted:
         g = g.replace(weights=rng.uniform(0.1, 2.0, g.num_edges))
     edges, n, d = ops._both_ways(g), g.num_nodes, 16
-    x, grad, w = rng.normal(size=(n, d)), rng.normal(size=(n, d)), rng.normal(size=(3 * d, d))
+    assert n > 3 * 1024      # every thread gets rows
+    x, grad, w = (rng.normal(size=s).astype(dtype) for s in ((n, d), (n, d), (3 * d, d)))
     t = np.tanh(x)
     runs = []
     for k in (1, 2, 3):
-        cat, out, row, gz, gb, gw = (np.empty((n, 3 * d)), np.empty((n, d)), np.empty((n, d)),
-                                     np.empty((n, d)), np.empty(d), np.empty((3 * d, d)))
-        scratch = np.empty((k, _products.ROWS, 3 * d))
-        parts = np.empty((-(-n // _products.TN_ROWS), 3 * d, d))
+        cat, out, row, gz, gb, gw = (np.empty(s, dtype) for s in (
+            (n, 3 * d), (n, d), (n, d), (n, d), d, (3 * d, d)))
+        scratch = np.empty((k, _products.ROWS, 3 * d), dtype)
+        parts = np.empty((-(-n // _products.TN_ROWS), 3 * d, d), dtype)
         _core.stack_neighbours(*edges, x, cat, num_threads=k)
         _products.stacked_matmul(*edges, x, w, out, grad, scratch, num_threads=k)
         _products.stacked_matmul(*edges, x, w, row, grad[:1], scratch, num_threads=k)
