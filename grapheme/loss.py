@@ -498,7 +498,10 @@ class StructuralLoss:
         self.tol = None if tol is None else check_scalar(tol, "tol", lower=0,
                                                          lower_inclusive=False)
         try:
-            w = np.asarray(weights, dtype=np.float64)
+            w = np.asarray(weights)
+            if np.iscomplexobj(w):      # astype would drop the imaginary parts
+                raise TypeError
+            w = w.astype(np.float64)
         except (TypeError, ValueError, OverflowError):
             raise TypeError(f"weights must be 3 real numbers, got {show(weights)}") from None
         if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w < 0):

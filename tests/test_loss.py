@@ -394,6 +394,8 @@ def test_edge_term_dice_extremes():
     (dict(weights=(0.1, -0.2, 0.3)), ValueError, "weights"),
     (dict(weights=(0.1, float("inf"), 0.3)), ValueError, "weights"),
     (dict(weights="abc"), (TypeError, ValueError), "weights"),
+    (dict(weights=(1, 0.2, 1j)), TypeError, "weights"),     # not cast to its real part
+    (dict(weights=np.array([1, 0.2, 0], complex)), TypeError, "weights"),
     (dict(alpha=-1.0), ValueError, "alpha"),
     (dict(beta=float("inf")), ValueError, "beta"),
     (dict(gamma="2"), TypeError, "gamma"),
