@@ -369,8 +369,13 @@ def relaxed_edge_counts(const double[::1] m,          # IN  (n,) merge weights
     Every node on its own: fixed blocks of 1024 nodes in parallel
     (``num_threads``, 0: OpenMP's default)."""
     cdef intp_t k, n = m.shape[0]
+    if has_next.shape[0] != n or counts.shape[0] != n:
+        raise ValueError("relaxed_edge_counts: m, has_next and counts must be (n,)")
     if n == 0:
         return
+    if has_next[n - 1]:
+        # a window walks while has_next holds: the last node has no next
+        raise ValueError("relaxed_edge_counts: the last node cannot have a next node")
     cdef intp_t nb = (n + _BLOCK_ROWS - 1) // _BLOCK_ROWS
     cdef int nt = num_threads_for(num_threads, nb)
     cdef const double* mp = &m[0]

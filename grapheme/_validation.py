@@ -106,7 +106,8 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True, dtype=None):
         if len(shape) != arr.ndim or any(
             want is not None and want != got for want, got in zip(shape, arr.shape)
         ):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            dims = ["*" if s is None else str(s) for s in shape]
+            want = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"   # as tuples
             raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
     if not ready:
         # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)

@@ -428,6 +428,8 @@ class HardMerge(Operation):
         :meth:`MergeHistory.scatter`). The gradient has the features' dtype."""
         history, shape, dtype = saved
         if grad_features is None:
+            if out is not None:
+                check_out(out, "out", shape, dtype=dtype)
             return (np.zeros(shape, dtype=dtype) if out is None else _zero(out),)
         g = as_float_array(grad_features, "grad_features", finite=False, dtype=dtype)
         return (history.scatter(g, out=out),)

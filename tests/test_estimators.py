@@ -567,7 +567,7 @@ def test_bad_reinforce_settings():
     g = Graph.from_text("abc")
     morpher = Morpher(estimator="reinforce")
     out = morpher.forward(g, np.ones((3, 2)))
-    with pytest.raises(ValueError, match=r"grad_log_prob must have shape \(1\)"):
+    with pytest.raises(ValueError, match=r"grad_log_prob must have shape \(1,\)"):
         morpher.backward(out, grad_log_prob=[1.0, 2.0])
 
 

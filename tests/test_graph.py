@@ -132,7 +132,7 @@ def test_mixed_index_dtypes_widen():
     (dict(indptr=[0, 1, 1], indices=[1], labels=[97, 98], features=[["a"], ["b"]]),
      TypeError, "features must be a real-valued array"),
     (dict(indptr=[0, 1, 1], indices=[1], labels=[97, 98], weights=[1.0, 2.0]),
-     ValueError, r"weights must have shape \(1\)"),
+     ValueError, r"weights must have shape \(1,\)"),
     (dict(indptr=[0, 1, 1], indices=[1], labels=[97, 98], mass=[1.0, -1.0]),
      ValueError, "mass must be non-negative"),
     (dict(indptr=[0, 1, 1], indices=[1], labels=[97, 98], offsets=[0, 1, 2]),

@@ -265,3 +265,15 @@ def test_feature_mean_vjp_into_out_and_its_column():
         assert np.array_equal(ops.FeatureMean().vjp(saved, None, out=out)[0], np.zeros((3, 4)))
     with pytest.raises(ValueError, match="out"):
         ops.FeatureMean().vjp((3, 4), g, out=np.empty((3, 5)))
+
+
+def test_hard_merge_vjp_checks_out_without_an_upstream_gradient():
+    """No upstream gradient: ``out`` is zeroed, after the same check as
+    when there is one (its shape and dtype, naming it)."""
+    g = gr.Graph.from_text("aab")
+    _, saved = ops.HardMerge().forward(g, np.ones((3, 2)), np.array([1, 0], bool))
+    out = np.full((3, 2), np.nan)
+    assert ops.HardMerge().vjp(saved, None, out=out)[0] is out and not out.any()
+    for bad, error in ((np.empty((3, 3)), ValueError), (np.empty((3, 2), np.float32), TypeError)):
+        with pytest.raises(error, match="out"):
+            ops.HardMerge().vjp(saved, None, out=bad)

@@ -429,3 +429,16 @@ def test_hard_weights_give_contracted_edges(merge):
     live = W == 1.0
     np.testing.assert_array_equal(r.graph.edge_sources()[live], heads[:-1])
     np.testing.assert_array_equal(r.graph.indices[live], heads[1:])
+
+
+def test_relaxed_edge_counts_refuses_a_last_node_with_a_next():
+    """The kernel walks a window while ``has_next`` holds: a last node
+    marked as having a next one would read past the end, so it is refused
+    (the Python layer never makes one), as are arrays of other lengths."""
+    m, counts = np.full(4, 0.5), np.empty(4, np.int64)
+    with pytest.raises(ValueError, match="last node"):
+        _relax.relaxed_edge_counts(m, np.ones(4, np.uint8), counts)
+    with pytest.raises(ValueError, match="must be"):
+        _relax.relaxed_edge_counts(m, np.ones(3, np.uint8), counts)
+    _relax.relaxed_edge_counts(m, np.array([1, 1, 1, 0], np.uint8), counts)
+    assert counts.tolist() == [3, 2, 1, 0]
