@@ -142,20 +142,35 @@ cdef inline void _stack_block(floating* buf, const floating* x, intp_t xs, intp_
         _stack_row(buf + r * 3 * d, x, xs, lo + r, indptr, nb, w, t_indptr, t_nb, t_w, d)
 
 
-cdef int _check_stacked(str fn, intp_t n, intp_t d, intp_t indptr_len, intp_t t_indptr_len,
-                        intp_t n_edges, intp_t t_edges, intp_t n_w, intp_t t_w,
-                        intp_t scratch_rows, intp_t scratch_cols, intp_t x_stride,
-                        intp_t item) except -1:
-    if indptr_len != n + 1 or t_indptr_len != n + 1 or t_edges != n_edges or t_w != n_w:
+cdef int _stacked_threads(str fn, intp_t n, intp_t d, const index_t[::1] indptr,
+                          const index_t[::1] indices, const double[::1] weights,
+                          const index_t[::1] t_indptr, const index_t[::1] t_indices,
+                          const double[::1] t_weights, intp_t x_stride, intp_t item,
+                          const intp_t* scratch_shape, int num_threads, intp_t blocks,
+                          const index_t** nbr, const double** wp, const index_t** t_nbr,
+                          const double** t_wp) except -1:
+    """The checks both stacked products share (the graph both ways round,
+    ``x``'s rows, the scratch slabs), their edge pointers (NULL for none or
+    for unit weights), and their thread count: OpenMP's for ``blocks``
+    tasks, at most one per scratch slab."""
+    if indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
+            or t_indices.shape[0] != indices.shape[0] or t_weights.shape[0] != weights.shape[0]:
         raise ValueError(f"{fn}: indptr and t_indptr must be (n + 1,), the transpose as "
                          "large as the graph")
-    if n_w not in (0, n_edges):
+    if weights.shape[0] not in (0, indices.shape[0]):
         raise ValueError(f"{fn}: weights must be (E,) or (0,)")
-    if scratch_rows < _ROWS or scratch_cols != 3 * d:
+    if scratch_shape[1] < _ROWS or scratch_shape[2] != 3 * d:
         raise ValueError(f"{fn}: scratch must be (threads, >= {_ROWS}, 3d)")
     if d > 1 and x_stride != item:
         raise ValueError(f"{fn}: x must have contiguous rows")
-    return 0
+    if scratch_shape[0] < 1 and n > 0:
+        raise ValueError(f"{fn}: scratch needs a slab")
+    nbr[0] = &indices[0] if indices.shape[0] else NULL
+    t_nbr[0] = &t_indices[0] if t_indices.shape[0] else NULL
+    wp[0] = &weights[0] if weights.shape[0] else NULL
+    t_wp[0] = &t_weights[0] if t_weights.shape[0] else NULL
+    cdef int nt = num_threads_for(num_threads, blocks)
+    return nt if nt <= scratch_shape[0] else <int>scratch_shape[0]
 
 
 def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
@@ -180,23 +195,18 @@ def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
         raise ValueError(f"stacked_matmul: shapes x ({n}, {d}), w ({w.shape[0]}, "
                          f"{w.shape[1]}), out ({out.shape[0]}, {out.shape[1]}), init "
                          f"({init.shape[0]}, {init.shape[1]}) disagree")
-    _check_stacked("stacked_matmul", n, d, indptr.shape[0], t_indptr.shape[0],
-                   indices.shape[0], t_indices.shape[0], weights.shape[0], t_weights.shape[0],
-                   scratch.shape[1], scratch.shape[2], x.strides[1], sizeof(floating))
+    cdef intp_t nb = (n + _ROWS - 1) // _ROWS
+    cdef const index_t* nbr
+    cdef const index_t* t_nbr
+    cdef const double* wp
+    cdef const double* t_wp
+    cdef int nt = _stacked_threads("stacked_matmul", n, d, indptr, indices, weights, t_indptr,
+                                   t_indices, t_weights, x.strides[1], sizeof(floating),
+                                   scratch.shape, num_threads, nb, &nbr, &wp, &t_nbr, &t_wp)
     if n == 0 or m == 0:
         return
-    if scratch.shape[0] < 1:
-        raise ValueError("stacked_matmul: scratch needs a slab")
-    cdef intp_t nb = (n + _ROWS - 1) // _ROWS
-    cdef int nt = num_threads_for(num_threads, nb)
-    if nt > scratch.shape[0]:
-        nt = <int>scratch.shape[0]
-    cdef intp_t xs = x.strides[0] // sizeof(floating) if n > 0 else 0
+    cdef intp_t xs = x.strides[0] // sizeof(floating)
     cdef bint row_init = init.shape[0] == 1
-    cdef const index_t* nbr = &indices[0] if indices.shape[0] else NULL
-    cdef const index_t* t_nbr = &t_indices[0] if t_indices.shape[0] else NULL
-    cdef const double* wp = &weights[0] if weights.shape[0] else NULL
-    cdef const double* t_wp = &t_weights[0] if t_weights.shape[0] else NULL
     cdef floating* buf
     with nogil:
         for blk in prange(nb, num_threads=nt, schedule="static"):
@@ -234,24 +244,20 @@ def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,
     if parts.shape[0] < nb or parts.shape[1] != 3 * d or parts.shape[2] != m:
         raise ValueError(f"stacked_matmul_tn: parts must be at least ({nb}, {3 * d}, {m}), "
                          f"got ({parts.shape[0]}, {parts.shape[1]}, {parts.shape[2]})")
-    _check_stacked("stacked_matmul_tn", n, d, indptr.shape[0], t_indptr.shape[0],
-                   indices.shape[0], t_indices.shape[0], weights.shape[0], t_weights.shape[0],
-                   scratch.shape[1], scratch.shape[2], x.strides[1], sizeof(floating))
+    cdef const index_t* nbr
+    cdef const index_t* t_nbr
+    cdef const double* wp
+    cdef const double* t_wp
+    cdef int nt = _stacked_threads("stacked_matmul_tn", n, d, indptr, indices, weights,
+                                   t_indptr, t_indices, t_weights, x.strides[1],
+                                   sizeof(floating), scratch.shape, num_threads, nb, &nbr, &wp,
+                                   &t_nbr, &t_wp)
     if d == 0 or m == 0:
         return
     if n == 0:
         out[...] = 0
         return
-    if scratch.shape[0] < 1:
-        raise ValueError("stacked_matmul_tn: scratch needs a slab")
-    cdef int nt = num_threads_for(num_threads, nb)
-    if nt > scratch.shape[0]:
-        nt = <int>scratch.shape[0]
     cdef intp_t xs = x.strides[0] // sizeof(floating)
-    cdef const index_t* nbr = &indices[0] if indices.shape[0] else NULL
-    cdef const index_t* t_nbr = &t_indices[0] if t_indices.shape[0] else NULL
-    cdef const double* wp = &weights[0] if weights.shape[0] else NULL
-    cdef const double* t_wp = &t_weights[0] if t_weights.shape[0] else NULL
     cdef floating* buf
     with nogil:
         for blk in prange(nb, num_threads=nt, schedule="static"):

@@ -696,16 +696,11 @@ def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None):
     its BLAS call (:func:`grapheme._products.stacked_matmul`), where the
     build has OpenMP; the (n, 3d) stack and numpy's ``matmul`` where it does
     not. ``apart``: as for :func:`_alloc`."""
-    d = x.shape[1]
-    threads = _core.openmp_threads()
-    if threads > 0:
-        scratch = _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
-                         shape=(threads, _products.ROWS, 3 * d))
+    scratch = _stack_scratch(x, workspace, apart)
+    if scratch is not None:
         _products.stacked_matmul(*edges, x, w, out, init, scratch)
         return out
-    cat = _alloc(workspace, "message.cat", x.shape[0], 3 * d, x.dtype, apart)
-    _core.stack_neighbours(*edges, x, cat)
-    np.matmul(cat, w, out=out)
+    np.matmul(_stack(edges, x, workspace, apart), w, out=out)
     out += init
     return out
 
@@ -717,18 +712,32 @@ def _stacked_matmul_tn(edges, x, g, workspace=None, apart=None):
     block order, so the bits do not follow the thread count."""
     d, m = x.shape[1], g.shape[1]
     out = np.empty((3 * d, m), x.dtype)
+    scratch = _stack_scratch(x, workspace, apart)
+    if scratch is None:
+        return np.matmul(_stack(edges, x, workspace, apart).T, g, out=out)
+    blocks = max(-(-x.shape[0] // _products.TN_ROWS), 1)
+    parts = _alloc(workspace, "message.parts", None, None, x.dtype, apart,
+                   shape=(blocks, 3 * d, m))
+    _products.stacked_matmul_tn(*edges, x, g, out, parts, scratch)
+    return out
+
+
+def _stack_scratch(x, workspace, apart):
+    """One (ROWS, 3d) slab per OpenMP thread for the stacked products, or
+    None without OpenMP."""
     threads = _core.openmp_threads()
-    if threads > 0:
-        blocks = max(-(-x.shape[0] // _products.TN_ROWS), 1)
-        parts = _alloc(workspace, "message.parts", None, None, x.dtype, apart,
-                       shape=(blocks, 3 * d, m))
-        scratch = _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
-                         shape=(threads, _products.ROWS, 3 * d))
-        _products.stacked_matmul_tn(*edges, x, g, out, parts, scratch)
-        return out
-    cat = _alloc(workspace, "message.cat", x.shape[0], 3 * d, x.dtype, apart)
+    if threads == 0:
+        return None
+    return _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
+                  shape=(threads, _products.ROWS, 3 * x.shape[1]))
+
+
+def _stack(edges, x, workspace, apart):
+    """The whole (n, 3d) stack ``[x, P, S]`` (the products' operand without
+    OpenMP)."""
+    cat = _alloc(workspace, "message.cat", x.shape[0], 3 * x.shape[1], x.dtype, apart)
     _core.stack_neighbours(*edges, x, cat)
-    return np.matmul(cat.T, g, out=out)
+    return cat
 
 
 def _both_ways(graph):
