@@ -21,7 +21,6 @@ def hash_normal(
 ) -> None: ...
 def all_finite(
     x: np.ndarray,        # const floating[::1] IN (m,)
-    num_threads: int = 0,  # threads; 0: OpenMP's default
 ) -> bool: ...
 def row_means(
     x: np.ndarray,        # const float[:, ::1] IN (n, d), float32 only

@@ -178,36 +178,21 @@ cdef extern from *:
     bint _all_finite_f "grapheme_all_finite_f"(const float* x, intp_t m) noexcept nogil
 
 
-cdef intp_t _FINITE_CHUNK = 1 << 16   # elements per task of all_finite
-
-
-def all_finite(const floating[::1] x, int num_threads=0):     # IN  (m,)
+def all_finite(const floating[::1] x):     # IN  (m,)
     """True if no element of ``x`` (float32 or float64) is NaN or infinite.
     O(m), one read, no temporary (``np.isfinite(x).all()`` writes an m-byte
-    mask first); chunks of 65,536 elements in parallel (``num_threads``, 0
-    for OpenMP's default) when there are several."""
-    cdef intp_t m = x.shape[0], nc = (m + _FINITE_CHUNK - 1) // _FINITE_CHUNK, c, lo, size
-    cdef intp_t bad = 0
-    cdef int nt = num_threads_for(num_threads, nc)
-    if m == 0:
-        return True
-    with nogil:
-        if nt == 1:
+    mask first). On one thread, on purpose: every argument check runs it,
+    and a parallel region there would make plain validation hang in a
+    child forked after the parent ran one (GNU OpenMP does not survive
+    ``fork``; see "Threads" in docs/design.md)."""
+    cdef bint ok = True
+    if x.shape[0]:
+        with nogil:
             if floating is double:
-                bad = not _all_finite(&x[0], m)
+                ok = _all_finite(&x[0], x.shape[0])
             else:
-                bad = not _all_finite_f(&x[0], m)
-        else:
-            for c in prange(nc, num_threads=nt, schedule="static"):
-                lo = c * _FINITE_CHUNK
-                size = min(m - lo, _FINITE_CHUNK)
-                if floating is double:
-                    if not _all_finite(&x[lo], size):
-                        bad += 1
-                else:
-                    if not _all_finite_f(&x[lo], size):
-                        bad += 1
-    return bad == 0
+                ok = _all_finite_f(&x[0], x.shape[0])
+    return ok
 
 
 # ---------------------------------------------------------------------------

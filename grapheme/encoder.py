@@ -29,6 +29,20 @@ class EncodeResult(NamedTuple):
     keys: np.ndarray
 
 
+def _after(layer, h, call):
+    """``call()``, whose input ``h`` is layer ``layer - 1``'s output: a
+    ValueError it raises because ``h`` overflowed (finite features so large
+    that a layer's sums do not fit in the dtype) says so, instead of blaming
+    the caller's features."""
+    try:
+        return call()
+    except ValueError:
+        if layer > 0 and h.size and not np.isfinite(h).all():
+            raise ValueError(f"the encoder's layer {layer - 1} overflowed: its output is not "
+                             "finite (features or weights too large for the dtype)") from None
+        raise
+
+
 class Encoder:
     """``layers`` residual message-passing layers, then learned routing.
 
@@ -123,10 +137,11 @@ class Encoder:
         saved = []
         for layer in range(self.layers):
             w = [self.params[f"layer{layer}.{name}"] for name in _LAYER]
-            (h,), s = MessagePassing().forward(graph, h, *w, workspace=workspace,
-                                               name=f"layer{layer}.")
+            (h,), s = _after(layer, h, lambda: MessagePassing().forward(
+                graph, h, *w, workspace=workspace, name=f"layer{layer}."))
             saved.append(s)
-        (q,), sq = Linear().forward(h, self.params["query"], workspace, "query.")
+        (q,), sq = _after(self.layers, h, lambda: Linear().forward(
+            h, self.params["query"], workspace, "query."))
         (k,), sk = Linear().forward(h, self.params["key"], workspace, "key.")
         return EncodeResult(h, q, k), (saved, sq, sk)
 

@@ -499,7 +499,7 @@ class StructuralLoss:
                                                          lower_inclusive=False)
         try:
             w = np.asarray(weights)
-            if np.iscomplexobj(w):      # astype would drop the imaginary parts
+            if w.dtype.kind not in "iufO":   # astype would read complex, dates, text
                 raise TypeError
             w = w.astype(np.float64)
         except (TypeError, ValueError, OverflowError):

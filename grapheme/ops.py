@@ -35,6 +35,7 @@ import numpy as np
 
 from . import _core, _products, _relax
 from ._threads import one_pool
+from ._workspace import check_workspace
 from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
                           frozen)
 from .graph import Graph, chain_sources, contract_edges, merge_edges
@@ -411,6 +412,7 @@ class HardMerge(Operation):
         """``workspace`` (a :class:`grapheme._workspace.Workspace`, optional):
         the merged features live in it under ``name`` + "features", valid
         until its next use of that name. None: a fresh array (pure)."""
+        _check_place(workspace, name)
         check_graph(graph, "graph")
         features = check_features(graph, features)
         history = merge_edges(graph, decisions)
@@ -477,6 +479,7 @@ class ChainRelaxation(Operation):
     def forward(self, graph, features, merge, workspace=None):
         """``workspace``: as for :meth:`HardMerge.forward`, the relaxed
         features under "relax.features"."""
+        _check_place(workspace)
         check_graph(graph, "graph")
         features = check_features(graph, features)
         merge = as_float_array(merge, "merge", shape=(graph.num_edges,))
@@ -644,6 +647,14 @@ def _alloc(workspace, name, n, d, dtype=np.float64, apart=None, shape=None):
     return out
 
 
+def _check_place(workspace, name=""):
+    """An operation's ``workspace`` (a :class:`grapheme._workspace.Workspace`
+    or None) and ``name`` (the prefix of its arrays' names, a str)."""
+    check_workspace(workspace)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+
+
 def check_features(graph, features, name="features"):
     """``features`` as a finite (n_nodes, d) array: float32 stays float32,
     anything else is float64."""
@@ -728,8 +739,9 @@ def _stack_scratch(x, workspace, apart):
     threads = _core.openmp_threads()
     if threads == 0:
         return None
+    blocks = -(-x.shape[0] // _products.ROWS)    # no more slabs than blocks
     return _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
-                  shape=(threads, _products.ROWS, 3 * x.shape[1]))
+                  shape=(max(min(threads, blocks), 1), _products.ROWS, 3 * x.shape[1]))
 
 
 def _stack(edges, x, workspace, apart):
@@ -785,8 +797,14 @@ class MessagePassing(Operation):
                 name=""):
         """``workspace`` (a :class:`grapheme._workspace.Workspace`, optional):
         where the arrays live, those saved and the result under ``name`` +
-        "cat" (n, 3d), "t", "out" (n, d); valid until the workspace's next use
-        of those names. None: fresh arrays (pure)."""
+        "t", "out" (n, d), the products' scratch under "message."; valid
+        until the workspace's next use of those names. None: fresh arrays.
+
+        What the vjp needs is kept by reference, ``features`` included, as
+        autograd keeps its inputs: change them in place between the two and
+        the vjp sees the change (the PyTorch bridge refuses that, with
+        autograd's version check)."""
+        _check_place(workspace, name)
         check_graph(graph, "graph")
         features = check_features(graph, features)
         n, d = features.shape
@@ -797,7 +815,7 @@ class MessagePassing(Operation):
         bias = as_float_array(bias, "bias", shape=(d,), dtype=dt)
         # t = tanh([h, P, S] @ [W_self; W_pred; W_succ] + b): the three
         # products as one, the stack [h, P, S] made block by block in cache
-        apart = {"features": features}
+        apart = {"features": features, "bias": bias}
         edges = _both_ways(graph)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
         t = _alloc(workspace, name + "t", n, d, dt, apart)
@@ -810,6 +828,7 @@ class MessagePassing(Operation):
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """``workspace``: as for :meth:`forward`; the input gradient lives
         under ``name`` + "grad"."""
+        _check_place(workspace, name)
         edges, features, t, w_cat = saved
         n, d = t.shape
         dt = t.dtype
@@ -851,7 +870,9 @@ class Linear(Operation):
     @one_pool   # its products call BLAS from OpenMP threads: BLAS on one
     def forward(self, features, weight, workspace=None, name=""):
         """``workspace``: as for :meth:`MessagePassing.forward`, the result
-        under ``name`` + "out"."""
+        under ``name`` + "out"; ``features`` and ``weight`` are kept by
+        reference for the vjp, as there."""
+        _check_place(workspace, name)
         features = as_float_array(features, "features", ndim=2, dtype=KEEP)
         weight = as_float_array(weight, "weight", shape=(features.shape[1], None),
                                 dtype=features.dtype)
@@ -862,6 +883,7 @@ class Linear(Operation):
     @one_pool
     def vjp(self, saved, grad_features, workspace=None, name=""):
         """The input gradient under ``name`` + "grad" of ``workspace``."""
+        _check_place(workspace, name)
         x, w = saved
         if grad_features is None:
             return np.zeros_like(x), np.zeros_like(w)
@@ -909,6 +931,7 @@ class RoutedSimilarity(Operation):
     def vjp(self, saved, grad_similarity, workspace=None):
         """``workspace``: as for :meth:`MessagePassing.forward`, the
         gradients under "routing.grad_queries" and "routing.grad_keys"."""
+        _check_place(workspace)
         indptr, indices, q, k, qn, kn, sim, scale = saved
         gq = _alloc(workspace, "routing.grad_queries", *q.shape, q.dtype)
         gk = _alloc(workspace, "routing.grad_keys", *k.shape, k.dtype)

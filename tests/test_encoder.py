@@ -371,3 +371,56 @@ def test_a_layer_without_openmp_gives_the_same_numbers(monkeypatch, dtype):
     for a, b in zip(fused, layer()):
         assert a.dtype == b.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_message_passing_refuses_a_bias_in_its_own_workspace_arrays():
+    """The layer writes its scratch and its pre-activation ``t`` in the
+    workspace and reads the bias while it does: a bias lying in either is
+    refused, as ``features`` is, naming it."""
+    from grapheme import _core
+    from grapheme._workspace import Workspace
+
+    g = gr.Graph.from_text("ab" * 300)
+    d = 4
+    h, W = np.ones((g.num_nodes, d)), np.full((d, d), 0.1)
+    for where in ("message.scratch", "l.t"):
+        ws = Workspace()
+        shape = ((max(_core.openmp_threads(), 1), 256, 3 * d) if where == "message.scratch"
+                 else (g.num_nodes, d))
+        bias = ws(where, shape).reshape(-1)[:d]
+        if where == "message.scratch" and _core.openmp_threads() == 0:
+            continue    # the serial build has no scratch slabs
+        with pytest.raises(ValueError, match="bias lies in the workspace"):
+            ops.MessagePassing().forward(g, h, W, W, W, bias, workspace=ws, name="l.")
+
+
+@pytest.mark.parametrize("op", ["message", "linear"])
+def test_operations_check_workspace_and_name(op):
+    g, d = gr.Graph.from_text("abc"), 2
+    h, W = np.ones((3, d)), np.eye(d)
+
+    def call(**kw):
+        if op == "message":
+            return ops.MessagePassing().forward(g, h, W, W, W, np.zeros(d), **kw)
+        return ops.Linear().forward(h, W, **kw)
+    with pytest.raises(TypeError, match="workspace must be"):
+        call(workspace={})
+    with pytest.raises(TypeError, match="name must be a str"):
+        call(name=None)
+    _, saved = call()
+    vjp = ops.MessagePassing().vjp if op == "message" else ops.Linear().vjp
+    with pytest.raises(TypeError, match="workspace must be"):
+        vjp(saved, h, workspace=[])
+
+
+def test_an_overflowing_layer_is_named_not_the_callers_features():
+    # node 2 has two predecessors: their sum overflows, times the zero
+    # weights of an untrained layer it is NaN
+    g = gr.Graph([0, 1, 2, 2], [2, 2], [97, 98, 99])
+    H = np.full((3, 2), 1e308)
+    for layers in (1, 2):
+        with pytest.raises(ValueError, match="layer 0 overflowed"):
+            gr.Encoder(2, layers=layers).forward(g, H)
+    enc = gr.Encoder(2, layers=2)
+    with pytest.raises(ValueError, match="features contains NaN"):
+        enc.forward(g, np.full((3, 2), np.nan))    # the caller's own

@@ -396,6 +396,9 @@ def test_edge_term_dice_extremes():
     (dict(weights="abc"), (TypeError, ValueError), "weights"),
     (dict(weights=(1, 0.2, 1j)), TypeError, "weights"),     # not cast to its real part
     (dict(weights=np.array([1, 0.2, 0], complex)), TypeError, "weights"),
+    (dict(weights=np.array([1, 1, 1], "datetime64[s]")), TypeError, "weights"),
+    (dict(weights=["1", "0.2", "0"]), TypeError, "weights"),       # text is not parsed
+    (dict(weights=(True, False, True)), TypeError, "weights"),
     (dict(alpha=-1.0), ValueError, "alpha"),
     (dict(beta=float("inf")), ValueError, "beta"),
     (dict(gamma="2"), TypeError, "gamma"),

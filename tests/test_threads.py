@@ -10,6 +10,7 @@ independent segments by blocks) with its relaxed edges. Skipped
 where grapheme was built without OpenMP; there, a test checks that the
 serial build accepts the same settings and gives the same numbers.
 """
+import os
 import platform
 
 import numpy as np
@@ -657,3 +658,23 @@ def test_gather_and_scatter_are_identical_on_any_thread_count(dtype, weighted):
         np.add.at(want, history.cluster, history.node_weights[:, None] * x.astype(np.float64))
         tol = 1e-12 if dtype == np.float64 else 1e-5
         np.testing.assert_allclose(runs[0][0], want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_argument_checks_work_in_a_child_forked_after_a_parallel_loop():
+    """GNU OpenMP does not survive fork: a child that starts a parallel
+    region after the parent ran one waits forever. Checking arguments
+    starts none, so a forked child can still build and check graphs."""
+    import multiprocessing
+
+    n, d = 70_000, 2
+    x = np.ones((n, d))
+    _core.tanh_backward(x, x, np.empty((n, d)), np.empty(d), num_threads=2)   # parent: threads
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: gr.Graph.from_text("a" * n).replace(features=x))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0

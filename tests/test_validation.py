@@ -9,14 +9,12 @@ SPECIAL = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 5e-324, -5e-324,
            np.finfo(float).max, -np.finfo(float).max, np.finfo(float).tiny, 1.0]
 
 
-@given(size=st.sampled_from([0, 1, 2, 3, 4095, 4096, 4097, 10_000, 65_536, 65_537,
-                             200_000]),
+@given(size=st.sampled_from([0, 1, 2, 3, 4095, 4096, 4097, 10_000]),
        picks=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(SPECIAL)), max_size=4),
        payload=st.integers(1, 2**51 - 1))
 def test_all_finite_equals_numpy(size, picks, payload):
     # the bit-trick kernel against np.isfinite, on every class of double,
     # NaNs with any payload among them, and around its 4096-element blocks
-    # and its threads' 65,536-element chunks
     x = np.random.default_rng(size).standard_normal(size)
     for pos, value in picks:
         if size:
@@ -24,9 +22,7 @@ def test_all_finite_equals_numpy(size, picks, payload):
     if size and picks:
         bits = x.view(np.uint64)
         bits[picks[0][0] % size] = np.uint64(0x7FF0000000000000) | np.uint64(payload)
-    want = bool(np.isfinite(x).all())
-    # on one thread, and in chunks of 65,536 on several
-    assert _core.all_finite(x) == _core.all_finite(x, 1) == _core.all_finite(x, 3) == want
+    assert _core.all_finite(x) == bool(np.isfinite(x).all())
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
