@@ -6,6 +6,14 @@ merges neighbouring nodes whose embeddings are similar; the
 differentiable step is an operation of :mod:`grapheme.ops` with a forward
 and a pure vector-Jacobian product.
 """
+try:
+    from . import _core  # noqa: F401  (the compiled kernels; every module needs them)
+except ImportError as exc:
+    raise ImportError(
+        f"grapheme's compiled core cannot be imported from {__path__[0]}. "
+        "Python found grapheme's source folder, which holds no build: run from another "
+        "directory to use the installed grapheme, or build in place first "
+        "(python setup.py build_ext --inplace)") from exc
 from . import distributed, ops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs

@@ -289,6 +289,8 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
                                   samples=samples)
         elif samples != 1:
             raise ValueError(f"--samples needs --estimator reinforce, got {estimator!r}")
+        elif baseline != "mean":
+            raise ValueError(f"--baseline needs --estimator reinforce, got {estimator!r}")
         morpher = Morpher(estimator=make_estimator(estimator), rate=target_rate)
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
@@ -402,7 +404,7 @@ def _train(args, out, spawn=None, comm=None):
 
         _torch_distributed()   # torch missing: say so once, here
         out.flush()
-        return spawn_local([sys.executable, "-m", "grapheme.cli", *args.argv], spawn)
+        return spawn_local(_rank_command(args.argv), spawn)
     # a resumed model, measured once: printed beside the result (a fresh
     # run's untrained model is measured by fit, trainer.baseline)
     before = (trainer.evaluate(val) if rank0 and val and 0 < start < args.epochs
@@ -669,8 +671,9 @@ def _decoded_lines(block, line, name):
 
 
 def _cmd_plot(args, out):
-    from .plot import plot_run
+    from .plot import plot_run, read_metrics
 
+    read_metrics(args.run)     # the run's errors before the picture's (read again below)
     if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
         target = os.path.join(base, "metrics.png")
@@ -843,6 +846,17 @@ def _reader_gone():
             pass
     os.close(devnull)
     return 1
+
+
+def _rank_command(argv):
+    """The argv of one rank of ``--nproc``: this Python, running the grapheme
+    this process runs. ``python -m grapheme.cli`` would import whatever
+    ``grapheme`` the working directory holds first, in a source checkout
+    the uncompiled folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    boot = (f"import sys; sys.path.insert(0, {root!r}); "
+            "from grapheme.cli import run; sys.exit(run())")
+    return [sys.executable, "-c", boot, *argv]
 
 
 def run():

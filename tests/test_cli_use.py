@@ -1,6 +1,7 @@
 """The command line of a trained model: segment, plot, show; help, version, progress."""
 import argparse
 import io
+import os
 import json
 
 import pytest
@@ -416,3 +417,54 @@ def test_plain_text_as_data_says_how_pairs_are_made(tmp_path, capsys):
             "from your own UTF-8 text: grapheme generate --task words --corpus FILE "
             "--out DIR)\n")
     assert not (tmp_path / "r").exists()
+
+
+def _source_copy(tmp_path):
+    """A folder holding grapheme's Python files without their build, as a
+    source checkout does."""
+    import shutil
+
+    src = os.path.dirname(gr.__file__)
+    shutil.copytree(src, tmp_path / "grapheme",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "__pycache__"))
+    return tmp_path
+
+
+def test_ranks_run_this_grapheme_even_from_a_source_checkout(tmp_path):
+    """``--nproc`` starts every rank with the grapheme this process runs: in
+    a checkout's root, ``python -m grapheme.cli`` would import the folder
+    without its build."""
+    import subprocess
+    from grapheme.cli import _rank_command
+
+    cwd = _source_copy(tmp_path)
+    proc = subprocess.run(_rank_command(["--version"]), cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and gr.__version__ in proc.stdout, proc.stderr
+
+
+def test_importing_the_unbuilt_source_folder_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    cwd = _source_copy(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import grapheme"], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "source folder, which holds no build" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("option", [("--samples", "3"), ("--baseline", "loo")])
+def test_reinforce_options_need_reinforce(capsys, tmp_path, option):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"input": "abc", "target": "ab"}\n')
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", "1",
+                       "--out", tmp_path / "r", *option)
+    assert code == 2 and f"{option[0]} needs --estimator reinforce" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_plot_names_a_missing_run_before_an_existing_picture(capsys, tmp_path):
+    (tmp_path / "metrics.png").write_bytes(b"")      # beside the missing run
+    code, _, err = run(capsys, "plot", tmp_path / "nothing")
+    assert code == 2 and "no metrics file" in err
