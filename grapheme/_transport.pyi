@@ -25,6 +25,7 @@ def structural_loss_forward(
     terms: np.ndarray,      # double[:, ::1] OUT (B, 4): node, edge, clique, row error
     converged: np.ndarray,  # uint8_t[::1] OUT (B,)
     num_threads: int = 0,   # int IN threads for the pairs; <= 0: OpenMP's default
+    alloc: Any = None,      # alloc(size, name) -> float64 (size,) for fpot, gpot; None: fresh
 ) -> tuple[np.ndarray, np.ndarray]: ...  # fpot, gpot: the potentials of the sweeps run
 def structural_loss_backward(
     predicted: Any,         # _GraphArrays IN

@@ -1287,7 +1287,9 @@ def structural_loss_forward(
                                       # OUT plan, f_off, g_off, used (a _Cache)
         double[:, ::1] terms,         # OUT (B, 4): node, edge, clique, row error
         uint8_t[::1] converged,       # OUT (B,) row error <= tol (or conv_tol)
-        int num_threads=0):           # IN  threads; <= 0: OpenMP's default
+        int num_threads=0,            # IN  threads; <= 0: OpenMP's default
+        object alloc=None):           # IN  alloc(size, name) -> float64 (size,), or
+                                      #     None: fresh arrays for the potentials
     """Forward structural loss of a batch of pairs (trusts its input).
 
     For every pair: augmented cost, at most ``iterations`` Sinkhorn sweeps
@@ -1391,8 +1393,10 @@ def structural_loss_forward(
             g_off_out[nb] = g_size
         if oom:
             raise MemoryError("no memory for the Sinkhorn potentials")
-        fpot = np.empty(f_size)
-        gpot = np.empty(g_size)
+        if alloc is None:
+            fpot, gpot = np.empty(f_size), np.empty(g_size)
+        else:
+            fpot, gpot = alloc(f_size, "loss.fpot"), alloc(g_size, "loss.gpot")
         _collect(fpot, f_off_out, f_at, owner, fst, nb)
         _collect(gpot, g_off_out, g_at, owner, gst, nb)
         return fpot, gpot

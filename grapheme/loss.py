@@ -571,12 +571,20 @@ class StructuralLoss:
             (``Graph.from_texts([])``), an array is malformed (naming it), or ``domain="scaling"`` and some pair
             fails the scaling condition (naming ``domain``).
         """
+        return self._forward(predicted, target)
+
+    def _forward(self, predicted, target, workspace=None):
+        """:meth:`forward`, its plans and potentials in ``workspace`` (a
+        :class:`grapheme._workspace.Workspace`) if given: valid until its
+        next use, so only for a caller that never hands the result out (the
+        ``Trainer``'s step). Fresh arrays page-fault in again at every call
+        once the allocator has returned the last ones to the system."""
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
         if self.debias:
-            result = self._forward_debiased(p, t)
+            result = self._forward_debiased(p, t, workspace)
         else:
-            result = self._forward_arrays(p, t)
+            result = self._forward_arrays(p, t, workspace=workspace)
         shapes = (_feature_shape(predicted), _feature_shape(target))
         return dataclasses.replace(result, _feature_shapes=shapes)
 
@@ -636,13 +644,14 @@ class StructuralLoss:
     __call__ = forward
 
     # -- array level ----------------------------------------------------------
-    def _forward_debiased(self, p: _GraphArrays, t: _GraphArrays) -> LossResult:
+    def _forward_debiased(self, p: _GraphArrays, t: _GraphArrays,
+                          workspace=None) -> LossResult:
         """The debiased loss ``L(p, t) - L(p, p)/2 - L(t, t)/2`` per pair, the
         3B transports in one kernel call (see ``debias``)."""
         _check_batches(p, t)
         B = len(p.offsets) - 1
         self_pair = np.repeat(np.array([0, 1, 1], np.uint8), B)
-        r = self._forward_arrays(_concat([p, p, t]), _concat([t, p, t]), self_pair)
+        r = self._forward_arrays(_concat([p, p, t]), _concat([t, p, t]), self_pair, workspace)
         pt, pp, tt = slice(0, B), slice(B, 2 * B), slice(2 * B, 3 * B)
 
         def debiased(x):
@@ -662,10 +671,10 @@ class StructuralLoss:
             domain=r.domain[pt].copy(), _cache=r._cache._replace(fold=fold))
 
     def _forward_arrays(self, p: _GraphArrays, t: _GraphArrays,
-                        self_pair=None) -> LossResult:
+                        self_pair=None, workspace=None) -> LossResult:
         """Forward on the arrays of two validated graphs (see :func:`_from_graph`);
         ``self_pair`` (B,) uint8 marks the pairs that score a graph against
-        itself (default none)."""
+        itself (default none); ``workspace``: see :meth:`_forward`."""
         _check_batches(p, t)
         B = len(p.offsets) - 1
         n = np.diff(p.offsets)
@@ -689,12 +698,18 @@ class StructuralLoss:
         scaled = self._choose_domain(p, t)
         if self_pair is None:
             self_pair = np.zeros(B, np.uint8)
-        cache = _Cache(self, p, t, np.empty(plan_off[-1]), plan_off, None, None,
+        if workspace is None:
+            alloc = np.empty
+        else:
+            def alloc(size, name="loss.plan"):
+                return workspace(name, (size,), np.float64)
+        cache = _Cache(self, p, t, alloc(plan_off[-1]), plan_off, None, None,
                        f_off, g_off, np.empty(B, np.int64), scaled, self_pair)
         terms = np.empty((B, 4))
         conv = np.empty(B, np.uint8)
-        fpot, gpot = _transport.structural_loss_forward(p, t, self._settings(), cache,
-                                                         terms, conv, self._threads())
+        fpot, gpot = _transport.structural_loss_forward(
+            p, t, self._settings(), cache, terms, conv, self._threads(),
+            None if workspace is None else alloc)
         cache = cache._replace(fpot=fpot, gpot=gpot)
         used = cache.used
         nodes, edges, cliques = terms[:, 0].copy(), terms[:, 1].copy(), terms[:, 2].copy()

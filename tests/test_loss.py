@@ -445,3 +445,30 @@ def test_result_accessors():
         res.plan(2)
     assert res.iterations.dtype == np.int64 and res.converged.dtype == bool
     assert res.value == pytest.approx(res.values.mean())
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_forward_in_a_workspace_is_the_forward(debias):
+    """The Trainer's path: plans and potentials in a reused workspace give
+    the same result and gradient, bit for bit, batch after batch of other
+    sizes (the workspace's arrays grow and are reused)."""
+    from grapheme._workspace import Workspace
+
+    ws = Workspace(np.float32)      # the loss's arrays are float64 whatever the model's
+    loss = StructuralLoss(debias=debias)
+    for seed, count in ((0, 12), (1, 3), (2, 20)):
+        rng = np.random.default_rng(seed)
+        texts = ["".join(rng.choice(list("abcd"), rng.integers(1, 9))) for _ in range(count)]
+        p = Graph.from_texts(texts)
+        p = p.replace(activation=rng.uniform(-1, 1, p.num_nodes))
+        t = Graph.from_texts([s[: max(1, len(s) - 2)] for s in texts])
+        want, got = loss.forward(p, t), loss._forward(p, t, ws)
+        assert got._cache.plan.dtype == np.float64
+        for name in ("plan", "fpot", "gpot"):     # they live in the workspace
+            assert np.shares_memory(getattr(got._cache, name), ws(f"loss.{name}", (1,),
+                                                                  np.float64))
+        for name in ("values", "iterations", "marginal_error"):
+            assert_array_equal(getattr(got, name), getattr(want, name))
+        for a, b in zip(loss.backward(got), loss.backward(want)):
+            if a is not None:
+                assert_array_equal(a, b)

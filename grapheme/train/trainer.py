@@ -34,6 +34,7 @@ from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpo
 from ..embedding import Embedding
 from ..encoder import parameter_bytes
 from ..graph import Graph, replicate
+from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
 from ..data import segment_lengths, target_text
@@ -395,7 +396,13 @@ class Trainer:
             target, seg_saved = self._segmentation_target(g, targets, encoded[0],
                                                           self._workspace)
         target = replicate(target, morphed.samples)
-        res = self.loss.forward(_explicit_activation(morphed.graph), target)
+        predicted = _explicit_activation(morphed.graph)
+        if isinstance(self.loss, StructuralLoss):
+            # the result stays inside the step: its plans and potentials
+            # can live in the workspace
+            res = self.loss._forward(predicted, target, self._workspace)
+        else:
+            res = self.loss.forward(predicted, target)
         return g, morphed, res, (rows, t_rows, target, seg_saved, enc_saved)
 
     def _gradients(self, morphed, lg, rows, t_rows, target, seg_saved, enc_saved,
