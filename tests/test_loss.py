@@ -472,3 +472,22 @@ def test_forward_in_a_workspace_is_the_forward(debias):
         for a, b in zip(loss.backward(got), loss.backward(want)):
             if a is not None:
                 assert_array_equal(a, b)
+
+
+def test_the_trainer_calls_a_subclass_forward():
+    """The Trainer puts the loss's arrays in its workspace only through
+    StructuralLoss's own forward: a subclass that overrides forward gets
+    its forward called."""
+    import grapheme as gr
+
+    calls = []
+
+    class Counting(StructuralLoss):
+        def forward(self, predicted, target):
+            calls.append(1)
+            return super().forward(predicted, target)
+
+    trainer = gr.Trainer(gr.Embedding(dim=4, seed=0), gr.Morpher(), Counting(),
+                         gr.Adam(lr=1e-2), seed=0, progress=False)
+    trainer.train_step(["abc", "xyz"], ["ab", "xy"])
+    assert calls == [1]

@@ -397,9 +397,10 @@ class Trainer:
                                                           self._workspace)
         target = replicate(target, morphed.samples)
         predicted = _explicit_activation(morphed.graph)
-        if isinstance(self.loss, StructuralLoss):
+        if (isinstance(self.loss, StructuralLoss)
+                and type(self.loss).forward is StructuralLoss.forward):
             # the result stays inside the step: its plans and potentials
-            # can live in the workspace
+            # can live in the workspace (a subclass's own forward is called)
             res = self.loss._forward(predicted, target, self._workspace)
         else:
             res = self.loss.forward(predicted, target)
