@@ -17,7 +17,7 @@ from libc.math cimport sqrt, log, cos, sin, M_PI
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
-    floating, row_scale_f, row_add_to_f, _row_add, _row_sum, _stack_row, dot,
+    floating, row_scale_f, row_add_to_f, _stack_row, _edges_both_ways, dot,
 )
 from cython.parallel cimport prange
 
@@ -748,22 +748,20 @@ def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
     not overlap ``x``. ``x`` and ``cat`` float32 or float64 (the edge
     weights stay float64). O((n + E) d).
     """
-    cdef intp_t n = x.shape[0], d = x.shape[1], u, t
-    if (cat.shape[0] != n or cat.shape[1] != 3 * d or indptr.shape[0] != n + 1
-            or t_indptr.shape[0] != n + 1 or t_indices.shape[0] != indices.shape[0]
-            or t_weights.shape[0] != weights.shape[0]):
-        raise ValueError("stack_neighbours: x must be (n, d), cat (n, 3d), indptr and "
-                         "t_indptr (n + 1,), the transpose as large as the graph")
+    cdef intp_t n = x.shape[0], d = x.shape[1], u
+    if cat.shape[0] != n or cat.shape[1] != 3 * d:
+        raise ValueError("stack_neighbours: x must be (n, d), cat (n, 3d)")
+    cdef const index_t* nb
+    cdef const index_t* t_nb
+    cdef const double* w
+    cdef const double* t_w
+    _edges_both_ways("stack_neighbours", n, indptr, indices, weights, t_indptr, t_indices,
+                     t_weights, &nb, &w, &t_nb, &t_w)
     if n == 0 or d == 0:
         return
     cdef intp_t xs = _row_stride(x, "x")
     cdef const floating* xp = &x[0, 0]
-    cdef const index_t* nb = &indices[0] if indices.shape[0] else NULL
-    cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
-    cdef const double* w = &weights[0] if weights.shape[0] else NULL
-    cdef const double* t_w = &t_weights[0] if t_weights.shape[0] else NULL
     cdef floating* cp = &cat[0, 0]
-    cdef floating* row
     cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
         for u in prange(n, num_threads=nt, schedule="static"):

@@ -20,7 +20,8 @@ swapped.
 from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
-from grapheme._types cimport floating, index_t, intp_t, num_threads_for, _stack_row
+from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
+                              _edges_both_ways)
 
 #: Rows per block of :func:`matmul`; blocks of :func:`matmul_tn` are
 #: ``TN_ROWS``. Fixed, so the bits never follow the thread count.
@@ -150,25 +151,17 @@ cdef int _stacked_threads(str fn, intp_t n, intp_t d, const index_t[::1] indptr,
                           const index_t** nbr, const double** wp, const index_t** t_nbr,
                           const double** t_wp) except -1:
     """The checks both stacked products share (the graph both ways round,
-    ``x``'s rows, the scratch slabs), their edge pointers (NULL for none or
-    for unit weights), and their thread count: OpenMP's for ``blocks``
-    tasks, at most one per scratch slab."""
-    if indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
-            or t_indices.shape[0] != indices.shape[0] or t_weights.shape[0] != weights.shape[0]:
-        raise ValueError(f"{fn}: indptr and t_indptr must be (n + 1,), the transpose as "
-                         "large as the graph")
-    if weights.shape[0] not in (0, indices.shape[0]):
-        raise ValueError(f"{fn}: weights must be (E,) or (0,)")
+    with its edge pointers, :c:func:`_edges_both_ways`; ``x``'s rows; the
+    scratch slabs), and their thread count: OpenMP's for ``blocks`` tasks,
+    at most one per scratch slab."""
+    _edges_both_ways(fn, n, indptr, indices, weights, t_indptr, t_indices, t_weights, nbr,
+                     wp, t_nbr, t_wp)
     if scratch_shape[1] < _ROWS or scratch_shape[2] != 3 * d:
         raise ValueError(f"{fn}: scratch must be (threads, >= {_ROWS}, 3d)")
     if d > 1 and x_stride != item:
         raise ValueError(f"{fn}: x must have contiguous rows")
     if scratch_shape[0] < 1 and n > 0:
         raise ValueError(f"{fn}: scratch needs a slab")
-    nbr[0] = &indices[0] if indices.shape[0] else NULL
-    t_nbr[0] = &t_indices[0] if t_indices.shape[0] else NULL
-    wp[0] = &weights[0] if weights.shape[0] else NULL
-    t_wp[0] = &t_weights[0] if t_weights.shape[0] else NULL
     cdef int nt = num_threads_for(num_threads, blocks)
     return nt if nt <= scratch_shape[0] else <int>scratch_shape[0]
 

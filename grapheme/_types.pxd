@@ -270,3 +270,26 @@ cdef inline void _stack_row(floating* row, const floating* x, intp_t xs, intp_t 
         row[2 * d + t] = 0.0
     _row_sum(row + d, x, xs, t_nb, t_w, t_indptr[u], t_indptr[u + 1], d)
     _row_sum(row + 2 * d, x, xs, nb, w, indptr[u], indptr[u + 1], d)
+
+
+cdef inline int _edges_both_ways(str fn, intp_t n, const index_t[::1] indptr,
+                                 const index_t[::1] indices, const double[::1] weights,
+                                 const index_t[::1] t_indptr, const index_t[::1] t_indices,
+                                 const double[::1] t_weights, const index_t** nbr,
+                                 const double** wp, const index_t** t_nbr,
+                                 const double** t_wp) except -1:
+    """Check a graph given by source and by target (``n + 1`` row pointers
+    each, the transpose as large as the graph, weights for every edge or
+    none) for kernel ``fn``, and point ``nbr``, ``wp``, ``t_nbr``, ``t_wp``
+    at its neighbours and weights (NULL for none, and for unit weights)."""
+    if indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
+            or t_indices.shape[0] != indices.shape[0] or t_weights.shape[0] != weights.shape[0]:
+        raise ValueError(f"{fn}: indptr and t_indptr must be (n + 1,), the transpose as "
+                         "large as the graph")
+    if weights.shape[0] not in (0, indices.shape[0]):
+        raise ValueError(f"{fn}: weights must be (E,) or (0,)")
+    nbr[0] = &indices[0] if indices.shape[0] else NULL
+    t_nbr[0] = &t_indices[0] if t_indices.shape[0] else NULL
+    wp[0] = &weights[0] if weights.shape[0] else NULL
+    t_wp[0] = &t_weights[0] if t_weights.shape[0] else NULL
+    return 0
