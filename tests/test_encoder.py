@@ -424,3 +424,32 @@ def test_an_overflowing_layer_is_named_not_the_callers_features():
     enc = gr.Encoder(2, layers=2)
     with pytest.raises(ValueError, match="features contains NaN"):
         enc.forward(g, np.full((3, 2), np.nan))    # the caller's own
+
+
+def test_a_layer_across_blocks_matches_central_differences():
+    """The layer's products run in blocks of 256 rows, its input gradient
+    over the reversed edges: on a weighted graph of several blocks, every
+    gradient along random directions against float64 central differences."""
+    from grapheme import _products
+
+    rng = np.random.default_rng(21)
+    g = gr.Graph.from_texts(["".join(rng.choice(list("abcd"), 40)) for _ in range(20)])
+    g = g.replace(weights=rng.uniform(0.5, 1.5, g.num_edges))
+    assert g.num_nodes > 3 * _products.ROWS
+    d = 3
+    args = [rng.normal(size=(g.num_nodes, d))] + [
+        0.4 * rng.normal(size=s) for s in [(d, d)] * 3 + [(d,)]]
+    up = rng.normal(size=(g.num_nodes, d))
+
+    def f(*a):
+        return float((ops.MessagePassing().forward(g, *a)[0].features * up).sum())
+
+    _, saved = ops.MessagePassing().forward(g, *args)
+    grads = ops.MessagePassing().vjp(saved, up)
+    eps = 1e-6
+    for k, (x, gx) in enumerate(zip(args, grads)):
+        v = rng.normal(size=x.shape)
+        plus = [a + eps * v if i == k else a for i, a in enumerate(args)]
+        minus = [a - eps * v if i == k else a for i, a in enumerate(args)]
+        numeric = (f(*plus) - f(*minus)) / (2 * eps)
+        assert abs(float((gx * v).sum()) - numeric) <= 1e-6 * max(1.0, abs(numeric)), k
