@@ -17,8 +17,11 @@ Row-major arrays are column-major transposes, so ``C = A op(B)`` is the
 column-major ``C^T = op(B)^T A^T``: BLAS is called with the operands
 swapped.
 """
+cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+import numpy as np
 
 from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
                               _edges_both_ways)
@@ -30,6 +33,49 @@ TN_ROWS = 256
 cdef intp_t _ROWS = ROWS
 cdef intp_t _TN_ROWS = TN_ROWS
 cdef intp_t _CHUNK = 1024    # elements per task of the partials' sum
+
+cnp.import_array()
+
+# numpy's own float64 and float32 tanh loops (a ufunc's inner loops are in its
+# documented ``functions`` table), so that a layer's tanh runs block by block
+# on our threads with numpy's SIMD code: a libm loop took 6x longer. The
+# same loop np.tanh calls, so the same bits (tested). Where a numpy has no
+# such loop, NUMPY_TANH is False and the caller applies np.tanh itself.
+ctypedef void (*_ufunc_loop)(char**, const cnp.npy_intp*, const cnp.npy_intp*,
+                             void*) noexcept nogil
+cdef _ufunc_loop _tanh_loops[2]     # float32, float64
+cdef void* _tanh_data[2]
+
+
+cdef bint _find_tanh() except -1:
+    cdef cnp.ufunc uf = np.tanh
+    cdef int i, j
+    for i, sig in enumerate(("f->f", "d->d")):
+        if sig not in np.tanh.types or uf.nin != 1 or uf.nout != 1:
+            return False
+        j = np.tanh.types.index(sig)   # the loop numpy's type resolution picks
+        _tanh_loops[i] = <_ufunc_loop><void*>uf.functions[j]
+        _tanh_data[i] = uf.data[j]
+    return _tanh_loops[0] != NULL and _tanh_loops[1] != NULL
+
+
+#: Whether :func:`stacked_matmul` can apply a layer's tanh and residual
+#: (``residual=``) with numpy's tanh loop.
+NUMPY_TANH = bool(_find_tanh())
+
+
+cdef inline void _tanh(floating* x, intp_t size) noexcept nogil:
+    """``x = tanh(x)`` in place, contiguous, by numpy's loop."""
+    cdef char* args[2]
+    cdef cnp.npy_intp dims[1]
+    cdef cnp.npy_intp steps[2]
+    cdef int which = 1 if floating is double else 0
+    args[0] = <char*>x
+    args[1] = <char*>x
+    dims[0] = size
+    steps[0] = sizeof(floating)
+    steps[1] = sizeof(floating)
+    _tanh_loops[which](args, dims, steps, _tanh_data[which])
 
 
 cdef inline void _gemm(char* ta, char* tb, int m, int n, int k, const floating* a, int lda,
@@ -171,7 +217,7 @@ def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
                    const index_t[::1] t_indices, const double[::1] t_weights,
                    const floating[:, :] x, const floating[:, ::1] w, floating[:, ::1] out,
                    const floating[:, ::1] init, floating[:, :, ::1] scratch,
-                   int num_threads=0):
+                   int num_threads=0, floating[:, ::1] residual=None):
     """``out = [x, P, S] @ w + init``: a message-passing layer's product
     (``P``, ``S`` the predecessor and successor sums of
     :func:`grapheme._core.stack_neighbours`; the graph by source, then by
@@ -181,13 +227,27 @@ def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
     one slab per thread, at most ``scratch.shape[0]`` threads run. Row
     blocks of :data:`ROWS` in parallel, each stacked into its thread's slab
     and then one BLAS call on top of ``init``'s rows. ``out`` overlaps
-    nothing (the caller checks). O((n + E) d + n d m)."""
+    nothing (the caller checks).
+
+    ``residual`` (n, d), optional: a message-passing layer's whole forward.
+    Each block's ``out`` rows become ``tanh`` of the product (numpy's loop,
+    :data:`NUMPY_TANH`), and ``residual = x + out``, while the block is in
+    cache and on its thread. ``m`` must be ``d``; ``residual`` overlaps
+    nothing. O((n + E) d + n d m)."""
     cdef intp_t n = x.shape[0], d = x.shape[1], m = w.shape[1], blk, lo, rows, r, j
     if w.shape[0] != 3 * d or out.shape[0] != n or out.shape[1] != m or init.shape[1] != m \
             or init.shape[0] not in (1, n):
         raise ValueError(f"stacked_matmul: shapes x ({n}, {d}), w ({w.shape[0]}, "
                          f"{w.shape[1]}), out ({out.shape[0]}, {out.shape[1]}), init "
                          f"({init.shape[0]}, {init.shape[1]}) disagree")
+    cdef bint layer = residual is not None
+    if layer and (residual.shape[0] != n or residual.shape[1] != d or m != d):
+        raise ValueError(f"stacked_matmul: residual must be (n, d) = ({n}, {d}) and w "
+                         f"(3d, d); got residual ({residual.shape[0]}, {residual.shape[1]}), "
+                         f"w ({w.shape[0]}, {m})")
+    if layer and not NUMPY_TANH:
+        raise ValueError("stacked_matmul: residual needs numpy's tanh loop (NUMPY_TANH is "
+                         "False)")
     cdef intp_t nb = (n + _ROWS - 1) // _ROWS
     cdef const index_t* nbr
     cdef const index_t* t_nbr
@@ -215,6 +275,11 @@ def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
                 # column-major: out_blk^T (m, rows) += w^T (m, 3d) @ buf^T (3d, rows)
                 _gemm(b"N", b"N", <int>m, <int>rows, <int>(3 * d), &w[0, 0], <int>m, buf,
                       <int>(3 * d), 1, &out[lo, 0], <int>m)
+            if layer:
+                _tanh(&out[lo, 0], rows * m)
+                for r in range(rows):
+                    for j in range(d):
+                        residual[lo + r, j] = x[lo + r, j] + out[lo + r, j]
 
 
 def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,

@@ -699,20 +699,31 @@ def _matmul_tn(a, g, workspace=None, name="", names=("a", "g")):
     return out
 
 
-def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None):
+def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None, residual=None):
     """``out = [x, P, S] @ w + init`` (``P``, ``S``: the neighbour sums of
     :func:`grapheme._core.stack_neighbours` over ``edges``, as
     :func:`_both_ways` gives them; ``init`` (n, m), or (1, m) for every row):
     by row blocks, each stacked into a per-thread scratch slab just before
     its BLAS call (:func:`grapheme._products.stacked_matmul`), where the
     build has OpenMP; the (n, 3d) stack and numpy's ``matmul`` where it does
-    not. ``apart``: as for :func:`_alloc`."""
+    not. ``apart``: as for :func:`_alloc`.
+
+    ``residual`` (n, d), optional: a layer's forward, ``out = tanh(...)``
+    and ``residual = x + out``; on the blocks' threads where numpy's tanh
+    loop is at hand (:data:`grapheme._products.NUMPY_TANH`), by ``np.tanh``
+    after the product where not (the same bits)."""
     scratch = _stack_scratch(x, workspace, apart)
+    if scratch is not None and (residual is None or _products.NUMPY_TANH):
+        _products.stacked_matmul(*edges, x, w, out, init, scratch, residual=residual)
+        return out
     if scratch is not None:
         _products.stacked_matmul(*edges, x, w, out, init, scratch)
-        return out
-    np.matmul(_stack(edges, x, workspace, apart), w, out=out)
-    out += init
+    else:
+        np.matmul(_stack(edges, x, workspace, apart), w, out=out)
+        out += init
+    if residual is not None:
+        np.tanh(out, out=out)
+        np.add(x, out, out=residual)
     return out
 
 
@@ -819,9 +830,8 @@ class MessagePassing(Operation):
         edges = _both_ways(graph)
         w_cat = np.concatenate([w_self, w_pred, w_succ])
         t = _alloc(workspace, name + "t", n, d, dt, apart)
-        _stacked_matmul(edges, features, w_cat, bias[None, :], t, workspace, apart)
-        np.tanh(t, out=t)     # numpy's SIMD tanh; a compiled libm loop took 6x longer
-        out = np.add(features, t, out=_alloc(workspace, name + "out", n, d, dt, apart))
+        out = _alloc(workspace, name + "out", n, d, dt, apart)
+        _stacked_matmul(edges, features, w_cat, bias[None, :], t, workspace, apart, out)
         return MessageResult(out), (edges, features, t, w_cat)
 
     @one_pool

@@ -373,6 +373,48 @@ def test_a_layer_without_openmp_gives_the_same_numbers(monkeypatch, dtype):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_layer_forward_is_numpys_tanh_and_add(dtype, monkeypatch):
+    """``stacked_matmul(..., residual=)`` applies numpy's own tanh loop to
+    each block on its thread and adds the residual: the same bits as the
+    product, then ``np.tanh`` and ``np.add`` (on rows of several blocks,
+    values large enough to saturate); and the layer without that loop
+    (``NUMPY_TANH`` False) is the same layer."""
+    from grapheme import _products
+
+    if not _products.NUMPY_TANH:
+        pytest.fail("numpy's tanh loop was not found: the layer falls back to np.tanh")
+    rng = np.random.default_rng(11)
+    g = gr.Graph.from_texts(["".join(rng.choice(list("abcdef"), 30)) for _ in range(40)])
+    n, d = g.num_nodes, 8
+    assert n > 3 * _products.ROWS
+    edges = ops._both_ways(g)
+    x = rng.normal(scale=3.0, size=(n, d)).astype(dtype)
+    w = rng.normal(size=(3 * d, d)).astype(dtype)
+    bias = rng.normal(size=(1, d)).astype(dtype)
+    scratch = np.empty((2, _products.ROWS, 3 * d), dtype)
+    z, t, h = np.empty((n, d), dtype), np.empty((n, d), dtype), np.empty((n, d), dtype)
+    _products.stacked_matmul(*edges, x, w, z, bias, scratch)
+    _products.stacked_matmul(*edges, x, w, t, bias, scratch, residual=h)
+    np.testing.assert_array_equal(t, np.tanh(z))
+    np.testing.assert_array_equal(h, x + np.tanh(z))
+    assert (np.abs(t) == 1).any() and t.dtype == h.dtype == dtype    # saturated entries
+    with pytest.raises(ValueError, match=r"residual must be \(n, d\)"):
+        _products.stacked_matmul(*edges, x, w, t, bias, scratch, residual=h[:5])
+    with pytest.raises(ValueError, match=r"residual must be \(n, d\)"):
+        _products.stacked_matmul(*edges, x, w[:, :4].copy(), t[:, :4].copy(),
+                                 bias[:, :4].copy(), scratch, residual=h)
+
+    W = [rng.normal(scale=0.5, size=(d, d)).astype(dtype) for _ in range(3)]
+    (fused,), saved = ops.MessagePassing().forward(g, x, *W, bias[0])
+    monkeypatch.setattr(_products, "NUMPY_TANH", False)
+    (plain,), saved_plain = ops.MessagePassing().forward(g, x, *W, bias[0])
+    np.testing.assert_array_equal(fused, plain)
+    np.testing.assert_array_equal(saved[2], saved_plain[2])
+    with pytest.raises(ValueError, match="needs numpy's tanh loop"):
+        _products.stacked_matmul(*edges, x, w, t, bias, scratch, residual=h)
+
+
 def test_message_passing_refuses_a_bias_in_its_own_workspace_arrays():
     """The layer writes its scratch and its pre-activation ``t`` in the
     workspace and reads the bias while it does: a bias lying in either is
