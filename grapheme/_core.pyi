@@ -37,6 +37,7 @@ def edge_cosine(
     H: np.ndarray,        # const floating[:, ::1] IN (n, d)
     norms: np.ndarray,    # double[::1] OUT (n,)
     sim: np.ndarray,      # double[::1] OUT (E,)
+    num_threads: int = 0,
 ) -> None: ...
 def edge_cosine_backward(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
@@ -46,6 +47,7 @@ def edge_cosine_backward(
     sim: np.ndarray,      # const double[::1] IN (E,)
     grad_sim: np.ndarray, # const double[::1] IN (E,)
     grad_H: np.ndarray,   # floating[:, ::1] OUT (n, d), accumulated
+    num_threads: int = 0,
 ) -> None: ...
 def components(
     indptr: np.ndarray,   # const index_t[::1] IN (n+1,)
@@ -122,6 +124,7 @@ def edge_cosine_qk(
     qnorms: np.ndarray,   # double[::1] OUT (n,)
     knorms: np.ndarray,   # double[::1] OUT (n,)
     sim: np.ndarray,      # double[::1] OUT (E,)
+    num_threads: int = 0,
 ) -> None: ...
 def edge_cosine_qk_backward(
     indptr: np.ndarray,    # const index_t[::1] IN (n+1,)
@@ -134,4 +137,5 @@ def edge_cosine_qk_backward(
     grad_sim: np.ndarray,  # const double[::1] IN (E,)
     grad_Q: np.ndarray,    # floating[:, ::1] OUT (n, d), accumulated
     grad_K: np.ndarray,    # floating[:, ::1] OUT (n, d), accumulated
+    num_threads: int = 0,
 ) -> None: ...

@@ -700,7 +700,7 @@ def transpose_csr(const index_t[::1] indptr,   # IN  (n+1,)
     """The CSR of the reversed edges (every node's predecessors), by a
     counting sort: within a row, sources in increasing order, so the result
     does not depend on anything but the graph. O(n + E)."""
-    cdef intp_t n = indptr.shape[0] - 1, E = indices.shape[0], u, e, slot
+    cdef intp_t n = indptr.shape[0] - 1, E = indices.shape[0]
     cdef bint weighted = weights.shape[0] != 0
     if (n < 0 or t_indptr.shape[0] != n + 1 or t_indices.shape[0] != E
             or (weighted and (weights.shape[0] != E or t_weights.shape[0] != E))):
@@ -709,22 +709,36 @@ def transpose_csr(const index_t[::1] indptr,   # IN  (n+1,)
     if n == 0:
         return
     with nogil:
-        for u in range(n + 1):
-            t_indptr[u] = 0
-        for e in range(E):
-            t_indptr[indices[e] + 1] += 1
-        for u in range(n):
-            t_indptr[u + 1] += t_indptr[u]
-        for u in range(n):                      # t_indptr[v] is v's next free slot
-            for e in range(indptr[u], indptr[u + 1]):
-                slot = t_indptr[indices[e]]
-                t_indices[slot] = <index_t>u
-                if weighted:
-                    t_weights[slot] = weights[e]
-                t_indptr[indices[e]] = <index_t>(slot + 1)
-        for u in range(n, 0, -1):               # shift back: row v starts where v-1 ended
-            t_indptr[u] = t_indptr[u - 1]
-        t_indptr[0] = 0
+        _transpose(&indptr[0], &indices[0] if E else NULL, n, E, &t_indptr[0],
+                   &t_indices[0] if E else NULL, &weights[0] if weighted else NULL,
+                   &t_weights[0] if weighted else NULL, NULL)
+
+
+cdef void _transpose(const index_t* indptr, const index_t* indices, intp_t n, intp_t E,
+                     index_t* t_indptr, index_t* t_indices, const double* weights,
+                     double* t_weights, index_t* t_edges) noexcept nogil:
+    """:func:`transpose_csr`'s counting sort (``n`` > 0); ``t_weights``
+    (with ``weights``) and ``t_edges`` (each in-edge's position in
+    ``indices``) are filled where not NULL."""
+    cdef intp_t u, e, slot
+    for u in range(n + 1):
+        t_indptr[u] = 0
+    for e in range(E):
+        t_indptr[indices[e] + 1] += 1
+    for u in range(n):
+        t_indptr[u + 1] += t_indptr[u]
+    for u in range(n):                      # t_indptr[v] is v's next free slot
+        for e in range(indptr[u], indptr[u + 1]):
+            slot = t_indptr[indices[e]]
+            t_indices[slot] = <index_t>u
+            if t_weights != NULL:
+                t_weights[slot] = weights[e]
+            if t_edges != NULL:
+                t_edges[slot] = <index_t>e
+            t_indptr[indices[e]] = <index_t>(slot + 1)
+    for u in range(n, 0, -1):               # shift back: row v starts where v-1 ended
+        t_indptr[u] = t_indptr[u - 1]
+    t_indptr[0] = 0
 
 
 def stack_neighbours(const index_t[::1] indptr,     # IN  (n+1,) out-edges
@@ -809,16 +823,18 @@ def tanh_backward(const floating[:, ::1] t,    # IN  (n, d) tanh(z)
 
 cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, intp_t d,
                        const floating* qp, const floating* kp, double* qnorms,
-                       double* knorms, double* sim) noexcept nogil:
+                       double* knorms, double* sim, int nt) noexcept nogil:
     """The loop of :func:`edge_cosine_qk` (``qp == kp`` and ``qnorms == knorms``
-    for :func:`edge_cosine`)."""
+    for :func:`edge_cosine`), rows in parallel on ``nt`` threads: each
+    norm and each similarity is one thread's, so the bits do not depend on
+    ``nt``."""
     cdef intp_t u, v, e
     cdef double nu, nv
-    for u in range(n):
+    for u in prange(n, num_threads=nt, schedule="static"):
         qnorms[u] = sqrt(_dot(qp + u * d, qp + u * d, d))
         if knorms != qnorms:
             knorms[u] = sqrt(_dot(kp + u * d, kp + u * d, d))
-    for u in range(n):
+    for u in prange(n, num_threads=nt, schedule="static"):
         nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
         for e in range(indptr[u], indptr[u + 1]):
             v = indices[e]
@@ -826,44 +842,60 @@ cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, 
             sim[e] = _dot(qp + u * d, kp + v * d, d) / (nu * nv)
 
 
-cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices, intp_t n,
-                                intp_t d, const floating* qp, const floating* kp,
+cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices,
+                                const index_t* t_indptr, const index_t* t_src,
+                                const index_t* t_edges, intp_t n, intp_t d,
+                                const floating* qp, const floating* kp,
                                 const double* qnorms, const double* knorms, const double* sim,
-                                const double* grad_sim, floating* gq,
-                                floating* gk) noexcept nogil:
+                                const double* grad_sim, floating* gq, floating* gk,
+                                int nt) noexcept nogil:
     """The loop of :func:`edge_cosine_qk_backward` (one matrix: ``qp == kp``,
     ``gq == gk``). ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2``,
-    likewise for ``k_v``; three products per edge, not a division per entry."""
-    cdef intp_t u, v, e
-    cdef double nu, nv, g, s, a, bu, bv
-    for u in range(n):
+    likewise for ``k_v``; three products per edge, not a division per entry.
+    Row ``u`` of ``gq`` takes its out-edges (``u`` the query), then row
+    ``u`` of ``gk`` its in-edges (``u`` the key; ``t_indptr``, ``t_src``,
+    ``t_edges``: the transpose with each in-edge's position): every row is
+    written by one thread in a fixed order, rows in parallel on ``nt``
+    threads, the same bits on any count."""
+    cdef intp_t u, w, e, slot
+    cdef double nu, nw, g, s, a, b
+    for u in prange(n, num_threads=nt, schedule="static"):
         nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
         for e in range(indptr[u], indptr[u + 1]):
             g = grad_sim[e]
             if g == 0.0:
                 continue
-            v = indices[e]
-            nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
-            s = sim[e]
-            a = g / (nu * nv)
-            bu = g * s / (nu * nu) if qnorms[u] > COS_EPS else 0.0
-            bv = g * s / (nv * nv) if knorms[v] > COS_EPS else 0.0
-            _axpby(gq + u * d, kp + v * d, a, qp + u * d, bu, d)
-            _axpby(gk + v * d, qp + u * d, a, kp + v * d, bv, d)   # gq row for a self-loop
+            w = indices[e]
+            nw = knorms[w] if knorms[w] > COS_EPS else COS_EPS
+            a = g / (nu * nw)
+            b = g * sim[e] / (nu * nu) if qnorms[u] > COS_EPS else 0.0
+            _axpby(gq + u * d, kp + w * d, a, qp + u * d, b, d)
+        nu = knorms[u] if knorms[u] > COS_EPS else COS_EPS
+        for slot in range(t_indptr[u], t_indptr[u + 1]):
+            e = t_edges[slot]
+            g = grad_sim[e]
+            if g == 0.0:
+                continue
+            w = t_src[slot]
+            nw = qnorms[w] if qnorms[w] > COS_EPS else COS_EPS
+            a = g / (nw * nu)
+            b = g * sim[e] / (nu * nu) if knorms[u] > COS_EPS else 0.0
+            _axpby(gk + u * d, qp + w * d, a, kp + u * d, b, d)
 
 
 def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
                 const index_t[::1] indices,   # IN  (E,)
                 const floating[:, ::1] H,     # IN  (n, d), float32 or float64
                 double[::1] norms,            # OUT (n,)
-                double[::1] sim):             # OUT (E,)
+                double[::1] sim,              # OUT (E,)
+                int num_threads=0):
     """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
     of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0).
 
     :func:`edge_cosine_qk` with queries and keys both ``H`` (the norms are
     computed once). O(n d + E d).
     """
-    edge_cosine_qk(indptr, indices, H, H, norms, norms, sim)
+    edge_cosine_qk(indptr, indices, H, H, norms, norms, sim, num_threads)
 
 
 def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
@@ -872,14 +904,16 @@ def edge_cosine_backward(const index_t[::1] indptr,   # IN  (n+1,)
                          const double[::1] norms,     # IN  (n,) from edge_cosine
                          const double[::1] sim,       # IN  (E,) from edge_cosine
                          const double[::1] grad_sim,  # IN  (E,)
-                         floating[:, ::1] grad_H):    # OUT (n, d), accumulated
+                         floating[:, ::1] grad_H,     # OUT (n, d), accumulated
+                         int num_threads=0):
     """Accumulate ``sum_e grad_sim[e] * d s_e / d H`` into ``grad_H``. O(n d + E d).
 
     ``d s / d h_u = h_v / (|h_u| |h_v|) - s h_u / |h_u|^2`` (the second term
     vanishes where the norm is clamped to eps): :func:`edge_cosine_qk_backward`
     with queries, keys and both their gradients ``H`` and ``grad_H``.
     """
-    edge_cosine_qk_backward(indptr, indices, H, H, norms, norms, sim, grad_sim, grad_H, grad_H)
+    edge_cosine_qk_backward(indptr, indices, H, H, norms, norms, sim, grad_sim, grad_H, grad_H,
+                            num_threads)
 
 
 def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
@@ -888,11 +922,13 @@ def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
                    const floating[:, ::1] K,     # IN  (n, d) keys
                    double[::1] qnorms,           # OUT (n,)
                    double[::1] knorms,           # OUT (n,)
-                   double[::1] sim):             # OUT (E,)
+                   double[::1] sim,              # OUT (E,)
+                   int num_threads=0):
     """``s_e = <q_u, k_v> / (max(|q_u|, eps) max(|k_v|, eps))`` for every
     edge e = (u, v), eps = 1e-12. ``Q`` and ``K`` float32 or float64 (both
     the same); the norms and similarities are float64, the dot products
-    accumulate in float64. O((n + E) d)."""
+    accumulate in float64. Rows in parallel (``num_threads``, 0 for
+    OpenMP's default), the same bits on any count. O((n + E) d)."""
     cdef intp_t n = Q.shape[0], d = Q.shape[1]
     cdef double spare = 0.0
     cdef floating fspare = 0.0
@@ -901,9 +937,10 @@ def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
     cdef const floating* qp = &Q[0, 0] if d else &fspare
     cdef const floating* kp = &K[0, 0] if d else &fspare
     cdef double* sp = &sim[0] if sim.shape[0] else &spare
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
         _edge_cosine(&indptr[0], &indices[0] if indices.shape[0] else NULL, n, d, qp, kp,
-                     &qnorms[0], &knorms[0], sp)
+                     &qnorms[0], &knorms[0], sp, nt)
 
 
 def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
@@ -915,16 +952,27 @@ def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
                             const double[::1] sim,       # IN  (E,)
                             const double[::1] grad_sim,  # IN  (E,)
                             floating[:, ::1] grad_Q,     # OUT (n, d), accumulated
-                            floating[:, ::1] grad_K):    # OUT (n, d), accumulated
+                            floating[:, ::1] grad_K,     # OUT (n, d), accumulated
+                            int num_threads=0):
     """Accumulate ``sum_e grad_sim[e] d s_e / d (Q, K)``. O((n + E) d).
 
     ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2`` and likewise for
     ``k_v`` (the second term vanishes where the norm is clamped to eps).
+    Every row is written by one thread (``grad_K``'s from the in-edges, by
+    a counting sort of the edges, O(n + E)), rows in parallel
+    (``num_threads``, 0 for OpenMP's default), the same bits on any count.
     """
-    cdef intp_t n = Q.shape[0], d = Q.shape[1]
-    if n == 0 or d == 0 or indices.shape[0] == 0:
+    cdef intp_t n = Q.shape[0], d = Q.shape[1], E = indices.shape[0]
+    if n == 0 or d == 0 or E == 0:
         return
+    cdef index_t[::1] t_indptr = np.empty(n + 1, np.asarray(indptr).dtype)
+    cdef index_t[::1] t_src = np.empty(E, np.asarray(indptr).dtype)
+    cdef index_t[::1] t_edges = np.empty(E, np.asarray(indptr).dtype)
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
     with nogil:
-        _edge_cosine_backward(&indptr[0], &indices[0], n, d, &Q[0, 0], &K[0, 0], &qnorms[0],
+        _transpose(&indptr[0], &indices[0], n, E, &t_indptr[0], &t_src[0], NULL, NULL,
+                   &t_edges[0])
+        _edge_cosine_backward(&indptr[0], &indices[0], &t_indptr[0], &t_src[0],
+                              &t_edges[0], n, d, &Q[0, 0], &K[0, 0], &qnorms[0],
                               &knorms[0], &sim[0], &grad_sim[0], &grad_Q[0, 0],
-                              &grad_K[0, 0])
+                              &grad_K[0, 0], nt)
