@@ -857,30 +857,36 @@ cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices,
     ``t_edges``: the transpose with each in-edge's position): every row is
     written by one thread in a fixed order, rows in parallel on ``nt``
     threads, the same bits on any count."""
-    cdef intp_t u, w, e, slot
-    cdef double nu, nw, g, s, a, b
+    cdef intp_t u
     for u in prange(n, num_threads=nt, schedule="static"):
-        nu = qnorms[u] if qnorms[u] > COS_EPS else COS_EPS
-        for e in range(indptr[u], indptr[u + 1]):
-            g = grad_sim[e]
-            if g == 0.0:
-                continue
-            w = indices[e]
-            nw = knorms[w] if knorms[w] > COS_EPS else COS_EPS
-            a = g / (nu * nw)
-            b = g * sim[e] / (nu * nu) if qnorms[u] > COS_EPS else 0.0
-            _axpby(gq + u * d, kp + w * d, a, qp + u * d, b, d)
-        nu = knorms[u] if knorms[u] > COS_EPS else COS_EPS
-        for slot in range(t_indptr[u], t_indptr[u + 1]):
-            e = t_edges[slot]
-            g = grad_sim[e]
-            if g == 0.0:
-                continue
-            w = t_src[slot]
-            nw = qnorms[w] if qnorms[w] > COS_EPS else COS_EPS
-            a = g / (nw * nu)
-            b = g * sim[e] / (nu * nu) if knorms[u] > COS_EPS else 0.0
-            _axpby(gk + u * d, qp + w * d, a, kp + u * d, b, d)
+        _cosine_row(gq + u * d, qp + u * d, qnorms[u], kp, knorms, indices, NULL,
+                    indptr[u], indptr[u + 1], sim, grad_sim, d)
+        _cosine_row(gk + u * d, kp + u * d, knorms[u], qp, qnorms, t_src, t_edges,
+                    t_indptr[u], t_indptr[u + 1], sim, grad_sim, d)
+
+
+cdef inline void _cosine_row(floating* grow, const floating* own, double own_norm,
+                             const floating* others, const double* other_norms,
+                             const index_t* nbr, const index_t* edge_of, intp_t lo, intp_t hi,
+                             const double* sim, const double* grad_sim,
+                             intp_t d) noexcept nogil:
+    """``grow += sum_slot grad_sim[e] d s_e / d own`` over the edges
+    ``e`` at slots ``lo:hi`` (``e = edge_of[slot]``, or the slot itself
+    where ``edge_of`` is NULL) to the rows ``nbr[slot]`` of ``others``:
+    ``d s / d own = other / (|own| |other|) - s own / |own|^2``, the second
+    term 0 where ``own``'s norm is clamped."""
+    cdef intp_t slot, e, w
+    cdef double nu = own_norm if own_norm > COS_EPS else COS_EPS, nw, g, a, b
+    for slot in range(lo, hi):
+        e = slot if edge_of == NULL else edge_of[slot]
+        g = grad_sim[e]
+        if g == 0.0:
+            continue
+        w = nbr[slot]
+        nw = other_norms[w] if other_norms[w] > COS_EPS else COS_EPS
+        a = g / (nu * nw)
+        b = g * sim[e] / (nu * nu) if own_norm > COS_EPS else 0.0
+        _axpby(grow, others + w * d, a, own, b, d)
 
 
 def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
