@@ -889,6 +889,32 @@ cdef inline void _cosine_row(floating* grow, const floating* own, double own_nor
         _axpby(grow, others + w * d, a, own, b, d)
 
 
+cdef int _cosine_shapes(str fn, const index_t[::1] indptr, intp_t E, const intp_t* q,
+                        const intp_t* k, intp_t qnorms, intp_t knorms, intp_t sim,
+                        intp_t grad_sim, const intp_t* grad_q,
+                        const intp_t* grad_k) except -1:
+    """The edge cosines' shapes, O(1): ``indptr`` (n + 1,) ending at E (the
+    length of ``indices``), ``K`` as ``Q`` (n, d), the norms (n,), ``sim``
+    and ``grad_sim`` (E,) (``grad_sim`` < 0: none), the gradients as ``Q``
+    (NULL: none). The graph itself is the caller's to validate
+    (:class:`grapheme.Graph` does)."""
+    cdef intp_t n = q[0]
+    if indptr.shape[0] != n + 1 or indptr[n] != E:
+        raise ValueError(f"{fn}: indptr must be (n + 1,) = ({n + 1},) and end at "
+                         f"len(indices) = {E}")
+    if k[0] != n or k[1] != q[1]:
+        raise ValueError(f"{fn}: the keys must be ({n}, {q[1]}) as the queries, "
+                         f"got ({k[0]}, {k[1]})")
+    if qnorms != n or knorms != n:
+        raise ValueError(f"{fn}: the norms must be ({n},)")
+    if sim != E or (grad_sim >= 0 and grad_sim != E):
+        raise ValueError(f"{fn}: the similarities and their gradient must be ({E},)")
+    if grad_q != NULL and (grad_q[0] != n or grad_q[1] != q[1] or grad_k[0] != n
+                           or grad_k[1] != q[1]):
+        raise ValueError(f"{fn}: the gradients must be ({n}, {q[1]})")
+    return 0
+
+
 def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
                 const index_t[::1] indices,   # IN  (E,)
                 const floating[:, ::1] H,     # IN  (n, d), float32 or float64
@@ -938,6 +964,8 @@ def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
     cdef intp_t n = Q.shape[0], d = Q.shape[1]
     cdef double spare = 0.0
     cdef floating fspare = 0.0
+    _cosine_shapes("edge_cosine_qk", indptr, indices.shape[0], Q.shape, K.shape,
+                   qnorms.shape[0], knorms.shape[0], sim.shape[0], -1, NULL, NULL)
     if n == 0:
         return
     cdef const floating* qp = &Q[0, 0] if d else &fspare
@@ -969,6 +997,9 @@ def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
     (``num_threads``, 0 for OpenMP's default), the same bits on any count.
     """
     cdef intp_t n = Q.shape[0], d = Q.shape[1], E = indices.shape[0]
+    _cosine_shapes("edge_cosine_qk_backward", indptr, E, Q.shape, K.shape, qnorms.shape[0],
+                   knorms.shape[0], sim.shape[0], grad_sim.shape[0], grad_Q.shape,
+                   grad_K.shape)
     if n == 0 or d == 0 or E == 0:
         return
     cdef index_t[::1] t_indptr = np.empty(n + 1, np.asarray(indptr).dtype)

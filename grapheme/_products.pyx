@@ -41,6 +41,8 @@ cnp.import_array()
 # on our threads with numpy's SIMD code: a libm loop took 6x longer. The
 # same loop np.tanh calls, so the same bits (tested). Where a numpy has no
 # such loop, NUMPY_TANH is False and the caller applies np.tanh itself.
+# Taken once, at import: a library that swaps numpy's loops afterwards
+# (mkl_umath's patching, say) changes np.tanh, not these.
 ctypedef void (*_ufunc_loop)(char**, const cnp.npy_intp*, const cnp.npy_intp*,
                              void*) noexcept nogil
 cdef _ufunc_loop _tanh_loops[2]     # float32, float64
@@ -48,6 +50,8 @@ cdef void* _tanh_data[2]
 
 
 cdef bint _find_tanh() except -1:
+    if not isinstance(np.tanh, np.ufunc):      # replaced by someone: not numpy's loop
+        return False
     cdef cnp.ufunc uf = np.tanh
     cdef int i, j
     for i, sig in enumerate(("f->f", "d->d")):

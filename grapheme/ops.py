@@ -314,8 +314,9 @@ class EdgeSimilarity(Operation):
         indptr, indices, features, norms, sim, scale = saved
         grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,
                                         finite=False)
-        check_out(into, "into", features.shape, inputs={"grad_similarity": grad_similarity},
-                  dtype=features.dtype)
+        # features: the rows the kernel reads while it writes ``into``'s
+        check_out(into, "into", features.shape, dtype=features.dtype,
+                  inputs={"grad_similarity": grad_similarity, "features": features})
         if scale is None:
             _core.edge_cosine_backward(indptr, indices, features, norms, sim,
                                        grad_similarity, into)

@@ -405,3 +405,69 @@ def test_history_kernels_check_their_shapes():
         _core.scatter(h.cluster, h.indptr, np.empty(0), np.ones((10, 4)), np.empty((1000, 4)))
     with pytest.raises(ValueError, match="node_weights"):
         _core.scatter(h.cluster, h.indptr, np.ones(3), np.ones((500, 4)), np.empty((1000, 4)))
+
+
+def test_edge_cosine_kernels_check_their_shapes():
+    """The edge cosines' kernels check every shape (O(1)) before their
+    threads run: ``indices`` longer than ``indptr`` says used to leave the
+    backward's in-edge slots unwritten, and the keys, norms, similarities
+    and gradients are sized by the queries and the edges."""
+    from grapheme import _core
+
+    n, d, E = 3000, 4, 2000
+    indptr, indices = np.zeros(n + 1, np.int64), np.zeros(E, np.int64)
+    Q, qn, sim, gs = np.ones((n, d)), np.ones(n), np.zeros(E), np.ones(E)
+    with pytest.raises(ValueError, match=r"indptr must be \(n \+ 1,\) = \(3001,\) and end "
+                                         r"at len\(indices\) = 2000"):
+        _core.edge_cosine_qk_backward(indptr, indices, Q, Q, qn, qn, sim, gs,
+                                      np.zeros((n, d)), np.zeros((n, d)))
+    g = gr.Graph.from_text("abcd")
+    ip, ix, E = g.indptr, g.indices, g.num_edges
+    Q, qn, sim, gs = np.ones((4, d)), np.empty(4), np.empty(E), np.ones(E)
+    cases = [
+        ((ip[:-1], ix, Q, Q, qn, qn, sim), "indptr must be"),
+        ((ip, ix, Q, Q[:3], qn, qn, sim), r"keys must be \(4, 4\)"),
+        ((ip, ix, Q, Q[:, :2].copy(), qn, qn, sim), r"keys must be \(4, 4\)"),
+        ((ip, ix, Q, Q, qn[:3], qn, sim), r"norms must be \(4,\)"),
+        ((ip, ix, Q, Q, qn, qn, sim[:0]), r"similarities and their gradient must be \(3,\)"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _core.edge_cosine_qk(*args)
+    gq = np.zeros((4, d))
+    with pytest.raises(ValueError, match=r"similarities and their gradient must be \(3,\)"):
+        _core.edge_cosine_qk_backward(ip, ix, Q, Q, qn, qn, sim, gs[:2], gq, gq)
+    with pytest.raises(ValueError, match=r"gradients must be \(4, 4\)"):
+        _core.edge_cosine_qk_backward(ip, ix, Q, Q, qn, qn, sim, gs, gq, gq[:3])
+    with pytest.raises(ValueError, match=r"gradients must be \(4, 4\)"):
+        _core.edge_cosine_backward(ip, ix, Q, qn, sim, gs, np.zeros((4, 2)))
+
+
+def test_edge_similarity_refuses_to_accumulate_into_its_features():
+    """``accumulate`` reads the saved features' rows (on several threads)
+    while it writes ``into``: the features themselves as ``into`` are
+    refused, naming them."""
+    g = gr.Graph.from_text("abcab" * 10)
+    H = np.random.default_rng(0).normal(size=(g.num_nodes, 3))
+    _, saved = gr.ops.EdgeSimilarity().forward(g, H)
+    with pytest.raises(ValueError, match="into must not overlap features"):
+        gr.ops.EdgeSimilarity.accumulate(saved, np.ones(g.num_edges), saved[2])
+
+
+def test_import_with_numpys_tanh_replaced(tmp_path):
+    """A program that replaced ``np.tanh`` (not a ufunc any more) before
+    importing grapheme still imports it: the layers then use ``np.tanh``
+    as it is, not numpy's own loop."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; o = np.tanh; np.tanh = lambda x, *a, **k: o(x, *a, **k)\n"
+            "import grapheme, grapheme._products as p; print(p.NUMPY_TANH)\n"
+            "g = grapheme.Graph.from_text('abc'); h = np.ones((3, 2)); w = np.eye(2)\n"
+            "print(grapheme.ops.MessagePassing().forward(g, h, w, w, w, np.zeros(2))[0].features[0, 0])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gr.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, check=True).stdout.split()
+    assert out[0] == "False" and float(out[1]) == 1.0 + np.tanh(2.0)
