@@ -37,7 +37,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     wordsegment = None
 
-#: Epochs of both models (about 12 s each for the encoder model on 2 cores).
+#: Epochs of both models (about 10 s each for the encoder model on 2 cores,
+#: validation included).
 EPOCHS = 40
 BATCH_CHARS = 1 << 14
 
