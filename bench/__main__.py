@@ -84,9 +84,12 @@ def describe(ours, peer, target, names):
 
 
 def print_ratios(since):
+    """Print the ratios of the results since ``since``; 1 (an exit status)
+    where there are no results, else 0."""
     path, results = load_results(since)
     if path is None:
-        return print(f"\nno asv results in {RESULTS}")
+        print(f"\nno asv results in {RESULTS}", file=sys.stderr)
+        return 1
     with open(os.path.join(RESULTS, "benchmarks.json")) as f:  # written with the results
         param_names = {k: v["param_names"] for k, v in json.load(f).items() if k != "version"}
     rows = []  # (class, "peer / ours", parameters, ratio or why not)
@@ -101,12 +104,14 @@ def print_ratios(since):
                 rows.append((cls, f"{peer} / {ours}", label, text))
     print(f"\nratios peer time / our time (above 1: ours faster), {os.path.relpath(path)}")
     if not rows:
-        return print("  (no benchmark with a peer was run)")
+        print("  (no benchmark with a peer was run)")
+        return 0
     w1, w2 = (max(len(r[i]) for r in rows) for i in (1, 2))
     for i, (cls, pair, label, text) in enumerate(rows):
         if i == 0 or rows[i - 1][0] != cls:
             print(cls)
         print(f"  {pair:<{w1}}  {label:<{w2}}  {text}")
+    return 0
 
 
 def run_asv(quick, bench):
@@ -141,8 +146,8 @@ def main(argv=None):
     code = run_asv(opts.quick, opts.bench)
     with open(LAST_RUN, "w") as f:  # in .asv/, made by asv for its results
         json.dump({"since": since}, f)
-    print_ratios(since)
-    return code
+    missing = print_ratios(since)
+    return code or missing
 
 
 if __name__ == "__main__":
