@@ -718,6 +718,35 @@ def test_edge_cosines_are_identical_on_any_thread_count(dtype):
     np.testing.assert_allclose(runs[0][7], gq_h + gk_h, rtol=tol, atol=tol)
 
 
+@needs_openmp
+def test_edge_cosine_gradients_on_threads_against_central_differences():
+    """The parallel backward (thousands of rows, so every thread has some)
+    along random directions of the queries and the keys against float64
+    central differences of ``sum(g * s)``."""
+    from helpers import random_graph
+
+    rng = np.random.default_rng(13)
+    g = random_graph(rng, 4000, 8000, self_loops=True)
+    n, E, d = g.num_nodes, g.num_edges, 8
+    q, k, gs = rng.normal(size=(n, d)), rng.normal(size=(n, d)), rng.normal(size=E)
+
+    def objective(q, k):
+        qn, kn, sim = np.empty(n), np.empty(n), np.empty(E)
+        _core.edge_cosine_qk(g.indptr, g.indices, q, k, qn, kn, sim)
+        return float(gs @ sim), (qn, kn, sim)
+
+    _, (qn, kn, sim) = objective(q, k)
+    gq, gk = np.zeros((n, d)), np.zeros((n, d))
+    _core.edge_cosine_qk_backward(g.indptr, g.indices, q, k, qn, kn, sim, gs, gq, gk)
+    eps = 1e-6
+    for _ in range(3):
+        dq, dk = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+        numeric = (objective(q + eps * dq, k + eps * dk)[0]
+                   - objective(q - eps * dq, k - eps * dk)[0]) / (2 * eps)
+        analytic = float((gq * dq).sum() + (gk * dk).sum())
+        assert abs(numeric - analytic) <= 1e-6 * abs(analytic)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_argument_checks_work_in_a_child_forked_after_a_parallel_loop():
     """GNU OpenMP does not survive fork: a child that starts a parallel
