@@ -6,6 +6,7 @@ import numpy as np
 
 ROWS: int      # rows per block of matmul
 TN_ROWS: int   # rows per block of matmul_tn
+NUMPY_TANH: bool   # numpy's tanh loop found: stacked_matmul takes residual=
 
 def matmul(
     a: np.ndarray,             # const floating[:, ::1] IN (n, k)
@@ -34,6 +35,8 @@ def stacked_matmul(
     init: np.ndarray,          # const floating[:, ::1] IN (n, m), or (1, m) for every row
     scratch: np.ndarray,       # floating[:, :, ::1] scratch (threads, >= ROWS, 3d)
     num_threads: int = 0,      # threads; 0: OpenMP's default
+    residual: np.ndarray | None = None,   # floating[:, ::1] OUT (n, d) = x + tanh(...), then
+                                          # out = tanh(...); m == d, needs NUMPY_TANH
 ) -> None: ...
 def stacked_matmul_tn(
     indptr: np.ndarray,        # const index_t[::1] IN (n+1,) out-edges

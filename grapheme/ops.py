@@ -693,11 +693,17 @@ def _matmul_tn(a, g, workspace=None, name="", names=("a", "g")):
     out = np.empty((k, m), a.dtype)
     if _core.openmp_threads() == 0:
         return np.matmul(a.T, g, out=out)
-    blocks = max(-(-a.shape[0] // _products.TN_ROWS), 1)
-    parts = _alloc(workspace, name + "parts", None, None, a.dtype, dict(zip(names, (a, g))),
-                   shape=(blocks, k, m))
+    parts = _tn_parts(a.shape[0], k, m, a.dtype, workspace, name + "parts",
+                      dict(zip(names, (a, g))))
     _products.matmul_tn(a, g, out, parts)
     return out
+
+
+def _tn_parts(n, k, m, dtype, workspace, name, apart):
+    """The (blocks, k, m) partial products of a weight gradient over ``n``
+    rows (one per block of ``TN_ROWS``), under ``name``."""
+    blocks = max(-(-n // _products.TN_ROWS), 1)
+    return _alloc(workspace, name, None, None, dtype, apart, shape=(blocks, k, m))
 
 
 def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None, residual=None):
@@ -714,15 +720,14 @@ def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None, residual
     loop is at hand (:data:`grapheme._products.NUMPY_TANH`), by ``np.tanh``
     after the product where not (the same bits)."""
     scratch = _stack_scratch(x, workspace, apart)
-    if scratch is not None and (residual is None or _products.NUMPY_TANH):
-        _products.stacked_matmul(*edges, x, w, out, init, scratch, residual=residual)
-        return out
+    fused = scratch is not None and _products.NUMPY_TANH   # the tail on the threads
     if scratch is not None:
-        _products.stacked_matmul(*edges, x, w, out, init, scratch)
+        _products.stacked_matmul(*edges, x, w, out, init, scratch,
+                                 residual=residual if fused else None)
     else:
         np.matmul(_stack(edges, x, workspace, apart), w, out=out)
         out += init
-    if residual is not None:
+    if residual is not None and not fused:
         np.tanh(out, out=out)
         np.add(x, out, out=residual)
     return out
@@ -738,9 +743,7 @@ def _stacked_matmul_tn(edges, x, g, workspace=None, apart=None):
     scratch = _stack_scratch(x, workspace, apart)
     if scratch is None:
         return np.matmul(_stack(edges, x, workspace, apart).T, g, out=out)
-    blocks = max(-(-x.shape[0] // _products.TN_ROWS), 1)
-    parts = _alloc(workspace, "message.parts", None, None, x.dtype, apart,
-                   shape=(blocks, 3 * d, m))
+    parts = _tn_parts(x.shape[0], 3 * d, m, x.dtype, workspace, "message.parts", apart)
     _products.stacked_matmul_tn(*edges, x, g, out, parts, scratch)
     return out
 
