@@ -14,6 +14,8 @@ def matmul(
     out: np.ndarray,           # floating[:, ::1] OUT (n, m), not overlapping a or b
     transpose_b: bool = False,
     num_threads: int = 0,      # threads; 0: OpenMP's default
+    init: np.ndarray | None = None,   # const floating[:, ::1] IN (n, m): out = a @ b + init;
+                                      # may be out itself, else overlapping nothing
 ) -> None: ...
 def matmul_tn(
     a: np.ndarray,             # const floating[:, ::1] IN (n, k)

@@ -99,22 +99,35 @@ cdef inline void _gemm(char* ta, char* tb, int m, int n, int k, const floating* 
 
 
 def matmul(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
-           bint transpose_b=False, int num_threads=0):
+           bint transpose_b=False, int num_threads=0, const floating[:, ::1] init=None):
     """``out = a @ b`` (``transpose_b``: ``a @ b.T``), ``a`` (n, k), ``b``
     (k, m) or (m, k), ``out`` (n, m), all C-contiguous and of one dtype;
     ``out`` must not overlap the others (the caller checks). Row blocks in
-    parallel. O(n k m)."""
-    cdef intp_t n = a.shape[0], k = a.shape[1], m = out.shape[1], blk, lo, rows
+    parallel. O(n k m).
+
+    ``init`` (n, m), optional: ``out = a @ b + init``, each block's rows of
+    ``init`` copied into ``out`` on the block's thread and the product
+    added by BLAS on top. ``init`` may be ``out`` itself (accumulate);
+    otherwise it overlaps nothing."""
+    cdef intp_t n = a.shape[0], k = a.shape[1], m = out.shape[1], blk, lo, rows, r, j
     cdef intp_t bk = b.shape[1] if transpose_b else b.shape[0]
     cdef intp_t bm = b.shape[0] if transpose_b else b.shape[1]
     if out.shape[0] != n or bk != k or bm != m:
         raise ValueError(f"matmul: shapes a ({a.shape[0]}, {a.shape[1]}), b ({b.shape[0]}, "
                          f"{b.shape[1]}) (transposed: {bool(transpose_b)}), "
                          f"out ({out.shape[0]}, {out.shape[1]}) disagree")
+    cdef bint add = init is not None
+    if add and (init.shape[0] != n or init.shape[1] != m):
+        raise ValueError(f"matmul: init must have out's shape ({n}, {m}), got "
+                         f"({init.shape[0]}, {init.shape[1]})")
     if n == 0 or m == 0:
         return
+    cdef bint copy = add and <const void*>&init[0, 0] != <const void*>&out[0, 0]
     if k == 0:
-        out[...] = 0
+        if copy:
+            out[...] = init
+        elif not add:
+            out[...] = 0
         return
     cdef intp_t nb = (n + _ROWS - 1) // _ROWS
     cdef int nt = num_threads_for(num_threads, nb)
@@ -124,9 +137,13 @@ def matmul(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] 
         for blk in prange(nb, num_threads=nt, schedule="static"):
             lo = blk * _ROWS
             rows = min(n - lo, _ROWS)
+            if copy:
+                for r in range(rows):
+                    for j in range(m):
+                        out[lo + r, j] = init[lo + r, j]
             # column-major: out_blk^T (m, rows) = op(b)^T (m, k) @ a_blk^T (k, rows)
             _gemm(tb, b"N", <int>m, <int>rows, <int>k, &b[0, 0], ldb, &a[lo, 0], <int>k,
-                  0, &out[lo, 0], <int>m)
+                  1 if add else 0, &out[lo, 0], <int>m)
 
 
 def matmul_tn(const floating[:, ::1] a, const floating[:, ::1] g, floating[:, ::1] out,

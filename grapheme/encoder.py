@@ -7,6 +7,7 @@ from ._threads import one_pool
 from ._validation import (as_float_array, check_allocation, check_dtype, check_graph,
                           check_scalar)
 from ._workspace import check_workspace
+from . import _core
 from .ops import Linear, MessagePassing, _alloc
 
 __all__ = ["Encoder", "EncodeResult"]
@@ -29,18 +30,17 @@ class EncodeResult(NamedTuple):
     keys: np.ndarray
 
 
-def _after(layer, h, call):
-    """``call()``, whose input ``h`` is layer ``layer - 1``'s output: a
-    ValueError it raises because ``h`` overflowed (finite features so large
-    that a layer's sums do not fit in the dtype) says so, instead of blaming
-    the caller's features."""
-    try:
-        return call()
-    except ValueError:
-        if layer > 0 and h.size and not np.isfinite(h).all():
-            raise ValueError(f"the encoder's layer {layer - 1} overflowed: its output is not "
-                             "finite (features or weights too large for the dtype)") from None
-        raise
+def _check_layers(saved, h):
+    """Raise a ValueError if the layers' output ``h`` is not finite (finite
+    features and weights whose sums do not fit in the dtype), naming the
+    first layer that overflowed instead of blaming the caller's features.
+    The layers themselves do not scan their inputs again: one O(n d) scan
+    for all of them."""
+    if h.size and not _core.all_finite(h.reshape(-1)):
+        outputs = [s[1] for s in saved[1:]] + [h]   # layer l's output is l + 1's input
+        layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
+        raise ValueError(f"the encoder's layer {layer} overflowed: its output is not "
+                         "finite (features or weights too large for the dtype)")
 
 
 class Encoder:
@@ -137,12 +137,11 @@ class Encoder:
         saved = []
         for layer in range(self.layers):
             w = [self.params[f"layer{layer}.{name}"] for name in _LAYER]
-            (h,), s = _after(layer, h, lambda: MessagePassing().forward(
-                graph, h, *w, workspace=workspace, name=f"layer{layer}."))
+            (h,), s = MessagePassing()._forward(graph, h, *w, workspace, f"layer{layer}.")
             saved.append(s)
-        (q,), sq = _after(self.layers, h, lambda: Linear().forward(
-            h, self.params["query"], workspace, "query."))
-        (k,), sk = Linear().forward(h, self.params["key"], workspace, "key.")
+        _check_layers(saved, h)
+        (q,), sq = Linear()._forward(h, self.params["query"], workspace, "query.")
+        (k,), sk = Linear()._forward(h, self.params["key"], workspace, "key.")
         return EncodeResult(h, q, k), (saved, sq, sk)
 
     @one_pool
@@ -163,15 +162,18 @@ class Encoder:
         grad_h = _alloc(workspace, "encoder.grad", n, d, self.dtype,
                         {"grad_features": grad_features, "grad_queries": grad_queries,
                          "grad_keys": grad_keys})
+        # grad_h = grad_features + g_q W_q^T + g_k W_k^T, each product added
+        # on top of the sum so far by its own row blocks (no (n, d) temporaries)
         base = grad_features
         for name, s, g in (("query", sq, grad_queries), ("key", sk, grad_keys)):
-            gx, gw = Linear().vjp(s, g, workspace, "projection.")
-            grads[name] = gw
-            if base is None:
-                grad_h[...] = gx
-            else:
-                np.add(base, gx, out=grad_h)
-            base = grad_h
+            if g is None:
+                grads[name] = np.zeros_like(s[1])
+                continue
+            base, grads[name] = Linear()._vjp(s, g, grad_h, workspace, "projection.", base)
+        if base is None:
+            grad_h[...] = 0
+        elif base is not grad_h:
+            grad_h[...] = base
         for layer in range(self.layers - 1, -1, -1):
             grad_h, *gw = MessagePassing().vjp(layers[layer], grad_h, workspace,
                                                f"layer{layer % 2}.")

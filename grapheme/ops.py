@@ -671,15 +671,20 @@ def optional_grad(value, name, shape, finite=True, dtype=None):
 
 
 
-def _matmul(a, b, out, transpose_b=False):
-    """``out = a @ b`` (``b.T`` if ``transpose_b``): by row blocks on
+def _matmul(a, b, out, transpose_b=False, init=None):
+    """``out = a @ b`` (``b.T`` if ``transpose_b``), ``+ init`` if given
+    (``init`` may be ``out`` itself: accumulate): by row blocks on
     grapheme's OpenMP threads, one single-threaded BLAS call per block
     (:mod:`grapheme._products`), where the build has OpenMP; numpy's
     ``matmul`` (BLAS's own threads) where it does not."""
     if _core.openmp_threads() > 0:
-        _products.matmul(a, b, out, transpose_b)
+        _products.matmul(a, b, out, transpose_b, init=init)
+    elif init is out:
+        out += np.matmul(a, b.T if transpose_b else b)
     else:
         np.matmul(a, b.T if transpose_b else b, out=out)
+        if init is not None:
+            out += init
     return out
 
 
@@ -821,7 +826,15 @@ class MessagePassing(Operation):
         autograd's version check)."""
         _check_place(workspace, name)
         check_graph(graph, "graph")
-        features = check_features(graph, features)
+        return self._forward(graph, check_features(graph, features), w_self, w_pred, w_succ,
+                             bias, workspace, name)
+
+    def _forward(self, graph, features, w_self, w_pred, w_succ, bias, workspace=None,
+                 name=""):
+        """:meth:`forward` of a checked graph and (n, d) C-contiguous
+        ``features`` not scanned again for NaN: the encoder's layers, whose
+        inputs the encoder checked or a layer made (it checks what comes
+        out). The weights are checked here: O(d^2)."""
         n, d = features.shape
         dt = features.dtype           # the weights follow the features
         w_self = as_float_array(w_self, "w_self", shape=(d, d), dtype=dt)
@@ -888,6 +901,11 @@ class Linear(Operation):
         reference for the vjp, as there."""
         _check_place(workspace, name)
         features = as_float_array(features, "features", ndim=2, dtype=KEEP)
+        return self._forward(features, weight, workspace, name)
+
+    def _forward(self, features, weight, workspace=None, name=""):
+        """:meth:`forward` of (n, d) C-contiguous ``features`` checked by the
+        caller (the encoder); ``weight`` is checked here."""
         weight = as_float_array(weight, "weight", shape=(features.shape[1], None),
                                 dtype=features.dtype)
         out = _alloc(workspace, name + "out", features.shape[0], weight.shape[1],
@@ -903,9 +921,17 @@ class Linear(Operation):
             return np.zeros_like(x), np.zeros_like(w)
         grad_features = optional_grad(grad_features, "grad_features", (x.shape[0], w.shape[1]),
                                       finite=False, dtype=x.dtype)
-        gx = _matmul(grad_features, w, _alloc(workspace, name + "grad", *x.shape, x.dtype,
-                                              {"grad_features": grad_features, "features": x}),
-                     True)
+        gx = _alloc(workspace, name + "grad", *x.shape, x.dtype,
+                    {"grad_features": grad_features, "features": x})
+        return self._vjp(saved, grad_features, gx, workspace, name)
+
+    def _vjp(self, saved, grad_features, gx, workspace=None, name="", init=None):
+        """:meth:`vjp` of a checked ``grad_features``, the input gradient
+        written into ``gx`` (overlapping neither), plus ``init`` if given
+        (``gx`` itself: accumulate, as the encoder sums its two
+        projections' gradients). Returns ``(gx, weight gradient)``."""
+        x, w = saved
+        _matmul(grad_features, w, gx, True, init)
         return gx, _matmul_tn(x, grad_features, workspace, name, ("features", "grad_features"))
 
 

@@ -495,3 +495,36 @@ def test_a_layer_across_blocks_matches_central_differences():
         minus = [a - eps * v if i == k else a for i, a in enumerate(args)]
         numeric = (f(*plus) - f(*minus)) / (2 * eps)
         assert abs(float((gx * v).sum()) - numeric) <= 1e-6 * max(1.0, abs(numeric)), k
+
+
+@pytest.mark.parametrize("given", [(True, True, True), (False, True, True), (True, False, True),
+                                   (True, True, False), (False, False, True),
+                                   (True, False, False), (False, False, False)])
+def test_projection_gradients_add_up_in_place(given, monkeypatch):
+    """The encoder's input gradient ``g_h + g_q W_q^T + g_k W_k^T``, each
+    product added on top of the sum so far by its row blocks (``init=``):
+    against numpy on rows of several blocks, for every set of upstream
+    gradients given, with OpenMP and without (numpy's products)."""
+    from grapheme import _core
+
+    rng = np.random.default_rng(12)
+    g = gr.Graph.from_texts(["".join(rng.choice(list("abcdef"), 30)) for _ in range(30)])
+    n, d = g.num_nodes, 5
+    assert n > 600
+    enc = gr.Encoder(d, layers=0)
+    enc.params["query"][...] = rng.normal(size=(d, d))
+    enc.params["key"][...] = rng.normal(size=(d, d))
+    upstream = [rng.normal(size=(n, d)) if on else None for on in given]
+    _, saved = enc.forward(g, rng.normal(size=(n, d)))
+    want = np.zeros((n, d))
+    for grad, w in zip(upstream, (np.eye(d), enc.params["query"], enc.params["key"])):
+        if grad is not None:
+            want += grad @ w.T
+    before = [None if u is None else u.copy() for u in upstream]
+    results = [enc.vjp(saved, *upstream)[0]]
+    monkeypatch.setattr(_core, "openmp_threads", lambda: 0)
+    results.append(enc.vjp(saved, *upstream)[0])
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for u, b in zip(upstream, before):     # the caller's gradients untouched
+        assert (u is None) == (b is None) and (u is None or (u == b).all())

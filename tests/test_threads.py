@@ -275,20 +275,20 @@ def test_blas_steps_aside_while_openmp_runs_the_products():
                 del model.morpher.decide
         # the encoder called directly steps aside the same way
         g = gr.Graph.from_texts(inputs)
-        forward = ops.MessagePassing.forward
+        forward = ops.MessagePassing._forward    # the encoder's layers call it
 
         def recording_layer(self, *args, **kwargs):
             seen.append(_blas_threads())
             return forward(self, *args, **kwargs)
         try:
-            ops.MessagePassing.forward = recording_layer
+            ops.MessagePassing._forward = recording_layer
             for blas, want in [(2, 1), (1, 1)]:
                 with threadpool_limits(limits=blas, user_api="blas"):
                     seen.clear()
                     gr.Encoder(8, layers=1).forward(g, np.ones((g.num_nodes, 8)))
                     assert seen == [want]
         finally:
-            ops.MessagePassing.forward = forward
+            ops.MessagePassing._forward = forward
         # and so does every operation whose products run in OpenMP blocks,
         # called by itself (as the PyTorch bridge calls them)
         from grapheme import _products
@@ -335,6 +335,7 @@ def test_products_by_row_blocks(n, k, m, dtype):
     a = rng.normal(size=(n, k)).astype(dtype)
     b = rng.normal(size=(k, m)).astype(dtype)
     g = rng.normal(size=(n, m)).astype(dtype)
+    init = rng.normal(size=(n, m)).astype(dtype)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     blocks = max(-(-n // _products.TN_ROWS), 1)
     runs = []
@@ -347,7 +348,13 @@ def test_products_by_row_blocks(n, k, m, dtype):
         np.testing.assert_allclose(out, a @ b, rtol=tol, atol=tol * max(k, 1))
         np.testing.assert_allclose(out_t, a @ b, rtol=tol, atol=tol * max(k, 1))
         np.testing.assert_allclose(tn, a.T @ g, rtol=tol, atol=tol * max(n, 1))
-        runs.append([out, out_t, tn])
+        # on top of init, and accumulating into out itself
+        out_i, acc = np.full((n, m), np.nan, dtype), init.copy()
+        _products.matmul(a, b, out_i, num_threads=threads, init=init)
+        _products.matmul(a, np.ascontiguousarray(b.T), acc, True, threads, init=acc)
+        np.testing.assert_allclose(out_i, a @ b + init, rtol=tol, atol=tol * max(k, 1))
+        np.testing.assert_array_equal(acc, out_i)
+        runs.append([out, out_t, tn, out_i])
     _assert_identical(runs)
 
 
@@ -359,6 +366,8 @@ def test_products_check_their_shapes():
         _products.matmul(a, b, np.empty((4, 3)))
     with pytest.raises(ValueError, match="disagree"):
         _products.matmul(a, b, np.empty((4, 2)), True)
+    with pytest.raises(ValueError, match=r"init must have out's shape \(4, 2\)"):
+        _products.matmul(a, b, np.empty((4, 2)), init=np.ones((3, 2)))
     with pytest.raises(ValueError, match="disagree"):
         _products.matmul_tn(a, np.ones((5, 2)), np.empty((3, 2)), np.empty((1, 3, 2)))
     with pytest.raises(ValueError, match="parts"):
