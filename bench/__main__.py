@@ -14,7 +14,9 @@ Peers: a class lists ``ratios = [(ours, peer), ...]``, two of its ``time_``
 methods; for every pair and parameter combination ``peer time / our time``
 is printed (above 1: ours is faster), both from the same run. An optional
 third element is the smallest acceptable ratio (``("time_scatter",
-"time_add_at", 10)``: ours must be 10x faster), marked ``ok`` or ``MISS``.
+"time_add_at", 10)``: ours must be 10x faster), marked ``ok`` or ``MISS``;
+an optional fourth, ``{parameter name: value}``, limits that target to the
+parameter combinations it names (the others get the ratio alone).
 A benchmark that errors is failed in asv's report, and ``failed`` here.
 """
 import argparse
@@ -36,8 +38,9 @@ LAST_RUN = os.path.join(ROOT, ".asv", "last-bench-run.json")
 
 
 def declared_ratios():
-    """``{"module.Class": [(ours, peer, target or None)]}``, read with ``ast``:
-    neither the benchmark modules nor grapheme are imported here."""
+    """``{"module.Class": [(ours, peer, target or None, where or None)]}``,
+    read with ``ast``: neither the benchmark modules nor grapheme are
+    imported here."""
     out = {}
     for path in sorted(glob.glob(os.path.join(HERE, "bench_*.py"))):
         module = os.path.basename(path)[:-3]
@@ -46,8 +49,9 @@ def declared_ratios():
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
             for stmt in cls.body:
                 if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", "") == "ratios":
-                    out[f"{module}.{cls.name}"] = [(p[0], p[1], p[2] if len(p) > 2 else None)
-                                                   for p in ast.literal_eval(stmt.value)]
+                    out[f"{module}.{cls.name}"] = [
+                        (p[0], p[1], p[2] if len(p) > 2 else None, p[3] if len(p) > 3 else None)
+                        for p in ast.literal_eval(stmt.value)]
     return out
 
 
@@ -94,13 +98,16 @@ def print_ratios(since):
         param_names = {k: v["param_names"] for k, v in json.load(f).items() if k != "version"}
     rows = []  # (class, "peer / ours", parameters, ratio or why not)
     for cls, pairs in declared_ratios().items():
-        for ours, peer, target in pairs:
+        for ours, peer, target, where in pairs:
             a, b = results.get(f"{cls}.{ours}"), results.get(f"{cls}.{peer}")
             for combo in (a or b or {}):  # neither ran: not part of this run
-                label = ", ".join(f"{n}={v}" for n, v in
-                                  zip(param_names.get(f"{cls}.{ours}", []), combo))
+                named = dict(zip(param_names.get(f"{cls}.{ours}", []), combo))
+                label = ", ".join(f"{n}={v}" for n, v in named.items())
+                # asv keeps parameter values as their repr
+                aimed = where is None or all(named.get(n) == repr(v) for n, v in where.items())
                 text = (f"not run: {peer if b is None else ours}" if a is None or b is None
-                        else describe(a.get(combo), b.get(combo), target, (ours, peer)))
+                        else describe(a.get(combo), b.get(combo), target if aimed else None,
+                                      (ours, peer)))
                 rows.append((cls, f"{peer} / {ours}", label, text))
     print(f"\nratios peer time / our time (above 1: ours faster), {os.path.relpath(path)}")
     if not rows:

@@ -211,7 +211,8 @@ class EncoderStepSuite:
 
     params = [[256], [32, 64], [0, 1, 2]]
     param_names = ["batch_size", "dim", "layers"]
-    ratios = [("time_step", "time_matmuls", 0.667), ("time_encoder", "time_matmuls")]
+    ratios = [("time_step", "time_matmuls", 0.667, {"dim": 64, "layers": 2}),
+              ("time_encoder", "time_matmuls")]
 
     def setup(self, batch_size, dim, layers):
         pairs = _word_pairs(batch_size, np.random.default_rng(42))
