@@ -123,6 +123,11 @@ def matmul(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] 
     if n == 0 or m == 0:
         return
     cdef bint copy = add and <const void*>&init[0, 0] != <const void*>&out[0, 0]
+    cdef const char* init_lo = <const char*>&init[0, 0] if add else NULL
+    cdef const char* out_lo = <const char*>&out[0, 0]
+    cdef intp_t span = n * m * <intp_t>sizeof(floating)
+    if copy and init_lo < out_lo + span and out_lo < init_lo + span:
+        raise ValueError("matmul: init must be out itself or overlap nothing")
     if k == 0:
         if copy:
             out[...] = init

@@ -41,6 +41,14 @@ class Workspace:
                                                     buf.size * 3 // 2), dtype=dtype)
         return buf[:size].reshape(shape)
 
+    def holder(self, arr):
+        """The name of the array that ``arr`` may share memory with, or None
+        (an O(1) bounds check per array kept)."""
+        for name, buf in self._arrays.items():
+            if np.may_share_memory(buf, arr):
+                return name
+        return None
+
 
 def check_workspace(workspace, name="workspace"):
     """``workspace`` if it is a :class:`Workspace` or None, else TypeError."""

@@ -13,6 +13,8 @@ from .ops import Linear, MessagePassing, _alloc
 __all__ = ["Encoder", "EncodeResult"]
 
 _LAYER = ("self", "pred", "succ", "bias")
+# the names of the workspace arrays the encoder writes, forward and vjp
+_WRITES = ("layer", "message.", "query.", "key.", "projection.", "encoder.")
 
 
 def parameter_bytes(dim, layers, dtype=np.float64):
@@ -41,6 +43,20 @@ def _check_layers(saved, h):
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
         raise ValueError(f"the encoder's layer {layer} overflowed: its output is not "
                          "finite (features or weights too large for the dtype)")
+
+
+def _check_apart(workspace, arrays):
+    """Refuse (ValueError) an argument (``arrays``: {name: array or None})
+    that lies in one of the workspace arrays the encoder writes: it would be
+    overwritten while the call still reads it (a previous call's result
+    passed back in, say)."""
+    if workspace is None:
+        return
+    for arg, arr in arrays.items():
+        held = None if arr is None else workspace.holder(arr)
+        if held is not None and held.startswith(_WRITES):
+            raise ValueError(f"{arg} lies in the workspace's array {held!r}, which the "
+                             "encoder writes: pass a copy")
 
 
 class Encoder:
@@ -129,20 +145,33 @@ class Encoder:
         ``Segmenter`` pass), every (n, d) array lives in it, the result and
         what :meth:`vjp` needs included, valid until the workspace's next
         ``forward``: bit for bit the same numbers, without paying a fresh
-        array's page faults per product."""
+        array's page faults per product. ``features`` lying in one of the
+        arrays the encoder writes there (its own earlier result) is refused:
+        pass a copy. The parameters are checked here, each by its name."""
         check_graph(graph, "graph")
         check_workspace(workspace)
         h = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, self.dim),
                            dtype=self.dtype)
+        _check_apart(workspace, {"features": h})
+        params = self._checked_params()
         saved = []
         for layer in range(self.layers):
-            w = [self.params[f"layer{layer}.{name}"] for name in _LAYER]
+            w = [params[f"layer{layer}.{name}"] for name in _LAYER]
             (h,), s = MessagePassing()._forward(graph, h, *w, workspace, f"layer{layer}.")
             saved.append(s)
         _check_layers(saved, h)
-        (q,), sq = Linear()._forward(h, self.params["query"], workspace, "query.")
-        (k,), sk = Linear()._forward(h, self.params["key"], workspace, "key.")
+        (q,), sq = Linear()._forward(h, params["query"], workspace, "query.")
+        (k,), sk = Linear()._forward(h, params["key"], workspace, "key.")
         return EncodeResult(h, q, k), (saved, sq, sk)
+
+    def _checked_params(self):
+        """The parameters as finite C-contiguous arrays of their shapes and the
+        encoder's dtype, each named in an error (a user may have replaced
+        one): O(layers d^2)."""
+        d = self.dim
+        return {name: as_float_array(value, name, dtype=self.dtype,
+                                     shape=(d,) if name.endswith(".bias") else (d, d))
+                for name, value in self.params.items()}
 
     @one_pool
     def vjp(self, saved, grad_features=None, grad_queries=None, grad_keys=None,
@@ -158,6 +187,8 @@ class Encoder:
                                                   dtype=self.dtype)
             for g, name in ((grad_features, "grad_features"),
                             (grad_queries, "grad_queries"), (grad_keys, "grad_keys")))
+        _check_apart(workspace, {"grad_features": grad_features, "grad_queries": grad_queries,
+                                 "grad_keys": grad_keys})
         grads = {}
         grad_h = _alloc(workspace, "encoder.grad", n, d, self.dtype,
                         {"grad_features": grad_features, "grad_queries": grad_queries,

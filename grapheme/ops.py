@@ -679,12 +679,10 @@ def _matmul(a, b, out, transpose_b=False, init=None):
     ``matmul`` (BLAS's own threads) where it does not."""
     if _core.openmp_threads() > 0:
         _products.matmul(a, b, out, transpose_b, init=init)
-    elif init is out:
-        out += np.matmul(a, b.T if transpose_b else b)
-    else:
+    elif init is None:
         np.matmul(a, b.T if transpose_b else b, out=out)
-        if init is not None:
-            out += init
+    else:   # init may be out, or a view of it
+        np.add(np.matmul(a, b.T if transpose_b else b), init, out=out)
     return out
 
 

@@ -528,3 +528,52 @@ def test_projection_gradients_add_up_in_place(given, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     for u, b in zip(upstream, before):     # the caller's gradients untouched
         assert (u is None) == (b is None) and (u is None or (u == b).all())
+
+
+def test_arrays_the_encoder_writes_are_refused_as_its_arguments():
+    """With a workspace, the encoder's results live in it and are overwritten
+    by its next call: fed back in (as features or as upstream gradients) they
+    would be read after being overwritten, and the gradients come out wrong
+    without an error. Refused, naming the argument and the array; the
+    Segmenter's own lookup (another name in the same workspace) is fine."""
+    from grapheme._workspace import Workspace
+
+    rng = np.random.default_rng(13)
+    g = gr.Graph.from_texts(["".join(rng.choice(list("abcd"), 20)) for _ in range(20)])
+    n, d = g.num_nodes, 4
+    for layers in (0, 1, 2):
+        enc = gr.Encoder(d, layers=layers)
+        ws = Workspace()
+        result, saved = enc.forward(g, rng.normal(size=(n, d)), ws)
+        with pytest.raises(ValueError, match="features lies in the workspace's array "
+                                             "'query.out', which the encoder writes"):
+            enc.forward(g, result.queries, ws)
+        grad_h, _ = enc.vjp(saved, *(rng.normal(size=(n, d)) for _ in range(3)), workspace=ws)
+        with pytest.raises(ValueError, match="features lies in the workspace's array"):
+            enc.forward(g, grad_h, ws)
+        with pytest.raises(ValueError, match="grad_features lies in the workspace's array"):
+            enc.vjp(saved, grad_h, workspace=ws)
+        lookup = ws("lookup", (n, d))
+        lookup[...] = rng.normal(size=(n, d))
+        want, _ = enc.forward(g, lookup.copy())
+        got, _ = enc.forward(g, lookup, ws)
+        np.testing.assert_array_equal(got.queries, want.queries)
+
+
+def test_a_replaced_parameter_is_named():
+    """``params`` is a plain dict a user may write into: a parameter of the
+    wrong shape or not finite is refused by ``forward`` under its own name
+    (a non-square projection used to pass ``forward`` and fail in ``vjp``)."""
+    g = gr.Graph.from_texts(["abcab"])
+    H = np.ones((g.num_nodes, 4))
+    enc = gr.Encoder(4, layers=2)
+    enc.params["query"] = np.ones((4, 7))
+    with pytest.raises(ValueError, match=r"query must have shape \(4, 4\)"):
+        enc.forward(g, H)
+    enc = gr.Encoder(4, layers=2)
+    enc.params["layer1.self"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="layer1.self contains NaN"):
+        enc.forward(g, H)
+    enc = gr.Encoder(4, layers=2)
+    enc.params["key"] = np.asfortranarray(np.eye(4) * 2)   # converted, not refused
+    np.testing.assert_allclose(enc.forward(g, H)[0].keys, 2 * H)

@@ -196,6 +196,19 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "other.npz").exists()
 
 
+@pytest.mark.parametrize("layers", [0, 2])
+def test_an_encoder_that_overflows_is_divergence(layers):
+    """Finite but huge weights make the encoder's output overflow: the step
+    says training diverged, not that the morph's queries contain NaN."""
+    trainer = _trainer(lr=1e300, encoder=gr.Encoder(8, layers=layers))
+    inputs, targets = zip(*gr.DEMO_PAIRS)
+    trainer.train_step(list(inputs), list(targets))   # the weights become ~1e300
+    assert all(np.isfinite(w).all() for w in trainer.encoder.params.values())
+    with pytest.raises(FloatingPointError, match="training diverged at epoch 1: the "
+                                                 "encoder's output is not finite"):
+        trainer.train_step(list(inputs), list(targets))
+
+
 def test_fresh_run_refuses_an_existing_checkpoint(tmp_path):
     ck = tmp_path / "ck.npz"
     _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=ck)

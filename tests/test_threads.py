@@ -368,10 +368,23 @@ def test_products_check_their_shapes():
         _products.matmul(a, b, np.empty((4, 2)), True)
     with pytest.raises(ValueError, match=r"init must have out's shape \(4, 2\)"):
         _products.matmul(a, b, np.empty((4, 2)), init=np.ones((3, 2)))
+    buf = np.zeros((5, 2))   # init a shifted view of out: blocks would race
+    with pytest.raises(ValueError, match="init must be out itself or overlap nothing"):
+        _products.matmul(a, b, buf[1:], init=buf[:-1])
     with pytest.raises(ValueError, match="disagree"):
         _products.matmul_tn(a, np.ones((5, 2)), np.empty((3, 2)), np.empty((1, 3, 2)))
     with pytest.raises(ValueError, match="parts"):
         _products.matmul_tn(a, np.ones((4, 2)), np.empty((3, 2)), np.empty((0, 3, 2)))
+
+
+def test_matmul_without_openmp_takes_init_that_is_a_view_of_out(monkeypatch):
+    from grapheme import ops
+
+    monkeypatch.setattr(_core, "openmp_threads", lambda: 0)
+    a, b = np.arange(12.0).reshape(4, 3), np.ones((3, 2))
+    out = np.ones((4, 2))
+    ops._matmul(a, b, out, init=out[...])    # not `out` itself, the same memory
+    np.testing.assert_array_equal(out, a @ b + 1)
 
 
 # ------------------------------------------------------- chain relaxation

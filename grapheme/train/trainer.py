@@ -390,7 +390,16 @@ class Trainer:
         ``shard``: see :meth:`Morpher.forward <grapheme.Morpher.forward>`."""
         g, rows, H, target, t_rows = self._batch(inputs, targets, **batch)
         encoded, enc_saved = self._encode(g, H)
-        morphed = self.morpher.forward(g, *encoded, shard=shard, workspace=self._workspace)
+        try:
+            morphed = self.morpher.forward(g, *encoded, shard=shard, workspace=self._workspace)
+        except ValueError:
+            if self.encoder is not None and not all(np.isfinite(a).all() for a in encoded):
+                # finite but huge weights: the encoder's output overflowed
+                raise FloatingPointError(
+                    f"training diverged at epoch {self.epoch + 1}: the encoder's output is "
+                    "not finite (its weights grew too large; learning rate too large?); "
+                    f"{self._good_checkpoint()}") from None
+            raise
         seg_saved = None
         if target is None:
             target, seg_saved = self._segmentation_target(g, targets, encoded[0],
