@@ -38,7 +38,7 @@ def _check_layers(saved, h):
     first layer that overflowed instead of blaming the caller's features.
     The layers themselves do not scan their inputs again: one O(n d) scan
     for all of them."""
-    if h.size and not _core.all_finite(h.reshape(-1)):
+    if saved and h.size and not _core.all_finite(h.reshape(-1)):
         outputs = [s[1] for s in saved[1:]] + [h]   # layer l's output is l + 1's input
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
         raise ValueError(f"the encoder's layer {layer} overflowed: its output is not "

@@ -831,8 +831,8 @@ class MessagePassing(Operation):
                  name=""):
         """:meth:`forward` of a checked graph and (n, d) C-contiguous
         ``features`` not scanned again for NaN: the encoder's layers, whose
-        inputs the encoder checked or a layer made (it checks what comes
-        out). The weights are checked here: O(d^2)."""
+        inputs the encoder checked or a layer made (the encoder scans what
+        comes out of its last layer). The weights are checked here: O(d^2)."""
         n, d = features.shape
         dt = features.dtype           # the weights follow the features
         w_self = as_float_array(w_self, "w_self", shape=(d, d), dtype=dt)
