@@ -181,6 +181,9 @@ class Encoder:
         layers, sq, sk = saved
         check_workspace(workspace)
         n, d = sq[0].shape
+        if len(layers) != self.layers or d != self.dim or sq[0].dtype != self.dtype:
+            raise ValueError(f"saved is not the forward of this encoder ({self!r}): "
+                             f"{len(layers)} layers, d = {d}, {sq[0].dtype}")
         # upstream gradients: (n, d), in the encoder's dtype
         grad_features, grad_queries, grad_keys = (
             None if g is None else as_float_array(g, name, shape=(n, d), finite=False,

@@ -577,3 +577,16 @@ def test_a_replaced_parameter_is_named():
     enc = gr.Encoder(4, layers=2)
     enc.params["key"] = np.asfortranarray(np.eye(4) * 2)   # converted, not refused
     np.testing.assert_allclose(enc.forward(g, H)[0].keys, 2 * H)
+
+
+def test_a_saved_state_from_another_encoder_is_refused():
+    """Another encoder's forward (other dtype, width or depth) given to
+    ``vjp``: a ValueError naming both, not a kernel's buffer error (with
+    OpenMP) or a silent mix of dtypes (without)."""
+    g = gr.Graph.from_texts(["abcab"])
+    H = np.ones((g.num_nodes, 4))
+    _, saved = gr.Encoder(4, layers=1).forward(g, H)
+    for other in (gr.Encoder(4, layers=1, dtype=np.float32), gr.Encoder(4, layers=2)):
+        with pytest.raises(ValueError, match="saved is not the forward of this encoder"):
+            other.vjp(saved, H)
+    gr.Encoder(4, layers=1).vjp(saved, H)    # any encoder of the same shape is fine
