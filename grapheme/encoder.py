@@ -8,13 +8,14 @@ from ._validation import (as_float_array, check_allocation, check_dtype, check_g
                           check_scalar)
 from ._workspace import check_workspace
 from . import _core
-from .ops import Linear, MessagePassing, _alloc
+from .ops import _SCRATCH, Linear, MessagePassing, _alloc
 
 __all__ = ["Encoder", "EncodeResult"]
 
 _LAYER = ("self", "pred", "succ", "bias")
-# the names of the workspace arrays the encoder writes, forward and vjp
-_WRITES = ("layer", "message.", "query.", "key.", "projection.", "encoder.")
+# the names of the workspace arrays the encoder writes, forward and vjp: its
+# own prefixes (below) and the products' scratch
+_WRITES = ("layer", "query.", "key.", "projection.", "encoder.", _SCRATCH)
 
 
 def parameter_bytes(dim, layers, dtype=np.float64):

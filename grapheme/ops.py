@@ -702,6 +702,12 @@ def _matmul_tn(a, g, workspace=None, name="", names=("a", "g")):
     return out
 
 
+#: The prefix of the workspace names of the message-passing products'
+#: scratch (whatever ``name`` their caller gives): the encoder keeps its
+#: arguments out of them.
+_SCRATCH = "message."
+
+
 def _tn_parts(n, k, m, dtype, workspace, name, apart):
     """The (blocks, k, m) partial products of a weight gradient over ``n``
     rows (one per block of ``TN_ROWS``), under ``name``."""
@@ -746,7 +752,7 @@ def _stacked_matmul_tn(edges, x, g, workspace=None, apart=None):
     scratch = _stack_scratch(x, workspace, apart)
     if scratch is None:
         return np.matmul(_stack(edges, x, workspace, apart).T, g, out=out)
-    parts = _tn_parts(x.shape[0], 3 * d, m, x.dtype, workspace, "message.parts", apart)
+    parts = _tn_parts(x.shape[0], 3 * d, m, x.dtype, workspace, _SCRATCH + "parts", apart)
     _products.stacked_matmul_tn(*edges, x, g, out, parts, scratch)
     return out
 
@@ -758,14 +764,14 @@ def _stack_scratch(x, workspace, apart):
     if threads == 0:
         return None
     blocks = -(-x.shape[0] // _products.ROWS)    # no more slabs than blocks
-    return _alloc(workspace, "message.scratch", None, None, x.dtype, apart,
+    return _alloc(workspace, _SCRATCH + "scratch", None, None, x.dtype, apart,
                   shape=(max(min(threads, blocks), 1), _products.ROWS, 3 * x.shape[1]))
 
 
 def _stack(edges, x, workspace, apart):
     """The whole (n, 3d) stack ``[x, P, S]`` (the products' operand without
     OpenMP)."""
-    cat = _alloc(workspace, "message.cat", x.shape[0], 3 * x.shape[1], x.dtype, apart)
+    cat = _alloc(workspace, _SCRATCH + "cat", x.shape[0], 3 * x.shape[1], x.dtype, apart)
     _core.stack_neighbours(*edges, x, cat)
     return cat
 
@@ -862,7 +868,7 @@ class MessagePassing(Operation):
                     np.zeros((d, d), dt), np.zeros(d, dt))
         g = optional_grad(grad_features, "grad_features", (n, d), finite=False, dtype=dt)
         apart = {"grad_features": g, "features": features}
-        gz, grad_bias = _alloc(workspace, "message.gz", n, d, dt, apart), np.empty(d, dt)
+        gz, grad_bias = _alloc(workspace, _SCRATCH + "gz", n, d, dt, apart), np.empty(d, dt)
         _core.tanh_backward(t, g, gz, grad_bias)   # gz = g (1 - t^2)
         # grad_h = g + gz W_self^T + A gz W_pred^T + A^T gz W_succ^T: the
         # adjoint of the predecessor sum is the successor sum, and back, so
