@@ -33,7 +33,7 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.math cimport exp, log, fabs, sqrt, INFINITY
-from libc.stdlib cimport calloc, realloc, free
+from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy
 
 from grapheme._types cimport dot, intp_t, num_threads_for
@@ -558,9 +558,12 @@ cdef void _target_mass_log(intp_t n1, intp_t m, intp_t m1, const double* C,
 
 cdef struct Store:
     # A growable array of doubles (the potentials of every sweep of a batch).
+    # ``borrowed``: ``data`` is the caller's (a workspace array), never
+    # reallocated or freed here; outgrowing it moves to a malloc'ed copy.
     double* data
     intp_t size
     intp_t cap
+    bint borrowed
 
 
 cdef int _reserve(Store* st, intp_t need) noexcept nogil:
@@ -570,11 +573,17 @@ cdef int _reserve(Store* st, intp_t need) noexcept nogil:
     if need <= st.cap:
         return 0
     cap = 2 * st.cap if 2 * st.cap > need else need
-    p = <double*>realloc(st.data, cap * sizeof(double))
+    if st.borrowed:
+        p = <double*>malloc(cap * sizeof(double))
+        if p != NULL and st.cap > 0:
+            memcpy(p, st.data, st.cap * sizeof(double))
+    else:
+        p = <double*>realloc(st.data, cap * sizeof(double))
     if p == NULL:
         return -1
     st.data = p
     st.cap = cap
+    st.borrowed = False
     return 0
 
 
@@ -1365,9 +1374,17 @@ def structural_loss_forward(
         if oom:
             raise MemoryError("no memory for the structural loss's workspace")
         work = _workspace(&P_, &T_, &lay, False, works, nt)
-        for k in range(nt):     # the capacity hint, shared out
-            if (_reserve(&fst[k], max(<intp_t>f_off_out[nb] // nt, 1)) != 0
-                    or _reserve(&gst[k], max(<intp_t>g_off_out[nb] // nt, 1)) != 0):
+        # the capacity hint, shared out: in the caller's arrays if it gives
+        # them (kept from call to call, so no fresh pages each time), else
+        # malloc'ed
+        f_cap = max(<intp_t>f_off_out[nb] // nt, 1)
+        g_cap = max(<intp_t>g_off_out[nb] // nt, 1)
+        if alloc is not None:
+            f_lent, g_lent = alloc(f_cap * nt, "loss.fstore"), alloc(g_cap * nt, "loss.gstore")
+            _lend(fst, f_lent, f_cap, nt)
+            _lend(gst, g_lent, g_cap, nt)
+        for k in range(nt):
+            if _reserve(&fst[k], f_cap) != 0 or _reserve(&gst[k], g_cap) != 0:
                 raise MemoryError("no memory for the Sinkhorn potentials")
         with nogil:
             if nt == 1:
@@ -1403,13 +1420,29 @@ def structural_loss_forward(
     finally:
         if fst != NULL:
             for k in range(nt):
-                free(fst[k].data)
+                if not fst[k].borrowed:
+                    free(fst[k].data)
         if gst != NULL:
             for k in range(nt):
-                free(gst[k].data)
+                if not gst[k].borrowed:
+                    free(gst[k].data)
         free(fst)
         free(gst)
         free(works)
+
+
+cdef int _lend(Store* stores, double[::1] buf, intp_t cap, int nt) except -1:
+    """Point ``stores[0:nt]`` at consecutive ``cap``-double slices of ``buf``
+    (borrowed: the caller keeps ``buf`` alive until the stores are done)."""
+    cdef int k
+    if buf.shape[0] < cap * nt:
+        raise ValueError("the potentials' store is too small")
+    for k in range(nt):
+        stores[k].data = &buf[k * cap]
+        stores[k].cap = cap
+        stores[k].size = 0
+        stores[k].borrowed = True
+    return 0
 
 
 cdef void _collect(double[::1] out, const int64_t[::1] off, const int64_t* at,

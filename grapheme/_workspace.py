@@ -41,6 +41,11 @@ class Workspace:
                                                     buf.size * 3 // 2), dtype=dtype)
         return buf[:size].reshape(shape)
 
+    def kept(self, name):
+        """How many elements the array kept under ``name`` holds (0: none)."""
+        buf = self._arrays.get(name)
+        return 0 if buf is None else buf.size
+
     def holder(self, arr):
         """The name of the array that ``arr`` may share memory with, or None
         (an O(1) bounds check per array kept)."""

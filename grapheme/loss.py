@@ -695,6 +695,12 @@ class StructuralLoss:
         g_off = np.zeros(B + 1, np.int64)
         f_off[-1] = sweeps * int((n + 1).sum())
         g_off[-1] = sweeps * int((m + 1).sum())
+        if workspace is not None:
+            # room for a quarter more than the most any call has needed:
+            # the stores then come from the workspace with no growth (and no
+            # fresh pages) from one step to the next
+            f_off[-1] = max(f_off[-1], workspace.kept("loss.fpot") * 5 // 4)
+            g_off[-1] = max(g_off[-1], workspace.kept("loss.gpot") * 5 // 4)
         scaled = self._choose_domain(p, t)
         if self_pair is None:
             self_pair = np.zeros(B, np.uint8)

@@ -448,17 +448,22 @@ def test_result_accessors():
 
 
 @pytest.mark.parametrize("debias", [False, True])
-def test_forward_in_a_workspace_is_the_forward(debias):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_in_a_workspace_is_the_forward(debias, threads):
     """The Trainer's path: plans and potentials in a reused workspace give
     the same result and gradient, bit for bit, batch after batch of other
-    sizes (the workspace's arrays grow and are reused)."""
+    sizes (the workspace's arrays grow and are reused). The sweeps'
+    potentials are first stored in workspace arrays lent to the threads;
+    the last batch, far larger, outgrows them mid-run (copied to malloc'ed
+    stores)."""
     from grapheme._workspace import Workspace
 
     ws = Workspace(np.float32)      # the loss's arrays are float64 whatever the model's
-    loss = StructuralLoss(debias=debias)
-    for seed, count in ((0, 12), (1, 3), (2, 20)):
+    loss = StructuralLoss(debias=debias, num_threads=threads)
+    for seed, count, longest in ((0, 12, 9), (1, 3, 9), (2, 20, 9), (3, 80, 30)):
         rng = np.random.default_rng(seed)
-        texts = ["".join(rng.choice(list("abcd"), rng.integers(1, 9))) for _ in range(count)]
+        texts = ["".join(rng.choice(list("abcd"), rng.integers(1, longest)))
+                 for _ in range(count)]
         p = Graph.from_texts(texts)
         p = p.replace(activation=rng.uniform(-1, 1, p.num_nodes))
         t = Graph.from_texts([s[: max(1, len(s) - 2)] for s in texts])
@@ -467,6 +472,7 @@ def test_forward_in_a_workspace_is_the_forward(debias):
         for name in ("plan", "fpot", "gpot"):     # they live in the workspace
             assert np.shares_memory(getattr(got._cache, name), ws(f"loss.{name}", (1,),
                                                                   np.float64))
+        assert ws.kept("loss.fstore") and ws.kept("loss.gstore")
         for name in ("values", "iterations", "marginal_error"):
             assert_array_equal(getattr(got, name), getattr(want, name))
         for a, b in zip(loss.backward(got), loss.backward(want)):
