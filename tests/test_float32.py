@@ -352,9 +352,10 @@ def test_a_float32_step_keeps_its_big_arrays_float32():
 
     trainer.optimizer.step = spy
     trainer.train_step(inputs, targets)
-    # the loss's plans and potentials are float64 whatever the model's dtype
-    # (per-pair scalars: see "float32" in docs/design.md)
-    transport = {"loss.plan", "loss.fpot", "loss.gpot"}
+    # the loss's plans and potentials (and the sweeps' stores of them) are
+    # float64 whatever the model's dtype (per-pair scalars: see "float32"
+    # in docs/design.md)
+    transport = {"loss.plan", "loss.fpot", "loss.gpot", "loss.fstore", "loss.gstore"}
     arrays = trainer._workspace._arrays
     assert all(arrays[k].dtype == np.float64 for k in transport)
     arrays = {k: a for k, a in arrays.items() if k not in transport}
