@@ -138,4 +138,5 @@ def edge_cosine_qk_backward(
     grad_Q: np.ndarray,    # floating[:, ::1] OUT (n, d), accumulated
     grad_K: np.ndarray,    # floating[:, ::1] OUT (n, d), accumulated
     num_threads: int = 0,
+    accumulate: bool = True,  # False: written, not added
 ) -> None: ...

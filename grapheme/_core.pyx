@@ -13,6 +13,7 @@ and are linear in their input unless the docstring says otherwise.
 import numpy as np
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.math cimport sqrt, log, cos, sin, M_PI
+from libc.string cimport memset
 
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
@@ -848,7 +849,7 @@ cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices,
                                 const floating* qp, const floating* kp,
                                 const double* qnorms, const double* knorms, const double* sim,
                                 const double* grad_sim, floating* gq, floating* gk,
-                                int nt) noexcept nogil:
+                                int nt, bint accumulate=True) noexcept nogil:
     """The loop of :func:`edge_cosine_qk_backward` (one matrix: ``qp == kp``,
     ``gq == gk``). ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2``,
     likewise for ``k_v``; three products per edge, not a division per entry.
@@ -856,9 +857,14 @@ cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices,
     ``u`` of ``gk`` its in-edges (``u`` the key; ``t_indptr``, ``t_src``,
     ``t_edges``: the transpose with each in-edge's position): every row is
     written by one thread in a fixed order, rows in parallel on ``nt``
-    threads, the same bits on any count."""
+    threads, the same bits on any count. ``accumulate=False``: each row
+    is zeroed first, by its thread (once where ``gq == gk``)."""
     cdef intp_t u
     for u in prange(n, num_threads=nt, schedule="static"):
+        if not accumulate:
+            memset(gq + u * d, 0, d * sizeof(floating))
+            if gk != gq:
+                memset(gk + u * d, 0, d * sizeof(floating))
         _cosine_row(gq + u * d, qp + u * d, qnorms[u], kp, knorms, indices, NULL,
                     indptr[u], indptr[u + 1], sim, grad_sim, d)
         _cosine_row(gk + u * d, kp + u * d, knorms[u], qp, qnorms, t_src, t_edges,
@@ -987,7 +993,8 @@ def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
                             const double[::1] grad_sim,  # IN  (E,)
                             floating[:, ::1] grad_Q,     # OUT (n, d), accumulated
                             floating[:, ::1] grad_K,     # OUT (n, d), accumulated
-                            int num_threads=0):
+                            int num_threads=0,
+                            bint accumulate=True):
     """Accumulate ``sum_e grad_sim[e] d s_e / d (Q, K)``. O((n + E) d).
 
     ``d s / d q_u = k_v / (|q_u| |k_v|) - s q_u / |q_u|^2`` and likewise for
@@ -995,12 +1002,17 @@ def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
     Every row is written by one thread (``grad_K``'s from the in-edges, by
     a counting sort of the edges, O(n + E)), rows in parallel
     (``num_threads``, 0 for OpenMP's default), the same bits on any count.
+    ``accumulate=False``: the gradients are written, not added (each row
+    zeroed by its own thread first, instead of a serial pass beforehand).
     """
     cdef intp_t n = Q.shape[0], d = Q.shape[1], E = indices.shape[0]
     _cosine_shapes("edge_cosine_qk_backward", indptr, E, Q.shape, K.shape, qnorms.shape[0],
                    knorms.shape[0], sim.shape[0], grad_sim.shape[0], grad_Q.shape,
                    grad_K.shape)
     if n == 0 or d == 0 or E == 0:
+        if not accumulate and n and d:
+            grad_Q[...] = 0
+            grad_K[...] = 0
         return
     cdef index_t[::1] t_indptr = np.empty(n + 1, np.asarray(indptr).dtype)
     cdef index_t[::1] t_src = np.empty(E, np.asarray(indptr).dtype)
@@ -1012,4 +1024,4 @@ def edge_cosine_qk_backward(const index_t[::1] indptr,   # IN  (n+1,)
         _edge_cosine_backward(&indptr[0], &indices[0], &t_indptr[0], &t_src[0],
                               &t_edges[0], n, d, &Q[0, 0], &K[0, 0], &qnorms[0],
                               &knorms[0], &sim[0], &grad_sim[0], &grad_Q[0, 0],
-                              &grad_K[0, 0], nt)
+                              &grad_K[0, 0], nt, accumulate)

@@ -979,13 +979,14 @@ class RoutedSimilarity(Operation):
         indptr, indices, q, k, qn, kn, sim, scale = saved
         gq = _alloc(workspace, "routing.grad_queries", *q.shape, q.dtype)
         gk = _alloc(workspace, "routing.grad_keys", *k.shape, k.dtype)
-        gq[...] = 0.0
-        gk[...] = 0.0
         grad_similarity = optional_grad(grad_similarity, "grad_similarity", sim.shape,
                                         finite=False)
-        if grad_similarity is not None:
+        if grad_similarity is None:
+            gq[...] = 0.0
+            gk[...] = 0.0
+        else:   # written row by row on the kernel's threads, no zeroing pass
             _core.edge_cosine_qk_backward(indptr, indices, q, k, qn, kn, sim,
-                                          grad_similarity, gq, gk)
+                                          grad_similarity, gq, gk, accumulate=False)
         if scale is not None:
             gq /= scale[0][:, None]
             gk /= scale[1][:, None]

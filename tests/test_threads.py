@@ -740,6 +740,36 @@ def test_edge_cosines_are_identical_on_any_thread_count(dtype):
     np.testing.assert_allclose(runs[0][7], gq_h + gk_h, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_edge_cosine_backward_written_is_accumulated_into_zeros(dtype):
+    """``accumulate=False`` (the routing's vjp: each row zeroed by its own
+    thread, no serial zeroing pass) writes over whatever the buffers held:
+    the same bytes as accumulating into zeros, on 1-3 threads, for queries
+    and keys apart, one matrix for both, and a graph without edges."""
+    from helpers import random_graph
+
+    rng = np.random.default_rng(14)
+    for g in (random_graph(rng, 3000, 6000, self_loops=True), gr.Graph.from_texts(["a", "b"])):
+        n, E, d = g.num_nodes, g.num_edges, 6
+        q, k = (rng.normal(size=(n, d)).astype(dtype) for _ in range(2))
+        gs = rng.normal(size=E)
+        qn, kn, sim = np.empty(n), np.empty(n), np.empty(E)
+        _core.edge_cosine_qk(g.indptr, g.indices, q, k, qn, kn, sim)
+        want_q, want_k, want_h = (np.zeros((n, d), dtype) for _ in range(3))
+        _core.edge_cosine_qk_backward(g.indptr, g.indices, q, k, qn, kn, sim, gs,
+                                      want_q, want_k)
+        _core.edge_cosine_qk_backward(g.indptr, g.indices, q, q, qn, qn, sim, gs,
+                                      want_h, want_h)
+        for threads in (1, 2, 3):
+            gq, gk, gh = (np.full((n, d), np.nan, dtype) for _ in range(3))
+            _core.edge_cosine_qk_backward(g.indptr, g.indices, q, k, qn, kn, sim, gs, gq, gk,
+                                          num_threads=threads, accumulate=False)
+            _core.edge_cosine_qk_backward(g.indptr, g.indices, q, q, qn, qn, sim, gs, gh, gh,
+                                          num_threads=threads, accumulate=False)
+            for got, want in ((gq, want_q), (gk, want_k), (gh, want_h)):
+                assert got.tobytes() == want.tobytes()
+
+
 @needs_openmp
 def test_edge_cosine_gradients_on_threads_against_central_differences():
     """The parallel backward (thousands of rows, so every thread has some)
