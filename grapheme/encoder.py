@@ -154,6 +154,14 @@ class Encoder:
         h = as_float_array(features, "features", ndim=2, shape=(graph.num_nodes, self.dim),
                            dtype=self.dtype)
         _check_apart(workspace, {"features": h})
+        return self._forward(graph, h, workspace)
+
+    @one_pool
+    def _forward(self, graph, h, workspace=None):
+        """:meth:`forward` of a checked graph and finite (n, dim) C-contiguous
+        features of the encoder's dtype, not scanned again: the
+        ``Trainer``'s lookup of a table it checked (O(V d), not O(n d)),
+        held in none of the arrays the encoder writes."""
         params = self._checked_params()
         saved = []
         for layer in range(self.layers):

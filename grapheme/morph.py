@@ -221,6 +221,18 @@ class Morpher:
         return self._morph(graph, features, self.estimator, self.rate, route, shard,
                            workspace)
 
+    def _forward(self, graph, features, queries=None, keys=None, shard=None, workspace=None):
+        """:meth:`forward` of a checked graph and finite C-contiguous
+        (n_nodes, d) features, queries and keys of one float dtype, not
+        scanned again: the ``Trainer``'s, which come from a table it
+        checked or from the encoder, which scans its layers' output. Queries
+        or keys that are not finite (the encoder's projections overflowing)
+        are found by the routing's norms (:class:`RoutedSimilarity` raises
+        the ValueError)."""
+        route = None if queries is None else (queries, keys)
+        return self._morph(graph, features, self.estimator, self.rate, route, shard,
+                           workspace)
+
     @staticmethod
     def _check_inputs(graph, features, queries, keys):
         # float32 features (and routing) stay float32: the morph follows them

@@ -415,7 +415,12 @@ class HardMerge(Operation):
         until its next use of that name. None: a fresh array (pure)."""
         _check_place(workspace, name)
         check_graph(graph, "graph")
-        features = check_features(graph, features)
+        return self._forward(graph, check_features(graph, features), decisions, workspace, name)
+
+    def _forward(self, graph, features, decisions, workspace=None, name="merge."):
+        """:meth:`forward` of a checked graph and finite C-contiguous (n, d)
+        features, not scanned again (the ``Trainer``'s segmentation target:
+        the features its morph merges)."""
         history = merge_edges(graph, decisions)
         indptr, indices, weights = contract_edges(graph, history)
         offsets = None if graph.offsets is None else np.searchsorted(
@@ -966,9 +971,15 @@ class RoutedSimilarity(Operation):
             # as EdgeSimilarity: rows whose |.|^2 overflows are rescaled (the
             # cosine does not change) and so are their gradient rows
             scale = (_row_scale(queries), _row_scale(keys))
-            queries = (queries / scale[0][:, None]).astype(keys.dtype, copy=False)
-            keys = (keys / scale[1][:, None]).astype(queries.dtype, copy=False)
+            with np.errstate(invalid="ignore"):   # inf / inf: refused below
+                queries = (queries / scale[0][:, None]).astype(keys.dtype, copy=False)
+                keys = (keys / scale[1][:, None]).astype(queries.dtype, copy=False)
             _core.edge_cosine_qk(graph.indptr, graph.indices, queries, keys, qn, kn, sim)
+            if not _core.all_finite(sim):
+                # finite rows always rescale to finite cosines: the caller
+                # passed unchecked queries or keys with inf or NaN
+                raise ValueError("queries and keys must be finite (an edge's query or key "
+                                 "contains NaN or inf)")
         return SimilarityResult(sim), (graph.indptr, graph.indices, queries, keys, qn, kn, sim,
                                        scale)
 

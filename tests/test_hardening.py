@@ -209,6 +209,48 @@ def test_an_encoder_that_overflows_is_divergence(layers):
         trainer.train_step(list(inputs), list(targets))
 
 
+@pytest.mark.parametrize("layers", [0, 2])
+def test_a_step_checks_the_table_it_looks_up(layers):
+    """The step checks the embedding's table (O(V d)) instead of scanning
+    the (n, d) rows looked up from it in the encoder and the morph: a table
+    a user filled with NaN or replaced by one of another dtype is refused,
+    naming it, before any kernel reads it."""
+    inputs, targets = map(list, zip(*gr.DEMO_PAIRS))
+    for bad, message in ((np.nan, "Embedding.weight contains NaN or inf"),
+                         (np.inf, "Embedding.weight contains NaN or inf"),
+                         ("float32", "Embedding.weight must be a float64 ndarray")):
+        trainer = _trainer(encoder=gr.Encoder(8, layers=layers) if layers else None)
+        trainer.train_step(inputs, targets)
+        emb = trainer.embedding
+        if bad == "float32":
+            emb.weight = emb.weight.astype(np.float32)
+        else:
+            emb.weight[3, 1] = bad
+        with pytest.raises(ValueError, match=message):
+            trainer.train_step(inputs, targets)
+        with pytest.raises(ValueError, match=message):
+            trainer.evaluate(gr.DEMO_PAIRS)
+
+
+def test_routing_refuses_queries_that_are_not_finite():
+    """The morph's unscanned path (the Trainer's) leaves non-finite queries
+    or keys to the routing's norms: a ValueError, never NaN scores."""
+    from grapheme.ops import RoutedSimilarity
+
+    g = gr.Graph.from_text("abcd")
+    q, k = np.ones((4, 3)), np.ones((4, 3))
+    for bad in (np.nan, np.inf, -np.inf):
+        for arr in (q, k):
+            arr[2, 1] = bad
+            with pytest.raises(ValueError, match="queries and keys must be finite"):
+                RoutedSimilarity()._forward(g, q, k)
+            with pytest.raises(ValueError, match="queries and keys must be finite"):
+                gr.Morpher()._forward(g, np.ones((4, 3)), q, k)
+            arr[2, 1] = 1.0
+    huge = np.full((4, 3), 1e200)     # finite rows whose |.|^2 overflows: rescaled
+    assert np.allclose(RoutedSimilarity()._forward(g, huge, huge)[0].similarity, 1.0)
+
+
 def test_fresh_run_refuses_an_existing_checkpoint(tmp_path):
     ck = tmp_path / "ck.npz"
     _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=ck)

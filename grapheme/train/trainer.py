@@ -276,6 +276,7 @@ class Trainer:
                 replaced = self._unknown_codes(g.labels)
             if replaced.size:
                 rows[np.isin(g.labels, replaced)] = emb.unknown_row
+        _check_table(emb)   # so that its rows need no O(n d) scan downstream
         H = Lookup().forward(emb.weight, rows,
                              out=self._workspace("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
@@ -304,7 +305,7 @@ class Trainer:
         starts = np.zeros(g.num_nodes, dtype=bool)
         starts[np.cumsum(lengths)[:-1]] = True            # a segment starts here
         merge = ~starts[g.indices]                         # edge u -> v stays inside
-        (_, target, _), saved = HardMerge().forward(g, features, merge, workspace, "target.")
+        (_, target, _), saved = HardMerge()._forward(g, features, merge, workspace, "target.")
         return _explicit_activation(target), saved
 
     @staticmethod
@@ -322,7 +323,7 @@ class Trainer:
         """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
         if self.encoder is None:
             return (H,), None
-        result, saved = self.encoder.forward(g, H, self._workspace)
+        result, saved = self.encoder._forward(g, H, self._workspace)
         return tuple(result), saved
 
     def _params(self):
@@ -391,7 +392,7 @@ class Trainer:
         g, rows, H, target, t_rows = self._batch(inputs, targets, **batch)
         encoded, enc_saved = self._encode(g, H)
         try:
-            morphed = self.morpher.forward(g, *encoded, shard=shard, workspace=self._workspace)
+            morphed = self.morpher._forward(g, *encoded, shard=shard, workspace=self._workspace)
         except ValueError:
             if self.encoder is not None and not all(np.isfinite(a).all() for a in encoded):
                 # finite but huge weights: the encoder's output overflowed
@@ -1167,6 +1168,17 @@ def _better(metric, value, best):
     if not math.isfinite(best):
         return True
     return value < best if metric == "val_loss" else value > best
+
+
+def _check_table(emb):
+    """The embedding's table as the step reads it: of the embedding's dtype
+    and shape (a user may have assigned ``weight``) and finite, ValueError
+    naming it otherwise. O(V d) for the V rows, so that neither the encoder
+    nor the morph scans the (n, d) rows looked up from it."""
+    with emb._lock:
+        emb._check_arrays()
+        if not _core.all_finite(np.ascontiguousarray(emb.weight).reshape(-1)):
+            raise ValueError("Embedding.weight contains NaN or inf")
 
 
 def _all_finite(params):
