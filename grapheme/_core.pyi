@@ -22,6 +22,19 @@ def hash_normal(
 def all_finite(
     x: np.ndarray,        # const floating[::1] IN (m,)
 ) -> bool: ...
+def code_rows(
+    codes: np.ndarray,    # const int64_t[::1] IN (V,) sorted, distinct
+    rows: np.ndarray,     # const int64_t[::1] IN (V,)
+    labels: np.ndarray,   # const int64_t[::1] IN (n,)
+    out: np.ndarray,      # int64_t[::1] OUT (n,), -1: no row
+    num_threads: int = 0,
+) -> int: ...
+def take_rows(
+    table: np.ndarray,    # const floating[:, ::1] IN (V, d)
+    rows: np.ndarray,     # const int64_t[::1] IN (n,), each in [0, V)
+    out: np.ndarray,      # floating[:, ::1] OUT (n, d)
+    num_threads: int = 0,
+) -> None: ...
 def row_means(
     x: np.ndarray,        # const float[:, ::1] IN (n, d), float32 only
     out: np.ndarray,      # double[::1] OUT (n,)

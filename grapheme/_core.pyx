@@ -13,7 +13,7 @@ and are linear in their input unless the docstring says otherwise.
 import numpy as np
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.math cimport sqrt, log, cos, sin, M_PI
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
@@ -100,6 +100,65 @@ cdef inline double _cos2pi(double u) noexcept nogil:
 
 cdef inline double _sin2pi(double u) noexcept nogil:
     return sin(2.0 * M_PI * u)
+
+
+def code_rows(const int64_t[::1] codes,   # IN  (V,) sorted, distinct
+              const int64_t[::1] rows,    # IN  (V,) the row of each code
+              const int64_t[::1] labels,  # IN  (n,)
+              int64_t[::1] out,           # OUT (n,) the row of each label, -1: none
+              int num_threads=0):         # IN  threads; <= 0: OpenMP's default
+    """The table row of every label, found by binary search among the sorted
+    ``codes`` (``np.searchsorted`` and the compare and gather after it, in
+    one pass over the labels, in parallel); returns how many labels have no
+    row. O(n log V)."""
+    cdef intp_t n = labels.shape[0], V = codes.shape[0], i, lo, hi, mid
+    cdef int64_t missing = 0, x
+    if rows.shape[0] != V or out.shape[0] != n:
+        raise ValueError(f"code_rows: rows must be ({V},) and out ({n},)")
+    if n == 0:
+        return 0
+    cdef const int64_t* cp = &codes[0] if V else NULL
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
+    with nogil:
+        for i in prange(n, num_threads=nt, schedule="static"):
+            x = labels[i]
+            lo = 0
+            hi = V
+            while lo < hi:              # the first code >= x
+                mid = (lo + hi) // 2
+                if cp[mid] < x:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < V and cp[lo] == x:
+                out[i] = rows[lo]
+            else:
+                out[i] = -1
+                missing += 1
+    return missing
+
+
+def take_rows(const floating[:, ::1] table,  # IN  (V, d)
+              const int64_t[::1] rows,          # IN  (n,) rows of table, each in [0, V)
+              floating[:, ::1] out,             # OUT (n, d)
+              int num_threads=0):               # IN  threads; <= 0: OpenMP's default
+    """``out[i] = table[rows[i]]``: ``np.take(table, rows, axis=0, out=out)``
+    on the rows in parallel (a copy: the same bits on any thread count).
+    The caller checks that every row lies in ``[0, V)``. O(n d)."""
+    cdef intp_t n = rows.shape[0], d = table.shape[1], V = table.shape[0], i
+    if out.shape[0] != n or out.shape[1] != d:
+        raise ValueError(f"take_rows: out must be ({n}, {d}), got "
+                         f"({out.shape[0]}, {out.shape[1]})")
+    if n == 0 or d == 0:
+        return
+    if V == 0:
+        raise ValueError("take_rows: table has no rows")
+    cdef const floating* tp = &table[0, 0]
+    cdef floating* op = &out[0, 0]
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
+    with nogil:
+        for i in prange(n, num_threads=nt, schedule="static"):
+            memcpy(op + i * d, tp + rows[i] * d, d * sizeof(floating))
 
 
 def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each input row

@@ -134,17 +134,17 @@ class Embedding:
             return self._rows(labels, grow)
 
     def _rows(self, labels, grow):
-        pos = np.searchsorted(self._sorted_codes, labels)
-        known = pos < self._sorted_codes.shape[0]
-        known[known] = self._sorted_codes[pos[known]] == labels[known]
-        if not known.all():
+        """Rows of int64 ``labels`` (``-1`` nowhere in the result): one
+        compiled binary search per label, in parallel."""
+        rows = np.empty(labels.shape[0], np.int64)
+        if _core.code_rows(self._sorted_codes, self._sorted_rows, labels, rows):
+            unknown = rows < 0
             if not grow:
-                rows = self._sorted_rows[np.minimum(pos, self._sorted_rows.shape[0] - 1)]
-                rows[~known] = self._sorted_rows[-1]   # the unknown row sorts last
+                rows[unknown] = self._sorted_rows[-1]   # the unknown row sorts last
                 return rows
-            self._add(np.unique(labels[~known]))
-            pos = np.searchsorted(self._sorted_codes, labels)
-        return self._sorted_rows[pos]
+            self._add(np.unique(labels[unknown]))
+            _core.code_rows(self._sorted_codes, self._sorted_rows, labels, rows)
+        return rows
 
     def _add(self, new_codes):
         self._check_arrays()

@@ -131,12 +131,16 @@ class Lookup(Operation):
             bad = rows[(rows < 0) | (rows >= V)][0]
             raise ValueError(f"rows must lie in [0, {V}) (the rows of table), got {bad}")
         if out is None:
-            return LookupResult(table[rows]), (rows, table.shape, table.dtype)
-        check_out(out, "out", (rows.shape[0],) + table.shape[1:], inputs={"table": table},
-                  dtype=table.dtype)
-        # rows are checked above; numpy buffers ``out`` under mode="raise"
-        # (a fresh array's page faults per call), never under "wrap"
-        np.take(table, rows, axis=0, out=out, mode="wrap")
+            out = np.empty((rows.shape[0],) + table.shape[1:], table.dtype)
+        else:
+            check_out(out, "out", (rows.shape[0],) + table.shape[1:],
+                      inputs={"table": table}, dtype=table.dtype)
+        if table.ndim == 2:   # rows in parallel (rows checked above)
+            _core.take_rows(table, rows, out)
+        else:
+            # numpy buffers ``out`` under mode="raise" (a fresh array's page
+            # faults per call), never under "wrap"
+            np.take(table, rows, axis=0, out=out, mode="wrap")
         return LookupResult(out), (rows, table.shape, table.dtype)
 
     def vjp(self, saved, grad_features):

@@ -740,6 +740,48 @@ def test_edge_cosines_are_identical_on_any_thread_count(dtype):
     np.testing.assert_allclose(runs[0][7], gq_h + gk_h, rtol=tol, atol=tol)
 
 
+def test_code_rows_is_a_sorted_search_on_any_thread_count():
+    """The embedding's label -> row search: the row of every label present,
+    -1 for every other, their count returned, the same on 1-3 threads, and
+    against ``np.searchsorted``; an empty table has no row for anything."""
+    rng = np.random.default_rng(16)
+    codes = np.sort(rng.choice(0x110001, 300, replace=False)).astype(np.int64)
+    rows = rng.permutation(300).astype(np.int64)
+    labels = np.concatenate([rng.choice(codes, 6000), rng.integers(0, 0x110001, 2000),
+                             [0, 0x110000, codes[0], codes[-1]]]).astype(np.int64)
+    pos = np.minimum(np.searchsorted(codes, labels), 299)
+    want = np.where(codes[pos] == labels, rows[pos], -1)
+    for threads in (1, 2, 3):
+        out = np.full(labels.shape, 7, np.int64)
+        assert _core.code_rows(codes, rows, labels, out, num_threads=threads) == \
+            int((want < 0).sum())
+        np.testing.assert_array_equal(out, want)
+    none = np.empty(0, np.int64)
+    out = np.empty(4, np.int64)
+    assert _core.code_rows(none, none, labels[:4], out) == 4 and (out == -1).all()
+    assert _core.code_rows(codes, rows, none, none) == 0
+    with pytest.raises(ValueError, match="rows must be"):
+        _core.code_rows(codes, rows[:-1], labels, np.empty(labels.shape, np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_take_rows_is_numpys_take_on_any_thread_count(dtype):
+    """The lookup's parallel gather copies the same rows as ``np.take``, on
+    1-3 threads; shapes that do not fit are refused before it runs."""
+    rng = np.random.default_rng(15)
+    table = rng.normal(size=(97, 24)).astype(dtype)
+    rows = rng.integers(0, 97, 5000).astype(np.int64)
+    want = np.take(table, rows, axis=0)
+    for threads in (1, 2, 3):
+        out = np.full((5000, 24), np.nan, dtype)
+        _core.take_rows(table, rows, out, num_threads=threads)
+        assert out.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="out must be"):
+        _core.take_rows(table, rows, np.empty((4999, 24), dtype))
+    with pytest.raises(ValueError, match="table has no rows"):
+        _core.take_rows(table[:0], rows, np.empty((5000, 24), dtype))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_edge_cosine_backward_written_is_accumulated_into_zeros(dtype):
     """``accumulate=False`` (the routing's vjp: each row zeroed by its own

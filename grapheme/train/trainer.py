@@ -37,7 +37,7 @@ from ..graph import Graph, replicate
 from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup
 from .. import optim as _optim
-from ..data import segment_lengths, target_text
+from ..data import segment_lengths
 from ..distributed import Communicator, shard_bounds
 from .progress import Progress, summary_line
 from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
@@ -281,7 +281,7 @@ class Trainer:
                              out=self._workspace("features", (rows.shape[0], emb.dim)))[0].features
         if _segmentations(targets):
             return _by_position(g), rows, H, None, None
-        target = Graph.from_texts([target_text(t) for t in targets])
+        target = Graph.from_texts(list(targets))   # texts, all of them
         t_rows = None
         if self.target_activation == "embedding":
             # the mean of a looked-up row is the looked-up row mean: O(V d + m)
@@ -579,7 +579,7 @@ class Trainer:
         emb = self.embedding
         emb.rows(Graph.from_texts(inputs).labels)
         if self.target_activation == "embedding" and not _segmentations(targets):
-            emb.rows(Graph.from_texts([target_text(t) for t in targets]).labels)
+            emb.rows(Graph.from_texts(list(targets)).labels)   # texts, all of them
 
     def _unknown_codes(self, labels):
         """The code points read through the unknown row in a step whose
