@@ -172,17 +172,23 @@ class Embedding:
     def _check_arrays(self):
         """``weight`` and ``grad`` as the kernels need them (a user may have
         assigned either): raises ValueError naming the attribute."""
-        shape = (self.codes.shape[0], self.dim)
         for name in ("weight", "grad"):
-            arr = getattr(self, name)
-            if not isinstance(arr, np.ndarray) or arr.dtype != self.dtype:
-                raise ValueError(f"Embedding.{name} must be a {self.dtype.name} ndarray, got "
-                                 f"{getattr(arr, 'dtype', type(arr).__name__)}")
-            if arr.shape != shape:
-                raise ValueError(f"Embedding.{name} must have shape {shape} (rows, dim), "
-                                 f"got {arr.shape}")
+            self._checked(name)
         if not (self.grad.flags.c_contiguous and self.grad.flags.writeable):
             raise ValueError("Embedding.grad must be C-contiguous and writeable")
+
+    def _checked(self, name):
+        """The array ``name`` ("weight" or "grad"), refused (ValueError naming
+        it) unless an ndarray of the table's dtype and shape. O(1)."""
+        arr = getattr(self, name)
+        if not isinstance(arr, np.ndarray) or arr.dtype != self.dtype:
+            raise ValueError(f"Embedding.{name} must be a {self.dtype.name} ndarray, got "
+                             f"{getattr(arr, 'dtype', type(arr).__name__)}")
+        shape = (self.codes.shape[0], self.dim)
+        if arr.shape != shape:
+            raise ValueError(f"Embedding.{name} must have shape {shape} (rows, dim), "
+                             f"got {arr.shape}")
+        return arr
 
     def forward(self, labels, grow=True):
         """Features of every label, shape (n, dim). O(n dim).

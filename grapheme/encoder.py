@@ -161,7 +161,14 @@ class Encoder:
         """:meth:`forward` of a checked graph and finite (n, dim) C-contiguous
         features of the encoder's dtype, not scanned again: the
         ``Trainer``'s lookup of a table it checked (O(V d), not O(n d)),
-        held in none of the arrays the encoder writes."""
+        held in none of the arrays the encoder writes. Their shape and dtype
+        are checked here, O(1): a ``Trainer``'s encoder may have been
+        replaced by one of another width or dtype."""
+        if (h.shape != (graph.num_nodes, self.dim) or h.dtype != self.dtype
+                or not h.flags.c_contiguous):
+            raise ValueError(f"features must be a C-contiguous {self.dtype.name} array of "
+                             f"shape ({graph.num_nodes}, {self.dim}) for {self!r}, got "
+                             f"{h.dtype.name} {h.shape}")
         params = self._checked_params()
         saved = []
         for layer in range(self.layers):

@@ -232,6 +232,42 @@ def test_a_step_checks_the_table_it_looks_up(layers):
             trainer.evaluate(gr.DEMO_PAIRS)
 
 
+def test_a_step_reads_only_the_table_of_its_embedding():
+    """The step's checks are the table's (``weight``): a gradient buffer the
+    Trainer never reads may be anything, and a segmentation batch, whose
+    table is larger than its rows, has the rows it looked up checked."""
+    inputs, targets = map(list, zip(*gr.DEMO_PAIRS))
+    trainer = _trainer()
+    trainer.train_step(inputs, targets)
+    trainer.embedding.grad = None
+    trainer.train_step(inputs, targets)
+    assert np.isfinite(trainer.evaluate(gr.DEMO_PAIRS)["loss"])
+    seg = [("ab", ("a", "b"))]
+    trainer = _trainer()
+    trainer.train_step(inputs, targets)          # 10 rows against 2 nodes
+    emb = trainer.embedding
+    emb.weight[emb.rows([ord("a")])[0], 0] = np.nan
+    with pytest.raises(ValueError, match="Embedding.weight contains NaN or inf"):
+        trainer.train_step(*map(list, zip(*seg)))
+
+
+def test_a_replaced_encoder_of_another_width_or_dtype_is_named():
+    """The encoder's unscanned path still checks the shape and dtype of what
+    it is given (O(1)): a Trainer whose encoder was replaced by one of
+    another width or dtype says so, instead of blaming a weight."""
+    inputs, targets = map(list, zip(*gr.DEMO_PAIRS))
+    for new in (gr.Encoder(4, layers=2), gr.Encoder(8, layers=2, dtype=np.float32)):
+        trainer = _trainer(encoder=gr.Encoder(8, layers=2))
+        trainer.train_step(inputs, targets)
+        trainer.encoder = new
+        for call in (lambda: trainer.train_step(inputs, targets),
+                     lambda: trainer.evaluate(gr.DEMO_PAIRS)):
+            with pytest.raises(ValueError, match=r"features must be a C-contiguous "
+                                                 rf"{new.dtype.name} array of shape \(9, "
+                                                 rf"{new.dim}\) for Encoder"):
+                call()
+
+
 def test_routing_refuses_queries_that_are_not_finite():
     """The morph's unscanned path (the Trainer's) leaves non-finite queries
     or keys to the routing's norms: a ValueError, never NaN scores."""

@@ -35,7 +35,7 @@ from ..embedding import Embedding
 from ..encoder import parameter_bytes
 from ..graph import Graph, replicate
 from ..loss import StructuralLoss
-from ..ops import FeatureMean, HardMerge, Lookup
+from ..ops import FeatureMean, HardMerge, Lookup, feature_mean
 from .. import optim as _optim
 from ..data import segment_lengths
 from ..distributed import Communicator, shard_bounds
@@ -276,18 +276,24 @@ class Trainer:
                 replaced = self._unknown_codes(g.labels)
             if replaced.size:
                 rows[np.isin(g.labels, replaced)] = emb.unknown_row
-        _check_table(emb)   # so that its rows need no O(n d) scan downstream
-        H = Lookup().forward(emb.weight, rows,
+        # text targets: their chain graph, and with the embedding's row means
+        # as activations their rows (grown after the inputs', as always)
+        target = None if _segmentations(targets) else Graph.from_texts(list(targets))
+        table_means = target is not None and self.target_activation == "embedding"
+        t_rows = emb.rows(target.labels, grow=train) if table_means else None
+        table = emb._checked("weight")   # a user may have assigned it
+        H = Lookup().forward(table, rows,
                              out=self._workspace("features", (rows.shape[0], emb.dim)))[0].features
-        if _segmentations(targets):
+        # finite, so that nothing downstream scans these (n, d) rows again:
+        # checked in the table or in the rows, whichever is smaller (the
+        # table where its row means are taken anyway)
+        _check_finite_rows(table if table_means or table.shape[0] <= rows.shape[0] else H)
+        if target is None:
             return _by_position(g), rows, H, None, None
-        target = Graph.from_texts(list(targets))   # texts, all of them
-        t_rows = None
-        if self.target_activation == "embedding":
+        if table_means:
             # the mean of a looked-up row is the looked-up row mean: O(V d + m)
-            t_rows = emb.rows(target.labels, grow=train)
-            row_means = FeatureMean().forward(emb.weight)[0].activation
-            target = target._with(activation=Lookup().forward(row_means, t_rows)[0].features)
+            target = target._with(activation=Lookup().forward(feature_mean(table), t_rows)[0]
+                                  .features)
         return g, rows, H, target, t_rows
 
     @staticmethod
@@ -1170,15 +1176,12 @@ def _better(metric, value, best):
     return value < best if metric == "val_loss" else value > best
 
 
-def _check_table(emb):
-    """The embedding's table as the step reads it: of the embedding's dtype
-    and shape (a user may have assigned ``weight``) and finite, ValueError
-    naming it otherwise. O(V d) for the V rows, so that neither the encoder
-    nor the morph scans the (n, d) rows looked up from it."""
-    with emb._lock:
-        emb._check_arrays()
-        if not _core.all_finite(np.ascontiguousarray(emb.weight).reshape(-1)):
-            raise ValueError("Embedding.weight contains NaN or inf")
+def _check_finite_rows(rows):
+    """ValueError unless the embedding's table, or the rows looked up from
+    it, are all finite: then neither the encoder nor the morph scans the
+    step's features again."""
+    if not _core.all_finite(np.ascontiguousarray(rows).reshape(-1)):
+        raise ValueError("Embedding.weight contains NaN or inf")
 
 
 def _all_finite(params):
