@@ -160,8 +160,9 @@ class Encoder:
     def _forward(self, graph, h, workspace=None):
         """:meth:`forward` of a checked graph and finite (n, dim) C-contiguous
         features of the encoder's dtype, not scanned again: the
-        ``Trainer``'s lookup of a table it checked (O(V d), not O(n d)),
-        held in none of the arrays the encoder writes. Their shape and dtype
+        ``Trainer``'s rows of its table, which it checked are finite (in the
+        table or in those rows, whichever is smaller), held in none of the
+        arrays the encoder writes. Their shape and dtype
         are checked here, O(1): a ``Trainer``'s encoder may have been
         replaced by one of another width or dtype."""
         if (h.shape != (graph.num_nodes, self.dim) or h.dtype != self.dtype

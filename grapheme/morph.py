@@ -224,8 +224,8 @@ class Morpher:
     def _forward(self, graph, features, queries=None, keys=None, shard=None, workspace=None):
         """:meth:`forward` of a checked graph and finite C-contiguous
         (n_nodes, d) features, queries and keys of one float dtype, not
-        scanned again: the ``Trainer``'s, which come from a table it
-        checked or from the encoder, which scans its layers' output. Queries
+        scanned again: the ``Trainer``'s, which are rows of its table that
+        it checked or the encoder's output, which the encoder scans. Queries
         or keys that are not finite (the encoder's projections overflowing)
         are found by the routing's norms (:class:`RoutedSimilarity` raises
         the ValueError)."""
