@@ -338,6 +338,10 @@ class Morpher:
             live (as :meth:`grapheme.Encoder.forward` keeps its arrays):
             valid until the workspace's next use of those names.
 
+        The upstream gradients are checked for shape and dtype, not scanned
+        for NaN (as the operations' vjps and autograd take theirs): a
+        non-finite one gives non-finite gradients.
+
         Returns
         -------
         MorphGrad
@@ -501,7 +505,9 @@ def _takes_workspace(forward):
 
 def _upstream(value, name, shape, dtype=None) -> Optional[np.ndarray]:
     """An upstream gradient of ``shape`` as float64 (or ``dtype``: the
-    features' own), or None."""
+    features' own), or None. Not scanned for NaN, as the operations' vjps
+    take theirs (and autograd): a non-finite one gives non-finite
+    gradients, which the ``Trainer`` reports as divergence."""
     if value is None:
         return None
-    return as_float_array(value, name, shape=shape, dtype=dtype)
+    return as_float_array(value, name, shape=shape, dtype=dtype, finite=False)

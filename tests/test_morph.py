@@ -374,3 +374,18 @@ def test_an_estimator_without_a_workspace_argument_still_works():
     H = np.repeat(np.eye(3), [2, 2, 1], axis=0)
     out = Morpher(estimator=Old()).forward(g, H, workspace=Workspace())
     assert out.graph.num_nodes == 3
+
+
+def test_vjp_takes_upstream_gradients_as_given():
+    """Upstream gradients are checked for shape, not scanned for NaN (as the
+    operations' vjps and autograd): NaN in, NaN out, no error."""
+    g = Graph.from_text("aabc")
+    m = Morpher(estimator="soft")
+    morphed = m.forward(g, np.eye(4))
+    k, d = morphed.graph.features.shape
+    upstream = np.ones((k, d))
+    upstream[0, 0] = np.nan
+    grad = m.vjp(morphed, grad_features=upstream)
+    assert np.isnan(grad.features).any()
+    with pytest.raises(ValueError, match="grad_features must have shape"):
+        m.vjp(morphed, grad_features=np.ones((k + 1, d)))
