@@ -36,6 +36,7 @@ torchrun describes, across machines too. Every rank reads the whole
 ``--data``; only rank 0 writes ``--out`` and prints.
 """
 import argparse
+import difflib
 import os
 import sys
 import time
@@ -808,6 +809,7 @@ def main(argv=None):
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _check_options(parser, argv)
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its usage message
         return exc.code if isinstance(exc.code, int) else 2
@@ -830,6 +832,35 @@ def main(argv=None):
             message = f"{exc.strerror}: {exc.filename!r}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _check_options(parser, argv):
+    """Refuse an option the command does not have, with the command's usage
+    and the nearest option it has (``--estimater`` -> ``--estimator``),
+    before argparse does: it would print the top-level usage, or, for a
+    mistyped required option, report only the required one missing. A
+    unique prefix of an option (argparse's abbreviation) passes; an option's
+    value is never taken for an option (only tokens before ``--`` that start
+    with ``--`` are looked at, and a value of that form is argparse's to
+    refuse)."""
+    commands = next(a for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    command = next((tok for tok in argv if tok in commands), None)
+    if command is None:
+        return
+    sub = commands[command]
+    known = [opt for opt in sub._option_string_actions if opt.startswith("--")]
+    for tok in argv[argv.index(command) + 1:]:
+        if tok == "--":
+            return
+        if not tok.startswith("--"):
+            continue
+        name = tok.split("=", 1)[0]
+        if any(opt.startswith(name) for opt in known):
+            continue
+        near = difflib.get_close_matches(name, known, n=1)
+        sub.error(f"unrecognized option {name}"
+                  + (f"; did you mean {near[0]}?" if near else ""))
 
 
 def _reader_gone():

@@ -138,6 +138,30 @@ def test_usage_errors(capsys, argv):
     assert code == 2 and "usage:" in err
 
 
+@pytest.mark.parametrize("argv, near", [
+    (["train", "--data", "d", "--estimater", "soft", "--epochs", "1", "--out", "r"],
+     "--estimater; did you mean --estimator?"),
+    # a mistyped required option is named, not only the required one missing
+    (["segment", "--modle", "m.npz", "abc"], "--modle; did you mean --model?"),
+    (["train", "--data", "d", "--epocs", "5", "--out", "r"], "--epocs; did you mean --epochs?"),
+    (["demo", "--zzzzzz"], "--zzzzzz"),
+])
+def test_a_mistyped_option_is_named_with_its_command(capsys, argv, near):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith(f"usage: grapheme {argv[0]} ")
+    assert err.rstrip().endswith(f"grapheme {argv[0]}: error: unrecognized option {near}")
+
+
+def test_option_checks_leave_abbreviations_and_values_after_the_marker(capsys, tmp_path):
+    # a unique prefix is argparse's abbreviation; after "--" nothing is an option
+    code, _, err = run(capsys, "train", "--data", tmp_path / "none", "--epoch", "1",
+                       "--out", tmp_path / "r")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "segment", "--model", tmp_path / "m.npz", "--", "--weird")
+    assert code == 2 and "does not exist" in err
+
+
 def test_demo(capsys):
     code, out, err = run(capsys, "demo")
     assert code == 0, err
