@@ -218,8 +218,7 @@ class Morpher:
         check_graph(graph, "graph")
         check_workspace(workspace)
         features, route = self._check_inputs(graph, features, queries, keys)
-        return self._morph(graph, features, self.estimator, self.rate, route, shard,
-                           workspace)
+        return self._forward(graph, features, *(route or (None, None)), shard, workspace)
 
     def _forward(self, graph, features, queries=None, keys=None, shard=None, workspace=None):
         """:meth:`forward` of a checked graph and finite C-contiguous

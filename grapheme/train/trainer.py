@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 from .. import _core
-from .._validation import check_allocation, check_model, check_pairs, check_scalar, show
+from .._validation import (KEEP, as_float_array, check_allocation, check_model, check_pairs,
+                           check_scalar, show)
 from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
@@ -287,7 +288,8 @@ class Trainer:
         # finite, so that nothing downstream scans these (n, d) rows again:
         # checked in the table or in the rows, whichever is smaller (the
         # table where its row means are taken anyway)
-        _check_finite_rows(table if table_means or table.shape[0] <= rows.shape[0] else H)
+        as_float_array(table if table_means or table.shape[0] <= rows.shape[0] else H,
+                       "Embedding.weight", dtype=KEEP)
         if target is None:
             return _by_position(g), rows, H, None, None
         if table_means:
@@ -1174,14 +1176,6 @@ def _better(metric, value, best):
     if not math.isfinite(best):
         return True
     return value < best if metric == "val_loss" else value > best
-
-
-def _check_finite_rows(rows):
-    """ValueError unless the embedding's table, or the rows looked up from
-    it, are all finite: then neither the encoder nor the morph scans the
-    step's features again."""
-    if not _core.all_finite(np.ascontiguousarray(rows).reshape(-1)):
-        raise ValueError("Embedding.weight contains NaN or inf")
 
 
 def _all_finite(params):
