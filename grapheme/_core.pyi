@@ -39,6 +39,29 @@ def row_means(
     x: np.ndarray,        # const float[:, ::1] IN (n, d), float32 only
     out: np.ndarray,      # double[::1] OUT (n,)
 ) -> None: ...
+def group_rows(
+    rows: np.ndarray,     # const int64_t[::1] IN (n,), each in [0, V) (checked)
+    mark: np.ndarray,     # int64_t[::1] SCRATCH (V,)
+    used: np.ndarray,     # int64_t[::1] OUT (>= U,) the distinct rows, ascending
+    codes: np.ndarray,    # int64_t[::1] OUT (n,) each node's index into used
+    indptr: np.ndarray,   # int64_t[::1] OUT (>= U + 1,) of order, by code
+    order: np.ndarray,    # int64_t[::1] OUT (n,) the nodes grouped by code, ascending
+) -> int: ...              # U
+def lookup_layer_backward(
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,  # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
+    group_ptr: np.ndarray,  # const int64_t[::1] IN (U+1,) of order (group_rows)
+    order: np.ndarray,      # const int64_t[::1] IN (n,) the nodes by row
+    grad: np.ndarray,       # const floating[:, ::1] IN (n, d) of the layer's output
+    gz: np.ndarray,         # const floating[:, ::1] IN (n, d) of its pre-activation
+    rg: np.ndarray,         # floating[:, ::1] OUT (U, d) sums of grad by row
+    rz: np.ndarray,         # floating[:, ::1] OUT (U, 3d) sums of [gz, S gz, P gz] by row
+    num_threads: int = 0,
+) -> None: ...
 def rows_add(
     rows: np.ndarray,     # const int64_t[::1] IN (n,)
     values: np.ndarray,   # const floating[:, ::1] IN (n, d)

@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memset
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
-    floating, row_scale_f, row_add_to_f, _stack_row, _edges_both_ways, dot,
+    floating, row_scale_f, row_add_to_f, _stack_row, _row_sum, _edges_both_ways, dot,
 )
 from cython.parallel cimport prange
 
@@ -159,6 +159,117 @@ def take_rows(const floating[:, ::1] table,  # IN  (V, d)
     with nogil:
         for i in prange(n, num_threads=nt, schedule="static"):
             memcpy(op + i * d, tp + rows[i] * d, d * sizeof(floating))
+
+
+def group_rows(const int64_t[::1] rows,    # IN  (n,) rows of a table of V rows
+               int64_t[::1] mark,          # SCRATCH (V,)
+               int64_t[::1] used,          # OUT (>= U,) the distinct rows, ascending
+               int64_t[::1] codes,         # OUT (n,) each node's index into used
+               int64_t[::1] indptr,        # OUT (>= U + 1,) of order, by code
+               int64_t[::1] order):        # OUT (n,) the nodes, grouped by code
+    """The distinct rows a lookup reads, and its nodes grouped by row: returns
+    ``U``, with ``used[:U]`` the distinct values of ``rows`` ascending,
+    ``used[codes[i]] == rows[i]``, and ``order[indptr[u]:indptr[u + 1]]``
+    the nodes whose row is ``used[u]``, ascending. A counting sort, on one
+    thread: O(n + V). A row outside ``[0, V)`` raises ValueError before
+    anything is written but ``mark``."""
+    cdef intp_t n = rows.shape[0], V = mark.shape[0], i, v, U = 0
+    cdef int64_t r, bad = 0
+    cdef bint outside = False
+    if codes.shape[0] != n or order.shape[0] != n:
+        raise ValueError(f"group_rows: codes and order must be ({n},)")
+    with nogil:
+        memset(&mark[0] if V else NULL, 0, V * sizeof(int64_t))
+        for i in range(n):
+            r = rows[i]
+            if r < 0 or r >= V:
+                bad = r
+                outside = True
+                break
+            mark[r] += 1
+    if outside:
+        raise ValueError(f"group_rows: row {bad} is outside [0, {V})")
+    with nogil:
+        for v in range(V):
+            if mark[v]:
+                U += 1
+    if used.shape[0] < U or indptr.shape[0] < U + 1:
+        raise ValueError(f"group_rows: used must hold {U} rows and indptr {U + 1}")
+    with nogil:
+        # mark[v]: its count, then its code; indptr: the groups' starts
+        indptr[0] = 0
+        U = 0
+        for v in range(V):
+            if mark[v]:
+                used[U] = v
+                indptr[U + 1] = indptr[U] + mark[v]
+                mark[v] = U
+                U += 1
+        for i in range(n):
+            codes[i] = mark[rows[i]]
+        for v in range(U):           # indptr[v + 1] - ...: the next free place
+            mark[v] = indptr[v]
+        for i in range(n):
+            order[mark[codes[i]]] = i
+            mark[codes[i]] += 1
+    return U
+
+
+def lookup_layer_backward(const index_t[::1] indptr,     # IN  (n+1,) out-edges
+                          const index_t[::1] indices,    # IN  (E,)
+                          const double[::1] weights,     # IN  (E,), or (0,)
+                          const index_t[::1] t_indptr,   # IN  (n+1,) in-edges
+                          const index_t[::1] t_indices,  # IN  (E,)
+                          const double[::1] t_weights,   # IN  (E,), or (0,)
+                          const int64_t[::1] group_ptr,  # IN  (U+1,) of order
+                          const int64_t[::1] order,      # IN  (n,) nodes by row
+                          const floating[:, ::1] grad,   # IN  (n, d) of the layer's output
+                          const floating[:, ::1] gz,     # IN  (n, d) of its pre-activation
+                          floating[:, ::1] rg,           # OUT (U, d)
+                          floating[:, ::1] rz,           # OUT (U, 3d)
+                          int num_threads=0):
+    """The sums over each table row's nodes that the gradient of a layer
+    taken on the rows of a table needs (``ops.LookupMessagePassing``):
+    ``rg[u] = sum grad[i]`` and ``rz[u] = sum [gz[i], S[i], P[i]]`` over the
+    nodes ``i`` of group ``u`` (:func:`group_rows`), ``S`` and ``P`` being
+    the successor and predecessor sums of ``gz`` (the adjoints of the
+    forward's predecessor and successor sums). Groups in parallel, each
+    summed in node order, then edge order: the same bits on any number of
+    threads. O((n + E) d)."""
+    cdef intp_t U = group_ptr.shape[0] - 1, n = grad.shape[0], d = grad.shape[1], u, k, i, t
+    if (gz.shape[0] != n or gz.shape[1] != d or order.shape[0] != n or U < 0
+            or rg.shape[0] != U or rg.shape[1] != d or rz.shape[0] != U
+            or rz.shape[1] != 3 * d):
+        raise ValueError("lookup_layer_backward: grad and gz must be (n, d), order (n,), "
+                         "rg (U, d) and rz (U, 3d)")
+    if U and (group_ptr[0] != 0 or group_ptr[U] != n):
+        raise ValueError("lookup_layer_backward: group_ptr must run from 0 to n")
+    cdef const index_t* nb
+    cdef const index_t* t_nb
+    cdef const double* w
+    cdef const double* t_w
+    _edges_both_ways("lookup_layer_backward", n, indptr, indices, weights, t_indptr,
+                     t_indices, t_weights, &nb, &w, &t_nb, &t_w)
+    if U == 0 or d == 0:
+        return
+    cdef floating* row
+    cdef const floating* gp = &gz[0, 0]
+    cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
+    with nogil:
+        for u in prange(U, num_threads=nt, schedule="dynamic"):
+            row = &rz[u, 0]
+            for t in range(d):
+                rg[u, t] = 0.0
+            for t in range(3 * d):
+                row[t] = 0.0
+            for k in range(group_ptr[u], group_ptr[u + 1]):
+                i = order[k]
+                for t in range(d):
+                    rg[u, t] += grad[i, t]
+                    row[t] += gp[i * d + t]
+                # the adjoint of the predecessor sum is the successor sum
+                _row_sum(row + d, gp, d, nb, w, indptr[i], indptr[i + 1], d)
+                _row_sum(row + 2 * d, gp, d, t_nb, t_w, t_indptr[i], t_indptr[i + 1], d)
 
 
 def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each input row

@@ -40,6 +40,22 @@ def stacked_matmul(
     residual: np.ndarray | None = None,   # floating[:, ::1] OUT (n, d) = x + tanh(...), then
                                           # out = tanh(...); m == d, needs NUMPY_TANH
 ) -> None: ...
+def lookup_layer(
+    indptr: np.ndarray,        # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,       # const index_t[::1] IN (E,)
+    weights: np.ndarray,       # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,      # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,     # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,     # const double[::1] IN (E,) or (0,)
+    codes: np.ndarray,         # const int64_t[::1] IN (n,) each in [0, U)
+    products: np.ndarray,      # const floating[:, ::1] IN (U, 3d) rows @ [Ws | Wp | Wn]
+    bias: np.ndarray,          # const floating[::1] IN (d,)
+    rows: np.ndarray,          # const floating[:, ::1] IN (U, d) the table rows read
+    t: np.ndarray,             # floating[:, ::1] OUT (n, d) tanh(z), or z without tail
+    out: np.ndarray,           # floating[:, ::1] OUT (n, d) rows[codes] + t
+    tail: bool = True,         # tanh and residual here (needs NUMPY_TANH)
+    num_threads: int = 0,
+) -> None: ...
 def stacked_matmul_tn(
     indptr: np.ndarray,        # const index_t[::1] IN (n+1,) out-edges
     indices: np.ndarray,       # const index_t[::1] IN (E,)

@@ -19,12 +19,13 @@ swapped.
 """
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
+from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 import numpy as np
 
 from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
-                              _edges_both_ways)
+                              _row_add, _edges_both_ways)
 
 #: Rows per block of :func:`matmul`; blocks of :func:`matmul_tn` are
 #: ``TN_ROWS``. Fixed, so the bits never follow the thread count.
@@ -306,6 +307,71 @@ def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
                 for r in range(rows):
                     for j in range(d):
                         residual[lo + r, j] = x[lo + r, j] + out[lo + r, j]
+
+
+def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
+                 const double[::1] weights, const index_t[::1] t_indptr,
+                 const index_t[::1] t_indices, const double[::1] t_weights,
+                 const int64_t[::1] codes, const floating[:, ::1] products,
+                 const floating[::1] bias, const floating[:, ::1] rows, floating[:, ::1] t,
+                 floating[:, ::1] out, bint tail=True, int num_threads=0):
+    """A message-passing layer of looked-up rows, its products taken on the
+    table's rows (``ops.LookupMessagePassing``): ``products`` (U, 3d) is
+    ``rows @ [W_self | W_pred | W_succ]`` for the U distinct rows the nodes
+    read (``rows`` (U, d)), ``codes`` (n,) each node's row among them. Then
+    ``t[i] = tanh(products[c_i, :d] + sum_{j -> i} w products[c_j, d:2d] +
+    sum_{i -> j} w products[c_j, 2d:] + bias)`` (edges in order; the graph
+    by source, then by target, as :func:`stacked_matmul`) and ``out[i] =
+    rows[c_i] + t[i]``. ``tail`` False, or where numpy's tanh loop is not at
+    hand: ``t`` is the pre-activation and ``out`` is not written (the caller
+    applies ``np.tanh`` and the residual). Blocks of :data:`ROWS` nodes in
+    parallel, the tanh on each block while it is in cache: the same bits on
+    any number of threads. The caller checks that every code lies in
+    ``[0, U)``. O((n + E) d)."""
+    cdef intp_t n = codes.shape[0], U = rows.shape[0], d = rows.shape[1], blk, lo, r, i, j, e
+    if (products.shape[0] != U or products.shape[1] != 3 * d or bias.shape[0] != d
+            or t.shape[0] != n or t.shape[1] != d or out.shape[0] != n or out.shape[1] != d):
+        raise ValueError(f"lookup_layer: shapes rows ({U}, {d}), products "
+                         f"({products.shape[0]}, {products.shape[1]}), t ({t.shape[0]}, "
+                         f"{t.shape[1]}), out ({out.shape[0]}, {out.shape[1]}) disagree")
+    cdef const index_t* nbr
+    cdef const index_t* t_nbr
+    cdef const double* wp
+    cdef const double* t_wp
+    _edges_both_ways("lookup_layer", n, indptr, indices, weights, t_indptr, t_indices,
+                     t_weights, &nbr, &wp, &t_nbr, &t_wp)
+    if n == 0 or d == 0:
+        return
+    if U == 0:
+        raise ValueError("lookup_layer: no rows")
+    cdef bint fused = tail and NUMPY_TANH
+    cdef intp_t nb = (n + _ROWS - 1) // _ROWS
+    cdef int nt = num_threads_for(num_threads, nb)
+    cdef const floating* pp = &products[0, 0]
+    cdef floating* z
+    with nogil:
+        for blk in prange(nb, num_threads=nt, schedule="static"):
+            lo = blk * _ROWS
+            for i in range(lo, min(n, lo + _ROWS)):
+                z = &t[i, 0]
+                for j in range(d):
+                    z[j] = pp[codes[i] * 3 * d + j]
+                # the predecessors' W_pred part (in-edges), then the
+                # successors' W_succ part (out-edges), as the stack's order
+                for e in range(t_indptr[i], t_indptr[i + 1]):
+                    _row_add(z, pp + codes[t_nbr[e]] * 3 * d + d,
+                             t_wp[e] if t_wp != NULL else 1.0, d)
+                for e in range(indptr[i], indptr[i + 1]):
+                    _row_add(z, pp + codes[nbr[e]] * 3 * d + 2 * d,
+                             wp[e] if wp != NULL else 1.0, d)
+                for j in range(d):
+                    z[j] = z[j] + bias[j]
+            if fused:
+                r = min(n, lo + _ROWS) - lo
+                _tanh(&t[lo, 0], r * d)
+                for i in range(lo, lo + r):
+                    for j in range(d):
+                        out[i, j] = rows[codes[i], j] + t[i, j]
 
 
 def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,

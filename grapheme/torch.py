@@ -63,6 +63,7 @@ __all__ = [
     "rate_penalty",
     "bernoulli_log_prob",
     "message_passing",
+    "lookup_message_passing",
     "routed_similarity",
     "Encoder",
     "Merge",
@@ -211,6 +212,18 @@ def message_passing(graph, features, w_self, w_pred, w_succ, bias):
     op = ops.MessagePassing()
     (h,), _ = apply(op, lambda x, a, b, c, d: op.forward(graph, x, a, b, c, d),
                     features, w_self, w_pred, w_succ, bias)
+    return h
+
+
+def lookup_message_passing(graph, table, rows, w_self, w_pred, w_succ, bias):
+    """``message_passing(graph, table[rows], ...)`` with its products taken on
+    the table's rows (:class:`grapheme.ops.LookupMessagePassing`): a first
+    layer over an embedding table. ``rows`` (n,) is not differentiated."""
+    rows = (rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor)
+            else np.asarray(rows))
+    op = ops.LookupMessagePassing()
+    (h,), _ = apply(op, lambda t, a, b, c, d: op.forward(graph, t, rows, a, b, c, d),
+                    table, w_self, w_pred, w_succ, bias)
     return h
 
 

@@ -77,6 +77,13 @@ def _cases():
         [rng.normal(size=(7, 3))] + [0.5 * rng.normal(size=(3, 3)) for _ in range(3)]
         + [0.3 * rng.normal(size=3)])
 
+    lmp = ops.LookupMessagePassing()
+    node_rows = rng.integers(0, 4, 7)            # 7 nodes read rows 0-3 of 5
+    cases["lookup_message_passing"] = Case(
+        lmp, lambda t, ws, wp, wn, b: lmp.forward(weighted, t, node_rows, ws, wp, wn, b),
+        [rng.normal(size=(5, 3))] + [0.5 * rng.normal(size=(3, 3)) for _ in range(3)]
+        + [0.3 * rng.normal(size=3)])
+
     cases["linear"] = Case(ops.Linear(), ops.Linear().forward,
                            [rng.normal(size=(5, 3)), rng.normal(size=(3, 4))])
 

@@ -859,3 +859,29 @@ def test_argument_checks_work_in_a_child_forked_after_a_parallel_loop():
     if hung:
         child.kill()
     assert not hung and child.exitcode == 0
+
+
+@needs_openmp
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lookup_layer_bit_identical_across_thread_counts(dtype):
+    """The layer on a table's rows (its node blocks forward, its sums by
+    table row back) on thousands of nodes: equal bits on 1, 2 and 3
+    threads, through the operation as the encoder calls it."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from grapheme import ops
+
+    rng = np.random.default_rng(12)
+    g = gr.Graph.from_texts(_texts(rng, 400, 12, 25))
+    g = g.replace(weights=rng.uniform(0.1, 2.0, g.num_edges))
+    n, d = g.num_nodes, 16
+    assert n > 3 * 1024
+    table = rng.normal(size=(30, d)).astype(dtype)
+    rows = rng.integers(0, 25, n)
+    W = [rng.normal(scale=0.3, size=s).astype(dtype) for s in [(d, d)] * 3 + [(d,)]]
+    G = rng.normal(size=(n, d)).astype(dtype)
+    runs = []
+    for k in (1, 2, 3):
+        with threadpoolctl.threadpool_limits(limits=k, user_api="openmp"):
+            (h,), saved = ops.LookupMessagePassing().forward(g, table, rows, *W)
+            runs.append([h, *ops.LookupMessagePassing().vjp(saved, G)])
+    _assert_identical(runs)
