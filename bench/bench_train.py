@@ -193,13 +193,16 @@ class EncoderStepSuite:
     30 characters; nodes labelled by offset, as the Trainer does), ``layers``
     message-passing layers and the routing projections at width ``dim``,
     ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
-    timed alone on arrays of the same shapes: per layer one forward product
-    ``[h, P, S] @ [W_self; W_pred; W_succ]``, (n, 3d) @ (3d, d), and its two
-    backward ones, the input gradient's (n, 3d) @ (3d, d) and the weight
-    gradient's (3d, n) @ (n, d); per projection (query, key) one forward,
-    two backward (n, d) x (d, d) products. The step stacks ``[h, P, S]``
-    block by block in cache (:func:`grapheme._products.stacked_matmul`);
-    the products alone read a stacked array from memory.
+    timed alone on arrays of the same shapes: per layer after the first one
+    forward product ``[h, P, S] @ [W_self; W_pred; W_succ]``, (n, 3d) @
+    (3d, d), and its two backward ones, the input gradient's (n, 3d) @ (3d,
+    d) and the weight gradient's (3d, n) @ (n, d); the first layer's three
+    on the U table rows the batch reads, (U, d) x (d, 3d)
+    (:class:`grapheme.ops.LookupMessagePassing`); per projection (query,
+    key) one forward, two backward (n, d) x (d, d) products. The step
+    stacks ``[h, P, S]`` block by block in cache
+    (:func:`grapheme._products.stacked_matmul`); the products alone read a
+    stacked array from memory.
     Issue 12's target: at ``dim = 64``, 2 layers, 256 pairs, the step costs
     at most 1.5x its products (the ratio ``time_matmuls / time_step`` at
     least 0.667). ``time_encoder`` is the encoder's forward and vjp alone,
@@ -230,11 +233,16 @@ class EncoderStepSuite:
         self.cat, self.wcat = rng.normal(size=(n, 3 * dim)), rng.normal(size=(3 * dim, dim))
         self.out = np.empty((n, dim))
         self.layers = layers
-        # the encoder alone, forward and vjp, on the step's own graph and
-        # features, in the trainer's workspace, with unit upstream gradients
-        g, _, H, _, _ = self.trainer._batch(self.inputs, self.targets)
-        self.graph, self.features = g, H.copy()
+        # the encoder alone, forward and vjp, as the step calls it (on the
+        # table's rows), in the trainer's workspace, unit upstream gradients
+        g, rows, _, _, _ = self.trainer._batch(self.inputs, self.targets)
+        self.graph, self.rows = g, rows.copy()
         self.upstream = np.ones((g.num_nodes, dim))
+        # the U distinct rows the batch reads: the first layer's products
+        self.table_rows = rng.normal(size=(len(np.unique(rows)), dim))
+        self.table_products = np.empty((len(self.table_rows), 3 * dim))
+        self.table_grad = np.empty_like(self.table_rows)
+        self.wcat_t = rng.normal(size=(dim, 3 * dim))
 
     def time_step(self, batch_size, dim, layers):
         self.trainer.train_step(self.inputs, self.targets)
@@ -247,7 +255,12 @@ class EncoderStepSuite:
 
         h, w, out, ws = self.h, self.w, self.out, self.trainer._workspace
         with single_pool():
-            for _ in range(self.layers):
+            if self.layers:   # the first layer's, on the table's rows
+                e, p = self.table_rows, self.table_products
+                _matmul(e, self.wcat_t, p)                          # forward
+                _matmul(p, self.wcat_t, self.table_grad, True)      # rows' gradient
+                _matmul_tn(e, p, ws, "layer0.")                     # weight gradient
+            for _ in range(1, self.layers):
                 _matmul(self.cat, self.wcat, out)                   # forward
                 _matmul(self.cat, self.wcat, out)                   # h gradient
                 _matmul_tn(self.cat, out, ws, "message.")           # weight gradient
@@ -260,7 +273,8 @@ class EncoderStepSuite:
         encoder, ws = self.trainer.encoder, self.trainer._workspace
         if encoder is None:
             return
-        _, saved = encoder.forward(self.graph, self.features, ws)
+        _, saved = encoder.forward_lookup(self.graph, self.trainer.embedding.weight,
+                                          self.rows, ws)
         u = self.upstream
         encoder.vjp(saved, u, u, u, ws)
 

@@ -4,11 +4,11 @@ from typing import NamedTuple
 import numpy as np
 
 from ._threads import one_pool
-from ._validation import (as_float_array, check_allocation, check_dtype, check_graph,
-                          check_scalar)
+from ._validation import (KEEP, as_float_array, as_index_array, check_allocation,
+                          check_dtype, check_graph, check_scalar)
 from ._workspace import check_workspace
 from . import _core
-from .ops import _SCRATCH, Linear, MessagePassing, _alloc
+from .ops import _SCRATCH, Linear, Lookup, LookupMessagePassing, MessagePassing, _alloc
 
 __all__ = ["Encoder", "EncodeResult"]
 
@@ -33,6 +33,11 @@ class EncodeResult(NamedTuple):
     keys: np.ndarray
 
 
+class _LayerOverflow(ValueError):
+    """A layer's output overflowed (:func:`_check_layers`): the ``Trainer``
+    reports it as divergence, not as bad input."""
+
+
 def _check_layers(saved, h):
     """Raise a ValueError if the layers' output ``h`` is not finite (finite
     features and weights whose sums do not fit in the dtype), naming the
@@ -42,7 +47,7 @@ def _check_layers(saved, h):
     if saved and h.size and not _core.all_finite(h.reshape(-1)):
         outputs = [s[1] for s in saved[1:]] + [h]   # layer l's output is l + 1's input
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
-        raise ValueError(f"the encoder's layer {layer} overflowed: its output is not "
+        raise _LayerOverflow(f"the encoder's layer {layer} overflowed: its output is not "
                          "finite (features or weights too large for the dtype)")
 
 
@@ -157,22 +162,24 @@ class Encoder:
         return self._forward(graph, h, workspace)
 
     @one_pool
-    def _forward(self, graph, h, workspace=None):
+    def _forward(self, graph, h, workspace=None, saved=None, params=None):
         """:meth:`forward` of a checked graph and finite (n, dim) C-contiguous
         features of the encoder's dtype, not scanned again: the
         ``Trainer``'s rows of its table, which it checked are finite (in the
         table or in those rows, whichever is smaller), held in none of the
         arrays the encoder writes. Their shape and dtype
         are checked here, O(1): a ``Trainer``'s encoder may have been
-        replaced by one of another width or dtype."""
+        replaced by one of another width or dtype. ``saved``: the list of
+        the layers the caller ran (``h`` is their output), with the
+        ``params`` it checked."""
         if (h.shape != (graph.num_nodes, self.dim) or h.dtype != self.dtype
                 or not h.flags.c_contiguous):
             raise ValueError(f"features must be a C-contiguous {self.dtype.name} array of "
                              f"shape ({graph.num_nodes}, {self.dim}) for {self!r}, got "
                              f"{h.dtype.name} {h.shape}")
-        params = self._checked_params()
-        saved = []
-        for layer in range(self.layers):
+        params = self._checked_params() if params is None else params
+        saved = [] if saved is None else saved
+        for layer in range(len(saved), self.layers):
             w = [params[f"layer{layer}.{name}"] for name in _LAYER]
             (h,), s = MessagePassing()._forward(graph, h, *w, workspace, f"layer{layer}.")
             saved.append(s)
@@ -180,6 +187,52 @@ class Encoder:
         (q,), sq = Linear()._forward(h, params["query"], workspace, "query.")
         (k,), sk = Linear()._forward(h, params["key"], workspace, "key.")
         return EncodeResult(h, q, k), (saved, sq, sk)
+
+    @one_pool
+    def forward_lookup(self, graph, table, rows, workspace=None):
+        """:meth:`forward` of ``table[rows]``, the rows of an embedding table
+        (``rows`` (n,): each node's row), with the first layer's products
+        taken on the table's rows (:class:`grapheme.ops.LookupMessagePassing`):
+        ``U d^2`` for the U distinct rows the nodes read instead of ``n d^2``.
+        The same function as ``forward(graph, table[rows])`` up to rounding;
+        :meth:`vjp` of its ``saved`` returns the gradient of the (V, d)
+        table. How the ``Trainer`` and the ``Segmenter`` call the encoder,
+        so that training and inference compute the same bits. The rows read
+        must be finite; the others are not read."""
+        check_graph(graph, "graph")
+        check_workspace(workspace)
+        table = as_float_array(table, "table", ndim=2, shape=(None, self.dim), finite=False,
+                               dtype=self.dtype)
+        rows = np.asarray(as_index_array(rows, "rows"), dtype=np.int64)
+        if rows.shape != (graph.num_nodes,):
+            raise ValueError(f"rows must have shape ({graph.num_nodes},) (one per node of "
+                             f"graph), got {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= table.shape[0]):
+            raise ValueError(f"rows must lie in [0, {table.shape[0]}) (the rows of table)")
+        return self._forward_lookup(graph, table, rows, workspace)
+
+    @one_pool
+    def _forward_lookup(self, graph, table, rows, workspace=None, table_name="table"):
+        """:meth:`forward_lookup` of a checked graph, a C-contiguous (V, d)
+        ``table`` of the encoder's dtype (O(1) check, as :meth:`_forward`)
+        and int64 ``rows`` in its range (the ``Trainer``'s). The rows read
+        are checked finite, under ``table_name``."""
+        if table.ndim != 2 or table.shape[1] != self.dim or table.dtype != self.dtype:
+            raise ValueError(f"{table_name} must be a {self.dtype.name} array of shape (V, "
+                             f"{self.dim}) for {self!r}, got {table.dtype.name} {table.shape}")
+        if self.layers == 0:
+            h = Lookup().forward(table, rows, out=_alloc(workspace, "encoder.lookup",
+                                                         rows.shape[0], self.dim,
+                                                         self.dtype))[0].features
+            as_float_array(h, table_name, dtype=KEEP)
+            result, saved = self._forward(graph, h, workspace)
+            return result, (*saved, (rows, table.shape, table.dtype))
+        params = self._checked_params()
+        w = [params[f"layer0.{name}"] for name in _LAYER]
+        (h,), first = LookupMessagePassing()._forward(graph, table, rows, *w, workspace,
+                                                      "layer0.", table_name)
+        result, saved = self._forward(graph, h, workspace, [first], params)
+        return result, (*saved, None)
 
     def _checked_params(self):
         """The parameters as finite C-contiguous arrays of their shapes and the
@@ -193,9 +246,10 @@ class Encoder:
     @one_pool
     def vjp(self, saved, grad_features=None, grad_queries=None, grad_keys=None,
             workspace=None):
-        """Gradient of the input features, and of every parameter (a dict).
-        Pure without ``workspace`` (see :meth:`forward`)."""
-        layers, sq, sk = saved
+        """Gradient of the input features (of the table, for the ``saved`` of
+        :meth:`forward_lookup`), and of every parameter (a dict). Pure
+        without ``workspace`` (see :meth:`forward`)."""
+        layers, sq, sk, *lookup = saved
         check_workspace(workspace)
         n, d = sq[0].shape
         if len(layers) != self.layers or d != self.dim or sq[0].dtype != self.dtype:
@@ -226,10 +280,12 @@ class Encoder:
         elif base is not grad_h:
             grad_h[...] = base
         for layer in range(self.layers - 1, -1, -1):
-            grad_h, *gw = MessagePassing().vjp(layers[layer], grad_h, workspace,
-                                               f"layer{layer % 2}.")
+            op = LookupMessagePassing() if lookup and layer == 0 else MessagePassing()
+            grad_h, *gw = op.vjp(layers[layer], grad_h, workspace, f"layer{layer % 2}.")
             for name, g in zip(_LAYER, gw):
                 grads[f"layer{layer}.{name}"] = g
+        if lookup and lookup[0] is not None:   # no layers: the lookup's own vjp
+            grad_h = Lookup().vjp(lookup[0], grad_h)[0]
         return grad_h, grads
 
     def state_dict(self):

@@ -151,10 +151,14 @@ class Segmenter:
                          f"segmenting {n} characters at once (Segmenter.window)")
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
-            H = np.take(emb.weight, rows, axis=0, out=self._workspace()("lookup", (n, emb.dim)))
+            table = emb.weight   # growing replaces it: this one stays whole
         with single_pool(self.encoder is not None):   # see grapheme/_threads.py
-            encoded = (H,) if self.encoder is None else tuple(
-                self.encoder.forward(g, H, self._workspace())[0])
+            if self.encoder is None:
+                encoded = (np.take(table, rows, axis=0,
+                                   out=self._workspace()("lookup", (n, emb.dim))),)
+            else:   # as the Trainer calls it: the same bits
+                encoded = tuple(self.encoder.forward_lookup(g, table, rows,
+                                                            self._workspace())[0])
             merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor

@@ -5,7 +5,7 @@ import scipy.sparse as sp
 import pytest
 
 import grapheme as gr
-from grapheme import ops
+from grapheme import _core, ops
 from grapheme.testing import numerical_gradient
 from grapheme.train.trainer import _by_position
 
@@ -590,3 +590,187 @@ def test_a_saved_state_from_another_encoder_is_refused():
         with pytest.raises(ValueError, match="saved is not the forward of this encoder"):
             other.vjp(saved, H)
     gr.Encoder(4, layers=1).vjp(saved, H)    # any encoder of the same shape is fine
+
+
+# ------------------------------------------------------------ the first layer on the table
+def _lookup_case(rng, dtype=np.float64, count=60, weighted=True, V=40, d=5):
+    """A batch of several row blocks whose nodes read some of a table's
+    rows (a few never), on a weighted graph."""
+    g = gr.Graph.from_texts(["".join(rng.choice(list("abcdefgh"), 30)) for _ in range(count)])
+    if weighted:
+        g = g.replace(weights=rng.uniform(0.5, 1.5, g.num_edges))
+    table = rng.normal(size=(V, d)).astype(dtype)
+    rows = rng.integers(0, V - 3, g.num_nodes)
+    return g, table, rows
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+def test_forward_lookup_is_forward_of_the_looked_up_rows(layers, dtype):
+    """The encoder on a table's rows, its first layer's products taken on
+    the table, is the encoder on ``table[rows]`` to rounding, and its vjp
+    is the lookup's vjp of the encoder's input gradient; with a workspace,
+    the same bits as without."""
+    from grapheme._workspace import Workspace
+
+    rng = np.random.default_rng(30 + layers)
+    g, table, rows = _lookup_case(rng, dtype)
+    assert g.num_nodes > 3 * 256
+    enc = gr.Encoder(5, layers=layers, dtype=dtype)
+    for value in enc.params.values():
+        value[...] = rng.normal(scale=0.4, size=value.shape)
+    ups = [rng.normal(size=(g.num_nodes, 5)).astype(dtype) for _ in range(3)]
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+
+    def close(a, b):   # sums over thousands of nodes: to the array's scale
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(np.abs(b).max(), 1))
+
+    plain, saved = enc.forward(g, table[rows])
+    grad_h, grads = enc.vjp(saved, *ups)
+    want = ops.Lookup().vjp((rows, table.shape, table.dtype), grad_h)[0]
+    runs = []
+    for ws in (None, Workspace()):
+        result, saved = enc.forward_lookup(g, table, rows, ws)
+        result = [a.copy() for a in result]
+        grad_table, got = enc.vjp(saved, *ups, workspace=ws)
+        for a, b in zip(result, plain):
+            close(a, b)
+        assert grad_table.shape == table.shape and grad_table.dtype == dtype
+        close(grad_table, want)
+        assert not grad_table[-3:].any()                 # rows no node reads
+        for name in grads:
+            assert got[name].dtype == dtype
+            close(got[name], grads[name])
+        runs.append([*result, grad_table, *(got[k] for k in sorted(got))])
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_lookup_layer_across_blocks_matches_central_differences():
+    """The layer on a table's rows, on a weighted graph of several blocks
+    whose nodes read rows in every order: every gradient (the table's
+    included) along random directions against central differences."""
+    rng = np.random.default_rng(31)
+    g, table, rows = _lookup_case(rng, count=30)
+    d = table.shape[1]
+    args = [table] + [0.4 * rng.normal(size=s) for s in [(d, d)] * 3 + [(d,)]]
+    up = rng.normal(size=(g.num_nodes, d))
+
+    def f(*a):
+        return float((ops.LookupMessagePassing().forward(g, a[0], rows, *a[1:])[0]
+                      .features * up).sum())
+
+    _, saved = ops.LookupMessagePassing().forward(g, table, rows, *args[1:])
+    grads = ops.LookupMessagePassing().vjp(saved, up)
+    eps = 1e-6
+    for k, (x, gx) in enumerate(zip(args, grads)):
+        v = rng.normal(size=x.shape)
+        plus = [a + eps * v if i == k else a for i, a in enumerate(args)]
+        minus = [a - eps * v if i == k else a for i, a in enumerate(args)]
+        numeric = (f(*plus) - f(*minus)) / (2 * eps)
+        assert abs(float((gx * v).sum()) - numeric) <= 1e-6 * max(1.0, abs(numeric)), k
+
+
+def test_forward_lookup_reads_only_the_rows_it_looks_up():
+    """A non-finite row no node reads is not read; one that a node reads is
+    refused, naming the table. Bad rows and tables are refused by name."""
+    g = gr.Graph.from_text("abca")
+    table = np.arange(12.0).reshape(6, 2) / 10
+    rows = np.array([0, 1, 2, 0])
+    for layers in (0, 2):
+        enc = gr.Encoder(2, layers=layers)
+        table[5] = np.nan
+        r, _ = enc.forward_lookup(g, table, rows)
+        assert all(np.isfinite(a).all() for a in r)
+        with pytest.raises(ValueError, match="table contains NaN"):
+            enc.forward_lookup(g, table, np.array([0, 1, 5, 0]))
+        for bad, match in (([0, 1, 2], r"rows must have shape \(4,\)"),
+                           ([0, 1, 2, 6], r"rows must lie in \[0, 6\)"),
+                           ([0, 1, 2, -1], r"rows must lie in \[0, 6\)"),
+                           ([0, 1, 2, 0.5], "rows must")):
+            with pytest.raises((ValueError, TypeError), match=match):
+                enc.forward_lookup(g, table, np.array(bad))
+        with pytest.raises(ValueError, match="table must have shape"):
+            enc.forward_lookup(g, np.ones((6, 3)), rows)
+    with pytest.raises(ValueError, match=r"rows must have shape \(4,\)"):
+        ops.LookupMessagePassing().forward(g, table, [0, 1], *[np.eye(2)] * 3, np.zeros(2))
+    with pytest.raises(ValueError, match="w_pred must have shape"):
+        ops.LookupMessagePassing().forward(g, table, rows, np.eye(2), np.eye(3), np.eye(2),
+                                           np.zeros(2))
+
+
+def test_an_overflowing_lookup_layer_is_named():
+    # the table's products overflow to +inf (its own row) and -inf (the
+    # predecessor's): their sum is NaN
+    g = gr.Graph.from_text("ab")
+    enc = gr.Encoder(2, layers=1)
+    enc.params["layer0.self"][...] = 1e308
+    enc.params["layer0.pred"][...] = -1e308
+    with pytest.raises(ValueError, match="layer 0 overflowed"):
+        enc.forward_lookup(g, np.ones((2, 2)), np.arange(2))
+
+
+def test_group_rows_is_a_stable_counting_sort():
+    """The distinct rows a lookup reads and its nodes grouped by row: as
+    numpy's unique and stable argsort say, for every odd case."""
+    rng = np.random.default_rng(32)
+    for n, V in ((0, 0), (0, 5), (1, 1), (7, 3), (500, 40), (50, 100000)):
+        rows = rng.integers(0, V, n) if V else np.zeros(0, np.int64)
+        mark, used, codes, group, order = (np.full(s, -7, np.int64)
+                                           for s in (V, n, n, n + 1, n))
+        U = _core.group_rows(rows, mark, used, codes, group, order)
+        want, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        assert U == len(want)
+        np.testing.assert_array_equal(used[:U], want)
+        np.testing.assert_array_equal(codes, inverse)
+        np.testing.assert_array_equal(group[:U + 1], np.r_[0, np.cumsum(counts)])
+        np.testing.assert_array_equal(order, np.argsort(rows, kind="stable"))
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=f"row {bad} is outside"):
+            _core.group_rows(np.array([0, bad]), *(np.empty(s, np.int64)
+                                                   for s in (3, 2, 2, 3, 2)))
+    with pytest.raises(ValueError, match="codes and order"):
+        _core.group_rows(np.array([0, 1]), *(np.empty(s, np.int64) for s in (3, 2, 1, 3, 2)))
+    with pytest.raises(ValueError, match="used must hold 2"):
+        _core.group_rows(np.array([0, 1]), *(np.empty(s, np.int64) for s in (3, 1, 2, 3, 2)))
+
+
+def test_lookup_layer_kernels_check_shapes():
+    from grapheme import _products
+
+    g = gr.Graph.from_text("abc")
+    edges, d = ops._both_ways(g), 2
+    codes = np.array([0, 1, 0])
+    E, P, b = np.ones((2, d)), np.ones((2, 3 * d)), np.zeros(d)
+    with pytest.raises(ValueError, match="lookup_layer: shapes"):
+        _products.lookup_layer(*edges, codes, np.ones((2, d)), b, E, np.empty((3, d)),
+                               np.empty((3, d)))
+    with pytest.raises(ValueError, match="lookup_layer: shapes"):
+        _products.lookup_layer(*edges, codes, P, b, E, np.empty((2, d)), np.empty((3, d)))
+    group, order = np.array([0, 2, 3]), np.array([0, 2, 1])
+    G = np.ones((3, d))
+    with pytest.raises(ValueError, match="lookup_layer_backward: grad and gz"):
+        _core.lookup_layer_backward(*edges, group, order, G, G, np.empty((2, d)),
+                                    np.empty((2, d)))
+    with pytest.raises(ValueError, match="group_ptr must run from 0 to n"):
+        _core.lookup_layer_backward(*edges, np.array([0, 2, 4]), order, G, G,
+                                    np.empty((2, d)), np.empty((2, 3 * d)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lookup_layer_without_numpys_tanh_loop_is_the_same_layer(dtype, monkeypatch):
+    """The layer on a table's rows applies numpy's tanh loop to each block
+    on its thread; without the loop (``NUMPY_TANH`` False) the kernel
+    leaves the pre-activation and the operation applies ``np.tanh`` and
+    the residual: the same bits, saturated entries included."""
+    from grapheme import _products
+
+    rng = np.random.default_rng(33)
+    g, table, rows = _lookup_case(rng, dtype, d=8)
+    W = [rng.normal(scale=2.0, size=s).astype(dtype) for s in [(8, 8)] * 3 + [(8,)]]
+    (fused,), saved = ops.LookupMessagePassing().forward(g, table, rows, *W)
+    assert (np.abs(saved[7]) == 1).any()
+    monkeypatch.setattr(_products, "NUMPY_TANH", False)
+    (plain,), saved_plain = ops.LookupMessagePassing().forward(g, table, rows, *W)
+    assert fused.tobytes() == plain.tobytes()
+    assert saved[7].tobytes() == saved_plain[7].tobytes()

@@ -262,8 +262,8 @@ def test_a_replaced_encoder_of_another_width_or_dtype_is_named():
         trainer.encoder = new
         for call in (lambda: trainer.train_step(inputs, targets),
                      lambda: trainer.evaluate(gr.DEMO_PAIRS)):
-            with pytest.raises(ValueError, match=r"features must be a C-contiguous "
-                                                 rf"{new.dtype.name} array of shape \(9, "
+            with pytest.raises(ValueError, match=r"Embedding.weight must be a "
+                                                 rf"{new.dtype.name} array of shape \(V, "
                                                  rf"{new.dim}\) for Encoder"):
                 call()
 

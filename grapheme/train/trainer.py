@@ -33,7 +33,7 @@ from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
-from ..encoder import parameter_bytes
+from ..encoder import _LayerOverflow, parameter_bytes
 from ..graph import Graph, replicate
 from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup, feature_mean
@@ -283,13 +283,17 @@ class Trainer:
         table_means = target is not None and self.target_activation == "embedding"
         t_rows = emb.rows(target.labels, grow=train) if table_means else None
         table = emb._checked("weight")   # a user may have assigned it
-        H = Lookup().forward(table, rows,
-                             out=self._workspace("features", (rows.shape[0], emb.dim)))[0].features
+        H = None   # an encoder looks its rows up itself (and checks them finite)
+        if self.encoder is None:
+            H = Lookup().forward(table, rows, out=self._workspace(
+                "features", (rows.shape[0], emb.dim)))[0].features
         # finite, so that nothing downstream scans these (n, d) rows again:
         # checked in the table or in the rows, whichever is smaller (the
         # table where its row means are taken anyway)
-        as_float_array(table if table_means or table.shape[0] <= rows.shape[0] else H,
-                       "Embedding.weight", dtype=KEEP)
+        if table_means or (H is not None and table.shape[0] <= rows.shape[0]):
+            as_float_array(table, "Embedding.weight", dtype=KEEP)
+        elif H is not None:
+            as_float_array(H, "Embedding.weight", dtype=KEEP)
         if target is None:
             return _by_position(g), rows, H, None, None
         if table_means:
@@ -327,11 +331,15 @@ class Trainer:
         column = FeatureMean.vjp_column((len(grad_activation), d, dtype), grad_activation)
         into += HardMerge().vjp((history, (into.shape[0], 1), dtype), column)[0]
 
-    def _encode(self, g, H):
-        """``((features, queries, keys), saved)`` of the encoder, or ``((H,), None)``."""
+    def _encode(self, g, rows, H):
+        """``((features, queries, keys), saved)`` of the encoder on the
+        table's ``rows`` (its first layer's products on the table's rows,
+        :meth:`Encoder.forward_lookup <grapheme.Encoder.forward_lookup>`, the
+        rows it reads checked finite), or ``((H,), None)``."""
         if self.encoder is None:
             return (H,), None
-        result, saved = self.encoder._forward(g, H, self._workspace)
+        result, saved = self.encoder._forward_lookup(
+            g, self.embedding._checked("weight"), rows, self._workspace, "Embedding.weight")
         return tuple(result), saved
 
     def _params(self):
@@ -398,12 +406,16 @@ class Trainer:
         ``saved`` being what :meth:`_gradients` needs besides those.
         ``shard``: see :meth:`Morpher.forward <grapheme.Morpher.forward>`."""
         g, rows, H, target, t_rows = self._batch(inputs, targets, **batch)
-        encoded, enc_saved = self._encode(g, H)
+        encoded = None
         try:
+            encoded, enc_saved = self._encode(g, rows, H)
             morphed = self.morpher._forward(g, *encoded, shard=shard, workspace=self._workspace)
-        except ValueError:
-            if self.encoder is not None and not all(np.isfinite(a).all() for a in encoded):
-                # finite but huge weights: the encoder's output overflowed
+        except ValueError as e:
+            # finite but huge weights: the encoder's output overflowed (in a
+            # layer, or in the projections, which the routing refuses)
+            if isinstance(e, _LayerOverflow) or (
+                    self.encoder is not None and encoded is not None
+                    and not all(np.isfinite(a).all() for a in encoded)):
                 raise FloatingPointError(
                     f"training diverged at epoch {self.epoch + 1}: the encoder's output is "
                     "not finite (its weights grew too large; learning rate too large?); "
@@ -445,10 +457,11 @@ class Trainer:
             if morphed.samples > 1:
                 gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             self._segmentation_target_vjp(seg_saved, gt, grad_h)
-        if self.encoder is not None:
-            grad_h, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries, grad.keys,
-                                                 self._workspace)
-        grad_table = Lookup().vjp((rows, emb.weight.shape, emb.dtype), grad_h)[0]
+        if self.encoder is not None:   # of the table (forward_lookup's vjp)
+            grad_table, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries,
+                                                     grad.keys, self._workspace)
+        else:
+            grad_table = Lookup().vjp((rows, emb.weight.shape, emb.dtype), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)
             gt = lg.target_activation
@@ -645,9 +658,9 @@ class Trainer:
         seg = None
         for lo in range(0, len(inputs), bs):
             bi, bt = inputs[lo:lo + bs], targets[lo:lo + bs]
-            g, _, H, target, _ = self._batch(bi, bt, train=False)
+            g, rows, H, target, _ = self._batch(bi, bt, train=False)
             with single_pool(self.encoder is not None):
-                encoded = self._encode(g, H)[0]
+                encoded = self._encode(g, rows, H)[0]
                 morphed = self.morpher.predict(g, *encoded)
                 if target is None:
                     target = self._segmentation_target(g, bt, encoded[0])[0]
