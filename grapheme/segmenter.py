@@ -151,13 +151,17 @@ class Segmenter:
                          f"segmenting {n} characters at once (Segmenter.window)")
         with emb._lock:   # rows and the table they index belong together
             rows = emb._rows(g.labels.astype(np.int64), False)
-            table = emb.weight   # growing replaces it: this one stays whole
+            if self.encoder is None:
+                H = np.take(emb.weight, rows, axis=0,
+                            out=self._workspace()("lookup", (n, emb.dim)))
+            else:   # a copy of the rows read, and each character's among them
+                used, rows = np.unique(rows, return_inverse=True)
+                table = emb.weight[used]
         with single_pool(self.encoder is not None):   # see grapheme/_threads.py
             if self.encoder is None:
-                encoded = (np.take(table, rows, axis=0,
-                                   out=self._workspace()("lookup", (n, emb.dim))),)
+                encoded = (H,)
             else:   # as the Trainer calls it: the same bits
-                encoded = tuple(self.encoder.forward_lookup(g, table, rows,
+                encoded = tuple(self.encoder.forward_lookup(g, table, rows.reshape(-1),
                                                             self._workspace())[0])
             merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)

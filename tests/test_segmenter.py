@@ -92,6 +92,27 @@ def test_encoder_with_a_workspace_is_bit_identical():
         assert all(ref_w[k].tobytes() == got_w[k].tobytes() for k in ref_w)
 
 
+def test_the_segmenter_encodes_as_the_trainer_does(monkeypatch):
+    """Inference and training call the encoder the same way (its first layer
+    on the table's rows, ``Encoder.forward_lookup``): the features, queries
+    and keys the morph decides on are the same bits, unseen characters
+    included."""
+    m = model(2)
+    texts = ["abcabc", "", "jihgfedcba", "zz€abc"]
+    seen = []
+    decide = m.morpher.decide
+    monkeypatch.setattr(m.morpher, "decide",
+                        lambda g, *enc: seen.append([a.copy() for a in enc]) or decide(g, *enc))
+    m.segment(texts)
+    trainer = gr.Trainer(m.embedding, m.morpher, gr.StructuralLoss(), gr.Adam(),
+                         encoder=m.encoder, progress=False)
+    g, rows, H, _, _ = trainer._batch(texts, texts, train=False)
+    encoded = trainer._encode(g, rows, H)[0]
+    assert len(seen) == 1 and len(encoded) == 3
+    for a, b in zip(seen[0], encoded):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_decide_is_predicts_decisions():
     g = gr.Graph.from_texts(["aabbcc", "abab"])
     H = np.random.default_rng(2).normal(size=(g.num_nodes, 4))
