@@ -18,7 +18,7 @@ from . import distributed, ops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs
 from .embedding import Embedding
-from .encoder import Encoder
+from .encoder import Encoder, LayerOverflowError
 from .estimators import Hard, Reinforce, Relaxed, StraightThrough
 from .graph import (Graph, chain_sources, contract, merge_edges, replicate,
                     segmentation_target)
@@ -60,6 +60,7 @@ __all__ = [
     "GradcheckResult",
     "Graph",
     "Hard",
+    "LayerOverflowError",
     "LossGrad",
     "LossResult",
     "MergeHistory",

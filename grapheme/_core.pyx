@@ -242,8 +242,24 @@ def lookup_layer_backward(const index_t[::1] indptr,     # IN  (n+1,) out-edges
             or rz.shape[1] != 3 * d):
         raise ValueError("lookup_layer_backward: grad and gz must be (n, d), order (n,), "
                          "rg (U, d) and rz (U, 3d)")
-    if U and (group_ptr[0] != 0 or group_ptr[U] != n):
-        raise ValueError("lookup_layer_backward: group_ptr must run from 0 to n")
+    # the groups index grad, gz and the graph: checked, O(U + n), so that a
+    # stale saved (its workspace reused since) gives wrong numbers, never
+    # a read out of bounds
+    cdef bint bad = False
+    cdef int64_t prev = 0
+    with nogil:
+        if U and (group_ptr[0] != 0 or group_ptr[U] != n):
+            bad = True
+        for u in range(U):
+            if group_ptr[u + 1] < prev:
+                bad = True
+            prev = group_ptr[u + 1]
+        for k in range(n):
+            if order[k] < 0 or order[k] >= n:
+                bad = True
+    if bad:
+        raise ValueError("lookup_layer_backward: group_ptr must run from 0 to n, "
+                         "non-decreasing, and order hold nodes in [0, n)")
     cdef const index_t* nb
     cdef const index_t* t_nb
     cdef const double* w

@@ -4,13 +4,14 @@ from typing import NamedTuple
 import numpy as np
 
 from ._threads import one_pool
-from ._validation import (KEEP, as_float_array, as_index_array, check_allocation,
-                          check_dtype, check_graph, check_scalar)
+from ._validation import (KEEP, as_float_array, check_allocation, check_dtype, check_graph,
+                          check_scalar)
 from ._workspace import check_workspace
 from . import _core
-from .ops import _SCRATCH, Linear, Lookup, LookupMessagePassing, MessagePassing, _alloc
+from .ops import (_SCRATCH, Linear, Lookup, LookupMessagePassing, MessagePassing, _alloc,
+                  table_rows)
 
-__all__ = ["Encoder", "EncodeResult"]
+__all__ = ["Encoder", "EncodeResult", "LayerOverflowError"]
 
 _LAYER = ("self", "pred", "succ", "bias")
 # the names of the workspace arrays the encoder writes, forward and vjp: its
@@ -33,9 +34,10 @@ class EncodeResult(NamedTuple):
     keys: np.ndarray
 
 
-class _LayerOverflow(ValueError):
-    """A layer's output overflowed (:func:`_check_layers`): the ``Trainer``
-    reports it as divergence, not as bad input."""
+class LayerOverflowError(ValueError):
+    """An encoder layer's output is not finite although its inputs and
+    weights are: weights (or features) too large for the dtype. A
+    ValueError; the ``Trainer`` reports it as divergence."""
 
 
 def _check_layers(saved, h):
@@ -47,7 +49,7 @@ def _check_layers(saved, h):
     if saved and h.size and not _core.all_finite(h.reshape(-1)):
         outputs = [s[1] for s in saved[1:]] + [h]   # layer l's output is l + 1's input
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
-        raise _LayerOverflow(f"the encoder's layer {layer} overflowed: its output is not "
+        raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is not "
                          "finite (features or weights too large for the dtype)")
 
 
@@ -203,30 +205,28 @@ class Encoder:
         check_workspace(workspace)
         table = as_float_array(table, "table", ndim=2, shape=(None, self.dim), finite=False,
                                dtype=self.dtype)
-        rows = np.asarray(as_index_array(rows, "rows"), dtype=np.int64)
-        if rows.shape != (graph.num_nodes,):
-            raise ValueError(f"rows must have shape ({graph.num_nodes},) (one per node of "
-                             f"graph), got {rows.shape}")
-        if rows.size and (rows.min() < 0 or rows.max() >= table.shape[0]):
-            raise ValueError(f"rows must lie in [0, {table.shape[0]}) (the rows of table)")
+        rows = table_rows(rows, table.shape[0], graph.num_nodes)
+        _check_apart(workspace, {"table": table})
         return self._forward_lookup(graph, table, rows, workspace)
 
     @one_pool
     def _forward_lookup(self, graph, table, rows, workspace=None, table_name="table"):
-        """:meth:`forward_lookup` of a checked graph, a C-contiguous (V, d)
-        ``table`` of the encoder's dtype (O(1) check, as :meth:`_forward`)
-        and int64 ``rows`` in its range (the ``Trainer``'s). The rows read
-        are checked finite, under ``table_name``."""
+        """:meth:`forward_lookup` of a checked graph, a (V, d) ``table`` of the
+        encoder's dtype (O(1) check, as :meth:`_forward`; copied if not
+        C-contiguous) and int64 ``rows`` in its range that nothing changes
+        until the vjp (the ``Trainer``'s, the ``Segmenter``'s), neither in
+        the arrays the encoder writes. The rows read are checked finite,
+        under ``table_name``."""
         if table.ndim != 2 or table.shape[1] != self.dim or table.dtype != self.dtype:
             raise ValueError(f"{table_name} must be a {self.dtype.name} array of shape (V, "
                              f"{self.dim}) for {self!r}, got {table.dtype.name} {table.shape}")
+        table = np.ascontiguousarray(table)   # a user's Fortran-ordered table: a copy
         if self.layers == 0:
-            h = Lookup().forward(table, rows, out=_alloc(workspace, "encoder.lookup",
-                                                         rows.shape[0], self.dim,
-                                                         self.dtype))[0].features
+            (h,), lookup = Lookup().forward(table, rows, out=_alloc(
+                workspace, "encoder.lookup", rows.shape[0], self.dim, self.dtype))
             as_float_array(h, table_name, dtype=KEEP)
             result, saved = self._forward(graph, h, workspace)
-            return result, (*saved, (rows, table.shape, table.dtype))
+            return result, (*saved, lookup)
         params = self._checked_params()
         w = [params[f"layer0.{name}"] for name in _LAYER]
         (h,), first = LookupMessagePassing()._forward(graph, table, rows, *w, workspace,

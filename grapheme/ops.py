@@ -126,11 +126,7 @@ class Lookup(Operation):
         if table.ndim not in (1, 2):
             raise ValueError(f"table must be 1- or 2-dimensional, got shape {table.shape}")
         # a private copy: the vjp's kernel indexes with it, unchecked
-        rows = frozen(np.asarray(as_index_array(rows, "rows"), dtype=np.int64))
-        V = table.shape[0]
-        if rows.size and (rows.min() < 0 or rows.max() >= V):
-            bad = rows[(rows < 0) | (rows >= V)][0]
-            raise ValueError(f"rows must lie in [0, {V}) (the rows of table), got {bad}")
+        rows = table_rows(rows, table.shape[0])
         if out is None:
             out = np.empty((rows.shape[0],) + table.shape[1:], table.dtype)
         else:
@@ -164,6 +160,21 @@ class Lookup(Operation):
             if into.ndim == 1:
                 g, into = g.reshape(-1, 1), into.reshape(-1, 1)
             _core.rows_add(rows, g, into)
+
+
+def table_rows(rows, num_rows, num_nodes=None):
+    """``rows`` as a frozen private int64 copy (a vjp's kernel indexes with
+    it, unchecked), each in ``[0, num_rows)`` (the rows of a table), one per
+    node where ``num_nodes`` is given: ValueError or TypeError naming
+    ``rows`` otherwise."""
+    rows = frozen(np.asarray(as_index_array(rows, "rows"), dtype=np.int64))
+    if num_nodes is not None and rows.shape != (num_nodes,):
+        raise ValueError(f"rows must have shape ({num_nodes},) (one per node of graph), "
+                         f"got {rows.shape}")
+    if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+        bad = rows[(rows < 0) | (rows >= num_rows)][0]
+        raise ValueError(f"rows must lie in [0, {num_rows}) (the rows of table), got {bad}")
+    return rows
 
 
 # ---------------------------------------------------------------------------
@@ -903,8 +914,10 @@ class LookupMessagePassing(Operation):
     (a few hundred characters under tens of thousands of nodes), forward and
     back; the weight gradients are ``E^T`` times the nodes' gradients summed
     by row. The same function as the composition, up to rounding (its sums
-    run in another order). The vjp returns the dense gradient of the table,
-    as :class:`Lookup`'s does. O((n + E) d + U d^2 + V).
+    run in another order: near the dtype's limit a row's product can
+    overflow where the composition's sum of rows would have cancelled
+    first). The vjp returns the dense gradient of the table, as
+    :class:`Lookup`'s does. O((n + E) d + U d^2 + V).
 
     Examples
     --------
@@ -933,14 +946,7 @@ class LookupMessagePassing(Operation):
         _check_place(workspace, name)
         check_graph(graph, "graph")
         table = as_float_array(table, "table", ndim=2, finite=False, dtype=KEEP)
-        rows = np.asarray(as_index_array(rows, "rows"), dtype=np.int64)
-        if rows.shape != (graph.num_nodes,):
-            raise ValueError(f"rows must have shape ({graph.num_nodes},) (one per node of "
-                             f"graph), got {rows.shape}")
-        V = table.shape[0]
-        if rows.size and (rows.min() < 0 or rows.max() >= V):
-            bad = rows[(rows < 0) | (rows >= V)][0]
-            raise ValueError(f"rows must lie in [0, {V}) (the rows of table), got {bad}")
+        rows = table_rows(rows, table.shape[0], graph.num_nodes)
         return self._forward(graph, table, rows, w_self, w_pred, w_succ, bias, workspace,
                              name)
 
@@ -958,7 +964,8 @@ class LookupMessagePassing(Operation):
         ints = {}
         for key, size in (("mark", V), ("used", n), ("codes", n), ("group", n + 1),
                           ("order", n)):
-            ints[key] = _alloc(workspace, name + key, None, None, np.int64, shape=(size,))
+            ints[key] = _alloc(workspace, name + key, None, None, np.int64, {"rows": rows},
+                               shape=(size,))
         U = _core.group_rows(rows, ints["mark"], ints["used"], ints["codes"], ints["group"],
                              ints["order"])
         used, codes, group = ints["used"][:U], ints["codes"], ints["group"][:U + 1]

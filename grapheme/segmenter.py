@@ -50,7 +50,9 @@ class Segmenter:
     at most :attr:`window` characters. A text longer than that is cut into
     overlapping windows, and each window's decisions are kept only where
     they cannot see the cut, which gives exactly the decisions of the whole
-    text (see :attr:`window`); shorter texts are packed whole into calls.
+    text (see :attr:`window`; at widths where BLAS rounds a row by its place
+    in a product, such as ``d = 33``, up to a score within the last bits of
+    the threshold); shorter texts are packed whole into calls.
 
     Parameters
     ----------
@@ -103,7 +105,8 @@ class Segmenter:
         fit in :data:`WINDOW_MEMORY` (256 MiB): 40 329 at ``d = 64`` with 2
         layers. Texts that fit are packed whole into calls; a longer text is
         cut into windows overlapping by :meth:`context` characters, whose
-        decisions are exactly those of the uncut text. Set it to any integer
+        decisions are exactly those of the uncut text (see the class notes
+        for odd widths). Set it to any integer
         of at least ``2 K + 2`` (the two overlaps and one kept character).
         """
         return self._window
@@ -161,8 +164,9 @@ class Segmenter:
             if self.encoder is None:
                 encoded = (H,)
             else:   # as the Trainer calls it: the same bits
-                encoded = tuple(self.encoder.forward_lookup(g, table, rows.reshape(-1),
-                                                            self._workspace())[0])
+                encoded = tuple(self.encoder._forward_lookup(
+                    g, table, rows.reshape(-1).astype(np.int64, copy=False),
+                    self._workspace(), "Embedding.weight")[0])
             merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor

@@ -771,3 +771,46 @@ def test_lookup_layer_without_numpys_tanh_loop_is_the_same_layer(dtype, monkeypa
     (plain,), saved_plain = ops.LookupMessagePassing().forward(g, table, rows, *W)
     assert fused.tobytes() == plain.tobytes()
     assert saved[7].tobytes() == saved_plain[7].tobytes()
+
+
+def test_a_saved_whose_workspace_was_reused_gives_numbers_never_a_crash():
+    """The layer's vjp indexes with the groups its forward made in the
+    workspace; a later forward there (other rows, other sizes) leaves a
+    stale ``saved``: refused or wrong numbers, never a read out of bounds
+    (found by an attack helper as a segfault)."""
+    from grapheme._workspace import Workspace
+
+    ws, enc = Workspace(), gr.Encoder(4, layers=1)
+    table = np.random.default_rng(0).normal(size=(10, 4))
+
+    def chain(n):
+        return gr.Graph.from_text("a" * n)
+
+    enc.forward_lookup(chain(100), table, np.zeros(100, np.int64), ws)
+    _, saved = enc.forward_lookup(chain(50), table, np.arange(50) % 5, ws)
+    enc.forward_lookup(chain(100), table, np.repeat([0, 1], 50), ws)
+    try:
+        enc.vjp(saved, np.ones((50, 4)), workspace=ws)
+    except (ValueError, IndexError):
+        pass
+    with pytest.raises(ValueError, match="group_ptr must run from 0 to n, non-decreasing"):
+        _core.lookup_layer_backward(*ops._both_ways(chain(3)), np.array([0, 2, 1, 3]),
+                                    np.arange(3), *[np.ones((3, 2))] * 2, np.empty((3, 2)),
+                                    np.empty((3, 6)))
+    with pytest.raises(ValueError, match="order hold nodes in"):
+        _core.lookup_layer_backward(*ops._both_ways(chain(3)), np.array([0, 3]),
+                                    np.array([0, 1, 7]), *[np.ones((3, 2))] * 2,
+                                    np.empty((1, 2)), np.empty((1, 6)))
+
+
+def test_forward_lookup_keeps_its_own_copy_of_the_rows():
+    """Without layers the lookup's vjp scatters by the rows: a private copy,
+    so a caller reusing its index buffer cannot send it out of bounds."""
+    g = gr.Graph.from_text("abc")
+    for layers in (0, 1):
+        enc = gr.Encoder(4, layers=layers)
+        rows = np.array([0, 1, 2])
+        _, saved = enc.forward_lookup(g, np.ones((3, 4)), rows)
+        rows[:] = 10**12
+        grad_table, _ = enc.vjp(saved, np.ones((3, 4)))
+        np.testing.assert_array_equal(grad_table, np.ones((3, 4)))

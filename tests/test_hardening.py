@@ -251,6 +251,44 @@ def test_a_step_reads_only_the_table_of_its_embedding():
         trainer.train_step(*map(list, zip(*seg)))
 
 
+@pytest.mark.parametrize("layers", [0, 2])
+def test_a_table_in_any_memory_order_trains(layers):
+    """A Fortran-ordered or strided embedding table (``np.load`` of a
+    Fortran-ordered file, say) trains and evaluates as the C-ordered one:
+    the encoder reads a contiguous copy (an attack helper found the step
+    refusing it with a raw buffer error)."""
+    inputs, targets = map(list, zip(*gr.DEMO_PAIRS))
+    results = []
+    for order in ("C", "F", "strided"):
+        trainer = _trainer(encoder=gr.Encoder(8, layers=layers))
+        trainer.train_step(inputs, targets)
+        w = trainer.embedding.weight
+        if order == "F":
+            trainer.embedding.weight = np.asfortranarray(w)
+        elif order == "strided":
+            wide = np.zeros((w.shape[0], 2 * w.shape[1]))
+            wide[:, ::2] = w
+            trainer.embedding.weight = wide[:, ::2]
+        stats = trainer.train_step(inputs, targets)
+        results.append((stats["loss"], trainer.evaluate(gr.DEMO_PAIRS)["loss"]))
+    # to the loss's tolerance: numpy's row means of a Fortran-ordered table
+    # sum in another order, and Sinkhorn stops at its tolerance
+    np.testing.assert_allclose(results[1:], [results[0]] * 2, rtol=1e-6)
+
+
+def test_an_overflowing_encoder_is_named_in_inference():
+    """Outside training, an encoder layer whose output overflows raises
+    ``grapheme.LayerOverflowError`` (a ValueError) naming the layer."""
+    trainer = _trainer(encoder=gr.Encoder(8, layers=1))
+    trainer.train_step(*map(list, zip(*gr.DEMO_PAIRS)))
+    trainer.encoder.params["layer0.self"][...] = 1e308
+    trainer.encoder.params["layer0.pred"][...] = -1e308
+    for call in (lambda: trainer.evaluate(gr.DEMO_PAIRS),
+                 lambda: trainer.model.segment(["the cat sat"])):
+        with pytest.raises(gr.LayerOverflowError, match="layer 0 overflowed"):
+            call()
+
+
 def test_a_replaced_encoder_of_another_width_or_dtype_is_named():
     """The encoder's unscanned path still checks the shape and dtype of what
     it is given (O(1)): a Trainer whose encoder was replaced by one of

@@ -33,7 +33,7 @@ from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
 from ..embedding import Embedding
-from ..encoder import _LayerOverflow, parameter_bytes
+from ..encoder import LayerOverflowError, parameter_bytes
 from ..graph import Graph, replicate
 from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup, feature_mean
@@ -413,7 +413,7 @@ class Trainer:
         except ValueError as e:
             # finite but huge weights: the encoder's output overflowed (in a
             # layer, or in the projections, which the routing refuses)
-            if isinstance(e, _LayerOverflow) or (
+            if isinstance(e, LayerOverflowError) or (
                     self.encoder is not None and encoded is not None
                     and not all(np.isfinite(a).all() for a in encoded)):
                 raise FloatingPointError(
