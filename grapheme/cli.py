@@ -467,6 +467,8 @@ def _check_run_directory(args, log, checkpoint):
     if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
             args.resume) and os.path.samefile(args.resume, checkpoint):
         return
+    if args.resume is not None and not os.path.exists(args.resume):
+        raise CommandError(f"--resume {args.resume!r} does not exist")
     raise CommandError(
         f"--out {args.out!r} already holds a run ({', '.join(existing)}); pass --resume "
         f"{checkpoint} to continue it or --overwrite to replace it")
@@ -858,9 +860,28 @@ def _check_options(parser, argv):
         name = tok.split("=", 1)[0]
         if any(opt.startswith(name) for opt in known):
             continue
-        near = difflib.get_close_matches(name, known, n=1)
+        near = _nearest(name, known)
         sub.error(f"unrecognized option {name}"
-                  + (f"; did you mean {near[0]}?" if near else ""))
+                  + (f"; did you mean {near}?" if near else ""))
+
+
+#: One command's name for what another calls otherwise (a model file is
+#: ``eval``'s ``--checkpoint`` and ``segment``'s ``--model``).
+_SYNONYMS = {"--model": "--checkpoint", "--checkpoint": "--model"}
+
+
+def _nearest(name, known):
+    """The option of ``known`` a mistyped ``name`` most likely meant: the one
+    option having it as a word (``--layers`` -> ``--encoder-layers``), its
+    synonym, else the closest spelling (``--help`` aside), or None."""
+    word = name.lstrip("-")
+    having = [opt for opt in known if word in opt.lstrip("-").split("-")]
+    if len(having) == 1:
+        return having[0]
+    if _SYNONYMS.get(name) in known:
+        return _SYNONYMS[name]
+    near = difflib.get_close_matches(name, [opt for opt in known if opt != "--help"], n=1)
+    return near[0] if near else None
 
 
 def _reader_gone():

@@ -78,7 +78,9 @@ class Encoder:
     score boundaries). Every layer weight starts at zero and both
     projections at the identity, so an untrained encoder is the identity and
     a morph through it is exactly the context-free morph.
-    O(layers ((n + E) d + n d^2)).
+    O(layers ((n + E) d + n d^2)); :meth:`forward_lookup`, on the rows of an
+    embedding table, takes the first layer's products on the U rows read:
+    O(layers (n + E) d + (layers - 1) n d^2 + U d^2 + V).
 
     Parameters
     ----------
@@ -100,8 +102,8 @@ class Encoder:
 
     Notes
     -----
-    :meth:`forward` and :meth:`vjp` only read the parameters, so threads may
-    share an encoder for inference; :meth:`load_state_dict` and optimiser
+    :meth:`forward`, :meth:`forward_lookup` and :meth:`vjp` only read the
+    parameters, so threads may share an encoder for inference; :meth:`load_state_dict` and optimiser
     steps write ``params`` in place (torn values for a concurrent reader,
     never a crash: every operation checks the shapes it is given).
 
@@ -193,16 +195,34 @@ class Encoder:
     @one_pool
     def forward_lookup(self, graph, table, rows, workspace=None):
         """:meth:`forward` of ``table[rows]``, the rows of an embedding table
-        (``rows`` (n,): each node's row), with the first layer's products
-        taken on the table's rows (:class:`grapheme.ops.LookupMessagePassing`):
-        ``U d^2`` for the U distinct rows the nodes read instead of ``n d^2``.
-        The same function as ``forward(graph, table[rows])`` up to rounding;
+        (``table``: an :class:`~grapheme.Embedding`'s ``weight``; ``rows``
+        (n,): each node's row, ``embedding.rows(graph.labels)``), with the
+        first layer's products taken on the table's rows
+        (:class:`grapheme.ops.LookupMessagePassing`): ``U d^2`` for the U
+        distinct rows the nodes read instead of ``n d^2``. The same
+        function as ``forward(graph, table[rows])`` up to rounding;
         :meth:`vjp` of its ``saved`` returns the gradient of the (V, d)
-        table. How the ``Trainer`` and the ``Segmenter`` call the encoder,
-        so that training and inference compute the same bits. The rows read
-        must be finite; the others are not read."""
+        table (add it to ``embedding.grad``). How the ``Trainer`` and the
+        ``Segmenter`` call the encoder, so that training and inference
+        compute the same bits. The rows read must be finite; the others are
+        not read.
+
+        Examples
+        --------
+        >>> emb = Embedding(dim=4, seed=0)
+        >>> g = Graph.from_text("abca")
+        >>> rows = emb.rows(g.labels)
+        >>> r, saved = Encoder(4, layers=1).forward_lookup(g, emb.weight, rows)
+        >>> grad_table, grads = Encoder(4, layers=1).vjp(saved, np.ones((4, 4)))
+        >>> emb.grad += grad_table
+        >>> grad_table.shape == emb.weight.shape
+        True
+        """
         check_graph(graph, "graph")
         check_workspace(workspace)
+        if hasattr(table, "weight") and hasattr(table, "rows"):
+            raise TypeError(f"table must be an array, got {type(table).__name__}: pass "
+                            "its .weight")
         table = as_float_array(table, "table", ndim=2, shape=(None, self.dim), finite=False,
                                dtype=self.dtype)
         rows = table_rows(rows, table.shape[0], graph.num_nodes)

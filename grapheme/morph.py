@@ -344,7 +344,9 @@ class Morpher:
         Returns
         -------
         MorphGrad
-            ``features`` (n_nodes, d) and ``theta`` (0-d).
+            ``features`` (n_nodes, d) and ``theta`` (0-d); with learned
+            routing also ``queries`` and ``keys`` (n_nodes, d), what
+            :meth:`Encoder.vjp <grapheme.Encoder.vjp>` takes (else None).
         """
         if not isinstance(morphed, Morphed):
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
@@ -397,7 +399,9 @@ class Morpher:
         <grapheme.Embedding.backward>` is for the table. Returns the
         gradient of the input features (a fresh array: the upstream
         gradients are only read, so passing arrays of ``morphed`` itself is
-        safe).
+        safe). A morph with learned routing (queries and keys from an
+        :class:`~grapheme.Encoder`) needs their gradients too: call
+        :meth:`vjp`, whose result has them.
         """
         result = self.vjp(morphed, grad_features=grad_features, grad_mass=grad_mass,
                           grad_weights=grad_weights, grad_log_prob=grad_log_prob,

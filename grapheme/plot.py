@@ -72,6 +72,10 @@ def read_metrics(run):
                                 "holding metrics.jsonl, or that file)")
     records = []
     with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":   # a zip: an .npz, not the run's log
+            raise ValueError(f"{path!r} is a checkpoint or model (.npz), not a metrics "
+                             "file: pass the run directory or its metrics.jsonl")
+        f.seek(0)
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

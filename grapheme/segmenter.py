@@ -228,7 +228,7 @@ class Segmenter:
         (not Unicode) is refused here, before anything runs."""
         if isinstance(texts, str):
             texts, single = [texts], True
-        elif not hasattr(texts, "__iter__"):
+        elif not hasattr(texts, "__iter__") or isinstance(texts, (bytes, bytearray)):
             raise TypeError(f"{name} must be a str or a sequence of str, got "
                             f"{type(texts).__name__}")
         else:

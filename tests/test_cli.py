@@ -145,6 +145,13 @@ def test_usage_errors(capsys, argv):
     (["segment", "--modle", "m.npz", "abc"], "--modle; did you mean --model?"),
     (["train", "--data", "d", "--epocs", "5", "--out", "r"], "--epocs; did you mean --epochs?"),
     (["demo", "--zzzzzz"], "--zzzzzz"),
+    # an option's word (the Python API's layers=), and one command's name
+    # for another's (found by a new-user helper: "did you mean --lr?",
+    # "did you mean --help?")
+    (["train", "--data", "d", "--layers", "2", "--out", "r"],
+     "--layers; did you mean --encoder-layers?"),
+    (["eval", "--model", "m.npz", "--data", "d"], "--model; did you mean --checkpoint?"),
+    (["segment", "--checkpoint", "m.npz", "abc"], "--checkpoint; did you mean --model?"),
 ])
 def test_a_mistyped_option_is_named_with_its_command(capsys, argv, near):
     code, _, err = run(capsys, *argv)
@@ -234,6 +241,10 @@ def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
     (run_dir / "checkpoint.npz").unlink()
     code, _, err = run(capsys, "train", "--data", words, "--epochs", 1, "--out", run_dir)
     assert code == 2 and "already holds a run (best.npz)" in err
+    # a --resume file that does not exist is named (not "pass --resume ...")
+    code, _, err = run(capsys, "train", "--data", words, "--epochs", 1, "--out", run_dir,
+                       "--resume", run_dir / "nope.npz")
+    assert code == 2 and "nope.npz' does not exist" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -276,6 +276,14 @@ def test_plot_refuses_a_directory_as_the_file(trained, tmp_path):
         plot_run(trained / "run", tmp_path, overwrite=True)
 
 
+def test_plot_of_a_checkpoint_says_it_is_not_the_metrics(trained):
+    # found by a new-user helper: "line 1 is not JSON"
+    from grapheme.plot import read_metrics
+
+    with pytest.raises(ValueError, match=r"is a checkpoint or model \(.npz\), not a metrics"):
+        read_metrics(trained / "run" / "checkpoint.npz")
+
+
 # ------------------------------------------------------------ error polish
 def test_standard_input_that_is_not_utf8(trained, capsys, monkeypatch):
     model = gr.Segmenter.load(trained / "model.npz")

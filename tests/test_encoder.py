@@ -814,3 +814,14 @@ def test_forward_lookup_keeps_its_own_copy_of_the_rows():
         rows[:] = 10**12
         grad_table, _ = enc.vjp(saved, np.ones((3, 4)))
         np.testing.assert_array_equal(grad_table, np.ones((3, 4)))
+
+
+def test_forward_lookup_of_an_embedding_asks_for_its_weight():
+    emb = gr.Embedding(dim=4, seed=0)
+    g = gr.Graph.from_text("ab")
+    rows = emb.rows(g.labels)
+    with pytest.raises(TypeError, match="got Embedding: pass its .weight"):
+        gr.Encoder(4, layers=1).forward_lookup(g, emb, rows)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\) \(the rows of table\), "
+                                         "got 97"):
+        gr.Encoder(4, layers=1).forward_lookup(g, emb.weight, g.labels)

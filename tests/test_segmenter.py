@@ -128,6 +128,8 @@ def test_segment_rejects_bad_texts():
         m.segment(["ab", 3])
     with pytest.raises(TypeError, match="texts must be a str or a sequence of str"):
         m.boundaries(5)
+    with pytest.raises(TypeError, match="texts must be a str or a sequence of str, got bytes"):
+        m.segment(b"abc")   # not "texts[0] must be a str, got int"
     with pytest.raises(ValueError, match="lone surrogate"):
         m.segment("a\ud800")
     cut = gr.Segmenter(m.embedding, m.morpher, window=4)   # checked before any window

@@ -249,6 +249,8 @@ def test_validation():
         Trainer(emb, None, loss, opt)
     with pytest.raises(TypeError, match="loss must have"):
         Trainer(emb, morpher, None, opt)
+    with pytest.raises(TypeError, match=r"got the class StructuralLoss: pass StructuralLoss\(\)"):
+        Trainer(emb, morpher, StructuralLoss, opt)   # fit failed with a missing 'target'
     with pytest.raises(TypeError, match="optimizer must be"):
         Trainer(emb, morpher, loss, "adam")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):

@@ -177,6 +177,9 @@ class Trainer:
             check_allocation(4 * parameter_bytes(encoder.dim, encoder.layers, encoder.dtype),
                              f"training {encoder!r} (its weights, their gradients and the "
                              f"optimiser's state)")
+        if isinstance(loss, type):   # StructuralLoss, not StructuralLoss()
+            raise TypeError(f"loss must be an instance, got the class {loss.__name__}: "
+                            f"pass {loss.__name__}()")
         if not (callable(getattr(loss, "forward", None))
                 and callable(getattr(loss, "backward", None))):
             raise TypeError(f"loss must have forward() and backward(), got "
