@@ -49,8 +49,8 @@ def _check_layers(saved, h):
     if saved and h.size and not _core.all_finite(h.reshape(-1)):
         outputs = [s[1] for s in saved[1:]] + [h]   # layer l's output is l + 1's input
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
-        raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is not "
-                         "finite (features or weights too large for the dtype)")
+        raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is "
+                                 "not finite (features or weights too large for the dtype)")
 
 
 def _check_apart(workspace, arrays):
@@ -103,9 +103,10 @@ class Encoder:
     Notes
     -----
     :meth:`forward`, :meth:`forward_lookup` and :meth:`vjp` only read the
-    parameters, so threads may share an encoder for inference; :meth:`load_state_dict` and optimiser
-    steps write ``params`` in place (torn values for a concurrent reader,
-    never a crash: every operation checks the shapes it is given).
+    parameters, so threads may share an encoder for inference;
+    :meth:`load_state_dict` and optimiser steps write ``params`` in place
+    (torn values for a concurrent reader, never a crash: every operation
+    checks the shapes it is given).
 
     Examples
     --------

@@ -263,7 +263,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _batch(self, inputs, targets, train=True, replaced=None):
-        """Input graph with its table rows and features; the target graph.
+        """Input graph with its table rows and features (None with an
+        encoder: it looks the rows up itself, :meth:`_encode`); the target
+        graph.
 
         For segmentation pairs the target graph is None here: it is the input
         contracted under the gold segmentation, built from the model's own
