@@ -208,10 +208,10 @@ class EncoderStepSuite:
     least 0.667). It was met (1.43-1.52x) with the first layer's products
     on the nodes; with them on the table's rows the step is a quarter
     faster and its products 3/8 fewer, so the same glue reads about 1.8x
-    (docs/design.md, "Glue against products"). ``time_encoder`` is the encoder's forward and vjp alone,
-    the part of the step those products belong to: its ratio to
-    ``time_matmuls`` is the glue around BLAS itself, without the loss and
-    the morph. ``track_chars_per_s`` is the step's throughput over
+    (docs/design.md, "Glue against products"). ``time_encoder`` is the
+    encoder's forward and vjp alone, the part of the step those products
+    belong to: its ratio to ``time_matmuls`` is the glue around BLAS
+    itself, without the loss and the morph. ``track_chars_per_s`` is the step's throughput over
     ``dim`` in (32, 64) and 0, 1, 2 layers.
     """
 
