@@ -166,6 +166,9 @@ def build_parser():
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
                         "from it")
+    p.add_argument("--new-data", action="store_true",
+                   help="with --resume: continue on data other than the checkpoint's "
+                        "(refused otherwise)")
     p.add_argument("--keep-best", default=None, metavar="METRIC",
                    help="keep OUT/best.npz, the checkpoint with the best value of this "
                         "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
@@ -285,6 +288,8 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
     from .estimators import Reinforce, make_estimator
 
     try:
+        if estimator == "reinforce" and baseline == "loo" and samples < 2:
+            raise ValueError(f"--baseline loo needs --samples >= 2, got --samples {samples}")
         if estimator == "reinforce":
             estimator = Reinforce(baseline=None if baseline == "none" else baseline,
                                   samples=samples)
@@ -413,7 +418,7 @@ def _train(args, out, spawn=None, comm=None):
     if start < args.epochs and rank0:   # only now: everything above is checked
         os.makedirs(args.out, exist_ok=True)
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
-                          keep_best=args.keep_best)
+                          keep_best=args.keep_best, new_data=args.new_data)
     if start == 0 and trainer.baseline is not None:
         before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
     if len(history) > start:

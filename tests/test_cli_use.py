@@ -472,6 +472,15 @@ def test_reinforce_options_need_reinforce(capsys, tmp_path, option):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_leave_one_out_baseline_names_the_samples_option(capsys, tmp_path):
+    # found by a new-user helper: the message said "samples >= 2"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"input": "abc", "target": "ab"}\n')
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out",
+                       tmp_path / "r", "--estimator", "reinforce", "--baseline", "loo")
+    assert code == 2 and "--baseline loo needs --samples >= 2, got --samples 1" in err
+
+
 def test_plot_names_a_missing_run_before_an_existing_picture(capsys, tmp_path):
     (tmp_path / "metrics.png").write_bytes(b"")      # beside the missing run
     code, _, err = run(capsys, "plot", tmp_path / "nothing")

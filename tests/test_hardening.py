@@ -432,6 +432,11 @@ def test_cli_existing_run(tmp_path, data_dir, monkeypatch):
     code, err = _cli("train", "--data", other, "--epochs", 3, "--out", run, "--resume",
                      run / "checkpoint.npz")
     assert code == 2 and "pairs differ from the data the checkpoint" in err
+    assert "(grapheme train --new-data)" in err
+    # --new-data continues on them (found by a new-user helper: the message
+    # named only fit(..., new_data=True))
+    assert _cli("train", "--data", other, "--epochs", 3, "--out", run, "--resume",
+                run / "checkpoint.npz", "--new-data")[0] == 0
 
 
 def test_cli_checkpoint_errors_never_advise_pickle(tmp_path, data_dir):

@@ -799,8 +799,8 @@ class Trainer:
                 f"pairs differ from the data the checkpoint {old['path']!r} was trained on "
                 f"({old['pairs']} pairs, sha256 {old['sha256'][:12]}...; now "
                 f"{fingerprint['pairs']} pairs, sha256 {fingerprint['sha256'][:12]}...); "
-                "resume with the same data, start a new run, or fit(..., new_data=True) "
-                "to continue on other data")
+                "resume with the same data, start a new run, or pass new_data=True "
+                "(grapheme train --new-data) to continue on other data")
         writes = self._writes
         error = None
         if self.epoch == 0 and not self.overwrite and writes:
