@@ -51,9 +51,8 @@ def lookup_layer(
     products: np.ndarray,      # const floating[:, ::1] IN (U, 3d) rows @ [Ws | Wp | Wn]
     bias: np.ndarray,          # const floating[::1] IN (d,)
     rows: np.ndarray,          # const floating[:, ::1] IN (U, d) the table rows read
-    t: np.ndarray,             # floating[:, ::1] OUT (n, d) tanh(z), or z without tail
-    out: np.ndarray,           # floating[:, ::1] OUT (n, d) rows[codes] + t
-    tail: bool = True,         # tanh and residual here (needs NUMPY_TANH)
+    t: np.ndarray,             # floating[:, ::1] OUT (n, d) tanh(z); z without NUMPY_TANH
+    out: np.ndarray,           # floating[:, ::1] OUT (n, d) rows[codes] + t (NUMPY_TANH)
     num_threads: int = 0,
 ) -> None: ...
 def stacked_matmul_tn(

@@ -314,7 +314,7 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
                  const index_t[::1] t_indices, const double[::1] t_weights,
                  const int64_t[::1] codes, const floating[:, ::1] products,
                  const floating[::1] bias, const floating[:, ::1] rows, floating[:, ::1] t,
-                 floating[:, ::1] out, bint tail=True, int num_threads=0):
+                 floating[:, ::1] out, int num_threads=0):
     """A message-passing layer of looked-up rows, its products taken on the
     table's rows (``ops.LookupMessagePassing``): ``products`` (U, 3d) is
     ``rows @ [W_self | W_pred | W_succ]`` for the U distinct rows the nodes
@@ -322,9 +322,9 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
     ``t[i] = tanh(products[c_i, :d] + sum_{j -> i} w products[c_j, d:2d] +
     sum_{i -> j} w products[c_j, 2d:] + bias)`` (edges in order; the graph
     by source, then by target, as :func:`stacked_matmul`) and ``out[i] =
-    rows[c_i] + t[i]``. ``tail`` False, or where numpy's tanh loop is not at
-    hand: ``t`` is the pre-activation and ``out`` is not written (the caller
-    applies ``np.tanh`` and the residual). Blocks of :data:`ROWS` nodes in
+    rows[c_i] + t[i]``. Where numpy's tanh loop is not at hand
+    (:data:`NUMPY_TANH` False), ``t`` is the pre-activation and ``out`` is
+    not written (the caller applies ``np.tanh`` and the residual). Blocks of :data:`ROWS` nodes in
     parallel, the tanh on each block while it is in cache: the same bits on
     any number of threads. The caller checks that every code lies in
     ``[0, U)``. O((n + E) d)."""
@@ -344,7 +344,7 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
         return
     if U == 0:
         raise ValueError("lookup_layer: no rows")
-    cdef bint fused = tail and NUMPY_TANH
+    cdef bint fused = NUMPY_TANH
     cdef intp_t nb = (n + _ROWS - 1) // _ROWS
     cdef int nt = num_threads_for(num_threads, nb)
     cdef const floating* pp = &products[0, 0]
