@@ -472,8 +472,8 @@ def _check_run_directory(args, log, checkpoint):
     if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
             args.resume) and os.path.samefile(args.resume, checkpoint):
         return
-    if args.resume is not None and not os.path.exists(args.resume):
-        raise CommandError(f"--resume {args.resume!r} does not exist")
+    if args.resume is not None:   # a --resume that is no file is named as such
+        _checkpoint_file(args.resume, "--resume")
     raise CommandError(
         f"--out {args.out!r} already holds a run ({', '.join(existing)}); pass --resume "
         f"{checkpoint} to continue it or --overwrite to replace it")
