@@ -89,6 +89,13 @@ def _array(t, name):
     return t.detach().contiguous().numpy()
 
 
+def _host(x):
+    """An index argument (offsets, labels, rows) as a numpy array: a tensor
+    detached and on the CPU, anything else through ``np.asarray``; the
+    operation checks its values."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _tensor(a, dtype):
     # "W": grapheme hands out read-only arrays (a Graph's, a history's); a
     # tensor may be written in place, so it gets a copy of those
@@ -219,8 +226,7 @@ def lookup_message_passing(graph, table, rows, w_self, w_pred, w_succ, bias):
     """``message_passing(graph, table[rows], ...)`` with its products taken on
     the table's rows (:class:`grapheme.ops.LookupMessagePassing`): a first
     layer over an embedding table. ``rows`` (n,) is not differentiated."""
-    rows = (rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor)
-            else np.asarray(rows))
+    rows = _host(rows)
     op = ops.LookupMessagePassing()
     (h,), _ = apply(op, lambda t, a, b, c, d: op.forward(graph, t, rows, a, b, c, d),
                     table, w_self, w_pred, w_succ, bias)
@@ -382,11 +388,7 @@ class Merge(nn.Module):
         the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
         Returns a :class:`Merged`.
         """
-        offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
-                      else np.asarray(offsets))
-        labels_np = (None if labels is None else labels.detach().cpu().numpy()
-                     if isinstance(labels, torch.Tensor) else np.asarray(labels))
-        graph = Graph.chains(offsets_np, labels_np)
+        graph = Graph.chains(_host(offsets), None if labels is None else _host(labels))
         if x.ndim != 2 or x.shape[0] != graph.num_nodes:
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
         if (queries is None) != (keys is None):
@@ -441,9 +443,7 @@ class Encoder(nn.Module):
         self.key = nn.Parameter(torch.eye(dim))
 
     def forward(self, x, offsets):
-        offsets_np = (offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor)
-                      else np.asarray(offsets))
-        graph = Graph.chains(offsets_np)
+        graph = Graph.chains(_host(offsets))
         h = x
         for layer in self.layers:
             h = message_passing(graph, h, layer.w_self.to(x.dtype), layer.w_pred.to(x.dtype),
