@@ -47,6 +47,18 @@ def group_rows(
     indptr: np.ndarray,   # int64_t[::1] OUT (>= U + 1,) of order, by code
     order: np.ndarray,    # int64_t[::1] OUT (n,) the nodes grouped by code, ascending
 ) -> int: ...              # U
+def group_contexts(
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,  # const index_t[::1] IN (E,)
+    codes: np.ndarray,      # const int64_t[::1] IN (n,) each in [0, U) (checked)
+    count: np.ndarray,      # int64_t[::1] SCRATCH (U + 2,)
+    order: np.ndarray,      # int64_t[::1] SCRATCH (n,)
+    swap: np.ndarray,       # int64_t[::1] SCRATCH (n,)
+    contexts: np.ndarray,   # int64_t[::1] OUT (n,) each node's context
+    first: np.ndarray,      # int64_t[::1] OUT (>= C,) each context's smallest node
+) -> int: ...               # C, or -1 where a node has two predecessors or successors
 def lookup_layer_backward(
     indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
     indices: np.ndarray,    # const index_t[::1] IN (E,)

@@ -215,6 +215,111 @@ def group_rows(const int64_t[::1] rows,    # IN  (n,) rows of a table of V rows
     return U
 
 
+cdef inline int64_t _neighbour_code(const index_t* ptr, const index_t* nbr,
+                                    const int64_t* codes, intp_t i) noexcept nogil:
+    """1 + the code of node ``i``'s one neighbour in ``nbr``, or 0 for none."""
+    return codes[nbr[ptr[i]]] + 1 if ptr[i + 1] > ptr[i] else 0
+
+
+def group_contexts(const index_t[::1] indptr,    # IN  (n+1,) out-edges
+                   const index_t[::1] indices,   # IN  (E,)
+                   const index_t[::1] t_indptr,  # IN  (n+1,) in-edges
+                   const index_t[::1] t_indices, # IN  (E,)
+                   const int64_t[::1] codes,     # IN  (n,) each in [0, U) (checked)
+                   int64_t[::1] count,           # SCRATCH (U + 2,)
+                   int64_t[::1] order,           # SCRATCH (n,)
+                   int64_t[::1] swap,            # SCRATCH (n,)
+                   int64_t[::1] contexts,        # OUT (n,) each node's context
+                   int64_t[::1] first):          # OUT (>= C,) each context's first node
+    """Group the nodes of a graph in which every node has at most one
+    predecessor and one successor (a chain, a batch of chains) by context:
+    the codes of the node's predecessor, of the node and of its successor,
+    "none" being a code of its own. Returns C, the number of contexts, with
+    ``contexts[i]`` node ``i``'s, numbered in the order of (predecessor,
+    node, successor) codes, and ``first[c]`` the smallest node of context
+    ``c``; or -1, having written neither, if a node has two predecessors or
+    two successors. Nodes of one context see the same rows at every step of
+    a message-passing layer over codes, so its output is the same for all
+    of them (``Encoder.forward_lookup``). Three stable counting sorts on one
+    thread: O(n + U). A code outside ``[0, U)`` raises ValueError."""
+    cdef intp_t n = codes.shape[0], U = count.shape[0] - 2, q, i, k, C = 0
+    cdef int64_t c, bad = 0, key, prev_p = -1, prev_c = -1, prev_s = -1, p, s
+    cdef bint outside = False, chain = True
+    if U < 0 or indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
+            or t_indices.shape[0] != indices.shape[0]:
+        raise ValueError("group_contexts: count must be (U + 2,), indptr and t_indptr "
+                         "(n + 1,), the transpose as large as the graph")
+    if order.shape[0] != n or swap.shape[0] != n or contexts.shape[0] != n:
+        raise ValueError(f"group_contexts: order, swap and contexts must be ({n},)")
+    if n == 0:
+        return 0
+    cdef const index_t* nb = &indices[0] if indices.shape[0] else NULL
+    cdef const index_t* t_nb = &t_indices[0] if t_indices.shape[0] else NULL
+    cdef const index_t* ptr = &indptr[0]
+    cdef const index_t* t_ptr = &t_indptr[0]
+    cdef const int64_t* cp = &codes[0]
+    with nogil:
+        for i in range(n):
+            c = cp[i]
+            if c < 0 or c >= U:
+                bad = c
+                outside = True
+                break
+            if ptr[i + 1] - ptr[i] > 1 or t_ptr[i + 1] - t_ptr[i] > 1:
+                chain = False
+    if outside:
+        raise ValueError(f"group_contexts: code {bad} is outside [0, {U})")
+    if not chain:
+        return -1
+    with nogil:
+        # least significant first: by successor (into order), node (into
+        # swap), predecessor (into order); each pass stable, so ties keep
+        # ascending node order
+        memset(&count[0], 0, (U + 2) * sizeof(int64_t))
+        for i in range(n):
+            count[_neighbour_code(ptr, nb, cp, i) + 1] += 1
+        for k in range(U + 1):
+            count[k + 1] += count[k]
+        for i in range(n):
+            key = _neighbour_code(ptr, nb, cp, i)
+            order[count[key]] = i
+            count[key] += 1
+        memset(&count[0], 0, (U + 2) * sizeof(int64_t))
+        for i in range(n):
+            count[cp[i] + 1] += 1
+        for k in range(U + 1):
+            count[k + 1] += count[k]
+        for q in range(n):
+            i = order[q]
+            swap[count[cp[i]]] = i
+            count[cp[i]] += 1
+        memset(&count[0], 0, (U + 2) * sizeof(int64_t))
+        for i in range(n):
+            count[_neighbour_code(t_ptr, t_nb, cp, i) + 1] += 1
+        for k in range(U + 1):
+            count[k + 1] += count[k]
+        for q in range(n):
+            i = swap[q]
+            key = _neighbour_code(t_ptr, t_nb, cp, i)
+            order[count[key]] = i
+            count[key] += 1
+        for q in range(n):
+            i = order[q]
+            p = _neighbour_code(t_ptr, t_nb, cp, i)
+            s = _neighbour_code(ptr, nb, cp, i)
+            if q == 0 or p != prev_p or cp[i] != prev_c or s != prev_s:
+                C += 1
+                prev_p, prev_c, prev_s = p, cp[i], s
+            contexts[i] = C - 1
+    if first.shape[0] < C:
+        raise ValueError(f"group_contexts: first must hold {C} nodes")
+    with nogil:
+        for q in range(n - 1, -1, -1):   # the smallest node last
+            i = order[q]
+            first[contexts[i]] = i
+    return C
+
+
 def lookup_layer_backward(const index_t[::1] indptr,     # IN  (n+1,) out-edges
                           const index_t[::1] indices,    # IN  (E,)
                           const double[::1] weights,     # IN  (E,), or (0,)

@@ -47,7 +47,9 @@ def _check_layers(saved, h):
     The layers themselves do not scan their inputs again: one O(n d) scan
     for all of them."""
     if saved and h.size and not _core.all_finite(h.reshape(-1)):
-        outputs = [s[1] for s in saved[1:]] + [h]   # layer l's output is l + 1's input
+        # layer l's output is l + 1's input: its features, or for a layer
+        # taken on a table (9 saved arrays) the table's rows it read
+        outputs = [s[6] if len(s) == 9 else s[1] for s in saved[1:]] + [h]
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
         raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is "
                                  "not finite (features or weights too large for the dtype)")
@@ -65,6 +67,37 @@ def _check_apart(workspace, arrays):
         if held is not None and held.startswith(_WRITES):
             raise ValueError(f"{arg} lies in the workspace's array {held!r}, which the "
                              "encoder writes: pass a copy")
+
+
+def _group_contexts(graph, edges, codes, U, workspace, layer):
+    """``(contexts, first_node)``: :func:`grapheme._core.group_contexts` of a
+    layer's input codes (``U`` of them) on ``graph`` (``edges``: its
+    :func:`grapheme.ops._both_ways`): each node's context, and the first
+    node of each. ``(None, None)`` where a layer cannot be taken on
+    contexts: a node with two predecessors or successors, or edge weights
+    (a context would have to include them)."""
+    if edges[2].shape[0]:
+        return None, None
+    n = graph.num_nodes
+    ints = {key: _alloc(workspace, "encoder." + key, None, None, np.int64, {},
+                        shape=(size,))
+            for key, size in (("count", U + 2), ("order", n), ("swap", n),
+                              ("contexts", n), (f"first{layer}", n))}
+    C = _core.group_contexts(edges[0], edges[1], edges[3], edges[4], codes, ints["count"],
+                             ints["order"], ints["swap"], ints["contexts"],
+                             ints[f"first{layer}"])
+    if C < 0:
+        return None, None
+    return ints["contexts"], ints[f"first{layer}"][:C]
+
+
+def _spread(grad_rows, first_node, n, workspace, name):
+    """(n, d): ``grad_rows[c]`` on node ``first_node[c]``, zero elsewhere."""
+    out = _alloc(workspace, name, n, grad_rows.shape[1], grad_rows.dtype,
+                 {"grad_rows": grad_rows})
+    out[...] = 0
+    out[first_node] = grad_rows
+    return out
 
 
 class Encoder:
@@ -247,13 +280,35 @@ class Encoder:
                 workspace, "encoder.lookup", rows.shape[0], self.dim, self.dtype))
             as_float_array(h, table_name, dtype=KEEP)
             result, saved = self._forward(graph, h, workspace)
-            return result, (*saved, lookup)
+            return result, (*saved, lookup, ())
         params = self._checked_params()
         w = [params[f"layer0.{name}"] for name in _LAYER]
         (h,), first = LookupMessagePassing()._forward(graph, table, rows, *w, workspace,
                                                       "layer0.", table_name)
-        result, saved = self._forward(graph, h, workspace, [first], params)
-        return result, (*saved, None)
+        layers, spread = [first], []
+        for layer in range(1, self.layers):
+            # the nodes of one context (the rows read by the node and its
+            # neighbours, layer - 1 hops on) have the same input row here:
+            # the layer is taken on those C rows, as the first on the table
+            codes, U = layers[-1][2], layers[-1][6].shape[0]
+            contexts, first_node = _group_contexts(graph, layers[-1][0], codes, U, workspace,
+                                                   layer)
+            if first_node is None:   # not a chain: every later layer on the nodes
+                break
+            rows_in = _alloc(workspace, f"encoder.context{layer}", first_node.shape[0],
+                             self.dim, self.dtype)
+            _core.take_rows(h, first_node, rows_in)
+            if not _core.all_finite(rows_in.reshape(-1)):
+                raise LayerOverflowError(f"the encoder's layer {layer - 1} overflowed: its "
+                                         "output is not finite (features or weights too "
+                                         "large for the dtype)")
+            w = [params[f"layer{layer}.{name}"] for name in _LAYER]
+            (h,), s = LookupMessagePassing()._forward(graph, rows_in, contexts, *w, workspace,
+                                                      f"layer{layer}.")
+            layers.append(s)
+            spread.append(first_node)
+        result, saved = self._forward(graph, h, workspace, layers, params)
+        return result, (*saved, None, tuple(spread))
 
     def _checked_params(self):
         """The parameters as finite C-contiguous arrays of their shapes and the
@@ -270,7 +325,11 @@ class Encoder:
         """Gradient of the input features (of the table, for the ``saved`` of
         :meth:`forward_lookup`), and of every parameter (a dict). Pure
         without ``workspace`` (see :meth:`forward`)."""
+        # forward: (layers, sq, sk); forward_lookup: then the Lookup's saved
+        # (no layers) or None, and the first node of each context of the
+        # layers taken on contexts (from the second on; none off a chain)
         layers, sq, sk, *lookup = saved
+        spread = lookup[1] if lookup else ()
         check_workspace(workspace)
         n, d = sq[0].shape
         if len(layers) != self.layers or d != self.dim or sq[0].dtype != self.dtype:
@@ -301,10 +360,17 @@ class Encoder:
         elif base is not grad_h:
             grad_h[...] = base
         for layer in range(self.layers - 1, -1, -1):
-            op = LookupMessagePassing() if lookup and layer == 0 else MessagePassing()
+            on_rows = lookup and (layer == 0 or spread)
+            op = LookupMessagePassing() if on_rows else MessagePassing()
             grad_h, *gw = op.vjp(layers[layer], grad_h, workspace, f"layer{layer % 2}.")
             for name, g in zip(_LAYER, gw):
                 grads[f"layer{layer}.{name}"] = g
+            if on_rows and layer:
+                # the gradient of the contexts' rows: each context's on its
+                # first node, zero on the others. Exact: the layer below
+                # maps every node of a context by the same linear map (they
+                # read the same rows), so only the context's sum matters
+                grad_h = _spread(grad_h, spread[layer - 1], n, workspace, f"encoder.spread{layer % 2}")
         if lookup and lookup[0] is not None:   # no layers: the lookup's own vjp
             grad_h = Lookup().vjp(lookup[0], grad_h)[0]
         return grad_h, grads

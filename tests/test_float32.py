@@ -359,9 +359,12 @@ def test_a_float32_step_keeps_its_big_arrays_float32():
     arrays = trainer._workspace._arrays
     assert all(arrays[k].dtype == np.float64 for k in transport)
     arrays = {k: a for k, a in arrays.items() if k not in transport}
-    # the first layer's indices of the table rows it reads, and nothing else
+    # the layers' indices of the rows they read (the table's, then the
+    # contexts'), the contexts' grouping, and nothing else
     ints = {k for k, a in arrays.items() if a.dtype.kind != "f"}
-    assert ints == {f"layer0.{k}" for k in ("mark", "used", "codes", "group", "order")}
+    assert ints == ({f"layer{i}.{k}" for i in (0, 1)
+                     for k in ("mark", "used", "codes", "group", "order")}
+                    | {f"encoder.{k}" for k in ("count", "order", "swap", "contexts", "first1")})
     assert all(arrays[k].dtype == np.int64 for k in ints)
     arrays = {k: a for k, a in arrays.items() if k not in ints}
     assert arrays and all(a.dtype == np.float32 for a in arrays.values()), \
