@@ -74,6 +74,20 @@ def lookup_layer_backward(
     rz: np.ndarray,         # floating[:, ::1] OUT (U, 3d) sums of [gz, S gz, P gz] by row
     num_threads: int = 0,
 ) -> None: ...
+def lookup_layer_backward_at(
+    indptr: np.ndarray,     # const index_t[::1] IN (n+1,) out-edges
+    indices: np.ndarray,    # const index_t[::1] IN (E,)
+    weights: np.ndarray,    # const double[::1] IN (E,) or (0,)
+    t_indptr: np.ndarray,   # const index_t[::1] IN (n+1,) in-edges
+    t_indices: np.ndarray,  # const index_t[::1] IN (E,)
+    t_weights: np.ndarray,  # const double[::1] IN (E,) or (0,)
+    codes: np.ndarray,      # const int64_t[::1] IN (n,) each in [0, U) (checked)
+    nodes: np.ndarray,      # const int64_t[::1] IN (k,) each in [0, n) (checked)
+    grad: np.ndarray,       # const floating[:, ::1] IN (k, d) of the layer's rows
+    gz: np.ndarray,         # const floating[:, ::1] IN (k, d) of their pre-activation
+    rg: np.ndarray,         # floating[:, ::1] OUT (U, d) sums of grad by row
+    rz: np.ndarray,         # floating[:, ::1] OUT (U, 3d) [gz, gz into preds, into succs]
+) -> None: ...
 def rows_add(
     rows: np.ndarray,     # const int64_t[::1] IN (n,)
     values: np.ndarray,   # const floating[:, ::1] IN (n, d)

@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memset
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
-    floating, row_scale_f, row_add_to_f, _stack_row, _row_sum, _edges_both_ways, dot,
+    floating, row_scale_f, row_add_to_f, _stack_row, _row_add, _row_sum, _edges_both_ways, dot,
 )
 from cython.parallel cimport prange
 
@@ -391,6 +391,67 @@ def lookup_layer_backward(const index_t[::1] indptr,     # IN  (n+1,) out-edges
                 # the adjoint of the predecessor sum is the successor sum
                 _row_sum(row + d, gp, d, nb, w, indptr[i], indptr[i + 1], d)
                 _row_sum(row + 2 * d, gp, d, t_nb, t_w, t_indptr[i], t_indptr[i + 1], d)
+
+
+def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edges
+                             const index_t[::1] indices,    # IN  (E,)
+                             const double[::1] weights,     # IN  (E,), or (0,)
+                             const index_t[::1] t_indptr,   # IN  (n+1,) in-edges
+                             const index_t[::1] t_indices,  # IN  (E,)
+                             const double[::1] t_weights,   # IN  (E,), or (0,)
+                             const int64_t[::1] codes,      # IN  (n,) each in [0, U)
+                             const int64_t[::1] nodes,      # IN  (k,) each in [0, n)
+                             const floating[:, ::1] grad,   # IN  (k, d) of the layer's rows
+                             const floating[:, ::1] gz,     # IN  (k, d) of their pre-activation
+                             floating[:, ::1] rg,           # OUT (U, d)
+                             floating[:, ::1] rz):          # OUT (U, 3d)
+    """The sums :func:`lookup_layer_backward` makes, for a layer computed at
+    some nodes only (``_products.lookup_layer`` with ``nodes``; row ``q``
+    of ``grad`` and ``gz`` is node ``nodes[q]``'s): each node's ``grad``
+    and ``gz`` added to its own row's ``rg`` and first block of ``rz``, and
+    ``w gz`` to the second block of its predecessors' rows and the third of
+    its successors' (the rows whose products it read). Nodes in order, then
+    edges in order, on one thread (a layer on an encoder's contexts: a few
+    thousand rows). A code or a node out of range raises ValueError before
+    anything is written. O((k + E) d + U d)."""
+    cdef intp_t n = codes.shape[0], k = nodes.shape[0], U = rg.shape[0], d = grad.shape[1]
+    cdef intp_t q, i, e, c
+    if (grad.shape[0] != k or gz.shape[0] != k or gz.shape[1] != d or rg.shape[1] != d
+            or rz.shape[0] != U or rz.shape[1] != 3 * d):
+        raise ValueError("lookup_layer_backward_at: grad and gz must be (k, d), rg (U, d) "
+                         "and rz (U, 3d)")
+    cdef const index_t* nb
+    cdef const index_t* t_nb
+    cdef const double* w
+    cdef const double* t_w
+    _edges_both_ways("lookup_layer_backward_at", n, indptr, indices, weights, t_indptr,
+                     t_indices, t_weights, &nb, &w, &t_nb, &t_w)
+    cdef bint bad = False
+    with nogil:
+        for i in range(n):
+            if codes[i] < 0 or codes[i] >= U:
+                bad = True
+        for q in range(k):
+            if nodes[q] < 0 or nodes[q] >= n:
+                bad = True
+    if bad:
+        raise ValueError(f"lookup_layer_backward_at: codes must lie in [0, {U}) and nodes "
+                         f"in [0, {n})")
+    if U == 0 or d == 0:
+        return
+    cdef const floating* g
+    with nogil:
+        memset(&rg[0, 0], 0, U * d * sizeof(floating))
+        memset(&rz[0, 0], 0, U * 3 * d * sizeof(floating))
+        for q in range(k):
+            i = nodes[q]
+            g = &gz[q, 0]
+            _row_add(&rg[codes[i], 0], &grad[q, 0], 1.0, d)
+            _row_add(&rz[codes[i], 0], g, 1.0, d)
+            for e in range(t_indptr[i], t_indptr[i + 1]):   # read its predecessors' W_pred
+                _row_add(&rz[codes[t_nb[e]], d], g, t_w[e] if t_w != NULL else 1.0, d)
+            for e in range(indptr[i], indptr[i + 1]):       # and its successors' W_succ
+                _row_add(&rz[codes[nb[e]], 2 * d], g, w[e] if w != NULL else 1.0, d)
 
 
 def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each input row

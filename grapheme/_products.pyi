@@ -48,11 +48,12 @@ def lookup_layer(
     t_indices: np.ndarray,     # const index_t[::1] IN (E,)
     t_weights: np.ndarray,     # const double[::1] IN (E,) or (0,)
     codes: np.ndarray,         # const int64_t[::1] IN (n,) each in [0, U)
+    nodes: np.ndarray,         # const int64_t[::1] IN (k,) the nodes computed; (0,): all
     products: np.ndarray,      # const floating[:, ::1] IN (U, 3d) rows @ [Ws | Wp | Wn]
     bias: np.ndarray,          # const floating[::1] IN (d,)
     rows: np.ndarray,          # const floating[:, ::1] IN (U, d) the table rows read
-    t: np.ndarray,             # floating[:, ::1] OUT (n, d) tanh(z); z without NUMPY_TANH
-    out: np.ndarray,           # floating[:, ::1] OUT (n, d) rows[codes] + t (NUMPY_TANH)
+    t: np.ndarray,             # floating[:, ::1] OUT (k, d) tanh(z); z without NUMPY_TANH
+    out: np.ndarray,           # floating[:, ::1] OUT (k, d) rows[codes] + t (NUMPY_TANH)
     num_threads: int = 0,
 ) -> None: ...
 def stacked_matmul_tn(

@@ -312,25 +312,30 @@ def stacked_matmul(const index_t[::1] indptr, const index_t[::1] indices,
 def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
                  const double[::1] weights, const index_t[::1] t_indptr,
                  const index_t[::1] t_indices, const double[::1] t_weights,
-                 const int64_t[::1] codes, const floating[:, ::1] products,
-                 const floating[::1] bias, const floating[:, ::1] rows, floating[:, ::1] t,
-                 floating[:, ::1] out, int num_threads=0):
+                 const int64_t[::1] codes, const int64_t[::1] nodes,
+                 const floating[:, ::1] products, const floating[::1] bias,
+                 const floating[:, ::1] rows, floating[:, ::1] t, floating[:, ::1] out,
+                 int num_threads=0):
     """A message-passing layer of looked-up rows, its products taken on the
     table's rows (``ops.LookupMessagePassing``): ``products`` (U, 3d) is
     ``rows @ [W_self | W_pred | W_succ]`` for the U distinct rows the nodes
     read (``rows`` (U, d)), ``codes`` (n,) each node's row among them. Then
-    ``t[i] = tanh(products[c_i, :d] + sum_{j -> i} w products[c_j, d:2d] +
-    sum_{i -> j} w products[c_j, 2d:] + bias)`` (edges in order; the graph
-    by source, then by target, as :func:`stacked_matmul`) and ``out[i] =
-    rows[c_i] + t[i]``. Where numpy's tanh loop is not at hand
-    (:data:`NUMPY_TANH` False), ``t`` is the pre-activation and ``out`` is
-    not written (the caller applies ``np.tanh`` and the residual). Blocks of :data:`ROWS` nodes in
-    parallel, the tanh on each block while it is in cache: the same bits on
-    any number of threads. The caller checks that every code lies in
-    ``[0, U)``. O((n + E) d)."""
+    for each node ``i`` of ``nodes`` (k of them; every node, in order, if
+    empty), its row ``q``: ``t[q] = tanh(products[c_i, :d] + sum_{j -> i}
+    w products[c_j, d:2d] + sum_{i -> j} w products[c_j, 2d:] + bias)``
+    (edges in order; the graph by source, then by target, as
+    :func:`stacked_matmul`) and ``out[q] = rows[c_i] + t[q]``. Where numpy's
+    tanh loop is not at hand (:data:`NUMPY_TANH` False), ``t`` is the
+    pre-activation and ``out`` is not written (the caller applies
+    ``np.tanh`` and the residual). Blocks of :data:`ROWS` rows in parallel,
+    the tanh on each block while it is in cache: the same bits on any
+    number of threads. The caller checks that every code lies in ``[0,
+    U)``; a node outside ``[0, n)`` raises ValueError. O((k + E) d)."""
     cdef intp_t n = codes.shape[0], U = rows.shape[0], d = rows.shape[1], blk, lo, r, i, j, e
+    cdef intp_t q, k = nodes.shape[0] if nodes.shape[0] else n
+    cdef bint some = nodes.shape[0] > 0
     if (products.shape[0] != U or products.shape[1] != 3 * d or bias.shape[0] != d
-            or t.shape[0] != n or t.shape[1] != d or out.shape[0] != n or out.shape[1] != d):
+            or t.shape[0] != k or t.shape[1] != d or out.shape[0] != k or out.shape[1] != d):
         raise ValueError(f"lookup_layer: shapes rows ({U}, {d}), products "
                          f"({products.shape[0]}, {products.shape[1]}), t ({t.shape[0]}, "
                          f"{t.shape[1]}), out ({out.shape[0]}, {out.shape[1]}) disagree")
@@ -340,20 +345,29 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
     cdef const double* t_wp
     _edges_both_ways("lookup_layer", n, indptr, indices, weights, t_indptr, t_indices,
                      t_weights, &nbr, &wp, &t_nbr, &t_wp)
+    cdef bint outside = False
+    if some:
+        with nogil:
+            for q in range(k):
+                if nodes[q] < 0 or nodes[q] >= n:
+                    outside = True
+        if outside:
+            raise ValueError(f"lookup_layer: nodes must lie in [0, {n})")
     if n == 0 or d == 0:
         return
     if U == 0:
         raise ValueError("lookup_layer: no rows")
     cdef bint fused = NUMPY_TANH
-    cdef intp_t nb = (n + _ROWS - 1) // _ROWS
+    cdef intp_t nb = (k + _ROWS - 1) // _ROWS
     cdef int nt = num_threads_for(num_threads, nb)
     cdef const floating* pp = &products[0, 0]
     cdef floating* z
     with nogil:
         for blk in prange(nb, num_threads=nt, schedule="static"):
             lo = blk * _ROWS
-            for i in range(lo, min(n, lo + _ROWS)):
-                z = &t[i, 0]
+            for q in range(lo, min(k, lo + _ROWS)):
+                i = nodes[q] if some else q
+                z = &t[q, 0]
                 for j in range(d):
                     z[j] = pp[codes[i] * 3 * d + j]
                 # the predecessors' W_pred part (in-edges), then the
@@ -367,11 +381,12 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
                 for j in range(d):
                     z[j] = z[j] + bias[j]
             if fused:
-                r = min(n, lo + _ROWS) - lo
+                r = min(k, lo + _ROWS) - lo
                 _tanh(&t[lo, 0], r * d)
-                for i in range(lo, lo + r):
+                for q in range(lo, lo + r):
+                    i = nodes[q] if some else q
                     for j in range(d):
-                        out[i, j] = rows[codes[i], j] + t[i, j]
+                        out[q, j] = rows[codes[i], j] + t[q, j]
 
 
 def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,

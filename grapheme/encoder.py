@@ -8,8 +8,8 @@ from ._validation import (KEEP, as_float_array, check_allocation, check_dtype, c
                           check_scalar)
 from ._workspace import check_workspace
 from . import _core
-from .ops import (_SCRATCH, Linear, Lookup, LookupMessagePassing, MessagePassing, _alloc,
-                  table_rows)
+from .ops import (_SCRATCH, Linear, Lookup, LookupMessagePassing, LookupSaved,
+                  MessagePassing, _alloc, _both_ways, table_rows)
 
 __all__ = ["Encoder", "EncodeResult", "LayerOverflowError"]
 
@@ -47,9 +47,9 @@ def _check_layers(saved, h):
     The layers themselves do not scan their inputs again: one O(n d) scan
     for all of them."""
     if saved and h.size and not _core.all_finite(h.reshape(-1)):
-        # layer l's output is l + 1's input: its features, or for a layer
-        # taken on a table (9 saved arrays) the table's rows it read
-        outputs = [s[6] if len(s) == 9 else s[1] for s in saved[1:]] + [h]
+        # layer l's output is l + 1's input: its features, or the rows of
+        # the table a layer taken on one read
+        outputs = [s.rows if isinstance(s, LookupSaved) else s[1] for s in saved[1:]] + [h]
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
         raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is "
                                  "not finite (features or weights too large for the dtype)")
@@ -70,34 +70,26 @@ def _check_apart(workspace, arrays):
 
 
 def _group_contexts(graph, edges, codes, U, workspace, layer):
-    """``(contexts, first_node)``: :func:`grapheme._core.group_contexts` of a
-    layer's input codes (``U`` of them) on ``graph`` (``edges``: its
-    :func:`grapheme.ops._both_ways`): each node's context, and the first
-    node of each. ``(None, None)`` where a layer cannot be taken on
+    """``(contexts, nodes)``: :func:`grapheme._core.group_contexts` of the
+    ``codes`` (``U`` of them) that layer ``layer`` reads on ``graph``
+    (``edges``: its :func:`grapheme.ops._both_ways`): each node's context,
+    numbered, the next layer's codes, and the first node of each, where the
+    layer is computed. ``(None, None)`` where a layer cannot be taken on
     contexts: a node with two predecessors or successors, or edge weights
     (a context would have to include them)."""
     if edges[2].shape[0]:
         return None, None
     n = graph.num_nodes
-    ints = {key: _alloc(workspace, "encoder." + key, None, None, np.int64, {},
+    ints = {key: _alloc(workspace, "encoder." + key, None, None, np.int64, {"codes": codes},
                         shape=(size,))
             for key, size in (("count", U + 2), ("order", n), ("swap", n),
-                              ("contexts", n), (f"first{layer}", n))}
+                              (f"contexts{layer % 2}", n), (f"nodes{layer}", n))}
     C = _core.group_contexts(edges[0], edges[1], edges[3], edges[4], codes, ints["count"],
-                             ints["order"], ints["swap"], ints["contexts"],
-                             ints[f"first{layer}"])
+                             ints["order"], ints["swap"], ints[f"contexts{layer % 2}"],
+                             ints[f"nodes{layer}"])
     if C < 0:
         return None, None
-    return ints["contexts"], ints[f"first{layer}"][:C]
-
-
-def _spread(grad_rows, first_node, n, workspace, name):
-    """(n, d): ``grad_rows[c]`` on node ``first_node[c]``, zero elsewhere."""
-    out = _alloc(workspace, name, n, grad_rows.shape[1], grad_rows.dtype,
-                 {"grad_rows": grad_rows})
-    out[...] = 0
-    out[first_node] = grad_rows
-    return out
+    return ints[f"contexts{layer % 2}"], ints[f"nodes{layer}"][:C]
 
 
 class Encoder:
@@ -280,35 +272,33 @@ class Encoder:
                 workspace, "encoder.lookup", rows.shape[0], self.dim, self.dtype))
             as_float_array(h, table_name, dtype=KEEP)
             result, saved = self._forward(graph, h, workspace)
-            return result, (*saved, lookup, ())
+            return result, (*saved, lookup)
         params = self._checked_params()
-        w = [params[f"layer0.{name}"] for name in _LAYER]
-        (h,), first = LookupMessagePassing()._forward(graph, table, rows, *w, workspace,
-                                                      "layer0.", table_name)
-        layers, spread = [first], []
-        for layer in range(1, self.layers):
-            # the nodes of one context (the rows read by the node and its
-            # neighbours, layer - 1 hops on) have the same input row here:
-            # the layer is taken on those C rows, as the first on the table
-            codes, U = layers[-1][2], layers[-1][6].shape[0]
-            contexts, first_node = _group_contexts(graph, layers[-1][0], codes, U, workspace,
-                                                   layer)
-            if first_node is None:   # not a chain: every later layer on the nodes
-                break
-            rows_in = _alloc(workspace, f"encoder.context{layer}", first_node.shape[0],
-                             self.dim, self.dtype)
-            _core.take_rows(h, first_node, rows_in)
-            if not _core.all_finite(rows_in.reshape(-1)):
-                raise LayerOverflowError(f"the encoder's layer {layer - 1} overflowed: its "
-                                         "output is not finite (features or weights too "
-                                         "large for the dtype)")
+        # every layer but the last is taken on contexts: the nodes that read
+        # the same rows at every hop (on a chain: the same row, predecessor's
+        # and successor's codes) have the same output, so the layer computes
+        # one row per context, a table the next layer reads like the first
+        # reads the embedding's. Off a chain, the layers after the first run
+        # on the nodes.
+        edges, h, codes, layers = _both_ways(graph), table, rows, []
+        for layer in range(self.layers):
+            contexts = nodes = None
+            if layer < self.layers - 1:
+                contexts, nodes = _group_contexts(graph, edges, codes, h.shape[0], workspace,
+                                                  layer)
             w = [params[f"layer{layer}.{name}"] for name in _LAYER]
-            (h,), s = LookupMessagePassing()._forward(graph, rows_in, contexts, *w, workspace,
-                                                      f"layer{layer}.")
+            (h,), s = LookupMessagePassing()._forward(graph, h, codes, *w, workspace,
+                                                      f"layer{layer}.", table_name, nodes)
             layers.append(s)
-            spread.append(first_node)
+            if nodes is None:   # the last layer, or not a chain
+                break
+            if not _core.all_finite(h.reshape(-1)):
+                raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output "
+                                         "is not finite (features or weights too large for "
+                                         "the dtype)")
+            codes = contexts
         result, saved = self._forward(graph, h, workspace, layers, params)
-        return result, (*saved, None, tuple(spread))
+        return result, (*saved, None)
 
     def _checked_params(self):
         """The parameters as finite C-contiguous arrays of their shapes and the
@@ -325,11 +315,7 @@ class Encoder:
         """Gradient of the input features (of the table, for the ``saved`` of
         :meth:`forward_lookup`), and of every parameter (a dict). Pure
         without ``workspace`` (see :meth:`forward`)."""
-        # forward: (layers, sq, sk); forward_lookup: then the Lookup's saved
-        # (no layers) or None, and the first node of each context of the
-        # layers taken on contexts (from the second on; none off a chain)
-        layers, sq, sk, *lookup = saved
-        spread = lookup[1] if lookup else ()
+        layers, sq, sk, *lookup = saved   # forward_lookup's: the Lookup's saved or None
         check_workspace(workspace)
         n, d = sq[0].shape
         if len(layers) != self.layers or d != self.dim or sq[0].dtype != self.dtype:
@@ -360,17 +346,13 @@ class Encoder:
         elif base is not grad_h:
             grad_h[...] = base
         for layer in range(self.layers - 1, -1, -1):
-            on_rows = lookup and (layer == 0 or spread)
-            op = LookupMessagePassing() if on_rows else MessagePassing()
-            grad_h, *gw = op.vjp(layers[layer], grad_h, workspace, f"layer{layer % 2}.")
+            # a layer taken on a table's rows returns the table's gradient:
+            # the embedding's, or the layer below's output rows (contexts)
+            s = layers[layer]
+            op = LookupMessagePassing() if isinstance(s, LookupSaved) else MessagePassing()
+            grad_h, *gw = op.vjp(s, grad_h, workspace, f"layer{layer % 2}.")
             for name, g in zip(_LAYER, gw):
                 grads[f"layer{layer}.{name}"] = g
-            if on_rows and layer:
-                # the gradient of the contexts' rows: each context's on its
-                # first node, zero on the others. Exact: the layer below
-                # maps every node of a context by the same linear map (they
-                # read the same rows), so only the context's sum matters
-                grad_h = _spread(grad_h, spread[layer - 1], n, workspace, f"encoder.spread{layer % 2}")
         if lookup and lookup[0] is not None:   # no layers: the lookup's own vjp
             grad_h = Lookup().vjp(lookup[0], grad_h)[0]
         return grad_h, grads

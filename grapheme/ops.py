@@ -902,6 +902,27 @@ class MessagePassing(Operation):
         return grad_h, gw[:d], gw[d:2 * d], gw[2 * d:], grad_bias
 
 
+_ALL = np.empty(0, np.int64)   # lookup_layer's nodes: every node
+
+
+class LookupSaved(NamedTuple):
+    """What :meth:`LookupMessagePassing.vjp` needs: the graph's edges both
+    ways, the table's row count, each node's code, the nodes grouped by
+    code, the codes' rows, the layer's ``tanh``, the weights side by side,
+    and the nodes computed (None: all)."""
+
+    edges: tuple
+    V: int
+    codes: np.ndarray
+    group: np.ndarray
+    order: np.ndarray
+    used: np.ndarray
+    rows: np.ndarray
+    t: np.ndarray
+    w_cat: np.ndarray
+    nodes: object
+
+
 class LookupMessagePassing(Operation):
     """:class:`MessagePassing` of looked-up rows, its products taken on the
     table: ``MessagePassing(graph, table[rows], ...)``, as a text model's
@@ -951,10 +972,12 @@ class LookupMessagePassing(Operation):
                              name)
 
     def _forward(self, graph, table, rows, w_self, w_pred, w_succ, bias, workspace=None,
-                 name="", table_name="table"):
+                 name="", table_name="table", nodes=None):
         """:meth:`forward` of a checked graph, a C-contiguous 2-d ``table`` and
         int64 ``rows`` in its range: the rows read are checked finite here
-        (under ``table_name``), O(U d), and the weights, O(d^2)."""
+        (under ``table_name``), O(U d), and the weights, O(d^2). ``nodes``
+        (k,) int64: the output rows of those nodes only (an encoder's
+        contexts), and the vjp takes their (k, d) gradient."""
         n, (V, d), dt = rows.shape[0], table.shape, table.dtype
         w_self = as_float_array(w_self, "w_self", shape=(d, d), dtype=dt)
         w_pred = as_float_array(w_pred, "w_pred", shape=(d, d), dtype=dt)
@@ -976,13 +999,15 @@ class LookupMessagePassing(Operation):
         products = _matmul(E, w_cat, _alloc(workspace, name + "products", U, 3 * d, dt,
                                             apart))
         edges = _both_ways(graph)
-        t = _alloc(workspace, name + "t", n, d, dt, apart)
-        out = _alloc(workspace, name + "out", n, d, dt, apart)
-        _products.lookup_layer(*edges, codes, products, bias, E, t, out)
+        k = n if nodes is None else nodes.shape[0]
+        t = _alloc(workspace, name + "t", k, d, dt, apart)
+        out = _alloc(workspace, name + "out", k, d, dt, apart)
+        _products.lookup_layer(*edges, codes, _ALL if nodes is None else nodes, products, bias,
+                               E, t, out)
         if not _products.NUMPY_TANH:   # the tail, by numpy's tanh
             np.tanh(t, out=t)
-            np.add(E[codes], t, out=out)
-        saved = (edges, V, codes, group, ints["order"], used, E, t, w_cat)
+            np.add(E[codes if nodes is None else codes[nodes]], t, out=out)
+        saved = LookupSaved(edges, V, codes, group, ints["order"], used, E, t, w_cat, nodes)
         return MessageResult(out), saved
 
     @one_pool
@@ -990,7 +1015,7 @@ class LookupMessagePassing(Operation):
         """``workspace``: as for :meth:`forward`. Returns the gradients of the
         (V, d) table, the three weights and the bias."""
         _check_place(workspace, name)
-        edges, V, codes, group, order, used, E, t, w_cat = saved
+        edges, V, codes, group, order, used, E, t, w_cat, nodes = saved
         (n, d), U, dt = t.shape, E.shape[0], t.dtype
         if grad_features is None:
             return (np.zeros((V, d), dt), np.zeros((d, d), dt), np.zeros((d, d), dt),
@@ -1003,7 +1028,10 @@ class LookupMessagePassing(Operation):
         # rz = of their [gz, S gz, P gz], the adjoints of [h, P, S]
         rg = _alloc(workspace, name + "rg", U, d, dt, apart)
         rz = _alloc(workspace, name + "rz", U, 3 * d, dt, apart)
-        _core.lookup_layer_backward(*edges, group, order, g, gz, rg, rz)
+        if nodes is None:
+            _core.lookup_layer_backward(*edges, group, order, g, gz, rg, rz)
+        else:
+            _core.lookup_layer_backward_at(*edges, codes, nodes, g, gz, rg, rz)
         gw = _matmul_tn(E, rz, workspace, name)               # (d, 3d) = E^T rz
         grad_rows = _matmul(rz, w_cat, _alloc(workspace, name + "grad", U, d, dt, apart),
                             transpose_b=True, init=rg)        # rg + rz [W]^T

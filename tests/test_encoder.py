@@ -608,17 +608,20 @@ def _lookup_case(rng, dtype=np.float64, count=60, weighted=True, V=40, d=5):
     return g, table, rows
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("layers", [0, 1, 2, 3])
-def test_forward_lookup_is_forward_of_the_looked_up_rows(layers, dtype):
+def test_forward_lookup_is_forward_of_the_looked_up_rows(layers, dtype, weighted):
     """The encoder on a table's rows, its first layer's products taken on
-    the table, is the encoder on ``table[rows]`` to rounding, and its vjp
-    is the lookup's vjp of the encoder's input gradient; with a workspace,
-    the same bits as without."""
+    the table (and on a batch of chains, every layer but the last on the
+    contexts; with edge weights, the later layers on the nodes), is the
+    encoder on ``table[rows]`` to rounding, and its vjp is the lookup's vjp
+    of the encoder's input gradient; with a workspace, the same bits as
+    without."""
     from grapheme._workspace import Workspace
 
     rng = np.random.default_rng(30 + layers)
-    g, table, rows = _lookup_case(rng, dtype)
+    g, table, rows = _lookup_case(rng, dtype, weighted=weighted)
     assert g.num_nodes > 3 * 256
     enc = gr.Encoder(5, layers=layers, dtype=dtype)
     for value in enc.params.values():
@@ -635,6 +638,9 @@ def test_forward_lookup_is_forward_of_the_looked_up_rows(layers, dtype):
     runs = []
     for ws in (None, Workspace()):
         result, saved = enc.forward_lookup(g, table, rows, ws)
+        on_contexts = [s.nodes is not None for s in saved[0] if isinstance(s, ops.LookupSaved)]
+        assert on_contexts == ([] if layers == 0 else [True] * (layers - 1) + [False]
+                               if not weighted else [False])
         result = [a.copy() for a in result]
         grad_table, got = enc.vjp(saved, *ups, workspace=ws)
         for a, b in zip(result, plain):
@@ -666,6 +672,116 @@ def test_lookup_layer_across_blocks_matches_central_differences():
 
     _, saved = ops.LookupMessagePassing().forward(g, table, rows, *args[1:])
     _check_directions(f, args, ops.LookupMessagePassing().vjp(saved, up), rng)
+
+
+def _chains(rng, count=40, alphabet="abcde"):
+    """A batch of chains over a small alphabet (contexts repeat), one of a
+    single node."""
+    texts = ["".join(rng.choice(list(alphabet), rng.integers(1, 30))) for _ in range(count)]
+    return gr.Graph.from_texts(texts + ["a"])
+
+
+def test_group_contexts_groups_by_predecessor_node_and_successor():
+    """The contexts of a batch of chains are the distinct (predecessor's,
+    node's, successor's) codes, "none" a code of its own, numbered in that
+    order, each with its smallest node: as numpy's unique says. A graph that
+    is not a batch of chains is answered with -1; bad arguments are
+    refused."""
+    rng = np.random.default_rng(34)
+
+    def run(g, codes, U):
+        e = ops._both_ways(g)
+        n = g.num_nodes
+        out = [np.full(s, -7, np.int64) for s in (U + 2, n, n, n, n)]
+        C = _core.group_contexts(e[0], e[1], e[3], e[4], codes, *out)
+        return C, out[3], out[4][:max(C, 0)]
+
+    for g, U in ((_chains(rng), 5), (_chains(rng, 300, "ab"), 2), (gr.Graph.from_text("x"), 1),
+                 (gr.Graph.from_texts([]), 3)):
+        codes = rng.integers(0, U, g.num_nodes)
+        C, contexts, first = run(g, codes, U)
+        e = ops._both_ways(g)
+        pred = np.where(np.diff(e[3]) > 0, codes[e[4][np.minimum(e[3][:-1], len(e[4]) - 1)]]
+                        + 1, 0) if g.num_edges else np.zeros(g.num_nodes, np.int64)
+        succ = np.where(np.diff(e[0]) > 0, codes[e[1][np.minimum(e[0][:-1], len(e[1]) - 1)]]
+                        + 1, 0) if g.num_edges else np.zeros(g.num_nodes, np.int64)
+        key = (pred * U + codes) * (U + 1) + succ
+        want, index, inverse = np.unique(key, return_index=True, return_inverse=True)
+        assert C == len(want)
+        np.testing.assert_array_equal(contexts, inverse)
+        np.testing.assert_array_equal(first, index)
+    # two successors (a branch), two predecessors (a join): not chains
+    for indptr, indices in (([0, 2, 2, 2], [1, 2]), ([0, 1, 2, 2], [2, 2])):
+        g = gr.Graph(np.array(indptr), np.array(indices), np.zeros(3, np.int64))
+        assert run(g, np.zeros(3, np.int64), 1)[0] == -1
+    g = gr.Graph.from_text("abc")
+    e = ops._both_ways(g)
+    for bad in (-1, 2):
+        with pytest.raises(ValueError, match=f"code {bad} is outside"):
+            _core.group_contexts(e[0], e[1], e[3], e[4], np.array([0, bad, 1]),
+                                 *(np.empty(s, np.int64) for s in (4, 3, 3, 3, 3)))
+    with pytest.raises(ValueError, match="order, swap and contexts"):
+        _core.group_contexts(e[0], e[1], e[3], e[4], np.zeros(3, np.int64),
+                             *(np.empty(s, np.int64) for s in (4, 3, 2, 3, 3)))
+    with pytest.raises(ValueError, match="first must hold 3"):
+        _core.group_contexts(e[0], e[1], e[3], e[4], np.array([0, 1, 0]),
+                             *(np.empty(s, np.int64) for s in (4, 3, 3, 3, 2)))
+
+
+def test_forward_lookup_on_contexts_matches_central_differences():
+    """Three layers, the first two taken on contexts (a batch of chains
+    whose contexts repeat): every gradient of the encoder, the table's
+    included, along random directions against central differences."""
+    rng = np.random.default_rng(35)
+    g = _chains(rng)
+    d, V = 4, 7
+    table = rng.normal(size=(V, d))
+    rows = rng.integers(0, V - 1, g.num_nodes)
+    enc = gr.Encoder(d, layers=3)
+    names = sorted(enc.params)
+    args = [table] + [0.4 * rng.normal(size=enc.params[k].shape) for k in names]
+    ups = [rng.normal(size=(g.num_nodes, d)) for _ in range(3)]
+
+    def f(*a):
+        e = gr.Encoder(d, layers=3)
+        for k, v in zip(names, a[1:]):
+            e.params[k][...] = v
+        r, _ = e.forward_lookup(g, a[0], rows)
+        return float(sum((x * u).sum() for x, u in zip(r, ups)))
+
+    for k, v in zip(names, args[1:]):
+        enc.params[k][...] = v
+    _, saved = enc.forward_lookup(g, table, rows)
+    assert [len(s.nodes) < g.num_nodes for s in saved[0][:2]] == [True, True]
+    grad_table, grads = enc.vjp(saved, *ups)
+    _check_directions(f, args, [grad_table] + [grads[k] for k in names], rng)
+
+
+def test_forward_lookup_off_a_chain_takes_the_later_layers_on_the_nodes():
+    """A graph with a branch (two successors) and a multi-edge: no contexts,
+    and the encoder is still ``forward(table[rows])``."""
+    g = gr.Graph(np.array([0, 2, 3, 4, 6, 6]), np.array([1, 2, 3, 3, 4, 4]),
+                 np.zeros(5, np.int64))
+    rng = np.random.default_rng(36)
+    table, rows = rng.normal(size=(3, 4)), np.array([0, 1, 2, 1, 0])
+    enc = gr.Encoder(4, layers=3)
+    for v in enc.params.values():
+        v[...] = rng.normal(scale=0.4, size=v.shape)
+    r, saved = enc.forward_lookup(g, table, rows)
+    assert isinstance(saved[0][0], ops.LookupSaved) and saved[0][0].nodes is None
+    assert not any(isinstance(s, ops.LookupSaved) for s in saved[0][1:])
+    plain, _ = enc.forward(g, table[rows])
+    for a, b in zip(r, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_an_overflowing_context_layer_is_named():
+    g = gr.Graph.from_text("abab")
+    enc = gr.Encoder(2, layers=3)
+    enc.params["layer1.self"][...] = 1e308
+    enc.params["layer1.pred"][...] = -1e308
+    with pytest.raises(gr.LayerOverflowError, match="layer 1 overflowed"):
+        enc.forward_lookup(g, np.ones((2, 2)), np.array([0, 1, 0, 1]))
 
 
 def test_forward_lookup_reads_only_the_rows_it_looks_up():
@@ -739,11 +855,28 @@ def test_lookup_layer_kernels_check_shapes():
     edges, d = ops._both_ways(g), 2
     codes = np.array([0, 1, 0])
     E, P, b = np.ones((2, d)), np.ones((2, 3 * d)), np.zeros(d)
+    every, some = np.empty(0, np.int64), np.array([2, 0])
     with pytest.raises(ValueError, match="lookup_layer: shapes"):
-        _products.lookup_layer(*edges, codes, np.ones((2, d)), b, E, np.empty((3, d)),
+        _products.lookup_layer(*edges, codes, every, np.ones((2, d)), b, E, np.empty((3, d)),
                                np.empty((3, d)))
     with pytest.raises(ValueError, match="lookup_layer: shapes"):
-        _products.lookup_layer(*edges, codes, P, b, E, np.empty((2, d)), np.empty((3, d)))
+        _products.lookup_layer(*edges, codes, every, P, b, E, np.empty((2, d)),
+                               np.empty((3, d)))
+    with pytest.raises(ValueError, match="lookup_layer: shapes"):    # two nodes: two rows
+        _products.lookup_layer(*edges, codes, some, P, b, E, np.empty((3, d)),
+                               np.empty((3, d)))
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=r"lookup_layer: nodes must lie in \[0, 3\)"):
+            _products.lookup_layer(*edges, codes, np.array([0, bad]), P, b, E,
+                                   np.empty((2, d)), np.empty((2, d)))
+    G2 = np.ones((2, d))
+    with pytest.raises(ValueError, match="lookup_layer_backward_at: grad and gz"):
+        _core.lookup_layer_backward_at(*edges, codes, some, G2, G2, np.empty((2, d)),
+                                       np.empty((2, d)))
+    for c, nodes in (([0, 2, 0], some), ([0, 1, 0], np.array([3, 0]))):
+        with pytest.raises(ValueError, match="codes must lie in .0, 2. and nodes in .0, 3."):
+            _core.lookup_layer_backward_at(*edges, np.array(c), nodes, G2, G2,
+                                           np.empty((2, d)), np.empty((2, 3 * d)))
     group, order = np.array([0, 2, 3]), np.array([0, 2, 1])
     G = np.ones((3, d))
     with pytest.raises(ValueError, match="lookup_layer_backward: grad and gz"):
