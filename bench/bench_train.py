@@ -193,22 +193,20 @@ class EncoderStepSuite:
     30 characters; nodes labelled by offset, as the Trainer does), ``layers``
     message-passing layers and the routing projections at width ``dim``,
     ``ste``, :meth:`StructuralLoss.for_training`, Adam. Its matrix products,
-    timed alone on arrays of the same shapes: per layer after the first one
-    forward product ``[h, P, S] @ [W_self; W_pred; W_succ]``, (n, 3d) @
-    (3d, d), and its two backward ones, the input gradient's (n, 3d) @ (3d,
-    d) and the weight gradient's (3d, n) @ (n, d); the first layer's three
-    on the U table rows the batch reads, (U, d) x (d, 3d)
-    (:class:`grapheme.ops.LookupMessagePassing`); per projection (query,
-    key) one forward, two backward (n, d) x (d, d) products. The step
-    stacks ``[h, P, S]`` block by block in cache
-    (:func:`grapheme._products.stacked_matmul`); the products alone read a
-    stacked array from memory.
+    timed alone on arrays of the same shapes: per layer one forward product
+    and two backward ones on the rows of the table it reads, (m, d) x (d,
+    3d) (:class:`grapheme.ops.LookupMessagePassing`): the first layer's on
+    the U embedding rows the batch reads, each later one's on the contexts
+    (the distinct rows its input has, one per context of the layers
+    below); per projection (query, key) one forward, two backward (n, d) x
+    (d, d) products.
     Issue 12's target: at ``dim = 64``, 2 layers, 256 pairs, the step costs
     at most 1.5x its products (the ratio ``time_matmuls / time_step`` at
-    least 0.667). It was met (1.43-1.52x) with the first layer's products
-    on the nodes; with them on the table's rows the step is a quarter
-    faster and its products 3/8 fewer, so the same glue reads about 1.8x
-    (docs/design.md, "Glue against products"). ``time_encoder`` is the
+    least 0.667). It was met (1.43-1.52x) with every layer's products on
+    the nodes. Taken on the table's rows and on the contexts, the products
+    are a fraction of what they were and the step is a third faster, so
+    the same glue reads about 2x and more (docs/design.md, "Glue against
+    products"). ``time_encoder`` is the
     encoder's forward and vjp alone, the part of the step those products
     belong to: its ratio to ``time_matmuls`` is the glue around BLAS
     itself, without the loss and the morph. ``track_chars_per_s`` is the step's throughput over
@@ -233,7 +231,6 @@ class EncoderStepSuite:
         rng = np.random.default_rng(0)
         n = self.chars
         self.h, self.w = rng.normal(size=(n, dim)), rng.normal(size=(dim, dim))
-        self.cat, self.wcat = rng.normal(size=(n, 3 * dim)), rng.normal(size=(3 * dim, dim))
         self.out = np.empty((n, dim))
         self.layers = layers
         # the encoder alone, forward and vjp, as the step calls it (on the
@@ -241,10 +238,16 @@ class EncoderStepSuite:
         g, rows, _, _, _ = self.trainer._batch(self.inputs, self.targets)
         self.graph, self.rows = g, rows.copy()
         self.upstream = np.ones((g.num_nodes, dim))
-        # the U distinct rows the batch reads: the first layer's products
-        self.table_rows = rng.normal(size=(len(np.unique(rows)), dim))
-        self.table_products = np.empty((len(self.table_rows), 3 * dim))
-        self.table_grad = np.empty_like(self.table_rows)
+        # each layer's products are on the rows of its table: the U
+        # distinct embedding rows the batch reads for the first, the
+        # contexts for the later ones (as many as the step's forward has)
+        sizes = []
+        if layers:
+            _, saved = self.trainer.encoder.forward_lookup(g, self.trainer.embedding.weight,
+                                                           self.rows)
+            sizes = [s.rows.shape[0] for s in saved[0]]
+        self.tables = [(rng.normal(size=(m, dim)), np.empty((m, 3 * dim)),
+                        np.empty((m, dim))) for m in sizes]
         self.wcat_t = rng.normal(size=(dim, 3 * dim))
 
     def time_step(self, batch_size, dim, layers):
@@ -258,15 +261,10 @@ class EncoderStepSuite:
 
         h, w, out, ws = self.h, self.w, self.out, self.trainer._workspace
         with single_pool():
-            if self.layers:   # the first layer's, on the table's rows
-                e, p = self.table_rows, self.table_products
+            for e, p, grad in self.tables:   # each layer's, on its table's rows
                 _matmul(e, self.wcat_t, p)                          # forward
-                _matmul(p, self.wcat_t, self.table_grad, True)      # rows' gradient
+                _matmul(p, self.wcat_t, grad, True)                 # rows' gradient
                 _matmul_tn(e, p, ws, "layer0.")                     # weight gradient
-            for _ in range(1, self.layers):
-                _matmul(self.cat, self.wcat, out)                   # forward
-                _matmul(self.cat, self.wcat, out)                   # h gradient
-                _matmul_tn(self.cat, out, ws, "message.")           # weight gradient
             for _ in range(2):                                      # query, key
                 _matmul(h, w, out)
                 _matmul(h, w, out, True)
