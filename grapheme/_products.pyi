@@ -4,8 +4,9 @@
 # floating is float or double, one for all arrays of a call.
 import numpy as np
 
-ROWS: int      # rows per block of matmul
-TN_ROWS: int   # rows per block of matmul_tn
+ROWS: int         # rows per block of the stacked products and lookup_layer
+MATMUL_ROWS: int  # rows per block of matmul
+TN_ROWS: int      # rows per block of matmul_tn
 NUMPY_TANH: bool   # numpy's tanh loop found: stacked_matmul takes residual=
 
 def matmul(

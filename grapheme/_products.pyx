@@ -27,11 +27,16 @@ import numpy as np
 from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
                               _row_add, _edges_both_ways)
 
-#: Rows per block of :func:`matmul`; blocks of :func:`matmul_tn` are
+#: Rows per block of the stacked products and the layers' gathers; blocks
+#: of :func:`matmul` are ``MATMUL_ROWS`` (smaller: its products on a
+#: table's rows or an encoder's contexts have a few hundred rows, which
+#: small blocks share evenly between threads), of :func:`matmul_tn`
 #: ``TN_ROWS``. Fixed, so the bits never follow the thread count.
 ROWS = 256
+MATMUL_ROWS = 64
 TN_ROWS = 256
 cdef intp_t _ROWS = ROWS
+cdef intp_t _MATMUL_ROWS = MATMUL_ROWS
 cdef intp_t _TN_ROWS = TN_ROWS
 cdef intp_t _CHUNK = 1024    # elements per task of the partials' sum
 
@@ -135,14 +140,14 @@ def matmul(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] 
         elif not add:
             out[...] = 0
         return
-    cdef intp_t nb = (n + _ROWS - 1) // _ROWS
+    cdef intp_t nb = (n + _MATMUL_ROWS - 1) // _MATMUL_ROWS
     cdef int nt = num_threads_for(num_threads, nb)
     cdef char* tb = b"T" if transpose_b else b"N"
     cdef int ldb = <int>(k if transpose_b else m)
     with nogil:
         for blk in prange(nb, num_threads=nt, schedule="static"):
-            lo = blk * _ROWS
-            rows = min(n - lo, _ROWS)
+            lo = blk * _MATMUL_ROWS
+            rows = min(n - lo, _MATMUL_ROWS)
             if copy:
                 for r in range(rows):
                     for j in range(m):
