@@ -104,8 +104,9 @@ class Encoder:
     projections at the identity, so an untrained encoder is the identity and
     a morph through it is exactly the context-free morph.
     O(layers ((n + E) d + n d^2)); :meth:`forward_lookup`, on the rows of an
-    embedding table, takes the first layer's products on the U rows read:
-    O(layers (n + E) d + (layers - 1) n d^2 + U d^2 + V).
+    embedding table, takes the first layer's products on the U rows read
+    and, on a batch of chains, each later layer's on the C contexts the
+    layers below see: O(layers (n + C d^2) + (n + E) d + U d^2 + V).
 
     Parameters
     ----------
@@ -225,7 +226,12 @@ class Encoder:
         (n,): each node's row, ``embedding.rows(graph.labels)``), with the
         first layer's products taken on the table's rows
         (:class:`grapheme.ops.LookupMessagePassing`): ``U d^2`` for the U
-        distinct rows the nodes read instead of ``n d^2``. The same
+        distinct rows the nodes read instead of ``n d^2``. Where every node
+        has at most one predecessor and one successor and the edges no
+        weights (a batch of texts), each layer but the last is computed at
+        one node per context (the nodes whose rows, and whose neighbours'
+        rows layer by layer, are the same; they have the same output) and
+        the next layer's products are taken on those C rows. The same
         function as ``forward(graph, table[rows])`` up to rounding;
         :meth:`vjp` of its ``saved`` returns the gradient of the (V, d)
         table (add it to ``embedding.grad``). How the ``Trainer`` and the
