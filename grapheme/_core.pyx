@@ -245,10 +245,12 @@ def group_contexts(const index_t[::1] indptr,    # IN  (n+1,) out-edges
     cdef intp_t n = codes.shape[0], U = count.shape[0] - 2, q, i, k, C = 0
     cdef int64_t c, bad = 0, key, prev_p = -1, prev_c = -1, prev_s = -1, p, s
     cdef bint outside = False, chain = True
-    if U < 0 or indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
+    if U < 0:
+        raise ValueError("group_contexts: count must be (U + 2,)")
+    if indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
             or t_indices.shape[0] != indices.shape[0]:
-        raise ValueError("group_contexts: count must be (U + 2,), indptr and t_indptr "
-                         "(n + 1,), the transpose as large as the graph")
+        raise ValueError(f"group_contexts: codes has {n} nodes, so indptr and t_indptr must "
+                         f"be ({n + 1},), and the transpose as large as the graph")
     if order.shape[0] != n or swap.shape[0] != n or contexts.shape[0] != n:
         raise ValueError(f"group_contexts: order, swap and contexts must be ({n},)")
     if n == 0:
@@ -411,8 +413,8 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     and ``gz`` added to its own row's ``rg`` and first block of ``rz``, and
     ``w gz`` to the second block of its predecessors' rows and the third of
     its successors' (the rows whose products it read). Nodes in order, then
-    edges in order, on one thread (a layer on an encoder's contexts: a few
-    thousand rows). A code or a node out of range raises ValueError before
+    edges in order, on one thread: O(k d) against the layer's O(U d^2)
+    products. A code or a node out of range raises ValueError before
     anything is written. O((k + E) d + U d)."""
     cdef intp_t n = codes.shape[0], k = nodes.shape[0], U = rg.shape[0], d = grad.shape[1]
     cdef intp_t q, i, e, c
@@ -426,17 +428,18 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     cdef const double* t_w
     _edges_both_ways("lookup_layer_backward_at", n, indptr, indices, weights, t_indptr,
                      t_indices, t_weights, &nb, &w, &t_nb, &t_w)
-    cdef bint bad = False
+    cdef bint bad_code = False, bad_node = False
     with nogil:
         for i in range(n):
             if codes[i] < 0 or codes[i] >= U:
-                bad = True
+                bad_code = True
         for q in range(k):
             if nodes[q] < 0 or nodes[q] >= n:
-                bad = True
-    if bad:
-        raise ValueError(f"lookup_layer_backward_at: codes must lie in [0, {U}) and nodes "
-                         f"in [0, {n})")
+                bad_node = True
+    if bad_code:
+        raise ValueError(f"lookup_layer_backward_at: codes must lie in [0, {U})")
+    if bad_node:
+        raise ValueError(f"lookup_layer_backward_at: nodes must lie in [0, {n})")
     if U == 0 or d == 0:
         return
     cdef const floating* g

@@ -106,7 +106,8 @@ class Encoder:
     O(layers ((n + E) d + n d^2)); :meth:`forward_lookup`, on the rows of an
     embedding table, takes the first layer's products on the U rows read
     and, on a batch of chains, each later layer's on the C contexts the
-    layers below see: O(layers (n + C d^2) + (n + E) d + U d^2 + V).
+    layers below see: O(layers (n + C d^2) + (n + E) d + U d^2 + V), the
+    projections' ``n d^2`` on top of either.
 
     Parameters
     ----------
@@ -232,7 +233,10 @@ class Encoder:
         one node per context (the nodes whose rows, and whose neighbours'
         rows layer by layer, are the same; they have the same output) and
         the next layer's products are taken on those C rows. The same
-        function as ``forward(graph, table[rows])`` up to rounding;
+        function as ``forward(graph, table[rows])`` up to rounding (near
+        the dtype's limit a row's products can overflow, a
+        :class:`LayerOverflowError`, where ``forward``'s sums cancel
+        first);
         :meth:`vjp` of its ``saved`` returns the gradient of the (V, d)
         table (add it to ``embedding.grad``). How the ``Trainer`` and the
         ``Segmenter`` call the encoder, so that training and inference
