@@ -87,6 +87,7 @@ def lookup_layer_backward_at(
     gz: np.ndarray,         # const floating[:, ::1] IN (k, d) of their pre-activation
     rg: np.ndarray,         # floating[:, ::1] OUT (U, d) sums of grad by row
     rz: np.ndarray,         # floating[:, ::1] OUT (U, 3d) [gz, gz into preds, into succs]
+    num_threads: int = 0,
 ) -> None: ...
 def rows_add(
     rows: np.ndarray,     # const int64_t[::1] IN (n,)

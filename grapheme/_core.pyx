@@ -378,8 +378,13 @@ def lookup_layer_backward(const index_t[::1] indptr,     # IN  (n+1,) out-edges
     cdef floating* row
     cdef const floating* gp = &gz[0, 0]
     cdef int nt = num_threads_for(num_threads, n // _ROWS_PER_THREAD + 1)
+    # groups handed out one at a time balance a few skewed ones (a first
+    # layer's characters), but thousands of one-node groups (an encoder's
+    # contexts) would spend the time on the shared counter: chunks of
+    # groups, about 16 per thread
+    cdef intp_t chunk = max(1, U // (16 * nt))
     with nogil:
-        for u in prange(U, num_threads=nt, schedule="dynamic"):
+        for u in prange(U, num_threads=nt, schedule="dynamic", chunksize=chunk):
             row = &rz[u, 0]
             for t in range(d):
                 rg[u, t] = 0.0
@@ -406,16 +411,17 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
                              const floating[:, ::1] grad,   # IN  (k, d) of the layer's rows
                              const floating[:, ::1] gz,     # IN  (k, d) of their pre-activation
                              floating[:, ::1] rg,           # OUT (U, d)
-                             floating[:, ::1] rz):          # OUT (U, 3d)
+                             floating[:, ::1] rz,           # OUT (U, 3d)
+                             int num_threads=0):
     """The sums :func:`lookup_layer_backward` makes, for a layer computed at
     some nodes only (``_products.lookup_layer`` with ``nodes``; row ``q``
     of ``grad`` and ``gz`` is node ``nodes[q]``'s): each node's ``grad``
     and ``gz`` added to its own row's ``rg`` and first block of ``rz``, and
     ``w gz`` to the second block of its predecessors' rows and the third of
     its successors' (the rows whose products it read). Nodes in order, then
-    edges in order, on one thread: O(k d) against the layer's O(U d^2)
-    products. A code or a node out of range raises ValueError before
-    anything is written. O((k + E) d + U d)."""
+    edges in order, each thread on a slice of the columns: the same bits on
+    any number of threads. A code or a node out of range raises ValueError
+    before anything is written. O((k + E) d + U d)."""
     cdef intp_t n = codes.shape[0], k = nodes.shape[0], U = rg.shape[0], d = grad.shape[1]
     cdef intp_t q, i, e, c
     if (grad.shape[0] != k or gz.shape[0] != k or gz.shape[1] != d or rg.shape[1] != d
@@ -442,19 +448,28 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
         raise ValueError(f"lookup_layer_backward_at: nodes must lie in [0, {n})")
     if U == 0 or d == 0:
         return
+    # threads take slices of the columns, each summing every node in
+    # order: the same bits on any number of threads
+    cdef int nt = num_threads_for(num_threads, min(d // 8, k * d // 8192) + 1)
+    cdef intp_t width = (d + nt - 1) // nt, cb, lo, cw
     cdef const floating* g
     with nogil:
         memset(&rg[0, 0], 0, U * d * sizeof(floating))
         memset(&rz[0, 0], 0, U * 3 * d * sizeof(floating))
-        for q in range(k):
-            i = nodes[q]
-            g = &gz[q, 0]
-            _row_add(&rg[codes[i], 0], &grad[q, 0], 1.0, d)
-            _row_add(&rz[codes[i], 0], g, 1.0, d)
-            for e in range(t_indptr[i], t_indptr[i + 1]):   # read its predecessors' W_pred
-                _row_add(&rz[codes[t_nb[e]], d], g, t_w[e] if t_w != NULL else 1.0, d)
-            for e in range(indptr[i], indptr[i + 1]):       # and its successors' W_succ
-                _row_add(&rz[codes[nb[e]], 2 * d], g, w[e] if w != NULL else 1.0, d)
+        for cb in prange(nt, num_threads=nt, schedule="static"):
+            lo = cb * width
+            cw = min(d, lo + width) - lo
+            for q in range(k):
+                i = nodes[q]
+                g = &gz[q, lo]
+                _row_add(&rg[codes[i], lo], &grad[q, lo], 1.0, cw)
+                _row_add(&rz[codes[i], lo], g, 1.0, cw)
+                for e in range(t_indptr[i], t_indptr[i + 1]):   # its predecessors' W_pred
+                    _row_add(&rz[codes[t_nb[e]], d + lo], g,
+                             t_w[e] if t_w != NULL else 1.0, cw)
+                for e in range(indptr[i], indptr[i + 1]):       # its successors' W_succ
+                    _row_add(&rz[codes[nb[e]], 2 * d + lo], g,
+                             w[e] if w != NULL else 1.0, cw)
 
 
 def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each input row
