@@ -161,6 +161,15 @@ def take_rows(const floating[:, ::1] table,  # IN  (V, d)
             memcpy(op + i * d, tp + rows[i] * d, d * sizeof(floating))
 
 
+cdef intp_t _first_outside(const int64_t* values, intp_t n, int64_t hi) noexcept nogil:
+    """The index of the first of ``values[0:n]`` outside ``[0, hi)``, or -1."""
+    cdef intp_t i
+    for i in range(n):
+        if values[i] < 0 or values[i] >= hi:
+            return i
+    return -1
+
+
 def group_rows(const int64_t[::1] rows,    # IN  (n,) rows of a table of V rows
                int64_t[::1] mark,          # SCRATCH (V,)
                int64_t[::1] used,          # OUT (>= U,) the distinct rows, ascending
@@ -174,22 +183,15 @@ def group_rows(const int64_t[::1] rows,    # IN  (n,) rows of a table of V rows
     thread: O(n + V). A row outside ``[0, V)`` raises ValueError before
     anything is written but ``mark``."""
     cdef intp_t n = rows.shape[0], V = mark.shape[0], i, v, U = 0
-    cdef int64_t r, bad = 0
-    cdef bint outside = False
     if codes.shape[0] != n or order.shape[0] != n:
         raise ValueError(f"group_rows: codes and order must be ({n},)")
+    i = _first_outside(&rows[0] if n else NULL, n, V)
+    if i >= 0:
+        raise ValueError(f"group_rows: row {rows[i]} is outside [0, {V})")
     with nogil:
         memset(&mark[0] if V else NULL, 0, V * sizeof(int64_t))
         for i in range(n):
-            r = rows[i]
-            if r < 0 or r >= V:
-                bad = r
-                outside = True
-                break
-            mark[r] += 1
-    if outside:
-        raise ValueError(f"group_rows: row {bad} is outside [0, {V})")
-    with nogil:
+            mark[rows[i]] += 1
         for v in range(V):
             if mark[v]:
                 U += 1
@@ -221,6 +223,23 @@ cdef inline int64_t _neighbour_code(const index_t* ptr, const index_t* nbr,
     return codes[nbr[ptr[i]]] + 1 if ptr[i + 1] > ptr[i] else 0
 
 
+cdef void _sort_by(const int64_t* key, const int64_t* src, int64_t* dst, int64_t* count,
+                   intp_t n, intp_t K) noexcept nogil:
+    """``dst`` = the nodes of ``src`` (``0..n-1`` if NULL) stably sorted by
+    ``key[node]`` in ``[0, K)``: a counting sort, ``count`` (K + 1,)
+    scratch. O(n + K)."""
+    cdef intp_t q, i, k
+    memset(count, 0, (K + 1) * sizeof(int64_t))
+    for i in range(n):
+        count[key[i] + 1] += 1
+    for k in range(K):
+        count[k + 1] += count[k]
+    for q in range(n):
+        i = src[q] if src != NULL else q
+        dst[count[key[i]]] = i
+        count[key[i]] += 1
+
+
 def group_contexts(const index_t[::1] indptr,    # IN  (n+1,) out-edges
                    const index_t[::1] indices,   # IN  (E,)
                    const index_t[::1] t_indptr,  # IN  (n+1,) in-edges
@@ -242,9 +261,9 @@ def group_contexts(const index_t[::1] indptr,    # IN  (n+1,) out-edges
     a message-passing layer over codes, so its output is the same for all
     of them (``Encoder.forward_lookup``). Three stable counting sorts on one
     thread: O(n + U). A code outside ``[0, U)`` raises ValueError."""
-    cdef intp_t n = codes.shape[0], U = count.shape[0] - 2, q, i, k, C = 0
-    cdef int64_t c, bad = 0, key, prev_p = -1, prev_c = -1, prev_s = -1, p, s
-    cdef bint outside = False, chain = True
+    cdef intp_t n = codes.shape[0], U = count.shape[0] - 2, q, i, C = 0
+    cdef int64_t prev_p = -1, prev_c = -1, prev_s = -1, p, s
+    cdef bint chain = True
     if U < 0:
         raise ValueError("group_contexts: count must be (U + 2,)")
     if indptr.shape[0] != n + 1 or t_indptr.shape[0] != n + 1 \
@@ -260,52 +279,29 @@ def group_contexts(const index_t[::1] indptr,    # IN  (n+1,) out-edges
     cdef const index_t* ptr = &indptr[0]
     cdef const index_t* t_ptr = &t_indptr[0]
     cdef const int64_t* cp = &codes[0]
+    cdef int64_t* key = &contexts[0]   # each pass's keys, until the contexts
+    i = _first_outside(cp, n, U)
+    if i >= 0:
+        raise ValueError(f"group_contexts: code {cp[i]} is outside [0, {U})")
     with nogil:
         for i in range(n):
-            c = cp[i]
-            if c < 0 or c >= U:
-                bad = c
-                outside = True
-                break
             if ptr[i + 1] - ptr[i] > 1 or t_ptr[i + 1] - t_ptr[i] > 1:
                 chain = False
-    if outside:
-        raise ValueError(f"group_contexts: code {bad} is outside [0, {U})")
+                break
     if not chain:
         return -1
     with nogil:
         # least significant first: by successor (into order), node (into
         # swap), predecessor (into order); each pass stable, so ties keep
         # ascending node order
-        memset(&count[0], 0, (U + 2) * sizeof(int64_t))
         for i in range(n):
-            count[_neighbour_code(ptr, nb, cp, i) + 1] += 1
-        for k in range(U + 1):
-            count[k + 1] += count[k]
+            key[i] = _neighbour_code(ptr, nb, cp, i)
+        _sort_by(key, NULL, &order[0], &count[0], n, U + 1)
+        _sort_by(cp, &order[0], &swap[0], &count[0], n, U)
         for i in range(n):
-            key = _neighbour_code(ptr, nb, cp, i)
-            order[count[key]] = i
-            count[key] += 1
-        memset(&count[0], 0, (U + 2) * sizeof(int64_t))
-        for i in range(n):
-            count[cp[i] + 1] += 1
-        for k in range(U + 1):
-            count[k + 1] += count[k]
-        for q in range(n):
-            i = order[q]
-            swap[count[cp[i]]] = i
-            count[cp[i]] += 1
-        memset(&count[0], 0, (U + 2) * sizeof(int64_t))
-        for i in range(n):
-            count[_neighbour_code(t_ptr, t_nb, cp, i) + 1] += 1
-        for k in range(U + 1):
-            count[k + 1] += count[k]
-        for q in range(n):
-            i = swap[q]
-            key = _neighbour_code(t_ptr, t_nb, cp, i)
-            order[count[key]] = i
-            count[key] += 1
-        for q in range(n):
+            key[i] = _neighbour_code(t_ptr, t_nb, cp, i)
+        _sort_by(key, &swap[0], &order[0], &count[0], n, U + 1)
+        for q in range(n):   # the contexts overwrite the keys, not read here
             i = order[q]
             p = _neighbour_code(t_ptr, t_nb, cp, i)
             s = _neighbour_code(ptr, nb, cp, i)
@@ -434,17 +430,9 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     cdef const double* t_w
     _edges_both_ways("lookup_layer_backward_at", n, indptr, indices, weights, t_indptr,
                      t_indices, t_weights, &nb, &w, &t_nb, &t_w)
-    cdef bint bad_code = False, bad_node = False
-    with nogil:
-        for i in range(n):
-            if codes[i] < 0 or codes[i] >= U:
-                bad_code = True
-        for q in range(k):
-            if nodes[q] < 0 or nodes[q] >= n:
-                bad_node = True
-    if bad_code:
+    if _first_outside(&codes[0] if n else NULL, n, U) >= 0:
         raise ValueError(f"lookup_layer_backward_at: codes must lie in [0, {U})")
-    if bad_node:
+    if _first_outside(&nodes[0] if k else NULL, k, n) >= 0:
         raise ValueError(f"lookup_layer_backward_at: nodes must lie in [0, {n})")
     if U == 0 or d == 0:
         return
