@@ -910,6 +910,26 @@ def test_lookup_layer_without_numpys_tanh_loop_is_the_same_layer(dtype, monkeypa
     assert saved[7].tobytes() == saved_plain[7].tobytes()
 
 
+def test_encoder_on_contexts_without_numpys_tanh_loop_is_the_same(monkeypatch):
+    """The layers on contexts (computed at some nodes) take numpy's tanh and
+    the residual after the kernel where its loop is not at hand: the same
+    bits."""
+    from grapheme import _products
+
+    rng = np.random.default_rng(37)
+    g, table = _chains(rng), rng.normal(size=(7, 4))
+    rows = rng.integers(0, 7, g.num_nodes)
+    enc = gr.Encoder(4, layers=3)
+    for v in enc.params.values():
+        v[...] = rng.normal(scale=0.6, size=v.shape)
+    fused, saved = enc.forward_lookup(g, table, rows)
+    assert saved[0][0].nodes is not None
+    monkeypatch.setattr(_products, "NUMPY_TANH", False)
+    plain, _ = enc.forward_lookup(g, table, rows)
+    for a, b in zip(fused, plain):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_a_saved_whose_workspace_was_reused_gives_numbers_never_a_crash():
     """The layer's vjp indexes with the groups its forward made in the
     workspace; a later forward there (other rows, other sizes) leaves a
@@ -923,13 +943,14 @@ def test_a_saved_whose_workspace_was_reused_gives_numbers_never_a_crash():
     def chain(n):
         return gr.Graph.from_text("a" * n)
 
-    enc.forward_lookup(chain(100), table, np.zeros(100, np.int64), ws)
-    _, saved = enc.forward_lookup(chain(50), table, np.arange(50) % 5, ws)
-    enc.forward_lookup(chain(100), table, np.repeat([0, 1], 50), ws)
-    try:
-        enc.vjp(saved, np.ones((50, 4)), workspace=ws)
-    except (ValueError, IndexError):
-        pass
+    for enc in (enc, gr.Encoder(4, layers=3)):   # the later layers on contexts too
+        enc.forward_lookup(chain(100), table, np.zeros(100, np.int64), ws)
+        _, saved = enc.forward_lookup(chain(50), table, np.arange(50) % 5, ws)
+        enc.forward_lookup(chain(100), table, np.repeat([0, 1], 50), ws)
+        try:
+            enc.vjp(saved, np.ones((50, 4)), workspace=ws)
+        except (ValueError, IndexError):
+            pass
     with pytest.raises(ValueError, match="group_ptr must run from 0 to n, non-decreasing"):
         _core.lookup_layer_backward(*ops._both_ways(chain(3)), np.array([0, 2, 1, 3]),
                                     np.arange(3), *[np.ones((3, 2))] * 2, np.empty((3, 2)),
