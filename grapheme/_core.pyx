@@ -19,6 +19,7 @@ from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
     floating, row_scale_f, row_add_to_f, _stack_row, _row_add, _row_sum, _edges_both_ways, dot,
+    _first_outside,
 )
 from cython.parallel cimport prange
 
@@ -159,15 +160,6 @@ def take_rows(const floating[:, ::1] table,  # IN  (V, d)
     with nogil:
         for i in prange(n, num_threads=nt, schedule="static"):
             memcpy(op + i * d, tp + rows[i] * d, d * sizeof(floating))
-
-
-cdef intp_t _first_outside(const int64_t* values, intp_t n, int64_t hi) noexcept nogil:
-    """The index of the first of ``values[0:n]`` outside ``[0, hi)``, or -1."""
-    cdef intp_t i
-    for i in range(n):
-        if values[i] < 0 or values[i] >= hi:
-            return i
-    return -1
 
 
 def group_rows(const int64_t[::1] rows,    # IN  (n,) rows of a table of V rows

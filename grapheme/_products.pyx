@@ -25,7 +25,7 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 import numpy as np
 
 from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
-                              _row_add, _edges_both_ways)
+                              _row_add, _edges_both_ways, _first_outside)
 
 #: Rows per block of the stacked products and the layers' gathers; blocks
 #: of :func:`matmul` are ``MATMUL_ROWS`` (smaller: its products on a
@@ -350,14 +350,8 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
     cdef const double* t_wp
     _edges_both_ways("lookup_layer", n, indptr, indices, weights, t_indptr, t_indices,
                      t_weights, &nbr, &wp, &t_nbr, &t_wp)
-    cdef bint outside = False
-    if some:
-        with nogil:
-            for q in range(k):
-                if nodes[q] < 0 or nodes[q] >= n:
-                    outside = True
-        if outside:
-            raise ValueError(f"lookup_layer: nodes must lie in [0, {n})")
+    if some and _first_outside(&nodes[0], k, n) >= 0:
+        raise ValueError(f"lookup_layer: nodes must lie in [0, {n})")
     if n == 0 or d == 0:
         return
     if U == 0:

@@ -272,6 +272,16 @@ cdef inline void _stack_row(floating* row, const floating* x, intp_t xs, intp_t 
     _row_sum(row + 2 * d, x, xs, nb, w, indptr[u], indptr[u + 1], d)
 
 
+cdef inline intp_t _first_outside(const int64_t* values, intp_t n, int64_t hi) noexcept nogil:
+    """The index of the first of ``values[0:n]`` outside ``[0, hi)``, or -1:
+    the range check of an index array before a kernel reads through it."""
+    cdef intp_t i
+    for i in range(n):
+        if values[i] < 0 or values[i] >= hi:
+            return i
+    return -1
+
+
 cdef inline int _edges_both_ways(str fn, intp_t n, const index_t[::1] indptr,
                                  const index_t[::1] indices, const double[::1] weights,
                                  const index_t[::1] t_indptr, const index_t[::1] t_indices,
