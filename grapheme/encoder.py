@@ -298,7 +298,8 @@ class Encoder:
                                                   layer)
             w = [params[f"layer{layer}.{name}"] for name in _LAYER]
             (h,), s = LookupMessagePassing()._forward(graph, h, codes, *w, workspace,
-                                                      f"layer{layer}.", table_name, nodes)
+                                                      f"layer{layer}.", table_name, nodes,
+                                                      edges)
             layers.append(s)
             if nodes is None:   # the last layer, or not a chain
                 break

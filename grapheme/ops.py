@@ -972,12 +972,13 @@ class LookupMessagePassing(Operation):
                              name)
 
     def _forward(self, graph, table, rows, w_self, w_pred, w_succ, bias, workspace=None,
-                 name="", table_name="table", nodes=None):
+                 name="", table_name="table", nodes=None, edges=None):
         """:meth:`forward` of a checked graph, a C-contiguous 2-d ``table`` and
         int64 ``rows`` in its range: the rows read are checked finite here
         (under ``table_name``), O(U d), and the weights, O(d^2). ``nodes``
         (k,) int64: the output rows of those nodes only (an encoder's
-        contexts), and the vjp takes their (k, d) gradient."""
+        contexts), and the vjp takes their (k, d) gradient. ``edges``: the
+        graph's :func:`_both_ways`, if the caller has it."""
         n, (V, d), dt = rows.shape[0], table.shape, table.dtype
         w_self = as_float_array(w_self, "w_self", shape=(d, d), dtype=dt)
         w_pred = as_float_array(w_pred, "w_pred", shape=(d, d), dtype=dt)
@@ -998,7 +999,7 @@ class LookupMessagePassing(Operation):
         w_cat = np.concatenate([w_self, w_pred, w_succ], axis=1)   # (d, 3d)
         products = _matmul(E, w_cat, _alloc(workspace, name + "products", U, 3 * d, dt,
                                             apart))
-        edges = _both_ways(graph)
+        edges = _both_ways(graph) if edges is None else edges
         k = n if nodes is None else nodes.shape[0]
         t = _alloc(workspace, name + "t", k, d, dt, apart)
         out = _alloc(workspace, name + "out", k, d, dt, apart)
