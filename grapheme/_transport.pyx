@@ -1352,6 +1352,7 @@ def structural_loss_forward(
     cdef intp_t nb = lay.pairs, b, k
     cdef int nt = _pair_threads(num_threads, &lay)
     cdef int tid = 0
+    cdef intp_t chunk = max(1, nb // (16 * nt))
     # where each pair's potentials start, in the store of the thread (owner)
     # that ran it; whether it ran out of memory
     at_arr = np.zeros((3, max(nb, 1)), np.int64)
@@ -1394,7 +1395,7 @@ def structural_loss_forward(
             else:
                 with parallel(num_threads=nt):
                     tid = threadid()
-                    for b in prange(nb, schedule="dynamic"):
+                    for b in prange(nb, schedule="dynamic", chunksize=chunk):
                         owner[b] = tid
                         status[b] = _forward_pair(b, &P_, &T_, &st, &lay, &works[tid],
                                                   &fst[tid], &gst[tid], planp, termsp,
@@ -1525,6 +1526,7 @@ def structural_loss_backward(
         raise ValueError("scale and used must have one entry per pair")
     cdef int nt = _pair_threads(num_threads, &lay)
     cdef int tid = 0
+    cdef intp_t chunk = max(1, nb // (16 * nt))
     # d value / d degree of every node, mapped to the out-edges at the end
     gdeg_arr = np.zeros(P_.nodes + T_.nodes)
     cdef double[::1] gdeg = gdeg_arr
@@ -1566,7 +1568,7 @@ def structural_loss_backward(
             else:
                 with parallel(num_threads=nt):
                     tid = threadid()
-                    for b in prange(nb, schedule="dynamic"):
+                    for b in prange(nb, schedule="dynamic", chunksize=chunk):
                         _backward_pair(b, &P_, &T_, &st, &lay, &works[tid], Fp, Gp, usedp,
                                        scalep, &out)
             # degrees -> the weights of their out-edges
