@@ -283,7 +283,8 @@ class _MorphOut(NamedTuple):
 
 
 class Merged:
-    """What :class:`Merge` produced; unpacks as ``features, unpool, aux_loss``.
+    """What :class:`Merge` produced; unpacks and indexes as the 3-tuple
+    ``features, unpool, aux_loss`` (``out[0]`` is ``out.features``).
 
     Attributes
     ----------
@@ -330,10 +331,17 @@ class Merged:
         weight = torch.from_numpy(advantage / advantage.shape[0]).to(self.log_prob.dtype)
         return (weight * self.log_prob).sum()
 
+    def _as_tuple(self):
+        return self.features, self.unpool, self.aux_loss
+
     def __iter__(self):
-        yield self.features
-        yield self.unpool
-        yield self.aux_loss
+        return iter(self._as_tuple())
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return self._as_tuple()[index]
 
     def __repr__(self):
         return (f"Merged({self.history.num_inputs} -> {self.features.shape[0]} rows, "

@@ -228,6 +228,19 @@ def test_rate_and_reinforce_state_travel_in_the_state_dict():
                                   merge(x, torch.tensor([0, 6])).history.cluster)
 
 
+def test_merged_unpacks_and_indexes_as_a_3_tuple():
+    merge = gt.Merge(rate=0.5).double()
+    x = torch.randn(6, 4, dtype=F64)
+    merged = merge(x, torch.tensor([0, 6]))
+    features, unpool, aux_loss = merged
+    assert len(merged) == 3
+    assert merged[0] is merged.features is features and merged[-1] is aux_loss
+    assert merged[1] == merged.unpool == unpool
+    assert merged[:2] == (features, unpool)
+    with pytest.raises(IndexError):
+        merged[3]
+
+
 # ----------------------------------------------- the numpy Trainer, in torch
 # Not "ste": one step of it agrees to 1e-17, but its training gathers
 # similarities at tau, where the last bit of a rounding difference (numpy's
