@@ -176,7 +176,9 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (without it, an existing run is "
                         "only continued with --resume OUT/checkpoint.npz)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no line per epoch on stderr (the result, "
+                        "with the training time, is still printed)")
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
                    help="train data-parallel in N processes on this machine (needs "
                         "PyTorch; each takes 1/N of every batch; the result is the "
@@ -417,13 +419,17 @@ def _train(args, out, spawn=None, comm=None):
               else None)
     if start < args.epochs and rank0:   # only now: everything above is checked
         os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
     history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
                           keep_best=args.keep_best, new_data=args.new_data)
+    seconds = time.perf_counter() - started
     if start == 0 and trainer.baseline is not None:
         before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
     if len(history) > start:
         first, last = history[start], history[-1]
-        line = (f"epochs {start + 1}-{last['epoch']}: loss {first['loss']:.4f} -> "
+        # the time too: with --no-progress it is the only report of the run
+        line = (f"epochs {start + 1}-{last['epoch']} in {seconds:.1f} s: "
+                f"loss {first['loss']:.4f} -> "
                 f"{last['loss']:.4f}, kept fraction {last['kept_fraction']:.3f}, "
                 f"tau {last['tau']:.4f}")
         print(line, file=out)

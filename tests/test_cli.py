@@ -1,5 +1,6 @@
 """Tests for the ``grapheme`` command line (grapheme.cli.main)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,9 +58,11 @@ def test_full_training_history_estimator_still_descends(level1, tmp_path, capsys
     activation costs: measured last-10 mean / first = 0.985. What it must
     still do is descend, never climb (the failure this library ends)."""
     run_dir = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 100, "--out",
-                       run_dir, "--no-progress", "--estimator", "history")
+    code, out, err = run(capsys, "train", "--data", level1, "--epochs", 100, "--out",
+                         run_dir, "--no-progress", "--estimator", "history")
     assert code == 0, err
+    # nothing on stderr, but the result and its time on stdout
+    assert "epoch" not in err and re.search(r"epochs 1-100 in [0-9.]+ s: loss ", out)
     losses = np.array([r["loss"] for r in read_log(run_dir / "metrics.jsonl")])
     assert losses[-10:].mean() < losses[0]
     assert losses[-1] < losses[0]
