@@ -127,8 +127,11 @@ class PeerStepSuite:
     cap of 1000 sweeps; at 1e-5 it takes fewer sweeps than float64 at 1e-6,
     capped at 200 here). ``time_grapheme32_step`` is grapheme with a
     float32 embedding and encoder (its loss stays float64), beside the
-    float32 peer. Every call is a training step, so the parameters move as
-    the suite runs, identically on both sides.
+    float32 peer. asv re-runs ``setup`` before every timed call (asv#966),
+    so every call times both sides' second step from the same untrained
+    weights: the peer's Sinkhorn needs the fewest sweeps there
+    (:class:`PeerRunSuite`), and both pay the page faults of a new model's
+    first steps.
     """
 
     params = [[64, 256, 1024], [24, 48], [16, 64]]

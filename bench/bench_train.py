@@ -58,6 +58,33 @@ def _trainer(batch_size, dim=64):
                    batch_size=batch_size, seed=0, progress=False)
 
 
+class _BuiltOnce:
+    """Base of the suites that time the steady training step: ``setup``
+    builds their state (``_build``) once per process and parameter
+    combination, so every timed call is a step of the same warm trainers,
+    as in a training run.
+
+    asv_runner re-runs ``setup`` before every timed call (asv#966). A
+    trainer built there would be timed at its second step, and a new
+    trainer's first three steps fault in the pages of its workspace and of
+    Adam's state. Measured at 1024 pairs with a 2-layer encoder, two
+    threads: about 1,150 page faults and 67-103 ms at the second step of a
+    fresh trainer, against 0-10 faults and 64-69 ms from the fourth step
+    on. ``_build`` runs ``WARM`` steps of each trainer.
+    """
+
+    WARM = 4
+    _last = None   # ((class, params), the attributes _build set): one at a time
+
+    def setup(self, *params):
+        key = (type(self), params)
+        if _BuiltOnce._last is None or _BuiltOnce._last[0] != key:
+            _BuiltOnce._last = None   # free the last combination's first
+            self._build(*params)
+            _BuiltOnce._last = (key, dict(vars(self)))
+        vars(self).update(_BuiltOnce._last[1])
+
+
 class TrainStepSuite:
     """One training step on a batch of short pairs (one batched graph), dim 64.
 
@@ -109,7 +136,7 @@ class EpochSuite:
     track_chars_per_second.unit = "chars/s"
 
 
-class ThreadsSuite:
+class ThreadsSuite(_BuiltOnce):
     """A training step limited to one thread everywhere against the same step
     on every core, in the same run (issue 14's target: 1.7x on 2 cores).
 
@@ -122,17 +149,10 @@ class ThreadsSuite:
     shared with other work these ratios say little: every thread competes
     for the same cores.
 
-    Every call times a step of one warm trainer, as in a training run. The
-    state is built once per process and parameter combination, and warmed
-    with four steps. asv_runner re-runs ``setup`` before every timed call
-    (asv#966), so a trainer built there would be timed at its second step,
-    and a new trainer's first three steps fault in the pages of its
-    workspace and of Adam's state. Measured at 1024 pairs with the encoder,
-    two threads: about 1,150 page faults and 67-103 ms at the second step
-    of a fresh trainer, against 0-10 faults and 64-69 ms from the fourth
-    step on. The faults cost two threads more than one (the kernel takes
-    them one at a time), and asv then read 1.36-1.39x where the steady
-    step gives 1.8x.
+    Every call times a step of one warm trainer (:class:`_BuiltOnce`).
+    Timed at a fresh trainer's second step instead, the page faults cost
+    two threads more than one (the kernel takes them one at a time), and
+    asv read 1.36-1.39x with the encoder where the warm step gives 1.7-1.8x.
     """
 
     params = [[256, 1024], [0, 2]]
@@ -140,15 +160,6 @@ class ThreadsSuite:
     ratios = [("time_step", "time_step_one_thread", 1.7),
               ("time_loss", "time_loss_one_thread")]
     timeout = 300
-    _built = {}   # {(batch_size, encoder_layers): the attributes _build set}
-
-    def setup(self, batch_size, encoder_layers):
-        key = (batch_size, encoder_layers)
-        if key not in ThreadsSuite._built:
-            ThreadsSuite._built.clear()   # one combination at a time in memory
-            self._build(batch_size, encoder_layers)
-            ThreadsSuite._built[key] = dict(vars(self))
-        vars(self).update(ThreadsSuite._built[key])
 
     def _build(self, batch_size, encoder_layers):
         from threadpoolctl import threadpool_limits
@@ -165,7 +176,7 @@ class ThreadsSuite:
         self.trainer = Trainer(Embedding(dim=64, seed=0), Morpher(), StructuralLoss(),
                                Adam(lr=1e-12), batch_size=batch_size, seed=0, progress=False,
                                encoder=encoder)
-        for _ in range(4):   # grow the table, the workspace and Adam's state
+        for _ in range(self.WARM):
             self.trainer.train_step(self.inputs, self.targets)
         emb = Embedding(dim=64, seed=0)
         p, t = Graph.from_texts(self.inputs), Graph.from_texts(self.targets)
@@ -311,7 +322,7 @@ class EncoderStepSuite:
     track_chars_per_s.unit = "chars/s"
 
 
-class Float32StepSuite:
+class Float32StepSuite(_BuiltOnce):
     """The training step of :class:`EncoderStepSuite` in float32 against the
     same step in float64, in the same run (issue 14's target: the float32
     step at least 1.3x faster).
@@ -322,13 +333,15 @@ class Float32StepSuite:
     morph and Adam on float32 arrays and the structural loss in float64
     (see "float32" in docs/design.md). ``python bench/bench_train.py``
     prints the ratios from single-thread CPU time (min of 20 steps each).
+    Each trainer is warm (:class:`_BuiltOnce`) and trains on as it is
+    timed, the float32 one as the float64 one.
     """
 
     params = [[256], [32, 64], [0, 2]]
     param_names = ["batch_size", "dim", "layers"]
     ratios = [("time_step", "time_step_float64", 1.3)]
 
-    def setup(self, batch_size, dim, layers):
+    def _build(self, batch_size, dim, layers):
         pairs = _word_pairs(batch_size, np.random.default_rng(42))
         self.inputs = [a for a, _ in pairs]
         self.targets = [b for _, b in pairs]
@@ -339,7 +352,8 @@ class Float32StepSuite:
                               Adam(lr=3e-3), batch_size=batch_size, seed=0, progress=False,
                               encoder=Encoder(dim, layers=layers, dtype=dtype) if layers
                               else None)
-            trainer.train_step(self.inputs, self.targets)   # grow the table once
+            for _ in range(self.WARM):
+                trainer.train_step(self.inputs, self.targets)
             self.trainers[np.dtype(dtype).name] = trainer
 
     def time_step(self, batch_size, dim, layers):

@@ -281,7 +281,7 @@ def test_bridge_reproduces_the_numpy_trainer(estimator):
         merge.step(merged)
     np.testing.assert_allclose(table.detach().numpy(), trainer.embedding.weight,
                                rtol=0, atol=1e-10)
-    assert abs(float(merge.theta) - float(trainer.morpher.theta)) <= 1e-10
+    assert abs(float(merge.theta.detach()) - float(trainer.morpher.theta)) <= 1e-10
 
 
 # ---------------------------------------------------------------- packing
