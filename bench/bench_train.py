@@ -390,4 +390,3 @@ if __name__ == "__main__":   # OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python b
     for (dim, layers), (t64, t32, ratio) in float32_ratios().items():
         print(f"d={dim:3d} layers={layers}: float64 {t64 * 1e3:7.2f} ms, "
               f"float32 {t32 * 1e3:7.2f} ms, ratio {ratio:.2f}")
-

@@ -1324,7 +1324,9 @@ def structural_loss_forward(
     scaled; reused across pairs), per thread.
 
     Threads: the pairs are independent and run in parallel (OpenMP, dynamic
-    schedule) on ``num_threads`` threads (<= 0: OpenMP's default, which
+    schedule, in chunks of about a sixteenth of a thread's share: pairs
+    next to each other write next to each other, so they mostly share a
+    thread) on ``num_threads`` threads (<= 0: OpenMP's default, which
     ``OMP_NUM_THREADS`` and threadpoolctl set), at most one per pair, and
     one for a batch too small to gain (:c:func:`_pair_threads`). Each thread
     has its own workspace; a pair's sums are taken by one thread in a fixed
@@ -1496,7 +1498,9 @@ def structural_loss_backward(
     for the degrees and weights.
 
     Threads: the pairs are independent and run in parallel (OpenMP, dynamic
-    schedule) on ``num_threads`` threads (<= 0: OpenMP's default, which
+    schedule, in chunks of about a sixteenth of a thread's share: pairs
+    next to each other write next to each other, so they mostly share a
+    thread) on ``num_threads`` threads (<= 0: OpenMP's default, which
     ``OMP_NUM_THREADS`` and threadpoolctl set), at most one per pair, and
     one for a batch too small to gain (:c:func:`_pair_threads`). Each thread
     has its own workspace; a pair's sums are taken by one thread in a fixed
