@@ -95,6 +95,9 @@ def _atomic_open(path, mode="wb", **kwargs):
     killed writer) are removed first.
     """
     path = os.fspath(path)
+    # said here, naming path: os.replace would name the temporary file
+    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise IsADirectoryError(errno.EISDIR, "a directory, not a file to write", path)
     _remove_stale_temporaries(path)
     tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)

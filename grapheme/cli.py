@@ -353,6 +353,9 @@ def _train(args, out, spawn=None, comm=None):
     from .train import Trainer
 
     rank0 = comm is None or comm.rank == 0
+    if args.new_data and args.resume is None:
+        raise CommandError("--new-data goes with --resume (it lets a run continue on data "
+                           "other than its checkpoint's)")
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
                  ("batch_size", "lr", "seed", "dim", "dtype", "estimator", "baseline",
@@ -717,6 +720,9 @@ def _picture_path(out, name, overwrite):
     """The file a picture's ``--out`` names: ``out``, or ``out/name`` when
     ``out`` is a directory. Refused: an existing file without
     ``overwrite``, a directory in its place, a directory that is missing."""
+    if out.endswith(tuple(filter(None, (os.sep, os.altsep)))) and not os.path.isdir(out):
+        # "pictures/": a directory, and it is missing
+        raise CommandError(f"--out {out!r}: the directory {out!r} does not exist")
     path = os.path.join(out, name) if os.path.isdir(out) else out
     if os.path.isdir(path):
         raise CommandError(f"--out {out!r}: {path!r} is a directory")

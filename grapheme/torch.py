@@ -47,7 +47,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from ._validation import check_graph
+from ._validation import as_float_array, check_graph
 from .graph import Graph
 from .loss import StructuralLoss as _Loss
 from .morph import Morpher, morph_settings
@@ -79,14 +79,24 @@ def _array(t, name):
     (contiguous tensors are not copied). The operations compute their
     (n, d) arrays in that dtype and their scalars in float64 (see "float32"
     in docs/design.md)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_tensor(t, name)
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor (grapheme's kernels run on the "
                          f"CPU), got device {t.device}")
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
     return t.detach().contiguous().numpy()
+
+
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_merged(merged):
+    if not isinstance(merged, Merged):
+        raise TypeError(f"merged must be a grapheme.torch.Merged (what Merge returns), got "
+                        f"{type(merged).__name__}")
 
 
 def _host(x):
@@ -316,6 +326,11 @@ class Merged:
         """Rows of ``y`` (one per merged row) broadcast back to the input rows
         through the hard merge map; for the relaxed estimators, whose rows are
         the input rows, each input row gets its cluster head's row."""
+        _check_tensor(y, "y")
+        rows = self.features.shape[0]
+        if y.ndim < 1 or y.shape[0] not in (rows, self.history.num_outputs):
+            raise ValueError(f"y must have one row per merged row ({rows}), got shape "
+                             f"{tuple(y.shape)}")
         if y.shape[0] == self.history.num_outputs:
             return unpool(self.history, y)
         return unpool(self.history, y[torch.from_numpy(self.history.heads.astype(np.int64))])
@@ -325,8 +340,10 @@ class Merged:
         (``Reinforce``): add it to the objective, whose gradient it then
         completes. ``losses`` (B,) are the per-sequence losses; they are
         detached. 0 for the other estimators."""
-        advantage = self._morphed.advantage(_array(losses, "losses"))
-        if advantage is None:
+        values = _array(losses, "losses")
+        advantage = self._morphed.advantage(values)   # Reinforce checks them
+        if advantage is None:   # the others ignore them, checked all the same
+            as_float_array(values, "losses", shape=(self.graph.num_graphs,))
             return self.log_prob.sum() * 0.0
         weight = torch.from_numpy(advantage / advantage.shape[0]).to(self.log_prob.dtype)
         return (weight * self.log_prob).sum()
@@ -396,6 +413,9 @@ class Merge(nn.Module):
         the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
         Returns a :class:`Merged`.
         """
+        for name, t in (("x", x), ("queries", queries), ("keys", keys)):
+            if t is not None:
+                _check_tensor(t, name)
         graph = Graph.chains(_host(offsets), None if labels is None else _host(labels))
         if x.ndim != 2 or x.shape[0] != graph.num_nodes:
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
@@ -408,6 +428,7 @@ class Merge(nn.Module):
 
     def step(self, merged, losses=None):
         """Advance the estimator and rate controller after an optimiser step."""
+        _check_merged(merged)
         self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"))
 
     def get_extra_state(self):
@@ -483,9 +504,7 @@ class StructuralLoss(nn.Module):
         self.loss = _Loss(**kwargs)
 
     def forward(self, merged, target, target_activation=None):
-        if not isinstance(merged, Merged):
-            raise TypeError(f"merged must be a grapheme.torch.Merged, got "
-                            f"{type(merged).__name__}")
+        _check_merged(merged)
         check_graph(target, "target")
         dtype = merged.features.dtype
         (activation,), _ = apply(ops.FeatureMean(), ops.FeatureMean().forward,

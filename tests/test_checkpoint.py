@@ -1,10 +1,11 @@
 """Tests for grapheme.checkpoint: round trip, atomicity, corruption."""
 import os
+import re
 
 import numpy as np
 import pytest
 
-from grapheme.checkpoint import load_checkpoint, save_checkpoint
+from grapheme.checkpoint import _atomic_open, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -134,6 +135,13 @@ def test_directory_and_unreadable_file(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(IsADirectoryError, match="checkpoint path is a directory"):
         save_checkpoint(tmp_path, {}, {})
+    # every atomic write names the path it was given, never its temporary
+    # file (found by a new-user helper: Trainer(log=<a directory>))
+    for path in (str(tmp_path), str(tmp_path / "missing") + os.sep):
+        with pytest.raises(IsADirectoryError, match=re.escape(repr(path))):
+            with _atomic_open(path) as f:
+                f.write(b"x")
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     path = tmp_path / "c.npz"
     save_checkpoint(path, {}, {})
     if os.geteuid() != 0:   # root reads anything

@@ -68,6 +68,14 @@ def test_full_training_history_estimator_still_descends(level1, tmp_path, capsys
     assert losses[-1] < losses[0]
 
 
+def test_new_data_needs_resume(level1, tmp_path, capsys):
+    # found by a new-user helper: accepted, and ignored
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
+                       tmp_path / "a", "--new-data")
+    assert code == 2 and "--new-data goes with --resume" in err
+    assert not (tmp_path / "a").exists()
+
+
 def test_train_resume_and_eval(level1, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(capsys, "train", "--data", level1, "--epochs", 4, "--out", a,

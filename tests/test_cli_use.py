@@ -268,6 +268,16 @@ def test_plot_and_show_into_a_directory(trained, tmp_path, capsys):
                                  f"{str(tmp_path / 'no')!r} does not exist\n")
 
 
+def test_plot_into_a_missing_directory_says_so(trained, tmp_path, capsys):
+    # found by a new-user helper: "pictures/" missing named a temporary file
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "pictures") + os.sep
+    code, _, err = run(capsys, "plot", trained / "run", "--out", out)
+    assert code == 2 and err == (f"grapheme plot: error: --out {out!r}: the directory "
+                                 f"{out!r} does not exist\n")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_plot_refuses_a_directory_as_the_file(trained, tmp_path):
     pytest.importorskip("matplotlib")
     from grapheme.plot import plot_run

@@ -241,6 +241,37 @@ def test_merged_unpacks_and_indexes_as_a_3_tuple():
         merged[3]
 
 
+def test_merge_refuses_what_is_not_its_own():
+    # found by a new-user helper: torch's own long TypeError, an
+    # AttributeError, a bare IndexError, a silent result
+    merge = gt.Merge(estimator="ste").double()
+    x = torch.randn(10, 4, dtype=F64)
+    offsets = torch.tensor([0, 4, 10])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        merge(x.numpy(), offsets)
+    with pytest.raises(TypeError, match="queries must be a torch.Tensor"):
+        merge(x, offsets, None, x.numpy(), x)
+    merged = merge(x, offsets)
+    for bad in (None, x):
+        with pytest.raises(TypeError, match="merged must be a grapheme.torch.Merged"):
+            merge.step(bad)
+    k = merged.features.shape[0]
+    torch.testing.assert_close(merged.unpool(merged.features), merged.features[
+        torch.from_numpy(merged.history.cluster.astype(np.int64))])
+    for rows in (k - 1, k + 1, 20):
+        if rows != merged.history.num_outputs:
+            with pytest.raises(ValueError, match=rf"one row per merged row \({k}\)"):
+                merged.unpool(torch.zeros(rows, 4, dtype=F64))
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        merged.unpool(np.zeros((k, 4)))
+    # the losses are checked whatever the estimator (ste ignores them)
+    assert float(merged.reinforce_loss(torch.tensor([1.0, 2.0], dtype=F64)).detach()) == 0.0
+    for bad in (torch.tensor([1.0], dtype=F64), torch.tensor(1.0, dtype=F64),
+                torch.tensor([1.0, float("nan")], dtype=F64)):
+        with pytest.raises(ValueError, match="losses"):
+            merged.reinforce_loss(bad)
+
+
 # ----------------------------------------------- the numpy Trainer, in torch
 # Not "ste": one step of it agrees to 1e-17, but its training gathers
 # similarities at tau, where the last bit of a rounding difference (numpy's
