@@ -413,7 +413,8 @@ class Merge(nn.Module):
         the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
         Returns a :class:`Merged`.
         """
-        for name, t in (("x", x), ("queries", queries), ("keys", keys)):
+        _check_tensor(x, "x")
+        for name, t in (("queries", queries), ("keys", keys)):
             if t is not None:
                 _check_tensor(t, name)
         graph = Graph.chains(_host(offsets), None if labels is None else _host(labels))

@@ -249,6 +249,8 @@ def test_merge_refuses_what_is_not_its_own():
     offsets = torch.tensor([0, 4, 10])
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
         merge(x.numpy(), offsets)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got NoneType"):
+        merge(None, offsets)
     with pytest.raises(TypeError, match="queries must be a torch.Tensor"):
         merge(x, offsets, None, x.numpy(), x)
     merged = merge(x, offsets)
