@@ -50,6 +50,12 @@ def _temp_name(path):
                                    f"{secrets.token_hex(6)}.tmp")
 
 
+def _ends_with_separator(path):
+    """Whether ``path`` (a str) ends with a path separator: it names a
+    directory, whether or not one exists."""
+    return path.endswith(tuple(filter(None, (os.sep, os.altsep))))
+
+
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -96,7 +102,7 @@ def _atomic_open(path, mode="wb", **kwargs):
     """
     path = os.fspath(path)
     # said here, naming path: os.replace would name the temporary file
-    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+    if os.path.isdir(path) or _ends_with_separator(path):
         raise IsADirectoryError(errno.EISDIR, "a directory, not a file to write", path)
     _remove_stale_temporaries(path)
     tmp = _temp_name(path)

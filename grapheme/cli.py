@@ -43,6 +43,7 @@ import time
 
 from . import __version__
 from . import data as _data
+from .checkpoint import _ends_with_separator
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
 from .train.metrics import SEGMENTATION_KEYS
@@ -720,7 +721,7 @@ def _picture_path(out, name, overwrite):
     """The file a picture's ``--out`` names: ``out``, or ``out/name`` when
     ``out`` is a directory. Refused: an existing file without
     ``overwrite``, a directory in its place, a directory that is missing."""
-    if out.endswith(tuple(filter(None, (os.sep, os.altsep)))) and not os.path.isdir(out):
+    if _ends_with_separator(out) and not os.path.isdir(out):
         # "pictures/": a directory, and it is missing
         raise CommandError(f"--out {out!r}: the directory {out!r} does not exist")
     path = os.path.join(out, name) if os.path.isdir(out) else out
