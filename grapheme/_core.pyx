@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memset
 from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
-    floating, row_scale_f, row_add_to_f, _stack_row, _row_add, _row_sum, _edges_both_ways, dot,
+    floating, row_scale_f, row_add_to_f, _stack_row, _row_add, _row_sum, _edges_both_ways, _dot,
     _first_outside,
 )
 from cython.parallel cimport prange
@@ -467,19 +467,30 @@ def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each 
 
 def row_means(const float[:, ::1] x,   # IN  (n, d), d > 0
               double[::1] out):         # OUT (n,)
-    """``out[i] = mean(x[i])`` of float32 rows, summed in float64 in column
-    order (a float32 model's activations; float64 features keep numpy's
+    """``out[i] = mean(x[i])`` of float32 rows, summed in float64 in four
+    interleaved partial sums as ``grapheme_dot_f`` (an order that depends on
+    ``d`` only; a float32 model's activations; float64 features keep numpy's
     ``mean``). O(n d)."""
     cdef intp_t n = x.shape[0], d = x.shape[1], i, j
-    cdef double acc
+    cdef double s0, s1, s2, s3
+    cdef const float* r
     if d == 0:
         return
     with nogil:
         for i in range(n):
-            acc = 0.0
-            for j in range(d):
-                acc += x[i, j]
-            out[i] = acc / d
+            r = &x[i, 0]
+            s0 = s1 = s2 = s3 = 0.0
+            j = 0
+            while j + 3 < d:
+                s0 += r[j]
+                s1 += r[j + 1]
+                s2 += r[j + 2]
+                s3 += r[j + 3]
+                j += 4
+            while j < d:
+                s0 += r[j]
+                j += 1
+            out[i] = ((s0 + s1) + (s2 + s3)) / d
 
 
 # ---------------------------------------------------------------------------
@@ -560,23 +571,8 @@ cdef extern from *:
         for (Py_ssize_t t = 0; t < d; ++t) dst[t] += a * x[t] - b * y[t];
     }
 
-    /* float32 rows: the dot product accumulates in double (the same four
-       partial sums), the update is in float with the coefficients rounded
-       once. */
-    static inline double grapheme_dot_f(const float *__restrict a,
-                                        const float *__restrict b, Py_ssize_t d) {
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-        Py_ssize_t t = 0;
-        for (; t + 3 < d; t += 4) {
-            s0 += (double)a[t] * b[t];
-            s1 += (double)a[t + 1] * b[t + 1];
-            s2 += (double)a[t + 2] * b[t + 2];
-            s3 += (double)a[t + 3] * b[t + 3];
-        }
-        for (; t < d; ++t) s0 += (double)a[t] * b[t];
-        return (s0 + s1) + (s2 + s3);
-    }
-
+    /* float32 rows: the update is in float with the coefficients rounded
+       once (the dot products: grapheme_dot_f in _types.pxd). */
     static inline void grapheme_row_axpby_f(float *__restrict dst,
                                             const float *__restrict x, double a,
                                             const float *__restrict y, double b,
@@ -587,16 +583,10 @@ cdef extern from *:
     """
     void row_axpby "grapheme_row_axpby"(double* dst, const double* x, double a,
                                         const double* y, double b, intp_t d) noexcept nogil
-    double dot_f "grapheme_dot_f"(const float* a, const float* b, intp_t d) noexcept nogil
     void row_axpby_f "grapheme_row_axpby_f"(float* dst, const float* x, double a,
                                             const float* y, double b, intp_t d) noexcept nogil
 
 
-cdef inline double _dot(const floating* a, const floating* b, intp_t d) noexcept nogil:
-    if floating is double:
-        return dot(a, b, d)
-    else:
-        return dot_f(a, b, d)
 
 
 cdef inline void _axpby(floating* dst, const floating* x, double a, const floating* y,

@@ -47,7 +47,7 @@ from libc.stdint cimport int64_t, uint8_t
 from cython.parallel cimport prange, threadid
 
 from grapheme._types cimport (index_t, intp_t, store_fence, _rows_a16, _copy_stream,
-                              floating, num_threads_for)
+                              floating, num_threads_for, dot_f)
 
 # nodes per block, about: the cuts sit at the first restart point at or after
 # each multiple of it (so a block can be shorter or, merged, much longer)
@@ -107,6 +107,7 @@ cdef void _forward_block(const floating* hp, const double* mp, floating* op, dou
     step gives there); ``p`` is this thread's carried row with ``stream``."""
     cdef intp_t i, j
     cdef double c, inv, dn
+    cdef float cf, invf
     cdef const floating* h
     cdef floating* dst
     cdef const floating* prev  # h'_{i+1}: a row of out, or with stream the local copy
@@ -132,8 +133,14 @@ cdef void _forward_block(const floating* hp, const double* mp, floating* op, dou
                 dst[j] = h[j]
         else:
             inv = 1.0 / dn
-            for j in range(d):
-                dst[j] = (h[j] + c * prev[j]) * inv
+            if floating is float:   # in float, the weights rounded once
+                cf = <float>c
+                invf = <float>inv
+                for j in range(d):
+                    dst[j] = (h[j] + cf * prev[j]) * invf
+            else:
+                for j in range(d):
+                    dst[j] = (h[j] + c * prev[j]) * inv
         if floating is double:
             if stream:
                 _copy_stream(op + i * d, p, d, a16)
@@ -160,8 +167,8 @@ def relax_chain_forward(
     last node). No output may overlap an input or another output.
 
     ``H`` and ``out`` float32 or float64 (the per-node scalars ``m``, ``D``
-    and ``mass`` stay float64; a float32 row is computed in double and
-    rounded once). Streaming is float64 only (a float32 call writes
+    and ``mass`` stay float64; a float32 row is computed in float, its two
+    weights rounded to float once). Streaming is float64 only (a float32 call writes
     normally).
 
     Independent segments (cut where ``m == 0``) run in parallel by blocks of
@@ -210,6 +217,7 @@ cdef void _backward_block(const double* mp, const floating* outp, const double* 
     carried row with ``stream``."""
     cdef intp_t i, j
     cdef double inv, kap, dot, mprev, gm, gij
+    cdef float invf, mprevf
     cdef const floating* o
     cdef const floating* g
     cdef floating* lam   # lam_i: a row of grad_H, or with stream the local copy
@@ -221,28 +229,47 @@ cdef void _backward_block(const double* mp, const floating* outp, const double* 
         g = gp + i * d
         lam = p if stream else ghp + i * d
         inv = 1.0 / Dp[i]
-        dot = 0.0
         # g[j] is read before lam[j] is written, so grad_H may be grad_out
         if mprev == 0.0:
             kap = 0.0  # the recursion restarts (see the notes above)
-            for j in range(d):
-                gij = g[j]
-                dot = dot + gij * o[j]
-                lam[j] = gij * inv
+        if floating is float:
+            # float32 ("float32" in docs/design.md): the dot product in four
+            # partial sums in double (dot_f), the row update in float with
+            # its weights rounded once. (Widening every float into one
+            # chain of double additions ran slower than float64.)
+            dot = dot_f(g, o, d)
+            invf = <float>inv
+            mprevf = <float>mprev
+            if mprev == 0.0:
+                for j in range(d):
+                    lam[j] = g[j] * invf
+            else:
+                for j in range(d):
+                    lam[j] = g[j] * invf + mprevf * prev[j]
         else:
-            for j in range(d):
-                gij = g[j]
-                dot = dot + gij * o[j]
-                lam[j] = gij * inv + mprev * prev[j]
+            dot = 0.0
+            if mprev == 0.0:
+                for j in range(d):
+                    gij = g[j]
+                    dot = dot + gij * o[j]
+                    lam[j] = gij * inv
+            else:
+                for j in range(d):
+                    gij = g[j]
+                    dot = dot + gij * o[j]
+                    lam[j] = gij * inv + mprev * prev[j]
         if floating is double:
             if stream:
                 _copy_stream(ghp + i * d, p, d, a16)
         prev = lam
         kap = mprev * kap - dot * inv
         if i + 1 < n:
-            gm = 0.0
-            for j in range(d):
-                gm = gm + lam[j] * o[d + j]
+            if floating is float:
+                gm = dot_f(lam, o + d, d)
+            else:
+                gm = 0.0
+                for j in range(d):
+                    gm = gm + lam[j] * o[d + j]
             gmp[i] = Dp[i + 1] * (gm + kap) - gmassp[i + 1]
             mprev = mp[i]
         else:
@@ -273,7 +300,8 @@ def relax_chain_backward(
 
     using N_{i+1} = D_{i+1} h'_{i+1}. ``grad_H`` may be ``grad_out`` (the same
     memory: computed in place); no other aliasing. float32 or float64 as
-    :func:`relax_chain_forward`; the dot products accumulate in float64.
+    :func:`relax_chain_forward`; the dot products accumulate in float64 (in
+    float32, in four partial sums: ``grapheme_dot_f``).
 
     Where ``m_{i-1} == 0`` both recursions restart (``kap_i`` from 0, not
     ``0 * kap_{i-1}``: the same for finite gradients, whose ``kap`` can only

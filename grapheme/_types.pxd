@@ -157,6 +157,22 @@ cdef extern from *:
         return (s0 + s1) + (s2 + s3);
     }
 
+    /* grapheme_dot of float32 rows, accumulated in double in the same four
+       partial sums. */
+    static inline double grapheme_dot_f(const float *__restrict a,
+                                        const float *__restrict b, Py_ssize_t d) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        Py_ssize_t t = 0;
+        for (; t + 3 < d; t += 4) {
+            s0 += (double)a[t] * b[t];
+            s1 += (double)a[t + 1] * b[t + 1];
+            s2 += (double)a[t + 2] * b[t + 2];
+            s3 += (double)a[t + 3] * b[t + 3];
+        }
+        for (; t < d; ++t) s0 += (double)a[t] * b[t];
+        return (s0 + s1) + (s2 + s3);
+    }
+
     /* Order streaming stores before whatever the caller does next. */
     static inline void grapheme_store_fence(void) {
     #if GRAPHEME_HAVE_STREAM
@@ -178,6 +194,7 @@ cdef extern from *:
                                                             intp_t d) noexcept nogil
     void store_fence "grapheme_store_fence"() noexcept nogil
     double dot "grapheme_dot"(const double* a, const double* b, intp_t d) noexcept nogil
+    double dot_f "grapheme_dot_f"(const float* a, const float* b, intp_t d) noexcept nogil
     void row_scale_f "grapheme_row_scale_f"(float* dst, const float* src, double w,
                                             intp_t d) noexcept nogil
     void row_add_to_f "grapheme_row_add_to_f"(float* dst, const float* base,
@@ -303,3 +320,11 @@ cdef inline int _edges_both_ways(str fn, intp_t n, const index_t[::1] indptr,
     wp[0] = &weights[0] if weights.shape[0] else NULL
     t_wp[0] = &t_weights[0] if t_weights.shape[0] else NULL
     return 0
+
+
+cdef inline double _dot(const floating* a, const floating* b, intp_t d) noexcept nogil:
+    """grapheme_dot or grapheme_dot_f: four partial sums in double."""
+    if floating is double:
+        return dot(a, b, d)
+    else:
+        return dot_f(a, b, d)

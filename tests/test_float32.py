@@ -13,6 +13,8 @@ every similarity at least 1e-4 away from the threshold (asserted), so both
 dtypes make the same decisions and the comparison is of like with like.
 The finite-difference proofs stay in float64 (``tests/test_ops.py``).
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,25 @@ def test_history_and_relaxation_kernels_float32_equal_float64(stream):
         res[dt] = (gathered, scattered, out, D, mass, gh, grad_m, means, table)
     for k, (a, b) in enumerate(zip(res[np.float32], res[np.float64])):
         close(a, b, 1e-6, k)
+
+
+@pytest.mark.parametrize("d", [1, 3, 4, 5, 64, 67])
+def test_row_means_sums_in_four_partial_sums(d):
+    """row_means: each row summed in float64 in grapheme_dot_f's four
+    interleaved partial sums (the tail into the first), bit for bit, and
+    within float64 rounding of the exact mean."""
+    x = np.random.default_rng(d).normal(size=(7, d)).astype(np.float32)
+    means = np.empty(7)
+    _core.row_means(x, means)
+    for row, got in zip(x.astype(np.float64).tolist(), means.tolist()):
+        s = [0.0, 0.0, 0.0, 0.0]
+        k = d - d % 4
+        for t in range(k):
+            s[t % 4] += row[t]
+        for t in range(k, d):
+            s[0] += row[t]
+        assert got == ((s[0] + s[1]) + (s[2] + s[3])) / d
+        assert abs(got - math.fsum(row) / d) <= 1e-15 * sum(map(abs, row))
 
 
 def test_all_finite_float32():

@@ -399,48 +399,80 @@ EXACT_FLOATS = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _serial_relax_forward(H, m):
-    """relax_chain_forward's serial recursion, row by row."""
+    """relax_chain_forward's serial recursion, row by row (a float32 row in
+    float32 arithmetic, the weights rounded once)."""
     n, d = H.shape
+    f32 = H.dtype == np.float32
     out, D = np.empty_like(H), np.empty(n)
     dn, prev = 1.0, None
     for i in range(n - 1, -1, -1):
-        h = H[i].astype(np.float64)
+        h = H[i] if f32 else H[i].astype(np.float64)
         if i == n - 1:
             dn = 1.0
             row = h
         else:
             c = float(m[i]) * dn
             dn = 1.0 + c
-            row = h if c == 0.0 else (h + c * prev) * (1.0 / dn)
+            if c == 0.0:
+                row = h
+            elif f32:
+                row = (h + np.float32(c) * prev) * np.float32(1.0 / dn)
+            else:
+                row = (h + c * prev) * (1.0 / dn)
         D[i] = dn
         out[i] = row
-        prev = out[i].astype(np.float64)    # read back: a float32 row is rounded
+        prev = out[i].copy()
     mass = np.ones(n)
     mass[1:] = 1.0 - m[:-1]
     return out, D, mass
 
 
+def _dot4(a, b):
+    """grapheme_dot_f's float64 arithmetic: the products in float64, summed
+    in four interleaved partial sums, the tail into the first."""
+    x = (a.astype(np.float64) * b.astype(np.float64)).tolist()
+    s = [0.0, 0.0, 0.0, 0.0]
+    k = len(x) - len(x) % 4
+    for t in range(k):
+        s[t % 4] = s[t % 4] + x[t]
+    for t in range(k, len(x)):
+        s[0] = s[0] + x[t]
+    return (s[0] + s[1]) + (s[2] + s[3])
+
+
+def _dot1(a, b):
+    """One chain of additions, the float64 kernels' order."""
+    s = 0.0
+    for x in (a * b).tolist():
+        s = s + x
+    return s
+
+
 def _serial_relax_backward(m, out, D, G, gmass):
     """relax_chain_backward's serial recursion as it was (kap carried as
-    m_{i-1} kap_{i-1} through zeros too; the same for finite gradients)."""
+    m_{i-1} kap_{i-1} through zeros too; the same for finite gradients).
+    float64 sums its dot products in one chain, float32 in four partial
+    sums (grapheme_dot_f) and updates its rows in float32 arithmetic."""
     n, d = out.shape
+    f32 = out.dtype == np.float32
+    dot_of = _dot4 if f32 else _dot1
     gH, gm = np.empty_like(out), np.empty(n)
     kap, mprev, prev = 0.0, 0.0, None
     for i in range(n):
         o, g = out[i].astype(np.float64), G[i].astype(np.float64)
         inv = 1.0 / D[i]
-        dot = 0.0
-        for x in (g * o).tolist():
-            dot = dot + x
-        gH[i] = g * inv if mprev == 0.0 else g * inv + mprev * prev
-        prev = gH[i].astype(np.float64)
+        dot = dot_of(g, o)
+        if f32:   # float32 products and sum, the weights rounded once
+            lam = G[i] * np.float32(inv)
+            gH[i] = lam if mprev == 0.0 else lam + np.float32(mprev) * prev
+            prev = gH[i].copy()
+        else:
+            gH[i] = g * inv if mprev == 0.0 else g * inv + mprev * prev
+            prev = gH[i].astype(np.float64)
         kap = mprev * kap - dot * inv
         if i + 1 < n:
-            s = 0.0
-            # lam_i . h'_{i+1}: the products in the features' dtype (a
-            # float32 kernel multiplies two floats), summed in float64
-            for x in (gH[i] * out[i + 1]).astype(np.float64).tolist():
-                s = s + x
+            # lam_i . h'_{i+1}
+            s = dot_of(gH[i], out[i + 1])
             gm[i] = float(D[i + 1]) * (s + kap) - float(gmass[i + 1])
             mprev = float(m[i])
         else:
