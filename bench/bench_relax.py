@@ -62,3 +62,46 @@ class RelaxSuite:
 
     def peakmem_hard_forward_vjp(self, n):
         self._hard()
+
+
+class RelaxDtypeSuite:
+    """The chain relaxation's kernels (``_relax.relax_chain_forward`` then
+    ``relax_chain_backward``, one thread) on float32 rows against float64
+    ones, in the same run; ``float64 time / float32 time`` is printed.
+
+    A chain of ``n`` nodes whose merge weights are zero at 30% of the edges
+    (words end there), as in a training batch (256 word pairs: about 7,800
+    nodes). float32 rows are updated in float and their dot products summed
+    in four partial sums (see "float32" in docs/design.md); in one chain of
+    double additions the backward ran slower than float64's.
+    """
+
+    params = [[10_000, 100_000], [16, 64]]
+    param_names = ["n", "dim"]
+    ratios = [("time_float32", "time_float64")]
+
+    def setup(self, n, dim):
+        rng = np.random.default_rng(42)
+        self.m = rng.uniform(0.0, 1.0, n)
+        self.m[rng.random(n) < 0.3] = 0.0
+        self.grad_mass = rng.standard_normal(n)
+        self.arrays = {}
+        for dtype in (np.float32, np.float64):
+            H = rng.standard_normal((n, dim)).astype(dtype)
+            grad = rng.standard_normal((n, dim)).astype(dtype)
+            self.arrays[dtype] = (H, grad, np.empty_like(H), np.empty(n), np.empty(n),
+                                  np.empty_like(H), np.empty(n))
+
+    def _run(self, dtype):
+        from grapheme import _relax
+
+        H, grad, out, D, mass, grad_H, grad_m = self.arrays[dtype]
+        _relax.relax_chain_forward(H, self.m, out, D, mass, num_threads=1)
+        _relax.relax_chain_backward(self.m, out, D, grad, self.grad_mass, grad_H, grad_m,
+                                    num_threads=1)
+
+    def time_float32(self, n, dim):
+        self._run(np.float32)
+
+    def time_float64(self, n, dim):
+        self._run(np.float64)
