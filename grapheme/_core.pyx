@@ -587,8 +587,6 @@ cdef extern from *:
                                             const float* y, double b, intp_t d) noexcept nogil
 
 
-
-
 cdef inline void _axpby(floating* dst, const floating* x, double a, const floating* y,
                         double b, intp_t d) noexcept nogil:
     if floating is double:

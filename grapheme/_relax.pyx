@@ -168,8 +168,8 @@ def relax_chain_forward(
 
     ``H`` and ``out`` float32 or float64 (the per-node scalars ``m``, ``D``
     and ``mass`` stay float64; a float32 row is computed in float, its two
-    weights rounded to float once). Streaming is float64 only (a float32 call writes
-    normally).
+    weights rounded to float once). Streaming is float64 only (a float32
+    call writes normally).
 
     Independent segments (cut where ``m == 0``) run in parallel by blocks of
     about 1024 nodes (see the notes above) on ``num_threads`` threads (0:
