@@ -691,6 +691,12 @@ def optional_grad(value, name, shape, finite=True, dtype=None):
     return as_float_array(value, name, shape=shape, finite=finite, dtype=dtype)
 
 
+#: numpy's floating-point warnings, off in the products' fallbacks without
+#: OpenMP: the OpenMP path's BLAS calls raise none, and an overflow is
+#: reported by the caller's own check (the encoder's LayerOverflowError,
+#: the trainer's divergence checks), in either build.
+_QUIET = {"over": "ignore", "invalid": "ignore"}
+
 
 def _matmul(a, b, out, transpose_b=False, init=None):
     """``out = a @ b`` (``b.T`` if ``transpose_b``), ``+ init`` if given
@@ -700,10 +706,12 @@ def _matmul(a, b, out, transpose_b=False, init=None):
     ``matmul`` (BLAS's own threads) where it does not."""
     if _core.openmp_threads() > 0:
         _products.matmul(a, b, out, transpose_b, init=init)
-    elif init is None:
-        np.matmul(a, b.T if transpose_b else b, out=out)
-    else:   # init may be out, or a view of it
-        np.add(np.matmul(a, b.T if transpose_b else b), init, out=out)
+        return out
+    with np.errstate(**_QUIET):
+        if init is None:
+            np.matmul(a, b.T if transpose_b else b, out=out)
+        else:   # init may be out, or a view of it
+            np.add(np.matmul(a, b.T if transpose_b else b), init, out=out)
     return out
 
 
@@ -716,7 +724,8 @@ def _matmul_tn(a, g, workspace=None, name="", names=("a", "g")):
     k, m = a.shape[1], g.shape[1]
     out = np.empty((k, m), a.dtype)
     if _core.openmp_threads() == 0:
-        return np.matmul(a.T, g, out=out)
+        with np.errstate(**_QUIET):
+            return np.matmul(a.T, g, out=out)
     parts = _tn_parts(a.shape[0], k, m, a.dtype, workspace, name + "parts",
                       dict(zip(names, (a, g))))
     _products.matmul_tn(a, g, out, parts)
@@ -754,12 +763,15 @@ def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None, residual
     if scratch is not None:
         _products.stacked_matmul(*edges, x, w, out, init, scratch,
                                  residual=residual if fused else None)
-    else:
-        np.matmul(_stack(edges, x, workspace, apart), w, out=out)
-        out += init
-    if residual is not None and not fused:
-        np.tanh(out, out=out)
-        np.add(x, out, out=residual)
+        if residual is None or fused:
+            return out
+    with np.errstate(**_QUIET):
+        if scratch is None:
+            np.matmul(_stack(edges, x, workspace, apart), w, out=out)
+            out += init
+        if residual is not None and not fused:
+            np.tanh(out, out=out)
+            np.add(x, out, out=residual)
     return out
 
 
@@ -772,7 +784,8 @@ def _stacked_matmul_tn(edges, x, g, workspace=None, apart=None):
     out = np.empty((3 * d, m), x.dtype)
     scratch = _stack_scratch(x, workspace, apart)
     if scratch is None:
-        return np.matmul(_stack(edges, x, workspace, apart).T, g, out=out)
+        with np.errstate(**_QUIET):
+            return np.matmul(_stack(edges, x, workspace, apart).T, g, out=out)
     parts = _tn_parts(x.shape[0], 3 * d, m, x.dtype, workspace, _SCRATCH + "parts", apart)
     _products.stacked_matmul_tn(*edges, x, g, out, parts, scratch)
     return out

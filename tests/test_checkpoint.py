@@ -185,10 +185,12 @@ def test_stale_temporaries_are_cleaned(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = _temp_name(path).replace(f"-{os.getpid()}.", f"-{dead.pid}.")
-    open(stale, "wb").write(b"half a checkpoint")
+    with open(stale, "wb") as f:
+        f.write(b"half a checkpoint")
     # a live writer (this process) and an unrelated file are left alone
     live = _temp_name(path)
-    open(live, "wb").write(b"being written")
+    with open(live, "wb") as f:
+        f.write(b"being written")
     other = tmp_path / ".other.npz.x-1.abc.tmp"
     other.write_bytes(b"")
     save_checkpoint(path, {"x": np.ones(2)}, {})
