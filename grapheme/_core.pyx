@@ -465,16 +465,21 @@ def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each 
                 out[r, j] += values[i, j]
 
 
-def row_means(const float[:, ::1] x,   # IN  (n, d), d > 0
-              double[::1] out):         # OUT (n,)
+def row_means(const float[:, ::1] x not None,   # IN  (n, d)
+              double[::1] out not None):         # OUT (n,)
     """``out[i] = mean(x[i])`` of float32 rows, summed in float64 in four
     interleaved partial sums as ``grapheme_dot_f`` (an order that depends on
     ``d`` only; a float32 model's activations; float64 features keep numpy's
-    ``mean``). O(n d)."""
+    ``mean``); zeros when ``d == 0``, as :func:`grapheme.ops.feature_mean`.
+    ValueError unless ``out`` has ``n`` entries. O(n d)."""
     cdef intp_t n = x.shape[0], d = x.shape[1], i, j
     cdef double s0, s1, s2, s3
     cdef const float* r
+    if out.shape[0] != n:
+        raise ValueError(f"row_means: out must have {n} entries (one per row of x), "
+                         f"got {out.shape[0]}")
     if d == 0:
+        out[:] = 0.0
         return
     with nogil:
         for i in range(n):

@@ -13,9 +13,13 @@ inter-cluster edges (private kernels; callers validate, see
 #
 # N is never stored: the forward pass writes h' straight into ``out`` as the
 # convex combination h'_i = (h_i + c_i h'_{i+1}) / D_i with c_i = m_i D_{i+1},
-# which cannot overflow however long a segment is, and the backward pass
-# recovers N_{i+1} = D_{i+1} h'_{i+1} on the fly.  Memory: out (n, d) and
-# D (n,) beside the input.
+# and the backward pass recovers N_{i+1} = D_{i+1} h'_{i+1} on the fly.
+# Memory: out (n, d) and D (n,) beside the input. h'_i is bounded by the
+# rows' largest entry, but float64 forms h_i + c_i h'_{i+1} first, which
+# reaches D_i times it: it overflows for entries near 1.8e308 / D_i (1e304
+# in a run of 1e4 nodes). float32 weights the two terms by 1 / D_i and
+# c_i / D_i instead, as its range (3.4e38) is reached by features a model
+# can hold; float64 keeps its formula (and its bits).
 #
 # Streaming stores (``stream=True``; see "Gather / scatter" in _core.pyx for
 # when the Python layer asks for them; the helpers are in _types.pxd) bypass
@@ -107,7 +111,7 @@ cdef void _forward_block(const floating* hp, const double* mp, floating* op, dou
     step gives there); ``p`` is this thread's carried row with ``stream``."""
     cdef intp_t i, j
     cdef double c, inv, dn
-    cdef float cf, invf
+    cdef float af, bf
     cdef const floating* h
     cdef floating* dst
     cdef const floating* prev  # h'_{i+1}: a row of out, or with stream the local copy
@@ -133,11 +137,15 @@ cdef void _forward_block(const floating* hp, const double* mp, floating* op, dou
                 dst[j] = h[j]
         else:
             inv = 1.0 / dn
-            if floating is float:   # in float, the weights rounded once
-                cf = <float>c
-                invf = <float>inv
+            if floating is float:
+                # in float as h_i / D_i + (c_i / D_i) h'_{i+1}: two weights
+                # in [0, 1], rounded once, so no intermediate exceeds the
+                # rows' largest entry (h_i + c_i h'_{i+1} reaches D_i times
+                # it, past float32's 3.4e38 at 1e34 in a run of 1e4 nodes)
+                af = <float>inv
+                bf = <float>(c * inv)
                 for j in range(d):
-                    dst[j] = (h[j] + cf * prev[j]) * invf
+                    dst[j] = h[j] * af + prev[j] * bf
             else:
                 for j in range(d):
                     dst[j] = (h[j] + c * prev[j]) * inv
@@ -152,11 +160,11 @@ cdef void _forward_block(const floating* hp, const double* mp, floating* op, dou
 
 
 def relax_chain_forward(
-    const floating[:, ::1] H,  # IN  (n, d) node features, float32 or float64
-    const double[::1] m,     # IN  (n,) merge weight of edge i -> i+1
-    floating[:, ::1] out,    # OUT (n, d) relaxed features h'
-    double[::1] D,           # OUT (n,) relaxed cluster sizes D_i
-    double[::1] mass,        # OUT (n,) relaxed masses mu_i
+    const floating[:, ::1] H not None,  # IN  (n, d) node features, float32 or float64
+    const double[::1] m not None,     # IN  (n,) merge weight of edge i -> i+1
+    floating[:, ::1] out not None,    # OUT (n, d) relaxed features h'
+    double[::1] D not None,           # OUT (n,) relaxed cluster sizes D_i
+    double[::1] mass not None,        # OUT (n,) relaxed masses mu_i
     bint stream=False,       # write ``out`` with streaming stores
     int num_threads=0,       # threads; 0: OpenMP's default
 ):
@@ -167,9 +175,10 @@ def relax_chain_forward(
     last node). No output may overlap an input or another output.
 
     ``H`` and ``out`` float32 or float64 (the per-node scalars ``m``, ``D``
-    and ``mass`` stay float64; a float32 row is computed in float, its two
-    weights rounded to float once). Streaming is float64 only (a float32
-    call writes normally).
+    and ``mass`` stay float64; a float32 row is computed in float as
+    ``h_i / D_i + (c_i / D_i) h'_{i+1}``, its two weights rounded to float
+    once, so it does not overflow for finite ``H``). Streaming is float64
+    only (a float32 call writes normally).
 
     Independent segments (cut where ``m == 0``) run in parallel by blocks of
     about 1024 nodes (see the notes above) on ``num_threads`` threads (0:
@@ -279,13 +288,13 @@ cdef void _backward_block(const double* mp, const floating* outp, const double* 
 
 
 def relax_chain_backward(
-    const double[::1] m,             # IN  (n,) merge weights (as in forward)
-    const floating[:, ::1] out,      # IN  (n, d) h' from relax_chain_forward
-    const double[::1] D,             # IN  (n,) D from relax_chain_forward
-    const floating[:, ::1] grad_out,  # IN  (n, d) dL/dh'
-    const double[::1] grad_mass,     # IN  (n,) dL/dmu
-    floating[:, ::1] grad_H,         # OUT (n, d) dL/dH
-    double[::1] grad_m,              # OUT (n,) dL/dm (grad_m[n-1] = 0)
+    const double[::1] m not None,             # IN  (n,) merge weights (as in forward)
+    const floating[:, ::1] out not None,      # IN  (n, d) h' from relax_chain_forward
+    const double[::1] D not None,             # IN  (n,) D from relax_chain_forward
+    const floating[:, ::1] grad_out not None,  # IN  (n, d) dL/dh'
+    const double[::1] grad_mass not None,     # IN  (n,) dL/dmu
+    floating[:, ::1] grad_H not None,         # OUT (n, d) dL/dH
+    double[::1] grad_m not None,              # OUT (n,) dL/dm (grad_m[n-1] = 0)
     bint stream=False,               # write ``grad_H`` with streaming stores
     int num_threads=0,               # threads; 0: OpenMP's default
 ):

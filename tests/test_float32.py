@@ -156,6 +156,68 @@ def test_row_means_sums_in_four_partial_sums(d):
         assert abs(got - math.fsum(row) / d) <= 1e-15 * sum(map(abs, row))
 
 
+def test_row_means_checks_out_and_keeps_d_zero():
+    with pytest.raises(ValueError, match="out must have 10 entries"):
+        _core.row_means(np.ones((10, 4), np.float32), np.empty(1))
+    out = np.full(3, 7.0)
+    _core.row_means(np.ones((3, 0), np.float32), out)
+    assert out.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("at", range(5))
+def test_relaxation_kernels_refuse_none(at):
+    """None for any array is a TypeError, not a crash (naming the argument,
+    or for a float32-or-float64 one, Cython's "No matching signature")."""
+    H = np.ones((5, 4), np.float32)
+    args = [H, np.full(5, 0.5), np.empty_like(H), np.empty(5), np.empty(5)]
+    name = ["H", "m", "out", "D", "mass"][at]
+    args[at] = None
+    with pytest.raises(TypeError, match=f"'{name}' must not be None|No matching signature"):
+        _relax.relax_chain_forward(*args)
+    out, D, mass = np.empty_like(H), np.empty(5), np.empty(5)
+    _relax.relax_chain_forward(H, np.full(5, 0.5), out, D, mass)
+    args = [np.full(5, 0.5), out, D, H, np.zeros(5), np.empty_like(H), np.empty(5)]
+    for k in range(len(args)):
+        bad = list(args)
+        bad[k] = None
+        with pytest.raises(TypeError, match="must not be None|No matching signature"):
+            _relax.relax_chain_backward(*bad)
+    with pytest.raises(TypeError, match="'out' must not be None"):
+        _core.row_means(H, None)
+
+
+@pytest.mark.parametrize("value", [1e30, 1e38, 3e38])
+def test_float32_relaxation_does_not_overflow_on_finite_rows(value):
+    """A long run of merged float32 rows near float32's largest value: the
+    relaxed rows are convex combinations of them, so they stay finite, and
+    agree with float64's on the same inputs (h_i + c_i h'_{i+1} would reach
+    D_i times the entries and overflow float32)."""
+    rng = np.random.default_rng(0)
+    n, d = 2000, 8
+    H = (value * rng.uniform(0.5, 1.0, (n, d))).astype(np.float32)
+    H[::3] *= -1
+    m = rng.uniform(0.9, 1.0, n)
+    m[-1] = 0.0
+    G = (rng.standard_normal((n, d)) / n).astype(np.float32)
+    res = {}
+    for dt in (np.float32, np.float64):
+        x = H.astype(dt)
+        out, D, mass = np.empty_like(x), np.empty(n), np.empty(n)
+        _relax.relax_chain_forward(x, m, out, D, mass)
+        grad, gm = np.empty_like(x), np.empty(n)
+        _relax.relax_chain_backward(m, out, D, G.astype(dt), np.zeros(n), grad, gm)
+        res[dt] = out, grad
+    assert np.isfinite(res[np.float32][0]).all() and np.isfinite(res[np.float32][1]).all()
+    for a, b in zip(res[np.float32], res[np.float64]):
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+    # through the public morph: finite merged features in float32
+    g = gr.Graph.from_text("a" * 50)
+    for estimator in ("soft", "ste"):
+        out = gr.Morpher(estimator=estimator).forward(g, np.full((50, 8), value, np.float32))
+        assert out.graph.features.dtype == np.float32
+        assert np.isfinite(out.graph.features).all()
+
+
 def test_all_finite_float32():
     x = np.zeros(10000, np.float32)
     assert _core.all_finite(x)

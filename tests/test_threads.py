@@ -416,7 +416,8 @@ def _serial_relax_forward(H, m):
             if c == 0.0:
                 row = h
             elif f32:
-                row = (h + np.float32(c) * prev) * np.float32(1.0 / dn)
+                inv = 1.0 / dn
+                row = h * np.float32(inv) + prev * np.float32(c * inv)
             else:
                 row = (h + c * prev) * (1.0 / dn)
         D[i] = dn
