@@ -90,6 +90,17 @@ def _remove_stale_temporaries(path):
                 os.unlink(os.path.join(directory, name))
 
 
+def _directory_error(path):
+    """The IsADirectoryError naming ``path`` where a file is to be written
+    and ``path`` is a directory or ends with a separator, else None: raised
+    before any "already exists" (whose advice, overwrite=True, could not
+    help)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or _ends_with_separator(path):
+        return IsADirectoryError(errno.EISDIR, "a directory, not a file to write", path)
+    return None
+
+
 @contextlib.contextmanager
 def _atomic_open(path, mode="wb", **kwargs):
     """Open a temporary file beside ``path``; move it onto ``path`` on success.
@@ -102,8 +113,8 @@ def _atomic_open(path, mode="wb", **kwargs):
     """
     path = os.fspath(path)
     # said here, naming path: os.replace would name the temporary file
-    if os.path.isdir(path) or _ends_with_separator(path):
-        raise IsADirectoryError(errno.EISDIR, "a directory, not a file to write", path)
+    if (error := _directory_error(path)) is not None:
+        raise error
     _remove_stale_temporaries(path)
     tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)

@@ -17,7 +17,7 @@ import numpy as np
 from ._threads import single_pool
 from ._validation import check_allocation, check_model, check_scalar
 from ._workspace import Workspace
-from .checkpoint import MODEL_KIND, load_checkpoint, save_checkpoint
+from .checkpoint import MODEL_KIND, _directory_error, load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .encoder import Encoder
 from .graph import Graph
@@ -381,6 +381,8 @@ class Segmenter:
             If ``path`` exists and ``overwrite`` is false.
         """
         path = os.fspath(path)
+        if (error := _directory_error(path)) is not None:
+            raise error
         if not overwrite and os.path.exists(path):
             raise FileExistsError(errno.EEXIST, "model file already exists (pass "
                                                 "overwrite=True to replace it)", path)

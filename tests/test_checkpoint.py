@@ -174,6 +174,27 @@ def test_file_mode_follows_the_umask(tmp_path):
     assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o664
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_for_a_runs_file_is_named_before_training(tmp_path, overwrite):
+    """A directory given for the log or the checkpoint is an
+    IsADirectoryError naming it, before any epoch, whatever ``overwrite``
+    says. (Found by an attack helper: it was "already exists ... pass
+    overwrite=True", whose advice then failed after an epoch of training.)"""
+    import grapheme as gr
+
+    pairs = [("abc", "abc")] * 4
+
+    def trainer(**kw):
+        return gr.Trainer(gr.Embedding(dim=4, seed=0), gr.Morpher(), gr.StructuralLoss(),
+                          gr.Adam(), progress=False, overwrite=overwrite, **kw)
+
+    for t, checkpoint in ((trainer(log=tmp_path), None), (trainer(), tmp_path)):
+        with pytest.raises(IsADirectoryError, match=re.escape(repr(str(tmp_path)))):
+            t.fit(pairs, 1, checkpoint=checkpoint)
+        assert t.epoch == 0 and not t.history
+    assert os.listdir(tmp_path) == []
+
+
 def test_stale_temporaries_are_cleaned(tmp_path):
     import subprocess
     import sys

@@ -358,7 +358,10 @@ def _closed_reader(argv, stdin=None, stderr_to_stdout=False, read=True):
                             env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
     first = proc.stdout.readline() if read else b""
     proc.stdout.close()
-    err = b"" if stderr_to_stdout else proc.stderr.read()
+    err = b""
+    if not stderr_to_stdout:
+        with proc.stderr:
+            err = proc.stderr.read()
     return proc.wait(timeout=300), first, err
 
 

@@ -214,6 +214,10 @@ def test_save_load_round_trip_and_never_overwrite(tmp_path):
     assert path.read_bytes() == data
     model(0).save(path, overwrite=True)
     assert gr.Segmenter.load(path).encoder is None
+    # a directory is named as one, not as a file that "already exists"
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match="a directory, not a file to write"):
+            model(0).save(tmp_path, overwrite=overwrite)
     # weights and configuration only, no pickle, versioned
     arrays, meta = load_checkpoint(path)
     assert sorted(arrays) == ["embedding.codes", "embedding.weight", "morpher.theta"]

@@ -31,7 +31,8 @@ from .._validation import (KEEP, as_float_array, check_allocation, check_model, 
                            check_scalar, show)
 from .._threads import single_pool
 from .._workspace import Workspace
-from ..checkpoint import MODEL_KIND, _atomic_open, load_checkpoint, save_checkpoint
+from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, load_checkpoint,
+                          save_checkpoint)
 from ..embedding import Embedding
 from ..encoder import LayerOverflowError, parameter_bytes
 from ..graph import Graph, replicate
@@ -802,12 +803,19 @@ class Trainer:
                 "resume with the same data, start a new run, or pass new_data=True "
                 "(grapheme train --new-data) to continue on other data")
         writes = self._writes
+        files = [(what, path) for what, path in (("log", self.log), ("checkpoint", checkpoint),
+                                                 ("best checkpoint", best_path))
+                 if path is not None]
         error = None
-        if self.epoch == 0 and not self.overwrite and writes:
-            for what, path in (("log", self.log), ("checkpoint", checkpoint),
-                               ("best checkpoint", best_path)):
-                if path is not None and os.path.exists(path) and (
-                        what != "log" or os.path.getsize(path) > 0):
+        if writes:
+            # a directory first, whatever overwrite says (it could not help),
+            # rather than at the first write after an epoch of training
+            for _, path in files:
+                if (error := _directory_error(path)) is not None:
+                    break
+        if error is None and self.epoch == 0 and not self.overwrite and writes:
+            for what, path in files:
+                if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
                     error = ValueError(
                         f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
                         "replace another run's files: resume that run, choose another "
