@@ -482,11 +482,15 @@ def _check_run_directory(args, log, checkpoint):
     if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
             args.resume) and os.path.samefile(args.resume, checkpoint):
         return
+    held = f"--out {args.out!r} already holds a run ({', '.join(existing)})"
     if args.resume is not None:   # a --resume that is no file is named as such
         _checkpoint_file(args.resume, "--resume")
-    raise CommandError(
-        f"--out {args.out!r} already holds a run ({', '.join(existing)}); pass --resume "
-        f"{checkpoint} to continue it or --overwrite to replace it")
+        raise CommandError(
+            f"{held}, and --resume {args.resume!r} is not its checkpoint: pass --resume "
+            f"{checkpoint} to continue that run, --overwrite to replace it, or another "
+            "--out")
+    raise CommandError(f"{held}; pass --resume {checkpoint} to continue it or --overwrite "
+                       "to replace it")
 
 
 def _cmd_eval(args, out):

@@ -412,6 +412,15 @@ def test_cli_existing_run(tmp_path, data_dir, monkeypatch):
     code, err = _cli("train", "--data", data_dir, "--epochs", 1, "--out", run,
                      "--estimator", "history")
     assert code == 2 and "already holds a run (checkpoint.npz, metrics.jsonl)" in err
+    # a --resume of another file is named, not ignored (an attack helper's
+    # find: the message asked for the --resume it had been given)
+    other = tmp_path / "other.jsonl"
+    other.write_text("")
+    code, err = _cli("train", "--data", data_dir, "--epochs", 2, "--out", run,
+                     "--resume", other)
+    assert code == 2 and (f"already holds a run (checkpoint.npz, metrics.jsonl), and "
+                          f"--resume {str(other)!r} is not its checkpoint") in err
+    assert {p: p.read_bytes() for p in run.iterdir()} == files
     # --overwrite interrupted before its first epoch: the old run survives
     from grapheme.train import trainer as trainer_module
 
