@@ -1,6 +1,7 @@
 """Tests for grapheme.data: generation, determinism, atomic writes, parsing."""
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -228,7 +229,7 @@ def test_generate_words_splits_by_document(tmp_path):
     assert sum(s["words"] for s in out["sizes"].values()) == 5 * 60 * 3
     again = generate_words(tmp_path / "again", corpus=paths, seed=3)
     for split in ("train", "val", "test"):
-        assert open(out[split], "rb").read() == open(again[split], "rb").read()
+        assert pathlib.Path(out[split]).read_bytes() == pathlib.Path(again[split]).read_bytes()
 
 
 def test_one_file_is_split_into_paragraphs(tmp_path):
