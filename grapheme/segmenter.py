@@ -377,6 +377,8 @@ class Segmenter:
 
         Raises
         ------
+        IsADirectoryError
+            If ``path`` is a directory or ends with a separator.
         FileExistsError
             If ``path`` exists and ``overwrite`` is false.
         """

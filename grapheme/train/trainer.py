@@ -778,6 +778,9 @@ class Trainer:
             ``resume`` is not a compatible checkpoint, the run continues on
             other pairs without ``new_data=True``, or a fresh run would
             replace an existing log or checkpoint without ``overwrite``.
+        IsADirectoryError
+            If the log, ``checkpoint`` or the best checkpoint's path is a
+            directory (or ends with a separator), before any epoch.
         FloatingPointError
             If training diverges (see the class notes); nothing is written.
         """
