@@ -112,8 +112,9 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="replace a data set already in --out (a run trained on it would "
                         "then be scored on other splits)")
-    p.add_argument("--n-train", type=_nonneg_int, default=None,
-                   help="generated pairs in train.jsonl (default 2000)")
+    p.add_argument("--n-train", type=_positive_int, default=None,
+                   help="generated pairs in train.jsonl (default 2000; at least 1, as "
+                        "train refuses an empty file)")
     p.add_argument("--n-val", type=_nonneg_int, default=None,
                    help="generated pairs in val.jsonl (default 200)")
     p.add_argument("--seed", type=_nonneg_int, default=0,

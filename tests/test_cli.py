@@ -262,6 +262,8 @@ def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
     (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words"),
     (["--corpus", "x.txt"], "--corpus needs --task words"),
     (["--task", "words", "--corpus", "missing.txt"], "--corpus 'missing.txt' is not a file"),
+    # an empty train.jsonl, which train would refuse (an attack helper's find)
+    (["--n-train", "0"], "--n-train"),
 ])
 def test_generate_words_errors(tmp_path, capsys, argv, message):
     code, _, err = run(capsys, "generate", "--out", tmp_path / "d", *argv)
