@@ -89,6 +89,11 @@ def lookup_layer_backward_at(
     rz: np.ndarray,         # floating[:, ::1] OUT (U, 3d) [gz, gz into preds, into succs]
     num_threads: int = 0,
 ) -> None: ...
+def broadcast_column(
+    column: np.ndarray,   # const floating[::1] IN (n,)
+    out: np.ndarray,      # floating[:, ::1] OUT (n, d), out[i, :] = column[i]
+    num_threads: int = 0,
+) -> None: ...
 def rows_add(
     rows: np.ndarray,     # const int64_t[::1] IN (n,)
     values: np.ndarray,   # const floating[:, ::1] IN (n, d)

@@ -456,13 +456,39 @@ def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each 
              const floating[:, ::1] values,  # IN  (n, d)
              floating[:, ::1] out):          # OUT (V, d), accumulated
     """``out[rows[i]] += values[i]`` (``np.add.at`` without its overhead). O(n d).
-    float32 or float64 (both arrays the same)."""
+    float32 or float64 (both arrays the same). Serial: rows that share a
+    destination cannot be added at once, and two threads each adding every
+    row into half of the columns ran 2x slower than one (31,000 x 64 into
+    60 rows: 1.33 against 0.67 ms)."""
     cdef intp_t i, j, r, d = values.shape[1]
     with nogil:
         for i in range(rows.shape[0]):
             r = rows[i]
             for j in range(d):
                 out[r, j] += values[i, j]
+
+
+def broadcast_column(const floating[::1] column,   # IN  (n,)
+                     floating[:, ::1] out,         # OUT (n, d)
+                     int num_threads=0):           # IN  threads; <= 0: OpenMP's default
+    """``out[i, :] = column[i]`` (``np.copyto(out, column[:, None])``), by
+    fixed blocks of ``_ROWS_PER_THREAD`` rows in parallel: a copy, the same
+    bytes on any number of threads. ValueError unless ``out`` has one row
+    per entry of ``column``. O(n d)."""
+    cdef intp_t n = out.shape[0], d = out.shape[1], b, i, j, nb
+    cdef floating v
+    if column.shape[0] != n:
+        raise ValueError(f"broadcast_column: out must have {column.shape[0]} rows, got {n}")
+    if n == 0 or d == 0:
+        return
+    nb = (n + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
+    cdef int nt = num_threads_for(num_threads, nb)
+    with nogil:
+        for b in prange(nb, num_threads=nt, schedule="static"):
+            for i in range(b * _ROWS_PER_THREAD, min(n, (b + 1) * _ROWS_PER_THREAD)):
+                v = column[i]
+                for j in range(d):
+                    out[i, j] = v
 
 
 def row_means(const float[:, ::1] x not None,   # IN  (n, d)

@@ -216,8 +216,8 @@ class FeatureMean(Operation):
             return (np.zeros((n, d), dtype) if out is None else _zero(out),)
         column = self.vjp_column(saved, grad_activation)
         if out is None:
-            return (np.repeat(column, d, axis=1),)
-        np.copyto(out, column)
+            out = np.empty((n, d), dtype)
+        _core.broadcast_column(column[:, 0], out)   # on the threads
         return (out,)
 
     @staticmethod

@@ -944,3 +944,26 @@ def test_encoder_on_contexts_bit_identical_across_thread_counts(dtype):
             grad_table, grads = enc.vjp(saved, G, G, G)
             runs.append([*r, grad_table, *(grads[k] for k in sorted(grads))])
     _assert_identical(runs)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_broadcast_column_is_numpys_copy_on_any_thread_count(dtype):
+    """FeatureMean.vjp's broadcast of its column over d, by blocks of rows
+    on the threads: numpy's copyto, byte for byte, on 1, 2 and 3 threads;
+    an out of another row count is a ValueError."""
+    rng = np.random.default_rng(1)
+    for n, d in ((5000, 64), (3, 7), (0, 4), (4, 0)):
+        column = rng.standard_normal(n).astype(dtype)
+        want = np.empty((n, d), dtype)
+        np.copyto(want, column[:, None])
+        for k in (1, 2, 3):
+            out = np.full((n, d), np.nan, dtype)
+            _core.broadcast_column(column, out, num_threads=k)
+            assert out.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="out must have 3 rows, got 2"):
+        _core.broadcast_column(np.zeros(3), np.zeros((2, 4)))
+    g = rng.standard_normal(40)
+    # through the op, with and without an out
+    for out in (None, np.empty((40, 6))):
+        got = gr.ops.FeatureMean().vjp((40, 6), g, out=out)[0]
+        np.testing.assert_array_equal(got, np.repeat((g / 6)[:, None], 6, axis=1))
