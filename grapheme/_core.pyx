@@ -468,8 +468,8 @@ def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each 
                 out[r, j] += values[i, j]
 
 
-def broadcast_column(const floating[::1] column,   # IN  (n,)
-                     floating[:, ::1] out,         # OUT (n, d)
+def broadcast_column(const floating[::1] column not None,   # IN  (n,)
+                     floating[:, ::1] out not None,         # OUT (n, d)
                      int num_threads=0):           # IN  threads; <= 0: OpenMP's default
     """``out[i, :] = column[i]`` (``np.copyto(out, column[:, None])``), by
     fixed blocks of ``_ROWS_PER_THREAD`` rows in parallel: a copy, the same

@@ -81,6 +81,18 @@ cdef intp_t _restart_blocks(const double* m, intp_t n, intp_t* bounds) noexcept 
     return nb
 
 
+cdef int _check_lengths(str fn, intp_t n, intp_t d, tuple rows, tuple vectors) except -1:
+    """ValueError unless every (n, d) array of ``rows`` and every (n,) array
+    of ``vectors`` fits the first array's shape: the O(1) check the chain
+    kernels make although they trust values (the blocks follow ``m``'s
+    length, and a shorter array would be written past its end)."""
+    if any(a.shape[0] != n or a.shape[1] != d for a in rows) or any(
+            v.shape[0] != n for v in vectors):
+        raise ValueError(f"{fn}: the (n, d) arrays must have one shape and the "
+                         f"(n,) arrays n = {n} entries")
+    return 0
+
+
 cdef tuple _chain_blocks(const double[::1] m, intp_t d, bint stream, int num_threads,
                          object dtype):
     """What both chain kernels set up: their blocks' bounds (``nb + 1``
@@ -170,8 +182,9 @@ def relax_chain_forward(
 ):
     """Relaxed chain merge, forward: ``out = N / D`` and ``mass = 1 - m[i-1]``.
 
-    Trusts its input: ``H``, ``out`` of shape (n, d); ``m``, ``D``, ``mass`` of
-    shape (n,); ``m`` in [0, 1]. ``m[n - 1]`` is ignored (no edge leaves the
+    ``H``, ``out`` of shape (n, d); ``m``, ``D``, ``mass`` of shape (n,)
+    (ValueError otherwise; None is a TypeError). Trusts the values: ``m``
+    in [0, 1]. ``m[n - 1]`` is ignored (no edge leaves the
     last node). No output may overlap an input or another output.
 
     ``H`` and ``out`` float32 or float64 (the per-node scalars ``m``, ``D``
@@ -189,6 +202,7 @@ def relax_chain_forward(
     for the blocks; runs without the GIL.
     """
     cdef intp_t n = H.shape[0], d = H.shape[1], k, nb
+    _check_lengths("relax_chain_forward", n, d, (out,), (m, D, mass))
     if n == 0:
         return
     if floating is float:
@@ -324,6 +338,8 @@ def relax_chain_backward(
     for the blocks; runs without the GIL.
     """
     cdef intp_t n = out.shape[0], d = out.shape[1], k, nb
+    _check_lengths("relax_chain_backward", n, d, (grad_out, grad_H),
+                   (m, D, grad_mass, grad_m))
     if n == 0:
         return
     if floating is float:

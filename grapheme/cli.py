@@ -484,14 +484,14 @@ def _check_run_directory(args, log, checkpoint):
             args.resume) and os.path.samefile(args.resume, checkpoint):
         return
     held = f"--out {args.out!r} already holds a run ({', '.join(existing)})"
+    # --resume of its checkpoint is advice only where there is one to resume
+    resume = (f"--resume {checkpoint} to continue that run, "
+              if os.path.isfile(checkpoint) else "")
     if args.resume is not None:   # a --resume that is no file is named as such
         _checkpoint_file(args.resume, "--resume")
-        raise CommandError(
-            f"{held}, and --resume {args.resume!r} is not its checkpoint: pass --resume "
-            f"{checkpoint} to continue that run, --overwrite to replace it, or another "
-            "--out")
-    raise CommandError(f"{held}; pass --resume {checkpoint} to continue it or --overwrite "
-                       "to replace it")
+        raise CommandError(f"{held}, and --resume {args.resume!r} is not its checkpoint: "
+                           f"pass {resume}--overwrite to replace it, or another --out")
+    raise CommandError(f"{held}; pass {resume}--overwrite to replace it, or another --out")
 
 
 def _cmd_eval(args, out):

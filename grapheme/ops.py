@@ -217,7 +217,10 @@ class FeatureMean(Operation):
         column = self.vjp_column(saved, grad_activation)
         if out is None:
             out = np.empty((n, d), dtype)
-        _core.broadcast_column(column[:, 0], out)   # on the threads
+        if dtype in (np.float32, np.float64):
+            _core.broadcast_column(column[:, 0], out)   # on the threads
+        else:   # a caller's own saved dtype (forward saves only those two)
+            np.copyto(out, column)
         return (out,)
 
     @staticmethod

@@ -186,6 +186,20 @@ def test_relaxation_kernels_refuse_none(at):
         _core.row_means(H, None)
 
 
+def test_relaxation_kernels_check_lengths():
+    """An m longer than the rows (the blocks follow m) wrote past the other
+    arrays' ends (a review helper's find): ValueError now."""
+    H, m = np.ones((1, 4)), np.full(2_000_000, 0.5)
+    with pytest.raises(ValueError, match="relax_chain_forward: the .n, d. arrays"):
+        _relax.relax_chain_forward(H, m, np.empty((1, 4)), np.empty(1), np.empty(1))
+    with pytest.raises(ValueError, match="relax_chain_backward"):
+        _relax.relax_chain_backward(m, H, np.ones(1), H, np.ones(1), np.empty((1, 4)),
+                                    np.empty(1))
+    with pytest.raises(ValueError, match="one shape"):
+        _relax.relax_chain_forward(np.ones((3, 4)), np.full(3, 0.5), np.empty((3, 5)),
+                                   np.empty(3), np.empty(3))
+
+
 @pytest.mark.parametrize("value", [1e30, 1e38, 3e38])
 def test_float32_relaxation_does_not_overflow_on_finite_rows(value):
     """A long run of merged float32 rows near float32's largest value: the

@@ -404,6 +404,24 @@ def data_dir(tmp_path):
     return d
 
 
+def test_cli_existing_run_without_a_checkpoint(tmp_path, data_dir):
+    """An --out holding only a log: the advice is --overwrite or another
+    --out, never a --resume of a checkpoint that is not there (a review
+    helper's find)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    code, err = _cli("train", "--data", data_dir, "--epochs", 1, "--out", run)
+    assert code == 2 and err.endswith("already holds a run (metrics.jsonl); pass "
+                                      "--overwrite to replace it, or another --out\n")
+    other = tmp_path / "other.npz"
+    other.write_text("")
+    code, err = _cli("train", "--data", data_dir, "--epochs", 1, "--out", run,
+                     "--resume", other)
+    assert code == 2 and err.endswith("is not its checkpoint: pass --overwrite to replace "
+                                      "it, or another --out\n")
+
+
 def test_cli_existing_run(tmp_path, data_dir, monkeypatch):
     run = tmp_path / "run"
     assert _cli("train", "--data", data_dir, "--epochs", 1, "--out", run, "--no-progress",
