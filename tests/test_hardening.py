@@ -430,6 +430,8 @@ def test_cli_existing_run(tmp_path, data_dir, monkeypatch):
     code, err = _cli("train", "--data", data_dir, "--epochs", 1, "--out", run,
                      "--estimator", "history")
     assert code == 2 and "already holds a run (checkpoint.npz, metrics.jsonl)" in err
+    assert err.endswith(f"pass --resume {run / 'checkpoint.npz'} to continue that run, "
+                        "--overwrite to replace it, or another --out\n")
     # a --resume of another file is named, not ignored (an attack helper's
     # find: the message asked for the --resume it had been given)
     other = tmp_path / "other.jsonl"

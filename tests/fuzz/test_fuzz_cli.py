@@ -162,9 +162,10 @@ def test_existing_run_is_refused_and_untouched(world):
     code, err = check_run(world, ["train", "--data", str(world / "good"), "--epochs", "1",
                                   "--out", str(world / "run")])
     assert code == 2
+    # a log and no checkpoint: nothing to --resume
     assert err.strip().endswith(
-        f"--out {str(world / 'run')!r} already holds a run (metrics.jsonl); pass --resume "
-        f"{str(world / 'run' / 'checkpoint.npz')} to continue it or --overwrite to replace it")
+        f"--out {str(world / 'run')!r} already holds a run (metrics.jsonl); pass "
+        "--overwrite to replace it, or another --out")
 
 
 def test_invalid_arguments_create_no_directory(world, tmp_path):
