@@ -763,13 +763,11 @@ def _stacked_matmul(edges, x, w, init, out, workspace=None, apart=None, residual
     after the product where not (the same bits)."""
     scratch = _stack_scratch(x, workspace, apart)
     fused = scratch is not None and _products.NUMPY_TANH   # the tail on the threads
-    if scratch is not None:
-        _products.stacked_matmul(*edges, x, w, out, init, scratch,
-                                 residual=residual if fused else None)
-        if residual is None or fused:
-            return out
-    with np.errstate(**_QUIET):
-        if scratch is None:
+    with np.errstate(**_QUIET):   # numpy's steps below; the kernel raises none
+        if scratch is not None:
+            _products.stacked_matmul(*edges, x, w, out, init, scratch,
+                                     residual=residual if fused else None)
+        else:
             np.matmul(_stack(edges, x, workspace, apart), w, out=out)
             out += init
         if residual is not None and not fused:
