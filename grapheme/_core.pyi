@@ -36,8 +36,9 @@ def take_rows(
     num_threads: int = 0,
 ) -> None: ...
 def row_means(
-    x: np.ndarray,        # const float[:, ::1] IN (n, d), float32 only
+    x: np.ndarray,        # const floating[:, ::1] IN (n, d)
     out: np.ndarray,      # double[::1] OUT (n,)
+    num_threads: int = 0,
 ) -> None: ...
 def group_rows(
     rows: np.ndarray,     # const int64_t[::1] IN (n,), each in [0, V) (checked)
@@ -95,7 +96,7 @@ def broadcast_column(
     num_threads: int = 0,
 ) -> None: ...
 def rows_add(
-    rows: np.ndarray,     # const int64_t[::1] IN (n,)
+    rows: np.ndarray,     # const int64_t[::1] IN (n,), each in [0, V) (checked)
     values: np.ndarray,   # const floating[:, ::1] IN (n, d)
     out: np.ndarray,      # floating[:, ::1] OUT (V, d), accumulated
 ) -> None: ...

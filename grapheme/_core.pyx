@@ -452,17 +452,29 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
                              w[e] if w != NULL else 1.0, cw)
 
 
-def rows_add(const int64_t[::1] rows,        # IN  (n,) destination row of each input row
-             const floating[:, ::1] values,  # IN  (n, d)
-             floating[:, ::1] out):          # OUT (V, d), accumulated
-    """``out[rows[i]] += values[i]`` (``np.add.at`` without its overhead). O(n d).
-    float32 or float64 (both arrays the same). Serial: rows that share a
-    destination cannot be added at once, and two threads each adding every
-    row into half of the columns ran 2x slower than one (31,000 x 64 into
-    60 rows: 1.33 against 0.67 ms)."""
-    cdef intp_t i, j, r, d = values.shape[1]
+def rows_add(const int64_t[::1] rows not None,        # IN  (n,) each in [0, V)
+             const floating[:, ::1] values not None,  # IN  (n, d)
+             floating[:, ::1] out not None):          # OUT (V, d), accumulated
+    """``out[rows[i]] += values[i]`` (``np.add.at`` without its overhead).
+    float32 or float64 (both arrays the same). O(n d). ValueError, before
+    anything is written, on mismatched shapes or a row outside ``[0, V)``.
+
+    Serial: it streams ``values`` once and is bound by that read. Two
+    threads each adding every row into half of the columns ran 2x slower
+    than one (31,000 x 64 into 60 rows: 1.33 against 0.67 ms); two threads
+    each walking every input in order and adding those of its own half of
+    the destination rows (each entry's terms in the serial order) ran
+    0.62-0.69 against 0.59 ms; grouping the inputs by row first (a
+    counting sort) read them out of order, 1.25 ms."""
+    cdef intp_t n = rows.shape[0], V = out.shape[0], d = values.shape[1], i, j, r
+    if values.shape[0] != n or out.shape[1] != d:
+        raise ValueError(f"rows_add: values must be ({n}, {out.shape[1]}) (one row per "
+                         f"entry of rows, out's columns), got ({values.shape[0]}, {d})")
+    i = _first_outside(&rows[0] if n else NULL, n, V)
+    if i >= 0:
+        raise ValueError(f"rows_add: row {rows[i]} is outside [0, {V}) (the rows of out)")
     with nogil:
-        for i in range(rows.shape[0]):
+        for i in range(n):
             r = rows[i]
             for j in range(d):
                 out[r, j] += values[i, j]
@@ -491,37 +503,84 @@ def broadcast_column(const floating[::1] column not None,   # IN  (n,)
                     out[i, j] = v
 
 
-def row_means(const float[:, ::1] x not None,   # IN  (n, d)
-              double[::1] out not None):         # OUT (n,)
-    """``out[i] = mean(x[i])`` of float32 rows, summed in float64 in four
-    interleaved partial sums as ``grapheme_dot_f`` (an order that depends on
-    ``d`` only; a float32 model's activations; float64 features keep numpy's
-    ``mean``); zeros when ``d == 0``, as :func:`grapheme.ops.feature_mean`.
-    ValueError unless ``out`` has ``n`` entries. O(n d)."""
-    cdef intp_t n = x.shape[0], d = x.shape[1], i, j
-    cdef double s0, s1, s2, s3
-    cdef const float* r
+cdef extern from *:
+    """
+    /* numpy's pairwise summation of a contiguous a[0:n] (DOUBLE_pairwise_sum,
+       numpy/_core/src/umath/loops_utils.h.src): the order in which np.sum
+       and np.mean add along a contiguous axis, so a row mean here has
+       numpy's bits (checked against numpy for d = 1..9000 when this was
+       written; the tests ask only 1 ulp). Below 8 terms in turn, up to 128
+       in eight interleaved partial sums, above that split in two halves (a
+       multiple of 8 first). Starts from 0.0 where numpy's -0.0 is added to
+       its reduction's 0.0: the same sum. */
+    static double grapheme_pairwise_sum(const double *a, Py_ssize_t n) {
+        if (n < 8) {
+            double res = 0.0;
+            for (Py_ssize_t i = 0; i < n; ++i) res += a[i];
+            return res;
+        }
+        if (n <= 128) {
+            double r[8], res;
+            Py_ssize_t i;
+            for (int k = 0; k < 8; ++k) r[k] = a[k];
+            for (i = 8; i < n - (n % 8); i += 8)
+                for (int k = 0; k < 8; ++k) r[k] += a[i + k];
+            res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+            for (; i < n; ++i) res += a[i];
+            return res;
+        }
+        Py_ssize_t n2 = n / 2;
+        n2 -= n2 % 8;
+        return grapheme_pairwise_sum(a, n2) + grapheme_pairwise_sum(a + n2, n - n2);
+    }
+
+    /* float32 rows, summed in double in four interleaved partial sums as
+       grapheme_dot_f: an order that depends on n only. */
+    static double grapheme_sum_f(const float *a, Py_ssize_t n) {
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        Py_ssize_t j = 0;
+        for (; j + 3 < n; j += 4) {
+            s0 += a[j];
+            s1 += a[j + 1];
+            s2 += a[j + 2];
+            s3 += a[j + 3];
+        }
+        for (; j < n; ++j) s0 += a[j];
+        return (s0 + s1) + (s2 + s3);
+    }
+    """
+    double _pairwise_sum "grapheme_pairwise_sum"(const double* a, intp_t n) noexcept nogil
+    double _sum_f "grapheme_sum_f"(const float* a, intp_t n) noexcept nogil
+
+
+def row_means(const floating[:, ::1] x not None,   # IN  (n, d)
+              double[::1] out not None,            # OUT (n,)
+              int num_threads=0):          # IN  threads; <= 0: OpenMP's default
+    """``out[i] = mean(x[i])`` in float64: float64 rows in numpy's pairwise
+    order (``x.mean(axis=1)``'s bits), float32 rows summed in float64 in
+    four interleaved partial sums as ``grapheme_dot_f``; zeros when
+    ``d == 0``, as :func:`grapheme.ops.feature_mean`. Each row is one
+    thread's, by fixed blocks of ``_ROWS_PER_THREAD`` rows in parallel, so
+    the bits do not depend on the thread count. ValueError unless ``out``
+    has ``n`` entries. O(n d)."""
+    cdef intp_t n = x.shape[0], d = x.shape[1], b, i, nb
     if out.shape[0] != n:
         raise ValueError(f"row_means: out must have {n} entries (one per row of x), "
                          f"got {out.shape[0]}")
+    if n == 0:
+        return
     if d == 0:
         out[:] = 0.0
         return
+    nb = (n + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
+    cdef int nt = num_threads_for(num_threads, nb)
     with nogil:
-        for i in range(n):
-            r = &x[i, 0]
-            s0 = s1 = s2 = s3 = 0.0
-            j = 0
-            while j + 3 < d:
-                s0 += r[j]
-                s1 += r[j + 1]
-                s2 += r[j + 2]
-                s3 += r[j + 3]
-                j += 4
-            while j < d:
-                s0 += r[j]
-                j += 1
-            out[i] = ((s0 + s1) + (s2 + s3)) / d
+        for b in prange(nb, num_threads=nt, schedule="static"):
+            for i in range(b * _ROWS_PER_THREAD, min(n, (b + 1) * _ROWS_PER_THREAD)):
+                if floating is double:
+                    out[i] = _pairwise_sum(&x[i, 0], d) / d
+                else:
+                    out[i] = _sum_f(&x[i, 0], d) / d
 
 
 # ---------------------------------------------------------------------------

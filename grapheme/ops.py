@@ -243,16 +243,15 @@ def _zero(out):
 
 def feature_mean(features):
     """Row means of an (n, d) array, float64 (summed in float64 for float32
-    features); zeros when ``d == 0``."""
+    features; float64 ones with ``mean(axis=1)``'s bits), on the kernels'
+    threads; zeros when ``d == 0``."""
     if features.shape[1] == 0:
         return np.zeros(features.shape[0])
-    if features.dtype == np.float32:
-        out = np.empty(features.shape[0])
-        _core.row_means(np.ascontiguousarray(features), out)
-        return out
-    if features.dtype != np.float64:
+    if features.dtype not in (np.float32, np.float64):
         return features.mean(axis=1, dtype=np.float64)
-    return features.mean(axis=1)
+    out = np.empty(features.shape[0])
+    _core.row_means(np.ascontiguousarray(features), out)
+    return out
 
 
 def _saved_dtype(saved, at=2):

@@ -967,3 +967,49 @@ def test_broadcast_column_is_numpys_copy_on_any_thread_count(dtype):
     for out in (None, np.empty((40, 6))):
         got = gr.ops.FeatureMean().vjp((40, 6), g, out=out)[0]
         np.testing.assert_array_equal(got, np.repeat((g / 6)[:, None], 6, axis=1))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_row_means_on_any_thread_count(dtype):
+    """The row means (a graph's activation) by fixed blocks of rows on the
+    threads: the same bytes on 1, 2 and 3 threads; float64 rows within one
+    ulp of numpy's mean (the kernel adds in numpy's pairwise order, so they
+    are equal with the numpy this was written for), float32 rows in
+    row_means' four partial sums (tests/test_float32.py)."""
+    rng = np.random.default_rng(16)
+    for n, d in ((5000, 64), (3000, 7), (2100, 129), (1500, 300), (3, 1000), (0, 4)):
+        x = (rng.standard_normal((n, d)) * np.exp(rng.uniform(-3, 3, (n, d)))).astype(dtype)
+        outs = []
+        for k in (1, 2, 3):
+            out = np.full(n, np.nan)
+            _core.row_means(x, out, num_threads=k)
+            outs.append(out.tobytes())
+        assert outs[0] == outs[1] == outs[2]
+        got = np.frombuffer(outs[0])
+        if dtype == np.float64:
+            np.testing.assert_array_max_ulp(got, x.mean(axis=1), maxulp=1)
+        np.testing.assert_array_equal(gr.ops.feature_mean(x), got)
+    # through the op
+    x = rng.standard_normal((40, 9))
+    got = gr.ops.FeatureMean().forward(x)[0].activation
+    np.testing.assert_array_max_ulp(got, x.mean(axis=1), maxulp=1)
+
+
+def test_rows_add_checks_before_writing():
+    """rows_add (the embedding table's gradient) refuses a row outside the
+    table and mismatched shapes with a ValueError naming what is wrong,
+    and leaves ``out`` as it was."""
+    out = np.zeros((4, 3))
+    values = np.ones((5, 3))
+    for rows, match in ((np.array([0, 1, 4, 2, 3]), "row 4 is outside \\[0, 4\\)"),
+                        (np.array([0, -1, 2, 2, 3]), "row -1 is outside"),
+                        (np.array([0, 1, 2]), "values must be \\(3, 3\\)")):
+        with pytest.raises(ValueError, match=match):
+            _core.rows_add(rows.astype(np.int64), values, out)
+    with pytest.raises(ValueError, match="values must be \\(5, 3\\)"):
+        _core.rows_add(np.zeros(5, np.int64), np.ones((5, 2)), out)
+    with pytest.raises(TypeError, match="'out' must not be None"):
+        _core.rows_add(np.zeros(5, np.int64), values, None)
+    assert not out.any()
+    _core.rows_add(np.array([0, 3, 0, 3, 3], np.int64), values, out)
+    assert out[:, 0].tolist() == [2.0, 0.0, 0.0, 3.0]
