@@ -18,7 +18,7 @@ import numpy as np
 
 from ._validation import KEEP, as_float_array, check_graph, check_out, check_scalar
 from ._workspace import check_workspace
-from .estimators import Hard, make_estimator
+from .estimators import Hard, _checked_forward, make_estimator
 from .ops import EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
 from .rate import RateController
 
@@ -287,7 +287,8 @@ class Morpher:
         extra = {} if shard is None else {"shard": shard}
         if workspace is not None and _takes_workspace(type(estimator).forward):
             extra["workspace"] = workspace
-        estimate, est_saved = estimator.forward(graph, features, sim.similarity, scores, **extra)
+        estimate, est_saved = _checked_forward(estimator)(graph, features, sim.similarity,
+                                                         scores, **extra)
         value, expected, rate_saved = 0.0, float("nan"), None
         if rate is not None:
             op, multiplier = rate.penalty()

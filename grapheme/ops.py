@@ -505,7 +505,11 @@ class ChainRelaxation(Operation):
         features under "relax.features"."""
         _check_place(workspace)
         check_graph(graph, "graph")
-        features = check_features(graph, features)
+        return self._forward(graph, check_features(graph, features), merge, workspace)
+
+    def _forward(self, graph, features, merge, workspace=None):
+        """:meth:`forward` of a checked graph and finite C-contiguous (n, d)
+        features, not scanned again (the estimators' under the morph)."""
         merge = as_float_array(merge, "merge", shape=(graph.num_edges,))
         if merge.size and not (merge.min() >= 0.0 and merge.max() <= 1.0):
             raise ValueError("merge must lie in [0, 1] (merge weights, probabilities), got "

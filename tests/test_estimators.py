@@ -682,3 +682,44 @@ def test_reinforce_shard_draws_the_whole_batchs_samples():
     # the deterministic estimators ignore it
     ste = gr.Morpher(threshold=0.5, estimator="ste")
     assert np.array_equal(ste.forward(g, H, shard=(4, 5)).decisions, ste.forward(g, H).decisions)
+
+
+@pytest.mark.parametrize("estimator", [Hard(), Relaxed(), StraightThrough(),
+                                       Reinforce(seed=1), Reinforce(samples=2, seed=1)],
+                         ids=lambda e: repr(e))
+def test_estimators_check_features_the_morpher_does_not_scan_twice(estimator):
+    """Called directly, an estimator's forward refuses features that are not
+    finite, or of the wrong shape, naming ``features``. Under the Morpher,
+    which has checked them, the built-ins run ``_forward`` (no second scan)
+    with the same results as ``forward``; a subclass that overrides
+    ``forward`` is still called through it."""
+    from grapheme.estimators import _checked_forward
+    from grapheme.ops import MergeScores
+
+    g = Graph.from_texts(["aabbc", "abab"])
+    H = np.random.default_rng(0).normal(size=(g.num_nodes, 3))
+    sim = np.random.default_rng(1).uniform(-1, 1, g.num_edges)
+    scores = MergeScores(1.0).forward(sim, 0.0)[0]
+    bad = H.copy()
+    bad[2, 1] = np.nan
+    for features, match in ((bad, "features contains NaN"),
+                            (H[:-1], "features must have shape")):
+        with pytest.raises(ValueError, match=match):
+            type(estimator)(**estimator.get_params()).forward(g, features, sim, scores)
+    assert _checked_forward(estimator).__func__ is type(estimator)._forward
+    a, _ = type(estimator)(**estimator.get_params()).forward(g, H, sim, scores)
+    b, _ = _checked_forward(type(estimator)(**estimator.get_params()))(g, H, sim, scores)
+    assert a.graph.features.tobytes() == b.graph.features.tobytes()
+    assert np.array_equal(a.decisions, b.decisions)
+
+    calls = []
+
+    class Own(type(estimator)):
+        def forward(self, graph, features, similarity, scores, shard=None, workspace=None):
+            calls.append(1)
+            return super().forward(graph, features, similarity, scores, shard, workspace)
+
+    own = Own(**estimator.get_params())
+    assert _checked_forward(own).__func__ is Own.forward
+    Morpher(estimator=own).forward(g, H)
+    assert calls == [1]
