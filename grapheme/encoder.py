@@ -297,9 +297,12 @@ class Encoder:
                 contexts, nodes = _group_contexts(graph, edges, codes, h.shape[0], workspace,
                                                   layer)
             w = [params[f"layer{layer}.{name}"] for name in _LAYER]
+            # a layer's table after the first is the last one's output,
+            # scanned below: not scanned again
             (h,), s = LookupMessagePassing()._forward(graph, h, codes, *w, workspace,
-                                                      f"layer{layer}.", table_name, nodes,
-                                                      edges)
+                                                      f"layer{layer}.",
+                                                      table_name if layer == 0 else None,
+                                                      nodes, edges)
             layers.append(s)
             if nodes is None:   # the last layer, or not a chain
                 break

@@ -992,7 +992,9 @@ class LookupMessagePassing(Operation):
                  name="", table_name="table", nodes=None, edges=None):
         """:meth:`forward` of a checked graph, a C-contiguous 2-d ``table`` and
         int64 ``rows`` in its range: the rows read are checked finite here
-        (under ``table_name``), O(U d), and the weights, O(d^2). ``nodes``
+        (under ``table_name``; None: the caller has scanned the whole table,
+        the encoder's output of the layer before), O(U d), and the weights,
+        O(d^2). ``nodes``
         (k,) int64: the output rows of those nodes only (an encoder's
         contexts), and the vjp takes their (k, d) gradient. ``edges``: the
         graph's :func:`_both_ways`, if the caller has it."""
@@ -1012,7 +1014,8 @@ class LookupMessagePassing(Operation):
         used, codes, group = ints["used"][:U], ints["codes"], ints["group"][:U + 1]
         E = _alloc(workspace, name + "rows", U, d, dt, apart)
         _core.take_rows(table, used, E)
-        as_float_array(E, table_name, dtype=KEEP)   # finite: the rows the nodes read
+        if table_name is not None:   # finite: the rows the nodes read
+            as_float_array(E, table_name, dtype=KEEP)
         w_cat = np.concatenate([w_self, w_pred, w_succ], axis=1)   # (d, 3d)
         products = _matmul(E, w_cat, _alloc(workspace, name + "products", U, 3 * d, dt,
                                             apart))

@@ -787,6 +787,33 @@ def test_an_overflowing_context_layer_is_named():
         enc.forward_lookup(g, np.ones((2, 2)), np.array([0, 1, 0, 1]))
 
 
+def test_a_context_layers_input_is_scanned_once_and_named():
+    """A layer on contexts reads the last one's output as its table; the
+    encoder scans that output (naming the layer that overflowed) and the
+    next layer does not scan it again as a table."""
+    g = gr.Graph.from_text("abab")
+    for layers in (2, 3):
+        enc = gr.Encoder(2, layers=layers)
+        enc.params["layer0.self"][...] = 1e308
+        enc.params["layer0.pred"][...] = -1e308
+        with pytest.raises(gr.LayerOverflowError, match="layer 0 overflowed"):
+            enc.forward_lookup(g, np.ones((2, 2)), np.array([0, 1, 0, 1]))
+    calls = []
+    real = ops.as_float_array
+
+    def spy(value, name, *args, **kwargs):
+        calls.append(name)
+        return real(value, name, *args, **kwargs)
+
+    enc = gr.Encoder(2, layers=3)
+    try:
+        ops.as_float_array = spy
+        enc.forward_lookup(g, np.ones((2, 2)), np.array([0, 1, 0, 1]))
+    finally:
+        ops.as_float_array = real
+    assert calls.count("table") == 1   # the embedding's rows, at layer 0
+
+
 def test_forward_lookup_reads_only_the_rows_it_looks_up():
     """A non-finite row no node reads is not read; one that a node reads is
     refused, naming the table. Bad rows and tables are refused by name."""
