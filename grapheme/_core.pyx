@@ -388,6 +388,10 @@ def lookup_layer_backward(const index_t[::1] indptr,     # IN  (n+1,) out-edges
                 _row_sum(row + 2 * d, gp, d, t_nb, t_w, t_indptr[i], t_indptr[i + 1], d)
 
 
+# rows of the table below which lookup_layer_backward_at runs on one thread
+cdef intp_t _SPLIT_ROWS = 256
+
+
 def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edges
                              const index_t[::1] indices,    # IN  (E,)
                              const double[::1] weights,     # IN  (E,), or (0,)
@@ -407,8 +411,8 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     and ``gz`` added to its own row's ``rg`` and first block of ``rz``, and
     ``w gz`` to the second block of its predecessors' rows and the third of
     its successors' (the rows whose products it read). Nodes in order, then
-    edges in order, each thread on a slice of the columns: the same bits on
-    any number of threads. A code or a node out of range raises ValueError
+    edges in order, each thread on a slice of the columns (one thread below
+    ``_SPLIT_ROWS`` rows): the same bits on any number of threads. A code or a node out of range raises ValueError
     before anything is written. O((k + E) d + U d)."""
     cdef intp_t n = codes.shape[0], k = nodes.shape[0], U = rg.shape[0], d = grad.shape[1]
     cdef intp_t q, i, e, c
@@ -429,8 +433,15 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     if U == 0 or d == 0:
         return
     # threads take slices of the columns, each summing every node in
-    # order: the same bits on any number of threads
-    cdef int nt = num_threads_for(num_threads, min(d // 8, k * d // 8192) + 1)
+    # order: the same bits on any number of threads. Not below
+    # _SPLIT_ROWS rows: the threads then write the same few rows all the
+    # time, and two ran slower than one (the first layer's vjp of 256 and
+    # 1,024 letter pairs, 25 rows: 0.32 -> 0.48 and 1.37 -> 1.62 ms), where
+    # at thousands of rows they gain (4,615 rows 1.25 -> 1.02 ms, 8,452
+    # rows 5.4 -> 3.6 ms)
+    cdef int nt = 1
+    if U >= _SPLIT_ROWS:
+        nt = num_threads_for(num_threads, min(d // 8, k * d // 8192) + 1)
     cdef intp_t width = (d + nt - 1) // nt, cb, lo, cw
     cdef const floating* g
     with nogil:
