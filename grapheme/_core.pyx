@@ -19,7 +19,7 @@ from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
     floating, row_scale_f, row_add_to_f, _stack_row, _row_add, _row_sum, _edges_both_ways, _dot,
-    _first_outside,
+    _first_outside, _all_finite, _all_finite_f,
 )
 from cython.parallel cimport prange
 
@@ -597,49 +597,6 @@ def row_means(const floating[:, ::1] x not None,   # IN  (n, d)
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    /* 1 if no element of x[0:m] is NaN or infinite. An element is not finite
-       when its exponent bits are all ones; adding 1 to the exponent field then
-       carries into the sign bit. AND, ADD and OR only, so the loop vectorizes
-       on any x86-64 (SSE2 has no 64-bit compare); it stops at the end of
-       the first block holding a non-finite value. */
-    static int grapheme_all_finite(const double *x, Py_ssize_t m) {
-        const uint64_t EXP = 0x7FF0000000000000ULL, ONE = 1ULL << 52;
-        Py_ssize_t i = 0;
-        while (i < m) {
-            Py_ssize_t stop = m - i > 4096 ? i + 4096 : m;
-            uint64_t carry = 0, bits;
-            for (; i < stop; ++i) {
-                memcpy(&bits, x + i, sizeof bits);
-                carry |= (bits & EXP) + ONE;
-            }
-            if (carry >> 63) return 0;
-        }
-        return 1;
-    }
-    /* The same for float32: 8 exponent bits, the sign bit is bit 31. */
-    static int grapheme_all_finite_f(const float *x, Py_ssize_t m) {
-        const uint32_t EXP = 0x7F800000U, ONE = 1U << 23;
-        Py_ssize_t i = 0;
-        while (i < m) {
-            Py_ssize_t stop = m - i > 4096 ? i + 4096 : m;
-            uint32_t carry = 0, bits;
-            for (; i < stop; ++i) {
-                memcpy(&bits, x + i, sizeof bits);
-                carry |= (bits & EXP) + ONE;
-            }
-            if (carry >> 31) return 0;
-        }
-        return 1;
-    }
-    """
-    bint _all_finite "grapheme_all_finite"(const double* x, intp_t m) noexcept nogil
-    bint _all_finite_f "grapheme_all_finite_f"(const float* x, intp_t m) noexcept nogil
-
 
 def all_finite(const floating[::1] x):     # IN  (m,)
     """True if no element of ``x`` (float32 or float64) is NaN or infinite.

@@ -2,6 +2,8 @@
 # validate, see grapheme.ops._matmul). Each parameter is commented with its
 # Cython type; IN arrays are const memoryviews, OUT arrays are written.
 # floating is float or double, one for all arrays of a call.
+from typing import Optional
+
 import numpy as np
 
 ROWS: int         # rows per block of the stacked products and lookup_layer
@@ -56,7 +58,7 @@ def lookup_layer(
     t: np.ndarray,             # floating[:, ::1] OUT (k, d) tanh(z); z without NUMPY_TANH
     out: np.ndarray,           # floating[:, ::1] OUT (k, d) rows[codes] + t (NUMPY_TANH)
     num_threads: int = 0,
-) -> None: ...
+) -> Optional[bool]: ...   # out is finite (None: out not written)
 def stacked_matmul_tn(
     indptr: np.ndarray,        # const index_t[::1] IN (n+1,) out-edges
     indices: np.ndarray,       # const index_t[::1] IN (E,)

@@ -25,7 +25,8 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 import numpy as np
 
 from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
-                              _row_add, _edges_both_ways, _first_outside)
+                              _row_add, _edges_both_ways, _first_outside, _all_finite,
+                              _all_finite_f)
 
 #: Rows per block of the stacked products and the layers' gathers; blocks
 #: of :func:`matmul` are ``MATMUL_ROWS`` (smaller: its products on a
@@ -335,7 +336,12 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
     ``np.tanh`` and the residual). Blocks of :data:`ROWS` rows in parallel,
     the tanh on each block while it is in cache: the same bits on any
     number of threads. The caller checks that every code lies in ``[0,
-    U)``; a node outside ``[0, n)`` raises ValueError. O((k + E) d)."""
+    U)``; a node outside ``[0, n)`` raises ValueError. O((k + E) d).
+
+    Returns whether every entry of ``out`` is finite, each block checked by
+    its thread right after writing it (the encoder's overflow check,
+    without a serial pass over ``out``); None where ``out`` is not written
+    (no numpy tanh, or no rows)."""
     cdef intp_t n = codes.shape[0], U = rows.shape[0], d = rows.shape[1], blk, lo, r, i, j, e
     cdef intp_t q, k = nodes.shape[0] if nodes.shape[0] else n
     cdef bint some = nodes.shape[0] > 0
@@ -353,7 +359,7 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
     if some and _first_outside(&nodes[0], k, n) >= 0:
         raise ValueError(f"lookup_layer: nodes must lie in [0, {n})")
     if n == 0 or d == 0:
-        return
+        return None
     if U == 0:
         raise ValueError("lookup_layer: no rows")
     cdef bint fused = NUMPY_TANH
@@ -361,6 +367,8 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
     cdef int nt = num_threads_for(num_threads, nb)
     cdef const floating* pp = &products[0, 0]
     cdef floating* z
+    ok_arr = np.ones(nb, np.uint8)
+    cdef unsigned char[::1] ok = ok_arr
     with nogil:
         for blk in prange(nb, num_threads=nt, schedule="static"):
             lo = blk * _ROWS
@@ -386,6 +394,11 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
                     i = nodes[q] if some else q
                     for j in range(d):
                         out[q, j] = rows[codes[i], j] + t[q, j]
+                if floating is double:
+                    ok[blk] = _all_finite(&out[lo, 0], r * d)
+                else:
+                    ok[blk] = _all_finite_f(&out[lo, 0], r * d)
+    return bool(ok_arr.all()) if fused else None
 
 
 def stacked_matmul_tn(const index_t[::1] indptr, const index_t[::1] indices,

@@ -45,14 +45,22 @@ def _check_layers(saved, h):
     features and weights whose sums do not fit in the dtype), naming the
     first layer that overflowed instead of blaming the caller's features.
     The layers themselves do not scan their inputs again: one O(n d) scan
-    for all of them."""
-    if saved and h.size and not _core.all_finite(h.reshape(-1)):
+    for all of them, or none where the last layer's kernel checked its
+    output while writing it."""
+    if saved and h.size and not _finite(saved[-1], h):
         # layer l's output is l + 1's input: its features, or the rows of
         # the table a layer taken on one read
         outputs = [s.rows if isinstance(s, LookupSaved) else s[1] for s in saved[1:]] + [h]
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
         raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is "
                                  "not finite (features or weights too large for the dtype)")
+
+
+def _finite(saved, h):
+    """Whether a layer's output ``h`` is finite: as the layer's kernel found
+    while writing it (``LookupSaved.finite``), else by a scan."""
+    known = saved.finite if isinstance(saved, LookupSaved) else None
+    return _core.all_finite(h.reshape(-1)) if known is None else known
 
 
 def _check_apart(workspace, arrays):
@@ -306,7 +314,7 @@ class Encoder:
             layers.append(s)
             if nodes is None:   # the last layer, or not a chain
                 break
-            if not _core.all_finite(h.reshape(-1)):
+            if not _finite(s, h):
                 raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output "
                                          "is not finite (features or weights too large for "
                                          "the dtype)")

@@ -29,7 +29,7 @@ their shape) follow the features' dtype, float32 or float64 (a model's
 scalar (similarities, logits, probabilities, masses, activations, edge
 weights) is float64 whatever the features are.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -926,7 +926,9 @@ class LookupSaved(NamedTuple):
     """What :meth:`LookupMessagePassing.vjp` needs: the graph's edges both
     ways, the table's row count, each node's code, the nodes grouped by
     code, the codes' rows, the layer's ``tanh``, the weights side by side,
-    and the nodes computed (None: all)."""
+    and the nodes computed (None: all). Beside them, ``finite``: whether the
+    output is finite, as the kernel that wrote it found (None: not
+    checked), which the encoder reads instead of scanning the output."""
 
     edges: tuple
     V: int
@@ -938,6 +940,7 @@ class LookupSaved(NamedTuple):
     t: np.ndarray
     w_cat: np.ndarray
     nodes: object
+    finite: Optional[bool] = None
 
 
 class LookupMessagePassing(Operation):
@@ -1023,12 +1026,13 @@ class LookupMessagePassing(Operation):
         k = n if nodes is None else nodes.shape[0]
         t = _alloc(workspace, name + "t", k, d, dt, apart)
         out = _alloc(workspace, name + "out", k, d, dt, apart)
-        _products.lookup_layer(*edges, codes, _ALL if nodes is None else nodes, products, bias,
-                               E, t, out)
+        finite = _products.lookup_layer(*edges, codes, _ALL if nodes is None else nodes,
+                                        products, bias, E, t, out)
         if not _products.NUMPY_TANH:   # the tail, by numpy's tanh
             np.tanh(t, out=t)
             np.add(E[codes if nodes is None else codes[nodes]], t, out=out)
-        saved = LookupSaved(edges, V, codes, group, ints["order"], used, E, t, w_cat, nodes)
+        saved = LookupSaved(edges, V, codes, group, ints["order"], used, E, t, w_cat, nodes,
+                            finite)
         return MessageResult(out), saved
 
     @one_pool
@@ -1036,7 +1040,7 @@ class LookupMessagePassing(Operation):
         """``workspace``: as for :meth:`forward`. Returns the gradients of the
         (V, d) table, the three weights and the bias."""
         _check_place(workspace, name)
-        edges, V, codes, group, order, used, E, t, w_cat, nodes = saved
+        edges, V, codes, group, order, used, E, t, w_cat, nodes, _ = saved
         (n, d), U, dt = t.shape, E.shape[0], t.dtype
         if grad_features is None:
             return (np.zeros((V, d), dt), np.zeros((d, d), dt), np.zeros((d, d), dt),

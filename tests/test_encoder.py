@@ -814,6 +814,36 @@ def test_a_context_layers_input_is_scanned_once_and_named():
     assert calls.count("table") == 1   # the embedding's rows, at layer 0
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lookup_layer_reports_whether_its_output_is_finite(dtype):
+    """The layer's kernel checks each block of rows it writes: its verdict
+    (``LookupSaved.finite``) is a scan's, with a NaN in the last block or
+    none, on 1-3 threads, and the encoder names the layer from it."""
+    from grapheme import _products
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    texts = ["abcab" * 20] * 30 + ["abczz"]   # 3,005 nodes, 12 blocks of rows
+    g = gr.Graph.from_texts(texts)
+    big = np.finfo(dtype).max / 4
+    table = np.array([[0.1, 0.2], [0.3, -0.1], [-0.2, 0.4], [big, big]], dtype)
+    codes = {"a": 0, "b": 1, "c": 2, "z": 3}
+    rows = np.array([codes[ch] for text in texts for ch in text])
+    w = [np.eye(2, dtype=dtype) * 8, -np.eye(2, dtype=dtype) * 8, np.eye(2, dtype=dtype),
+         np.zeros(2, dtype)]
+    for bad in (False, True):
+        r = rows if bad else np.where(rows == 3, 2, rows)
+        for k in (1, 2, 3):
+            with threadpoolctl.threadpool_limits(limits=k, user_api="openmp"):
+                (h,), saved = ops.LookupMessagePassing().forward(g, table, r, *w)
+            scan = bool(np.isfinite(h).all())
+            assert scan is (not bad)   # "zz": inf - inf at the last node
+            assert saved.finite is (scan if _products.NUMPY_TANH else None)
+    enc = gr.Encoder(2, layers=1, dtype=dtype)
+    enc.params.update({"layer0.self": w[0], "layer0.pred": w[1], "layer0.succ": w[2]})
+    with pytest.raises(gr.LayerOverflowError, match="layer 0 overflowed"):
+        enc.forward_lookup(g, table, rows)
+
+
 def test_forward_lookup_reads_only_the_rows_it_looks_up():
     """A non-finite row no node reads is not read; one that a node reads is
     refused, naming the table. Bad rows and tables are refused by name."""
