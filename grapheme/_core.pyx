@@ -522,8 +522,9 @@ cdef extern from *:
        numpy's bits (checked against numpy for d = 1..9000 when this was
        written; the tests ask only 1 ulp). Below 8 terms in turn, up to 128
        in eight interleaved partial sums, above that split in two halves (a
-       multiple of 8 first). Starts from 0.0 where numpy's -0.0 is added to
-       its reduction's 0.0: the same sum. */
+       multiple of 8 first). numpy adds the result to its reduction's
+       initial 0.0, which turns a sum of -0.0 into +0.0: grapheme_row_sum
+       does the same. */
     static double grapheme_pairwise_sum(const double *a, Py_ssize_t n) {
         if (n < 8) {
             double res = 0.0;
@@ -545,6 +546,12 @@ cdef extern from *:
         return grapheme_pairwise_sum(a, n2) + grapheme_pairwise_sum(a + n2, n - n2);
     }
 
+    /* A float64 row's sum as np.sum(axis=1) takes it: 0.0 + the pairwise sum
+       (an all -0.0 row sums to +0.0). */
+    static double grapheme_row_sum(const double *a, Py_ssize_t n) {
+        return 0.0 + grapheme_pairwise_sum(a, n);
+    }
+
     /* float32 rows, summed in double in four interleaved partial sums as
        grapheme_dot_f: an order that depends on n only. */
     static double grapheme_sum_f(const float *a, Py_ssize_t n) {
@@ -560,7 +567,7 @@ cdef extern from *:
         return (s0 + s1) + (s2 + s3);
     }
     """
-    double _pairwise_sum "grapheme_pairwise_sum"(const double* a, intp_t n) noexcept nogil
+    double _numpy_sum "grapheme_row_sum"(const double* a, intp_t n) noexcept nogil
     double _sum_f "grapheme_sum_f"(const float* a, intp_t n) noexcept nogil
 
 
@@ -589,7 +596,7 @@ def row_means(const floating[:, ::1] x not None,   # IN  (n, d)
         for b in prange(nb, num_threads=nt, schedule="static"):
             for i in range(b * _ROWS_PER_THREAD, min(n, (b + 1) * _ROWS_PER_THREAD)):
                 if floating is double:
-                    out[i] = _pairwise_sum(&x[i, 0], d) / d
+                    out[i] = _numpy_sum(&x[i, 0], d) / d
                 else:
                     out[i] = _sum_f(&x[i, 0], d) / d
 

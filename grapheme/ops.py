@@ -241,16 +241,20 @@ def _zero(out):
     return out
 
 
-def feature_mean(features):
+def feature_mean(features, num_threads=1):
     """Row means of an (n, d) array, float64 (summed in float64 for float32
-    features; float64 ones with ``mean(axis=1)``'s bits), on the kernels'
-    threads; zeros when ``d == 0``."""
+    features; float64 ones with ``mean(axis=1)``'s bits); zeros when
+    ``d == 0``. On one thread unless ``num_threads`` says otherwise (0:
+    OpenMP's default): ``Graph.activation`` and ``FeatureMean`` compute
+    them, which a process forked after a parallel loop must be able to
+    call (see "Fork" in docs/design.md); the ``Trainer``'s step asks for
+    the threads."""
     if features.shape[1] == 0:
         return np.zeros(features.shape[0])
     if features.dtype not in (np.float32, np.float64):
         return features.mean(axis=1, dtype=np.float64)
     out = np.empty(features.shape[0])
-    _core.row_means(np.ascontiguousarray(features), out)
+    _core.row_means(np.ascontiguousarray(features), out, num_threads)
     return out
 
 

@@ -878,14 +878,21 @@ def test_edge_cosine_gradients_on_threads_against_central_differences():
 def test_argument_checks_work_in_a_child_forked_after_a_parallel_loop():
     """GNU OpenMP does not survive fork: a child that starts a parallel
     region after the parent ran one waits forever. Checking arguments
-    starts none, so a forked child can still build and check graphs."""
+    starts none, so a forked child can still build and check graphs, and
+    read their activations (the feature means: one thread unless the
+    Trainer's step asks for more)."""
     import multiprocessing
 
     n, d = 70_000, 2
     x = np.ones((n, d))
     _core.tanh_backward(x, x, np.empty((n, d)), np.empty(d), num_threads=2)   # parent: threads
-    child = multiprocessing.get_context("fork").Process(
-        target=lambda: gr.Graph.from_text("a" * n).replace(features=x))
+
+    def child_work():
+        g = gr.Graph.from_text("a" * n).replace(features=x, activation=None)
+        assert g.activation.tolist() == [1.0] * n
+        assert gr.ops.FeatureMean().forward(x.astype(np.float32))[0].activation.shape == (n,)
+
+    child = multiprocessing.get_context("fork").Process(target=child_work)
     child.start()
     child.join(60)
     hung = child.is_alive()
@@ -979,6 +986,8 @@ def test_row_means_on_any_thread_count(dtype):
     rng = np.random.default_rng(16)
     for n, d in ((5000, 64), (3000, 7), (2100, 129), (1500, 300), (3, 1000), (0, 4)):
         x = (rng.standard_normal((n, d)) * np.exp(rng.uniform(-3, 3, (n, d)))).astype(dtype)
+        if n:
+            x[0] = -0.0   # sums to +0.0, as numpy's mean
         outs = []
         for k in (1, 2, 3):
             out = np.full(n, np.nan)
@@ -988,7 +997,10 @@ def test_row_means_on_any_thread_count(dtype):
         got = np.frombuffer(outs[0])
         if dtype == np.float64:
             np.testing.assert_array_max_ulp(got, x.mean(axis=1), maxulp=1)
-        np.testing.assert_array_equal(gr.ops.feature_mean(x), got)
+        if n:
+            assert got[0] == 0.0 and not np.signbit(got[0])
+        assert gr.ops.feature_mean(x).tobytes() == outs[0]
+        assert gr.ops.feature_mean(x, num_threads=0).tobytes() == outs[0]
     # through the op
     x = rng.standard_normal((40, 9))
     got = gr.ops.FeatureMean().forward(x)[0].activation

@@ -1273,11 +1273,13 @@ def _check_optimizer_state(state, shapes):
 
 
 def _explicit_activation(graph):
-    """``graph`` with its activations (its feature means) stored: the loss
-    then returns their gradient alone, and the Trainer maps it onto the
-    features itself, into its workspace (:meth:`FeatureMean.vjp
-    <grapheme.ops.FeatureMean.vjp>` with ``out=``), where the loss would
-    make a fresh (n, d) array per step."""
+    """``graph`` with its activations (its feature means, on the kernels'
+    threads) stored: the loss then returns their gradient alone, and the
+    Trainer maps it onto the features itself, into its workspace
+    (:meth:`FeatureMean.vjp <grapheme.ops.FeatureMean.vjp>` with ``out=``),
+    where the loss would make a fresh (n, d) array per step."""
+    if graph._activation is None and graph.features is not None:
+        return graph._with(activation=feature_mean(graph.features, num_threads=0))
     return graph._with(activation=graph.activation)
 
 
