@@ -723,3 +723,30 @@ def test_estimators_check_features_the_morpher_does_not_scan_twice(estimator):
     assert _checked_forward(own).__func__ is Own.forward
     Morpher(estimator=own).forward(g, H)
     assert calls == [1]
+
+    # a forward set on the instance is called too
+    one = type(estimator)(**estimator.get_params())
+    one.forward = lambda *args, **kwargs: (calls.append(2), a)[1:] + (None,)
+    Morpher(estimator=one).forward(g, H)
+    assert calls == [1, 2]
+
+    # and a subclass's own _forward, of another signature, is left alone
+    class Other(type(estimator)):
+        def _forward(self, x):
+            raise AssertionError("not the estimator's step")
+
+        def forward(self, graph, features, similarity, scores, shard=None, workspace=None):
+            return type(estimator)._forward(self, graph, features, similarity, scores, shard,
+                                            workspace)
+
+    other = Other(**estimator.get_params())
+    assert _checked_forward(other).__func__ is Other.forward
+    Morpher(estimator=other).forward(g, H)
+
+    class Tweaked(type(estimator)):   # _forward of the built-in's signature: via forward
+        def _forward(self, *args, **kwargs):
+            calls.append(3)
+            return super()._forward(*args, **kwargs)
+
+    Morpher(estimator=Tweaked(**estimator.get_params())).forward(g, H)
+    assert calls == [1, 2, 3]
