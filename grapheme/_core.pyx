@@ -412,8 +412,9 @@ def lookup_layer_backward_at(const index_t[::1] indptr,     # IN  (n+1,) out-edg
     ``w gz`` to the second block of its predecessors' rows and the third of
     its successors' (the rows whose products it read). Nodes in order, then
     edges in order, each thread on a slice of the columns (one thread below
-    ``_SPLIT_ROWS`` rows): the same bits on any number of threads. A code or a node out of range raises ValueError
-    before anything is written. O((k + E) d + U d)."""
+    ``_SPLIT_ROWS`` rows): the same bits on any number of threads. A code
+    or a node out of range raises ValueError before anything is written.
+    O((k + E) d + U d)."""
     cdef intp_t n = codes.shape[0], k = nodes.shape[0], U = rg.shape[0], d = grad.shape[1]
     cdef intp_t q, i, e, c
     if (grad.shape[0] != k or gz.shape[0] != k or gz.shape[1] != d or rg.shape[1] != d
