@@ -468,6 +468,16 @@ def test_importing_the_unbuilt_source_folder_says_so(tmp_path):
     import subprocess
     import sys
 
+    import glob
+    import site
+
+    # found by a new-user helper: an editable install (the README's
+    # development install) maps grapheme's modules to its own checkout,
+    # built, so from the copied folder the import rightly works
+    editable = [path for folder in site.getsitepackages()
+                for path in glob.glob(os.path.join(folder, "__editable__*grapheme*"))]
+    if editable:
+        pytest.skip(f"an editable install of grapheme ({editable[0]}) finds its build")
     cwd = _source_copy(tmp_path)
     proc = subprocess.run([sys.executable, "-c", "import grapheme"], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
