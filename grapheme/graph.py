@@ -419,11 +419,17 @@ class Graph:
     @property
     def activation(self):
         """Node activations: explicit, else the feature mean, else 1."""
+        return self._activations()
+
+    def _activations(self, num_threads=1):
+        """:attr:`activation`, a feature mean on ``num_threads`` threads (0:
+        OpenMP's default; one for the property, which a process forked after
+        a parallel loop may read: see ``ops.feature_mean``)."""
         if self._activation is not None:
             return self._activation
         if self._features is not None:
             from .ops import feature_mean   # the one home of this rule (ops.FeatureMean)
-            return feature_mean(self._features)
+            return feature_mean(self._features, num_threads)
         return np.ones(self.num_nodes)
 
     @property

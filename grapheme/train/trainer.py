@@ -1278,9 +1278,7 @@ def _explicit_activation(graph):
     Trainer maps it onto the features itself, into its workspace
     (:meth:`FeatureMean.vjp <grapheme.ops.FeatureMean.vjp>` with ``out=``),
     where the loss would make a fresh (n, d) array per step."""
-    if graph._activation is None and graph.features is not None:
-        return graph._with(activation=feature_mean(graph.features, num_threads=0))
-    return graph._with(activation=graph.activation)
+    return graph._with(activation=graph._activations(num_threads=0))
 
 
 def _by_position(g):
