@@ -102,12 +102,57 @@ def _series(records, key):
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
 
 
+#: The four panels of :func:`plot_run`: a title and the record keys drawn.
+_PANELS = (("loss", ("loss", "node", "edge", "clique", "val_loss")),
+          ("validation accuracy", ("val_accuracy", "val_seg_accuracy", "val_boundary_f1")),
+          ("kept fraction (output / input nodes)", ("kept_fraction", "val_kept_fraction")),
+          ("threshold tau", ("tau",)))
+
+
+def _panels(records):
+    """What :func:`plot_run` draws: per panel of :data:`_PANELS`, its title
+    and ``(label, epochs, values)`` per curve the log has.
+
+    A term whose values are the loss's at every epoch (the node term of
+    ``StructuralLoss.for_training()``, whose loss is that term alone) is not
+    drawn over the loss: the loss's label says ``"loss (= node)"``. The
+    validation panel's title names the boundary F1 when the log has one.
+
+    Examples
+    --------
+    >>> recs = [{"epoch": 1, "loss": 0.5, "node": 0.5, "edge": 0.1, "tau": 0.7}]
+    >>> for title, curves in _panels(recs):
+    ...     print(f"{title}: {[label for label, x, y in curves]}")
+    loss: ['loss (= node)', 'edge']
+    validation accuracy: []
+    kept fraction (output / input nodes): []
+    threshold tau: ['tau']
+    """
+    out = []
+    for title, keys in _PANELS:
+        curves = [(key, *_series(records, key)) for key in keys]
+        curves = [c for c in curves if c[1].size]
+        if title == "loss" and curves and curves[0][0] == "loss":
+            _, x, y = curves[0]
+            same = [c[0] for c in curves[1:]
+                    if c[0] in ("node", "edge", "clique") and np.array_equal(c[1], x)
+                    and np.array_equal(c[2], y)]
+            if same:
+                curves = [(f"loss (= {' = '.join(same)})", x, y)] + [
+                    c for c in curves[1:] if c[0] not in same]
+        if any(c[0] == "val_boundary_f1" for c in curves):
+            title += " and boundary F1"
+        out.append((title, curves))
+    return out
+
+
 def plot_run(run, out, overwrite=False):
     """Draw a run's metrics per epoch to the PNG file ``out``.
 
     Four panels: the training loss and its terms (and the validation loss),
-    validation accuracy and F1, the kept fraction (training and
-    validation) and the threshold ``tau``.
+    validation accuracy (and boundary F1, for segmentation), the kept
+    fraction (training and validation) and the threshold ``tau``; see
+    :func:`_panels`.
 
     Parameters
     ----------
@@ -128,24 +173,14 @@ def plot_run(run, out, overwrite=False):
     from matplotlib.ticker import MaxNLocator
 
     axes = fig.subplots(2, 2).ravel()
-    panels = [("loss", ("loss", "node", "edge", "clique", "val_loss")),
-              ("validation accuracy and F1", ("val_accuracy", "val_seg_accuracy",
-                                              "val_boundary_f1")),
-              ("kept fraction (output / input nodes)", ("kept_fraction",
-                                                        "val_kept_fraction")),
-              ("threshold tau", ("tau",))]
-    for ax, (title, keys) in zip(axes, panels):
-        drawn = 0
-        for key in keys:
-            x, y = _series(records, key)
-            if x.size:
-                ax.plot(x, y, marker="." if x.size < 50 else None, label=key)
-                drawn += 1
+    for ax, (title, curves) in zip(axes, _panels(records)):
+        for label, x, y in curves:
+            ax.plot(x, y, marker="." if x.size < 50 else None, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if drawn:
+        if curves:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "not in this log", ha="center", va="center",

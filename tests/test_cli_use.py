@@ -294,6 +294,31 @@ def test_plot_of_a_checkpoint_says_it_is_not_the_metrics(trained):
         read_metrics(trained / "run" / "checkpoint.npz")
 
 
+def test_plot_panels_of_a_trained_run(trained):
+    # found by new-user helpers: the loss curve hid under the node curve
+    # (grapheme train's loss is the node term alone), and the validation
+    # panel promised an F1 that generated data's logs do not have
+    from grapheme.plot import _panels, read_metrics
+
+    records = read_metrics(trained / "run")
+    assert all(r["loss"] == r["node"] for r in records)
+    panels = dict(_panels(records))
+    loss = [label for label, _, _ in panels["loss"]]
+    assert loss[0] == "loss (= node)" and "node" not in loss and "val_loss" in loss
+    (label, x, y), = [c for c in panels["loss"] if c[0].startswith("loss")]
+    assert x.tolist() == [1, 2] and y.tolist() == [r["loss"] for r in records]
+    assert any(c[0] == "val_boundary_f1"
+               for c in panels["validation accuracy and boundary F1"])
+
+    generated = [{"epoch": 1, "loss": 0.5, "node": 0.4, "edge": 0.5, "val_accuracy": 0.3},
+                 {"epoch": 2, "loss": 0.4, "node": 0.4, "edge": 0.3, "val_accuracy": 0.5}]
+    panels = dict(_panels(generated))
+    # a term equal to the loss at one epoch only is drawn as itself
+    assert [c[0] for c in panels["loss"]] == ["loss", "node", "edge"]
+    assert [c[0] for c in panels["validation accuracy"]] == ["val_accuracy"]
+    assert "validation accuracy and boundary F1" not in panels
+
+
 # ------------------------------------------------------------ error polish
 def test_standard_input_that_is_not_utf8(trained, capsys, monkeypatch):
     model = gr.Segmenter.load(trained / "model.npz")
