@@ -337,6 +337,23 @@ def test_fresh_run_refuses_an_existing_checkpoint(tmp_path):
     _trainer(overwrite=True).fit(gr.DEMO_PAIRS, 1, checkpoint=ck)
 
 
+def test_trainer_save_never_overwrites_unasked(tmp_path):
+    # found by an attack helper: Trainer.save replaced any file
+    user = tmp_path / "ck.npz"
+    user.write_text("the user's file")
+    trainer = _trainer()
+    with pytest.raises(FileExistsError, match="checkpoint already exists"):
+        trainer.save(user)
+    assert user.read_text() == "the user's file"
+    with pytest.raises(IsADirectoryError):
+        trainer.save(tmp_path)
+    trainer.save(user, overwrite=True)
+    assert gr.Trainer.from_checkpoint(user, progress=False).config() == trainer.config()
+    # fit replaces its own checkpoint every epoch, as before
+    trainer.fit(gr.DEMO_PAIRS, 2, checkpoint=tmp_path / "run.npz")
+    assert gr.Trainer.from_checkpoint(tmp_path / "run.npz", progress=False).epoch == 2
+
+
 def test_resume_on_other_data_is_refused(tmp_path):
     ck = tmp_path / "ck.npz"
     _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=ck)

@@ -17,6 +17,7 @@ of the inputs and one of the targets, and runs the operations of
 Everything per node happens inside those calls (the compiled core); Python
 loops only over batches and epochs.
 """
+import errno
 import hashlib
 import json
 import math
@@ -856,7 +857,7 @@ class Trainer:
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
             if writes:
-                self.save(best_path)
+                self._save(best_path)
         progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
         started = time.perf_counter()
@@ -878,10 +879,10 @@ class Trainer:
                                          list(self._params().values()))
                 if checkpoint is not None:
                     if writes:
-                        self.save(checkpoint)
+                        self._save(checkpoint)
                     self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
                 if improved and writes:
-                    self.save(best_path)
+                    self._save(best_path)
                 if self.log is not None and writes:
                     if not log_synced:   # only now: an old log survives until here
                         self._rewrite_log()
@@ -1062,8 +1063,35 @@ class Trainer:
             "optimizer": {"type": type(self.optimizer).__name__},
         }
 
-    def save(self, path):
-        """Write the complete training state to ``path`` (atomic ``.npz``)."""
+    def save(self, path, overwrite=False):
+        """Write the complete training state to ``path`` (atomic ``.npz``).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        overwrite : bool, default False
+            Replace an existing file; without it one is refused (``fit``
+            replaces its own ``checkpoint`` every epoch, under its own rule).
+
+        Raises
+        ------
+        IsADirectoryError
+            If ``path`` is a directory or ends with a separator.
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is false.
+        FloatingPointError
+            If the parameters are not finite (nothing is written).
+        """
+        path = os.fspath(path)
+        if (error := _directory_error(path)) is not None:
+            raise error
+        if not overwrite and os.path.exists(path):
+            raise FileExistsError(errno.EEXIST, "checkpoint already exists (pass "
+                                                "overwrite=True to replace it)", path)
+        self._save(path)
+
+    def _save(self, path):
+        """:meth:`save`, replacing ``path``: ``fit``'s checkpoints."""
         arrays = {"embedding.codes": self.embedding.codes,
                   "embedding.weight": self.embedding.weight,
                   "morpher.theta": self.morpher.theta}
