@@ -44,6 +44,7 @@ import time
 from . import __version__
 from . import data as _data
 from .checkpoint import _ends_with_separator
+from .distributed import MAX_LOCAL_RANKS
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
 from .train.metrics import SEGMENTATION_KEYS
@@ -85,6 +86,7 @@ def _number(kind, **bounds):
 
 
 _positive_int = _number(int, lower=1)
+_nproc = _number(int, lower=1, upper=MAX_LOCAL_RANKS)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
 _rate = _number(float, lower=0.0, upper=1.0)
@@ -181,8 +183,9 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar and no line per epoch on stderr (the result, "
                         "with the training time, is still printed)")
-    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
-                   help="train data-parallel in N processes on this machine (needs "
+    p.add_argument("--nproc", type=_nproc, default=None, metavar="N",
+                   help=f"train data-parallel in N processes on this machine (at most "
+                        f"{MAX_LOCAL_RANKS}; needs "
                         "PyTorch; each takes 1/N of every batch; the result is the "
                         "one-process run's up to rounding); under torchrun, omit it")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),

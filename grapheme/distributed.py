@@ -21,15 +21,38 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
-__all__ = ["Communicator", "TorchCommunicator", "shard_bounds", "init_from_env",
-           "spawn_local", "free_port", "ENV_VARS"]
+from ._validation import check_scalar
+
+__all__ = ["Communicator", "TorchCommunicator", "shard_bounds", "check_rank", "init_from_env",
+           "spawn_local", "free_port", "ENV_VARS", "MAX_LOCAL_RANKS"]
 
 #: The environment variables a launcher sets for every rank (torchrun's names).
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+#: Most ranks :func:`spawn_local` (``grapheme train --nproc``) starts on one
+#: machine: a bound on a typo, not on a machine (torchrun starts any number).
+MAX_LOCAL_RANKS = 1024
+
+#: Signals that stop :func:`spawn_local` and its ranks together (besides
+#: Ctrl-C): a plain ``kill``, a scheduler's or a supervisor's stop, a closed
+#: terminal.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                      if hasattr(signal, name))
+
+
+def check_rank(rank, world_size, names=("rank", "world_size")):
+    """``(rank, world_size)`` as ints with ``world_size >= 1`` and ``0 <= rank <
+    world_size``, else TypeError or ValueError naming them (``names``)."""
+    world_size = check_scalar(world_size, names[1], lower=1, integer=True)
+    rank = check_scalar(rank, names[0], lower=0, integer=True)
+    if rank >= world_size:
+        raise ValueError(f"{names[0]} must be < {names[1]} ({world_size}), got {rank}")
+    return rank, world_size
 
 
 def shard_bounds(n, rank, world_size):
@@ -39,6 +62,8 @@ def shard_bounds(n, rank, world_size):
     >>> [shard_bounds(5, r, 2) for r in range(2)]
     [(0, 2), (2, 5)]
     """
+    n = check_scalar(n, "n", lower=0, integer=True)
+    rank, world_size = check_rank(rank, world_size)
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
@@ -177,6 +202,20 @@ def init_from_env(backend="gloo", timeout=None):
     if missing:
         raise ValueError(f"a distributed launch needs the environment variables "
                          f"{', '.join(missing)} (torchrun sets them)")
+    values = {}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        try:
+            values[var] = int(os.environ[var])
+        except ValueError:
+            raise ValueError(f"{var}={os.environ[var]!r} in the environment is not an "
+                             "integer") from None
+    # before joining: a rank outside the group would wait for ever
+    check_rank(values["RANK"], values["WORLD_SIZE"],
+               ("RANK in the environment", "WORLD_SIZE in the environment"))
+    check_scalar(values["MASTER_PORT"], "MASTER_PORT in the environment", lower=1,
+                 upper=65535, integer=True)
+    if timeout is not None:
+        timeout = check_scalar(timeout, "timeout", lower=0, lower_inclusive=False)
     dist = _torch_distributed()
     kwargs = {}
     if timeout is not None:
@@ -217,8 +256,22 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
     ranks do not oversubscribe the cores. Rank 0 writes to this process's
     stdout and stderr; the others' stdout is discarded and their stderr
     shown only if they fail. When one rank fails (or on ``KeyboardInterrupt``)
-    the others are terminated (SIGTERM, then SIGKILL after ``grace`` s).
+    the others are terminated (SIGTERM, then SIGKILL after ``grace`` s). A
+    SIGTERM or SIGHUP to this process stops the ranks the same way, and
+    then this returns ``128 + the signal's number`` (143 for SIGTERM), as
+    the shell reports a process the signal ended (the handlers are this
+    call's, from the main thread, and the previous ones come back when it
+    returns). A rank outlives a SIGKILL of this process: nothing can run
+    then.
     """
+    if (not isinstance(command, (list, tuple)) or not command
+            or not all(isinstance(a, (str, bytes, os.PathLike)) for a in command)):
+        raise TypeError("command must be a non-empty list of str (an argv)")
+    nproc = check_scalar(nproc, "nproc", lower=1, upper=MAX_LOCAL_RANKS, integer=True)
+    if threads is not None:
+        threads = check_scalar(threads, "threads", lower=1, integer=True)
+    poll = check_scalar(poll, "poll", lower=0, lower_inclusive=False)
+    grace = check_scalar(grace, "grace", lower=0)
     base = dict(os.environ if env is None else env)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // nproc)
@@ -227,6 +280,10 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     procs, errs = [], []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, _stop_signal)
     try:
         for rank in range(nproc):
             rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -253,13 +310,32 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
             sys.stderr.write(errs[failed].read().decode("utf-8", "replace"))
         code = procs[failed].returncode
         return code if code > 0 else 1
+    except _Stopped as exc:
+        _stop(procs, grace)
+        return 128 + exc.signum
     except BaseException:
         _stop(procs, grace)
         raise
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         for err in errs:
             if err is not None:
                 err.close()
+
+
+class _Stopped(Exception):
+    """A stop signal reached :func:`spawn_local`."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_signal(signum, frame):
+    for sig in _STOP_SIGNALS:   # a second signal must not cut the ranks' stop short
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signum)
 
 
 def _stop(procs, grace):

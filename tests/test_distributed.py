@@ -313,3 +313,107 @@ def test_sharded_train_step_grows_the_table_as_one_process():
     assert np.array_equal(plain.embedding.codes, alone.embedding.codes)
     w = plain.embedding.weight
     assert np.linalg.norm(alone.embedding.weight - w) <= 1e-12 * np.linalg.norm(w)
+
+
+# ------------------------------------------------- found by an attack helper
+def test_launcher_arguments_are_checked(capsys):
+    from grapheme.distributed import MAX_LOCAL_RANKS, check_rank, spawn_local
+
+    cmd = [sys.executable, "-c", "pass"]
+    for nproc, error in ((0, ValueError), (-3, ValueError), ("2", TypeError),
+                         (2.0, TypeError), (True, TypeError),
+                         (MAX_LOCAL_RANKS + 1, ValueError)):
+        with pytest.raises(error, match="nproc"):
+            spawn_local(cmd, nproc)      # before: -3 ran nothing and returned 0
+    for threads in (0, -1, 1.5):
+        with pytest.raises((TypeError, ValueError), match="threads"):
+            spawn_local(cmd, 1, threads=threads)
+    for command in ([], "python -c pass", [sys.executable, 3]):
+        with pytest.raises(TypeError, match="command"):
+            spawn_local(command, 1)
+    for args, match in (((5, 2, 2), "rank must be < world_size"),
+                        ((5, -1, 2), "rank must be >= 0"),
+                        ((5, 0, 0), "world_size must be >= 1"),
+                        ((-1, 0, 1), "n must be >= 0"),
+                        ((5, 0.0, 1), "rank must be an integer")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            shard_bounds(*args)
+    assert check_rank(np.int64(1), 2) == (1, 2)
+
+    class Outside(Communicator):
+        rank, world_size = 2, 2
+    with pytest.raises(ValueError, match=r"comm.rank must be < comm.world_size \(2\)"):
+        gr.Trainer(gr.Embedding(dim=4), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                   comm=Outside())
+    from grapheme.cli import main
+    assert main(["train", "--data", "x", "--out", "y", "--nproc", str(10 ** 9)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: argument --nproc: must be <= 1024, got 1000000000\n")
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK in the environment must be < WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK in the environment must be >= 0"),
+    ({"WORLD_SIZE": "-1", "RANK": "0"}, "WORLD_SIZE in the environment must be >= 1"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two' in the environment is not an"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "0"}, "MASTER_PORT in the environment"),
+])
+def test_a_launch_outside_its_group_is_refused_before_joining(env, match, monkeypatch):
+    # before: RANK >= WORLD_SIZE waited for the other ranks for ever
+    from grapheme.distributed import init_from_env
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=match):
+        init_from_env()
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        init_from_env(timeout=-1)
+
+
+def test_cli_rank_outside_its_group_is_one_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    env = dict(_env(), WORLD_SIZE="2", RANK="5", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29500")
+    done = subprocess.run([sys.executable, "-m", "grapheme.cli", "train", "--data",
+                           str(data), "--out", str(tmp_path / "run"), "--epochs", "1"],
+                          env=env, cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "grapheme train: error: RANK in the environment must be < WORLD_SIZE in the "
+        "environment (2), got 5"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32",
+                    reason="POSIX signals")
+def test_sigterm_to_the_launcher_stops_its_ranks(tmp_path):
+    # before: the launcher died and its ranks trained on, writing the run
+    import signal
+    import time
+
+    rank = ("import os, time; open(os.path.join(%r, os.environ['RANK'] + '.pid'), 'w')"
+            ".write(str(os.getpid())); time.sleep(120)" % str(tmp_path))
+    script = ("import sys; from grapheme.distributed import spawn_local; "
+              f"sys.exit(spawn_local({[sys.executable, '-c', rank]!r}, 2, grace=10))")
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=HERE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        pids = [tmp_path / f"{r}.pid" for r in range(2)]
+        while not all(p.exists() and p.read_text() for p in pids):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.05)
+        ranks = [int(p.read_text()) for p in pids]
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(TIMEOUT) == 128 + signal.SIGTERM
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    for pid in ranks:   # stopped and reaped by the launcher
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

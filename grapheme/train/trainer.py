@@ -41,7 +41,7 @@ from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup, feature_mean
 from .. import optim as _optim
 from ..data import segment_lengths
-from ..distributed import Communicator, shard_bounds
+from ..distributed import Communicator, check_rank, shard_bounds
 from .progress import Progress, summary_line
 from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
                       structure_match, upgrade_record)
@@ -192,6 +192,8 @@ class Trainer:
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
                             f"got {type(comm).__name__}")
+        if comm is not None:   # else a rank outside the group fails mid-fit
+            check_rank(comm.rank, comm.world_size, ("comm.rank", "comm.world_size"))
         self.encoder = encoder
         self.embedding = embedding
         self.morpher = morpher
