@@ -385,12 +385,14 @@ class Encoder:
 
     def load_state_dict(self, state):
         """Copy :meth:`state_dict` output into the parameters (checked first)."""
+        checked = {}
         for name, value in self.params.items():
             if name not in state:
                 raise ValueError(f"state is not an Encoder state: {name!r} is missing")
-            as_float_array(state[name], name, shape=value.shape)
+            checked[name] = as_float_array(state[name], name, shape=value.shape,
+                                           dtype=value.dtype)
         for name, value in self.params.items():
-            value[...] = state[name]
+            value[...] = checked[name]
 
     def __repr__(self):
         dtype = "" if self.dtype == np.float64 else f", dtype={self.dtype.name}"

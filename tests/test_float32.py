@@ -284,6 +284,40 @@ def test_encoder_converts_features_to_its_dtype():
     assert r.features.dtype == r.queries.dtype == np.float32
 
 
+def test_finite_values_beyond_float32_are_refused_not_made_inf():
+    # found by an attack helper: a float32 morph turned a finite float64
+    # upstream gradient of 1e39 into NaN gradients, and a float32 encoder
+    # stored inf from a finite state, each silently
+    from grapheme._validation import as_float_array
+
+    big = np.array([1.0, -1e39, 2.0])
+    for finite in (True, False):
+        with pytest.raises(ValueError, match=r"^x has finite values beyond float32's range "
+                                             r"\(the largest is 3.403e\+38; got -1e\+39\)"):
+            as_float_array(big, "x", finite=finite, dtype=np.float32)
+    # what is not finite stays as it is where that is allowed, and the
+    # largest float32 is kept
+    kept = as_float_array(np.array([np.inf, np.nan, 3.4e38]), "x", finite=False,
+                          dtype=np.float32)
+    assert np.isposinf(kept[0]) and np.isnan(kept[1]) and np.isfinite(kept[2])
+
+    g, rng = _graph(3)
+    h32 = rng.normal(size=(g.num_nodes, 4)).astype(np.float32)
+    morpher = gr.Morpher(estimator="ste")
+    out = morpher.forward(g, h32)
+    with pytest.raises(ValueError, match="grad_features has finite values beyond float32"):
+        morpher.vjp(out, grad_features=np.full(out.graph.features.shape, 1e39))
+
+    state = gr.Encoder(4, 1).state_dict()
+    state["layer0.bias"][:] = 1e300
+    encoder = gr.Encoder(4, 1, dtype=np.float32)
+    before = encoder.state_dict()
+    with pytest.raises(ValueError, match="layer0.bias has finite values beyond float32"):
+        encoder.load_state_dict(state)
+    for name, value in encoder.state_dict().items():   # nothing was changed
+        np.testing.assert_array_equal(value, before[name])
+
+
 # ------------------------------------------------------------------- morph
 def _morph_inputs(seed, d=6, routed=False):
     """Features (and routing) whose similarities keep clear of ``tau``."""
