@@ -33,6 +33,9 @@ MODEL_VERSION = 1
 #: :attr:`Segmenter.window` is as many characters as fit.
 WINDOW_MEMORY = 256 * 2**20
 
+#: Largest :attr:`Segmenter.window`: more characters than any text can have.
+MAX_WINDOW = 2**62
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -122,7 +125,9 @@ class Segmenter:
             raise ValueError(f"window must be >= {least} (2 * encoder layers + 2: the "
                              f"context on both sides of a cut and one character), got "
                              f"{value!r}")
-        self._window = check_scalar(value, "window", lower=least, integer=True)
+        # the upper bound keeps window arithmetic in int64 (numpy's searchsorted)
+        self._window = check_scalar(value, "window", lower=least, upper=MAX_WINDOW,
+                                    integer=True)
 
     def context(self):
         """``(before, after)``: the characters a window needs on each side of

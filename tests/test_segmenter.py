@@ -261,6 +261,11 @@ def test_trainer_produces_and_accepts_a_model(tmp_path):
         gr.Trainer.from_model(trainer, gr.StructuralLoss(), gr.Adam())
     with pytest.raises(ValueError, match="is a model file .* not a training checkpoint"):
         gr.Trainer.from_checkpoint(tmp_path / "m.npz")
+    # found by an attack helper: load and fit(resume=) called it corrupted
+    with pytest.raises(ValueError, match="is a model file .* not a training checkpoint"):
+        again.load(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="is a model file .* not a training checkpoint"):
+        again.fit(WORDS, 5, resume=tmp_path / "m.npz")
 
 
 def test_old_checkpoints_load(tmp_path):
@@ -429,6 +434,18 @@ def test_less_context_than_the_bound_changes_decisions(layers, monkeypatch):
         cut = windowed(m, 2 * before + 1)
         monkeypatch.setattr(cut, "context", lambda short=short: short)
         assert cut.segment(texts) != whole, short
+
+
+def test_window_beyond_int64_is_refused_when_set():
+    # found by an attack helper: window = 10**30 was taken, then segment()
+    # raised OverflowError from numpy
+    from grapheme.segmenter import MAX_WINDOW
+
+    m = model(1)
+    with pytest.raises(ValueError, match=r"^window must be <= 4611686018427387904, got 1000"):
+        m.window = 10 ** 30
+    m.window = MAX_WINDOW
+    assert m.segment(["abcab"]) == windowed(m, None).segment(["abcab"])
 
 
 def test_mixed_batches_keep_their_order_and_calls_stay_within_the_window(monkeypatch):

@@ -62,6 +62,15 @@ UNKNOWN_PROB = 0.01
 _UNRECORDED_UNKNOWN_PROB = 0.0
 
 
+def _not_a_model_file(path, meta):
+    """ValueError if the checkpoint ``path`` read (``meta``) is a model file."""
+    if meta.get("kind") == MODEL_KIND:
+        raise ValueError(
+            f"{path!r} is a model file (Segmenter.save: weights only, no optimiser "
+            f"state), not a training checkpoint; segment with it, or start a run "
+            f"from it with Trainer.from_model")
+
+
 class Trainer:
     """Fit an embedding and a morpher to (input, target) text pairs.
 
@@ -1019,11 +1028,7 @@ class Trainer:
         """
         _, meta = load_checkpoint(path)
         path = os.fspath(path)
-        if meta.get("kind") == MODEL_KIND:
-            raise ValueError(
-                f"{path!r} is a model file (Segmenter.save: weights only, no optimiser "
-                f"state), not a training checkpoint; segment with it, or start a run "
-                f"from it with Trainer.from_model")
+        _not_a_model_file(path, meta)
         try:
             trainer = cls._from_config(meta["config"], log=log, progress=progress,
                                        comm=comm)
@@ -1126,6 +1131,7 @@ class Trainer:
         arrays, meta = load_checkpoint(
             path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
         path = os.fspath(path)
+        _not_a_model_file(path, meta)
         try:
             epoch, rng_state = meta["epoch"], meta["rng"]
             morpher_state = dict(meta["morpher"], theta=float(arrays["morpher.theta"]))
