@@ -101,6 +101,19 @@ def _directory_error(path):
     return None
 
 
+def _new_file(path, overwrite, what):
+    """``os.fspath(path)``, a file to write: IsADirectoryError where it is a
+    directory, FileExistsError where it exists and ``overwrite`` is false
+    (``what``: the file's kind, as the message names it)."""
+    path = os.fspath(path)
+    if (error := _directory_error(path)) is not None:
+        raise error
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, f"{what} already exists (pass overwrite=True "
+                                            "to replace it)", path)
+    return path
+
+
 @contextlib.contextmanager
 def _atomic_open(path, mode="wb", **kwargs):
     """Open a temporary file beside ``path``; move it onto ``path`` on success.

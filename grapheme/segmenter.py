@@ -6,7 +6,6 @@ optional encoder and the morpher) and nothing a run needs to continue
 <grapheme.Trainer.model>` gives and what ``grapheme segment`` and
 ``grapheme show`` read.
 """
-import errno
 import numbers
 import os
 import re
@@ -17,7 +16,7 @@ import numpy as np
 from ._threads import single_pool
 from ._validation import check_allocation, check_model, check_scalar
 from ._workspace import Workspace
-from .checkpoint import MODEL_KIND, _directory_error, load_checkpoint, save_checkpoint
+from .checkpoint import MODEL_KIND, _new_file, load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .encoder import Encoder
 from .graph import Graph
@@ -387,12 +386,7 @@ class Segmenter:
         FileExistsError
             If ``path`` exists and ``overwrite`` is false.
         """
-        path = os.fspath(path)
-        if (error := _directory_error(path)) is not None:
-            raise error
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(errno.EEXIST, "model file already exists (pass "
-                                                "overwrite=True to replace it)", path)
+        path = _new_file(path, overwrite, "model file")
         meta = {"kind": MODEL_KIND, "version": MODEL_VERSION, "config": self.config()}
         save_checkpoint(path, self._arrays(), meta)
 

@@ -17,7 +17,6 @@ of the inputs and one of the targets, and runs the operations of
 Everything per node happens inside those calls (the compiled core); Python
 loops only over batches and epochs.
 """
-import errno
 import hashlib
 import json
 import math
@@ -32,8 +31,8 @@ from .._validation import (KEEP, as_float_array, check_allocation, check_model, 
                            check_scalar, show)
 from .._threads import single_pool
 from .._workspace import Workspace
-from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, load_checkpoint,
-                          save_checkpoint)
+from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, _new_file,
+                          load_checkpoint, save_checkpoint)
 from ..embedding import Embedding
 from ..encoder import LayerOverflowError, parameter_bytes
 from ..graph import Graph, replicate
@@ -1089,13 +1088,7 @@ class Trainer:
         FloatingPointError
             If the parameters are not finite (nothing is written).
         """
-        path = os.fspath(path)
-        if (error := _directory_error(path)) is not None:
-            raise error
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(errno.EEXIST, "checkpoint already exists (pass "
-                                                "overwrite=True to replace it)", path)
-        self._save(path)
+        self._save(_new_file(path, overwrite, "checkpoint"))
 
     def _save(self, path):
         """:meth:`save`, replacing ``path``: ``fit``'s checkpoints."""
