@@ -281,10 +281,10 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     procs, errs = [], []
     previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in _STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, _stop_signal)
     try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, _stop_signal)
         for rank in range(nproc):
             rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
             if rank == 0:

@@ -104,9 +104,9 @@ def _series(records, key):
 
 #: The four panels of :func:`plot_run`: a title and the record keys drawn.
 _PANELS = (("loss", ("loss", "node", "edge", "clique", "val_loss")),
-          ("validation accuracy", ("val_accuracy", "val_seg_accuracy", "val_boundary_f1")),
-          ("kept fraction (output / input nodes)", ("kept_fraction", "val_kept_fraction")),
-          ("threshold tau", ("tau",)))
+           ("validation accuracy", ("val_accuracy", "val_seg_accuracy", "val_boundary_f1")),
+           ("kept fraction (output / input nodes)", ("kept_fraction", "val_kept_fraction")),
+           ("threshold tau", ("tau",)))
 
 
 def _panels(records):
