@@ -113,9 +113,10 @@ def _panels(records):
     """What :func:`plot_run` draws: per panel of :data:`_PANELS`, its title
     and ``(label, epochs, values)`` per curve the log has.
 
-    A term whose values are the loss's at every epoch (the node term of
-    ``StructuralLoss.for_training()``, whose loss is that term alone) is not
-    drawn over the loss: the loss's label says ``"loss (= node)"``. The
+    A curve equal to an earlier one of its panel at every epoch is not drawn
+    over it: the earlier one's label names both, as ``"loss = node"`` (the
+    loss of ``StructuralLoss.for_training()`` is its node term alone) or
+    ``"val_accuracy = val_seg_accuracy"`` (equal on segmentation data). The
     validation panel's title names the boundary F1 when the log has one.
 
     Examples
@@ -123,24 +124,26 @@ def _panels(records):
     >>> recs = [{"epoch": 1, "loss": 0.5, "node": 0.5, "edge": 0.1, "tau": 0.7}]
     >>> for title, curves in _panels(recs):
     ...     print(f"{title}: {[label for label, x, y in curves]}")
-    loss: ['loss (= node)', 'edge']
+    loss: ['loss = node', 'edge']
     validation accuracy: []
     kept fraction (output / input nodes): []
     threshold tau: ['tau']
     """
     out = []
     for title, keys in _PANELS:
-        curves = [(key, *_series(records, key)) for key in keys]
-        curves = [c for c in curves if c[1].size]
-        if title == "loss" and curves and curves[0][0] == "loss":
-            _, x, y = curves[0]
-            same = [c[0] for c in curves[1:]
-                    if c[0] in ("node", "edge", "clique") and np.array_equal(c[1], x)
-                    and np.array_equal(c[2], y)]
-            if same:
-                curves = [(f"loss (= {' = '.join(same)})", x, y)] + [
-                    c for c in curves[1:] if c[0] not in same]
-        if any(c[0] == "val_boundary_f1" for c in curves):
+        curves = []
+        for key in keys:
+            x, y = _series(records, key)
+            if not x.size:
+                continue
+            same = next((i for i, (_, cx, cy) in enumerate(curves)
+                         if np.array_equal(cx, x) and np.array_equal(cy, y)), None)
+            if same is None:
+                curves.append((key, x, y))
+            else:
+                label, cx, cy = curves[same]
+                curves[same] = (f"{label} = {key}", cx, cy)
+        if "val_boundary_f1" in keys and any("val_boundary_f1" in c[0] for c in curves):
             title += " and boundary F1"
         out.append((title, curves))
     return out

@@ -296,7 +296,8 @@ def test_plot_of_a_checkpoint_says_it_is_not_the_metrics(trained):
 
 def test_plot_panels_of_a_trained_run(trained):
     # found by new-user helpers: the loss curve hid under the node curve
-    # (grapheme train's loss is the node term alone), and the validation
+    # (grapheme train's loss is the node term alone), val_accuracy under
+    # val_seg_accuracy (equal on segmentation data), and the validation
     # panel promised an F1 that generated data's logs do not have
     from grapheme.plot import _panels, read_metrics
 
@@ -304,11 +305,13 @@ def test_plot_panels_of_a_trained_run(trained):
     assert all(r["loss"] == r["node"] for r in records)
     panels = dict(_panels(records))
     loss = [label for label, _, _ in panels["loss"]]
-    assert loss[0] == "loss (= node)" and "node" not in loss and "val_loss" in loss
+    assert loss[0] == "loss = node" and "node" not in loss and "val_loss" in loss
     (label, x, y), = [c for c in panels["loss"] if c[0].startswith("loss")]
     assert x.tolist() == [1, 2] and y.tolist() == [r["loss"] for r in records]
-    assert any(c[0] == "val_boundary_f1"
-               for c in panels["validation accuracy and boundary F1"])
+    accuracy = [c[0] for c in panels["validation accuracy and boundary F1"]]
+    assert accuracy[-1] == "val_boundary_f1"
+    if all(r["val_accuracy"] == r["val_seg_accuracy"] for r in records):
+        assert accuracy == ["val_accuracy = val_seg_accuracy", "val_boundary_f1"]
 
     generated = [{"epoch": 1, "loss": 0.5, "node": 0.4, "edge": 0.5, "val_accuracy": 0.3},
                  {"epoch": 2, "loss": 0.4, "node": 0.4, "edge": 0.3, "val_accuracy": 0.5}]
