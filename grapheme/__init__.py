@@ -9,11 +9,19 @@ and a pure vector-Jacobian product.
 try:
     from . import _core  # noqa: F401  (the compiled kernels; every module needs them)
 except ImportError as exc:
+    import os as _os
+    from importlib.machinery import EXTENSION_SUFFIXES as _SUFFIXES
+
+    if any(_os.path.exists(_os.path.join(__path__[0], "_core" + suffix))
+           for suffix in _SUFFIXES):   # a build that fails to load: its own error
+        raise
+    # no build here: the import machinery's own message ("partially initialized
+    # module ... circular import") would only mislead, so it is not chained
     raise ImportError(
         f"grapheme's compiled core cannot be imported from {__path__[0]}. "
         "Python found grapheme's source folder, which holds no build: run from another "
         "directory to use the installed grapheme, or build in place first "
-        "(python setup.py build_ext --inplace)") from exc
+        "(python setup.py build_ext --inplace)") from None
 from . import distributed, ops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEMO_PAIRS, generate, load_pairs

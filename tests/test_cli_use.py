@@ -511,6 +511,20 @@ def test_importing_the_unbuilt_source_folder_says_so(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "source folder, which holds no build" in proc.stderr, proc.stderr
+    # one error, not chained under the import machinery's "circular import"
+    assert "circular import" not in proc.stderr and proc.stderr.count("Traceback") == 1
+
+    # a build that is there but fails to load says why, in its own words
+    open(os.path.join(cwd, "grapheme", "_core" + _extension_suffix()), "w").close()
+    proc = subprocess.run([sys.executable, "-c", "import grapheme"], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds no build" not in proc.stderr, proc.stderr
+    assert "ImportError" in proc.stderr
+
+
+def _extension_suffix():
+    from importlib.machinery import EXTENSION_SUFFIXES
+    return EXTENSION_SUFFIXES[0]
 
 
 @pytest.mark.parametrize("option", [("--samples", "3"), ("--baseline", "loo")])
