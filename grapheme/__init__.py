@@ -8,7 +8,7 @@ and a pure vector-Jacobian product.
 """
 try:
     from . import _core  # noqa: F401  (the compiled kernels; every module needs them)
-except ImportError as exc:
+except ImportError:
     import os as _os
     from importlib.machinery import EXTENSION_SUFFIXES as _SUFFIXES
 
