@@ -368,10 +368,9 @@ def test_a_launch_outside_its_group_is_refused_before_joining(env, match, monkey
         monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=match):
         init_from_env()
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match="timeout must be > 0"):
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("WORLD_SIZE", "1")
-        monkeypatch.setenv("MASTER_PORT", "29500")
         init_from_env(timeout=-1)
 
 
