@@ -109,31 +109,34 @@ def as_float_array(value, name, ndim=None, shape=None, finite=True, dtype=None):
             dims = ["*" if s is None else str(s) for s in shape]
             want = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"   # as tuples
             raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
+    scanned = False   # True: arr was scanned and is all finite
     if not ready:
         # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
         if want == np.float32 and arr.dtype.itemsize > 4 and arr.dtype.kind == "f":
-            arr = _to_float32(arr, name)
+            arr, scanned = _to_float32(arr, name)
         else:
             arr = np.asarray(arr, dtype=want, order="C")
-    if finite and arr.size and not _core.all_finite(arr.reshape(-1)):
+    if finite and not scanned and arr.size and not _core.all_finite(arr.reshape(-1)):
         raise ValueError(f"{name} contains NaN or infinity")
     return arr
 
 
 def _to_float32(arr, name):
-    """A float64 (or wider) ``arr`` as C-contiguous float32, refusing finite
-    values that would become infinite (beyond about 3.4e38): a float32 model
-    must not turn a finite input into inf or NaN silently. The second scan
-    runs only when the converted array is not all finite."""
+    """``(arr as C-contiguous float32, whether it is all finite)`` for a
+    float64 (or wider) ``arr``, refusing finite values that would become
+    infinite (magnitude beyond about 3.4e38): a float32 model must not turn
+    a finite input into inf or NaN silently. The second scan runs only
+    when the converted array is not all finite."""
     with np.errstate(over="ignore"):
         out = np.asarray(arr, dtype=np.float32, order="C")
-    if out.size and not _core.all_finite(out.reshape(-1)):
-        beyond = np.isinf(out) & np.isfinite(arr)
-        if beyond.any():
-            raise ValueError(f"{name} has finite values beyond float32's range (the "
-                             f"largest is {np.finfo(np.float32).max:.4g}; got "
-                             f"{show(float(arr[beyond].flat[0]))})")
-    return out
+    if not out.size or _core.all_finite(out.reshape(-1)):
+        return out, True
+    beyond = np.isinf(out) & np.isfinite(arr)
+    if beyond.any():
+        raise ValueError(f"{name} has finite values beyond float32's range (magnitude "
+                         f"at most {np.finfo(np.float32).max:.4g}; got "
+                         f"{show(float(arr[beyond].flat[0]))})")
+    return out, False
 
 
 def check_out(out, name, shape, inputs=None, dtype=np.float64):

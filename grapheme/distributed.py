@@ -259,10 +259,12 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
     the others are terminated (SIGTERM, then SIGKILL after ``grace`` s). A
     SIGTERM or SIGHUP to this process stops the ranks the same way, and
     then this returns ``128 + the signal's number`` (143 for SIGTERM), as
-    the shell reports a process the signal ended (the handlers are this
-    call's, from the main thread, and the previous ones come back when it
-    returns). A rank outlives a SIGKILL of this process: nothing can run
-    then.
+    the shell reports a process the signal ended. The handlers are this
+    call's (set from the main thread only; the previous ones come back when
+    it returns) and only note the signal, so nothing cuts a stop short; a
+    signal this process ignores (``nohup``: SIGHUP) stays ignored, by the
+    ranks too. A rank outlives a SIGKILL of this process, or a stop signal
+    while this runs outside the main thread.
     """
     if (not isinstance(command, (list, tuple)) or not command
             or not all(isinstance(a, (str, bytes, os.PathLike)) for a in command)):
@@ -280,12 +282,17 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     procs, errs = [], []
+    stopped = []    # the stop signals received: noted, never raised mid-statement
     previous = {}
     try:
         if threading.current_thread() is threading.main_thread():
             for sig in _STOP_SIGNALS:
-                previous[sig] = signal.signal(sig, _stop_signal)
+                if signal.getsignal(sig) is not signal.SIG_IGN:   # nohup's stays ignored
+                    previous[sig] = signal.signal(sig, lambda signum, frame:
+                                                  stopped.append(signum))
         for rank in range(nproc):
+            if stopped:
+                break
             rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
             if rank == 0:
                 procs.append(subprocess.Popen(command, env=rank_env))
@@ -296,10 +303,13 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
                 procs.append(subprocess.Popen(command, env=rank_env,
                                               stdout=subprocess.DEVNULL, stderr=err))
         failed = None
-        while failed is None and any(p.poll() is None for p in procs):
+        while not stopped and failed is None and any(p.poll() is None for p in procs):
             failed = next((r for r, p in enumerate(procs)
                            if p.returncode not in (None, 0)), None)
             time.sleep(poll)
+        if stopped:
+            _stop(procs, grace)
+            return 128 + stopped[0]
         if failed is None:
             failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
         if failed is None:
@@ -310,9 +320,6 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
             sys.stderr.write(errs[failed].read().decode("utf-8", "replace"))
         code = procs[failed].returncode
         return code if code > 0 else 1
-    except _Stopped as exc:
-        _stop(procs, grace)
-        return 128 + exc.signum
     except BaseException:
         _stop(procs, grace)
         raise
@@ -322,20 +329,6 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
         for err in errs:
             if err is not None:
                 err.close()
-
-
-class _Stopped(Exception):
-    """A stop signal reached :func:`spawn_local`."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop_signal(signum, frame):
-    for sig in _STOP_SIGNALS:   # a second signal must not cut the ranks' stop short
-        signal.signal(sig, signal.SIG_IGN)
-    raise _Stopped(signum)
 
 
 def _stop(procs, grace):

@@ -4,9 +4,11 @@ process with the same global batch, and ``grapheme train --nproc 2``
 writes one run."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -389,30 +391,89 @@ def test_cli_rank_outside_its_group_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32",
-                    reason="POSIX signals")
+POSIX = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+
+
+def _launch_sleepers(tmp_path, rank_setup="pass", launcher_setup="pass", grace=10):
+    """A launcher (``spawn_local``) of two ranks that write their pid and
+    sleep: the launcher's Popen and the ranks' pids, once both are up."""
+    rank = (f"import os, signal, time; {rank_setup}; "
+            f"open(os.path.join({str(tmp_path)!r}, os.environ['RANK'] + '.pid'), 'w')"
+            ".write(str(os.getpid())); time.sleep(120)")
+    script = (f"import signal, sys; {launcher_setup}; from grapheme.distributed import "
+              f"spawn_local; sys.exit(spawn_local({[sys.executable, '-c', rank]!r}, 2, "
+              f"grace={grace}))")
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=HERE)
+    deadline = time.monotonic() + TIMEOUT
+    pids = [tmp_path / f"{r}.pid" for r in range(2)]
+    while not all(p.exists() and p.read_text() for p in pids):
+        if time.monotonic() > deadline or launcher.poll() is not None:
+            launcher.kill()
+            pytest.fail("the ranks did not start")
+        time.sleep(0.05)
+    return launcher, [int(p.read_text()) for p in pids]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@POSIX
 def test_sigterm_to_the_launcher_stops_its_ranks(tmp_path):
     # before: the launcher died and its ranks trained on, writing the run
-    import signal
-    import time
-
-    rank = ("import os, time; open(os.path.join(%r, os.environ['RANK'] + '.pid'), 'w')"
-            ".write(str(os.getpid())); time.sleep(120)" % str(tmp_path))
-    script = ("import sys; from grapheme.distributed import spawn_local; "
-              f"sys.exit(spawn_local({[sys.executable, '-c', rank]!r}, 2, grace=10))")
-    launcher = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=HERE)
+    launcher, ranks = _launch_sleepers(tmp_path)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        pids = [tmp_path / f"{r}.pid" for r in range(2)]
-        while not all(p.exists() and p.read_text() for p in pids):
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.05)
-        ranks = [int(p.read_text()) for p in pids]
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(TIMEOUT) == 128 + signal.SIGTERM
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    for pid in ranks:   # stopped and reaped by the launcher
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    assert not any(map(_alive, ranks))   # stopped and reaped by the launcher
+
+
+@POSIX
+def test_a_second_signal_does_not_cut_the_stop_short(tmp_path):
+    # found in review: a SIGTERM during the stop after Ctrl-C raised in the
+    # middle of it, and ranks that ignore SIGTERM were never killed
+    launcher, ranks = _launch_sleepers(
+        tmp_path, rank_setup="signal.signal(signal.SIGTERM, signal.SIG_IGN)", grace=1)
+    try:
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(TIMEOUT) != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert not any(map(_alive, ranks))   # killed after the grace
+
+
+@POSIX
+def test_nohup_keeps_sighup_ignored(tmp_path):
+    # found in review: the launcher replaced nohup's SIG_IGN, so closing the
+    # terminal stopped a run started with nohup
+    launcher, ranks = _launch_sleepers(
+        tmp_path, launcher_setup="signal.signal(signal.SIGHUP, signal.SIG_IGN)")
+    try:
+        launcher.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert launcher.poll() is None and all(map(_alive, ranks))
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(TIMEOUT) == 128 + signal.SIGTERM
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert not any(map(_alive, ranks))
+
+
+@POSIX
+def test_spawn_local_puts_the_handlers_back():
+    from grapheme.distributed import spawn_local
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    assert spawn_local([sys.executable, "-c", "pass"], 2, env=_env()) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -293,7 +293,7 @@ def test_finite_values_beyond_float32_are_refused_not_made_inf():
     big = np.array([1.0, -1e39, 2.0])
     for finite in (True, False):
         with pytest.raises(ValueError, match=r"^x has finite values beyond float32's range "
-                                             r"\(the largest is 3.403e\+38; got -1e\+39\)"):
+                                             r"\(magnitude at most 3.403e\+38; got -1e\+39\)"):
             as_float_array(big, "x", finite=finite, dtype=np.float32)
     # what is not finite stays as it is where that is allowed, and the
     # largest float32 is kept

@@ -349,6 +349,11 @@ def test_trainer_save_never_overwrites_unasked(tmp_path):
         trainer.save(tmp_path)
     trainer.save(user, overwrite=True)
     assert gr.Trainer.from_checkpoint(user, progress=False).config() == trainer.config()
+    _trainer(overwrite=True).save(user)   # the trainer's own overwrite is the default
+    with pytest.raises(FileExistsError):
+        _trainer(overwrite=True).save(user, overwrite=False)
+    with pytest.raises(TypeError, match="overwrite must be True, False or None"):
+        trainer.save(user, overwrite="yes")
     # fit replaces its own checkpoint every epoch, as before
     trainer.fit(gr.DEMO_PAIRS, 2, checkpoint=tmp_path / "run.npz")
     assert gr.Trainer.from_checkpoint(tmp_path / "run.npz", progress=False).epoch == 2

@@ -1069,15 +1069,17 @@ class Trainer:
             "optimizer": {"type": type(self.optimizer).__name__},
         }
 
-    def save(self, path, overwrite=False):
+    def save(self, path, overwrite=None):
         """Write the complete training state to ``path`` (atomic ``.npz``).
 
         Parameters
         ----------
         path : str or os.PathLike
-        overwrite : bool, default False
-            Replace an existing file; without it one is refused (``fit``
-            replaces its own ``checkpoint`` every epoch, under its own rule).
+        overwrite : bool, optional
+            Replace an existing file; without it one is refused. Default:
+            the trainer's own ``overwrite`` (False unless it was made with
+            ``overwrite=True``). ``fit`` replaces its own ``checkpoint``
+            every epoch, under its own rule.
 
         Raises
         ------
@@ -1088,6 +1090,10 @@ class Trainer:
         FloatingPointError
             If the parameters are not finite (nothing is written).
         """
+        if overwrite is None:
+            overwrite = self.overwrite
+        elif not isinstance(overwrite, (bool, np.bool_)):
+            raise TypeError(f"overwrite must be True, False or None, got {show(overwrite)}")
         self._save(_new_file(path, overwrite, "checkpoint"))
 
     def _save(self, path):
