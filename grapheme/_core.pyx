@@ -19,7 +19,7 @@ from grapheme._types cimport (
     index_t, intp_t, row_scale, row_add_to, row_scale_stream, row_scale_stream_a16,
     store_fence, _rows_a16, OPENMP, max_threads, num_threads_for,
     floating, row_scale_f, row_add_to_f, _stack_row, _row_add, _row_sum, _edges_both_ways, _dot,
-    _first_outside, _all_finite, _all_finite_f,
+    _first_outside, _finite,
 )
 from cython.parallel cimport prange
 
@@ -616,10 +616,7 @@ def all_finite(const floating[::1] x):     # IN  (m,)
     cdef bint ok = True
     if x.shape[0]:
         with nogil:
-            if floating is double:
-                ok = _all_finite(&x[0], x.shape[0])
-            else:
-                ok = _all_finite_f(&x[0], x.shape[0])
+            ok = _finite(&x[0], x.shape[0])
     return ok
 
 

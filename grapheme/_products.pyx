@@ -25,8 +25,7 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 import numpy as np
 
 from grapheme._types cimport (floating, index_t, intp_t, num_threads_for, _stack_row,
-                              _row_add, _edges_both_ways, _first_outside, _all_finite,
-                              _all_finite_f)
+                              _row_add, _edges_both_ways, _first_outside, _finite)
 
 #: Rows per block of the stacked products and the layers' gathers; blocks
 #: of :func:`matmul` are ``MATMUL_ROWS`` (smaller: its products on a
@@ -394,10 +393,7 @@ def lookup_layer(const index_t[::1] indptr, const index_t[::1] indices,
                     i = nodes[q] if some else q
                     for j in range(d):
                         out[q, j] = rows[codes[i], j] + t[q, j]
-                if floating is double:
-                    ok[blk] = _all_finite(&out[lo, 0], r * d)
-                else:
-                    ok[blk] = _all_finite_f(&out[lo, 0], r * d)
+                ok[blk] = _finite(&out[lo, 0], r * d)
     return bool(ok_arr.all()) if fused else None
 
 

@@ -260,6 +260,14 @@ cdef extern from *:
     bint _all_finite_f "grapheme_all_finite_f"(const float* x, intp_t m) noexcept nogil
 
 
+cdef inline bint _finite(const floating* x, intp_t m) noexcept nogil:
+    """grapheme_all_finite or grapheme_all_finite_f, by the dtype of ``x``."""
+    if floating is double:
+        return _all_finite(x, m)
+    else:
+        return _all_finite_f(x, m)
+
+
 # ---------------------------------------------------------------------------
 # Threads. With OpenMP (built with -fopenmp, see setup.py) the parallel loops
 # of the kernels run on up to ``num_threads_for`` threads; without it
