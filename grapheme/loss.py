@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _transport
-from ._validation import check_allocation, check_scalar, check_upstream, show
+from ._validation import (check_allocation, check_scalar, check_upstream,
+                          settings_checked, settings_unchanged, show)
 from .graph import Graph
 
 __all__ = ["StructuralLoss", "LossResult", "LossGrad"]
@@ -38,6 +39,10 @@ _DOMAINS = ("auto", "log", "scaling")
 
 #: The settings of :meth:`StructuralLoss.for_training`.
 TRAINING = {"weights": (1.0, 0.2, 0.0), "beta": 0.0, "gamma": 0.0}
+
+#: The settings of a StructuralLoss (its constructor's arguments).
+_SETTING_NAMES = ("alpha", "beta", "gamma", "epsilon", "iterations", "tol", "weights",
+                  "domain", "balance", "debias", "num_threads")
 
 #: Largest ``num_threads`` accepted (a bound on the threads a call starts).
 _MAX_THREADS = 4096
@@ -191,7 +196,7 @@ class _Cache(NamedTuple):
     read and write (``scaled`` and the offsets in, the rest out of the
     forward pass)."""
 
-    loss: "StructuralLoss"
+    settings: _Settings    # the loss's settings at the forward pass
     p: _GraphArrays
     t: _GraphArrays
     plan: np.ndarray
@@ -486,41 +491,56 @@ class StructuralLoss:
     def __init__(self, alpha=1.0, beta=0.5, gamma=2.0, epsilon=0.1,
                  iterations=1000, tol=1e-6, weights=(0.1, 0.7, 0.2), domain="auto",
                  balance=None, debias=False, num_threads=None):
-        self.alpha = check_scalar(alpha, "alpha", lower=0)
-        self.beta = check_scalar(beta, "beta", lower=0)
-        self.gamma = check_scalar(gamma, "gamma", lower=0)
-        self.epsilon = check_scalar(epsilon, "epsilon", lower=0, lower_inclusive=False)
-        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
-            raise TypeError(f"iterations must be an integer, got {show(iterations)}")
-        if not 1 <= iterations <= 2**31 - 1:
-            raise ValueError(f"iterations must be in [1, 2**31 - 1], got {show(iterations)}")
-        self.iterations = int(iterations)
-        self.tol = None if tol is None else check_scalar(tol, "tol", lower=0,
-                                                         lower_inclusive=False)
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.epsilon, self.iterations, self.tol = epsilon, iterations, tol
+        self.weights, self.domain, self.balance = weights, domain, balance
+        self.debias, self.num_threads = debias, num_threads
+        self._validate()
+
+    def _validate(self):
+        """Check and normalise every setting, naming a bad one: at
+        construction, and again at every :meth:`forward` and
+        :meth:`backward`, so that a setting changed on the object is checked
+        before it reaches the kernels (as scikit-learn checks its estimators'
+        parameters in ``fit``). Settings that are still the objects checked
+        last time are not checked again (1.5 against 14 us)."""
+        if settings_unchanged(self, _SETTING_NAMES):
+            return
+        self.alpha = check_scalar(self.alpha, "alpha", lower=0)
+        self.beta = check_scalar(self.beta, "beta", lower=0)
+        self.gamma = check_scalar(self.gamma, "gamma", lower=0)
+        self.epsilon = check_scalar(self.epsilon, "epsilon", lower=0, lower_inclusive=False)
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, numbers.Integral):
+            raise TypeError(f"iterations must be an integer, got {show(self.iterations)}")
+        if not 1 <= self.iterations <= 2**31 - 1:
+            raise ValueError(f"iterations must be in [1, 2**31 - 1], got {show(self.iterations)}")
+        self.iterations = int(self.iterations)
+        self.tol = None if self.tol is None else check_scalar(self.tol, "tol", lower=0,
+                                                              lower_inclusive=False)
         try:
-            w = np.asarray(weights)
+            w = np.asarray(self.weights)
             if w.dtype.kind not in "iufO":   # astype would read complex, dates, text
                 raise TypeError
             w = w.astype(np.float64)
         except (TypeError, ValueError, OverflowError):
-            raise TypeError(f"weights must be 3 real numbers, got {show(weights)}") from None
+            raise TypeError(f"weights must be 3 real numbers, got {show(self.weights)}") from None
         if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError(
-                f"weights must be 3 finite non-negative numbers, got {show(weights)}")
+                f"weights must be 3 finite non-negative numbers, got {show(self.weights)}")
         self.weights = tuple(float(v) for v in w)
-        if not isinstance(domain, str):
-            raise TypeError(f"domain must be one of {_DOMAINS}, got {show(domain)}")
-        if domain not in _DOMAINS:
-            raise ValueError(f"domain must be one of {_DOMAINS}, got {show(domain)}")
-        self.domain = domain
-        if balance is not None and not isinstance(balance, (bool, np.bool_)):
-            raise TypeError(f"balance must be None, True or False, got {show(balance)}")
-        self.balance = None if balance is None else bool(balance)
-        if not isinstance(debias, (bool, np.bool_)):
-            raise TypeError(f"debias must be True or False, got {show(debias)}")
-        self.debias = bool(debias)
-        self.num_threads = None if num_threads is None else check_scalar(
-            num_threads, "num_threads", lower=1, upper=_MAX_THREADS, integer=True)
+        if not isinstance(self.domain, str):
+            raise TypeError(f"domain must be one of {_DOMAINS}, got {show(self.domain)}")
+        if self.domain not in _DOMAINS:
+            raise ValueError(f"domain must be one of {_DOMAINS}, got {show(self.domain)}")
+        if self.balance is not None and not isinstance(self.balance, (bool, np.bool_)):
+            raise TypeError(f"balance must be None, True or False, got {show(self.balance)}")
+        self.balance = None if self.balance is None else bool(self.balance)
+        if not isinstance(self.debias, (bool, np.bool_)):
+            raise TypeError(f"debias must be True or False, got {show(self.debias)}")
+        self.debias = bool(self.debias)
+        self.num_threads = None if self.num_threads is None else check_scalar(
+            self.num_threads, "num_threads", lower=1, upper=_MAX_THREADS, integer=True)
+        settings_checked(self, _SETTING_NAMES)
 
     @classmethod
     def for_training(cls, **overrides):
@@ -569,7 +589,9 @@ class StructuralLoss:
         ValueError
             If the batch sizes differ (naming ``target``), the batch is empty
             (``Graph.from_texts([])``), an array is malformed (naming it), or ``domain="scaling"`` and some pair
-            fails the scaling condition (naming ``domain``).
+            fails the scaling condition (naming ``domain``); or (also
+            TypeError) a setting changed on the loss since its construction
+            is not valid (naming it).
         """
         return self._forward(predicted, target)
 
@@ -579,6 +601,7 @@ class StructuralLoss:
         next use, so only for a caller that never hands the result out (the
         ``Trainer``'s step). Fresh arrays page-fault in again at every call
         once the allocator has returned the last ones to the system."""
+        self._validate()
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
         if self.debias:
@@ -597,8 +620,9 @@ class StructuralLoss:
         Parameters
         ----------
         result : LossResult
-            Returned by :meth:`forward` (of any StructuralLoss; its own
-            settings are used).
+            Returned by :meth:`forward` (of any StructuralLoss): the
+            settings that forward pass ran with are used, whatever has been
+            changed on a loss since.
         grad : float or array_like of shape (B,), default 1.0
             The upstream gradient. A scalar is the gradient of
             ``result.value`` (the mean over the B pairs: pair b is scaled by
@@ -624,6 +648,7 @@ class StructuralLoss:
         """
         if not isinstance(result, LossResult):
             raise TypeError(f"result must be a LossResult, got {type(result).__name__}")
+        self._validate()   # its num_threads; the settings are the forward pass's
         c = result._cache
         p, t = c.p, c.t
         scale = _pair_scale(grad, result.num_pairs)
@@ -633,7 +658,7 @@ class StructuralLoss:
         out = LossGrad(np.empty(len(p.activation)), np.empty(len(p.activation)),
                        np.empty(len(t.activation)), np.empty(len(p.weights)),
                        np.empty(len(t.weights)), np.empty(len(t.activation)))
-        _transport.structural_loss_backward(p, t, c.loss._settings(), c, scale, out,
+        _transport.structural_loss_backward(p, t, c.settings, c, scale, out,
                                             self._threads())
         if c.fold is not None:
             out = _fold_debiased(out, *c.fold)
@@ -709,12 +734,12 @@ class StructuralLoss:
         else:
             def alloc(size, name="loss.plan"):
                 return workspace(name, (size,), np.float64)
-        cache = _Cache(self, p, t, alloc(plan_off[-1]), plan_off, None, None,
+        cache = _Cache(self._settings(), p, t, alloc(plan_off[-1]), plan_off, None, None,
                        f_off, g_off, np.empty(B, np.int64), scaled, self_pair)
         terms = np.empty((B, 4))
         conv = np.empty(B, np.uint8)
         fpot, gpot = _transport.structural_loss_forward(
-            p, t, self._settings(), cache, terms, conv, self._threads(),
+            p, t, cache.settings, cache, terms, conv, self._threads(),
             None if workspace is None else alloc)
         cache = cache._replace(fpot=fpot, gpot=gpot)
         used = cache.used

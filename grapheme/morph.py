@@ -16,7 +16,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import KEEP, as_float_array, check_graph, check_out, check_scalar
+from ._validation import (KEEP, as_float_array, check_graph, check_out, check_scalar,
+                          settings_checked, settings_unchanged)
 from ._workspace import check_workspace
 from .estimators import Hard, _checked_forward, make_estimator
 from .ops import EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
@@ -158,10 +159,23 @@ class Morpher:
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="history", rate=None):
-        (self.threshold, self.temperature, self.estimator,
-         self.rate) = morph_settings(threshold, temperature, estimator, rate)
+        self.threshold, self.temperature, self.estimator, self.rate = (
+            threshold, temperature, estimator, rate)
+        self._validate()
         self.theta = np.array(self.threshold)
         self.grad_theta = np.zeros(())
+
+    def _validate(self):
+        """Check the settings (:func:`morph_settings`), naming a bad one: at
+        construction, and again when a morph runs if one was changed on the
+        object since (``morpher.temperature = 0.05`` to anneal is checked,
+        and an estimator's alias is made an Estimator, as the constructor
+        does). ``threshold`` is only the initial ``theta``."""
+        if settings_unchanged(self, _MORPH_SETTINGS):
+            return
+        self.threshold, self.temperature, self.estimator, self.rate = morph_settings(
+            self.threshold, self.temperature, self.estimator, self.rate)
+        settings_checked(self, _MORPH_SETTINGS)
 
     @property
     def tau(self):
@@ -228,6 +242,7 @@ class Morpher:
         or keys that are not finite (the encoder's projections overflowing)
         are found by the routing's norms (:class:`RoutedSimilarity` raises
         the ValueError)."""
+        self._validate()
         route = None if queries is None else (queries, keys)
         return self._morph(graph, features, self.estimator, self.rate, route, shard,
                            workspace)
@@ -255,6 +270,7 @@ class Morpher:
         """
         check_graph(graph, "graph")
         features, route = self._check_inputs(graph, features, queries, keys)
+        self._validate()
         return self._morph(graph, features, Hard(), None, route)
 
     def decide(self, graph, features, queries=None, keys=None):
@@ -269,6 +285,7 @@ class Morpher:
         """
         check_graph(graph, "graph")
         features, route = self._check_inputs(graph, features, queries, keys)
+        self._validate()
         if route is None:
             sim = EdgeSimilarity()._forward(graph, features)[0].similarity
         else:
@@ -281,7 +298,8 @@ class Morpher:
             sim, sim_saved = EdgeSimilarity()._forward(graph, features)
         else:
             sim, sim_saved = RoutedSimilarity()._forward(graph, *route)
-        scores, scores_saved = MergeScores(self.temperature).forward(sim.similarity, self.theta)
+        scorer = MergeScores(self.temperature)   # kept: the vjp uses this temperature
+        scores, scores_saved = scorer.forward(sim.similarity, self.theta)
         # passed only when given, and the workspace only to an estimator that
         # takes one: one written before either existed takes neither
         extra = {} if shard is None else {"shard": shard}
@@ -294,7 +312,8 @@ class Morpher:
             op, multiplier = rate.penalty()
             pen, pen_saved = op.forward(scores.probability, graph.num_nodes, multiplier)
             value, expected, rate_saved = pen.value, pen.expected_rate, (op, pen_saved)
-        saved = (sim_saved, scores_saved, est_saved, rate_saved, features, route is not None)
+        saved = (sim_saved, (scorer, scores_saved), est_saved, rate_saved, features,
+                 route is not None)
         return Morphed(estimate, sim.similarity, scores.probability, scores.tau, value,
                        expected, saved, estimator, graph.num_nodes)
 
@@ -361,7 +380,8 @@ class Morpher:
         n_edges = morphed.similarity.shape
         grad_probability = _upstream(grad_probability, "grad_probability", n_edges)
         grad_similarity = _upstream(grad_similarity, "grad_similarity", n_edges)
-        sim_saved, scores_saved, est_saved, rate_saved, features, routed = morphed._saved
+        sim_saved, (scorer, scores_saved), est_saved, rate_saved, features, routed = (
+            morphed._saved)
         if out is not None:
             arrays = {"grad_features": grad_features, "grad_mass": grad_mass,
                       "grad_weights": grad_weights, "grad_log_prob": grad_log_prob,
@@ -382,7 +402,7 @@ class Morpher:
             grad_p = grad_probability if grad_p is None else grad_p + grad_probability
         grad_s, grad_theta = grad_similarity, np.zeros(())
         if grad_z is not None or grad_p is not None:
-            grad_s, grad_theta = MergeScores(self.temperature).vjp(scores_saved, grad_z, grad_p)
+            grad_s, grad_theta = scorer.vjp(scores_saved, grad_z, grad_p)
             if grad_similarity is not None:
                 grad_s = grad_s + grad_similarity
         if routed:
@@ -419,7 +439,7 @@ class Morpher:
         """
         tau = morphed.tau
         per_example = morphed._estimator.score_per_example(morphed._saved[2], advantage)
-        return -tau * (1.0 - tau) / self.temperature * per_example
+        return -tau * (1.0 - tau) / morphed._saved[1][0].temperature * per_example
 
     # ------------------------------------------------------------------ state
     def step(self, morphed, loss_values=None, kept_fraction=None, num_edges=None):
@@ -487,6 +507,10 @@ class Morpher:
     def __repr__(self):
         return (f"Morpher(threshold={self.threshold}, temperature={self.temperature}, "
                 f"estimator={self.estimator!r}, rate={self.rate!r})")
+
+
+#: The settings of a Morpher (its constructor's arguments).
+_MORPH_SETTINGS = ("threshold", "temperature", "estimator", "rate")
 
 
 def morph_settings(threshold, temperature, estimator, rate):

@@ -17,7 +17,7 @@ names. Two properties matter for grapheme's models:
 
 import numpy as np
 
-from ._validation import check_scalar, show
+from ._validation import check_scalar, settings_checked, settings_unchanged, show
 
 __all__ = ["Optimizer", "Adam", "SGD"]
 
@@ -62,8 +62,11 @@ class Optimizer:
         ValueError
             If the keys differ, a gradient's shape differs from its
             parameter's, a gradient is not finite, a parameter is read-only,
-            or a parameter changed shape other than by growing along axis 0.
+            or a parameter changed shape other than by growing along axis 0;
+            or (also TypeError) a hyperparameter assigned since the
+            construction is not valid (naming it).
         """
+        self._check_settings()
         self._validate(params, grads)
         for name in params:
             p = params[name]
@@ -71,6 +74,16 @@ class Optimizer:
             self._prepare_state(name, p)
             self._steps[name] = self._steps.get(name, 0) + 1
             self._update(name, p, g, self._steps[name])
+
+    def _check_settings(self):
+        """The hyperparameters as set now (a learning-rate schedule assigns
+        ``lr``), checked if one changed since the last check, naming it."""
+        if settings_unchanged(self, self._hyper):
+            return
+        for h, v in type(self)._check_hyper(**{h: getattr(self, h)
+                                               for h in self._hyper}).items():
+            setattr(self, h, v)
+        settings_checked(self, self._hyper)
 
     def state_dict(self):
         """Return the optimiser state as a flat dict of arrays and numbers.

@@ -50,7 +50,7 @@ from . import ops
 from ._validation import as_float_array, check_graph
 from .graph import Graph
 from .loss import StructuralLoss as _Loss
-from .morph import Morpher, morph_settings
+from .morph import Morpher
 
 __all__ = [
     "apply",
@@ -395,11 +395,19 @@ class Merge(nn.Module):
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
         super().__init__()
-        threshold, self.temperature, self.estimator, self.rate = morph_settings(
-            threshold, temperature, estimator, rate)
-        self.theta = nn.Parameter(torch.tensor(threshold))
-        # the numpy morph this module runs; its theta follows the parameter
-        self._morpher = Morpher(threshold, self.temperature, self.estimator, self.rate)
+        # the numpy morph this module runs (it checks the settings); its
+        # theta follows the parameter
+        self._morpher = Morpher(threshold, temperature, estimator, rate)
+        self.theta = nn.Parameter(torch.tensor(self._morpher.threshold))
+
+    # The settings are the numpy morph's: one set to anneal (``temperature``)
+    # is what the next forward uses, checked there.
+    temperature = property(lambda self: self._morpher.temperature,
+                           lambda self, value: setattr(self._morpher, "temperature", value))
+    estimator = property(lambda self: self._morpher.estimator,
+                         lambda self, value: setattr(self._morpher, "estimator", value))
+    rate = property(lambda self: self._morpher.rate,
+                    lambda self, value: setattr(self._morpher, "rate", value))
 
     @property
     def tau(self):
@@ -499,12 +507,11 @@ class StructuralLoss(nn.Module):
 
     def __init__(self, reduction="mean", **kwargs):
         super().__init__()
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.reduction = reduction
+        self.reduction = _check_reduction(reduction)
         self.loss = _Loss(**kwargs)
 
     def forward(self, merged, target, target_activation=None):
+        _check_reduction(self.reduction)   # as set on the module since, if it was
         _check_merged(merged)
         check_graph(target, "target")
         dtype = merged.features.dtype
@@ -522,6 +529,12 @@ class StructuralLoss(nn.Module):
 
     def extra_repr(self):
         return f"reduction={self.reduction!r}, loss={self.loss!r}"
+
+
+def _check_reduction(reduction):
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction
 
 
 # ------------------------------------------------------------------ packing

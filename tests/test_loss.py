@@ -381,7 +381,7 @@ def test_edge_term_dice_extremes():
 
 
 # ------------------------------------------------------------ bad input
-@pytest.mark.parametrize("kwargs,exc,name", [
+BAD_SETTINGS = [
     (dict(epsilon=0.0), ValueError, "epsilon"),
     (dict(epsilon=-1.0), ValueError, "epsilon"),
     (dict(epsilon=float("nan")), ValueError, "epsilon"),
@@ -402,10 +402,47 @@ def test_edge_term_dice_extremes():
     (dict(alpha=-1.0), ValueError, "alpha"),
     (dict(beta=float("inf")), ValueError, "beta"),
     (dict(gamma="2"), TypeError, "gamma"),
-])
+    (dict(num_threads="2"), TypeError, "num_threads"),
+    (dict(num_threads=0), ValueError, "num_threads"),
+    (dict(domain="fast"), ValueError, "domain"),
+    (dict(balance=1), TypeError, "balance"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_SETTINGS)
 def test_bad_constructor_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         StructuralLoss(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_SETTINGS)
+def test_bad_settings_changed_after_construction(kwargs, exc, name):
+    """A setting changed on the object is checked at the next forward (and
+    backward), naming it, before any kernel runs (before: num_threads="2"
+    failed in compiled code unnamed, epsilon=-1 ran the sweeps)."""
+    p, t = Graph.from_texts(["abc", "de"]), Graph.from_texts(["ab", "d"])
+    loss = StructuralLoss()
+    result = loss.forward(p, t)
+    for key, value in kwargs.items():
+        setattr(loss, key, value)
+    with pytest.raises(exc, match=name):
+        loss.forward(p, t)
+    with pytest.raises(exc, match=name):
+        loss.backward(result)
+
+
+def test_backward_uses_the_settings_of_its_forward():
+    """Settings changed between forward and backward do not reach the
+    backward pass, which reverses the sweeps the forward pass ran."""
+    p, t = Graph.from_texts(["abcab", "de"]), Graph.from_texts(["abca", "dd"])
+    loss = StructuralLoss()
+    want = loss.backward(loss.forward(p, t))
+    result = loss.forward(p, t)
+    loss.epsilon, loss.balance, loss.weights, loss.alpha = 0.5, False, (1.0, 0.0, 0.0), 3.0
+    got = loss.backward(result)
+    for a, b in zip(got[:6], want[:6]):
+        assert_array_equal(a, b)
+    assert loss.epsilon == 0.5 and loss.weights == (1.0, 0.0, 0.0)   # kept, checked
 
 
 def test_mismatched_batch_sizes():

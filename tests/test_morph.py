@@ -389,3 +389,30 @@ def test_vjp_takes_upstream_gradients_as_given():
     assert np.isnan(grad.features).any()
     with pytest.raises(ValueError, match="grad_features must have shape"):
         m.vjp(morphed, grad_features=np.ones((k + 1, d)))
+
+
+def test_settings_changed_on_the_morpher_are_checked_and_used():
+    """A setting changed on a Morpher is checked when the next morph runs,
+    naming it (before: ``temperature = "x"`` failed inside numpy, an
+    estimator's alias failed with an AttributeError); an alias becomes its
+    Estimator, as in the constructor; the vjp of a morph uses the
+    temperature that morph ran with."""
+    g = Graph.from_texts(["hello", "world"])
+    h = np.random.default_rng(0).normal(size=(g.num_nodes, 4))
+    for key, value, exc in (("temperature", "x", TypeError), ("temperature", -1.0, ValueError),
+                            ("estimator", "bogus", ValueError), ("rate", 2.0, ValueError)):
+        morpher = Morpher(estimator="soft")
+        setattr(morpher, key, value)
+        for call in (morpher.forward, morpher.predict, morpher.decide):
+            with pytest.raises(exc, match=key):
+                call(g, h)
+    morpher = Morpher(estimator="soft", temperature=0.2)
+    m = morpher.forward(g, h)
+    grad = np.random.default_rng(1).normal(size=m.graph.features.shape)
+    want = morpher.vjp(m, grad_features=grad, grad_mass=np.ones(m.graph.num_nodes))
+    morpher.temperature = 0.7
+    got = morpher.vjp(m, grad_features=grad, grad_mass=np.ones(m.graph.num_nodes))
+    np.testing.assert_array_equal(got.features, want.features)
+    np.testing.assert_array_equal(got.theta, want.theta)
+    morpher.estimator = "ste"
+    assert type(morpher.forward(g, h)._estimator).__name__ == "StraightThrough"

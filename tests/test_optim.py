@@ -182,6 +182,25 @@ def test_sgd_validation(kwargs, match):
         SGD(**kwargs)
 
 
+@pytest.mark.parametrize("make", [lambda lr: Adam(lr=lr), lambda lr: SGD(lr=lr, momentum=0.5)])
+def test_hyperparameters_assigned_later_are_used_and_checked(make):
+    """An lr schedule assigns ``opt.lr``: the next step uses it, and a bad
+    value is refused there, naming it, with nothing updated (before, "0.1"
+    failed inside numpy unnamed and -1 ascended)."""
+    a, b = make(0.1), make(0.25)
+    a.lr = 0.25
+    wa, wb = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+    a.step({"w": wa}, {"w": 2 * wa})
+    b.step({"w": wb}, {"w": 2 * wb})
+    np.testing.assert_array_equal(wa, wb)
+    for bad, exc in (("0.1", TypeError), (-1.0, ValueError), (float("nan"), ValueError)):
+        a.lr = bad
+        before = wa.copy()
+        with pytest.raises(exc, match="lr"):
+            a.step({"w": wa}, {"w": 2 * wa})
+        np.testing.assert_array_equal(wa, before)
+
+
 def test_step_validation():
     opt = Adam()
     w = np.ones(3)

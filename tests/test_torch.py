@@ -406,3 +406,35 @@ def test_structural_loss_module_names_a_bad_target():
     out = gt.Merge().double()(torch.randn(3, 4, dtype=F64), torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="target must be a grapheme.Graph"):
         gt.StructuralLoss()(out, ["abc"])
+
+
+def test_merge_settings_set_on_the_module_are_used_and_checked():
+    """``merge.temperature = ...`` (annealing) is what the next forward uses
+    (before, the module kept a copy its numpy morph never saw), and a bad
+    value is refused there, naming it."""
+    rng = np.random.default_rng(4)
+    offsets = torch.tensor([0, 5, 9])
+    x = torch.tensor(rng.normal(size=(9, 4)))
+    annealed = gt.Merge(threshold=0.3, temperature=0.5, estimator="soft").double()
+    annealed.temperature = 0.2
+    fresh = gt.Merge(threshold=0.3, temperature=0.2, estimator="soft").double()
+    a, b = annealed(x, offsets), fresh(x, offsets)
+    assert annealed.temperature == 0.2
+    torch.testing.assert_close(a.mass, b.mass, rtol=0, atol=0)
+    annealed.estimator = "ste"
+    assert isinstance(annealed(x, offsets)._morphed._estimator, gr.StraightThrough)
+    annealed.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        annealed(x, offsets)
+
+
+def test_loss_settings_set_on_the_module_are_checked():
+    merged = gt.Merge()(torch.zeros((5, 3), dtype=torch.float64), torch.tensor([0, 5]))
+    target = gr.Graph.from_texts(["abcd"])
+    lossf = gt.StructuralLoss()
+    lossf.reduction = "avg"
+    with pytest.raises(ValueError, match="reduction"):
+        lossf(merged, target)
+    lossf.reduction, lossf.loss.epsilon = "sum", 0.0
+    with pytest.raises(ValueError, match="epsilon"):
+        lossf(merged, target)
