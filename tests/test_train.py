@@ -305,6 +305,27 @@ def test_predict_is_the_hard_morph_for_every_estimator():
         assert out.graph.num_nodes == ref.graph.num_nodes
 
 
+@pytest.mark.parametrize("key,value,exc", [("batch_size", 0, ValueError),
+                                           ("batch_size", "8", TypeError),
+                                           ("target_activation", "ones", ValueError),
+                                           ("unknown_prob", 1.0, ValueError)])
+def test_settings_assigned_later_are_checked(key, value, exc, tmp_path):
+    """Before: batch_size = 0 failed in fit with a ZeroDivisionError."""
+    trainer = make_trainer()
+    setattr(trainer, key, value)
+    pairs = [("abc", "ab"), ("xyz", "xy")]
+    for call in (lambda: trainer.fit(pairs, 1), lambda: trainer.train_step(["abc"], ["ab"]),
+                 lambda: trainer.evaluate(pairs)):
+        with pytest.raises(exc, match=key):
+            call()
+    assert trainer.epoch == 0 and trainer.history == []
+    setattr(trainer, key, {"batch_size": 1, "target_activation": "graph",
+                           "unknown_prob": 0.5}[key])
+    trainer.fit(pairs, 1)
+    assert getattr(trainer, key) == {"batch_size": 1, "target_activation": "graph",
+                                     "unknown_prob": 0.5}[key]
+
+
 def test_morpher_state_roundtrip_and_validation():
     m = Morpher(estimator=Reinforce(seed=5))
     g = Graph.from_text("abcdefghijklmnop")

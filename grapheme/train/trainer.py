@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import _core
 from .._validation import (KEEP, as_float_array, check_allocation, check_model, check_pairs,
-                           check_scalar, show)
+                           check_scalar, settings_checked, settings_unchanged, show)
 from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, _new_file,
@@ -54,6 +54,10 @@ TARGET_ACTIVATIONS = ("embedding", "graph")
 #: share of training characters read through the unknown row, which is how
 #: that row learns to stand for characters never seen in training.
 UNKNOWN_PROB = 0.01
+
+#: The trainer's own settings that are checked again where used when
+#: assigned since construction (:meth:`Trainer._check_settings`).
+_SETTINGS = ("batch_size", "target_activation", "unknown_prob")
 
 #: The ``unknown_prob`` of a checkpoint whose configuration has none: it
 #: was written before the unknown row existed, when no character was
@@ -207,17 +211,12 @@ class Trainer:
         self.morpher = morpher
         self.loss = loss
         self.optimizer = optimizer
-        self.batch_size = check_scalar(batch_size, "batch_size", lower=1, integer=True)
+        self.batch_size, self.target_activation = batch_size, target_activation
+        self.unknown_prob = unknown_prob
+        self._check_settings()
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
         self.seed = int(seed)
-        if not isinstance(target_activation, str) or (
-                target_activation not in TARGET_ACTIVATIONS):
-            raise ValueError(f"target_activation must be one of {TARGET_ACTIVATIONS}, "
-                             f"got {show(target_activation)}")
-        self.target_activation = target_activation
-        self.unknown_prob = check_scalar(unknown_prob, "unknown_prob", lower=0, upper=1,
-                                         upper_inclusive=False)
         self.log = None if log is None else os.fspath(log)
         self.progress = bool(progress)
         self.overwrite = bool(overwrite)
@@ -232,6 +231,21 @@ class Trainer:
         self.baseline = None
         self._workspace = Workspace(embedding.dtype)   # the step's (n, d) arrays, reused
         self._unknown_rng = self._epoch_rng()
+
+    def _check_settings(self):
+        """``batch_size``, ``target_activation`` and ``unknown_prob`` as set
+        now, checked (naming a bad one) at construction and, if one was
+        assigned since, when a step, an evaluation or a fit starts."""
+        if settings_unchanged(self, _SETTINGS):
+            return
+        self.batch_size = check_scalar(self.batch_size, "batch_size", lower=1, integer=True)
+        if not isinstance(self.target_activation, str) or (
+                self.target_activation not in TARGET_ACTIVATIONS):
+            raise ValueError(f"target_activation must be one of {TARGET_ACTIVATIONS}, "
+                             f"got {show(self.target_activation)}")
+        self.unknown_prob = check_scalar(self.unknown_prob, "unknown_prob", lower=0, upper=1,
+                                         upper_inclusive=False)
+        settings_checked(self, _SETTINGS)
 
     @classmethod
     def from_model(cls, model, loss, optimizer, **kwargs):
@@ -389,6 +403,7 @@ class Trainer:
             over the examples of their estimates of ``d loss / d theta``,
             else NaN). With a communicator, all of the global batch.
         """
+        self._check_settings()
         with single_pool(self.encoder is not None):
             if self.comm is not None:
                 return self._shard_step(inputs, targets)
@@ -659,6 +674,7 @@ class Trainer:
             characters, see :func:`~grapheme.train.metrics.segmentation_scores`).
             The predicted segmentation is the hard morph's.
         """
+        self._check_settings()
         inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
@@ -795,6 +811,7 @@ class Trainer:
         FloatingPointError
             If training diverges (see the class notes); nothing is written.
         """
+        self._check_settings()
         inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
