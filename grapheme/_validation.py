@@ -70,7 +70,8 @@ def as_index_array(value, name, ndim=1):
 
 
 def as_float_array(value, name, ndim=None, shape=None, finite=True, dtype=None):
-    """Return ``value`` as a C-contiguous float64 array, checked.
+    """Return ``value`` as a C-contiguous float array, checked: float64, or
+    as ``dtype`` says (``KEEP``: float32 stays float32).
 
     Parameters
     ----------

@@ -23,9 +23,11 @@ input (``("thequickfox", ("the", "quick", "fox"))``). The tuple is the
 marker: a string target is never read as a segmentation. :func:`segment_lengths`
 turns the targets of a batch into gold segment lengths for the segmentation
 metrics (:func:`grapheme.train.metrics.segmentation_counts`), and
-:func:`target_text` gives the text of the target graph the loss compares
-with: for a segmentation, one node per segment labelled by its first
-character, the label a merged node keeps (``"tqf"``).
+:func:`target_text` gives a target's text: for a segmentation, one
+character per segment, its first (``"tqf"``). (The ``Trainer`` builds a
+segmentation's target graph by merging the input's own nodes and labels
+the nodes of both graphs by their offsets: see
+:func:`grapheme.segmentation_target`.)
 
 Tasks
 -----
@@ -360,10 +362,10 @@ def is_segmentation(target):
 
 
 def target_text(target):
-    """The text of the target graph the loss compares with.
-
-    A string target is itself; a segmentation is one node per segment,
-    labelled by its first character (the label a merged node keeps).
+    """A target's text: a string target itself, a segmentation one
+    character per segment, its first (the label a merged node keeps). Not
+    what the ``Trainer`` compares a segmentation with (see
+    :func:`grapheme.segmentation_target`).
 
     Examples
     --------

@@ -26,6 +26,14 @@ def parameter_bytes(dim, layers, dtype=np.float64):
     return np.dtype(dtype).itemsize * (int(layers) * (3 * d * d + d) + 2 * d * d)
 
 
+def check_training_memory(dim, layers, dtype, what):
+    """Refuse (MemoryError, naming ``what``) to train an encoder whose
+    weights, their gradients and Adam's two moments cannot fit: before the
+    weights are made, not by the out-of-memory killer in the first step."""
+    check_allocation(4 * parameter_bytes(dim, layers, dtype),
+                     f"{what} (its weights, their gradients and the optimiser's state)")
+
+
 class EncodeResult(NamedTuple):
     """Contextual features, and the queries and keys that score merges."""
 

@@ -5,16 +5,19 @@ decision is discrete, so the loss is piecewise constant in it; an estimator
 says what the forward pass computes and what gradient the decisions pass
 back. All four share one small interface:
 
-- ``forward(graph, features, similarity, scores, shard=None) -> (EstimateResult,
-  saved)`` with ``scores`` the :class:`grapheme.ops.ScoresResult` of the
-  edges (logits, probabilities, ``tau``); ``shard=(before, after)``: the
-  batch is a contiguous part of a larger one (a data-parallel rank's share
-  of the global batch), ``before`` candidate edges of which come before it
-  and ``after`` after it (only ``Reinforce``, whose draws are the larger
-  batch's, reads it);
-- ``vjp(saved, grad_features, grad_mass, grad_weights, grad_log_prob) ->
-  (grad_input_features, grad_logits, grad_probability)``, pure, with
-  ``None`` for a gradient that does not exist;
+- ``forward(graph, features, similarity, scores, shard=None, workspace=None)
+  -> (EstimateResult, saved)`` with ``scores`` the
+  :class:`grapheme.ops.ScoresResult` of the edges (logits, probabilities,
+  ``tau``); ``shard=(before, after)``: the batch is a contiguous part of a
+  larger one (a data-parallel rank's share of the global batch), ``before``
+  candidate edges of which come before it and ``after`` after it (only
+  ``Reinforce``, whose draws are the larger batch's, reads it);
+  ``workspace``: where the output features may live (ignoring it is
+  correct, and a ``forward`` without the keyword is not passed one);
+- ``vjp(saved, grad_features, grad_mass, grad_weights, grad_log_prob,
+  out=None) -> (grad_input_features, grad_logits, grad_probability)``,
+  pure, with ``None`` for a gradient that does not exist; ``out``: an
+  (n, d) buffer for the input-feature gradient;
 - ``step(saved, loss_values, num_edges=None)``: the only place where an
   estimator's state (the REINFORCE baseline and sample counter) advances;
   ``saved=None, num_edges=E``: by a batch of ``E`` candidate edges that this

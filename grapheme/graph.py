@@ -648,6 +648,19 @@ def segmentation_target(graph, segments, features=None):
         or segment texts do not spell the graph's labels (each naming
         ``segments`` and the graph).
 
+    Notes
+    -----
+    The nodes keep their heads' labels. For training, first label the
+    input's nodes by their offsets in their own text, as the ``Trainer``
+    does (and pass the segments as lengths): a merged node keeps its head's
+    label, so the morphed graph's nodes and this graph's are then named by
+    where their segments start. With characters as labels the loss can only
+    tell which character a segment starts with, and every ``t`` of a text is
+    as good as every other (docs/design.md, "Segmentation targets")::
+
+        first = np.repeat(g.graph_offsets[:-1], np.diff(g.graph_offsets))
+        g = g.replace(labels=np.arange(g.num_nodes) - first)
+
     Examples
     --------
     >>> g = Graph.from_text("thequickfox")

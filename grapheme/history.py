@@ -29,7 +29,7 @@ class MergeHistory:
     data, and immutable: it keeps private copies of its arguments and hands
     out read-only arrays, so it is safe to share between threads (the
     weights computed on first access are a pure function of the history).
-    Build one with :meth:`from_cluster` or get it from
+    Build one with ``MergeHistory(cluster)`` or get it from
     :meth:`grapheme.Morpher.forward`.
 
     Parameters

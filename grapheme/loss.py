@@ -401,8 +401,8 @@ class StructuralLoss:
     loss by moving features rather than boundaries, and a type weight of
     0.1 makes a wrong label cost 0.05. A type weight of 2 (a wrong label
     priced like a dustbin) learns as well per step but ties the costs:
-    Sinkhorn then takes ten times the sweeps (141 against 15 on word
-    pairs, 727 against 55 on 12-24 letter folds, 5% not converged). The
+    Sinkhorn then takes about ten times the sweeps (measured in
+    docs/design.md, "Segmentation targets"). The
     gold graph scores exactly 0 only with ``debias=True`` (without, its
     entropic self-cost is 0.004-0.015 on short texts); the debiased
     loss trained worse (word F1 0.40 against 0.87 after two minutes), so

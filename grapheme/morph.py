@@ -4,7 +4,7 @@ A morph composes operations of :mod:`grapheme.ops`::
 
     s = EdgeSimilarity(graph, H)                 # cosine of every edge
     z, p = MergeScores(T)(s, theta)              # (s - sigmoid(theta)) / T, sigmoid(z)
-    out = estimator.forward(graph, H, s, z, p)   # Hard, Relaxed, StraightThrough, Reinforce
+    out = estimator.forward(graph, H, s, (z, p)) # Hard, Relaxed, StraightThrough, Reinforce
     penalty = RatePenalty(p)                     # with a RateController
 
 and :meth:`Morpher.vjp` runs their vjps in reverse. Nothing in either

@@ -553,7 +553,7 @@ class ChainRelaxation(Operation):
         grad_m = np.empty(n)
         _relax.relax_chain_backward(m, relaxed, D, gf, gmass, gf, grad_m, False)
         if grad_weights is not None:
-            grad_m += _relaxed_edges_vjp(indptr, indices, m, grad_weights)
+            grad_m += _relaxed_edges_vjp(indptr, m, grad_weights)
         return gf, grad_m[src] if num_edges else np.zeros(0)
 
 
@@ -573,7 +573,7 @@ def _relaxed_edges(graph, m):
     return indptr, indices, weights
 
 
-def _relaxed_edges_vjp(indptr, indices, m, grad_weights):
+def _relaxed_edges_vjp(indptr, m, grad_weights):
     grad_m = np.zeros(m.shape[0])
     _relax.relaxed_edges_backward(m, indptr, np.ascontiguousarray(grad_weights, np.float64),
                                  grad_m)

@@ -82,8 +82,8 @@ def test_word_segmentation_beats_the_untrained_model(words):
 def test_defaults_descend(task, estimator):
     # every estimator at its default learning rate ends below where it
     # started: lower loss, no lower validation accuracy. The rule DEFAULT_LR
-    # was chosen by, measured without the unknown row's replacements: with
-    # them, ste on dedup does not hold it (the next test)
+    # was chosen by, measured without the unknown row's replacements (with
+    # them, the next test)
     train, val = make_pairs(300, seed=0, tasks=task), make_pairs(100, seed=1, tasks=task)
     trainer = _trainer(estimator, dim=64, lr=DEFAULT_LR[estimator], unknown_prob=0.0)
     history = trainer.fit(train, 8, val=val)

@@ -11,7 +11,7 @@ import grapheme
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 MODULES = ["graph", "history", "ops", "encoder", "estimators", "rate", "morph", "embedding", "testing",
            "loss", "optim", "data", "checkpoint", "train", "train.trainer", "train.state",
-           "train.metrics", "train.progress", "segmenter", "cli", "distributed"]
+           "train.metrics", "train.progress", "segmenter", "cli", "distributed", "plot"]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):

@@ -27,14 +27,14 @@ import time
 import numpy as np
 
 from .. import _core
-from .._validation import (KEEP, as_float_array, check_allocation, check_model, check_pairs,
+from .._validation import (KEEP, as_float_array, check_model, check_pairs,
                            check_scalar, settings_checked, settings_unchanged, show)
 from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, _new_file,
                           load_checkpoint, save_checkpoint)
 from ..embedding import Embedding
-from ..encoder import LayerOverflowError, parameter_bytes
+from ..encoder import LayerOverflowError, check_training_memory
 from ..graph import Graph, replicate
 from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup, feature_mean
@@ -87,11 +87,13 @@ class Trainer:
         Compares the morphed graph with the target graph; must provide
         ``forward(predicted, target)`` returning a result with ``value``,
         ``node``, ``edge``, ``clique`` and per-pair ``values``, and
-        ``backward(result)`` returning ``activation``, ``mass`` and
-        ``target_activation`` gradients.
+        ``backward(result)`` returning ``activation``, ``mass``,
+        ``weights`` and ``target_activation`` gradients (a
+        :class:`~grapheme.LossGrad`).
     optimizer : Optimizer
-        Updates the parameters ``"embedding"`` (the embedding table) and
-        ``"theta"``.
+        Updates the parameters ``"embedding"`` (the embedding table),
+        ``"theta"`` and, with an encoder, ``"encoder.<name>"`` for each of
+        its weights.
     batch_size : int, default 32
         Pairs per step; the last batch of an epoch may be smaller.
     seed : int, default 0
@@ -186,11 +188,8 @@ class Trainer:
                  overwrite=False, unknown_prob=UNKNOWN_PROB, comm=None):
         check_model(embedding, morpher, encoder)
         if encoder is not None:
-            # weights, their gradients and (Adam) two moments: refused now,
-            # not by the out-of-memory killer in the first step
-            check_allocation(4 * parameter_bytes(encoder.dim, encoder.layers, encoder.dtype),
-                             f"training {encoder!r} (its weights, their gradients and the "
-                             f"optimiser's state)")
+            check_training_memory(encoder.dim, encoder.layers, encoder.dtype,
+                                  f"training {encoder!r}")
         if isinstance(loss, type):   # StructuralLoss, not StructuralLoss()
             raise TypeError(f"loss must be an instance, got the class {loss.__name__}: "
                             f"pass {loss.__name__}()")
@@ -656,7 +655,7 @@ class Trainer:
 
         Parameters
         ----------
-        pairs : list of (str, str)
+        pairs : list of (str, str or tuple of str)
         batch_size : int, optional
             Defaults to the trainer's batch size.
 
@@ -752,7 +751,7 @@ class Trainer:
 
         Parameters
         ----------
-        pairs : list of (str, str)
+        pairs : list of (str, str or tuple of str)
             Training pairs, shuffled anew every epoch.
         epochs : int
             Total number of epochs of the run. When resuming from a
@@ -1115,11 +1114,7 @@ class Trainer:
 
     def _save(self, path):
         """:meth:`save`, replacing ``path``: ``fit``'s checkpoints."""
-        arrays = {"embedding.codes": self.embedding.codes,
-                  "embedding.weight": self.embedding.weight,
-                  "morpher.theta": self.morpher.theta}
-        if self.encoder is not None:
-            arrays.update({"encoder." + k: v for k, v in self.encoder.params.items()})
+        arrays = self.model._arrays()   # the model file's arrays, and the optimiser's
         for key, value in self.optimizer.state_dict().items():
             arrays["optimizer." + key] = np.asarray(value)
         if not _all_finite(self._params()):
