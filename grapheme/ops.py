@@ -23,6 +23,11 @@ contract of ``torch.autograd.Function`` and of JAX's ``custom_vjp``, so
 Every vjp is checked against central finite differences in float64
 (``tests/test_ops.py``).
 
+``forward`` checks its inputs. Where an operation also has ``_forward``,
+that takes inputs its caller has already checked (the same arrays are not
+scanned for NaN again): the ``Trainer``'s step and the composed operations
+call it on what they made or checked themselves.
+
 dtypes: the (n, d) feature arrays (and tables, weights and gradients of
 their shape) follow the features' dtype, float32 or float64 (a model's
 ``dtype``, see "float32" in docs/design.md); every per-node and per-edge
