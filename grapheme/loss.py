@@ -338,6 +338,8 @@ class StructuralLoss:
         on average and 2.7% not within 1000 without.
     weights : tuple of 3 floats, default (0.1, 0.7, 0.2)
         Weights of the type, activation and degree parts of the node cost.
+        Training uses :meth:`for_training` instead ("Weights for training"
+        below: with these defaults a model does not learn boundaries).
     domain : {"auto", "log", "scaling"}, default "auto"
         How the Sinkhorn sweeps are computed; the iterations, and so the
         values and gradients, are the same up to rounding (~1e-13 relative).

@@ -125,7 +125,9 @@ class Morpher:
     estimator : Estimator or {"history", "soft", "ste", "reinforce"}, default "history"
         :class:`~grapheme.estimators.Hard`, ``Relaxed``, ``StraightThrough``
         or ``Reinforce`` (see :mod:`grapheme.estimators`); a string names one
-        with its defaults.
+        with its defaults. The default is the exact one, under which
+        ``theta`` gets no gradient from the loss; ``grapheme train`` and
+        :class:`grapheme.torch.Merge` default to ``"ste"``, which learns it.
     rate : RateController or float, optional
         Holds the kept fraction ``k / n`` at a target; a float is the target
         of a :class:`~grapheme.rate.RateController` with its defaults.
@@ -139,8 +141,10 @@ class Morpher:
 
     Notes
     -----
-    :meth:`forward`, :meth:`predict` and :meth:`vjp` only read the morpher,
-    so any number of threads may call them at once. :meth:`backward`,
+    :meth:`forward`, :meth:`predict` and :meth:`vjp` only read the morpher
+    (a setting assigned since the last morph is checked, and stored
+    normalised, by the first call that sees it: the same values whichever
+    thread does), so any number of threads may call them at once. :meth:`backward`,
     :meth:`step`, :meth:`zero_grad` and :meth:`load_state_dict` change it:
     the morpher is not safe to *train* from several threads (updates may be
     lost), though nothing it does can crash the process (its state is Python
