@@ -237,6 +237,13 @@ def settings_checked(obj, names):
     obj._checked = tuple(vars(obj).get(k) for k in names)
 
 
+def exact_str(text):
+    """``text`` (a str) as an exact ``str``: a subclass's own ``__len__`` or
+    ``__iter__`` could disagree with its characters, which the kernels
+    size their arrays by."""
+    return text if type(text) is str else str.__str__(text)
+
+
 def check_pairs(pairs, name):
     """Split a list of ``(input, target)`` pairs into two lists.
 
@@ -250,7 +257,10 @@ def check_pairs(pairs, name):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"{name}[{i}] must be an (input, target) pair, got {pair!r}")
         source, target = pair
+        if isinstance(source, str):
+            source = exact_str(source)
         if isinstance(target, tuple) and isinstance(source, str):
+            target = tuple(exact_str(seg) if isinstance(seg, str) else seg for seg in target)
             # a segmentation of the input (grapheme.data): non-empty str joining to it
             if not all(isinstance(seg, str) and seg for seg in target) or (
                     "".join(target) != source):
@@ -261,6 +271,8 @@ def check_pairs(pairs, name):
             raise TypeError(f"{name}[{i}] must hold two str (or a str and a tuple of "
                             f"segments), got "
                             f"({type(source).__name__}, {type(target).__name__})")
+        else:
+            target = exact_str(target)
         inputs.append(source)
         targets.append(target)
     return inputs, targets

@@ -3,7 +3,7 @@ import numpy as np
 
 from . import _core
 from ._validation import (KEEP, as_float_array, as_index_array, check_allocation, check_graph,
-                          check_scalar, common_index_dtype, frozen, show)
+                          check_scalar, common_index_dtype, exact_str, frozen, show)
 
 __all__ = ["Graph", "merge_edges", "contract", "segmentation_target", "replicate",
            "chain_sources"]
@@ -197,7 +197,7 @@ class Graph:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        codes = _codes_of(text, "text")
+        codes = _codes_of(exact_str(text), "text")
         return cls._from_codes(codes, np.array([codes.shape[0]], dtype=np.int64), None)
 
     @classmethod
@@ -237,7 +237,8 @@ class Graph:
                     raise TypeError(f"texts[{i}] must be a str, "
                                     f"got {type(t).__name__}") from None
             raise  # pragma: no cover - join only refuses non-str items
-        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        # str.__len__: a subclass's own __len__ could disagree with its characters
+        lengths = np.fromiter(map(str.__len__, texts), dtype=np.int64, count=len(texts))
         try:
             codes = _codes_of(joined, "texts")
         except ValueError:

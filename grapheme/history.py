@@ -2,7 +2,8 @@
 import numpy as np
 
 from . import _core
-from ._validation import KEEP, as_float_array, as_index_array, check_out, frozen, show, streams
+from ._validation import (KEEP, as_float_array, as_index_array, check_out, exact_str, frozen,
+                          show, streams)
 
 __all__ = ["MergeHistory"]
 
@@ -268,6 +269,7 @@ class MergeHistory:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        text = exact_str(text)
         if len(text) != self.num_inputs:
             raise ValueError(f"text has {len(text)} characters but the history "
                              f"has {self.num_inputs} inputs")

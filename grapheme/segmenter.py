@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from ._threads import single_pool
-from ._validation import check_allocation, check_model, check_scalar
+from ._validation import check_allocation, check_model, check_scalar, exact_str
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, _new_file, load_checkpoint, save_checkpoint
 from .embedding import Embedding
@@ -240,6 +240,7 @@ class Segmenter:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
+            texts[i] = t = exact_str(t)
             bad = _SURROGATE.search(t)
             if bad is not None:
                 raise ValueError(f"{name}[{i}] contains a lone surrogate at position "

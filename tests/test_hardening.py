@@ -657,3 +657,32 @@ def test_import_with_numpys_tanh_replaced(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, env=env, check=True).stdout.split()
     assert out[0] == "False" and float(out[1]) == 1.0 + np.tanh(2.0)
+
+
+class _LyingStr(str):
+    """A str whose len() disagrees with its characters (an attack helper
+    found that Graph.from_texts sized the kernel's arrays by it: segfault)."""
+
+    def __len__(self):
+        return 10**6
+
+    def __iter__(self):
+        return iter("zzzz")
+
+
+def test_str_subclasses_are_read_by_their_characters():
+    lie = _LyingStr("ab")
+    g = gr.Graph.from_texts([lie, "xyz"])
+    assert g.to_text() == "abxyz" and g.graph_offsets.tolist() == [0, 2, 5]
+    assert gr.Graph.from_text(lie).num_nodes == 2
+    trainer = gr.Trainer(gr.Embedding(8), gr.Morpher(estimator="ste"),
+                         gr.StructuralLoss.for_training(), gr.Adam(), progress=False)
+    trainer.fit([(_LyingStr("abc"), "ab"), ("xyz", _LyingStr("xy"))], 1)
+    seg = gr.Trainer(gr.Embedding(8), gr.Morpher(estimator="ste"),
+                     gr.StructuralLoss.for_training(), gr.Adam(), progress=False)
+    seg.fit([(_LyingStr("abc"), (_LyingStr("a"), "bc"))], 1)
+    model = trainer.model
+    plain = model.segment(["abcdefgh", "xyz"])
+    assert model.segment([_LyingStr("abcdefgh"), "xyz"]) == plain
+    assert model.join(_LyingStr("abcdefgh")) == model.join("abcdefgh")
+    assert gr.MergeHistory([0, 0, 1]).segments(_LyingStr("aab")) == ["aa", "b"]
