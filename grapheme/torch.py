@@ -1,19 +1,23 @@
 """grapheme from PyTorch: the operations as autograd Functions, and Modules.
 
 Needs the optional extra ``grapheme[torch]``; ``import grapheme`` never
-imports torch. Tensors are CPU tensors, float32 or float64, packed as
-PyTorch Geometric and packed sequences hold them: ``(n, d)`` rows with the
-batch given by ``offsets`` (sequence ``b`` is rows ``offsets[b]:offsets[b+1]``).
-:func:`pack` and :func:`unpack` convert from and to padded ``(B, L, d)``.
+imports torch. Tensors are CPU tensors, float32 or float64, packed one
+sequence after another as PyTorch Geometric's ``ptr`` and variable-length
+attention's ``cu_seqlens`` hold them (not ``PackedSequence``'s time-major
+rows): ``(n, d)`` rows with the batch given by ``offsets`` (sequence ``b``
+is rows ``offsets[b]:offsets[b+1]``). :func:`pack` and :func:`unpack`
+convert from and to padded ``(B, L, d)``; ``Graph.chains(offsets)`` is
+the chain graph the functions take.
 
 Every operation of :mod:`grapheme.ops` becomes an autograd Function by one
 generic wrapper: forward runs the operation on the tensors' memory
 (contiguous tensors are not copied), backward runs its pure vjp. float32
 tensors run grapheme's float32 path: (n, d) arrays in float32, similarities,
 probabilities, masses and the structural loss in float64 (see "float32" in
-docs/design.md). Functions are once
-differentiable (``torch.autograd.gradgradcheck`` says so). A tensor modified
-in place between forward and backward is caught by autograd's version check.
+docs/design.md). Functions are once differentiable: a backward pass with
+``create_graph=True`` (a gradient penalty, ``gradgradcheck``) raises a
+RuntimeError saying so. A tensor modified in place between forward and
+backward is caught by autograd's version check.
 
 The modules:
 
@@ -27,6 +31,7 @@ The modules:
 Examples
 --------
 >>> import torch
+>>> from grapheme import Graph
 >>> from grapheme.torch import Merge, StructuralLoss
 >>> x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
 >>> merge = Merge(estimator="ste").double()
@@ -44,12 +49,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import ops
 from ._validation import as_float_array, check_graph
 from .graph import Graph
-from .loss import StructuralLoss as _Loss
+from .loss import TRAINING, StructuralLoss as _Loss
 from .morph import Morpher
 
 __all__ = [
@@ -115,6 +119,17 @@ def _tensor(a, dtype):
     return torch.from_numpy(np.require(a, requirements="CW")).to(dtype)
 
 
+def _eager(fn):
+    """Run ``fn`` outside ``torch.compile``'s tracing (a graph break): its
+    numpy and compiled code cannot be traced, and dynamo failed inside it
+    with an internal error."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+_ONCE = ("grapheme's operations are once differentiable: their gradients cannot be "
+         "differentiated again (create_graph=True, a gradient penalty, gradgradcheck)")
+
+
 class _OpFunction(torch.autograd.Function):
     """``op`` as an autograd Function: ``call(*arrays) -> (result, saved)``."""
 
@@ -134,8 +149,13 @@ class _OpFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
+        # Grad mode is on in a backward pass only under create_graph=True.
+        # torch's once_differentiable raises then only when the upstream
+        # gradient itself requires grad; after a .sum() it does not, and a
+        # gradient penalty through this operation silently added nothing.
+        if torch.is_grad_enabled():
+            raise RuntimeError(_ONCE)
         ctx.saved_tensors   # raises if an input or output was modified in place
         upstream = [None if g is None else _array(g, "grad") for g in grads]
         result = ctx.op.vjp(ctx.state, *upstream)
@@ -144,6 +164,7 @@ class _OpFunction(torch.autograd.Function):
             for g, need in zip(result, ctx.needs_input_grad[3:]))
 
 
+@_eager
 def apply(op, call, *tensors):
     """Run operation ``op`` as an autograd Function.
 
@@ -167,7 +188,8 @@ def edge_similarity(graph, features):
 
 
 def merge_scores(similarity, theta, temperature):
-    """``(logits, probability)`` of :class:`grapheme.ops.MergeScores`; ``theta`` 0-d."""
+    """``(logits, probability, tau)`` of :class:`grapheme.ops.MergeScores`
+    (``tau = sigmoid(theta)``, a float); ``theta`` 0-d."""
     op = ops.MergeScores(temperature)
     (z, p), result = apply(op, op.forward, similarity, theta)
     return z, p, result.tau
@@ -413,6 +435,7 @@ class Merge(nn.Module):
     def tau(self):
         return float(torch.sigmoid(self.theta.detach()))
 
+    @_eager
     def forward(self, x, offsets, labels=None, queries=None, keys=None):
         """Merge the rows of ``x`` (n, d), sequences by ``offsets`` (B + 1,).
 
@@ -480,6 +503,7 @@ class Encoder(nn.Module):
         self.query = nn.Parameter(torch.eye(dim))
         self.key = nn.Parameter(torch.eye(dim))
 
+    @_eager
     def forward(self, x, offsets):
         graph = Graph.chains(_host(offsets))
         h = x
@@ -496,7 +520,10 @@ class StructuralLoss(nn.Module):
     merged sequence against the graph of the same index in ``target`` (a
     batched :class:`grapheme.Graph`, e.g. ``Graph.from_texts``). The merged
     rows' activations are their feature means; the target's are
-    ``target_activation`` (a tensor, differentiable) or the graph's own.
+    ``target_activation`` (a tensor, differentiable) or the graph's own
+    (1 for every node of ``Graph.from_texts``: the merged rows' feature
+    means are then pulled towards 1; pass the mean features of the target's
+    segments to compare like with like, as the numpy ``Trainer`` does).
 
     Parameters
     ----------
@@ -505,11 +532,18 @@ class StructuralLoss(nn.Module):
         Passed to :class:`grapheme.StructuralLoss`.
     """
 
+    @classmethod
+    def for_training(cls, reduction="mean", **overrides):
+        """The weights the numpy ``Trainer`` and ``grapheme train`` use
+        (:meth:`grapheme.StructuralLoss.for_training`)."""
+        return cls(reduction, **{**TRAINING, **overrides})
+
     def __init__(self, reduction="mean", **kwargs):
         super().__init__()
         self.reduction = _check_reduction(reduction)
         self.loss = _Loss(**kwargs)
 
+    @_eager
     def forward(self, merged, target, target_activation=None):
         _check_reduction(self.reduction)   # as set on the module since, if it was
         _check_merged(merged)

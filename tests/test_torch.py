@@ -75,14 +75,25 @@ def test_rate_penalty_and_log_prob_gradcheck():
 
 
 def test_functions_say_they_are_once_differentiable():
+    """create_graph=True raises, whether or not the upstream gradient
+    requires grad (before, after a .sum() it returned a constant gradient
+    and a gradient penalty silently added nothing: found by the attack
+    helper)."""
     rng = np.random.default_rng(6)
     g = gr.Graph.from_text("abcd")
     h = leaf(rng.normal(size=(4, 3)))
     s = gt.edge_similarity(g, h)
     upstream = torch.ones_like(s, requires_grad=True)
-    (grad,) = torch.autograd.grad(s, h, grad_outputs=upstream, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        torch.autograd.grad(s, h, grad_outputs=upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        torch.autograd.grad(gt.edge_similarity(g, h).sum(), h, create_graph=True)
+    merged = gt.Merge(estimator="soft").double()(h, torch.tensor([0, 4]))
+    loss = gt.StructuralLoss()(merged, gr.Graph.from_text("ab"))
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    (first,) = torch.autograd.grad(gt.edge_similarity(g, h).sum(), h)   # first order: fine
+    assert torch.isfinite(first).all()
 
 
 def test_float32_in_float32_out():
@@ -438,3 +449,29 @@ def test_loss_settings_set_on_the_module_are_checked():
     lossf.reduction, lossf.loss.epsilon = "sum", 0.0
     with pytest.raises(ValueError, match="epsilon"):
         lossf(merged, target)
+
+
+def test_torch_compile_runs_the_bridge_eagerly():
+    """The modules and functions are graph breaks for torch.compile (dynamo
+    failed inside their numpy code with an internal AssertionError)."""
+    rng = np.random.default_rng(11)
+    merge = gt.Merge(estimator="ste").double()
+    target, offsets = gr.Graph.from_texts(["ab", "xyz"]), torch.tensor([0, 3, 7])
+    x = leaf(rng.normal(size=(7, 4)))
+
+    def objective(x):
+        return gt.StructuralLoss()(merge(x, offsets), target) + (x ** 2).mean()
+
+    compiled = torch.compile(objective, backend="eager")(x)
+    compiled.backward()
+    grad, x.grad = x.grad.clone(), None
+    eager = objective(x)
+    eager.backward()
+    assert compiled.item() == eager.item()
+    torch.testing.assert_close(grad, x.grad, rtol=0, atol=0)
+
+
+def test_torch_loss_for_training_is_the_trainers():
+    assert (gt.StructuralLoss.for_training().loss.get_params()
+            == gr.StructuralLoss.for_training().get_params())
+    assert gt.StructuralLoss.for_training("none", tol=1e-5).loss.tol == 1e-5
