@@ -237,6 +237,14 @@ def settings_checked(obj, names):
     obj._checked = tuple(vars(obj).get(k) for k in names)
 
 
+def check_bool(value, name):
+    """``value`` as a bool: True or False (numpy's too), never a truthy
+    object (``overwrite="no"`` would otherwise consent to replacing a file)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {show(value)}")
+    return bool(value)
+
+
 def exact_str(text):
     """``text`` (a str) as an exact ``str``: a subclass's own ``__len__`` or
     ``__iter__`` could disagree with its characters, which the kernels

@@ -5,7 +5,7 @@ import numpy as np
 
 from . import _core
 from ._validation import (as_float_array, as_index_array, check_allocation, check_dtype,
-                          check_scalar)
+                          check_bool, check_scalar)
 
 __all__ = ["Embedding", "UNKNOWN"]
 
@@ -130,6 +130,7 @@ class Embedding:
             left as it is (inference, evaluation).
         """
         labels = _check_labels(labels)
+        grow = check_bool(grow, "grow")
         with self._lock:
             return self._rows(labels, grow)
 
@@ -196,6 +197,7 @@ class Embedding:
         With ``grow=False`` code points without a row read the unknown row
         and the table is not changed (see :meth:`rows`)."""
         labels = _check_labels(labels)
+        grow = check_bool(grow, "grow")
         with self._lock:
             rows = self._rows(labels, grow)   # may grow (replace) self.weight
             self._check_arrays()

@@ -38,7 +38,10 @@ def _figure(width, height):
 def _save(fig, out, overwrite):
     from .checkpoint import _atomic_open
 
+    from ._validation import check_bool
+
     out = os.fspath(out)
+    overwrite = check_bool(overwrite, "overwrite")
     if os.path.isdir(out):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
                                 out)

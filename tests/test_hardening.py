@@ -352,7 +352,7 @@ def test_trainer_save_never_overwrites_unasked(tmp_path):
     _trainer(overwrite=True).save(user)   # the trainer's own overwrite is the default
     with pytest.raises(FileExistsError):
         _trainer(overwrite=True).save(user, overwrite=False)
-    with pytest.raises(TypeError, match="overwrite must be True, False or None"):
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
         trainer.save(user, overwrite="yes")
     # fit replaces its own checkpoint every epoch, as before
     trainer.fit(gr.DEMO_PAIRS, 2, checkpoint=tmp_path / "run.npz")
@@ -686,3 +686,28 @@ def test_str_subclasses_are_read_by_their_characters():
     assert model.segment([_LyingStr("abcdefgh"), "xyz"]) == plain
     assert model.join(_LyingStr("abcdefgh")) == model.join("abcdefgh")
     assert gr.MergeHistory([0, 0, 1]).segments(_LyingStr("aab")) == ["aa", "b"]
+
+
+@pytest.mark.parametrize("truthy", ["no", "False", 1, None])
+def test_consent_and_switches_must_be_bools(truthy, tmp_path):
+    """A truthy string is not consent: overwrite="no" replaced files (found
+    by the attack helper); new_data="no" would accept other data."""
+    existing = tmp_path / "m.npz"
+    trainer = gr.Trainer(gr.Embedding(8), gr.Morpher(estimator="ste"),
+                         gr.StructuralLoss.for_training(), gr.Adam(), progress=False)
+    trainer.fit(gr.DEMO_PAIRS, 1)
+    trainer.model.save(existing)
+    before = existing.read_bytes()
+    for call, name in ((lambda: trainer.model.save(existing, overwrite=truthy), "overwrite"),
+                       (lambda: gr.Trainer(gr.Embedding(8), gr.Morpher(),
+                                           gr.StructuralLoss(), gr.Adam(),
+                                           overwrite=truthy), "overwrite"),
+                       (lambda: gr.Trainer(gr.Embedding(8), gr.Morpher(),
+                                           gr.StructuralLoss(), gr.Adam(),
+                                           progress=truthy), "progress"),
+                       (lambda: trainer.fit(gr.DEMO_PAIRS, 2, new_data=truthy), "new_data"),
+                       (lambda: trainer.embedding.forward([97], grow=truthy), "grow"),
+                       (lambda: trainer.embedding.rows([97], grow=truthy), "grow")):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            call()
+    assert existing.read_bytes() == before and trainer.epoch == 1

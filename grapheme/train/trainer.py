@@ -28,7 +28,8 @@ import numpy as np
 
 from .. import _core
 from .._validation import (KEEP, as_float_array, check_model, check_pairs,
-                           check_scalar, settings_checked, settings_unchanged, show)
+                           check_bool, check_scalar, settings_checked, settings_unchanged,
+                           show)
 from .._threads import single_pool
 from .._workspace import Workspace
 from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, _new_file,
@@ -217,8 +218,8 @@ class Trainer:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
         self.seed = int(seed)
         self.log = None if log is None else os.fspath(log)
-        self.progress = bool(progress)
-        self.overwrite = bool(overwrite)
+        self.progress = check_bool(progress, "progress")
+        self.overwrite = check_bool(overwrite, "overwrite")
         self.comm = comm
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
@@ -811,6 +812,7 @@ class Trainer:
             If training diverges (see the class notes); nothing is written.
         """
         self._check_settings()
+        new_data = check_bool(new_data, "new_data")
         inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
@@ -1108,8 +1110,6 @@ class Trainer:
         """
         if overwrite is None:
             overwrite = self.overwrite
-        elif not isinstance(overwrite, (bool, np.bool_)):
-            raise TypeError(f"overwrite must be True, False or None, got {show(overwrite)}")
         self._save(_new_file(path, overwrite, "checkpoint"))
 
     def _save(self, path):
