@@ -711,3 +711,16 @@ def test_consent_and_switches_must_be_bools(truthy, tmp_path):
         with pytest.raises(TypeError, match=f"{name} must be True or False"):
             call()
     assert existing.read_bytes() == before and trainer.epoch == 1
+
+
+def test_log_and_checkpoints_must_be_different_files(tmp_path):
+    """The log written over by the checkpoint (found by the attack helper)."""
+    same = tmp_path / "a.npz"
+    for log, checkpoint, best in ((same, same, None), (same, tmp_path / "c.npz", same)):
+        trainer = gr.Trainer(gr.Embedding(8), gr.Morpher(estimator="ste"),
+                             gr.StructuralLoss.for_training(), gr.Adam(), progress=False,
+                             log=log)
+        with pytest.raises(ValueError, match="must be different files"):
+            trainer.fit(gr.DEMO_PAIRS, 1, val=gr.DEMO_PAIRS, checkpoint=checkpoint,
+                        keep_best=None if best is None else "val_loss", best=best)
+        assert not same.exists() and trainer.epoch == 0

@@ -803,8 +803,10 @@ class Trainer:
         ValueError
             If ``pairs`` is empty or malformed, ``epochs`` is negative,
             ``resume`` is not a compatible checkpoint, the run continues on
-            other pairs without ``new_data=True``, or a fresh run would
-            replace an existing log or checkpoint without ``overwrite``.
+            other pairs without ``new_data=True``, a fresh run would
+            replace an existing log or checkpoint without ``overwrite``, or
+            two of the log, ``checkpoint`` and the best checkpoint are one
+            file.
         IsADirectoryError
             If the log, ``checkpoint`` or the best checkpoint's path is a
             directory (or ends with a separator), before any epoch.
@@ -838,6 +840,12 @@ class Trainer:
         files = [(what, path) for what, path in (("log", self.log), ("checkpoint", checkpoint),
                                                  ("best checkpoint", best_path))
                  if path is not None]
+        seen = {}
+        for what, path in files:   # one file written as two would lose one of them
+            other = seen.setdefault(os.path.realpath(path), what)
+            if other != what:
+                raise ValueError(f"the {other} and the {what} must be different files, "
+                                 f"both are {os.fspath(path)!r}")
         error = None
         if writes:
             # a directory first, whatever overwrite says (it could not help),
