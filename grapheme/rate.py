@@ -74,9 +74,10 @@ class RateController:
     def update(self, kept_fraction):
         """One controller step with the measured kept fraction; the new multiplier.
 
-        A no-op with ``control="penalty"``.
+        A no-op with ``control="penalty"``. ``kept_fraction`` is in [0, 1]
+        (output nodes per input node).
         """
-        kept_fraction = check_scalar(kept_fraction, "kept_fraction")
+        kept_fraction = check_scalar(kept_fraction, "kept_fraction", lower=0, upper=1)
         if self.control == "multiplier":
             error = kept_fraction - self.target
             previous = error if self._error is None else self._error

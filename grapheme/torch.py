@@ -453,6 +453,9 @@ class Merge(nn.Module):
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
+        if not torch.isfinite(self.theta.detach()).all():   # each estimator failed its own way
+            raise ValueError(f"Merge.theta is not finite ({self.theta.item()}): a diverged "
+                             f"step or a bad state_dict")
         op = _MorphOp(self._morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)

@@ -525,9 +525,9 @@ def test_unknown_estimator(name):
         Morpher(estimator=name)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, 1e-310, 5e-324])
 def test_temperature_must_be_positive(temperature):
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be >= 1e-300"):
         Morpher(temperature=temperature, estimator="soft")
 
 
@@ -564,6 +564,9 @@ def test_bad_reinforce_settings():
         Morpher(rate=1.5)
     with pytest.raises(ValueError, match="control must be 'multiplier' or 'penalty'"):
         RateController(target=0.5, control="pid")
+    for kept in (1e308, -5.0, 2.0):   # a multiplier of inf from update(1e308)
+        with pytest.raises(ValueError, match="kept_fraction must be"):
+            RateController(target=0.5, integral=10.0).update(kept)
     g = Graph.from_text("abc")
     morpher = Morpher(estimator="reinforce")
     out = morpher.forward(g, np.ones((3, 2)))

@@ -124,7 +124,8 @@ def test_morpher_read_only_and_memmap_features(tmp_path, rng):
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(threshold="0.8"), TypeError, "threshold must be a real number"),
     (dict(threshold=np.nan), ValueError, "threshold must be finite"),
-    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=0.0), ValueError, "temperature must be >= 1e-300"),
+    (dict(temperature=1e-310), ValueError, "temperature must be >= 1e-300"),
     (dict(estimator="magic"), ValueError, "estimator must be an Estimator or one of"),
     (dict(rate=-0.1), ValueError, "rate must be >= 0"),
 ])

@@ -475,3 +475,14 @@ def test_torch_loss_for_training_is_the_trainers():
     assert (gt.StructuralLoss.for_training().loss.get_params()
             == gr.StructuralLoss.for_training().get_params())
     assert gt.StructuralLoss.for_training("none", tol=1e-5).loss.tol == 1e-5
+
+
+@pytest.mark.parametrize("estimator", ["ste", "soft", "history", "reinforce"])
+def test_merge_refuses_a_theta_that_is_not_finite(estimator):
+    """Before: ste gave NaN gradients, history and reinforce merged nothing,
+    soft named an internal array (found by the attack helper)."""
+    merge = gt.Merge(estimator=estimator).double()
+    with torch.no_grad():
+        merge.theta.fill_(float("nan"))
+    with pytest.raises(ValueError, match="Merge.theta is not finite"):
+        merge(torch.ones((4, 3), dtype=torch.float64), torch.tensor([0, 4]))
