@@ -88,6 +88,7 @@ def _number(kind, **bounds):
 
 
 _positive_int = _number(int, lower=1)
+_batch_chars = _number(int, lower=1, upper=1 << 30)
 _nproc = _number(int, lower=1, upper=MAX_LOCAL_RANKS)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
@@ -211,7 +212,7 @@ def build_parser():
                         "(UTF-8), read and written in batches")
     p.add_argument("--sep", default=" ",
                    help="written between the segments of a text (default: one space)")
-    p.add_argument("--batch-chars", type=_positive_int, default=1 << 14,
+    p.add_argument("--batch-chars", type=_batch_chars, default=1 << 14,
                    help="about how many characters of standard input (read as UTF-8) are "
                         "segmented per batch (default 16384; a longer line is one batch, "
                         "segmented in windows of bounded memory)")
@@ -379,6 +380,8 @@ def _train(args, out, spawn=None, comm=None):
     if not pairs:
         raise CommandError(f"{train_path!r} holds no pairs")
     val = _load_pairs(val_path) if val_path is not None else None
+    if args.val is not None and not val:   # a directory's empty val.jsonl: no validation
+        raise CommandError(f"--val {val_path!r} holds no pairs")
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     if rank0:   # the other ranks never look at --out
@@ -584,7 +587,9 @@ def _cmd_segment(args, out):
             write(piece)
     else:
         stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
-        for texts in _line_batches(stdin, args.batch_chars):
+        for i, texts in enumerate(_line_batches(stdin, args.batch_chars)):
+            if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
+                texts[0] = texts[0][1:]
             for piece, _ in model._joined(texts, args.sep, "\n"):
                 write(piece)
             out.flush()
@@ -707,6 +712,10 @@ def _cmd_plot(args, out):
                                "--out writes another file)")
     else:
         target = args.out
+        log = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
+        if os.path.realpath(target) == os.path.realpath(log):   # --overwrite or not
+            raise CommandError(f"--out {args.out!r} is the run's metrics log, which the "
+                               "picture is drawn from")
     target = _picture_path(target, "metrics.png", args.overwrite)
     print(f"wrote {plot_run(args.run, target, overwrite=args.overwrite)}", file=out)
     return 0

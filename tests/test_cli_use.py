@@ -551,3 +551,25 @@ def test_plot_names_a_missing_run_before_an_existing_picture(capsys, tmp_path):
     (tmp_path / "metrics.png").write_bytes(b"")      # beside the missing run
     code, _, err = run(capsys, "plot", tmp_path / "nothing")
     assert code == 2 and "no metrics file" in err
+
+
+def test_attack_helper_cli_finds(trained, tmp_path, capsys, monkeypatch):
+    """--batch-chars is bounded (an OverflowError traceback before), an empty
+    --val is an error (validation was silently off), plot refuses to draw
+    over its own log, and a BOM opening standard input is not text."""
+    model = gr.Segmenter.load(trained / "model.npz")
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--batch-chars",
+                       10**20)
+    assert code == 2 and "--batch-chars: must be <= 1073741824" in err
+    (tmp_path / "empty.jsonl").write_text("")
+    code, _, err = run(capsys, "train", "--data", trained / "data", "--val",
+                       tmp_path / "empty.jsonl", "--out", tmp_path / "r", "--epochs", "1")
+    assert code == 2 and "--val" in err and "holds no pairs" in err
+    assert not (tmp_path / "r").exists()
+    log = trained / "run" / "metrics.jsonl"
+    before = log.read_bytes()
+    code, _, err = run(capsys, "plot", trained / "run", "--out", log, "--overwrite")
+    assert code == 2 and "is the run's metrics log" in err and log.read_bytes() == before
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffthecat\nsat\n".encode())))
+    code, out, _ = run(capsys, "segment", "--model", trained / "model.npz")
+    assert out == "\n".join(" ".join(s) for s in model.segment(["thecat", "sat"])) + "\n"
