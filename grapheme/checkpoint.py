@@ -293,7 +293,8 @@ def load_checkpoint(path, required=()):
         ``"checkpoint '<path>' is not a grapheme checkpoint: ..."`` if the
         file is not a zip archive at all, ``"checkpoint '<path>' is corrupted
         or truncated: <reason>"`` if it is not a complete, valid checkpoint
-        or lacks a required array.
+        or lacks a required array; ``"... is not a regular file"`` for a
+        pipe or a device (opening a FIFO would wait for a writer).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -301,6 +302,9 @@ def load_checkpoint(path, required=()):
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "checkpoint is a directory, not a file",
                                 path)
+    if not os.path.isfile(path):   # opening a FIFO would wait for a writer
+        raise ValueError(f"checkpoint {path!r} is not a regular file (a pipe or a device; "
+                         "a checkpoint is read with seeks)")
     with open(path, "rb") as fh:   # PermissionError etc. say what they are
         head = fh.read(4)
         size = os.fstat(fh.fileno()).st_size

@@ -566,6 +566,8 @@ def _data_file(data, command):
     a directory its train.jsonl (train) or val.jsonl (eval)."""
     if os.path.isfile(data):
         return data
+    if os.path.exists(data) and not os.path.isdir(data):
+        raise CommandError(f"--data {data!r} is not a regular file (a pipe or a device)")
     if not os.path.isdir(data):
         raise CommandError(f"--data {data!r} does not exist (a JSONL file of pairs, or a "
                            "directory from 'grapheme generate')")

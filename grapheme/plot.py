@@ -70,6 +70,8 @@ def read_metrics(run):
     """
     run = os.fspath(run)
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a regular file (a pipe or a device)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no metrics file {path!r} (RUN is a run directory "
                                 "holding metrics.jsonl, or that file)")

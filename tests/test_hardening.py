@@ -2,6 +2,7 @@
 loses a run. One test per reproducer of the issue, with exact messages; the
 classes of bug they stand for are driven harder by ``tests/fuzz``."""
 import json
+import os
 import threading
 
 import numpy as np
@@ -724,3 +725,23 @@ def test_log_and_checkpoints_must_be_different_files(tmp_path):
             trainer.fit(gr.DEMO_PAIRS, 1, val=gr.DEMO_PAIRS, checkpoint=checkpoint,
                         keep_best=None if best is None else "val_loss", best=best)
         assert not same.exists() and trainer.epoch == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_named_never_waited_on(tmp_path, capsys):
+    """``--model FIFO`` hung until killed; ``--data FIFO`` said it did not
+    exist (found by the attack helper)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        load_checkpoint(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        gr.Segmenter.load(fifo)
+    assert cli.main(["segment", "--model", str(fifo), "abc"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(fifo), "--out", str(tmp_path / "r"),
+                     "--epochs", "1"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    from grapheme.plot import read_metrics
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_metrics(fifo)
