@@ -36,6 +36,7 @@ torchrun describes, across machines too. Every rank reads the whole
 ``--data``; only rank 0 writes ``--out`` and prints.
 """
 import argparse
+import contextlib
 import difflib
 import os
 import sys
@@ -263,7 +264,8 @@ def _cmd_generate(args, out):
             raise CommandError(f"{', '.join(given)} cannot be combined with --task words: "
                                "the corpus decides the number of examples")
         start = time.perf_counter()
-        paths = _data.generate_words(args.out, corpus=args.corpus, seed=args.seed)
+        with _removed_if_left_empty(args.out):
+            paths = _data.generate_words(args.out, corpus=args.corpus, seed=args.seed)
         corpus = ("the standard library's docstrings" if args.corpus is None
                   else f"{len(args.corpus)} file(s)")
         print(f"word segmentation of {corpus}, split by document "
@@ -279,11 +281,27 @@ def _cmd_generate(args, out):
     n_train = 2000 if args.n_train is None else args.n_train
     n_val = 200 if args.n_val is None else args.n_val
     tasks = list(_data.DEFAULT_TASKS) if args.tasks is None else args.tasks
-    paths = _data.generate(args.out, n_train=n_train, n_val=n_val, seed=args.seed,
-                           tasks=tasks)
+    with _removed_if_left_empty(args.out):
+        paths = _data.generate(args.out, n_train=n_train, n_val=n_val, seed=args.seed,
+                               tasks=tasks)
     print(f"wrote {n_train} pairs to {paths['train']} and {n_val} pairs "
           f"to {paths['val']}", file=out)
     return 0
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(path):
+    """On an error (a refused allocation, a diverged run), remove ``path``
+    if it did not exist before and is an empty directory now: a failed
+    command leaves nothing behind (``os.rmdir`` removes only an empty one)."""
+    existed = os.path.lexists(path)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
 
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
@@ -427,11 +445,12 @@ def _train(args, out, spawn=None, comm=None):
     # run's untrained model is measured by fit, trainer.baseline)
     before = (trainer.evaluate(val) if rank0 and val and 0 < start < args.epochs
               else None)
-    if start < args.epochs and rank0:   # only now: everything above is checked
-        os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
-                          keep_best=args.keep_best, new_data=args.new_data)
+    with _removed_if_left_empty(args.out):
+        if start < args.epochs and rank0:   # only now: everything above is checked
+            os.makedirs(args.out, exist_ok=True)
+        history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
+                              keep_best=args.keep_best, new_data=args.new_data)
     seconds = time.perf_counter() - started
     if start == 0 and trainer.baseline is not None:
         before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}

@@ -573,3 +573,14 @@ def test_attack_helper_cli_finds(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffthecat\nsat\n".encode())))
     code, out, _ = run(capsys, "segment", "--model", trained / "model.npz")
     assert out == "\n".join(" ".join(s) for s in model.segment(["thecat", "sat"])) + "\n"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the diverging step
+def test_a_failed_command_leaves_no_empty_directory(trained, tmp_path, capsys):
+    """A refused allocation or a diverged run left an empty --out behind
+    (found by the attack helper)."""
+    code, _, err = run(capsys, "train", "--data", trained / "data", "--out", tmp_path / "r",
+                       "--epochs", "1", "--lr", "1e308", "--no-progress")
+    assert code != 0 and not (tmp_path / "r").exists()
+    code, _, err = run(capsys, "generate", "--out", tmp_path / "g", "--n-train", 10**14)
+    assert code != 0 and not (tmp_path / "g").exists()
