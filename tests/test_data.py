@@ -276,3 +276,18 @@ def test_default_corpus_is_the_stdlib_docstrings(tmp_path):
     for split in ("val", "test"):     # each held-out split: >= 10% of the words
         assert sizes[split]["words"] >= 0.1 * words
     assert sizes["train"]["words"] >= 0.6 * words
+
+
+def test_words_keep_their_combining_marks():
+    """A word ran only over re's \\w letters: decomposed accents, Devanagari
+    vowel signs and viramas split words at every mark and were dropped from
+    the input (found by the attack helper)."""
+    import unicodedata
+
+    from grapheme.data import words_of
+
+    nfd = unicodedata.normalize("NFD", "Naïve résumé über Straße")
+    assert words_of(nfd) == ["naïve", "résumé", "über", "straße"]    # NFC, whole
+    assert words_of("नमस्ते दुनिया, ภาษาไทย") == ["नमस्ते", "दुनिया", "ภาษาไทย"]
+    assert words_of("İstanbul") == ["i\u0307stanbul"]   # lower() of İ keeps its dot, a mark
+    assert words_of("\u0301abc") == ["abc"]             # a word starts with a letter
