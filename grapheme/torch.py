@@ -575,6 +575,15 @@ def _check_reduction(reduction):
 
 
 # ------------------------------------------------------------------ packing
+def _integers(values, name):
+    """``values`` (a tensor, array or sequence of integers) as an int64
+    tensor; floats are refused, not truncated."""
+    t = torch.as_tensor(values)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {t.dtype}")
+    return t.to(torch.int64)
+
+
 def pack(padded, lengths):
     """Padded ``(B, L, ...)`` rows and their ``lengths`` (B,) to packed rows
     ``(sum(lengths), ...)`` and ``offsets`` (B + 1,). Differentiable.
@@ -586,8 +595,12 @@ def pack(padded, lengths):
     >>> x.flatten().tolist(), offsets.tolist()
     ([0.0, 1.0, 3.0, 4.0, 5.0], [0, 2, 5])
     """
-    lengths = torch.as_tensor(lengths, dtype=torch.int64)
-    if padded.ndim < 2 or lengths.shape != (padded.shape[0],):
+    if not isinstance(padded, torch.Tensor):
+        raise TypeError(f"padded must be a tensor, got {type(padded).__name__}")
+    if padded.ndim < 2:
+        raise ValueError(f"padded must be (B, L, ...), got shape {tuple(padded.shape)}")
+    lengths = _integers(lengths, "lengths")
+    if lengths.shape != (padded.shape[0],):
         raise ValueError(f"lengths must have shape ({padded.shape[0]},), got "
                          f"{tuple(lengths.shape)}")
     if (lengths < 0).any() or (lengths > padded.shape[1]).any():
@@ -609,16 +622,22 @@ def unpack(packed, offsets, total_length=None):
     tensor([[1., 0.],
             [2., 3.]])
     """
-    offsets = torch.as_tensor(offsets, dtype=torch.int64)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    if packed.ndim < 1:
+        raise ValueError(f"packed must be (n, ...), got shape {tuple(packed.shape)}")
+    offsets = _integers(offsets, "offsets")
+    if offsets.ndim != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"offsets must be 1-d with B + 1 >= 1 entries, got shape "
+                         f"{tuple(offsets.shape)}")
     lengths = offsets[1:] - offsets[:-1]
-    if offsets.ndim != 1 or offsets[0] != 0 or (lengths < 0).any() or \
-            offsets[-1] != packed.shape[0]:
+    if offsets[0] != 0 or (lengths < 0).any() or offsets[-1] != packed.shape[0]:
         raise ValueError("offsets must run from 0 to len(packed), non-decreasing")
     L = int(lengths.max()) if lengths.numel() else 0
     if total_length is not None:
-        if total_length < L:
-            raise ValueError(f"total_length must be >= {L}, got {total_length}")
-        L = int(total_length)
+        from ._validation import check_scalar
+
+        L = check_scalar(total_length, "total_length", lower=L, integer=True)
     out = packed.new_zeros((lengths.shape[0], L) + tuple(packed.shape[1:]))
     mask = torch.arange(L)[None, :] < lengths[:, None]
     return out.masked_scatter(mask.reshape(mask.shape + (1,) * (packed.ndim - 1)).expand_as(out),

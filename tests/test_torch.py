@@ -486,3 +486,22 @@ def test_merge_refuses_a_theta_that_is_not_finite(estimator):
         merge.theta.fill_(float("nan"))
     with pytest.raises(ValueError, match="Merge.theta is not finite"):
         merge(torch.ones((4, 3), dtype=torch.float64), torch.tensor([0, 4]))
+
+
+def test_pack_and_unpack_check_their_arguments():
+    """Float lengths and offsets were truncated, others failed unnamed
+    (found by the attack helper)."""
+    x, ones = torch.arange(6.0).reshape(2, 3, 1), torch.ones(3, 1)
+    for call, exc, match in (
+            (lambda: gt.pack(x, torch.tensor([1.5, 2.0])), TypeError, "lengths must hold integers"),
+            (lambda: gt.pack(torch.arange(3.0), [1, 1, 1]), ValueError, "padded must be"),
+            (lambda: gt.pack([[1.0, 2.0]], [1]), TypeError, "padded must be a tensor"),
+            (lambda: gt.unpack(ones, torch.tensor([0.0, 1.5, 3.0])), TypeError, "offsets must hold"),
+            (lambda: gt.unpack(ones, torch.tensor(0)), ValueError, "offsets must be 1-d"),
+            (lambda: gt.unpack(ones, [0, 1, 3], 4.7), TypeError, "total_length"),
+            (lambda: gt.unpack(ones, [0, 1, 3], "5"), TypeError, "total_length"),
+            (lambda: gt.unpack(ones, [0, 1, 3], 1), ValueError, "total_length must be >= 2")):
+        with pytest.raises(exc, match=match):
+            call()
+    assert gt.unpack(ones, [0, 1, 3], 4).shape == (2, 4, 1)
+    assert gt.unpack(torch.zeros(0, 1), [0]).shape == (0, 0, 1)
