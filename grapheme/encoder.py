@@ -394,6 +394,9 @@ class Encoder:
     def load_state_dict(self, state):
         """Copy :meth:`state_dict` output into the parameters (checked first)."""
         checked = {}
+        unknown = sorted(set(state) - set(self.params))
+        if unknown:   # e.g. the weights of a deeper encoder
+            raise ValueError(f"state is not this Encoder's state: it has no {unknown[0]!r}")
         for name, value in self.params.items():
             if name not in state:
                 raise ValueError(f"state is not an Encoder state: {name!r} is missing")

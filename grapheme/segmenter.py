@@ -409,7 +409,8 @@ class Segmenter:
             path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
         path = os.fspath(path)
         if meta.get("kind") == MODEL_KIND:
-            if meta.get("version") != MODEL_VERSION:
+            version = meta.get("version")
+            if type(version) is not int or version != MODEL_VERSION:   # not True
                 raise ValueError(f"model {path!r} has model version "
                                  f"{meta.get('version')!r}; this grapheme reads "
                                  f"version {MODEL_VERSION}")
@@ -437,6 +438,13 @@ class Segmenter:
         if theta.shape != () or theta.dtype != np.float64 or not np.isfinite(theta):
             raise ValueError("morpher.theta is not a finite float64 scalar")
         morpher.theta[...] = theta
+        model_arrays = {"embedding.codes", "embedding.weight", "morpher.theta"}
+        unknown = sorted(k for k in arrays if k not in model_arrays
+                         and not k.startswith("optimizer.")   # a training checkpoint's
+                         and not (encoder is not None and k.startswith("encoder.")))
+        if unknown:   # e.g. an encoder's weights under a configuration without one
+            raise ValueError(f"it holds arrays its configuration has no place for: "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         if encoder is not None:
             encoder.load_state_dict({k[len("encoder."):]: v for k, v in arrays.items()
                                      if k.startswith("encoder.")})

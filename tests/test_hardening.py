@@ -745,3 +745,27 @@ def test_a_fifo_is_named_never_waited_on(tmp_path, capsys):
     from grapheme.plot import read_metrics
     with pytest.raises(ValueError, match="is not a regular file"):
         read_metrics(fifo)
+
+
+def test_a_model_file_with_arrays_its_configuration_has_no_place_for(tmp_path):
+    """An encoder's weights under a configuration without an encoder loaded
+    as a model without one, unknown arrays were ignored and version true
+    read as 1 (found by the attack helper)."""
+    trainer = gr.Trainer(gr.Embedding(8), gr.Morpher(estimator="ste"),
+                         gr.StructuralLoss.for_training(), gr.Adam(), progress=False,
+                         encoder=gr.Encoder(8, 1))
+    trainer.fit(gr.DEMO_PAIRS, 1)
+    good = tmp_path / "m.npz"
+    trainer.model.save(good)
+    arrays, meta = load_checkpoint(good)
+    cases = {"no encoder": (arrays, {**meta, "config": {**meta["config"], "encoder": None}}),
+             "bogus": ({**arrays, "encoder.bogus": np.zeros(3)}, meta),
+             "version": (arrays, {**meta, "version": True})}
+    for name, (a, m) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        save_checkpoint(path, a, m)
+        with pytest.raises(ValueError, match="no place for|has no|model version"):
+            gr.Segmenter.load(path)
+    assert gr.Segmenter.load(good).segment("abc")   # and a training checkpoint loads
+    trainer.save(tmp_path / "ck.npz")
+    assert gr.Segmenter.load(tmp_path / "ck.npz").segment("abc")
