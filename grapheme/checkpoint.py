@@ -205,7 +205,7 @@ def save_checkpoint(path, arrays, meta):
     payload[_META_KEY] = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+        raise FileNotFoundError(f"directory {directory!r} does not exist")
     if os.path.isdir(os.fspath(path)):
         raise IsADirectoryError(errno.EISDIR, "checkpoint path is a directory",
                                 os.fspath(path))
@@ -296,6 +296,8 @@ def load_checkpoint(path, required=()):
         or lacks a required array; ``"... is not a regular file"`` for a
         pipe or a device (opening a FIFO would wait for a writer).
     """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", path)

@@ -349,6 +349,8 @@ class Merged:
         through the hard merge map; for the relaxed estimators, whose rows are
         the input rows, each input row gets its cluster head's row."""
         _check_tensor(y, "y")
+        if not y.is_floating_point():
+            raise TypeError(f"y must be a float tensor, got {y.dtype}")
         rows = self.features.shape[0]
         if y.ndim < 1 or y.shape[0] not in (rows, self.history.num_outputs):
             raise ValueError(f"y must have one row per merged row ({rows}), got shape "
@@ -362,10 +364,10 @@ class Merged:
         (``Reinforce``): add it to the objective, whose gradient it then
         completes. ``losses`` (B,) are the per-sequence losses; they are
         detached. 0 for the other estimators."""
-        values = _array(losses, "losses")
-        advantage = self._morphed.advantage(values)   # Reinforce checks them
-        if advantage is None:   # the others ignore them, checked all the same
-            as_float_array(values, "losses", shape=(self.graph.num_graphs,))
+        values = as_float_array(_array(losses, "losses"), "losses",
+                                shape=(self.graph.num_graphs,))
+        advantage = self._morphed.advantage(values)
+        if advantage is None:   # the other estimators ignore them
             return self.log_prob.sum() * 0.0
         weight = torch.from_numpy(advantage / advantage.shape[0]).to(self.log_prob.dtype)
         return (weight * self.log_prob).sum()

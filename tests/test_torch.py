@@ -505,3 +505,16 @@ def test_pack_and_unpack_check_their_arguments():
             call()
     assert gt.unpack(ones, [0, 1, 3], 4).shape == (2, 4, 1)
     assert gt.unpack(torch.zeros(0, 1), [0]).shape == (0, 0, 1)
+
+
+def test_errors_name_the_argument_given():
+    """unpool named "table", reinforce_loss "loss_values" (found by the
+    attack helper)."""
+    out = gt.Merge(estimator="reinforce").double()(torch.ones(4, 3, dtype=torch.float64),
+                                                   torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="y must be a float tensor"):
+        out.unpool(torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"losses must have shape \(1,\)"):
+        out.reinforce_loss(torch.ones(3))
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        gr.Segmenter.load(None)
