@@ -607,6 +607,8 @@ def _cmd_segment(args, out):
         for piece, _ in model._joined(args.texts, args.sep, "\n"):
             write(piece)
     else:
+        if sys.stdin is None:   # started with <&-
+            raise CommandError("standard input is closed: give the texts as arguments")
         stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
         for i, texts in enumerate(_line_batches(stdin, args.batch_chars)):
             if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
@@ -872,6 +874,8 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else 2
     args.argv = argv   # for the ranks of train --nproc
     try:
+        if sys.stdout is None:   # started with >&-
+            raise CommandError("standard output is closed")
         code = _COMMANDS[args.command](args, sys.stdout)
         sys.stdout.flush()   # a reader gone is found here, not at exit
         return code

@@ -584,3 +584,13 @@ def test_a_failed_command_leaves_no_empty_directory(trained, tmp_path, capsys):
     assert code != 0 and not (tmp_path / "r").exists()
     code, _, err = run(capsys, "generate", "--out", tmp_path / "g", "--n-train", 10**14)
     assert code != 0 and not (tmp_path / "g").exists()
+
+
+def test_closed_standard_streams_are_named(trained, capsys, monkeypatch):
+    """<&- and >&- gave AttributeError tracebacks (found by the attack helper)."""
+    monkeypatch.setattr("sys.stdin", None)
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz")
+    assert code == 2 and "standard input is closed" in err
+    monkeypatch.setattr("sys.stdout", None)
+    assert main(["segment", "--model", str(trained / "model.npz"), "abc"]) == 2
+    assert "standard output is closed" in capsys.readouterr().err
