@@ -319,6 +319,9 @@ class Segmenter:
         beyond the texts is a window's."""
         if not isinstance(sep, str) or not isinstance(end, str):
             raise TypeError("sep and end must be str")
+        if _SURROGATE.search(sep) is not None:   # named, not a codec's error
+            raise ValueError(f"sep contains a lone surrogate ({sep!r}); it must be valid "
+                             f"Unicode")
         s = np.frombuffer(sep.encode("utf-32-le"), dtype="<u4")
         e = np.frombuffer(end.encode("utf-32-le"), dtype="<u4")
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)

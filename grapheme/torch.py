@@ -510,7 +510,12 @@ class Encoder(nn.Module):
 
     @_eager
     def forward(self, x, offsets):
+        _check_tensor(x, "x")
         graph = Graph.chains(_host(offsets))
+        dim = self.query.shape[0]
+        if x.ndim != 2 or x.shape != (graph.num_nodes, dim):
+            raise ValueError(f"x must have shape ({graph.num_nodes}, {dim}) (offsets[-1] "
+                             f"rows of the encoder's dim), got {tuple(x.shape)}")
         h = x
         for layer in self.layers:
             h = message_passing(graph, h, layer.w_self.to(x.dtype), layer.w_pred.to(x.dtype),

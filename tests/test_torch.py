@@ -518,3 +518,13 @@ def test_errors_name_the_argument_given():
         out.reinforce_loss(torch.ones(3))
     with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
         gr.Segmenter.load(None)
+
+
+def test_encoder_and_join_name_their_arguments():
+    enc = gt.Encoder(5, 1).double()
+    with pytest.raises(ValueError, match=r"x must have shape \(4, 5\)"):
+        enc(torch.ones(4, 3, dtype=torch.float64), torch.tensor([0, 4]))   # was "w_self"
+    with pytest.raises(ValueError, match=r"x must have shape \(3, 5\)"):
+        enc(torch.ones(4, 5, dtype=torch.float64), torch.tensor([0, 3]))   # was "features"
+    with pytest.raises(ValueError, match="sep contains a lone surrogate"):
+        gr.Segmenter(gr.Embedding(4), gr.Morpher()).join("abc", sep="\ud800")
