@@ -14,9 +14,9 @@ generic wrapper: forward runs the operation on the tensors' memory
 (contiguous tensors are not copied), backward runs its pure vjp. float32
 tensors run grapheme's float32 path: (n, d) arrays in float32, similarities,
 probabilities, masses and the structural loss in float64 (see "float32" in
-docs/design.md). Functions are once differentiable: a backward pass with
-``create_graph=True`` (a gradient penalty, ``gradgradcheck``) raises a
-RuntimeError saying so. A tensor modified in place between forward and
+docs/design.md). Functions are once differentiable: their gradients under
+``create_graph=True`` raise a RuntimeError saying so when they are
+differentiated in turn (a gradient penalty, ``gradgradcheck``). A tensor modified in place between forward and
 backward is caught by autograd's version check.
 
 The modules:
@@ -44,6 +44,7 @@ torch.Size([7, 16])
 >>> x.grad.shape, merge.theta.grad is not None
 (torch.Size([7, 16]), True)
 """
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -122,8 +123,19 @@ def _tensor(a, dtype):
 def _eager(fn):
     """Run ``fn`` outside ``torch.compile``'s tracing (a graph break): its
     numpy and compiled code cannot be traced, and dynamo failed inside it
-    with an internal error."""
-    return torch.compiler.disable(fn, recursive=True)
+    with an internal error. The disabled function is made only under
+    tracing, when dynamo is loaded already: made at import, it cost every
+    ``import grapheme.torch`` dynamo's import (0.8 s)."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn, recursive=True))
+        return disabled[0](*args, **kwargs)
+    return run
 
 
 _ONCE = ("grapheme's operations are once differentiable: their gradients cannot be "
@@ -150,18 +162,31 @@ class _OpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # Grad mode is on in a backward pass only under create_graph=True.
-        # torch's once_differentiable raises then only when the upstream
-        # gradient itself requires grad; after a .sum() it does not, and a
-        # gradient penalty through this operation silently added nothing.
-        if torch.is_grad_enabled():
-            raise RuntimeError(_ONCE)
-        ctx.saved_tensors   # raises if an input or output was modified in place
-        upstream = [None if g is None else _array(g, "grad") for g in grads]
-        result = ctx.op.vjp(ctx.state, *upstream)
-        return (None, None, None) + tuple(
-            _tensor(g, ctx.dtype) if need and g is not None else None
-            for g, need in zip(result, ctx.needs_input_grad[3:]))
+        second_order = torch.is_grad_enabled()   # on only under create_graph=True
+        with torch.no_grad():
+            ctx.saved_tensors   # raises if an input or output was modified in place
+            upstream = [None if g is None else _array(g, "grad") for g in grads]
+            result = ctx.op.vjp(ctx.state, *upstream)
+            out = tuple(_tensor(g, ctx.dtype) if need and g is not None else None
+                        for g, need in zip(result, ctx.needs_input_grad[3:]))
+        return (None, None, None) + (_undifferentiable(out) if second_order else out)
+
+
+def _undifferentiable(grads):
+    """The gradients of a backward pass under ``create_graph=True``, made to
+    raise when they are differentiated in turn: torch's
+    ``once_differentiable`` does this only when the upstream gradient
+    requires grad, but these gradients depend on the saved inputs too, so
+    after a ``.sum()`` a gradient penalty through them silently added
+    nothing. First-order use under ``create_graph=True`` (the second
+    derivative of another part of the model) is unaffected."""
+    tensors = [g for g in grads if g is not None]
+    if not tensors:
+        return grads
+    error = torch._C._functions.DelayedError(_ONCE.encode(), len(tensors))
+    wrapped = error(*[g.detach().requires_grad_() for g in tensors])
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    return tuple(None if g is None else next(wrapped) for g in grads)
 
 
 @_eager

@@ -84,16 +84,25 @@ def test_functions_say_they_are_once_differentiable():
     h = leaf(rng.normal(size=(4, 3)))
     s = gt.edge_similarity(g, h)
     upstream = torch.ones_like(s, requires_grad=True)
+    (grad,) = torch.autograd.grad(s, h, grad_outputs=upstream, create_graph=True)
     with pytest.raises(RuntimeError, match="once differentiable"):
-        torch.autograd.grad(s, h, grad_outputs=upstream, create_graph=True)
+        grad.sum().backward()
+    (grad,) = torch.autograd.grad(gt.edge_similarity(g, h).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="once differentiable"):
-        torch.autograd.grad(gt.edge_similarity(g, h).sum(), h, create_graph=True)
+        (gt.edge_similarity(g, h).sum() + 100 * grad.pow(2).sum()).backward()
     merged = gt.Merge(estimator="soft").double()(h, torch.tensor([0, 4]))
     loss = gt.StructuralLoss()(merged, gr.Graph.from_text("ab"))
+    (grad,) = torch.autograd.grad(loss, h, create_graph=True)
     with pytest.raises(RuntimeError, match="once differentiable"):
-        torch.autograd.grad(loss, h, create_graph=True)
-    (first,) = torch.autograd.grad(gt.edge_similarity(g, h).sum(), h)   # first order: fine
-    assert torch.isfinite(first).all()
+        grad.pow(2).sum().backward()
+    # first order under create_graph (another part's second derivative): fine
+    w = leaf(np.array(1.5))
+    first = torch.autograd.grad(gt.edge_similarity(g, h).sum() + w ** 3, (w, h),
+                                create_graph=True)
+    torch.testing.assert_close(first[1], torch.autograd.grad(gt.edge_similarity(g, h).sum(),
+                                                             h)[0])
+    (second,) = torch.autograd.grad(first[0], w)
+    assert second.item() == pytest.approx(6 * 1.5)
 
 
 def test_float32_in_float32_out():
