@@ -292,15 +292,21 @@ def _cmd_generate(args, out):
 @contextlib.contextmanager
 def _removed_if_left_empty(path):
     """On an error (a refused allocation, a diverged run), remove ``path``
-    if it did not exist before and is an empty directory now: a failed
-    command leaves nothing behind (``os.rmdir`` removes only an empty one)."""
-    existed = os.path.lexists(path)
+    and the parents the command made for it, where they are empty
+    directories now and did not exist before: a failed command leaves
+    nothing behind (``os.rmdir`` removes only an empty one)."""
+    made, parent = [], os.path.abspath(path)
+    while not os.path.lexists(parent):   # path, then its missing parents
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         yield
     except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+        for directory in made:   # innermost first
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
         raise
 
 
@@ -724,7 +730,7 @@ def _decoded_lines(block, line, name):
 
 
 def _cmd_plot(args, out):
-    from .plot import plot_run, read_metrics
+    from .plot import _is_metrics_log, plot_run, read_metrics
 
     read_metrics(args.run)     # the run's errors before the picture's (read again below)
     if args.out is None:
@@ -735,8 +741,7 @@ def _cmd_plot(args, out):
                                "--out writes another file)")
     else:
         target = args.out
-        log = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
-        if os.path.realpath(target) == os.path.realpath(log):   # --overwrite or not
+        if _is_metrics_log(target, args.run):   # --overwrite or not
             raise CommandError(f"--out {args.out!r} is the run's metrics log, which the "
                                "picture is drawn from")
     target = _picture_path(target, "metrics.png", args.overwrite)

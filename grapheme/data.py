@@ -451,8 +451,8 @@ def words_of(text):
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    text = unicodedata.normalize("NFC", _APOSTROPHE.sub("", text).lower())
-    return _word_pattern().findall(text)
+    text = _APOSTROPHE.sub("", unicodedata.normalize("NFC", text)).lower()
+    return _word_pattern().findall(unicodedata.normalize("NFC", text))   # lower() may decompose
 
 
 def word_pairs(text, rng, min_words=4, max_words=12):

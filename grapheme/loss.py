@@ -505,7 +505,7 @@ class StructuralLoss:
         :meth:`backward`, so that a setting changed on the object is checked
         before it reaches the kernels (as scikit-learn checks its estimators'
         parameters in ``fit``). Settings that are still the objects checked
-        last time are not checked again (1.5 against 14 us)."""
+        last time are not checked again (1.7 against 14 us)."""
         if settings_unchanged(self, _SETTING_NAMES):
             return
         self.alpha = check_scalar(self.alpha, "alpha", lower=0)
@@ -556,11 +556,9 @@ class StructuralLoss:
         return cls(**{**TRAINING, **overrides})
 
     def get_params(self):
-        """Constructor arguments."""
-        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
-                "epsilon": self.epsilon, "iterations": self.iterations, "tol": self.tol,
-                "weights": self.weights, "domain": self.domain,
-                "balance": self.balance, "debias": self.debias}
+        """Constructor arguments (``num_threads`` aside: it changes no result)."""
+        self._validate()
+        return {k: getattr(self, k) for k in _SETTING_NAMES if k != "num_threads"}
 
     def __repr__(self):
         return (f"StructuralLoss(alpha={self.alpha}, beta={self.beta}, "

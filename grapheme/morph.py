@@ -141,10 +141,11 @@ class Morpher:
 
     Notes
     -----
-    :meth:`forward`, :meth:`predict` and :meth:`vjp` only read the morpher
-    (a setting assigned since the last morph is checked, and stored
-    normalised, by the first call that sees it: the same values whichever
-    thread does), so any number of threads may call them at once. :meth:`backward`,
+    :meth:`forward`, :meth:`predict` and :meth:`vjp` only read the morpher,
+    so any number of threads may call them at once. (A setting assigned
+    since the last morph is checked and stored normalised by the calls that
+    see it; an estimator's alias becomes a new Estimator in each, so assign
+    an Estimator, not an alias, while other threads morph.) :meth:`backward`,
     :meth:`step`, :meth:`zero_grad` and :meth:`load_state_dict` change it:
     the morpher is not safe to *train* from several threads (updates may be
     lost), though nothing it does can crash the process (its state is Python
@@ -188,6 +189,7 @@ class Morpher:
 
     def get_params(self):
         """Constructor arguments (``threshold`` is the initial ``theta``)."""
+        self._validate()
         return {"threshold": self.threshold, "temperature": self.temperature,
                 "estimator": self.estimator, "rate": self.rate}
 
@@ -467,6 +469,7 @@ class Morpher:
         ``loss_values``, the global batch's (every sample's, in the
         single-process order); the other estimators ignore it.
         """
+        self._validate()
         if morphed is None:
             if num_edges is not None:
                 self.estimator.step(None, loss_values, num_edges=num_edges)
@@ -478,6 +481,10 @@ class Morpher:
             raise TypeError(f"morphed must be a Morphed, got {type(morphed).__name__}")
         elif num_edges is not None:
             raise TypeError("num_edges goes with morphed=None")
+        elif type(morphed._estimator) is not type(self.estimator):
+            raise ValueError(f"morphed was made by {morphed._estimator!r}, this morpher's "
+                             f"estimator is {self.estimator!r} (assigned since?): step it "
+                             f"with a morph of its own estimator")
         else:
             self.estimator.step(morphed._saved[2], loss_values)
         if self.rate is None:
@@ -490,12 +497,14 @@ class Morpher:
 
     def state_dict(self):
         """The state that training changes (JSON-serialisable)."""
+        self._validate()
         return {"theta": float(self.theta),
                 "estimator": self.estimator.state_dict(),
                 "rate": None if self.rate is None else self.rate.state_dict()}
 
     def load_state_dict(self, state):
         """Restore :meth:`state_dict` output in place (validated first)."""
+        self._validate()
         try:
             theta = check_scalar(state["theta"], "theta")
             est, rate = state["estimator"], state["rate"]

@@ -56,6 +56,21 @@ def _save(fig, out, overwrite):
     return out
 
 
+def _metrics_path(run):
+    """The metrics log of ``run``: its ``metrics.jsonl``, or ``run`` itself."""
+    run = os.fspath(run)
+    return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+
+
+def _is_metrics_log(out, run):
+    """Whether writing ``out`` would replace ``run``'s metrics log (the same
+    file, through any path or link)."""
+    try:
+        return os.path.samefile(out, _metrics_path(run))
+    except OSError:   # either does not exist
+        return False
+
+
 def read_metrics(run):
     """The epoch records of a run: ``run`` is its directory (holding
     ``metrics.jsonl``) or the JSONL file. Records of older logs are
@@ -68,8 +83,7 @@ def read_metrics(run):
     ValueError
         If a line is not a JSON object with an ``epoch``, or there is none.
     """
-    run = os.fspath(run)
-    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    path = _metrics_path(run)
     if os.path.exists(path) and not os.path.isfile(path):
         raise ValueError(f"{path!r} is not a regular file (a pipe or a device)")
     if not os.path.isfile(path):
@@ -169,13 +183,17 @@ def plot_run(run, out, overwrite=False):
     out : str or os.PathLike
         The PNG file to write.
     overwrite : bool, default False
-        Replace an existing ``out``; without it, ``FileExistsError``.
+        Replace an existing ``out``; without it, ``FileExistsError``. Never
+        the run's own metrics log (ValueError).
 
     Returns
     -------
     str
         ``out``.
     """
+    if _is_metrics_log(out, run):
+        raise ValueError(f"out {os.fspath(out)!r} is the run's metrics log, which the "
+                         "picture is drawn from")
     records = read_metrics(run)
     fig = _figure(10, 7)
     from matplotlib.ticker import MaxNLocator

@@ -36,6 +36,8 @@ WINDOW_MEMORY = 256 * 2**20
 MAX_WINDOW = 2**62
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: The arrays of every model file (an encoder's are ``encoder.*`` besides).
+_MODEL_ARRAYS = ("embedding.codes", "embedding.weight", "morpher.theta")
 
 
 class Segmenter:
@@ -408,8 +410,7 @@ class Segmenter:
             If the file is not a grapheme model or checkpoint, is of a newer
             model version, or is corrupted.
         """
-        arrays, meta = load_checkpoint(
-            path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
+        arrays, meta = load_checkpoint(path, required=_MODEL_ARRAYS)
         path = os.fspath(path)
         if meta.get("kind") == MODEL_KIND:
             version = meta.get("version")
@@ -441,8 +442,7 @@ class Segmenter:
         if theta.shape != () or theta.dtype != np.float64 or not np.isfinite(theta):
             raise ValueError("morpher.theta is not a finite float64 scalar")
         morpher.theta[...] = theta
-        model_arrays = {"embedding.codes", "embedding.weight", "morpher.theta"}
-        unknown = sorted(k for k in arrays if k not in model_arrays
+        unknown = sorted(k for k in arrays if k not in _MODEL_ARRAYS
                          and not k.startswith("optimizer.")   # a training checkpoint's
                          and not (encoder is not None and k.startswith("encoder.")))
         if unknown:   # e.g. an encoder's weights under a configuration without one

@@ -414,6 +414,24 @@ class Merged:
                 f"{self.graph.num_graphs} sequences)")
 
 
+def _morph_setting(name):
+    """A property of :class:`Merge` that is its numpy morpher's setting
+    ``name``, checked on assignment (a refused value leaves the old one)."""
+    def get(self):
+        return getattr(self._morpher, name)
+
+    def set(self, value):
+        morpher = self._morpher
+        old = getattr(morpher, name)
+        setattr(morpher, name, value)
+        try:
+            morpher._validate()
+        except (TypeError, ValueError):
+            setattr(morpher, name, old)
+            raise
+    return property(get, set)
+
+
 class Merge(nn.Module):
     """Learned merging of neighbouring rows of packed sequences.
 
@@ -450,13 +468,11 @@ class Merge(nn.Module):
         self.theta = nn.Parameter(torch.tensor(self._morpher.threshold))
 
     # The settings are the numpy morph's: one set to anneal (``temperature``)
-    # is what the next forward uses, checked there.
-    temperature = property(lambda self: self._morpher.temperature,
-                           lambda self, value: setattr(self._morpher, "temperature", value))
-    estimator = property(lambda self: self._morpher.estimator,
-                         lambda self, value: setattr(self._morpher, "estimator", value))
-    rate = property(lambda self: self._morpher.rate,
-                    lambda self, value: setattr(self._morpher, "rate", value))
+    # is what the next forward uses, checked (and an alias made an
+    # Estimator) as it is assigned.
+    temperature = _morph_setting("temperature")
+    estimator = _morph_setting("estimator")
+    rate = _morph_setting("rate")
 
     @property
     def tau(self):
@@ -601,7 +617,9 @@ class StructuralLoss(nn.Module):
 
 
 def _check_reduction(reduction):
-    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return reduction
 
@@ -669,6 +687,9 @@ def unpack(packed, offsets, total_length=None):
     if total_length is not None:
         from ._validation import check_scalar
 
+        if isinstance(total_length, torch.Tensor) and total_length.ndim == 0 and not (
+                total_length.is_floating_point() or total_length.is_complex()):
+            total_length = int(total_length)   # e.g. lengths.max()
         L = check_scalar(total_length, "total_length", lower=L, integer=True)
     out = packed.new_zeros((lengths.shape[0], L) + tuple(packed.shape[1:]))
     mask = torch.arange(L)[None, :] < lengths[:, None]

@@ -584,6 +584,8 @@ def test_a_failed_command_leaves_no_empty_directory(trained, tmp_path, capsys):
     assert code != 0 and not (tmp_path / "r").exists()
     code, _, err = run(capsys, "generate", "--out", tmp_path / "g", "--n-train", 10**14)
     assert code != 0 and not (tmp_path / "g").exists()
+    code, _, err = run(capsys, "generate", "--out", tmp_path / "a" / "b", "--n-train", 10**14)
+    assert code != 0 and not (tmp_path / "a").exists()   # its made parents too
 
 
 def test_closed_standard_streams_are_named(trained, capsys, monkeypatch):
@@ -594,3 +596,18 @@ def test_closed_standard_streams_are_named(trained, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdout", None)
     assert main(["segment", "--model", str(trained / "model.npz"), "abc"]) == 2
     assert "standard output is closed" in capsys.readouterr().err
+
+
+def test_plot_run_never_draws_over_its_log(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    from grapheme.plot import plot_run
+
+    shutil.copy(trained / "run" / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    os.link(tmp_path / "metrics.jsonl", tmp_path / "linked.jsonl")   # the same file
+    for out in (tmp_path / "metrics.jsonl", tmp_path / "linked.jsonl"):
+        with pytest.raises(ValueError, match="is the run's metrics log"):
+            plot_run(tmp_path, out, overwrite=True)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == (
+        trained / "run" / "metrics.jsonl").read_bytes()

@@ -291,3 +291,4 @@ def test_words_keep_their_combining_marks():
     assert words_of("नमस्ते दुनिया, ภาษาไทย") == ["नमस्ते", "दुनिया", "ภาษาไทย"]
     assert words_of("İstanbul") == ["i\u0307stanbul"]   # lower() of İ keeps its dot, a mark
     assert words_of("\u0301abc") == ["abc"]             # a word starts with a letter
+    assert words_of("cafe\u0301's") == words_of("café's") == ["cafés"]   # NFC first

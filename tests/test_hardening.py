@@ -353,7 +353,7 @@ def test_trainer_save_never_overwrites_unasked(tmp_path):
     _trainer(overwrite=True).save(user)   # the trainer's own overwrite is the default
     with pytest.raises(FileExistsError):
         _trainer(overwrite=True).save(user, overwrite=False)
-    with pytest.raises(TypeError, match="overwrite must be True or False"):
+    with pytest.raises(TypeError, match="overwrite must be True, False or None"):
         trainer.save(user, overwrite="yes")
     # fit replaces its own checkpoint every epoch, as before
     trainer.fit(gr.DEMO_PAIRS, 2, checkpoint=tmp_path / "run.npz")
@@ -769,3 +769,33 @@ def test_a_model_file_with_arrays_its_configuration_has_no_place_for(tmp_path):
     assert gr.Segmenter.load(good).segment("abc")   # and a training checkpoint loads
     trainer.save(tmp_path / "ck.npz")
     assert gr.Segmenter.load(tmp_path / "ck.npz").segment("abc")
+
+
+def test_trainer_switches_and_saved_configurations_are_checked(tmp_path):
+    """trainer.overwrite = "no" let fit replace the log; a bad setting was
+    saved into a checkpoint that could not be loaded back; a refused fit
+    had already loaded its resume checkpoint (found by the review helper)."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("PRECIOUS\n")
+    trainer = gr.Trainer(gr.Embedding(8), gr.Morpher(estimator="ste"),
+                         gr.StructuralLoss.for_training(), gr.Adam(), progress=False,
+                         log=log)
+    trainer.overwrite = "no"
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        trainer.fit(gr.DEMO_PAIRS, 1)
+    assert log.read_text() == "PRECIOUS\n"
+    trainer.overwrite = False
+    trainer.morpher.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        trainer.save(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="temperature"):
+        trainer.model.save(tmp_path / "bad_model.npz")
+    assert not (tmp_path / "bad.npz").exists() and not (tmp_path / "bad_model.npz").exists()
+    trainer.morpher.temperature = 0.1
+    trainer.log = None
+    trainer.fit(gr.DEMO_PAIRS, 1, checkpoint=tmp_path / "ck.npz")
+    fresh = gr.Trainer.from_checkpoint(tmp_path / "ck.npz", progress=False)
+    fresh.log = tmp_path / "same.npz"
+    with pytest.raises(ValueError, match="must be different files"):
+        fresh.fit(gr.DEMO_PAIRS, 2, resume=tmp_path / "ck.npz", checkpoint=tmp_path / "same.npz")
+    assert fresh.epoch == 1 and fresh._last_checkpoint is None

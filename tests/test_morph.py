@@ -417,3 +417,20 @@ def test_settings_changed_on_the_morpher_are_checked_and_used():
     np.testing.assert_array_equal(got.theta, want.theta)
     morpher.estimator = "ste"
     assert type(morpher.forward(g, h)._estimator).__name__ == "StraightThrough"
+
+
+def test_settings_assigned_later_reach_state_and_step_checked():
+    """state_dict, get_params and step saw an alias or a float raw (an
+    AttributeError), and step stepped a different estimator with a morph's
+    saved data (found by the review helper)."""
+    g = Graph.from_texts(["hello", "world"])
+    h = np.random.default_rng(0).normal(size=(g.num_nodes, 4))
+    morpher = Morpher(estimator="soft")
+    out = morpher.forward(g, h)
+    morpher.estimator, morpher.rate = "reinforce", 0.2
+    assert morpher.state_dict()["estimator"] is not None
+    assert type(morpher.get_params()["estimator"]).__name__ == "Reinforce"
+    with pytest.raises(ValueError, match="assigned since"):
+        morpher.step(out, np.ones(2))
+    morpher.estimator = "soft"
+    assert morpher.step(out, kept_fraction=0.5) != 0.0   # the float rate is a controller

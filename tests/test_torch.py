@@ -441,11 +441,13 @@ def test_merge_settings_set_on_the_module_are_used_and_checked():
     a, b = annealed(x, offsets), fresh(x, offsets)
     assert annealed.temperature == 0.2
     torch.testing.assert_close(a.mass, b.mass, rtol=0, atol=0)
+    annealed.estimator = "reinforce"   # made an Estimator as assigned
+    assert isinstance(annealed.estimator, gr.Reinforce) and annealed.state_dict()
     annealed.estimator = "ste"
     assert isinstance(annealed(x, offsets)._morphed._estimator, gr.StraightThrough)
-    annealed.temperature = -1.0
     with pytest.raises(ValueError, match="temperature"):
-        annealed(x, offsets)
+        annealed.temperature = -1.0
+    assert annealed.temperature == 0.2   # the refused value is not kept
 
 
 def test_loss_settings_set_on_the_module_are_checked():
@@ -515,6 +517,7 @@ def test_pack_and_unpack_check_their_arguments():
         with pytest.raises(exc, match=match):
             call()
     assert gt.unpack(ones, [0, 1, 3], 4).shape == (2, 4, 1)
+    assert gt.unpack(ones, [0, 1, 3], torch.tensor(3)).shape == (2, 3, 1)   # lengths.max()
     assert gt.unpack(torch.zeros(0, 1), [0]).shape == (0, 0, 1)
 
 

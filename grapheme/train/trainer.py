@@ -58,7 +58,7 @@ UNKNOWN_PROB = 0.01
 
 #: The trainer's own settings that are checked again where used when
 #: assigned since construction (:meth:`Trainer._check_settings`).
-_SETTINGS = ("batch_size", "target_activation", "unknown_prob")
+_SETTINGS = ("batch_size", "target_activation", "unknown_prob", "overwrite", "progress")
 
 #: The ``unknown_prob`` of a checkpoint whose configuration has none: it
 #: was written before the unknown row existed, when no character was
@@ -212,14 +212,12 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.batch_size, self.target_activation = batch_size, target_activation
-        self.unknown_prob = unknown_prob
+        self.unknown_prob, self.overwrite, self.progress = unknown_prob, overwrite, progress
         self._check_settings()
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
         self.seed = int(seed)
         self.log = None if log is None else os.fspath(log)
-        self.progress = check_bool(progress, "progress")
-        self.overwrite = check_bool(overwrite, "overwrite")
         self.comm = comm
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
@@ -233,11 +231,16 @@ class Trainer:
         self._unknown_rng = self._epoch_rng()
 
     def _check_settings(self):
-        """``batch_size``, ``target_activation`` and ``unknown_prob`` as set
-        now, checked (naming a bad one) at construction and, if one was
-        assigned since, when a step, an evaluation or a fit starts."""
+        """``batch_size``, ``target_activation``, ``unknown_prob``,
+        ``overwrite`` and ``progress`` as set now, checked (naming a bad one)
+        at construction and, if one was assigned since, when a step, an
+        evaluation, a fit or a save starts; the morpher's settings too (a
+        data-parallel step reads its estimator before the morph runs)."""
+        self.morpher._validate()
         if settings_unchanged(self, _SETTINGS):
             return
+        self.overwrite = check_bool(self.overwrite, "overwrite")
+        self.progress = check_bool(self.progress, "progress")
         self.batch_size = check_scalar(self.batch_size, "batch_size", lower=1, integer=True)
         if not isinstance(self.target_activation, str) or (
                 self.target_activation not in TARGET_ACTIVATIONS):
@@ -824,6 +827,15 @@ class Trainer:
             if not len(val):
                 raise ValueError("val must not be empty when given")
         best_path = self._check_keep_best(keep_best, best, val, checkpoint)
+        files = [(what, path) for what, path in (("log", self.log), ("checkpoint", checkpoint),
+                                                 ("best checkpoint", best_path))
+                 if path is not None]
+        seen = {}
+        for what, path in files:   # one file written as two would lose one of them
+            other = seen.setdefault(os.path.realpath(path), what)
+            if other != what:
+                raise ValueError(f"the {other} and the {what} must be different files, "
+                                 f"both are {os.fspath(path)!r}")
         if resume is not None:
             self.load(resume)
             self._last_checkpoint = (os.fspath(resume), self.epoch)
@@ -837,15 +849,6 @@ class Trainer:
                 "resume with the same data, start a new run, or pass new_data=True "
                 "(grapheme train --new-data) to continue on other data")
         writes = self._writes
-        files = [(what, path) for what, path in (("log", self.log), ("checkpoint", checkpoint),
-                                                 ("best checkpoint", best_path))
-                 if path is not None]
-        seen = {}
-        for what, path in files:   # one file written as two would lose one of them
-            other = seen.setdefault(os.path.realpath(path), what)
-            if other != what:
-                raise ValueError(f"the {other} and the {what} must be different files, "
-                                 f"both are {os.fspath(path)!r}")
         error = None
         if writes:
             # a directory first, whatever overwrite says (it could not help),
@@ -1083,6 +1086,7 @@ class Trainer:
         """What must agree between a checkpoint and a trainer resuming it:
         the batching, and every component as :func:`~grapheme.train.state.describe`
         gives it (the optimiser by type; its hyperparameters are state)."""
+        self._check_settings()   # never a configuration that cannot be loaded back
         return {
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -1117,7 +1121,10 @@ class Trainer:
             If the parameters are not finite (nothing is written).
         """
         if overwrite is None:
+            self._check_settings()
             overwrite = self.overwrite
+        elif not isinstance(overwrite, (bool, np.bool_)):
+            raise TypeError(f"overwrite must be True, False or None, got {show(overwrite)}")
         self._save(_new_file(path, overwrite, "checkpoint"))
 
     def _save(self, path):
