@@ -40,7 +40,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import as_float_array, check_graph, check_scalar, show
+from ._validation import (as_float_array, check_graph, check_scalar, settings_checked,
+                          settings_unchanged, show)
 from ._workspace import check_workspace
 from .graph import Graph, merge_edges, replicate
 from .history import MergeHistory
@@ -253,6 +254,10 @@ class _ReinforceSaved(NamedTuple):
     mean_baseline: float    # the running mean as it was at forward
 
 
+#: The settings of a Reinforce (its constructor's arguments).
+_REINFORCE_SETTINGS = ("baseline", "samples", "seed")
+
+
 class Reinforce(Estimator):
     """``m_e ~ Bernoulli(p_e)``: the score-function (REINFORCE) estimator.
 
@@ -304,18 +309,29 @@ class Reinforce(Estimator):
     name = "reinforce"
 
     def __init__(self, baseline="mean", samples=1, seed=0):
-        if baseline not in ("mean", "loo", None):
-            raise ValueError(f"baseline must be 'mean', 'loo' or None, got {show(baseline)}")
-        self.baseline = baseline
-        self.samples = check_scalar(samples, "samples", lower=1, integer=True)
-        if baseline == "loo" and self.samples < 2:
-            raise ValueError(f"baseline='loo' needs samples >= 2, got {self.samples}")
-        self.seed = check_scalar(seed, "seed", lower=0, integer=True)
+        self.baseline, self.samples, self.seed = baseline, samples, seed
+        self._validate()
         self._rng_state = np.random.default_rng(self.seed).bit_generator.state
         self._mean = _MeanBaseline()
 
+    def _validate(self):
+        """Check the settings, naming a bad one: at construction and, when
+        one was assigned since, where they are used (``seed`` is the first
+        stream's: assigning it later checks it and draws on as before)."""
+        if settings_unchanged(self, _REINFORCE_SETTINGS):
+            return
+        if self.baseline not in ("mean", "loo", None):
+            raise ValueError(f"baseline must be 'mean', 'loo' or None, got "
+                             f"{show(self.baseline)}")
+        self.samples = check_scalar(self.samples, "samples", lower=1, integer=True)
+        if self.baseline == "loo" and self.samples < 2:
+            raise ValueError(f"baseline='loo' needs samples >= 2, got {self.samples}")
+        self.seed = check_scalar(self.seed, "seed", lower=0, integer=True)
+        settings_checked(self, _REINFORCE_SETTINGS)
+
     def get_params(self):
-        return {"baseline": self.baseline, "samples": self.samples, "seed": self.seed}
+        self._validate()
+        return {k: getattr(self, k) for k in _REINFORCE_SETTINGS}
 
     def forward(self, graph, features, similarity, scores, shard=None, workspace=None):
         return self._forward(graph, _checked_features(graph, features, workspace),
@@ -324,6 +340,7 @@ class Reinforce(Estimator):
     def _forward(self, graph, features, similarity, scores, shard=None, workspace=None):
         """:meth:`forward` of a checked graph and features (see
         :func:`_checked_forward`)."""
+        self._validate()
         K = self.samples
         rep = replicate(graph, K)
         feats = features if K == 1 else np.tile(features, (K, 1))
@@ -399,6 +416,7 @@ class Reinforce(Estimator):
         :class:`~grapheme.Trainer`): the generator moves past its ``samples
         * num_edges`` draws and ``loss_values`` are that whole batch's
         (every sample's), so every rank ends in the single-process state."""
+        self._validate()
         if saved is None:
             if num_edges is None:
                 raise TypeError("step() needs saved, or num_edges without it")

@@ -1,9 +1,12 @@
 """Rate control: hold the kept fraction of nodes at a target."""
 
-from ._validation import check_scalar, show
+from ._validation import check_scalar, settings_checked, settings_unchanged, show
 from .ops import RatePenalty
 
 __all__ = ["RateController"]
+
+#: The settings of a RateController (its constructor's arguments).
+_SETTINGS = ("target", "weight", "integral", "proportional", "control")
 
 
 class RateController:
@@ -53,22 +56,33 @@ class RateController:
 
     def __init__(self, target, weight=10.0, integral=0.5, proportional=5.0,
                  control="multiplier"):
-        self.target = check_scalar(target, "target", lower=0, upper=1)
-        self.weight = check_scalar(weight, "weight", lower=0)
-        self.integral = check_scalar(integral, "integral", lower=0)
-        self.proportional = check_scalar(proportional, "proportional", lower=0)
-        if not isinstance(control, str) or control not in ("multiplier", "penalty"):
-            raise ValueError(f"control must be 'multiplier' or 'penalty', got {show(control)}")
-        self.control = control
+        self.target, self.weight, self.integral = target, weight, integral
+        self.proportional, self.control = proportional, control
+        self._validate()
         self.multiplier = 0.0
         self._error = None   # the error of the previous update
 
+    def _validate(self):
+        """Check the settings, naming a bad one: at construction and, when
+        one was assigned since, where they are used (as a Morpher does)."""
+        if settings_unchanged(self, _SETTINGS):
+            return
+        self.target = check_scalar(self.target, "target", lower=0, upper=1)
+        self.weight = check_scalar(self.weight, "weight", lower=0)
+        self.integral = check_scalar(self.integral, "integral", lower=0)
+        self.proportional = check_scalar(self.proportional, "proportional", lower=0)
+        if not isinstance(self.control, str) or self.control not in ("multiplier", "penalty"):
+            raise ValueError(f"control must be 'multiplier' or 'penalty', got "
+                             f"{show(self.control)}")
+        settings_checked(self, _SETTINGS)
+
     def get_params(self):
-        return {"target": self.target, "weight": self.weight, "integral": self.integral,
-                "proportional": self.proportional, "control": self.control}
+        self._validate()
+        return {k: getattr(self, k) for k in _SETTINGS}
 
     def penalty(self):
         """The penalty operation at the current multiplier: ``(op, multiplier)``."""
+        self._validate()
         return RatePenalty(self.target, self.weight), self.multiplier
 
     def update(self, kept_fraction):
@@ -77,6 +91,7 @@ class RateController:
         A no-op with ``control="penalty"``. ``kept_fraction`` is in [0, 1]
         (output nodes per input node).
         """
+        self._validate()
         kept_fraction = check_scalar(kept_fraction, "kept_fraction", lower=0, upper=1)
         if self.control == "multiplier":
             error = kept_fraction - self.target

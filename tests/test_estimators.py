@@ -753,3 +753,23 @@ def test_estimators_check_features_the_morpher_does_not_scan_twice(estimator):
 
     Morpher(estimator=Tweaked(**estimator.get_params())).forward(g, H)
     assert calls == [1, 2, 3]
+
+
+def test_settings_inside_a_morpher_are_checked_where_used():
+    """A rate controller's and Reinforce's settings assigned after
+    construction: rate.target = 7 gave a penalty of hundreds silently,
+    samples = 0 failed naming "copies" (found by the review helper)."""
+    g = Graph.from_text("abcde")
+    h = np.random.default_rng(0).normal(size=(5, 3))
+    for owner, key, value, exc in (("rate", "target", 7.0, ValueError),
+                                   ("rate", "control", "pid", ValueError),
+                                   ("estimator", "samples", 0, ValueError),
+                                   ("estimator", "baseline", "median", ValueError)):
+        morpher = Morpher(estimator=Reinforce(samples=2), rate=RateController(target=0.5))
+        setattr(getattr(morpher, owner), key, value)
+        with pytest.raises(exc, match=key):
+            morpher.forward(g, h)
+    rate = RateController(target=0.5)
+    rate.target = "x"
+    with pytest.raises(TypeError, match="target"):
+        rate.update(0.5)
