@@ -16,8 +16,9 @@ tensors run grapheme's float32 path: (n, d) arrays in float32, similarities,
 probabilities, masses and the structural loss in float64 (see "float32" in
 docs/design.md). Functions are once differentiable: their gradients under
 ``create_graph=True`` raise a RuntimeError saying so when they are
-differentiated in turn (a gradient penalty, ``gradgradcheck``). A tensor modified in place between forward and
-backward is caught by autograd's version check.
+differentiated in turn (a gradient penalty, ``gradgradcheck``). A tensor
+modified in place between forward and backward is caught by autograd's
+version check.
 
 The modules:
 
@@ -45,6 +46,7 @@ torch.Size([7, 16])
 (torch.Size([7, 16]), True)
 """
 import functools
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -496,9 +498,10 @@ class Merge(nn.Module):
             raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
-        if not torch.isfinite(self.theta.detach()).all():   # each estimator failed its own way
-            raise ValueError(f"Merge.theta is not finite ({self.theta.item()}): a diverged "
-                             f"step or a bad state_dict")
+        theta = self.theta.item()
+        if not math.isfinite(theta):   # each estimator failed its own way
+            raise ValueError(f"Merge.theta is not finite ({theta}): a diverged step or a "
+                             f"bad state_dict")
         op = _MorphOp(self._morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
