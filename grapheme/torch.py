@@ -386,6 +386,39 @@ class Merged:
             return unpool(self.history, y)
         return unpool(self.history, y[torch.from_numpy(self.history.heads.astype(np.int64))])
 
+    def segments(self, texts):
+        """The hard merge's segments of every sequence: ``texts`` are the B
+        input texts, one character per input row, in order. Returns B lists
+        of str, each joining to its text (the dynamic chunks, as text).
+
+        Examples
+        --------
+        >>> import torch
+        >>> out = Merge(threshold=-10.0)(torch.ones(5, 2), [0, 2, 5])   # merge all
+        >>> out.segments(["ab", "cde"])
+        [['ab'], ['cde']]
+        """
+        from ._validation import exact_str
+
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of str, one per sequence, got "
+                            f"{type(texts).__name__}")
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must hold str only")
+        texts = [exact_str(t) for t in texts]
+        B = self.graph.num_graphs
+        ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+        if len(texts) != B or (ends[-1] if B else 0) != self.history.num_inputs:
+            raise ValueError(f"texts must be the {B} input texts of {self.history.num_inputs} "
+                             f"characters in all, got {len(texts)} of "
+                             f"{int(ends[-1]) if len(texts) else 0}")
+        pieces = self.history.segments("".join(texts))
+        # outputs are numbered sequence by sequence: each one's by its head
+        counts = np.bincount(np.searchsorted(ends, self.history.heads, side="right"),
+                             minlength=B)
+        bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+        return [pieces[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
     def reinforce_loss(self, losses):
         """The score-function surrogate ``mean_b (L_b - b_b) log P_b``
         (``Reinforce``): add it to the objective, whose gradient it then

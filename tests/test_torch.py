@@ -543,3 +543,22 @@ def test_encoder_and_join_name_their_arguments():
         enc(torch.ones(4, 5, dtype=torch.float64), torch.tensor([0, 3]))   # was "features"
     with pytest.raises(ValueError, match="sep contains a lone surrogate"):
         gr.Segmenter(gr.Embedding(4), gr.Morpher()).join("abc", sep="\ud800")
+
+
+@pytest.mark.parametrize("estimator", ["ste", "history", "soft", "reinforce"])
+def test_merged_segments_per_sequence(estimator):
+    """Per-sequence segments (asked for by the PyTorch helper, who split the
+    batch's one text by hand)."""
+    rng = np.random.default_rng(12)
+    texts = ["thecat", "", "sat", "onthemat"]
+    offsets = np.concatenate(([0], np.cumsum([len(t) for t in texts])))
+    out = gt.Merge(threshold=0.0, estimator=estimator).double()(
+        torch.tensor(rng.normal(size=(offsets[-1], 3))), torch.tensor(offsets))
+    segments = out.segments(texts)
+    assert ["".join(s) for s in segments] == texts
+    assert sum(segments, []) == out.history.segments("".join(texts))
+    assert sum(map(len, segments)) == out.history.num_outputs
+    with pytest.raises(ValueError, match="texts must be the 4 input texts"):
+        out.segments(texts[:3])
+    with pytest.raises(TypeError, match="texts must be a list"):
+        out.segments("thecat")
