@@ -24,6 +24,8 @@ import zipfile
 
 import numpy as np
 
+from ._validation import check_bool
+
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
 _META_KEY = "__meta__"
@@ -105,8 +107,6 @@ def _new_file(path, overwrite, what):
     """``os.fspath(path)``, a file to write: IsADirectoryError where it is a
     directory, FileExistsError where it exists and ``overwrite`` is false
     (``what``: the file's kind, as the message names it)."""
-    from ._validation import check_bool   # _validation imports this module's users
-
     path = os.fspath(path)
     overwrite = check_bool(overwrite, "overwrite")
     if (error := _directory_error(path)) is not None:

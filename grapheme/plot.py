@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from ._validation import check_bool
 from .train.metrics import upgrade_record
 
 __all__ = ["read_metrics", "plot_run", "plot_segments"]
@@ -37,8 +38,6 @@ def _figure(width, height):
 
 def _save(fig, out, overwrite):
     from .checkpoint import _atomic_open
-
-    from ._validation import check_bool
 
     out = os.fspath(out)
     overwrite = check_bool(overwrite, "overwrite")

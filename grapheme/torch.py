@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._validation import as_float_array, check_graph
+from ._validation import as_float_array, check_graph, check_scalar, exact_str
 from .graph import Graph
 from .loss import TRAINING, StructuralLoss as _Loss
 from .morph import Morpher
@@ -398,8 +398,6 @@ class Merged:
         >>> out.segments(["ab", "cde"])
         [['ab'], ['cde']]
         """
-        from ._validation import exact_str
-
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError(f"texts must be a list of str, one per sequence, got "
                             f"{type(texts).__name__}")
@@ -721,8 +719,6 @@ def unpack(packed, offsets, total_length=None):
         raise ValueError("offsets must run from 0 to len(packed), non-decreasing")
     L = int(lengths.max()) if lengths.numel() else 0
     if total_length is not None:
-        from ._validation import check_scalar
-
         if isinstance(total_length, torch.Tensor) and total_length.ndim == 0 and not (
                 total_length.is_floating_point() or total_length.is_complex()):
             total_length = int(total_length)   # e.g. lengths.max()
