@@ -245,6 +245,22 @@ def check_bool(value, name):
     return bool(value)
 
 
+def check_path(path, name):
+    """``path`` as a ``str``: a str, bytes or os.PathLike naming a file
+    (bytes decoded as :func:`os.fsdecode` does). TypeError for anything
+    else and ValueError for an empty path or one holding a NUL, both naming
+    ``name``: an empty path would otherwise be refused only when a file is
+    written, after the work that file was to keep."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    if not path:
+        raise ValueError(f"{name} must name a file, got an empty path")
+    if "\0" in path:
+        raise ValueError(f"{name} must not contain a NUL character, got {path!r}")
+    return path
+
+
 def exact_str(text):
     """``text`` (a str) as an exact ``str``: a subclass's own ``__len__`` or
     ``__iter__`` could disagree with its characters, which the kernels

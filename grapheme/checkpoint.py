@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from ._validation import check_bool
+from ._validation import check_bool, check_path
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -107,7 +107,7 @@ def _new_file(path, overwrite, what):
     """``os.fspath(path)``, a file to write: IsADirectoryError where it is a
     directory, FileExistsError where it exists and ``overwrite`` is false
     (``what``: the file's kind, as the message names it)."""
-    path = os.fspath(path)
+    path = check_path(path, "path")
     overwrite = check_bool(overwrite, "overwrite")
     if (error := _directory_error(path)) is not None:
         raise error
@@ -165,10 +165,10 @@ def save_checkpoint(path, arrays, meta):
     Raises
     ------
     TypeError
-        If ``arrays`` or ``meta`` is not a dict, an array has object dtype,
-        or ``meta`` is not JSON-serialisable.
+        If ``path`` is not a path, ``arrays`` or ``meta`` is not a dict, an
+        array has object dtype, or ``meta`` is not JSON-serialisable.
     ValueError
-        If an array name is empty or reserved.
+        If ``path`` is empty, or an array name is empty or reserved.
     FileNotFoundError
         If the directory of ``path`` does not exist.
 
@@ -182,6 +182,7 @@ def save_checkpoint(path, arrays, meta):
     >>> arrays["w"], meta
     (array([0., 1., 2.]), {'epoch': 2})
     """
+    path = check_path(path, "path")
     if not isinstance(arrays, dict):
         raise TypeError(f"arrays must be a dict, got {type(arrays).__name__}")
     if not isinstance(meta, dict):
@@ -294,11 +295,12 @@ def load_checkpoint(path, required=()):
         file is not a zip archive at all, ``"checkpoint '<path>' is corrupted
         or truncated: <reason>"`` if it is not a complete, valid checkpoint
         or lacks a required array; ``"... is not a regular file"`` for a
-        pipe or a device (opening a FIFO would wait for a writer).
+        pipe or a device (opening a FIFO would wait for a writer); or
+        ``path`` is empty.
+    TypeError
+        If ``path`` is not a str, bytes or os.PathLike.
     """
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = check_path(path, "path")
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", path)
     if os.path.isdir(path):

@@ -66,7 +66,7 @@ import unicodedata
 
 import numpy as np
 
-from ._validation import check_allocation, show
+from ._validation import check_allocation, check_path, show
 from .checkpoint import _atomic_open
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
@@ -194,6 +194,7 @@ def write_pairs(path, pairs):
         A tuple target is a segmentation of the input and is written as
         ``"segments"``.
     """
+    path = check_path(path, "path")
     with _atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         for i, pair in enumerate(pairs):
             try:
@@ -293,7 +294,7 @@ def load_pairs(path):
     >>> load_pairs(path)
     [('aab', 'ab'), ('thefox', ('the', 'fox'))]
     """
-    path = os.fspath(path)
+    path = check_path(path, "path")
     pairs = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -551,7 +552,7 @@ def read_documents(paths):
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
-    paths = [os.fspath(p) for p in paths]
+    paths = [check_path(p, "corpus") for p in paths]
     if not paths:
         raise ValueError("corpus must name at least one file")
     docs = []

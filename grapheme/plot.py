@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ._validation import check_bool
+from ._validation import check_bool, check_path
 from .train.metrics import upgrade_record
 
 __all__ = ["read_metrics", "plot_run", "plot_segments"]
@@ -39,7 +39,7 @@ def _figure(width, height):
 def _save(fig, out, overwrite):
     from .checkpoint import _atomic_open
 
-    out = os.fspath(out)
+    out = check_path(out, "out")
     overwrite = check_bool(overwrite, "overwrite")
     if os.path.isdir(out):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
@@ -57,7 +57,7 @@ def _save(fig, out, overwrite):
 
 def _metrics_path(run):
     """The metrics log of ``run``: its ``metrics.jsonl``, or ``run`` itself."""
-    run = os.fspath(run)
+    run = check_path(run, "run")
     return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
 
 
@@ -190,8 +190,9 @@ def plot_run(run, out, overwrite=False):
     str
         ``out``.
     """
+    run, out = check_path(run, "run"), check_path(out, "out")
     if _is_metrics_log(out, run):
-        raise ValueError(f"out {os.fspath(out)!r} is the run's metrics log, which the "
+        raise ValueError(f"out {out!r} is the run's metrics log, which the "
                          "picture is drawn from")
     records = read_metrics(run)
     fig = _figure(10, 7)

@@ -14,7 +14,8 @@ import threading
 import numpy as np
 
 from ._threads import single_pool
-from ._validation import check_allocation, check_model, check_scalar, exact_str
+from ._validation import (check_allocation, check_model, check_path, check_scalar,
+                          exact_str)
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, _new_file, load_checkpoint, save_checkpoint
 from .embedding import Embedding
@@ -411,7 +412,7 @@ class Segmenter:
             model version, or is corrupted.
         """
         arrays, meta = load_checkpoint(path, required=_MODEL_ARRAYS)
-        path = os.fspath(path)
+        path = check_path(path, "path")
         if meta.get("kind") == MODEL_KIND:
             version = meta.get("version")
             if type(version) is not int or version != MODEL_VERSION:   # not True

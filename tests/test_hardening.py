@@ -799,3 +799,63 @@ def test_trainer_switches_and_saved_configurations_are_checked(tmp_path):
     with pytest.raises(ValueError, match="must be different files"):
         fresh.fit(gr.DEMO_PAIRS, 2, resume=tmp_path / "ck.npz", checkpoint=tmp_path / "same.npz")
     assert fresh.epoch == 1 and fresh._last_checkpoint is None
+
+
+def test_every_path_argument_is_checked_before_any_work(tmp_path, monkeypatch):
+    """A path that is not one (an int would be taken for a file descriptor
+    by some of os's functions) is a TypeError, an empty one a ValueError,
+    both naming the argument, before any epoch is trained or file written:
+    an empty checkpoint path used to be refused only when the first epoch's
+    checkpoint was to be written, after that epoch's work."""
+    from grapheme.data import load_pairs, read_documents, write_pairs
+    from grapheme.plot import plot_run
+
+    monkeypatch.chdir(tmp_path)
+    trainer = _trainer()
+    calls = [
+        ("checkpoint", lambda p: trainer.fit(gr.DEMO_PAIRS, 1, checkpoint=p)),
+        ("resume", lambda p: trainer.fit(gr.DEMO_PAIRS, 1, resume=p)),
+        ("best", lambda p: trainer.fit(gr.DEMO_PAIRS, 1, val=gr.DEMO_PAIRS, checkpoint="ck.npz",
+                                       keep_best="val_loss", best=p)),
+        ("log", lambda p: _trainer(log=p)),
+        ("path", lambda p: trainer.save(p)),
+        ("path", lambda p: trainer.model.save(p)),
+        ("path", lambda p: gr.Segmenter.load(p)),
+        ("path", lambda p: gr.Trainer.from_checkpoint(p)),
+        ("path", lambda p: write_pairs(p, gr.DEMO_PAIRS)),
+        ("path", lambda p: load_pairs(p)),
+        ("corpus", lambda p: read_documents([p])),
+        ("run", lambda p: plot_run(p, "out.png")),
+        ("out", lambda p: plot_run("metrics.jsonl", p)),
+    ]
+    for name, call in calls:
+        for bad in (5, 3.5, [b"a"]):
+            with pytest.raises(TypeError, match=rf"^{name} must be a str or os.PathLike"):
+                call(bad)
+        with pytest.raises(ValueError, match=rf"^{name} must name a file, got an empty path"):
+            call("")
+        with pytest.raises(ValueError, match=rf"^{name} must not contain a NUL"):
+            call(b"a\0b")
+    assert trainer.epoch == 0 and os.listdir(tmp_path) == []
+    # assigned after construction: checked when fit starts
+    trainer.log = ""
+    with pytest.raises(ValueError, match="^log must name a file"):
+        trainer.fit(gr.DEMO_PAIRS, 1)
+    assert trainer.epoch == 0 and os.listdir(tmp_path) == []
+
+
+def test_bytes_paths_name_the_same_files_as_str_paths(tmp_path):
+    """A bytes path is decoded as os.fsdecode does, so it can be stored in
+    a checkpoint's JSON (the best checkpoint's path) and named in messages."""
+    root = os.fsencode(tmp_path)
+    trainer = _trainer(log=os.path.join(root, b"log.jsonl"))
+    trainer.fit(gr.DEMO_PAIRS, 1, val=gr.DEMO_PAIRS, checkpoint=os.path.join(root, b"ck.npz"),
+                keep_best="val_loss")
+    assert trainer.log == str(tmp_path / "log.jsonl")
+    assert trainer.best["path"] == str(tmp_path / "best.npz")
+    trainer.model.save(os.path.join(root, b"model.npz"))
+    assert sorted(os.listdir(tmp_path)) == ["best.npz", "ck.npz", "log.jsonl", "model.npz"]
+    again = gr.Trainer.from_checkpoint(os.path.join(root, b"ck.npz"), progress=False)
+    assert again.epoch == 1
+    model = gr.Segmenter.load(os.path.join(root, b"model.npz"))
+    assert model.segment(["abc"]) == trainer.model.segment(["abc"])

@@ -28,7 +28,8 @@ import numpy as np
 
 from .. import _core
 from .._validation import (KEEP, as_float_array, check_model, check_pairs,
-                           check_bool, check_scalar, settings_checked, settings_unchanged,
+                           check_bool, check_path, check_scalar, settings_checked,
+                           settings_unchanged,
                            show)
 from .._threads import single_pool
 from .._workspace import Workspace
@@ -58,7 +59,8 @@ UNKNOWN_PROB = 0.01
 
 #: The trainer's own settings that are checked again where used when
 #: assigned since construction (:meth:`Trainer._check_settings`).
-_SETTINGS = ("batch_size", "target_activation", "unknown_prob", "overwrite", "progress")
+_SETTINGS = ("batch_size", "target_activation", "unknown_prob", "overwrite", "progress",
+             "log")
 
 #: The ``unknown_prob`` of a checkpoint whose configuration has none: it
 #: was written before the unknown row existed, when no character was
@@ -213,11 +215,11 @@ class Trainer:
         self.optimizer = optimizer
         self.batch_size, self.target_activation = batch_size, target_activation
         self.unknown_prob, self.overwrite, self.progress = unknown_prob, overwrite, progress
+        self.log = log
         self._check_settings()
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
         self.seed = int(seed)
-        self.log = None if log is None else os.fspath(log)
         self.comm = comm
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
@@ -232,7 +234,7 @@ class Trainer:
 
     def _check_settings(self):
         """``batch_size``, ``target_activation``, ``unknown_prob``,
-        ``overwrite`` and ``progress`` as set now, checked (naming a bad one)
+        ``overwrite``, ``progress`` and ``log`` as set now, checked (naming a bad one)
         at construction and, if one was assigned since, when a step, an
         evaluation, a fit or a save starts; the morpher's settings too (a
         data-parallel step reads its estimator before the morph runs)."""
@@ -248,6 +250,7 @@ class Trainer:
                              f"got {show(self.target_activation)}")
         self.unknown_prob = check_scalar(self.unknown_prob, "unknown_prob", lower=0, upper=1,
                                          upper_inclusive=False)
+        self.log = None if self.log is None else check_path(self.log, "log")
         settings_checked(self, _SETTINGS)
 
     @classmethod
@@ -803,9 +806,12 @@ class Trainer:
 
         Raises
         ------
+        TypeError
+            If ``checkpoint``, ``resume``, ``best`` or the log is not a str,
+            bytes or os.PathLike.
         ValueError
-            If ``pairs`` is empty or malformed, ``epochs`` is negative,
-            ``resume`` is not a compatible checkpoint, the run continues on
+            If ``pairs`` is empty or malformed, ``epochs`` is negative, a
+            path is empty, ``resume`` is not a compatible checkpoint, the run continues on
             other pairs without ``new_data=True``, a fresh run would
             replace an existing log or checkpoint without ``overwrite``, or
             two of the log, ``checkpoint`` and the best checkpoint are one
@@ -818,6 +824,10 @@ class Trainer:
         """
         self._check_settings()
         new_data = check_bool(new_data, "new_data")
+        # named now, not when the first epoch's work is to be written
+        checkpoint, resume, best = (None if path is None else check_path(path, what)
+                                    for what, path in (("checkpoint", checkpoint),
+                                                       ("resume", resume), ("best", best)))
         inputs, targets = check_pairs(pairs, "pairs")
         if not inputs:
             raise ValueError("pairs must not be empty")
@@ -1055,7 +1065,7 @@ class Trainer:
             If the checkpoint is corrupted or names an unknown component.
         """
         _, meta = load_checkpoint(path)
-        path = os.fspath(path)
+        path = check_path(path, "path")
         _not_a_model_file(path, meta)
         try:
             trainer = cls._from_config(meta["config"], log=log, progress=progress,
@@ -1156,7 +1166,7 @@ class Trainer:
         """
         arrays, meta = load_checkpoint(
             path, required=("embedding.codes", "embedding.weight", "morpher.theta"))
-        path = os.fspath(path)
+        path = check_path(path, "path")
         _not_a_model_file(path, meta)
         try:
             epoch, rng_state = meta["epoch"], meta["rng"]
