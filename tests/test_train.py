@@ -326,6 +326,15 @@ def test_settings_assigned_later_are_checked(key, value, exc, tmp_path):
                                      "unknown_prob": 0.5}[key]
 
 
+def test_the_seed_cannot_be_assigned_after_construction():
+    """Before: assigning it changed the unknown row's draws and the saved
+    configuration but not the shuffle, which was seeded at construction."""
+    trainer = make_trainer(seed=3)
+    with pytest.raises(AttributeError, match="seed"):
+        trainer.seed = 4
+    assert trainer.seed == 3 and trainer.config()["seed"] == 3
+
+
 def test_morpher_state_roundtrip_and_validation():
     m = Morpher(estimator=Reinforce(seed=5))
     g = Graph.from_text("abcdefghijklmnop")

@@ -219,7 +219,7 @@ class Trainer:
         self._check_settings()
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
-        self.seed = int(seed)
+        self._seed = int(seed)
         self.comm = comm
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
@@ -277,6 +277,13 @@ class Trainer:
             raise TypeError("from_model() takes the encoder from the model, not encoder=")
         return cls(model.embedding, model.morpher, loss, optimizer, encoder=model.encoder,
                    **kwargs)
+
+    @property
+    def seed(self):
+        """The ``seed`` the trainer was made with: read-only, since the
+        generator that shuffles the pairs was seeded from it at construction
+        (make a new trainer for another seed)."""
+        return self._seed
 
     @property
     def model(self):
