@@ -15,7 +15,7 @@ import numpy as np
 
 from ._threads import single_pool
 from ._validation import (check_allocation, check_model, check_path, check_scalar,
-                          exact_str)
+                          exact_str, settings_checked, settings_unchanged)
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, _new_file, load_checkpoint, save_checkpoint
 from .embedding import Embedding
@@ -37,6 +37,8 @@ WINDOW_MEMORY = 256 * 2**20
 MAX_WINDOW = 2**62
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: The components checked again where used when assigned since construction.
+_COMPONENTS = ("embedding", "morpher", "encoder")
 #: The arrays of every model file (an encoder's are ``encoder.*`` besides).
 _MODEL_ARRAYS = ("embedding.codes", "embedding.weight", "morpher.theta")
 
@@ -94,7 +96,18 @@ class Segmenter:
         check_model(embedding, morpher, encoder)
         self.embedding, self.morpher, self.encoder = embedding, morpher, encoder
         self.window = window
+        settings_checked(self, _COMPONENTS)
         self._local = threading.local()   # per-thread inference buffers
+
+    def _check_components(self):
+        """The components as set now: checked again (:func:`check_model`)
+        where one was assigned since construction, and the window with them
+        (its least size and its default follow the encoder's layers)."""
+        if settings_unchanged(self, _COMPONENTS):
+            return
+        check_model(self.embedding, self.morpher, self.encoder)
+        self.window = None if self._default_window else self._window
+        settings_checked(self, _COMPONENTS)
 
     # ----------------------------------------------------------------- window
     @property
@@ -120,7 +133,8 @@ class Segmenter:
     def window(self, value):
         before, after = self.context()
         least = before + after + 1
-        if value is None:
+        default = value is None
+        if default:
             value = max(least, WINDOW_MEMORY // self._bytes_per_character())
         elif isinstance(value, numbers.Integral) and not isinstance(value, bool) \
                 and value < least:
@@ -130,6 +144,7 @@ class Segmenter:
         # the upper bound keeps window arithmetic in int64 (numpy's searchsorted)
         self._window = check_scalar(value, "window", lower=least, upper=MAX_WINDOW,
                                     integer=True)
+        self._default_window = default
 
     def context(self):
         """``(before, after)``: the characters a window needs on each side of
@@ -188,6 +203,7 @@ class Segmenter:
         texts packed into one call; or a part of ``texts[i]`` (``j == i +
         1``), one window of a text longer than the window. In order, every
         character once. Python loops per call, never per character."""
+        self._check_components()
         window = self._window
         before, after = self.context()
         step = window - before - after   # characters a window of a long text keeps
@@ -225,7 +241,7 @@ class Segmenter:
         reuses its arrays from call to call (a fresh (n, d) array per product
         made inference several times slower on page faults alone)."""
         ws = getattr(self._local, "workspace", None)
-        if ws is None:
+        if ws is None or ws.dtype != self.embedding.dtype:
             ws = self._local.workspace = Workspace(self.embedding.dtype)
         return ws
 
@@ -361,6 +377,7 @@ class Segmenter:
     # ------------------------------------------------------------- save, load
     def config(self):
         """The components as :func:`~grapheme.train.state.describe` gives them."""
+        self._check_components()
         return {"embedding": describe(self.embedding), "morpher": describe(self.morpher),
                 "encoder": describe(self.encoder)}
 

@@ -291,21 +291,71 @@ def test_an_overflowing_encoder_is_named_in_inference():
             call()
 
 
-def test_a_replaced_encoder_of_another_width_or_dtype_is_named():
-    """The encoder's unscanned path still checks the shape and dtype of what
-    it is given (O(1)): a Trainer whose encoder was replaced by one of
-    another width or dtype says so, instead of blaming a weight."""
+def test_replaced_components_are_checked_where_used(tmp_path):
+    """A Trainer's or a Segmenter's component assigned since construction
+    is checked as the constructor checks it, at the next step, evaluation,
+    inference or save (before: an encoder of another width was blamed on a
+    weight, a float32 embedding failed on a float64 buffer of the step's
+    workspace, and a non-component failed with an AttributeError)."""
     inputs, targets = map(list, zip(*gr.DEMO_PAIRS))
-    for new in (gr.Encoder(4, layers=2), gr.Encoder(8, layers=2, dtype=np.float32)):
+    replacements = [
+        ("encoder", gr.Encoder(4, layers=2), ValueError,
+         r"encoder.dim = 4 must equal embedding.dim = 8"),
+        ("encoder", gr.Encoder(8, layers=2, dtype=np.float32), ValueError,
+         r"encoder.dtype = float32 must equal embedding.dtype = float64"),
+        ("embedding", gr.Embedding(16), ValueError, "encoder.dim = 8 must equal"),
+        ("embedding", 5, TypeError, "embedding must be a grapheme.Embedding, got int"),
+        ("morpher", 5, TypeError, "morpher must be a grapheme.Morpher, got int"),
+    ]
+    for name, new, exc, match in replacements:
         trainer = _trainer(encoder=gr.Encoder(8, layers=2))
         trainer.train_step(inputs, targets)
-        trainer.encoder = new
+        model = trainer.model
+        setattr(trainer, name, new)
+        setattr(model, name, new)
         for call in (lambda: trainer.train_step(inputs, targets),
-                     lambda: trainer.evaluate(gr.DEMO_PAIRS)):
-            with pytest.raises(ValueError, match=r"Embedding.weight must be a "
-                                                 rf"{new.dtype.name} array of shape \(V, "
-                                                 rf"{new.dim}\) for Encoder"):
+                     lambda: trainer.evaluate(gr.DEMO_PAIRS),
+                     lambda: trainer.save(tmp_path / "ck.npz"),
+                     lambda: model.segment(["the cat sat"]),
+                     lambda: model.save(tmp_path / "model.npz")):
+            with pytest.raises(exc, match=match):
                 call()
+    assert os.listdir(tmp_path) == []
+    trainer = _trainer()
+    for name, new, match in (("loss", 5, "loss must have forward"),
+                             ("optimizer", 5, "optimizer must be a grapheme.optim"),
+                             ("comm", 5, "comm must be a grapheme.distributed")):
+        setattr(trainer, name, new)
+        with pytest.raises(TypeError, match=match):
+            trainer.train_step(inputs, targets)
+        setattr(trainer, name, None if name == "comm" else getattr(_trainer(), name))
+    # a component that fits is taken, the step's buffers in its dtype
+    trainer.embedding = gr.Embedding(8, dtype=np.float32)
+    trainer.train_step(inputs, targets)
+    assert trainer.embedding.weight.dtype == np.float32
+    # the encoder's own O(1) check of its table, behind both
+    enc = gr.Encoder(4, layers=2)
+    g = gr.Graph.from_text("abc")
+    with pytest.raises(ValueError, match=r"Embedding.weight must be a float64 array of "
+                                         r"shape \(V, 4\) for Encoder"):
+        enc._forward_lookup(g, np.zeros((3, 8)), np.arange(3), None, "Embedding.weight")
+
+
+def test_a_segmenter_window_follows_a_replaced_encoder():
+    """Its default window is recomputed for the encoder's layers; a window
+    set below the new encoder's least (2 * layers + 2) is refused, naming
+    it, not run with overlaps the window cannot hold."""
+    emb = gr.Embedding(8)
+    model = gr.Segmenter(emb, gr.Morpher())
+    default = model.window
+    model.encoder = gr.Encoder(8, layers=2)
+    model.segment("abc")
+    assert model.window < default and model.window == gr.Segmenter(
+        emb, gr.Morpher(), gr.Encoder(8, layers=2)).window
+    model = gr.Segmenter(emb, gr.Morpher(), window=3)
+    model.encoder = gr.Encoder(8, layers=2)
+    with pytest.raises(ValueError, match="window must be >= 6"):
+        model.segment("abcdefghij")
 
 
 def test_routing_refuses_queries_that_are_not_finite():

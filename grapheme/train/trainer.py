@@ -60,7 +60,7 @@ UNKNOWN_PROB = 0.01
 #: The trainer's own settings that are checked again where used when
 #: assigned since construction (:meth:`Trainer._check_settings`).
 _SETTINGS = ("batch_size", "target_activation", "unknown_prob", "overwrite", "progress",
-             "log")
+             "log", "embedding", "morpher", "encoder", "loss", "optimizer", "comm")
 
 #: The ``unknown_prob`` of a checkpoint whose configuration has none: it
 #: was written before the unknown row existed, when no character was
@@ -189,38 +189,20 @@ class Trainer:
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
                  target_activation="embedding", log=None, progress=True, encoder=None,
                  overwrite=False, unknown_prob=UNKNOWN_PROB, comm=None):
-        check_model(embedding, morpher, encoder)
-        if encoder is not None:
-            check_training_memory(encoder.dim, encoder.layers, encoder.dtype,
-                                  f"training {encoder!r}")
-        if isinstance(loss, type):   # StructuralLoss, not StructuralLoss()
-            raise TypeError(f"loss must be an instance, got the class {loss.__name__}: "
-                            f"pass {loss.__name__}()")
-        if not (callable(getattr(loss, "forward", None))
-                and callable(getattr(loss, "backward", None))):
-            raise TypeError(f"loss must have forward() and backward(), got "
-                            f"{type(loss).__name__}")
-        if not isinstance(optimizer, _optim.Optimizer):
-            raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
-        if comm is not None and not isinstance(comm, Communicator):
-            raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
-                            f"got {type(comm).__name__}")
-        if comm is not None:   # else a rank outside the group fails mid-fit
-            check_rank(comm.rank, comm.world_size, ("comm.rank", "comm.world_size"))
         self.encoder = encoder
         self.embedding = embedding
         self.morpher = morpher
         self.loss = loss
         self.optimizer = optimizer
+        self.comm = comm
         self.batch_size, self.target_activation = batch_size, target_activation
         self.unknown_prob, self.overwrite, self.progress = unknown_prob, overwrite, progress
         self.log = log
+        self._workspace = None
         self._check_settings()
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
         self._seed = int(seed)
-        self.comm = comm
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
         self._last_checkpoint = None    # (path, epoch) of the last one written
@@ -229,18 +211,19 @@ class Trainer:
         self.history = []
         self.best = None
         self.baseline = None
-        self._workspace = Workspace(embedding.dtype)   # the step's (n, d) arrays, reused
         self._unknown_rng = self._epoch_rng()
 
     def _check_settings(self):
-        """``batch_size``, ``target_activation``, ``unknown_prob``,
-        ``overwrite``, ``progress`` and ``log`` as set now, checked (naming a bad one)
-        at construction and, if one was assigned since, when a step, an
-        evaluation, a fit or a save starts; the morpher's settings too (a
-        data-parallel step reads its estimator before the morph runs)."""
-        self.morpher._validate()
+        """The settings and components (:data:`_SETTINGS`) as set now,
+        checked (naming a bad one) at construction and, if one was assigned
+        since, when a step, an evaluation, a fit or a save starts; the
+        morpher's settings too (a data-parallel step reads its estimator
+        before the morph runs)."""
         if settings_unchanged(self, _SETTINGS):
+            self.morpher._validate()
             return
+        self._check_components()
+        self.morpher._validate()
         self.overwrite = check_bool(self.overwrite, "overwrite")
         self.progress = check_bool(self.progress, "progress")
         self.batch_size = check_scalar(self.batch_size, "batch_size", lower=1, integer=True)
@@ -252,6 +235,32 @@ class Trainer:
                                          upper_inclusive=False)
         self.log = None if self.log is None else check_path(self.log, "log")
         settings_checked(self, _SETTINGS)
+
+    def _check_components(self):
+        """The constructor's checks of the model, the loss, the optimiser
+        and ``comm``; the step's workspace made anew for another dtype."""
+        embedding, encoder, loss, comm = self.embedding, self.encoder, self.loss, self.comm
+        check_model(embedding, self.morpher, encoder)
+        if encoder is not None:
+            check_training_memory(encoder.dim, encoder.layers, encoder.dtype,
+                                  f"training {encoder!r}")
+        if isinstance(loss, type):   # StructuralLoss, not StructuralLoss()
+            raise TypeError(f"loss must be an instance, got the class {loss.__name__}: "
+                            f"pass {loss.__name__}()")
+        if not (callable(getattr(loss, "forward", None))
+                and callable(getattr(loss, "backward", None))):
+            raise TypeError(f"loss must have forward() and backward(), got "
+                            f"{type(loss).__name__}")
+        if not isinstance(self.optimizer, _optim.Optimizer):
+            raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
+                            f"{type(self.optimizer).__name__}")
+        if comm is not None and not isinstance(comm, Communicator):
+            raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
+                            f"got {type(comm).__name__}")
+        if comm is not None:   # else a rank outside the group fails mid-fit
+            check_rank(comm.rank, comm.world_size, ("comm.rank", "comm.world_size"))
+        if self._workspace is None or self._workspace.dtype != embedding.dtype:
+            self._workspace = Workspace(embedding.dtype)   # the step's (n, d) arrays, reused
 
     @classmethod
     def from_model(cls, model, loss, optimizer, **kwargs):
