@@ -393,6 +393,44 @@ def test_keep_best_never_ends_below_the_start(tmp_path):
     assert best.epoch == 0 and best.evaluate(val)["boundary_f1"] == 1.0
 
 
+def test_an_overwriting_run_replaces_no_file_before_its_first_epoch(tmp_path):
+    """With overwrite=True a fresh run's files replace another run's only
+    once its first epoch is done, the best checkpoint too (it used to be
+    written before the first epoch, the untrained model's): a run stopped
+    in its first epoch leaves the other run's three files as they were.
+    Run to its end, its best checkpoint is still the untrained model."""
+    train, val = runs_pairs(64, 1), runs_pairs(32, 2)
+    names = ("last.npz", "best.npz", "log.jsonl")
+    for name in names:
+        (tmp_path / name).write_bytes(b"another run's " + name.encode())
+
+    def fit(trainer):
+        return trainer.fit(train, 2, val=val, checkpoint=tmp_path / "last.npz",
+                           keep_best="val_boundary_f1")
+
+    t = make_trainer(lr=0.5, overwrite=True, log=tmp_path / "log.jsonl", progress=False)
+    original = t._run_epoch
+
+    def interrupted(*args):
+        original(*args)
+        raise KeyboardInterrupt
+    t._run_epoch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        fit(t)
+    for name in names:
+        assert (tmp_path / name).read_bytes() == b"another run's " + name.encode()
+    t = make_trainer(lr=0.5, overwrite=True, log=tmp_path / "log.jsonl", progress=False)
+    fit(t)
+    assert t.best["epoch"] == 0
+    best = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)
+    assert best.epoch == 0 and best.evaluate(val)["boundary_f1"] == 1.0
+    assert best.history == [] and best.best == t.best
+    untrained = make_trainer(lr=0.5)
+    untrained._grow(*map(list, zip(*train)))   # as fit grows it before the first step
+    for name, value in untrained._params().items():
+        assert np.array_equal(best._params()[name], value), name
+
+
 def test_keep_best_keeps_the_best_epoch_and_survives_resume(tmp_path):
     train, val = DEMO_PAIRS * 4, DEMO_PAIRS
     a = make_trainer()

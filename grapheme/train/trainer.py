@@ -17,6 +17,7 @@ of the inputs and one of the targets, and runs the operations of
 Everything per node happens inside those calls (the compiled core); Python
 loops only over batches and epochs.
 """
+import copy as _copy
 import hashlib
 import json
 import math
@@ -111,8 +112,8 @@ class Trainer:
         exactly the records of the run's completed epochs: :meth:`fit`
         rewrites it (atomically) when it finishes its first epoch, then
         appends. A fresh run (no epoch done, nothing resumed) refuses to
-        start on a non-empty existing log, or an existing ``checkpoint``,
-        unless ``overwrite=True``: files of another run are never replaced
+        start on a non-empty existing log, or an existing ``checkpoint`` or
+        best checkpoint, unless ``overwrite=True``: files of another run are never replaced
         unasked, and even then not before this run's first epoch is done.
     progress : bool, default True
         Report training on stderr: a ``tqdm.auto`` bar in a terminal or a
@@ -799,8 +800,9 @@ class Trainer:
             ``val`` ``"val_seg_accuracy"``, ``"val_boundary_f1"``, ... ,
             highest is best). The state with the best value so far, the
             untrained (or resumed) model's included, is kept in ``best``:
-            written (atomically) before the first epoch and whenever an epoch
-            strictly improves on it, so the best checkpoint is never worse on
+            written (atomically) when an epoch strictly improves on it, and
+            the starting state when the run's first epoch does not (a
+            resumed run's: at once), so the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``.
         best : str or os.PathLike, optional
@@ -915,13 +917,16 @@ class Trainer:
             self._grow(inputs, targets)
             if val is not None and self.epoch == 0:
                 self.baseline = self._val_record(val)
+        untrained = None   # a fresh run's first best: its state, written after epoch 1
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best):
             # the starting point is the first candidate: never end below it
             start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
-            if writes:
+            if writes and self.epoch == 0:   # another run's file survives epoch 1 too
+                untrained = self._state(copy=True)
+            elif writes:
                 self._save(best_path)
         progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
@@ -948,6 +953,9 @@ class Trainer:
                     self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
                 if improved and writes:
                     self._save(best_path)
+                elif untrained is not None:
+                    save_checkpoint(best_path, *untrained)
+                untrained = None
                 if self.log is not None and writes:
                     if not log_synced:   # only now: an old log survives until here
                         self._rewrite_log()
@@ -1155,19 +1163,26 @@ class Trainer:
 
     def _save(self, path):
         """:meth:`save`, replacing ``path``: ``fit``'s checkpoints."""
-        arrays = self.model._arrays()   # the model file's arrays, and the optimiser's
-        for key, value in self.optimizer.state_dict().items():
-            arrays["optimizer." + key] = np.asarray(value)
         if not _all_finite(self._params()):
             raise FloatingPointError(
                 f"not saving {os.fspath(path)!r}: the parameters are not finite "
                 f"(training diverged); {self._good_checkpoint()}")
+        save_checkpoint(path, *self._state())
+
+    def _state(self, copy=False):
+        """``(arrays, meta)`` of a checkpoint of the trainer as it is now;
+        ``copy``: owning copies, that training does not change."""
+        arrays = self.model._arrays()   # the model file's arrays, and the optimiser's
+        for key, value in self.optimizer.state_dict().items():
+            arrays["optimizer." + key] = np.asarray(value)
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
                 "morpher": self.morpher.state_dict(),
                 "config": self.config(), "history": self.history,
                 "data": self._data_fingerprint, "best": self.best,
                 "baseline": self.baseline}
-        save_checkpoint(path, arrays, meta)
+        if copy:
+            return {k: np.array(v) for k, v in arrays.items()}, _copy.deepcopy(meta)
+        return arrays, meta
 
     def load(self, path):
         """Restore the training state saved by :meth:`save`.
