@@ -363,6 +363,14 @@ class Merged:
         The merged graph's structure (labels, edges).
     history : grapheme.MergeHistory
         The hard merge map from the input rows.
+
+    Notes
+    -----
+    ``B`` is the number of sequences given to the :class:`Merge`, times
+    ``K`` with ``Reinforce(samples=K)``: that estimator repeats the batch
+    ``K`` times (copy ``k`` of sequence ``b`` is sequence ``k B + b``), so
+    its rows, targets, ``losses`` and the ``texts`` of :meth:`segments`
+    are the ``K B`` of the repeated batch (``texts * K``).
     """
 
     def __init__(self, features, mass, weights, log_prob, aux_loss, morphed):
@@ -539,7 +547,13 @@ class Merge(nn.Module):
         return Merged(f, mass, w, lp, aux, out.morphed)
 
     def step(self, merged, losses=None):
-        """Advance the estimator and rate controller after an optimiser step."""
+        """Advance the estimator and rate controller after an optimiser step.
+
+        ``merged``: this step's :class:`Merged`. ``losses`` (B,), optional:
+        the per-sequence losses (detached), as given to
+        :meth:`Merged.reinforce_loss`; ``Reinforce`` folds them into its
+        running-mean baseline, which without them stays where it is (0 at
+        the start: no baseline). The other estimators ignore them."""
         _check_merged(merged)
         self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"))
 
