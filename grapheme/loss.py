@@ -633,10 +633,13 @@ class StructuralLoss:
         -------
         LossGrad
             ``(activation (N,), mass (N,), target_activation (M,), weights
-            (E_p,), target_weights (E_t,), target_mass (M,))``. With
-            ``debias=True`` the gradient of the debiased values, summed over
-            the three transports onto ``predicted`` and ``target``. Map an activation gradient to
-            mean-pooled features as ``g[:, None] / d``.
+            (E_p,), target_weights (E_t,), target_mass (M,))``, and
+            ``features`` (N, d) and ``target_features`` (M, d): the
+            activation gradient spread over a graph's features (``g[:, None]
+            / d``, in the features' dtype) when its activations are their
+            means, else None. With ``debias=True`` the gradient of the
+            debiased values, summed over the three transports onto
+            ``predicted`` and ``target``.
 
         Raises
         ------

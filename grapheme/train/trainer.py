@@ -134,6 +134,11 @@ class Trainer:
         ``0``: the unknown row stays a fixed random vector, and training is
         exactly what it was before there was one. A checkpoint written
         before then (without the setting) resumes with 0.
+    encoder : Encoder, optional
+        Context before the merge (:class:`~grapheme.Encoder`, of the
+        embedding's ``dim`` and dtype): the morph then compares the
+        encoder's features of neighbouring characters, and its weights
+        are trained too. Default: the context-free morph of the rows.
     comm : grapheme.distributed.Communicator, optional
         Train one rank of a data-parallel run (see
         :mod:`grapheme.distributed`; ``grapheme train --nproc`` and
