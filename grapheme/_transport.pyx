@@ -510,6 +510,18 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
     bbar[0] += rbar * sb - dbar
 
 
+# The activation cost min(|x - y|, 1) has a kink at x = y, where its
+# derivative is taken as 0 (the subgradient central differences give). A
+# node whose activation is a target's up to rounding sits on that kink too:
+# the two are often the same mean of the same features, computed by two
+# kernels (a merge of the model's features against the gold segmentation's
+# contraction of them), equal in one run and an ulp apart in another whose
+# summation order differs (data-parallel ranks). Within _KINK relative of
+# the kink the derivative is 0 as well, so that rounding cannot pick the
+# sign: 2^-40, far above a mean's rounding (d eps for d < 4096) and far
+# below any finite-difference step.
+cdef double _KINK = 9.094947017729282e-13
+
 # Below this a target mass's gradient is summed over its column instead of
 # recovered from the adjoint of g (a division by b_j): b_j v_j K_ij terms stay
 # far from float64's subnormal range above it.
@@ -1230,12 +1242,13 @@ cdef int _backward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settin
                                  gbp + t0, &bbar_dust)
 
     # cost adjoint -> activations; dustbin column marginal A -> masses
+    # (0 on the kink of |x - y|, and within rounding of it: _KINK)
     for i in range(n):
         Cbrow = Cb + i * m1
         s = 0.0
         for j in range(m):
             d = xp[p0 + i] - yp[t0 + j]
-            if d < 1.0 and d > -1.0 and d != 0.0:
+            if d < 1.0 and d > -1.0 and fabs(d) > _KINK * (fabs(xp[p0 + i]) + fabs(yp[t0 + j])):
                 cbar = w_act * Cbrow[j]
                 if d > 0.0:
                     s += cbar

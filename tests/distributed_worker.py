@@ -45,6 +45,16 @@ def _pairs(seed, segmentation=False, n=PAIRS_N):
     return pairs
 
 
+def _word_pairs():
+    """Word segmentation pairs of the stdlib's prose (``__future__``'s
+    docstring), as ``grapheme generate --task words`` makes them."""
+    import __future__
+
+    from grapheme.data import word_pairs
+
+    return word_pairs(__future__.__doc__, np.random.default_rng(0))
+
+
 def _val(seed, segmentation=False):
     return _pairs(seed + 100, segmentation, VAL_N)
 
@@ -91,7 +101,18 @@ def configurations():
                           gr.StructuralLoss(), gr.SGD(lr=0.1, momentum=0.5),
                           batch_size=BATCH, seed=12, progress=False, comm=comm)
 
+    def ste_words(comm):
+        # word segmentation of real prose, two layers: right segments sit on
+        # the activation cost's kink up to rounding (_KINK in _transport.pyx)
+        return gr.Trainer(gr.Embedding(dim=16, seed=13), gr.Morpher(estimator="ste"),
+                          gr.StructuralLoss.for_training(), gr.Adam(lr=3e-2),
+                          batch_size=BATCH, seed=14, encoder=gr.Encoder(16, layers=2),
+                          unknown_prob=0.0, progress=False, comm=comm)
+
+    words = _word_pairs()
     return {"ste_encoder": (ste_encoder, _pairs(0), _val(0), "val_loss"),
+            "ste_words": (ste_words, words[:PAIRS_N], words[PAIRS_N:PAIRS_N + VAL_N],
+                          "val_boundary_f1"),
             "soft": (soft, _pairs(1), _val(1), "val_accuracy"),
             "segments": (segments, _pairs(2, segmentation=True),
                          _val(2, segmentation=True), "val_boundary_f1"),

