@@ -145,7 +145,9 @@ def build_parser():
                    help=f"pairs per step (default {BATCH_SIZE})")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="Adam learning rate (default per estimator: " + ", ".join(
-                       f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+                       f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "); with --resume, "
+                        "the run continues with this one (after a divergence: resume "
+                        "the checkpoint that is still good with a smaller one)")
     p.add_argument("--seed", type=_nonneg_int, default=None,
                    help="seed of embedding and shuffling (default 0)")
     p.add_argument("--dim", type=_positive_int, default=None,
@@ -173,7 +175,7 @@ def build_parser():
                         f"in training (default {UNKNOWN_PROB:g})")
     p.add_argument("--resume", default=None,
                    help="continue from this checkpoint; the model settings come "
-                        "from it")
+                        "from it (the learning rate too, unless --lr)")
     p.add_argument("--new-data", action="store_true",
                    help="with --resume: continue on data other than the checkpoint's "
                         "(refused otherwise)")
@@ -387,7 +389,7 @@ def _train(args, out, spawn=None, comm=None):
                            "other than its checkpoint's)")
     if args.resume is not None:
         fixed = [f"--{name.replace('_', '-')}" for name in
-                 ("batch_size", "lr", "seed", "dim", "dtype", "estimator", "baseline",
+                 ("batch_size", "seed", "dim", "dtype", "estimator", "baseline",
                   "samples",
                   "target_kept_fraction", "encoder_layers", "unknown_prob")
                  if getattr(args, name) is not None]
@@ -415,6 +417,11 @@ def _train(args, out, spawn=None, comm=None):
         trainer = Trainer.from_checkpoint(_checkpoint_file(args.resume, "--resume"), log=log,
                                           progress=progress, comm=comm)
         start = trainer.epoch
+        if args.lr is not None and args.lr != trainer.optimizer.lr:
+            if rank0:
+                print(f"learning rate {trainer.optimizer.lr:g} -> {args.lr:g} from epoch "
+                      f"{start + 1}", file=out)
+            trainer.optimizer.lr = args.lr
     else:
         estimator = DEFAULT_ESTIMATOR if args.estimator is None else args.estimator
         trainer = _make_trainer(

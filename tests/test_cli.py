@@ -7,6 +7,7 @@ import pytest
 
 from grapheme.estimators import ESTIMATORS
 from grapheme.cli import format_table, main
+from grapheme.data import load_pairs as load_pairs
 from grapheme.train import TIMING_KEYS
 
 
@@ -134,12 +135,35 @@ def test_errors_exit_2_with_one_line(level1, tmp_path, capsys):
     assert code == 2 and "does not exist" in err
 
     code, _, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out",
-                       tmp_path / "r3", "--resume", ckpt, "--lr", 0.1)
-    assert code == 2 and "--lr cannot be combined with --resume" in err
+                       tmp_path / "r3", "--resume", ckpt, "--seed", 1)
+    assert code == 2 and "--seed cannot be combined with --resume" in err
 
     code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
                        tmp_path / "r4", "--estimator", "magic")
     assert code == 2 and "estimator" in err
+
+
+def test_resume_with_another_learning_rate(level1, tmp_path, capsys):
+    """What the divergence message advises: resume the good checkpoint with
+    a smaller learning rate. The run continues as a trainer loaded from the
+    checkpoint whose lr is then set does, and records the new lr."""
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+               "--no-progress")[0] == 0
+    first = tmp_path / "first.npz"
+    first.write_bytes((out / "checkpoint.npz").read_bytes())
+    code, text, _ = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out,
+                        "--resume", out / "checkpoint.npz", "--lr", 1e-4, "--no-progress")
+    assert code == 0 and "learning rate 0.003 -> 0.0001 from epoch 2" in text
+    resumed = Trainer.from_checkpoint(out / "checkpoint.npz", progress=False)
+    assert resumed.epoch == 2 and resumed.optimizer.lr == 1e-4
+    by_hand = Trainer.from_checkpoint(first, progress=False)
+    by_hand.optimizer.lr = 1e-4
+    by_hand.fit(load_pairs(level1 / "train.jsonl"), 2)
+    for name, value in by_hand._params().items():
+        np.testing.assert_array_equal(resumed._params()[name], value, err_msg=name)
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["train", "--data", "x", "--epochs", "0",

@@ -611,3 +611,21 @@ def test_plot_run_never_draws_over_its_log(trained, tmp_path):
             plot_run(tmp_path, out, overwrite=True)
     assert (tmp_path / "metrics.jsonl").read_bytes() == (
         trained / "run" / "metrics.jsonl").read_bytes()
+
+
+def test_python_dash_m_grapheme_is_the_command():
+    """``python -m grapheme``: the command where its console script is not
+    on the PATH (an in-place build). Before: no grapheme.__main__."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(gr.__file__)), os.environ.get("PYTHONPATH", "")]))
+    for argv, code, stream in ((["--version"], 0, "stdout"),
+                               (["segment"], 2, "stderr")):
+        proc = subprocess.run([sys.executable, "-m", "grapheme", *argv], env=env,
+                              capture_output=True, text=True, timeout=120,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert proc.returncode == code
+        assert getattr(proc, stream).startswith("grapheme" if code == 0 else "usage: grapheme")
