@@ -184,8 +184,9 @@ def build_parser():
                         "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
                         "the untrained model's included; needs validation pairs")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in --out (without it, an existing run is "
-                        "only continued with --resume OUT/checkpoint.npz)")
+                   help="replace a run already in --out, its best.npz included, once "
+                        "the new run's first epoch is done (without it, an existing run "
+                        "is only continued with --resume OUT/checkpoint.npz)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar and no line per epoch on stderr (the result, "
                         "with the training time, is still printed)")
@@ -439,6 +440,9 @@ def _train(args, out, spawn=None, comm=None):
             unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
             comm=comm, dtype="float64" if args.dtype is None else args.dtype)
         start = 0
+        stale = os.path.join(args.out, "best.npz")
+        if rank0 and args.overwrite and args.keep_best is None and os.path.isfile(stale):
+            trainer._replaced_files.append(stale)   # the replaced run's, as its log
     best = None
     if args.keep_best is not None:
         if not val:

@@ -375,3 +375,33 @@ def test_resumed_run_shows_the_best_epochs_own_numbers(words, tmp_path, capsys):
             else float(row[1]))     # the best is where this run started
     assert float(row[-1]) == pytest.approx(want, abs=1e-4)
     assert f"epoch {epoch}, val_boundary_f1 {float(row[-1]):.4f}" in out
+
+
+def test_overwrite_replaces_the_whole_run_after_its_first_epoch(level1, tmp_path, capsys,
+                                                                 monkeypatch):
+    """--overwrite without --keep-best: the replaced run's best.npz goes with
+    its log and checkpoint, after the new run's first epoch (before: it
+    stayed, and `segment --model RUN/best.npz` used the old model quietly);
+    stopped in its first epoch, the new run leaves the old one whole."""
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out,
+               "--keep-best", "val_loss", "--no-progress")[0] == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(old) == ["best.npz", "checkpoint.npz", "metrics.jsonl"]
+
+    original = Trainer._run_epoch
+
+    def interrupted(self, *args):
+        original(self, *args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "_run_epoch", interrupted)
+    code, _, _ = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+                     "--overwrite", "--no-progress")
+    assert code == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+               "--overwrite", "--no-progress")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]

@@ -212,6 +212,10 @@ class Trainer:
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
         self._last_checkpoint = None    # (path, epoch) of the last one written
+        # files of another run that this fresh run replaces without writing
+        # them (grapheme train --overwrite: its best.npz, without --keep-best):
+        # removed with the other run's log and checkpoint, after the first epoch
+        self._replaced_files = []
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
@@ -961,6 +965,11 @@ class Trainer:
                 elif untrained is not None:
                     save_checkpoint(best_path, *untrained)
                 untrained = None
+                if writes:
+                    for path in self._replaced_files:
+                        if os.path.isfile(path):
+                            os.unlink(path)
+                    self._replaced_files = []
                 if self.log is not None and writes:
                     if not log_synced:   # only now: an old log survives until here
                         self._rewrite_log()
