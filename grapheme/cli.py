@@ -278,6 +278,12 @@ def _cmd_generate(args, out):
             print(f"  {paths[split]}: {n['examples']} examples, {n['words']} words, "
                   f"{n['characters']} characters from {n['documents']} documents", file=out)
         print(f"  which document went where: {paths['documents']}", file=out)
+        sizes = paths["sizes"]
+        share = sizes["train"]["words"] / max(sum(n["words"] for n in sizes.values()), 1)
+        if share < 0.5:   # whole documents: a few large files leave train little
+            print(f"note: train holds {share:.0%} of the words: val and test take whole "
+                  f"documents until each holds {_data.HELD_OUT['val']:.0%} of the words, "
+                  "so more, smaller files leave train more", file=out)
         return 0
     if args.corpus is not None:
         raise CommandError("--corpus needs --task words")

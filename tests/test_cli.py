@@ -241,6 +241,9 @@ def words(tmp_path, capsys):
                          "--out", data, "--seed", 2)
     assert code == 0, err
     assert "split by document" in out and "test.jsonl" in out
+    # three documents: one each, which leaves train a third of the words
+    assert re.search(r"\nnote: train holds 3\d% of the words: val and test take whole "
+                     r"documents until each holds 10%", out)
     return data
 
 
