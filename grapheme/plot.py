@@ -41,6 +41,8 @@ def _save(fig, out, overwrite):
 
     out = check_path(out, "out")
     overwrite = check_bool(overwrite, "overwrite")
+    if not os.path.isdir(out) and os.path.splitext(out)[1].lower() != ".png":
+        raise ValueError(f"out {out!r} must be a .png file: the picture is a PNG")
     if os.path.isdir(out):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
                                 out)
@@ -180,7 +182,7 @@ def plot_run(run, out, overwrite=False):
     run : str or os.PathLike
         A run directory holding ``metrics.jsonl``, or that file.
     out : str or os.PathLike
-        The PNG file to write.
+        The PNG file to write (a name ending in .png; ValueError otherwise).
     overwrite : bool, default False
         Replace an existing ``out``; without it, ``FileExistsError``. Never
         the run's own metrics log (ValueError).
@@ -224,7 +226,7 @@ def plot_segments(model, text, out, overwrite=False, width=60):
     text : str
         At most :data:`MAX_SHOW_CHARS` characters.
     out : str or os.PathLike
-        The PNG file to write.
+        The PNG file to write (a name ending in .png; ValueError otherwise).
     overwrite : bool, default False
         Replace an existing ``out``; without it, ``FileExistsError``.
     width : int, default 60

@@ -286,6 +286,18 @@ def test_plot_refuses_a_directory_as_the_file(trained, tmp_path):
         plot_run(trained / "run", tmp_path, overwrite=True)
 
 
+def test_a_picture_is_a_png_file(trained, tmp_path, capsys):
+    """Found by a new-user helper: --out x.jpg and --out x wrote PNG data
+    under a name that says otherwise."""
+    pytest.importorskip("matplotlib")
+    for name in ("x.jpg", "x"):
+        code, _, err = run(capsys, "plot", trained / "run", "--out", tmp_path / name)
+        assert code == 2 and "must be a .png file" in err
+    assert os.listdir(tmp_path) == []
+    code, _, _ = run(capsys, "plot", trained / "run", "--out", tmp_path / "x.PNG")
+    assert code == 0 and os.listdir(tmp_path) == ["x.PNG"]
+
+
 def test_plot_of_a_checkpoint_says_it_is_not_the_metrics(trained):
     # found by a new-user helper: "line 1 is not JSON"
     from grapheme.plot import read_metrics
