@@ -476,7 +476,7 @@ class Segmenter:
         its :attr:`window`."""
         model = type(self)._from_arrays(self.config(), {k: np.array(v) for k, v in
                                                         self._arrays().items()})
-        model.window = self.window
+        model.window = None if self._default_window else self.window
         return model
 
     def __repr__(self):
