@@ -246,7 +246,8 @@ def free_port(host="127.0.0.1"):
 
 def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0):
     """Run ``command`` (an argv list) as ``nproc`` ranks on this machine and
-    wait; return 0 if all succeed, else the first failing rank's exit code.
+    wait; return 0 if all succeed, else the first failing rank's exit code
+    (``128 + n`` if signal ``n`` ended it, which is then said on stderr).
 
     Every rank gets the variables torchrun would set (``RANK``,
     ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` =
@@ -303,10 +304,13 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
                 procs.append(subprocess.Popen(command, env=rank_env,
                                               stdout=subprocess.DEVNULL, stderr=err))
         failed = None
-        while not stopped and failed is None and any(p.poll() is None for p in procs):
+        # every rank polled every time (a rank that died while rank 0 runs
+        # used to go unnoticed: rank 0 then waited for it in a collective)
+        while not stopped and failed is None and [p.poll() for p in procs].count(None):
             failed = next((r for r, p in enumerate(procs)
                            if p.returncode not in (None, 0)), None)
-            time.sleep(poll)
+            if failed is None:
+                time.sleep(poll)
         if stopped:
             _stop(procs, grace)
             return 128 + stopped[0]
@@ -319,7 +323,11 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
             errs[failed].seek(0)
             sys.stderr.write(errs[failed].read().decode("utf-8", "replace"))
         code = procs[failed].returncode
-        return code if code > 0 else 1
+        if code < 0:   # a signal ended it: it said nothing, so say it here
+            name = signal.Signals(-code).name if -code in _SIGNAL_NUMBERS else str(-code)
+            sys.stderr.write(f"rank {failed} of {nproc} was killed by signal {name}\n")
+            return 128 - code
+        return code
     except BaseException:
         _stop(procs, grace)
         raise
@@ -329,6 +337,9 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
         for err in errs:
             if err is not None:
                 err.close()
+
+
+_SIGNAL_NUMBERS = {int(s) for s in signal.Signals}
 
 
 def _stop(procs, grace):

@@ -470,6 +470,38 @@ def test_nohup_keeps_sighup_ignored(tmp_path):
     assert not any(map(_alive, ranks))
 
 
+def _launch(rank_code):
+    """``spawn_local`` of two ranks running ``rank_code``: (status, stderr,
+    seconds)."""
+    script = ("import sys; from grapheme.distributed import spawn_local; "
+              f"sys.exit(spawn_local({[sys.executable, '-c', rank_code]!r}, 2, grace=1))")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], env=_env(), cwd=HERE,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    return done.returncode, done.stderr, time.monotonic() - start
+
+
+@POSIX
+@pytest.mark.parametrize("how", ["error", "signal"])
+def test_a_failing_rank_is_seen_while_rank_0_runs(how):
+    """Found by an attack helper: only rank 0 was polled while it ran, so a
+    rank > 0 that died left rank 0 waiting for it in a collective (until
+    torch's 30-minute timeout), and a rank killed by a signal ended the
+    launch with status 1 and nothing said."""
+    fail = ("sys.exit('rank one failed')" if how == "error"
+            else "os.kill(os.getpid(), signal.SIGKILL)")
+    code, err, seconds = _launch(
+        "import os, signal, sys, time\n"
+        f"if os.environ['RANK'] == '1':\n    {fail}\n"
+        "time.sleep(100)")
+    assert seconds < 60
+    if how == "error":
+        assert code == 1 and "rank one failed" in err
+    else:
+        assert code == 128 + signal.SIGKILL
+        assert "rank 1 of 2 was killed by signal SIGKILL" in err
+
+
 @POSIX
 def test_spawn_local_puts_the_handlers_back():
     from grapheme.distributed import spawn_local
