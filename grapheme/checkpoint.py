@@ -92,14 +92,19 @@ def _remove_stale_temporaries(path):
                 os.unlink(os.path.join(directory, name))
 
 
-def _directory_error(path):
-    """The IsADirectoryError naming ``path`` where a file is to be written
-    and ``path`` is a directory or ends with a separator, else None: raised
-    before any "already exists" (whose advice, overwrite=True, could not
-    help)."""
+def _not_a_file_error(path):
+    """The error naming ``path`` where a file is to be written by replacing
+    it and ``path`` cannot be one: IsADirectoryError for a directory (or a
+    path ending with a separator), ValueError for a pipe, a device or a
+    socket (replacing ``/dev/null`` with a regular file would break the
+    system's); else None. Raised before any "already exists" (whose advice,
+    overwrite=True, could not help)."""
     path = os.fspath(path)
     if os.path.isdir(path) or _ends_with_separator(path):
         return IsADirectoryError(errno.EISDIR, "a directory, not a file to write", path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        return ValueError(f"{path!r} is not a regular file (a pipe, a device or a socket): "
+                          "it would be replaced by one, not written to")
     return None
 
 
@@ -109,7 +114,7 @@ def _new_file(path, overwrite, what):
     (``what``: the file's kind, as the message names it)."""
     path = check_path(path, "path")
     overwrite = check_bool(overwrite, "overwrite")
-    if (error := _directory_error(path)) is not None:
+    if (error := _not_a_file_error(path)) is not None:
         raise error
     if not overwrite and os.path.exists(path):
         raise FileExistsError(errno.EEXIST, f"{what} already exists (pass overwrite=True "
@@ -129,7 +134,7 @@ def _atomic_open(path, mode="wb", **kwargs):
     """
     path = os.fspath(path)
     # said here, naming path: os.replace would name the temporary file
-    if (error := _directory_error(path)) is not None:
+    if (error := _not_a_file_error(path)) is not None:
         raise error
     _remove_stale_temporaries(path)
     tmp = _temp_name(path)

@@ -909,3 +909,26 @@ def test_bytes_paths_name_the_same_files_as_str_paths(tmp_path):
     assert again.epoch == 1
     model = gr.Segmenter.load(os.path.join(root, b"model.npz"))
     assert model.segment(["abc"]) == trainer.model.segment(["abc"])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_a_pipe_or_device_is_never_replaced_by_a_file(tmp_path):
+    """Found by an attack helper: an empty log that was a FIFO (or a
+    character device: /dev/null, as root) was atomically replaced by a
+    regular file after the first epoch. Every file written by replacing it
+    now refuses what is not a regular file, before any work."""
+    from grapheme.data import write_pairs
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    trainer = _trainer(log=fifo, overwrite=True)
+    calls = [lambda: trainer.fit(gr.DEMO_PAIRS, 1),
+             lambda: _trainer().fit(gr.DEMO_PAIRS, 1, checkpoint=fifo),
+             lambda: _trainer().save(fifo, overwrite=True),
+             lambda: trainer.model.save(fifo, overwrite=True),
+             lambda: write_pairs(fifo, gr.DEMO_PAIRS)]
+    for call in calls:
+        with pytest.raises(ValueError, match="is not a regular file"):
+            call()
+    assert trainer.epoch == 0
+    assert os.listdir(tmp_path) == ["fifo"] and not os.path.isfile(fifo)

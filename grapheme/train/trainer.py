@@ -34,7 +34,7 @@ from .._validation import (KEEP, as_float_array, check_model, check_pairs,
                            show)
 from .._threads import single_pool
 from .._workspace import Workspace
-from ..checkpoint import (MODEL_KIND, _atomic_open, _directory_error, _new_file,
+from ..checkpoint import (MODEL_KIND, _atomic_open, _new_file, _not_a_file_error,
                           load_checkpoint, save_checkpoint)
 from ..embedding import Embedding
 from ..encoder import LayerOverflowError, check_training_memory
@@ -891,7 +891,7 @@ class Trainer:
             # a directory first, whatever overwrite says (it could not help),
             # rather than at the first write after an epoch of training
             for _, path in files:
-                if (error := _directory_error(path)) is not None:
+                if (error := _not_a_file_error(path)) is not None:
                     break
         if error is None and self.epoch == 0 and not self.overwrite and writes:
             for what, path in files:
