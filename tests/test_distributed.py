@@ -218,6 +218,33 @@ def test_validation_is_split_between_ranks(name, n_val, world, monkeypatch):
             assert records[0][key] == value, key
 
 
+@pytest.mark.parametrize("differ", ["seed", "estimator", "lr", "unknown_prob", "val"])
+def test_ranks_made_with_other_settings_are_refused(differ):
+    """Found by an attack helper: ranks made with their own seed (a common
+    habit elsewhere) sharded different shuffles, and other estimators,
+    learning rates or validation pairs trained on silently; other batch
+    sizes aborted in gloo. fit compares the settings before the first step."""
+    pairs, val = worker._pairs(0), worker._val(0)
+
+    def rank(comm):
+        other = comm.rank == 1
+        trainer = gr.Trainer(
+            gr.Embedding(dim=4, seed=1),
+            gr.Morpher(estimator="soft" if other and differ == "estimator" else "ste"),
+            gr.StructuralLoss(), gr.Adam(lr=2e-2 if other and differ == "lr" else 1e-2),
+            batch_size=6, seed=1 + (other and differ == "seed"), progress=False,
+            unknown_prob=0.1 if other and differ == "unknown_prob" else 0.0, comm=comm)
+        try:
+            trainer.fit(pairs, 1, val=val[:3] if other and differ == "val" else val)
+        except ValueError as exc:
+            return str(exc), trainer.epoch
+        return None, trainer.epoch
+
+    for message, epoch in _Threads.run([rank] * 2):
+        assert message is not None and message.startswith(
+            "ranks disagree on the settings or the validation pairs") and epoch == 0
+
+
 def _write_pairs(path, pairs):
     with open(path, "w", encoding="utf-8") as f:
         for source, target in pairs:

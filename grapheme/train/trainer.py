@@ -909,6 +909,15 @@ class Trainer:
                                  "(every rank must be given the same pairs and "
                                  "checkpoint)", [fingerprint["sha256"], self.epoch,
                                                  *self._params().values()])
+            # else a rank shards another shuffle (its own seed), or steps
+            # with other settings, silently; other batch sizes abort in gloo
+            self.comm.check_same(
+                "the settings or the validation pairs (every rank must be made "
+                "with the same settings, seed included, and given the same val)",
+                [json.dumps(self.config(), sort_keys=True), repr(self.optimizer),
+                 json.dumps(self.morpher.state_dict(), sort_keys=True),
+                 repr(self.rng.bit_generator.state),
+                 None if val is None else data_fingerprint(*check_pairs(val, "val"))["sha256"]])
         elif error is not None:
             raise error
         self._data_fingerprint = fingerprint
