@@ -35,6 +35,8 @@ class Optimizer:
     """
 
     _slots = ()
+    #: slots whose entries are never negative (a second moment)
+    _nonnegative = ()
     _hyper = ()
 
     def __init__(self):
@@ -156,6 +158,9 @@ class Optimizer:
                     raise ValueError(f"state: {key!r} must be a float array")
                 if not np.isfinite(arr).all():
                     raise ValueError(f"state: {key!r} contains NaN or infinity")
+                if slot in self._nonnegative and (arr < 0).any():
+                    raise ValueError(f"state: {key!r} has negative entries (a second "
+                                     "moment is never negative)")
                 # float32 state (a float32 model's) stays float32
                 keep = arr.dtype if arr.dtype == np.float32 else np.float64
                 arrays[slot][name] = np.array(arr, dtype=keep, copy=True)
@@ -286,6 +291,7 @@ class Adam(Optimizer):
     """
 
     _slots = ("exp_avg", "exp_avg_sq")
+    _nonnegative = ("exp_avg_sq",)
     _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):

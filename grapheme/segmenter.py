@@ -22,7 +22,7 @@ from .embedding import Embedding
 from .encoder import Encoder
 from .graph import Graph
 from .morph import Morpher
-from .train.state import build, describe
+from .train.state import build, check_sizes, describe
 
 __all__ = ["Segmenter", "MODEL_VERSION", "WINDOW_MEMORY"]
 
@@ -446,16 +446,14 @@ class Segmenter:
 
     @classmethod
     def _from_arrays(cls, config, arrays):
+        check_sizes(config, arrays)
         embedding, morpher = build(config["embedding"]), build(config["morpher"])
         encoder = build(config.get("encoder"))
         if not (isinstance(embedding, Embedding) and isinstance(morpher, Morpher)
                 and (encoder is None or isinstance(encoder, Encoder))):
             raise ValueError("the configuration names the wrong component types")
-        weight = np.asarray(arrays["embedding.weight"])
-        if weight.ndim != 2 or weight.shape[1] != embedding.dim:
-            raise ValueError(f"embedding.weight has shape {weight.shape}, the "
-                             f"configuration says dim={embedding.dim}")
-        embedding.load_state_dict({"codes": arrays["embedding.codes"], "weight": weight})
+        embedding.load_state_dict({"codes": arrays["embedding.codes"],
+                                   "weight": np.asarray(arrays["embedding.weight"])})
         theta = np.asarray(arrays["morpher.theta"])
         if theta.shape != () or theta.dtype != np.float64 or not np.isfinite(theta):
             raise ValueError("morpher.theta is not a finite float64 scalar")

@@ -932,3 +932,56 @@ def test_a_pipe_or_device_is_never_replaced_by_a_file(tmp_path):
             call()
     assert trainer.epoch == 0
     assert os.listdir(tmp_path) == ["fifo"] and not os.path.isfile(fifo)
+
+
+def _edited(tmp_path, source, name, edit):
+    """A copy of the checkpoint ``source`` whose arrays and meta ``edit``
+    changed, saved as ``name``."""
+    arrays, meta = load_checkpoint(source)
+    edit(arrays, meta)
+    path = tmp_path / name
+    save_checkpoint(path, arrays, meta)
+    return path
+
+
+def test_hand_edited_checkpoints_are_refused_cheaply(tmp_path):
+    """Found by an attack helper: a model file saying dim = 10**8 drew a
+    unknown row of that width (2.4 GB, seconds) before its shapes were
+    compared; a generator state out of range printed an OverflowError's
+    traceback from `grapheme eval`; a negative Adam second moment loaded,
+    and training then 'diverged'."""
+    trainer = _trainer(encoder=gr.Encoder(8, layers=2))
+    trainer.fit(gr.DEMO_PAIRS, 1, checkpoint=tmp_path / "ck.npz")
+    ck = tmp_path / "ck.npz"
+    trainer.model.save(tmp_path / "model.npz")
+
+    def config(key, value, part="embedding"):
+        def edit(arrays, meta):
+            meta["config"][part][key] = value
+        return edit
+
+    for source in (ck, tmp_path / "model.npz"):
+        for name, edit, match in (
+                ("dim.npz", config("dim", 10**8), "embedding dim=100000000"),
+                ("edim.npz", config("dim", 10**8, "encoder"), "encoder dim=100000000"),
+                ("layers.npz", config("layers", 10**6, "encoder"), "encoder layers=1000000")):
+            bad = _edited(tmp_path, source, name, edit)
+            for load in (gr.Segmenter.load, gr.Trainer.from_checkpoint):
+                if load == gr.Trainer.from_checkpoint and source != ck:
+                    continue
+                with pytest.raises(ValueError, match=match):
+                    load(bad)
+
+    def rng(arrays, meta):
+        meta["rng"]["state"]["state"] = -1
+
+    def second_moment(arrays, meta):
+        arrays["optimizer.exp_avg_sq.theta"] = np.array(-1.0)
+
+    for name, edit, match in (("rng.npz", rng, "corrupted or truncated: .*out of bounds"),
+                              ("moment.npz", second_moment, "negative entries")):
+        bad = _edited(tmp_path, ck, name, edit)
+        with pytest.raises(ValueError, match=match):
+            gr.Trainer.from_checkpoint(bad, progress=False)
+        code = cli.main(["eval", "--checkpoint", str(bad), "--data", str(tmp_path)])
+        assert code == 2

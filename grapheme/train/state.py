@@ -8,7 +8,7 @@ JSON (``{"type": name, **params}``, nested components described in turn) and
 types listed in :func:`registry`: a checkpoint names classes, it never
 carries code.
 """
-__all__ = ["describe", "build", "registry"]
+__all__ = ["describe", "build", "registry", "check_sizes"]
 
 
 def registry():
@@ -72,3 +72,32 @@ def build(spec):
         return known[name](**params)
     except TypeError as exc:
         raise ValueError(f"{name} refuses its arguments: {exc}") from None
+
+
+def check_sizes(config, arrays):
+    """The sizes a file's configuration declares against the arrays it
+    holds, before anything of those sizes is built: the embedding's and
+    the encoder's ``dim`` against ``embedding.weight``'s width, the
+    encoder's ``layers`` against its layers' arrays. A hand-edited
+    ``dim = 10**9`` otherwise drew a unknown row of that width (8 GB)
+    before the shapes were compared; with them equal, what is built is
+    bounded by the file. ``ValueError`` naming the two; a malformed
+    configuration is left to :func:`build` to name."""
+    import numpy as np
+
+    if not isinstance(config, dict):
+        return
+    weight = arrays.get("embedding.weight")
+    width = np.shape(weight)[1] if weight is not None and np.ndim(weight) == 2 else None
+    for part in ("embedding", "encoder"):
+        spec = config.get(part)
+        if isinstance(spec, dict) and "dim" in spec and spec["dim"] != width:
+            raise ValueError(f"embedding.weight has shape {np.shape(weight)}, the "
+                             f"configuration says {part} dim={spec['dim']!r}")
+    spec = config.get("encoder")
+    if isinstance(spec, dict) and "layers" in spec:
+        layers = {k.split(".")[1] for k in arrays
+                  if k.startswith("encoder.layer") and k.count(".") == 2}
+        if spec["layers"] != len(layers):
+            raise ValueError(f"the configuration says encoder layers={spec['layers']!r}, "
+                             f"the file holds {len(layers)} layer(s)' weights")

@@ -47,7 +47,7 @@ from ..distributed import Communicator, check_rank, shard_bounds
 from .progress import Progress, summary_line
 from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
                       structure_match, upgrade_record)
-from .state import build, describe
+from .state import build, check_sizes, describe
 
 __all__ = ["Trainer", "UNKNOWN_PROB"]
 
@@ -1111,10 +1111,11 @@ class Trainer:
         ValueError
             If the checkpoint is corrupted or names an unknown component.
         """
-        _, meta = load_checkpoint(path)
+        arrays, meta = load_checkpoint(path)
         path = check_path(path, "path")
         _not_a_model_file(path, meta)
         try:
+            check_sizes(meta.get("config"), arrays)
             trainer = cls._from_config(meta["config"], log=log, progress=progress,
                                        comm=comm)
         except (KeyError, TypeError, ValueError) as exc:
@@ -1293,7 +1294,7 @@ class Trainer:
             if self.encoder is not None:
                 self.encoder.load_state_dict(encoder_state)
             self.morpher.load_state_dict(morpher_state)
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"{exc}") from None
         # Keep the caller's objects live: copy the (validated) state into them.
