@@ -985,3 +985,15 @@ def test_hand_edited_checkpoints_are_refused_cheaply(tmp_path):
             gr.Trainer.from_checkpoint(bad, progress=False)
         code = cli.main(["eval", "--checkpoint", str(bad), "--data", str(tmp_path)])
         assert code == 2
+
+
+def test_reinforce_samples_beyond_memory_are_refused_before_the_step():
+    """Found by an attack helper: Reinforce(samples=10**6) on 40 pairs
+    passed replicate's check of the graph's structure and was then killed
+    by the out-of-memory killer (24 GB resident) tiling the features."""
+    trainer = gr.Trainer(gr.Embedding(dim=8), gr.Morpher(estimator=gr.Reinforce(samples=10**9)),
+                         gr.StructuralLoss(), gr.Adam(lr=1e-2), batch_size=8, progress=False)
+    with pytest.raises(MemoryError, match=r"Reinforce\(samples=1000000000\) on \d+ nodes of 8 "
+                                          r"features needs"):
+        trainer.fit(gr.data.make_pairs(40, tasks="fold"), 1)
+    assert trainer.epoch == 0
