@@ -319,6 +319,59 @@ def _removed_if_left_empty(path):
         raise
 
 
+#: The advisory lock a training run holds on its --out (see _run_lock).
+RUN_LOCK = ".grapheme-train.lock"
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir):
+    """Hold an advisory lock (``fcntl.flock``) on ``out_dir``'s
+    :data:`RUN_LOCK` while a run writes ``out_dir``: a second ``train`` into
+    the same ``--out`` is refused (CommandError naming the holder's pid)
+    instead of the two interleaving their logs and replacing each other's
+    checkpoints. The kernel releases the lock when the process ends, however
+    it ends (kill -9 included); the file is removed on the way out. Nothing
+    is locked for ``out_dir=None`` or where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:   # pragma: no cover - not POSIX
+        fcntl = None
+    if out_dir is None or fcntl is None:
+        yield
+        return
+    path = os.path.join(out_dir, RUN_LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise CommandError(f"--out {out_dir!r} is being written by another grapheme "
+                               f"train (pid {holder}); wait for it, or choose another "
+                               "--out") from None
+        # the holder before us may have removed the file we locked: then
+        # the lock is on a file no longer there, and the next run's would be
+        # on another; lock the one the path names
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        held = os.fstat(fd)
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        yield
+    finally:
+        try:
+            os.unlink(path)   # before the lock goes: a waiter then retries
+        finally:
+            os.close(fd)
+
+
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
                   baseline="mean", samples=1, overwrite=False, encoder_layers=ENCODER_LAYERS,
                   unknown_prob=UNKNOWN_PROB, comm=None, dtype="float64"):
@@ -472,8 +525,9 @@ def _train(args, out, spawn=None, comm=None):
     with _removed_if_left_empty(args.out):
         if start < args.epochs and rank0:   # only now: everything above is checked
             os.makedirs(args.out, exist_ok=True)
-        history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
-                              keep_best=args.keep_best, new_data=args.new_data)
+        with _run_lock(args.out if start < args.epochs and rank0 else None):
+            history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
+                                  keep_best=args.keep_best, new_data=args.new_data)
     seconds = time.perf_counter() - started
     if start == 0 and trainer.baseline is not None:
         before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}

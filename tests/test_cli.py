@@ -1,6 +1,8 @@
 """Tests for the ``grapheme`` command line (grapheme.cli.main)."""
 import json
+import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -408,3 +410,41 @@ def test_overwrite_replaces_the_whole_run_after_its_first_epoch(level1, tmp_path
     assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
                "--overwrite", "--no-progress")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock: POSIX")
+def test_a_second_run_into_the_same_out_is_refused(level1, tmp_path, capsys, monkeypatch):
+    """Found by an attack helper: two `train --out RUN` at once both passed
+    the existing-run check and interleaved their logs. The run's lock is
+    held while it trains and removed when it ends, however it ends."""
+    import subprocess
+    import grapheme
+    from grapheme.cli import RUN_LOCK, _run_lock
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from grapheme.cli import _run_lock\n"
+         f"with _run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=str(tmp_path), env={
+            **os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(grapheme.__file__))})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+                           "--no-progress")
+        assert code == 2 and f"is being written by another grapheme train (pid {holder.pid})" in err
+        assert sorted(os.listdir(out)) == [RUN_LOCK]
+    finally:
+        holder.kill()   # kill -9: the kernel releases the lock
+        holder.wait()
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+               "--no-progress")[0] == 0
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "metrics.jsonl"]   # lock removed
+    # removed on an error too, and an --out made for the run with it
+    monkeypatch.setattr(Trainer, "_run_epoch", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    code, _, _ = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
+                     tmp_path / "new" / "run", "--no-progress")
+    assert code == 2 and not (tmp_path / "new").exists()
+    with _run_lock(str(out)):   # and the lock can be taken again
+        pass
