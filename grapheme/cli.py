@@ -748,8 +748,10 @@ def _line_batches(stream, chars, name="standard input"):
     """Lists of the lines of ``stream`` (without their newlines), about
     ``chars`` characters each, read as they come: nothing waits for the end
     of the stream but the last batch, and a read returns what is there
-    (``read1`` of a binary stream). A binary stream is decoded as UTF-8 with
-    universal newlines (as text-mode ``sys.stdin``); bytes that are not
+    (``read1`` of a binary stream). A binary stream is decoded as UTF-8;
+    a line ends at ``\n`` (``\r\n`` too, its ``\r`` dropped), never at a
+    lone ``\r``, so that the output has a line for every input line, as
+    ``wc -l`` counts them and as errors number them; bytes that are not
     UTF-8 are a :class:`CommandError` naming the line, after the batches
     of the lines before it. A line longer than a batch is read whole
     (in chunks joined once: linear in its length)."""
@@ -792,10 +794,10 @@ def _decoded_lines(block, line, name):
                            f"0x{block[exc.start]:02x} ({exc.reason}); grapheme reads "
                            f"UTF-8 text") from None
     del block
-    if "\r" in text:   # universal newlines: \r\n and \r end lines too
+    if "\r" in text:   # \r\n ends a line; a lone \r is a character of one
         if text.endswith("\r"):   # the \r of a \r\n whose \n ended the block
             text = text[:-1]
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = text.replace("\r\n", "\n")
     lines, text = text.split("\n"), None
     yield lines
 

@@ -255,7 +255,11 @@ class Segmenter:
             raise TypeError(f"{name} must be a str or a sequence of str, got "
                             f"{type(texts).__name__}")
         else:
-            texts, single = list(texts), False
+            try:
+                texts, single = list(texts), False
+            except TypeError:   # iterable in name only: a 0-d numpy array
+                raise TypeError(f"{name} must be a str or a sequence of str, got "
+                                f"{type(texts).__name__}") from None
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")

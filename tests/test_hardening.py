@@ -997,3 +997,11 @@ def test_reinforce_samples_beyond_memory_are_refused_before_the_step():
                                           r"features needs"):
         trainer.fit(gr.data.make_pairs(40, tasks="fold"), 1)
     assert trainer.epoch == 0
+
+
+def test_a_zero_dimensional_array_of_text_is_named():
+    """Found by an attack helper: numpy's "iteration over a 0-d array"."""
+    model = gr.Segmenter(gr.Embedding(dim=4), gr.Morpher())
+    with pytest.raises(TypeError, match="texts must be a str or a sequence of str, got ndarray"):
+        model.segment(np.array("abc"))
+    assert model.segment(np.array(["abc"]).tolist()) == model.segment(["abc"])
