@@ -146,9 +146,12 @@ def _atomic_open(path, mode="wb", **kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a write's error (ENOSPC, EIO) names no file: name the one written
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
 
 

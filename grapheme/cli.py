@@ -423,6 +423,8 @@ def _cmd_train(args, out):
     except ValueError:
         raise CommandError(f"WORLD_SIZE={world!r} in the environment is not an "
                            "integer") from None
+    if world < 1:   # else "needs the variables RANK, ..." would blame others
+        raise CommandError(f"WORLD_SIZE={world} in the environment must be at least 1")
     if args.nproc is not None and args.nproc != world:
         raise CommandError(f"--nproc {args.nproc} disagrees with the launcher's "
                            f"WORLD_SIZE={world} (under torchrun, omit --nproc)")

@@ -536,3 +536,17 @@ def test_spawn_local_puts_the_handlers_back():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     assert spawn_local([sys.executable, "-c", "pass"], 2, env=_env()) == 0
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("world", ["0", "-1"])
+def test_cli_world_size_below_one_is_named(world, monkeypatch, capsys, tmp_path):
+    # found by an attack helper: blamed missing RANK, MASTER_ADDR, ... instead
+    from grapheme.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    code = main(["train", "--data", str(tmp_path), "--epochs", "1", "--out",
+                 str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"WORLD_SIZE={world} in the environment must be at least 1" in err

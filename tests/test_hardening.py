@@ -1005,3 +1005,20 @@ def test_a_zero_dimensional_array_of_text_is_named():
     with pytest.raises(TypeError, match="texts must be a str or a sequence of str, got ndarray"):
         model.segment(np.array("abc"))
     assert model.segment(np.array(["abc"]).tolist()) == model.segment(["abc"])
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """Found by an attack helper: "[Errno 28] No space left on device"
+    without the file (a write's error names none). The old file stays."""
+    import errno
+
+    from grapheme.checkpoint import _atomic_open
+
+    target = tmp_path / "ck.npz"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        with _atomic_open(target) as f:
+            f.write(b"new")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["ck.npz"]
