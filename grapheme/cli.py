@@ -198,6 +198,11 @@ def build_parser():
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
                    help="torch.distributed backend of a data-parallel run (default gloo; "
                         "nccl: the gradients travel through the GPUs of cuda:LOCAL_RANK)")
+    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="how long a data-parallel rank waits for the others in a "
+                        "collective before it stops with an error (default: torch's, "
+                        "30 minutes): a rank that hangs, or a launch whose peers never "
+                        "come")
 
     p = sub.add_parser("eval", help="loss, exact-structure accuracy (and segmentation "
                                     "metrics) of a checkpoint beside the untrained model's")
@@ -430,14 +435,16 @@ def _cmd_train(args, out):
                            f"WORLD_SIZE={world} (under torchrun, omit --nproc)")
     from . import distributed
 
-    comm = distributed.init_from_env(args.backend)
+    rank = os.environ.get("RANK", "?")
     try:
+        comm = distributed.init_from_env(args.backend, timeout=args.timeout)
         if comm.rank == 0:
             return _train(args, out, comm=comm)
         with open(os.devnull, "w", encoding="utf-8") as null:
             return _train(args, null, comm=comm)
-    except RuntimeError as exc:   # torch's and Communicator.agree's: a peer failed
-        raise CommandError(f"rank {comm.rank}: {exc}") from None
+    except RuntimeError as exc:   # torch's and Communicator.agree's: a peer failed,
+        # or never came (the rendezvous's timeout)
+        raise CommandError(f"rank {rank}: {exc}") from None
     finally:
         distributed.destroy()
 

@@ -550,3 +550,23 @@ def test_cli_world_size_below_one_is_named(world, monkeypatch, capsys, tmp_path)
                  str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and f"WORLD_SIZE={world} in the environment must be at least 1" in err
+
+
+def test_cli_timeout_ends_a_launch_whose_peers_never_come(tmp_path):
+    """Found by an attack helper: rank 0 of a launch without its peers
+    waited silently (torch's 30 minutes). --timeout bounds it, one line."""
+    from grapheme.distributed import free_port
+
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    env = dict(_env(), WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "grapheme.cli", "train", "--data", str(data),
+                           "--epochs", "1", "--out", str(tmp_path / "run"), "--timeout", "2",
+                           "--no-progress"], env=env, cwd=HERE, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 2 and time.monotonic() - start < 60
+    assert done.stderr.startswith("grapheme train: error: rank 0: ") and "Traceback" not in (
+        done.stderr) and done.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
