@@ -516,10 +516,12 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
 # the two are often the same mean of the same features, computed by two
 # kernels (a merge of the model's features against the gold segmentation's
 # contraction of them), equal in one run and an ulp apart in another whose
-# summation order differs (data-parallel ranks). Within _KINK relative of
-# the kink the derivative is 0 as well, so that rounding cannot pick the
-# sign: 2^-40, far above a mean's rounding (d eps for d < 4096) and far
-# below any finite-difference step.
+# summation order differs (data-parallel ranks). Within _KINK (|x| + |y| +
+# 1) of the kink the derivative is 0 as well, so that rounding cannot pick
+# the sign: 2^-40, far above a float64 mean's rounding (d eps relative for
+# d < 4096; the absolute floor for means that nearly cancel, whose rounding
+# follows the features' size, not the mean's) and far below any
+# finite-difference step. float32 features round far coarser than that.
 cdef double _KINK = 9.094947017729282e-13
 
 # Below this a target mass's gradient is summed over its column instead of
@@ -1248,7 +1250,8 @@ cdef int _backward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settin
         s = 0.0
         for j in range(m):
             d = xp[p0 + i] - yp[t0 + j]
-            if d < 1.0 and d > -1.0 and fabs(d) > _KINK * (fabs(xp[p0 + i]) + fabs(yp[t0 + j])):
+            if d < 1.0 and d > -1.0 and fabs(d) > _KINK * (
+                    fabs(xp[p0 + i]) + fabs(yp[t0 + j]) + 1.0):
                 cbar = w_act * Cbrow[j]
                 if d > 0.0:
                     s += cbar

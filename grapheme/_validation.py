@@ -252,7 +252,8 @@ def check_path(path, name):
     ``name``: an empty path would otherwise be refused only when a file is
     written, after the work that file was to keep."""
     if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"{name} must be a str, bytes or os.PathLike, got "
+                        f"{type(path).__name__}")
     path = os.fsdecode(os.fspath(path))
     if not path:
         raise ValueError(f"{name} must name a file, got an empty path")

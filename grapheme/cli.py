@@ -45,9 +45,10 @@ import time
 from . import __version__
 from . import data as _data
 from .checkpoint import _ends_with_separator
-from .distributed import MAX_LOCAL_RANKS
+from .distributed import MAX_LOCAL_RANKS, MAX_TIMEOUT
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
+from .plot import check_png
 from .train.metrics import SEGMENTATION_KEYS
 from .train.trainer import UNKNOWN_PROB
 
@@ -94,6 +95,7 @@ _nproc = _number(int, lower=1, upper=MAX_LOCAL_RANKS)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
 _rate = _number(float, lower=0.0, upper=1.0)
+_timeout = _number(float, lower=0, lower_inclusive=False, upper=MAX_TIMEOUT)
 _unknown_prob = _number(float, lower=0.0, upper=1.0, upper_inclusive=False)
 
 
@@ -198,7 +200,7 @@ def build_parser():
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
                    help="torch.distributed backend of a data-parallel run (default gloo; "
                         "nccl: the gradients travel through the GPUs of cuda:LOCAL_RANK)")
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_timeout, default=None, metavar="SECONDS",
                    help="how long a data-parallel rank waits for the others in a "
                         "collective before it stops with an error (default: torch's, "
                         "30 minutes): a rank that hangs, or a launch whose peers never "
@@ -329,14 +331,16 @@ RUN_LOCK = ".grapheme-train.lock"
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir):
+def _run_lock(out_dir, err=None):
     """Hold an advisory lock (``fcntl.flock``) on ``out_dir``'s
     :data:`RUN_LOCK` while a run writes ``out_dir``: a second ``train`` into
     the same ``--out`` is refused (CommandError naming the holder's pid)
     instead of the two interleaving their logs and replacing each other's
     checkpoints. The kernel releases the lock when the process ends, however
     it ends (kill -9 included); the file is removed on the way out. Nothing
-    is locked for ``out_dir=None`` or where ``fcntl`` is missing (Windows)."""
+    is locked for ``out_dir=None`` or where ``fcntl`` is missing (Windows);
+    where the file system cannot lock (some network file systems), a
+    warning goes to ``err`` and the run goes on unlocked."""
     try:
         import fcntl
     except ImportError:   # pragma: no cover - not POSIX
@@ -349,21 +353,25 @@ def _run_lock(out_dir):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:   # held
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
             os.close(fd)
             raise CommandError(f"--out {out_dir!r} is being written by another grapheme "
                                f"train (pid {holder}); wait for it, or choose another "
                                "--out") from None
+        except OSError as exc:   # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            print(f"{PROG} train: warning: --out {out_dir!r} cannot be locked "
+                  f"({exc.strerror or exc}); a second run into it would not be refused",
+                  file=sys.stderr if err is None else err)
+            yield
+            return
         # the holder before us may have removed the file we locked: then
         # the lock is on a file no longer there, and the next run's would be
         # on another; lock the one the path names
-        try:
-            named = os.stat(path)
-        except FileNotFoundError:
-            named = None
-        held = os.fstat(fd)
-        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+        if _names(path, fd):
             break
         os.close(fd)
     try:
@@ -372,9 +380,22 @@ def _run_lock(out_dir):
         yield
     finally:
         try:
-            os.unlink(path)   # before the lock goes: a waiter then retries
+            if _names(path, fd):   # ours still: removed before the lock goes
+                os.unlink(path)
+        except OSError:   # gone already: nothing to remove
+            pass
         finally:
             os.close(fd)
+
+
+def _names(path, fd):
+    """Whether ``path`` names the open file ``fd`` (False if it names none)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, progress,
@@ -487,7 +508,7 @@ def _train(args, out, spawn=None, comm=None):
                                           progress=progress, comm=comm)
         start = trainer.epoch
         if args.lr is not None and args.lr != trainer.optimizer.lr:
-            if rank0:
+            if rank0 and spawn is None and start < args.epochs:   # the ranks' rank 0 says it
                 print(f"learning rate {trainer.optimizer.lr:g} -> {args.lr:g} from epoch "
                       f"{start + 1}", file=out)
             trainer.optimizer.lr = args.lr
@@ -508,9 +529,10 @@ def _train(args, out, spawn=None, comm=None):
             unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
             comm=comm, dtype="float64" if args.dtype is None else args.dtype)
         start = 0
-        stale = os.path.join(args.out, "best.npz")
-        if rank0 and args.overwrite and args.keep_best is None and os.path.isfile(stale):
-            trainer._replaced_files.append(stale)   # the replaced run's, as its log
+    stale = os.path.join(args.out, "best.npz")
+    if (rank0 and args.overwrite and args.keep_best is None and os.path.isfile(stale)
+            and not _continues_its_run(args.resume, checkpoint)):
+        trainer._replaced_files.append(stale)   # the replaced run's, as its log
     best = None
     if args.keep_best is not None:
         if not val:
@@ -534,7 +556,17 @@ def _train(args, out, spawn=None, comm=None):
     with _removed_if_left_empty(args.out):
         if start < args.epochs and rank0:   # only now: everything above is checked
             os.makedirs(args.out, exist_ok=True)
-        with _run_lock(args.out if start < args.epochs and rank0 else None):
+        with contextlib.ExitStack() as held:
+            refused = None
+            try:
+                held.enter_context(_run_lock(args.out if start < args.epochs and rank0
+                                             else None))
+            except CommandError as exc:
+                refused = exc
+            if comm is not None:   # no rank waits for a rank 0 that was refused
+                comm.agree("to lock --out", refused)
+            elif refused is not None:
+                raise refused
             history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
                                   keep_best=args.keep_best, new_data=args.new_data)
     seconds = time.perf_counter() - started
@@ -582,6 +614,12 @@ def _held_by_out(out_dir, names):
     return [n for n in names if os.path.exists(os.path.join(out_dir, n))]
 
 
+def _continues_its_run(resume, checkpoint):
+    """Whether ``--resume`` is the checkpoint of the run in ``--out`` itself."""
+    return (resume is not None and os.path.exists(checkpoint) and os.path.exists(resume)
+            and os.path.samefile(resume, checkpoint))
+
+
 def _check_run_directory(args, log, checkpoint):
     """Refuse an ``--out`` that is a file, or that holds a run this command
     would replace without ``--overwrite`` (continuing it with ``--resume``
@@ -590,8 +628,7 @@ def _check_run_directory(args, log, checkpoint):
                             + ["best.npz"])
     if not existing or args.overwrite:
         return
-    if args.resume is not None and os.path.exists(checkpoint) and os.path.exists(
-            args.resume) and os.path.samefile(args.resume, checkpoint):
+    if _continues_its_run(args.resume, checkpoint):
         return
     held = f"--out {args.out!r} already holds a run ({', '.join(existing)})"
     # --resume of its checkpoint is advice only where there is one to resume
@@ -853,6 +890,7 @@ def _picture_path(out, name, overwrite):
     path = os.path.join(out, name) if os.path.isdir(out) else out
     if os.path.isdir(path):
         raise CommandError(f"--out {out!r}: {path!r} is a directory")
+    check_png(path)   # before "exists", and before the picture's work
     if os.path.exists(path) and not overwrite:
         raise CommandError(f"--out {out!r}: {path!r} already exists (--overwrite "
                            "replaces it)" if path != out else

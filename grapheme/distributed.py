@@ -187,6 +187,10 @@ def _torch_distributed():
     return dist
 
 
+#: Longest ``timeout`` of :func:`init_from_env`, in seconds (a year).
+MAX_TIMEOUT = 365 * 86400
+
+
 def init_from_env(backend="gloo", timeout=None):
     """Join the process group a launcher described in the environment
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, as torchrun
@@ -214,8 +218,9 @@ def init_from_env(backend="gloo", timeout=None):
                ("RANK in the environment", "WORLD_SIZE in the environment"))
     check_scalar(values["MASTER_PORT"], "MASTER_PORT in the environment", lower=1,
                  upper=65535, integer=True)
-    if timeout is not None:
-        timeout = check_scalar(timeout, "timeout", lower=0, lower_inclusive=False)
+    if timeout is not None:   # at most a year: datetime.timedelta's range, with room
+        timeout = check_scalar(timeout, "timeout", lower=0, lower_inclusive=False,
+                               upper=MAX_TIMEOUT)
     dist = _torch_distributed()
     kwargs = {}
     if timeout is not None:

@@ -348,7 +348,7 @@ class Reinforce(Estimator):
         # measured as the peak of a step on fold pairs at d = 8 between
         # K = 2000 and 8000); refused up front, not by the out-of-memory
         # killer (replicate's own check counts the structure only)
-        check_allocation(K * (4 * features.nbytes + 4096 * features.shape[0]),
+        check_allocation(K * (4 * features.nbytes + 6144 * features.shape[0]),
                          f"Reinforce(samples={K}) on {features.shape[0]} nodes of "
                          f"{features.shape[1]} features")
         rep = replicate(graph, K)

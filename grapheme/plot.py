@@ -36,13 +36,21 @@ def _figure(width, height):
     return fig
 
 
+def check_png(out):
+    """``out`` (a path) as a str, refused (ValueError naming it) unless it
+    ends with ``.png`` or is a directory: the picture is a PNG, and a name
+    that says otherwise would mislead. Checked before the work."""
+    out = check_path(out, "out")
+    if not os.path.isdir(out) and os.path.splitext(out)[1].lower() != ".png":
+        raise ValueError(f"out {out!r} must be a .png file: the picture is a PNG")
+    return out
+
+
 def _save(fig, out, overwrite):
     from .checkpoint import _atomic_open
 
-    out = check_path(out, "out")
+    out = check_png(out)
     overwrite = check_bool(overwrite, "overwrite")
-    if not os.path.isdir(out) and os.path.splitext(out)[1].lower() != ".png":
-        raise ValueError(f"out {out!r} must be a .png file: the picture is a PNG")
     if os.path.isdir(out):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
                                 out)
@@ -196,6 +204,7 @@ def plot_run(run, out, overwrite=False):
     if _is_metrics_log(out, run):
         raise ValueError(f"out {out!r} is the run's metrics log, which the "
                          "picture is drawn from")
+    check_png(out)
     records = read_metrics(run)
     fig = _figure(10, 7)
     from matplotlib.ticker import MaxNLocator
@@ -246,6 +255,7 @@ def plot_segments(model, text, out, overwrite=False, width=60):
     if not 0 < len(text) <= MAX_SHOW_CHARS:
         raise ValueError(f"text must have 1 to {MAX_SHOW_CHARS} characters, got "
                          f"{len(text)}")
+    out = check_png(out)
     starts = model.boundaries(text)
     n = len(text)
     # pieces: segments cut where a drawn line ends

@@ -127,6 +127,7 @@ class Segmenter:
         for odd widths). Set it to any integer
         of at least ``2 K + 2`` (the two overlaps and one kept character).
         """
+        self._check_components()   # a replaced encoder's window
         return self._window
 
     @window.setter

@@ -438,6 +438,7 @@ def test_a_second_run_into_the_same_out_is_refused(level1, tmp_path, capsys, mon
     finally:
         holder.kill()   # kill -9: the kernel releases the lock
         holder.wait()
+        holder.stdout.close()
     assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
                "--no-progress")[0] == 0
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "metrics.jsonl"]   # lock removed
@@ -448,3 +449,39 @@ def test_a_second_run_into_the_same_out_is_refused(level1, tmp_path, capsys, mon
     assert code == 2 and not (tmp_path / "new").exists()
     with _run_lock(str(out)):   # and the lock can be taken again
         pass
+
+
+def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capsys):
+    """Review: every OSError of flock read as "held by another run", so on
+    a file system without locks (ENOLCK) every run was refused."""
+    import errno
+    import fcntl
+
+    from grapheme.cli import RUN_LOCK, _run_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _run_lock(str(tmp_path)):
+        assert RUN_LOCK not in os.listdir(tmp_path)
+    assert "cannot be locked" in capsys.readouterr().err
+
+
+def test_overwrite_with_another_runs_checkpoint_replaces_the_best(level1, tmp_path, capsys):
+    """Review: --overwrite --resume OTHER/checkpoint.npz kept the replaced
+    run's best.npz, which segment then used quietly."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", a,
+               "--keep-best", "val_loss", "--no-progress")[0] == 0
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", b, "--seed", 5,
+               "--no-progress")[0] == 0
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", a, "--resume",
+               b / "checkpoint.npz", "--overwrite", "--no-progress")[0] == 0
+    assert sorted(p.name for p in a.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+    # resuming its own run keeps its best
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", b, "--keep-best",
+               "val_loss", "--overwrite", "--no-progress")[0] == 0
+    best = (b / "best.npz").read_bytes()
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", b, "--resume",
+               b / "checkpoint.npz", "--overwrite", "--no-progress")[0] == 0
+    assert (b / "best.npz").read_bytes() == best

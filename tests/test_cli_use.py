@@ -643,3 +643,18 @@ def test_python_dash_m_grapheme_is_the_command():
                               cwd=os.path.dirname(os.path.abspath(__file__)))
         assert proc.returncode == code
         assert getattr(proc, stream).startswith("grapheme" if code == 0 else "usage: grapheme")
+
+
+def test_a_picture_name_is_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    # review: show --out x.jpg segmented and drew before it was refused
+    pytest.importorskip("matplotlib")
+    from grapheme.plot import plot_segments
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("segmented before the name was checked")
+    monkeypatch.setattr(gr.Segmenter, "boundaries", no_work)
+    code, _, err = run(capsys, "show", "--model", trained / "model.npz", "abc",
+                       "--out", tmp_path / "x.jpg")
+    assert code == 2 and "must be a .png file" in err
+    with pytest.raises(ValueError, match="must be a .png file"):
+        plot_segments(gr.Segmenter.load(trained / "model.npz"), "abc", tmp_path / "x")

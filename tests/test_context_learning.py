@@ -91,7 +91,8 @@ def test_defaults_descend(task, estimator):
     trainer = _trainer(estimator, dim=64, lr=DEFAULT_LR[estimator], unknown_prob=0.0)
     history = trainer.fit(train, 8, val=val)
     assert history[-1]["loss"] < history[0]["loss"]
-    assert history[-1]["val_accuracy"] >= trainer.baseline["val_accuracy"] - 0.01
+    slack = 0.01 if (estimator, task) == ("soft", "dedup") else 0.0
+    assert history[-1]["val_accuracy"] >= trainer.baseline["val_accuracy"] - slack
 
 
 def test_the_unknown_row_keeps_dedup():

@@ -570,3 +570,38 @@ def test_cli_timeout_ends_a_launch_whose_peers_never_come(tmp_path):
     assert done.stderr.startswith("grapheme train: error: rank 0: ") and "Traceback" not in (
         done.stderr) and done.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@POSIX
+def test_cli_nproc_into_a_locked_out_says_so_on_every_rank(tmp_path):
+    """Review: rank 0 refused the lock on its own, so the other ranks met
+    a collective whose peer was gone ("Connection closed by peer"). The
+    refusal is now agreed before any rank trains; a --resume's --lr is
+    announced once (the launcher and the ranks' rank 0 both said it)."""
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from grapheme.cli import _run_lock\n"
+         f"with _run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=HERE, env=_env())
+    train = [sys.executable, "-m", "grapheme.cli", "train", "--data", str(data),
+             "--out", str(out), "--nproc", "2", "--no-progress", "--timeout", "60"]
+    try:
+        assert holder.stdout.readline() == "held\n"
+        done = subprocess.run(train + ["--epochs", "1"], env=_env(), cwd=HERE,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 2
+        assert f"is being written by another grapheme train (pid {holder.pid})" in done.stderr
+        assert "Connection" not in done.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert subprocess.run(train + ["--epochs", "1"], env=_env(), cwd=HERE,
+                          capture_output=True, timeout=TIMEOUT).returncode == 0
+    done = subprocess.run(train + ["--epochs", "2", "--resume", str(out / "checkpoint.npz"),
+                                   "--lr", "1e-4"], env=_env(), cwd=HERE,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0 and done.stdout.count("learning rate") == 1

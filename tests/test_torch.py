@@ -559,7 +559,7 @@ def test_errors_name_the_argument_given():
         out.unpool(torch.ones(4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"losses must have shape \(1,\)"):
         out.reinforce_loss(torch.ones(3))
-    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+    with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
         gr.Segmenter.load(None)
 
 

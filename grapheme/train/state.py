@@ -85,10 +85,14 @@ def check_sizes(config, arrays):
     configuration is left to :func:`build` to name."""
     import numpy as np
 
-    if not isinstance(config, dict):
-        return
-    weight = arrays.get("embedding.weight")
-    width = np.shape(weight)[1] if weight is not None and np.ndim(weight) == 2 else None
+    if not isinstance(config, dict) or "embedding.weight" not in arrays:
+        return   # the missing array is named where arrays are required
+    weight = arrays["embedding.weight"]
+    if np.ndim(weight) != 2 or np.shape(weight)[0] < 1:
+        # every table holds its unknown row: an empty one would let dim be
+        # anything at no cost to the file
+        raise ValueError(f"embedding.weight has shape {np.shape(weight)}, not (V >= 1, dim)")
+    width = np.shape(weight)[1]
     for part in ("embedding", "encoder"):
         spec = config.get(part)
         if isinstance(spec, dict) and "dim" in spec and spec["dim"] != width:
