@@ -331,7 +331,7 @@ RUN_LOCK = ".grapheme-train.lock"
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir, err=None):
+def _run_lock(out_dir):
     """Hold an advisory lock (``fcntl.flock``) on ``out_dir``'s
     :data:`RUN_LOCK` while a run writes ``out_dir``: a second ``train`` into
     the same ``--out`` is refused (CommandError naming the holder's pid)
@@ -340,7 +340,7 @@ def _run_lock(out_dir, err=None):
     it ends (kill -9 included); the file is removed on the way out. Nothing
     is locked for ``out_dir=None`` or where ``fcntl`` is missing (Windows);
     where the file system cannot lock (some network file systems), a
-    warning goes to ``err`` and the run goes on unlocked."""
+    warning goes to stderr and the run goes on unlocked."""
     try:
         import fcntl
     except ImportError:   # pragma: no cover - not POSIX
@@ -349,6 +349,7 @@ def _run_lock(out_dir, err=None):
         yield
         return
     path = os.path.join(out_dir, RUN_LOCK)
+    unlockable = None
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -363,17 +364,19 @@ def _run_lock(out_dir, err=None):
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            print(f"{PROG} train: warning: --out {out_dir!r} cannot be locked "
-                  f"({exc.strerror or exc}); a second run into it would not be refused",
-                  file=sys.stderr if err is None else err)
-            yield
-            return
+            unlockable = exc.strerror or str(exc)
+            break
         # the holder before us may have removed the file we locked: then
         # the lock is on a file no longer there, and the next run's would be
         # on another; lock the one the path names
         if _names(path, fd):
             break
         os.close(fd)
+    if unlockable is not None:
+        print(f"{PROG} train: warning: --out {out_dir!r} cannot be locked ({unlockable}); "
+              "a second run into it would not be refused", file=sys.stderr)
+        yield
+        return
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode("ascii"))
