@@ -474,6 +474,33 @@ def _cmd_train(args, out):
 
 
 def _train(args, out, spawn=None, comm=None):
+    """``train`` in this process (``spawn``: as the parent of that many
+    ranks; ``comm``: as one rank); the run's lock on ``--out`` is held
+    until it returns."""
+    with contextlib.ExitStack() as held:
+        return _train_locked(args, out, spawn, comm, held)
+
+
+def _lock_out(held, out_dir, comm, lock, check=None):
+    """Lock ``out_dir`` into ``held`` if ``lock``, then run ``check`` (rank
+    0's look at ``--out``, if given); every rank agrees on the outcome
+    before any goes on, so none waits in a collective for a rank 0 that was
+    refused."""
+    refused = None
+    try:
+        if lock:
+            held.enter_context(_run_lock(out_dir))
+        if check is not None:
+            check()
+    except CommandError as exc:
+        refused = exc
+    if comm is not None:
+        comm.agree("to lock and check --out", refused)
+    elif refused is not None:
+        raise refused
+
+
+def _train_locked(args, out, spawn, comm, held):
     from .train import Trainer
 
     rank0 = comm is None or comm.rank == 0
@@ -503,8 +530,12 @@ def _train(args, out, spawn=None, comm=None):
         raise CommandError(f"--val {val_path!r} holds no pairs")
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
-    if rank0:   # the other ranks never look at --out
-        _check_run_directory(args, log, checkpoint)
+    # the training process locks an --out that exists before it looks at it
+    # (another run could change it in between: a resume would rewind it);
+    # a new one once made, below. The other ranks never look at --out.
+    locked = rank0 and spawn is None and os.path.isdir(args.out)
+    _lock_out(held, args.out, comm, locked,
+              (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     progress = not args.no_progress and rank0
     if args.resume is not None:
         trainer = Trainer.from_checkpoint(_checkpoint_file(args.resume, "--resume"), log=log,
@@ -551,27 +582,21 @@ def _train(args, out, spawn=None, comm=None):
         _torch_distributed()   # torch missing: say so once, here
         out.flush()
         return spawn_local(_rank_command(args.argv), spawn)
-    # a resumed model, measured once: printed beside the result (a fresh
-    # run's untrained model is measured by fit, trainer.baseline)
-    before = (trainer.evaluate(val) if rank0 and val and 0 < start < args.epochs
-              else None)
+    # a resumed model, measured once, by all ranks together: printed beside
+    # the result (a fresh run's untrained model is measured by fit)
+    before = None
+    if val and 0 < start < args.epochs:
+        before = {k[len("val_"):]: v for k, v in trainer._val_record(val).items()}
     started = time.perf_counter()
     with _removed_if_left_empty(args.out):
         if start < args.epochs and rank0:   # only now: everything above is checked
             os.makedirs(args.out, exist_ok=True)
-        with contextlib.ExitStack() as held:
-            refused = None
-            try:
-                held.enter_context(_run_lock(args.out if start < args.epochs and rank0
-                                             else None))
-            except CommandError as exc:
-                refused = exc
-            if comm is not None:   # no rank waits for a rank 0 that was refused
-                comm.agree("to lock --out", refused)
-            elif refused is not None:
-                raise refused
-            history = trainer.fit(pairs, args.epochs, val=val or None, checkpoint=checkpoint,
-                                  keep_best=args.keep_best, new_data=args.new_data)
+        with contextlib.ExitStack() as made:   # released before an empty --out goes
+            if comm is not None or not locked:   # the same calls on every rank
+                _lock_out(made, args.out, comm, rank0 and not locked and start < args.epochs)
+            history = trainer.fit(pairs, args.epochs, val=val or None,
+                                  checkpoint=checkpoint, keep_best=args.keep_best,
+                                  new_data=args.new_data)
     seconds = time.perf_counter() - started
     if start == 0 and trainer.baseline is not None:
         before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}

@@ -324,7 +324,9 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
         if failed is None:
             return 0
         _stop(procs, grace)
-        if failed != 0 and procs[0].returncode in (0, None, -signal.SIGTERM):
+        # rank 0 writes to this terminal: another rank's message is shown
+        # unless rank 0 failed with its own (stopped by _stop is no message)
+        if failed != 0 and (procs[0].returncode is None or procs[0].returncode <= 0):
             errs[failed].seek(0)
             sys.stderr.write(errs[failed].read().decode("utf-8", "replace"))
         code = procs[failed].returncode

@@ -37,11 +37,15 @@ def _figure(width, height):
 
 
 def check_png(out):
-    """``out`` (a path) as a str, refused (ValueError naming it) unless it
-    ends with ``.png`` or is a directory: the picture is a PNG, and a name
-    that says otherwise would mislead. Checked before the work."""
+    """``out`` (a path) as a str, refused unless it ends with ``.png``
+    (ValueError naming it: the picture is a PNG, and a name that says
+    otherwise would mislead) and is not a directory (IsADirectoryError).
+    Checked before the work."""
     out = check_path(out, "out")
-    if not os.path.isdir(out) and os.path.splitext(out)[1].lower() != ".png":
+    if os.path.isdir(out):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
+                                out)
+    if os.path.splitext(out)[1].lower() != ".png":
         raise ValueError(f"out {out!r} must be a .png file: the picture is a PNG")
     return out
 
@@ -51,9 +55,6 @@ def _save(fig, out, overwrite):
 
     out = check_png(out)
     overwrite = check_bool(overwrite, "overwrite")
-    if os.path.isdir(out):
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not the PNG file to write",
-                                out)
     if not overwrite and os.path.exists(out):
         raise FileExistsError(f"{out!r} already exists (overwrite=True, or --overwrite, "
                               "replaces it)")

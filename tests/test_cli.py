@@ -485,3 +485,53 @@ def test_overwrite_with_another_runs_checkpoint_replaces_the_best(level1, tmp_pa
     assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", b, "--resume",
                b / "checkpoint.npz", "--overwrite", "--no-progress")[0] == 0
     assert (b / "best.npz").read_bytes() == best
+
+
+def test_keep_best_continued_into_another_out_writes_its_best(level1, tmp_path, capsys):
+    """Second review: a run resumed from another run's checkpoint kept that
+    run's best record, so its own --out got no best.npz (or kept a replaced
+    run's) while the summary named it."""
+    from grapheme.train import Trainer
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", a, "--keep-best",
+               "val_loss", "--no-progress")[0] == 0
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", c, "--dim", 16,
+               "--keep-best", "val_loss", "--no-progress")[0] == 0
+    for out, extra in ((b, []), (c, ["--overwrite"])):
+        code, text, _ = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
+                            "--resume", a / "checkpoint.npz", "--keep-best", "val_loss",
+                            "--no-progress", *extra)
+        assert code == 0 and f"best: {out / 'best.npz'}" in text
+        best = Trainer.from_checkpoint(out / "best.npz", progress=False)
+        assert best.embedding.dim == 64 and best.epoch >= 2   # a's lineage, not c's
+        assert best.best["path"] == str(out / "best.npz")
+
+
+def test_an_existing_out_is_locked_before_it_is_looked_at(level1, tmp_path, capsys,
+                                                           monkeypatch):
+    """Second review: the lock came after the run directory's check and the
+    checkpoint's load, so a second resume of one run could pass both, wait,
+    and rewind the run the first had moved on."""
+    import fcntl
+
+    import grapheme.cli as cli
+
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+               "--no-progress")[0] == 0
+    seen = []
+    check = cli._check_run_directory
+
+    def spy(*args):
+        with open(out / cli.RUN_LOCK, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+            except BlockingIOError:
+                seen.append("held")
+        return check(*args)
+    monkeypatch.setattr(cli, "_check_run_directory", spy)
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
+               out / "checkpoint.npz", "--no-progress")[0] == 0
+    assert seen == ["held"] and cli.RUN_LOCK not in os.listdir(out)

@@ -218,7 +218,8 @@ def test_validation_is_split_between_ranks(name, n_val, world, monkeypatch):
             assert records[0][key] == value, key
 
 
-@pytest.mark.parametrize("differ", ["seed", "estimator", "lr", "unknown_prob", "val"])
+@pytest.mark.parametrize("differ", ["seed", "estimator", "lr", "unknown_prob", "val",
+                                    "epochs", "embedding_seed"])
 def test_ranks_made_with_other_settings_are_refused(differ):
     """Found by an attack helper: ranks made with their own seed (a common
     habit elsewhere) sharded different shuffles, and other estimators,
@@ -229,20 +230,22 @@ def test_ranks_made_with_other_settings_are_refused(differ):
     def rank(comm):
         other = comm.rank == 1
         trainer = gr.Trainer(
-            gr.Embedding(dim=4, seed=1),
+            gr.Embedding(dim=4, seed=2 if other and differ == "embedding_seed" else 1),
             gr.Morpher(estimator="soft" if other and differ == "estimator" else "ste"),
             gr.StructuralLoss(), gr.Adam(lr=2e-2 if other and differ == "lr" else 1e-2),
             batch_size=6, seed=1 + (other and differ == "seed"), progress=False,
             unknown_prob=0.1 if other and differ == "unknown_prob" else 0.0, comm=comm)
         try:
-            trainer.fit(pairs, 1, val=val[:3] if other and differ == "val" else val)
+            trainer.fit(pairs, 2 if other and differ == "epochs" else 1,
+                        val=val[:3] if other and differ == "val" else val)
         except ValueError as exc:
             return str(exc), trainer.epoch
         return None, trainer.epoch
 
     for message, epoch in _Threads.run([rank] * 2):
         assert message is not None and message.startswith(
-            "ranks disagree on the settings or the validation pairs") and epoch == 0
+            "ranks disagree on the settings, the epochs or the validation pairs") and (
+            epoch == 0)
 
 
 def _write_pairs(path, pairs):
@@ -527,6 +530,17 @@ def test_a_failing_rank_is_seen_while_rank_0_runs(how):
     else:
         assert code == 128 + signal.SIGKILL
         assert "rank 1 of 2 was killed by signal SIGKILL" in err
+
+
+@POSIX
+def test_a_failing_rank_is_named_when_rank_0_had_to_be_killed():
+    """Second review: a rank's message was shown only if rank 0 ended by
+    SIGTERM; one that needed SIGKILL (a hung rank 0) left nothing said."""
+    code, err, _ = _launch(
+        "import os, signal, sys, time\n"
+        "if os.environ['RANK'] == '1':\n    sys.exit('rank one failed')\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(100)")
+    assert code == 1 and "rank one failed" in err
 
 
 @POSIX

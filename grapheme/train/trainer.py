@@ -810,8 +810,9 @@ class Trainer:
             highest is best). The state with the best value so far, the
             untrained (or resumed) model's included, is kept in ``best``:
             written (atomically) when an epoch strictly improves on it, and
-            the starting state when the run's first epoch does not (a
-            resumed run's: at once), so the best checkpoint is never worse on
+            the starting state when this call's first epoch does not (a run
+            continued into another ``best`` file starts its record there), so
+            the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``.
         best : str or os.PathLike, optional
@@ -905,19 +906,22 @@ class Trainer:
             # rank 0 alone looks at the files; no rank goes on if it refused,
             # and the ranks must start from the same state on the same data
             self.comm.agree("to start (its files)", error)
+            # the settings first (a rank made with its own seed has other
+            # parameters too, and should be told of its seed): else a rank
+            # shards another shuffle, or steps with other settings, silently;
+            # other batch sizes or epochs end in gloo
+            self.comm.check_same(
+                "the settings, the epochs or the validation pairs (every rank must be "
+                "made with the same settings, seed included, and given the same "
+                "epochs, keep_best and val)",
+                [json.dumps(self.config(), sort_keys=True), repr(self.optimizer),
+                 json.dumps(self.morpher.state_dict(), sort_keys=True),
+                 repr(self.rng.bit_generator.state), epochs, keep_best,
+                 None if val is None else data_fingerprint(*check_pairs(val, "val"))["sha256"]])
             self.comm.check_same("the training pairs, the epoch or the parameters "
                                  "(every rank must be given the same pairs and "
                                  "checkpoint)", [fingerprint["sha256"], self.epoch,
                                                  *self._params().values()])
-            # else a rank shards another shuffle (its own seed), or steps
-            # with other settings, silently; other batch sizes abort in gloo
-            self.comm.check_same(
-                "the settings or the validation pairs (every rank must be made "
-                "with the same settings, seed included, and given the same val)",
-                [json.dumps(self.config(), sort_keys=True), repr(self.optimizer),
-                 json.dumps(self.morpher.state_dict(), sort_keys=True),
-                 repr(self.rng.bit_generator.state),
-                 None if val is None else data_fingerprint(*check_pairs(val, "val"))["sha256"]])
         elif error is not None:
             raise error
         self._data_fingerprint = fingerprint
@@ -935,17 +939,17 @@ class Trainer:
             self._grow(inputs, targets)
             if val is not None and self.epoch == 0:
                 self.baseline = self._val_record(val)
-        untrained = None   # a fresh run's first best: its state, written after epoch 1
+        untrained = None   # the first candidate's state, written after the first epoch
         if best_path is not None and self.epoch < epochs and (
-                self.best is None or self.best["metric"] != keep_best):
-            # the starting point is the first candidate: never end below it
+                self.best is None or self.best["metric"] != keep_best
+                or os.path.realpath(self.best["path"]) != os.path.realpath(best_path)):
+            # the starting point is the first candidate: never end below it (a
+            # run continued into another best file starts that file's record)
             start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
-            if writes and self.epoch == 0:   # another run's file survives epoch 1 too
+            if writes:   # another run's file there survives the first epoch too
                 untrained = self._state(copy=True)
-            elif writes:
-                self._save(best_path)
         progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
         started = time.perf_counter()
