@@ -860,8 +860,8 @@ class Trainer:
         if not inputs:
             raise ValueError("pairs must not be empty")
         epochs = check_scalar(epochs, "epochs", lower=0, integer=True)
+        val_split = None if val is None else check_pairs(val, "val")
         if val is not None:
-            check_pairs(val, "val")
             if not len(val):
                 raise ValueError("val must not be empty when given")
         best_path = self._check_keep_best(keep_best, best, val, checkpoint)
@@ -917,7 +917,7 @@ class Trainer:
                 [json.dumps(self.config(), sort_keys=True), repr(self.optimizer),
                  json.dumps(self.morpher.state_dict(), sort_keys=True),
                  repr(self.rng.bit_generator.state), epochs, keep_best,
-                 None if val is None else data_fingerprint(*check_pairs(val, "val"))["sha256"]])
+                 None if val_split is None else data_fingerprint(*val_split)["sha256"]])
             self.comm.check_same("the training pairs, the epoch or the parameters "
                                  "(every rank must be given the same pairs and "
                                  "checkpoint)", [fingerprint["sha256"], self.epoch,
