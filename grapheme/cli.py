@@ -338,14 +338,14 @@ def _run_lock(out_dir):
     instead of the two interleaving their logs and replacing each other's
     checkpoints. The kernel releases the lock when the process ends, however
     it ends (kill -9 included); the file is removed on the way out. Nothing
-    is locked for ``out_dir=None`` or where ``fcntl`` is missing (Windows);
+    is locked where ``fcntl`` is missing (Windows);
     where the file system cannot lock (some network file systems), a
     warning goes to stderr and the run goes on unlocked."""
     try:
         import fcntl
     except ImportError:   # pragma: no cover - not POSIX
         fcntl = None
-    if out_dir is None or fcntl is None:
+    if fcntl is None:
         yield
         return
     path = os.path.join(out_dir, RUN_LOCK)
