@@ -8,7 +8,7 @@ JSON (``{"type": name, **params}``, nested components described in turn) and
 types listed in :func:`registry`: a checkpoint names classes, it never
 carries code.
 """
-__all__ = ["describe", "build", "registry", "check_sizes"]
+__all__ = ["describe", "build", "registry"]
 
 
 def registry():
@@ -79,7 +79,7 @@ def check_sizes(config, arrays):
     holds, before anything of those sizes is built: the embedding's and
     the encoder's ``dim`` against ``embedding.weight``'s width, the
     encoder's ``layers`` against its layers' arrays. A hand-edited
-    ``dim = 10**9`` otherwise drew a unknown row of that width (8 GB)
+    ``dim = 10**9`` otherwise drew an unknown row of that width (8 GB)
     before the shapes were compared; with them equal, what is built is
     bounded by the file. ``ValueError`` naming the two; a malformed
     configuration is left to :func:`build` to name."""
