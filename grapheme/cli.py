@@ -197,7 +197,7 @@ def build_parser():
                         f"{MAX_LOCAL_RANKS}; needs "
                         "PyTorch; each takes 1/N of every batch; the result is the "
                         "one-process run's up to rounding); under torchrun, omit it")
-    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
+    p.add_argument("--backend", default=None, choices=("gloo", "nccl"),
                    help="torch.distributed backend of a data-parallel run (default gloo; "
                         "nccl: the gradients travel through the GPUs of cuda:LOCAL_RANK)")
     p.add_argument("--timeout", type=_timeout, default=None, metavar="SECONDS",
@@ -443,6 +443,12 @@ def _cmd_train(args, out):
     """``train``: in this process; as the parent of ``--nproc`` ranks; or as
     one rank of a launch (``WORLD_SIZE`` in the environment)."""
     world = os.environ.get("WORLD_SIZE")
+    if world is None and args.nproc is None:
+        given = [f"--{name}" for name in ("backend", "timeout")
+                 if getattr(args, name) is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'}"
+                               " to a data-parallel run (--nproc N, or under torchrun)")
     if world is None or world.strip() == "1":
         if args.nproc is not None and args.nproc > 1:
             return _train(args, out, spawn=args.nproc)
@@ -461,7 +467,7 @@ def _cmd_train(args, out):
 
     rank = os.environ.get("RANK", "?")
     try:
-        comm = distributed.init_from_env(args.backend, timeout=args.timeout)
+        comm = distributed.init_from_env(args.backend or "gloo", timeout=args.timeout)
         if comm.rank == 0:
             return _train(args, out, comm=comm)
         with open(os.devnull, "w", encoding="utf-8") as null:

@@ -566,6 +566,28 @@ def test_cli_world_size_below_one_is_named(world, monkeypatch, capsys, tmp_path)
     assert code == 2 and f"WORLD_SIZE={world} in the environment must be at least 1" in err
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--timeout", "60"], "--timeout applies"),
+    (["--backend", "gloo"], "--backend applies"),
+    (["--backend", "nccl", "--timeout", "5"], "--backend, --timeout apply"),
+])
+def test_cli_data_parallel_options_alone_are_refused(options, named, monkeypatch, capsys,
+                                                     tmp_path):
+    """A review helper's find (left last session): without --nproc or a
+    launcher they did nothing, silently."""
+    from grapheme.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    code = main(["train", "--data", str(data), "--epochs", "1", "--out",
+                 str(tmp_path / "run"), "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"grapheme train: error: {named} to a data-parallel run "
+                                 "(--nproc N, or under torchrun)\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_timeout_ends_a_launch_whose_peers_never_come(tmp_path):
     """Found by an attack helper: rank 0 of a launch without its peers
     waited silently (torch's 30 minutes). --timeout bounds it, one line."""
