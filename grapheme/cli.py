@@ -544,8 +544,10 @@ def _train_locked(args, out, spawn, comm, held):
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     progress = not args.no_progress and rank0
     if args.resume is not None:
+        # overwrite: a checkpoint of epoch 0 (an untrained best.npz) starts afresh
         trainer = Trainer.from_checkpoint(_checkpoint_file(args.resume, "--resume"), log=log,
-                                          progress=progress, comm=comm)
+                                          progress=progress, comm=comm,
+                                          overwrite=args.overwrite)
         start = trainer.epoch
         if args.lr is not None and args.lr != trainer.optimizer.lr:
             if rank0 and spawn is None and start < args.epochs:   # the ranks' rank 0 says it
@@ -569,10 +571,13 @@ def _train_locked(args, out, spawn, comm, held):
             unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
             comm=comm, dtype="float64" if args.dtype is None else args.dtype)
         start = 0
-    stale = os.path.join(args.out, "best.npz")
-    if (rank0 and args.overwrite and args.keep_best is None and os.path.isfile(stale)
-            and not _continues_its_run(args.resume, checkpoint)):
-        trainer._replaced_files.append(stale)   # the replaced run's, as its log
+    if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
+        # the replaced run's files this run writes no new version of, removed
+        # with its log after the first epoch; not the model it resumed from
+        for name in ("metrics.png",) + (("best.npz",) if args.keep_best is None else ()):
+            stale = os.path.join(args.out, name)
+            if os.path.isfile(stale) and not _continues_its_run(args.resume, stale):
+                trainer._replaced_files.append(stale)
     best = None
     if args.keep_best is not None:
         if not val:
@@ -649,7 +654,7 @@ def _held_by_out(out_dir, names):
 
 
 def _continues_its_run(resume, checkpoint):
-    """Whether ``--resume`` is the checkpoint of the run in ``--out`` itself."""
+    """Whether ``--resume`` is ``checkpoint``, a file of the run in ``--out``."""
     return (resume is not None and os.path.exists(checkpoint) and os.path.exists(resume)
             and os.path.samefile(resume, checkpoint))
 

@@ -1092,7 +1092,7 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     @classmethod
-    def from_checkpoint(cls, path, log=None, progress=True, comm=None):
+    def from_checkpoint(cls, path, log=None, progress=True, comm=None, overwrite=False):
         """A trainer rebuilt from a checkpoint written by :meth:`save`.
 
         The embedding, morpher, loss and optimiser are constructed from the
@@ -1107,6 +1107,10 @@ class Trainer:
         comm : grapheme.distributed.Communicator, optional
             One rank of a data-parallel run (every rank loads the same
             checkpoint).
+        overwrite : bool, default False
+            As the constructor's: a checkpoint of epoch 0 (an untrained
+            best checkpoint) continues as a fresh run, which replaces an
+            existing log or checkpoint only with it.
 
         Raises
         ------
@@ -1121,7 +1125,7 @@ class Trainer:
         try:
             check_sizes(meta.get("config"), arrays)
             trainer = cls._from_config(meta["config"], log=log, progress=progress,
-                                       comm=comm)
+                                       comm=comm, overwrite=overwrite)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} has an unusable configuration: "
                              f"{exc}") from None
