@@ -605,9 +605,16 @@ def _train_locked(args, out, spawn, comm, held):
         with contextlib.ExitStack() as made:   # released before an empty --out goes
             if comm is not None or not locked:   # the same calls on every rank
                 _lock_out(made, args.out, comm, rank0 and not locked and start < args.epochs)
-            history = trainer.fit(pairs, args.epochs, val=val or None,
-                                  checkpoint=checkpoint, keep_best=args.keep_best,
-                                  new_data=args.new_data)
+            try:
+                history = trainer.fit(pairs, args.epochs, val=val or None,
+                                      checkpoint=checkpoint, keep_best=args.keep_best,
+                                      new_data=args.new_data)
+            except KeyboardInterrupt:
+                saved = trainer._last_checkpoint
+                if not rank0 or saved is None or saved[1] <= start:
+                    raise
+                raise KeyboardInterrupt(f"epoch {saved[1]} is saved: --resume {saved[0]} "
+                                        "continues the run") from None
     seconds = time.perf_counter() - started
     if start == 0 and trainer.baseline is not None:
         before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
@@ -1045,8 +1052,8 @@ def main(argv=None):
         return code
     except BrokenPipeError:   # e.g. | head: the reader has what it wanted
         return _reader_gone()
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except (CommandError, ValueError, OSError, FloatingPointError, MemoryError,
             ImportError) as exc:

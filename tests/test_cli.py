@@ -404,14 +404,38 @@ def test_overwrite_replaces_the_whole_run_after_its_first_epoch(level1, tmp_path
         original(self, *args)
         raise KeyboardInterrupt
     monkeypatch.setattr(Trainer, "_run_epoch", interrupted)
-    code, _, _ = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
-                     "--overwrite", "--no-progress")
-    assert code == 130
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+                       "--overwrite", "--no-progress")
+    assert code == 130 and err == "grapheme: interrupted\n"   # no hint: not its checkpoint
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     monkeypatch.setattr(Trainer, "_run_epoch", original)
     assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
                "--overwrite", "--no-progress")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+
+
+def test_an_interrupted_run_says_how_to_continue(level1, tmp_path, capsys, monkeypatch):
+    """ "interrupted" alone (noted, and left, last session): the run's last
+    checkpoint, and the option that continues it, are now named."""
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    original = Trainer._run_epoch
+
+    def second_interrupted(self, *args):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, *args)
+    monkeypatch.setattr(Trainer, "_run_epoch", second_interrupted)
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
+                       "--no-progress")
+    checkpoint = out / "checkpoint.npz"
+    assert code == 130 and err == (f"grapheme: interrupted; epoch 1 is saved: --resume "
+                                   f"{checkpoint} continues the run\n")
+    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
+               checkpoint, "--no-progress")[0] == 0
+    assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock: POSIX")
