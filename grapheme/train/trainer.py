@@ -1259,7 +1259,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} is corrupted or truncated: "
                              f"bad meta data ({exc})") from None
-        _check_run_meta(path, epoch, history, data)
+        _check_run_meta(path, epoch, history, data, best)
         mine = self.config()
         if config != mine:
             diff = sorted(k for k in set(config) | set(mine)
@@ -1365,9 +1365,9 @@ def data_fingerprint(inputs, targets):
     return {"pairs": len(inputs), "sha256": h.hexdigest()}
 
 
-def _check_run_meta(path, epoch, history, data):
-    """The epoch counter, the history and the data fingerprint of a
-    checkpoint, checked before anything is restored."""
+def _check_run_meta(path, epoch, history, data, best):
+    """The epoch counter, the history, the data fingerprint and the best
+    record of a checkpoint, checked before anything is restored."""
     def bad(reason):
         return ValueError(f"checkpoint {path!r} is corrupted or truncated: {reason}")
 
@@ -1379,10 +1379,17 @@ def _check_run_meta(path, epoch, history, data):
     for i, record in enumerate(history):
         if not isinstance(record, dict) or record.get("epoch") != i + 1:
             raise bad(f"history[{i}] is not the record of epoch {i + 1}")
+        for key, value in record.items():   # numbers, or null (a metric not measured)
+            if not isinstance(key, str) or isinstance(value, bool) or not (
+                    value is None or isinstance(value, (int, float))):
+                raise bad(f"history[{i}][{key!r}] is not a number, got {show(value)}")
     if data is not None and not (
             isinstance(data, dict) and isinstance(data.get("sha256"), str)
             and isinstance(data.get("pairs"), int) and not isinstance(data["pairs"], bool)):
         raise bad("data must be a fingerprint {'pairs': int, 'sha256': str}")
+    if best is not None and not 0 <= best["epoch"] <= epoch:
+        raise bad(f"the best checkpoint's epoch ({best['epoch']}) is not one of the "
+                  f"{epoch} epochs so far")
 
 
 def _check_optimizer_state(state, shapes):
