@@ -273,7 +273,8 @@ def check_pairs(pairs, name):
     """Split a list of ``(input, target)`` pairs into two lists.
 
     A target is a str, or a tuple of non-empty str joining to the input (a
-    segmentation, see :mod:`grapheme.data`)."""
+    segmentation, see :mod:`grapheme.data`); the targets are all of one
+    kind."""
     if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
         raise TypeError(f"{name} must be a list of (input, target) string pairs, "
                         f"got {type(pairs).__name__}")
@@ -300,6 +301,12 @@ def check_pairs(pairs, name):
             target = exact_str(target)
         inputs.append(source)
         targets.append(target)
+    kinds = [isinstance(t, tuple) for t in targets]
+    if kinds and not (all(kinds) or not any(kinds)):
+        seg, text = kinds.index(True), kinds.index(False)
+        raise ValueError(f"{name} must hold segmentation targets only or text targets "
+                         f"only (their target graphs are built differently); "
+                         f"{name}[{seg}] is a segmentation, {name}[{text}] a text")
     return inputs, targets
 
 

@@ -206,6 +206,15 @@ def test_a_batch_mixing_segmentations_and_texts_is_refused():
                    progress=False)
     with pytest.raises(ValueError, match="segmentation targets only or text targets only"):
         t.train_step(["ab", "cd"], [("a", "b"), "cd"])
+    # a newcomer's find: fit and evaluate refused a mix only at its first
+    # mixed batch, an epoch in; now before any work, naming two pairs
+    pairs = [("ab", ("a", "b"))] * 70 + [("cd", "cd")]
+    for call in (lambda: t.fit(pairs, 1), lambda: t.evaluate(pairs),
+                 lambda: t.fit(pairs[:1], 1, val=pairs)):
+        with pytest.raises(ValueError, match=r"(val|pairs)\[0\] is a segmentation, "
+                                             r"(val|pairs)\[70\] a text"):
+            call()
+    assert t.epoch == 0 and t.history == []
 
 
 def _segmentations(n):

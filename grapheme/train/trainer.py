@@ -698,9 +698,9 @@ class Trainer:
             ``loss``, ``node``, ``edge``, ``clique`` (means over pairs),
             ``kept_fraction`` (output nodes / input nodes) and ``accuracy``
             (fraction of pairs whose hard morph has exactly the target's
-            number of nodes and labels). When some pairs are segmentations
-            (a tuple target, see :mod:`grapheme.data`), also, over those
-            pairs: ``seg_accuracy`` (fraction segmented exactly as the
+            number of nodes and labels). When the pairs are segmentations
+            (tuple targets, see :mod:`grapheme.data`; a mix of the two kinds
+            is refused), also: ``seg_accuracy`` (fraction segmented exactly as the
             gold), ``boundary_precision``, ``boundary_recall`` and
             ``boundary_f1`` (micro-averaged over the boundaries between
             characters, see :func:`~grapheme.train.metrics.segmentation_scores`).
@@ -790,7 +790,7 @@ class Trainer:
             Total number of epochs of the run. When resuming from a
             checkpoint saved after epoch ``e``, epochs ``e + 1 .. epochs``
             are run.
-        val : list of (str, str), optional
+        val : list of (str, str or tuple of str), optional
             Validation pairs, evaluated after every epoch.
         checkpoint : str or os.PathLike, optional
             Written atomically after every epoch; its directory is made
