@@ -21,7 +21,16 @@ back. All four share one small interface:
 - ``step(saved, loss_values, num_edges=None)``: the only place where an
   estimator's state (the REINFORCE baseline and sample counter) advances;
   ``saved=None, num_edges=E``: by a batch of ``E`` candidate edges that this
-  estimator's forward saw only a shard of, or none (data-parallel ranks).
+  estimator's forward saw only a shard of, or none (data-parallel ranks);
+- ``advantage(saved, loss_values)``: the per-example weights of the
+  score-function term (``vjp``'s ``grad_log_prob``, divided by the batch),
+  None for an estimator without one; one that has them also has
+  ``score_per_example(saved, advantage)``, what the ``estimator_variance``
+  metric is the spread of;
+- ``get_params``, ``state_dict``, ``load_state_dict``: settings and state,
+  as checkpoints keep them. A new estimator goes into :data:`ESTIMATORS`
+  (its alias), which checkpoints and ``--estimator`` read, and into
+  ``grapheme.cli.DEFAULT_LR`` (a test checks).
 
 ======================  ==========================  ==============================  ======
 estimator (alias)       forward                     gradient                        graphs
@@ -136,6 +145,12 @@ class Estimator:
         """Per-example weights of the score-function term; None here (only
         :class:`Reinforce` has one)."""
         return None
+
+    def score_per_example(self, saved, advantage):  # pragma: no cover
+        """Each example's score-function estimate of the gradient of its
+        loss with respect to a shift of its logits, for an estimator whose
+        :meth:`advantage` is not None."""
+        raise NotImplementedError
 
     def step(self, saved, loss_values=None, num_edges=None):
         """Advance the estimator's state after a training step (a no-op here)."""
@@ -480,6 +495,8 @@ def _check_shard(shard):
             check_scalar(after, "shard after", lower=0, integer=True))
 
 
+#: The estimators by their alias: what ``Morpher(estimator=)``, ``--estimator``
+#: and the checkpoints (:func:`grapheme.train.state.registry`) accept.
 ESTIMATORS = {cls.name: cls for cls in (Hard, Relaxed, StraightThrough, Reinforce)}
 
 

@@ -77,6 +77,17 @@ def test_word_segmentation_beats_the_untrained_model(words):
     assert after > before + 0.15
 
 
+def test_every_estimator_has_a_default_lr_and_a_checkpoint_type():
+    """A newcomer's find: an estimator added to ESTIMATORS alone made
+    `train --estimator NEW` fail with a KeyError, and its checkpoints
+    unloadable (the checkpoint types were a list of their own)."""
+    from grapheme.estimators import ESTIMATORS
+    from grapheme.train.state import registry
+
+    assert sorted(DEFAULT_LR) == sorted(ESTIMATORS)   # so test_defaults_descend covers all
+    assert all(registry()[cls.__name__] is cls for cls in ESTIMATORS.values())
+
+
 @pytest.mark.parametrize("task", ["fold", "dedup"])
 @pytest.mark.parametrize("estimator", sorted(DEFAULT_LR))
 def test_defaults_descend(task, estimator):

@@ -15,14 +15,13 @@ def registry():
     """The component types a description may name."""
     from ..embedding import Embedding
     from ..encoder import Encoder
-    from ..estimators import Hard, Reinforce, Relaxed, StraightThrough
+    from ..estimators import ESTIMATORS
     from ..loss import StructuralLoss
     from ..morph import Morpher
     from ..rate import RateController
 
-    return {cls.__name__: cls for cls in (Embedding, Encoder, Morpher, Hard, Relaxed,
-                                          StraightThrough, Reinforce, RateController,
-                                          StructuralLoss)}
+    return {cls.__name__: cls for cls in (Embedding, Encoder, Morpher, *ESTIMATORS.values(),
+                                          RateController, StructuralLoss)}
 
 
 def describe(obj):
