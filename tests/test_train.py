@@ -241,6 +241,32 @@ def test_evaluate_does_not_train():
     assert set(r1) == {"loss", "node", "edge", "clique", "kept_fraction", "accuracy"}
 
 
+def test_a_loss_checkpoints_cannot_record_is_refused_before_the_first_epoch(tmp_path):
+    """A newcomer's find: a loss of one's own (the documented forward and
+    backward) trained a whole epoch, then failed writing the checkpoint."""
+    class Wrapped:   # forward and backward, no get_params
+        def __init__(self):
+            self.inner = StructuralLoss()
+
+        def forward(self, predicted, target, **kwargs):
+            return self.inner.forward(predicted, target, **kwargs)
+
+        def backward(self, result, grad=1.0):
+            return self.inner.backward(result, grad)
+
+    class Mine(StructuralLoss):   # get_params, but not a type checkpoints know
+        pass
+
+    pairs = [("aab", "ab")] * 4
+    for loss, match in ((Wrapped(), "loss Wrapped has no get_params"),
+                        (Mine(), "loss Mine cannot be reloaded from a checkpoint")):
+        t = Trainer(Embedding(8), Morpher(), loss, Adam(), progress=False)
+        with pytest.raises(TypeError, match=match):
+            t.fit(pairs, 1, checkpoint=tmp_path / "ck.npz")
+        assert t.epoch == 0 and not (tmp_path / "ck.npz").exists()
+        assert len(t.fit(pairs, 1)) == 1   # without a checkpoint it trains
+
+
 def test_validation():
     emb, morpher, loss, opt = Embedding(8), Morpher(), StructuralLoss(), Adam()
     with pytest.raises(TypeError, match="embedding must be"):

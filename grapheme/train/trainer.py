@@ -47,7 +47,7 @@ from ..distributed import Communicator, check_rank, shard_bounds
 from .progress import Progress, summary_line
 from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
                       structure_match, upgrade_record)
-from .state import build, check_sizes, describe
+from .state import build, check_sizes, describe, registry
 
 __all__ = ["Trainer", "UNKNOWN_PROB"]
 
@@ -91,9 +91,13 @@ class Trainer:
         Compares the morphed graph with the target graph; must provide
         ``forward(predicted, target)`` returning a result with ``value``,
         ``node``, ``edge``, ``clique`` and per-pair ``values``, and
-        ``backward(result)`` returning ``activation``, ``mass``,
-        ``weights`` and ``target_activation`` gradients (a
-        :class:`~grapheme.LossGrad`).
+        ``backward(result, grad=1.0)`` (``grad``: a scalar, or per pair:
+        a data-parallel rank's ``1 / B`` of the global batch) returning
+        ``activation``, ``mass``, ``weights`` and ``target_activation``
+        gradients (a :class:`~grapheme.LossGrad`); with ``checkpoint=``
+        or ``comm``, also ``get_params()``, and a checkpoint reloads only
+        a :class:`~grapheme.StructuralLoss` (both checked when
+        :meth:`fit` starts).
     optimizer : Optimizer
         Updates the parameters ``"embedding"`` (the embedding table),
         ``"theta"`` and, with an encoder, ``"encoder.<name>"`` for each of
@@ -865,6 +869,8 @@ class Trainer:
             if not len(val):
                 raise ValueError("val must not be empty when given")
         best_path = self._check_keep_best(keep_best, best, val, checkpoint)
+        if checkpoint is not None or self.comm is not None:
+            self._check_recordable(checkpoint is not None)
         files = [(what, path) for what, path in (("log", self.log), ("checkpoint", checkpoint),
                                                  ("best checkpoint", best_path))
                  if path is not None]
@@ -1147,6 +1153,21 @@ class Trainer:
                    target_activation=config["target_activation"],
                    unknown_prob=config.get("unknown_prob", _UNRECORDED_UNKNOWN_PROB),
                    encoder=build(config.get("encoder")), **kwargs)
+
+    def _check_recordable(self, reloaded):
+        """Refuse (TypeError) a loss that :meth:`config` cannot describe
+        (``get_params``), or, when ``reloaded`` (checkpoints), one that
+        :func:`~grapheme.train.state.build` cannot make again: before the
+        first epoch, not when its first checkpoint is written."""
+        loss = self.loss
+        name = type(loss).__name__
+        if not callable(getattr(loss, "get_params", None)):
+            raise TypeError(f"loss {name} has no get_params(): checkpoints and "
+                            "data-parallel ranks record the loss's settings by it")
+        if reloaded and registry().get(name) is not type(loss):
+            raise TypeError(f"loss {name} cannot be reloaded from a checkpoint, which "
+                            "names one of grapheme's loss types (StructuralLoss): train "
+                            "it without checkpoint=")
 
     def config(self):
         """What must agree between a checkpoint and a trainer resuming it:
