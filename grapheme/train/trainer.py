@@ -1059,9 +1059,11 @@ class Trainer:
         for lo in range(0, n, self.batch_size):
             idx = order[lo:lo + self.batch_size].tolist()
             batch = [inputs[i] for i in idx], [targets[i] for i in idx]
-            # fit has grown the table for every training character
-            stats = (self.train_step(*batch) if self.comm is None else
-                     self._shard_step(*batch, grown=True))
+            if self.comm is None:
+                stats = self.train_step(*batch)
+            else:   # train_step's, but fit has grown the table for every character
+                with single_pool(self.encoder is not None):
+                    stats = self._shard_step(*batch, grown=True)
             w = len(idx)
             for key in sums:
                 sums[key] += w * stats[key]
