@@ -14,7 +14,7 @@ line per (p, B) with medians over the steps (after 5 warm-up steps):
   the step costs when the rank has a core to itself;
 - ``wire``: a bare all-reduce of the same buffer right after a barrier (the
   communication itself, without the wait);
-- ``floats``: the buffer's length (gradients + 7 counts), ``table_rows``.
+- ``floats``: the buffer's length (gradients + the 7 ``SHARD_SUMS``), ``table_rows``.
 
 The docs (docs/scaling.md) quote its output.
 """

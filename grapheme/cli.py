@@ -67,6 +67,7 @@ ENCODER_LAYERS = 2
 #: At 1e-2, ``history`` on dedup rose from 0.17 to 0.23 (seed 1).
 DEFAULT_LR = {"history": 3e-3, "soft": 3e-3, "ste": 3e-3, "reinforce": 1e-3}
 BATCH_SIZE = 64
+DIM = 64
 
 
 class CommandError(Exception):
@@ -133,6 +134,9 @@ def build_parser():
                         "'arithmetic' is a control a morph cannot express (a morph only "
                         "keeps characters of its input), so it is only mixed in by name")
 
+    # A setting of the model has the default None here and gets its value in
+    # _train_locked: given with --resume, it is refused (the checkpoint's
+    # settings rule), so "not given" must be told from "given the default".
     p = sub.add_parser("train", help="train a model on JSONL pairs")
     p.add_argument("--data", required=True, metavar="DIR|FILE",
                    help="training pairs: a JSONL file, or a directory holding train.jsonl "
@@ -153,7 +157,7 @@ def build_parser():
     p.add_argument("--seed", type=_nonneg_int, default=None,
                    help="seed of embedding and shuffling (default 0)")
     p.add_argument("--dim", type=_positive_int, default=None,
-                   help="embedding dimension (default 64)")
+                   help=f"embedding dimension (default {DIM})")
     p.add_argument("--dtype", default=None, choices=("float64", "float32"),
                    help="floating-point type of the embedding, encoder and morph "
                         "(default float64; the loss computes in float64 either way)")
@@ -557,7 +561,7 @@ def _train_locked(args, out, spawn, comm, held):
     else:
         estimator = DEFAULT_ESTIMATOR if args.estimator is None else args.estimator
         trainer = _make_trainer(
-            dim=64 if args.dim is None else args.dim,
+            dim=DIM if args.dim is None else args.dim,
             seed=0 if args.seed is None else args.seed,
             estimator=estimator,
             target_rate=args.target_kept_fraction,

@@ -1,4 +1,12 @@
-"""What a training epoch and an evaluation report."""
+"""What a training epoch and an evaluation report.
+
+The names and the maths live here; an epoch's record is put together by
+``Trainer._run_epoch`` (training metrics) and ``Trainer._val_record`` (the
+``val_*`` ones, from :meth:`~grapheme.Trainer.evaluate`). A new metric
+shows where it is listed: ``progress.LINE_KEYS`` (the line per epoch),
+``cli.TABLE_KEYS`` (``grapheme train``'s table) and ``plot._PANELS``
+(``grapheme plot``).
+"""
 import numpy as np
 
 __all__ = ["TIMING_KEYS", "LOSS_KEYS", "SEGMENTATION_KEYS", "structure_match", "graph_of",

@@ -346,7 +346,7 @@ class Trainer:
                 rows[np.isin(g.labels, replaced)] = emb.unknown_row
         # text targets: their chain graph, and with the embedding's row means
         # as activations their rows (grown after the inputs', as always)
-        target = None if _segmentations(targets) else Graph.from_texts(list(targets))
+        target = None if _is_segmentation_batch(targets) else Graph.from_texts(list(targets))
         table_means = target is not None and self.target_activation == "embedding"
         t_rows = emb.rows(target.labels, grow=train) if table_means else None
         table = emb._checked("weight")   # a user may have assigned it
@@ -562,7 +562,8 @@ class Trainer:
     def _shard_step(self, inputs, targets, grown=False):
         """:meth:`train_step` of one rank: this rank's shard of the global
         batch ``inputs, targets``, every pair weighted ``1 / B`` of the global
-        batch; one all-reduce (sum) of all gradients and the step's counts.
+        batch; one all-reduce (sum) of all gradients and the step's sums
+        (:data:`SHARD_SUMS`), and with a rate controller a second one.
 
         The table grows for the global batch's characters (the same rows in
         the same order on every rank, without communication); the unknown
@@ -600,7 +601,8 @@ class Trainer:
         K = morpher.estimator.samples
         morphed = res = None
         if inputs:
-            g, morphed, res, kept = self._forward(inputs, targets, shard=shard, replaced=replaced)
+            g, morphed, res, step_saved = self._forward(inputs, targets, shard=shard,
+                                                        replaced=replaced)
         grad_p = None
         if morpher.rate is not None:
             # the penalty of the global batch's expected kept fraction
@@ -621,45 +623,47 @@ class Trainer:
             lg = self.loss.backward(res, np.full(res.values.shape[0], 1.0 / examples))
             advantage = morphed.advantage(res.values)
             grads = self._gradients(
-                morphed, lg, *kept, grad_probability=grad_p,
+                morphed, lg, *step_saved, grad_probability=grad_p,
                 grad_log_prob=None if advantage is None else advantage / examples)[0]
             n = res.values.shape[0]
-            counts = [n * res.value, n * res.node, n * res.edge, n * res.clique,
-                      g.num_nodes, morphed.history.num_outputs, morphed.history.num_inputs]
+            sums = {"loss": n * res.value, "node": n * res.node, "edge": n * res.edge,
+                    "clique": n * res.clique, "chars": g.num_nodes,
+                    "output_nodes": morphed.history.num_outputs,
+                    "input_nodes": morphed.history.num_inputs}
             if reinforce:
                 slots = (np.arange(K)[:, None] * B + np.arange(lo, hi)).ravel()
                 per_example[slots] = res.values
                 per_example[examples + slots] = morpher.theta_estimates(morphed, advantage)
         else:   # no pair here: nothing to add
             grads = {name: np.zeros_like(p) for name, p in params.items()}
-            counts = [0.0] * 7
-        # one flat buffer: every gradient, then the step's counts (and reinforce's
+            sums = dict.fromkeys(SHARD_SUMS, 0.0)
+        # one flat buffer: every gradient, then the step's sums (and reinforce's
         # per-example numbers)
         names = sorted(grads)
         sizes = [grads[k].size for k in names]
-        flat = np.concatenate([*(np.ravel(grads[k]) for k in names), counts, per_example])
+        flat = np.concatenate([*(np.ravel(grads[k]) for k in names),
+                               [sums[k] for k in SHARD_SUMS], per_example])
         comm.all_reduce(flat)
-        parts = np.split(flat, np.cumsum(sizes + [len(counts)]))
+        parts = np.split(flat, np.cumsum(sizes + [len(SHARD_SUMS)]))
         grads = {k: part.reshape(np.shape(params[k])) for k, part in zip(names, parts)}
-        (loss, node, edge, clique, n_in, n_out, hist_in) = parts[-2].tolist()
+        sums = dict(zip(SHARD_SUMS, parts[-2].tolist()))
         grad_norm = math.sqrt(sum(float(np.vdot(v, v)) for v in grads.values()))
-        self._update(loss / examples, grads, grad_norm)
-        kept_fraction = n_out / hist_in if hist_in else None
+        self._update(sums["loss"] / examples, grads, grad_norm)
+        input_nodes = sums["input_nodes"]
+        kept_fraction = sums["output_nodes"] / input_nodes if input_nodes else None
         variance = float("nan")
         if reinforce:
             losses, estimates = parts[-1][:examples], parts[-1][examples:]
             morpher.step(None, losses, kept_fraction=kept_fraction, num_edges=num_edges)
             if examples > 1:
                 variance = float(np.var(estimates, ddof=1))
-        elif morphed is not None or hist_in:
+        elif morphed is not None or input_nodes:
             morpher.step(morphed, None if res is None else res.values,
                          kept_fraction=kept_fraction)
-        return {"loss": loss / examples, "node": node / examples,
-                "edge": edge / examples, "clique": clique / examples,
+        return {**{k: sums[k] / examples for k in ("loss", "node", "edge", "clique")},
                 # over all REINFORCE samples, as one process counts them
-                "input_nodes": int(hist_in), "output_nodes": int(n_out),
-                "chars": int(n_in), "grad_norm": grad_norm,
-                "estimator_variance": variance}
+                **{k: int(sums[k]) for k in ("input_nodes", "output_nodes", "chars")},
+                "grad_norm": grad_norm, "estimator_variance": variance}
 
     def _grow_batch(self, inputs, targets):
         """Rows for every character of the global batch, as :meth:`_batch`
@@ -667,7 +671,7 @@ class Trainer:
         every rank, without communication."""
         emb = self.embedding
         emb.rows(Graph.from_texts(inputs).labels)
-        if self.target_activation == "embedding" and not _segmentations(targets):
+        if self.target_activation == "embedding" and not _is_segmentation_batch(targets):
             emb.rows(Graph.from_texts(list(targets)).labels)   # texts, all of them
 
     def _unknown_codes(self, labels):
@@ -893,41 +897,9 @@ class Trainer:
                 "resume with the same data, start a new run, or pass new_data=True "
                 "(grapheme train --new-data) to continue on other data")
         writes = self._writes
-        error = None
-        if writes:
-            # a directory first, whatever overwrite says (it could not help),
-            # rather than at the first write after an epoch of training
-            for _, path in files:
-                if (error := _not_a_file_error(path)) is not None:
-                    break
-        if error is None and self.epoch == 0 and not self.overwrite and writes:
-            for what, path in files:
-                if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
-                    error = ValueError(
-                        f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
-                        "replace another run's files: resume that run, choose another "
-                        "path, or pass overwrite=True to the Trainer")
-                    break
+        error = self._files_error(files) if writes else None
         if self.comm is not None:
-            # rank 0 alone looks at the files; no rank goes on if it refused,
-            # and the ranks must start from the same state on the same data
-            self.comm.agree("to start (its files)", error)
-            # the settings first (a rank made with its own seed has other
-            # parameters too, and should be told of its seed): else a rank
-            # shards another shuffle, or steps with other settings, silently;
-            # other batch sizes or epochs end in gloo
-            self.comm.check_same(
-                "the settings, the epochs or the validation pairs (every rank must be "
-                "made with the same settings, seed included, and given the same "
-                "epochs, keep_best and val)",
-                [json.dumps(self.config(), sort_keys=True), repr(self.optimizer),
-                 json.dumps(self.morpher.state_dict(), sort_keys=True),
-                 repr(self.rng.bit_generator.state), epochs, keep_best,
-                 None if val_split is None else data_fingerprint(*val_split)["sha256"]])
-            self.comm.check_same("the training pairs, the epoch or the parameters "
-                                 "(every rank must be given the same pairs and "
-                                 "checkpoint)", [fingerprint["sha256"], self.epoch,
-                                                 *self._params().values()])
+            self._agree_start(error, fingerprint, epochs, keep_best, val_split)
         elif error is not None:
             raise error
         self._data_fingerprint = fingerprint
@@ -945,7 +917,7 @@ class Trainer:
             self._grow(inputs, targets)
             if val is not None and self.epoch == 0:
                 self.baseline = self._val_record(val)
-        untrained = None   # the first candidate's state, written after the first epoch
+        first = None   # the first candidate's state (untrained or resumed), written after epoch 1
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best
                 or os.path.realpath(self.best["path"]) != os.path.realpath(best_path)):
@@ -955,7 +927,7 @@ class Trainer:
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
             if writes:   # another run's file there survives the first epoch too
-                untrained = self._state(copy=True)
+                first = self._state(copy=True)
         progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
         started = time.perf_counter()
@@ -975,27 +947,9 @@ class Trainer:
                 if self.comm is not None:   # cheap: a digest of the parameters
                     self.comm.check_same(f"the parameters after epoch {self.epoch}",
                                          list(self._params().values()))
-                if checkpoint is not None:
-                    if writes:
-                        self._save(checkpoint)
-                    self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
-                if improved and writes:
-                    self._save(best_path)
-                elif untrained is not None:
-                    save_checkpoint(best_path, *untrained)
-                untrained = None
-                if writes:
-                    for path in self._replaced_files:
-                        if os.path.isfile(path):
-                            os.unlink(path)
-                    self._replaced_files = []
-                if self.log is not None and writes:
-                    if not log_synced:   # only now: an old log survives until here
-                        self._rewrite_log()
-                        log_synced = True
-                    else:
-                        with open(self.log, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(record) + "\n")
+                self._write_epoch(record, checkpoint, best_path, improved, first,
+                                  append=log_synced)
+                first, log_synced = None, True
                 progress.epoch(record)
             if self.epoch > first_epoch:
                 summary = summary_line(self.history, first_epoch, self.baseline,
@@ -1003,6 +957,75 @@ class Trainer:
         finally:
             progress.close(summary)
         return list(self.history)
+
+    def _files_error(self, files):
+        """Rank 0's look, before the first epoch, at the files it will write
+        (``files``: ``[(what, path)]``): the error to raise, or None. A
+        directory in a file's place, whatever ``overwrite`` says (it could
+        not help); on a fresh run without ``overwrite``, another run's file."""
+        for _, path in files:
+            if (error := _not_a_file_error(path)) is not None:
+                return error
+        if self.epoch == 0 and not self.overwrite:
+            for what, path in files:
+                if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
+                    return ValueError(
+                        f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
+                        "replace another run's files: resume that run, choose another "
+                        "path, or pass overwrite=True to the Trainer")
+        return None
+
+    def _agree_start(self, error, fingerprint, epochs, keep_best, val_split):
+        """The ranks' agreement before the first step, raising the same
+        ValueError on every rank if they do not: on rank 0's look at the
+        files (``error``), then the settings, then the starting state."""
+        comm = self.comm
+        comm.agree("to start (its files)", error)
+        # the settings first (a rank made with its own seed has other
+        # parameters too, and should be told of its seed): else a rank
+        # shards another shuffle, or steps with other settings, silently;
+        # other batch sizes or epochs end in gloo
+        comm.check_same(
+            "the settings, the epochs or the validation pairs (every rank must be "
+            "made with the same settings, seed included, and given the same "
+            "epochs, keep_best and val)",
+            [json.dumps(self.config(), sort_keys=True), repr(self.optimizer),
+             json.dumps(self.morpher.state_dict(), sort_keys=True),
+             repr(self.rng.bit_generator.state), epochs, keep_best,
+             None if val_split is None else data_fingerprint(*val_split)["sha256"]])
+        comm.check_same("the training pairs, the epoch or the parameters (every rank "
+                        "must be given the same pairs and checkpoint)",
+                        [fingerprint["sha256"], self.epoch, *self._params().values()])
+
+    def _write_epoch(self, record, checkpoint, best_path, improved, first, append):
+        """The files after an epoch, in this order: the checkpoint; the best
+        checkpoint, if this epoch ``improved`` on it, else the first
+        candidate's state (``first``, held since before the first epoch of
+        this call, or None); the replaced run's files removed
+        (``_replaced_files``); the log, rewritten on this call's first epoch
+        (an old log survives until then) and appended to after (``append``).
+        Only rank 0 writes."""
+        writes = self._writes
+        if checkpoint is not None:
+            if writes:
+                self._save(checkpoint)
+            self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
+        if not writes:
+            return
+        if improved:
+            self._save(best_path)
+        elif first is not None:
+            save_checkpoint(best_path, *first)
+        for path in self._replaced_files:
+            if os.path.isfile(path):
+                os.unlink(path)
+        self._replaced_files = []
+        if self.log is not None:
+            if not append:
+                self._rewrite_log()
+            else:
+                with open(self.log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
 
     @property
     def _writes(self):
@@ -1048,6 +1071,9 @@ class Trainer:
         return path
 
     def _run_epoch(self, inputs, targets, progress):
+        """One epoch over the shuffled pairs, a step per batch; returns the
+        epoch's record of training metrics (:meth:`fit` adds the ``val_*``
+        ones: a new metric of the log goes here or there)."""
         n = len(inputs)
         self._unknown_rng = self._epoch_rng()
         order = self.rng.permutation(n)
@@ -1340,6 +1366,11 @@ class Trainer:
         self._loaded_fingerprint = None if data is None else dict(data, path=path)
 
 
+#: What a data-parallel step sums over the ranks, beside the gradients (the
+#: loss terms weighted by pairs, and the node counts), in the order of the
+#: all-reduce's buffer.
+SHARD_SUMS = ("loss", "node", "edge", "clique", "chars", "output_nodes", "input_nodes")
+
 #: The counts of :func:`~grapheme.train.metrics.segmentation_counts`, in
 #: the order validation all-reduces them.
 SEGMENTATION_COUNTS = ("examples", "exact", "true_positive", "predicted", "gold")
@@ -1462,7 +1493,7 @@ def _by_position(g):
     return g._with(labels=(np.arange(g.num_nodes, dtype=np.int64) - first).astype(np.int32))
 
 
-def _segmentations(targets):
+def _is_segmentation_batch(targets):
     """Whether the batch's targets are segmentations (all of them), or texts.
 
     Raises ``ValueError`` for a mix: their target graphs are built
