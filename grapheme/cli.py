@@ -25,7 +25,8 @@ Errors in the input (a missing directory, a malformed data line, a corrupted
 checkpoint, not enough memory for the settings) print one line to stderr and
 exit with status 2. Nothing is written before the arguments, the data and
 the checkpoint to resume have been checked. ``train`` never replaces a run
-already in ``--out`` (a ``metrics.jsonl`` or ``checkpoint.npz`` there)
+already in ``--out`` (a ``metrics.jsonl``, ``checkpoint.npz`` or ``best.npz``
+there)
 unless told: ``--resume OUT/checkpoint.npz`` continues it, ``--overwrite``
 replaces it.
 

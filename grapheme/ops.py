@@ -13,8 +13,8 @@ Every step of a grapheme model that gradients pass through is an
   ``inputs``).
 
 A vjp is pure: it reads only ``saved`` and its arguments, returns fresh
-arrays, changes no state and gives the same result however often it is
-called. Parameters are inputs like any other: the vjp of :class:`Lookup`
+arrays (or the caller's ``out=`` buffers, where it takes them), changes no
+state and gives the same result however often it is called. Parameters are inputs like any other: the vjp of :class:`Lookup`
 returns the gradient of the table, that of :class:`MergeScores` the gradient
 of ``theta``; where they accumulate is the caller's choice. This is the
 contract of ``torch.autograd.Function`` and of JAX's ``custom_vjp``, so

@@ -26,6 +26,9 @@ The modules:
   estimator. ``merged, unpool, aux_loss = merge(x, offsets)``: the merged
   features, a differentiable map back to the input rows, and the rate
   penalty (0 without a rate controller).
+- :class:`Encoder`: context before the merge (grapheme's encoder, whose
+  weights are parameters): ``features, queries, keys = encoder(x,
+  offsets)``, to pass on to :class:`Merge`.
 - :class:`StructuralLoss`: the structural loss of a :class:`Merged` against
   target graphs.
 
