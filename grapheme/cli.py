@@ -512,8 +512,9 @@ def _lock_out(held, out_dir, comm, lock, check=None):
 
 
 def _train_locked(args, out, spawn, comm, held):
-    from .train import Trainer
-
+    """``train`` with ``held`` (an exit stack) holding the lock on an
+    existing ``--out``: the checks, the trainer, the ranks (``spawn``) or
+    the run, then its report."""
     rank0 = comm is None or comm.rank == 0
     if args.new_data and args.resume is None:
         raise CommandError("--new-data goes with --resume (it lets a run continue on data "
@@ -527,18 +528,7 @@ def _train_locked(args, out, spawn, comm, held):
         if fixed:
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
                                "the settings come from the checkpoint")
-    train_path, val_path = _data_file(args.data, "train"), args.val
-    if val_path is None and os.path.isdir(args.data):
-        val_path = os.path.join(args.data, "val.jsonl")
-        val_path = val_path if os.path.isfile(val_path) else None
-    elif val_path is not None and not os.path.isfile(val_path):
-        raise CommandError(f"--val {val_path!r} is not a file")
-    pairs = _load_pairs(train_path)
-    if not pairs:
-        raise CommandError(f"{train_path!r} holds no pairs")
-    val = _load_pairs(val_path) if val_path is not None else None
-    if args.val is not None and not val:   # a directory's empty val.jsonl: no validation
-        raise CommandError(f"--val {val_path!r} holds no pairs")
+    pairs, val, val_path = _train_data(args)
     log = os.path.join(args.out, "metrics.jsonl")
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     # the training process locks an --out that exists before it looks at it
@@ -547,35 +537,8 @@ def _train_locked(args, out, spawn, comm, held):
     locked = rank0 and spawn is None and os.path.isdir(args.out)
     _lock_out(held, args.out, comm, locked,
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
-    progress = not args.no_progress and rank0
-    if args.resume is not None:
-        # overwrite: a checkpoint of epoch 0 (an untrained best.npz) starts afresh
-        trainer = Trainer.from_checkpoint(_checkpoint_file(args.resume, "--resume"), log=log,
-                                          progress=progress, comm=comm,
-                                          overwrite=args.overwrite)
-        start = trainer.epoch
-        if args.lr is not None and args.lr != trainer.optimizer.lr:
-            if rank0 and spawn is None and start < args.epochs:   # the ranks' rank 0 says it
-                print(f"learning rate {trainer.optimizer.lr:g} -> {args.lr:g} from epoch "
-                      f"{start + 1}", file=out)
-            trainer.optimizer.lr = args.lr
-    else:
-        estimator = DEFAULT_ESTIMATOR if args.estimator is None else args.estimator
-        trainer = _make_trainer(
-            dim=DIM if args.dim is None else args.dim,
-            seed=0 if args.seed is None else args.seed,
-            estimator=estimator,
-            target_rate=args.target_kept_fraction,
-            baseline="mean" if args.baseline is None else args.baseline,
-            samples=1 if args.samples is None else args.samples,
-            lr=DEFAULT_LR[estimator] if args.lr is None else args.lr,
-            batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
-            log=log, progress=progress, overwrite=args.overwrite,
-            encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
-            else args.encoder_layers,
-            unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
-            comm=comm, dtype="float64" if args.dtype is None else args.dtype)
-        start = 0
+    trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
+    start = trainer.epoch
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -621,40 +584,96 @@ def _train_locked(args, out, spawn, comm, held):
                 raise KeyboardInterrupt(f"epoch {saved[1]} is saved: --resume {saved[0]} "
                                         "continues the run") from None
     seconds = time.perf_counter() - started
-    if start == 0 and trainer.baseline is not None:
-        before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
-    if len(history) > start:
-        first, last = history[start], history[-1]
-        # the time too: with --no-progress it is the only report of the run
-        line = (f"epochs {start + 1}-{last['epoch']} in {seconds:.1f} s: "
-                f"loss {first['loss']:.4f} -> "
-                f"{last['loss']:.4f}, kept fraction {last['kept_fraction']:.3f}, "
-                f"tau {last['tau']:.4f}")
-        print(line, file=out)
-        if before is not None:
-            what = "untrained" if start == 0 else f"epoch {start}"
-            columns = [(what, before), (f"epoch {last['epoch']}", _validation(last))]
-            if args.keep_best is not None and trainer.best is not None:
-                # the record of the kept best, shown when it has every metric
-                epoch = trainer.best["epoch"]
-                if epoch == start:
-                    kept = before
-                else:
-                    kept = _validation(next((r for r in trainer.history
-                                             if r["epoch"] == epoch), {}))
-                if all(k in kept for k in TABLE_KEYS if all(k in r for _, r in columns)):
-                    columns.append((f"best (epoch {epoch})", kept))
-            print(f"validation: {len(val)} pairs from {val_path}", file=out)
-            print(metrics_table(columns), file=out)
-    else:   # nothing was written: name only the checkpoint that was read
+    if len(history) == start:   # nothing was written: name only the checkpoint read
         print(f"nothing to do: {args.resume} already has {start} epochs "
               f"(--epochs {args.epochs})", file=out)
         return 0
+    if start == 0 and trainer.baseline is not None:
+        before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
+    _train_report(args, out, trainer, start, seconds, before, (val, val_path))
     print(f"metrics: {log}\ncheckpoint: {checkpoint}", file=out)
     if best is not None and trainer.best is not None:
         print(f"best: {best} (epoch {trainer.best['epoch']}, {trainer.best['metric']} "
               f"{trainer.best['value']:.4f})", file=out)
     return 0
+
+
+def _train_data(args):
+    """``train``'s pairs, validation pairs (or None) and their file."""
+    train_path, val_path = _data_file(args.data, "train"), args.val
+    if val_path is None and os.path.isdir(args.data):
+        val_path = os.path.join(args.data, "val.jsonl")
+        val_path = val_path if os.path.isfile(val_path) else None
+    elif val_path is not None and not os.path.isfile(val_path):
+        raise CommandError(f"--val {val_path!r} is not a file")
+    pairs = _load_pairs(train_path)
+    if not pairs:
+        raise CommandError(f"{train_path!r} holds no pairs")
+    val = _load_pairs(val_path) if val_path is not None else None
+    if args.val is not None and not val:   # a directory's empty val.jsonl: no validation
+        raise CommandError(f"--val {val_path!r} holds no pairs")
+    return pairs, val, val_path
+
+
+def _train_trainer(args, out, log, comm, announce):
+    """``train``'s trainer: resumed from ``--resume`` (``--lr`` applied, and
+    announced if ``announce``), or made from the options and the defaults."""
+    from .train import Trainer
+
+    progress = not args.no_progress and (comm is None or comm.rank == 0)
+    if args.resume is not None:
+        # overwrite: a checkpoint of epoch 0 (an untrained best.npz) starts afresh
+        trainer = Trainer.from_checkpoint(_checkpoint_file(args.resume, "--resume"), log=log,
+                                          progress=progress, comm=comm,
+                                          overwrite=args.overwrite)
+        if args.lr is not None and args.lr != trainer.optimizer.lr:
+            if announce and trainer.epoch < args.epochs:   # the ranks' rank 0 says it
+                print(f"learning rate {trainer.optimizer.lr:g} -> {args.lr:g} from epoch "
+                      f"{trainer.epoch + 1}", file=out)
+            trainer.optimizer.lr = args.lr
+        return trainer
+    estimator = DEFAULT_ESTIMATOR if args.estimator is None else args.estimator
+    return _make_trainer(
+        dim=DIM if args.dim is None else args.dim,
+        seed=0 if args.seed is None else args.seed,
+        estimator=estimator,
+        target_rate=args.target_kept_fraction,
+        baseline="mean" if args.baseline is None else args.baseline,
+        samples=1 if args.samples is None else args.samples,
+        lr=DEFAULT_LR[estimator] if args.lr is None else args.lr,
+        batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
+        log=log, progress=progress, overwrite=args.overwrite,
+        encoder_layers=ENCODER_LAYERS if args.encoder_layers is None
+        else args.encoder_layers,
+        unknown_prob=UNKNOWN_PROB if args.unknown_prob is None else args.unknown_prob,
+        comm=comm, dtype="float64" if args.dtype is None else args.dtype)
+
+
+def _train_report(args, out, trainer, start, seconds, before, validation):
+    """``train``'s summary of the epochs it ran: a line, then the
+    validation table (``before``: the model it started from; ``validation``:
+    the pairs and their file)."""
+    val, val_path = validation
+    first, last = trainer.history[start], trainer.history[-1]
+    # the time too: with --no-progress it is the only report of the run
+    print(f"epochs {start + 1}-{last['epoch']} in {seconds:.1f} s: loss "
+          f"{first['loss']:.4f} -> {last['loss']:.4f}, kept fraction "
+          f"{last['kept_fraction']:.3f}, tau {last['tau']:.4f}", file=out)
+    if before is None:
+        return
+    what = "untrained" if start == 0 else f"epoch {start}"
+    columns = [(what, before), (f"epoch {last['epoch']}", _validation(last))]
+    if args.keep_best is not None and trainer.best is not None:
+        # the record of the kept best, shown when it has every metric
+        epoch = trainer.best["epoch"]
+        if epoch == start:
+            kept = before
+        else:
+            kept = _validation(next((r for r in trainer.history if r["epoch"] == epoch), {}))
+        if all(k in kept for k in TABLE_KEYS if all(k in r for _, r in columns)):
+            columns.append((f"best (epoch {epoch})", kept))
+    print(f"validation: {len(val)} pairs from {val_path}", file=out)
+    print(metrics_table(columns), file=out)
 
 
 def _held_by_out(out_dir, names):
