@@ -960,7 +960,11 @@ def _picture_path(out, name, overwrite):
     path = os.path.join(out, name) if os.path.isdir(out) else out
     if os.path.isdir(path):
         raise CommandError(f"--out {out!r}: {path!r} is a directory")
-    check_png(path)   # before "exists", and before the picture's work
+    try:
+        check_png(path)   # before "exists", and before the picture's work
+    except ValueError:   # named as the option, not as plot's argument
+        raise CommandError(f"--out {path!r} must be a .png file: the picture is a "
+                           "PNG") from None
     if os.path.exists(path) and not overwrite:
         raise CommandError(f"--out {out!r}: {path!r} already exists (--overwrite "
                            "replaces it)" if path != out else

@@ -292,7 +292,9 @@ def test_a_picture_is_a_png_file(trained, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     for name in ("x.jpg", "x"):
         code, _, err = run(capsys, "plot", trained / "run", "--out", tmp_path / name)
-        assert code == 2 and "must be a .png file" in err
+        # named as the option (left last session: "out")
+        assert code == 2 and err == (f"grapheme plot: error: --out {str(tmp_path / name)!r} "
+                                     "must be a .png file: the picture is a PNG\n")
     assert os.listdir(tmp_path) == []
     code, _, _ = run(capsys, "plot", trained / "run", "--out", tmp_path / "x.PNG")
     assert code == 0 and os.listdir(tmp_path) == ["x.PNG"]
