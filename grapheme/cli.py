@@ -681,6 +681,9 @@ def _held_by_out(out_dir, names):
     refuses an ``--out`` that is a file."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CommandError(f"--out {out_dir!r} exists and is not a directory")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):   # else "File exists"
+        raise CommandError(f"--out {out_dir!r} is a symbolic link to "
+                           f"{os.readlink(out_dir)!r}, which does not exist")
     return [n for n in names if os.path.exists(os.path.join(out_dir, n))]
 
 

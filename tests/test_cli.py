@@ -566,3 +566,16 @@ def test_an_existing_out_is_locked_before_it_is_looked_at(level1, tmp_path, caps
     assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
                out / "checkpoint.npz", "--no-progress")[0] == 0
     assert seen == ["held"] and cli.RUN_LOCK not in os.listdir(out)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links")
+def test_out_as_a_dangling_symbolic_link_is_named(level1, tmp_path, capsys):
+    """Left last session: a dangling symbolic link as --out failed with
+    "File exists" when the run made its directory."""
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", link,
+                       "--no-progress")
+    assert code == 2 and err == (f"grapheme train: error: --out {str(link)!r} is a symbolic "
+                                 f"link to {str(tmp_path / 'gone')!r}, which does not exist\n")
+    assert not (tmp_path / "gone").exists()
