@@ -174,22 +174,32 @@ class _OpFunction(torch.autograd.Function):
             result = ctx.op.vjp(ctx.state, *upstream)
             out = tuple(_tensor(g, ctx.dtype) if need and g is not None else None
                         for g, need in zip(result, ctx.needs_input_grad[3:]))
-        return (None, None, None) + (_undifferentiable(out) if second_order else out)
+        if not second_order:
+            return (None, None, None) + out
+        sources = ctx.saved_tensors[:len(ctx.needs_input_grad) - 3] + grads
+        return (None, None, None) + _undifferentiable(out, sources)
 
 
-def _undifferentiable(grads):
+def _undifferentiable(grads, sources):
     """The gradients of a backward pass under ``create_graph=True``, made to
-    raise when they are differentiated in turn: torch's
-    ``once_differentiable`` does this only when the upstream gradient
-    requires grad, but these gradients depend on the saved inputs too, so
-    after a ``.sum()`` a gradient penalty through them silently added
-    nothing. First-order use under ``create_graph=True`` (the second
-    derivative of another part of the model) is unaffected."""
+    raise when they are differentiated in turn, towards anything: they are
+    the outputs of one error node whose inputs are the ``sources`` the
+    gradients depend on (the forward's inputs and the upstream gradients).
+
+    torch's ``once_differentiable`` ties its error node to the upstream
+    gradients only, so after a ``.sum()`` a gradient penalty through them
+    silently added nothing. Tied to detached copies (before), it raised
+    under ``.backward()`` but not under ``torch.autograd.grad(penalty,
+    weight)``, which runs only the nodes on a path to ``weight``: the
+    second derivative came back without this operation's part. First-order
+    use under ``create_graph=True`` (the second derivative of another part
+    of the model) is unaffected."""
     tensors = [g for g in grads if g is not None]
     if not tensors:
         return grads
-    error = torch._C._functions.DelayedError(_ONCE.encode(), len(tensors))
-    wrapped = error(*[g.detach().requires_grad_() for g in tensors])
+    links = [t for t in sources if t is not None and t.requires_grad]
+    error = torch._C._functions.DelayedError(_ONCE.encode(), len(tensors) + len(links))
+    wrapped = error(*[g.detach().requires_grad_() for g in tensors], *links)
     wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
     return tuple(None if g is None else next(wrapped) for g in grads)
 

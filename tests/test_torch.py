@@ -102,6 +102,23 @@ def test_functions_say_they_are_once_differentiable():
     (grad,) = torch.autograd.grad(loss, h, create_graph=True)
     with pytest.raises(RuntimeError, match="once differentiable"):
         grad.pow(2).sum().backward()
+    # found by a PyTorch-user helper: autograd.grad towards one weight runs
+    # only the nodes on a path to it, and the error node hung on detached
+    # copies was on none: the second derivative came back without the
+    # merge's part, silently (upstream of the merge, and downstream of it
+    # through the upstream gradient)
+    torch.manual_seed(0)
+    lin, head = torch.nn.Linear(3, 3).double(), torch.nn.Linear(3, 1).double()
+    merge = gt.Merge(threshold=0.0, temperature=0.5, estimator="soft").double()
+    x = leaf(rng.normal(size=(7, 3)))
+    for weight, top in ((lin.weight, lambda f: f.pow(2).sum()),
+                        (head.weight, lambda f: head(f).sum())):
+        (gx,) = torch.autograd.grad(top(merge(lin(x), [0, 3, 7]).features), x,
+                                    create_graph=True)
+        with pytest.raises(RuntimeError, match="once differentiable"):
+            torch.autograd.grad(gx.pow(2).sum(), weight)
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        torch.autograd.gradgradcheck(lambda f: merge(f, [0, 3, 7]).features, (x,))
     # first order under create_graph (another part's second derivative): fine
     w = leaf(np.array(1.5))
     first = torch.autograd.grad(gt.edge_similarity(g, h).sum() + w ** 3, (w, h),
