@@ -392,6 +392,7 @@ class Merged:
         self.offsets = torch.from_numpy(self.graph.graph_offsets.astype(np.int64))
         self._morphed = morphed   # the numpy morph: Merge.step and reinforce_loss read it
 
+    @_eager
     def unpool(self, y):
         """Rows of ``y`` (one per merged row) broadcast back to the input rows
         through the hard merge map; for the relaxed estimators, whose rows are
@@ -426,11 +427,22 @@ class Merged:
             raise TypeError("texts must hold str only")
         texts = [exact_str(t) for t in texts]
         B = self.graph.num_graphs
-        ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+        lengths = np.array([len(t) for t in texts], dtype=np.int64)
+        ends = np.cumsum(lengths)
         if len(texts) != B or (ends[-1] if B else 0) != self.history.num_inputs:
             raise ValueError(f"texts must be the {B} input texts of {self.history.num_inputs} "
                              f"characters in all, got {len(texts)} of "
                              f"{int(ends[-1]) if len(texts) else 0}")
+        # each text as long as its sequence (the total alone let a segment
+        # span two sequences: found by a PyTorch-user helper)
+        rows = np.diff(self.graph.graph_offsets)   # the relaxed graph's: the input rows
+        if self.graph.num_nodes != self.history.num_inputs:   # the merged graph's
+            rows = np.bincount(np.repeat(np.arange(B), rows)[self.history.cluster],
+                               minlength=B)
+        if (rows != lengths).any():
+            b = int(np.flatnonzero(rows != lengths)[0])
+            raise ValueError(f"texts[{b}] has {lengths[b]} characters, its sequence "
+                             f"{rows[b]} input rows")
         pieces = self.history.segments("".join(texts))
         # outputs are numbered sequence by sequence: each one's by its head
         counts = np.bincount(np.searchsorted(ends, self.history.heads, side="right"),
@@ -438,6 +450,7 @@ class Merged:
         bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
         return [pieces[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
+    @_eager
     def reinforce_loss(self, losses):
         """The score-function surrogate ``mean_b (L_b - b_b) log P_b``
         (``Reinforce``): add it to the objective, whose gradient it then

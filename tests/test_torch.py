@@ -527,6 +527,17 @@ def test_torch_compile_runs_the_bridge_eagerly():
     eager.backward()
     assert compiled.item() == eager.item()
     torch.testing.assert_close(grad, x.grad, rtol=0, atol=0)
+    # found by a PyTorch-user helper: Merged's unpool and reinforce_loss,
+    # the rest of the documented contract, failed inside dynamo
+    merge = gt.Merge(estimator="reinforce").double()
+
+    def pooled(x):
+        out = merge(x, offsets)
+        merged, unpool, _ = out
+        return unpool(merged * 2).sum() + out.reinforce_loss(torch.ones(2))
+
+    compiled = torch.compile(pooled, backend="eager")(x)
+    assert compiled.item() == pooled(x).item()
 
 
 def test_torch_loss_for_training_is_the_trainers():
@@ -607,3 +618,7 @@ def test_merged_segments_per_sequence(estimator):
         out.segments(texts[:3])
     with pytest.raises(TypeError, match="texts must be a list"):
         out.segments("thecat")
+    # found by a PyTorch-user helper: the total alone was checked, so a
+    # segment could span two sequences
+    with pytest.raises(ValueError, match="texts.0. has 7 characters, its sequence 6 input"):
+        out.segments(["thecats", "", "at", "onthemat"])
