@@ -442,6 +442,12 @@ class HardMerge(Operation):
         until its next use of that name. None: a fresh array (pure)."""
         _check_place(workspace, name)
         check_graph(graph, "graph")
+        decisions = np.asarray(decisions)
+        if decisions.dtype != bool:   # probabilities would merge every edge above 0
+            raise TypeError(f"decisions must be a boolean array, got dtype {decisions.dtype}")
+        if decisions.shape != (graph.num_edges,):
+            raise ValueError(f"decisions must have shape ({graph.num_edges},), got "
+                             f"{decisions.shape}")
         return self._forward(graph, check_features(graph, features), decisions, workspace, name)
 
     def _forward(self, graph, features, decisions, workspace=None, name="merge."):

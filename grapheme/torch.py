@@ -237,7 +237,7 @@ def merge_scores(similarity, theta, temperature):
 
 def hard_merge(graph, features, decisions):
     """Merged features, the merged graph and the history (:class:`grapheme.ops.HardMerge`)."""
-    decisions = np.asarray(decisions, dtype=bool)
+    decisions = _host(decisions)   # bool, checked by the operation (not cast: 0.9 -> True)
     (f,), result = apply(ops.HardMerge(),
                          lambda h: ops.HardMerge().forward(graph, h, decisions), features)
     return f, result.graph, result.history

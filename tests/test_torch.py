@@ -48,6 +48,16 @@ def test_hard_merge_and_unpool_gradcheck():
     g = random_graph(rng, 8, 14)
     decisions = rng.random(g.num_edges) < 0.4
     gradcheck(lambda h: gt.hard_merge(g, h, decisions)[0], leaf(rng.normal(size=(8, 3))))
+    # found by a PyTorch-user helper: decisions were cast to bool, so
+    # probabilities merged every edge above 0, and a tensor needing grad failed
+    h = leaf(rng.normal(size=(8, 3)))
+    with pytest.raises(TypeError, match="decisions must be a boolean array, got dtype float"):
+        gt.hard_merge(g, h, torch.full((g.num_edges,), 0.1))
+    with pytest.raises(ValueError, match=rf"decisions must have shape \({g.num_edges},\)"):
+        gt.hard_merge(g, h, np.ones(3, dtype=bool))
+    as_tensor = torch.from_numpy(decisions)
+    assert np.array_equal(gt.hard_merge(g, h, as_tensor)[2].cluster,
+                          gt.hard_merge(g, h, decisions)[2].cluster)
     history = gr.merge_edges(g, decisions)
     gradcheck(lambda y: gt.unpool(history, y),
               leaf(rng.normal(size=(history.num_outputs, 3))))
