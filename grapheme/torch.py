@@ -635,7 +635,11 @@ class Encoder(nn.Module):
         for layer in self.layers:
             h = message_passing(graph, h, layer.w_self.to(x.dtype), layer.w_pred.to(x.dtype),
                                 layer.w_succ.to(x.dtype), layer.bias.to(x.dtype))
-        return h, h @ self.query.to(x.dtype), h @ self.key.to(x.dtype)
+        # in x's dtype under autocast too: the merge takes float32 or float64
+        # queries and keys, and the features beside them are in x's dtype
+        # (found by a PyTorch-user helper: bfloat16 projections were refused)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return h, h @ self.query.to(x.dtype), h @ self.key.to(x.dtype)
 
 
 class StructuralLoss(nn.Module):

@@ -475,6 +475,15 @@ def test_encoder_module_starts_as_identity_and_trains():
     lossf(routed, target).backward()
     assert all(p.grad is not None for p in enc.parameters())
     assert float(enc.query.grad.abs().sum()) > 0
+    # found by a PyTorch-user helper: under autocast the projections came
+    # out bfloat16, and the merge refused them
+    x32 = x.float()
+    enc32, merge32 = gt.Encoder(6, layers=2), gt.Merge(threshold=0.2, estimator="soft")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, q, k = enc32(x32, offsets)
+        assert {h.dtype, q.dtype, k.dtype} == {torch.float32}
+        torch.testing.assert_close(merge32(h, offsets, None, q, k).features,
+                                   merge32(x32, offsets).features)
 
 
 def test_structural_loss_module_names_a_bad_target():
