@@ -794,7 +794,7 @@ def _check_batches(p: _GraphArrays, t: _GraphArrays):
             f"{len(p.offsets) - 1}; batch sizes must match")
     if len(p.offsets) == 1:
         raise ValueError("predicted is an empty batch (0 graphs): the loss is a mean "
-                         "over pairs and has no value for none")
+                         "over pairs, which has no value without any")
 
 
 def _concat(parts) -> _GraphArrays:

@@ -401,9 +401,9 @@ class Merged:
         if not y.is_floating_point():
             raise TypeError(f"y must be a float tensor, got {y.dtype}")
         rows = self.features.shape[0]
-        if y.ndim < 1 or y.shape[0] not in (rows, self.history.num_outputs):
-            raise ValueError(f"y must have one row per merged row ({rows}), got shape "
-                             f"{tuple(y.shape)}")
+        if y.ndim not in (1, 2) or y.shape[0] not in (rows, self.history.num_outputs):
+            raise ValueError(f"y must be 1- or 2-dimensional with one row per merged row "
+                             f"({rows}), got shape {tuple(y.shape)}")
         if y.shape[0] == self.history.num_outputs:
             return unpool(self.history, y)
         return unpool(self.history, y[torch.from_numpy(self.history.heads.astype(np.int64))])
@@ -525,6 +525,17 @@ class Merge(nn.Module):
     Call :meth:`step` after every optimiser step: it moves the rate
     controller and the ``Reinforce`` baseline and samples. The state that
     :meth:`step` changes is saved by ``state_dict`` (as extra state).
+
+    ``.train()`` and ``.eval()`` change nothing: the estimator decides the
+    forward pass in both (``reinforce`` samples, ``soft`` and ``ste`` return
+    relaxed rows, under ``torch.no_grad`` too). For deterministic hard
+    segments at inference use ``estimator="history"``, or
+    :meth:`Merged.segments` and :attr:`Merged.history`, which are the hard
+    merge's for every estimator. ``Reinforce`` draws from its own generator
+    (``Reinforce(seed=...)``), not torch's, so ``torch.manual_seed`` does
+    not move it; it advances only in :meth:`step`, so the forward calls
+    between two steps (micro-batches of one accumulated step) draw the same
+    uniforms by position.
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
@@ -585,11 +596,25 @@ class Merge(nn.Module):
 
     def get_extra_state(self):
         return {"estimator": self.estimator.state_dict(),
+                "estimator_type": type(self.estimator).__name__,
                 "rate": None if self.rate is None else self.rate.state_dict()}
 
     def set_extra_state(self, state):
+        # a state of another estimator, or with or without a rate controller
+        # this one lacks or has, is refused (found by a PyTorch-user helper:
+        # some loaded silently); a state saved before the estimator's type
+        # was recorded is taken as its own
+        kind = state.get("estimator_type", type(self.estimator).__name__)
+        if kind != type(self.estimator).__name__:
+            raise ValueError(f"the state is of a Merge with estimator {kind}, this one "
+                             f"has {type(self.estimator).__name__}")
+        if (state.get("rate") is None) != (self.rate is None):
+            raise ValueError("the state is of a Merge " + ("without" if self.rate is not None
+                                                            else "with") +
+                             " a rate controller, this one " +
+                             ("has one" if self.rate is not None else "has none"))
         self.estimator.load_state_dict(state["estimator"])
-        if self.rate is not None and state.get("rate") is not None:
+        if self.rate is not None:
             self.rate.load_state_dict(state["rate"])
 
     def extra_repr(self):
@@ -677,6 +702,12 @@ class StructuralLoss(nn.Module):
         _check_reduction(self.reduction)   # as set on the module since, if it was
         _check_merged(merged)
         check_graph(target, "target")
+        if merged.graph.num_graphs == 0 == target.num_graphs:   # an empty micro-batch
+            if self.reduction == "mean":
+                raise ValueError("an empty batch (0 sequences) has no mean loss "
+                                 "(reduction='sum' gives 0, 'none' an empty tensor)")
+            values = merged.features.sum(dim=1)   # shape (0,), on the autograd graph
+            return values.sum() if self.reduction == "sum" else values
         dtype = merged.features.dtype
         (activation,), _ = apply(ops.FeatureMean(), ops.FeatureMean().forward,
                                  merged.features)

@@ -297,6 +297,37 @@ def test_rate_and_reinforce_state_travel_in_the_state_dict():
     assert other.rate.multiplier == merge.rate.multiplier != 0.0
     np.testing.assert_array_equal(other(x, torch.tensor([0, 6])).history.cluster,
                                   merge(x, torch.tensor([0, 6])).history.cluster)
+    # found by a PyTorch-user helper: a state of another estimator, or with
+    # or without a rate controller, loaded silently (one way round)
+    for made, match in ((lambda: gt.Merge(estimator="ste", rate=0.5),
+                         "estimator Reinforce, this one has StraightThrough"),
+                        (lambda: gt.Merge(estimator=gr.Reinforce(seed=3)),
+                         "with a rate controller, this one has none")):
+        with pytest.raises(ValueError, match=match):
+            made().double().load_state_dict(state)
+    with pytest.raises(ValueError, match="without a rate controller, this one has one"):
+        other.load_state_dict(gt.Merge(estimator=gr.Reinforce(seed=3)).state_dict())
+    old = dict(state)   # saved before the estimator's type was recorded: loads
+    old["_extra_state"] = {k: v for k, v in state["_extra_state"].items()
+                           if k != "estimator_type"}
+    other.load_state_dict(old)
+
+
+def test_empty_batches_and_unpool_shapes_are_named():
+    """Found by a PyTorch-user helper: an empty micro-batch's loss said
+    '...has no value for none' whatever the reduction, and a 3-d y for
+    unpool blamed a 'table'."""
+    out = gt.Merge().double()(torch.zeros(0, 3, dtype=F64, requires_grad=True), [0])
+    empty = gr.Graph.from_texts([])
+    with pytest.raises(ValueError, match="an empty batch .0 sequences. has no mean loss"):
+        gt.StructuralLoss()(out, empty)
+    total = gt.StructuralLoss(reduction="sum")(out, empty)
+    assert total.item() == 0.0 and total.requires_grad
+    total.backward()
+    assert gt.StructuralLoss(reduction="none")(out, empty).shape == (0,)
+    out = gt.Merge(threshold=-10.0).double()(torch.ones(5, 2, dtype=F64), [0, 2, 5])
+    with pytest.raises(ValueError, match="y must be 1- or 2-dimensional with one row per"):
+        out.unpool(torch.zeros(out.history.num_outputs, 2, 2, dtype=F64))
 
 
 def test_merged_unpacks_and_indexes_as_a_3_tuple():
