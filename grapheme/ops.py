@@ -386,6 +386,8 @@ class MergeScores(Operation):
         self.temperature = float(temperature)
 
     def forward(self, similarity, theta):
+        if np.shape(theta) != ():   # float() would say "only 0-dimensional arrays ..."
+            raise ValueError(f"theta must be a scalar (0-d), got shape {np.shape(theta)}")
         tau = float(sigmoid(theta))
         logits = (similarity - tau) / self.temperature
         p = sigmoid(logits)

@@ -313,6 +313,12 @@ def test_rate_and_reinforce_state_travel_in_the_state_dict():
     other.load_state_dict(old)
 
 
+def test_merge_scores_names_a_theta_that_is_not_a_scalar():
+    # found by a PyTorch-user helper: "only 0-dimensional arrays can be converted"
+    with pytest.raises(ValueError, match=r"theta must be a scalar \(0-d\), got shape \(1,\)"):
+        gt.merge_scores(torch.rand(4, dtype=F64), torch.tensor([0.5], dtype=F64), 0.1)
+
+
 def test_empty_batches_and_unpool_shapes_are_named():
     """Found by a PyTorch-user helper: an empty micro-batch's loss said
     '...has no value for none' whatever the reduction, and a 3-d y for
