@@ -444,7 +444,11 @@ class HardMerge(Operation):
         until its next use of that name. None: a fresh array (pure)."""
         _check_place(workspace, name)
         check_graph(graph, "graph")
-        decisions = np.asarray(decisions)
+        try:
+            decisions = np.asarray(decisions)
+        except (TypeError, ValueError, OverflowError):   # ragged, say
+            raise TypeError(f"decisions must be a boolean array, got "
+                            f"{type(decisions).__name__}") from None
         if decisions.dtype != bool:   # probabilities would merge every edge above 0
             raise TypeError(f"decisions must be a boolean array, got dtype {decisions.dtype}")
         if decisions.shape != (graph.num_edges,):

@@ -267,7 +267,7 @@ def test_ops_refuse_malformed_arrays(a, b):
     call(ops.EdgeSimilarity().vjp, saved, a, names=("grad_similarity",))
     call(ops.EdgeSimilarity.accumulate, saved, np.ones(4), a, names=("into",))
     call(ops.HardMerge().forward, g, a, np.ones(4, bool), names=("features",))
-    call(ops.HardMerge().forward, g, H, a, names=("merge",))
+    call(ops.HardMerge().forward, g, H, a, names=("decisions",))
     call(ops.ChainRelaxation().forward, g, a, np.full(4, 0.5), names=("features",))
     call(ops.ChainRelaxation().forward, g, H, a, names=("merge",))
     _, saved = ops.ChainRelaxation().forward(g, H, np.full(4, 0.5))
