@@ -261,8 +261,10 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
     ``threads``, default ``cpu_count // nproc``, at least 1), so that the
     ranks do not oversubscribe the cores. Rank 0 writes to this process's
     stdout and stderr; the others' stdout is discarded and their stderr
-    shown only if they fail. When one rank fails (or on ``KeyboardInterrupt``)
-    the others are terminated (SIGTERM, then SIGKILL after ``grace`` s). A
+    shown only if they fail. When one rank fails the others are terminated
+    (SIGTERM, then SIGKILL after ``grace`` s); on ``KeyboardInterrupt``
+    (Ctrl-C, which the ranks of a terminal's process group get too) the
+    ranks have ``grace`` s to end by themselves first. A
     SIGTERM or SIGHUP to this process stops the ranks the same way, and
     then this returns ``128 + the signal's number`` (143 for SIGTERM), as
     the shell reports a process the signal ended. The handlers are this
@@ -335,6 +337,16 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
             sys.stderr.write(f"rank {failed} of {nproc} was killed by signal {name}\n")
             return 128 - code
         return code
+    except KeyboardInterrupt:
+        # a terminal's Ctrl-C reached the ranks too (one process group): they
+        # stop on their own first (rank 0 names its checkpoint and removes
+        # its lock; terminated at once, it did neither: found by a review
+        # helper), and what is left after the grace is stopped
+        try:
+            _wait(procs, grace)
+        finally:
+            _stop(procs, grace)
+        raise
     except BaseException:
         _stop(procs, grace)
         raise
@@ -347,6 +359,16 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
 
 
 _SIGNAL_NUMBERS = {int(s) for s in signal.Signals}
+
+
+def _wait(procs, seconds):
+    """Wait up to ``seconds`` in all for the processes to end by themselves."""
+    deadline = time.monotonic() + seconds
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return
 
 
 def _stop(procs, grace):

@@ -424,16 +424,19 @@ def test_cli_rank_outside_its_group_is_one_line(tmp_path):
 POSIX = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
 
 
-def _launch_sleepers(tmp_path, rank_setup="pass", launcher_setup="pass", grace=10):
+def _launch_sleepers(tmp_path, rank_setup="pass", launcher_setup="pass", grace=10,
+                     new_session=False):
     """A launcher (``spawn_local``) of two ranks that write their pid and
-    sleep: the launcher's Popen and the ranks' pids, once both are up."""
+    sleep: the launcher's Popen and the ranks' pids, once both are up
+    (``new_session``: the launcher leads a process group of its own)."""
     rank = (f"import os, signal, time; {rank_setup}; "
             f"open(os.path.join({str(tmp_path)!r}, os.environ['RANK'] + '.pid'), 'w')"
             ".write(str(os.getpid())); time.sleep(120)")
     script = (f"import signal, sys; {launcher_setup}; from grapheme.distributed import "
               f"spawn_local; sys.exit(spawn_local({[sys.executable, '-c', rank]!r}, 2, "
               f"grace={grace}))")
-    launcher = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=HERE)
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=HERE,
+                                start_new_session=new_session)
     deadline = time.monotonic() + TIMEOUT
     pids = [tmp_path / f"{r}.pid" for r in range(2)]
     while not all(p.exists() and p.read_text() for p in pids):
@@ -480,6 +483,32 @@ def test_a_second_signal_does_not_cut_the_stop_short(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
     assert not any(map(_alive, ranks))   # killed after the grace
+
+
+@POSIX
+def test_ctrl_c_lets_the_ranks_end_by_themselves(tmp_path):
+    """Found by a review helper: on Ctrl-C (SIGINT to the whole process
+    group) the launcher terminated the ranks at once, so rank 0 never
+    named its checkpoint nor removed its lock. The ranks now get the grace
+    to end; one that ignores SIGINT is still stopped after it."""
+    done = tmp_path / "cleaned"
+    launcher, ranks = _launch_sleepers(
+        tmp_path, grace=5, rank_setup=(
+            "import sys\n"
+            "def cleanup(*a):\n    time.sleep(1.0)\n"
+            f"    open({str(done)!r} + os.environ['RANK'], 'w').close(); sys.exit(130)\n"
+            "signal.signal(signal.SIGINT, cleanup) if os.environ['RANK'] == '0' else "
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)"), new_session=True)
+    try:
+        start = time.monotonic()
+        os.killpg(launcher.pid, signal.SIGINT)
+        assert launcher.wait(TIMEOUT) != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert (tmp_path / "cleaned0").exists()   # rank 0 had the time to clean up
+    assert not any(map(_alive, ranks))         # rank 1, which ignored it, was stopped
+    assert time.monotonic() - start < TIMEOUT
 
 
 @POSIX
