@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import difflib
 import os
+import shlex
 import sys
 import time
 
@@ -581,8 +582,8 @@ def _train_locked(args, out, spawn, comm, held):
                 saved = trainer._last_checkpoint
                 if not rank0 or saved is None or saved[1] <= start:
                     raise
-                raise KeyboardInterrupt(f"epoch {saved[1]} is saved: --resume {saved[0]} "
-                                        "continues the run") from None
+                raise KeyboardInterrupt(f"epoch {saved[1]} is saved: --resume "
+                                        f"{shlex.quote(saved[0])} continues the run") from None
     seconds = time.perf_counter() - started
     if len(history) == start:   # nothing was written: name only the checkpoint read
         print(f"nothing to do: {args.resume} already has {start} epochs "
@@ -965,9 +966,9 @@ def _picture_path(out, name, overwrite):
         raise CommandError(f"--out {out!r}: {path!r} is a directory")
     try:
         check_png(path)   # before "exists", and before the picture's work
-    except ValueError:   # named as the option, not as plot's argument
-        raise CommandError(f"--out {path!r} must be a .png file: the picture is a "
-                           "PNG") from None
+    except ValueError as exc:   # named as the option, not as plot's argument "out"
+        message = str(exc)
+        raise CommandError("--" + message if message.startswith("out ") else message) from None
     if os.path.exists(path) and not overwrite:
         raise CommandError(f"--out {out!r}: {path!r} already exists (--overwrite "
                            "replaces it)" if path != out else

@@ -14,9 +14,10 @@ Every step of a grapheme model that gradients pass through is an
 
 A vjp is pure: it reads only ``saved`` and its arguments, returns fresh
 arrays (or the caller's ``out=`` buffers, where it takes them), changes no
-state and gives the same result however often it is called. Parameters are inputs like any other: the vjp of :class:`Lookup`
-returns the gradient of the table, that of :class:`MergeScores` the gradient
-of ``theta``; where they accumulate is the caller's choice. This is the
+state and gives the same result however often it is called. Parameters
+are inputs like any other: the vjp of :class:`Lookup` returns the gradient
+of the table, that of :class:`MergeScores` the gradient of ``theta``;
+where they accumulate is the caller's choice. This is the
 contract of ``torch.autograd.Function`` and of JAX's ``custom_vjp``, so
 :mod:`grapheme.torch` wraps each operation without glue.
 

@@ -296,6 +296,10 @@ def test_a_picture_is_a_png_file(trained, tmp_path, capsys):
         assert code == 2 and err == (f"grapheme plot: error: --out {str(tmp_path / name)!r} "
                                      "must be a .png file: the picture is a PNG\n")
     assert os.listdir(tmp_path) == []
+    # review: the empty path's own message, not the .png one
+    code, _, err = run(capsys, "plot", trained / "run", "--out", "")
+    assert code == 2 and err == ("grapheme plot: error: --out must name a file, got an "
+                                 "empty path\n")
     code, _, _ = run(capsys, "plot", trained / "run", "--out", tmp_path / "x.PNG")
     assert code == 0 and os.listdir(tmp_path) == ["x.PNG"]
 

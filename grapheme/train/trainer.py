@@ -844,7 +844,9 @@ class Trainer:
         ------
         TypeError
             If ``checkpoint``, ``resume``, ``best`` or the log is not a str,
-            bytes or os.PathLike.
+            bytes or os.PathLike, or, with ``checkpoint`` or ``comm``, the
+            loss cannot be recorded (no ``get_params``) or reloaded (not
+            grapheme's type).
         ValueError
             If ``pairs`` is empty or malformed, ``epochs`` is negative, a
             path is empty, ``resume`` is not a compatible checkpoint, the run continues on
