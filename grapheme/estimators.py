@@ -28,9 +28,21 @@ back. All four share one small interface:
   ``score_per_example(saved, advantage)``, what the ``estimator_variance``
   metric is the spread of;
 - ``get_params``, ``state_dict``, ``load_state_dict``: settings and state,
-  as checkpoints keep them. A new estimator goes into :data:`ESTIMATORS`
-  (its alias), which checkpoints and ``--estimator`` read, and into
-  ``grapheme.cli.DEFAULT_LR`` (a test checks).
+  as checkpoints keep them.
+
+A new estimator goes into :data:`ESTIMATORS` (its alias), which
+checkpoints, ``--estimator`` and ``grapheme demo`` read; into
+``grapheme.cli.DEFAULT_LR``, which
+``tests/test_context_learning.py::test_defaults_descend`` holds to
+:data:`ESTIMATORS` and uses to make every estimator learn the ``fold`` and
+``dedup`` tasks (an estimator that cannot learn needs an exemption there);
+into ``grapheme/__init__.py`` to be ``grapheme.Name``; and into the tables
+of estimators (here, README, ``docs/design.md``). A subclass of a built-in
+overrides ``_forward``, whose inputs are already checked (the base
+``forward`` checks them and calls it: :func:`_checked_forward`). An
+estimator shapes training only: validation, ``accuracy``, ``segment`` and
+the demo's "merges learned" all use the hard ``s > tau`` morph
+(:meth:`grapheme.Morpher.predict`).
 
 ======================  ==========================  ==============================  ======
 estimator (alias)       forward                     gradient                        graphs

@@ -4,8 +4,13 @@ The names and the maths live here; an epoch's record is put together by
 ``Trainer._run_epoch`` (training metrics) and ``Trainer._val_record`` (the
 ``val_*`` ones, from :meth:`~grapheme.Trainer.evaluate`). A new metric
 shows where it is listed: ``progress.LINE_KEYS`` (the line per epoch),
-``cli.TABLE_KEYS`` (``grapheme train``'s table) and ``plot._PANELS``
-(``grapheme plot``).
+``cli.TABLE_KEYS`` (``grapheme train``'s and ``eval``'s tables, which show
+validation metrics only) and ``plot._PANELS`` (``grapheme plot``). It is
+also named by hand in the README's "What a run records" table, in
+:meth:`~grapheme.Trainer.fit`'s Returns and in the key set of
+``tests/test_train.py``'s record test. Records written before a key
+existed lack it (a resumed run's first epochs): read new keys with
+``.get``.
 """
 import numpy as np
 
@@ -25,7 +30,8 @@ SEGMENTATION_KEYS = ("seg_accuracy", "boundary_precision", "boundary_recall", "b
 def upgrade_record(record):
     """A metrics record with the names of today: ``merge_rate`` (the fraction
     of nodes merged away, in older logs and checkpoints) becomes ``kept_fraction = 1 -
-    merge_rate``, ``val_merge_rate`` likewise. A new dict; others pass as they are.
+    merge_rate``, ``val_merge_rate`` likewise. A new dict; others pass as they are
+    (keys added since are not filled in: an old record lacks them).
 
     Examples
     --------

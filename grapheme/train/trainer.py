@@ -433,7 +433,9 @@ class Trainer:
         -------
         dict
             ``loss``, ``node``, ``edge``, ``clique`` (batch means),
-            ``input_nodes``, ``output_nodes``, ``chars``, ``grad_norm``
+            ``input_nodes``, ``output_nodes`` (over all ``Reinforce``
+            samples: ``K`` copies of the batch), ``chars`` (the batch's,
+            once), ``grad_norm``
             (Euclidean norm of all parameter gradients before the update)
             and ``estimator_variance`` (``Reinforce``: the sample variance
             over the examples of their estimates of ``d loss / d theta``,
@@ -1139,6 +1141,9 @@ class Trainer:
         ----------
         path : str or os.PathLike
         log : str or os.PathLike, optional
+            The run's metrics log, as the constructor's. A checkpoint does
+            not record it: pass it again to go on appending to the run's
+            ``metrics.jsonl``.
         progress : bool, default True
         comm : grapheme.distributed.Communicator, optional
             One rank of a data-parallel run (every rank loads the same
