@@ -629,7 +629,11 @@ class Encoder(nn.Module):
     then the routing projections; every layer weight starts at zero and the
     projections at the identity, so an untrained encoder is the identity.
     ``forward(x, offsets) -> (features, queries, keys)``, to pass on as
-    ``merge(features, offsets, labels, queries, keys)``.
+    ``merge(features, offsets, labels, queries, keys)``. The products run
+    in ``x``'s dtype (float32 or float64), under autocast too: weights of
+    another dtype are cast to it, where ``nn.Linear`` would raise, and
+    their gradients come back in the weights' own dtype (as :class:`Merge`
+    does with its ``theta``).
     """
 
     def __init__(self, dim, layers=2):
