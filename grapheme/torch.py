@@ -286,23 +286,79 @@ def bernoulli_log_prob(logits, decisions, example, num_examples):
     return lp
 
 
-def message_passing(graph, features, w_self, w_pred, w_succ, bias):
-    """One residual message-passing layer (:class:`grapheme.ops.MessagePassing`)."""
-    op = ops.MessagePassing()
-    (h,), _ = apply(op, lambda x, a, b, c, d: op.forward(graph, x, a, b, c, d),
-                    features, w_self, w_pred, w_succ, bias)
-    return h
+def message_passing(graph, features, w_self, w_pred, w_succ, bias, weights=None):
+    """One residual message-passing layer (:class:`grapheme.ops.MessagePassing`).
+
+    ``weights`` (E,): the edge weights of a weighted ``graph``, a
+    differentiable input, which such a graph needs: ``Merged.weights`` for
+    a merged graph (a relaxed merge's expected weights depend on the
+    features and ``theta``), ``torch.from_numpy(graph.weights)`` to hold a
+    graph's own weights constant."""
+    return _layer(graph, None, features, w_self, w_pred, w_succ, bias, weights)
 
 
-def lookup_message_passing(graph, table, rows, w_self, w_pred, w_succ, bias):
+def lookup_message_passing(graph, table, rows, w_self, w_pred, w_succ, bias, weights=None):
     """``message_passing(graph, table[rows], ...)`` with its products taken on
     the table's rows (:class:`grapheme.ops.LookupMessagePassing`): a first
-    layer over an embedding table. ``rows`` (n,) is not differentiated."""
-    rows = _host(rows)
-    op = ops.LookupMessagePassing()
-    (h,), _ = apply(op, lambda t, a, b, c, d: op.forward(graph, t, rows, a, b, c, d),
-                    table, w_self, w_pred, w_succ, bias)
+    layer over an embedding table. ``rows`` (n,) is not differentiated;
+    ``weights`` as for :func:`message_passing`."""
+    return _layer(graph, _host(rows), table, w_self, w_pred, w_succ, bias, weights)
+
+
+def _layer(graph, rows, first, w_self, w_pred, w_succ, bias, weights):
+    check_graph(graph, "graph")
+    base = ops.MessagePassing() if rows is None else ops.LookupMessagePassing()
+    if weights is None:
+        if graph.weights is not None:   # found by a PyTorch-user helper: a relaxed
+            # merge's graph was taken with constant weights, its gradient lost
+            raise ValueError("graph has edge weights: pass them as weights= (Merged.weights "
+                             "for a merged graph, whose weights are differentiable; "
+                             "torch.from_numpy(graph.weights) to hold them constant)")
+        lookup = () if rows is None else (rows,)
+        (h,), _ = apply(base, lambda x, a, b, c, d: base.forward(graph, x, *lookup, a, b, c, d),
+                        first, w_self, w_pred, w_succ, bias)
+        return h
+    _check_tensor(weights, "weights")
+    op = _WeightedLayer(base, graph, rows)
+    (h,), _ = apply(op, op.forward, first, w_self, w_pred, w_succ, bias, weights)
     return h
+
+
+class _WeightedLayer(ops.Operation):
+    """A message-passing layer (``base``: :class:`grapheme.ops.MessagePassing`,
+    or ``LookupMessagePassing`` on ``rows``) with the graph's edge weights as
+    a last, differentiable input. For an edge ``u -> v`` of weight ``w``,
+    ``P[v] += w h[u]`` and ``S[u] += w h[v]``, so ``d out / d w = <dP[v],
+    h[u]> + <dS[u], h[v]>`` with ``dP = gz W_pred^T``, ``dS = gz W_succ^T``
+    and ``gz = g (1 - t^2)``: O(E d) in numpy, on the bridge's path only."""
+
+    outputs = ("features",)
+
+    def __init__(self, base, graph, rows):
+        self.base, self.graph, self.rows = base, graph, rows
+        self.inputs = base.inputs + ("weights",)
+
+    def forward(self, first, w_self, w_pred, w_succ, bias, weights):
+        graph = self.graph.replace(weights=as_float_array(
+            weights, "weights", ndim=1, shape=(self.graph.num_edges,), dtype=np.float64))
+        lookup = () if self.rows is None else (self.rows,)
+        result, saved = self.base.forward(graph, first, *lookup, w_self, w_pred, w_succ, bias)
+        h = first if self.rows is None else first[self.rows]   # rows checked by the layer
+        dt = result.features.dtype
+        src = np.repeat(np.arange(graph.num_nodes), np.diff(graph.indptr))
+        return result, (saved, np.asarray(h, dt), np.asarray(w_pred, dt),
+                        np.asarray(w_succ, dt), src, graph.indices)
+
+    def vjp(self, saved, grad_features):
+        inner, h, w_pred, w_succ, src, dst = saved
+        grads = self.base.vjp(inner, grad_features)
+        if grad_features is None:
+            return grads + (np.zeros(src.shape[0]),)
+        t = inner.t if self.rows is not None else inner[2]
+        gz = grad_features * (1.0 - t * t)
+        dP, dS = gz @ w_pred.T, gz @ w_succ.T
+        return grads + (np.einsum("ij,ij->i", dP[dst], h[src])
+                        + np.einsum("ij,ij->i", dS[src], h[dst]),)
 
 
 def routed_similarity(graph, queries, keys):

@@ -475,25 +475,61 @@ def test_lookup_message_passing_gradcheck_and_autograd():
     rows = rng.integers(0, 4, 7)
     args = [leaf(rng.normal(size=(5, 3)))] + [leaf(0.5 * rng.normal(size=(3, 3)))
                                               for _ in range(3)] + [leaf(rng.normal(size=3))]
-    gradcheck(lambda t, a, b, c, d: gt.lookup_message_passing(g, t, rows, a, b, c, d), *args)
+    weights = leaf(g.weights)   # a weighted graph's weights are an input, differentiable
+    gradcheck(lambda t, a, b, c, d, w: gt.lookup_message_passing(g, t, rows, a, b, c, d,
+                                                                 weights=w), *args, weights)
+    gradcheck(lambda h, a, b, c, d, w: gt.message_passing(g, h, a, b, c, d, weights=w),
+              leaf(rng.normal(size=(7, 3))), *args[1:], weights)
 
     src = torch.as_tensor(np.repeat(np.arange(7), np.diff(g.indptr)))
-    dst, w = torch.as_tensor(g.indices.astype(np.int64)), torch.tensor(g.weights)[:, None]
+    dst = torch.as_tensor(g.indices.astype(np.int64))
 
-    def reference(table, ws, wp, wn, b):
+    def reference(table, ws, wp, wn, b, w):
         h = table[torch.as_tensor(rows)]
-        pred = torch.zeros_like(h).index_add(0, dst, w * h[src])   # sums over u -> v
-        succ = torch.zeros_like(h).index_add(0, src, w * h[dst])
+        pred = torch.zeros_like(h).index_add(0, dst, w[:, None] * h[src])   # sums over u -> v
+        succ = torch.zeros_like(h).index_add(0, src, w[:, None] * h[dst])
         return h + torch.tanh(h @ ws + pred @ wp + succ @ wn + b)
 
     up = torch.as_tensor(rng.normal(size=(7, 3)))
-    ours = gt.lookup_message_passing(g, *args[:1], torch.as_tensor(rows), *args[1:])
-    theirs = reference(*args)
+    ours = gt.lookup_message_passing(g, *args[:1], torch.as_tensor(rows), *args[1:],
+                                     weights=weights)
+    theirs = reference(*args, weights)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    got = torch.autograd.grad((ours * up).sum(), args)
-    want = torch.autograd.grad((theirs * up).sum(), args)
+    got = torch.autograd.grad((ours * up).sum(), args + [weights])
+    want = torch.autograd.grad((theirs * up).sum(), args + [weights])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a weighted graph without its weights is refused: they were constants
+    with pytest.raises(ValueError, match="graph has edge weights: pass them as weights="):
+        gt.lookup_message_passing(g, *args[:1], rows, *args[1:])
+
+
+def test_message_passing_over_a_merged_graph_differentiates_its_weights():
+    """Found by a PyTorch-user helper: a layer over a relaxed merge's graph
+    took its expected edge weights as constants, and theta's gradient came
+    back without their part (1.10 where torch's own autograd gives 1.38),
+    silently. Checked against the layer written in torch."""
+    torch.manual_seed(3)
+    x = torch.randn(9, 3, dtype=F64, requires_grad=True)
+    ws, wp, wn = (0.5 * torch.randn(3, 3, dtype=F64) for _ in range(3))
+    b = torch.randn(3, dtype=F64)
+    for estimator in ("soft", "ste"):
+        merge = gt.Merge(threshold=0.0, temperature=0.5, estimator=estimator).double()
+        out = merge(x, [0, 4, 9])
+        with pytest.raises(ValueError, match="graph has edge weights"):
+            gt.message_passing(out.graph, out.features, ws, wp, wn, b)
+        ours = gt.message_passing(out.graph, out.features, ws, wp, wn, b, weights=out.weights)
+        g = out.graph
+        src = torch.as_tensor(np.repeat(np.arange(g.num_nodes), np.diff(g.indptr)))
+        dst = torch.as_tensor(g.indices.astype(np.int64))
+        f, w = out.features, out.weights[:, None]
+        theirs = f + torch.tanh(f @ ws + torch.zeros_like(f).index_add(0, dst, w * f[src]) @ wp
+                                + torch.zeros_like(f).index_add(0, src, w * f[dst]) @ wn + b)
+        torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-13)
+        got = torch.autograd.grad(ours.pow(2).sum(), (x, merge.theta), retain_graph=True)
+        want = torch.autograd.grad(theirs.pow(2).sum(), (x, merge.theta))
+        for a, b_ in zip(got, want):
+            torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
 
 
 def test_encoder_module_starts_as_identity_and_trains():
