@@ -60,6 +60,7 @@ from . import ops
 from ._validation import as_float_array, check_graph, check_scalar, exact_str
 from .graph import Graph
 from .loss import TRAINING, StructuralLoss as _Loss
+from .estimators import Reinforce
 from .morph import Morpher
 
 __all__ = [
@@ -537,6 +538,15 @@ class Merged:
                 f"{self.graph.num_graphs} sequences)")
 
 
+def _seeded(estimator):
+    """``estimator``, the alias ``"reinforce"`` made a ``Reinforce`` seeded
+    from torch's generator: ``torch.manual_seed`` governs it, and two
+    modules draw different streams (each alias got seed 0, one stream)."""
+    if isinstance(estimator, str) and estimator == Reinforce.name:
+        return Reinforce(seed=int(torch.randint(0, 2 ** 62, ()).item()))
+    return estimator
+
+
 def _morph_setting(name):
     """A property of :class:`Merge` that is its numpy morpher's setting
     ``name``, checked on assignment (a refused value leaves the old one)."""
@@ -587,26 +597,34 @@ class Merge(nn.Module):
     relaxed rows, under ``torch.no_grad`` too). For deterministic hard
     segments at inference use ``estimator="history"``, or
     :meth:`Merged.segments` and :attr:`Merged.history`, which are the hard
-    merge's for every estimator. ``Reinforce`` draws from its own generator
-    (``Reinforce(seed=...)``), not torch's, so ``torch.manual_seed`` does
-    not move it; it advances only in :meth:`step`, so the forward calls
-    between two steps (micro-batches of one accumulated step) draw the same
-    uniforms by position.
+    merge's for every estimator. ``Reinforce`` draws from its own generator:
+    the alias ``"reinforce"`` seeds it from torch's at construction (so
+    ``torch.manual_seed`` governs it, and two modules draw apart), a
+    ``Reinforce(seed=...)`` keeps its seed. Every call draws afresh, as
+    dropout does (two calls between steps, two modules' or one module's on
+    two inputs, are independent samples).
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
         super().__init__()
         # the numpy morph this module runs (it checks the settings); its
         # theta follows the parameter
-        self._morpher = Morpher(threshold, temperature, estimator, rate)
+        self._morpher = Morpher(threshold, temperature, _seeded(estimator), rate)
         self.theta = nn.Parameter(torch.tensor(self._morpher.threshold))
 
     # The settings are the numpy morph's: one set to anneal (``temperature``)
     # is what the next forward uses, checked (and an alias made an
     # Estimator) as it is assigned.
     temperature = _morph_setting("temperature")
-    estimator = _morph_setting("estimator")
     rate = _morph_setting("rate")
+
+    @property
+    def estimator(self):
+        return self._morpher.estimator
+
+    @estimator.setter
+    def estimator(self, value):
+        _morph_setting("estimator").fset(self, _seeded(value))
 
     @property
     def tau(self):
@@ -637,6 +655,13 @@ class Merge(nn.Module):
         op = _MorphOp(self._morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
+        if isinstance(self.estimator, Reinforce):
+            # every call draws afresh, as dropout does: the stream moves past
+            # this call's draws now (step() then leaves it). Calls that read
+            # the same draws made the decisions of two calls between steps
+            # one coin, which biased the gradient of any loss coupling them
+            # (found by a PyTorch-user helper)
+            self.estimator.step(out.morphed._saved[2])
         return Merged(f, mass, w, lp, aux, out.morphed)
 
     def step(self, merged, losses=None):
@@ -648,7 +673,10 @@ class Merge(nn.Module):
         running-mean baseline, which without them stays where it is (0 at
         the start: no baseline). The other estimators ignore them."""
         _check_merged(merged)
+        stream = self.estimator.state_dict().get("rng")   # forward moved it already
         self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"))
+        if stream is not None:
+            self.estimator.load_state_dict(dict(self.estimator.state_dict(), rng=stream))
 
     def get_extra_state(self):
         return {"estimator": self.estimator.state_dict(),
