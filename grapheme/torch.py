@@ -48,6 +48,7 @@ torch.Size([7, 16])
 >>> x.grad.shape, merge.theta.grad is not None
 (torch.Size([7, 16]), True)
 """
+import copy
 import functools
 import math
 from typing import NamedTuple
@@ -293,7 +294,7 @@ def message_passing(graph, features, w_self, w_pred, w_succ, bias, weights=None)
     ``weights`` (E,): the edge weights of a weighted ``graph``, a
     differentiable input, which such a graph needs: ``Merged.weights`` for
     a merged graph (a relaxed merge's expected weights depend on the
-    features and ``theta``), ``torch.from_numpy(graph.weights)`` to hold a
+    features and ``theta``), ``torch.tensor(graph.weights)`` to hold a
     graph's own weights constant."""
     return _layer(graph, None, features, w_self, w_pred, w_succ, bias, weights)
 
@@ -314,7 +315,7 @@ def _layer(graph, rows, first, w_self, w_pred, w_succ, bias, weights):
             # merge's graph was taken with constant weights, its gradient lost
             raise ValueError("graph has edge weights: pass them as weights= (Merged.weights "
                              "for a merged graph, whose weights are differentiable; "
-                             "torch.from_numpy(graph.weights) to hold them constant)")
+                             "torch.tensor(graph.weights) to hold them constant)")
         lookup = () if rows is None else (rows,)
         (h,), _ = apply(base, lambda x, a, b, c, d: base.forward(graph, x, *lookup, a, b, c, d),
                         first, w_self, w_pred, w_succ, bias)
@@ -538,13 +539,23 @@ class Merged:
                 f"{self.graph.num_graphs} sequences)")
 
 
-def _seeded(estimator):
-    """``estimator``, the alias ``"reinforce"`` made a ``Reinforce`` seeded
-    from torch's generator: ``torch.manual_seed`` governs it, and two
-    modules draw different streams (each alias got seed 0, one stream)."""
-    if isinstance(estimator, str) and estimator == Reinforce.name:
-        return Reinforce(seed=int(torch.randint(0, 2 ** 62, ()).item()))
-    return estimator
+def _drawing_from_torch(morpher):
+    """A copy of ``morpher`` for one call, its ``Reinforce`` estimator's
+    stream starting at a seed drawn from torch's generator (the baseline
+    and settings shared). Found by a PyTorch-user helper: every call between
+    two steps read the one stream by position, and every alias-made
+    Reinforce had seed 0, so two calls (one module on two inputs, or two
+    modules) made their decisions with one coin, biasing the gradient of a
+    loss coupling them; a stream moved by each call (tried next) broke
+    ``torch.utils.checkpoint``, whose second forward drew anew, and shared
+    draws between threads. Nothing shared is written here."""
+    estimator = copy.copy(morpher.estimator)
+    seed = int(torch.randint(0, 2 ** 62, ()).item())
+    estimator.load_state_dict(dict(morpher.estimator.state_dict(),
+                                   rng=np.random.default_rng(seed).bit_generator.state))
+    call = copy.copy(morpher)
+    call.estimator = estimator
+    return call
 
 
 def _morph_setting(name):
@@ -589,42 +600,35 @@ class Merge(nn.Module):
     Notes
     -----
     Call :meth:`step` after every optimiser step: it moves the rate
-    controller and the ``Reinforce`` baseline and samples. The state that
-    :meth:`step` changes is saved by ``state_dict`` (as extra state).
+    controller and the ``Reinforce`` baseline. The state that :meth:`step`
+    changes is saved by ``state_dict`` (as extra state).
 
     ``.train()`` and ``.eval()`` change nothing: the estimator decides the
     forward pass in both (``reinforce`` samples, ``soft`` and ``ste`` return
     relaxed rows, under ``torch.no_grad`` too). For deterministic hard
     segments at inference use ``estimator="history"``, or
     :meth:`Merged.segments` and :attr:`Merged.history`, which are the hard
-    merge's for every estimator. ``Reinforce`` draws from its own generator:
-    the alias ``"reinforce"`` seeds it from torch's at construction (so
-    ``torch.manual_seed`` governs it, and two modules draw apart), a
-    ``Reinforce(seed=...)`` keeps its seed. Every call draws afresh, as
-    dropout does (two calls between steps, two modules' or one module's on
-    two inputs, are independent samples).
+    merge's for every estimator. ``Reinforce`` draws its decisions from
+    torch's generator, afresh on every call, evaluation included: so
+    ``torch.manual_seed`` governs them, ``torch.utils.checkpoint`` and
+    ``torch.random.fork_rng`` see the same draws again, and two calls (two
+    modules, or one module on two inputs) are independent samples. Its own
+    ``seed`` and stream are the numpy ``Trainer``'s, unused here.
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
         super().__init__()
         # the numpy morph this module runs (it checks the settings); its
         # theta follows the parameter
-        self._morpher = Morpher(threshold, temperature, _seeded(estimator), rate)
+        self._morpher = Morpher(threshold, temperature, estimator, rate)
         self.theta = nn.Parameter(torch.tensor(self._morpher.threshold))
 
     # The settings are the numpy morph's: one set to anneal (``temperature``)
     # is what the next forward uses, checked (and an alias made an
     # Estimator) as it is assigned.
     temperature = _morph_setting("temperature")
+    estimator = _morph_setting("estimator")
     rate = _morph_setting("rate")
-
-    @property
-    def estimator(self):
-        return self._morpher.estimator
-
-    @estimator.setter
-    def estimator(self, value):
-        _morph_setting("estimator").fset(self, _seeded(value))
 
     @property
     def tau(self):
@@ -652,16 +656,12 @@ class Merge(nn.Module):
         if not math.isfinite(theta):   # each estimator failed its own way
             raise ValueError(f"Merge.theta is not finite ({theta}): a diverged step or a "
                              f"bad state_dict")
-        op = _MorphOp(self._morpher, graph, queries is not None)
+        morpher = self._morpher
+        if isinstance(self.estimator, Reinforce):
+            morpher = _drawing_from_torch(morpher)
+        op = _MorphOp(morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
-        if isinstance(self.estimator, Reinforce):
-            # every call draws afresh, as dropout does: the stream moves past
-            # this call's draws now (step() then leaves it). Calls that read
-            # the same draws made the decisions of two calls between steps
-            # one coin, which biased the gradient of any loss coupling them
-            # (found by a PyTorch-user helper)
-            self.estimator.step(out.morphed._saved[2])
         return Merged(f, mass, w, lp, aux, out.morphed)
 
     def step(self, merged, losses=None):
@@ -673,10 +673,7 @@ class Merge(nn.Module):
         running-mean baseline, which without them stays where it is (0 at
         the start: no baseline). The other estimators ignore them."""
         _check_merged(merged)
-        stream = self.estimator.state_dict().get("rng")   # forward moved it already
         self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"))
-        if stream is not None:
-            self.estimator.load_state_dict(dict(self.estimator.state_dict(), rng=stream))
 
     def get_extra_state(self):
         return {"estimator": self.estimator.state_dict(),
