@@ -59,9 +59,9 @@ from torch import nn
 
 from . import ops
 from ._validation import as_float_array, check_graph, check_scalar, exact_str
+from .estimators import Reinforce
 from .graph import Graph
 from .loss import TRAINING, StructuralLoss as _Loss
-from .estimators import Reinforce
 from .morph import Morpher
 
 __all__ = [
