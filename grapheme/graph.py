@@ -515,6 +515,23 @@ def _check_offsets(offsets, n, indptr, indices):
 # Structural operations
 # ---------------------------------------------------------------------------
 
+def _check_decisions(graph, decisions, name):
+    """``decisions`` as a boolean array of one entry per edge of ``graph``,
+    else TypeError or ValueError naming ``name`` (never cast: probabilities
+    would merge every edge above 0)."""
+    try:
+        decisions = np.asarray(decisions)
+    except (TypeError, ValueError, OverflowError):   # ragged, say
+        raise TypeError(f"{name} must be a boolean array, got "
+                        f"{type(decisions).__name__}") from None
+    if decisions.dtype != bool:
+        raise TypeError(f"{name} must be a boolean array, got dtype {decisions.dtype}")
+    if decisions.shape != (graph.num_edges,):
+        raise ValueError(f"{name} must have shape ({graph.num_edges},), got "
+                         f"{decisions.shape}")
+    return decisions
+
+
 def merge_edges(graph, merge):
     """Merge the endpoints of every selected edge; the history of the result.
 
@@ -540,14 +557,7 @@ def merge_edges(graph, merge):
     from .history import MergeHistory
 
     check_graph(graph, "graph")
-    try:
-        merge = np.asarray(merge)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"merge must be a boolean array, got {type(merge).__name__}") from None
-    if merge.dtype != bool:
-        raise TypeError(f"merge must be a boolean array, got dtype {merge.dtype}")
-    if merge.shape != (graph.num_edges,):
-        raise ValueError(f"merge must have shape ({graph.num_edges},), got {merge.shape}")
+    merge = _check_decisions(graph, merge, "merge")
     cluster = np.empty(graph.num_nodes, graph.indptr.dtype)
     k = _core.components(graph.indptr, graph.indices,
                          np.ascontiguousarray(merge).view(np.uint8), cluster)

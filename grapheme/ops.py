@@ -44,7 +44,7 @@ from ._threads import one_pool
 from ._workspace import check_workspace
 from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
                           frozen)
-from .graph import Graph, chain_sources, contract_edges, merge_edges
+from .graph import Graph, _check_decisions, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
 __all__ = [
@@ -445,16 +445,7 @@ class HardMerge(Operation):
         until its next use of that name. None: a fresh array (pure)."""
         _check_place(workspace, name)
         check_graph(graph, "graph")
-        try:
-            decisions = np.asarray(decisions)
-        except (TypeError, ValueError, OverflowError):   # ragged, say
-            raise TypeError(f"decisions must be a boolean array, got "
-                            f"{type(decisions).__name__}") from None
-        if decisions.dtype != bool:   # probabilities would merge every edge above 0
-            raise TypeError(f"decisions must be a boolean array, got dtype {decisions.dtype}")
-        if decisions.shape != (graph.num_edges,):
-            raise ValueError(f"decisions must have shape ({graph.num_edges},), got "
-                             f"{decisions.shape}")
+        decisions = _check_decisions(graph, decisions, "decisions")
         return self._forward(graph, check_features(graph, features), decisions, workspace, name)
 
     def _forward(self, graph, features, decisions, workspace=None, name="merge."):
