@@ -341,8 +341,7 @@ class _WeightedLayer(ops.Operation):
         self.inputs = base.inputs + ("weights",)
 
     def forward(self, first, w_self, w_pred, w_succ, bias, weights):
-        graph = self.graph.replace(weights=as_float_array(
-            weights, "weights", ndim=1, shape=(self.graph.num_edges,), dtype=np.float64))
+        graph = self.graph.replace(weights=weights)   # checked there, by that name
         lookup = () if self.rows is None else (self.rows,)
         result, saved = self.base.forward(graph, first, *lookup, w_self, w_pred, w_succ, bias)
         h = first if self.rows is None else first[self.rows]   # rows checked by the layer
@@ -551,8 +550,9 @@ def _drawing_from_torch(morpher):
     draws between threads. Nothing shared is written here."""
     estimator = copy.copy(morpher.estimator)
     seed = int(torch.randint(0, 2 ** 62, ()).item())
-    estimator.load_state_dict(dict(morpher.estimator.state_dict(),
-                                   rng=np.random.default_rng(seed).bit_generator.state))
+    # the copy's own stream; load_state_dict would also write the baseline,
+    # which the copy shares, and could undo another thread's step
+    estimator._rng_state = np.random.default_rng(seed).bit_generator.state
     call = copy.copy(morpher)
     call.estimator = estimator
     return call
