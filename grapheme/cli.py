@@ -566,7 +566,7 @@ def _train_locked(args, out, spawn, comm, held):
     # the result (a fresh run's untrained model is measured by fit)
     before = None
     if val and 0 < start < args.epochs:
-        before = {k[len("val_"):]: v for k, v in trainer._val_record(val).items()}
+        before = _validation(trainer._val_record(val))
     started = time.perf_counter()
     with _removed_if_left_empty(args.out):
         if start < args.epochs and rank0:   # only now: everything above is checked
@@ -590,7 +590,7 @@ def _train_locked(args, out, spawn, comm, held):
               f"(--epochs {args.epochs})", file=out)
         return 0
     if start == 0 and trainer.baseline is not None:
-        before = {k[len("val_"):]: v for k, v in trainer.baseline.items()}
+        before = _validation(trainer.baseline)
     _train_report(args, out, trainer, start, seconds, before, (val, val_path))
     print(f"metrics: {log}\ncheckpoint: {checkpoint}", file=out)
     if best is not None and trainer.best is not None:

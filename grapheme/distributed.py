@@ -372,13 +372,13 @@ def _wait(procs, seconds):
 
 
 def _stop(procs, grace):
+    """SIGTERM to the processes still running, SIGKILL to those left after
+    ``grace`` s; every one reaped."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
-    deadline = time.monotonic() + grace
+    _wait(procs, grace)
     for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             p.kill()
-            p.wait()
+        p.wait()

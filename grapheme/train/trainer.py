@@ -662,7 +662,7 @@ class Trainer:
         elif morphed is not None or input_nodes:
             morpher.step(morphed, None if res is None else res.values,
                          kept_fraction=kept_fraction)
-        return {**{k: sums[k] / examples for k in ("loss", "node", "edge", "clique")},
+        return {**{k: sums[k] / examples for k in LOSS_KEYS},
                 # over all REINFORCE samples, as one process counts them
                 **{k: int(sums[k]) for k in ("input_nodes", "output_nodes", "chars")},
                 "grad_norm": grad_norm, "estimator_variance": variance}
