@@ -1231,7 +1231,7 @@ cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, 
     norm and each similarity is one thread's, so the bits do not depend on
     ``nt``."""
     cdef intp_t u, v, e
-    cdef double nu, nv
+    cdef double nu, nv, s
     for u in prange(n, num_threads=nt, schedule="static"):
         qnorms[u] = sqrt(_dot(qp + u * d, qp + u * d, d))
         if knorms != qnorms:
@@ -1241,7 +1241,11 @@ cdef void _edge_cosine(const index_t* indptr, const index_t* indices, intp_t n, 
         for e in range(indptr[u], indptr[u + 1]):
             v = indices[e]
             nv = knorms[v] if knorms[v] > COS_EPS else COS_EPS
-            sim[e] = _dot(qp + u * d, kp + v * d, d) / (nu * nv)
+            s = _dot(qp + u * d, kp + v * d, d) / (nu * nv)
+            # Rounding can put parallel rows a few ulps outside [-1, 1]; a
+            # threshold of exactly 1.0 (sigmoid(theta) for theta >= 37) must
+            # then still merge nothing.
+            sim[e] = 1.0 if s > 1.0 else (-1.0 if s < -1.0 else s)
 
 
 cdef void _edge_cosine_backward(const index_t* indptr, const index_t* indices,
@@ -1329,7 +1333,8 @@ def edge_cosine(const index_t[::1] indptr,    # IN  (n+1,)
                 double[::1] sim,              # OUT (E,)
                 int num_threads=0):
     """Cosine similarity ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``
-    of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0).
+    of every edge e = (u, v), eps = 1e-12 (a zero row has similarity 0),
+    clipped to [-1, 1] against rounding.
 
     :func:`edge_cosine_qk` with queries and keys both ``H`` (the norms are
     computed once). O(n d + E d).
@@ -1364,7 +1369,8 @@ def edge_cosine_qk(const index_t[::1] indptr,    # IN  (n+1,)
                    double[::1] sim,              # OUT (E,)
                    int num_threads=0):
     """``s_e = <q_u, k_v> / (max(|q_u|, eps) max(|k_v|, eps))`` for every
-    edge e = (u, v), eps = 1e-12. ``Q`` and ``K`` float32 or float64 (both
+    edge e = (u, v), eps = 1e-12, clipped to [-1, 1] (rounding can put
+    parallel rows a few ulps outside). ``Q`` and ``K`` float32 or float64 (both
     the same); the norms and similarities are float64, the dot products
     accumulate in float64. Rows in parallel (``num_threads``, 0 for
     OpenMP's default), the same bits on any count. O((n + E) d)."""

@@ -106,6 +106,28 @@ def test_features_around_1e155_keep_the_cosine():
     assert big.history.cluster.tolist() == small.history.cluster.tolist() == [0, 0, 0]
 
 
+def test_parallel_rows_stay_within_one_and_never_beat_tau_one():
+    # the cosine of a row with itself (or its negative) rounds to 1 +- 2e-16
+    # for about a quarter of random rows; unclipped, theta = 40 (tau = 1.0
+    # exactly, "never merge") merged them at inference. Before the clip:
+    # 523 of these 2,000 pairs.
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2000, 64))
+    g = gr.Graph.from_text("ab" * 2000)
+    for sign in (1.0, -1.0):
+        H = np.repeat(X, 2, axis=0)
+        H[1::2] *= sign
+        sim = gr.Morpher().forward(g, H).similarity
+        assert np.abs(sim).max() <= 1.0
+        np.testing.assert_allclose(sim[::2], sign, rtol=0, atol=4.5e-16)
+    H = np.repeat(X, 2, axis=0)
+    never = gr.Morpher(threshold=40.0)
+    assert float(gr.ops.sigmoid(never.theta)) == 1.0
+    assert not never.decide(g, H).any()
+    assert not never.decide(g, H, queries=H, keys=H).any()
+    assert never.predict(g, H).graph.num_nodes == g.num_nodes
+
+
 def test_loss_with_all_zero_edge_weights_has_finite_gradients():
     p = gr.Graph([0, 1, 2, 2], [1, 2], [97, 98, 99], weights=[0.0, 0.0])
     t = gr.Graph([0, 1, 1], [1], [97, 98], weights=[0.0])
