@@ -1267,10 +1267,12 @@ cdef int _backward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settin
     # cost adjoint -> degrees: C_ij has w_deg |dl| / mx, dl = d_i - d_j,
     # mx = max(d_i, d_j, 1); right derivatives at the kinks (dl = 0:
     # |dl| grows either way; a tie in the max: the one increased wins),
-    # except in a self pair (a graph against itself, as the debiased
-    # loss scores), where both degrees are the same function of the
-    # weights: there dl = 0 contributes 0 to either side, so the
-    # diagonal cells, whose |d_i - d_i| is identically 0, are exact
+    # except on the diagonal of a self pair (a graph against itself, as
+    # the debiased loss scores): there d_i and d_j are one function of
+    # the weights, |d_i - d_i| is identically 0 and contributes 0 to
+    # either side. Off the diagonal a self pair's out-degrees d_i, d_j
+    # (i != j) depend on disjoint weights, so each side keeps its right
+    # derivative, as in any other pair
     if w_deg != 0.0:
         for i in range(n):
             Cbrow = Cb + i * m1
@@ -1287,7 +1289,7 @@ cdef int _backward_pair(intp_t b, const Graph* P_, const Graph* T_, const Settin
                 if dpi >= dtj and dpi >= 1.0:
                     dp_ -= ad / (mx * mx)
                 dt_ = (1.0 if dl <= 0.0 else -1.0) / mx
-                if dl == 0.0 and lay.self_pair[b]:
+                if dl == 0.0 and i == j and lay.self_pair[b]:
                     dp_ = 0.0
                     dt_ = 0.0
                 if dtj >= dpi and dtj >= 1.0:
