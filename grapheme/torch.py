@@ -111,6 +111,14 @@ def _check_merged(merged):
                         f"{type(merged).__name__}")
 
 
+def _factory(device, dtype):
+    """``device=`` and ``dtype=`` of a module's parameters, as torch's own
+    modules take them (``None``: torch's defaults)."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return {"device": device, "dtype": dtype}
+
+
 def _host(x):
     """An index argument (offsets, labels, rows) as a numpy array: a tensor
     detached and on the CPU, anything else through ``np.asarray``; the
@@ -596,6 +604,11 @@ class Merge(nn.Module):
         :meth:`Merged.reinforce_loss` to the objective).
     rate : RateController or float, optional
         Target kept fraction; its penalty is ``aux_loss``.
+    device, dtype : optional
+        Of ``theta``, as torch's modules take them (default: torch's
+        default dtype). For a float64 model pass ``dtype=torch.float64``:
+        ``Merge(0.8).double()`` converts the float32-rounded 0.8
+        (0.800000011920929), as ``.double()`` does with any parameter.
 
     Notes
     -----
@@ -616,12 +629,14 @@ class Merge(nn.Module):
     ``seed`` and stream are the numpy ``Trainer``'s, unused here.
     """
 
-    def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None):
+    def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None, *,
+                 device=None, dtype=None):
         super().__init__()
         # the numpy morph this module runs (it checks the settings); its
         # theta follows the parameter
         self._morpher = Morpher(threshold, temperature, estimator, rate)
-        self.theta = nn.Parameter(torch.tensor(self._morpher.threshold))
+        self.theta = nn.Parameter(torch.tensor(self._morpher.threshold,
+                                               **_factory(device, dtype)))
 
     # The settings are the numpy morph's: one set to anneal (``temperature``)
     # is what the next forward uses, checked (and an alias made an
@@ -714,24 +729,26 @@ class Encoder(nn.Module):
     in ``x``'s dtype (float32 or float64), under autocast too: weights of
     another dtype are cast to it, where ``nn.Linear`` would raise, and
     their gradients come back in the weights' own dtype (as :class:`Merge`
-    does with its ``theta``).
+    does with its ``theta``). ``device=`` and ``dtype=`` place the
+    parameters, as torch's modules take them.
     """
 
-    def __init__(self, dim, layers=2):
+    def __init__(self, dim, layers=2, *, device=None, dtype=None):
         super().__init__()
         from ._validation import check_scalar
 
         dim = check_scalar(dim, "dim", lower=1, integer=True)
         layers = check_scalar(layers, "layers", lower=0, integer=True)
+        where = _factory(device, dtype)
         self.layers = nn.ModuleList()
         for _ in range(layers):
             layer = nn.Module()
             for name in ("w_self", "w_pred", "w_succ"):
-                layer.register_parameter(name, nn.Parameter(torch.zeros(dim, dim)))
-            layer.register_parameter("bias", nn.Parameter(torch.zeros(dim)))
+                layer.register_parameter(name, nn.Parameter(torch.zeros(dim, dim, **where)))
+            layer.register_parameter("bias", nn.Parameter(torch.zeros(dim, **where)))
             self.layers.append(layer)
-        self.query = nn.Parameter(torch.eye(dim))
-        self.key = nn.Parameter(torch.eye(dim))
+        self.query = nn.Parameter(torch.eye(dim, **where))
+        self.key = nn.Parameter(torch.eye(dim, **where))
 
     @_eager
     def forward(self, x, offsets):

@@ -443,11 +443,13 @@ def test_merge_refuses_what_is_not_its_own():
 @pytest.mark.parametrize("estimator", ["soft", "history"])
 def test_bridge_reproduces_the_numpy_trainer(estimator):
     """Same initialisation, same batches, 20 Adam steps: the same parameters
-    to 1e-10 (float64)."""
+    to 1e-10 (float64). The default threshold 0.8 is not a float32: built
+    as float32 and converted by ``.double()`` it was 1.2e-8 off, which
+    ``dtype=torch.float64`` avoids."""
     pairs = gr.DEMO_PAIRS + [("hello", "helo"), ("aabb", "ab")]
     n, dim, lr = len(pairs), 8, 1e-2
     trainer = gr.Trainer(gr.Embedding(dim=dim, seed=0),
-                         gr.Morpher(threshold=0.5, estimator=estimator),
+                         gr.Morpher(estimator=estimator),
                          gr.StructuralLoss(), gr.Adam(lr=lr), batch_size=n, seed=0,
                          progress=False, unknown_prob=0.0)   # the loop below reads no
     trainer.fit(pairs, 20)                                       # character as unknown
@@ -456,7 +458,8 @@ def test_bridge_reproduces_the_numpy_trainer(estimator):
     emb.rows(gr.Graph.from_texts([a for a, _ in pairs]).labels)
     emb.rows(gr.Graph.from_texts([b for _, b in pairs]).labels)
     table = torch.nn.Parameter(torch.from_numpy(emb.weight.copy()))
-    merge = gt.Merge(threshold=0.5, estimator=estimator).double()
+    merge = gt.Merge(estimator=estimator, dtype=torch.float64)
+    assert merge.theta.item() == 0.8
     lossf = gt.StructuralLoss()
     opt = torch.optim.Adam([table, merge.theta], lr=lr)
     rng = np.random.default_rng(0)           # the Trainer's shuffle
@@ -476,6 +479,20 @@ def test_bridge_reproduces_the_numpy_trainer(estimator):
     np.testing.assert_allclose(table.detach().numpy(), trainer.embedding.weight,
                                rtol=0, atol=1e-10)
     assert abs(float(merge.theta.detach()) - float(trainer.morpher.theta)) <= 1e-10
+
+
+def test_modules_take_device_and_dtype_as_torch_modules_do():
+    merge = gt.Merge(0.8, dtype=torch.float64, device="cpu")
+    assert merge.theta.dtype == torch.float64 and merge.theta.item() == 0.8
+    assert gt.Merge(0.8).theta.dtype == torch.get_default_dtype()
+    enc = gt.Encoder(3, layers=1, dtype=torch.float64)
+    assert {p.dtype for p in enc.parameters()} == {torch.float64}
+    torch.testing.assert_close(enc.query, torch.eye(3, dtype=torch.float64))
+    for bad in (torch.int64, "float64", np.float64):
+        with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+            gt.Merge(dtype=bad)
+        with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+            gt.Encoder(3, dtype=bad)
 
 
 # ---------------------------------------------------------------- packing
