@@ -339,6 +339,17 @@ def frozen(arr, copy=True):
     return view
 
 
+def set_frozen_state(obj, state):
+    """``__setstate__`` of an immutable object with ``__slots__`` (a
+    ``Graph``, a ``MergeHistory``): pickling and ``copy.deepcopy`` hand back
+    writeable arrays, which are frozen again, so what the object hands out
+    stays read-only and a value checked once stays checked (a copy's
+    arrays, written, reached the kernels unchecked: a segfault)."""
+    _, slots = state
+    for name, value in slots.items():
+        setattr(obj, name, frozen(value, copy=False) if isinstance(value, np.ndarray) else value)
+
+
 def _physical_memory():
     """Bytes of physical memory, or None where the platform does not say."""
     try:

@@ -3,7 +3,8 @@ import numpy as np
 
 from . import _core
 from ._validation import (KEEP, as_float_array, as_index_array, check_allocation, check_graph,
-                          check_scalar, common_index_dtype, exact_str, frozen, show)
+                          check_scalar, common_index_dtype, exact_str, frozen, set_frozen_state,
+                          show)
 
 __all__ = ["Graph", "merge_edges", "contract", "segmentation_target", "replicate",
            "chain_sources"]
@@ -85,6 +86,9 @@ class Graph:
 
     __slots__ = ("_indptr", "_indices", "_labels", "_features", "_weights",
                  "_mass", "_activation", "_offsets")
+
+    def __setstate__(self, state):   # a pickled or deep-copied one: read-only again
+        set_frozen_state(self, state)
 
     def __init__(self, indptr, indices, labels, features=None, weights=None,
                  mass=None, activation=None, offsets=None, *, _owned=()):

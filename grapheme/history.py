@@ -3,7 +3,7 @@ import numpy as np
 
 from . import _core
 from ._validation import (KEEP, as_float_array, as_index_array, check_out, exact_str, frozen,
-                          show, streams)
+                          set_frozen_state, show, streams)
 
 __all__ = ["MergeHistory"]
 
@@ -58,6 +58,9 @@ class MergeHistory:
     """
 
     __slots__ = ("_cluster", "_indptr", "_members", "_weights", "_node_weights")
+
+    def __setstate__(self, state):   # a pickled or deep-copied one: read-only again
+        set_frozen_state(self, state)
 
     def __init__(self, cluster, num_outputs=None, node_weights=None):
         # a private copy, checked after copying (see Graph)

@@ -11,7 +11,11 @@ attributes replaced with arrays of the wrong shape, and one object shared
 by several threads. Every call must either succeed or raise ``TypeError``
 / ``ValueError`` with a one-line message.
 """
+import copy
+import pickle
+import os
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -65,15 +69,17 @@ def mutate_after_use(rng, rounds):
         feats[...] = np.nan
         weights[...] = -np.inf
         mass[...] = -1.0
-        for name in ("indptr", "indices", "labels", "features", "weights", "mass"):
-            arr = getattr(g, name)
-            must_refuse(arr.__setitem__, (0,) * arr.ndim if arr.size else (), 0)
-            try:
-                arr.flags.writeable = True
-            except ValueError:
-                pass
-            else:
-                raise AssertionError(f"Graph.{name} could be made writeable")
+        # a deep copy's and an unpickled graph's arrays are read-only too
+        for graph in (g, copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
+            for name in ("indptr", "indices", "labels", "features", "weights", "mass"):
+                arr = getattr(graph, name)
+                must_refuse(arr.__setitem__, (0,) * arr.ndim if arr.size else (), 0)
+                try:
+                    arr.flags.writeable = True
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError(f"Graph.{name} could be made writeable")
         H = rng.normal(size=(n, d))
         for est in ("history", "soft", "ste", "reinforce"):
             m = gr.Morpher(estimator=est)
