@@ -18,11 +18,13 @@ Everything per node happens inside those calls (the compiled core); Python
 loops only over batches and epochs.
 """
 import copy as _copy
+import functools
 import hashlib
 import json
 import math
 import numbers
 import os
+import threading
 import time
 
 import numpy as np
@@ -76,6 +78,17 @@ def _not_a_model_file(path, meta):
             f"{path!r} is a model file (Segmenter.save: weights only, no optimiser "
             f"state), not a training checkpoint; segment with it, or start a run "
             f"from it with Trainer.from_model")
+
+
+def _serialized(method):
+    """Run a :class:`Trainer` method under the trainer's lock: a step, an
+    evaluation, a save or a load at a time (threads sharing one trainer
+    wait for each other; ``fit`` takes it per step)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 class Trainer:
@@ -209,6 +222,10 @@ class Trainer:
         self.unknown_prob, self.overwrite, self.progress = unknown_prob, overwrite, progress
         self.log = log
         self._workspace = None
+        # one step or evaluation at a time: they share the workspace, whose
+        # buffers (index arrays checked before the kernels read them) another
+        # thread's step would rewrite mid-way
+        self._lock = threading.RLock()
         self._check_settings()
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
@@ -226,6 +243,15 @@ class Trainer:
         self.best = None
         self.baseline = None
         self._unknown_rng = self._epoch_rng()
+
+    def __getstate__(self):   # copy.deepcopy, pickling by the user: no lock
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def _check_settings(self):
         """The settings and components (:data:`_SETTINGS`) as set now,
@@ -417,6 +443,7 @@ class Trainer:
         return params
 
 
+    @_serialized
     def train_step(self, inputs, targets):
         """One optimisation step on a batch; returns the step's statistics.
 
@@ -687,6 +714,7 @@ class Trainer:
         return codes[self._unknown_rng.random(codes.shape[0]) < self.unknown_prob]
 
     # ------------------------------------------------------------- evaluate
+    @_serialized
     def evaluate(self, pairs, batch_size=None):
         """Loss and exact-structure accuracy on ``pairs``, without training.
 
@@ -753,6 +781,7 @@ class Trainer:
                 seg = c if seg is None else {k: seg[k] + c[k] for k in seg}
         return sums, n_in, n_out, correct, seg
 
+    @_serialized
     def _evaluate_shared(self, pairs):
         """:meth:`evaluate` of ``pairs`` (the trainer's batch size) by all
         ranks together: each evaluates its contiguous share and one
@@ -1092,7 +1121,7 @@ class Trainer:
             if self.comm is None:
                 stats = self.train_step(*batch)
             else:   # train_step's, but fit has grown the table for every character
-                with single_pool(self.encoder is not None):
+                with self._lock, single_pool(self.encoder is not None):
                     stats = self._shard_step(*batch, grown=True)
             w = len(idx)
             for key in sums:
@@ -1249,6 +1278,7 @@ class Trainer:
             raise TypeError(f"overwrite must be True, False or None, got {show(overwrite)}")
         self._save(_new_file(path, overwrite, "checkpoint"))
 
+    @_serialized
     def _save(self, path):
         """:meth:`save`, replacing ``path``: ``fit``'s checkpoints."""
         if not _all_finite(self._params()):
@@ -1272,6 +1302,7 @@ class Trainer:
             return {k: np.array(v) for k, v in arrays.items()}, _copy.deepcopy(meta)
         return arrays, meta
 
+    @_serialized
     def load(self, path):
         """Restore the training state saved by :meth:`save`.
 

@@ -103,8 +103,9 @@ def mutate_after_use(rng, rounds):
         cluster[:] = 10**8
         x = rng.normal(size=(n, d))
         h.scatter(h.gather(x))
-        for name in ("cluster", "indptr", "members", "weights", "node_weights"):
-            must_refuse(getattr(h, name).__setitem__, 0, 10**8)
+        for hist in (h, copy.deepcopy(h), pickle.loads(pickle.dumps(h))):
+            for name in ("cluster", "indptr", "members", "weights", "node_weights"):
+                must_refuse(getattr(hist, name).__setitem__, 0, 10**8)
         must_refuse(h.gather, x, out=h.weights[: h.num_outputs].reshape(-1))
         y = np.zeros((h.num_inputs, d))
         must_refuse(h.scatter, y[: h.num_outputs], out=y)
@@ -219,8 +220,66 @@ def shared_readers(rng, rounds):
         assert not errors, errors
 
 
+def trainer_threads(rng, rounds):
+    """One Trainer shared by threads: evaluations beside evaluations, beside
+    training steps, and a save. They share the trainer's workspace, so they
+    take turns: evaluations of an untouched model all give its numbers."""
+    with tempfile.TemporaryDirectory() as folder:
+        _trainer_threads(rng, max(1, rounds // 10), os.path.join(folder, "run.npz"))
+
+
+def _trainer_threads(rng, rounds, path):
+    for _ in range(rounds):
+        dim = int(rng.choice([4, 16]))
+        tr = gr.Trainer(gr.Embedding(dim=dim), gr.Morpher(estimator="ste"),
+                        gr.StructuralLoss.for_training(), gr.Adam(lr=1e-2), progress=False,
+                        encoder=gr.Encoder(dim, layers=int(rng.integers(0, 3))))
+        short = [("abcabc", "abc")] * 8
+        long_ = [("thequickbrownfox" * int(rng.integers(5, 20)), "the")] * 8
+        ref = {id(p): tr.evaluate(p) for p in (short, long_)}
+        errors = []
+
+        def evaluate(pairs):
+            try:
+                for _ in range(10):
+                    assert tr.evaluate(pairs) == ref[id(pairs)]
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=evaluate, args=(p,))
+                   for p in (short, long_, short, long_)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+        def train():
+            try:
+                for _ in range(5):
+                    tr.train_step(*zip(*long_))
+            except BaseException as exc:
+                errors.append(exc)
+
+        def look():
+            try:
+                for _ in range(5):
+                    tr.evaluate(short)
+                    tr.save(path, overwrite=True)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=train), threading.Thread(target=look)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        gr.Trainer.from_checkpoint(path, progress=False)
+
+
 SCENARIOS = {f.__name__: f for f in (mutate_after_use, embedding_attributes,
-                                     embedding_threads, shared_readers)}
+                                     embedding_threads, shared_readers, trainer_threads)}
 
 
 if __name__ == "__main__":
