@@ -374,6 +374,8 @@ def check_allocation(nbytes, what):
                 else f"{show(nbytes)} bytes")
         raise MemoryError(f"{what} needs {need}, more than the "
                           f"{total / 2**30:.3g} GiB of memory of this machine")
+
+
 def check_upstream(grad, name, n):
     """An upstream gradient: a finite real number (returned as float) or a
     finite real array of shape (n,) (returned as a new float64 array)."""

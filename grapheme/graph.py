@@ -281,6 +281,9 @@ class Graph:
         if (lengths < 0).any():
             raise ValueError("offsets must be non-decreasing")
         n = int(offsets[-1])
+        # labels, indptr, indices and the per-node scratch: refused before
+        # offsets such as [0, 2**40] ask for terabytes
+        check_allocation(24 * n, f"a batch of chains of {n} nodes (offsets[-1])")
         if labels is None:
             labels = np.zeros(n, np.int32)
         else:

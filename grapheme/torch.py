@@ -126,6 +126,24 @@ def _host(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _chains(x, offsets, labels=None, dim=None):
+    """``Graph.chains(offsets, labels)`` of the packed rows ``x`` (n, d), or
+    (n, ``dim``): ``x``'s rows are checked against ``offsets[-1]`` first, so
+    a wrong offset (``[0, 2**31]``) allocates nothing."""
+    offsets = _host(offsets)
+
+    def check(n):
+        if x.ndim != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
+            what = "d" if dim is None else f"{dim}) (offsets[-1] rows of the encoder's dim"
+            raise ValueError(f"x must have shape ({n}, {what}), got {tuple(x.shape)}")
+
+    if offsets.ndim == 1 and offsets.size and offsets.dtype.kind in "iu":
+        check(int(offsets[-1]))
+    graph = Graph.chains(offsets, None if labels is None else _host(labels))
+    check(graph.num_nodes)
+    return graph
+
+
 def _tensor(a, dtype):
     # "W": grapheme hands out read-only arrays (a Graph's, a history's); a
     # tensor may be written in place, so it gets a copy of those
@@ -662,9 +680,7 @@ class Merge(nn.Module):
         for name, t in (("queries", queries), ("keys", keys)):
             if t is not None:
                 _check_tensor(t, name)
-        graph = Graph.chains(_host(offsets), None if labels is None else _host(labels))
-        if x.ndim != 2 or x.shape[0] != graph.num_nodes:
-            raise ValueError(f"x must have shape ({graph.num_nodes}, d), got {tuple(x.shape)}")
+        graph = _chains(x, offsets, labels)
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
         theta = self.theta.item()
@@ -753,11 +769,7 @@ class Encoder(nn.Module):
     @_eager
     def forward(self, x, offsets):
         _check_tensor(x, "x")
-        graph = Graph.chains(_host(offsets))
-        dim = self.query.shape[0]
-        if x.ndim != 2 or x.shape != (graph.num_nodes, dim):
-            raise ValueError(f"x must have shape ({graph.num_nodes}, {dim}) (offsets[-1] "
-                             f"rows of the encoder's dim), got {tuple(x.shape)}")
+        graph = _chains(x, offsets, dim=self.query.shape[0])
         h = x
         for layer in self.layers:
             h = message_passing(graph, h, layer.w_self.to(x.dtype), layer.w_pred.to(x.dtype),

@@ -162,6 +162,24 @@ def test_bad_tensors_are_refused_with_their_name():
         gt.Merge()(torch.zeros((5, 3)), torch.tensor([0, 4]))
 
 
+def test_offsets_beyond_x_are_refused_before_any_allocation():
+    # the chains of offsets[-1] rows were built first: [0, 2e8] took 10 s
+    # and 4.9 GB before naming x
+    import tracemalloc
+    x = torch.zeros((10, 8))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"x must have shape \(200000000, d\)"):
+            gt.Merge()(x, torch.tensor([0, 200_000_000]))
+        with pytest.raises(ValueError, match=r"x must have shape \(200000000, 8\)"):
+            gt.Encoder(8)(x, torch.tensor([0, 200_000_000]))
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(MemoryError, match=r"chains of 1099511627776 nodes \(offsets\[-1\]\)"):
+        gr.Graph.chains([0, 2**40])
+
+
 def test_inplace_change_after_forward_is_caught():
     g = gr.Graph.from_text("abcd")
     h = torch.randn(4, 3, dtype=F64)
