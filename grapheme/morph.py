@@ -20,7 +20,7 @@ from ._validation import (KEEP, as_float_array, check_graph, check_out, check_sc
                           settings_checked, settings_unchanged)
 from ._workspace import check_workspace
 from .estimators import Hard, _checked_forward, make_estimator
-from .ops import EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
+from .ops import MIN_TEMPERATURE, EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
 from .rate import RateController
 
 __all__ = ["Morpher", "Morphed", "MorphGrad"]
@@ -522,8 +522,6 @@ class Morpher:
                 f"estimator={self.estimator!r}, rate={self.rate!r})")
 
 
-#: The smallest temperature accepted (see :func:`morph_settings`).
-_MIN_TEMPERATURE = 1e-300
 
 #: The settings of a Morpher (its constructor's arguments).
 _MORPH_SETTINGS = ("threshold", "temperature", "estimator", "rate")
@@ -533,9 +531,7 @@ def morph_settings(threshold, temperature, estimator, rate):
     """A morph's settings, checked: ``(threshold, temperature, Estimator,
     RateController or None)`` (a float ``rate`` is a controller's target)."""
     threshold = check_scalar(threshold, "threshold")
-    # at least 2 / DBL_MAX (1.1e-308): the logits (s - tau) / T, |s - tau| <= 2,
-    # stay finite (below it they overflowed and REINFORCE's log_prob was NaN)
-    temperature = check_scalar(temperature, "temperature", lower=_MIN_TEMPERATURE)
+    temperature = check_scalar(temperature, "temperature", lower=MIN_TEMPERATURE)
     if rate is not None and not isinstance(rate, RateController):
         rate = RateController(check_scalar(rate, "rate", lower=0, upper=1))
     return threshold, temperature, make_estimator(estimator), rate

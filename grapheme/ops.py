@@ -43,7 +43,7 @@ from . import _core, _products, _relax
 from ._threads import one_pool
 from ._workspace import check_workspace
 from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
-                          frozen)
+                          check_scalar, frozen)
 from .graph import Graph, _check_decisions, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -362,6 +362,10 @@ class ScoresResult(NamedTuple):
     tau: float
 
 
+#: The smallest temperature of :class:`MergeScores` (and of a Morpher).
+MIN_TEMPERATURE = 1e-300
+
+
 class MergeScores(Operation):
     """Merge logits and probabilities from similarities and the threshold.
 
@@ -384,12 +388,15 @@ class MergeScores(Operation):
     outputs = ("logits", "probability")
 
     def __init__(self, temperature):
-        self.temperature = float(temperature)
+        # at least 2 / DBL_MAX (1.1e-308): the logits (s - tau) / T, |s - tau| <= 2,
+        # stay finite (below it they overflowed and REINFORCE's log_prob was NaN)
+        self.temperature = check_scalar(temperature, "temperature", lower=MIN_TEMPERATURE)
 
     def forward(self, similarity, theta):
+        similarity = as_float_array(similarity, "similarity", ndim=1)
         if np.shape(theta) != ():   # float() would say "only 0-dimensional arrays ..."
             raise ValueError(f"theta must be a scalar (0-d), got shape {np.shape(theta)}")
-        tau = float(sigmoid(theta))
+        tau = float(sigmoid(check_scalar(np.asarray(theta)[()], "theta")))
         logits = (similarity - tau) / self.temperature
         p = sigmoid(logits)
         return ScoresResult(logits, p, tau), (p, tau)
@@ -613,6 +620,18 @@ class BernoulliLogProb(Operation):
     outputs = ("log_prob",)
 
     def forward(self, logits, decisions, example, num_examples):
+        logits = as_float_array(logits, "logits", ndim=1)
+        decisions = np.asarray(decisions)
+        if decisions.dtype != bool:   # not cast: 0.3 would be a merge
+            raise TypeError(f"decisions must be a bool array, got dtype {decisions.dtype}")
+        example = as_index_array(example, "example")
+        num_examples = check_scalar(num_examples, "num_examples", lower=0, integer=True)
+        for name, arr in (("decisions", decisions), ("example", example)):
+            if arr.shape != logits.shape:
+                raise ValueError(f"{name} must have the logits' shape {logits.shape}, got "
+                                 f"{arr.shape}")
+        if example.size and (example.min() < 0 or example.max() >= num_examples):
+            raise ValueError(f"example must lie in [0, num_examples) = [0, {num_examples})")
         m = decisions.astype(np.float64)
         # log sigmoid(z) = -softplus(-z); m log s(z) + (1-m) log s(-z) = m z - softplus(z)
         per_edge = m * logits - np.logaddexp(0.0, logits)
@@ -651,9 +670,15 @@ class RatePenalty(Operation):
     outputs = ("value",)
 
     def __init__(self, target, weight):
-        self.target, self.weight = float(target), float(weight)
+        self.target = check_scalar(target, "target", lower=0, upper=1)
+        self.weight = check_scalar(weight, "weight", lower=0)
 
     def forward(self, probability, num_nodes, multiplier=0.0):
+        probability = as_float_array(probability, "probability", ndim=1)
+        num_nodes = check_scalar(num_nodes, "num_nodes", lower=0, integer=True)
+        multiplier = check_scalar(multiplier, "multiplier")
+        if probability.shape[0] > 0 and num_nodes == 0:
+            raise ValueError("num_nodes must be > 0 where there are probabilities")
         if num_nodes == 0:
             return PenaltyResult(0.0, 1.0), (0, 0.0, probability.shape, multiplier)
         rho = (num_nodes - probability.sum()) / num_nodes

@@ -307,8 +307,7 @@ def rate_penalty(probability, num_nodes, target, weight, multiplier=0.0):
 def bernoulli_log_prob(logits, decisions, example, num_examples):
     """Per-example log-probability of Bernoulli decisions
     (:class:`grapheme.ops.BernoulliLogProb`)."""
-    decisions = np.asarray(decisions, dtype=bool)
-    example = np.asarray(example, dtype=np.intp)
+    decisions, example = _host(decisions), _host(example)   # checked, not cast
     op = ops.BernoulliLogProb()
     (lp,), _ = apply(op, lambda z: op.forward(z, decisions, example, num_examples), logits)
     return lp

@@ -284,3 +284,43 @@ def test_hard_merge_vjp_checks_out_without_an_upstream_gradient():
     for bad, error in ((np.empty((3, 3)), ValueError), (np.empty((3, 2), np.float32), TypeError)):
         with pytest.raises(error, match="out"):
             ops.HardMerge().vjp(saved, None, out=bad)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # each was accepted: NaN probabilities, a negative penalty, a kept
+    # fraction of 1.25, 0.3 read as a merge, 0.7 read as example 0, an
+    # example beyond num_examples lengthening the result
+    (lambda: ops.MergeScores(0.0), ValueError, "temperature must be >= 1e-300"),
+    (lambda: ops.MergeScores("x"), TypeError, "temperature must be a real number"),
+    (lambda: ops.MergeScores(0.1).forward(np.ones(2), np.array(np.nan)), ValueError,
+     "theta must be finite"),
+    (lambda: ops.MergeScores(0.1).forward(np.ones((2, 2)), np.array(0.0)), ValueError,
+     "similarity must be 1-dimensional"),
+    (lambda: ops.RatePenalty(float("nan"), 1.0), ValueError, "target must be finite"),
+    (lambda: ops.RatePenalty(0.5, -1.0), ValueError, "weight must be >= 0"),
+    (lambda: ops.RatePenalty(0.5, 1.0).forward(np.ones(2) / 2, -4), ValueError,
+     "num_nodes must be >= 0"),
+    (lambda: ops.RatePenalty(0.5, 1.0).forward(np.ones(2) / 2, 0), ValueError,
+     "num_nodes must be > 0 where there are probabilities"),
+    (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([0.3, 0.0]), [0, 0], 1),
+     TypeError, "decisions must be a bool array"),
+    (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([True, False]),
+                                            np.array([0.0, 0.7]), 2),
+     TypeError, "example must be an integer array"),
+    (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([True, False]), [0, 3], 1),
+     ValueError, r"example must lie in \[0, num_examples\) = \[0, 1\)"),
+    (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([True]), [0], 1),
+     ValueError, r"decisions must have the logits' shape \(2,\)"),
+])
+def test_scores_penalty_and_log_prob_check_their_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_checked_scores_penalty_and_log_prob_keep_their_numbers():
+    r, _ = ops.MergeScores(0.5).forward([0.5, 0.9], np.array(0.0))
+    np.testing.assert_allclose(r.logits, [0.0, 0.8])
+    p, _ = ops.RatePenalty(0.5, 1.0).forward([0.5, 0.5], 4, 0.0)
+    assert (p.expected_rate, p.value) == (0.75, 0.0625)
+    lp, _ = ops.BernoulliLogProb().forward([0.0, 0.0], np.array([True, False]), [0, 1], 2)
+    np.testing.assert_allclose(lp.log_prob, [np.log(0.5)] * 2)
