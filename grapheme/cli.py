@@ -262,13 +262,34 @@ def build_parser():
 
 
 # --------------------------------------------------------------------- commands
+#: The files of a data set that ``grapheme generate`` writes (the words
+#: task all four, the generated tasks the first two).
+DATASET_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
+
+
 def _cmd_generate(args, out):
-    names = (("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
-             if args.task == "words" else ("train.jsonl", "val.jsonl"))
-    existing = _held_by_out(args.out, names)
+    existing = _held_by_out(args.out, DATASET_FILES)
     if existing and not args.overwrite:
         raise CommandError(f"--out {args.out!r} already holds a data set "
                            f"({', '.join(existing)}); pass --overwrite to replace it")
+    code = _generate(args, out)
+    # the replaced set's files that the new one did not write (a words
+    # set's test.jsonl under generated pairs): left, eval would score them
+    stale = [name for name in existing if name not in _written(args.task)]
+    for name in stale:
+        os.remove(os.path.join(args.out, name))
+    if stale:
+        print(f"removed the replaced data set's {', '.join(stale)}", file=out)
+    return code
+
+
+def _written(task):
+    """The files of :data:`DATASET_FILES` that ``generate --task TASK`` writes."""
+    return DATASET_FILES if task == "words" else DATASET_FILES[:2]
+
+
+def _generate(args, out):
+    """The data set of ``grapheme generate``, written into ``--out``."""
     if args.task == "words":
         for path in args.corpus or ():
             if not os.path.isfile(path):

@@ -312,6 +312,21 @@ def test_generate_never_replaces_a_data_set_unasked(tmp_path, capsys):
     assert code == 0 and (data / "train.jsonl").read_bytes() != before
 
 
+def test_generate_overwrite_leaves_nothing_of_the_replaced_set(words, tmp_path, capsys):
+    # generated pairs over a words set left its test.jsonl and
+    # documents.json, which eval would then score (an attack helper's find)
+    names = ("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
+    assert all((words / name).exists() for name in names)
+    code, _, err = run(capsys, "generate", "--out", words, "--n-train", 8, "--n-val", 4)
+    assert code == 2 and "(train.jsonl, val.jsonl, test.jsonl, documents.json)" in err
+    code, out, err = run(capsys, "generate", "--out", words, "--n-train", 8, "--n-val", 4,
+                         "--overwrite")
+    assert code == 0, err
+    assert "removed the replaced data set's test.jsonl, documents.json" in out
+    assert sorted(p.name for p in words.iterdir()) == ["train.jsonl", "val.jsonl"]
+    assert len((words / "train.jsonl").read_text().splitlines()) == 8
+
+
 def test_keep_best_errors(words, level1, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
                        tmp_path / "r", "--keep-best", "val_boundary_f1")
