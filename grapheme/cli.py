@@ -478,6 +478,13 @@ def _cmd_train(args, out):
                                " to a data-parallel run (--nproc N, or under torchrun)")
     if world is None or world.strip() == "1":
         if args.nproc is not None and args.nproc > 1:
+            if args.backend is not None:   # here, not once per rank
+                from . import distributed
+
+                try:
+                    distributed.check_backend(args.backend)
+                except (ValueError, ImportError) as exc:
+                    raise CommandError(f"--backend {args.backend}: {exc}") from None
             return _train(args, out, spawn=args.nproc)
         return _train(args, out)
     try:

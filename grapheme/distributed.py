@@ -191,6 +191,20 @@ def _torch_distributed():
 MAX_TIMEOUT = 365 * 86400
 
 
+def check_backend(backend):
+    """``backend``, ``"gloo"`` or ``"nccl"``; nccl only where torch sees a
+    CUDA GPU (else torch fails inside ``set_device``, without saying why)."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl":
+        _torch_distributed()   # torch installed, or the message that says so
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA GPUs, and this torch sees none "
+                             "(torch.cuda.is_available() is False): use gloo on CPUs")
+
+
 def init_from_env(backend="gloo", timeout=None):
     """Join the process group a launcher described in the environment
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, as torchrun
@@ -200,8 +214,7 @@ def init_from_env(backend="gloo", timeout=None):
     ``cuda:LOCAL_RANK``). ``timeout``: seconds a collective may wait for
     the other ranks (torch's default when None).
     """
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    check_backend(backend)
     missing = [v for v in ENV_VARS if v != "LOCAL_RANK" and v not in os.environ]
     if missing:
         raise ValueError(f"a distributed launch needs the environment variables "

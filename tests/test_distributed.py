@@ -617,6 +617,31 @@ def test_cli_data_parallel_options_alone_are_refused(options, named, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
+def test_nccl_without_a_gpu_is_one_line_before_any_rank(monkeypatch, capsys, tmp_path):
+    """An attack helper's find: each spawned rank died in torch's
+    set_device with AttributeError '_cuda_setDevice', two tracebacks."""
+    import torch
+    from grapheme import distributed
+    from grapheme.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    spawned = []
+    monkeypatch.setattr(distributed, "spawn_local", lambda *a, **k: spawned.append(a))
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    code = main(["train", "--data", str(data), "--epochs", "1", "--out",
+                 str(tmp_path / "run"), "--no-progress", "--nproc", "2", "--backend", "nccl"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("grapheme train: error: --backend nccl: backend 'nccl' needs "
+                                 "CUDA GPUs, and this torch sees none "
+                                 "(torch.cuda.is_available() is False): use gloo on CPUs\n")
+    assert not spawned and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="backend 'nccl' needs CUDA GPUs"):
+        distributed.init_from_env("nccl")
+    distributed.check_backend("gloo")
+
+
 def test_cli_timeout_ends_a_launch_whose_peers_never_come(tmp_path):
     """Found by an attack helper: rank 0 of a launch without its peers
     waited silently (torch's 30 minutes). --timeout bounds it, one line."""
