@@ -243,12 +243,19 @@ class Embedding:
         Raises
         ------
         ValueError
-            If the arrays are inconsistent (wrong shapes, repeated codes,
-            code points out of range, non-finite weights).
+            If the arrays are inconsistent (wrong shapes, a width other
+            than ``dim``, repeated codes, code points out of range,
+            non-finite weights) or one is missing.
         """
+        missing = [k for k in ("codes", "weight") if k not in state]
+        if missing:
+            raise ValueError(f"state has no {' and no '.join(map(repr, missing))} (what "
+                             f"state_dict returns: 'codes' and 'weight')")
         codes = as_index_array(state["codes"], "codes").astype(np.int64)
+        # the width is the table's: an encoder, an optimiser's moments and a
+        # checkpoint's configuration all hold dim (torch refuses it alike)
         weight = as_float_array(state["weight"], "weight", ndim=2,
-                                shape=(codes.shape[0], None), dtype=self.dtype)
+                                shape=(codes.shape[0], self.dim), dtype=self.dtype)
         if np.unique(codes).shape[0] != codes.shape[0]:
             raise ValueError("codes must not repeat")
         if codes.size and (codes.min() < 0 or codes.max() > UNKNOWN):
@@ -261,7 +268,6 @@ class Embedding:
             weight = np.concatenate([weight, fresh.astype(self.dtype)])
         order = np.argsort(codes, kind="stable")
         with self._lock:
-            self.dim = weight.shape[1]
             self.codes, self.weight = codes.copy(), weight.copy()
             self.grad = np.zeros_like(self.weight)
             self._sorted_codes, self._sorted_rows = codes[order], order.astype(np.int64)

@@ -206,6 +206,23 @@ def test_embedding_state_roundtrip():
     np.testing.assert_array_equal(back.forward([200]), emb.forward([200]))
 
 
+def test_embedding_load_state_dict_keeps_its_width():
+    # it took the state's width: dim 0 (ZeroDivisionError in segment and
+    # save), or 16 under an 8-wide trainer, saved fine and refused on load
+    emb = Embedding(dim=8)
+    emb.forward([97, 98])
+    other = Embedding(dim=16)
+    other.forward([97, 98])
+    for state in (other.state_dict(), {"codes": np.array([97, 0x110000]),
+                                       "weight": np.zeros((2, 0))}):
+        with pytest.raises(ValueError, match=r"weight must have shape \(\d, 8\)"):
+            emb.load_state_dict(state)
+        assert emb.dim == 8 and emb.weight.shape == (3, 8)
+    with pytest.raises(ValueError, match="state has no 'codes'"):
+        emb.load_state_dict({"weight": np.zeros((1, 8))})
+    assert Embedding.from_state(other.state_dict()).dim == 16
+
+
 def test_embedding_bad_input():
     with pytest.raises(ValueError, match="dim must be >= 1"):
         Embedding(dim=0)
