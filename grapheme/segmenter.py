@@ -99,6 +99,15 @@ class Segmenter:
         settings_checked(self, _COMPONENTS)
         self._local = threading.local()   # per-thread inference buffers
 
+    def __getstate__(self):   # copy.deepcopy, pickling (to worker processes)
+        state = self.__dict__.copy()
+        del state["_local"]   # buffers, made again on first use
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def _check_components(self):
         """The components as set now: checked again (:func:`check_model`)
         where one was assigned since construction, and the window with them

@@ -353,6 +353,20 @@ def test_segmenter_is_shared_by_threads():
     assert not errors and all(g == want for g in got)
 
 
+def test_segmenter_pickles_and_copies():
+    # its per-thread buffers (threading.local) made pickle and deepcopy fail
+    # with "cannot pickle '_thread._local' object": no multiprocessing pool
+    import copy
+    import pickle
+
+    m = model(2)
+    texts = ["abcdefghij" * 5, "jihgfedcba"]
+    want = m.segment(texts)
+    for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert other.segment(texts) == want
+        assert other.embedding is not m.embedding
+
+
 def test_segment_files_stay_private(tmp_path):
     m = model(0)
     m.save(tmp_path / "m.npz")
