@@ -38,9 +38,18 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _asarray(value, name, what):
     """``np.asarray(value)``; what numpy refuses (ragged lists, integers
-    beyond every dtype) is a ``TypeError`` naming ``name``."""
+    beyond every dtype) is a ``TypeError`` naming ``name``. A subclass is
+    read as a plain array (``np.matrix`` stays 2-d under ``reshape(-1)``,
+    which the kernels' signatures refuse); a masked array with a masked
+    element is refused (its mask would be ignored)."""
     if isinstance(value, np.ndarray):
-        return value
+        if type(value) is np.ndarray:
+            return value
+        if isinstance(value, np.ma.MaskedArray) and np.ma.getmaskarray(value).any():
+            raise TypeError(f"{name} must be {what}, got a masked array with masked "
+                            f"elements, which would be read as their data: fill them "
+                            f"(value.filled(...)) or pass the data")
+        return value.view(np.ndarray)
     try:
         return np.asarray(value)
     except (TypeError, ValueError, OverflowError):

@@ -32,3 +32,29 @@ def test_as_float_array_names_the_argument(bad):
     with pytest.raises(ValueError, match="features contains NaN or infinity"):
         as_float_array(x, "features")
     assert as_float_array(x, "features", finite=False) is x
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_subclasses_are_read_as_arrays_and_masks_are_not_ignored():
+    # np.matrix (scipy.sparse's todense()) failed in a kernel's signature
+    # dispatch, "No matching signature found"; a masked array's mask was
+    # silently dropped (an attack helper's finds)
+    import grapheme as gr
+    from grapheme import ops
+
+    g = gr.Graph.from_text("aabbc")
+    X = np.random.default_rng(0).normal(size=(5, 4))
+    want = gr.Morpher().forward(g, X).graph.features
+    unmasked = np.ma.masked_array(X, mask=np.zeros(X.shape, bool))
+    for same in (np.asmatrix(X), unmasked, np.ma.masked_array(X)):
+        np.testing.assert_array_equal(gr.Morpher().forward(g, same).graph.features, want)
+        np.testing.assert_array_equal(ops.FeatureMean().forward(same)[0].activation,
+                                      X.mean(axis=1))
+    masked = unmasked.copy()
+    masked[0, 0] = np.ma.masked
+    with pytest.raises(TypeError, match="features must be a real-valued array, got a "
+                                        "masked array with masked elements"):
+        gr.Morpher().forward(g, masked)
+    with pytest.raises(TypeError, match="labels must be an integer array, got a masked"):
+        gr.Graph(np.array([0, 0]), np.array([], np.int64),
+                 np.ma.masked_array([97], mask=[True]))
