@@ -35,6 +35,12 @@ _REPORT_TOL = 1e-8
 #: the same function). See :func:`_scaling_safe`.
 _SCALING_LOG_LIMIT = 250.0
 
+#: Largest total mass of one graph: the loss and its gradients take
+#: products of two masses (the clique term's squares, the dustbins' row
+#: sums), which overflow to inf, then NaN, from a pair's total of about
+#: 1e154; a pair here (a self pair of the debiased loss too) stays <= 1e150.
+_MAX_GRAPH_MASS = 5e149
+
 _DOMAINS = ("auto", "log", "scaling")
 
 #: The settings of :meth:`StructuralLoss.for_training`.
@@ -604,6 +610,13 @@ class StructuralLoss:
         self._validate()
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
+        for name, g in (("predicted", p), ("target", t)):
+            total = _segment_sums(g.mass, g.offsets)
+            if (total > _MAX_GRAPH_MASS).any():
+                b = int(np.flatnonzero(total > _MAX_GRAPH_MASS)[0])
+                raise ValueError(f"{name} graph {b} has a total mass of {total[b]:.3g}, "
+                                 f"more than {_MAX_GRAPH_MASS:.0e}: the loss takes products "
+                                 f"of masses, which overflow (scale the masses down)")
         if self.debias:
             result = self._forward_debiased(p, t, workspace)
         else:
@@ -729,7 +742,8 @@ class StructuralLoss:
             # fresh pages) from one step to the next
             f_off[-1] = max(f_off[-1], workspace.kept("loss.fpot") * 5 // 4)
             g_off[-1] = max(g_off[-1], workspace.kept("loss.gpot") * 5 // 4)
-        scaled = self._choose_domain(p, t)
+        scaled = self._choose_domain(_segment_sums(p.mass, p.offsets)
+                                     + _segment_sums(t.mass, t.offsets))
         if self_pair is None:
             self_pair = np.zeros(B, np.uint8)
         if workspace is None:
@@ -770,12 +784,11 @@ class StructuralLoss:
         """Whether the sweeps take the dustbin-balancing step."""
         return self.tol is not None if self.balance is None else self.balance
 
-    def _choose_domain(self, p: _GraphArrays, t: _GraphArrays) -> np.ndarray:
-        """Per pair 1 (scaling form) or 0 (log domain), as uint8 of shape (B,)."""
-        B = len(p.offsets) - 1
+    def _choose_domain(self, total: np.ndarray) -> np.ndarray:
+        """Per pair 1 (scaling form) or 0 (log domain), as uint8 of shape (B,),
+        from each pair's total mass (B,)."""
         if self.domain == "log":
-            return np.zeros(B, np.uint8)
-        total = _segment_sums(p.mass, p.offsets) + _segment_sums(t.mass, t.offsets)
+            return np.zeros(total.shape[0], np.uint8)
         safe = _scaling_safe(self.epsilon, self.weights, total)
         if self.domain == "scaling" and not safe.all():
             b = int(np.flatnonzero(~safe)[0])

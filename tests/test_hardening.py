@@ -128,6 +128,26 @@ def test_parallel_rows_stay_within_one_and_never_beat_tau_one():
     assert never.predict(g, H).graph.num_nodes == g.num_nodes
 
 
+def test_masses_too_large_for_their_products_are_refused():
+    # mass 1e300 passed Graph's "finite, non-negative" and gave an inf loss
+    # with NaN gradients (products of masses overflow from about 1e154)
+    t = gr.Graph.from_text("abc")
+    loss = gr.StructuralLoss(debias=True)
+    at_limit = gr.Graph.from_texts(["ab", "ab"]).replace(mass=[5e149 - 1.0, 1.0, 1.0, 5e149])
+    res = loss.forward(at_limit, gr.Graph.from_texts(["abc", "a"]).replace(
+        mass=[1.0, 2.0, 5e149 - 3.0, 5e149]))
+    grad = loss.backward(res)
+    assert np.isfinite(res.value) and all(
+        np.isfinite(g).all() for g in grad if g is not None)
+    for mass in (6e149, 1e300):
+        with pytest.raises(ValueError, match=r"^predicted graph 0 has a total mass of "
+                                             r"\de\+\d+, more than 5e\+149"):
+            loss.forward(gr.Graph.from_text("ab").replace(mass=[mass, 1.0]), t)
+    with pytest.raises(ValueError, match=r"^target graph 1 has a total mass of 1e\+300"):
+        loss.forward(gr.Graph.from_texts(["a", "b"]),
+                     gr.Graph.from_texts(["a", "b"]).replace(mass=[1.0, 1e300]))
+
+
 def test_loss_with_all_zero_edge_weights_has_finite_gradients():
     p = gr.Graph([0, 1, 2, 2], [1, 2], [97, 98, 99], weights=[0.0, 0.0])
     t = gr.Graph([0, 1, 1], [1], [97, 98], weights=[0.0])
