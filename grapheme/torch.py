@@ -103,6 +103,9 @@ def _array(t, name):
 def _check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:   # else "unsupported memory format option"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout} "
+                        f"(.to_dense() makes one)")
 
 
 def _check_merged(merged):
@@ -480,8 +483,8 @@ class Merged:
         through the hard merge map; for the relaxed estimators, whose rows are
         the input rows, each input row gets its cluster head's row."""
         _check_tensor(y, "y")
-        if not y.is_floating_point():
-            raise TypeError(f"y must be a float tensor, got {y.dtype}")
+        if y.dtype not in (torch.float32, torch.float64):   # else it is "table"
+            raise TypeError(f"y must be float32 or float64, got {y.dtype}")
         rows = self.features.shape[0]
         if y.ndim not in (1, 2) or y.shape[0] not in (rows, self.history.num_outputs):
             raise ValueError(f"y must be 1- or 2-dimensional with one row per merged row "

@@ -761,8 +761,16 @@ def test_errors_name_the_argument_given():
     attack helper)."""
     out = gt.Merge(estimator="reinforce").double()(torch.ones(4, 3, dtype=torch.float64),
                                                    torch.tensor([0, 4]))
-    with pytest.raises(TypeError, match="y must be a float tensor"):
+    with pytest.raises(TypeError, match="y must be float32 or float64"):
         out.unpool(torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="y must be float32 or float64, got torch.float16"):
+        out.unpool(torch.ones(4, 2, dtype=torch.float16))   # was "table"
+    x = torch.ones(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x must be a dense .strided. tensor, got layout "
+                                        "torch.sparse_coo"):   # was "memory format"
+        gt.Merge(dtype=torch.float64)(x.to_sparse(), torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="features must be a dense"):
+        gt.edge_similarity(gr.Graph.from_text("abcd"), x.to_sparse())
     with pytest.raises(ValueError, match=r"losses must have shape \(1,\)"):
         out.reinforce_loss(torch.ones(3))
     with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
