@@ -215,7 +215,8 @@ def build_parser():
     p = sub.add_parser("eval", help="loss, exact-structure accuracy (and segmentation "
                                     "metrics) of a checkpoint beside the untrained model's")
     p.add_argument("--checkpoint", required=True,
-                   help="a training checkpoint (RUN/checkpoint.npz or RUN/best.npz)")
+                   help="a training checkpoint (RUN/checkpoint.npz or RUN/best.npz), or a "
+                        "model file (Segmenter.save; its loss is grapheme train's)")
     p.add_argument("--data", required=True, metavar="DIR|FILE",
                    help="pairs to evaluate: a JSONL file, or a directory (its val.jsonl)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -744,20 +745,35 @@ def _check_run_directory(args, log, checkpoint):
 
 
 def _cmd_eval(args, out):
+    from .checkpoint import MODEL_KIND, load_checkpoint
+    from .loss import StructuralLoss
+    from .optim import Adam
     from .train import Trainer
 
     path = _data_file(args.data, "eval")
     pairs = _load_pairs(path)
     if not pairs:
         raise CommandError(f"{path!r} holds no pairs")
-    trainer = Trainer.from_checkpoint(_checkpoint_file(args.checkpoint, "--checkpoint"),
-                                      progress=False)
+    checkpoint = _existing_file(args.checkpoint, "--checkpoint", "checkpoint file",
+                                ("checkpoint.npz", "best.npz", "model.npz"),
+                                "a run's checkpoint.npz or best.npz, or a model file")
+    if load_checkpoint(checkpoint)[1].get("kind") == MODEL_KIND:
+        # a model file holds no loss and no optimiser: grapheme train's loss
+        # scores it, at the batch size train uses by default
+        from .segmenter import Segmenter
+
+        trainer = Trainer.from_model(Segmenter.load(checkpoint),
+                                     StructuralLoss.for_training(), Adam(),
+                                     batch_size=BATCH_SIZE, progress=False)
+        column = "model"
+    else:
+        trainer = Trainer.from_checkpoint(checkpoint, progress=False)
+        column = f"epoch {trainer.epoch}"
     result = trainer.evaluate(pairs, batch_size=args.batch_size)
     # the untrained model of the same configuration, for comparison
     untrained = _untrained(trainer).evaluate(pairs, batch_size=args.batch_size)
     print(f"evaluated: {len(pairs)} pairs from {path}", file=out)
-    print(metrics_table([("untrained", untrained), (f"epoch {trainer.epoch}", result)]),
-          file=out)
+    print(metrics_table([("untrained", untrained), (column, result)]), file=out)
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import grapheme as gr
 from grapheme.estimators import ESTIMATORS
 from grapheme.cli import format_table, main
 from grapheme.data import load_pairs as load_pairs
@@ -285,6 +286,24 @@ def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", words, "--epochs", 1, "--out", run_dir,
                        "--resume", run_dir / "nope.npz")
     assert code == 2 and "nope.npz' does not exist" in err
+
+
+def test_eval_scores_a_model_file_as_its_checkpoint(words, tmp_path, capsys):
+    # a new user's find: eval refused model files ("not a training
+    # checkpoint"), so a saved model could not be scored from the CLI
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", "--data", words, "--epochs", 1, "--out", run_dir,
+               "--no-progress", "--dim", 8)[0] == 0
+    gr.Segmenter.load(str(run_dir / "checkpoint.npz")).save(str(tmp_path / "model.npz"))
+    tables = []
+    for path in (run_dir / "checkpoint.npz", tmp_path / "model.npz"):
+        code, out, err = run(capsys, "eval", "--checkpoint", path, "--data",
+                             words / "test.jsonl")
+        assert code == 0, err
+        tables.append(out)
+    heads = [t.splitlines()[1].split() for t in tables]
+    assert heads == [["metric", "untrained", "epoch", "1"], ["metric", "untrained", "model"]]
+    assert [t.splitlines()[3:] for t in tables[:1]] == [tables[1].splitlines()[3:]]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -454,7 +454,7 @@ def test_checkpoint_errors_name_the_option(trained, tmp_path, capsys):
     code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "no.npz", "--data", data)
     assert code == 2 and err == (f"grapheme eval: error: --checkpoint "
                                  f"{str(tmp_path / 'no.npz')!r} does not exist (a run's "
-                                 f"checkpoint.npz or best.npz)\n")
+                                 f"checkpoint.npz or best.npz, or a model file)\n")
     code, _, err = run(capsys, "train", "--data", data, "--epochs", 2, "--out",
                        tmp_path / "r", "--resume", trained / "run")
     assert code == 2 and err == (f"grapheme train: error: --resume "
