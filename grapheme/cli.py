@@ -611,8 +611,8 @@ def _train_locked(args, out, spawn, comm, held):
                 saved = trainer._last_checkpoint
                 if not rank0 or saved is None or saved[1] <= start:
                     raise
-                raise KeyboardInterrupt(f"epoch {saved[1]} is saved: --resume "
-                                        f"{shlex.quote(saved[0])} continues the run") from None
+                raise KeyboardInterrupt(f"epoch {saved[1]} is saved; to continue the run: "
+                                        f"{_resume_command(args.argv, saved[0])}") from None
     seconds = time.perf_counter() - started
     if len(history) == start:   # nothing was written: name only the checkpoint read
         print(f"nothing to do: {args.resume} already has {start} epochs "
@@ -626,6 +626,26 @@ def _train_locked(args, out, spawn, comm, held):
         print(f"best: {best} (epoch {trainer.best['epoch']}, {trainer.best['metric']} "
               f"{trainer.best['value']:.4f})", file=out)
     return 0
+
+
+def _resume_command(argv, checkpoint):
+    """The ``grapheme train`` command line of ``argv`` that resumes from
+    ``checkpoint``: its own ``--resume`` (abbreviated or not) replaced, and
+    no ``--overwrite`` (the run in ``--out`` is the one continued)."""
+    options = [o for o in _commands(build_parser())["train"]._option_string_actions
+               if o.startswith("--")]
+    kept, skip = [], False
+    for i, tok in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0] if tok.startswith("--") and "--" not in argv[:i] else None
+        whole = [name] if name in options else [o for o in options if name and o.startswith(name)]
+        if len(whole) == 1 and whole[0] in ("--resume", "--overwrite"):
+            skip = whole[0] == "--resume" and "=" not in tok
+            continue
+        kept.append(tok)
+    return shlex.join([PROG, *kept, "--resume", checkpoint])
 
 
 def _train_data(args):
@@ -1142,6 +1162,11 @@ def main(argv=None):
         return 2
 
 
+def _commands(parser):
+    """The parsers of ``parser``'s commands, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def _check_options(parser, argv):
     """Refuse an option the command does not have, with the command's usage
     and the nearest option it has (``--estimater`` -> ``--estimator``),
@@ -1151,8 +1176,7 @@ def _check_options(parser, argv):
     value is never taken for an option (only tokens before ``--`` that start
     with ``--`` are looked at, and a value of that form is argparse's to
     refuse)."""
-    commands = next(a for a in parser._actions
-                    if isinstance(a, argparse._SubParsersAction)).choices
+    commands = _commands(parser)
     command = next((tok for tok in argv if tok in commands), None)
     if command is None:
         return

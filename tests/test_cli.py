@@ -464,8 +464,11 @@ def test_an_interrupted_run_says_how_to_continue(level1, tmp_path, capsys, monke
     code, _, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
                        "--no-progress")
     checkpoint = out / "checkpoint.npz"
-    assert code == 130 and err == (f"grapheme: interrupted; epoch 1 is saved: --resume "
-                                   f"{checkpoint} continues the run\n")
+    # the whole command (a new user's find: "--resume X" alone lacked --data,
+    # --epochs and --out)
+    assert code == 130 and err == (f"grapheme: interrupted; epoch 1 is saved; to continue "
+                                   f"the run: grapheme train --data {level1} --epochs 3 "
+                                   f"--out {out} --no-progress --resume {checkpoint}\n")
     monkeypatch.setattr(Trainer, "_run_epoch", original)
     assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
                checkpoint, "--no-progress")[0] == 0
