@@ -282,8 +282,8 @@ def check_pairs(pairs, name):
     """Split a list of ``(input, target)`` pairs into two lists.
 
     A target is a str, or a tuple of non-empty str joining to the input (a
-    segmentation, see :mod:`grapheme.data`); the targets are all of one
-    kind."""
+    segmentation, see :mod:`grapheme.data`; a list, as JSON gives it, is
+    taken as that tuple); the targets are all of one kind."""
     if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__len__"):
         raise TypeError(f"{name} must be a list of (input, target) string pairs, "
                         f"got {type(pairs).__name__}")
@@ -294,6 +294,8 @@ def check_pairs(pairs, name):
         source, target = pair
         if isinstance(source, str):
             source = exact_str(source)
+        if isinstance(target, list) and isinstance(source, str):
+            target = tuple(target)
         if isinstance(target, tuple) and isinstance(source, str):
             target = tuple(exact_str(seg) if isinstance(seg, str) else seg for seg in target)
             # a segmentation of the input (grapheme.data): non-empty str joining to it
@@ -303,8 +305,8 @@ def check_pairs(pairs, name):
                                  f"input and must hold non-empty str joining to it, got "
                                  f"{show(target)} for {show(source)}")
         elif not isinstance(source, str) or not isinstance(target, str):
-            raise TypeError(f"{name}[{i}] must hold two str (or a str and a tuple of "
-                            f"segments), got "
+            raise TypeError(f"{name}[{i}] must hold two str (or a str and a tuple or list "
+                            f"of segments), got "
                             f"({type(source).__name__}, {type(target).__name__})")
         else:
             target = exact_str(target)

@@ -292,7 +292,8 @@ def test_validation():
         t.fit("abc", 1)
     with pytest.raises(ValueError, match=r"pairs\[1\] must be an \(input, target\) pair"):
         t.fit([("a", "b"), ("c",)], 1)
-    with pytest.raises(TypeError, match=r"pairs\[0\] must hold two str"):
+    with pytest.raises(TypeError, match=r"pairs\[0\] must hold two str \(or a str and a "
+                                        r"tuple or list of segments\)"):
         t.fit([("a", 3)], 1)
     with pytest.raises(ValueError, match="epochs must be >= 0"):
         t.fit(DEMO_PAIRS, -1)
@@ -500,6 +501,24 @@ def test_keep_best_validation(tmp_path):
     assert (tmp_path / "best.npz").read_bytes() == b"someone's file"
     with pytest.raises(ValueError, match=r"pairs\[0\]: a tuple target is a segmentation"):
         t.evaluate([("abc", ("ab",))])
+
+
+def test_segments_as_json_lists_are_the_tuples():
+    # a new user's find: pairs loaded with json.loads hold lists, which were
+    # refused ("got (str, list)")
+    pairs = [("thecat", ("the", "cat")), ("sat", ("sat",)), ("onit", ("on", "it"))]
+    as_json = [(text, list(segs)) for text, segs in pairs]
+    runs = []
+    for data in (pairs, as_json):
+        t = Trainer(Embedding(dim=8), Morpher(estimator="ste"), StructuralLoss.for_training(),
+                    Adam(lr=1e-2), batch_size=2, progress=False)
+        t.fit(data, 2)
+        history = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in t.history]
+        runs.append((history, t.evaluate(data), t._data_fingerprint))
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="must hold non-empty str joining to it"):
+        Trainer(Embedding(dim=8), Morpher(), StructuralLoss(), Adam()).evaluate(
+            [("thecat", ["the", "dog"])])
 
 
 def test_segmentation_pairs_change_the_fingerprint():
