@@ -720,7 +720,11 @@ class Trainer:
 
         Changes nothing: characters without a row of their own read the
         embedding's unknown row (the table does not grow), no parameter is
-        updated and no gradient is kept. Not a collective: with a
+        updated and no gradient is kept. So before the first ``fit`` (an
+        empty table) every character reads that one row and everything
+        merges; the untrained model ``fit`` compares against is
+        :attr:`baseline`, taken after the table has a row for every
+        training character. Not a collective: with a
         communicator this rank evaluates all of ``pairs`` alone (:meth:`fit`'s
         per-epoch validation is the one shared between the ranks).
 
