@@ -575,3 +575,36 @@ def test_step_gradient_is_continuous_under_rounding_of_the_parameters():
         worst = max(worst, max(np.linalg.norm(after[k] - before[k]) / np.linalg.norm(before[k])
                                for k in before if np.linalg.norm(before[k]) > 0))
     assert worst <= 1e-10, worst
+
+
+def test_a_save_from_another_thread_during_fit_loads(tmp_path, monkeypatch):
+    """A review helper's find: a monitor's save between two epochs of fit
+    wrote epoch N with N + 1 records (fit appended one while the save
+    wrote), a checkpoint its own loader refused."""
+    import threading
+    import time
+    import grapheme.train.trainer as trainer_module
+
+    write = trainer_module.save_checkpoint
+
+    def slow_disk(path, arrays, meta):
+        time.sleep(0.05)
+        return write(path, arrays, meta)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", slow_disk)
+    run_epoch, savers, path = Trainer._run_epoch, [], tmp_path / "monitor.npz"
+
+    def epoch_then_a_save(self, *args):
+        record = run_epoch(self, *args)
+        if self.epoch == 1:   # the monitor's save lands here, between epochs
+            savers.append(threading.Thread(target=self.save, args=(path,),
+                                           kwargs={"overwrite": True}))
+            savers[0].start()
+            time.sleep(0.01)
+        return record
+    monkeypatch.setattr(Trainer, "_run_epoch", epoch_then_a_save)
+    t = Trainer(Embedding(dim=4), Morpher(estimator="ste"), StructuralLoss(), Adam(lr=1e-2),
+                batch_size=6, progress=False)
+    t.fit([("abcabc", "abc"), ("aabb", "ab")], 3)
+    savers[0].join()
+    saved = Trainer.from_checkpoint(path, progress=False)
+    assert saved.epoch == len(saved.history) in (1, 2)

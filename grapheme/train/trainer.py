@@ -246,7 +246,7 @@ class Trainer:
 
     def __getstate__(self):   # copy.deepcopy, pickling by the user: no lock
         state = self.__dict__.copy()
-        del state["_lock"]
+        state.pop("_lock", None)
         return state
 
     def __setstate__(self, state):
@@ -974,13 +974,14 @@ class Trainer:
                 record = self._run_epoch(inputs, targets, progress)
                 if val is not None:
                     record.update(self._val_record(val))
-                self.epoch += 1
-                self.history.append(record)
                 improved = best_path is not None and _better(
                     keep_best, record[keep_best], self.best["value"])
-                if improved:
-                    self.best = {"metric": keep_best, "value": record[keep_best],
-                                 "epoch": self.epoch, "path": best_path}
+                with self._lock:   # a save from another thread sees all or none
+                    self.epoch += 1
+                    self.history.append(record)
+                    if improved:
+                        self.best = {"metric": keep_best, "value": record[keep_best],
+                                     "epoch": self.epoch, "path": best_path}
                 if self.comm is not None:   # cheap: a digest of the parameters
                     self.comm.check_same(f"the parameters after epoch {self.epoch}",
                                          list(self._params().values()))
@@ -1299,7 +1300,7 @@ class Trainer:
             arrays["optimizer." + key] = np.asarray(value)
         meta = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
                 "morpher": self.morpher.state_dict(),
-                "config": self.config(), "history": self.history,
+                "config": self.config(), "history": list(self.history),
                 "data": self._data_fingerprint, "best": self.best,
                 "baseline": self.baseline}
         if copy:

@@ -277,6 +277,24 @@ def _trainer_threads(rng, rounds, path):
         assert not errors, errors
         gr.Trainer.from_checkpoint(path, progress=False)
 
+        # saves while fit runs epochs: each one loads (a save between an
+        # epoch's count and its record wrote one that did not)
+        def fit():
+            try:
+                tr.fit(short * 2, tr.epoch + 30)
+            except BaseException as exc:
+                errors.append(exc)
+
+        runner = threading.Thread(target=fit)
+        runner.start()
+        try:
+            while runner.is_alive():
+                tr.save(path, overwrite=True)
+                gr.Trainer.from_checkpoint(path, progress=False)
+        finally:
+            runner.join()
+        assert not errors, errors
+
 
 SCENARIOS = {f.__name__: f for f in (mutate_after_use, embedding_attributes,
                                      embedding_threads, shared_readers, trainer_threads)}
