@@ -5,6 +5,7 @@ bad argument gets a ``TypeError`` or ``ValueError`` that names it instead of
 a crash or a silent truncation.
 """
 import numbers
+import operator
 import os
 
 import numpy as np
@@ -319,6 +320,38 @@ def check_pairs(pairs, name):
                          f"only (their target graphs are built differently); "
                          f"{name}[{seg}] is a segmentation, {name}[{text}] a text")
     return inputs, targets
+
+
+def as_decisions(value, name, shape):
+    """``value`` as a boolean array of ``shape``: bool, or numbers that are
+    all exactly 0 or 1 (``torch.bernoulli``'s samples); anything else is a
+    TypeError naming ``name``, never a cast (probabilities would merge
+    every edge above 0)."""
+    arr = _asarray(value, name, "a boolean array")
+    if arr.dtype != bool:
+        if arr.dtype.kind not in "iuf" or not ((arr == 0) | (arr == 1)).all():
+            raise TypeError(f"{name} must be a boolean array (or of 0 and 1), got dtype "
+                            f"{arr.dtype}" + (" with other values (not cast: 0.9 would "
+                                              "merge)" if arr.dtype.kind in "iuf" else ""))
+        arr = arr != 0
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    return arr
+
+
+def check_count(value, name):
+    """A count: a non-negative integer (an ``int``, a numpy or 0-d torch
+    integer, or an integral float), returned as int."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and (
+            float(value).is_integer()):
+        value = int(value)
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {show(value)}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 def check_graph(graph, name):

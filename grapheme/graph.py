@@ -2,9 +2,9 @@
 import numpy as np
 
 from . import _core
-from ._validation import (KEEP, as_float_array, as_index_array, check_allocation, check_graph,
-                          check_scalar, common_index_dtype, exact_str, frozen, set_frozen_state,
-                          show)
+from ._validation import (KEEP, as_decisions, as_float_array, as_index_array, check_allocation,
+                          check_graph, check_scalar, common_index_dtype, exact_str, frozen,
+                          set_frozen_state, show)
 
 __all__ = ["Graph", "merge_edges", "contract", "segmentation_target", "replicate",
            "chain_sources"]
@@ -523,20 +523,9 @@ def _check_offsets(offsets, n, indptr, indices):
 # ---------------------------------------------------------------------------
 
 def _check_decisions(graph, decisions, name):
-    """``decisions`` as a boolean array of one entry per edge of ``graph``,
-    else TypeError or ValueError naming ``name`` (never cast: probabilities
-    would merge every edge above 0)."""
-    try:
-        decisions = np.asarray(decisions)
-    except (TypeError, ValueError, OverflowError):   # ragged, say
-        raise TypeError(f"{name} must be a boolean array, got "
-                        f"{type(decisions).__name__}") from None
-    if decisions.dtype != bool:
-        raise TypeError(f"{name} must be a boolean array, got dtype {decisions.dtype}")
-    if decisions.shape != (graph.num_edges,):
-        raise ValueError(f"{name} must have shape ({graph.num_edges},), got "
-                         f"{decisions.shape}")
-    return decisions
+    """``decisions`` as a boolean array of one entry per edge of ``graph``
+    (:func:`~grapheme._validation.as_decisions`)."""
+    return as_decisions(decisions, name, (graph.num_edges,))
 
 
 def merge_edges(graph, merge):
@@ -550,6 +539,8 @@ def merge_edges(graph, merge):
     ----------
     graph : Graph
     merge : array_like of bool, shape (n_edges,)
+        Or numbers that are all 0 or 1 (sampled decisions); anything else
+        is refused, not cast.
 
     Returns
     -------

@@ -42,8 +42,8 @@ import numpy as np
 from . import _core, _products, _relax
 from ._threads import one_pool
 from ._workspace import check_workspace
-from ._validation import (KEEP, as_float_array, as_index_array, check_graph, check_out,
-                          check_scalar, frozen)
+from ._validation import (KEEP, as_decisions, as_float_array, as_index_array, check_count,
+                          check_graph, check_out, check_scalar, frozen)
 from .graph import Graph, _check_decisions, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -621,15 +621,12 @@ class BernoulliLogProb(Operation):
 
     def forward(self, logits, decisions, example, num_examples):
         logits = as_float_array(logits, "logits", ndim=1)
-        decisions = np.asarray(decisions)
-        if decisions.dtype != bool:   # not cast: 0.3 would be a merge
-            raise TypeError(f"decisions must be a bool array, got dtype {decisions.dtype}")
+        decisions = as_decisions(decisions, "decisions", logits.shape)
         example = as_index_array(example, "example")
-        num_examples = check_scalar(num_examples, "num_examples", lower=0, integer=True)
-        for name, arr in (("decisions", decisions), ("example", example)):
-            if arr.shape != logits.shape:
-                raise ValueError(f"{name} must have the logits' shape {logits.shape}, got "
-                                 f"{arr.shape}")
+        num_examples = check_count(num_examples, "num_examples")
+        if example.shape != logits.shape:
+            raise ValueError(f"example must have the logits' shape {logits.shape}, got "
+                             f"{example.shape}")
         if example.size and (example.min() < 0 or example.max() >= num_examples):
             raise ValueError(f"example must lie in [0, num_examples) = [0, {num_examples})")
         m = decisions.astype(np.float64)
@@ -675,7 +672,7 @@ class RatePenalty(Operation):
 
     def forward(self, probability, num_nodes, multiplier=0.0):
         probability = as_float_array(probability, "probability", ndim=1)
-        num_nodes = check_scalar(num_nodes, "num_nodes", lower=0, integer=True)
+        num_nodes = check_count(num_nodes, "num_nodes")
         multiplier = check_scalar(multiplier, "multiplier")
         if probability.shape[0] > 0 and num_nodes == 0:
             raise ValueError("num_nodes must be > 0 where there are probabilities")

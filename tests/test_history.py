@@ -316,8 +316,10 @@ def test_history_validation():
         h.compose(MergeHistory([0, 1, 2]))
     with pytest.raises(ValueError, match="text has 2 characters"):
         h.segments("ab")
-    with pytest.raises(TypeError, match="merge must be a boolean array"):
-        merge_edges(Graph.from_text("ab"), [1])
+    for bad in ([2], [0.5]):   # 0 and 1 are decisions, other numbers are not
+        with pytest.raises(TypeError, match="merge must be a boolean array"):
+            merge_edges(Graph.from_text("ab"), bad)
+    assert merge_edges(Graph.from_text("ab"), [1]).num_outputs == 1
     with pytest.raises(ValueError, match=r"merge must have shape \(1,\)"):
         merge_edges(Graph.from_text("ab"), [True, False])
 

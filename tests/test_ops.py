@@ -303,14 +303,15 @@ def test_hard_merge_vjp_checks_out_without_an_upstream_gradient():
     (lambda: ops.RatePenalty(0.5, 1.0).forward(np.ones(2) / 2, 0), ValueError,
      "num_nodes must be > 0 where there are probabilities"),
     (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([0.3, 0.0]), [0, 0], 1),
-     TypeError, "decisions must be a bool array"),
+     TypeError, r"decisions must be a boolean array \(or of 0 and 1\), got dtype float64 "
+                "with other values"),
     (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([True, False]),
                                             np.array([0.0, 0.7]), 2),
      TypeError, "example must be an integer array"),
     (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([True, False]), [0, 3], 1),
      ValueError, r"example must lie in \[0, num_examples\) = \[0, 1\)"),
     (lambda: ops.BernoulliLogProb().forward(np.zeros(2), np.array([True]), [0], 1),
-     ValueError, r"decisions must have the logits' shape \(2,\)"),
+     ValueError, r"decisions must have shape \(2,\)"),
 ])
 def test_scores_penalty_and_log_prob_check_their_arguments(call, error, match):
     with pytest.raises(error, match=match):
@@ -324,3 +325,14 @@ def test_checked_scores_penalty_and_log_prob_keep_their_numbers():
     assert (p.expected_rate, p.value) == (0.75, 0.0625)
     lp, _ = ops.BernoulliLogProb().forward([0.0, 0.0], np.array([True, False]), [0, 1], 2)
     np.testing.assert_allclose(lp.log_prob, [np.log(0.5)] * 2)
+    # samples as numbers (torch.bernoulli's) and counts as numpy or 0-d
+    # values, which the first checks refused (a review helper's find)
+    for decisions in ([1.0, 0.0], np.array([1, 0])):
+        same, _ = ops.BernoulliLogProb().forward([0.0, 0.0], decisions, [0, 1], 2.0)
+        np.testing.assert_array_equal(same.log_prob, lp.log_prob)
+    for n in (np.int64(4), np.array(4), 4.0):
+        assert ops.RatePenalty(0.5, 1.0).forward([0.5, 0.5], n)[0] == p
+    with pytest.raises(TypeError, match="num_nodes must be an integer, got 4.5"):
+        ops.RatePenalty(0.5, 1.0).forward([0.5, 0.5], 4.5)
+    with pytest.raises(TypeError, match="decisions must be a boolean array"):
+        ops.BernoulliLogProb().forward([0.0, 0.0], [[True], [False, True]], [0, 1], 2)

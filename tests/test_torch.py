@@ -51,7 +51,8 @@ def test_hard_merge_and_unpool_gradcheck():
     # found by a PyTorch-user helper: decisions were cast to bool, so
     # probabilities merged every edge above 0, and a tensor needing grad failed
     h = leaf(rng.normal(size=(8, 3)))
-    with pytest.raises(TypeError, match="decisions must be a boolean array, got dtype float"):
+    with pytest.raises(TypeError, match=r"decisions must be a boolean array \(or of 0 and 1\), "
+                                        r"got dtype float32 with other values"):
         gt.hard_merge(g, h, torch.full((g.num_edges,), 0.1))
     with pytest.raises(ValueError, match=rf"decisions must have shape \({g.num_edges},\)"):
         gt.hard_merge(g, h, np.ones(3, dtype=bool))
@@ -497,6 +498,20 @@ def test_bridge_reproduces_the_numpy_trainer(estimator):
     np.testing.assert_allclose(table.detach().numpy(), trainer.embedding.weight,
                                rtol=0, atol=1e-10)
     assert abs(float(merge.theta.detach()) - float(trainer.morpher.theta)) <= 1e-10
+
+
+def test_bridge_takes_sampled_decisions_and_tensor_counts():
+    # torch.bernoulli samples floats, offsets[-1] is a 0-d tensor
+    z = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    want = gt.bernoulli_log_prob(z, [True, False, True], [0, 0, 1], 2)
+    got = gt.bernoulli_log_prob(z, torch.tensor([1.0, 0.0, 1.0]), [0, 0, 1], torch.tensor(2))
+    torch.testing.assert_close(got, want)
+    p = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([0, 4])
+    torch.testing.assert_close(gt.rate_penalty(p, offsets[-1], 0.5, 1.0),
+                               gt.rate_penalty(p, 4, 0.5, 1.0))
+    with pytest.raises(TypeError, match="decisions must be a boolean array .or of 0 and 1."):
+        gt.bernoulli_log_prob(z, torch.tensor([0.9, 0.0, 1.0]), [0, 0, 1], 2)
 
 
 def test_modules_take_device_and_dtype_as_torch_modules_do():
