@@ -389,9 +389,15 @@ def set_frozen_state(obj, state):
     writeable arrays, which are frozen again, so what the object hands out
     stays read-only and a value checked once stays checked (a copy's
     arrays, written, reached the kernels unchecked: a segfault)."""
-    _, slots = state
-    for name, value in slots.items():
-        setattr(obj, name, frozen(value, copy=False) if isinstance(value, np.ndarray) else value)
+    attributes, slots = state if isinstance(state, tuple) else (state, None)
+    if attributes:   # a subclass's own
+        obj.__dict__.update(attributes)
+    for name, value in (slots or {}).items():
+        if isinstance(value, np.ndarray):
+            # an array on someone else's memory (pickle protocol 5's
+            # out-of-band buffers) is copied: its owner could still write it
+            value = frozen(value, copy=value.base is not None)
+        setattr(obj, name, value)
 
 
 def _physical_memory():
