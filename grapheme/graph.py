@@ -274,12 +274,8 @@ class Graph:
         >>> g.num_graphs, g.indices.tolist()
         (3, [1, 3, 4])
         """
-        offsets = as_index_array(offsets, "offsets").astype(np.int64, copy=False)
-        if offsets.shape[0] < 1 or offsets[0] != 0:
-            raise ValueError("offsets must start at 0")
+        offsets = _chain_offsets(offsets)
         lengths = np.diff(offsets)
-        if (lengths < 0).any():
-            raise ValueError("offsets must be non-decreasing")
         n = int(offsets[-1])
         # labels, indptr, indices and the per-node scratch: refused before
         # offsets such as [0, 2**40] ask for terabytes
@@ -521,6 +517,17 @@ def _check_offsets(offsets, n, indptr, indices):
 # ---------------------------------------------------------------------------
 # Structural operations
 # ---------------------------------------------------------------------------
+
+def _chain_offsets(offsets):
+    """``offsets`` of a batch of chains (:meth:`Graph.chains`) as int64,
+    checked: starting at 0, non-decreasing. O(B)."""
+    offsets = as_index_array(offsets, "offsets").astype(np.int64, copy=False)
+    if offsets.shape[0] < 1 or offsets[0] != 0:
+        raise ValueError("offsets must start at 0")
+    if (np.diff(offsets) < 0).any():
+        raise ValueError("offsets must be non-decreasing")
+    return offsets
+
 
 def _check_decisions(graph, decisions, name):
     """``decisions`` as a boolean array of one entry per edge of ``graph``

@@ -60,7 +60,7 @@ from torch import nn
 from . import ops
 from ._validation import as_float_array, check_graph, check_scalar, exact_str
 from .estimators import Reinforce
-from .graph import Graph
+from .graph import Graph, _chain_offsets
 from .loss import TRAINING, StructuralLoss as _Loss
 from .morph import Morpher
 
@@ -133,18 +133,12 @@ def _chains(x, offsets, labels=None, dim=None):
     """``Graph.chains(offsets, labels)`` of the packed rows ``x`` (n, d), or
     (n, ``dim``): ``x``'s rows are checked against ``offsets[-1]`` first, so
     a wrong offset (``[0, 2**31]``) allocates nothing."""
-    offsets = _host(offsets)
-
-    def check(n):
-        if x.ndim != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
-            what = "d" if dim is None else f"{dim}) (offsets[-1] rows of the encoder's dim"
-            raise ValueError(f"x must have shape ({n}, {what}), got {tuple(x.shape)}")
-
-    if offsets.ndim == 1 and offsets.size and offsets.dtype.kind in "iu":
-        check(int(offsets[-1]))
-    graph = Graph.chains(offsets, None if labels is None else _host(labels))
-    check(graph.num_nodes)
-    return graph
+    offsets = _chain_offsets(_host(offsets))   # named as offsets' first
+    n = int(offsets[-1])
+    if x.ndim != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
+        what = "d" if dim is None else f"{dim}) (offsets[-1] rows of the encoder's dim"
+        raise ValueError(f"x must have shape ({n}, {what}), got {tuple(x.shape)}")
+    return Graph.chains(offsets, None if labels is None else _host(labels))
 
 
 def _tensor(a, dtype):

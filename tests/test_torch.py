@@ -179,6 +179,13 @@ def test_offsets_beyond_x_are_refused_before_any_allocation():
         tracemalloc.stop()
     with pytest.raises(MemoryError, match=r"chains of 1099511627776 nodes \(offsets\[-1\]\)"):
         gr.Graph.chains([0, 2**40])
+    # bad offsets are named as such, not as a wrong x (a review helper's find)
+    for offsets, message in (([0, -1], "be non-decreasing"), ([0, 5, 3], "be non-decreasing"),
+                             ([1, 4], "start at 0")):
+        with pytest.raises(ValueError, match=f"offsets must {message}"):
+            gt.Merge()(torch.zeros((4, 8)), torch.tensor(offsets))
+        with pytest.raises(ValueError, match=f"offsets must {message}"):
+            gt.Encoder(8)(torch.zeros((4, 8)), torch.tensor(offsets))
 
 
 def test_inplace_change_after_forward_is_caught():
