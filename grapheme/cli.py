@@ -121,8 +121,9 @@ def build_parser():
                    help="UTF-8 text files for --task words, one document each (one or "
                         "two files are cut at blank lines, a paragraph per document)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a data set already in --out (a run trained on it would "
-                        "then be scored on other splits)")
+                   help="replace a data set already in --out, the replaced words data "
+                        "set's test.jsonl and documents.json included (a run trained on "
+                        "it would then be scored on other splits)")
     p.add_argument("--n-train", type=_positive_int, default=None,
                    help="generated pairs in train.jsonl (default 2000; at least 1, as "
                         "train refuses an empty file)")
@@ -270,13 +271,17 @@ DATASET_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
 
 def _cmd_generate(args, out):
     existing = _held_by_out(args.out, DATASET_FILES)
-    if existing and not args.overwrite:
+    writes = _written(args.task)
+    if any(name in writes for name in existing) and not args.overwrite:
         raise CommandError(f"--out {args.out!r} already holds a data set "
                            f"({', '.join(existing)}); pass --overwrite to replace it")
     code = _generate(args, out)
-    # the replaced set's files that the new one did not write (a words
-    # set's test.jsonl under generated pairs): left, eval would score them
-    stale = [name for name in existing if name not in _written(args.task)]
+    # a replaced words set's files that the new one did not write (its
+    # test.jsonl under generated pairs): left, eval would score them. Only
+    # a whole words set's (documents.json and train.jsonl): a test.jsonl
+    # of the user's own beside nothing else of ours is not ours to remove
+    words_set = "documents.json" in existing and "train.jsonl" in existing
+    stale = [name for name in existing if name not in writes] if words_set else []
     for name in stale:
         os.remove(os.path.join(args.out, name))
     if stale:

@@ -344,6 +344,16 @@ def test_generate_overwrite_leaves_nothing_of_the_replaced_set(words, tmp_path, 
     assert "removed the replaced data set's test.jsonl, documents.json" in out
     assert sorted(p.name for p in words.iterdir()) == ["train.jsonl", "val.jsonl"]
     assert len((words / "train.jsonl").read_text().splitlines()) == 8
+    # a test.jsonl of the user's own, with nothing else of a data set, is
+    # neither refused nor removed (a review helper's find)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "test.jsonl").write_text("my own\n")
+    for flags in ((), ("--overwrite",)):
+        code, out, err = run(capsys, "generate", "--out", mine, "--n-train", 8, "--n-val", 4,
+                             *flags)
+        assert code == 0, err
+        assert "removed" not in out and (mine / "test.jsonl").read_text() == "my own\n"
 
 
 def test_keep_best_errors(words, level1, tmp_path, capsys):
