@@ -594,7 +594,9 @@ class StructuralLoss:
         ------
         ValueError
             If the batch sizes differ (naming ``target``), the batch is empty
-            (``Graph.from_texts([])``), an array is malformed (naming it), or ``domain="scaling"`` and some pair
+            (``Graph.from_texts([])``), an array is malformed (naming it), a
+            graph's masses total more than 5e149 (naming the graph: products
+            of masses would overflow), or ``domain="scaling"`` and some pair
             fails the scaling condition (naming ``domain``); or (also
             TypeError) a setting changed on the loss since its construction
             is not valid (naming it).

@@ -375,7 +375,8 @@ class MergeScores(Operation):
     Parameters
     ----------
     temperature : float
-        ``T > 0``.
+        ``T >= 1e-300`` (:data:`MIN_TEMPERATURE`); ``similarity`` is 1-d,
+        ``theta`` a finite 0-d array.
 
     Examples
     --------
@@ -606,7 +607,9 @@ class BernoulliLogProb(Operation):
 
     ``log P_b = sum_{e in b} m_e log sigmoid(z_e) + (1 - m_e) log sigmoid(-z_e)``
     for logits ``z``; ``d log P / d z_e = m_e - sigmoid(z_e)``, finite however
-    saturated ``z`` is. What REINFORCE differentiates.
+    saturated ``z`` is. What REINFORCE differentiates. ``decisions`` (bool,
+    or numbers all 0 or 1) and ``example`` (integers in ``[0,
+    num_examples)``) have the logits' shape.
 
     Examples
     --------
@@ -654,7 +657,8 @@ class RatePenalty(Operation):
     ``E[k] = n - sum_e p_e`` (exact when the candidate edges form a forest,
     chains included: each merged edge of a forest removes one component).
     The value is the augmented Lagrangian ``multiplier * (rho - target) +
-    weight * (rho - target)^2``. 0 for an empty graph.
+    weight * (rho - target)^2``. 0 for an empty graph. ``target`` in [0, 1],
+    ``weight >= 0``, ``num_nodes`` a count (> 0 with any probability).
 
     Examples
     --------
