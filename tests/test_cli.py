@@ -306,6 +306,20 @@ def test_eval_scores_a_model_file_as_its_checkpoint(words, tmp_path, capsys):
     assert [t.splitlines()[3:] for t in tables[:1]] == [tables[1].splitlines()[3:]]
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "d d", "--epochs", "3", "--out", "o", "--resume", "old.npz"],
+    ["train", "--data", "d d", "--res", "old.npz", "--over", "--epochs", "3", "--out", "o"],
+    ["train", "--resume=old.npz", "--data", "d d", "--epochs", "3", "--overwrite", "--out", "o"],
+])
+def test_the_resume_command_replaces_resume_in_any_spelling(argv):
+    from grapheme.cli import _resume_command
+
+    args = [a for a in argv if not a.startswith(("--res", "--over")) and a != "old.npz"]
+    assert _resume_command(argv, "o/c k.npz") == (
+        "grapheme " + " ".join(repr(a) if " " in a else a for a in args)
+        + " --resume 'o/c k.npz'")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words"),
     (["--corpus", "x.txt"], "--corpus needs --task words"),
