@@ -522,7 +522,6 @@ class Morpher:
                 f"estimator={self.estimator!r}, rate={self.rate!r})")
 
 
-
 #: The settings of a Morpher (its constructor's arguments).
 _MORPH_SETTINGS = ("threshold", "temperature", "estimator", "rate")
 
