@@ -126,6 +126,18 @@ def test_parallel_rows_stay_within_one_and_never_beat_tau_one():
     assert not never.decide(g, H).any()
     assert not never.decide(g, H, queries=H, keys=H).any()
     assert never.predict(g, H).graph.num_nodes == g.num_nodes
+    # the gradient at a clipped cosine is the cosine's: about 0 at parallel
+    # rows (a maximum), which central differences confirm
+    from grapheme.testing import numerical_gradient
+    pair = gr.Graph.from_text("ab")
+    X2 = np.repeat(X[:1], 2, axis=0) * [[1.0], [3.0]]
+    op = gr.ops.EdgeSimilarity()
+    res, saved = op.forward(pair, X2)
+    assert res.similarity[0] == 1.0
+    analytic = op.vjp(saved, np.ones(1))[0]
+    numeric = numerical_gradient(
+        lambda h: float(op.forward(pair, h)[0].similarity.sum()), X2)
+    assert np.abs(analytic).max() <= 1e-15 and np.abs(numeric).max() <= 1e-7
 
 
 class Noted(gr.Graph):
