@@ -17,9 +17,10 @@ web-scale unigram and bigram counts; ``pip install wordsegment``, in the
 ``bench`` extra) on the same test inputs. It keeps only ASCII letters and
 digits, so every score here is over the test examples that are ASCII (the
 count is tracked). Its characters/s and ours (``Segmenter.segment``, all
-those inputs in batches of 16k characters) are measured on the same text.
+those inputs in batches of 16k characters, the best of three passes) are
+measured on the same text.
 
-This suite trains two models: it takes about 15 minutes.
+This suite trains two models: it takes about 8 minutes on 2 idle cores.
 """
 import os
 import tempfile
@@ -37,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     wordsegment = None
 
-#: Epochs of both models (about 10 s each for the encoder model on 2 cores,
+#: Epochs of both models (about 7 s each for the encoder model on 2 cores,
 #: validation included).
 EPOCHS = 40
 BATCH_CHARS = 1 << 14
@@ -89,9 +90,12 @@ class WordsSuite:
         out = {"examples": len(test), "chars": sum(map(len, inputs))}
         for name, layers in (("encoder", 2), ("context_free", 0)):
             model, seconds = _train(train, layers)
-            start = time.perf_counter()
-            predicted = _segment_all(model, inputs)
-            elapsed = time.perf_counter() - start
+            elapsed = []   # best of 3: one pass takes a fraction of a second
+            for _ in range(3):
+                start = time.perf_counter()
+                predicted = _segment_all(model, inputs)
+                elapsed.append(time.perf_counter() - start)
+            elapsed = min(elapsed)
             out[name] = {"train_seconds": seconds, "chars_per_s": out["chars"] / elapsed,
                          **_scores(inputs, segments, [[len(w) for w in p] for p in predicted])}
         if wordsegment is not None:
