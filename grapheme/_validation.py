@@ -62,12 +62,17 @@ def as_index_array(value, name, ndim=1):
     """Return ``value`` as a C-contiguous int32 or int64 array.
 
     Integer arrays of other widths are converted without loss (a value that
-    does not fit int64 is rejected); anything non-integer is a ``TypeError``.
+    does not fit int64 is rejected); anything non-integer is a ``TypeError``,
+    booleans included: numpy reads a boolean index as a mask, and taken as
+    the integers 0 and 1 it would select other rows than numpy's.
     """
     arr = _asarray(value, name, "an integer array")
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
         if arr.size == 0 and arr.dtype == np.float64:
             arr = arr.astype(np.int64)  # np.asarray([]) is float64
+        elif arr.dtype == bool:
+            raise TypeError(f"{name} must be an integer array, got dtype bool (a mask: "
+                            f"np.flatnonzero({name}) gives its indices)")
         else:
             raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.ndim != ndim:

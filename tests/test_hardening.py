@@ -1122,3 +1122,18 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["ck.npz"]
+
+
+# ------------------------------------- found by an attack helper, stop 34
+def test_boolean_index_arrays_are_refused_not_read_as_0_and_1():
+    # numpy reads a boolean index as a mask; as_index_array read it as the
+    # rows 0 and 1, so torch's lookup_message_passing took other rows in
+    # its weighted path than in its forward (a wrong edge-weight gradient)
+    table = np.arange(6.0).reshape(2, 3)
+    with pytest.raises(TypeError, match=r"rows must be an integer array, got dtype bool "
+                                         r"\(a mask: np.flatnonzero\(rows\)"):
+        gr.ops.Lookup().forward(table, np.array([True, False]))
+    with pytest.raises(TypeError, match="offsets must be an integer array, got dtype bool"):
+        gr.Graph.chains(np.array([False, True]))
+    np.testing.assert_array_equal(gr.ops.Lookup().forward(table, [1, 0])[0].features,
+                                  table[[1, 0]])
