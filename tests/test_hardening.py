@@ -1137,3 +1137,30 @@ def test_boolean_index_arrays_are_refused_not_read_as_0_and_1():
         gr.Graph.chains(np.array([False, True]))
     np.testing.assert_array_equal(gr.ops.Lookup().forward(table, [1, 0])[0].features,
                                   table[[1, 0]])
+
+
+def test_train_step_checks_its_batch_as_fit_checks_pairs():
+    t = gr.Trainer(gr.Embedding(dim=4, seed=0), gr.Morpher(estimator="ste"),
+                   gr.StructuralLoss(), gr.Adam(lr=1e-2), progress=False)
+    before = t.embedding.weight.copy()
+    # each was taken (a segmentation that does not join to its input moved
+    # every later text's boundaries in the batch) or failed inside the step
+    for targets in ([("a", "c")], [("abcdef",)], [("a", "b", "c")], [("a", 5)], [("a", "")]):
+        with pytest.raises(ValueError, match=r"\(inputs, targets\)\[0\]: a tuple target is "
+                                             r"a segmentation of the input"):
+            t.train_step(["ab"], targets)
+    with pytest.raises(ValueError, match="inputs and targets must have the same length, "
+                                         "got 2 and 1"):
+        t.train_step(["ab", "cd"], ["a"])
+    with pytest.raises(ValueError, match="at least one pair"):
+        t.train_step([], [])
+    with pytest.raises(TypeError, match="targets must be a list, got str"):
+        t.train_step(["ab"], "a")
+    assert t.embedding.weight.shape[0] == 0 or np.array_equal(t.embedding.weight, before)
+    # a list segmentation is a tuple one, as in fit and evaluate
+    a = t.train_step(["ab"], [["a", "b"]])
+    t2 = gr.Trainer(gr.Embedding(dim=4, seed=0), gr.Morpher(estimator="ste"),
+                    gr.StructuralLoss(), gr.Adam(lr=1e-2), progress=False)
+    b = t2.train_step(["ab"], [("a", "b")])
+    assert {k: v for k, v in a.items() if k != "estimator_variance"} == {
+        k: v for k, v in b.items() if k != "estimator_variance"}

@@ -467,7 +467,20 @@ class Trainer:
             and ``estimator_variance`` (``Reinforce``: the sample variance
             over the examples of their estimates of ``d loss / d theta``,
             else NaN). With a communicator, all of the global batch.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :meth:`fit` for its pairs: the lengths differ, the batch is
+            empty, a segmentation target does not join to its input, or the
+            targets mix segmentations and texts (naming the pair).
         """
+        inputs, targets = _checked_batch(inputs, targets)
+        return self._train_step(inputs, targets)
+
+    def _train_step(self, inputs, targets):
+        """:meth:`train_step` of a checked batch (:meth:`fit` checks its
+        pairs once)."""
         self._check_settings()
         with single_pool(self.encoder is not None):
             if self.comm is not None:
@@ -1124,7 +1137,7 @@ class Trainer:
             idx = order[lo:lo + self.batch_size].tolist()
             batch = [inputs[i] for i in idx], [targets[i] for i in idx]
             if self.comm is None:
-                stats = self.train_step(*batch)
+                stats = self._train_step(*batch)
             else:   # train_step's, but fit has grown the table for every character
                 with self._lock, single_pool(self.encoder is not None):
                     stats = self._shard_step(*batch, grown=True)
@@ -1545,3 +1558,18 @@ def _is_segmentation_batch(targets):
     if len(kinds) > 1:
         raise ValueError("a batch must hold segmentation targets only or text targets only")
     return kinds == {True}
+
+
+def _checked_batch(inputs, targets):
+    """``train_step``'s batch as two lists, checked as :meth:`Trainer.fit`
+    checks its pairs (a list segmentation becomes a tuple); a problem names
+    the pair, ``(inputs, targets)[i]``."""
+    for value, name in ((inputs, "inputs"), (targets, "targets")):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs and targets must have the same length, got {len(inputs)} "
+                         f"and {len(targets)}")
+    if len(inputs) == 0:
+        raise ValueError("a training step needs a batch of at least one pair")
+    return check_pairs(list(zip(inputs, targets)), "(inputs, targets)")
