@@ -272,7 +272,7 @@ class _MeanBaseline:
 
 class _ReinforceSaved(NamedTuple):
     merge: tuple            # HardMerge's saved state
-    log_prob: tuple         # BernoulliLogProb's: (m - p, example of every edge)
+    log_prob: tuple         # BernoulliLogProb's: (m - p, example of every edge, B)
     samples: int
     shape: tuple            # of the input features (n, d)
     num_edges: int          # of the input graph
@@ -424,7 +424,7 @@ class Reinforce(Estimator):
         """``advantage_b * sum_{e in b} (m_e - p_e)``: each example's own
         score-function estimate of the gradient of its loss with respect to
         a shift of all its logits."""
-        coef, example = saved.log_prob
+        coef, example, _ = saved.log_prob
         return advantage * np.bincount(example, weights=coef, minlength=advantage.shape[0])
 
     def _shard_draws(self, rng, shard, num_edges):

@@ -366,6 +366,14 @@ class ScoresResult(NamedTuple):
 MIN_TEMPERATURE = 1e-300
 
 
+def merge_threshold(theta):
+    """The merge threshold ``tau = sigmoid(theta)`` of a finite scalar (0-d)
+    ``theta``, as a float; else a ValueError or TypeError naming ``theta``."""
+    if np.shape(theta) != ():   # float() would say "only 0-dimensional arrays ..."
+        raise ValueError(f"theta must be a scalar (0-d), got shape {np.shape(theta)}")
+    return float(sigmoid(check_scalar(np.asarray(theta)[()], "theta")))
+
+
 class MergeScores(Operation):
     """Merge logits and probabilities from similarities and the threshold.
 
@@ -395,15 +403,16 @@ class MergeScores(Operation):
 
     def forward(self, similarity, theta):
         similarity = as_float_array(similarity, "similarity", ndim=1)
-        if np.shape(theta) != ():   # float() would say "only 0-dimensional arrays ..."
-            raise ValueError(f"theta must be a scalar (0-d), got shape {np.shape(theta)}")
-        tau = float(sigmoid(check_scalar(np.asarray(theta)[()], "theta")))
+        tau = merge_threshold(theta)
         logits = (similarity - tau) / self.temperature
         p = sigmoid(logits)
         return ScoresResult(logits, p, tau), (p, tau)
 
     def vjp(self, saved, grad_logits, grad_probability):
         p, tau = saved
+        grad_logits = optional_grad(grad_logits, "grad_logits", p.shape, finite=False)
+        grad_probability = optional_grad(grad_probability, "grad_probability", p.shape,
+                                         finite=False)
         g = np.zeros_like(p)
         if grad_logits is not None:
             g += grad_logits
@@ -478,7 +487,8 @@ class HardMerge(Operation):
             if out is not None:
                 check_out(out, "out", shape, dtype=dtype)
             return (np.zeros(shape, dtype=dtype) if out is None else _zero(out),)
-        g = as_float_array(grad_features, "grad_features", finite=False, dtype=dtype)
+        g = as_float_array(grad_features, "grad_features", finite=False, dtype=dtype,
+                           shape=(history.num_outputs, shape[1]))
         return (history.scatter(g, out=out),)
 
 
@@ -636,13 +646,15 @@ class BernoulliLogProb(Operation):
         # log sigmoid(z) = -softplus(-z); m log s(z) + (1-m) log s(-z) = m z - softplus(z)
         per_edge = m * logits - np.logaddexp(0.0, logits)
         log_prob = np.bincount(example, weights=per_edge, minlength=num_examples)
-        return LogProbResult(log_prob), (m - sigmoid(logits), example)
+        return LogProbResult(log_prob), (m - sigmoid(logits), example, num_examples)
 
     def vjp(self, saved, grad_log_prob):
-        coef, example = saved
+        coef, example, num_examples = saved
         if grad_log_prob is None:
             return (np.zeros_like(coef),)
-        return (coef * np.asarray(grad_log_prob, np.float64)[example],)
+        grad_log_prob = optional_grad(grad_log_prob, "grad_log_prob", (num_examples,),
+                                      finite=False)
+        return (coef * grad_log_prob[example],)
 
 
 # ---------------------------------------------------------------------------
@@ -690,6 +702,11 @@ class RatePenalty(Operation):
 
     def vjp(self, saved, grad_value):
         n, gap, shape, multiplier = saved
+        if grad_value is not None:   # a real number, or a 0-d array: the value's
+            if np.shape(grad_value) != ():
+                raise ValueError(f"grad_value must be a scalar (0-d), got shape "
+                                 f"{np.shape(grad_value)}")
+            grad_value = float(as_float_array(grad_value, "grad_value", finite=False))
         if grad_value is None or n == 0:
             return (np.zeros(shape),)
         return (np.full(shape, -float(grad_value) * (multiplier + 2.0 * self.weight * gap) / n),)

@@ -1164,3 +1164,30 @@ def test_train_step_checks_its_batch_as_fit_checks_pairs():
     b = t2.train_step(["ab"], [("a", "b")])
     assert {k: v for k, v in a.items() if k != "estimator_variance"} == {
         k: v for k, v in b.items() if k != "estimator_variance"}
+
+
+def test_vjps_check_their_upstream_gradients():
+    ops = gr.ops
+    _, saved = ops.HardMerge().forward(gr.Graph.from_text("aabc"), np.ones((4, 3)),
+                                       [True, False, False])
+    for g in (np.ones((3, 5)), np.ones(3), np.ones((1, 3))):   # (3, 5) gave a (4, 5) gradient
+        with pytest.raises(ValueError, match=r"grad_features must have shape \(3, 3\)"):
+            ops.HardMerge().vjp(saved, g)
+    _, saved = ops.MergeScores(0.1).forward(np.array([0.1, 0.5, 0.9]), np.array(0.0))
+    for g in (np.array([1.0]), 1.0):   # broadcast to every edge
+        with pytest.raises(ValueError, match=r"grad_logits must have shape \(3,\)"):
+            ops.MergeScores(0.1).vjp(saved, g, None)
+    with pytest.raises(ValueError, match=r"grad_probability must have shape \(3,\)"):
+        ops.MergeScores(0.1).vjp(saved, None, np.ones(4))
+    _, saved = ops.BernoulliLogProb().forward(np.array([0.1, 0.5, 0.9]), [True, False, True],
+                                              [0, 1, 1], 3)
+    for g in (np.ones(5), np.ones(1), 1.0, np.ones((3, 2))):   # 5 was taken
+        with pytest.raises(ValueError, match=r"grad_log_prob must have shape \(3,\)"):
+            ops.BernoulliLogProb().vjp(saved, g)
+    _, saved = ops.RatePenalty(0.5, 1.0).forward(np.array([0.1, 0.5, 0.9]), 4)
+    with pytest.raises(TypeError, match="grad_value must be a real-valued array"):
+        ops.RatePenalty(0.5, 1.0).vjp(saved, "1")   # was float("1")
+    with pytest.raises(ValueError, match=r"grad_value must be a scalar \(0-d\)"):
+        ops.RatePenalty(0.5, 1.0).vjp(saved, np.ones(2))
+    np.testing.assert_array_equal(ops.RatePenalty(0.5, 1.0).vjp(saved, np.array(2.0))[0],
+                                  2 * ops.RatePenalty(0.5, 1.0).vjp(saved, 1.0)[0])
