@@ -20,7 +20,8 @@ from ._validation import (KEEP, as_float_array, check_graph, check_out, check_sc
                           settings_checked, settings_unchanged)
 from ._workspace import check_workspace
 from .estimators import Hard, _checked_forward, make_estimator
-from .ops import MIN_TEMPERATURE, EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid
+from .ops import (MIN_TEMPERATURE, EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid,
+                  merge_threshold)
 from .rate import RateController
 
 __all__ = ["Morpher", "Morphed", "MorphGrad"]
@@ -296,7 +297,9 @@ class Morpher:
             sim = EdgeSimilarity()._forward(graph, features)[0].similarity
         else:
             sim = RoutedSimilarity()._forward(graph, *route)[0].similarity
-        return sim > self.tau   # the float MergeScores compares with
+        # the float MergeScores compares with, of a theta checked as there (a
+        # NaN one, assigned, merged nothing where forward refuses it)
+        return sim > merge_threshold(self.theta)
 
     def _morph(self, graph, features, estimator, rate, route=None, shard=None,
                workspace=None):

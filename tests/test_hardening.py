@@ -1191,3 +1191,11 @@ def test_vjps_check_their_upstream_gradients():
         ops.RatePenalty(0.5, 1.0).vjp(saved, np.ones(2))
     np.testing.assert_array_equal(ops.RatePenalty(0.5, 1.0).vjp(saved, np.array(2.0))[0],
                                   2 * ops.RatePenalty(0.5, 1.0).vjp(saved, 1.0)[0])
+
+
+def test_a_segmenter_refuses_a_non_finite_theta_as_forward_does():
+    model = gr.Segmenter(gr.Embedding(dim=4, seed=0), gr.Morpher())
+    for value in (np.nan, np.inf):
+        model.morpher.theta[...] = value   # merged nothing (s > NaN is False)
+        with pytest.raises(ValueError, match="theta must be finite"):
+            model.segment("abc")
