@@ -42,8 +42,8 @@ import numpy as np
 from . import _core, _products, _relax
 from ._threads import one_pool
 from ._workspace import check_workspace
-from ._validation import (KEEP, as_decisions, as_float_array, as_index_array, check_count,
-                          check_graph, check_out, check_scalar, frozen)
+from ._validation import (KEEP, as_decisions, as_float_array, as_index_array, check_allocation,
+                          check_count, check_graph, check_out, check_scalar, frozen)
 from .graph import Graph, _check_decisions, chain_sources, contract_edges, merge_edges
 from .history import MergeHistory
 
@@ -592,9 +592,19 @@ def _relaxed_edges(graph, m):
     has_next = np.zeros(n, np.uint8)
     has_next[chain_sources(graph)] = 1
     _relax.relaxed_edge_counts(m, has_next, counts)
+    total = int(counts.sum())
+    # merge probabilities near 1 keep an edge between every two nodes of a
+    # run: up to n (n - 1) / 2 of them, so more than the chain's int32
+    # indices count (int64 then) or the machine holds (refused)
+    if total > np.iinfo(dtype).max:
+        dtype = np.dtype(np.int64)
+    check_allocation(total * (dtype.itemsize + 8) * 4,
+                     f"the relaxed graph of {n} nodes ({total} expected edges: merge "
+                     f"probabilities near 1 over long runs; a higher temperature or shorter "
+                     f"sequences keep fewer)")
     indptr = np.zeros(n + 1, dtype)
     np.cumsum(counts, out=indptr[1:])
-    indices = np.empty(int(indptr[-1]), dtype)
+    indices = np.empty(total, dtype)
     weights = np.empty(int(indptr[-1]))
     _relax.relaxed_edges(m, has_next, indptr, indices, weights)
     return indptr, indices, weights

@@ -1199,3 +1199,36 @@ def test_a_segmenter_refuses_a_non_finite_theta_as_forward_does():
         model.morpher.theta[...] = value   # merged nothing (s > NaN is False)
         with pytest.raises(ValueError, match="theta must be finite"):
             model.segment("abc")
+
+
+def test_the_relaxed_graph_of_near_certain_merges_is_refused_before_allocating(monkeypatch):
+    # up to n (n - 1) / 2 expected edges: 200 000 nodes asked for 444 GiB
+    # (the process was killed, or their count overflowed the chain's int32
+    # offsets: "negative dimensions"). Here a machine of 64 MiB, so that
+    # 3,000 nodes (4.5 M edges) are too many
+    from grapheme import _validation
+
+    monkeypatch.setattr(_validation, "_physical_memory", lambda: 2**26)
+    n = 3000
+    g = gr.Graph.from_text("a" * n)
+    with pytest.raises(MemoryError, match=rf"the relaxed graph of {n} nodes \(\d+ expected "
+                                          rf"edges: merge probabilities near 1"):
+        gr.ops.ChainRelaxation().forward(g, np.ones((n, 1)), np.full(n - 1, 0.99999))
+
+
+def test_a_relaxed_graph_with_int64_indices_meets_an_int32_target():
+    # what a relaxed graph beyond int32's edges is made of: the loss and
+    # its gradient take the two index widths together
+    g = gr.Graph.from_text("abcabc")
+    g64 = gr.Graph(g.indptr.astype(np.int64), g.indices.astype(np.int64), g.labels)
+    H = np.random.default_rng(0).normal(size=(6, 4))
+    results = []
+    for graph in (g, g64):
+        r = gr.ops.ChainRelaxation().forward(graph, H, np.full(5, 0.5))[0]
+        assert r.graph.indptr.dtype == graph.indptr.dtype
+        loss = gr.StructuralLoss()
+        res = loss.forward(r.graph.replace(activation=r.features.mean(axis=1)),
+                           gr.Graph.from_text("abc"))
+        results.append((res.value, loss.backward(res).mass))
+    assert results[0][0] == results[1][0]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
