@@ -962,13 +962,15 @@ def _line_batches(stream, chars, name="standard input"):
         yield from batches
     block = pending[0][:0].join(pending) if pending else ""
     if block:
-        yield from _decoded_lines(block, line, name)
+        yield from _decoded_lines(block, line, name, ended=False)
 
 
-def _decoded_lines(block, line, name):
+def _decoded_lines(block, line, name, ended=True):
     """Yield the lines of ``block`` (str, or UTF-8 bytes whose first line is
     number ``line``) as one list; bytes that are not UTF-8: the lines before
-    theirs, then a :class:`CommandError` naming the line."""
+    theirs, then a :class:`CommandError` naming the line. ``ended``: a
+    ``\n`` followed the block (cut there), so a ``\r`` it ends with was a
+    ``\r\n``'s; at the end of the stream it is a lone ``\r``, kept."""
     if isinstance(block, str):
         yield block.split("\n")
         return
@@ -984,7 +986,7 @@ def _decoded_lines(block, line, name):
                            f"UTF-8 text") from None
     del block
     if "\r" in text:   # \r\n ends a line; a lone \r is a character of one
-        if text.endswith("\r"):   # the \r of a \r\n whose \n ended the block
+        if ended and text.endswith("\r"):   # the \r of a \r\n whose \n ended the block
             text = text[:-1]
         text = text.replace("\r\n", "\n")
     lines, text = text.split("\n"), None

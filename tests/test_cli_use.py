@@ -368,6 +368,12 @@ def test_line_batches_of_bytes_are_linear_and_end_at_newlines():
     text = "x" * 1000 + "\r\nab\rcé\n\n" + "y" * 10
     got = [line for batch in _line_batches(Reads(text.encode()), 4) for line in batch]
     assert got == ["x" * 1000, "ab\rcé", "", "y" * 10]
+    # a lone \r that ends the stream is a character of the last line (it
+    # was dropped as if a \n followed: found by an attack helper)
+    cases = {"ab\r": ["ab\r"], "ab\r\ncd\r": ["ab", "cd\r"], "ab\r\n": ["ab"]}
+    for text, lines in cases.items():
+        got = [line for batch in _line_batches(Reads(text.encode()), 4) for line in batch]
+        assert got == lines
 
 
 def test_arguments_that_are_not_utf8(trained, capsys):
