@@ -95,17 +95,19 @@ def _array(t, name):
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor (grapheme's kernels run on the "
                          f"CPU), got device {t.device}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
     return t.detach().contiguous().numpy()
 
 
 def _check_tensor(t, name):
+    """``t`` is a dense float32 or float64 tensor, else a TypeError naming
+    ``name`` (checked where the user's argument still has its own name)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:   # else "unsupported memory format option"
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout} "
                         f"(.to_dense() makes one)")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
 
 
 def _check_merged(merged):
@@ -679,6 +681,9 @@ class Merge(nn.Module):
         graph = _chains(x, offsets, labels)
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
+        if self.theta.numel() != 1:   # an assigned one; .item() would say less
+            raise ValueError(f"Merge.theta must hold one number, got shape "
+                             f"{tuple(self.theta.shape)}")
         theta = self.theta.item()
         if not math.isfinite(theta):   # each estimator failed its own way
             raise ValueError(f"Merge.theta is not finite ({theta}): a diverged step or a "

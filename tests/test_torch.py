@@ -797,6 +797,15 @@ def test_errors_name_the_argument_given():
         out.reinforce_loss(torch.ones(3))
     with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
         gr.Segmenter.load(None)
+    # stop 34's attack helper: "features must be float32", and torch's
+    # "a Tensor with 2 elements cannot be converted to Scalar"
+    for module in (gt.Merge(), gt.Encoder(3, 1)):
+        with pytest.raises(TypeError, match="x must be float32 or float64, got torch.int64"):
+            module(torch.ones(4, 3, dtype=torch.int64), [0, 4])
+    merge = gt.Merge()
+    merge.theta = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"Merge.theta must hold one number, got shape \(2,\)"):
+        merge(torch.ones(4, 3), [0, 4])
 
 
 def test_encoder_and_join_name_their_arguments():
