@@ -56,6 +56,7 @@ Word segmentation (:func:`generate_words`, ``grapheme generate --task words``)
 """
 import ast
 import functools
+import hashlib
 import json
 import numbers
 import os
@@ -545,8 +546,10 @@ def read_documents(paths):
     Raises
     ------
     ValueError
-        If ``paths`` is empty, or a file is not valid UTF-8 (naming the file
-        and byte).
+        If ``paths`` is empty, a file is not valid UTF-8 (naming the file
+        and byte), or two files hold the same text (the same file named
+        twice, or a copy: one document in two splits would score the model
+        on text it trained on).
     FileNotFoundError
         If a file does not exist.
     """
@@ -555,10 +558,16 @@ def read_documents(paths):
     paths = [check_path(p, "corpus") for p in paths]
     if not paths:
         raise ValueError("corpus must name at least one file")
-    docs = []
+    docs, seen = [], {}
     for path in paths:
         with open(path, "rb") as f:
             raw = f.read()
+        digest = hashlib.sha256(raw).digest()
+        if digest in seen:
+            raise ValueError(f"corpus files {seen[digest]!r} and {path!r} hold the same "
+                             f"text: as two documents it could be in two splits (the test "
+                             f"split would score text the model trained on); name it once")
+        seen[digest] = path
         try:
             docs.append((path, raw.decode("utf-8-sig")))
         except UnicodeDecodeError as exc:

@@ -261,6 +261,15 @@ def test_generate_words_errors(tmp_path):
         generate_words(tmp_path / "d", corpus=paths, min_words=5, max_words=2)
     with pytest.raises(ValueError, match="corpus must name at least one file"):
         generate_words(tmp_path / "d", corpus=[])
+    # a file named twice, or a copy of one, was two documents, and could
+    # train in one split and be scored in another (a new user's find)
+    paths = _corpus(tmp_path, n=3)
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(paths[0].read_bytes())
+    for again in (paths[0], copy):
+        with pytest.raises(ValueError, match=rf"corpus files '.*doc0.txt' and "
+                                             rf"'.*{again.name}' hold the same text"):
+            generate_words(tmp_path / "d", corpus=paths + [again])
     assert not (tmp_path / "d").exists()
 
 
