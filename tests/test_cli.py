@@ -321,7 +321,11 @@ def test_the_resume_command_replaces_resume_in_any_spelling(argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words"),
+    (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words: "
+                                            "the corpus decides the number of examples"),
+    # "the corpus decides the number of examples" said of --tasks too (a new user's find)
+    (["--task", "words", "--tasks", "fold"], "--tasks cannot be combined with --task words: "
+                                             "--tasks names generated tasks"),
     (["--corpus", "x.txt"], "--corpus needs --task words"),
     (["--task", "words", "--corpus", "missing.txt"], "--corpus 'missing.txt' is not a file"),
     # an empty train.jsonl, which train would refuse (an attack helper's find)
