@@ -191,7 +191,8 @@ def build_parser():
     p.add_argument("--keep-best", default=None, metavar="METRIC",
                    help="keep OUT/best.npz, the checkpoint with the best value of this "
                         "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
-                        "the untrained model's included; needs validation pairs")
+                        "the untrained model's included; needs validation pairs. A run "
+                        "resumed with --resume keeps on the metric its checkpoint kept")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out, its best.npz included, once "
                         "the new run's first epoch is done (without it, an existing run "
@@ -579,6 +580,15 @@ def _train_locked(args, out, spawn, comm, held):
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
     start = trainer.epoch
+    if args.keep_best is None and trainer.best is not None and val:
+        # a run that kept its best goes on keeping it: else its best.npz
+        # would stay at the epoch it stopped at, unsaid (a new user's find)
+        args.keep_best = trainer.best["metric"]
+        if rank0 and spawn is None:
+            print(f"--keep-best {args.keep_best}: kept on from the checkpoint", file=out)
+    elif args.keep_best is None and trainer.best is not None and rank0 and spawn is None:
+        print(f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}: without "
+              f"validation pairs the best model is not kept on", file=out)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from

@@ -561,6 +561,8 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, caps
 def test_overwrite_with_another_runs_checkpoint_replaces_the_best(level1, tmp_path, capsys):
     """Review: --overwrite --resume OTHER/checkpoint.npz kept the replaced
     run's best.npz, which segment then used quietly."""
+    from grapheme.train import Trainer
+
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", a,
                "--keep-best", "val_loss", "--no-progress")[0] == 0
@@ -572,15 +574,43 @@ def test_overwrite_with_another_runs_checkpoint_replaces_the_best(level1, tmp_pa
     # resuming its own run keeps its best
     assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", b, "--keep-best",
                "val_loss", "--overwrite", "--no-progress")[0] == 0
-    best = (b / "best.npz").read_bytes()
-    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", b, "--resume",
-               b / "checkpoint.npz", "--overwrite", "--no-progress")[0] == 0
-    assert (b / "best.npz").read_bytes() == best
+    # (and, since stop 34, keeps it on: see test_a_resumed_run_keeps_its_best_on)
+    code, text, _ = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", b,
+                        "--resume", b / "checkpoint.npz", "--overwrite", "--no-progress")
+    assert code == 0 and "--keep-best val_loss: kept on from the checkpoint" in text
     # review (left last session): resuming its best.npz into its own --out,
     # --overwrite removed that file after the first epoch
     assert run(capsys, "train", "--data", level1, "--epochs", 3, "--out", b, "--resume",
                b / "best.npz", "--overwrite", "--no-progress")[0] == 0
-    assert (b / "best.npz").read_bytes() == best
+    assert Trainer.from_checkpoint(b / "best.npz", progress=False).best["metric"] == "val_loss"
+
+
+def test_a_resumed_run_keeps_its_best_on(level1, tmp_path, capsys):
+    """A new user's find: resumed without --keep-best, a run's best.npz
+    stayed at the epoch the first command stopped at, unsaid, though the
+    run went on to better epochs."""
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out, "--keep-best",
+               "val_loss", "--no-progress")[0] == 0
+    code, text, _ = run(capsys, "train", "--data", level1, "--epochs", 4, "--out", out,
+                        "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 0 and "--keep-best val_loss: kept on from the checkpoint" in text
+    assert f"best: {out / 'best.npz'}" in text
+    log = read_log(out / "metrics.jsonl")
+    best = Trainer.from_checkpoint(out / "best.npz", progress=False)
+    losses = [r["val_loss"] for r in log]
+    if min(losses) < best.baseline["val_loss"]:   # else the untrained model stays best
+        assert best.epoch == 1 + losses.index(min(losses)) and best.epoch > 0
+    # without validation pairs it cannot be kept on: said, not silent
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "train.jsonl").write_bytes((level1 / "train.jsonl").read_bytes())
+    code, text, _ = run(capsys, "train", "--data", alone, "--epochs", 5, "--out", out,
+                        "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 0 and (f"note: {out / 'best.npz'} stays at epoch {best.epoch}: without "
+                          f"validation pairs the best model is not kept on") in text
 
 
 def test_keep_best_continued_into_another_out_writes_its_best(level1, tmp_path, capsys):
