@@ -328,7 +328,10 @@ class StructuralLoss:
         Weights of the node, edge and clique terms (finite, >= 0).
     epsilon : float, default 0.1
         Entropic regularisation (> 0). The log-domain updates are stable down
-        to at least 1e-3.
+        to at least 1e-3. Below 0.1 with balancing on, the mass gradient is
+        ill-conditioned where the two graphs' total masses are equal: pass
+        ``balance=False`` there ("Where balancing is ill-conditioned" in
+        docs/design.md).
     iterations : int, default 1000
         Number of Sinkhorn iterations (>= 1); the maximum when ``tol`` is set.
         A cap costs nothing until it is reached: time and memory follow the
