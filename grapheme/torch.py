@@ -696,16 +696,27 @@ class Merge(nn.Module):
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
         return Merged(f, mass, w, lp, aux, out.morphed)
 
-    def step(self, merged, losses=None):
+    def step(self, merged, losses=None, *, kept_fraction=None):
         """Advance the estimator and rate controller after an optimiser step.
 
         ``merged``: this step's :class:`Merged`. ``losses`` (B,), optional:
         the per-sequence losses (detached), as given to
         :meth:`Merged.reinforce_loss`; ``Reinforce`` folds them into its
         running-mean baseline, which without them stays where it is (0 at
-        the start: no baseline). The other estimators ignore them."""
+        the start: no baseline). The other estimators ignore them.
+
+        ``kept_fraction``: the kept fraction the rate controller takes
+        instead of ``merged``'s own. Under ``DistributedDataParallel`` pass
+        the global batch's, the same on every rank, or each rank's
+        controller follows its own shard and their penalties drift apart
+        (README, "From PyTorch")."""
         _check_merged(merged)
-        self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"))
+        if kept_fraction is not None:
+            if isinstance(kept_fraction, torch.Tensor) and kept_fraction.numel() == 1:
+                kept_fraction = kept_fraction.item()   # e.g. all-reduced counts' ratio
+            kept_fraction = check_scalar(kept_fraction, "kept_fraction", lower=0, upper=1)
+        self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"),
+                           kept_fraction=kept_fraction)
 
     def get_extra_state(self):
         return {"estimator": self.estimator.state_dict(),

@@ -388,6 +388,27 @@ def test_rate_and_reinforce_state_travel_in_the_state_dict():
     other.load_state_dict(old)
 
 
+def test_step_takes_the_global_kept_fraction():
+    """A PyTorch-user helper's DDP run: each rank's rate controller followed
+    its own shard (multipliers -0.749 and -0.790 after 2 epochs). Given the
+    global kept fraction, every rank moves as one process would."""
+    x = torch.randn(12, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    offsets = torch.tensor([0, 5, 12])
+    whole = gt.Merge(estimator="ste", rate=0.5).double()
+    out = whole(x, offsets)
+    whole.step(out)
+    ranks = [gt.Merge(estimator="ste", rate=0.5).double() for _ in range(2)]
+    shards = [r(x[lo:hi], torch.tensor([0, hi - lo])) for r, (lo, hi) in
+              zip(ranks, [(0, 5), (5, 12)])]
+    counts = torch.tensor([[s.history.num_outputs, s.history.num_inputs] for s in shards],
+                          dtype=F64).sum(dim=0)   # what dist.all_reduce gives every rank
+    for r, s in zip(ranks, shards):
+        r.step(s, kept_fraction=counts[0] / counts[1])
+        assert r.rate.multiplier == whole.rate.multiplier != 0.0
+    with pytest.raises(ValueError, match="kept_fraction must be <= 1"):
+        ranks[0].step(shards[0], kept_fraction=1.5)
+
+
 def test_merge_scores_names_a_theta_that_is_not_a_scalar():
     # found by a PyTorch-user helper: "only 0-dimensional arrays can be converted"
     with pytest.raises(ValueError, match=r"theta must be a scalar \(0-d\), got shape \(1,\)"):
