@@ -580,15 +580,27 @@ def _train_locked(args, out, spawn, comm, held):
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
     start = trainer.epoch
-    if args.keep_best is None and trainer.best is not None and val:
-        # a run that kept its best goes on keeping it: else its best.npz
-        # would stay at the epoch it stopped at, unsaid (a new user's find)
-        args.keep_best = trainer.best["metric"]
+    if args.keep_best is None and trainer.best is not None:
+        # a run that kept its best goes on keeping it, on the data it was
+        # measured on: else its best.npz stays at the epoch it stopped at,
+        # unsaid (a new user's find). Not on new data, nor a metric the
+        # validation pairs now lack: then a note says it stays
+        metric, why = trainer.best["metric"], None
+        if not val:
+            why = "no validation pairs"
+        elif args.new_data:
+            why = "new data (--keep-best starts a record on it)"
+        else:
+            try:
+                trainer._check_keep_best(metric, None, val, checkpoint)
+            except ValueError:
+                why = f"the validation pairs have no {metric}"
+        if why is None:
+            args.keep_best = metric
         if rank0 and spawn is None:
-            print(f"--keep-best {args.keep_best}: kept on from the checkpoint", file=out)
-    elif args.keep_best is None and trainer.best is not None and rank0 and spawn is None:
-        print(f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}: without "
-              f"validation pairs the best model is not kept on", file=out)
+            print(f"--keep-best {metric}: kept on from the checkpoint" if why is None else
+                  f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
+                  f"kept on: {why}", file=out)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from

@@ -609,8 +609,27 @@ def test_a_resumed_run_keeps_its_best_on(level1, tmp_path, capsys):
     (alone / "train.jsonl").write_bytes((level1 / "train.jsonl").read_bytes())
     code, text, _ = run(capsys, "train", "--data", alone, "--epochs", 5, "--out", out,
                         "--resume", out / "checkpoint.npz", "--no-progress")
-    assert code == 0 and (f"note: {out / 'best.npz'} stays at epoch {best.epoch}: without "
-                          f"validation pairs the best model is not kept on") in text
+    assert code == 0 and (f"note: {out / 'best.npz'} stays at epoch {best.epoch}, not kept "
+                          f"on: no validation pairs") in text
+    # nor on new data (a review's find: a segmentation metric was then
+    # checked against text pairs, and the resume refused a flag never given)
+    code, text, err = run(capsys, "train", "--data", level1, "--new-data", "--epochs", 6,
+                          "--out", out, "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 0, err
+    assert f"stays at epoch {best.epoch}, not kept on: new data" in text
+
+
+def test_a_resume_whose_validation_lacks_the_kept_metric_says_so(words, level1, tmp_path,
+                                                                capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", words, "--epochs", 1, "--out", out, "--keep-best",
+               "val_boundary_f1", "--no-progress")[0] == 0
+    code, text, err = run(capsys, "train", "--data", words, "--val", level1 / "val.jsonl",
+                          "--epochs", 2, "--out", out, "--resume", out / "checkpoint.npz",
+                          "--no-progress")
+    assert code == 0, err
+    assert (f"note: {out / 'best.npz'} stays at epoch 1, not kept on: the validation pairs "
+            f"have no val_boundary_f1") in text
 
 
 def test_keep_best_continued_into_another_out_writes_its_best(level1, tmp_path, capsys):
