@@ -562,17 +562,21 @@ def read_documents(paths):
     for path in paths:
         with open(path, "rb") as f:
             raw = f.read()
-        digest = hashlib.sha256(raw).digest()
-        if digest in seen:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus file {path!r} is not UTF-8 ({exc.reason} at byte "
+                             f"{exc.start})") from None
+        # the same text twice (a file named twice, a copy): two documents
+        # that could land in two splits. Texts without words are dropped
+        # later, so two empty __init__.py files are no matter
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in seen and words_of(text):
             raise ValueError(f"corpus files {seen[digest]!r} and {path!r} hold the same "
                              f"text: as two documents it could be in two splits (the test "
                              f"split would score text the model trained on); name it once")
         seen[digest] = path
-        try:
-            docs.append((path, raw.decode("utf-8-sig")))
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"corpus file {path!r} is not UTF-8 ({exc.reason} at byte "
-                             f"{exc.start})") from None
+        docs.append((path, text))
     return docs
 
 

@@ -266,11 +266,18 @@ def test_generate_words_errors(tmp_path):
     paths = _corpus(tmp_path, n=3)
     copy = tmp_path / "copy.txt"
     copy.write_bytes(paths[0].read_bytes())
-    for again in (paths[0], copy):
+    bom = tmp_path / "bom.txt"   # the same text behind a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + paths[0].read_bytes())
+    for again in (paths[0], copy, bom):
         with pytest.raises(ValueError, match=rf"corpus files '.*doc0.txt' and "
                                              rf"'.*{again.name}' hold the same text"):
             generate_words(tmp_path / "d", corpus=paths + [again])
     assert not (tmp_path / "d").exists()
+    # texts without words are dropped, twins or not (two empty __init__.py)
+    empty = [tmp_path / "a.py", tmp_path / "b.py"]
+    for p in empty:
+        p.write_text("", encoding="utf-8")
+    assert generate_words(tmp_path / "d", corpus=paths + empty)["sizes"]["train"]["words"] > 0
 
 
 def test_default_corpus_is_the_stdlib_docstrings(tmp_path):
