@@ -305,11 +305,10 @@ def _generate(args, out):
                                           ("--n-val", args.n_val), ("--tasks", args.tasks))
                  if value is not None]
         if given:
-            # --tasks names the generated tasks (--task words is none of them)
             why = [w for w, flags in (
                 ("the corpus decides the number of examples", ("--n-train", "--n-val")),
-                ("--tasks names generated tasks (dedup, fold, arithmetic), which "
-                 "--task words replaces", ("--tasks",))) if set(flags) & set(given)]
+                (f"--tasks names generated tasks ({', '.join(sorted(_data.TASKS))}), which "
+                 f"--task words replaces", ("--tasks",))) if set(flags) & set(given)]
             raise CommandError(f"{', '.join(given)} cannot be combined with --task words: "
                                + "; ".join(why))
         start = time.perf_counter()

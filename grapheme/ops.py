@@ -605,7 +605,7 @@ def _relaxed_edges(graph, m):
     indptr = np.zeros(n + 1, dtype)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(total, dtype)
-    weights = np.empty(int(indptr[-1]))
+    weights = np.empty(total)
     _relax.relaxed_edges(m, has_next, indptr, indices, weights)
     return indptr, indices, weights
 

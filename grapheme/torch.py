@@ -478,9 +478,7 @@ class Merged:
         """Rows of ``y`` (one per merged row) broadcast back to the input rows
         through the hard merge map; for the relaxed estimators, whose rows are
         the input rows, each input row gets its cluster head's row."""
-        _check_tensor(y, "y")
-        if y.dtype not in (torch.float32, torch.float64):   # else it is "table"
-            raise TypeError(f"y must be float32 or float64, got {y.dtype}")
+        _check_tensor(y, "y")   # float32 or float64, named (else it is "table")
         rows = self.features.shape[0]
         if y.ndim not in (1, 2) or y.shape[0] not in (rows, self.history.num_outputs):
             raise ValueError(f"y must be 1- or 2-dimensional with one row per merged row "
