@@ -192,7 +192,8 @@ def build_parser():
                    help="keep OUT/best.npz, the checkpoint with the best value of this "
                         "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
                         "the untrained model's included; needs validation pairs. A run "
-                        "resumed with --resume keeps on the metric its checkpoint kept")
+                        "resumed with --resume (without --new-data) keeps on the metric "
+                        "its checkpoint kept")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out, its best.npz included, once "
                         "the new run's first epoch is done (without it, an existing run "
