@@ -41,6 +41,7 @@ import contextlib
 import difflib
 import os
 import shlex
+import stat
 import sys
 import time
 
@@ -390,7 +391,20 @@ def _run_lock(out_dir):
     path = os.path.join(out_dir, RUN_LOCK)
     unlockable = None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        # never through a link: the pid is written over the file's contents
+        # (a symbolic link there truncated the file it named)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as exc:
+            if not os.path.islink(path):
+                raise
+            raise CommandError(f"--out {out_dir!r} holds {RUN_LOCK} as a symbolic link, "
+                               f"which no grapheme train makes: remove it") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)
+            raise CommandError(f"--out {out_dir!r} holds {RUN_LOCK} as a hard link or other "
+                               f"than a file, which no grapheme train makes: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:   # held

@@ -558,6 +558,24 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, caps
     assert "cannot be locked" in capsys.readouterr().err
 
 
+def test_the_lock_file_is_never_written_through_a_link(level1, tmp_path, capsys):
+    """An attack helper's find: a symbolic link in --out named like the
+    lock made train truncate the file it named to the run's pid."""
+    from grapheme.cli import RUN_LOCK
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for make in (os.symlink, os.link):
+        out = tmp_path / make.__name__
+        out.mkdir()
+        make(victim, out / RUN_LOCK)
+        code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+                           "--no-progress")
+        assert code == 2 and f"holds {RUN_LOCK} as a " in err and "remove it" in err
+        assert victim.read_text() == "precious"
+        assert sorted(os.listdir(out)) == [RUN_LOCK]
+
+
 def test_overwrite_with_another_runs_checkpoint_replaces_the_best(level1, tmp_path, capsys):
     """Review: --overwrite --resume OTHER/checkpoint.npz kept the replaced
     run's best.npz, which segment then used quietly."""
