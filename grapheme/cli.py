@@ -566,6 +566,12 @@ def _lock_out(held, out_dir, comm, lock, check=None):
         raise refused
 
 
+#: The settings of ``train`` that a checkpoint holds: refused beside
+#: ``--resume`` (each takes a value).
+FIXED_BY_CHECKPOINT = ("batch_size", "seed", "dim", "dtype", "estimator", "baseline",
+                       "samples", "target_kept_fraction", "encoder_layers", "unknown_prob")
+
+
 def _train_locked(args, out, spawn, comm, held):
     """``train`` with ``held`` (an exit stack) holding the lock on an
     existing ``--out``: the checks, the trainer, the ranks (``spawn``) or
@@ -575,10 +581,7 @@ def _train_locked(args, out, spawn, comm, held):
         raise CommandError("--new-data goes with --resume (it lets a run continue on data "
                            "other than its checkpoint's)")
     if args.resume is not None:
-        fixed = [f"--{name.replace('_', '-')}" for name in
-                 ("batch_size", "seed", "dim", "dtype", "estimator", "baseline",
-                  "samples",
-                  "target_kept_fraction", "encoder_layers", "unknown_prob")
+        fixed = [f"--{name.replace('_', '-')}" for name in FIXED_BY_CHECKPOINT
                  if getattr(args, name) is not None]
         if fixed:
             raise CommandError(f"{', '.join(fixed)} cannot be combined with --resume: "
@@ -676,10 +679,13 @@ def _train_locked(args, out, spawn, comm, held):
 
 def _resume_command(argv, checkpoint):
     """The ``grapheme train`` command line of ``argv`` that resumes from
-    ``checkpoint``: its own ``--resume`` (abbreviated or not) replaced, and
-    no ``--overwrite`` (the run in ``--out`` is the one continued)."""
+    ``checkpoint``: its own ``--resume`` (abbreviated or not) replaced, no
+    ``--overwrite`` (the run in ``--out`` is the one continued) and none of
+    the settings the checkpoint holds (``--seed 3``: refused with
+    ``--resume``)."""
     options = [o for o in _commands(build_parser())["train"]._option_string_actions
                if o.startswith("--")]
+    valued = {"--resume"} | {"--" + n.replace("_", "-") for n in FIXED_BY_CHECKPOINT}
     kept, skip = [], False
     for i, tok in enumerate(argv):
         if skip:
@@ -687,8 +693,8 @@ def _resume_command(argv, checkpoint):
             continue
         name = tok.split("=", 1)[0] if tok.startswith("--") and "--" not in argv[:i] else None
         whole = [name] if name in options else [o for o in options if name and o.startswith(name)]
-        if len(whole) == 1 and whole[0] in ("--resume", "--overwrite"):
-            skip = whole[0] == "--resume" and "=" not in tok
+        if len(whole) == 1 and whole[0] in valued | {"--overwrite"}:
+            skip = whole[0] in valued and "=" not in tok
             continue
         kept.append(tok)
     return shlex.join([PROG, *kept, "--resume", checkpoint])

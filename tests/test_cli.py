@@ -320,6 +320,22 @@ def test_the_resume_command_replaces_resume_in_any_spelling(argv):
         + " --resume 'o/c k.npz'")
 
 
+def test_the_resume_command_leaves_out_the_checkpoints_settings(level1, tmp_path, capsys):
+    """An attack helper's find: after Ctrl-C a run with --dim 8 --seed 3
+    printed a command that kept them, which --resume refuses."""
+    from grapheme.cli import _resume_command
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(level1), "--epochs", "2", "--out", str(out), "--dim", "8",
+            "--seed=3", "--batch", "16", "--estim", "ste", "--no-progress"]
+    assert run(capsys, *argv[:3], "--epochs", "1", *argv[5:])[0] == 0
+    command = _resume_command(argv, str(out / "checkpoint.npz"))
+    assert command == (f"grapheme train --data {level1} --epochs 2 --out {out} "
+                       f"--no-progress --resume {out / 'checkpoint.npz'}")
+    code, _, err = run(capsys, *command.split()[1:])
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "words", "--n-train", "5"], "--n-train cannot be combined with --task words: "
                                             "the corpus decides the number of examples"),
