@@ -923,6 +923,7 @@ def _cmd_segment(args, out):
         if sys.stdin is None:   # started with <&-
             raise CommandError("standard input is closed: give the texts as arguments")
         stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
+        _check_not_reading_its_output(stdin, out)
         for i, texts in enumerate(_line_batches(stdin, args.batch_chars)):
             if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
                 texts[0] = texts[0][1:]
@@ -930,6 +931,21 @@ def _cmd_segment(args, out):
                 write(piece)
             out.flush()
     return 0
+
+
+def _check_not_reading_its_output(stdin, out):
+    """Refuse standard input that is the output file with text ahead of the
+    read position (``segment < f >> f``: each line read was written again
+    ahead of the reader, until the disk was full), as ``cat`` does."""
+    try:
+        src, dst = os.fstat(stdin.fileno()), os.fstat(out.fileno())
+        position = os.lseek(stdin.fileno(), 0, os.SEEK_CUR)
+    except (AttributeError, OSError, ValueError):   # not files: pipes, StringIO
+        return
+    if (stat.S_ISREG(dst.st_mode) and (src.st_dev, src.st_ino) == (dst.st_dev, dst.st_ino)
+            and position < dst.st_size):
+        raise CommandError("standard input is the output file: what segment writes would "
+                           "be read again, without end")
 
 
 def _load_model(path):

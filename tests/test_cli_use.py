@@ -670,3 +670,29 @@ def test_a_picture_name_is_checked_before_the_work(trained, tmp_path, capsys, mo
     assert code == 2 and "must be a .png file" in err
     with pytest.raises(ValueError, match="must be a .png file"):
         plot_segments(gr.Segmenter.load(trained / "model.npz"), "abc", tmp_path / "x")
+
+
+def test_segment_refuses_to_read_its_own_output(trained, tmp_path):
+    """An attack helper's find: ``segment < f >> f`` read what it wrote,
+    until the disk was full. Refused as ``cat`` refuses it; ``< f > f`` (the
+    shell empties f first) and a copy are fine."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(gr.__file__)), os.environ.get("PYTHONPATH", "")]))
+    loop = tmp_path / "loop.txt"
+    loop.write_text("thecat\nsat\n")
+    argv = [sys.executable, "-m", "grapheme.cli", "segment", "--model",
+            str(trained / "model.npz")]
+    with open(loop, "rb") as src, open(loop, "ab") as dst:
+        proc = subprocess.run(argv, stdin=src, stdout=dst, stderr=subprocess.PIPE, env=env,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+    assert proc.returncode == 2 and b"standard input is the output file" in proc.stderr
+    assert loop.read_text() == "thecat\nsat\n"
+    copy = tmp_path / "copy.txt"
+    with open(loop, "rb") as src, open(copy, "wb") as dst:
+        proc = subprocess.run(argv, stdin=src, stdout=dst, env=env, timeout=120,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0 and copy.read_text().count("\n") == 2
