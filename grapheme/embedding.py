@@ -149,9 +149,11 @@ class Embedding:
 
     def _add(self, new_codes):
         self._check_arrays()
-        rows = self.codes.shape[0] + new_codes.shape[0]
+        old, rows = self.codes.shape[0], self.codes.shape[0] + new_codes.shape[0]
         size = self.dtype.itemsize
-        check_allocation(2 * size * rows * self.dim,
+        # at the peak: the old table and gradient, the new ones, and the new
+        # rows drawn in float64 (the first row alone took 24 GB at dim 1e9)
+        check_allocation((2 * size * (old + rows) + 8 * (rows - old)) * self.dim,
                          f"Embedding(dim={self.dim}) with {rows} rows (table and gradient)")
         try:
             fresh = np.empty((new_codes.shape[0], self.dim))   # drawn in float64

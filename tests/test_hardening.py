@@ -1232,3 +1232,14 @@ def test_a_relaxed_graph_with_int64_indices_meets_an_int32_target():
         results.append((res.value, loss.backward(res).mass))
     assert results[0][0] == results[1][0]
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_an_embedding_counts_its_peak_memory_before_its_first_row(monkeypatch):
+    # an attack helper's find: the first row's table, gradient and float64
+    # draw (24 GB at dim 1e9) were counted as the table and gradient alone
+    from grapheme import _validation
+
+    monkeypatch.setattr(_validation, "_physical_memory", lambda: 300_000)
+    gr.Embedding(dim=2**13)   # 196 kB at the peak
+    with pytest.raises(MemoryError, match=r"Embedding\(dim=16384\) with 1 rows"):
+        gr.Embedding(dim=2**14)   # 393 kB (262 kB counted before)
