@@ -653,6 +653,28 @@ def test_a_resumed_run_keeps_its_best_on(level1, tmp_path, capsys):
     assert f"stays at epoch {best.epoch}, not kept on: new data" in text
 
 
+def test_keep_best_on_new_data_starts_its_record_there(level1, tmp_path, capsys):
+    """An attack helper's find: resumed on other data, the record kept the
+    value measured on the old validation pairs (0.57 against the new ones'
+    1.07), so best.npz never moved and named an epoch of the old data."""
+    from grapheme.train import Trainer
+
+    easy = tmp_path / "easy"   # dedup: a low val_loss, which arithmetic never reaches
+    assert run(capsys, "generate", "--out", easy, "--n-train", 64, "--n-val", 16,
+               "--seed", 2, "--tasks", "dedup")[0] == 0
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", easy, "--epochs", 1, "--out", out, "--keep-best",
+               "val_loss", "--no-progress")[0] == 0
+    old = Trainer.from_checkpoint(out / "best.npz", progress=False).best["value"]
+    assert run(capsys, "train", "--data", level1, "--new-data", "--epochs", 3, "--out", out,
+               "--resume", out / "checkpoint.npz", "--keep-best", "val_loss",
+               "--no-progress")[0] == 0
+    later = [r["val_loss"] for r in read_log(out / "metrics.jsonl")[1:]]
+    best = Trainer.from_checkpoint(out / "best.npz", progress=False).best
+    assert old < min(later)                          # the old record would never move
+    assert old < best["value"] <= min(later)         # measured on the new pairs
+
+
 def test_a_resume_whose_validation_lacks_the_kept_metric_says_so(words, level1, tmp_path,
                                                                 capsys):
     out = tmp_path / "run"

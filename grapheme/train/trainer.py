@@ -867,7 +867,8 @@ class Trainer:
             untrained (or resumed) model's included, is kept in ``best``:
             written (atomically) when an epoch strictly improves on it, and
             the starting state when this call's first epoch does not (a run
-            continued into another ``best`` file starts its record there), so
+            continued into another ``best`` file, or on other pairs, starts
+            its record there), so
             the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``.
@@ -939,7 +940,8 @@ class Trainer:
             self._last_checkpoint = (os.fspath(resume), self.epoch)
         fingerprint = data_fingerprint(inputs, targets)
         old = self._loaded_fingerprint
-        if old is not None and old["sha256"] != fingerprint["sha256"] and not new_data:
+        changed = old is not None and old["sha256"] != fingerprint["sha256"]
+        if changed and not new_data:
             raise ValueError(
                 f"pairs differ from the data the checkpoint {old['path']!r} was trained on "
                 f"({old['pairs']} pairs, sha256 {old['sha256'][:12]}...; now "
@@ -969,10 +971,11 @@ class Trainer:
                 self.baseline = self._val_record(val)
         first = None   # the first candidate's state (untrained or resumed), written after epoch 1
         if best_path is not None and self.epoch < epochs and (
-                self.best is None or self.best["metric"] != keep_best
+                self.best is None or self.best["metric"] != keep_best or changed
                 or os.path.realpath(self.best["path"]) != os.path.realpath(best_path)):
             # the starting point is the first candidate: never end below it (a
-            # run continued into another best file starts that file's record)
+            # run continued into another best file, or on other data, whose
+            # validation pairs may differ too, starts that file's record)
             start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
                          "epoch": self.epoch, "path": best_path}
