@@ -278,13 +278,22 @@ def _cmd_generate(args, out):
     if any(name in writes for name in existing) and not args.overwrite:
         raise CommandError(f"--out {args.out!r} already holds a data set "
                            f"({', '.join(existing)}); pass --overwrite to replace it")
+    # each file is replaced on its own: one that cannot be (a directory in
+    # its place) is refused before the others are, not after, which left
+    # two data sets mixed (an attack helper's find)
+    for name in writes:
+        path = os.path.join(args.out, name)
+        if name in existing and (os.path.isdir(path) or not os.path.isfile(path)):
+            raise CommandError(f"--out {args.out!r} holds {name} as other than a file: "
+                               f"nothing was written")
     code = _generate(args, out)
     # a replaced words set's files that the new one did not write (its
     # test.jsonl under generated pairs): left, eval would score them. Only
     # a whole words set's (documents.json and train.jsonl): a test.jsonl
     # of the user's own beside nothing else of ours is not ours to remove
     words_set = "documents.json" in existing and "train.jsonl" in existing
-    stale = [name for name in existing if name not in writes] if words_set else []
+    stale = [name for name in existing if name not in writes
+             and os.path.isfile(os.path.join(args.out, name))] if words_set else []
     for name in stale:
         os.remove(os.path.join(args.out, name))
     if stale:

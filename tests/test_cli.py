@@ -388,6 +388,15 @@ def test_generate_overwrite_leaves_nothing_of_the_replaced_set(words, tmp_path, 
                              *flags)
         assert code == 0, err
         assert "removed" not in out and (mine / "test.jsonl").read_text() == "my own\n"
+    # a directory in one file's place: refused before any file is replaced
+    # (the first two were, and the set was left half old, half new)
+    before = (words / "train.jsonl").read_bytes()
+    (words / "val.jsonl").unlink()
+    (words / "val.jsonl").mkdir()
+    code, _, err = run(capsys, "generate", "--out", words, "--n-train", 9, "--n-val", 4,
+                       "--overwrite")
+    assert code == 2 and "holds val.jsonl as other than a file: nothing was written" in err
+    assert (words / "train.jsonl").read_bytes() == before
 
 
 def test_keep_best_errors(words, level1, tmp_path, capsys):
