@@ -249,9 +249,13 @@ def init_from_env(backend="gloo", timeout=None):
 
 
 def destroy():
-    """Leave the default process group (after :func:`init_from_env`)."""
-    dist = _torch_distributed()
-    if dist.is_initialized():
+    """Leave the default process group (after :func:`init_from_env`), if
+    one was joined. torch is not imported here: a Ctrl-C that stopped its
+    import left a half-made module, whose import again raised
+    AttributeError over the interrupt (an attack helper's find)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and getattr(dist, "is_initialized", None) is not None and (
+            dist.is_available() and dist.is_initialized()):
         dist.destroy_process_group()
 
 

@@ -695,3 +695,19 @@ def test_cli_nproc_into_a_locked_out_says_so_on_every_rank(tmp_path):
                                    "--lr", "1e-4"], env=_env(), cwd=HERE,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0 and done.stdout.count("learning rate") == 1
+
+
+def test_destroy_never_imports_torch(monkeypatch):
+    """An attack helper's find: Ctrl-C during torch's import, then
+    destroy() in train's ``finally`` imported the half-made module again and
+    raised AttributeError over the interrupt, with a traceback."""
+    import sys
+    import types
+
+    from grapheme import distributed
+
+    monkeypatch.delitem(sys.modules, "torch.distributed", raising=False)
+    distributed.destroy()
+    assert "torch.distributed" not in sys.modules
+    monkeypatch.setitem(sys.modules, "torch.distributed", types.ModuleType("torch.distributed"))
+    distributed.destroy()   # half-made: nothing to leave
