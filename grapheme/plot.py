@@ -119,6 +119,12 @@ def read_metrics(run):
                 raise ValueError(f"{path!r} line {number} is not JSON: {exc}") from None
             if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
                 raise ValueError(f"{path!r} line {number} is not an epoch record")
+            # an integer beyond float's range (a hand-edited log) raised
+            # OverflowError in the drawing: named here instead
+            big = [k for k, v in record.items() if isinstance(v, int) and abs(v) >= 2**1024]
+            if big:
+                raise ValueError(f"{path!r} line {number}: {big[0]} is beyond the range of a "
+                                 f"float")
             records.append(upgrade_record(record))
     if not records:
         raise ValueError(f"{path!r} holds no epoch records")

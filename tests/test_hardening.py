@@ -1243,3 +1243,17 @@ def test_an_embedding_counts_its_peak_memory_before_its_first_row(monkeypatch):
     gr.Embedding(dim=2**13)   # 196 kB at the peak
     with pytest.raises(MemoryError, match=r"Embedding\(dim=16384\) with 1 rows"):
         gr.Embedding(dim=2**14)   # 393 kB (262 kB counted before)
+
+
+def test_a_metrics_log_with_an_integer_beyond_float_is_named(tmp_path):
+    # an attack helper's find: "OverflowError: int too large to convert
+    # to float" from the drawing, for a hand-edited log
+    from grapheme.plot import read_metrics
+
+    for line in ('{"epoch": 1, "loss": %d}' % 10**400, '{"epoch": %d}' % 10**400):
+        (tmp_path / "metrics.jsonl").write_text(line + "\n")
+        with pytest.raises(ValueError, match="line 1: (loss|epoch) is beyond the range of a "
+                                             "float"):
+            read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": %d}\n' % 2**1000)
+    assert read_metrics(tmp_path)[0]["loss"] == 2**1000
