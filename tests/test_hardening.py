@@ -1257,3 +1257,20 @@ def test_a_metrics_log_with_an_integer_beyond_float_is_named(tmp_path):
             read_metrics(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": %d}\n' % 2**1000)
     assert read_metrics(tmp_path)[0]["loss"] == 2**1000
+
+
+def test_a_step_that_could_never_fit_is_refused_before_it_starts(monkeypatch):
+    # an attack helper's find: one training line of 5 M characters made
+    # (n, d) arrays that passed their checks one by one, until the process
+    # was killed at 24 GB. Here a machine of 10 MB and 416 bytes a character
+    from grapheme import _validation
+
+    monkeypatch.setattr(_validation, "_physical_memory", lambda: 10_000_000)
+    t = gr.Trainer(gr.Embedding(dim=4, seed=0), gr.Morpher(estimator="ste"),
+                   gr.StructuralLoss(), gr.Adam(), progress=False)
+    t.train_step(["ab" * 50], ["a"])
+    with pytest.raises(MemoryError, match=r"a step on a batch of 30000 characters \(about 416 "
+                                          r"bytes each"):
+        t.train_step(["ab" * 15_000], ["a"])
+    with pytest.raises(MemoryError, match="a step on a batch of 30000 characters"):
+        t.evaluate([("ab" * 15_000, "a")])

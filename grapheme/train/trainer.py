@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from .. import _core
-from .._validation import (KEEP, as_float_array, check_model, check_pairs,
+from .._validation import (KEEP, as_float_array, check_allocation, check_model, check_pairs,
                            check_bool, check_path, check_scalar, settings_checked,
                            settings_unchanged,
                            show)
@@ -364,6 +364,7 @@ class Trainer:
         here, :meth:`_unknown_codes`)."""
         emb = self.embedding
         g = Graph.from_texts(inputs)
+        self._check_step_memory(g.num_nodes)
         rows = emb.rows(g.labels, grow=train)
         if train and self.unknown_prob > 0:
             if replaced is None:
@@ -412,6 +413,20 @@ class Trainer:
         merge = ~starts[g.indices]                         # edge u -> v stays inside
         (_, target, _), saved = HardMerge()._forward(g, features, merge, workspace, "target.")
         return _explicit_activation(target), saved
+
+    def _check_step_memory(self, n):
+        """Refuse a batch of ``n`` characters whose step could never fit in
+        memory, before it starts: measured, a step holds about (5 + 3
+        layers) (n, d) arrays and 200 bytes per character (95 bytes per
+        character and dimension at 2 layers, d = 64). Each allocation is
+        checked on its own too, but a long text's many (n, d) arrays passed
+        those checks one by one and the process was killed (a 5 M-character
+        line, an attack helper's find)."""
+        layers = 0 if self.encoder is None else self.encoder.layers
+        per_char = self.embedding.dim * self.embedding.dtype.itemsize * (5 + 3 * layers) + 256
+        check_allocation(n * per_char, f"a step on a batch of {n} characters (about "
+                                       f"{per_char} bytes each: shorter texts or a smaller "
+                                       f"batch need less)")
 
     @staticmethod
     def _segmentation_target_vjp(saved, grad_activation, into):
