@@ -283,7 +283,7 @@ def _cmd_generate(args, out):
     # two data sets mixed (an attack helper's find)
     for name in writes:
         path = os.path.join(args.out, name)
-        if name in existing and (os.path.isdir(path) or not os.path.isfile(path)):
+        if name in existing and not os.path.isfile(path):
             raise CommandError(f"--out {args.out!r} holds {name} as other than a file: "
                                f"nothing was written")
     code = _generate(args, out)
@@ -607,26 +607,8 @@ def _train_locked(args, out, spawn, comm, held):
     trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
     start = trainer.epoch
     if args.keep_best is None and trainer.best is not None:
-        # a run that kept its best goes on keeping it, on the data it was
-        # measured on: else its best.npz stays at the epoch it stopped at,
-        # unsaid (a new user's find). Not on new data, nor a metric the
-        # validation pairs now lack: then a note says it stays
-        metric, why = trainer.best["metric"], None
-        if not val:
-            why = "no validation pairs"
-        elif args.new_data:
-            why = "new data (--keep-best starts a record on it)"
-        else:
-            try:
-                trainer._check_keep_best(metric, None, val, checkpoint)
-            except ValueError:
-                why = f"the validation pairs have no {metric}"
-        if why is None:
-            args.keep_best = metric
-        if rank0 and spawn is None:
-            print(f"--keep-best {metric}: kept on from the checkpoint" if why is None else
-                  f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
-                  f"kept on: {why}", file=out)
+        args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
+                                       rank0 and spawn is None)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -684,6 +666,29 @@ def _train_locked(args, out, spawn, comm, held):
         print(f"best: {best} (epoch {trainer.best['epoch']}, {trainer.best['metric']} "
               f"{trainer.best['value']:.4f})", file=out)
     return 0
+
+
+def _kept_on_best(args, out, trainer, val, checkpoint, announce):
+    """The ``--keep-best`` metric of a resumed run that kept its best and
+    was not given one: its checkpoint's, on the data it was measured on
+    (else its best.npz stays at the epoch it stopped at, unsaid: a new
+    user's find), or None on new data or validation pairs without the
+    metric, said (if ``announce``) either way."""
+    metric, why = trainer.best["metric"], None
+    if not val:
+        why = "no validation pairs"
+    elif args.new_data:
+        why = "new data (--keep-best starts a record on it)"
+    else:
+        try:
+            trainer._check_keep_best(metric, None, val, checkpoint)
+        except ValueError:
+            why = f"the validation pairs have no {metric}"
+    if announce:
+        print(f"--keep-best {metric}: kept on from the checkpoint" if why is None else
+              f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
+              f"kept on: {why}", file=out)
+    return metric if why is None else None
 
 
 def _resume_command(argv, checkpoint):

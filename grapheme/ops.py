@@ -719,7 +719,7 @@ class RatePenalty(Operation):
             grad_value = float(as_float_array(grad_value, "grad_value", finite=False))
         if grad_value is None or n == 0:
             return (np.zeros(shape),)
-        return (np.full(shape, -float(grad_value) * (multiplier + 2.0 * self.weight * gap) / n),)
+        return (np.full(shape, -grad_value * (multiplier + 2.0 * self.weight * gap) / n),)
 
     def __repr__(self):
         return f"RatePenalty(target={self.target}, weight={self.weight})"

@@ -417,7 +417,7 @@ class Trainer:
     def _check_step_memory(self, n):
         """Refuse a batch of ``n`` characters whose step could never fit in
         memory, before it starts: measured, a step holds about (5 + 3
-        layers) (n, d) arrays and 200 bytes per character (95 bytes per
+        layers) (n, d) arrays and 256 bytes per character (95 bytes per
         character and dimension at 2 layers, d = 64). Each allocation is
         checked on its own too, but a long text's many (n, d) arrays passed
         those checks one by one and the process was killed (a 5 M-character
