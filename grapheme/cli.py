@@ -605,6 +605,7 @@ def _train_locked(args, out, spawn, comm, held):
     _lock_out(held, args.out, comm, locked,
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
+    trainer._summary = False   # the report below says it, on stdout
     start = trainer.epoch
     if args.keep_best is None and trainer.best is not None:
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,

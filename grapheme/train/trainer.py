@@ -237,6 +237,8 @@ class Trainer:
         # them (grapheme train --overwrite: its best.npz, without --keep-best):
         # removed with the other run's log and checkpoint, after the first epoch
         self._replaced_files = []
+        # fit's closing summary line; grapheme train prints its own report
+        self._summary = True
         self.rng = np.random.default_rng(self.seed)
         self.epoch = 0
         self.history = []
@@ -251,6 +253,7 @@ class Trainer:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_summary", True)   # a trainer pickled before it
         self._lock = threading.RLock()
 
     def _check_settings(self):
@@ -1020,7 +1023,7 @@ class Trainer:
                                   append=log_synced)
                 first, log_synced = None, True
                 progress.epoch(record)
-            if self.epoch > first_epoch:
+            if self.epoch > first_epoch and self._summary:
                 summary = summary_line(self.history, first_epoch, self.baseline,
                                        time.perf_counter() - started)
         finally:
