@@ -184,6 +184,11 @@ def _panels(records):
     return out
 
 
+#: The largest magnitude :func:`plot_run` draws: an axis's limits, with
+#: their margins, must stay within float's range.
+_DRAWABLE = 1e300
+
+
 def plot_run(run, out, overwrite=False):
     """Draw a run's metrics per epoch to the PNG file ``out``.
 
@@ -213,11 +218,19 @@ def plot_run(run, out, overwrite=False):
                          "picture is drawn from")
     check_png(out)
     records = read_metrics(run)
+    panels = _panels(records)
+    for _, curves in panels:   # else matplotlib's "arange: cannot compute length"
+        for label, x, y in curves:
+            for what, v in (("epoch", x), (label, y)):
+                v = np.abs(v[np.isfinite(v)])
+                if v.size and v.max() > _DRAWABLE:
+                    raise ValueError(f"{what} {v.max():g} in {_metrics_path(run)!r} is "
+                                     f"beyond what a plot can draw (at most {_DRAWABLE:g})")
     fig = _figure(10, 7)
     from matplotlib.ticker import MaxNLocator
 
     axes = fig.subplots(2, 2).ravel()
-    for ax, (title, curves) in zip(axes, _panels(records)):
+    for ax, (title, curves) in zip(axes, panels):
         for label, x, y in curves:
             ax.plot(x, y, marker="." if x.size < 50 else None, label=label)
         ax.set_title(title)

@@ -1259,6 +1259,23 @@ def test_a_metrics_log_with_an_integer_beyond_float_is_named(tmp_path):
     assert read_metrics(tmp_path)[0]["loss"] == 2**1000
 
 
+def test_plot_names_a_value_too_big_to_draw(tmp_path):
+    # left from stop 34: matplotlib's "arange: cannot compute length" for
+    # +-1e308 (the axis limits overflow); inf and NaN are gaps, drawn
+    pytest.importorskip("matplotlib")
+    from grapheme.plot import plot_run
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "loss": 1e308}\n{"epoch": 2, "loss": -1e300}\n')
+    with pytest.raises(ValueError, match=r"loss 1e\+308 in .* is beyond what a plot can "
+                                         r"draw \(at most 1e\+300\)"):
+        plot_run(tmp_path, tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
+    log.write_text('{"epoch": 1, "loss": Infinity}\n{"epoch": 2, "loss": NaN}\n'
+                   '{"epoch": 3, "loss": -1e300}\n')
+    assert plot_run(tmp_path, tmp_path / "p.png") == str(tmp_path / "p.png")
+
+
 def test_a_step_that_could_never_fit_is_refused_before_it_starts(monkeypatch):
     # an attack helper's find: one training line of 5 M characters made
     # (n, d) arrays that passed their checks one by one, until the process
