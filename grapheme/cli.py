@@ -41,14 +41,16 @@ import contextlib
 import difflib
 import os
 import shlex
+import signal
 import stat
 import sys
+import threading
 import time
 
 from . import __version__
 from . import data as _data
 from .checkpoint import _ends_with_separator
-from .distributed import MAX_LOCAL_RANKS, MAX_TIMEOUT
+from .distributed import _STOP_SIGNALS, MAX_LOCAL_RANKS, MAX_TIMEOUT
 from .estimators import ESTIMATORS
 from ._validation import check_scalar
 from .plot import check_png
@@ -648,12 +650,13 @@ def _train_locked(args, out, spawn, comm, held):
                 history = trainer.fit(pairs, args.epochs, val=val or None,
                                       checkpoint=checkpoint, keep_best=args.keep_best,
                                       new_data=args.new_data)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:   # Ctrl-C, or a stop signal (Stopped)
                 saved = trainer._last_checkpoint
                 if not rank0 or saved is None or saved[1] <= start:
                     raise
-                raise KeyboardInterrupt(f"epoch {saved[1]} is saved; to continue the run: "
-                                        f"{_resume_command(args.argv, saved[0])}") from None
+                exc.args = (f"epoch {saved[1]} is saved; to continue the run: "
+                            f"{_resume_command(args.argv, saved[0])}",)
+                raise exc from None
     seconds = time.perf_counter() - started
     if len(history) == start:   # nothing was written: name only the checkpoint read
         print(f"nothing to do: {args.resume} already has {start} epochs "
@@ -1214,7 +1217,8 @@ def main(argv=None):
     -------
     int
         0 on success, 2 on a usage or input error (one line on stderr),
-        130 when interrupted, 1 when the reader of the output closed it
+        130 when interrupted (128 + the signal's number when stopped by
+        one: see :func:`run`), 1 when the reader of the output closed it
         (``| head``; quietly).
     """
     parser = build_parser()
@@ -1234,8 +1238,11 @@ def main(argv=None):
     except BrokenPipeError:   # e.g. | head: the reader has what it wanted
         return _reader_gone()
     except KeyboardInterrupt as exc:
-        print(f"{PROG}: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
-        return 130
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = ("interrupted" if signum == signal.SIGINT
+                else f"stopped by {signal.Signals(signum).name}")
+        print(f"{PROG}: {what}" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
+        return 128 + signum
     except (CommandError, ValueError, OSError, FloatingPointError, MemoryError,
             ImportError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -1326,9 +1333,31 @@ def _rank_command(argv):
     return [sys.executable, "-c", boot, *argv]
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (``signum``: SIGTERM from ``kill`` or a scheduler,
+    SIGHUP from a closed terminal) raised as Ctrl-C is, so that a run ends
+    as an interrupted one does: its lock and half-written files removed, the
+    command that resumes it said; the status is then ``128 + signum``."""
+
+    def __init__(self, signum, *args):
+        super().__init__(*args)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def run():
     """The ``grapheme`` console script: :func:`main` with the process's
-    arguments."""
+    arguments, and the stop signals raised as :class:`Stopped` (not where
+    the process ignores them: ``nohup``'s SIGHUP stays ignored). Only here,
+    in the process the command owns; not by :func:`main`, which a program
+    may call."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in _STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _raise_stopped)
     return main()
 
 

@@ -567,6 +567,57 @@ def test_a_second_run_into_the_same_out_is_refused(level1, tmp_path, capsys, mon
         pass
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
+def test_a_stopped_run_ends_as_an_interrupted_one(level1, tmp_path):
+    """Left from stop 34: SIGTERM (``kill``, a scheduler's stop) ended the
+    process where it stood: the lock file stayed, no resume command was
+    said. The console script raises the stop signals as Ctrl-C."""
+    import signal
+    import subprocess
+    import time
+    import grapheme
+    from grapheme.cli import RUN_LOCK
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(level1), "--epochs", "100000", "--out", str(out),
+            "--no-progress", "--dim", "4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from grapheme.cli import run; sys.exit(run())",
+         *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        cwd=str(tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH":
+                                os.path.dirname(os.path.dirname(grapheme.__file__))})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.npz").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)   # some epochs later
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    saved = gr.Trainer.from_checkpoint(out / "checkpoint.npz", progress=False).epoch
+    assert saved >= 1
+    assert err == (f"grapheme: stopped by SIGTERM; epoch {saved} is saved; to continue the "
+                   f"run: grapheme train --data {level1} --epochs 100000 --out {out} "
+                   f"--no-progress --resume {out / 'checkpoint.npz'}\n")
+    assert RUN_LOCK not in os.listdir(out)
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "metrics.jsonl"]   # nothing half-written
+    # an ignored signal stays ignored (nohup), and main() alone sets no handler
+    code = ("import signal, sys; from grapheme import cli\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+            "cli.main(['--version'])\n"
+            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+            "cli.main = lambda: 0; cli.run()\n"
+            "assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN\n"
+            "assert signal.getsignal(signal.SIGTERM) is cli._raise_stopped")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path), env={
+        **os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(grapheme.__file__))},
+        stdout=subprocess.DEVNULL)
+
+
 def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capsys):
     """Review: every OSError of flock read as "held by another run", so on
     a file system without locks (ENOLCK) every run was refused."""
