@@ -1,12 +1,17 @@
 # cython: language_level=3
 """Graph and merge kernels of grapheme (private): chains, hashing, edge
-similarity, components, merge histories, contraction, gather and scatter.
-The chain relaxation is in ``_relax.pyx``, the structural loss in
-``_transport.pyx``; shared types and row helpers in ``_types.pxd``.
+similarity, components, merge histories, contraction, gather and scatter,
+and the encoder's row kernels (grouping, neighbour stacking, the layer and
+tanh backwards; the encoder's products are in ``_products.pyx``). The chain
+relaxation is in ``_relax.pyx``, the structural loss in ``_transport.pyx``;
+shared types and row helpers in ``_types.pxd``.
 
-Every kernel here trusts its input: the public Python layer validates shapes,
-dtypes, ranges and finiteness first and raises ``ValueError``/``TypeError``
-naming the argument. Kernels take typed, C-contiguous memoryviews (``const``
+The public Python layer validates shapes, dtypes, ranges and finiteness
+first and raises ``ValueError``/``TypeError`` naming the argument; the
+kernels trust that, except ``gather`` and ``scatter``, which check a merge
+history's arrays once more (O(n), in C) before indexing with them
+unchecked: a second line of defence where a wrong index would write out of
+bounds. Kernels take typed, C-contiguous memoryviews (``const``
 for inputs so read-only and memory-mapped arrays work), run without the GIL
 and are linear in their input unless the docstring says otherwise.
 """
@@ -24,8 +29,9 @@ from grapheme._types cimport (
 from cython.parallel cimport prange
 
 cdef double COS_EPS = 1e-12
-# rows a thread takes at least in the encoder's row-parallel kernels (and
-# the block of tanh_backward's fixed-order column sums)
+# rows a thread takes at least in the row-parallel kernels (the encoder's,
+# gather, scatter, take_rows; and the block of tanh_backward's fixed-order
+# column sums)
 cdef intp_t _ROWS_PER_THREAD = 1024
 
 

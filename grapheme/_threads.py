@@ -15,8 +15,8 @@ until then) left the loss and the row kernels on one core.
 So, as scikit-learn's k-means does, the encoder's products run inside
 grapheme's own OpenMP loops, by fixed row blocks, each block one
 single-threaded BLAS call (:mod:`grapheme._products`), and a step that runs
-an encoder limits BLAS to one thread (with ``threadpoolctl``) while OpenMP
-runs more than one: one pool for the whole step, every kernel on every
+an encoder limits BLAS to one thread (with ``threadpoolctl``), whatever
+OpenMP's own count: one pool for the whole step, every kernel on every
 core. Without OpenMP (a serial build) the products are numpy's and nothing
 is limited. The limit is undone when the step ends; OpenMP's thread count
 (``OMP_NUM_THREADS``, ``threadpool_limits(n, user_api="openmp")``) is the

@@ -8,10 +8,12 @@
 #                 double[::1]; degree: the weighted out-degrees), offsets
 #                 (const int64_t[::1] (B+1,))
 #   _Settings     w_type, w_act, w_deg, epsilon, iterations, tol (<= 0: none),
-#                 conv_tol, alpha, beta, gamma
-#   _Cache        scaled, self_pair (const uint8_t[::1] (B,)), plan_off, f_off, g_off
-#                 (const int64_t[::1] (B+1,)); plan, fpot, gpot (double[::1]),
-#                 used (int64_t[::1] (B,)): OUT of the forward, IN of the backward
+#                 conv_tol, alpha, beta, gamma, balance
+#   _Cache        scaled, self_pair (const uint8_t[::1] (B,)), plan_off
+#                 (const int64_t[::1] (B+1,)): IN; f_off, g_off (int64_t[::1]
+#                 (B+1,)): their last entries IN (capacity hints), all OUT of
+#                 the forward; plan, fpot, gpot (double[::1]), used (int64_t[::1]
+#                 (B,)): OUT of the forward; all IN of the backward
 from typing import Any
 
 import numpy as np

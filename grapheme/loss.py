@@ -199,8 +199,9 @@ class LossResult:
 
 class _Cache(NamedTuple):
     """What the backward pass needs; also the transport state the kernels
-    read and write (``scaled`` and the offsets in, the rest out of the
-    forward pass)."""
+    read and write (``scaled``, ``self_pair`` and ``plan_off`` in; the
+    potentials' offsets ``f_off`` and ``g_off`` in as capacity hints, their
+    last entries, and out; the rest out of the forward pass)."""
 
     settings: _Settings    # the loss's settings at the forward pass
     p: _GraphArrays

@@ -374,7 +374,7 @@ class Morpher:
         -------
         MorphGrad
             ``features`` (n_nodes, d) and ``theta`` (0-d); with learned
-            routing also ``queries`` and ``keys`` (n_nodes, d), what
+            routing also ``queries`` and ``keys`` (n_nodes, d_route), what
             :meth:`Encoder.vjp <grapheme.Encoder.vjp>` takes (else None).
         """
         if not isinstance(morphed, Morphed):
