@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from grapheme import MergeHistory
-from grapheme.train.metrics import (SEGMENTATION_KEYS, segmentation_counts,
+from grapheme.train.metrics import (SEGMENTATION_COUNTS, SEGMENTATION_KEYS, segmentation_counts,
                                     segmentation_scores)
 
 
@@ -84,6 +84,7 @@ def test_segmentation_numbers():
     h = history_of([[3, 2, 6]])
     c = segmentation_counts(h, [0, 11], [3, 5, 3], [3])
     assert c == {"examples": 1, "exact": 0, "true_positive": 1, "predicted": 2, "gold": 2}
+    assert tuple(c) == SEGMENTATION_COUNTS   # the order validation all-reduces
     s = segmentation_scores(c)
     assert (s["seg_accuracy"], s["boundary_precision"], s["boundary_recall"],
             s["boundary_f1"]) == (0.0, 0.5, 0.5, 0.5)

@@ -23,6 +23,10 @@ TIMING_KEYS = ("time", "examples_per_s", "chars_per_s")
 #: The loss and its terms, averaged over pairs.
 LOSS_KEYS = ("loss", "node", "edge", "clique")
 
+#: What :func:`segmentation_counts` returns, in this order (the order
+#: data-parallel validation all-reduces them).
+SEGMENTATION_COUNTS = ("examples", "exact", "true_positive", "predicted", "gold")
+
 #: What :func:`segmentation_scores` reports.
 SEGMENTATION_KEYS = ("seg_accuracy", "boundary_precision", "boundary_recall", "boundary_f1")
 

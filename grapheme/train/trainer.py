@@ -47,8 +47,8 @@ from .. import optim as _optim
 from ..data import segment_lengths
 from ..distributed import Communicator, check_rank, shard_bounds
 from .progress import Progress, summary_line
-from .metrics import (LOSS_KEYS, SEGMENTATION_KEYS, segmentation_counts, segmentation_scores,
-                      structure_match, upgrade_record)
+from .metrics import (LOSS_KEYS, SEGMENTATION_COUNTS, SEGMENTATION_KEYS, segmentation_counts,
+                      segmentation_scores, structure_match, upgrade_record)
 from .state import build, check_sizes, describe, registry
 
 __all__ = ["Trainer", "UNKNOWN_PROB"]
@@ -580,10 +580,12 @@ class Trainer:
                                 out=self._workspace("grad", (rows.shape[0], emb.dim)),
                                 workspace=self._workspace)
         grad_h, enc_grads = grad.features, {}
+        # the target's activations, summed over the samples (each scored
+        # against the same target)
+        gt = lg.target_activation
+        if morphed.samples > 1:
+            gt = gt.reshape(morphed.samples, -1).sum(axis=0)
         if seg_saved is not None:
-            gt = lg.target_activation
-            if morphed.samples > 1:
-                gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             self._segmentation_target_vjp(seg_saved, gt, grad_h)
         if self.encoder is not None:   # of the table (forward_lookup's vjp)
             grad_table, enc_grads = self.encoder.vjp(enc_saved, grad_h, grad.queries,
@@ -592,9 +594,6 @@ class Trainer:
             grad_table = Lookup().vjp((rows, emb.weight.shape, emb.dtype), grad_h)[0]
         if t_rows is not None and target.num_nodes:
             # the target's activations: Lookup(FeatureMean(table), t_rows)
-            gt = lg.target_activation
-            if morphed.samples > 1:
-                gt = gt.reshape(morphed.samples, -1).sum(axis=0)
             g_means = Lookup().vjp((t_rows, (emb.weight.shape[0],)), gt)[0]
             grad_table += FeatureMean().vjp(emb.weight.shape + (emb.dtype,), g_means)[0]
         grads = {"embedding": grad_table, "theta": grad.theta,
@@ -1447,11 +1446,6 @@ class Trainer:
 #: loss terms weighted by pairs, and the node counts), in the order of the
 #: all-reduce's buffer.
 SHARD_SUMS = ("loss", "node", "edge", "clique", "chars", "output_nodes", "input_nodes")
-
-#: The counts of :func:`~grapheme.train.metrics.segmentation_counts`, in
-#: the order validation all-reduces them.
-SEGMENTATION_COUNTS = ("examples", "exact", "true_positive", "predicted", "gold")
-
 
 def _eval_scores(sums, n_in, n_out, correct, seg, n):
     """:meth:`Trainer.evaluate`'s record from its sums over ``n`` pairs."""
