@@ -406,8 +406,12 @@ class _MorphOp(ops.Operation):
         self.inputs = ("features", "theta") + (("queries", "keys") if routed else ())
 
     def forward(self, features, theta, queries=None, keys=None):
-        self.morpher.theta[...] = theta
-        morphed = self.morpher.forward(self.graph, features, queries, keys)
+        # a copy with this call's theta: the module's morpher is never
+        # written (a forward in another thread reads it), and its theta is
+        # the Parameter's, not a copy left by the last call
+        call = copy.copy(self.morpher)
+        call.theta = np.array(theta, dtype=np.float64)
+        morphed = call.forward(self.graph, features, queries, keys)
         g = morphed.graph
         log_prob = morphed.log_prob if morphed.log_prob is not None else np.zeros(g.num_graphs)
         weights = np.ones(g.num_edges) if g.weights is None else g.weights
@@ -646,8 +650,9 @@ class Merge(nn.Module):
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None, *,
                  device=None, dtype=None):
         super().__init__()
-        # the numpy morph this module runs (it checks the settings); its
-        # theta follows the parameter
+        # the numpy morph this module runs (it checks the settings and holds
+        # the estimator's and the rate controller's state); its theta is
+        # unused: each call runs a copy with the parameter's
         self._morpher = Morpher(threshold, temperature, estimator, rate)
         self.theta = nn.Parameter(torch.tensor(self._morpher.threshold,
                                                **_factory(device, dtype)))

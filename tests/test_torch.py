@@ -221,6 +221,27 @@ def test_merge_module_gradcheck(estimator):
         gradcheck(lambda th: objective(x.detach(), th), leaf(0.3))
 
 
+def test_merge_forward_writes_nothing_shared():
+    """Left from stop 33: the forward wrote the parameter's value into the
+    module's numpy morpher (read by a forward in another thread). Each call
+    now runs a copy with its own theta; the result is the numpy morph's at
+    the parameter's value."""
+    rng = np.random.default_rng(10)
+    offsets = torch.tensor([0, 5, 9])
+    x = rng.normal(size=(9, 4))
+    merge = gt.Merge(threshold=0.3, temperature=0.5, estimator="soft").double()
+    before = merge._morpher.theta.copy()
+    with torch.no_grad():
+        merge.theta.fill_(0.7)
+    out = merge(torch.tensor(x), offsets)
+    assert merge._morpher.theta == before
+    ref = gr.Morpher(0.3, 0.5, "soft")
+    ref.theta[...] = 0.7
+    g = gr.Graph.chains([0, 5, 9])
+    np.testing.assert_array_equal(out.features.detach().numpy(),
+                                  ref.forward(g, x).graph.features)
+
+
 def test_straight_through_is_its_documented_surrogate():
     """ste's gradient is that of the relaxation at m = hard + p - stop_gradient(p)."""
     rng = np.random.default_rng(9)
