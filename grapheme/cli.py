@@ -52,7 +52,7 @@ from . import data as _data
 from .checkpoint import _ends_with_separator
 from .distributed import _STOP_SIGNALS, MAX_LOCAL_RANKS, MAX_TIMEOUT
 from .estimators import ESTIMATORS
-from ._validation import check_scalar
+from ._validation import check_pairs, check_scalar
 from .plot import check_png
 from .train.metrics import SEGMENTATION_KEYS
 from .train.trainer import UNKNOWN_PROB
@@ -688,9 +688,16 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
             trainer._check_keep_best(metric, None, val, checkpoint)
         except ValueError:
             why = f"the validation pairs have no {metric}"
-    if announce:
-        print(f"--keep-best {metric}: kept on from the checkpoint" if why is None else
-              f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
+    if announce and why is None:
+        from .train.trainer import data_fingerprint
+
+        measured = trainer.best.get("val")   # fit starts the record anew on other pairs
+        anew = measured not in (None, data_fingerprint(*check_pairs(val, "val"))["sha256"])
+        print(f"--keep-best {metric}: kept on from the checkpoint" + (
+            ", its record started anew (its best was measured on other validation pairs)"
+            if anew else ""), file=out)
+    elif announce:
+        print(f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
               f"kept on: {why}", file=out)
     return metric if why is None else None
 

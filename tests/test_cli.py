@@ -735,6 +735,40 @@ def test_keep_best_on_new_data_starts_its_record_there(level1, tmp_path, capsys)
     assert old < best["value"] <= min(later)         # measured on the new pairs
 
 
+def test_keep_best_on_other_validation_pairs_starts_its_record_there(level1, tmp_path,
+                                                                    capsys):
+    """Left from stop 34: resumed with another --val, the record kept the
+    value measured on the first validation pairs, so best.npz compared two
+    validation sets. The record names its pairs (a sha256) and starts anew
+    on others."""
+    from grapheme.train import Trainer
+
+    easy = tmp_path / "easy"   # dedup: a low val_loss, which arithmetic never reaches
+    assert run(capsys, "generate", "--out", easy, "--n-train", 64, "--n-val", 16,
+               "--seed", 2, "--tasks", "dedup")[0] == 0
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--val", easy / "val.jsonl", "--epochs", 1,
+               "--out", out, "--keep-best", "val_loss", "--no-progress")[0] == 0
+    first = Trainer.from_checkpoint(out / "best.npz", progress=False).best
+    assert len(first["val"]) == 64   # a sha256
+    code, text, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
+                          "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 0, err
+    assert ("--keep-best val_loss: kept on from the checkpoint, its record started anew "
+            "(its best was measured on other validation pairs)") in text
+    later = [r["val_loss"] for r in read_log(out / "metrics.jsonl")[1:]]
+    best = Trainer.from_checkpoint(out / "best.npz", progress=False).best
+    assert first["value"] < min(later)               # the old record would never move
+    assert first["value"] < best["value"] <= min(later)   # measured on level1's val
+    assert best["val"] != first["val"]
+    # on the same pairs the record goes on, unsaid
+    code, text, _ = run(capsys, "train", "--data", level1, "--epochs", 4, "--out", out,
+                        "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 0 and "started anew" not in text
+    assert Trainer.from_checkpoint(out / "checkpoint.npz", progress=False).best["val"] == \
+        best["val"]
+
+
 def test_a_resume_whose_validation_lacks_the_kept_metric_says_so(words, level1, tmp_path,
                                                                 capsys):
     out = tmp_path / "run"

@@ -187,8 +187,9 @@ class Trainer:
         The model being trained, for inference (shares the parameters).
     best : dict or None
         With ``fit(..., keep_best=metric)``: ``{"metric", "value", "epoch",
-        "path"}`` of the best checkpoint kept so far (``epoch`` 0: the
-        untrained model). Saved in checkpoints.
+        "path", "val"}`` of the best checkpoint kept so far (``epoch`` 0: the
+        untrained model; ``val``: the sha256 of the validation pairs
+        ``value`` is measured on). Saved in checkpoints.
 
     Notes
     -----
@@ -884,8 +885,8 @@ class Trainer:
             untrained (or resumed) model's included, is kept in ``best``:
             written (atomically) when an epoch strictly improves on it, and
             the starting state when this call's first epoch does not (a run
-            continued into another ``best`` file, or on other pairs, starts
-            its record there), so
+            continued into another ``best`` file, on other pairs or with
+            other ``val`` pairs, starts its record there), so
             the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``.
@@ -987,15 +988,19 @@ class Trainer:
             if val is not None and self.epoch == 0:
                 self.baseline = self._val_record(val)
         first = None   # the first candidate's state (untrained or resumed), written after epoch 1
+        # the validation pairs the best value is measured on (a record
+        # without it, written before it was kept, is taken as on these)
+        val_sha = None if best_path is None else data_fingerprint(*val_split)["sha256"]
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best or changed
+                or self.best.get("val", val_sha) != val_sha
                 or os.path.realpath(self.best["path"]) != os.path.realpath(best_path)):
             # the starting point is the first candidate: never end below it (a
-            # run continued into another best file, or on other data, whose
-            # validation pairs may differ too, starts that file's record)
+            # run continued into another best file, on other data or measured
+            # on other validation pairs, starts that file's record)
             start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
-                         "epoch": self.epoch, "path": best_path}
+                         "epoch": self.epoch, "path": best_path, "val": val_sha}
             if writes:   # another run's file there survives the first epoch too
                 first = self._state(copy=True)
         progress = Progress("auto" if self.progress and writes else None,
@@ -1014,7 +1019,7 @@ class Trainer:
                     self.history.append(record)
                     if improved:
                         self.best = {"metric": keep_best, "value": record[keep_best],
-                                     "epoch": self.epoch, "path": best_path}
+                                     "epoch": self.epoch, "path": best_path, "val": val_sha}
                 if self.comm is not None:   # cheap: a digest of the parameters
                     self.comm.check_same(f"the parameters after epoch {self.epoch}",
                                          list(self._params().values()))
@@ -1378,7 +1383,8 @@ class Trainer:
                     isinstance(best, dict) and isinstance(best.get("metric"), str)
                     and isinstance(best.get("value"), (int, float))
                     and isinstance(best.get("epoch"), int)
-                    and isinstance(best.get("path"), str)):
+                    and isinstance(best.get("path"), str)
+                    and isinstance(best.get("val"), (str, type(None)))):
                 raise ValueError(f"best must be a record of the best checkpoint, got "
                                  f"{show(best)}")
         except (KeyError, TypeError, ValueError) as exc:
