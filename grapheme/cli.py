@@ -236,6 +236,11 @@ def build_parser():
                         "(UTF-8), read and written in batches")
     p.add_argument("--sep", default=" ",
                    help="written between the segments of a text (default: one space)")
+    p.add_argument("--words", action="store_true",
+                   help="raw text, for a model trained on words (generate --task words): "
+                        "each text as given, with --sep inserted only where the model "
+                        "cuts one of its words (runs of letters, lowercased as in training); "
+                        "case, digits, punctuation and spaces stay as they are")
     p.add_argument("--batch-chars", type=_batch_chars, default=1 << 14,
                    help="about how many characters of standard input (read as UTF-8) are "
                         "segmented per batch (default 16384; a longer line is one batch, "
@@ -941,8 +946,13 @@ def _cmd_segment(args, out):
     _check_arguments_text([args.sep], "--sep")
     model = _load_model(args.model)
     write = out.write
+
+    def segmented(texts):   # pieces of the texts' output, each text ending with a newline
+        if args.words:
+            return model._split_words(texts, args.sep, "\n")
+        return (piece for piece, _ in model._joined(texts, args.sep, "\n"))
     if args.texts:
-        for piece, _ in model._joined(args.texts, args.sep, "\n"):
+        for piece in segmented(args.texts):
             write(piece)
     else:
         if sys.stdin is None:   # started with <&-
@@ -952,7 +962,7 @@ def _cmd_segment(args, out):
         for i, texts in enumerate(_line_batches(stdin, args.batch_chars)):
             if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
                 texts[0] = texts[0][1:]
-            for piece, _ in model._joined(texts, args.sep, "\n"):
+            for piece in segmented(texts):
                 write(piece)
             out.flush()
     return 0

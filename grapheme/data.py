@@ -71,7 +71,7 @@ from ._validation import check_allocation, check_path, show
 from .checkpoint import _atomic_open
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
-           "write_pairs", "generate_words", "words_of", "word_pairs", "stdlib_documents",
+           "write_pairs", "generate_words", "words_of", "word_spans_of", "word_pairs", "stdlib_documents",
            "read_documents", "segment_lengths", "target_text", "is_segmentation"]
 
 #: Built-in demo data: in each pair the last character folds into its
@@ -455,6 +455,83 @@ def words_of(text):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     text = _APOSTROPHE.sub("", unicodedata.normalize("NFC", text)).lower()
     return _word_pattern().findall(unicodedata.normalize("NFC", text))   # lower() may decompose
+
+
+def word_spans_of(text):
+    """The words of a text as :func:`words_of` finds them, and where each
+    character of them comes from in ``text``.
+
+    Returns ``(words, start, end)``: ``words`` the list :func:`words_of`
+    gives, and two int64 arrays over the characters of ``"".join(words)``:
+    the character ``k`` comes from ``text[start[k]:end[k]]``. A character
+    that its normalisation made several of (``"İ".lower()`` is two) gives
+    each of them its span; ``start[k] == start[k - 1]`` then. Spans are
+    ``[start, end)`` offsets into ``text`` as given (not its NFC form).
+
+    Where NFC, the apostrophes' removal and lowercasing keep the length of
+    ``text`` (text in NFC, as most is) the characters map one to one, and
+    everything runs in C (regular expressions, numpy). Elsewhere each
+    letter with its combining marks is normalised on its own, in a Python
+    loop over the text's characters; the words are then those of
+    :func:`words_of` unless NFC would compose across two letters (Hangul
+    conjoining jamo), where they are of the letters one by one.
+
+    Examples
+    --------
+    >>> words, start, end = word_spans_of("Don't panic!")
+    >>> words, start.tolist(), end.tolist()
+    (['dont', 'panic'], [0, 1, 2, 4, 6, 7, 8, 9, 10], [1, 2, 3, 5, 7, 8, 9, 10, 11])
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    nfc = unicodedata.normalize("NFC", text)
+    norm = None
+    if len(nfc) == len(text):
+        kept = _APOSTROPHE.sub("", nfc)
+        lower = kept.lower()
+        if len(lower) == len(kept):
+            norm = unicodedata.normalize("NFC", lower)
+            if len(norm) == len(lower):
+                keep = np.ones(len(text), dtype=bool)
+                keep[[m.start() for m in _APOSTROPHE.finditer(nfc)]] = False
+                source = np.flatnonzero(keep)
+                start, end = source, source + 1
+            else:
+                norm = None
+    if norm is None:
+        norm, start, end = _normalised_by_letter(text)
+    words, spans = [], []
+    for m in _word_pattern().finditer(norm):
+        words.append(m.group())
+        spans.append(m.span())
+    take = (np.concatenate([np.arange(a, b) for a, b in spans]) if spans
+            else np.zeros(0, dtype=np.int64))
+    return words, start[take].astype(np.int64), end[take].astype(np.int64)
+
+
+def _normalised_by_letter(text):
+    """``(norm, start, end)``: ``text`` normalised as :func:`words_of` does,
+    each letter with its combining marks on its own (one Python step per
+    character), and the span of ``text`` each character of ``norm`` comes
+    from."""
+    bounds, n, i = [], len(text), 0
+    while i < n:   # the letters with their marks (a mark alone is one too)
+        j = i + 1
+        while j < n and unicodedata.category(text[j])[0] == "M":
+            j += 1
+        bounds.append((i, j))
+        i = j
+    nfc = [unicodedata.normalize("NFC", text[i:j]) for i, j in bounds]
+    # the apostrophes words_of drops: found in the NFC text, as there
+    unit_of = np.repeat(np.arange(len(nfc)), [len(u) for u in nfc])
+    dropped = {int(unit_of[m.start()]) for m in _APOSTROPHE.finditer("".join(nfc))}
+    parts, start, end = [], [], []
+    for u, ((i, j), unit) in enumerate(zip(bounds, nfc)):
+        unit = "" if u in dropped else unicodedata.normalize("NFC", unit.lower())
+        parts.append(unit)
+        start.extend([i] * len(unit))
+        end.extend([j] * len(unit))
+    return "".join(parts), np.array(start, dtype=np.int64), np.array(end, dtype=np.int64)
 
 
 def word_pairs(text, rng, min_words=4, max_words=12):

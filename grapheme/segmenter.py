@@ -37,6 +37,17 @@ WINDOW_MEMORY = 256 * 2**20
 MAX_WINDOW = 2**62
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _codes_of(text, name):
+    """The code points of ``text`` (a separator), uint32; TypeError or
+    ValueError naming ``name``."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    if _SURROGATE.search(text) is not None:   # named, not a codec's error
+        raise ValueError(f"{name} contains a lone surrogate ({text!r}); it must be valid "
+                         f"Unicode")
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
 #: The components checked again where used when assigned since construction.
 _COMPONENTS = ("embedding", "morpher", "encoder")
 #: The arrays of every model file (an encoder's are ``encoder.*`` besides).
@@ -343,6 +354,112 @@ class Segmenter:
                 parts, start = [], end
             parts.append(piece[start:])
         return out[0] if single else out
+
+    # ------------------------------------------------------------- raw text
+    def _word_pieces(self, texts):
+        """``(offsets, spans, first)`` of raw ``texts``: where each text starts
+        in their concatenation, the ``[start, end)`` (k, 2) of every piece of
+        their words (:func:`~grapheme.data.word_spans_of`) in it, in order,
+        and whether each piece is the first of its word. The words of all
+        texts are segmented in calls of at most :attr:`window` characters;
+        a cut inside one character of the text (one its normalisation made
+        two of) is not made."""
+        from .data import word_spans_of
+
+        words, starts, ends, base = [], [], [], 0
+        for text in texts:
+            w, s, e = word_spans_of(text)
+            words.extend(w)
+            starts.append(s + base)
+            ends.append(e + base)
+            base += len(text)
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
+                  out=offsets[1:])
+        start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        word_offsets, positions = self._starts(words)
+        inside = np.zeros(positions.shape[0], dtype=bool)
+        inside[1:] = start[positions[1:]] == start[positions[1:] - 1]
+        positions = positions[~inside]
+        stop = np.append(positions[1:], start.shape[0])[:positions.shape[0]].astype(np.int64)
+        spans = np.stack([start[positions], end[stop - 1]], axis=1)
+        return offsets, spans, np.isin(positions, word_offsets)
+
+    def word_spans(self, texts):
+        """Where the pieces of the words of raw text lie in it.
+
+        The words are those ``grapheme generate --task words`` trains on
+        (:func:`grapheme.data.words_of`: runs of letters, in NFC, lowercased,
+        apostrophes between letters dropped), found in ``texts`` as given;
+        each is segmented and its pieces mapped back to the text. Digits,
+        punctuation and whitespace are in no piece. So a model trained on
+        words cuts ``"Thecat sat."`` as ``"The"``, ``"cat"``, ``"sat"``:
+        :meth:`segment` would see the capital, the space and the full stop,
+        characters such a model never saw.
+
+        Parameters
+        ----------
+        texts : str or sequence of str
+
+        Returns
+        -------
+        ndarray of int64 of shape (k, 2), or list of them
+            For one ``str``, the ``[start, end)`` offsets of its k pieces, in
+            order (``text[start:end]`` is a piece, in the text's own
+            spelling); for a sequence, one such array per text.
+
+        Examples
+        --------
+        >>> model = Segmenter(Embedding(dim=4), Morpher(threshold=-10.0))
+        >>> model.word_spans("Don't panic!").tolist()      # every edge merges
+        [[0, 5], [6, 11]]
+        """
+        texts, single = self._texts(texts)
+        offsets, spans, _ = self._word_pieces(texts)
+        cuts = np.searchsorted(spans[:, 0], offsets).tolist()
+        out = [spans[a:b] - offsets[i] for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        return out[0] if single else out
+
+    def words(self, texts):
+        """The pieces of the words of raw text, in its own spelling
+        (:meth:`word_spans`): a list of str for one ``str``, else one list
+        per text.
+
+        Examples
+        --------
+        >>> Segmenter(Embedding(dim=4), Morpher(threshold=-10.0)).words("Don't panic!")
+        ["Don't", 'panic']
+        """
+        texts, single = self._texts(texts)
+        out = []
+        for text, spans in zip(texts, self.word_spans(texts)):
+            out.append([text[a:b] for a, b in spans.tolist()])
+        return out[0] if single else out
+
+    def split_words(self, texts, sep=" "):
+        """Each raw text as given, with ``sep`` inserted where the model cuts
+        one of its words (:meth:`word_spans`): ``"Thecat sat."`` becomes
+        ``"The cat sat."``. One str per text, or one for one ``str``."""
+        texts, single = self._texts(texts)
+        out = self._split_words(texts, sep, "")
+        return out[0] if single else out
+
+    def _split_words(self, texts, sep, end):
+        """:meth:`split_words` of ``texts`` (a list) with ``end`` after each;
+        numpy on the texts' code points, no Python step per character."""
+        s, e = _codes_of(sep, "sep"), _codes_of(end, "end")
+        offsets, spans, first = self._word_pieces(texts)
+        codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype="<u4")
+        inner = spans[~first, 0]
+        where = np.concatenate([np.repeat(inner, s.shape[0]),
+                                np.repeat(offsets[1:], e.shape[0])])
+        what = np.concatenate([np.tile(s, inner.shape[0]), np.tile(e, len(texts))])
+        joined = np.insert(codes, where, what).tobytes().decode("utf-32-le")
+        # text i ends after its characters, its separators and i + 1 ends
+        bounds = (offsets[1:] + np.searchsorted(inner, offsets[1:]) * s.shape[0]
+                  + np.arange(1, len(texts) + 1) * e.shape[0]).tolist()
+        return [joined[a:b] for a, b in zip([0] + bounds[:-1], bounds)]
 
     def _joined(self, texts, sep, end):
         """All texts with ``sep`` between segments and ``end`` after each

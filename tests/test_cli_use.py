@@ -76,6 +76,22 @@ def test_segment_streams_standard_input(trained, capsys, monkeypatch):
     assert out.split("\n")[:-1] == ["/".join(s) for s in model.segment(lines)]
 
 
+def test_segment_words_of_raw_text(trained, capsys, monkeypatch):
+    """A new user's find: a model trained on words cut "The dog runs." as
+    "The dog  r uns", seeing capitals, spaces and punctuation it never saw.
+    --words segments only the words, normalised as in training."""
+    model = gr.Segmenter.load(trained / "model.npz")
+    texts = ["Thecat sat, on THEMAT!", "", "42 ... Über'all"]
+    code, out, _ = run(capsys, "segment", "--model", trained / "model.npz", "--words",
+                       "--sep", "|", *texts)
+    assert code == 0 and out == "".join(t + "\n" for t in model.split_words(texts, sep="|"))
+    assert out.replace("|", "") == "".join(t + "\n" for t in texts)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts * 40)))
+    code, streamed, _ = run(capsys, "segment", "--model", trained / "model.npz", "--words",
+                            "--sep", "|", "--batch-chars", 50)
+    assert code == 0 and streamed == out * 40
+
+
 def test_line_batches_read_as_the_lines_come():
     class Stream:
         def __init__(self, text):

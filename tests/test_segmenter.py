@@ -529,3 +529,98 @@ def test_window_is_checked():
     assert m.window == 6 and m.copy().window == 6
     with pytest.raises(ValueError, match="window must be >= 2"):
         model(0).window = 1
+
+
+# ------------------------------------------------------------ raw text
+import unicodedata  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from grapheme.data import word_spans_of, words_of  # noqa: E402
+
+# NFC and not, capitals that lowercase to two characters (İ) and a
+# character that is two once lowercased (ŉ is in NFC, 'ʼn' after NFKC
+# only: one to one), apostrophes, digits, punctuation, a mark alone
+_RAW = list("abcAB é'’ .,2_-") + ["e\u0301", "A\u0308", "\u0130", "\u0149", "\u00df",
+                                   "\u0301", "\u03c3", "\u4e2d"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_RAW), max_size=30).map("".join))
+def test_word_spans_of_finds_the_words_of_words_of(text):
+    words, start, end = word_spans_of(text)
+    assert words == words_of(text)
+    norm = "".join(words)
+    assert start.shape == end.shape == (len(norm),)
+    assert np.all(np.diff(start) >= 0) and np.all(start < end) and np.all(end <= len(text))
+    for k, c in enumerate(norm):   # each character comes from its span
+        unit = text[start[k]:end[k]]
+        assert c in unicodedata.normalize("NFC", unicodedata.normalize("NFC", unit).lower())
+
+
+def test_word_spans_of_maps_one_to_one_where_normalisation_keeps_lengths():
+    words, start, end = word_spans_of("Don\u2019t, 3 Café-au-lait!")
+    assert words == ["dont", "café", "au", "lait"]
+    assert start.tolist() == [0, 1, 2, 4, 9, 10, 11, 12, 14, 15, 17, 18, 19, 20]
+    assert (end - start).tolist() == [1] * 14
+    # "İ" lowercases to two characters: both come from it (the slow path)
+    words, start, end = word_spans_of("\u0130s e\u0301")
+    assert words == ["i\u0307s", "é"]
+    assert start.tolist() == [0, 0, 1, 3] and end.tolist() == [1, 1, 2, 5]
+    with pytest.raises(TypeError, match="text must be a str"):
+        word_spans_of(b"abc")
+
+
+def _word_model(layers):
+    emb = gr.Embedding(dim=8, seed=3)
+    emb.rows(gr.Graph.from_text("abcdefghijklmnopqrstuvwxyz\u0307").labels)
+    enc = random_encoder(8, layers) if layers else None
+    return gr.Segmenter(emb, gr.Morpher(threshold=-1.0), enc)
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_words_of_raw_text_are_the_segments_of_its_words(layers):
+    """A model trained on words sees raw text as training did: each word,
+    normalised, segmented on its own; the pieces are mapped back to the
+    text, in its own spelling."""
+    m = _word_model(layers)
+    rng = np.random.default_rng(layers)
+    vocab = ["the", "cat", "Sat", "ON", "don't", "Straße", "mat", "Über", "quick", "x"]
+    texts = [" ".join(rng.choice(vocab, rng.integers(0, 12))) + rng.choice(["", ".", "!?"])
+             for _ in range(30)] + ["", "  ,, 42", "thecatsatonthemat" * 5]
+    spans = m.word_spans(texts)
+    pieces = m.words(texts)
+    cuts = 0
+    for text, s, p in zip(texts, spans, pieces):
+        assert s.dtype == np.int64 and s.shape == (len(p), 2)
+        assert p == [text[a:b] for a, b in s.tolist()]
+        # the pieces of each word, normalised, are its segments
+        expected = [seg for w in words_of(text) for seg in m.segment(w)]
+        assert ["".join(words_of(x)) for x in p] == expected
+        cuts += len(expected) - len(words_of(text))
+    assert cuts > 20   # the model cuts words, and not everywhere
+    assert m.word_spans(texts[0]).tolist() == spans[0].tolist()
+    assert m.words([]) == [] and m.word_spans("").shape == (0, 2)
+    # split_words: the text as given, with sep where a word is cut
+    joined = m.split_words(texts, sep="|")
+    assert [j.replace("|", "") for j in joined] == texts
+    for text, j, s in zip(texts, joined, spans):
+        # where the separators went, in the text's offsets: each piece that
+        # goes on a word (nothing, or an apostrophe, since the last piece)
+        at = [i - k for k, i in enumerate(i for i, c in enumerate(j) if c == "|")]
+        s = s.tolist()
+        assert at == [b for (_, a), (b, _) in zip(s, s[1:]) if text[a:b] in ("", "'")]
+    # windows: the same pieces, cut anywhere
+    cut = windowed(m, sum(m.context()) + 3)
+    assert [s.tolist() for s in cut.word_spans(texts)] == [s.tolist() for s in spans]
+    assert cut.split_words(texts, sep="|") == joined
+
+
+def test_split_words_checks_its_separator():
+    m = _word_model(0)
+    with pytest.raises(TypeError, match="sep must be a str"):
+        m.split_words("abc", sep=1)
+    with pytest.raises(ValueError, match="sep contains a lone surrogate"):
+        m.split_words("abc", sep="\ud800")
+    with pytest.raises(TypeError, match="texts must be a str or a sequence"):
+        m.words(b"abc")
