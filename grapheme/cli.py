@@ -346,7 +346,10 @@ def _generate(args, out):
         if share < 0.5:   # whole documents: a few large files leave train little
             print(f"note: train holds {share:.0%} of the words: val and test take whole "
                   f"documents until each holds {_data.HELD_OUT['val']:.0%} of the words, "
-                  "so more, smaller files leave train more", file=out)
+                  "so more, smaller files leave train more" + (
+                      " (three or more --corpus files are a document each; one or two are "
+                      "cut at blank lines, a paragraph per document)"
+                      if args.corpus is not None and len(args.corpus) >= 3 else ""), file=out)
         return 0
     if args.corpus is not None:
         raise CommandError("--corpus needs --task words")

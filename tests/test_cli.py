@@ -247,6 +247,8 @@ def words(tmp_path, capsys):
     # three documents: one each, which leaves train a third of the words
     assert re.search(r"\nnote: train holds 3\d% of the words: val and test take whole "
                      r"documents until each holds 10%", out)
+    # and why (a new user's find: a third file changed the split unsaid)
+    assert "(three or more --corpus files are a document each;" in out
     return data
 
 
