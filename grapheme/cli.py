@@ -152,9 +152,11 @@ def build_parser():
     p.add_argument("--epochs", type=_positive_int, required=True,
                    help="total number of epochs (including resumed ones)")
     p.add_argument("--out", required=True,
-                   help="run directory: receives metrics.jsonl and checkpoint.npz")
+                   help="run directory: receives metrics.jsonl and checkpoint.npz (and "
+                        "best.npz with --keep-best)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help=f"pairs per step (default {BATCH_SIZE})")
+                   help=f"pairs per step (default {BATCH_SIZE}; the Trainer's own default "
+                        f"is 32)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="Adam learning rate (default per estimator: " + ", ".join(
                        f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "); with --resume, "
@@ -616,6 +618,7 @@ def _train_locked(args, out, spawn, comm, held):
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
     trainer._summary = False   # the report below says it, on stdout
+    _check_same_data(args, trainer, pairs)
     start = trainer.epoch
     if args.keep_best is None and trainer.best is not None:
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
@@ -678,6 +681,25 @@ def _train_locked(args, out, spawn, comm, held):
         print(f"best: {best} (epoch {trainer.best['epoch']}, {trainer.best['metric']} "
               f"{trainer.best['value']:.4f})", file=out)
     return 0
+
+
+def _check_same_data(args, trainer, pairs):
+    """Refuse a resume on data other than its checkpoint's without
+    ``--new-data``, as :meth:`~grapheme.Trainer.fit` would, but first (a
+    new user's find: a note on ``--keep-best`` came before the refusal) and
+    in the command's words."""
+    from .train.trainer import data_fingerprint
+
+    old = trainer._loaded_fingerprint
+    if args.resume is None or args.new_data or old is None:
+        return
+    now = data_fingerprint(*check_pairs(pairs, "pairs"))
+    if now["sha256"] != old["sha256"]:
+        raise CommandError(
+            f"--data is not the data {args.resume!r} was trained on ({old['pairs']} pairs, "
+            f"sha256 {old['sha256'][:12]}...; now {now['pairs']} pairs, sha256 "
+            f"{now['sha256'][:12]}...): resume with that data, start a new run, or add "
+            "--new-data to continue on this")
 
 
 def _kept_on_best(args, out, trainer, val, checkpoint, announce):

@@ -715,6 +715,21 @@ def test_a_resumed_run_keeps_its_best_on(level1, tmp_path, capsys):
     assert f"stays at epoch {best.epoch}, not kept on: new data" in text
 
 
+def test_a_resume_on_other_data_is_refused_first_in_the_commands_words(words, level1,
+                                                                      tmp_path, capsys):
+    """A new user's find: a note on --keep-best came first, then a refusal
+    that told a command-line user to "pass new_data=True"."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", words, "--epochs", 1, "--out", out, "--keep-best",
+               "val_boundary_f1", "--no-progress")[0] == 0
+    code, text, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out,
+                          "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 2 and text == ""
+    assert err.startswith(f"grapheme train: error: --data is not the data "
+                          f"{str(out / 'checkpoint.npz')!r} was trained on (")
+    assert err.endswith("add --new-data to continue on this\n") and "new_data=" not in err
+
+
 def test_keep_best_on_new_data_starts_its_record_there(level1, tmp_path, capsys):
     """An attack helper's find: resumed on other data, the record kept the
     value measured on the old validation pairs (0.57 against the new ones'
