@@ -1,5 +1,6 @@
 """Tests for grapheme.train.Trainer: descent, metrics, logs, exact resume."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -442,8 +443,9 @@ def test_an_overwriting_run_replaces_no_file_before_its_first_epoch(tmp_path):
         original(*args)
         raise KeyboardInterrupt
     t._run_epoch = interrupted
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         fit(t)
+    assert not getattr(info.value, "__notes__", [])   # nothing of this run is saved yet
     for name in names:
         assert (tmp_path / name).read_bytes() == b"another run's " + name.encode()
     t = make_trainer(lr=0.5, overwrite=True, log=tmp_path / "log.jsonl", progress=False)
@@ -452,6 +454,20 @@ def test_an_overwriting_run_replaces_no_file_before_its_first_epoch(tmp_path):
     best = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)
     assert best.epoch == 0 and best.evaluate(val)["boundary_f1"] == 1.0
     assert best.history == [] and best.best == t.best
+    # stopped later: the note says what is saved and how to go on
+    t = make_trainer(lr=0.5, overwrite=True, log=tmp_path / "log.jsonl", progress=False)
+
+    def second_interrupted(*args):
+        if t.epoch:
+            raise KeyboardInterrupt
+        return Trainer._run_epoch(t, *args)
+    t._run_epoch = second_interrupted
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(t)
+    if sys.version_info >= (3, 11):
+        assert info.value.__notes__ == [
+            f"grapheme: epoch 1 is saved in {str(tmp_path / 'last.npz')!r}; "
+            f"fit(..., resume={str(tmp_path / 'last.npz')!r}) continues the run"]
     untrained = make_trainer(lr=0.5)
     untrained._grow(*map(list, zip(*train)))   # as fit grows it before the first step
     for name, value in untrained._params().items():

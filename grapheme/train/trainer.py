@@ -1030,6 +1030,12 @@ class Trainer:
             if self.epoch > first_epoch and self._summary:
                 summary = summary_line(self.history, first_epoch, self.baseline,
                                        time.perf_counter() - started)
+        except KeyboardInterrupt as exc:   # a traceback alone said nothing of the run
+            saved = self._last_checkpoint
+            if saved is not None and hasattr(exc, "add_note"):   # Python >= 3.11
+                exc.add_note(f"grapheme: epoch {saved[1]} is saved in {saved[0]!r}; "
+                             f"fit(..., resume={saved[0]!r}) continues the run")
+            raise
         finally:
             progress.close(summary)
         return list(self.history)
