@@ -138,7 +138,8 @@ def contract(
     cluster: np.ndarray,      # const index_t[::1] IN (n,)
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)
     members: np.ndarray,      # const index_t[::1] IN (n,)
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...  # weights: None where
+                                                        # unweighted and nothing folded
 def gather(
     cluster: np.ndarray,      # const index_t[::1] IN (n,)
     hist_indptr: np.ndarray,  # const index_t[::1] IN (k+1,)

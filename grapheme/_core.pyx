@@ -830,12 +830,15 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
              const index_t[::1] hist_indptr,   # IN  (k+1,), no output without inputs
              const index_t[::1] members):      # IN  (n,)
     """Contract the graph along ``cluster``: edge (u, v) becomes (c(u), c(v));
-    self-loops are dropped and duplicates folded (weights summed).
+    self-loops are dropped and duplicates folded (weights summed; an
+    unweighted edge weighs 1).
 
     Targets in a row appear in first-seen order, walking members ascending
     and each member's edges in order. O(n + E + k). Returns
     ``(indptr, indices, weights)`` with the dtype of ``indptr``; ``weights`` is
-    None for an unweighted graph.
+    None for an unweighted graph where no two edges folded into one (a
+    chain's contraction, always), else the folded edges' counts: a second
+    pass with unit weights.
 
     One pass into arrays of the upper bound E, shrunk in place at the end.
     No branch depends on which edges were merged: every edge writes its
@@ -844,7 +847,7 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
     cost more than the pass).
     """
     cdef intp_t k = hist_indptr.shape[0] - 1, n = members.shape[0], E = indices.shape[0]
-    cdef intp_t c = 0, j, u, e, cv, total = 0, start = 0, slot, fresh, new_row
+    cdef intp_t c = 0, j, u, e, cv, total = 0, start = 0, slot, fresh, new_row, kept = 0
     cdef bint weighted = edge_weight.shape[0] > 0
     dtype = np.asarray(indptr).dtype
     # seen[cv]: the slot of target cv in the row that last met it
@@ -870,13 +873,17 @@ def contract(const index_t[::1] indptr,        # IN  (n+1,) input graph
                 out_indices[total] = <index_t>cv     # kept only if fresh
                 seen[cv] = <index_t>slot
                 total += fresh
+                kept += cv != c
                 if weighted:
                     out_weights[slot if cv != c else E] += edge_weight[e]
             out_indptr[c + 1] = <index_t>total
     out_indices = out_weights = None       # no view may outlive the realloc
     out_indices_arr.resize(total, refcheck=False)
     if not weighted:
-        return out_indptr_arr, out_indices_arr, None
+        if kept == total:
+            return out_indptr_arr, out_indices_arr, None
+        # duplicates folded: without weights each would count once
+        return contract(indptr, indices, np.ones(E), cluster, hist_indptr, members)
     out_weights_arr.resize(total, refcheck=False)
     return out_indptr_arr, out_indices_arr, out_weights_arr
 

@@ -574,7 +574,9 @@ def contract(graph, history, features=None):
 
     Labels are the heads' labels, features the members' (weighted) mean,
     edges ``(c(u), c(v))`` for every input edge with self-loops dropped and
-    duplicates folded (their weights summed). Masses are 1. A batch stays a
+    duplicates folded (their weights summed; on an unweighted graph each
+    edge weighs 1, so the output has weights where two edges folded into
+    one, and none otherwise, as for every chain). Masses are 1. A batch stays a
     batch: output offsets follow the heads. O(n d + E).
 
     Parameters

@@ -104,6 +104,29 @@ def python_contract(g, cluster, k):
     return out
 
 
+def test_folded_edges_of_an_unweighted_graph_count_as_unit_weights():
+    """A numerical review's find: contracting an unweighted graph folded two
+    edges into one of weight 1 (2 with the unit weights written out), and a
+    hard morph that merged nothing lost a parallel edge."""
+    import grapheme as gr
+
+    t = gr.Graph([0, 1, 1], [1], [97, 98], features=np.eye(3)[:2])
+    values = []
+    for w in (None, [1.0, 1.0, 1.0]):
+        g = gr.Graph([0, 2, 3, 3], [1, 2, 2], [97, 98, 99], weights=w)
+        c = contract(g, merge_edges(g, np.array([0, 0, 1], bool)), np.eye(3))
+        assert c.weights.tolist() == [2.0]
+        values.append(gr.StructuralLoss().forward(c, t).value)
+    assert values[0] == values[1]
+    g = gr.Graph([0, 2, 3, 3], [1, 1, 2], [97, 98, 99])
+    for estimator in ("history", "reinforce"):
+        out = gr.Morpher(threshold=20.0, estimator=estimator).forward(g, np.eye(3)).graph
+        assert out.indices.tolist() == [1, 2] and out.weights.tolist() == [2.0, 1.0]
+    # a chain never folds two edges: no weights, as before
+    chain = gr.Graph.from_text("aabbc")
+    assert contract(chain, merge_edges(chain, [True, False, True, False])).weights is None
+
+
 @given(n=st.integers(1, 30), density=st.floats(0.0, 3.0), p=st.floats(0.0, 1.0),
        seed=st.integers(0, 2**32 - 1), weighted=st.booleans(), wide=st.booleans())
 def test_contraction_equals_python_reference(n, density, p, seed, weighted, wide):
@@ -121,11 +144,13 @@ def test_contraction_equals_python_reference(n, density, p, seed, weighted, wide
            for e, (a, b) in enumerate(zip(src, out.indices))}
     assert len(got) == out.num_edges  # no duplicate edges
     assert set(got) == set(ref)
-    if weighted:
-        for key in ref:
-            assert got[key] == pytest.approx(ref[key], rel=1e-12)
-    else:
-        assert out.weights is None
+    # unweighted, each edge weighs 1: a numerical review's find, folded
+    # duplicates counted once (the loss then depended on whether unit
+    # weights were written out); weights only where two edges folded
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], rel=1e-12)
+    if not weighted:
+        assert (out.weights is None) == all(v == 1.0 for v in ref.values())
     assert all(a != b for a, b in got)  # no self-loops
     np.testing.assert_array_equal(out.labels, g.labels[h.heads])
     means = np.array([feats[h.cluster == c].mean(axis=0) for c in range(h.num_outputs)])
