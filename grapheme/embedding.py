@@ -208,6 +208,11 @@ class Embedding:
     def backward(self, labels, grad):
         """Accumulate ``grad`` (n, dim) into the rows of ``labels``. O(n dim).
 
+        The rows :meth:`forward` read: a code point without a row of its own
+        (read with ``grow=False``) gives its gradient to the unknown row it
+        read. A backward never grows the table (it used to, and sent the
+        unknown row's gradient to the new row: a numerical review's find).
+
         Raises
         ------
         ValueError
@@ -220,7 +225,7 @@ class Embedding:
         grad = np.array(grad, copy=True)
         as_float_array(grad, "grad", dtype=self.dtype)
         with self._lock:
-            rows = self._rows(labels, True)
+            rows = self._rows(labels, False)
             self._check_arrays()
             _core.rows_add(rows, grad, self.grad)
 

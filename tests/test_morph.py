@@ -197,6 +197,23 @@ def test_embedding_backward_accumulates(rng):
     assert not emb.grad.any()
 
 
+def test_embedding_backward_after_a_forward_that_did_not_grow():
+    """A numerical review's find: backward looked its rows up growing the
+    table, so characters read through the unknown row sent their gradient
+    to a new row, and the unknown row, the one read, got none."""
+    emb = Embedding(dim=3)
+    emb.forward([97])
+    weight = emb.weight.copy()
+    H = emb.forward([97, 99, 99], grow=False)
+    emb.zero_grad()
+    emb.backward([97, 99, 99], np.ones((3, 3)))
+    unknown = emb.unknown_row
+    assert emb.weight.shape == weight.shape                # nothing grew
+    np.testing.assert_array_equal(H[1], emb.weight[unknown])
+    assert emb.grad[unknown].tolist() == [2.0] * 3         # the row read, twice
+    assert emb.grad.sum() == 9.0
+
+
 def test_embedding_state_roundtrip():
     emb = Embedding(dim=5, seed=2)
     emb.forward([100, 50, 75])
