@@ -503,7 +503,8 @@ class RelaxResult(NamedTuple):
 class ChainRelaxation(Operation):
     """The expected merge of a chain under independent merge weights ``m``.
 
-    For chain-shaped graphs (every edge ``u -> u + 1``, what text produces).
+    For unweighted chain-shaped graphs (every edge ``u -> u + 1``, what
+    text produces; a weighted one is refused).
     Right-to-left recursions ``N_i = h_i + m_i N_{i+1}``, ``D_i = 1 + m_i
     D_{i+1}`` give the relaxed cluster means ``h'_i = N_i / D_i``; the mass
     of node ``i`` is the probability that it heads a cluster,
@@ -546,6 +547,10 @@ class ChainRelaxation(Operation):
             raise ValueError("merge must lie in [0, 1] (merge weights, probabilities), got "
                              f"values in [{merge.min()}, {merge.max()}]")
         src = chain_sources(graph)
+        if graph.weights is not None:   # else silently unit weights (a review's find)
+            raise ValueError("graph must be unweighted for the chain relaxation: its "
+                             "edges' weights are merge probabilities (the hard morph, "
+                             "estimator 'history', takes weighted chains)")
         n, d = features.shape
         m = np.zeros(n)
         m[src] = merge

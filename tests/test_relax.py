@@ -442,3 +442,19 @@ def test_relaxed_edge_counts_refuses_a_last_node_with_a_next():
         _relax.relaxed_edge_counts(m, np.ones(3, np.uint8), counts)
     _relax.relaxed_edge_counts(m, np.array([1, 1, 1, 0], np.uint8), counts)
     assert counts.tolist() == [3, 2, 1, 0]
+
+
+def test_a_weighted_chain_is_refused_not_read_as_unweighted():
+    """A numerical review's find: the relaxation (so 'soft' and 'ste') used
+    unit weights on a weighted chain, where 'ste' is to run forward exactly
+    as the hard morph, which keeps them."""
+    import grapheme as gr
+
+    g = gr.Graph.from_texts(["abcab", "xyz"]).replace(weights=[.5, 2, .3, 1.5, .7, .2])
+    H = np.random.default_rng(3).normal(size=(8, 4))
+    for estimator in ("soft", "ste"):
+        with pytest.raises(ValueError, match="graph must be unweighted for the chain "
+                                             "relaxation"):
+            gr.Morpher(0.0, estimator=estimator).forward(g, H)
+    out = gr.Morpher(0.0, estimator="history").forward(g, H).graph
+    assert out.weights is not None and out.weights.sum() <= 5.2
