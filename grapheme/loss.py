@@ -341,6 +341,11 @@ class StructuralLoss:
         Stop once the row-marginal error is <= tol (> 0). None runs exactly
         ``iterations``. The original protocol is ``iterations=20, tol=None``
         (plain sweeps, the numbers of grapheme before the converged default).
+        The error is absolute, in units of mass: the masses grapheme's
+        morphs give are 1 per cluster, but with masses far below 1 (a
+        distribution over many nodes) lower ``tol`` in proportion, or a
+        pair whose every row mass is below it stops after one sweep,
+        reported converged (masses of 1e-6 at the default: a value 1% off).
     balance : bool or None, default None
         Take the dustbin-balancing step before every sweep but the first.
         None: when ``tol`` is set. Random text pairs converge to 1e-6 in 8
