@@ -113,8 +113,11 @@ class Graph:
             raise ValueError(
                 f"indptr must end at len(indices) = {indices.shape[0]}, got {indptr[-1]}"
             )
-        if n and np.any(np.diff(indptr) < 0):
-            bad = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+        # compared, not subtracted: np.diff wraps in int64 ([0, 3 * 2**61,
+        # -2**62, 2] passed, and every kernel read out of bounds)
+        drops = indptr[1:] < indptr[:-1]
+        if drops.any():
+            bad = int(np.flatnonzero(drops)[0])
             raise ValueError(f"indptr must be non-decreasing; it drops after position {bad}")
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             bad = indices[(indices < 0) | (indices >= n)][0]
@@ -504,7 +507,7 @@ def _check_offsets(offsets, n, indptr, indices):
     offsets = np.array(as_index_array(offsets, "offsets"), dtype=np.int64, copy=True)
     if offsets.shape[0] < 1 or offsets[0] != 0 or offsets[-1] != n:
         raise ValueError(f"offsets must run from 0 to n_nodes = {n}")
-    if np.any(np.diff(offsets) < 0):
+    if (offsets[1:] < offsets[:-1]).any():   # compared: a difference can wrap
         raise ValueError("offsets must be non-decreasing")
     if indices.size:
         block = np.searchsorted(offsets, np.arange(n), side="right") - 1
@@ -524,7 +527,7 @@ def _chain_offsets(offsets):
     offsets = as_index_array(offsets, "offsets").astype(np.int64, copy=False)
     if offsets.shape[0] < 1 or offsets[0] != 0:
         raise ValueError("offsets must start at 0")
-    if (np.diff(offsets) < 0).any():
+    if (offsets[1:] < offsets[:-1]).any():   # compared: a difference can wrap
         raise ValueError("offsets must be non-decreasing")
     return offsets
 
@@ -736,8 +739,11 @@ def _segment_lengths(segs, where, labels):
     if (lengths <= 0).any():
         i = int(np.flatnonzero(lengths <= 0)[0])
         raise ValueError(f"{where}[{i}] = {int(lengths[i])}; segment lengths must be positive")
-    if int(lengths.sum()) != n:
-        raise ValueError(f"{where} sum to {int(lengths.sum())} but the graph has {n} nodes")
+    # each at most n first: then their int64 sum cannot wrap (2**62 * 4 + 2
+    # summed to 2)
+    if (lengths.size and lengths.max() > n) or int(lengths.sum()) != n:
+        total = sum(map(int, segs))
+        raise ValueError(f"{where} sum to {total} but the graph has {n} nodes")
     return lengths
 
 

@@ -918,9 +918,10 @@ def unpack(packed, offsets, total_length=None):
     if offsets.ndim != 1 or offsets.shape[0] < 1:
         raise ValueError(f"offsets must be 1-d with B + 1 >= 1 entries, got shape "
                          f"{tuple(offsets.shape)}")
-    lengths = offsets[1:] - offsets[:-1]
-    if offsets[0] != 0 or (lengths < 0).any() or offsets[-1] != packed.shape[0]:
+    if (offsets[0] != 0 or (offsets[1:] < offsets[:-1]).any()   # compared: no wrap
+            or offsets[-1] != packed.shape[0]):
         raise ValueError("offsets must run from 0 to len(packed), non-decreasing")
+    lengths = offsets[1:] - offsets[:-1]
     L = int(lengths.max()) if lengths.numel() else 0
     if total_length is not None:
         if isinstance(total_length, torch.Tensor) and total_length.ndim == 0 and not (

@@ -1291,3 +1291,33 @@ def test_a_step_that_could_never_fit_is_refused_before_it_starts(monkeypatch):
         t.train_step(["ab" * 15_000], ["a"])
     with pytest.raises(MemoryError, match="a step on a batch of 30000 characters"):
         t.evaluate([("ab" * 15_000, "a")])
+
+
+def test_index_checks_compare_and_never_wrap():
+    """An attack helper's find: four inputs crashed the interpreter. The
+    checks subtracted or summed int64 values (np.diff, .sum()), which wrap,
+    so [0, 3 * 2**61, -2**62, 2] read as non-decreasing and lengths of
+    2**62 summed to 2; the kernels then read out of bounds."""
+    from grapheme.train.metrics import segmentation_counts
+
+    wrap = [0, 3 * 2**61, -2**62]
+    with pytest.raises(ValueError, match="indptr must be non-decreasing"):
+        gr.Graph(wrap + [2], [1, 2], [97, 98, 99])
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        gr.Graph.chains(wrap + [5])
+    g = gr.Graph.from_text("abcde")
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        gr.Graph(g.indptr, g.indices, g.labels, offsets=wrap + [5])
+    with pytest.raises(ValueError, match=r"segments sum to 18446744073709551618 but the "
+                                         r"graph has 2 nodes"):
+        gr.segmentation_target(gr.Graph.from_text("ab"), [2**62] * 4 + [2])
+    with pytest.raises(ValueError, match="counts must be non-negative and add up"):
+        segmentation_counts(gr.MergeHistory([0, 1, 2, 3, 4]), [0, 1, 2, 3, 4, 5], [1],
+                            [2**62] * 4 + [1])
+    torch = pytest.importorskip("torch")
+    import grapheme.torch as gt
+
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        gt.Merge()(torch.randn(5, 8), torch.tensor(wrap + [5]))
+    with pytest.raises(ValueError, match="offsets must run from 0 to len"):
+        gt.unpack(torch.randn(5, 2), torch.tensor(wrap + [5]))

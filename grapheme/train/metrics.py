@@ -136,7 +136,7 @@ def segmentation_counts(history, offsets, lengths, counts, select=None):
     cluster = np.asarray(history.cluster)
     n = cluster.shape[0]
     B = offsets.shape[0] - 1
-    if B < 0 or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+    if B < 0 or offsets[0] != 0 or offsets[-1] != n or np.any(offsets[1:] < offsets[:-1]):
         raise ValueError(f"offsets must rise from 0 to the history's {n} inputs")
     sizes = np.diff(offsets)
     select = (np.ones(B, dtype=bool) if select is None
@@ -147,7 +147,9 @@ def segmentation_counts(history, offsets, lengths, counts, select=None):
     if counts.shape[0] != chosen.shape[0]:
         raise ValueError(f"counts has {counts.shape[0]} entries for {chosen.shape[0]} "
                          "selected examples")
-    if np.any(counts < 0) or int(counts.sum()) != lengths.shape[0]:
+    # each at most the number of lengths first: then the sum cannot wrap
+    if np.any(counts < 0) or np.any(counts > lengths.shape[0]) or (
+            int(counts.sum()) != lengths.shape[0]):
         raise ValueError(f"counts must be non-negative and add up to the "
                          f"{lengths.shape[0]} lengths")
     if lengths.size and lengths.min() < 1:
