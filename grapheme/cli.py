@@ -333,7 +333,9 @@ def _generate(args, out):
                                + "; ".join(why))
         start = time.perf_counter()
         with _removed_if_left_empty(args.out):
-            paths = _data.generate_words(args.out, corpus=args.corpus, seed=args.seed)
+            # --out checked above (replaced only with --overwrite)
+            paths = _data.generate_words(args.out, corpus=args.corpus, seed=args.seed,
+                                         overwrite=True)
         corpus = ("the standard library's docstrings" if args.corpus is None
                   else f"{len(args.corpus)} file(s)")
         print(f"word segmentation of {corpus}, split by document "
@@ -360,7 +362,7 @@ def _generate(args, out):
     tasks = list(_data.DEFAULT_TASKS) if args.tasks is None else args.tasks
     with _removed_if_left_empty(args.out):
         paths = _data.generate(args.out, n_train=n_train, n_val=n_val, seed=args.seed,
-                               tasks=tasks)
+                               tasks=tasks, overwrite=True)   # --out checked above
     print(f"wrote {n_train} pairs to {paths['train']} and {n_val} pairs "
           f"to {paths['val']}", file=out)
     return 0

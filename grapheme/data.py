@@ -68,7 +68,7 @@ import unicodedata
 import numpy as np
 
 from ._validation import check_allocation, check_path, show
-from .checkpoint import _atomic_open
+from .checkpoint import _atomic_open, _new_file
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
            "write_pairs", "generate_words", "words_of", "word_spans_of", "word_pairs", "stdlib_documents",
@@ -183,7 +183,7 @@ def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     return [next(made[k]) for k in choice.tolist()]
 
 
-def write_pairs(path, pairs):
+def write_pairs(path, pairs, overwrite=False):
     """Write (input, target) pairs as JSONL, atomically.
 
     Parameters
@@ -194,8 +194,10 @@ def write_pairs(path, pairs):
     pairs : iterable of (str, str) or (str, tuple of str)
         A tuple target is a segmentation of the input and is written as
         ``"segments"``.
+    overwrite : bool, default False
+        Replace an existing ``path``; without it, ``FileExistsError``.
     """
-    path = check_path(path, "path")
+    path = _new_file(path, overwrite, "pairs file")
     with _atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         for i, pair in enumerate(pairs):
             try:
@@ -213,7 +215,18 @@ def write_pairs(path, pairs):
             f.write("\n")
 
 
-def generate(out_dir, n_train=2000, n_val=200, seed=0, tasks=DEFAULT_TASKS):
+def _check_new_files(out_dir, names, overwrite):
+    """The paths of ``names`` in ``out_dir``, none of which may exist
+    unless ``overwrite`` (checked before any is written: FileExistsError
+    naming the first that does)."""
+    out_dir = check_path(out_dir, "out_dir")
+    paths = {name: os.path.join(out_dir, name) for name in names}
+    for path in paths.values():
+        _new_file(path, overwrite, "data file")
+    return paths
+
+
+def generate(out_dir, n_train=2000, n_val=200, seed=0, tasks=DEFAULT_TASKS, overwrite=False):
     """Generate a training and a validation set as JSONL files.
 
     Parameters
@@ -228,6 +241,9 @@ def generate(out_dir, n_train=2000, n_val=200, seed=0, tasks=DEFAULT_TASKS):
         the same seed gives byte-identical files.
     tasks : str or sequence of str, default :data:`DEFAULT_TASKS`
         Task names from :data:`TASKS`.
+    overwrite : bool, default False
+        Replace files already there; without it, ``FileExistsError`` before
+        anything is written.
 
     Returns
     -------
@@ -239,13 +255,14 @@ def generate(out_dir, n_train=2000, n_val=200, seed=0, tasks=DEFAULT_TASKS):
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
     tasks = _check_tasks(tasks)
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    files = _check_new_files(out_dir, ("train.jsonl", "val.jsonl"), overwrite)
+    os.makedirs(os.fspath(out_dir), exist_ok=True)
     train_seq, val_seq = np.random.SeedSequence(int(seed)).spawn(2)
-    paths = {"train": os.path.join(out_dir, "train.jsonl"),
-             "val": os.path.join(out_dir, "val.jsonl")}
-    write_pairs(paths["train"], make_pairs(n_train, np.random.default_rng(train_seq), tasks))
-    write_pairs(paths["val"], make_pairs(n_val, np.random.default_rng(val_seq), tasks))
+    paths = {"train": files["train.jsonl"], "val": files["val.jsonl"]}
+    write_pairs(paths["train"], make_pairs(n_train, np.random.default_rng(train_seq), tasks),
+                overwrite=True)
+    write_pairs(paths["val"], make_pairs(n_val, np.random.default_rng(val_seq), tasks),
+                overwrite=True)
     return paths
 
 
@@ -664,7 +681,7 @@ _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
 HELD_OUT = {"val": 0.1, "test": 0.1}
 
 
-def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
+def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, overwrite=False):
     """Write a word-segmentation data set: ``train``, ``val``, ``test``.
 
     Every example is a window of consecutive words of one document
@@ -693,6 +710,9 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
         byte-identical files.
     min_words, max_words : int, default 4 and 12
         Words per example.
+    overwrite : bool, default False
+        Replace files already there; without it, ``FileExistsError`` before
+        the corpus is read.
 
     Returns
     -------
@@ -714,6 +734,8 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
     if min_words < 1 or max_words < min_words:
         raise ValueError(f"need 1 <= min_words <= max_words, got min_words="
                          f"{min_words}, max_words={max_words}")
+    files = _check_new_files(out_dir, ("train.jsonl", "val.jsonl", "test.jsonl",
+                                       "documents.json"), overwrite)
     docs = stdlib_documents() if corpus is None else read_documents(corpus)
     counted = [(name, text, len(words_of(text))) for name, text in docs]
     counted = [d for d in counted if d[2] > 0]
@@ -746,16 +768,15 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12):
         split = assignment[i]
         pairs[split].extend(word_pairs(text, window_rng, min_words, max_words))
         names[split].append(name)
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in pairs}
+    os.makedirs(os.fspath(out_dir), exist_ok=True)
+    paths = {split: files[f"{split}.jsonl"] for split in pairs}
     sizes = {}
     for split, ps in pairs.items():
-        write_pairs(paths[split], ps)
+        write_pairs(paths[split], ps, overwrite=True)
         sizes[split] = {"documents": len(names[split]), "examples": len(ps),
                         "words": sum(len(t) for _, t in ps),
                         "characters": sum(len(s) for s, _ in ps)}
-    paths["documents"] = os.path.join(out_dir, "documents.json")
+    paths["documents"] = files["documents.json"]
     with _atomic_open(paths["documents"], "w", encoding="utf-8", newline="\n") as f:
         json.dump({"corpus": "stdlib docstrings" if corpus is None else "files",
                    "seed": int(seed), "min_words": min_words, "max_words": max_words,

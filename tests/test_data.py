@@ -87,10 +87,36 @@ def test_write_is_atomic_on_failure(tmp_path):
     path = tmp_path / "d.jsonl"
     write_pairs(path, [("a", "b")])
     with pytest.raises(ValueError, match=r"pairs\[1\]\[1\] must be a string"):
-        write_pairs(path, [("x", "y"), ("z", 3)])
+        write_pairs(path, [("x", "y"), ("z", 3)], overwrite=True)
     # The old file survives intact and no temporary file is left.
     assert load_pairs(path) == [("a", "b")]
     assert os.listdir(tmp_path) == ["d.jsonl"]
+
+
+def test_data_writers_replace_no_file_unasked(tmp_path):
+    """An attack helper's find: write_pairs, generate and generate_words
+    replaced existing files silently, where the CLI asks for --overwrite."""
+    from grapheme.data import generate
+
+    path = tmp_path / "d.jsonl"
+    write_pairs(path, [("a", "b")])
+    with pytest.raises(FileExistsError, match="pairs file already exists"):
+        write_pairs(path, [("x", "y")])
+    assert load_pairs(path) == [("a", "b")]
+    write_pairs(path, [("x", "y")], overwrite=True)
+    assert load_pairs(path) == [("x", "y")]
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "val.jsonl").write_text("mine\n")
+    with pytest.raises(FileExistsError, match="data file already exists"):
+        generate(tmp_path / "g", n_train=3, n_val=2)
+    assert os.listdir(tmp_path / "g") == ["val.jsonl"]   # nothing written, train neither
+    assert len(generate(tmp_path / "g", n_train=3, n_val=2, overwrite=True)) == 2
+    assert len(load_pairs(tmp_path / "g" / "val.jsonl")) == 2
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "documents.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="data file already exists"):
+        generate_words(tmp_path / "w", corpus=[tmp_path / "d.jsonl"])   # before reading it
+    assert os.listdir(tmp_path / "w") == ["documents.json"]
 
 
 def test_unicode_round_trip(tmp_path):
