@@ -35,8 +35,8 @@ _REPORT_TOL = 1e-8
 #: the same function). See :func:`_scaling_safe`.
 _SCALING_LOG_LIMIT = 250.0
 
-#: Largest total mass of one graph: the loss and its gradients take
-#: products of two masses (the clique term's squares, the dustbins' row
+#: Largest total mass (and total edge weight) of one graph: the loss and
+#: its gradients take products of two masses (the clique term's squares, the dustbins' row
 #: sums), which overflow to inf, then NaN, from a pair's total of about
 #: 1e154; a pair here (a self pair of the debiased loss too) stays <= 1e150.
 _MAX_GRAPH_MASS = 5e149
@@ -604,8 +604,8 @@ class StructuralLoss:
         ValueError
             If the batch sizes differ (naming ``target``), the batch is empty
             (``Graph.from_texts([])``), an array is malformed (naming it), a
-            graph's masses total more than 5e149 (naming the graph: products
-            of masses would overflow), or ``domain="scaling"`` and some pair
+            graph's masses or edge weights total more than 5e149 (naming the
+            graph: products of them would overflow), or ``domain="scaling"`` and some pair
             fails the scaling condition (naming ``domain``); or (also
             TypeError) a setting changed on the loss since its construction
             is not valid (naming it).
@@ -622,12 +622,16 @@ class StructuralLoss:
         p = _from_graph(predicted, "predicted")
         t = _from_graph(target, "target")
         for name, g in (("predicted", p), ("target", t)):
-            total = _segment_sums(g.mass, g.offsets)
-            if (total > _MAX_GRAPH_MASS).any():
-                b = int(np.flatnonzero(total > _MAX_GRAPH_MASS)[0])
-                raise ValueError(f"{name} graph {b} has a total mass of {total[b]:.3g}, "
-                                 f"more than {_MAX_GRAPH_MASS:.0e}: the loss takes products "
-                                 f"of masses, which overflow (scale the masses down)")
+            # and of edge weights, whose total overflowed to inf unsaid (8e307
+            # twice: the edge term jumped to 1; an attack helper's find)
+            for what, values in (("mass", g.mass), ("edge weight", g.degree)):
+                total = _segment_sums(values, g.offsets)
+                if (total > _MAX_GRAPH_MASS).any():
+                    b = int(np.flatnonzero(total > _MAX_GRAPH_MASS)[0])
+                    raise ValueError(
+                        f"{name} graph {b} has a total {what} of {total[b]:.3g}, more than "
+                        f"{_MAX_GRAPH_MASS:.0e}: the loss takes products of them, which "
+                        f"overflow (scale them down)")
         if self.debias:
             result = self._forward_debiased(p, t, workspace)
         else:

@@ -188,6 +188,22 @@ def test_masses_too_large_for_their_products_are_refused():
                      gr.Graph.from_texts(["a", "b"]).replace(mass=[1.0, 1e300]))
 
 
+def test_edge_weights_too_large_for_their_products_are_refused():
+    # an attack helper's find: weights of 9e307 summed to inf in the
+    # degrees, and the edge term jumped to 1 without a word
+    loss = gr.StructuralLoss(debias=True)
+    g, t = gr.Graph.from_text("abc"), gr.Graph.from_text("ab")
+    res = loss.forward(g.replace(weights=[5e149 - 1.0, 1.0]), t.replace(weights=[5e149]))
+    assert np.isfinite(res.value) and all(
+        np.isfinite(x).all() for x in loss.backward(res) if x is not None)
+    for w in (6e149, 9e307):
+        with pytest.raises(ValueError, match=r"^predicted graph 0 has a total edge weight of "
+                                             r"(\de\+\d+|inf), more than 5e\+149"):
+            loss.forward(g.replace(weights=[w, w]), t)
+    with pytest.raises(ValueError, match=r"^target graph 0 has a total edge weight"):
+        loss.forward(g, t.replace(weights=[1e300]))
+
+
 def test_loss_with_all_zero_edge_weights_has_finite_gradients():
     p = gr.Graph([0, 1, 2, 2], [1, 2], [97, 98, 99], weights=[0.0, 0.0])
     t = gr.Graph([0, 1, 1], [1], [97, 98], weights=[0.0])
