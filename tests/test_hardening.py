@@ -198,7 +198,7 @@ def test_edge_weights_too_large_for_their_products_are_refused():
         np.isfinite(x).all() for x in loss.backward(res) if x is not None)
     for w in (6e149, 9e307):
         with pytest.raises(ValueError, match=r"^predicted graph 0 has a total edge weight of "
-                                             r"(\de\+\d+|inf), more than 5e\+149"):
+                                             r"\S+, more than 5e\+149"):
             loss.forward(g.replace(weights=[w, w]), t)
     with pytest.raises(ValueError, match=r"^target graph 0 has a total edge weight"):
         loss.forward(g, t.replace(weights=[1e300]))
