@@ -7,6 +7,7 @@ a crash or a silent truncation.
 import numbers
 import operator
 import os
+import re
 
 import numpy as np
 
@@ -284,6 +285,9 @@ def exact_str(text):
     return text if type(text) is str else str.__str__(text)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_pairs(pairs, name):
     """Split a list of ``(input, target)`` pairs into two lists.
 
@@ -316,6 +320,14 @@ def check_pairs(pairs, name):
                             f"({type(source).__name__}, {type(target).__name__})")
         else:
             target = exact_str(target)
+        # named here, as the pair's (a text's index in the batch, "texts[7]",
+        # named nothing the caller gave; an attack helper's find)
+        for j, text in ((0, source), (1, target)):
+            bad = _SURROGATE.search(text) if isinstance(text, str) else None
+            if bad is not None:
+                raise ValueError(f"{name}[{i}][{j}] contains a lone surrogate at position "
+                                 f"{bad.start()} ({bad.group()!r}); text must be valid "
+                                 f"Unicode")
         inputs.append(source)
         targets.append(target)
     kinds = [isinstance(t, tuple) for t in targets]

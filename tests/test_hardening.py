@@ -1337,3 +1337,21 @@ def test_index_checks_compare_and_never_wrap():
         gt.Merge()(torch.randn(5, 8), torch.tensor(wrap + [5]))
     with pytest.raises(ValueError, match="offsets must run from 0 to len"):
         gt.unpack(torch.randn(5, 2), torch.tensor(wrap + [5]))
+
+
+def test_a_lone_surrogate_in_a_pair_is_named_as_the_pairs():
+    # an attack helper's find: "texts[7]", an index into the batch's texts,
+    # named nothing the caller gave, and the refused fit had grown the table
+    t = gr.Trainer(gr.Embedding(dim=4), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                   progress=False)
+    pairs = [("ab", "a"), ("cd", "c"), ("ef", "e"), ("gh", "g\ud800")]
+    message = r"pairs\[3\]\[1\] contains a lone surrogate at position 1"
+    with pytest.raises(ValueError, match=message):
+        t.fit(pairs, 1)
+    with pytest.raises(ValueError, match=message):
+        t.evaluate(pairs)
+    with pytest.raises(ValueError, match=message.replace("pairs", "val")):
+        t.fit([("ab", "a")], 1, val=pairs)
+    with pytest.raises(ValueError, match=r"pairs\[0\]\[0\] contains a lone surrogate"):
+        t.fit([("a\udc00b", ("a\udc00", "b"))], 1)
+    assert t.embedding.weight.shape == (1, 4)   # the unknown row alone: nothing grew
