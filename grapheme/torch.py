@@ -92,6 +92,7 @@ def _array(t, name):
     (n, d) arrays in that dtype and their scalars in float64 (see "float32"
     in docs/design.md)."""
     _check_tensor(t, name)
+    _not_meta(t, name)
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor (grapheme's kernels run on the "
                          f"CPU), got device {t.device}")
@@ -124,23 +125,33 @@ def _factory(device, dtype):
     return {"device": device, "dtype": dtype}
 
 
-def _host(x):
+def _host(x, name):
     """An index argument (offsets, labels, rows) as a numpy array: a tensor
     detached and on the CPU, anything else through ``np.asarray``; the
-    operation checks its values."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    operation checks its values. A tensor on the meta device (shapes, no
+    values) is refused naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    _not_meta(x, name)
+    return x.detach().cpu().numpy()
+
+
+def _not_meta(t, name):
+    # torch said "Cannot copy out of meta tensor" (an attack helper's find)
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values")
 
 
 def _chains(x, offsets, labels=None, dim=None):
     """``Graph.chains(offsets, labels)`` of the packed rows ``x`` (n, d), or
     (n, ``dim``): ``x``'s rows are checked against ``offsets[-1]`` first, so
     a wrong offset (``[0, 2**31]``) allocates nothing."""
-    offsets = _chain_offsets(_host(offsets))   # named as offsets' first
+    offsets = _chain_offsets(_host(offsets, "offsets"))   # named as offsets' first
     n = int(offsets[-1])
     if x.ndim != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
         what = "d" if dim is None else f"{dim}) (offsets[-1] rows of the encoder's dim"
         raise ValueError(f"x must have shape ({n}, {what}), got {tuple(x.shape)}")
-    return Graph.chains(offsets, None if labels is None else _host(labels))
+    return Graph.chains(offsets, None if labels is None else _host(labels, "labels"))
 
 
 def _tensor(a, dtype):
@@ -264,7 +275,7 @@ def merge_scores(similarity, theta, temperature):
 
 def hard_merge(graph, features, decisions):
     """Merged features, the merged graph and the history (:class:`grapheme.ops.HardMerge`)."""
-    decisions = _host(decisions)   # bool, checked by the operation (not cast: 0.9 -> True)
+    decisions = _host(decisions, "decisions")   # bool, checked by the operation (not cast: 0.9 -> True)
     (f,), result = apply(ops.HardMerge(),
                          lambda h: ops.HardMerge().forward(graph, h, decisions), features)
     return f, result.graph, result.history
@@ -306,7 +317,7 @@ def rate_penalty(probability, num_nodes, target, weight, multiplier=0.0):
 def bernoulli_log_prob(logits, decisions, example, num_examples):
     """Per-example log-probability of Bernoulli decisions
     (:class:`grapheme.ops.BernoulliLogProb`)."""
-    decisions, example = _host(decisions), _host(example)   # checked, not cast
+    decisions, example = _host(decisions, "decisions"), _host(example, "example")   # checked, not cast
     op = ops.BernoulliLogProb()
     (lp,), _ = apply(op, lambda z: op.forward(z, decisions, example, num_examples), logits)
     return lp
@@ -328,7 +339,7 @@ def lookup_message_passing(graph, table, rows, w_self, w_pred, w_succ, bias, wei
     the table's rows (:class:`grapheme.ops.LookupMessagePassing`): a first
     layer over an embedding table. ``rows`` (n,) is not differentiated;
     ``weights`` as for :func:`message_passing`."""
-    return _layer(graph, _host(rows), table, w_self, w_pred, w_succ, bias, weights)
+    return _layer(graph, _host(rows, "rows"), table, w_self, w_pred, w_succ, bias, weights)
 
 
 def _layer(graph, rows, first, w_self, w_pred, w_succ, bias, weights):
@@ -678,12 +689,14 @@ class Merge(nn.Module):
         Returns a :class:`Merged`.
         """
         _check_tensor(x, "x")
+        _not_meta(x, "x")
         for name, t in (("queries", queries), ("keys", keys)):
             if t is not None:
                 _check_tensor(t, name)
         graph = _chains(x, offsets, labels)
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
+        _not_meta(self.theta, "Merge.theta")   # a module made with device="meta"
         if self.theta.numel() != 1:   # an assigned one; .item() would say less
             raise ValueError(f"Merge.theta must hold one number, got shape "
                              f"{tuple(self.theta.shape)}")
@@ -784,6 +797,9 @@ class Encoder(nn.Module):
     @_eager
     def forward(self, x, offsets):
         _check_tensor(x, "x")
+        _not_meta(x, "x")
+        for name, p in self.named_parameters():   # a module made with device="meta"
+            _not_meta(p, f"Encoder.{name}")
         graph = _chains(x, offsets, dim=self.query.shape[0])
         h = x
         for layer in self.layers:
@@ -867,6 +883,7 @@ def _integers(values, name):
     """``values`` (a tensor, array or sequence of integers) as an int64
     tensor; floats are refused, not truncated."""
     t = torch.as_tensor(values)
+    _not_meta(t, name)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got {t.dtype}")
     return t.to(torch.int64)

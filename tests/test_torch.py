@@ -881,3 +881,22 @@ def test_merged_segments_per_sequence(estimator):
     # segment could span two sequences
     with pytest.raises(ValueError, match="texts.0. has 7 characters, its sequence 6 input"):
         out.segments(["thecats", "", "at", "onthemat"])
+
+
+def test_meta_tensors_are_named():
+    """An attack helper's find: index tensors and modules on the meta device
+    (shapes, no values) raised torch's "Cannot copy out of meta tensor" or
+    ".item() cannot be called on meta tensors"."""
+    x, offsets = torch.randn(5, 8), torch.tensor([0, 5])
+    meta = {"device": "meta"}
+    for call, name in [
+            (lambda: gt.Merge()(x, torch.tensor([0, 5], **meta)), "offsets"),
+            (lambda: gt.Merge()(x, offsets, torch.zeros(5, dtype=torch.long, **meta)),
+             "labels"),
+            (lambda: gt.Merge()(torch.randn(5, 8, **meta), offsets), "x"),
+            (lambda: gt.Merge(**meta)(x, offsets), "Merge.theta"),
+            (lambda: gt.Encoder(8, layers=1, **meta)(x, offsets), "Encoder."),
+            (lambda: gt.pack(torch.randn(2, 3, 1), torch.tensor([2, 3], **meta)), "lengths")]:
+        with pytest.raises(ValueError, match=f"^{name}.* is on the meta device|^{name} is on "
+                                             "the meta device"):
+            call()
