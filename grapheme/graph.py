@@ -735,7 +735,11 @@ def _segment_lengths(segs, where, labels):
     if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
            for s in segs):
         raise TypeError(f"{where} must hold positive int lengths or strs, got {show(segs)}")
-    lengths = np.array(segs, np.int64)
+    try:
+        lengths = np.array(segs, np.int64)
+    except OverflowError:   # beyond int64: beyond any graph
+        raise ValueError(f"{where} sum to {sum(map(int, segs))} but the graph has {n} "
+                         f"nodes") from None
     if (lengths <= 0).any():
         i = int(np.flatnonzero(lengths <= 0)[0])
         raise ValueError(f"{where}[{i}] = {int(lengths[i])}; segment lengths must be positive")

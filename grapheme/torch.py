@@ -58,7 +58,8 @@ import torch
 from torch import nn
 
 from . import ops
-from ._validation import as_float_array, check_graph, check_scalar, exact_str
+from ._validation import (as_float_array, check_allocation, check_graph, check_scalar,
+                          exact_str)
 from .estimators import Reinforce
 from .graph import Graph, _chain_offsets
 from .loss import TRAINING, StructuralLoss as _Loss
@@ -945,6 +946,11 @@ def unpack(packed, offsets, total_length=None):
                 total_length.is_floating_point() or total_length.is_complex()):
             total_length = int(total_length)   # e.g. lengths.max()
         L = check_scalar(total_length, "total_length", lower=L, integer=True)
+    # the padded tensor and the mask, refused up front as grapheme refuses
+    # what cannot fit (torch's allocator error named no argument)
+    row = packed[0].numel() * packed.element_size() if packed.shape[0] else packed.element_size()
+    check_allocation((row + 1) * lengths.shape[0] * L,
+                     f"unpack to {lengths.shape[0]} x {L} rows (total_length)")
     out = packed.new_zeros((lengths.shape[0], L) + tuple(packed.shape[1:]))
     mask = torch.arange(L)[None, :] < lengths[:, None]
     return out.masked_scatter(mask.reshape(mask.shape + (1,) * (packed.ndim - 1)).expand_as(out),

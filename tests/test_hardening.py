@@ -1357,3 +1357,17 @@ def test_a_lone_surrogate_in_a_pair_is_named_as_the_pairs():
     with pytest.raises(ValueError, match=r"pairs\[0\]\[0\] contains a lone surrogate"):
         t.fit([("a\udc00b", ("a\udc00", "b"))], 1)
     assert t.embedding.weight.shape == (1, 4)   # the unknown row alone: nothing grew
+
+
+def test_sizes_beyond_any_machine_are_named():
+    # an attack helper's finds: "Python int too large to convert to C long"
+    # and torch's allocator error, naming no argument
+    with pytest.raises(ValueError, match="segments sum to 18446744073709551618 but the graph "
+                                         "has 2 nodes"):
+        gr.segmentation_target(gr.Graph.from_text("ab"), [2**64, 2])
+    torch = pytest.importorskip("torch")
+    import grapheme.torch as gt
+
+    with pytest.raises(MemoryError, match=r"unpack to 1 x 1099511627776 rows \(total_length\)"):
+        gt.unpack(torch.randn(5, 2), torch.tensor([0, 5]), total_length=2**40)
+    assert gt.unpack(torch.randn(0, 2), torch.tensor([0, 0]), total_length=4).shape == (1, 4, 2)
