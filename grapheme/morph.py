@@ -290,16 +290,26 @@ class Morpher:
         -------
         ndarray of bool, shape (n_edges,)
         """
+        sim = self.similarity(graph, features, queries, keys)
+        # the float MergeScores compares with, of a theta checked as there (a
+        # NaN one, assigned, merged nothing where forward refuses it)
+        return sim > merge_threshold(self.theta)
+
+    def similarity(self, graph, features, queries=None, keys=None):
+        """The similarity ``s`` of every edge, which the merge compares
+        with ``tau`` (:meth:`decide`): the cosine of the features, or with
+        ``queries`` and ``keys`` of the routing. Pure. O((n + E) d).
+
+        Returns
+        -------
+        ndarray of float64, shape (n_edges,)
+        """
         check_graph(graph, "graph")
         features, route = self._check_inputs(graph, features, queries, keys)
         self._validate()
         if route is None:
-            sim = EdgeSimilarity()._forward(graph, features)[0].similarity
-        else:
-            sim = RoutedSimilarity()._forward(graph, *route)[0].similarity
-        # the float MergeScores compares with, of a theta checked as there (a
-        # NaN one, assigned, merged nothing where forward refuses it)
-        return sim > merge_threshold(self.theta)
+            return EdgeSimilarity()._forward(graph, features)[0].similarity
+        return RoutedSimilarity()._forward(graph, *route)[0].similarity
 
     def _morph(self, graph, features, estimator, rate, route=None, shard=None,
                workspace=None):

@@ -22,6 +22,7 @@ from .embedding import Embedding
 from .encoder import Encoder
 from .graph import Graph
 from .morph import Morpher
+from .ops import merge_threshold
 from .train.state import build, check_sizes, describe
 
 __all__ = ["Segmenter", "MODEL_VERSION", "WINDOW_MEMORY"]
@@ -187,9 +188,12 @@ class Segmenter:
         return self.embedding.dtype.itemsize * self.embedding.dim * (3 + 5 * layers)
 
     # -------------------------------------------------------------- inference
-    def _decide(self, texts):
+    def _decide(self, texts, similarity=False):
         """Whether each character of ``texts`` (concatenated) starts a
-        segment under the hard morph: one call, all texts in one graph."""
+        segment under the hard morph: one call, all texts in one graph.
+        ``similarity``: instead, the similarity of each character's edge
+        from its predecessor, which the merge compares with ``tau`` (-inf
+        at a text's first character, which has none)."""
         g = Graph.from_texts(texts)
         emb = self.embedding
         n = g.num_nodes
@@ -210,12 +214,16 @@ class Segmenter:
                 encoded = tuple(self.encoder._forward_lookup(
                     g, table, rows.reshape(-1).astype(np.int64, copy=False),
                     self._workspace(), "Embedding.weight")[0])
+            if similarity:
+                sim = np.full(n, -np.inf)
+                sim[g.indices] = self.morpher.similarity(g, *encoded)
+                return sim
             merged = self.morpher.decide(g, *encoded)
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor
         return starts
 
-    def _pieces(self, texts, offsets):
+    def _pieces(self, texts, offsets, similarity=False):
         """The decisions of ``texts``, a call of at most :attr:`window`
         characters at a time: yields ``(i, j, a, b, starts)``, ``starts``
         being those of the characters ``a:b`` of the texts' concatenation
@@ -223,7 +231,9 @@ class Segmenter:
         ``texts[i:j]`` whole (``a == offsets[i]``, ``b == offsets[j]``),
         texts packed into one call; or a part of ``texts[i]`` (``j == i +
         1``), one window of a text longer than the window. In order, every
-        character once. Python loops per call, never per character."""
+        character once. Python loops per call, never per character.
+        ``similarity``: the similarities of :meth:`_decide` in place of
+        ``starts``."""
         self._check_components()
         window = self._window
         before, after = self.context()
@@ -235,14 +245,15 @@ class Segmenter:
                 # the texts from i on whose characters fit in one call
                 j = int(np.searchsorted(offsets, offsets[i] + window, side="right")) - 1
                 a, b = int(offsets[i]), int(offsets[j])
-                yield i, j, a, b, self._decide(texts[i:j]) if b > a else np.ones(0, bool)
+                yield i, j, a, b, (self._decide(texts[i:j], similarity) if b > a else
+                                   np.ones(0, np.float64 if similarity else bool))
                 i = j
                 continue
             text, base = texts[i], int(offsets[i])
             for s in range(0, length, step):
                 e = min(s + step, length)
                 lo, hi = max(0, s - before), min(length, e + after)
-                starts = self._decide([text[lo:hi]])
+                starts = self._decide([text[lo:hi]], similarity)
                 yield i, i + 1, base + s, base + e, starts[s - lo:e - lo]
             i += 1
 
@@ -353,6 +364,47 @@ class Segmenter:
                 out.append("".join(parts))
                 parts, start = [], end
             parts.append(piece[start:])
+        return out[0] if single else out
+
+    def boundary_scores(self, texts):
+        """How sure the model is of every boundary: the probability that a
+        segment starts at each character.
+
+        ``1 - p`` for the merge probability ``p = sigmoid((s - tau) / T)``
+        of the edge from the character's predecessor (``s`` its similarity,
+        ``tau`` the threshold, ``T`` the morpher's temperature: the
+        probability the soft estimators train with), 1 at a text's first
+        character. The hard morph's segments start where the score is above
+        one half and not where it is below (its rule is ``s <= tau``; a
+        score within rounding of one half is a tie that rule decides); a
+        score near one half is a close call.
+
+        Parameters
+        ----------
+        texts : str or sequence of str
+
+        Returns
+        -------
+        ndarray of float64, or list of them
+            For one ``str``, one score per character; for a sequence, one
+            such array per text.
+
+        Examples
+        --------
+        >>> model = Segmenter(Embedding(dim=4), Morpher(threshold=-10.0))
+        >>> model.boundary_scores("aab").round(3).tolist()   # every edge merges
+        [1.0, 0.0, 0.0]
+        """
+        texts, single = self._texts(texts)
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
+                  out=offsets[1:])
+        tau, T = merge_threshold(self.morpher.theta), self.morpher.temperature
+        parts = [sim for *_, sim in self._pieces(texts, offsets, similarity=True)]
+        sim = np.concatenate(parts) if parts else np.zeros(0)
+        with np.errstate(over="ignore"):   # exp(inf) at a text's start: score 1
+            scores = 1.0 / (1.0 + np.exp((sim - tau) / T))
+        out = [scores[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         return out[0] if single else out
 
     # ------------------------------------------------------------- raw text

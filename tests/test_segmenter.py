@@ -624,3 +624,33 @@ def test_split_words_checks_its_separator():
         m.split_words("abc", sep="\ud800")
     with pytest.raises(TypeError, match="texts must be a str or a sequence"):
         m.words(b"abc")
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_boundary_scores_are_the_merge_probabilities_of_the_boundaries(layers):
+    """Per-boundary confidence (a new user's wish): one minus the soft
+    merge probability of each character's incoming edge, as MergeScores
+    gives it on the model's own similarities; above one half exactly where
+    the hard morph starts a segment, and the same cut into windows."""
+    m = model(layers, threshold=-5.0)
+    m.morpher.temperature = 0.05
+    rng = np.random.default_rng(layers + 10)
+    texts = random_texts(rng, 30, 40) + [""]
+    scores = m.boundary_scores(texts)
+    g = gr.Graph.from_texts(texts)
+    H = m.embedding.forward(g.labels, grow=False)
+    encoded = (H,) if m.encoder is None else tuple(m.encoder.forward(g, H)[0])
+    p = gr.ops.MergeScores(0.05).forward(m.morpher.similarity(g, *encoded),
+                                         m.morpher.theta)[0].probability
+    expected = np.ones(g.num_nodes)
+    expected[g.indices] = 1.0 - p
+    np.testing.assert_allclose(np.concatenate(scores), expected, rtol=1e-12, atol=1e-15)
+    for text, s, b in zip(texts, scores, m.boundaries(texts)):
+        assert s.shape == (len(text),) and s.dtype == np.float64
+        assert set(np.flatnonzero(s > 0.5 + 1e-9)) <= set(b.tolist())
+        assert set(b.tolist()) <= set(np.flatnonzero(s >= 0.5 - 1e-9))
+    assert 0.1 < np.mean(np.concatenate(scores) > 0.5) < 0.9
+    cut = windowed(m, sum(m.context()) + 2)
+    for a, b in zip(cut.boundary_scores(texts), scores):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(m.boundary_scores(texts[0]), scores[0])
