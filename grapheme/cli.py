@@ -247,6 +247,10 @@ def build_parser():
                    help="about how many characters of standard input (read as UTF-8) are "
                         "segmented per batch (default 16384; a longer line is one batch, "
                         "segmented in windows of bounded memory)")
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="bytes of standard input that are not UTF-8: 'strict' stops at "
+                        "their line, naming it (the default); 'replace' reads each as "
+                        "U+FFFD (a character no model saw) and goes on")
 
     p = sub.add_parser("plot", help="draw a run's metrics per epoch (needs matplotlib)")
     p.add_argument("run", metavar="RUN",
@@ -986,7 +990,8 @@ def _cmd_segment(args, out):
             raise CommandError("standard input is closed: give the texts as arguments")
         stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
         _check_not_reading_its_output(stdin, out)
-        for i, texts in enumerate(_line_batches(stdin, args.batch_chars)):
+        for i, texts in enumerate(_line_batches(stdin, args.batch_chars,
+                                                errors=args.errors)):
             if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
                 texts[0] = texts[0][1:]
             for piece in segmented(texts):
@@ -1058,7 +1063,7 @@ def _check_arguments_text(texts, what):
                                f"{found.start()})")
 
 
-def _line_batches(stream, chars, name="standard input"):
+def _line_batches(stream, chars, name="standard input", errors="strict"):
     """Lists of the lines of ``stream`` (without their newlines), about
     ``chars`` characters each, read as they come: nothing waits for the end
     of the stream but the last batch, and a read returns what is there
@@ -1067,7 +1072,8 @@ def _line_batches(stream, chars, name="standard input"):
     lone ``\r``, so that the output has a line for every input line, as
     ``wc -l`` counts them and as errors number them; bytes that are not
     UTF-8 are a :class:`CommandError` naming the line, after the batches
-    of the lines before it. A line longer than a batch is read whole
+    of the lines before it (``errors="replace"``: each is read as U+FFFD,
+    as ``bytes.decode`` does). A line longer than a batch is read whole
     (in chunks joined once: linear in its length)."""
     read = getattr(stream, "read1", stream.read)
     pending, line = [], 1   # the unfinished line's chunks; the next line's number
@@ -1083,14 +1089,14 @@ def _line_batches(stream, chars, name="standard input"):
         block = chunk[:0].join(pending)
         pending = [chunk[cut + 1:]]
         first, line = line, line + block.count(chunk[cut:cut + 1]) + 1
-        batches, block = _decoded_lines(block, first, name), None   # held once, there
+        batches, block = _decoded_lines(block, first, name, errors=errors), None   # once
         yield from batches
     block = pending[0][:0].join(pending) if pending else ""
     if block:
-        yield from _decoded_lines(block, line, name, ended=False)
+        yield from _decoded_lines(block, line, name, ended=False, errors=errors)
 
 
-def _decoded_lines(block, line, name, ended=True):
+def _decoded_lines(block, line, name, ended=True, errors="strict"):
     """Yield the lines of ``block`` (str, or UTF-8 bytes whose first line is
     number ``line``) as one list; bytes that are not UTF-8: the lines before
     theirs, then a :class:`CommandError` naming the line. ``ended``: a
@@ -1100,7 +1106,7 @@ def _decoded_lines(block, line, name, ended=True):
         yield block.split("\n")
         return
     try:
-        text = block.decode("utf-8")
+        text = block.decode("utf-8", errors)
     except UnicodeDecodeError as exc:
         bad = line + block.count(b"\n", 0, exc.start)
         good = block.rfind(b"\n", 0, exc.start)
@@ -1108,7 +1114,7 @@ def _decoded_lines(block, line, name, ended=True):
             yield from _decoded_lines(block[:good], line, name)
         raise CommandError(f"{name} is not valid UTF-8: line {bad} holds the byte "
                            f"0x{block[exc.start]:02x} ({exc.reason}); grapheme reads "
-                           f"UTF-8 text") from None
+                           f"UTF-8 text (--errors replace reads such bytes as U+FFFD)") from None
     del block
     if "\r" in text:   # \r\n ends a line; a lone \r is a character of one
         if ended and text.endswith("\r"):   # the \r of a \r\n whose \n ended the block

@@ -368,11 +368,22 @@ def test_standard_input_that_is_not_utf8(trained, capsys, monkeypatch):
     assert code == 2 and out == "\n".join(" ".join(s) for s in
                                           model.segment(["thecat", "sat"])) + "\n"
     assert err == ("grapheme segment: error: standard input is not valid UTF-8: line 3 "
-                   "holds the byte 0xff (invalid start byte); grapheme reads UTF-8 text\n")
+                   "holds the byte 0xff (invalid start byte); grapheme reads UTF-8 text "
+                   "(--errors replace reads such bytes as U+FFFD)\n")
     batches = _line_batches(io.BytesIO(b"ab\ncd\n" * 3 + b"\xc3\xa9\xe2\x82"), 5)
     assert next(batches) == ["ab"]
     with pytest.raises(Exception, match="line 7 holds the byte 0xe2 "):
         list(batches)
+    # --errors replace goes on (a new user's wish: one bad byte stopped a
+    # stream), a line out for every line in
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--errors",
+                         "replace", "--batch-chars", 3)
+    assert code == 0 and err == "" and out.split("\n") == [
+        " ".join(s) for s in model.segment(["thecat", "sat", "on\ufffdthe", "mat"])] + [""]
+    got = [x for b in _line_batches(io.BytesIO(b"ab\n\xff\xfe\ncd"), 2, errors="replace")
+           for x in b]
+    assert got == ["ab", "\ufffd\ufffd", "cd"]
 
 
 def test_line_batches_of_bytes_are_linear_and_end_at_newlines():
