@@ -342,10 +342,13 @@ def spawn_local(command, nproc, *, env=None, threads=None, poll=0.05, grace=5.0)
             failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
         if failed is None:
             return 0
+        rank0 = procs[0].returncode   # before the stop: None, still running
         _stop(procs, grace)
         # rank 0 writes to this terminal: another rank's message is shown
-        # unless rank 0 failed with its own (stopped by _stop is no message)
-        if failed != 0 and (procs[0].returncode is None or procs[0].returncode <= 0):
+        # unless rank 0 had failed with its own before. Stopped by _stop it
+        # said only that (the console script's "stopped by SIGTERM", status
+        # 143: a review's find, the failing rank's message was lost)
+        if failed != 0 and (rank0 is None or rank0 <= 0):
             errs[failed].seek(0)
             sys.stderr.write(errs[failed].read().decode("utf-8", "replace"))
         code = procs[failed].returncode

@@ -562,6 +562,21 @@ def test_a_failing_rank_is_seen_while_rank_0_runs(how):
 
 
 @POSIX
+def test_a_failing_rank_is_named_when_rank_0_is_the_console_script():
+    """A review's find: rank 0 runs the console script, which raises the
+    launcher's SIGTERM as Ctrl-C and exits 143 saying "stopped by SIGTERM";
+    the failing rank's own message was then not shown."""
+    code, err, _ = _launch(
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '1':\n    time.sleep(1); sys.exit('rank one failed')\n"
+        "from grapheme import cli\n"
+        "cli._load_model = lambda path: time.sleep(100)\n"
+        "sys.argv = ['grapheme', 'segment', '--model', 'm.npz', 'abc']\n"
+        "sys.exit(cli.run())")
+    assert code == 1 and "rank one failed" in err and "stopped by SIGTERM" in err
+
+
+@POSIX
 def test_a_failing_rank_is_named_when_rank_0_had_to_be_killed():
     """Second review: a rank's message was shown only if rank 0 ended by
     SIGTERM; one that needed SIGKILL (a hung rank 0) left nothing said."""
