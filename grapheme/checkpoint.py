@@ -139,16 +139,21 @@ def _atomic_open(path, mode="wb", **kwargs):
     _remove_stale_temporaries(path)
     tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)
+    opened = False
     try:
+        # opened inside the try: a Ctrl-C or a stop signal raised between
+        # the open and the try left the temporary file (a test's find)
+        fd = os.open(tmp, flags, 0o666)
+        opened = True
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if opened or not isinstance(exc, OSError):   # an open that failed made nothing
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
             # a write's error (ENOSPC, EIO) names no file: name the one written
             raise OSError(exc.errno, exc.strerror, path) from exc

@@ -485,13 +485,15 @@ def word_spans_of(text):
     each of them its span; ``start[k] == start[k - 1]`` then. Spans are
     ``[start, end)`` offsets into ``text`` as given (not its NFC form).
 
-    Where NFC, the apostrophes' removal and lowercasing keep the length of
-    ``text`` (text in NFC, as most is) the characters map one to one, and
-    everything runs in C (regular expressions, numpy). Elsewhere each
-    letter with its combining marks is normalised on its own, in a Python
-    loop over the text's characters; the words are then those of
-    :func:`words_of` unless NFC would compose across two letters (Hangul
-    conjoining jamo), where they are of the letters one by one.
+    Where ``text`` is in NFC (as most text is) and stays so lowercased,
+    with no character that lowercases to two (``İ``), the characters map
+    one to one: regular expressions and numpy, with a Python step per word
+    (not per character). Elsewhere each letter with its combining marks is
+    normalised on its own, in a Python loop over the text's characters;
+    the words are then those of :func:`words_of` unless NFC would compose
+    across two letters (Hangul conjoining jamo) or lowercasing depends on
+    the next letter (a final sigma: ``Σ`` gives ``σ``, not ``ς``), where
+    they are of the letters one by one.
 
     Examples
     --------
@@ -501,20 +503,20 @@ def word_spans_of(text):
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    nfc = unicodedata.normalize("NFC", text)
     norm = None
-    if len(nfc) == len(text):
-        kept = _APOSTROPHE.sub("", nfc)
+    # one to one only where NFC changes nothing (equal lengths are not
+    # enough: it can compose one character and expand another, or reorder
+    # marks; a review's find) and lowercasing keeps the length (then each
+    # character gives one)
+    if unicodedata.is_normalized("NFC", text):
+        kept = _APOSTROPHE.sub("", text)
         lower = kept.lower()
-        if len(lower) == len(kept):
-            norm = unicodedata.normalize("NFC", lower)
-            if len(norm) == len(lower):
-                keep = np.ones(len(text), dtype=bool)
-                keep[[m.start() for m in _APOSTROPHE.finditer(nfc)]] = False
-                source = np.flatnonzero(keep)
-                start, end = source, source + 1
-            else:
-                norm = None
+        if len(lower) == len(kept) and unicodedata.is_normalized("NFC", lower):
+            norm = lower
+            keep = np.ones(len(text), dtype=bool)
+            keep[[m.start() for m in _APOSTROPHE.finditer(text)]] = False
+            source = np.flatnonzero(keep)
+            start, end = source, source + 1
     if norm is None:
         norm, start, end = _normalised_by_letter(text)
     words, spans = [], []

@@ -519,13 +519,7 @@ class Segmenter:
         ``(str, ends)``, ``ends`` where the texts the piece completes end in
         it (after their ``end``). Everything per character is numpy; memory
         beyond the texts is a window's."""
-        if not isinstance(sep, str) or not isinstance(end, str):
-            raise TypeError("sep and end must be str")
-        if _SURROGATE.search(sep) is not None:   # named, not a codec's error
-            raise ValueError(f"sep contains a lone surrogate ({sep!r}); it must be valid "
-                             f"Unicode")
-        s = np.frombuffer(sep.encode("utf-32-le"), dtype="<u4")
-        e = np.frombuffer(end.encode("utf-32-le"), dtype="<u4")
+        s, e = _codes_of(sep, "sep"), _codes_of(end, "end")
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
                   out=offsets[1:])

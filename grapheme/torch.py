@@ -948,7 +948,7 @@ def unpack(packed, offsets, total_length=None):
         L = check_scalar(total_length, "total_length", lower=L, integer=True)
     # the padded tensor and the mask, refused up front as grapheme refuses
     # what cannot fit (torch's allocator error named no argument)
-    row = packed[0].numel() * packed.element_size() if packed.shape[0] else packed.element_size()
+    row = math.prod(packed.shape[1:]) * packed.element_size()
     check_allocation((row + 1) * lengths.shape[0] * L,
                      f"unpack to {lengths.shape[0]} x {L} rows (total_length)")
     out = packed.new_zeros((lengths.shape[0], L) + tuple(packed.shape[1:]))

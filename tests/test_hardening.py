@@ -1371,3 +1371,5 @@ def test_sizes_beyond_any_machine_are_named():
     with pytest.raises(MemoryError, match=r"unpack to 1 x 1099511627776 rows \(total_length\)"):
         gt.unpack(torch.randn(5, 2), torch.tensor([0, 5]), total_length=2**40)
     assert gt.unpack(torch.randn(0, 2), torch.tensor([0, 0]), total_length=4).shape == (1, 4, 2)
+    with pytest.raises(MemoryError, match=r"unpack to 1 x 1000000 rows"):   # no rows (review)
+        gt.unpack(torch.zeros(0, 10**6), torch.tensor([0, 0]), total_length=10**6)
