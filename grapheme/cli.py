@@ -237,7 +237,8 @@ def build_parser():
                    help="texts to segment; without any, every line of standard input "
                         "(UTF-8), read and written in batches")
     p.add_argument("--sep", default=" ",
-                   help="written between the segments of a text (default: one space)")
+                   help="written between the segments of a text (default: one space; "
+                        "one with a newline gives up one output line per text)")
     p.add_argument("--words", action="store_true",
                    help="raw text, for a model trained on words (generate --task words): "
                         "each text as given, with --sep inserted only where the model "

@@ -433,6 +433,7 @@ def segment_lengths(targets):
 # combining marks (a vowel sign, a virama, an accent that has no precomposed
 # letter: re's \w has no marks, and "नमस्ते" fell apart at each); apostrophes
 # between letters are dropped first, so "don't" is one word.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019](?=[^\W\d_])")
 
 
@@ -491,9 +492,9 @@ def word_spans_of(text):
     (not per character). Elsewhere each letter with its combining marks is
     normalised on its own, in a Python loop over the text's characters;
     the words are then those of :func:`words_of` unless NFC would compose
-    across two letters (Hangul conjoining jamo) or lowercasing depends on
-    the next letter (a final sigma: ``Σ`` gives ``σ``, not ``ς``), where
-    they are of the letters one by one.
+    across two letters (Hangul conjoining jamo), where they are of the
+    letters one by one (a capital sigma is lowercased beside its
+    neighbours, so a final one gives ``ς`` as there).
 
     Examples
     --------
@@ -503,6 +504,10 @@ def word_spans_of(text):
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    bad = _SURROGATE.search(text)
+    if bad is not None:   # as a Segmenter's texts: not Unicode
+        raise ValueError(f"text contains a lone surrogate at position {bad.start()} "
+                         f"({bad.group()!r}); text must be valid Unicode")
     norm = None
     # one to one only where NFC changes nothing (equal lengths are not
     # enough: it can compose one character and expand another, or reorder
@@ -546,7 +551,16 @@ def _normalised_by_letter(text):
     dropped = {int(unit_of[m.start()]) for m in _APOSTROPHE.finditer("".join(nfc))}
     parts, start, end = [], [], []
     for u, ((i, j), unit) in enumerate(zip(bounds, nfc)):
-        unit = "" if u in dropped else unicodedata.normalize("NFC", unit.lower())
+        if u in dropped:
+            unit = ""
+        elif "\u03a3" in unit:   # a capital sigma lowercases by its neighbours (final: ς)
+            before = nfc[u - 1] if u else ""
+            after = nfc[u + 1] if u + 1 < len(nfc) else ""
+            low = len(before.lower())
+            unit = (before + unit + after).lower()[low:low + len(unit.lower())]
+            unit = unicodedata.normalize("NFC", unit)
+        else:
+            unit = unicodedata.normalize("NFC", unit.lower())
         parts.append(unit)
         start.extend([i] * len(unit))
         end.extend([j] * len(unit))
