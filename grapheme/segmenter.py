@@ -40,6 +40,14 @@ MAX_WINDOW = 2**62
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _offsets(texts):
+    """Where each of ``texts`` starts in their concatenation, and its end:
+    int64 (len(texts) + 1,)."""
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=offsets[1:])
+    return offsets
+
+
 def _codes_of(text, name):
     """The code points of ``text`` (a separator), uint32; TypeError or
     ValueError naming ``name``."""
@@ -260,9 +268,7 @@ class Segmenter:
     def _starts(self, texts):
         """``(offsets, positions)``: where each text starts in the texts'
         concatenation, and the positions in it of every segment start."""
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
-                  out=offsets[1:])
+        offsets = _offsets(texts)
         parts = [a + np.flatnonzero(starts) for _, _, a, _, starts in
                  self._pieces(texts, offsets)]
         positions = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -396,9 +402,7 @@ class Segmenter:
         [1.0, 0.0, 0.0]
         """
         texts, single = self._texts(texts)
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
-                  out=offsets[1:])
+        offsets = _offsets(texts)
         tau, T = merge_threshold(self.morpher.theta), self.morpher.temperature
         parts = [sim for *_, sim in self._pieces(texts, offsets, similarity=True)]
         sim = np.concatenate(parts) if parts else np.zeros(0)
@@ -425,9 +429,7 @@ class Segmenter:
             starts.append(s + base)
             ends.append(e + base)
             base += len(text)
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
-                  out=offsets[1:])
+        offsets = _offsets(texts)
         start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
         word_offsets, positions = self._starts(words)
@@ -524,9 +526,7 @@ class Segmenter:
         it (after their ``end``). Everything per character is numpy; memory
         beyond the texts is a window's."""
         s, e = _codes_of(sep, "sep"), _codes_of(end, "end")
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
-                  out=offsets[1:])
+        offsets = _offsets(texts)
         for i, j, a, b, start in self._pieces(texts, offsets):
             whole = a == offsets[i] and b == offsets[j]
             if whole:
