@@ -57,6 +57,8 @@ def _codes_of(text, name):
         raise ValueError(f"{name} contains a lone surrogate ({text!r}); it must be valid "
                          f"Unicode")
     return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
 #: The components checked again where used when assigned since construction.
 _COMPONENTS = ("embedding", "morpher", "encoder")
 #: The arrays of every model file (an encoder's are ``encoder.*`` besides).
