@@ -524,12 +524,17 @@ def word_spans_of(text):
             start, end = source, source + 1
     if norm is None:
         norm, start, end = _normalised_by_letter(text)
-    words, spans = [], []
-    for m in _word_pattern().finditer(norm):
-        words.append(m.group())
-        spans.append(m.span())
-    take = (np.concatenate([np.arange(a, b) for a, b in spans]) if spans
-            else np.zeros(0, dtype=np.int64))
+    # the words and the gaps around them (no match objects: a Python step
+    # per word in C's lists, not in the interpreter)
+    pattern = _word_pattern()
+    words = pattern.findall(norm)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    gaps = pattern.split(norm)   # len(words) + 1 runs between and around them
+    gap = np.fromiter(map(len, gaps), dtype=np.int64, count=len(gaps))
+    first = np.cumsum(lengths) - lengths   # where each word starts in "".join(words)
+    at = np.cumsum(gap[:-1]) + first       # ... and in norm
+    # the characters of the words, in order: each word's start + 0 .. its length
+    take = np.repeat(at - first, lengths) + np.arange(int(lengths.sum()))
     return words, start[take].astype(np.int64), end[take].astype(np.int64)
 
 
