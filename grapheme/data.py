@@ -508,22 +508,58 @@ def word_spans_of(text):
     if bad is not None:   # as a Segmenter's texts: not Unicode
         raise ValueError(f"text contains a lone surrogate at position {bad.start()} "
                          f"({bad.group()!r}); text must be valid Unicode")
-    norm = None
-    # one to one only where NFC changes nothing (equal lengths are not
-    # enough: it can compose one character and expand another, or reorder
-    # marks; a review's find) and lowercasing keeps the length (then each
-    # character gives one)
-    if unicodedata.is_normalized("NFC", text):
-        kept = _APOSTROPHE.sub("", text)
-        lower = kept.lower()
-        if len(lower) == len(kept) and unicodedata.is_normalized("NFC", lower):
-            norm = lower
-            keep = np.ones(len(text), dtype=bool)
-            keep[[m.start() for m in _APOSTROPHE.finditer(text)]] = False
-            source = np.flatnonzero(keep)
-            start, end = source, source + 1
-    if norm is None:
-        norm, start, end = _normalised_by_letter(text)
+    return _words_of_normalised(*(_normalised_one_to_one(text)
+                                  or _normalised_by_letter(text)))
+
+
+def _word_spans_of_texts(texts):
+    """:func:`word_spans_of` of every one of ``texts`` (a list of str
+    without lone surrogates), the offsets into ``"".join(texts)``. One pass
+    over the texts joined by newlines where that maps one to one (a newline
+    ends every word, composes with nothing and is not cased, so the joined
+    text's words are the texts' words), else text by text; a Python step
+    per text only then."""
+    mapped = _normalised_one_to_one("\n".join(texts))
+    if mapped is None:
+        words, starts, ends, base = [], [], [], 0
+        for text in texts:
+            w, s, e = word_spans_of(text)
+            words.extend(w)
+            starts.append(s + base)
+            ends.append(e + base)
+            base += len(text)
+        return (words, np.concatenate(starts) if starts else np.zeros(0, np.int64),
+                np.concatenate(ends) if ends else np.zeros(0, np.int64))
+    words, start, end = _words_of_normalised(*mapped)
+    # text i starts at offsets[i] + i in the joined text: less the newlines
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    joined_starts = np.cumsum(lengths + 1) - lengths - 1
+    before = np.searchsorted(joined_starts, start, side="right") - 1
+    return words, start - before, end - before
+
+
+def _normalised_one_to_one(text):
+    """``(norm, start, end)`` as :func:`_normalised_by_letter` gives them,
+    where ``text`` maps one to one (else None): where NFC changes nothing
+    (equal lengths are not enough: it can compose one character and expand
+    another, or reorder marks; a review's find) and lowercasing keeps the
+    length (each character then gives one). O(n), no Python step per
+    character."""
+    if not unicodedata.is_normalized("NFC", text):
+        return None
+    kept = _APOSTROPHE.sub("", text)
+    lower = kept.lower()
+    if len(lower) != len(kept) or not unicodedata.is_normalized("NFC", lower):
+        return None
+    keep = np.ones(len(text), dtype=bool)
+    keep[[m.start() for m in _APOSTROPHE.finditer(text)]] = False
+    source = np.flatnonzero(keep)
+    return lower, source, source + 1
+
+
+def _words_of_normalised(norm, start, end):
+    """:func:`word_spans_of`'s result from the normalised text and the span
+    of the text each of its characters comes from."""
     # the words and the gaps around them (no match objects: a Python step
     # per word in C's lists, not in the interpreter)
     pattern = _word_pattern()

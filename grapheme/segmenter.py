@@ -422,18 +422,10 @@ class Segmenter:
         texts are segmented in calls of at most :attr:`window` characters;
         a cut inside one character of the text (one its normalisation made
         two of) is not made."""
-        from .data import word_spans_of
+        from .data import _word_spans_of_texts
 
-        words, starts, ends, base = [], [], [], 0
-        for text in texts:
-            w, s, e = word_spans_of(text)
-            words.extend(w)
-            starts.append(s + base)
-            ends.append(e + base)
-            base += len(text)
         offsets = _offsets(texts)
-        start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-        end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        words, start, end = _word_spans_of_texts(texts)
         word_offsets, positions = self._starts(words)
         inside = np.zeros(positions.shape[0], dtype=bool)
         inside[1:] = start[positions[1:]] == start[positions[1:] - 1]

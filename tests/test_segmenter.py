@@ -560,6 +560,24 @@ def test_word_spans_of_finds_the_words_of_words_of(text):
         assert c in unicodedata.normalize("NFC", unicodedata.normalize("NFC", unit).lower())
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_RAW), max_size=8).map("".join), max_size=5))
+def test_the_words_of_many_texts_are_those_of_each(texts):
+    # the Segmenter maps a batch in one pass over the texts joined by
+    # newlines (text by text where one of them does not map one to one)
+    from grapheme.data import _word_spans_of_texts
+
+    words, start, end = _word_spans_of_texts(texts)
+    base, expected = 0, ([], [], [])
+    for text in texts:
+        w, s, e = word_spans_of(text)
+        expected[0].extend(w)
+        expected[1].extend((s + base).tolist())
+        expected[2].extend((e + base).tolist())
+        base += len(text)
+    assert (words, start.tolist(), end.tolist()) == expected
+
+
 def test_word_spans_of_maps_one_to_one_where_normalisation_keeps_lengths():
     words, start, end = word_spans_of("Don\u2019t, 3 Café-au-lait!")
     assert words == ["dont", "café", "au", "lait"]
