@@ -71,8 +71,9 @@ from ._validation import check_allocation, check_path, show
 from .checkpoint import _atomic_open, _new_file
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
-           "write_pairs", "generate_words", "words_of", "word_spans_of", "word_pairs", "stdlib_documents",
-           "read_documents", "segment_lengths", "target_text", "is_segmentation"]
+           "write_pairs", "generate_words", "words_of", "word_spans_of", "word_pairs",
+           "stdlib_documents", "read_documents", "segment_lengths", "target_text",
+           "is_segmentation"]
 
 #: Built-in demo data: in each pair the last character folds into its
 #: neighbour.

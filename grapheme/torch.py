@@ -276,7 +276,8 @@ def merge_scores(similarity, theta, temperature):
 
 def hard_merge(graph, features, decisions):
     """Merged features, the merged graph and the history (:class:`grapheme.ops.HardMerge`)."""
-    decisions = _host(decisions, "decisions")   # bool, checked by the operation (not cast: 0.9 -> True)
+    # bool, checked by the operation (not cast: 0.9 -> True)
+    decisions = _host(decisions, "decisions")
     (f,), result = apply(ops.HardMerge(),
                          lambda h: ops.HardMerge().forward(graph, h, decisions), features)
     return f, result.graph, result.history
@@ -318,7 +319,8 @@ def rate_penalty(probability, num_nodes, target, weight, multiplier=0.0):
 def bernoulli_log_prob(logits, decisions, example, num_examples):
     """Per-example log-probability of Bernoulli decisions
     (:class:`grapheme.ops.BernoulliLogProb`)."""
-    decisions, example = _host(decisions, "decisions"), _host(example, "example")   # checked, not cast
+    # checked, not cast
+    decisions, example = _host(decisions, "decisions"), _host(example, "example")
     op = ops.BernoulliLogProb()
     (lp,), _ = apply(op, lambda z: op.forward(z, decisions, example, num_examples), logits)
     return lp
