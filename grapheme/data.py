@@ -489,8 +489,8 @@ def word_spans_of(text):
 
     Where ``text`` is in NFC (as most text is) and stays so lowercased,
     with no character that lowercases to two (``İ``), the characters map
-    one to one: regular expressions and numpy, with a Python step per word
-    (not per character). Elsewhere each letter with its combining marks is
+    one to one: regular expressions and numpy, with no Python step per
+    character or word. Elsewhere each letter with its combining marks is
     normalised on its own, in a Python loop over the text's characters;
     the words are then those of :func:`words_of` unless NFC would compose
     across two letters (Hangul conjoining jamo), where they are of the
