@@ -248,6 +248,12 @@ def build_parser():
                    help="about how many characters of standard input (read as UTF-8) are "
                         "segmented per batch (default 16384; a longer line is one batch, "
                         "segmented in windows of bounded memory)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text",
+                   help="'text': each text with --sep between its segments (the default); "
+                        "'jsonl': one JSON object a text, its \"segments\", their "
+                        "\"starts\" and every character's \"scores\" (the probability "
+                        "that a segment starts there), or with --words its \"words\" "
+                        "and their \"spans\" ([start, end) offsets into the text)")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="bytes of standard input that are not UTF-8: 'strict' stops at "
                         "their line, naming it (the default); 'replace' reads each as "
@@ -980,6 +986,8 @@ def _cmd_segment(args, out):
     write = out.write
 
     def segmented(texts):   # pieces of the texts' output, each text ending with a newline
+        if args.format == "jsonl":
+            return _json_lines(model, texts, args.words)
         if args.words:
             return model._split_words(texts, args.sep, "\n")
         return (piece for piece, _ in model._joined(texts, args.sep, "\n"))
@@ -999,6 +1007,22 @@ def _cmd_segment(args, out):
                 write(piece)
             out.flush()
     return 0
+
+
+def _json_lines(model, texts, words):
+    """``segment --format jsonl``: a JSON line per text (see its help)."""
+    import json
+
+    if words:
+        spans = model.word_spans(texts)
+        objs = ({"words": [t[a:b] for a, b in s], "spans": s}
+                for t, s in zip(texts, (s.tolist() for s in spans)))
+    else:
+        starts = [b.tolist() for b in model.boundaries(texts)]
+        scores = [s.tolist() for s in model.boundary_scores(texts)]
+        objs = ({"segments": [t[a:b] for a, b in zip(s, s[1:] + [len(t)])], "starts": s,
+                 "scores": c} for t, s, c in zip(texts, starts, scores))
+    return [json.dumps(o, ensure_ascii=False) + "\n" for o in objs]
 
 
 def _check_not_reading_its_output(stdin, out):

@@ -92,6 +92,31 @@ def test_segment_words_of_raw_text(trained, capsys, monkeypatch):
     assert code == 0 and streamed == out * 40
 
 
+def test_segment_jsonl(trained, capsys, monkeypatch):
+    """Machine-readable output (a new user's wish): segments, their starts
+    and every character's score; with --words, the pieces and their spans
+    in the text as given. One JSON line per text, from arguments or stdin."""
+    model = gr.Segmenter.load(trained / "model.npz")
+    texts = ["thecatsat", "", "ondog\u00e9"]
+    code, out, _ = run(capsys, "segment", "--model", trained / "model.npz", "--format",
+                       "jsonl", *texts)
+    got = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(got) == 3
+    for text, obj, segs, starts, scores in zip(texts, got, model.segment(texts),
+                                               model.boundaries(texts),
+                                               model.boundary_scores(texts)):
+        assert obj == {"segments": segs, "starts": starts.tolist(),
+                       "scores": scores.tolist()}
+    raw = ["Thecat sat, don't!", "", "42"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(raw) + "\n"))
+    code, out, _ = run(capsys, "segment", "--model", trained / "model.npz", "--format",
+                       "jsonl", "--words", "--batch-chars", 4)
+    got = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and got == [
+        {"words": model.words(t), "spans": model.word_spans(t).tolist()} for t in raw]
+    assert got[0]["words"][0] == raw[0][slice(*got[0]["spans"][0])]
+
+
 def test_line_batches_read_as_the_lines_come():
     class Stream:
         def __init__(self, text):
