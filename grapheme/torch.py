@@ -51,6 +51,7 @@ torch.Size([7, 16])
 import copy
 import functools
 import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -490,6 +491,10 @@ class Merged:
         self.aux_loss, self.graph, self.history = aux_loss, morphed.graph, morphed.history
         self.offsets = torch.from_numpy(self.graph.graph_offsets.astype(np.int64))
         self._morphed = morphed   # the numpy morph: Merge.step and reinforce_loss read it
+        self._made_by = None      # a weak reference to the Merge that made it
+
+    def __getstate__(self):   # pickled (to another process): made by none there
+        return dict(self.__dict__, _made_by=None)
 
     @_eager
     def unpool(self, y):
@@ -713,7 +718,9 @@ class Merge(nn.Module):
         op = _MorphOp(morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))
         (f, mass, w, lp, aux), out = apply(op, op.forward, *inputs)
-        return Merged(f, mass, w, lp, aux, out.morphed)
+        merged = Merged(f, mass, w, lp, aux, out.morphed)
+        merged._made_by = weakref.ref(self)
+        return merged
 
     def step(self, merged, losses=None, *, kept_fraction=None):
         """Advance the estimator and rate controller after an optimiser step.
@@ -730,6 +737,10 @@ class Merge(nn.Module):
         controller follows its own shard and their penalties drift apart
         (README, "From PyTorch")."""
         _check_merged(merged)
+        if merged._made_by is not None and merged._made_by() is not self:
+            # its estimator state and kept fraction are another module's
+            raise ValueError("merged was made by another Merge module: step the module that "
+                             "made it")
         if kept_fraction is not None:
             if isinstance(kept_fraction, torch.Tensor) and kept_fraction.numel() == 1:
                 kept_fraction = kept_fraction.item()   # e.g. all-reduced counts' ratio

@@ -900,3 +900,18 @@ def test_meta_tensors_are_named():
         with pytest.raises(ValueError, match=f"^{name}.* is on the meta device|^{name} is on "
                                              "the meta device"):
             call()
+
+
+def test_merge_step_refuses_another_modules_merged():
+    # left from stop 33: a Merged stepped the rate controller and the
+    # estimator of a module that did not make it
+    x, offsets = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 5])
+    a, b = gt.Merge().double(), gt.Merge().double()
+    merged = a(x, offsets)
+    with pytest.raises(ValueError, match="merged was made by another Merge module"):
+        b.step(merged)
+    a.step(merged)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(merged))   # picklable as before; made by none there
+    b.step(again)
