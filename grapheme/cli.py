@@ -255,9 +255,10 @@ def build_parser():
                         "that a segment starts there), or with --words its \"words\" "
                         "and their \"spans\" ([start, end) offsets into the text)")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                   help="bytes of standard input that are not UTF-8: 'strict' stops at "
-                        "their line, naming it (the default); 'replace' reads each as "
-                        "U+FFFD (a character no model saw) and goes on")
+                   help="bytes that are not UTF-8 (in TEXT or standard input): 'strict' "
+                        "stops at them, naming their line (the default); 'replace' reads "
+                        "each bad sequence as one U+FFFD (a character no model saw), as "
+                        "bytes.decode does, and goes on")
 
     p = sub.add_parser("plot", help="draw a run's metrics per epoch (needs matplotlib)")
     p.add_argument("run", metavar="RUN",
@@ -980,6 +981,9 @@ def _data_file(data, command):
 
 
 def _cmd_segment(args, out):
+    if args.errors == "replace":   # TEXT arguments too, as bytes.decode would read them
+        args.texts = [t.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                      if _is_encodable(t) else t for t in args.texts]
     _check_arguments_text(args.texts, "TEXT")
     _check_arguments_text([args.sep], "--sep")
     model = _load_model(args.model)
@@ -1070,6 +1074,16 @@ def _existing_file(path, option, kind, names, expected):
     if not os.path.exists(path):
         raise CommandError(f"{option} {path!r} does not exist ({expected})")
     return path
+
+
+def _is_encodable(text):
+    """Whether ``text`` is bytes Python decoded with ``surrogateescape``
+    (an argument's), so encoding it back gives those bytes."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_arguments_text(texts, what):

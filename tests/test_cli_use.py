@@ -438,6 +438,13 @@ def test_arguments_that_are_not_utf8(trained, capsys):
     code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--sep", "\udc80",
                        "ok")
     assert code == 2 and "--sep is not valid UTF-8 (the byte 0x80" in err
+    # --errors replace reads them as bytes.decode does (a new user's find:
+    # it applied to standard input only, unsaid)
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--errors",
+                         "replace", "ok", "ab\udcffc")
+    model = gr.Segmenter.load(trained / "model.npz")
+    assert code == 0 and err == "" and out == "".join(
+        " ".join(s) + "\n" for s in model.segment(["ok", "ab\ufffdc"]))
 
 
 def test_metrics_that_are_not_utf8(tmp_path, capsys):

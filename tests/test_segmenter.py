@@ -662,6 +662,16 @@ def test_no_cut_inside_one_character_of_the_text():
     assert m.split_words("\u0130s", sep="|") == "\u0130|s"
 
 
+def test_a_dropped_apostrophe_goes_with_the_piece_after_it():
+    # a new user's find: "they'll" cut before "ll" gave "they" and "ll",
+    # the apostrophe in neither, and split_words wrote "they'|ll"
+    emb = gr.Embedding(dim=8, seed=1)
+    emb.rows(gr.Graph.from_text("abcdefghijklmnopqrstuvwxyz").labels)
+    m = gr.Segmenter(emb, gr.Morpher(threshold=10.0))   # merges equal letters only
+    assert m.words("they'll go") == ["t", "h", "e", "y", "'ll", "g", "o"]
+    assert m.split_words("they\u2019ll", sep="|") == "t|h|e|y|\u2019ll"
+
+
 def test_split_words_checks_its_separator():
     m = _word_model(0)
     with pytest.raises(TypeError, match="sep must be a str"):
