@@ -288,6 +288,15 @@ def exact_str(text):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def check_unicode(text, name):
+    """Refuse a str holding a lone surrogate (not Unicode: no kernel or
+    codec reads it) with a ValueError naming ``name`` and the position."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValueError(f"{name} contains a lone surrogate at position {bad.start()} "
+                         f"({bad.group()!r}); text must be valid Unicode")
+
+
 def check_pairs(pairs, name):
     """Split a list of ``(input, target)`` pairs into two lists.
 
@@ -323,11 +332,8 @@ def check_pairs(pairs, name):
         # named here, as the pair's (a text's index in the batch, "texts[7]",
         # named nothing the caller gave; an attack helper's find)
         for j, text in ((0, source), (1, target)):
-            bad = _SURROGATE.search(text) if isinstance(text, str) else None
-            if bad is not None:
-                raise ValueError(f"{name}[{i}][{j}] contains a lone surrogate at position "
-                                 f"{bad.start()} ({bad.group()!r}); text must be valid "
-                                 f"Unicode")
+            if isinstance(text, str):
+                check_unicode(text, f"{name}[{i}][{j}]")
         inputs.append(source)
         targets.append(target)
     kinds = [isinstance(t, tuple) for t in targets]

@@ -1089,7 +1089,7 @@ def _is_encodable(text):
 def _check_arguments_text(texts, what):
     """Refuse command-line text that is not UTF-8 (Python hands such bytes
     over as lone surrogates, which no model reads)."""
-    from .segmenter import _SURROGATE
+    from ._validation import _SURROGATE
 
     for number, text in enumerate(texts, 1):
         found = _SURROGATE.search(text)

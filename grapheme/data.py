@@ -67,7 +67,7 @@ import unicodedata
 
 import numpy as np
 
-from ._validation import check_allocation, check_path, show
+from ._validation import check_allocation, check_path, check_unicode, show
 from .checkpoint import _atomic_open, _new_file
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
@@ -434,7 +434,6 @@ def segment_lengths(targets):
 # combining marks (a vowel sign, a virama, an accent that has no precomposed
 # letter: re's \w has no marks, and "नमस्ते" fell apart at each); apostrophes
 # between letters are dropped first, so "don't" is one word.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019](?=[^\W\d_])")
 
 
@@ -505,10 +504,7 @@ def word_spans_of(text):
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    bad = _SURROGATE.search(text)
-    if bad is not None:   # as a Segmenter's texts: not Unicode
-        raise ValueError(f"text contains a lone surrogate at position {bad.start()} "
-                         f"({bad.group()!r}); text must be valid Unicode")
+    check_unicode(text, "text")   # as a Segmenter's texts
     return _words_of_normalised(*(_normalised_one_to_one(text)
                                   or _normalised_by_letter(text)))
 

@@ -8,19 +8,18 @@ optional encoder and the morpher) and nothing a run needs to continue
 """
 import numbers
 import os
-import re
 import threading
 
 import numpy as np
 
 from ._threads import single_pool
 from ._validation import (check_allocation, check_model, check_path, check_scalar,
-                          exact_str, settings_checked, settings_unchanged)
+                          check_unicode, exact_str, settings_checked, settings_unchanged)
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, _new_file, load_checkpoint, save_checkpoint
 from .embedding import Embedding
 from .encoder import Encoder
-from .graph import Graph
+from .graph import Graph, _codes_of
 from .morph import Morpher
 from .ops import merge_threshold
 from .train.state import build, check_sizes, describe
@@ -37,9 +36,6 @@ WINDOW_MEMORY = 256 * 2**20
 #: Largest :attr:`Segmenter.window`: more characters than any text can have.
 MAX_WINDOW = 2**62
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _offsets(texts):
     """Where each of ``texts`` starts in their concatenation, and its end:
     int64 (len(texts) + 1,)."""
@@ -48,15 +44,12 @@ def _offsets(texts):
     return offsets
 
 
-def _codes_of(text, name):
-    """The code points of ``text`` (a separator), uint32; TypeError or
-    ValueError naming ``name``."""
+def _code_points(text, name):
+    """The code points of ``text`` (a separator) as UTF-32-LE units, to
+    insert among a text's; TypeError or ValueError naming ``name``."""
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a str, got {type(text).__name__}")
-    if _SURROGATE.search(text) is not None:   # named, not a codec's error
-        raise ValueError(f"{name} contains a lone surrogate ({text!r}); it must be valid "
-                         f"Unicode")
-    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    return _codes_of(text, name).astype("<u4")
 
 
 #: The components checked again where used when assigned since construction.
@@ -304,11 +297,7 @@ class Segmenter:
             if not isinstance(t, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
             texts[i] = t = exact_str(t)
-            bad = _SURROGATE.search(t)
-            if bad is not None:
-                raise ValueError(f"{name}[{i}] contains a lone surrogate at position "
-                                 f"{bad.start()} ({bad.group()!r}); text must be valid "
-                                 f"Unicode")
+            check_unicode(t, f"{name}[{i}]")
         return texts, single
 
     def segment(self, texts):
@@ -506,7 +495,7 @@ class Segmenter:
     def _split_words(self, texts, sep, end):
         """:meth:`split_words` of ``texts`` (a list) with ``end`` after each;
         numpy on the texts' code points, no Python step per character."""
-        s, e = _codes_of(sep, "sep"), _codes_of(end, "end")
+        s, e = _code_points(sep, "sep"), _code_points(end, "end")
         offsets, spans, first = self._word_pieces(texts)
         codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype="<u4")
         inner = spans[~first, 0]
@@ -525,7 +514,7 @@ class Segmenter:
         ``(str, ends)``, ``ends`` where the texts the piece completes end in
         it (after their ``end``). Everything per character is numpy; memory
         beyond the texts is a window's."""
-        s, e = _codes_of(sep, "sep"), _codes_of(end, "end")
+        s, e = _code_points(sep, "sep"), _code_points(end, "end")
         offsets = _offsets(texts)
         for i, j, a, b, start in self._pieces(texts, offsets):
             whole = a == offsets[i] and b == offsets[j]
