@@ -1017,15 +1017,20 @@ def _json_lines(model, texts, words):
     """``segment --format jsonl``: a JSON line per text (see its help)."""
     import json
 
+    import numpy as np
+
     if words:
         spans = model.word_spans(texts)
         objs = ({"words": [t[a:b] for a, b in s], "spans": s}
                 for t, s in zip(texts, (s.tolist() for s in spans)))
-    else:
-        starts = [b.tolist() for b in model.boundaries(texts)]
-        scores = [s.tolist() for s in model.boundary_scores(texts)]
+    else:   # one inference pass for both (boundaries, then scores, ran two)
+        texts = model._texts(texts)[0]
+        offsets, is_start, scores = model._scored(texts)
+        bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+        starts = [np.flatnonzero(is_start[a:b]).tolist() for a, b in bounds]
         objs = ({"segments": [t[a:b] for a, b in zip(s, s[1:] + [len(t)])], "starts": s,
-                 "scores": c} for t, s, c in zip(texts, starts, scores))
+                 "scores": scores[a:b].tolist()}
+                for t, s, (a, b) in zip(texts, starts, bounds))
     return [json.dumps(o, ensure_ascii=False) + "\n" for o in objs]
 
 

@@ -393,14 +393,23 @@ class Segmenter:
         [1.0, 0.0, 0.0]
         """
         texts, single = self._texts(texts)
+        offsets, _, scores = self._scored(texts)
+        out = [scores[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return out[0] if single else out
+
+    def _scored(self, texts):
+        """``(offsets, starts, scores)`` of checked ``texts`` from one pass:
+        where each text starts in their concatenation, whether each
+        character starts a segment (the hard morph's rule, ``s <= tau``, on
+        the similarities :meth:`_decide` compares: :meth:`boundaries`'
+        decisions) and :meth:`boundary_scores`' scores."""
         offsets = _offsets(texts)
         tau, T = merge_threshold(self.morpher.theta), self.morpher.temperature
         parts = [sim for *_, sim in self._pieces(texts, offsets, similarity=True)]
         sim = np.concatenate(parts) if parts else np.zeros(0)
         with np.errstate(over="ignore"):   # exp(inf) at a text's start: score 1
             scores = 1.0 / (1.0 + np.exp((sim - tau) / T))
-        out = [scores[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        return out[0] if single else out
+        return offsets, ~(sim > tau), scores
 
     # ------------------------------------------------------------- raw text
     def _word_pieces(self, texts):
