@@ -735,20 +735,16 @@ def _segment_lengths(segs, where, labels):
     if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
            for s in segs):
         raise TypeError(f"{where} must hold positive int lengths or strs, got {show(segs)}")
-    try:
-        lengths = np.array(segs, np.int64)
-    except OverflowError:   # beyond int64: beyond any graph
-        raise ValueError(f"{where} sum to {sum(map(int, segs))} but the graph has {n} "
-                         f"nodes") from None
-    if (lengths <= 0).any():
-        i = int(np.flatnonzero(lengths <= 0)[0])
-        raise ValueError(f"{where}[{i}] = {int(lengths[i])}; segment lengths must be positive")
-    # each at most n first: then their int64 sum cannot wrap (2**62 * 4 + 2
-    # summed to 2)
-    if (lengths.size and lengths.max() > n) or int(lengths.sum()) != n:
-        total = sum(map(int, segs))
+    # checked as Python ints (the loop above is Python's already): an int64
+    # sum wrapped (lengths of 2**62 summed to 2) and 2**64 overflowed
+    ints = [int(s) for s in segs]
+    bad = next((i for i, s in enumerate(ints) if s <= 0), None)
+    if bad is not None:
+        raise ValueError(f"{where}[{bad}] = {ints[bad]}; segment lengths must be positive")
+    total = sum(ints)
+    if total != n:
         raise ValueError(f"{where} sum to {total} but the graph has {n} nodes")
-    return lengths
+    return np.array(ints, np.int64)
 
 
 def _output_offsets(graph, history):
