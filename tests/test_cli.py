@@ -530,6 +530,27 @@ def test_an_interrupted_run_says_how_to_continue(level1, tmp_path, capsys, monke
     assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
 
 
+def test_a_stop_just_after_a_save_names_the_epoch_on_disk(level1, tmp_path, capsys,
+                                                          monkeypatch):
+    """A test's find: a stop between a checkpoint's replace and the
+    trainer's record of it named the epoch before the one on disk."""
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    original = Trainer._save
+
+    def saved_then_stopped(self, path):
+        original(self, path)
+        if self.epoch == 2 and path.endswith("checkpoint.npz"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "_save", saved_then_stopped)
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
+                       "--no-progress")
+    checkpoint = out / "checkpoint.npz"
+    assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
+    assert code == 130 and err.startswith("grapheme: interrupted; epoch 2 is saved; ")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock: POSIX")
 def test_a_second_run_into_the_same_out_is_refused(level1, tmp_path, capsys, monkeypatch):
     """Found by an attack helper: two `train --out RUN` at once both passed

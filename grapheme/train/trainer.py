@@ -234,6 +234,7 @@ class Trainer:
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
         self._last_checkpoint = None    # (path, epoch) of the last one written
+        self._saving = None             # (path, epoch) of the one being written
         # files of another run that this fresh run replaces without writing
         # them (grapheme train --overwrite: its best.npz, without --keep-best):
         # removed with the other run's log and checkpoint, after the first epoch
@@ -255,6 +256,7 @@ class Trainer:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("_summary", True)   # a trainer pickled before it
+        self.__dict__.setdefault("_saving", None)
         self._lock = threading.RLock()
 
     def _check_settings(self):
@@ -1031,6 +1033,16 @@ class Trainer:
                 summary = summary_line(self.history, first_epoch, self.baseline,
                                        time.perf_counter() - started)
         except KeyboardInterrupt as exc:   # a traceback alone said nothing of the run
+            if self._saving is not None:
+                # stopped in a save: its file may be written already, the
+                # record not (grapheme train then named the epoch before the
+                # one on disk: a test's find); the record follows the file
+                try:
+                    if load_checkpoint(self._saving[0])[1].get("epoch") == self._saving[1]:
+                        self._last_checkpoint = self._saving
+                except (OSError, ValueError):   # not written, or half: the record stands
+                    pass
+                self._saving = None
             saved = self._last_checkpoint
             if saved is not None and hasattr(exc, "add_note"):   # Python >= 3.11
                 exc.add_note(f"grapheme: epoch {saved[1]} is saved in {saved[0]!r}; "
@@ -1090,8 +1102,10 @@ class Trainer:
         writes = self._writes
         if checkpoint is not None:
             if writes:
+                self._saving = (os.fspath(checkpoint), self.epoch)
                 self._save(checkpoint)
             self._last_checkpoint = (os.fspath(checkpoint), self.epoch)
+            self._saving = None
         if not writes:
             return
         if improved:
