@@ -315,10 +315,9 @@ def load_checkpoint(path, required=()):
     """
     path = check_path(path, "path")
     if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", path)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "checkpoint is a directory, not a file",
-                                path)
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
     if not os.path.isfile(path):   # opening a FIFO would wait for a writer
         raise ValueError(f"checkpoint {path!r} is not a regular file (a pipe or a device; "
                          "a checkpoint is read with seeks)")

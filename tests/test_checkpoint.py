@@ -131,7 +131,7 @@ def test_not_npz(tmp_path):
 
 
 def test_directory_and_unreadable_file(tmp_path):
-    with pytest.raises(IsADirectoryError, match="checkpoint is a directory, not a file"):
+    with pytest.raises(IsADirectoryError, match="is a directory, not a file"):
         load_checkpoint(tmp_path)
     with pytest.raises(IsADirectoryError, match="checkpoint path is a directory"):
         save_checkpoint(tmp_path, {}, {})

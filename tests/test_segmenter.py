@@ -234,8 +234,11 @@ def test_save_load_round_trip_and_never_overwrite(tmp_path):
     save_checkpoint(tmp_path / "bad.npz", arrays, meta)
     with pytest.raises(ValueError, match="corrupted or unusable: embedding.weight has shape"):
         gr.Segmenter.load(tmp_path / "bad.npz")
-    with pytest.raises(FileNotFoundError):
+    # a model file is not a "checkpoint": the message is the system's own
+    with pytest.raises(FileNotFoundError) as info:
         gr.Segmenter.load(tmp_path / "missing.npz")
+    assert str(info.value) == (f"[Errno 2] No such file or directory: "
+                               f"{str(tmp_path / 'missing.npz')!r}")
 
 
 def test_trainer_produces_and_accepts_a_model(tmp_path):
