@@ -206,6 +206,7 @@ class _OpFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @_eager   # autograd calls it from a compiled function's .backward()
     def backward(ctx, *grads):
         second_order = torch.is_grad_enabled()   # on only under create_graph=True
         with torch.no_grad():
@@ -510,6 +511,7 @@ class Merged:
             return unpool(self.history, y)
         return unpool(self.history, y[torch.from_numpy(self.history.heads.astype(np.int64))])
 
+    @_eager
     def segments(self, texts):
         """The hard merge's segments of every sequence: ``texts`` are the B
         input texts, one character per input row, in order. Returns B lists
@@ -722,6 +724,7 @@ class Merge(nn.Module):
         merged._made_by = weakref.ref(self)
         return merged
 
+    @_eager
     def step(self, merged, losses=None, *, kept_fraction=None):
         """Advance the estimator and rate controller after an optimiser step.
 
