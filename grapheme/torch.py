@@ -180,6 +180,11 @@ def _eager(fn):
         if not disabled:
             disabled.append(torch.compiler.disable(fn, recursive=True))
         return disabled[0](*args, **kwargs)
+    # a code object of its own: dynamo caches compiled frames by code
+    # object, and with one shared by every wrapper it recompiled that one
+    # for each method it met, warning of its recompile limit (8) after a few
+    # batch shapes (a PyTorch-user helper's find)
+    run.__code__ = run.__code__.replace(co_name=fn.__qualname__)
     return run
 
 

@@ -810,6 +810,12 @@ def test_torch_compile_runs_a_whole_training_step():
     assert l0 == l1 and s0 == s1 and [sum(map(len, s)) for s in s1] == [4, 5]
     torch.testing.assert_close(g0, g1, rtol=0, atol=0)
     assert r0 == r1 and r0 != gt.Merge(estimator="ste", rate=0.5).rate.state_dict()
+    # every wrapper its own code object: dynamo caches by code object, and
+    # one shared by all recompiled for each method, up to its limit
+    wrapped = (gt.Merge.forward, gt.Merge.step, gt.Encoder.forward, gt.StructuralLoss.forward,
+               gt.Merged.unpool, gt.Merged.segments, gt.Merged.reinforce_loss, gt.apply)
+    assert len({id(fn.__code__) for fn in wrapped}) == len(wrapped)
+    assert gt.Merge.forward.__code__.co_name == "Merge.forward"   # in tracebacks
 
 
 def test_torch_loss_for_training_is_the_trainers():
