@@ -32,7 +32,8 @@ from one function (:c:func:`_workspace`).
 import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
-from libc.math cimport exp, log, fabs, sqrt, INFINITY
+from libc.float cimport DBL_MAX, DBL_MIN
+from libc.math cimport exp, log, fabs, hypot, sqrt, INFINITY
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy
 
@@ -414,9 +415,13 @@ cdef struct Balance:
     # The dustbin-balancing step of one sweep (see _balance).
     bint applied
     double x                     # e^{c/eps}: real f += c, real g -= c
-    double s                     # deletion mass  sum_{i<n} P_im
-    double r                     # insertion mass sum_{j<m} P_nj
+    double s                     # deletion mass  sum_{i<n} P_im = A sa
+    double r                     # insertion mass sum_{j<m} P_nj = B sb
+    double sa                    # sum_{i<n} a_i e_im
+    double sb                    # sum_{j<m} b_j e_nj
     double R                     # sqrt((A - B)^2 + 4 s r)
+    double p                     # s x, computed without forming it
+    double q                     # r / x, the same
 
 
 cdef inline double _cell(bint sc, intp_t i, intp_t j, intp_t m1, const double* f,
@@ -439,32 +444,42 @@ cdef Balance _balance(intp_t n, intp_t m, bint sc, const double* f, const double
     1/x); the dual's derivative along it is (A - B) - s x + r / x, so its
     maximiser is the positive root of s x^2 - (A - B) x - r = 0 (a concave
     1-D problem, solved in closed form). Not applied (x = 1) without real
-    rows or columns, or when s or r is 0. O(n + m).
+    rows or columns, or when s, r or their sums are not normal doubles or
+    x is not: a subnormal s or r has lost its precision, and a step from it
+    is noise (its adjoint overflowed to NaN at epsilon 1e-3, found by a
+    numerical reviewer). O(n + m).
     """
     cdef Balance out
     cdef intp_t i, j, m1 = m + 1
-    cdef double d
+    cdef double d, x
     out.applied = False
     out.x = 1.0
-    out.s = 0.0
-    out.r = 0.0
-    out.R = 0.0
+    out.s = out.r = out.sa = out.sb = out.R = out.p = out.q = 0.0
     if n == 0 or m == 0:
         return out
     for i in range(n):
-        out.s += aw[i] * _cell(sc, i, m, m1, f, g, C, K, eps)
-    out.s *= bw[m]
+        out.sa += aw[i] * _cell(sc, i, m, m1, f, g, C, K, eps)
+    out.s = bw[m] * out.sa
     for j in range(m):
-        out.r += bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps)
-    out.r *= aw[n]
-    if not (out.s > 0.0 and out.r > 0.0):
+        out.sb += bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps)
+    out.r = aw[n] * out.sb
+    if not (DBL_MIN <= out.sa <= DBL_MAX and DBL_MIN <= out.sb <= DBL_MAX
+            and DBL_MIN <= out.s <= DBL_MAX and DBL_MIN <= out.r <= DBL_MAX):
         return out
     d = bw[m] - aw[n]                          # A - B
-    out.R = sqrt(d * d + 4.0 * out.s * out.r)
+    out.R = hypot(d, 2.0 * sqrt(out.s) * sqrt(out.r))   # 4 s r overflows near 1e150 masses
+    # the root and, for the adjoint, s x and r / x, each without cancellation
     if d >= 0.0:
-        out.x = (d + out.R) / (2.0 * out.s)
+        x = (d + out.R) / (2.0 * out.s)
+        out.p = 0.5 * (d + out.R)
+        out.q = 2.0 * (out.s * (out.r / (d + out.R)))
     else:
-        out.x = 2.0 * out.r / (out.R - d)      # the same root, no cancellation
+        x = 2.0 * out.r / (out.R - d)
+        out.p = 2.0 * (out.s * (out.r / (out.R - d)))
+        out.q = 0.5 * (out.R - d)
+    if not (DBL_MIN <= x <= DBL_MAX):
+        return out
+    out.x = x
     out.applied = True
     return out
 
@@ -482,32 +497,32 @@ cdef void _balance_adjoint(intp_t n, intp_t m, bint sc, const double* f,
     column weight), gbm (of the m target masses) and bbar (of B = sum b,
     the dustbin row weight). By the implicit function theorem on s x^2 - d x - r = 0
     (d = A - B), with R = 2 s x - d: dx/ds = -x^2/R, dx/dd = x/R,
-    dx/dr = 1/R. O(n + m)."""
+    dx/dr = 1/R. The adjoint of log x (c = eps log x) times these is formed
+    from s x and r / x, never dividing by x: x may be near the ends of the
+    doubles' range, where 1 / x overflowed and inf * 0 gave NaN. O(n + m)."""
     cdef intp_t i, j, m1 = m + 1
-    cdef double cbar = 0.0, xbar, sbar, rbar, dbar, e, sa = 0.0, sb = 0.0
+    cdef double lbar = 0.0, sbar_s, rbar_r, dbar, e
     for j in range(m):
-        cbar -= gb[j]
-    xbar = cbar * eps / bal.x
-    sbar = -xbar * bal.x * bal.x / bal.R
-    rbar = xbar / bal.R
-    dbar = xbar * bal.x / bal.R
-    # s = A sum_{i<n} a_i e_im
+        lbar -= gb[j]
+    lbar *= eps                      # the adjoint of log x
+    sbar_s = -lbar * bal.p / bal.R   # sbar s  = lbar (dx/ds) s / x
+    rbar_r = lbar * bal.q / bal.R    # rbar r  = lbar (dx/dr) r / x
+    dbar = lbar / bal.R              # dbar    = lbar (dx/dd) / x
+    # s = A sa, sa = sum_{i<n} a_i e_im
     for i in range(n):
-        e = _cell(sc, i, m, m1, f, g, C, K, eps)
-        fb[i] += sbar * aw[i] * bw[m] * e / eps
-        ga[i] += sbar * bw[m] * e
-        sa += aw[i] * e
-    gb[m] += sbar * bal.s / eps
-    abar[0] += sbar * sa + dbar
-    # r = B sum_{j<m} b_j e_nj
-    fb[n] += rbar * bal.r / eps
+        e = _cell(sc, i, m, m1, f, g, C, K, eps) / bal.sa
+        fb[i] += sbar_s * aw[i] * e / eps
+        ga[i] += sbar_s * e
+    gb[m] += sbar_s / eps
+    abar[0] += sbar_s / bw[m] + dbar
+    # r = B sb, sb = sum_{j<m} b_j e_nj
+    fb[n] += rbar_r / eps
     for j in range(m):
-        e = _cell(sc, n, j, m1, f, g, C, K, eps)
-        gb[j] += rbar * aw[n] * bw[j] * e / eps
-        gbm[j] += rbar * aw[n] * e
-        sb += bw[j] * e
+        e = _cell(sc, n, j, m1, f, g, C, K, eps) / bal.sb
+        gb[j] += rbar_r * bw[j] * e / eps
+        gbm[j] += rbar_r * e
     # d = A - B
-    bbar[0] += rbar * sb - dbar
+    bbar[0] += rbar_r / aw[n] - dbar
 
 
 # The activation cost min(|x - y|, 1) has a kink at x = y, where its
