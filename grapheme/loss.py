@@ -171,6 +171,13 @@ class LossResult:
     _cache: Any = field(repr=False)
     _feature_shapes: Any = field(default=(None, None), repr=False)
 
+    def __post_init__(self):
+        # read-only, as every result the library hands out (fresh arrays:
+        # frozen in place)
+        for name in ("values", "nodes", "edges", "cliques", "iterations", "converged",
+                     "marginal_error", "domain"):
+            getattr(self, name).flags.writeable = False
+
     @property
     def num_pairs(self) -> int:
         """Number of pairs B."""

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ._validation import (KEEP, as_float_array, check_graph, check_out, check_scalar,
-                          settings_checked, settings_unchanged)
+                          frozen, set_frozen_state, settings_checked, settings_unchanged)
 from ._workspace import check_workspace
 from .estimators import Hard, _checked_forward, make_estimator
 from .ops import (MIN_TEMPERATURE, EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid,
@@ -60,12 +60,20 @@ class Morphed:
 
     def __init__(self, estimate, similarity, probability, tau, rate_penalty, expected_rate,
                  saved, estimator, input_nodes):
+        # read-only: the similarities and probabilities are the arrays the
+        # vjp reads (written, they changed its gradients: found by a docs
+        # reviewer); an estimator's decisions are copied, as it may keep them
         self.graph, self.history = estimate.graph, estimate.history
-        self.decisions, self.log_prob, self.samples = (estimate.decisions, estimate.log_prob,
+        self.decisions, self.log_prob, self.samples = (frozen(estimate.decisions),
+                                                       frozen(estimate.log_prob),
                                                        estimate.samples)
-        self.similarity, self.probability, self.tau = similarity, probability, tau
+        self.similarity, self.probability = frozen(similarity, False), frozen(probability, False)
+        self.tau = tau
         self.rate_penalty, self.expected_rate = rate_penalty, expected_rate
         self._saved, self._estimator, self._input_nodes = saved, estimator, input_nodes
+
+    def __setstate__(self, state):   # a pickled or deep-copied one: read-only again
+        set_frozen_state(self, state)
 
     def __iter__(self):
         yield self.graph

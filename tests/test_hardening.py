@@ -37,6 +37,32 @@ def test_history_keeps_private_read_only_copies():
                                                                                [1.0]]))
 
 
+@pytest.mark.parametrize("estimator", ["history", "soft", "ste", "reinforce"])
+def test_morph_and_loss_results_are_read_only(estimator):
+    """Morphed's similarities and probabilities are the arrays its vjp
+    reads: written, they changed the gradients (found by a docs reviewer;
+    docs/security.md calls results immutable). Pickled or deep-copied, read-only still."""
+    import copy
+    import pickle
+    rng = np.random.default_rng(3)
+    g, H = gr.Graph.from_texts(["aabc", "xyz"]), rng.normal(size=(7, 4))
+    morpher = gr.Morpher(threshold=-1.0, estimator=estimator)
+    morphed = morpher.forward(g, H)
+    grad = morpher.vjp(morphed, grad_features=np.ones(morphed.graph.features.shape))
+    for copied in (morphed, copy.deepcopy(morphed), pickle.loads(pickle.dumps(morphed))):
+        for name in ("similarity", "probability", "decisions"):
+            with pytest.raises(ValueError, match="read-only"):
+                getattr(copied, name)[0] = 0
+    again = morpher.vjp(morphed, grad_features=np.ones(morphed.graph.features.shape))
+    np.testing.assert_array_equal(grad.features, again.features)
+    np.testing.assert_array_equal(grad.theta, again.theta)
+    res = gr.StructuralLoss().forward(morphed.graph, gr.Graph.from_texts(["ab", "x"]))
+    for name in ("values", "nodes", "edges", "cliques", "iterations", "converged",
+                 "marginal_error", "domain"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(res, name)[0] = 0
+
+
 def test_embedding_grad_of_the_wrong_shape_is_refused():
     e = gr.Embedding(dim=3)
     e.forward([97, 98, 99])
