@@ -163,7 +163,8 @@ def build_parser():
                         "the run continues with this one (after a divergence: resume "
                         "the checkpoint that is still good with a smaller one)")
     p.add_argument("--seed", type=_nonneg_int, default=None,
-                   help="seed of embedding and shuffling (default 0)")
+                   help="seed of the embedding, the shuffling, the unknown-row draws and "
+                        "REINFORCE's samples (default 0)")
     p.add_argument("--dim", type=_positive_int, default=None,
                    help=f"embedding dimension (default {DIM})")
     p.add_argument("--dtype", default=None, choices=("float64", "float32"),
@@ -283,7 +284,8 @@ def build_parser():
     p.add_argument("--epochs", type=_positive_int, default=150,
                    help="epochs per estimator (default 150)")
     p.add_argument("--seed", type=_nonneg_int, default=0,
-                   help="seed of the generated pairs, embeddings and shuffling (default 0)")
+                   help="seed of the generated pairs and of training: the embeddings, the "
+                        "shuffling and REINFORCE's samples (default 0)")
     return parser
 
 
@@ -505,7 +507,7 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
             raise ValueError(f"--baseline loo needs --samples >= 2, got --samples {samples}")
         if estimator == "reinforce":
             estimator = Reinforce(baseline=None if baseline == "none" else baseline,
-                                  samples=samples)
+                                  samples=samples, seed=seed)
         elif samples != 1:
             raise ValueError(f"--samples needs --estimator reinforce, got {estimator!r}")
         elif baseline != "mean":

@@ -422,6 +422,19 @@ def test_train_with_an_encoder(capsys, tmp_path):
     assert "--encoder-layers cannot be combined with --resume" in capsys.readouterr().err
 
 
+def test_seed_reaches_reinforce_samples(level1, tmp_path, capsys):
+    """--seed seeds REINFORCE's sample stream too (a docs reviewer's find:
+    it was 0 whatever --seed said); a resumed run keeps the checkpoint's."""
+    for seed in (0, 5):
+        out = tmp_path / f"run{seed}"
+        code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
+                           "--estimator", "reinforce", "--seed", seed, "--dim", 8,
+                           "--encoder-layers", 0, "--no-progress")
+        assert code == 0, err
+        trainer = gr.Trainer.from_checkpoint(out / "checkpoint.npz", progress=False)
+        assert trainer.morpher.estimator.seed == seed == trainer.seed
+
+
 def test_data_is_a_file_or_a_directory_everywhere(capsys, tmp_path):
     """train --data DIR reads DIR/train.jsonl (+ val.jsonl), --data FILE trains
     on the file (validation only with --val); eval --data DIR reads
