@@ -44,8 +44,8 @@ class Graph:
     ----------
     indptr : array_like of int, shape (n_nodes + 1,)
         Row pointer: the out-edges of node ``u`` are
-        ``indices[indptr[u]:indptr[u + 1]]``. int32 or int64 is kept as is;
-        other integer types become int64.
+        ``indices[indptr[u]:indptr[u + 1]]``. int32 is kept when
+        ``indices`` is int32 too; otherwise both become int64.
     indices : array_like of int, shape (n_edges,)
         Edge targets, each in ``[0, n_nodes)``.
     labels : array_like of int, shape (n_nodes,)

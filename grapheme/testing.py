@@ -89,8 +89,18 @@ def gradcheck(f, x, eps=1e-6, rtol=1e-4):
     """
     rtol = check_scalar(rtol, "rtol", lower=0)
     x = as_float_array(x, "x")
-    value, analytic = f(x.copy())
-    analytic = np.asarray(analytic, dtype=np.float64)
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    out = f(x.copy())
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"f must return a pair (value, grad), got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    try:
+        float(out[0])
+    except (TypeError, ValueError):
+        raise TypeError(f"f's value must be a real scalar, got {type(out[0]).__name__}"
+                        ) from None
+    analytic = np.asarray(out[1], dtype=np.float64)
     if analytic.shape != x.shape:
         raise ValueError(f"f returned a gradient of shape {analytic.shape}, "
                          f"x has shape {x.shape}")

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -281,6 +283,15 @@ def test_numerical_gradient_and_gradcheck():
     assert res.ok and res.analytic.shape == () and res.numerical.shape == ()
     with pytest.raises(ValueError, match="gradient of shape"):
         gradcheck(lambda v: (f(v), np.ones(3)), x)
+    # what f returns is named (a docs reviewer's find: unpacking an int
+    # raised "cannot unpack non-iterable int object")
+    for bad_f, message in ((lambda v: 3, "f must return a pair (value, grad), got int"),
+                           (lambda v: (1.0, 2.0, 3.0), "got tuple of length 3"),
+                           (lambda v: (np.ones(2), np.ones(2)), "f's value must be a real "
+                                                                 "scalar, got ndarray"),
+                           ("f", "f must be callable, got str")):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            gradcheck(bad_f, [1.0, 2.0])
 
 
 @given(n=st.integers(0, 12), density=st.floats(0.0, 3.0), d=st.integers(0, 9),

@@ -99,9 +99,15 @@ class Trainer:
     embedding : Embedding
         Character embedding; its table grows as new characters appear.
     morpher : Morpher
-        The learnable merge step; its ``theta`` is trained.
+        The learnable merge step; its ``theta`` is trained. To learn where
+        to merge, give it an estimator that passes ``theta`` a gradient
+        (``Morpher(estimator="ste")``, as ``grapheme train`` does): under the
+        default ``"history"`` it gets none.
     loss : StructuralLoss
-        Compares the morphed graph with the target graph; must provide
+        Compares the morphed graph with the target graph
+        (:meth:`StructuralLoss.for_training() <grapheme.StructuralLoss.for_training>`,
+        as ``grapheme train`` uses: with the default weights a model does
+        not learn boundaries); must provide
         ``forward(predicted, target)`` returning a result with ``value``,
         ``node``, ``edge``, ``clique`` and per-pair ``values``, and
         ``backward(result, grad=1.0)`` (``grad``: a scalar, or per pair:
