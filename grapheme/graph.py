@@ -392,11 +392,21 @@ class Graph:
     def replace(self, **fields):
         """A copy with some fields replaced (validated like the constructor).
 
+        The others are kept as they are, an explicit activation included: a
+        graph of :meth:`from_text` keeps its activations of 1.0 when given
+        features, and the loss then passes the features no gradient. Give
+        ``activation=None`` too for the mean of the new features.
+
         Examples
         --------
         >>> g = Graph.from_text("ab").replace(mass=[1.0, 0.0])
         >>> g.mass.tolist()
         [1.0, 0.0]
+        >>> F = [[1.0, 3.0], [0.0, 1.0]]
+        >>> Graph.from_text("ab").replace(features=F).activation.tolist()
+        [1.0, 1.0]
+        >>> Graph.from_text("ab").replace(features=F, activation=None).activation.tolist()
+        [2.0, 0.5]
         """
         for key in fields:
             if key not in _FIELDS:
