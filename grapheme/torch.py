@@ -98,7 +98,22 @@ def _array(t, name):
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor (grapheme's kernels run on the "
                          f"CPU), got device {t.device}")
-    return t.detach().contiguous().numpy()
+    return _numpy(t.detach().contiguous(), name)
+
+
+def _numpy(t, name):
+    """``t.numpy()``; under a ``torch.func`` transform, whose tensors hold no
+    storage, a TypeError naming ``name`` and the transform (torch said
+    "Cannot access data pointer of Tensor that doesn't have storage")."""
+    try:
+        return t.numpy()
+    except RuntimeError as exc:
+        if "storage" not in str(exc):
+            raise
+        raise TypeError(f"{name} is a tensor without storage, as under a torch.func transform "
+                        f"(grad, vmap, jacrev, ...): grapheme's operations are differentiated "
+                        f"by torch.autograd (loss.backward(), torch.autograd.grad), not by "
+                        f"torch.func") from None
 
 
 def _check_tensor(t, name):
@@ -135,7 +150,7 @@ def _host(x, name):
     if not isinstance(x, torch.Tensor):
         return np.asarray(x)
     _not_meta(x, name)
-    return x.detach().cpu().numpy()
+    return _numpy(x.detach().cpu(), name)
 
 
 def _not_meta(t, name):

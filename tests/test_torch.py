@@ -818,6 +818,20 @@ def test_torch_compile_runs_a_whole_training_step():
     assert gt.Merge.forward.__code__.co_name == "Merge.forward"   # in tracebacks
 
 
+def test_torch_func_transforms_are_refused_by_name():
+    """torch.func's tensors hold no storage: torch said "Cannot access data
+    pointer" from inside the offsets' conversion (a PyTorch-user helper's
+    find); with list offsets torch's own message names setup_context."""
+    merge, offsets = gt.Merge(), torch.tensor([0, 4, 9])
+    with pytest.raises(TypeError, match="offsets is a tensor without storage, as under a "
+                                        "torch.func transform"):
+        torch.func.grad(lambda x: merge(x, offsets).features.sum())(torch.randn(9, 8))
+    for transform, x in ((torch.func.grad, torch.randn(9, 8)),
+                         (torch.func.vmap, torch.randn(2, 9, 8))):
+        with pytest.raises(RuntimeError, match="setup_context"):
+            transform(lambda x: merge(x, [0, 4, 9]).features.sum())(x)
+
+
 def test_torch_loss_for_training_is_the_trainers():
     assert (gt.StructuralLoss.for_training().loss.get_params()
             == gr.StructuralLoss.for_training().get_params())
