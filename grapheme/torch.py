@@ -723,6 +723,8 @@ class Merge(nn.Module):
         for name, t in (("queries", queries), ("keys", keys)):
             if t is not None:
                 _check_tensor(t, name)
+                if t.dtype != x.dtype:   # the morph runs in x's: it cast them silently
+                    raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
         graph = _chains(x, offsets, labels)
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")

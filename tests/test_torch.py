@@ -478,6 +478,11 @@ def test_merge_refuses_what_is_not_its_own():
         merge(None, offsets)
     with pytest.raises(TypeError, match="queries must be a torch.Tensor"):
         merge(x, offsets, None, x.numpy(), x)
+    # the morph runs in x's dtype: float64 queries with float32 rows were
+    # cast silently, their gradient float32-accurate (a PyTorch-user helper)
+    with pytest.raises(TypeError, match="keys must have x's dtype torch.float32, got "
+                                        "torch.float64"):
+        merge(x.float(), offsets, None, x.float(), x)
     merged = merge(x, offsets)
     for bad in (None, x):
         with pytest.raises(TypeError, match="merged must be a grapheme.torch.Merged"):
