@@ -166,8 +166,10 @@ def _chains(x, offsets, labels=None, dim=None):
     offsets = _chain_offsets(_host(offsets, "offsets"))   # named as offsets' first
     n = int(offsets[-1])
     if x.ndim != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
-        what = "d" if dim is None else f"{dim}) (offsets[-1] rows of the encoder's dim"
-        raise ValueError(f"x must have shape ({n}, {what}), got {tuple(x.shape)}")
+        what = "d" if dim is None else f"{dim}"
+        raise ValueError(f"x must have shape ({n}, {what}): offsets[-1] = {n} rows"
+                         + ("" if dim is None else " of the encoder's dim")
+                         + f", got {tuple(x.shape)}")
     return Graph.chains(offsets, None if labels is None else _host(labels, "labels"))
 
 
@@ -316,10 +318,12 @@ def chain_relaxation(graph, features, merge):
 def unpool(history, y):
     """Every output row broadcast back to its inputs, ``out[i] = y[c(i)]``:
     a :class:`grapheme.ops.Lookup` of ``y`` at ``history.cluster`` (its vjp
-    sums over each output's members)."""
+    sums over each output's members). ``y`` is (k,) or (k, ...): rows of
+    several dimensions (heads, say) are flattened for it and back."""
     rows = history.cluster
-    (out,), _ = apply(ops.Lookup(), lambda a: ops.Lookup().forward(a, rows), y)
-    return out
+    flat = y.reshape(y.shape[0], -1) if y.ndim > 2 else y
+    (out,), _ = apply(ops.Lookup(), lambda a: ops.Lookup().forward(a, rows), flat)
+    return out.reshape((out.shape[0],) + tuple(y.shape[1:])) if y.ndim > 2 else out
 
 
 def structural_loss(loss, predicted, target, activation, mass, weights, target_activation):
@@ -519,14 +523,15 @@ class Merged:
 
     @_eager
     def unpool(self, y):
-        """Rows of ``y`` (one per merged row) broadcast back to the input rows
+        """Rows of ``y`` (one per merged row, of any trailing shape: ``(k,
+        heads, d)`` too) broadcast back to the input rows
         through the hard merge map; for the relaxed estimators, whose rows are
         the input rows, each input row gets its cluster head's row."""
         _check_tensor(y, "y")   # float32 or float64, named (else it is "table")
         rows = self.features.shape[0]
-        if y.ndim not in (1, 2) or y.shape[0] not in (rows, self.history.num_outputs):
-            raise ValueError(f"y must be 1- or 2-dimensional with one row per merged row "
-                             f"({rows}), got shape {tuple(y.shape)}")
+        if y.ndim == 0 or y.shape[0] not in (rows, self.history.num_outputs):
+            raise ValueError(f"y must have one row per merged row ({rows}), got shape "
+                             f"{tuple(y.shape)}")
         if y.shape[0] == self.history.num_outputs:
             return unpool(self.history, y)
         return unpool(self.history, y[torch.from_numpy(self.history.heads.astype(np.int64))])
@@ -694,6 +699,8 @@ class Merge(nn.Module):
         # the numpy morph this module runs (it checks the settings and holds
         # the estimator's and the rate controller's state); its theta is
         # unused: each call runs a copy with the parameter's
+        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+            threshold = threshold.item()   # as a parameter's initial value is often given
         self._morpher = Morpher(threshold, temperature, estimator, rate)
         self.theta = nn.Parameter(torch.tensor(self._morpher.threshold,
                                                **_factory(device, dtype)))
@@ -832,6 +839,9 @@ class Encoder(nn.Module):
             self.layers.append(layer)
         self.query = nn.Parameter(torch.eye(dim, **where))
         self.key = nn.Parameter(torch.eye(dim, **where))
+
+    def extra_repr(self):
+        return f"dim={self.query.shape[0]}, layers={len(self.layers)}"
 
     @_eager
     def forward(self, x, offsets):

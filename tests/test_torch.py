@@ -449,8 +449,25 @@ def test_empty_batches_and_unpool_shapes_are_named():
     total.backward()
     assert gt.StructuralLoss(reduction="none")(out, empty).shape == (0,)
     out = gt.Merge(threshold=-10.0).double()(torch.ones(5, 2, dtype=F64), [0, 2, 5])
-    with pytest.raises(ValueError, match="y must be 1- or 2-dimensional with one row per"):
-        out.unpool(torch.zeros(out.history.num_outputs, 2, 2, dtype=F64))
+    with pytest.raises(ValueError, match=r"y must have one row per merged row \(5\), got "
+                                         r"shape \(\)"):
+        out.unpool(torch.zeros((), dtype=F64))
+    # rows of several dimensions (heads) unpool as their flattening (they
+    # were refused: a PyTorch-user helper's find)
+    y = leaf(np.random.default_rng(4).normal(size=(out.history.num_outputs, 3, 2)))
+    torch.testing.assert_close(out.unpool(y), y[torch.tensor([0, 0, 1, 1, 1])], rtol=0, atol=0)
+    gradcheck(lambda y: gt.unpool(out.history, y), y)
+
+
+def test_module_niceties():
+    """A PyTorch-user helper's finds: print(model) showed an Encoder's
+    layers but not its size; a tensor threshold was refused; an offsets
+    that does not end at len(x) blamed x alone."""
+    assert repr(gt.Encoder(8, layers=3)).startswith("Encoder(\n  dim=8, layers=3")
+    assert gt.Merge(threshold=torch.tensor(0.5)).theta.item() == 0.5
+    with pytest.raises(ValueError, match=r"^x must have shape \(8, d\): offsets\[-1\] = 8 "
+                                         r"rows, got \(9, 8\)$"):
+        gt.Merge()(torch.zeros(9, 8), [0, 4, 8])
 
 
 def test_merged_unpacks_and_indexes_as_a_3_tuple():
