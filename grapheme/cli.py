@@ -97,6 +97,8 @@ def _number(kind, **bounds):
 
 _positive_int = _number(int, lower=1)
 _batch_chars = _number(int, lower=1, upper=1 << 30)
+#: ``segment``'s default ``--max-line-bytes``.
+MAX_LINE_BYTES = 1 << 27
 _nproc = _number(int, lower=1, upper=MAX_LOCAL_RANKS)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
@@ -249,6 +251,13 @@ def build_parser():
                    help="about how many characters of standard input (read as UTF-8) are "
                         "segmented per batch (default 16384; a longer line is one batch, "
                         "segmented in windows of bounded memory)")
+    p.add_argument("--max-line-bytes", type=_positive_int, default=MAX_LINE_BYTES,
+                   help="the longest line of standard input read, in bytes of UTF-8 "
+                        f"(default {MAX_LINE_BYTES} = 128 MiB; a line within one read of "
+                        "--batch-chars is always read); a longer one is refused by its "
+                        "number. A line is held whole while it is segmented (3 to 6 bytes "
+                        "of memory a byte of it), so without a bound an input without "
+                        "newlines (/dev/zero) took all memory")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help="'text': each text with --sep between its segments (the default); "
                         "'jsonl': one JSON object a text, its \"segments\", their "
@@ -1005,8 +1014,8 @@ def _cmd_segment(args, out):
             raise CommandError("standard input is closed: give the texts as arguments")
         stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
         _check_not_reading_its_output(stdin, out)
-        for i, texts in enumerate(_line_batches(stdin, args.batch_chars,
-                                                errors=args.errors)):
+        for i, texts in enumerate(_line_batches(stdin, args.batch_chars, errors=args.errors,
+                                                max_line=args.max_line_bytes)):
             if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
                 texts[0] = texts[0][1:]
             for piece in segmented(texts):
@@ -1109,7 +1118,8 @@ def _check_arguments_text(texts, what):
                                f"{found.start()})")
 
 
-def _line_batches(stream, chars, name="standard input", errors="strict"):
+def _line_batches(stream, chars, name="standard input", errors="strict",
+                  max_line=MAX_LINE_BYTES, option="--max-line-bytes"):
     """Lists of the lines of ``stream`` (without their newlines), about
     ``chars`` characters each, read as they come: nothing waits for the end
     of the stream but the last batch, and a read returns what is there
@@ -1120,20 +1130,34 @@ def _line_batches(stream, chars, name="standard input", errors="strict"):
     UTF-8 are a :class:`CommandError` naming the line, after the batches
     of the lines before it (``errors="replace"``: each is read as U+FFFD,
     as ``bytes.decode`` does). A line longer than a batch is read whole
-    (in chunks joined once: linear in its length)."""
+    (in chunks joined once: linear in its length), up to ``max_line``
+    bytes (characters of a text stream): one that continues beyond a read
+    and grows longer is a :class:`CommandError` naming its number and
+    ``option``, after the batches of the lines before it."""
     read = getattr(stream, "read1", stream.read)
     pending, line = [], 1   # the unfinished line's chunks; the next line's number
+    held = 0                # their length
     while True:
         chunk = read(chars)
         if not chunk:
             break
-        cut = chunk.rfind(b"\n" if isinstance(chunk, bytes) else "\n")
+        newline = b"\n" if isinstance(chunk, bytes) else "\n"
+        cut = chunk.rfind(newline)
+        # the line being read, if it grows beyond max_line (one that starts
+        # and ends within a read is at most a read)
+        if held + (len(chunk) if cut < 0 else chunk.find(newline)) > max_line:
+            unit = "bytes" if isinstance(chunk, bytes) else "characters"
+            raise CommandError(f"{name}: line {line} is longer than {option} ({max_line} "
+                               f"{unit}); a line is held whole while it is segmented: a "
+                               f"larger {option} reads it")
         if cut < 0:
             pending.append(chunk)
+            held += len(chunk)
             continue
         pending.append(chunk[:cut])
         block = chunk[:0].join(pending)
         pending = [chunk[cut + 1:]]
+        held = len(pending[0])
         first, line = line, line + block.count(chunk[cut:cut + 1]) + 1
         batches, block = _decoded_lines(block, first, name, errors=errors), None   # once
         yield from batches

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import grapheme as gr
-from grapheme.cli import _line_batches, build_parser, main
+from grapheme.cli import CommandError, _line_batches, build_parser, main
 
 
 def run(capsys, *argv):
@@ -427,6 +427,36 @@ def test_line_batches_of_bytes_are_linear_and_end_at_newlines():
     for text, lines in cases.items():
         got = [line for batch in _line_batches(Reads(text.encode()), 4) for line in batch]
         assert got == lines
+
+
+def test_a_line_longer_than_max_line_bytes_is_refused(trained, capsys, monkeypatch):
+    """A line is held whole: an input without newlines (/dev/zero) grew the
+    process to 24 GB until the kernel killed it (an attack helper's find).
+    Lines up to the bound are read, those before a long one written first."""
+    class Reads(io.BytesIO):
+        def read1(self, n):   # what a pipe gives: at most n bytes a read
+            return super().read1(min(n, 3))
+
+    for bound, line, lines in ((4, 2, ["ab"]), (5, 4, ["ab", "x" * 5, "cd"]),
+                               (6, 4, ["ab", "x" * 5, "cd"])):
+        got = []
+        with pytest.raises(CommandError, match=rf"^standard input: line {line} is longer than "
+                                               rf"--max-line-bytes \({bound} bytes\)"):
+            for batch in _line_batches(Reads(b"ab\nxxxxx\ncd\nyyyyyyy\nz"), 4,
+                                       max_line=bound):
+                got += batch
+        assert got == lines
+    data = b"thecat\nsat\n" + b"a" * 100
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz",
+                         "--max-line-bytes", 50, "--batch-chars", 8)
+    assert code == 2 and out.count("\n") == 2 and err == (
+        "grapheme segment: error: standard input: line 3 is longer than --max-line-bytes "
+        "(50 bytes); a line is held whole while it is segmented: a larger --max-line-bytes "
+        "reads it\n")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert run(capsys, "segment", "--model", trained / "model.npz", "--max-line-bytes",
+               100)[0] == 0
 
 
 def test_arguments_that_are_not_utf8(trained, capsys):
