@@ -472,8 +472,8 @@ def _run_lock(out_dir):
             break
         os.close(fd)
     if unlockable is not None:
-        print(f"{PROG} train: warning: --out {out_dir!r} cannot be locked ({unlockable}); "
-              "a second run into it would not be refused", file=sys.stderr)
+        _warn(f"{PROG} train: warning: --out {out_dir!r} cannot be locked ({unlockable}); "
+              "a second run into it would not be refused")
         yield
         return
     try:
@@ -1352,8 +1352,8 @@ def main(argv=None):
     try:
         if sys.stdout is None:   # started with >&-
             raise CommandError("standard output is closed")
-        code = _COMMANDS[args.command](args, sys.stdout)
-        sys.stdout.flush()   # a reader gone is found here, not at exit
+        code = _COMMANDS[args.command](args, _Output(sys.stdout))
+        _Output(sys.stdout).flush()   # a reader gone is found here, not at exit
         return code
     except BrokenPipeError:   # e.g. | head: the reader has what it wanted
         return _reader_gone()
@@ -1361,7 +1361,7 @@ def main(argv=None):
         signum = getattr(exc, "signum", signal.SIGINT)
         what = ("interrupted" if signum == signal.SIGINT
                 else f"stopped by {signal.Signals(signum).name}")
-        print(f"{PROG}: {what}" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
+        _warn(f"{PROG}: {what}" + (f"; {exc}" if str(exc) else ""))
         return 128 + signum
     except (CommandError, ValueError, OSError, FloatingPointError, MemoryError,
             ImportError) as exc:
@@ -1370,8 +1370,48 @@ def main(argv=None):
             message = f"out of memory: {message}"
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
             message = f"{exc.strerror}: {exc.filename!r}"
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        _warn(f"{PROG} {args.command}: error: {message}")
         return 2
+
+
+def _warn(line):
+    """``line`` on standard error, if it can be written: a full or closed
+    one (``2>/dev/full``) leaves the exit status to speak (an error here
+    turned a command's message into a traceback)."""
+    if sys.stderr is None:   # started with 2>&- (print would take stdout)
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):   # ValueError: a closed file
+        pass
+
+
+class _Output:
+    """A command's standard output: an error writing it (a full disk,
+    ``>/dev/full``) is named as standard output's, where it read as the
+    command's own ("No space left on device" after generate had written
+    its files). A reader gone (``| head``) stays a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise CommandError(f"cannot write standard output: {exc.strerror or exc}"
+                               ) from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):   # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
 
 
 def _commands(parser):

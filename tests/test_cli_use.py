@@ -230,6 +230,41 @@ def test_progress_bar_on_a_terminal_keeps_its_summary():
     assert Progress(None, 4, 2, stream=stream).mode is None
 
 
+def test_reports_that_cannot_be_written_do_not_stop_training(trained, tmp_path, capsys,
+                                                             monkeypatch):
+    """An attack helper's finds: with stderr on a full disk (2>/dev/full) a
+    run stopped after its first epoch, exit 1 and no word (the progress
+    line's OSError); with stdout on one, generate's data set was written
+    and then reported as "No space left on device", naming nothing."""
+    from grapheme.train.progress import Progress
+
+    class Full(io.StringIO):
+        def isatty(self):
+            return self.tty
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    for tty in (False, True):
+        stream = Full()
+        stream.tty = tty
+        p = Progress("auto", 4, 2, stream=stream)
+        p.step()
+        p.epoch({"epoch": 1, "loss": 1.0, "time": 0.1})
+        p.close("summary")
+        assert p.mode is None
+    full = Full()
+    full.tty = False
+    monkeypatch.setattr("sys.stderr", full)
+    out = tmp_path / "run"
+    code, text, _ = run(capsys, "train", "--data", trained / "data", "--epochs", 3, "--out",
+                        out, "--dim", 8)
+    assert code == 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr("sys.stdout", full)
+    assert main(["generate", "--out", str(tmp_path / "g"), "--n-train", "3"]) == 2
+    assert sorted(os.listdir(tmp_path / "g")) == ["train.jsonl", "val.jsonl"]
+
+
 def test_target_kept_fraction_and_its_old_name(trained, tmp_path, capsys):
     for flag in ("--target-kept-fraction", "--target-rate"):
         out = tmp_path / flag.strip("-")

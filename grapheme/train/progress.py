@@ -72,6 +72,8 @@ class Progress:
 
     def __init__(self, mode, total_steps, epochs, stream=None):
         self.stream = sys.stderr if stream is None else stream
+        if self.stream is None:   # started with 2>&-: nowhere to report
+            mode = None
         if mode == "auto":
             isatty = getattr(self.stream, "isatty", None)
             mode = "bar" if (isatty is not None and isatty()) or _in_notebook() else "lines"
@@ -80,24 +82,44 @@ class Progress:
         self.bar = None
         if self.mode == "bar":
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True,
-                            file=self.stream)
+            self._report(self._open_bar, tqdm, total_steps)
+
+    def _open_bar(self, tqdm, total_steps):
+        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=self.stream)
+
+    def _report(self, write, *args):
+        """``write(*args)``; if the stream cannot be written (a full disk,
+        ``2>/dev/full``, a closed descriptor), the reports stop and training
+        goes on: they are not its results (an error here stopped a run after
+        its first epoch, without a word: found by an attack helper)."""
+        try:
+            write(*args)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ValueError) and "closed file" not in str(exc):
+                raise
+            self.mode, self.bar = None, None
 
     def step(self):
         if self.bar is not None:
-            self.bar.update(1)
+            self._report(self.bar.update, 1)
 
     def epoch(self, record):
         if self.bar is not None:
-            self.bar.set_description(f"epoch {record['epoch']}/{self.epochs}")
-            self.bar.set_postfix({k: _fmt(record[k]) for k in LINE_KEYS if k in record
-                                  and k != "tau"})
+            self._report(self._describe, record)
         elif self.mode == "lines":
-            print(epoch_line(record, self.epochs), file=self.stream, flush=True)
+            self._report(self._print, epoch_line(record, self.epochs))
 
     def close(self, summary=None):
         if self.bar is not None:
-            self.bar.close()
+            self._report(self.bar.close)
             self.bar = None
         if summary is not None and self.mode is not None:
-            print(summary, file=self.stream, flush=True)
+            self._report(self._print, summary)
+
+    def _describe(self, record):
+        self.bar.set_description(f"epoch {record['epoch']}/{self.epochs}")
+        self.bar.set_postfix({k: _fmt(record[k]) for k in LINE_KEYS if k in record
+                              and k != "tau"})
+
+    def _print(self, line):
+        print(line, file=self.stream, flush=True)
