@@ -562,6 +562,23 @@ def test_a_stop_just_after_a_save_names_the_epoch_on_disk(level1, tmp_path, caps
     checkpoint = out / "checkpoint.npz"
     assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
     assert code == 130 and err.startswith("grapheme: interrupted; epoch 2 is saved; ")
+    # and the log holds the epochs on disk (it was an epoch behind: an
+    # attack helper's find), here and without a checkpoint
+    assert [r["epoch"] for r in read_log(out / "metrics.jsonl")] == [1, 2]
+    write_epoch = Trainer._write_epoch
+
+    def stopped_before_the_log(self, *args, **kwargs):
+        if self.epoch == 2:   # epoch 2 complete, its line not written
+            raise KeyboardInterrupt
+        write_epoch(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "_save", original)
+    monkeypatch.setattr(Trainer, "_write_epoch", stopped_before_the_log)
+    log = tmp_path / "log.jsonl"
+    trainer = Trainer(gr.Embedding(4), gr.Morpher(), gr.StructuralLoss(), gr.Adam(),
+                      log=log, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(load_pairs(level1 / "train.jsonl"), 3)
+    assert [r["epoch"] for r in read_log(log)] == [1, 2]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock: POSIX")

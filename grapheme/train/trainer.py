@@ -1050,6 +1050,7 @@ class Trainer:
                     pass
                 self._saving = None
             saved = self._last_checkpoint
+            self._log_after_stop(checkpoint, first_epoch, log_synced)
             if saved is not None and hasattr(exc, "add_note"):   # Python >= 3.11
                 exc.add_note(f"grapheme: epoch {saved[1]} is saved in {saved[0]!r}; "
                              f"fit(..., resume={saved[0]!r}) continues the run")
@@ -1218,13 +1219,37 @@ class Trainer:
         record["chars_per_s"] = chars / elapsed if elapsed > 0 else float("inf")
         return record
 
-    def _rewrite_log(self):
-        """Make the log hold exactly the records of the completed epochs."""
+    def _rewrite_log(self, count=None):
+        """Make the log hold exactly the records of the completed epochs (of
+        the first ``count``)."""
         directory = os.path.dirname(os.path.abspath(self.log))
         os.makedirs(directory, exist_ok=True)
         with _atomic_open(self.log, "w", encoding="utf-8", newline="\n") as f:
-            for record in self.history:
+            for record in self.history[:count]:
                 f.write(json.dumps(record) + "\n")
+
+    def _log_after_stop(self, checkpoint, first_epoch, log_synced):
+        """After a stop (Ctrl-C, a stop signal), the log holds the records of
+        the epochs on disk: of the checkpoint's, or without one, of every
+        completed epoch. A stop between a checkpoint's save and the log's
+        line left the log an epoch behind (an attack helper's find: 3 stops
+        in 25). Only where this call wrote the run's files already: a run
+        stopped before that keeps the files it replaces as they were."""
+        if not self._writes or self.log is None:
+            return
+        if checkpoint is not None:
+            saved = self._last_checkpoint
+            if saved is None or saved[1] <= first_epoch:
+                return
+            count = saved[1]
+        elif log_synced:
+            count = self.epoch
+        else:
+            return
+        try:
+            self._rewrite_log(count)
+        except OSError:   # the stop's own report matters more than the log
+            pass
 
     # ----------------------------------------------------------- checkpoints
     @classmethod
