@@ -1505,7 +1505,23 @@ class Stopped(KeyboardInterrupt):
 
 
 def _raise_stopped(signum, frame):
+    _ignore_further_stops()
     raise Stopped(signum)
+
+
+def _raise_interrupt(signum, frame):
+    _ignore_further_stops()
+    raise KeyboardInterrupt
+
+
+def _ignore_further_stops():
+    """After the first stop (Ctrl-C or a stop signal) the run ends as an
+    interrupted one, and a second would interrupt that ending: its lock
+    left, its resume command unsaid, a traceback at exit (an attack
+    helper's find: five SIGTERMs in a row)."""
+    for sig in _STOP_SIGNALS + (signal.SIGINT,):
+        if signal.getsignal(sig) in (_raise_stopped, _raise_interrupt):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def run():
@@ -1518,6 +1534,8 @@ def run():
         for sig in _STOP_SIGNALS:
             if signal.getsignal(sig) is signal.SIG_DFL:
                 signal.signal(sig, _raise_stopped)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _raise_interrupt)
     return main()
 
 
