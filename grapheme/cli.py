@@ -95,6 +95,14 @@ def _number(kind, **bounds):
     return parse
 
 
+def _path(text):
+    """An argparse ``type`` for a path: not empty (train said "No such file
+    or directory: ''", generate "out_dir must name a file")."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return text
+
+
 _positive_int = _number(int, lower=1)
 _batch_chars = _number(int, lower=1, upper=1 << 30)
 #: ``segment``'s default ``--max-line-bytes``.
@@ -117,7 +125,7 @@ def build_parser():
 
     p = sub.add_parser("generate", help="write a data set (JSONL): generated tasks, or "
                                         "word segmentation of real text")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=_path, help="output directory")
     p.add_argument("--task", default=None, choices=("words",),
                    help="'words': word segmentation of real text (--corpus, default the "
                         "Python standard library's docstrings) split by document into "
@@ -153,7 +161,7 @@ def build_parser():
                    help="validation pairs (JSONL), evaluated after every epoch")
     p.add_argument("--epochs", type=_positive_int, required=True,
                    help="total number of epochs (including resumed ones)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", required=True, type=_path,
                    help="run directory: receives metrics.jsonl and checkpoint.npz (and "
                         "best.npz with --keep-best)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -305,6 +313,17 @@ DATASET_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "documents.json")
 
 
 def _cmd_generate(args, out):
+    # locked as train locks its --out, from before the look at what it
+    # holds: two generates into one --out each wrote their files, and one
+    # train.jsonl ended beside the other's val.jsonl (an attack helper's find)
+    _held_by_out(args.out, ())   # a file, a dangling link: refused before anything is made
+    with _removed_if_left_empty(args.out):   # refused or failed: an --out made for it goes
+        os.makedirs(args.out, exist_ok=True)
+        with _run_lock(args.out, "generate"):
+            return _generate_into(args, out)
+
+
+def _generate_into(args, out):
     existing = _held_by_out(args.out, DATASET_FILES)
     writes = _written(args.task)
     if any(name in writes for name in existing) and not args.overwrite:
@@ -417,12 +436,13 @@ RUN_LOCK = ".grapheme-train.lock"
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir):
+def _run_lock(out_dir, command="train"):
     """Hold an advisory lock (``fcntl.flock``) on ``out_dir``'s
-    :data:`RUN_LOCK` while a run writes ``out_dir``: a second ``train`` into
-    the same ``--out`` is refused (CommandError naming the holder's pid)
-    instead of the two interleaving their logs and replacing each other's
-    checkpoints. The kernel releases the lock when the process ends, however
+    :data:`RUN_LOCK` while ``grapheme command`` writes ``out_dir``: a second
+    ``train`` (or ``generate``) into the same ``--out`` is refused
+    (CommandError naming the holder's command and pid) instead of the two
+    interleaving their logs and replacing each other's checkpoints (or
+    leaving one's train.jsonl beside the other's val.jsonl). The kernel releases the lock when the process ends, however
     it ends (kill -9 included); the file is removed on the way out. Nothing
     is locked where ``fcntl`` is missing (Windows);
     where the file system cannot lock (some network file systems), a
@@ -445,20 +465,22 @@ def _run_lock(out_dir):
             if not os.path.islink(path):
                 raise
             raise CommandError(f"--out {out_dir!r} holds {RUN_LOCK} as a symbolic link, "
-                               f"which no grapheme train makes: remove it") from exc
+                               f"which no grapheme command makes: remove it") from exc
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
             os.close(fd)
             raise CommandError(f"--out {out_dir!r} holds {RUN_LOCK} as a hard link or other "
-                               f"than a file, which no grapheme train makes: remove it")
+                               f"than a file, which no grapheme command makes: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:   # held
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            # "pid command" (a lock written before the command was: "pid")
+            pid, _, holder = (os.read(fd, 64).decode("ascii", "replace").strip()
+                              .partition(" "))
             os.close(fd)
             raise CommandError(f"--out {out_dir!r} is being written by another grapheme "
-                               f"train (pid {holder}); wait for it, or choose another "
-                               "--out") from None
+                               f"{holder or 'train'} (pid {pid or '?'}); wait for it, or "
+                               "choose another --out") from None
         except OSError as exc:   # ENOLCK, ENOSYS, EOPNOTSUPP: no locks here
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -472,13 +494,13 @@ def _run_lock(out_dir):
             break
         os.close(fd)
     if unlockable is not None:
-        _warn(f"{PROG} train: warning: --out {out_dir!r} cannot be locked ({unlockable}); "
-              "a second run into it would not be refused")
+        _warn(f"{PROG} {command}: warning: --out {out_dir!r} cannot be locked "
+              f"({unlockable}); a second {command} into it would not be refused")
         yield
         return
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode("ascii"))
+        os.write(fd, f"{os.getpid()} {command}".encode("ascii"))
         yield
     finally:
         try:

@@ -367,6 +367,33 @@ def test_generate_never_replaces_a_data_set_unasked(tmp_path, capsys):
     assert code == 0 and (data / "train.jsonl").read_bytes() != before
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock: POSIX")
+def test_generate_locks_its_out(tmp_path, capsys):
+    """Two generates into one --out each wrote their files, one's
+    train.jsonl beside the other's val.jsonl (an attack helper's find): a
+    generate holds the lock train holds, from before its look at --out."""
+    from grapheme.cli import RUN_LOCK, _run_lock
+
+    data = tmp_path / "d"
+    data.mkdir()
+    for command in ("generate", "train"):
+        with _run_lock(str(data), command):
+            code, _, err = run(capsys, "generate", "--out", data, "--n-train", 8)
+        assert code == 2 and err == (
+            f"grapheme generate: error: --out {str(data)!r} is being written by another "
+            f"grapheme {command} (pid {os.getpid()}); wait for it, or choose another --out\n")
+        assert os.listdir(data) == []
+    assert run(capsys, "generate", "--out", data / "new" / "d", "--n-train", 8)[0] == 0
+    assert sorted(os.listdir(data / "new" / "d")) == ["train.jsonl", "val.jsonl"]
+    # refused: an --out made for it goes, and the lock with it
+    code, _, err = run(capsys, "generate", "--out", data / "x" / "y", "--corpus", "no.txt")
+    assert code == 2 and "--corpus needs --task words" in err
+    assert sorted(os.listdir(data)) == ["new"] and RUN_LOCK not in os.listdir(data / "new" / "d")
+    for argv in (["generate"], ["train", "--data", "x", "--epochs", 1]):   # named alike
+        code, _, err = run(capsys, *argv, "--out", "")
+        assert code == 2 and "argument --out: expected a path, got an empty one" in err
+
+
 def test_generate_overwrite_leaves_nothing_of_the_replaced_set(words, tmp_path, capsys):
     # generated pairs over a words set left its test.jsonl and
     # documents.json, which eval would then score (an attack helper's find)
