@@ -254,6 +254,10 @@ def _read_member(zf, info, path, name):
         if dtype.hasobject or dtype.kind not in "biufcSU":
             raise _corrupted(path, f"array {name!r} has dtype {dtype} (only numbers "
                                    "and strings are read: no pickle)")
+        if dtype.itemsize == 0:   # S0, U0: any shape in 0 bytes (a 54 KB file
+            # reserved 20 GB of address space: an attack helper's find)
+            raise _corrupted(path, f"array {name!r} has dtype {dtype}, of zero-width "
+                                   "items, which grapheme never writes")
         count = 1
         for dim in shape:
             count *= int(dim)

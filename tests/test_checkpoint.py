@@ -248,6 +248,28 @@ def test_bounded_memory_on_load(tmp_path):
         load_checkpoint(bad)
 
 
+def test_zero_width_items_are_refused(tmp_path):
+    """S0 and U0 hold any shape in 0 bytes: a 54 KB file reserved 20 GB of
+    address space, or failed allocating 37 GiB (an attack helper's find)."""
+    import io
+    import zipfile
+
+    path = tmp_path / "z.npz"
+    save_checkpoint(path, {"x": np.zeros(4)}, {})
+    src = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    for descr in ("|S0", "<U0"):
+        header = {"descr": descr, "fortran_order": False, "shape": (100000, 100000)}
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, header)
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, buf.getvalue() if info.filename == "x.npy"
+                             else src.read(info))
+        with pytest.raises(ValueError, match=r"corrupted or truncated: array 'x' has dtype "
+                                             r"\S+, of zero-width items"):
+            load_checkpoint(path)
+
+
 def test_deeply_nested_or_huge_meta_is_refused(tmp_path):
     import zipfile
     import io
