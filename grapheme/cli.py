@@ -681,7 +681,8 @@ def _train_locked(args, out, spawn, comm, held):
     if args.keep_best is not None:
         if not val:
             raise CommandError("--keep-best needs validation pairs (--val FILE, or "
-                               "val.jsonl in the --data directory)")
+                               "val.jsonl in the --data directory)"
+                               + (f": {val_path!r} holds none" if val_path else ""))
         try:
             best = trainer._check_keep_best(args.keep_best, None, val, checkpoint)
         except ValueError as exc:
@@ -807,6 +808,11 @@ def _train_data(args):
     train_path, val_path = _data_file(args.data, "train"), args.val
     if val_path is None and os.path.isdir(args.data):
         val_path = os.path.join(args.data, "val.jsonl")
+        if os.path.lexists(val_path) and not os.path.isfile(val_path):
+            # a directory or a pipe there was skipped: no validation, unsaid
+            # (an attack helper's find)
+            raise CommandError(f"--data {args.data!r} holds val.jsonl as other than a "
+                               "regular file")
         val_path = val_path if os.path.isfile(val_path) else None
     elif val_path is not None and not os.path.isfile(val_path):
         raise CommandError(f"--val {val_path!r} is not a file")
@@ -1007,6 +1013,8 @@ def _data_file(data, command):
                            "directory from 'grapheme generate')")
     name = "train.jsonl" if command == "train" else "val.jsonl"
     path = os.path.join(data, name)
+    if os.path.lexists(path) and not os.path.isfile(path):   # was "without train.jsonl"
+        raise CommandError(f"--data {data!r} holds {name} as other than a regular file")
     if not os.path.isfile(path):
         raise CommandError(f"--data {data!r} is a directory without {name}; {command} "
                            f"--data takes a JSONL file or a directory holding {name}")

@@ -462,6 +462,33 @@ def test_seed_reaches_reinforce_samples(level1, tmp_path, capsys):
         assert trainer.morpher.estimator.seed == seed == trainer.seed
 
 
+def test_a_val_jsonl_that_is_not_a_file_is_named(level1, tmp_path, capsys):
+    """An attack helper's finds: a val.jsonl directory (or pipe) in --data
+    was skipped, no validation and no word; a train.jsonl directory read as
+    "a directory without train.jsonl"; --keep-best on an empty val.jsonl
+    said to put val.jsonl in the directory, where it was."""
+    import shutil
+    data = tmp_path / "copy"
+    shutil.copytree(level1, data)
+    (data / "val.jsonl").unlink()
+    (data / "val.jsonl").mkdir()
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", 1, "--out", tmp_path / "r")
+    assert code == 2 and err.endswith(f"--data {str(data)!r} holds val.jsonl as other than a "
+                                      "regular file\n")
+    (data / "val.jsonl").rmdir()
+    (data / "val.jsonl").write_text("")
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", 1, "--out", tmp_path / "r",
+                       "--keep-best", "loss")
+    assert code == 2 and err.endswith(f"(--val FILE, or val.jsonl in the --data directory): "
+                                      f"{str(data / 'val.jsonl')!r} holds none\n")
+    (data / "train.jsonl").unlink()
+    (data / "train.jsonl").mkdir()
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", 1, "--out", tmp_path / "r")
+    assert code == 2 and err.endswith(f"--data {str(data)!r} holds train.jsonl as other than "
+                                      "a regular file\n")
+    assert not (tmp_path / "r").exists()
+
+
 def test_data_is_a_file_or_a_directory_everywhere(capsys, tmp_path):
     """train --data DIR reads DIR/train.jsonl (+ val.jsonl), --data FILE trains
     on the file (validation only with --val); eval --data DIR reads
