@@ -995,7 +995,7 @@ def _load_pairs(path):
         return _data.load_pairs(path)
     except ValueError as exc:
         if ": invalid JSON" in str(exc) or ": invalid UTF-8" in str(exc):
-            raise CommandError(f"{exc}; training data are JSONL pairs (grapheme generate "
+            raise CommandError(f"{exc}; pairs are read as JSONL (grapheme generate "
                                "writes them; from your own UTF-8 text: grapheme generate "
                                "--task words --corpus FILE --out DIR)") from None
         raise
@@ -1117,8 +1117,12 @@ def _existing_file(path, option, kind, names, expected):
         found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
         raise CommandError(f"{option} {path!r} is a directory, not a {kind}"
                            + (f" (it holds {', '.join(found)})" if found else ""))
-    if not os.path.exists(path):
-        raise CommandError(f"{option} {path!r} does not exist ({expected})")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise CommandError(f"{option} {path!r} does not exist ({expected})") from None
+    except OSError as exc:   # a directory not searchable, a name too long: not "missing"
+        raise CommandError(f"{option} {path!r}: {exc.strerror}") from None
     return path
 
 

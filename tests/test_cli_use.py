@@ -586,6 +586,10 @@ def test_checkpoint_errors_name_the_option(trained, tmp_path, capsys):
     assert code == 2 and err == (f"grapheme eval: error: --checkpoint "
                                  f"{str(tmp_path / 'no.npz')!r} does not exist (a run's "
                                  f"checkpoint.npz or best.npz, or a model file)\n")
+    # a name too long is not a missing file (an attack helper's find)
+    long = str(tmp_path / ("x" * 300))
+    code, _, err = run(capsys, "segment", "--model", long, "abc")
+    assert code == 2 and err == f"grapheme segment: error: --model {long!r}: File name too long\n"
     code, _, err = run(capsys, "train", "--data", data, "--epochs", 2, "--out",
                        tmp_path / "r", "--resume", trained / "run")
     assert code == 2 and err == (f"grapheme train: error: --resume "
@@ -614,7 +618,7 @@ def test_plain_text_as_data_says_how_pairs_are_made(tmp_path, capsys):
         code, _, err = run(capsys, *command, "--data", text)
         assert code == 2 and err == (
             f"grapheme {command[0]}: error: {text}:1: invalid JSON (Expecting value at "
-            "column 1); training data are JSONL pairs (grapheme generate writes them; "
+            "column 1); pairs are read as JSONL (grapheme generate writes them; "
             "from your own UTF-8 text: grapheme generate --task words --corpus FILE "
             "--out DIR)\n")
     assert not (tmp_path / "r").exists()
