@@ -180,6 +180,19 @@ def test_resume_from_corrupted_checkpoint(tmp_path):
         make_trainer().fit(pairs, 2, resume=path)
     with pytest.raises(FileNotFoundError):
         make_trainer().fit(pairs, 2, resume=tmp_path / "none.npz")
+    # a checkpoint without a configuration is named so (it was "unusable
+    # configuration: 'config'", or "'NoneType' object is not subscriptable":
+    # an attack helper's find)
+    path = tmp_path / "whole.npz"
+    make_trainer().fit(pairs, 1, checkpoint=path)
+    arrays, meta = load_checkpoint(path)
+    for config, what in ((None, "null"), ([1], "a JSON list"), (KeyError, "missing")):
+        changed = {k: v for k, v in meta.items() if k != "config"}
+        if config is not KeyError:
+            changed["config"] = config
+        save_checkpoint(path, arrays, changed)
+        with pytest.raises(ValueError, match=rf"has no configuration \(its 'config' is {what}\)"):
+            gr.Trainer.from_checkpoint(path, progress=False)
 
 
 def test_fit_makes_the_checkpoint_directory_first(tmp_path):

@@ -1286,6 +1286,11 @@ class Trainer:
         arrays, meta = load_checkpoint(path)
         path = check_path(path, "path")
         _not_a_model_file(path, meta)
+        if not isinstance(meta.get("config"), dict):   # was "unusable configuration: 'config'"
+            what = ("missing" if "config" not in meta else "null" if meta["config"] is None
+                    else f"a JSON {type(meta['config']).__name__}")
+            raise ValueError(f"checkpoint {path!r} has no configuration (its 'config' is "
+                             f"{what}): not a grapheme training checkpoint, or a damaged one")
         try:
             check_sizes(meta.get("config"), arrays)
             trainer = cls._from_config(meta["config"], log=log, progress=progress,
