@@ -462,8 +462,9 @@ def _run_lock(out_dir, command="train"):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
-            if not os.path.islink(path):
-                raise
+            if not os.path.islink(path):   # named as --out's, not as the lock's
+                raise CommandError(f"--out {out_dir!r} cannot be written: "
+                                   f"{exc.strerror or exc}") from None
             raise CommandError(f"--out {out_dir!r} holds {RUN_LOCK} as a symbolic link, "
                                f"which no grapheme command makes: remove it") from exc
         st = os.fstat(fd)

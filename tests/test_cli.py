@@ -389,6 +389,18 @@ def test_generate_locks_its_out(tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--out", data / "x" / "y", "--corpus", "no.txt")
     assert code == 2 and "--corpus needs --task words" in err
     assert sorted(os.listdir(data)) == ["new"] and RUN_LOCK not in os.listdir(data / "new" / "d")
+    # a --out it cannot write is named, not its lock file (an attack helper's find)
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith(RUN_LOCK):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", denied)
+        code, _, err = run(capsys, "generate", "--out", data, "--n-train", 8)
+    assert code == 2 and err.endswith(f"--out {str(data)!r} cannot be written: Permission "
+                                      "denied\n")
     for argv in (["generate"], ["train", "--data", "x", "--epochs", 1]):   # named alike
         code, _, err = run(capsys, *argv, "--out", "")
         assert code == 2 and "argument --out: expected a path, got an empty one" in err
