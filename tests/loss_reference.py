@@ -80,14 +80,18 @@ def reference_pair(x, a, labels_p, edges_p, y, b, labels_t, edges_t, *,
         its = 0
         for it in range(iterations):
             if balance and it > 0 and n and m:
-                s = A * np.sum(a * np.exp((f[:n] + g[m] - C[:n, m]) / eps))
-                r = B * np.sum(b * np.exp((f[n] + g[:m] - C[n, :m]) / eps))
-                if s > 0 and r > 0:
+                sa = np.sum(a * np.exp((f[:n] + g[m] - C[:n, m]) / eps))
+                sb = np.sum(b * np.exp((f[n] + g[:m] - C[n, :m]) / eps))
+                s, r = A * sa, B * sb
+                # skipped where s, r, their sums or x are not normal doubles
+                normal = (lambda v: np.finfo(float).tiny <= v <= np.finfo(float).max)
+                if all(map(normal, (sa, sb, s, r))):
                     d = A - B
-                    root = np.sqrt(d * d + 4 * s * r)
+                    root = np.hypot(d, 2 * np.sqrt(s) * np.sqrt(r))
                     # the positive root, in the form without cancellation
                     x = (d + root) / (2 * s) if d >= 0 else 2 * r / (root - d)
-                    g = np.append(g[:m] - eps * np.log(x), g[m])
+                    if normal(x):
+                        g = np.append(g[:m] - eps * np.log(x), g[m])
             f = -eps * _weighted_lse((g[None, :] - C) / eps, bb[None, :], axis=1)
             g = -eps * _weighted_lse((f[:, None] - C) / eps, aa[:, None], axis=0)
             its += 1
