@@ -321,7 +321,7 @@ def unpool(history, y):
     sums over each output's members). ``y`` is (k,) or (k, ...): rows of
     several dimensions (heads, say) are flattened for it and back."""
     rows = history.cluster
-    flat = y.reshape(y.shape[0], -1) if y.ndim > 2 else y
+    flat = y.flatten(1) if y.ndim > 2 else y   # reshape(k, -1) failed at k = 0
     (out,), _ = apply(ops.Lookup(), lambda a: ops.Lookup().forward(a, rows), flat)
     return out.reshape((out.shape[0],) + tuple(y.shape[1:])) if y.ndim > 2 else out
 

@@ -457,6 +457,8 @@ def test_empty_batches_and_unpool_shapes_are_named():
     y = leaf(np.random.default_rng(4).normal(size=(out.history.num_outputs, 3, 2)))
     torch.testing.assert_close(out.unpool(y), y[torch.tensor([0, 0, 1, 1, 1])], rtol=0, atol=0)
     gradcheck(lambda y: gt.unpool(out.history, y), y)
+    empty = gt.Merge(threshold=-10.0).double()(torch.ones(0, 2, dtype=F64), [0])
+    assert empty.unpool(torch.zeros(0, 3, 2, dtype=F64)).shape == (0, 3, 2)   # reshape(0, -1)
 
 
 def test_module_niceties():
