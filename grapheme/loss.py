@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _transport
-from ._validation import (check_allocation, check_scalar, check_upstream,
+from ._validation import (check_allocation, check_scalar, check_upstream, frozen,
                           settings_checked, settings_unchanged, show)
 from .graph import Graph
 
@@ -134,6 +134,10 @@ class _Settings(NamedTuple):
     gamma: float
 
 
+_RESULT_ARRAYS = ("values", "nodes", "edges", "cliques", "iterations", "converged",
+                  "marginal_error", "domain")
+
+
 @dataclass(frozen=True, eq=False)
 class LossResult:
     """Outcome of :meth:`StructuralLoss.forward` for a batch of B pairs.
@@ -172,11 +176,15 @@ class LossResult:
     _feature_shapes: Any = field(default=(None, None), repr=False)
 
     def __post_init__(self):
-        # read-only, as every result the library hands out (fresh arrays:
-        # frozen in place)
-        for name in ("values", "nodes", "edges", "cliques", "iterations", "converged",
-                     "marginal_error", "domain"):
-            getattr(self, name).flags.writeable = False
+        # read-only, as every result the library hands out: views whose
+        # base cannot be made writeable again (copies: (B,) each, and
+        # dataclasses.replace may hand in the caller's own)
+        for name in _RESULT_ARRAYS:
+            object.__setattr__(self, name, frozen(getattr(self, name)))
+
+    def __setstate__(self, state):   # a pickled one: read-only again
+        self.__dict__.update(state)
+        self.__post_init__()
 
     @property
     def num_pairs(self) -> int:

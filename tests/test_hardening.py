@@ -57,10 +57,17 @@ def test_morph_and_loss_results_are_read_only(estimator):
     np.testing.assert_array_equal(grad.features, again.features)
     np.testing.assert_array_equal(grad.theta, again.theta)
     res = gr.StructuralLoss().forward(morphed.graph, gr.Graph.from_texts(["ab", "x"]))
-    for name in ("values", "nodes", "edges", "cliques", "iterations", "converged",
-                 "marginal_error", "domain"):
-        with pytest.raises(ValueError, match="read-only"):
-            getattr(res, name)[0] = 0
+    for copied in (res, pickle.loads(pickle.dumps(res))):
+        for name in ("values", "nodes", "edges", "cliques", "iterations", "converged",
+                     "marginal_error", "domain"):
+            with pytest.raises(ValueError, match="read-only"):
+                getattr(copied, name)[0] = 0
+            with pytest.raises(ValueError, match="cannot set WRITEABLE flag"):
+                getattr(copied, name).flags.writeable = True
+    mine = np.zeros(2)   # handed in by dataclasses.replace: not frozen in place
+    import dataclasses
+    assert dataclasses.replace(res, values=mine).values.tolist() == [0.0, 0.0]
+    mine[0] = 1.0
 
 
 def test_embedding_grad_of_the_wrong_shape_is_refused():
