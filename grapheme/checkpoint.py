@@ -318,8 +318,7 @@ def load_checkpoint(path, required=()):
         If ``path`` is not a str, bytes or os.PathLike.
     """
     path = check_path(path, "path")
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    os.stat(path)   # missing, a name too long, a directory not searchable: the system says
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
     if not os.path.isfile(path):   # opening a FIFO would wait for a writer

@@ -96,6 +96,8 @@ def gradcheck(f, x, eps=1e-6, rtol=1e-4):
         raise TypeError(f"f must return a pair (value, grad), got {type(out).__name__}"
                         + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
     try:
+        if isinstance(out[0], (str, bytes)):   # float() would parse "1.5"
+            raise TypeError
         float(out[0])
     except (TypeError, ValueError):
         raise TypeError(f"f's value must be a real scalar, got {type(out[0]).__name__}"

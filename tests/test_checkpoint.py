@@ -133,6 +133,8 @@ def test_not_npz(tmp_path):
 def test_directory_and_unreadable_file(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory, not a file"):
         load_checkpoint(tmp_path)
+    with pytest.raises(OSError, match="File name too long"):   # not "No such file"
+        load_checkpoint(tmp_path / ("x" * 300))
     with pytest.raises(IsADirectoryError, match="checkpoint path is a directory"):
         save_checkpoint(tmp_path, {}, {})
     # every atomic write names the path it was given, never its temporary

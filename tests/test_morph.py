@@ -289,6 +289,8 @@ def test_numerical_gradient_and_gradcheck():
                            (lambda v: (1.0, 2.0, 3.0), "got tuple of length 3"),
                            (lambda v: (np.ones(2), np.ones(2)), "f's value must be a real "
                                                                  "scalar, got ndarray"),
+                           (lambda v: ("1.5", np.ones(2)), "f's value must be a real scalar, "
+                                                           "got str"),
                            ("f", "f must be callable, got str")):
         with pytest.raises(TypeError, match=re.escape(message)):
             gradcheck(bad_f, [1.0, 2.0])
