@@ -462,6 +462,10 @@ def _run_lock(out_dir, command="train"):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
+            if os.path.lexists(path) and not os.path.islink(path):   # a directory, another's
+                raise CommandError(f"--out {out_dir!r} holds {RUN_LOCK}, which cannot be "
+                                   f"opened ({exc.strerror or exc}): remove it if no grapheme "
+                                   "command is writing --out") from None
             if not os.path.islink(path):   # named as --out's, not as the lock's
                 raise CommandError(f"--out {out_dir!r} cannot be written: "
                                    f"{exc.strerror or exc}") from None

@@ -401,6 +401,12 @@ def test_generate_locks_its_out(tmp_path, capsys):
         code, _, err = run(capsys, "generate", "--out", data, "--n-train", 8)
     assert code == 2 and err.endswith(f"--out {str(data)!r} cannot be written: Permission "
                                       "denied\n")
+    (data / RUN_LOCK).mkdir()   # the --out is writable: the lock in its way is named
+    code, _, err = run(capsys, "generate", "--out", data, "--n-train", 8)
+    assert code == 2 and err.endswith(f"--out {str(data)!r} holds {RUN_LOCK}, which cannot "
+                                      "be opened (Is a directory): remove it if no grapheme "
+                                      "command is writing --out\n")
+    (data / RUN_LOCK).rmdir()
     for argv in (["generate"], ["train", "--data", "x", "--epochs", 1]):   # named alike
         code, _, err = run(capsys, *argv, "--out", "")
         assert code == 2 and "argument --out: expected a path, got an empty one" in err
