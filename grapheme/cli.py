@@ -261,9 +261,8 @@ def build_parser():
                         "segmented in windows of bounded memory)")
     p.add_argument("--max-line-bytes", type=_positive_int, default=MAX_LINE_BYTES,
                    help="the longest line of standard input read, in bytes of UTF-8 "
-                        f"(default {MAX_LINE_BYTES} = 128 MiB; a line within one read of "
-                        "--batch-chars is always read); a longer one is refused by its "
-                        "number. A line is held whole while it is segmented (3 to 6 bytes "
+                        f"(default {MAX_LINE_BYTES} = 128 MiB; a CRLF line's \\r counted); "
+                        "a longer one is refused by its number. A line is held whole while it is segmented (3 to 6 bytes "
                         "of memory a byte of it), so without a bound an input without "
                         "newlines (/dev/zero) took all memory")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
@@ -1170,10 +1169,13 @@ def _line_batches(stream, chars, name="standard input", errors="strict",
     of the lines before it (``errors="replace"``: each is read as U+FFFD,
     as ``bytes.decode`` does). A line longer than a batch is read whole
     (in chunks joined once: linear in its length), up to ``max_line``
-    bytes (characters of a text stream): one that continues beyond a read
-    and grows longer is a :class:`CommandError` naming its number and
-    ``option``, after the batches of the lines before it."""
+    bytes (characters of a text stream; a ``\r\n``'s ``\r`` counted): a
+    longer one is a :class:`CommandError` naming its number and ``option``,
+    after the batches of the lines before it."""
     read = getattr(stream, "read1", stream.read)
+    # reads of at most max_line: a line that starts and ends in one is
+    # within it, and one that does not is measured as it is carried over
+    chars = min(chars, max_line)
     pending, line = [], 1   # the unfinished line's chunks; the next line's number
     held = 0                # their length
     while True:
@@ -1182,8 +1184,7 @@ def _line_batches(stream, chars, name="standard input", errors="strict",
             break
         newline = b"\n" if isinstance(chunk, bytes) else "\n"
         cut = chunk.rfind(newline)
-        # the line being read, if it grows beyond max_line (one that starts
-        # and ends within a read is at most a read)
+        # the line carried over, if it grows beyond max_line
         if held + (len(chunk) if cut < 0 else chunk.find(newline)) > max_line:
             unit = "bytes" if isinstance(chunk, bytes) else "characters"
             raise CommandError(f"{name}: line {line} is longer than {option} ({max_line} "

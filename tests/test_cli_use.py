@@ -481,6 +481,12 @@ def test_a_line_longer_than_max_line_bytes_is_refused(trained, capsys, monkeypat
                                        max_line=bound):
                 got += batch
         assert got == lines
+    # however the reads fall: a long line inside one read, or last (a review's find)
+    for stream in (b"ab\nabcdef", b"ab\nabcdef\n", b"ab\nabcdef\ncd\n", b"abcdef\n"):
+        with pytest.raises(CommandError, match="is longer than --max-line-bytes"):
+            list(_line_batches(io.BytesIO(stream), 16, max_line=5))
+    assert [x for b in _line_batches(io.BytesIO(b"abcde\nab\r\n"), 16, max_line=5)
+            for x in b] == ["abcde", "ab"]
     data = b"thecat\nsat\n" + b"a" * 100
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz",
