@@ -1545,23 +1545,14 @@ class Stopped(KeyboardInterrupt):
 
 
 def _raise_stopped(signum, frame):
-    _ignore_further_stops()
-    raise Stopped(signum)
-
-
-def _raise_interrupt(signum, frame):
-    _ignore_further_stops()
-    raise KeyboardInterrupt
-
-
-def _ignore_further_stops():
-    """After the first stop (Ctrl-C or a stop signal) the run ends as an
-    interrupted one, and a second would interrupt that ending: its lock
-    left, its resume command unsaid, a traceback at exit (an attack
-    helper's find: five SIGTERMs in a row)."""
-    for sig in _STOP_SIGNALS + (signal.SIGINT,):
-        if signal.getsignal(sig) in (_raise_stopped, _raise_interrupt):
+    # after the first stop signal the run ends as an interrupted one, and a
+    # second would interrupt that ending: its resume command unsaid, a
+    # traceback at exit (an attack helper's find: five SIGTERMs in a row).
+    # Ctrl-C stays Python's: a second one forces the end, as is usual
+    for sig in _STOP_SIGNALS:
+        if signal.getsignal(sig) is _raise_stopped:
             signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def run():
@@ -1574,8 +1565,6 @@ def run():
         for sig in _STOP_SIGNALS:
             if signal.getsignal(sig) is signal.SIG_DFL:
                 signal.signal(sig, _raise_stopped)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _raise_interrupt)
     return main()
 
 
