@@ -5,6 +5,7 @@ import os
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import grapheme as gr
 from grapheme.cli import CommandError, _line_batches, build_parser, main
@@ -462,6 +463,38 @@ def test_line_batches_of_bytes_are_linear_and_end_at_newlines():
     for text, lines in cases.items():
         got = [line for batch in _line_batches(Reads(text.encode()), 4) for line in batch]
         assert got == lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.text(st.sampled_from("ab\ré"), max_size=12), max_size=8),
+       end=st.booleans(), crlf=st.booleans(), read=st.integers(1, 9), chars=st.integers(1, 20),
+       max_line=st.integers(1, 30))
+def test_line_batches_equal_a_plain_split(lines, end, crlf, read, chars, max_line):
+    """Whatever the reads and the batch size: the lines of a plain split
+    (\r\n ends a line as \n does, a lone \r is a character), or the
+    refusal of the first line longer than max_line bytes (its \r\n's \r
+    counted), after every line before it."""
+    class Reads(io.BytesIO):
+        def read1(self, n):   # what a pipe gives: at most `read` bytes a read
+            return super().read1(min(n, read))
+
+    newline = "\r\n" if crlf else "\n"
+    text = newline.join(lines) + (newline if end and lines else "")
+    want = text.replace("\r\n", "\n").split("\n") if text else []
+    if want and text.endswith("\n"):
+        want.pop()   # a final newline ends the last line, it starts none
+    held = [len(x.encode()) + (crlf and (i < len(lines) - 1 or end))
+            for i, x in enumerate(lines)] if lines else []
+    too_long = next((i for i, n in enumerate(held) if n > max_line), None)
+    got = []
+    try:
+        for batch in _line_batches(Reads(text.encode()), chars, max_line=max_line):
+            got += batch
+    except CommandError as exc:
+        assert too_long is not None and f"line {too_long + 1} is longer" in str(exc)
+        assert got == want[:too_long]
+    else:
+        assert too_long is None and got == want
 
 
 def test_a_line_longer_than_max_line_bytes_is_refused(trained, capsys, monkeypatch):
