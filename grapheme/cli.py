@@ -1561,11 +1561,21 @@ def run():
     the process ignores them: ``nohup``'s SIGHUP stays ignored). Only here,
     in the process the command owns; not by :func:`main`, which a program
     may call."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in _STOP_SIGNALS:
-            if signal.getsignal(sig) is signal.SIG_DFL:
-                signal.signal(sig, _raise_stopped)
-    return main()
+    if threading.current_thread() is not threading.main_thread():
+        return main()
+    installed = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) is signal.SIG_DFL]
+    for sig in installed:
+        signal.signal(sig, _raise_stopped)
+    try:
+        return main()
+    finally:
+        # the command has ended: the default again, so a stop signal during
+        # the interpreter's own ending ends it quietly (Stopped raised in its
+        # shutdown printed a traceback: a launcher stopping a rank that was
+        # exiting, an attack helper's find); not ignored, which a process
+        # that goes on, and its children, would keep
+        for sig in installed:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover
