@@ -193,6 +193,11 @@ def test_resume_from_corrupted_checkpoint(tmp_path):
         save_checkpoint(path, arrays, changed)
         with pytest.raises(ValueError, match=rf"has no configuration \(its 'config' is {what}\)"):
             gr.Trainer.from_checkpoint(path, progress=False)
+    # a bad comm is the caller's, not the checkpoint's (it read as "checkpoint
+    # ... has an unusable configuration: comm must be ...": an attack helper's find)
+    with pytest.raises(TypeError, match=r"^comm must be a grapheme.distributed.Communicator "
+                                        r"or None, got int$"):
+        gr.Trainer.from_checkpoint(path, progress=False, comm=5)
 
 
 def test_fit_makes_the_checkpoint_directory_first(tmp_path):

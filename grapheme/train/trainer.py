@@ -71,6 +71,15 @@ _SETTINGS = ("batch_size", "target_activation", "unknown_prob", "overwrite", "pr
 _UNRECORDED_UNKNOWN_PROB = 0.0
 
 
+def _check_comm(comm):
+    """``Trainer(comm=)``: a Communicator or None, its rank in its group."""
+    if comm is not None and not isinstance(comm, Communicator):
+        raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
+                        f"got {type(comm).__name__}")
+    if comm is not None:   # else a rank outside the group fails mid-fit
+        check_rank(comm.rank, comm.world_size, ("comm.rank", "comm.world_size"))
+
+
 def _not_a_model_file(path, meta):
     """ValueError if the checkpoint ``path`` read (``meta``) is a model file."""
     if meta.get("kind") == MODEL_KIND:
@@ -306,11 +315,7 @@ class Trainer:
         if not isinstance(self.optimizer, _optim.Optimizer):
             raise TypeError(f"optimizer must be a grapheme.optim.Optimizer, got "
                             f"{type(self.optimizer).__name__}")
-        if comm is not None and not isinstance(comm, Communicator):
-            raise TypeError(f"comm must be a grapheme.distributed.Communicator or None, "
-                            f"got {type(comm).__name__}")
-        if comm is not None:   # else a rank outside the group fails mid-fit
-            check_rank(comm.rank, comm.world_size, ("comm.rank", "comm.world_size"))
+        _check_comm(comm)
         if self._workspace is None or self._workspace.dtype != embedding.dtype:
             self._workspace = Workspace(embedding.dtype)   # the step's (n, d) arrays, reused
 
@@ -1283,6 +1288,7 @@ class Trainer:
         ValueError
             If the checkpoint is corrupted or names an unknown component.
         """
+        _check_comm(comm)   # the caller's, not the checkpoint's, to blame
         arrays, meta = load_checkpoint(path)
         path = check_path(path, "path")
         _not_a_model_file(path, meta)
