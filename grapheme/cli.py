@@ -575,14 +575,18 @@ def _cmd_train(args, out):
             raise CommandError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'}"
                                " to a data-parallel run (--nproc N, or under torchrun)")
     if world is None or world.strip() == "1":
+        if args.backend is not None:   # here, not once per rank; with one process
+            from . import distributed  # too (nccl on a CPU machine was taken: an
+                                       # attack helper's find)
+            try:
+                distributed.check_backend(args.backend)
+            except (ValueError, ImportError) as exc:
+                raise CommandError(f"--backend {args.backend}: {exc}") from None
+        if world is not None and os.environ.get("RANK", "0").strip() != "0":
+            # the one process of a launch is rank 0 (RANK=1 trained: the same find)
+            raise CommandError(f"RANK={os.environ['RANK']!r} in the environment is not a "
+                               "rank of WORLD_SIZE=1 (it must be 0)")
         if args.nproc is not None and args.nproc > 1:
-            if args.backend is not None:   # here, not once per rank
-                from . import distributed
-
-                try:
-                    distributed.check_backend(args.backend)
-                except (ValueError, ImportError) as exc:
-                    raise CommandError(f"--backend {args.backend}: {exc}") from None
             return _train(args, out, spawn=args.nproc)
         return _train(args, out)
     try:

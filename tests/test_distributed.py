@@ -652,6 +652,20 @@ def test_nccl_without_a_gpu_is_one_line_before_any_rank(monkeypatch, capsys, tmp
                                  "CUDA GPUs, and this torch sees none "
                                  "(torch.cuda.is_available() is False): use gloo on CPUs\n")
     assert not spawned and not (tmp_path / "run").exists()
+    # one process too, and the one process of a launch is rank 0 (both were
+    # taken: an attack helper's find)
+    for argv, env, message in (
+            (["--nproc", "1", "--backend", "nccl"], {}, "--backend nccl: backend 'nccl' needs"),
+            (["--backend", "nccl"], {"WORLD_SIZE": "1"}, "--backend nccl: backend 'nccl' needs"),
+            ([], {"WORLD_SIZE": "1", "RANK": "1"},
+             "RANK='1' in the environment is not a rank of WORLD_SIZE=1 (it must be 0)")):
+        with monkeypatch.context() as patch:
+            for k, v in env.items():
+                patch.setenv(k, v)
+            code = main(["train", "--data", str(data), "--epochs", "1", "--out",
+                         str(tmp_path / "run"), "--no-progress", *argv])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="backend 'nccl' needs CUDA GPUs"):
         distributed.init_from_env("nccl")
     distributed.check_backend("gloo")
