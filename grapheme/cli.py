@@ -567,6 +567,64 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
 def _cmd_train(args, out):
     """``train``: in this process; as the parent of ``--nproc`` ranks; or as
     one rank of a launch (``WORLD_SIZE`` in the environment)."""
+    with contextlib.ExitStack() as held:
+        return _cmd_train_held(args, out, held)
+
+
+#: Seconds a stop (Ctrl-C, SIGTERM, SIGHUP) has to end one rank of a
+#: data-parallel launch before the rank ends at once (see
+#: :func:`_stops_end_a_waiting_rank`).
+STOP_GRACE = 10.0
+
+
+@contextlib.contextmanager
+def _stops_end_a_waiting_rank(rank):
+    """A stop ends this rank within :data:`STOP_GRACE` seconds even while it
+    waits for the other ranks. Python runs a signal's handler only when the
+    main thread comes back from C, and a rank waiting in torch's rendezvous
+    or in a collective for a peer that never comes does not: Ctrl-C and
+    SIGTERM did nothing until the launch's timeout (30 minutes by default),
+    and a launcher's SIGKILL then ended rank 0 without a word (an attack
+    helper's find). The signal also wakes a thread here (through
+    ``signal.set_wakeup_fd``); if the rank is still running a grace later,
+    the thread says why and ends the process (``os._exit``, status 128 +
+    the signal): its last checkpoint stands, its lock file is left for the
+    next run to reuse. Only in the console script's own process, whose stop
+    signals it raises (:func:`run`)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not _raise_stopped):
+        yield
+        return
+    stops = {int(sig) for sig in _STOP_SIGNALS} | {int(signal.SIGINT)}
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch():
+        try:
+            while True:
+                byte = os.read(r, 1)
+                if not byte:   # the rank ended its run: nothing to watch
+                    return
+                if byte[0] in stops:
+                    break
+            time.sleep(STOP_GRACE)
+            name = signal.Signals(byte[0]).name
+            _warn(f"{PROG}: rank {rank}: {name} did not end the rank within {STOP_GRACE:g} s "
+                  "(it waits for the other ranks inside torch, where Python cannot stop it): "
+                  "ended now; its last checkpoint stands")
+            os._exit(128 + byte[0])
+        finally:
+            os.close(r)
+    threading.Thread(target=watch, name="grapheme-stop-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(w)   # the watcher reads the end of the pipe and returns
+
+
+def _cmd_train_held(args, out, held):
     world = os.environ.get("WORLD_SIZE")
     if world is None and args.nproc is None:
         given = [f"--{name}" for name in ("backend", "timeout")
@@ -603,6 +661,7 @@ def _cmd_train(args, out):
 
     rank = os.environ.get("RANK", "?")
     try:
+        held.enter_context(_stops_end_a_waiting_rank(rank))
         comm = distributed.init_from_env(args.backend or "gloo", timeout=args.timeout)
         if comm.rank == 0:
             return _train(args, out, comm=comm)

@@ -692,6 +692,48 @@ def test_cli_timeout_ends_a_launch_whose_peers_never_come(tmp_path):
 
 
 @POSIX
+def test_a_stop_ends_a_rank_waiting_for_its_peers(tmp_path):
+    """An attack helper's find: a rank waiting in torch's rendezvous (or a
+    collective) for a peer that never comes never returns to Python, so
+    SIGTERM and Ctrl-C did nothing until the launch's timeout (30 minutes).
+    The console script's watcher ends it a grace later, saying why."""
+    import signal
+    import socket
+    from grapheme.distributed import free_port
+
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    port = free_port()
+    env = dict(_env(), WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    boot = "import sys, grapheme.cli as c; c.STOP_GRACE = 1.0; sys.exit(c.run())"
+    proc = subprocess.Popen([sys.executable, "-c", boot, "train", "--data", str(data),
+                             "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"],
+                            env=env, cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:   # rank 0 serves the store: it is waiting
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err == ("grapheme: rank 0: SIGTERM did not end the rank within 1 s (it waits for "
+                   "the other ranks inside torch, where Python cannot stop it): ended now; "
+                   "its last checkpoint stands\n")
+
+
+@POSIX
 def test_cli_nproc_into_a_locked_out_says_so_on_every_rank(tmp_path):
     """Review: rank 0 refused the lock on its own, so the other ranks met
     a collective whose peer was gone ("Connection closed by peer"). The
