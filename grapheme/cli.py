@@ -262,9 +262,10 @@ def build_parser():
     p.add_argument("--max-line-bytes", type=_positive_int, default=MAX_LINE_BYTES,
                    help="the longest line of standard input read, in bytes of UTF-8 "
                         f"(default {MAX_LINE_BYTES} = 128 MiB; a CRLF line's \\r counted); "
-                        "a longer one is refused by its number. A line is held whole while it is segmented (3 to 6 bytes "
-                        "of memory a byte of it), so without a bound an input without "
-                        "newlines (/dev/zero) took all memory")
+                        "a longer one is refused by its number. A line is held whole "
+                        "while it is segmented (3 to 6 bytes of memory a byte of it), so "
+                        "without a bound an input without newlines (/dev/zero) took all "
+                        "memory")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help="'text': each text with --sep between its segments (the default); "
                         "'jsonl': one JSON object a text, its \"segments\", their "
@@ -441,8 +442,9 @@ def _run_lock(out_dir, command="train"):
     ``train`` (or ``generate``) into the same ``--out`` is refused
     (CommandError naming the holder's command and pid) instead of the two
     interleaving their logs and replacing each other's checkpoints (or
-    leaving one's train.jsonl beside the other's val.jsonl). The kernel releases the lock when the process ends, however
-    it ends (kill -9 included); the file is removed on the way out. Nothing
+    leaving one's train.jsonl beside the other's val.jsonl). The kernel
+    releases the lock when the process ends, however it ends (kill -9
+    included); the file is removed on the way out. Nothing
     is locked where ``fcntl`` is missing (Windows);
     where the file system cannot lock (some network file systems), a
     warning goes to stderr and the run goes on unlocked."""
