@@ -415,10 +415,8 @@ cdef struct Balance:
     # The dustbin-balancing step of one sweep (see _balance).
     bint applied
     double x                     # e^{c/eps}: real f += c, real g -= c
-    double s                     # deletion mass  sum_{i<n} P_im = A sa
-    double r                     # insertion mass sum_{j<m} P_nj = B sb
-    double sa                    # sum_{i<n} a_i e_im
-    double sb                    # sum_{j<m} b_j e_nj
+    double sa                    # sum_{i<n} a_i e_im (the deletion mass s = A sa)
+    double sb                    # sum_{j<m} b_j e_nj (the insertion mass r = B sb)
     double R                     # sqrt((A - B)^2 + 4 s r)
     double p                     # s x, computed without forming it
     double q                     # r / x, the same
@@ -451,31 +449,31 @@ cdef Balance _balance(intp_t n, intp_t m, bint sc, const double* f, const double
     """
     cdef Balance out
     cdef intp_t i, j, m1 = m + 1
-    cdef double d, x
+    cdef double d, x, s, r
     out.applied = False
     out.x = 1.0
-    out.s = out.r = out.sa = out.sb = out.R = out.p = out.q = 0.0
+    out.sa = out.sb = out.R = out.p = out.q = 0.0
     if n == 0 or m == 0:
         return out
     for i in range(n):
         out.sa += aw[i] * _cell(sc, i, m, m1, f, g, C, K, eps)
-    out.s = bw[m] * out.sa
+    s = bw[m] * out.sa
     for j in range(m):
         out.sb += bw[j] * _cell(sc, n, j, m1, f, g, C, K, eps)
-    out.r = aw[n] * out.sb
+    r = aw[n] * out.sb
     if not (DBL_MIN <= out.sa <= DBL_MAX and DBL_MIN <= out.sb <= DBL_MAX
-            and DBL_MIN <= out.s <= DBL_MAX and DBL_MIN <= out.r <= DBL_MAX):
+            and DBL_MIN <= s <= DBL_MAX and DBL_MIN <= r <= DBL_MAX):
         return out
     d = bw[m] - aw[n]                          # A - B
-    out.R = hypot(d, 2.0 * sqrt(out.s) * sqrt(out.r))   # 4 s r overflows near 1e150 masses
+    out.R = hypot(d, 2.0 * sqrt(s) * sqrt(r))   # 4 s r overflows near 1e150 masses
     # the root and, for the adjoint, s x and r / x, each without cancellation
     if d >= 0.0:
-        x = (d + out.R) / (2.0 * out.s)
+        x = (d + out.R) / (2.0 * s)
         out.p = 0.5 * (d + out.R)
-        out.q = 2.0 * (out.s * (out.r / (d + out.R)))
+        out.q = 2.0 * (s * (r / (d + out.R)))
     else:
-        x = 2.0 * out.r / (out.R - d)
-        out.p = 2.0 * (out.s * (out.r / (out.R - d)))
+        x = 2.0 * r / (out.R - d)
+        out.p = 2.0 * (s * (r / (out.R - d)))
         out.q = 0.5 * (out.R - d)
     if not (DBL_MIN <= x <= DBL_MAX):
         return out
