@@ -566,13 +566,6 @@ def _make_trainer(*, dim, seed, estimator, target_rate, lr, batch_size, log, pro
                    comm=comm)
 
 
-def _cmd_train(args, out):
-    """``train``: in this process; as the parent of ``--nproc`` ranks; or as
-    one rank of a launch (``WORLD_SIZE`` in the environment)."""
-    with contextlib.ExitStack() as held:
-        return _cmd_train_held(args, out, held)
-
-
 #: Seconds a stop (Ctrl-C, SIGTERM, SIGHUP) has to end one rank of a
 #: data-parallel launch before the rank ends at once (see
 #: :func:`_stops_end_a_waiting_rank`).
@@ -626,7 +619,9 @@ def _stops_end_a_waiting_rank(rank):
         os.close(w)   # the watcher reads the end of the pipe and returns
 
 
-def _cmd_train_held(args, out, held):
+def _cmd_train(args, out):
+    """``train``: in this process; as the parent of ``--nproc`` ranks; or as
+    one rank of a launch (``WORLD_SIZE`` in the environment)."""
     world = os.environ.get("WORLD_SIZE")
     if world is None and args.nproc is None:
         given = [f"--{name}" for name in ("backend", "timeout")
@@ -662,18 +657,18 @@ def _cmd_train_held(args, out, held):
     from . import distributed
 
     rank = os.environ.get("RANK", "?")
-    try:
-        held.enter_context(_stops_end_a_waiting_rank(rank))
-        comm = distributed.init_from_env(args.backend or "gloo", timeout=args.timeout)
-        if comm.rank == 0:
-            return _train(args, out, comm=comm)
-        with open(os.devnull, "w", encoding="utf-8") as null:
-            return _train(args, null, comm=comm)
-    except RuntimeError as exc:   # torch's and Communicator.agree's: a peer failed,
-        # or never came (the rendezvous's timeout)
-        raise CommandError(f"rank {rank}: {exc}") from None
-    finally:
-        distributed.destroy()
+    with _stops_end_a_waiting_rank(rank):
+        try:
+            comm = distributed.init_from_env(args.backend or "gloo", timeout=args.timeout)
+            if comm.rank == 0:
+                return _train(args, out, comm=comm)
+            with open(os.devnull, "w", encoding="utf-8") as null:
+                return _train(args, null, comm=comm)
+        except RuntimeError as exc:   # torch's and Communicator.agree's: a peer failed,
+            # or never came (the rendezvous's timeout)
+            raise CommandError(f"rank {rank}: {exc}") from None
+        finally:
+            distributed.destroy()
 
 
 def _train(args, out, spawn=None, comm=None):
@@ -1457,8 +1452,9 @@ def main(argv=None):
     try:
         if sys.stdout is None:   # started with >&-
             raise CommandError("standard output is closed")
-        code = _COMMANDS[args.command](args, _Output(sys.stdout))
-        _Output(sys.stdout).flush()   # a reader gone is found here, not at exit
+        stdout = _Output(sys.stdout)
+        code = _COMMANDS[args.command](args, stdout)
+        stdout.flush()   # a reader gone is found here, not at exit
         return code
     except BrokenPipeError:   # e.g. | head: the reader has what it wanted
         return _reader_gone()
