@@ -1,5 +1,6 @@
 """Tests for grapheme.train.Trainer: descent, metrics, logs, exact resume."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -512,6 +513,35 @@ def test_keep_best_keeps_the_best_epoch_and_survives_resume(tmp_path):
           best=tmp_path / "b_best.npz", resume=tmp_path / "b.npz")
     assert {k: v for k, v in c.best.items() if k != "path"} == {
         k: v for k, v in a.best.items() if k != "path"}
+
+
+def test_keep_best_survives_a_moved_run_and_another_directory(tmp_path, monkeypatch):
+    """A new user's find: the record keeps its path as given (relative to
+    the directory training ran in), so a resume from another directory, or
+    of a copied run, started a new record and replaced best.npz with a
+    worse model. The best file there, of the record, continues it."""
+    import shutil
+    train, val = DEMO_PAIRS * 4, DEMO_PAIRS
+    run = tmp_path / "work" / "run"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    t = make_trainer()
+    t.fit(train, 1, val=val, checkpoint="run/ck.npz", keep_best="val_loss")
+    t.optimizer.lr = 1e-300   # no change, no improvement: the best stays at epoch <= 1
+    t.fit(train, 3, val=val, checkpoint="run/ck.npz", keep_best="val_loss")
+    record = dict(t.best)
+    assert record["epoch"] <= 1 and record["path"] == os.path.join("run", "best.npz")
+    shutil.copytree(run, tmp_path / "moved")
+    for where, checkpoint in ((tmp_path, "work/run/ck.npz"), (tmp_path, "moved/ck.npz")):
+        monkeypatch.chdir(where)
+        before = (where / os.path.dirname(checkpoint) / "best.npz").read_bytes()
+        r = Trainer.from_checkpoint(checkpoint, progress=False)
+        r.optimizer.lr = 1e-300
+        r.fit(train, 4, val=val, checkpoint=checkpoint, keep_best="val_loss")
+        assert {k: v for k, v in r.best.items() if k != "path"} == {
+            k: v for k, v in record.items() if k != "path"}
+        assert r.best["path"] == os.path.join(os.path.dirname(checkpoint), "best.npz")
+        assert (where / os.path.dirname(checkpoint) / "best.npz").read_bytes() == before
 
 
 def test_keep_best_validation(tmp_path):

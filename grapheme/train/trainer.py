@@ -1007,7 +1007,7 @@ class Trainer:
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best or changed
                 or self.best.get("val", val_sha) != val_sha
-                or os.path.realpath(self.best["path"]) != os.path.realpath(best_path)):
+                or not self._holds_best(best_path)):
             # the starting point is the first candidate: never end below it (a
             # run continued into another best file, on other data or measured
             # on other validation pairs, starts that file's record)
@@ -1063,6 +1063,28 @@ class Trainer:
         finally:
             progress.close(summary)
         return list(self.history)
+
+    def _holds_best(self, best_path):
+        """Whether ``best_path`` holds the best record's checkpoint: the path
+        it was written to, or (the run moved or copied, or resumed from
+        another directory, where the record's relative path names another
+        file) a checkpoint there of that record. Then the record goes on
+        with ``best_path``; before, a resume from another directory, or of
+        a copied run, started a new record and replaced the best file with a
+        worse one (a new user's find)."""
+        if os.path.realpath(self.best["path"]) == os.path.realpath(best_path):
+            return True
+        try:
+            meta = load_checkpoint(best_path)[1]
+        except (OSError, ValueError):   # none there, or not a checkpoint: not this record
+            return False
+        record = {k: v for k, v in self.best.items() if k != "path"}
+        held = meta.get("best")
+        if not (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
+                and {k: v for k, v in held.items() if k != "path"} == record):
+            return False
+        self.best = dict(self.best, path=os.fspath(best_path))
+        return True
 
     def _files_error(self, files):
         """Rank 0's look, before the first epoch, at the files it will write
