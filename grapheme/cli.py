@@ -775,8 +775,13 @@ def _train_locked(args, out, spawn, comm, held):
                                       new_data=args.new_data)
             except KeyboardInterrupt as exc:   # Ctrl-C, or a stop signal (Stopped)
                 saved = trainer._last_checkpoint
-                if not rank0 or saved is None or saved[1] <= start:
+                if not rank0:
                     raise
+                if saved is None or saved[1] <= start:   # it said only "interrupted"
+                    exc.args = ((f"no epoch of this run finished: {args.resume} still "
+                                 f"holds epoch {start}" if start else "no epoch of this run "
+                                 "finished, so nothing of it is saved"),)
+                    raise exc from None
                 exc.args = (f"epoch {saved[1]} is saved; to continue the run: "
                             f"{_resume_command(args.argv, saved[0])}",)
                 raise exc from None

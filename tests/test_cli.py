@@ -580,12 +580,20 @@ def test_overwrite_replaces_the_whole_run_after_its_first_epoch(level1, tmp_path
     monkeypatch.setattr(Trainer, "_run_epoch", interrupted)
     code, _, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
                        "--overwrite", "--no-progress")
-    assert code == 130 and err == "grapheme: interrupted\n"   # no hint: not its checkpoint
+    # no resume hint (not its checkpoint), but what was saved: nothing (a new
+    # user's find: "interrupted" alone left them looking for a run to resume)
+    assert code == 130 and err == ("grapheme: interrupted; no epoch of this run finished, so "
+                                   "nothing of it is saved\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     monkeypatch.setattr(Trainer, "_run_epoch", original)
     assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out,
                "--overwrite", "--no-progress")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+    monkeypatch.setattr(Trainer, "_run_epoch", interrupted)   # and a resume's
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out,
+                       "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 130 and err == (f"grapheme: interrupted; no epoch of this run finished: "
+                                   f"{out / 'checkpoint.npz'} still holds epoch 1\n")
 
 
 def test_an_interrupted_run_says_how_to_continue(level1, tmp_path, capsys, monkeypatch):
