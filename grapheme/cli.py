@@ -115,11 +115,12 @@ _timeout = _number(float, lower=0, lower_inclusive=False, upper=MAX_TIMEOUT)
 _unknown_prob = _number(float, lower=0.0, upper=1.0, upper_inclusive=False)
 
 
-def build_parser():
-    """The argument parser of the ``grapheme`` command."""
+def build_parser(prog=PROG):
+    """The argument parser of the ``grapheme`` command, called ``prog`` in
+    its usage lines."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Vocabulary-free text models whose graph changes shape.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+        prog=prog, description="Vocabulary-free text models whose graph changes shape.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",
                         help="print the version of grapheme and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -756,7 +757,7 @@ def _train_locked(args, out, spawn, comm, held):
 
         _torch_distributed()   # torch missing: say so once, here
         out.flush()
-        return spawn_local(_rank_command(args.argv), spawn)
+        return spawn_local(_rank_command(args.argv, args.prog), spawn)
     # a resumed model, measured once, by all ranks together: printed beside
     # the result (a fresh run's untrained model is measured by fit)
     before = None
@@ -783,7 +784,7 @@ def _train_locked(args, out, spawn, comm, held):
                                  "finished, so nothing of it is saved"),)
                     raise exc from None
                 exc.args = (f"epoch {saved[1]} is saved; to continue the run: "
-                            f"{_resume_command(args.argv, saved[0])}",)
+                            f"{_resume_command(args.argv, saved[0], args.prog)}",)
                 raise exc from None
     seconds = time.perf_counter() - started
     if len(history) == start:   # nothing was written: name only the checkpoint read
@@ -849,9 +850,9 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
     return metric if why is None else None
 
 
-def _resume_command(argv, checkpoint):
+def _resume_command(argv, checkpoint, prog=PROG):
     """The ``grapheme train`` command line of ``argv`` that resumes from
-    ``checkpoint``: its own ``--resume`` (abbreviated or not) replaced, no
+    ``checkpoint``, started as ``prog``: its own ``--resume`` (abbreviated or not) replaced, no
     ``--overwrite`` (the run in ``--out`` is the one continued) and none of
     the settings the checkpoint holds (``--seed 3``: refused with
     ``--resume``)."""
@@ -869,7 +870,7 @@ def _resume_command(argv, checkpoint):
             skip = whole[0] in valued and "=" not in tok
             continue
         kept.append(tok)
-    return shlex.join([PROG, *kept, "--resume", checkpoint])
+    return " ".join([prog, shlex.join([*kept, "--resume", checkpoint])])
 
 
 def _train_data(args):
@@ -1430,13 +1431,17 @@ _COMMANDS = {"generate": _cmd_generate, "train": _cmd_train, "eval": _cmd_eval,
              "demo": _cmd_demo}
 
 
-def main(argv=None):
+def main(argv=None, *, prog=PROG):
     """Run the ``grapheme`` command; return the exit status.
 
     Parameters
     ----------
     argv : list of str, optional
         Arguments without the program name; defaults to ``sys.argv[1:]``.
+    prog : str, optional
+        How the command was started, for its usage lines and the command
+        it prints to resume an interrupted run: ``"python -m grapheme"``
+        where ``python -m`` started it.
 
     Returns
     -------
@@ -1446,14 +1451,14 @@ def main(argv=None):
         one: see :func:`run`), 1 when the reader of the output closed it
         (``| head``; quietly).
     """
-    parser = build_parser()
+    parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _check_options(parser, argv)
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its usage message
         return exc.code if isinstance(exc.code, int) else 2
-    args.argv = argv   # for the ranks of train --nproc
+    args.argv, args.prog = argv, prog   # for the ranks of train --nproc
     try:
         if sys.stdout is None:   # started with >&-
             raise CommandError("standard output is closed")
@@ -1588,14 +1593,15 @@ def _reader_gone():
     return 1
 
 
-def _rank_command(argv):
+def _rank_command(argv, prog=PROG):
     """The argv of one rank of ``--nproc``: this Python, running the grapheme
-    this process runs. ``python -m grapheme.cli`` would import whatever
+    this process runs, as the command ``prog`` (which the rank's messages
+    name). ``python -m grapheme.cli`` would import whatever
     ``grapheme`` the working directory holds first, in a source checkout
     the uncompiled folder."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     boot = (f"import sys; sys.path.insert(0, {root!r}); "
-            "from grapheme.cli import run; sys.exit(run())")
+            f"from grapheme.cli import run; sys.exit(run(prog={prog!r}))")
     return [sys.executable, "-c", boot, *argv]
 
 
@@ -1621,19 +1627,20 @@ def _raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
-def run():
+def run(prog=PROG):
     """The ``grapheme`` console script: :func:`main` with the process's
-    arguments, and the stop signals raised as :class:`Stopped` (not where
-    the process ignores them: ``nohup``'s SIGHUP stays ignored). Only here,
+    arguments (and ``prog``), and the stop signals raised as
+    :class:`Stopped` (not where the process ignores them: ``nohup``'s
+    SIGHUP stays ignored). Only here,
     in the process the command owns; not by :func:`main`, which a program
     may call."""
     if threading.current_thread() is not threading.main_thread():
-        return main()
+        return main(prog=prog)
     installed = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) is signal.SIG_DFL]
     for sig in installed:
         signal.signal(sig, _raise_stopped)
     try:
-        return main()
+        return main(prog=prog)
     finally:
         # the command has ended: the default again, so a stop signal during
         # the interpreter's own ending ends it quietly (Stopped raised in its

@@ -225,7 +225,7 @@ def test_format_table():
 def test_console_script_runs_main(monkeypatch):
     import grapheme.cli as cli
     calls = []
-    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
+    monkeypatch.setattr(cli, "main", lambda argv=None, prog=None: calls.append("main") or 0)
     assert cli.run() == 0
     assert calls == ["main"]
 
@@ -623,6 +623,32 @@ def test_an_interrupted_run_says_how_to_continue(level1, tmp_path, capsys, monke
     assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
 
 
+def test_the_resume_command_names_the_command_as_started(level1, tmp_path, capsys,
+                                                         monkeypatch):
+    """A new user's find: under ``python -m grapheme`` (an in-place build, a
+    venv not activated) the printed command began ``grapheme train``, which
+    that shell lacks."""
+    from grapheme.train import Trainer
+
+    out = tmp_path / "run"
+    original = Trainer._run_epoch
+
+    def second_interrupted(self, *args):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, *args)
+    monkeypatch.setattr(Trainer, "_run_epoch", second_interrupted)
+    code = main(["train", "--data", str(level1), "--epochs", "3", "--out", str(out),
+                 "--no-progress"], prog="python3 -m grapheme")
+    err = capsys.readouterr().err
+    assert code == 130 and err.endswith(
+        f"to continue the run: python3 -m grapheme train --data {level1} --epochs 3 "
+        f"--out {out} --no-progress --resume {out / 'checkpoint.npz'}\n")
+    # and its usage lines too
+    assert main(["train"], prog="python3 -m grapheme") == 2
+    assert capsys.readouterr().err.startswith("usage: python3 -m grapheme train ")
+
+
 def test_a_stop_just_after_a_save_names_the_epoch_on_disk(level1, tmp_path, capsys,
                                                           monkeypatch):
     """A test's find: a stop between a checkpoint's replace and the
@@ -743,7 +769,7 @@ def test_a_stopped_run_ends_as_an_interrupted_one(level1, tmp_path):
             "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
             "cli.main(['--version'])\n"
             "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
-            "cli.main = lambda: 0 if signal.getsignal(signal.SIGTERM) is cli._raise_stopped "
+            "cli.main = lambda prog: 0 if signal.getsignal(signal.SIGTERM) is cli._raise_stopped "
             "else 1\n"
             "assert cli.run() == 0\n"
             "assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN\n"
@@ -755,7 +781,7 @@ def test_a_stopped_run_ends_as_an_interrupted_one(level1, tmp_path):
             # attack helper's find, a traceback at exit); Ctrl-C stays Python's
             "import os, time\n"
             "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
-            "def stopped_twice():\n"
+            "def stopped_twice(prog):\n"
             "    try:\n"
             "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
             "    except cli.Stopped:\n"

@@ -2,6 +2,7 @@
 import argparse
 import io
 import os
+import sys
 import json
 
 import pytest
@@ -809,20 +810,25 @@ def test_plot_run_never_draws_over_its_log(trained, tmp_path):
 
 def test_python_dash_m_grapheme_is_the_command():
     """``python -m grapheme``: the command where its console script is not
-    on the PATH (an in-place build). Before: no grapheme.__main__."""
-    import os
+    on the PATH (an in-place build). Before: no grapheme.__main__. It calls
+    itself that in its usage lines (and in the command that resumes a run:
+    a new user's find), and so do its ranks."""
     import subprocess
-    import sys
+    from grapheme.cli import _rank_command
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(gr.__file__)), os.environ.get("PYTHONPATH", "")]))
-    for argv, code, stream in ((["--version"], 0, "stdout"),
-                               (["segment"], 2, "stderr")):
-        proc = subprocess.run([sys.executable, "-m", "grapheme", *argv], env=env,
-                              capture_output=True, text=True, timeout=120,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
+    name = f"{os.path.basename(sys.executable)} -m grapheme"
+    for command, argv, code, stream, start in (
+            ([sys.executable, "-m", "grapheme"], ["--version"], 0, "stdout",
+             f"grapheme {gr.__version__}\n"),
+            ([sys.executable, "-m", "grapheme"], ["segment"], 2, "stderr",
+             f"usage: {name} segment "),
+            (_rank_command([], name), ["train"], 2, "stderr", f"usage: {name} train ")):
+        proc = subprocess.run([*command, *argv], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
         assert proc.returncode == code
-        assert getattr(proc, stream).startswith("grapheme" if code == 0 else "usage: grapheme")
+        assert getattr(proc, stream).startswith(start), getattr(proc, stream)
 
 
 def test_a_picture_name_is_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
