@@ -695,6 +695,7 @@ class Merge(nn.Module):
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None, *,
                  device=None, dtype=None):
+        """A merge module; the parameters are described in ``help(Merge)``."""
         super().__init__()
         # the numpy morph this module runs (it checks the settings and holds
         # the estimator's and the rate controller's state); its theta is
@@ -720,8 +721,11 @@ class Merge(nn.Module):
     def forward(self, x, offsets, labels=None, queries=None, keys=None):
         """Merge the rows of ``x`` (n, d), sequences by ``offsets`` (B + 1,).
 
-        ``labels`` (n,) are optional code points for the structural loss.
-        With ``queries`` and ``keys`` (n, d_route), e.g. from :class:`Encoder`,
+        ``labels`` (n,), optional integers, name the rows for the structural
+        loss (a merged row keeps its first row's label); by default the code
+        points of a text's characters. To train a segmentation, label each
+        row by its offset in its own sequence instead, as the numpy
+        ``Trainer`` does (:func:`grapheme.segmentation_target`, Notes). With ``queries`` and ``keys`` (n, d_route), e.g. from :class:`Encoder`,
         the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
         Returns a :class:`Merged`.
         """
@@ -824,6 +828,8 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, dim, layers=2, *, device=None, dtype=None):
+        """An identity encoder of ``layers`` layers over rows of ``dim``
+        features (``help(Encoder)``)."""
         super().__init__()
         from ._validation import check_scalar
 
@@ -845,6 +851,8 @@ class Encoder(nn.Module):
 
     @_eager
     def forward(self, x, offsets):
+        """``(features, queries, keys)``, each (n, dim) in ``x``'s dtype, of
+        the rows of ``x`` (n, dim), sequences by ``offsets`` (B + 1,)."""
         _check_tensor(x, "x")
         _not_meta(x, "x")
         for name, p in self.named_parameters():   # a module made with device="meta"
@@ -887,12 +895,18 @@ class StructuralLoss(nn.Module):
         return cls(reduction, **{**TRAINING, **overrides})
 
     def __init__(self, reduction="mean", **kwargs):
+        """The loss module; the parameters are described in
+        ``help(StructuralLoss)``."""
         super().__init__()
         self.reduction = _check_reduction(reduction)
         self.loss = _Loss(**kwargs)
 
     @_eager
     def forward(self, merged, target, target_activation=None):
+        """The loss of ``merged`` (a :class:`Merged` of B sequences) against
+        ``target`` (a batch of B graphs), with ``target_activation``
+        (target.num_nodes,) optional: a scalar tensor, or (B,) under
+        ``reduction="none"``."""
         _check_reduction(self.reduction)   # as set on the module since, if it was
         _check_merged(merged)
         check_graph(target, "target")

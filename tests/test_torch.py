@@ -989,3 +989,16 @@ def test_merge_step_refuses_another_modules_merged():
 
     again = pickle.loads(pickle.dumps(merged))   # picklable as before; made by none there
     b.step(again)
+
+
+@pytest.mark.parametrize("name", ["Merge", "Encoder", "StructuralLoss"])
+def test_the_modules_own_help(name):
+    """A new user's find: ``help(Merge.__init__)`` showed torch's generic
+    "Initialize internal Module state"; ``forward`` its "Define the
+    computation performed at every call"."""
+    import inspect
+
+    cls = getattr(gt, name)
+    for method in ("__init__", "forward"):
+        doc = inspect.getdoc(getattr(cls, method))
+        assert doc and doc != inspect.getdoc(getattr(torch.nn.Module, method)), (name, method)
