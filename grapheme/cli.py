@@ -624,12 +624,13 @@ def _cmd_train(args, out):
     """``train``: in this process; as the parent of ``--nproc`` ranks; or as
     one rank of a launch (``WORLD_SIZE`` in the environment)."""
     world = os.environ.get("WORLD_SIZE")
-    if world is None and args.nproc is None:
+    if world is None and args.nproc in (None, 1):   # one process: they do nothing
         given = [f"--{name}" for name in ("backend", "timeout")
                  if getattr(args, name) is not None]
         if given:
             raise CommandError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'}"
-                               " to a data-parallel run (--nproc N, or under torchrun)")
+                               " to a data-parallel run (--nproc N above 1, or under "
+                               "torchrun)")
     if world is None or world.strip() == "1":
         if args.backend is not None:   # here, not once per rank; with one process
             from . import distributed  # too (nccl on a CPU machine was taken: an

@@ -614,6 +614,7 @@ def test_cli_world_size_below_one_is_named(world, monkeypatch, capsys, tmp_path)
     (["--timeout", "60"], "--timeout applies"),
     (["--backend", "gloo"], "--backend applies"),
     (["--backend", "nccl", "--timeout", "5"], "--backend, --timeout apply"),
+    (["--nproc", "1", "--timeout", "5"], "--timeout applies"),   # a helper's find
 ])
 def test_cli_data_parallel_options_alone_are_refused(options, named, monkeypatch, capsys,
                                                      tmp_path):
@@ -628,7 +629,7 @@ def test_cli_data_parallel_options_alone_are_refused(options, named, monkeypatch
                  str(tmp_path / "run"), "--no-progress", *options])
     err = capsys.readouterr().err
     assert code == 2 and err == (f"grapheme train: error: {named} to a data-parallel run "
-                                 "(--nproc N, or under torchrun)\n")
+                                 "(--nproc N above 1, or under torchrun)\n")
     assert not (tmp_path / "run").exists()
 
 
@@ -655,7 +656,7 @@ def test_nccl_without_a_gpu_is_one_line_before_any_rank(monkeypatch, capsys, tmp
     # one process too, and the one process of a launch is rank 0 (both were
     # taken: an attack helper's find)
     for argv, env, message in (
-            (["--nproc", "1", "--backend", "nccl"], {}, "--backend nccl: backend 'nccl' needs"),
+            (["--nproc", "1", "--backend", "nccl"], {}, "--backend applies to a data-parallel"),
             (["--backend", "nccl"], {"WORLD_SIZE": "1"}, "--backend nccl: backend 'nccl' needs"),
             ([], {"WORLD_SIZE": "1", "RANK": "1"},
              "RANK='1' in the environment is not a rank of WORLD_SIZE=1 (it must be 0)")):
