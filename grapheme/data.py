@@ -300,10 +300,10 @@ def load_pairs(path):
     ValueError
         ``"<path>:<line>: <reason>"`` for the first malformed line: invalid
         UTF-8 or JSON (including JSON nested too deeply for the parser and
-        integers longer than Python converts), not an object, a missing key,
-        both ``"target"`` and ``"segments"``, a non-string value, a string
-        with a lone surrogate, or segments that are empty or do not join to
-        the input.
+        integers longer than Python converts), not an object, a missing or
+        duplicate key, both ``"target"`` and ``"segments"``, a non-string
+        value, a string with a lone surrogate, or segments that are empty or
+        do not join to the input.
 
     Examples
     --------
@@ -327,7 +327,9 @@ def load_pairs(path):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as exc:   # json keeps the last: {"input": "a", "input": "b"}
+                raise ValueError(f"{where}: duplicate key {exc.args[0]!r}") from None
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg} at column "
                                  f"{exc.colno})") from None
@@ -365,6 +367,20 @@ def load_pairs(path):
                 raise ValueError(f"{where}: {exc}") from None
             pairs.append((obj["input"], target))
     return pairs
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    """A JSON object's dict, refusing a key given twice (``json`` keeps the
+    last silently, so one line could say two things)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
 
 
 def _check_segments(name, source, segments):

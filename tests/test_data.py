@@ -141,6 +141,9 @@ def test_blank_lines_and_extra_keys(tmp_path):
     (b'{"input": "a", "target": null}', "'target' must be a string, got NoneType"),
     (b'{"input": "\\ud800", "target": "a"}', "'input' contains a lone surrogate"),
     (b'{"input": "a\xff", "target": "a"}', "invalid UTF-8"),
+    # json keeps the last of a duplicate key silently (left last stop)
+    (b'{"input": "ab", "target": "a", "input": "xy"}', "duplicate key 'input'"),
+    (b'{"input": "ab", "target": "a", "id": {"k": 1, "k": 2}}', "duplicate key 'k'"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, reason):
     path = tmp_path / "bad.jsonl"
