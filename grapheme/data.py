@@ -449,23 +449,49 @@ def segment_lengths(targets):
 # a word: a letter (Unicode: no digits, no underscore), then letters and
 # combining marks (a vowel sign, a virama, an accent that has no precomposed
 # letter: re's \w has no marks, and "नमस्ते" fell apart at each); apostrophes
-# between letters are dropped first, so "don't" is one word.
+# between letters are dropped first, so "don't" is one word. re's [^\W\d_]
+# also takes the numerals of categories No and Nl ("²", "Ⅻ"): they are made
+# spaces first (a class of all letters instead made the matching 3x slower).
 _APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019](?=[^\W\d_])")
 
 
 @functools.lru_cache(maxsize=None)
-def _word_pattern():
-    """The word regex, its class of combining marks (Unicode category M)
-    built once from this Python's Unicode database (0.3 s)."""
+def _category_class(categories, first=0, last=sys.maxunicode):
+    """A regex character class of every code point from ``first`` to
+    ``last`` whose Unicode category starts with one of ``categories`` (a
+    tuple), from this Python's Unicode database (0.3 s for all, once)."""
     ranges, start = [], None
-    for c in range(sys.maxunicode + 2):
-        mark = c <= sys.maxunicode and unicodedata.category(chr(c))[0] == "M"
-        if mark and start is None:
+    for c in range(first, last + 2):
+        inside = c <= last and unicodedata.category(chr(c)).startswith(categories)
+        if inside and start is None:
             start = c
-        elif not mark and start is not None:
+        elif not inside and start is not None:
             ranges.append(f"\\U{start:08x}-\\U{c - 1:08x}")
             start = None
-    return re.compile(r"[^\W\d_](?:[^\W\d_]|[" + "".join(ranges) + "])*")
+    return "[" + "".join(ranges) + "]"
+
+
+@functools.lru_cache(maxsize=None)
+def _word_pattern():
+    """A word: a letter, then letters and combining marks (category M)."""
+    return re.compile(r"[^\W\d_](?:[^\W\d_]|" + _category_class(("M",)) + ")*")
+
+
+@functools.lru_cache(maxsize=None)
+def _numeral(astral):
+    # those of the BMP apart: re tests a class of BMP characters by a table,
+    # 20x faster than by its ranges (0.01 s, not 0.2, for 4.7 M characters)
+    first, last = (0x10000, sys.maxunicode) if astral else (0, 0xFFFF)
+    return re.compile(_category_class(("No", "Nl"), first, last))
+
+
+def _without_numerals(text):
+    """``text`` with a space for each numeral that is not a digit (``²``,
+    ``Ⅻ``): the same length, so spans into it are spans into ``text``."""
+    if text.isascii():
+        return text
+    text = _numeral(False).sub(" ", text)
+    return _numeral(True).sub(" ", text) if max(text) > "\uffff" else text
 
 
 def words_of(text):
@@ -474,8 +500,8 @@ def words_of(text):
     A word is a maximal run of letters (Unicode letters) and the combining
     marks that follow them (vowel signs, viramas, accents), in NFC and
     lowercased; apostrophes between two letters are dropped first
-    (``don't`` -> ``dont``). Digits, punctuation, underscores and whitespace separate
-    words and are dropped: an example's input holds letters only, so every
+    (``don't`` -> ``dont``). Digits and other numerals (``²``, ``Ⅻ``),
+    punctuation, underscores and whitespace separate words and are dropped: an example's input holds letters only, so every
     boundary is a boundary between two words, never one the punctuation
     gives away. Lowercased, so a capital letter does not give a word start
     away either.
@@ -487,7 +513,8 @@ def words_of(text):
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    text = _APOSTROPHE.sub("", unicodedata.normalize("NFC", text)).lower()
+    text = unicodedata.normalize("NFC", _without_numerals(text))
+    text = _APOSTROPHE.sub("", text).lower()
     return _word_pattern().findall(unicodedata.normalize("NFC", text))   # lower() may decompose
 
 
@@ -560,6 +587,7 @@ def _normalised_one_to_one(text):
     character."""
     if not unicodedata.is_normalized("NFC", text):
         return None
+    text = _without_numerals(text)
     kept = _APOSTROPHE.sub("", text)
     lower = kept.lower()
     if len(lower) != len(kept) or not unicodedata.is_normalized("NFC", lower):
@@ -592,6 +620,7 @@ def _normalised_by_letter(text):
     each letter with its combining marks on its own (one Python step per
     character), and the span of ``text`` each character of ``norm`` comes
     from."""
+    text = _without_numerals(text)
     bounds, n, i = [], len(text), 0
     while i < n:   # the letters with their marks (a mark alone is one too)
         j = i + 1

@@ -337,3 +337,21 @@ def test_words_keep_their_combining_marks():
     assert words_of("İstanbul") == ["i\u0307stanbul"]   # lower() of İ keeps its dot, a mark
     assert words_of("\u0301abc") == ["abc"]             # a word starts with a letter
     assert words_of("cafe\u0301's") == words_of("café's") == ["cafés"]   # NFC first
+
+
+def test_numerals_are_not_letters():
+    """re's [^\\W\\d_] took the numerals of categories No and Nl for
+    letters (left last stop): "x²" was a word, "Ⅻ" another."""
+    import sys
+    import unicodedata
+
+    from grapheme.data import word_spans_of, words_of
+
+    text = "E=mc² Ⅻ ½ 〇 abc³def don²t 𐄇x𝟙y😀z\U00010140w"
+    assert words_of(text) == ["e", "mc", "abc", "def", "don", "t", "x", "y", "z", "w"]
+    words, start, end = word_spans_of(text)
+    assert words == words_of(text)
+    assert [text[a:b] for a, b in zip(start, end)] == list("Emcabcdefdontxyzw")
+    numerals = [chr(c) for c in range(sys.maxunicode + 1)
+                if unicodedata.category(chr(c)) in ("No", "Nl")]
+    assert words_of("a".join(numerals)) == ["a"] * (len(numerals) - 1)

@@ -544,7 +544,7 @@ from grapheme.data import word_spans_of, words_of  # noqa: E402
 # NFC and not, capitals that lowercase to two characters (İ) and a
 # character that is two once lowercased (ŉ is in NFC, 'ʼn' after NFKC
 # only: one to one), apostrophes, digits, punctuation, a mark alone
-_RAW = list("abcAB é'’ .,2_-") + ["e\u0301", "A\u0308", "\u0130", "\u0149", "\u00df",
+_RAW = list("abcAB é'’ .,2_-²Ⅻ") + ["\U00010107", "e\u0301", "A\u0308", "\u0130", "\u0149", "\u00df",
                                    "\u0301", "\u03c3", "\u4e2d", "\u095b"]
 # (U+095B: NFC expands it, so with an e + U+0301 that NFC composes the
 # length stays and only a comparison finds the text is not in NFC)
