@@ -241,6 +241,24 @@ def test_graph_target_activation_runs():
     assert np.isfinite(history[-1]["loss"])
 
 
+@pytest.mark.parametrize("activation", ["embedding", "graph"])
+def test_fit_and_train_step_give_the_same_characters_rows(activation):
+    """A maintainability review's find: the rule was written three times
+    and fit gave target-only characters rows under "graph", which reads
+    no row of a target, while train_step did not."""
+    from grapheme.embedding import UNKNOWN
+
+    pairs = [("ab", "xy")]
+    fitted = make_trainer(target_activation=activation, progress=False)
+    fitted.fit(pairs, 1)
+    stepped = make_trainer(target_activation=activation)
+    stepped.train_step(["ab"], ["xy"])
+    expected = {"a", "b"} | ({"x", "y"} if activation == "embedding" else set())
+    for trainer in (fitted, stepped):
+        codes = trainer.embedding.codes
+        assert {chr(c) for c in codes[codes != UNKNOWN]} == expected
+
+
 def test_structure_match():
     g = Graph.from_texts(["abc", "xy", ""])
     history = MergeHistory([0, 0, 1, 2, 3])          # ab|c, x, y

@@ -742,10 +742,10 @@ class Trainer:
         """Rows for every character of the global batch, as :meth:`_batch`
         grows them for it in one process: the same rows in the same order on
         every rank, without communication."""
-        emb = self.embedding
-        emb.rows(Graph.from_texts(inputs).labels)
-        if self.target_activation == "embedding" and not _is_segmentation_batch(targets):
-            emb.rows(Graph.from_texts(list(targets)).labels)   # texts, all of them
+        targets = self._row_texts(inputs, targets)[len(inputs):]
+        for texts in (inputs, targets):   # inputs, then targets: as _batch grows them
+            if texts:
+                self.embedding.rows(Graph.from_texts(list(texts)).labels)
 
     def _unknown_codes(self, labels):
         """The code points read through the unknown row in a step whose
@@ -1163,13 +1163,21 @@ class Trainer:
         return self.comm is None or self.comm.rank == 0
 
     def _grow(self, inputs, targets):
-        """Rows for every character of the training pairs, at once: the
-        table the untrained model is evaluated with (:attr:`baseline`) is
-        the one its first step sees. Rows are a function of the seed and
-        the code point alone, so this changes no value, only row order."""
-        texts = list(inputs) + [t for t in targets if isinstance(t, str)]
-        labels = Graph.from_texts(texts).labels
+        """Rows for every character of the training pairs that a step gives
+        one (:meth:`_row_texts`), at once: the table the untrained model is
+        evaluated with (:attr:`baseline`) is the one its first step sees.
+        Rows are a function of the seed and the code point alone, so this
+        changes no value, only row order."""
+        labels = Graph.from_texts(self._row_texts(inputs, targets)).labels
         self.embedding.rows(np.unique(labels))
+
+    def _row_texts(self, inputs, targets):
+        """The texts of a batch whose characters have embedding rows: the
+        inputs, and text targets where the table's rows give their
+        activations (``target_activation="embedding"``)."""
+        if self.target_activation == "embedding" and not _is_segmentation_batch(targets):
+            return list(inputs) + list(targets)
+        return list(inputs)
 
     def _val_record(self, val):
         """The ``val_*`` entries of an epoch record (with a communicator, of
