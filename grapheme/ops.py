@@ -922,7 +922,7 @@ class MessagePassing(Operation):
     True
     """
 
-    inputs = ("features", "self", "pred", "succ", "bias")
+    inputs = ("features", "w_self", "w_pred", "w_succ", "bias")
     outputs = ("features",)
 
     @one_pool   # its products call BLAS from OpenMP threads: BLAS on one
@@ -1045,7 +1045,7 @@ class LookupMessagePassing(Operation):
     (2, 2)
     """
 
-    inputs = ("table", "self", "pred", "succ", "bias")
+    inputs = ("table", "w_self", "w_pred", "w_succ", "bias")
     outputs = ("features",)
 
     @one_pool   # its products call BLAS from OpenMP threads: BLAS on one

@@ -824,7 +824,10 @@ class Encoder(nn.Module):
     another dtype are cast to it, where ``nn.Linear`` would raise, and
     their gradients come back in the weights' own dtype (as :class:`Merge`
     does with its ``theta``). ``device=`` and ``dtype=`` place the
-    parameters, as torch's modules take them.
+    parameters, as torch's modules take them. They are the numpy encoder's
+    ``params``: ``layers[l].w_self``, ``w_pred``, ``w_succ`` and ``bias``
+    are its ``"layer{l}.self"``, ``".pred"``, ``".succ"`` and ``".bias"``,
+    ``query`` and ``key`` its ``"query"`` and ``"key"``.
     """
 
     def __init__(self, dim, layers=2, *, device=None, dtype=None):

@@ -161,6 +161,13 @@ def test_bad_tensors_are_refused_with_their_name():
         gt.edge_similarity(g, np.zeros((4, 3)))
     with pytest.raises(ValueError, match=r"x must have shape \(4, d\)"):
         gt.Merge()(torch.zeros((5, 3)), torch.tensor([0, 4]))
+    # by their own names (a review's find: "self must be a torch.Tensor")
+    x, w = torch.zeros((4, 2), dtype=torch.float64), torch.zeros((2, 2), dtype=torch.float64)
+    for k, name in enumerate(("w_self", "w_pred", "w_succ")):
+        weights = [w, w, w]
+        weights[k] = np.zeros((2, 2))
+        with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor"):
+            gt.message_passing(g, x, *weights, torch.zeros(2, dtype=torch.float64))
 
 
 def test_offsets_beyond_x_are_refused_before_any_allocation():
