@@ -57,6 +57,7 @@ estimator (alias)       forward                     gradient                    
 ("reinforce")                                       P(m)``, unbiased
 ======================  ==========================  ==============================  ======
 """
+import copy
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -482,6 +483,14 @@ class Reinforce(Estimator):
 
     def state_dict(self):
         return {"rng": self._rng_state, "baseline": [self._mean.total, self._mean.count]}
+
+    def _drawing_from(self, seed):
+        """A shallow copy whose decisions are drawn from a stream starting
+        at ``seed``; its baseline and settings are this one's (shared, not
+        written: ``load_state_dict`` would write the baseline too)."""
+        other = copy.copy(self)
+        other._rng_state = np.random.default_rng(seed).bit_generator.state
+        return other
 
     def load_state_dict(self, state):
         try:

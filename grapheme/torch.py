@@ -620,13 +620,8 @@ def _drawing_from_torch(morpher):
     loss coupling them; a stream moved by each call (tried next) broke
     ``torch.utils.checkpoint``, whose second forward drew anew, and shared
     draws between threads. Nothing shared is written here."""
-    estimator = copy.copy(morpher.estimator)
-    seed = int(torch.randint(0, 2 ** 62, ()).item())
-    # the copy's own stream; load_state_dict would also write the baseline,
-    # which the copy shares, and could undo another thread's step
-    estimator._rng_state = np.random.default_rng(seed).bit_generator.state
     call = copy.copy(morpher)
-    call.estimator = estimator
+    call.estimator = morpher.estimator._drawing_from(int(torch.randint(0, 2 ** 62, ()).item()))
     return call
 
 
@@ -645,7 +640,8 @@ def _morph_setting(name):
         except (TypeError, ValueError):
             setattr(morpher, name, old)
             raise
-    return property(get, set)
+    return property(get, set, doc=f"The merge's {name}, as :class:`grapheme.Morpher` "
+                                  f"takes it (checked as it is assigned).")
 
 
 class Merge(nn.Module):
@@ -715,6 +711,7 @@ class Merge(nn.Module):
 
     @property
     def tau(self):
+        """The threshold ``sigmoid(theta)`` on the cosine, as a float."""
         return float(torch.sigmoid(self.theta.detach()))
 
     @_eager
@@ -834,8 +831,6 @@ class Encoder(nn.Module):
         """An identity encoder of ``layers`` layers over rows of ``dim``
         features (``help(Encoder)``)."""
         super().__init__()
-        from ._validation import check_scalar
-
         dim = check_scalar(dim, "dim", lower=1, integer=True)
         layers = check_scalar(layers, "layers", lower=0, integer=True)
         where = _factory(device, dtype)

@@ -5,6 +5,9 @@ of the inputs and one of the targets, and runs the operations of
 :mod:`grapheme.ops` forward, then their vjps in reverse::
 
     H = table[rows]                              # Lookup
+    # with an encoder (grapheme train's default): H, queries, keys =
+    #     encoder.forward_lookup(g, table, rows); the merge scores are then
+    #     cos(queries[u], keys[v]), and encoder.vjp gives the table's gradient
     morphed = morpher.forward(g, H)              # similarity, scores, estimator, rate
     a = mean(morphed.graph.features, axis=1)     # FeatureMean
     res = loss.forward(morphed.graph, target)    # mean over the B pairs
@@ -221,8 +224,10 @@ class Trainer:
     message names it. The trainer's own parameters are then not usable;
     resume from that checkpoint (with a smaller learning rate).
 
-    Not safe to share between threads: one trainer trains in one thread
-    (its embedding alone may be shared, see :class:`~grapheme.Embedding`).
+    One trainer trains in one thread (its embedding alone may be shared,
+    see :class:`~grapheme.Embedding`); :meth:`evaluate` and :meth:`save`
+    from another thread during :meth:`fit` are safe, and see the model
+    between two steps (docs/security.md, "Threads").
     """
 
     def __init__(self, embedding, morpher, loss, optimizer, batch_size=32, seed=0,
@@ -1543,7 +1548,7 @@ class Trainer:
 #: What a data-parallel step sums over the ranks, beside the gradients (the
 #: loss terms weighted by pairs, and the node counts), in the order of the
 #: all-reduce's buffer.
-SHARD_SUMS = ("loss", "node", "edge", "clique", "chars", "output_nodes", "input_nodes")
+SHARD_SUMS = LOSS_KEYS + ("chars", "output_nodes", "input_nodes")
 
 def _eval_scores(sums, n_in, n_out, correct, seg, n):
     """:meth:`Trainer.evaluate`'s record from its sums over ``n`` pairs."""
