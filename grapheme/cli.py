@@ -210,7 +210,8 @@ def build_parser(prog=PROG):
                         "validation metric (e.g. val_boundary_f1, val_accuracy, val_loss), "
                         "the untrained model's included; needs validation pairs. A run "
                         "resumed with --resume (without --new-data) keeps on the metric "
-                        "its checkpoint kept")
+                        "its checkpoint kept; another one is refused while best.npz "
+                        "holds that record (unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out, its best.npz included, once "
                         "the new run's first epoch is done (without it, an existing run "
@@ -731,11 +732,13 @@ def _train_locked(args, out, spawn, comm, held):
               (lambda: _check_run_directory(args, log, checkpoint)) if rank0 else None)
     trainer = _train_trainer(args, out, log, comm, rank0 and spawn is None)
     trainer._summary = False   # the report below says it, on stdout
-    _check_same_data(args, trainer, pairs)
+    new_data = _check_same_data(args, trainer, pairs)
     start = trainer.epoch
     if args.keep_best is None and trainer.best is not None:
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
                                        rank0 and spawn is None)
+    elif comm is None and not new_data and not args.overwrite:   # fit's check, said first
+        _check_best_kept_on(args, trainer)   # in the command's words (a launch's ranks: fit)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -806,19 +809,37 @@ def _check_same_data(args, trainer, pairs):
     """Refuse a resume on data other than its checkpoint's without
     ``--new-data``, as :meth:`~grapheme.Trainer.fit` would, but first (a
     new user's find: a note on ``--keep-best`` came before the refusal) and
-    in the command's words."""
+    in the command's words; else whether the data is other (``--new-data``)."""
     from .train.trainer import data_fingerprint
 
     old = trainer._loaded_fingerprint
-    if args.resume is None or args.new_data or old is None:
-        return
+    if args.resume is None or old is None:
+        return False
     now = data_fingerprint(*check_pairs(pairs, "pairs"))
-    if now["sha256"] != old["sha256"]:
+    if now["sha256"] != old["sha256"] and not args.new_data:
         raise CommandError(
             f"--data is not the data {args.resume!r} was trained on ({old['pairs']} pairs, "
             f"sha256 {old['sha256'][:12]}...; now {now['pairs']} pairs, sha256 "
             f"{now['sha256'][:12]}...): resume with that data, start a new run, or add "
             "--new-data to continue on this")
+    return now["sha256"] != old["sha256"]
+
+
+def _check_best_kept_on(args, trainer):
+    """Refuse a resume whose ``--keep-best`` is another metric than its
+    record's while ``best.npz`` holds that record: the new record would
+    replace it (a new user's find: the best by val_accuracy went, unsaid,
+    for a worse one by val_loss)."""
+    best = os.path.join(args.out, "best.npz")
+    if (args.keep_best is None or trainer.best is None
+            or args.keep_best == trainer.best["metric"] or not os.path.exists(best)):
+        return
+    metric = trainer.best["metric"]
+    raise CommandError(
+        f"--keep-best {args.keep_best}: {best!r} holds the best {metric} (epoch "
+        f"{trainer.best['epoch']}), which a record of {args.keep_best} would replace; keep "
+        f"on with --keep-best {metric} (or without --keep-best), move it away first, or add "
+        "--overwrite")
 
 
 def _kept_on_best(args, out, trainer, val, checkpoint, announce):

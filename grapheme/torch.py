@@ -94,11 +94,18 @@ def _array(t, name):
     (n, d) arrays in that dtype and their scalars in float64 (see "float32"
     in docs/design.md)."""
     _check_tensor(t, name)
+    _on_cpu(t, name)
+    return _numpy(t.detach().contiguous(), name)
+
+
+def _on_cpu(t, name):
+    """A ValueError naming ``name`` unless the tensor ``t`` is on the CPU
+    (checked where the user's argument still has its own name: a CUDA
+    ``x`` of :class:`Merge` was called "features")."""
     _not_meta(t, name)
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor (grapheme's kernels run on the "
                          f"CPU), got device {t.device}")
-    return _numpy(t.detach().contiguous(), name)
 
 
 def _numpy(t, name):
@@ -528,6 +535,7 @@ class Merged:
         through the hard merge map; for the relaxed estimators, whose rows are
         the input rows, each input row gets its cluster head's row."""
         _check_tensor(y, "y")   # float32 or float64, named (else it is "table")
+        _on_cpu(y, "y")
         rows = self.features.shape[0]
         if y.ndim == 0 or y.shape[0] not in (rows, self.history.num_outputs):
             raise ValueError(f"y must have one row per merged row ({rows}), got shape "
@@ -632,6 +640,8 @@ def _morph_setting(name):
         return getattr(self._morpher, name)
 
     def set(self, value):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and name == "temperature":
+            value = value.item()   # an annealing schedule's tensor, as Merge(threshold=) takes one
         morpher = self._morpher
         old = getattr(morpher, name)
         setattr(morpher, name, value)
@@ -727,16 +737,17 @@ class Merge(nn.Module):
         Returns a :class:`Merged`.
         """
         _check_tensor(x, "x")
-        _not_meta(x, "x")
+        _on_cpu(x, "x")
         for name, t in (("queries", queries), ("keys", keys)):
             if t is not None:
                 _check_tensor(t, name)
+                _on_cpu(t, name)
                 if t.dtype != x.dtype:   # the morph runs in x's: it cast them silently
                     raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
         graph = _chains(x, offsets, labels)
         if (queries is None) != (keys is None):
             raise ValueError("queries and keys go together: give both or neither")
-        _not_meta(self.theta, "Merge.theta")   # a module made with device="meta"
+        _on_cpu(self.theta, "Merge.theta")   # a module made with device="meta"
         if self.theta.numel() != 1:   # an assigned one; .item() would say less
             raise ValueError(f"Merge.theta must hold one number, got shape "
                              f"{tuple(self.theta.shape)}")
@@ -852,9 +863,9 @@ class Encoder(nn.Module):
         """``(features, queries, keys)``, each (n, dim) in ``x``'s dtype, of
         the rows of ``x`` (n, dim), sequences by ``offsets`` (B + 1,)."""
         _check_tensor(x, "x")
-        _not_meta(x, "x")
+        _on_cpu(x, "x")
         for name, p in self.named_parameters():   # a module made with device="meta"
-            _not_meta(p, f"Encoder.{name}")
+            _on_cpu(p, f"Encoder.{name}")
         graph = _chains(x, offsets, dim=self.query.shape[0])
         h = x
         for layer in self.layers:

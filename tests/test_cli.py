@@ -892,6 +892,33 @@ def test_a_resumed_run_keeps_its_best_on(level1, tmp_path, capsys):
     assert f"stays at epoch {best.epoch}, not kept on: new data" in text
 
 
+def test_a_resume_by_another_metric_keeps_the_best_file(level1, tmp_path, capsys):
+    """A new user's find: resumed with --keep-best val_loss, a run that kept
+    its best by val_accuracy replaced best.npz with a worse model, unsaid."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out, "--keep-best",
+               "val_accuracy", "--no-progress")[0] == 0
+    kept = (out / "best.npz").read_bytes()
+    resume = ["train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
+              out / "checkpoint.npz", "--keep-best", "val_loss", "--no-progress"]
+    code, text, err = run(capsys, *resume)
+    epoch = gr.Trainer.from_checkpoint(out / "best.npz", progress=False).epoch
+    assert code == 2 and text == "" and err == (
+        f"grapheme train: error: --keep-best val_loss: {str(out / 'best.npz')!r} holds the "
+        f"best val_accuracy (epoch {epoch}), which a record of val_loss would replace; keep "
+        "on with --keep-best val_accuracy (or without --keep-best), move it away first, or "
+        "add --overwrite\n")
+    assert (out / "best.npz").read_bytes() == kept
+    assert len(read_log(out / "metrics.jsonl")) == 1
+    # the same metric keeps on; --overwrite starts the other record
+    code, _, err = run(capsys, *resume[:-2], "val_accuracy", "--no-progress")
+    assert code == 0, err
+    code, _, err = run(capsys, *resume[:4], 3, *resume[5:], "--overwrite")
+    assert code == 0, err
+    assert gr.Trainer.from_checkpoint(out / "best.npz", progress=False).best["metric"] == \
+        "val_loss"
+
+
 def test_a_resume_on_other_data_is_refused_first_in_the_commands_words(words, level1,
                                                                       tmp_path, capsys):
     """A new user's find: a note on --keep-best came first, then a refusal

@@ -1009,3 +1009,36 @@ def test_the_modules_own_help(name):
     for method in ("__init__", "forward"):
         doc = inspect.getdoc(getattr(cls, method))
         assert doc and doc != inspect.getdoc(getattr(torch.nn.Module, method)), (name, method)
+
+
+def test_arguments_off_the_cpu_are_named_as_given():
+    """A PyTorch user's find: a CUDA x of Merge was called "features", a
+    CUDA y of unpool "table". No GPU here: a tensor that says it is on one."""
+    class OnGPU(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    def gpu(t):
+        return t.as_subclass(OnGPU)
+
+    x, offsets = torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 4])
+    merge, encoder = gt.Merge(dtype=torch.float64), gt.Encoder(2, dtype=torch.float64)
+    merged = merge(x, offsets)
+    for call, name in ((lambda: merge(gpu(x), offsets), "x"),
+                       (lambda: merge(x, offsets, queries=gpu(x), keys=x), "queries"),
+                       (lambda: encoder(gpu(x), offsets), "x"),
+                       (lambda: merged.unpool(gpu(x)), "y")):
+        with pytest.raises(ValueError, match=f"^{name} must be a CPU tensor .* got device cuda:0"):
+            call()
+
+
+def test_temperature_takes_a_one_element_tensor():
+    """A PyTorch user's find: an annealing schedule's tensor was refused,
+    though Merge(threshold=tensor) is taken."""
+    merge = gt.Merge()
+    merge.temperature = torch.tensor(0.5)
+    assert merge.temperature == 0.5 and type(merge.temperature) is float
+    with pytest.raises(TypeError, match="temperature"):
+        merge.temperature = torch.tensor([0.5, 0.2])
+    assert merge.temperature == 0.5

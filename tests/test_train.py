@@ -533,6 +533,24 @@ def test_keep_best_keeps_the_best_epoch_and_survives_resume(tmp_path):
         k: v for k, v in a.best.items() if k != "path"}
 
 
+def test_keep_best_by_another_metric_on_resume_is_refused(tmp_path):
+    """A new user's find: the record of another metric replaced the best
+    checkpoint of the first, unsaid."""
+    train, val = DEMO_PAIRS * 4, DEMO_PAIRS
+    files = dict(val=val, checkpoint=tmp_path / "c.npz", best=tmp_path / "best.npz")
+    make_trainer(progress=False).fit(train, 1, keep_best="val_accuracy", **files)
+    kept = (tmp_path / "best.npz").read_bytes()
+    t = make_trainer(progress=False)
+    with pytest.raises(ValueError, match=r"holds the best val_accuracy \(epoch \d\), which "
+                       r"a record of keep_best='val_loss' would replace"):
+        t.fit(train, 2, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
+    assert (tmp_path / "best.npz").read_bytes() == kept
+    assert t.fit(train, 2, keep_best="val_accuracy", resume=tmp_path / "c.npz", **files)
+    t = make_trainer(progress=False, overwrite=True)
+    t.fit(train, 3, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
+    assert t.best["metric"] == "val_loss"
+
+
 def test_keep_best_survives_a_moved_run_and_another_directory(tmp_path, monkeypatch):
     """A new user's find: the record keeps its path as given (relative to
     the directory training ran in), so a resume from another directory, or

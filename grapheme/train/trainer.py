@@ -907,7 +907,10 @@ class Trainer:
             other ``val`` pairs, starts its record there), so
             the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
-            which epoch it is. Needs ``val`` and ``checkpoint``.
+            which epoch it is. Needs ``val`` and ``checkpoint``. A resumed
+            run given another metric than its record's is refused while
+            ``best`` exists, unless the trainer was made with ``overwrite``
+            (the new record would replace it).
         best : str or os.PathLike, optional
             Where ``keep_best`` keeps it; default ``best.npz`` beside
             ``checkpoint``.
@@ -985,7 +988,7 @@ class Trainer:
                 "resume with the same data, start a new run, or pass new_data=True "
                 "(grapheme train --new-data) to continue on other data")
         writes = self._writes
-        error = self._files_error(files) if writes else None
+        error = self._files_error(files, None if changed else keep_best) if writes else None
         if self.comm is not None:
             self._agree_start(error, fingerprint, epochs, keep_best, val_split)
         elif error is not None:
@@ -1091,14 +1094,27 @@ class Trainer:
         self.best = dict(self.best, path=os.fspath(best_path))
         return True
 
-    def _files_error(self, files):
+    def _files_error(self, files, keep_best=None):
         """Rank 0's look, before the first epoch, at the files it will write
         (``files``: ``[(what, path)]``): the error to raise, or None. A
         directory in a file's place, whatever ``overwrite`` says (it could
-        not help); on a fresh run without ``overwrite``, another run's file."""
+        not help); without ``overwrite``, on a fresh run another run's file,
+        and on a resumed one (on its data) a best checkpoint that
+        ``keep_best``, another metric than its record's, would replace (a
+        new user's find: the best by val_accuracy went, unsaid, for a worse
+        one by val_loss)."""
         for _, path in files:
             if (error := _not_a_file_error(path)) is not None:
                 return error
+        best_path = dict(files).get("best checkpoint")
+        if (keep_best is not None and self.best is not None and not self.overwrite
+                and self.best["metric"] != keep_best and os.path.exists(best_path)):
+            metric = self.best["metric"]
+            return ValueError(
+                f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
+                f"{self.best['epoch']}), which a record of keep_best={keep_best!r} would "
+                f"replace: keep on with keep_best={metric!r}, choose another best path, or "
+                "pass overwrite=True to the Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
                 if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
