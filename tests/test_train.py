@@ -708,3 +708,14 @@ def test_a_save_from_another_thread_during_fit_loads(tmp_path, monkeypatch):
     savers[0].join()
     saved = Trainer.from_checkpoint(path, progress=False)
     assert saved.epoch == len(saved.history) in (1, 2)
+
+
+def test_a_fit_with_nothing_to_train_warns():
+    """A new user's find: epochs is the run's total, and a second
+    fit(pairs, 3) returned the same records, silent."""
+    trainer = make_trainer(progress=False)
+    history = trainer.fit(DEMO_PAIRS, 2)
+    with pytest.warns(UserWarning, match=r"nothing to train: the trainer has 2 epochs and "
+                      r"epochs=2 is the run's total \(fit\(pairs, 2 \+ k\) trains k more\)"):
+        assert trainer.fit(DEMO_PAIRS, 2) == history
+    assert len(trainer.fit(DEMO_PAIRS, 3)) == 3

@@ -29,6 +29,7 @@ import numbers
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -880,8 +881,9 @@ class Trainer:
             Training pairs, shuffled anew every epoch.
         epochs : int
             Total number of epochs of the run. When resuming from a
-            checkpoint saved after epoch ``e``, epochs ``e + 1 .. epochs``
-            are run.
+            checkpoint saved after epoch ``e`` (or calling ``fit`` again),
+            epochs ``e + 1 .. epochs`` are run; none, with a warning, where
+            ``epochs <= e``.
         val : list of (str, str or tuple of str), optional
             Validation pairs, evaluated after every epoch.
         checkpoint : str or os.PathLike, optional
@@ -1004,6 +1006,11 @@ class Trainer:
         n = len(inputs)
         steps = -(-n // self.batch_size)
         first_epoch = self.epoch
+        if self.epoch >= epochs and self._summary and writes:   # grapheme train says its own
+            # (a new user's find: a second fit(pairs, 3) returned, silent)
+            warnings.warn(f"nothing to train: the trainer has {self.epoch} epochs and epochs="
+                          f"{epochs} is the run's total (fit(pairs, {self.epoch} + k) trains k "
+                          "more)", stacklevel=2)
         if self.epoch < epochs:
             self._grow(inputs, targets)
             if val is not None and self.epoch == 0:
