@@ -1420,7 +1420,7 @@ def _cmd_demo(args, out):
           f"fold pairs, {args.epochs} epochs per estimator.\n", file=out)
     results = [_demo_run(e, pairs, extra, args.epochs, args.seed)
                for e in ESTIMATORS]
-    headers = ["estimator", "first loss", "final loss", "merges learned",
+    headers = ["estimator", "first loss", "final loss", "merges made",
                "threshold tau", "exact"]
     rows = [[r["estimator"], f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
              f"{r['merges']}", f"{r['tau']:.4f}",
@@ -1430,8 +1430,9 @@ def _cmd_demo(args, out):
         "",
         "first loss, final loss: the structural loss in the first and the last epoch "
         "(0: the morph is the target)",
-        f"merges learned: neighbouring characters merged in the {len(pairs)} demo inputs "
-        f"({sum(len(a) - len(b) for a, b in pairs)} merges make every target)",
+        f"merges made: neighbouring characters merged in the {len(pairs)} demo inputs, "
+        f"right or wrong ({sum(len(a) - len(b) for a, b in pairs)} right ones make every "
+        "target; exact counts the inputs merged right)",
         "threshold tau: neighbours whose similarity exceeds tau merge",
         f"exact: demo inputs (of {len(pairs)}) whose morph has exactly the target's "
         "nodes (their number and characters)",

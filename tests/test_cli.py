@@ -210,7 +210,7 @@ def test_option_checks_leave_abbreviations_and_values_after_the_marker(capsys, t
 def test_demo(capsys):
     code, out, err = run(capsys, "demo")
     assert code == 0, err
-    assert "estimator" in out and "final loss" in out and "merges learned" in out
+    assert "estimator" in out and "final loss" in out and "merges made" in out
     for estimator in ESTIMATORS:
         assert f"\n{estimator} " in out
     assert "abc -> " in out and "xyz -> " in out and "123 -> " in out

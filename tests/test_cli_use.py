@@ -279,7 +279,7 @@ def test_target_kept_fraction_and_its_old_name(trained, tmp_path, capsys):
 def test_demo_explains_its_columns(capsys):
     code, out, _ = run(capsys, "demo", "--epochs", 1)
     assert code == 0
-    for column in ("first loss, final loss:", "merges learned:", "threshold tau:", "exact:"):
+    for column in ("first loss, final loss:", "merges made:", "threshold tau:", "exact:"):
         assert sum(line.startswith(column) for line in out.splitlines()) == 1, column
 
 
