@@ -249,9 +249,10 @@ def build_parser(prog=PROG):
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to segment; without any, every line of standard input "
                         "(UTF-8), read and written in batches")
-    p.add_argument("--sep", default=" ",
+    p.add_argument("--sep", default=None,
                    help="written between the segments of a text (default: one space; "
-                        "one with a newline gives up one output line per text)")
+                        "one with a newline gives up one output line per text); with "
+                        "--format text only")
     p.add_argument("--words", action="store_true",
                    help="raw text, for a model trained on words (generate --task words): "
                         "each text as given, with --sep inserted only where the model "
@@ -1118,16 +1119,24 @@ def _cmd_segment(args, out):
         args.texts = [t.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                       if _is_encodable(t) else t for t in args.texts]
     _check_arguments_text(args.texts, "TEXT")
-    _check_arguments_text([args.sep], "--sep")
+    if args.sep is not None and args.format == "jsonl":   # ignored, unsaid (a new user's find)
+        raise CommandError("--sep goes with --format text (jsonl gives each text's segments "
+                           "as a list)")
+    sep = " " if args.sep is None else args.sep
+    _check_arguments_text([sep], "--sep")
     model = _load_model(args.model)
+    files = [t for t in args.texts if os.path.isfile(t)]
+    if files:   # "grapheme segment --model M in.txt" segmented the name (a new user's find)
+        _warn(f"{PROG} segment: note: {files[0]!r} is segmented as text, not read: a file's "
+              f"lines are read from standard input (< {shlex.quote(files[0])})")
     write = out.write
 
     def segmented(texts):   # pieces of the texts' output, each text ending with a newline
         if args.format == "jsonl":
             return _json_lines(model, texts, args.words)
         if args.words:
-            return model._split_words(texts, args.sep, "\n")
-        return (piece for piece, _ in model._joined(texts, args.sep, "\n"))
+            return model._split_words(texts, sep, "\n")
+        return (piece for piece, _ in model._joined(texts, sep, "\n"))
     if args.texts:
         for piece in segmented(args.texts):
             write(piece)

@@ -68,6 +68,24 @@ def test_segment_texts_from_arguments(trained, capsys):
     assert out == " | ".join(model.segment("thecatsat")) + "\n"
 
 
+def test_segment_says_what_it_does_with_a_file_name_and_sep(trained, tmp_path, capsys,
+                                                            monkeypatch):
+    """A new user's finds: ``segment --model M in.txt`` printed the name
+    segmented, unsaid; ``--format jsonl --sep '|'`` ignored --sep."""
+    model = gr.Segmenter.load(trained / "model.npz")
+    (tmp_path / "in.txt").write_text("thecatsat\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "in.txt")
+    assert code == 0 and out == " ".join(model.segment("in.txt")) + "\n"
+    assert err == ("grapheme segment: note: 'in.txt' is segmented as text, not read: a file's "
+                   "lines are read from standard input (< in.txt)\n")
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--format",
+                         "jsonl", "--sep", "|", "thecatsat")
+    assert code == 2 and out == "" and err == (
+        "grapheme segment: error: --sep goes with --format text (jsonl gives each text's "
+        "segments as a list)\n")
+
+
 def test_segment_streams_standard_input(trained, capsys, monkeypatch):
     model = gr.Segmenter.load(trained / "model.npz")
     lines = ["thecatsatonthemat", "", "adogranintheparkwereadthebook" * 3, "x"] * 50
