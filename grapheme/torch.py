@@ -38,7 +38,7 @@ Examples
 >>> from grapheme import Graph
 >>> from grapheme.torch import Merge, StructuralLoss
 >>> x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
->>> merge = Merge(estimator="ste").double()
+>>> merge = Merge(estimator="ste", dtype=torch.float64)
 >>> out = merge(x, torch.tensor([0, 3, 7]))
 >>> merged, unpool, aux_loss = out          # the dynamic-chunking contract
 >>> unpool(merged).shape
@@ -533,12 +533,15 @@ class Merged:
         """Rows of ``y`` (one per merged row, of any trailing shape: ``(k,
         heads, d)`` too) broadcast back to the input rows
         through the hard merge map; for the relaxed estimators, whose rows are
-        the input rows, each input row gets its cluster head's row."""
+        the input rows, each input row gets its cluster head's row. ``y``
+        may also hold one row per hard cluster (``history.num_outputs``,
+        e.g. computed from the head rows ``features[history.heads]``)."""
         _check_tensor(y, "y")   # float32 or float64, named (else it is "table")
         _on_cpu(y, "y")
         rows = self.features.shape[0]
         if y.ndim == 0 or y.shape[0] not in (rows, self.history.num_outputs):
-            raise ValueError(f"y must have one row per merged row ({rows}), got shape "
+            raise ValueError(f"y must have one row per merged row ({rows}) or per hard "
+                             f"cluster ({self.history.num_outputs}), got shape "
                              f"{tuple(y.shape)}")
         if y.shape[0] == self.history.num_outputs:
             return unpool(self.history, y)
@@ -697,6 +700,15 @@ class Merge(nn.Module):
     ``torch.random.fork_rng`` see the same draws again, and two calls (two
     modules, or one module on two inputs) are independent samples. Its own
     ``seed`` and stream are the numpy ``Trainer``'s, unused here.
+
+    ``state_dict`` holds ``theta`` and the state :meth:`step` moves, not the
+    settings (``temperature``, the estimator's and rate controller's
+    options), as torch's modules save no constructor argument: restore an
+    annealed ``temperature`` with your schedule. A state of a ``Merge``
+    with another estimator, or with a rate controller where this one has
+    none (or the reverse), is refused, ``strict=False`` too (the extra
+    state is the module's to read): load ``{"theta": state["theta"]}``
+    with ``strict=False`` to take the threshold alone.
     """
 
     def __init__(self, threshold=0.8, temperature=0.1, estimator="ste", rate=None, *,

@@ -414,6 +414,13 @@ def test_rate_and_reinforce_state_travel_in_the_state_dict():
     old["_extra_state"] = {k: v for k, v in state["_extra_state"].items()
                            if k != "estimator_type"}
     other.load_state_dict(old)
+    # the threshold alone, as the docstring says (strict=False refuses the
+    # extra state of another estimator too: a PyTorch user's find)
+    plain = gt.Merge(estimator="ste").double()
+    with pytest.raises(ValueError, match="estimator Reinforce"):
+        plain.load_state_dict(state, strict=False)
+    plain.load_state_dict({"theta": state["theta"]}, strict=False)
+    assert plain.theta.item() == state["theta"].item()
 
 
 def test_step_takes_the_global_kept_fraction():
@@ -456,8 +463,8 @@ def test_empty_batches_and_unpool_shapes_are_named():
     total.backward()
     assert gt.StructuralLoss(reduction="none")(out, empty).shape == (0,)
     out = gt.Merge(threshold=-10.0).double()(torch.ones(5, 2, dtype=F64), [0, 2, 5])
-    with pytest.raises(ValueError, match=r"y must have one row per merged row \(5\), got "
-                                         r"shape \(\)"):
+    with pytest.raises(ValueError, match=r"y must have one row per merged row \(5\) or per "
+                                         r"hard cluster \(2\), got shape \(\)"):
         out.unpool(torch.zeros((), dtype=F64))
     # rows of several dimensions (heads) unpool as their flattening (they
     # were refused: a PyTorch-user helper's find)
