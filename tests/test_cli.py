@@ -596,38 +596,12 @@ def test_overwrite_replaces_the_whole_run_after_its_first_epoch(level1, tmp_path
                                    f"{out / 'checkpoint.npz'} still holds epoch 1\n")
 
 
-def test_an_interrupted_run_says_how_to_continue(level1, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("prog", ["grapheme", "python3 -m grapheme"])
+def test_an_interrupted_run_says_how_to_continue(prog, level1, tmp_path, capsys, monkeypatch):
     """ "interrupted" alone (noted, and left, last session): the run's last
-    checkpoint, and the option that continues it, are now named."""
-    from grapheme.train import Trainer
-
-    out = tmp_path / "run"
-    original = Trainer._run_epoch
-
-    def second_interrupted(self, *args):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, *args)
-    monkeypatch.setattr(Trainer, "_run_epoch", second_interrupted)
-    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
-                       "--no-progress")
-    checkpoint = out / "checkpoint.npz"
-    # the whole command (a new user's find: "--resume X" alone lacked --data,
-    # --epochs and --out)
-    assert code == 130 and err == (f"grapheme: interrupted; epoch 1 is saved; to continue "
-                                   f"the run: grapheme train --data {level1} --epochs 3 "
-                                   f"--out {out} --no-progress --resume {checkpoint}\n")
-    monkeypatch.setattr(Trainer, "_run_epoch", original)
-    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
-               checkpoint, "--no-progress")[0] == 0
-    assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
-
-
-def test_the_resume_command_names_the_command_as_started(level1, tmp_path, capsys,
-                                                         monkeypatch):
-    """A new user's find: under ``python -m grapheme`` (an in-place build, a
-    venv not activated) the printed command began ``grapheme train``, which
-    that shell lacks."""
+    checkpoint, and the option that continues it, are now named; as the
+    command was started (a new user's find: under ``python -m grapheme``,
+    an in-place build's, it said ``grapheme train``, which that shell lacks)."""
     from grapheme.train import Trainer
 
     out = tmp_path / "run"
@@ -639,14 +613,21 @@ def test_the_resume_command_names_the_command_as_started(level1, tmp_path, capsy
         return original(self, *args)
     monkeypatch.setattr(Trainer, "_run_epoch", second_interrupted)
     code = main(["train", "--data", str(level1), "--epochs", "3", "--out", str(out),
-                 "--no-progress"], prog="python3 -m grapheme")
+                 "--no-progress"], prog=prog)
     err = capsys.readouterr().err
-    assert code == 130 and err.endswith(
-        f"to continue the run: python3 -m grapheme train --data {level1} --epochs 3 "
-        f"--out {out} --no-progress --resume {out / 'checkpoint.npz'}\n")
+    checkpoint = out / "checkpoint.npz"
+    # the whole command (a new user's find: "--resume X" alone lacked --data,
+    # --epochs and --out)
+    assert code == 130 and err == (f"grapheme: interrupted; epoch 1 is saved; to continue "
+                                   f"the run: {prog} train --data {level1} --epochs 3 "
+                                   f"--out {out} --no-progress --resume {checkpoint}\n")
+    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
+               checkpoint, "--no-progress")[0] == 0
+    assert Trainer.from_checkpoint(checkpoint, progress=False).epoch == 2
     # and its usage lines too
-    assert main(["train"], prog="python3 -m grapheme") == 2
-    assert capsys.readouterr().err.startswith("usage: python3 -m grapheme train ")
+    assert main(["train"], prog=prog) == 2
+    assert capsys.readouterr().err.startswith(f"usage: {prog} train ")
 
 
 def test_a_stop_just_after_a_save_names_the_epoch_on_disk(level1, tmp_path, capsys,
