@@ -762,7 +762,10 @@ def _train_locked(args, out, spawn, comm, held):
 
         _torch_distributed()   # torch missing: say so once, here
         out.flush()
-        return spawn_local(_rank_command(args.argv, args.prog), spawn)
+        try:
+            return spawn_local(_rank_command(args.argv, args.prog), spawn)
+        except KeyboardInterrupt:   # Ctrl-C: rank 0 has said what is saved, on this
+            return 128 + signal.SIGINT   # stderr (a second "interrupted" followed it)
     # a resumed model, measured once, by all ranks together: printed beside
     # the result (a fresh run's untrained model is measured by fit)
     before = None

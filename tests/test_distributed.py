@@ -512,6 +512,35 @@ def test_ctrl_c_lets_the_ranks_end_by_themselves(tmp_path):
 
 
 @POSIX
+def test_ctrl_c_under_nproc_is_said_once(tmp_path):
+    """Left from stop 36: Ctrl-C under ``train --nproc 2`` printed rank 0's
+    line (what is saved, how to go on), then the launcher's own
+    "grapheme: interrupted"."""
+    data = tmp_path / "train.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "grapheme", "train", "--data", str(data), "--out", str(out),
+         "--epochs", "100000", "--nproc", "2", "--no-progress", "--dim", "4"],
+        env=_env(), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,   # a terminal's process group, as Ctrl-C reaches it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.npz").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(launcher.pid, signal.SIGINT)
+        _, err = launcher.communicate(timeout=TIMEOUT)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 128 + signal.SIGINT
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("grapheme: interrupted; epoch ") and "--resume" in err
+
+
+@POSIX
 def test_nohup_keeps_sighup_ignored(tmp_path):
     # found in review: the launcher replaced nohup's SIG_IGN, so closing the
     # terminal stopped a run started with nohup
