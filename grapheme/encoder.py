@@ -58,7 +58,7 @@ def _check_layers(saved, h):
     if saved and h.size and not _finite(saved[-1], h):
         # layer l's output is l + 1's input: its features, or the rows of
         # the table a layer taken on one read
-        outputs = [s.rows if isinstance(s, LookupSaved) else s[1] for s in saved[1:]] + [h]
+        outputs = [s.rows if isinstance(s, LookupSaved) else s.features for s in saved[1:]] + [h]
         layer = next(i for i, out in enumerate(outputs) if not np.isfinite(out).all())
         raise LayerOverflowError(f"the encoder's layer {layer} overflowed: its output is "
                                  "not finite (features or weights too large for the dtype)")

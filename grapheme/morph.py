@@ -89,11 +89,24 @@ class Morphed:
         """``L_b - b_b`` per example for the score-function term (``Reinforce``),
         else None. Multiply by the upstream weight of each loss (``1 / B`` for
         a batch mean) to get ``grad_log_prob`` for :meth:`Morpher.vjp`."""
-        return self._estimator.advantage(self._saved[2], loss_values)
+        return self._estimator.advantage(self._saved.estimator, loss_values)
 
     def __repr__(self):
         return (f"Morphed({self.history.num_inputs} -> {self.history.num_outputs} nodes, "
                 f"estimator={self._estimator!r})")
+
+
+class _MorphSaved(NamedTuple):
+    """What :meth:`Morpher.vjp` needs of a forward pass (a :class:`Morphed`'s
+    ``_saved``): each operation's own saved state, in the order they ran."""
+
+    similarity: object     # EdgeSimilarity's or RoutedSimilarity's
+    scorer: object         # the MergeScores operation (it holds the temperature)
+    scores: object         # and its saved state
+    estimator: object      # the estimator's
+    rate: object           # (RatePenalty, its saved state), or None
+    features: np.ndarray
+    routed: bool
 
 
 class MorphGrad(NamedTuple):
@@ -339,8 +352,8 @@ class Morpher:
             op, multiplier = rate.penalty()
             pen, pen_saved = op.forward(scores.probability, graph.num_nodes, multiplier)
             value, expected, rate_saved = pen.value, pen.expected_rate, (op, pen_saved)
-        saved = (sim_saved, (scorer, scores_saved), est_saved, rate_saved, features,
-                 route is not None)
+        saved = _MorphSaved(sim_saved, scorer, scores_saved, est_saved, rate_saved, features,
+                            route is not None)
         return Morphed(estimate, sim.similarity, scores.probability, scores.tau, value,
                        expected, saved, estimator, graph.num_nodes)
 
@@ -407,7 +420,7 @@ class Morpher:
         n_edges = morphed.similarity.shape
         grad_probability = _upstream(grad_probability, "grad_probability", n_edges)
         grad_similarity = _upstream(grad_similarity, "grad_similarity", n_edges)
-        sim_saved, (scorer, scores_saved), est_saved, rate_saved, features, routed = (
+        sim_saved, scorer, scores_saved, est_saved, rate_saved, features, routed = (
             morphed._saved)
         if out is not None:
             arrays = {"grad_features": grad_features, "grad_mass": grad_mass,
@@ -465,8 +478,8 @@ class Morpher:
         only; O(E)).
         """
         tau = morphed.tau
-        per_example = morphed._estimator.score_per_example(morphed._saved[2], advantage)
-        return -tau * (1.0 - tau) / morphed._saved[1][0].temperature * per_example
+        per_example = morphed._estimator.score_per_example(morphed._saved.estimator, advantage)
+        return -tau * (1.0 - tau) / morphed._saved.scorer.temperature * per_example
 
     # ------------------------------------------------------------------ state
     def step(self, morphed, loss_values=None, kept_fraction=None, num_edges=None):
@@ -507,7 +520,7 @@ class Morpher:
                              f"estimator is {self.estimator!r} (assigned since?): step it "
                              f"with a morph of its own estimator")
         else:
-            self.estimator.step(morphed._saved[2], loss_values)
+            self.estimator.step(morphed._saved.estimator, loss_values)
         if self.rate is None:
             return 0.0
         if kept_fraction is not None:

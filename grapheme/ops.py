@@ -904,6 +904,16 @@ class MessageResult(NamedTuple):
     features: np.ndarray
 
 
+class MessageSaved(NamedTuple):
+    """What :meth:`MessagePassing.vjp` needs: the graph's edges both ways,
+    the layer's input features, its ``tanh`` and the weights side by side."""
+
+    edges: tuple
+    features: np.ndarray
+    t: np.ndarray
+    w_cat: np.ndarray
+
+
 class MessagePassing(Operation):
     """One residual message-passing layer over a graph's edges.
 
@@ -964,7 +974,7 @@ class MessagePassing(Operation):
         t = _alloc(workspace, name + "t", n, d, dt, apart)
         out = _alloc(workspace, name + "out", n, d, dt, apart)
         _stacked_matmul(edges, features, w_cat, bias[None, :], t, workspace, apart, out)
-        return MessageResult(out), (edges, features, t, w_cat)
+        return MessageResult(out), MessageSaved(edges, features, t, w_cat)
 
     @one_pool
     def vjp(self, saved, grad_features, workspace=None, name=""):

@@ -426,7 +426,7 @@ class _WeightedLayer(ops.Operation):
         grads = self.base.vjp(inner, grad_features)
         if grad_features is None:
             return grads + (np.zeros(src.shape[0]),)
-        t = inner.t if self.rows is not None else inner[2]
+        t = inner.t   # LookupSaved's or MessageSaved's
         gz = grad_features * (1.0 - t * t)
         dP, dS = gz @ w_pred.T, gz @ w_succ.T
         return grads + (np.einsum("ij,ij->i", dP[dst], h[src])
