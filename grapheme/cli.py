@@ -865,11 +865,20 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
     if announce and why is None:
         from .train.trainer import data_fingerprint
 
-        measured = trainer.best.get("val")   # fit starts the record anew on other pairs
-        anew = measured not in (None, data_fingerprint(*check_pairs(val, "val"))["sha256"])
+        # fit starts the record anew on other pairs, or where best.npz does
+        # not hold it ("kept on" was said where a new record began: an
+        # attack helper's find)
+        measured = trainer.best.get("val")
+        if measured not in (None, data_fingerprint(*check_pairs(val, "val"))["sha256"]):
+            anew = "its best was measured on other validation pairs"
+        elif not trainer._best_held_by(os.path.join(args.out, "best.npz")):
+            anew = (f"{os.path.join(args.out, 'best.npz')} does not hold its best, epoch "
+                    f"{trainer.best['epoch']}")
+        else:
+            anew = None
         print(f"--keep-best {metric}: kept on from the checkpoint" + (
-            ", its record started anew (its best was measured on other validation pairs)"
-            if anew else ""), file=out)
+            f", its record started anew at epoch {trainer.epoch} ({anew})" if anew else ""),
+            file=out)
     elif announce:
         print(f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
               f"kept on: {why}", file=out)

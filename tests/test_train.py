@@ -533,6 +533,30 @@ def test_keep_best_keeps_the_best_epoch_and_survives_resume(tmp_path):
         k: v for k, v in a.best.items() if k != "path"}
 
 
+@pytest.mark.parametrize("damage", ["deleted", "stale"])
+def test_a_best_file_that_does_not_hold_the_record_starts_a_new_one(damage, tmp_path):
+    """An attack helper's find: a stop between an epoch's checkpoint and
+    its best file, a deleted best file or a replaced run's left the record
+    naming a file that did not hold it; the resumed run went on reporting
+    that best, the file never written or another model."""
+    train, val = DEMO_PAIRS * 4, DEMO_PAIRS
+    files = dict(val=val, checkpoint=tmp_path / "c.npz", best=tmp_path / "best.npz",
+                 keep_best="val_loss")
+    make_trainer(progress=False).fit(train, 3, **files)
+    if damage == "deleted":
+        os.unlink(tmp_path / "best.npz")
+    else:   # another run's best there (its record and epoch are not this one's)
+        other = make_trainer(progress=False, seed=5)
+        other.fit(train, 1, val=val, checkpoint=tmp_path / "o.npz",
+                  best=tmp_path / "o_best.npz", keep_best="val_loss")
+        os.replace(tmp_path / "o_best.npz", tmp_path / "best.npz")
+    t = make_trainer(progress=False)
+    t.fit(train, 4, resume=tmp_path / "c.npz", **files)
+    on_disk = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)
+    assert t.best["epoch"] in (3, 4) and on_disk.epoch == t.best["epoch"]
+    assert on_disk.best == t.best
+
+
 def test_keep_best_by_another_metric_on_resume_is_refused(tmp_path):
     """A new user's find: the record of another metric replaced the best
     checkpoint of the first, unsaid."""

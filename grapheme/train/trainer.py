@@ -1022,7 +1022,7 @@ class Trainer:
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best or changed
                 or self.best.get("val", val_sha) != val_sha
-                or not self._holds_best(best_path)):
+                or not self._best_held_by(best_path)):
             # the starting point is the first candidate: never end below it (a
             # run continued into another best file, on other data or measured
             # on other validation pairs, starts that file's record)
@@ -1031,6 +1031,8 @@ class Trainer:
                          "epoch": self.epoch, "path": best_path, "val": val_sha}
             if writes:   # another run's file there survives the first epoch too
                 first = self._state(copy=True)
+        elif best_path is not None and self.epoch < epochs:   # the record goes on, there
+            self.best = dict(self.best, path=os.fspath(best_path))
         progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
         started = time.perf_counter()
@@ -1079,27 +1081,25 @@ class Trainer:
             progress.close(summary)
         return list(self.history)
 
-    def _holds_best(self, best_path):
-        """Whether ``best_path`` holds the best record's checkpoint: the path
-        it was written to, or (the run moved or copied, or resumed from
-        another directory, where the record's relative path names another
-        file) a checkpoint there of that record. Then the record goes on
-        with ``best_path``; before, a resume from another directory, or of
-        a copied run, started a new record and replaced the best file with a
-        worse one (a new user's find)."""
-        if os.path.realpath(self.best["path"]) == os.path.realpath(best_path):
-            return True
+    def _best_held_by(self, best_path):
+        """Whether ``best_path`` holds the best record's checkpoint: a
+        checkpoint of that record's epoch that holds that record, wherever
+        the record says it was written (the run moved or copied, or resumed
+        from another directory: a new user's find, a new record replaced the
+        best file with a worse one). Then the record goes on with
+        ``best_path``. Its path alone is not enough: a stop between an
+        epoch's checkpoint and its best file, a best file deleted, or one of
+        a replaced run left the record naming a file that did not hold it,
+        and the run reported a best it did not have (an attack helper's
+        find); such a run starts a new record."""
         try:
             meta = load_checkpoint(best_path)[1]
         except (OSError, ValueError):   # none there, or not a checkpoint: not this record
             return False
         record = {k: v for k, v in self.best.items() if k != "path"}
         held = meta.get("best")
-        if not (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
-                and {k: v for k, v in held.items() if k != "path"} == record):
-            return False
-        self.best = dict(self.best, path=os.fspath(best_path))
-        return True
+        return (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
+                and {k: v for k, v in held.items() if k != "path"} == record)
 
     def _files_error(self, files, keep_best=None):
         """Rank 0's look, before the first epoch, at the files it will write
