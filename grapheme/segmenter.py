@@ -17,6 +17,7 @@ from ._validation import (check_allocation, check_model, check_path, check_scala
                           check_unicode, exact_str, settings_checked, settings_unchanged)
 from ._workspace import Workspace
 from .checkpoint import MODEL_KIND, _new_file, load_checkpoint, save_checkpoint
+from .data import continues_cluster
 from .embedding import Embedding
 from .encoder import Encoder
 from .graph import Graph, _codes_of
@@ -66,7 +67,11 @@ class Segmenter:
     one batched graph: lookup, encoder and merge run in the compiled core
     and BLAS, Python only splits the result per text. It never changes the
     model: characters without a row of their own read the embedding's
-    unknown row (:data:`grapheme.embedding.UNKNOWN`).
+    unknown row (:data:`grapheme.embedding.UNKNOWN`). A segment never
+    starts inside a written character: where the merge would cut before a
+    combining mark or a zero-width joiner, or after a joiner
+    (:func:`grapheme.data.continues_cluster`), the character stays whole
+    (``evaluate``'s boundary metrics count the same segments).
 
     Memory is bounded whatever the input: texts are segmented in calls of
     at most :attr:`window` characters. A text longer than that is cut into
@@ -217,11 +222,14 @@ class Segmenter:
                 encoded = tuple(self.encoder._forward_lookup(
                     g, table, rows.reshape(-1).astype(np.int64, copy=False),
                     self._workspace(), "Embedding.weight")[0])
+            # a segment never starts inside a written character (a mark
+            # after its letter: a helper's Hindi model printed "स|े")
+            joined = continues_cluster(g.labels)[g.indices]
             if similarity:
                 sim = np.full(n, -np.inf)
-                sim[g.indices] = self.morpher.similarity(g, *encoded)
+                sim[g.indices] = np.where(joined, np.inf, self.morpher.similarity(g, *encoded))
                 return sim
-            merged = self.morpher.decide(g, *encoded)
+            merged = self.morpher.decide(g, *encoded) | joined
         starts = np.ones(n, dtype=bool)
         starts[g.indices[merged]] = False   # a chain: v merges into its predecessor
         return starts
@@ -371,8 +379,9 @@ class Segmenter:
         of the edge from the character's predecessor (``s`` its similarity,
         ``tau`` the threshold, ``T`` the morpher's temperature: the
         probability the soft estimators train with), 1 at a text's first
-        character. The hard morph's segments start where the score is above
-        one half and not where it is below (its rule is ``s <= tau``; a
+        character, 0 where a character continues the one before it (a
+        combining mark: no segment starts there). The hard morph's segments
+        start where the score is above one half and not where it is below (its rule is ``s <= tau``; a
         score within rounding of one half is a tie that rule decides); a
         score near one half is a close call.
 

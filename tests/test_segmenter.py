@@ -653,13 +653,14 @@ def test_words_of_raw_text_are_the_segments_of_its_words(layers):
 
 
 def test_no_cut_inside_one_character_of_the_text():
-    """'İ' lowercases to i + U+0307: a model that cuts everywhere cuts
+    """'İ' lowercases to i + U+0307: a model that cuts everywhere cut
     between the two, which the text has no place for; that cut is not made
-    (a review's find: nothing tested it)."""
+    (a review's find: nothing tested it). Nor, since, between a letter and
+    its combining mark in any text."""
     emb = gr.Embedding(dim=8, seed=3)
     emb.rows(gr.Graph.from_text("is\u0307").labels)
     m = gr.Segmenter(emb, gr.Morpher(threshold=10.0))   # tau near 1: nothing merges
-    assert m.segment("i\u0307s") == ["i", "\u0307", "s"]
+    assert m.segment("i\u0307s") == ["i\u0307", "s"]
     assert m.words("\u0130s") == ["\u0130", "s"]
     assert m.word_spans("x \u0130s").tolist() == [[0, 1], [2, 3], [3, 4]]
     assert m.split_words("\u0130s", sep="|") == "\u0130|s"
@@ -713,3 +714,57 @@ def test_boundary_scores_are_the_merge_probabilities_of_the_boundaries(layers):
     for a, b in zip(cut.boundary_scores(texts), scores):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(m.boundary_scores(texts[0]), scores[0])
+
+
+# ------------------------------------------------ whole written characters
+from grapheme.data import continues_cluster  # noqa: E402
+
+_CLUSTER = list("abसत") + ["\u0947", "\u094d", "\u0301", "\u200c", "\u200d", "\U0001F469",
+                            "\U0001F4BB", "\ufe0f", " "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_CLUSTER), max_size=25).map("".join))
+def test_continues_cluster_against_the_rule_by_character(text):
+    expected = [i > 0 and (unicodedata.category(c)[0] == "M" or c in "\u200c\u200d"
+                           or text[i - 1] == "\u200d") for i, c in enumerate(text)]
+    codes = np.array([ord(c) for c in text], dtype=np.int64)
+    assert continues_cluster(codes).tolist() == expected
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_no_segment_starts_inside_a_written_character(window):
+    """A word-segmentation helper's find: a Hindi model cut between a
+    letter and its vowel sign (``स|े``), so the text displayed broken. A
+    model that merges nothing (theta = 37) shows the rule alone."""
+    model = gr.Segmenter(gr.Embedding(dim=4), gr.Morpher(threshold=37.0), window=window)
+    texts = ["नमस्ते", "cafe\u0301s", "\U0001F469\u200d\U0001F4BBx", "\u0301a"]
+    assert model.segment(texts) == [["न", "म", "स्", "ते"], ["c", "a", "f", "e\u0301", "s"],
+                                    ["\U0001F469\u200d\U0001F4BB", "x"], ["\u0301", "a"]]
+    assert model.boundary_scores("से").tolist() == [1.0, 0.0]
+    assert [b.tolist() for b in model.boundaries(texts[:1])] == [[0, 1, 2, 4]]
+    assert model.split_words("Café नमस्ते", sep="|") == "C|a|f|é न|म|स्|ते"
+
+
+def test_evaluate_counts_the_segments_a_segmenter_prints():
+    """The boundary metrics of evaluate are those of Segmenter.segment's
+    output, marks included (a model's cut before a mark never prints)."""
+    from grapheme.train.metrics import segmentation_scores
+
+    pairs = [("नमस्ते", ("नमस्ते",)), ("सेलोग", ("से", "लोग")), ("abc", ("ab", "c"))]
+    for theta in (37.0, -37.0, 0.0):
+        trainer = gr.Trainer(gr.Embedding(dim=4, seed=1), gr.Morpher(threshold=theta),
+                             gr.StructuralLoss(), gr.Adam(), progress=False)
+        trainer.embedding.rows(gr.Graph.from_texts([a for a, _ in pairs]).labels)
+        model = gr.Segmenter(trainer.embedding, trainer.morpher)
+        predicted = [np.cumsum([len(s) for s in segs])[:-1]
+                     for segs in model.segment([a for a, _ in pairs])]
+        gold = [np.cumsum([len(s) for s in b])[:-1] for _, b in pairs]
+        tp = sum(len(np.intersect1d(p, g)) for p, g in zip(predicted, gold))
+        counts = {"examples": 3, "true_positive": tp,
+                  "predicted": sum(map(len, predicted)), "gold": sum(map(len, gold)),
+                  "exact": sum(np.array_equal(p, g) for p, g in zip(predicted, gold))}
+        mine = segmentation_scores(counts)
+        got = trainer.evaluate(pairs)
+        for key, value in mine.items():
+            assert got[key] == value, (theta, key)

@@ -83,7 +83,7 @@ def _as_lengths(value, name):
     return arr.astype(np.intp, copy=False)
 
 
-def segmentation_counts(history, offsets, lengths, counts, select=None):
+def segmentation_counts(history, offsets, lengths, counts, select=None, joined=None):
     """Boundary and exact-segmentation counts of a predicted segmentation.
 
     A *boundary* is a position ``i > 0`` of an example (a character) where
@@ -107,6 +107,11 @@ def segmentation_counts(history, offsets, lengths, counts, select=None):
     select : array_like of bool, shape (B,), optional
         Which examples have a gold segmentation (default: all). Others are
         ignored.
+    joined : array_like of bool, shape (n,), optional
+        Characters where no segment starts whatever the merge says, as a
+        :class:`~grapheme.Segmenter` segments: those that continue a written
+        character (:func:`grapheme.data.continues_cluster` of the code
+        points), so that these counts are of the segments it prints.
 
     Returns
     -------
@@ -170,6 +175,11 @@ def segmentation_counts(history, offsets, lengths, counts, select=None):
     gold[starts] = True
     pred = np.zeros(n, dtype=bool)
     pred[1:] = cluster[1:] != cluster[:-1]
+    if joined is not None:
+        joined = np.asarray(joined, dtype=bool).reshape(-1)
+        if joined.shape[0] != n:
+            raise ValueError(f"joined has {joined.shape[0]} entries for {n} characters")
+        pred &= ~joined
     owner = graph_of(offsets, np.arange(n))
     inside = select[owner]
     first_pos = offsets[:-1][sizes > 0]

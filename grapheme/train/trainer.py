@@ -48,7 +48,7 @@ from ..graph import Graph, replicate
 from ..loss import StructuralLoss
 from ..ops import FeatureMean, HardMerge, Lookup, feature_mean
 from .. import optim as _optim
-from ..data import segment_lengths
+from ..data import continues_cluster, segment_lengths
 from ..distributed import Communicator, check_rank, shard_bounds
 from .progress import Progress, summary_line
 from .metrics import (LOSS_KEYS, SEGMENTATION_COUNTS, SEGMENTATION_KEYS, segmentation_counts,
@@ -830,8 +830,11 @@ class Trainer:
             correct += int(structure_match(g, morphed.history, target).sum())
             lengths, counts, select = segment_lengths(bt)
             if select.any():
+                # the segments a Segmenter prints: none starts inside a
+                # written character (g is labelled by position here)
+                joined = continues_cluster(Graph.from_texts(bi).labels)
                 c = segmentation_counts(morphed.history, g.graph_offsets, lengths, counts,
-                                        select)
+                                        select, joined)
                 seg = c if seg is None else {k: seg[k] + c[k] for k in seg}
         return sums, n_in, n_out, correct, seg
 
