@@ -1003,6 +1003,17 @@ def test_keep_best_continued_into_another_out_writes_its_best(level1, tmp_path, 
         best = Trainer.from_checkpoint(out / "best.npz", progress=False)
         assert best.embedding.dim == 64 and best.epoch >= 2   # a's lineage, not c's
         assert best.best["path"] == str(out / "best.npz")
+    # kept on without --keep-best, into a folder whose best.npz does not
+    # hold the record: said to start anew ("kept on" alone, before: an
+    # attack helper's find)
+    d = tmp_path / "d"
+    code, text, _ = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", d,
+                        "--resume", a / "checkpoint.npz", "--no-progress")
+    epoch = Trainer.from_checkpoint(a / "checkpoint.npz", progress=False).best["epoch"]
+    assert code == 0 and ("--keep-best val_loss: kept on from the checkpoint, its record "
+                          f"started anew at epoch 2 ({d / 'best.npz'} does not hold its "
+                          f"best, epoch {epoch})") in text
+    assert Trainer.from_checkpoint(d / "best.npz", progress=False).epoch >= 2
 
 
 def test_an_existing_out_is_locked_before_it_is_looked_at(level1, tmp_path, capsys,
