@@ -891,18 +891,20 @@ def _resume_command(argv, checkpoint, prog=PROG):
     ``--overwrite`` (the run in ``--out`` is the one continued) and none of
     the settings the checkpoint holds (``--seed 3``: refused with
     ``--resume``)."""
-    options = [o for o in _commands(build_parser())["train"]._option_string_actions
-               if o.startswith("--")]
-    valued = {"--resume"} | {"--" + n.replace("_", "-") for n in FIXED_BY_CHECKPOINT}
+    actions = {o: a for o, a in _commands(build_parser())["train"]._option_string_actions.items()
+               if o.startswith("--")}
+    valued = {"resume", *FIXED_BY_CHECKPOINT}   # by dest: an alias too (--target-rate)
     kept, skip = [], False
     for i, tok in enumerate(argv):
         if skip:
             skip = False
             continue
         name = tok.split("=", 1)[0] if tok.startswith("--") and "--" not in argv[:i] else None
-        whole = [name] if name in options else [o for o in options if name and o.startswith(name)]
-        if len(whole) == 1 and whole[0] in valued | {"--overwrite"}:
-            skip = whole[0] in valued and "=" not in tok
+        whole = [name] if name in actions else [o for o in actions if name and o.startswith(name)]
+        # one action, though its spellings (--target-rate, --target-kept-fraction) are two
+        dests = {actions[o].dest for o in whole}
+        if len(dests) == 1 and dests <= valued | {"overwrite"}:
+            skip = dests <= valued and "=" not in tok
             continue
         kept.append(tok)
     return " ".join([prog, shlex.join([*kept, "--resume", checkpoint])])

@@ -336,6 +336,11 @@ def test_the_resume_command_leaves_out_the_checkpoints_settings(level1, tmp_path
                        f"--no-progress --resume {out / 'checkpoint.npz'}")
     code, _, err = run(capsys, *command.split()[1:])
     assert code == 0, err
+    # an option's other name too (--target-rate: an attack helper's find,
+    # the printed command was refused)
+    for alias in (["--target-rate", "0.5"], ["--target-kept=0.5"], ["--target-r", "0.5"]):
+        assert _resume_command(argv[:7] + alias, "c.npz") == (
+            f"grapheme train --data {level1} --epochs 2 --out {out} --resume c.npz")
 
 
 @pytest.mark.parametrize("argv, message", [
