@@ -572,6 +572,10 @@ def _corrupt(tmp_path, change):
      "optimizer.exp_avg.embedding contains NaN or infinity"),
     (lambda a, m: a.__setitem__("optimizer.exp_avg_sq.embedding", np.zeros((2, 9))),
      r"optimizer.exp_avg_sq.embedding has shape \(2, 9\), its parameter has \(\d+, 8\)"),
+    # loaded, then a traceback in the first step (an attack helper's find)
+    (lambda a, m: a.__setitem__("optimizer.exp_avg.theta",
+                                a["optimizer.exp_avg.theta"].astype(np.float32)),
+     "optimizer.exp_avg.theta is float32, its parameter float64"),
     (lambda a, m: a.__setitem__("embedding.weight", np.zeros((a["embedding.codes"].size, 5))),
      "embedding.weight has 5 columns, the configuration says dim=8"),
     (lambda a, m: m.__setitem__("epoch", -1), "epoch must be a non-negative integer, got -1"),

@@ -1536,8 +1536,9 @@ class Trainer:
             prefix = "optimizer."
             optimizer_state = {k[len(prefix):]: v for k, v in arrays.items()
                                if k.startswith(prefix)}
-            shapes = {name: np.shape(value) for name, value in self._params().items()}
-            shapes["embedding"] = embedding.weight.shape
+            shapes = {name: (np.shape(value), np.asarray(value).dtype)
+                      for name, value in self._params().items()}
+            shapes["embedding"] = (embedding.weight.shape, embedding.weight.dtype)
             _check_optimizer_state(optimizer_state, shapes)
             rng = np.random.default_rng()
             rng.bit_generator.state = rng_state
@@ -1647,8 +1648,11 @@ def _check_run_meta(path, epoch, history, data, best):
 
 
 def _check_optimizer_state(state, shapes):
-    """Every state array of the optimiser finite and shaped like its
-    parameter (the embedding's may have fewer rows: it grows)."""
+    """Every state array of the optimiser finite, of its parameter's dtype
+    and shaped like it (the embedding's may have fewer rows: it grows);
+    ``shapes``: each parameter's ``(shape, dtype)``. A float32 moment of a
+    float64 parameter loaded, and the first step failed in a traceback (an
+    attack helper's find)."""
     for key, value in state.items():
         slot, _, name = key.partition(".")
         if not name or slot == "step":
@@ -1660,7 +1664,9 @@ def _check_optimizer_state(state, shapes):
             raise ValueError(f"optimizer.{key} contains NaN or infinity")
         if name not in shapes:
             raise ValueError(f"optimizer.{key} is state of an unknown parameter {name!r}")
-        want = shapes[name]
+        want, dtype = shapes[name]
+        if arr.dtype != dtype:
+            raise ValueError(f"optimizer.{key} is {arr.dtype}, its parameter {dtype}")
         ok = arr.shape == want or (len(want) == 2 and arr.ndim == 2
                                    and arr.shape[1] == want[1] and arr.shape[0] <= want[0])
         if not ok:
