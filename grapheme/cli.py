@@ -763,7 +763,11 @@ def _train_locked(args, out, spawn, comm, held):
         _torch_distributed()   # torch missing: say so once, here
         out.flush()
         try:
-            return spawn_local(_rank_command(args.argv, args.prog), spawn)
+            # a rank stuck in a collective ends itself STOP_GRACE s after a
+            # stop, saying so: killed before, it said nothing and left the
+            # lock (an attack helper's find)
+            return spawn_local(_rank_command(args.argv, args.prog), spawn,
+                               grace=STOP_GRACE + 5)
         except KeyboardInterrupt:   # Ctrl-C: rank 0 has said what is saved, on this
             return 128 + signal.SIGINT   # stderr (a second "interrupted" followed it)
     # a resumed model, measured once, by all ranks together: printed beside

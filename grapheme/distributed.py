@@ -393,12 +393,14 @@ def _wait(procs, seconds):
 
 def _stop(procs, grace):
     """SIGTERM to the processes still running, SIGKILL to those left after
-    ``grace`` s; every one reaped."""
+    ``grace`` s (said on stderr: they could say nothing); every one reaped."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
     _wait(procs, grace)
-    for p in procs:
+    for rank, p in enumerate(procs):
         if p.poll() is None:
             p.kill()
+            sys.stderr.write(f"rank {rank} did not end within {grace:g} s of the stop and "
+                             "was killed\n")
         p.wait()

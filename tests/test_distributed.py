@@ -541,6 +541,27 @@ def test_ctrl_c_under_nproc_is_said_once(tmp_path):
 
 
 @POSIX
+def test_a_rank_killed_after_the_grace_is_named(capsys):
+    """An attack helper's find: a rank that did not end after a stop was
+    killed unsaid (and the launcher's grace was shorter than a stuck rank
+    takes to end itself, saying so)."""
+    from grapheme.distributed import _stop
+
+    ignores = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "print(flush=True); time.sleep(60)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+             for code in ("import time; print(flush=True); time.sleep(60)", ignores)]
+    for p in procs:
+        p.stdout.readline()   # up, its handler set
+    _stop(procs, 0.5)
+    assert [p.returncode for p in procs] == [-signal.SIGTERM, -signal.SIGKILL]
+    assert capsys.readouterr().err == ("rank 1 did not end within 0.5 s of the stop and was "
+                                       "killed\n")
+    for p in procs:
+        p.stdout.close()
+
+
+@POSIX
 def test_nohup_keeps_sighup_ignored(tmp_path):
     # found in review: the launcher replaced nohup's SIG_IGN, so closing the
     # terminal stopped a run started with nohup
