@@ -105,8 +105,14 @@ def _path(text):
 
 _positive_int = _number(int, lower=1)
 _batch_chars = _number(int, lower=1, upper=1 << 30)
-#: ``segment``'s default ``--max-line-bytes``.
+#: ``segment``'s default ``--max-line-bytes``: about 1 GB of memory at
+#: most for the line in each mode (measured peaks, on top of the model's
+#: buffers: 7 bytes a byte of a line as text, 100 with ``--words``, whose
+#: map back to the text is per character, 200 with ``--format jsonl``,
+#: whose scores are Python floats before they are JSON).
 MAX_LINE_BYTES = 1 << 27
+MAX_LINE_BYTES_WORDS = 1 << 23
+MAX_LINE_BYTES_JSONL = 1 << 22
 _nproc = _number(int, lower=1, upper=MAX_LOCAL_RANKS)
 _nonneg_int = _number(int, lower=0)
 _positive_float = _number(float, lower=0, lower_inclusive=False)
@@ -262,13 +268,14 @@ def build_parser(prog=PROG):
                    help="about how many characters of standard input (read as UTF-8) are "
                         "segmented per batch (default 16384; a longer line is one batch, "
                         "segmented in windows of bounded memory)")
-    p.add_argument("--max-line-bytes", type=_positive_int, default=MAX_LINE_BYTES,
+    p.add_argument("--max-line-bytes", type=_positive_int, default=None,
                    help="the longest line of standard input read, in bytes of UTF-8 "
-                        f"(default {MAX_LINE_BYTES} = 128 MiB; a CRLF line's \\r counted); "
-                        "a longer one is refused by its number. A line is held whole "
-                        "while it is segmented (3 to 6 bytes of memory a byte of it), so "
-                        "without a bound an input without newlines (/dev/zero) took all "
-                        "memory")
+                        "(a CRLF line's \\r counted); a longer one is refused by its "
+                        "number. A line is held whole while it is segmented, so without "
+                        "a bound an input without newlines (/dev/zero) took all memory: "
+                        "about 7 bytes of memory a byte of it, 100 with --words, 200 "
+                        "with --format jsonl, hence the defaults, about 1 GB each: 128 "
+                        "MiB, 8 MiB with --words, 4 MiB with --format jsonl")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help="'text': each text with --sep between its segments (the default); "
                         "'jsonl': one JSON object a text, its \"segments\", their "
@@ -1141,6 +1148,8 @@ def _cmd_segment(args, out):
         raise CommandError("--sep goes with --format text (jsonl gives each text's segments "
                            "as a list)")
     sep = " " if args.sep is None else args.sep
+    max_line = args.max_line_bytes or (MAX_LINE_BYTES_JSONL if args.format == "jsonl" else
+                                       MAX_LINE_BYTES_WORDS if args.words else MAX_LINE_BYTES)
     _check_arguments_text([sep], "--sep")
     model = _load_model(args.model)
     files = [t for t in args.texts if os.path.isfile(t)]
@@ -1164,7 +1173,7 @@ def _cmd_segment(args, out):
         stdin = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded here
         _check_not_reading_its_output(stdin, out)
         for i, texts in enumerate(_line_batches(stdin, args.batch_chars, errors=args.errors,
-                                                max_line=args.max_line_bytes)):
+                                                max_line=max_line)):
             if i == 0 and texts and texts[0].startswith("\ufeff"):   # a BOM, as load_pairs
                 texts[0] = texts[0][1:]
             for piece in segmented(texts):

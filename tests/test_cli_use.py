@@ -550,6 +550,17 @@ def test_a_line_longer_than_max_line_bytes_is_refused(trained, capsys, monkeypat
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert run(capsys, "segment", "--model", trained / "model.npz", "--max-line-bytes",
                100)[0] == 0
+    # by default a bound of each mode's: --words and jsonl hold 15 and 30
+    # times the memory a byte of a line (an attack helper's find: 1.5 GB for
+    # a 20 MB line, 23 GB at the bound of text)
+    import grapheme.cli as cli
+
+    for name, mode in (("MAX_LINE_BYTES_WORDS", ["--words"]),
+                       ("MAX_LINE_BYTES_JSONL", ["--format", "jsonl"])):
+        monkeypatch.setattr(cli, name, 60)
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+        code, _, err = run(capsys, "segment", "--model", trained / "model.npz", *mode)
+        assert code == 2 and "line 3 is longer than --max-line-bytes (60 bytes)" in err
 
 
 def test_arguments_that_are_not_utf8(trained, capsys):
