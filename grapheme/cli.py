@@ -1573,6 +1573,11 @@ class _Output:
         except OSError as exc:
             raise CommandError(f"cannot write standard output: {exc.strerror or exc}"
                                ) from None
+        except UnicodeEncodeError as exc:   # PYTHONIOENCODING=ascii, a C locale's
+            # Python < 3.7: "'ascii' codec can't encode" named nothing (a helper's find)
+            raise CommandError(f"cannot write standard output: its encoding "
+                               f"{exc.encoding!r} has no {exc.object[exc.start]!r}; "
+                               "PYTHONIOENCODING=utf-8 writes UTF-8") from None
 
     def write(self, text):
         return self._guard(self._stream.write, text)

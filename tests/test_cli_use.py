@@ -820,6 +820,13 @@ def test_closed_standard_streams_are_named(trained, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdout", None)
     assert main(["segment", "--model", str(trained / "model.npz"), "abc"]) == 2
     assert "standard output is closed" in capsys.readouterr().err
+    # one that cannot encode the text (PYTHONIOENCODING=ascii): "'ascii'
+    # codec can't encode character" named nothing (an attack helper's find)
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+    assert main(["segment", "--model", str(trained / "model.npz"), "h\u00e9"]) == 2
+    assert capsys.readouterr().err == (
+        "grapheme segment: error: cannot write standard output: its encoding 'ascii' has no "
+        "'\u00e9'; PYTHONIOENCODING=utf-8 writes UTF-8\n")
 
 
 def test_plot_run_never_draws_over_its_log(trained, tmp_path):
