@@ -823,7 +823,23 @@ def read_documents(paths):
 
 
 #: Where a file of a corpus of fewer than 3 files is cut into documents.
-_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+def _paragraphs(text):
+    """The paragraphs of a text: its runs of lines that are not blank, a
+    blank line being whitespace only (a no-break space too: text pasted
+    from the web), lines ending at any line break Python knows (``\\r``
+    alone too), and U+2029 PARAGRAPH SEPARATOR ending one as well. Before,
+    only a line of ASCII whitespace between two ``\\n`` cut (a helper's
+    find: paragraphs of a Word text stayed one)."""
+    out = []
+    for block in text.split("\u2029"):
+        lines = []
+        for line in block.splitlines() + [""]:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                out.append("\n".join(lines))
+                lines = []
+    return out
 
 #: Share of the words each held-out split gets in :func:`generate_words`.
 HELD_OUT = {"val": 0.1, "test": 0.1}
@@ -890,7 +906,7 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     if corpus is not None and len(counted) < 3:
         # one or two files (a user's own text): their paragraphs are the documents
         counted = [(f"{name}#{k}", par, n) for name, text, _ in counted
-                   for k, par in enumerate(_PARAGRAPH.split(text))
+                   for k, par in enumerate(_paragraphs(text))
                    for n in [len(words_of(par))] if n > 0]
     if len(counted) < 3:
         raise ValueError(f"corpus: a split by document needs at least 3 documents with "

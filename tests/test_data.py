@@ -278,6 +278,26 @@ def test_one_file_is_split_into_paragraphs(tmp_path):
             assert {str(m) for m in marks} <= paras
 
 
+@pytest.mark.parametrize("blank", ["\n\u00a0\n", "\r\r", "\r\n \t\r\n", "\u2029",
+                                   "\n\u3000\n", "\n\n"])
+def test_paragraphs_end_at_any_blank_line(blank, tmp_path):
+    """A helper's find: a line of a no-break space (text pasted from the
+    web or Word), old Mac line ends and U+2029 did not cut paragraphs, so
+    two files of such text were refused as two documents."""
+    from grapheme.data import _paragraphs
+
+    paras = [" ".join(f"p{k}w{j}" for j in range(20)) for k in range(3)]
+    assert _paragraphs(blank.join(paras) + blank) == paras
+    assert _paragraphs("one\ntwo\r\n\n\n") == ["one\ntwo"]
+    text = tmp_path / "mine.txt"
+    text.write_bytes(blank.join(paras).encode("utf-8"))
+    out = generate_words(tmp_path / "d", corpus=[text], seed=0)
+    with open(out["documents"], encoding="utf-8") as f:
+        where = json.load(f)["documents"]
+    assert sorted(n for names in where.values() for n in names) == [f"{text}#{k}"
+                                                                    for k in range(3)]
+
+
 def test_generate_words_errors(tmp_path):
     paths = _corpus(tmp_path, n=2)   # two files of one paragraph each
     with pytest.raises(ValueError, match="at least 3 documents with words.*got 2"):
