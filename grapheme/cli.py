@@ -1147,6 +1147,12 @@ def _cmd_segment(args, out):
     if args.sep is not None and args.format == "jsonl":   # ignored, unsaid (a new user's find)
         raise CommandError("--sep goes with --format text (jsonl gives each text's segments "
                            "as a list)")
+    if args.format == "text":   # its output is a line a text (a helper's find: split)
+        broken = next((i for i, t in enumerate(args.texts, 1) if "\n" in t), None)
+        if broken is not None:
+            raise CommandError(f"TEXT {broken} holds a line break, and the output is one "
+                               "line a text: give its lines as TEXTs of their own, or on "
+                               "standard input (--format jsonl keeps it in one text)")
     sep = " " if args.sep is None else args.sep
     max_line = args.max_line_bytes or (MAX_LINE_BYTES_JSONL if args.format == "jsonl" else
                                        MAX_LINE_BYTES_WORDS if args.words else MAX_LINE_BYTES)

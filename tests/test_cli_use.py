@@ -71,7 +71,8 @@ def test_segment_texts_from_arguments(trained, capsys):
 def test_segment_says_what_it_does_with_a_file_name_and_sep(trained, tmp_path, capsys,
                                                             monkeypatch):
     """A new user's finds: ``segment --model M in.txt`` printed the name
-    segmented, unsaid; ``--format jsonl --sep '|'`` ignored --sep."""
+    segmented, unsaid; ``--format jsonl --sep '|'`` ignored --sep; and a
+    helper's: a TEXT with a line break broke the output's line a text."""
     model = gr.Segmenter.load(trained / "model.npz")
     (tmp_path / "in.txt").write_text("thecatsat\n")
     monkeypatch.chdir(tmp_path)
@@ -79,6 +80,15 @@ def test_segment_says_what_it_does_with_a_file_name_and_sep(trained, tmp_path, c
     assert code == 0 and out == " ".join(model.segment("in.txt")) + "\n"
     assert err == ("grapheme segment: note: 'in.txt' is segmented as text, not read: a file's "
                    "lines are read from standard input (< in.txt)\n")
+    code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "ok",
+                         "the\ncat")
+    assert code == 2 and out == "" and err == (
+        "grapheme segment: error: TEXT 2 holds a line break, and the output is one line a "
+        "text: give its lines as TEXTs of their own, or on standard input (--format jsonl "
+        "keeps it in one text)\n")
+    code, out, _ = run(capsys, "segment", "--model", trained / "model.npz", "--format",
+                       "jsonl", "the\ncat")
+    assert code == 0 and out.count("\n") == 1
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--format",
                          "jsonl", "--sep", "|", "thecatsat")
     assert code == 2 and out == "" and err == (
