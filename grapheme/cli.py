@@ -302,6 +302,9 @@ def build_parser(prog=PROG):
     p.add_argument("--model", required=True,
                    help="a model file (Segmenter.save) or a training checkpoint")
     p.add_argument("text", metavar="TEXT", help="the text to segment and draw")
+    p.add_argument("--words", action="store_true",
+                   help="raw text, for a model trained on words (as segment --words): the "
+                        "pieces of its words, spaces and punctuation drawn uncoloured")
     p.add_argument("--out", required=True, metavar="FILE.png",
                    help="the picture to write, or a directory to write segments.png into; "
                         "an existing file is not replaced without --overwrite")
@@ -1390,8 +1393,8 @@ def _cmd_show(args, out):
     _check_arguments_text([args.text], "TEXT")
     target = _picture_path(args.out, "segments.png", args.overwrite)
     model = _load_model(args.model)
-    path = plot_segments(model, args.text, target, overwrite=args.overwrite)
-    print(" | ".join(model.segment(args.text)), file=out)
+    path = plot_segments(model, args.text, target, overwrite=args.overwrite, words=args.words)
+    print(" | ".join((model.words if args.words else model.segment)(args.text)), file=out)
     print(f"wrote {path}", file=out)
     return 0
 

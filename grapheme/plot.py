@@ -246,7 +246,7 @@ def plot_run(run, out, overwrite=False):
     return _save(fig, out, overwrite)
 
 
-def plot_segments(model, text, out, overwrite=False, width=60):
+def plot_segments(model, text, out, overwrite=False, width=60, words=False):
     """Draw ``text`` with its segments under ``model`` as coloured spans.
 
     Parameters
@@ -260,6 +260,10 @@ def plot_segments(model, text, out, overwrite=False, width=60):
         Replace an existing ``out``; without it, ``FileExistsError``.
     width : int, default 60
         Characters per drawn line.
+    words : bool, default False
+        Raw text, for a model trained on words: the pieces of its words
+        (:meth:`Segmenter.word_spans`), the characters between them
+        (spaces, punctuation) drawn uncoloured.
 
     Returns
     -------
@@ -276,12 +280,21 @@ def plot_segments(model, text, out, overwrite=False, width=60):
         raise ValueError(f"text must have 1 to {MAX_SHOW_CHARS} characters, got "
                          f"{len(text)}")
     out = check_png(out)
-    starts = model.boundaries(text)
+    words = check_bool(words, "words")
     n = len(text)
+    if words:   # the pieces, and the gaps between them
+        spans = model.word_spans(text)
+        starts, marks = spans[:, 0], spans.reshape(-1)
+    else:
+        starts = marks = model.boundaries(text)
     # pieces: segments cut where a drawn line ends
-    cuts = np.union1d(starts, np.arange(0, n, width))
+    cuts = np.union1d(marks, np.arange(0, n, width))
+    cuts = cuts[cuts < n]
     ends = np.append(cuts[1:], n)
     segment_of = np.searchsorted(starts, cuts, side="right") - 1
+    coloured = segment_of >= 0
+    if words:   # inside the piece that starts before it
+        coloured &= cuts < spans[np.maximum(segment_of, 0), 1]
     rows = -(-n // width)
     fig = _figure(max(3.0, 0.16 * min(n, width) + 0.6), 0.45 * rows + 0.8)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 - 0.4 / (0.45 * rows + 0.8)))
@@ -289,11 +302,13 @@ def plot_segments(model, text, out, overwrite=False, width=60):
     ax.set_ylim(rows, -0.6)
     ax.axis("off")
     colors = [f"C{i}" for i in range(10)]
-    for a, b, s in zip(cuts.tolist(), ends.tolist(), segment_of.tolist()):
+    for a, b, s, c in zip(cuts.tolist(), ends.tolist(), segment_of.tolist(),
+                          coloured.tolist()):
+        box = ({"boxstyle": "square,pad=0.15", "facecolor": colors[s % 10], "alpha": 0.35,
+                "edgecolor": colors[s % 10]} if c else None)
         ax.text(a % width, a // width, text[a:b], family="monospace", fontsize=11,
-                va="top", ha="left",
-                bbox={"boxstyle": "square,pad=0.15", "facecolor": colors[s % 10],
-                      "alpha": 0.35, "edgecolor": colors[s % 10]})
-    fig.suptitle(f"{len(starts)} segments of {n} characters (tau {model.morpher.tau:.3f})",
+                va="top", ha="left", bbox=box)
+    what = "pieces of its words" if words else "segments"
+    fig.suptitle(f"{len(starts)} {what} of {n} characters (tau {model.morpher.tau:.3f})",
                  fontsize=10)
     return _save(fig, out, overwrite)

@@ -186,6 +186,33 @@ def test_plot_and_show_write_pngs_and_never_overwrite(trained, tmp_path, capsys)
     assert code == 2 and "no metrics file" in err and err.count("\n") == 1
 
 
+def test_show_words_draws_the_pieces_of_raw_text(trained, tmp_path, capsys, monkeypatch):
+    """Two helpers' find: show had no --words, so a words model's picture
+    of prose cut across its spaces ("cat s | at on")."""
+    pytest.importorskip("matplotlib")
+    import grapheme.plot as plot
+
+    drawn = []
+    save = plot._save
+
+    def keep(fig, out, overwrite):
+        drawn.append([(t.get_text(), t.get_bbox_patch() is not None)
+                      for t in fig.axes[0].texts])
+        return save(fig, out, overwrite)
+    monkeypatch.setattr(plot, "_save", keep)
+    model = gr.Segmenter.load(trained / "model.npz")
+    text = "Thecat sat, onthemat!"
+    code, out, err = run(capsys, "show", "--model", trained / "model.npz", "--words", text,
+                         "--out", tmp_path / "w.png")
+    assert code == 0, err
+    assert out.splitlines()[0] == " | ".join(model.words(text))
+    spans = model.word_spans(text).tolist()
+    coloured = [piece for piece, boxed in drawn[0] if boxed]
+    assert coloured == [text[a:b] for a, b in spans]
+    assert "".join(piece for piece, _ in drawn[0]) == text   # the gaps, uncoloured
+    assert {piece for piece, boxed in drawn[0] if not boxed} == {" ", ", ", "!"}
+
+
 def test_plot_default_output_beside_the_metrics(trained, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"
