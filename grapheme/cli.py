@@ -850,7 +850,7 @@ def _check_best_kept_on(args, trainer):
     for a worse one by val_loss)."""
     best = os.path.join(args.out, "best.npz")
     if (args.keep_best is None or trainer.best is None
-            or args.keep_best == trainer.best["metric"] or not os.path.exists(best)):
+            or args.keep_best == trainer.best["metric"] or not trainer._best_held_by(best)):
         return
     metric = trainer.best["metric"]
     raise CommandError(

@@ -1118,7 +1118,7 @@ class Trainer:
                 return error
         best_path = dict(files).get("best checkpoint")
         if (keep_best is not None and self.best is not None and not self.overwrite
-                and self.best["metric"] != keep_best and os.path.exists(best_path)):
+                and self.best["metric"] != keep_best and self._best_held_by(best_path)):
             metric = self.best["metric"]
             return ValueError(
                 f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
