@@ -901,10 +901,10 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
 
 def _resume_command(argv, checkpoint, prog=PROG):
     """The ``grapheme train`` command line of ``argv`` that resumes from
-    ``checkpoint``, started as ``prog``: its own ``--resume`` (abbreviated or not) replaced, no
-    ``--overwrite`` (the run in ``--out`` is the one continued) and none of
-    the settings the checkpoint holds (``--seed 3``: refused with
-    ``--resume``)."""
+    ``checkpoint``, started as ``prog``: its own ``--resume`` (abbreviated
+    or not) replaced, no ``--overwrite`` (the run in ``--out`` is the one
+    continued) and none of the settings the checkpoint holds (``--seed 3``:
+    refused with ``--resume``), by any of their names."""
     actions = {o: a for o, a in _commands(build_parser())["train"]._option_string_actions.items()
                if o.startswith("--")}
     valued = {"resume", *FIXED_BY_CHECKPOINT}   # by dest: an alias too (--target-rate)
@@ -1582,8 +1582,8 @@ class _Output:
         except OSError as exc:
             raise CommandError(f"cannot write standard output: {exc.strerror or exc}"
                                ) from None
-        except UnicodeEncodeError as exc:   # PYTHONIOENCODING=ascii, a C locale's
-            # Python < 3.7: "'ascii' codec can't encode" named nothing (a helper's find)
+        except UnicodeEncodeError as exc:   # PYTHONIOENCODING=ascii, a cp1252 console:
+            # "'ascii' codec can't encode" named nothing (a helper's find)
             raise CommandError(f"cannot write standard output: its encoding "
                                f"{exc.encoding!r} has no {exc.object[exc.start]!r}; "
                                "PYTHONIOENCODING=utf-8 writes UTF-8") from None

@@ -73,7 +73,7 @@ from .checkpoint import _atomic_open, _new_file
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
            "write_pairs", "generate_words", "words_of", "word_spans_of", "word_pairs",
            "stdlib_documents", "read_documents", "segment_lengths", "target_text",
-           "is_segmentation"]
+           "is_segmentation", "continues_cluster"]
 
 #: Built-in demo data: in each pair the last character folds into its
 #: neighbour.
@@ -550,10 +550,11 @@ def words_of(text):
     marks that follow them (vowel signs, viramas, accents), in NFC and
     lowercased; apostrophes between two letters are dropped first
     (``don't`` -> ``dont``). Digits and other numerals (``²``, ``Ⅻ``),
-    punctuation, underscores and whitespace separate words and are dropped: an example's input holds letters only, so every
-    boundary is a boundary between two words, never one the punctuation
-    gives away. Lowercased, so a capital letter does not give a word start
-    away either.
+    punctuation, underscores and whitespace separate words and are
+    dropped: an example's input holds letters only, so every boundary is a
+    boundary between two words, never one the punctuation gives away.
+    Lowercased, so a capital letter does not give a word start away
+    either.
 
     Examples
     --------
@@ -822,7 +823,6 @@ def read_documents(paths):
     return docs
 
 
-#: Where a file of a corpus of fewer than 3 files is cut into documents.
 def _paragraphs(text):
     """The paragraphs of a text: its runs of lines that are not blank, a
     blank line being whitespace only (a no-break space too: text pasted

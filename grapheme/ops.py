@@ -293,10 +293,11 @@ class EdgeSimilarity(Operation):
     ``s_e = <h_u, h_v> / (max(|h_u|, eps) max(|h_v|, eps))``, ``eps = 1e-12``
     (a zero row has similarity 0 with everything, and a gradient of order
     ``1 / eps`` towards its neighbours: the slope of the clamp, as exact as
-    any other, but a step to clip where rows can vanish). Any finite features give
-    a finite similarity: when ``|h|^2`` overflows (entries beyond ~1e154),
-    rows with entries beyond 1e100 are divided by their largest ``|entry|``
-    first (the cosine is invariant under that), and so is their gradient.
+    any other, but a step to clip where rows can vanish). Any finite
+    features give a finite similarity: when ``|h|^2`` overflows (entries
+    beyond ~1e154), rows with entries beyond 1e100 are divided by their
+    largest ``|entry|`` first (the cosine is invariant under that), and so
+    is their gradient.
 
     Examples
     --------
