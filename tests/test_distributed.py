@@ -590,6 +590,38 @@ def _launch(rank_code):
     return done.returncode, done.stderr, time.monotonic() - start
 
 
+def test_a_resume_whose_best_file_only_rank_0_sees(tmp_path):
+    """A review's find: every rank looked for the best file to decide
+    whether its record goes on; a rank that did not see it (another
+    machine, with a copy of the checkpoint alone) evaluated alone, a
+    collective the others never joined, and gloo failed with "collective
+    mismatch". Rank 0 decides for all."""
+    import shutil
+
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    _write_pairs(data, worker._pairs(0))
+    _write_pairs(val, worker._val(0))
+    common = ["train", "--data", str(data), "--val", str(val), "--out", "run", "--no-progress"]
+    (tmp_path / "r0").mkdir()
+    (tmp_path / "r1" / "run").mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "grapheme", *common, "--epochs", "1",
+                           "--keep-best", "val_loss", "--dim", "8"], env=_env(),
+                          cwd=tmp_path / "r0",
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    shutil.copy(tmp_path / "r0" / "run" / "checkpoint.npz", tmp_path / "r1" / "run")
+    argv = common + ["--epochs", "2", "--resume", "run/checkpoint.npz"]
+    code, err, _ = _launch(
+        "import os, sys\n"
+        f"os.chdir(os.path.join({str(tmp_path)!r}, 'r' + os.environ['RANK']))\n"
+        f"from grapheme.cli import main; sys.exit(main({argv!r}))")
+    assert code == 0, err
+    best = gr.Trainer.from_checkpoint(tmp_path / "r0" / "run" / "checkpoint.npz",
+                                      progress=False).best
+    assert best["metric"] == "val_loss" and best["epoch"] <= 2
+    assert os.listdir(tmp_path / "r1" / "run") == ["checkpoint.npz"]   # never written
+
+
 @POSIX
 @pytest.mark.parametrize("how", ["error", "signal"])
 def test_a_failing_rank_is_seen_while_rank_0_runs(how):

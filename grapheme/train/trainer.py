@@ -1025,7 +1025,7 @@ class Trainer:
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best or changed
                 or self.best.get("val", val_sha) != val_sha
-                or not self._best_held_by(best_path)):
+                or not self._best_held_on_rank0(best_path)):
             # the starting point is the first candidate: never end below it (a
             # run continued into another best file, on other data or measured
             # on other validation pairs, starts that file's record)
@@ -1083,6 +1083,19 @@ class Trainer:
         finally:
             progress.close(summary)
         return list(self.history)
+
+    def _best_held_on_rank0(self, best_path):
+        """:meth:`_best_held_by` as rank 0, the one that writes, sees it,
+        on every rank: the others never touch files (a copy of the
+        checkpoint is all they need), and one that found no best file went
+        on to evaluate alone, a collective the others never joined (a
+        review's find: gloo's "collective mismatch")."""
+        held = self._best_held_by(best_path) if self._writes else False
+        if self.comm is None:
+            return held
+        flag = np.array([1.0 if held else 0.0])
+        self.comm.all_reduce(flag)   # only rank 0's counts
+        return bool(flag[0])
 
     def _best_held_by(self, best_path):
         """Whether ``best_path`` holds the best record's checkpoint: a
