@@ -481,12 +481,18 @@ def _category_class(categories, first=0, last=sys.maxunicode):
 ZWJ = 0x200D   # a zero-width joiner: joins what is on both sides (emoji sequences)
 
 
+#: Code points outside category M that UAX #29 makes Extend: the
+#: zero-width non-joiner and joiner, the halfwidth katakana voiced sound
+#: marks (Lm), the emoji skin-tone modifiers (Sk) and the tag characters
+#: of emoji tag sequences (Cf).
+_EXTEND = ((0x200C, 0x200D), (0xFF9E, 0xFF9F), (0x1F3FB, 0x1F3FF), (0xE0020, 0xE007F))
+
+
 @functools.lru_cache(maxsize=None)
 def _joining_bounds():
     """Sorted starts and ends of the code points that join the character
-    before them: the combining marks (category M) and the zero-width
-    non-joiner and joiner (U+200C, U+200D)."""
-    ranges = sorted(_category_ranges(("M",)) + ((0x200C, 0x200D),))
+    before them: the combining marks (category M) and :data:`_EXTEND`."""
+    ranges = sorted(_category_ranges(("M",)) + _EXTEND)
     return (np.array([a for a, _ in ranges], dtype=np.int64),
             np.array([b for _, b in ranges], dtype=np.int64))
 
@@ -495,11 +501,13 @@ def continues_cluster(codes):
     """Whether each code point of a text (its code points in order, an
     int array) continues the written character before it, so that no
     segment may start there: a combining mark (a vowel sign, a virama, an
-    accent, a variation selector) or a zero-width (non-)joiner, or any code
-    point right after a zero-width joiner. The first code point never does.
-    A subset of Unicode's grapheme cluster rules (UAX #29): enough that a
-    segment never starts with a mark or splits an emoji ZWJ sequence; not
-    its rules for Hangul jamo, regional indicator pairs or prepended
+    accent, a variation selector), a zero-width (non-)joiner, an emoji
+    skin-tone modifier or tag character, a halfwidth voiced sound mark, or
+    any code point right after a zero-width joiner. The first code point
+    never does. A subset of Unicode's grapheme cluster rules (UAX #29):
+    its Extend and ZWJ rules, so that a segment never starts with a mark
+    or splits an emoji sequence; not its rules for Hangul jamo, regional
+    indicator pairs (flags), spacing marks outside category M or prepended
     marks. O(n log r) for r runs of marks (a few hundred), vectorised.
 
     Examples

@@ -796,7 +796,11 @@ class Trainer:
             gold), ``boundary_precision``, ``boundary_recall`` and
             ``boundary_f1`` (micro-averaged over the boundaries between
             characters, see :func:`~grapheme.train.metrics.segmentation_scores`).
-            The predicted segmentation is the hard morph's.
+            The predicted segmentation is the hard morph's, with no
+            segment starting inside a written character, as a
+            :class:`~grapheme.Segmenter` prints it
+            (:func:`grapheme.data.continues_cluster`); ``accuracy``,
+            ``kept_fraction`` and the loss are of the hard morph itself.
         """
         self._check_settings()
         inputs, targets = check_pairs(pairs, "pairs")
