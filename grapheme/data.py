@@ -831,23 +831,20 @@ def read_documents(paths):
     return docs
 
 
+# a blank line: a line break, then one or more lines of whitespace alone (a
+# no-break space too) each ending in a line break, any Python knows (a lone
+# \r too); or U+2029 PARAGRAPH SEPARATOR
+_BREAK = "(?:\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028])"
+_BLANK_LINES = re.compile(f"\u2029|{_BREAK}(?:[^\\S\r\n\v\f\x1c-\x1e\x85\u2028\u2029]*{_BREAK})+")
+
+
 def _paragraphs(text):
-    """The paragraphs of a text: its runs of lines that are not blank, a
-    blank line being whitespace only (a no-break space too: text pasted
-    from the web), lines ending at any line break Python knows (``\\r``
-    alone too), and U+2029 PARAGRAPH SEPARATOR ending one as well. Before,
-    only a line of ASCII whitespace between two ``\\n`` cut (a helper's
-    find: paragraphs of a Word text stayed one)."""
-    out = []
-    for block in text.split("\u2029"):
-        lines = []
-        for line in block.splitlines() + [""]:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                out.append("\n".join(lines))
-                lines = []
-    return out
+    """The paragraphs of a text: what its blank lines separate, those that
+    are not blank themselves. Before, only a line of ASCII whitespace
+    between two ``\\n`` cut (a helper's find: paragraphs of a Word text,
+    or of text pasted from the web, stayed one)."""
+    return [p for p in _BLANK_LINES.split(text) if p.strip()]
+
 
 #: Share of the words each held-out split gets in :func:`generate_words`.
 HELD_OUT = {"val": 0.1, "test": 0.1}

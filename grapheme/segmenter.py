@@ -381,9 +381,9 @@ class Segmenter:
         probability the soft estimators train with), 1 at a text's first
         character, 0 where a character continues the one before it (a
         combining mark: no segment starts there). The hard morph's segments
-        start where the score is above one half and not where it is below (its rule is ``s <= tau``; a
-        score within rounding of one half is a tie that rule decides); a
-        score near one half is a close call.
+        start where the score is above one half and not where it is below
+        (its rule is ``s <= tau``; a score within rounding of one half is a
+        tie that rule decides); a score near one half is a close call.
 
         Parameters
         ----------

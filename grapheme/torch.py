@@ -744,9 +744,10 @@ class Merge(nn.Module):
         loss (a merged row keeps its first row's label); by default the code
         points of a text's characters. To train a segmentation, label each
         row by its offset in its own sequence instead, as the numpy
-        ``Trainer`` does (:func:`grapheme.segmentation_target`, Notes). With ``queries`` and ``keys`` (n, d_route), e.g. from :class:`Encoder`,
-        the merge score of rows ``u, u + 1`` is ``cos(queries[u], keys[u+1])``.
-        Returns a :class:`Merged`.
+        ``Trainer`` does (:func:`grapheme.segmentation_target`, Notes).
+        With ``queries`` and ``keys`` (n, d_route), e.g. from
+        :class:`Encoder`, the merge score of rows ``u, u + 1`` is
+        ``cos(queries[u], keys[u+1])``. Returns a :class:`Merged`.
         """
         _check_tensor(x, "x")
         _on_cpu(x, "x")
