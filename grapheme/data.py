@@ -831,11 +831,12 @@ def read_documents(paths):
     return docs
 
 
-# a blank line: a line break, then one or more lines of whitespace alone (a
-# no-break space too) each ending in a line break, any Python knows (a lone
-# \r too); or U+2029 PARAGRAPH SEPARATOR
-_BREAK = "(?:\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028])"
-_BLANK_LINES = re.compile(f"\u2029|{_BREAK}(?:[^\\S\r\n\v\f\x1c-\x1e\x85\u2028\u2029]*{_BREAK})+")
+# a blank line: whitespace alone (a no-break space too) between two line
+# breaks, once every break Python knows (a lone \r too) is a \n; U+2029
+# PARAGRAPH SEPARATOR is one by itself. A pattern that starts with "\n" is
+# searched for fast: one that matched every kind of break was 10x slower.
+_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
+_BREAKS = ("\r\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028")
 
 
 def _paragraphs(text):
@@ -843,6 +844,10 @@ def _paragraphs(text):
     are not blank themselves. Before, only a line of ASCII whitespace
     between two ``\\n`` cut (a helper's find: paragraphs of a Word text,
     or of text pasted from the web, stayed one)."""
+    text = text.replace("\u2029", "\n\n")
+    for other in _BREAKS:
+        if other in text:
+            text = text.replace(other, "\n")
     return [p for p in _BLANK_LINES.split(text) if p.strip()]
 
 
