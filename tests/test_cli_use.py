@@ -2,6 +2,7 @@
 import argparse
 import io
 import os
+import shlex
 import sys
 import json
 
@@ -891,13 +892,13 @@ def test_python_dash_m_grapheme_is_the_command():
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(gr.__file__)), os.environ.get("PYTHONPATH", "")]))
-    name = f"{os.path.basename(sys.executable)} -m grapheme"
+    name = f"{shlex.quote(sys.executable)} -m grapheme"
     for command, argv, code, stream, start in (
             ([sys.executable, "-m", "grapheme"], ["--version"], 0, "stdout",
              f"grapheme {gr.__version__}\n"),
             ([sys.executable, "-m", "grapheme"], ["segment"], 2, "stderr",
-             f"usage: {name} segment "),
-            (_rank_command([], name), ["train"], 2, "stderr", f"usage: {name} train ")):
+             f"usage: {name} segment"),
+            (_rank_command([], name), ["train"], 2, "stderr", f"usage: {name} train")):
         proc = subprocess.run([*command, *argv], env=env, capture_output=True, text=True,
                               timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
         assert proc.returncode == code
