@@ -745,11 +745,10 @@ def _train_locked(args, out, spawn, comm, held):
     trainer._summary = False   # the report below says it, on stdout
     new_data = _check_same_data(args, trainer, pairs)
     start = trainer.epoch
+    given_keep_best = args.keep_best is not None
     if args.keep_best is None and trainer.best is not None:
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
                                        rank0 and spawn is None)
-    elif comm is None and not new_data and not args.overwrite:   # fit's check, said first
-        _check_best_kept_on(args, trainer)   # in the command's words (a launch's ranks: fit)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -767,6 +766,9 @@ def _train_locked(args, out, spawn, comm, held):
             best = trainer._check_keep_best(args.keep_best, None, val, checkpoint)
         except ValueError as exc:
             raise CommandError(f"--keep-best: {exc}") from None
+        if (given_keep_best and comm is None and not new_data and not args.overwrite
+                and start < args.epochs):   # fit's check, first and in the command's words
+            _check_best_kept_on(args, trainer)   # (a launch's ranks: fit's)
     if spawn is not None:   # everything is checked: now the ranks
         from .distributed import _torch_distributed, spawn_local
 

@@ -896,6 +896,12 @@ def test_a_resume_by_another_metric_keeps_the_best_file(level1, tmp_path, capsys
         "add --overwrite\n")
     assert (out / "best.npz").read_bytes() == kept
     assert len(read_log(out / "metrics.jsonl")) == 1
+    # a mistyped metric is named as such first, and with nothing to train
+    # nothing is replaced (a review's finds)
+    code, _, err = run(capsys, *resume[:-2], "val_acuracy", "--no-progress")
+    assert code == 2 and "--keep-best: keep_best must be one of" in err
+    code, text, err = run(capsys, *resume[:4], 1, *resume[5:])
+    assert code == 0 and "nothing to do" in text, err
     # the same metric keeps on; --overwrite starts the other record
     code, _, err = run(capsys, *resume[:-2], "val_accuracy", "--no-progress")
     assert code == 0, err

@@ -569,6 +569,8 @@ def test_keep_best_by_another_metric_on_resume_is_refused(tmp_path):
                        r"a record of keep_best='val_loss' would replace"):
         t.fit(train, 2, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
     assert (tmp_path / "best.npz").read_bytes() == kept
+    with pytest.warns(UserWarning, match="nothing to train"):   # nothing replaced: taken
+        make_trainer().fit(train, 1, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
     assert t.fit(train, 2, keep_best="val_accuracy", resume=tmp_path / "c.npz", **files)
     t = make_trainer(progress=False, overwrite=True)
     t.fit(train, 3, keep_best="val_loss", resume=tmp_path / "c.npz", **files)

@@ -997,7 +997,8 @@ class Trainer:
                 "resume with the same data, start a new run, or pass new_data=True "
                 "(grapheme train --new-data) to continue on other data")
         writes = self._writes
-        error = self._files_error(files, None if changed else keep_best) if writes else None
+        error = (self._files_error(files, None if changed or self.epoch >= epochs else keep_best)
+                 if writes else None)
         if self.comm is not None:
             self._agree_start(error, fingerprint, epochs, keep_best, val_split)
         elif error is not None:
