@@ -552,6 +552,9 @@ class Merged:
         """The hard merge's segments of every sequence: ``texts`` are the B
         input texts, one character per input row, in order. Returns B lists
         of str, each joining to its text (the dynamic chunks, as text).
+        They are the module's own decisions, which may cut a letter from its
+        combining mark; a :class:`grapheme.Segmenter` keeps written
+        characters whole (:func:`grapheme.data.continues_cluster`).
 
         Examples
         --------
