@@ -767,6 +767,10 @@ def test_a_stopped_run_ends_as_an_interrupted_one(level1, tmp_path):
             # attack helper's find, a traceback at exit); Ctrl-C stays Python's
             "import os, time\n"
             "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+            # Python's Ctrl-C, whatever the process was started with (a
+            # shell's background job starts with SIGINT ignored: a CI run
+            # started with & failed here)
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "def stopped_twice(prog):\n"
             "    try:\n"
             "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
