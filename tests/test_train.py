@@ -736,6 +736,28 @@ def test_a_save_from_another_thread_during_fit_loads(tmp_path, monkeypatch):
     assert saved.epoch == len(saved.history) in (1, 2)
 
 
+def test_fit_steps_under_the_trainers_lock(monkeypatch):
+    """The fuzz scenario trainer_threads, once in CI: fit's steps ran
+    without the lock train_step takes, so a monitor's save read the
+    optimiser's moments between the growth of one and of the other and
+    wrote a checkpoint that did not load. Each step is checked from
+    another thread, which must not get the lock while it runs."""
+    import threading
+
+    step, free = Trainer._step, []
+
+    def checked(self, *args):
+        probe = threading.Thread(
+            target=lambda: free.append(self._lock.acquire(blocking=False)
+                                       and (self._lock.release() or True)))
+        probe.start()
+        probe.join()
+        return step(self, *args)
+    monkeypatch.setattr(Trainer, "_step", checked)
+    make_trainer(progress=False).fit(DEMO_PAIRS, 2)
+    assert free and not any(free)
+
+
 def test_a_fit_with_nothing_to_train_warns():
     """A new user's find: epochs is the run's total, and a second
     fit(pairs, 3) returned the same records, silent."""

@@ -1273,7 +1273,12 @@ class Trainer:
             idx = order[lo:lo + self.batch_size].tolist()
             batch = [inputs[i] for i in idx], [targets[i] for i in idx]
             if self.comm is None:
-                stats = self._train_step(*batch)
+                # under the lock, as train_step: a save from another thread
+                # read the optimiser's moments between the growth of one and
+                # of the other, and wrote a checkpoint that did not load
+                # (the fuzz scenario trainer_threads, once in CI)
+                with self._lock:
+                    stats = self._train_step(*batch)
             else:   # train_step's, but fit has grown the table for every character
                 with self._lock, single_pool(self.encoder is not None):
                     stats = self._shard_step(*batch, grown=True)
