@@ -929,9 +929,9 @@ class StructuralLoss(nn.Module):
     @_eager
     def forward(self, merged, target, target_activation=None):
         """The loss of ``merged`` (a :class:`Merged` of B sequences) against
-        ``target`` (a batch of B graphs), with ``target_activation``
-        (target.num_nodes,) optional: a scalar tensor, or (B,) under
-        ``reduction="none"``."""
+        ``target`` (a batch of B graphs) and, optionally, its activations
+        ``target_activation`` (target.num_nodes,). Returns a scalar tensor,
+        or one value per sequence (B,) under ``reduction="none"``."""
         _check_reduction(self.reduction)   # as set on the module since, if it was
         _check_merged(merged)
         check_graph(target, "target")

@@ -918,8 +918,8 @@ class Trainer:
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``. A resumed
             run given another metric than its record's is refused while
-            ``best`` exists, unless the trainer was made with ``overwrite``
-            (the new record would replace it).
+            ``best`` holds that record, unless the trainer was made with
+            ``overwrite`` (the new record would replace it).
         best : str or os.PathLike, optional
             Where ``keep_best`` keeps it; default ``best.npz`` beside
             ``checkpoint``.
