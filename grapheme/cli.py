@@ -851,8 +851,7 @@ def _check_best_kept_on(args, trainer):
     replace it (a new user's find: the best by val_accuracy went, unsaid,
     for a worse one by val_loss)."""
     best = os.path.join(args.out, "best.npz")
-    if (args.keep_best is None or trainer.best is None
-            or args.keep_best == trainer.best["metric"] or not trainer._best_held_by(best)):
+    if not trainer._best_replaced_by(args.keep_best, best):
         return
     metric = trainer.best["metric"]
     raise CommandError(

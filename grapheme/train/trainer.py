@@ -1102,6 +1102,14 @@ class Trainer:
         self.comm.all_reduce(flag)   # only rank 0's counts
         return bool(flag[0])
 
+    def _best_replaced_by(self, keep_best, best_path):
+        """Whether a record of ``keep_best`` (None: none) would replace the
+        best record's checkpoint that ``best_path`` holds: another metric's
+        (:meth:`fit` refuses that without ``overwrite``, and ``grapheme
+        train`` in its own words)."""
+        return (keep_best is not None and self.best is not None
+                and self.best["metric"] != keep_best and self._best_held_by(best_path))
+
     def _best_held_by(self, best_path):
         """Whether ``best_path`` holds the best record's checkpoint: a
         checkpoint of that record's epoch that holds that record, wherever
@@ -1135,8 +1143,7 @@ class Trainer:
             if (error := _not_a_file_error(path)) is not None:
                 return error
         best_path = dict(files).get("best checkpoint")
-        if (keep_best is not None and self.best is not None and not self.overwrite
-                and self.best["metric"] != keep_best and self._best_held_by(best_path)):
+        if not self.overwrite and self._best_replaced_by(keep_best, best_path):
             metric = self.best["metric"]
             return ValueError(
                 f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
