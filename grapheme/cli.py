@@ -883,12 +883,11 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
         # fit starts the record anew on other pairs, or where best.npz does
         # not hold it ("kept on" was said where a new record began: an
         # attack helper's find)
-        measured = trainer.best.get("val")
+        measured, best = trainer.best.get("val"), os.path.join(args.out, "best.npz")
         if measured not in (None, data_fingerprint(*check_pairs(val, "val"))["sha256"]):
             anew = "its best was measured on other validation pairs"
-        elif not trainer._best_held_by(os.path.join(args.out, "best.npz")):
-            anew = (f"{os.path.join(args.out, 'best.npz')} does not hold its best, epoch "
-                    f"{trainer.best['epoch']}")
+        elif not trainer._best_held_by(best):
+            anew = f"{best} does not hold its best, epoch {trainer.best['epoch']}"
         else:
             anew = None
         print(f"--keep-best {metric}: kept on from the checkpoint" + (
@@ -1669,10 +1668,10 @@ def _reader_gone():
 
 def _rank_command(argv, prog=PROG):
     """The argv of one rank of ``--nproc``: this Python, running the grapheme
-    this process runs, as the command ``prog`` (which the rank's messages
-    name). ``python -m grapheme.cli`` would import whatever
-    ``grapheme`` the working directory holds first, in a source checkout
-    the uncompiled folder."""
+    this process runs, as the command ``prog`` (which its usage lines and
+    the command it prints to resume name). ``python -m grapheme.cli`` would
+    import whatever ``grapheme`` the working directory holds first, in a
+    source checkout the uncompiled folder."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     boot = (f"import sys; sys.path.insert(0, {root!r}); "
             f"from grapheme.cli import run; sys.exit(run(prog={prog!r}))")
@@ -1705,9 +1704,8 @@ def run(prog=PROG):
     """The ``grapheme`` console script: :func:`main` with the process's
     arguments (and ``prog``), and the stop signals raised as
     :class:`Stopped` (not where the process ignores them: ``nohup``'s
-    SIGHUP stays ignored). Only here,
-    in the process the command owns; not by :func:`main`, which a program
-    may call."""
+    SIGHUP stays ignored). Only here, in the process the command owns; not
+    by :func:`main`, which a program may call."""
     if threading.current_thread() is not threading.main_thread():
         return main(prog=prog)
     installed = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) is signal.SIG_DFL]
