@@ -124,6 +124,8 @@ _unknown_prob = _number(float, lower=0.0, upper=1.0, upper_inclusive=False)
 def build_parser(prog=PROG):
     """The argument parser of the ``grapheme`` command, called ``prog`` in
     its usage lines."""
+    if not isinstance(prog, str):
+        raise TypeError(f"prog must be a str, got {type(prog).__name__}")
     parser = argparse.ArgumentParser(
         prog=prog, description="Vocabulary-free text models whose graph changes shape.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",

@@ -67,7 +67,7 @@ import unicodedata
 
 import numpy as np
 
-from ._validation import check_allocation, check_path, check_unicode, show
+from ._validation import as_index_array, check_allocation, check_path, check_unicode, show
 from .checkpoint import _atomic_open, _new_file
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
@@ -516,7 +516,7 @@ def continues_cluster(codes):
     >>> continues_cluster(codes).tolist()
     [False, True, False, True, True, False]
     """
-    codes = np.asarray(codes, dtype=np.int64)
+    codes = as_index_array(codes, "codes").astype(np.int64, copy=False)
     starts, ends = _joining_bounds()
     if not codes.size or codes.max() < starts[0]:   # Latin-1 text: nothing joins
         return np.zeros(codes.shape, dtype=bool)

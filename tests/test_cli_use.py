@@ -882,6 +882,11 @@ def test_plot_run_never_draws_over_its_log(trained, tmp_path):
         trained / "run" / "metrics.jsonl").read_bytes()
 
 
+def test_prog_must_be_a_str():
+    with pytest.raises(TypeError, match="prog must be a str, got bytes"):
+        main(["--version"], prog=b"grapheme")
+
+
 def test_python_dash_m_grapheme_is_the_command():
     """``python -m grapheme``: the command where its console script is not
     on the PATH (an in-place build). Before: no grapheme.__main__. It calls

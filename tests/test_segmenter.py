@@ -736,6 +736,23 @@ def test_continues_cluster_against_the_rule_by_character(text):
     assert continues_cluster(codes).tolist() == expected
 
 
+def test_continues_cluster_and_joined_check_their_input():
+    from grapheme.train.metrics import segmentation_counts
+
+    assert continues_cluster([]).tolist() == []
+    for bad, error, message in ((["a"], TypeError, "codes must be an integer array"),
+                                ([[769]], ValueError, "codes must be 1-dimensional"),
+                                ([0.5], TypeError, "codes must be an integer array")):
+        with pytest.raises(error, match=message):
+            continues_cluster(bad)
+    h = gr.MergeHistory([0, 1, 2])
+    assert segmentation_counts(h, [0, 3], [1, 2], [2], joined=[0, 1, 0])["predicted"] == 1
+    with pytest.raises(TypeError, match="joined must be a boolean array"):
+        segmentation_counts(h, [0, 3], [1, 2], [2], joined=[0.5, 0, 0])
+    with pytest.raises(ValueError, match=r"joined must have shape \(3,\)"):
+        segmentation_counts(h, [0, 3], [1, 2], [2], joined=[True])
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_no_segment_starts_inside_a_written_character(window):
     """A word-segmentation helper's find: a Hindi model cut between a

@@ -14,6 +14,8 @@ existed lack it (a resumed run's first epochs): read new keys with
 """
 import numpy as np
 
+from .._validation import as_decisions
+
 __all__ = ["TIMING_KEYS", "LOSS_KEYS", "SEGMENTATION_KEYS", "structure_match", "graph_of",
            "segmentation_counts", "segmentation_scores", "upgrade_record"]
 
@@ -176,10 +178,7 @@ def segmentation_counts(history, offsets, lengths, counts, select=None, joined=N
     pred = np.zeros(n, dtype=bool)
     pred[1:] = cluster[1:] != cluster[:-1]
     if joined is not None:
-        joined = np.asarray(joined, dtype=bool).reshape(-1)
-        if joined.shape[0] != n:
-            raise ValueError(f"joined has {joined.shape[0]} entries for {n} characters")
-        pred &= ~joined
+        pred &= ~as_decisions(joined, "joined", (n,))
     owner = graph_of(offsets, np.arange(n))
     inside = select[owner]
     first_pos = offsets[:-1][sizes > 0]
