@@ -989,8 +989,12 @@ def _train_report(args, out, trainer, start, seconds, before, validation):
     val, val_path = validation
     first, last = trainer.history[start], trainer.history[-1]
     # the time too: with --no-progress it is the only report of the run
-    print(f"epochs {start + 1}-{last['epoch']} in {seconds:.1f} s: loss "
-          f"{first['loss']:.4f} -> {last['loss']:.4f}, kept fraction "
+    if last["epoch"] == start + 1:   # one epoch: its loss, not "X -> X"
+        ran = f"epoch {last['epoch']} in {seconds:.1f} s: loss {last['loss']:.4f}"
+    else:
+        ran = (f"epochs {start + 1}-{last['epoch']} in {seconds:.1f} s: loss "
+               f"{first['loss']:.4f} -> {last['loss']:.4f}")
+    print(f"{ran}, kept fraction "
           f"{last['kept_fraction']:.3f}, tau {last['tau']:.4f}", file=out)
     if before is None:
         return

@@ -97,6 +97,11 @@ def test_train_resume_and_eval(level1, tmp_path, capsys):
     with np.load(a / "checkpoint.npz") as fa, np.load(b / "checkpoint.npz") as fb:
         for key in ("embedding.weight", "morpher.theta"):
             np.testing.assert_array_equal(fa[key], fb[key])
+    # one more epoch: its loss alone, not "epochs 5-5: loss X -> X"
+    code, out, _ = run(capsys, "train", "--data", level1, "--epochs", 5, "--out", b,
+                       "--resume", b / "checkpoint.npz")
+    loss = read_log(b / "metrics.jsonl")[-1]["loss"]
+    assert code == 0 and re.match(rf"epoch 5 in [0-9.]+ s: loss {loss:.4f}, kept", out)
 
     code, out, err = run(capsys, "eval", "--checkpoint", a / "checkpoint.npz",
                          "--data", level1 / "val.jsonl")
