@@ -55,11 +55,10 @@ class Morphed:
     """
 
     __slots__ = ("graph", "history", "similarity", "probability", "decisions", "log_prob",
-                 "rate_penalty", "expected_rate", "samples", "tau", "_saved", "_estimator",
-                 "_input_nodes")
+                 "rate_penalty", "expected_rate", "samples", "tau", "_saved", "_estimator")
 
     def __init__(self, estimate, similarity, probability, tau, rate_penalty, expected_rate,
-                 saved, estimator, input_nodes):
+                 saved, estimator):
         # read-only: the similarities and probabilities are the arrays the
         # vjp reads (written, they changed its gradients: found by a docs
         # reviewer); an estimator's decisions are copied, as it may keep them
@@ -70,7 +69,7 @@ class Morphed:
         self.similarity, self.probability = frozen(similarity, False), frozen(probability, False)
         self.tau = tau
         self.rate_penalty, self.expected_rate = rate_penalty, expected_rate
-        self._saved, self._estimator, self._input_nodes = saved, estimator, input_nodes
+        self._saved, self._estimator = saved, estimator
 
     def __setstate__(self, state):   # a pickled or deep-copied one: read-only again
         set_frozen_state(self, state)
@@ -355,7 +354,7 @@ class Morpher:
         saved = _MorphSaved(sim_saved, scorer, scores_saved, est_saved, rate_saved, features,
                             route is not None)
         return Morphed(estimate, sim.similarity, scores.probability, scores.tau, value,
-                       expected, saved, estimator, graph.num_nodes)
+                       expected, saved, estimator)
 
     # --------------------------------------------------------------- backward
     def vjp(self, morphed, grad_features=None, grad_mass=None, grad_weights=None,
