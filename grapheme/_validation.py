@@ -243,14 +243,14 @@ def settings_unchanged(obj, names):
     """Whether the settings ``names`` of ``obj`` are still the objects that
     :func:`settings_checked` recorded (identity: a setting assigned again,
     even an equal value, counts as changed and is checked again)."""
-    last = vars(obj).get("_checked")   # absent on an object unpickled from before
+    last = vars(obj).get("_settings_seen")   # absent on one unpickled from before
     return last is not None and all(vars(obj).get(k) is v for k, v in zip(names, last))
 
 
 def settings_checked(obj, names):
     """Record the settings ``names`` of ``obj`` as checked (see
     :func:`settings_unchanged`)."""
-    obj._checked = tuple(vars(obj).get(k) for k in names)
+    obj._settings_seen = tuple(vars(obj).get(k) for k in names)
 
 
 def check_bool(value, name):
