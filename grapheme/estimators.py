@@ -137,8 +137,12 @@ class Estimator:
 
     #: The string alias (``Morpher(estimator="history")``).
     name = None
-    #: Whether the candidate edges must be chain-shaped.
-    chain_only = False
+    #: Whether ``forward`` draws its decisions at random, from a stream that
+    #: ``step`` advances: then ``forward`` reads ``shard``, ``step`` needs
+    #: the forward's ``saved`` (or ``num_edges``), and ``_drawing_from(seed)``
+    #: is a copy drawing from another stream (the PyTorch bridge's, seeded
+    #: from torch's generator).
+    draws = False
     #: Copies of the input batch in the output.
     samples = 1
 
@@ -222,7 +226,6 @@ class Relaxed(Estimator):
     """
 
     name = "soft"
-    chain_only = True
 
     def _merge_weights(self, decisions, scores):
         return scores.probability
@@ -335,6 +338,7 @@ class Reinforce(Estimator):
     """
 
     name = "reinforce"
+    draws = True
 
     def __init__(self, baseline="mean", samples=1, seed=0):
         self.baseline, self.samples, self.seed = baseline, samples, seed

@@ -506,7 +506,7 @@ class Morpher:
         if morphed is None:
             if num_edges is not None:
                 self.estimator.step(None, loss_values, num_edges=num_edges)
-            elif kept_fraction is None or self.estimator.name == "reinforce":
+            elif kept_fraction is None or self.estimator.draws:
                 raise TypeError("morphed must be a Morphed (None only with a "
                                 "kept_fraction and a stateless estimator, or with "
                                 "num_edges)")

@@ -61,7 +61,6 @@ from torch import nn
 from . import ops
 from ._validation import (as_float_array, check_allocation, check_graph, check_scalar,
                           exact_str)
-from .estimators import Reinforce
 from .graph import Graph, _chain_offsets
 from .loss import TRAINING, StructuralLoss as _Loss
 from .morph import Morpher
@@ -772,7 +771,7 @@ class Merge(nn.Module):
             raise ValueError(f"Merge.theta is not finite ({theta}): a diverged step or a "
                              f"bad state_dict")
         morpher = self._morpher
-        if isinstance(self.estimator, Reinforce):
+        if self.estimator.draws:
             morpher = _drawing_from_torch(morpher)
         op = _MorphOp(morpher, graph, queries is not None)
         inputs = (x, self.theta.to(x.dtype)) + (() if queries is None else (queries, keys))

@@ -676,6 +676,14 @@ def test_reinforce_shard_draws_the_whole_batchs_samples():
         assert part_m.state_dict() == stepped.state_dict()
     with pytest.raises(TypeError, match="num_edges"):
         whole_m.step(None, losses)
+    with pytest.raises(TypeError, match="stateless estimator"):
+        whole_m.step(None, kept_fraction=0.5)
+
+    class Renamed(Reinforce):   # the rule is Estimator.draws, not the name
+        name = "renamed"
+    with pytest.raises(TypeError, match="stateless estimator"):
+        gr.Morpher(estimator=Renamed()).step(None, kept_fraction=0.5)
+    assert not any(cls.draws for cls in (Hard, Relaxed, StraightThrough))
     with pytest.raises(TypeError, match="num_edges"):
         whole_m.step(whole, losses, num_edges=E)
     with pytest.raises(TypeError, match="shard"):

@@ -372,6 +372,12 @@ def test_reinforce_draws_from_torch_afresh_on_every_call():
     torch.manual_seed(5)
     assert np.array_equal(b(x, [0, 40]).history.cluster, first)   # the same torch draw
     assert not np.array_equal(a(x, [0, 40]).history.cluster, first)   # a fresh one
+
+    class Renamed(gr.Reinforce):   # the rule is Estimator.draws, not the name
+        name = "renamed"
+    c = gt.Merge(0.0, 0.5, Renamed()).double()
+    torch.manual_seed(5)
+    assert np.array_equal(c(x, [0, 40]).history.cluster, first)
     # review: a stream moved by each call broke torch.utils.checkpoint, whose
     # second forward drew anew (CheckpointError, or another sample's gradient)
     from torch.utils.checkpoint import checkpoint

@@ -670,7 +670,7 @@ class Trainer:
         replaced = None
         if self.unknown_prob > 0:
             replaced = self._unknown_codes(Graph.from_texts(inputs).labels)
-        reinforce = morpher.estimator.name == "reinforce"
+        reinforce = morpher.estimator.draws
         shard = None
         if reinforce:   # a chain's candidate edges: one per character but the first
             edges = [max(len(text) - 1, 0) for text in inputs]
