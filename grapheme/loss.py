@@ -328,7 +328,8 @@ class StructuralLoss:
       :math:`X = \sum_{(u,v)} \sum_{(j,l)} w_{uv} w'_{jl} Q_{uj} Q_{vl}` under
       the row-normalised plan :math:`Q_{ij} = b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`
       (finite at :math:`a_i = 0`) and the total edge weights :math:`W`;
-      0 when both graphs have no edge weight.
+      0 when both graphs have no edge weight (the edge term therefore
+      jumps where a total leaves 0, and its gradient there is taken as 0).
     * ``clique`` :math:`= (\mu_p - \mu_t)^2 + (\sigma^2_p - \sigma^2_t)^2`, the
       mass-weighted mean and variance of the normalised out-degree
       :math:`d_i / \max(\max_k d_k, 1)` (0 for a graph without mass; the

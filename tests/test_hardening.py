@@ -240,12 +240,28 @@ def test_edge_weights_too_large_for_their_products_are_refused():
 
 
 def test_loss_with_all_zero_edge_weights_has_finite_gradients():
+    """The edge term is 0 while both graphs have no edge weight and jumps
+    as one appears (beta * 1 here), its gradient there taken as 0: the
+    gradient is the rest of the loss's, which one-sided differences (the
+    weights cannot go below 0) of the loss without the edge term give."""
     p = gr.Graph([0, 1, 2, 2], [1, 2], [97, 98, 99], weights=[0.0, 0.0])
     t = gr.Graph([0, 1, 1], [1], [97, 98], weights=[0.0])
     loss = gr.StructuralLoss()
     grad = loss.backward(loss.forward(p, t))
     for part in grad:
         assert part is None or np.isfinite(part).all()
+    no_edge = gr.StructuralLoss(beta=0.0)
+
+    def value(w, tw, of=no_edge):
+        return of.forward(p.replace(weights=w), t.replace(weights=tw)).value
+    h, base = 1e-7, value([0.0, 0.0], [0.0])
+    fd = [(value([h, 0.0], [0.0]) - base) / h, (value([0.0, h], [0.0]) - base) / h]
+    np.testing.assert_allclose(grad.weights, fd, rtol=1e-5)
+    np.testing.assert_allclose(grad.target_weights, [(value([0.0, 0.0], [h]) - base) / h],
+                               rtol=1e-5)
+    assert grad.weights.min() > 0.1                     # not a gradient of 0 by luck
+    assert value([h, 0.0], [0.0], loss) - value([0.0, 0.0], [0.0], loss) == pytest.approx(
+        0.5, rel=1e-5)                                  # the jump: beta * (1 - 2X/W), X ~ h^2
 
 
 def test_empty_batch_through_the_loss_is_an_error():

@@ -235,10 +235,33 @@ def test_embedding_growth_between_fits():
     assert state["exp_avg.embedding"].shape == trainer.embedding.weight.shape
 
 
-def test_graph_target_activation_runs():
-    trainer = make_trainer(target_activation="graph")
-    history = trainer.fit(DEMO_PAIRS, 2)
-    assert np.isfinite(history[-1]["loss"])
+def test_graph_target_activation_is_one_for_every_target_node():
+    """"graph" scores the targets with activation 1: the loss equals
+    "embedding"'s where the targets' rows have mean 1, and the gradients
+    differ only by the target side's, a constant along each target row (a
+    row mean's vjp), which "graph" has not. The inputs' rows have mean 0.3,
+    off the kink of min(|x - y|, 1)."""
+    pairs = [("abc", "xy"), ("cab", "yx")]
+    trainers, before = [], []
+    for activation in ("graph", "embedding"):
+        trainer = Trainer(Embedding(dim=8, seed=0), Morpher(estimator="ste"), StructuralLoss(),
+                          SGD(lr=1.0), target_activation=activation, seed=0)
+        rows = trainer.embedding.rows([ord(c) for c in "abcxy"])
+        w = trainer.embedding.weight
+        w -= w.mean(axis=1, keepdims=True) - 0.3
+        w[rows[3:]] += 0.7                     # the targets' rows: mean 1
+        trainers.append(trainer)
+        before.append(w.copy())
+    graph, table = trainers
+    assert graph.evaluate(pairs)["loss"] == table.evaluate(pairs)["loss"]
+    steps = [t.train_step(*zip(*pairs)) for t in trainers]
+    assert steps[0]["loss"] == steps[1]["loss"]
+    grads = [b - t.embedding.weight for b, t in zip(before, trainers)]   # SGD, lr 1
+    target_side = grads[1] - grads[0]
+    np.testing.assert_allclose(target_side[rows[:3]], 0, atol=1e-15)
+    np.testing.assert_allclose(target_side[rows[3:]].std(axis=1), 0, atol=1e-15)
+    assert np.abs(target_side[rows[3:]]).min() > 1e-3
+    assert graph.morpher.theta == pytest.approx(table.morpher.theta, rel=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["embedding", "graph"])
