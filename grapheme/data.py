@@ -67,7 +67,8 @@ import unicodedata
 
 import numpy as np
 
-from ._validation import as_index_array, check_allocation, check_path, check_unicode, show
+from ._validation import (as_index_array, check_allocation, check_path, check_scalar,
+                          check_unicode, show)
 from .checkpoint import _atomic_open, _new_file
 
 __all__ = ["TASKS", "DEFAULT_TASKS", "DEMO_PAIRS", "generate", "make_pairs", "load_pairs",
@@ -177,6 +178,8 @@ def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     # about 200 bytes per pair (two short strings, a tuple, the draws)
     check_allocation(200 * n, f"make_pairs(n={show(n)})")
     tasks = _check_tasks(tasks)
+    if not isinstance(seed, np.random.Generator):
+        seed = check_scalar(seed, "seed", lower=0, integer=True)
     rng = np.random.default_rng(seed)
     choice = rng.integers(0, len(tasks), size=n)
     counts = np.bincount(choice, minlength=len(tasks))
@@ -253,8 +256,7 @@ def generate(out_dir, n_train=2000, n_val=200, seed=0, tasks=DEFAULT_TASKS, over
     """
     n_train = _check_count("n_train", n_train)
     n_val = _check_count("n_val", n_val)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
+    seed = check_scalar(seed, "seed", lower=0, integer=True)
     tasks = _check_tasks(tasks)
     files = _check_new_files(out_dir, ("train.jsonl", "val.jsonl"), overwrite)
     os.makedirs(os.fspath(out_dir), exist_ok=True)
@@ -901,8 +903,7 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
         Fewer than 3 documents with a word, a file that is not UTF-8, bad
         ``seed``, ``min_words`` or ``max_words``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
+    seed = check_scalar(seed, "seed", lower=0, integer=True)
     min_words = _check_count("min_words", min_words)
     max_words = _check_count("max_words", max_words)
     if min_words < 1 or max_words < min_words:

@@ -78,8 +78,13 @@ def test_generate_validation(tmp_path):
         generate(tmp_path, n_val=2.5)
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         generate(tmp_path, tasks=["poetry"])
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
         generate(tmp_path, seed=-1)
+    with pytest.raises(TypeError, match="seed must be an integer, got bool"):
+        generate(tmp_path, seed=True)
+    with pytest.raises(TypeError, match="seed must be an integer, got float"):
+        make_pairs(3, seed=1.0)
+    assert make_pairs(3, seed=np.random.default_rng(2)) == make_pairs(3, seed=2)
     assert os.listdir(tmp_path) == []
 
 

@@ -342,8 +342,10 @@ def test_validation():
         Trainer(emb, morpher, loss, "adam")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         Trainer(emb, morpher, loss, opt, batch_size=0)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
         Trainer(emb, morpher, loss, opt, seed=-1)
+    with pytest.raises(TypeError, match="seed must be an integer, got str"):
+        Trainer(emb, morpher, loss, opt, seed="0")
     with pytest.raises(ValueError, match="target_activation"):
         Trainer(emb, morpher, loss, opt, target_activation="ones")
     t = Trainer(emb, morpher, loss, opt)

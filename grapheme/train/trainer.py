@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 import os
 import threading
 import time
@@ -249,9 +248,7 @@ class Trainer:
         # thread's step would rewrite mid-way
         self._lock = threading.RLock()
         self._check_settings()
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {show(seed)}")
-        self._seed = int(seed)
+        self._seed = check_scalar(seed, "seed", lower=0, integer=True)
         self._data_fingerprint = None   # of the pairs the run was trained on
         self._loaded_fingerprint = None  # that of a loaded checkpoint, with its path
         self._last_checkpoint = None    # (path, epoch) of the last one written
