@@ -130,6 +130,9 @@ def build_parser(prog=PROG):
         prog=prog, description="Vocabulary-free text models whose graph changes shape.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",
                         help="print the version of grapheme and exit")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, the full Python traceback instead of one line "
+                             "(for a bug report)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("generate", help="write a data set (JSONL): generated tasks, or "
@@ -1550,6 +1553,8 @@ def main(argv=None, *, prog=PROG):
         return 128 + signum
     except (CommandError, ValueError, OSError, FloatingPointError, MemoryError,
             ImportError) as exc:
+        if args.traceback:
+            raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, MemoryError):
             message = f"out of memory: {message}"

@@ -9,7 +9,7 @@ import pytest
 
 import grapheme as gr
 from grapheme.estimators import ESTIMATORS
-from grapheme.cli import format_table, main
+from grapheme.cli import CommandError, format_table, main
 from grapheme.data import load_pairs as load_pairs
 from grapheme.train import TIMING_KEYS
 
@@ -118,6 +118,9 @@ def test_errors_exit_2_with_one_line(level1, tmp_path, capsys):
                          "--out", tmp_path / "r")
     assert code == 2 and err.count("\n") == 1
     assert "--data" in err and "does not exist" in err and "Traceback" not in err
+    with pytest.raises(CommandError, match="does not exist"):   # for a bug report
+        run(capsys, "--traceback", "train", "--data", tmp_path / "missing", "--epochs", 1,
+            "--out", tmp_path / "r")
 
     bad = tmp_path / "bad"
     bad.mkdir()
