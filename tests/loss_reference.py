@@ -97,7 +97,9 @@ def reference_pair(x, a, labels_p, edges_p, y, b, labels_t, edges_t, *,
             its += 1
             P = aa[:, None] * bb[None, :] * np.exp((f[:, None] + g[None, :] - C) / eps)
             err = np.abs(P.sum(axis=1) - aa).max()
-            if tol is not None and err <= tol:
+            # never on the first sweep (unless the only one): its f came
+            # from g = 0, which a row without mass keeps
+            if tol is not None and err <= tol and (it > 0 or iterations == 1):
                 break
         E = np.exp((f[:, None] + g[None, :] - C) / eps)
         P = aa[:, None] * bb[None, :] * E
