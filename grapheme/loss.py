@@ -43,6 +43,9 @@ _MAX_GRAPH_MASS = 5e149
 
 _DOMAINS = ("auto", "log", "scaling")
 
+#: The smallest epsilon (see StructuralLoss).
+EPSILON_MIN = 1e-8
+
 #: The settings of :meth:`StructuralLoss.for_training`.
 TRAINING = {"weights": (1.0, 0.2, 0.0), "beta": 0.0, "gamma": 0.0}
 
@@ -344,7 +347,9 @@ class StructuralLoss:
     alpha, beta, gamma : float, default 1.0, 0.5, 2.0
         Weights of the node, edge and clique terms (finite, >= 0).
     epsilon : float, default 0.1
-        Entropic regularisation (> 0). The log-domain updates are stable down
+        Entropic regularisation (>= 1e-8: below, the exponents
+        :math:`(f + g - C)/\varepsilon` carry rounding of
+        :math:`10^{-16}/\varepsilon`). The log-domain updates are stable down
         to at least 1e-3. Below 0.1 with balancing on, the mass gradient is
         ill-conditioned where the two graphs' total masses are equal: pass
         ``balance=False`` there ("Where balancing is ill-conditioned" in
@@ -377,7 +382,7 @@ class StructuralLoss:
         ``"scaling"``: multiplicative form with :math:`K = e^{-C/\varepsilon}`
         computed once per pair (one exp per cell instead of two per cell per
         sweep, forward and backward; several times faster). ``"log"``:
-        log-domain updates, stable for any epsilon. ``"auto"``: per pair,
+        log-domain updates, finite for any allowed epsilon. ``"auto"``: per pair,
         scaling when the sufficient condition
         :math:`3 C_{max}/\varepsilon + |\log(A + B)| \le 250` holds
         (:math:`C_{max} = \max(1, w_{type}/2 + w_{act} + w_{deg})`; see
@@ -542,7 +547,10 @@ class StructuralLoss:
         self.alpha = check_scalar(self.alpha, "alpha", lower=0)
         self.beta = check_scalar(self.beta, "beta", lower=0)
         self.gamma = check_scalar(self.gamma, "gamma", lower=0)
-        self.epsilon = check_scalar(self.epsilon, "epsilon", lower=0, lower_inclusive=False)
+        # below 1e-8 the exponents (f + g - C) / eps carry rounding of
+        # 1e-16 / eps: at 1e-20 the value moved by half and the gradients
+        # were NaN (a numerical review's find)
+        self.epsilon = check_scalar(self.epsilon, "epsilon", lower=EPSILON_MIN)
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, numbers.Integral):
             raise TypeError(f"iterations must be an integer, got {show(self.iterations)}")
         if not 1 <= self.iterations <= 2**31 - 1:

@@ -383,6 +383,7 @@ def test_edge_term_dice_extremes():
 # ------------------------------------------------------------ bad input
 BAD_SETTINGS = [
     (dict(epsilon=0.0), ValueError, "epsilon"),
+    (dict(epsilon=1e-20), ValueError, r"epsilon must be >= 1e-08, got 1e-20"),
     (dict(epsilon=-1.0), ValueError, "epsilon"),
     (dict(epsilon=float("nan")), ValueError, "epsilon"),
     (dict(iterations=0), ValueError, "iterations"),
