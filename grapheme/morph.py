@@ -20,8 +20,8 @@ from ._validation import (KEEP, as_float_array, check_graph, check_out, check_sc
                           frozen, set_frozen_state, settings_checked, settings_unchanged)
 from ._workspace import check_workspace
 from .estimators import Hard, _checked_forward, make_estimator
-from .ops import (MIN_TEMPERATURE, EdgeSimilarity, MergeScores, RoutedSimilarity, sigmoid,
-                  merge_threshold)
+from .ops import (MIN_TEMPERATURE, EdgeSimilarity, MergeScores, RoutedSimilarity,
+                  merge_threshold, sigmoid, sigmoid_slope)
 from .rate import RateController
 
 __all__ = ["Morpher", "Morphed", "MorphGrad"]
@@ -101,7 +101,7 @@ class _MorphSaved(NamedTuple):
 
     similarity: object     # EdgeSimilarity's or RoutedSimilarity's
     scorer: object         # the MergeScores operation (it holds the temperature)
-    scores: object         # and its saved state
+    scores: object         # and its saved state: (p, logits, theta)
     estimator: object      # the estimator's
     rate: object           # (RatePenalty, its saved state), or None
     features: np.ndarray
@@ -476,9 +476,9 @@ class Morpher:
         the spread of the REINFORCE gradient is measured on (``Reinforce``
         only; O(E)).
         """
-        tau = morphed.tau
+        slope = float(sigmoid_slope(morphed._saved.scores[2]))   # tau (1 - tau), from theta
         per_example = morphed._estimator.score_per_example(morphed._saved.estimator, advantage)
-        return -tau * (1.0 - tau) / morphed._saved.scorer.temperature * per_example
+        return -slope / morphed._saved.scorer.temperature * per_example
 
     # ------------------------------------------------------------------ state
     def step(self, morphed, loss_values=None, kept_fraction=None, num_edges=None):
