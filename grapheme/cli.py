@@ -1555,7 +1555,9 @@ def main(argv=None, *, prog=PROG):
             ImportError) as exc:
         if args.traceback:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # the first line with words (matplotlib's begin with a newline)
+        message = next((line for line in str(exc).splitlines() if line.strip()),
+                       type(exc).__name__)
         if isinstance(exc, MemoryError):
             message = f"out of memory: {message}"
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:

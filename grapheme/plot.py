@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ._validation import check_bool, check_path
+from ._validation import check_bool, check_path, check_scalar
 from .train.metrics import upgrade_record
 
 __all__ = ["read_metrics", "plot_run", "plot_segments"]
@@ -281,6 +281,7 @@ def plot_segments(model, text, out, overwrite=False, width=60, words=False):
                          f"{len(text)}")
     out = check_png(out)
     words = check_bool(words, "words")
+    width = check_scalar(width, "width", lower=1, integer=True)
     n = len(text)
     if words:   # the pieces, and the gaps between them
         spans = model.word_spans(text)
@@ -293,7 +294,7 @@ def plot_segments(model, text, out, overwrite=False, width=60, words=False):
     ends = np.append(cuts[1:], n)
     segment_of = np.searchsorted(starts, cuts, side="right") - 1
     coloured = segment_of >= 0
-    if words:   # inside the piece that starts before it
+    if words and len(spans):   # inside the piece that starts before it
         coloured &= cuts < spans[np.maximum(segment_of, 0), 1]
     rows = -(-n // width)
     fig = _figure(max(3.0, 0.16 * min(n, width) + 0.6), 0.45 * rows + 0.8)
@@ -306,8 +307,9 @@ def plot_segments(model, text, out, overwrite=False, width=60, words=False):
                           coloured.tolist()):
         box = ({"boxstyle": "square,pad=0.15", "facecolor": colors[s % 10], "alpha": 0.35,
                 "edgecolor": colors[s % 10]} if c else None)
+        # the text as written: "$2^{10}$" is not matplotlib's mathtext
         ax.text(a % width, a // width, text[a:b], family="monospace", fontsize=11,
-                va="top", ha="left", bbox=box)
+                va="top", ha="left", bbox=box, parse_math=False)
     what = "pieces of its words" if words else "segments"
     fig.suptitle(f"{len(starts)} {what} of {n} characters (tau {model.morpher.tau:.3f})",
                  fontsize=10)

@@ -121,6 +121,16 @@ def test_errors_exit_2_with_one_line(level1, tmp_path, capsys):
     with pytest.raises(CommandError, match="does not exist"):   # for a bug report
         run(capsys, "--traceback", "train", "--data", tmp_path / "missing", "--epochs", 1,
             "--out", tmp_path / "r")
+    # a message that starts with a newline (matplotlib's): its first words,
+    # not an empty "error: " (an attack helper's find)
+    import grapheme.cli as cli
+
+    def raises(args, out):
+        raise ValueError("\n  \nmathtext: bad input\n  ^")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(cli._COMMANDS, "plot", raises)
+        code, _, err = run(capsys, "plot", tmp_path)
+    assert (code, err) == (2, "grapheme plot: error: mathtext: bad input\n")
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -193,12 +193,13 @@ def test_show_words_draws_the_pieces_of_raw_text(trained, tmp_path, capsys, monk
     pytest.importorskip("matplotlib")
     import grapheme.plot as plot
 
-    drawn = []
+    drawn, parsed = [], []
     save = plot._save
 
     def keep(fig, out, overwrite):
         drawn.append([(t.get_text(), t.get_bbox_patch() is not None)
                       for t in fig.axes[0].texts])
+        parsed.append([t.get_parse_math() for t in fig.axes[0].texts])
         return save(fig, out, overwrite)
     monkeypatch.setattr(plot, "_save", keep)
     model = gr.Segmenter.load(trained / "model.npz")
@@ -212,6 +213,19 @@ def test_show_words_draws_the_pieces_of_raw_text(trained, tmp_path, capsys, monk
     assert coloured == [text[a:b] for a, b in spans]
     assert "".join(piece for piece, _ in drawn[0]) == text   # the gaps, uncoloured
     assert {piece for piece, boxed in drawn[0] if not boxed} == {" ", ", ", "!"}
+    # an attack helper's finds: a text without words (IndexError), "$...$"
+    # drawn as mathtext ("2^{10}" superscripted; "$^$" an empty error), a
+    # width not checked (ZeroDivisionError)
+    for text, words in (("2024!", True), ("price: $2^{10}$ $^$", False)):
+        drawn.clear()
+        code, _, err = run(capsys, "show", "--model", trained / "model.npz", text, "--out",
+                           tmp_path / "n.png", "--overwrite", *(["--words"] if words else []))
+        assert code == 0, err
+        assert "".join(piece for piece, _ in drawn[0]) == text
+        assert not any(parsed[-1])
+    for width, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="width must be"):
+            plot.plot_segments(model, "abc", tmp_path / "q.png", width=width)
 
 
 def test_plot_default_output_beside_the_metrics(trained, tmp_path, capsys):
