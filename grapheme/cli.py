@@ -751,9 +751,12 @@ def _train_locked(args, out, spawn, comm, held):
     new_data = _check_same_data(args, trainer, pairs)
     start = trainer.epoch
     given_keep_best = args.keep_best is not None
+    # fit's check of the kept best file, first and in the command's words
+    # (a launch's ranks: fit's)
+    checks_best = comm is None and not new_data and not args.overwrite and start < args.epochs
     if args.keep_best is None and trainer.best is not None:
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
-                                       rank0 and spawn is None)
+                                       rank0 and spawn is None, checks_best)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -771,9 +774,8 @@ def _train_locked(args, out, spawn, comm, held):
             best = trainer._check_keep_best(args.keep_best, None, val, checkpoint)
         except ValueError as exc:
             raise CommandError(f"--keep-best: {exc}") from None
-        if (given_keep_best and comm is None and not new_data and not args.overwrite
-                and start < args.epochs):   # fit's check, first and in the command's words
-            _check_best_kept_on(args, trainer)   # (a launch's ranks: fit's)
+        if given_keep_best and checks_best:
+            _check_best_kept_on(args.keep_best, args, trainer, val)
     if spawn is not None:   # everything is checked: now the ranks
         from .distributed import _torch_distributed, spawn_local
 
@@ -850,23 +852,36 @@ def _check_same_data(args, trainer, pairs):
     return now["sha256"] != old["sha256"]
 
 
-def _check_best_kept_on(args, trainer):
-    """Refuse a resume whose ``--keep-best`` is another metric than its
-    record's while ``best.npz`` holds that record: the new record would
-    replace it (a new user's find: the best by val_accuracy went, unsaid,
-    for a worse one by val_loss)."""
+def _check_best_kept_on(keep_best, args, trainer, val):
+    """Refuse a resume whose record of ``keep_best`` starts anew while
+    ``best.npz`` holds the checkpoint's record: the new record would replace
+    it. Another metric (a new user's find: the best by val_accuracy went,
+    unsaid, for a worse one by val_loss), or other validation pairs (an
+    attack helper's find: a resume with another --val, keeping the best on
+    by itself, replaced it)."""
+    from .train.trainer import data_fingerprint
+
     best = os.path.join(args.out, "best.npz")
-    if not trainer._best_replaced_by(args.keep_best, best):
+    val_sha = data_fingerprint(*check_pairs(val, "val"))["sha256"]
+    why = trainer._best_replaced_by(keep_best, best, val_sha)
+    if why is None:
         return
     metric = trainer.best["metric"]
+    held = f"{best!r} holds the best {metric} (epoch {trainer.best['epoch']})"
+    what = f"--keep-best {keep_best}" + (
+        "" if args.keep_best is not None else " (kept on from the checkpoint)")
+    if why == "metric":
+        raise CommandError(
+            f"{what}: {held}, which a record of {keep_best} would replace; keep on with "
+            f"--keep-best {metric} (or without --keep-best), move it away first, or add "
+            "--overwrite")
     raise CommandError(
-        f"--keep-best {args.keep_best}: {best!r} holds the best {metric} (epoch "
-        f"{trainer.best['epoch']}), which a record of {args.keep_best} would replace; keep "
-        f"on with --keep-best {metric} (or without --keep-best), move it away first, or add "
-        "--overwrite")
+        f"{what}: {held} measured on other validation pairs, which a record on these "
+        "would replace; validate on the pairs it was measured on, move it away first, or "
+        "add --overwrite")
 
 
-def _kept_on_best(args, out, trainer, val, checkpoint, announce):
+def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
     """The ``--keep-best`` metric of a resumed run that kept its best and
     was not given one: its checkpoint's, on the data it was measured on
     (else its best.npz stays at the epoch it stopped at, unsaid: a new
@@ -882,6 +897,8 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
             trainer._check_keep_best(metric, None, val, checkpoint)
         except ValueError:
             why = f"the validation pairs have no {metric}"
+    if why is None and checks_best:   # before it says "kept on"
+        _check_best_kept_on(metric, args, trainer, val)
     if announce and why is None:
         from .train.trainer import data_fingerprint
 

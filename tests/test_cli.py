@@ -986,8 +986,22 @@ def test_keep_best_on_other_validation_pairs_starts_its_record_there(level1, tmp
                "--out", out, "--keep-best", "val_loss", "--no-progress")[0] == 0
     first = Trainer.from_checkpoint(out / "best.npz", progress=False).best
     assert len(first["val"]) == 64   # a sha256
+    # an attack helper's find: the new record replaced best.npz unasked
+    # (kept on by itself, or named again); refused first, like another metric
+    kept = (out / "best.npz").read_bytes()
+    for named in ((), ("--keep-best", "val_loss")):
+        code, text, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
+                              "--resume", out / "checkpoint.npz", "--no-progress", *named)
+        assert (code, text) == (2, "")
+        assert err == (f"grapheme train: error: --keep-best val_loss"
+                       f"{'' if named else ' (kept on from the checkpoint)'}: "
+                       f"{str(out / 'best.npz')!r} holds the best val_loss (epoch 0) measured "
+                       "on other validation pairs, which a record on these would replace; "
+                       "validate on the pairs it was measured on, move it away first, or add "
+                       "--overwrite\n")
+        assert (out / "best.npz").read_bytes() == kept
     code, text, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
-                          "--resume", out / "checkpoint.npz", "--no-progress")
+                          "--resume", out / "checkpoint.npz", "--no-progress", "--overwrite")
     assert code == 0, err
     assert ("--keep-best val_loss: kept on from the checkpoint, its record started anew "
             "at epoch 1 (its best was measured on other validation pairs)") in text

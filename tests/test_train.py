@@ -600,6 +600,14 @@ def test_keep_best_by_another_metric_on_resume_is_refused(tmp_path):
     t = make_trainer(progress=False, overwrite=True)
     t.fit(train, 3, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
     assert t.best["metric"] == "val_loss"
+    # the same metric on other validation pairs: its record would start
+    # anew there, as refused (an attack helper's find)
+    kept = (tmp_path / "best.npz").read_bytes()
+    with pytest.raises(ValueError, match=r"holds the best val_loss \(epoch \d\) measured on "
+                       r"other validation pairs, which a record on these would replace"):
+        make_trainer(progress=False).fit(train, 4, keep_best="val_loss",
+                                         resume=tmp_path / "c.npz", **dict(files, val=val[:2]))
+    assert (tmp_path / "best.npz").read_bytes() == kept
 
 
 def test_keep_best_survives_a_moved_run_and_another_directory(tmp_path, monkeypatch):

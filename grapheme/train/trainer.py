@@ -914,9 +914,10 @@ class Trainer:
             the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``. A resumed
-            run given another metric than its record's is refused while
-            ``best`` holds that record, unless the trainer was made with
-            ``overwrite`` (the new record would replace it).
+            run (on its data) given another metric than its record's, or
+            other ``val`` pairs, is refused while ``best`` holds that
+            record, unless the trainer was made with ``overwrite`` (the new
+            record would replace it).
         best : str or os.PathLike, optional
             Where ``keep_best`` keeps it; default ``best.npz`` beside
             ``checkpoint``.
@@ -994,8 +995,11 @@ class Trainer:
                 "resume with the same data, start a new run, or pass new_data=True "
                 "(grapheme train --new-data) to continue on other data")
         writes = self._writes
-        error = (self._files_error(files, None if changed or self.epoch >= epochs else keep_best)
-                 if writes else None)
+        # the validation pairs the best value is measured on (a record
+        # without it, written before it was kept, is taken as on these)
+        val_sha = None if best_path is None else data_fingerprint(*val_split)["sha256"]
+        error = (self._files_error(files, None if changed or self.epoch >= epochs else keep_best,
+                                   val_sha) if writes else None)
         if self.comm is not None:
             self._agree_start(error, fingerprint, epochs, keep_best, val_split)
         elif error is not None:
@@ -1021,9 +1025,6 @@ class Trainer:
             if val is not None and self.epoch == 0:
                 self.baseline = self._val_record(val)
         first = None   # the first candidate's state (untrained or resumed), written after epoch 1
-        # the validation pairs the best value is measured on (a record
-        # without it, written before it was kept, is taken as on these)
-        val_sha = None if best_path is None else data_fingerprint(*val_split)["sha256"]
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best or changed
                 or self.best.get("val", val_sha) != val_sha
@@ -1099,13 +1100,21 @@ class Trainer:
         self.comm.all_reduce(flag)   # only rank 0's counts
         return bool(flag[0])
 
-    def _best_replaced_by(self, keep_best, best_path):
-        """Whether a record of ``keep_best`` (None: none) would replace the
-        best record's checkpoint that ``best_path`` holds: another metric's
-        (:meth:`fit` refuses that without ``overwrite``, and ``grapheme
-        train`` in its own words)."""
-        return (keep_best is not None and self.best is not None
-                and self.best["metric"] != keep_best and self._best_held_by(best_path))
+    def _best_replaced_by(self, keep_best, best_path, val_sha=None):
+        """Why a record of ``keep_best`` (None: none), measured on the
+        validation pairs of fingerprint ``val_sha`` (None: not known), would
+        start anew and replace the best record's checkpoint that
+        ``best_path`` holds: ``"metric"`` (another metric's record) or
+        ``"val"`` (a record on other validation pairs: an attack helper's
+        find, a resume with another --val replaced best.npz unsaid); else
+        None. :meth:`fit` refuses that without ``overwrite``, and ``grapheme
+        train`` in its own words."""
+        if keep_best is None or self.best is None:
+            return None
+        why = ("metric" if self.best["metric"] != keep_best
+               else "val" if val_sha is not None and self.best.get("val", val_sha) != val_sha
+               else None)
+        return why if why is not None and self._best_held_by(best_path) else None
 
     def _best_held_by(self, best_path):
         """Whether ``best_path`` holds the best record's checkpoint: a
@@ -1127,26 +1136,33 @@ class Trainer:
         return (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
                 and {k: v for k, v in held.items() if k != "path"} == record)
 
-    def _files_error(self, files, keep_best=None):
+    def _files_error(self, files, keep_best=None, val_sha=None):
         """Rank 0's look, before the first epoch, at the files it will write
         (``files``: ``[(what, path)]``): the error to raise, or None. A
         directory in a file's place, whatever ``overwrite`` says (it could
         not help); without ``overwrite``, on a fresh run another run's file,
-        and on a resumed one (on its data) a best checkpoint that
-        ``keep_best``, another metric than its record's, would replace (a
-        new user's find: the best by val_accuracy went, unsaid, for a worse
-        one by val_loss)."""
+        and on a resumed one (on its data) a best checkpoint that a new
+        record would replace (:meth:`_best_replaced_by`: ``keep_best``
+        another metric than its record's, or ``val_sha`` other validation
+        pairs)."""
         for _, path in files:
             if (error := _not_a_file_error(path)) is not None:
                 return error
         best_path = dict(files).get("best checkpoint")
-        if not self.overwrite and self._best_replaced_by(keep_best, best_path):
+        why = None if self.overwrite else self._best_replaced_by(keep_best, best_path, val_sha)
+        if why is not None:
             metric = self.best["metric"]
+            held = (f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
+                    f"{self.best['epoch']})")
+            if why == "metric":
+                return ValueError(
+                    f"{held}, which a record of keep_best={keep_best!r} would replace: keep "
+                    f"on with keep_best={metric!r}, choose another best path, or pass "
+                    "overwrite=True to the Trainer")
             return ValueError(
-                f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
-                f"{self.best['epoch']}), which a record of keep_best={keep_best!r} would "
-                f"replace: keep on with keep_best={metric!r}, choose another best path, or "
-                "pass overwrite=True to the Trainer")
+                f"{held} measured on other validation pairs, which a record on these would "
+                "replace: validate on the same pairs, choose another best path, or pass "
+                "overwrite=True to the Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
                 if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
