@@ -352,7 +352,10 @@ class Reinforce(Estimator):
         stream's: assigning it later checks it and draws on as before)."""
         if settings_unchanged(self, _REINFORCE_SETTINGS):
             return
-        if self.baseline not in ("mean", "loo", None):
+        # not "in": an array's == is elementwise (numpy's "truth value of an
+        # array is ambiguous" named nothing: an attack helper's find)
+        if not (self.baseline is None or (isinstance(self.baseline, str)
+                                          and self.baseline in ("mean", "loo"))):
             raise ValueError(f"baseline must be 'mean', 'loo' or None, got "
                              f"{show(self.baseline)}")
         self.samples = check_scalar(self.samples, "samples", lower=1, integer=True)

@@ -548,6 +548,9 @@ def test_relaxed_estimators_need_chains(estimator, edges):
 def test_bad_reinforce_settings():
     with pytest.raises(ValueError, match="baseline must be 'mean', 'loo' or None"):
         Reinforce(baseline="median")
+    with pytest.raises(ValueError, match=r"baseline must be 'mean', 'loo' or None, got "
+                                         r"array\(\[1, 2\]\)"):
+        Reinforce(baseline=np.array([1, 2]))
     with pytest.raises(ValueError, match="baseline='loo' needs samples >= 2"):
         Reinforce(baseline="loo")
     with pytest.raises(ValueError, match="samples must be >= 1"):
