@@ -608,8 +608,41 @@ def word_spans_of(text):
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     check_unicode(text, "text")   # as a Segmenter's texts
-    return _words_of_normalised(*(_normalised_one_to_one(text)
-                                  or _normalised_by_letter(text)))
+    return _words_of_normalised(*_normalised(text))
+
+
+#: Characters per block of :func:`_normalised`.
+_BY_LETTER_BLOCK = 1 << 16
+_SPACE = re.compile(r"\s")
+
+
+def _normalised(text):
+    """``(norm, start, end)`` of ``text``: one to one where it maps so,
+    else in blocks of about :data:`_BY_LETTER_BLOCK` characters, cut before
+    whitespace, each one to one or letter by letter. One decomposed
+    character sent a whole line letter by letter, its Python lists 230
+    bytes a character (1.9 GB for the 8 MiB ``segment --words`` reads: an
+    attack helper's find). Cutting before whitespace changes nothing: no
+    word, apostrophe between letters, composition (whitespace is a starter)
+    or final sigma (it is neither cased nor case-ignorable) spans it."""
+    mapped = _normalised_one_to_one(text)
+    if mapped is not None:
+        return mapped
+    if len(text) <= _BY_LETTER_BLOCK:
+        return _normalised_by_letter(text)
+    cuts, at = [0], _BY_LETTER_BLOCK
+    while at < len(text) and (space := _SPACE.search(text, at)) is not None:
+        cuts.append(space.start())
+        at = space.start() + _BY_LETTER_BLOCK
+    cuts.append(len(text))
+    norms, starts, ends = [], [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        block = text[a:b]
+        norm, start, end = _normalised_one_to_one(block) or _normalised_by_letter(block)
+        norms.append(norm)
+        starts.append(start + a)
+        ends.append(end + a)
+    return "".join(norms), np.concatenate(starts), np.concatenate(ends)
 
 
 def _word_spans_of_texts(texts):
@@ -692,16 +725,21 @@ def _normalised_by_letter(text):
     # the apostrophes words_of drops: found in the NFC text, as there
     unit_of = np.repeat(np.arange(len(nfc)), [len(u) for u in nfc])
     dropped = {int(unit_of[m.start()]) for m in _APOSTROPHE.finditer("".join(nfc))}
+    kept = ["" if u in dropped else unit for u, unit in enumerate(nfc)]
+    if any("\u03a3" in unit for unit in kept):
+        # a capital sigma lowercases by its context (final: ς), which
+        # words_of lowercases without the apostrophes: so here (one
+        # neighbour each side, the apostrophe one of them, gave ς where
+        # words_of gave σ: an attack helper's find). A unit's lowercase has
+        # the same length alone as in context (sigma's rule keeps it).
+        whole = "".join(kept).lower()
+        at = np.cumsum([0] + [len(unit.lower()) for unit in kept]).tolist()
     parts, start, end = [], [], []
-    for u, ((i, j), unit) in enumerate(zip(bounds, nfc)):
-        if u in dropped:
-            unit = ""
-        elif "\u03a3" in unit:   # a capital sigma lowercases by its neighbours (final: ς)
-            before = nfc[u - 1] if u else ""
-            after = nfc[u + 1] if u + 1 < len(nfc) else ""
-            low = len(before.lower())
-            unit = (before + unit + after).lower()[low:low + len(unit.lower())]
-            unit = unicodedata.normalize("NFC", unit)
+    for u, ((i, j), unit) in enumerate(zip(bounds, kept)):
+        if not unit:
+            pass
+        elif "\u03a3" in unit:
+            unit = unicodedata.normalize("NFC", whole[at[u]:at[u + 1]])
         else:
             unit = unicodedata.normalize("NFC", unit.lower())
         parts.append(unit)
