@@ -217,8 +217,18 @@ class Optimizer:
             if g.shape != p.shape:
                 raise ValueError(
                     f"grads[{name!r}] has shape {g.shape}, expected {p.shape}")
-            if not np.isfinite(g).all():
-                raise ValueError(f"grads[{name!r}] contains NaN or infinity")
+            # one pass: NaN fails the comparison too. A finite float64
+            # gradient beyond float32 made a float32 parameter NaN, and one
+            # whose square overflows froze Adam's (a numerical review's find)
+            limit = self._grad_limit(p.dtype)
+            largest = np.abs(g).max() if g.size else 0
+            if not largest <= limit:
+                if not np.isfinite(largest):
+                    raise ValueError(f"grads[{name!r}] contains NaN or infinity")
+                raise ValueError(
+                    f"grads[{name!r}] has a value of magnitude {float(largest):.3g}, beyond "
+                    f"{limit:.3g}, the most {type(self).__name__} can take for a {p.dtype} "
+                    "parameter (a diverged step?)")
             for slot in self._slots:
                 old = self._state[slot].get(name)
                 if old is None or old.shape == p.shape:
@@ -228,6 +238,10 @@ class Optimizer:
                     raise ValueError(
                         f"params[{name!r}] changed shape from {old.shape} to "
                         f"{p.shape}; only growth along axis 0 is supported")
+
+    def _grad_limit(self, dtype):
+        """The largest gradient magnitude a ``dtype`` parameter takes."""
+        return float(np.finfo(dtype).max)
 
     def _prepare_state(self, name, p):
         """Create zero state for a new parameter, or zero-pad a grown one."""
@@ -321,6 +335,11 @@ class Adam(Optimizer):
             "eps": check_scalar(eps, "eps", lower=0.0, lower_inclusive=False),
             "weight_decay": check_scalar(weight_decay, "weight_decay", lower=0.0),
         }
+
+    def _grad_limit(self, dtype):
+        # the second moment holds g^2: beyond this it is inf, and the step 0
+        # from then on (1.3e154 in float64, 1.8e19 in float32)
+        return float(np.sqrt(np.finfo(dtype).max))
 
     def _update(self, name, p, g, t):
         m = self._state["exp_avg"][name]

@@ -1,4 +1,6 @@
 """Tests for grapheme.optim: reference updates, convergence, growth, state."""
+import re
+
 import numpy as np
 import pytest
 
@@ -214,6 +216,20 @@ def test_step_validation():
         opt.step({"w": w}, {"w": np.ones(2)})
     with pytest.raises(ValueError, match="NaN or infinity"):
         opt.step({"w": w}, {"w": np.array([1.0, np.inf, 0.0])})
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        opt.step({"w": w}, {"w": np.array([1.0, np.nan, 0.0])})
+    # a numerical review's finds: a finite float64 gradient beyond float32
+    # made a float32 parameter NaN; one whose square overflows set Adam's
+    # second moment to inf, and the parameter froze there
+    w32 = np.ones(3, dtype=np.float32)
+    for o, p, big, limit in ((SGD(0.1), w32, 1e39, "3.4e+38"), (Adam(), w32, 1e20, "1.84e+19"),
+                             (Adam(), w, 1e155, "1.34e+154")):
+        with pytest.raises(ValueError, match=re.escape(
+                f"grads['w'] has a value of magnitude {big:.3g}, beyond {limit}, the most "
+                f"{type(o).__name__} can take for a {p.dtype} parameter")):
+            o.step({"w": p}, {"w": np.array([1.0, -big, 0.0])})
+        assert np.all(p == 1) and not o.state_dict().get("step.w")   # nothing moved
+    Adam().step({"w": w.copy()}, {"w": np.array([1e154, 0.0, 0.0])})   # its square is finite
     with pytest.raises(TypeError, match=r"params\['w'\] must be a float64 or float32"):
         opt.step({"w": np.ones(3, dtype=np.float16)}, {"w": w})
     with pytest.raises(TypeError, match=r"grads\['w'\] must be an ndarray"):
