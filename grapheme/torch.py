@@ -231,6 +231,13 @@ class _OpFunction(torch.autograd.Function):
         # outputs lets autograd's version check catch an in-place change of
         # either before backward reads them.
         ctx.save_for_backward(*tensors, *outputs)
+        # ... and their versions: ``saved`` reads the tensors' own memory,
+        # where saved-tensor hooks (``allow_mutation_on_saved_tensors``, a
+        # pack hook's copy) give autograd's check copies, and a change went
+        # unseen into a wrong gradient (a PyTorch-user helper's find). Weak
+        # references: the outputs hold this node, and a tensor gone cannot
+        # be changed.
+        ctx.versions = [(weakref.ref(t), t._version) for t in (*tensors, *outputs)]
         return outputs
 
     @staticmethod
@@ -239,6 +246,14 @@ class _OpFunction(torch.autograd.Function):
         second_order = torch.is_grad_enabled()   # on only under create_graph=True
         with torch.no_grad():
             ctx.saved_tensors   # raises if an input or output was modified in place
+            for ref, version in ctx.versions:   # also where hooks replaced them
+                t = ref()
+                if t is not None and t._version != version:
+                    raise RuntimeError(
+                        f"one of the tensors grapheme's {type(ctx.op).__name__} needs for "
+                        "its gradient was modified by an inplace operation after the "
+                        "forward pass (its backward reads their memory, whatever "
+                        "saved-tensor hooks saved)")
             upstream = [None if g is None else _array(g, "grad") for g in grads]
             result = ctx.op.vjp(ctx.state, *upstream)
             out = tuple(_tensor(g, ctx.dtype) if need and g is not None else None

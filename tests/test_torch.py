@@ -207,6 +207,36 @@ def test_inplace_change_after_forward_is_caught():
         s.sum().backward()
 
 
+@pytest.mark.parametrize("hooks", ["copying pack hook", "allow_mutation_on_saved_tensors"])
+def test_inplace_change_is_caught_under_saved_tensor_hooks(hooks):
+    """A PyTorch-user helper's find: where hooks give autograd's version
+    check copies, a change of the memory grapheme's backward reads went
+    unseen, a gradient 4.3 off (torch's own ops: exact, on their copies)."""
+    x = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    def context():
+        return (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+                if hooks == "copying pack hook"
+                else torch.autograd.graph.allow_mutation_on_saved_tensors())
+    calls = [lambda h: gt.edge_similarity(gr.Graph.chains([0, 5]), h),
+             lambda h: gt.Merge(estimator="soft")(h, [0, 5]).features]
+    for call in calls:
+        with context():
+            y = x * 1.0
+            out = call(y)
+            with torch.no_grad():
+                y.add_(1.0)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation after "
+                                                   "the forward pass"):
+                out.sum().backward()
+        with context():   # unchanged: the gradient as without hooks
+            out = call(x * 1.0)
+            out.sum().backward()
+        grad, x.grad = x.grad, None
+        call(x * 1.0).sum().backward()
+        assert torch.equal(grad, x.grad)
+        x.grad = None
+
+
 # ---------------------------------------------------------------- modules
 @pytest.mark.parametrize("estimator", ["soft", "history"])
 def test_merge_module_gradcheck(estimator):
