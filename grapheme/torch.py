@@ -175,7 +175,10 @@ def _chains(x, offsets, labels=None, dim=None):
         what = "d" if dim is None else f"{dim}"
         raise ValueError(f"x must have shape ({n}, {what}): offsets[-1] = {n} rows"
                          + ("" if dim is None else " of the encoder's dim")
-                         + f", got {tuple(x.shape)}")
+                         + f", got {tuple(x.shape)}"
+                         # a new user's find: a padded (B, L, d) batch
+                         + ("; a padded batch is packed by grapheme.torch.pack"
+                            if x.ndim == 3 else ""))
     return Graph.chains(offsets, None if labels is None else _host(labels, "labels"))
 
 

@@ -520,6 +520,10 @@ def test_module_niceties():
     with pytest.raises(ValueError, match=r"^x must have shape \(8, d\): offsets\[-1\] = 8 "
                                          r"rows, got \(9, 8\)$"):
         gt.Merge()(torch.zeros(9, 8), [0, 4, 8])
+    # a new user's find: a padded batch, named as such
+    with pytest.raises(ValueError, match=r"got \(2, 5, 8\); a padded batch is packed by "
+                                         r"grapheme.torch.pack$"):
+        gt.Merge()(torch.zeros(2, 5, 8), [0, 4, 9])
 
 
 def test_merged_unpacks_and_indexes_as_a_3_tuple():
