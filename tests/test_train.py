@@ -654,7 +654,8 @@ def test_keep_best_validation(tmp_path):
     with pytest.raises(ValueError, match="best needs keep_best"):
         t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, checkpoint=ck, best=tmp_path / "b.npz")
     (tmp_path / "best.npz").write_bytes(b"someone's file")
-    with pytest.raises(ValueError, match="best checkpoint .*best.npz' already exists"):
+    with pytest.raises(ValueError, match=r"best checkpoint .*best.npz' already exists; .* "
+                                         r"choose another path \(best=\)"):
         t.fit(DEMO_PAIRS, 1, val=DEMO_PAIRS, checkpoint=ck, keep_best="val_loss")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz"]
     assert (tmp_path / "best.npz").read_bytes() == b"someone's file"

@@ -1166,10 +1166,14 @@ class Trainer:
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
                 if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
+                    # named by its argument: the best file's default (beside
+                    # the checkpoint) is one a user never wrote (a new user's find)
+                    argument = {"log": "the Trainer's log=", "checkpoint": "checkpoint=",
+                                "best checkpoint": "best="}[what]
                     return ValueError(
                         f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
                         "replace another run's files: resume that run, choose another "
-                        "path, or pass overwrite=True to the Trainer")
+                        f"path ({argument}), or pass overwrite=True to the Trainer")
         return None
 
     def _agree_start(self, error, fingerprint, epochs, keep_best, val_split):
