@@ -122,6 +122,28 @@ def _numpy(t, name):
                         f"torch.func") from None
 
 
+def _untransformed():
+    """A TypeError under ``torch.jit.trace`` or a ``torch.func`` transform,
+    which cannot run grapheme's operations (a PyTorch-user helper's find:
+    vmap, jacrev and the batched gradients said "it must override the
+    setup_context staticmethod" or "Batching rule not implemented", as if
+    the fault were the user's; a trace replayed the traced batch's offsets
+    on every batch, silently)."""
+    if torch.jit.is_tracing():
+        raise TypeError(
+            "torch.jit.trace cannot trace grapheme's operations: their offsets, labels and "
+            "merges are computed outside torch, so the trace would replay the traced "
+            "batch's on every batch; call the module eagerly (torch.compile runs grapheme's "
+            "operations between its graphs)")
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        raise TypeError(
+            "grapheme's operations cannot run under a torch.func transform (grad, vmap, "
+            "jacrev, jacfwd, vjp; torch.autograd.grad(..., is_grads_batched=True), "
+            "jacobian(..., vectorize=True)): they are differentiated by torch.autograd "
+            "(loss.backward(), torch.autograd.grad)")
+
+
 def _check_tensor(t, name):
     """``t`` is a dense float32 or float64 tensor, else a TypeError naming
     ``name`` (checked where the user's argument still has its own name)."""
@@ -155,6 +177,7 @@ def _host(x, name):
     values) is refused naming ``name``."""
     if not isinstance(x, torch.Tensor):
         return np.asarray(x)
+    _untransformed()   # before the trace's warnings that its values are constants
     _not_meta(x, name)
     return _numpy(x.detach().cpu(), name)
 
@@ -247,6 +270,7 @@ class _OpFunction(torch.autograd.Function):
     @_eager   # autograd calls it from a compiled function's .backward()
     def backward(ctx, *grads):
         second_order = torch.is_grad_enabled()   # on only under create_graph=True
+        _untransformed()   # a batched backward (is_grads_batched=True)
         with torch.no_grad():
             ctx.saved_tensors   # raises if an input or output was modified in place
             for ref, version in ctx.versions:   # also where hooks replaced them
@@ -301,6 +325,7 @@ def apply(op, call, *tensors):
     ``op.outputs``) and ``result`` (for its non-differentiable parts, e.g.
     a merged graph or history).
     """
+    _untransformed()
     box = []
     outputs = _OpFunction.apply(op, call, box, *tensors)
     return outputs, box[0]

@@ -901,13 +901,29 @@ def test_torch_func_transforms_are_refused_by_name():
     pointer" from inside the offsets' conversion (a PyTorch-user helper's
     find); with list offsets torch's own message names setup_context."""
     merge, offsets = gt.Merge(), torch.tensor([0, 4, 9])
-    with pytest.raises(TypeError, match="offsets is a tensor without storage, as under a "
+    with pytest.raises(TypeError, match="grapheme's operations cannot run under a "
                                         "torch.func transform"):
         torch.func.grad(lambda x: merge(x, offsets).features.sum())(torch.randn(9, 8))
+    # with list offsets torch named setup_context, as if the fault were the
+    # user's; now every transform, and torch.jit.trace, which replayed the
+    # traced batch's offsets silently (a PyTorch-user helper's finds)
+    g = gr.Graph.chains([0, 5])
+    x64 = torch.randn(5, 3, dtype=F64)
     for transform, x in ((torch.func.grad, torch.randn(9, 8)),
-                         (torch.func.vmap, torch.randn(2, 9, 8))):
-        with pytest.raises(RuntimeError, match="setup_context"):
+                         (torch.func.vmap, torch.randn(2, 9, 8)),
+                         (torch.func.jacrev, torch.randn(9, 8))):
+        with pytest.raises(TypeError, match="grapheme's operations cannot run under a "
+                                            "torch.func transform"):
             transform(lambda x: merge(x, [0, 4, 9]).features.sum())(x)
+    with pytest.raises(TypeError, match="cannot run under a torch.func transform"):
+        torch.func.vjp(lambda h: gt.edge_similarity(g, h), x64)   # (jacfwd warns: torch's)
+
+    # as torch.jit.trace would see it (deprecated: it warns, and its
+    # warnings fill the test's report)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(
+            TypeError, match="torch.jit.trace cannot trace grapheme's operations"):
+        mp.setattr(torch.jit, "is_tracing", lambda: True)
+        merge(torch.randn(9, 4), offsets)
 
 
 def test_torch_loss_for_training_is_the_trainers():
