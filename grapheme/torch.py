@@ -369,6 +369,7 @@ def unpool(history, y):
     a :class:`grapheme.ops.Lookup` of ``y`` at ``history.cluster`` (its vjp
     sums over each output's members). ``y`` is (k,) or (k, ...): rows of
     several dimensions (heads, say) are flattened for it and back."""
+    _check_tensor(y, "y")   # float32 or float64, named (else it is Lookup's "table")
     rows = history.cluster
     flat = y.flatten(1) if y.ndim > 2 else y   # reshape(k, -1) failed at k = 0
     (out,), _ = apply(ops.Lookup(), lambda a: ops.Lookup().forward(a, rows), flat)
@@ -689,6 +690,10 @@ def _morph_setting(name):
 
     def set(self, value):
         if isinstance(value, torch.Tensor) and value.numel() == 1 and name == "temperature":
+            if value.requires_grad:   # .item() dropped its gradient, unsaid (a helper's find)
+                raise TypeError("temperature is a setting, not a learnable parameter: got a "
+                                "tensor that requires grad, whose gradient would be dropped; "
+                                "assign a float or a tensor without grad (a schedule's)")
             value = value.item()   # an annealing schedule's tensor, as Merge(threshold=) takes one
         morpher = self._morpher
         old = getattr(morpher, name)
@@ -847,8 +852,14 @@ class Merge(nn.Module):
             if isinstance(kept_fraction, torch.Tensor) and kept_fraction.numel() == 1:
                 kept_fraction = kept_fraction.item()   # e.g. all-reduced counts' ratio
             kept_fraction = check_scalar(kept_fraction, "kept_fraction", lower=0, upper=1)
-        self._morpher.step(merged._morphed, None if losses is None else _array(losses, "losses"),
-                           kept_fraction=kept_fraction)
+        try:
+            self._morpher.step(merged._morphed,
+                               None if losses is None else _array(losses, "losses"),
+                               kept_fraction=kept_fraction)
+        except (TypeError, ValueError) as exc:   # named as here (Morpher.step's loss_values)
+            if "loss_values" not in str(exc):
+                raise
+            raise type(exc)(str(exc).replace("loss_values", "losses")) from None
 
     def get_extra_state(self):
         return {"estimator": self.estimator.state_dict(),

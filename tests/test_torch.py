@@ -509,6 +509,14 @@ def test_empty_batches_and_unpool_shapes_are_named():
     gradcheck(lambda y: gt.unpool(out.history, y), y)
     empty = gt.Merge(threshold=-10.0).double()(torch.ones(0, 2, dtype=F64), [0])
     assert empty.unpool(torch.zeros(0, 3, 2, dtype=F64)).shape == (0, 3, 2)   # reshape(0, -1)
+    # the functional unpool names y too, and Merge.step its losses (a
+    # PyTorch-user helper's find: "table", "loss_values")
+    with pytest.raises(TypeError, match="^y must be float32 or float64"):
+        gt.unpool(out.history, torch.arange(2))
+    merge = gt.Merge(estimator=gr.Reinforce(samples=3)).double()
+    drawn = merge(torch.ones(5, 2, dtype=F64), [0, 2, 5])
+    with pytest.raises(ValueError, match=r"^losses must have shape \(6,\)"):
+        merge.step(drawn, torch.ones(2, dtype=F64))
 
 
 def test_module_niceties():
@@ -1104,4 +1112,8 @@ def test_temperature_takes_a_one_element_tensor():
     assert merge.temperature == 0.5 and type(merge.temperature) is float
     with pytest.raises(TypeError, match="temperature"):
         merge.temperature = torch.tensor([0.5, 0.2])
+    assert merge.temperature == 0.5
+    # a learnable one's gradient was dropped unsaid (a PyTorch-user helper's find)
+    with pytest.raises(TypeError, match="temperature is a setting, not a learnable parameter"):
+        merge.temperature = torch.tensor(0.2, requires_grad=True)
     assert merge.temperature == 0.5
