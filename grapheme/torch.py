@@ -790,8 +790,9 @@ class Merge(nn.Module):
     def forward(self, x, offsets, labels=None, queries=None, keys=None):
         """Merge the rows of ``x`` (n, d), sequences by ``offsets`` (B + 1,).
 
-        ``labels`` (n,), optional integers, name the rows for the structural
-        loss (a merged row keeps its first row's label); by default the code
+        ``labels`` (n,), optional integers in 0..0x10FFFF (code points, or
+        any ids in that range), name the rows for the structural loss (a
+        merged row keeps its first row's label); by default the code
         points of a text's characters. To train a segmentation, label each
         row by its offset in its own sequence instead, as the numpy
         ``Trainer`` does (:func:`grapheme.segmentation_target`, Notes).
