@@ -263,7 +263,10 @@ class _OpFunction(torch.autograd.Function):
         # unseen into a wrong gradient (a PyTorch-user helper's find). Weak
         # references: the outputs hold this node, and a tensor gone cannot
         # be changed.
-        ctx.versions = [(weakref.ref(t), t._version) for t in (*tensors, *outputs)]
+        # Only where a backward can run: an inference tensor has no version
+        # (under inference_mode every op failed: an attack helper's find).
+        ctx.versions = ([(weakref.ref(t), t._version) for t in (*tensors, *outputs)
+                         if not t.is_inference()] if any(ctx.needs_input_grad) else [])
         return outputs
 
     @staticmethod

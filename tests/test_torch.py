@@ -207,6 +207,22 @@ def test_inplace_change_after_forward_is_caught():
         s.sum().backward()
 
 
+def test_inference_mode_runs_every_operation():
+    """An attack helper's find: the version check (below) read an inference
+    tensor's version, which it has not, and every operation failed under
+    torch.inference_mode (and on its tensors under no_grad)."""
+    g = gr.Graph.chains([0, 4, 9])
+    with torch.inference_mode():
+        x = torch.randn(9, 8)
+        expected = [gt.edge_similarity(g, x), gt.Merge(estimator="soft")(x, [0, 4, 9]).features,
+                    gt.Merge(estimator="history")(x, [0, 4, 9]).features]
+    with torch.no_grad():
+        got = [gt.edge_similarity(g, x), gt.Merge(estimator="soft")(x, [0, 4, 9]).features,
+               gt.Merge(estimator="history")(x, [0, 4, 9]).features]
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("hooks", ["copying pack hook", "allow_mutation_on_saved_tensors"])
 def test_inplace_change_is_caught_under_saved_tensor_hooks(hooks):
     """A PyTorch-user helper's find: where hooks give autograd's version
