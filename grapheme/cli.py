@@ -753,10 +753,13 @@ def _train_locked(args, out, spawn, comm, held):
     given_keep_best = args.keep_best is not None
     # fit's check of the kept best file, first and in the command's words
     # (a launch's ranks: fit's)
-    checks_best = comm is None and not new_data and not args.overwrite and start < args.epochs
+    checks_best = comm is None and not args.overwrite and start < args.epochs
     if args.keep_best is None and trainer.best is not None:
+        # said only where it trains ("started anew" beside "nothing to do"
+        # read as a contradiction: a data scientist's find)
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
-                                       rank0 and spawn is None, checks_best)
+                                       rank0 and spawn is None and start < args.epochs,
+                                       checks_best)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -775,7 +778,7 @@ def _train_locked(args, out, spawn, comm, held):
         except ValueError as exc:
             raise CommandError(f"--keep-best: {exc}") from None
         if given_keep_best and checks_best:
-            _check_best_kept_on(args.keep_best, args, trainer, val)
+            _check_best_kept_on(args.keep_best, args, trainer, val, new_data)
     if spawn is not None:   # everything is checked: now the ranks
         from .distributed import _torch_distributed, spawn_local
 
@@ -852,18 +855,19 @@ def _check_same_data(args, trainer, pairs):
     return now["sha256"] != old["sha256"]
 
 
-def _check_best_kept_on(keep_best, args, trainer, val):
+def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
     """Refuse a resume whose record of ``keep_best`` starts anew while
     ``best.npz`` holds the checkpoint's record: the new record would replace
     it. Another metric (a new user's find: the best by val_accuracy went,
-    unsaid, for a worse one by val_loss), or other validation pairs (an
-    attack helper's find: a resume with another --val, keeping the best on
-    by itself, replaced it)."""
-    from .train.trainer import data_fingerprint
+    unsaid, for a worse one by val_loss), other validation pairs or
+    ``new_data`` (an attack helper's finds: a resume with another --val,
+    keeping the best on by itself, replaced it; with --new-data, a worse
+    model replaced it)."""
+    from .train.trainer import val_fingerprints
 
     best = os.path.join(args.out, "best.npz")
-    val_sha = data_fingerprint(*check_pairs(val, "val"))["sha256"]
-    why = trainer._best_replaced_by(keep_best, best, val_sha)
+    why = trainer._best_replaced_by(keep_best, best, val_fingerprints(*check_pairs(val, "val")),
+                                    new_data)
     if why is None:
         return
     metric = trainer.best["metric"]
@@ -875,10 +879,14 @@ def _check_best_kept_on(keep_best, args, trainer, val):
             f"{what}: {held}, which a record of {keep_best} would replace; keep on with "
             f"--keep-best {metric} (or without --keep-best), move it away first, or add "
             "--overwrite")
+    if why == "val":
+        raise CommandError(
+            f"{what}: {held} measured on other validation pairs, which a record on these "
+            "would replace; validate on the pairs it was measured on, move it away first, "
+            "or add --overwrite")
     raise CommandError(
-        f"{what}: {held} measured on other validation pairs, which a record on these "
-        "would replace; validate on the pairs it was measured on, move it away first, or "
-        "add --overwrite")
+        f"{what}: {held} of the data the checkpoint was trained on, which a record on the "
+        "new data would replace; move it away first, or add --overwrite")
 
 
 def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
@@ -900,13 +908,13 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
     if why is None and checks_best:   # before it says "kept on"
         _check_best_kept_on(metric, args, trainer, val)
     if announce and why is None:
-        from .train.trainer import data_fingerprint
+        from .train.trainer import _measured_on, val_fingerprints
 
         # fit starts the record anew on other pairs, or where best.npz does
         # not hold it ("kept on" was said where a new record began: an
         # attack helper's find)
-        measured, best = trainer.best.get("val"), os.path.join(args.out, "best.npz")
-        if measured not in (None, data_fingerprint(*check_pairs(val, "val"))["sha256"]):
+        best = os.path.join(args.out, "best.npz")
+        if not _measured_on(trainer.best, val_fingerprints(*check_pairs(val, "val"))):
             anew = "its best was measured on other validation pairs"
         elif not trainer._best_held_by(best):
             anew = f"{best} does not hold its best, epoch {trainer.best['epoch']}"

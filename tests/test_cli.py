@@ -961,9 +961,18 @@ def test_keep_best_on_new_data_starts_its_record_there(level1, tmp_path, capsys)
     assert run(capsys, "train", "--data", easy, "--epochs", 1, "--out", out, "--keep-best",
                "val_loss", "--no-progress")[0] == 0
     old = Trainer.from_checkpoint(out / "best.npz", progress=False).best["value"]
-    assert run(capsys, "train", "--data", level1, "--new-data", "--epochs", 3, "--out", out,
-               "--resume", out / "checkpoint.npz", "--keep-best", "val_loss",
-               "--no-progress")[0] == 0
+    # the record on the new data would replace best.npz: refused unless
+    # --overwrite (an attack helper's find: a worse model replaced it)
+    kept = (out / "best.npz").read_bytes()
+    argv = ["train", "--data", level1, "--new-data", "--epochs", 3, "--out", out,
+            "--resume", out / "checkpoint.npz", "--keep-best", "val_loss", "--no-progress"]
+    code, text, err = run(capsys, *argv)
+    assert (code, text) == (2, "") and (out / "best.npz").read_bytes() == kept
+    assert err == (f"grapheme train: error: --keep-best val_loss: {str(out / 'best.npz')!r} "
+                   "holds the best val_loss (epoch 0) of the data the checkpoint was trained "
+                   "on, which a record on the new data would replace; move it away first, "
+                   "or add --overwrite\n")
+    assert run(capsys, *argv, "--overwrite")[0] == 0
     later = [r["val_loss"] for r in read_log(out / "metrics.jsonl")[1:]]
     best = Trainer.from_checkpoint(out / "best.npz", progress=False).best
     assert old < min(later)                          # the old record would never move

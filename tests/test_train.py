@@ -608,6 +608,52 @@ def test_keep_best_by_another_metric_on_resume_is_refused(tmp_path):
         make_trainer(progress=False).fit(train, 4, keep_best="val_loss",
                                          resume=tmp_path / "c.npz", **dict(files, val=val[:2]))
     assert (tmp_path / "best.npz").read_bytes() == kept
+    # the same pairs in another order: the same metrics, the record goes on;
+    # another order was "other validation pairs" (an attack helper's find)
+    t = make_trainer(progress=False)
+    t.fit(train, 4, keep_best="val_loss", resume=tmp_path / "c.npz",
+          **dict(files, val=val[::-1]))
+    assert t.best["val"] == gr.train.trainer.val_fingerprints(*zip(*val))[0]
+    # on new data (new_data=True): a record there would replace it, refused
+    kept = (tmp_path / "best.npz").read_bytes()
+    with pytest.raises(ValueError, match=r"holds the best val_loss \(epoch \d\) of the data "
+                                         r"the checkpoint was trained on, which a record on "
+                                         r"the new data would replace"):
+        make_trainer(progress=False).fit(train[:-1], 5, keep_best="val_loss", new_data=True,
+                                         resume=tmp_path / "c.npz", **files)
+    assert (tmp_path / "best.npz").read_bytes() == kept
+
+
+def test_a_best_record_from_before_its_pairs_were_kept_is_stamped(tmp_path):
+    """An attack helper's find: a record without "val" (written before it
+    was kept) is taken as measured on the pairs given, but went on
+    unstamped, so a later resume on any pairs was taken as its too."""
+    from grapheme.checkpoint import load_checkpoint, save_checkpoint
+
+    train, val = DEMO_PAIRS * 4, DEMO_PAIRS
+    files = dict(val=val, checkpoint=tmp_path / "c.npz", best=tmp_path / "best.npz")
+    make_trainer(progress=False).fit(train, 1, keep_best="val_loss", **files)
+    vals = gr.train.trainer.val_fingerprints(*zip(*val))
+    for name in ("c.npz", "best.npz"):   # as written before the record kept its pairs
+        arrays, meta = load_checkpoint(tmp_path / name)
+        del meta["best"]["val"]
+        save_checkpoint(tmp_path / name, arrays, meta)
+    t = make_trainer(progress=False)
+    t.fit(train, 2, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
+    assert t.best["val"] == vals[0]
+    # and one with the fingerprint of its pairs in order (December 2026) goes on too
+    for name in ("c.npz", "best.npz"):
+        arrays, meta = load_checkpoint(tmp_path / name)
+        meta["best"]["val"] = vals[1]
+        save_checkpoint(tmp_path / name, arrays, meta)
+    before = dict(t.best)
+    t = make_trainer(progress=False)
+    t.fit(train, 3, keep_best="val_loss", resume=tmp_path / "c.npz", **files)
+    assert t.best["val"] == vals[0] and t.best["epoch"] >= before["epoch"]
+    with pytest.raises(ValueError, match="measured on other validation pairs"):
+        make_trainer(progress=False).fit(train, 4, keep_best="val_loss",
+                                         resume=tmp_path / "c.npz",
+                                         **dict(files, val=val[:2]))
 
 
 def test_keep_best_survives_a_moved_run_and_another_directory(tmp_path, monkeypatch):

@@ -914,10 +914,11 @@ class Trainer:
             the best checkpoint is never worse on
             ``val`` than the model training started from. :attr:`best` says
             which epoch it is. Needs ``val`` and ``checkpoint``. A resumed
-            run (on its data) given another metric than its record's, or
-            other ``val`` pairs, is refused while ``best`` holds that
-            record, unless the trainer was made with ``overwrite`` (the new
-            record would replace it).
+            run given another metric than its record's, other ``val`` pairs
+            (in another order they are the same) or other training pairs
+            (``new_data``) is refused while ``best`` holds that record,
+            unless the trainer was made with ``overwrite`` (the new record
+            would replace it).
         best : str or os.PathLike, optional
             Where ``keep_best`` keeps it; default ``best.npz`` beside
             ``checkpoint``.
@@ -997,9 +998,9 @@ class Trainer:
         writes = self._writes
         # the validation pairs the best value is measured on (a record
         # without it, written before it was kept, is taken as on these)
-        val_sha = None if best_path is None else data_fingerprint(*val_split)["sha256"]
-        error = (self._files_error(files, None if changed or self.epoch >= epochs else keep_best,
-                                   val_sha) if writes else None)
+        vals = None if best_path is None else val_fingerprints(*val_split)
+        error = (self._files_error(files, None if self.epoch >= epochs else keep_best, vals,
+                                   changed) if writes else None)
         if self.comm is not None:
             self._agree_start(error, fingerprint, epochs, keep_best, val_split)
         elif error is not None:
@@ -1027,18 +1028,20 @@ class Trainer:
         first = None   # the first candidate's state (untrained or resumed), written after epoch 1
         if best_path is not None and self.epoch < epochs and (
                 self.best is None or self.best["metric"] != keep_best or changed
-                or self.best.get("val", val_sha) != val_sha
+                or not _measured_on(self.best, vals)
                 or not self._best_held_on_rank0(best_path)):
             # the starting point is the first candidate: never end below it (a
             # run continued into another best file, on other data or measured
             # on other validation pairs, starts that file's record)
             start = self.baseline if self.epoch == 0 else self._val_record(val)
             self.best = {"metric": keep_best, "value": start[keep_best],
-                         "epoch": self.epoch, "path": best_path, "val": val_sha}
+                         "epoch": self.epoch, "path": best_path, "val": vals[0]}
             if writes:   # another run's file there survives the first epoch too
                 first = self._state(copy=True)
         elif best_path is not None and self.epoch < epochs:   # the record goes on, there
-            self.best = dict(self.best, path=os.fspath(best_path))
+            # stamped with its pairs (a record from before went on unstamped,
+            # so any later pairs were taken as its: an attack helper's find)
+            self.best = dict(self.best, path=os.fspath(best_path), val=vals[0])
         progress = Progress("auto" if self.progress and writes else None,
                             max(epochs - self.epoch, 0) * steps, epochs)
         started = time.perf_counter()
@@ -1055,7 +1058,7 @@ class Trainer:
                     self.history.append(record)
                     if improved:
                         self.best = {"metric": keep_best, "value": record[keep_best],
-                                     "epoch": self.epoch, "path": best_path, "val": val_sha}
+                                     "epoch": self.epoch, "path": best_path, "val": vals[0]}
                 if self.comm is not None:   # cheap: a digest of the parameters
                     self.comm.check_same(f"the parameters after epoch {self.epoch}",
                                          list(self._params().values()))
@@ -1100,20 +1103,20 @@ class Trainer:
         self.comm.all_reduce(flag)   # only rank 0's counts
         return bool(flag[0])
 
-    def _best_replaced_by(self, keep_best, best_path, val_sha=None):
+    def _best_replaced_by(self, keep_best, best_path, vals=None, new_data=False):
         """Why a record of ``keep_best`` (None: none), measured on the
-        validation pairs of fingerprint ``val_sha`` (None: not known), would
+        validation pairs of fingerprints ``vals`` (:func:`val_fingerprints`;
+        None: not known), on other training data if ``new_data``, would
         start anew and replace the best record's checkpoint that
-        ``best_path`` holds: ``"metric"`` (another metric's record) or
-        ``"val"`` (a record on other validation pairs: an attack helper's
-        find, a resume with another --val replaced best.npz unsaid); else
-        None. :meth:`fit` refuses that without ``overwrite``, and ``grapheme
-        train`` in its own words."""
+        ``best_path`` holds: ``"metric"`` (another metric's record),
+        ``"val"`` (a record on other validation pairs) or ``"data"`` (on
+        other training data; both replaced best.npz unsaid: an attack
+        helper's finds); else None. :meth:`fit` refuses that without
+        ``overwrite``, and ``grapheme train`` in its own words."""
         if keep_best is None or self.best is None:
             return None
-        why = ("metric" if self.best["metric"] != keep_best
-               else "val" if val_sha is not None and self.best.get("val", val_sha) != val_sha
-               else None)
+        why = ("metric" if self.best["metric"] != keep_best else "data" if new_data
+               else "val" if vals is not None and not _measured_on(self.best, vals) else None)
         return why if why is not None and self._best_held_by(best_path) else None
 
     def _best_held_by(self, best_path):
@@ -1136,20 +1139,21 @@ class Trainer:
         return (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
                 and {k: v for k, v in held.items() if k != "path"} == record)
 
-    def _files_error(self, files, keep_best=None, val_sha=None):
+    def _files_error(self, files, keep_best=None, vals=None, new_data=False):
         """Rank 0's look, before the first epoch, at the files it will write
         (``files``: ``[(what, path)]``): the error to raise, or None. A
         directory in a file's place, whatever ``overwrite`` says (it could
         not help); without ``overwrite``, on a fresh run another run's file,
         and on a resumed one (on its data) a best checkpoint that a new
         record would replace (:meth:`_best_replaced_by`: ``keep_best``
-        another metric than its record's, or ``val_sha`` other validation
-        pairs)."""
+        another metric than its record's, ``vals`` other validation pairs,
+        or ``new_data``)."""
         for _, path in files:
             if (error := _not_a_file_error(path)) is not None:
                 return error
         best_path = dict(files).get("best checkpoint")
-        why = None if self.overwrite else self._best_replaced_by(keep_best, best_path, val_sha)
+        why = (None if self.overwrite
+               else self._best_replaced_by(keep_best, best_path, vals, new_data))
         if why is not None:
             metric = self.best["metric"]
             held = (f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
@@ -1159,10 +1163,15 @@ class Trainer:
                     f"{held}, which a record of keep_best={keep_best!r} would replace: keep "
                     f"on with keep_best={metric!r}, choose another best path, or pass "
                     "overwrite=True to the Trainer")
+            if why == "val":
+                return ValueError(
+                    f"{held} measured on other validation pairs, which a record on these "
+                    "would replace: validate on the same pairs, choose another best path, or "
+                    "pass overwrite=True to the Trainer")
             return ValueError(
-                f"{held} measured on other validation pairs, which a record on these would "
-                "replace: validate on the same pairs, choose another best path, or pass "
-                "overwrite=True to the Trainer")
+                f"{held} of the data the checkpoint was trained on, which a record on the new "
+                "data would replace: choose another best path, or pass overwrite=True to the "
+                "Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
                 if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
@@ -1665,6 +1674,26 @@ def data_fingerprint(inputs, targets):
         if not isinstance(target, str):
             h.update((-1).to_bytes(8, "little", signed=True))
     return {"pairs": len(inputs), "sha256": h.hexdigest()}
+
+
+def val_fingerprints(inputs, targets):
+    """The fingerprints of validation pairs a best record may hold: of the
+    pairs in any order (each pair's sha256, sorted, hashed: what a record
+    holds now; the same pairs in another order gave other validation pairs,
+    whose metrics are means: an attack helper's find) and of them in their
+    order (:func:`data_fingerprint`'s, what records before December 2026
+    hold)."""
+    h = hashlib.sha256()
+    for digest in sorted(data_fingerprint([s], [t])["sha256"] for s, t in zip(inputs, targets)):
+        h.update(bytes.fromhex(digest))
+    return h.hexdigest(), data_fingerprint(inputs, targets)["sha256"]
+
+
+def _measured_on(record, vals):
+    """Whether a best ``record`` was measured on the validation pairs of
+    fingerprints ``vals`` (:func:`val_fingerprints`); a record without one,
+    from before it was kept, is taken as on them."""
+    return record.get("val") in (None, *vals)
 
 
 def _check_run_meta(path, epoch, history, data, best):
