@@ -130,9 +130,9 @@ def build_parser(prog=PROG):
         prog=prog, description="Vocabulary-free text models whose graph changes shape.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",
                         help="print the version of grapheme and exit")
-    parser.add_argument("--traceback", action="store_true",
-                        help="on an error, the full Python traceback instead of one line "
-                             "(for a bug report)")
+    traceback_help = ("on an error, the full Python traceback instead of one line (for a "
+                      "bug report)")
+    parser.add_argument("--traceback", action="store_true", help=traceback_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("generate", help="write a data set (JSONL): generated tasks, or "
@@ -321,6 +321,11 @@ def build_parser(prog=PROG):
     p.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seed of the generated pairs and of training: the embeddings, the "
                         "shuffling and REINFORCE's samples (default 0)")
+    # after the command too (grapheme train ... --traceback was refused: an
+    # attack helper's find); SUPPRESS leaves the top level's value unless given
+    for command in sub.choices.values():
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                             help=traceback_help)
     return parser
 
 

@@ -118,9 +118,10 @@ def test_errors_exit_2_with_one_line(level1, tmp_path, capsys):
                          "--out", tmp_path / "r")
     assert code == 2 and err.count("\n") == 1
     assert "--data" in err and "does not exist" in err and "Traceback" not in err
-    with pytest.raises(CommandError, match="does not exist"):   # for a bug report
-        run(capsys, "--traceback", "train", "--data", tmp_path / "missing", "--epochs", 1,
-            "--out", tmp_path / "r")
+    for argv in (("--traceback", "train"), ("train", "--traceback")):   # for a bug report
+        with pytest.raises(CommandError, match="does not exist"):
+            run(capsys, *argv, "--data", tmp_path / "missing", "--epochs", 1,
+                "--out", tmp_path / "r")
     # a message that starts with a newline (matplotlib's): its first words,
     # not an empty "error: " (an attack helper's find)
     import grapheme.cli as cli
