@@ -159,7 +159,7 @@ def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     ----------
     n : int
         Number of pairs, >= 0.
-    seed : int or numpy.random.Generator, default 0
+    seed : int, numpy.random.Generator or anything numpy.random.default_rng takes, default 0
         Seed of the generator; the same seed gives the same pairs.
     tasks : str or sequence of str, default :data:`DEFAULT_TASKS`
         Names from :data:`TASKS`, chosen uniformly per pair.
@@ -178,9 +178,9 @@ def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     # about 200 bytes per pair (two short strings, a tuple, the draws)
     check_allocation(200 * n, f"make_pairs(n={show(n)})")
     tasks = _check_tasks(tasks)
-    if not isinstance(seed, np.random.Generator):
-        seed = check_scalar(seed, "seed", lower=0, integer=True)
-    rng = np.random.default_rng(seed)
+    if isinstance(seed, (bool, numbers.Real, str, bytes)):   # an int checked; None, a
+        seed = check_scalar(seed, "seed", lower=0, integer=True)   # Generator, a SeedSequence
+    rng = np.random.default_rng(seed)                     # or a list as numpy takes them
     choice = rng.integers(0, len(tasks), size=n)
     counts = np.bincount(choice, minlength=len(tasks))
     made = [iter(TASKS[t](rng, int(c))) for t, c in zip(tasks, counts)]
