@@ -259,7 +259,7 @@ def plot_segments(model, text, out, overwrite=False, width=60, words=False):
     overwrite : bool, default False
         Replace an existing ``out``; without it, ``FileExistsError``.
     width : int, default 60
-        Characters per drawn line.
+        Characters per drawn line (1 to :data:`MAX_SHOW_CHARS`).
     words : bool, default False
         Raw text, for a model trained on words: the pieces of its words
         (:meth:`Segmenter.word_spans`), the characters between them
@@ -281,7 +281,7 @@ def plot_segments(model, text, out, overwrite=False, width=60, words=False):
                          f"{len(text)}")
     out = check_png(out)
     words = check_bool(words, "words")
-    width = check_scalar(width, "width", lower=1, integer=True)
+    width = check_scalar(width, "width", lower=1, upper=MAX_SHOW_CHARS, integer=True)
     n = len(text)
     if words:   # the pieces, and the gaps between them
         spans = model.word_spans(text)

@@ -223,7 +223,8 @@ def test_show_words_draws_the_pieces_of_raw_text(trained, tmp_path, capsys, monk
         assert code == 0, err
         assert "".join(piece for piece, _ in drawn[0]) == text
         assert not any(parsed[-1])
-    for width, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+    for width, error in ((0, ValueError), (2.5, TypeError), (True, TypeError),
+                         (2**63, ValueError)):
         with pytest.raises(error, match="width must be"):
             plot.plot_segments(model, "abc", tmp_path / "q.png", width=width)
 
