@@ -1205,8 +1205,10 @@ def _cmd_segment(args, out):
         _warn(f"{PROG} segment: note: {files[0]!r} is segmented as text, not read: a file's "
               f"lines are read from standard input (< {shlex.quote(files[0])})")
     write = out.write
+    unseen = _Unseen(model, args.words)
 
     def segmented(texts):   # pieces of the texts' output, each text ending with a newline
+        unseen.add(texts)
         if args.format == "jsonl":
             return _json_lines(model, texts, args.words)
         if args.words:
@@ -1227,7 +1229,36 @@ def _cmd_segment(args, out):
             for piece in segmented(texts):
                 write(piece)
             out.flush()
+    unseen.note()
     return 0
+
+
+class _Unseen:
+    """The characters of ``segment``'s input that ``model`` has no row for
+    (never seen in training), said once at the end: each is the unknown
+    row, so a script the model never saw came back whole, unsaid (a data
+    scientist's find). With ``words``, only letters (lowercased), as only
+    they are segmented. O(n) per batch in C (``set``), a Python step per
+    distinct character."""
+
+    def __init__(self, model, words):
+        self.known = frozenset(model.embedding.codes.tolist())
+        self.words, self.seen, self.unseen = words, set(), set()
+
+    def add(self, texts):
+        for c in set().union(*map(set, texts)) - self.seen:
+            self.seen.add(c)
+            if self.words and not c.isalpha():
+                continue
+            if any(ord(x) not in self.known for x in (c.lower() if self.words else c)):
+                self.unseen.add(c)
+
+    def note(self):
+        if self.unseen:
+            shown = ", ".join(repr(c) for c in sorted(self.unseen)[:5])
+            _warn(f"{PROG} segment: note: {len(self.unseen)} distinct characters of the input "
+                  f"were never seen in training ({shown}{', ...' if len(self.unseen) > 5 else ''}"
+                  "): the model reads them all as one unknown character")
 
 
 def _json_lines(model, texts, words):

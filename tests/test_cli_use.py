@@ -79,8 +79,8 @@ def test_segment_says_what_it_does_with_a_file_name_and_sep(trained, tmp_path, c
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "in.txt")
     assert code == 0 and out == " ".join(model.segment("in.txt")) + "\n"
-    assert err == ("grapheme segment: note: 'in.txt' is segmented as text, not read: a file's "
-                   "lines are read from standard input (< in.txt)\n")
+    assert err.startswith("grapheme segment: note: 'in.txt' is segmented as text, not read: "
+                          "a file's lines are read from standard input (< in.txt)\n")
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "ok",
                          "the\ncat")
     assert code == 2 and out == "" and err == (
@@ -121,6 +121,31 @@ def test_segment_words_of_raw_text(trained, capsys, monkeypatch):
     code, streamed, _ = run(capsys, "segment", "--model", trained / "model.npz", "--words",
                             "--sep", "|", "--batch-chars", 50)
     assert code == 0 and streamed == out * 40
+
+
+def test_segment_names_the_characters_it_never_saw(trained, capsys, monkeypatch):
+    """A data scientist's find: Cyrillic came back whole from an English
+    model, unsaid. Said once, at the end, of every batch: with --words only
+    the letters (lowercased, as segmented), else every character."""
+    from grapheme.embedding import UNKNOWN
+
+    model = gr.Segmenter.load(trained / "model.npz")
+    known = {chr(c) for c in model.embedding.codes.tolist() if c != UNKNOWN}
+    word = "".join(sorted(known & set("abcdefghijklmnopqrstuvwxyz"))[:4])
+    assert len(word) == 4 and not {"д", "а", word[0].upper(), "!", " "} & known
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{word.title()} да!\n" * 30 + "а\n"))
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words",
+                       "--batch-chars", 20)
+    assert code == 0 and err == ("grapheme segment: note: 2 distinct characters of the input "
+                                 "were never seen in training ('а', 'д'): the model reads "
+                                 "them all as one unknown character\n")
+    text = f"{word.title()}!"
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz", text)
+    assert code == 0 and err == ("grapheme segment: note: 2 distinct characters of the input "
+                                 f"were never seen in training ('!', '{text[0]}'): the model "
+                                 "reads them all as one unknown character\n")
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words", text)
+    assert code == 0 and err == ""
 
 
 def test_segment_jsonl(trained, capsys, monkeypatch):
@@ -512,7 +537,9 @@ def test_standard_input_that_is_not_utf8(trained, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--errors",
                          "replace", "--batch-chars", 3)
-    assert code == 0 and err == "" and out.split("\n") == [
+    # U+FFFD is a character no model saw, and said so
+    assert code == 0 and "'\ufffd')" in err
+    assert out.split("\n") == [
         " ".join(s) for s in model.segment(["thecat", "sat", "on\ufffdthe", "mat"])] + [""]
     got = [x for b in _line_batches(io.BytesIO(b"ab\n\xff\xfe\ncd"), 2, errors="replace")
            for x in b]
@@ -630,7 +657,7 @@ def test_arguments_that_are_not_utf8(trained, capsys):
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--errors",
                          "replace", "ok", "ab\udcffc")
     model = gr.Segmenter.load(trained / "model.npz")
-    assert code == 0 and err == "" and out == "".join(
+    assert code == 0 and "'\ufffd')" in err and out == "".join(
         " ".join(s) + "\n" for s in model.segment(["ok", "ab\ufffdc"]))
 
 
