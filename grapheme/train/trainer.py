@@ -1115,7 +1115,7 @@ class Trainer:
         ``overwrite``, and ``grapheme train`` in its own words."""
         if keep_best is None or self.best is None:
             return None
-        why = ("metric" if self.best["metric"] != keep_best else "data" if new_data
+        why = ("data" if new_data else "metric" if self.best["metric"] != keep_best
                else "val" if vals is not None and not _measured_on(self.best, vals) else None)
         return why if why is not None and self._best_held_by(best_path) else None
 
@@ -1129,15 +1129,19 @@ class Trainer:
         epoch's checkpoint and its best file, a best file deleted, or one of
         a replaced run left the record naming a file that did not hold it,
         and the run reported a best it did not have (an attack helper's
-        find); such a run starts a new record."""
+        find); such a run starts a new record. The record is its metric,
+        value and epoch: not its path, nor its pairs' fingerprint, which a
+        record going on is stamped with (in memory, not in that file)."""
         try:
             meta = load_checkpoint(best_path)[1]
         except (OSError, ValueError):   # none there, or not a checkpoint: not this record
             return False
-        record = {k: v for k, v in self.best.items() if k != "path"}
+
+        def record(best):
+            return {k: v for k, v in best.items() if k not in ("path", "val")}
         held = meta.get("best")
         return (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
-                and {k: v for k, v in held.items() if k != "path"} == record)
+                and record(held) == record(self.best))
 
     def _files_error(self, files, keep_best=None, vals=None, new_data=False):
         """Rank 0's look, before the first epoch, at the files it will write
