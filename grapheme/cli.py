@@ -763,8 +763,7 @@ def _train_locked(args, out, spawn, comm, held):
         # said only where it trains ("started anew" beside "nothing to do"
         # read as a contradiction: a data scientist's find)
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
-                                       rank0 and spawn is None and start < args.epochs,
-                                       checks_best)
+                                       rank0 and spawn is None and start < args.epochs)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -861,13 +860,12 @@ def _check_same_data(args, trainer, pairs):
 
 
 def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
-    """Refuse a resume whose record of ``keep_best`` starts anew while
+    """Refuse a resume given ``--keep-best`` whose record starts anew while
     ``best.npz`` holds the checkpoint's record: the new record would replace
     it. Another metric (a new user's find: the best by val_accuracy went,
     unsaid, for a worse one by val_loss), other validation pairs or
-    ``new_data`` (an attack helper's finds: a resume with another --val,
-    keeping the best on by itself, replaced it; with --new-data, a worse
-    model replaced it)."""
+    ``new_data`` (an attack helper's finds: a resume with another --val
+    replaced it; with --new-data, a worse model did)."""
     from .train.trainer import val_fingerprints
 
     best = os.path.join(args.out, "best.npz")
@@ -877,8 +875,7 @@ def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
         return
     metric = trainer.best["metric"]
     held = f"{best!r} holds the best {metric} (epoch {trainer.best['epoch']})"
-    what = f"--keep-best {keep_best}" + (
-        "" if args.keep_best is not None else " (kept on from the checkpoint)")
+    what = f"--keep-best {keep_best}"
     if why == "metric":
         raise CommandError(
             f"{what}: {held}, which a record of {keep_best} would replace; keep on with "
@@ -894,39 +891,39 @@ def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
         "new data would replace; move it away first, or add --overwrite")
 
 
-def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
+def _kept_on_best(args, out, trainer, val, checkpoint, announce):
     """The ``--keep-best`` metric of a resumed run that kept its best and
-    was not given one: its checkpoint's, on the data it was measured on
-    (else its best.npz stays at the epoch it stopped at, unsaid: a new
-    user's find), or None on new data or validation pairs without the
-    metric, said (if ``announce``) either way."""
+    was not given one: its checkpoint's, on the data and validation pairs
+    it was measured on (else its best.npz stays at the epoch it stopped at,
+    unsaid: a new user's find), or None on new data, other validation pairs
+    (a record on those would replace best.npz, which needs --keep-best and
+    --overwrite: a diff reviewer's find, it was refused with no way to opt
+    out) or validation pairs without the metric; said (if ``announce``)
+    either way."""
+    from .train.trainer import _measured_on, val_fingerprints
+
     metric, why = trainer.best["metric"], None
+    anew = f"--keep-best {metric} --overwrite starts a record on"
     if not val:
         why = "no validation pairs"
     elif args.new_data:
-        why = "new data (--keep-best starts a record on it)"
+        why = f"new data ({anew} it)"
     else:
         try:
             trainer._check_keep_best(metric, None, val, checkpoint)
         except ValueError:
             why = f"the validation pairs have no {metric}"
-    if why is None and checks_best:   # before it says "kept on"
-        _check_best_kept_on(metric, args, trainer, val)
-    if announce and why is None:
-        from .train.trainer import _measured_on, val_fingerprints
-
-        # fit starts the record anew on other pairs, or where best.npz does
-        # not hold it ("kept on" was said where a new record began: an
-        # attack helper's find)
-        best = os.path.join(args.out, "best.npz")
-        if not _measured_on(trainer.best, val_fingerprints(*check_pairs(val, "val"))):
-            anew = "its best was measured on other validation pairs"
-        elif not trainer._best_held_by(best):
-            anew = f"{best} does not hold its best, epoch {trainer.best['epoch']}"
         else:
-            anew = None
+            if not _measured_on(trainer.best, val_fingerprints(*check_pairs(val, "val"))):
+                why = f"other validation pairs than its best's ({anew} them)"
+    if announce and why is None:
+        # fit starts the record anew where best.npz does not hold it
+        # ("kept on" was said where a new record began: an attack helper's find)
+        best = os.path.join(args.out, "best.npz")
+        lost = (None if trainer._best_held_by(best)
+                else f"{best} does not hold its best, epoch {trainer.best['epoch']}")
         print(f"--keep-best {metric}: kept on from the checkpoint" + (
-            f", its record started anew at epoch {trainer.epoch} ({anew})" if anew else ""),
+            f", its record started anew at epoch {trainer.epoch} ({lost})" if lost else ""),
             file=out)
     elif announce:
         print(f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
