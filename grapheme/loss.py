@@ -365,8 +365,9 @@ class StructuralLoss:
         The error is absolute, in units of mass: the masses grapheme's
         morphs give are 1 per cluster, but with masses far below 1 (a
         distribution over many nodes) lower ``tol`` in proportion, or a
-        pair whose every row mass is below it stops after one sweep,
-        reported converged (masses of 1e-6 at the default: a value 1% off).
+        pair whose every row mass is below it stops after two sweeps (the
+        fewest with ``tol``), reported converged (masses of 1e-6 at the
+        default: a value 0.5% off).
     balance : bool or None, default None
         Take the dustbin-balancing step before every sweep but the first.
         None: when ``tol`` is set. Random text pairs converge to 1e-6 in 8

@@ -206,8 +206,9 @@ class Trainer:
     best : dict or None
         With ``fit(..., keep_best=metric)``: ``{"metric", "value", "epoch",
         "path", "val"}`` of the best checkpoint kept so far (``epoch`` 0: the
-        untrained model; ``val``: the sha256 of the validation pairs
-        ``value`` is measured on). Saved in checkpoints.
+        untrained model; ``val``: the fingerprint of the validation pairs
+        ``value`` is measured on, in any order: :func:`val_fingerprints`).
+        Saved in checkpoints.
 
     Notes
     -----
