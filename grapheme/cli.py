@@ -46,6 +46,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 
 from . import __version__
 from . import data as _data
@@ -1611,8 +1612,9 @@ def main(argv=None, *, prog=PROG):
         return 128 + signum
     except (CommandError, ValueError, OSError, FloatingPointError, MemoryError,
             ImportError) as exc:
-        if args.traceback:
-            raise
+        if args.traceback:   # for a bug report; the status stays an error's
+            traceback.print_exc()
+            return 2
         # the first line with words (matplotlib's begin with a newline)
         message = next((line for line in str(exc).splitlines() if line.strip()),
                        type(exc).__name__)
