@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 
 from . import __version__
 from . import data as _data
@@ -1235,21 +1236,37 @@ class _Unseen:
     """The characters of ``segment``'s input that ``model`` has no row for
     (never seen in training), said once at the end: each is the unknown
     row, so a script the model never saw came back whole, unsaid (a data
-    scientist's find). With ``words``, only letters (lowercased), as only
-    they are segmented. O(n) per batch in C (``set``), a Python step per
-    distinct character."""
+    scientist's find). With ``words``, the characters of the words as
+    segmented (:func:`grapheme.data.words_of`: NFC, lowercased): each
+    distinct letter and mark lowercased on its own, but in a text not in
+    NFC (its marks may compose) or with a capital sigma (final: ς) those of
+    its words (a diff reviewer's find: a decomposed é was taken as e and
+    U+0301). O(n) per batch in C (``set``, the NFC test), a Python step per
+    text and per distinct character."""
 
     def __init__(self, model, words):
         self.known = frozenset(model.embedding.codes.tolist())
         self.words, self.seen, self.unseen = words, set(), set()
 
     def add(self, texts):
-        for c in set().union(*map(set, texts)) - self.seen:
-            self.seen.add(c)
-            if self.words and not c.isalpha():
-                continue
-            if any(ord(x) not in self.known for x in (c.lower() if self.words else c)):
-                self.unseen.add(c)
+        new = set().union(*map(set, texts)) - self.seen
+        if self.words:
+            exact, others = [], []
+            for t in texts:
+                (exact if "\u03a3" in t or not unicodedata.is_normalized("NFC", t)
+                 else others).append(t)
+            marks = {c for c in new if unicodedata.category(c)[0] == "M"}
+            if exact:
+                new -= (marks | {"\u03a3"}) - set().union(*map(set, others))
+            self.seen |= new
+            chars = {x for c in new if (c.isalpha() or c in marks) and c != "\u03a3"
+                     for x in unicodedata.normalize("NFC", c.lower())}
+            if exact:
+                chars |= set("".join(_data._word_spans_of_texts(exact)[0]))
+            new = chars
+        else:
+            self.seen |= new
+        self.unseen |= {c for c in new if ord(c) not in self.known}
 
     def note(self):
         if self.unseen:

@@ -146,6 +146,12 @@ def test_segment_names_the_characters_it_never_saw(trained, capsys, monkeypatch)
                                  "reads them all as one unknown character\n")
     code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words", text)
     assert code == 0 and err == ""
+    # as the model reads them (a diff reviewer's find): a decomposed letter
+    # composed, and a capital sigma final or not
+    for text, said in ((f"{word}e\u0301", "'é'"), ("ΣΑΣ", "'α', 'ς', 'σ'")):
+        code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words",
+                           text)
+        assert code == 0 and f"training ({said})" in err
 
 
 def test_segment_jsonl(trained, capsys, monkeypatch):
