@@ -220,15 +220,17 @@ class Optimizer:
             # one pass: NaN fails the comparison too. A finite float64
             # gradient beyond float32 made a float32 parameter NaN, and one
             # whose square overflows froze Adam's (a numerical review's find)
+            # (max and -min, not abs: no copy of g)
             limit = self._grad_limit(p.dtype)
-            largest = np.abs(g).max() if g.size else 0
+            largest = max(float(g.max()), -float(g.min())) if g.size else 0.0
             if not largest <= limit:
                 if not np.isfinite(largest):
                     raise ValueError(f"grads[{name!r}] contains NaN or infinity")
                 raise ValueError(
-                    f"grads[{name!r}] has a value of magnitude {float(largest):.3g}, beyond "
+                    f"grads[{name!r}] has a value of magnitude {largest:.3g}, beyond "
                     f"{limit:.3g}, the most {type(self).__name__} can take for a {p.dtype} "
-                    "parameter (a diverged step?)")
+                    "parameter: a diverged step? lower lr, clip the gradients, or train "
+                    "in float64")
             for slot in self._slots:
                 old = self._state[slot].get(name)
                 if old is None or old.shape == p.shape:
