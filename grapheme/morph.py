@@ -101,7 +101,7 @@ class _MorphSaved(NamedTuple):
 
     similarity: object     # EdgeSimilarity's or RoutedSimilarity's
     scorer: object         # the MergeScores operation (it holds the temperature)
-    scores: object         # and its saved state: (p, logits, theta)
+    scores: object         # and its saved state (ops.ScoresSaved)
     estimator: object      # the estimator's
     rate: object           # (RatePenalty, its saved state), or None
     features: np.ndarray
@@ -476,7 +476,7 @@ class Morpher:
         the spread of the REINFORCE gradient is measured on (``Reinforce``
         only; O(E)).
         """
-        slope = float(sigmoid_slope(morphed._saved.scores[2]))   # tau (1 - tau), from theta
+        slope = float(sigmoid_slope(morphed._saved.scores.theta))   # tau (1 - tau)
         per_example = morphed._estimator.score_per_example(morphed._saved.estimator, advantage)
         return -slope / morphed._saved.scorer.temperature * per_example
 

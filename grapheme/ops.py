@@ -373,6 +373,13 @@ class ScoresResult(NamedTuple):
     tau: float
 
 
+class ScoresSaved(NamedTuple):
+    """What :meth:`MergeScores.vjp` needs: the logits and ``theta`` (the
+    slopes ``p (1 - p)`` and ``tau (1 - tau)`` are taken from them)."""
+    logits: np.ndarray
+    theta: float
+
+
 #: The smallest temperature of :class:`MergeScores` (and of a Morpher).
 MIN_TEMPERATURE = 1e-300
 
@@ -417,14 +424,14 @@ class MergeScores(Operation):
         tau = merge_threshold(theta)
         logits = (similarity - tau) / self.temperature
         p = sigmoid(logits)
-        return ScoresResult(logits, p, tau), (p, logits, float(theta))
+        return ScoresResult(logits, p, tau), ScoresSaved(logits, float(theta))
 
     def vjp(self, saved, grad_logits, grad_probability):
-        p, logits, theta = saved
-        grad_logits = optional_grad(grad_logits, "grad_logits", p.shape, finite=False)
-        grad_probability = optional_grad(grad_probability, "grad_probability", p.shape,
+        logits, theta = saved
+        grad_logits = optional_grad(grad_logits, "grad_logits", logits.shape, finite=False)
+        grad_probability = optional_grad(grad_probability, "grad_probability", logits.shape,
                                          finite=False)
-        g = np.zeros_like(p)
+        g = np.zeros_like(logits)
         if grad_logits is not None:
             g += grad_logits
         if grad_probability is not None:
