@@ -940,6 +940,8 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     ValueError
         Fewer than 3 documents with a word, a file that is not UTF-8, bad
         ``seed``, ``min_words`` or ``max_words``.
+    TypeError
+        A ``seed``, ``min_words`` or ``max_words`` that is not an integer.
     """
     seed = check_scalar(seed, "seed", lower=0, integer=True)
     min_words = _check_count("min_words", min_words)
