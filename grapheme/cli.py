@@ -1269,11 +1269,15 @@ class _Unseen:
         self.unseen |= {c for c in new if ord(c) not in self.known}
 
     def note(self):
-        if self.unseen:
-            shown = ", ".join(repr(c) for c in sorted(self.unseen)[:5])
-            _warn(f"{PROG} segment: note: {len(self.unseen)} distinct characters of the input "
-                  f"were never seen in training ({shown}{', ...' if len(self.unseen) > 5 else ''}"
-                  "): the model reads them all as one unknown character")
+        n = len(self.unseen)
+        if n:
+            shown = ", ".join(repr(c) for c in sorted(self.unseen)[:5]) + (
+                ", ..." if n > 5 else "")
+            what = ("1 distinct character of the input was" if n == 1
+                    else f"{n} distinct characters of the input were")
+            _warn(f"{PROG} segment: note: {what} never seen in training ({shown}): the model "
+                  "reads " + ("it as the" if n == 1 else "them all as one") +
+                  " unknown character")
 
 
 def _json_lines(model, texts, words):

@@ -152,6 +152,12 @@ def test_segment_names_the_characters_it_never_saw(trained, capsys, monkeypatch)
         code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words",
                            text)
         assert code == 0 and f"training ({said})" in err
+    assert err.endswith("note: 3 distinct characters of the input were never seen in training "
+                        "('α', 'ς', 'σ'): the model reads them all as one unknown character\n")
+    code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words",
+                       f"{word}e\u0301")
+    assert err == ("grapheme segment: note: 1 distinct character of the input was never seen "
+                   "in training ('é'): the model reads it as the unknown character\n")
 
 
 def test_segment_jsonl(trained, capsys, monkeypatch):
