@@ -1149,8 +1149,8 @@ class Trainer:
         (``files``: ``[(what, path)]``): the error to raise, or None. A
         directory in a file's place, whatever ``overwrite`` says (it could
         not help); without ``overwrite``, on a fresh run another run's file,
-        and on a resumed one (on its data) a best checkpoint that a new
-        record would replace (:meth:`_best_replaced_by`: ``keep_best``
+        and on a resumed one a best checkpoint that a new record would
+        replace (:meth:`_best_replaced_by`: ``keep_best``
         another metric than its record's, ``vals`` other validation pairs,
         or ``new_data``)."""
         for _, path in files:
