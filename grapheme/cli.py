@@ -1236,36 +1236,28 @@ class _Unseen:
     """The characters of ``segment``'s input that ``model`` has no row for
     (never seen in training), said once at the end: each is the unknown
     row, so a script the model never saw came back whole, unsaid (a data
-    scientist's find). With ``words``, the characters of the words as
-    segmented (:func:`grapheme.data.words_of`: NFC, lowercased): each
-    distinct letter and mark lowercased on its own, but in a text not in
-    NFC (its marks may compose) or with a capital sigma (final: ς) those of
-    its words (a diff reviewer's find: a decomposed é was taken as e and
-    U+0301). O(n) per batch in C (``set``, the NFC test), a Python step per
-    text and per distinct character."""
+    scientist's find). With ``words``, the letters and marks as the words
+    hold them (:func:`grapheme.data.words_of`): of the text in NFC (a
+    decomposed é is é, not e and U+0301: a diff reviewer's find),
+    lowercased, a capital sigma as both σ and ς (which one is the word's
+    business). O(n) per batch in C (``set``, NFC), a Python step per text
+    and per distinct character: reading the words again doubled the time
+    of a decomposed text (an attack helper's find)."""
 
     def __init__(self, model, words):
         self.known = frozenset(model.embedding.codes.tolist())
         self.words, self.seen, self.unseen = words, set(), set()
 
     def add(self, texts):
-        new = set().union(*map(set, texts)) - self.seen
         if self.words:
-            exact, others = [], []
-            for t in texts:
-                (exact if "\u03a3" in t or not unicodedata.is_normalized("NFC", t)
-                 else others).append(t)
-            marks = {c for c in new if unicodedata.category(c)[0] == "M"}
-            if exact:
-                new -= (marks | {"\u03a3"}) - set().union(*map(set, others))
-            self.seen |= new
-            chars = {x for c in new if (c.isalpha() or c in marks) and c != "\u03a3"
-                     for x in unicodedata.normalize("NFC", c.lower())}
-            if exact:
-                chars |= set("".join(_data._word_spans_of_texts(exact)[0]))
-            new = chars
-        else:
-            self.seen |= new
+            texts = [t if unicodedata.is_normalized("NFC", t)
+                     else unicodedata.normalize("NFC", t) for t in texts]
+        new = set().union(*map(set, texts)) - self.seen
+        self.seen |= new
+        if self.words:
+            new = {x for c in new if c.isalpha() or unicodedata.category(c)[0] == "M"
+                   for x in ("\u03c3\u03c2" if c == "\u03a3"
+                             else unicodedata.normalize("NFC", c.lower()))}
         self.unseen |= {c for c in new if ord(c) not in self.known}
 
     def note(self):
