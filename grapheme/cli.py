@@ -765,7 +765,8 @@ def _train_locked(args, out, spawn, comm, held):
         # said only where it trains ("started anew" beside "nothing to do"
         # read as a contradiction: a data scientist's find)
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
-                                       rank0 and spawn is None and start < args.epochs)
+                                       rank0 and spawn is None and start < args.epochs,
+                                       checks_best)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -785,6 +786,7 @@ def _train_locked(args, out, spawn, comm, held):
             raise CommandError(f"--keep-best: {exc}") from None
         if given_keep_best and checks_best:
             _check_best_kept_on(args.keep_best, args, trainer, val, new_data)
+            _check_best_foreign(args.keep_best, args, trainer)
     if spawn is not None:   # everything is checked: now the ranks
         from .distributed import _torch_distributed, spawn_local
 
@@ -893,7 +895,20 @@ def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
         "new data would replace; move it away first, or add --overwrite")
 
 
-def _kept_on_best(args, out, trainer, val, checkpoint, announce):
+def _check_best_foreign(keep_best, args, trainer):
+    """Refuse a resume whose ``--keep-best`` record would write best.npz
+    where another run's file, or one that is not a checkpoint, lies (an
+    attack helper's find: it was replaced, said as "does not hold its
+    best")."""
+    best = os.path.join(args.out, "best.npz")
+    if not trainer._best_held_by(best) and trainer._best_foreign(best):
+        raise CommandError(
+            f"--keep-best {keep_best}: {best!r} is not this run's (another run's best, or "
+            "not a checkpoint), which a record here would replace; move it away first, or "
+            "add --overwrite")
+
+
+def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
     """The ``--keep-best`` metric of a resumed run that kept its best and
     was not given one: its checkpoint's, on the data and validation pairs
     it was measured on (else its best.npz stays at the epoch it stopped at,
@@ -918,6 +933,8 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce):
         else:
             if not _measured_on(trainer.best, val_fingerprints(*check_pairs(val, "val"))):
                 why = f"other validation pairs than its best's ({anew} them)"
+    if why is None and checks_best:   # before it says "kept on"
+        _check_best_foreign(metric, args, trainer)
     if announce and why is None:
         # fit starts the record anew where best.npz does not hold it
         # ("kept on" was said where a new record began: an attack helper's find)

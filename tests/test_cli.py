@@ -982,6 +982,28 @@ def test_keep_best_on_new_data_starts_its_record_there(level1, tmp_path, capsys)
     assert old < best["value"] <= min(later)         # measured on the new pairs
 
 
+def test_a_resume_does_not_write_its_best_over_another_file(level1, tmp_path, capsys):
+    """An attack helper's find: a resume wrote its best over whatever lay in
+    best.npz (another run's best, a user's file), said as "does not hold
+    its best"; refused, named, unless --overwrite."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", out, "--keep-best",
+               "val_loss", "--no-progress")[0] == 0
+    (out / "best.npz").write_text("a user's notes")
+    for named in ((), ("--keep-best", "val_loss")):
+        code, text, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out,
+                              "--resume", out / "checkpoint.npz", "--no-progress", *named)
+        assert (code, text) == (2, "")
+        assert err == (f"grapheme train: error: --keep-best val_loss: "
+                       f"{str(out / 'best.npz')!r} is not this run's (another run's best, or "
+                       "not a checkpoint), which a record here would replace; move it away "
+                       "first, or add --overwrite\n")
+        assert (out / "best.npz").read_text() == "a user's notes"
+    assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
+               out / "checkpoint.npz", "--no-progress", "--overwrite")[0] == 0
+    assert (out / "best.npz").read_bytes()[:2] == b"PK"   # a checkpoint now
+
+
 def test_keep_best_on_other_validation_pairs_starts_its_record_there(level1, tmp_path,
                                                                     capsys):
     """Left from stop 34: resumed with another --val, the record kept the

@@ -558,23 +558,39 @@ def test_keep_best_keeps_the_best_epoch_and_survives_resume(tmp_path):
         k: v for k, v in a.best.items() if k != "path"}
 
 
-@pytest.mark.parametrize("damage", ["deleted", "stale"])
+@pytest.mark.parametrize("damage", ["deleted", "stale", "another run's", "not a checkpoint"])
 def test_a_best_file_that_does_not_hold_the_record_starts_a_new_one(damage, tmp_path):
     """An attack helper's find: a stop between an epoch's checkpoint and
     its best file, a deleted best file or a replaced run's left the record
     naming a file that did not hold it; the resumed run went on reporting
-    that best, the file never written or another model."""
+    that best, the file never written or another model. Another run's file
+    there, or one that is not a checkpoint, is not replaced unasked (a
+    later attack helper's find: it was, said as "does not hold its best")."""
     train, val = DEMO_PAIRS * 4, DEMO_PAIRS
     files = dict(val=val, checkpoint=tmp_path / "c.npz", best=tmp_path / "best.npz",
                  keep_best="val_loss")
+    make_trainer(progress=False).fit(train, 1, val=val, checkpoint=tmp_path / "c.npz")
+    epoch1 = (tmp_path / "c.npz").read_bytes()   # this run's, before its record
+    os.unlink(tmp_path / "c.npz")
     make_trainer(progress=False).fit(train, 3, **files)
     if damage == "deleted":
         os.unlink(tmp_path / "best.npz")
-    else:   # another run's best there (its record and epoch are not this one's)
+    elif damage == "stale":   # this run's epoch 1, which holds no record
+        (tmp_path / "best.npz").write_bytes(epoch1)
+    elif damage == "another run's":   # its record and epoch are not this one's
         other = make_trainer(progress=False, seed=5)
         other.fit(train, 1, val=val, checkpoint=tmp_path / "o.npz",
                   best=tmp_path / "o_best.npz", keep_best="val_loss")
         os.replace(tmp_path / "o_best.npz", tmp_path / "best.npz")
+    else:
+        (tmp_path / "best.npz").write_text("a user's notes")
+    if damage in ("another run's", "not a checkpoint"):
+        kept = (tmp_path / "best.npz").read_bytes()
+        with pytest.raises(ValueError, match=r"best checkpoint .*best.npz' is not this run's "
+                                             r"\(another run's best, or not a checkpoint\)"):
+            make_trainer(progress=False).fit(train, 4, resume=tmp_path / "c.npz", **files)
+        assert (tmp_path / "best.npz").read_bytes() == kept
+        return
     t = make_trainer(progress=False)
     t.fit(train, 4, resume=tmp_path / "c.npz", **files)
     on_disk = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)

@@ -1091,6 +1091,32 @@ class Trainer:
             progress.close(summary)
         return list(self.history)
 
+    def _best_foreign(self, best_path):
+        """Whether ``best_path`` holds a file that a resumed run must not
+        replace unasked: not a checkpoint, or another run's (of another
+        configuration, or its history is not the beginning of this run's; at
+        epoch 0, its data is not this run's). An attack helper's find: a resume wrote its first candidate
+        over another run's best.npz, or over a user's file of that name."""
+        if not os.path.lexists(best_path):
+            return False
+        try:
+            meta = load_checkpoint(best_path)[1]
+        except (OSError, ValueError):
+            return True
+        history, epoch = meta.get("history"), meta.get("epoch")
+        if (not isinstance(history, list) or not isinstance(epoch, int)
+                or not 0 <= epoch <= len(self.history) or meta.get("config") != self.config()):
+            return True
+        if epoch > 0:   # its epochs' losses are this run's
+            def trace(records):
+                return [(r.get("epoch"), r.get("loss")) if isinstance(r, dict) else None
+                        for r in records]
+            return trace(history) != trace(self.history[:epoch])
+        data = meta.get("data")
+        mine = {f["sha256"] for f in (self._data_fingerprint, self._loaded_fingerprint)
+                if f is not None}
+        return not (isinstance(data, dict) and data.get("sha256") in mine)
+
     def _best_held_on_rank0(self, best_path):
         """:meth:`_best_held_by` as rank 0, the one that writes, sees it,
         on every rank: the others never touch files (a copy of the
@@ -1141,8 +1167,10 @@ class Trainer:
         def record(best):
             return {k: v for k, v in best.items() if k not in ("path", "val")}
         held = meta.get("best")
+        # and of this configuration: another run's (another seed) can hold
+        # an equal record, an untrained model's accuracy say (an attack helper's find)
         return (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
-                and record(held) == record(self.best))
+                and record(held) == record(self.best) and meta.get("config") == self.config())
 
     def _files_error(self, files, keep_best=None, vals=None, new_data=False):
         """Rank 0's look, before the first epoch, at the files it will write
@@ -1176,6 +1204,15 @@ class Trainer:
             return ValueError(
                 f"{held} of the data the checkpoint was trained on, which a record on the new "
                 "data would replace: choose another best path, or pass overwrite=True to the "
+                "Trainer")
+        if (best_path is not None and keep_best is not None and self.epoch > 0
+                and not self.overwrite and not (self.best is not None
+                                                and self._best_held_by(best_path))
+                and self._best_foreign(best_path)):
+            return ValueError(
+                f"best checkpoint {os.fspath(best_path)!r} is not this run's (another run's "
+                "best, or not a checkpoint), which a record here would replace: move it "
+                "away, choose another best path (best=), or pass overwrite=True to the "
                 "Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
