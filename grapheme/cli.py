@@ -944,9 +944,11 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
         print(f"--keep-best {metric}: kept on from the checkpoint" + (
             f", its record started anew at epoch {trainer.epoch} ({lost})" if lost else ""),
             file=out)
-    elif announce:
-        print(f"note: {trainer.best['path']} stays at epoch {trainer.best['epoch']}, not "
-              f"kept on: {why}", file=out)
+    elif announce:   # where it lies now (a moved run's record names the old place)
+        here = os.path.join(args.out, "best.npz")
+        where = here if trainer._best_held_by(here) else trainer.best["path"]
+        print(f"note: {where} stays at epoch {trainer.best['epoch']}, not kept on: {why}",
+              file=out)
     return metric if why is None else None
 
 

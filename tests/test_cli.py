@@ -1030,6 +1030,13 @@ def test_keep_best_on_other_validation_pairs_starts_its_record_there(level1, tmp
     assert (f"note: {out / 'best.npz'} stays at epoch 0, not kept on: other validation pairs "
             "than its best's (--keep-best val_loss --overwrite starts a record on them)") in text
     assert (out / "best.npz").read_bytes() == kept
+    # a moved run's note names where its best lies now, not the record's old path
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    code, text, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", moved,
+                          "--resume", moved / "checkpoint.npz", "--no-progress")
+    assert code == 0 and f"note: {moved / 'best.npz'} stays at epoch 0" in text, err
     code, text, err = run(capsys, "train", "--data", level1, "--epochs", 3, "--out", out,
                           "--resume", out / "checkpoint.npz", "--no-progress",
                           "--keep-best", "val_loss")
