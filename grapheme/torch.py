@@ -125,10 +125,11 @@ def _numpy(t, name):
 def _untransformed():
     """A TypeError under ``torch.jit.trace`` or a ``torch.func`` transform,
     which cannot run grapheme's operations (a PyTorch-user helper's find:
-    vmap, jacrev and the batched gradients said "it must override the
-    setup_context staticmethod" or "Batching rule not implemented", as if
-    the fault were the user's; a trace replayed the traced batch's offsets
-    on every batch, silently)."""
+    vmap and jacrev said "it must override the setup_context staticmethod",
+    as if the fault were the user's; a trace replayed the traced batch's
+    offsets on every batch, silently). ``is_grads_batched=True`` and
+    ``jacobian(vectorize=True)`` still fail in torch's words, before any
+    backward of grapheme's runs."""
     if torch.jit.is_tracing():
         raise TypeError(
             "torch.jit.trace cannot trace grapheme's operations: their offsets, labels and "
@@ -139,8 +140,7 @@ def _untransformed():
     if active is not None and active():
         raise TypeError(
             "grapheme's operations cannot run under a torch.func transform (grad, vmap, "
-            "jacrev, jacfwd, vjp; torch.autograd.grad(..., is_grads_batched=True), "
-            "jacobian(..., vectorize=True)): they are differentiated by torch.autograd "
+            "jacrev, jacfwd, vjp): they are differentiated by torch.autograd "
             "(loss.backward(), torch.autograd.grad)")
 
 
@@ -273,7 +273,6 @@ class _OpFunction(torch.autograd.Function):
     @_eager   # autograd calls it from a compiled function's .backward()
     def backward(ctx, *grads):
         second_order = torch.is_grad_enabled()   # on only under create_graph=True
-        _untransformed()   # a batched backward (is_grads_batched=True)
         with torch.no_grad():
             ctx.saved_tensors   # raises if an input or output was modified in place
             for ref, version in ctx.versions:   # also where hooks replaced them
