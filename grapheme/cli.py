@@ -786,7 +786,6 @@ def _train_locked(args, out, spawn, comm, held):
             raise CommandError(f"--keep-best: {exc}") from None
         if given_keep_best and checks_best:
             _check_best_kept_on(args.keep_best, args, trainer, val, new_data)
-            _check_best_foreign(args.keep_best, args, trainer)
     if spawn is not None:   # everything is checked: now the ranks
         from .distributed import _torch_distributed, spawn_local
 
@@ -864,22 +863,26 @@ def _check_same_data(args, trainer, pairs):
 
 
 def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
-    """Refuse a resume given ``--keep-best`` whose record starts anew while
-    ``best.npz`` holds the checkpoint's record: the new record would replace
-    it. Another metric (a new user's find: the best by val_accuracy went,
-    unsaid, for a worse one by val_loss), other validation pairs or
-    ``new_data`` (an attack helper's finds: a resume with another --val
-    replaced it; with --new-data, a worse model did)."""
+    """Refuse a resume whose record of ``keep_best`` would replace a file
+    in best.npz unasked (:meth:`Trainer._best_replaced_by`): the
+    checkpoint's record, starting anew for another metric (a new user's
+    find: the best by val_accuracy went, unsaid, for a worse one by
+    val_loss), other validation pairs or ``new_data``, or a file this run
+    did not write (attack helpers' finds: each was replaced)."""
     from .train.trainer import val_fingerprints
 
     best = os.path.join(args.out, "best.npz")
     why = trainer._best_replaced_by(keep_best, best, val_fingerprints(*check_pairs(val, "val")),
                                     new_data)
+    what = f"--keep-best {keep_best}"
     if why is None:
         return
+    if why == "foreign":
+        raise CommandError(
+            f"{what}: {best!r} is not this run's (another run's best, or not a checkpoint), "
+            "which a record here would replace; move it away first, or add --overwrite")
     metric = trainer.best["metric"]
     held = f"{best!r} holds the best {metric} (epoch {trainer.best['epoch']})"
-    what = f"--keep-best {keep_best}"
     if why == "metric":
         raise CommandError(
             f"{what}: {held}, which a record of {keep_best} would replace; keep on with "
@@ -893,19 +896,6 @@ def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
     raise CommandError(
         f"{what}: {held} of the data the checkpoint was trained on, which a record on the "
         "new data would replace; move it away first, or add --overwrite")
-
-
-def _check_best_foreign(keep_best, args, trainer):
-    """Refuse a resume whose ``--keep-best`` record would write best.npz
-    where another run's file, or one that is not a checkpoint, lies (an
-    attack helper's find: it was replaced, said as "does not hold its
-    best")."""
-    best = os.path.join(args.out, "best.npz")
-    if not trainer._best_held_by(best) and trainer._best_foreign(best):
-        raise CommandError(
-            f"--keep-best {keep_best}: {best!r} is not this run's (another run's best, or "
-            "not a checkpoint), which a record here would replace; move it away first, or "
-            "add --overwrite")
 
 
 def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
@@ -934,7 +924,7 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
             if not _measured_on(trainer.best, val_fingerprints(*check_pairs(val, "val"))):
                 why = f"other validation pairs than its best's ({anew} them)"
     if why is None and checks_best:   # before it says "kept on"
-        _check_best_foreign(metric, args, trainer)
+        _check_best_kept_on(metric, args, trainer, val)
     if announce and why is None:
         # fit starts the record anew where best.npz does not hold it
         # ("kept on" was said where a new record began: an attack helper's find)

@@ -1002,6 +1002,16 @@ def test_a_resume_does_not_write_its_best_over_another_file(level1, tmp_path, ca
     assert run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out, "--resume",
                out / "checkpoint.npz", "--no-progress", "--overwrite")[0] == 0
     assert (out / "best.npz").read_bytes()[:2] == b"PK"   # a checkpoint now
+    # a run that kept no best, given --keep-best on resume (a final read's
+    # find: a traceback, as the check read the record it has not)
+    plain = tmp_path / "plain"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", plain,
+               "--no-progress")[0] == 0
+    (plain / "best.npz").write_bytes((out / "best.npz").read_bytes())   # another run's
+    code, text, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", plain,
+                          "--resume", plain / "checkpoint.npz", "--no-progress",
+                          "--keep-best", "val_loss")
+    assert (code, text) == (2, "") and "is not this run's" in err and "Traceback" not in err
 
 
 def test_keep_best_on_other_validation_pairs_starts_its_record_there(level1, tmp_path,

@@ -1134,17 +1134,20 @@ class Trainer:
         """Why a record of ``keep_best`` (None: none), measured on the
         validation pairs of fingerprints ``vals`` (:func:`val_fingerprints`;
         None: not known), on other training data if ``new_data``, would
-        start anew and replace the best record's checkpoint that
-        ``best_path`` holds: ``"metric"`` (another metric's record),
-        ``"val"`` (a record on other validation pairs) or ``"data"`` (on
-        other training data; both replaced best.npz unsaid: an attack
-        helper's finds); else None. :meth:`fit` refuses that without
-        ``overwrite``, and ``grapheme train`` in its own words."""
-        if keep_best is None or self.best is None:
+        replace a file at ``best_path`` that is not its own to replace:
+        where that file holds the best record, one that starts anew, being
+        ``"data"`` (on other training data), ``"metric"`` (another metric's)
+        or ``"val"`` (on other validation pairs; these replaced best.npz
+        unsaid: attack helpers' finds); where it does not, ``"foreign"``, a
+        file a resumed run did not write (:meth:`_best_foreign`). Else None.
+        :meth:`fit` refuses that without ``overwrite``, and ``grapheme
+        train`` in its own words."""
+        if keep_best is None:
             return None
-        why = ("data" if new_data else "metric" if self.best["metric"] != keep_best
-               else "val" if vals is not None and not _measured_on(self.best, vals) else None)
-        return why if why is not None and self._best_held_by(best_path) else None
+        if not self._best_held_by(best_path):
+            return "foreign" if self.epoch > 0 and self._best_foreign(best_path) else None
+        return ("data" if new_data else "metric" if self.best["metric"] != keep_best
+                else "val" if vals is not None and not _measured_on(self.best, vals) else None)
 
     def _best_held_by(self, best_path):
         """Whether ``best_path`` holds the best record's checkpoint: a
@@ -1159,6 +1162,8 @@ class Trainer:
         find); such a run starts a new record. The record is its metric,
         value and epoch: not its path, nor its pairs' fingerprint, which a
         record going on is stamped with (in memory, not in that file)."""
+        if self.best is None:
+            return False
         try:
             meta = load_checkpoint(best_path)[1]
         except (OSError, ValueError):   # none there, or not a checkpoint: not this record
@@ -1177,16 +1182,20 @@ class Trainer:
         (``files``: ``[(what, path)]``): the error to raise, or None. A
         directory in a file's place, whatever ``overwrite`` says (it could
         not help); without ``overwrite``, on a fresh run another run's file,
-        and on a resumed one a best checkpoint that a new record would
-        replace (:meth:`_best_replaced_by`: ``keep_best``
-        another metric than its record's, ``vals`` other validation pairs,
-        or ``new_data``)."""
+        and on a resumed one a best checkpoint that a record of ``keep_best``
+        would replace unasked (:meth:`_best_replaced_by`)."""
         for _, path in files:
             if (error := _not_a_file_error(path)) is not None:
                 return error
         best_path = dict(files).get("best checkpoint")
         why = (None if self.overwrite
                else self._best_replaced_by(keep_best, best_path, vals, new_data))
+        if why == "foreign":
+            return ValueError(
+                f"best checkpoint {os.fspath(best_path)!r} is not this run's (another run's "
+                "best, or not a checkpoint), which a record here would replace: move it "
+                "away, choose another best path (best=), or pass overwrite=True to the "
+                "Trainer")
         if why is not None:
             metric = self.best["metric"]
             held = (f"best checkpoint {os.fspath(best_path)!r} holds the best {metric} (epoch "
@@ -1204,15 +1213,6 @@ class Trainer:
             return ValueError(
                 f"{held} of the data the checkpoint was trained on, which a record on the new "
                 "data would replace: choose another best path, or pass overwrite=True to the "
-                "Trainer")
-        if (best_path is not None and keep_best is not None and self.epoch > 0
-                and not self.overwrite and not (self.best is not None
-                                                and self._best_held_by(best_path))
-                and self._best_foreign(best_path)):
-            return ValueError(
-                f"best checkpoint {os.fspath(best_path)!r} is not this run's (another run's "
-                "best, or not a checkpoint), which a record here would replace: move it "
-                "away, choose another best path (best=), or pass overwrite=True to the "
                 "Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
