@@ -1091,18 +1091,15 @@ class Trainer:
             progress.close(summary)
         return list(self.history)
 
-    def _best_foreign(self, best_path):
-        """Whether ``best_path`` holds a file that a resumed run must not
-        replace unasked: not a checkpoint, or another run's (of another
-        configuration, or its history is not the beginning of this run's; at
-        epoch 0, its data is not this run's). An attack helper's find: a resume wrote its first candidate
-        over another run's best.npz, or over a user's file of that name."""
-        if not os.path.lexists(best_path):
-            return False
-        try:
-            meta = load_checkpoint(best_path)[1]
-        except (OSError, ValueError):
-            return True
+    def _best_foreign(self, meta):
+        """Whether the best file of meta data ``meta`` (:func:`_best_file_meta`)
+        is one a resumed run must not replace unasked: not a checkpoint, or
+        another run's (of another configuration, or its history is not the
+        beginning of this run's; at epoch 0, its data is not this run's). An
+        attack helper's find: a resume wrote its first candidate over
+        another run's best.npz, or over a user's file of that name."""
+        if meta is None or meta is False:   # no file there, or not a checkpoint
+            return meta is False
         history, epoch = meta.get("history"), meta.get("epoch")
         if (not isinstance(history, list) or not isinstance(epoch, int)
                 or not 0 <= epoch <= len(self.history) or meta.get("config") != self.config()):
@@ -1144,12 +1141,13 @@ class Trainer:
         train`` in its own words."""
         if keep_best is None:
             return None
-        if not self._best_held_by(best_path):
-            return "foreign" if self.epoch > 0 and self._best_foreign(best_path) else None
+        meta = _best_file_meta(best_path)   # read once, for both questions
+        if not self._best_held_by(best_path, meta):
+            return "foreign" if self.epoch > 0 and self._best_foreign(meta) else None
         return ("data" if new_data else "metric" if self.best["metric"] != keep_best
                 else "val" if vals is not None and not _measured_on(self.best, vals) else None)
 
-    def _best_held_by(self, best_path):
+    def _best_held_by(self, best_path, meta=None):
         """Whether ``best_path`` holds the best record's checkpoint: a
         checkpoint of that record's epoch that holds that record, wherever
         the record says it was written (the run moved or copied, or resumed
@@ -1161,12 +1159,13 @@ class Trainer:
         and the run reported a best it did not have (an attack helper's
         find); such a run starts a new record. The record is its metric,
         value and epoch: not its path, nor its pairs' fingerprint, which a
-        record going on is stamped with (in memory, not in that file)."""
+        record going on is stamped with (in memory, not in that file).
+        ``meta``: the file's, if read already (:func:`_best_file_meta`)."""
         if self.best is None:
             return False
-        try:
-            meta = load_checkpoint(best_path)[1]
-        except (OSError, ValueError):   # none there, or not a checkpoint: not this record
+        if meta is None:
+            meta = _best_file_meta(best_path)
+        if not meta:   # none there, or not a checkpoint: not this record
             return False
 
         def record(best):
@@ -1729,6 +1728,17 @@ def val_fingerprints(inputs, targets):
     for digest in sorted(data_fingerprint([s], [t])["sha256"] for s, t in zip(inputs, targets)):
         h.update(bytes.fromhex(digest))
     return h.hexdigest(), data_fingerprint(inputs, targets)["sha256"]
+
+
+def _best_file_meta(path):
+    """The meta data of the checkpoint at ``path``: None where there is no
+    file, False where the file is not a checkpoint."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        return load_checkpoint(path)[1]
+    except (OSError, ValueError):
+        return False
 
 
 def _measured_on(record, vals):
