@@ -178,9 +178,11 @@ def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     # about 200 bytes per pair (two short strings, a tuple, the draws)
     check_allocation(200 * n, f"make_pairs(n={show(n)})")
     tasks = _check_tasks(tasks)
-    if isinstance(seed, (bool, numbers.Real, str, bytes)):   # an int checked; None, a
-        seed = check_scalar(seed, "seed", lower=0, integer=True)   # Generator, a SeedSequence
-    rng = np.random.default_rng(seed)                     # or a list as numpy takes them
+    # an int checked as every seed is; None, a Generator, a SeedSequence or
+    # a list as numpy takes them
+    if isinstance(seed, (bool, numbers.Real, str, bytes)):
+        seed = check_scalar(seed, "seed", lower=0, integer=True)
+    rng = np.random.default_rng(seed)
     choice = rng.integers(0, len(tasks), size=n)
     counts = np.bincount(choice, minlength=len(tasks))
     made = [iter(TASKS[t](rng, int(c))) for t, c in zip(tasks, counts)]

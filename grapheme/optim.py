@@ -217,10 +217,10 @@ class Optimizer:
             if g.shape != p.shape:
                 raise ValueError(
                     f"grads[{name!r}] has shape {g.shape}, expected {p.shape}")
-            # one pass: NaN fails the comparison too. A finite float64
-            # gradient beyond float32 made a float32 parameter NaN, and one
-            # whose square overflows froze Adam's (a numerical review's find)
-            # (max and -min, not abs: no copy of g)
+            # NaN fails the comparison too. A finite float64 gradient beyond
+            # float32 made a float32 parameter NaN, and one whose square
+            # overflows froze Adam's (a numerical review's find). max and
+            # -min, not abs: no copy of g
             limit = self._grad_limit(p.dtype)
             largest = max(float(g.max()), -float(g.min())) if g.size else 0.0
             if not largest <= limit:
