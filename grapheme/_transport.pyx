@@ -356,6 +356,21 @@ cdef double _row_error(intp_t n1, const double* f, const double* fnext,
     return err
 
 
+cdef bint _first_sweep_unchecked(intp_t nit, intp_t n1,
+                                 const double* aw) noexcept nogil:
+    """Whether a plan of one sweep has a row without mass: the row error does
+    not weigh it, and its potential still comes from the start (g = 0 or
+    v = 1), not from a sweep, so "converged" would vouch for what it never
+    checked (its mass gradient is off)."""
+    cdef intp_t i
+    if nit != 1:
+        return False
+    for i in range(n1):
+        if aw[i] == 0.0:
+            return True
+    return False
+
+
 cdef void _kernel_matrix(intp_t cells, const double* C, double eps,
                          double* K) noexcept nogil:
     """K = exp(-C/eps), once per pair."""
@@ -805,6 +820,8 @@ cdef int _forward_pair(intp_t b, const Graph* P_, const Graph* T_, const Setting
                 break
         if tol <= 0.0:
             conv = err <= conv_tol
+        if conv and _first_sweep_unchecked(nit, n1, aw):
+            conv = False
         f = fst.data + f0 + (nit - 1) * n1
         g = gst.data + g0 + (nit - 1) * m1
         for i in range(n1):
@@ -859,6 +876,8 @@ cdef int _forward_pair(intp_t b, const Graph* P_, const Graph* T_, const Setting
                     break
         if tol <= 0.0:
             conv = err <= conv_tol
+        if conv and _first_sweep_unchecked(nit, n1, aw):
+            conv = False
         f = fst.data + f0 + (nit - 1) * n1
         g = gst.data + g0 + (nit - 1) * m1
         for i in range(n1):

@@ -155,7 +155,9 @@ class LossResult:
         Sinkhorn iterations performed per pair (0 for a pair without mass).
     converged : ndarray of shape (B,), bool
         Whether the final row-marginal error is ``<= tol`` (``<= 1e-8`` when
-        ``tol`` is None).
+        ``tol`` is None). The error weighs rows by their mass, so after a
+        single sweep (``iterations=1``) a pair with a massless row, whose
+        potential that sweep never set, is reported not converged.
     marginal_error : ndarray of shape (B,)
         ``max_i |sum_j P_ij - a_i|`` over the augmented rows of the final plan.
     domain : ndarray of shape (B,), str

@@ -240,6 +240,28 @@ def test_mass_gradient_of_a_prediction_without_mass(n, epsilon, domain):
     assert_allclose(grad, fd, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("domain", ["log", "scaling"])
+@pytest.mark.parametrize("tol", [1e-6, None])
+def test_one_sweep_with_a_row_without_mass_is_not_converged(tol, domain):
+    """A row without mass is not weighed by the row error, and after one
+    sweep its potential is still the starting one: one sweep is reported
+    converged only when every row has mass (stop 38 left this alone)."""
+    t = Graph.from_text("ab").replace(activation=[0.5, -0.1], mass=[1.0, 3.6])
+    p = Graph.from_text("ab").replace(activation=[0.5, -0.1])
+    one = StructuralLoss(iterations=1, tol=tol, domain=domain)
+    for mass in ([0.0, 0.0], [1.0, 0.0]):
+        res = one.forward(p.replace(mass=mass), t)
+        # the error it weighs is met; what it does not weigh is unchecked
+        assert res.iterations[0] == 1 and not res.converged[0]
+        assert res.marginal_error[0] <= 1e-6 or mass[0] > 0
+    # every row with mass, and one sweep is exact: a single node each
+    q = Graph.from_text("a").replace(activation=[0.5], mass=[2.0])
+    u = Graph.from_text("a").replace(activation=[0.5], mass=[2.0])
+    res = one.forward(q, u)
+    assert res.iterations[0] == 1 and res.converged[0]
+
+
 def test_balance_parameter():
     assert StructuralLoss()._balances() and not StructuralLoss(tol=None)._balances()
     assert not StructuralLoss(balance=False)._balances()
