@@ -27,7 +27,9 @@ class Optimizer:
 
     Subclasses list the names of their per-parameter state arrays in
     ``_slots`` and their hyperparameters in ``_hyper``, and implement
-    :meth:`_update`.
+    :meth:`_next`, which computes a step without applying it: a step
+    whose numbers overflow changes nothing (every parameter's new values
+    are computed before any is written).
 
     Not safe to share between threads: :meth:`step` updates the state and
     the parameters in place (numpy operations only, so concurrent use gives
@@ -65,17 +67,35 @@ class Optimizer:
             If the keys differ, a gradient's shape differs from its
             parameter's, a gradient is not finite, a parameter is read-only,
             or a parameter changed shape other than by growing along axis 0;
-            or (also TypeError) a hyperparameter assigned since the
-            construction is not valid (naming it).
+            or a step would take a parameter or its state beyond its dtype
+            (then nothing is changed); or (also TypeError) a hyperparameter
+            assigned since the construction is not valid (naming it).
         """
         self._check_settings()
         self._validate(params, grads)
+        steps = []
         for name in params:
             p = params[name]
             g = np.asarray(grads[name], dtype=p.dtype)
-            self._prepare_state(name, p)
-            self._steps[name] = self._steps.get(name, 0) + 1
-            self._update(name, p, g, self._steps[name])
+            state = self._prepared_state(name, p)
+            t = self._steps.get(name, 0) + 1
+            # a gradient within _grad_limit still overflows by lr, momentum
+            # or weight decay: refuse the step before it writes anything
+            try:
+                with np.errstate(over="raise", invalid="raise"):
+                    new_p, new_state = self._next(p, g, t, state)
+            except FloatingPointError:
+                raise ValueError(
+                    f"the step of params[{name!r}] overflows {p.dtype} "
+                    f"({type(self).__name__}, lr={self.lr:g}): a diverged step? "
+                    "lower lr, clip the gradients, or train in float64; no "
+                    "parameter was changed") from None
+            steps.append((name, t, new_p, {**state, **new_state}))
+        for name, t, new_p, state in steps:
+            params[name][...] = new_p
+            for slot, arr in state.items():
+                self._state[slot][name] = arr
+            self._steps[name] = t
 
     def _check_settings(self):
         """The hyperparameters as set now (a learning-rate schedule assigns
@@ -245,19 +265,26 @@ class Optimizer:
         """The largest gradient magnitude a ``dtype`` parameter takes."""
         return float(np.finfo(dtype).max)
 
-    def _prepare_state(self, name, p):
-        """Create zero state for a new parameter, or zero-pad a grown one."""
+    def _prepared_state(self, name, p):
+        """The state slots of ``p`` as a dict: zeros for a new parameter,
+        zero-padded for a grown one (new arrays, stored once the step is
+        taken), the stored arrays otherwise."""
+        state = {}
         for slot in self._slots:
-            arrays = self._state[slot]
-            old = arrays.get(name)
+            old = self._state[slot].get(name)
             if old is None:
-                arrays[name] = np.zeros(p.shape, dtype=p.dtype)
+                old = np.zeros(p.shape, dtype=p.dtype)
             elif old.shape != p.shape or old.dtype != p.dtype:
                 new = np.zeros(p.shape, dtype=p.dtype)
                 new[: old.shape[0]] = old
-                arrays[name] = new
+                old = new
+            state[slot] = old
+        return state
 
-    def _update(self, name, p, g, t):  # pragma: no cover - abstract
+    def _next(self, p, g, t, state):  # pragma: no cover - abstract
+        """The new value of ``p`` and of the slots of ``state`` it changes
+        (a dict), as new arrays, after step ``t`` with gradient ``g``;
+        writes nothing."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -343,20 +370,18 @@ class Adam(Optimizer):
         # from then on (1.3e154 in float64, 1.8e19 in float32)
         return float(np.sqrt(np.finfo(dtype).max))
 
-    def _update(self, name, p, g, t):
-        m = self._state["exp_avg"][name]
-        v = self._state["exp_avg_sq"][name]
+    def _next(self, p, g, t, state):
         if self.weight_decay:
             g = g + self.weight_decay * p
-        m *= self.beta1
+        m = self.beta1 * state["exp_avg"]
         m += (1.0 - self.beta1) * g
-        v *= self.beta2
+        v = self.beta2 * state["exp_avg_sq"]
         v += (1.0 - self.beta2) * (g * g)
         bias1 = 1.0 - self.beta1 ** t
         bias2 = 1.0 - self.beta2 ** t
         denom = np.sqrt(v / bias2)
         denom += self.eps
-        p -= (self.lr / bias1) * m / denom
+        return p - (self.lr / bias1) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
 
     def __repr__(self):
         return (f"Adam(lr={self.lr!r}, betas=({self.beta1!r}, {self.beta2!r}), "
@@ -411,12 +436,11 @@ class SGD(Optimizer):
             "weight_decay": check_scalar(weight_decay, "weight_decay", lower=0.0),
         }
 
-    def _update(self, name, p, g, t):
+    def _next(self, p, g, t, state):
         if self.weight_decay:
             g = g + self.weight_decay * p
-        if self.momentum:
-            buf = self._state["momentum_buffer"][name]
-            buf *= self.momentum
-            buf += g
-            g = buf
-        p -= self.lr * g
+        if not self.momentum:
+            return p - self.lr * g, {}
+        buf = self.momentum * state["momentum_buffer"]
+        buf += g
+        return p - self.lr * buf, {"momentum_buffer": buf}

@@ -244,6 +244,40 @@ def test_step_validation():
                                 "eps": 1e-8, "weight_decay": 0.0}
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("how", ["lr", "momentum", "weight_decay", "adam_lr"])
+def test_a_step_that_overflows_changes_nothing(how, dtype):
+    """A gradient within the limit still overflowed by lr, momentum or weight
+    decay and left inf in the parameter, with a numpy warning (stop 38 left
+    this alone): the step is refused, naming the parameter, and no parameter
+    or state moves, the ones before it in the dict included."""
+    top = float(np.finfo(dtype).max)
+    opt, w1, g1 = {"lr": (SGD(lr=10.0), -1.0, top / 4),
+                   # the buffer holds g after one step; the next adds 0.9 g
+                   "momentum": (SGD(lr=1.0, momentum=0.9), -1.0, top / 1.5),
+                   "weight_decay": (SGD(lr=1.0, weight_decay=10.0), top / 4, 1.0),
+                   "adam_lr": (Adam(lr=top / 20), -0.97 * top, 1.0)}[how]
+    a = np.ones(2, dtype)
+    w = np.array([1.0, w1], dtype)
+    params, grads = {"a": a, "w": w}, {"a": np.ones(2, dtype), "w": np.array([0.0, g1], dtype)}
+    if how == "momentum":
+        opt.step(params, grads)
+        w[:] = (1.0, w1)
+    before = opt.state_dict()
+    a0, w0 = a.copy(), w.copy()
+    with pytest.raises(ValueError, match=re.escape(
+            f"the step of params['w'] overflows {np.dtype(dtype)}")) as err:
+        opt.step(params, grads)
+    assert "no parameter was changed" in str(err.value)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(w, w0)
+    after = opt.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+
+
 def test_load_state_dict_validation():
     opt = Adam()
     good = Adam().state_dict()
