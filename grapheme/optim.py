@@ -9,7 +9,9 @@ names. Two properties matter for grapheme's models:
   gains a row whenever a new code point appears. The state of the old rows is
   kept and the new rows start with zero state, exactly as if they had been
   present all along with zero gradient (for Adam's moments and SGD's momentum
-  buffer this is the same thing).
+  buffer this is the same thing), and, with ``weight_decay``, as if their
+  values had been what they are now (rows present all along would have
+  decayed).
 * The state round-trips through :meth:`Optimizer.state_dict` /
   :meth:`Optimizer.load_state_dict` as a flat dictionary of arrays and numbers,
   so it can be stored in a pickle-free ``.npz`` checkpoint.
