@@ -804,6 +804,8 @@ def _train_locked(args, out, spawn, comm, held):
     before = None
     if val and 0 < start < args.epochs:
         before = _validation(trainer._val_record(val))
+    if comm is None and start < args.epochs:   # everything is checked: it trains
+        _note_busy_cores("train")
     started = time.perf_counter()
     with _removed_if_left_empty(args.out):
         if start < args.epochs and rank0:   # only now: everything above is checked
@@ -1549,6 +1551,7 @@ def _cmd_demo(args, out):
     # only folds: the demo pairs are folds, and dedup contradicts fold on a
     # doubled letter ("abbc": dedup merges "bb", fold merges "bc")
     extra = _data.make_pairs(96, seed=args.seed, tasks="fold")
+    _note_busy_cores("demo")
     start = time.perf_counter()
     print(f"Training on {len(pairs)} demo pairs "
           f"({', '.join(f'{a}->{b}' for a, b in pairs)}) plus {len(extra)} generated "
@@ -1646,6 +1649,55 @@ def main(argv=None, *, prog=PROG):
             message = f"{exc.strerror}: {exc.filename!r}"
         _warn(f"{PROG} {args.command}: error: {message}")
         return 2
+
+
+def _others_running(reads=5, pause=0.01):
+    """How many threads other than this one are running or waiting for a
+    core now, machine-wide: the median of ``reads`` reads of the running
+    count in ``/proc/loadavg`` (an instant, not the load average, which
+    still holds a run that ended a minute ago), less this thread; None
+    without ``/proc/loadavg`` (not Linux)."""
+    counts = []
+    for _ in range(reads):
+        try:
+            with open("/proc/loadavg", encoding="ascii") as f:
+                running = int(f.read().split()[3].partition("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        counts.append(max(running - 1, 0))
+        time.sleep(pause)
+    return sorted(counts)[len(counts) // 2]
+
+
+def _note_busy_cores(command):
+    """A note on standard error, for a person at a terminal, when other
+    programs hold cores that grapheme's OpenMP threads need: they wait for
+    each other by spinning, so one without a core holds up the rest, and an
+    epoch can take ten times as long (README, "Threads"; a new user's
+    trial measured 15.1 s against 1.5 s with ``OMP_NUM_THREADS=1``). Said
+    nowhere else: a log, a pipe or a test reads no advice."""
+    from . import _core
+
+    threads = _core.openmp_threads()
+    if threads < 2 or not _isatty(sys.stderr):
+        return
+    cores = os.cpu_count() or 1
+    others = _others_running()
+    if others is None or cores - others >= threads:
+        return
+    free = max(cores - others, 1)
+    _warn(f"{PROG} {command}: note: {others} other thread{'s' * (others != 1)} "
+          f"{'are' if others != 1 else 'is'} running on this machine's {cores} cores, "
+          f"beside grapheme's {threads}: its threads wait for each other, and one "
+          f"without a core can make training many times slower; "
+          f"OMP_NUM_THREADS={free} may be faster (README, \"Threads\")")
+
+
+def _isatty(stream):
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):   # a closed or a bare stream
+        return False
 
 
 def _warn(line):

@@ -1158,3 +1158,51 @@ def test_out_as_a_dangling_symbolic_link_is_named(level1, tmp_path, capsys):
     assert code == 2 and err == (f"grapheme train: error: --out {str(link)!r} is a symbolic "
                                  f"link to {str(tmp_path / 'gone')!r}, which does not exist\n")
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("others, tty, said", [
+    (3, True, "OMP_NUM_THREADS=1 may be faster"), (0, True, None), (3, False, None),
+    (None, True, None)], ids=["busy", "idle", "not-a-terminal", "no-proc"])
+def test_train_notes_cores_other_programs_hold(level1, tmp_path, capsys, monkeypatch,
+                                              others, tty, said):
+    """A new user's trial: on a machine busy with other work an epoch took
+    15.1 s against 1.5 s with OMP_NUM_THREADS=1, and nothing said why. A
+    person at a terminal is told, once, before training; a log or a pipe is
+    not."""
+    from grapheme import _core, cli
+
+    monkeypatch.setattr(_core, "openmp_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli, "_others_running", lambda: others)
+    monkeypatch.setattr(cli, "_isatty", lambda stream: tty)
+    code, out, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
+                         tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    if said is None:
+        assert notes == []
+    else:
+        assert notes == [
+            "grapheme train: note: 3 other threads are running on this machine's 2 cores, "
+            "beside grapheme's 2: its threads wait for each other, and one without a core "
+            "can make training many times slower; OMP_NUM_THREADS=1 may be faster "
+            "(README, \"Threads\")"]
+
+
+def test_others_running_reads_proc_loadavg(monkeypatch):
+    from grapheme import cli
+
+    reads = iter(["0.50 0.40 0.30 3/120 999\n", "0.50 0.40 0.30 1/120 999\n",
+                  "0.50 0.40 0.30 4/120 999\n"])
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/loadavg":
+            import io
+            return io.StringIO(next(reads))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert cli._others_running(reads=3, pause=0) == 2   # median of 2, 0, 3
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert cli._others_running(reads=3, pause=0) is None
