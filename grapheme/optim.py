@@ -89,9 +89,8 @@ class Optimizer:
             except FloatingPointError:
                 raise ValueError(
                     f"the step of params[{name!r}] overflows {p.dtype} "
-                    f"({type(self).__name__}, lr={self.lr:g}): a diverged step? "
-                    "lower lr, clip the gradients, or train in float64; no "
-                    "parameter was changed") from None
+                    f"({self!r}): {self._diverged_advice(p.dtype)}; no parameter "
+                    "was changed") from None
             steps.append((name, t, new_p, {**state, **new_state}))
         for name, t, new_p, state in steps:
             params[name][...] = new_p
@@ -251,8 +250,7 @@ class Optimizer:
                 raise ValueError(
                     f"grads[{name!r}] has a value of magnitude {largest:.3g}, beyond "
                     f"{limit:.3g}, the most {type(self).__name__} can take for a {p.dtype} "
-                    "parameter: a diverged step? lower lr, clip the gradients, or train "
-                    "in float64")
+                    f"parameter: {self._diverged_advice(p.dtype)}")
             for slot in self._slots:
                 old = self._state[slot].get(name)
                 if old is None or old.shape == p.shape:
@@ -262,6 +260,12 @@ class Optimizer:
                     raise ValueError(
                         f"params[{name!r}] changed shape from {old.shape} to "
                         f"{p.shape}; only growth along axis 0 is supported")
+
+    def _diverged_advice(self, dtype):
+        lower = "lr or weight_decay" if self.weight_decay else "lr"
+        return (f"a diverged step? lower {lower}, clip the gradients, or train in float64"
+                if dtype == np.float32 else
+                f"a diverged step? lower {lower} or clip the gradients")
 
     def _grad_limit(self, dtype):
         """The largest gradient magnitude a ``dtype`` parameter takes."""
