@@ -69,9 +69,12 @@ class Optimizer:
             If the keys differ, a gradient's shape differs from its
             parameter's, a gradient is not finite, a parameter is read-only,
             or a parameter changed shape other than by growing along axis 0;
-            or a step would take a parameter or its state beyond its dtype
-            (then nothing is changed); or (also TypeError) a hyperparameter
-            assigned since the construction is not valid (naming it).
+            or (also TypeError) a hyperparameter assigned since the
+            construction is not valid (naming it).
+        FloatingPointError
+            If the step would take a parameter or its state beyond its dtype
+            (by ``lr``, momentum or weight decay: a diverged run); then no
+            parameter or state is changed.
         """
         self._check_settings()
         self._validate(params, grads)
@@ -87,7 +90,7 @@ class Optimizer:
                 with np.errstate(over="raise", invalid="raise"):
                     new_p, new_state = self._next(p, g, t, state)
             except FloatingPointError:
-                raise ValueError(
+                raise FloatingPointError(
                     f"the step of params[{name!r}] overflows {p.dtype} "
                     f"({self!r}): {self._diverged_advice(p.dtype)}; no parameter "
                     "was changed") from None
