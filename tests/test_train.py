@@ -1,6 +1,7 @@
 """Tests for grapheme.train.Trainer: descent, metrics, logs, exact resume."""
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -165,6 +166,43 @@ def test_resume_rejects_other_configuration(tmp_path):
         make_trainer(batch_size=5).fit(pairs, 2, resume=tmp_path / "c.npz")
     with pytest.raises(ValueError, match="different configuration.*embedding"):
         make_trainer(batch_size=4, dim=8).fit(pairs, 2, resume=tmp_path / "c.npz")
+
+
+
+def test_a_resumed_run_replaces_only_its_own_files(tmp_path):
+    """An attack helper's find: a run resumed from one checkpoint wrote over
+    another run's checkpoint and log, or rewound its own from a later
+    epoch (resumed from an earlier copy), without overwrite=True."""
+    pairs = make_pairs(10, seed=0)
+    a, victim = tmp_path / "a", tmp_path / "victim"
+    make_trainer(log=a / "m.jsonl").fit(pairs, 2, checkpoint=a / "c.npz")
+    make_trainer(seed=1, log=victim / "m.jsonl").fit(pairs, 3, checkpoint=victim / "c.npz")
+    saved = {p: p.read_bytes() for p in (victim / "c.npz", victim / "m.jsonl")}
+    for log, ckpt, what in ((victim / "m.jsonl", tmp_path / "new.npz", "log"),
+                            (tmp_path / "new.jsonl", victim / "c.npz", "checkpoint")):
+        t = gr.Trainer.from_checkpoint(a / "c.npz", log=log, progress=False)
+        with pytest.raises(ValueError, match=re.escape(
+                f"{what} {str(victim / ('m.jsonl' if what == 'log' else 'c.npz'))!r} "
+                "is not this run's at or before its epoch 2")):
+            t.fit(pairs, 4, checkpoint=ckpt)
+    assert {p: p.read_bytes() for p in saved} == saved and not (tmp_path / "new.npz").exists()
+    # a later epoch of this very run: resumed from a copy of epoch 2, it
+    # would rewind epochs 3-4 of the run's checkpoint and log
+    (tmp_path / "two.npz").write_bytes((a / "c.npz").read_bytes())
+    make_trainer(log=a / "m.jsonl").fit(pairs, 4, checkpoint=a / "c.npz", resume=a / "c.npz")
+    t = gr.Trainer.from_checkpoint(tmp_path / "two.npz", log=a / "m.jsonl", progress=False)
+    with pytest.raises(ValueError, match="is not this run's at or before its epoch 2"):
+        t.fit(pairs, 5, checkpoint=a / "c.npz")
+    # its own files at its epoch, a torn last log line (a killed run), and
+    # overwrite=True go on
+    with open(a / "m.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"epoch": 5, "lo')
+    t = gr.Trainer.from_checkpoint(a / "c.npz", log=a / "m.jsonl", progress=False)
+    assert len(t.fit(pairs, 5, checkpoint=a / "c.npz")) == 5
+    t = gr.Trainer.from_checkpoint(tmp_path / "two.npz", log=victim / "m.jsonl",
+                                   progress=False, overwrite=True)
+    t.fit(pairs, 3, checkpoint=victim / "c.npz")
+    assert load_checkpoint(victim / "c.npz")[1]["epoch"] == 3
 
 
 def test_resume_from_corrupted_checkpoint(tmp_path):

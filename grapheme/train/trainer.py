@@ -629,8 +629,13 @@ class Trainer:
                 f"({loss!r}) or gradient norm ({grad_norm!r}); "
                 f"{self._good_checkpoint()}")
         params = self._params()
-        self.optimizer.step(params, grads)
-        if not _all_finite(params):
+        try:
+            self.optimizer.step(params, grads)
+        except FloatingPointError as exc:   # refused by grapheme's own, nothing moved
+            raise FloatingPointError(
+                f"training diverged at epoch {self.epoch + 1}: {exc}; "
+                f"{self._good_checkpoint()}") from None
+        if not _all_finite(params):   # another optimiser's
             raise FloatingPointError(
                 f"training diverged at epoch {self.epoch + 1}: the parameters are not "
                 f"finite after the update (learning rate too large?); "
@@ -1105,10 +1110,7 @@ class Trainer:
                 or not 0 <= epoch <= len(self.history) or meta.get("config") != self.config()):
             return True
         if epoch > 0:   # its epochs' losses are this run's
-            def trace(records):
-                return [(r.get("epoch"), r.get("loss")) if isinstance(r, dict) else None
-                        for r in records]
-            return trace(history) != trace(self.history[:epoch])
+            return _loss_trace(history) != _loss_trace(self.history[:epoch])
         data = meta.get("data")
         mine = {f["sha256"] for f in (self._data_fingerprint, self._loaded_fingerprint)
                 if f is not None}
@@ -1213,6 +1215,16 @@ class Trainer:
                 f"{held} of the data the checkpoint was trained on, which a record on the new "
                 "data would replace: choose another best path, or pass overwrite=True to the "
                 "Trainer")
+        if self.epoch > 0 and not self.overwrite:
+            for what, path in files:
+                if what != "best checkpoint" and not self._continued_by_me(what, path):
+                    argument = {"log": "the Trainer's log=", "checkpoint": "checkpoint="}[what]
+                    return ValueError(
+                        f"{what} {os.fspath(path)!r} is not this run's at or before its "
+                        f"epoch {self.epoch} (another run's, a later epoch of this one, or "
+                        "not a run's file), which this run would replace: resume from that "
+                        f"file, choose another path ({argument}), or pass overwrite=True "
+                        "to the Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
                 if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
@@ -1225,6 +1237,32 @@ class Trainer:
                         "replace another run's files: resume that run, choose another "
                         f"path ({argument}), or pass overwrite=True to the Trainer")
         return None
+
+    def _continued_by_me(self, what, path):
+        """Whether a resumed run may write its ``what`` (``"log"`` or
+        ``"checkpoint"``) at ``path`` unasked: nothing is there, or this
+        run is there at or before its epoch (the same configuration and, for
+        the epochs there, the same losses). An attack helper's find: a run
+        resumed from one checkpoint replaced another run's checkpoint and
+        log, or rewound its own from a later epoch, silently."""
+        if not os.path.lexists(path):
+            return True
+        if what == "checkpoint":
+            return not self._best_foreign(_best_file_meta(path))
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line for line in f if line.strip()]
+        except (OSError, ValueError):   # unreadable, or not text
+            return False
+        records = []
+        for k, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if k < len(lines) - 1:   # a torn last line is a killed run's
+                    return False
+        return (len(records) <= self.epoch
+                and _loss_trace(records) == _loss_trace(self.history[:len(records)]))
 
     def _agree_start(self, error, fingerprint, epochs, keep_best, val_split):
         """The ranks' agreement before the first step, raising the same
@@ -1728,6 +1766,13 @@ def val_fingerprints(inputs, targets):
     for digest in sorted(data_fingerprint([s], [t])["sha256"] for s, t in zip(inputs, targets)):
         h.update(bytes.fromhex(digest))
     return h.hexdigest(), data_fingerprint(inputs, targets)["sha256"]
+
+
+def _loss_trace(records):
+    """The (epoch, loss) of each record: what tells one run's history from
+    another's."""
+    return [(r.get("epoch"), r.get("loss")) if isinstance(r, dict) else None
+            for r in records]
 
 
 def _best_file_meta(path):
