@@ -39,7 +39,8 @@ Examples
 >>> from grapheme.torch import Merge, StructuralLoss
 >>> x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
 >>> merge = Merge(estimator="ste", dtype=torch.float64)
->>> out = merge(x, torch.tensor([0, 3, 7]))
+>>> codes = torch.tensor([ord(c) for c in "abcwxyz"])   # the rows' characters
+>>> out = merge(x, torch.tensor([0, 3, 7]), labels=codes)
 >>> merged, unpool, aux_loss = out          # the dynamic-chunking contract
 >>> unpool(merged).shape
 torch.Size([7, 16])
@@ -227,7 +228,10 @@ def _eager(fn):
         if not torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if not disabled:
-            disabled.append(torch.compiler.disable(fn, recursive=True))
+            disabled.append(torch.compiler.disable(
+                fn, recursive=True, reason="grapheme's operations run numpy and compiled "
+                "code, which dynamo cannot trace: they run eagerly between the graphs, so "
+                "fullgraph=True cannot hold them"))
         return disabled[0](*args, **kwargs)
     # a code object of its own: dynamo caches compiled frames by code
     # object, and with one shared by every wrapper it recompiled that one
@@ -268,6 +272,15 @@ class _OpFunction(torch.autograd.Function):
         ctx.versions = ([(weakref.ref(t), t._version) for t in (*tensors, *outputs)
                          if not t.is_inference()] if any(ctx.needs_input_grad) else [])
         return outputs
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # torch.autograd.forward_ad: torch's own message asked the user to
+        # implement this (a PyTorch-user helper's find)
+        raise RuntimeError(
+            "grapheme's operations have no forward-mode derivative "
+            "(torch.autograd.forward_ad, jvp): they are differentiated in reverse mode "
+            "(loss.backward(), torch.autograd.grad)")
 
     @staticmethod
     @_eager   # autograd calls it from a compiled function's .backward()
@@ -372,6 +385,12 @@ def unpool(history, y):
     sums over each output's members). ``y`` is (k,) or (k, ...): rows of
     several dimensions (heads, say) are flattened for it and back."""
     _check_tensor(y, "y")   # float32 or float64, named (else it is Lookup's "table")
+    if y.ndim == 0 or y.shape[0] != history.num_outputs:
+        # more rows were read silently, another sequence's included (a
+        # PyTorch-user helper's find); fewer named Lookup's "table"
+        raise ValueError(f"y must have one row per output of the history "
+                         f"(history.num_outputs = {history.num_outputs}), got shape "
+                         f"{tuple(y.shape)}")
     rows = history.cluster
     flat = y.flatten(1) if y.ndim > 2 else y   # reshape(k, -1) failed at k = 0
     (out,), _ = apply(ops.Lookup(), lambda a: ops.Lookup().forward(a, rows), flat)
@@ -794,8 +813,10 @@ class Merge(nn.Module):
 
         ``labels`` (n,), optional integers in 0..0x10FFFF (code points, or
         any ids in that range), name the rows for the structural loss (a
-        merged row keeps its first row's label); by default the code
-        points of a text's characters. To train a segmentation, label each
+        merged row keeps its first row's label); by default 0 for every
+        row, so a loss whose label weight is not 0 sees every row alike:
+        pass the code points of a text's characters (``labels=codes``) to
+        score labels as the numpy API does. To train a segmentation, label each
         row by its offset in its own sequence instead, as the numpy
         ``Trainer`` does (:func:`grapheme.segmentation_target`, Notes).
         With ``queries`` and ``keys`` (n, d_route), e.g. from
@@ -1096,6 +1117,8 @@ def unpack(packed, offsets, total_length=None):
                      f"unpack to {lengths.shape[0]} x {L} rows (total_length)")
     out = packed.new_zeros((lengths.shape[0], L) + tuple(packed.shape[1:]))
     mask = torch.arange(L)[None, :] < lengths[:, None]
+    # also when packed is empty: returning the zeros cut the graph (a
+    # PyTorch-user helper's find)
     return out.masked_scatter(mask.reshape(mask.shape + (1,) * (packed.ndim - 1)).expand_as(out),
-                              packed) if packed.numel() else out
+                              packed)
 

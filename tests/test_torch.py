@@ -1,5 +1,6 @@
 """grapheme.torch: every Function against torch.autograd.gradcheck (float64),
 modules in a torch model, and the numpy Trainer reproduced to 1e-10."""
+import re
 import subprocess
 import sys
 
@@ -529,6 +530,14 @@ def test_empty_batches_and_unpool_shapes_are_named():
     # PyTorch-user helper's find: "table", "loss_values")
     with pytest.raises(TypeError, match="^y must be float32 or float64"):
         gt.unpool(out.history, torch.arange(2))
+    # one row per output, no more (the rest were read silently, another
+    # sequence's rows included) and no fewer (Lookup's "table" was named):
+    # a PyTorch-user helper's find
+    for rows in (5, 1):
+        with pytest.raises(ValueError, match=re.escape(
+                "y must have one row per output of the history (history.num_outputs "
+                f"= 2), got shape ({rows}, 3)")):
+            gt.unpool(out.history, torch.ones(rows, 3, dtype=F64))
     merge = gt.Merge(estimator=gr.Reinforce(samples=3)).double()
     drawn = merge(torch.ones(5, 2, dtype=F64), [0, 2, 5])
     with pytest.raises(ValueError, match=r"^losses must have shape \(6,\)"):
@@ -690,6 +699,14 @@ def test_pack_unpack_round_trip_and_gradients():
     mask = (torch.arange(5)[None, :] < lengths[:, None])[..., None]
     torch.testing.assert_close(back, padded * mask)
     gradcheck(lambda p: gt.unpack(gt.pack(p, lengths)[0], offsets), padded)
+    # an empty batch keeps its graph (it came back cut: a PyTorch-user
+    # helper's find)
+    for shape, offs in (((0, 3), [0, 0, 0]), ((3, 0), [0, 1, 3])):
+        empty = torch.zeros(shape, dtype=F64, requires_grad=True)
+        out = gt.unpack(empty, torch.tensor(offs))
+        assert out.requires_grad and out.shape == (2, max(np.diff(offs), default=0)) + shape[1:]
+        out.sum().backward()
+        assert empty.grad is not None and empty.grad.shape == shape
     with pytest.raises(ValueError, match="lengths must lie in"):
         gt.pack(padded, torch.tensor([2, 0, 6]))
     with pytest.raises(ValueError, match="total_length must be >= 5"):
@@ -918,6 +935,19 @@ def test_torch_compile_runs_a_whole_training_step():
                gt.Merged.unpool, gt.Merged.segments, gt.Merged.reinforce_loss, gt.apply)
     assert len({id(fn.__code__) for fn in wrapped}) == len(wrapped)
     assert gt.Merge.forward.__code__.co_name == "Merge.forward"   # in tracebacks
+
+
+def test_forward_mode_is_refused_by_name():
+    """torch's own message asked the user to implement jvp (a PyTorch-user
+    helper's find); the README says forward mode is refused."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(5, 4, dtype=F64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="^grapheme's operations have no forward-mode "
+                                               "derivative"):
+            gt.Merge().double()(dual, [0, 5])
 
 
 def test_torch_func_transforms_are_refused_by_name():
