@@ -287,15 +287,25 @@ class _OpFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         second_order = torch.is_grad_enabled()   # on only under create_graph=True
         with torch.no_grad():
-            ctx.saved_tensors   # raises if an input or output was modified in place
-            for ref, version in ctx.versions:   # also where hooks replaced them
-                t = ref()
-                if t is not None and t._version != version:
-                    raise RuntimeError(
-                        f"one of the tensors grapheme's {type(ctx.op).__name__} needs for "
-                        "its gradient was modified by an inplace operation after the "
-                        "forward pass (its backward reads their memory, whatever "
-                        "saved-tensor hooks saved)")
+            try:
+                ctx.saved_tensors   # raises if an input or output was modified in place
+                changed = None
+            except RuntimeError as exc:
+                if "inplace operation" not in str(exc):
+                    raise
+                changed = exc
+            if changed is not None or any(
+                    (t := ref()) is not None and t._version != version
+                    for ref, version in ctx.versions):   # also where hooks replaced them
+                # every output is guarded, needed or not: an output may be the
+                # memory the backward reads (a PyTorch-user helper asked why
+                # h += 1 after unpool failed; torch's message named no
+                # operation of grapheme's)
+                raise RuntimeError(
+                    f"an input or output of grapheme's {type(ctx.op).__name__.lstrip('_')} "
+                    "was modified by an inplace operation after the forward pass; its "
+                    "backward reads their memory (whatever saved-tensor hooks saved): "
+                    "change a copy, or out of place (h = h + 1, not h += 1)") from changed
             upstream = [None if g is None else _array(g, "grad") for g in grads]
             result = ctx.op.vjp(ctx.state, *upstream)
             out = tuple(_tensor(g, ctx.dtype) if need and g is not None else None

@@ -206,6 +206,16 @@ def test_inplace_change_after_forward_is_caught():
         y.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         s.sum().backward()
+    # an output too, named by grapheme's operation, with the way out (torch's
+    # message named "output 0 of _OpFunction": a PyTorch-user helper's find)
+    out = gt.Merge(estimator="ste").double()(x, [0, 4])
+    h = out.unpool(out.features)
+    h += 1
+    with pytest.raises(RuntimeError, match=re.escape(
+            "an input or output of grapheme's Lookup was modified by an inplace operation "
+            "after the forward pass; its backward reads their memory (whatever saved-tensor "
+            "hooks saved): change a copy, or out of place (h = h + 1, not h += 1)")):
+        h.sum().backward()
 
 
 def test_inference_mode_runs_every_operation():
