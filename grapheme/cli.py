@@ -766,7 +766,7 @@ def _train_locked(args, out, spawn, comm, held):
         # read as a contradiction: a data scientist's find)
         args.keep_best = _kept_on_best(args, out, trainer, val, checkpoint,
                                        rank0 and spawn is None and start < args.epochs,
-                                       checks_best)
+                                       checks_best, new_data)
     if rank0 and args.overwrite and not _continues_its_run(args.resume, checkpoint):
         # the replaced run's files this run writes no new version of, removed
         # with its log after the first epoch; not the model it resumed from
@@ -900,7 +900,7 @@ def _check_best_kept_on(keep_best, args, trainer, val, new_data=False):
         "new data would replace; move it away first, or add --overwrite")
 
 
-def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
+def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best, new_data):
     """The ``--keep-best`` metric of a resumed run that kept its best and
     was not given one: its checkpoint's, on the data and validation pairs
     it was measured on (else its best.npz stays at the epoch it stopped at,
@@ -908,14 +908,15 @@ def _kept_on_best(args, out, trainer, val, checkpoint, announce, checks_best):
     (a record on those would replace best.npz, which needs --keep-best and
     --overwrite: a diff reviewer's find, it was refused with no way to opt
     out) or validation pairs without the metric; said (if ``announce``)
-    either way."""
+    either way. ``new_data``: the data is not the checkpoint's (``--new-data``
+    on the same data keeps it on: an attack helper's find)."""
     from .train.trainer import _measured_on, val_fingerprints
 
     metric, why = trainer.best["metric"], None
     anew = f"--keep-best {metric} --overwrite starts a record on"
     if not val:
         why = "no validation pairs"
-    elif args.new_data:
+    elif new_data:
         why = f"new data ({anew} it)"
     else:
         try:

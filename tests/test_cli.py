@@ -895,12 +895,24 @@ def test_a_resumed_run_keeps_its_best_on(level1, tmp_path, capsys):
                         "--resume", out / "checkpoint.npz", "--no-progress")
     assert code == 0 and (f"note: {out / 'best.npz'} stays at epoch {best.epoch}, not kept "
                           f"on: no validation pairs") in text
-    # nor on new data (a review's find: a segmentation metric was then
-    # checked against text pairs, and the resume refused a flag never given)
+    # --new-data on the very same data keeps it on (an attack helper's find:
+    # it said "new data" and dropped the record)
     code, text, err = run(capsys, "train", "--data", level1, "--new-data", "--epochs", 6,
                           "--out", out, "--resume", out / "checkpoint.npz", "--no-progress")
     assert code == 0, err
-    assert f"stays at epoch {best.epoch}, not kept on: new data" in text
+    assert "--keep-best val_loss: kept on from the checkpoint" in text
+    # nor on new data (a review's find: a segmentation metric was then
+    # checked against text pairs, and the resume refused a flag never given)
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (level1 / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (other / "train.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
+    (other / "val.jsonl").write_bytes((level1 / "val.jsonl").read_bytes())
+    held = Trainer.from_checkpoint(out / "best.npz", progress=False).epoch
+    code, text, err = run(capsys, "train", "--data", other, "--new-data", "--epochs", 7,
+                          "--out", out, "--resume", out / "checkpoint.npz", "--no-progress")
+    assert code == 0, err
+    assert f"stays at epoch {held}, not kept on: new data" in text
 
 
 def test_a_resume_by_another_metric_keeps_the_best_file(level1, tmp_path, capsys):
