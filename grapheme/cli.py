@@ -812,7 +812,13 @@ def _train_locked(args, out, spawn, comm, held):
             os.makedirs(args.out, exist_ok=True)
         with contextlib.ExitStack() as made:   # released before an empty --out goes
             if comm is not None or not locked:   # the same calls on every rank
-                _lock_out(made, args.out, comm, rank0 and not locked and start < args.epochs)
+                # an --out made since the look above is looked at again, now
+                # locked (another run could have made it in between: an
+                # attack helper's find, its run replaced)
+                newly = rank0 and not locked and start < args.epochs
+                _lock_out(made, args.out, comm, newly,
+                          (lambda: _check_run_directory(args, log, checkpoint))
+                          if newly else None)
             try:
                 history = trainer.fit(pairs, args.epochs, val=val or None,
                                       checkpoint=checkpoint, keep_best=args.keep_best,

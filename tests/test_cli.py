@@ -1218,3 +1218,27 @@ def test_others_running_reads_proc_loadavg(monkeypatch):
     assert cli._others_running(reads=3, pause=0) == 2   # median of 2, 0, 3
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError()))
     assert cli._others_running(reads=3, pause=0) is None
+
+
+def test_an_out_made_by_another_run_meanwhile_is_refused(level1, tmp_path, capsys,
+                                                       monkeypatch):
+    """An attack helper's find: --out was looked at before it existed, and a
+    run that made it in between (before this one locked it) was replaced."""
+    from grapheme import cli
+
+    other, out = tmp_path / "other", tmp_path / "run"
+    assert run(capsys, "train", "--data", level1, "--epochs", 1, "--out", other,
+               "--no-progress")[0] == 0
+    real = cli._check_same_data
+
+    def meanwhile(args, trainer, pairs):   # after the first look, before the lock
+        import shutil
+        shutil.copytree(other, out)
+        return real(args, trainer, pairs)
+
+    monkeypatch.setattr(cli, "_check_same_data", meanwhile)
+    code, _, err = run(capsys, "train", "--data", level1, "--epochs", 2, "--out", out,
+                       "--seed", 5, "--no-progress")
+    assert code == 2 and f"--out {str(out)!r} already holds a run" in err
+    assert (out / "checkpoint.npz").read_bytes() == (other / "checkpoint.npz").read_bytes()
+    assert (out / "metrics.jsonl").read_bytes() == (other / "metrics.jsonl").read_bytes()
