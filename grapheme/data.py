@@ -180,7 +180,9 @@ def make_pairs(n, seed=0, tasks=DEFAULT_TASKS):
     tasks = _check_tasks(tasks)
     # an int checked as every seed is; None, a Generator, a SeedSequence or
     # a list as numpy takes them
-    if isinstance(seed, (bool, numbers.Real, str, bytes)):
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:   # numpy failed on it:
+        seed = seed[()]                                   # "len() of unsized object"
+    if isinstance(seed, (bool, numbers.Real, str, bytes, np.generic)):
         seed = check_scalar(seed, "seed", lower=0, integer=True)
     rng = np.random.default_rng(seed)
     choice = rng.integers(0, len(tasks), size=n)

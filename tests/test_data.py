@@ -89,6 +89,12 @@ def test_generate_validation(tmp_path):
     assert make_pairs(3, seed=np.random.SeedSequence(2)) == make_pairs(
         3, seed=np.random.SeedSequence(2))
     assert len(make_pairs(3, seed=None)) == len(make_pairs(3, seed=[1, 2])) == 3
+    # a 0-d array is its number (numpy said "len() of unsized object": an
+    # attack helper's find), checked as one
+    assert make_pairs(3, seed=np.array(5)) == make_pairs(3, seed=np.int64(5)) == make_pairs(
+        3, seed=5)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        make_pairs(3, seed=np.array(-1))
     assert os.listdir(tmp_path) == []
 
 
