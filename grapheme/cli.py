@@ -412,6 +412,12 @@ def _generate(args, out):
             print(f"  {paths[split]}: {n['examples']} examples, {n['words']} words, "
                   f"{n['characters']} characters from {n['documents']} documents", file=out)
         print(f"  which document went where: {paths['documents']}", file=out)
+        if paths["repeated"]:
+            n = len(paths["repeated"])
+            print(f"note: {n} document{'s' * (n != 1)} with the words of an earlier one "
+                  f"({', '.join(paths['repeated'][:3])}{', ...' if n > 3 else ''}) "
+                  f"{'were' if n != 1 else 'was'} left out, so that no text is in two "
+                  "splits", file=out)
         sizes = paths["sizes"]
         share = sizes["train"]["words"] / max(sum(n["words"] for n in sizes.values()), 1)
         if share < 0.5:   # whole documents: a few large files leave train little

@@ -911,7 +911,10 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     least 10% of the words, ``val`` the same, and ``train`` the rest, each
     split at least one document. No document has examples in two splits. A
     document is a file; a corpus of one or two files (a user's own text) is
-    cut at blank lines, every paragraph a document (named ``FILE#k``).
+    cut at blank lines, every paragraph a document (named ``FILE#k``). A
+    document with the same words as an earlier one (a paragraph repeated, a
+    copy with other line endings or punctuation) is left out, so no text is
+    in two splits.
 
     Parameters
     ----------
@@ -935,9 +938,10 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     Returns
     -------
     dict
-        ``{"train": path, "val": path, "test": path, "documents": path}``
-        and ``"sizes"``: per split, ``documents``, ``examples``, ``words``
-        and ``characters`` (of the inputs).
+        ``{"train": path, "val": path, "test": path, "documents": path}``,
+        ``"sizes"``: per split, ``documents``, ``examples``, ``words``
+        and ``characters`` (of the inputs), and ``"repeated"``: the names of
+        the documents left out as repeats (also in ``documents.json``).
 
     Raises
     ------
@@ -956,13 +960,25 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     files = _check_new_files(out_dir, ("train.jsonl", "val.jsonl", "test.jsonl",
                                        "documents.json"), overwrite)
     docs = stdlib_documents() if corpus is None else read_documents(corpus)
-    counted = [(name, text, len(words_of(text))) for name, text in docs]
-    counted = [d for d in counted if d[2] > 0]
+    counted = [(name, text, words) for name, text in docs
+               for words in [words_of(text)] if words]
     if corpus is not None and len(counted) < 3:
         # one or two files (a user's own text): their paragraphs are the documents
-        counted = [(f"{name}#{k}", par, n) for name, text, _ in counted
+        counted = [(f"{name}#{k}", par, words) for name, text, _ in counted
                    for k, par in enumerate(_paragraphs(text))
-                   for n in [len(words_of(par))] if n > 0]
+                   for words in [words_of(par)] if words]
+    # a document whose words an earlier one has (a paragraph repeated, as a
+    # notice is; a copy with other line endings) is left out: in two splits
+    # it would score the model on text it trained on (an attack helper's find)
+    seen, repeated, unique = set(), [], []
+    for name, text, words in counted:
+        key = " ".join(words)
+        if key in seen:
+            repeated.append(name)
+        else:
+            seen.add(key)
+            unique.append((name, text, len(words)))
+    counted = unique
     if len(counted) < 3:
         raise ValueError(f"corpus: a split by document needs at least 3 documents with "
                          f"words (one file is one document; one or two files are split "
@@ -999,7 +1015,9 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     with _atomic_open(paths["documents"], "w", encoding="utf-8", newline="\n") as f:
         json.dump({"corpus": "stdlib docstrings" if corpus is None else "files",
                    "seed": int(seed), "min_words": min_words, "max_words": max_words,
-                   "sizes": sizes, "documents": names}, f, indent=1, ensure_ascii=False)
+                   "sizes": sizes, "documents": names, "repeated": repeated}, f, indent=1,
+                  ensure_ascii=False)
         f.write("\n")
     paths["sizes"] = sizes
+    paths["repeated"] = repeated
     return paths

@@ -293,6 +293,32 @@ def test_one_file_is_split_into_paragraphs(tmp_path):
             assert {str(m) for m in marks} <= paras
 
 
+def test_a_repeated_document_is_in_one_split(tmp_path):
+    """An attack helper's find: a paragraph repeated (a notice) went into
+    train, val and test, and so did two files differing in line endings."""
+    text = tmp_path / "mine.txt"
+    notice = "Copyright the authors, all rights reserved."
+    paras = [" ".join(f"para{'abcdefgh'[k]} w{j}." for j in range(50)) for k in range(6)]
+    text.write_text("\n\n".join(p for par in paras for p in (par, notice.upper()
+                                                                if par == paras[3] else notice))
+                    + "\n", encoding="utf-8")
+    out = generate_words(tmp_path / "d", corpus=[text], seed=0)
+    with open(out["documents"], encoding="utf-8") as f:
+        manifest = json.load(f)
+    kept = sorted(n for names in manifest["documents"].values() for n in names)
+    assert kept == sorted([f"{text}#{k}" for k in range(0, 12, 2)] + [f"{text}#1"])
+    assert manifest["repeated"] == out["repeated"] == [f"{text}#{k}" for k in range(3, 12, 2)]
+    assert sum(split.count(notice.lower().replace(",", "").replace(".", "").replace(" ", ""))
+               for split in ("".join(s for s, _ in load_pairs(out[x])) for x in
+                             ("train", "val", "test"))) <= 1
+    # files: a copy with CRLF line ends is the same document
+    files = _corpus(tmp_path)[:3]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(files[0].read_bytes().replace(b"\n", b"\r\n"))
+    out = generate_words(tmp_path / "f", corpus=files + [crlf], seed=0)
+    assert out["repeated"] == [str(crlf)]
+
+
 @pytest.mark.parametrize("blank", ["\n\u00a0\n", "\r\r", "\r\n \t\r\n", "\u2029",
                                    "\n\u3000\n", "\n\n"])
 def test_paragraphs_end_at_any_blank_line(blank, tmp_path):
@@ -301,7 +327,9 @@ def test_paragraphs_end_at_any_blank_line(blank, tmp_path):
     two files of such text were refused as two documents."""
     from grapheme.data import _paragraphs
 
-    paras = [" ".join(f"p{k}w{j}" for j in range(20)) for k in range(3)]
+    # (a letter tells them apart: words_of drops digits, and paragraphs of
+    # the same words are one document)
+    paras = [" ".join(f"p{'abc'[k]}{k}w{j}" for j in range(20)) for k in range(3)]
     assert _paragraphs(blank.join(paras) + blank) == paras
     assert _paragraphs("one\ntwo\r\n\n\n") == ["one\ntwo"]
     text = tmp_path / "mine.txt"
