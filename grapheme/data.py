@@ -721,7 +721,12 @@ def _normalised_by_letter(text):
     bounds, n, i = [], len(text), 0
     while i < n:   # the letters with their marks (a mark alone is one too)
         j = i + 1
-        while j < n and unicodedata.category(text[j])[0] == "M":
+        # and Hangul's vowel and final jamo, which NFC composes with the
+        # jamo before them (apart, decomposed Korean gave the model jamo
+        # where words_of gives syllables: an attack helper's find)
+        while j < n and (unicodedata.category(text[j])[0] == "M"
+                         or "\u1160" <= text[j] <= "\u11ff"
+                         or "\ud7b0" <= text[j] <= "\ud7ff"):
             j += 1
         bounds.append((i, j))
         i = j
