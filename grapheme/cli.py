@@ -47,7 +47,6 @@ import sys
 import threading
 import time
 import traceback
-import unicodedata
 
 from . import __version__
 from . import data as _data
@@ -1228,14 +1227,18 @@ def _cmd_segment(args, out):
         _warn(f"{PROG} segment: note: {files[0]!r} is segmented as text, not read: a file's "
               f"lines are read from standard input (< {shlex.quote(files[0])})")
     write = out.write
-    unseen = _Unseen(model, args.words)
+    unseen = _Unseen(model)
 
     def segmented(texts):   # pieces of the texts' output, each text ending with a newline
-        unseen.add(texts)
+        if args.words:   # the characters the model reads: its words'
+            read = set()
+            pieces = (_json_lines(model, texts, read) if args.format == "jsonl"
+                      else model._split_words(texts, sep, "\n", read))
+            unseen.add(read)
+            return pieces
+        unseen.add(set().union(*map(set, texts)))
         if args.format == "jsonl":
-            return _json_lines(model, texts, args.words)
-        if args.words:
-            return model._split_words(texts, sep, "\n")
+            return _json_lines(model, texts)
         return (piece for piece, _ in model._joined(texts, sep, "\n"))
     if args.texts:
         for piece in segmented(args.texts):
@@ -1260,28 +1263,20 @@ class _Unseen:
     """The characters of ``segment``'s input that ``model`` has no row for
     (never seen in training), said once at the end: each is the unknown
     row, so a script the model never saw came back whole, unsaid (a data
-    scientist's find). With ``words``, the letters and marks as the words
-    hold them (:func:`grapheme.data.words_of`): of the text in NFC (a
-    decomposed é is é, not e and U+0301: a diff reviewer's find),
-    lowercased, a capital sigma as both σ and ς (which one is the word's
-    business). O(n) per batch in C (``set``, NFC), a Python step per text
-    and per distinct character: reading the words again doubled the time
-    of a decomposed text (an attack helper's find)."""
+    scientist's find). With ``--words``, the characters of the words the
+    model reads, as the segmenter found them (an attack helper's find: read
+    from the text apart, the note named marks outside any word, a letter
+    and its mark that lowercasing composes, and syllables where the model
+    read decomposed Hangul's jamo). A set per batch, in C."""
 
-    def __init__(self, model, words):
+    def __init__(self, model):
         self.known = frozenset(model.embedding.codes.tolist())
-        self.words, self.seen, self.unseen = words, set(), set()
+        self.seen, self.unseen = set(), set()
 
-    def add(self, texts):
-        if self.words:
-            texts = [t if unicodedata.is_normalized("NFC", t)
-                     else unicodedata.normalize("NFC", t) for t in texts]
-        new = set().union(*map(set, texts)) - self.seen
+    def add(self, chars):
+        """Note the characters of the set ``chars``, read by the model."""
+        new = chars - self.seen
         self.seen |= new
-        if self.words:
-            new = {x for c in new if c.isalpha() or unicodedata.category(c)[0] == "M"
-                   for x in ("\u03c3\u03c2" if c == "\u03a3"
-                             else unicodedata.normalize("NFC", c.lower()))}
         self.unseen |= {c for c in new if ord(c) not in self.known}
 
     def note(self):
@@ -1296,14 +1291,16 @@ class _Unseen:
                   " unknown character")
 
 
-def _json_lines(model, texts, words):
-    """``segment --format jsonl``: a JSON line per text (see its help)."""
+def _json_lines(model, texts, read=None):
+    """``segment --format jsonl``: a JSON line per text (see its help); with
+    ``read`` (a set: ``--words``), of the texts' words, whose characters
+    ``read`` gets."""
     import json
 
     import numpy as np
 
-    if words:
-        spans = model.word_spans(texts)
+    if read is not None:
+        spans = model._word_spans(texts, read)
         objs = ({"words": [t[a:b] for a, b in s], "spans": s}
                 for t, s in zip(texts, (s.tolist() for s in spans)))
     else:   # one inference pass for both (boundaries, then scores, ran two)

@@ -421,18 +421,22 @@ class Segmenter:
         return offsets, ~(sim > tau), scores
 
     # ------------------------------------------------------------- raw text
-    def _word_pieces(self, texts):
+    def _word_pieces(self, texts, read=None):
         """``(offsets, spans, first)`` of raw ``texts``: where each text starts
         in their concatenation, the ``[start, end)`` (k, 2) of every piece of
         their words (:func:`~grapheme.data.word_spans_of`) in it, in order,
         and whether each piece is the first of its word. The words of all
         texts are segmented in calls of at most :attr:`window` characters;
         a cut inside one character of the text (one its normalisation made
-        two of) is not made."""
+        two of) is not made. ``read``, a set, gets the characters of the
+        words, the model's input (``grapheme segment``'s note of the unseen
+        ones)."""
         from .data import _word_spans_of_texts
 
         offsets = _offsets(texts)
         words, start, end = _word_spans_of_texts(texts)
+        if read is not None:
+            read.update("".join(words))
         word_offsets, positions = self._starts(words)
         inside = np.zeros(positions.shape[0], dtype=bool)
         inside[1:] = start[positions[1:]] == start[positions[1:] - 1]
@@ -477,10 +481,15 @@ class Segmenter:
         [[0, 5], [6, 11]]
         """
         texts, single = self._texts(texts)
-        offsets, spans, _ = self._word_pieces(texts)
-        cuts = np.searchsorted(spans[:, 0], offsets).tolist()
-        out = [spans[a:b] - offsets[i] for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        out = self._word_spans(texts)
         return out[0] if single else out
+
+    def _word_spans(self, texts, read=None):
+        """:meth:`word_spans` of ``texts`` (a list); ``read`` as in
+        :meth:`_word_pieces`."""
+        offsets, spans, _ = self._word_pieces(texts, read)
+        cuts = np.searchsorted(spans[:, 0], offsets).tolist()
+        return [spans[a:b] - offsets[i] for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
 
     def words(self, texts):
         """The pieces of the words of raw text, in its own spelling
@@ -510,11 +519,12 @@ class Segmenter:
         out = self._split_words(texts, sep, "")
         return out[0] if single else out
 
-    def _split_words(self, texts, sep, end):
+    def _split_words(self, texts, sep, end, read=None):
         """:meth:`split_words` of ``texts`` (a list) with ``end`` after each;
-        numpy on the texts' code points, no Python step per character."""
+        numpy on the texts' code points, no Python step per character;
+        ``read`` as in :meth:`_word_pieces`."""
         s, e = _code_points(sep, "sep"), _code_points(end, "end")
-        offsets, spans, first = self._word_pieces(texts)
+        offsets, spans, first = self._word_pieces(texts, read)
         codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype="<u4")
         inner = spans[~first, 0]
         where = np.concatenate([np.repeat(inner, s.shape[0]),

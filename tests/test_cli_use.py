@@ -158,6 +158,21 @@ def test_segment_names_the_characters_it_never_saw(trained, capsys, monkeypatch)
                        f"{word}e\u0301")
     assert err == ("grapheme segment: note: 1 distinct character of the input was never seen "
                    "in training ('é'): the model reads it as the unknown character\n")
+    # the characters of the words the model reads, found as the segmenter
+    # finds them (an attack helper's finds): J and a caron lowercase into
+    # one letter, a mark after a digit is in no word, and decomposed Hangul
+    # is read in syllables (it was read in jamo, and the note named syllables)
+    import unicodedata
+
+    korean = unicodedata.normalize("NFD", "한국어")
+    for text, said in (("\u01f0 J\u030c", "1 distinct character of the input was never seen "
+                                          "in training ('ǰ')"),
+                       (f"5\u0301 {word}", None),
+                       (korean, "3 distinct characters of the input were never seen in "
+                                "training ('국', '어', '한')")):
+        code, _, err = run(capsys, "segment", "--model", trained / "model.npz", "--words",
+                           text)
+        assert code == 0 and (err == "" if said is None else said in err), err
 
 
 def test_segment_jsonl(trained, capsys, monkeypatch):
