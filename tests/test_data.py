@@ -196,6 +196,14 @@ def test_words_of():
     assert words_of("42 ... __") == []
     with pytest.raises(TypeError, match="text must be a str"):
         words_of(b"abc")
+    # a soft hyphen, a zero-width non-joiner or joiner inside a word is
+    # dropped as an apostrophe is (an attack helper's find: each cut the
+    # word in two, a false boundary), after a letter or a virama; outside a
+    # word (before an emoji, at its end) it separates as before
+    assert words_of("hyphen\u00adation \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 "
+                    "\u0915\u094d\u200d\u0937 end\u200c x\u200d\U0001F600") == [
+        "hyphenation", "\u0645\u06cc\u062e\u0648\u0627\u0647\u0645",
+        "\u0915\u094d\u0937", "end", "x"]
 
 
 def test_word_pairs_are_consecutive_windows():

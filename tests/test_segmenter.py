@@ -546,7 +546,8 @@ from grapheme.data import word_spans_of, words_of  # noqa: E402
 # only: one to one), apostrophes, digits, punctuation, a mark alone
 _RAW = list("abcAB é'’ .,2_-²Ⅻ") + ["\U00010107", "e\u0301", "A\u0308", "\u0130", "\u0149", "\u00df",
                                    "\u0301", "\u03c3", "\u03a3", "\u4e2d", "\u095b", "\n",
-                                   "\u1112", "\u1161", "\u11ab", "\uac00"]
+                                   "\u1112", "\u1161", "\u11ab", "\uac00", "\u00ad", "\u200c",
+                                   "\u200d", "\u094d"]
 # (U+095B: NFC expands it, so with an e + U+0301 that NFC composes the
 # length stays and only a comparison finds the text is not in NFC; Hangul
 # jamo, which NFC composes into syllables, letters with letters: an attack
