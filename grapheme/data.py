@@ -337,7 +337,10 @@ def load_pairs(path):
             except _DuplicateKey as exc:   # json keeps the last: {"input": "a", "input": "b"}
                 raise ValueError(f"{where}: duplicate key {exc.args[0]!r}") from None
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column "
+                # json's "Unterminated string starting at" names its place
+                # last ("... at at column 7": an attack helper's find)
+                at = "" if exc.msg.endswith(" at") else " at"
+                raise ValueError(f"{where}: invalid JSON ({exc.msg}{at} column "
                                  f"{exc.colno})") from None
             except RecursionError:
                 raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None

@@ -310,6 +310,9 @@ def test_huge_integers_give_clear_errors():
     (b"[" * 100000 + b"]" * 100000 + b"\n", ":1: invalid JSON (nested too deeply)"),
     (b'{"input": "a", "target": "b", "n": ' + b"1" * 5000 + b"}\n",
      ":1: invalid JSON (an integer with more than 4300 digits)"),
+    # "at" once (json's message ends with it: an attack helper's find)
+    (b'{"input": "a", "target": "b"}\n{"input": "a',
+     ":2: invalid JSON (Unterminated string starting at column 11)"),
 ])
 def test_data_file_edge_cases(tmp_path, body, result):
     path = tmp_path / "d.jsonl"
