@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import difflib
 import os
+import re
 import shlex
 import signal
 import stat
@@ -1217,6 +1218,9 @@ def _cmd_segment(args, out):
             raise CommandError(f"TEXT {broken} holds a line break, and the output is one "
                                "line a text: give its lines as TEXTs of their own, or on "
                                "standard input (--format jsonl keeps it in one text)")
+        if args.sep is not None and _LINE_BREAK.search(args.sep):   # so is --sep's
+            raise CommandError("--sep holds a line break, and the output is one line a text "
+                               "(an attack helper's find: it was taken)")
     sep = " " if args.sep is None else args.sep
     max_line = args.max_line_bytes or (MAX_LINE_BYTES_JSONL if args.format == "jsonl" else
                                        MAX_LINE_BYTES_WORDS if args.words else MAX_LINE_BYTES)
@@ -1375,6 +1379,10 @@ def _is_encodable(text):
     return True
 
 
+#: What ends a line where the output is a line a text (str.splitlines's breaks).
+_LINE_BREAK = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def _check_arguments_text(texts, what):
     """Refuse command-line text that is not UTF-8 (Python hands such bytes
     over as lone surrogates, which no model reads)."""
@@ -1493,6 +1501,9 @@ def _cmd_show(args, out):
     from .plot import plot_segments
 
     _check_arguments_text([args.text], "TEXT")
+    if _LINE_BREAK.search(args.text):   # one line, drawn and printed (it was taken,
+        # printed over lines and drawn with rows out of place: an attack helper's find)
+        raise CommandError("TEXT holds a line break: show draws one line of text")
     target = _picture_path(args.out, "segments.png", args.overwrite)
     model = _load_model(args.model)
     path = plot_segments(model, args.text, target, overwrite=args.overwrite, words=args.words)

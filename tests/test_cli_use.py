@@ -90,6 +90,16 @@ def test_segment_says_what_it_does_with_a_file_name_and_sep(trained, tmp_path, c
     code, out, _ = run(capsys, "segment", "--model", trained / "model.npz", "--format",
                        "jsonl", "the\ncat")
     assert code == 0 and out.count("\n") == 1
+    # a --sep with a line break, and show's one line of text (an attack
+    # helper's finds: both were taken, the output lines broken)
+    for argv, said in ((("segment", "--sep", "\n", "thecat"), "grapheme segment: error: --sep "
+                        "holds a line break, and the output is one line a text "),
+                       (("show", "the\u2028cat", "--out", tmp_path / "s.png"),
+                        "grapheme show: error: TEXT holds a line break: show draws one line "
+                        "of text\n")):
+        code, out, err = run(capsys, argv[0], "--model", trained / "model.npz", *argv[1:])
+        assert code == 2 and out == "" and err.startswith(said), err
+    assert not (tmp_path / "s.png").exists()
     code, out, err = run(capsys, "segment", "--model", trained / "model.npz", "--format",
                          "jsonl", "--sep", "|", "thecatsat")
     assert code == 2 and out == "" and err == (
