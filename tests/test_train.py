@@ -636,6 +636,41 @@ def test_a_best_file_that_does_not_hold_the_record_starts_a_new_one(damage, tmp_
     assert on_disk.best == t.best
 
 
+
+def test_a_stop_in_the_last_best_save_is_mended_by_the_resume(tmp_path, monkeypatch):
+    """An attack helper's find: a stop (Ctrl-C) in the best file's save of
+    the last epoch, after its checkpoint's, left best.npz at an earlier
+    epoch for good, since the resume it was told to run had nothing to
+    train. The resume writes it: the parameters are that epoch's."""
+    train, val = DEMO_PAIRS * 4, DEMO_PAIRS
+    files = dict(val=val, checkpoint=tmp_path / "c.npz", best=tmp_path / "best.npz",
+                 keep_best="val_loss")
+    t = make_trainer(progress=False)
+    t.fit(train, 1, **files)
+    assert t.best["epoch"] == 1   # the first epoch beat the untrained model
+    real, stopped = Trainer._save, []
+
+    def stop_in_best(self, path):
+        if os.fspath(path) == os.fspath(tmp_path / "best.npz") and self.epoch == 2:
+            stopped.append(self.epoch)
+            raise KeyboardInterrupt
+        return real(self, path)
+
+    monkeypatch.setattr(Trainer, "_save", stop_in_best)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(train, 2, **files)
+    monkeypatch.setattr(Trainer, "_save", real)
+    if not stopped:   # epoch 2 did not improve: no best save to stop in
+        pytest.fail("epoch 2 did not improve on epoch 1: choose another run")
+    assert Trainer.from_checkpoint(tmp_path / "best.npz", progress=False).epoch == 1
+    with pytest.warns(UserWarning, match="nothing to train"):
+        u = make_trainer()
+        u.fit(train, 2, resume=tmp_path / "c.npz", **files)
+    on_disk = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)
+    assert on_disk.epoch == u.best["epoch"] == 2 and on_disk.best == u.best
+    np.testing.assert_array_equal(on_disk.embedding.weight, u.embedding.weight)
+
+
 def test_keep_best_by_another_metric_on_resume_is_refused(tmp_path):
     """A new user's find: the record of another metric replaced the best
     checkpoint of the first, unsaid."""

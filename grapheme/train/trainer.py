@@ -1027,6 +1027,14 @@ class Trainer:
             warnings.warn(f"nothing to train: the trainer has {self.epoch} epochs and epochs="
                           f"{epochs} is the run's total (fit(pairs, {self.epoch} + k) trains k "
                           "more)", stacklevel=2)
+        if (self.epoch >= epochs and best_path is not None and self.best is not None
+                and self.best["epoch"] == self.epoch > 0 and self.best["metric"] == keep_best
+                and not self._best_held_on_rank0(best_path)):
+            # a stop in the last epoch's best save, after its checkpoint's,
+            # left the file behind, and a resume had nothing to train (an
+            # attack helper's find): the parameters now are that epoch's
+            if writes and not self._best_foreign(_best_file_meta(best_path)):
+                self._save(best_path)
         if self.epoch < epochs:
             self._grow(inputs, targets)
             if val is not None and self.epoch == 0:
