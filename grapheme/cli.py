@@ -426,7 +426,11 @@ def _generate(args, out):
                   "so more, smaller files leave train more" + (
                       " (three or more --corpus files are a document each; one or two are "
                       "cut at blank lines, a paragraph per document)"
-                      if args.corpus is not None and len(args.corpus) >= 3 else ""), file=out)
+                      # not where the files with words were too few and
+                      # were cut (an attack helper's find: said of 3 files,
+                      # two of them empty)
+                      if args.corpus is not None and not paths["paragraphs"] else ""),
+                  file=out)
         return 0
     if args.corpus is not None:
         raise CommandError("--corpus needs --task words")

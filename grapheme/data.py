@@ -964,8 +964,10 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     dict
         ``{"train": path, "val": path, "test": path, "documents": path}``,
         ``"sizes"``: per split, ``documents``, ``examples``, ``words``
-        and ``characters`` (of the inputs), and ``"repeated"``: the names of
-        the documents left out as repeats (also in ``documents.json``).
+        and ``characters`` (of the inputs), ``"repeated"``: the names of
+        the documents left out as repeats (also in ``documents.json``), and
+        ``"paragraphs"``: whether the documents are paragraphs (fewer than 3
+        files with words) rather than files.
 
     Raises
     ------
@@ -986,7 +988,8 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     docs = stdlib_documents() if corpus is None else read_documents(corpus)
     counted = [(name, text, words) for name, text in docs
                for words in [words_of(text)] if words]
-    if corpus is not None and len(counted) < 3:
+    paragraphs = corpus is not None and len(counted) < 3
+    if paragraphs:
         # one or two files (a user's own text): their paragraphs are the documents
         counted = [(f"{name}#{k}", par, words) for name, text, _ in counted
                    for k, par in enumerate(_paragraphs(text))
@@ -1044,4 +1047,5 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
         f.write("\n")
     paths["sizes"] = sizes
     paths["repeated"] = repeated
+    paths["paragraphs"] = paragraphs
     return paths

@@ -273,6 +273,20 @@ def words(tmp_path, capsys):
     return data
 
 
+
+def test_generate_words_of_files_without_words_cuts_paragraphs(tmp_path, capsys):
+    """An attack helper's find: three files, two empty, were cut at blank
+    lines as one file is, and the note said three files are a document each."""
+    files = [tmp_path / f"f{i}.txt" for i in range(3)]
+    files[0].write_text("", encoding="utf-8")
+    files[1].write_text("42 ...\n", encoding="utf-8")
+    files[2].write_text("\n\n".join(f"para{x} " * 20 for x in "abc"), encoding="utf-8")
+    code, out, err = run(capsys, "generate", "--task", "words", "--corpus", *files,
+                         "--out", tmp_path / "w")
+    assert code == 0, err
+    assert "note: train holds 3" in out and "three or more --corpus files" not in out
+
+
 def test_generate_words_and_train_keep_best(words, tmp_path, capsys):
     first = json.loads((words / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"input", "segments"}
