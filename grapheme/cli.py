@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import difflib
 import os
-import re
 import shlex
 import signal
 import stat
@@ -814,8 +813,6 @@ def _train_locked(args, out, spawn, comm, held):
     before = None
     if val and 0 < start < args.epochs:
         before = _validation(trainer._val_record(val))
-    if comm is None and start < args.epochs:   # everything is checked: it trains
-        _note_busy_cores("train")
     started = time.perf_counter()
     with _removed_if_left_empty(args.out):
         if start < args.epochs and rank0:   # only now: everything above is checked
@@ -829,6 +826,9 @@ def _train_locked(args, out, spawn, comm, held):
                 _lock_out(made, args.out, comm, newly,
                           (lambda: _check_run_directory(args, log, checkpoint))
                           if newly else None)
+            if comm is None and start < args.epochs:   # locked and looked at: it trains
+                _note_busy_cores("train")
+                started = time.perf_counter()
             try:
                 history = trainer.fit(pairs, args.epochs, val=val or None,
                                       checkpoint=checkpoint, keep_best=args.keep_best,
@@ -1222,9 +1222,10 @@ def _cmd_segment(args, out):
             raise CommandError(f"TEXT {broken} holds a line break, and the output is one "
                                "line a text: give its lines as TEXTs of their own, or on "
                                "standard input (--format jsonl keeps it in one text)")
-        if args.sep is not None and _LINE_BREAK.search(args.sep):   # so is --sep's
-            raise CommandError("--sep holds a line break, and the output is one line a text "
-                               "(an attack helper's find: it was taken)")
+        if args.sep is not None and "\n" in args.sep:   # so is --sep's (it was taken)
+            raise CommandError("--sep holds a line break, and the output is one line a "
+                               "text: choose another --sep, or --format jsonl for the "
+                               "segments as a list")
     sep = " " if args.sep is None else args.sep
     max_line = args.max_line_bytes or (MAX_LINE_BYTES_JSONL if args.format == "jsonl" else
                                        MAX_LINE_BYTES_WORDS if args.words else MAX_LINE_BYTES)
@@ -1383,10 +1384,6 @@ def _is_encodable(text):
     return True
 
 
-#: What ends a line where the output is a line a text (str.splitlines's breaks).
-_LINE_BREAK = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
-
-
 def _check_arguments_text(texts, what):
     """Refuse command-line text that is not UTF-8 (Python hands such bytes
     over as lone surrogates, which no model reads)."""
@@ -1505,8 +1502,9 @@ def _cmd_show(args, out):
     from .plot import plot_segments
 
     _check_arguments_text([args.text], "TEXT")
-    if _LINE_BREAK.search(args.text):   # one line, drawn and printed (it was taken,
-        # printed over lines and drawn with rows out of place: an attack helper's find)
+    if "\n" in args.text:   # one line, drawn and printed (it was taken, printed
+        # over lines and drawn with rows out of place: an attack helper's find); a
+        # line ends at a newline alone, as segment's lines and matplotlib's do
         raise CommandError("TEXT holds a line break: show draws one line of text")
     target = _picture_path(args.out, "segments.png", args.overwrite)
     model = _load_model(args.model)
@@ -1676,6 +1674,10 @@ def main(argv=None, *, prog=PROG):
         return 2
 
 
+#: Linux's count of the threads running now (``_others_running``).
+LOADAVG = "/proc/loadavg"
+
+
 def _others_running(reads=5, pause=0.01):
     """How many threads other than this one are running or waiting for a
     core now, machine-wide: the median of ``reads`` reads of the running
@@ -1685,7 +1687,7 @@ def _others_running(reads=5, pause=0.01):
     counts = []
     for _ in range(reads):
         try:
-            with open("/proc/loadavg", encoding="ascii") as f:
+            with open(LOADAVG, encoding="ascii") as f:
                 running = int(f.read().split()[3].partition("/")[0])
         except (OSError, ValueError, IndexError):
             return None
@@ -1706,7 +1708,10 @@ def _note_busy_cores(command):
     threads = _core.openmp_threads()
     if threads < 2 or not _isatty(sys.stderr):
         return
-    cores = os.cpu_count() or 1
+    # the cores this process may run on (OpenMP's count follows them; a
+    # cpuset or taskset gives fewer than the machine's)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
     others = _others_running()
     if others is None or cores - others >= threads:
         return

@@ -1199,6 +1199,7 @@ def test_train_notes_cores_other_programs_hold(level1, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(_core, "openmp_threads", lambda: 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(cli, "_others_running", lambda: others)
     monkeypatch.setattr(cli, "_isatty", lambda stream: tty)
     code, out, err = run(capsys, "train", "--data", level1, "--epochs", 1, "--out",
@@ -1215,22 +1216,18 @@ def test_train_notes_cores_other_programs_hold(level1, tmp_path, capsys, monkeyp
             "(README, \"Threads\")"]
 
 
-def test_others_running_reads_proc_loadavg(monkeypatch):
+def test_others_running_reads_proc_loadavg(tmp_path, monkeypatch):
     from grapheme import cli
 
-    reads = iter(["0.50 0.40 0.30 3/120 999\n", "0.50 0.40 0.30 1/120 999\n",
-                  "0.50 0.40 0.30 4/120 999\n"])
-    real_open = open
-
-    def fake_open(path, *a, **k):
-        if path == "/proc/loadavg":
-            import io
-            return io.StringIO(next(reads))
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr("builtins.open", fake_open)
-    assert cli._others_running(reads=3, pause=0) == 2   # median of 2, 0, 3
-    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(cli, "LOADAVG", str(loadavg))
+    loadavg.write_text("0.50 0.40 0.30 3/120 999\n")
+    assert cli._others_running(reads=3, pause=0) == 2   # less this thread
+    loadavg.write_text("0.50 0.40 0.30 1/120 999\n")
+    assert cli._others_running(reads=3, pause=0) == 0
+    loadavg.write_text("garbled\n")
+    assert cli._others_running(reads=3, pause=0) is None
+    loadavg.unlink()
     assert cli._others_running(reads=3, pause=0) is None
 
 

@@ -93,8 +93,9 @@ def test_segment_says_what_it_does_with_a_file_name_and_sep(trained, tmp_path, c
     # a --sep with a line break, and show's one line of text (an attack
     # helper's finds: both were taken, the output lines broken)
     for argv, said in ((("segment", "--sep", "\n", "thecat"), "grapheme segment: error: --sep "
-                        "holds a line break, and the output is one line a text "),
-                       (("show", "the\u2028cat", "--out", tmp_path / "s.png"),
+                        "holds a line break, and the output is one line a text: choose "
+                        "another --sep, or --format jsonl for the segments as a list\n"),
+                       (("show", "the\ncat", "--out", tmp_path / "s.png"),
                         "grapheme show: error: TEXT holds a line break: show draws one line "
                         "of text\n")):
         code, out, err = run(capsys, argv[0], "--model", trained / "model.npz", *argv[1:])
