@@ -953,9 +953,10 @@ class Trainer:
             If ``pairs`` is empty or malformed, ``epochs`` is negative, a
             path is empty, ``resume`` is not a compatible checkpoint, the run continues on
             other pairs without ``new_data=True``, a fresh run would
-            replace an existing log or checkpoint without ``overwrite``, or
-            two of the log, ``checkpoint`` and the best checkpoint are one
-            file.
+            replace an existing log or checkpoint without ``overwrite`` (a
+            resumed one, a log or checkpoint not its own at or before its
+            epoch), or two of the log, ``checkpoint`` and the best
+            checkpoint are one file.
         IsADirectoryError
             If the log, ``checkpoint`` or the best checkpoint's path is a
             directory (or ends with a separator), before any epoch.
@@ -1005,8 +1006,8 @@ class Trainer:
         # the validation pairs the best value is measured on (a record
         # without it, written before it was kept, is taken as on these)
         vals = None if best_path is None else val_fingerprints(*val_split)
-        error = (self._files_error(files, None if self.epoch >= epochs else keep_best, vals,
-                                   changed) if writes else None)
+        error = (self._files_error(files, epochs, None if self.epoch >= epochs else keep_best,
+                                   vals, changed) if writes else None)
         if self.comm is not None:
             self._agree_start(error, fingerprint, epochs, keep_best, val_split)
         elif error is not None:
@@ -1186,13 +1187,15 @@ class Trainer:
         return (isinstance(held, dict) and meta.get("epoch") == self.best["epoch"]
                 and record(held) == record(self.best) and meta.get("config") == self.config())
 
-    def _files_error(self, files, keep_best=None, vals=None, new_data=False):
+    def _files_error(self, files, epochs, keep_best=None, vals=None, new_data=False):
         """Rank 0's look, before the first epoch, at the files it will write
-        (``files``: ``[(what, path)]``): the error to raise, or None. A
-        directory in a file's place, whatever ``overwrite`` says (it could
-        not help); without ``overwrite``, on a fresh run another run's file,
-        and on a resumed one a best checkpoint that a record of ``keep_best``
-        would replace unasked (:meth:`_best_replaced_by`)."""
+        (``files``: ``[(what, path)]``) to train to ``epochs``: the error to
+        raise, or None. A directory in a file's place, whatever
+        ``overwrite`` says (it could not help); without ``overwrite``, on a
+        fresh run another run's file, and on a resumed one a best checkpoint
+        that a record of ``keep_best`` would replace unasked
+        (:meth:`_best_replaced_by`) or a log or checkpoint not its own
+        (:meth:`_continued_by_me`)."""
         for _, path in files:
             if (error := _not_a_file_error(path)) is not None:
                 return error
@@ -1223,23 +1226,22 @@ class Trainer:
                 f"{held} of the data the checkpoint was trained on, which a record on the new "
                 "data would replace: choose another best path, or pass overwrite=True to the "
                 "Trainer")
-        if self.epoch > 0 and not self.overwrite:
+        if 0 < self.epoch < epochs and not self.overwrite:   # only where it writes
             for what, path in files:
                 if what != "best checkpoint" and not self._continued_by_me(what, path):
-                    argument = {"log": "the Trainer's log=", "checkpoint": "checkpoint="}[what]
+                    resume = " resume from that checkpoint," if what == "checkpoint" else ""
                     return ValueError(
                         f"{what} {os.fspath(path)!r} is not this run's at or before its "
                         f"epoch {self.epoch} (another run's, a later epoch of this one, or "
-                        "not a run's file), which this run would replace: resume from that "
-                        f"file, choose another path ({argument}), or pass overwrite=True "
-                        "to the Trainer")
+                        f"not a run's file), which this run would replace:{resume} choose "
+                        f"another path ({_ARGUMENT[what]}), or pass overwrite=True to the "
+                        "Trainer")
         if self.epoch == 0 and not self.overwrite:
             for what, path in files:
                 if os.path.exists(path) and (what != "log" or os.path.getsize(path) > 0):
                     # named by its argument: the best file's default (beside
                     # the checkpoint) is one a user never wrote (a new user's find)
-                    argument = {"log": "the Trainer's log=", "checkpoint": "checkpoint=",
-                                "best checkpoint": "best="}[what]
+                    argument = _ARGUMENT[what]
                     return ValueError(
                         f"{what} {os.fspath(path)!r} already exists; a fresh run does not "
                         "replace another run's files: resume that run, choose another "
@@ -1774,6 +1776,11 @@ def val_fingerprints(inputs, targets):
     for digest in sorted(data_fingerprint([s], [t])["sha256"] for s, t in zip(inputs, targets)):
         h.update(bytes.fromhex(digest))
     return h.hexdigest(), data_fingerprint(inputs, targets)["sha256"]
+
+
+#: The argument that names each file fit writes.
+_ARGUMENT = {"log": "the Trainer's log=", "checkpoint": "checkpoint=",
+             "best checkpoint": "best="}
 
 
 def _loss_trace(records):
