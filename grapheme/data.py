@@ -464,10 +464,11 @@ def segment_lengths(targets):
 @functools.lru_cache(maxsize=None)
 def _dropped():
     """What words_of drops inside a word: an apostrophe between two
-    letters, and a soft hyphen or a zero-width non-joiner or joiner after a
-    letter or a mark (a virama) and before a letter: they are inside a word
-    (hyphen\u00adation, Persian's می‌خواهم, a Devanagari half form) and cut
-    it into two, a false boundary in the data (an attack helper's find)."""
+    letters, and a soft hyphen (U+00AD) or a zero-width non-joiner or
+    joiner (U+200C, U+200D) after a letter or a mark (a virama) and before a
+    letter: they are inside a word (a hyphenation point, Persian's
+    non-joiner, a Devanagari half form) and cut it into two, a false
+    boundary in the data (an attack helper's find)."""
     marks = _category_class(("M",))
     # the character first, then what is behind it (two back, it included):
     # a pattern that starts with a character set is scanned for fast (one
@@ -739,13 +740,13 @@ def _normalised_by_letter(text):
     bounds, n, i = [], len(text), 0
     while i < n:   # the letters with their marks (a mark alone is one too)
         j = i + 1
-        # and after a Hangul leading jamo or syllable, the vowel and final
-        # jamo NFC composes with it (apart, decomposed Korean gave the model
-        # jamo where words_of gives syllables: an attack helper's find)
-        hangul = ("\u1100" <= text[i] <= "\u115f" or "\ua960" <= text[i] <= "\ua97f"
-                  or "\uac00" <= text[i] <= "\ud7a3")
+        # and after a Hangul leading jamo or syllable, the jamo NFC composes
+        # into it, no other (apart, decomposed Korean gave the model jamo
+        # where words_of gives syllables: an attack helper's find)
+        hangul = "\u1100" <= text[i] <= "\u1112" or "\uac00" <= text[i] <= "\ud7a3"
         while j < n and (unicodedata.category(text[j])[0] == "M" or hangul and (
-                "\u1160" <= text[j] <= "\u11ff" or "\ud7b0" <= text[j] <= "\ud7ff")):
+                "\u1161" <= text[j] <= "\u11c2"
+                and len(unicodedata.normalize("NFC", text[i:j + 1])) == 1)):
             j += 1
         bounds.append((i, j))
         i = j
@@ -937,8 +938,9 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     document is a file; a corpus of one or two files (a user's own text) is
     cut at blank lines, every paragraph a document (named ``FILE#k``). A
     document with the same words as an earlier one (a paragraph repeated, a
-    copy with other line endings or punctuation) is left out, so no text is
-    in two splits.
+    copy with other line endings or punctuation) is left out, so that no
+    document is in two splits (a paragraph that two files share is not
+    found).
 
     Parameters
     ----------
@@ -996,7 +998,8 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
                    for words in [words_of(par)] if words]
     # a document whose words an earlier one has (a paragraph repeated, as a
     # notice is; a copy with other line endings) is left out: in two splits
-    # it would score the model on text it trained on (an attack helper's find)
+    # it would score the model on text it trained on (an attack helper's
+    # find). Whole documents only: a paragraph two files share is not found
     seen, repeated, unique = set(), [], []
     for name, text, words in counted:
         key = " ".join(words)
@@ -1009,7 +1012,10 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     if len(counted) < 3:
         raise ValueError(f"corpus: a split by document needs at least 3 documents with "
                          f"words (one file is one document; one or two files are split "
-                         f"at blank lines), got {len(counted)}")
+                         f"at blank lines), got {len(counted)}" + (
+                             f" and {len(repeated)} with the words of an earlier one "
+                             f"({', '.join(repeated[:3])}{', ...' if len(repeated) > 3 else ''})"
+                             if repeated else ""))
     split_seq, window_seq = np.random.SeedSequence(int(seed)).spawn(2)
     order = np.random.default_rng(split_seq).permutation(len(counted)).tolist()
     total = sum(d[2] for d in counted)

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -325,6 +326,12 @@ def test_a_repeated_document_is_in_one_split(tmp_path):
     crlf.write_bytes(files[0].read_bytes().replace(b"\n", b"\r\n"))
     out = generate_words(tmp_path / "f", corpus=files + [crlf], seed=0)
     assert out["repeated"] == [str(crlf)]
+    # too few left: the error names the repeats
+    two = tmp_path / "two.txt"
+    two.write_text("one two.\n\nthree four.\n\nOne, two!\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(
+            f"got 2 and 1 with the words of an earlier one ({two}#2)")):
+        generate_words(tmp_path / "g", corpus=[two])
 
 
 @pytest.mark.parametrize("blank", ["\n\u00a0\n", "\r\r", "\r\n \t\r\n", "\u2029",
