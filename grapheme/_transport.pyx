@@ -356,12 +356,12 @@ cdef double _row_error(intp_t n1, const double* f, const double* fnext,
     return err
 
 
-cdef bint _first_sweep_unchecked(intp_t nit, intp_t n1,
-                                 const double* aw) noexcept nogil:
-    """Whether a plan of one sweep has a row without mass: the row error does
-    not weigh it, and its potential still comes from the start (g = 0 or
-    v = 1), not from a sweep, so "converged" would vouch for what it never
-    checked (its mass gradient is off)."""
+cdef bint _one_sweep_leaves_massless_row(intp_t nit, intp_t n1,
+                                         const double* aw) noexcept nogil:
+    """Whether a plan of one sweep (``iterations=1``) has a row without
+    mass: the row error does not weigh it, and its potential still comes
+    from the start (g = 0 or v = 1), not from a sweep, so "converged" would
+    vouch for what it never checked (its mass gradient is off)."""
     cdef intp_t i
     if nit != 1:
         return False
@@ -820,8 +820,6 @@ cdef int _forward_pair(intp_t b, const Graph* P_, const Graph* T_, const Setting
                 break
         if tol <= 0.0:
             conv = err <= conv_tol
-        if conv and _first_sweep_unchecked(nit, n1, aw):
-            conv = False
         f = fst.data + f0 + (nit - 1) * n1
         g = gst.data + g0 + (nit - 1) * m1
         for i in range(n1):
@@ -870,14 +868,13 @@ cdef int _forward_pair(intp_t b, const Graph* P_, const Graph* T_, const Setting
                 # came from g = 0, not from a sweep, and a row without mass
                 # (which the row error does not weigh) kept that f, and its
                 # mass gradient was off 3600x (all masses 0: a numerical
-                # review's find)
+                # review's find); where it is the only one, such a pair is
+                # reported not converged (below)
                 if tol > 0.0 and err <= tol and (t > 0 or t == iterations - 1):
                     conv = True
                     break
         if tol <= 0.0:
             conv = err <= conv_tol
-        if conv and _first_sweep_unchecked(nit, n1, aw):
-            conv = False
         f = fst.data + f0 + (nit - 1) * n1
         g = gst.data + g0 + (nit - 1) * m1
         for i in range(n1):
@@ -889,6 +886,8 @@ cdef int _forward_pair(intp_t b, const Graph* P_, const Graph* T_, const Setting
                     Q[i * m + j] = bw[j] * E
     fst.size = f0 + nit * n1
     gst.size = g0 + nit * m1
+    if conv and _one_sweep_leaves_massless_row(nit, n1, aw):   # either form
+        conv = False
 
     # edge term: X = sum_{u->v} w_uv <Q_u, R_v>, R = Q Wt^T
     Wsum = 0.0

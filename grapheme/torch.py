@@ -291,6 +291,7 @@ class _OpFunction(torch.autograd.Function):
                 ctx.saved_tensors   # raises if an input or output was modified in place
                 changed = None
             except RuntimeError as exc:
+                # torch's wording: where it changes, its own message stands
                 if "inplace operation" not in str(exc):
                     raise
                 changed = exc

@@ -273,7 +273,6 @@ def words(tmp_path, capsys):
     return data
 
 
-
 def test_generate_words_of_files_without_words_cuts_paragraphs(tmp_path, capsys):
     """An attack helper's find: three files, two empty, were cut at blank
     lines as one file is, and the note said three files are a document each."""

@@ -244,7 +244,6 @@ def test_step_validation():
                                 "eps": 1e-8, "weight_decay": 0.0}
 
 
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("how", ["lr", "momentum", "weight_decay", "adam_lr"])
 def test_a_step_that_overflows_changes_nothing(how, dtype):

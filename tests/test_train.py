@@ -168,7 +168,6 @@ def test_resume_rejects_other_configuration(tmp_path):
         make_trainer(batch_size=4, dim=8).fit(pairs, 2, resume=tmp_path / "c.npz")
 
 
-
 def test_a_resumed_run_replaces_only_its_own_files(tmp_path):
     """An attack helper's find: a run resumed from one checkpoint wrote over
     another run's checkpoint and log, or rewound its own from a later
@@ -634,7 +633,6 @@ def test_a_best_file_that_does_not_hold_the_record_starts_a_new_one(damage, tmp_
     on_disk = Trainer.from_checkpoint(tmp_path / "best.npz", progress=False)
     assert t.best["epoch"] in (3, 4) and on_disk.epoch == t.best["epoch"]
     assert on_disk.best == t.best
-
 
 
 def test_a_stop_in_the_last_best_save_is_mended_by_the_resume(tmp_path, monkeypatch):
