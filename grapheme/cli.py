@@ -1717,10 +1717,10 @@ def _note_busy_cores(command):
         return
     free = max(cores - others, 1)
     _warn(f"{PROG} {command}: note: {others} other thread{'s' * (others != 1)} "
-          f"{'are' if others != 1 else 'is'} running on this machine's {cores} cores, "
-          f"beside grapheme's {threads}: its threads wait for each other, and one "
-          f"without a core can make training many times slower; "
-          f"OMP_NUM_THREADS={free} may be faster (README, \"Threads\")")
+          f"{'want' if others != 1 else 'wants'} the {cores} cores grapheme's {threads} "
+          "threads run on; they wait for each other, and one without a core can make "
+          f"training many times slower: OMP_NUM_THREADS={free} may be faster (README, "
+          "\"Threads\")")
 
 
 def _isatty(stream):

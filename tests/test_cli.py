@@ -1209,10 +1209,9 @@ def test_train_notes_cores_other_programs_hold(level1, tmp_path, capsys, monkeyp
         assert notes == []
     else:
         assert notes == [
-            "grapheme train: note: 3 other threads are running on this machine's 2 cores, "
-            "beside grapheme's 2: its threads wait for each other, and one without a core "
-            "can make training many times slower; OMP_NUM_THREADS=1 may be faster "
-            "(README, \"Threads\")"]
+            "grapheme train: note: 3 other threads want the 2 cores grapheme's 2 threads "
+            "run on; they wait for each other, and one without a core can make training "
+            "many times slower: OMP_NUM_THREADS=1 may be faster (README, \"Threads\")"]
 
 
 def test_others_running_reads_proc_loadavg(tmp_path, monkeypatch):
