@@ -414,9 +414,9 @@ def _generate(args, out):
         if paths["repeated"]:
             n = len(paths["repeated"])
             print(f"note: {n} document{'s' * (n != 1)} with the words of an earlier one "
-                  f"({', '.join(paths['repeated'][:3])}{', ...' if n > 3 else ''}) "
-                  f"{'were' if n != 1 else 'was'} left out, so that no document is in "
-                  "two splits", file=out)
+                  f"({_data._repeats_shown(paths['repeated'])}) {'were' if n != 1 else 'was'} "
+                  f"left out, so that no document is in two splits (all in "
+                  f"{paths['documents']}, \"repeated\")", file=out)
         sizes = paths["sizes"]
         share = sizes["train"]["words"] / max(sum(n["words"] for n in sizes.values()), 1)
         if share < 0.5:   # whole documents: a few large files leave train little

@@ -924,6 +924,12 @@ def _paragraphs(text):
 HELD_OUT = {"val": 0.1, "test": 0.1}
 
 
+def _repeats_shown(repeated, most=3):
+    """The first ``most`` of ``{repeat: original}``, for a message."""
+    shown = [f"{name} repeats {first}" for name, first in list(repeated.items())[:most]]
+    return "; ".join(shown) + ("; ..." if len(repeated) > most else "")
+
+
 def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, overwrite=False):
     """Write a word-segmentation data set: ``train``, ``val``, ``test``.
 
@@ -939,8 +945,8 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     cut at blank lines, every paragraph a document (named ``FILE#k``). A
     document with the same words as an earlier one (a paragraph repeated, a
     copy with other line endings or punctuation) is left out, so that no
-    document is in two splits (a paragraph that two files share is not
-    found).
+    document is in two splits (where three or more files are a document
+    each, a paragraph that two of them share is not found).
 
     Parameters
     ----------
@@ -966,8 +972,9 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     dict
         ``{"train": path, "val": path, "test": path, "documents": path}``,
         ``"sizes"``: per split, ``documents``, ``examples``, ``words``
-        and ``characters`` (of the inputs), ``"repeated"``: the names of
-        the documents left out as repeats (also in ``documents.json``), and
+        and ``characters`` (of the inputs), ``"repeated"``: each document
+        left out as a repeat, by name, with the earlier one it repeats
+        (a dict, also in ``documents.json``), and
         ``"paragraphs"``: whether the documents are paragraphs (fewer than 3
         files with words) rather than files.
 
@@ -1000,13 +1007,13 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
     # notice is; a copy with other line endings) is left out: in two splits
     # it would score the model on text it trained on (an attack helper's
     # find). Whole documents only: a paragraph two files share is not found
-    seen, repeated, unique = set(), [], []
+    seen, repeated, unique = {}, {}, []
     for name, text, words in counted:
         key = " ".join(words)
         if key in seen:
-            repeated.append(name)
+            repeated[name] = seen[key]
         else:
-            seen.add(key)
+            seen[key] = name
             unique.append((name, text, len(words)))
     counted = unique
     if len(counted) < 3:
@@ -1014,8 +1021,7 @@ def generate_words(out_dir, corpus=None, seed=0, min_words=4, max_words=12, over
                          f"words (one file is one document; one or two files are split "
                          f"at blank lines), got {len(counted)}" + (
                              f" and {len(repeated)} with the words of an earlier one "
-                             f"({', '.join(repeated[:3])}{', ...' if len(repeated) > 3 else ''})"
-                             if repeated else ""))
+                             f"({_repeats_shown(repeated)})" if repeated else ""))
     split_seq, window_seq = np.random.SeedSequence(int(seed)).spawn(2)
     order = np.random.default_rng(split_seq).permutation(len(counted)).tolist()
     total = sum(d[2] for d in counted)

@@ -316,7 +316,8 @@ def test_a_repeated_document_is_in_one_split(tmp_path):
         manifest = json.load(f)
     kept = sorted(n for names in manifest["documents"].values() for n in names)
     assert kept == sorted([f"{text}#{k}" for k in range(0, 12, 2)] + [f"{text}#1"])
-    assert manifest["repeated"] == out["repeated"] == [f"{text}#{k}" for k in range(3, 12, 2)]
+    assert manifest["repeated"] == out["repeated"] == {
+        f"{text}#{k}": f"{text}#1" for k in range(3, 12, 2)}
     assert sum(split.count(notice.lower().replace(",", "").replace(".", "").replace(" ", ""))
                for split in ("".join(s for s, _ in load_pairs(out[x])) for x in
                              ("train", "val", "test"))) <= 1
@@ -325,12 +326,12 @@ def test_a_repeated_document_is_in_one_split(tmp_path):
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(files[0].read_bytes().replace(b"\n", b"\r\n"))
     out = generate_words(tmp_path / "f", corpus=files + [crlf], seed=0)
-    assert out["repeated"] == [str(crlf)]
+    assert out["repeated"] == {str(crlf): str(files[0])}
     # too few left: the error names the repeats
     two = tmp_path / "two.txt"
     two.write_text("one two.\n\nthree four.\n\nOne, two!\n", encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(
-            f"got 2 and 1 with the words of an earlier one ({two}#2)")):
+            f"got 2 and 1 with the words of an earlier one ({two}#2 repeats {two}#0)")):
         generate_words(tmp_path / "g", corpus=[two])
 
 
