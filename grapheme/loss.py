@@ -412,7 +412,8 @@ class StructuralLoss:
         the plain loss (4.2x with relaxed predictions; ``DebiasSuite`` in
         ``bench/bench_loss.py``), with activations near 1. With activations
         of learned features a self pair can take ten times the sweeps of
-        (p, t) or more, up to the cap (docs/design.md, "Debiased"). ``iterations``, ``converged`` and
+        (p, t) or more, up to the cap (docs/design.md, "Debiased").
+        ``iterations``, ``converged`` and
         ``marginal_error`` of the result then sum, AND and take the maximum
         over the three transports; ``plan(b)`` and ``domain`` are those of
         (p_b, t_b).
